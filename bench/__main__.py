@@ -1,0 +1,58 @@
+"""``python -m bench NAME [--quick] [--json PATH]`` — run one benchmark and print its figures."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+
+import bench
+from bench._common import print_table
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("name", nargs="?", help="benchmark name; omit to list them")
+    parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON to PATH")
+    args = parser.parse_args(argv)
+    names = available()
+    if args.name is None:
+        print("benchmarks:", " ".join(names))
+        return 0
+    if args.name not in names:
+        print(f"unknown benchmark {args.name!r}; available: {' '.join(names)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"bench.{args.name}")
+    result = module.run(quick=args.quick)
+    print(f"\n== bench {args.name}{' (quick)' if args.quick else ''} ==")
+    print_table(result.table)
+    for note in result.notes:
+        print("note:", note)
+    met = result.met()
+    print()
+    for key, value in result.metrics.items():
+        target = result.targets.get(key)
+        tail = f"   target {target[0]} {target[1]:g}: {'met' if met[key] else 'NOT met'}" if target else ""
+        print(f"{key:40s} {value:12.6g}{tail}")
+    if args.json:
+        doc = {
+            "bench": args.name,
+            "quick": args.quick,
+            "metrics": result.metrics,
+            "targets": {k: list(v) for k, v in result.targets.items()},
+            "met": met,
+        }
+        with open(args.json, "w") as fh:
+            json.dump(doc, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""The one msgpack codec of reca.
+
+Every frame reca itself encodes goes through :func:`pack`; every frame it decodes through
+:func:`unpack`, which bounds what a hostile peer can make it allocate: msgpack >= 1.0 derives its
+container and string limits from the input length, the C unpacker refuses nesting deeper than
+its fixed stack, and :func:`unpack` additionally caps the input size.  Any decoding failure is
+raised as :class:`kernel.errors.BadRequest`, never as a msgpack internal exception.
+
+NumPy arrays travel as ``{"__nd__": [dtype, shape], "b": bytes}`` (small, inline); callers with
+large arrays send the raw buffer as a separate frame (see :func:`array_frames`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from kernel.errors import BadRequest
+from kernel.protocol import MAX_MESSAGE_SIZE
+
+_packer = msgpack.Packer(use_bin_type=True, datetime=False)
+
+
+def _default(obj: Any) -> Any:
+    # numpy is optional for the kernel; only touched when an array is actually encoded.
+    tolist = getattr(obj, "tolist", None)
+    if hasattr(obj, "dtype") and hasattr(obj, "shape") and hasattr(obj, "tobytes"):
+        if obj.shape == ():
+            return obj.item()
+        return {"__nd__": [str(obj.dtype), list(obj.shape)], "b": obj.tobytes()}
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if tolist is not None:
+        return tolist()
+    raise TypeError(f"cannot encode {type(obj).__name__} as msgpack")
+
+
+def pack(obj: Any) -> bytes:
+    """Encode ``obj`` as one msgpack frame (bytes stay bytes, str stays str)."""
+    try:
+        return _packer.pack(obj)
+    except TypeError:
+        # Unknown types: one more attempt through the converter (slow path, rare).
+        return msgpack.packb(obj, use_bin_type=True, default=_default)
+
+
+def unpack(frame: bytes, *, limit: int = MAX_MESSAGE_SIZE) -> Any:
+    """Decode one msgpack frame; :class:`BadRequest` on anything that is not exactly one value."""
+    if len(frame) > limit:
+        raise BadRequest(f"frame of {len(frame)} bytes exceeds the {limit}-byte limit")
+    try:
+        return msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises ValueError, ExtraData, StackError, TypeError, ...
+        raise BadRequest(f"undecodable msgpack frame: {type(exc).__name__}: {exc}") from exc
+
+
+def unpack_array(obj: Any) -> Any:
+    """Turn an encoded ``{"__nd__": ...}`` map back into a NumPy array (imports numpy lazily)."""
+    import numpy as np
+
+    try:
+        dtype, shape = obj["__nd__"]
+        return np.frombuffer(obj["b"], dtype=np.dtype(dtype)).reshape(shape)
+    except Exception as exc:
+        raise BadRequest(f"malformed array: {exc}") from exc
+
+
+def array_frames(arr: Any) -> list[Any]:
+    """A large array as ``[meta, buffer]``: the buffer frame is sent zero-copy by pyzmq."""
+    import numpy as np
+
+    arr = np.ascontiguousarray(arr)
+    return [pack({"__nd__": [str(arr.dtype), list(arr.shape)]}), memoryview(arr).cast("B")]

@@ -1,0 +1,330 @@
+"""The supervisor: Erlang/OTP ``one_for_one`` supervision of the service processes.
+
+Pure parts (tested with time passed in): :class:`RestartIntensity` (at most ``intensity``
+restarts in any ``period`` seconds, else the child is given up), :func:`should_restart` (the
+restart types) and :class:`Backoff` (delay between restarts, reset once a child has run stably).
+
+The shell, :class:`Supervisor`, owns the OS processes: it starts children in declaration order,
+each in its own session and process group, restarts them by those rules, and stops them in
+reverse order with SIGTERM, a shutdown timeout, then SIGKILL of the whole group.  Because it
+owns the processes it also offers the hard controls of preemption: SIGSTOP / SIGCONT, CPU
+affinity and nice value.  Children learn the kernel's endpoints from environment variables
+(:data:`ENV_ENDPOINT`, :data:`ENV_CONTROL`, ...) and arm ``PR_SET_PDEATHSIG`` themselves so that
+they die with the kernel even when the kernel is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import enum
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from kernel import protocol as P
+
+log = logging.getLogger("reca.supervisor")
+
+ENV_ENDPOINT = "RECA_ENDPOINT"
+ENV_CONTROL = "RECA_CONTROL"
+ENV_SERVICE = "RECA_SERVICE"
+ENV_HEARTBEAT = "RECA_HEARTBEAT_S"
+ENV_LIVENESS = "RECA_LIVENESS"
+ENV_PARENT = "RECA_SUPERVISOR_PID"
+
+
+class RestartType(str, enum.Enum):
+    PERMANENT = "permanent"  # always restarted
+    TRANSIENT = "transient"  # restarted only after an abnormal exit (non-zero status or a signal)
+    TEMPORARY = "temporary"  # never restarted
+
+
+def should_restart(restart: RestartType, returncode: int) -> bool:
+    """Whether a child that exited with ``returncode`` is restarted (outside shutdown)."""
+    if restart is RestartType.PERMANENT:
+        return True
+    if restart is RestartType.TRANSIENT:
+        return returncode != 0
+    return False
+
+
+class RestartIntensity:
+    """At most ``intensity`` restarts within any window of ``period`` seconds.
+
+    ``allow(now)`` records a restart and answers True, or answers False (and records nothing)
+    when one more would exceed the intensity: the supervisor then gives the child up.
+    """
+
+    def __init__(self, intensity: int, period: float) -> None:
+        if intensity < 0 or period <= 0:
+            raise ValueError("intensity must be >= 0 and period > 0")
+        self.intensity = intensity
+        self.period = period
+        self._times: collections.deque[float] = collections.deque()
+
+    def allow(self, now: float) -> bool:
+        while self._times and self._times[0] <= now - self.period:
+            self._times.popleft()
+        if len(self._times) >= self.intensity:
+            return False
+        self._times.append(now)
+        return True
+
+    def recent(self, now: float) -> int:
+        return sum(1 for t in self._times if t > now - self.period)
+
+
+class Backoff:
+    """Exponential delay between restarts: ``initial * 2**n`` capped at ``maximum``, where n is
+    the number of consecutive short-lived runs; a run longer than ``stable_after`` resets n."""
+
+    def __init__(self, initial: float = 0.05, maximum: float = 5.0, stable_after: float = 10.0) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.stable_after = stable_after
+        self.failures = 0
+
+    def next_delay(self, ran_for: float) -> float:
+        if ran_for >= self.stable_after:
+            self.failures = 0
+        delay = min(self.maximum, self.initial * (2 ** self.failures))
+        self.failures += 1
+        return delay
+
+
+@dataclasses.dataclass
+class ChildSpec:
+    """One supervised process, as declared in the TOML config (``[[service]]``)."""
+
+    name: str
+    argv: list[str]
+    restart: RestartType = RestartType.PERMANENT
+    shutdown_timeout: float = P.SHUTDOWN_TIMEOUT
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    nice: int | None = None
+    cpus: list[int] | None = None
+
+
+class ChildState(str, enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"  # SIGSTOPped by preemption
+    EXITED = "exited"  # exited and not restarted (transient/temporary)
+    GIVEN_UP = "given_up"  # restart intensity exceeded
+    SHUTDOWN = "shutdown"
+
+
+class Child:
+    def __init__(self, spec: ChildSpec, intensity: RestartIntensity, backoff: Backoff) -> None:
+        self.spec = spec
+        self.intensity = intensity
+        self.backoff = backoff
+        self.proc: asyncio.subprocess.Process | None = None
+        self.state = ChildState.STARTING
+        self.restarts = 0
+        self.started_at = 0.0
+        self.last_exit: int | None = None
+        self.pids: list[int] = []
+        self.watcher: asyncio.Task | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "state": self.state.value,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "restart": self.spec.restart.value,
+        }
+
+
+class Supervisor:
+    """one_for_one supervisor of the children declared in ``specs`` (started in order)."""
+
+    def __init__(
+        self,
+        specs: list[ChildSpec],
+        *,
+        env: dict[str, str],
+        intensity: int = 5,
+        period: float = 10.0,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 5.0,
+    ) -> None:
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate child names in {names}")
+        self.env = env
+        self.children = [
+            Child(s, RestartIntensity(intensity, period), Backoff(backoff_initial, backoff_max)) for s in specs
+        ]
+        self._by_name = {c.spec.name: c for c in self.children}
+        self._shutting_down = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for child in self.children:
+            await self._spawn(child)
+
+    async def _spawn(self, child: Child) -> None:
+        env = dict(os.environ)
+        env.update(self.env)
+        env.update(child.spec.env)
+        env[ENV_SERVICE] = child.spec.name
+        env[ENV_PARENT] = str(os.getpid())
+        child.state = ChildState.STARTING
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *child.spec.argv, env=env, start_new_session=True, stdin=asyncio.subprocess.DEVNULL
+            )
+        except OSError as exc:
+            log.error("cannot start %s (%s): %s", child.spec.name, child.spec.argv, exc)
+            child.last_exit = -1
+            child.proc = None
+            self._after_exit(child, -1, 0.0)
+            return
+        child.proc = proc
+        child.pids.append(proc.pid)
+        child.started_at = time.monotonic()
+        child.state = ChildState.RUNNING
+        self._apply_limits(child)
+        log.info("started %s pid %d", child.spec.name, proc.pid)
+        child.watcher = asyncio.ensure_future(self._watch(child, proc))
+
+    def _apply_limits(self, child: Child) -> None:
+        pid = child.pid
+        if pid is None:
+            return
+        try:
+            if child.spec.nice is not None:
+                os.setpriority(os.PRIO_PROCESS, pid, child.spec.nice)
+            if child.spec.cpus:
+                os.sched_setaffinity(pid, child.spec.cpus)
+        except OSError as exc:
+            log.warning("cannot apply limits to %s: %s", child.spec.name, exc)
+
+    async def _watch(self, child: Child, proc: asyncio.subprocess.Process) -> None:
+        returncode = await proc.wait()
+        if child.proc is not proc:
+            return
+        child.last_exit = returncode
+        ran_for = time.monotonic() - child.started_at
+        if self._shutting_down:
+            child.state = ChildState.SHUTDOWN
+            return
+        self._after_exit(child, returncode, ran_for)
+
+    def _after_exit(self, child: Child, returncode: int, ran_for: float) -> None:
+        name = child.spec.name
+        if not should_restart(child.spec.restart, returncode):
+            child.state = ChildState.EXITED
+            log.info("%s exited with %s; not restarted (%s)", name, returncode, child.spec.restart.value)
+            return
+        if not child.intensity.allow(time.monotonic()):
+            child.state = ChildState.GIVEN_UP
+            log.critical(
+                "GIVING UP on %s: more than %d restarts in %.1f s (last exit %s); the rest keep running",
+                name, child.intensity.intensity, child.intensity.period, returncode,
+            )
+            return
+        delay = child.backoff.next_delay(ran_for)
+        child.state = ChildState.BACKOFF
+        log.warning("%s exited with %s; restarting in %.2f s", name, returncode, delay)
+        asyncio.get_running_loop().call_later(delay, self._restart_later, child)
+
+    def _restart_later(self, child: Child) -> None:
+        if self._shutting_down or child.state is not ChildState.BACKOFF:
+            return
+        child.restarts += 1
+        asyncio.ensure_future(self._spawn(child))
+
+    async def shutdown(self) -> None:
+        """Stop every child in reverse start order: SIGTERM, then SIGKILL after its timeout."""
+        self._shutting_down = True
+        for child in reversed(self.children):
+            await self._stop_child(child)
+
+    async def _stop_child(self, child: Child) -> None:
+        proc = child.proc
+        if proc is None or proc.returncode is not None:
+            child.state = ChildState.SHUTDOWN
+            return
+        self._signal_group(proc.pid, signal.SIGCONT)  # a stopped child cannot act on SIGTERM
+        self._signal_group(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), child.spec.shutdown_timeout)
+        except asyncio.TimeoutError:
+            log.warning("%s did not stop within %.1f s; killing it", child.spec.name, child.spec.shutdown_timeout)
+            self._signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        # Anything the child left in its process group goes too.
+        self._signal_group(proc.pid, signal.SIGKILL)
+        child.state = ChildState.SHUTDOWN
+
+    @staticmethod
+    def _signal_group(pid: int, sig: int) -> None:
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # -- hard preemption controls ------------------------------------------------------------------
+
+    def child(self, name: str) -> Child:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise LookupError(f"no supervised child named {name!r}") from None
+
+    def _live_pid(self, name: str) -> int:
+        child = self.child(name)
+        if child.proc is None or child.proc.returncode is not None:
+            raise LookupError(f"child {name!r} is not running")
+        return child.proc.pid
+
+    def suspend(self, name: str) -> int:
+        """SIGSTOP the child's process group; returns its pid."""
+        pid = self._live_pid(name)
+        os.killpg(pid, signal.SIGSTOP)
+        self.child(name).state = ChildState.STOPPED
+        return pid
+
+    def resume(self, name: str) -> int:
+        """SIGCONT the child's process group; returns its pid."""
+        pid = self._live_pid(name)
+        os.killpg(pid, signal.SIGCONT)
+        self.child(name).state = ChildState.RUNNING
+        return pid
+
+    def set_nice(self, name: str, nice: int) -> None:
+        os.setpriority(os.PRIO_PROCESS, self._live_pid(name), nice)
+
+    def set_affinity(self, name: str, cpus: list[int]) -> None:
+        os.sched_setaffinity(self._live_pid(name), cpus)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
+        pid = self._live_pid(name)
+        os.kill(pid, sig)
+        return pid
+
+    def stats(self) -> dict[str, Any]:
+        return {"children": [c.info() for c in self.children]}
+
+    def all_pids(self) -> list[int]:
+        return [c.pid for c in self.children if c.pid is not None and c.proc.returncode is None]
+
+
+def python_module_argv(module: str, args: list[str] | None = None) -> list[str]:
+    """argv that runs ``python -m module`` with this interpreter."""
+    return [sys.executable, "-m", module, *(args or [])]

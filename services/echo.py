@@ -1,0 +1,53 @@
+"""``echo``: the smallest real service, used by tests, benchmarks and the demo.
+
+The payload is returned unchanged, except that a map may ask for behaviour:
+
+* ``{"steps": n, "step_ms": t}`` — compute in n steps of t ms each with a safe point between
+  steps (so it can be preempted, resumed and cancelled); replies ``{"steps_done": n, "sum": s}``
+  where s is a deterministic function of the steps, so a resumed run can be compared with an
+  uninterrupted one.  Each step charges ``flops`` 1000.
+* ``{"partials": n}`` — streams n PARTIAL replies ``{"i": k}`` before the final.
+* ``{"fail": "message"}`` — the handler raises (the caller gets ``service_error``).
+* ``{"charge": {...}}`` — reports that spending to the kernel.
+Opaque MDP bodies are echoed frame for frame.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from services.base import Context, Service, main
+
+
+class Echo(Service):
+    name = "echo"
+
+    async def handle(self, ctx: Context, payload: Any) -> Any:
+        if not isinstance(payload, dict):
+            return payload
+        if "fail" in payload:
+            raise RuntimeError(str(payload["fail"]))
+        charge = payload.get("charge")
+        if isinstance(charge, dict):
+            ctx.charge(**{str(k): float(v) for k, v in charge.items()})
+        for i in range(int(payload.get("partials", 0))):
+            await ctx.partial({"i": i})
+        steps = int(payload.get("steps", 0))
+        if steps:
+            step_s = float(payload.get("step_ms", 1.0)) / 1000.0
+            acc = 0
+            spin = 0
+            for i in range(steps):
+                await ctx.checkpoint()
+                deadline = time.monotonic() + step_s
+                while time.monotonic() < deadline:  # busy, like real compute
+                    spin = (spin * 31 + i) % 1_000_003
+                acc = (acc * 131 + i + 1) % 1_000_000_007
+                ctx.charge(flops=1000)
+            return {"steps_done": steps, "sum": acc}
+        return payload
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(Echo()))

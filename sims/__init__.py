@@ -1,0 +1,1 @@
+"""Simulations and streaming-learning workloads run under reca."""

@@ -1,0 +1,864 @@
+"""Block-structured grids: a root lattice of B x B blocks, each block n x n cells at level 0 and
+refined by 2 per level, with ghost-cell exchange, conservative prolongation/restriction and the
+sparse operators that do refluxing at coarse/fine faces.
+
+Layout.  Level ``l`` holds every block at that level in one stacked array of shape
+``(nvar, nb_l, P_l, P_l)`` with ``P_l = n * 2**l + 2 * ghost``: axis 2 is x, axis 3 is y, ghosts
+pad both.  ``ids[l]`` lists the block ids at level ``l`` in slot order; a block id is
+``bx * B + by``.  Blocks never overlap: every point of the domain is owned by exactly one block.
+
+Ghost exchange is a fixed linear map per (target level, source level), rebuilt when the
+topology changes: same-level sources copy, finer sources average (restriction), coarser sources
+interpolate linearly from the coarse cell value plus its slopes (prolongation, second-order).
+Walls mirror; the solver names the variables whose sign flips across an x or a y wall.
+
+Invariant: block boundaries are aligned with every level's cell lattice, so each ghost cell lies in
+exactly one owning block and each coarse/fine face pairs one coarse face with 2**(dl) fine faces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+WEST, EAST, SOUTH, NORTH = 0, 1, 2, 3
+OPPOSITE = {WEST: EAST, EAST: WEST, SOUTH: NORTH, NORTH: SOUTH}
+
+
+def array_module(prefer_gpu: bool = True) -> tuple[Any, Any]:
+    """``(xp, sparse)``: CuPy and ``cupyx.scipy.sparse`` when CuPy imports and a trivial device
+    operation succeeds, else NumPy and ``scipy.sparse``."""
+    if prefer_gpu:
+        try:
+            import cupy  # type: ignore[import-not-found]
+            import cupyx.scipy.sparse as cusparse  # type: ignore[import-not-found]
+
+            if int((cupy.arange(4) + 1).sum()) == 10:
+                return cupy, cusparse
+        except Exception:  # noqa: BLE001 - any failure means "no usable GPU"
+            pass
+    return np, sp
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSpec:
+    """Geometry of a block-structured grid.
+
+    ``blocks``: root blocks per side (B).  ``cells``: cells per block side at level 0 (n, even,
+    at least 4).  ``max_level``: how many times a block may be refined by 2.  ``ghost``: ghost
+    layers (1 for a 5-point stencil, 2 for MUSCL).
+    """
+
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+    blocks: int
+    cells: int
+    max_level: int = 1
+    ghost: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("x0", "x1", "y0", "y1"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"GridSpec.{name} must be finite, got {getattr(self, name)!r}")
+        if not (self.x1 > self.x0 and self.y1 > self.y0):
+            raise ValueError(f"empty domain [{self.x0}, {self.x1}] x [{self.y0}, {self.y1}]")
+        if not math.isclose(self.x1 - self.x0, self.y1 - self.y0, rel_tol=1e-12):
+            raise ValueError("the domain must be square (cells are square)")
+        if self.blocks < 1:
+            raise ValueError(f"need at least one block per side, got blocks={self.blocks}")
+        if self.cells < 4 or self.cells % 2:
+            raise ValueError(f"cells per block side must be even and >= 4, got cells={self.cells}")
+        if not 0 <= self.max_level <= 4:
+            raise ValueError(f"max_level must be in 0..4, got {self.max_level}")
+        if self.ghost not in (1, 2):
+            raise ValueError(f"ghost must be 1 or 2, got {self.ghost}")
+
+    @property
+    def block_size(self) -> float:
+        return (self.x1 - self.x0) / self.blocks
+
+    def m(self, level: int) -> int:
+        """Cells per block side at ``level``."""
+        return self.cells << level
+
+    def h(self, level: int) -> float:
+        """Cell width at ``level``."""
+        return self.block_size / self.m(level)
+
+    def padded(self, level: int) -> int:
+        return self.m(level) + 2 * self.ghost
+
+    @property
+    def nblocks(self) -> int:
+        return self.blocks * self.blocks
+
+
+def minmod(a: Any, b: Any, xp: Any = np) -> Any:
+    return xp.where(a * b > 0, xp.sign(a) * xp.minimum(xp.abs(a), xp.abs(b)), 0.0)
+
+
+def interior_slopes(u: Any, axis: int, limited: bool, xp: Any = np) -> Any:
+    """Undivided slopes (per cell) of ``u`` along ``axis`` using only cells of the same block.
+
+    ``u``: (..., nb, m, m) interior values.  Interior cells use the centred difference (minmod of
+    the one-sided ones when ``limited``); the two edge cells use the nearest inward pair, so no
+    ghost data (possibly stale) enters prolongation.
+    """
+    d = xp.diff(u, axis=axis)
+    n = u.shape[axis]
+
+    def take(a: Any, sl: slice) -> Any:
+        idx = [slice(None)] * a.ndim
+        idx[axis] = sl
+        return a[tuple(idx)]
+
+    s = xp.empty_like(u)
+    lo, hi = take(d, slice(0, n - 2)), take(d, slice(1, n - 1))
+    idx = [slice(None)] * u.ndim
+    idx[axis] = slice(1, n - 1)
+    s[tuple(idx)] = minmod(lo, hi, xp) if limited else 0.5 * (lo + hi)
+    idx[axis] = slice(0, 1)
+    s[tuple(idx)] = minmod(take(d, slice(0, 1)), take(d, slice(1, 2)), xp) if limited else take(d, slice(0, 1))
+    idx[axis] = slice(n - 1, n)
+    s[tuple(idx)] = (
+        minmod(take(d, slice(n - 2, n - 1)), take(d, slice(n - 3, n - 2)), xp) if limited else take(d, slice(n - 2, n - 1))
+    )
+    return s
+
+
+@dataclasses.dataclass
+class _GhostOps:
+    """Ghost exchange for one target level: ``targets`` are flat indices into the padded per-variable
+    array; ``value[src]`` / ``slope_x[src]`` / ``slope_y[src]`` map the source level's flat padded
+    array to ghost values; ``wall_flip_x/y`` list rows whose sign flips for x/y-normal variables."""
+
+    targets: Any
+    value: dict[int, Any]
+    slope_x: dict[int, Any]
+    slope_y: dict[int, Any]
+    flip_rows_x: Any
+    flip_rows_y: Any
+
+
+@dataclasses.dataclass
+class _RefluxOps:
+    """Refluxing for one coarse level: ``targets`` flat padded indices of corrected coarse cells;
+    ``own`` maps the level's own integrated edge fluxes, ``fine[l2]`` level l2's accumulated ones.
+    Correction (added to cell values): (own @ E_own - sum fine[l2] @ A_l2) / h."""
+
+    targets: Any
+    own: Any
+    fine: dict[int, Any]
+
+
+class BlockTopology:
+    """Which block sits at which level, plus the ghost-exchange and reflux operators.
+
+    Pure index arithmetic (NumPy); arrays live in :class:`sims.diffusion` / solvers.
+    """
+
+    def __init__(self, spec: GridSpec, levels: np.ndarray, sparse: Any = sp) -> None:
+        levels = np.asarray(levels, dtype=np.int64).reshape(-1)
+        if levels.shape != (spec.nblocks,):
+            raise ValueError(f"levels must have {spec.nblocks} entries, got {levels.shape}")
+        if levels.min() < 0 or levels.max() > spec.max_level:
+            raise ValueError(f"block levels must lie in 0..{spec.max_level}")
+        self.spec = spec
+        self.levels = levels
+        self.sparse = sparse
+        self.ids = [np.flatnonzero(levels == lv) for lv in range(spec.max_level + 1)]
+        self.slot = np.empty(spec.nblocks, dtype=np.int64)
+        for lv, ids in enumerate(self.ids):
+            self.slot[ids] = np.arange(len(ids))
+        self.ghost_ops = [self._build_ghost(lv) for lv in range(spec.max_level + 1)]
+        self.reflux_ops = [self._build_reflux(lv) for lv in range(spec.max_level + 1)]
+
+    # --- geometry helpers ---------------------------------------------------------------------
+
+    def neighbour(self, block: int, side: int) -> int | None:
+        B = self.spec.blocks
+        bx, by = divmod(int(block), B)
+        bx += {WEST: -1, EAST: 1}.get(side, 0)
+        by += {SOUTH: -1, NORTH: 1}.get(side, 0)
+        if 0 <= bx < B and 0 <= by < B:
+            return bx * B + by
+        return None
+
+    def _flat(self, level: int, slot: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        P = self.spec.padded(level)
+        return (slot * P + i) * P + j
+
+    def _owner_cells(self, level: int, I: np.ndarray, J: np.ndarray):
+        """For level-``level`` lattice cells (I, J) inside the domain, yield per source level the rows
+        and weights of the exchange (value, slope_x, slope_y) as COO pieces."""
+        spec = self.spec
+        m = spec.m(level)
+        g = spec.ghost
+        owner = (I // m) * spec.blocks + (J // m)
+        olv = self.levels[owner]
+        out: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = {}
+        rows = np.arange(len(I))
+        for src in np.unique(olv):
+            sel = olv == src
+            r, blk = rows[sel], owner[sel]
+            slot = self.slot[blk]
+            ms = spec.m(src)
+            bx, by = divmod(blk, spec.blocks)
+            if src == level:
+                cols = self._flat(src, slot, I[sel] - bx * ms + g, J[sel] - by * ms + g)
+                out.setdefault(src, []).append((r, cols, np.ones(len(r)), np.zeros(len(r)), np.zeros(len(r))))
+            elif src > level:
+                ratio = 1 << (src - level)
+                w = 1.0 / (ratio * ratio)
+                for p in range(ratio):
+                    for q in range(ratio):
+                        ii = I[sel] * ratio + p - bx * ms + g
+                        jj = J[sel] * ratio + q - by * ms + g
+                        cols = self._flat(src, slot, ii, jj)
+                        out.setdefault(src, []).append((r, cols, np.full(len(r), w), np.zeros(len(r)), np.zeros(len(r))))
+            else:
+                ratio = 1 << (level - src)
+                Ic, Jc = I[sel] // ratio, J[sel] // ratio
+                dx = ((I[sel] % ratio) + 0.5) / ratio - 0.5
+                dy = ((J[sel] % ratio) + 0.5) / ratio - 0.5
+                cols = self._flat(src, slot, Ic - bx * ms + g, Jc - by * ms + g)
+                out.setdefault(src, []).append((r, cols, np.ones(len(r)), dx, dy))
+        return out
+
+    def _build_ghost(self, level: int) -> _GhostOps | None:
+        spec = self.spec
+        ids = self.ids[level]
+        if len(ids) == 0:
+            return None
+        m, g, P = spec.m(level), spec.ghost, spec.padded(level)
+        M = spec.blocks * m
+        # every (slot, i, j) ghost position of the four side strips (corners are never read)
+        a = np.arange(g)
+        inner = np.arange(g, g + m)
+        strips = [
+            np.stack(np.meshgrid(a, inner, indexing="ij"), -1).reshape(-1, 2),
+            np.stack(np.meshgrid(a + g + m, inner, indexing="ij"), -1).reshape(-1, 2),
+            np.stack(np.meshgrid(inner, a, indexing="ij"), -1).reshape(-1, 2),
+            np.stack(np.meshgrid(inner, a + g + m, indexing="ij"), -1).reshape(-1, 2),
+        ]
+        local = np.concatenate(strips)
+        slots = np.repeat(np.arange(len(ids)), len(local))
+        li = np.tile(local[:, 0], len(ids))
+        lj = np.tile(local[:, 1], len(ids))
+        bx, by = divmod(ids[slots], spec.blocks)
+        I = bx * m + li - g
+        J = by * m + lj - g
+        flip_x = (I < 0) | (I >= M)
+        flip_y = (J < 0) | (J >= M)
+        I = np.where(I < 0, -1 - I, np.where(I >= M, 2 * M - 1 - I, I))
+        J = np.where(J < 0, -1 - J, np.where(J >= M, 2 * M - 1 - J, J))
+        targets = self._flat(level, slots, li, lj)
+        pieces = self._owner_cells(level, I, J)
+        n_t = len(targets)
+        value, slope_x, slope_y = {}, {}, {}
+        for src, parts in pieces.items():
+            r = np.concatenate([p[0] for p in parts])
+            c = np.concatenate([p[1] for p in parts])
+            ncols = len(self.ids[src]) * spec.padded(src) ** 2
+            shape = (n_t, ncols)
+            value[src] = self._csr(np.concatenate([p[2] for p in parts]), r, c, shape)
+            if src < level:
+                slope_x[src] = self._csr(np.concatenate([p[3] for p in parts]), r, c, shape)
+                slope_y[src] = self._csr(np.concatenate([p[4] for p in parts]), r, c, shape)
+        return _GhostOps(
+            targets=targets,
+            value=value,
+            slope_x=slope_x,
+            slope_y=slope_y,
+            flip_rows_x=np.flatnonzero(flip_x),
+            flip_rows_y=np.flatnonzero(flip_y),
+        )
+
+    def _csr(self, w: np.ndarray, r: np.ndarray, c: np.ndarray, shape: tuple[int, int]) -> Any:
+        mat = sp.csr_matrix((w, (r, c)), shape=shape)
+        return mat if self.sparse is sp else self.sparse.csr_matrix(mat)
+
+    def _build_reflux(self, level: int) -> _RefluxOps | None:
+        """Coarse cells of ``level`` that touch a finer block get their face flux replaced by the
+        time- and length-average of the fine fluxes (Berger-Colella refluxing)."""
+        spec = self.spec
+        ids = self.ids[level]
+        if len(ids) == 0:
+            return None
+        m, g = spec.m(level), spec.ghost
+        cell_rows: dict[int, int] = {}
+        own_r, own_c, own_w = [], [], []
+        fine_r: dict[int, list] = {}
+        fine_c: dict[int, list] = {}
+        fine_w: dict[int, list] = {}
+        k = np.arange(m)
+        for s, blk in enumerate(ids):
+            for side in (WEST, EAST, SOUTH, NORTH):
+                nb = self.neighbour(blk, side)
+                if nb is None or self.levels[nb] <= level:
+                    continue
+                fl = int(self.levels[nb])
+                ratio = 1 << (fl - level)
+                if side == WEST:
+                    ci, cj = np.full(m, g), k + g
+                elif side == EAST:
+                    ci, cj = np.full(m, g + m - 1), k + g
+                elif side == SOUTH:
+                    ci, cj = k + g, np.full(m, g)
+                else:
+                    ci, cj = k + g, np.full(m, g + m - 1)
+                flat = self._flat(level, np.full(m, s), ci, cj)
+                rows = np.empty(m, dtype=np.int64)
+                for t, f in enumerate(flat):
+                    rows[t] = cell_rows.setdefault(int(f), len(cell_rows))
+                sign = 1.0 if side in (EAST, NORTH) else -1.0
+                own_r.append(rows)
+                own_c.append((s * 4 + side) * m + k)
+                own_w.append(np.full(m, sign))
+                mf = spec.m(fl)
+                fslot = self.slot[nb]
+                for q in range(ratio):
+                    fine_r.setdefault(fl, []).append(rows)
+                    fine_c.setdefault(fl, []).append((fslot * 4 + OPPOSITE[side]) * mf + k * ratio + q)
+                    fine_w.setdefault(fl, []).append(np.full(m, sign / ratio))
+        if not cell_rows:
+            return None
+        targets = np.fromiter(cell_rows.keys(), dtype=np.int64, count=len(cell_rows))
+        n_t = len(targets)
+        own = self._csr(np.concatenate(own_w), np.concatenate(own_r), np.concatenate(own_c), (n_t, len(ids) * 4 * m))
+        fine = {
+            fl: self._csr(
+                np.concatenate(fine_w[fl]),
+                np.concatenate(fine_r[fl]),
+                np.concatenate(fine_c[fl]),
+                (n_t, len(self.ids[fl]) * 4 * spec.m(fl)),
+            )
+            for fl in fine_r
+        }
+        return _RefluxOps(targets=targets, own=own, fine=fine)
+
+    # --- statistics ---------------------------------------------------------------------------
+
+    def cell_count(self) -> int:
+        return int(sum(len(ids) * self.spec.m(lv) ** 2 for lv, ids in enumerate(self.ids)))
+
+    def refined_cells(self) -> int:
+        """Cells in blocks above level 0."""
+        return int(sum(len(ids) * self.spec.m(lv) ** 2 for lv, ids in enumerate(self.ids) if lv > 0))
+
+
+# --------------------------------------------------------------------------------------------
+# The simulation: Berger-Oliger subcycling on the block hierarchy, with refluxing.
+# --------------------------------------------------------------------------------------------
+
+
+class SimulationHalted(RuntimeError):
+    """step() on a run that went unstable (or finished); restore() a snapshot to go on."""
+
+
+@dataclasses.dataclass
+class LevelStep:
+    """What a physics step of one level returns: the new padded state, the time-integrated edge
+    fluxes ``(nvar, nb, 4, m)`` (for refluxing), and per-cell indicator fields ``(nb, m, m)``."""
+
+    state: Any
+    edges: Any
+    indicators: dict[str, Any]
+
+
+class Simulation:
+    """A conservative finite-volume run on a block-structured grid.
+
+    ``physics`` supplies the scheme (see :class:`sims.diffusion.Diffusion`,
+    :class:`sims.shallow_water.ShallowWater`); ``init(xlo, xhi, ylo, yhi)`` returns cell averages
+    ``(nvar, *shape)`` over the given cell bounds.  ``levels``: initial level per block id.
+
+    Time stepping (Berger-Oliger): one :meth:`step` advances level 0 by ``dt``, then each finer
+    level ``time_ratio`` times by ``dt / time_ratio``, recursively; coarse ghost values are
+    interpolated linearly in time; afterwards each coarse cell next to a finer block has its face
+    flux replaced by the time-integrated fine fluxes (refluxing), so the sum of every conserved
+    variable is preserved to round-off whatever the mix of levels.
+
+    ``indicators``: which local refinement indicators to compute (they cost a few array passes a
+    step; uniform baselines pass ``()``).
+    """
+
+    def __init__(
+        self,
+        physics: Any,
+        spec: GridSpec,
+        init: Any,
+        *,
+        t_end: float,
+        levels: Any = None,
+        indicators: tuple[str, ...] = (),
+        halo_cells: int = 3,
+        prefer_gpu: bool = False,
+    ) -> None:
+        if spec.ghost < physics.ghost:
+            raise ValueError(f"{physics.name} needs ghost >= {physics.ghost}, grid has {spec.ghost}")
+        if not (math.isfinite(t_end) and t_end > 0):
+            raise ValueError(f"t_end must be a positive finite number, got {t_end!r}")
+        unknown = set(indicators) - set(physics.indicator_names)
+        if unknown:
+            raise ValueError(f"unknown indicators {sorted(unknown)}; {physics.name} offers {physics.indicator_names}")
+        self.physics = physics
+        self.spec = spec
+        self.t_end = float(t_end)
+        self.indicator_names = tuple(indicators)
+        self.halo_cells = int(halo_cells)
+        self.xp, self.sparse = array_module(prefer_gpu)
+        if levels is None:
+            levels = np.zeros(spec.nblocks, dtype=np.int64)
+        self.topo = BlockTopology(spec, levels, self.sparse)
+        self._neighbours = np.array(
+            [[-1 if (n := self.topo.neighbour(b, s)) is None else n for s in range(4)] for b in range(spec.nblocks)]
+        )
+        self.U = [self._sample(init, lv) for lv in range(spec.max_level + 1)]
+        self.time = 0.0
+        self.steps = 0
+        self.total_cell_updates = 0
+        self.dt_factor = 1.0
+        self.halted = False
+        self._init_mass = self._mass()
+        self._energy = self._energy_total()
+        self._bounds = physics.bounds(self._values_min(), self._values_max())
+        self._ind_own: dict[str, list] = {}
+        self._ind_strip: dict[str, list] = {}
+
+    # --- state construction ---------------------------------------------------------------------
+
+    def _cell_bounds(self, level: int, ids: np.ndarray):
+        spec = self.spec
+        m, h = spec.m(level), spec.h(level)
+        bx, by = divmod(ids, spec.blocks)
+        k = np.arange(m)
+        xlo = spec.x0 + bx[:, None] * spec.block_size + k[None, :] * h
+        ylo = spec.y0 + by[:, None] * spec.block_size + k[None, :] * h
+        XL = np.broadcast_to(xlo[:, :, None], (len(ids), m, m))
+        YL = np.broadcast_to(ylo[:, None, :], (len(ids), m, m))
+        return XL, XL + h, YL, YL + h
+
+    def _empty(self, level: int, nb: int) -> Any:
+        P = self.spec.padded(level)
+        return self.xp.zeros((self.physics.nvar, nb, P, P))
+
+    def _sample(self, init: Any, level: int) -> Any:
+        ids = self.topo.ids[level]
+        arr = self._empty(level, len(ids))
+        if len(ids):
+            vals = np.asarray(init(*self._cell_bounds(level, ids)), dtype=np.float64)
+            if vals.shape != (self.physics.nvar, len(ids), self.spec.m(level), self.spec.m(level)):
+                raise ValueError(f"initial condition returned shape {vals.shape}")
+            if not np.isfinite(vals).all():
+                raise ValueError("initial condition has non-finite values")
+            self.physics.validate(vals)
+            g = self.spec.ghost
+            arr[:, :, g:-g, g:-g] = self.xp.asarray(vals)
+        return arr
+
+    def interior(self, level: int) -> Any:
+        g = self.spec.ghost
+        return self.U[level][:, :, g:-g, g:-g]
+
+    # --- ghost exchange -------------------------------------------------------------------------
+
+    def _source(self, src: int, level: int, t: float) -> Any:
+        """Level ``src`` as seen by ``level`` at time ``t``: coarser levels interpolated in time."""
+        if src >= level:
+            return self.U[src]
+        t0, t1 = self._t_old[src], self._t[src]
+        if t1 <= t0 or t >= t1:
+            return self.U[src]
+        a = (t - t0) / (t1 - t0)
+        return self._U_old[src] + a * (self.U[src] - self._U_old[src])
+
+    def _fill_ghosts(self, level: int, arr: Any, t: float) -> None:
+        ops = self.topo.ghost_ops[level]
+        ph, xp, g = self.physics, self.xp, self.spec.ghost
+        srcs = {s: (arr if s == level else self._source(s, level, t)) for s in ops.value}
+        slopes = {}
+        for s in ops.slope_x:
+            inner = srcs[s][:, :, g:-g, g:-g]
+            sx = xp.zeros_like(srcs[s])
+            sy = xp.zeros_like(srcs[s])
+            sx[:, :, g:-g, g:-g] = interior_slopes(inner, 2, ph.limited, xp)
+            sy[:, :, g:-g, g:-g] = interior_slopes(inner, 3, ph.limited, xp)
+            slopes[s] = (sx, sy)
+        for v in range(ph.nvar):
+            vals = None
+            for s, mat in ops.value.items():
+                part = mat @ srcs[s][v].reshape(-1)
+                if s in slopes:
+                    part = part + ops.slope_x[s] @ slopes[s][0][v].reshape(-1) + ops.slope_y[s] @ slopes[s][1][v].reshape(-1)
+                vals = part if vals is None else vals + part
+            if v in ph.flip_x:
+                vals[ops.flip_rows_x] *= -1.0
+            if v in ph.flip_y:
+                vals[ops.flip_rows_y] *= -1.0
+            arr[v].reshape(-1)[ops.targets] = vals
+
+    # --- time stepping --------------------------------------------------------------------------
+
+    def stable_dt(self) -> float:
+        """The root-level dt that keeps every level within the scheme's target Courant number."""
+        r = self.physics.time_ratio
+        best = math.inf
+        for lv in range(self.spec.max_level + 1):
+            if len(self.topo.ids[lv]):
+                best = min(best, self.physics.stable_dt(self.interior(lv), self.spec.h(lv)) * r**lv)
+        return best
+
+    def set_dt_factor(self, factor: float) -> None:
+        """Scale the stable dt by ``factor`` (0 < factor <= 8; > 1 breaks the CFL watchdog on
+        purpose, which tests use)."""
+        if not (math.isfinite(factor) and 0.0 < factor <= 8.0):
+            raise ValueError(f"dt factor must lie in (0, 8], got {factor!r}")
+        self.dt_factor = float(factor)
+
+    def _level_step(self, level: int, dt: float, t: float, want: tuple[str, ...]) -> LevelStep:
+        return self.physics.step_level(self, level, self.U[level], dt, t, want)
+
+    def _advance(self, level: int, dt: float, last: bool) -> None:
+        L = self.spec.max_level
+        ids = self.topo.ids[level]
+        for f in range(level + 1, L + 1):
+            if len(self.topo.ids[f]):
+                self._acc[f][level] = None
+        res = None
+        self._t_old[level] = self._t[level]
+        if len(ids):
+            self._U_old[level] = self.U[level]
+            want = self.indicator_names if last else ()
+            res = self._level_step(level, dt, self._t[level], want)
+            self.U[level] = res.state
+            self._dt_used[level] = dt
+            for c in range(level):
+                prev = self._acc[level].get(c)
+                self._acc[level][c] = res.edges if prev is None else prev + res.edges
+            self._updates += len(ids) * self.spec.m(level) ** 2 * self.physics.stages
+            for name, field in res.indicators.items():
+                own, strips = _block_max(field, self.halo_cells, self.xp)
+                self._ind_own[name][level] = own
+                self._ind_strip[name][level] = strips
+        self._t[level] = self._t_old[level] + dt
+        if level < L and any(len(self.topo.ids[f]) for f in range(level + 1, L + 1)):
+            r = self.physics.time_ratio
+            for k in range(r):
+                self._advance(level + 1, dt / r, last and k == r - 1)
+            self._t[level + 1] = self._t[level]
+        if res is not None:
+            self._reflux(level, res.edges)
+
+    def _reflux(self, level: int, edges: Any) -> None:
+        ops = self.topo.reflux_ops[level]
+        if ops is None:
+            return
+        h = self.spec.h(level)
+        for v in range(self.physics.nvar):
+            corr = ops.own @ edges[v].reshape(-1)
+            for f, mat in ops.fine.items():
+                corr = corr - mat @ self._acc[f][level][v].reshape(-1)
+            self.U[level][v].reshape(-1)[ops.targets] += corr / h
+
+    def step(self) -> Any:
+        """Advance one root step (clipped to ``t_end``) and return the watchdog's
+        :class:`sims.invariants.StepReport`.  A step that produces non-finite values or breaks
+        positivity halts the run (``status == "unstable"``); further calls raise
+        :class:`SimulationHalted`."""
+        if self.halted:
+            raise SimulationHalted("the run is halted (unstable); restore a snapshot to continue")
+        if self.finished:
+            raise SimulationHalted(f"the run reached t_end={self.t_end}")
+        L = self.spec.max_level
+        dt_stable = self.stable_dt()
+        if not math.isfinite(dt_stable) or dt_stable <= 0:
+            self.halted = True
+            return self._report(0.0, 0, ("non_finite",))
+        dt = min(dt_stable * self.dt_factor, self.t_end - self.time)
+        self._t = [self.time] * (L + 1)
+        self._t_old = [self.time] * (L + 1)
+        self._U_old = [None] * (L + 1)
+        self._acc: list[dict[int, Any]] = [{} for _ in range(L + 1)]
+        self._dt_used = [dt / self.physics.time_ratio**lv for lv in range(L + 1)]
+        self._updates = 0
+        for name in self.indicator_names:
+            self._ind_own[name] = [None] * (L + 1)
+            self._ind_strip[name] = [None] * (L + 1)
+        with np.errstate(all="ignore"):
+            self._advance(0, dt, True)
+        self.time = self.time + dt if self.t_end - self.time - dt > 1e-12 * self.t_end else self.t_end
+        self.steps += 1
+        self.total_cell_updates += self._updates
+        return self._report(dt, self._updates, ())
+
+    # --- invariants -----------------------------------------------------------------------------
+
+    def _mass(self) -> np.ndarray:
+        tot = np.zeros(self.physics.nvar)
+        for lv in range(self.spec.max_level + 1):
+            if len(self.topo.ids[lv]):
+                tot += _np(self.interior(lv).sum(axis=(1, 2, 3))) * self.spec.h(lv) ** 2
+        return tot
+
+    def _energy_total(self) -> float:
+        return float(
+            sum(
+                float(self.physics.energy_density(self.interior(lv)).sum()) * self.spec.h(lv) ** 2
+                for lv in range(self.spec.max_level + 1)
+                if len(self.topo.ids[lv])
+            )
+        )
+
+    def _values_min(self) -> float:
+        v = self.physics.bounded_var
+        return min(float(self.interior(lv)[v].min()) for lv in range(self.spec.max_level + 1) if len(self.topo.ids[lv]))
+
+    def _values_max(self) -> float:
+        v = self.physics.bounded_var
+        return max(float(self.interior(lv)[v].max()) for lv in range(self.spec.max_level + 1) if len(self.topo.ids[lv]))
+
+    def _report(self, dt: float, updates: int, forced: tuple[str, ...]) -> Any:
+        from sims import invariants as inv
+
+        spec, ph, xp = self.spec, self.physics, self.xp
+        N = spec.nblocks
+        bmin = np.full(N, np.nan)
+        bcour = np.zeros(N)
+        benergy = np.zeros(N)
+        finite = True
+        for lv in range(spec.max_level + 1):
+            ids = self.topo.ids[lv]
+            if not len(ids):
+                continue
+            u = self.interior(lv)
+            finite = finite and bool(xp.isfinite(u).all())
+            bmin[ids] = _np(u[ph.bounded_var].min(axis=(1, 2)))
+            h = spec.h(lv)
+            dtl = dt / ph.time_ratio**lv
+            if dtl > 0:
+                bcour[ids] = _np(ph.courant(u, h, dtl).max(axis=(1, 2)))
+            benergy[ids] = _np(ph.energy_density(u).sum(axis=(1, 2))) * h * h
+        mass = self._mass()
+        mv = list(ph.mass_vars)
+        drift = float(np.max(np.abs(mass[mv] - self._init_mass[mv]) / np.maximum(np.abs(self._init_mass[mv]), 1e-300)))
+        energy = float(benergy.sum())
+        g = inv.GlobalInvariants(
+            mass=tuple(float(x) for x in mass),
+            mass_rel_drift=drift if finite else math.inf,
+            energy=energy,
+            energy_rel_change=(energy - self._energy) / abs(self._energy) if self._energy else 0.0,
+            min_value=float(np.nanmin(bmin)) if finite else math.nan,
+            max_value=self._values_max() if finite else math.nan,
+            courant=float(bcour.max()),
+            finite=finite,
+        )
+        lo, hi, strict = self._bounds
+        breaches = forced or inv.global_breaches(
+            g, previous_energy=self._energy, courant_limit=ph.courant_limit, lower_bound=lo, upper_bound=hi, strict_lower=strict
+        )
+        self._energy = energy if finite else self._energy
+        indicators = {}
+        for name in self.indicator_names:
+            own = np.zeros(N)
+            strips = np.zeros((N, 4))
+            for lv in range(spec.max_level + 1):
+                o = self._ind_own.get(name, [None] * (lv + 1))[lv]
+                if o is not None:
+                    own[self.topo.ids[lv]] = o
+                    strips[self.topo.ids[lv]] = self._ind_strip[name][lv]
+            indicators[name] = inv.with_halo(own, strips, self._neighbours)
+        block_breaches = {
+            inv.CFL: np.flatnonzero(bcour > ph.courant_limit),
+            inv.POSITIVITY: np.flatnonzero(~(bmin > lo) if strict else bmin < (lo if lo is not None else -np.inf)),
+        }
+        unstable = inv.FINITE in breaches or (strict and inv.POSITIVITY in breaches)
+        if unstable:
+            self.halted = True
+        status = "unstable" if unstable else ("finished" if self.time >= self.t_end else "ok")
+        return inv.StepReport(
+            step=self.steps,
+            time=self.time,
+            dt=dt,
+            dt_factor=self.dt_factor,
+            cell_updates=updates,
+            total_cell_updates=self.total_cell_updates,
+            cells=self.topo.cell_count(),
+            levels=self.topo.levels.copy(),
+            block_min=bmin,
+            block_courant=bcour,
+            block_energy=benergy,
+            indicators=indicators,
+            globals=g,
+            breaches=tuple(breaches),
+            block_breaches=block_breaches,
+            status=status,
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.time >= self.t_end
+
+    # --- regridding -----------------------------------------------------------------------------
+
+    def refine(self, block_ids: Any) -> list[int]:
+        """Refine the given blocks by one level (conservative, slope-limited prolongation).
+        Blocks already at ``max_level`` are skipped; returns the ids actually refined."""
+        ids = self._check_ids(block_ids)
+        todo = [b for b in ids if self.topo.levels[b] < self.spec.max_level]
+        if todo:
+            new = self.topo.levels.copy()
+            new[todo] += 1
+            self._regrid(new)
+        return todo
+
+    def coarsen(self, block_ids: Any) -> list[int]:
+        """Coarsen the given blocks by one level (average of 2 x 2 children, conservative).
+        Blocks at level 0 are skipped; returns the ids actually coarsened."""
+        ids = self._check_ids(block_ids)
+        todo = [b for b in ids if self.topo.levels[b] > 0]
+        if todo:
+            new = self.topo.levels.copy()
+            new[todo] -= 1
+            self._regrid(new)
+        return todo
+
+    def _check_ids(self, block_ids: Any) -> list[int]:
+        out = []
+        for b in np.atleast_1d(np.asarray(block_ids)).tolist():
+            if not isinstance(b, int) or not 0 <= b < self.spec.nblocks:
+                raise ValueError(f"unknown block id {b!r}; ids are 0..{self.spec.nblocks - 1}")
+            out.append(b)
+        return sorted(set(out))
+
+    def _block_interior(self, b: int) -> tuple[int, Any]:
+        lv = int(self.topo.levels[b])
+        g = self.spec.ghost
+        return lv, self.U[lv][:, int(self.topo.slot[b]), g:-g, g:-g]
+
+    def _regrid(self, new_levels: np.ndarray) -> None:
+        xp, g, limited = self.xp, self.spec.ghost, self.physics.limited
+        old = {b: self._block_interior(b) for b in range(self.spec.nblocks)}
+        topo = BlockTopology(self.spec, new_levels, self.sparse)
+        U = []
+        for lv in range(self.spec.max_level + 1):
+            ids = topo.ids[lv]
+            arr = self._empty(lv, len(ids))
+            for s, b in enumerate(ids):
+                olv, data = old[int(b)]
+                while olv < lv:
+                    data = _prolong(data, limited, xp)
+                    olv += 1
+                while olv > lv:
+                    data = _restrict(data)
+                    olv -= 1
+                arr[:, s, g:-g, g:-g] = data
+            U.append(arr)
+        self.topo, self.U = topo, U
+
+    # --- preempt / resume -----------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit: a dict of NumPy arrays and scalars."""
+        return {
+            "levels": self.topo.levels.copy(),
+            "U": [_np(u).copy() for u in self.U],
+            "time": self.time,
+            "steps": self.steps,
+            "total_cell_updates": self.total_cell_updates,
+            "dt_factor": self.dt_factor,
+            "energy": self._energy,
+            "init_mass": self._init_mass.copy(),
+            "bounds": self._bounds,
+            "halted": self.halted,
+        }
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Return to a :meth:`snapshot`; the following steps reproduce the original run exactly."""
+        levels = np.asarray(snap["levels"])
+        if levels.shape != (self.spec.nblocks,):
+            raise ValueError("snapshot is from a different grid")
+        self.topo = BlockTopology(self.spec, levels, self.sparse)
+        self.U = [self.xp.asarray(u).copy() for u in snap["U"]]
+        self.time = float(snap["time"])
+        self.steps = int(snap["steps"])
+        self.total_cell_updates = int(snap["total_cell_updates"])
+        self.dt_factor = float(snap["dt_factor"])
+        self._energy = float(snap["energy"])
+        self._init_mass = np.asarray(snap["init_mass"]).copy()
+        self._bounds = tuple(snap["bounds"])
+        self.halted = bool(snap["halted"])
+
+    # --- output -------------------------------------------------------------------------------
+
+    def uniform(self, level: int, var: int = 0) -> np.ndarray:
+        """The variable ``var`` on the uniform lattice of ``level`` (coarser blocks prolonged
+        piecewise constantly, finer ones averaged), as a NumPy (M, M) array indexed [x, y]."""
+        spec = self.spec
+        m = spec.m(level)
+        out = np.empty((spec.blocks * m, spec.blocks * m))
+        for b in range(spec.nblocks):
+            lv, data = self._block_interior(b)
+            d = _np(data[var])
+            if lv < level:
+                r = 1 << (level - lv)
+                d = np.repeat(np.repeat(d, r, 0), r, 1)
+            elif lv > level:
+                r = 1 << (lv - level)
+                d = d.reshape(m, r, m, r).mean(axis=(1, 3))
+            bx, by = divmod(b, spec.blocks)
+            out[bx * m : (bx + 1) * m, by * m : (by + 1) * m] = d
+        return out
+
+    def l1_error(self, reference: np.ndarray, ref_level: int, var: int = 0) -> float:
+        """Area-weighted L1 distance between this run's cell averages and ``reference`` (a uniform
+        array at ``ref_level`` >= every block level) averaged onto this run's cells."""
+        spec = self.spec
+        mr = spec.m(ref_level)
+        total = 0.0
+        for b in range(spec.nblocks):
+            lv, data = self._block_interior(b)
+            if lv > ref_level:
+                raise ValueError(f"reference level {ref_level} is coarser than block {b} (level {lv})")
+            bx, by = divmod(b, spec.blocks)
+            ref = reference[bx * mr : (bx + 1) * mr, by * mr : (by + 1) * mr]
+            r = 1 << (ref_level - lv)
+            m = spec.m(lv)
+            ref = ref.reshape(m, r, m, r).mean(axis=(1, 3))
+            total += float(np.abs(_np(data[var]) - ref).sum()) * spec.h(lv) ** 2
+        return total
+
+
+def _np(a: Any) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def _block_max(field: Any, halo: int, xp: Any):
+    from sims.invariants import block_max_with_strips
+
+    return block_max_with_strips(field, halo, xp)
+
+
+def _prolong(data: Any, limited: bool, xp: Any) -> Any:
+    """(nvar, m, m) -> (nvar, 2m, 2m): children = parent +- slope/4 in x and y (sums exactly to
+    4 x parent up to round-off, so mass is conserved)."""
+    sx = interior_slopes(data[:, None], 2, limited, xp)[:, 0]
+    sy = interior_slopes(data[:, None], 3, limited, xp)[:, 0]
+    nv, m, _ = data.shape
+    out = xp.empty((nv, 2 * m, 2 * m))
+    for p, dx in ((0, -0.25), (1, 0.25)):
+        for q, dy in ((0, -0.25), (1, 0.25)):
+            out[:, p::2, q::2] = data + dx * sx + dy * sy
+    return out
+
+
+def _restrict(data: Any) -> Any:
+    nv, m2, _ = data.shape
+    m = m2 // 2
+    return data.reshape(nv, m, 2, m, 2).mean(axis=(2, 4))
