@@ -43,7 +43,7 @@ def run(quick: bool) -> Result:
     roi_secs, full_secs = [], []
     roi_ok = full_ok = 0
     span_tokens, answer_tokens = [], []
-    approx_dev, approx_same_text = [], 0
+    approx_dev, approx_rel, approx_logit_dev, approx_same_text = [], [], [], 0
     flagged = 0
     t_greedy = time.perf_counter()
     for items in questions:
@@ -63,13 +63,15 @@ def run(quick: bool) -> Result:
         roi_secs.append(rep.seconds)
         roi_ok += rep.ok
         # the approximate mode on the same chain: same repairs, reused suffix KV
-        rep_a = repair(engine, approx, width=WIDTH, mode="approx")
+        repair(engine, approx, width=WIDTH, mode="approx")
         if engine.tokens(approx) == engine.tokens(sid):
             approx_same_text += 1
             k_e, v_e = engine.kv(sid)
             k_a, v_a = engine.kv(approx)
             approx_dev.append(max((k_a - k_e).abs().max().item(), (v_a - v_e).abs().max().item()))
-        del rep_a
+            approx_rel.append(approx_dev[-1] / max(k_e.abs().max().item(), v_e.abs().max().item()))
+            la, le = engine.next_logits(approx), engine.next_logits(sid)
+            approx_logit_dev.append((la - le).abs().max().item())
         engine.free(sid), engine.free(approx)
 
         prompt = tokenizer.encode(text.split(";")[0] + ";")
@@ -102,6 +104,8 @@ def run(quick: bool) -> Result:
         "approx_same_text_fraction": approx_same_text / max(flagged, 1),
         "approx_kv_max_abs_dev_p50": percentile(approx_dev, 50),
         "approx_kv_max_abs_dev_max": max(approx_dev) if approx_dev else float("nan"),
+        "approx_kv_rel_dev_p50": percentile(approx_rel, 50),
+        "approx_next_logit_max_abs_dev_p50": percentile(approx_logit_dev, 50),
         "wall_s": elapsed,
     }
     targets = {

@@ -7,10 +7,10 @@ import itertools
 from typing import Any, AsyncIterator, Callable
 
 import zmq
-import zmq.asyncio
 
 from clients.core import Reply, build_header, default_endpoint, new_idem, parse_reply, raise_for, request_frames
 from kernel import errors
+from kernel.aio import Readable
 from kernel import protocol as P
 
 
@@ -24,18 +24,19 @@ class AsyncClient:
     """
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = P.CLIENT_TIMEOUT, retries: int = 2,
-                 job: str | None = None, context: zmq.asyncio.Context | None = None) -> None:
+                 job: str | None = None, context: zmq.Context | None = None) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
         self.retries = retries
         self.job = job
-        self._ctx = context or zmq.asyncio.Context.instance()
+        self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.endpoint)
         self._ids = itertools.count(1)
         self._waiting: dict[Any, asyncio.Queue[Reply]] = {}
         self._reader: asyncio.Task | None = None
+        self._readable: Readable | None = None
         self._closed = False
 
     async def __aenter__(self) -> "AsyncClient":
@@ -52,13 +53,15 @@ class AsyncClient:
                 await self._reader
             except (asyncio.CancelledError, Exception):
                 pass
+        if self._readable is not None:
+            self._readable.close()
         self._sock.close(0)
 
     async def _read(self) -> None:
-        poller = zmq.asyncio.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        readable = self._readable
+        assert readable is not None
         while True:
-            await poller.poll()  # poll first, then receive: a cancelled recv could lose a message
+            await readable.wait()
             while True:
                 try:
                     frames = self._sock.recv_multipart(zmq.NOBLOCK)
@@ -81,6 +84,7 @@ class AsyncClient:
         if self._closed:
             raise errors.BadRequest("client is closed")
         if self._reader is None:
+            self._readable = Readable(self._sock)
             self._reader = asyncio.ensure_future(self._read())
         timeout = self.timeout if timeout is None else timeout
         retries = self.retries if retries is None else retries
@@ -93,7 +97,9 @@ class AsyncClient:
             try:
                 header = build_header(rid, job=job, budget=budget, priority=priority, deadline_ms=deadline_ms,
                                       idem=idem, txn=txn)
-                await self._sock.send_multipart(request_frames(service, header, payload))
+                self._sock.send_multipart(request_frames(service, header, payload))
+                assert self._readable is not None
+                self._readable.poke()
                 got_any = False
                 while True:
                     try:

@@ -121,7 +121,7 @@ class Engine:
         if intra_op_threads is not None:
             torch.set_num_threads(intra_op_threads)
         param = next(model.parameters())
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)  # inference only
         self.cfg = model.cfg
         self.max_len = max_len if max_len is not None else self.cfg.max_len
         self.cache = PagedKVCache(

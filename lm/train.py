@@ -69,7 +69,7 @@ def load(path: pathlib.Path | str = DEFAULT_WEIGHTS, dtype: torch.dtype = torch.
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lm.train", description=__doc__)
     p.add_argument("--minutes", type=float, default=10.0)
-    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1,

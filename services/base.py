@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 import zmq
-import zmq.asyncio
+
 
 from kernel import codec, errors
 from kernel import protocol as P
@@ -142,7 +142,7 @@ class WorkerRuntime:
         *,
         heartbeat: float = P.HEARTBEAT_INTERVAL,
         liveness: int = P.LIVENESS,
-        context: zmq.asyncio.Context | None = None,
+        context: zmq.Context | None = None,
     ) -> None:
         if not service.name:
             raise ValueError("a service needs a name")
@@ -151,9 +151,10 @@ class WorkerRuntime:
         self.control = control
         self.heartbeat = heartbeat
         self.liveness = liveness
-        self.ctx = context or zmq.asyncio.Context()
+        self.ctx = context or zmq.Context()
         self._own_ctx = context is None
-        self.sock: zmq.asyncio.Socket | None = None
+        self.sock: zmq.Socket | None = None
+        self._wake: asyncio.Event | None = None
         self.active: dict[bytes, Context] = {}
         self.connects = 0
         self.paused_acks = 0
@@ -168,7 +169,9 @@ class WorkerRuntime:
         if sock is None:
             return
         self._last_send = time.monotonic()
-        await sock.send_multipart([P.MDPW, *frames])
+        sock.send_multipart([P.MDPW, *frames])
+        if self._wake is not None:
+            self._wake.set()  # a send may consume the descriptor's edge: re-check input
 
     async def _reply(self, ctx: Context, final: bool, payload: Any, status: str,
                      error: errors.RecaError | None = None) -> None:
@@ -273,7 +276,7 @@ class WorkerRuntime:
                 ctx.task.cancel()
         self.active.clear()
 
-    def _connect(self) -> zmq.asyncio.Socket:
+    def _connect(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -323,29 +326,25 @@ class WorkerRuntime:
             if self._own_ctx:
                 self.ctx.term()
 
-    async def _session(self, sub: zmq.asyncio.Socket | None) -> str:
+    async def _session(self, sub: zmq.Socket | None) -> str:
         """One connection's life; returns why it ended."""
         sock = self.sock
         assert sock is not None
-        poller = zmq.asyncio.Poller()
-        poller.register(sock, zmq.POLLIN)
+        loop = asyncio.get_running_loop()
+        wake = self._wake = asyncio.Event()
+        readers = [sock.getsockopt(zmq.FD)]
         if sub is not None:
-            poller.register(sub, zmq.POLLIN)
+            readers.append(sub.getsockopt(zmq.FD))
+        for fd in readers:
+            loop.add_reader(fd, wake.set)
         window = self.heartbeat * self.liveness
         broker_expiry = time.monotonic() + window
         stop_wait = asyncio.ensure_future(self._stopping.wait())
+        wake_wait: asyncio.Future | None = None
         try:
             while True:
-                now = time.monotonic()
-                next_hb = self._last_send + self.heartbeat
-                timeout = max(0.0, min(next_hb, broker_expiry) - now)
-                poll = asyncio.ensure_future(poller.poll(timeout * 1000))
-                done, _ = await asyncio.wait({poll, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if stop_wait in done:
-                    poll.cancel()
-                    return "stopping"
-                events = dict(poll.result())
-                if sub is not None and events.get(sub):
+                wake.clear()
+                if sub is not None:
                     while True:
                         try:
                             topic, msg = sub.recv_multipart(zmq.NOBLOCK)
@@ -357,34 +356,48 @@ class WorkerRuntime:
                             self._on_control(topic, codec.unpack(msg))
                         except errors.BadRequest:
                             log.warning("undecodable control message on %r", topic)
-                if events.get(sock):
-                    while True:
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        broker_expiry = time.monotonic() + window
-                        if len(frames) < 2 or frames[0] != P.MDPW:
-                            log.warning("malformed message from kernel ignored")
-                            continue
-                        cmd = frames[1]
-                        if cmd == _W.REQUEST.value:
-                            self._on_request(frames[2:])
-                            self.registered.set()
-                        elif cmd == _W.HEARTBEAT.value:
-                            self.registered.set()
-                        elif cmd == _W.DISCONNECT.value:
-                            return "disconnected by the kernel"
-                        else:
-                            log.warning("unexpected command %r from kernel", cmd)
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    broker_expiry = time.monotonic() + window
+                    if len(frames) < 2 or frames[0] != P.MDPW:
+                        log.warning("malformed message from kernel ignored")
+                        continue
+                    cmd = frames[1]
+                    if cmd == _W.REQUEST.value:
+                        self._on_request(frames[2:])
+                        self.registered.set()
+                    elif cmd == _W.HEARTBEAT.value:
+                        self.registered.set()
+                    elif cmd == _W.DISCONNECT.value:
+                        return "disconnected by the kernel"
+                    else:
+                        log.warning("unexpected command %r from kernel", cmd)
                 now = time.monotonic()
                 if now >= broker_expiry:
                     return "kernel silent for the liveness window"
                 if now >= self._last_send + self.heartbeat:
                     await self._send([_W.HEARTBEAT.value])
+                    wake.clear()
+                if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN or (
+                        sub is not None and sub.getsockopt(zmq.EVENTS) & zmq.POLLIN):
+                    continue
+                timeout = max(0.0, min(self._last_send + self.heartbeat, broker_expiry) - time.monotonic())
+                if wake_wait is None or wake_wait.done():
+                    wake_wait = asyncio.ensure_future(wake.wait())
+                done, _ = await asyncio.wait({wake_wait, stop_wait}, timeout=timeout,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if stop_wait in done:
+                    return "stopping"
         finally:
-            if not stop_wait.done():
-                stop_wait.cancel()
+            for fd in readers:
+                loop.remove_reader(fd)
+            self._wake = None
+            for fut in (stop_wait, wake_wait):
+                if fut is not None and not fut.done():
+                    fut.cancel()
 
     def stop(self) -> None:
         self._stopping.set()

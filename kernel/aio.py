@@ -1,0 +1,57 @@
+"""asyncio readiness for plain (synchronous) ZeroMQ sockets.
+
+reca's processes drive ordinary ``zmq.Socket`` objects from an asyncio loop: the socket's
+file descriptor is registered once with ``loop.add_reader`` and messages are received with
+``NOBLOCK``.  This costs no future per message (unlike ``zmq.asyncio``) and works the same on
+asyncio's and uvloop's loops.  ZeroMQ's descriptor is edge-triggered, so :meth:`Readable.wait`
+always checks ``ZMQ_EVENTS`` before sleeping, and anything that sends on the socket should call
+:meth:`Readable.poke` so that input whose edge the send consumed is not missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import zmq
+
+
+class Readable:
+    """Await input on a synchronous ZeroMQ socket from asyncio."""
+
+    def __init__(self, sock: zmq.Socket, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.sock = sock
+        self._loop = loop or asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        self._fd = sock.getsockopt(zmq.FD)
+        self._loop.add_reader(self._fd, self._event.set)
+
+    def poke(self) -> None:
+        """Make the next :meth:`wait` re-check the socket (call after sending on it)."""
+        self._event.set()
+
+    def ready(self) -> bool:
+        return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """True when a message can be received without blocking; False after ``timeout`` s."""
+        if self.ready():
+            return True
+        self._event.clear()
+        if self.ready():
+            return True
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except asyncio.TimeoutError:
+            return self.ready()
+        return self.ready()
+
+    @property
+    def event(self) -> asyncio.Event:
+        """Set whenever the descriptor signalled (or :meth:`poke` was called)."""
+        return self._event
+
+    def close(self) -> None:
+        try:
+            self._loop.remove_reader(self._fd)
+        except (ValueError, OSError):
+            pass
