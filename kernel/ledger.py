@@ -47,6 +47,9 @@ log = logging.getLogger("reca.ledger")
 ROOT = "root"
 DEFAULT_JOB = "default"
 MEASURED = ("wall_ms", "cpu_ms")
+#: Kinds whose exhaustion stops the job.  Any other kind is a counted resource: running out of
+#: it only makes further reservations of it refused.
+COMPUTE = ("wall_ms", "cpu_ms", "tokens", "flops")
 #: How long a gate reservation lives without commit or release, seconds.
 RESERVATION_LEASE = 30.0
 INF = math.inf
@@ -252,7 +255,7 @@ class Ledger:
             if h is None:
                 continue
             h.spent[kind] = h.spent.get(kind, 0.0) + amount
-            if h.remaining(kind) <= 1e-9 and h.exhausted is None:
+            if kind in COMPUTE and h.remaining(kind) <= 1e-9 and h.exhausted is None:
                 h.exhausted = kind
                 exhausted.append(h.name)
         return {"ok": True, "exhausted": exhausted}
@@ -441,11 +444,13 @@ class BudgetAdmission(Admission):
         req.job = job
         budget = (req.header or {}).get(P.H_BUDGET)
         jobrec = self.ledger.jobs.get(job)
+        if jobrec is not None and P.H_PRIORITY not in (req.header or {}):
+            req.priority = jobrec.priority  # a request inherits its job's priority
         if jobrec is not None and not jobrec.closed and not budget and not jobrec.limits \
-                and jobrec.exhausted is None and self.ledger.holder(jobrec, "wall_ms") is None \
-                and all(not j.limits for j in self._chain(jobrec)):
+                and jobrec.exhausted is None and all(not j.limits for j in self._chain(jobrec)):
             # Fast path: a job with no limits anywhere up its chain needs no ledger decision.
             self.tracks[req.token] = _Track(job, {})
+            self._preempt_lower(router, req, now)
             return None
         out = self._do("admit", now, job=job, budget=budget)
         if not out["ok"]:
@@ -497,10 +502,17 @@ class BudgetAdmission(Admission):
         out = self._do("charge", now, job=track.job, spent=delta)
         for name in out["exhausted"]:
             self._exhaust(router, name, now, skip=req)
+        # The request that brought its job exactly to the limit keeps its result; one that went
+        # past the job's limit or its own granted budget does not.
+        job = self.ledger.jobs.get(track.job)
         over = [k for k, v in track.charged.items() if k in track.granted and v > track.granted[k] + 1e-9]
-        if out["exhausted"] or over:
-            kind = over[0] if over else self.ledger.jobs[out["exhausted"][0]].exhausted
-            return errors.BudgetExceeded(f"{kind} budget exceeded", spent=dict(track.charged))
+        if job is not None:
+            for kind in delta:
+                h = self.ledger.holder(job, kind)
+                if h is not None and kind in COMPUTE and h.remaining(kind) < -1e-9:
+                    over.append(kind)
+        if over:
+            return errors.BudgetExceeded(f"{over[0]} budget exceeded", spent=dict(track.charged))
         return None
 
     def on_partial(self, router: Router, req: Request, body: list[bytes], now: float) -> list[bytes]:
@@ -595,9 +607,9 @@ class BudgetAdmission(Admission):
                        {"job": name, "code": "budget_exceeded", "reason": message})
 
     def _cancel_request(self, router: Router, req: Request, code: str, reason: str) -> None:
-        if req.worker is not None and req.rid is not None:
+        if req.worker is not None:
             router.publish(P.control_topic(req.service.name.decode(errors="replace"), P.ControlOp.CANCEL),
-                           {"id": req.rid, "code": code, "reason": reason})
+                           {"token": req.token, "id": req.rid, "code": code, "reason": reason})
 
     def _preempt_lower(self, router: Router, req: Request, now: float) -> None:
         """If ``req`` cannot be dispatched at once, ask the lowest-priority running request of its
@@ -609,7 +621,7 @@ class BudgetAdmission(Admission):
         for w in service.workers.values():
             for r in w.inflight.values():
                 t = self.tracks.get(r.token)
-                if r.done or t is None or t.preempted or r.rid is None or r.priority >= req.priority:
+                if r.done or t is None or t.preempted or r.priority >= req.priority:
                     continue
                 if victim is None or r.priority < victim.priority:
                     victim = r
@@ -620,7 +632,7 @@ class BudgetAdmission(Admission):
         if self.log is not None:
             self.log.append("preempt", now, {"victim": str(victim.rid), "for": str(req.rid)}, {"ok": True})
         router.publish(P.control_topic(service.name.decode(errors="replace"), P.ControlOp.PREEMPT),
-                       {"id": victim.rid, "reason": f"preempted by priority {req.priority}"})
+                       {"token": victim.token, "id": victim.rid, "reason": f"preempted by priority {req.priority}"})
 
     def _on_paused(self, router: Router, req: Request, now: float) -> None:
         track = self.tracks.get(req.token)
@@ -650,7 +662,7 @@ class BudgetAdmission(Admission):
         service = worker.service
         if self.log is not None:
             self.log.append("resume", now, {"id": str(victim.rid)}, {"ok": True})
-        router.publish(P.control_topic(service.name.decode(errors="replace"), P.ControlOp.RESUME), {"id": victim.rid})
+        router.publish(P.control_topic(service.name.decode(errors="replace"), P.ControlOp.RESUME), {"token": victim.token, "id": victim.rid})
         return True
 
     # -- MMI: jobs, gates, hard preemption ----------------------------------------------------------

@@ -249,10 +249,15 @@ class WorkerRuntime:
         op = topic.rsplit(b"/", 1)[-1].decode(errors="replace")
         if not isinstance(message, dict):
             return
-        job, rid = message.get("job"), message.get("id")
-        targets = [c for c in self.active.values()
-                   if (job is not None and c.job == job) or (rid is not None and c.id == rid)
-                   or message.get("all")]
+        # Targets: "token" (the kernel's unique request token), else "job", else "id" (a client's
+        # request id; ids are only unique per client, so operators should prefer job).
+        token, job, rid = message.get("token"), message.get("job"), message.get("id")
+        if token is not None:
+            targets = [c for c in self.active.values() if c.token == token]
+        else:
+            targets = [c for c in self.active.values()
+                       if (job is not None and c.job == job) or (rid is not None and job is None and c.id == rid)
+                       or message.get("all")]
         for ctx in targets:
             if op == P.ControlOp.PREEMPT.value:
                 ctx._preempt()

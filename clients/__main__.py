@@ -1,0 +1,219 @@
+"""``python -m clients`` — the command-line client.
+
+    python -m clients call SERVICE ['<json>'] [--job J] [--budget '<json>'] [--priority N] [--timeout S]
+    python -m clients status
+    python -m clients demo [--endpoint E]     (without --endpoint: starts python -m kernel itself)
+
+``--endpoint`` (or ``$RECA_ENDPOINT``) names the kernel; the default is the embedded ipc endpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from clients.core import default_endpoint
+from clients.sync import Client
+from kernel import errors
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, dict):
+        return " ".join(f"{k}={_fmt(x)}" for k, x in v.items()) or "-"
+    return str(v)
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(out)
+
+
+def render_status(stats: dict) -> str:
+    parts = []
+    services = [dict(v, name=k) for k, v in sorted(stats.get("services", {}).items())]
+    parts.append("SERVICES\n" + table(services, ["name", "workers", "free_slots", "queued", "inflight",
+                                                 "requests", "finals", "errors", "p50_ms", "p99_ms"]))
+    children = stats.get("children", [])
+    if children:
+        parts.append("PROCESSES\n" + table(children, ["name", "state", "pid", "restarts", "last_exit", "restart"]))
+    jobs = [dict(v, name=k) for k, v in sorted(stats.get("jobs", {}).items())]
+    if jobs:
+        parts.append("JOBS\n" + table(jobs, ["name", "parent", "limits", "spent", "remaining", "exhausted"]))
+    counters = {**stats.get("counters", {}), **stats.get("ledger", {})}
+    if counters:
+        parts.append("COUNTERS  " + _fmt(counters))
+    return "\n\n".join(parts)
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    payload = json.loads(args.payload) if args.payload else None
+    budget = json.loads(args.budget) if args.budget else None
+    with Client(args.endpoint, timeout=args.timeout) as client:
+        try:
+            result = client.call(args.service, payload, job=args.job, budget=budget, priority=args.priority,
+                                 on_partial=lambda r: print(json.dumps({"partial": r.payload, "status": r.status},
+                                                                       default=str), flush=True))
+        except errors.RecaError as exc:
+            print(json.dumps({"error": exc.code, "message": exc.message, **exc.detail}, default=str))
+            return 1
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with Client(args.endpoint, timeout=args.timeout, retries=0) as client:
+        try:
+            print(render_status(client.stats()))
+        except errors.RecaError as exc:
+            print(f"cannot reach the kernel at {client.endpoint}: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+# -- demo -------------------------------------------------------------------------------------------
+
+
+def _demo(client: Client, out=print) -> None:
+    out("\n== 1. a request, streamed ==")
+    client.wait_for_service("echo")
+    result = client.call("echo", {"partials": 3, "hello": "reca"},
+                         on_partial=lambda r: out(f"   partial {r.payload}"))
+    out(f"   final   {result}")
+
+    out("\n== 2. a budget the kernel enforces (job 'demo': 20,000 flops, 2 s of wall time) ==")
+    client.open_job("demo", {"flops": 20_000, "wall_ms": 2_000})
+    done = 0
+    try:
+        for i in range(100):
+            client.call("echo", {"steps": 4, "step_ms": 1}, job="demo")  # 4,000 flops each
+            done += 1
+    except errors.BudgetExceeded as exc:
+        out(f"   request {done + 1} refused or cut off: budget_exceeded ({exc.message})")
+    stats = client.call("mmi.job.stats", {"job": "demo"})
+    out(f"   {done} requests ran; job spent {stats['spent']}, remaining {stats['remaining']}")
+    try:
+        client.call("echo", "more?", job="demo")
+    except errors.BudgetExceeded:
+        out("   a further request is refused: the job takes no more work (no client flag overrides this)")
+    try:
+        client.call("echo", {"steps": 2}, job="demo", budget={"flops": 10**9})
+    except errors.BudgetExceeded:
+        out("   ... even one that asks for a larger budget: asks are clamped to what the job has left")
+
+    out("\n== 3. a gate for a counted resource (job 'grow': 3 prototypes) ==")
+    client.open_job("grow", {"prototypes": 3})
+    answers = []
+    for _ in range(5):
+        try:
+            client.reserve("grow", "prototypes", 1, commit=True)
+            answers.append("granted")
+        except errors.Refused:
+            answers.append("refused")
+    out(f"   5 spawn requests: {answers}")
+
+    out("\n== 4. preemption by priority ==")
+    client.open_job("batch", {}, priority=0)
+    client.open_job("urgent", {}, priority=10)
+    results: dict[str, Any] = {}
+    paused = []
+
+    def low(tag: str) -> None:
+        with Client(client.endpoint, timeout=20) as c:
+            results[tag] = c.call("echo", {"steps": 60, "step_ms": 10}, job="batch", priority=0,
+                                  on_partial=lambda r: paused.append(tag) if r.status == "paused" else None)
+
+    threads = [threading.Thread(target=low, args=(f"low{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.15)  # let both low-priority runs occupy the two echo workers
+    t0 = time.monotonic()
+    urgent = client.call("echo", {"steps": 5, "step_ms": 10}, job="urgent", priority=10)
+    out(f"   urgent request (priority 10) finished in {(time.monotonic() - t0) * 1000:.0f} ms: {urgent}")
+    for t in threads:
+        t.join(30)
+    out(f"   low-priority runs paused at a safe point: {sorted(set(paused))}; "
+        f"both resumed and finished: {sorted(results)}")
+    reference = client.call("echo", {"steps": 60, "step_ms": 0})
+    same = all(r == reference for r in results.values())
+    out(f"   resumed results equal an uninterrupted run: {same}")
+
+    if client.call("mmi.service", "decode") == "200":
+        out("\n== 5. reasoning: decode, verify, repair only the broken span, force a thunk ==")
+        from clients import demo_reasoning
+
+        demo_reasoning.run(client, out=out)
+
+    out("\n== where the compute went ==")
+    out(render_status(client.stats()))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    kernel = None
+    endpoint = args.endpoint
+    if endpoint is None:
+        rundir = tempfile.mkdtemp(prefix="reca-demo-", dir="/tmp")
+        env = dict(os.environ, RECA_RUNTIME_DIR=rundir)
+        print(f"starting python -m kernel (runtime {rundir}) ...", flush=True)
+        kernel = subprocess.Popen([sys.executable, "-m", "kernel"], env=env, stdout=subprocess.PIPE, text=True)
+        assert kernel.stdout is not None
+        deadline = time.monotonic() + 60
+        for line in kernel.stdout:
+            print("   kernel:", line.rstrip(), flush=True)
+            if line.startswith("reca kernel endpoint "):
+                endpoint = line.split()[-1]
+            if line.startswith("reca kernel ready") or time.monotonic() > deadline:
+                break
+        threading.Thread(target=lambda: [None for _ in kernel.stdout], daemon=True).start()
+    try:
+        with Client(endpoint, timeout=30) as client:
+            _demo(client)
+    finally:
+        if kernel is not None:
+            kernel.terminate()
+            try:
+                kernel.wait(30)
+            except subprocess.TimeoutExpired:
+                kernel.kill()
+            print(f"\nkernel stopped (exit {kernel.returncode})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clients", description="reca command-line client")
+    parser.add_argument("--endpoint", default=None, help=f"kernel endpoint (default {default_endpoint()})")
+    parser.add_argument("--timeout", type=float, default=10.0)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("call", help="send one request")
+    p.add_argument("service")
+    p.add_argument("payload", nargs="?")
+    p.add_argument("--job")
+    p.add_argument("--budget")
+    p.add_argument("--priority", type=int)
+    sub.add_parser("status", help="services, processes, jobs")
+    sub.add_parser("demo", help="the guided demo (starts a kernel unless --endpoint is given)")
+    args = parser.parse_args(argv)
+    if args.cmd == "call":
+        args.endpoint = args.endpoint or default_endpoint()
+        return cmd_call(args)
+    if args.cmd == "status":
+        args.endpoint = args.endpoint or default_endpoint()
+        return cmd_status(args)
+    return cmd_demo(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
