@@ -217,7 +217,7 @@ class Ledger:
             if math.isfinite(got):
                 granted[kind] = _r(max(0.0, got))
         for kind, amount in granted.items():
-            if amount <= 0 and kind in (budget or {}) or (amount <= 0 and kind not in MEASURED and kind in j.limits):
+            if amount <= 0 and (kind in (budget or {}) or kind in COMPUTE):
                 return {"ok": False, "code": "budget_exceeded", "message": f"no {kind} left in job {job!r}",
                         "granted": granted}
         return {"ok": True, "granted": granted}

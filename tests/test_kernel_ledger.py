@@ -1,0 +1,182 @@
+"""Unit tests of the budget ledger, the supervisor's pure policies and the config parser."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kernel.config import ConfigError, parse
+from kernel.ledger import DecisionLog, Ledger
+from kernel.replay import replay_lines
+from kernel.supervisor import Backoff, RestartIntensity, RestartType, should_restart
+
+
+def test_request_budget_is_clamped_to_what_the_job_has_left():
+    L = Ledger()
+    assert L.open(0.0, "j", limits={"tokens": 100})["ok"]
+    L.charge(0.1, "j", {"tokens": 70})
+    out = L.admit(0.2, "j", {"tokens": 1000})
+    assert out["ok"] and out["granted"]["tokens"] == 30
+
+
+def test_exhaustion_refuses_new_work():
+    L = Ledger()
+    L.open(0.0, "j", limits={"flops": 10})
+    assert L.charge(0.1, "j", {"flops": 10})["exhausted"] == ["j"]
+    out = L.admit(0.2, "j", None)
+    assert not out["ok"] and out["code"] == "budget_exceeded"
+
+
+def test_child_is_carved_from_parent_and_cannot_overspend_it():
+    L = Ledger()
+    L.open(0.0, "p", limits={"tokens": 100})
+    assert L.open(0.0, "c1", parent="p", limits={"tokens": 60})["ok"]
+    refused = L.open(0.0, "c2", parent="p", limits={"tokens": 50})
+    assert not refused["ok"] and refused["code"] == "budget_exceeded"
+    assert L.open(0.0, "c2", parent="p", limits={"tokens": 40})["ok"]
+    assert L.admit(0.0, "p", {"tokens": 1})["granted"]["tokens"] == 0 or not L.admit(0.0, "p", {"tokens": 1})["ok"]
+    L.charge(0.1, "c1", {"tokens": 20})
+    L.close(0.2, "c1")  # 40 unspent tokens return to the parent
+    assert L.admit(0.3, "p", {"tokens": 100})["granted"]["tokens"] == 40
+
+
+def test_child_without_own_limit_draws_on_parent():
+    L = Ledger()
+    L.open(0.0, "p", limits={"tokens": 10})
+    L.open(0.0, "c", parent="p")
+    assert L.charge(0.1, "c", {"tokens": 10})["exhausted"] == ["p"]
+    assert not L.admit(0.2, "c", None)["ok"]
+
+
+def test_wall_budget_runs_out_at_the_exact_time_with_concurrency():
+    L = Ledger()
+    L.open(0.0, "j", limits={"wall_ms": 1000})
+    L.start(0.0, "j")
+    L.start(0.2, "j")  # two running: the remaining 800 ms of budget last 0.4 s
+    deadline = L.next_deadline()
+    assert deadline == pytest.approx(0.6)
+    assert L.tick(deadline - 0.01)["exhausted"] == []
+    assert L.tick(deadline)["exhausted"] == ["j"]
+
+
+def test_counted_resource_running_out_refuses_reservations_but_not_work():
+    L = Ledger()
+    L.open(0.0, "g", limits={"prototypes": 2})
+    assert L.reserve(0.0, "g", "prototypes", commit=True)["ok"]
+    assert L.reserve(0.0, "g", "prototypes", commit=True)["ok"]
+    out = L.reserve(0.0, "g", "prototypes", commit=True)
+    assert not out["ok"] and out["code"] == "refused"
+    assert L.admit(0.1, "g", None)["ok"]
+
+
+def test_reservation_commit_release_and_lease_expiry():
+    L = Ledger()
+    L.open(0.0, "g", limits={"escalations": 1})
+    r = L.reserve(0.0, "g", "escalations", lease=5.0)
+    assert r["ok"]
+    assert not L.reserve(0.0, "g", "escalations")["ok"]  # held
+    assert L.expire(5.0)["released"] == [r["reservation"]]
+    r2 = L.reserve(5.1, "g", "escalations")
+    assert L.commit(5.2, r2["reservation"])["ok"]
+    assert not L.release(5.3, r2["reservation"])["ok"]  # already committed
+    assert not L.reserve(5.4, "g", "escalations")["ok"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(cap=st.integers(0, 20), ops=st.lists(st.tuples(st.sampled_from(["reserve", "commit", "release", "take"]),
+                                                       st.integers(1, 3)), max_size=60))
+def test_gate_never_over_grants(cap, ops):
+    """Whatever the interleaving of callers, granted units never exceed the cap."""
+    L = Ledger()
+    L.open(0.0, "g", limits={"u": cap})
+    held: list[tuple[str, int]] = []
+    committed = 0
+    for i, (op, n) in enumerate(ops):
+        t = i * 0.01
+        if op == "reserve":
+            out = L.reserve(t, "g", "u", n)
+            if out["ok"]:
+                held.append((out["reservation"], n))
+        elif op == "take":
+            if L.reserve(t, "g", "u", n, commit=True)["ok"]:
+                committed += n
+        elif op == "commit" and held:
+            rid, k = held.pop(0)
+            assert L.commit(t, rid)["ok"]
+            committed += k
+        elif op == "release" and held:
+            rid, _ = held.pop()
+            assert L.release(t, rid)["ok"]
+        assert committed + sum(k for _, k in held) <= cap
+
+
+def test_malformed_inputs_are_refused_not_raised():
+    L = Ledger()
+    assert L.open(0.0, "", limits={})["code"] == "bad_request"
+    assert L.open(0.0, "j", limits={"tokens": -1})["code"] == "bad_request"
+    assert L.open(0.0, "j", limits={"tokens": float("nan")})["code"] == "bad_request"
+    assert L.open(0.0, "j", parent="nope")["code"] == "refused"
+    assert L.admit(0.0, "unknown", None)["code"] == "refused"
+    L.open(0.0, "j")
+    assert L.reserve(0.0, "j", "u", amount=0)["code"] == "bad_request"
+    assert L.reserve(0.0, "j", "u", amount=True)["code"] == "bad_request"
+
+
+def test_replay_reproduces_every_decision_and_reports_divergence(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = DecisionLog(str(path))
+    L = Ledger()
+
+    def do(op, now, **kw):
+        out = getattr(L, op)(now, **kw)
+        log.append(op, now, kw, out)
+
+    do("open", 0.0, job="a", limits={"tokens": 50, "wall_ms": 100})
+    do("admit", 0.01, job="a", budget={"tokens": 80})
+    do("start", 0.01, job="a")
+    do("charge", 0.02, job="a", spent={"tokens": 30})
+    do("reserve", 0.03, job="a", resource="x", amount=1)
+    do("tick", 0.2)
+    do("admit", 0.21, job="a", budget=None)
+    log.close()
+    lines = path.read_text().splitlines()
+    report = replay_lines(lines)
+    assert report.replayed == 7 and not report.divergences
+    # Tamper with one recorded decision: replay must notice.
+    rec = json.loads(lines[2])
+    rec["out"]["granted"]["tokens"] = 80
+    lines[2] = json.dumps(rec)
+    report = replay_lines(lines)
+    assert len(report.divergences) == 1 and report.divergences[0]["op"] == "admit"
+
+
+def test_restart_intensity_window():
+    ri = RestartIntensity(3, 10.0)
+    assert [ri.allow(t) for t in (0, 1, 2, 3)] == [True, True, True, False]
+    assert ri.allow(10.5)  # the first restart left the window
+
+
+def test_restart_types():
+    assert should_restart(RestartType.PERMANENT, 0)
+    assert not should_restart(RestartType.TRANSIENT, 0) and should_restart(RestartType.TRANSIENT, -9)
+    assert not should_restart(RestartType.TEMPORARY, 1)
+
+
+def test_backoff_doubles_and_resets_after_a_stable_run():
+    b = Backoff(0.1, 1.0, stable_after=5.0)
+    assert [b.next_delay(0.1) for _ in range(5)] == [0.1, 0.2, 0.4, 0.8, 1.0]
+    assert b.next_delay(6.0) == 0.1
+
+
+def test_config_parse_and_errors():
+    cfg = parse({"kernel": {"endpoint": "tcp://127.0.0.1:5555"},
+                 "service": [{"name": "echo", "module": "services.echo", "replicas": 2}]}, runtime="/tmp/x")
+    assert cfg.control == "tcp://127.0.0.1:5556"
+    assert [s.name for s in cfg.services] == ["echo#0", "echo#1"]
+    for bad in ({"kernel": {"heartbeat_s": "fast"}}, {"service": [{"name": "x"}]},
+                {"service": [{"name": "x", "module": "m", "restart": "sometimes"}]}, {"nonsense": {}},
+                {"kernel": {"liveness": 0}}):
+        with pytest.raises(ConfigError):
+            parse(bad, runtime="/tmp/x")
