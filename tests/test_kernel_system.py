@@ -1,0 +1,262 @@
+"""System tests: a real ``python -m kernel`` with real service processes.
+
+Interop with spec-exact raw peers and with the PyPI ``majortomo`` client and worker, kill -9 of a
+service mid-request, restart intensity, shutdown leaving nothing behind, budgets, preemption,
+hard preemption and replay of the decision log through the running kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import zmq
+
+from clients import Client
+from kernel import errors
+from kernel import protocol as P
+from tests.support import REPO, KernelProcess, service_block
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture(scope="module")
+def kern():
+    k = KernelProcess(service_block("echo", "services.echo", replicas=2), heartbeat=0.2, liveness=3)
+    try:
+        yield k
+    finally:
+        k.stop()
+
+
+@pytest.fixture
+def client(kern):
+    c = Client(kern.endpoint, timeout=10, retries=0, context=zmq.Context.instance())
+    c.wait_for_service("echo", 20)
+    yield c
+    c.close()
+
+
+def echo_pids(c: Client) -> dict[str, int]:
+    return {ch["name"]: ch["pid"] for ch in c.stats()["children"]}
+
+
+def test_roundtrip_partials_and_spent(client):
+    seen = []
+    assert client.call("echo", {"partials": 2, "x": 1}, on_partial=lambda r: seen.append(r.payload)) == \
+        {"partials": 2, "x": 1}
+    assert seen == [{"i": 0}, {"i": 1}]
+    replies = list(client.stream("echo", {"steps": 3, "step_ms": 1}))
+    assert replies[-1].final and replies[-1].spent["flops"] == 3000 and replies[-1].spent["wall_ms"] > 0
+
+
+def test_spec_exact_raw_client(kern, zctx):
+    s = zctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(kern.endpoint)
+    s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"echo", b"opaque", b"frames"])
+    assert s.poll(5000)
+    assert s.recv_multipart() == [P.MDPC, P.ClientCmd.FINAL.value, b"echo", b"opaque", b"frames"]
+    s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"mmi.service", b"echo"])
+    assert s.poll(5000)
+    assert s.recv_multipart()[-1] == b"200"
+    s.close(0)
+
+
+def test_majortomo_client_against_reca(kern):
+    from majortomo import Client as MTClient
+
+    c = MTClient(kern.endpoint, zmq_linger=0)
+    c.connect()
+    try:
+        c.send(b"echo", b"from", b"majortomo")
+        assert c.recv_all_as_list(timeout=5.0) == [b"from", b"majortomo"]
+    finally:
+        c.close()
+
+
+def test_majortomo_worker_serves_reca_clients(kern, client):
+    from majortomo import Worker as MTWorker
+
+    stop = threading.Event()
+
+    def serve():
+        w = MTWorker(kern.endpoint, b"mtecho", heartbeat_interval=0.2, heartbeat_timeout=5.0, zmq_linger=0)
+        w.connect()
+        try:
+            while not stop.is_set():
+                req = w.wait_for_request()
+                if req is None:
+                    continue
+                addr, frames = req
+                w.send_reply_final(addr, [b"mt:" + f for f in frames])
+                if frames == [b"last"]:
+                    break
+        finally:
+            w.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    client.wait_for_service("mtecho", 10)
+    assert client.call_raw("mtecho", [b"a", b"b"], timeout=5) == [b"mt:a", b"mt:b"]
+    assert client.call_raw("mtecho", [b"last"], timeout=5) == [b"mt:last"]
+    stop.set()
+    t.join(10)
+
+
+def test_kill9_mid_request_gives_worker_died_then_restart_serves(kern, client):
+    pids = echo_pids(client)
+    results = {}
+
+    def long_call():
+        with Client(kern.endpoint, timeout=10, retries=0) as c:
+            try:
+                c.call("echo", {"steps": 400, "step_ms": 10})
+            except errors.RecaError as exc:
+                results["err"] = exc
+                results["at"] = time.monotonic()
+
+    t = threading.Thread(target=long_call)
+    t.start()
+    # Find the worker that took it: its process is busy (its CPU time grows).
+    deadline = time.monotonic() + 10
+    victim = None
+    while victim is None and time.monotonic() < deadline:
+        for name, pid in pids.items():
+            if psutil.Process(pid).cpu_percent(interval=0.05) > 30:
+                victim = pid
+                break
+    assert victim is not None, "no busy echo worker found"
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    t.join(10)
+    assert isinstance(results.get("err"), errors.WorkerDied)
+    assert results["at"] - killed_at < 0.2 * 3 + 0.5  # within the liveness window (+ slack)
+    # The supervisor restarts it: a new PID, and the next requests succeed.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now_pids = echo_pids(client)
+        if victim not in now_pids.values() and all(now_pids.values()):
+            break
+        time.sleep(0.05)
+    assert victim not in echo_pids(client).values()
+    for i in range(4):
+        assert client.call("echo", i) == i
+
+
+def test_preempt_resume_equals_uninterrupted(kern, client):
+    reference = client.call("echo", {"steps": 30, "step_ms": 0})
+    client.open_job("lowjob", {}, priority=0)
+    statuses = []
+    box = {}
+
+    def low(n):
+        with Client(kern.endpoint, timeout=20, retries=0) as c:
+            box[n] = c.call("echo", {"steps": 30, "step_ms": 20}, job="lowjob",
+                            on_partial=lambda r: statuses.append(r.status))
+
+    threads = [threading.Thread(target=low, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while client.stats()["services"]["echo"]["inflight"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.call("echo", {"steps": 3, "step_ms": 1}, priority=50)["steps_done"] == 3
+    for t in threads:
+        t.join(30)
+    assert "paused" in statuses
+    assert box[0] == box[1] == reference
+
+
+def test_budget_exhaustion_cancels_inflight_and_refuses_new(kern, client):
+    client.open_job("tight", {"wall_ms": 300})
+    t0 = time.monotonic()
+    with pytest.raises(errors.BudgetExceeded) as info:
+        client.call("echo", {"steps": 1000, "step_ms": 5}, job="tight")
+    elapsed = time.monotonic() - t0
+    assert 0.25 < elapsed < 1.5
+    assert info.value.detail["spent"]["wall_ms"] >= 299
+    with pytest.raises(errors.BudgetExceeded):
+        client.call("echo", 1, job="tight")
+    stats = client.call("mmi.job.stats", {"job": "tight"})
+    assert stats["exhausted"] == "wall_ms"
+
+
+def test_clamped_request_budget_bounds_the_request(kern, client):
+    client.open_job("flopjob", {"flops": 5000})
+    with pytest.raises(errors.BudgetExceeded):
+        client.call("echo", {"steps": 10, "step_ms": 0}, job="flopjob", budget={"flops": 10**9})
+    assert client.call("mmi.job.stats", {"job": "flopjob"})["exhausted"] == "flops"
+
+
+def test_gate_via_kernel_and_malformed_budget(kern, client):
+    client.open_job("g", {"prototypes": 2})
+    grants = 0
+    for _ in range(4):
+        try:
+            client.reserve("g", "prototypes", 1, commit=True)
+            grants += 1
+        except errors.Refused:
+            pass
+    assert grants == 2
+    with pytest.raises(errors.BadRequest):
+        client.call("echo", 1, budget={"tokens": "lots"})
+    with pytest.raises(errors.Refused):
+        client.call("echo", 1, job="never-opened")
+
+
+def test_hard_preemption_sigstop_sigcont(kern, client):
+    child = "echo#0"
+    pid = client.call("mmi.proc.stop", {"child": child})["pid"]
+    assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    client.call("mmi.proc.cont", {"child": child})
+    assert psutil.Process(pid).status() != psutil.STATUS_STOPPED
+    client.call("mmi.proc.nice", {"child": child, "nice": 5})
+    assert psutil.Process(pid).nice() == 5
+    with pytest.raises(errors.Refused):
+        client.call("mmi.proc.stop", {"child": "nosuch"})
+
+
+def test_replay_of_the_running_kernels_log(kern, client):
+    client.open_job("replayed", {"tokens": 10, "flops": 3000})
+    client.call("echo", {"charge": {"tokens": 4}}, job="replayed")
+    with pytest.raises(errors.BudgetExceeded):
+        client.call("echo", {"steps": 5, "step_ms": 0}, job="replayed")
+    out = subprocess.run([sys.executable, "-m", "kernel", "replay", kern.decision_log], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert " divergences 0" in out.stdout
+
+
+def test_restart_intensity_gives_up_and_kernel_keeps_serving():
+    crasher = service_block("crash", command=[sys.executable, "-c", "import sys; sys.exit(3)"])
+    k = KernelProcess(service_block("echo", "services.echo") + crasher, intensity=3, period=30)
+    try:
+        with Client(k.endpoint, timeout=5, retries=0) as c:
+            c.wait_for_service("echo", 20)
+            deadline = time.monotonic() + 20
+            state = None
+            while time.monotonic() < deadline:
+                state = {ch["name"]: ch for ch in c.stats()["children"]}["crash"]
+                if state["state"] == "given_up":
+                    break
+                time.sleep(0.05)
+            assert state["state"] == "given_up" and state["restarts"] == 3
+            assert c.call("echo", "still here") == "still here"
+        assert any("GIVING UP on crash" in line for line in k.lines)
+    finally:
+        k.stop()
+
+
+def test_sigint_shuts_down_everything_in_order():
+    k = KernelProcess(service_block("echo", "services.echo", replicas=3))
+    kids = k.descendants()
+    assert len(kids) >= 3
+    assert k.stop(signal.SIGINT) == 0  # stop() asserts no process is left behind
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in kids)
