@@ -55,3 +55,29 @@ class Readable:
             self._loop.remove_reader(self._fd)
         except (ValueError, OSError):
             pass
+
+
+# Plain-int flags: pyzmq's enum flags cost an Enum operation per frame on its Python path.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+
+
+def send_frames(sock: zmq.Socket, frames: list, nonblocking: bool = True) -> None:
+    """``send_multipart`` without per-frame enum arithmetic (same semantics, same errors)."""
+    send = sock.send
+    base = _NOBLOCK if nonblocking else 0
+    more = base | _SNDMORE
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        send(frame, more if i < last else base, copy=len(frame) > 65536)
+
+
+def recv_frames(sock: zmq.Socket) -> list[bytes]:
+    """``recv_multipart(NOBLOCK)`` without enum arithmetic; raises ``zmq.Again`` when empty."""
+    recv = sock.recv
+    getsockopt = sock.getsockopt
+    parts = [recv(_NOBLOCK)]
+    while getsockopt(_RCVMORE):
+        parts.append(recv(0))
+    return parts

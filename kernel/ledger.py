@@ -417,6 +417,7 @@ class _Track:
     started: bool = False
     preempted: bool = False
     paused: bool = False
+    priority: int = 0
 
 
 class BudgetAdmission(Admission):
@@ -430,6 +431,12 @@ class BudgetAdmission(Admission):
         self.supervisor = supervisor
         self.tracks: dict[bytes, _Track] = {}
         self.counters = {"refused": 0, "exhausted": 0, "preempts": 0, "resumes": 0}
+        #: Requests paused by kernel preemption whose slot is lent out (Invariant: equals the
+        #: number of tracks with paused=True).
+        self.paused_count = 0
+        #: priority -> admitted requests not yet done (lets preemption skip its scan when no
+        #: lower-priority work exists, the common case).
+        self.prio_counts: dict[int, int] = {}
 
     def _do(self, op: str, now: float, **inputs: Any) -> dict:
         out = getattr(self.ledger, op)(now, **inputs)
@@ -449,7 +456,8 @@ class BudgetAdmission(Admission):
         if jobrec is not None and not jobrec.closed and not budget and not jobrec.limits \
                 and jobrec.exhausted is None and all(not j.limits for j in self._chain(jobrec)):
             # Fast path: a job with no limits anywhere up its chain needs no ledger decision.
-            self.tracks[req.token] = _Track(job, {})
+            self.tracks[req.token] = _Track(job, {}, priority=req.priority)
+            self.prio_counts[req.priority] = self.prio_counts.get(req.priority, 0) + 1
             self._preempt_lower(router, req, now)
             return None
         out = self._do("admit", now, job=job, budget=budget)
@@ -457,7 +465,8 @@ class BudgetAdmission(Admission):
             self.counters["refused"] += 1
             return errors.from_wire({"code": out["code"], "message": out["message"]})
         granted = out["granted"]
-        self.tracks[req.token] = track = _Track(job, granted)
+        self.tracks[req.token] = track = _Track(job, granted, priority=req.priority)
+        self.prio_counts[req.priority] = self.prio_counts.get(req.priority, 0) + 1
         wall = granted.get("wall_ms")
         if wall is not None and "wall_ms" in (budget or {}):
             dl = now + wall / 1000.0
@@ -566,6 +575,13 @@ class BudgetAdmission(Admission):
         track = self.tracks.pop(req.token, None)
         if track is None:
             return
+        if track.paused:
+            self.paused_count -= 1
+        left = self.prio_counts.get(track.priority, 1) - 1
+        if left:
+            self.prio_counts[track.priority] = left
+        else:
+            self.prio_counts.pop(track.priority, None)
         if track.started:
             self._do("finish", now, job=track.job)
 
@@ -617,6 +633,8 @@ class BudgetAdmission(Admission):
         service = req.service
         if service.ready or not service.workers:
             return
+        if not any(p < req.priority for p in self.prio_counts):
+            return
         victim = None
         for w in service.workers.values():
             for r in w.inflight.values():
@@ -639,12 +657,15 @@ class BudgetAdmission(Admission):
         if track is None or not track.preempted or track.paused or req.worker is None:
             return
         track.paused = True
+        self.paused_count += 1
         # Lend the paused request's slot to the queue (highest priority first).
         router._free_slot(req.worker, now)
 
     def claim_slot(self, router: Router, worker: Any, now: float) -> bool:
         """A slot of ``worker`` freed: it returns to a paused request (which resumes) unless
         higher-priority work is queued for the service."""
+        if not self.paused_count:
+            return False
         paused = [r for r in worker.inflight.values()
                   if not r.done and self.tracks.get(r.token) is not None and self.tracks[r.token].paused]
         if not paused:
@@ -658,6 +679,7 @@ class BudgetAdmission(Admission):
         track = self.tracks[victim.token]
         track.paused = False
         track.preempted = False
+        self.paused_count -= 1
         self.counters["resumes"] += 1
         service = worker.service
         if self.log is not None:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import zmq
 
 from kernel import codec
+from kernel.aio import recv_frames, send_frames
 from kernel import protocol as P
 from kernel.router import Admission, Router
 
@@ -80,7 +81,7 @@ class KernelServer:
 
     def _send(self, frames: list[Any]) -> bool | None:
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            send_frames(self.sock, frames)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 return False
@@ -104,7 +105,7 @@ class KernelServer:
         clock = time.monotonic
         for _ in range(_BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(sock)
             except zmq.Again:
                 break
             except zmq.ZMQError as exc:

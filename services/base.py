@@ -33,6 +33,7 @@ import zmq
 
 
 from kernel import codec, errors
+from kernel.aio import recv_frames, send_frames
 from kernel import protocol as P
 from kernel.config import default_control_for, runtime_dir
 from kernel.supervisor import ENV_CONTROL, ENV_ENDPOINT, ENV_HEARTBEAT, ENV_LIVENESS, ENV_PARENT
@@ -169,7 +170,7 @@ class WorkerRuntime:
         if sock is None:
             return
         self._last_send = time.monotonic()
-        sock.send_multipart([P.MDPW, *frames])
+        send_frames(sock, [P.MDPW, *frames], nonblocking=False)
         if self._wake is not None:
             self._wake.set()  # a send may consume the descriptor's edge: re-check input
 
@@ -363,7 +364,7 @@ class WorkerRuntime:
                             log.warning("undecodable control message on %r", topic)
                 while True:
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                        frames = recv_frames(sock)
                     except zmq.Again:
                         break
                     broker_expiry = time.monotonic() + window

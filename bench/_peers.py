@@ -1,0 +1,67 @@
+"""Peer processes for ``bench routing``: ``python -m bench._peers ROLE ENDPOINT``.
+
+bare-broker / bare-worker: a pyzmq ROUTER-to-ROUTER broker with no protocol (the floor);
+mt-broker / mt-worker: the PyPI ``majortomo`` MDP broker and worker.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import zmq
+
+
+def bare_broker(endpoint: str) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.bind(endpoint)
+    worker = None
+    while True:
+        frames = sock.recv_multipart()
+        if frames[1] == b"READY":
+            worker = frames[0]
+        elif frames[1] == b"REPLY":  # from the worker: [wid, REPLY, cid, payload]
+            sock.send_multipart([frames[2], frames[3]])
+        elif worker is not None:  # from a client: [cid, payload]
+            sock.send_multipart([worker, frames[0], frames[1]])
+
+
+def bare_worker(endpoint: str) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.connect(endpoint)
+    sock.send(b"READY")
+    while True:
+        cid, payload = sock.recv_multipart()
+        sock.send_multipart([b"REPLY", cid, payload])
+
+
+def mt_broker(endpoint: str) -> None:
+    from majortomo.broker import Broker
+
+    Broker(bind=endpoint, heartbeat_interval=1.0, heartbeat_timeout=10.0).run()
+
+
+def mt_worker(endpoint: str) -> None:
+    from majortomo import Worker
+
+    w = Worker(endpoint, b"echo", heartbeat_interval=1.0, heartbeat_timeout=10.0)
+    w.connect()
+    while True:
+        req = w.wait_for_request()
+        if req is None:
+            continue
+        addr, frames = req
+        w.send_reply_final(addr, frames)
+
+
+if __name__ == "__main__":
+    role, endpoint = sys.argv[1], sys.argv[2]
+    {"bare-broker": bare_broker, "bare-worker": bare_worker, "mt-broker": mt_broker,
+     "mt-worker": mt_worker}[role](endpoint)
