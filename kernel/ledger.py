@@ -385,6 +385,19 @@ class Ledger:
         return out
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` from /proc (None if it is gone or not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class DecisionLog:
     """Append-only JSON-lines log of every ledger operation: ``{"seq", "t", "op", "in", "out"}``.
 
@@ -418,6 +431,7 @@ class _Track:
     preempted: bool = False
     paused: bool = False
     priority: int = 0
+    cpu_start: float | None = None  # worker CPU seconds at dispatch (jobs with a cpu_ms limit)
 
 
 class BudgetAdmission(Admission):
@@ -485,6 +499,8 @@ class BudgetAdmission(Admission):
 
     def forward_header(self, router: Router, req: Request) -> bytes:
         track = self.tracks.get(req.token)
+        if track is not None and "cpu_ms" in track.granted and req.worker is not None and req.worker.pid:
+            track.cpu_start = process_cpu_seconds(req.worker.pid)
         if track is None or not track.granted:
             return req.body[0]
         header = dict(req.header or {})
@@ -549,6 +565,16 @@ class BudgetAdmission(Admission):
             exc = errors.ServiceError("worker sent a malformed status frame")
             self.on_done(router, req, now, None, exc)
             return router._error_body(req, exc)
+        track = self.tracks.get(req.token)
+        if track is not None and track.cpu_start is not None and req.worker is not None and req.worker.pid:
+            # CPU time measured by the kernel from /proc (exact for capacity-1 workers, shared
+            # among concurrent requests otherwise); it replaces any cpu_ms the worker reported.
+            end = process_cpu_seconds(req.worker.pid)
+            if end is not None:
+                sp = status.get(P.S_SPENT)
+                if not isinstance(sp, dict):
+                    sp = status[P.S_SPENT] = {}
+                sp["cpu_ms"] = max(0.0, (end - track.cpu_start) * 1000.0)
         exc = self._charge_status(router, req, status, now)
         spent = status.get(P.S_SPENT)
         if not isinstance(spent, dict):

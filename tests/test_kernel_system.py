@@ -260,3 +260,11 @@ def test_sigint_shuts_down_everything_in_order():
     assert len(kids) >= 3
     assert k.stop(signal.SIGINT) == 0  # stop() asserts no process is left behind
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in kids)
+
+
+def test_cpu_budget_is_measured_by_the_kernel(kern, client):
+    client.open_job("cpujob", {"cpu_ms": 60_000})
+    replies = list(client.stream("echo", {"steps": 20, "step_ms": 10}, job="cpujob"))
+    cpu = replies[-1].spent["cpu_ms"]
+    assert 100 <= cpu <= 2000  # ~200 ms of busy work, measured from /proc, not reported
+    assert client.call("mmi.job.stats", {"job": "cpujob"})["spent"]["cpu_ms"] == pytest.approx(cpu)

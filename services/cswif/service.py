@@ -1,0 +1,106 @@
+"""``cswif``: the compute-safe what-if gate as a service (see :mod:`services.cswif`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+from clients.aio import AsyncClient
+from kernel import errors
+from kernel.config import runtime_dir
+from services.base import Context, Service
+from services.cswif.logic import DEFAULT_THRESHOLD, decision_to_wire, ledger_to_wire, parse_escalation
+from sims.whatif import RichardsonSurrogate, WhatIfGate
+
+#: Counted resource one approved escalation spends from the caller's job.
+ESCALATIONS = "escalations"
+#: Bound on the silence of an executed escalation's sim stream, seconds.
+CALL_TIMEOUT = 60.0
+
+
+class CSWIFService(Service):
+    """Ops:
+
+    * ``request`` (default): ``{"escalation": {run_id, case, params, blocks, cells, from_level,
+      to_level}, "execute": bool}``.  The surrogate's dry run (charged to the job as ``flops``, in
+      a thread) predicts gain and cost; unless the gain per million extra cell updates clears the
+      service's threshold the answer is :class:`kernel.errors.Refused` (detail: the prediction).
+      An approved escalation spends one unit of the job's ``escalations`` (refused when that
+      budget is exhausted); with ``execute`` it is then run on ``sim`` in the same job and its
+      summary returned.  The threshold is the service's (``--threshold``), never the caller's.
+    * ``outcome``: ``{run_id, realized_gain, realized_cost}`` for a decided escalation.
+    * ``ledger``: every decision, its outcome, and the accuracy so far.
+    """
+
+    name = "cswif"
+    capacity = 2
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD) -> None:
+        self.gate = WhatIfGate(RichardsonSurrogate(), threshold)
+        self._endpoint: str | None = None
+        self.client: AsyncClient | None = None
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--threshold", type=float, default=self.gate.threshold,
+                            help="relative gain per million extra cell updates an escalation must clear")
+        parser.add_argument("--max-cost-fraction", type=float, default=0.1,
+                            help="dry-run cost bound, as a fraction of the escalation's cost")
+
+    def configure(self, args: argparse.Namespace) -> None:
+        self.gate = WhatIfGate(RichardsonSurrogate(max_cost_fraction=args.max_cost_fraction), args.threshold)
+        self._endpoint = args.endpoint or f"ipc://{runtime_dir()}/kernel.sock"
+
+    async def setup(self) -> None:
+        self.client = AsyncClient(self._endpoint, timeout=CALL_TIMEOUT, retries=0)
+
+    async def teardown(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+    async def handle(self, ctx: Context, payload: Any) -> Any:
+        op = payload.get("op", "request") if isinstance(payload, dict) else None
+        if op == "request":
+            return await self._request(ctx, payload)
+        if op == "outcome":
+            return self._outcome(payload)
+        if op == "ledger":
+            return ledger_to_wire(self.gate)
+        raise errors.BadRequest(f"unknown op {op!r}; cswif takes request, outcome, ledger")
+
+    async def _request(self, ctx: Context, payload: dict) -> dict:
+        esc = parse_escalation(payload)
+        if esc.run_id in self.gate.ledger:
+            raise errors.BadRequest(f"escalation {esc.run_id!r} was already decided")
+        await ctx.checkpoint()
+        try:
+            prediction = await asyncio.to_thread(self.gate.surrogate.predict, esc)
+        except ValueError as exc:
+            raise errors.BadRequest(f"escalation {esc.run_id!r}: {exc}") from None
+        ctx.charge(flops=prediction.surrogate_cost)
+        await ctx.checkpoint()
+        decision = self.gate.decide(esc.run_id, prediction, time.monotonic())
+        out = decision_to_wire(decision)
+        if not decision.approved:
+            raise errors.Refused(f"escalation {esc.run_id!r} refused: {decision.reason}", decision=out)
+        assert self.client is not None
+        job = ctx.job or "default"
+        await self.client.reserve(job, ESCALATIONS, 1, commit=True)  # Refused when the job has none left
+        if payload.get("execute"):
+            run = {"op": "run", "case": esc.case, "params": esc.params, "blocks": esc.blocks, "cells": esc.cells,
+                   "max_level": esc.to_level, "level": esc.to_level, "report_every": 1_000_000}
+            out["run"] = await self.client.call("sim", run, job=job)
+        return out
+
+    def _outcome(self, payload: dict) -> dict:
+        run_id = payload.get("run_id")
+        gain, cost = payload.get("realized_gain"), payload.get("realized_cost")
+        for v in (gain, cost):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v < 0:
+                raise errors.BadRequest(f"realized_gain and realized_cost must be numbers >= 0, got {v!r}")
+        if run_id not in self.gate.ledger:
+            raise errors.Refused(f"unknown escalation {run_id!r}: no decision recorded", run_id=run_id)
+        self.gate.record_outcome(run_id, gain, cost)
+        return {"run_id": run_id, "would_have_approved": self.gate.would_have_approved(run_id),
+                "approved": self.gate.ledger[run_id].approved}

@@ -1,0 +1,110 @@
+"""``igms``: drives a controlled ``sim`` run through the kernel and orders local refinement,
+coarsening and time-step changes from the run's invariant residuals (see :mod:`services.igms`)."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from typing import Any
+
+from clients.aio import AsyncClient
+from clients.core import Reply
+from kernel import errors
+from kernel import protocol as P
+from kernel.config import runtime_dir
+from services.base import Context, Service
+from services.igms.logic import PrefetchedGate, order_from_actions, parse_request, report_from_wire, wanted_refinements
+from sims.igms import IGMSController
+
+#: Bound on the silence of the sim stream and on each kernel round trip, seconds.
+CALL_TIMEOUT = 30.0
+
+
+class IGMSService(Service):
+    """Ops: ``run`` (default): the payload is a ``sim`` run request (case, params, blocks, cells,
+    max_level, t_end, ...) plus controller settings (indicator, refine_tol, coarsen_tol,
+    regrid_every, calm_steps, ...).  The run goes to ``sim`` in the caller's job, in lockstep: after
+    each step's report the controller decides, refinements are reserved from the kernel's gate
+    (counted resource ``refinements`` of the job; a refusal means no refinement), and the order is
+    sent to the worker holding the run.  A PARTIAL reports every step with actions.  The FINAL:
+    the sim's summary plus the controller's counts.  ``stats``: totals over this worker's runs."""
+
+    name = "igms"
+    capacity = 4
+
+    def __init__(self) -> None:
+        self._endpoint: str | None = None
+        self.client: AsyncClient | None = None
+        self.totals: collections.Counter[str] = collections.Counter()
+
+    def configure(self, args: argparse.Namespace) -> None:
+        self._endpoint = args.endpoint or f"ipc://{runtime_dir()}/kernel.sock"
+
+    async def setup(self) -> None:
+        self.client = AsyncClient(self._endpoint, timeout=CALL_TIMEOUT, retries=0)
+
+    async def teardown(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+    async def handle(self, ctx: Context, payload: Any) -> Any:
+        op = payload.get("op", "run") if isinstance(payload, dict) else None
+        if op == "run":
+            return await self._run(ctx, payload)
+        if op == "stats":
+            return dict(self.totals)
+        raise errors.BadRequest(f"unknown op {op!r}; igms takes run, stats")
+
+    async def _reserve(self, job: str, resource: str, n: int) -> tuple[list[str], bool]:
+        """Hold up to ``n`` units, one at a time, stopping at the first refusal."""
+        assert self.client is not None
+        held: list[str] = []
+        for _ in range(n):
+            try:
+                out = await self.client.reserve(job, resource, 1, commit=False)
+            except (errors.Refused, errors.BudgetExceeded):
+                return held, True
+            held.append(out["reservation"])
+        return held, False
+
+    async def _run(self, ctx: Context, payload: dict) -> dict:
+        client = self.client
+        assert client is not None
+        cfg, sim_request = parse_request(payload)
+        job = ctx.job or "default"
+        controller = IGMSController(cfg)
+        counts: collections.Counter[str] = collections.Counter()
+
+        async def on_step(reply: Reply) -> None:
+            if reply.status != P.STATUS_PARTIAL or not isinstance(reply.payload, dict) or "run" not in reply.payload:
+                return  # e.g. the sim run's "paused" acknowledgement
+            await ctx.checkpoint()
+            wire = reply.payload
+            report = report_from_wire(wire)
+            counts["reports"] += 1
+            held, refused = await self._reserve(job, cfg.resource, wanted_refinements(report, cfg))
+            gate = controller.gate = PrefetchedGate(cfg.resource, len(held))
+            actions = controller.decide(report, now=report.time)
+            # Invariant: the controller used a prefix of the pool; commit it, give the rest back.
+            for rid in held[:gate.used]:
+                await client.call("mmi.gate.commit", {"reservation": rid})
+            for rid in held[gate.used:]:
+                await client.call("mmi.gate.release", {"reservation": rid})
+            counts["refinements_granted"] += gate.used
+            counts["kernel_refusals"] += int(refused)
+            order = order_from_actions(wire["run"], report.step, actions)
+            counts["coarsened"] += len(order.get("coarsen", []))
+            counts["dt_changes"] += int("dt_factor" in order)
+            if report.status == "ok":
+                await client.call(wire["control"], order, job=job)
+            if len(order) > 3:
+                await ctx.partial({"step": report.step, "time": report.time, "order": order,
+                                   "refined_blocks": report.refined_blocks})
+
+        summary = await client.call("sim", sim_request, job=job, on_partial=on_step)
+        for k, v in counts.items():
+            self.totals[k] += v
+        self.totals["runs"] += 1
+        counts["refinements_refused"] = controller.refused_refinements
+        self.totals["refinements_refused"] += controller.refused_refinements
+        return summary | {"igms": dict(counts), "indicator": cfg.indicator}
