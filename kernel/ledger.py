@@ -401,12 +401,13 @@ def process_cpu_seconds(pid: int) -> float | None:
 class DecisionLog:
     """Append-only JSON-lines log of every ledger operation: ``{"seq", "t", "op", "in", "out"}``.
 
-    ``t`` is the kernel's monotonic clock; lines are flushed as written (a crash loses at most
-    the line being written, which replay reports as truncated)."""
+    ``t`` is the kernel's monotonic clock.  Lines are buffered and flushed on every kernel tick
+    (at least every quarter heartbeat interval), so a kernel crash loses at most the decisions of
+    that last fraction of a second; a torn last line is reported by replay as truncated."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fh = open(path, "a", encoding="utf-8", buffering=1)
+        self._fh = open(path, "a", encoding="utf-8", buffering=1 << 16)
         self._seq = 0
         self._fh.write(json.dumps({"seq": 0, "op": "session", "t": time.monotonic(), "pid": os.getpid(),
                                    "wall": time.time()}) + "\n")
@@ -415,6 +416,9 @@ class DecisionLog:
         self._seq += 1
         self._fh.write(json.dumps({"seq": self._seq, "t": now, "op": op, "in": inputs, "out": outputs},
                                   default=str) + "\n")
+
+    def flush(self) -> None:
+        self._fh.flush()
 
     def close(self) -> None:
         self._fh.close()
@@ -612,6 +616,8 @@ class BudgetAdmission(Admission):
             self._do("finish", now, job=track.job)
 
     def tick(self, router: Router, now: float) -> None:
+        if self.log is not None:
+            self.log.flush()
         if self.ledger.next_deadline() <= now:
             out = self._do("tick", now)
             for name in out["exhausted"]:
@@ -716,6 +722,8 @@ class BudgetAdmission(Admission):
     # -- MMI: jobs, gates, hard preemption ----------------------------------------------------------
 
     def mmi(self, router: Router, name: str, arg: Any, header: dict | None, now: float) -> Any:
+        if self.log is not None:
+            self.log.flush()  # management calls see a log that is current
         if not isinstance(arg, dict):
             arg = {}
         try:
@@ -784,5 +792,8 @@ class BudgetAdmission(Admission):
 
     def stats(self) -> dict:
         import time as _t
+
+        if self.log is not None:
+            self.log.flush()
 
         return {"jobs": self.ledger.snapshot(_t.monotonic()), "ledger": dict(self.counters)}

@@ -107,6 +107,8 @@ S_ERROR: Final = "error"
 STATUS_OK: Final = "ok"
 STATUS_PARTIAL: Final = "partial"
 STATUS_PAUSED: Final = "paused"
+#: A PARTIAL sent when a paused request continues (its payload carries ``resumed_at``).
+STATUS_RESUMED: Final = "resumed"
 STATUS_ERROR: Final = "error"
 
 

@@ -90,6 +90,7 @@ class Context:
             self.paused = False
             if self._cancel_reason is not None:
                 raise self._cancel_reason
+            await self.partial({"resumed_at": time.monotonic()}, P.STATUS_RESUMED)
         else:
             await asyncio.sleep(0)
 

@@ -228,6 +228,7 @@ def test_replay_of_the_running_kernels_log(kern, client):
     client.call("echo", {"charge": {"tokens": 4}}, job="replayed")
     with pytest.raises(errors.BudgetExceeded):
         client.call("echo", {"steps": 5, "step_ms": 0}, job="replayed")
+    client.stats()  # management calls flush the decision log
     out = subprocess.run([sys.executable, "-m", "kernel", "replay", kern.decision_log], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr

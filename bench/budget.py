@@ -1,0 +1,79 @@
+"""``python -m bench budget``: wall-budget overshoot and the ledger's cost on routing.
+
+Overshoot: a job opened with ``wall_ms`` B runs one request that would take far longer; the job's
+budget runs out at ``start + B`` (the kernel's decision log records both the start and the
+exhaustion).  Overshoot = exhaustion decision − (start + B), and, seen by the caller, the arrival
+of ``budget_exceeded`` − (start + B).  Ledger cost: sync round trips of the same echo request on
+the default job (no limits: the fast path) and on a job with limits (every request admitted,
+clamped, charged and logged), interleaved in one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from bench._common import Result, percentile
+from bench.routing import Procs
+from clients import Client
+from kernel import errors
+
+
+def run(quick: bool) -> Result:
+    rounds = 40 if quick else 300
+    n_rtt = 1000 if quick else 5000
+    procs = Procs()
+    cfg = os.path.join(procs.dir, "k.toml")
+    log = os.path.join(procs.dir, "decisions.jsonl")
+    with open(cfg, "w") as fh:
+        fh.write(f'[kernel]\nendpoint = "ipc://{procs.dir}/k.sock"\ndecision_log = "{log}"\n'
+                 '[[service]]\nname = "echo"\nmodule = "services.echo"\nreplicas = 2\n')
+    kernel_over, caller_over = [], []
+    plain, budgeted = [], []
+    try:
+        procs.start("-m", "kernel", "--config", cfg)
+        ep = f"ipc://{procs.dir}/k.sock"
+        with Client(ep, timeout=30) as c:
+            c.wait_for_service("echo", 30)
+            for r in range(rounds):
+                job = f"w{r}"
+                budget_ms = 20 + (r % 5) * 10
+                c.open_job(job, {"wall_ms": budget_ms})
+                try:
+                    c.call("echo", {"steps": 10_000, "step_ms": 1}, job=job)
+                except errors.BudgetExceeded:
+                    got = time.monotonic()
+                c.stats()  # flushes the kernel's decision log
+                decisions = [json.loads(line) for line in open(log)]
+                start = next(d["t"] for d in decisions if d.get("op") == "start" and d["in"].get("job") == job)
+                ex = next(d["t"] for d in decisions if d.get("op") == "tick" and job in d["out"].get("exhausted", []))
+                due = start + budget_ms / 1000.0
+                kernel_over.append(ex - due)
+                caller_over.append(got - due)
+            c.open_job("metered", {"tokens": 1e12, "flops": 1e15})
+            for _ in range(200):
+                c.call("echo", 1)
+                c.call("echo", 1, job="metered")
+            for _ in range(n_rtt):
+                t = time.perf_counter()
+                c.call("echo", {"x": 1})
+                plain.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                c.call("echo", {"x": 1}, job="metered", budget={"tokens": 10})
+                budgeted.append(time.perf_counter() - t)
+    finally:
+        procs.close()
+    ms = lambda xs, q: percentile(xs, q) * 1000.0  # noqa: E731
+    metrics = {
+        "overshoot_kernel_p50_ms": ms(kernel_over, 50),
+        "overshoot_kernel_p99_ms": ms(kernel_over, 99),
+        "overshoot_caller_p50_ms": ms(caller_over, 50),
+        "overshoot_caller_p99_ms": ms(caller_over, 99),
+        "rtt_no_budget_p50_ms": ms(plain, 50),
+        "rtt_with_budget_p50_ms": ms(budgeted, 50),
+        "ledger_overhead": ms(budgeted, 50) / ms(plain, 50) - 1.0,
+    }
+    return Result(metrics=metrics,
+                  targets={"overshoot_caller_p99_ms": ("<=", 10.0), "ledger_overhead": ("<=", 0.10)},
+                  notes=[f"{rounds} exhaustion rounds (budgets 20-60 ms), {n_rtt} interleaved round trips each way"])
