@@ -10,8 +10,6 @@ that gains nothing and approving (and running) one that gains.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import zmq
 
@@ -19,7 +17,7 @@ from clients import Client
 from kernel import errors
 from kernel import protocol as P
 from services.igms.logic import PrefetchedGate, order_from_actions, parse_request, report_from_wire, wanted_refinements
-from services.sim.logic import parse_order, parse_run, report_to_wire
+from services.sim.logic import RunState, parse_order, parse_run, report_to_wire
 from services.sim.service import SimService
 from sims import cases
 from sims.igms import IGMSController, LocalGate, Refine, SetDtFactor, run_controlled
@@ -235,7 +233,6 @@ def test_whatif_bad_input_gives_typed_errors(client, payload, exc, match):
 def test_fidelity_control_topic_is_applied_at_the_next_step_boundary():
     svc = SimService()
     spec, sim = parse_run({"case": "gaussian_diffusion", "blocks": 2, "cells": 8}, "r1")
-    from services.sim.logic import RunState
     state = svc.runs["r1"] = RunState(spec, sim)
     svc.on_control("preempt", {"job": "x"})  # not a fidelity op: ignored
     svc.on_control("fidelity", {"run": "elsewhere", "refine": [0]})  # held by another worker
