@@ -55,6 +55,24 @@ def unpack(frame: bytes, *, limit: int = MAX_MESSAGE_SIZE) -> Any:
         raise BadRequest(f"undecodable msgpack frame: {type(exc).__name__}: {exc}") from exc
 
 
+def reca_header(body: list[bytes]) -> dict | None:
+    """The reca header of a request body, or None for an opaque MDP body.
+
+    A body is a reca request when its first frame decodes as a msgpack map carrying ``"v"``;
+    anything else, including bytes that merely start like a map, is opaque.
+    """
+    if not body:
+        return None
+    first = body[0][:1]
+    if not first or not (0x80 <= first[0] <= 0x8F or first[0] in (0xDE, 0xDF)):
+        return None
+    try:
+        decoded = unpack(body[0])
+    except BadRequest:
+        return None
+    return decoded if isinstance(decoded, dict) and "v" in decoded else None
+
+
 def unpack_array(obj: Any) -> Any:
     """Turn an encoded ``{"__nd__": ...}`` map back into a NumPy array (imports numpy lazily)."""
     import numpy as np

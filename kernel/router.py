@@ -237,20 +237,9 @@ class Router:
             return
         service_name = frames[i + 1]
         body = frames[i + 2:]
-        header = None
-        rid = None
-        reca = False
-        if body and body[0][:1] and (0x80 <= body[0][0] <= 0x8F or body[0][0] in (0xDE, 0xDF)):
-            # Looks like a msgpack map: a reca header if it decodes and carries "v"; anything
-            # else (including bytes that merely start like a map) is an opaque MDP body.
-            try:
-                decoded = codec.unpack(body[0])
-            except errors.BadRequest:
-                decoded = None
-            if isinstance(decoded, dict) and P.H_VERSION in decoded:
-                reca = True
-                header = decoded
-                rid = header.get(P.H_ID)
+        header = codec.reca_header(body)
+        reca = header is not None
+        rid = header.get(P.H_ID) if header is not None else None
         if service_name.startswith(b"mmi."):
             self._mmi(identity, form, service_name, body, header, rid, now)
             return

@@ -224,15 +224,8 @@ class WorkerRuntime:
             log.warning("malformed REQUEST from kernel ignored")
             return
         token, body = frames[0], frames[2:]
-        header = None
+        header = codec.reca_header(body)
         payload: Any = body
-        if body and body[0][:1] and (0x80 <= body[0][0] <= 0x8F or body[0][0] in (0xDE, 0xDF)):
-            try:
-                decoded = codec.unpack(body[0])
-            except errors.BadRequest:
-                decoded = None
-            if isinstance(decoded, dict) and P.H_VERSION in decoded:
-                header = decoded
         ctx = Context(self, token, header)
         self.active[token] = ctx
         if header is not None:
