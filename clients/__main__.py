@@ -177,6 +177,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 endpoint = line.split()[-1]
             if line.startswith("reca kernel ready") or time.monotonic() > deadline:
                 break
+        if endpoint is None or kernel.poll() is not None:
+            print("the kernel did not start; see its output above", file=sys.stderr)
+            kernel.kill()
+            return 1
         threading.Thread(target=lambda: [None for _ in kernel.stdout], daemon=True).start()
     try:
         with Client(endpoint, timeout=30) as client:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from kernel import protocol as P
@@ -139,7 +139,7 @@ def load(path: str | None, *, runtime: str | None = None) -> KernelConfig:
     """Load ``path`` (or the shipped default when None)."""
     try:
         if path is None:
-            text = resources.files("kernel").joinpath("default.toml").read_text()
+            text = (Path(__file__).parent / "default.toml").read_text(encoding="utf-8")
         else:
             with open(path, encoding="utf-8") as fh:
                 text = fh.read()
