@@ -151,8 +151,18 @@ def _demo(client: Client, out=print) -> None:
     same = all(r == reference for r in results.values())
     out(f"   resumed results equal an uninterrupted run: {same}")
 
+    if client.call("mmi.service", "igms") == "200":
+        out("\n== 5. a simulation refined only where an invariant is breached (job 'dam': 5 refinements) ==")
+        client.open_job("dam", {"refinements": 5})
+        run = client.call("igms", {"case": "radial_dam_break", "blocks": 4, "cells": 8, "t_end": 1.0,
+                                   "refine_tol": 1e-3}, job="dam", timeout=120)
+        stats = client.call("mmi.job.stats", {"job": "dam"})
+        out(f"   radial dam break to t=1.0: {run['igms']['refinements_granted']} refinements granted, "
+            f"{run['igms']['refinements_refused']} refused by the kernel's gate; "
+            f"job spent {stats['spent']}")
+
     if client.call("mmi.service", "decode") == "200":
-        out("\n== 5. reasoning: decode, verify, repair only the broken span, force a thunk ==")
+        out("\n== 6. reasoning: decode, verify, repair only the broken span, force a thunk ==")
         from clients import demo_reasoning
 
         demo_reasoning.run(client, out=out)
