@@ -57,6 +57,11 @@ from services.base import Context, Service
 
 #: The upper bound of ``state``'s ``wait_paused_ms``.
 MAX_WAIT_PAUSED_MS = 10_000
+#: Event-loop iterations a token boundary yields before its checkpoint.  The worker runtime reads
+#: control messages in its session task, which needs three loop iterations from the socket's
+#: wake-up to running (event -> waiting task -> ``asyncio.wait`` -> session); a single
+#: ``sleep(0)`` per token let a preempt land three tokens late (measured: bench ids).
+BOUNDARY_YIELDS = 4
 #: Counted kinds charged besides ``tokens`` (see :func:`spend_between`).
 COUNTED = ("decoded", "prefilled", "repaired", "recomputed")
 
@@ -204,6 +209,8 @@ class DecodeService(Service):
         the engine (capturing its state) before the runtime parks the handler."""
         eng = self.engine
         assert eng is not None
+        for _ in range(BOUNDARY_YIELDS):
+            await asyncio.sleep(0)  # let the runtime apply control messages that arrived
         if not dec.pause_pending:
             await ctx.checkpoint()
             return
