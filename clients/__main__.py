@@ -151,6 +151,11 @@ def _demo(client: Client, out=print) -> None:
     same = all(r == reference for r in results.values())
     out(f"   resumed results equal an uninterrupted run: {same}")
 
+    configured = {ch["name"].split("#")[0] for ch in client.stats().get("children", [])}
+    for name in ("igms", "decode", "ids", "rois", "lot"):
+        if name in configured:
+            client.wait_for_service(name, 90)  # the decode worker loads torch and its weights first
+
     if client.call("mmi.service", "igms") == "200":
         out("\n== 5. a simulation refined only where an invariant is breached (job 'dam': 5 refinements) ==")
         client.open_job("dam", {"refinements": 5})
