@@ -80,6 +80,7 @@ class Context:
     async def checkpoint(self) -> None:
         """A safe point: raises if cancelled; if a preempt is pending, acknowledges it (a PARTIAL
         with status ``paused``) and waits here, state intact, until resumed or cancelled."""
+        self._runtime.drain_control()  # a preempt published a moment ago takes effect here
         if self._cancel_reason is not None:
             raise self._cancel_reason
         if self._pause_requested:
@@ -156,6 +157,7 @@ class WorkerRuntime:
         self.ctx = context or zmq.Context()
         self._own_ctx = context is None
         self.sock: zmq.Socket | None = None
+        self.sub: zmq.Socket | None = None
         self._wake: asyncio.Event | None = None
         self.active: dict[bytes, Context] = {}
         self.connects = 0
@@ -264,6 +266,23 @@ class WorkerRuntime:
                 ctx._cancel(exc)
         self.on_control(op, message)
 
+    def drain_control(self) -> None:
+        """Apply every control message waiting on the SUB socket (never blocks)."""
+        sub = self.sub
+        if sub is None:
+            return
+        while True:
+            try:
+                frames = recv_frames(sub)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                continue
+            try:
+                self._on_control(frames[0], codec.unpack(frames[1]))
+            except errors.BadRequest:
+                log.warning("undecodable control message on %r", frames[0])
+
     def on_control(self, op: str, message: dict) -> None:
         """Hook for services that act on other control ops (fidelity, precision)."""
         handler = getattr(self.service, "on_control", None)
@@ -295,6 +314,7 @@ class WorkerRuntime:
             for prefix in (self.service.name, P.CTL_ALL):
                 sub.setsockopt(zmq.SUBSCRIBE, f"{P.CTL_PREFIX}{prefix}/".encode())
             sub.connect(self.control)
+            self.sub = sub
         backoff = P.RECONNECT_INITIAL
         try:
             while not self._stopping.is_set():
@@ -319,6 +339,7 @@ class WorkerRuntime:
         finally:
             self._drop_active()
             if sub is not None:
+                self.sub = None
                 sub.close(0)
             if self.sock is not None:
                 self.sock.close(0)
@@ -344,18 +365,7 @@ class WorkerRuntime:
         try:
             while True:
                 wake.clear()
-                if sub is not None:
-                    while True:
-                        try:
-                            topic, msg = sub.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        except ValueError:
-                            continue
-                        try:
-                            self._on_control(topic, codec.unpack(msg))
-                        except errors.BadRequest:
-                            log.warning("undecodable control message on %r", topic)
+                self.drain_control()
                 while True:
                     try:
                         frames = recv_frames(sock)
