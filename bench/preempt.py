@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import tempfile
 import threading
 import time
 

@@ -20,14 +20,12 @@ job, so the tokens it costs are charged there.  Requests to the decode worker ar
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
-from clients.aio import AsyncClient
 from kernel import errors
-from kernel.config import runtime_dir
-from services.base import Context, Service
+from services.base import Context
+from services.common import DecodeOrchestrator
 
 #: Bound of one call to the decode worker, seconds.
 CALL_TIMEOUT = 30.0
@@ -35,32 +33,10 @@ CALL_TIMEOUT = 30.0
 PAUSE_WAIT_MS = 5_000
 
 
-class IdsService(Service):
+class IdsService(DecodeOrchestrator):
+    call_timeout = CALL_TIMEOUT
     name = "ids"
     capacity = 8
-
-    def __init__(self) -> None:
-        self.client: AsyncClient | None = None
-        self.decode_service = "decode"
-        self._endpoint = ""
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--decode-service", default=self.decode_service)
-
-    def configure(self, args: argparse.Namespace) -> None:
-        self.decode_service = args.decode_service
-        self._endpoint = args.endpoint or f"ipc://{runtime_dir()}/kernel.sock"
-
-    async def setup(self) -> None:
-        self.client = AsyncClient(self._endpoint, timeout=CALL_TIMEOUT, retries=0)
-
-    async def teardown(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-
-    async def _decode(self, ctx: Context, payload: dict) -> Any:
-        assert self.client is not None
-        return await self.client.call(self.decode_service, payload, job=ctx.job, retries=0)
 
     async def handle(self, ctx: Context, payload: Any) -> Any:
         if not isinstance(payload, dict) or payload.get("op") not in ("pause", "inject", "resume", "interrupt"):

@@ -13,16 +13,14 @@ its KV recomputed by one prefill).  Ops:
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
-from clients.aio import AsyncClient
 from kernel import errors
-from kernel.config import runtime_dir
 from lm.errors import LMError
 from lm.roi import find_roi
 from lm.verifier import Report, verify
-from services.base import Context, Service
+from services.base import Context
+from services.common import DecodeOrchestrator
 
 CALL_TIMEOUT = 60.0
 MAX_ROUNDS = 16
@@ -49,32 +47,10 @@ def _verify(text: str) -> Report:
         raise errors.BadRequest(str(exc), kind=type(exc).__name__) from None
 
 
-class RoisService(Service):
+class RoisService(DecodeOrchestrator):
+    call_timeout = CALL_TIMEOUT
     name = "rois"
     capacity = 8
-
-    def __init__(self) -> None:
-        self.client: AsyncClient | None = None
-        self.decode_service = "decode"
-        self._endpoint = ""
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--decode-service", default=self.decode_service)
-
-    def configure(self, args: argparse.Namespace) -> None:
-        self.decode_service = args.decode_service
-        self._endpoint = args.endpoint or f"ipc://{runtime_dir()}/kernel.sock"
-
-    async def setup(self) -> None:
-        self.client = AsyncClient(self._endpoint, timeout=CALL_TIMEOUT, retries=0)
-
-    async def teardown(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-
-    async def _decode(self, ctx: Context, payload: dict) -> Any:
-        assert self.client is not None
-        return await self.client.call(self.decode_service, payload, job=ctx.job, retries=0)
 
     async def handle(self, ctx: Context, payload: Any) -> Any:
         if not isinstance(payload, dict):

@@ -1,0 +1,43 @@
+"""Shared by the orchestrating services (ids, rois, lot): a client to the kernel's bus and the
+name of the decode service they drive.  They talk to the decode worker only through the kernel."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from clients.aio import AsyncClient
+from kernel.config import runtime_dir
+from services.base import Context, Service
+
+
+class DecodeOrchestrator(Service):
+    """A service that drives the ``decode`` worker through the kernel, charging the caller's job."""
+
+    #: Bound of one call to the decode worker, seconds.
+    call_timeout = 30.0
+
+    def __init__(self) -> None:
+        self.client: AsyncClient | None = None
+        self.decode_service = "decode"
+        self._endpoint = ""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--decode-service", default=self.decode_service)
+
+    def configure(self, args: argparse.Namespace) -> None:
+        self.decode_service = args.decode_service
+        self._endpoint = args.endpoint or f"ipc://{runtime_dir()}/kernel.sock"
+
+    async def setup(self) -> None:
+        self.client = AsyncClient(self._endpoint, timeout=self.call_timeout, retries=0)
+
+    async def teardown(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+    async def _decode(self, ctx: Context, payload: dict) -> Any:
+        """One request to the decode worker, charged to ``ctx``'s job; never retried (decode ops
+        are not idempotent)."""
+        assert self.client is not None
+        return await self.client.call(self.decode_service, payload, job=ctx.job, retries=0)
