@@ -19,7 +19,7 @@ from clients import AsyncClient, Client
 from clients.core import raise_for
 from kernel import errors
 from kernel import protocol as P
-from lm import chains, tokenizer
+from lm import tokenizer
 from lm.engine import Engine
 from lm.thunks import find_thunks
 from lm.verifier import verify
