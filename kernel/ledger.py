@@ -756,6 +756,18 @@ class BudgetAdmission(Admission):
                     self.log.append(op, now, target, {"ok": True})
                 router.publish(P.control_topic(arg.get("service", P.CTL_ALL), op), target)
                 return {"ok": True}
+            elif name == "mmi.control":
+                # Orders that are not the kernel's own decisions (fidelity, precision) are relayed
+                # on the control bus; preempt/resume/cancel stay with the dedicated calls above.
+                op, service, message = arg.get("op"), arg.get("service", P.CTL_ALL), arg.get("message")
+                if op not in (P.ControlOp.FIDELITY.value, P.ControlOp.PRECISION.value) \
+                        or not isinstance(service, str) or not isinstance(message, dict):
+                    return errors.BadRequest("mmi.control needs op 'fidelity' or 'precision', a service "
+                                             "and a message map")
+                if self.log is not None:
+                    self.log.append(op, now, {"service": service}, {"ok": True})
+                router.publish(P.control_topic(service, op), message)
+                return {"ok": True}
             elif name in ("mmi.proc.stop", "mmi.proc.cont", "mmi.proc.nice", "mmi.proc.affinity"):
                 return self._proc(name, arg, now)
             else:

@@ -269,3 +269,22 @@ def test_cpu_budget_is_measured_by_the_kernel(kern, client):
     cpu = replies[-1].spent["cpu_ms"]
     assert 100 <= cpu <= 2000  # ~200 ms of busy work, measured from /proc, not reported
     assert client.call("mmi.job.stats", {"job": "cpujob"})["spent"]["cpu_ms"] == pytest.approx(cpu)
+
+
+def test_control_relay_reaches_subscribers(kern, client, zctx):
+    sub = zctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"ctl/sim/")
+    sub.connect(kern.control)
+    try:
+        deadline = time.monotonic() + 10
+        got = None
+        while got is None and time.monotonic() < deadline:  # PUB/SUB joins asynchronously
+            client.call("mmi.control", {"op": "fidelity", "service": "sim", "message": {"run": "r1", "refine": [3]}})
+            if sub.poll(100):
+                got = sub.recv_multipart()
+        assert got is not None and got[0] == b"ctl/sim/fidelity"
+        with pytest.raises(errors.BadRequest):
+            client.call("mmi.control", {"op": "preempt", "service": "sim", "message": {}})
+    finally:
+        sub.close(0)
