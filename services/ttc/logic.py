@@ -65,11 +65,12 @@ WALL_MIN_S = 10.0
 
 
 class Gate(Protocol):
-    """Budget reservation (the kernel's gate backs it in the service)."""
+    """Budget reservation (the kernel's gate backs it in the service).  ``call_id`` names the call
+    the units are for, so a gate that holds one reservation per call can release the right one."""
 
-    def reserve(self, resource: str, amount: float) -> bool: ...
+    def reserve(self, resource: str, amount: float, call_id: str | None = None) -> bool: ...
 
-    def release(self, resource: str, amount: float) -> None: ...
+    def release(self, resource: str, amount: float, call_id: str | None = None) -> None: ...
 
 
 class LocalGate:
@@ -82,7 +83,7 @@ class LocalGate:
         self.limits = dict(limits or {})
         self.used: dict[str, float] = {}
 
-    def reserve(self, resource: str, amount: float) -> bool:
+    def reserve(self, resource: str, amount: float, call_id: str | None = None) -> bool:
         used = self.used.get(resource, 0.0)
         limit = self.limits.get(resource, math.inf)
         if used + amount > limit + 1e-9:
@@ -90,7 +91,7 @@ class LocalGate:
         self.used[resource] = used + amount
         return True
 
-    def release(self, resource: str, amount: float) -> None:
+    def release(self, resource: str, amount: float, call_id: str | None = None) -> None:
         self.used[resource] = max(0.0, self.used.get(resource, 0.0) - amount)
 
 
@@ -195,8 +196,8 @@ class TransactionManager:
         releases: list[tuple[str, float]] = []
         with self.store.tx():
             yield events, releases
-        for resource, amount in releases:
-            self.gate.release(resource, amount)
+        for resource, amount, call_id in releases:
+            self.gate.release(resource, amount, call_id)
         if self.audit_sink is not None:
             for event in events:
                 self.audit_sink(event)
@@ -238,7 +239,7 @@ class TransactionManager:
         self.store.conn.execute("UPDATE calls SET state=?, reason=?, decided_at=?, reserved=0 WHERE call_id=?",
                                 (state, reason, now, row["call_id"]))
         if row["reserved"]:
-            releases.append((row["resource"], row["est_cost"]))
+            releases.append((row["resource"], row["est_cost"], row["call_id"]))
         self._log(events, now, op, row["call_id"], inputs or {}, {"state": state, "reason": reason,
                                                                   "from": row["state"]})
 
@@ -319,13 +320,13 @@ class TransactionManager:
                 with self._write() as (events, _):
                     self._log(events, now, "prepare_replayed", prior["call_id"], {"idem_key": idem_key}, {})
                 return prior["call_id"]
-        if not self.gate.reserve(spec.resource, float(est_cost)):
+        call_id = uuid.uuid4().hex[:16]
+        if not self.gate.reserve(spec.resource, float(est_cost), call_id):
             with self._write() as (events, _):
                 self._log(events, now, "prepare_refused", None,
                           {"tool": tool, "est_cost": est_cost, "resource": spec.resource}, {"code": "budget_refused"})
             raise errors.BudgetRefused(f"gate refused {est_cost:g} {spec.resource} for {tool}",
                                        resource=spec.resource, amount=est_cost)
-        call_id = uuid.uuid4().hex[:16]
         try:
             with self._write() as (events, _):
                 self.store.conn.execute(
@@ -339,7 +340,7 @@ class TransactionManager:
                           {"tool": tool, "est_cost": est_cost, "consumers": names, "timeout": timeout,
                            "idem_key": idem_key, "inputs_sha": digest[:16]}, {"state": PREPARED})
         except BaseException:
-            self.gate.release(spec.resource, float(est_cost))
+            self.gate.release(spec.resource, float(est_cost), call_id)
             raise
         return call_id
 
@@ -624,7 +625,7 @@ class TransactionManager:
                        "failed": len(report.failed), "ingested": len(report.ingested)})
         if rereserve:
             for row in self.store.all("SELECT * FROM calls WHERE reserved=1 AND state IN (?,?,?)", LIVE_STATES):
-                if not self.gate.reserve(row["resource"], row["est_cost"]):
+                if not self.gate.reserve(row["resource"], row["est_cost"], row["call_id"]):
                     with self._write() as (events, releases):
                         row = self._row(row["call_id"])
                         self.store.conn.execute("UPDATE calls SET reserved=0 WHERE call_id=?", (row["call_id"],))

@@ -220,8 +220,10 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------ recovery
 
-    def recover(self, now: float | None = None) -> RecoveryReport:
-        """Decide every call left by earlier managers, kill their runs, sweep tagged orphans."""
+    def recover(self, now: float | None = None, *, rereserve: bool = True) -> RecoveryReport:
+        """Decide every call left by earlier managers, kill their runs, sweep tagged orphans.
+        ``rereserve=False`` for a gate that outlives this process (the kernel's): see
+        :meth:`TransactionManager.recover`."""
         now = self._now(now)
         facts: dict[str, RunFacts] = {}
         tagged = {tag: pid for pid, tag in tagged_processes(self.store.store_id + "/")}
@@ -231,7 +233,7 @@ class Coordinator:
             alive = is_alive(ref.pid, ref.start_token) or ref.tag in tagged
             result = self.runner.read_result(ref.tag)
             facts[ref.tag] = RunFacts(alive, result, None, None if result is None else result.get("cpu_s"))
-        report = self.tm.recover(now=now, facts=facts)
+        report = self.tm.recover(now=now, facts=facts, rereserve=rereserve)
         for ref in report.kills:
             kill_run(ref)
         self.sweep_orphans()

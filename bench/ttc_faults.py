@@ -1,0 +1,449 @@
+"""``python -m bench ttc_faults``: seeded, randomised SIGKILL schedules against the ttc stack.
+
+One *schedule* (seeded by ``(seed, index)``): 1-3 heavy calls (random 3-SAT, n 60..220, or a 2-D
+diffusion run), each prepared by a client process with an idempotency key and then committed,
+aborted, withdrawn or left to expire; its consumers then fetch and attach the results.  One kill
+(SIGKILL) lands on a random target — the ttc service, the running tool worker, the client
+process or the kernel itself — either between two operations or while one is in flight (after a
+random 0-60 ms delay).  The supervisor restarts the ttc service; when the kernel is killed its
+children die with it (``PR_SET_PDEATHSIG``) and the harness starts a new kernel on the same log.
+Then a *restarted client* retries every call with its key (prepare, commit, abort), waits for the
+decision, fetches and attaches each consumer's result twice (the second attach must say False).
+
+After every schedule the independent checker (:mod:`services.ttc.checker`: the SQLite log read-only
+plus the OS process table) counts orphaned heavy runs, lost committed results, results delivered
+twice and calls stuck undecided.  The harness adds what the client saw: a commit acknowledged but
+never decided DONE/FAILED (lost), a second ``attached: True`` (twice), a call not decided within
+the bound (stuck), and a tool run to completion twice for one call (``completed_twice``).
+
+Schedules run many per kernel lifetime (a kernel kill restarts it), so one costs well under a
+second.  Recovery time: kill -> the new manager's ``recover`` decision (its audit row) for ttc and
+kernel kills; kill -> the lost run's retry decision for tool kills; kill -> the respawned client's
+first answered request for client kills.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import psutil
+
+from bench._common import Result, percentile
+from services.ttc import checker
+from services.ttc.runner import tagged_processes
+
+TARGETS = ("ttc", "tool", "client", "kernel", "none")
+#: Probability of each target in a random schedule (kernel kills are the expensive ones).
+TARGET_WEIGHTS = (0.35, 0.25, 0.15, 0.1, 0.15)
+#: Bound on any wait of the harness (seconds).
+WAIT_S = 30.0
+JOB = "faults"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------ the client process
+
+def client_main(endpoint: str) -> int:
+    """``python bench/ttc_faults.py --client ENDPOINT``: one request per stdin line
+    ``{"payload", "job"}``; one stdout line per answer ``{"ok": result}`` or ``{"err": code}``."""
+    from clients import Client
+    from kernel import errors
+
+    c = Client(endpoint, timeout=10.0, retries=0)
+    print(json.dumps({"ready": os.getpid()}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            out: dict[str, Any] = {"ok": c.call("ttc", req["payload"], job=req.get("job"))}
+        except errors.RecaError as exc:
+            out = {"err": exc.code, "detail": {k: v for k, v in exc.detail.items() if k != "spent"}}
+        print(json.dumps(out), flush=True)
+    return 0
+
+
+class ClientProc:
+    """A client in its own process, so the harness can SIGKILL it mid-request."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--client", endpoint],
+                                     cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        assert self.proc.stdout is not None
+        if "ready" not in json.loads(self.proc.stdout.readline() or "{}"):
+            raise RuntimeError("fault client did not start")
+
+    def send(self, payload: dict) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"payload": payload, "job": JOB}) + "\n")
+        self.proc.stdin.flush()
+
+    def recv(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise EOFError("fault client died")
+        return json.loads(line)
+
+    def call(self, payload: dict) -> dict:
+        self.send(payload)
+        return self.recv()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(WAIT_S)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
+def _dead(p: psutil.Process) -> bool:
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE  # dead; its reaper (init) may take a while
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_dead(procs: list[psutil.Process], timeout: float = WAIT_S) -> list[psutil.Process]:
+    """Wait (bounded, polling every 5 ms) until every process is gone or a zombie; returns the living."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if not _dead(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.005)
+        alive = [p for p in alive if not _dead(p)]
+    return alive
+
+
+# ------------------------------------------------------------------------------ schedules
+
+def make_schedule(seed: int, index: int, target: str | None = None) -> dict:
+    """A reproducible schedule: calls, their intended fate, and one kill point."""
+    rng = random.Random(f"{seed}/{index}")
+    calls = []
+    for j in range(rng.randint(1, 3)):
+        if rng.random() < 0.7:
+            tool, inputs = "sat", {"n_vars": rng.randint(60, 220), "seed": rng.randrange(1 << 30)}
+        else:
+            tool, inputs = "diffusion", {"n": 32, "steps": rng.randint(2000, 8000), "checkpoint_every": 1000}
+        fate = rng.choices(["commit", "abort", "withdraw", "expire"], (0.7, 0.1, 0.1, 0.1))[0]
+        consumers = [f"s{index}c{j}a"] + ([f"s{index}c{j}b"] if rng.random() < 0.3 else [])
+        calls.append({"tool": tool, "inputs": inputs, "fate": fate, "consumers": consumers,
+                      "idem": f"{seed}-{index}-{j}", "timeout": 0.2 if fate == "expire" else 30.0})
+    ops = [("prepare", j) for j in range(len(calls))] + [(c["fate"], j) for j, c in enumerate(calls)]
+    target = target or rng.choices(TARGETS, TARGET_WEIGHTS)[0]
+    return {"index": index, "calls": calls, "ops": ops, "target": target,
+            "kill_at": rng.randrange(len(ops)), "inflight": rng.random() < 0.6, "delay": rng.uniform(0, 0.06)}
+
+
+class FaultHarness:
+    """One log, one kernel at a time (restarted when killed), one client process at a time."""
+
+    def __init__(self, workdir: str) -> None:
+        from tests.support import service_block
+
+        self.workdir = workdir
+        self.db = os.path.join(workdir, "ttc.db")
+        self.endpoint = f"ipc://{workdir}/kernel.sock"
+        self.services = service_block("ttc", "services.ttc", args=["--db", self.db])
+        self.kernel: Any = None
+        self.client: ClientProc | None = None
+        self.ctl: Any = None
+        self.counts: Counter[str] = Counter()
+        self.recovery: dict[str, list[float]] = {t: [] for t in TARGETS[:4]}
+        self.kills: Counter[str] = Counter()
+        self.kernel_starts = 0
+        self._start_kernel()
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def _start_kernel(self) -> None:
+        from clients import Client
+        from tests.support import KernelProcess
+
+        self.kernel = KernelProcess(self.services, heartbeat=0.2, liveness=3, intensity=100000, period=1.0,
+                                    endpoint=self.endpoint)
+        self.kernel_starts += 1
+        self.ctl = Client(self.kernel.endpoint, timeout=WAIT_S, retries=0)
+        self.ctl.wait_for_service("ttc", WAIT_S)
+        self.ctl.open_job(JOB, {"cpu_s": 1e9})
+        self.client = ClientProc(self.kernel.endpoint)
+
+    def _kill_kernel(self) -> None:
+        kids = self.kernel.descendants()
+        self.kernel.proc.kill()
+        self.kernel.proc.wait(WAIT_S)
+        alive = _wait_dead(kids)  # they die with it (PR_SET_PDEATHSIG)
+        if alive:
+            raise AssertionError(f"children outlived the kernel: {[p.pid for p in alive]}")
+        self.kernel._reader.join(5)
+        shutil.rmtree(self.kernel.dir, ignore_errors=True)
+        self.ctl.close()
+        if self.client is not None:
+            self.client.kill()
+        self._start_kernel()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.kill()
+        if self.ctl is not None:
+            self.ctl.close()
+        if self.kernel is not None:
+            self.kernel.stop()
+
+    def ttc_pid(self) -> int:
+        return {ch["name"]: ch["pid"] for ch in self.ctl.stats()["children"]}["ttc"]
+
+    def ttc(self, payload: dict) -> Any:
+        """A request by the (restarted) client, retried while the service restarts (bounded)."""
+        from kernel import errors
+
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            try:
+                return self.ctl.call("ttc", payload, job=JOB)
+            except (errors.WorkerDied, errors.Unavailable, errors.Timeout):
+                if time.monotonic() >= deadline:
+                    raise
+
+    # -- one schedule -------------------------------------------------------------------------------
+
+    def _op_payload(self, sched: dict, op: str, j: int, ids: dict[int, str]) -> dict | None:
+        call = sched["calls"][j]
+        if op == "prepare":
+            return {"op": "prepare", "tool": call["tool"], "inputs": call["inputs"], "est_cost": 10,
+                    "consumers": call["consumers"], "idem": call["idem"], "timeout": call["timeout"]}
+        if j not in ids:
+            return None
+        if op == "commit":
+            return {"op": "commit", "call_id": ids[j], "idem": call["idem"]}
+        if op == "abort":
+            return {"op": "abort", "call_id": ids[j]}
+        if op == "withdraw":
+            return {"op": "withdraw", "consumer": call["consumers"][0]}
+        return None  # expire: do nothing, the deadline decides
+
+    def _kill(self, target: str) -> tuple[float, Any] | None:
+        """SIGKILL ``target`` now; returns (wall time of the kill, context) or None if it had nothing
+        to kill (no tool running)."""
+        if target == "ttc":
+            pid = self.ttc_pid()
+            os.kill(pid, signal.SIGKILL)
+            return time.time(), pid
+        if target == "tool":
+            store_id = self._store_id()
+            for pid, tag in tagged_processes(store_id + "/"):
+                os.kill(pid, signal.SIGKILL)
+                return time.time(), tag
+            return None
+        if target == "client":
+            assert self.client is not None
+            self.client.kill()
+            return time.time(), None
+        if target == "kernel":
+            t = time.time()
+            self._kill_kernel()
+            return t, None
+        return None
+
+    def _store_id(self) -> str:
+        import sqlite3
+
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            return conn.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()[0]
+        finally:
+            conn.close()
+
+    def run_schedule(self, sched: dict) -> dict[str, int]:
+        ids: dict[int, str] = {}
+        acked_commit: set[int] = set()
+        killed: tuple[float, Any] | None = None
+        client_dead = False
+        for k, (op, j) in enumerate(sched["ops"]):
+            payload = self._op_payload(sched, op, j, ids)
+            kill_now = k == sched["kill_at"] and sched["target"] != "none"
+            if kill_now and not sched["inflight"]:
+                killed = self._kill(sched["target"])
+                client_dead = sched["target"] in ("client", "kernel")
+            if payload is None or client_dead:
+                continue
+            assert self.client is not None
+            self.client.send(payload)
+            if kill_now and sched["inflight"]:
+                time.sleep(sched["delay"])  # fault timing: the kill lands at a random moment of the op
+                killed = self._kill(sched["target"])
+                client_dead = sched["target"] in ("client", "kernel")
+                if client_dead:
+                    continue
+            try:
+                reply = self.client.recv()
+            except EOFError:
+                client_dead = True
+                continue
+            if "ok" in reply:
+                if op == "prepare":
+                    ids[j] = reply["ok"]["call_id"]
+                elif op == "commit":
+                    acked_commit.add(j)
+        if killed is not None:
+            self.kills[sched["target"]] += 1
+        if client_dead and sched["target"] == "client":
+            self.client = ClientProc(self.kernel.endpoint)
+            assert killed is not None
+            self.client.call({"op": "stats"})
+            self.recovery["client"].append(time.time() - killed[0])
+        return self._settle(sched, ids, acked_commit, killed)
+
+    def _settle(self, sched: dict, ids: dict[int, str], acked_commit: set[int],
+                killed: tuple[float, Any] | None) -> dict[str, int]:
+        """The restarted client: retry every call with its key, wait for the decisions, attach."""
+        from kernel import errors
+
+        found: Counter[str] = Counter()
+        if sched["target"] in ("ttc", "kernel") and killed is not None:
+            self.ttc({"op": "stats"})  # the restarted service answers (bounded retry)
+        for j, call in enumerate(sched["calls"]):
+            try:
+                prep = self.ttc({"op": "prepare", "tool": call["tool"], "inputs": call["inputs"], "est_cost": 10,
+                                 "consumers": call["consumers"], "idem": call["idem"], "timeout": call["timeout"]})
+                call_id = prep["call_id"]
+            except errors.RecaError as exc:
+                found[f"prepare_error:{exc.code}"] += 1
+                continue
+            if j in ids and ids[j] != call_id:
+                found["idem_broken"] += 1
+            fate = call["fate"]
+            try:
+                if fate == "commit":
+                    out = self.ttc({"op": "commit", "call_id": call_id, "idem": call["idem"], "wait": True,
+                                    "timeout": WAIT_S})
+                else:
+                    if fate == "abort":
+                        self.ttc({"op": "abort", "call_id": call_id})
+                    elif fate == "withdraw":
+                        self.ttc({"op": "withdraw", "consumer": call["consumers"][0]})
+                    out = self.ttc({"op": "result", "call_id": call_id, "wait": True, "timeout": WAIT_S})
+            except errors.RecaError as exc:
+                if exc.code == "aborted" and fate == "commit" and j not in acked_commit:
+                    out = self.ttc({"op": "status", "call_id": call_id})  # e.g. prepared, then expired
+                else:
+                    raise
+            state = out["state"]
+            if state not in ("DONE", "FAILED", "ABORTED"):
+                found["stuck"] += 1
+            if j in acked_commit and state not in ("DONE", "FAILED") and fate == "commit":
+                found["lost"] += 1
+            if state in ("DONE", "FAILED"):
+                if out.get("result") is None:
+                    found["lost"] += 1
+                for consumer in call["consumers"]:
+                    if fate == "withdraw" and consumer == call["consumers"][0]:
+                        continue
+                    got = [d for d in self.ttc({"op": "deliver", "consumer": consumer})["deliveries"]
+                           if d["call_id"] == call_id]
+                    first = self.ttc({"op": "attach", "call_id": call_id, "consumer": consumer})["attached"]
+                    second = self.ttc({"op": "attach", "call_id": call_id, "consumer": consumer})["attached"]
+                    found["twice"] += int(second)
+                    if not first and not got:
+                        found["lost"] += 1  # never delivered, yet already attached by nobody we know
+            events = self.ttc({"op": "audit", "call_id": call_id})["events"]
+            if killed is not None and sched["target"] == "tool" and killed[1].split("/")[1] == call_id:
+                after = [e["t"] for e in events if e["t"] >= killed[0] and e["op"] in ("retry", "finish", "abort")]
+                if after:
+                    self.recovery["tool"].append(after[0] - killed[0])
+        if killed is not None and sched["target"] in ("ttc", "kernel"):
+            rec = [e["t"] for e in self.ttc({"op": "audit", "since": 0})["events"]
+                   if e["op"] == "recover" and e["t"] >= killed[0]]
+            if rec:
+                self.recovery[sched["target"]].append(rec[0] - killed[0])
+        found["completed_twice"] += self._completed_twice()
+        c = checker.check(self.db)
+        found["orphaned_runs"] += c.orphaned_runs
+        found["lost"] += c.lost_results
+        found["twice"] += c.double_attached
+        found["stuck"] += c.stuck_calls
+        if c.total():
+            print(f"schedule {sched['index']} ({sched['target']}): checker {c.details}", file=sys.stderr)
+        self.counts.update(found)
+        return dict(found)
+
+    def _completed_twice(self) -> int:
+        import sqlite3
+
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            return conn.execute("SELECT COUNT(*) FROM (SELECT call_id FROM runs WHERE end_status='exit:0'"
+                                " GROUP BY call_id HAVING COUNT(*) > 1)").fetchone()[0]
+        finally:
+            conn.close()
+
+
+def run_schedules(n: int, seed: int, workdir: str, targets: list[str] | None = None) -> dict:
+    """Run ``n`` schedules (``targets[i % len]`` forces the kill target); returns the totals."""
+    h = FaultHarness(workdir)
+    t0 = time.monotonic()
+    try:
+        for i in range(n):
+            h.run_schedule(make_schedule(seed, i, targets[i % len(targets)] if targets else None))
+    finally:
+        h.close()
+    return {"schedules": n, "wall_s": time.monotonic() - t0, "counts": h.counts, "recovery": h.recovery,
+            "kills": h.kills, "kernel_starts": h.kernel_starts}
+
+
+def run(quick: bool) -> Result:
+    import tempfile
+
+    n = 50 if quick else 1000
+    workdir = tempfile.mkdtemp(prefix="ttcf-", dir="/tmp")
+    try:
+        out = run_schedules(n, 20251124, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    c = out["counts"]
+    allrec = [x for v in out["recovery"].values() for x in v]
+    metrics = {
+        "schedules": float(n),
+        "orphaned_heavy_runs": float(c["orphaned_runs"]),
+        "lost_committed_results": float(c["lost"]),
+        "results_delivered_twice": float(c["twice"]),
+        "calls_stuck_undecided": float(c["stuck"]),
+        "tool_completed_twice": float(c["completed_twice"]),
+        "wall_s": out["wall_s"],
+        "s_per_schedule": out["wall_s"] / n,
+        "recovery_p50_ms": 1000 * percentile(allrec, 50),
+        "recovery_p99_ms": 1000 * percentile(allrec, 99),
+    }
+    table = [{"target": t, "kills": out["kills"][t], "recoveries": len(v),
+              "p50_ms": 1000 * percentile(v, 50), "p99_ms": 1000 * percentile(v, 99),
+              "max_ms": 1000 * max(v) if v else float("nan")} for t, v in out["recovery"].items()]
+    extra = {k: v for k, v in c.items() if k not in ("orphaned_runs", "lost", "twice", "stuck", "completed_twice")}
+    return Result(
+        metrics=metrics,
+        targets={k: ("<=", 0.0) for k in ("orphaned_heavy_runs", "lost_committed_results",
+                                          "results_delivered_twice", "calls_stuck_undecided",
+                                          "tool_completed_twice")},
+        table=table,
+        notes=[f"{n} schedules, {out['kernel_starts']} kernel lifetimes, {out['wall_s']:.0f} s wall",
+               f"other findings: {dict(extra) or 'none'}"],
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--client":
+        sys.exit(client_main(sys.argv[2]))
+    print("usage: python -m bench ttc_faults [--quick]  (or: bench/ttc_faults.py --client ENDPOINT)",
+          file=sys.stderr)
+    sys.exit(2)

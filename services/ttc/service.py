@@ -1,0 +1,375 @@
+"""``ttc``: Transactional Tool Calls behind the kernel (the process shell of :mod:`services.ttc`).
+
+The state machine (:mod:`services.ttc.logic`) and the worker side (:mod:`services.ttc.runner`) are
+synchronous and own one SQLite connection, so every operation on them runs on *one* dedicated
+thread (``self._exec``, a one-thread executor): the event loop stays free for heartbeats and for
+the many requests that wait for results, and SQLite's one-owner rule holds.  That thread also
+starts the tool workers, which matters because ``PR_SET_PDEATHSIG`` fires when the *thread* that
+spawned a worker exits — here it lives as long as the process.
+
+Ops (the payload is a map with ``op``):
+
+``prepare``  ``{tool, inputs, est_cost, consumers, timeout?, idem?}`` -> ``{call_id, state}``.
+             The budget (``est_cost`` of the tool's resource, ``cpu_s`` for the built-ins) is
+             reserved through the kernel's gate (``mmi.gate.reserve``, held, under the request's
+             job); nothing runs.
+``commit``   ``{call_id, idem?, wait?, timeout?}`` -> the outcome.  With ``wait`` the state is
+             streamed as PARTIALs and the FINAL carries the result once the call is decided.
+``abort``    ``{call_id, reason?}``; ``withdraw`` ``{consumer}``; ``subscribe`` ``{call_id, consumer}``.
+``status``   ``{call_id}``; ``result`` ``{call_id, wait?, timeout?}`` (fetch, optionally waiting).
+``deliver``  ``{consumer}`` -> the consumer's unattached results; ``attach`` ``{call_id, consumer}``
+             -> ``{attached: bool}`` (True exactly once per (call, consumer)).
+``audit``    ``{call_id?, since?}`` -> decisions from the durable audit table; ``stats``.
+
+Errors are the typed :mod:`services.ttc.errors` (codes ``unknown_tool``, ``precondition_failed``,
+``too_large``, ``unknown_call``, ``aborted``, ``already_committed``, ...) or ``bad_request``.
+
+A pump task reaps workers (woken by their pidfds becoming readable), applies presumed abort and
+run deadlines (``Coordinator.step``) every ``STEP_INTERVAL_S``, and sweeps tagged orphans every
+``SWEEP_INTERVAL_S``.  At start-up the service takes the log's lock and recovers it
+(``Coordinator.recover(rereserve=False)``: the kernel's gate outlives this process, and a
+reservation whose holder died is returned by the kernel when its lease runs out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import os
+import time
+from typing import Any, Callable
+
+from clients.sync import Client
+from kernel import errors
+from kernel.config import runtime_dir
+from services.base import Context, Service
+from services.ttc import logic
+from services.ttc.runner import Coordinator, ManagerBusy
+
+log = logging.getLogger("reca.ttc")
+
+#: How often the pump reaps, expires and starts runs when no worker exit wakes it (seconds).
+STEP_INTERVAL_S = 0.25
+#: How often the pump sweeps the process table for tagged orphans (seconds).
+SWEEP_INTERVAL_S = 2.0
+#: Bound on waiting for a previous manager (still dying) to release the log's lock (seconds).
+LOCK_WAIT_S = 10.0
+#: Bound on one kernel round trip of the gate adapter (seconds).
+GATE_TIMEOUT_S = 5.0
+#: Default ``timeout`` of a prepared call (presumed abort after it) and bound on ``wait``.
+DEFAULT_PREPARE_TIMEOUT_S = 60.0
+DEFAULT_WAIT_S = 60.0
+MAX_WAIT_S = 3600.0
+
+OPS = ("prepare", "commit", "abort", "withdraw", "subscribe", "status", "result", "deliver", "attach",
+       "audit", "stats")
+
+
+class KernelGateAdapter:
+    """:class:`services.ttc.logic.Gate` backed by the kernel's counted-resource gate.
+
+    ``reserve`` holds ``amount`` of ``resource`` under ``job`` (``mmi.gate.reserve`` with
+    ``commit=False``) and remembers the reservation by call id; ``release`` gives that one back.
+    Invariant: ``held`` maps a call id to the kernel reservation this process took for it.  After a
+    restart the map is empty: reservations of the dead process are reclaimed by the kernel's lease
+    (presumed abort there too).  Used from one thread only (the blocking client's socket)."""
+
+    def __init__(self, client_factory: Callable[[], Client]) -> None:
+        self._client_factory = client_factory
+        self._client: Client | None = None
+        #: The job the next ``reserve`` is charged to (set by the service before ``prepare``).
+        self.job = "default"
+        self.held: dict[str, str] = {}
+        self.refusals = 0
+        self.release_failures = 0
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+    def reserve(self, resource: str, amount: float, call_id: str | None = None) -> bool:
+        try:
+            out = self.client.call("mmi.gate.reserve", {"job": self.job, "resource": resource, "amount": amount,
+                                                         "commit": False})
+        except (errors.Refused, errors.BudgetExceeded):
+            self.refusals += 1
+            return False
+        if call_id is not None:
+            self.held[call_id] = out["reservation"]
+        return True
+
+    def release(self, resource: str, amount: float, call_id: str | None = None) -> None:
+        rid = self.held.pop(call_id, None) if call_id is not None else None
+        if rid is None:
+            return  # taken by an earlier process: the kernel's lease returns it
+        try:
+            self.client.call("mmi.gate.release", {"reservation": rid})
+        except errors.RecaError as exc:  # the decision is durable already; the lease reclaims the units
+            self.release_failures += 1
+            log.warning("gate release of %s for call %s failed: %s", rid, call_id, exc)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def outcome_to_wire(out: logic.Outcome) -> dict:
+    wire: dict[str, Any] = {"call_id": out.call_id, "state": out.state, "attempts": out.attempts}
+    if out.reason is not None:
+        wire["reason"] = out.reason
+    if out.result is not None:
+        wire["result"] = out.result
+    return wire
+
+
+def _need(payload: dict, key: str, kind: type | tuple) -> Any:
+    value = payload.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise errors.BadRequest(f"ttc.{payload.get('op')}: '{key}' must be {getattr(kind, '__name__', kind)}, "
+                                f"got {value!r}")
+    return value
+
+
+def _wait_bound(payload: dict) -> float:
+    t = payload.get("timeout", DEFAULT_WAIT_S)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= MAX_WAIT_S:
+        raise errors.BadRequest(f"'timeout' must be a number of seconds in [0, {MAX_WAIT_S:g}], got {t!r}")
+    return float(t)
+
+
+class TtcService(Service):
+    name = "ttc"
+    capacity = 32
+
+    def __init__(self) -> None:
+        self.db_path: str | None = None
+        self.workdir: str | None = None
+        self.max_parallel = 2
+        self._endpoint: str | None = None
+        self._exec: concurrent.futures.ThreadPoolExecutor | None = None
+        self.coord: Coordinator | None = None
+        self.gate: KernelGateAdapter | None = None
+        self.recovery: logic.RecoveryReport | None = None
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._pump_task: asyncio.Task | None = None
+        self._kick: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None
+        self._watched: list[int] = []
+
+    # -- process shell ------------------------------------------------------------------------------
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--db", required=True, help="the durable transaction log (SQLite file)")
+        parser.add_argument("--workdir", help="request/result/checkpoint files (default DB.d)")
+        parser.add_argument("--max-parallel", type=int, default=2, help="heavy runs at once")
+
+    def configure(self, args: argparse.Namespace) -> None:
+        self.db_path = os.path.abspath(args.db)
+        self.workdir = args.workdir
+        if args.max_parallel < 1:
+            raise SystemExit("--max-parallel must be >= 1")
+        self.max_parallel = args.max_parallel
+        self._endpoint = args.endpoint or f"ipc://{runtime_dir()}/kernel.sock"
+
+    async def _call(self, fn: Callable, *args: Any, **kw: Any) -> Any:
+        """Run ``fn`` on the manager thread (every use of the coordinator goes through here)."""
+        assert self._exec is not None
+        return await asyncio.get_running_loop().run_in_executor(self._exec, lambda: fn(*args, **kw))
+
+    def _open_and_recover(self) -> logic.RecoveryReport:
+        assert self.db_path is not None
+        os.makedirs(os.path.dirname(self.db_path) or ".", exist_ok=True)
+        endpoint = self._endpoint
+        self.gate = KernelGateAdapter(lambda: Client(endpoint, timeout=GATE_TIMEOUT_S, retries=0))
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                self.coord = Coordinator(self.db_path, gate=self.gate, audit_sink=self._on_audit,
+                                         workdir=self.workdir, max_parallel=self.max_parallel)
+                break
+            except ManagerBusy:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)  # the previous manager is still exiting; its lock goes with it
+        return self.coord.recover(rereserve=False)
+
+    async def setup(self) -> None:
+        if self.db_path is None:
+            raise RuntimeError("TtcService needs --db")
+        self._exec = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ttc-manager")
+        self.recovery = await self._call(self._open_and_recover)
+        r = self.recovery
+        log.info("recovered %s: %d killed, %d aborted, %d retried, %d failed, %d ingested", self.db_path,
+                 len(r.kills), len(r.aborted), len(r.retried), len(r.failed), len(r.ingested))
+        self._kick = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._pump_task = asyncio.ensure_future(self._pump())
+
+    async def teardown(self) -> None:
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            try:
+                await self._pump_task
+            except asyncio.CancelledError:
+                pass
+        self._unwatch()
+        if self._exec is not None:
+            if self.coord is not None:
+                await self._call(self.coord.close)
+            if self.gate is not None:
+                await self._call(self.gate.close)
+            self._exec.shutdown(wait=True)
+
+    def _on_audit(self, event: dict) -> None:
+        self.counters["audit." + event["op"]] += 1
+        log.debug("audit %s", event)
+
+    # -- the pump -----------------------------------------------------------------------------------
+
+    def _unwatch(self) -> None:
+        loop = asyncio.get_event_loop()
+        for fd in self._watched:
+            loop.remove_reader(fd)
+        self._watched = []
+
+    def _watch(self) -> None:
+        """Wake the pump when one of our workers exits.  Invariant: readers are removed before any
+        step on the manager thread, which may reap (and close) a pidfd."""
+        assert self.coord is not None and self._kick is not None
+        loop = asyncio.get_running_loop()
+        for proc in self.coord.running().values():
+            loop.add_reader(proc.pidfd, self._kick.set)
+            self._watched.append(proc.pidfd)
+
+    async def _pump(self) -> None:
+        assert self.coord is not None and self._kick is not None
+        last_sweep = time.monotonic()
+        while True:
+            self._unwatch()
+            self._kick.clear()
+            try:
+                await self._call(self.coord.step)
+                if time.monotonic() - last_sweep >= SWEEP_INTERVAL_S:
+                    self.counters["orphans_killed"] += await self._call(self.coord.sweep_orphans)
+                    last_sweep = time.monotonic()
+            except Exception:  # keep serving; the next step retries (the log holds every decision)
+                log.exception("ttc pump step failed")
+            self._watch()
+            changed, self._changed = self._changed, asyncio.Event()
+            assert changed is not None
+            changed.set()
+            try:
+                await asyncio.wait_for(self._kick.wait(), STEP_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _wait_decided(self, ctx: Context, call_id: str, timeout: float, stream: bool) -> logic.Outcome:
+        """Wait (bounded) until the call is DONE/FAILED/ABORTED and its worker reaped; streams each
+        new state as a PARTIAL when ``stream``.  Returns the outcome as it stands at the bound."""
+        assert self.coord is not None
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            out = await self._call(self.coord.outcome, call_id)
+            if stream and out.state != last:
+                await ctx.partial(outcome_to_wire(out))
+                last = out.state
+            if out.state in logic.TERMINAL_STATES:
+                return out
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return out
+            changed = self._changed
+            assert changed is not None
+            try:
+                await asyncio.wait_for(changed.wait(), min(left, 1.0))
+            except asyncio.TimeoutError:
+                pass
+            await ctx.checkpoint()
+
+    # -- ops ----------------------------------------------------------------------------------------
+
+    async def handle(self, ctx: Context, payload: Any) -> Any:
+        if not isinstance(payload, dict) or payload.get("op") not in OPS:
+            op = payload.get("op") if isinstance(payload, dict) else None
+            raise errors.BadRequest(f"ttc takes a map with 'op' in {list(OPS)}, got op {op!r}")
+        op = payload["op"]
+        self.counters["op." + op] += 1
+        coord = self.coord
+        assert coord is not None
+        if op == "prepare":
+            job = ctx.job or "default"
+            idem = payload.get("idem")
+            if idem is not None and not isinstance(idem, str):
+                raise errors.BadRequest(f"'idem' must be a string, got {idem!r}")
+
+            def prepare() -> str:
+                assert self.gate is not None
+                self.gate.job = job
+                return coord.prepare(payload.get("tool"), payload.get("inputs"), payload.get("est_cost"),
+                                     payload.get("consumers", ()), payload.get("timeout", DEFAULT_PREPARE_TIMEOUT_S),
+                                     idem)
+
+            call_id = await self._call(prepare)
+            return outcome_to_wire(await self._call(coord.outcome, call_id))
+        if op == "commit":
+            call_id = _need(payload, "call_id", str)
+            idem = payload.get("idem")
+            if idem is not None and not isinstance(idem, str):
+                raise errors.BadRequest(f"'idem' must be a string, got {idem!r}")
+            wait = bool(payload.get("wait", False))
+            bound = _wait_bound(payload)
+            out = await self._call(coord.commit, call_id, idem)
+            if self._kick is not None:
+                self._kick.set()
+            if wait:
+                out = await self._wait_decided(ctx, call_id, bound, stream=True)
+            return outcome_to_wire(out)
+        if op == "abort":
+            call_id = _need(payload, "call_id", str)
+            reason = payload.get("reason", "requested")
+            if not isinstance(reason, str) or not reason or len(reason) > 200:
+                raise errors.BadRequest(f"'reason' must be a short string, got {reason!r}")
+            await self._call(coord.abort, call_id, reason)
+            return outcome_to_wire(await self._call(coord.outcome, call_id))
+        if op == "withdraw":
+            return {"aborted": await self._call(coord.withdraw, _need(payload, "consumer", str))}
+        if op == "subscribe":
+            await self._call(coord.subscribe, _need(payload, "call_id", str), _need(payload, "consumer", str))
+            return {"ok": True}
+        if op == "status":
+            return outcome_to_wire(await self._call(coord.outcome, _need(payload, "call_id", str)))
+        if op == "result":
+            call_id = _need(payload, "call_id", str)
+            if payload.get("wait"):
+                return outcome_to_wire(await self._wait_decided(ctx, call_id, _wait_bound(payload), stream=False))
+            return outcome_to_wire(await self._call(coord.outcome, call_id))
+        if op == "deliver":
+            deliveries = await self._call(coord.deliver, _need(payload, "consumer", str))
+            return {"deliveries": [{"call_id": d.call_id, "ok": d.ok, "value": d.value, "error": d.error,
+                                    "delivered_count": d.delivered_count} for d in deliveries]}
+        if op == "attach":
+            attached = await self._call(coord.attach, _need(payload, "call_id", str), _need(payload, "consumer", str))
+            return {"attached": attached}
+        if op == "audit":
+            call_id = payload.get("call_id")
+            since = payload.get("since", 0)
+            if call_id is not None and not isinstance(call_id, str) or isinstance(since, bool) \
+                    or not isinstance(since, int):
+                raise errors.BadRequest("audit takes an optional string 'call_id' and an integer 'since'")
+            rows = await self._call(coord.store.audit_log, call_id)
+            return {"events": [r for r in rows if r["seq"] > since]}
+        # stats
+        r = self.recovery or logic.RecoveryReport()
+        return {"pid": os.getpid(), "manager_id": coord.manager_id, "running": len(coord.running()),
+                "counters": dict(self.counters),
+                "recovery": {"kills": len(r.kills), "aborted": len(r.aborted), "retried": len(r.retried),
+                             "failed": len(r.failed), "ingested": len(r.ingested)},
+                "gate": {"held": len(self.gate.held) if self.gate else 0,
+                         "refusals": self.gate.refusals if self.gate else 0}}
