@@ -1,5 +1,6 @@
-"""Shared by the orchestrating services (ids, rois, lot): a client to the kernel's bus and the
-name of the decode service they drive.  They talk to the decode worker only through the kernel."""
+"""Shared by the services that call other services: a client to the kernel's bus
+(:class:`BusService`: igms, cswif) and, for ids, rois and lot, the decode service they drive
+(:class:`DecodeOrchestrator`).  Services reach each other only through the kernel."""
 
 from __future__ import annotations
 
@@ -11,22 +12,17 @@ from kernel.config import runtime_dir
 from services.base import Context, Service
 
 
-class DecodeOrchestrator(Service):
-    """A service that drives the ``decode`` worker through the kernel, charging the caller's job."""
+class BusService(Service):
+    """A service holding an :class:`AsyncClient` to the kernel (set up and closed with it)."""
 
-    #: Bound of one call to the decode worker, seconds.
+    #: Bound of one call through the bus, seconds.
     call_timeout = 30.0
 
     def __init__(self) -> None:
         self.client: AsyncClient | None = None
-        self.decode_service = "decode"
         self._endpoint = ""
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--decode-service", default=self.decode_service)
-
     def configure(self, args: argparse.Namespace) -> None:
-        self.decode_service = args.decode_service
         self._endpoint = args.endpoint or f"ipc://{runtime_dir()}/kernel.sock"
 
     async def setup(self) -> None:
@@ -35,6 +31,21 @@ class DecodeOrchestrator(Service):
     async def teardown(self) -> None:
         if self.client is not None:
             await self.client.close()
+
+
+class DecodeOrchestrator(BusService):
+    """A service that drives the ``decode`` worker through the kernel, charging the caller's job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decode_service = "decode"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--decode-service", default=self.decode_service)
+
+    def configure(self, args: argparse.Namespace) -> None:
+        super().configure(args)
+        self.decode_service = args.decode_service
 
     async def _decode(self, ctx: Context, payload: dict) -> Any:
         """One request to the decode worker, charged to ``ctx``'s job; never retried (decode ops

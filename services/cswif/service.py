@@ -7,10 +7,9 @@ import asyncio
 import time
 from typing import Any
 
-from clients.aio import AsyncClient
 from kernel import errors
-from kernel.config import runtime_dir
-from services.base import Context, Service
+from services.base import Context
+from services.common import BusService
 from services.cswif.logic import DEFAULT_THRESHOLD, decision_to_wire, ledger_to_wire, parse_escalation
 from sims.whatif import RichardsonSurrogate, WhatIfGate
 
@@ -20,7 +19,7 @@ ESCALATIONS = "escalations"
 CALL_TIMEOUT = 60.0
 
 
-class CSWIFService(Service):
+class CSWIFService(BusService):
     """Ops:
 
     * ``request`` (default): ``{"escalation": {run_id, case, params, blocks, cells, from_level,
@@ -34,13 +33,14 @@ class CSWIFService(Service):
     * ``ledger``: every decision, its outcome, and the accuracy so far.
     """
 
+    call_timeout = CALL_TIMEOUT
+
     name = "cswif"
     capacity = 2
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD) -> None:
+        super().__init__()
         self.gate = WhatIfGate(RichardsonSurrogate(), threshold)
-        self._endpoint: str | None = None
-        self.client: AsyncClient | None = None
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--threshold", type=float, default=self.gate.threshold,
@@ -49,15 +49,8 @@ class CSWIFService(Service):
                             help="dry-run cost bound, as a fraction of the escalation's cost")
 
     def configure(self, args: argparse.Namespace) -> None:
+        super().configure(args)
         self.gate = WhatIfGate(RichardsonSurrogate(max_cost_fraction=args.max_cost_fraction), args.threshold)
-        self._endpoint = args.endpoint or f"ipc://{runtime_dir()}/kernel.sock"
-
-    async def setup(self) -> None:
-        self.client = AsyncClient(self._endpoint, timeout=CALL_TIMEOUT, retries=0)
-
-    async def teardown(self) -> None:
-        if self.client is not None:
-            await self.client.close()
 
     async def handle(self, ctx: Context, payload: Any) -> Any:
         op = payload.get("op", "request") if isinstance(payload, dict) else None

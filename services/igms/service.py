@@ -3,16 +3,14 @@ coarsening and time-step changes from the run's invariant residuals (see :mod:`s
 
 from __future__ import annotations
 
-import argparse
 import collections
 from typing import Any
 
-from clients.aio import AsyncClient
 from clients.core import Reply
 from kernel import errors
 from kernel import protocol as P
-from kernel.config import runtime_dir
-from services.base import Context, Service
+from services.base import Context
+from services.common import BusService
 from services.igms.logic import PrefetchedGate, order_from_actions, parse_request, report_from_wire, wanted_refinements
 from sims.igms import IGMSController
 
@@ -20,7 +18,7 @@ from sims.igms import IGMSController
 CALL_TIMEOUT = 30.0
 
 
-class IGMSService(Service):
+class IGMSService(BusService):
     """Ops: ``run`` (default): the payload is a ``sim`` run request (case, params, blocks, cells,
     max_level, t_end, ...) plus controller settings (indicator, refine_tol, coarsen_tol,
     regrid_every, calm_steps, ...).  The run goes to ``sim`` in the caller's job, in lockstep: after
@@ -32,20 +30,11 @@ class IGMSService(Service):
     name = "igms"
     capacity = 4
 
+    call_timeout = CALL_TIMEOUT
+
     def __init__(self) -> None:
-        self._endpoint: str | None = None
-        self.client: AsyncClient | None = None
+        super().__init__()
         self.totals: collections.Counter[str] = collections.Counter()
-
-    def configure(self, args: argparse.Namespace) -> None:
-        self._endpoint = args.endpoint or f"ipc://{runtime_dir()}/kernel.sock"
-
-    async def setup(self) -> None:
-        self.client = AsyncClient(self._endpoint, timeout=CALL_TIMEOUT, retries=0)
-
-    async def teardown(self) -> None:
-        if self.client is not None:
-            await self.client.close()
 
     async def handle(self, ctx: Context, payload: Any) -> Any:
         op = payload.get("op", "run") if isinstance(payload, dict) else None
