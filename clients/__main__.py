@@ -152,12 +152,26 @@ def _demo(client: Client, out=print) -> None:
     out(f"   resumed results equal an uninterrupted run: {same}")
 
     configured = {ch["name"].split("#")[0] for ch in client.stats().get("children", [])}
-    for name in ("igms", "decode", "ids", "rois", "lot"):
+    for name in ("ttc", "igms", "decode", "ids", "rois", "lot"):
         if name in configured:
             client.wait_for_service(name, 90)  # the decode worker loads torch and its weights first
 
+    if client.call("mmi.service", "ttc") == "200":
+        out("\n== 5. transactional tool calls: prepare two SAT solves, the plan changes, only one runs ==")
+        client.open_job("plan", {"cpu_s": 60})
+        keep = client.call("ttc", {"op": "prepare", "tool": "sat", "inputs": {"n_vars": 120, "seed": 6},
+                                   "est_cost": 5, "consumers": ["step-a"]}, job="plan")
+        drop = client.call("ttc", {"op": "prepare", "tool": "sat", "inputs": {"n_vars": 120, "seed": 7},
+                                   "est_cost": 5, "consumers": ["step-b"]}, job="plan")
+        out(f"   prepared {keep['call_id']} and {drop['call_id']} (nothing runs yet; budget held "
+            f"{client.call('mmi.job.stats', {'job': 'plan'})['remaining']})")
+        aborted = client.call("ttc", {"op": "withdraw", "consumer": "step-b"})
+        done = client.call("ttc", {"op": "commit", "call_id": keep["call_id"], "wait": True}, timeout=60)
+        out(f"   plan dropped step-b: aborted {aborted['aborted']} before any heavy run; "
+            f"committed one ran: {done['state']}, satisfiable={done['result']['value']['sat']}")
+
     if client.call("mmi.service", "igms") == "200":
-        out("\n== 5. a simulation refined only where an invariant is breached (job 'dam': 5 refinements) ==")
+        out("\n== 6. a simulation refined only where an invariant is breached (job 'dam': 5 refinements) ==")
         client.open_job("dam", {"refinements": 5})
         run = client.call("igms", {"case": "radial_dam_break", "blocks": 4, "cells": 8, "t_end": 1.0,
                                    "refine_tol": 1e-3}, job="dam", timeout=120)
@@ -167,7 +181,7 @@ def _demo(client: Client, out=print) -> None:
             f"job spent {stats['spent']}")
 
     if client.call("mmi.service", "decode") == "200":
-        out("\n== 6. reasoning: decode, verify, repair only the broken span, force a thunk ==")
+        out("\n== 7. reasoning: decode, verify, repair only the broken span, force a thunk ==")
         from clients import demo_reasoning
 
         demo_reasoning.run(client, out=out)
