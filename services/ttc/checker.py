@@ -136,7 +136,9 @@ def check(db_path: str, *, now: float | None = None, workdir: str | None = None)
         for call_id, c in calls.items():
             state = c["state"]
             why = None
-            if state == "PREPARED" and c["prepare_deadline"] <= now:
+            # Presumed abort is applied by the service's sweep (every SWEEP_INTERVAL_S = 2 s), so a
+            # prepared call is stuck only once it is past its deadline by more than the grace.
+            if state == "PREPARED" and c["prepare_deadline"] + STUCK_GRACE_S <= now:
                 why = "prepared past its deadline"
             elif state == "RUNNING":
                 run = run_by_call.get(call_id)
