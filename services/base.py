@@ -360,11 +360,11 @@ class WorkerRuntime:
             loop.add_reader(fd, wake.set)
         window = self.heartbeat * self.liveness
         broker_expiry = time.monotonic() + window
-        stop_wait = asyncio.ensure_future(self._stopping.wait())
-        wake_wait: asyncio.Future | None = None
         try:
             while True:
                 wake.clear()
+                if self._stopping.is_set():
+                    return "stopping"
                 self.drain_control()
                 while True:
                     try:
@@ -394,23 +394,23 @@ class WorkerRuntime:
                 if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN or (
                         sub is not None and sub.getsockopt(zmq.EVENTS) & zmq.POLLIN):
                     continue
+                # Sleep until a descriptor signals, a send pokes, stop() is called, or the next
+                # heartbeat / liveness deadline (a timer sets the same event: no task per wait).
                 timeout = max(0.0, min(self._last_send + self.heartbeat, broker_expiry) - time.monotonic())
-                if wake_wait is None or wake_wait.done():
-                    wake_wait = asyncio.ensure_future(wake.wait())
-                done, _ = await asyncio.wait({wake_wait, stop_wait}, timeout=timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if stop_wait in done:
-                    return "stopping"
+                timer = loop.call_later(timeout, wake.set)
+                try:
+                    await wake.wait()
+                finally:
+                    timer.cancel()
         finally:
             for fd in readers:
                 loop.remove_reader(fd)
             self._wake = None
-            for fut in (stop_wait, wake_wait):
-                if fut is not None and not fut.done():
-                    fut.cancel()
 
     def stop(self) -> None:
         self._stopping.set()
+        if self._wake is not None:
+            self._wake.set()
 
 
 # -- process entry point --------------------------------------------------------------------------
