@@ -175,7 +175,7 @@ class FaultHarness:
         self.kernel = KernelProcess(self.services, heartbeat=0.2, liveness=3, intensity=100000, period=1.0,
                                     endpoint=self.endpoint)
         self.kernel_starts += 1
-        self.ctl = Client(self.kernel.endpoint, timeout=WAIT_S, retries=0)
+        self.ctl = Client(self.kernel.endpoint, timeout=WAIT_S + 15.0, retries=0)
         self.ctl.wait_for_service("ttc", WAIT_S)
         self.ctl.open_job(JOB, {"cpu_s": 1e9})
         self.client = ClientProc(self.kernel.endpoint)
