@@ -128,32 +128,16 @@ def bench_reca(n_sync: int, n_pipe: int, window: int) -> tuple[dict, dict]:
         procs.close()
 
 
-def bench_bare(n_sync: int, n_pipe: int, window: int) -> dict:
+def _bench_peer(name: str, frames: list[bytes], n_sync: int, n_pipe: int, window: int) -> dict:
+    """One peer broker (``bench._peers`` roles ``<name>-broker`` / ``<name>-worker``) measured
+    with a raw DEALER sending ``frames``."""
     procs = Procs()
-    ep = f"ipc://{procs.dir}/bare.sock"
+    ep = f"ipc://{procs.dir}/{name}.sock"
     try:
-        procs.start("-m", "bench._peers", "bare-broker", ep)
-        procs.start("-m", "bench._peers", "bare-worker", ep)
+        procs.start("-m", "bench._peers", f"{name}-broker", ep)
+        procs.start("-m", "bench._peers", f"{name}-worker", ep)
         ctx = zmq.Context()
         s = _dealer(ctx, ep)
-        _wait_ready(s, [BODY])
-        out = _measure(s, [BODY], n_sync, n_pipe, window)
-        s.close(0)
-        ctx.term()
-        return out
-    finally:
-        procs.close()
-
-
-def bench_majortomo(n_sync: int, n_pipe: int, window: int) -> dict:
-    procs = Procs()
-    ep = f"ipc://{procs.dir}/mt.sock"
-    try:
-        procs.start("-m", "bench._peers", "mt-broker", ep)
-        procs.start("-m", "bench._peers", "mt-worker", ep)
-        ctx = zmq.Context()
-        s = _dealer(ctx, ep)
-        frames = [b"", P.MDPC, P.MajortomoClientCmd.REQUEST.value, b"echo", BODY]
         _wait_ready(s, frames)
         out = _measure(s, frames, n_sync, n_pipe, window)
         s.close(0)
@@ -161,6 +145,14 @@ def bench_majortomo(n_sync: int, n_pipe: int, window: int) -> dict:
         return out
     finally:
         procs.close()
+
+
+def bench_bare(n_sync: int, n_pipe: int, window: int) -> dict:
+    return _bench_peer("bare", [BODY], n_sync, n_pipe, window)
+
+
+def bench_majortomo(n_sync: int, n_pipe: int, window: int) -> dict:
+    return _bench_peer("mt", [b"", P.MDPC, P.MajortomoClientCmd.REQUEST.value, b"echo", BODY], n_sync, n_pipe, window)
 
 
 def bench_ray(n_sync: int, n_pipe: int, window: int) -> dict | None:
