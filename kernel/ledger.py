@@ -23,7 +23,8 @@ Budget model (docs/budgets.md):
 * Gates: ``reserve`` takes units of a counted resource atomically (granted or refused, never
   over-granted: the kernel is single-threaded and the ledger holds the count), ``commit`` turns a
   reservation into spending, ``release`` gives it back.  Reservations not committed within their
-  lease expire (presumed abort).
+  lease expire (presumed abort); a holder that needs longer renews its reservations (``renew``), so
+  a live holder never loses units while a dead one's units come back within one lease.
 """
 
 from __future__ import annotations
@@ -50,9 +51,17 @@ MEASURED = ("wall_ms", "cpu_ms")
 #: Kinds whose exhaustion stops the job.  Any other kind is a counted resource: running out of
 #: it only makes further reservations of it refused.
 COMPUTE = ("wall_ms", "cpu_ms", "tokens", "flops")
-#: How long a gate reservation lives without commit or release, seconds.
+#: How long a gate reservation lives without commit, release or renewal, seconds (the default).
 RESERVATION_LEASE = 30.0
+#: Bounds on one ``mmi.audit`` call: events per call, length of the source name.
+MAX_AUDIT_EVENTS, MAX_AUDIT_SOURCE = 512, 64
+#: Bounds on a lease a holder asks for, seconds.
+MIN_LEASE, MAX_LEASE = 0.1, 3600.0
 INF = math.inf
+
+
+def _valid_lease(lease: Any) -> bool:
+    return isinstance(lease, (int, float)) and not isinstance(lease, bool) and MIN_LEASE <= lease <= MAX_LEASE
 
 
 @dataclasses.dataclass
@@ -285,6 +294,9 @@ class Ledger:
             return {"ok": False, "code": exc.code, "message": exc.message}
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 < amount < 1e15:
             return {"ok": False, "code": "bad_request", "message": "amount must be a positive number"}
+        if not _valid_lease(lease):
+            return {"ok": False, "code": "bad_request",
+                    "message": f"lease must be a number of seconds in [{MIN_LEASE:g}, {MAX_LEASE:g}]"}
         why = self.blocked_by(j)
         if why:
             return {"ok": False, "code": "budget_exceeded", "message": why}
@@ -319,6 +331,25 @@ class Ledger:
         job, resource, amount, _ = entry
         self._unreserve(job, resource, amount)
         return {"ok": True, "released": amount}
+
+    def renew(self, now: float, reservations: list, lease: float = RESERVATION_LEASE) -> dict:
+        """Extend held reservations to ``now + lease``.  Ids that are not held (expired, spent,
+        released, or from before a kernel restart) are returned as ``unknown``: their holder must
+        treat the units as lost."""
+        if not isinstance(reservations, list) or not all(isinstance(r, str) for r in reservations):
+            return {"ok": False, "code": "bad_request", "message": "reservations must be a list of ids"}
+        if not _valid_lease(lease):
+            return {"ok": False, "code": "bad_request",
+                    "message": f"lease must be a number of seconds in [{MIN_LEASE:g}, {MAX_LEASE:g}]"}
+        renewed, unknown = [], []
+        for rid in reservations:
+            entry = self._reservations.get(rid)
+            if entry is None or entry[3] <= now:
+                unknown.append(rid)
+                continue
+            self._reservations[rid] = (*entry[:3], now + lease)
+            renewed.append(rid)
+        return {"ok": True, "renewed": renewed, "unknown": unknown}
 
     def expire(self, now: float) -> dict:
         """Release reservations whose lease ran out (presumed abort)."""
@@ -737,8 +768,9 @@ class BudgetAdmission(Admission):
                 job = arg.get("job")
                 return snap.get(job, errors.Refused(f"unknown job {job!r}")) if job else snap
             elif name == "mmi.gate.reserve":
+                lease = {"lease": arg["lease_s"]} if "lease_s" in arg else {}
                 out = self._do("reserve", now, job=arg.get("job", DEFAULT_JOB), resource=arg.get("resource"),
-                               amount=arg.get("amount", 1), commit=bool(arg.get("commit", False)))
+                               amount=arg.get("amount", 1), commit=bool(arg.get("commit", False)), **lease)
                 for jname in out.get("exhausted", []):
                     self._exhaust(router, jname, now)
             elif name == "mmi.gate.commit":
@@ -747,6 +779,11 @@ class BudgetAdmission(Admission):
                     self._exhaust(router, jname, now)
             elif name == "mmi.gate.release":
                 out = self._do("release", now, reservation=arg.get("reservation"))
+            elif name == "mmi.gate.renew":
+                out = self._do("renew", now, reservations=arg.get("reservations"),
+                               lease=arg.get("lease_s", RESERVATION_LEASE))
+            elif name == "mmi.audit":
+                return self._audit(arg, now)
             elif name in ("mmi.preempt", "mmi.resume", "mmi.cancel"):
                 op = name.split(".", 1)[1]
                 target = {k: arg[k] for k in ("job", "id") if k in arg}
@@ -777,6 +814,23 @@ class BudgetAdmission(Admission):
         if not out.get("ok") and "code" in out:
             return errors.from_wire({"code": out["code"], "message": out.get("message", "")})
         return out
+
+    def _audit(self, arg: dict, now: float) -> Any:
+        """``mmi.audit {source, events}``: a service appends its own decisions (maps) to the
+        kernel's decision log, so one log holds every decision of the runtime.  Replay lists them
+        (they are the service's decisions, not the ledger's)."""
+        source, events = arg.get("source"), arg.get("events")
+        if not isinstance(source, str) or not 0 < len(source) <= MAX_AUDIT_SOURCE \
+                or not isinstance(events, list) or not 0 < len(events) <= MAX_AUDIT_EVENTS \
+                or not all(isinstance(e, dict) for e in events):
+            return errors.BadRequest(f"mmi.audit needs a 'source' name (1..{MAX_AUDIT_SOURCE} chars) and "
+                                     f"'events', a list of 1..{MAX_AUDIT_EVENTS} maps")
+        if self.log is None:
+            return {"ok": True, "logged": 0}
+        for event in events:
+            self.log.append("audit", now, {"source": source, "event": event}, {"ok": True})
+        self.log.flush()  # the caller advances its high-water mark on this answer
+        return {"ok": True, "logged": len(events)}
 
     def _proc(self, name: str, arg: dict, now: float) -> Any:
         sup = self.supervisor

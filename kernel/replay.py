@@ -3,7 +3,7 @@
 Each session in the log (a ``session`` line starts one: the kernel restarted) is replayed on a
 fresh :class:`kernel.ledger.Ledger`.  Every ledger operation is called again with its recorded
 time and inputs and its outputs compared with the recorded ones.  Operations the ledger does not
-own (preempt, resume, cancel, process controls) are listed, not re-run.  Exit status 0 when every
+own (preempt, resume, cancel, process controls, services' ``audit`` records) are listed, not re-run.  Exit status 0 when every
 decision reproduces, 1 on any divergence, 2 when the log cannot be read.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from kernel.ledger import Ledger
 
 LEDGER_OPS = {"open", "close", "admit", "start", "finish", "charge", "tick", "reserve", "commit",
-              "release", "expire"}
+              "release", "renew", "expire"}
 
 
 @dataclass

@@ -84,6 +84,36 @@ def test_reservation_commit_release_and_lease_expiry():
     assert not L.reserve(5.4, "g", "escalations")["ok"]
 
 
+def test_renewal_keeps_a_live_holders_units_and_a_dead_holders_units_come_back():
+    L = Ledger()
+    L.open(0.0, "g", limits={"cpu_s": 10})
+    live = L.reserve(0.0, "g", "cpu_s", 4, lease=3.0)["reservation"]
+    dead = L.reserve(0.0, "g", "cpu_s", 4, lease=3.0)["reservation"]
+    for t in (2.0, 4.0, 6.0, 8.0):  # the live holder renews every two seconds, the dead one never
+        out = L.renew(t, [live], lease=3.0)
+        assert out == {"ok": True, "renewed": [live], "unknown": []}
+        L.expire(t + 0.5)
+    assert L.reserve(9.0, "g", "cpu_s", 6)["ok"]  # the dead holder's 4 came back, the live 4 did not
+    assert not L.reserve(9.0, "g", "cpu_s", 1)["ok"]
+    assert L.renew(9.5, [dead, live], lease=3.0) == {"ok": True, "renewed": [live], "unknown": [dead]}
+    assert L.release(9.6, live)["released"] == 4
+    assert L.renew(9.7, [live])["unknown"] == [live]  # released: not renewable
+    L2 = Ledger()
+    L2.open(0.0, "g", limits={"u": 1})
+    r = L2.reserve(0.0, "g", "u", lease=1.0)["reservation"]
+    assert L2.renew(1.0, [r])["unknown"] == [r]  # lapsed at 1.0 even though expire did not run yet
+
+
+def test_lease_bounds_and_malformed_renewals_are_refused():
+    L = Ledger()
+    L.open(0.0, "g")
+    for lease in (0.0, -1, float("nan"), 1e9, True, "30"):
+        assert L.reserve(0.0, "g", "u", lease=lease)["code"] == "bad_request"
+        assert L.renew(0.0, [], lease=lease)["code"] == "bad_request"
+    assert L.renew(0.0, "r1")["code"] == "bad_request"
+    assert L.renew(0.0, [1, 2])["code"] == "bad_request"
+
+
 @settings(max_examples=200, deadline=None)
 @given(cap=st.integers(0, 20), ops=st.lists(st.tuples(st.sampled_from(["reserve", "commit", "release", "take"]),
                                                        st.integers(1, 3)), max_size=60))
@@ -137,13 +167,16 @@ def test_replay_reproduces_every_decision_and_reports_divergence(tmp_path):
     do("admit", 0.01, job="a", budget={"tokens": 80})
     do("start", 0.01, job="a")
     do("charge", 0.02, job="a", spent={"tokens": 30})
-    do("reserve", 0.03, job="a", resource="x", amount=1)
+    do("reserve", 0.03, job="a", resource="x", amount=1, lease=0.5)
     do("tick", 0.2)
     do("admit", 0.21, job="a", budget=None)
+    do("renew", 0.3, reservations=["r1", "r9"], lease=0.5)
+    do("expire", 0.9)
+    log.append("audit", 0.95, {"source": "ttc:x", "event": {"seq": 1, "op": "prepare"}}, {"ok": True})
     log.close()
     lines = path.read_text().splitlines()
     report = replay_lines(lines)
-    assert report.replayed == 7 and not report.divergences
+    assert report.replayed == 9 and report.observed == 1 and not report.divergences
     # Tamper with one recorded decision: replay must notice.
     rec = json.loads(lines[2])
     rec["out"]["granted"]["tokens"] = 80

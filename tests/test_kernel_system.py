@@ -7,6 +7,7 @@ hard preemption and replay of the decision log through the running kernel.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -209,6 +210,27 @@ def test_gate_via_kernel_and_malformed_budget(kern, client):
         client.call("echo", 1, budget={"tokens": "lots"})
     with pytest.raises(errors.Refused):
         client.call("echo", 1, job="never-opened")
+    held = client.call("mmi.gate.reserve", {"job": "g", "resource": "slots", "lease_s": 60})["reservation"]
+    assert client.call("mmi.gate.renew", {"reservations": [held, "r-none"], "lease_s": 60}) == \
+        {"ok": True, "renewed": [held], "unknown": ["r-none"]}
+    for bad in ({"reservations": "r1"}, {"reservations": [held], "lease_s": 0}, {"reservations": [held], "lease_s": "x"}):
+        with pytest.raises(errors.BadRequest):
+            client.call("mmi.gate.renew", bad)
+    with pytest.raises(errors.BadRequest):
+        client.call("mmi.gate.reserve", {"job": "g", "resource": "slots", "lease_s": 10**6})
+
+
+def test_services_append_audit_records_to_the_decision_log(kern, client):
+    events = [{"seq": i, "op": "decided", "call_id": f"c{i}"} for i in range(3)]
+    assert client.call("mmi.audit", {"source": "svc:test", "events": events}) == {"ok": True, "logged": 3}
+    for bad in ({}, {"source": "", "events": events}, {"source": "s", "events": []}, {"source": "s", "events": [1]},
+                {"source": "s" * 65, "events": events}, {"source": "s", "events": [{}] * 513}):
+        with pytest.raises(errors.BadRequest):
+            client.call("mmi.audit", bad)
+    with open(kern.decision_log, encoding="utf-8") as fh:
+        logged = [json.loads(line) for line in fh if '"audit"' in line]
+    got = [r["in"]["event"] for r in logged if r["op"] == "audit" and r["in"]["source"] == "svc:test"]
+    assert got == events
 
 
 def test_hard_preemption_sigstop_sigcont(kern, client):

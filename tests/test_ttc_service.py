@@ -4,9 +4,11 @@ retried after the service is SIGKILLed (the supervisor restarts it with a new PI
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import time
 
 import psutil
 import pytest
@@ -25,13 +27,17 @@ pytestmark = pytest.mark.system
 WAIT_S = 30.0
 #: A diffusion run of about a second on this machine: long enough to be caught RUNNING.
 LONG_RUN = {"n": 64, "steps": 30000, "checkpoint_every": 2000}
+#: Lease of the service's kernel reservations in these tests (renewed every third of it).
+GATE_LEASE_S = 1.5
 
 
 @pytest.fixture(scope="module")
 def kern():
     d = short_tmpdir("ttc-db-")
     db = os.path.join(d, "ttc.db")
-    k = KernelProcess(service_block("ttc", "services.ttc", args=["--db", db]), heartbeat=0.2, liveness=3)
+    # A short gate lease: every test also exercises the renewal of held reservations.
+    k = KernelProcess(service_block("ttc", "services.ttc", args=["--db", db, "--gate-lease", str(GATE_LEASE_S)]),
+                      heartbeat=0.2, liveness=3)
     k.db = db
     try:
         yield k
@@ -239,3 +245,34 @@ def test_commit_retried_with_its_key_after_sigkill_never_runs_the_tool_twice(cli
     counts = checker.check(kern.db)
     assert counts.as_dict() == {"orphaned_runs": 0, "lost_results": 0, "double_attached": 0, "stuck_calls": 0}, \
         counts.details
+
+
+def test_a_prepared_call_keeps_its_budget_past_the_kernels_lease(client):
+    client.open_job("lease", {"cpu_s": 10})
+    prep = client.call("ttc", {"op": "prepare", "tool": "sat", "inputs": {"n_vars": 50, "seed": 2},
+                               "est_cost": 3, "consumers": ["c"], "timeout": 30}, job="lease")
+    time.sleep(3 * GATE_LEASE_S)  # three leases: held only because the service renews it
+    assert remaining_cpu(client, "lease") == 7
+    assert ttc(client, "stats")["gate"]["leases_lost"] == 0
+    ttc(client, "abort", call_id=prep["call_id"])
+    assert remaining_cpu(client, "lease") == 10
+
+
+def test_every_decision_reaches_the_kernels_decision_log(client, kern):
+    """Also after the SIGKILLs above: the forwarder resumes from its durable mark."""
+    events = ttc(client, "audit")["events"]
+    last = events[-1]["seq"]
+    deadline = time.monotonic() + WAIT_S
+    while ttc(client, "stats")["audit_forwarded_seq"] < last:
+        assert time.monotonic() < deadline, "audit records not forwarded"
+        time.sleep(0.05)
+    client.stats()  # flushes the kernel's log
+    forwarded: dict[int, dict] = {}
+    with open(kern.decision_log, encoding="utf-8") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if rec["op"] == "audit" and rec["in"]["source"].startswith("ttc:"):
+                forwarded.setdefault(rec["in"]["event"]["seq"], rec["in"]["event"])
+    assert all(forwarded.get(e["seq"]) == e for e in events), \
+        [e["seq"] for e in events if forwarded.get(e["seq"]) != e][:10]
+    assert {e["op"] for e in events} >= {"recover", "prepare", "commit", "run_claimed", "finish", "attached"}

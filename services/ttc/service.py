@@ -28,7 +28,16 @@ A pump task reaps workers (woken by their pidfds becoming readable), applies pre
 run deadlines (``Coordinator.step``) every ``STEP_INTERVAL_S``, and sweeps tagged orphans every
 ``SWEEP_INTERVAL_S``.  At start-up the service takes the log's lock and recovers it
 (``Coordinator.recover(rereserve=False)``: the kernel's gate outlives this process, and a
-reservation whose holder died is returned by the kernel when its lease runs out).
+reservation whose holder died is returned by the kernel when its lease runs out).  The pump also
+renews this process's reservations every third of a lease (``mmi.gate.renew``), so a call that
+lives longer than one lease keeps its budget while a dead manager's units return within one lease.
+
+Every decision is written to the log's ``audit`` table in the transaction that makes it, then
+forwarded to the kernel's decision log (``mmi.audit``, source ``ttc:<store_id>``) by a forwarder
+task that keeps a durable high-water mark (``meta.audit_forwarded``): at least once, in order,
+each record carrying its ``seq`` so a reader can drop the duplicates a crash between the kernel's
+answer and the mark's write can leave.  The kernel's log lags the SQLite log by at most one
+forwarding round while the kernel is up; while it is down the records wait in SQLite.
 """
 
 from __future__ import annotations
@@ -57,8 +66,13 @@ STEP_INTERVAL_S = 0.25
 SWEEP_INTERVAL_S = 2.0
 #: Bound on waiting for a previous manager (still dying) to release the log's lock (seconds).
 LOCK_WAIT_S = 10.0
-#: Bound on one kernel round trip of the gate adapter (seconds).
+#: Bound on one kernel round trip of the gate adapter and the audit forwarder (seconds).
 GATE_TIMEOUT_S = 5.0
+#: Default lease of this service's kernel reservations (renewed every third of it), seconds.
+GATE_LEASE_S = 30.0
+#: Audit records per ``mmi.audit`` call; pause of the forwarder after a failed call (seconds).
+AUDIT_BATCH = 256
+AUDIT_RETRY_S = 1.0
 #: Default ``timeout`` of a prepared call (presumed abort after it) and bound on ``wait``.
 DEFAULT_PREPARE_TIMEOUT_S = 60.0
 DEFAULT_WAIT_S = 60.0
@@ -82,9 +96,13 @@ class KernelGateAdapter:
         self._client: Client | None = None
         #: The job the next ``reserve`` is charged to (set by the service before ``prepare``).
         self.job = "default"
+        self.lease_s = GATE_LEASE_S
         self.held: dict[str, str] = {}
         self.refusals = 0
         self.release_failures = 0
+        #: Reservations the kernel no longer held at a renewal (it restarted, or a renewal came
+        #: later than the lease): their units are no longer counted against the job.
+        self.leases_lost = 0
 
     @property
     def client(self) -> Client:
@@ -95,7 +113,7 @@ class KernelGateAdapter:
     def reserve(self, resource: str, amount: float, call_id: str | None = None) -> bool:
         try:
             out = self.client.call("mmi.gate.reserve", {"job": self.job, "resource": resource, "amount": amount,
-                                                         "commit": False})
+                                                         "commit": False, "lease_s": self.lease_s})
         except (errors.Refused, errors.BudgetExceeded):
             self.refusals += 1
             return False
@@ -112,6 +130,24 @@ class KernelGateAdapter:
         except errors.RecaError as exc:  # the decision is durable already; the lease reclaims the units
             self.release_failures += 1
             log.warning("gate release of %s for call %s failed: %s", rid, call_id, exc)
+
+    def renew(self) -> int:
+        """Extend every held reservation by one lease; forget those the kernel no longer holds.
+        Returns how many were renewed."""
+        if not self.held:
+            return 0
+        try:
+            out = self.client.call("mmi.gate.renew", {"reservations": list(self.held.values()),
+                                                       "lease_s": self.lease_s})
+        except errors.RecaError as exc:  # the next renewal retries; the lease is three times longer
+            log.warning("gate renewal failed: %s", exc)
+            return 0
+        unknown = set(out.get("unknown", ()))
+        if unknown:
+            self.leases_lost += len(unknown)
+            log.warning("the kernel no longer holds %d reservation(s) of this service", len(unknown))
+            self.held = {c: r for c, r in self.held.items() if r not in unknown}
+        return len(out.get("renewed", ()))
 
     def close(self) -> None:
         if self._client is not None:
@@ -161,6 +197,10 @@ class TtcService(Service):
         self._kick: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
         self._watched: list[int] = []
+        self.gate_lease_s = GATE_LEASE_S
+        self._audit_task: asyncio.Task | None = None
+        self._audit_kick: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- process shell ------------------------------------------------------------------------------
 
@@ -168,6 +208,8 @@ class TtcService(Service):
         parser.add_argument("--db", required=True, help="the durable transaction log (SQLite file)")
         parser.add_argument("--workdir", help="request/result/checkpoint files (default DB.d)")
         parser.add_argument("--max-parallel", type=int, default=2, help="heavy runs at once")
+        parser.add_argument("--gate-lease", type=float, default=GATE_LEASE_S,
+                            help="lease of kernel reservations in seconds (renewed every third)")
 
     def configure(self, args: argparse.Namespace) -> None:
         self.db_path = os.path.abspath(args.db)
@@ -175,6 +217,9 @@ class TtcService(Service):
         if args.max_parallel < 1:
             raise SystemExit("--max-parallel must be >= 1")
         self.max_parallel = args.max_parallel
+        if not 0.3 <= args.gate_lease <= 3600:
+            raise SystemExit("--gate-lease must lie in [0.3, 3600] seconds")
+        self.gate_lease_s = args.gate_lease
         self._endpoint = args.endpoint or f"ipc://{runtime_dir()}/kernel.sock"
 
     async def _call(self, fn: Callable, *args: Any, **kw: Any) -> Any:
@@ -187,6 +232,7 @@ class TtcService(Service):
         os.makedirs(os.path.dirname(self.db_path) or ".", exist_ok=True)
         endpoint = self._endpoint
         self.gate = KernelGateAdapter(lambda: Client(endpoint, timeout=GATE_TIMEOUT_S, retries=0))
+        self.gate.lease_s = self.gate_lease_s
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
@@ -209,15 +255,20 @@ class TtcService(Service):
                  len(r.kills), len(r.aborted), len(r.retried), len(r.failed), len(r.ingested))
         self._kick = asyncio.Event()
         self._changed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._audit_kick = asyncio.Event()
+        self._audit_kick.set()  # forward what earlier managers left unforwarded
         self._pump_task = asyncio.ensure_future(self._pump())
+        self._audit_task = asyncio.ensure_future(self._forward_audit())
 
     async def teardown(self) -> None:
-        if self._pump_task is not None:
-            self._pump_task.cancel()
-            try:
-                await self._pump_task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._pump_task, self._audit_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         self._unwatch()
         if self._exec is not None:
             if self.coord is not None:
@@ -227,8 +278,38 @@ class TtcService(Service):
             self._exec.shutdown(wait=True)
 
     def _on_audit(self, event: dict) -> None:
+        """Called on the manager thread after each decision commits: wake the forwarder."""
         self.counters["audit." + event["op"]] += 1
-        log.debug("audit %s", event)
+        if self._loop is not None and self._audit_kick is not None:
+            self._loop.call_soon_threadsafe(self._audit_kick.set)
+
+    async def _forward_audit(self) -> None:
+        """Copy the durable audit table into the kernel's decision log, in order, at least once."""
+        from clients.aio import AsyncClient
+
+        assert self.coord is not None and self._audit_kick is not None
+        store = self.coord.store
+        source = f"ttc:{store.store_id}"
+        client = AsyncClient(self._endpoint or "", timeout=GATE_TIMEOUT_S, retries=0)
+        try:
+            while True:
+                await self._audit_kick.wait()
+                self._audit_kick.clear()
+                while True:
+                    rows = await self._call(store.unforwarded, AUDIT_BATCH)
+                    if not rows:
+                        break
+                    try:
+                        await client.call("mmi.audit", {"source": source, "events": rows})
+                    except errors.RecaError as exc:
+                        self.counters["audit_forward_failures"] += 1
+                        log.debug("audit forwarding failed (retrying): %s", exc)
+                        await asyncio.sleep(AUDIT_RETRY_S)
+                        continue
+                    await self._call(store.mark_forwarded, rows[-1]["seq"])
+                    self.counters["audit_forwarded"] += len(rows)
+        finally:
+            await client.close()
 
     # -- the pump -----------------------------------------------------------------------------------
 
@@ -249,7 +330,8 @@ class TtcService(Service):
 
     async def _pump(self) -> None:
         assert self.coord is not None and self._kick is not None
-        last_sweep = time.monotonic()
+        assert self.gate is not None
+        last_sweep = last_renew = time.monotonic()
         while True:
             self._unwatch()
             self._kick.clear()
@@ -258,6 +340,9 @@ class TtcService(Service):
                 if time.monotonic() - last_sweep >= SWEEP_INTERVAL_S:
                     self.counters["orphans_killed"] += await self._call(self.coord.sweep_orphans)
                     last_sweep = time.monotonic()
+                if time.monotonic() - last_renew >= self.gate.lease_s / 3:
+                    await self._call(self.gate.renew)
+                    last_renew = time.monotonic()
             except Exception:  # keep serving; the next step retries (the log holds every decision)
                 log.exception("ttc pump step failed")
             self._watch()
@@ -372,4 +457,6 @@ class TtcService(Service):
                 "recovery": {"kills": len(r.kills), "aborted": len(r.aborted), "retried": len(r.retried),
                              "failed": len(r.failed), "ingested": len(r.ingested)},
                 "gate": {"held": len(self.gate.held) if self.gate else 0,
-                         "refusals": self.gate.refusals if self.gate else 0}}
+                         "refusals": self.gate.refusals if self.gate else 0,
+                         "leases_lost": self.gate.leases_lost if self.gate else 0},
+                "audit_forwarded_seq": await self._call(coord.store.forwarded)}

@@ -7,7 +7,8 @@ loss as well as a process crash (WAL with NORMAL survives process crashes only).
 
 Tables (all times are wall-clock epoch seconds, because deadlines outlive processes):
 
-``meta``       key/value; ``store_id`` is a random id fixed at creation, used to tag heavy runs.
+``meta``       key/value; ``store_id`` is a random id fixed at creation, used to tag heavy runs;
+               ``audit_forwarded`` the last audit ``seq`` the kernel's decision log acknowledged.
 ``calls``      one row per call: tool, canonical inputs, state, reason, deadlines, attempts.
 ``consumers``  (call, consumer) -> active flag; a call with no active consumer is never run.
 ``runs``       one row per attempt: owning manager, tag, pid, pgid, /proc start-time token, end.
@@ -177,11 +178,27 @@ class Store:
             rows = self.all("SELECT * FROM audit ORDER BY seq")
         else:
             rows = self.all("SELECT * FROM audit WHERE call_id=? ORDER BY seq", (call_id,))
-        return [
-            {"seq": r["seq"], "t": r["t"], "op": r["op"], "call_id": r["call_id"],
-             "inputs": json.loads(r["inputs"]), "outputs": json.loads(r["outputs"])}
-            for r in rows
-        ]
+        return [_audit_row(r) for r in rows]
+
+    def unforwarded(self, limit: int) -> list[dict]:
+        """Up to ``limit`` decisions after the ``audit_forwarded`` mark, in order."""
+        return [_audit_row(r) for r in self.all("SELECT * FROM audit WHERE seq>? ORDER BY seq LIMIT ?",
+                                                 (self.forwarded(), limit))]
+
+    def forwarded(self) -> int:
+        row = self.one("SELECT value FROM meta WHERE key='audit_forwarded'")
+        return int(row["value"]) if row is not None else 0
+
+    def mark_forwarded(self, seq: int) -> None:
+        """Advance the ``audit_forwarded`` mark (never backwards)."""
+        with self.tx():
+            if seq > self.forwarded():
+                self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('audit_forwarded', ?)", (str(seq),))
 
     def close(self) -> None:
         self.conn.close()
+
+
+def _audit_row(r: sqlite3.Row) -> dict:
+    return {"seq": r["seq"], "t": r["t"], "op": r["op"], "call_id": r["call_id"],
+            "inputs": json.loads(r["inputs"]), "outputs": json.loads(r["outputs"])}
