@@ -88,9 +88,9 @@ async def _preempt_trials(endpoint: str, n_preempts: int, seed: int) -> tuple[li
 def kernel_preempt_latency(n_preempts: int) -> dict:
     """Preempt-to-paused latency at a token boundary through a real kernel and decode worker."""
     from clients import Client
-    from tests.support import KernelProcess, service_block
+    from clients.launch import LocalKernel, kernel_config, service_block
 
-    kern = KernelProcess(service_block("decode", "services.decode"), heartbeat=0.5, liveness=5)
+    kern = LocalKernel(kernel_config(service_block("decode", "services.decode"), heartbeat=0.5, liveness=5))
     try:
         with Client(kern.endpoint, timeout=10, retries=0) as c:
             c.wait_for_service("decode", 60)

@@ -151,7 +151,7 @@ class FaultHarness:
     """One log, one kernel at a time (restarted when killed), one client process at a time."""
 
     def __init__(self, workdir: str) -> None:
-        from tests.support import service_block
+        from clients.launch import service_block
 
         self.workdir = workdir
         self.db = os.path.join(workdir, "ttc.db")
@@ -170,10 +170,10 @@ class FaultHarness:
 
     def _start_kernel(self) -> None:
         from clients import Client
-        from tests.support import KernelProcess
+        from clients.launch import LocalKernel, kernel_config
 
-        self.kernel = KernelProcess(self.services, heartbeat=0.2, liveness=3, intensity=100000, period=1.0,
-                                    endpoint=self.endpoint)
+        self.kernel = LocalKernel(kernel_config(self.services, heartbeat=0.2, liveness=3, intensity=100000,
+                                                period=1.0, endpoint=self.endpoint))
         self.kernel_starts += 1
         self.ctl = Client(self.kernel.endpoint, timeout=WAIT_S + 15.0, retries=0)
         self.ctl.wait_for_service("ttc", WAIT_S)

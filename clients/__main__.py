@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -190,38 +188,46 @@ def _demo(client: Client, out=print) -> None:
     out(render_status(client.stats()))
 
 
+def _replay_summary(path: str) -> None:
+    """Re-run the ledger on the demo kernel's decision log (what ``python -m kernel replay`` does)."""
+    from kernel.replay import replay_lines
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            report = replay_lines(fh)
+    except OSError as exc:
+        print(f"no decision log to replay: {exc}")
+        return
+    print(f"decision log {path}: {report.replayed} ledger decisions replayed, {len(report.divergences)} "
+          f"divergences; {report.observed} other records (preemptions, services' audit records)\n"
+          f"   (python -m kernel replay {path})")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from clients.launch import KernelStartError, LocalKernel
+
     kernel = None
     endpoint = args.endpoint
+    started = threading.Event()  # once set, the kernel's output is kept (kernel.lines), not printed
     if endpoint is None:
         rundir = tempfile.mkdtemp(prefix="reca-demo-", dir="/tmp")
-        env = dict(os.environ, RECA_RUNTIME_DIR=rundir)
         print(f"starting python -m kernel (runtime {rundir}) ...", flush=True)
-        kernel = subprocess.Popen([sys.executable, "-m", "kernel"], env=env, stdout=subprocess.PIPE, text=True)
-        assert kernel.stdout is not None
-        deadline = time.monotonic() + 60
-        for line in kernel.stdout:
-            print("   kernel:", line.rstrip(), flush=True)
-            if line.startswith("reca kernel endpoint "):
-                endpoint = line.split()[-1]
-            if line.startswith("reca kernel ready") or time.monotonic() > deadline:
-                break
-        if endpoint is None or kernel.poll() is not None:
-            print("the kernel did not start; see its output above", file=sys.stderr)
-            kernel.kill()
+        try:
+            kernel = LocalKernel(None, runtime_dir=rundir, log_level=None, start_timeout=60,
+                                 echo=lambda line: None if started.is_set() else print("   kernel:", line, flush=True))
+        except KernelStartError as exc:
+            print(f"the kernel did not start: {exc}", file=sys.stderr)
             return 1
-        threading.Thread(target=lambda: [None for _ in kernel.stdout], daemon=True).start()
+        endpoint = kernel.endpoint
+    started.set()
     try:
         with Client(endpoint, timeout=30) as client:
             _demo(client)
     finally:
         if kernel is not None:
-            kernel.terminate()
-            try:
-                kernel.wait(30)
-            except subprocess.TimeoutExpired:
-                kernel.kill()
-            print(f"\nkernel stopped (exit {kernel.returncode})")
+            rc, _ = kernel.stop(timeout=30)
+            print(f"\nkernel stopped (exit {rc})")
+            _replay_summary(kernel.decision_log)
     return 0
 
 

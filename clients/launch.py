@@ -1,0 +1,182 @@
+"""Start ``python -m kernel`` as a child process, wait (bounded) until it serves, stop it cleanly.
+
+Used by the demo (``python -m clients demo``), the benchmarks that need a whole kernel and the
+system tests.  The kernel prints ``reca kernel endpoint E``, ``reca kernel control C`` and
+``reca kernel ready`` on stdout when it serves; :class:`LocalKernel` waits for those lines and
+keeps reading its output on a thread (so the pipe never fills).
+
+:func:`kernel_config` and :func:`service_block` write the TOML of ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from typing import Callable, Iterable
+
+import psutil
+
+#: The repository root (the kernel is started with it as working directory and on PYTHONPATH).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: Bounds on start-up and on shutdown, seconds.
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 20.0
+
+
+def short_tmpdir(prefix: str = "reca-") -> str:
+    """A short temporary directory (ipc:// paths must stay under ~100 characters)."""
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def service_block(name: str, module: str | None = None, *, command: list[str] | None = None,
+                  replicas: int = 1, restart: str = "permanent", args: Iterable[str] = (),
+                  shutdown_timeout_s: float = 5.0, env: dict | None = None) -> str:
+    """One ``[[service]]`` table: a Python service ``module`` or an arbitrary ``command``."""
+    lines = ["[[service]]", f'name = "{name}"']
+    if module:
+        lines.append(f'module = "{module}"')
+    if command:
+        lines.append("command = [" + ", ".join(f'"{c}"' for c in command) + "]")
+    lines += [f"replicas = {replicas}", f'restart = "{restart}"', f"shutdown_timeout_s = {shutdown_timeout_s}"]
+    if args:
+        lines.append("args = [" + ", ".join(f'"{a}"' for a in args) + "]")
+    if env:
+        lines.append("env = { " + ", ".join(f'{k} = "{v}"' for k, v in env.items()) + " }")
+    return "\n".join(lines) + "\n"
+
+
+def kernel_config(services: str = "", *, heartbeat: float = 0.2, liveness: int = 3,
+                  unavailable_wait: float = 0.5, intensity: int = 5, period: float = 10.0,
+                  endpoint: str | None = None) -> str:
+    """A whole config: the ``[kernel]`` and ``[supervisor]`` tables (short heartbeats and restart
+    back-off by default, for tests and benchmarks) followed by ``services``."""
+    return textwrap.dedent(f"""
+        [kernel]
+        endpoint = "{endpoint or 'ipc://{runtime}/kernel.sock'}"
+        heartbeat_s = {heartbeat}
+        liveness = {liveness}
+        unavailable_wait_s = {unavailable_wait}
+        decision_log = "{{runtime}}/decisions.jsonl"
+
+        [supervisor]
+        intensity = {intensity}
+        period_s = {period}
+        backoff_initial_s = 0.02
+        backoff_max_s = 0.5
+    """) + services
+
+
+class KernelStartError(RuntimeError):
+    """The kernel exited, or did not report ready within the bound."""
+
+
+class LocalKernel:
+    """``python -m kernel`` in its own runtime directory.
+
+    ``config``: TOML text (written to ``<dir>/reca.toml``), or None for the embedded default.
+    ``echo``: called with every output line (the demo prints them).  Attributes once started:
+    ``endpoint``, ``control``, ``pid``, ``dir``, ``lines`` (all output so far) and
+    ``decision_log`` (where the default and :func:`kernel_config` put it).  A runtime directory
+    the launcher made itself is removed by :meth:`stop`; one passed in is kept."""
+
+    def __init__(self, config: str | None = None, *, runtime_dir: str | None = None,
+                 extra_args: Iterable[str] = (), echo: Callable[[str], None] | None = None,
+                 log_level: str | None = "WARNING", start_timeout: float = START_TIMEOUT_S) -> None:
+        self._own_dir = runtime_dir is None
+        self.dir = runtime_dir or short_tmpdir()
+        self.decision_log = os.path.join(self.dir, "decisions.jsonl")
+        argv = [sys.executable, "-m", "kernel"]
+        if config is not None:
+            self.config = os.path.join(self.dir, "reca.toml")
+            with open(self.config, "w", encoding="utf-8") as fh:
+                fh.write(config)
+            argv += ["--config", self.config]
+        env = dict(os.environ, RECA_RUNTIME_DIR=self.dir,
+                   PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+        if log_level:
+            env["RECA_LOG_LEVEL"] = log_level
+        self._echo = echo
+        self.proc = subprocess.Popen([*argv, *extra_args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        self._q: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+        try:
+            deadline = time.monotonic() + start_timeout
+            self.endpoint = self._wait_line("reca kernel endpoint ", deadline).split()[-1]
+            self.control = self._wait_line("reca kernel control ", deadline).split()[-1]
+            self._wait_line("reca kernel ready", deadline)
+        except KernelStartError:
+            self.kill()
+            raise
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            if self._echo is not None:
+                self._echo(line)
+            self._q.put(line)
+        self._q.put(None)
+
+    def _wait_line(self, prefix: str, deadline: float) -> str:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KernelStartError(f"the kernel did not print {prefix!r} in time: {self.lines[-20:]}")
+            try:
+                line = self._q.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise KernelStartError(f"the kernel exited before {prefix!r}: {self.lines[-30:]}")
+            if line.startswith(prefix):
+                return line
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> tuple[int, list[psutil.Process]]:
+        """Signal the kernel and wait (bounded) for it and everything it started.  Returns its
+        exit status (SIGKILLed after ``timeout``: then negative) and the processes that outlived
+        it (killed before returning)."""
+        kids = self.descendants()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait(timeout)
+        self._reader.join(5)
+        _, alive = psutil.wait_procs(kids, timeout=timeout)
+        for p in alive:
+            p.kill()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        return rc, alive
+
+    def kill(self) -> list[psutil.Process]:
+        """SIGKILL the kernel alone (its children die with it: ``PR_SET_PDEATHSIG``); returns the
+        children still alive after the stop bound (killed too)."""
+        return LocalKernel.stop(self, signal.SIGKILL)[1]
+
+    def __enter__(self) -> "LocalKernel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
