@@ -10,7 +10,7 @@ accuracy of both, and pause/resume cost.
 
 Through the kernel (:func:`kernel_preempt_latency`): a real ``python -m kernel`` runs the decode
 worker (float32); a client streams greedy decodes and, every few tokens, publishes ``mmi.preempt``
-for the decode's request id and times the paused PARTIAL's arrival (then ``mmi.resume``).  The
+for the decode's kernel token and times the paused PARTIAL's arrival (then ``mmi.resume``).  The
 gap between two streamed tokens, seen by the same client, is "one decode step" through the kernel;
 the target is preempt-to-paused p99 <= step p99 + 5 ms.
 """
@@ -62,7 +62,7 @@ async def _preempt_trials(endpoint: str, n_preempts: int, seed: int) -> tuple[li
                     late.append(after)
                     t_preempt = None
                     pending.append(asyncio.ensure_future(
-                        b.call("mmi.resume", {"id": head["request"], "service": "decode"})))
+                        b.call("mmi.resume", {"token": head["kernel_token"], "service": "decode"})))
                     continue
                 if not isinstance(r.payload, dict) or "token" not in r.payload:
                     if isinstance(r.payload, dict) and "start" in r.payload:
@@ -80,7 +80,7 @@ async def _preempt_trials(endpoint: str, n_preempts: int, seed: int) -> tuple[li
                     since, after, next_at = 0, 0, rng.randint(*PREEMPT_GAP)
                     t_preempt = time.perf_counter()
                     pending.append(asyncio.ensure_future(
-                        b.call("mmi.preempt", {"id": head["request"], "service": "decode"})))
+                        b.call("mmi.preempt", {"token": head["kernel_token"], "service": "decode"})))
             await asyncio.gather(*pending)
     return latencies, gaps, late
 

@@ -752,7 +752,8 @@ class BudgetAdmission(Admission):
 
     # -- MMI: jobs, gates, hard preemption ----------------------------------------------------------
 
-    def mmi(self, router: Router, name: str, arg: Any, header: dict | None, now: float) -> Any:
+    def mmi(self, router: Router, name: str, arg: Any, header: dict | None, now: float,
+            caller: bytes = b"") -> Any:
         if self.log is not None:
             self.log.flush()  # management calls see a log that is current
         if not isinstance(arg, dict):
@@ -785,14 +786,7 @@ class BudgetAdmission(Admission):
             elif name == "mmi.audit":
                 return self._audit(arg, now)
             elif name in ("mmi.preempt", "mmi.resume", "mmi.cancel"):
-                op = name.split(".", 1)[1]
-                target = {k: arg[k] for k in ("job", "id") if k in arg}
-                if not target or not isinstance(arg.get("service", P.CTL_ALL), str):
-                    return errors.BadRequest(f"{name} needs 'job' or 'id' (and optionally 'service')")
-                if self.log is not None:
-                    self.log.append(op, now, target, {"ok": True})
-                router.publish(P.control_topic(arg.get("service", P.CTL_ALL), op), target)
-                return {"ok": True}
+                return self._order(router, name, arg, now, caller)
             elif name == "mmi.control":
                 # Orders that are not the kernel's own decisions (fidelity, precision) are relayed
                 # on the control bus; preempt/resume/cancel stay with the dedicated calls above.
@@ -814,6 +808,41 @@ class BudgetAdmission(Admission):
         if not out.get("ok") and "code" in out:
             return errors.from_wire({"code": out["code"], "message": out.get("message", "")})
         return out
+
+    def _order(self, router: Router, name: str, arg: dict, now: float, caller: bytes) -> Any:
+        """``mmi.preempt/resume/cancel`` with one target: ``token`` (a request's kernel token,
+        bytes or hex: exact), ``job`` (every request of the job) or ``id`` (a request id of the *caller's own*
+        requests in flight: ids are chosen by clients, so they only name a request together with
+        the client that sent it).  Published on the control bus; the workers act at safe points."""
+        op = name.split(".", 1)[1]
+        service = arg.get("service", P.CTL_ALL)
+        if isinstance(arg.get("token"), str):  # hex, as JSON (the CLI) can carry it
+            try:
+                arg = {**arg, "token": bytes.fromhex(arg["token"])}
+            except ValueError:
+                return errors.BadRequest(f"{name}: 'token' is not hex: {arg['token']!r}")
+        keys = [k for k in ("token", "job", "id") if k in arg]
+        if len(keys) != 1 or not isinstance(service, str) \
+                or "token" in arg and not isinstance(arg["token"], bytes) \
+                or "job" in arg and not isinstance(arg["job"], str):
+            return errors.BadRequest(f"{name} needs one of 'token' (bytes), 'job' or 'id' (and optionally "
+                                     "'service')")
+        if "job" in arg:
+            messages = [(service, {"job": arg["job"]})]
+        else:
+            reqs = [r for r in router.inflight.values() if not r.done
+                    and (r.token == arg["token"] if "token" in arg else r.client == caller and r.rid == arg["id"])
+                    and (service == P.CTL_ALL or r.service.name == service.encode())]
+            if not reqs:
+                what = "that token" if "token" in arg else f"id {arg['id']!r} from this client"
+                return errors.Refused(f"{name}: no request with {what} in flight")
+            messages = [(r.service.name.decode(errors="replace"), {"token": r.token, "id": r.rid}) for r in reqs]
+        for topic_service, message in messages:
+            if self.log is not None:
+                self.log.append(op, now, {k: (v.hex() if isinstance(v, bytes) else v) for k, v in message.items()},
+                                {"ok": True})
+            router.publish(P.control_topic(topic_service, op), message)
+        return {"ok": True, "targets": len(messages)}
 
     def _audit(self, arg: dict, now: float) -> Any:
         """``mmi.audit {source, events}``: a service appends its own decisions (maps) to the

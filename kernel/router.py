@@ -559,7 +559,7 @@ class Router:
         elif name == P.MMI_STATS.encode():
             result = self.stats()
         else:
-            handled = self.admission.mmi(self, name.decode(errors="replace"), arg, header, now)
+            handled = self.admission.mmi(self, name.decode(errors="replace"), arg, header, now, caller=identity)
             result = P.MMI_NOT_IMPLEMENTED if handled is None else handled
         if isinstance(result, errors.RecaError):
             self._finish_error(req, result, now, count=False)
@@ -666,7 +666,10 @@ class Admission:
     def next_wakeup(self) -> float:
         return float("inf")
 
-    def mmi(self, router: Router, name: str, arg: Any, header: dict | None, now: float) -> Any:
+    def mmi(self, router: Router, name: str, arg: Any, header: dict | None, now: float,
+            caller: bytes = b"") -> Any:
+        """Answer a management call other than mmi.service/mmi.stats (``caller``: the client's
+        ROUTER identity); None for an unknown one."""
         return None
 
     def stats(self) -> dict:

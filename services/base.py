@@ -247,7 +247,7 @@ class WorkerRuntime:
         if not isinstance(message, dict):
             return
         # Targets: "token" (the kernel's unique request token), else "job", else "id" (a client's
-        # request id; ids are only unique per client, so operators should prefer job).
+        # request id: only unique per client; the kernel itself resolves ids to tokens).
         token, job, rid = message.get("token"), message.get("job"), message.get("id")
         if token is not None:
             targets = [c for c in self.active.values() if c.token == token]

@@ -126,10 +126,10 @@ async def test_preempt_pauses_at_token_boundary_and_resume_is_exact(kern, ref):
     prompt = tokenizer.encode(LONG_PROMPT)
 
     async def preempt_then_resume(b: AsyncClient, head: dict) -> dict:
-        await b.call("mmi.preempt", {"id": head["request"], "service": "decode"})
+        await b.call("mmi.preempt", {"token": head["kernel_token"], "service": "decode"})
         st = await b.call("decode", {"op": "state", "decode": head["decode"], "wait_paused_ms": 5000})
         assert st["paused"] and st["state"] == "paused"
-        await b.call("mmi.resume", {"id": head["request"], "service": "decode"})
+        await b.call("mmi.resume", {"token": head["kernel_token"], "service": "decode"})
         return st
 
     toks, seen, out = await _generate_with(kern, {"op": "generate", "prompt": LONG_PROMPT, "max_new": 90}, 6,

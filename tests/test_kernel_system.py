@@ -7,6 +7,7 @@ hard preemption and replay of the decision log through the running kernel.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -173,6 +174,40 @@ def test_preempt_resume_equals_uninterrupted(kern, client):
         t.join(30)
     assert "paused" in statuses
     assert box[0] == box[1] == reference
+
+
+async def test_preempt_by_id_names_only_the_callers_own_request(kern):
+    """Request ids are chosen by clients (both clients below number theirs from 1): an id only
+    names a request together with its client, so another client's mmi.preempt by that id pauses
+    nothing, and the owner's does."""
+    from clients import AsyncClient
+
+    async with AsyncClient(kern.endpoint, timeout=20, retries=0) as owner, \
+            AsyncClient(kern.endpoint, timeout=20, retries=0) as other:
+        statuses: list[str] = []
+        run = asyncio.ensure_future(owner.call("echo", {"steps": 100, "step_ms": 20},
+                                               on_partial=lambda r: statuses.append(r.status)))
+        deadline = time.monotonic() + 10
+        while (await other.stats())["services"]["echo"]["inflight"] < 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        rid = 1  # the owner's first request
+        with pytest.raises(errors.Refused):
+            await other.call("mmi.preempt", {"id": rid, "service": "echo"})
+        with pytest.raises(errors.BadRequest):
+            await other.call("mmi.preempt", {"id": rid, "job": "x"})  # one target only
+        with pytest.raises(errors.Refused):
+            await other.call("mmi.preempt", {"token": b"no-such-token"})
+        with pytest.raises(errors.BadRequest):
+            await other.call("mmi.preempt", {"token": "not hex"})
+        await asyncio.sleep(0.1)
+        assert "paused" not in statuses
+        assert await owner.call("mmi.preempt", {"id": rid, "service": "echo"}) == {"ok": True, "targets": 1}
+        while "paused" not in statuses and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert "paused" in statuses
+        await owner.call("mmi.resume", {"id": rid})
+        assert (await asyncio.wait_for(run, 20))["steps_done"] == 100
 
 
 def test_budget_exhaustion_cancels_inflight_and_refuses_new(kern, client):

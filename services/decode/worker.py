@@ -11,7 +11,8 @@ by its sequence id.  Requests are msgpack maps ``{"op": ..., ...}``:
             the decode (the engine sequence is marked paused, its state captured) and resume
             continues it.  ``width > 1``: a beam over the whole continuation (run in a thread),
             whose best candidate is appended by one prefill and streamed.  The first PARTIAL is
-            ``{"decode", "request", "start"}``.  FINAL: ``{"decode", "tokens", "text", "new",
+            ``{"decode", "request", "kernel_token", "start"}`` (``kernel_token``: the kernel's token of this
+            request, which another client can pass to ``mmi.preempt``).  FINAL: ``{"decode", "tokens", "text", "new",
             "finished"}``.  ``keep=False`` frees the decode at the end.
 ``inject``   ``{decode, text | tokens}``: append by one prefill of the injected tokens only.
 ``splice``   ``{decode, start, end, width=8, mode="exact", verify=True, recompute=4}``: RoI-S
@@ -201,7 +202,7 @@ class DecodeService(Service):
             "paused": dec.paused.is_set(), "block_table": list(eng.snapshot(dec.seq).block_table),
         }
         if dec.owner is not None:
-            out["request"] = {"id": dec.owner.id, "job": dec.owner.job}
+            out["request"] = {"id": dec.owner.id, "job": dec.owner.job, "token": dec.owner.token}
         return out
 
     async def _safe_point(self, ctx: Context, dec: Decode) -> None:
@@ -273,7 +274,7 @@ class DecodeService(Service):
         dec.owner = ctx
         dec.idle.clear()
         try:
-            await ctx.partial({"decode": dec.seq, "request": ctx.id, "start": start})
+            await ctx.partial({"decode": dec.seq, "request": ctx.id, "kernel_token": ctx.token, "start": start})
             if width == 1:
                 await self._greedy(ctx, dec, max_new, stop_token, stop_count)
             else:

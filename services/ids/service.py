@@ -4,12 +4,12 @@ The decode itself lives in the decode worker; this service only talks to the ker
 :class:`~clients.aio.AsyncClient`:
 
 * pause: ask the decode worker (``state``) which request streams the decode, publish the
-  kernel's ``mmi.preempt`` for that request id on the decode service, then wait (bounded) until
+  kernel's ``mmi.preempt`` for that request's kernel token (exact, whoever sent it), then wait (bounded) until
   the decode worker reports it paused at a safe point.  The generate's caller sees a PARTIAL with
   status ``paused``;
 * inject: one prefill of the injected tokens only (decode op ``inject``), refused unless the decode
   is paused (or has no generate streaming it);
-* resume: ``mmi.resume`` for the same request id, refused (``bad_request``, kind
+* resume: ``mmi.resume`` for the same request token, refused (``bad_request``, kind
   ``NotPausedError``) unless the decode is paused.
 
 Ops: ``{"op": "pause" | "inject" | "resume" | "interrupt", "decode": id, "text": ...}``;
@@ -70,7 +70,7 @@ class IdsService(DecodeOrchestrator):
         if not st["running"]:
             raise errors.BadRequest(f"decode {did} has no generate running; nothing to pause", kind="NotRunning")
         t0 = time.perf_counter()
-        await self.client.call("mmi.preempt", {"id": st["request"]["id"], "service": self.decode_service})
+        await self.client.call("mmi.preempt", {"token": st["request"]["token"], "service": self.decode_service})
         st = await self._decode(ctx, {"op": "state", "decode": did, "wait_paused_ms": PAUSE_WAIT_MS})
         st["pause_ms"] = 1e3 * (time.perf_counter() - t0)
         if st["running"] and not st["paused"]:
@@ -89,7 +89,7 @@ class IdsService(DecodeOrchestrator):
         st = await self._decode(ctx, {"op": "state", "decode": did})
         if not st["paused"]:
             raise errors.BadRequest(f"decode {did} is not paused; nothing to resume", kind="NotPausedError")
-        await self.client.call("mmi.resume", {"id": st["request"]["id"], "service": self.decode_service})
+        await self.client.call("mmi.resume", {"token": st["request"]["token"], "service": self.decode_service})
         return {"decode": did, "resumed": True, "position": st["position"]}
 
 
