@@ -10,6 +10,7 @@ keeps reading its output on a thread (so the pipe never fills).
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import shutil
@@ -29,6 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Bounds on start-up and on shutdown, seconds.
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
+#: Output lines kept (``LocalKernel.lines``); older ones are dropped.
+MAX_LINES_KEPT = 10_000
 
 
 def short_tmpdir(prefix: str = "reca-") -> str:
@@ -83,7 +86,7 @@ class LocalKernel:
 
     ``config``: TOML text (written to ``<dir>/reca.toml``), or None for the embedded default.
     ``echo``: called with every output line (the demo prints them).  Attributes once started:
-    ``endpoint``, ``control``, ``pid``, ``dir``, ``lines`` (all output so far) and
+    ``endpoint``, ``control``, ``pid``, ``dir``, ``lines`` (the last output lines) and
     ``decision_log`` (where the default and :func:`kernel_config` put it).  A runtime directory
     the launcher made itself is removed by :meth:`stop`; one passed in is kept."""
 
@@ -107,7 +110,7 @@ class LocalKernel:
         self.proc = subprocess.Popen([*argv, *extra_args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         self.pid = self.proc.pid
-        self.lines: list[str] = []
+        self.lines: collections.deque[str] = collections.deque(maxlen=MAX_LINES_KEPT)
         self._q: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
@@ -116,7 +119,7 @@ class LocalKernel:
             self.endpoint = self._wait_line("reca kernel endpoint ", deadline).split()[-1]
             self.control = self._wait_line("reca kernel control ", deadline).split()[-1]
             self._wait_line("reca kernel ready", deadline)
-        except KernelStartError:
+        except BaseException:  # not ready in time, or interrupted: leave nothing behind
             self.kill()
             raise
 
@@ -126,7 +129,10 @@ class LocalKernel:
             line = line.rstrip("\n")
             self.lines.append(line)
             if self._echo is not None:
-                self._echo(line)
+                try:
+                    self._echo(line)
+                except Exception:  # a broken echo must not stop the draining (the pipe would fill)
+                    self._echo = None
             self._q.put(line)
         self._q.put(None)
 
@@ -134,13 +140,13 @@ class LocalKernel:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise KernelStartError(f"the kernel did not print {prefix!r} in time: {self.lines[-20:]}")
+                raise KernelStartError(f"the kernel did not print {prefix!r} in time: {list(self.lines)[-20:]}")
             try:
                 line = self._q.get(timeout=left)
             except queue.Empty:
                 continue
             if line is None:
-                raise KernelStartError(f"the kernel exited before {prefix!r}: {self.lines[-30:]}")
+                raise KernelStartError(f"the kernel exited before {prefix!r}: {list(self.lines)[-30:]}")
             if line.startswith(prefix):
                 return line
 

@@ -53,6 +53,9 @@ MEASURED = ("wall_ms", "cpu_ms")
 COMPUTE = ("wall_ms", "cpu_ms", "tokens", "flops")
 #: How long a gate reservation lives without commit, release or renewal, seconds (the default).
 RESERVATION_LEASE = 30.0
+#: Management calls that are ledger operations (their inputs are recorded and replayed).
+_LEDGER_MMI = frozenset({"mmi.job.open", "mmi.job.close", "mmi.gate.reserve", "mmi.gate.commit",
+                         "mmi.gate.release", "mmi.gate.renew"})
 #: Bounds on one ``mmi.audit`` call: events per call, length of the source name.
 MAX_AUDIT_EVENTS, MAX_AUDIT_SOURCE = 512, 64
 #: Bounds on a lease a holder asks for, seconds.
@@ -97,7 +100,10 @@ def _r(x: float) -> float:
 class Ledger:
     """The hierarchical budget ledger.  All public methods are deterministic in their inputs."""
 
-    def __init__(self, root_limits: dict[str, float] | None = None) -> None:
+    def __init__(self, root_limits: dict[str, float] | None = None, session: str = "") -> None:
+        #: Prefix of this ledger's reservation ids (the decision log's session id), so an id held
+        #: across a kernel restart is never mistaken for one of the new kernel's reservations.
+        self.session = session
         self.jobs: dict[str, Job] = {}
         self._reservations: dict[str, tuple[str, str, float, float]] = {}  # id -> job, kind, amount, expiry
         self._rid = itertools.count(1)
@@ -309,7 +315,7 @@ class Ledger:
             self.charge(now, job, {resource: amount})
             rem = self.remaining(j, resource, now)
             return {"ok": True, "committed": amount, "remaining": _r(rem)}
-        rid = f"r{next(self._rid)}"
+        rid = f"{self.session}r{next(self._rid)}"
         self._reservations[rid] = (job, resource, float(amount), now + lease)
         if h is not None:
             h.reserved[resource] = h.reserved.get(resource, 0.0) + amount
@@ -440,8 +446,10 @@ class DecisionLog:
         self.path = path
         self._fh = open(path, "a", encoding="utf-8", buffering=1 << 16)
         self._seq = 0
+        #: This kernel run's id: the prefix of its reservation ids (replay reads it back).
+        self.session = f"{os.urandom(4).hex()}."
         self._fh.write(json.dumps({"seq": 0, "op": "session", "t": time.monotonic(), "pid": os.getpid(),
-                                   "wall": time.time()}) + "\n")
+                                   "wall": time.time(), "session": self.session}) + "\n")
 
     def append(self, op: str, now: float, inputs: dict, outputs: dict) -> None:
         self._seq += 1
@@ -475,7 +483,8 @@ class BudgetAdmission(Admission):
 
     def __init__(self, ledger: Ledger | None = None, decision_log: DecisionLog | None = None,
                  supervisor: Any = None) -> None:
-        self.ledger = ledger or Ledger()
+        self.ledger = ledger or Ledger(session=decision_log.session if decision_log is not None
+                                       else f"{os.urandom(4).hex()}.")
         self.log = decision_log
         self.supervisor = supervisor
         self.tracks: dict[bytes, _Track] = {}
@@ -758,6 +767,13 @@ class BudgetAdmission(Admission):
             self.log.flush()  # management calls see a log that is current
         if not isinstance(arg, dict):
             arg = {}
+        if name in _LEDGER_MMI:
+            # The ledger sees its inputs exactly as the decision log records them (JSON), so
+            # replay reproduces its decisions whatever msgpack types the caller sent.
+            try:
+                arg = json.loads(json.dumps(arg, default=str))
+            except (TypeError, ValueError, RecursionError) as exc:
+                return errors.BadRequest(f"{name}: the argument must be plain data: {exc}")
         try:
             if name == "mmi.job.open":
                 out = self._do("open", now, job=arg.get("job"), parent=arg.get("parent"),
@@ -856,6 +872,10 @@ class BudgetAdmission(Admission):
                                      f"'events', a list of 1..{MAX_AUDIT_EVENTS} maps")
         if self.log is None:
             return {"ok": True, "logged": 0}
+        try:  # all or nothing: a batch that cannot be written is refused before any line is
+            json.dumps(events, default=str)
+        except (TypeError, ValueError, RecursionError) as exc:
+            return errors.BadRequest(f"mmi.audit: events must be plain data: {exc}")
         for event in events:
             self.log.append("audit", now, {"source": source, "event": event}, {"ok": True})
         self.log.flush()  # the caller advances its high-water mark on this answer

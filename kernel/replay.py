@@ -48,7 +48,7 @@ def replay_lines(lines) -> ReplayReport:
         op = rec.get("op")
         if op == "session":
             report.sessions += 1
-            ledger = Ledger()
+            ledger = Ledger(session=rec.get("session", ""))
             continue
         if op not in LEDGER_OPS:
             report.observed += 1

@@ -157,7 +157,7 @@ def test_malformed_inputs_are_refused_not_raised():
 def test_replay_reproduces_every_decision_and_reports_divergence(tmp_path):
     path = tmp_path / "log.jsonl"
     log = DecisionLog(str(path))
-    L = Ledger()
+    L = Ledger(session=log.session)
 
     def do(op, now, **kw):
         out = getattr(L, op)(now, **kw)
@@ -170,13 +170,15 @@ def test_replay_reproduces_every_decision_and_reports_divergence(tmp_path):
     do("reserve", 0.03, job="a", resource="x", amount=1, lease=0.5)
     do("tick", 0.2)
     do("admit", 0.21, job="a", budget=None)
-    do("renew", 0.3, reservations=["r1", "r9"], lease=0.5)
+    do("renew", 0.3, reservations=[f"{log.session}r1", "r1"], lease=0.5)  # "r1": another kernel's id
     do("expire", 0.9)
     log.append("audit", 0.95, {"source": "ttc:x", "event": {"seq": 1, "op": "prepare"}}, {"ok": True})
     log.close()
     lines = path.read_text().splitlines()
     report = replay_lines(lines)
     assert report.replayed == 9 and report.observed == 1 and not report.divergences
+    renewed = json.loads(lines[8])
+    assert renewed["op"] == "renew" and renewed["out"]["unknown"] == ["r1"]
     # Tamper with one recorded decision: replay must notice.
     rec = json.loads(lines[2])
     rec["out"]["granted"]["tokens"] = 80

@@ -253,13 +253,22 @@ def test_gate_via_kernel_and_malformed_budget(kern, client):
             client.call("mmi.gate.renew", bad)
     with pytest.raises(errors.BadRequest):
         client.call("mmi.gate.reserve", {"job": "g", "resource": "slots", "lease_s": 10**6})
+    with pytest.raises(errors.Refused):  # bytes ids are not ids (and replay sees what the ledger saw)
+        client.call("mmi.gate.commit", {"reservation": held.encode()})
+    assert held.startswith(kern_session(kern))  # ids carry this kernel run's session
+
+
+def kern_session(kern) -> str:
+    with open(kern.decision_log, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if '"session"' in line][-1]["session"]
 
 
 def test_services_append_audit_records_to_the_decision_log(kern, client):
     events = [{"seq": i, "op": "decided", "call_id": f"c{i}"} for i in range(3)]
     assert client.call("mmi.audit", {"source": "svc:test", "events": events}) == {"ok": True, "logged": 3}
     for bad in ({}, {"source": "", "events": events}, {"source": "s", "events": []}, {"source": "s", "events": [1]},
-                {"source": "s" * 65, "events": events}, {"source": "s", "events": [{}] * 513}):
+                {"source": "s" * 65, "events": events}, {"source": "s", "events": [{}] * 513},
+                {"source": "svc:test", "events": [{"seq": 9}, {b"bytes key": 1}]}):
         with pytest.raises(errors.BadRequest):
             client.call("mmi.audit", bad)
     with open(kern.decision_log, encoding="utf-8") as fh:

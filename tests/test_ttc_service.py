@@ -276,3 +276,26 @@ def test_every_decision_reaches_the_kernels_decision_log(client, kern):
     assert all(forwarded.get(e["seq"]) == e for e in events), \
         [e["seq"] for e in events if forwarded.get(e["seq"]) != e][:10]
     assert {e["op"] for e in events} >= {"recover", "prepare", "commit", "run_claimed", "finish", "attached"}
+
+
+def test_a_reservation_the_kernel_lost_is_taken_again_or_counted_lost(kern):
+    """The kernel's ledger is not durable: after a restart it no longer holds the service's
+    reservations.  Simulated here by releasing one behind the adapter's back."""
+    from services.ttc.service import KernelGateAdapter
+
+    with Client(kern.endpoint, timeout=WAIT_S, retries=0) as c:
+        c.open_job("lost", {"cpu_s": 10})
+        gate = KernelGateAdapter(lambda: Client(kern.endpoint, timeout=WAIT_S, retries=0))
+        try:
+            gate.job = "lost"
+            assert gate.reserve("cpu_s", 4, "call-1")
+            c.call("mmi.gate.release", {"reservation": gate.held["call-1"]})
+            assert remaining_cpu(c, "lost") == 10
+            assert gate.renew() == 0 and gate.retaken == 1 and gate.leases_lost == 0
+            assert remaining_cpu(c, "lost") == 6  # counted again
+            c.call("mmi.gate.release", {"reservation": gate.held["call-1"]})
+            c.call("mmi.job.close", {"job": "lost"})
+            assert gate.renew() == 0 and gate.leases_lost == 1 and "call-1" not in gate.held
+            gate.release("cpu_s", 4, "call-1")  # nothing held: a no-op, no error
+        finally:
+            gate.close()

@@ -70,9 +70,12 @@ LOCK_WAIT_S = 10.0
 GATE_TIMEOUT_S = 5.0
 #: Default lease of this service's kernel reservations (renewed every third of it), seconds.
 GATE_LEASE_S = 30.0
-#: Audit records per ``mmi.audit`` call; pause of the forwarder after a failed call (seconds).
+#: Audit records per ``mmi.audit`` call (at most, and about this many bytes); pause of the
+#: forwarder after a failed call, and after a kernel that keeps no decision log (seconds).
 AUDIT_BATCH = 256
+AUDIT_BATCH_BYTES = 1 << 20
 AUDIT_RETRY_S = 1.0
+AUDIT_NOT_LOGGED_RETRY_S = 30.0
 #: Default ``timeout`` of a prepared call (presumed abort after it) and bound on ``wait``.
 DEFAULT_PREPARE_TIMEOUT_S = 60.0
 DEFAULT_WAIT_S = 60.0
@@ -98,10 +101,14 @@ class KernelGateAdapter:
         self.job = "default"
         self.lease_s = GATE_LEASE_S
         self.held: dict[str, str] = {}
+        #: call id -> (job, resource, amount) of its held reservation (to take it again).
+        self.units: dict[str, tuple[str, str, float]] = {}
         self.refusals = 0
         self.release_failures = 0
-        #: Reservations the kernel no longer held at a renewal (it restarted, or a renewal came
-        #: later than the lease): their units are no longer counted against the job.
+        #: Reservations the kernel no longer held at a renewal (it restarted: its ledger is not
+        #: durable; or a renewal came later than the lease), taken again (``retaken``) or, if the
+        #: kernel refused, no longer counted against the job (``leases_lost``).
+        self.retaken = 0
         self.leases_lost = 0
 
     @property
@@ -119,10 +126,12 @@ class KernelGateAdapter:
             return False
         if call_id is not None:
             self.held[call_id] = out["reservation"]
+            self.units[call_id] = (self.job, resource, amount)
         return True
 
     def release(self, resource: str, amount: float, call_id: str | None = None) -> None:
         rid = self.held.pop(call_id, None) if call_id is not None else None
+        self.units.pop(call_id, None)
         if rid is None:
             return  # taken by an earlier process: the kernel's lease returns it
         try:
@@ -132,8 +141,10 @@ class KernelGateAdapter:
             log.warning("gate release of %s for call %s failed: %s", rid, call_id, exc)
 
     def renew(self) -> int:
-        """Extend every held reservation by one lease; forget those the kernel no longer holds.
-        Returns how many were renewed."""
+        """Extend every held reservation by one lease.  One the kernel no longer holds is taken
+        again (same job, resource and amount); if the kernel refuses, the call goes on (a run is
+        not aborted because the kernel restarted) and its units are no longer counted.  Returns
+        how many were renewed."""
         if not self.held:
             return 0
         try:
@@ -143,10 +154,18 @@ class KernelGateAdapter:
             log.warning("gate renewal failed: %s", exc)
             return 0
         unknown = set(out.get("unknown", ()))
-        if unknown:
-            self.leases_lost += len(unknown)
-            log.warning("the kernel no longer holds %d reservation(s) of this service", len(unknown))
-            self.held = {c: r for c, r in self.held.items() if r not in unknown}
+        for call_id in [c for c, r in self.held.items() if r in unknown]:
+            job, resource, amount = self.units[call_id]
+            try:
+                again = self.client.call("mmi.gate.reserve", {"job": job, "resource": resource, "amount": amount,
+                                                               "commit": False, "lease_s": self.lease_s})
+            except errors.RecaError as exc:
+                self.leases_lost += 1
+                del self.held[call_id], self.units[call_id]
+                log.warning("call %s: the kernel lost its reservation and refused it again: %s", call_id, exc)
+                continue
+            self.held[call_id] = again["reservation"]
+            self.retaken += 1
         return len(out.get("renewed", ()))
 
     def close(self) -> None:
@@ -291,22 +310,33 @@ class TtcService(Service):
         store = self.coord.store
         source = f"ttc:{store.store_id}"
         client = AsyncClient(self._endpoint or "", timeout=GATE_TIMEOUT_S, retries=0)
+        failing = False
         try:
             while True:
                 await self._audit_kick.wait()
                 self._audit_kick.clear()
                 while True:
-                    rows = await self._call(store.unforwarded, AUDIT_BATCH)
-                    if not rows:
-                        break
                     try:
-                        await client.call("mmi.audit", {"source": source, "events": rows})
-                    except errors.RecaError as exc:
+                        rows = await self._call(store.unforwarded, AUDIT_BATCH, AUDIT_BATCH_BYTES)
+                        if not rows:
+                            break
+                        out = await client.call("mmi.audit", {"source": source, "events": rows})
+                        if not isinstance(out, dict) or out.get("logged") != len(rows):
+                            # The kernel keeps no decision log: the rows stay here (the source of
+                            # truth) and are offered again later, never marked as forwarded.
+                            self.counters["audit_not_logged"] += 1
+                            log.warning("the kernel did not log %d audit record(s) (%r); retrying in %g s",
+                                        len(rows), out, AUDIT_NOT_LOGGED_RETRY_S)
+                            await asyncio.sleep(AUDIT_NOT_LOGGED_RETRY_S)
+                            continue
+                        await self._call(store.mark_forwarded, rows[-1]["seq"])
+                    except Exception as exc:  # kernel away, SQLite busy: the rows wait, retried
                         self.counters["audit_forward_failures"] += 1
-                        log.debug("audit forwarding failed (retrying): %s", exc)
+                        (log.debug if failing else log.warning)("audit forwarding failed (retrying): %s", exc)
+                        failing = True
                         await asyncio.sleep(AUDIT_RETRY_S)
                         continue
-                    await self._call(store.mark_forwarded, rows[-1]["seq"])
+                    failing = False
                     self.counters["audit_forwarded"] += len(rows)
         finally:
             await client.close()
@@ -458,5 +488,6 @@ class TtcService(Service):
                              "failed": len(r.failed), "ingested": len(r.ingested)},
                 "gate": {"held": len(self.gate.held) if self.gate else 0,
                          "refusals": self.gate.refusals if self.gate else 0,
+                         "retaken": self.gate.retaken if self.gate else 0,
                          "leases_lost": self.gate.leases_lost if self.gate else 0},
                 "audit_forwarded_seq": await self._call(coord.store.forwarded)}

@@ -180,10 +180,16 @@ class Store:
             rows = self.all("SELECT * FROM audit WHERE call_id=? ORDER BY seq", (call_id,))
         return [_audit_row(r) for r in rows]
 
-    def unforwarded(self, limit: int) -> list[dict]:
-        """Up to ``limit`` decisions after the ``audit_forwarded`` mark, in order."""
-        return [_audit_row(r) for r in self.all("SELECT * FROM audit WHERE seq>? ORDER BY seq LIMIT ?",
-                                                 (self.forwarded(), limit))]
+    def unforwarded(self, limit: int, max_bytes: int) -> list[dict]:
+        """The decisions after the ``audit_forwarded`` mark, in order: at most ``limit`` rows
+        and about ``max_bytes`` of recorded text (always at least one row)."""
+        out, size = [], 0
+        for r in self.all("SELECT * FROM audit WHERE seq>? ORDER BY seq LIMIT ?", (self.forwarded(), limit)):
+            size += len(r["inputs"]) + len(r["outputs"]) + 64
+            if out and size > max_bytes:
+                break
+            out.append(_audit_row(r))
+        return out
 
     def forwarded(self) -> int:
         row = self.one("SELECT value FROM meta WHERE key='audit_forwarded'")
