@@ -343,6 +343,11 @@ class FaultHarness:
             state = out["state"]
             if state not in ("DONE", "FAILED", "ABORTED"):
                 found["stuck"] += 1
+                trail = [(round(e["t"] - time.time(), 2), e["op"]) for e in
+                         self.ttc({"op": "audit", "call_id": call_id})["events"]]
+                print(f"schedule {sched['index']} ({sched['target']}, kill at op {sched['kill_at']}): call "
+                      f"{call_id} ({call['tool']}, {fate}) still {state} after {WAIT_S:g} s; audit (s ago, op): "
+                      f"{trail}; ttc stats {self.ttc({'op': 'stats'})}", file=sys.stderr)
             if j in acked_commit and state not in ("DONE", "FAILED") and fate == "commit":
                 found["lost"] += 1
             if state in ("DONE", "FAILED"):
