@@ -333,7 +333,15 @@ class FaultHarness:
                     if fate == "abort":
                         self.ttc({"op": "abort", "call_id": call_id})
                     elif fate == "withdraw":
+                        # The plan drops the step: every consumer withdraws.  While one is left
+                        # the call must stay live (PREPARED until its timeout); with none, aborted.
                         self.ttc({"op": "withdraw", "consumer": call["consumers"][0]})
+                        if len(call["consumers"]) > 1:
+                            st = self.ttc({"op": "status", "call_id": call_id})["state"]
+                            if st not in ("PREPARED", "ABORTED"):  # ABORTED: expired, or a kill's recovery
+                                found["withdraw_kept_wrong_state"] += 1
+                            for consumer in call["consumers"][1:]:
+                                self.ttc({"op": "withdraw", "consumer": consumer})
                     out = self.ttc({"op": "result", "call_id": call_id, "wait": True, "timeout": WAIT_S})
             except errors.RecaError as exc:
                 if exc.code == "aborted" and fate == "commit" and j not in acked_commit:
