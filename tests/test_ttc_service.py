@@ -155,6 +155,10 @@ def test_withdraw_aborts_calls_left_without_consumers(client):
      "precondition_failed"),
     ({"op": "prepare", "tool": "sat", "inputs": {"clauses": [[1001, -1002, 1003]] * 20000}, "est_cost": 1,
       "consumers": ["c"]}, "too_large"),
+    ({"op": "prepare", "tool": "sim", "inputs": {"case": "tsunami", "steps": 5}, "est_cost": 1, "consumers": ["c"]},
+     "precondition_failed"),
+    ({"op": "prepare", "tool": "sim", "inputs": {"case": "radial_dam_break", "steps": 5, "params": {"h_in": -1}},
+      "est_cost": 1, "consumers": ["c"]}, "precondition_failed"),
     ({"op": "commit", "call_id": "no-such-call"}, "unknown_call"),
     ({"op": "attach", "call_id": "no-such-call", "consumer": "c"}, "unknown_call"),
     ({"op": "fly"}, "bad_request"),
@@ -299,3 +303,30 @@ def test_a_reservation_the_kernel_lost_is_taken_again_or_counted_lost(kern):
             gate.release("cpu_s", 4, "call-1")  # nothing held: a no-op, no error
         finally:
             gate.close()
+
+
+def test_a_sims_run_killed_mid_run_resumes_from_its_checkpoint_bit_for_bit(client, kern, tmp_path):
+    """The ``sim`` tool runs a real :mod:`sims` simulation (a shallow-water dam break); SIGKILL of
+    its worker after a checkpoint -> the lost run is retried and resumes from the checkpoint, and
+    the final state equals an uninterrupted run's."""
+    from services.ttc.tools import RunContext, run_sim
+
+    inputs = {"case": "radial_dam_break", "blocks": 4, "cells": 32, "steps": 150, "checkpoint_every": 10}
+    prep = ttc(client, "prepare", tool="sim", inputs=inputs, est_cost=30, consumers=["r"])
+    call_id = prep["call_id"]
+    ckpt = os.path.join(kern.db + ".d", "ckpt", call_id, "sim.npz")
+    ttc(client, "commit", call_id=call_id)
+    deadline = time.monotonic() + WAIT_S
+    while not os.path.exists(ckpt):
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.005)
+    pid = [e for e in ttc(client, "audit", call_id=call_id)["events"] if e["op"] == "run_started"][0]["outputs"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    out = ttc(client, "result", call_id=call_id, wait=True, timeout=WAIT_S)
+    assert out["state"] == "DONE" and out["attempts"] == 2, out
+    value = out["result"]["value"]
+    assert value["steps"] == 150 and value["resumed_from"] >= 10
+    reference = run_sim(inputs, RunContext(call_id, 1, str(tmp_path / "ref")))
+    assert value["sha"] == reference["sha"] and value["mass"] == reference["mass"]
+    ops = audit_ops(client, call_id)
+    assert ops.count("run_claimed") == 2 and ops.count("retry") == 1

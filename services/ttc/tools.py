@@ -14,6 +14,12 @@ Built-in tools:
 * ``diffusion`` — a long 2-D diffusion run (NumPy, explicit five-point scheme, zero-flux walls) that
   checkpoints its state every ``checkpoint_every`` steps and resumes from the last checkpoint
   when re-run, so a retry after a lost process repeats at most one checkpoint interval.
+* ``sim`` — a simulation of :mod:`sims` (any case of :data:`sims.cases.CASES`: shallow-water dam
+  breaks, diffusion; block-structured grid, uniform at one level) for up to ``steps`` root steps or
+  its ``t_end``; checkpoints :meth:`sims.grid.Simulation.snapshot` every ``checkpoint_every``
+  steps and resumes from it when re-run, bit for bit (the result's ``sha`` of the final state
+  equals an uninterrupted run's).  ``diffusion`` above is the lighter kernel of the same shape
+  the fault harness runs a thousand times.
 * ``subprocess`` — runs an argv whose program is on an allow-list (resolved to absolute paths at
   registration); output captured up to a bound.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import random
@@ -225,6 +232,74 @@ def run_diffusion(inputs: dict, ctx: RunContext) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------- sim
+
+_SIM_KEYS = {"case", "params", "blocks", "cells", "level", "steps", "checkpoint_every"}
+
+
+def validate_sim(inputs: dict) -> None:
+    from sims import cases
+
+    _only_keys(inputs, _SIM_KEYS)
+    name, params = inputs.get("case"), inputs.get("params", {})
+    if not isinstance(name, str) or name not in cases.CASES:
+        raise ValueError(f"case must be one of {sorted(cases.CASES)}, got {name!r}")
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params) \
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in params.values()):
+        raise ValueError("params must map parameter names to numbers")
+    cases.make_case(name, **params)  # ValueError on a bad parameter
+    blocks = _require_int(inputs, "blocks", 1, 64, 4)
+    cells = _require_int(inputs, "cells", 4, SIM_MAX_GRID, 8)
+    level = _require_int(inputs, "level", 0, 3, 0)
+    if cells % 2 or blocks * cells << level > SIM_MAX_GRID:
+        raise ValueError(f"cells must be even and blocks*cells*2^level at most {SIM_MAX_GRID} per side")
+    _require_int(inputs, "steps", 1, SIM_MAX_STEPS)
+    _require_int(inputs, "checkpoint_every", 1, SIM_MAX_STEPS, 100)
+
+
+def run_sim(inputs: dict, ctx: RunContext) -> dict:
+    """Step a :mod:`sims` run, checkpointing its snapshot; resume from the last checkpoint."""
+    import numpy as np
+
+    from sims import cases
+
+    level = inputs.get("level", 0)
+    sim = cases.build(cases.make_case(inputs["case"], **inputs.get("params", {})), blocks=inputs.get("blocks", 4),
+                      cells=inputs.get("cells", 8), max_level=level, level=level)
+    every = inputs.get("checkpoint_every", 100)
+    os.makedirs(ctx.checkpoint_dir, exist_ok=True)
+    ckpt = os.path.join(ctx.checkpoint_dir, "sim.npz")
+    resumed_from = 0
+    if os.path.exists(ckpt):
+        with np.load(ckpt) as saved:
+            snap = {k: saved[k] for k in ("levels", "time", "steps", "total_cell_updates", "dt_factor",
+                                          "energy", "init_mass", "halted")}
+            snap["bounds"] = tuple(json.loads(str(saved["bounds_json"])))  # floats, None, bool
+            snap["U"] = [saved[f"U{lv}"] for lv in range(int(saved["nlevels"]))]
+        sim.restore(snap)
+        resumed_from = sim.steps
+    while sim.steps < inputs["steps"] and not sim.finished:
+        report = sim.step()
+        if report.status == "unstable":
+            raise RuntimeError(f"{inputs['case']} went unstable at step {sim.steps}: {report}")
+        if sim.steps % every == 0 and sim.steps < inputs["steps"] and not sim.finished:
+            snap = sim.snapshot()
+            arrays = {f"U{lv}": u for lv, u in enumerate(snap.pop("U"))}
+            tmp = ckpt + ".tmp.npz"
+            bounds = json.dumps(snap.pop("bounds"))
+            np.savez(tmp, nlevels=len(arrays), bounds_json=bounds, **arrays,
+                     **{k: np.asarray(v) for k, v in snap.items()})
+            os.replace(tmp, ckpt)
+    status = "finished" if sim.finished else "steps_done"
+    digest = hashlib.sha256()
+    for u in sim.U:
+        digest.update(np.ascontiguousarray(u).tobytes())
+    return {"case": inputs["case"], "steps": sim.steps, "time": sim.time, "status": status,
+            "cell_updates": sim.total_cell_updates,
+            "mass": [float(sim.uniform(level, v).sum()) * sim.spec.h(level) ** 2 for v in range(sim.physics.nvar)],
+            "resumed_from": resumed_from, "sha": digest.hexdigest()[:16]}
+
+
 # --------------------------------------------------------------------------------- subprocess
 
 def make_subprocess_validator(allowed: Iterable[str]) -> Callable[[dict], None]:
@@ -274,6 +349,7 @@ def default_registry(subprocess_allow: Iterable[str] = DEFAULT_SUBPROCESS_ALLOW)
     return ToolRegistry([
         Tool("sat", validate_sat, "services.ttc.tools:run_sat", retriable=True, mem_bytes=2 << 30),
         Tool("diffusion", validate_diffusion, "services.ttc.tools:run_diffusion", retriable=True, mem_bytes=2 << 30),
+        Tool("sim", validate_sim, "services.ttc.tools:run_sim", retriable=True, mem_bytes=2 << 30),
         # A program's side effects are unknown: never re-run after a lost process.
         Tool("subprocess", make_subprocess_validator(subprocess_allow), "services.ttc.tools:run_subprocess",
              retriable=False, max_attempts=1, mem_bytes=2 << 30),
