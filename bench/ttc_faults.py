@@ -46,6 +46,8 @@ TARGETS = ("ttc", "tool", "client", "kernel", "none")
 TARGET_WEIGHTS = (0.35, 0.25, 0.15, 0.1, 0.15)
 #: Bound on any wait of the harness (seconds).
 WAIT_S = 30.0
+#: Bound on waiting for a committed call's tool process to appear before killing it (seconds).
+TOOL_WAIT_S = 2.0
 JOB = "faults"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,8 +145,13 @@ def make_schedule(seed: int, index: int, target: str | None = None) -> dict:
                       "idem": f"{seed}-{index}-{j}", "timeout": 0.2 if fate == "expire" else 30.0})
     ops = [("prepare", j) for j in range(len(calls))] + [(c["fate"], j) for j, c in enumerate(calls)]
     target = target or rng.choices(TARGETS, TARGET_WEIGHTS)[0]
-    return {"index": index, "calls": calls, "ops": ops, "target": target,
-            "kill_at": rng.randrange(len(ops)), "inflight": rng.random() < 0.6, "delay": rng.uniform(0, 0.06)}
+    kill_at, inflight, delay = rng.randrange(len(ops)), rng.random() < 0.6, rng.uniform(0, 0.06)
+    commits = [k for k, (op, _) in enumerate(ops) if op == "commit"]
+    if target == "tool" and commits:
+        # A tool runs only after a commit: the kill follows one, into the run it starts.
+        kill_at, inflight = commits[rng.randrange(len(commits))], True
+    return {"index": index, "calls": calls, "ops": ops, "target": target, "kill_at": kill_at,
+            "inflight": inflight, "delay": delay}
 
 
 class FaultHarness:
@@ -234,7 +241,7 @@ class FaultHarness:
             return {"op": "withdraw", "consumer": call["consumers"][0]}
         return None  # expire: do nothing, the deadline decides
 
-    def _kill(self, target: str) -> tuple[float, Any] | None:
+    def _kill(self, target: str, delay: float = 0.0) -> tuple[float, Any] | None:
         """SIGKILL ``target`` now; returns (wall time of the kill, context) or None if it had nothing
         to kill (no tool running)."""
         if target == "ttc":
@@ -242,10 +249,18 @@ class FaultHarness:
             os.kill(pid, signal.SIGKILL)
             return time.time(), pid
         if target == "tool":
+            # Wait (bounded) for the run the commit starts, then kill it a random moment in.
             store_id = self._store_id()
-            for pid, tag in tagged_processes(store_id + "/"):
-                os.kill(pid, signal.SIGKILL)
-                return time.time(), tag
+            deadline = time.monotonic() + TOOL_WAIT_S
+            while time.monotonic() < deadline:
+                for pid, tag in tagged_processes(store_id + "/"):
+                    time.sleep(delay)
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:  # it finished in the meantime
+                        return None
+                    return time.time(), tag
+                time.sleep(0.002)
             return None
         if target == "client":
             assert self.client is not None
@@ -282,8 +297,11 @@ class FaultHarness:
             assert self.client is not None
             self.client.send(payload)
             if kill_now and sched["inflight"]:
-                time.sleep(sched["delay"])  # fault timing: the kill lands at a random moment of the op
-                killed = self._kill(sched["target"])
+                if sched["target"] == "tool":
+                    killed = self._kill("tool", sched["delay"])  # the run the commit starts
+                else:
+                    time.sleep(sched["delay"])  # fault timing: the kill lands at a random moment of the op
+                    killed = self._kill(sched["target"])
                 client_dead = sched["target"] in ("client", "kernel")
                 if client_dead:
                     continue
