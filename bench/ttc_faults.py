@@ -171,6 +171,8 @@ class FaultHarness:
         self.recovery: dict[str, list[float]] = {t: [] for t in TARGETS[:4]}
         self.kills: Counter[str] = Counter()
         self.kernel_starts = 0
+        #: Tool kills whose run had already finished (exit 0) when the signal came: not counted.
+        self.tool_kills_late = 0
         self._start_kernel()
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -399,6 +401,9 @@ class FaultHarness:
                    if e["op"] == "recover" and e["t"] >= killed[0]]
             if rec:
                 self.recovery[sched["target"]].append(rec[0] - killed[0])
+        if killed is not None and sched["target"] == "tool" and not self._signalled(killed[1]):
+            self.kills["tool"] -= 1  # the run ended on its own just before the signal: no fault
+            self.tool_kills_late += 1
         found["completed_twice"] += self._completed_twice()
         c = checker.check(self.db)
         found["orphaned_runs"] += c.orphaned_runs
@@ -409,6 +414,17 @@ class FaultHarness:
             print(f"schedule {sched['index']} ({sched['target']}): checker {c.details}", file=sys.stderr)
         self.counts.update(found)
         return dict(found)
+
+    def _signalled(self, tag: str) -> bool:
+        """Whether the run ``tag`` ended by a signal (our kill), per the log."""
+        import sqlite3
+
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            row = conn.execute("SELECT end_status FROM runs WHERE tag=?", (tag,)).fetchone()
+        finally:
+            conn.close()
+        return row is not None and str(row[0] or "").startswith("signal:")
 
     def _completed_twice(self) -> int:
         import sqlite3
@@ -431,7 +447,7 @@ def run_schedules(n: int, seed: int, workdir: str, targets: list[str] | None = N
     finally:
         h.close()
     return {"schedules": n, "wall_s": time.monotonic() - t0, "counts": h.counts, "recovery": h.recovery,
-            "kills": h.kills, "kernel_starts": h.kernel_starts}
+            "kills": h.kills, "kernel_starts": h.kernel_starts, "tool_kills_late": h.tool_kills_late}
 
 
 def run(quick: bool) -> Result:
@@ -467,7 +483,8 @@ def run(quick: bool) -> Result:
                                           "results_delivered_twice", "calls_stuck_undecided",
                                           "tool_completed_twice")},
         table=table,
-        notes=[f"{n} schedules, {out['kernel_starts']} kernel lifetimes, {out['wall_s']:.0f} s wall",
+        notes=[f"{n} schedules, {out['kernel_starts']} kernel lifetimes, {out['wall_s']:.0f} s wall; "
+               f"{out['tool_kills_late']} tool kill(s) came after the run had finished (not counted)",
                f"other findings: {dict(extra) or 'none'}"],
     )
 

@@ -110,7 +110,8 @@ class LocalKernel:
         self.proc = subprocess.Popen([*argv, *extra_args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
         self.pid = self.proc.pid
-        self.lines: collections.deque[str] = collections.deque(maxlen=MAX_LINES_KEPT)
+        self._lines: collections.deque[str] = collections.deque(maxlen=MAX_LINES_KEPT)
+        self._lines_lock = threading.Lock()
         self._q: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
@@ -127,7 +128,8 @@ class LocalKernel:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             line = line.rstrip("\n")
-            self.lines.append(line)
+            with self._lines_lock:
+                self._lines.append(line)
             if self._echo is not None:
                 try:
                     self._echo(line)
@@ -140,15 +142,21 @@ class LocalKernel:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise KernelStartError(f"the kernel did not print {prefix!r} in time: {list(self.lines)[-20:]}")
+                raise KernelStartError(f"the kernel did not print {prefix!r} in time: {self.lines[-20:]}")
             try:
                 line = self._q.get(timeout=left)
             except queue.Empty:
                 continue
             if line is None:
-                raise KernelStartError(f"the kernel exited before {prefix!r}: {list(self.lines)[-30:]}")
+                raise KernelStartError(f"the kernel exited before {prefix!r}: {self.lines[-30:]}")
             if line.startswith(prefix):
                 return line
+
+    @property
+    def lines(self) -> list[str]:
+        """The last output lines (up to ``MAX_LINES_KEPT``), as a snapshot."""
+        with self._lines_lock:
+            return list(self._lines)
 
     def descendants(self) -> list[psutil.Process]:
         try:

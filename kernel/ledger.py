@@ -771,7 +771,7 @@ class BudgetAdmission(Admission):
             # The ledger sees its inputs exactly as the decision log records them (JSON), so
             # replay reproduces its decisions whatever msgpack types the caller sent.
             try:
-                arg = json.loads(json.dumps(arg, default=str))
+                arg = json.loads(json.dumps(arg))
             except (TypeError, ValueError, RecursionError) as exc:
                 return errors.BadRequest(f"{name}: the argument must be plain data: {exc}")
         try:
@@ -819,7 +819,7 @@ class BudgetAdmission(Admission):
                 return self._proc(name, arg, now)
             else:
                 return None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             return errors.BadRequest(f"{name}: {exc}")
         if not out.get("ok") and "code" in out:
             return errors.from_wire({"code": out["code"], "message": out.get("message", "")})

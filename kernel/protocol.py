@@ -137,7 +137,7 @@ CTL_ALL: Final = "all"
 class ControlOp(str, enum.Enum):
     """Control operations published on ``ctl/<service>/<op>`` and ``ctl/all/<op>``."""
 
-    PREEMPT = "preempt"  # pause at the next safe point: {"job": ..} or {"id": ..}
+    PREEMPT = "preempt"  # pause at the next safe point: {"token", "id"} (one request) or {"job"}
     RESUME = "resume"  # continue from the same state
     CANCEL = "cancel"  # stop and answer CANCELLED / BUDGET_EXCEEDED
     FIDELITY = "fidelity"  # simulation fidelity orders

@@ -253,8 +253,11 @@ def test_gate_via_kernel_and_malformed_budget(kern, client):
             client.call("mmi.gate.renew", bad)
     with pytest.raises(errors.BadRequest):
         client.call("mmi.gate.reserve", {"job": "g", "resource": "slots", "lease_s": 10**6})
-    with pytest.raises(errors.Refused):  # bytes ids are not ids (and replay sees what the ledger saw)
-        client.call("mmi.gate.commit", {"reservation": held.encode()})
+    for bad in ({"reservation": held.encode()}, {"reservation": held, "x": b"\x00"}):
+        with pytest.raises(errors.BadRequest):  # not plain (JSON) data: the log could not record it
+            client.call("mmi.gate.commit", bad)
+    with pytest.raises(errors.BadRequest):
+        client.call("mmi.job.open", {"job": "inf-priority", "priority": float("inf")})
     assert held.startswith(kern_session(kern))  # ids carry this kernel run's session
 
 

@@ -39,12 +39,15 @@ def test_seeded_kill_schedules_leave_no_orphan_no_lost_no_double_no_stuck(seed):
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     counts = out["counts"]
-    for key in ("orphaned_runs", "lost", "twice", "stuck", "completed_twice"):
+    for key in ("orphaned_runs", "lost", "twice", "stuck", "completed_twice", "withdraw_kept_wrong_state"):
         assert counts[key] == 0, (key, dict(counts))
     assert not [k for k in counts if k.startswith("prepare_error") or k == "idem_broken"], dict(counts)
-    # the faults really happened: every kill landed and was recovered from (a tool kill waits for
-    # the run a commit starts; these seeds' tool schedules all commit)
-    for target in ("ttc", "tool", "client", "kernel"):
+    # the faults really happened: every ttc, client and kernel kill landed and was recovered from;
+    # a tool kill waits for the run a commit starts (these seeds' tool schedules all commit), and
+    # lands unless that run finished in the instant before the signal
+    for target in ("ttc", "client", "kernel"):
         assert out["kills"][target] == 2 and len(out["recovery"][target]) == 2, (target, out)
+    assert out["kills"]["tool"] + out["tool_kills_late"] == 2 and out["kills"]["tool"] >= 1, out
+    assert len(out["recovery"]["tool"]) == out["kills"]["tool"], out
     assert out["kernel_starts"] == 3
     assert all(0 <= r < 30 for v in out["recovery"].values() for r in v)

@@ -159,6 +159,8 @@ def test_withdraw_aborts_calls_left_without_consumers(client):
      "precondition_failed"),
     ({"op": "prepare", "tool": "sim", "inputs": {"case": "radial_dam_break", "steps": 5, "params": {"h_in": -1}},
       "est_cost": 1, "consumers": ["c"]}, "precondition_failed"),
+    ({"op": "prepare", "tool": "sim", "inputs": {"case": "radial_dam_break", "steps": 5, "params": {"t_end": -1}},
+      "est_cost": 1, "consumers": ["c"]}, "precondition_failed"),
     ({"op": "commit", "call_id": "no-such-call"}, "unknown_call"),
     ({"op": "attach", "call_id": "no-such-call", "consumer": "c"}, "unknown_call"),
     ({"op": "fly"}, "bad_request"),

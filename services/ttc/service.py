@@ -159,10 +159,13 @@ class KernelGateAdapter:
             try:
                 again = self.client.call("mmi.gate.reserve", {"job": job, "resource": resource, "amount": amount,
                                                                "commit": False, "lease_s": self.lease_s})
-            except errors.RecaError as exc:
+            except (errors.Refused, errors.BudgetExceeded) as exc:
                 self.leases_lost += 1
                 del self.held[call_id], self.units[call_id]
                 log.warning("call %s: the kernel lost its reservation and refused it again: %s", call_id, exc)
+                continue
+            except errors.RecaError as exc:  # kernel still (re)starting: the next renewal retries
+                log.warning("call %s: taking its lost reservation again failed: %s", call_id, exc)
                 continue
             self.held[call_id] = again["reservation"]
             self.retaken += 1

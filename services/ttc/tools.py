@@ -247,7 +247,10 @@ def validate_sim(inputs: dict) -> None:
     if not isinstance(params, dict) or not all(isinstance(k, str) for k in params) \
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in params.values()):
         raise ValueError("params must map parameter names to numbers")
-    cases.make_case(name, **params)  # ValueError on a bad parameter
+    try:  # a bad parameter, a non-positive t_end, a non-finite initial state: on a 4x4 grid, now
+        cases.build(cases.make_case(name, **params), blocks=1, cells=4, max_level=0, level=0)
+    except (ValueError, ArithmeticError, TypeError) as exc:
+        raise ValueError(f"{name}: {exc}") from exc
     blocks = _require_int(inputs, "blocks", 1, 64, 4)
     cells = _require_int(inputs, "cells", 4, SIM_MAX_GRID, 8)
     level = _require_int(inputs, "level", 0, 3, 0)
