@@ -274,14 +274,20 @@ class FaultHarness:
             return t, None
         return None
 
-    def _store_id(self) -> str:
+    def _query_one(self, sql: str, args: tuple = ()) -> tuple | None:
+        """One row from the log, read-only (the harness never writes it)."""
         import sqlite3
 
         conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
         try:
-            return conn.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()[0]
+            return conn.execute(sql, args).fetchone()
         finally:
             conn.close()
+
+    def _store_id(self) -> str:
+        row = self._query_one("SELECT value FROM meta WHERE key='store_id'")
+        assert row is not None
+        return row[0]
 
     def run_schedule(self, sched: dict) -> dict[str, int]:
         ids: dict[int, str] = {}
@@ -417,24 +423,14 @@ class FaultHarness:
 
     def _signalled(self, tag: str) -> bool:
         """Whether the run ``tag`` ended by a signal (our kill), per the log."""
-        import sqlite3
-
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
-        try:
-            row = conn.execute("SELECT end_status FROM runs WHERE tag=?", (tag,)).fetchone()
-        finally:
-            conn.close()
+        row = self._query_one("SELECT end_status FROM runs WHERE tag=?", (tag,))
         return row is not None and str(row[0] or "").startswith("signal:")
 
     def _completed_twice(self) -> int:
-        import sqlite3
-
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
-        try:
-            return conn.execute("SELECT COUNT(*) FROM (SELECT call_id FROM runs WHERE end_status='exit:0'"
-                                " GROUP BY call_id HAVING COUNT(*) > 1)").fetchone()[0]
-        finally:
-            conn.close()
+        row = self._query_one("SELECT COUNT(*) FROM (SELECT call_id FROM runs WHERE end_status='exit:0'"
+                              " GROUP BY call_id HAVING COUNT(*) > 1)")
+        assert row is not None
+        return row[0]
 
 
 def run_schedules(n: int, seed: int, workdir: str, targets: list[str] | None = None) -> dict:

@@ -63,8 +63,17 @@ MIN_LEASE, MAX_LEASE = 0.1, 3600.0
 INF = math.inf
 
 
-def _valid_lease(lease: Any) -> bool:
-    return isinstance(lease, (int, float)) and not isinstance(lease, bool) and MIN_LEASE <= lease <= MAX_LEASE
+def _lease_refusal(lease: Any) -> dict | None:
+    """The ``bad_request`` decision for a lease out of bounds, None for a valid one."""
+    if isinstance(lease, (int, float)) and not isinstance(lease, bool) and MIN_LEASE <= lease <= MAX_LEASE:
+        return None
+    return {"ok": False, "code": "bad_request",
+            "message": f"lease must be a number of seconds in [{MIN_LEASE:g}, {MAX_LEASE:g}]"}
+
+
+def new_session_id() -> str:
+    """A kernel run's id: the prefix of its reservation ids."""
+    return f"{os.urandom(4).hex()}."
 
 
 @dataclasses.dataclass
@@ -300,9 +309,9 @@ class Ledger:
             return {"ok": False, "code": exc.code, "message": exc.message}
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 < amount < 1e15:
             return {"ok": False, "code": "bad_request", "message": "amount must be a positive number"}
-        if not _valid_lease(lease):
-            return {"ok": False, "code": "bad_request",
-                    "message": f"lease must be a number of seconds in [{MIN_LEASE:g}, {MAX_LEASE:g}]"}
+        refusal = _lease_refusal(lease)
+        if refusal is not None:
+            return refusal
         why = self.blocked_by(j)
         if why:
             return {"ok": False, "code": "budget_exceeded", "message": why}
@@ -344,9 +353,9 @@ class Ledger:
         treat the units as lost."""
         if not isinstance(reservations, list) or not all(isinstance(r, str) for r in reservations):
             return {"ok": False, "code": "bad_request", "message": "reservations must be a list of ids"}
-        if not _valid_lease(lease):
-            return {"ok": False, "code": "bad_request",
-                    "message": f"lease must be a number of seconds in [{MIN_LEASE:g}, {MAX_LEASE:g}]"}
+        refusal = _lease_refusal(lease)
+        if refusal is not None:
+            return refusal
         renewed, unknown = [], []
         for rid in reservations:
             entry = self._reservations.get(rid)
@@ -447,7 +456,7 @@ class DecisionLog:
         self._fh = open(path, "a", encoding="utf-8", buffering=1 << 16)
         self._seq = 0
         #: This kernel run's id: the prefix of its reservation ids (replay reads it back).
-        self.session = f"{os.urandom(4).hex()}."
+        self.session = new_session_id()
         self._fh.write(json.dumps({"seq": 0, "op": "session", "t": time.monotonic(), "pid": os.getpid(),
                                    "wall": time.time(), "session": self.session}) + "\n")
 
@@ -484,7 +493,7 @@ class BudgetAdmission(Admission):
     def __init__(self, ledger: Ledger | None = None, decision_log: DecisionLog | None = None,
                  supervisor: Any = None) -> None:
         self.ledger = ledger or Ledger(session=decision_log.session if decision_log is not None
-                                       else f"{os.urandom(4).hex()}.")
+                                       else new_session_id())
         self.log = decision_log
         self.supervisor = supervisor
         self.tracks: dict[bytes, _Track] = {}
@@ -846,9 +855,13 @@ class BudgetAdmission(Admission):
         if "job" in arg:
             messages = [(service, {"job": arg["job"]})]
         else:
-            reqs = [r for r in router.inflight.values() if not r.done
-                    and (r.token == arg["token"] if "token" in arg else r.client == caller and r.rid == arg["id"])
-                    and (service == P.CTL_ALL or r.service.name == service.encode())]
+            if "token" in arg:  # the in-flight table is keyed by token
+                found = router.inflight.get(arg["token"])
+                candidates = [found] if found is not None else []
+            else:
+                candidates = [r for r in router.inflight.values() if r.client == caller and r.rid == arg["id"]]
+            reqs = [r for r in candidates
+                    if not r.done and (service == P.CTL_ALL or r.service.name == service.encode())]
             if not reqs:
                 what = "that token" if "token" in arg else f"id {arg['id']!r} from this client"
                 return errors.Refused(f"{name}: no request with {what} in flight")

@@ -295,11 +295,11 @@ def test_a_reservation_the_kernel_lost_is_taken_again_or_counted_lost(kern):
         try:
             gate.job = "lost"
             assert gate.reserve("cpu_s", 4, "call-1")
-            c.call("mmi.gate.release", {"reservation": gate.held["call-1"]})
+            c.call("mmi.gate.release", {"reservation": gate.held["call-1"].reservation})
             assert remaining_cpu(c, "lost") == 10
             assert gate.renew() == 0 and gate.retaken == 1 and gate.leases_lost == 0
             assert remaining_cpu(c, "lost") == 6  # counted again
-            c.call("mmi.gate.release", {"reservation": gate.held["call-1"]})
+            c.call("mmi.gate.release", {"reservation": gate.held["call-1"].reservation})
             c.call("mmi.job.close", {"job": "lost"})
             assert gate.renew() == 0 and gate.leases_lost == 1 and "call-1" not in gate.held
             gate.release("cpu_s", 4, "call-1")  # nothing held: a no-op, no error

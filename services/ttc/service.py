@@ -49,7 +49,7 @@ import concurrent.futures
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from clients.sync import Client
 from kernel import errors
@@ -85,12 +85,22 @@ OPS = ("prepare", "commit", "abort", "withdraw", "subscribe", "status", "result"
        "audit", "stats")
 
 
+class Held(NamedTuple):
+    """A kernel reservation this process holds for one call, and what to take again if lost."""
+
+    reservation: str
+    job: str
+    resource: str
+    amount: float
+
+
 class KernelGateAdapter:
     """:class:`services.ttc.logic.Gate` backed by the kernel's counted-resource gate.
 
     ``reserve`` holds ``amount`` of ``resource`` under ``job`` (``mmi.gate.reserve`` with
     ``commit=False``) and remembers the reservation by call id; ``release`` gives that one back.
-    Invariant: ``held`` maps a call id to the kernel reservation this process took for it.  After a
+    Invariant: ``held`` maps a call id to the kernel reservation this process took for it (a
+    :class:`Held`).  After a
     restart the map is empty: reservations of the dead process are reclaimed by the kernel's lease
     (presumed abort there too).  Used from one thread only (the blocking client's socket)."""
 
@@ -100,9 +110,7 @@ class KernelGateAdapter:
         #: The job the next ``reserve`` is charged to (set by the service before ``prepare``).
         self.job = "default"
         self.lease_s = GATE_LEASE_S
-        self.held: dict[str, str] = {}
-        #: call id -> (job, resource, amount) of its held reservation (to take it again).
-        self.units: dict[str, tuple[str, str, float]] = {}
+        self.held: dict[str, Held] = {}
         self.refusals = 0
         self.release_failures = 0
         #: Reservations the kernel no longer held at a renewal (it restarted: its ledger is not
@@ -117,23 +125,28 @@ class KernelGateAdapter:
             self._client = self._client_factory()
         return self._client
 
+    def _take(self, job: str, resource: str, amount: float) -> Held:
+        """Hold ``amount`` of ``resource`` under ``job`` for one lease; raises the kernel's typed
+        error (``Refused``/``BudgetExceeded`` when it says no)."""
+        out = self.client.call("mmi.gate.reserve", {"job": job, "resource": resource, "amount": amount,
+                                                     "commit": False, "lease_s": self.lease_s})
+        return Held(out["reservation"], job, resource, amount)
+
     def reserve(self, resource: str, amount: float, call_id: str | None = None) -> bool:
         try:
-            out = self.client.call("mmi.gate.reserve", {"job": self.job, "resource": resource, "amount": amount,
-                                                         "commit": False, "lease_s": self.lease_s})
+            held = self._take(self.job, resource, amount)
         except (errors.Refused, errors.BudgetExceeded):
             self.refusals += 1
             return False
         if call_id is not None:
-            self.held[call_id] = out["reservation"]
-            self.units[call_id] = (self.job, resource, amount)
+            self.held[call_id] = held
         return True
 
     def release(self, resource: str, amount: float, call_id: str | None = None) -> None:
-        rid = self.held.pop(call_id, None) if call_id is not None else None
-        self.units.pop(call_id, None)
-        if rid is None:
+        held = self.held.pop(call_id, None) if call_id is not None else None
+        if held is None:
             return  # taken by an earlier process: the kernel's lease returns it
+        rid = held.reservation
         try:
             self.client.call("mmi.gate.release", {"reservation": rid})
         except errors.RecaError as exc:  # the decision is durable already; the lease reclaims the units
@@ -148,26 +161,23 @@ class KernelGateAdapter:
         if not self.held:
             return 0
         try:
-            out = self.client.call("mmi.gate.renew", {"reservations": list(self.held.values()),
+            out = self.client.call("mmi.gate.renew", {"reservations": [h.reservation for h in self.held.values()],
                                                        "lease_s": self.lease_s})
         except errors.RecaError as exc:  # the next renewal retries; the lease is three times longer
             log.warning("gate renewal failed: %s", exc)
             return 0
         unknown = set(out.get("unknown", ()))
-        for call_id in [c for c, r in self.held.items() if r in unknown]:
-            job, resource, amount = self.units[call_id]
+        for call_id, lost in [(c, h) for c, h in self.held.items() if h.reservation in unknown]:
             try:
-                again = self.client.call("mmi.gate.reserve", {"job": job, "resource": resource, "amount": amount,
-                                                               "commit": False, "lease_s": self.lease_s})
+                self.held[call_id] = self._take(lost.job, lost.resource, lost.amount)
             except (errors.Refused, errors.BudgetExceeded) as exc:
                 self.leases_lost += 1
-                del self.held[call_id], self.units[call_id]
+                del self.held[call_id]
                 log.warning("call %s: the kernel lost its reservation and refused it again: %s", call_id, exc)
                 continue
             except errors.RecaError as exc:  # kernel still (re)starting: the next renewal retries
                 log.warning("call %s: taking its lost reservation again failed: %s", call_id, exc)
                 continue
-            self.held[call_id] = again["reservation"]
             self.retaken += 1
         return len(out.get("renewed", ()))
 
