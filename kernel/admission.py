@@ -192,15 +192,15 @@ class BudgetAdmission(Admission):
                 if not isinstance(sp, dict):
                     sp = status[P.S_SPENT] = {}
                 sp["cpu_ms"] = max(0.0, (end - track.cpu_start) * 1000.0)
-        exc = self._charge_status(router, req, status, now)
+        over = self._charge_status(router, req, status, now)
         spent = status.get(P.S_SPENT)
         if not isinstance(spent, dict):
             spent = {}
         spent["wall_ms"] = (now - req.received) * 1000.0
         status[P.S_SPENT] = spent
-        self.on_done(router, req, now, spent, exc)
-        if exc is not None:
-            return router.error_body(req, exc, spent)
+        self.on_done(router, req, now, spent, over)
+        if over is not None:
+            return router.error_body(req, over, spent)
         return [codec.pack(status), *body[1:]]
 
     def on_deadline(self, router: Router, req: Request, now: float) -> None:

@@ -31,13 +31,25 @@ class DecisionLog:
         self._seq = 0
         #: This kernel run's id: the prefix of its reservation ids (replay reads it back).
         self.session = new_session_id()
-        self._fh.write(json.dumps({"seq": 0, "op": "session", "t": time.monotonic(), "pid": os.getpid(),
-                                   "wall": time.time(), "session": self.session}) + "\n")
+        self._fh.write(
+            json.dumps(
+                {
+                    "seq": 0,
+                    "op": "session",
+                    "t": time.monotonic(),
+                    "pid": os.getpid(),
+                    "wall": time.time(),
+                    "session": self.session,
+                }
+            )
+            + "\n"
+        )
 
     def append(self, op: str, now: float, inputs: dict, outputs: dict) -> None:
         self._seq += 1
-        self._fh.write(json.dumps({"seq": self._seq, "t": now, "op": op, "in": inputs, "out": outputs},
-                                  default=str) + "\n")
+        self._fh.write(
+            json.dumps({"seq": self._seq, "t": now, "op": op, "in": inputs, "out": outputs}, default=str) + "\n"
+        )
 
     def flush(self) -> None:
         self._fh.flush()

@@ -33,7 +33,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from kernel import errors
 from kernel import protocol as P
@@ -59,9 +59,8 @@ class Gate(Protocol):
 
 def check_amount(amount: Any, *, whole: bool = False, zero: bool = False) -> None:
     """``amount`` must be a finite number > 0 (>= 0 with ``zero``); an int when ``whole``."""
-    kinds: tuple[type, ...] = (int,) if whole else (int, float)
-    if isinstance(amount, bool) or not isinstance(amount, kinds) or not math.isfinite(amount) \
-            or amount < 0 or (amount == 0 and not zero):
+    ok = isinstance(amount, int) if whole else isinstance(amount, (int, float))
+    if isinstance(amount, bool) or not ok or not math.isfinite(amount) or amount < 0 or (amount == 0 and not zero):
         what = "a positive int" if whole else "a positive number"
         raise ValueError(f"amount must be {what}, got {amount!r}")
 
@@ -79,10 +78,11 @@ class LocalGate:
         for resource, cap in (caps or {}).items():
             kinds: tuple[type, ...] = (int,) if whole_units else (int, float)
             if isinstance(cap, bool) or not isinstance(cap, kinds) or cap < 0:
-                raise ValueError(f"cap for {resource!r} must be a non-negative {'int' if whole_units else 'number'}, "
-                                 f"got {cap!r}")
+                raise ValueError(
+                    f"cap for {resource!r} must be a non-negative {'int' if whole_units else 'number'}, got {cap!r}"
+                )
         self.caps: dict[str, Amount] = dict(caps or {})
-        self.used: collections.Counter[str] = collections.Counter()
+        self.used: dict[str, Amount] = collections.defaultdict(int)
         self.refused: collections.Counter[str] = collections.Counter()
         self._held: dict[str, tuple[str, Amount]] = {}  # key -> (resource, amount)
         self._lock = threading.Lock()
@@ -106,8 +106,9 @@ class LocalGate:
         check_amount(amount, whole=self.whole_units)
         with self._lock:
             left = max(0.0, self._left(resource))
-            got: Amount = amount if amount <= left + 1e-9 else (
-                math.floor(left + 1e-9) if isinstance(amount, int) else left)
+            got: Amount = (
+                amount if amount <= left + 1e-9 else (math.floor(left + 1e-9) if isinstance(amount, int) else left)
+            )
             if got < amount:
                 self.refused[resource] += 1
             self.used[resource] += got
@@ -177,10 +178,15 @@ class _KernelGateBase:
         self.leases_lost = 0
         self._keys = 0
 
-    def _reserve_arg(self, job: str, resource: str, amount: Amount, *, up_to: bool = False,
-                     commit: bool | None = None) -> dict[str, Any]:
-        arg: dict[str, Any] = {"job": job, "resource": resource, "amount": amount,
-                               "commit": (not self.hold) if commit is None else commit}
+    def _reserve_arg(
+        self, job: str, resource: str, amount: Amount, *, up_to: bool = False, commit: bool | None = None
+    ) -> dict[str, Any]:
+        arg: dict[str, Any] = {
+            "job": job,
+            "resource": resource,
+            "amount": amount,
+            "commit": (not self.hold) if commit is None else commit,
+        }
         if up_to:
             arg["up_to"] = True
         if self.lease_s is not None and not arg["commit"]:
@@ -209,17 +215,27 @@ class KernelGate(_KernelGateBase):
     """:class:`Gate` backed by the kernel's ledger, blocking.  ``client``: a client, or a
     factory called on first use.  Used from one thread at a time (a client's socket is)."""
 
-    def __init__(self, client: Caller | Callable[[], Caller], job: str = "default", *, hold: bool = False,
-                 lease_s: float | None = None) -> None:
+    def __init__(
+        self,
+        client: Caller | Callable[[], Caller],
+        job: str = "default",
+        *,
+        hold: bool = False,
+        lease_s: float | None = None,
+    ) -> None:
         super().__init__(job, hold, lease_s)
-        self._client: Caller | None = None if callable(client) and not hasattr(client, "call") else client  # type: ignore[assignment]
-        self._factory = client if self._client is None else None
+        self._client: Caller | None = None
+        self._factory: Callable[[], Caller] | None = None
+        if hasattr(client, "call"):
+            self._client = cast(Caller, client)
+        else:
+            self._factory = client
 
     @property
     def client(self) -> Caller:
         if self._client is None:
             assert self._factory is not None
-            self._client = self._factory()  # type: ignore[operator]
+            self._client = self._factory()
         return self._client
 
     def reserve(self, resource: str, amount: Amount = 1, key: str | None = None) -> bool:
@@ -234,8 +250,9 @@ class KernelGate(_KernelGateBase):
     def reserve_up_to(self, resource: str, amount: Amount) -> Amount:
         """Take and spend ``min(amount, what is left)`` in one round trip; returns how much."""
         try:
-            out = self.client.call(P.MMI_GATE_RESERVE, self._reserve_arg(self.job, resource, amount, up_to=True,
-                                                                         commit=True))
+            out = self.client.call(
+                P.MMI_GATE_RESERVE, self._reserve_arg(self.job, resource, amount, up_to=True, commit=True)
+            )
         except REFUSALS:
             self.refusals += 1
             return 0
@@ -292,8 +309,9 @@ class KernelGate(_KernelGateBase):
 class AsyncKernelGate(_KernelGateBase):
     """The asyncio form of :class:`KernelGate` (same arguments, coroutine methods)."""
 
-    def __init__(self, client: AsyncCaller, job: str = "default", *, hold: bool = False,
-                 lease_s: float | None = None) -> None:
+    def __init__(
+        self, client: AsyncCaller, job: str = "default", *, hold: bool = False, lease_s: float | None = None
+    ) -> None:
         super().__init__(job, hold, lease_s)
         self.client = client
 
@@ -309,8 +327,9 @@ class AsyncKernelGate(_KernelGateBase):
     async def reserve_up_to(self, resource: str, amount: Amount) -> Amount:
         """Take and spend ``min(amount, what is left)`` in one round trip; returns how much."""
         try:
-            out = await self.client.call(P.MMI_GATE_RESERVE, self._reserve_arg(self.job, resource, amount,
-                                                                               up_to=True, commit=True))
+            out = await self.client.call(
+                P.MMI_GATE_RESERVE, self._reserve_arg(self.job, resource, amount, up_to=True, commit=True)
+            )
         except REFUSALS:
             self.refusals += 1
             return 0

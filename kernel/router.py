@@ -258,7 +258,7 @@ class Router:
         service.requests += 1
         token = _TOKEN.pack(next(self._tokens))
         req = Request(token, identity, form, service, body, rid, reca, None, 0, now, header=header)
-        if reca:
+        if header is not None:
             try:
                 self._parse_header(req, header)
             except errors.BadRequest as exc:
@@ -356,7 +356,7 @@ class Router:
             self.counters["unroutable_replies"] += 1
 
     def error_body(self, req: Request, exc: errors.RecaError, spent: dict | None = None) -> list[bytes]:
-        status = {P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: exc.to_wire()}
+        status: dict[str, Any] = {P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: exc.to_wire()}
         if req.reca:
             status[P.H_VERSION] = P.VERSION
             status[P.S_ID] = req.rid
