@@ -204,6 +204,23 @@ class _KernelGateBase:
     def _oldest(self, resource: str) -> str | None:
         return next((k for k, h in self.held.items() if h.resource == resource), None)
 
+    def _to_commit(self, key: str) -> Held:
+        """Forget and return the reservation held for ``key`` (or, if ``key`` names a resource,
+        its oldest); KeyError if none."""
+        k = key if key in self.held else self._oldest(key)
+        if k is None:
+            raise KeyError(f"no reservation held for {key!r}")
+        return self.held.pop(k)
+
+    def _to_release(self, resource: str, key: str | None) -> Held | None:
+        """Forget and return the reservation held for ``key`` (None: the oldest of ``resource``)."""
+        k = key if key is not None else self._oldest(resource)
+        return None if k is None else self.held.pop(k, None)
+
+    def _release_failed(self, held: Held, exc: errors.RecaError) -> None:
+        self.release_failures += 1  # the kernel's lease reclaims the units
+        log.warning("gate release of %s failed: %s", held.reservation, exc)
+
     def _renew_arg(self) -> dict[str, Any]:
         arg: dict[str, Any] = {"reservations": [h.reservation for h in self.held.values()]}
         if self.lease_s is not None:
@@ -261,22 +278,18 @@ class KernelGate(_KernelGateBase):
 
     def commit(self, key: str) -> None:
         """Spend the reservation held for ``key`` (or, given a resource name, its oldest)."""
-        held = self.held.pop(key, None) if key in self.held else self.held.pop(self._oldest(key) or "", None)
-        if held is None:
-            raise KeyError(f"no reservation held for {key!r}")
-        self.client.call(P.MMI_GATE_COMMIT, {"reservation": held.reservation})
+        self.client.call(P.MMI_GATE_COMMIT, {"reservation": self._to_commit(key).reservation})
 
     def release(self, resource: str, amount: Amount = 1, key: str | None = None) -> None:
         """Give back the reservation held for ``key`` (else the oldest of ``resource``).  Units
         spent at grant are not given back (spending is final); nothing held: a no-op."""
-        held = self.held.pop(key if key is not None else self._oldest(resource) or "", None)
+        held = self._to_release(resource, key)
         if held is None:
             return
         try:
             self.client.call(P.MMI_GATE_RELEASE, {"reservation": held.reservation})
-        except errors.RecaError as exc:  # the lease reclaims the units
-            self.release_failures += 1
-            log.warning("gate release of %s failed: %s", held.reservation, exc)
+        except errors.RecaError as exc:
+            self._release_failed(held, exc)
 
     def renew(self) -> int:
         """Extend every held reservation by one lease.  One the kernel no longer holds (it
@@ -337,17 +350,13 @@ class AsyncKernelGate(_KernelGateBase):
         return out["granted"]
 
     async def commit(self, key: str) -> None:
-        held = self.held.pop(key, None) if key in self.held else self.held.pop(self._oldest(key) or "", None)
-        if held is None:
-            raise KeyError(f"no reservation held for {key!r}")
-        await self.client.call(P.MMI_GATE_COMMIT, {"reservation": held.reservation})
+        await self.client.call(P.MMI_GATE_COMMIT, {"reservation": self._to_commit(key).reservation})
 
     async def release(self, resource: str, amount: Amount = 1, key: str | None = None) -> None:
-        held = self.held.pop(key if key is not None else self._oldest(resource) or "", None)
+        held = self._to_release(resource, key)
         if held is None:
             return
         try:
             await self.client.call(P.MMI_GATE_RELEASE, {"reservation": held.reservation})
         except errors.RecaError as exc:
-            self.release_failures += 1
-            log.warning("gate release of %s failed: %s", held.reservation, exc)
+            self._release_failed(held, exc)

@@ -177,22 +177,6 @@ class WorkerRuntime:
         self._stopping = asyncio.Event()
         self.registered = asyncio.Event()
 
-    @property
-    def heartbeat(self) -> float:
-        return self.session.heartbeat
-
-    @property
-    def liveness(self) -> int:
-        return self.session.liveness
-
-    @property
-    def connects(self) -> int:
-        return self.session.connects
-
-    @property
-    def paused_acks(self) -> int:
-        return self.session.paused_acks
-
     # -- sending ----------------------------------------------------------------------------------
 
     def _queue(self, frames: list[bytes]) -> None:
