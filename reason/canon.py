@@ -18,9 +18,10 @@ The canonical form, in order:
    parentheses, a fixed set of function names, symbol names) and parsed unevaluated; size bounds
    (characters, nodes, depth, integer digits, literal exponents, expanded-term count, symbols) are
    checked before anything is evaluated, and the whole canonicalisation runs under a time limit.
-2. **Affine substitution** (``integrate``, ``solve``): when every occurrence of ``var`` sits inside
-   one linear sub-expression ``a*var + b`` (``a``, ``b`` free of ``var``), it is replaced by the
-   variable ``u``; ``∫ f(a x + b) dx`` is keyed as ``∫ f(u) du`` with ``(a, b)`` recorded, and
+2. **Affine substitution** (``integrate``, ``solve``): the variable is replaced by ``u`` through
+   each affine map ``u = a*var + b`` that occurs in the query as a maximal linear sub-expression
+   (``a``, ``b`` free of ``var``; ``var`` itself when it also occurs outside them), and the map
+   giving the least canonical form is kept; ``∫ f(a x + b) dx`` is keyed as ``∫ f(u) du`` with ``(a, b)`` recorded, and
    the answer maps back as ``F(x) = G(a x + b) / a`` (for ``solve``: ``x = (u* - b) / a``).
 3. **Normal form**: expanded, with rational functions cancelled to ``p/q`` (expanded ``p``,
    ``q``); commutative operands are ordered by SymPy's canonical argument order.  ``solve``
@@ -200,7 +201,7 @@ def _terms_bound(expr: sp.Basic) -> int:
     return 1
 
 
-def parse(text: Any, *, names: dict[str, Any] | None = None, artifact: bool = False) -> sp.Expr:
+def parse(text: Any, *, names: dict[str, Any] | None = None, artifact: bool = False, raw: list | None = None) -> sp.Expr:
     """Parse ``text`` of the accepted language, with every bound checked before evaluation.
 
     ``names`` maps identifiers to prepared objects (the ODE's function); other identifiers
@@ -234,15 +235,17 @@ def parse(text: Any, *, names: dict[str, Any] | None = None, artifact: bool = Fa
         else:
             local[ident] = sp.Symbol(ident)
     try:
-        raw = parse_expr(text, local_dict=local, global_dict=dict(_GLOBALS), transformations=_TRANSFORMS,
-                         evaluate=False)
+        unevaluated = parse_expr(text, local_dict=local, global_dict=dict(_GLOBALS), transformations=_TRANSFORMS,
+                                 evaluate=False)
     except TimeLimit:
         raise
     except (SyntaxError, TypeError, ValueError, AttributeError, NameError, TokenError_, RecursionError) as exc:
         raise ParseError(f"cannot parse {text[:60]!r}: {type(exc).__name__}") from None
-    if isinstance(raw, (tuple, list, dict, set)) or not isinstance(raw, sp.Basic):
+    if not isinstance(unevaluated, sp.Basic):
         raise ParseError(f"{text[:60]!r} is not a single expression")
-    _check_tree(raw)
+    _check_tree(unevaluated)
+    if raw is not None:
+        raw.append(unevaluated)
     try:
         expr = parse_expr(text, local_dict=local, global_dict=dict(_GLOBALS), transformations=_TRANSFORMS)
     except TimeLimit:
@@ -280,32 +283,32 @@ def normal_form(expr: sp.Expr) -> sp.Expr:
 # -- affine substitution --------------------------------------------------------------------------
 
 
-def find_affine(expr: sp.Expr, x: sp.Symbol) -> tuple[sp.Expr, sp.Expr, sp.Expr] | None:
-    """``(node, a, b)`` when every occurrence of ``x`` in ``expr`` lies inside one linear
-    sub-expression ``node == a*x + b`` (``a``, ``b`` free of ``x``, not ``node == x``)."""
-    found: set[sp.Expr] = set()
+def affine_candidates(expr: sp.Expr, x: sp.Symbol) -> list[tuple[sp.Expr, sp.Expr]]:
+    """The distinct affine maps ``(a, b)`` of ``x`` that appear in ``expr`` as written: sums
+    ``a*x + b`` (``a``, ``b`` free of ``x``; not ``x`` itself) that are an operand of a product, a
+    power or a function (not a summand, not the whole), plus ``x`` itself when it also occurs
+    outside them.  Empty when there is no such sum (nothing to normalise)."""
+    found: set[tuple[sp.Expr, sp.Expr]] = set()
     bare = False
-    stack = [expr]
+    stack: list[tuple[sp.Expr, bool]] = [(expr, False)]
     while stack:
-        node = stack.pop()
+        node, grouped = stack.pop()
         if node == x:
             bare = True
             continue
         if not node.has(x):
             continue
-        if isinstance(node, (sp.Add, sp.Mul)) and node.is_polynomial(x) and sp.degree(node, x) == 1:
-            found.add(node)
-            continue
-        stack.extend(node.args)
-    if bare or len(found) != 1:
-        return None
-    node = found.pop()
-    a, b = sp.Poly(node, x).all_coeffs()
-    if a.has(x) or b.has(x) or a == 0:
-        return None
-    if a == 1 and b == 0:
-        return None
-    return node, a, b
+        if grouped and isinstance(node, sp.Add) and node.is_polynomial(x) and sp.degree(node, x) == 1:
+            a, b = sp.Poly(node, x).all_coeffs()
+            if not a.has(x) and not b.has(x) and a != 0 and (a, b) != (1, 0):
+                found.add((a, b))
+                continue
+        stack.extend((arg, not isinstance(node, sp.Add)) for arg in node.args)
+    if not found:
+        return []
+    if bare:
+        found.add((sp.Integer(1), sp.Integer(0)))
+    return sorted(found, key=sp.default_sort_key)
 
 
 # -- the canonical form ---------------------------------------------------------------------------
@@ -448,18 +451,19 @@ def _subgoal_fields(subgoal: Any) -> tuple[str, str, str | None, str | None]:
     return kind, expr, var, func
 
 
-def _equation(text: str, names: dict[str, Any] | None = None) -> sp.Expr:
+def _equation(text: str, names: dict[str, Any] | None = None, raw: list | None = None) -> sp.Expr:
     if text.count("=") > 1:
         raise ParseError("at most one '=' in an equation")
     if "=" in text:
         lhs, rhs = text.split("=")
-        return parse(lhs, names=names) - parse(rhs, names=names)
-    return parse(text, names=names)
+        return parse(lhs, names=names, raw=raw) - parse(rhs, names=names, raw=raw)
+    return parse(text, names=names, raw=raw)
 
 
-def parse_subgoal(subgoal: Any) -> tuple[str, sp.Expr, sp.Symbol | None, Any]:
+def parse_subgoal(subgoal: Any, raw: list | None = None) -> tuple[str, sp.Expr, sp.Symbol | None, Any]:
     """``(kind, expression, variable, function)`` of a subgoal in the query's own symbols; for
-    ``dsolve`` the expression holds ``func(var)`` and its derivatives."""
+    ``dsolve`` the expression holds ``func(var)`` and its derivatives.  ``raw`` collects the
+    unevaluated trees as written."""
     kind, text, var_name, func_name = _subgoal_fields(subgoal)
     var = sp.Symbol(var_name) if var_name else None
     if kind == "dsolve":
@@ -485,13 +489,13 @@ def parse_subgoal(subgoal: Any) -> tuple[str, sp.Expr, sp.Symbol | None, Any]:
     if "'" in text:
         raise ParseError("primes are only accepted in ODEs")
     if kind == "solve":
-        expr = _equation(text)
+        expr = _equation(text, raw=raw)
         if var not in expr.free_symbols:
             raise Unsupported(f"the equation does not contain {var_name!r}")
         return kind, expr, var, None
     if "=" in text:
         raise ParseError(f"{kind} takes an expression, not an equation")
-    return kind, parse(text), var, None
+    return kind, parse(text, raw=raw), var, None
 
 
 def canonicalise(subgoal: Any, *, seconds: float = CANON_SECONDS) -> Canon:
@@ -505,22 +509,10 @@ def canonicalise(subgoal: Any, *, seconds: float = CANON_SECONDS) -> Canon:
 
 
 def _canonicalise(subgoal: Any) -> Canon:
-    kind, expr, var, fn = parse_subgoal(subgoal)
+    written: list[sp.Expr] = []
+    kind, expr, var, fn = parse_subgoal(subgoal, written)
     query = expr
-    affine = None
     extra: dict[sp.Basic, sp.Basic] = {}
-    if kind in ("integrate", "solve"):
-        found = find_affine(expr, var)
-        if found is not None:
-            node, a, b = found
-            expr = expr.xreplace({node: _U})
-            affine = (a, b)
-            if expr.has(var):  # pragma: no cover - find_affine guarantees this
-                raise Unsupported("affine substitution left the variable behind")
-            extra[_U] = VAR
-        form_var = None if affine is not None else var
-    else:
-        form_var = var
     if kind == "dsolve":
         orders = [d.derivative_count for d in expr.atoms(sp.Derivative)]
         top = sp.Derivative(fn(var), (var, max(orders)))
@@ -529,18 +521,31 @@ def _canonicalise(subgoal: Any) -> Canon:
             raise Unsupported("the highest derivative must appear linearly")
         expr = normal_form(expr / lead)
         extra[fn(var)] = FUNC(VAR)
-    expr = normal_form(expr)
-    if kind == "solve":
-        expr = _monic(expr, _U if affine is not None else var)
-    if affine is not None:
-        form, back = _rename(expr, _U, {})
-        back.pop("x", None)
-        back["x"] = var
-        back_affine = (affine[0], affine[1])
-        # parameters inside a, b stay in the query's symbols; they are absent from the form
-        return Canon(kind, _key(kind, form), form, back, back_affine, var, query)
-    form, back = _rename(expr, form_var, extra)
-    return Canon(kind, _key(kind, form), form, back, None, var, query)
+        form, back = _rename(expr, var, extra)
+        return Canon(kind, _key(kind, form), form, back, None, var, query)
+    if kind == "simplify":
+        form, back = _rename(normal_form(expr), None, extra)
+        return Canon(kind, _key(kind, form), form, back, None, var, query)
+    # integrate, solve: the least form over the affine maps of the variable found in the query
+    # (the identity when the variable only occurs bare)
+    best: tuple[int, str, sp.Expr, dict, tuple | None] | None = None
+    # candidates come from the tree as written (evaluation distributes numeric factors over sums)
+    candidates = sorted(set().union(*(affine_candidates(w, var) for w in written)), key=sp.default_sort_key)
+    for a, b in candidates or [(sp.Integer(1), sp.Integer(0))]:
+        substituted = expr.xreplace({var: (_U - b) / a}) if (a, b) != (1, 0) else expr.xreplace({var: _U})
+        if len(substituted.free_symbols) > MAX_SYMBOLS:
+            raise TooLarge(f"more than {MAX_SYMBOLS} symbols")
+        nf = normal_form(substituted)
+        if kind == "solve":
+            nf = _monic(nf, _U)
+        form, back = _rename(nf, _U, {})
+        printed = sp.srepr(form)
+        if best is None or (len(printed), printed) < best[:2]:
+            best = (len(printed), printed, form, back, None if (a, b) == (1, 0) else (a, b))
+    assert best is not None
+    _, _, form, back, affine = best
+    back["x"] = var
+    return Canon(kind, _key(kind, form), form, back, affine, var, query)
 
 
 def _monic(expr: sp.Expr, x: sp.Symbol) -> sp.Expr:

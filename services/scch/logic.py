@@ -212,14 +212,24 @@ class SubgoalCache:
     def solve(self, subgoal: Any, now: float, compute: Callable[[str, sp.Expr], tuple[Any, float]],
               *, use_cache: bool = True) -> dict:
         """Answer from the cache, else ``compute(kind, form) -> (answer, cpu_s)``, verify and
-        admit.  Returns ``{"answer", "hit", "key", "cpu_s", ...}``."""
-        if use_cache:
-            cn, served, entry = self.get(subgoal, now)
-            if served is not None:
-                return {"answer": C.to_text(served), "hit": True, "key": cn.key, "cpu_s": 0.0, "how": entry.how}
-        else:
-            cn = self.canon(subgoal)
+        admit.  Returns ``{"answer", "hit", "key", "cpu_s", "how", ...}``."""
+        cn, hit = self.lookup(subgoal, now, use_cache)
+        if hit is not None:
+            return hit
         canonical, cpu = compute(cn.kind, cn.form)
+        return self.finish(cn, canonical, cpu, now, use_cache)
+
+    def lookup(self, subgoal: Any, now: float, use_cache: bool = True) -> tuple[C.Canon, dict | None]:
+        """The first half of :meth:`solve`: the canonical form and, on a served hit, the reply."""
+        if not use_cache:
+            return self.canon(subgoal), None
+        cn, served, entry = self.get(subgoal, now)
+        if served is None:
+            return cn, None
+        return cn, {"answer": C.to_text(served), "hit": True, "key": cn.key, "cpu_s": 0.0, "how": entry.how}
+
+    def finish(self, cn: C.Canon, canonical: Any, cpu: float, now: float, use_cache: bool = True) -> dict:
+        """The second half of :meth:`solve`: verify a computed answer, admit it, translate it."""
         self.counts.solved += 1
         self.counts.solver_cpu_s += cpu
         how = full_check(cn.kind, cn.form, canonical, self.rng)
