@@ -154,6 +154,7 @@ def control_topic(service: str, op: ControlOp | str) -> bytes:
 MMI_PREFIX: Final = "mmi."
 MMI_SERVICE: Final = "mmi.service"
 MMI_STATS: Final = "mmi.stats"
+MMI_JOB_STATS: Final = "mmi.job.stats"  # a job's limits, spent amounts and state
 MMI_OK: Final = b"200"
 MMI_NOT_FOUND: Final = b"404"
 MMI_NOT_IMPLEMENTED: Final = b"501"
