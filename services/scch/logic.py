@@ -8,7 +8,7 @@ half-life ``H``: a use at time ``t`` adds 1, and the score at ``now`` is
 to evict (the least score) is the least ``z``, found by an index, without rescoring anything.
 
 **Admission** (``put``): a key's observation score counts the queries that asked for it (every
-``get``).  An artifact is admitted when that score is at least ``admit_min`` and either the
+``get``, and a ``put`` that offers an answer).  An artifact is admitted when that score is at least ``admit_min`` and either the
 cache has room or the score beats the least-scored entry, which is then evicted.
 
 **Serving** (``get``): an entry is served only if its digest is intact, it was accepted by the
@@ -177,6 +177,8 @@ class SubgoalCache:
             raise VerifierRejected(f"unknown verifier {verifier!r} for {cn.kind}; current: {verifier_hash(cn.kind)}")
         parsed = C.artifact_from_text(cn.kind, answer)
         canonical = cn.to_canonical(parsed)
+        # the query that offers an answer has seen the subgoal: one observation
+        self.backend.observe(cn.key, bump(self.backend.observed(cn.key), now, self.half_life), self.keep_observations)
         return self.admit(cn, canonical, now)
 
     def admit(self, cn: C.Canon, canonical: Any, now: float, how: str | None = None) -> dict:

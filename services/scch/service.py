@@ -129,11 +129,12 @@ class ScchService(Service):
         cache, pool = self.cache, self.pool
         assert cache is not None and pool is not None
         bypassed = False
+        now = time.time()  # one time per request: admission compares with this request's observation
         try:
-            cn, hit = cache.lookup(subgoal, time.time(), use_cache)
+            cn, hit = cache.lookup(subgoal, now, use_cache)
         except BackendUnavailable:
             bypassed, use_cache = True, False
-            cn, hit = cache.lookup(subgoal, time.time(), False)
+            cn, hit = cache.lookup(subgoal, now, False)
         if hit is not None:
             return hit  # a hit reports no spending
         # The heavy call runs in the solver process; this thread only waits (bounded), so the
@@ -148,10 +149,10 @@ class ScchService(Service):
             ctx.charge(solver_calls=1)
         ctx.charge(cpu_ms=1000.0 * cpu)
         try:
-            out = cache.finish(cn, canonical, cpu, time.time(), use_cache)
+            out = cache.finish(cn, canonical, cpu, now, use_cache)
         except BackendUnavailable:
             bypassed = True
-            out = cache.finish(cn, canonical, 0.0, time.time(), False)
+            out = cache.finish(cn, canonical, 0.0, now, False)
         if bypassed:
             out["cache"] = "bypassed"
         return out
