@@ -13,7 +13,7 @@ import zmq
 from clients import Client
 from kernel import errors
 from kernel import protocol as P
-from tests.redis_support import RedisServer
+from services.scch.redis_local import RedisServer
 from tests.support import KernelProcess, service_block, short_tmpdir
 
 pytestmark = pytest.mark.system

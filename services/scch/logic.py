@@ -105,17 +105,23 @@ class SubgoalCache:
         self.counts = Counts()
         self._memo: _LRU = _LRU(MEMO_SIZE)
         self._checks: _LRU = _LRU(CHECKS_SIZE)
+        self._answers: _LRU = _LRU(MEMO_SIZE)  # (subgoal text, entry digest) -> translated answer
 
     # -- canonical forms --------------------------------------------------------------------------
 
-    def canon(self, subgoal: Any) -> C.Canon:
-        """The subgoal's canonical form (memoised by its exact text)."""
+    @staticmethod
+    def _text(subgoal: Any) -> str:
         try:
             memo_key = json.dumps(subgoal, sort_keys=True)
         except (TypeError, ValueError):
             raise ParseError("a subgoal is a map of strings") from None
         if len(memo_key) > 4 * C.MAX_CHARS:
             raise C.TooLarge("subgoal text too long")
+        return memo_key
+
+    def canon(self, subgoal: Any) -> C.Canon:
+        """The subgoal's canonical form (memoised by its exact text)."""
+        memo_key = self._text(subgoal)
         found = self._memo.get_fresh(memo_key)
         if found is None:
             found = C.canonicalise(subgoal)
@@ -125,15 +131,15 @@ class SubgoalCache:
     # -- get --------------------------------------------------------------------------------------
 
     def get(self, subgoal: Any, now: float) -> tuple[C.Canon, Any | None, Entry | None]:
-        """``(canon, answer in the query's symbols, entry)``; answer and entry are ``None`` on a
-        miss.  Counts the observation of the key."""
+        """``(canon, answer printed in the query's symbols, entry)``; answer and entry are ``None``
+        on a miss.  Counts the observation of the key."""
         cn = self.canon(subgoal)
         self.counts.gets += 1
         self.backend.observe(cn.key, bump(self.backend.observed(cn.key), now, self.half_life), self.keep_observations)
         entry = self.backend.load(cn.key)
         served = None
         if entry is not None:
-            served = self._serve(cn, entry)
+            served = self._serve(cn, entry, self._text(subgoal))
             if served is None:
                 entry = None
         kind_counts = self.counts.by_kind[cn.kind]
@@ -146,18 +152,17 @@ class SubgoalCache:
         self.backend.touch(cn.key, bump(entry.z, now, self.half_life))
         return cn, served, entry
 
-    def _serve(self, cn: C.Canon, entry: Entry) -> Any | None:
+    def _serve(self, cn: C.Canon, entry: Entry, text: str) -> Any | None:
         """The entry's answer in the query's symbols if it passes every check, else ``None``
-        (and the entry is deleted)."""
+        (and the entry is deleted).  The check runs on every hit; the parsed artifact, its
+        compiled check and its translation are memoised by the entry's digest."""
         ok = entry.intact and entry.verifier == verifier_hash(cn.kind) and entry.kind == cn.kind
-        answer = None
         if ok:
             try:
-                answer = answer_from_text(cn.kind, entry.artifact)
-                check = self._checks.get_fresh(entry.digest)
+                check = self._checks.get_fresh((cn.key, entry.digest))
                 if check is None:
-                    check = QuickCheck.compile(cn.kind, cn.form, answer)
-                    self._checks.put(entry.digest, check)
+                    check = QuickCheck.compile(cn.kind, cn.form, answer_from_text(cn.kind, entry.artifact))
+                    self._checks.put((cn.key, entry.digest), check)
                 ok = check.check(self.rng)
             except (ReasonError, ValueError, TypeError, SyntaxError, sp.SympifyError):
                 ok = False
@@ -165,7 +170,11 @@ class SubgoalCache:
             self.counts.rejected += 1
             self.backend.delete(cn.key)
             return None
-        return cn.to_query(answer)
+        served = self._answers.get_fresh((text, entry.digest))
+        if served is None:
+            served = C.to_text(cn.to_query(answer_from_text(cn.kind, entry.artifact)))
+            self._answers.put((text, entry.digest), served)
+        return served
 
     # -- put --------------------------------------------------------------------------------------
 
@@ -228,7 +237,7 @@ class SubgoalCache:
         cn, served, entry = self.get(subgoal, now)
         if served is None:
             return cn, None
-        return cn, {"answer": C.to_text(served), "hit": True, "key": cn.key, "cpu_s": 0.0, "how": entry.how}
+        return cn, {"answer": served, "hit": True, "key": cn.key, "cpu_s": 0.0, "how": entry.how}
 
     def finish(self, cn: C.Canon, canonical: Any, cpu: float, now: float, use_cache: bool = True) -> dict:
         """The second half of :meth:`solve`: verify a computed answer, admit it, translate it."""

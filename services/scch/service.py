@@ -35,7 +35,6 @@ import time
 from typing import Any
 
 from kernel import errors
-from reason.canon import to_text
 from reason.errors import ReasonError
 from reason.solve import SOLVE_SECONDS, SolverPool
 from services.base import Context, Service
@@ -108,7 +107,7 @@ class ScchService(Service):
                 cn, answer, entry = cache.get(subgoal, time.time())
                 out = {"hit": answer is not None, "key": cn.key, "priority_hint": cache.priority_hint(cn.kind)}
                 if answer is not None:
-                    out |= {"answer": to_text(answer), "how": entry.how}
+                    out |= {"answer": answer, "how": entry.how}
                 return out
             if op == "put":
                 return cache.put(subgoal, payload.get("answer"), time.time(), verifier=payload.get("verifier"))

@@ -1,5 +1,5 @@
-"""A real ``redis-server`` for tests: started on a private unix socket (no TCP port), with no
-persistence, stopped by its own pid.  Readiness is the server's own "Ready to accept
+"""A local ``redis-server`` for tests, benchmarks and trying the Redis backend by hand: started on
+a private unix socket (no TCP port), with no persistence, stopped by its own pid.  Readiness is the server's own "Ready to accept
 connections" log line, read from its stdout under a bound (no sleeps)."""
 
 from __future__ import annotations
