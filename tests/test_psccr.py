@@ -83,3 +83,30 @@ def test_derivation_through_the_kernel():
                 c.call("psccr", {"op": "derive", "start": "x", "steps": [{"op": "rm -rf"}]})
     finally:
         k.stop()
+
+
+@pytest.mark.system
+def test_rois_with_grafts_through_the_decode_worker():
+    """A verified item is checkpointed; a later question with the same item (product operands
+    swapped) whose step is corrupted gets the verified continuation grafted, not re-decoded."""
+    services = service_block("decode", "services.decode") + service_block("psccr", "services.psccr")
+    k = KernelProcess(services, heartbeat=0.2, liveness=10)
+    try:
+        with Client(k.endpoint, timeout=60, retries=0, context=zmq.Context.instance()) as c:
+            for name in ("decode", "psccr"):
+                c.wait_for_service(name, 60)
+            first = c.call("decode", {"op": "generate", "prompt": "Q:23+4*8,7+3*9;", "max_new": 40})
+            rep = c.call("psccr", {"op": "repair", "decode": first["decode"]})
+            assert rep["ok"] and rep["checkpointed"] >= 1
+            second = c.call("decode", {"op": "generate", "prompt": "Q:5+6*7,7+9*3;", "max_new": 40})
+            text = second["text"]
+            pos = text.index("9*3=") + len("9*3=")  # corrupt the product of the known item
+            wrong = str((int(text[pos]) + 1) % 10)
+            c.call("decode", {"op": "replace", "decode": second["decode"], "start": pos + 1, "end": pos + 2,
+                              "text": wrong})
+            fixed = c.call("psccr", {"op": "repair", "decode": second["decode"]})
+            assert fixed["ok"] and fixed["grafts"] == 1 and fixed["decoded"] == 0
+            state = c.call("decode", {"op": "state", "decode": second["decode"]})
+            assert "9*3=27;7+27=34;" in state["text"]
+    finally:
+        k.stop()

@@ -95,6 +95,7 @@ class Outcome:
     steps: int
     computed: int = 0        # step computations run (including failed attempts and redone work)
     redone: int = 0          # computations repeated because of a failure (restart cost)
+    redone_cpu_s: float = 0.0
     failures: int = 0
     grafted: int = 0
     cpu_s: float = 0.0
@@ -160,6 +161,7 @@ async def derive(start: str, var: str, steps: list[dict], *, compute: Callable[.
         out.cpu_s += cpu
         if i < progress:
             out.redone += 1
+            out.redone_cpu_s += cpu
         if i in pending_faults:
             pending_faults.discard(i)
             result = corrupt(result)
