@@ -27,7 +27,6 @@ import random
 import statistics
 import time
 
-import numpy as np
 import sympy as sp
 
 from bench._common import Result

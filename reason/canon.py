@@ -201,6 +201,21 @@ def _terms_bound(expr: sp.Basic) -> int:
     return 1
 
 
+def _parse_expr(text: str, local: dict[str, Any], *, evaluate: bool) -> sp.Basic:
+    """SymPy's parser over the bound names only; any failure is :class:`ParseError`."""
+    try:
+        out = parse_expr(text, local_dict=local, global_dict=dict(_GLOBALS), transformations=_TRANSFORMS,
+                         evaluate=evaluate)
+    except TimeLimit:
+        raise
+    except (SyntaxError, TypeError, ValueError, AttributeError, NameError, ZeroDivisionError, TokenError_,
+            RecursionError) as exc:
+        raise ParseError(f"cannot {'evaluate' if evaluate else 'parse'} {text[:60]!r}: {type(exc).__name__}") from None
+    if not isinstance(out, sp.Basic):
+        raise ParseError(f"{text[:60]!r} is not a single expression")
+    return out
+
+
 def parse(text: Any, *, names: dict[str, Any] | None = None, artifact: bool = False, raw: list | None = None) -> sp.Expr:
     """Parse ``text`` of the accepted language, with every bound checked before evaluation.
 
@@ -234,26 +249,11 @@ def parse(text: Any, *, names: dict[str, Any] | None = None, artifact: bool = Fa
             raise ParseError(f"name {ident!r} is reserved")
         else:
             local[ident] = sp.Symbol(ident)
-    try:
-        unevaluated = parse_expr(text, local_dict=local, global_dict=dict(_GLOBALS), transformations=_TRANSFORMS,
-                                 evaluate=False)
-    except TimeLimit:
-        raise
-    except (SyntaxError, TypeError, ValueError, AttributeError, NameError, TokenError_, RecursionError) as exc:
-        raise ParseError(f"cannot parse {text[:60]!r}: {type(exc).__name__}") from None
-    if not isinstance(unevaluated, sp.Basic):
-        raise ParseError(f"{text[:60]!r} is not a single expression")
+    unevaluated = _parse_expr(text, local, evaluate=False)
     _check_tree(unevaluated)
     if raw is not None:
         raw.append(unevaluated)
-    try:
-        expr = parse_expr(text, local_dict=local, global_dict=dict(_GLOBALS), transformations=_TRANSFORMS)
-    except TimeLimit:
-        raise
-    except (SyntaxError, TypeError, ValueError, AttributeError, NameError, ZeroDivisionError, RecursionError) as exc:
-        raise ParseError(f"cannot evaluate {text[:60]!r}: {type(exc).__name__}") from None
-    if not isinstance(expr, sp.Basic):
-        raise ParseError(f"{text[:60]!r} is not an expression")
+    expr = _parse_expr(text, local, evaluate=True)
     if expr.has(sp.zoo, sp.nan):
         raise ParseError(f"{text[:60]!r} is undefined (division by zero)")
     return expr

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 
@@ -60,53 +61,52 @@ def test_a_wrong_graft_is_not_used():
     assert out.grafted == 0 and out.computed == 1 and sp.sympify(out.final) == 3 * sp.Symbol("y") ** 2
 
 
-@pytest.mark.system
-def test_derivation_through_the_kernel():
-    services = service_block("scch", "services.scch") + service_block("psccr", "services.psccr")
-    k = KernelProcess(services, heartbeat=0.2, liveness=10)
+@contextlib.contextmanager
+def kernel_with(*names: str):
+    """A kernel running ``services.<name>`` for each name, and a client once all registered."""
+    k = KernelProcess("".join(service_block(n, f"services.{n}") for n in names), heartbeat=0.2, liveness=10)
     try:
         with Client(k.endpoint, timeout=60, retries=0, context=zmq.Context.instance()) as c:
-            for name in ("scch", "psccr"):
+            for name in names:
                 c.wait_for_service(name, 60)
-            job = f"t-{uuid.uuid4().hex[:8]}"
-            c.open_job(job, {})
-            out = c.call("psccr", {"op": "derive", "start": "x*exp(x)", "var": "x", "steps": STEPS[:6],
-                                   "faults": [2]}, job=job)
-            assert out["ok"] and out["failures"] == 1 and out["redone"] == 1
-            spent = c.call(P.MMI_JOB_STATS, {"job": job})["spent"]
-            assert spent["solver_calls"] == 3  # integrate twice (one wrong), simplify once: budgeted calls
-            again = c.call("psccr", {"op": "derive", "start": "exp(z)*z", "var": "z",
-                                     "steps": [dict(s, arg=s["arg"].replace("x", "z")) if "arg" in s else s
-                                               for s in STEPS[:6]]}, job=job)
-            assert again["grafted"] == 6 and again["computed"] == 0
-            with pytest.raises(errors.BadRequest):
-                c.call("psccr", {"op": "derive", "start": "x", "steps": [{"op": "rm -rf"}]})
+            yield c
     finally:
         k.stop()
+
+
+@pytest.mark.system
+def test_derivation_through_the_kernel():
+    with kernel_with("scch", "psccr") as c:
+        job = f"t-{uuid.uuid4().hex[:8]}"
+        c.open_job(job, {})
+        out = c.call("psccr", {"op": "derive", "start": "x*exp(x)", "var": "x", "steps": STEPS[:6],
+                               "faults": [2]}, job=job)
+        assert out["ok"] and out["failures"] == 1 and out["redone"] == 1
+        spent = c.call(P.MMI_JOB_STATS, {"job": job})["spent"]
+        assert spent["solver_calls"] == 3  # integrate twice (one wrong), simplify once: budgeted calls
+        again = c.call("psccr", {"op": "derive", "start": "exp(z)*z", "var": "z",
+                                 "steps": [dict(s, arg=s["arg"].replace("x", "z")) if "arg" in s else s
+                                           for s in STEPS[:6]]}, job=job)
+        assert again["grafted"] == 6 and again["computed"] == 0
+        with pytest.raises(errors.BadRequest):
+            c.call("psccr", {"op": "derive", "start": "x", "steps": [{"op": "rm -rf"}]})
 
 
 @pytest.mark.system
 def test_rois_with_grafts_through_the_decode_worker():
     """A verified item is checkpointed; a later question with the same item (product operands
     swapped) whose step is corrupted gets the verified continuation grafted, not re-decoded."""
-    services = service_block("decode", "services.decode") + service_block("psccr", "services.psccr")
-    k = KernelProcess(services, heartbeat=0.2, liveness=10)
-    try:
-        with Client(k.endpoint, timeout=60, retries=0, context=zmq.Context.instance()) as c:
-            for name in ("decode", "psccr"):
-                c.wait_for_service(name, 60)
-            first = c.call("decode", {"op": "generate", "prompt": "Q:23+4*8,7+3*9;", "max_new": 40})
-            rep = c.call("psccr", {"op": "repair", "decode": first["decode"]})
-            assert rep["ok"] and rep["checkpointed"] >= 1
-            second = c.call("decode", {"op": "generate", "prompt": "Q:5+6*7,7+9*3;", "max_new": 40})
-            text = second["text"]
-            pos = text.index("9*3=") + len("9*3=")  # corrupt the product of the known item
-            wrong = str((int(text[pos]) + 1) % 10)
-            c.call("decode", {"op": "replace", "decode": second["decode"], "start": pos + 1, "end": pos + 2,
-                              "text": wrong})
-            fixed = c.call("psccr", {"op": "repair", "decode": second["decode"]})
-            assert fixed["ok"] and fixed["grafts"] == 1 and fixed["decoded"] == 0
-            state = c.call("decode", {"op": "state", "decode": second["decode"]})
-            assert "9*3=27;7+27=34;" in state["text"]
-    finally:
-        k.stop()
+    with kernel_with("decode", "psccr") as c:
+        first = c.call("decode", {"op": "generate", "prompt": "Q:23+4*8,7+3*9;", "max_new": 40})
+        rep = c.call("psccr", {"op": "repair", "decode": first["decode"]})
+        assert rep["ok"] and rep["checkpointed"] >= 1
+        second = c.call("decode", {"op": "generate", "prompt": "Q:5+6*7,7+9*3;", "max_new": 40})
+        text = second["text"]
+        pos = text.index("9*3=") + len("9*3=")  # corrupt the product of the known item
+        wrong = str((int(text[pos]) + 1) % 10)
+        c.call("decode", {"op": "replace", "decode": second["decode"], "start": pos + 1, "end": pos + 2,
+                          "text": wrong})
+        fixed = c.call("psccr", {"op": "repair", "decode": second["decode"]})
+        assert fixed["ok"] and fixed["grafts"] == 1 and fixed["decoded"] == 0
+        state = c.call("decode", {"op": "state", "decode": second["decode"]})
+        assert "9*3=27;7+27=34;" in state["text"]

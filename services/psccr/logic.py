@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import json
 import sqlite3
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import numpy as np
 import sympy as sp
