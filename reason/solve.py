@@ -2,8 +2,8 @@
 forms, and :class:`SolverPool`, which runs them in a child process with a hard time bound.
 
 A heavy SymPy call can run for minutes or exhaust memory; a thread cannot be stopped, so the pool
-runs each call in a ``forkserver`` child (SymPy preloaded) and terminates the child when the bound
-passes, starting a fresh one for the next call.  The caller gets :class:`TimeLimit` and the
+runs each call — and the full check of its answer — in a ``forkserver`` child (SymPy preloaded)
+and terminates the child when the bound passes, starting a fresh one for the next call.  The caller gets :class:`TimeLimit` and the
 service keeps serving.
 """
 
@@ -17,8 +17,11 @@ from typing import Any
 
 import sympy as sp
 
+import numpy as np
+
 from reason.canon import FUNC, VAR, time_limit
-from reason.errors import ReasonError, TimeLimit, Unsupported
+from reason.check import full_check
+from reason.errors import ParseError, ReasonError, TimeLimit, TooLarge, Unsupported, VerifierRejected
 
 #: Default bound of one heavy call, seconds.
 SOLVE_SECONDS = 20.0
@@ -56,15 +59,23 @@ def timed_compute(kind: str, form: sp.Expr, seconds: float = SOLVE_SECONDS) -> t
     return out, time.process_time() - t0
 
 
-def _child(kind: str, form: sp.Expr) -> tuple[str, Any, float]:
+#: Bound of a full check run in the child (killable, so it may be generous), seconds.
+CHILD_CHECK_SECONDS = 10.0
+_ERRORS = {cls.__name__: cls for cls in (Unsupported, TimeLimit, VerifierRejected, ParseError, TooLarge)}
+
+
+def _child(kind: str, form: sp.Expr, answer: Any = None) -> tuple[str, Any, float]:
+    """In the child: compute (unless ``answer`` is given) and verify in full."""
     t0 = time.process_time()
     try:
-        out = compute(kind, form)
+        out = compute(kind, form) if answer is None else answer
+        cpu = time.process_time() - t0
+        how = full_check(kind, form, out, np.random.default_rng(), seconds=CHILD_CHECK_SECONDS)
     except ReasonError as exc:
         return "error", (type(exc).__name__, str(exc)), time.process_time() - t0
     except Exception as exc:  # noqa: BLE001 - SymPy raises many kinds; report, never crash the child
         return "error", ("Unsupported", f"{type(exc).__name__}: {exc}"), time.process_time() - t0
-    return "ok", out, time.process_time() - t0
+    return "ok", (out, how), cpu
 
 
 class SolverPool:
@@ -85,14 +96,16 @@ class SolverPool:
             self._pool = self._ctx.Pool(1, maxtasksperchild=200)
         return self._pool
 
-    def call(self, kind: str, form: sp.Expr, seconds: float | None = None) -> tuple[Any, float]:
-        """The answer and the child's CPU seconds; raises :class:`TimeLimit` (the child is
-        killed) or :class:`Unsupported`."""
+    def call(self, kind: str, form: sp.Expr, seconds: float | None = None, *, answer: Any = None
+             ) -> tuple[Any, float, str]:
+        """``(answer, CPU seconds of computing it, how it verified)``: the heavy call and its full
+        check, both in the child (``answer`` given: only the check).  Raises :class:`TimeLimit`
+        (the child is killed), :class:`Unsupported` or :class:`VerifierRejected`."""
         bound = self.seconds if seconds is None else seconds
         with self._lock:
             pool = self._get()
             self.calls += 1
-            pending = pool.apply_async(_child, (kind, form))
+            pending = pool.apply_async(_child, (kind, form, answer))
             try:
                 status, out, cpu = pending.get(bound)
             except multiprocessing.TimeoutError:
@@ -101,8 +114,8 @@ class SolverPool:
                 raise TimeLimit(f"{kind} call exceeded {bound:g} s; its process was killed") from None
         if status == "error":
             name, message = out
-            raise Unsupported(message) if name != "TimeLimit" else TimeLimit(message)
-        return out, cpu
+            raise _ERRORS.get(name, Unsupported)(message)
+        return out[0], cpu, out[1]
 
     def _kill(self) -> None:
         pool, self._pool = self._pool, None

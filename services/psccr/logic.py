@@ -26,8 +26,8 @@ import numpy as np
 import sympy as sp
 
 from reason import canon as C
-from reason.check import QuickCheck
-from reason.errors import ParseError, VerifierRejected
+from reason.check import CHECK_SECONDS, QuickCheck
+from reason.errors import ParseError, TimeLimit, VerifierRejected
 
 OPS = ("integrate", "diff", "expand", "simplify", "subs")
 MAX_STEPS = 256
@@ -63,8 +63,9 @@ def check_step(op: str, before: sp.Expr, after: sp.Expr, var: sp.Symbol, arg: sp
     else:
         kind, form, answer = "simplify", b, a
     try:
-        return QuickCheck.compile(kind, form, answer).check(rng, 6)
-    except (VerifierRejected, TypeError, ValueError):
+        with C.time_limit(CHECK_SECONDS, "step check"):
+            return QuickCheck.compile(kind, form, answer).check(rng, 6)
+    except (VerifierRejected, TimeLimit, TypeError, ValueError):
         return False
 
 

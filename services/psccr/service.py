@@ -26,6 +26,7 @@ import sympy as sp
 
 from kernel import errors
 from reason import canon as C
+from reason.check import warm_up
 from reason.errors import ReasonError
 from services.base import Context
 from services.common import BusService
@@ -38,6 +39,8 @@ from services.psccr.logic import Checkpoints, compute_local, derive
 
 #: Steps sent to the solver service (through the kernel, budgeted); the rest run here.
 HEAVY = {"integrate": "integrate", "simplify": "simplify"}
+#: Bound of a light step run here, seconds.
+LIGHT_SECONDS = 1.0
 
 
 class PsccrService(BusService):
@@ -65,6 +68,7 @@ class PsccrService(BusService):
     async def setup(self) -> None:
         await super().setup()
         self.store = Checkpoints(self.db)
+        warm_up()
 
     async def handle(self, ctx: Context, payload: Any) -> Any:
         if not isinstance(payload, dict):
@@ -91,7 +95,8 @@ class PsccrService(BusService):
                 out = await self.client.call(self.solver, {"op": "solve", "subgoal": sub, "cache": False},
                                              job=ctx.job, retries=0)
                 return C.parse(out["answer"], artifact=True), float(out["cpu_s"])
-            return compute_local(step_op, expr, x, arg), 0.0
+            with C.time_limit(LIGHT_SECONDS, f"{step_op} step"):  # on the loop thread: below the liveness window
+                return compute_local(step_op, expr, x, arg), 0.0
 
         try:
             out = await derive(payload.get("start"), var, payload.get("steps"), compute=compute,

@@ -29,7 +29,7 @@ import numpy as np
 import sympy as sp
 
 from reason import canon as C
-from reason.check import QuickCheck, full_check, verifier_hash
+from reason.check import CHECK_SECONDS, QuickCheck, full_check, verifier_hash
 from reason.errors import ParseError, ReasonError, VerifierRejected
 from services.scch.store import Backend, Entry
 
@@ -159,11 +159,12 @@ class SubgoalCache:
         ok = entry.intact and entry.verifier == verifier_hash(cn.kind) and entry.kind == cn.kind
         if ok:
             try:
-                check = self._checks.get_fresh((cn.key, entry.digest))
-                if check is None:
-                    check = QuickCheck.compile(cn.kind, cn.form, answer_from_text(cn.kind, entry.artifact))
-                    self._checks.put((cn.key, entry.digest), check)
-                ok = check.check(self.rng)
+                with C.time_limit(CHECK_SECONDS, "hit check"):  # a check that cannot finish: not served
+                    check = self._checks.get_fresh((cn.key, entry.digest))
+                    if check is None:
+                        check = QuickCheck.compile(cn.kind, cn.form, answer_from_text(cn.kind, entry.artifact))
+                        self._checks.put((cn.key, entry.digest), check)
+                    ok = check.check(self.rng)
             except (ReasonError, ValueError, TypeError, SyntaxError, sp.SympifyError):
                 ok = False
         if not ok:
@@ -181,20 +182,24 @@ class SubgoalCache:
     def put(self, subgoal: Any, answer: Any, now: float, *, verifier: str | None = None) -> dict:
         """Verify ``answer`` (in the query's symbols, printed) and admit it.  Raises
         :class:`VerifierRejected` when the check fails."""
+        cn, canonical = self.offer(subgoal, answer, now, verifier=verifier)
+        return self.admit(cn, canonical, now)
+
+    def offer(self, subgoal: Any, answer: Any, now: float, *, verifier: str | None = None) -> tuple[C.Canon, Any]:
+        """The first half of :meth:`put`: the canonical form and the answer in canonical symbols;
+        counts the offering query's observation of the subgoal."""
         cn = self.canon(subgoal)
         if verifier is not None and verifier != verifier_hash(cn.kind):
             raise VerifierRejected(f"unknown verifier {verifier!r} for {cn.kind}; current: {verifier_hash(cn.kind)}")
         parsed = C.artifact_from_text(cn.kind, answer)
         canonical = cn.to_canonical(parsed)
-        # the query that offers an answer has seen the subgoal: one observation
         self.backend.observe(cn.key, bump(self.backend.observed(cn.key), now, self.half_life), self.keep_observations)
-        return self.admit(cn, canonical, now)
+        return cn, canonical
 
     def admit(self, cn: C.Canon, canonical: Any, now: float, how: str | None = None) -> dict:
         """Admit a canonical answer (verified here unless ``how`` says it already was)."""
         if how is None:
-            with C.time_limit(C.CANON_SECONDS * 2, "verification"):
-                how = full_check(cn.kind, cn.form, canonical, self.rng)
+            how = full_check(cn.kind, cn.form, canonical, self.rng)
         entry = Entry(cn.key, cn.kind, answer_text(cn.kind, canonical), verifier_hash(cn.kind), how)
         existing = self.backend.load(cn.key)
         if existing is not None:
@@ -239,11 +244,14 @@ class SubgoalCache:
             return cn, None
         return cn, {"answer": served, "hit": True, "key": cn.key, "cpu_s": 0.0, "how": entry.how}
 
-    def finish(self, cn: C.Canon, canonical: Any, cpu: float, now: float, use_cache: bool = True) -> dict:
-        """The second half of :meth:`solve`: verify a computed answer, admit it, translate it."""
+    def finish(self, cn: C.Canon, canonical: Any, cpu: float, now: float, use_cache: bool = True,
+               how: str | None = None) -> dict:
+        """The second half of :meth:`solve`: verify a computed answer (unless ``how`` says it
+        was), admit it, translate it."""
         self.counts.solved += 1
         self.counts.solver_cpu_s += cpu
-        how = full_check(cn.kind, cn.form, canonical, self.rng)
+        if how is None:
+            how = full_check(cn.kind, cn.form, canonical, self.rng)
         out = {"answer": C.to_text(cn.to_query(canonical)), "hit": False, "key": cn.key, "cpu_s": cpu, "how": how}
         if use_cache:
             out["admission"] = self.admit(cn, canonical, now, how)

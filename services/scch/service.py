@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 from kernel import errors
+from reason.check import warm_up
 from reason.errors import ReasonError
 from reason.solve import SOLVE_SECONDS, SolverPool
 from services.base import Context, Service
@@ -83,6 +84,7 @@ class ScchService(Service):
         self.cache = SubgoalCache(backend, capacity=self.cache_capacity, half_life=self.half_life,
                                   admit_min=self.admit_min)
         self.pool = SolverPool(self.solve_seconds)
+        warm_up()
 
     async def teardown(self) -> None:
         if self.pool is not None:
@@ -110,7 +112,11 @@ class ScchService(Service):
                     out |= {"answer": answer, "how": entry.how}
                 return out
             if op == "put":
-                return cache.put(subgoal, payload.get("answer"), time.time(), verifier=payload.get("verifier"))
+                now = time.time()
+                cn, canonical = cache.offer(subgoal, payload.get("answer"), now, verifier=payload.get("verifier"))
+                # the full check runs in the solver process (off this thread, killable at its bound)
+                _, _, how = await asyncio.to_thread(self.pool.call, cn.kind, cn.form, answer=canonical)
+                return cache.admit(cn, canonical, now, how)
             if op == "solve":
                 return await self._solve(ctx, subgoal, bool(payload.get("cache", True)))
             if op == "canon":
@@ -143,15 +149,15 @@ class ScchService(Service):
         if "wall_ms" in ctx.granted:  # never outlive the job's granted wall time
             bound = max(0.05, min(bound, float(ctx.granted["wall_ms"]) / 1000.0))
         try:
-            canonical, cpu = await asyncio.to_thread(pool.call, cn.kind, cn.form, bound)
+            canonical, cpu, how = await asyncio.to_thread(pool.call, cn.kind, cn.form, bound)
         finally:
             ctx.charge(solver_calls=1)
         ctx.charge(cpu_ms=1000.0 * cpu)
         try:
-            out = cache.finish(cn, canonical, cpu, now, use_cache)
+            out = cache.finish(cn, canonical, cpu, now, use_cache, how)
         except BackendUnavailable:
             bypassed = True
-            out = cache.finish(cn, canonical, 0.0, now, False)
+            out = cache.finish(cn, canonical, 0.0, now, False, how)
         if bypassed:
             out["cache"] = "bypassed"
         return out
