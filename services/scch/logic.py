@@ -1,0 +1,281 @@
+"""The subgoal cache's logic, without sockets: canonical keys, admission, eviction and the
+verification of every hit.  Time is passed in (``now``, seconds).
+
+**Retention scores.**  Each stored entry and each observed key has a score that decays with a
+half-life ``H``: a use at time ``t`` adds 1, and the score at ``now`` is
+``s(now) = s(t) * 2 ** (-(now - t) / H)``.  It is stored as ``z = log2(s(t)) + t / H``, so that
+``s(now) = 2 ** (z - now / H)`` and the order of ``z`` never changes as time passes: the entry
+to evict (the least score) is the least ``z``, found by an index, without rescoring anything.
+
+**Admission** (``put``): a key's observation score counts the queries that asked for it (every
+``get``, and a ``put`` that offers an answer).  An artifact is admitted when that score is at least ``admit_min`` and either the
+cache has room or the score beats the least-scored entry, which is then evicted.
+
+**Serving** (``get``): an entry is served only if its digest is intact, it was accepted by the
+current verifier (same verifier hash), and a quick check (:class:`reason.check.QuickCheck`) at
+fresh random points passes; otherwise it is deleted, counted as rejected, and the query is a miss.
+Hits report no spending; misses that compute (``solve``) report the solver's CPU time.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+from typing import Any, Callable
+
+import numpy as np
+import sympy as sp
+
+from reason import canon as C
+from reason.check import CHECK_SECONDS, QuickCheck, full_check, verifier_hash
+from reason.errors import ParseError, ReasonError, VerifierRejected
+from services.scch.store import Backend, Entry
+
+#: Canonical forms memoised by exact subgoal text (a front memo; bounded).
+MEMO_SIZE = 4096
+#: Compiled quick checks memoised by entry digest (bounded).
+CHECKS_SIZE = 4096
+
+
+def bump(z: float | None, now: float, half_life: float) -> float:
+    """The ``z`` after one more use at ``now``."""
+    score = 0.0 if z is None else 2.0 ** (z - now / half_life)
+    return math.log2(score + 1.0) + now / half_life
+
+
+def score_at(z: float | None, now: float, half_life: float) -> float:
+    return 0.0 if z is None else 2.0 ** (z - now / half_life)
+
+
+class _LRU(collections.OrderedDict):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def get_fresh(self, key: Any) -> Any:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+@dataclasses.dataclass
+class Counts:
+    gets: int = 0
+    hits: int = 0
+    misses: int = 0
+    rejected: int = 0  # hits whose quick check, digest or verifier hash failed: never served
+    admitted: int = 0
+    refused: int = 0
+    evicted: int = 0
+    solved: int = 0
+    solver_cpu_s: float = 0.0
+    by_kind: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(lambda: [0, 0]))
+
+
+def answer_text(kind: str, answer: Any) -> str:
+    return json.dumps(C.to_text(answer))
+
+
+def answer_from_text(kind: str, text: str) -> Any:
+    return C.artifact_from_text(kind, json.loads(text))
+
+
+class SubgoalCache:
+    """The cache over one :class:`~services.scch.store.Backend`."""
+
+    def __init__(self, backend: Backend, *, capacity: int = 10_000, half_life: float = 3600.0,
+                 admit_min: float = 1.0, keep_observations: int | None = None, seed: int | None = None) -> None:
+        if capacity < 1 or half_life <= 0 or admit_min < 0:
+            raise ValueError("capacity >= 1, half_life > 0, admit_min >= 0")
+        self.backend = backend
+        self.capacity = capacity
+        self.half_life = half_life
+        self.admit_min = admit_min
+        self.keep_observations = keep_observations or 4 * capacity
+        self.rng = np.random.default_rng(seed)
+        self.counts = Counts()
+        self._memo: _LRU = _LRU(MEMO_SIZE)
+        self._checks: _LRU = _LRU(CHECKS_SIZE)
+        self._answers: _LRU = _LRU(MEMO_SIZE)  # (subgoal text, entry digest) -> translated answer
+
+    # -- canonical forms --------------------------------------------------------------------------
+
+    @staticmethod
+    def _text(subgoal: Any) -> str:
+        try:
+            memo_key = json.dumps(subgoal, sort_keys=True)
+        except (TypeError, ValueError):
+            raise ParseError("a subgoal is a map of strings") from None
+        if len(memo_key) > 4 * C.MAX_CHARS:
+            raise C.TooLarge("subgoal text too long")
+        return memo_key
+
+    def canon(self, subgoal: Any) -> C.Canon:
+        """The subgoal's canonical form (memoised by its exact text)."""
+        memo_key = self._text(subgoal)
+        found = self._memo.get_fresh(memo_key)
+        if found is None:
+            found = C.canonicalise(subgoal)
+            self._memo.put(memo_key, found)
+        return found
+
+    # -- get --------------------------------------------------------------------------------------
+
+    def get(self, subgoal: Any, now: float) -> tuple[C.Canon, Any | None, Entry | None]:
+        """``(canon, answer printed in the query's symbols, entry)``; answer and entry are ``None``
+        on a miss.  Counts the observation of the key."""
+        cn = self.canon(subgoal)
+        self.counts.gets += 1
+        self.backend.observe(cn.key, bump(self.backend.observed(cn.key), now, self.half_life), self.keep_observations)
+        entry = self.backend.load(cn.key)
+        served = None
+        if entry is not None:
+            served = self._serve(cn, entry, self._text(subgoal))
+            if served is None:
+                entry = None
+        kind_counts = self.counts.by_kind[cn.kind]
+        kind_counts[1] += 1
+        if entry is None:
+            self.counts.misses += 1
+            return cn, None, None
+        self.counts.hits += 1
+        kind_counts[0] += 1
+        self.backend.touch(cn.key, bump(entry.z, now, self.half_life))
+        return cn, served, entry
+
+    def _serve(self, cn: C.Canon, entry: Entry, text: str) -> Any | None:
+        """The entry's answer in the query's symbols if it passes every check, else ``None``
+        (and the entry is deleted).  The check runs on every hit; the parsed artifact, its
+        compiled check and its translation are memoised by the entry's digest."""
+        ok = entry.intact and entry.verifier == verifier_hash(cn.kind) and entry.kind == cn.kind
+        if ok:
+            try:
+                with C.time_limit(CHECK_SECONDS, "hit check"):  # a check that cannot finish: not served
+                    check = self._checks.get_fresh((cn.key, entry.digest))
+                    if check is None:
+                        check = QuickCheck.compile(cn.kind, cn.form, answer_from_text(cn.kind, entry.artifact))
+                        self._checks.put((cn.key, entry.digest), check)
+                    ok = check.check(self.rng)
+            except (ReasonError, ValueError, TypeError, SyntaxError, sp.SympifyError):
+                ok = False
+        if not ok:
+            self.counts.rejected += 1
+            self.backend.delete(cn.key)
+            return None
+        served = self._answers.get_fresh((text, entry.digest))
+        if served is None:
+            served = C.to_text(cn.to_query(answer_from_text(cn.kind, entry.artifact)))
+            self._answers.put((text, entry.digest), served)
+        return served
+
+    # -- put --------------------------------------------------------------------------------------
+
+    def put(self, subgoal: Any, answer: Any, now: float, *, verifier: str | None = None) -> dict:
+        """Verify ``answer`` (in the query's symbols, printed) and admit it.  Raises
+        :class:`VerifierRejected` when the check fails."""
+        cn, canonical = self.offer(subgoal, answer, now, verifier=verifier)
+        return self.admit(cn, canonical, now)
+
+    def offer(self, subgoal: Any, answer: Any, now: float, *, verifier: str | None = None) -> tuple[C.Canon, Any]:
+        """The first half of :meth:`put`: the canonical form and the answer in canonical symbols;
+        counts the offering query's observation of the subgoal."""
+        cn = self.canon(subgoal)
+        if verifier is not None and verifier != verifier_hash(cn.kind):
+            raise VerifierRejected(f"unknown verifier {verifier!r} for {cn.kind}; current: {verifier_hash(cn.kind)}")
+        parsed = C.artifact_from_text(cn.kind, answer)
+        canonical = cn.to_canonical(parsed)
+        self.backend.observe(cn.key, bump(self.backend.observed(cn.key), now, self.half_life), self.keep_observations)
+        return cn, canonical
+
+    def admit(self, cn: C.Canon, canonical: Any, now: float, how: str | None = None) -> dict:
+        """Admit a canonical answer (verified here unless ``how`` says it already was)."""
+        if how is None:
+            how = full_check(cn.kind, cn.form, canonical, self.rng)
+        entry = Entry(cn.key, cn.kind, answer_text(cn.kind, canonical), verifier_hash(cn.kind), how)
+        existing = self.backend.load(cn.key)
+        if existing is not None:
+            self.backend.store(dataclasses.replace(entry, z=existing.z, hits=existing.hits).sealed())
+            return {"key": cn.key, "admitted": True, "how": how, "replaced": True}
+        observed = self.backend.observed(cn.key)
+        score = score_at(observed, now, self.half_life)
+        if score < self.admit_min:
+            self.counts.refused += 1
+            return {"key": cn.key, "admitted": False, "how": how, "reason": "observed too rarely"}
+        evict = None
+        if self.backend.count() >= self.capacity:
+            victim = self.backend.victim()
+            if victim is not None and score <= score_at(victim[1], now, self.half_life):
+                self.counts.refused += 1
+                return {"key": cn.key, "admitted": False, "how": how, "reason": "scores below every entry"}
+            evict = victim[0] if victim is not None else None
+        self.backend.store(dataclasses.replace(entry, z=observed if observed is not None else bump(None, now, self.half_life)).sealed(),
+                           evict=evict)
+        self.counts.admitted += 1
+        self.counts.evicted += evict is not None
+        return {"key": cn.key, "admitted": True, "how": how, "evicted": evict}
+
+    # -- solve ------------------------------------------------------------------------------------
+
+    def solve(self, subgoal: Any, now: float, compute: Callable[[str, sp.Expr], tuple[Any, float]],
+              *, use_cache: bool = True) -> dict:
+        """Answer from the cache, else ``compute(kind, form) -> (answer, cpu_s)``, verify and
+        admit.  Returns ``{"answer", "hit", "key", "cpu_s", "how", ...}``."""
+        cn, hit = self.lookup(subgoal, now, use_cache)
+        if hit is not None:
+            return hit
+        canonical, cpu = compute(cn.kind, cn.form)
+        return self.finish(cn, canonical, cpu, now, use_cache)
+
+    def lookup(self, subgoal: Any, now: float, use_cache: bool = True) -> tuple[C.Canon, dict | None]:
+        """The first half of :meth:`solve`: the canonical form and, on a served hit, the reply."""
+        if not use_cache:
+            return self.canon(subgoal), None
+        cn, served, entry = self.get(subgoal, now)
+        if served is None:
+            return cn, None
+        return cn, {"answer": served, "hit": True, "key": cn.key, "cpu_s": 0.0, "how": entry.how}
+
+    def finish(self, cn: C.Canon, canonical: Any, cpu: float, now: float, use_cache: bool = True,
+               how: str | None = None) -> dict:
+        """The second half of :meth:`solve`: verify a computed answer (unless ``how`` says it
+        was), admit it, translate it."""
+        self.counts.solved += 1
+        self.counts.solver_cpu_s += cpu
+        if how is None:
+            how = full_check(cn.kind, cn.form, canonical, self.rng)
+        out = {"answer": C.to_text(cn.to_query(canonical)), "hit": False, "key": cn.key, "cpu_s": cpu, "how": how}
+        if use_cache:
+            out["admission"] = self.admit(cn, canonical, now, how)
+        return out
+
+    # -- statistics -------------------------------------------------------------------------------
+
+    def hit_ratio(self) -> float:
+        return self.counts.hits / self.counts.gets if self.counts.gets else 0.0
+
+    def priority_hint(self, kind: str | None = None) -> int:
+        """0..3: how likely a query (of ``kind``) is answered from the cache — a scheduler may run
+        likely hits first (they cost nothing) and give likely misses the solver's budget."""
+        hits, gets = self.counts.by_kind[kind] if kind else (self.counts.hits, self.counts.gets)
+        ratio = hits / gets if gets else 0.0
+        return min(3, int(ratio * 4))
+
+    def stats(self) -> dict:
+        c = self.counts
+        return {"gets": c.gets, "hits": c.hits, "misses": c.misses, "rejected": c.rejected,
+                "admitted": c.admitted, "refused": c.refused, "evicted": c.evicted, "solved": c.solved,
+                "solver_cpu_s": c.solver_cpu_s, "hit_ratio": self.hit_ratio(),
+                "priority_hint": self.priority_hint(),
+                "by_kind": {k: {"hits": v[0], "gets": v[1], "priority_hint": self.priority_hint(k)}
+                            for k, v in c.by_kind.items()},
+                "entries": self.backend.count(), "backend": self.backend.name, "capacity": self.capacity,
+                "half_life_s": self.half_life, "admit_min": self.admit_min}
