@@ -39,7 +39,7 @@ import os
 import time
 from typing import Any
 
-from kernel import codec, errors
+from kernel import auth, codec, errors
 from kernel import protocol as P
 from kernel.router import Admission, Request, Router
 
@@ -453,7 +453,7 @@ class DecisionLog:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fh = open(path, "a", encoding="utf-8", buffering=1 << 16)
+        self._fh = auth.open_append(path)  # never through a planted symlink
         self._seq = 0
         #: This kernel run's id: the prefix of its reservation ids (replay reads it back).
         self.session = new_session_id()

@@ -122,6 +122,7 @@ class ErrorCode(str, enum.Enum):
     DEADLINE = "deadline"  # the request's own deadline passed
     CANCELLED = "cancelled"  # cancelled by the kernel or an operator
     REFUSED = "refused"  # a gate refused (counted resource, priority, closed job)
+    FORBIDDEN = "forbidden"  # the caller's principal lacks the authority (logged as a decision)
     SERVICE_ERROR = "service_error"  # the service's handler raised
     TIMEOUT = "timeout"  # client side: no reply within the client's own bound
     OVERLOADED = "overloaded"  # the kernel could not queue the request

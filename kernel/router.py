@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable
 from kernel import codec
 from kernel import errors
 from kernel import protocol as P
+from kernel.auth import LOCAL_OPERATOR, Principal
 
 log = logging.getLogger("reca.kernel")
 
@@ -69,6 +70,7 @@ class Request:
     dispatched: float = 0.0
     header: dict | None = None
     done: bool = False
+    principal: Principal = LOCAL_OPERATOR  # who sent it (verified by the kernel)
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -80,6 +82,7 @@ class Worker:
     expiry: float
     pid: int | None = None
     inflight: dict[bytes, Request] = dataclasses.field(default_factory=dict)
+    principal: Principal = LOCAL_OPERATOR
 
 
 class Service:
@@ -167,8 +170,9 @@ class Router:
 
     # -- entry points -----------------------------------------------------------------------------
 
-    def on_message(self, frames: list[bytes], now: float) -> None:
-        """Handle one message from the ROUTER socket (identity first)."""
+    def on_message(self, frames: list[bytes], now: float, principal: Principal | None = LOCAL_OPERATOR) -> None:
+        """Handle one message from the ROUTER socket (identity first) sent by ``principal`` (the
+        kernel-verified peer; None: its key is no longer known, i.e. revoked)."""
         if len(frames) < 2:
             self.counters["bad_messages"] += 1
             return
@@ -187,10 +191,12 @@ class Router:
             self._reply_bad(identity, form, b"", "empty message")
             return
         header = frames[i]
-        if header == P.MDPC:
-            self._on_client(identity, form, frames, i + 1, now)
+        if principal is None:
+            self._on_revoked(identity, form, header, now)
+        elif header == P.MDPC:
+            self._on_client(identity, form, frames, i + 1, now, principal)
         elif header == P.MDPW:
-            self._on_worker(identity, form, frames, i + 1, now)
+            self._on_worker(identity, form, frames, i + 1, now, principal)
         else:
             self.counters["bad_messages"] += 1
             log.warning("unknown protocol header %r from %r", header[:16], identity)
@@ -220,7 +226,27 @@ class Router:
 
     # -- clients ----------------------------------------------------------------------------------
 
-    def _on_client(self, identity: bytes, form: Form, frames: list[bytes], i: int, now: float) -> None:
+    def _on_revoked(self, identity: bytes, form: Form, header: bytes, now: float) -> None:
+        """A message on a connection whose key was revoked: workers are dropped, clients get
+        ``forbidden``; nothing else happens."""
+        self.counters["revoked_messages"] += 1
+        worker = self.workers.get(identity)
+        if worker is not None or header == P.MDPW:
+            if worker is not None:
+                self._worker_gone(worker, now, "its key was revoked")
+            self._send_worker(identity, form, [P.WorkerCmd.DISCONNECT.value])
+            return
+        self._reply_error(identity, form, b"", errors.Forbidden("your key is not (or no longer) known to the kernel"))
+
+    def revoke(self, known: Callable[[str], bool], now: float) -> None:
+        """Drop every worker whose principal is no longer ``known`` (its key was removed)."""
+        for worker in list(self.workers.values()):
+            if worker.principal is not LOCAL_OPERATOR and not known(worker.principal.name):
+                self._worker_gone(worker, now, f"key of {worker.principal.name} revoked")
+                self._send_worker(worker.identity, worker.form, [P.WorkerCmd.DISCONNECT.value])
+
+    def _on_client(self, identity: bytes, form: Form, frames: list[bytes], i: int, now: float,
+                   principal: Principal = LOCAL_OPERATOR) -> None:
         if i + 1 > len(frames):
             self.counters["bad_messages"] += 1
             self._reply_bad(identity, form, b"", "client message without command")
@@ -241,14 +267,15 @@ class Router:
         reca = header is not None
         rid = header.get(P.H_ID) if header is not None else None
         if service_name.startswith(b"mmi."):
-            self._mmi(identity, form, service_name, body, header, rid, now)
+            self._mmi(identity, form, service_name, body, header, rid, now, principal)
             return
         service = self.services.get(service_name)
         if service is None:
             service = self.services[service_name] = Service(service_name)
         service.requests += 1
         token = _TOKEN.pack(next(self._tokens))
-        req = Request(token, identity, form, service, body, rid, reca, None, 0, now, header=header)
+        req = Request(token, identity, form, service, body, rid, reca, None, 0, now, header=header,
+                      principal=principal)
         if reca:
             try:
                 self._parse_header(req, header)
@@ -379,7 +406,10 @@ class Router:
             worker.inflight[req.token] = req
 
     def _reply_bad(self, identity: bytes, form: Form, service: bytes, message: str) -> None:
-        body = [codec.pack({P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: errors.BadRequest(message).to_wire()})]
+        self._reply_error(identity, form, service, errors.BadRequest(message))
+
+    def _reply_error(self, identity: bytes, form: Form, service: bytes, exc: errors.RecaError) -> None:
+        body = [codec.pack({P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: exc.to_wire()})]
         if form is Form.SPEC:
             msg = [identity, P.MDPC, P.ClientCmd.FINAL.value, service, *body]
         else:
@@ -388,12 +418,17 @@ class Router:
 
     # -- workers ----------------------------------------------------------------------------------
 
-    def _on_worker(self, identity: bytes, form: Form, frames: list[bytes], i: int, now: float) -> None:
+    def _on_worker(self, identity: bytes, form: Form, frames: list[bytes], i: int, now: float,
+                   principal: Principal = LOCAL_OPERATOR) -> None:
         if i >= len(frames):
             self._protocol_error(identity, form, now, "worker message without command")
             return
         cmd = frames[i]
         worker = self.workers.get(identity)
+        if worker is not None and worker.principal != principal:
+            # Another principal on a routing id a worker had: it is not that worker.
+            self._protocol_error(identity, form, now, f"{principal.name} spoke as {worker.principal.name}'s worker")
+            return
         if worker is not None:
             worker.expiry = now + self.heartbeat_interval * self.liveness
         if cmd == P.WorkerCmd.FINAL.value or cmd == P.WorkerCmd.PARTIAL.value:
@@ -411,6 +446,14 @@ class Router:
             if i + 1 >= len(frames) or not frames[i + 1] or frames[i + 1].startswith(b"mmi."):
                 self._protocol_error(identity, form, now, "READY without a valid service name")
                 return
+            name = frames[i + 1].decode(errors="replace")
+            if not principal.may_serve(name):
+                # Registration is an authority: only the service's own principals (and operators)
+                # may take its requests.  The peer gets nothing but DISCONNECT.
+                self.counters["forbidden_ready"] += 1
+                self.admission.on_forbidden(self, principal, "ready", {"service": name}, now)
+                self._send_worker(identity, form, [P.WorkerCmd.DISCONNECT.value])
+                return
             capacity, pid = 1, None
             if i + 2 < len(frames):
                 try:
@@ -422,19 +465,20 @@ class Router:
                 except Exception:
                     self._protocol_error(identity, form, now, "malformed READY options")
                     return
-            self._register(identity, form, frames[i + 1], capacity, pid, now)
+            self._register(identity, form, frames[i + 1], capacity, pid, now, principal)
         elif cmd == P.WorkerCmd.DISCONNECT.value:
             if worker is not None:
                 self._worker_gone(worker, now, "disconnected")
         else:
             self._protocol_error(identity, form, now, f"unknown worker command {cmd!r}")
 
-    def _register(self, identity: bytes, form: Form, name: bytes, capacity: int, pid: Any, now: float) -> None:
+    def _register(self, identity: bytes, form: Form, name: bytes, capacity: int, pid: Any, now: float,
+                  principal: Principal = LOCAL_OPERATOR) -> None:
         service = self.services.get(name)
         if service is None:
             service = self.services[name] = Service(name)
         worker = Worker(identity, service, form, capacity, now + self.heartbeat_interval * self.liveness,
-                        pid if isinstance(pid, int) else None)
+                        pid if isinstance(pid, int) else None, principal=principal)
         self.workers[identity] = worker
         service.workers[identity] = worker
         service.wait_since = None
@@ -539,10 +583,11 @@ class Router:
     # -- MMI --------------------------------------------------------------------------------------
 
     def _mmi(self, identity: bytes, form: Form, name: bytes, body: list[bytes], header: dict | None,
-             rid: Any, now: float) -> None:
+             rid: Any, now: float, principal: Principal = LOCAL_OPERATOR) -> None:
         self.counters["mmi"] += 1
         service = Service(name)  # only for the reply's service frame
-        req = Request(b"", identity, form, service, body, rid, header is not None, None, 0, now, header=header)
+        req = Request(b"", identity, form, service, body, rid, header is not None, None, 0, now, header=header,
+                      principal=principal)
         if header is not None:
             try:
                 arg = codec.unpack(body[1]) if len(body) > 1 else None
@@ -671,6 +716,9 @@ class Admission:
         """Answer a management call other than mmi.service/mmi.stats (``caller``: the client's
         ROUTER identity); None for an unknown one."""
         return None
+
+    def on_forbidden(self, router: Router, principal: Principal, op: str, inputs: dict, now: float) -> None:
+        """A call or registration ``principal`` lacks the authority for was refused (logged)."""
 
     def stats(self) -> dict:
         return {}

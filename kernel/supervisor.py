@@ -30,6 +30,8 @@ from kernel import protocol as P
 
 log = logging.getLogger("reca.supervisor")
 
+#: Credentials never inherited from the kernel's own environment (kernel.auth.ENV_CERT, ...).
+ENV_CREDENTIALS = ("RECA_CERT", "RECA_SERVER_CERT")
 ENV_ENDPOINT = "RECA_ENDPOINT"
 ENV_CONTROL = "RECA_CONTROL"
 ENV_SERVICE = "RECA_SERVICE"
@@ -179,6 +181,8 @@ class Supervisor:
 
     async def _spawn(self, child: Child) -> None:
         env = dict(os.environ)
+        for key in ENV_CREDENTIALS:  # a child gets its own certificate (spec.env), never the kernel's caller's
+            env.pop(key, None)
         env.update(self.env)
         env.update(child.spec.env)
         env[ENV_SERVICE] = child.spec.name

@@ -32,7 +32,7 @@ from typing import Any
 import zmq
 
 
-from kernel import codec, errors
+from kernel import auth, codec, errors
 from kernel.aio import recv_frames, send_frames
 from kernel import protocol as P
 from kernel.config import default_control_for, runtime_dir
@@ -146,9 +146,14 @@ class WorkerRuntime:
         heartbeat: float = P.HEARTBEAT_INTERVAL,
         liveness: int = P.LIVENESS,
         context: zmq.Context | None = None,
+        cert: str | None = None,
+        server_cert: str | None = None,
     ) -> None:
         if not service.name:
             raise ValueError("a service needs a name")
+        #: CURVE credentials for tcp:// (``cert``/``server_cert`` or $RECA_CERT/$RECA_SERVER_CERT;
+        #: the supervisor sets those for each child).
+        self.creds = auth.peer_credentials(cert, server_cert)
         self.service = service
         self.endpoint = endpoint
         self.control = control
@@ -296,8 +301,7 @@ class WorkerRuntime:
         self.active.clear()
 
     def _connect(self) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = auth.secure_socket(self.ctx, zmq.DEALER, self.endpoint, self.creds)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.connect(self.endpoint)
@@ -309,8 +313,7 @@ class WorkerRuntime:
         await self.service.setup()
         sub = None
         if self.control:
-            sub = self.ctx.socket(zmq.SUB)
-            sub.setsockopt(zmq.LINGER, 0)
+            sub = auth.secure_socket(self.ctx, zmq.SUB, self.control, self.creds)
             for prefix in (self.service.name, P.CTL_ALL):
                 sub.setsockopt(zmq.SUBSCRIBE, f"{P.CTL_PREFIX}{prefix}/".encode())
             sub.connect(self.control)
@@ -443,6 +446,8 @@ def main(service: Service, argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat", type=float, default=float(os.environ.get(ENV_HEARTBEAT, P.HEARTBEAT_INTERVAL)))
     parser.add_argument("--liveness", type=int, default=int(os.environ.get(ENV_LIVENESS, P.LIVENESS)))
     parser.add_argument("--log-level", default=os.environ.get("RECA_LOG_LEVEL", "INFO"))
+    parser.add_argument("--cert", default=None, help=f"own secret certificate (default ${auth.ENV_CERT})")
+    parser.add_argument("--server-cert", default=None, help=f"kernel's public certificate (default ${auth.ENV_SERVER_CERT})")
     service.add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -455,7 +460,8 @@ def main(service: Service, argv: list[str] | None = None) -> int:
     service.configure(args)
 
     async def serve() -> None:
-        runtime = WorkerRuntime(service, endpoint, control, heartbeat=args.heartbeat, liveness=args.liveness)
+        runtime = WorkerRuntime(service, endpoint, control, heartbeat=args.heartbeat, liveness=args.liveness,
+                                cert=args.cert, server_cert=args.server_cert)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, runtime.stop)
