@@ -918,6 +918,13 @@ class BudgetAdmission(Admission):
             self.log.append(name.split(".", 1)[1], now, dict(arg), {"ok": True, "pid": pid})
         return {"ok": True, "pid": pid}
 
+    def on_forbidden(self, router: Router, principal: Any, op: str, inputs: dict, now: float) -> None:
+        self.counters["forbidden"] = self.counters.get("forbidden", 0) + 1
+        log.warning("forbidden: %s (%s) %s %s", principal.name, principal.role, op, inputs)
+        if self.log is not None:
+            self.log.append("forbidden", now, {"principal": principal.name, "role": principal.role, "op": op,
+                                               **inputs}, {"ok": False, "code": "forbidden"})
+
     def stats(self) -> dict:
         import time as _t
 

@@ -92,7 +92,7 @@ class KernelServer:
             liveness=liveness,
             unavailable_wait=unavailable_wait,
             admission=admission,
-            extra_stats=extra_stats,
+            extra_stats=self._stats_with(extra_stats),
             publish=self._publish,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -100,6 +100,15 @@ class KernelServer:
         self._timer_at = float("inf")
         self._stopped: asyncio.Event | None = None
         self._next_reload = 0.0
+
+    def _stats_with(self, extra: Callable[[], dict] | None) -> Callable[[], dict]:
+        def stats() -> dict:
+            out = dict(extra()) if extra is not None else {}
+            out["auth"] = {"curve": self.zap is not None,
+                           "principals": len(self.principals) if self.principals is not None else 0,
+                           "zap_refused": self.zap.refused if self.zap is not None else 0}
+            return out
+        return stats
 
     # -- I/O --------------------------------------------------------------------------------------
 
