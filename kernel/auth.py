@@ -50,6 +50,8 @@ CLIENT = "client"
 SERVICE_PREFIX = "service:"
 #: Role of the kernel's own key pair in a key directory (never a peer principal).
 KERNEL_ROLE = "kernel"
+#: Role the kernel gives a connection whose key is no longer in its table (revoked while connected).
+REVOKED = "revoked"
 #: File name (without suffix) of the kernel's key pair in a key directory.
 KERNEL_KEY = "kernel"
 #: Principal names: what ``keys new`` accepts (supervised children get ``child:NAME``).
@@ -90,6 +92,10 @@ class Principal:
     @property
     def operator(self) -> bool:
         return self.role == OPERATOR
+
+    @property
+    def revoked(self) -> bool:
+        return self.role == REVOKED
 
     @property
     def services(self) -> tuple[str, ...]:

@@ -43,6 +43,8 @@ log = logging.getLogger("reca.kernel")
 Send = Callable[[list[bytes]], None]
 
 _TOKEN = struct.Struct(">Q")
+#: Revoked principals whose refusals are logged (the first message of each).
+_MAX_REVOKED_LOGGED = 1024
 _EMPTY = b""
 
 
@@ -167,12 +169,13 @@ class Router:
         self._deadlines: list[tuple[float, int, Request]] = []  # heap, lazily cleaned
         self._next_sweep = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
+        self._revoked_logged: set[str] = set()
 
     # -- entry points -----------------------------------------------------------------------------
 
-    def on_message(self, frames: list[bytes], now: float, principal: Principal | None = LOCAL_OPERATOR) -> None:
+    def on_message(self, frames: list[bytes], now: float, principal: Principal = LOCAL_OPERATOR) -> None:
         """Handle one message from the ROUTER socket (identity first) sent by ``principal`` (the
-        kernel-verified peer; None: its key is no longer known, i.e. revoked)."""
+        kernel-verified peer; ``principal.revoked``: its key is no longer known)."""
         if len(frames) < 2:
             self.counters["bad_messages"] += 1
             return
@@ -191,8 +194,8 @@ class Router:
             self._reply_bad(identity, form, b"", "empty message")
             return
         header = frames[i]
-        if principal is None:
-            self._on_revoked(identity, form, header, now)
+        if principal.revoked:
+            self._on_revoked(identity, form, header, principal, now)
         elif header == P.MDPC:
             self._on_client(identity, form, frames, i + 1, now, principal)
         elif header == P.MDPW:
@@ -226,10 +229,13 @@ class Router:
 
     # -- clients ----------------------------------------------------------------------------------
 
-    def _on_revoked(self, identity: bytes, form: Form, header: bytes, now: float) -> None:
+    def _on_revoked(self, identity: bytes, form: Form, header: bytes, principal: Principal, now: float) -> None:
         """A message on a connection whose key was revoked: workers are dropped, clients get
-        ``forbidden``; nothing else happens."""
+        ``forbidden``; nothing else happens.  The first such message per name is logged."""
         self.counters["revoked_messages"] += 1
+        if principal.name not in self._revoked_logged and len(self._revoked_logged) < _MAX_REVOKED_LOGGED:
+            self._revoked_logged.add(principal.name)
+            self.admission.on_forbidden(self, principal, "revoked", {}, now)
         worker = self.workers.get(identity)
         if worker is not None or header == P.MDPW:
             if worker is not None:

@@ -132,8 +132,8 @@ class KernelServer:
             self.router.counters["publish_dropped"] += 1
             log.error("control publish on %r failed: %s", topic, exc)
 
-    def _recv_authenticated(self) -> tuple[list[bytes], auth.Principal | None]:
-        """One message and its principal (None: a key unknown now, i.e. revoked)."""
+    def _recv_authenticated(self) -> tuple[list[bytes], auth.Principal]:
+        """One message and its principal (role REVOKED: a key the kernel no longer knows)."""
         sock = self.sock
         parts = [sock.recv(_NOBLOCK)]  # the routing id (made by the ROUTER: carries no metadata)
         first = sock.recv(0, copy=False)
@@ -141,7 +141,8 @@ class KernelServer:
         while sock.getsockopt(_RCVMORE):
             parts.append(sock.recv(0))
         assert self.principals is not None
-        return parts, self.principals.by_name(first.get(auth.USER_ID) or "")
+        name = first.get(auth.USER_ID) or ""
+        return parts, self.principals.by_name(name) or auth.Principal(name, auth.REVOKED)
 
     def _on_readable(self) -> None:
         sock = self.sock
