@@ -30,7 +30,7 @@ import enum
 import heapq
 import itertools
 import logging
-import struct
+from os import urandom as _urandom
 from typing import Any, Callable, Iterable
 
 from kernel import codec
@@ -42,7 +42,8 @@ log = logging.getLogger("reca.kernel")
 
 Send = Callable[[list[bytes]], None]
 
-_TOKEN = struct.Struct(">Q")
+#: Bytes of a request token: random (``os.urandom``), so no peer can guess another's request.
+TOKEN_BYTES = 16
 #: Revoked principals whose refusals are logged (the first message of each).
 _MAX_REVOKED_LOGGED = 1024
 _EMPTY = b""
@@ -164,7 +165,6 @@ class Router:
         self.services: dict[bytes, Service] = {}
         self.workers: dict[bytes, Worker] = {}
         self.inflight: dict[bytes, Request] = {}  # token -> request, queued or dispatched
-        self._tokens = itertools.count(1)
         self._seq = itertools.count()
         self._deadlines: list[tuple[float, int, Request]] = []  # heap, lazily cleaned
         self._next_sweep = 0.0
@@ -279,7 +279,7 @@ class Router:
         if service is None:
             service = self.services[service_name] = Service(service_name)
         service.requests += 1
-        token = _TOKEN.pack(next(self._tokens))
+        token = _urandom(TOKEN_BYTES)
         req = Request(token, identity, form, service, body, rid, reca, None, 0, now, header=header,
                       principal=principal)
         if reca:
