@@ -32,7 +32,7 @@ class Procs:
         self.dir = tempfile.mkdtemp(prefix="reca-bench-", dir="/tmp")
 
     def start(self, *argv: str) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONPATH=os.getcwd(), RECA_LOG_LEVEL="WARNING")
+        env = dict(os.environ, PYTHONPATH=os.getcwd(), RECA_LOG_LEVEL="WARNING", RECA_RUNTIME_DIR=self.dir)
         p = subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(p)
         return p
