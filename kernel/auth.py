@@ -34,11 +34,13 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from kernel import protocol as P
+
 log = logging.getLogger("reca.auth")
 
-#: Environment variables read by clients, services and the CLI.
-ENV_CERT = "RECA_CERT"  # the peer's own secret certificate file
-ENV_SERVER_CERT = "RECA_SERVER_CERT"  # the kernel's public certificate file
+#: Environment variables read by clients, services and the CLI (defined in the protocol module).
+ENV_CERT = P.ENV_CERT  # the peer's own secret certificate file
+ENV_SERVER_CERT = P.ENV_SERVER_CERT  # the kernel's public certificate file
 #: ZAP domains of the kernel's two sockets.
 ZAP_DOMAIN_ROUTER = "reca"
 ZAP_DOMAIN_CONTROL = "reca.control"

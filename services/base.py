@@ -36,7 +36,7 @@ from kernel import auth, codec, errors
 from kernel.aio import recv_frames, send_frames
 from kernel import protocol as P
 from kernel.config import default_control_for, runtime_dir
-from kernel.supervisor import ENV_CONTROL, ENV_ENDPOINT, ENV_HEARTBEAT, ENV_LIVENESS, ENV_PARENT
+from kernel.protocol import ENV_CONTROL, ENV_ENDPOINT, ENV_HEARTBEAT, ENV_LIVENESS, ENV_LOG_LEVEL, ENV_PARENT
 
 log = logging.getLogger("reca.service")
 
@@ -322,7 +322,7 @@ class WorkerRuntime:
         try:
             while not self._stopping.is_set():
                 self.sock = self._connect()
-                opts = codec.pack({P.H_VERSION: P.VERSION, "capacity": self.service.capacity, "pid": os.getpid()})
+                opts = codec.pack({P.R_VERSION: P.VERSION, P.R_CAPACITY: self.service.capacity, P.R_PID: os.getpid()})
                 await self._send([_W.READY.value, self.service.name.encode(), opts])
                 reason = await self._session(sub)
                 self._drop_active()
@@ -445,9 +445,9 @@ def main(service: Service, argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity", type=int, default=service.capacity)
     parser.add_argument("--heartbeat", type=float, default=float(os.environ.get(ENV_HEARTBEAT, P.HEARTBEAT_INTERVAL)))
     parser.add_argument("--liveness", type=int, default=int(os.environ.get(ENV_LIVENESS, P.LIVENESS)))
-    parser.add_argument("--log-level", default=os.environ.get("RECA_LOG_LEVEL", "INFO"))
-    parser.add_argument("--cert", default=None, help=f"own secret certificate (default ${auth.ENV_CERT})")
-    parser.add_argument("--server-cert", default=None, help=f"kernel's public certificate (default ${auth.ENV_SERVER_CERT})")
+    parser.add_argument("--log-level", default=os.environ.get(ENV_LOG_LEVEL, "INFO"))
+    parser.add_argument("--cert", default=None, help=f"own secret certificate (default ${P.ENV_CERT})")
+    parser.add_argument("--server-cert", default=None, help=f"kernel's public certificate (default ${P.ENV_SERVER_CERT})")
     service.add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
