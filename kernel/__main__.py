@@ -116,7 +116,10 @@ async def _run(args: argparse.Namespace) -> int:
             spec.env = {**spec.env, ENV_CERT: certs["children"][spec.name], ENV_SERVER_CERT: certs["server"]}
     decision_log = None
     if cfg.decision_log:
-        decision_log = DecisionLog(cfg.decision_log)
+        try:
+            decision_log = DecisionLog(cfg.decision_log)
+        except (OSError, PermissionError) as exc:  # UnsafeRuntimeDir: a planted symlink, another's file
+            raise _Refused(f"decision log {cfg.decision_log}: {exc}") from exc
     supervisor = sv.Supervisor(
         [] if args.no_services else cfg.services,
         env={
@@ -130,7 +133,9 @@ async def _run(args: argparse.Namespace) -> int:
         backoff_initial=cfg.backoff_initial,
         backoff_max=cfg.backoff_max,
     )
-    admission = BudgetAdmission(decision_log=decision_log)
+    admission = BudgetAdmission(decision_log=decision_log, root_limits=cfg.root_limits,
+                                default_limits=cfg.default_limits, max_pause=cfg.max_pause,
+                                audit_quota=cfg.audit_quota)
     server = KernelServer(
         cfg.endpoint,
         cfg.control,

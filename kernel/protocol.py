@@ -379,6 +379,8 @@ PRIORITY_MAX: Final = 1000
 DEFAULT_PRIORITY: Final = 0
 #: A header's ``deadline`` must lie in (0, MAX_DEADLINE_MS) milliseconds.
 MAX_DEADLINE_MS: Final = 1e10
+#: A job limit (and a [limits] amount) must be a finite number in [0, MAX_LIMIT).
+MAX_LIMIT: Final = 1e300
 #: A gate reservation's ``amount`` must lie in (0, MAX_AMOUNT).
 MAX_AMOUNT: Final = 1e15
 #: How long a gate reservation lives without commit, release or renewal, seconds (the default),
@@ -386,9 +388,15 @@ MAX_AMOUNT: Final = 1e15
 RESERVATION_LEASE: Final = 30.0
 MIN_LEASE: Final = 0.1
 MAX_LEASE: Final = 3600.0
-#: Bounds on one ``mmi.audit`` call: events per call, length of the source name.
+#: Bounds on one ``mmi.audit`` call: events per call, length of the source name, and bytes of
+#: the events as JSON.
 MAX_AUDIT_EVENTS: Final = 512
 MAX_AUDIT_SOURCE: Final = 64
+MAX_AUDIT_BYTES: Final = 256 * 1024
+#: Default audit quota: records one principal may write per minute (config [limits]).
+AUDIT_EVENTS_PER_MIN: Final = 60_000
+#: Default longest pause: a request paused longer is resumed by the kernel, seconds (config [limits]).
+MAX_PAUSE: Final = 60.0
 #: Client-side default bound on one request, seconds, and its default number of retries.
 CLIENT_TIMEOUT: Final = 10.0
 CLIENT_RETRIES: Final = 2

@@ -37,7 +37,7 @@ from kernel import codec
 from kernel import errors
 from kernel import protocol as P
 from kernel.auth import LOCAL_OPERATOR, Principal
-from kernel.mmi import Management
+from kernel.mmi import Caller, Management
 
 log = logging.getLogger("reca.kernel")
 
@@ -203,7 +203,7 @@ class Router:
             return
         header = frames[i]
         if principal.revoked:
-            self._on_revoked(identity, form, header, principal, now)
+            self._on_revoked(identity, form, frames, i, principal, now)
         elif header == P.MDPC:
             self._on_client(identity, form, frames, i + 1, now, principal)
         elif header == P.MDPW:
@@ -238,7 +238,8 @@ class Router:
 
     # -- clients ----------------------------------------------------------------------------------
 
-    def _on_revoked(self, identity: bytes, form: Form, header: bytes, principal: Principal, now: float) -> None:
+    def _on_revoked(self, identity: bytes, form: Form, frames: list[bytes], i: int, principal: Principal,
+                    now: float) -> None:
         """A message on a connection whose key was revoked: workers are dropped, clients get
         ``forbidden``; nothing else happens.  The first such message per name is logged."""
         self.counters["revoked_messages"] += 1
@@ -246,12 +247,21 @@ class Router:
             self._revoked_logged.add(principal.name)
             self.admission.on_forbidden(self, principal, "revoked", {}, now)
         worker = self.workers.get(identity)
-        if worker is not None or header == P.MDPW:
+        if worker is not None or frames[i] == P.MDPW:
             if worker is not None:
                 self._worker_gone(worker, now, "its key was revoked")
             self._send_worker(identity, form, [P.WorkerCmd.DISCONNECT.value])
             return
-        self._reply_error(identity, form, b"", errors.Forbidden("your key is not (or no longer) known to the kernel"))
+        # A client: answered forbidden in its own form, with its request id (a reca client
+        # matches replies by id).
+        body = frames[i + 3:]
+        header = codec.reca_header(body)
+        rid = header.get(P.H_ID) if header is not None else None
+        service = Service(frames[i + 2] if len(frames) > i + 2 else b"")
+        req = Request(b"", identity, form, service, body, rid, header is not None, None, 0, now, header=header,
+                      principal=principal)
+        self._finish_error(req, errors.Forbidden("your key is not (or no longer) known to the kernel"), now,
+                           count=False)
 
     def revoke(self, known: Callable[[str], bool], now: float) -> None:
         """Drop every worker whose principal is no longer ``known`` (its key was removed)."""
@@ -576,6 +586,7 @@ class Router:
         if self.workers.get(worker.identity) is not worker:
             return
         del self.workers[worker.identity]
+        self.admission.worker_gone(worker.identity)
         service = worker.service
         service.workers.pop(worker.identity, None)
         if worker in service.ready:
@@ -623,7 +634,8 @@ class Router:
                 return
         else:
             arg = body[0] if body else None
-        result = self.management.handle(self, name.decode(errors="replace"), arg, now, caller=identity)
+        result = self.management.handle(self, name.decode(errors="replace"), arg, now,
+                                        caller=Caller(identity, principal))
         if result is None:
             result = P.MMI_NOT_IMPLEMENTED
         if isinstance(result, errors.RecaError):
@@ -677,6 +689,11 @@ class Router:
         if self.extra_stats is not None:
             out.update(self.extra_stats())
         return out
+
+    def serving(self, principal: Principal, job: str) -> bool:
+        """Whether a worker of ``principal`` is serving a request of ``job`` now."""
+        return any(r.job == job and not r.done for w in self.workers.values() if w.principal == principal
+                   for r in w.inflight.values())
 
     def requests_for_job(self, job: str) -> Iterable[Request]:
         return [r for r in self.inflight.values() if r.job == job and not r.done]
@@ -736,6 +753,9 @@ class Admission:
 
     def on_forbidden(self, router: Router, principal: Principal, op: str, inputs: dict, now: float) -> None:
         """A call or registration ``principal`` lacks the authority for was refused (logged)."""
+
+    def worker_gone(self, identity: bytes) -> None:
+        """The worker with ``identity`` left the router's tables."""
 
     def stats(self, now: float) -> dict:
         return {}

@@ -86,22 +86,24 @@ def _forbidden(fn, *args, **kw) -> errors.Forbidden:
 
 
 class Running:
-    """A request streamed on its own thread; ``first`` is set at its first PARTIAL."""
+    """A request of principal ``name`` streamed on its own thread and client (ZeroMQ sockets are
+    not thread-safe); ``first`` is set at its first PARTIAL."""
 
-    def __init__(self, client: Client, payload: dict, **kw) -> None:
+    def __init__(self, kern, name: str, payload: dict, **kw) -> None:
         self.replies: list = []
         self.error: errors.RecaError | None = None
         self.first = threading.Event()
-        self._t = threading.Thread(target=self._run, args=(client, payload, kw), daemon=True)
+        self._t = threading.Thread(target=self._run, args=(kern, name, payload, kw), daemon=True)
         self._t.start()
 
-    def _run(self, client, payload, kw) -> None:
+    def _run(self, kern, name, payload, kw) -> None:
         try:
-            for r in client.stream("echo", payload, **kw):
-                self.replies.append(r)
-                self.first.set()
-                if r.final and r.status == P.STATUS_ERROR:
-                    self.error = errors.from_wire(r.raw.get(P.S_ERROR))
+            with as_(kern, name, timeout=60) as client:
+                for r in client.stream("echo", payload, **kw):
+                    self.replies.append(r)
+                    self.first.set()
+                    if r.final and r.status == P.STATUS_ERROR:
+                        self.error = errors.from_wire(r.raw.get(P.S_ERROR))
         except errors.RecaError as exc:
             self.error = exc
         finally:
@@ -138,7 +140,7 @@ def test_process_control_needs_an_operator(sec):
 def test_another_principals_requests_cannot_be_found_or_touched(sec):
     with as_(sec, "alice") as alice, as_(sec, "bob") as bob:
         alice.open_job("a-tok", {"wall_ms": 60_000})
-        run = Running(alice, {"report_token": True, "steps": 40, "step_ms": 25}, job="a-tok")
+        run = Running(sec, "alice", {"report_token": True, "steps": 40, "step_ms": 25}, job="a-tok")
         assert run.first.wait(30)
         token = bytes.fromhex(run.replies[0].payload["token"])
         assert len(token) == 16
@@ -157,7 +159,7 @@ def test_another_principals_requests_cannot_be_found_or_touched(sec):
         assert run.error is None and run.final.payload["steps_done"] == 40
         assert [r.status for r in run.replies].count(P.STATUS_PAUSED) == 0
         # Tokens are not a counter: two of alice's requests' tokens are unrelated.
-        run2 = Running(alice, {"report_token": True})
+        run2 = Running(sec, "alice", {"report_token": True})
         run2.join()
         token2 = bytes.fromhex(run2.replies[0].payload["token"])
         assert token2 != token and abs(int.from_bytes(token2, "big") - int.from_bytes(token, "big")) > 2 ** 64
@@ -168,7 +170,7 @@ def test_a_pause_has_a_bounded_length(sec):
     longer than ``max_pause_s``; and pausing another principal's requests needs an operator."""
     with as_(sec, "alice") as alice, as_(sec, "op") as op, as_(sec, "bob") as bob:
         alice.open_job("a-pause", {"wall_ms": 60_000})
-        run = Running(alice, {"report_token": True, "steps": 30, "step_ms": 20}, job="a-pause")
+        run = Running(sec, "alice", {"report_token": True, "steps": 30, "step_ms": 20}, job="a-pause")
         assert run.first.wait(30)
         _forbidden(bob.call, P.MMI_PREEMPT, {"job": "a-pause"})
         assert op.call(P.MMI_PREEMPT, {"job": "a-pause"})["ok"]
@@ -218,7 +220,7 @@ def test_jobs_and_reservations_belong_to_their_owner(sec):
 def test_a_job_with_requests_in_flight_cannot_be_closed(sec):
     with as_(sec, "alice") as alice:
         alice.open_job("a-wall", {"wall_ms": 1000})
-        run = Running(alice, {"partials": 1, "steps": 100, "step_ms": 50}, job="a-wall")
+        run = Running(sec, "alice", {"partials": 1, "steps": 100, "step_ms": 50}, job="a-wall")
         assert run.first.wait(30)
         with pytest.raises(errors.Refused, match="in flight"):
             alice.close_job("a-wall")
@@ -246,11 +248,18 @@ def test_root_and_default_are_finite(sec):
         jobs = op.call(P.MMI_JOB_STATS, {})
         for name in ("root", "default"):
             assert set(jobs[name]["limits"]) >= {"wall_ms", "cpu_ms", "tokens", "flops"}
-        # A worker reporting 1e15 tokens on the default job charges at most what it was granted.
+        # A worker reporting 1e15 tokens on the default job charges at most what it was granted;
+        # a non-operator's default job is its own, so alice exhausts only hers.
         with pytest.raises(errors.BudgetExceeded):
             alice.call("echo", {"charge": {"tokens": 1e15}})
-        spent = op.call(P.MMI_JOB_STATS, {"job": "default"})["spent"].get("tokens", 0)
-        assert spent <= DEFAULT_TOKENS
+        mine = alice.call(P.MMI_JOB_STATS, {"job": "default:alice"})
+        assert mine["limits"]["tokens"] == DEFAULT_TOKENS and 0 < mine["spent"]["tokens"] <= DEFAULT_TOKENS
+        with pytest.raises(errors.BudgetExceeded):
+            alice.call("echo", {"x": 1})
+        with as_(sec, "bob") as bob:
+            assert bob.call("echo", {"x": 1}) == {"x": 1}
+            _forbidden(bob.call, "echo", {"x": 1}, job="default:alice")
+        assert op.call(P.MMI_JOB_STATS, {"job": "default"})["spent"].get("tokens", 0) == 0
 
 
 def test_worker_charges_are_bounded_by_the_grant(sec):
