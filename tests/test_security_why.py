@@ -339,3 +339,14 @@ def test_a_revoked_key_is_refused_while_connected(sec):
         assert outcome is not None and "no longer" in outcome.message
     refused = [r for r in decisions(sec) if r["in"].get("principal") == "carol"]
     assert refused and refused[-1]["in"]["op"] == "revoked"
+
+
+def test_every_decision_of_this_kernel_replays_exactly(sec):
+    """Owners, holders, reservation ids and the configured limits are inputs in the log, so the
+    whole run above (refusals included) replays without a divergence."""
+    from kernel.replay import replay_lines
+
+    decisions(sec)  # flushes the log
+    with open(sec.decision_log) as fh:
+        report = replay_lines(fh)
+    assert report.replayed > 50 and report.divergences == []
