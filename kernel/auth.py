@@ -79,7 +79,7 @@ def parse_role(text: str, *, allow_kernel: bool = False) -> str:
         return text
     if text.startswith(SERVICE_PREFIX):
         names = [n.strip() for n in text[len(SERVICE_PREFIX):].split(",")]
-        if names and all(_SERVICE_RE.fullmatch(n) and not n.startswith("mmi.") for n in names):
+        if names and all(_SERVICE_RE.fullmatch(n) and not n.startswith(P.MMI_PREFIX) for n in names):
             return SERVICE_PREFIX + ",".join(names)
     raise ValueError(f"unknown role {text!r}; expected operator, client or service:NAME[,NAME...]")
 

@@ -76,7 +76,8 @@ class WorkerCmd(bytes, enum.Enum):
 H_VERSION: Final = "v"
 #: Client-chosen request id (str or int), echoed in every status map of the reply.
 H_ID: Final = "id"
-#: Job the request is charged to (str).  Absent: the default job, which has no limits.
+#: Job the request is charged to (str).  Absent: the caller's default job (finite limits from the
+#: config; operators share ``default``, every other principal has ``default:<name>``).
 H_JOB: Final = "job"
 #: Budget the request asks for: map of kind -> amount (``wall_ms``, ``cpu_ms``, ``tokens``,
 #: ``flops`` or a named counted resource).  The kernel clamps it to what the job has left.
