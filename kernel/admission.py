@@ -115,7 +115,7 @@ class BudgetAdmission(Admission):
             return self.not_yours(job)
         # Every request is a ledger decision (root and default are finite), and its start and
         # finish are counted, so a job with requests in flight is never closed under them.
-        out = self.decide("admit", now, job=job, budget=budget)
+        out = self.decide("admit", now, job=job, budget=budget, start=True)
         if not out["ok"]:
             self.counters["refused"] += 1
             return errors.from_wire({"code": out["code"], "message": out["message"]})
@@ -126,8 +126,7 @@ class BudgetAdmission(Admission):
         if wall is not None and "wall_ms" in (budget or {}):
             dl = now + wall / 1000.0
             req.deadline = dl if req.deadline is None else min(req.deadline, dl)
-        self.decide("start", now, job=job)
-        track.started = True
+        track.started = True  # admit started it
         self._preempt_lower(router, req, now)
         return None
 

@@ -15,6 +15,10 @@ import time
 from kernel.auth import open_append
 
 
+#: One encoder for every line (``json.dumps(..., default=str)`` builds a new one per call).
+_encode = json.JSONEncoder(default=str).encode
+
+
 def new_session_id() -> str:
     """A kernel run's id: the prefix of its reservation ids."""
     return f"{os.urandom(4).hex()}."
@@ -38,8 +42,7 @@ class DecisionLog:
 
     def append(self, op: str, now: float, inputs: dict, outputs: dict) -> None:
         self._seq += 1
-        self._fh.write(json.dumps({"seq": self._seq, "t": now, "op": op, "in": inputs, "out": outputs},
-                                  default=str) + "\n")
+        self._fh.write(_encode({"seq": self._seq, "t": now, "op": op, "in": inputs, "out": outputs}) + "\n")
 
     def flush(self) -> None:
         self._fh.flush()

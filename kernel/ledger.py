@@ -270,8 +270,10 @@ class Ledger:
             j.parent.children.discard(job)
         return {"ok": True, "spent": {k: _r(v) for k, v in j.total.items()}}
 
-    def admit(self, now: float, job: str, budget: dict | None = None) -> dict:
-        """Admit a request of ``job`` asking for ``budget``; returns the granted (clamped) budget."""
+    def admit(self, now: float, job: str, budget: dict | None = None, start: bool = False) -> dict:
+        """Admit a request of ``job`` asking for ``budget``; returns the granted (clamped) budget.
+        ``start``: an admitted request also starts at once (one decision instead of admit +
+        start; a log without it replays its separate ``start`` lines the same)."""
         try:
             j = self.job(job)
         except errors.Refused as exc:
@@ -279,21 +281,31 @@ class Ledger:
         why = self.blocked_by(j)
         if why:
             return _no(ErrorCode.BUDGET_EXCEEDED, why)
-        granted: dict[str, float] = {}
-        kinds = set(budget or {})
+        budget = budget or {}
+        # Each kind's holder in one walk up the chain (the nearest job limiting it).
+        holders: dict[str, Job] = {}
         h: Job | None = j
         while h is not None:
-            kinds.update(h.limits)
+            for kind in h.limits:
+                holders.setdefault(kind, h)
             h = h.parent
-        for kind in sorted(kinds):
-            rem = self.remaining(j, kind, now)
-            ask = (budget or {}).get(kind, INF)
-            got = min(ask, rem)
+        granted: dict[str, float] = {}
+        for kind in sorted(holders.keys() | budget.keys()):
+            h = holders.get(kind)
+            if h is None:
+                rem = INF
+            else:
+                rem = h.remaining(kind)
+                if kind == "wall_ms" and h.wall_running:
+                    rem -= h.wall_running * (now - h.wall_anchor) * 1000.0
+            got = min(budget.get(kind, INF), rem)
             if math.isfinite(got):
                 granted[kind] = _r(max(0.0, got))
         for kind, amount in granted.items():
-            if amount <= 0 and (kind in (budget or {}) or kind in COMPUTE):
+            if amount <= 0 and (kind in budget or kind in COMPUTE):
                 return _no(ErrorCode.BUDGET_EXCEEDED, f"no {kind} left in job {job!r}", granted=granted)
+        if start:
+            self.start(now, job)
         return {"ok": True, "granted": granted}
 
     def start(self, now: float, job: str) -> dict:

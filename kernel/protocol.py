@@ -480,8 +480,9 @@ MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
            Role.SERVICE, Scope.SOURCE, (
                Arg("source", "str", f"the writer's name (1..{MAX_AUDIT_SOURCE} characters)", required=True,
                    min_len=1, max_len=MAX_AUDIT_SOURCE),
-               Arg("events", "list", f"1..{MAX_AUDIT_EVENTS} maps", required=True, min_len=1,
-                   max_len=MAX_AUDIT_EVENTS, items="map"),
+               Arg("events", "list", f"1..{MAX_AUDIT_EVENTS} maps, at most {MAX_AUDIT_BYTES} bytes as JSON; "
+                   f"[limits] audit_events_per_min (default {AUDIT_EVENTS_PER_MIN}) per principal per minute",
+                   required=True, min_len=1, max_len=MAX_AUDIT_EVENTS, items="map"),
            )),
     _order(MMI_PREEMPT, "pause"),
     _order(MMI_RESUME, "resume"),

@@ -308,10 +308,11 @@ class Router:
                 self.counters["bad_requests"] += 1
                 self._finish_error(req, exc, now, count=True)
                 return
-            refusal = self.admission.admit(self, req, now)
-            if refusal is not None:
-                self._finish_error(req, refusal, now, count=True)
-                return
+        # Opaque MDP bodies too: they run in the caller's default job (its wall time counts).
+        refusal = self.admission.admit(self, req, now)
+        if refusal is not None:
+            self._finish_error(req, refusal, now, count=True)
+            return
         if req.deadline is not None:
             heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
         self.inflight[token] = req
