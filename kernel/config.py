@@ -67,8 +67,8 @@ class KernelConfig:
     #: paused (then the kernel resumes it), and the mmi.audit records per principal per minute.
     root_limits: dict[str, float] = dataclasses.field(default_factory=dict)
     default_limits: dict[str, float] = dataclasses.field(default_factory=dict)
-    max_pause: float = 60.0
-    audit_quota: int = 60_000
+    max_pause: float = P.MAX_PAUSE
+    audit_quota: int = P.AUDIT_EVENTS_PER_MIN
 
     @property
     def tcp(self) -> bool:
@@ -148,8 +148,8 @@ def parse(doc: dict, *, runtime: str | None = None) -> KernelConfig:
         backoff_max=_get(s, "backoff_max_s", float, P.BACKOFF_MAX, "supervisor"),
         runtime=runtime,
         insecure=_get(a, "insecure", bool, False, "auth"),
-        max_pause=_get(lim, "max_pause_s", float, 60.0, "limits"),
-        audit_quota=_get(lim, "audit_events_per_min", int, 60_000, "limits"),
+        max_pause=_get(lim, "max_pause_s", float, P.MAX_PAUSE, "limits"),
+        audit_quota=_get(lim, "audit_events_per_min", int, P.AUDIT_EVENTS_PER_MIN, "limits"),
     )
     keys = _get(a, "keys", str, None, "auth")
     cfg.keys = os.path.expanduser(expand(keys)) if keys else None
