@@ -19,7 +19,7 @@ from typing import Any
 from kernel import codec, errors
 from kernel import protocol as P
 from kernel.decisions import DecisionLog, new_session_id
-from kernel.ledger import COMPUTE, DEFAULT_JOB, Job, Ledger
+from kernel.ledger import COMPUTE, DEFAULT_JOB, Job, Ledger, is_default_job
 from kernel.protocol import ErrorCode
 from kernel.auth import Principal
 from kernel.router import Admission, Request, Router, Worker
@@ -41,6 +41,9 @@ class _Track:
     priority: int = 0
     paused_at: float | None = None  # when its worker reported it paused (any reason); None: running
     cpu_start: float | None = None  # worker CPU seconds at dispatch (jobs with a cpu_ms limit)
+    #: Whether the kernel measures this request's CPU time: its cpu_ms is limited by a job below
+    #: root and the default jobs (two /proc reads per request; see docs/budgets.md).
+    measure_cpu: bool = False
     over: bool = False  # the worker reported more than was granted
 
 
@@ -121,6 +124,9 @@ class BudgetAdmission(Admission):
             return errors.from_wire({"code": out["code"], "message": out["message"]})
         granted = out["granted"]
         self.tracks[req.token] = track = _Track(job, granted, priority=req.priority)
+        if "cpu_ms" in granted and jobrec is not None:
+            holder = self.ledger.holder(jobrec, "cpu_ms")
+            track.measure_cpu = holder is not None and not is_default_job(holder.name)
         self.prio_counts[req.priority] = self.prio_counts.get(req.priority, 0) + 1
         wall = granted.get("wall_ms")
         if wall is not None and "wall_ms" in (budget or {}):
@@ -184,7 +190,7 @@ class BudgetAdmission(Admission):
 
     def forward_header(self, router: Router, req: Request) -> bytes:
         track = self.tracks.get(req.token)
-        if track is not None and "cpu_ms" in track.granted and req.worker is not None and req.worker.pid:
+        if track is not None and track.measure_cpu and req.worker is not None and req.worker.pid:
             track.cpu_start = process_cpu_seconds(req.worker.pid)
         if track is None or not track.granted:
             return req.body[0]

@@ -95,6 +95,11 @@ class Job:
                 - self.reserved.get(kind, 0.0))
 
 
+def is_default_job(name: str) -> bool:
+    """``root``, ``default`` and the per-principal ``default:<name>`` jobs."""
+    return name in (ROOT, DEFAULT_JOB) or name.startswith(DEFAULT_JOB + ":")
+
+
 def _finite_amount(amount: Any) -> bool:
     return isinstance(amount, (int, float)) and not isinstance(amount, bool) and math.isfinite(amount) \
         and 0 <= amount < P.MAX_LIMIT
@@ -483,16 +488,25 @@ class Ledger:
             return
         if h.wall_running:
             h.wall_deadline = now + max(0.0, h.remaining("wall_ms")) / 1000.0 / h.wall_running
-            heapq.heappush(self._wall_heap, (h.wall_deadline, h.name))
+            heap = self._wall_heap
+            heapq.heappush(heap, (h.wall_deadline, h.name))
+            if len(heap) > 64 + 2 * len(self.jobs):
+                # Entries superseded by a later re-arm are dropped lazily at the top; compact the
+                # rest so the heap stays bounded by the number of jobs.
+                heap[:] = [(d, n) for d, n in heap if self._wall_valid(d, n)]
+                heapq.heapify(heap)
         else:
             h.wall_deadline = INF
+
+    def _wall_valid(self, deadline: float, name: str) -> bool:
+        j = self.jobs.get(name)
+        return j is not None and not j.closed and j.wall_deadline == deadline and j.exhausted is None
 
     def next_deadline(self) -> float:
         heap = self._wall_heap
         while heap:
             deadline, name = heap[0]
-            j = self.jobs.get(name)
-            if j is not None and not j.closed and j.wall_deadline == deadline and j.exhausted is None:
+            if self._wall_valid(deadline, name):
                 return deadline
             heapq.heappop(heap)
         return INF

@@ -261,3 +261,17 @@ def test_audit_quota_is_a_token_bucket_per_principal(kern):
     assert call(router, ttc, P.MMI_AUDIT, {"source": "ttc", "events": ev}, 20.0)["ok"]  # 20 s refill 20
     big = call(router, ttc, P.MMI_AUDIT, {"source": "ttc", "events": [{"b": "x" * P.MAX_AUDIT_BYTES}]}, 100.0)
     assert isinstance(big, errors.BadRequest)
+
+
+def test_the_wall_deadline_heap_stays_bounded():
+    """Every request re-arms its job's wall deadline; superseded entries must not pile up now
+    that every job (default included) has a wall limit."""
+    L = Ledger()
+    L.configure(0.0, root=LIMITS, default=LIMITS)
+    for i in range(5000):
+        t = i * 1e-3
+        L.admit(t, "default", None, start=True)
+        L.finish(t + 5e-4, "default")
+    assert len(L._wall_heap) <= 64 + 2 * len(L.jobs)
+    L.start(10.0, "default")
+    assert L.next_deadline() == pytest.approx(10.0 + L.remaining(L.jobs["default"], "wall_ms", 10.0) / 1000)
