@@ -57,11 +57,13 @@ class KernelServer:
         self.context = context or zmq.Context()
         self._own_context = context is None
         self.principals = principals
-        self.zap: auth.ZapHandler | None = None
+        self.zap = None
         if server_keys is not None:
             if principals is None:
                 raise ValueError("CURVE needs the kernel's principals")
-            self.zap = auth.ZapHandler(self.context, principals)
+            from kernel.zap import ZapHandler
+
+            self.zap = ZapHandler(self.context, principals)
             self.zap.start()
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)

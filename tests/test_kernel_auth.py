@@ -91,7 +91,9 @@ def test_zap_callback_admits_known_keys_and_control_only_to_services(tmp):
     keys.new(kd, "alice", "client")
     keys.new(kd, "svc", "service:echo")
     table = auth.Principals(kd)
-    zap = auth.ZapHandler(zmq.Context.instance(), table)
+    from kernel.zap import ZapHandler
+
+    zap = ZapHandler(zmq.Context.instance(), table)
     alice = auth.read_certificate(os.path.join(kd, "alice.key")).public
     svc = auth.read_certificate(os.path.join(kd, "svc.key")).public
     assert zap.callback(auth.ZAP_DOMAIN_ROUTER, alice) and zap.callback(auth.ZAP_DOMAIN_ROUTER, svc)
