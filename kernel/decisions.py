@@ -37,8 +37,19 @@ class DecisionLog:
         self._seq = 0
         #: This kernel run's id: the prefix of its reservation ids (replay reads it back).
         self.session = new_session_id()
-        self._fh.write(json.dumps({"seq": 0, "op": "session", "t": time.monotonic(), "pid": os.getpid(),
-                                   "wall": time.time(), "session": self.session}) + "\n")
+        self._fh.write(
+            json.dumps(
+                {
+                    "seq": 0,
+                    "op": "session",
+                    "t": time.monotonic(),
+                    "pid": os.getpid(),
+                    "wall": time.time(),
+                    "session": self.session,
+                }
+            )
+            + "\n"
+        )
 
     def append(self, op: str, now: float, inputs: dict, outputs: dict) -> None:
         self._seq += 1

@@ -210,7 +210,7 @@ class KernelServer:
         """Route until :meth:`stop` is called (or the task is cancelled)."""
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        fd = self.sock.getsockopt(zmq.FD)
+        fd = self.sock.fileno()
         self._loop.add_reader(fd, self._on_readable)
         self._on_readable()
         try:

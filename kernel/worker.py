@@ -95,8 +95,11 @@ def targets(message: dict, state: RequestState) -> bool:
     if token is not None:
         return state.token == token
     job, rid = message.get(P.C_JOB), message.get(P.C_ID)
-    return bool((job is not None and state.job == job) or (rid is not None and job is None and state.id == rid)
-                or message.get("all"))
+    return bool(
+        (job is not None and state.job == job)
+        or (rid is not None and job is None and state.id == rid)
+        or message.get("all")
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,9 +124,18 @@ Event = NewRequest | LinkLost
 class WorkerSession:
     """The worker's protocol state: link, heartbeats, requests, control targets, safe points."""
 
-    def __init__(self, service: str, send: Send, *, capacity: int = P.DEFAULT_CAPACITY, pid: int | None = None,
-                 heartbeat: float = P.HEARTBEAT_INTERVAL, liveness: int = P.LIVENESS,
-                 reconnect_initial: float = P.RECONNECT_INITIAL, reconnect_max: float = P.RECONNECT_MAX) -> None:
+    def __init__(
+        self,
+        service: str,
+        send: Send,
+        *,
+        capacity: int = P.DEFAULT_CAPACITY,
+        pid: int | None = None,
+        heartbeat: float = P.HEARTBEAT_INTERVAL,
+        liveness: int = P.LIVENESS,
+        reconnect_initial: float = P.RECONNECT_INITIAL,
+        reconnect_max: float = P.RECONNECT_MAX,
+    ) -> None:
         if not service:
             raise ValueError("a service needs a name")
         self.service = service
@@ -309,7 +321,9 @@ class WorkerSession:
                 state.pause_requested = False
             elif op == P.ControlOp.CANCEL and state.cancel is None:
                 code = message.get(P.C_CODE, P.ErrorCode.CANCELLED)
-                state.cancel = errors.from_wire({"code": code, "message": message.get(P.C_REASON, "cancelled by the kernel")})
+                state.cancel = errors.from_wire(
+                    {"code": code, "message": message.get(P.C_REASON, "cancelled by the kernel")}
+                )
         return hit
 
     def pending(self, token: bytes) -> SafePoint:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import zmq
 
 from kernel import auth, codec, errors
-from kernel.aio import recv_frames, send_frames
+from kernel.aio import readable, recv_frames, send_frames
 from kernel import protocol as P
 from kernel.worker import LinkLost, NewRequest, RequestState, SafePoint, WorkerSession
 from kernel.config import default_control_for, runtime_dir
@@ -181,22 +181,6 @@ class WorkerRuntime:
         self._tasks: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
         self.registered = asyncio.Event()
-
-    @property
-    def heartbeat(self) -> float:
-        return self.session.heartbeat
-
-    @property
-    def liveness(self) -> int:
-        return self.session.liveness
-
-    @property
-    def connects(self) -> int:
-        return self.session.connects
-
-    @property
-    def paused_acks(self) -> int:
-        return self.session.paused_acks
 
     # -- sending ----------------------------------------------------------------------------------
 
@@ -356,9 +340,9 @@ class WorkerRuntime:
         session = self.session
         loop = asyncio.get_running_loop()
         wake = self._wake = asyncio.Event()
-        readers = [sock.getsockopt(zmq.FD)]
+        readers = [sock.fileno()]
         if sub is not None:
-            readers.append(sub.getsockopt(zmq.FD))
+            readers.append(sub.fileno())
         for fd in readers:
             loop.add_reader(fd, wake.set)
         try:
@@ -381,8 +365,7 @@ class WorkerRuntime:
                 if reason is not None:
                     return reason
                 wake.clear()
-                if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN or (
-                        sub is not None and sub.getsockopt(zmq.EVENTS) & zmq.POLLIN):
+                if readable(sock) or (sub is not None and readable(sub)):
                     continue
                 # Sleep until a descriptor signals, a send pokes, stop() is called, or the
                 # session's next wake-up (a timer sets the same event: no task per wait).

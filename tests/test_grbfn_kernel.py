@@ -20,7 +20,7 @@ import zmq
 
 from clients import Client
 from kernel.gate import KernelGate
-from sims.experiments import grbfn_plastic, run_classifier
+from bench.experiments import grbfn_plastic, run_classifier
 from sims.grbfn.gate import PROTOTYPES, LocalGate
 from sims.streams import classification_stream
 from tests.support import KernelProcess

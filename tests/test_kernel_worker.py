@@ -149,8 +149,9 @@ def test_cancel_wins_over_pause_and_carries_its_code(session):
     request(session, b"T")
     session.on_control(P.ControlOp.PREEMPT, {P.C_TOKEN: b"T"})
     assert session.safe_point(b"T", 0.2) is SafePoint.PAUSE
-    session.on_control(P.ControlOp.CANCEL, {P.C_TOKEN: b"T", P.C_CODE: P.ErrorCode.BUDGET_EXCEEDED,
-                                            P.C_REASON: "spent"})
+    session.on_control(
+        P.ControlOp.CANCEL, {P.C_TOKEN: b"T", P.C_CODE: P.ErrorCode.BUDGET_EXCEEDED, P.C_REASON: "spent"}
+    )
     assert session.still_paused(b"T", 0.3) is SafePoint.CANCEL
     state = session.active[b"T"]
     assert isinstance(state.cancel, errors.BudgetExceeded) and state.cancel.message == "spent"
