@@ -20,7 +20,7 @@ import textwrap
 import zmq
 
 from bench._common import Result
-from bench.routing import BODY, Procs, _dealer, _measure, _wait_ready
+from bench.routing import BODY, Procs, _dealer, measure_endpoint
 from clients.launch import LocalKernel
 from kernel import auth, codec, keys
 from kernel import protocol as P
@@ -35,16 +35,20 @@ def _keydir(root: str) -> str:
     return d
 
 
-def _client(ctx: zmq.Context, endpoint: str, kd: str | None) -> zmq.Socket:
+def _connect(kd: str | None):
+    """The client socket factory: a raw DEALER, with the ``bench`` client's CURVE key when ``kd``."""
     if kd is None:
-        return _dealer(ctx, endpoint)
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.SNDHWM, 0)
-    s.setsockopt(zmq.RCVHWM, 0)
-    auth.peer_credentials(os.path.join(kd, "bench.key_secret"), os.path.join(kd, "kernel.key")).apply(s)
-    s.connect(endpoint)
-    return s
+        return _dealer
+
+    def connect(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+        auth.peer_credentials(os.path.join(kd, "bench.key_secret"), os.path.join(kd, "kernel.key")).apply(s)
+        s.connect(endpoint)
+        return s
+    return connect
 
 
 def bench_kernel(curve: bool, kd: str, n_sync: int, n_pipe: int, window: int) -> dict:
@@ -66,14 +70,8 @@ def bench_kernel(curve: bool, kd: str, n_sync: int, n_pipe: int, window: int) ->
             worker += ["--cert", os.path.join(kd, "echo-svc.key_secret"),
                        "--server-cert", os.path.join(kd, "kernel.key")]
         procs.start(*worker)
-        ctx = zmq.Context()
-        s = _client(ctx, kernel.endpoint, kd if curve else None)
         frames = [P.MDPC, P.ClientCmd.REQUEST.value, b"echo", codec.pack({"v": 1, "id": 1}), BODY]
-        _wait_ready(s, frames)
-        out = _measure(s, frames, n_sync, n_pipe, window)
-        s.close(0)
-        ctx.term()
-        return out
+        return measure_endpoint(kernel.endpoint, frames, n_sync, n_pipe, window, _connect(kd if curve else None))
     finally:
         procs.close()
         kernel.stop()
@@ -88,13 +86,7 @@ def bench_bare(curve: bool, kd: str, n_sync: int, n_pipe: int, window: int) -> d
         procs.start("-m", "bench._peers", "bare-broker", ep, *secret)
         wcert = [os.path.join(kd, "echo-svc.key_secret"), os.path.join(kd, "kernel.key")] if curve else []
         procs.start("-m", "bench._peers", "bare-worker", ep, *wcert)
-        ctx = zmq.Context()
-        s = _client(ctx, ep, kd if curve else None)
-        _wait_ready(s, [BODY])
-        out = _measure(s, [BODY], n_sync, n_pipe, window)
-        s.close(0)
-        ctx.term()
-        return out
+        return measure_endpoint(ep, [BODY], n_sync, n_pipe, window, _connect(kd if curve else None))
     finally:
         procs.close()
 

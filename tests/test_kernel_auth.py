@@ -12,9 +12,8 @@ import zmq.auth
 
 from kernel import auth, codec, keys
 from kernel import protocol as P
-from kernel.router import Router
 from tests.support import short_tmpdir
-from tests.test_kernel_router import Wire
+from tests.test_kernel_router import router, wire  # noqa: F401  (fixtures)
 
 W = P.WorkerCmd
 
@@ -147,16 +146,6 @@ def test_private_dir_checks(tmp):
 
 ALICE = auth.Principal("alice", "client")
 SVC = auth.Principal("svc", "service:echo")
-
-
-@pytest.fixture
-def wire():
-    return Wire()
-
-
-@pytest.fixture
-def router(wire):
-    return Router(wire, heartbeat_interval=1.0, liveness=3, unavailable_wait=2.0)
 
 
 def test_ready_is_accepted_only_for_the_principals_services(router, wire):
