@@ -85,6 +85,9 @@ class Job:
     #: Requests of this job in flight (started, not finished).  A job with any in its subtree
     #: cannot be closed, so no request's charges can land on a re-opened job of the same name.
     running: int = 0
+    #: Cache: (kind, holder) for every kind limited on the chain up from here, sorted by kind.
+    #: Limits never change after open (configure runs before any job), so it is computed once.
+    holders: "list[tuple[str, Job]] | None" = None
     # wall_ms accounting (only meaningful where "wall_ms" in limits)
     wall_running: int = 0
     wall_anchor: float = 0.0
@@ -133,6 +136,18 @@ class Ledger:
         if job is None or job.closed:
             raise errors.Refused(f"unknown or closed job {name!r}; open it with mmi.job.open first", job=name)
         return job
+
+    @staticmethod
+    def _holders(job: Job) -> "list[tuple[str, Job]]":
+        if job.holders is None:
+            found: dict[str, Job] = {}
+            h: Job | None = job
+            while h is not None:
+                for kind in h.limits:
+                    found.setdefault(kind, h)
+                h = h.parent
+            job.holders = sorted(found.items())
+        return job.holders
 
     def holder(self, job: Job, kind: str) -> Job | None:
         """The nearest job, from ``job`` up, that has a limit on ``kind`` (None: unlimited)."""
@@ -189,6 +204,8 @@ class Ledger:
             return _no(ErrorCode.REFUSED, "configure only before any job or request")
         r.limits = {k: float(v) for k, v in (root or {}).items()}
         d.limits = {k: float(v) for k, v in (default or {}).items()}
+        for j in self.jobs.values():
+            j.holders = None
         for kind, amount in d.limits.items():
             if kind in r.limits:
                 if amount > r.limits[kind]:
@@ -287,16 +304,11 @@ class Ledger:
         if why:
             return _no(ErrorCode.BUDGET_EXCEEDED, why)
         budget = budget or {}
-        # Each kind's holder in one walk up the chain (the nearest job limiting it).
-        holders: dict[str, Job] = {}
-        h: Job | None = j
-        while h is not None:
-            for kind in h.limits:
-                holders.setdefault(kind, h)
-            h = h.parent
+        holders = self._holders(j)
+        if budget and not budget.keys() <= {k for k, _ in holders}:
+            holders = sorted({**dict.fromkeys(budget), **dict(holders)}.items())
         granted: dict[str, float] = {}
-        for kind in sorted(holders.keys() | budget.keys()):
-            h = holders.get(kind)
+        for kind, h in holders:
             if h is None:
                 rem = INF
             else:
