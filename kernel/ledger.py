@@ -304,9 +304,11 @@ class Ledger:
         if why:
             return _no(ErrorCode.BUDGET_EXCEEDED, why)
         budget = budget or {}
-        holders = self._holders(j)
+        holders: list[tuple[str, Job | None]] = list(self._holders(j))
         if budget and not budget.keys() <= {k for k, _ in holders}:
-            holders = sorted({**dict.fromkeys(budget), **dict(holders)}.items())
+            # Kinds the request asks for that no job limits: granted as asked (unlimited).
+            found: dict[str, Job | None] = {**dict.fromkeys(budget), **dict(holders)}
+            holders = sorted(found.items())
         granted: dict[str, float] = {}
         for kind, h in holders:
             if h is None:

@@ -146,7 +146,7 @@ class KernelServer:
         while sock.getsockopt(_RCVMORE):
             parts.append(sock.recv(0))
         assert self.principals is not None
-        name = first.get(auth.USER_ID) or ""
+        name = str(first.get(auth.USER_ID) or "")
         return parts, self.principals.by_name(name) or auth.Principal(name, auth.REVOKED)
 
     def _on_readable(self) -> None:
@@ -191,12 +191,13 @@ class KernelServer:
         self._timer = None
         self._timer_at = float("inf")
         now = time.monotonic()
-        if self.principals is not None and now >= self._next_reload:
+        principals = self.principals
+        if principals is not None and now >= self._next_reload:
             # A key removed from the key directory is revoked: its workers are dropped and its
             # messages refused from now on (the ZAP handler refuses its new connections).
             self._next_reload = now + _RELOAD_INTERVAL
-            if self.principals.reload():
-                self.router.revoke(lambda name: self.principals.by_name(name) is not None, now)
+            if principals.reload():
+                self.router.revoke(lambda name: principals.by_name(name) is not None, now)
         try:
             self.router.tick(now)
         except Exception:

@@ -13,7 +13,8 @@ import zmq.auth
 from kernel import auth, codec, keys
 from kernel import protocol as P
 from tests.support import short_tmpdir
-from tests.test_kernel_router import router, wire  # noqa: F401  (fixtures)
+from kernel.router import Router
+from tests.test_kernel_router import Wire
 
 W = P.WorkerCmd
 
@@ -148,7 +149,14 @@ ALICE = auth.Principal("alice", "client")
 SVC = auth.Principal("svc", "service:echo")
 
 
-def test_ready_is_accepted_only_for_the_principals_services(router, wire):
+@pytest.fixture
+def rw() -> tuple[Router, Wire]:
+    wire = Wire()
+    return Router(wire, heartbeat_interval=1.0, liveness=3, unavailable_wait=2.0), wire
+
+
+def test_ready_is_accepted_only_for_the_principals_services(rw):
+    router, wire = rw
     router.on_message([b"W1", P.MDPW, W.READY.value, b"echo", codec.pack({"capacity": 4096})], 0.0, ALICE)
     assert wire.to(b"W1") == [[b"W1", P.MDPW, W.DISCONNECT.value]]
     router.on_message([b"W2", P.MDPW, W.READY.value, b"sim"], 0.0, SVC)
@@ -158,7 +166,8 @@ def test_ready_is_accepted_only_for_the_principals_services(router, wire):
     assert list(router.workers) == [b"W3"] and router.workers[b"W3"].principal == SVC
 
 
-def test_a_routing_id_reused_by_another_principal_is_not_that_worker(router, wire):
+def test_a_routing_id_reused_by_another_principal_is_not_that_worker(rw):
+    router, wire = rw
     router.on_message([b"W1", P.MDPW, W.READY.value, b"echo"], 0.0, SVC)
     router.on_message([b"C1", P.MDPC, P.ClientCmd.REQUEST.value, b"echo", b"x"], 0.0, ALICE)
     (req,) = wire.to(b"W1")
@@ -170,7 +179,8 @@ def test_a_routing_id_reused_by_another_principal_is_not_that_worker(router, wir
     assert client and codec.unpack(client[-1][-1])["error"]["code"] == "worker_died"
 
 
-def test_revoked_principals_get_forbidden_and_their_workers_are_dropped(router, wire):
+def test_revoked_principals_get_forbidden_and_their_workers_are_dropped(rw):
+    router, wire = rw
     router.on_message([b"W1", P.MDPW, W.READY.value, b"echo"], 0.0, SVC)
     router.revoke(lambda name: name != "svc", 1.0)
     assert router.workers == {} and wire.to(b"W1")[-1] == [b"W1", P.MDPW, W.DISCONNECT.value]
