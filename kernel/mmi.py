@@ -297,7 +297,8 @@ class Management:
         it).  Published on the control bus; the workers act at safe points.
 
         Below operator: a job must be the caller's own (the shared default job: operators only);
-        a token that names another principal's request is answered as one that does not exist."""
+        a token must name a request the caller sent, or one of a job it may act in (its own, or
+        one it serves a request of); any other is answered as a token that does not exist."""
         op = name[len(P.MMI_PREFIX):]
         service = arg["service"]
         operator = caller.principal.operator
@@ -316,7 +317,10 @@ class Management:
                         return errors.BadRequest(f"{name}: 'token' is not hex: {token!r}")
                 found = router.inflight.get(token)  # the in-flight table is keyed by token
                 candidates = [found] if found is not None else []
-                if found is not None and not operator and found.principal != caller.principal:
+                if found is not None and not operator and found.principal != caller.principal \
+                        and not (found.job and self._may_act(router, caller, found.job)):
+                    # Neither its sender, nor its job's owner, nor a service serving that job
+                    # (ids pauses a caller's decode that way).
                     self.forbid(router, caller, name, arg, now, "")
                     candidates = []  # answered exactly as a token that does not exist
             else:

@@ -275,3 +275,21 @@ def test_the_wall_deadline_heap_stays_bounded():
     assert len(L._wall_heap) <= 64 + 2 * len(L.jobs)
     L.start(10.0, "default")
     assert L.next_deadline() == pytest.approx(10.0 + L.remaining(L.jobs["default"], "wall_ms", 10.0) / 1000)
+
+
+def test_a_service_serving_a_job_may_pause_that_jobs_requests(kern):
+    """ids pauses a caller's decode by its token: allowed while it serves a request of that job."""
+    router, wire, _, _ = kern
+    ids = Principal("ids", "service:ids")
+    router.on_message([b"D", P.MDPW, W.READY.value, b"echo"], 0.0, SVC)
+    router.on_message([b"I", P.MDPW, W.READY.value, b"ids"], 0.0, ids)
+    call(router, ALICE, P.MMI_JOB_OPEN, {"job": "a"})
+    request(router, ALICE, b"A", job="a")
+    (decode,) = wire.to(b"D")
+    assert isinstance(call(router, ids, P.MMI_PREEMPT, {"token": decode[3]}), errors.Refused)  # not serving "a" yet
+    router.on_message([b"A2", P.MDPC, P.ClientCmd.REQUEST.value, b"ids", codec.pack({"v": 1, "id": 2, "job": "a"}),
+                       codec.pack(0)], 0.1, ALICE)
+    assert wire.to(b"I")
+    assert call(router, ids, P.MMI_PREEMPT, {"token": decode[3]})["targets"] == 1
+    assert call(router, ALICE, P.MMI_PREEMPT, {"token": decode[3]})["targets"] == 1  # the job's owner
+    assert isinstance(call(router, BOB, P.MMI_PREEMPT, {"token": decode[3]}), errors.Refused)
