@@ -150,6 +150,12 @@ class KernelServer:
         return parts, self.principals.by_name(name) or auth.Principal(name, auth.REVOKED)
 
     def _on_readable(self) -> None:
+        if self._drain():
+            self._arm()
+
+    def _drain(self) -> bool:
+        """Route what the ROUTER socket holds (at most one batch; the rest on the next turn).
+        False once the socket is closed."""
         sock = self.sock
         on_message = self.router.on_message
         clock = time.monotonic
@@ -164,7 +170,7 @@ class KernelServer:
                 break
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.ENOTSOCK:
-                    return
+                    return False
                 raise
             try:
                 on_message(frames, clock(), principal)
@@ -175,7 +181,7 @@ class KernelServer:
             # Batch full: more may be waiting; let timers run, then continue.
             assert self._loop is not None
             self._loop.call_soon(self._on_readable)
-        self._arm()
+        return True
 
     def _arm(self) -> None:
         wake = self.router.next_wakeup()
@@ -190,6 +196,11 @@ class KernelServer:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = float("inf")
+        # Input first: messages that waited while this process was not scheduled prove their
+        # senders alive, and the liveness sweep must see them before it judges (uvloop runs due
+        # timers before polling for I/O).
+        if not self._drain():
+            return
         now = time.monotonic()
         principals = self.principals
         if principals is not None and now >= self._next_reload:

@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import zmq
@@ -224,8 +225,10 @@ class WorkerRuntime:
         else:
             self._final(ctx, result)
 
-    def _on_events(self, events: list[Any]) -> str | None:
+    def _on_events(self, events: Sequence[Any]) -> str | None:
         """Start handlers of new requests; the reason when the link was lost."""
+        if not events:
+            return None
         for event in events:
             if isinstance(event, NewRequest):
                 self.registered.set()
@@ -235,8 +238,6 @@ class WorkerRuntime:
                 ctx.task = self._tasks.create_task(self._serve(ctx, event.payload))
             elif isinstance(event, LinkLost):
                 return event.reason
-        if self.session.registered:
-            self.registered.set()
         return None
 
     def _on_control(self, topic: bytes, message: Any) -> None:
@@ -357,11 +358,15 @@ class WorkerRuntime:
                     except zmq.Again:
                         break
                     reason = self._on_events(session.on_message(frames, time.monotonic()))
-                    self.flush()
+                    if self._out:
+                        self.flush()
                     if reason is not None:
                         return reason
+                    if session.registered and not self.registered.is_set():
+                        self.registered.set()
                 reason = self._on_events(session.tick(time.monotonic()))
-                self.flush()
+                if self._out:
+                    self.flush()
                 if reason is not None:
                     return reason
                 wake.clear()
