@@ -2,6 +2,9 @@
 
 bare-broker / bare-worker: a pyzmq ROUTER-to-ROUTER broker with no protocol (the floor);
 mt-broker / mt-worker: the PyPI ``majortomo`` MDP broker and worker.
+
+``bench auth`` runs the bare pair with CURVE too (libzmq's own CURVE cost, no ZAP handler):
+``bare-broker ENDPOINT SECRET_CERT`` and ``bare-worker ENDPOINT SECRET_CERT SERVER_CERT``.
 """
 
 from __future__ import annotations
@@ -9,11 +12,15 @@ from __future__ import annotations
 import sys
 
 import zmq
+import zmq.auth
 
 
-def bare_broker(endpoint: str) -> None:
+def bare_broker(endpoint: str, secret_cert: str | None = None) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
+    if secret_cert:
+        public, secret = zmq.auth.load_certificate(secret_cert)
+        sock.curve_server, sock.curve_publickey, sock.curve_secretkey = True, public, secret
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
@@ -29,9 +36,13 @@ def bare_broker(endpoint: str) -> None:
             sock.send_multipart([worker, frames[0], frames[1]])
 
 
-def bare_worker(endpoint: str) -> None:
+def bare_worker(endpoint: str, cert: str | None = None, server_cert: str | None = None) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
+    if cert:
+        public, secret = zmq.auth.load_certificate(cert)
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.curve_serverkey = zmq.auth.load_certificate(server_cert)[0]
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
@@ -64,4 +75,4 @@ def mt_worker(endpoint: str) -> None:
 if __name__ == "__main__":
     role, endpoint = sys.argv[1], sys.argv[2]
     {"bare-broker": bare_broker, "bare-worker": bare_worker, "mt-broker": mt_broker,
-     "mt-worker": mt_worker}[role](endpoint)
+     "mt-worker": mt_worker}[role](endpoint, *sys.argv[3:])

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import zmq
 
@@ -32,7 +33,7 @@ class Procs:
         self.dir = tempfile.mkdtemp(prefix="reca-bench-", dir="/tmp")
 
     def start(self, *argv: str) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONPATH=os.getcwd(), RECA_LOG_LEVEL="WARNING")
+        env = dict(os.environ, PYTHONPATH=os.getcwd(), RECA_LOG_LEVEL="WARNING", RECA_RUNTIME_DIR=self.dir)
         p = subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(p)
         return p
@@ -136,15 +137,22 @@ def _bench_peer(name: str, frames: list[bytes], n_sync: int, n_pipe: int, window
     try:
         procs.start("-m", "bench._peers", f"{name}-broker", ep)
         procs.start("-m", "bench._peers", f"{name}-worker", ep)
-        ctx = zmq.Context()
-        s = _dealer(ctx, ep)
-        _wait_ready(s, frames)
-        out = _measure(s, frames, n_sync, n_pipe, window)
-        s.close(0)
-        ctx.term()
-        return out
+        return measure_endpoint(ep, frames, n_sync, n_pipe, window)
     finally:
         procs.close()
+
+
+def measure_endpoint(ep: str, frames: list[bytes], n_sync: int, n_pipe: int, window: int,
+                     connect: Callable[[zmq.Context, str], zmq.Socket] = _dealer) -> dict:
+    """:func:`_measure` on a fresh socket from ``connect`` once the peer at ``ep`` answers."""
+    ctx = zmq.Context()
+    s = connect(ctx, ep)
+    try:
+        _wait_ready(s, frames)
+        return _measure(s, frames, n_sync, n_pipe, window)
+    finally:
+        s.close(0)
+        ctx.term()
 
 
 def bench_bare(n_sync: int, n_pipe: int, window: int) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -20,7 +21,7 @@ from typing import Any
 from clients.core import default_endpoint
 from clients.sync import Client
 from clients.table import cell, render
-from kernel import errors
+from kernel import auth, errors
 from kernel import protocol as P
 
 
@@ -223,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients", description="reca command-line client")
     parser.add_argument("--endpoint", default=None, help=f"kernel endpoint (default {default_endpoint()})")
     parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--cert", default=None, help="your secret certificate for tcp:// (default $RECA_CERT)")
+    parser.add_argument("--server-cert", default=None,
+                        help="the kernel's public certificate (default $RECA_SERVER_CERT)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("call", help="send one request")
     p.add_argument("service")
@@ -233,13 +237,21 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="services, processes, jobs")
     sub.add_parser("demo", help="the guided demo (starts a kernel unless --endpoint is given)")
     args = parser.parse_args(argv)
-    if args.cmd == "call":
-        args.endpoint = args.endpoint or default_endpoint()
-        return cmd_call(args)
-    if args.cmd == "status":
-        args.endpoint = args.endpoint or default_endpoint()
-        return cmd_status(args)
-    return cmd_demo(args)
+    if args.cert:
+        os.environ[auth.ENV_CERT] = args.cert
+    if args.server_cert:
+        os.environ[auth.ENV_SERVER_CERT] = args.server_cert
+    try:
+        if args.cmd == "call":
+            args.endpoint = args.endpoint or default_endpoint()
+            return cmd_call(args)
+        if args.cmd == "status":
+            args.endpoint = args.endpoint or default_endpoint()
+            return cmd_status(args)
+        return cmd_demo(args)
+    except (auth.AuthError, auth.UnsafeRuntimeDir) as exc:
+        print(f"python -m clients: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Callable
 import zmq
 
 from clients.core import Reply, RetryPolicy, default_endpoint, parse_reply, raise_for
-from kernel import errors
+from kernel import auth, errors
 from kernel.aio import Readable
 from kernel import protocol as P
 
@@ -24,14 +24,14 @@ class AsyncClient:
     """
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = P.CLIENT_TIMEOUT, retries: int = P.CLIENT_RETRIES,
-                 job: str | None = None, context: zmq.Context | None = None) -> None:
+                 job: str | None = None, context: zmq.Context | None = None, cert: str | None = None,
+                 server_cert: str | None = None) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
         self.retries = retries
         self.job = job
         self._ctx = context or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock = auth.secure_socket(self._ctx, zmq.DEALER, self.endpoint, auth.peer_credentials(cert, server_cert))
         self._sock.connect(self.endpoint)
         self._ids = itertools.count(1)
         self._waiting: dict[Any, asyncio.Queue[Reply]] = {}

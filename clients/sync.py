@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator
 import zmq
 
 from clients.core import Reply, RetryPolicy, default_endpoint, parse_reply, raise_for
-from kernel import codec, errors
+from kernel import auth, codec, errors
 from kernel import protocol as P
 
 
@@ -23,8 +23,11 @@ class Client:
     """
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = P.CLIENT_TIMEOUT, retries: int = P.CLIENT_RETRIES,
-                 job: str | None = None, context: zmq.Context | None = None) -> None:
+                 job: str | None = None, context: zmq.Context | None = None, cert: str | None = None,
+                 server_cert: str | None = None) -> None:
         self.endpoint = endpoint or default_endpoint()
+        #: CURVE credentials for tcp:// (``cert``/``server_cert`` or $RECA_CERT/$RECA_SERVER_CERT).
+        self._creds = auth.peer_credentials(cert, server_cert)
         self.timeout = timeout
         self.retries = retries
         self.job = job
@@ -34,8 +37,7 @@ class Client:
         self._open()
 
     def _open(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = auth.secure_socket(self._ctx, zmq.DEALER, self.endpoint, self._creds)
         sock.connect(self.endpoint)
         self._sock = sock
 

@@ -2,11 +2,17 @@
 
     python -m kernel [--config FILE] [--endpoint ENDPOINT] [--control ENDPOINT] [--no-services]
     python -m kernel replay LOG
+    python -m kernel keys new NAME --role ROLE [--dir DIR] | keys list [--dir DIR]
 
 Starts the kernel (ROUTER + PUB), then the supervisor, which launches the services of the
 config in order.  Prints the endpoints and a line ``reca kernel ready`` once everything is
 started.  SIGINT / SIGTERM stop the services in reverse start order (SIGTERM, shutdown
 timeout, SIGKILL) and then the kernel; no process is left behind.
+
+Security at start (docs/security.md): the runtime directory is created private (0700) or, if it
+exists, must be a real directory of this user closed to group and others; a ``tcp://`` endpoint
+needs CURVE (``[auth] keys``) unless ``[auth] insecure = true``.  Either refusal exits with
+status 2 and says why.
 """
 
 from __future__ import annotations
@@ -34,9 +40,68 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Refused(Exception):
+    """The kernel refuses to start (unsafe runtime directory, tcp:// without CURVE, bad keys)."""
+
+
+def _security(cfg, log: logging.Logger):
+    """Check the runtime directories and set up CURVE: returns ``(server_keys, principals,
+    child_certs)`` (all None/empty over ipc:// or insecure tcp://)."""
+    import zmq
+
+    from kernel import auth
+
+    dirs = {cfg.runtime}
+    dirs.update(os.path.dirname(ep[len("ipc://"):]) for ep in (cfg.endpoint, cfg.control) if ep.startswith("ipc://"))
+    if cfg.decision_log:
+        dirs.add(os.path.dirname(os.path.abspath(cfg.decision_log)))
+    try:
+        for d in sorted(d for d in dirs if d):
+            auth.ensure_private_dir(d)
+    except (auth.UnsafeRuntimeDir, OSError) as exc:
+        raise _Refused(str(exc)) from exc
+    if not cfg.tcp:
+        return None, None, {}
+    if cfg.keys is None:
+        if not cfg.insecure:
+            raise _Refused("a tcp:// endpoint needs CURVE: set [auth] keys to a key directory made with "
+                           "`python -m kernel keys new NAME --role ROLE` (or [auth] insecure = true on a "
+                           "trusted host only)")
+        log.warning("!" * 78)
+        log.warning("INSECURE: tcp:// WITHOUT CURVE. Every peer that can reach %s is the OPERATOR:", cfg.endpoint)
+        log.warning("it can stop processes, cancel any job and read every control message.")
+        log.warning("!" * 78)
+        print("reca kernel WARNING: insecure tcp:// without CURVE; every peer is the operator", flush=True)
+        return None, None, {}
+    try:
+        public, secret = auth.load_secret(cfg.server_cert)
+        principals = auth.Principals(cfg.keys)
+    except (auth.AuthError, OSError) as exc:
+        raise _Refused(str(exc)) from exc
+    # The supervisor hands each child a certificate of its own, role service:<its service>.
+    cert_dir = auth.ensure_private_dir(os.path.join(cfg.runtime, "certs"))
+    server_public = os.path.join(cert_dir, "kernel.key")
+    if os.path.lexists(server_public):
+        os.unlink(server_public)
+    auth.write_public_certificate(server_public, auth.KERNEL_ROLE, public)
+    child_certs = {}
+    for child, role in auth.child_principals(spec.name for spec in cfg.services).items():
+        name = f"child:{child}"
+        for suffix in (".key", ".key_secret"):
+            path = os.path.join(cert_dir, name + suffix)
+            if os.path.lexists(path):
+                os.unlink(path)
+        keypair = zmq.curve_keypair()
+        _, secret_path = auth.write_certificate(cert_dir, name, role, keypair)
+        principals.add_child(name, role, keypair[0])
+        child_certs[child] = secret_path
+    return auth.ServerKeys(public, secret), principals, {"server": server_public, "children": child_certs}
+
+
 async def _run(args: argparse.Namespace) -> int:
     from kernel import supervisor as sv
     from kernel.admission import BudgetAdmission
+    from kernel.auth import ENV_CERT, ENV_SERVER_CERT
     from kernel.decisions import DecisionLog
     from kernel.mmi import Management
     from kernel.server import KernelServer
@@ -47,13 +112,16 @@ async def _run(args: argparse.Namespace) -> int:
         cfg.control = args.control or default_control_for(args.endpoint)
     elif args.control:
         cfg.control = args.control
-    for ep in (cfg.endpoint, cfg.control):
-        if ep.startswith("ipc://"):
-            os.makedirs(os.path.dirname(ep[len("ipc://"):]) or ".", mode=0o700, exist_ok=True)
+    server_keys, principals, certs = _security(cfg, logging.getLogger("reca.kernel"))
+    if certs:
+        for spec in cfg.services:
+            spec.env = {**spec.env, ENV_CERT: certs["children"][spec.name], ENV_SERVER_CERT: certs["server"]}
     decision_log = None
     if cfg.decision_log:
-        os.makedirs(os.path.dirname(cfg.decision_log) or ".", exist_ok=True)
-        decision_log = DecisionLog(cfg.decision_log)
+        try:
+            decision_log = DecisionLog(cfg.decision_log)
+        except (OSError, PermissionError) as exc:  # UnsafeRuntimeDir: a planted symlink, another's file
+            raise _Refused(f"decision log {cfg.decision_log}: {exc}") from exc
     supervisor = sv.Supervisor(
         [] if args.no_services else cfg.services,
         env={
@@ -67,7 +135,9 @@ async def _run(args: argparse.Namespace) -> int:
         backoff_initial=cfg.backoff_initial,
         backoff_max=cfg.backoff_max,
     )
-    admission = BudgetAdmission(decision_log=decision_log)
+    admission = BudgetAdmission(decision_log=decision_log, root_limits=cfg.root_limits,
+                                default_limits=cfg.default_limits, max_pause=cfg.max_pause,
+                                audit_quota=cfg.audit_quota)
     server = KernelServer(
         cfg.endpoint,
         cfg.control,
@@ -77,6 +147,8 @@ async def _run(args: argparse.Namespace) -> int:
         admission=admission,
         management=Management(admission, supervisor),
         extra_stats=supervisor.stats,
+        server_keys=server_keys,
+        principals=principals,
     )
     # The supervisor's children get the endpoints as actually bound (tcp://*:0 resolves here).
     supervisor.env[sv.ENV_ENDPOINT] = server.endpoint.replace("0.0.0.0", "127.0.0.1")
@@ -111,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         from kernel.replay import main as replay_main
 
         return replay_main(argv[1:])
+    if argv and argv[0] == "keys":
+        from kernel.keys import main as keys_main
+
+        return keys_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -127,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         return runner(_run(args))
     except ConfigError as exc:
         print(f"reca kernel: config error: {exc}", file=sys.stderr)
+        return 2
+    except _Refused as exc:
+        print(f"reca kernel: refusing to start: {exc}", file=sys.stderr)
         return 2
 
 

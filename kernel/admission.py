@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Iterator
+from typing import Any
 
 from kernel import codec, errors
 from kernel import protocol as P
 from kernel.decisions import DecisionLog, new_session_id
-from kernel.ledger import COMPUTE, DEFAULT_JOB, Job, Ledger
+from kernel.ledger import COMPUTE, DEFAULT_JOB, Job, Ledger, is_default_job
 from kernel.protocol import ErrorCode
+from kernel.auth import Principal
 from kernel.router import Admission, Request, Router, Worker
 from kernel.supervisor import process_cpu_seconds
 
@@ -36,19 +37,39 @@ class _Track:
     charged: dict = dataclasses.field(default_factory=dict)
     started: bool = False
     preempted: bool = False
-    paused: bool = False
+    paused: bool = False  # paused by kernel preemption with its slot lent out
     priority: int = 0
+    paused_at: float | None = None  # when its worker reported it paused (any reason); None: running
     cpu_start: float | None = None  # worker CPU seconds at dispatch (jobs with a cpu_ms limit)
+    #: Whether the kernel measures this request's CPU time: its cpu_ms is limited by a job below
+    #: root and the default jobs (two /proc reads per request; see docs/budgets.md).
+    measure_cpu: bool = False
+    over: bool = False  # the worker reported more than was granted
 
 
 class BudgetAdmission(Admission):
     """Router hooks that enforce the Ledger: admission with clamping, charging from worker
     statuses and kernel measurements, exhaustion with cancel, gates over MMI, preemption."""
 
-    def __init__(self, ledger: Ledger | None = None, decision_log: DecisionLog | None = None) -> None:
+    def __init__(self, ledger: Ledger | None = None, decision_log: DecisionLog | None = None, *,
+                 root_limits: dict | None = None, default_limits: dict | None = None,
+                 max_pause: float = P.MAX_PAUSE, audit_quota: int = P.AUDIT_EVENTS_PER_MIN) -> None:
         self.ledger = ledger or Ledger(session=decision_log.session if decision_log is not None
                                        else new_session_id())
         self.log = decision_log
+        #: Limits of each default job (the shared ``default`` and a non-operator's own).
+        self.default_limits = dict(default_limits or {})
+        #: The longest a request may stay paused before the kernel resumes it, seconds.
+        self.max_pause = max_pause
+        #: mmi.audit records per principal per minute (a token bucket per principal).
+        self.audit_quota = audit_quota
+        self._audit_buckets: dict[str, tuple[float, float]] = {}  # principal -> (tokens, at)
+        #: Requests whose worker reported them paused: token -> when (Invariant: exactly the
+        #: tracks with paused_at set).
+        self._paused_at: dict[bytes, float] = {}
+        #: worker identity -> slots it owes: a request paused by kernel preemption lent its slot
+        #: out; when the kernel resumes it after max_pause, the next slot that frees repays it.
+        self._slot_debt: dict[bytes, int] = {}
         self.tracks: dict[bytes, _Track] = {}
         self.counters = {"refused": 0, "exhausted": 0, "preempts": 0, "resumes": 0}
         #: Requests paused by kernel preemption whose slot is lent out (Invariant: equals the
@@ -57,6 +78,10 @@ class BudgetAdmission(Admission):
         #: priority -> admitted requests not yet done (lets preemption skip its scan when no
         #: lower-priority work exists, the common case).
         self.prio_counts: dict[int, int] = {}
+        if root_limits is not None or default_limits is not None:
+            out = self.decide("configure", 0.0, root=root_limits or {}, default=default_limits or {})
+            if not out["ok"]:
+                raise ValueError(f"[limits]: {out['message']}")
 
     def decide(self, op: str, now: float, **inputs: Any) -> dict:
         """Run the Ledger operation ``op`` and record it (inputs and outputs) in the log."""
@@ -78,45 +103,94 @@ class BudgetAdmission(Admission):
     # -- router hooks -----------------------------------------------------------------------------
 
     def admit(self, router: Router, req: Request, now: float) -> errors.RecaError | None:
-        job = req.job or DEFAULT_JOB
+        job, refusal = self.resolve_job(req.principal, req.job, now)
+        if refusal is not None:
+            self.counters["refused"] += 1
+            return refusal
         req.job = job
         budget = (req.header or {}).get(P.H_BUDGET)
         jobrec = self.ledger.jobs.get(job)
         if jobrec is not None and P.H_PRIORITY not in (req.header or {}):
             req.priority = jobrec.priority  # a request inherits its job's priority
-        if jobrec is not None and not jobrec.closed and not budget and not jobrec.limits \
-                and jobrec.exhausted is None and all(not j.limits for j in self._chain(jobrec)):
-            # Fast path: a job with no limits anywhere up its chain needs no ledger decision.
-            self.tracks[req.token] = _Track(job, {}, priority=req.priority)
-            self.prio_counts[req.priority] = self.prio_counts.get(req.priority, 0) + 1
-            self._preempt_lower(router, req, now)
-            return None
-        out = self.decide("admit", now, job=job, budget=budget)
+        if job != DEFAULT_JOB and not self.may_act(router, req.principal, job):
+            self.counters["refused"] += 1
+            self.on_forbidden(router, req.principal, "request", {"job": job}, now)
+            return self.not_yours(job)
+        # Every request is a ledger decision (root and default are finite), and its start and
+        # finish are counted, so a job with requests in flight is never closed under them.
+        out = self.decide("admit", now, job=job, budget=budget, start=True)
         if not out["ok"]:
             self.counters["refused"] += 1
             return errors.from_wire({"code": out["code"], "message": out["message"]})
         granted = out["granted"]
         self.tracks[req.token] = track = _Track(job, granted, priority=req.priority)
+        if "cpu_ms" in granted and jobrec is not None:
+            holder = self.ledger.holder(jobrec, "cpu_ms")
+            track.measure_cpu = holder is not None and not is_default_job(holder.name)
         self.prio_counts[req.priority] = self.prio_counts.get(req.priority, 0) + 1
         wall = granted.get("wall_ms")
         if wall is not None and "wall_ms" in (budget or {}):
             dl = now + wall / 1000.0
             req.deadline = dl if req.deadline is None else min(req.deadline, dl)
-        self.decide("start", now, job=job)
-        track.started = True
+        track.started = True  # admit started it
         self._preempt_lower(router, req, now)
         return None
 
+    # -- authority ------------------------------------------------------------------------------
+
+    def resolve_job(self, principal: Principal, job: str | None, now: float) -> tuple[str, errors.RecaError | None]:
+        """The job a request or reservation of ``principal`` naming ``job`` (None: the default)
+        lands in.  Operators share ``default``; every other principal has a default job of its
+        own, ``default:<name>`` with the configured default limits (opened on first use, carved
+        from root), so no one can exhaust another's default budget."""
+        if job not in (None, DEFAULT_JOB) or principal.operator:
+            return job or DEFAULT_JOB, None
+        name = f"{DEFAULT_JOB}:{principal.name}"
+        if self.ledger.owner_of(name) is None:
+            out = self.decide("open", now, job=name, parent=None, limits=dict(self.default_limits),
+                              owner=principal.name)
+            if not out["ok"]:
+                return name, errors.from_wire({"code": out["code"], "message": f"default job: {out['message']}"})
+        return name, None
+
+    def may_act(self, router: Router, principal: Principal, job: str) -> bool:
+        """Whether ``principal`` may act in open ``job``: an operator, its owner, or a service
+        serving a request of that job right now (services act for their callers)."""
+        if principal.operator:
+            return True
+        j = self.ledger.jobs.get(job)
+        if j is None or j.closed:
+            return False
+        if j.owner is not None and j.owner == principal.name:
+            return True
+        return bool(principal.services) and router.serving(principal, job)
+
     @staticmethod
-    def _chain(job: Job | None) -> Iterator[Job]:
-        j = job
-        while j is not None:
-            yield j
-            j = j.parent
+    def not_yours(job: Any) -> errors.Forbidden:
+        """The answer for a job the caller may not act in, the same whether it exists or not."""
+        return errors.Forbidden(f"no open job {job!r} of yours")
+
+    def on_forbidden(self, router: Router, principal: Principal, op: str, inputs: dict, now: float) -> None:
+        """Count, log and record a refused call (the decision log is the operator's record)."""
+        self.counters["forbidden"] = self.counters.get("forbidden", 0) + 1
+        log.warning("forbidden: %s (%s) %s %s", principal.name, principal.role, op, inputs)
+        self.record("forbidden", now, {"principal": principal.name, "role": principal.role, "op": op, **inputs},
+                    {"ok": False, "code": ErrorCode.FORBIDDEN})
+
+    def audit_allowance(self, principal: Principal, events: int, now: float) -> bool:
+        """Take ``events`` from the principal's audit bucket (refilled at ``audit_quota`` per
+        minute, holding at most that many); False, taking nothing, when it has too few."""
+        tokens, at = self._audit_buckets.get(principal.name, (float(self.audit_quota), now))
+        tokens = min(float(self.audit_quota), tokens + (now - at) * self.audit_quota / 60.0)
+        if events > tokens:
+            self._audit_buckets[principal.name] = (tokens, now)
+            return False
+        self._audit_buckets[principal.name] = (tokens - events, now)
+        return True
 
     def forward_header(self, router: Router, req: Request) -> bytes:
         track = self.tracks.get(req.token)
-        if track is not None and "cpu_ms" in track.granted and req.worker is not None and req.worker.pid:
+        if track is not None and track.measure_cpu and req.worker is not None and req.worker.pid:
             track.cpu_start = process_cpu_seconds(req.worker.pid)
         if track is None or not track.granted:
             return req.body[0]
@@ -135,12 +209,19 @@ class BudgetAdmission(Admission):
             if not isinstance(kind, str) or kind == "wall_ms" or not isinstance(value, (int, float)) \
                     or isinstance(value, bool) or not math.isfinite(value):
                 continue
+            cap = track.granted.get(kind)
+            if cap is not None and value > cap:
+                # A worker is charged at most what the kernel granted its request; the request
+                # that reports more is answered budget_exceeded below.
+                track.over = True
+                value = cap
             d = value - track.charged.get(kind, 0.0)
             if d > 0:
                 delta[kind] = d
                 track.charged[kind] = value
         if not delta:
-            return None
+            return errors.BudgetExceeded("charges beyond the granted budget", spent=dict(track.charged)) \
+                if track.over else None
         out = self.decide("charge", now, job=track.job, spent=delta)
         for name in out["exhausted"]:
             self.exhaust(router, name, now, skip=req)
@@ -148,6 +229,8 @@ class BudgetAdmission(Admission):
         # past the job's limit or its own granted budget does not.
         job = self.ledger.jobs.get(track.job)
         over = [k for k, v in track.charged.items() if k in track.granted and v > track.granted[k] + 1e-9]
+        if track.over:
+            over.append("granted")
         if job is not None:
             for kind in delta:
                 h = self.ledger.holder(job, kind)
@@ -169,8 +252,18 @@ class BudgetAdmission(Admission):
             self._cancel_request(router, req, ErrorCode.BUDGET_EXCEEDED, exc.message)
             router.fail_request(req, exc, now, spent=self._spent(req, now))
             return body  # the router sees req.done and does not forward this PARTIAL
-        if status.get(P.S_STATUS) == P.STATUS_PAUSED:
+        state = status.get(P.S_STATUS)
+        if state == P.STATUS_PAUSED:
+            track = self.tracks.get(req.token)
+            if track is not None and track.paused_at is None:
+                track.paused_at = now
+                self._paused_at[req.token] = now
             self._on_paused(router, req, now)
+        elif state == P.STATUS_RESUMED:
+            track = self.tracks.get(req.token)
+            if track is not None:
+                track.paused_at = None
+            self._paused_at.pop(req.token, None)
         return body
 
     def settle(self, router: Router, req: Request, status: dict, now: float) -> errors.RecaError | None:
@@ -201,6 +294,7 @@ class BudgetAdmission(Admission):
         track = self.tracks.pop(req.token, None)
         if track is None:
             return
+        self._paused_at.pop(req.token, None)
         if track.paused:
             self.paused_count -= 1
         left = self.prio_counts.get(track.priority, 1) - 1
@@ -219,9 +313,39 @@ class BudgetAdmission(Admission):
                 self.exhaust(router, name, now)
         if self.ledger.holds_reservations():
             self.decide("expire", now)
+        if self._paused_at and min(self._paused_at.values()) + self.max_pause <= now:
+            self._resume_overdue(router, now)
 
     def next_wakeup(self) -> float:
-        return self.ledger.next_deadline()
+        wake = self.ledger.next_deadline()
+        if self._paused_at:
+            wake = min(wake, min(self._paused_at.values()) + self.max_pause)
+        return wake
+
+    def _resume_overdue(self, router: Router, now: float) -> None:
+        """Resume every request paused for ``max_pause`` or longer: no preemption, by the kernel or
+        by anyone, starves a request.  One paused by kernel preemption had its slot lent out; its
+        worker owes that slot back and the next one that frees repays it."""
+        for token, since in list(self._paused_at.items()):
+            if since + self.max_pause > now:
+                continue
+            del self._paused_at[token]
+            req = router.inflight.get(token)
+            track = self.tracks.get(token)
+            if req is None or track is None or req.done:
+                continue
+            track.paused_at = None
+            if track.paused:
+                track.paused = False
+                track.preempted = False
+                self.paused_count -= 1
+                if req.worker is not None:
+                    self._slot_debt[req.worker.identity] = self._slot_debt.get(req.worker.identity, 0) + 1
+            self.counters["resumes"] += 1
+            self.record("resume", now, {"id": str(req.rid), "token": token.hex(), "why": "max_pause",
+                                        "paused_s": round(now - since, 3)}, {"ok": True})
+            router.publish(P.control_topic(req.service.name.decode(errors="replace"), P.ControlOp.RESUME),
+                           {P.C_TOKEN: token, P.C_ID: req.rid, P.C_REASON: "paused longer than max_pause"})
 
     # -- exhaustion, cancel, preemption ---------------------------------------------------------
 
@@ -290,6 +414,14 @@ class BudgetAdmission(Admission):
     def claim_slot(self, router: Router, worker: Worker, now: float) -> bool:
         """A slot of ``worker`` freed: it returns to a paused request (which resumes) unless
         higher-priority work is queued for the service."""
+        debt = self._slot_debt.get(worker.identity)
+        if debt:
+            # Repays a slot lent out by a request the kernel resumed after max_pause.
+            if debt == 1:
+                del self._slot_debt[worker.identity]
+            else:
+                self._slot_debt[worker.identity] = debt - 1
+            return True
         if not self.paused_count:
             return False
         paused = [r for r in worker.inflight.values()
@@ -317,4 +449,8 @@ class BudgetAdmission(Admission):
     def stats(self, now: float) -> dict:
         self.flush_log()
         return {"jobs": self.ledger.snapshot(now), "ledger": dict(self.counters)}
+
+    def worker_gone(self, identity: bytes) -> None:
+        """A worker left: the slots it owed are gone with it."""
+        self._slot_debt.pop(identity, None)
 

@@ -58,6 +58,52 @@ class KernelConfig:
     backoff_max: float = P.BACKOFF_MAX
     services: list[ChildSpec] = dataclasses.field(default_factory=list)
     runtime: str = ""
+    #: [auth]: the key directory (public certificates of the principals), the kernel's secret
+    #: certificate (default ``{keys}/kernel.key_secret``), and ``insecure`` (tcp:// without CURVE).
+    keys: str | None = None
+    server_cert: str | None = None
+    insecure: bool = False
+    #: [limits]: finite limits of the ``root`` and ``default`` jobs, the longest a request may stay
+    #: paused (then the kernel resumes it), and the mmi.audit records per principal per minute.
+    root_limits: dict[str, float] = dataclasses.field(default_factory=dict)
+    default_limits: dict[str, float] = dataclasses.field(default_factory=dict)
+    max_pause: float = P.MAX_PAUSE
+    audit_quota: int = P.AUDIT_EVENTS_PER_MIN
+
+    @property
+    def tcp(self) -> bool:
+        return self.endpoint.startswith("tcp://") or self.control.startswith("tcp://")
+
+
+#: The machine's capacity over this horizon is the default limit of the ``root`` job, seconds.
+ROOT_HORIZON_S = 7 * 86400.0
+#: Assumed peak rates per core used for the default root limits of ``tokens`` and ``flops``.
+TOKENS_PER_CORE_S, FLOPS_PER_CORE_S = 1e4, 1e11
+#: Default limits of the ``default`` job (plain MDP requests and requests without a job).
+DEFAULT_JOB_LIMITS = {"wall_ms": 3_600_000.0, "cpu_ms": 3_600_000.0, "tokens": 1e8, "flops": 1e15}
+COMPUTE_KINDS = ("wall_ms", "cpu_ms", "tokens", "flops")
+
+
+def machine_limits(horizon_s: float = ROOT_HORIZON_S) -> dict[str, float]:
+    """The ``root`` job's default limits: what this machine's cores can do in ``horizon_s``."""
+    cores = os.cpu_count() or 1
+    return {"wall_ms": cores * horizon_s * 1000.0, "cpu_ms": cores * horizon_s * 1000.0,
+            "tokens": cores * TOKENS_PER_CORE_S * horizon_s, "flops": cores * FLOPS_PER_CORE_S * horizon_s}
+
+
+def _limits(table: dict, key: str, default: dict[str, float], where: str) -> dict[str, float]:
+    value = table.get(key, default)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}.{key} must be a table of kind = amount")
+    out = {}
+    for kind, amount in value.items():
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 <= amount < 1e300:
+            raise ConfigError(f"{where}.{key}.{kind} must be a finite non-negative number, got {amount!r}")
+        out[str(kind)] = float(amount)
+    missing = [k for k in COMPUTE_KINDS if k not in out]
+    if missing:
+        raise ConfigError(f"{where}.{key} must limit every compute kind; missing {missing}")
+    return out
 
 
 def _get(table: dict, key: str, kind: type | tuple, default: Any, where: str) -> Any:
@@ -77,12 +123,14 @@ def parse(doc: dict, *, runtime: str | None = None) -> KernelConfig:
     def expand(s: str) -> str:
         return s.replace("{runtime}", runtime)
 
-    known = {"kernel", "supervisor", "service"}
+    known = {"kernel", "supervisor", "service", "auth", "limits"}
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown top-level table(s): {sorted(unknown)}")
     k = doc.get("kernel", {})
     s = doc.get("supervisor", {})
+    a = doc.get("auth", {})
+    lim = doc.get("limits", {})
     endpoint = expand(_get(k, "endpoint", str, "ipc://{runtime}/kernel.sock", "kernel"))
     control = _get(k, "control", str, None, "kernel")
     control = expand(control) if control else default_control_for(endpoint)
@@ -99,7 +147,30 @@ def parse(doc: dict, *, runtime: str | None = None) -> KernelConfig:
         backoff_initial=_get(s, "backoff_initial_s", float, P.BACKOFF_INITIAL, "supervisor"),
         backoff_max=_get(s, "backoff_max_s", float, P.BACKOFF_MAX, "supervisor"),
         runtime=runtime,
+        insecure=_get(a, "insecure", bool, False, "auth"),
+        max_pause=_get(lim, "max_pause_s", float, P.MAX_PAUSE, "limits"),
+        audit_quota=_get(lim, "audit_events_per_min", int, P.AUDIT_EVENTS_PER_MIN, "limits"),
     )
+    keys = _get(a, "keys", str, None, "auth")
+    cfg.keys = os.path.expanduser(expand(keys)) if keys else None
+    server_cert = _get(a, "server_cert", str, None, "auth")
+    if server_cert:
+        cfg.server_cert = os.path.expanduser(expand(server_cert))
+    elif cfg.keys:
+        cfg.server_cert = os.path.join(cfg.keys, "kernel.key_secret")
+    unknown = set(a) - {"keys", "server_cert", "insecure"}
+    if unknown:
+        raise ConfigError(f"unknown [auth] key(s): {sorted(unknown)}")
+    unknown = set(lim) - {"root", "default", "max_pause_s", "audit_events_per_min"}
+    if unknown:
+        raise ConfigError(f"unknown [limits] key(s): {sorted(unknown)}")
+    cfg.root_limits = _limits(lim, "root", machine_limits(), "limits")
+    cfg.default_limits = _limits(lim, "default", DEFAULT_JOB_LIMITS, "limits")
+    for kind, amount in cfg.default_limits.items():
+        if amount > cfg.root_limits.get(kind, float("inf")):
+            raise ConfigError(f"limits.default.{kind} = {amount:g} exceeds limits.root.{kind}")
+    if not 0 < cfg.max_pause <= 86400 or cfg.audit_quota < 1:
+        raise ConfigError("limits.max_pause_s must be in (0, 86400] and limits.audit_events_per_min >= 1")
     if cfg.heartbeat <= 0 or cfg.liveness < 1 or cfg.unavailable_wait < 0:
         raise ConfigError("kernel.heartbeat_s must be > 0, liveness >= 1, unavailable_wait_s >= 0")
     entries = doc.get("service", [])

@@ -12,6 +12,12 @@ import json
 import os
 import time
 
+from kernel.auth import open_append
+
+
+#: One encoder for every line (``json.dumps(..., default=str)`` builds a new one per call).
+_encode = json.JSONEncoder(default=str).encode
+
 
 def new_session_id() -> str:
     """A kernel run's id: the prefix of its reservation ids."""
@@ -27,7 +33,7 @@ class DecisionLog:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fh = open(path, "a", encoding="utf-8", buffering=1 << 16)
+        self._fh = open_append(path)  # never through a planted symlink; mode 0600
         self._seq = 0
         #: This kernel run's id: the prefix of its reservation ids (replay reads it back).
         self.session = new_session_id()
@@ -47,9 +53,7 @@ class DecisionLog:
 
     def append(self, op: str, now: float, inputs: dict, outputs: dict) -> None:
         self._seq += 1
-        self._fh.write(
-            json.dumps({"seq": self._seq, "t": now, "op": op, "in": inputs, "out": outputs}, default=str) + "\n"
-        )
+        self._fh.write(_encode({"seq": self._seq, "t": now, "op": op, "in": inputs, "out": outputs}) + "\n")
 
     def flush(self) -> None:
         self._fh.flush()

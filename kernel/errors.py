@@ -75,6 +75,13 @@ class Refused(RecaError):
     code = ErrorCode.REFUSED
 
 
+class Forbidden(RecaError):
+    """The caller's principal may not do this (not the owner, not an operator, wrong role, or
+    an unknown / revoked key).  The refusal is in the decision log; retrying will not help."""
+
+    code = "forbidden"
+
+
 class ServiceError(RecaError):
     """The service's handler raised while serving the request."""
 
@@ -105,6 +112,7 @@ _BY_CODE: dict[str, type[RecaError]] = {
         DeadlineExceeded,
         Cancelled,
         Refused,
+        Forbidden,
         ServiceError,
         Timeout,
         Overloaded,

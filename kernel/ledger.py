@@ -49,8 +49,8 @@ COMPUTE = ("wall_ms", "cpu_ms", "tokens", "flops")
 RESERVATION_LEASE = P.RESERVATION_LEASE
 INF = math.inf
 #: Every operation whose inputs and outputs the decision log records and replay re-runs.
-OPS = ("open", "close", "admit", "start", "finish", "charge", "tick", "reserve", "commit", "release",
-       "renew", "expire")
+OPS = ("configure", "open", "close", "admit", "start", "finish", "charge", "tick", "reserve", "commit",
+       "release", "renew", "expire")
 
 
 def _lease_refusal(lease: Any) -> dict | None:
@@ -80,6 +80,14 @@ class Job:
     children: set[str] = dataclasses.field(default_factory=set)
     exhausted: str | None = None  # the kind that ran out
     closed: bool = False
+    #: The principal that opened it (children: the parent's owner); None for root and default.
+    owner: str | None = None
+    #: Requests of this job in flight (started, not finished).  A job with any in its subtree
+    #: cannot be closed, so no request's charges can land on a re-opened job of the same name.
+    running: int = 0
+    #: Cache: (kind, holder) for every kind limited on the chain up from here, sorted by kind.
+    #: Limits never change after open (configure runs before any job), so it is computed once.
+    holders: "list[tuple[str, Job]] | None" = None
     # wall_ms accounting (only meaningful where "wall_ms" in limits)
     wall_running: int = 0
     wall_anchor: float = 0.0
@@ -88,6 +96,16 @@ class Job:
     def remaining(self, kind: str) -> float:
         return (self.limits[kind] - self.spent.get(kind, 0.0) - self.carved.get(kind, 0.0)
                 - self.reserved.get(kind, 0.0))
+
+
+def is_default_job(name: str) -> bool:
+    """``root``, ``default`` and the per-principal ``default:<name>`` jobs."""
+    return name in (ROOT, DEFAULT_JOB) or name.startswith(DEFAULT_JOB + ":")
+
+
+def _finite_amount(amount: Any) -> bool:
+    return isinstance(amount, (int, float)) and not isinstance(amount, bool) and math.isfinite(amount) \
+        and 0 <= amount < P.MAX_LIMIT
 
 
 def _r(x: float) -> float:
@@ -103,7 +121,8 @@ class Ledger:
         #: across a kernel restart is never mistaken for one of the new kernel's reservations.
         self.session = session
         self.jobs: dict[str, Job] = {}
-        self._reservations: dict[str, tuple[str, str, float, float]] = {}  # id -> job, kind, amount, expiry
+        #: id -> (job, kind, amount, expiry, holder): holder is the principal that reserved.
+        self._reservations: dict[str, tuple[str, str, float, float, str | None]] = {}
         self._rid = itertools.count(1)
         self._wall_heap: list[tuple[float, str]] = []
         self.jobs[ROOT] = Job(ROOT, None, dict(root_limits or {}), 0, 0.0)
@@ -117,6 +136,18 @@ class Ledger:
         if job is None or job.closed:
             raise errors.Refused(f"unknown or closed job {name!r}; open it with mmi.job.open first", job=name)
         return job
+
+    @staticmethod
+    def _holders(job: Job) -> "list[tuple[str, Job]]":
+        if job.holders is None:
+            found: dict[str, Job] = {}
+            h: Job | None = job
+            while h is not None:
+                for kind in h.limits:
+                    found.setdefault(kind, h)
+                h = h.parent
+            job.holders = sorted(found.items())
+        return job.holders
 
     def holder(self, job: Job, kind: str) -> Job | None:
         """The nearest job, from ``job`` up, that has a limit on ``kind`` (None: unlimited)."""
@@ -145,16 +176,58 @@ class Ledger:
             j = j.parent
         return None
 
+    def owner_of(self, name: str) -> str | None:
+        """The owner of open job ``name`` (None: no such open job, or root/default)."""
+        j = self.jobs.get(name)
+        return None if j is None or j.closed else j.owner
+
+    def in_flight(self, job: Job) -> int:
+        """Requests in flight in ``job`` and its open descendants."""
+        return job.running + sum(self.in_flight(self.jobs[c]) for c in job.children)
+
+    def reservation_of(self, reservation: str) -> tuple[str, str | None] | None:
+        """``(job, holder)`` of a held reservation, None if it is not held."""
+        entry = self._reservations.get(reservation)
+        return None if entry is None else (entry[0], entry[4])
+
     # -- operations (each is logged and replayable) ----------------------------------------------
 
+    def configure(self, now: float, root: dict | None = None, default: dict | None = None) -> dict:
+        """Set the finite limits of ``root`` and ``default`` (the config's [limits]); the default
+        job's are carved from root's.  Recorded first in every session, so replay starts the same."""
+        for limits in (root or {}, default or {}):
+            for kind, amount in limits.items():
+                if not _finite_amount(amount):
+                    return _no(ErrorCode.BAD_REQUEST, f"bad limit {kind!r}={amount!r}")
+        r, d = self.jobs[ROOT], self.jobs[DEFAULT_JOB]
+        if r.carved or d.spent or d.running or any(j.running for j in self.jobs.values()):
+            return _no(ErrorCode.REFUSED, "configure only before any job or request")
+        r.limits = {k: float(v) for k, v in (root or {}).items()}
+        d.limits = {k: float(v) for k, v in (default or {}).items()}
+        for j in self.jobs.values():
+            j.holders = None
+        for kind, amount in d.limits.items():
+            if kind in r.limits:
+                if amount > r.limits[kind]:
+                    return _no(ErrorCode.BUDGET_EXCEEDED, f"default {kind} {amount:g} exceeds root's {r.limits[kind]:g}")
+                r.carved[kind] = amount
+                d.carved_from[kind] = ROOT
+        return {"ok": True, "root": {k: _r(v) for k, v in r.limits.items()},
+                "default": {k: _r(v) for k, v in d.limits.items()}}
+
     def open(self, now: float, job: str, parent: str | None = None, limits: dict | None = None,
-             priority: int = 0) -> dict:
+             priority: Any = 0, owner: str | None = None) -> dict:
+        """Open ``job`` under ``parent`` (root by default).  ``owner``: the principal opening it
+        (an input, so the decision log restores owners); a child is owned by its parent's owner."""
         if not isinstance(job, str) or not job or job in self.jobs and not self.jobs[job].closed:
             return _no(ErrorCode.BAD_REQUEST, f"job name {job!r} invalid or in use")
+        if not isinstance(priority, int) or isinstance(priority, bool) \
+                or not P.PRIORITY_MIN <= priority <= P.PRIORITY_MAX:
+            return _no(ErrorCode.BAD_REQUEST, f"priority must be an integer in [{P.PRIORITY_MIN}, {P.PRIORITY_MAX}], "
+                                              f"got {priority!r}")
         limits = dict(limits or {})
         for kind, amount in limits.items():
-            if not isinstance(kind, str) or not isinstance(amount, (int, float)) or isinstance(amount, bool) \
-                    or not math.isfinite(amount) or amount < 0:
+            if not isinstance(kind, str) or not _finite_amount(amount):
                 return _no(ErrorCode.BAD_REQUEST, f"bad limit {kind!r}={amount!r}")
         pname = parent or ROOT
         p = self.jobs.get(pname)
@@ -172,7 +245,8 @@ class Ledger:
             if amount > rem + 1e-9:
                 return _no(ErrorCode.BUDGET_EXCEEDED, f"{kind} {amount:g} exceeds the parent's remaining {rem:g}")
             carve[kind] = h
-        j = Job(job, p, {k: float(v) for k, v in limits.items()}, int(priority), now, wall_anchor=now)
+        j = Job(job, p, {k: float(v) for k, v in limits.items()}, priority, now, wall_anchor=now,
+                owner=p.owner if p.owner is not None else owner)
         for kind, h in carve.items():
             if kind == "wall_ms":
                 self._wall_settle(h, now)
@@ -185,14 +259,24 @@ class Ledger:
         return {"ok": True, "limits": {k: _r(v) for k, v in j.limits.items()}}
 
     def close(self, now: float, job: str) -> dict:
+        """Close ``job`` and its children, returning what they did not spend.  Refused while any
+        request of the job or its children is in flight (cancel them first)."""
         j = self.jobs.get(job)
         if j is None or j.closed or job in (ROOT, DEFAULT_JOB):
             return _no(ErrorCode.REFUSED, f"cannot close job {job!r}")
+        busy = self.in_flight(j)
+        if busy:
+            return _no(ErrorCode.REFUSED, f"job {job!r} has {busy} request(s) in flight; cancel them or let "
+                                          "them finish first")
+        return self._close(now, j)
+
+    def _close(self, now: float, j: Job) -> dict:
+        job = j.name
         for child in list(j.children):
-            self.close(now, child)
+            self._close(now, self.jobs[child])
         if "wall_ms" in j.limits:
             self._wall_settle(j, now)
-        for rid, (rjob, _, _, _) in list(self._reservations.items()):
+        for rid, (rjob, *_) in list(self._reservations.items()):
             if rjob == job:
                 self.release(now, rid)
         for kind, hname in j.carved_from.items():
@@ -208,8 +292,10 @@ class Ledger:
             j.parent.children.discard(job)
         return {"ok": True, "spent": {k: _r(v) for k, v in j.total.items()}}
 
-    def admit(self, now: float, job: str, budget: dict | None = None) -> dict:
-        """Admit a request of ``job`` asking for ``budget``; returns the granted (clamped) budget."""
+    def admit(self, now: float, job: str, budget: dict | None = None, start: bool = False) -> dict:
+        """Admit a request of ``job`` asking for ``budget``; returns the granted (clamped) budget.
+        ``start``: an admitted request also starts at once (one decision instead of admit +
+        start; a log without it replays its separate ``start`` lines the same)."""
         try:
             j = self.job(job)
         except errors.Refused as exc:
@@ -217,25 +303,35 @@ class Ledger:
         why = self.blocked_by(j)
         if why:
             return _no(ErrorCode.BUDGET_EXCEEDED, why)
+        budget = budget or {}
+        holders: list[tuple[str, Job | None]] = list(self._holders(j))
+        if budget and not budget.keys() <= {k for k, _ in holders}:
+            # Kinds the request asks for that no job limits: granted as asked (unlimited).
+            found: dict[str, Job | None] = {**dict.fromkeys(budget), **dict(holders)}
+            holders = sorted(found.items())
         granted: dict[str, float] = {}
-        kinds = set(budget or {})
-        h: Job | None = j
-        while h is not None:
-            kinds.update(h.limits)
-            h = h.parent
-        for kind in sorted(kinds):
-            rem = self.remaining(j, kind, now)
-            ask = (budget or {}).get(kind, INF)
-            got = min(ask, rem)
+        for kind, h in holders:
+            if h is None:
+                rem = INF
+            else:
+                rem = h.remaining(kind)
+                if kind == "wall_ms" and h.wall_running:
+                    rem -= h.wall_running * (now - h.wall_anchor) * 1000.0
+            got = min(budget.get(kind, INF), rem)
             if math.isfinite(got):
                 granted[kind] = _r(max(0.0, got))
         for kind, amount in granted.items():
-            if amount <= 0 and (kind in (budget or {}) or kind in COMPUTE):
+            if amount <= 0 and (kind in budget or kind in COMPUTE):
                 return _no(ErrorCode.BUDGET_EXCEEDED, f"no {kind} left in job {job!r}", granted=granted)
+        if start:
+            self.start(now, job)
         return {"ok": True, "granted": granted}
 
     def start(self, now: float, job: str) -> dict:
         """A request of ``job`` began running (wall time starts to count)."""
+        j = self.jobs.get(job)
+        if j is not None:
+            j.running += 1
         h = self._wall_holder(job)
         if h is not None:
             self._wall_settle(h, now)
@@ -245,6 +341,9 @@ class Ledger:
 
     def finish(self, now: float, job: str) -> dict:
         """A request of ``job`` ended (wall time stops counting)."""
+        j = self.jobs.get(job)
+        if j is not None and j.running > 0:
+            j.running -= 1
         h = self._wall_holder(job)
         if h is not None and h.wall_running > 0:
             self._wall_settle(h, now)
@@ -288,12 +387,17 @@ class Ledger:
         return {"ok": True, "exhausted": exhausted}
 
     def reserve(self, now: float, job: str, resource: str, amount: float = 1, commit: bool = False,
-                lease: float = RESERVATION_LEASE, up_to: bool = False) -> dict:
+                lease: float = RESERVATION_LEASE, up_to: bool = False, reservation: str | None = None,
+                holder: str | None = None) -> dict:
         """Atomically take ``amount`` of a counted resource: granted (with a reservation id, or
         committed at once when ``commit``) or refused; never both.
 
         ``up_to``: take ``min(amount, what is left)`` instead (whole units when ``amount`` is an
-        integer), refused only when nothing is left; the answer's ``granted`` says how much."""
+        integer), refused only when nothing is left; the answer's ``granted`` says how much.
+
+        ``reservation``: the id to give a held reservation (the kernel draws it at random, so
+        no one guesses another's; an input, so replay is exact), else a counter; ``holder``: the
+        principal taking it (it may release, commit and renew it)."""
         try:
             j = self.job(job)
         except errors.Refused as exc:
@@ -320,8 +424,9 @@ class Ledger:
             self.charge(now, job, {resource: amount})
             rem = self.remaining(j, resource, now)
             return {"ok": True, "committed": amount, "remaining": _r(rem), **granted}
-        rid = f"{self.session}r{next(self._rid)}"
-        self._reservations[rid] = (job, resource, float(amount), now + lease)
+        rid = reservation if isinstance(reservation, str) and reservation not in self._reservations \
+            else f"{self.session}r{next(self._rid)}"
+        self._reservations[rid] = (job, resource, float(amount), now + lease, holder)
         if h is not None:
             h.reserved[resource] = h.reserved.get(resource, 0.0) + amount
         return {"ok": True, "reservation": rid, "remaining": _r(self.remaining(j, resource, now)), **granted}
@@ -330,7 +435,7 @@ class Ledger:
         entry = self._reservations.pop(reservation, None)
         if entry is None:
             return _no(ErrorCode.REFUSED, f"unknown or expired reservation {reservation!r}")
-        job, resource, amount, _ = entry
+        job, resource, amount = entry[:3]
         self._unreserve(job, resource, amount)
         out = self.charge(now, job, {resource: amount})
         return {"ok": True, "committed": amount, "exhausted": out["exhausted"]}
@@ -339,7 +444,7 @@ class Ledger:
         entry = self._reservations.pop(reservation, None)
         if entry is None:
             return _no(ErrorCode.REFUSED, f"unknown or expired reservation {reservation!r}")
-        job, resource, amount, _ = entry
+        job, resource, amount = entry[:3]
         self._unreserve(job, resource, amount)
         return {"ok": True, "released": amount}
 
@@ -358,7 +463,7 @@ class Ledger:
             if entry is None or entry[3] <= now:
                 unknown.append(rid)
                 continue
-            self._reservations[rid] = (*entry[:3], now + lease)
+            self._reservations[rid] = (*entry[:3], now + lease, entry[4])
             renewed.append(rid)
         return {"ok": True, "renewed": renewed, "unknown": unknown}
 
@@ -368,7 +473,7 @@ class Ledger:
 
     def expire(self, now: float) -> dict:
         """Release reservations whose lease ran out (presumed abort)."""
-        gone = [rid for rid, (_, _, _, exp) in self._reservations.items() if exp <= now]
+        gone = [rid for rid, entry in self._reservations.items() if entry[3] <= now]
         for rid in gone:
             self.release(now, rid)
         return {"ok": True, "released": gone}
@@ -397,16 +502,25 @@ class Ledger:
             return
         if h.wall_running:
             h.wall_deadline = now + max(0.0, h.remaining("wall_ms")) / 1000.0 / h.wall_running
-            heapq.heappush(self._wall_heap, (h.wall_deadline, h.name))
+            heap = self._wall_heap
+            heapq.heappush(heap, (h.wall_deadline, h.name))
+            if len(heap) > 64 + 2 * len(self.jobs):
+                # Entries superseded by a later re-arm are dropped lazily at the top; compact the
+                # rest so the heap stays bounded by the number of jobs.
+                heap[:] = [(d, n) for d, n in heap if self._wall_valid(d, n)]
+                heapq.heapify(heap)
         else:
             h.wall_deadline = INF
+
+    def _wall_valid(self, deadline: float, name: str) -> bool:
+        j = self.jobs.get(name)
+        return j is not None and not j.closed and j.wall_deadline == deadline and j.exhausted is None
 
     def next_deadline(self) -> float:
         heap = self._wall_heap
         while heap:
             deadline, name = heap[0]
-            j = self.jobs.get(name)
-            if j is not None and not j.closed and j.wall_deadline == deadline and j.exhausted is None:
+            if self._wall_valid(deadline, name):
                 return deadline
             heapq.heappop(heap)
         return INF
@@ -426,6 +540,7 @@ class Ledger:
                 "spent": {k: _r(v) for k, v in spent.items()},
                 "remaining": {k: _r(max(0.0, self.remaining(j, k, now))) for k in j.limits},
                 "exhausted": j.exhausted,
-                "running": j.wall_running,
+                "running": j.running,
+                "owner": j.owner,
             }
         return out

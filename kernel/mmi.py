@@ -8,25 +8,63 @@ of the name after ``mmi.`` turned into underscores.  A handler returns the answe
 :class:`kernel.errors.RecaError` to answer with, or None when this kernel does not serve the
 operation (no ledger, no supervisor): that is answered ``501`` too.
 
-Who may call what is declared in the table (``authority``, ``scope``); enforcing it is the
-router's job once principals are authenticated (issue 13).
+Who may call what is declared in the table (``authority``: the least role; ``scope``: what a
+caller below operator may touch) and enforced here: :meth:`Management.handle` refuses a caller
+whose role ranks below the operation's authority, and each handler of an ``own``-scoped
+operation checks ownership (kernel.admission's ``may_act``).  A refusal is answered
+``forbidden`` and recorded in the decision log; where the answer would reveal that another
+principal's request or reservation exists, the caller gets the answer for one that does not
+(and the refusal is still recorded).  docs/security.md has the rules.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from typing import TYPE_CHECKING, Any, Callable
 
 from kernel import errors
 from kernel import protocol as P
-from kernel.ledger import DEFAULT_JOB
+from kernel.auth import LOCAL_OPERATOR, Principal
+from kernel.ledger import DEFAULT_JOB, ROOT
 
 if TYPE_CHECKING:
     from kernel.admission import BudgetAdmission
     from kernel.router import Router
     from kernel.supervisor import ProcessControl
 
-Handler = Callable[["Router", dict[str, Any], float, bytes], Any]
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a management call: its ROUTER identity and its verified principal."""
+
+    identity: bytes = b""
+    principal: Principal = LOCAL_OPERATOR
+
+
+Handler = Callable[["Router", dict[str, Any], float, Caller], Any]
+
+def role_of(principal: Principal) -> P.Role:
+    """The protocol table's rank of a principal's role."""
+    if principal.operator:
+        return P.Role.OPERATOR
+    if principal.services:
+        return P.Role.SERVICE
+    return P.Role.CLIENT
+
+
+def _loggable(arg: Any) -> dict:
+    """A refused call's argument as the decision log records it (small, JSON)."""
+    if not isinstance(arg, dict):
+        return {}
+    out = {}
+    for k, v in list(arg.items())[:8]:
+        if isinstance(v, bytes):
+            v = v.hex()
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            out[str(k)] = v if not isinstance(v, str) else v[:200]
+    return out
 
 
 def handler_name(op: str) -> str:
@@ -45,11 +83,15 @@ class Management:
         #: One handler per operation of the protocol table (Invariant: exactly its keys).
         self.handlers: dict[str, Handler] = {op: getattr(self, handler_name(op)) for op in P.MMI_OPS}
 
-    def handle(self, router: "Router", name: str, arg: Any, now: float, caller: bytes = b"") -> Any:
-        """Answer the management call ``name`` (``caller``: the client's ROUTER identity)."""
+    def handle(self, router: "Router", name: str, arg: Any, now: float, caller: Caller = Caller()) -> Any:
+        """Answer the management call ``name`` from ``caller``."""
         spec = P.MMI_OPS.get(name)
         if spec is None:
             return None
+        if role_of(caller.principal).rank < spec.authority.rank:
+            return self.forbid(router, caller, name, arg, now,
+                               f"{name} needs the {spec.authority} role; {caller.principal.name} is "
+                               f"{caller.principal.role}")
         if self.budget is not None:
             self.budget.flush_log()  # management calls see a log that is current
         try:
@@ -73,6 +115,33 @@ class Management:
 
     # -- helpers ----------------------------------------------------------------------------------
 
+    def forbid(self, router: "Router", caller: Caller, name: str, arg: Any, now: float, message: str,
+               answer: errors.RecaError | None = None) -> errors.RecaError:
+        """Record a refused call and return its answer (``forbidden``, or ``answer``: what a
+        caller gets where ``forbidden`` would reveal that something of another principal exists)."""
+        if self.budget is not None:
+            self.budget.on_forbidden(router, caller.principal, name, _loggable(arg), now)
+        return answer if answer is not None else errors.Forbidden(message)
+
+    def _may_act(self, router: "Router", caller: Caller, job: Any) -> bool:
+        assert self.budget is not None
+        return isinstance(job, str) and self.budget.may_act(router, caller.principal, job)
+
+    def _not_yours(self, router: "Router", caller: Caller, name: str, arg: dict, now: float, job: Any) -> Any:
+        assert self.budget is not None
+        return self.forbid(router, caller, name, arg, now, "", self.budget.not_yours(job))
+
+    def _holder_ok(self, router: "Router", caller: Caller, reservation: str) -> bool:
+        """Whether ``caller`` may commit, release or renew ``reservation``: an operator, the
+        principal that took it, or one that may act in its job.  (Unknown ids: True; the ledger
+        answers them ``unknown``.)"""
+        assert self.budget is not None
+        held = self.budget.ledger.reservation_of(reservation)
+        if held is None or caller.principal.operator:
+            return True
+        job, holder = held
+        return holder == caller.principal.name or job != DEFAULT_JOB and self._may_act(router, caller, job)
+
     def _decide(self, router: "Router", op: str, now: float, **inputs: Any) -> Any:
         """A ledger decision, answered as its outputs or as the typed error it refused with;
         jobs it exhausted are cancelled at once."""
@@ -87,76 +156,133 @@ class Management:
 
     # -- RFC 8/MMI --------------------------------------------------------------------------------
 
-    def op_service(self, router: "Router", arg: Any, now: float, caller: bytes) -> Any:
+    def op_service(self, router: "Router", arg: Any, now: float, caller: Caller) -> Any:
         if isinstance(arg, str):
             arg = arg.encode()
         return P.MMI_OK if isinstance(arg, bytes) and router.has_worker(arg) else P.MMI_NOT_FOUND
 
-    def op_stats(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
-        return router.stats(now)
+    def op_stats(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+        out = router.stats(now)
+        if not caller.principal.operator and isinstance(out.get("jobs"), dict):
+            out["jobs"] = self._own_jobs(out["jobs"], caller)
+        return out
+
+    @staticmethod
+    def _own_jobs(snapshot: dict, caller: Caller) -> dict:
+        """The jobs of a snapshot a non-operator may see: its own (its default job included)."""
+        return {k: v for k, v in snapshot.items() if v.get("owner") == caller.principal.name}
 
     # -- jobs -------------------------------------------------------------------------------------
 
-    def op_job_open(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def op_job_open(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
-        return self._decide(router, "open", now, job=arg.get("job"), parent=arg.get("parent"),
-                            limits=arg.get("budget") or arg.get("limits"), priority=int(arg["priority"]))
+        parent = arg.get("parent")
+        if parent not in (None, ROOT) and not self._may_act(router, caller, parent):
+            # Carving: only from one's own jobs (the shared default job: operators only).
+            return self._not_yours(router, caller, P.MMI_JOB_OPEN, arg, now, parent)
+        return self._decide(router, "open", now, job=arg.get("job"), parent=parent,
+                            limits=arg.get("budget") or arg.get("limits"), priority=arg["priority"],
+                            owner=caller.principal.name)
 
-    def op_job_close(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def op_job_close(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
-        return self._decide(router, "close", now, job=arg.get("job"))
+        job = arg.get("job")
+        if not self._may_act(router, caller, job):
+            return self._not_yours(router, caller, P.MMI_JOB_CLOSE, arg, now, job)
+        return self._decide(router, "close", now, job=job)
 
-    def op_job_stats(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def op_job_stats(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
         snap = self.budget.ledger.snapshot(now)
+        if not caller.principal.operator:
+            snap = self._own_jobs(snap, caller)
         job = arg.get("job")
-        return snap.get(job, errors.Refused(f"unknown job {job!r}")) if job else snap
+        if not job:
+            return snap
+        if job not in snap and not caller.principal.operator:
+            return self.budget.not_yours(job)
+        return snap.get(job, errors.Refused(f"unknown job {job!r}"))
 
     # -- gates ------------------------------------------------------------------------------------
 
-    def op_gate_reserve(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def op_gate_reserve(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
-        extra: dict[str, Any] = {}
+        job, refusal = self.budget.resolve_job(caller.principal, arg.get("job"), now)
+        if refusal is not None:
+            return refusal
+        if job != DEFAULT_JOB and not self._may_act(router, caller, job):
+            return self._not_yours(router, caller, P.MMI_GATE_RESERVE, arg, now, job)
+        # Reservation ids are random (unguessable) and recorded as an input (replay is exact).
+        extra: dict[str, Any] = {"holder": caller.principal.name}
+        if not arg["commit"]:
+            extra["reservation"] = f"{self.budget.ledger.session}{os.urandom(16).hex()}"
         if "lease_s" in arg:
             extra["lease"] = arg["lease_s"]
         if arg["up_to"]:
             extra["up_to"] = True  # only when asked: older logs replay unchanged
-        return self._decide(router, "reserve", now, job=arg.get("job", DEFAULT_JOB), resource=arg["resource"],
+        return self._decide(router, "reserve", now, job=job, resource=arg["resource"],
                             amount=arg["amount"], commit=arg["commit"], **extra)
 
-    def op_gate_commit(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def _settle(self, router: "Router", name: str, op: str, arg: dict, now: float, caller: Caller) -> Any:
+        """commit / release: another principal's reservation is answered as an unknown one."""
         if self.budget is None:
             return None
-        return self._decide(router, "commit", now, reservation=arg["reservation"])
+        rid = arg["reservation"]
+        if not self._holder_ok(router, caller, rid):
+            return self.forbid(router, caller, name, arg, now, "",
+                               errors.Refused(f"unknown or expired reservation {rid!r}"))
+        return self._decide(router, op, now, reservation=rid)
 
-    def op_gate_release(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
-        if self.budget is None:
-            return None
-        return self._decide(router, "release", now, reservation=arg["reservation"])
+    def op_gate_commit(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+        return self._settle(router, P.MMI_GATE_COMMIT, "commit", arg, now, caller)
 
-    def op_gate_renew(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def op_gate_release(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+        return self._settle(router, P.MMI_GATE_RELEASE, "release", arg, now, caller)
+
+    def op_gate_renew(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+        """Another principal's reservations are listed ``unknown``, as ids that are not held."""
         if self.budget is None:
             return None
-        return self._decide(router, "renew", now, reservations=arg["reservations"], lease=arg["lease_s"])
+        ids = arg["reservations"]
+        theirs = [rid for rid in ids if not self._holder_ok(router, caller, rid)]
+        if theirs:
+            self.forbid(router, caller, P.MMI_GATE_RENEW, {"reservations": len(theirs)}, now, "")
+            ids = [rid for rid in ids if rid not in theirs]
+        out = self._decide(router, "renew", now, reservations=ids, lease=arg["lease_s"])
+        if theirs and isinstance(out, dict):
+            out = {**out, "unknown": out["unknown"] + theirs}
+        return out
 
     # -- audit ------------------------------------------------------------------------------------
 
-    def op_audit(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def op_audit(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         """A service appends its own decisions (maps) to the kernel's decision log, so one log
         holds every decision of the runtime.  Replay lists them (they are the service's
-        decisions, not the ledger's)."""
+        decisions, not the ledger's).  Only under the caller's own sources (operators: any),
+        at most MAX_AUDIT_BYTES per call and the audit quota per principal per minute."""
         budget = self.budget
+        source, events = arg["source"], arg["events"]
+        if not caller.principal.may_audit(source):
+            return self.forbid(router, caller, P.MMI_AUDIT, {"source": source}, now,
+                               f"{caller.principal.name} may not write audit records as {source!r}")
         if budget is None or budget.log is None:
             return {"ok": True, "logged": 0}
-        source, events = arg["source"], arg["events"]
         try:  # all or nothing: a batch that cannot be written is refused before any line is
-            json.dumps(events, default=str)
+            size = len(json.dumps(events, default=str))
         except (TypeError, ValueError, RecursionError) as exc:
             return errors.BadRequest(f"{P.MMI_AUDIT}: events must be plain data: {exc}")
+        if size > P.MAX_AUDIT_BYTES:
+            return errors.BadRequest(f"{P.MMI_AUDIT}: events are {size} bytes of JSON; at most "
+                                     f"{P.MAX_AUDIT_BYTES} bytes per call")
+        if not budget.audit_allowance(caller.principal, len(events), now):
+            budget.record("audit_refused", now, {"source": source, "events": len(events),
+                                                 "principal": caller.principal.name}, {"ok": False})
+            return errors.Refused(f"{P.MMI_AUDIT}: audit quota of {budget.audit_quota} records per minute "
+                                  f"reached for {caller.principal.name}; retry later")
         for event in events:
             budget.record("audit", now, {"source": source, "event": event}, {"ok": True})
         budget.flush_log()  # the caller advances its high-water mark on this answer
@@ -164,15 +290,23 @@ class Management:
 
     # -- orders: preempt, resume, cancel, control -------------------------------------------------
 
-    def _order(self, router: "Router", name: str, arg: dict, now: float, caller: bytes) -> Any:
+    def _order(self, router: "Router", name: str, arg: dict, now: float, caller: Caller) -> Any:
         """One target: ``token`` (a request's kernel token, bytes or hex: exact), ``job`` (every
         request of the job) or ``id`` (a request id of the *caller's own* requests in flight: ids
         are chosen by clients, so they only name a request together with the client that sent
-        it).  Published on the control bus; the workers act at safe points."""
+        it).  Published on the control bus; the workers act at safe points.
+
+        Below operator: a job must be the caller's own (the shared default job: operators only);
+        a token must name a request the caller sent, or one of a job it may act in (its own, or
+        one it serves a request of); any other is answered as a token that does not exist."""
         op = name[len(P.MMI_PREFIX):]
         service = arg["service"]
+        operator = caller.principal.operator
         if P.C_JOB in arg:
-            messages = [(service, {P.C_JOB: arg[P.C_JOB]})]
+            job = arg[P.C_JOB]
+            if not operator and (job == DEFAULT_JOB or not self._may_act(router, caller, job)):
+                return self._not_yours(router, caller, name, arg, now, job)
+            messages = [(service, {P.C_JOB: job})]
         else:
             if P.C_TOKEN in arg:
                 token = arg[P.C_TOKEN]
@@ -183,8 +317,16 @@ class Management:
                         return errors.BadRequest(f"{name}: 'token' is not hex: {token!r}")
                 found = router.inflight.get(token)  # the in-flight table is keyed by token
                 candidates = [found] if found is not None else []
+                if found is not None and not operator and found.principal != caller.principal \
+                        and not (found.job and self._may_act(router, caller, found.job)):
+                    # Neither its sender, nor its job's owner, nor a service serving that job
+                    # (ids pauses a caller's decode that way).
+                    self.forbid(router, caller, name, arg, now, "")
+                    candidates = []  # answered exactly as a token that does not exist
             else:
-                candidates = [r for r in router.inflight.values() if r.client == caller and r.rid == arg[P.C_ID]]
+                candidates = [r for r in router.inflight.values()
+                              if r.client == caller.identity and r.principal == caller.principal
+                              and r.rid == arg[P.C_ID]]
             reqs = [r for r in candidates
                     if not r.done and (service == P.CTL_ALL or r.service.name == service.encode())]
             if not reqs:
@@ -198,16 +340,16 @@ class Management:
             router.publish(P.control_topic(topic_service, op), message)
         return {"ok": True, "targets": len(messages)}
 
-    def op_preempt(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def op_preempt(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         return self._order(router, P.MMI_PREEMPT, arg, now, caller)
 
-    def op_resume(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def op_resume(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         return self._order(router, P.MMI_RESUME, arg, now, caller)
 
-    def op_cancel(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def op_cancel(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         return self._order(router, P.MMI_CANCEL, arg, now, caller)
 
-    def op_control(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def op_control(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         """Orders that are not the kernel's own decisions (fidelity, precision) are relayed on the
         control bus; preempt/resume/cancel stay with their own operations."""
         op, service = arg["op"], arg["service"]
@@ -231,14 +373,14 @@ class Management:
             self.budget.record(name[len(P.MMI_PREFIX):], now, dict(arg), {"ok": True, "pid": pid})
         return {"ok": True, "pid": pid}
 
-    def op_proc_stop(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def op_proc_stop(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         return self._proc(P.MMI_PROC_STOP, arg, now, lambda p: p.suspend(arg["child"]))
 
-    def op_proc_cont(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def op_proc_cont(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         return self._proc(P.MMI_PROC_CONT, arg, now, lambda p: p.resume(arg["child"]))
 
-    def op_proc_nice(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def op_proc_nice(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         return self._proc(P.MMI_PROC_NICE, arg, now, lambda p: p.set_nice(arg["child"], arg["nice"]))
 
-    def op_proc_affinity(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+    def op_proc_affinity(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         return self._proc(P.MMI_PROC_AFFINITY, arg, now, lambda p: p.set_affinity(arg["child"], arg["cpus"]))

@@ -76,7 +76,8 @@ class WorkerCmd(bytes, enum.Enum):
 H_VERSION: Final = "v"
 #: Client-chosen request id (str or int), echoed in every status map of the reply.
 H_ID: Final = "id"
-#: Job the request is charged to (str).  Absent: the default job, which has no limits.
+#: Job the request is charged to (str).  Absent: the caller's default job (finite limits from the
+#: config; operators share ``default``, every other principal has ``default:<name>``).
 H_JOB: Final = "job"
 #: Budget the request asks for: map of kind -> amount (``wall_ms``, ``cpu_ms``, ``tokens``,
 #: ``flops`` or a named counted resource).  The kernel clamps it to what the job has left.
@@ -125,6 +126,7 @@ class ErrorCode(enum.StrEnum):
     DEADLINE = "deadline"  # the request's own deadline passed
     CANCELLED = "cancelled"  # cancelled by the kernel or an operator
     REFUSED = "refused"  # a gate refused (counted resource, priority, closed job)
+    FORBIDDEN = "forbidden"  # the caller's principal lacks the authority (logged as a decision)
     SERVICE_ERROR = "service_error"  # the service's handler raised
     TIMEOUT = "timeout"  # client side: no reply within the client's own bound
     OVERLOADED = "overloaded"  # the kernel could not queue the request
@@ -193,6 +195,10 @@ ENV_PARENT: Final = "RECA_SUPERVISOR_PID"
 ENV_RUNTIME_DIR: Final = "RECA_RUNTIME_DIR"
 #: Log level of the kernel and of every service (``INFO`` when unset).
 ENV_LOG_LEVEL: Final = "RECA_LOG_LEVEL"
+#: A peer's own secret certificate file (CURVE over tcp://; the supervisor sets it per child).
+ENV_CERT: Final = "RECA_CERT"
+#: The kernel's public certificate file.
+ENV_SERVER_CERT: Final = "RECA_SERVER_CERT"
 #: Every name the supervisor sets in a child's environment.
 CHILD_ENV: Final = (ENV_ENDPOINT, ENV_CONTROL, ENV_SERVICE, ENV_HEARTBEAT, ENV_LIVENESS, ENV_PARENT)
 
@@ -374,6 +380,8 @@ PRIORITY_MAX: Final = 1000
 DEFAULT_PRIORITY: Final = 0
 #: A header's ``deadline`` must lie in (0, MAX_DEADLINE_MS) milliseconds.
 MAX_DEADLINE_MS: Final = 1e10
+#: A job limit (and a [limits] amount) must be a finite number in [0, MAX_LIMIT).
+MAX_LIMIT: Final = 1e300
 #: A gate reservation's ``amount`` must lie in (0, MAX_AMOUNT).
 MAX_AMOUNT: Final = 1e15
 #: How long a gate reservation lives without commit, release or renewal, seconds (the default),
@@ -381,9 +389,15 @@ MAX_AMOUNT: Final = 1e15
 RESERVATION_LEASE: Final = 30.0
 MIN_LEASE: Final = 0.1
 MAX_LEASE: Final = 3600.0
-#: Bounds on one ``mmi.audit`` call: events per call, length of the source name.
+#: Bounds on one ``mmi.audit`` call: events per call, length of the source name, and bytes of
+#: the events as JSON.
 MAX_AUDIT_EVENTS: Final = 512
 MAX_AUDIT_SOURCE: Final = 64
+MAX_AUDIT_BYTES: Final = 256 * 1024
+#: Default audit quota: records one principal may write per minute (config [limits]).
+AUDIT_EVENTS_PER_MIN: Final = 60_000
+#: Default longest pause: a request paused longer is resumed by the kernel, seconds (config [limits]).
+MAX_PAUSE: Final = 60.0
 #: Client-side default bound on one request, seconds, and its default number of retries.
 CLIENT_TIMEOUT: Final = 10.0
 CLIENT_RETRIES: Final = 2
@@ -466,8 +480,9 @@ MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
            Role.SERVICE, Scope.SOURCE, (
                Arg("source", "str", f"the writer's name (1..{MAX_AUDIT_SOURCE} characters)", required=True,
                    min_len=1, max_len=MAX_AUDIT_SOURCE),
-               Arg("events", "list", f"1..{MAX_AUDIT_EVENTS} maps", required=True, min_len=1,
-                   max_len=MAX_AUDIT_EVENTS, items="map"),
+               Arg("events", "list", f"1..{MAX_AUDIT_EVENTS} maps, at most {MAX_AUDIT_BYTES} bytes as JSON; "
+                   f"[limits] audit_events_per_min (default {AUDIT_EVENTS_PER_MIN}) per principal per minute",
+                   required=True, min_len=1, max_len=MAX_AUDIT_EVENTS, items="map"),
            )),
     _order(MMI_PREEMPT, "pause"),
     _order(MMI_RESUME, "resume"),

@@ -30,19 +30,23 @@ import enum
 import heapq
 import itertools
 import logging
-import struct
+from os import urandom as _urandom
 from typing import Any, Callable, Iterable
 
 from kernel import codec
 from kernel import errors
 from kernel import protocol as P
-from kernel.mmi import Management
+from kernel.auth import LOCAL_OPERATOR, Principal
+from kernel.mmi import Caller, Management
 
 log = logging.getLogger("reca.kernel")
 
 Send = Callable[[list[bytes]], None]
 
-_TOKEN = struct.Struct(">Q")
+#: Bytes of a request token: random (``os.urandom``), so no peer can guess another's request.
+TOKEN_BYTES = 16
+#: Revoked principals whose refusals are logged (the first message of each).
+_MAX_REVOKED_LOGGED = 1024
 _EMPTY = b""
 _MMI = P.MMI_PREFIX.encode()
 
@@ -71,6 +75,7 @@ class Request:
     dispatched: float = 0.0
     header: dict | None = None
     done: bool = False
+    principal: Principal = LOCAL_OPERATOR  # who sent it (verified by the kernel)
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -82,6 +87,7 @@ class Worker:
     expiry: float
     pid: int | None = None
     inflight: dict[bytes, Request] = dataclasses.field(default_factory=dict)
+    principal: Principal = LOCAL_OPERATOR
 
 
 class Service:
@@ -164,18 +170,19 @@ class Router:
         self.services: dict[bytes, Service] = {}
         self.workers: dict[bytes, Worker] = {}
         self.inflight: dict[bytes, Request] = {}  # token -> request, queued or dispatched
-        self._tokens = itertools.count(1)
         self._seq = itertools.count()
         self._deadlines: list[tuple[float, int, Request]] = []  # heap, lazily cleaned
         self._next_sweep = 0.0
         #: The latest time the router was given (on_message / tick): what stats() reports at.
         self.now = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
+        self._revoked_logged: set[str] = set()
 
     # -- entry points -----------------------------------------------------------------------------
 
-    def on_message(self, frames: list[bytes], now: float) -> None:
-        """Handle one message from the ROUTER socket (identity first)."""
+    def on_message(self, frames: list[bytes], now: float, principal: Principal = LOCAL_OPERATOR) -> None:
+        """Handle one message from the ROUTER socket (identity first) sent by ``principal`` (the
+        kernel-verified peer; ``principal.revoked``: its key is no longer known)."""
         self.now = now
         if len(frames) < 2:
             self.counters["bad_messages"] += 1
@@ -195,10 +202,12 @@ class Router:
             self._reply_bad(identity, form, b"", "empty message")
             return
         header = frames[i]
-        if header == P.MDPC:
-            self._on_client(identity, form, frames, i + 1, now)
+        if principal.revoked:
+            self._on_revoked(identity, form, frames, i, principal, now)
+        elif header == P.MDPC:
+            self._on_client(identity, form, frames, i + 1, now, principal)
         elif header == P.MDPW:
-            self._on_worker(identity, form, frames, i + 1, now)
+            self._on_worker(identity, form, frames, i + 1, now, principal)
         else:
             self.counters["bad_messages"] += 1
             log.warning("unknown protocol header %r from %r", header[:16], identity)
@@ -229,7 +238,40 @@ class Router:
 
     # -- clients ----------------------------------------------------------------------------------
 
-    def _on_client(self, identity: bytes, form: Form, frames: list[bytes], i: int, now: float) -> None:
+    def _on_revoked(self, identity: bytes, form: Form, frames: list[bytes], i: int, principal: Principal,
+                    now: float) -> None:
+        """A message on a connection whose key was revoked: workers are dropped, clients get
+        ``forbidden``; nothing else happens.  The first such message per name is logged."""
+        self.counters["revoked_messages"] += 1
+        if principal.name not in self._revoked_logged and len(self._revoked_logged) < _MAX_REVOKED_LOGGED:
+            self._revoked_logged.add(principal.name)
+            self.admission.on_forbidden(self, principal, "revoked", {}, now)
+        worker = self.workers.get(identity)
+        if worker is not None or frames[i] == P.MDPW:
+            if worker is not None:
+                self._worker_gone(worker, now, "its key was revoked")
+            self._send_worker(identity, form, [P.WorkerCmd.DISCONNECT.value])
+            return
+        # A client: answered forbidden in its own form, with its request id (a reca client
+        # matches replies by id).
+        body = frames[i + 3:]
+        header = codec.reca_header(body)
+        rid = header.get(P.H_ID) if header is not None else None
+        service = Service(frames[i + 2] if len(frames) > i + 2 else b"")
+        req = Request(b"", identity, form, service, body, rid, header is not None, None, 0, now, header=header,
+                      principal=principal)
+        self._finish_error(req, errors.Forbidden("your key is not (or no longer) known to the kernel"), now,
+                           count=False)
+
+    def revoke(self, known: Callable[[str], bool], now: float) -> None:
+        """Drop every worker whose principal is no longer ``known`` (its key was removed)."""
+        for worker in list(self.workers.values()):
+            if worker.principal is not LOCAL_OPERATOR and not known(worker.principal.name):
+                self._worker_gone(worker, now, f"key of {worker.principal.name} revoked")
+                self._send_worker(worker.identity, worker.form, [P.WorkerCmd.DISCONNECT.value])
+
+    def _on_client(self, identity: bytes, form: Form, frames: list[bytes], i: int, now: float,
+                   principal: Principal = LOCAL_OPERATOR) -> None:
         if i + 1 > len(frames):
             self.counters["bad_messages"] += 1
             self._reply_bad(identity, form, b"", "client message without command")
@@ -250,14 +292,15 @@ class Router:
         reca = header is not None
         rid = header.get(P.H_ID) if header is not None else None
         if service_name.startswith(_MMI):
-            self._mmi(identity, form, service_name, body, header, rid, now)
+            self._mmi(identity, form, service_name, body, header, rid, now, principal)
             return
         service = self.services.get(service_name)
         if service is None:
             service = self.services[service_name] = Service(service_name)
         service.requests += 1
-        token = _TOKEN.pack(next(self._tokens))
-        req = Request(token, identity, form, service, body, rid, reca, None, 0, now, header=header)
+        token = _urandom(TOKEN_BYTES)
+        req = Request(token, identity, form, service, body, rid, reca, None, 0, now, header=header,
+                      principal=principal)
         if header is not None:
             try:
                 self._parse_header(req, header)
@@ -265,10 +308,11 @@ class Router:
                 self.counters["bad_requests"] += 1
                 self._finish_error(req, exc, now, count=True)
                 return
-            refusal = self.admission.admit(self, req, now)
-            if refusal is not None:
-                self._finish_error(req, refusal, now, count=True)
-                return
+        # Opaque MDP bodies too: they run in the caller's default job (its wall time counts).
+        refusal = self.admission.admit(self, req, now)
+        if refusal is not None:
+            self._finish_error(req, refusal, now, count=True)
+            return
         if req.deadline is not None:
             heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
         self.inflight[token] = req
@@ -400,7 +444,10 @@ class Router:
             worker.inflight[req.token] = req
 
     def _reply_bad(self, identity: bytes, form: Form, service: bytes, message: str) -> None:
-        body = [codec.pack({P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: errors.BadRequest(message).to_wire()})]
+        self._reply_error(identity, form, service, errors.BadRequest(message))
+
+    def _reply_error(self, identity: bytes, form: Form, service: bytes, exc: errors.RecaError) -> None:
+        body = [codec.pack({P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: exc.to_wire()})]
         if form is Form.SPEC:
             msg = [identity, P.MDPC, P.ClientCmd.FINAL.value, service, *body]
         else:
@@ -409,12 +456,17 @@ class Router:
 
     # -- workers ----------------------------------------------------------------------------------
 
-    def _on_worker(self, identity: bytes, form: Form, frames: list[bytes], i: int, now: float) -> None:
+    def _on_worker(self, identity: bytes, form: Form, frames: list[bytes], i: int, now: float,
+                   principal: Principal = LOCAL_OPERATOR) -> None:
         if i >= len(frames):
             self._protocol_error(identity, form, now, "worker message without command")
             return
         cmd = frames[i]
         worker = self.workers.get(identity)
+        if worker is not None and worker.principal != principal:
+            # Another principal on a routing id a worker had: it is not that worker.
+            self._protocol_error(identity, form, now, f"{principal.name} spoke as {worker.principal.name}'s worker")
+            return
         if worker is not None:
             worker.expiry = now + self.heartbeat_interval * self.liveness
         if cmd == P.WorkerCmd.FINAL.value or cmd == P.WorkerCmd.PARTIAL.value:
@@ -432,6 +484,14 @@ class Router:
             if i + 1 >= len(frames) or not frames[i + 1] or frames[i + 1].startswith(_MMI):
                 self._protocol_error(identity, form, now, "READY without a valid service name")
                 return
+            name = frames[i + 1].decode(errors="replace")
+            if not principal.may_serve(name):
+                # Registration is an authority: only the service's own principals (and operators)
+                # may take its requests.  The peer gets nothing but DISCONNECT.
+                self.counters["forbidden_ready"] += 1
+                self.admission.on_forbidden(self, principal, "ready", {"service": name}, now)
+                self._send_worker(identity, form, [P.WorkerCmd.DISCONNECT.value])
+                return
             capacity, pid = P.DEFAULT_CAPACITY, None
             if i + 2 < len(frames):
                 try:
@@ -443,19 +503,20 @@ class Router:
                 except Exception:
                     self._protocol_error(identity, form, now, "malformed READY options")
                     return
-            self._register(identity, form, frames[i + 1], capacity, pid, now)
+            self._register(identity, form, frames[i + 1], capacity, pid, now, principal)
         elif cmd == P.WorkerCmd.DISCONNECT.value:
             if worker is not None:
                 self._worker_gone(worker, now, "disconnected")
         else:
             self._protocol_error(identity, form, now, f"unknown worker command {cmd!r}")
 
-    def _register(self, identity: bytes, form: Form, name: bytes, capacity: int, pid: Any, now: float) -> None:
+    def _register(self, identity: bytes, form: Form, name: bytes, capacity: int, pid: Any, now: float,
+                  principal: Principal = LOCAL_OPERATOR) -> None:
         service = self.services.get(name)
         if service is None:
             service = self.services[name] = Service(name)
         worker = Worker(identity, service, form, capacity, now + self.heartbeat_interval * self.liveness,
-                        pid if isinstance(pid, int) else None)
+                        pid if isinstance(pid, int) else None, principal=principal)
         self.workers[identity] = worker
         service.workers[identity] = worker
         service.wait_since = None
@@ -526,6 +587,7 @@ class Router:
         if self.workers.get(worker.identity) is not worker:
             return
         del self.workers[worker.identity]
+        self.admission.worker_gone(worker.identity)
         service = worker.service
         service.workers.pop(worker.identity, None)
         if worker in service.ready:
@@ -560,10 +622,11 @@ class Router:
     # -- MMI --------------------------------------------------------------------------------------
 
     def _mmi(self, identity: bytes, form: Form, name: bytes, body: list[bytes], header: dict | None,
-             rid: Any, now: float) -> None:
+             rid: Any, now: float, principal: Principal = LOCAL_OPERATOR) -> None:
         self.counters["mmi"] += 1
         service = Service(name)  # only for the reply's service frame
-        req = Request(b"", identity, form, service, body, rid, header is not None, None, 0, now, header=header)
+        req = Request(b"", identity, form, service, body, rid, header is not None, None, 0, now, header=header,
+                      principal=principal)
         if header is not None:
             try:
                 arg = codec.unpack(body[1]) if len(body) > 1 else None
@@ -572,7 +635,8 @@ class Router:
                 return
         else:
             arg = body[0] if body else None
-        result = self.management.handle(self, name.decode(errors="replace"), arg, now, caller=identity)
+        result = self.management.handle(self, name.decode(errors="replace"), arg, now,
+                                        caller=Caller(identity, principal))
         if result is None:
             result = P.MMI_NOT_IMPLEMENTED
         if isinstance(result, errors.RecaError):
@@ -626,6 +690,11 @@ class Router:
         if self.extra_stats is not None:
             out.update(self.extra_stats())
         return out
+
+    def serving(self, principal: Principal, job: str) -> bool:
+        """Whether a worker of ``principal`` is serving a request of ``job`` now."""
+        return any(r.job == job and not r.done for w in self.workers.values() if w.principal == principal
+                   for r in w.inflight.values())
 
     def requests_for_job(self, job: str) -> Iterable[Request]:
         return [r for r in self.inflight.values() if r.job == job and not r.done]
@@ -690,6 +759,12 @@ class Admission:
 
     def next_wakeup(self) -> float:
         return float("inf")
+
+    def on_forbidden(self, router: Router, principal: Principal, op: str, inputs: dict, now: float) -> None:
+        """A call or registration ``principal`` lacks the authority for was refused (logged)."""
+
+    def worker_gone(self, identity: bytes) -> None:
+        """The worker with ``identity`` left the router's tables."""
 
     def stats(self, now: float) -> dict:
         return {}

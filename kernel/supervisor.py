@@ -33,6 +33,9 @@ from kernel.protocol import ENV_CONTROL, ENV_ENDPOINT, ENV_HEARTBEAT, ENV_LIVENE
 
 log = logging.getLogger("reca.supervisor")
 
+#: Credentials never inherited from the kernel's own environment: each child gets its own.
+ENV_CREDENTIALS = (P.ENV_CERT, P.ENV_SERVER_CERT)
+
 __all__ = ["ENV_CONTROL", "ENV_ENDPOINT", "ENV_HEARTBEAT", "ENV_LIVENESS", "ENV_PARENT", "ENV_SERVICE",
            "Backoff", "ChildSpec", "ProcessControl", "RestartIntensity", "RestartType", "Supervisor",
            "process_cpu_seconds", "python_module_argv", "should_restart"]
@@ -214,6 +217,8 @@ class Supervisor:
 
     async def _spawn(self, child: Child) -> None:
         env = dict(os.environ)
+        for key in ENV_CREDENTIALS:  # a child gets its own certificate (spec.env), never the kernel's caller's
+            env.pop(key, None)
         env.update(self.env)
         env.update(child.spec.env)
         env[ENV_SERVICE] = child.spec.name

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import zmq
 
-from kernel import codec, errors
+from kernel import auth, codec, errors
 from kernel.aio import readable, recv_frames, send_frames
 from kernel import protocol as P
 from kernel.worker import LinkLost, NewRequest, RequestState, SafePoint, WorkerSession
@@ -161,9 +161,14 @@ class WorkerRuntime:
         heartbeat: float = P.HEARTBEAT_INTERVAL,
         liveness: int = P.LIVENESS,
         context: zmq.Context | None = None,
+        cert: str | None = None,
+        server_cert: str | None = None,
     ) -> None:
         if not service.name:
             raise ValueError("a service needs a name")
+        #: CURVE credentials for tcp:// (``cert``/``server_cert`` or $RECA_CERT/$RECA_SERVER_CERT;
+        #: the supervisor sets those for each child).
+        self.creds = auth.peer_credentials(cert, server_cert)
         self.service = service
         self.endpoint = endpoint
         self.control = control
@@ -280,8 +285,7 @@ class WorkerRuntime:
                 log.error("%d handler(s) of %s ignored cancellation", len(stuck), self.service.name)
 
     def _connect(self) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = auth.secure_socket(self.ctx, zmq.DEALER, self.endpoint, self.creds)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.connect(self.endpoint)
@@ -292,8 +296,7 @@ class WorkerRuntime:
         await self.service.setup()
         sub = None
         if self.control:
-            sub = self.ctx.socket(zmq.SUB)
-            sub.setsockopt(zmq.LINGER, 0)
+            sub = auth.secure_socket(self.ctx, zmq.SUB, self.control, self.creds)
             for prefix in (self.service.name, P.CTL_ALL):
                 sub.setsockopt(zmq.SUBSCRIBE, f"{P.CTL_PREFIX}{prefix}/".encode())
             sub.connect(self.control)
@@ -419,6 +422,8 @@ def main(service: Service, argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat", type=float, default=float(os.environ.get(ENV_HEARTBEAT, P.HEARTBEAT_INTERVAL)))
     parser.add_argument("--liveness", type=int, default=int(os.environ.get(ENV_LIVENESS, P.LIVENESS)))
     parser.add_argument("--log-level", default=os.environ.get(ENV_LOG_LEVEL, "INFO"))
+    parser.add_argument("--cert", default=None, help=f"own secret certificate (default ${P.ENV_CERT})")
+    parser.add_argument("--server-cert", default=None, help=f"kernel's public certificate (default ${P.ENV_SERVER_CERT})")
     service.add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
@@ -431,7 +436,8 @@ def main(service: Service, argv: list[str] | None = None) -> int:
     service.configure(args)
 
     async def serve() -> None:
-        runtime = WorkerRuntime(service, endpoint, control, heartbeat=args.heartbeat, liveness=args.liveness)
+        runtime = WorkerRuntime(service, endpoint, control, heartbeat=args.heartbeat, liveness=args.liveness,
+                                cert=args.cert, server_cert=args.server_cert)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, runtime.stop)

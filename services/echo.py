@@ -9,6 +9,8 @@ The payload is returned unchanged, except that a map may ask for behaviour:
 * ``{"partials": n}`` — streams n PARTIAL replies ``{"i": k}`` before the final.
 * ``{"fail": "message"}`` — the handler raises (the caller gets ``service_error``).
 * ``{"charge": {...}}`` — reports that spending to the kernel.
+* ``{"report_token": true}`` — first streams a PARTIAL ``{"token": hex}`` with the request's
+  kernel token (what an owner passes to ``mmi.preempt``; tests check no one else can use it).
 Opaque MDP bodies are echoed frame for frame.
 """
 
@@ -28,6 +30,8 @@ class Echo(Service):
             return payload
         if "fail" in payload:
             raise RuntimeError(str(payload["fail"]))
+        if payload.get("report_token"):
+            await ctx.partial({"token": ctx.token.hex()})
         charge = payload.get("charge")
         if isinstance(charge, dict):
             ctx.charge(**{str(k): float(v) for k, v in charge.items()})

@@ -24,6 +24,13 @@ class KernelProcess(LocalKernel):
                                        unavailable_wait=unavailable_wait, intensity=intensity, period=period,
                                        endpoint=endpoint), extra_args=extra_args)
 
+    @classmethod
+    def from_config(cls, config: str, *, extra_args: Iterable[str] = ()) -> "KernelProcess":
+        """``python -m kernel`` on the whole TOML ``config``."""
+        obj = cls.__new__(cls)
+        LocalKernel.__init__(obj, config, extra_args=extra_args)
+        return obj
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:  # type: ignore[override]
         """Stop the kernel; returns its exit status and asserts it stopped within the bound and
         that nothing it started survived."""

@@ -11,7 +11,7 @@ from kernel import errors
 from kernel import protocol as P
 from kernel.admission import BudgetAdmission
 from kernel.gate import AsyncKernelGate, Gate, KernelGate, LocalGate
-from kernel.mmi import Management
+from kernel.mmi import Caller, Management
 from kernel.router import Router
 
 
@@ -27,7 +27,7 @@ class InProcessKernel:
     def call(self, service: str, payload=None, **kw):
         self.calls += 1
         self.now += 0.001
-        out = self.router.management.handle(self.router, service, payload, self.now, caller=b"me")
+        out = self.router.management.handle(self.router, service, payload, self.now, caller=Caller(b"me"))
         if isinstance(out, errors.RecaError):
             raise out
         return out

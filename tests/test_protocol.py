@@ -12,7 +12,7 @@ import pytest
 from kernel import errors
 from kernel import protocol as P
 from kernel.ledger import Ledger
-from kernel.mmi import Management, handler_name
+from kernel.mmi import Caller, Management, handler_name
 from kernel.router import Router
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -117,7 +117,7 @@ def test_schema_fills_defaults_and_needs_exactly_one_target():
 
 
 def _management_call(router: Router, name: str, arg) -> object:
-    return router.management.handle(router, name, arg, 0.0, caller=b"C")
+    return router.management.handle(router, name, arg, 0.0, caller=Caller(b"C"))
 
 
 def test_a_router_without_a_ledger_answers_501_for_ledger_operations_and_validates_first():
