@@ -109,3 +109,35 @@ def lower_bound(dag: Dag, truth: dict[str, Truth], workers: int) -> float:
     """max(critical path, total work / workers) of the true run times, failed attempts included."""
     dur = {tid: tr.run_s * (1 + tr.fail_attempts) for tid, tr in truth.items()}
     return max(dag.critical_path_s(dur), sum(dur.values()) / workers)
+
+
+#: The planner's guess of one decoded token's time (s) and of a subgoal's length (tokens).
+DECODE_TOKEN_S = 0.008
+DECODE_GUESS_TOKENS = 55
+
+
+def derivation(seed: int, *, layers: int = 4, width: tuple[int, int] = (2, 4), max_new: int = 120,
+               service: str = "decode") -> Dag:
+    """A multi-subgoal derivation for the ``decode`` service: each subgoal is a chain question of
+    1..5 items the model works step by step (19..100 tokens: its length is the model's, unknown
+    to the planner, who guesses ``DECODE_GUESS_TOKENS`` for every subgoal); a subgoal depends on
+    one or two of the previous layer's."""
+    from lm import chains
+
+    rng = random.Random(seed)
+    tasks: list[dict[str, Any]] = []
+    prev: list[str] = []
+    for L in range(layers):
+        cur = []
+        for j in range(rng.randint(*width)):
+            items = chains.random_items(rng, rng.randint(1, chains.MAX_ITEMS))
+            tid = f"g{L}_{j}"
+            deps = rng.sample(prev, min(len(prev), rng.randint(1, 2))) if prev else []
+            cur.append({"id": tid, "service": service, "kind": "subgoal",
+                        "eta_s": DECODE_GUESS_TOKENS * DECODE_TOKEN_S, "deps": sorted(deps),
+                        "payload": {"op": "generate", "prompt": chains.prompt(items), "max_new": max_new,
+                                    "keep": False}})
+        rng.shuffle(cur)
+        tasks += cur
+        prev = [t["id"] for t in cur]
+    return parse_dag({"tasks": tasks})

@@ -77,11 +77,12 @@ def draw(events: list[dict[str, Any]], path: str, title: str = "") -> str:
     segs = segments(events)
     rows = sorted({s["worker"] for s in segs})
     fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * max(1, len(rows))))
-    colour = {"run": "#4c72b0", "paused": "#dddddd", "failed": "#c44e52", "lost": "#8c8c8c"}
-    for s in segs:
+    colour = {"run": "#4c72b0", "paused": "#999999", "failed": "#c44e52", "lost": "#8c8c8c"}
+    for s in segs:  # paused tasks are thin bars under the row, so the task running over them shows
         y = rows.index(s["worker"])
         c = "#dd8452" if s["kind"] == "run" and s["critical"] else colour[s["kind"]]
-        ax.barh(y, s["end"] - s["start"], left=s["start"], height=0.7, color=c, edgecolor="black", linewidth=0.3)
+        y, h = (y - 0.3, 0.15) if s["kind"] == "paused" else (y + 0.05, 0.55)
+        ax.barh(y, s["end"] - s["start"], left=s["start"], height=h, color=c, edgecolor="black", linewidth=0.3)
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("seconds since submit")
     ax.set_title(title or "CPCS run")

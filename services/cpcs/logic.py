@@ -41,6 +41,8 @@ POLICIES = ("cpcs", "heft", "fifo")
 MAX_INFRA_RETRIES = 5
 #: Progress fraction after which a task's own measured rate is trusted fully over its estimate.
 F_TRUST = 0.1
+#: A running task with no progress report is expected to run at least this factor of what it ran.
+NO_PROGRESS_GROWTH = 1.25
 #: Pseudo-count of the planner's p_success against observed outcomes of the same kind.
 P_PRIOR_WEIGHT = 4.0
 
@@ -113,7 +115,10 @@ class Params:
 
     #: Preempt only when the top ready task would otherwise wait at least this long (seconds)...
     min_wait_s: float = 0.05
-    #: ...and the victim's rank is below the waiting task's by this fraction of the latter.
+    #: ...and at least this fraction of its own expected run time...
+    min_wait_frac: float = 0.25
+    #: ...and the victim's rank plus the waiting task's own run is below the waiting task's rank
+    #: by this fraction of the latter (the victim has slack for the wait it is given).
     rank_margin: float = 0.1
     #: Never preempt a task more often than this.
     max_preemptions: int = 3
@@ -181,11 +186,13 @@ class Scheduler:
     def eta_estimate(self, t: TaskState, now: float) -> float:
         """Estimated run time of one attempt of ``t`` (its current attempt if it runs)."""
         prior = t.spec.eta_s * self.kind_factor(t.spec.kind)
-        if t.st in (St.RUNNING, St.PAUSED) and t.progress > 0.0:
-            ran = t.running_s(now)
-            w = min(1.0, t.progress / F_TRUST)
-            return (1.0 - w) * max(prior, ran) + w * ran / t.progress
-        return prior
+        if t.st not in (St.RUNNING, St.PAUSED):
+            return prior
+        ran = t.running_s(now)
+        if t.progress <= 0.0:  # no progress reported (yet): at least what it has run, and more
+            return max(prior, NO_PROGRESS_GROWTH * ran)
+        w = min(1.0, t.progress / F_TRUST)
+        return (1.0 - w) * max(prior, ran) + w * ran / t.progress
 
     def remaining_own(self, t: TaskState, now: float) -> float:
         """Expected remaining work of ``t`` (this attempt's rest plus expected re-attempts)."""
@@ -404,20 +411,23 @@ class Scheduler:
         p = self.params
         critical = set(self.critical)
         for cand in list(ready):
-            if not self._fits(cand):
-                continue
+            if cand.spec.id not in critical or not self._fits(cand):
+                continue  # only critical work takes a slot from running work
             running = [t for t in self.tasks.values() if t.st is St.RUNNING and t.worker in self.workers
                        and self.workers[t.worker].alive and self.workers[t.worker].pool == cand.spec.service]
             if not running:
                 continue
             wait = min(max(self.eta_estimate(t, now) - t.running_s(now), 0.0) for t in running)
-            if wait < p.min_wait_s:
-                continue
+            if wait < max(p.min_wait_s, p.min_wait_frac * self.remaining_own(cand, now)):
+                continue  # a worker frees soon enough: pausing someone would gain little
             r = self.ranks[cand.spec.id]
+            own = self.remaining_own(cand, now)
+            # A victim resumes only on its own worker, after the candidate: it is delayed by the
+            # candidate's run, so it must have that much slack or it becomes the critical path.
             victims = [t for t in running
                        if t.spec.id not in critical and t.preemptions < p.max_preemptions
                        and len(self._on_worker(t.worker)) < self.workers[t.worker].hold
-                       and self.ranks[t.spec.id] < r * (1.0 - p.rank_margin)]
+                       and self.ranks[t.spec.id] + own <= r * (1.0 - p.rank_margin)]
             if not victims:
                 continue
             v = min(victims, key=lambda t: self.ranks[t.spec.id])

@@ -77,7 +77,10 @@ class Work(Service):
         for i in range(steps):
             await ctx.checkpoint()
             async with self._lock:
-                await asyncio.get_running_loop().run_in_executor(None, hold, step_s, spin)
+                if spin:  # real CPU work, off the event loop so heartbeats go on
+                    await asyncio.get_running_loop().run_in_executor(None, hold, step_s, True)
+                else:
+                    await asyncio.sleep(step_s)
             ctx.charge(flops=step_s * 1e9)
             await ctx.partial({"i": i, "progress": (i + 1) / steps})
         if payload.get("fail"):
