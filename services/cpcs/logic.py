@@ -99,6 +99,7 @@ class TaskState:
     run_s: float = 0.0  # running time of the current attempt, pauses excluded
     run_mark: float | None = None  # when the current unpaused run segment began
     progress: float = 0.0
+    progress_run: float = 0.0  # running time when ``progress`` was reported
     p_hint: float | None = None
     preemptions: int = 0
     finished_at: float = 0.0
@@ -192,7 +193,8 @@ class Scheduler:
         if t.progress <= 0.0:  # no progress reported (yet): at least what it has run, and more
             return max(prior, NO_PROGRESS_GROWTH * ran)
         w = min(1.0, t.progress / F_TRUST)
-        return (1.0 - w) * max(prior, ran) + w * ran / t.progress
+        measured = max(t.progress_run / t.progress, ran)  # the rate at the last report
+        return (1.0 - w) * max(prior, ran) + w * measured
 
     def remaining_own(self, t: TaskState, now: float) -> float:
         """Expected remaining work of ``t`` (this attempt's rest plus expected re-attempts)."""
@@ -236,7 +238,9 @@ class Scheduler:
         t = self.tasks[tid]
         if t.st not in (St.RUNNING, St.PAUSED) or not math.isfinite(frac):
             return
-        t.progress = min(1.0, max(t.progress, frac))
+        if frac > t.progress:
+            t.progress = min(1.0, frac)
+            t.progress_run = t.running_s(now)
         if p_hint is not None and math.isfinite(p_hint) and 0.0 < p_hint <= 1.0:
             t.p_hint = p_hint
 
@@ -323,7 +327,7 @@ class Scheduler:
     def _release(self, t: TaskState) -> None:
         for res, amount in t.spec.needs:
             self.free_res[res] += amount
-        t.worker, t.token, t.run_mark, t.run_s, t.progress, t.p_hint = "", b"", None, 0.0, 0.0, None
+        t.worker, t.token, t.run_mark, t.run_s, t.progress, t.progress_run, t.p_hint = "", b"", None, 0.0, 0.0, 0.0, None
 
     # -- the decision -----------------------------------------------------------------------------
 
@@ -410,9 +414,10 @@ class Scheduler:
     def _preempt(self, ready: list[TaskState], now: float, out: list[Action]) -> None:
         p = self.params
         critical = set(self.critical)
+        top = self.ranks[self.critical[0]] if self.critical else 0.0
         for cand in list(ready):
-            if cand.spec.id not in critical or not self._fits(cand):
-                continue  # only critical work takes a slot from running work
+            if self.ranks[cand.spec.id] < (1.0 - p.rank_margin) * top or not self._fits(cand):
+                continue  # only (near-)critical work takes a slot from running work
             running = [t for t in self.tasks.values() if t.st is St.RUNNING and t.worker in self.workers
                        and self.workers[t.worker].alive and self.workers[t.worker].pool == cand.spec.service]
             if not running:
