@@ -198,6 +198,11 @@ def test_critical_hosts_are_reniced_first():
     host = next(a.worker for a in acts if a.op == "dispatch" and a.task == "a")
     # every worker starts at nice 0: only the one not hosting critical work is lowered
     assert host not in nice and list(nice.values()) == [Params().nice_other]
+    s = Scheduler(_two_chains(), workers(2), 0.0, params=Params(all_cpus=(0, 1), off_path_cpus=(1,)))
+    acts = s.tick(0.0)
+    cpus = {a.worker: a.cpus for a in acts if a.op == "affinity"}
+    host = next(a.worker for a in acts if a.op == "dispatch" and a.task == "a")
+    assert cpus[host] == (0, 1) and [v for w, v in cpus.items() if w != host] == [(1,)]
 
 
 # -- failures ------------------------------------------------------------------------------------

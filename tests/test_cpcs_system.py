@@ -139,6 +139,8 @@ def test_off_path_work_is_preempted_through_the_kernel(client, kern):
     # the orders went through the kernel: its own log records the preempt and resume it published
     ops = [r["op"] for r in log_lines(kern)]
     assert "preempt" in ops and "resume" in ops
+    # and so did the OS priorities: off-path hosts reniced and confined to fewer CPUs
+    assert "proc.nice" in ops and (len(os.sched_getaffinity(0)) < 2 or "proc.affinity" in ops)
     assert out["preemptions"] == 1
 
 

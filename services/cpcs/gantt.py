@@ -95,3 +95,24 @@ def draw(events: list[dict[str, Any]], path: str, title: str = "") -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.cpcs.gantt DECISIONS.jsonl OUT.png``: chart the last cpcs run of a
+    kernel decision log."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m services.cpcs.gantt", description=main.__doc__)
+    parser.add_argument("log")
+    parser.add_argument("out")
+    args = parser.parse_args(argv)
+    events = events_from_log(args.log)
+    if not events:
+        print(f"no cpcs run in {args.log}")
+        return 1
+    print(draw(events, args.out, f"cpcs run from {args.log}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,7 +4,7 @@
 ``on_progress``, ``on_paused``, ``on_resumed``, ``on_finished``) and calls :meth:`tick` every
 50-200 ms; ``tick`` answers the :class:`Action` list the shell carries out through the kernel
 (dispatch a task to a worker, ``mmi.preempt`` / ``mmi.resume`` a running one, renice a worker
-process) and every decision is recorded as an event (:attr:`Scheduler.events`) for the kernel's
+process and set its CPU affinity through ``mmi.proc``) and every decision is recorded as an event (:attr:`Scheduler.events`) for the kernel's
 decision log, from which :mod:`services.cpcs.gantt` draws the run.
 
 Policies (``policy``):
@@ -64,13 +64,14 @@ ACTIVE = (St.DISPATCHED, St.RUNNING, St.PAUSED)
 @dataclasses.dataclass
 class Action:
     """One order for the shell: ``dispatch`` (task, worker, attempt), ``preempt`` / ``resume``
-    (task), ``nice`` (worker, nice)."""
+    (task), ``nice`` (worker, nice), ``affinity`` (worker, cpus)."""
 
     op: str
     task: str = ""
     worker: str = ""
     attempt: int = 0
     nice: int = 0
+    cpus: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -84,6 +85,7 @@ class Worker:
     hold: int = 1
     alive: bool = True
     nice: int = 0
+    cpus: tuple[int, ...] = ()  # () = as started (every CPU)
 
 
 @dataclasses.dataclass
@@ -127,6 +129,10 @@ class Params:
     renice: bool = True
     nice_critical: int = 0
     nice_other: int = 5
+    #: CPU affinity: critical hosts on ``all_cpus``, the others on ``off_path_cpus`` (both empty:
+    #: affinity left alone).  The shell fills them from the machine (the last CPU for off-path work).
+    all_cpus: tuple[int, ...] = ()
+    off_path_cpus: tuple[int, ...] = ()
     #: Use p_success (expected durations) in ranks; False ranks by ETA alone.
     expected: bool = True
 
@@ -445,6 +451,8 @@ class Scheduler:
             ready.remove(cand)
 
     def _renice(self, now: float, out: list[Action]) -> None:
+        """OS priority follows the critical path: a worker hosting critical work runs at
+        ``nice_critical`` on every CPU, the others at ``nice_other`` on ``off_path_cpus`` only."""
         p = self.params
         critical = set(self.critical)
         for w in self._live_workers():
@@ -456,6 +464,12 @@ class Scheduler:
                 w.nice = want
                 out.append(Action("nice", worker=w.name, nice=want))
                 self._log(now, "nice", worker=w.name, child=w.child, nice=want)
+            if p.all_cpus and p.off_path_cpus:
+                cpus = p.all_cpus if hosts else p.off_path_cpus
+                if cpus != w.cpus:
+                    w.cpus = cpus
+                    out.append(Action("affinity", worker=w.name, cpus=cpus))
+                    self._log(now, "affinity", worker=w.name, child=w.child, cpus=list(cpus))
 
     # -- records ----------------------------------------------------------------------------------
 

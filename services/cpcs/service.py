@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from typing import Any
 
@@ -66,8 +67,12 @@ def parse_request(payload: Any) -> tuple[Dag, str, float, Params]:
     fields = {f.name for f in dataclasses.fields(Params)}
     if not isinstance(raw, dict) or set(raw) - fields:
         raise DagError(f"'params' may only set {sorted(fields)}", reason="params")
+    if "all_cpus" not in raw and "off_path_cpus" not in raw:
+        cpus = tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else ()
+        if len(cpus) >= 2:  # off-path work keeps one CPU; critical work may use all of them
+            raw = {**raw, "all_cpus": cpus, "off_path_cpus": cpus[-1:]}
     try:
-        params = Params(**raw)
+        params = Params(**{k: tuple(v) if k.endswith("cpus") and isinstance(v, list) else v for k, v in raw.items()})
     except TypeError as exc:
         raise DagError(f"bad params: {exc}", reason="params") from None
     return dag, policy, tick_ms / 1000.0, params
@@ -155,6 +160,9 @@ class _Run:
             elif a.op == "nice":
                 child = self.sch.workers[a.worker].child
                 await self.client.call(P.MMI_PROC_NICE, {"child": child, "nice": a.nice}, retries=0)
+            elif a.op == "affinity":
+                child = self.sch.workers[a.worker].child
+                await self.client.call(P.MMI_PROC_AFFINITY, {"child": child, "cpus": list(a.cpus)}, retries=0)
         except errors.RecaError as exc:  # the task ended meanwhile, or no such child: logged, not fatal
             self.sch.events.append({"t": round(time.monotonic() - self.sch.t0, 6), "ev": "order_failed",
                                     "op": a.op, "task": a.task, "worker": a.worker, "code": exc.code})
