@@ -79,8 +79,9 @@ def parse_request(payload: Any) -> tuple[Dag, str, float, Params]:
 
 
 def places(stats: dict, dag: Dag) -> tuple[list[Worker], dict[str, int]]:
-    """Where each service the DAG names can run, from ``mmi.stats``: per-worker names
-    ``<service>@<k>`` (exact placement), else the service itself with its total capacity.
+    """Where each service the DAG names can run, from ``mmi.stats``: the service itself with its
+    total capacity (the kernel places), else its per-worker names ``<service>@<k>`` (exact
+    placement: a service registered only under such names, as ``work`` is).
     A service with neither is a :class:`DagError` (``unavailable_service``)."""
     services = stats.get("services", {})
     capacity: dict[str, int] = {}
@@ -90,10 +91,12 @@ def places(stats: dict, dag: Dag) -> tuple[list[Worker], dict[str, int]]:
     pools: dict[str, int] = {}
     for svc in sorted(dag.services()):
         mine = sorted(n for n, s in services.items() if n.startswith(f"{svc}@") and s.get("workers", 0) > 0)
-        if mine:
-            workers += [Worker(n, svc, hold=max(1, capacity.get(n, 1))) for n in mine]
-        elif services.get(svc, {}).get("workers", 0) > 0:
+        if services.get(svc, {}).get("workers", 0) > 0:
+            # served under its own name (``<svc>@<x>`` names, if any, are something else: sim's
+            # per-process control facade): the kernel places its requests
             pools[svc] = capacity.get(svc, 1)
+        elif mine:
+            workers += [Worker(n, svc, hold=max(1, capacity.get(n, 1))) for n in mine]
         else:
             raise DagError(f"no worker serves {svc!r}: a task names an unavailable service",
                            reason="unavailable_service", service=svc)
