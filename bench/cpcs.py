@@ -161,14 +161,14 @@ def run(quick: bool = False) -> Result:
     stack = contextlib.ExitStack()
     try:
         work_cluster = stack.enter_context(LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
-                                                        dashboard_address=None))
+                                                        dashboard_address=":0"))
         work_dask = stack.enter_context(DaskClient(work_cluster))
         dec_dask = None
         if decoders:
             from bench import _dask_work
 
             dec_cluster = stack.enter_context(LocalCluster(n_workers=decoders, threads_per_worker=1,
-                                                           processes=True, dashboard_address=None))
+                                                           processes=True, dashboard_address=":0"))
             dec_dask = stack.enter_context(DaskClient(dec_cluster))
             dec_dask.run(_dask_work.warm_engine)  # model load is not part of any makespan
 

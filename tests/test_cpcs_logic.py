@@ -141,7 +141,7 @@ def test_off_path_work_is_preempted_for_critical_work_and_resumed_later():
     placed = {a.task: a.worker for a in acts if a.op == "dispatch"}
     assert set(placed) == {"a", "x"}
     for tid in placed:
-        s.on_started(tid, 0.0)
+        s.on_started(tid, 0.0, token=tid.encode())
     s.on_progress("x", 0.1, 0.06)
     s.on_finished("a", 0.1, ok=True)
     acts = s.tick(0.1)
@@ -176,9 +176,19 @@ def test_work_without_slack_is_not_preempted():
     s = Scheduler(d, workers(2), 0.0)
     for a in s.tick(0.0):
         if a.op == "dispatch":
-            s.on_started(a.task, 0.0)
+            s.on_started(a.task, 0.0, token=a.task.encode())
     s.on_finished("a", 0.1, ok=True)
     assert not [a for a in s.tick(0.1) if a.op == "preempt"]  # x is the critical path itself
+
+
+def test_a_task_without_a_kernel_token_is_not_preempted():
+    s = Scheduler(_two_chains(), workers(2), 0.0)
+    for a in s.tick(0.0):
+        if a.op == "dispatch":
+            s.on_started(a.task, 0.0)  # a service that does not report its token
+    s.on_progress("x", 0.1, 0.06)
+    s.on_finished("a", 0.1, ok=True)
+    assert not [a for a in s.tick(0.1) if a.op == "preempt"]
 
 
 def test_peers_never_preempt():

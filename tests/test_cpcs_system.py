@@ -26,7 +26,7 @@ WAIT_S = 30.0
 @pytest.fixture(scope="module")
 def kern():
     k = KernelProcess(service_block("work", "services.cpcs.work", replicas=2) + service_block("cpcs", "services.cpcs"),
-                      heartbeat=0.2, liveness=3)
+                      heartbeat=0.2, liveness=10)  # a 2 s window: this shared machine stalls processes
     try:
         yield k
     finally:
@@ -124,9 +124,11 @@ def test_progress_re_estimates_and_the_critical_path_moves(client):
 
 def test_off_path_work_is_preempted_through_the_kernel(client, kern):
     # a fans out into two equal chains; x, off the path with slack, holds the second worker
-    tasks = [W("a", 100), W("x", 800), W("c1", 600, ["a"]), W("e1", 600, ["c1"]), W("c2", 600, ["a"]),
+    tasks = [W("a", 100), W("x", 1000), W("c1", 600, ["a"]), W("e1", 600, ["c1"]), W("c2", 600, ["a"]),
              W("e2", 600, ["c2"])]
-    out = run(client, tasks, tick_ms=50)
+    # No margins: x is preempted as soon as its remaining run plus c2's fits under c2's rank
+    # (x has run 0.5 s) and while c2 would still wait 50 ms for it: a window of half a second.
+    out = run(client, tasks, tick_ms=50, params={"rank_margin": 0.0, "min_wait_frac": 0.0, "min_wait_s": 0.05})
     assert out["states"] == {"done": 6}
     (pre,) = evs(out, "preempt", "x")
     assert pre["for_task"] in ("c1", "c2")

@@ -76,7 +76,7 @@ def draw(events: list[dict[str, Any]], path: str, title: str = "") -> str:
 
     segs = segments(events)
     rows = sorted({s["worker"] for s in segs})
-    fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * max(1, len(rows))))
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.45 * max(1, len(rows))))
     colour = {"run": "#4c72b0", "paused": "#999999", "failed": "#c44e52", "lost": "#8c8c8c"}
     for s in segs:  # paused tasks are thin bars under the row, so the task running over them shows
         y = rows.index(s["worker"])
@@ -90,7 +90,7 @@ def draw(events: list[dict[str, Any]], path: str, title: str = "") -> str:
     ax.legend(handles=[Patch(color="#dd8452", label="critical when dispatched"), Patch(color=colour["run"], label="run"),
                        Patch(color=colour["paused"], label="paused (preempted)"),
                        Patch(color=colour["failed"], label="failed attempt"), Patch(color=colour["lost"], label="worker lost")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(rows) < 4 else -0.12), ncol=5, fontsize=7)
+              loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -162,6 +162,9 @@ class Scheduler:
         self.static_rank = self._static_ranks()
         self.ticks = 0
         self.preemptions = 0
+        #: Preempt only tasks whose kernel token is known (the shell orders by token); the
+        #: simulator and unit tests, which have no kernel, set this False.
+        self.needs_token = True
         for tid, t in self.tasks.items():
             if not t.spec.deps:
                 t.st = St.READY
@@ -437,6 +440,7 @@ class Scheduler:
             # candidate's run, so it must have that much slack or it becomes the critical path.
             victims = [t for t in running
                        if t.spec.id not in critical and t.preemptions < p.max_preemptions
+                       and (t.token or not self.needs_token)
                        and len(self._on_worker(t.worker)) < self.workers[t.worker].hold
                        and self.ranks[t.spec.id] + own <= r * (1.0 - p.rank_margin)]
             if not victims:
@@ -507,6 +511,7 @@ def simulate(dag: Dag, truth: dict[str, Truth], n_workers: int, *, policy: str =
     workers = [Worker(f"{pool}@{i}", pool, child=f"{pool}#{i}", hold=2 if policy == "cpcs" else 1)
                for i in range(n_workers)]
     sch = Scheduler(dag, workers, 0.0, policy=policy, params=params)
+    sch.needs_token = False
     done_work: dict[str, float] = {}
     pending_pause: set[str] = set()
     now, next_tick, last_progress = 0.0, 0.0, 0.0

@@ -119,6 +119,7 @@ class _Run:
         self.streamed = 0
         self.tick_cpu = 0.0
         self.last_audit = time.monotonic()
+        self.auditing: asyncio.Future | None = None
         self.last_rediscover = 0.0
 
     async def execute(self) -> dict:
@@ -142,6 +143,8 @@ class _Run:
                     pass
         finally:
             await self._stop_calls()
+            if self.auditing is not None:
+                await asyncio.gather(self.auditing, return_exceptions=True)
             await self._audit(force=True)
         if self.fatal is not None:
             raise self.fatal
@@ -257,8 +260,9 @@ class _Run:
             await self.ctx.partial({"t": round(now - sch.t0, 6), "decisions": new,
                                     "critical_path": list(sch.critical),
                                     "eta_makespan_s": round(sch.expected_makespan(now), 6)})
-        if now - self.last_audit >= AUDIT_EVERY_S:
-            await self._audit()
+        if now - self.last_audit >= AUDIT_EVERY_S and (self.auditing is None or self.auditing.done()):
+            # in the background: a slow kernel answer must not hold up the next decision
+            self.auditing = asyncio.ensure_future(self._audit())
 
     async def _audit(self, force: bool = False) -> None:
         self.last_audit = time.monotonic()
