@@ -506,7 +506,7 @@ def simulate(dag: Dag, truth: dict[str, Truth], n_workers: int, *, policy: str =
              tick_s: float = 0.05, dt: float = 0.005, params: Params | None = None,
              progress_every_s: float = 0.02, limit_s: float = 1e5) -> Scheduler:
     """Run ``dag`` on ``n_workers`` identical simulated workers of its (single) pool; a paused task
-    makes no progress.  Returns the finished scheduler (``summary(now)``, ``events``)."""
+    makes no progress; decisions every ``tick_s`` and whenever a task ends, as in the shell.  Returns the finished scheduler (``summary(now)``, ``events``)."""
     pool = next(iter(dag.tasks.values())).service
     workers = [Worker(f"{pool}@{i}", pool, child=f"{pool}#{i}", hold=2 if policy == "cpcs" else 1)
                for i in range(n_workers)]
@@ -537,6 +537,7 @@ def simulate(dag: Dag, truth: dict[str, Truth], n_workers: int, *, policy: str =
             done_work[tid] += dt
             if done_work[tid] >= tr.run_s - 1e-12:
                 sch.on_finished(tid, now, ok=t.attempt > tr.fail_attempts, code="service_error")
+                next_tick = now  # the shell decides at once when a task ends
             elif now - last_progress >= progress_every_s:
                 sch.on_progress(tid, done_work[tid] / tr.run_s, now)
         if now - last_progress >= progress_every_s:
