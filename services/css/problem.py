@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from services.css.logic import Q, UREG, ActionSpec, ConstraintError, Derivation, make_constraint, make_derivation
+from services.css.logic import Q, ActionSpec, ConstraintError, Derivation, make_constraint, make_derivation
 from sims import cases
 
 BLOCKS = 2
