@@ -154,6 +154,11 @@ def control_topic(service: str, op: ControlOp | str) -> bytes:
 MMI_PREFIX: Final = "mmi."
 MMI_SERVICE: Final = "mmi.service"
 MMI_STATS: Final = "mmi.stats"
+#: Gate calls: take units of a counted resource (held or committed), give held units back.
+MMI_GATE_RESERVE: Final = "mmi.gate.reserve"
+MMI_GATE_RELEASE: Final = "mmi.gate.release"
+#: Relay a fidelity / precision order on the control bus: ``{"op", "service", "message"}``.
+MMI_CONTROL: Final = "mmi.control"
 MMI_OK: Final = b"200"
 MMI_NOT_FOUND: Final = b"404"
 MMI_NOT_IMPLEMENTED: Final = b"501"

@@ -305,6 +305,12 @@ class TieredKV:
         want = set(blocks)
         with self.lock:
             self.tick += 1
+            if all(b in self._dev_of and b not in self._inflight for b in blocks):  # all hits
+                for b in blocks:
+                    self._pins[b] = self._pins.get(b, 0) + 1
+                    self._touch(b)
+                self.stats.hits += len(blocks)
+                return 0.0
             deadline = time.monotonic() + INFLIGHT_WAIT_S
             while any(b in self._inflight for b in blocks):
                 stalled = True
@@ -348,14 +354,17 @@ class TieredKV:
             self.stats.misses += len(missing)
             self.stats.hits += len(blocks) - len(missing)
             for b in blocks:
-                self._last_use[b] = self.tick
-                self._host_use[b] = self.tick
-                if b in self._prefetched:
-                    self._prefetched.discard(b)
-                    self.stats.prefetch_used += 1
+                self._touch(b)
         stall = time.perf_counter() - t0 if (missing or stalled) else 0.0
         self.stats.stall_s += stall
         return stall
+
+    def _touch(self, b: int) -> None:
+        self._last_use[b] = self.tick
+        self._host_use[b] = self.tick
+        if b in self._prefetched:
+            self._prefetched.discard(b)
+            self.stats.prefetch_used += 1
 
     def release(self, blocks: Iterable[int]) -> None:
         """Unpin blocks :meth:`acquire` pinned."""

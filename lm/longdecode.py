@@ -48,8 +48,8 @@ class TierSpec:
 
     @classmethod
     def resident(cls, n_tokens: int, block_size: int = 64) -> TierSpec:
-        """Every block of an ``n_tokens`` context (plus room to decode) on the device."""
-        n = -(-n_tokens // block_size) + 64
+        """Every block of an ``n_tokens`` context on the device (``n_tokens`` counts the decode)."""
+        n = -(-n_tokens // block_size)
         return cls(device_blocks=n, host_blocks=n, block_size=block_size, prefetch=False)
 
 

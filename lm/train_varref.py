@@ -53,14 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=MAX_TRAIN_LEN)
     p.add_argument("--short-frac", type=float, default=0.25,
                    help="fraction of the run on 96-256-token contexts before the long ones")
+    p.add_argument("--init", type=pathlib.Path, default=None, help="continue from these weights")
+    p.add_argument("--seed", type=int, default=varref.TRAIN_SEED)
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_WEIGHTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(varref.TRAIN_SEED)
-    rng = random.Random(varref.TRAIN_SEED)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
     cfg = LongConfig(vocab_size=varref.VOCAB_SIZE, n_layers=args.layers, d_model=args.d_model,
                      d_ff=4 * args.d_model, logn_len=args.max_len)
     model = LongLM(cfg)
+    prior = {}
+    if args.init is not None:
+        blob = torch.load(args.init, map_location="cpu", weights_only=True)
+        cfg = LongConfig(**blob["config"])
+        model = LongLM(cfg)
+        model.load_state_dict(blob["state_dict"])
+        prior = blob["meta"]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     t0 = time.monotonic()
     budget = 60 * args.minutes
@@ -87,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"lr {lr:.2e} {time.monotonic() - t0:6.1f}s", flush=True)
     elapsed = time.monotonic() - t0
     n_params = sum(q.numel() for q in model.parameters())
-    save(model, args.out, {"steps": step, "train_seconds": round(elapsed, 1), "batch": args.batch,
-                           "params": n_params, "final_loss": loss.item(), "max_train_len": args.max_len})
+    meta = {"steps": step, "train_seconds": round(elapsed, 1), "batch": args.batch, "lr": args.lr,
+            "seed": args.seed, "params": n_params, "final_loss": loss.item(), "max_train_len": args.max_len}
+    if prior:
+        meta["continued_from"] = prior
+    save(model, args.out, meta)
     print(f"saved {args.out} after {step} steps in {elapsed:.1f}s ({n_params} parameters)")
     return 0
 
