@@ -1,12 +1,14 @@
 """Which blocks the next decode steps will read, and the threads that bring them in early.
 
 :class:`Predictor` combines three signals: *recency* (the recent window moves with the decode, so
-the next step reads the blocks this one read at its end), *structure* (the attention sinks and
-the blocks the policy keeps selecting — definitions, headers — whose selection average
+the next step reads the blocks this one read at its end), *lookahead* (what the decoder can compute
+of the next step's selection in advance, :meth:`lm.longdecode.LongDecoder._lookahead`),
+*structure* (the attention sinks and the blocks the policy keeps selecting — definitions, headers — whose selection average
 :meth:`lm.kvtiers.TieredKV.observe_selection` keeps and eviction also weights) and *selection
 history* (consecutive steps select nearly the same blocks: the union of the last ``history``
 steps' selections, over every layer).  Its prediction is ordered: what the next step is most
-likely to read first.
+likely to read first.  The decoder submits it with ``force``: predicted blocks may evict any
+unpinned block outside the prediction, lowest eviction score first.
 
 :class:`Prefetcher` runs ``threads`` background threads.  ``submit`` hands them the newest
 prediction (an older one not yet started is dropped: only the next step matters); a thread claims
@@ -46,8 +48,10 @@ class Predictor:
             counts[list(sel)] += 1
         tiers.observe_selection(counts)
 
-    def predict(self, tiers: TieredKV) -> list[int]:
-        out: dict[int, None] = {}
+    def predict(self, tiers: TieredKV, lookahead: Sequence[int] = ()) -> list[int]:
+        """Blocks in priority order: ``lookahead`` (blocks known to be read next), then history
+        (newest step first), then the highest structure scores."""
+        out: dict[int, None] = dict.fromkeys(lookahead)
         for step in reversed(self._past):  # newest first: recency and history
             for sel in step:
                 out.update(dict.fromkeys(sel))

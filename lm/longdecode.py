@@ -5,7 +5,9 @@ values go to the tiers at once); each decode step runs the model layer by layer
 (:meth:`lm.longmodel.LongLM.qkv` / ``finish``), writes the token's key and value to the tiers,
 asks the policy which blocks to read, and attends to them chunk by chunk through the device
 arena (:func:`lm.kvpolicy.attend`).  After the step the predictor sees the selections and the
-prefetcher starts bringing in what the next step will read.
+prefetcher starts bringing in what the next step will read: layer 0's exact selection for the
+greedy next token (its query depends only on that token and position), then the recent
+selections of every layer and the blocks of highest structure score.
 
 Outputs depend on the policy only: the same policy with every block resident and with a small
 arena, a host pool and a disk tier gives the same logits bit for bit (tests/test_kvtp.py).
@@ -116,7 +118,7 @@ class LongDecoder:
         stall = 0.0
         chosen: list[list[int]] = []
         with torch.no_grad():
-            x = model.embed(torch.tensor([token]))
+            x = model.embed(torch.tensor([token]), torch.tensor([self.tokens[-1]]))
             for layer in range(model.cfg.n_layers):
                 q, k, v = self._qkv(layer, x, pos)
                 tiers.append(layer, k[0].numpy(), v[0].numpy())
@@ -133,8 +135,17 @@ class LongDecoder:
             self.selections.append(chosen)
         self.predictor.observe(chosen, tiers)
         if self.prefetcher is not None and not isinstance(self.policy, FullAttention):
-            self.prefetcher.submit(self.predictor.predict(tiers))
+            self.prefetcher.submit(self.predictor.predict(tiers, self._lookahead()), force=True)
         return token
+
+    def _lookahead(self) -> list[int]:
+        """Layer 0's exact selection for the likely next token (the greedy one): its query depends
+        only on that token and its position, so it is known before the next step starts."""
+        guess = torch.argmax(self.logits).reshape(1)
+        with torch.no_grad():
+            x = self.model.embed(guess, torch.tensor([self.tokens[-1]]))
+            q, _, _ = self._qkv(0, x, torch.tensor([len(self.tokens)]))
+        return self.policy.select(0, q[0].numpy(), self.tiers)
 
     def _stream_hook(self, blocks: list[int]):
         """Full attention streamed: while chunk i is computed, chunk i + 1 is brought in."""

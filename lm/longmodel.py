@@ -13,6 +13,12 @@ Position scheme (chosen so a model trained on contexts of about a thousand token
   it (the "log-n" scaling of Chiang & Cholak 2022 / Qwen).  Inside the training lengths it is 1,
   so training does not see it.
 
+**Token shift** (``prev_mix``): each position's input is its token's embedding plus a learned
+linear map of the *previous* token's embedding (the "smear" / token shift of RWKV and of the
+modded-nanoGPT runs).  A value token then carries the name written before it, so recalling
+``k``'s value is a single content match: the induction pattern without a previous-token head,
+which a tiny model learns in minutes.  It is local, so it says nothing about length.
+
 Two paths share every weight: :meth:`LongLM.forward` (dense causal attention: training and the
 prefill, ``return_kv`` hands back each layer's keys and values) and the per-token pieces a decoder
 drives one layer at a time (:meth:`embed`, :meth:`qkv`, :meth:`finish`, :meth:`head`), so that
@@ -43,6 +49,7 @@ class LongConfig:
     rope_dims: int = 8
     rope_base: float = 10000.0
     logn_len: int = 1024
+    prev_mix: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -90,6 +97,9 @@ class LongLM(nn.Module):
             raise ValueError(f"rope_dims must be even and in [0, head_dim], got {cfg.rope_dims}")
         self.cfg = cfg
         self.emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.prev = nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.prev_mix else None
+        if self.prev is not None:
+            nn.init.zeros_(self.prev.weight)
         self.blocks = nn.ModuleList(LongBlock(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         nn.init.normal_(self.emb.weight, std=0.02)
@@ -99,8 +109,12 @@ class LongLM(nn.Module):
 
     # ---------------------------------------------------------------- per-token pieces
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.emb(idx)
+    def embed(self, idx: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Input vectors of tokens ``idx`` whose predecessors are ``prev`` (PAD before the first)."""
+        x = self.emb(idx)
+        if self.prev is not None:
+            x = x + self.prev(self.emb(prev if prev is not None else torch.zeros_like(idx)))
+        return x
 
     def qkv(self, layer: int, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (rotated and log-n scaled), keys (rotated), values ``[T, H, D]`` of ``x`` ``[T, d]``."""
@@ -125,7 +139,7 @@ class LongLM(nn.Module):
         (``B == 1``) also keys and values ``[L, T, H, D]`` of every layer."""
         B, T = idx.shape
         pos = torch.arange(T)
-        x = self.emb(idx)
+        x = self.embed(idx, F.pad(idx[:, :-1], (1, 0)))
         keys, vals = [], []
         for layer in range(self.cfg.n_layers):
             q, k, v = self.qkv(layer, x.reshape(B * T, -1), pos.repeat(B))

@@ -131,7 +131,7 @@ class LongSessions:
     def query_tokens(self, sid: int, name: Any) -> list[int]:
         if not isinstance(name, str) or len(name) != 1 or name not in varref.NAMES:
             raise RequestError(f"a query names one variable in {varref.NAMES!r}, got {name!r}")
-        return varref.encode(f"?{name}=")
+        return varref.encode(f"?{name}")
 
     def expected(self, sid: int, name: str) -> str | None:
         return self.values.get(sid, {}).get(name)

@@ -194,11 +194,10 @@ def probe_context(seed: int, length: int = 512, n_queries: int = 8) -> tuple[lis
     groups = []
     in_def = 0
     for i, t in enumerate(tokens):
-        ch = varref.decode([t]) if t >= 3 else ""
         if i >= length:
             groups.append("query")
             continue
-        if ch and ch in varref.NAMES and i + 1 < len(tokens) and varref.decode([tokens[i + 1]]) == "=":
+        if t == varref.encode("=")[0] and i + 1 < len(tokens) and varref.decode([tokens[i + 1]]) in varref.NAMES:
             in_def = 2 + varref.VALUE_LEN + 1
         groups.append("definition" if in_def > 0 else "filler")
         in_def = max(0, in_def - 1)

@@ -3,11 +3,12 @@
 A context defines a few variables early (or anywhere in its first part), buries them in filler,
 and then asks for them back::
 
-    <bos>k=Q;!#$%&...(thousands of filler tokens)...m=7;...*+-/?k=Q;?m=7;
+    <bos>=kQ;!#$%&...(thousands of filler tokens)...=m7;...*+-/?kQ;?m7;
 
-The answer to ``?k=`` is the value of ``k``'s definition (one of 36 symbols) and ``;``: the model
-has to find a definition that may lie the whole context back (associative recall, as in the MQAR
-task of Arora et al. 2023).  Filler comes from its own alphabet, so nothing but the definition
+``=kQ;`` defines ``k`` as ``Q`` (one of 36 symbols); the answer to the query ``?k`` is ``Q;``: the
+model has to find a definition that may lie the whole context back (associative recall, as in
+the MQAR task of Arora et al. 2023; the name directly before its value makes it the induction-head
+pattern a two-layer transformer learns fastest).  Filler comes from its own alphabet, so nothing but the definition
 can answer.  Its own character tokenizer (one token
 per character, ids 0..2 the specials) keeps it apart from the chain model's.
 
@@ -65,8 +66,8 @@ class Context:
     def_positions: dict[str, int]
 
     def query(self, name: str) -> list[int]:
-        """The tokens that ask for ``name``: ``?name=``."""
-        return encode(f"?{name}=")
+        """The tokens that ask for ``name``: ``?name``."""
+        return encode(f"?{name}")
 
     def answer(self, name: str) -> list[int]:
         return encode(self.values[name] + ";")
@@ -78,7 +79,7 @@ def make_context(rng: random.Random, length: int, n_vars: int = 4, *, early: flo
     The first definition follows BOS; the others start at uniform positions in the first
     ``early`` fraction of the context (never overlapping).  The rest is filler.
     """
-    def_len = 2 + VALUE_LEN + 1  # "k=Q;"
+    def_len = 2 + VALUE_LEN + 1  # "=kQ;"
     if n_vars < 1 or length < 1 + 3 * n_vars * def_len + def_len:
         raise ValueError(f"length {length} too short for {n_vars} definitions")
     names = rng.sample(NAMES, n_vars)
@@ -96,9 +97,9 @@ def make_context(rng: random.Random, length: int, n_vars: int = 4, *, early: flo
             raise ValueError("cannot place the definitions without overlap")
     positions = {}
     for name, s in zip(names, starts):
-        text = f"{name}={values[name]};"
+        text = f"={name}{values[name]};"
         body[s : s + def_len] = list(text)
-        positions[name] = s + 1
+        positions[name] = s + 2
     tokens = [BOS] + [_ID[ch] for ch in body]
     return Context(tuple(tokens), values, positions)
 
@@ -113,7 +114,7 @@ def training_example(rng: random.Random, length: int, n_queries: int = 4) -> tup
     for _ in range(n_queries):
         name = rng.choice(names)
         tokens += ctx.query(name)
-        mask += [0] * 2 + [1]
+        mask += [0, 1]
         ans = ctx.answer(name)
         tokens += ans
         mask += [1] * (len(ans) - 2) + [0, 0]

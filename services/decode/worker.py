@@ -32,7 +32,7 @@ by its sequence id.  Requests are msgpack maps ``{"op": ..., ...}``:
             prefill runs in a thread).  The device arena (``device_blocks``) is held through the
             kernel's gate as ``kv_blocks`` of the request's job (:class:`KvBlocks`) until
             ``long_free``: a job cannot hold more device blocks than its budget.
-``long_ask`` ``{long, queries: [name, ...]}``: per query feed ``?name=`` and decode the answer
+``long_ask`` ``{long, queries: [name, ...]}``: per query feed ``?name`` and decode the answer
             greedily, one PARTIAL per answer, a safe point at every token.
 ``long_stats``, ``long_free`` ``{long}``.
 ``precision`` a POPB order (:meth:`lm.popb.PrecisionPlan.from_wire`, or ``{reset: true}``) for
