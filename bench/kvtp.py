@@ -47,7 +47,7 @@ from lm.longmodel import load
 #: Block-sparse parameters, chosen on training-seed contexts at 8k by ``python -m bench.kvtp``
 #: (:func:`tune`: the smallest top-k whose accuracy there is within one query of full
 #: attention's); reported on held-out seeds.
-TOPK, SINKS, WINDOW = 8, 1, 2
+TOPK, SINKS, WINDOW = 2, 1, 2
 BLOCK = 64
 #: KVT-P's device arena as a fraction of the all-resident block count.
 ARENA_FRACTION = 0.125

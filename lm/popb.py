@@ -14,17 +14,20 @@ stored precision; on this CPU the float32 product of the dequantised matrix is t
 arithmetic as the kernel's reference).  Average bits = storage bits of the blocks' elements
 over the matrices' elements (scales excluded; :func:`plan_bytes` counts them).
 
-**The probe** (one step: one forward and one backward pass over a short probe context):
+**The probe** (one step: one forward and one backward pass over a short probe context, 256
+tokens and its queries by default):
 
 * per operator and token group: the output change when that operator alone is stored in int8 —
   ``KL(p_fp32 || p_op-int8)`` of the next-token distributions, averaged over the positions of
   each group (``definition``, ``filler``, ``query``: the query and answer tokens).  Groups whose
   KL is above twice the mean are tagged *hot spots*;
 * per block and precision: the first-order loss change ``|g . (W - Q_p(W))|`` over the block,
-  from the gradient ``g`` of the answer tokens' negative log-likelihood.
+  from the gradient ``g`` of the answer tokens' negative log-likelihood, and the squared
+  quantisation error ``||W - Q_p(W)||^2``.
 
 **The plan.** A block's expected cost at precision ``p`` is its operator's query-group KL times
-the block's share of the operator's first-order change at ``p``.  Starting from int8 everywhere,
+the block's share of the operator's int8 first-order change (weight 0.9) and squared error
+(weight :data:`ERROR_MIX`) at ``p``.  Starting from int8 everywhere,
 the budgeter takes the upgrades with the best cost reduction per extra bit (a greedy
 multiple-choice knapsack over each block's lower convex hull) until the average-bits budget is
 spent.
@@ -54,6 +57,9 @@ BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8}
 CODE = accel_precision.PRECISIONS
 NAME_OF = {v: k for k, v in CODE.items()}
 GROUPS = ("definition", "filler", "query")
+#: Weight of a block's share of its operator's squared quantisation error in the plan's cost (the
+#: rest is its share of the first-order loss change, which is 0 where the probe's gradient is).
+ERROR_MIX = 0.1
 
 
 class PrecisionOrderError(LMError, ValueError):
@@ -207,7 +213,8 @@ def probe_context(seed: int, length: int = 512, n_queries: int = 8) -> tuple[lis
 @dataclasses.dataclass
 class Probe:
     """What one probe measured.  ``kl[op][group]``: mean KL of the next-token distribution when
-    ``op`` alone is int8; ``block_cost[matrix][precision]``: per-block first-order loss change;
+    ``op`` alone is int8; ``block_cost[matrix][precision]``: per-block (first-order loss change,
+    squared quantisation error);
     ``hot``: (op, group) pairs tagged hot; ``seconds``: the probe's wall time."""
 
     kl: dict[str, dict[str, float]]
@@ -221,7 +228,7 @@ def _log_probs(model: LongLM, tokens: list[int]) -> torch.Tensor:
     return F.log_softmax(model(torch.tensor([tokens[:-1]]))[0], -1)
 
 
-def probe(model: LongLM, *, seed: int = 7, length: int = 512) -> Probe:
+def probe(model: LongLM, *, seed: int = 7, length: int = 256) -> Probe:
     t0 = time.perf_counter()
     tokens, mask, groups = probe_context(seed, length)
     model = copy.deepcopy(model).train(False).requires_grad_(True)
@@ -248,20 +255,22 @@ def probe(model: LongLM, *, seed: int = 7, length: int = 512) -> Probe:
         pad = nb * BLOCK - x.shape[1]
         block_cost[n] = {}
         for p in BITS:
-            err = (g * (x - roundtrip(x, p))) if p != "fp32" else np.zeros_like(x)
-            err = np.pad(err, ((0, 0), (0, pad)))
-            block_cost[n][p] = np.abs(err.reshape(x.shape[0], nb, BLOCK).sum(-1))
+            delta = (x - roundtrip(x, p)) if p != "fp32" else np.zeros_like(x)
+            first = np.abs(np.pad(g * delta, ((0, 0), (0, pad))).reshape(x.shape[0], nb, BLOCK).sum(-1))
+            sq = (np.pad(delta, ((0, 0), (0, pad))) ** 2).reshape(x.shape[0], nb, BLOCK).sum(-1)
+            block_cost[n][p] = (first, sq)
     model.requires_grad_(False)
     ref = logp.detach()
     gidx = {g: torch.tensor([groups[i] == g for i in range(len(tokens) - 1)]) for g in GROUPS}
     kl: dict[str, dict[str, float]] = {}
-    for op in operators(model):
-        pert = copy.deepcopy(model)
-        for n, w in mats.items():
-            if operator_of(n) == op:
-                _set_matrix(pert, n, torch.from_numpy(roundtrip(w.detach().numpy().astype(np.float32), "int8")))
+    for op in operators(model):  # that operator alone in int8, in place, then restored
+        saved = {n: w.detach().clone() for n, w in mats.items() if operator_of(n) == op}
+        for n, w in saved.items():
+            _set_matrix(model, n, torch.from_numpy(roundtrip(w.numpy().astype(np.float32), "int8")))
         with torch.no_grad():
-            lp = _log_probs(pert, tokens)
+            lp = _log_probs(model, tokens)
+        for n, w in saved.items():
+            _set_matrix(model, n, w)
         per_pos = (ref.exp() * (ref - lp)).sum(-1)
         kl[op] = {g: float(per_pos[gidx[g]].mean()) if gidx[g].any() else 0.0 for g in GROUPS}
     mean = float(np.mean([v for d in kl.values() for v in d.values()]))
@@ -285,13 +294,15 @@ def plan(model: LongLM, probe_result: Probe, avg_bits: float) -> PrecisionPlan:
     tie = 0
     for n, w in mats.items():
         op = operator_of(n)
-        weight = probe_result.kl[op]["query"] + 1e-12
-        costs = probe_result.block_cost[n]
-        share = costs["int8"].sum() + 1e-30
+        weight = max(probe_result.kl[op]["query"], 0.0) + 1e-12  # a KL can come out -1e-9 by rounding
+        first = {p: c[0] for p, c in probe_result.block_cost[n].items()}
+        sq = {p: c[1] for p, c in probe_result.block_cost[n].items()}
+        f_tot, s_tot = first["int8"].sum() + 1e-30, sq["int8"].sum() + 1e-30
+        cost = {p: weight * ((1 - ERROR_MIX) * first[p] / f_tot + ERROR_MIX * sq[p] / s_tot) for p in BITS}
         lengths = accel_precision.block_lengths(w.shape[1], BLOCK)
         for r in range(w.shape[0]):
-            for k in range(costs["int8"].shape[1]):
-                pts = sorted(((BITS[p] * int(lengths[k]), weight * float(costs[p][r, k]) / share, p) for p in BITS),
+            for k in range(first["int8"].shape[1]):
+                pts = sorted(((BITS[p] * int(lengths[k]), float(cost[p][r, k]), p) for p in BITS),
                              key=lambda t: (t[0], t[1]))
                 hull = [pts[0]]
                 for pt in pts[1:]:  # keep the lower convex hull, strictly decreasing cost
