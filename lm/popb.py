@@ -19,13 +19,13 @@ tokens and its queries by default):
 
 * per operator and token group: the output change when that operator alone is stored in int8 —
   ``KL(p_fp32 || p_op-int8)`` of the next-token distributions, averaged over the positions of
-  each group (``definition``, ``filler``, ``query``: the query and answer tokens).  Groups whose
-  KL is above twice the mean are tagged *hot spots*;
+  each group (``definition``, ``filler``, ``query``: the query and answer tokens) and over all
+  positions (``all``).  Groups whose KL is above twice the mean are tagged *hot spots*;
 * per block and precision: the first-order loss change ``|g . (W - Q_p(W))|`` over the block,
   from the gradient ``g`` of the answer tokens' negative log-likelihood, and the squared
   quantisation error ``||W - Q_p(W)||^2``.
 
-**The plan.** A block's expected cost at precision ``p`` is its operator's query-group KL times
+**The plan.** A block's expected cost at precision ``p`` is its operator's KL (all positions) times
 the block's share of the operator's int8 first-order change (weight 0.9) and squared error
 (weight :data:`ERROR_MIX`) at ``p``.  Starting from int8 everywhere,
 the budgeter takes the upgrades with the best cost reduction per extra bit (a greedy
@@ -213,7 +213,7 @@ def probe_context(seed: int, length: int = 512, n_queries: int = 8) -> tuple[lis
 @dataclasses.dataclass
 class Probe:
     """What one probe measured.  ``kl[op][group]``: mean KL of the next-token distribution when
-    ``op`` alone is int8; ``block_cost[matrix][precision]``: per-block (first-order loss change,
+    ``op`` alone is int8 (and ``kl[op]["all"]`` over every position); ``block_cost[matrix][precision]``: per-block (first-order loss change,
     squared quantisation error);
     ``hot``: (op, group) pairs tagged hot; ``seconds``: the probe's wall time."""
 
@@ -225,7 +225,8 @@ class Probe:
 
 
 def _log_probs(model: LongLM, tokens: list[int]) -> torch.Tensor:
-    return F.log_softmax(model(torch.tensor([tokens[:-1]]))[0], -1)
+    """float64 log-probabilities (a KL of near-identical distributions needs the precision)."""
+    return F.log_softmax(model(torch.tensor([tokens[:-1]]))[0].double(), -1)
 
 
 def probe(model: LongLM, *, seed: int = 7, length: int = 256) -> Probe:
@@ -273,8 +274,9 @@ def probe(model: LongLM, *, seed: int = 7, length: int = 256) -> Probe:
             _set_matrix(model, n, w)
         per_pos = (ref.exp() * (ref - lp)).sum(-1)
         kl[op] = {g: float(per_pos[gidx[g]].mean()) if gidx[g].any() else 0.0 for g in GROUPS}
-    mean = float(np.mean([v for d in kl.values() for v in d.values()]))
-    hot = [(op, g) for op, d in kl.items() for g, v in d.items() if v > 2 * mean]
+        kl[op]["all"] = float(per_pos.mean())
+    mean = float(np.mean([d[g] for d in kl.values() for g in GROUPS]))
+    hot = [(op, g) for op, d in kl.items() for g in GROUPS if d[g] > 2 * mean]
     return Probe(kl, block_cost, hot, time.perf_counter() - t0, len(tokens))
 
 
@@ -294,7 +296,7 @@ def plan(model: LongLM, probe_result: Probe, avg_bits: float) -> PrecisionPlan:
     tie = 0
     for n, w in mats.items():
         op = operator_of(n)
-        weight = max(probe_result.kl[op]["query"], 0.0) + 1e-12  # a KL can come out -1e-9 by rounding
+        weight = max(probe_result.kl[op]["all"], 0.0) + 1e-12
         first = {p: c[0] for p, c in probe_result.block_cost[n].items()}
         sq = {p: c[1] for p, c in probe_result.block_cost[n].items()}
         f_tot, s_tot = first["int8"].sum() + 1e-30, sq["int8"].sum() + 1e-30
