@@ -12,8 +12,8 @@ selections of every layer and the blocks of highest structure score.
 Outputs depend on the policy only: the same policy with every block resident and with a small
 arena, a host pool and a disk tier gives the same logits bit for bit (tests/test_kvtp.py).
 
-``weights`` (optional, :class:`lm.popb.PrecisionPlan`) swaps in per-block precision masks for
-the model's matrices (POPB); ``None`` runs float32.
+Precision control (POPB) swaps ``decoder.model`` for a copy on the plan's dequantised weights
+(:meth:`lm.popb.PrecisionPlan.apply`, done by :class:`lm.longsession.LongSessions`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ from lm.longmodel import LongLM
 
 #: Longest context a decoder accepts (tokens); beyond it, ContextTooLongError.
 MAX_CONTEXT = 1 << 20
+#: Prefetch throttling: steps per accuracy window, prefetched blocks a window must see used, and
+#: windows without prediction after a window that fell short.
+THROTTLE_WINDOW = 32
+THROTTLE_MIN_USED = 2
+THROTTLE_OFF = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +80,10 @@ class LongDecoder:
         self.stalls: list[float] = []
         self.selections: list[list[list[int]]] = []
         self.keep_selections = False
-        self.weights = None
+        self._pf_resume = 0
+        self._pf_used = 0
+        #: Steps the throttle kept the predictor off.
+        self.throttled_steps = 0
 
     # ------------------------------------------------------------------ prefill
 
@@ -120,23 +128,41 @@ class LongDecoder:
         with torch.no_grad():
             x = model.embed(torch.tensor([token]), torch.tensor([self.tokens[-1]]))
             for layer in range(model.cfg.n_layers):
-                q, k, v = self._qkv(layer, x, pos)
+                q, k, v = self.model.qkv(layer, x, pos)
                 tiers.append(layer, k[0].numpy(), v[0].numpy())
                 blocks = self.policy.select(layer, q[0].numpy(), tiers)
                 chosen.append(blocks)
                 hook = self._stream_hook(blocks) if isinstance(self.policy, FullAttention) else None
                 attn, s = attend(q[0], blocks, tiers, layer, self.policy.chunk_blocks, on_chunk=hook)
                 stall += s
-                x = self._finish(layer, x, attn[None])
-            self.logits = self._head(x)[0]
+                x = self.model.finish(layer, x, attn[None])
+            self.logits = self.model.head(x)[0]
         self.tokens.append(token)
         self.stalls.append(stall)
         if self.keep_selections:
             self.selections.append(chosen)
         self.predictor.observe(chosen, tiers)
-        if self.prefetcher is not None and not isinstance(self.policy, FullAttention):
+        if self.prefetcher is not None and not isinstance(self.policy, FullAttention) and self._prefetch_pays():
             self.prefetcher.submit(self.predictor.predict(tiers, self._lookahead()), force=True)
         return token
+
+    def _prefetch_pays(self) -> bool:
+        """Accuracy-based throttling (as hardware prefetchers do): every :data:`THROTTLE_WINDOW`
+        steps, if the prefetches of the last window were used fewer than
+        :data:`THROTTLE_MIN_USED` times, predict nothing for the next ``THROTTLE_OFF`` windows
+        (the lookahead costs a layer-0 pass per step), then try again."""
+        n = len(self.stalls)
+        if n < self._pf_resume:
+            return False
+        if n % THROTTLE_WINDOW == 0:
+            used = self.tiers.stats.prefetch_used
+            if n > 0 and used - self._pf_used < THROTTLE_MIN_USED:
+                self._pf_resume = n + THROTTLE_OFF * THROTTLE_WINDOW
+                self.throttled_steps += THROTTLE_OFF * THROTTLE_WINDOW
+                self._pf_used = used
+                return False
+            self._pf_used = used
+        return True
 
     def _lookahead(self) -> list[int]:
         """Layer 0's exact selection for the likely next token (the greedy one): its query depends
@@ -144,7 +170,7 @@ class LongDecoder:
         guess = torch.argmax(self.logits).reshape(1)
         with torch.no_grad():
             x = self.model.embed(guess, torch.tensor([self.tokens[-1]]))
-            q, _, _ = self._qkv(0, x, torch.tensor([len(self.tokens)]))
+            q, _, _ = self.model.qkv(0, x, torch.tensor([len(self.tokens)]))
         return self.policy.select(0, q[0].numpy(), self.tiers)
 
     def _stream_hook(self, blocks: list[int]):
@@ -158,19 +184,6 @@ class LongDecoder:
             if nxt:
                 self.prefetcher.submit(nxt, force=True)
         return on_chunk
-
-    def _qkv(self, layer, x, pos):
-        if self.weights is not None:
-            return self.weights.qkv(self.model, layer, x, pos)
-        return self.model.qkv(layer, x, pos)
-
-    def _finish(self, layer, x, attn):
-        if self.weights is not None:
-            return self.weights.finish(self.model, layer, x, attn)
-        return self.model.finish(layer, x, attn)
-
-    def _head(self, x):
-        return self.model.head(x)
 
     def feed(self, tokens: Sequence[int]) -> None:
         for t in tokens:

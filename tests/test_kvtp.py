@@ -211,3 +211,19 @@ def test_bad_policy_and_token_arguments(model) -> None:
     with pytest.raises(varref.VocabularyError):
         dec.step(-3)
     dec.close()
+
+
+def test_prefetch_that_is_never_used_is_throttled(model, context, tmp_path) -> None:
+    """Every block resident: predictions can never be used, so after one window the predictor is
+    switched off for THROTTLE_OFF windows (and outputs are the same either way)."""
+    from lm import longdecode
+
+    n = 1600 // 32
+    dec = LongDecoder(model, BlockSparse(topk=3), TierSpec(n, n, 0, 32, prefetch=True), disk_dir=tmp_path)
+    dec.prefill(context.tokens)
+    for name in list(context.values) * 3:
+        answer_tokens(dec, context.query(name))
+    assert len(dec.stalls) > longdecode.THROTTLE_WINDOW
+    assert dec.throttled_steps == longdecode.THROTTLE_OFF * longdecode.THROTTLE_WINDOW
+    assert dec.tiers.stats.prefetch_used == 0
+    dec.close()
