@@ -3,7 +3,8 @@
 A float32 matrix (rows, cols) is cut into blocks of ``block`` consecutive columns of one row
 (group-wise quantisation, the last block of a row may be shorter). ``codes`` (rows, nblocks)
 gives each block's storage: :data:`PRECISIONS`. The quantised form is one byte buffer with
-each block at a 4-byte-aligned offset, plus one float32 scale per block (int8: amax / 127;
+each block at a 4-byte-aligned offset, plus one float32 scale per block (int8: amax / 127, rounded
+up to a multiple of 2^-149 where that is subnormal so that it never underflows to 0;
 fp16: amax / 65504 when amax exceeds fp16's range, else 1; fp32 and bf16: 1). Rounding is to
 nearest even everywhere; the CPU reference here reproduces ``cuda/precision.cu`` bit for bit
 (fp16 via numpy, bf16 via torch, int8 via float32 ``rint``).
@@ -125,6 +126,9 @@ def quantise_reference(x: np.ndarray, codes: np.ndarray, block: int) -> Quantise
     scales = np.ones((rows, nb), np.float32)
     int8 = (codes == 3) & (amax > 0)
     scales[int8] = amax[int8] / np.float32(127)
+    # subnormal int8 scales: rounded up in units of 2^-149 (never 0), as cuda/precision.cu does
+    tiny = int8 & (scales < np.finfo(np.float32).tiny)
+    scales[tiny] = (np.ceil(amax[tiny].astype(np.float64) * 2.0**149 / 127.0) * 2.0**-149).astype(np.float32)
     big = (codes == 1) & (amax > _FP16_MAX)
     scales[big] = amax[big] / _FP16_MAX
     payload = np.zeros(total, np.uint8)

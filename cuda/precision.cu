@@ -7,7 +7,8 @@
 // The quantised matrix is one byte buffer `payload`: block t's values start at byte offsets[t]
 // (a multiple of 4, computed by the wrapper from the codes), stored as float / IEEE half /
 // bfloat16 / signed char. scales[t] (float32) multiplies the stored value on the way back:
-//   int8: amax / 127 (1 if the block is all zeros), q = clamp(rint(x / scale), -127, 127)
+//   int8: amax / 127 (1 if the block is all zeros; rounded up to a multiple of 2^-149 when that is
+//         below FLT_MIN, so it never underflows to 0), q = clamp(rint(x / scale), -127, 127)
 //   fp16: amax / 65504 when amax > 65504 (so large blocks saturate nowhere), else 1
 //   fp32, bf16: 1
 // Conversions round to nearest even, written with bit operations so that the device build and
@@ -89,7 +90,13 @@ extern "C" __global__ void prec_quantise(const float* x, const unsigned char* co
   float amax = 0.0f;
   for (long long j = 0; j < len; ++j) amax = fmaxf(amax, fabsf(src[j]));
   float scale = 1.0f;
-  if (code == PREC_INT8 && amax > 0.0f) scale = amax / 127.0f;
+  if (code == PREC_INT8 && amax > 0.0f) {
+    scale = amax / 127.0f;
+    // A subnormal scale loses bits: below amax ~ 8.9e-44 it rounds to 0 (x / 0 gives NaN codes,
+    // which device and host clamp differently), just above it to 2^-149 and codes clip.  Round it
+    // *up* in units of 2^-149 instead, so every |x| / scale <= 127 and the scale is never 0.
+    if (scale < 1.17549435e-38f) scale = (float)(ceil((double)amax * 0x1p149 / 127.0) * 0x1p-149);
+  }
   if (code == PREC_FP16 && amax > 65504.0f) scale = amax / 65504.0f;
   scales[t] = scale;
   unsigned char* dst = payload + offsets[t];

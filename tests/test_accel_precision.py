@@ -129,3 +129,24 @@ def test_bad_vector_raises_value_error() -> None:
     for vec in (np.zeros(5, np.float32), np.zeros(4, np.float64), np.zeros((1, 1, 4), np.float32)):
         with pytest.raises(ValueError, match="vec must be float32"):
             masked_matvec(q, vec, backend="emulate")
+
+
+@pytest.mark.parametrize("backend", ["reference", "emulate"])
+def test_int8_scale_of_tiny_blocks_never_underflows(backend: str) -> None:
+    """Blocks with amax from 1e-45 (one subnormal step) to 1e-36: the scale was amax/127, which
+    underflows to 0 below ~8.9e-44 (NaN codes the kernel and the reference wrote differently)."""
+    amaxes = np.array([1.4e-45, 5e-45, 1e-44, 8.8e-44, 9e-44, 1.7e-43, 1.8e-43, 2e-43, 1e-40, 1e-38, 1e-36], np.float32)
+    rng = np.random.default_rng(7)
+    x = (rng.uniform(-1, 1, (amaxes.size, 8)) * amaxes[:, None]).astype(np.float32)
+    x[:, 0] = amaxes  # the block maximum itself
+    codes = np.full((amaxes.size, 1), PRECISIONS["int8"], np.uint8)
+    q = quantise(x, codes, 8, backend=backend)
+    ref = quantise(x, codes, 8, backend="reference")
+    np.testing.assert_array_equal(q.payload, ref.payload)
+    np.testing.assert_array_equal(q.scales, ref.scales)
+    scales = np.asarray(q.scales)[:, 0]
+    assert np.all(scales > 0)
+    back = np.asarray(dequantise(q, backend=backend))
+    # every code inside +-127 (no clipping): round-trip error at most half a scale step
+    assert np.all(np.abs(back - x) <= scales[:, None] / 2 + 1e-45)
+    assert np.all(np.abs(q.payload.view(np.int8)) <= 127)

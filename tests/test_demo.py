@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 
 import psutil
 import pytest
@@ -22,7 +23,10 @@ def test_demo_runs_end_to_end_and_its_decision_log_replays():
                          timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
-    assert "reca kernel ready (16 service process(es))" in text
+    with open(f"{REPO}/kernel/default.toml", "rb") as fh:
+        config = tomllib.load(fh)
+    processes = sum(s.get("replicas", 1) for s in config["service"])
+    assert f"reca kernel ready ({processes} service process(es))" in text
     assert "kernel stopped (exit 0)" in text
     m = re.search(r"(\d+) ledger decisions replayed, (\d+) divergences; (\d+) other records", text)
     assert m is not None, text[-2000:]

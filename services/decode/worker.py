@@ -26,6 +26,18 @@ by its sequence id.  Requests are msgpack maps ``{"op": ..., ...}``:
             generate is streaming it (and that request's ``id`` / ``job``), whether it is
             paused.  ``wait_paused_ms`` waits (bounded) until its generate pauses or ends.
 ``stats``    engine counters, live decodes, free KV blocks.
+``long_open`` ``{varref: {length, vars, seed} | tokens, policy: {name: sparse|full, ...}, tiers:
+            {device_blocks, host_blocks, disk_blocks, block_size, prefetch}}``: prefill a context
+            into a decoder of the long-context model over tiered KV (:mod:`lm.longsession`; the
+            prefill runs in a thread).  The device arena (``device_blocks``) is held through the
+            kernel's gate as ``kv_blocks`` of the request's job (:class:`KvBlocks`) until
+            ``long_free``: a job cannot hold more device blocks than its budget.
+``long_ask`` ``{long, queries: [name, ...]}``: per query feed ``?name`` and decode the answer
+            greedily, one PARTIAL per answer, a safe point at every token.
+``long_stats``, ``long_free`` ``{long}``.
+``precision`` a POPB order (:meth:`lm.popb.PrecisionPlan.from_wire`, or ``{reset: true}``) for
+            the long-context model; the same map published on ``ctl/decode/precision`` applies too
+            (a malformed order there is counted in ``long_stats`` and logged, never applied).
 =========== ===================================================================================
 
 Invariants: every engine call runs under ``self._lock`` (a beam or splice may run in a thread,
@@ -44,16 +56,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import torch
 
+from clients.aio import AsyncClient
 from kernel import errors
-from lm import tokenizer
+from kernel import protocol as P
+from kernel.config import runtime_dir
+from lm import tokenizer, varref
 from lm.engine import Engine, EngineStats, SeqState
 from lm.errors import LMError, OutOfBlocksError
+from lm.kvtiers import BudgetTooSmallError, DiskTierFullError
+from lm.longmodel import load as load_long
+from lm.longsession import MAX_DEVICE_BLOCKS, LongSessions
 from lm.roi import RoI, accept_for
 from services.base import Context, Service
+
+log = logging.getLogger("reca.decode")
 
 #: The upper bound of ``state``'s ``wait_paused_ms``.
 MAX_WAIT_PAUSED_MS = 10_000
@@ -75,9 +96,41 @@ def spend_between(before: EngineStats, after: EngineStats) -> dict[str, int]:
 def typed_error(exc: LMError) -> errors.RecaError:
     """The wire error of an engine error: ``refused`` for a full KV pool (may succeed later),
     else ``bad_request``; ``kind`` names the :mod:`lm.errors` class."""
-    if isinstance(exc, OutOfBlocksError):
+    if isinstance(exc, (OutOfBlocksError, BudgetTooSmallError, DiskTierFullError)):
         return errors.Refused(str(exc), kind=type(exc).__name__)
     return errors.BadRequest(str(exc), kind=type(exc).__name__)
+
+
+#: The counted resource a tiered decode's device arena is held as, and the lease of a hold (the
+#: longest the gate allows; a decode held longer loses its hold).
+KV_BLOCKS = "kv_blocks"
+ARENA_LEASE_S = 3600.0
+#: Bound on one gate call, seconds.
+GATE_TIMEOUT = 10.0
+
+
+class KvBlocks:
+    """The kernel's gate, in one place: hold ``n`` ``kv_blocks`` of a job for a decode's life."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.client: AsyncClient | None = None
+
+    async def hold(self, job: str | None, n: int) -> str:
+        if self.client is None:
+            self.client = AsyncClient(self.endpoint, timeout=GATE_TIMEOUT, retries=0)
+        args = {"resource": KV_BLOCKS, "amount": n, "commit": False, "lease_s": ARENA_LEASE_S}
+        if job is not None:
+            args["job"] = job
+        return (await self.client.call(P.MMI_GATE_RESERVE, args))["reservation"]
+
+    async def release(self, reservation: str) -> None:
+        assert self.client is not None
+        await self.client.call(P.MMI_GATE_RELEASE, {"reservation": reservation})
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
 
 
 @dataclasses.dataclass(eq=False)
@@ -124,6 +177,11 @@ class DecodeService(Service):
         self.num_blocks = 1024
         self.dtype = "float32"
         self.weights: str | None = None
+        self.long: LongSessions | None = None
+        self._long_lock = asyncio.Lock()
+        self._holds: dict[int, str] = {}  # long decode -> its kv_blocks reservation
+        self.gate: KvBlocks | None = None
+        self.rejected_precision = 0
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--num-blocks", type=int, default=self.num_blocks)
@@ -132,9 +190,17 @@ class DecodeService(Service):
 
     def configure(self, args: argparse.Namespace) -> None:
         self.num_blocks, self.dtype, self.weights = args.num_blocks, args.dtype, args.weights
+        self.gate = KvBlocks(getattr(args, "endpoint", None) or f"ipc://{runtime_dir()}/kernel.sock")
 
     async def setup(self) -> None:
         self.engine = Engine.load(self.weights, dtype=getattr(torch, self.dtype), num_blocks=self.num_blocks)
+        self.long = LongSessions(load_long())
+
+    async def teardown(self) -> None:
+        if self.long is not None:
+            self.long.close()
+        if self.gate is not None:
+            await self.gate.close()
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -201,6 +267,14 @@ class DecodeService(Service):
 
         await ctx.checkpoint(on_pause=pause, on_resume=resume)
 
+    def on_control(self, op: str, message: dict) -> None:
+        if op == P.ControlOp.PRECISION.value:
+            try:
+                self._precision(message)
+            except errors.BadRequest as exc:
+                self.rejected_precision += 1
+                log.warning("precision order rejected: %s", exc.message)
+
     # -- ops -------------------------------------------------------------------------------------
 
     async def handle(self, ctx: Context, payload: Any) -> Any:
@@ -210,7 +284,7 @@ class DecodeService(Service):
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
             raise errors.BadRequest(f"unknown op {op!r}; ops: generate, inject, splice, replace, rewind, "
-                                    "free, state, stats")
+                                    "free, state, stats, long_open, long_ask, long_stats, long_free, precision")
         return await handler(ctx, payload)
 
     async def op_generate(self, ctx: Context, payload: dict) -> dict:
@@ -357,3 +431,90 @@ class DecodeService(Service):
         assert eng is not None
         return {"counters": dataclasses.asdict(eng.stats()), "decodes": sorted(self.decodes),
                 "free_blocks": eng.cache.allocator.num_free}
+
+    # -- long-context decodes over tiered KV, with precision control -----------------------------
+
+    def _precision(self, order: Any) -> dict:
+        assert self.long is not None
+        try:
+            return self.long.set_precision(order)
+        except LMError as exc:
+            raise typed_error(exc) from None
+
+    async def op_precision(self, ctx: Context, payload: dict) -> dict:
+        order = {k: v for k, v in payload.items() if k != "op"}
+        async with self._long_lock:  # between two steps of every long decode
+            return self._precision(order)
+
+    async def op_long_open(self, ctx: Context, payload: dict) -> dict:
+        assert self.long is not None and self.gate is not None
+        tiers = payload.get("tiers")
+        n = tiers.get("device_blocks") if isinstance(tiers, dict) else None
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_DEVICE_BLOCKS:
+            raise errors.BadRequest(f"'tiers.device_blocks' must be an integer in [1, {MAX_DEVICE_BLOCKS}]")
+        reservation = await self.gate.hold(ctx.job, n)  # Refused when the job has too few kv_blocks
+        try:
+            async with self._long_lock:
+                try:
+                    sid = await asyncio.to_thread(self.long.open, payload)
+                except LMError as exc:
+                    raise typed_error(exc) from None
+        except BaseException:
+            await self.gate.release(reservation)
+            raise
+        self._holds[sid] = reservation
+        n_tok = len(self.long.get(sid).tokens)
+        ctx.charge(tokens=n_tok, prefilled=n_tok)
+        return {"long": sid, "reservation": reservation, **self.long.stats(sid)}
+
+    async def op_long_ask(self, ctx: Context, payload: dict) -> dict:
+        assert self.long is not None
+        queries = payload.get("queries")
+        if not isinstance(queries, list) or not queries or len(queries) > 10_000:
+            raise errors.BadRequest("'queries' must be a non-empty list of variable names (at most 10,000)")
+        try:
+            dec = self.long.get(payload.get("long"))
+            asks = [self.long.query_tokens(payload["long"], q) for q in queries]
+        except LMError as exc:
+            raise typed_error(exc) from None
+        sid = payload["long"]
+        answers = []
+        for name, toks in zip(queries, asks):
+            out = []
+            for i in range(len(toks) + varref.ANSWER_LEN):
+                async with self._long_lock:
+                    if self.long.decoders.get(sid) is not dec:
+                        raise errors.BadRequest(f"long decode {sid} was freed", kind="UnknownSequenceError")
+                    try:
+                        tok = dec.step(toks[i] if i < len(toks) else None)
+                    except LMError as exc:
+                        raise typed_error(exc) from None
+                ctx.charge(tokens=1, decoded=1)
+                if i >= len(toks):
+                    out.append(tok)
+                await ctx.checkpoint()
+            answer = varref.decode(out)
+            item = {"query": name, "answer": answer, "expected": self.long.expected(sid, name)}
+            answers.append(item)
+            await ctx.partial(item)
+        return {"long": sid, "answers": answers, **self.long.stats(sid)}
+
+    async def op_long_stats(self, ctx: Context, payload: dict) -> dict:
+        assert self.long is not None
+        try:
+            return {"long": payload.get("long"), **self.long.stats(payload.get("long")),
+                    "rejected_precision_orders": self.rejected_precision}
+        except LMError as exc:
+            raise typed_error(exc) from None
+
+    async def op_long_free(self, ctx: Context, payload: dict) -> dict:
+        assert self.long is not None and self.gate is not None
+        async with self._long_lock:
+            try:
+                self.long.free(payload.get("long"))
+            except LMError as exc:
+                raise typed_error(exc) from None
+        reservation = self._holds.pop(payload["long"], None)
+        if reservation is not None:
+            await self.gate.release(reservation)
+        return {"long": payload.get("long"), "freed": True}

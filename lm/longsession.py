@@ -1,0 +1,174 @@
+"""Long-context decodes as a service holds them: tiering and precision control, no sockets.
+
+:class:`LongSessions` is what the decode worker keeps for its ``long_*`` ops: decoders of the
+long-context model (:class:`lm.longdecode.LongDecoder`) by id, each with its attention policy and
+its tiers, and the precision plan every one of them runs with (POPB orders).  Requests arrive as
+plain maps; every argument is checked before anything is created, and a bad one raises a typed
+:mod:`lm` error (``ValueError`` subclasses for bad input, :class:`lm.kvtiers.BudgetTooSmallError`
+for an arena below one step's working set).
+
+``device_cap`` (the ``kv_blocks`` the caller holds through the kernel's gate) bounds the arena:
+asking for more device blocks than the cap is refused, never clamped silently.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+from lm import varref
+from lm.errors import LMError, UnknownSequenceError
+from lm.kvpolicy import BlockSparse, FullAttention, Policy
+from lm.kvtiers import BudgetTooSmallError
+from lm.longdecode import LongDecoder, TierSpec
+from lm.longmodel import LongLM
+from lm.popb import PrecisionPlan
+
+#: Largest tier sizes a request may ask for (blocks): bounded memory whatever the input.
+MAX_DEVICE_BLOCKS = 4096
+MAX_HOST_BLOCKS = 8192
+MAX_DISK_BLOCKS = 1 << 15
+#: Longest generated varref context a request may ask for.
+MAX_VARREF_LEN = 1 << 17
+
+
+class RequestError(LMError, ValueError):
+    """A long-context request with a missing or malformed field."""
+
+
+def _int(m: Mapping, key: str, default: Any, lo: int, hi: int) -> int:
+    v = m.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise RequestError(f"'{key}' must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def parse_policy(m: Any) -> Policy:
+    m = {} if m is None else m
+    if not isinstance(m, Mapping):
+        raise RequestError("'policy' must be a map")
+    name = m.get("name", "sparse")
+    try:
+        if name == "sparse":
+            return BlockSparse(topk=_int(m, "topk", 8, 0, 256), sinks=_int(m, "sinks", 1, 0, 16),
+                               window=_int(m, "window", 2, 1, 64))
+        if name == "full":
+            return FullAttention(chunk_blocks=_int(m, "chunk_blocks", 16, 1, 1024))
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+    raise RequestError(f"unknown policy {name!r}; policies: sparse, full")
+
+
+def parse_tiers(m: Any, device_cap: int | None) -> TierSpec:
+    if not isinstance(m, Mapping):
+        raise RequestError("'tiers' must be a map with device_blocks, host_blocks (disk_blocks, block_size, prefetch)")
+    device = _int(m, "device_blocks", None, 1, MAX_DEVICE_BLOCKS)
+    if device_cap is not None and device > device_cap:
+        raise BudgetTooSmallError(f"{device} device blocks asked for, {device_cap} kv_blocks held")
+    prefetch = m.get("prefetch", True)
+    if not isinstance(prefetch, bool):
+        raise RequestError("'prefetch' must be a boolean")
+    return TierSpec(device_blocks=device, host_blocks=_int(m, "host_blocks", None, 1, MAX_HOST_BLOCKS),
+                    disk_blocks=_int(m, "disk_blocks", 0, 0, MAX_DISK_BLOCKS),
+                    block_size=_int(m, "block_size", 64, 32, 64), prefetch=prefetch)
+
+
+def parse_context(m: Mapping) -> tuple[list[int], dict[str, str]]:
+    """``tokens`` (checked ids) or ``varref: {length, vars, seed}`` (a generated context)."""
+    if "tokens" in m:
+        if not isinstance(m["tokens"], list):
+            raise RequestError("'tokens' must be a list of token ids")
+        return varref.check_ids(m["tokens"]), {}
+    spec = m.get("varref")
+    if not isinstance(spec, Mapping):
+        raise RequestError("give 'tokens' or 'varref': {length, vars, seed}")
+    import random
+
+    length = _int(spec, "length", None, 64, MAX_VARREF_LEN)
+    n_vars = _int(spec, "vars", 4, 1, len(varref.NAMES))
+    try:
+        ctx = varref.make_context(random.Random(_int(spec, "seed", 0, 0, 2**31)), length, n_vars)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+    return list(ctx.tokens), dict(ctx.values)
+
+
+class LongSessions:
+    def __init__(self, model: LongLM, *, disk_dir: str | None = None):
+        self.base = model
+        self.model = model
+        self.plan: PrecisionPlan | None = None
+        self.plan_info: dict = {"avg_bits": 32.0}
+        self.disk_dir = disk_dir
+        self.decoders: dict[int, LongDecoder] = {}
+        self.values: dict[int, dict[str, str]] = {}
+        self._ids = itertools.count(1)
+
+    def open(self, request: Mapping, *, device_cap: int | None = None) -> int:
+        """Prefill a context into a new decoder; returns its id.  Nothing is created on error."""
+        policy = parse_policy(request.get("policy"))
+        spec = parse_tiers(request.get("tiers"), device_cap)
+        tokens, values = parse_context(request)
+        dec = LongDecoder(self.model, policy, spec, disk_dir=self.disk_dir)
+        try:
+            dec.prefill(tokens)
+        except BaseException:
+            dec.close()
+            raise
+        sid = next(self._ids)
+        dec.model = self.model  # an order that arrived during the prefill applies from the first step
+        self.decoders[sid] = dec
+        self.values[sid] = values
+        return sid
+
+    def get(self, sid: Any) -> LongDecoder:
+        dec = self.decoders.get(sid) if isinstance(sid, int) and not isinstance(sid, bool) else None
+        if dec is None:
+            raise UnknownSequenceError(f"no long decode {sid!r}")
+        return dec
+
+    def query_tokens(self, sid: int, name: Any) -> list[int]:
+        if not isinstance(name, str) or len(name) != 1 or name not in varref.NAMES:
+            raise RequestError(f"a query names one variable in {varref.NAMES!r}, got {name!r}")
+        return varref.encode(f"?{name}")
+
+    def expected(self, sid: int, name: str) -> str | None:
+        return self.values.get(sid, {}).get(name)
+
+    def free(self, sid: Any) -> None:
+        dec = self.get(sid)
+        dec.close()
+        del self.decoders[sid]
+        self.values.pop(sid, None)
+
+    def stats(self, sid: Any) -> dict:
+        dec = self.get(sid)
+        st = dec.tiers.stats
+        stalls = sorted(dec.stalls)
+        return {
+            "tokens": len(dec.tokens), "policy": dec.policy.describe(),
+            "device_blocks": dec.tiers.device_blocks, "device_bytes": dec.tiers.device_bytes(),
+            "blocks": dec.tiers.num_blocks, "hits": st.hits, "misses": st.misses, "waits": st.waits,
+            "prefetched": st.prefetched, "prefetch_used": st.prefetch_used, "evictions": st.evictions,
+            "demotions": st.demotions, "stall_s": st.stall_s,
+            "stall_max_ms": 1e3 * stalls[-1] if stalls else 0.0, "precision": self.plan_info,
+        }
+
+    def set_precision(self, order: Mapping) -> dict:
+        """Apply a POPB order (see :meth:`lm.popb.PrecisionPlan.from_wire`; ``{"reset": true}``
+        returns to float32) to every decoder, from its next step on."""
+        if isinstance(order, Mapping) and order.get("reset") is True:
+            self.plan, self.model, self.plan_info = None, self.base, {"avg_bits": 32.0}
+        else:
+            plan = PrecisionPlan.from_wire(self.base, order)
+            model, nbytes = plan.apply(self.base)
+            self.plan, self.model = plan, model
+            self.plan_info = {"avg_bits": plan.avg_bits(self.base), "bytes": nbytes}
+        for dec in self.decoders.values():
+            dec.model = self.model
+        return dict(self.plan_info)
+
+    def close(self) -> None:
+        for sid in list(self.decoders):
+            self.free(sid)
