@@ -29,7 +29,6 @@ import random
 import statistics
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -19,7 +19,6 @@ Precision control (POPB) swaps ``decoder.model`` for a copy on the plan's dequan
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 
 import numpy as np
