@@ -33,7 +33,10 @@ import pathlib
 import re
 from typing import Any
 
+import torch
+
 from bklm import corpus as corpus_mod
+from bklm.model import LanguageModel, ModelConfig
 from bklm.errors import BudgetTooSmallError, CheckpointError, ConfigError, CorpusError
 from bklm.train import Trainer, TrainConfig
 from kernel import errors
@@ -54,6 +57,16 @@ def _positive_int(payload: dict, key: str, default: int | None, *, zero: bool = 
     return value
 
 
+def _warm_up() -> None:
+    """One tiny forward and backward before registering: torch's first-use initialisation (seconds
+    on a loaded machine) happens here, not inside a request's liveness window."""
+    torch.set_num_threads(1)
+    model = LanguageModel(ModelConfig(d_model=16, n_seq=8, n_layers=3, n_heads=2, n_experts=2,
+                                      act=True, sparsity=True, multiscale=True))
+    loss, _, _ = model.loss(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
+    loss.backward()
+
+
 class BKTrainService(Service):
     name = "bktrain"
     capacity = 1
@@ -72,6 +85,8 @@ class BKTrainService(Service):
         if self.checkpoint_dir is None:
             self.checkpoint_dir = pathlib.Path(runtime_dir()) / "bktrain"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_warm_up)
+
 
     def _corpus(self, root: str | None, limit: int | None) -> corpus_mod.Corpus:
         key = (root, limit)
@@ -141,8 +156,10 @@ class BKTrainService(Service):
                     loss, flops = await asyncio.to_thread(trainer.evaluate)
                     ctx.charge(flops=flops)
                     await ctx.partial({"step": report.step, "eval": loss})
-        except errors.Cancelled:
-            await asyncio.to_thread(trainer.save, path)  # at a step boundary: nothing finished is lost
+        except errors.RecaError:
+            # cancelled at a safe point (budget spent: budget_exceeded; operator: cancelled): the
+            # trainer is at a step boundary, so nothing finished is lost
+            await asyncio.to_thread(trainer.save, path)
             raise
         await ctx.checkpoint()
         loss, flops = await asyncio.to_thread(trainer.evaluate)
