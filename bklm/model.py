@@ -69,7 +69,7 @@ class ModelConfig:
     act: bool = False
     act_threshold: float = 0.99
     act_lambda: float = 0.01
-    act_init_bias: float = -1.5
+    act_init_bias: float = 0.0  # p ~ 0.5 at first, as the seed's default-initialised unit
     multiscale: bool = False
     sparsity: bool = False
     sparsity_keep: float = 0.5
@@ -107,6 +107,7 @@ class FlopCounter:
 
     def __init__(self) -> None:
         self.flops = 0
+        self.bk_flops = 0  # of which the BK-core recursion
         self.ponder_steps = 0
 
     def linear(self, rows: int, d_in: int, d_out: int) -> None:
@@ -160,6 +161,7 @@ def bk_features(v: torch.Tensor, fc: FlopCounter) -> torch.Tensor:
     diag = (v - 2.0).permute(0, 2, 1).reshape(b * c, n)
     g = bk_core(diag, causal=True, backend="reference")  # (B*C, N, 2)
     fc.elementwise(b * c * n, BK_SITE_FLOPS)
+    fc.bk_flops += b * c * n * BK_SITE_FLOPS
     return g.reshape(b, c, n, 2).permute(0, 2, 1, 3).reshape(b, n, 2 * c)
 
 
@@ -309,6 +311,7 @@ class Output:
     logits: torch.Tensor
     aux_loss: torch.Tensor  # balance + ponder + sparsity terms, already weighted
     flops: int  # forward FLOPs executed
+    bk_flops: int  # of which the BK-core recursion
     ponder_steps: int  # token-stage steps executed (= tokens x stages without ACT)
     mean_stages: float
     keep_rate: float  # kept BK sites / sites offered (1.0 without sparsity)
@@ -364,7 +367,7 @@ class LanguageModel(nn.Module):
             soft = torch.cat(aux["keep_soft"])
             extra = extra + self.cfg.sparsity_lambda * (soft.mean() - self.cfg.sparsity_keep) ** 2
             keep_rate = aux["kept"] / max(aux["sites"], 1)
-        return Output(logits, extra, fc.flops, fc.ponder_steps, mean_stages, keep_rate)
+        return Output(logits, extra, fc.flops, fc.bk_flops, fc.ponder_steps, mean_stages, keep_rate)
 
     def _act(self, x: torch.Tensor, fc: FlopCounter, aux: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Graves-style ACT over the stages; halting per token; halted tokens skip later stages."""
