@@ -230,3 +230,35 @@ def test_budget_too_small_for_one_step(corpus):
     assert info.value.needed == bound
     tr.check_budget(bound)
     assert tr.step().flops <= bound
+
+
+# -- the measurement's arithmetic (bench bk_lm) ----------------------------------------------------
+
+def test_cost_to_target_and_factors_interpolate_and_report_misses(corpus):
+    from bklm.experiment import Curve, Point, cost_to_target, factors, loss_at
+
+    plain = [Point(0, 0, 0, 4.0), Point(100, 10, 10, 3.0), Point(200, 20, 20, 2.0)]
+    fast = [Point(0, 0, 0, 4.0), Point(50, 10, 10, 2.5), Point(100, 20, 20, 2.0)]
+    slow = [Point(0, 0, 0, 4.0), Point(200, 10, 10, 3.2)]
+    assert cost_to_target(plain, 2.5) == (150, 15)
+    assert cost_to_target(fast, 2.5) == (50, 10)
+    assert cost_to_target(slow, 2.5) is None
+    assert loss_at(plain, 50) == 3.5 and loss_at(plain, 1000) == 2.0
+    curves = {a: [Curve(a, 0, pts, 4.0, 1.0, 0, 1)] for a, pts in (("bk", plain), ("fast", fast), ("slow", slow))}
+    f = factors(curves, "fast", "bk", 2.5)
+    assert f.flops == [3.0] and f.wall == [1.5] and f.reached() == 1
+    miss = factors(curves, "slow", "bk", 2.5)
+    assert miss.flops == [None] and miss.reached() == 0
+    assert miss.flops_spread() == (0.75, 0.75, 0.75)  # below plain's 150 / the arm's 200 FLOPs
+
+
+def test_train_curve_stops_at_the_budget(corpus):
+    from bklm.experiment import arm_config, train_curve
+
+    base = TrainConfig(model=TINY, batch=4, eval_windows=8, total_steps=6)
+    cfg = arm_config(base, "multiscale", 1)
+    assert cfg.model.multiscale and cfg.seed == 1
+    per_step = Trainer(arm_config(base, "bk", 0), corpus).step().flops
+    curve = train_curve(arm_config(base, "bk", 0), corpus, "bk", 3 * per_step, evals=3, max_steps=10)
+    assert [p.steps for p in curve.points] == [0, 1, 2, 3]
+    assert curve.points[-1].flops == 3 * per_step and curve.points[-1].loss < curve.points[0].loss
