@@ -8,7 +8,8 @@ near-duplicate detector), ``gradcache_seed`` (the seed's mean-embedding detector
 (all six). Definitions of budget, target loss and factors: bklm.experiment.
 
 Metrics per arm: ``<arm>_flops_factor`` (median over seeds; target >= the seed's claim),
-``<arm>_wall_factor``, ``<arm>_loss_at_budget``; plus the FLOP share of the BK-core recursion in a
+``<arm>_wall_factor``, ``<arm>_loss_at_budget`` (held-out loss when the arm stopped: at the FLOP
+budget, or at its step cap for an arm whose steps cost almost nothing); plus the FLOP share of the BK-core recursion in a
 plain step and the measured wall time of the sparse chain against the full one. Full run:
 3 seeds x 10 arms, d_model 64, 4 layers, n_seq 64, batch 16, 400 plain-step budget; tens of
 minutes on a shared 2-core machine, progress on stderr. PNG curves under bench/out/.
@@ -159,7 +160,8 @@ def run(quick: bool) -> Result:
             "FLOPs factor vs bk": f"{f_med:.2f} [{f_min:.2f}, {f_max:.2f}]" + ("" if reached == len(runs) else f" ({reached}/{len(runs)} reached)"),
             "wall factor vs bk": f"{wall[0]:.2f} [{wall[1]:.2f}, {wall[2]:.2f}]" if wall else "not reached",
             "FLOPs factor vs transformer": f"{t_med:.2f}",
-            "held-out loss at budget": f"{l_med:.4f} [{l_min:.4f}, {l_max:.4f}]",
+            "held-out loss at end": f"{l_med:.4f} [{l_min:.4f}, {l_max:.4f}]",
+            "FLOPs used": f"{np.median([c.points[-1].flops for c in runs]) / budget:.2f}",
             "steps": f"{int(np.median(steps))}",
             "stages/token": f"{np.median([c.mean_stages for c in runs]):.2f}",
             "BK keep": f"{np.median([c.keep_rate for c in runs]):.2f}",
@@ -178,6 +180,6 @@ def run(quick: bool) -> Result:
     if not quick:
         os.makedirs(OUT_DIR, exist_ok=True)
         with open(os.path.join(OUT_DIR, "bk_lm_curves.json"), "w") as fh:
-            json.dump({arm: [{"seed": c.seed, "points": [dataclasses.asdict(p) for p in c.points]} for c in cs]
-                       for arm, cs in curves.items()}, fh)
+            json.dump({"budget": budget, "target": target,
+                       "curves": {arm: [dataclasses.asdict(c) for c in cs] for arm, cs in curves.items()}}, fh)
     return Result(metrics=metrics, targets=targets, table=rows, notes=notes)

@@ -14,8 +14,8 @@ the same defaults of :class:`bklm.train.TrainConfig`):
 * compute to target: the first crossing of the target on the held-out curve, interpolated linearly
   between evaluations, in counted FLOPs and in training wall seconds (evaluation excluded);
 * factor: plain's compute to target / the arm's, per seed (seed i against plain's seed i), given
-  as median [min, max]; an arm that never reaches the target has a factor below
-  plain's compute / the arm's total compute, reported as not reached;
+  as median [min, max]; a seed that never reaches the target counts as factor 0 (no speed-up
+  shown) and the number of seeds that reached it is reported;
 * a claim holds when the median factor is at least the claimed factor.
 """
 
@@ -129,14 +129,13 @@ class Factor:
 
     flops: list[float | None]
     wall: list[float | None]
-    bound: list[float]  # for a run that did not reach: reference compute / the arm's total
 
     def reached(self) -> int:
         return sum(f is not None for f in self.flops)
 
     def flops_spread(self) -> tuple[float, float, float]:
-        """median [min, max] with an unreached seed counted at its bound (a factor it is below)."""
-        return spread([b if f is None else f for f, b in zip(self.flops, self.bound)])
+        """median [min, max] over seeds, a seed that did not reach the target counted as 0."""
+        return spread([0.0 if f is None else f for f in self.flops])
 
     def wall_spread(self) -> tuple[float, float, float] | None:
         got = [w for w in self.wall if w is not None]
@@ -144,19 +143,16 @@ class Factor:
 
 
 def factors(curves: dict[str, list[Curve]], arm: str, reference: str, target: float) -> Factor:
-    out = Factor([], [], [])
+    out = Factor([], [])
     for ref, cur in zip(curves[reference], curves[arm]):
         r = cost_to_target(ref.points, target)
         c = cost_to_target(cur.points, target)
         if r is None or c is None:
             out.flops.append(None)
             out.wall.append(None)
-            last = cur.points[-1]
-            out.bound.append((r[0] / last.flops) if r is not None and last.flops else 0.0)
             continue
         out.flops.append(r[0] / c[0] if c[0] > 0 else float("inf"))
         out.wall.append(r[1] / c[1] if c[1] > 0 else float("inf"))
-        out.bound.append(out.flops[-1])
     return out
 
 

@@ -67,13 +67,13 @@ def test_every_variant_is_causal(variant):
     torch.manual_seed(0)
     model = LanguageModel(dataclasses.replace(TINY, **VARIANTS[variant])).eval()
     ids = torch.randint(1, 127, (3, 16))
-    cut = 9
-    later = ids.clone()
-    later[:, cut:] = torch.randint(1, 127, (3, 16 - cut))
-    with torch.no_grad():
-        a, b = model(ids).logits, model(later).logits
-    assert torch.allclose(a[:, :cut], b[:, :cut], atol=1e-5)
-    assert not torch.allclose(a[:, cut:], b[:, cut:], atol=1e-3)
+    for cut in (8, 9):  # an even and an odd cut: a pair merge that leaked would show at one of them
+        later = ids.clone()
+        later[:, cut:] = torch.randint(1, 127, (3, 16 - cut))
+        with torch.no_grad():
+            a, b = model(ids).logits, model(later).logits
+        assert torch.allclose(a[:, :cut], b[:, :cut], atol=1e-5)
+        assert not torch.allclose(a[:, cut:], b[:, cut:], atol=1e-3)
 
 
 def test_act_halts_tokens_and_halted_tokens_skip_work():
@@ -249,7 +249,7 @@ def test_cost_to_target_and_factors_interpolate_and_report_misses(corpus):
     assert f.flops == [3.0] and f.wall == [1.5] and f.reached() == 1
     miss = factors(curves, "slow", "bk", 2.5)
     assert miss.flops == [None] and miss.reached() == 0
-    assert miss.flops_spread() == (0.75, 0.75, 0.75)  # below plain's 150 / the arm's 200 FLOPs
+    assert miss.flops_spread() == (0.0, 0.0, 0.0)  # not reached: no speed-up shown
 
 
 def test_train_curve_stops_at_the_budget(corpus):
