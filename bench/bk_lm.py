@@ -89,16 +89,15 @@ def _plot(curves: dict[str, list[Curve]], budget: float, target: float, tag: str
     for xkey, label, fname in (("flops", "counted training FLOPs", "loss_vs_flops"),
                                ("wall_s", "training wall time [s] (shared 2-core machine)", "loss_vs_wall")):
         fig, ax = plt.subplots(figsize=(8, 5.5))
-        for arm, runs in curves.items():
+        palette = plt.get_cmap("tab10").colors
+        for k, (arm, runs) in enumerate(curves.items()):
             style = "-" if arm in ("bk", "transformer") else "--"
             width = 2.4 if arm in ("bk", "transformer", "combined") else 1.2
-            color = None
             for i, c in enumerate(runs):
                 xs = [getattr(p, xkey) for p in c.points]
                 ys = [p.loss for p in c.points]
-                line, = ax.plot(xs, ys, style, lw=width, color=color, alpha=0.85,
-                                label=arm if i == 0 else None)
-                color = line.get_color()
+                ax.plot(xs, ys, style, lw=width, color=palette[k % len(palette)], alpha=0.85,
+                        label=arm if i == 0 else None)
         ax.axhline(target, color="k", lw=0.8, ls=":", label=f"target {target:.3f}")
         if xkey == "flops":
             ax.axvline(budget, color="grey", lw=0.8, ls=":")
