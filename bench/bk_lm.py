@@ -28,7 +28,7 @@ import torch
 
 from bench._common import Result
 from bklm import corpus as corpus_mod
-from bklm.experiment import ARMS, CLAIMS, Curve, cost_to_target, factors, loss_at, run_all, spread
+from bklm.experiment import ARMS, CLAIMS, Curve, Point, factors, loss_at, run_all, spread
 from bklm.model import FlopCounter, LanguageModel, ModelConfig, bk_features, sparse_bk_features
 from bklm.train import TrainConfig
 
@@ -115,35 +115,34 @@ def _plot(curves: dict[str, list[Curve]], budget: float, target: float, tag: str
     return paths
 
 
-def run(quick: bool) -> Result:
-    torch.set_num_threads(1)
+def _configs(quick: bool) -> tuple[TrainConfig, list[int], int, int]:
+    """(base config, seeds, budget in plain steps, evaluations per run)."""
     if quick:
         model = ModelConfig(d_model=32, n_layers=3, n_seq=32, n_heads=4, n_experts=2)
-        base = TrainConfig(model=model, batch=8, eval_windows=32, total_steps=40)
-        seeds, budget_steps, evals = [0], 40, 4
-    else:
-        model = ModelConfig(d_model=64, n_layers=4, n_seq=64, n_heads=4, n_experts=4)
-        base = TrainConfig(model=model, batch=16, eval_windows=128, total_steps=400)
-        seeds, budget_steps, evals = [0, 1, 2], 400, 16
-    corpus = corpus_mod.load()
-    _progress(f"bench bk_lm: corpus {json.dumps(corpus.summary())}")
-    arms = list(ARMS)
-    curves, budget = run_all(corpus, base, arms, seeds, budget_steps, evals, progress=_progress)
+        return TrainConfig(model=model, batch=8, eval_windows=32, total_steps=40), [0], 40, 4
+    model = ModelConfig(d_model=64, n_layers=4, n_seq=64, n_heads=4, n_experts=4)
+    return TrainConfig(model=model, batch=16, eval_windows=128, total_steps=400), [0, 1, 2], 400, 16
 
+
+def _median_stat(runs: list[Curve], name: str, fmt: str) -> str:
+    values = [getattr(c, name) for c in runs]
+    return "?" if any(v is None for v in values) else format(float(np.median(values)), fmt)
+
+
+def summarise(curves: dict[str, list[Curve]], budget: float, budget_steps: int) -> Result:
+    """The claim-versus-measurement table of a set of curves (from a run or a saved JSON)."""
     plain_at = [loss_at(c.points, TARGET_FRACTION * budget) for c in curves["bk"]]
     target = float(np.median(plain_at))
-    metrics: dict[str, float] = {"budget_flops": budget, "target_loss": target, "seeds": float(len(seeds))}
+    seeds = len(curves["bk"])
+    metrics: dict[str, float] = {"budget_flops": budget, "target_loss": target, "seeds": float(seeds)}
     targets: dict[str, tuple[str, float]] = {}
     rows = []
-    for arm in arms:
+    for arm, runs in curves.items():
         vs_bk = factors(curves, arm, "bk", target)
-        vs_tf = factors(curves, arm, "transformer", target)
         f_med, f_min, f_max = vs_bk.flops_spread()
         wall = vs_bk.wall_spread()
-        t_med, _, _ = vs_tf.flops_spread()
-        l_med, l_min, l_max = spread([c.points[-1].loss if c.points[-1].flops < budget else loss_at(c.points, budget)
-                                      for c in curves[arm]])
-        runs = curves[arm]
+        t_med, _, _ = factors(curves, arm, "transformer", target).flops_spread()
+        l_med, l_min, l_max = spread([loss_at(c.points, budget) for c in runs])
         claim = CLAIMS.get(arm)
         reached = vs_bk.reached()
         metrics[f"{arm}_flops_factor"] = f_med
@@ -152,33 +151,72 @@ def run(quick: bool) -> Result:
             metrics[f"{arm}_wall_factor"] = wall[0]
         if claim is not None:
             targets[f"{arm}_flops_factor"] = (">=", claim)
-        steps = [c.points[-1].steps for c in runs]
         rows.append({
             "arm": arm,
             "claimed": f"{claim:.2f}x" if claim else "-",
-            "FLOPs factor vs bk": f"{f_med:.2f} [{f_min:.2f}, {f_max:.2f}]" + ("" if reached == len(runs) else f" ({reached}/{len(runs)} reached)"),
+            "FLOPs factor vs bk": f"{f_med:.2f} [{f_min:.2f}, {f_max:.2f}]"
+                                  + ("" if reached == len(runs) else f" ({reached}/{len(runs)} reached)"),
             "wall factor vs bk": f"{wall[0]:.2f} [{wall[1]:.2f}, {wall[2]:.2f}]" if wall else "not reached",
             "FLOPs factor vs transformer": f"{t_med:.2f}",
             "held-out loss at end": f"{l_med:.4f} [{l_min:.4f}, {l_max:.4f}]",
             "FLOPs used": f"{np.median([c.points[-1].flops for c in runs]) / budget:.2f}",
-            "steps": f"{int(np.median(steps))}",
-            "stages/token": f"{np.median([c.mean_stages for c in runs]):.2f}",
-            "BK keep": f"{np.median([c.keep_rate for c in runs]):.2f}",
-            "cache hits": f"{np.median([c.cache_hits for c in runs]):.0f}",
-            "params": runs[0].params,
+            "steps": f"{int(np.median([c.points[-1].steps for c in runs]))}",
+            "stages/token": _median_stat(runs, "mean_stages", ".2f"),
+            "BK keep": _median_stat(runs, "keep_rate", ".2f"),
+            "cache hits": _median_stat(runs, "cache_hits", ".0f"),
+            "params": "?" if runs[0].params is None else runs[0].params,
             "claim holds": "-" if claim is None else ("yes" if f_med >= claim else "NO"),
         })
-    extra, notes = sparsity_savings(model, base.batch, quick)
-    metrics.update(extra)
-    notes.insert(0, f"budget {budget:.3g} counted FLOPs (= {budget_steps} plain ResNet-BK steps); target = plain "
-                    f"ResNet-BK's median held-out loss at {TARGET_FRACTION:.0%} of it = {target:.4f} nats/token; "
-                    f"{len(seeds)} seed(s); factors are median [min, max] over seeds; wall times on a shared "
-                    f"2-core machine under load from other jobs")
-    notes.insert(1, f"corpus: {json.dumps(corpus.summary())}")
-    notes += _plot(curves, budget, target, " (quick)" if quick else "")
+    notes = [f"budget {budget:.3g} counted FLOPs (= {budget_steps} plain ResNet-BK steps); target = plain "
+             f"ResNet-BK's median held-out loss at {TARGET_FRACTION:.0%} of it = {target:.4f} nats/token; "
+             f"{seeds} seed(s); factors are median [min, max] over seeds (a seed that never reaches the target "
+             f"counts 0); loss at end = at the budget, or at the step cap for an arm that stops early; wall "
+             f"times on a shared 2-core machine under load from other jobs"]
+    return Result(metrics=metrics, targets=targets, table=rows, notes=notes)
+
+
+def run(quick: bool) -> Result:
+    torch.set_num_threads(1)
+    base, seeds, budget_steps, evals = _configs(quick)
+    corpus = corpus_mod.load()
+    _progress(f"bench bk_lm: corpus {json.dumps(corpus.summary())}")
+    curves, budget = run_all(corpus, base, list(ARMS), seeds, budget_steps, evals, progress=_progress)
+    result = summarise(curves, budget, budget_steps)
+    extra, notes = sparsity_savings(base.model, base.batch, quick)
+    result.metrics.update(extra)
+    result.notes += [f"corpus: {json.dumps(corpus.summary())}", *notes]
+    result.notes += _plot(curves, budget, result.metrics["target_loss"], " (quick)" if quick else "")
     if not quick:
         os.makedirs(OUT_DIR, exist_ok=True)
         with open(os.path.join(OUT_DIR, "bk_lm_curves.json"), "w") as fh:
-            json.dump({"budget": budget, "target": target,
+            json.dump({"budget": budget, "budget_steps": budget_steps,
                        "curves": {arm: [dataclasses.asdict(c) for c in cs] for arm, cs in curves.items()}}, fh)
-    return Result(metrics=metrics, targets=targets, table=rows, notes=notes)
+    return result
+
+
+def load_curves(path: str) -> tuple[dict[str, list[Curve]], float, int]:
+    """Curves saved by a full run (``bench/out/bk_lm_curves.json``). Files of the first format
+    (arm -> [{seed, points}], no run statistics) load with the statistics unknown."""
+    with open(path) as fh:
+        doc = json.load(fh)
+    if "curves" in doc:
+        curves = {arm: [Curve(**(c | {"points": [Point(**p) for p in c["points"]]})) for c in cs]
+                  for arm, cs in doc["curves"].items()}
+        return curves, float(doc["budget"]), int(doc.get("budget_steps", 400))
+    curves = {arm: [Curve(arm, r["seed"], [Point(**p) for p in r["points"]], None, None, None, None) for r in rs]
+              for arm, rs in doc.items()}
+    bk = curves["bk"][0].points[-1]
+    return curves, float(bk.flops), bk.steps  # the plain arm stops exactly at the budget
+
+
+if __name__ == "__main__":
+    # python -m bench.bk_lm CURVES.json: the table (and plots) again from a full run's saved curves
+    from bench._common import print_table
+
+    curves, budget, steps = load_curves(sys.argv[1])
+    res = summarise(curves, budget, steps)
+    print_table(res.table)
+    for note in res.notes + _plot(curves, budget, res.metrics["target_loss"], ""):
+        print("note:", note)
+    for key, value in res.metrics.items():
+        print(f"{key:40s} {value:12.6g}")

@@ -64,10 +64,10 @@ class Curve:
     arm: str
     seed: int
     points: list[Point]
-    mean_stages: float
-    keep_rate: float
-    cache_hits: int
-    params: int
+    mean_stages: float | None  # None: unknown (curves saved without run statistics)
+    keep_rate: float | None
+    cache_hits: int | None
+    params: int | None
 
 
 def arm_config(base: TrainConfig, arm: str, seed: int) -> TrainConfig:

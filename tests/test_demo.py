@@ -22,7 +22,7 @@ def test_demo_runs_end_to_end_and_its_decision_log_replays():
                          timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
-    assert "reca kernel ready (10 service process(es))" in text
+    assert "reca kernel ready (11 service process(es))" in text
     assert "kernel stopped (exit 0)" in text
     m = re.search(r"(\d+) ledger decisions replayed, (\d+) divergences; (\d+) other records", text)
     assert m is not None, text[-2000:]
