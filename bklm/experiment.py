@@ -41,6 +41,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "transformer": {"model": {"arch": "transformer"}},
     "act": {"model": {"act": True}},
     "multiscale": {"model": {"multiscale": True}},
+    "pair_merge_control": {"model": {"multiscale": True, "multiscale_stride": 1}},
     "sparsity": {"model": {"sparsity": True}},
     "curriculum": {"curriculum": True},
     "active": {"active": True},

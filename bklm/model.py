@@ -71,6 +71,7 @@ class ModelConfig:
     act_lambda: float = 0.01
     act_init_bias: float = 0.0  # p ~ 0.5 at first, as the seed's default-initialised unit
     multiscale: bool = False
+    multiscale_stride: int = 2  # 1: a control with the same pair merge, at full resolution
     sparsity: bool = False
     sparsity_keep: float = 0.5
     sparsity_lambda: float = 0.1
@@ -86,6 +87,8 @@ class ModelConfig:
             raise ConfigError(f"d_model {self.d_model} must be a multiple of n_heads {self.n_heads}")
         if self.arch == "transformer" and (self.act or self.multiscale or self.sparsity):
             raise ConfigError("act, multiscale and sparsity are ResNet-BK techniques; the Transformer baseline is plain")
+        if self.multiscale_stride not in (1, 2):
+            raise ConfigError(f"multiscale_stride must be 1 or 2, got {self.multiscale_stride!r}")
         if self.multiscale and (self.n_layers < 3 or self.n_seq % 2):
             raise ConfigError("multiscale needs n_layers >= 3 (full-resolution first and last) and an even n_seq")
         if not 0 < self.act_threshold <= 1:
@@ -248,25 +251,36 @@ class BKBlock(nn.Module):
 
 
 class MultiScale(nn.Module):
-    """Middle blocks at half resolution: merge pairs, process, expand causally (shift by one)."""
+    """Middle blocks at half resolution: merge pairs, process, expand causally (shift by one).
+
+    ``multiscale_stride=1`` is the control that isolates the pair merge from the resolution: each
+    position t merges (x_{t-1}, x_t) by the same Linear(2d -> d), the blocks run at full length,
+    and Linear(d -> d) expands."""
 
     def __init__(self, cfg: ModelConfig, blocks: list[BKBlock]) -> None:
         super().__init__()
         d = cfg.d_model
+        self.stride = cfg.multiscale_stride
         self.down = nn.Linear(2 * d, d)
         self.ln = nn.LayerNorm(d)
         self.blocks = nn.ModuleList(blocks)
-        self.up = nn.Linear(d, 2 * d)
+        self.up = nn.Linear(d, self.stride * d)
 
     def forward(self, x: torch.Tensor, fc: FlopCounter, aux: dict, active: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
-        z = self.ln(self.down(x.reshape(b, n // 2, 2 * d)))
-        fc.linear(b * n // 2, 2 * d, d)
+        m = n // self.stride
+        if self.stride == 2:
+            pairs = x.reshape(b, m, 2 * d)
+        else:
+            pairs = torch.cat([torch.cat([x.new_zeros(b, 1, d), x[:, :-1]], 1), x], -1)
+        z = self.ln(self.down(pairs))
+        fc.linear(b * m, 2 * d, d)
         for block in self.blocks:
             z = block(z, fc, aux)
         u = self.up(z).reshape(b, n, d)
-        fc.linear(b * n // 2, d, 2 * d)
-        u = torch.cat([u.new_zeros(b, 1, d), u[:, :-1]], 1)  # position t sees pairs ending <= t
+        fc.linear(b * m, d, self.stride * d)
+        if self.stride == 2:
+            u = torch.cat([u.new_zeros(b, 1, d), u[:, :-1]], 1)  # position t sees pairs ending <= t
         if active is None:
             return x + u
         flat = x.reshape(b * n, d)

@@ -21,6 +21,7 @@ TINY = ModelConfig(d_model=32, n_seq=16, n_layers=3, n_heads=4, n_experts=2)
 VARIANTS = {
     "bk": {}, "transformer": {"arch": "transformer"}, "act": {"act": True, "act_init_bias": 0.0},
     "multiscale": {"multiscale": True}, "sparsity": {"sparsity": True},
+    "pair_merge_control": {"multiscale": True, "multiscale_stride": 1},
     "all": {"act": True, "act_init_bias": 0.0, "multiscale": True, "sparsity": True},
 }
 
