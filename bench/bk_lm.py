@@ -3,7 +3,8 @@ claim, at equal counted compute, against plain ResNet-BK and a same-size Transfo
 
 Corpus: the Python 3.11 stdlib's own source (code LM), held-out split by module (bklm.corpus).
 Arms: ``bk`` (plain), ``transformer`` (same d_model / layers / MoE FFN, causal SDPA attention),
-``act``, ``multiscale``, ``sparsity``, ``curriculum``, ``active``, ``gradcache`` (shingle
+``act``, ``multiscale``, ``pair_merge_control`` (multi-scale's pair merge at full resolution: a
+control, no claim), ``sparsity``, ``curriculum``, ``active``, ``gradcache`` (shingle
 near-duplicate detector), ``gradcache_seed`` (the seed's mean-embedding detector), ``combined``
 (all six). Definitions of budget, target loss and factors: bklm.experiment.
 
@@ -11,7 +12,7 @@ Metrics per arm: ``<arm>_flops_factor`` (median over seeds; target >= the seed's
 ``<arm>_wall_factor``, ``<arm>_loss_at_budget`` (held-out loss when the arm stopped: at the FLOP
 budget, or at its step cap for an arm whose steps cost almost nothing); plus the FLOP share of the BK-core recursion in a
 plain step and the measured wall time of the sparse chain against the full one. Full run:
-3 seeds x 10 arms, d_model 64, 4 layers, n_seq 64, batch 16, 400 plain-step budget; tens of
+3 seeds x 11 arms, d_model 64, 4 layers, n_seq 64, batch 16, 400 plain-step budget; tens of
 minutes on a shared 2-core machine, progress on stderr. PNG curves under bench/out/.
 """
 
@@ -119,7 +120,7 @@ def _configs(quick: bool) -> tuple[TrainConfig, list[int], int, int]:
     """(base config, seeds, budget in plain steps, evaluations per run)."""
     if quick:
         model = ModelConfig(d_model=32, n_layers=3, n_seq=32, n_heads=4, n_experts=2)
-        return TrainConfig(model=model, batch=8, eval_windows=32, total_steps=40), [0], 40, 4
+        return TrainConfig(model=model, batch=8, eval_windows=16, total_steps=24), [0], 24, 3
     model = ModelConfig(d_model=64, n_layers=4, n_seq=64, n_heads=4, n_experts=4)
     return TrainConfig(model=model, batch=16, eval_windows=128, total_steps=400), [0, 1, 2], 400, 16
 
