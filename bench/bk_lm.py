@@ -1,0 +1,223 @@
+"""ResNet-BK language model (seed 002): each of its six cost-saving techniques measured against its
+claim, at equal counted compute, against plain ResNet-BK and a same-size Transformer.
+
+Corpus: the Python 3.11 stdlib's own source (code LM), held-out split by module (bklm.corpus).
+Arms: ``bk`` (plain), ``transformer`` (same d_model / layers / MoE FFN, causal SDPA attention),
+``act``, ``multiscale``, ``pair_merge_control`` (multi-scale's pair merge at full resolution: a
+control, no claim), ``sparsity``, ``curriculum``, ``active``, ``gradcache`` (shingle
+near-duplicate detector), ``gradcache_seed`` (the seed's mean-embedding detector), ``combined``
+(all six). Definitions of budget, target loss and factors: bklm.experiment.
+
+Metrics per arm: ``<arm>_flops_factor`` (median over seeds; target >= the seed's claim),
+``<arm>_wall_factor``, ``<arm>_loss_at_budget`` (held-out loss when the arm stopped: at the FLOP
+budget, or at its step cap for an arm whose steps cost almost nothing); plus the FLOP share of the BK-core recursion in a
+plain step and the measured wall time of the sparse chain against the full one. Full run:
+3 seeds x 11 arms, d_model 64, 4 layers, n_seq 64, batch 16, 400 plain-step budget; tens of
+minutes on a shared 2-core machine, progress on stderr. PNG curves under bench/out/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from bench._common import Result
+from bklm import corpus as corpus_mod
+from bklm.experiment import ARMS, CLAIMS, Curve, Point, factors, loss_at, run_all, spread
+from bklm.model import FlopCounter, LanguageModel, ModelConfig, bk_features, sparse_bk_features
+from bklm.train import TrainConfig
+
+OUT_DIR = os.path.join(os.path.dirname(__file__), "out")
+TARGET_FRACTION = 0.4
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _median_time(fn, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return float(np.median(samples))
+
+
+def sparsity_savings(model_cfg: ModelConfig, batch: int, quick: bool) -> tuple[dict, list[str]]:
+    """What skipping BK sites can save: the recursion's FLOP share of a plain step, and the wall
+    time of the BK-core over the full chain (what the seed's mask-after-compute sketch pays) against
+    the chain of kept sites at keep rate 0.5."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = LanguageModel(model_cfg)(torch.randint(1, 127, (batch, model_cfg.n_seq)))
+    share = out.bk_flops / out.flops
+    metrics = {"bk_core_flop_share": share}
+    notes = []
+    repeats = 5 if quick else 30
+    for n in ((model_cfg.n_seq,) if quick else (model_cfg.n_seq, 4096)):
+        rows = batch * model_cfg.n_heads
+        v = torch.randn(1, n, rows).clamp(-3, 3)
+        keep = torch.rand(1, n) < 0.5
+        gate = keep.float()
+        full = _median_time(lambda: bk_features(v, FlopCounter()), repeats)
+        sparse = _median_time(lambda: sparse_bk_features(v, keep, gate, FlopCounter()), repeats)
+        metrics[f"bk_core_full_ms_n{n}"] = full * 1e3
+        metrics[f"bk_core_sparse_ms_n{n}"] = sparse * 1e3
+        notes.append(f"BK-core, {rows} chains x N={n}: full recursion {full * 1e3:.2f} ms (the seed's sketch: "
+                     f"compute all, then mask), chain of kept sites at keep 0.5 {sparse * 1e3:.2f} ms "
+                     f"(x{full / sparse:.2f})")
+    notes.append(f"the BK-core recursion is {share * 100:.2f} % of a plain forward's counted FLOPs: skipping "
+                 f"half its sites can save at most {share / 2 * 100:.2f} % of a step; the sparsity arm also "
+                 f"skips the potential and feature projections of skipped sites")
+    return metrics, notes
+
+
+def _plot(curves: dict[str, list[Curve]], budget: float, target: float, tag: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(OUT_DIR, exist_ok=True)
+    paths = []
+    for xkey, label, fname in (("flops", "counted training FLOPs", "loss_vs_flops"),
+                               ("wall_s", "training wall time [s] (shared 2-core machine)", "loss_vs_wall")):
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        palette = plt.get_cmap("tab10").colors
+        for k, (arm, runs) in enumerate(curves.items()):
+            style = "-" if arm in ("bk", "transformer") else "--"
+            width = 2.4 if arm in ("bk", "transformer", "combined") else 1.2
+            for i, c in enumerate(runs):
+                xs = [getattr(p, xkey) for p in c.points]
+                ys = [p.loss for p in c.points]
+                ax.plot(xs, ys, style, lw=width, color=palette[k % len(palette)], alpha=0.85,
+                        label=arm if i == 0 else None)
+        ax.axhline(target, color="k", lw=0.8, ls=":", label=f"target {target:.3f}")
+        if xkey == "flops":
+            ax.axvline(budget, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out cross-entropy [nats/token]")
+        ax.set_ylim(top=min(3.5, max(p.loss for rs in curves.values() for c in rs for p in c.points)))
+        ax.set_title(f"ResNet-BK techniques on stdlib code (every seed drawn){tag}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(ncol=2, fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(OUT_DIR, f"bk_lm_{fname}{'_quick' if tag else ''}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(os.path.relpath(path))
+    return paths
+
+
+def _configs(quick: bool) -> tuple[TrainConfig, list[int], int, int]:
+    """(base config, seeds, budget in plain steps, evaluations per run)."""
+    if quick:
+        model = ModelConfig(d_model=32, n_layers=3, n_seq=32, n_heads=4, n_experts=2)
+        return TrainConfig(model=model, batch=8, eval_windows=16, total_steps=24), [0], 24, 3
+    model = ModelConfig(d_model=64, n_layers=4, n_seq=64, n_heads=4, n_experts=4)
+    return TrainConfig(model=model, batch=16, eval_windows=128, total_steps=400), [0, 1, 2], 400, 16
+
+
+def _median_stat(runs: list[Curve], name: str, fmt: str) -> str:
+    values = [getattr(c, name) for c in runs]
+    return "?" if any(v is None for v in values) else format(float(np.median(values)), fmt)
+
+
+def summarise(curves: dict[str, list[Curve]], budget: float, budget_steps: int) -> Result:
+    """The claim-versus-measurement table of a set of curves (from a run or a saved JSON)."""
+    plain_at = [loss_at(c.points, TARGET_FRACTION * budget) for c in curves["bk"]]
+    target = float(np.median(plain_at))
+    seeds = len(curves["bk"])
+    metrics: dict[str, float] = {"budget_flops": budget, "target_loss": target, "seeds": float(seeds)}
+    targets: dict[str, tuple[str, float]] = {}
+    rows = []
+    for arm, runs in curves.items():
+        vs_bk = factors(curves, arm, "bk", target)
+        f_med, f_min, f_max = vs_bk.flops_spread()
+        wall = vs_bk.wall_spread()
+        t_med, _, _ = factors(curves, arm, "transformer", target).flops_spread()
+        l_med, l_min, l_max = spread([loss_at(c.points, budget) for c in runs])
+        claim = CLAIMS.get(arm)
+        reached = vs_bk.reached()
+        metrics[f"{arm}_flops_factor"] = f_med
+        metrics[f"{arm}_loss_at_budget"] = l_med
+        if wall is not None:
+            metrics[f"{arm}_wall_factor"] = wall[0]
+        if claim is not None:
+            targets[f"{arm}_flops_factor"] = (">=", claim)
+        rows.append({
+            "arm": arm,
+            "claimed": f"{claim:.2f}x" if claim else "-",
+            "FLOPs factor vs bk": f"{f_med:.2f} [{f_min:.2f}, {f_max:.2f}]"
+                                  + ("" if reached == len(runs) else f" ({reached}/{len(runs)} reached)"),
+            "wall factor vs bk": f"{wall[0]:.2f} [{wall[1]:.2f}, {wall[2]:.2f}]" if wall else "not reached",
+            "FLOPs factor vs transformer": f"{t_med:.2f}",
+            "held-out loss at end": f"{l_med:.4f} [{l_min:.4f}, {l_max:.4f}]",
+            "FLOPs used": f"{np.median([c.points[-1].flops for c in runs]) / budget:.2f}",
+            "steps": f"{int(np.median([c.points[-1].steps for c in runs]))}",
+            "stages/token": _median_stat(runs, "mean_stages", ".2f"),
+            "BK keep": _median_stat(runs, "keep_rate", ".2f"),
+            "cache hits": _median_stat(runs, "cache_hits", ".0f"),
+            "params": "?" if runs[0].params is None else runs[0].params,
+            "claim holds": "-" if claim is None else ("yes" if f_med >= claim else "NO"),
+        })
+    notes = [f"budget {budget:.3g} counted FLOPs (= {budget_steps} plain ResNet-BK steps); target = plain "
+             f"ResNet-BK's median held-out loss at {TARGET_FRACTION:.0%} of it = {target:.4f} nats/token; "
+             f"{seeds} seed(s); factors are median [min, max] over seeds (a seed that never reaches the target "
+             f"counts 0); loss at end = at the budget, or at the step cap for an arm that stops early; wall "
+             f"times on a shared 2-core machine under load from other jobs"]
+    return Result(metrics=metrics, targets=targets, table=rows, notes=notes)
+
+
+def run(quick: bool) -> Result:
+    torch.set_num_threads(1)
+    base, seeds, budget_steps, evals = _configs(quick)
+    corpus = corpus_mod.load()
+    _progress(f"bench bk_lm: corpus {json.dumps(corpus.summary())}")
+    curves, budget = run_all(corpus, base, list(ARMS), seeds, budget_steps, evals, progress=_progress)
+    result = summarise(curves, budget, budget_steps)
+    extra, notes = sparsity_savings(base.model, base.batch, quick)
+    result.metrics.update(extra)
+    result.notes += [f"corpus: {json.dumps(corpus.summary())}", *notes]
+    result.notes += _plot(curves, budget, result.metrics["target_loss"], " (quick)" if quick else "")
+    if not quick:
+        os.makedirs(OUT_DIR, exist_ok=True)
+        with open(os.path.join(OUT_DIR, "bk_lm_curves.json"), "w") as fh:
+            json.dump({"budget": budget, "budget_steps": budget_steps,
+                       "curves": {arm: [dataclasses.asdict(c) for c in cs] for arm, cs in curves.items()}}, fh)
+    return result
+
+
+def load_curves(path: str) -> tuple[dict[str, list[Curve]], float, int]:
+    """Curves saved by a full run (``bench/out/bk_lm_curves.json``). Files of the first format
+    (arm -> [{seed, points}], no run statistics) load with the statistics unknown."""
+    with open(path) as fh:
+        doc = json.load(fh)
+    if "curves" in doc:
+        curves = {arm: [Curve(**(c | {"points": [Point(**p) for p in c["points"]]})) for c in cs]
+                  for arm, cs in doc["curves"].items()}
+        return curves, float(doc["budget"]), int(doc.get("budget_steps", 400))
+    curves = {arm: [Curve(arm, r["seed"], [Point(**p) for p in r["points"]], None, None, None, None) for r in rs]
+              for arm, rs in doc.items()}
+    bk = curves["bk"][0].points[-1]
+    return curves, float(bk.flops), bk.steps  # the plain arm stops exactly at the budget
+
+
+if __name__ == "__main__":
+    # python -m bench.bk_lm CURVES.json: the table (and plots) again from a full run's saved curves
+    from bench._common import print_table
+
+    curves, budget, steps = load_curves(sys.argv[1])
+    res = summarise(curves, budget, steps)
+    print_table(res.table)
+    for note in res.notes + _plot(curves, budget, res.metrics["target_loss"], ""):
+        print("note:", note)
+    for key, value in res.metrics.items():
+        print(f"{key:40s} {value:12.6g}")
