@@ -112,7 +112,7 @@ class BudgetAdmission(Admission):
         jobrec = self.ledger.jobs.get(job)
         if jobrec is not None and P.H_PRIORITY not in (req.header or {}):
             req.priority = jobrec.priority  # a request inherits its job's priority
-        if job != DEFAULT_JOB and not self.may_act(router, req.principal, job):
+        if not self.may_act(router, req.principal, job):
             self.counters["refused"] += 1
             self.on_forbidden(router, req.principal, "request", {"job": job}, now)
             return self.not_yours(job)
@@ -143,8 +143,10 @@ class BudgetAdmission(Admission):
         lands in.  Operators share ``default``; every other principal has a default job of its
         own, ``default:<name>`` with the configured default limits (opened on first use, carved
         from root), so no one can exhaust another's default budget."""
-        if job not in (None, DEFAULT_JOB) or principal.operator:
-            return job or DEFAULT_JOB, None
+        if job in (None, ""):
+            job = DEFAULT_JOB  # an empty name is no name: the caller's default, never the shared one
+        if job != DEFAULT_JOB or principal.operator:
+            return job, None
         name = f"{DEFAULT_JOB}:{principal.name}"
         if self.ledger.owner_of(name) is None:
             out = self.decide("open", now, job=name, parent=None, limits=dict(self.default_limits),

@@ -323,11 +323,11 @@ class Router:
         if header.get(P.H_VERSION) != P.VERSION:
             raise errors.BadRequest(f"unsupported protocol version {header.get(P.H_VERSION)!r}")
         rid = header.get(P.H_ID)
-        if rid is not None and not isinstance(rid, (str, int)):
-            raise errors.BadRequest("header field 'id' must be a string or an integer")
+        if rid is not None and not isinstance(rid, (str, int)) or isinstance(rid, str) and len(rid) > P.MAX_NAME:
+            raise errors.BadRequest(f"header field 'id' must be an integer or a string of at most {P.MAX_NAME} characters")
         job = header.get(P.H_JOB)
-        if job is not None and not isinstance(job, str):
-            raise errors.BadRequest("header field 'job' must be a string")
+        if job is not None and (not isinstance(job, str) or len(job) > P.MAX_NAME):
+            raise errors.BadRequest(f"header field 'job' must be a string of at most {P.MAX_NAME} characters")
         req.job = job
         prio = header.get(P.H_PRIORITY, P.DEFAULT_PRIORITY)
         if not isinstance(prio, int) or isinstance(prio, bool) or not P.PRIORITY_MIN <= prio <= P.PRIORITY_MAX:
@@ -340,11 +340,11 @@ class Router:
             req.deadline = req.received + deadline / 1000.0
         budget = header.get(P.H_BUDGET)
         if budget is not None:
-            if not isinstance(budget, dict) or not all(
-                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-                for k, v in budget.items()
+            if not isinstance(budget, dict) or len(budget) > P.MAX_KINDS or not all(
+                isinstance(k, str) and len(k) <= P.MAX_NAME and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and v >= 0 for k, v in budget.items()
             ):
-                raise errors.BadRequest("header field 'budget' must map kinds to non-negative numbers")
+                raise errors.BadRequest(f"header field 'budget' must map at most {P.MAX_KINDS} kinds to non-negative numbers")
         for key in (P.H_IDEM, P.H_TXN):
             value = header.get(key)
             if value is not None and not isinstance(value, str):

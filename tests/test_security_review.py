@@ -1,0 +1,76 @@
+"""Holes found by the security review of issue 13, each played as the hostile client would, on
+the kernel's pure parts (Router + BudgetAdmission + Management, fake clock, real decision log)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kernel import codec
+from kernel import protocol as P
+from tests.test_kernel_enforce import ALICE, BOB, OP, call, error_of, kern, request  # noqa: F401 (fixture)
+
+
+def test_an_empty_job_name_is_the_callers_default_not_the_shared_one(kern):
+    """Bob named the job "" and reserved (and ran) in the operators' shared ``default`` job,
+    exhausting it for every operator and ipc:// peer."""
+    router, wire, adm, log = kern
+    out = call(router, BOB, P.MMI_GATE_RESERVE, {"job": "", "resource": "tokens", "amount": 10, "commit": True})
+    assert out["ok"]
+    jobs = adm.ledger.snapshot(0.0)
+    assert "tokens" not in jobs["default"]["spent"]
+    assert jobs["default:bob"]["spent"]["tokens"] == 10
+    request(router, BOB, b"B", job="")
+    assert [r.job for r in router.inflight.values()] == ["default:bob"]
+
+
+def test_no_client_opens_another_principals_default_job(kern):
+    """Bob opened ``default:alice`` before alice's first request: alice was then forbidden her
+    own default job (and so every request and reservation without a job)."""
+    router, wire, adm, log = kern
+    for name in ("default:alice", "default", "root"):
+        out = call(router, BOB, P.MMI_JOB_OPEN, {"job": name})
+        assert out.code == P.ErrorCode.BAD_REQUEST and "reserved" in out.message
+    request(router, ALICE, b"A")
+    assert error_of(wire, b"A") is None
+    assert router.inflight and all(r.job == "default:alice" for r in router.inflight.values())
+    assert call(router, ALICE, P.MMI_GATE_RESERVE, {"resource": "gpu"})["ok"]
+
+
+@pytest.mark.parametrize("name,arg", [
+    (P.MMI_JOB_OPEN, {"job": "x" * (P.MAX_NAME + 1)}),
+    (P.MMI_JOB_OPEN, {"job": "j", "budget": {"k" * (P.MAX_NAME + 1): 1}}),
+    (P.MMI_JOB_OPEN, {"job": "j", "budget": {f"k{i}": 1 for i in range(P.MAX_KINDS + 1)}}),
+    (P.MMI_JOB_OPEN, {"job": "j", "parent": "p" * (P.MAX_NAME + 1)}),
+    (P.MMI_GATE_RESERVE, {"resource": "r" * (P.MAX_NAME + 1)}),
+    (P.MMI_GATE_RELEASE, {"reservation": "r" * (P.MAX_NAME + 1)}),
+    (P.MMI_GATE_RENEW, {"reservations": ["a"] * (P.MAX_RENEW + 1)}),
+    (P.MMI_GATE_RENEW, {"reservations": ["a" * (P.MAX_NAME + 1)]}),
+    (P.MMI_CANCEL, {"id": "i" * (P.MAX_NAME + 1)}),
+])
+def test_names_the_kernel_keeps_or_logs_are_bounded(kern, name, arg):
+    """A 5 MB job name (or resource, reservation id, budget kind) was accepted, kept in the
+    ledger and written whole into the decision log, on every call, by any client."""
+    router, wire, adm, log = kern
+    log.flush()
+    before = os.path.getsize(log.path)
+    out = call(router, BOB, name, arg)
+    assert out.code == P.ErrorCode.BAD_REQUEST
+    log.flush()
+    assert os.path.getsize(log.path) - before < 2 * P.MAX_NAME
+    assert all(len(j) <= P.MAX_NAME for j in adm.ledger.jobs)
+
+
+@pytest.mark.parametrize("header", [
+    {"job": "x" * (P.MAX_NAME + 1)},
+    {"budget": {"k" * (P.MAX_NAME + 1): 1}},
+    {"budget": {f"k{i}": 1 for i in range(P.MAX_KINDS + 1)}},
+    {"id": "i" * (P.MAX_NAME + 1)},
+])
+def test_request_header_names_are_bounded(kern, header):
+    router, wire, adm, log = kern
+    body = codec.pack({"v": 1, "id": 1, **header})
+    router.on_message([b"B", P.MDPC, P.ClientCmd.REQUEST.value, b"echo", body, codec.pack(0)], 0.0, BOB)
+    assert error_of(wire, b"B") == P.ErrorCode.BAD_REQUEST
+    assert not router.inflight
