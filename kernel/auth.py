@@ -221,6 +221,20 @@ def list_certificates(directory: str) -> list[Certificate]:
 
 # -- the kernel's table of principals ------------------------------------------------------------
 
+def check_key_dir(path: str) -> None:
+    """A key directory grants roles, so only its owner may write it: it must be owned by this
+    user (or root) and not writable by group or others.  AuthError otherwise."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise AuthError(f"cannot read key directory {path}: {exc}") from exc
+    if st.st_uid not in (os.geteuid(), 0):
+        raise AuthError(f"key directory {path} is owned by uid {st.st_uid}, not by this user; refusing it")
+    if st.st_mode & 0o022:
+        raise AuthError(f"key directory {path} is writable by group or others (mode "
+                        f"{stat.S_IMODE(st.st_mode):o}): anyone could add an operator key; chmod 700 it")
+
+
 class Principals:
     """The kernel's verified principals: z85 public key -> Principal, from its key directory
     (re-read when the directory changes: a removed key is revoked) plus the certificates the
@@ -248,8 +262,19 @@ class Principals:
 
     def reload(self) -> bool:
         """Re-read the key directory if it changed; True if the table changed.  A certificate
-        that cannot be read is skipped and logged (it grants nothing)."""
+        that cannot be read is skipped and logged (it grants nothing).  A directory another user
+        could write to grants nothing either (anyone could add an operator key): AuthError at
+        start, every key of it revoked if it becomes so later."""
         stamp = self._dir_stamp()
+        if self.key_dir and stamp != ("missing",):
+            try:
+                check_key_dir(self.key_dir)
+            except AuthError as exc:
+                if self._stamp is None:
+                    raise  # at start: the kernel refuses to start
+                if self._stamp != ("missing",):
+                    log.error("%s; revoking every key of it", exc)
+                stamp = ("missing",)
         if stamp == self._stamp and self._by_key:
             return False
         with self._lock:

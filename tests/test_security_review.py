@@ -74,3 +74,22 @@ def test_request_header_names_are_bounded(kern, header):
     router.on_message([b"B", P.MDPC, P.ClientCmd.REQUEST.value, b"echo", body, codec.pack(0)], 0.0, BOB)
     assert error_of(wire, b"B") == P.ErrorCode.BAD_REQUEST
     assert not router.inflight
+
+
+def test_a_key_directory_others_can_write_grants_nothing(tmp_path):
+    """The kernel read roles from a key directory any local user could write: dropping an
+    ``operator`` key there made that user the operator over tcp://."""
+    from kernel import auth, keys
+
+    kd = str(tmp_path / "keys")
+    keys.new(kd, "alice", "client")
+    os.chmod(kd, 0o777)
+    with pytest.raises(auth.AuthError, match="writable by group or others"):
+        auth.Principals(kd)
+    os.chmod(kd, 0o700)
+    table = auth.Principals(kd)
+    assert table.by_name("alice") is not None
+    os.chmod(kd, 0o757)  # made writable while the kernel runs: its keys are revoked
+    assert table.reload() and table.by_name("alice") is None
+    os.chmod(kd, 0o755)
+    assert table.reload() and table.by_name("alice") is not None
