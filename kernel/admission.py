@@ -395,7 +395,8 @@ class BudgetAdmission(Admission):
                 if r.done or t is None or t.preempted or r.priority >= req.priority:
                     continue
                 if victim is None or r.priority < victim.priority:
-                    victim = r
+                    if self._may_preempt(router, req, r):
+                        victim = r
         if victim is None:
             return
         self.tracks[victim.token].preempted = True
@@ -403,6 +404,13 @@ class BudgetAdmission(Admission):
         self.record("preempt", now, {"victim": str(victim.rid), "for": str(req.rid)}, {"ok": True})
         router.publish(P.control_topic(service.name.decode(errors="replace"), P.ControlOp.PREEMPT),
                        {P.C_TOKEN: victim.token, P.C_ID: victim.rid, P.C_REASON: f"preempted by priority {req.priority}"})
+
+    def _may_preempt(self, router: Router, req: Request, victim: Request) -> bool:
+        """Kernel preemption follows mmi.preempt's rule: a request's priority pauses only requests
+        its principal could pause by hand (its own, those of jobs it may act in; operators: any),
+        so no client starves another principal's work by sending priority 1000."""
+        p = req.principal
+        return p.operator or victim.principal == p or (victim.job is not None and self.may_act(router, p, victim.job))
 
     def _on_paused(self, router: Router, req: Request, now: float) -> None:
         track = self.tracks.get(req.token)

@@ -93,3 +93,21 @@ def test_a_key_directory_others_can_write_grants_nothing(tmp_path):
     assert table.reload() and table.by_name("alice") is None
     os.chmod(kd, 0o755)
     assert table.reload() and table.by_name("alice") is not None
+
+
+@pytest.mark.parametrize("who,may", [(BOB, False), (ALICE, True), (OP, True)])
+def test_a_clients_priority_preempts_only_what_it_may_pause(kern, who, may):
+    """Bob's priority-1000 requests made the kernel pause alice's running request, again after
+    every max_pause resume: a client starved another principal's work with a header field."""
+    from kernel.auth import Principal
+
+    router, wire, adm, log = kern
+    published = []
+    router.publish = lambda topic, msg: published.append((topic, msg))
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.READY.value, b"echo"], 0.0, Principal("svc", "service:echo"))
+    request(router, ALICE, b"A", rid=1)
+    (low,) = wire.to(b"W")
+    router.on_message([b"X", P.MDPC, P.ClientCmd.REQUEST.value, b"echo",
+                       codec.pack({"v": 1, "id": 2, "priority": 1000}), codec.pack(0)], 0.1, who)
+    preempts = [m[P.C_TOKEN] for t, m in published if t == P.control_topic("echo", P.ControlOp.PREEMPT)]
+    assert preempts == ([low[3]] if may else [])
