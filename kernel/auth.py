@@ -55,6 +55,8 @@ KERNEL_ROLE = "kernel"
 REVOKED = "revoked"
 #: File name (without suffix) of the kernel's key pair in a key directory.
 KERNEL_KEY = "kernel"
+#: Name prefix of the principals the supervisor makes for its children (``child:NAME``).
+CHILD_PREFIX = "child:"
 #: Principal names: what ``keys new`` accepts (supervised children get ``child:NAME``).
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SERVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")

@@ -185,6 +185,10 @@ class Management:
         if parent not in (None, ROOT) and not self._may_act(router, caller, parent):
             # Carving: only from one's own jobs (the shared default job: operators only).
             return self._not_yours(router, caller, P.MMI_JOB_OPEN, arg, now, parent)
+        if not caller.principal.operator \
+                and self.budget.ledger.jobs_of(caller.principal.name) >= P.MAX_JOBS_PER_PRINCIPAL:
+            return errors.Refused(f"{P.MMI_JOB_OPEN}: {caller.principal.name} has {P.MAX_JOBS_PER_PRINCIPAL} "
+                                  "open jobs, the most a principal may own; close some first")
         return self._decide(router, "open", now, job=arg.get("job"), parent=parent,
                             limits=arg.get("budget") or arg.get("limits"), priority=arg["priority"],
                             owner=caller.principal.name)

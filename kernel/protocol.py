@@ -398,6 +398,8 @@ MAX_AMOUNT: Final = 1e15
 MAX_NAME: Final = 256
 MAX_KINDS: Final = 64
 MAX_RENEW: Final = 10_000
+#: Most open jobs one principal below operator may own (children and its default job included).
+MAX_JOBS_PER_PRINCIPAL: Final = 10_000
 #: How long a gate reservation lives without commit, release or renewal, seconds (the default),
 #: and the bounds on a lease a holder may ask for.
 RESERVATION_LEASE: Final = 30.0

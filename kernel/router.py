@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable
 from kernel import codec
 from kernel import errors
 from kernel import protocol as P
-from kernel.auth import LOCAL_OPERATOR, Principal
+from kernel.auth import CHILD_PREFIX, LOCAL_OPERATOR, Principal
 from kernel.mmi import Caller, Management
 
 log = logging.getLogger("reca.kernel")
@@ -516,7 +516,7 @@ class Router:
         if service is None:
             service = self.services[name] = Service(name)
         worker = Worker(identity, service, form, capacity, now + self.heartbeat_interval * self.liveness,
-                        pid if isinstance(pid, int) else None, principal=principal)
+                        pid if isinstance(pid, int) and self._pid_of(principal, pid) else None, principal=principal)
         self.workers[identity] = worker
         service.workers[identity] = worker
         service.wait_since = None
@@ -524,6 +524,16 @@ class Router:
         self.counters["workers_registered"] += 1
         log.info("worker %s ready for %s (capacity %d)", identity.hex(), name.decode(errors="replace"), capacity)
         self._drain_queue(service, now)
+
+    def _pid_of(self, principal: Principal, pid: int) -> bool:
+        """Whether a READY's declared ``pid`` is the peer's own, so the kernel may measure its CPU
+        time: trusted from operators (every ``ipc://`` peer), checked with the supervisor for a
+        supervised child's principal (``child:NAME``); any other peer's pid is ignored (it may be
+        a process of another host, or one the peer wants measured instead of itself)."""
+        if principal.operator:
+            return True
+        procs, prefix = self.management.procs, CHILD_PREFIX
+        return procs is not None and principal.name.startswith(prefix) and procs.owns_pid(principal.name[len(prefix):], pid)
 
     def _on_reply(self, worker: Worker, final: bool, token: bytes, body: list[bytes], now: float) -> None:
         req = worker.inflight.get(token)

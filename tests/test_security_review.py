@@ -10,6 +10,7 @@ import pytest
 from kernel import codec
 from kernel import protocol as P
 from tests.test_kernel_enforce import ALICE, BOB, OP, call, error_of, kern, request  # noqa: F401 (fixture)
+from tests.test_security_why import sec  # noqa: F401 (fixture: a real CURVE kernel)
 
 
 def test_an_empty_job_name_is_the_callers_default_not_the_shared_one(kern):
@@ -111,3 +112,54 @@ def test_a_clients_priority_preempts_only_what_it_may_pause(kern, who, may):
                        codec.pack({"v": 1, "id": 2, "priority": 1000}), codec.pack(0)], 0.1, who)
     preempts = [m[P.C_TOKEN] for t, m in published if t == P.control_topic("echo", P.ControlOp.PREEMPT)]
     assert preempts == ([low[3]] if may else [])
+
+
+@pytest.mark.system
+def test_the_kernel_measures_only_a_workers_own_pid(sec):
+    """A service peer declared another process's pid in READY (the kernel's own, say): the kernel
+    then measured that process's CPU time as the worker's, charging callers for it or letting
+    the worker's own CPU go uncounted.  Supervised children keep their verified pids."""
+    import zmq
+
+    from kernel import auth
+    from tests.test_security_why import as_
+
+    with as_(sec, "op") as op:
+        stats = op.stats()
+    children = {c["pid"] for c in stats["children"] if c["name"].startswith("echo")}
+    pids = {w["pid"] for w in stats["workers"] if w["service"] == "echo"}
+    assert pids and pids <= children  # each registered child's pid verified and kept
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    auth.peer_credentials(os.path.join(sec.keys, "ttc-svc.key_secret"), os.path.join(sec.keys, "kernel.key")).apply(sock)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(sec.endpoint)
+    try:
+        sock.send_multipart([P.MDPW, P.WorkerCmd.READY.value, b"ttc", codec.pack({"pid": sec.pid})])
+        assert sock.poll(20_000)  # the kernel heartbeats registered workers only
+        assert sock.recv_multipart() == [P.MDPW, P.WorkerCmd.HEARTBEAT.value]
+        with as_(sec, "op") as op:
+            ttc = [w for w in op.stats()["workers"] if w["service"] == "ttc"]
+        assert ttc and ttc[0]["pid"] is None
+    finally:
+        sock.send_multipart([P.MDPW, P.WorkerCmd.DISCONNECT.value])
+        sock.close(0)
+
+
+def test_a_client_cannot_grow_the_ledger_without_bound(kern, monkeypatch):
+    """Bob opened and closed jobs in a loop (every closed job stayed in the ledger), or just opened
+    empty ones: the kernel's memory grew with every call."""
+    router, wire, adm, log = kern
+    for i in range(50):
+        assert call(router, BOB, P.MMI_JOB_OPEN, {"job": f"b{i}"})["ok"]
+        assert call(router, BOB, P.MMI_JOB_CLOSE, {"job": f"b{i}"})["ok"]
+    assert not any(name.startswith("b") for name in adm.ledger.jobs)
+    monkeypatch.setattr(P, "MAX_JOBS_PER_PRINCIPAL", 5)
+    for i in range(5):
+        assert call(router, BOB, P.MMI_JOB_OPEN, {"job": f"b{i}"})["ok"]
+    out = call(router, BOB, P.MMI_JOB_OPEN, {"job": "b5"})
+    assert out.code == P.ErrorCode.REFUSED and "close some" in out.message
+    assert call(router, BOB, P.MMI_JOB_OPEN, {"job": "c", "parent": "b0"}).code == P.ErrorCode.REFUSED  # children count
+    assert call(router, ALICE, P.MMI_JOB_OPEN, {"job": "a0"})["ok"]  # the bound is per principal
+    assert call(router, BOB, P.MMI_JOB_CLOSE, {"job": "b4"})["ok"]
+    assert call(router, BOB, P.MMI_JOB_OPEN, {"job": "b5"})["ok"]
+    assert all(call(router, OP, P.MMI_JOB_OPEN, {"job": f"o{i}"})["ok"] for i in range(6))  # operators: no bound
