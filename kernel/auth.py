@@ -159,8 +159,18 @@ def read_certificate(path: str) -> Certificate:
         role = parse_role(_metadata(path).get("role", ""), allow_kernel=True)
     except (OSError, ValueError) as exc:
         raise AuthError(f"bad certificate {path}: {exc}") from exc
-    name = os.path.basename(path).split(".key", 1)[0]
-    return Certificate(name, role, public, path)
+    return Certificate(certificate_name(path), role, public, path)
+
+
+def certificate_name(path: str) -> str:
+    """The principal name of a certificate file: its file name less the ``.key`` or
+    ``.key_secret`` suffix (only at the end: ``alice.keyring.key`` is ``alice.keyring``, never
+    ``alice``)."""
+    base = os.path.basename(path)
+    for suffix in (".key_secret", ".key"):
+        if base.endswith(suffix):
+            return base[:-len(suffix)]
+    return base
 
 
 def load_secret(path: str) -> tuple[bytes, bytes]:

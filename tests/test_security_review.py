@@ -163,3 +163,18 @@ def test_a_client_cannot_grow_the_ledger_without_bound(kern, monkeypatch):
     assert call(router, BOB, P.MMI_JOB_CLOSE, {"job": "b4"})["ok"]
     assert call(router, BOB, P.MMI_JOB_OPEN, {"job": "b5"})["ok"]
     assert all(call(router, OP, P.MMI_JOB_OPEN, {"job": f"o{i}"})["ok"] for i in range(6))  # operators: no bound
+
+
+def test_a_key_name_containing_dot_key_is_not_another_principal(tmp_path):
+    """``keys new alice.keyring`` made a second key whose holder the kernel took for ``alice``
+    (the name was cut at the first ".key"): it owned alice's jobs, requests and reservations."""
+    from kernel import auth, keys
+
+    kd = str(tmp_path / "keys")
+    keys.new(kd, "alice", "client")
+    keys.new(kd, "alice.keyring", "client")
+    table = auth.Principals(kd)
+    alice = auth.read_certificate(os.path.join(kd, "alice.key")).public
+    ring = auth.read_certificate(os.path.join(kd, "alice.keyring.key")).public
+    assert table.by_key(alice).name == "alice" and table.by_key(ring).name == "alice.keyring"
+    assert auth.read_certificate(os.path.join(kd, "alice.keyring.key_secret")).name == "alice.keyring"
