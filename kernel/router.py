@@ -95,7 +95,7 @@ class Service:
 
     __slots__ = (
         "name", "workers", "ready", "queue", "requests", "finals", "errors", "partials",
-        "latencies", "wait_since",
+        "latencies", "wait_since", "served",
     )
 
     def __init__(self, name: bytes) -> None:
@@ -112,6 +112,9 @@ class Service:
         self.latencies: collections.deque[float] = collections.deque(maxlen=P.LATENCY_WINDOW)
         # When the service last had no worker while requests waited (None: has workers or idle).
         self.wait_since: float | None = None
+        # Whether a worker ever registered for it.  A service no worker ever served is forgotten
+        # once its waiting requests are answered, so requests to made-up names do not pile up.
+        self.served = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -282,9 +285,9 @@ class Router:
             self.counters["bad_messages"] += 1
             self._reply_bad(identity, form, b"", f"unexpected client command {cmd!r}")
             return
-        if i + 2 > len(frames) or not frames[i + 1]:
+        if i + 2 > len(frames) or not frames[i + 1] or len(frames[i + 1]) > P.MAX_NAME:
             self.counters["bad_messages"] += 1
-            self._reply_bad(identity, form, b"", "REQUEST without service name")
+            self._reply_bad(identity, form, b"", f"REQUEST without a service name of 1..{P.MAX_NAME} bytes")
             return
         service_name = frames[i + 1]
         body = frames[i + 2:]
@@ -481,7 +484,8 @@ class Router:
             if worker is not None:
                 self._protocol_error(identity, form, now, "READY twice")
                 return
-            if i + 1 >= len(frames) or not frames[i + 1] or frames[i + 1].startswith(_MMI):
+            if i + 1 >= len(frames) or not frames[i + 1] or frames[i + 1].startswith(_MMI) \
+                    or len(frames[i + 1]) > P.MAX_NAME:
                 self._protocol_error(identity, form, now, "READY without a valid service name")
                 return
             name = frames[i + 1].decode(errors="replace")
@@ -520,6 +524,7 @@ class Router:
         self.workers[identity] = worker
         service.workers[identity] = worker
         service.wait_since = None
+        service.served = True
         service.ready.extend([worker] * capacity)
         self.counters["workers_registered"] += 1
         log.info("worker %s ready for %s (capacity %d)", identity.hex(), name.decode(errors="replace"), capacity)
@@ -628,6 +633,8 @@ class Router:
                             f"no worker for service {service.name.decode(errors='replace')!r}"), now)
                 service.queue.clear()
                 service.wait_since = None
+        for name in [n for n, s in self.services.items() if not s.served and not s.workers and not s.queue]:
+            del self.services[name]
 
     # -- MMI --------------------------------------------------------------------------------------
 

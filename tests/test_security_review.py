@@ -178,3 +178,21 @@ def test_a_key_name_containing_dot_key_is_not_another_principal(tmp_path):
     ring = auth.read_certificate(os.path.join(kd, "alice.keyring.key")).public
     assert table.by_key(alice).name == "alice" and table.by_key(ring).name == "alice.keyring"
     assert auth.read_certificate(os.path.join(kd, "alice.keyring.key_secret")).name == "alice.keyring"
+
+
+def test_requests_to_made_up_services_do_not_pile_up(kern):
+    """Each request to a new service name (of any length) made a Service the router kept
+    forever, and every mmi.stats answer listed it: a client grew the kernel's memory and
+    everyone's stats without bound."""
+    router, wire, adm, log = kern
+    for i in range(200):
+        router.on_message([b"B", P.MDPC, P.ClientCmd.REQUEST.value, b"made-up-%d" % i, codec.pack({"v": 1, "id": i}),
+                           codec.pack(0)], 0.0, BOB)
+    router.on_message([b"B", P.MDPC, P.ClientCmd.REQUEST.value, b"s" * (P.MAX_NAME + 1), codec.pack({"v": 1}),
+                       codec.pack(0)], 0.0, BOB)
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.READY.value, b"echo"], 0.0, OP)
+    router.tick(router.unavailable_wait + 1.0)
+    router.tick(router.unavailable_wait + 2.0)
+    errors_ = [codec.unpack(m[-1])["error"]["code"] for m in wire.to(b"B")]
+    assert errors_.count(P.ErrorCode.UNAVAILABLE) == 200 and errors_.count(P.ErrorCode.BAD_REQUEST) == 1
+    assert list(router.services) == [b"echo"]  # served once: kept, with its statistics
