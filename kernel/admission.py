@@ -207,9 +207,13 @@ class BudgetAdmission(Admission):
         if track is None or not isinstance(spent, dict):
             return None
         delta = {}
+        # A worker names the kinds it spent; the ledger keeps and logs each, so beyond MAX_KINDS
+        # only the granted ones (those that bound something) count, and no name is unbounded.
+        many = len(spent) > P.MAX_KINDS
         for kind, value in spent.items():
             if not isinstance(kind, str) or kind == "wall_ms" or not isinstance(value, (int, float)) \
-                    or isinstance(value, bool) or not math.isfinite(value):
+                    or isinstance(value, bool) or not math.isfinite(value) or len(kind) > P.MAX_NAME \
+                    or many and kind not in track.granted:
                 continue
             cap = track.granted.get(kind)
             if cap is not None and value > cap:

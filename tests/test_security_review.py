@@ -196,3 +196,24 @@ def test_requests_to_made_up_services_do_not_pile_up(kern):
     errors_ = [codec.unpack(m[-1])["error"]["code"] for m in wire.to(b"B")]
     assert errors_.count(P.ErrorCode.UNAVAILABLE) == 200 and errors_.count(P.ErrorCode.BAD_REQUEST) == 1
     assert list(router.services) == [b"echo"]  # served once: kept, with its statistics
+
+
+def test_a_worker_cannot_grow_the_ledger_with_made_up_kinds(kern):
+    """A service reported 10,000 made-up kinds (of any length) in one status: each became an
+    entry of the job's totals and of the decision log line, on every reply."""
+    from kernel.auth import Principal
+
+    router, wire, adm, log = kern
+    svc = Principal("svc", "service:echo")
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.READY.value, b"echo"], 0.0, svc)
+    call(router, ALICE, P.MMI_JOB_OPEN, {"job": "a", "budget": {"tokens": 1000}})
+    request(router, ALICE, b"A", job="a", budget={"tokens": 100})
+    (dispatched,) = wire.to(b"W")
+    spent = {f"k{i}": 1 for i in range(10_000)} | {"x" * 5000: 1, "tokens": 7}
+    status = codec.pack({"v": 1, "id": 1, "status": "ok", "spent": spent})
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.FINAL.value, dispatched[3], b"", status, codec.pack(0)], 0.1, svc)
+    assert codec.unpack(wire.to(b"A")[-1][4])["status"] == "ok"
+    total = adm.ledger.snapshot(0.1)["a"]["spent"]
+    assert total["tokens"] == 7 and len(total) <= P.MAX_KINDS
+    call(router, OP, P.MMI_STATS, {})  # flushes the log
+    assert os.path.getsize(log.path) < 64 * 1024
