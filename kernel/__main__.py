@@ -86,7 +86,7 @@ def _security(cfg, log: logging.Logger):
     auth.write_public_certificate(server_public, auth.KERNEL_ROLE, public)
     child_certs = {}
     for child, role in auth.child_principals(spec.name for spec in cfg.services).items():
-        name = f"child:{child}"
+        name = f"{auth.CHILD_PREFIX}{child}"
         for suffix in (".key", ".key_secret"):
             path = os.path.join(cert_dir, name + suffix)
             if os.path.lexists(path):

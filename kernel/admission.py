@@ -112,7 +112,7 @@ class BudgetAdmission(Admission):
         jobrec = self.ledger.jobs.get(job)
         if jobrec is not None and P.H_PRIORITY not in (req.header or {}):
             req.priority = jobrec.priority  # a request inherits its job's priority
-        if job != DEFAULT_JOB and not self.may_act(router, req.principal, job):
+        if not self.may_act(router, req.principal, job):
             self.counters["refused"] += 1
             self.on_forbidden(router, req.principal, "request", {"job": job}, now)
             return self.not_yours(job)
@@ -143,8 +143,10 @@ class BudgetAdmission(Admission):
         lands in.  Operators share ``default``; every other principal has a default job of its
         own, ``default:<name>`` with the configured default limits (opened on first use, carved
         from root), so no one can exhaust another's default budget."""
-        if job not in (None, DEFAULT_JOB) or principal.operator:
-            return job or DEFAULT_JOB, None
+        if job in (None, ""):
+            job = DEFAULT_JOB  # an empty name is no name: the caller's default, never the shared one
+        if job != DEFAULT_JOB or principal.operator:
+            return job, None
         name = f"{DEFAULT_JOB}:{principal.name}"
         if self.ledger.owner_of(name) is None:
             out = self.decide("open", now, job=name, parent=None, limits=dict(self.default_limits),
@@ -205,9 +207,13 @@ class BudgetAdmission(Admission):
         if track is None or not isinstance(spent, dict):
             return None
         delta = {}
+        # A worker names the kinds it spent; the ledger keeps and logs each, so beyond MAX_KINDS
+        # only the granted ones (those that bound something) count, and no name is unbounded.
+        many = len(spent) > P.MAX_KINDS
         for kind, value in spent.items():
             if not isinstance(kind, str) or kind == "wall_ms" or not isinstance(value, (int, float)) \
-                    or isinstance(value, bool) or not math.isfinite(value):
+                    or isinstance(value, bool) or not math.isfinite(value) or len(kind) > P.MAX_NAME \
+                    or many and kind not in track.granted:
                 continue
             cap = track.granted.get(kind)
             if cap is not None and value > cap:
@@ -393,7 +399,8 @@ class BudgetAdmission(Admission):
                 if r.done or t is None or t.preempted or r.priority >= req.priority:
                     continue
                 if victim is None or r.priority < victim.priority:
-                    victim = r
+                    if self._may_preempt(router, req, r):
+                        victim = r
         if victim is None:
             return
         self.tracks[victim.token].preempted = True
@@ -401,6 +408,13 @@ class BudgetAdmission(Admission):
         self.record("preempt", now, {"victim": str(victim.rid), "for": str(req.rid)}, {"ok": True})
         router.publish(P.control_topic(service.name.decode(errors="replace"), P.ControlOp.PREEMPT),
                        {P.C_TOKEN: victim.token, P.C_ID: victim.rid, P.C_REASON: f"preempted by priority {req.priority}"})
+
+    def _may_preempt(self, router: Router, req: Request, victim: Request) -> bool:
+        """Kernel preemption follows mmi.preempt's rule: a request's priority pauses only requests
+        its principal could pause by hand (its own, those of jobs it may act in; operators: any),
+        so no client starves another principal's work by sending priority 1000."""
+        p = req.principal
+        return p.operator or victim.principal == p or (victim.job is not None and self.may_act(router, p, victim.job))
 
     def _on_paused(self, router: Router, req: Request, now: float) -> None:
         track = self.tracks.get(req.token)

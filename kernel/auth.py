@@ -55,6 +55,8 @@ KERNEL_ROLE = "kernel"
 REVOKED = "revoked"
 #: File name (without suffix) of the kernel's key pair in a key directory.
 KERNEL_KEY = "kernel"
+#: Name prefix of the principals the supervisor makes for its children (``child:NAME``).
+CHILD_PREFIX = "child:"
 #: Principal names: what ``keys new`` accepts (supervised children get ``child:NAME``).
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SERVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -157,8 +159,18 @@ def read_certificate(path: str) -> Certificate:
         role = parse_role(_metadata(path).get("role", ""), allow_kernel=True)
     except (OSError, ValueError) as exc:
         raise AuthError(f"bad certificate {path}: {exc}") from exc
-    name = os.path.basename(path).split(".key", 1)[0]
-    return Certificate(name, role, public, path)
+    return Certificate(certificate_name(path), role, public, path)
+
+
+def certificate_name(path: str) -> str:
+    """The principal name of a certificate file: its file name less the ``.key`` or
+    ``.key_secret`` suffix (only at the end: ``alice.keyring.key`` is ``alice.keyring``, never
+    ``alice``)."""
+    base = os.path.basename(path)
+    for suffix in (".key_secret", ".key"):
+        if base.endswith(suffix):
+            return base[:-len(suffix)]
+    return base
 
 
 def load_secret(path: str) -> tuple[bytes, bytes]:
@@ -221,6 +233,20 @@ def list_certificates(directory: str) -> list[Certificate]:
 
 # -- the kernel's table of principals ------------------------------------------------------------
 
+def check_key_dir(path: str) -> None:
+    """A key directory grants roles, so only its owner may write it: it must be owned by this
+    user (or root) and not writable by group or others.  AuthError otherwise."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise AuthError(f"cannot read key directory {path}: {exc}") from exc
+    if st.st_uid not in (os.geteuid(), 0):
+        raise AuthError(f"key directory {path} is owned by uid {st.st_uid}, not by this user; refusing it")
+    if st.st_mode & 0o022:
+        raise AuthError(f"key directory {path} is writable by group or others (mode "
+                        f"{stat.S_IMODE(st.st_mode):o}): anyone could add an operator key; chmod 700 it")
+
+
 class Principals:
     """The kernel's verified principals: z85 public key -> Principal, from its key directory
     (re-read when the directory changes: a removed key is revoked) plus the certificates the
@@ -248,8 +274,19 @@ class Principals:
 
     def reload(self) -> bool:
         """Re-read the key directory if it changed; True if the table changed.  A certificate
-        that cannot be read is skipped and logged (it grants nothing)."""
+        that cannot be read is skipped and logged (it grants nothing).  A directory another user
+        could write to grants nothing either (anyone could add an operator key): AuthError at
+        start, every key of it revoked if it becomes so later."""
         stamp = self._dir_stamp()
+        if self.key_dir and stamp != ("missing",):
+            try:
+                check_key_dir(self.key_dir)
+            except AuthError as exc:
+                if self._stamp is None:
+                    raise  # at start: the kernel refuses to start
+                if self._stamp != ("missing",):
+                    log.error("%s; revoking every key of it", exc)
+                stamp = ("missing",)
         if stamp == self._stamp and self._by_key:
             return False
         with self._lock:

@@ -30,6 +30,7 @@ Budget model (docs/budgets.md):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -124,6 +125,8 @@ class Ledger:
         #: id -> (job, kind, amount, expiry, holder): holder is the principal that reserved.
         self._reservations: dict[str, tuple[str, str, float, float, str | None]] = {}
         self._rid = itertools.count(1)
+        #: owner -> its open jobs (children included), so a caller's share of jobs is bounded.
+        self._owned: collections.Counter[str] = collections.Counter()
         self._wall_heap: list[tuple[float, str]] = []
         self.jobs[ROOT] = Job(ROOT, None, dict(root_limits or {}), 0, 0.0)
         self.jobs[DEFAULT_JOB] = Job(DEFAULT_JOB, self.jobs[ROOT], {}, 0, 0.0)
@@ -180,6 +183,10 @@ class Ledger:
         """The owner of open job ``name`` (None: no such open job, or root/default)."""
         j = self.jobs.get(name)
         return None if j is None or j.closed else j.owner
+
+    def jobs_of(self, owner: str) -> int:
+        """How many open jobs ``owner`` owns (children included)."""
+        return self._owned.get(owner, 0)
 
     def in_flight(self, job: Job) -> int:
         """Requests in flight in ``job`` and its open descendants."""
@@ -256,6 +263,8 @@ class Ledger:
                 self._wall_rearm(h, now)
         self.jobs[job] = j
         p.children.add(job)
+        if j.owner is not None:
+            self._owned[j.owner] += 1
         return {"ok": True, "limits": {k: _r(v) for k, v in j.limits.items()}}
 
     def close(self, now: float, job: str) -> dict:
@@ -290,6 +299,13 @@ class Ledger:
         j.closed = True
         if j.parent is not None:
             j.parent.children.discard(job)
+        # A closed job is forgotten (its spending went to its holders above): opening and
+        # closing jobs in a loop does not grow the kernel's memory.
+        del self.jobs[job]
+        if j.owner is not None:
+            self._owned[j.owner] -= 1
+            if not self._owned[j.owner]:
+                del self._owned[j.owner]
         return {"ok": True, "spent": {k: _r(v) for k, v in j.total.items()}}
 
     def admit(self, now: float, job: str, budget: dict | None = None, start: bool = False) -> dict:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from kernel import errors
 from kernel import protocol as P
 from kernel.auth import LOCAL_OPERATOR, Principal
-from kernel.ledger import DEFAULT_JOB, ROOT
+from kernel.ledger import DEFAULT_JOB, ROOT, is_default_job
 
 if TYPE_CHECKING:
     from kernel.admission import BudgetAdmission
@@ -178,9 +178,17 @@ class Management:
         if self.budget is None:
             return None
         parent = arg.get("parent")
+        if is_default_job(arg["job"]):
+            # root, default and default:<name> are the kernel's (a client that opened
+            # default:<name> first would lock <name> out of its own default job).
+            return errors.BadRequest(f"{P.MMI_JOB_OPEN}: job name {arg['job']!r} is reserved for the kernel")
         if parent not in (None, ROOT) and not self._may_act(router, caller, parent):
             # Carving: only from one's own jobs (the shared default job: operators only).
             return self._not_yours(router, caller, P.MMI_JOB_OPEN, arg, now, parent)
+        if not caller.principal.operator \
+                and self.budget.ledger.jobs_of(caller.principal.name) >= P.MAX_JOBS_PER_PRINCIPAL:
+            return errors.Refused(f"{P.MMI_JOB_OPEN}: {caller.principal.name} has {P.MAX_JOBS_PER_PRINCIPAL} "
+                                  "open jobs, the most a principal may own; close some first")
         return self._decide(router, "open", now, job=arg.get("job"), parent=parent,
                             limits=arg.get("budget") or arg.get("limits"), priority=arg["priority"],
                             owner=caller.principal.name)
@@ -214,7 +222,7 @@ class Management:
         job, refusal = self.budget.resolve_job(caller.principal, arg.get("job"), now)
         if refusal is not None:
             return refusal
-        if job != DEFAULT_JOB and not self._may_act(router, caller, job):
+        if not self._may_act(router, caller, job):
             return self._not_yours(router, caller, P.MMI_GATE_RESERVE, arg, now, job)
         # Reservation ids are random (unguessable) and recorded as an input (replay is exact).
         extra: dict[str, Any] = {"holder": caller.principal.name}

@@ -287,10 +287,13 @@ class Arg:
     required: bool = False
     default: Any = MISSING  # filled in when the field is absent
     nullable: bool = False  # an explicit nil counts as absent
-    min_len: int | None = None  # for str and list
+    min_len: int | None = None  # for str, bytes, list and map (ignored for other kinds)
     max_len: int | None = None
     choices: tuple[Any, ...] | None = None
     items: str | None = None  # kind of every element of a list
+    #: Longest element of a list (str elements) or key of a map: every key must be a str of at
+    #: most this many characters.
+    item_max_len: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -343,8 +346,12 @@ def check_args(spec: OpSpec, arg: Any) -> dict[str, Any]:
             raise BadRequest(f"{spec.name}: {a.name!r} must be of kind {a.kind} ({a.doc}), got {type(value).__name__}")
         if a.items is not None and not all(_kind_ok(a.items, v) for v in value):
             raise BadRequest(f"{spec.name}: every element of {a.name!r} must be of kind {a.items}")
-        if (a.min_len is not None and len(value) < a.min_len) or (a.max_len is not None and len(value) > a.max_len):
+        n = len(value) if isinstance(value, (str, bytes, list, dict)) else None
+        if n is not None and ((a.min_len is not None and n < a.min_len) or (a.max_len is not None and n > a.max_len)):
             raise BadRequest(f"{spec.name}: {a.name!r} must have {a.min_len or 0}..{a.max_len} elements or characters")
+        if a.item_max_len is not None and not all(isinstance(v, str) and len(v) <= a.item_max_len for v in value):
+            raise BadRequest(f"{spec.name}: every {'key' if isinstance(value, dict) else 'element'} of {a.name!r} "
+                             f"must be a string of at most {a.item_max_len} characters")
         if a.choices is not None and value not in a.choices:
             raise BadRequest(f"{spec.name}: {a.name!r} must be one of {', '.join(map(str, a.choices))}")
         out[a.name] = value
@@ -384,6 +391,15 @@ MAX_DEADLINE_MS: Final = 1e10
 MAX_LIMIT: Final = 1e300
 #: A gate reservation's ``amount`` must lie in (0, MAX_AMOUNT).
 MAX_AMOUNT: Final = 1e15
+#: Longest name the kernel keeps or logs (a job, a resource or budget kind, a reservation id, a
+#: service in an order, a client's request id), characters; and most kinds in one budget or
+#: limits map, most ids in one ``mmi.gate.renew``.  Every name ends up in the decision log and
+#: in the kernel's memory, so none is unbounded.
+MAX_NAME: Final = 256
+MAX_KINDS: Final = 64
+MAX_RENEW: Final = 10_000
+#: Most open jobs one principal below operator may own (children and its default job included).
+MAX_JOBS_PER_PRINCIPAL: Final = 10_000
 #: How long a gate reservation lives without commit, release or renewal, seconds (the default),
 #: and the bounds on a lease a holder may ask for.
 RESERVATION_LEASE: Final = 30.0
@@ -420,15 +436,15 @@ LATENCY_WINDOW: Final = 2048
 
 
 # -- the management operations table --------------------------------------------------------------
-_JOB = Arg("job", "str", "job name", required=True)
-_RESERVATION = Arg("reservation", "str", "a reservation id from mmi.gate.reserve", required=True)
+_JOB = Arg("job", "str", "job name", required=True, min_len=1, max_len=MAX_NAME)
+_RESERVATION = Arg("reservation", "str", "a reservation id from mmi.gate.reserve", required=True, max_len=MAX_NAME)
 _LEASE = Arg("lease_s", "number", f"lease in seconds, in [{MIN_LEASE:g}, {MAX_LEASE:g}]")
 _CHILD = Arg("child", "str", "a supervised child's name", required=True)
 _TARGETS = (
-    Arg(C_TOKEN, "token", "a request's kernel token (bytes, or hex text): exact"),
-    Arg(C_JOB, "str", "every request of the job"),
-    Arg(C_ID, "rid", "a request id of the caller's own requests in flight"),
-    Arg("service", "str", "only requests of this service", default=CTL_ALL),
+    Arg(C_TOKEN, "token", "a request's kernel token (bytes, or hex text): exact", max_len=MAX_NAME),
+    Arg(C_JOB, "str", "every request of the job", max_len=MAX_NAME),
+    Arg(C_ID, "rid", "a request id of the caller's own requests in flight", max_len=MAX_NAME),
+    Arg("service", "str", "only requests of this service", default=CTL_ALL, max_len=MAX_NAME),
 )
 
 
@@ -449,19 +465,20 @@ MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
     OpSpec(MMI_STATS, "services, workers, counters, processes and jobs", Role.CLIENT, Scope.NONE),
     OpSpec(MMI_JOB_OPEN, "open a job; its budget is carved from the parent", Role.CLIENT, Scope.OWN, (
         _JOB,
-        Arg("parent", "str", "parent job (default: root)", nullable=True),
-        Arg("budget", "map", "limits: kind -> amount >= 0", nullable=True),
-        Arg("limits", "map", "alias of budget", nullable=True),
+        Arg("parent", "str", "parent job (default: root)", nullable=True, max_len=MAX_NAME),
+        Arg("budget", "map", f"limits: kind -> amount >= 0 (at most {MAX_KINDS} kinds)", nullable=True,
+            max_len=MAX_KINDS, item_max_len=MAX_NAME),
+        Arg("limits", "map", "alias of budget", nullable=True, max_len=MAX_KINDS, item_max_len=MAX_NAME),
         Arg("priority", "number", "the job's priority (an integer)", default=DEFAULT_PRIORITY),
     ), ledger_op="open"),
     OpSpec(MMI_JOB_CLOSE, "close a job and its children; unspent budget returns", Role.CLIENT, Scope.OWN,
-           (Arg("job", "str", "job name", nullable=True),), ledger_op="close"),
+           (Arg("job", "str", "job name", nullable=True, max_len=MAX_NAME),), ledger_op="close"),
     OpSpec(MMI_JOB_STATS, "one job's ledger, or every job's", Role.CLIENT, Scope.OWN,
-           (Arg("job", "str", "job name (absent: every job)", nullable=True),)),
+           (Arg("job", "str", "job name (absent: every job)", nullable=True, max_len=MAX_NAME),)),
     OpSpec(MMI_GATE_RESERVE, "take units of a counted resource: granted (held or committed) or refused",
            Role.CLIENT, Scope.OWN, (
-               Arg("job", "str", "job to reserve in", default="default"),
-               Arg("resource", "str", "counted resource name", required=True),
+               Arg("job", "str", "job to reserve in", default="default", max_len=MAX_NAME),
+               Arg("resource", "str", "counted resource name", required=True, min_len=1, max_len=MAX_NAME),
                Arg("amount", "number", f"units, in (0, {MAX_AMOUNT:g})", default=1),
                Arg("commit", "bool", "spend at once instead of holding", default=False),
                Arg("up_to", "bool", "grant min(amount, what is left) instead of all or nothing",
@@ -473,7 +490,8 @@ MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
     OpSpec(MMI_GATE_RELEASE, "return a held reservation", Role.CLIENT, Scope.OWN, (_RESERVATION,),
            ledger_op="release"),
     OpSpec(MMI_GATE_RENEW, "extend the lease of held reservations", Role.CLIENT, Scope.OWN, (
-        Arg("reservations", "list", "reservation ids", required=True),
+        Arg("reservations", "list", f"reservation ids (at most {MAX_RENEW})", required=True,
+            max_len=MAX_RENEW, items="str", item_max_len=MAX_NAME),
         Arg("lease_s", "number", _LEASE.doc, default=RESERVATION_LEASE),
     ), ledger_op="renew"),
     OpSpec(MMI_AUDIT, "append a service's own decisions to the kernel's decision log",
@@ -489,7 +507,7 @@ MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
     _order(MMI_CANCEL, "cancel"),
     OpSpec(MMI_CONTROL, "relay a fidelity or precision order on ctl/<service>/<op>", Role.OPERATOR, Scope.ANY, (
         Arg("op", "str", "the order", required=True, choices=(ControlOp.FIDELITY.value, ControlOp.PRECISION.value)),
-        Arg("service", "str", "the service addressed", default=CTL_ALL),
+        Arg("service", "str", "the service addressed", default=CTL_ALL, max_len=MAX_NAME),
         Arg("message", "map", "the order itself", required=True),
     )),
     _proc(MMI_PROC_STOP, "SIGSTOP a supervised process group"),

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable
 from kernel import codec
 from kernel import errors
 from kernel import protocol as P
-from kernel.auth import LOCAL_OPERATOR, Principal
+from kernel.auth import CHILD_PREFIX, LOCAL_OPERATOR, Principal
 from kernel.mmi import Caller, Management
 
 log = logging.getLogger("reca.kernel")
@@ -95,7 +95,7 @@ class Service:
 
     __slots__ = (
         "name", "workers", "ready", "queue", "requests", "finals", "errors", "partials",
-        "latencies", "wait_since",
+        "latencies", "wait_since", "served",
     )
 
     def __init__(self, name: bytes) -> None:
@@ -112,6 +112,9 @@ class Service:
         self.latencies: collections.deque[float] = collections.deque(maxlen=P.LATENCY_WINDOW)
         # When the service last had no worker while requests waited (None: has workers or idle).
         self.wait_since: float | None = None
+        # Whether a worker ever registered for it.  A service no worker ever served is forgotten
+        # once its waiting requests are answered, so requests to made-up names do not pile up.
+        self.served = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -282,9 +285,9 @@ class Router:
             self.counters["bad_messages"] += 1
             self._reply_bad(identity, form, b"", f"unexpected client command {cmd!r}")
             return
-        if i + 2 > len(frames) or not frames[i + 1]:
+        if i + 2 > len(frames) or not frames[i + 1] or len(frames[i + 1]) > P.MAX_NAME:
             self.counters["bad_messages"] += 1
-            self._reply_bad(identity, form, b"", "REQUEST without service name")
+            self._reply_bad(identity, form, b"", f"REQUEST without a service name of 1..{P.MAX_NAME} bytes")
             return
         service_name = frames[i + 1]
         body = frames[i + 2:]
@@ -323,11 +326,11 @@ class Router:
         if header.get(P.H_VERSION) != P.VERSION:
             raise errors.BadRequest(f"unsupported protocol version {header.get(P.H_VERSION)!r}")
         rid = header.get(P.H_ID)
-        if rid is not None and not isinstance(rid, (str, int)):
-            raise errors.BadRequest("header field 'id' must be a string or an integer")
+        if rid is not None and not isinstance(rid, (str, int)) or isinstance(rid, str) and len(rid) > P.MAX_NAME:
+            raise errors.BadRequest(f"header field 'id' must be an integer or a string of at most {P.MAX_NAME} characters")
         job = header.get(P.H_JOB)
-        if job is not None and not isinstance(job, str):
-            raise errors.BadRequest("header field 'job' must be a string")
+        if job is not None and (not isinstance(job, str) or len(job) > P.MAX_NAME):
+            raise errors.BadRequest(f"header field 'job' must be a string of at most {P.MAX_NAME} characters")
         req.job = job
         prio = header.get(P.H_PRIORITY, P.DEFAULT_PRIORITY)
         if not isinstance(prio, int) or isinstance(prio, bool) or not P.PRIORITY_MIN <= prio <= P.PRIORITY_MAX:
@@ -340,11 +343,11 @@ class Router:
             req.deadline = req.received + deadline / 1000.0
         budget = header.get(P.H_BUDGET)
         if budget is not None:
-            if not isinstance(budget, dict) or not all(
-                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-                for k, v in budget.items()
+            if not isinstance(budget, dict) or len(budget) > P.MAX_KINDS or not all(
+                isinstance(k, str) and len(k) <= P.MAX_NAME and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and v >= 0 for k, v in budget.items()
             ):
-                raise errors.BadRequest("header field 'budget' must map kinds to non-negative numbers")
+                raise errors.BadRequest(f"header field 'budget' must map at most {P.MAX_KINDS} kinds to non-negative numbers")
         for key in (P.H_IDEM, P.H_TXN):
             value = header.get(key)
             if value is not None and not isinstance(value, str):
@@ -481,7 +484,8 @@ class Router:
             if worker is not None:
                 self._protocol_error(identity, form, now, "READY twice")
                 return
-            if i + 1 >= len(frames) or not frames[i + 1] or frames[i + 1].startswith(_MMI):
+            if i + 1 >= len(frames) or not frames[i + 1] or frames[i + 1].startswith(_MMI) \
+                    or len(frames[i + 1]) > P.MAX_NAME:
                 self._protocol_error(identity, form, now, "READY without a valid service name")
                 return
             name = frames[i + 1].decode(errors="replace")
@@ -516,14 +520,25 @@ class Router:
         if service is None:
             service = self.services[name] = Service(name)
         worker = Worker(identity, service, form, capacity, now + self.heartbeat_interval * self.liveness,
-                        pid if isinstance(pid, int) else None, principal=principal)
+                        pid if isinstance(pid, int) and self._pid_of(principal, pid) else None, principal=principal)
         self.workers[identity] = worker
         service.workers[identity] = worker
         service.wait_since = None
+        service.served = True
         service.ready.extend([worker] * capacity)
         self.counters["workers_registered"] += 1
         log.info("worker %s ready for %s (capacity %d)", identity.hex(), name.decode(errors="replace"), capacity)
         self._drain_queue(service, now)
+
+    def _pid_of(self, principal: Principal, pid: int) -> bool:
+        """Whether a READY's declared ``pid`` is the peer's own, so the kernel may measure its CPU
+        time: trusted from operators (every ``ipc://`` peer), checked with the supervisor for a
+        supervised child's principal (``child:NAME``); any other peer's pid is ignored (it may be
+        a process of another host, or one the peer wants measured instead of itself)."""
+        if principal.operator:
+            return True
+        procs, prefix = self.management.procs, CHILD_PREFIX
+        return procs is not None and principal.name.startswith(prefix) and procs.owns_pid(principal.name[len(prefix):], pid)
 
     def _on_reply(self, worker: Worker, final: bool, token: bytes, body: list[bytes], now: float) -> None:
         req = worker.inflight.get(token)
@@ -618,6 +633,8 @@ class Router:
                             f"no worker for service {service.name.decode(errors='replace')!r}"), now)
                 service.queue.clear()
                 service.wait_since = None
+        for name in [n for n, s in self.services.items() if not s.served and not s.workers and not s.queue]:
+            del self.services[name]
 
     # -- MMI --------------------------------------------------------------------------------------
 

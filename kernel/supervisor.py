@@ -62,6 +62,8 @@ class ProcessControl(Protocol):
 
     def set_affinity(self, name: str, cpus: list[int]) -> int: ...
 
+    def owns_pid(self, name: str, pid: int) -> bool: ...
+
 
 class RestartType(str, enum.Enum):
     PERMANENT = "permanent"  # always restarted
@@ -346,6 +348,16 @@ class Supervisor:
         if child.proc is None or child.proc.returncode is not None:
             raise LookupError(f"child {name!r} is not running")
         return child.proc.pid
+
+    def owns_pid(self, name: str, pid: int) -> bool:
+        """Whether ``pid`` is the running child ``name`` or one of its descendants (a READY's
+        pid is measured for CPU time only then: a peer cannot point the kernel at another
+        process)."""
+        try:
+            root = self._live_pid(name)
+            return pid == root or any(p.pid == root for p in psutil.Process(pid).parents())
+        except (LookupError, psutil.Error, OSError):
+            return False
 
     def suspend(self, name: str) -> int:
         """SIGSTOP the child's process group; returns its pid."""
