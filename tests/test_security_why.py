@@ -305,12 +305,15 @@ def test_audit_writes_only_under_the_writers_own_source_within_a_quota(sec):
         with pytest.raises(errors.BadRequest, match="bytes"):
             ttc.call(P.MMI_AUDIT, {"source": "ttc", "events": [{"blob": "x" * 1_000_000}]})
         logged, refused = 1, None
-        while refused is None and logged <= AUDIT_PER_MIN + 512:
+        started = time.monotonic()
+        while refused is None and logged <= 2 * AUDIT_PER_MIN + 512:
             try:
                 logged += ttc.call(P.MMI_AUDIT, {"source": "ttc", "events": [event] * 100})["logged"]
             except errors.Refused as exc:
                 refused = exc
-        assert refused is not None and "quota" in refused.message and logged <= AUDIT_PER_MIN
+        # the quota refills at AUDIT_PER_MIN per minute: a slow (loaded) loop may log that much more
+        refill = AUDIT_PER_MIN * (time.monotonic() - started) / 60
+        assert refused is not None and "quota" in refused.message and logged <= AUDIT_PER_MIN + refill
     audits = decisions(sec, "audit")
     assert {r["in"]["source"] for r in audits} == {"ttc"}
 
