@@ -58,16 +58,19 @@ def service_block(name: str, module: str | None = None, *, command: list[str] | 
 
 def kernel_config(services: str = "", *, heartbeat: float = 0.2, liveness: int = 3,
                   unavailable_wait: float = 0.5, intensity: int = 5, period: float = 10.0,
-                  endpoint: str | None = None) -> str:
+                  endpoint: str | None = None, kernel_extra: dict | None = None) -> str:
     """A whole config: the ``[kernel]`` and ``[supervisor]`` tables (short heartbeats and restart
-    back-off by default, for tests and benchmarks) followed by ``services``."""
+    back-off by default, for tests and benchmarks) followed by ``services``.  ``kernel_extra``:
+    more ``[kernel]`` keys (numbers or strings)."""
+    extra = "".join(f"\n        {k} = {v!r}" if isinstance(v, str) else f"\n        {k} = {v}"
+                    for k, v in (kernel_extra or {}).items()).replace("'", '"')
     return textwrap.dedent(f"""
         [kernel]
         endpoint = "{endpoint or 'ipc://{runtime}/kernel.sock'}"
         heartbeat_s = {heartbeat}
         liveness = {liveness}
         unavailable_wait_s = {unavailable_wait}
-        decision_log = "{{runtime}}/decisions.jsonl"
+        decision_log = "{{runtime}}/decisions.jsonl"{extra}
 
         [supervisor]
         intensity = {intensity}

@@ -34,9 +34,12 @@ def _parser() -> argparse.ArgumentParser:
 async def _run(args: argparse.Namespace) -> int:
     from kernel import supervisor as sv
     from kernel.ledger import BudgetAdmission, DecisionLog
+    from kernel.peers import raise_fd_limit
     from kernel.server import KernelServer
 
     cfg = load(args.config)
+    soft, hard = raise_fd_limit()
+    logging.getLogger("reca.kernel").info("descriptor limit %d (hard %d)", soft, hard)
     if args.endpoint:
         cfg.endpoint = args.endpoint
         cfg.control = args.control or default_control_for(args.endpoint)
@@ -71,6 +74,8 @@ async def _run(args: argparse.Namespace) -> int:
         unavailable_wait=cfg.unavailable_wait,
         admission=admission,
         extra_stats=supervisor.stats,
+        max_peers=cfg.max_peers,
+        peer_hwm=cfg.peer_hwm,
     )
     # The supervisor's children get the endpoints as actually bound (tcp://*:0 resolves here).
     supervisor.env[sv.ENV_ENDPOINT] = server.endpoint.replace("0.0.0.0", "127.0.0.1")

@@ -52,6 +52,8 @@ class KernelConfig:
     liveness: int = P.LIVENESS
     unavailable_wait: float = P.UNAVAILABLE_WAIT
     decision_log: str | None = None
+    max_peers: int = P.MAX_PEERS
+    peer_hwm: int = P.PEER_HWM
     intensity: int = 5
     period: float = 10.0
     backoff_initial: float = 0.05
@@ -94,6 +96,8 @@ def parse(doc: dict, *, runtime: str | None = None) -> KernelConfig:
         liveness=_get(k, "liveness", int, P.LIVENESS, "kernel"),
         unavailable_wait=_get(k, "unavailable_wait_s", float, P.UNAVAILABLE_WAIT, "kernel"),
         decision_log=expand(log_path) if log_path else None,
+        max_peers=_get(k, "max_peers", int, P.MAX_PEERS, "kernel"),
+        peer_hwm=_get(k, "peer_hwm", int, P.PEER_HWM, "kernel"),
         intensity=_get(s, "intensity", int, 5, "supervisor"),
         period=_get(s, "period_s", float, 10.0, "supervisor"),
         backoff_initial=_get(s, "backoff_initial_s", float, 0.05, "supervisor"),
@@ -102,6 +106,8 @@ def parse(doc: dict, *, runtime: str | None = None) -> KernelConfig:
     )
     if cfg.heartbeat <= 0 or cfg.liveness < 1 or cfg.unavailable_wait < 0:
         raise ConfigError("kernel.heartbeat_s must be > 0, liveness >= 1, unavailable_wait_s >= 0")
+    if cfg.max_peers < 1 or cfg.peer_hwm < 1:
+        raise ConfigError("kernel.max_peers and kernel.peer_hwm must be >= 1")
     entries = doc.get("service", [])
     if not isinstance(entries, list):
         raise ConfigError("[[service]] must be an array of tables")

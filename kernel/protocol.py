@@ -166,12 +166,28 @@ HEARTBEAT_INTERVAL: Final = 1.0
 LIVENESS: Final = 3
 #: How long a request for a service with no worker waits before UNAVAILABLE, seconds.
 UNAVAILABLE_WAIT: Final = 2.0
-#: Largest message the kernel accepts (ZMQ_MAXMSGSIZE, per frame); bigger ones drop the peer.
+#: Largest frame the kernel accepts (ZMQ_MAXMSGSIZE: libzmq checks it against the frame's length
+#: field before allocating, and drops the peer's connection).
+MAX_FRAME_SIZE: Final = 4 * 1024 * 1024
+#: Largest total size of one message (all frames); checked frame by frame as the kernel receives
+#: it, and frames past the bound are discarded without being copied (docs/limits.md says what
+#: libzmq buffers before that).
 MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 #: Largest number of frames in one message the kernel will look at.
 MAX_FRAMES: Final = 64
+#: Messages buffered per peer connection each way (ZMQ_SNDHWM / ZMQ_RCVHWM); with the size
+#: bounds above this bounds what one peer can make the kernel hold.
+PEER_HWM: Final = 1000
+#: Concurrent peer connections the kernel accepts (config ``kernel.max_peers``).
+MAX_PEERS: Final = 4096
+#: Descriptors kept free for the kernel's own use (log segments, child pipes, accept races).
+FD_RESERVE: Final = 128
 #: Requests queued per service before new ones get OVERLOADED.
 MAX_QUEUE: Final = 100_000
+#: Services with no worker, no queue and nothing in flight are forgotten after this many seconds.
+SERVICE_IDLE_EXPIRY: Final = 60.0
+#: Services listed per ``mmi.stats`` page (``{"page": n}`` asks for others).
+STATS_PAGE: Final = 100
 #: Client-side default bound on one request, seconds.
 CLIENT_TIMEOUT: Final = 10.0
 #: Worker reconnect backoff after DISCONNECT or broker loss: initial and maximum, seconds.

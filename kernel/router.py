@@ -379,7 +379,31 @@ class Router:
             worker.inflight[req.token] = req
 
     def _reply_bad(self, identity: bytes, form: Form, service: bytes, message: str) -> None:
-        body = [codec.pack({P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: errors.BadRequest(message).to_wire()})]
+        self._reply_error(identity, form, service, errors.BadRequest(message))
+
+    def reply_bad(self, identity: bytes, message: str) -> None:
+        """Answer a message the server refused before routing it (too large, too many frames)."""
+        self._reply_bad(identity, Form.SPEC, b"", message)
+
+    def refuse_peer(self, frames: list[bytes], message: str) -> None:
+        """Answer ``overloaded`` to a message from a connection the server refuses (over the peer
+        cap): a client's request gets a FINAL in its own form (with its reca id), a worker a
+        DISCONNECT."""
+        identity = frames[0]
+        form, i = (Form.MAJORTOMO, 2) if len(frames) > 1 and frames[1] == _EMPTY else (Form.SPEC, 1)
+        if i < len(frames) and frames[i] == P.MDPW:
+            self._send_worker(identity, form, [P.WorkerCmd.DISCONNECT.value])
+            return
+        header = codec.reca_header(frames[i + 3:])
+        self._reply_error(identity, form, frames[i + 2] if i + 2 < len(frames) else b"",
+                          errors.Overloaded(message), header)
+
+    def _reply_error(self, identity: bytes, form: Form, service: bytes, exc: errors.RecaError,
+                     header: dict | None = None) -> None:
+        status = {P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: exc.to_wire()}
+        if header is not None:
+            status.update({P.H_VERSION: P.VERSION, P.S_ID: header.get(P.H_ID), P.S_SPENT: {}})
+        body = [codec.pack(status)]
         if form is Form.SPEC:
             msg = [identity, P.MDPC, P.ClientCmd.FINAL.value, service, *body]
         else:

@@ -1,29 +1,53 @@
 """The kernel's process shell: owns the ROUTER and PUB sockets and the clock, feeds the Router.
 
 The ROUTER socket's file descriptor is watched directly by the event loop (``add_reader``) and
-drained without blocking, so a message costs one ``recv_multipart`` and one Router call: no
+drained without blocking, so a message costs one receive per frame and one Router call: no
 future per message.  ZeroMQ's descriptor is edge-triggered, so every callback drains until the
 socket reports no more input, and timer callbacks drain too (a send may consume the edge).
+
+What a peer can make the kernel hold is bounded here (docs/limits.md): frames by ZMQ_MAXMSGSIZE
+(libzmq drops the connection before allocating), messages by a total size and a frame count
+checked frame by frame (frames past either bound are discarded without a copy), buffered
+messages per peer by the high-water marks, connections by :class:`kernel.peers.PeerGuard`, and
+the ROUTER's generated routing ids are unpredictable (:func:`kernel.peers.seed_routing_ids`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno as _errno
 import logging
+import os
+import resource
+import socket as _socket
 import time
 from typing import Any, Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from kernel import codec
-from kernel.aio import recv_frames, send_frames
+from kernel.aio import send_frames
 from kernel import protocol as P
+from kernel.peers import PeerGuard, open_fds, seed_routing_ids
 from kernel.router import Admission, Router
 
 log = logging.getLogger("reca.kernel")
 
 #: Messages handled per readiness callback before yielding to timers and other callbacks.
 _BATCH = 512
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+_MONITORED = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+
+
+class Oversized(Exception):
+    """A message past the total-size or frame-count bound (its frames are already discarded)."""
+
+    def __init__(self, identity: bytes, why: str) -> None:
+        super().__init__(why)
+        self.identity = identity
+        self.why = why
 
 
 class KernelServer:
@@ -40,18 +64,26 @@ class KernelServer:
         admission: Admission | None = None,
         extra_stats: Callable[[], dict] | None = None,
         context: zmq.Context | None = None,
+        max_peers: int = P.MAX_PEERS,
+        max_message: int = P.MAX_MESSAGE_SIZE,
+        max_frame: int = P.MAX_FRAME_SIZE,
+        peer_hwm: int = P.PEER_HWM,
     ) -> None:
         self.context = context or zmq.Context()
         self._own_context = context is None
+        self.max_message = max_message
+        self.max_frames = P.MAX_FRAMES
+        seed_routing_ids()  # before the ROUTER exists: libzmq draws its id sequence's start now
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_SIZE)
-        sock.setsockopt(zmq.SNDHWM, 1_000_000)
-        sock.setsockopt(zmq.RCVHWM, 1_000_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        sock.setsockopt(zmq.SNDHWM, peer_hwm)
+        sock.setsockopt(zmq.RCVHWM, peer_hwm)
         pub = self.context.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
-        pub.setsockopt(zmq.SNDHWM, 100_000)
+        pub.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscribers only send subscriptions
+        pub.setsockopt(zmq.SNDHWM, peer_hwm)
         try:
             sock.bind(endpoint)
             pub.bind(control)
@@ -63,18 +95,24 @@ class KernelServer:
         self.pub = pub
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.control = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.guard = PeerGuard(max_peers, fd_limit=soft if soft != resource.RLIM_INFINITY else 1 << 20,
+                               baseline=open_fds())
+        self._monitors = [s.get_monitor_socket(_MONITORED) for s in (sock, pub)]
         self.router = Router(
             self._send,
             heartbeat_interval=heartbeat_interval,
             liveness=liveness,
             unavailable_wait=unavailable_wait,
             admission=admission,
-            extra_stats=extra_stats,
+            extra_stats=lambda: {**(extra_stats() if extra_stats is not None else {}),
+                                 "connections": self.guard.stats()},
             publish=self._publish,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        self._next_reconcile = 0.0
         self._stopped: asyncio.Event | None = None
 
     # -- I/O --------------------------------------------------------------------------------------
@@ -99,19 +137,56 @@ class KernelServer:
             self.router.counters["publish_dropped"] += 1
             log.error("control publish on %r failed: %s", topic, exc)
 
-    def _on_readable(self) -> None:
+    def _recv(self) -> list[bytes]:
+        """One message, identity first, within the size and frame bounds; raises ``zmq.Again``
+        when there is none, :class:`Oversized` (after discarding the rest uncopied) past a bound,
+        and answers a connection refused over the peer cap itself (then returns [])."""
         sock = self.sock
+        recv = sock.recv
+        getsockopt = sock.getsockopt
+        parts = [recv(_NOBLOCK)]
+        total, srcfd = 0, -1
+        refusing = self.guard.refusing
+        while getsockopt(_RCVMORE):
+            if refusing and srcfd < 0:
+                frame = recv(0, copy=False)
+                srcfd = frame.get(zmq.SRCFD)
+                data = frame.bytes
+            else:
+                data = recv(0)
+            total += len(data)
+            parts.append(data)
+            if total > self.max_message or len(parts) > self.max_frames + 1:
+                while getsockopt(_RCVMORE):
+                    recv(0, copy=False)  # dropped uncopied; libzmq frees it at once
+                self.router.counters["oversized_messages"] += 1
+                raise Oversized(parts[0], f"message larger than {self.max_message} bytes or "
+                                          f"{self.max_frames} frames")
+        if srcfd in refusing:
+            self.router.counters["peer_cap_refusals"] += 1
+            self.router.refuse_peer(parts, f"the kernel serves at most {self.guard.cap} concurrent peers; "
+                                           "retry later")
+            self.guard.answered(srcfd, time.monotonic())
+            return []
+        return parts
+
+    def _on_readable(self) -> None:
         on_message = self.router.on_message
         clock = time.monotonic
         for _ in range(_BATCH):
             try:
-                frames = recv_frames(sock)
+                frames = self._recv()
             except zmq.Again:
                 break
+            except Oversized as exc:
+                self.router.reply_bad(exc.identity, exc.why)
+                continue
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.ENOTSOCK:
                     return
                 raise
+            if not frames:
+                continue
             try:
                 on_message(frames, clock())
             except Exception:  # a routing bug must not take the kernel down
@@ -123,8 +198,55 @@ class KernelServer:
             self._loop.call_soon(self._on_readable)
         self._arm()
 
+    # -- connections ------------------------------------------------------------------------------
+
+    def _on_monitor(self) -> None:
+        self._drain_monitor(time.monotonic())
+        self._arm()
+
+    def _drain_monitor(self, now: float) -> None:
+        fds = open_fds()  # once per batch: listing /proc/self/fd is O(descriptors)
+        for mon in self._monitors:
+            while True:
+                try:
+                    event = recv_monitor_message(mon, _NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    return
+                fd = int(event["value"])
+                if event["event"] == zmq.EVENT_ACCEPTED:
+                    fds += 1
+                    if self.guard.on_accepted(fd, now, fds) and self.guard.counters["peers_refused"] == 1:
+                        log.warning("a connection was refused: over the peer cap of %d (counted in "
+                                    "mmi.stats from now on)", self.guard.cap)
+                else:
+                    self.guard.on_closed(fd)
+
+    def _shutdown_refused(self, now: float) -> None:
+        if not self.guard.refusing:
+            return
+        # Events first: a refused descriptor closed (and perhaps reused) since is forgotten.
+        self._drain_monitor(now)
+        for fd in self.guard.due(now):
+            try:
+                # A duplicate of the descriptor: shutdown() ends the connection itself (libzmq then
+                # sees it close and frees it); closing the duplicate leaves libzmq's fd alone.
+                with _socket.socket(fileno=os.dup(fd)) as s:
+                    s.shutdown(_socket.SHUT_RDWR)
+            except OSError as exc:
+                if exc.errno not in (_errno.EBADF, _errno.ENOTSOCK, _errno.ENOTCONN):
+                    log.warning("cannot shut down refused connection fd %d: %s", fd, exc)
+
+    def _reconcile(self) -> None:
+        try:
+            alive = {int(n) for n in os.listdir("/proc/self/fd")}
+        except OSError:
+            return
+        self.guard.reconcile(alive)
+
     def _arm(self) -> None:
-        wake = self.router.next_wakeup()
+        wake = min(self.router.next_wakeup(), self.guard.next_wakeup(), self._next_reconcile)
         if self._timer is not None and self._timer_at <= wake:
             return
         if self._timer is not None:
@@ -136,8 +258,13 @@ class KernelServer:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = float("inf")
+        now = time.monotonic()
         try:
-            self.router.tick(time.monotonic())
+            self.router.tick(now)
+            self._shutdown_refused(now)
+            if now >= self._next_reconcile:
+                self._next_reconcile = now + self.router.heartbeat_interval
+                self._reconcile()
         except Exception:
             self.router.counters["internal_errors"] += 1
             log.exception("internal error in the kernel tick")
@@ -151,11 +278,17 @@ class KernelServer:
         self._stopped = asyncio.Event()
         fd = self.sock.getsockopt(zmq.FD)
         self._loop.add_reader(fd, self._on_readable)
+        mon_fds = [m.getsockopt(zmq.FD) for m in self._monitors]
+        for mfd in mon_fds:
+            self._loop.add_reader(mfd, self._on_monitor)
+        self._on_monitor()
         self._on_readable()
         try:
             await self._stopped.wait()
         finally:
             self._loop.remove_reader(fd)
+            for mfd in mon_fds:
+                self._loop.remove_reader(mfd)
             if self._timer is not None:
                 self._timer.cancel()
             self.close()
@@ -165,6 +298,12 @@ class KernelServer:
             self._stopped.set()
 
     def close(self) -> None:
+        for sock, mon in zip((self.sock, self.pub), self._monitors):
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            mon.close(0)
         self.sock.close(0)
         self.pub.close(0)
         if self._own_context:
