@@ -186,6 +186,12 @@ FD_RESERVE: Final = 128
 MAX_QUEUE: Final = 100_000
 #: Services with no worker, no queue and nothing in flight are forgotten after this many seconds.
 SERVICE_IDLE_EXPIRY: Final = 60.0
+#: Bytes of request bodies the kernel holds in all service queues together; past it new
+#: requests that must wait are answered OVERLOADED.
+MAX_QUEUED_BYTES: Final = 32 * 1024 * 1024
+#: Services without a worker the kernel keeps state for (a request naming yet another one is
+#: answered UNAVAILABLE at once).
+MAX_WORKERLESS_SERVICES: Final = 1000
 #: Services listed per ``mmi.stats`` page (``{"page": n}`` asks for others).
 STATS_PAGE: Final = 100
 #: Client-side default bound on one request, seconds.

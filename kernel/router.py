@@ -69,6 +69,8 @@ class Request:
     dispatched: float = 0.0
     header: dict | None = None
     done: bool = False
+    queued: bool = False  # in its service's queue (counted in Service.queued)
+    timed: bool = False  # has an entry in the router's deadline heap (counted in _deadlines_live)
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -86,7 +88,7 @@ class Service:
     """Per-service worker pool, request queue and statistics."""
 
     __slots__ = (
-        "name", "workers", "ready", "queue", "requests", "finals", "errors", "partials",
+        "name", "workers", "ready", "queue", "queued", "live", "requests", "finals", "errors", "partials",
         "latencies", "wait_since",
     )
 
@@ -95,8 +97,12 @@ class Service:
         self.workers: dict[bytes, Worker] = {}
         # Invariant: one entry per free slot of a live worker, least recently used first.
         self.ready: collections.deque[Worker] = collections.deque()
-        # Heap of (-priority, seq, Request); entries whose request is done are skipped lazily.
+        # Heap of (-priority, seq, Request); entries whose request is done are skipped lazily, and
+        # the heap is rebuilt when they outnumber the live ones (Invariant: len(queue) <= 2 *
+        # queued + _SLACK after every change).
         self.queue: list[tuple[int, int, Request]] = []
+        self.queued = 0  # live (not done) requests in the queue
+        self.live = 0  # requests of this service not yet answered (queued or dispatched)
         self.requests = 0
         self.finals = 0
         self.errors = 0
@@ -121,6 +127,19 @@ class ServiceStats:
     p99_ms: float | None
 
 
+#: Dead entries tolerated in a lazily cleaned heap beyond its live ones before it is rebuilt.
+_SLACK = 64
+
+
+def _compact(heap: list, live: int) -> list:
+    """``heap`` without entries whose request is done, when those outnumber the live ones."""
+    if len(heap) <= 2 * live + _SLACK:
+        return heap
+    kept = [e for e in heap if not e[-1].done]
+    heapq.heapify(kept)
+    return kept
+
+
 def _percentile(sorted_samples: list[float], q: float) -> float | None:
     if not sorted_samples:
         return None
@@ -143,6 +162,9 @@ class Router:
         liveness: int = P.LIVENESS,
         unavailable_wait: float = P.UNAVAILABLE_WAIT,
         max_queue: int = P.MAX_QUEUE,
+        service_expiry: float = P.SERVICE_IDLE_EXPIRY,
+        max_workerless: int = P.MAX_WORKERLESS_SERVICES,
+        max_queued_bytes: int = P.MAX_QUEUED_BYTES,
         admission: "Admission | None" = None,
         extra_stats: Callable[[], dict] | None = None,
         publish: Callable[[bytes, dict], None] | None = None,
@@ -161,7 +183,21 @@ class Router:
         self.inflight: dict[bytes, Request] = {}  # token -> request, queued or dispatched
         self._tokens = itertools.count(1)
         self._seq = itertools.count()
-        self._deadlines: list[tuple[float, int, Request]] = []  # heap, lazily cleaned
+        self._deadlines: list[tuple[float, int, Request]] = []  # heap, lazily cleaned, compacted
+        self._deadlines_live = 0  # requests not done with an entry in _deadlines
+        #: Services with no worker and nothing live, by when they became so (oldest first);
+        #: forgotten after ``service_expiry`` seconds.
+        self._idle: dict[bytes, float] = {}
+        #: Services whose requests wait for a first worker (``wait_since`` set).
+        self._waiting: dict[bytes, Service] = {}
+        self._served = 0  # services with at least one worker
+        self.service_expiry = service_expiry
+        #: Services without a worker the router keeps state for; a request for a new name past
+        #: it is answered UNAVAILABLE at once, with no state kept.
+        self.max_workerless = max_workerless
+        #: Bytes of request bodies waiting in queues (a body is dropped once dispatched).
+        self.queued_bytes = 0
+        self.max_queued_bytes = max_queued_bytes
         self._next_sweep = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
 
@@ -245,10 +281,19 @@ class Router:
             return
         service = self.services.get(service_name)
         if service is None:
+            if len(self.services) - self._served >= self.max_workerless:
+                self.counters["workerless_refused"] += 1
+                req = Request(b"", identity, form, Service(service_name), body, rid, reca, None, 0, now,
+                              header=header)
+                self._finish_error(req, errors.Unavailable(
+                    f"no worker for service {service_name.decode(errors='replace')!r}"), now, count=False)
+                return
             service = self.services[service_name] = Service(service_name)
+        self._idle.pop(service_name, None)
         service.requests += 1
         token = _TOKEN.pack(next(self._tokens))
         req = Request(token, identity, form, service, body, rid, reca, None, 0, now, header=header)
+        service.live += 1
         if reca:
             try:
                 self._parse_header(req, header)
@@ -262,6 +307,8 @@ class Router:
                 return
         if req.deadline is not None:
             heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
+            req.timed = True
+            self._deadlines_live += 1
         self.inflight[token] = req
         self._enqueue(req, now)
 
@@ -303,13 +350,17 @@ class Router:
         if ready and not service.queue:
             self._dispatch(req, ready.popleft(), now)
             return
-        if len(service.queue) >= self.max_queue:
-            self.inflight.pop(req.token, None)
+        size = sum(map(len, req.body))
+        if service.queued >= self.max_queue or self.queued_bytes + size > self.max_queued_bytes:
             self._finish_error(req, errors.Overloaded(f"queue for {service.name.decode(errors='replace')} is full"), now)
             return
         heapq.heappush(service.queue, (-req.priority, next(self._seq), req))
+        req.queued = True
+        service.queued += 1
+        self.queued_bytes += size
         if not service.workers and service.wait_since is None:
             service.wait_since = now
+            self._waiting[service.name] = service
         self._drain_queue(service, now)
 
     def _drain_queue(self, service: Service, now: float) -> None:
@@ -318,7 +369,32 @@ class Router:
             _, _, req = heapq.heappop(queue)
             if req.done:
                 continue
+            self._dequeued(req)
             self._dispatch(req, service.ready.popleft(), now)
+
+    def _dequeued(self, req: Request) -> None:
+        req.queued = False
+        req.service.queued -= 1
+        self.queued_bytes -= sum(map(len, req.body))
+
+    def _retire(self, req: Request, now: float) -> None:
+        """``req`` has its FINAL: drop every reference the router keeps (its entries in lazily
+        cleaned heaps are compacted away), and note its service idle if nothing is left there."""
+        req.done = True
+        self.inflight.pop(req.token, None)
+        service = req.service
+        if req.queued:
+            self._dequeued(req)
+            service.queue = _compact(service.queue, service.queued)
+        req.body = []  # the payload is freed now, whatever still points at the request
+        if req.timed:
+            req.timed = False
+            self._deadlines_live -= 1
+            self._deadlines = _compact(self._deadlines, self._deadlines_live)
+        if req.token and service.live > 0:
+            service.live -= 1
+            if not service.live and not service.workers and self.services.get(service.name) is service:
+                self._idle[service.name] = now
 
     def _dispatch(self, req: Request, worker: Worker, now: float) -> None:
         req.worker = worker
@@ -327,6 +403,7 @@ class Router:
         body = req.body
         if req.reca:
             body = [self.admission.forward_header(self, req)] + body[1:]
+        req.body = []  # sent once; the router never needs it again
         if worker.form is Form.SPEC:
             msg = [worker.identity, P.MDPW, P.WorkerCmd.REQUEST.value, req.token, _EMPTY, *body]
         else:
@@ -359,8 +436,7 @@ class Router:
         """Answer ``req`` with a kernel error as its one FINAL and forget it."""
         if req.done:
             return
-        req.done = True
-        self.inflight.pop(req.token, None)
+        self._retire(req, now)
         if req.worker is not None:
             req.worker.inflight.pop(req.token, None)
         if count:
@@ -457,9 +533,12 @@ class Router:
         service = self.services.get(name)
         if service is None:
             service = self.services[name] = Service(name)
+        self._idle.pop(name, None)
         worker = Worker(identity, service, form, capacity, now + self.heartbeat_interval * self.liveness,
                         pid if isinstance(pid, int) else None)
         self.workers[identity] = worker
+        if not service.workers:
+            self._served += 1
         service.workers[identity] = worker
         service.wait_since = None
         service.ready.extend([worker] * capacity)
@@ -486,8 +565,7 @@ class Router:
             self._to_client(req, False, body)
             return
         del worker.inflight[token]
-        self.inflight.pop(token, None)
-        req.done = True
+        self._retire(req, now)
         service.finals += 1
         service.latencies.append(now - req.received)
         if req.reca:
@@ -507,6 +585,7 @@ class Router:
         while queue:
             _, _, req = heapq.heappop(queue)
             if not req.done:
+                self._dequeued(req)
                 self._dispatch(req, worker, now)
                 return
         service.ready.append(worker)
@@ -540,8 +619,13 @@ class Router:
             if not req.done:
                 self._finish_error(req, errors.WorkerDied(f"worker died: {why}", service=service.name.decode(errors="replace")), now)
         worker.inflight.clear()
-        if not service.workers and service.queue:
+        if not service.workers:
+            self._served -= 1
+        if not service.workers and service.queued:
             service.wait_since = now
+            self._waiting[service.name] = service
+        elif not service.workers and not service.live:
+            self._idle[service.name] = now
 
     def _sweep(self, now: float) -> None:
         for worker in list(self.workers.values()):
@@ -550,15 +634,29 @@ class Router:
                 self._send_worker(worker.identity, worker.form, [P.WorkerCmd.DISCONNECT.value])
             elif self._send_worker(worker.identity, worker.form, [P.WorkerCmd.HEARTBEAT.value]) is False:
                 self._worker_gone(worker, now, "unroutable")
-        for service in self.services.values():
-            if service.wait_since is not None and service.queue and not service.workers \
-                    and now - service.wait_since >= self.unavailable_wait:
-                for _, _, req in service.queue:
+        waiting = self._waiting
+        for service in list(waiting.values()):
+            if service.wait_since is None or service.workers or not service.queued:
+                del waiting[service.name]
+                service.wait_since = None
+            elif now - service.wait_since >= self.unavailable_wait:
+                del waiting[service.name]
+                service.wait_since = None
+                for _, _, req in list(service.queue):
                     if not req.done:
                         self._finish_error(req, errors.Unavailable(
                             f"no worker for service {service.name.decode(errors='replace')!r}"), now)
                 service.queue.clear()
-                service.wait_since = None
+        idle = self._idle
+        while idle:
+            name, since = next(iter(idle.items()))
+            if since > now - self.service_expiry:
+                break
+            del idle[name]
+            service = self.services.get(name)
+            if service is not None and not service.workers and not service.live:
+                del self.services[name]
+                self.counters["services_expired"] += 1
 
     # -- MMI --------------------------------------------------------------------------------------
 
@@ -581,7 +679,7 @@ class Router:
             target = self.services.get(arg) if isinstance(arg, bytes) else None
             result: Any = P.MMI_OK if target is not None and target.workers else P.MMI_NOT_FOUND
         elif name == P.MMI_STATS.encode():
-            result = self.stats()
+            result = self.stats(arg if isinstance(arg, dict) else None)
         else:
             handled = self.admission.mmi(self, name.decode(errors="replace"), arg, header, now, caller=identity)
             result = P.MMI_NOT_IMPLEMENTED if handled is None else handled
@@ -598,9 +696,9 @@ class Router:
 
     # -- statistics -------------------------------------------------------------------------------
 
-    def service_stats(self) -> list[ServiceStats]:
+    def service_stats(self, services: Iterable[Service] | None = None) -> list[ServiceStats]:
         out = []
-        for s in self.services.values():
+        for s in self.services.values() if services is None else services:
             lat = sorted(s.latencies)
             p50 = _percentile(lat, 0.5)
             p99 = _percentile(lat, 0.99)
@@ -608,7 +706,7 @@ class Router:
                 name=s.name.decode(errors="replace"),
                 workers=len(s.workers),
                 free_slots=len(s.ready),
-                queued=sum(1 for _, _, r in s.queue if not r.done),
+                queued=s.queued,
                 inflight=sum(len(w.inflight) for w in s.workers.values()),
                 requests=s.requests,
                 finals=s.finals,
@@ -619,9 +717,25 @@ class Router:
             ))
         return out
 
-    def stats(self) -> dict:
+    def stats(self, query: dict | None = None) -> dict:
+        """``mmi.stats``: a summary and one page of services (sorted by name, ``STATS_PAGE`` per
+        page): ``{"page": n}`` asks for page n, ``{"service": name}`` for one service.  Its cost
+        is one sort of the service names plus the page's own figures."""
+        query = query or {}
+        page = query.get("page", 0)
+        page = page if isinstance(page, int) and not isinstance(page, bool) and page >= 0 else 0
+        wanted = query.get("service")
+        if isinstance(wanted, str):
+            chosen = [s for s in (self.services.get(wanted.encode()),) if s is not None]
+        else:
+            names = sorted(self.services)[page * P.STATS_PAGE:(page + 1) * P.STATS_PAGE]
+            chosen = [self.services[n] for n in names]
         out: dict[str, Any] = {
-            "services": {s.name: dataclasses.asdict(s) for s in self.service_stats()},
+            "services": {s.name: dataclasses.asdict(s) for s in self.service_stats(chosen)},
+            "summary": {"services": len(self.services), "services_with_workers": self._served,
+                        "workers": len(self.workers), "inflight": len(self.inflight),
+                        "queued_bytes": self.queued_bytes,
+                        "page": page, "pages": -(-len(self.services) // P.STATS_PAGE)},
             "counters": dict(self.counters),
             "workers": [
                 {"service": w.service.name.decode(errors="replace"), "pid": w.pid, "inflight": len(w.inflight),

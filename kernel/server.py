@@ -98,7 +98,7 @@ class KernelServer:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.guard = PeerGuard(max_peers, fd_limit=soft if soft != resource.RLIM_INFINITY else 1 << 20,
                                baseline=open_fds())
-        self._monitors = [s.get_monitor_socket(_MONITORED) for s in (sock, pub)]
+        self._monitors = [self._monitor(s, n) for n, s in enumerate((sock, pub))]
         self.router = Router(
             self._send,
             heartbeat_interval=heartbeat_interval,
@@ -115,6 +115,18 @@ class KernelServer:
         self._next_reconcile = 0.0
         self._stopped: asyncio.Event | None = None
 
+    def _monitor(self, sock: zmq.Socket, n: int) -> zmq.Socket:
+        """A PAIR receiving ``sock``'s accept/disconnect events.  Its receive high-water mark is 0
+        (unlimited; over inproc that makes the whole pipe unlimited): a lost DISCONNECTED event
+        would leave a reused descriptor marked as refused."""
+        addr = f"inproc://reca-monitor-{id(self)}-{n}"
+        sock.monitor(addr, _MONITORED)
+        pair = self.context.socket(zmq.PAIR)
+        pair.setsockopt(zmq.RCVHWM, 0)
+        pair.setsockopt(zmq.LINGER, 0)
+        pair.connect(addr)
+        return pair
+
     # -- I/O --------------------------------------------------------------------------------------
 
     def _send(self, frames: list[Any]) -> bool | None:
@@ -125,7 +137,8 @@ class KernelServer:
                 return False
             if exc.errno == zmq.EAGAIN:
                 self.router.counters["send_would_block"] += 1
-                log.error("send to %r would block; message dropped", frames[0])
+                if self.router.counters["send_would_block"] == 1:  # counted in mmi.stats after
+                    log.error("a peer's queue is full (it does not read); its message is dropped")
                 return None
             raise
         return True

@@ -175,3 +175,51 @@ def test_oversized_multi_frame_messages_cost_no_gigabytes(zctx):
             assert counters.get("oversized_messages", 0) >= 2
             assert counters.get("workers_lost", 0) == lost_before
             assert peak_rss_mb(k.pid) < 300
+
+
+def test_service_name_floods_and_stats_stay_small(zctx):
+    """20,000 distinct service names: bounded state, expiry, and a small, paged mmi.stats."""
+    with KernelProcess(service_block("echo", "services.echo"), heartbeat=0.5, unavailable_wait=0.2) as k:
+        with Client(k.endpoint, timeout=10, retries=0) as c:
+            c.wait_for_service("echo", 20)
+            rss_before = psutil.Process(k.pid).memory_info().rss
+            got = 0
+            with dealers(zctx, k.endpoint, 1) as (s,):
+                for batch in range(40):
+                    for n in range(500):
+                        s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, f"flood{batch}.{n}".encode(), b"x"])
+                    while got < 500 * (batch + 1) and s.poll(10_000):
+                        s.recv_multipart()
+                        got += 1
+            assert got == 20_000  # every one answered (unavailable)
+            stats = c.stats()
+            assert stats["summary"]["services"] <= P.MAX_WORKERLESS_SERVICES + 1
+            assert len(stats["services"]) <= P.STATS_PAGE
+            assert len(msgpack.packb(stats)) < 200_000
+            assert c.call("echo", "still") == "still"
+            assert psutil.Process(k.pid).memory_info().rss - rss_before < 50e6
+
+
+def test_a_client_that_never_reads_holds_bounded_memory(zctx):
+    """20,000 replies of 4 KiB to a peer that never reads: the kernel keeps a bounded queue for
+    it (the rest is dropped and counted) and serves everyone else."""
+    with KernelProcess(service_block("echo", "services.echo", replicas=2), heartbeat=0.5) as k:
+        with Client(k.endpoint, timeout=10, retries=0) as c:
+            c.wait_for_service("echo", 20)
+            rss_before = psutil.Process(k.pid).memory_info().rss
+            with dealers(zctx, k.endpoint, 1) as (s,):
+                s.setsockopt(zmq.SNDHWM, 0)
+                body = b"r" * 4096
+                for _ in range(20_000):
+                    s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"echo", body])
+                deadline = time.monotonic() + 60
+                answered = 0
+                while answered < 20_000 and time.monotonic() < deadline:
+                    time.sleep(0.2)  # polling the kernel's own count, bounded by the deadline
+                    stats = c.stats()
+                    answered = stats["services"]["echo"]["finals"] + stats["services"]["echo"]["errors"]
+                assert answered == 20_000 and stats["services"]["echo"]["finals"] > 1000
+                assert stats["counters"].get("send_would_block", 0) > 0
+                assert c.call("echo", "served") == "served"
+                # Bounds: queued bodies (MAX_QUEUED_BYTES, 32 MiB) and 1,000 messages per pipe.
+                assert psutil.Process(k.pid).memory_info().rss - rss_before < 64e6
