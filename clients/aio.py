@@ -146,9 +146,9 @@ class AsyncClient:
 
     async def open_job(self, job: str, budget: dict | None = None, parent: str | None = None,
                        priority: int = 0) -> dict:
-        return await self.call("mmi.job.open", {"job": job, "budget": budget or {}, "parent": parent,
+        return await self.call(P.MMI_JOB_OPEN, {"job": job, "budget": budget or {}, "parent": parent,
                                                 "priority": priority})
 
     async def reserve(self, job: str, resource: str, amount: float = 1, commit: bool = False) -> dict:
-        return await self.call("mmi.gate.reserve", {"job": job, "resource": resource, "amount": amount,
+        return await self.call(P.MMI_GATE_RESERVE, {"job": job, "resource": resource, "amount": amount,
                                                     "commit": commit})

@@ -14,7 +14,7 @@ from kernel.config import runtime_dir
 
 def default_endpoint() -> str:
     """``$RECA_ENDPOINT`` or the embedded default's ipc endpoint."""
-    return os.environ.get("RECA_ENDPOINT") or f"ipc://{runtime_dir()}/kernel.sock"
+    return os.environ.get(P.ENV_ENDPOINT) or f"ipc://{runtime_dir()}/kernel.sock"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 from clients.sync import Client
 from kernel import errors
+from kernel import protocol as P
 
 
 class KernelGate:
@@ -38,11 +39,11 @@ class KernelGate:
     def commit(self, resource: str) -> None:
         """Spend the oldest held reservation of ``resource``."""
         rid = self._held[resource].pop(0)
-        self.client.call("mmi.gate.commit", {"reservation": rid})
+        self.client.call(P.MMI_GATE_COMMIT, {"reservation": rid})
 
     def release(self, resource: str, amount: int | float = 1) -> None:
         """Give back the oldest held reservation of ``resource`` (no-op for committed units:
         spending is final, a cap on structural growth counts every unit ever granted)."""
         held = self._held.get(resource)
         if held:
-            self.client.call("mmi.gate.release", {"reservation": held.pop(0)})
+            self.client.call(P.MMI_GATE_RELEASE, {"reservation": held.pop(0)})

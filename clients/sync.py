@@ -136,14 +136,14 @@ class Client:
             time.sleep(0.02)
 
     def open_job(self, job: str, budget: dict | None = None, parent: str | None = None, priority: int = 0) -> dict:
-        return self.call("mmi.job.open", {"job": job, "budget": budget or {}, "parent": parent, "priority": priority})
+        return self.call(P.MMI_JOB_OPEN, {"job": job, "budget": budget or {}, "parent": parent, "priority": priority})
 
     def close_job(self, job: str) -> dict:
-        return self.call("mmi.job.close", {"job": job})
+        return self.call(P.MMI_JOB_CLOSE, {"job": job})
 
     def reserve(self, job: str, resource: str, amount: float = 1, commit: bool = False) -> dict:
         """Ask the kernel's gate for ``amount`` of ``resource``; raises Refused when refused."""
-        return self.call("mmi.gate.reserve", {"job": job, "resource": resource, "amount": amount, "commit": commit})
+        return self.call(P.MMI_GATE_RESERVE, {"job": job, "resource": resource, "amount": amount, "commit": commit})
 
 
 __all__ = ["Client", "codec"]

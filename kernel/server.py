@@ -29,13 +29,14 @@ from zmq.utils.monitor import recv_monitor_message
 from kernel import codec
 from kernel.aio import send_frames
 from kernel import protocol as P
+from kernel.mmi import Management
 from kernel.peers import PeerGuard, open_fds, seed_routing_ids
 from kernel.router import Admission, Router
 
 log = logging.getLogger("reca.kernel")
 
 #: Messages handled per readiness callback before yielding to timers and other callbacks.
-_BATCH = 512
+_BATCH = P.RECV_BATCH
 _NOBLOCK = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
 _MONITORED = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
@@ -62,6 +63,7 @@ class KernelServer:
         liveness: int = P.LIVENESS,
         unavailable_wait: float = P.UNAVAILABLE_WAIT,
         admission: Admission | None = None,
+        management: Management | None = None,
         extra_stats: Callable[[], dict] | None = None,
         context: zmq.Context | None = None,
         max_peers: int = P.MAX_PEERS,
@@ -105,6 +107,7 @@ class KernelServer:
             liveness=liveness,
             unavailable_wait=unavailable_wait,
             admission=admission,
+            management=management,
             extra_stats=lambda: {**(extra_stats() if extra_stats is not None else {}),
                                  "connections": self.guard.stats()},
             publish=self._publish,
@@ -232,7 +235,7 @@ class KernelServer:
                     fds += 1
                     if self.guard.on_accepted(fd, now, fds) and self.guard.counters["peers_refused"] == 1:
                         log.warning("a connection was refused: over the peer cap of %d (counted in "
-                                    "mmi.stats from now on)", self.guard.cap)
+                                    "the kernel stats from now on)", self.guard.cap)
                 else:
                     self.guard.on_closed(fd)
 

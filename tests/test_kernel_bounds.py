@@ -105,6 +105,6 @@ def test_stats_are_paged_and_one_service_can_be_asked_for():
     first = r.stats()
     assert len(first["services"]) == P.STATS_PAGE and first["summary"]["services"] == 250
     assert first["summary"]["pages"] == 3
-    last = r.stats({"page": 2})
+    last = r.stats(query={"page": 2})
     assert list(last["services"]) == [f"s{n:03d}" for n in range(200, 250)]
-    assert list(r.stats({"service": "s123"})["services"]) == ["s123"]
+    assert list(r.stats(query={"service": "s123"})["services"]) == ["s123"]

@@ -76,9 +76,9 @@ class IGMSService(BusService):
             actions = controller.decide(report, now=report.time)
             # Invariant: the controller used a prefix of the pool; commit it, give the rest back.
             for rid in held[:gate.used]:
-                await client.call("mmi.gate.commit", {"reservation": rid})
+                await client.call(P.MMI_GATE_COMMIT, {"reservation": rid})
             for rid in held[gate.used:]:
-                await client.call("mmi.gate.release", {"reservation": rid})
+                await client.call(P.MMI_GATE_RELEASE, {"reservation": rid})
             counts["refinements_granted"] += gate.used
             counts["kernel_refusals"] += int(refused)
             order = order_from_actions(wire["run"], report.step, actions)

@@ -54,6 +54,7 @@ from typing import Any, Callable, NamedTuple
 from clients.sync import Client
 from kernel import errors
 from kernel.config import runtime_dir
+from kernel import protocol as P
 from services.base import Context, Service
 from services.ttc import logic
 from services.ttc.runner import Coordinator, ManagerBusy
@@ -128,7 +129,7 @@ class KernelGateAdapter:
     def _take(self, job: str, resource: str, amount: float) -> Held:
         """Hold ``amount`` of ``resource`` under ``job`` for one lease; raises the kernel's typed
         error (``Refused``/``BudgetExceeded`` when it says no)."""
-        out = self.client.call("mmi.gate.reserve", {"job": job, "resource": resource, "amount": amount,
+        out = self.client.call(P.MMI_GATE_RESERVE, {"job": job, "resource": resource, "amount": amount,
                                                      "commit": False, "lease_s": self.lease_s})
         return Held(out["reservation"], job, resource, amount)
 
@@ -148,7 +149,7 @@ class KernelGateAdapter:
             return  # taken by an earlier process: the kernel's lease returns it
         rid = held.reservation
         try:
-            self.client.call("mmi.gate.release", {"reservation": rid})
+            self.client.call(P.MMI_GATE_RELEASE, {"reservation": rid})
         except errors.RecaError as exc:  # the decision is durable already; the lease reclaims the units
             self.release_failures += 1
             log.warning("gate release of %s for call %s failed: %s", rid, call_id, exc)
@@ -161,7 +162,7 @@ class KernelGateAdapter:
         if not self.held:
             return 0
         try:
-            out = self.client.call("mmi.gate.renew", {"reservations": [h.reservation for h in self.held.values()],
+            out = self.client.call(P.MMI_GATE_RENEW, {"reservations": [h.reservation for h in self.held.values()],
                                                        "lease_s": self.lease_s})
         except errors.RecaError as exc:  # the next renewal retries; the lease is three times longer
             log.warning("gate renewal failed: %s", exc)
@@ -333,7 +334,7 @@ class TtcService(Service):
                         rows = await self._call(store.unforwarded, AUDIT_BATCH, AUDIT_BATCH_BYTES)
                         if not rows:
                             break
-                        out = await client.call("mmi.audit", {"source": source, "events": rows})
+                        out = await client.call(P.MMI_AUDIT, {"source": source, "events": rows})
                         if not isinstance(out, dict) or out.get("logged") != len(rows):
                             # The kernel keeps no decision log: the rows stay here (the source of
                             # truth) and are offered again later, never marked as forwarded.
