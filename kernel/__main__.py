@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from kernel import protocol as P
 from kernel.config import ConfigError, default_control_for, load
@@ -38,6 +39,7 @@ async def _run(args: argparse.Namespace) -> int:
     from kernel.decisions import DecisionLog
     from kernel.mmi import Management
     from kernel.peers import raise_fd_limit
+    from kernel.replay import restore
     from kernel.server import KernelServer
 
     cfg = load(args.config)
@@ -51,10 +53,14 @@ async def _run(args: argparse.Namespace) -> int:
     for ep in (cfg.endpoint, cfg.control):
         if ep.startswith("ipc://"):
             os.makedirs(os.path.dirname(ep[len("ipc://"):]) or ".", mode=0o700, exist_ok=True)
-    decision_log = None
+    decision_log = restored = None
     if cfg.decision_log:
         os.makedirs(os.path.dirname(cfg.decision_log) or ".", exist_ok=True)
-        decision_log = DecisionLog(cfg.decision_log)
+        t0 = time.perf_counter()
+        restored = restore(cfg.decision_log)
+        restore_s = time.perf_counter() - t0
+        decision_log = DecisionLog(cfg.decision_log, fsync=cfg.fsync, segment_bytes=cfg.segment_bytes,
+                                   restored=restored is not None)
     supervisor = sv.Supervisor(
         [] if args.no_services else cfg.services,
         env={
@@ -69,6 +75,12 @@ async def _run(args: argparse.Namespace) -> int:
         backoff_max=cfg.backoff_max,
     )
     admission = BudgetAdmission(decision_log=decision_log)
+    if restored is not None:
+        done = admission.restore(restored, time.monotonic())
+        print(f"reca kernel restored {done['jobs']} job(s), {done['reservations']} reservation(s), "
+              f"{done['interrupted']} interrupted request(s) from {cfg.decision_log} in {restore_s:.3f} s"
+              + (f" ({len(restored.divergences)} replay divergence(s))" if restored.divergences else ""),
+              flush=True)
     server = KernelServer(
         cfg.endpoint,
         cfg.control,

@@ -39,6 +39,8 @@ class _Track:
     paused: bool = False
     priority: int = 0
     cpu_start: float | None = None  # worker CPU seconds at dispatch (jobs with a cpu_ms limit)
+    idem: str | None = None  # the request's idempotency key
+    ran: bool = False  # dispatched with a logged ``run`` mark (its ``ran`` follows when done)
 
 
 class BudgetAdmission(Admission):
@@ -57,6 +59,39 @@ class BudgetAdmission(Admission):
         #: priority -> admitted requests not yet done (lets preemption skip its scan when no
         #: lower-priority work exists, the common case).
         self.prio_counts: dict[int, int] = {}
+        #: Idempotency keys of requests dispatched and not yet answered (snapshotted: a restarted
+        #: kernel answers their retries KERNEL_RESTARTED instead of running them twice).
+        self.idem_inflight: set[str] = set()
+        #: Keys that were in flight when the previous kernel died -> until when they are refused.
+        self.interrupted: dict[str, float] = {}
+        if decision_log is not None:
+            decision_log.state = self.durable_state
+
+    def durable_state(self) -> dict:
+        """What a decision-log snapshot holds: the ledger and the idempotency keys in flight."""
+        return {"ledger": self.ledger.dump(), "inflight_idem": sorted(self.idem_inflight)}
+
+    def restore(self, report: Any, now: float) -> dict:
+        """Continue the enforcement state a decision log held (kernel.replay.restore): its ledger
+        (jobs, limits, spent amounts, held reservations with their leases) becomes this kernel's.
+        Requests that were running when the previous kernel died are finished at the time of its
+        last logged decision (their wall time stops there), and retries of those that carried an
+        idempotency key are refused with KERNEL_RESTARTED for ``INTERRUPTED_TTL``."""
+        ledger = report.ledger
+        ledger.session = self.ledger.session
+        self.ledger = ledger
+        last = now if report.last_t is None else min(now, report.last_t)
+        finished = 0
+        for name, job in list(ledger.jobs.items()):
+            for _ in range(job.wall_running):
+                self.decide("finish", last, job=name)
+                finished += 1
+        self.interrupted = {k: now + P.INTERRUPTED_TTL for k in report.inflight_idem if k}
+        for key in self.interrupted:
+            self.record("interrupted", now, {"idem": key}, {"ok": True})
+        self.flush_log()
+        return {"jobs": len(ledger.jobs) - 2, "reservations": len(ledger._reservations),
+                "finished": finished, "interrupted": len(self.interrupted)}
 
     def decide(self, op: str, now: float, **inputs: Any) -> dict:
         """Run the Ledger operation ``op`` and record it (inputs and outputs) in the log."""
@@ -80,6 +115,14 @@ class BudgetAdmission(Admission):
     def admit(self, router: Router, req: Request, now: float) -> errors.RecaError | None:
         job = req.job or DEFAULT_JOB
         req.job = job
+        idem = (req.header or {}).get(P.H_IDEM)
+        if idem is not None and self.interrupted:
+            until = self.interrupted.get(idem)
+            if until is not None and until > now:
+                self.counters["interrupted_retries"] = self.counters.get("interrupted_retries", 0) + 1
+                return errors.KernelRestarted(
+                    "this request (same idempotency key) was in flight when the kernel restarted; "
+                    "it may have run, so it is not run again", idem=idem)
         budget = (req.header or {}).get(P.H_BUDGET)
         jobrec = self.ledger.jobs.get(job)
         if jobrec is not None and P.H_PRIORITY not in (req.header or {}):
@@ -87,7 +130,7 @@ class BudgetAdmission(Admission):
         if jobrec is not None and not jobrec.closed and not budget and not jobrec.limits \
                 and jobrec.exhausted is None and all(not j.limits for j in self._chain(jobrec)):
             # Fast path: a job with no limits anywhere up its chain needs no ledger decision.
-            self.tracks[req.token] = _Track(job, {}, priority=req.priority)
+            self.tracks[req.token] = _Track(job, {}, priority=req.priority, idem=idem)
             self.prio_counts[req.priority] = self.prio_counts.get(req.priority, 0) + 1
             self._preempt_lower(router, req, now)
             return None
@@ -96,7 +139,7 @@ class BudgetAdmission(Admission):
             self.counters["refused"] += 1
             return errors.from_wire({"code": out["code"], "message": out["message"]})
         granted = out["granted"]
-        self.tracks[req.token] = track = _Track(job, granted, priority=req.priority)
+        self.tracks[req.token] = track = _Track(job, granted, priority=req.priority, idem=idem)
         self.prio_counts[req.priority] = self.prio_counts.get(req.priority, 0) + 1
         wall = granted.get("wall_ms")
         if wall is not None and "wall_ms" in (budget or {}):
@@ -116,6 +159,10 @@ class BudgetAdmission(Admission):
 
     def forward_header(self, router: Router, req: Request) -> bytes:
         track = self.tracks.get(req.token)
+        if track is not None and track.idem is not None and not track.ran:
+            track.ran = True
+            self.idem_inflight.add(track.idem)
+            self.record("run", router.now, {"idem": track.idem}, {"ok": True})
         if track is not None and "cpu_ms" in track.granted and req.worker is not None and req.worker.pid:
             track.cpu_start = process_cpu_seconds(req.worker.pid)
         if track is None or not track.granted:
@@ -227,6 +274,9 @@ class BudgetAdmission(Admission):
             self.prio_counts.pop(track.priority, None)
         if track.started:
             self.decide("finish", now, job=track.job)
+        if track.ran:
+            self.idem_inflight.discard(track.idem)
+            self.record("ran", now, {"idem": track.idem}, {"ok": True})
 
     def tick(self, router: Router, now: float) -> None:
         self.flush_log()
@@ -234,11 +284,13 @@ class BudgetAdmission(Admission):
             out = self.decide("tick", now)
             for name in out["exhausted"]:
                 self.exhaust(router, name, now)
-        if self.ledger.holds_reservations():
+        if self.ledger.next_expiry() <= now:  # logged only when a lease has run out
             self.decide("expire", now)
+        if self.interrupted and min(self.interrupted.values()) <= now:
+            self.interrupted = {k: t for k, t in self.interrupted.items() if t > now}
 
     def next_wakeup(self) -> float:
-        return self.ledger.next_deadline()
+        return min(self.ledger.next_deadline(), self.ledger.next_expiry())
 
     # -- exhaustion, cancel, preemption ---------------------------------------------------------
 

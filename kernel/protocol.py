@@ -128,6 +128,7 @@ class ErrorCode(enum.StrEnum):
     SERVICE_ERROR = "service_error"  # the service's handler raised
     TIMEOUT = "timeout"  # client side: no reply within the client's own bound
     OVERLOADED = "overloaded"  # the kernel could not queue the request
+    KERNEL_RESTARTED = "kernel_restarted"  # in flight when the kernel died; may have run: not re-run
 
 
 # -- control topics on the kernel's PUB socket ----------------------------------------------------
@@ -375,6 +376,14 @@ MAX_PEERS: Final = 4096
 FD_RESERVE: Final = 128
 #: Requests queued per service before new ones get OVERLOADED.
 MAX_QUEUE: Final = 100_000
+#: Decision log: bytes per segment before a new one starts (with a snapshot), the fsync policy
+#: ("always", "interval", "never"; docs/limits.md) and the interval of "interval", seconds.
+LOG_SEGMENT_BYTES: Final = 8 * 1024 * 1024
+LOG_FSYNC: Final = "interval"
+LOG_FSYNC_INTERVAL: Final = 1.0
+#: How long a restarted kernel answers KERNEL_RESTARTED to a retry of a request (same idempotency
+#: key) that was in flight when the kernel died, seconds.
+INTERRUPTED_TTL: Final = 3600.0
 #: Services with no worker, no queue and nothing in flight are forgotten after this many seconds.
 SERVICE_IDLE_EXPIRY: Final = 60.0
 #: Bytes of request bodies the kernel holds in all service queues together; past it new

@@ -814,6 +814,10 @@ class Admission:
         """A slot of ``worker`` just freed; True if the admission took it (to resume paused work)."""
         return False
 
+    def flush_log(self) -> None:
+        """Hand the decisions taken so far to the operating system (the server calls it after
+        every batch of messages)."""
+
     def tick(self, router: Router, now: float) -> None:
         """Time-driven policy (budget deadlines)."""
 

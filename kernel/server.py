@@ -212,6 +212,7 @@ class KernelServer:
             # Batch full: more may be waiting; let timers run, then continue.
             assert self._loop is not None
             self._loop.call_soon(self._on_readable)
+        self.router.admission.flush_log()  # a kernel crash loses no decision taken so far
         self._arm()
 
     # -- connections ------------------------------------------------------------------------------
