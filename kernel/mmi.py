@@ -231,6 +231,17 @@ class Management:
             self.budget.record(name[len(P.MMI_PREFIX):], now, dict(arg), {"ok": True, "pid": pid})
         return {"ok": True, "pid": pid}
 
+    def op_restart(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
+        if self.procs is None:
+            return None
+        try:
+            restarts = self.procs.restart(arg["child"])
+        except LookupError as exc:
+            return errors.Refused(str(exc))
+        if self.budget is not None:
+            self.budget.record("restart", now, dict(arg), {"ok": True, "restarts": restarts})
+        return {"ok": True, "child": arg["child"], "restarts": restarts}
+
     def op_proc_stop(self, router: "Router", arg: dict, now: float, caller: bytes) -> Any:
         return self._proc(P.MMI_PROC_STOP, arg, now, lambda p: p.suspend(arg["child"]))
 

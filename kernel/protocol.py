@@ -218,6 +218,7 @@ MMI_PROC_STOP: Final = "mmi.proc.stop"
 MMI_PROC_CONT: Final = "mmi.proc.cont"
 MMI_PROC_NICE: Final = "mmi.proc.nice"
 MMI_PROC_AFFINITY: Final = "mmi.proc.affinity"
+MMI_RESTART: Final = "mmi.restart"
 #: Answers of mmi.service (RFC 8/MMI) and of an unknown ``mmi.*`` name.
 MMI_OK: Final = b"200"
 MMI_NOT_FOUND: Final = b"404"
@@ -512,6 +513,8 @@ MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
     _proc(MMI_PROC_STOP, "SIGSTOP a supervised process group"),
     _proc(MMI_PROC_CONT, "SIGCONT a supervised process group"),
     _proc(MMI_PROC_NICE, "set a supervised process's nice value", Arg("nice", "int", "nice value", required=True)),
+    _proc(MMI_RESTART, "start a given-up (or exited) supervised child again, with a fresh restart "
+                       "intensity"),
     _proc(MMI_PROC_AFFINITY, "set a supervised process's CPU set",
           Arg("cpus", "list", "CPU numbers", required=True, items="int")),
 )}

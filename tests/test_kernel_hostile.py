@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import struct
+import sys
 import time
 
 import msgpack
@@ -223,3 +224,29 @@ def test_a_client_that_never_reads_holds_bounded_memory(zctx):
                 assert c.call("echo", "served") == "served"
                 # Bounds: queued bodies (MAX_QUEUED_BYTES, 32 MiB) and 1,000 messages per pipe.
                 assert psutil.Process(k.pid).memory_info().rss - rss_before < 64e6
+
+
+def test_mmi_restart_brings_back_a_given_up_child(tmp_path):
+    flag = tmp_path / "healthy"
+    script = (f"import os, sys, time\nif not os.path.exists({str(flag)!r}): sys.exit(3)\n"
+              "time.sleep(600)")
+    crasher = service_block("crash", command=[sys.executable, "-c", script.replace("\n", "\\n")])
+    with KernelProcess(service_block("echo", "services.echo") + crasher, intensity=2, period=30) as k:
+        with Client(k.endpoint, timeout=10, retries=0) as c:
+            c.wait_for_service("echo", 20)
+
+            def state() -> dict:
+                return {ch["name"]: ch for ch in c.stats()["children"]}["crash"]
+
+            deadline = time.monotonic() + 20
+            while state()["state"] != "given_up" and time.monotonic() < deadline:
+                time.sleep(0.05)  # polling the supervisor's own state, bounded
+            assert state()["state"] == "given_up"
+            flag.write_text("ok")
+            assert c.mmi(P.MMI_RESTART, {"child": "crash"})["ok"]
+            deadline = time.monotonic() + 20
+            while state()["state"] != "running" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert state()["state"] == "running" and psutil.pid_exists(state()["pid"])
+            with pytest.raises(errors.Refused):
+                c.mmi(P.MMI_RESTART, {"child": "crash"})  # running: nothing to bring back
