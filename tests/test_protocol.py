@@ -69,7 +69,7 @@ def test_every_operation_has_one_handler_and_a_known_authority():
             assert arg.kind in P.KINDS and (arg.items is None or arg.items in P.KINDS)
     # process control and control orders are the operator's; audits a service's
     assert {n for n, s in P.MMI_OPS.items() if s.authority is P.Role.OPERATOR} == {
-        P.MMI_CONTROL, P.MMI_PROC_STOP, P.MMI_PROC_CONT, P.MMI_PROC_NICE, P.MMI_PROC_AFFINITY}
+        P.MMI_CONTROL, P.MMI_PROC_STOP, P.MMI_PROC_CONT, P.MMI_PROC_NICE, P.MMI_PROC_AFFINITY, P.MMI_RESTART}
     assert P.MMI_OPS[P.MMI_AUDIT].authority is P.Role.SERVICE
     assert P.Role.CLIENT.rank < P.Role.SERVICE.rank < P.Role.OPERATOR.rank
 
