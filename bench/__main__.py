@@ -13,8 +13,13 @@ import bench
 from bench._common import print_table
 
 
+#: Modules of bench/ that are not benchmarks (experiments with their own command line).
+NOT_BENCHMARKS = {"experiments"}
+
+
 def available() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__)
+                  if not m.name.startswith("_") and m.name not in NOT_BENCHMARKS)
 
 
 def main(argv: list[str] | None = None) -> int:

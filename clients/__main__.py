@@ -19,26 +19,13 @@ from typing import Any
 
 from clients.core import default_endpoint
 from clients.sync import Client
+from clients.table import cell, render
 from kernel import errors
 from kernel import protocol as P
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    if isinstance(v, dict):
-        return " ".join(f"{k}={_fmt(x)}" for k, x in v.items()) or "-"
-    return str(v)
-
-
 def table(rows: list[dict], cols: list[str]) -> str:
-    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
-    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(out)
+    return render(rows, cols, digits=3)
 
 
 def render_status(stats: dict) -> str:
@@ -54,7 +41,7 @@ def render_status(stats: dict) -> str:
         parts.append("JOBS\n" + table(jobs, ["name", "parent", "limits", "spent", "remaining", "exhausted"]))
     counters = {**stats.get("counters", {}), **stats.get("ledger", {})}
     if counters:
-        parts.append("COUNTERS  " + _fmt(counters))
+        parts.append("COUNTERS  " + cell(counters, 3))
     return "\n\n".join(parts)
 
 

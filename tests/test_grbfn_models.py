@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sims.experiments import SupervisedBanditPolicy, grbfn_plastic, run_bandit, run_classifier
+from bench.experiments import SupervisedBanditPolicy, grbfn_plastic, run_bandit, run_classifier
 from sims.grbfn import GRBFN, MLP, GRBFNPlastic, LinUCB, LocalGate, LogReg, UnlimitedGate
 from sims.grbfn.gate import PROTOTYPES
 from sims.streams import bandit_stream, classification_stream
