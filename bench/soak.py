@@ -198,7 +198,7 @@ class Soak:
         ids = [b"\x00" + struct.pack(">I", UNSEEDED_FIRST_ID + base + n) for n in range(200)]
         socks = self._dealers(ctx, endpoint, len(ids), ids)
         for s in socks:
-            s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"mmi.service", b"echo"])
+            s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, P.MMI_SERVICE.encode(), b"echo"])
         time.sleep(0.5)
         self._close(socks)
 
