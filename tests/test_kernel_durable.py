@@ -7,7 +7,7 @@ a real kernel and start another on the same runtime directory.
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,6 +16,7 @@ import pytest
 
 from clients import Client
 from kernel import errors
+from kernel import protocol as P
 from kernel.admission import BudgetAdmission
 from kernel.decisions import DecisionLog, segment_paths
 from kernel.ledger import Ledger
@@ -100,8 +101,8 @@ def test_a_kernel_crash_resets_no_budget():
             c.wait_for_service("echo", 20)
             c.open_job("exp", {"flops": 10_000, "units": 5})
             c.call("echo", {"steps": 3, "step_ms": 1}, job="exp")  # spends 3,000 flops
-            c.mmi("mmi.gate.reserve", {"job": "exp", "resource": "units", "amount": 2, "lease_s": 600})
-            before = c.mmi("mmi.job.stats", {"job": "exp"})
+            c.mmi(P.MMI_GATE_RESERVE, {"job": "exp", "resource": "units", "amount": 2, "lease_s": 600})
+            before = c.mmi(P.MMI_JOB_STATS, {"job": "exp"})
     finally:
         k.kill()
     k2 = _kernel(runtime)
@@ -109,7 +110,7 @@ def test_a_kernel_crash_resets_no_budget():
         assert any("restored" in line for line in k2.lines)
         with Client(k2.endpoint, timeout=10, retries=0) as c:
             c.wait_for_service("echo", 20)
-            after = c.mmi("mmi.job.stats", {"job": "exp"})
+            after = c.mmi(P.MMI_JOB_STATS, {"job": "exp"})
             assert after["spent"]["flops"] == before["spent"]["flops"] == 3000
             assert after["remaining"]["units"] == 3  # the held reservation came back with its lease
             with pytest.raises(errors.Refused):
@@ -117,14 +118,12 @@ def test_a_kernel_crash_resets_no_budget():
             with pytest.raises(errors.BadRequest):
                 c.open_job("exp", {"flops": 1e9})  # no fresh budget by re-opening
             assert c.call("echo", {"steps": 2, "step_ms": 1}, job="exp") is not None  # not "unknown job"
-            assert c.mmi("mmi.job.stats", {"job": "exp"})["spent"]["flops"] == 5000
+            assert c.mmi(P.MMI_JOB_STATS, {"job": "exp"})["spent"]["flops"] == 5000
         out = subprocess.run([sys.executable, "-m", "kernel", "replay", k2.decision_log], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "divergences 0" in out.stdout
     finally:
         k2.stop()
-        import shutil
-
         shutil.rmtree(runtime, ignore_errors=True)
 
 
@@ -157,6 +156,4 @@ def test_a_request_in_flight_at_the_crash_is_not_run_twice():
             assert c.stats()["ledger"].get("interrupted_retries", 0) >= 1
     finally:
         k.stop()
-        import shutil
-
         shutil.rmtree(runtime, ignore_errors=True)
