@@ -17,13 +17,15 @@ answered with a typed error or after a retry, and is counted as answered, not ti
 
 from __future__ import annotations
 
-import os
+import multiprocessing
+import queue
 import random
 import shutil
 import signal
 import struct
 import threading
 import time
+from typing import Any
 
 import psutil
 import zmq
@@ -39,9 +41,111 @@ JOB = "soak"
 UNSEEDED_FIRST_ID = 0x6B8B4567
 
 
+class Hostile:
+    """The hostile peers, run in a process of their own (their Python work must not share the
+    honest clients' interpreter lock, or the measurement would time the harness)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.attacks: dict[str, int] = {}
+
+    def run(self, endpoint: str, stop: Any) -> dict[str, int]:
+        ctx = zmq.Context()
+        ctx.set(zmq.MAX_SOCKETS, 8192)
+        ctx.setsockopt(zmq.SNDTIMEO, 2000)  # the kernel may be down (chaos): never block for long
+        attacks = [self.garbage, self.oversized, self.never_reads, self.claim_ids, self.name_flood,
+                   self.connection_burst]
+        try:
+            while not stop.is_set():
+                attack = self.rng.choice(attacks)
+                try:
+                    attack(ctx, endpoint)
+                except zmq.ZMQError:
+                    pass  # the kernel went away under us (chaos): next attack
+                self.attacks[attack.__name__] = self.attacks.get(attack.__name__, 0) + 1
+        finally:
+            ctx.destroy(linger=0)
+        return self.attacks
+
+
+    def _dealers(self, ctx: zmq.Context, endpoint: str, n: int, ids=None) -> list[zmq.Socket]:
+        out = []
+        for i in range(n):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            if ids is not None:
+                s.setsockopt(zmq.ROUTING_ID, ids[i])
+            s.connect(endpoint)
+            out.append(s)
+        return out
+
+    @staticmethod
+    def _close(socks: list[zmq.Socket]) -> None:
+        for s in socks:
+            s.close(0)
+
+    def garbage(self, ctx, endpoint) -> None:
+        socks = self._dealers(ctx, endpoint, 20)
+        for s in socks:
+            frames = [self.rng.randbytes(self.rng.randint(0, 40)) for _ in range(self.rng.randint(1, 8))]
+            if self.rng.random() < 0.5:
+                frames = [P.MDPC, P.ClientCmd.REQUEST.value] + frames
+            s.send_multipart(frames)
+        time.sleep(0.2)
+        self._close(socks)
+
+    def oversized(self, ctx, endpoint) -> None:
+        (s,) = self._dealers(ctx, endpoint, 1)
+        big = b"\0" * (10 << 20)
+        s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"echo"] + [big] * 10, copy=False)
+        s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"echo"] + [b"y" * (1 << 20)] * 20)
+        s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"echo"] + [b"z"] * 200)
+        time.sleep(0.5)
+        self._close([s])
+
+    def never_reads(self, ctx, endpoint) -> None:
+        (s,) = self._dealers(ctx, endpoint, 1)
+        s.setsockopt(zmq.SNDHWM, 0)
+        for _ in range(3000):
+            s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"echo", b"r" * 1024])
+        time.sleep(1.0)
+        self._close([s])
+
+    def claim_ids(self, ctx, endpoint) -> None:
+        base = self.rng.randint(0, 5000)
+        ids = [b"\x00" + struct.pack(">I", UNSEEDED_FIRST_ID + base + n) for n in range(200)]
+        socks = self._dealers(ctx, endpoint, len(ids), ids)
+        for s in socks:
+            s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, P.MMI_SERVICE.encode(), b"echo"])
+        time.sleep(0.5)
+        self._close(socks)
+
+    def name_flood(self, ctx, endpoint) -> None:
+        (s,) = self._dealers(ctx, endpoint, 1)
+        tag = self.rng.randrange(1 << 30)
+        for n in range(2000):
+            s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, f"flood{tag}.{n}".encode(), b"x"])
+            if n % 200 == 199:
+                while s.poll(0):
+                    s.recv_multipart()
+        time.sleep(0.3)
+        self._close([s])
+
+    def connection_burst(self, ctx, endpoint) -> None:
+        socks = self._dealers(ctx, endpoint, 1000)
+        time.sleep(0.5)
+        self._close(socks)
+
+
+def _hostile_main(endpoint: str, seed: int, stop: Any, out: Any) -> None:
+    out.put(Hostile(seed).run(endpoint, stop))
+
+
 class Soak:
     def __init__(self, seed: int, hostile_s: float, quiet_calls: int) -> None:
         self.rng = random.Random(seed)
+        self.seed = seed
+        self.honest_threads = 2
         self.hostile_s = hostile_s
         self.quiet_calls = quiet_calls
         self.dir = short_tmpdir("reca-soak-")
@@ -128,96 +232,6 @@ class Soak:
                         if code == "unanswered":
                             self.unanswered += 1
 
-    # -- hostile side ------------------------------------------------------------------------------
-
-    def hostile(self) -> None:
-        ctx = zmq.Context()
-        ctx.set(zmq.MAX_SOCKETS, 8192)
-        attacks = [self.garbage, self.oversized, self.never_reads, self.claim_ids, self.name_flood,
-                   self.connection_burst]
-        try:
-            while not self.stop.is_set():
-                attack = self.rng.choice(attacks)
-                k = self.kernel
-                if k is None or k.proc.poll() is not None:
-                    time.sleep(0.1)
-                    continue
-                try:
-                    attack(ctx, k.endpoint)
-                except zmq.ZMQError:
-                    pass  # the kernel went away under us (chaos): next attack
-                self.attacks[attack.__name__] = self.attacks.get(attack.__name__, 0) + 1
-        finally:
-            ctx.destroy(linger=0)
-
-    def _dealers(self, ctx: zmq.Context, endpoint: str, n: int, ids=None) -> list[zmq.Socket]:
-        out = []
-        for i in range(n):
-            s = ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            if ids is not None:
-                s.setsockopt(zmq.ROUTING_ID, ids[i])
-            s.connect(endpoint)
-            out.append(s)
-        return out
-
-    @staticmethod
-    def _close(socks: list[zmq.Socket]) -> None:
-        for s in socks:
-            s.close(0)
-
-    def garbage(self, ctx, endpoint) -> None:
-        socks = self._dealers(ctx, endpoint, 20)
-        for s in socks:
-            frames = [self.rng.randbytes(self.rng.randint(0, 40)) for _ in range(self.rng.randint(1, 8))]
-            if self.rng.random() < 0.5:
-                frames = [P.MDPC, P.ClientCmd.REQUEST.value] + frames
-            s.send_multipart(frames)
-        time.sleep(0.2)
-        self._close(socks)
-
-    def oversized(self, ctx, endpoint) -> None:
-        (s,) = self._dealers(ctx, endpoint, 1)
-        big = b"\0" * (10 << 20)
-        s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"echo"] + [big] * 10, copy=False)
-        s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"echo"] + [b"y" * (1 << 20)] * 20)
-        s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"echo"] + [b"z"] * 200)
-        time.sleep(0.5)
-        self._close([s])
-
-    def never_reads(self, ctx, endpoint) -> None:
-        (s,) = self._dealers(ctx, endpoint, 1)
-        s.setsockopt(zmq.SNDHWM, 0)
-        for _ in range(3000):
-            s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"echo", b"r" * 1024])
-        time.sleep(1.0)
-        self._close([s])
-
-    def claim_ids(self, ctx, endpoint) -> None:
-        base = self.rng.randint(0, 5000)
-        ids = [b"\x00" + struct.pack(">I", UNSEEDED_FIRST_ID + base + n) for n in range(200)]
-        socks = self._dealers(ctx, endpoint, len(ids), ids)
-        for s in socks:
-            s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, P.MMI_SERVICE.encode(), b"echo"])
-        time.sleep(0.5)
-        self._close(socks)
-
-    def name_flood(self, ctx, endpoint) -> None:
-        (s,) = self._dealers(ctx, endpoint, 1)
-        tag = self.rng.randrange(1 << 30)
-        for n in range(2000):
-            s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, f"flood{tag}.{n}".encode(), b"x"])
-            if n % 200 == 199:
-                while s.poll(0):
-                    s.recv_multipart()
-        time.sleep(0.3)
-        self._close([s])
-
-    def connection_burst(self, ctx, endpoint) -> None:
-        socks = self._dealers(ctx, endpoint, 1000)
-        time.sleep(0.5)
-        self._close(socks)
-
     # -- chaos -------------------------------------------------------------------------------------
 
     def chaos_loop(self, every_s: float) -> None:
@@ -250,6 +264,10 @@ class Soak:
         k.kill()
         self.start_kernel()
         self.restarts += 1
+        # The honest clients finish (answer or typed error) the calls the kill cut, then hold
+        # still: the comparison is then of a quiescent ledger with its log.
+        for _ in range(self.honest_threads):
+            self.idle.acquire(timeout=60)
         self.check_replay()
         self.pause.clear()
 
@@ -274,9 +292,13 @@ class Soak:
         sampler = threading.Thread(target=self.sample_rss, daemon=True)
         sampler.start()
         self.honest(self.quiet_calls, self.quiet)  # quiet phase: nothing hostile yet
-        threads = [threading.Thread(target=self.honest, args=(None, self.loud)) for _ in range(2)]
-        threads += [threading.Thread(target=self.hostile), threading.Thread(target=self.chaos_loop,
-                                                                              args=(chaos_every_s,))]
+        threads = [threading.Thread(target=self.honest, args=(None, self.loud)) for _ in range(self.honest_threads)]
+        threads.append(threading.Thread(target=self.chaos_loop, args=(chaos_every_s,)))
+        mp = multiprocessing.get_context("spawn")
+        hostile_stop, hostile_out = mp.Event(), mp.Queue()
+        hostile = mp.Process(target=_hostile_main, args=(self.kernel.endpoint, self.seed, hostile_stop,
+                                                         hostile_out))
+        hostile.start()
         for t in threads:
             t.start()
         end = time.monotonic() + self.hostile_s
@@ -285,6 +307,14 @@ class Soak:
             if not self.pause.is_set():
                 self.kernel_alive_check()
         self.stop.set()
+        hostile_stop.set()
+        try:
+            self.attacks = hostile_out.get(timeout=120)
+        except queue.Empty:
+            pass
+        hostile.join(30)
+        if hostile.is_alive():
+            hostile.kill()
         for t in threads:
             t.join(120)
         self.kernel_alive_check()

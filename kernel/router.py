@@ -12,7 +12,9 @@ Rules (docs/protocol.md is normative):
   plain MDP workers; a reca worker may declare more in its READY options).  Free slots are kept
   in least-recently-used order and requests go to the slot that has waited longest.
 * A request to a service with no free slot waits in the service's queue, highest priority first,
-  FIFO within a priority.  A request to a service that has no worker at all is answered
+  round-robin across clients within a priority (a client's k-th waiting request ranks after every
+  other client's first k, so a flooding client delays another by at most one request per round),
+  FIFO within a client.  A request to a service that has no worker at all is answered
   UNAVAILABLE after ``unavailable_wait`` unless a worker registers in time.
 * Every request gets exactly one FINAL: its worker's, or the kernel's own error.  When a worker
   dies (DISCONNECT, a missed liveness window, an unroutable send, a protocol error) every request
@@ -90,8 +92,8 @@ class Service:
     """Per-service worker pool, request queue and statistics."""
 
     __slots__ = (
-        "name", "workers", "ready", "queue", "queued", "live", "requests", "finals", "errors", "partials",
-        "latencies", "wait_since",
+        "name", "workers", "ready", "queue", "queued", "by_client", "live", "requests", "finals", "errors",
+        "partials", "latencies", "wait_since",
     )
 
     def __init__(self, name: bytes) -> None:
@@ -99,11 +101,13 @@ class Service:
         self.workers: dict[bytes, Worker] = {}
         # Invariant: one entry per free slot of a live worker, least recently used first.
         self.ready: collections.deque[Worker] = collections.deque()
-        # Heap of (-priority, seq, Request); entries whose request is done are skipped lazily, and
-        # the heap is rebuilt when they outnumber the live ones (Invariant: len(queue) <= 2 *
-        # queued + _SLACK after every change).
-        self.queue: list[tuple[int, int, Request]] = []
+        # Heap of (-priority, round, seq, Request): highest priority first, then round-robin across
+        # clients (a client's k-th queued request has round k), then FIFO.  Entries whose request
+        # is done are skipped lazily, and the heap is rebuilt when they outnumber the live ones
+        # (Invariant: len(queue) <= 2 * queued + _SLACK after every change).
+        self.queue: list[tuple[int, int, int, Request]] = []
         self.queued = 0  # live (not done) requests in the queue
+        self.by_client: dict[bytes, int] = {}  # client -> its live queued requests
         self.live = 0  # requests of this service not yet answered (queued or dispatched)
         self.requests = 0
         self.finals = 0
@@ -363,7 +367,9 @@ class Router:
         if service.queued >= self.max_queue or self.queued_bytes + size > self.max_queued_bytes:
             self._finish_error(req, errors.Overloaded(f"queue for {service.name.decode(errors='replace')} is full"), now)
             return
-        heapq.heappush(service.queue, (-req.priority, next(self._seq), req))
+        turn = service.by_client.get(req.client, 0)
+        service.by_client[req.client] = turn + 1
+        heapq.heappush(service.queue, (-req.priority, turn, next(self._seq), req))
         req.queued = True
         service.queued += 1
         self.queued_bytes += size
@@ -375,7 +381,7 @@ class Router:
     def _drain_queue(self, service: Service, now: float) -> None:
         queue = service.queue
         while queue and service.ready:
-            _, _, req = heapq.heappop(queue)
+            req = heapq.heappop(queue)[-1]
             if req.done:
                 continue
             self._dequeued(req)
@@ -383,7 +389,13 @@ class Router:
 
     def _dequeued(self, req: Request) -> None:
         req.queued = False
-        req.service.queued -= 1
+        service = req.service
+        service.queued -= 1
+        left = service.by_client.get(req.client, 1) - 1
+        if left > 0:
+            service.by_client[req.client] = left
+        else:
+            service.by_client.pop(req.client, None)
         self.queued_bytes -= sum(map(len, req.body))
 
     def _retire(self, req: Request, now: float) -> None:
@@ -457,7 +469,7 @@ class Router:
     def top_queued_priority(self, service: Service) -> int | None:
         """The priority of the first request waiting in ``service``'s queue (None: none waits)."""
         queue = service.queue
-        while queue and queue[0][2].done:
+        while queue and queue[0][-1].done:
             heapq.heappop(queue)
         return -queue[0][0] if queue else None
 
@@ -604,7 +616,7 @@ class Router:
         service = worker.service
         queue = service.queue
         while queue:
-            _, _, req = heapq.heappop(queue)
+            req = heapq.heappop(queue)[-1]
             if not req.done:
                 self._dequeued(req)
                 self._dispatch(req, worker, now)
@@ -663,7 +675,7 @@ class Router:
             elif now - service.wait_since >= self.unavailable_wait:
                 del waiting[service.name]
                 service.wait_since = None
-                for _, _, req in list(service.queue):
+                for *_, req in list(service.queue):
                     if not req.done:
                         self._finish_error(req, errors.Unavailable(
                             f"no worker for service {service.name.decode(errors='replace')!r}"), now)

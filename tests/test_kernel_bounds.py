@@ -108,3 +108,21 @@ def test_stats_are_paged_and_one_service_can_be_asked_for():
     last = r.stats(query={"page": 2})
     assert list(last["services"]) == [f"s{n:03d}" for n in range(200, 250)]
     assert list(r.stats(query={"service": "s123"})["services"]) == ["s123"]
+
+
+def test_a_flooding_client_delays_another_by_one_request_per_round():
+    wire = Wire()
+    r = Router(wire)
+    ready(r, b"W1")
+    request(r, b"FLOOD", body=[reca(0), codec.pack(0)])  # occupies the only slot
+    (busy,) = wire.to(b"W1")
+    for n in range(1, 500):
+        request(r, b"FLOOD", body=[reca(n), codec.pack(n)])
+    request(r, b"HONEST", body=[reca("h"), codec.pack("h")])
+    served = []
+    msg = busy
+    for _ in range(3):
+        final(r, b"W1", msg, 1.0)
+        (msg,) = [m for m in wire.to(b"W1") if m[2] == W.REQUEST.value]
+        served.append(codec.unpack(msg[-1]))
+    assert served[:2] == [1, "h"]  # after one flood request (its round 0), not after 499
