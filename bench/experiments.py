@@ -34,7 +34,7 @@ import numpy as np
 from clients.table import print_table
 from sims.grbfn import GRBFN, MLP, GRBFNPlastic, LinUCB, LocalGate, LogReg, UnlimitedGate
 from sims.grbfn.gate import PROTOTYPES, GrowthGate
-from sims.streams import (BANDIT_SEEDS, CLASSIFICATION_SEED, N_PHASES, STEPS_PER_PHASE,
+from sims.streams import (BANDIT_SEEDS, CLASSIFICATION_SEED, STEPS_PER_PHASE,
                           BanditStream, bandit_stream, classification_stream)
 
 QUICK_STEPS_PER_PHASE = 500

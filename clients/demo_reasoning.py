@@ -72,13 +72,14 @@ async def _decode_phase(endpoint: str, job: str) -> dict:
                     rec["decode"] = r.payload["decode"]
                     started[i].set()
 
-        tasks = [asyncio.ensure_future(decode(i, q)) for i, q in enumerate(questions)]
-        await asyncio.wait_for(asyncio.gather(trigger.wait(), *(e.wait() for e in started)), TIMEOUT)
-        t0 = time.perf_counter()
-        urgent = await cl.call("decode", {"op": "generate", "prompt": URGENT_QUESTION, "max_new": 30,
-                                          "keep": False}, job=f"{job}-urgent", priority=URGENT_PRIORITY)
-        urgent_ms = 1e3 * (time.perf_counter() - t0)
-        await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT)
+        async with asyncio.timeout(2 * TIMEOUT), asyncio.TaskGroup() as tasks:  # every decode task is owned
+            for i, q in enumerate(questions):
+                tasks.create_task(decode(i, q))
+            await asyncio.wait_for(asyncio.gather(trigger.wait(), *(e.wait() for e in started)), TIMEOUT)
+            t0 = time.perf_counter()
+            urgent = await cl.call("decode", {"op": "generate", "prompt": URGENT_QUESTION, "max_new": 30,
+                                              "keep": False}, job=f"{job}-urgent", priority=URGENT_PRIORITY)
+            urgent_ms = 1e3 * (time.perf_counter() - t0)
     return {"chains": results, "urgent": {"text": urgent["text"], "latency_ms": urgent_ms}}
 
 

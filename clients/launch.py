@@ -18,12 +18,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import psutil
+import tomli_w
 
 from kernel import protocol as P
 
@@ -44,42 +44,32 @@ def short_tmpdir(prefix: str = "reca-") -> str:
 def service_block(name: str, module: str | None = None, *, command: list[str] | None = None,
                   replicas: int = 1, restart: str = "permanent", args: Iterable[str] = (),
                   shutdown_timeout_s: float = 5.0, env: dict | None = None) -> str:
-    """One ``[[service]]`` table: a Python service ``module`` or an arbitrary ``command``."""
-    lines = ["[[service]]", f'name = "{name}"']
+    """One ``[[service]]`` table (TOML text): a Python service ``module`` or an arbitrary ``command``."""
+    table: dict[str, Any] = {"name": name}
     if module:
-        lines.append(f'module = "{module}"')
+        table["module"] = module
     if command:
-        lines.append("command = [" + ", ".join(f'"{c}"' for c in command) + "]")
-    lines += [f"replicas = {replicas}", f'restart = "{restart}"', f"shutdown_timeout_s = {shutdown_timeout_s}"]
+        table["command"] = list(command)
+    table.update(replicas=replicas, restart=restart, shutdown_timeout_s=shutdown_timeout_s)
     if args:
-        lines.append("args = [" + ", ".join(f'"{a}"' for a in args) + "]")
+        table["args"] = list(args)
     if env:
-        lines.append("env = { " + ", ".join(f'{k} = "{v}"' for k, v in env.items()) + " }")
-    return "\n".join(lines) + "\n"
+        table["env"] = {str(k): str(v) for k, v in env.items()}
+    return tomli_w.dumps({"service": [table]})
 
 
 def kernel_config(services: str = "", *, heartbeat: float = 0.2, liveness: int = 3,
                   unavailable_wait: float = 0.5, intensity: int = 5, period: float = 10.0,
                   endpoint: str | None = None, kernel_extra: dict | None = None) -> str:
-    """A whole config: the ``[kernel]`` and ``[supervisor]`` tables (short heartbeats and restart
-    back-off by default, for tests and benchmarks) followed by ``services``.  ``kernel_extra``:
-    more ``[kernel]`` keys (numbers or strings)."""
-    extra = "".join(f"\n        {k} = {v!r}" if isinstance(v, str) else f"\n        {k} = {v}"
-                    for k, v in (kernel_extra or {}).items()).replace("'", '"')
-    return textwrap.dedent(f"""
-        [kernel]
-        endpoint = "{endpoint or 'ipc://{runtime}/kernel.sock'}"
-        heartbeat_s = {heartbeat}
-        liveness = {liveness}
-        unavailable_wait_s = {unavailable_wait}
-        decision_log = "{{runtime}}/decisions.jsonl"{extra}
-
-        [supervisor]
-        intensity = {intensity}
-        period_s = {period}
-        backoff_initial_s = 0.02
-        backoff_max_s = 0.5
-    """) + services
+    """A whole config (TOML text): the ``[kernel]`` and ``[supervisor]`` tables (short heartbeats
+    and restart back-off by default, for tests and benchmarks) followed by ``services``.
+    ``kernel_extra``: more ``[kernel]`` keys."""
+    return tomli_w.dumps({
+        "kernel": {"endpoint": endpoint or "ipc://{runtime}/kernel.sock", "heartbeat_s": heartbeat,
+                   "liveness": liveness, "unavailable_wait_s": unavailable_wait,
+                   "decision_log": "{runtime}/decisions.jsonl", **(kernel_extra or {})},
+        "supervisor": {"intensity": intensity, "period_s": period, "backoff_initial_s": 0.02, "backoff_max_s": 0.5},
+    }) + "\n" + services
 
 
 class KernelStartError(RuntimeError):

@@ -18,6 +18,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from kernel import protocol as P
 from kernel.config import ConfigError, default_control_for, load
@@ -100,18 +102,20 @@ async def _run(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    serving = asyncio.ensure_future(server.serve())
     print(f"reca kernel endpoint {server.endpoint}", flush=True)
     print(f"reca kernel control {server.control}", flush=True)
     try:
-        await supervisor.start()
-        print(f"reca kernel ready ({len(supervisor.children)} service process(es))", flush=True)
-        await stop.wait()
+        async with asyncio.TaskGroup() as tasks:  # the server task is owned: awaited before we return
+            tasks.create_task(server.serve())
+            try:
+                await supervisor.start()
+                print(f"reca kernel ready ({len(supervisor.children)} service process(es))", flush=True)
+                await stop.wait()
+            finally:
+                logging.getLogger("reca.kernel").info("shutting down")
+                await supervisor.shutdown()
+                server.stop()
     finally:
-        logging.getLogger("reca.kernel").info("shutting down")
-        await supervisor.shutdown()
-        server.stop()
-        await serving
         if decision_log is not None:
             decision_log.close()
     print("reca kernel stopped", flush=True)
@@ -129,13 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     try:
         import uvloop
+
+        runner = uvloop.run
     except ImportError:  # uvloop is optional; asyncio's loop works the same, a little slower
-        runner = asyncio.run
-    else:
-        def runner(coro):
-            return uvloop.run(coro)
+        pass
     try:
         return runner(_run(args))
     except ConfigError as exc:

@@ -220,35 +220,18 @@ class BudgetAdmission(Admission):
             self._on_paused(router, req, now)
         return body
 
-    def on_final(self, router: Router, req: Request, body: list[bytes], now: float) -> list[bytes]:
-        try:
-            status = codec.unpack(body[0]) if body else None
-        except errors.BadRequest:
-            status = None
-        if not isinstance(status, dict):
-            exc = errors.ServiceError("worker sent a malformed status frame")
-            self.on_done(router, req, now, None, exc)
-            return router.error_body(req, exc)
+    def settle(self, router: Router, req: Request, status: dict, now: float) -> errors.RecaError | None:
         track = self.tracks.get(req.token)
         if track is not None and track.cpu_start is not None and req.worker is not None and req.worker.pid:
-            # CPU time measured by the kernel from /proc (exact for capacity-1 workers, shared
-            # among concurrent requests otherwise); it replaces any cpu_ms the worker reported.
+            # CPU time measured by the kernel (psutil; exact for capacity-1 workers, shared among
+            # concurrent requests otherwise); it replaces any cpu_ms the worker reported.
             end = process_cpu_seconds(req.worker.pid)
             if end is not None:
                 sp = status.get(P.S_SPENT)
                 if not isinstance(sp, dict):
                     sp = status[P.S_SPENT] = {}
                 sp["cpu_ms"] = max(0.0, (end - track.cpu_start) * 1000.0)
-        exc = self._charge_status(router, req, status, now)
-        spent = status.get(P.S_SPENT)
-        if not isinstance(spent, dict):
-            spent = {}
-        spent["wall_ms"] = (now - req.received) * 1000.0
-        status[P.S_SPENT] = spent
-        self.on_done(router, req, now, spent, exc)
-        if exc is not None:
-            return router.error_body(req, exc, spent)
-        return [codec.pack(status), *body[1:]]
+        return self._charge_status(router, req, status, now)
 
     def on_deadline(self, router: Router, req: Request, now: float) -> None:
         track = self.tracks.get(req.token)

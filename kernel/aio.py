@@ -11,6 +11,7 @@ always checks ``ZMQ_EVENTS`` before sleeping, and anything that sends on the soc
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import zmq
 
@@ -22,7 +23,7 @@ class Readable:
         self.sock = sock
         self._loop = loop or asyncio.get_running_loop()
         self._event = asyncio.Event()
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd = sock.fileno()
         self._loop.add_reader(self._fd, self._event.set)
 
     def poke(self) -> None:
@@ -30,7 +31,7 @@ class Readable:
         self._event.set()
 
     def ready(self) -> bool:
-        return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        return readable(self.sock)
 
     async def wait(self, timeout: float | None = None) -> bool:
         """True when a message can be received without blocking; False after ``timeout`` s."""
@@ -55,6 +56,11 @@ class Readable:
             self._loop.remove_reader(self._fd)
         except (ValueError, OSError):
             pass
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """Whether a message can be received from ``sock`` now (``ZMQ_EVENTS`` has POLLIN)."""
+    return bool(cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN)
 
 
 # Plain-int flags: pyzmq's enum flags cost an Enum operation per frame on its Python path.

@@ -6,8 +6,9 @@ container and string limits from the input length, the C unpacker refuses nestin
 its fixed stack, and :func:`unpack` additionally caps the input size.  Any decoding failure is
 raised as :class:`kernel.errors.BadRequest`, never as a msgpack internal exception.
 
-NumPy arrays travel as ``{"__nd__": [dtype, shape], "b": bytes}`` (small, inline); callers with
-large arrays send the raw buffer as a separate frame (see :func:`array_frames`).
+NumPy arrays travel inline as ``{"__nd__": [dtype, shape], "b": bytes}`` (:func:`unpack_array`
+turns one back).  No message of reca carries arrays large enough to need a separate zero-copy
+frame today, so there is no such path (a helper for it had no caller and was removed).
 """
 
 from __future__ import annotations
@@ -82,11 +83,3 @@ def unpack_array(obj: Any) -> Any:
         return np.frombuffer(obj["b"], dtype=np.dtype(dtype)).reshape(shape)
     except Exception as exc:
         raise BadRequest(f"malformed array: {exc}") from exc
-
-
-def array_frames(arr: Any) -> list[Any]:
-    """A large array as ``[meta, buffer]``: the buffer frame is sent zero-copy by pyzmq."""
-    import numpy as np
-
-    arr = np.ascontiguousarray(arr)
-    return [pack({"__nd__": [str(arr.dtype), list(arr.shape)]}), memoryview(arr).cast("B")]

@@ -133,3 +133,21 @@ def from_wire(error: Any) -> RecaError:
         exc.code = code
         return exc
     return cls(message, **detail)
+
+
+_NO_DEFAULT: Any = object()
+
+
+def require_int(payload: dict, key: str, default: Any = _NO_DEFAULT, *, lo: int | None = None,
+                hi: int | None = None) -> int:
+    """``payload[key]`` (or ``default`` when absent) as an int in ``[lo, hi]``; :class:`BadRequest`
+    naming the field otherwise (bool is not an int).  The one integer check of request payloads."""
+    value = payload.get(key, default)
+    if value is _NO_DEFAULT:
+        raise BadRequest(f"{key!r} is required (an integer)")
+    if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo) \
+            or (hi is not None and value > hi):
+        where = f" in [{lo}, {hi}]" if lo is not None and hi is not None else \
+            f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else ""
+        raise BadRequest(f"{key!r} must be an integer{where}, got {value!r}")
+    return value

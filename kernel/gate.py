@@ -33,7 +33,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from kernel import errors
 from kernel import protocol as P
@@ -59,9 +59,8 @@ class Gate(Protocol):
 
 def check_amount(amount: Any, *, whole: bool = False, zero: bool = False) -> None:
     """``amount`` must be a finite number > 0 (>= 0 with ``zero``); an int when ``whole``."""
-    kinds: tuple[type, ...] = (int,) if whole else (int, float)
-    if isinstance(amount, bool) or not isinstance(amount, kinds) or not math.isfinite(amount) \
-            or amount < 0 or (amount == 0 and not zero):
+    ok = isinstance(amount, int) if whole else isinstance(amount, (int, float))
+    if isinstance(amount, bool) or not ok or not math.isfinite(amount) or amount < 0 or (amount == 0 and not zero):
         what = "a positive int" if whole else "a positive number"
         raise ValueError(f"amount must be {what}, got {amount!r}")
 
@@ -79,10 +78,11 @@ class LocalGate:
         for resource, cap in (caps or {}).items():
             kinds: tuple[type, ...] = (int,) if whole_units else (int, float)
             if isinstance(cap, bool) or not isinstance(cap, kinds) or cap < 0:
-                raise ValueError(f"cap for {resource!r} must be a non-negative {'int' if whole_units else 'number'}, "
-                                 f"got {cap!r}")
+                raise ValueError(
+                    f"cap for {resource!r} must be a non-negative {'int' if whole_units else 'number'}, got {cap!r}"
+                )
         self.caps: dict[str, Amount] = dict(caps or {})
-        self.used: collections.Counter[str] = collections.Counter()
+        self.used: dict[str, Amount] = collections.defaultdict(int)
         self.refused: collections.Counter[str] = collections.Counter()
         self._held: dict[str, tuple[str, Amount]] = {}  # key -> (resource, amount)
         self._lock = threading.Lock()
@@ -106,8 +106,9 @@ class LocalGate:
         check_amount(amount, whole=self.whole_units)
         with self._lock:
             left = max(0.0, self._left(resource))
-            got: Amount = amount if amount <= left + 1e-9 else (
-                math.floor(left + 1e-9) if isinstance(amount, int) else left)
+            got: Amount = (
+                amount if amount <= left + 1e-9 else (math.floor(left + 1e-9) if isinstance(amount, int) else left)
+            )
             if got < amount:
                 self.refused[resource] += 1
             self.used[resource] += got
@@ -177,10 +178,15 @@ class _KernelGateBase:
         self.leases_lost = 0
         self._keys = 0
 
-    def _reserve_arg(self, job: str, resource: str, amount: Amount, *, up_to: bool = False,
-                     commit: bool | None = None) -> dict[str, Any]:
-        arg: dict[str, Any] = {"job": job, "resource": resource, "amount": amount,
-                               "commit": (not self.hold) if commit is None else commit}
+    def _reserve_arg(
+        self, job: str, resource: str, amount: Amount, *, up_to: bool = False, commit: bool | None = None
+    ) -> dict[str, Any]:
+        arg: dict[str, Any] = {
+            "job": job,
+            "resource": resource,
+            "amount": amount,
+            "commit": (not self.hold) if commit is None else commit,
+        }
         if up_to:
             arg["up_to"] = True
         if self.lease_s is not None and not arg["commit"]:
@@ -198,6 +204,23 @@ class _KernelGateBase:
     def _oldest(self, resource: str) -> str | None:
         return next((k for k, h in self.held.items() if h.resource == resource), None)
 
+    def _to_commit(self, key: str) -> Held:
+        """Forget and return the reservation held for ``key`` (or, if ``key`` names a resource,
+        its oldest); KeyError if none."""
+        k = key if key in self.held else self._oldest(key)
+        if k is None:
+            raise KeyError(f"no reservation held for {key!r}")
+        return self.held.pop(k)
+
+    def _to_release(self, resource: str, key: str | None) -> Held | None:
+        """Forget and return the reservation held for ``key`` (None: the oldest of ``resource``)."""
+        k = key if key is not None else self._oldest(resource)
+        return None if k is None else self.held.pop(k, None)
+
+    def _release_failed(self, held: Held, exc: errors.RecaError) -> None:
+        self.release_failures += 1  # the kernel's lease reclaims the units
+        log.warning("gate release of %s failed: %s", held.reservation, exc)
+
     def _renew_arg(self) -> dict[str, Any]:
         arg: dict[str, Any] = {"reservations": [h.reservation for h in self.held.values()]}
         if self.lease_s is not None:
@@ -209,17 +232,27 @@ class KernelGate(_KernelGateBase):
     """:class:`Gate` backed by the kernel's ledger, blocking.  ``client``: a client, or a
     factory called on first use.  Used from one thread at a time (a client's socket is)."""
 
-    def __init__(self, client: Caller | Callable[[], Caller], job: str = "default", *, hold: bool = False,
-                 lease_s: float | None = None) -> None:
+    def __init__(
+        self,
+        client: Caller | Callable[[], Caller],
+        job: str = "default",
+        *,
+        hold: bool = False,
+        lease_s: float | None = None,
+    ) -> None:
         super().__init__(job, hold, lease_s)
-        self._client: Caller | None = None if callable(client) and not hasattr(client, "call") else client  # type: ignore[assignment]
-        self._factory = client if self._client is None else None
+        self._client: Caller | None = None
+        self._factory: Callable[[], Caller] | None = None
+        if hasattr(client, "call"):
+            self._client = cast(Caller, client)
+        else:
+            self._factory = client
 
     @property
     def client(self) -> Caller:
         if self._client is None:
             assert self._factory is not None
-            self._client = self._factory()  # type: ignore[operator]
+            self._client = self._factory()
         return self._client
 
     def reserve(self, resource: str, amount: Amount = 1, key: str | None = None) -> bool:
@@ -234,8 +267,9 @@ class KernelGate(_KernelGateBase):
     def reserve_up_to(self, resource: str, amount: Amount) -> Amount:
         """Take and spend ``min(amount, what is left)`` in one round trip; returns how much."""
         try:
-            out = self.client.call(P.MMI_GATE_RESERVE, self._reserve_arg(self.job, resource, amount, up_to=True,
-                                                                         commit=True))
+            out = self.client.call(
+                P.MMI_GATE_RESERVE, self._reserve_arg(self.job, resource, amount, up_to=True, commit=True)
+            )
         except REFUSALS:
             self.refusals += 1
             return 0
@@ -244,22 +278,18 @@ class KernelGate(_KernelGateBase):
 
     def commit(self, key: str) -> None:
         """Spend the reservation held for ``key`` (or, given a resource name, its oldest)."""
-        held = self.held.pop(key, None) if key in self.held else self.held.pop(self._oldest(key) or "", None)
-        if held is None:
-            raise KeyError(f"no reservation held for {key!r}")
-        self.client.call(P.MMI_GATE_COMMIT, {"reservation": held.reservation})
+        self.client.call(P.MMI_GATE_COMMIT, {"reservation": self._to_commit(key).reservation})
 
     def release(self, resource: str, amount: Amount = 1, key: str | None = None) -> None:
         """Give back the reservation held for ``key`` (else the oldest of ``resource``).  Units
         spent at grant are not given back (spending is final); nothing held: a no-op."""
-        held = self.held.pop(key if key is not None else self._oldest(resource) or "", None)
+        held = self._to_release(resource, key)
         if held is None:
             return
         try:
             self.client.call(P.MMI_GATE_RELEASE, {"reservation": held.reservation})
-        except errors.RecaError as exc:  # the lease reclaims the units
-            self.release_failures += 1
-            log.warning("gate release of %s failed: %s", held.reservation, exc)
+        except errors.RecaError as exc:
+            self._release_failed(held, exc)
 
     def renew(self) -> int:
         """Extend every held reservation by one lease.  One the kernel no longer holds (it
@@ -292,8 +322,9 @@ class KernelGate(_KernelGateBase):
 class AsyncKernelGate(_KernelGateBase):
     """The asyncio form of :class:`KernelGate` (same arguments, coroutine methods)."""
 
-    def __init__(self, client: AsyncCaller, job: str = "default", *, hold: bool = False,
-                 lease_s: float | None = None) -> None:
+    def __init__(
+        self, client: AsyncCaller, job: str = "default", *, hold: bool = False, lease_s: float | None = None
+    ) -> None:
         super().__init__(job, hold, lease_s)
         self.client = client
 
@@ -309,8 +340,9 @@ class AsyncKernelGate(_KernelGateBase):
     async def reserve_up_to(self, resource: str, amount: Amount) -> Amount:
         """Take and spend ``min(amount, what is left)`` in one round trip; returns how much."""
         try:
-            out = await self.client.call(P.MMI_GATE_RESERVE, self._reserve_arg(self.job, resource, amount,
-                                                                               up_to=True, commit=True))
+            out = await self.client.call(
+                P.MMI_GATE_RESERVE, self._reserve_arg(self.job, resource, amount, up_to=True, commit=True)
+            )
         except REFUSALS:
             self.refusals += 1
             return 0
@@ -318,17 +350,13 @@ class AsyncKernelGate(_KernelGateBase):
         return out["granted"]
 
     async def commit(self, key: str) -> None:
-        held = self.held.pop(key, None) if key in self.held else self.held.pop(self._oldest(key) or "", None)
-        if held is None:
-            raise KeyError(f"no reservation held for {key!r}")
-        await self.client.call(P.MMI_GATE_COMMIT, {"reservation": held.reservation})
+        await self.client.call(P.MMI_GATE_COMMIT, {"reservation": self._to_commit(key).reservation})
 
     async def release(self, resource: str, amount: Amount = 1, key: str | None = None) -> None:
-        held = self.held.pop(key if key is not None else self._oldest(resource) or "", None)
+        held = self._to_release(resource, key)
         if held is None:
             return
         try:
             await self.client.call(P.MMI_GATE_RELEASE, {"reservation": held.reservation})
         except errors.RecaError as exc:
-            self.release_failures += 1
-            log.warning("gate release of %s failed: %s", held.reservation, exc)
+            self._release_failed(held, exc)

@@ -307,7 +307,7 @@ class Router:
         token = _TOKEN.pack(next(self._tokens))
         req = Request(token, identity, form, service, body, rid, reca, None, 0, now, header=header)
         service.live += 1
-        if reca:
+        if header is not None:
             try:
                 self._parse_header(req, header)
             except errors.BadRequest as exc:
@@ -445,7 +445,7 @@ class Router:
             self.counters["unroutable_replies"] += 1
 
     def error_body(self, req: Request, exc: errors.RecaError, spent: dict | None = None) -> list[bytes]:
-        status = {P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: exc.to_wire()}
+        status: dict[str, Any] = {P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: exc.to_wire()}
         if req.reca:
             status[P.H_VERSION] = P.VERSION
             status[P.S_ID] = req.rid
@@ -797,8 +797,9 @@ class Admission:
         return body
 
     def on_final(self, router: Router, req: Request, body: list[bytes], now: float) -> list[bytes]:
-        """Add the kernel-measured wall time to the worker's status."""
-        spent = None
+        """The FINAL's body for the client: the worker's status, settled (:meth:`settle`), with the
+        kernel-measured wall time added; a malformed status or a settlement's error instead
+        answers the request with that error."""
         try:
             status = codec.unpack(body[0]) if body else None
         except errors.BadRequest:
@@ -807,13 +808,20 @@ class Admission:
             exc = errors.ServiceError("worker sent a malformed status frame")
             self.on_done(router, req, now, None, exc)
             return router.error_body(req, exc)
+        over = self.settle(router, req, status, now)
         spent = status.get(P.S_SPENT)
         if not isinstance(spent, dict):
             spent = {}
         spent["wall_ms"] = (now - req.received) * 1000.0
         status[P.S_SPENT] = spent
-        self.on_done(router, req, now, spent, None)
+        self.on_done(router, req, now, spent, over)
+        if over is not None:
+            return router.error_body(req, over, spent)
         return [codec.pack(status), *body[1:]]
+
+    def settle(self, router: Router, req: Request, status: dict, now: float) -> errors.RecaError | None:
+        """Account a FINAL's status (it may be amended in place); an error to answer with instead."""
+        return None
 
     def on_deadline(self, router: Router, req: Request, now: float) -> None:
         router.fail_request(req, errors.DeadlineExceeded("request deadline passed"), now)

@@ -293,7 +293,7 @@ class KernelServer:
         """Route until :meth:`stop` is called (or the task is cancelled)."""
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        fd = self.sock.getsockopt(zmq.FD)
+        fd = self.sock.fileno()
         self._loop.add_reader(fd, self._on_readable)
         mon_fds = [m.getsockopt(zmq.FD) for m in self._monitors]
         for mfd in mon_fds:

@@ -195,6 +195,18 @@ class Supervisor:
         ]
         self._by_name = {c.spec.name: c for c in self.children}
         self._shutting_down = False
+        #: Every task the supervisor starts (process watchers, restarts); Invariant: a task is
+        #: here until it is done; shutdown() awaits or cancels each.
+        self._tasks: set[asyncio.Task] = set()
+        #: Pending restart timers, cancelled at shutdown.
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    def _own(self, coro: Any) -> asyncio.Task:
+        """Start ``coro`` as a task the supervisor owns (awaited or cancelled at shutdown)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -225,7 +237,7 @@ class Supervisor:
         child.state = ChildState.RUNNING
         self._apply_limits(child)
         log.info("started %s pid %d", child.spec.name, proc.pid)
-        child.watcher = asyncio.ensure_future(self._watch(child, proc))
+        child.watcher = self._own(self._watch(child, proc))
 
     def _apply_limits(self, child: Child) -> None:
         pid = child.pid
@@ -266,19 +278,33 @@ class Supervisor:
         delay = child.backoff.next_delay(ran_for)
         child.state = ChildState.BACKOFF
         log.warning("%s exited with %s; restarting in %.2f s", name, returncode, delay)
-        asyncio.get_running_loop().call_later(delay, self._restart_later, child)
+        box: list[asyncio.TimerHandle] = []
+        box.append(asyncio.get_running_loop().call_later(delay, lambda: self._restart_later(child, box[0])))
+        self._timers.add(box[0])
 
-    def _restart_later(self, child: Child) -> None:
+    def _restart_later(self, child: Child, timer: asyncio.TimerHandle) -> None:
+        self._timers.discard(timer)
         if self._shutting_down or child.state is not ChildState.BACKOFF:
             return
         child.restarts += 1
-        asyncio.ensure_future(self._spawn(child))
+        self._own(self._spawn(child))
 
     async def shutdown(self) -> None:
         """Stop every child in reverse start order: SIGTERM, then SIGKILL after its timeout."""
         self._shutting_down = True
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
         for child in reversed(self.children):
             await self._stop_child(child)
+        # Watchers end with their processes; a restart caught mid-spawn is cancelled.
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=P.SHUTDOWN_TIMEOUT)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.gather(*still, return_exceptions=True)
 
     async def _stop_child(self, child: Child) -> None:
         proc = child.proc
@@ -368,7 +394,7 @@ class Supervisor:
         return {"children": [c.info() for c in self.children]}
 
     def all_pids(self) -> list[int]:
-        return [c.pid for c in self.children if c.pid is not None and c.proc.returncode is None]
+        return [c.proc.pid for c in self.children if c.proc is not None and c.proc.returncode is None]
 
 
 def python_module_argv(module: str, args: list[str] | None = None) -> list[str]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from kernel import codec, errors
@@ -62,7 +63,7 @@ class SafePoint(enum.Enum):
     CANCEL = "cancel"
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class RequestState:
     """One request on the current link.  Invariant: ``paused`` implies ``pause_requested`` was
     set when it paused; ``cancel`` once set stays set; a state leaves ``active`` when its FINAL
@@ -95,11 +96,14 @@ def targets(message: dict, state: RequestState) -> bool:
     if token is not None:
         return state.token == token
     job, rid = message.get(P.C_JOB), message.get(P.C_ID)
-    return bool((job is not None and state.job == job) or (rid is not None and job is None and state.id == rid)
-                or message.get("all"))
+    return bool(
+        (job is not None and state.job == job)
+        or (rid is not None and job is None and state.id == rid)
+        or message.get("all")
+    )
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class NewRequest:
     """A request arrived: the shell runs the service's handler on ``payload``."""
 
@@ -107,7 +111,7 @@ class NewRequest:
     payload: Any
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class LinkLost:
     """The link ended (``reason``); ``dropped`` were the requests on it."""
 
@@ -116,14 +120,25 @@ class LinkLost:
 
 
 Event = NewRequest | LinkLost
+#: No events (shared: the common answer of on_message and tick).
+_NONE: tuple[Event, ...] = ()
 
 
 class WorkerSession:
     """The worker's protocol state: link, heartbeats, requests, control targets, safe points."""
 
-    def __init__(self, service: str, send: Send, *, capacity: int = P.DEFAULT_CAPACITY, pid: int | None = None,
-                 heartbeat: float = P.HEARTBEAT_INTERVAL, liveness: int = P.LIVENESS,
-                 reconnect_initial: float = P.RECONNECT_INITIAL, reconnect_max: float = P.RECONNECT_MAX) -> None:
+    def __init__(
+        self,
+        service: str,
+        send: Send,
+        *,
+        capacity: int = P.DEFAULT_CAPACITY,
+        pid: int | None = None,
+        heartbeat: float = P.HEARTBEAT_INTERVAL,
+        liveness: int = P.LIVENESS,
+        reconnect_initial: float = P.RECONNECT_INITIAL,
+        reconnect_max: float = P.RECONNECT_MAX,
+    ) -> None:
         if not service:
             raise ValueError("a service needs a name")
         self.service = service
@@ -173,41 +188,41 @@ class WorkerSession:
     def connected(self) -> bool:
         return self.link in (Link.READY_SENT, Link.REGISTERED)
 
-    def on_message(self, frames: list[bytes], now: float) -> list[Event]:
+    def on_message(self, frames: list[bytes], now: float) -> Sequence[Event]:
         """One message from the kernel (``[MDPW, cmd, ...]``)."""
         if not self.connected:
-            return []
+            return _NONE
         self._kernel_expiry = now + self.window
         if len(frames) < 2 or frames[0] != P.MDPW:
             self.malformed += 1
-            return []
+            return _NONE
         cmd = frames[1]
         if cmd == _W.REQUEST.value:
             self._registered()
             event = self._on_request(frames[2:], now)
-            return [event] if event is not None else []
+            return (event,) if event is not None else _NONE
         if cmd == _W.HEARTBEAT.value:
             self._registered()
-            return []
+            return _NONE
         if cmd == _W.DISCONNECT.value:
             return [self.lost("disconnected by the kernel", now)]
         self.malformed += 1
-        return []
+        return _NONE
 
     def _registered(self) -> None:
         if self.link is Link.READY_SENT:
             self.link = Link.REGISTERED
             self._backoff = self.reconnect_initial
 
-    def tick(self, now: float) -> list[Event]:
+    def tick(self, now: float) -> Sequence[Event]:
         """Heartbeat when due; the kernel is lost after a silent liveness window."""
         if not self.connected:
-            return []
+            return _NONE
         if now >= self._kernel_expiry:
             return [self.lost("kernel silent for the liveness window", now)]
         if now >= self._last_send + self.heartbeat:
             self._emit([_W.HEARTBEAT.value], now)
-        return []
+        return _NONE
 
     def next_wakeup(self) -> float:
         """When :meth:`tick` (or, in BACKOFF, a reconnect) is next due."""
@@ -309,7 +324,9 @@ class WorkerSession:
                 state.pause_requested = False
             elif op == P.ControlOp.CANCEL and state.cancel is None:
                 code = message.get(P.C_CODE, P.ErrorCode.CANCELLED)
-                state.cancel = errors.from_wire({"code": code, "message": message.get(P.C_REASON, "cancelled by the kernel")})
+                state.cancel = errors.from_wire(
+                    {"code": code, "message": message.get(P.C_REASON, "cancelled by the kernel")}
+                )
         return hit
 
     def pending(self, token: bytes) -> SafePoint:

@@ -28,12 +28,13 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import zmq
 
 from kernel import codec, errors
-from kernel.aio import recv_frames, send_frames
+from kernel.aio import readable, recv_frames, send_frames
 from kernel import protocol as P
 from kernel.worker import LinkLost, NewRequest, RequestState, SafePoint, WorkerSession
 from kernel.config import default_control_for, runtime_dir
@@ -177,22 +178,6 @@ class WorkerRuntime:
         self._stopping = asyncio.Event()
         self.registered = asyncio.Event()
 
-    @property
-    def heartbeat(self) -> float:
-        return self.session.heartbeat
-
-    @property
-    def liveness(self) -> int:
-        return self.session.liveness
-
-    @property
-    def connects(self) -> int:
-        return self.session.connects
-
-    @property
-    def paused_acks(self) -> int:
-        return self.session.paused_acks
-
     # -- sending ----------------------------------------------------------------------------------
 
     def _queue(self, frames: list[bytes]) -> None:
@@ -235,8 +220,10 @@ class WorkerRuntime:
         else:
             self._final(ctx, result)
 
-    def _on_events(self, events: list[Any]) -> str | None:
+    def _on_events(self, events: Sequence[Any]) -> str | None:
         """Start handlers of new requests; the reason when the link was lost."""
+        if not events:
+            return None
         for event in events:
             if isinstance(event, NewRequest):
                 self.registered.set()
@@ -246,8 +233,6 @@ class WorkerRuntime:
                 ctx.task = self._tasks.create_task(self._serve(ctx, event.payload))
             elif isinstance(event, LinkLost):
                 return event.reason
-        if self.session.registered:
-            self.registered.set()
         return None
 
     def _on_control(self, topic: bytes, message: Any) -> None:
@@ -353,9 +338,9 @@ class WorkerRuntime:
         session = self.session
         loop = asyncio.get_running_loop()
         wake = self._wake = asyncio.Event()
-        readers = [sock.getsockopt(zmq.FD)]
+        readers = [sock.fileno()]
         if sub is not None:
-            readers.append(sub.getsockopt(zmq.FD))
+            readers.append(sub.fileno())
         for fd in readers:
             loop.add_reader(fd, wake.set)
         try:
@@ -370,16 +355,19 @@ class WorkerRuntime:
                     except zmq.Again:
                         break
                     reason = self._on_events(session.on_message(frames, time.monotonic()))
-                    self.flush()
+                    if self._out:
+                        self.flush()
                     if reason is not None:
                         return reason
+                    if session.registered and not self.registered.is_set():
+                        self.registered.set()
                 reason = self._on_events(session.tick(time.monotonic()))
-                self.flush()
+                if self._out:
+                    self.flush()
                 if reason is not None:
                     return reason
                 wake.clear()
-                if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN or (
-                        sub is not None and sub.getsockopt(zmq.EVENTS) & zmq.POLLIN):
+                if readable(sock) or (sub is not None and readable(sub)):
                     continue
                 # Sleep until a descriptor signals, a send pokes, stop() is called, or the
                 # session's next wake-up (a timer sets the same event: no task per wait).

@@ -79,6 +79,8 @@ def test_the_service_runtime_imports_only_the_kernel():
 def test_the_checker_sees_a_violation(tmp_path):
     """The rules above can fail: imports are found at any depth, relative ones are not counted."""
     probe = tmp_path / "probe.py"
-    probe.write_text("import numpy\ndef f():\n    from bench import experiments\n    import services.ttc\n"
-                     "    from . import x\n", encoding="utf-8")
+    probe.write_text(
+        "import numpy\ndef f():\n    from bench import experiments\n    import services.ttc\n    from . import x\n",
+        encoding="utf-8",
+    )
     assert project_imports(probe) == [(3, "bench"), (3, "bench.experiments"), (4, "services.ttc")]

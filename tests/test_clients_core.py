@@ -14,8 +14,11 @@ from kernel import protocol as P
 
 def test_every_attempt_has_a_fresh_id_and_the_same_idempotency_key():
     policy = RetryPolicy("echo", timeout=0.5, retries=2)
-    attempts = list(policy.attempts(itertools.count(7), {"x": 1}, job="j", budget=None, priority=None,
-                                    deadline_ms=None, idem=None, txn=None))
+    attempts = list(
+        policy.attempts(
+            itertools.count(7), {"x": 1}, job="j", budget=None, priority=None, deadline_ms=None, idem=None, txn=None
+        )
+    )
     assert [rid for rid, _ in attempts] == [7, 8, 9]
     headers = [codec.unpack(frames[3]) for _, frames in attempts]
     assert len({h[P.H_IDEM] for h in headers}) == 1 and all(h[P.H_JOB] == "j" for h in headers)

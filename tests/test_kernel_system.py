@@ -280,12 +280,25 @@ def test_services_append_audit_records_to_the_decision_log(kern, client):
     assert got == events
 
 
+def _status_becomes(pid: int, stopped: bool, bound: float = 10.0) -> bool:
+    """Whether ``pid``'s stopped state reaches ``stopped`` within ``bound`` s (signals are
+    delivered asynchronously: the state changes after kill() returns)."""
+    deadline = time.monotonic() + bound
+    while (psutil.Process(pid).status() == psutil.STATUS_STOPPED) != stopped:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def test_hard_preemption_sigstop_sigcont(kern, client):
     child = "echo#0"
     pid = client.call("mmi.proc.stop", {"child": child})["pid"]
-    assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
-    client.call("mmi.proc.cont", {"child": child})
-    assert psutil.Process(pid).status() != psutil.STATUS_STOPPED
+    try:
+        assert _status_becomes(pid, stopped=True)
+    finally:  # a stopped echo would fail the tests that follow
+        client.call("mmi.proc.cont", {"child": child})
+    assert _status_becomes(pid, stopped=False)
     client.call("mmi.proc.nice", {"child": child, "nice": 5})
     assert psutil.Process(pid).nice() == 5
     with pytest.raises(errors.Refused):

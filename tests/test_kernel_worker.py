@@ -57,7 +57,7 @@ def test_heartbeat_only_after_an_interval_of_silence(session, sent):
 
 def test_kernel_lost_after_the_liveness_window_and_backoff_doubles_then_resets(session, sent):
     session.on_message([P.MDPW, W.HEARTBEAT.value], 0.5)
-    assert session.tick(3.49) == []
+    assert session.tick(3.49) == ()
     (lost,) = session.tick(3.5)
     assert isinstance(lost, LinkLost) and "silent" in lost.reason
     assert session.link is Link.BACKOFF and session.reconnect_at == pytest.approx(3.5 + P.RECONNECT_INITIAL)
@@ -103,7 +103,7 @@ def test_exactly_one_final_and_partials_only_while_active(session, sent):
 def test_undecodable_payload_is_answered_bad_request_at_once(session, sent):
     header = codec.pack({P.H_VERSION: P.VERSION, P.H_ID: 1})
     events = session.on_message([P.MDPW, W.REQUEST.value, b"T", b"", header, b"\xc1"], 0.1)
-    assert events == [] and session.active == {}
+    assert events == () and session.active == {}
     st = status_of(sent[-1])
     assert sent[-1][1] == W.FINAL.value and st[P.S_ERROR]["code"] == P.ErrorCode.BAD_REQUEST
 
@@ -149,8 +149,9 @@ def test_cancel_wins_over_pause_and_carries_its_code(session):
     request(session, b"T")
     session.on_control(P.ControlOp.PREEMPT, {P.C_TOKEN: b"T"})
     assert session.safe_point(b"T", 0.2) is SafePoint.PAUSE
-    session.on_control(P.ControlOp.CANCEL, {P.C_TOKEN: b"T", P.C_CODE: P.ErrorCode.BUDGET_EXCEEDED,
-                                            P.C_REASON: "spent"})
+    session.on_control(
+        P.ControlOp.CANCEL, {P.C_TOKEN: b"T", P.C_CODE: P.ErrorCode.BUDGET_EXCEEDED, P.C_REASON: "spent"}
+    )
     assert session.still_paused(b"T", 0.3) is SafePoint.CANCEL
     state = session.active[b"T"]
     assert isinstance(state.cancel, errors.BudgetExceeded) and state.cancel.message == "spent"
@@ -170,13 +171,13 @@ def test_stop_says_disconnect_and_drops(session, sent):
     request(session, b"T")
     dropped = session.stop(1.0)
     assert [s.token for s in dropped] == [b"T"] and cmds(sent)[-1] == W.DISCONNECT.value
-    assert session.link is Link.STOPPED and session.on_message([P.MDPW, W.HEARTBEAT.value], 1.1) == []
+    assert session.link is Link.STOPPED and session.on_message([P.MDPW, W.HEARTBEAT.value], 1.1) == ()
     with pytest.raises(RuntimeError):
         session.connect(1.2)
 
 
 def test_malformed_kernel_messages_are_counted_not_fatal(session):
-    assert session.on_message([b"XX", W.HEARTBEAT.value], 0.1) == []
-    assert session.on_message([P.MDPW, b"\x09"], 0.2) == []
-    assert session.on_message([P.MDPW, W.REQUEST.value, b"T"], 0.3) == []
+    assert session.on_message([b"XX", W.HEARTBEAT.value], 0.1) == ()
+    assert session.on_message([P.MDPW, b"\x09"], 0.2) == ()
+    assert session.on_message([P.MDPW, W.REQUEST.value, b"T"], 0.3) == ()
     assert session.malformed == 3 and session.connected

@@ -24,7 +24,7 @@ def _doc_section(title: str) -> str:
     text = (REPO / "docs" / "protocol.md").read_text(encoding="utf-8")
     start = text.index(title)
     end = text.find("\n## ", start + 1)
-    return text[start:end if end >= 0 else None]
+    return text[start : end if end >= 0 else None]
 
 
 def test_no_mmi_literal_outside_the_protocol_module():
@@ -69,7 +69,13 @@ def test_every_operation_has_one_handler_and_a_known_authority():
             assert arg.kind in P.KINDS and (arg.items is None or arg.items in P.KINDS)
     # process control and control orders are the operator's; audits a service's
     assert {n for n, s in P.MMI_OPS.items() if s.authority is P.Role.OPERATOR} == {
-        P.MMI_CONTROL, P.MMI_PROC_STOP, P.MMI_PROC_CONT, P.MMI_PROC_NICE, P.MMI_PROC_AFFINITY, P.MMI_RESTART}
+        P.MMI_CONTROL,
+        P.MMI_PROC_STOP,
+        P.MMI_PROC_CONT,
+        P.MMI_PROC_NICE,
+        P.MMI_PROC_AFFINITY,
+        P.MMI_RESTART,
+    }
     assert P.MMI_OPS[P.MMI_AUDIT].authority is P.Role.SERVICE
     assert P.Role.CLIENT.rank < P.Role.SERVICE.rank < P.Role.OPERATOR.rank
 
@@ -80,18 +86,21 @@ def test_ledger_operations_of_the_table_exist_on_the_ledger():
             assert callable(getattr(Ledger, spec.ledger_op))
 
 
-@pytest.mark.parametrize("op, arg, field", [
-    (P.MMI_GATE_RESERVE, {"job": "j"}, "resource"),
-    (P.MMI_GATE_RESERVE, {"resource": "r", "amount": True}, "amount"),
-    (P.MMI_GATE_RESERVE, {"resource": "r", "commit": 1}, "commit"),
-    (P.MMI_GATE_RENEW, {"reservations": "r1"}, "reservations"),
-    (P.MMI_AUDIT, {"source": "", "events": [{}]}, "source"),
-    (P.MMI_AUDIT, {"source": "s", "events": [1]}, "events"),
-    (P.MMI_AUDIT, {"source": "s", "events": [{}] * (P.MAX_AUDIT_EVENTS + 1)}, "events"),
-    (P.MMI_CONTROL, {"op": "preempt", "message": {}}, "op"),
-    (P.MMI_PROC_AFFINITY, {"child": "c", "cpus": ["0"]}, "cpus"),
-    (P.MMI_JOB_OPEN, {"job": "j", "budget": [1]}, "budget"),
-])
+@pytest.mark.parametrize(
+    "op, arg, field",
+    [
+        (P.MMI_GATE_RESERVE, {"job": "j"}, "resource"),
+        (P.MMI_GATE_RESERVE, {"resource": "r", "amount": True}, "amount"),
+        (P.MMI_GATE_RESERVE, {"resource": "r", "commit": 1}, "commit"),
+        (P.MMI_GATE_RENEW, {"reservations": "r1"}, "reservations"),
+        (P.MMI_AUDIT, {"source": "", "events": [{}]}, "source"),
+        (P.MMI_AUDIT, {"source": "s", "events": [1]}, "events"),
+        (P.MMI_AUDIT, {"source": "s", "events": [{}] * (P.MAX_AUDIT_EVENTS + 1)}, "events"),
+        (P.MMI_CONTROL, {"op": "preempt", "message": {}}, "op"),
+        (P.MMI_PROC_AFFINITY, {"child": "c", "cpus": ["0"]}, "cpus"),
+        (P.MMI_JOB_OPEN, {"job": "j", "budget": [1]}, "budget"),
+    ],
+)
 def test_schema_refuses_bad_arguments_naming_the_field(op, arg, field):
     with pytest.raises(errors.BadRequest, match=field):
         P.check_args(P.MMI_OPS[op], arg)
@@ -125,4 +134,8 @@ def test_child_environment_names_are_the_protocols():
     from kernel import supervisor
 
     assert supervisor.ENV_ENDPOINT == P.ENV_ENDPOINT and set(P.CHILD_ENV) >= {
-        supervisor.ENV_CONTROL, supervisor.ENV_HEARTBEAT, supervisor.ENV_LIVENESS, supervisor.ENV_PARENT}
+        supervisor.ENV_CONTROL,
+        supervisor.ENV_HEARTBEAT,
+        supervisor.ENV_LIVENESS,
+        supervisor.ENV_PARENT,
+    }

@@ -32,8 +32,7 @@ def parse_escalation(payload: Any) -> FinerRun:
     if not isinstance(params, dict):
         raise errors.BadRequest("params must be a map")
     for key in ("blocks", "cells", "from_level", "to_level"):
-        if isinstance(esc[key], bool) or not isinstance(esc[key], int):
-            raise errors.BadRequest(f"{key} must be an integer, got {esc[key]!r}")
+        errors.require_int(esc, key)
     try:
         return FinerRun(esc["run_id"], esc["case"], dict(params), esc["blocks"], esc["cells"],
                         esc["from_level"], esc["to_level"])

@@ -49,7 +49,6 @@ from typing import Any, Callable
 import torch
 
 from kernel import errors
-from kernel import protocol as P
 from lm import tokenizer
 from lm.engine import Engine, EngineStats, SeqState
 from lm.errors import LMError, OutOfBlocksError
@@ -96,12 +95,7 @@ class Decode:
 
 
 def _int(payload: dict, key: str, default: Any = None, *, lo: int | None = None) -> int:
-    value = payload.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise errors.BadRequest(f"'{key}' must be an integer, got {value!r}")
-    if lo is not None and value < lo:
-        raise errors.BadRequest(f"'{key}' must be >= {lo}, got {value}")
-    return value
+    return errors.require_int(payload, key, default, lo=lo)
 
 
 def _tokens_of(payload: dict, *, bos: bool) -> list[int]:

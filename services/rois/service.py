@@ -68,10 +68,8 @@ class RoisService(DecodeOrchestrator):
     async def repair(self, ctx: Context, payload: dict) -> dict:
         did = payload.get("decode")
         width = payload.get("width", 8)
-        max_rounds = payload.get("max_rounds", 4)
+        max_rounds = errors.require_int(payload, "max_rounds", 4, lo=1, hi=MAX_ROUNDS)
         mode = payload.get("mode", "exact")
-        if not isinstance(max_rounds, int) or not 1 <= max_rounds <= MAX_ROUNDS:
-            raise errors.BadRequest(f"max_rounds must be an integer in [1, {MAX_ROUNDS}], got {max_rounds!r}")
         splices: list[dict] = []
         reason = "round limit"
         for _ in range(max_rounds):

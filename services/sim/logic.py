@@ -41,10 +41,7 @@ _ORDER_KEYS = {"op", "run", "step", "refine", "coarsen", "dt_factor", "halt"}
 
 
 def _int(payload: dict, key: str, default: int, lo: int, hi: int) -> int:
-    v = payload.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise errors.BadRequest(f"{key} must be an integer in {lo}..{hi}, got {v!r}")
-    return v
+    return errors.require_int(payload, key, default, lo=lo, hi=hi)
 
 
 def _number(v: Any, key: str) -> float:

@@ -86,7 +86,7 @@ class SimService(Service):
             return  # in-process use (tests of the pure shell): no second registration
         self._facade = WorkerRuntime(_ControlFacade(self), self._endpoint, None,
                                      heartbeat=self._heartbeat, liveness=self._liveness)
-        self._facade_task = asyncio.ensure_future(self._facade.run())
+        self._facade_task = asyncio.get_running_loop().create_task(self._facade.run())  # awaited in teardown
 
     async def teardown(self) -> None:
         if self._facade is not None and self._facade_task is not None:

@@ -294,7 +294,7 @@ class TransactionManager:
         if not self.gate.reserve(spec.resource, float(est_cost), call_id):
             with self._write() as (events, _):
                 self._log(events, now, "prepare_refused", None,
-                          {"tool": tool, "est_cost": est_cost, "resource": spec.resource}, {"code": "budget_refused"})
+                          {"tool": tool, "est_cost": est_cost, "resource": spec.resource}, {"code": errors.BudgetRefused.code})
             raise errors.BudgetRefused(f"gate refused {est_cost:g} {spec.resource} for {tool}",
                                        resource=spec.resource, amount=est_cost)
         try:
@@ -338,7 +338,7 @@ class TransactionManager:
             row = self._row(call_id)
             state = row["state"]
             if state == ABORTED:
-                self._log(events, now, "commit_refused", call_id, {}, {"code": "aborted", "reason": row["reason"]})
+                self._log(events, now, "commit_refused", call_id, {}, {"code": errors.Aborted.code, "reason": row["reason"]})
                 aborted = (row["reason"], None)
             elif state == PREPARED:
                 if now >= row["prepare_deadline"]:
@@ -358,7 +358,7 @@ class TransactionManager:
                 self._log(events, now, "commit_replayed", call_id, {"idem_key": idem_key}, {"state": state})
                 aborted = None
             else:
-                self._log(events, now, "commit_refused", call_id, {}, {"code": "already_committed", "state": state})
+                self._log(events, now, "commit_refused", call_id, {}, {"code": errors.AlreadyCommitted.code, "state": state})
                 aborted = ("already_committed", state)
         if aborted is not None:
             reason, current = aborted

@@ -5,8 +5,8 @@
 group (``killpg``) stops the tool and anything it started.  The worker applies RLIMIT_CPU /
 RLIMIT_AS to itself before importing the tool and carries ``RECA_TTC_RUN=<store>/<call>/<attempt>``
 in its environment (inherited by its children): that tag is how recovery and the checker find a
-heavy run whose pid was never recorded or whose manager died.  A start-time token (field 22 of
-``/proc/<pid>/stat``) guards every kill of a non-child against PID reuse.
+heavy run whose pid was never recorded or whose manager died.  A start-time token (the process's
+creation time in centiseconds, from psutil) guards every kill of a non-child against PID reuse.
 
 :class:`Coordinator` joins the state machine (:class:`~services.ttc.logic.TransactionManager`) and
 the runner.  One coordinator per log at a time (an ``flock`` on ``<db>.lock``).  It applies the
@@ -44,28 +44,28 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 WAIT_SLICE_S = 1.0
 
 
-def proc_stat(pid: int) -> tuple[int, str] | None:
-    """(start-time token, state letter) of ``pid`` from /proc, or None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read().decode("ascii", "replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = data.rsplit(")", 1)[1].split()
-    return int(fields[19]), fields[0]  # fields[0] is stat field 3 (state); starttime is field 22
+def _token(proc: psutil.Process) -> int:
+    return round(proc.create_time() * 100)
 
 
 def start_token(pid: int) -> int | None:
-    st = proc_stat(pid)
-    return None if st is None else st[0]
+    """The identity of process ``pid``: its creation time in centiseconds (psutil), or None if
+    it does not exist.  A pid reused by another process has another token."""
+    try:
+        return _token(psutil.Process(pid))
+    except psutil.Error:
+        return None
 
 
 def is_alive(pid: int | None, token: int | None) -> bool:
     """True if ``pid`` runs (not a zombie) and is the same process that had ``token``."""
     if pid is None or token is None:
         return False
-    st = proc_stat(pid)
-    return st is not None and st[0] == token and st[1] not in ("Z", "X")
+    try:
+        proc = psutil.Process(pid)
+        return _token(proc) == token and proc.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
+        return False
 
 
 def tagged_processes(prefix: str) -> list[tuple[int, str]]:

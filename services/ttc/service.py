@@ -207,8 +207,9 @@ class TtcService(Service):
         self._loop = asyncio.get_running_loop()
         self._audit_kick = asyncio.Event()
         self._audit_kick.set()  # forward what earlier managers left unforwarded
-        self._pump_task = asyncio.ensure_future(self._pump())
-        self._audit_task = asyncio.ensure_future(self._forward_audit())
+        # Owned: cancelled and awaited in teardown.
+        self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+        self._audit_task = asyncio.get_running_loop().create_task(self._forward_audit())
 
     async def teardown(self) -> None:
         for task in (self._pump_task, self._audit_task):

@@ -37,6 +37,7 @@ import subprocess
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from kernel import errors
 from services.ttc.errors import UnknownTool
 
 #: Largest random 3-SAT instance accepted (variables); PicoSAT at ratio 4.26 needs minutes beyond ~350.
@@ -94,12 +95,8 @@ class ToolRegistry:
 
 
 def _require_int(inputs: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
-    value = inputs.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{key} must be an integer, got {value!r}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{key} must lie in [{lo}, {hi}], got {value}")
-    return value
+    """An integer input in [lo, hi]; kernel.errors.BadRequest (a ValueError) otherwise."""
+    return errors.require_int(inputs, key, default, lo=lo, hi=hi)
 
 
 def _require_float(inputs: dict, key: str, lo: float, hi: float, default: float | None = None) -> float:
