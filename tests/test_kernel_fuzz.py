@@ -40,6 +40,8 @@ message = st.lists(frame, min_size=0, max_size=10)
 def kern():
     k = KernelProcess(service_block("echo", "services.echo"), heartbeat=0.3, liveness=5)
     try:
+        with Client(k.endpoint, timeout=10, retries=0) as c:
+            c.wait_for_service("echo", 20)  # "ready" means started, not yet registered
         yield k
     finally:
         k.stop()
