@@ -161,6 +161,7 @@ class Soak:
         self.quiet: list[float] = []
         self.loud: list[float] = []
         self.outcomes: dict[str, int] = {}
+        self.messages: dict[str, str] = {}  # error code -> the first message seen with it
         self.unanswered = 0
         self.stop = threading.Event()
         self.pause = threading.Event()  # honest clients hold still while a restart is checked
@@ -219,6 +220,7 @@ class Soak:
                         into.append(time.perf_counter() - t0)
                     except errors.RecaError as exc:
                         code = str(getattr(exc.code, "value", exc.code))
+                        self.messages.setdefault(code, exc.message)
                         if exc.retryable:  # one retry with the same idempotency key
                             try:
                                 c.call("echo", {"steps": 1, "step_ms": 0}, job=JOB)
@@ -350,6 +352,6 @@ def run(quick: bool = False, minutes: float | None = None, seed: int = 14) -> Re
         targets={"peer_caused_aborts": ("<=", 0), "kernel_rss_max_mb": ("<=", 300), "honest_unanswered": ("<=", 0),
                  "p99_ratio": ("<=", 5), "replay_mismatches": ("<=", 0)},
         table=table,
-        notes=[f"seed {seed}; {len(s.quiet)} quiet and {len(s.loud)} hostile-phase first-attempt successes timed",
+        notes=[f"{code}: {msg}" for code, msg in sorted(s.messages.items())] + [f"seed {seed}; {len(s.quiet)} quiet and {len(s.loud)} hostile-phase first-attempt successes timed",
                "machine shared with other agents (2 cores): latency figures measured under that contention"],
     )

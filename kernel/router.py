@@ -207,6 +207,8 @@ class Router:
         #: Bytes of request bodies waiting in queues (a body is dropped once dispatched).
         self.queued_bytes = 0
         self.max_queued_bytes = max_queued_bytes
+        #: client -> (bytes it has queued, its queued requests oldest first), for fair eviction.
+        self._holders: dict[bytes, list] = {}
         self._next_sweep = 0.0
         #: The latest time the router was given (on_message / tick): what stats() reports at.
         self.now = 0.0
@@ -364,9 +366,14 @@ class Router:
             self._dispatch(req, ready.popleft(), now)
             return
         size = sum(map(len, req.body))
-        if service.queued >= self.max_queue or self.queued_bytes + size > self.max_queued_bytes:
+        if service.queued >= self.max_queue or not self._make_room(req.client, size, now):
             self._finish_error(req, errors.Overloaded(f"queue for {service.name.decode(errors='replace')} is full"), now)
             return
+        holder = self._holders.get(req.client)
+        if holder is None:
+            holder = self._holders[req.client] = [0, collections.deque()]
+        holder[0] += size
+        holder[1].append(req)
         turn = service.by_client.get(req.client, 0)
         service.by_client[req.client] = turn + 1
         heapq.heappush(service.queue, (-req.priority, turn, next(self._seq), req))
@@ -387,8 +394,34 @@ class Router:
             self._dequeued(req)
             self._dispatch(req, service.ready.popleft(), now)
 
+    def _make_room(self, client: bytes, size: int, now: float) -> bool:
+        """Whether ``size`` more bytes from ``client`` fit in the queues; when they do not, the
+        client holding the most queued bytes loses its newest requests (answered OVERLOADED)
+        while it holds more than ``client`` would: one flooding client, or the backlog of many
+        gone ones, cannot keep every other client's requests out (longest-queue drop)."""
+        while self.queued_bytes + size > self.max_queued_bytes:
+            mine = self._holders.get(client, (0,))[0] + size
+            victim = max(self._holders, key=lambda c: self._holders[c][0], default=None)
+            if victim is None or victim == client or self._holders[victim][0] <= mine:
+                return False
+            newest = self._holders[victim][1][-1]
+            self.counters["queue_evictions"] += 1
+            self._finish_error(newest, errors.Overloaded(
+                "evicted from the queue: this client held the largest share of the kernel's queues"), now)
+        return True
+
     def _dequeued(self, req: Request) -> None:
         req.queued = False
+        holder = self._holders.get(req.client)
+        if holder is not None:
+            holder[0] -= sum(map(len, req.body))
+            reqs = holder[1]
+            if reqs and reqs[0] is req:
+                reqs.popleft()
+            else:
+                reqs.remove(req)
+            if not reqs:
+                del self._holders[req.client]
         service = req.service
         service.queued -= 1
         left = service.by_client.get(req.client, 1) - 1

@@ -126,3 +126,21 @@ def test_a_flooding_client_delays_another_by_one_request_per_round():
         (msg,) = [m for m in wire.to(b"W1") if m[2] == W.REQUEST.value]
         served.append(codec.unpack(msg[-1]))
     assert served[:2] == [1, "h"]  # after one flood request (its round 0), not after 499
+
+
+def test_a_full_queue_evicts_the_largest_holder_not_a_newcomer():
+    wire = Wire()
+    r = Router(wire, max_queued_bytes=10_000)
+    ready(r, b"W1")
+    request(r, b"FLOOD", body=[reca(0), codec.pack(0)])  # occupies the only slot
+    wire.to(b"W1")
+    for n in range(1, 20):
+        request(r, b"FLOOD", body=[reca(n), b"x" * 900])
+    refused = [codec.unpack(m[4])["id"] for m in wire.to(b"FLOOD")]
+    assert refused and r.queued_bytes <= 10_000  # the flood alone fills the queues
+    request(r, b"HONEST", body=[reca("h"), b"y" * 900])
+    assert wire.to(b"HONEST") == []  # queued: the flood's newest request made room
+    (evicted,) = wire.to(b"FLOOD")
+    newest_queued = max(set(range(1, 20)) - set(refused))
+    assert code(evicted) == "overloaded" and codec.unpack(evicted[4])["id"] == newest_queued
+    assert r.queued_bytes <= 10_000 and r.counters["queue_evictions"] == 1
