@@ -187,6 +187,12 @@ class KernelServer:
         return parts
 
     def _on_readable(self) -> None:
+        if self._drain():
+            self._arm()
+
+    def _drain(self) -> bool:
+        """Route what the ROUTER socket holds (at most one batch; the rest on the next turn), then
+        hand the decisions taken to the operating system.  False once the socket is closed."""
         on_message = self.router.on_message
         clock = time.monotonic
         for _ in range(_BATCH):
@@ -199,7 +205,7 @@ class KernelServer:
                 continue
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.ENOTSOCK:
-                    return
+                    return False
                 raise
             if not frames:
                 continue
@@ -213,7 +219,7 @@ class KernelServer:
             assert self._loop is not None
             self._loop.call_soon(self._on_readable)
         self.router.admission.flush_log()  # a kernel crash loses no decision taken so far
-        self._arm()
+        return True
 
     # -- connections ------------------------------------------------------------------------------
 
@@ -275,6 +281,11 @@ class KernelServer:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = float("inf")
+        # Input first: messages that waited while this process was not scheduled prove their
+        # senders alive, and the liveness sweep must see them before it judges (uvloop runs due
+        # timers before polling for I/O).
+        if not self._drain():
+            return
         now = time.monotonic()
         try:
             self.router.tick(now)

@@ -71,22 +71,21 @@ class RequestState:
 
     token: bytes
     header: dict | None
+    #: A reca request (header present), else an opaque MDP body.
+    reca: bool = dataclasses.field(init=False)
+    #: The client's request id and the job, from the header (None if absent).
+    id: Any = dataclasses.field(init=False)
+    job: str | None = dataclasses.field(init=False)
     spent: dict[str, float] = dataclasses.field(default_factory=dict)
     pause_requested: bool = False
     paused: bool = False
     cancel: errors.RecaError | None = None
 
-    @property
-    def reca(self) -> bool:
-        return self.header is not None
-
-    @property
-    def id(self) -> Any:
-        return (self.header or {}).get(P.H_ID)
-
-    @property
-    def job(self) -> str | None:
-        return (self.header or {}).get(P.H_JOB)
+    def __post_init__(self) -> None:
+        header = self.header
+        self.reca = header is not None
+        self.id = None if header is None else header.get(P.H_ID)
+        self.job = None if header is None else header.get(P.H_JOB)
 
 
 def targets(message: dict, state: RequestState) -> bool:
