@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import pkgutil
 import sys
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", nargs="?", help="benchmark name; omit to list them")
     parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON to PATH")
+    parser.add_argument("--minutes", type=float, help="duration, for benchmarks that take one (soak)")
+    parser.add_argument("--seed", type=int, help="random seed, for benchmarks that take one (soak)")
     args = parser.parse_args(argv)
     names = available()
     if args.name is None:
@@ -35,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown benchmark {args.name!r}; available: {' '.join(names)}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"bench.{args.name}")
-    result = module.run(quick=args.quick)
+    extra = {k: v for k, v in (("minutes", args.minutes), ("seed", args.seed)) if v is not None}
+    params = inspect.signature(module.run).parameters
+    unknown = [k for k in extra if k not in params]
+    if unknown:
+        print(f"bench {args.name} takes no {', '.join('--' + k for k in unknown)}", file=sys.stderr)
+        return 2
+    result = module.run(quick=args.quick, **extra)
     print(f"\n== bench {args.name}{' (quick)' if args.quick else ''} ==")
     print_table(result.table)
     for note in result.notes:

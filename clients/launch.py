@@ -60,13 +60,14 @@ def service_block(name: str, module: str | None = None, *, command: list[str] | 
 
 def kernel_config(services: str = "", *, heartbeat: float = 0.2, liveness: int = 3,
                   unavailable_wait: float = 0.5, intensity: int = 5, period: float = 10.0,
-                  endpoint: str | None = None) -> str:
+                  endpoint: str | None = None, kernel_extra: dict | None = None) -> str:
     """A whole config (TOML text): the ``[kernel]`` and ``[supervisor]`` tables (short heartbeats
-    and restart back-off by default, for tests and benchmarks) followed by ``services``."""
+    and restart back-off by default, for tests and benchmarks) followed by ``services``.
+    ``kernel_extra``: more ``[kernel]`` keys."""
     return tomli_w.dumps({
         "kernel": {"endpoint": endpoint or "ipc://{runtime}/kernel.sock", "heartbeat_s": heartbeat,
                    "liveness": liveness, "unavailable_wait_s": unavailable_wait,
-                   "decision_log": "{runtime}/decisions.jsonl"},
+                   "decision_log": "{runtime}/decisions.jsonl", **(kernel_extra or {})},
         "supervisor": {"intensity": intensity, "period_s": period, "backoff_initial_s": 0.02, "backoff_max_s": 0.5},
     }) + "\n" + services
 

@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -104,9 +105,13 @@ async def _run(args: argparse.Namespace) -> int:
     from kernel.auth import ENV_CERT, ENV_SERVER_CERT
     from kernel.decisions import DecisionLog
     from kernel.mmi import Management
+    from kernel.peers import raise_fd_limit
+    from kernel.replay import restore
     from kernel.server import KernelServer
 
     cfg = load(args.config)
+    soft, hard = raise_fd_limit()
+    logging.getLogger("reca.kernel").info("descriptor limit %d (hard %d)", soft, hard)
     if args.endpoint:
         cfg.endpoint = args.endpoint
         cfg.control = args.control or default_control_for(args.endpoint)
@@ -116,10 +121,15 @@ async def _run(args: argparse.Namespace) -> int:
     if certs:
         for spec in cfg.services:
             spec.env = {**spec.env, ENV_CERT: certs["children"][spec.name], ENV_SERVER_CERT: certs["server"]}
-    decision_log = None
+    decision_log = restored = None
+    restore_s = 0.0
     if cfg.decision_log:
         try:
-            decision_log = DecisionLog(cfg.decision_log)
+            t0 = time.perf_counter()
+            restored = restore(cfg.decision_log)  # never through a planted symlink
+            restore_s = time.perf_counter() - t0
+            decision_log = DecisionLog(cfg.decision_log, fsync=cfg.fsync, segment_bytes=cfg.segment_bytes,
+                                       restored=restored is not None)
         except (OSError, PermissionError) as exc:  # UnsafeRuntimeDir: a planted symlink, another's file
             raise _Refused(f"decision log {cfg.decision_log}: {exc}") from exc
     supervisor = sv.Supervisor(
@@ -135,9 +145,17 @@ async def _run(args: argparse.Namespace) -> int:
         backoff_initial=cfg.backoff_initial,
         backoff_max=cfg.backoff_max,
     )
+    # With a log that held state, the admission continues it (restore through replay) and applies
+    # [limits] over it only where the ledger allows; otherwise [limits] is the first decision.
     admission = BudgetAdmission(decision_log=decision_log, root_limits=cfg.root_limits,
                                 default_limits=cfg.default_limits, max_pause=cfg.max_pause,
-                                audit_quota=cfg.audit_quota)
+                                audit_quota=cfg.audit_quota, restored=restored, restored_at=time.monotonic())
+    if restored is not None and admission.restored is not None:
+        done = admission.restored
+        print(f"reca kernel restored {done['jobs']} job(s), {done['reservations']} reservation(s), "
+              f"{done['interrupted']} interrupted request(s) from {cfg.decision_log} in {restore_s:.3f} s"
+              + (f" ({len(restored.divergences)} replay divergence(s))" if restored.divergences else ""),
+              flush=True)
     server = KernelServer(
         cfg.endpoint,
         cfg.control,
@@ -149,6 +167,8 @@ async def _run(args: argparse.Namespace) -> int:
         extra_stats=supervisor.stats,
         server_keys=server_keys,
         principals=principals,
+        max_peers=cfg.max_peers,
+        peer_hwm=cfg.peer_hwm,
     )
     # The supervisor's children get the endpoints as actually bound (tcp://*:0 resolves here).
     supervisor.env[sv.ENV_ENDPOINT] = server.endpoint.replace("0.0.0.0", "127.0.0.1")

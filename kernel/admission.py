@@ -19,7 +19,7 @@ from typing import Any
 from kernel import codec, errors
 from kernel import protocol as P
 from kernel.decisions import DecisionLog, new_session_id
-from kernel.ledger import COMPUTE, DEFAULT_JOB, Job, Ledger, is_default_job
+from kernel.ledger import COMPUTE, DEFAULT_JOB, ROOT, Job, Ledger, is_default_job
 from kernel.protocol import ErrorCode
 from kernel.auth import Principal
 from kernel.router import Admission, Request, Router, Worker
@@ -45,6 +45,8 @@ class _Track:
     #: root and the default jobs (two /proc reads per request; see docs/budgets.md).
     measure_cpu: bool = False
     over: bool = False  # the worker reported more than was granted
+    idem: str | None = None  # the request's idempotency key
+    ran: bool = False  # dispatched with a logged ``run`` mark (its ``ran`` follows when done)
 
 
 class BudgetAdmission(Admission):
@@ -53,7 +55,8 @@ class BudgetAdmission(Admission):
 
     def __init__(self, ledger: Ledger | None = None, decision_log: DecisionLog | None = None, *,
                  root_limits: dict | None = None, default_limits: dict | None = None,
-                 max_pause: float = P.MAX_PAUSE, audit_quota: int = P.AUDIT_EVENTS_PER_MIN) -> None:
+                 max_pause: float = P.MAX_PAUSE, audit_quota: int = P.AUDIT_EVENTS_PER_MIN,
+                 restored: Any = None, restored_at: float | None = None) -> None:
         self.ledger = ledger or Ledger(session=decision_log.session if decision_log is not None
                                        else new_session_id())
         self.log = decision_log
@@ -78,10 +81,62 @@ class BudgetAdmission(Admission):
         #: priority -> admitted requests not yet done (lets preemption skip its scan when no
         #: lower-priority work exists, the common case).
         self.prio_counts: dict[int, int] = {}
-        if root_limits is not None or default_limits is not None:
-            out = self.decide("configure", 0.0, root=root_limits or {}, default=default_limits or {})
+        #: Idempotency keys of requests dispatched and not yet answered (snapshotted: a restarted
+        #: kernel answers their retries KERNEL_RESTARTED instead of running them twice).
+        self.idem_inflight: set[str] = set()
+        #: Keys that were in flight when the previous kernel died -> until when they are refused.
+        self.interrupted: dict[str, float] = {}
+        #: The configured [limits] of root and default (None: unlimited, no configure logged).
+        self._limits = None if root_limits is None and default_limits is None \
+            else {"root": dict(root_limits or {}), "default": dict(default_limits or {})}
+        if decision_log is not None:
+            decision_log.state = self.durable_state
+        #: What :meth:`restore` restored at construction (``restored``: a kernel.replay report).
+        self.restored: dict | None = None
+        if restored is not None:
+            self.restored = self.restore(restored, restored_at if restored_at is not None else 0.0)
+        elif self._limits is not None:
+            out = self.decide("configure", 0.0, **self._limits)
             if not out["ok"]:
                 raise ValueError(f"[limits]: {out['message']}")
+
+    def durable_state(self) -> dict:
+        """What a decision-log snapshot holds: the ledger and the idempotency keys in flight."""
+        return {"ledger": self.ledger.dump(), "inflight_idem": sorted(self.idem_inflight)}
+
+    def restore(self, report: Any, now: float) -> dict:
+        """Continue the enforcement state a decision log held (kernel.replay.restore): its ledger
+        (jobs with their owners, limits, spent amounts, held reservations with their holders and
+        leases, the configured root/default limits) becomes this kernel's.
+        Requests that were running when the previous kernel died are finished at the time of its
+        last logged decision (their wall time stops there), and retries of those that carried an
+        idempotency key are refused with KERNEL_RESTARTED for ``INTERRUPTED_TTL``.  The config's
+        [limits] are applied (a logged ``configure``) when they differ from the restored ones and
+        the ledger still allows it (no job carved from root); otherwise the log's stay in force."""
+        ledger = report.ledger
+        ledger.session = self.ledger.session
+        self.ledger = ledger
+        last = now if report.last_t is None else min(now, report.last_t)
+        finished = 0
+        for name, job in list(ledger.jobs.items()):
+            for _ in range(job.running):
+                self.decide("finish", last, job=name)
+                finished += 1
+        if self._limits is not None:
+            root, default = ledger.jobs[ROOT], ledger.jobs[DEFAULT_JOB]
+            if (root.limits, default.limits) != tuple({k: float(v) for k, v in self._limits[w].items()}
+                                                      for w in ("root", "default")):
+                out = self.decide("configure", now, **self._limits)
+                if not out["ok"]:
+                    log.warning("[limits] not applied over the restored state (%s); the decision log's "
+                                "root %s and default %s stay in force", out["message"], root.limits,
+                                default.limits)
+        self.interrupted = {k: now + P.INTERRUPTED_TTL for k in report.inflight_idem if k}
+        for key in self.interrupted:
+            self.record("interrupted", now, {"idem": key}, {"ok": True})
+        self.flush_log()
+        return {"jobs": len(ledger.jobs) - 2, "reservations": len(ledger._reservations),
+                "finished": finished, "interrupted": len(self.interrupted)}
 
     def decide(self, op: str, now: float, **inputs: Any) -> dict:
         """Run the Ledger operation ``op`` and record it (inputs and outputs) in the log."""
@@ -108,6 +163,14 @@ class BudgetAdmission(Admission):
             self.counters["refused"] += 1
             return refusal
         req.job = job
+        idem = (req.header or {}).get(P.H_IDEM)
+        if idem is not None and self.interrupted:
+            until = self.interrupted.get(idem)
+            if until is not None and until > now:
+                self.counters["interrupted_retries"] = self.counters.get("interrupted_retries", 0) + 1
+                return errors.KernelRestarted(
+                    "this request (same idempotency key) was in flight when the kernel restarted; "
+                    "it may have run, so it is not run again", idem=idem)
         budget = (req.header or {}).get(P.H_BUDGET)
         jobrec = self.ledger.jobs.get(job)
         if jobrec is not None and P.H_PRIORITY not in (req.header or {}):
@@ -123,7 +186,7 @@ class BudgetAdmission(Admission):
             self.counters["refused"] += 1
             return errors.from_wire({"code": out["code"], "message": out["message"]})
         granted = out["granted"]
-        self.tracks[req.token] = track = _Track(job, granted, priority=req.priority)
+        self.tracks[req.token] = track = _Track(job, granted, priority=req.priority, idem=idem)
         if "cpu_ms" in granted and jobrec is not None:
             holder = self.ledger.holder(jobrec, "cpu_ms")
             track.measure_cpu = holder is not None and not is_default_job(holder.name)
@@ -192,6 +255,10 @@ class BudgetAdmission(Admission):
 
     def forward_header(self, router: Router, req: Request) -> bytes:
         track = self.tracks.get(req.token)
+        if track is not None and track.idem is not None and not track.ran:
+            track.ran = True
+            self.idem_inflight.add(track.idem)
+            self.record("run", router.now, {"idem": track.idem}, {"ok": True})
         if track is not None and track.measure_cpu and req.worker is not None and req.worker.pid:
             track.cpu_start = process_cpu_seconds(req.worker.pid)
         if track is None or not track.granted:
@@ -310,6 +377,9 @@ class BudgetAdmission(Admission):
             self.prio_counts.pop(track.priority, None)
         if track.started:
             self.decide("finish", now, job=track.job)
+        if track.ran:
+            self.idem_inflight.discard(track.idem)
+            self.record("ran", now, {"idem": track.idem}, {"ok": True})
 
     def tick(self, router: Router, now: float) -> None:
         self.flush_log()
@@ -317,13 +387,15 @@ class BudgetAdmission(Admission):
             out = self.decide("tick", now)
             for name in out["exhausted"]:
                 self.exhaust(router, name, now)
-        if self.ledger.holds_reservations():
+        if self.ledger.next_expiry() <= now:  # logged only when a lease has run out
             self.decide("expire", now)
         if self._paused_at and min(self._paused_at.values()) + self.max_pause <= now:
             self._resume_overdue(router, now)
+        if self.interrupted and min(self.interrupted.values()) <= now:
+            self.interrupted = {k: t for k, t in self.interrupted.items() if t > now}
 
     def next_wakeup(self) -> float:
-        wake = self.ledger.next_deadline()
+        wake = min(self.ledger.next_deadline(), self.ledger.next_expiry())
         if self._paused_at:
             wake = min(wake, min(self._paused_at.values()) + self.max_pause)
         return wake

@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 
 from kernel.errors import BadRequest
-from kernel.protocol import MAX_MESSAGE_SIZE
+from kernel.protocol import MAX_FRAME_SIZE
 
 _packer = msgpack.Packer(use_bin_type=True, datetime=False)
 
@@ -46,7 +46,7 @@ def pack(obj: Any) -> bytes:
         return msgpack.packb(obj, use_bin_type=True, default=_default)
 
 
-def unpack(frame: bytes, *, limit: int = MAX_MESSAGE_SIZE) -> Any:
+def unpack(frame: bytes, *, limit: int = MAX_FRAME_SIZE) -> Any:
     """Decode one msgpack frame; :class:`BadRequest` on anything that is not exactly one value."""
     if len(frame) > limit:
         raise BadRequest(f"frame of {len(frame)} bytes exceeds the {limit}-byte limit")

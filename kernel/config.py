@@ -52,6 +52,10 @@ class KernelConfig:
     liveness: int = P.LIVENESS
     unavailable_wait: float = P.UNAVAILABLE_WAIT
     decision_log: str | None = None
+    max_peers: int = P.MAX_PEERS
+    peer_hwm: int = P.PEER_HWM
+    fsync: str = P.LOG_FSYNC
+    segment_bytes: int = P.LOG_SEGMENT_BYTES
     intensity: int = P.RESTART_INTENSITY
     period: float = P.RESTART_PERIOD
     backoff_initial: float = P.BACKOFF_INITIAL
@@ -142,6 +146,10 @@ def parse(doc: dict, *, runtime: str | None = None) -> KernelConfig:
         liveness=_get(k, "liveness", int, P.LIVENESS, "kernel"),
         unavailable_wait=_get(k, "unavailable_wait_s", float, P.UNAVAILABLE_WAIT, "kernel"),
         decision_log=expand(log_path) if log_path else None,
+        max_peers=_get(k, "max_peers", int, P.MAX_PEERS, "kernel"),
+        peer_hwm=_get(k, "peer_hwm", int, P.PEER_HWM, "kernel"),
+        fsync=_get(k, "fsync", str, P.LOG_FSYNC, "kernel"),
+        segment_bytes=_get(k, "log_segment_bytes", int, P.LOG_SEGMENT_BYTES, "kernel"),
         intensity=_get(s, "intensity", int, P.RESTART_INTENSITY, "supervisor"),
         period=_get(s, "period_s", float, P.RESTART_PERIOD, "supervisor"),
         backoff_initial=_get(s, "backoff_initial_s", float, P.BACKOFF_INITIAL, "supervisor"),
@@ -173,6 +181,11 @@ def parse(doc: dict, *, runtime: str | None = None) -> KernelConfig:
         raise ConfigError("limits.max_pause_s must be in (0, 86400] and limits.audit_events_per_min >= 1")
     if cfg.heartbeat <= 0 or cfg.liveness < 1 or cfg.unavailable_wait < 0:
         raise ConfigError("kernel.heartbeat_s must be > 0, liveness >= 1, unavailable_wait_s >= 0")
+    if cfg.max_peers < 1 or cfg.peer_hwm < 1:
+        raise ConfigError("kernel.max_peers and kernel.peer_hwm must be >= 1")
+    if cfg.fsync not in ("always", "interval", "never") or cfg.segment_bytes < 4096:
+        raise ConfigError('kernel.fsync must be "always", "interval" or "never"; '
+                          "kernel.log_segment_bytes >= 4096")
     entries = doc.get("service", [])
     if not isinstance(entries, list):
         raise ConfigError("[[service]] must be an array of tables")

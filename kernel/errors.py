@@ -102,6 +102,13 @@ class Overloaded(RecaError):
     retryable = True
 
 
+class KernelRestarted(RecaError):
+    """The request was in flight when the kernel died; it may have run, so a retry with the same
+    idempotency key is not run again."""
+
+    code = ErrorCode.KERNEL_RESTARTED
+
+
 _BY_CODE: dict[str, type[RecaError]] = {
     cls.code: cls
     for cls in (
@@ -116,6 +123,7 @@ _BY_CODE: dict[str, type[RecaError]] = {
         ServiceError,
         Timeout,
         Overloaded,
+        KernelRestarted,
     )
 }
 

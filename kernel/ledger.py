@@ -33,7 +33,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
-import itertools
+import json
 import math
 from typing import Any
 
@@ -124,10 +124,13 @@ class Ledger:
         self.jobs: dict[str, Job] = {}
         #: id -> (job, kind, amount, expiry, holder): holder is the principal that reserved.
         self._reservations: dict[str, tuple[str, str, float, float, str | None]] = {}
-        self._rid = itertools.count(1)
+        self._rid_next = 1  # the counter of ids when no id is given (dumped in snapshots)
         #: owner -> its open jobs (children included), so a caller's share of jobs is bounded.
         self._owned: collections.Counter[str] = collections.Counter()
         self._wall_heap: list[tuple[float, str]] = []
+        #: (expiry, id) of held reservations, lazily cleaned (an entry whose id is gone or whose
+        #: expiry changed is skipped).
+        self._expiry_heap: list[tuple[float, str]] = []
         self.jobs[ROOT] = Job(ROOT, None, dict(root_limits or {}), 0, 0.0)
         self.jobs[DEFAULT_JOB] = Job(DEFAULT_JOB, self.jobs[ROOT], {}, 0, 0.0)
         self.jobs[ROOT].children.add(DEFAULT_JOB)
@@ -440,9 +443,13 @@ class Ledger:
             self.charge(now, job, {resource: amount})
             rem = self.remaining(j, resource, now)
             return {"ok": True, "committed": amount, "remaining": _r(rem), **granted}
-        rid = reservation if isinstance(reservation, str) and reservation not in self._reservations \
-            else f"{self.session}r{next(self._rid)}"
+        if isinstance(reservation, str) and reservation not in self._reservations:
+            rid = reservation
+        else:
+            rid = f"{self.session}r{self._rid_next}"
+            self._rid_next += 1
         self._reservations[rid] = (job, resource, float(amount), now + lease, holder)
+        heapq.heappush(self._expiry_heap, (now + lease, rid))
         if h is not None:
             h.reserved[resource] = h.reserved.get(resource, 0.0) + amount
         return {"ok": True, "reservation": rid, "remaining": _r(self.remaining(j, resource, now)), **granted}
@@ -480,12 +487,25 @@ class Ledger:
                 unknown.append(rid)
                 continue
             self._reservations[rid] = (*entry[:3], now + lease, entry[4])
+            heapq.heappush(self._expiry_heap, (now + lease, rid))
             renewed.append(rid)
         return {"ok": True, "renewed": renewed, "unknown": unknown}
 
     def holds_reservations(self) -> bool:
-        """Whether any reservation is held (the kernel expires leases only then)."""
+        """Whether any reservation is held."""
         return bool(self._reservations)
+
+    def next_expiry(self) -> float:
+        """When the earliest held lease runs out (INF: none held); :meth:`expire` has something
+        to do only from then on, so the kernel runs (and logs) it only then."""
+        heap = self._expiry_heap
+        while heap:
+            exp, rid = heap[0]
+            entry = self._reservations.get(rid)
+            if entry is not None and entry[3] == exp:
+                return exp
+            heapq.heappop(heap)
+        return INF
 
     def expire(self, now: float) -> dict:
         """Release reservations whose lease ran out (presumed abort)."""
@@ -540,6 +560,42 @@ class Ledger:
                 return deadline
             heapq.heappop(heap)
         return INF
+
+    # -- durable state ------------------------------------------------------------------------------
+
+    def dump(self) -> dict:
+        """The whole ledger as plain data (JSON-safe but for infinities, which JSON lines carry as
+        ``Infinity``): what a decision-log snapshot records.  ``Ledger.load(dump())`` takes the
+        same decisions as this ledger from here on."""
+        jobs = []
+        for j in self.jobs.values():  # insertion order: every parent before its children
+            d = {f.name: getattr(j, f.name) for f in dataclasses.fields(j)
+                 if f.name not in ("parent", "children", "holders")}  # holders: a cache of Jobs
+            d["parent"] = j.parent.name if j.parent is not None else None
+            d["children"] = sorted(j.children)
+            jobs.append(json.loads(json.dumps(d)))
+        return {"session": self.session, "rid_next": self._rid_next, "jobs": jobs,
+                "reservations": {rid: list(e) for rid, e in self._reservations.items()}}
+
+    @classmethod
+    def load(cls, state: dict) -> "Ledger":
+        """The ledger :meth:`dump` recorded."""
+        led = cls(session=state.get("session", ""))
+        led.jobs.clear()
+        names = {f.name for f in dataclasses.fields(Job)}
+        for d in state["jobs"]:
+            fields = {k: v for k, v in d.items() if k in names and k not in ("parent", "children", "holders")}
+            j = Job(parent=led.jobs[d["parent"]] if d.get("parent") is not None else None, **fields)
+            j.children = set(d.get("children", ()))
+            led.jobs[j.name] = j
+            if math.isfinite(j.wall_deadline):
+                heapq.heappush(led._wall_heap, (j.wall_deadline, j.name))
+        for rid, (job, kind, amount, exp, *holder) in state.get("reservations", {}).items():
+            led._reservations[rid] = (job, kind, float(amount), float(exp), holder[0] if holder else None)
+            heapq.heappush(led._expiry_heap, (float(exp), rid))
+        led._rid_next = int(state.get("rid_next", 1))
+        led._owned.update(j.owner for j in led.jobs.values() if j.owner is not None and not j.closed)
+        return led
 
     def snapshot(self, now: float) -> dict:
         """Every open job's limits, spend and remainder (for mmi.stats and the status CLI)."""

@@ -162,7 +162,7 @@ class Management:
         return P.MMI_OK if isinstance(arg, bytes) and router.has_worker(arg) else P.MMI_NOT_FOUND
 
     def op_stats(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
-        out = router.stats(now)
+        out = router.stats(now, arg)
         if not caller.principal.operator and isinstance(out.get("jobs"), dict):
             out["jobs"] = self._own_jobs(out["jobs"], caller)
         return out
@@ -380,6 +380,17 @@ class Management:
         if self.budget is not None:
             self.budget.record(name[len(P.MMI_PREFIX):], now, dict(arg), {"ok": True, "pid": pid})
         return {"ok": True, "pid": pid}
+
+    def op_restart(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+        if self.procs is None:
+            return None
+        try:
+            restarts = self.procs.restart(arg["child"])
+        except LookupError as exc:
+            return errors.Refused(str(exc))
+        if self.budget is not None:
+            self.budget.record("restart", now, dict(arg), {"ok": True, "restarts": restarts})
+        return {"ok": True, "child": arg["child"], "restarts": restarts}
 
     def op_proc_stop(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         return self._proc(P.MMI_PROC_STOP, arg, now, lambda p: p.suspend(arg["child"]))

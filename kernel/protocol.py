@@ -130,6 +130,7 @@ class ErrorCode(enum.StrEnum):
     SERVICE_ERROR = "service_error"  # the service's handler raised
     TIMEOUT = "timeout"  # client side: no reply within the client's own bound
     OVERLOADED = "overloaded"  # the kernel could not queue the request
+    KERNEL_RESTARTED = "kernel_restarted"  # in flight when the kernel died; may have run: not re-run
 
 
 # -- control topics on the kernel's PUB socket ----------------------------------------------------
@@ -223,6 +224,7 @@ MMI_PROC_STOP: Final = "mmi.proc.stop"
 MMI_PROC_CONT: Final = "mmi.proc.cont"
 MMI_PROC_NICE: Final = "mmi.proc.nice"
 MMI_PROC_AFFINITY: Final = "mmi.proc.affinity"
+MMI_RESTART: Final = "mmi.restart"
 #: Answers of mmi.service (RFC 8/MMI) and of an unknown ``mmi.*`` name.
 MMI_OK: Final = b"200"
 MMI_NOT_FOUND: Final = b"404"
@@ -370,15 +372,42 @@ LIVENESS: Final = 3
 SWEEPS_PER_INTERVAL: Final = 4
 #: How long a request for a service with no worker waits before UNAVAILABLE, seconds.
 UNAVAILABLE_WAIT: Final = 2.0
-#: Largest message the kernel accepts (ZMQ_MAXMSGSIZE, per frame); bigger ones drop the peer.
+#: Largest frame the kernel accepts (ZMQ_MAXMSGSIZE: libzmq checks it against the frame's length
+#: field before allocating, and drops the peer's connection).
+MAX_FRAME_SIZE: Final = 4 * 1024 * 1024
+#: Largest total size of one message (all frames); checked frame by frame as the kernel receives
+#: it, and frames past the bound are discarded without being copied (docs/limits.md says what
+#: libzmq buffers before that).
 MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 #: Largest number of frames in one message the kernel will look at.
 MAX_FRAMES: Final = 64
+#: Messages buffered per peer connection each way (ZMQ_SNDHWM / ZMQ_RCVHWM); with the size
+#: bounds above this bounds what one peer can make the kernel hold.
+PEER_HWM: Final = 1000
+#: Concurrent peer connections the kernel accepts (config ``kernel.max_peers``).
+MAX_PEERS: Final = 4096
+#: Descriptors kept free for the kernel's own use (log segments, child pipes, accept races).
+FD_RESERVE: Final = 128
 #: Requests queued per service before new ones get OVERLOADED.
 MAX_QUEUE: Final = 100_000
-#: High-water marks (messages) of the kernel's ROUTER and PUB sockets.
-ROUTER_HWM: Final = 1_000_000
-PUB_HWM: Final = 100_000
+#: Decision log: bytes per segment before a new one starts (with a snapshot), the fsync policy
+#: ("always", "interval", "never"; docs/limits.md) and the interval of "interval", seconds.
+LOG_SEGMENT_BYTES: Final = 8 * 1024 * 1024
+LOG_FSYNC: Final = "interval"
+LOG_FSYNC_INTERVAL: Final = 1.0
+#: How long a restarted kernel answers KERNEL_RESTARTED to a retry of a request (same idempotency
+#: key) that was in flight when the kernel died, seconds.
+INTERRUPTED_TTL: Final = 3600.0
+#: Services with no worker, no queue and nothing in flight are forgotten after this many seconds.
+SERVICE_IDLE_EXPIRY: Final = 60.0
+#: Bytes of request bodies the kernel holds in all service queues together; past it new
+#: requests that must wait are answered OVERLOADED.
+MAX_QUEUED_BYTES: Final = 32 * 1024 * 1024
+#: Services without a worker the kernel keeps state for (a request naming yet another one is
+#: answered UNAVAILABLE at once).
+MAX_WORKERLESS_SERVICES: Final = 1000
+#: Services listed per ``mmi.stats`` page (``{"page": n}`` asks for others).
+STATS_PAGE: Final = 100
 #: Messages the kernel handles per readiness callback before letting timers run.
 RECV_BATCH: Final = 512
 #: Bounds of a header's ``priority`` (and the default).
@@ -462,7 +491,11 @@ def _proc(name: str, what: str, *extra: Arg) -> OpSpec:
 MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
     OpSpec(MMI_SERVICE, "'200' if a worker serves the named service, '404' if not",
            Role.CLIENT, Scope.NONE, scalar="str"),
-    OpSpec(MMI_STATS, "services, workers, counters, processes and jobs", Role.CLIENT, Scope.NONE),
+    OpSpec(MMI_STATS, "a summary, one page of services, workers, counters, processes and jobs",
+           Role.CLIENT, Scope.NONE, (
+               Arg("page", "int", f"which page of services ({STATS_PAGE} per page, by name)", default=0),
+               Arg("service", "str", "only this service", nullable=True),
+           )),
     OpSpec(MMI_JOB_OPEN, "open a job; its budget is carved from the parent", Role.CLIENT, Scope.OWN, (
         _JOB,
         Arg("parent", "str", "parent job (default: root)", nullable=True, max_len=MAX_NAME),
@@ -513,6 +546,8 @@ MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
     _proc(MMI_PROC_STOP, "SIGSTOP a supervised process group"),
     _proc(MMI_PROC_CONT, "SIGCONT a supervised process group"),
     _proc(MMI_PROC_NICE, "set a supervised process's nice value", Arg("nice", "int", "nice value", required=True)),
+    _proc(MMI_RESTART, "start a given-up (or exited) supervised child again, with a fresh restart "
+                       "intensity"),
     _proc(MMI_PROC_AFFINITY, "set a supervised process's CPU set",
           Arg("cpus", "list", "CPU numbers", required=True, items="int")),
 )}

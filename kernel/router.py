@@ -12,7 +12,9 @@ Rules (docs/protocol.md is normative):
   plain MDP workers; a reca worker may declare more in its READY options).  Free slots are kept
   in least-recently-used order and requests go to the slot that has waited longest.
 * A request to a service with no free slot waits in the service's queue, highest priority first,
-  FIFO within a priority.  A request to a service that has no worker at all is answered
+  round-robin across clients within a priority (a client's k-th waiting request ranks after every
+  other client's first k, so a flooding client delays another by at most one request per round),
+  FIFO within a client.  A request to a service that has no worker at all is answered
   UNAVAILABLE after ``unavailable_wait`` unless a worker registers in time.
 * Every request gets exactly one FINAL: its worker's, or the kernel's own error.  When a worker
   dies (DISCONNECT, a missed liveness window, an unroutable send, a protocol error) every request
@@ -76,6 +78,8 @@ class Request:
     header: dict | None = None
     done: bool = False
     principal: Principal = LOCAL_OPERATOR  # who sent it (verified by the kernel)
+    queued: bool = False  # in its service's queue (counted in Service.queued)
+    timed: bool = False  # has an entry in the router's deadline heap (counted in _deadlines_live)
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -94,8 +98,8 @@ class Service:
     """Per-service worker pool, request queue and statistics."""
 
     __slots__ = (
-        "name", "workers", "ready", "queue", "requests", "finals", "errors", "partials",
-        "latencies", "wait_since", "served",
+        "name", "workers", "ready", "queue", "queued", "by_client", "live", "requests", "finals", "errors",
+        "partials", "latencies", "wait_since", "served",
     )
 
     def __init__(self, name: bytes) -> None:
@@ -103,8 +107,14 @@ class Service:
         self.workers: dict[bytes, Worker] = {}
         # Invariant: one entry per free slot of a live worker, least recently used first.
         self.ready: collections.deque[Worker] = collections.deque()
-        # Heap of (-priority, seq, Request); entries whose request is done are skipped lazily.
-        self.queue: list[tuple[int, int, Request]] = []
+        # Heap of (-priority, round, seq, Request): highest priority first, then round-robin across
+        # clients (a client's k-th queued request has round k), then FIFO.  Entries whose request
+        # is done are skipped lazily, and the heap is rebuilt when they outnumber the live ones
+        # (Invariant: len(queue) <= 2 * queued + _SLACK after every change).
+        self.queue: list[tuple[int, int, int, Request]] = []
+        self.queued = 0  # live (not done) requests in the queue
+        self.by_client: dict[bytes, int] = {}  # client -> its live queued requests
+        self.live = 0  # requests of this service not yet answered (queued or dispatched)
         self.requests = 0
         self.finals = 0
         self.errors = 0
@@ -132,6 +142,19 @@ class ServiceStats:
     p99_ms: float | None
 
 
+#: Dead entries tolerated in a lazily cleaned heap beyond its live ones before it is rebuilt.
+_SLACK = 64
+
+
+def _compact(heap: list, live: int) -> list:
+    """``heap`` without entries whose request is done, when those outnumber the live ones."""
+    if len(heap) <= 2 * live + _SLACK:
+        return heap
+    kept = [e for e in heap if not e[-1].done]
+    heapq.heapify(kept)
+    return kept
+
+
 def _percentile(sorted_samples: list[float], q: float) -> float | None:
     if not sorted_samples:
         return None
@@ -154,6 +177,9 @@ class Router:
         liveness: int = P.LIVENESS,
         unavailable_wait: float = P.UNAVAILABLE_WAIT,
         max_queue: int = P.MAX_QUEUE,
+        service_expiry: float = P.SERVICE_IDLE_EXPIRY,
+        max_workerless: int = P.MAX_WORKERLESS_SERVICES,
+        max_queued_bytes: int = P.MAX_QUEUED_BYTES,
         admission: "Admission | None" = None,
         management: Management | None = None,
         extra_stats: Callable[[], dict] | None = None,
@@ -174,7 +200,23 @@ class Router:
         self.workers: dict[bytes, Worker] = {}
         self.inflight: dict[bytes, Request] = {}  # token -> request, queued or dispatched
         self._seq = itertools.count()
-        self._deadlines: list[tuple[float, int, Request]] = []  # heap, lazily cleaned
+        self._deadlines: list[tuple[float, int, Request]] = []  # heap, lazily cleaned, compacted
+        self._deadlines_live = 0  # requests not done with an entry in _deadlines
+        #: Services with no worker and nothing live, by when they became so (oldest first);
+        #: forgotten after ``service_expiry`` seconds.
+        self._idle: dict[bytes, float] = {}
+        #: Services whose requests wait for a first worker (``wait_since`` set).
+        self._waiting: dict[bytes, Service] = {}
+        self._served = 0  # services with at least one worker
+        self.service_expiry = service_expiry
+        #: Services without a worker the router keeps state for; a request for a new name past
+        #: it is answered UNAVAILABLE at once, with no state kept.
+        self.max_workerless = max_workerless
+        #: Bytes of request bodies waiting in queues (a body is dropped once dispatched).
+        self.queued_bytes = 0
+        self.max_queued_bytes = max_queued_bytes
+        #: client -> (bytes it has queued, its queued requests oldest first), for fair eviction.
+        self._holders: dict[bytes, list] = {}
         self._next_sweep = 0.0
         #: The latest time the router was given (on_message / tick): what stats() reports at.
         self.now = 0.0
@@ -299,11 +341,20 @@ class Router:
             return
         service = self.services.get(service_name)
         if service is None:
+            if len(self.services) - self._served >= self.max_workerless:
+                self.counters["workerless_refused"] += 1
+                req = Request(b"", identity, form, Service(service_name), body, rid, reca, None, 0, now,
+                              header=header, principal=principal)
+                self._finish_error(req, errors.Unavailable(
+                    f"no worker for service {service_name.decode(errors='replace')!r}"), now, count=False)
+                return
             service = self.services[service_name] = Service(service_name)
+        self._idle.pop(service_name, None)
         service.requests += 1
         token = _urandom(TOKEN_BYTES)
         req = Request(token, identity, form, service, body, rid, reca, None, 0, now, header=header,
                       principal=principal)
+        service.live += 1
         if header is not None:
             try:
                 self._parse_header(req, header)
@@ -318,6 +369,8 @@ class Router:
             return
         if req.deadline is not None:
             heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
+            req.timed = True
+            self._deadlines_live += 1
         self.inflight[token] = req
         self._enqueue(req, now)
 
@@ -359,22 +412,90 @@ class Router:
         if ready and not service.queue:
             self._dispatch(req, ready.popleft(), now)
             return
-        if len(service.queue) >= self.max_queue:
-            self.inflight.pop(req.token, None)
+        size = sum(map(len, req.body))
+        if service.queued >= self.max_queue or not self._make_room(req.client, size, now):
             self._finish_error(req, errors.Overloaded(f"queue for {service.name.decode(errors='replace')} is full"), now)
             return
-        heapq.heappush(service.queue, (-req.priority, next(self._seq), req))
+        holder = self._holders.get(req.client)
+        if holder is None:
+            holder = self._holders[req.client] = [0, collections.deque()]
+        holder[0] += size
+        holder[1].append(req)
+        turn = service.by_client.get(req.client, 0)
+        service.by_client[req.client] = turn + 1
+        heapq.heappush(service.queue, (-req.priority, turn, next(self._seq), req))
+        req.queued = True
+        service.queued += 1
+        self.queued_bytes += size
         if not service.workers and service.wait_since is None:
             service.wait_since = now
+            self._waiting[service.name] = service
         self._drain_queue(service, now)
 
     def _drain_queue(self, service: Service, now: float) -> None:
         queue = service.queue
         while queue and service.ready:
-            _, _, req = heapq.heappop(queue)
+            req = heapq.heappop(queue)[-1]
             if req.done:
                 continue
+            self._dequeued(req)
             self._dispatch(req, service.ready.popleft(), now)
+
+    def _make_room(self, client: bytes, size: int, now: float) -> bool:
+        """Whether ``size`` more bytes from ``client`` fit in the queues; when they do not, the
+        client holding the most queued bytes loses its newest requests (answered OVERLOADED)
+        while it holds more than ``client`` would: one flooding client, or the backlog of many
+        gone ones, cannot keep every other client's requests out (longest-queue drop)."""
+        while self.queued_bytes + size > self.max_queued_bytes:
+            mine = self._holders.get(client, (0,))[0] + size
+            victim = max(self._holders, key=lambda c: self._holders[c][0], default=None)
+            if victim is None or victim == client or self._holders[victim][0] <= mine:
+                return False
+            newest = self._holders[victim][1][-1]
+            self.counters["queue_evictions"] += 1
+            self._finish_error(newest, errors.Overloaded(
+                "evicted from the queue: this client held the largest share of the kernel's queues"), now)
+        return True
+
+    def _dequeued(self, req: Request) -> None:
+        req.queued = False
+        holder = self._holders.get(req.client)
+        if holder is not None:
+            holder[0] -= sum(map(len, req.body))
+            reqs = holder[1]
+            if reqs and reqs[0] is req:
+                reqs.popleft()
+            else:
+                reqs.remove(req)
+            if not reqs:
+                del self._holders[req.client]
+        service = req.service
+        service.queued -= 1
+        left = service.by_client.get(req.client, 1) - 1
+        if left > 0:
+            service.by_client[req.client] = left
+        else:
+            service.by_client.pop(req.client, None)
+        self.queued_bytes -= sum(map(len, req.body))
+
+    def _retire(self, req: Request, now: float) -> None:
+        """``req`` has its FINAL: drop every reference the router keeps (its entries in lazily
+        cleaned heaps are compacted away), and note its service idle if nothing is left there."""
+        req.done = True
+        self.inflight.pop(req.token, None)
+        service = req.service
+        if req.queued:
+            self._dequeued(req)
+            service.queue = _compact(service.queue, service.queued)
+        req.body = []  # the payload is freed now, whatever still points at the request
+        if req.timed:
+            req.timed = False
+            self._deadlines_live -= 1
+            self._deadlines = _compact(self._deadlines, self._deadlines_live)
+        if req.token and service.live > 0:
+            service.live -= 1
+            if not service.live and not service.workers and self.services.get(service.name) is service:
+                self._idle[service.name] = now
 
     def _dispatch(self, req: Request, worker: Worker, now: float) -> None:
         req.worker = worker
@@ -383,6 +504,7 @@ class Router:
         body = req.body
         if req.reca:
             body = [self.admission.forward_header(self, req)] + body[1:]
+        req.body = []  # sent once; the router never needs it again
         if worker.form is Form.SPEC:
             msg = [worker.identity, P.MDPW, P.WorkerCmd.REQUEST.value, req.token, _EMPTY, *body]
         else:
@@ -415,8 +537,7 @@ class Router:
         """Answer ``req`` with a kernel error as its one FINAL and forget it."""
         if req.done:
             return
-        req.done = True
-        self.inflight.pop(req.token, None)
+        self._retire(req, now)
         if req.worker is not None:
             req.worker.inflight.pop(req.token, None)
         if count:
@@ -428,7 +549,7 @@ class Router:
     def top_queued_priority(self, service: Service) -> int | None:
         """The priority of the first request waiting in ``service``'s queue (None: none waits)."""
         queue = service.queue
-        while queue and queue[0][2].done:
+        while queue and queue[0][-1].done:
             heapq.heappop(queue)
         return -queue[0][0] if queue else None
 
@@ -449,8 +570,29 @@ class Router:
     def _reply_bad(self, identity: bytes, form: Form, service: bytes, message: str) -> None:
         self._reply_error(identity, form, service, errors.BadRequest(message))
 
-    def _reply_error(self, identity: bytes, form: Form, service: bytes, exc: errors.RecaError) -> None:
-        body = [codec.pack({P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: exc.to_wire()})]
+    def reply_bad(self, identity: bytes, message: str) -> None:
+        """Answer a message the server refused before routing it (too large, too many frames)."""
+        self._reply_bad(identity, Form.SPEC, b"", message)
+
+    def refuse_peer(self, frames: list[bytes], message: str) -> None:
+        """Answer ``overloaded`` to a message from a connection the server refuses (over the peer
+        cap): a client's request gets a FINAL in its own form (with its reca id), a worker a
+        DISCONNECT."""
+        identity = frames[0]
+        form, i = (Form.MAJORTOMO, 2) if len(frames) > 1 and frames[1] == _EMPTY else (Form.SPEC, 1)
+        if i < len(frames) and frames[i] == P.MDPW:
+            self._send_worker(identity, form, [P.WorkerCmd.DISCONNECT.value])
+            return
+        header = codec.reca_header(frames[i + 3:])
+        self._reply_error(identity, form, frames[i + 2] if i + 2 < len(frames) else b"",
+                          errors.Overloaded(message), header)
+
+    def _reply_error(self, identity: bytes, form: Form, service: bytes, exc: errors.RecaError,
+                     header: dict | None = None) -> None:
+        status: dict[str, Any] = {P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: exc.to_wire()}
+        if header is not None:
+            status.update({P.H_VERSION: P.VERSION, P.S_ID: header.get(P.H_ID), P.S_SPENT: {}})
+        body = [codec.pack(status)]
         if form is Form.SPEC:
             msg = [identity, P.MDPC, P.ClientCmd.FINAL.value, service, *body]
         else:
@@ -519,9 +661,12 @@ class Router:
         service = self.services.get(name)
         if service is None:
             service = self.services[name] = Service(name)
+        self._idle.pop(name, None)
         worker = Worker(identity, service, form, capacity, now + self.heartbeat_interval * self.liveness,
                         pid if isinstance(pid, int) and self._pid_of(principal, pid) else None, principal=principal)
         self.workers[identity] = worker
+        if not service.workers:
+            self._served += 1
         service.workers[identity] = worker
         service.wait_since = None
         service.served = True
@@ -559,8 +704,7 @@ class Router:
             self._to_client(req, False, body)
             return
         del worker.inflight[token]
-        self.inflight.pop(token, None)
-        req.done = True
+        self._retire(req, now)
         service.finals += 1
         service.latencies.append(now - req.received)
         if req.reca:
@@ -578,8 +722,9 @@ class Router:
         service = worker.service
         queue = service.queue
         while queue:
-            _, _, req = heapq.heappop(queue)
+            req = heapq.heappop(queue)[-1]
             if not req.done:
+                self._dequeued(req)
                 self._dispatch(req, worker, now)
                 return
         service.ready.append(worker)
@@ -614,8 +759,13 @@ class Router:
             if not req.done:
                 self._finish_error(req, errors.WorkerDied(f"worker died: {why}", service=service.name.decode(errors="replace")), now)
         worker.inflight.clear()
-        if not service.workers and service.queue:
+        if not service.workers:
+            self._served -= 1
+        if not service.workers and service.queued:
             service.wait_since = now
+            self._waiting[service.name] = service
+        elif not service.workers and not service.live:
+            self._idle[service.name] = now
 
     def _sweep(self, now: float) -> None:
         for worker in list(self.workers.values()):
@@ -624,17 +774,33 @@ class Router:
                 self._send_worker(worker.identity, worker.form, [P.WorkerCmd.DISCONNECT.value])
             elif self._send_worker(worker.identity, worker.form, [P.WorkerCmd.HEARTBEAT.value]) is False:
                 self._worker_gone(worker, now, "unroutable")
-        for service in self.services.values():
-            if service.wait_since is not None and service.queue and not service.workers \
-                    and now - service.wait_since >= self.unavailable_wait:
-                for _, _, req in service.queue:
+        waiting = self._waiting
+        for service in list(waiting.values()):
+            if service.wait_since is None or service.workers or not service.queued:
+                del waiting[service.name]
+                service.wait_since = None
+            elif now - service.wait_since >= self.unavailable_wait:
+                del waiting[service.name]
+                service.wait_since = None
+                for *_, req in list(service.queue):
                     if not req.done:
                         self._finish_error(req, errors.Unavailable(
                             f"no worker for service {service.name.decode(errors='replace')!r}"), now)
                 service.queue.clear()
-                service.wait_since = None
-        for name in [n for n, s in self.services.items() if not s.served and not s.workers and not s.queue]:
-            del self.services[name]
+                # a name no worker ever registered for is forgotten at once (review: made-up names)
+                if not service.served and not service.workers and not service.live:
+                    del self.services[service.name]
+                    self._idle.pop(service.name, None)
+        idle = self._idle
+        while idle:
+            name, since = next(iter(idle.items()))
+            if since > now - self.service_expiry:
+                break
+            del idle[name]
+            gone = self.services.get(name)
+            if gone is not None and not gone.workers and not gone.live:
+                del self.services[name]
+                self.counters["services_expired"] += 1
 
     # -- MMI --------------------------------------------------------------------------------------
 
@@ -669,9 +835,9 @@ class Router:
 
     # -- statistics -------------------------------------------------------------------------------
 
-    def service_stats(self) -> list[ServiceStats]:
+    def service_stats(self, services: Iterable[Service] | None = None) -> list[ServiceStats]:
         out = []
-        for s in self.services.values():
+        for s in self.services.values() if services is None else services:
             lat = sorted(s.latencies)
             p50 = _percentile(lat, 0.5)
             p99 = _percentile(lat, 0.99)
@@ -679,7 +845,7 @@ class Router:
                 name=s.name.decode(errors="replace"),
                 workers=len(s.workers),
                 free_slots=len(s.ready),
-                queued=sum(1 for _, _, r in s.queue if not r.done),
+                queued=s.queued,
                 inflight=sum(len(w.inflight) for w in s.workers.values()),
                 requests=s.requests,
                 finals=s.finals,
@@ -690,12 +856,27 @@ class Router:
             ))
         return out
 
-    def stats(self, now: float | None = None) -> dict:
-        """Services, workers and counters, plus the admission's and ``extra_stats``' sections;
-        ``now`` defaults to the latest time the router was given."""
+    def stats(self, now: float | None = None, query: dict | None = None) -> dict:
+        """``mmi.stats``: a summary and one page of services (sorted by name, ``STATS_PAGE`` per
+        page) plus the admission's and ``extra_stats``' sections; ``{"page": n}`` asks for page n,
+        ``{"service": name}`` for one service.  Its cost is one sort of the service names plus the
+        page's own figures.  ``now`` defaults to the latest time the router was given."""
         now = self.now if now is None else now
+        query = query or {}
+        page = query.get("page", 0)
+        page = page if isinstance(page, int) and not isinstance(page, bool) and page >= 0 else 0
+        wanted = query.get("service")
+        if isinstance(wanted, str):
+            chosen = [s for s in (self.services.get(wanted.encode()),) if s is not None]
+        else:
+            names = sorted(self.services)[page * P.STATS_PAGE:(page + 1) * P.STATS_PAGE]
+            chosen = [self.services[n] for n in names]
         out: dict[str, Any] = {
-            "services": {s.name: dataclasses.asdict(s) for s in self.service_stats()},
+            "services": {s.name: dataclasses.asdict(s) for s in self.service_stats(chosen)},
+            "summary": {"services": len(self.services), "services_with_workers": self._served,
+                        "workers": len(self.workers), "inflight": len(self.inflight),
+                        "queued_bytes": self.queued_bytes,
+                        "page": page, "pages": -(-len(self.services) // P.STATS_PAGE)},
             "counters": dict(self.counters),
             "workers": [
                 {"service": w.service.name.decode(errors="replace"), "pid": w.pid, "inflight": len(w.inflight),
@@ -770,6 +951,10 @@ class Admission:
     def claim_slot(self, router: Router, worker: Worker, now: float) -> bool:
         """A slot of ``worker`` just freed; True if the admission took it (to resume paused work)."""
         return False
+
+    def flush_log(self) -> None:
+        """Hand the decisions taken so far to the operating system (the server calls it after
+        every batch of messages)."""
 
     def tick(self, router: Router, now: float) -> None:
         """Time-driven policy (budget deadlines)."""

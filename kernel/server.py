@@ -1,7 +1,7 @@
 """The kernel's process shell: owns the ROUTER and PUB sockets and the clock, feeds the Router.
 
 The ROUTER socket's file descriptor is watched directly by the event loop (``add_reader``) and
-drained without blocking, so a message costs one ``recv_multipart`` and one Router call: no
+drained without blocking, so a message costs one receive per frame and one Router call: no
 future per message.  ZeroMQ's descriptor is edge-triggered, so every callback drains until the
 socket reports no more input, and timer callbacks drain too (a send may consume the edge).
 
@@ -9,21 +9,35 @@ With ``server_keys`` both sockets are CURVE servers and a ZAP handler (kernel.au
 handshake; each message's principal is read from its ``User-Id`` frame property (the ZAP user
 id of the connection it came on) and handed to the router with the message.  Without, every peer
 is ``local`` (an ipc:// kernel whose runtime directory is private, or an insecure tcp:// one).
+
+What a peer can make the kernel hold is bounded here (docs/limits.md): frames by ZMQ_MAXMSGSIZE
+(libzmq drops the connection before allocating), messages by a total size and a frame count
+checked frame by frame (frames past either bound are discarded without a copy), buffered
+messages per peer by the high-water marks, connections by :class:`kernel.peers.PeerGuard`, and
+the ROUTER's generated routing ids are unpredictable (:func:`kernel.peers.seed_routing_ids`).
+The principal and the connection's descriptor (for the peer cap) are both read from the first
+frame after the routing id, the one frame received as a zmq.Frame.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno as _errno
 import logging
+import os
+import resource
+import socket as _socket
 import time
 from typing import Any, Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from kernel import auth, codec
-from kernel.aio import recv_frames, send_frames
+from kernel.aio import send_frames
 from kernel import protocol as P
 from kernel.mmi import Management
+from kernel.peers import PeerGuard, open_fds, seed_routing_ids
 from kernel.router import Admission, Router
 
 log = logging.getLogger("reca.kernel")
@@ -34,6 +48,21 @@ _BATCH = P.RECV_BATCH
 _RELOAD_INTERVAL = 0.25
 _NOBLOCK = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
+_MONITORED = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+
+
+#: The principal of a CURVE message that carried no frame to read a User-Id from (none: a
+#: ROUTER always delivers one); it may do nothing.
+_UNKNOWN = auth.Principal("", auth.REVOKED)
+
+
+class Oversized(Exception):
+    """A message past the total-size or frame-count bound (its frames are already discarded)."""
+
+    def __init__(self, identity: bytes, why: str) -> None:
+        super().__init__(why)
+        self.identity = identity
+        self.why = why
 
 
 class KernelServer:
@@ -53,9 +82,15 @@ class KernelServer:
         context: zmq.Context | None = None,
         server_keys: auth.ServerKeys | None = None,
         principals: auth.Principals | None = None,
+        max_peers: int = P.MAX_PEERS,
+        max_message: int = P.MAX_MESSAGE_SIZE,
+        max_frame: int = P.MAX_FRAME_SIZE,
+        peer_hwm: int = P.PEER_HWM,
     ) -> None:
         self.context = context or zmq.Context()
         self._own_context = context is None
+        self.max_message = max_message
+        self.max_frames = P.MAX_FRAMES
         self.principals = principals
         self.zap = None
         if server_keys is not None:
@@ -65,15 +100,17 @@ class KernelServer:
 
             self.zap = ZapHandler(self.context, principals)
             self.zap.start()
+        seed_routing_ids()  # before the ROUTER exists: libzmq draws its id sequence's start now
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_SIZE)
-        sock.setsockopt(zmq.SNDHWM, P.ROUTER_HWM)
-        sock.setsockopt(zmq.RCVHWM, P.ROUTER_HWM)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        sock.setsockopt(zmq.SNDHWM, peer_hwm)
+        sock.setsockopt(zmq.RCVHWM, peer_hwm)
         pub = self.context.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
-        pub.setsockopt(zmq.SNDHWM, P.PUB_HWM)
+        pub.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscribers only send subscriptions
+        pub.setsockopt(zmq.SNDHWM, peer_hwm)
         if server_keys is not None:
             auth.curve_server(sock, server_keys, auth.ZAP_DOMAIN_ROUTER)
             auth.curve_server(pub, server_keys, auth.ZAP_DOMAIN_CONTROL)
@@ -90,6 +127,10 @@ class KernelServer:
         self.pub = pub
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.control = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.guard = PeerGuard(max_peers, fd_limit=soft if soft != resource.RLIM_INFINITY else 1 << 20,
+                               baseline=open_fds())
+        self._monitors = [self._monitor(s, n) for n, s in enumerate((sock, pub))]
         self.router = Router(
             self._send,
             heartbeat_interval=heartbeat_interval,
@@ -103,17 +144,31 @@ class KernelServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        self._next_reconcile = 0.0
         self._stopped: asyncio.Event | None = None
         self._next_reload = 0.0
 
     def _stats_with(self, extra: Callable[[], dict] | None) -> Callable[[], dict]:
         def stats() -> dict:
             out = dict(extra()) if extra is not None else {}
+            out["connections"] = self.guard.stats()
             out["auth"] = {"curve": self.zap is not None,
                            "principals": len(self.principals) if self.principals is not None else 0,
                            "zap_refused": self.zap.refused if self.zap is not None else 0}
             return out
         return stats
+
+    def _monitor(self, sock: zmq.Socket, n: int) -> zmq.Socket:
+        """A PAIR receiving ``sock``'s accept/disconnect events.  Its receive high-water mark is 0
+        (unlimited; over inproc that makes the whole pipe unlimited): a lost DISCONNECTED event
+        would leave a reused descriptor marked as refused."""
+        addr = f"inproc://reca-monitor-{id(self)}-{n}"
+        sock.monitor(addr, _MONITORED)
+        pair = self.context.socket(zmq.PAIR)
+        pair.setsockopt(zmq.RCVHWM, 0)
+        pair.setsockopt(zmq.LINGER, 0)
+        pair.connect(addr)
+        return pair
 
     # -- I/O --------------------------------------------------------------------------------------
 
@@ -125,7 +180,8 @@ class KernelServer:
                 return False
             if exc.errno == zmq.EAGAIN:
                 self.router.counters["send_would_block"] += 1
-                log.error("send to %r would block; message dropped", frames[0])
+                if self.router.counters["send_would_block"] == 1:  # counted in mmi.stats after
+                    log.error("a peer's queue is full (it does not read); its message is dropped")
                 return None
             raise
         return True
@@ -137,41 +193,72 @@ class KernelServer:
             self.router.counters["publish_dropped"] += 1
             log.error("control publish on %r failed: %s", topic, exc)
 
-    def _recv_authenticated(self) -> tuple[list[bytes], auth.Principal]:
-        """One message and its principal (role REVOKED: a key the kernel no longer knows)."""
+    def _recv(self) -> tuple[list[bytes], auth.Principal]:
+        """One message, identity first, within the size and frame bounds, and its principal;
+        raises ``zmq.Again`` when there is none, :class:`Oversized` (after discarding the rest
+        uncopied) past a bound, and answers a connection refused over the peer cap itself (then
+        returns no frames).  Under CURVE the principal is the ``User-Id`` of the first frame after
+        the routing id (role REVOKED: a key the kernel no longer knows); otherwise ``local``."""
         sock = self.sock
-        parts = [sock.recv(_NOBLOCK)]  # the routing id (made by the ROUTER: carries no metadata)
-        first = sock.recv(0, copy=False)
-        parts.append(first.bytes)
-        while sock.getsockopt(_RCVMORE):
-            parts.append(sock.recv(0))
-        assert self.principals is not None
-        name = str(first.get(auth.USER_ID) or "")
-        return parts, self.principals.by_name(name) or auth.Principal(name, auth.REVOKED)
+        recv = sock.recv
+        getsockopt = sock.getsockopt
+        parts = [recv(_NOBLOCK)]  # the routing id (made by the ROUTER: carries no metadata)
+        total, srcfd = 0, -1
+        refusing = self.guard.refusing
+        principals = self.principals if self.zap is not None else None
+        principal = auth.LOCAL_OPERATOR if principals is None else _UNKNOWN
+        first = principals is not None or bool(refusing)
+        while getsockopt(_RCVMORE):
+            if first:
+                first = False
+                frame = recv(0, copy=False)
+                if refusing:
+                    srcfd = frame.get(zmq.SRCFD)
+                if principals is not None:
+                    name = str(frame.get(auth.USER_ID) or "")
+                    principal = principals.by_name(name) or auth.Principal(name, auth.REVOKED)
+                data = frame.bytes
+            else:
+                data = recv(0)
+            total += len(data)
+            parts.append(data)
+            if total > self.max_message or len(parts) > self.max_frames + 1:
+                while getsockopt(_RCVMORE):
+                    recv(0, copy=False)  # dropped uncopied; libzmq frees it at once
+                self.router.counters["oversized_messages"] += 1
+                raise Oversized(parts[0], f"message larger than {self.max_message} bytes or "
+                                          f"{self.max_frames} frames")
+        if srcfd in refusing:
+            self.router.counters["peer_cap_refusals"] += 1
+            self.router.refuse_peer(parts, f"the kernel serves at most {self.guard.cap} concurrent peers; "
+                                           "retry later")
+            self.guard.answered(srcfd, time.monotonic())
+            return [], principal
+        return parts, principal
 
     def _on_readable(self) -> None:
         if self._drain():
             self._arm()
 
     def _drain(self) -> bool:
-        """Route what the ROUTER socket holds (at most one batch; the rest on the next turn).
-        False once the socket is closed."""
-        sock = self.sock
+        """Route what the ROUTER socket holds (at most one batch; the rest on the next turn), then
+        hand the decisions taken to the operating system.  False once the socket is closed."""
         on_message = self.router.on_message
         clock = time.monotonic
-        curve = self.zap is not None
         for _ in range(_BATCH):
             try:
-                if curve:
-                    frames, principal = self._recv_authenticated()
-                else:
-                    frames, principal = recv_frames(sock), auth.LOCAL_OPERATOR
+                frames, principal = self._recv()
             except zmq.Again:
                 break
+            except Oversized as exc:
+                self.router.reply_bad(exc.identity, exc.why)
+                continue
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.ENOTSOCK:
                     return False
                 raise
+            if not frames:
+                continue
             try:
                 on_message(frames, clock(), principal)
             except Exception:  # a routing bug must not take the kernel down
@@ -181,10 +268,58 @@ class KernelServer:
             # Batch full: more may be waiting; let timers run, then continue.
             assert self._loop is not None
             self._loop.call_soon(self._on_readable)
+        self.router.admission.flush_log()  # a kernel crash loses no decision taken so far
         return True
 
+    # -- connections ------------------------------------------------------------------------------
+
+    def _on_monitor(self) -> None:
+        self._drain_monitor(time.monotonic())
+        self._arm()
+
+    def _drain_monitor(self, now: float) -> None:
+        fds = open_fds()  # once per batch: listing /proc/self/fd is O(descriptors)
+        for mon in self._monitors:
+            while True:
+                try:
+                    event = recv_monitor_message(mon, _NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    return
+                fd = int(event["value"])
+                if event["event"] == zmq.EVENT_ACCEPTED:
+                    fds += 1
+                    if self.guard.on_accepted(fd, now, fds) and self.guard.counters["peers_refused"] == 1:
+                        log.warning("a connection was refused: over the peer cap of %d (counted in "
+                                    "the kernel stats from now on)", self.guard.cap)
+                else:
+                    self.guard.on_closed(fd)
+
+    def _shutdown_refused(self, now: float) -> None:
+        if not self.guard.refusing:
+            return
+        # Events first: a refused descriptor closed (and perhaps reused) since is forgotten.
+        self._drain_monitor(now)
+        for fd in self.guard.due(now):
+            try:
+                # A duplicate of the descriptor: shutdown() ends the connection itself (libzmq then
+                # sees it close and frees it); closing the duplicate leaves libzmq's fd alone.
+                with _socket.socket(fileno=os.dup(fd)) as s:
+                    s.shutdown(_socket.SHUT_RDWR)
+            except OSError as exc:
+                if exc.errno not in (_errno.EBADF, _errno.ENOTSOCK, _errno.ENOTCONN):
+                    log.warning("cannot shut down refused connection fd %d: %s", fd, exc)
+
+    def _reconcile(self) -> None:
+        try:
+            alive = {int(n) for n in os.listdir("/proc/self/fd")}
+        except OSError:
+            return
+        self.guard.reconcile(alive)
+
     def _arm(self) -> None:
-        wake = self.router.next_wakeup()
+        wake = min(self.router.next_wakeup(), self.guard.next_wakeup(), self._next_reconcile)
         if self._timer is not None and self._timer_at <= wake:
             return
         if self._timer is not None:
@@ -211,6 +346,10 @@ class KernelServer:
                 self.router.revoke(lambda name: principals.by_name(name) is not None, now)
         try:
             self.router.tick(now)
+            self._shutdown_refused(now)
+            if now >= self._next_reconcile:
+                self._next_reconcile = now + self.router.heartbeat_interval
+                self._reconcile()
         except Exception:
             self.router.counters["internal_errors"] += 1
             log.exception("internal error in the kernel tick")
@@ -224,11 +363,17 @@ class KernelServer:
         self._stopped = asyncio.Event()
         fd = self.sock.fileno()
         self._loop.add_reader(fd, self._on_readable)
+        mon_fds = [int(m.getsockopt(zmq.FD)) for m in self._monitors]
+        for mfd in mon_fds:
+            self._loop.add_reader(mfd, self._on_monitor)
+        self._on_monitor()
         self._on_readable()
         try:
             await self._stopped.wait()
         finally:
             self._loop.remove_reader(fd)
+            for mfd in mon_fds:
+                self._loop.remove_reader(mfd)
             if self._timer is not None:
                 self._timer.cancel()
             self.close()
@@ -238,6 +383,12 @@ class KernelServer:
             self._stopped.set()
 
     def close(self) -> None:
+        for sock, mon in zip((self.sock, self.pub), self._monitors):
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            mon.close(0)
         self.sock.close(0)
         self.pub.close(0)
         if self.zap is not None:

@@ -63,6 +63,7 @@ class ProcessControl(Protocol):
     def set_affinity(self, name: str, cpus: list[int]) -> int: ...
 
     def owns_pid(self, name: str, pid: int) -> bool: ...
+    def restart(self, name: str) -> int: ...
 
 
 class RestartType(str, enum.Enum):
@@ -358,6 +359,20 @@ class Supervisor:
             return pid == root or any(p.pid == root for p in psutil.Process(pid).parents())
         except (LookupError, psutil.Error, OSError):
             return False
+    def restart(self, name: str) -> int:
+        """Start a child that was given up (restart intensity exceeded) or exited (not restarted
+        by its type) again, with its restart intensity and back-off reset; returns how many
+        restarts it has had.  LookupError for an unknown child or one that is running."""
+        child = self.child(name)
+        if child.state not in (ChildState.GIVEN_UP, ChildState.EXITED) or self._shutting_down:
+            raise LookupError(f"child {name!r} is {child.state.value}, not given up or exited")
+        child.intensity = RestartIntensity(child.intensity.intensity, child.intensity.period)
+        child.backoff.failures = 0
+        child.restarts += 1
+        child.state = ChildState.BACKOFF
+        log.warning("%s restarted by an operator (mmi.restart)", name)
+        asyncio.ensure_future(self._spawn(child))
+        return child.restarts
 
     def suspend(self, name: str) -> int:
         """SIGSTOP the child's process group; returns its pid."""

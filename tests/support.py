@@ -19,10 +19,12 @@ class KernelProcess(LocalKernel):
 
     def __init__(self, services: str = "", *, heartbeat: float = 0.2, liveness: int = 3,
                  unavailable_wait: float = 0.5, intensity: int = 5, period: float = 10.0,
-                 endpoint: str | None = None, extra_args: Iterable[str] = ()) -> None:
+                 endpoint: str | None = None, extra_args: Iterable[str] = (),
+                 kernel_extra: dict | None = None, runtime_dir: str | None = None) -> None:
         super().__init__(kernel_config(services, heartbeat=heartbeat, liveness=liveness,
                                        unavailable_wait=unavailable_wait, intensity=intensity, period=period,
-                                       endpoint=endpoint), extra_args=extra_args)
+                                       endpoint=endpoint, kernel_extra=kernel_extra),
+                         extra_args=extra_args, runtime_dir=runtime_dir)
 
     @classmethod
     def from_config(cls, config: str, *, extra_args: Iterable[str] = ()) -> "KernelProcess":

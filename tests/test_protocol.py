@@ -74,6 +74,7 @@ def test_every_operation_has_one_handler_and_a_known_authority():
         P.MMI_PROC_CONT,
         P.MMI_PROC_NICE,
         P.MMI_PROC_AFFINITY,
+        P.MMI_RESTART,
     }
     assert P.MMI_OPS[P.MMI_AUDIT].authority is P.Role.SERVICE
     assert P.Role.CLIENT.rank < P.Role.SERVICE.rank < P.Role.OPERATOR.rank

@@ -1,0 +1,144 @@
+"""What a peer can do to the kernel's process, bounded: routing ids, descriptors, connections.
+
+Three things a peer could otherwise use to abort the kernel, and what closes each:
+
+* **Routing-id collisions.**  libzmq's ROUTER names a peer that sets no routing id
+  ``00 <uint32>``, counting up from a start it draws from libc's ``rand()`` when the socket is
+  created.  Nothing seeds ``rand()`` in a Python process, so the start is ``00 6b8b4567`` in every
+  run.  A peer may choose any routing id, including ``00 6b8b4567 + k``; libzmq does not check
+  a *generated* id against those already taken and asserts (``socket_base.cpp:2113``, SIGABRT)
+  when the next anonymous peer is given one a claimant already holds.  :func:`seed_routing_ids`
+  seeds ``rand()`` from ``os.urandom`` right before the ROUTER is made, so the sequence is one
+  of 2**32 no peer can see (the kernel never sends a routing id to anyone).  ZMQ_ROUTER_HANDOVER
+  stays off: with it on, a claimed id would *take over* the honest peer holding it.
+* **Descriptor exhaustion.**  libzmq's ipc:// listener asserts on ``EMFILE`` from ``accept``.
+  :func:`raise_fd_limit` lifts the soft limit to the hard one, and :class:`PeerGuard` caps the
+  peer connections at ``max_peers`` (at most half the descriptors the limit leaves): a
+  connection over the cap is refused clearly (a request it sends is answered ``overloaded``,
+  naming the cap) and shut down after a short grace, or at once during a flood.
+* **Oversized messages** are the server's concern (kernel.server reads frame by frame).
+
+:class:`PeerGuard` is pure (no sockets; time passed in); kernel.server applies its decisions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import resource
+
+from kernel import protocol as P
+
+log = logging.getLogger("reca.kernel")
+
+#: How long a connection refused over the cap may still send one request (to be answered
+#: ``overloaded``) before it is shut down, seconds.
+REFUSE_GRACE = 0.5
+#: Refused connections allowed to wait out their grace at once; past it, refused at once.
+REFUSE_MARGIN = 64
+
+
+def seed_routing_ids() -> bool:
+    """Seed libc's ``rand()`` from ``os.urandom`` (call right before creating a ROUTER socket):
+    libzmq draws the start of its generated routing ids from it.  False if libc is unreachable
+    (the sequence is then the fixed default, and a warning is logged)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.srand(ctypes.c_uint(int.from_bytes(os.urandom(4), "little")))
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot seed libzmq's routing-id sequence: %s", exc)
+        return False
+    return True
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (capped by the kernel's ``nr_open``);
+    returns the (soft, hard) limits in force afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open", encoding="ascii") as fh:
+                target = int(fh.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
+    return soft, hard
+
+
+def open_fds() -> int:
+    """Descriptors this process has open (Linux /proc; 0 where unknown)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+class PeerGuard:
+    """Counts peer connections (by descriptor, from the sockets' monitor events) and refuses those
+    over the cap.  ``fd_limit``: the soft descriptor limit.  libzmq gives no way to stop accepting
+    without closing every connection accepted on that endpoint (``zmq_unbind`` does), so refusal
+    is by shutting refused connections down: after a grace in which a request they send is
+    answered ``overloaded``, or at once while more than ``REFUSE_MARGIN`` wait in their grace or
+    the process's descriptors are within ``reserve`` of the limit."""
+
+    def __init__(self, max_peers: int = P.MAX_PEERS, fd_limit: int = 1 << 20, reserve: int = P.FD_RESERVE,
+                 baseline: int = 0) -> None:
+        room = max(2, fd_limit - reserve - baseline)
+        #: The cap in force: the configured one, or half the room the descriptor limit leaves
+        #: (the other half absorbs connections accepted before they are refused).
+        self.cap = max(1, min(max_peers, room // 2))
+        self.fd_limit = fd_limit
+        self.reserve = reserve
+        self.conns: set[int] = set()
+        #: Refused connections still inside their grace: fd -> shut-down time.
+        self.refusing: dict[int, float] = {}
+        self.counters = {"peers_refused": 0, "peers_max": 0}
+
+    def on_accepted(self, fd: int, now: float, fds_open: int = 0) -> bool:
+        """A connection was accepted; True if it is refused (see :meth:`due`)."""
+        over = len(self.conns) >= self.cap
+        self.conns.add(fd)
+        self.counters["peers_max"] = max(self.counters["peers_max"], len(self.conns))
+        if not over:
+            self.refusing.pop(fd, None)
+            return False
+        self.counters["peers_refused"] += 1
+        flood = len(self.refusing) >= REFUSE_MARGIN or (fds_open and fds_open >= self.fd_limit - self.reserve)
+        self.refusing[fd] = now if flood else now + REFUSE_GRACE
+        return True
+
+    def on_closed(self, fd: int) -> None:
+        self.conns.discard(fd)
+        self.refusing.pop(fd, None)
+
+    def due(self, now: float) -> list[int]:
+        """Refused connections whose grace is over (to shut down now)."""
+        gone = [fd for fd, t in self.refusing.items() if t <= now]
+        for fd in gone:
+            del self.refusing[fd]
+        return gone
+
+    def answered(self, fd: int, now: float) -> None:
+        """A refused connection got its ``overloaded`` answer: shut it down soon."""
+        if fd in self.refusing:
+            self.refusing[fd] = min(self.refusing[fd], now + 0.05)
+
+    def reconcile(self, alive: set[int]) -> None:
+        """Forget connections whose descriptor is no longer open (a monitor event can be lost)."""
+        self.conns &= alive
+        for fd in list(self.refusing):
+            if fd not in alive:
+                del self.refusing[fd]
+
+    def next_wakeup(self) -> float:
+        return min(self.refusing.values(), default=float("inf"))
+
+    def stats(self) -> dict:
+        return {"peers": len(self.conns), "peer_cap": self.cap, "refusing": len(self.refusing), **self.counters}
