@@ -190,7 +190,8 @@ def test_oversized_multi_frame_messages_cost_no_gigabytes(zctx):
 
 def test_service_name_floods_and_stats_stay_small(zctx):
     """20,000 distinct service names: bounded state, expiry, and a small, paged mmi.stats."""
-    with KernelProcess(service_block("echo", "services.echo"), heartbeat=0.5, unavailable_wait=0.2) as k:
+    config = kernel_config(service_block("echo", "services.echo"), heartbeat=0.5, unavailable_wait=0.2) + ROOMY_LIMITS
+    with KernelProcess.from_config(config) as k:
         with Client(k.endpoint, timeout=10, retries=0) as c:
             c.wait_for_service("echo", 20)
             rss_before = psutil.Process(k.pid).memory_info().rss
