@@ -31,9 +31,11 @@ class Procs:
         self.procs: list[subprocess.Popen] = []
         self.dir = tempfile.mkdtemp(prefix="reca-bench-", dir="/tmp")
 
-    def start(self, *argv: str) -> subprocess.Popen:
+    def start(self, *argv: str, nice: int = 0) -> subprocess.Popen:
         env = dict(os.environ, PYTHONPATH=os.getcwd(), RECA_LOG_LEVEL="WARNING")
-        p = subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        pre = (lambda: os.setpriority(os.PRIO_PROCESS, 0, nice)) if nice else None
+        p = subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             preexec_fn=pre)
         self.procs.append(p)
         return p
 
