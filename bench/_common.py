@@ -96,7 +96,7 @@ def line_plot(name: str, title: str, xlabel: str, ylabel: str, series: dict[str,
     """A plot record: ``series`` maps a label to its (x, y) points."""
     return {"name": name, "title": title, "kind": style, "xlabel": xlabel, "ylabel": ylabel,
             "logx": logx, "logy": logy,
-            "series": [{"label": k, "x": [float(v) for v in x], "y": [float(v) for v in y]}
+            "series": [{"label": k, "x": [v if isinstance(v, str) else float(v) for v in x], "y": [float(v) for v in y]}
                        for k, (x, y) in series.items()]}
 
 
