@@ -24,8 +24,13 @@ from bench._common import print_table
 DEFAULT_RUNS = 3
 
 
+#: Modules of bench/ that are not benchmarks (experiments with their own command line).
+NOT_BENCHMARKS = {"experiments"}
+
+
 def available() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__)
+                  if not m.name.startswith("_") and m.name not in NOT_BENCHMARKS)
 
 
 def _names(spec: str | None) -> list[str]:

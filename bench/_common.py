@@ -6,6 +6,8 @@ import dataclasses
 import statistics
 from typing import Any
 
+from clients.table import print_table  # noqa: F401  (the one table printer, re-exported)
+
 
 @dataclasses.dataclass
 class Result:
@@ -48,27 +50,6 @@ def percentile(samples: list[float], q: float) -> float:
     if len(samples) == 1:
         return samples[0]
     return statistics.quantiles(samples, n=1000, method="inclusive")[max(0, min(998, round(q * 10) - 1))]
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    cols = list(rows[0].keys())
-    for r in rows[1:]:
-        cols += [c for c in r if c not in cols]
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-
 
 # --- the result file (``reca.bench/1``) ------------------------------------------------------
 #

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from bench._common import Result
-from sims import experiments as ex
+from bench import experiments as ex
 from sims.streams import bandit_stream, classification_stream
 
 GATE_UNITS = 25

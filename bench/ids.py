@@ -28,6 +28,7 @@ import time
 import torch
 
 from bench._common import Result, percentile
+from kernel import protocol as P
 from lm import chains, tokenizer
 from lm.engine import Engine
 from lm.evaluate import answer_budget, heldout
@@ -65,7 +66,7 @@ async def _preempt_trials(endpoint: str, n_preempts: int, seed: int) -> tuple[li
                     late.append(after)
                     t_preempt = None
                     pending.append(asyncio.ensure_future(
-                        b.call("mmi.resume", {"token": head["kernel_token"], "service": "decode"})))
+                        b.call(P.MMI_RESUME, {"token": head["kernel_token"], "service": "decode"})))
                     continue
                 if not isinstance(r.payload, dict) or "token" not in r.payload:
                     if isinstance(r.payload, dict) and "start" in r.payload:
@@ -83,7 +84,7 @@ async def _preempt_trials(endpoint: str, n_preempts: int, seed: int) -> tuple[li
                     since, after, next_at = 0, 0, rng.randint(*PREEMPT_GAP)
                     t_preempt = time.perf_counter()
                     pending.append(asyncio.ensure_future(
-                        b.call("mmi.preempt", {"token": head["kernel_token"], "service": "decode"})))
+                        b.call(P.MMI_PREEMPT, {"token": head["kernel_token"], "service": "decode"})))
             await asyncio.gather(*pending)
     return latencies, gaps, late
 

@@ -19,25 +19,13 @@ from typing import Any
 
 from clients.core import default_endpoint
 from clients.sync import Client
+from clients.table import cell, render
 from kernel import errors
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    if isinstance(v, dict):
-        return " ".join(f"{k}={_fmt(x)}" for k, x in v.items()) or "-"
-    return str(v)
+from kernel import protocol as P
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
-    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
-    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(out)
+    return render(rows, cols, digits=3)
 
 
 def render_status(stats: dict) -> str:
@@ -53,7 +41,7 @@ def render_status(stats: dict) -> str:
         parts.append("JOBS\n" + table(jobs, ["name", "parent", "limits", "spent", "remaining", "exhausted"]))
     counters = {**stats.get("counters", {}), **stats.get("ledger", {})}
     if counters:
-        parts.append("COUNTERS  " + _fmt(counters))
+        parts.append("COUNTERS  " + cell(counters, 3))
     return "\n\n".join(parts)
 
 
@@ -101,7 +89,7 @@ def _demo(client: Client, out=print) -> None:
             done += 1
     except errors.BudgetExceeded as exc:
         out(f"   request {done + 1} refused or cut off: budget_exceeded ({exc.message})")
-    stats = client.call("mmi.job.stats", {"job": "demo"})
+    stats = client.call(P.MMI_JOB_STATS, {"job": "demo"})
     out(f"   {done} requests ran; job spent {stats['spent']}, remaining {stats['remaining']}")
     try:
         client.call("echo", "more?", job="demo")
@@ -154,7 +142,7 @@ def _demo(client: Client, out=print) -> None:
         if name in configured:
             client.wait_for_service(name, 90)  # the decode worker loads torch and its weights first
 
-    if client.call("mmi.service", "ttc") == "200":
+    if client.call(P.MMI_SERVICE, "ttc") == "200":
         out("\n== 5. transactional tool calls: prepare two SAT solves, the plan changes, only one runs ==")
         client.open_job("plan", {"cpu_s": 60})
         keep = client.call("ttc", {"op": "prepare", "tool": "sat", "inputs": {"n_vars": 120, "seed": 6},
@@ -162,23 +150,23 @@ def _demo(client: Client, out=print) -> None:
         drop = client.call("ttc", {"op": "prepare", "tool": "sat", "inputs": {"n_vars": 120, "seed": 7},
                                    "est_cost": 5, "consumers": ["step-b"]}, job="plan")
         out(f"   prepared {keep['call_id']} and {drop['call_id']} (nothing runs yet; budget held "
-            f"{client.call('mmi.job.stats', {'job': 'plan'})['remaining']})")
+            f"{client.call(P.MMI_JOB_STATS, {'job': 'plan'})['remaining']})")
         aborted = client.call("ttc", {"op": "withdraw", "consumer": "step-b"})
         done = client.call("ttc", {"op": "commit", "call_id": keep["call_id"], "wait": True}, timeout=60)
         out(f"   plan dropped step-b: aborted {aborted['aborted']} before any heavy run; "
             f"committed one ran: {done['state']}, satisfiable={done['result']['value']['sat']}")
 
-    if client.call("mmi.service", "igms") == "200":
+    if client.call(P.MMI_SERVICE, "igms") == "200":
         out("\n== 6. a simulation refined only where an invariant is breached (job 'dam': 5 refinements) ==")
         client.open_job("dam", {"refinements": 5})
         run = client.call("igms", {"case": "radial_dam_break", "blocks": 4, "cells": 8, "t_end": 1.0,
                                    "refine_tol": 1e-3}, job="dam", timeout=120)
-        stats = client.call("mmi.job.stats", {"job": "dam"})
+        stats = client.call(P.MMI_JOB_STATS, {"job": "dam"})
         out(f"   radial dam break to t=1.0: {run['igms']['refinements_granted']} refinements granted, "
             f"{run['igms']['refinements_refused']} refused by the kernel's gate; "
             f"job spent {stats['spent']}")
 
-    if client.call("mmi.service", "decode") == "200":
+    if client.call(P.MMI_SERVICE, "decode") == "200":
         out("\n== 7. reasoning: decode, verify, repair only the broken span, force a thunk ==")
         from clients import demo_reasoning
 

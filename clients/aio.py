@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator, Callable
 
 import zmq
 
-from clients.core import Reply, build_header, default_endpoint, new_idem, parse_reply, raise_for, request_frames
+from clients.core import Reply, RetryPolicy, default_endpoint, parse_reply, raise_for
 from kernel import errors
 from kernel.aio import Readable
 from kernel import protocol as P
@@ -23,7 +23,7 @@ class AsyncClient:
     :class:`kernel.errors.Timeout`.
     """
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float = P.CLIENT_TIMEOUT, retries: int = 2,
+    def __init__(self, endpoint: str | None = None, *, timeout: float = P.CLIENT_TIMEOUT, retries: int = P.CLIENT_RETRIES,
                  job: str | None = None, context: zmq.Context | None = None) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
@@ -86,35 +86,31 @@ class AsyncClient:
         if self._reader is None:
             self._readable = Readable(self._sock)
             self._reader = asyncio.ensure_future(self._read())
-        timeout = self.timeout if timeout is None else timeout
-        retries = self.retries if retries is None else retries
-        idem = idem or new_idem()
-        job = job if job is not None else self.job
-        for attempt in range(retries + 1):
-            rid = next(self._ids)
+        policy = RetryPolicy(service, self.timeout if timeout is None else timeout,
+                             self.retries if retries is None else retries)
+        for rid, frames in policy.attempts(self._ids, payload, job=job if job is not None else self.job,
+                                           budget=budget, priority=priority, deadline_ms=deadline_ms,
+                                           idem=idem, txn=txn):
             queue: asyncio.Queue[Reply] = asyncio.Queue()
             self._waiting[rid] = queue
             try:
-                header = build_header(rid, job=job, budget=budget, priority=priority, deadline_ms=deadline_ms,
-                                      idem=idem, txn=txn)
-                self._sock.send_multipart(request_frames(service, header, payload))
+                self._sock.send_multipart(frames)
                 assert self._readable is not None
                 self._readable.poke()
                 got_any = False
                 while True:
                     try:
-                        reply = await asyncio.wait_for(queue.get(), timeout)
+                        reply = await asyncio.wait_for(queue.get(), policy.timeout)
                     except asyncio.TimeoutError:
                         break
                     got_any = True
                     yield reply
                     if reply.final:
                         return
-                if got_any:
-                    raise errors.Timeout(f"{service}: stream went silent for {timeout:g} s")
+                policy.went_silent(got_any)
             finally:
                 self._waiting.pop(rid, None)
-        raise errors.Timeout(f"{service}: no reply after {retries + 1} attempt(s) of {timeout:g} s")
+        raise policy.exhausted()
 
     async def call(self, service: str, payload: Any = None, *,
                    on_partial: Callable[[Reply], Any] | None = None, **kw: Any) -> Any:
@@ -146,9 +142,9 @@ class AsyncClient:
 
     async def open_job(self, job: str, budget: dict | None = None, parent: str | None = None,
                        priority: int = 0) -> dict:
-        return await self.call("mmi.job.open", {"job": job, "budget": budget or {}, "parent": parent,
+        return await self.call(P.MMI_JOB_OPEN, {"job": job, "budget": budget or {}, "parent": parent,
                                                 "priority": priority})
 
     async def reserve(self, job: str, resource: str, amount: float = 1, commit: bool = False) -> dict:
-        return await self.call("mmi.gate.reserve", {"job": job, "resource": resource, "amount": amount,
+        return await self.call(P.MMI_GATE_RESERVE, {"job": job, "resource": resource, "amount": amount,
                                                     "commit": commit})

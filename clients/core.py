@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from kernel import codec, errors
@@ -14,7 +15,7 @@ from kernel.config import runtime_dir
 
 def default_endpoint() -> str:
     """``$RECA_ENDPOINT`` or the embedded default's ipc endpoint."""
-    return os.environ.get("RECA_ENDPOINT") or f"ipc://{runtime_dir()}/kernel.sock"
+    return os.environ.get(P.ENV_ENDPOINT) or f"ipc://{runtime_dir()}/kernel.sock"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,3 +79,41 @@ def raise_for(reply: Reply) -> Any:
 
 def new_idem() -> str:
     return uuid.uuid4().hex
+
+
+class RetryPolicy:
+    """The one retry policy of the blocking and the asyncio client (ZeroMQ's Lazy Pirate).
+
+    A request is sent up to ``retries + 1`` times, each time with a fresh request id and the same
+    idempotency key, so the kernel's answer to an earlier attempt is recognised and dropped and a
+    service can tell a retry from a new request.  ``timeout`` bounds the silence before the first
+    reply of an attempt (then the next attempt) and between two replies of a stream that has
+    started (then :class:`kernel.errors.Timeout` at once: a retry would run the request twice).
+    After the last attempt: :class:`kernel.errors.Timeout`.  No I/O here: the clients send the
+    frames and wait.
+    """
+
+    def __init__(self, service: str, timeout: float, retries: int) -> None:
+        self.service = service
+        self.timeout = timeout
+        self.retries = retries
+
+    def attempts(self, ids: Iterator[int], payload: Any, *, job: str | None, budget: dict | None,
+                 priority: int | None, deadline_ms: float | None, idem: str | None,
+                 txn: str | None) -> Iterator[tuple[int, list[bytes]]]:
+        """``(request id, frames to send)`` per attempt."""
+        idem = idem or new_idem()
+        for _ in range(self.retries + 1):
+            rid = next(ids)
+            header = build_header(rid, job=job, budget=budget, priority=priority, deadline_ms=deadline_ms,
+                                  idem=idem, txn=txn)
+            yield rid, request_frames(self.service, header, payload)
+
+    def went_silent(self, got_any: bool) -> None:
+        """An attempt heard nothing for ``timeout``: raise if its stream had started (the caller
+        retries otherwise)."""
+        if got_any:
+            raise errors.Timeout(f"{self.service}: stream went silent for {self.timeout:g} s")
+
+    def exhausted(self) -> errors.Timeout:
+        return errors.Timeout(f"{self.service}: no reply after {self.retries + 1} attempt(s) of {self.timeout:g} s")

@@ -126,7 +126,7 @@ def run(client: Client, out: Callable[[str], Any] = print) -> dict:
     for c in chains:
         client.call("decode", {"op": "free", "decode": c["result"]["decode"]}, job=job)
     client.call("decode", {"op": "free", "decode": lazy["decode"]}, job=job)
-    stats = client.call("mmi.job.stats", {"job": job})
+    stats = client.call(P.MMI_JOB_STATS, {"job": job})
     spent = stats["spent"]
     figures = {
         "job": job,

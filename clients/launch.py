@@ -25,6 +25,8 @@ from typing import Callable, Iterable
 
 import psutil
 
+from kernel import protocol as P
+
 #: The repository root (the kernel is started with it as working directory and on PYTHONPATH).
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Bounds on start-up and on shutdown, seconds.
@@ -102,10 +104,10 @@ class LocalKernel:
             with open(self.config, "w", encoding="utf-8") as fh:
                 fh.write(config)
             argv += ["--config", self.config]
-        env = dict(os.environ, RECA_RUNTIME_DIR=self.dir,
+        env = dict(os.environ, **{P.ENV_RUNTIME_DIR: self.dir},
                    PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
         if log_level:
-            env["RECA_LOG_LEVEL"] = log_level
+            env[P.ENV_LOG_LEVEL] = log_level
         self._echo = echo
         self.proc = subprocess.Popen([*argv, *extra_args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)

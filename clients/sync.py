@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 
 import zmq
 
-from clients.core import Reply, build_header, default_endpoint, new_idem, parse_reply, raise_for, request_frames
+from clients.core import Reply, RetryPolicy, default_endpoint, parse_reply, raise_for
 from kernel import codec, errors
 from kernel import protocol as P
 
@@ -22,7 +22,7 @@ class Client:
     then :class:`kernel.errors.Timeout`.  Replies to earlier attempts are discarded.
     """
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float = P.CLIENT_TIMEOUT, retries: int = 2,
+    def __init__(self, endpoint: str | None = None, *, timeout: float = P.CLIENT_TIMEOUT, retries: int = P.CLIENT_RETRIES,
                  job: str | None = None, context: zmq.Context | None = None) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
@@ -57,22 +57,16 @@ class Client:
         two replies; a retry happens only before the first reply arrives."""
         if self._sock is None:
             raise errors.BadRequest("client is closed")
-        timeout = self.timeout if timeout is None else timeout
-        retries = self.retries if retries is None else retries
-        idem = idem or new_idem()
-        job = job if job is not None else self.job
-        for attempt in range(retries + 1):
-            rid = next(self._ids)
-            header = build_header(rid, job=job, budget=budget, priority=priority, deadline_ms=deadline_ms,
-                                  idem=idem, txn=txn)
-            self._sock.send_multipart(request_frames(service, header, payload))
+        policy = RetryPolicy(service, self.timeout if timeout is None else timeout,
+                             self.retries if retries is None else retries)
+        for rid, frames in policy.attempts(self._ids, payload, job=job if job is not None else self.job,
+                                           budget=budget, priority=priority, deadline_ms=deadline_ms,
+                                           idem=idem, txn=txn):
+            self._sock.send_multipart(frames)
             got_any = False
-            while True:
-                if not self._sock.poll(int(timeout * 1000), zmq.POLLIN):
-                    break
-                frames = self._sock.recv_multipart()
+            while self._sock.poll(int(policy.timeout * 1000), zmq.POLLIN):
                 try:
-                    got_id, reply = parse_reply(frames)
+                    got_id, reply = parse_reply(self._sock.recv_multipart())
                 except errors.BadRequest:
                     continue
                 if got_id != rid:
@@ -81,12 +75,11 @@ class Client:
                 yield reply
                 if reply.final:
                     return
-            if got_any:
-                raise errors.Timeout(f"{service}: stream went silent for {timeout:g} s")
+            policy.went_silent(got_any)
             # Lazy Pirate: the socket may be wedged on a dead peer; start a fresh one.
             self.close()
             self._open()
-        raise errors.Timeout(f"{service}: no reply after {retries + 1} attempt(s) of {timeout:g} s")
+        raise policy.exhausted()
 
     def call(self, service: str, payload: Any = None, *, on_partial: Callable[[Reply], None] | None = None,
              **kw: Any) -> Any:
@@ -136,14 +129,14 @@ class Client:
             time.sleep(0.02)
 
     def open_job(self, job: str, budget: dict | None = None, parent: str | None = None, priority: int = 0) -> dict:
-        return self.call("mmi.job.open", {"job": job, "budget": budget or {}, "parent": parent, "priority": priority})
+        return self.call(P.MMI_JOB_OPEN, {"job": job, "budget": budget or {}, "parent": parent, "priority": priority})
 
     def close_job(self, job: str) -> dict:
-        return self.call("mmi.job.close", {"job": job})
+        return self.call(P.MMI_JOB_CLOSE, {"job": job})
 
     def reserve(self, job: str, resource: str, amount: float = 1, commit: bool = False) -> dict:
         """Ask the kernel's gate for ``amount`` of ``resource``; raises Refused when refused."""
-        return self.call("mmi.gate.reserve", {"job": job, "resource": resource, "amount": amount, "commit": commit})
+        return self.call(P.MMI_GATE_RESERVE, {"job": job, "resource": resource, "amount": amount, "commit": commit})
 
 
 __all__ = ["Client", "codec"]

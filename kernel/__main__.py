@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 
+from kernel import protocol as P
 from kernel.config import ConfigError, default_control_for, load
 
 
@@ -27,13 +28,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="where clients and workers connect (ipc:// or tcp://)")
     p.add_argument("--control", help="control PUB endpoint (default: derived from --endpoint)")
     p.add_argument("--no-services", action="store_true", help="run the kernel without starting services")
-    p.add_argument("--log-level", default=os.environ.get("RECA_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-level", default=os.environ.get(P.ENV_LOG_LEVEL, "INFO"))
     return p
 
 
 async def _run(args: argparse.Namespace) -> int:
     from kernel import supervisor as sv
-    from kernel.ledger import BudgetAdmission, DecisionLog
+    from kernel.admission import BudgetAdmission
+    from kernel.decisions import DecisionLog
+    from kernel.mmi import Management
     from kernel.server import KernelServer
 
     cfg = load(args.config)
@@ -62,7 +65,7 @@ async def _run(args: argparse.Namespace) -> int:
         backoff_initial=cfg.backoff_initial,
         backoff_max=cfg.backoff_max,
     )
-    admission = BudgetAdmission(decision_log=decision_log, supervisor=supervisor)
+    admission = BudgetAdmission(decision_log=decision_log)
     server = KernelServer(
         cfg.endpoint,
         cfg.control,
@@ -70,6 +73,7 @@ async def _run(args: argparse.Namespace) -> int:
         liveness=cfg.liveness,
         unavailable_wait=cfg.unavailable_wait,
         admission=admission,
+        management=Management(admission, supervisor),
         extra_stats=supervisor.stats,
     )
     # The supervisor's children get the endpoints as actually bound (tcp://*:0 resolves here).

@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 def runtime_dir() -> str:
-    explicit = os.environ.get("RECA_RUNTIME_DIR")
+    explicit = os.environ.get(P.ENV_RUNTIME_DIR)
     if explicit:
         return explicit
     xdg = os.environ.get("XDG_RUNTIME_DIR")
@@ -52,10 +52,10 @@ class KernelConfig:
     liveness: int = P.LIVENESS
     unavailable_wait: float = P.UNAVAILABLE_WAIT
     decision_log: str | None = None
-    intensity: int = 5
-    period: float = 10.0
-    backoff_initial: float = 0.05
-    backoff_max: float = 5.0
+    intensity: int = P.RESTART_INTENSITY
+    period: float = P.RESTART_PERIOD
+    backoff_initial: float = P.BACKOFF_INITIAL
+    backoff_max: float = P.BACKOFF_MAX
     services: list[ChildSpec] = dataclasses.field(default_factory=list)
     runtime: str = ""
 
@@ -94,10 +94,10 @@ def parse(doc: dict, *, runtime: str | None = None) -> KernelConfig:
         liveness=_get(k, "liveness", int, P.LIVENESS, "kernel"),
         unavailable_wait=_get(k, "unavailable_wait_s", float, P.UNAVAILABLE_WAIT, "kernel"),
         decision_log=expand(log_path) if log_path else None,
-        intensity=_get(s, "intensity", int, 5, "supervisor"),
-        period=_get(s, "period_s", float, 10.0, "supervisor"),
-        backoff_initial=_get(s, "backoff_initial_s", float, 0.05, "supervisor"),
-        backoff_max=_get(s, "backoff_max_s", float, 5.0, "supervisor"),
+        intensity=_get(s, "intensity", int, P.RESTART_INTENSITY, "supervisor"),
+        period=_get(s, "period_s", float, P.RESTART_PERIOD, "supervisor"),
+        backoff_initial=_get(s, "backoff_initial_s", float, P.BACKOFF_INITIAL, "supervisor"),
+        backoff_max=_get(s, "backoff_max_s", float, P.BACKOFF_MAX, "supervisor"),
         runtime=runtime,
     )
     if cfg.heartbeat <= 0 or cfg.liveness < 1 or cfg.unavailable_wait < 0:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from kernel.protocol import ErrorCode
+
 
 class RecaError(Exception):
     """Base of every reca error.  ``code`` is the wire code; ``detail`` extra fields."""
 
-    code = "error"
+    #: The wire code: an :class:`kernel.protocol.ErrorCode` for the kernel's own errors; services
+    #: may define codes of their own (plain strings, e.g. ``services.ttc.errors``).
+    code: str = "error"
     retryable = False
 
     def __init__(self, message: str = "", **detail: Any) -> None:
@@ -30,64 +34,64 @@ class RecaError(Exception):
 class BadRequest(RecaError, ValueError):
     """The request, its frames, header or payload are malformed.  Fix the request."""
 
-    code = "bad_request"
+    code = ErrorCode.BAD_REQUEST
 
 
 class Unavailable(RecaError):
     """No worker serves the service within the bounded wait.  May succeed later."""
 
-    code = "unavailable"
+    code = ErrorCode.UNAVAILABLE
     retryable = True
 
 
 class WorkerDied(RecaError):
     """The worker handling the request died or missed its liveness window."""
 
-    code = "worker_died"
+    code = ErrorCode.WORKER_DIED
     retryable = True
 
 
 class BudgetExceeded(RecaError):
     """The job's budget is spent; the kernel refuses further work for it."""
 
-    code = "budget_exceeded"
+    code = ErrorCode.BUDGET_EXCEEDED
 
 
 class DeadlineExceeded(RecaError):
     """The request's own deadline passed before it finished."""
 
-    code = "deadline"
+    code = ErrorCode.DEADLINE
 
 
 class Cancelled(RecaError):
     """The request was cancelled by the kernel or an operator."""
 
-    code = "cancelled"
+    code = ErrorCode.CANCELLED
 
 
 class Refused(RecaError):
     """A gate refused the request (counted resource exhausted, job closed, ...)."""
 
-    code = "refused"
+    code = ErrorCode.REFUSED
 
 
 class ServiceError(RecaError):
     """The service's handler raised while serving the request."""
 
-    code = "service_error"
+    code = ErrorCode.SERVICE_ERROR
 
 
 class Timeout(RecaError, TimeoutError):
     """Client side: no final reply within the client's own bound (after its retries)."""
 
-    code = "timeout"
+    code = ErrorCode.TIMEOUT
     retryable = True
 
 
 class Overloaded(RecaError):
     """The kernel's queue for the service is full."""
 
-    code = "overloaded"
+    code = ErrorCode.OVERLOADED
     retryable = True
 
 

@@ -31,8 +31,9 @@ Any other body is an opaque MDP body, routed unchanged with the default budget.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from typing import Final
+from typing import Any, Final
 
 #: Protocol version carried in every reca header and status map (field ``v``).
 VERSION: Final = 1
@@ -112,8 +113,10 @@ STATUS_RESUMED: Final = "resumed"
 STATUS_ERROR: Final = "error"
 
 
-class ErrorCode(str, enum.Enum):
-    """Error codes carried in ``status.error.code``; kernel.errors maps each to an exception."""
+class ErrorCode(enum.StrEnum):
+    """Error codes carried in ``status.error.code``; kernel.errors maps each to an exception.
+
+    A ``StrEnum``: members are the wire strings themselves (they pack, log and compare as str)."""
 
     BAD_REQUEST = "bad_request"  # malformed frames, header or payload; never retry unchanged
     UNAVAILABLE = "unavailable"  # no worker for the service within the bounded wait
@@ -150,20 +153,208 @@ def control_topic(service: str, op: ControlOp | str) -> bytes:
     return f"{CTL_PREFIX}{service}/{op}".encode()
 
 
-# -- MMI (8/MMI) ----------------------------------------------------------------------------------
+#: Keys of a control message's map.  Targets: exactly one of C_TOKEN (the kernel's request token:
+#: exact), C_JOB (every request of the job) or C_ID (a client's request id: unique per client only).
+C_TOKEN: Final = "token"
+C_JOB: Final = "job"
+C_ID: Final = "id"
+#: A ``cancel`` carries the error code its handler raises (CANCEL_CODES) and a human reason.
+C_CODE: Final = "code"
+C_REASON: Final = "reason"
+#: Codes a ``cancel`` may carry.
+CANCEL_CODES: Final = frozenset({ErrorCode.BUDGET_EXCEEDED, ErrorCode.DEADLINE, ErrorCode.CANCELLED})
+
+
+# -- READY options (reca extension: the optional 4th frame of READY, a msgpack map) ---------------
+#: Protocol version of the options map.
+R_VERSION: Final = "v"
+#: Requests the kernel may dispatch to the worker at once.
+R_CAPACITY: Final = "capacity"
+#: The worker's process id (shown in mmi.stats, used to measure cpu_ms).
+R_PID: Final = "pid"
+#: Capacity of a worker that declares none (plain MDP workers), and the largest one accepted.
+DEFAULT_CAPACITY: Final = 1
+MAX_CAPACITY: Final = 4096
+
+
+# -- environment of supervised children (and of clients) ------------------------------------------
+#: The kernel's ROUTER endpoint (set by the supervisor for its children; read by clients too).
+ENV_ENDPOINT: Final = "RECA_ENDPOINT"
+#: The kernel's control PUB endpoint.
+ENV_CONTROL: Final = "RECA_CONTROL"
+#: The child's supervised name (``echo`` or ``echo#0`` for replicas).
+ENV_SERVICE: Final = "RECA_SERVICE"
+#: Heartbeat interval (seconds) and liveness (intervals) the kernel runs with.
+ENV_HEARTBEAT: Final = "RECA_HEARTBEAT_S"
+ENV_LIVENESS: Final = "RECA_LIVENESS"
+#: The supervisor's pid: a child arms PR_SET_PDEATHSIG and exits if its parent is not this pid.
+ENV_PARENT: Final = "RECA_SUPERVISOR_PID"
+#: The runtime directory (``{runtime}``): where ipc sockets and the decision log live.
+ENV_RUNTIME_DIR: Final = "RECA_RUNTIME_DIR"
+#: Log level of the kernel and of every service (``INFO`` when unset).
+ENV_LOG_LEVEL: Final = "RECA_LOG_LEVEL"
+#: Every name the supervisor sets in a child's environment.
+CHILD_ENV: Final = (ENV_ENDPOINT, ENV_CONTROL, ENV_SERVICE, ENV_HEARTBEAT, ENV_LIVENESS, ENV_PARENT)
+
+
+# -- MMI (8/MMI) and reca's management operations -------------------------------------------------
 MMI_PREFIX: Final = "mmi."
 MMI_SERVICE: Final = "mmi.service"
 MMI_STATS: Final = "mmi.stats"
+MMI_JOB_OPEN: Final = "mmi.job.open"
+MMI_JOB_CLOSE: Final = "mmi.job.close"
+MMI_JOB_STATS: Final = "mmi.job.stats"
+MMI_GATE_RESERVE: Final = "mmi.gate.reserve"
+MMI_GATE_COMMIT: Final = "mmi.gate.commit"
+MMI_GATE_RELEASE: Final = "mmi.gate.release"
+MMI_GATE_RENEW: Final = "mmi.gate.renew"
+MMI_AUDIT: Final = "mmi.audit"
+MMI_PREEMPT: Final = "mmi.preempt"
+MMI_RESUME: Final = "mmi.resume"
+MMI_CANCEL: Final = "mmi.cancel"
+MMI_CONTROL: Final = "mmi.control"
+MMI_PROC_STOP: Final = "mmi.proc.stop"
+MMI_PROC_CONT: Final = "mmi.proc.cont"
+MMI_PROC_NICE: Final = "mmi.proc.nice"
+MMI_PROC_AFFINITY: Final = "mmi.proc.affinity"
+#: Answers of mmi.service (RFC 8/MMI) and of an unknown ``mmi.*`` name.
 MMI_OK: Final = b"200"
 MMI_NOT_FOUND: Final = b"404"
 MMI_NOT_IMPLEMENTED: Final = b"501"
 
-# -- defaults (every wait has a bound) ------------------------------------------------------------
+
+class Role(enum.StrEnum):
+    """Who a principal is (issue 13 authenticates them; this table only declares what each
+    operation needs).  Ranked: an operator may do anything a service may, a service anything a
+    client may.  A service principal is written ``service:NAME[,NAME...]`` (SERVICE_ROLE_PREFIX)."""
+
+    CLIENT = "client"  # any peer: its own jobs and requests only
+    SERVICE = "service"  # a service process: registers as its own services, audits under its own source
+    OPERATOR = "operator"  # process control, control orders, any job
+
+    @property
+    def rank(self) -> int:
+        return _ROLE_RANK[self]
+
+
+_ROLE_RANK = {Role.CLIENT: 0, Role.SERVICE: 1, Role.OPERATOR: 2}
+SERVICE_ROLE_PREFIX: Final = "service:"
+
+
+class Scope(enum.StrEnum):
+    """What an operation may touch for a caller below OPERATOR."""
+
+    NONE = "none"  # reads or acts on nothing anyone owns (mmi.service, mmi.stats)
+    OWN = "own"  # only the caller's own jobs, reservations and requests
+    SOURCE = "source"  # a service writes only under its own name (mmi.audit ``source``)
+    ANY = "any"  # anything (operator-only operations)
+
+
+#: Argument kinds of the schema and the Python types each accepts (bool is never a number).
+KINDS: Final[dict[str, tuple[type, ...]]] = {
+    "str": (str,),
+    "int": (int,),
+    "number": (int, float),
+    "bool": (bool,),
+    "map": (dict,),
+    "list": (list,),
+    "token": (bytes, str),  # a kernel request token: bytes, or hex text (what JSON can carry)
+    "rid": (str, int),  # a client's request id
+}
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Final = _Missing()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Arg:
+    """One field of a management operation's argument map."""
+
+    name: str
+    kind: str
+    doc: str
+    required: bool = False
+    default: Any = MISSING  # filled in when the field is absent
+    nullable: bool = False  # an explicit nil counts as absent
+    min_len: int | None = None  # for str and list
+    max_len: int | None = None
+    choices: tuple[Any, ...] | None = None
+    items: str | None = None  # kind of every element of a list
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpSpec:
+    """A management operation: its name, argument, the authority it needs and what it does."""
+
+    name: str
+    doc: str
+    authority: Role
+    scope: Scope
+    args: tuple[Arg, ...] = ()
+    #: The argument is not a map but a single value of this kind (mmi.service); None: a map.
+    scalar: str | None = None
+    #: Exactly one of these fields must be given.
+    one_of: tuple[str, ...] = ()
+    #: The Ledger operation it runs (its inputs are recorded and replayed), None if none.
+    ledger_op: str | None = None
+
+    def arg(self, name: str) -> Arg:
+        for a in self.args:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+
+def _kind_ok(kind: str, value: Any) -> bool:
+    return isinstance(value, KINDS[kind]) and not (isinstance(value, bool) and kind != "bool")
+
+
+def check_args(spec: OpSpec, arg: Any) -> dict[str, Any]:
+    """Validate ``arg`` against ``spec``'s schema: the declared fields that are present (nil
+    counts as absent where ``nullable``) plus the defaults of absent ones.  Undeclared fields are
+    ignored.  Raises :class:`kernel.errors.BadRequest` naming the operation and the field."""
+    from kernel.errors import BadRequest
+
+    if not isinstance(arg, dict):
+        arg = {}  # 8/MMI bodies of opaque requests are not maps: they count as an empty map
+    out: dict[str, Any] = {}
+    for a in spec.args:
+        value = arg.get(a.name, MISSING)
+        if value is None and a.nullable:
+            value = MISSING
+        if value is MISSING:
+            if a.required:
+                raise BadRequest(f"{spec.name} needs {a.name!r} ({a.doc})")
+            if a.default is not MISSING:
+                out[a.name] = a.default
+            continue
+        if not _kind_ok(a.kind, value):
+            raise BadRequest(f"{spec.name}: {a.name!r} must be of kind {a.kind} ({a.doc}), got {type(value).__name__}")
+        if a.items is not None and not all(_kind_ok(a.items, v) for v in value):
+            raise BadRequest(f"{spec.name}: every element of {a.name!r} must be of kind {a.items}")
+        if (a.min_len is not None and len(value) < a.min_len) or (a.max_len is not None and len(value) > a.max_len):
+            raise BadRequest(f"{spec.name}: {a.name!r} must have {a.min_len or 0}..{a.max_len} elements or characters")
+        if a.choices is not None and value not in a.choices:
+            raise BadRequest(f"{spec.name}: {a.name!r} must be one of {', '.join(map(str, a.choices))}")
+        out[a.name] = value
+    if spec.one_of and sum(1 for k in spec.one_of if k in out) != 1:
+        raise BadRequest(f"{spec.name} needs exactly one of {', '.join(map(repr, spec.one_of))}")
+    return out
+
+
+# -- limits and defaults (every wait has a bound) -------------------------------------------------
 #: Heartbeat interval both ways, seconds.  The zguide broker uses 2.5 s; reca defaults lower so
 #: a dead worker is noticed within LIVENESS * HEARTBEAT_INTERVAL.
 HEARTBEAT_INTERVAL: Final = 1.0
 #: Missed intervals after which a peer is dead (18/MDP suggests 3 to 5).
 LIVENESS: Final = 3
+#: The kernel checks liveness every HEARTBEAT_INTERVAL / SWEEPS_PER_INTERVAL.
+SWEEPS_PER_INTERVAL: Final = 4
 #: How long a request for a service with no worker waits before UNAVAILABLE, seconds.
 UNAVAILABLE_WAIT: Final = 2.0
 #: Largest message the kernel accepts (ZMQ_MAXMSGSIZE, per frame); bigger ones drop the peer.
@@ -172,8 +363,30 @@ MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 MAX_FRAMES: Final = 64
 #: Requests queued per service before new ones get OVERLOADED.
 MAX_QUEUE: Final = 100_000
-#: Client-side default bound on one request, seconds.
+#: High-water marks (messages) of the kernel's ROUTER and PUB sockets.
+ROUTER_HWM: Final = 1_000_000
+PUB_HWM: Final = 100_000
+#: Messages the kernel handles per readiness callback before letting timers run.
+RECV_BATCH: Final = 512
+#: Bounds of a header's ``priority`` (and the default).
+PRIORITY_MIN: Final = -1000
+PRIORITY_MAX: Final = 1000
+DEFAULT_PRIORITY: Final = 0
+#: A header's ``deadline`` must lie in (0, MAX_DEADLINE_MS) milliseconds.
+MAX_DEADLINE_MS: Final = 1e10
+#: A gate reservation's ``amount`` must lie in (0, MAX_AMOUNT).
+MAX_AMOUNT: Final = 1e15
+#: How long a gate reservation lives without commit, release or renewal, seconds (the default),
+#: and the bounds on a lease a holder may ask for.
+RESERVATION_LEASE: Final = 30.0
+MIN_LEASE: Final = 0.1
+MAX_LEASE: Final = 3600.0
+#: Bounds on one ``mmi.audit`` call: events per call, length of the source name.
+MAX_AUDIT_EVENTS: Final = 512
+MAX_AUDIT_SOURCE: Final = 64
+#: Client-side default bound on one request, seconds, and its default number of retries.
 CLIENT_TIMEOUT: Final = 10.0
+CLIENT_RETRIES: Final = 2
 #: Worker reconnect backoff after DISCONNECT or broker loss: initial and maximum, seconds.
 RECONNECT_INITIAL: Final = 0.05
 RECONNECT_MAX: Final = 2.0
@@ -181,5 +394,92 @@ RECONNECT_MAX: Final = 2.0
 START_TIMEOUT: Final = 20.0
 #: Default wait after SIGTERM before SIGKILL when stopping a child, seconds.
 SHUTDOWN_TIMEOUT: Final = 5.0
+#: Supervisor defaults: at most RESTART_INTENSITY restarts in RESTART_PERIOD seconds; restart
+#: backoff from BACKOFF_INITIAL doubling to BACKOFF_MAX, reset after STABLE_AFTER seconds of run.
+RESTART_INTENSITY: Final = 5
+RESTART_PERIOD: Final = 10.0
+BACKOFF_INITIAL: Final = 0.05
+BACKOFF_MAX: Final = 5.0
+STABLE_AFTER: Final = 10.0
 #: Latency samples kept per service for mmi.stats percentiles.
 LATENCY_WINDOW: Final = 2048
+
+
+# -- the management operations table --------------------------------------------------------------
+_JOB = Arg("job", "str", "job name", required=True)
+_RESERVATION = Arg("reservation", "str", "a reservation id from mmi.gate.reserve", required=True)
+_LEASE = Arg("lease_s", "number", f"lease in seconds, in [{MIN_LEASE:g}, {MAX_LEASE:g}]")
+_CHILD = Arg("child", "str", "a supervised child's name", required=True)
+_TARGETS = (
+    Arg(C_TOKEN, "token", "a request's kernel token (bytes, or hex text): exact"),
+    Arg(C_JOB, "str", "every request of the job"),
+    Arg(C_ID, "rid", "a request id of the caller's own requests in flight"),
+    Arg("service", "str", "only requests of this service", default=CTL_ALL),
+)
+
+
+def _order(name: str, what: str) -> OpSpec:
+    return OpSpec(name, f"{what} the targeted request(s) at their next safe point (published on ctl/)",
+                  Role.CLIENT, Scope.OWN, _TARGETS, one_of=(C_TOKEN, C_JOB, C_ID))
+
+
+def _proc(name: str, what: str, *extra: Arg) -> OpSpec:
+    return OpSpec(name, what, Role.OPERATOR, Scope.ANY, (_CHILD, *extra))
+
+
+#: Every management operation the kernel answers, by name.  Any other ``mmi.*`` name is
+#: answered MMI_NOT_IMPLEMENTED.  docs/protocol.md lists exactly these (a test checks).
+MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
+    OpSpec(MMI_SERVICE, "'200' if a worker serves the named service, '404' if not",
+           Role.CLIENT, Scope.NONE, scalar="str"),
+    OpSpec(MMI_STATS, "services, workers, counters, processes and jobs", Role.CLIENT, Scope.NONE),
+    OpSpec(MMI_JOB_OPEN, "open a job; its budget is carved from the parent", Role.CLIENT, Scope.OWN, (
+        _JOB,
+        Arg("parent", "str", "parent job (default: root)", nullable=True),
+        Arg("budget", "map", "limits: kind -> amount >= 0", nullable=True),
+        Arg("limits", "map", "alias of budget", nullable=True),
+        Arg("priority", "number", "the job's priority (an integer)", default=DEFAULT_PRIORITY),
+    ), ledger_op="open"),
+    OpSpec(MMI_JOB_CLOSE, "close a job and its children; unspent budget returns", Role.CLIENT, Scope.OWN,
+           (Arg("job", "str", "job name", nullable=True),), ledger_op="close"),
+    OpSpec(MMI_JOB_STATS, "one job's ledger, or every job's", Role.CLIENT, Scope.OWN,
+           (Arg("job", "str", "job name (absent: every job)", nullable=True),)),
+    OpSpec(MMI_GATE_RESERVE, "take units of a counted resource: granted (held or committed) or refused",
+           Role.CLIENT, Scope.OWN, (
+               Arg("job", "str", "job to reserve in", default="default"),
+               Arg("resource", "str", "counted resource name", required=True),
+               Arg("amount", "number", f"units, in (0, {MAX_AMOUNT:g})", default=1),
+               Arg("commit", "bool", "spend at once instead of holding", default=False),
+               Arg("up_to", "bool", "grant min(amount, what is left) instead of all or nothing",
+                   default=False),
+               _LEASE,
+           ), ledger_op="reserve"),
+    OpSpec(MMI_GATE_COMMIT, "spend a held reservation", Role.CLIENT, Scope.OWN, (_RESERVATION,),
+           ledger_op="commit"),
+    OpSpec(MMI_GATE_RELEASE, "return a held reservation", Role.CLIENT, Scope.OWN, (_RESERVATION,),
+           ledger_op="release"),
+    OpSpec(MMI_GATE_RENEW, "extend the lease of held reservations", Role.CLIENT, Scope.OWN, (
+        Arg("reservations", "list", "reservation ids", required=True),
+        Arg("lease_s", "number", _LEASE.doc, default=RESERVATION_LEASE),
+    ), ledger_op="renew"),
+    OpSpec(MMI_AUDIT, "append a service's own decisions to the kernel's decision log",
+           Role.SERVICE, Scope.SOURCE, (
+               Arg("source", "str", f"the writer's name (1..{MAX_AUDIT_SOURCE} characters)", required=True,
+                   min_len=1, max_len=MAX_AUDIT_SOURCE),
+               Arg("events", "list", f"1..{MAX_AUDIT_EVENTS} maps", required=True, min_len=1,
+                   max_len=MAX_AUDIT_EVENTS, items="map"),
+           )),
+    _order(MMI_PREEMPT, "pause"),
+    _order(MMI_RESUME, "resume"),
+    _order(MMI_CANCEL, "cancel"),
+    OpSpec(MMI_CONTROL, "relay a fidelity or precision order on ctl/<service>/<op>", Role.OPERATOR, Scope.ANY, (
+        Arg("op", "str", "the order", required=True, choices=(ControlOp.FIDELITY.value, ControlOp.PRECISION.value)),
+        Arg("service", "str", "the service addressed", default=CTL_ALL),
+        Arg("message", "map", "the order itself", required=True),
+    )),
+    _proc(MMI_PROC_STOP, "SIGSTOP a supervised process group"),
+    _proc(MMI_PROC_CONT, "SIGCONT a supervised process group"),
+    _proc(MMI_PROC_NICE, "set a supervised process's nice value", Arg("nice", "int", "nice value", required=True)),
+    _proc(MMI_PROC_AFFINITY, "set a supervised process's CPU set",
+          Arg("cpus", "list", "CPU numbers", required=True, items="int")),
+)}

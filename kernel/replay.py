@@ -14,10 +14,9 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from kernel.ledger import Ledger
+from kernel.ledger import OPS, Ledger
 
-LEDGER_OPS = {"open", "close", "admit", "start", "finish", "charge", "tick", "reserve", "commit",
-              "release", "renew", "expire"}
+LEDGER_OPS = frozenset(OPS)
 
 
 @dataclass

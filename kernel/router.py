@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable
 from kernel import codec
 from kernel import errors
 from kernel import protocol as P
+from kernel.mmi import Management
 
 log = logging.getLogger("reca.kernel")
 
@@ -43,6 +44,7 @@ Send = Callable[[list[bytes]], None]
 
 _TOKEN = struct.Struct(">Q")
 _EMPTY = b""
+_MMI = P.MMI_PREFIX.encode()
 
 
 class Form(enum.Enum):
@@ -144,6 +146,7 @@ class Router:
         unavailable_wait: float = P.UNAVAILABLE_WAIT,
         max_queue: int = P.MAX_QUEUE,
         admission: "Admission | None" = None,
+        management: Management | None = None,
         extra_stats: Callable[[], dict] | None = None,
         publish: Callable[[bytes, dict], None] | None = None,
     ) -> None:
@@ -155,6 +158,8 @@ class Router:
         self.unavailable_wait = unavailable_wait
         self.max_queue = max_queue
         self.admission = admission or Admission()
+        #: Answers ``mmi.*`` calls, one handler per operation of the protocol table.
+        self.management = management or Management()
         self.extra_stats = extra_stats
         self.services: dict[bytes, Service] = {}
         self.workers: dict[bytes, Worker] = {}
@@ -163,12 +168,15 @@ class Router:
         self._seq = itertools.count()
         self._deadlines: list[tuple[float, int, Request]] = []  # heap, lazily cleaned
         self._next_sweep = 0.0
+        #: The latest time the router was given (on_message / tick): what stats() reports at.
+        self.now = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
 
     # -- entry points -----------------------------------------------------------------------------
 
     def on_message(self, frames: list[bytes], now: float) -> None:
         """Handle one message from the ROUTER socket (identity first)."""
+        self.now = now
         if len(frames) < 2:
             self.counters["bad_messages"] += 1
             return
@@ -198,6 +206,7 @@ class Router:
 
     def tick(self, now: float) -> None:
         """Time-driven rules: request deadlines, liveness, heartbeats, unavailable waits."""
+        self.now = now
         dl = self._deadlines
         while dl and dl[0][0] <= now:
             _, _, req = heapq.heappop(dl)
@@ -205,7 +214,7 @@ class Router:
                 self.admission.on_deadline(self, req, now)
         self.admission.tick(self, now)
         if now >= self._next_sweep:
-            self._next_sweep = now + self.heartbeat_interval / 4
+            self._next_sweep = now + self.heartbeat_interval / P.SWEEPS_PER_INTERVAL
             self._sweep(now)
 
     def next_wakeup(self) -> float:
@@ -240,7 +249,7 @@ class Router:
         header = codec.reca_header(body)
         reca = header is not None
         rid = header.get(P.H_ID) if header is not None else None
-        if service_name.startswith(b"mmi."):
+        if service_name.startswith(_MMI):
             self._mmi(identity, form, service_name, body, header, rid, now)
             return
         service = self.services.get(service_name)
@@ -276,13 +285,13 @@ class Router:
         if job is not None and not isinstance(job, str):
             raise errors.BadRequest("header field 'job' must be a string")
         req.job = job
-        prio = header.get(P.H_PRIORITY, 0)
-        if not isinstance(prio, int) or isinstance(prio, bool) or not -1000 <= prio <= 1000:
-            raise errors.BadRequest("header field 'priority' must be an integer in [-1000, 1000]")
+        prio = header.get(P.H_PRIORITY, P.DEFAULT_PRIORITY)
+        if not isinstance(prio, int) or isinstance(prio, bool) or not P.PRIORITY_MIN <= prio <= P.PRIORITY_MAX:
+            raise errors.BadRequest(f"header field 'priority' must be an integer in [{P.PRIORITY_MIN}, {P.PRIORITY_MAX}]")
         req.priority = prio
         deadline = header.get(P.H_DEADLINE)
         if deadline is not None:
-            if not isinstance(deadline, (int, float)) or isinstance(deadline, bool) or not 0 < deadline < 1e10:
+            if not isinstance(deadline, (int, float)) or isinstance(deadline, bool) or not 0 < deadline < P.MAX_DEADLINE_MS:
                 raise errors.BadRequest("header field 'deadline' must be a positive number of milliseconds")
             req.deadline = req.received + deadline / 1000.0
         budget = header.get(P.H_BUDGET)
@@ -346,7 +355,7 @@ class Router:
         if self._send(msg) is False:
             self.counters["unroutable_replies"] += 1
 
-    def _error_body(self, req: Request, exc: errors.RecaError, spent: dict | None = None) -> list[bytes]:
+    def error_body(self, req: Request, exc: errors.RecaError, spent: dict | None = None) -> list[bytes]:
         status = {P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: exc.to_wire()}
         if req.reca:
             status[P.H_VERSION] = P.VERSION
@@ -367,7 +376,19 @@ class Router:
             req.service.errors += 1
             self.counters[f"error.{exc.code}"] += 1
         self.admission.on_done(self, req, now, None, exc)
-        self._to_client(req, True, self._error_body(req, exc, spent))
+        self._to_client(req, True, self.error_body(req, exc, spent))
+
+    def top_queued_priority(self, service: Service) -> int | None:
+        """The priority of the first request waiting in ``service``'s queue (None: none waits)."""
+        queue = service.queue
+        while queue and queue[0][2].done:
+            heapq.heappop(queue)
+        return -queue[0][0] if queue else None
+
+    def has_worker(self, name: bytes) -> bool:
+        """Whether a live worker serves the service ``name``."""
+        service = self.services.get(name)
+        return service is not None and bool(service.workers)
 
     def fail_request(self, req: Request, exc: errors.RecaError, now: float, spent: dict | None = None) -> None:
         """Answer an in-flight request with ``exc`` now; its worker slot is freed for new work
@@ -408,16 +429,16 @@ class Router:
             if worker is not None:
                 self._protocol_error(identity, form, now, "READY twice")
                 return
-            if i + 1 >= len(frames) or not frames[i + 1] or frames[i + 1].startswith(b"mmi."):
+            if i + 1 >= len(frames) or not frames[i + 1] or frames[i + 1].startswith(_MMI):
                 self._protocol_error(identity, form, now, "READY without a valid service name")
                 return
-            capacity, pid = 1, None
+            capacity, pid = P.DEFAULT_CAPACITY, None
             if i + 2 < len(frames):
                 try:
                     opts = codec.unpack(frames[i + 2])
-                    capacity = int(opts.get("capacity", 1))
-                    pid = opts.get("pid")
-                    if not 1 <= capacity <= 4096:
+                    capacity = int(opts.get(P.R_CAPACITY, P.DEFAULT_CAPACITY))
+                    pid = opts.get(P.R_PID)
+                    if not 1 <= capacity <= P.MAX_CAPACITY:
                         raise ValueError("capacity out of range")
                 except Exception:
                     self._protocol_error(identity, form, now, "malformed READY options")
@@ -449,7 +470,7 @@ class Router:
             if req is not None and final:
                 # The kernel already answered (deadline, budget, cancel); the slot is free now.
                 del worker.inflight[token]
-                self._free_slot(worker, now)
+                self.free_slot(worker, now)
             self.counters["late_replies"] += 1
             return
         service = req.service
@@ -471,9 +492,9 @@ class Router:
         else:
             self.admission.on_done(self, req, now, None, None)
         self._to_client(req, True, body)
-        self._free_slot(worker, now)
+        self.free_slot(worker, now)
 
-    def _free_slot(self, worker: Worker, now: float) -> None:
+    def free_slot(self, worker: Worker, now: float) -> None:
         if self.workers.get(worker.identity) is not worker:
             return
         if self.admission.claim_slot(self, worker, now):
@@ -551,16 +572,9 @@ class Router:
                 return
         else:
             arg = body[0] if body else None
-        if name == P.MMI_SERVICE.encode():
-            if isinstance(arg, str):
-                arg = arg.encode()
-            target = self.services.get(arg) if isinstance(arg, bytes) else None
-            result: Any = P.MMI_OK if target is not None and target.workers else P.MMI_NOT_FOUND
-        elif name == P.MMI_STATS.encode():
-            result = self.stats()
-        else:
-            handled = self.admission.mmi(self, name.decode(errors="replace"), arg, header, now, caller=identity)
-            result = P.MMI_NOT_IMPLEMENTED if handled is None else handled
+        result = self.management.handle(self, name.decode(errors="replace"), arg, now, caller=identity)
+        if result is None:
+            result = P.MMI_NOT_IMPLEMENTED
         if isinstance(result, errors.RecaError):
             self._finish_error(req, result, now, count=False)
             return
@@ -595,7 +609,10 @@ class Router:
             ))
         return out
 
-    def stats(self) -> dict:
+    def stats(self, now: float | None = None) -> dict:
+        """Services, workers and counters, plus the admission's and ``extra_stats``' sections;
+        ``now`` defaults to the latest time the router was given."""
+        now = self.now if now is None else now
         out: dict[str, Any] = {
             "services": {s.name: dataclasses.asdict(s) for s in self.service_stats()},
             "counters": dict(self.counters),
@@ -605,7 +622,7 @@ class Router:
                 for w in self.workers.values()
             ],
         }
-        out.update(self.admission.stats())
+        out.update(self.admission.stats(now))
         if self.extra_stats is not None:
             out.update(self.extra_stats())
         return out
@@ -616,7 +633,7 @@ class Router:
 
 class Admission:
     """The policy hooks the router calls for reca requests.  This base class admits everything
-    and charges nothing; kernel.ledger.BudgetAdmission enforces budgets, gates and preemption.
+    and charges nothing; kernel.admission.BudgetAdmission enforces budgets, gates and preemption.
 
     Hooks must not raise; they answer with values (a refusal is an exception *returned*).
     """
@@ -640,7 +657,7 @@ class Admission:
         if not isinstance(status, dict):
             exc = errors.ServiceError("worker sent a malformed status frame")
             self.on_done(router, req, now, None, exc)
-            return router._error_body(req, exc)
+            return router.error_body(req, exc)
         spent = status.get(P.S_SPENT)
         if not isinstance(spent, dict):
             spent = {}
@@ -666,11 +683,5 @@ class Admission:
     def next_wakeup(self) -> float:
         return float("inf")
 
-    def mmi(self, router: Router, name: str, arg: Any, header: dict | None, now: float,
-            caller: bytes = b"") -> Any:
-        """Answer a management call other than mmi.service/mmi.stats (``caller``: the client's
-        ROUTER identity); None for an unknown one."""
-        return None
-
-    def stats(self) -> dict:
+    def stats(self, now: float) -> dict:
         return {}

@@ -18,12 +18,13 @@ import zmq
 from kernel import codec
 from kernel.aio import recv_frames, send_frames
 from kernel import protocol as P
+from kernel.mmi import Management
 from kernel.router import Admission, Router
 
 log = logging.getLogger("reca.kernel")
 
 #: Messages handled per readiness callback before yielding to timers and other callbacks.
-_BATCH = 512
+_BATCH = P.RECV_BATCH
 
 
 class KernelServer:
@@ -38,6 +39,7 @@ class KernelServer:
         liveness: int = P.LIVENESS,
         unavailable_wait: float = P.UNAVAILABLE_WAIT,
         admission: Admission | None = None,
+        management: Management | None = None,
         extra_stats: Callable[[], dict] | None = None,
         context: zmq.Context | None = None,
     ) -> None:
@@ -47,11 +49,11 @@ class KernelServer:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_SIZE)
-        sock.setsockopt(zmq.SNDHWM, 1_000_000)
-        sock.setsockopt(zmq.RCVHWM, 1_000_000)
+        sock.setsockopt(zmq.SNDHWM, P.ROUTER_HWM)
+        sock.setsockopt(zmq.RCVHWM, P.ROUTER_HWM)
         pub = self.context.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
-        pub.setsockopt(zmq.SNDHWM, 100_000)
+        pub.setsockopt(zmq.SNDHWM, P.PUB_HWM)
         try:
             sock.bind(endpoint)
             pub.bind(control)
@@ -69,6 +71,7 @@ class KernelServer:
             liveness=liveness,
             unavailable_wait=unavailable_wait,
             admission=admission,
+            management=management,
             extra_stats=extra_stats,
             publish=self._publish,
         )

@@ -24,18 +24,40 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Protocol
+
+import psutil
 
 from kernel import protocol as P
+from kernel.protocol import ENV_CONTROL, ENV_ENDPOINT, ENV_HEARTBEAT, ENV_LIVENESS, ENV_PARENT, ENV_SERVICE
 
 log = logging.getLogger("reca.supervisor")
 
-ENV_ENDPOINT = "RECA_ENDPOINT"
-ENV_CONTROL = "RECA_CONTROL"
-ENV_SERVICE = "RECA_SERVICE"
-ENV_HEARTBEAT = "RECA_HEARTBEAT_S"
-ENV_LIVENESS = "RECA_LIVENESS"
-ENV_PARENT = "RECA_SUPERVISOR_PID"
+__all__ = ["ENV_CONTROL", "ENV_ENDPOINT", "ENV_HEARTBEAT", "ENV_LIVENESS", "ENV_PARENT", "ENV_SERVICE",
+           "Backoff", "ChildSpec", "ProcessControl", "RestartIntensity", "RestartType", "Supervisor",
+           "process_cpu_seconds", "python_module_argv", "should_restart"]
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` (psutil; None if it is gone or not readable)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except (psutil.Error, OSError):
+        return None
+    return times.user + times.system
+
+
+class ProcessControl(Protocol):
+    """The hard controls of preemption the management calls use (the Supervisor implements it).
+    Each raises LookupError for a child that is unknown or not running."""
+
+    def suspend(self, name: str) -> int: ...
+
+    def resume(self, name: str) -> int: ...
+
+    def set_nice(self, name: str, nice: int) -> int: ...
+
+    def set_affinity(self, name: str, cpus: list[int]) -> int: ...
 
 
 class RestartType(str, enum.Enum):
@@ -83,7 +105,8 @@ class Backoff:
     """Exponential delay between restarts: ``initial * 2**n`` capped at ``maximum``, where n is
     the number of consecutive short-lived runs; a run longer than ``stable_after`` resets n."""
 
-    def __init__(self, initial: float = 0.05, maximum: float = 5.0, stable_after: float = 10.0) -> None:
+    def __init__(self, initial: float = P.BACKOFF_INITIAL, maximum: float = P.BACKOFF_MAX,
+                 stable_after: float = P.STABLE_AFTER) -> None:
         self.initial = initial
         self.maximum = maximum
         self.stable_after = stable_after
@@ -156,10 +179,10 @@ class Supervisor:
         specs: list[ChildSpec],
         *,
         env: dict[str, str],
-        intensity: int = 5,
-        period: float = 10.0,
-        backoff_initial: float = 0.05,
-        backoff_max: float = 5.0,
+        intensity: int = P.RESTART_INTENSITY,
+        period: float = P.RESTART_PERIOD,
+        backoff_initial: float = P.BACKOFF_INITIAL,
+        backoff_max: float = P.BACKOFF_MAX,
     ) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -307,11 +330,17 @@ class Supervisor:
         self.child(name).state = ChildState.RUNNING
         return pid
 
-    def set_nice(self, name: str, nice: int) -> None:
-        os.setpriority(os.PRIO_PROCESS, self._live_pid(name), nice)
+    def set_nice(self, name: str, nice: int) -> int:
+        """Set the child's nice value; returns its pid."""
+        pid = self._live_pid(name)
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+        return pid
 
-    def set_affinity(self, name: str, cpus: list[int]) -> None:
-        os.sched_setaffinity(self._live_pid(name), cpus)
+    def set_affinity(self, name: str, cpus: list[int]) -> int:
+        """Pin the child to ``cpus``; returns its pid."""
+        pid = self._live_pid(name)
+        os.sched_setaffinity(pid, cpus)
+        return pid
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
         pid = self._live_pid(name)

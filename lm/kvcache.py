@@ -17,12 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from accel import kv as _accel_kv  # the GPU core's block-copy op (CUDA kernel, NumPy reference on the host)
 from lm.errors import BlockAllocatorError, OutOfBlocksError
-
-try:  # the GPU core's block-copy op (CUDA kernel, NumPy reference on the host)
-    from accel import kv as _accel_kv
-except ImportError:  # pragma: no cover - accel is part of the repository
-    _accel_kv = None
 
 
 class BlockAllocator:
@@ -109,17 +105,17 @@ def copy_blocks(pool: torch.Tensor, mapping: Mapping[int, int] | Sequence[tuple[
     Contract (the one of ``accel.kv.copy_blocks``): ids in range, no destination twice, no block
     both a source and a destination; a bad mapping raises ``ValueError`` before anything is
     written.  Uses ``accel.kv`` (the CUDA kernel on a GPU, its NumPy reference on the host) when
-    that package imports, else the torch ``index_copy_`` path below.
+    the pool is on the CPU or a CUDA device, else the torch ``index_copy_`` path below.
     """
     pairs = list(mapping.items()) if isinstance(mapping, Mapping) else list(mapping)
     if not pairs:
         return
     src = [int(s) for s, _ in pairs]
     dst = [int(d) for _, d in pairs]
-    if _accel_kv is not None and pool.device.type == "cpu":
+    if pool.device.type == "cpu":
         _accel_kv.copy_blocks(pool.numpy(), src, dst, backend="reference")
         return
-    if _accel_kv is not None and pool.device.type == "cuda":  # pragma: no cover - needs a GPU
+    if pool.device.type == "cuda":  # pragma: no cover - needs a GPU
         import cupy
 
         _accel_kv.copy_blocks(cupy.asarray(pool), src, dst)

@@ -7,11 +7,12 @@ the kernel's control messages take effect: ``preempt`` pauses there (the caller 
 with status ``paused``) keeping every local variable of the handler, ``resume`` continues from the
 same state, ``cancel`` raises :class:`kernel.errors.Cancelled` in the handler.
 
-:class:`WorkerRuntime` is the process shell: it owns a DEALER socket to the kernel and a SUB
-socket on the kernel's control PUB.  It heartbeats the kernel every interval, treats the kernel
-as lost after ``liveness`` silent intervals, and reconnects on a fresh socket with exponential
-backoff after DISCONNECT or broker loss; requests in flight when the connection is lost are
-cancelled (the kernel has already answered them ``worker_died``).
+:class:`WorkerRuntime` is the process shell over :class:`kernel.worker.WorkerSession`, the
+sans-I/O state machine that decides everything about the link (READY, heartbeats, liveness,
+reconnect backoff), the requests (replies, exactly one FINAL) and control (targets, safe
+points).  The shell owns a DEALER socket to the kernel, a SUB socket on the kernel's control PUB,
+the clock and the handler tasks; requests in flight when the link is lost are cancelled (the
+kernel has already answered them ``worker_died``).
 
 Handlers run on the event loop: a handler that computes for long stretches must call
 ``await ctx.checkpoint()`` more often than the liveness window, or run its compute in a thread.
@@ -27,20 +28,18 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
-
 
 from kernel import codec, errors
 from kernel.aio import recv_frames, send_frames
 from kernel import protocol as P
+from kernel.worker import LinkLost, NewRequest, RequestState, SafePoint, WorkerSession
 from kernel.config import default_control_for, runtime_dir
-from kernel.supervisor import ENV_CONTROL, ENV_ENDPOINT, ENV_HEARTBEAT, ENV_LIVENESS, ENV_PARENT
+from kernel.protocol import ENV_CONTROL, ENV_ENDPOINT, ENV_HEARTBEAT, ENV_LIVENESS, ENV_LOG_LEVEL, ENV_PARENT
 
 log = logging.getLogger("reca.service")
-
-_W = P.WorkerCmd
 
 
 class Context:
@@ -50,22 +49,27 @@ class Context:
     handler's result must be bytes or a list of bytes.
     """
 
-    def __init__(self, runtime: "WorkerRuntime", token: bytes, header: dict | None) -> None:
+    def __init__(self, runtime: "WorkerRuntime", state: RequestState) -> None:
         self._runtime = runtime
-        self.token = token
-        self.header = header or {}
-        self.reca = header is not None
-        self.id = self.header.get(P.H_ID)
-        self.job: str | None = self.header.get(P.H_JOB)
-        self.priority: int = self.header.get(P.H_PRIORITY, 0)
+        self._state = state
+        self.token = state.token
+        self.header = state.header or {}
+        self.reca = state.reca
+        self.id = state.id
+        self.job: str | None = state.job
+        self.priority: int = self.header.get(P.H_PRIORITY, P.DEFAULT_PRIORITY)
         #: The budget the kernel granted (already clamped to what the job has left).
         self.granted: dict[str, float] = dict(self.header.get(P.H_GRANTED) or self.header.get(P.H_BUDGET) or {})
-        self.spent: dict[str, float] = {}
-        self.paused = False
-        self._pause_requested = False
-        self._resume = asyncio.Event()
-        self._cancel_reason: errors.RecaError | None = None
+        #: What the handler reported spending (sent in every status frame).
+        self.spent: dict[str, float] = state.spent
+        #: Set whenever a control message addressed this request (the paused handler looks again).
+        self._wake = asyncio.Event()
         self.task: asyncio.Task | None = None
+
+    @property
+    def paused(self) -> bool:
+        """Whether the handler waits at a safe point after a preempt."""
+        return self._state.paused
 
     def charge(self, **amounts: float) -> None:
         """Record spending (``tokens=``, ``flops=``, counted resources); reported to the kernel
@@ -75,39 +79,40 @@ class Context:
 
     async def partial(self, payload: Any, status: str = P.STATUS_PARTIAL) -> None:
         """Stream one PARTIAL reply to the caller."""
-        await self._runtime._reply(self, False, payload, status)
+        self._runtime.partial(self, payload, status)
 
-    async def checkpoint(self) -> None:
+    async def checkpoint(self, on_pause: Callable[[], None] | None = None,
+                         on_resume: Callable[[], None] | None = None) -> None:
         """A safe point: raises if cancelled; if a preempt is pending, acknowledges it (a PARTIAL
-        with status ``paused``) and waits here, state intact, until resumed or cancelled."""
-        self._runtime.drain_control()  # a preempt published a moment ago takes effect here
-        if self._cancel_reason is not None:
-            raise self._cancel_reason
-        if self._pause_requested:
-            self.paused = True
-            self._runtime.paused_acks += 1
-            await self.partial({"paused_at": time.monotonic()}, P.STATUS_PAUSED)
-            await self._resume.wait()
-            self.paused = False
-            if self._cancel_reason is not None:
-                raise self._cancel_reason
-            await self.partial({"resumed_at": time.monotonic()}, P.STATUS_RESUMED)
-        else:
+        with status ``paused``) and waits here, state intact, until resumed or cancelled.
+        ``on_pause`` runs just before the pause is acknowledged, ``on_resume`` when the wait
+        ends (resumed or cancelled), so a handler can park its own state (the decode worker
+        marks its engine sequence paused)."""
+        runtime = self._runtime
+        session = runtime.session
+        runtime.drain_control()  # a preempt published a moment ago takes effect here
+        decision = session.pending(self.token)
+        if decision is SafePoint.CONTINUE:
             await asyncio.sleep(0)
-
-    # -- control, applied by the runtime ---------------------------------------------------------
-
-    def _preempt(self) -> None:
-        self._pause_requested = True
-        self._resume.clear()
-
-    def _continue(self) -> None:
-        self._pause_requested = False
-        self._resume.set()
-
-    def _cancel(self, reason: errors.RecaError) -> None:
-        self._cancel_reason = reason
-        self._resume.set()
+            return
+        if decision is SafePoint.PAUSE:
+            if on_pause is not None:
+                on_pause()
+            decision = session.safe_point(self.token, time.monotonic())  # acknowledges the pause
+            runtime.flush()
+            try:
+                while decision is SafePoint.PAUSE:
+                    self._wake.clear()
+                    decision = session.still_paused(self.token, time.monotonic())
+                    runtime.flush()
+                    if decision is SafePoint.PAUSE:
+                        await self._wake.wait()
+            finally:
+                if on_resume is not None:
+                    on_resume()
+        if decision is SafePoint.CANCEL:
+            assert self._state.cancel is not None
+            raise self._state.cancel
 
 
 class Service:
@@ -135,7 +140,14 @@ class Service:
 
 
 class WorkerRuntime:
-    """Connects a :class:`Service` to the kernel and serves until :meth:`stop`."""
+    """The asyncio shell of a :class:`kernel.worker.WorkerSession`: connects a :class:`Service`
+    to the kernel and serves until :meth:`stop`.
+
+    It owns the DEALER socket (a fresh one per link), the SUB socket, the clock and the handler
+    tasks; every protocol decision is the session's.  Handler tasks belong to one
+    ``asyncio.TaskGroup`` for the runtime's life: those of a lost link are cancelled at once,
+    and none outlives :meth:`run`.
+    """
 
     def __init__(
         self,
@@ -152,52 +164,60 @@ class WorkerRuntime:
         self.service = service
         self.endpoint = endpoint
         self.control = control
-        self.heartbeat = heartbeat
-        self.liveness = liveness
         self.ctx = context or zmq.Context()
         self._own_ctx = context is None
         self.sock: zmq.Socket | None = None
         self.sub: zmq.Socket | None = None
-        self._wake: asyncio.Event | None = None
+        self.session = WorkerSession(service.name, self._queue, capacity=service.capacity, pid=os.getpid(),
+                                     heartbeat=heartbeat, liveness=liveness)
         self.active: dict[bytes, Context] = {}
-        self.connects = 0
-        self.paused_acks = 0
+        self._out: list[list[bytes]] = []
+        self._wake: asyncio.Event | None = None
+        self._tasks: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
-        self._last_send = 0.0
         self.registered = asyncio.Event()
+
+    @property
+    def heartbeat(self) -> float:
+        return self.session.heartbeat
+
+    @property
+    def liveness(self) -> int:
+        return self.session.liveness
+
+    @property
+    def connects(self) -> int:
+        return self.session.connects
+
+    @property
+    def paused_acks(self) -> int:
+        return self.session.paused_acks
 
     # -- sending ----------------------------------------------------------------------------------
 
-    async def _send(self, frames: list[bytes]) -> None:
+    def _queue(self, frames: list[bytes]) -> None:
+        self._out.append(frames)
+
+    def flush(self) -> None:
+        """Send what the session emitted, in order."""
+        out, self._out = self._out, []
         sock = self.sock
         if sock is None:
             return
-        self._last_send = time.monotonic()
-        send_frames(sock, [P.MDPW, *frames], nonblocking=False)
-        if self._wake is not None:
+        for frames in out:
+            send_frames(sock, frames, nonblocking=False)
+        if out and self._wake is not None:
             self._wake.set()  # a send may consume the descriptor's edge: re-check input
 
-    async def _reply(self, ctx: Context, final: bool, payload: Any, status: str,
-                     error: errors.RecaError | None = None) -> None:
-        if self.active.get(ctx.token) is not ctx:
-            return  # the connection it came on is gone; the kernel already answered it
-        cmd = _W.FINAL.value if final else _W.PARTIAL.value
-        if ctx.reca:
-            st: dict[str, Any] = {P.H_VERSION: P.VERSION, P.S_ID: ctx.id, P.S_STATUS: status, P.S_SPENT: ctx.spent}
-            if error is not None:
-                st[P.S_ERROR] = error.to_wire()
-            body = [codec.pack(st)]
-            if error is None:
-                body.append(codec.pack(payload))
-        elif error is not None:
-            body = [codec.pack({P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: error.to_wire()})]
-        elif isinstance(payload, (bytes, bytearray, memoryview)):
-            body = [bytes(payload)]
-        elif isinstance(payload, list) and all(isinstance(f, (bytes, bytearray, memoryview)) for f in payload):
-            body = list(payload)
-        else:
-            body = [codec.pack(payload)]
-        await self._send([cmd, ctx.token, b"", *body])
+    def partial(self, ctx: Context, payload: Any, status: str) -> None:
+        self.session.partial(ctx.token, payload, time.monotonic(), status)
+        self.flush()
+
+    def _final(self, ctx: Context, result: Any = None, error: errors.RecaError | None = None) -> None:
+        if self.active.get(ctx.token) is ctx:
+            del self.active[ctx.token]
+            self.session.final(ctx.token, time.monotonic(), result, error)
+            self.flush()
 
     # -- serving ----------------------------------------------------------------------------------
 
@@ -205,65 +225,39 @@ class WorkerRuntime:
         try:
             result = await self.service.handle(ctx, payload)
         except errors.RecaError as exc:
-            await self._reply(ctx, True, None, P.STATUS_ERROR, exc)
+            self._final(ctx, error=exc)
         except asyncio.CancelledError:
-            if self.active.get(ctx.token) is ctx:
-                await self._reply(ctx, True, None, P.STATUS_ERROR, errors.Cancelled("worker shutting down"))
+            self._final(ctx, error=errors.Cancelled("worker shutting down"))
             raise
         except Exception as exc:
             log.exception("handler of %s failed", self.service.name)
-            await self._reply(ctx, True, None, P.STATUS_ERROR,
-                              errors.ServiceError(f"{type(exc).__name__}: {exc}"))
+            self._final(ctx, error=errors.ServiceError(f"{type(exc).__name__}: {exc}"))
         else:
-            await self._reply(ctx, True, result, P.STATUS_OK)
-        finally:
-            if self.active.get(ctx.token) is ctx:
-                del self.active[ctx.token]
+            self._final(ctx, result)
 
-    def _on_request(self, frames: list[bytes]) -> None:
-        # frames: [token, b"", body...]
-        if len(frames) < 2:
-            log.warning("malformed REQUEST from kernel ignored")
-            return
-        token, body = frames[0], frames[2:]
-        header = codec.reca_header(body)
-        payload: Any = body
-        ctx = Context(self, token, header)
-        self.active[token] = ctx
-        if header is not None:
-            try:
-                payload = codec.unpack(body[1]) if len(body) > 1 else None
-            except errors.BadRequest as exc:
-                ctx.task = asyncio.ensure_future(self._reply_error(ctx, exc))
-                return
-        ctx.task = asyncio.ensure_future(self._serve(ctx, payload))
-
-    async def _reply_error(self, ctx: Context, exc: errors.RecaError) -> None:
-        await self._reply(ctx, True, None, P.STATUS_ERROR, exc)
-        self.active.pop(ctx.token, None)
+    def _on_events(self, events: list[Any]) -> str | None:
+        """Start handlers of new requests; the reason when the link was lost."""
+        for event in events:
+            if isinstance(event, NewRequest):
+                self.registered.set()
+                ctx = Context(self, event.state)
+                self.active[ctx.token] = ctx
+                assert self._tasks is not None
+                ctx.task = self._tasks.create_task(self._serve(ctx, event.payload))
+            elif isinstance(event, LinkLost):
+                return event.reason
+        if self.session.registered:
+            self.registered.set()
+        return None
 
     def _on_control(self, topic: bytes, message: Any) -> None:
         op = topic.rsplit(b"/", 1)[-1].decode(errors="replace")
         if not isinstance(message, dict):
             return
-        # Targets: "token" (the kernel's unique request token), else "job", else "id" (a client's
-        # request id: only unique per client; the kernel itself resolves ids to tokens).
-        token, job, rid = message.get("token"), message.get("job"), message.get("id")
-        if token is not None:
-            targets = [c for c in self.active.values() if c.token == token]
-        else:
-            targets = [c for c in self.active.values()
-                       if (job is not None and c.job == job) or (rid is not None and job is None and c.id == rid)
-                       or message.get("all")]
-        for ctx in targets:
-            if op == P.ControlOp.PREEMPT.value:
-                ctx._preempt()
-            elif op == P.ControlOp.RESUME.value:
-                ctx._continue()
-            elif op == P.ControlOp.CANCEL.value:
-                code = message.get("code", P.ErrorCode.CANCELLED.value)
-                exc = errors.from_wire({"code": code, "message": message.get("reason", "cancelled by the kernel")})
-                ctx._cancel(exc)
+        for state in self.session.on_control(op, message):
+            ctx = self.active.get(state.token)
+            if ctx is not None:
+                ctx._wake.set()
         self.on_control(op, message)
 
     def drain_control(self) -> None:
@@ -301,7 +295,6 @@ class WorkerRuntime:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.connect(self.endpoint)
-        self.connects += 1
         return sock
 
     async def run(self) -> None:
@@ -315,42 +308,49 @@ class WorkerRuntime:
                 sub.setsockopt(zmq.SUBSCRIBE, f"{P.CTL_PREFIX}{prefix}/".encode())
             sub.connect(self.control)
             self.sub = sub
-        backoff = P.RECONNECT_INITIAL
+        session = self.session
         try:
-            while not self._stopping.is_set():
-                self.sock = self._connect()
-                opts = codec.pack({P.H_VERSION: P.VERSION, "capacity": self.service.capacity, "pid": os.getpid()})
-                await self._send([_W.READY.value, self.service.name.encode(), opts])
-                reason = await self._session(sub)
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                while not self._stopping.is_set():
+                    self.sock = self._connect()
+                    session.connect(time.monotonic())
+                    self.flush()
+                    reason = await self._link(sub)
+                    self._drop_active()
+                    self.registered.clear()
+                    if reason == "stopping":
+                        session.stop(time.monotonic())
+                        self.flush()
+                    self.sock.close(0)
+                    self.sock = None
+                    if reason == "stopping":
+                        break
+                    delay = max(0.0, session.reconnect_at - time.monotonic())
+                    log.warning("%s lost the kernel (%s); reconnecting in %.2f s", self.service.name, reason, delay)
+                    try:
+                        await asyncio.wait_for(self._stopping.wait(), delay)
+                    except asyncio.TimeoutError:
+                        pass
                 self._drop_active()
-                self.registered.clear()
-                if reason == "stopping":
-                    await self._send([_W.DISCONNECT.value])
-                self.sock.close(0)
-                self.sock = None
-                if reason == "stopping":
-                    break
-                log.warning("%s lost the kernel (%s); reconnecting in %.2f s", self.service.name, reason, backoff)
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), backoff)
-                except asyncio.TimeoutError:
-                    pass
-                backoff = min(P.RECONNECT_MAX, backoff * 2)
         finally:
+            self._tasks = None
             self._drop_active()
             if sub is not None:
                 self.sub = None
                 sub.close(0)
             if self.sock is not None:
                 self.sock.close(0)
+                self.sock = None
             await self.service.teardown()
             if self._own_ctx:
                 self.ctx.term()
 
-    async def _session(self, sub: zmq.Socket | None) -> str:
-        """One connection's life; returns why it ended."""
+    async def _link(self, sub: zmq.Socket | None) -> str:
+        """One link's life: feed the session until it ends; returns why."""
         sock = self.sock
         assert sock is not None
+        session = self.session
         loop = asyncio.get_running_loop()
         wake = self._wake = asyncio.Event()
         readers = [sock.getsockopt(zmq.FD)]
@@ -358,8 +358,6 @@ class WorkerRuntime:
             readers.append(sub.getsockopt(zmq.FD))
         for fd in readers:
             loop.add_reader(fd, wake.set)
-        window = self.heartbeat * self.liveness
-        broker_expiry = time.monotonic() + window
         try:
             while True:
                 wake.clear()
@@ -371,32 +369,21 @@ class WorkerRuntime:
                         frames = recv_frames(sock)
                     except zmq.Again:
                         break
-                    broker_expiry = time.monotonic() + window
-                    if len(frames) < 2 or frames[0] != P.MDPW:
-                        log.warning("malformed message from kernel ignored")
-                        continue
-                    cmd = frames[1]
-                    if cmd == _W.REQUEST.value:
-                        self._on_request(frames[2:])
-                        self.registered.set()
-                    elif cmd == _W.HEARTBEAT.value:
-                        self.registered.set()
-                    elif cmd == _W.DISCONNECT.value:
-                        return "disconnected by the kernel"
-                    else:
-                        log.warning("unexpected command %r from kernel", cmd)
-                now = time.monotonic()
-                if now >= broker_expiry:
-                    return "kernel silent for the liveness window"
-                if now >= self._last_send + self.heartbeat:
-                    await self._send([_W.HEARTBEAT.value])
-                    wake.clear()
+                    reason = self._on_events(session.on_message(frames, time.monotonic()))
+                    self.flush()
+                    if reason is not None:
+                        return reason
+                reason = self._on_events(session.tick(time.monotonic()))
+                self.flush()
+                if reason is not None:
+                    return reason
+                wake.clear()
                 if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN or (
                         sub is not None and sub.getsockopt(zmq.EVENTS) & zmq.POLLIN):
                     continue
-                # Sleep until a descriptor signals, a send pokes, stop() is called, or the next
-                # heartbeat / liveness deadline (a timer sets the same event: no task per wait).
-                timeout = max(0.0, min(self._last_send + self.heartbeat, broker_expiry) - time.monotonic())
+                # Sleep until a descriptor signals, a send pokes, stop() is called, or the
+                # session's next wake-up (a timer sets the same event: no task per wait).
+                timeout = max(0.0, session.next_wakeup() - time.monotonic())
                 timer = loop.call_later(timeout, wake.set)
                 try:
                     await wake.wait()
@@ -442,7 +429,7 @@ def main(service: Service, argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity", type=int, default=service.capacity)
     parser.add_argument("--heartbeat", type=float, default=float(os.environ.get(ENV_HEARTBEAT, P.HEARTBEAT_INTERVAL)))
     parser.add_argument("--liveness", type=int, default=int(os.environ.get(ENV_LIVENESS, P.LIVENESS)))
-    parser.add_argument("--log-level", default=os.environ.get("RECA_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get(ENV_LOG_LEVEL, "INFO"))
     service.add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),

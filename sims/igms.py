@@ -22,49 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Protocol
-
 import numpy as np
 
+from kernel.gate import Gate, LocalGate
 from sims import invariants as inv
 
-
-class Gate(Protocol):
-    """Counted-resource gate (the kernel's budget ledger in production)."""
-
-    def reserve(self, resource: str, n: int) -> bool:
-        """Take ``n`` units of ``resource`` if available; False (and nothing taken) if not."""
-
-    def release(self, resource: str, n: int) -> None:
-        """Give back ``n`` units of ``resource``."""
-
-
-class LocalGate:
-    """In-process :class:`Gate`: a capacity per resource (missing = unlimited)."""
-
-    def __init__(self, capacity: dict[str, int] | None = None) -> None:
-        self.capacity = dict(capacity or {})
-        for k, v in self.capacity.items():
-            if v < 0:
-                raise ValueError(f"capacity of {k!r} must be >= 0, got {v}")
-        self.used: dict[str, int] = {}
-        self.refused = 0
-
-    def reserve(self, resource: str, n: int) -> bool:
-        if n < 0:
-            raise ValueError(f"cannot reserve a negative amount ({n})")
-        cap = self.capacity.get(resource, math.inf)
-        if self.used.get(resource, 0) + n > cap:
-            self.refused += 1
-            return False
-        self.used[resource] = self.used.get(resource, 0) + n
-        return True
-
-    def release(self, resource: str, n: int) -> None:
-        have = self.used.get(resource, 0)
-        if n < 0 or n > have:
-            raise ValueError(f"cannot release {n} of {resource!r}: {have} held")
-        self.used[resource] = have - n
+__all__ = ["Gate", "LocalGate"]  # re-exported: the controller's gate is the kernel's one Gate
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 
-from sims import experiments as ex
+from bench import experiments as ex
 from sims.grbfn import MLP
 from sims.streams import bandit_stream
 

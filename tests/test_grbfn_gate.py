@@ -32,11 +32,12 @@ def test_release_returns_units_and_over_release_is_an_error():
         gate.release(PROTOTYPES, 2)
 
 
-def test_unknown_resource_is_refused_and_zero_cap_refuses_everything():
+def test_unknown_resource_is_unlimited_and_zero_cap_refuses_everything():
+    """The one rule of every gate (kernel.gate): no cap means unlimited, as in the kernel's ledger."""
     gate = LocalGate({PROTOTYPES: 0})
     assert not gate.reserve(PROTOTYPES)
-    assert not gate.reserve("escalations")
-    assert gate.remaining("escalations") == 0
+    assert gate.reserve("escalations", 7) and gate.used["escalations"] == 7
+    assert gate.remaining("escalations") == float("inf")
 
 
 @pytest.mark.parametrize("amount", [0, -1, 1.5, True])

@@ -1,6 +1,6 @@
 """Issue 8 item 3 under a real kernel: the growth gate is the runtime's.
 
-A GRBFN+Plastic stream runs with :class:`clients.gate.KernelGate` against a ``python -m kernel``
+A GRBFN+Plastic stream runs with :class:`kernel.gate.KernelGate` against a ``python -m kernel``
 job whose ``prototypes`` budget is N, and the same stream runs offline with ``LocalGate`` cap N.
 Checked: spawns never exceed N (also with two models racing on one job), the kernel's count equals
 the model's growth, and the two runs are identical (predictions, unit counts, final state).
@@ -19,8 +19,8 @@ import pytest
 import zmq
 
 from clients import Client
-from clients.gate import KernelGate
-from sims.experiments import grbfn_plastic, run_classifier
+from kernel.gate import KernelGate
+from bench.experiments import grbfn_plastic, run_classifier
 from sims.grbfn.gate import PROTOTYPES, LocalGate
 from sims.streams import classification_stream
 from tests.support import KernelProcess

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sims.experiments import grbfn_plastic, run_classifier
+from bench.experiments import grbfn_plastic, run_classifier
 from sims.grbfn import GRBFN, MLP, GRBFNPlastic, LinUCB, LocalGate, LogReg, UnlimitedGate
 from sims.grbfn.gate import PROTOTYPES
 from sims.streams import classification_stream

@@ -3,7 +3,7 @@
 
 import pytest
 
-from sims import experiments as ex
+from bench import experiments as ex
 from sims.streams import bandit_stream, classification_stream
 
 CLASSIFICATION = {  # seed 21: accuracy, Post@200, Post@500

@@ -7,8 +7,10 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from kernel import errors
 from kernel.config import ConfigError, parse
-from kernel.ledger import DecisionLog, Ledger
+from kernel.decisions import DecisionLog
+from kernel.ledger import Ledger
 from kernel.replay import replay_lines
 from kernel.supervisor import Backoff, RestartIntensity, RestartType, should_restart
 
@@ -215,3 +217,37 @@ def test_config_parse_and_errors():
                 {"kernel": {"liveness": 0}}):
         with pytest.raises(ConfigError):
             parse(bad, runtime="/tmp/x")
+
+
+def test_reserve_up_to_grants_what_is_left_and_replays(tmp_path):
+    from kernel.admission import BudgetAdmission
+    from kernel.mmi import Management
+    from kernel import protocol as P
+    from kernel.router import Router
+
+    log = DecisionLog(str(tmp_path / "d.jsonl"))
+    admission = BudgetAdmission(decision_log=log)
+    router = Router(lambda frames: None, admission=admission, management=Management(admission))
+    call = lambda name, arg, now: router.management.handle(router, name, arg, now)  # noqa: E731
+    assert call(P.MMI_JOB_OPEN, {"job": "g", "budget": {"protos": 5}}, 0.0)["ok"]
+    out = call(P.MMI_GATE_RESERVE, {"job": "g", "resource": "protos", "amount": 3, "up_to": True}, 0.1)
+    assert out["granted"] == 3 and out["remaining"] == 2
+    out = call(P.MMI_GATE_RESERVE, {"job": "g", "resource": "protos", "amount": 4, "up_to": True,
+                                    "commit": True}, 0.2)
+    assert out["granted"] == 2 and out["committed"] == 2 and out["remaining"] == 0
+    refused = call(P.MMI_GATE_RESERVE, {"job": "g", "resource": "protos", "amount": 1, "up_to": True}, 0.3)
+    assert isinstance(refused, errors.Refused)
+    # without up_to the same ask is all or nothing
+    assert isinstance(call(P.MMI_GATE_RESERVE, {"job": "g", "resource": "protos", "amount": 1}, 0.4), errors.Refused)
+    log.close()
+    with open(log.path, encoding="utf-8") as fh:
+        report = replay_lines(fh)
+    assert report.replayed >= 5 and report.divergences == []
+
+
+def test_reserve_up_to_of_a_fractional_amount_grants_the_fraction_left():
+    L = Ledger()
+    L.open(0.0, "g", limits={"gpu_s": 1.5})
+    out = L.reserve(0.0, "g", "gpu_s", 2.0, up_to=True)
+    assert out["ok"] and out["granted"] == 1.5
+    assert "granted" not in L.reserve(0.0, "g", "other", 1.0)  # plain answers are unchanged

@@ -336,7 +336,9 @@ def test_cpu_budget_is_measured_by_the_kernel(kern, client):
     client.open_job("cpujob", {"cpu_ms": 60_000})
     replies = list(client.stream("echo", {"steps": 20, "step_ms": 10}, job="cpujob"))
     cpu = replies[-1].spent["cpu_ms"]
-    assert 100 <= cpu <= 2000  # ~200 ms of busy work, measured from /proc, not reported
+    # ~200 ms of busy wall time, measured by the kernel (psutil), not reported by echo: on a loaded
+    # machine the worker gets only a share of a core, so only the upper bound is firm.
+    assert 0 < cpu <= 2000
     assert client.call("mmi.job.stats", {"job": "cpujob"})["spent"]["cpu_ms"] == pytest.approx(cpu)
 
 

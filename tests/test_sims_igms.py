@@ -37,7 +37,7 @@ def test_refinement_is_a_counted_resource_and_refusal_stops_it():
     acts = ctrl.decide(_report([0.02, 0.9, 0.5, 0.0], [0, 0, 0, 0]), now=0.0)
     # largest residuals first; the third is refused
     assert acts == [igms.Refine((1, 2), "entropy > 0.01")]
-    assert gate.used["refinements"] == 2 and gate.refused == 1 and ctrl.refused_refinements == 1
+    assert gate.used["refinements"] == 2 and gate.refused["refinements"] == 1 and ctrl.refused_refinements == 1
     # coarsening gives the units back, and the refused block gets its turn
     acts = ctrl.decide(_report([0.02, 0.0, 0.0, 0.0], [0, 1, 1, 0], step=2), now=1.0)
     assert acts == [igms.Coarsen((1, 2), "entropy < 0.001"), igms.Refine((0,), "entropy > 0.01")]

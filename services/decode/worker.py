@@ -58,11 +58,6 @@ from services.base import Context, Service
 
 #: The upper bound of ``state``'s ``wait_paused_ms``.
 MAX_WAIT_PAUSED_MS = 10_000
-#: Event-loop iterations a token boundary yields before its checkpoint.  The worker runtime reads
-#: control messages in its session task, which needs three loop iterations from the socket's
-#: wake-up to running (event -> waiting task -> ``asyncio.wait`` -> session); a single
-#: ``sleep(0)`` per token let a preempt land three tokens late (measured: bench ids).
-BOUNDARY_YIELDS = 4
 #: Counted kinds charged besides ``tokens`` (see :func:`spend_between`).
 COUNTED = ("decoded", "prefilled", "repaired", "recomputed")
 
@@ -86,16 +81,6 @@ def typed_error(exc: LMError) -> errors.RecaError:
     return errors.BadRequest(str(exc), kind=type(exc).__name__)
 
 
-def control_targets(message: dict, ctx: Context) -> bool:
-    """Whether a control message addresses ``ctx``: the same rule as the worker runtime
-    (``token``, else ``job``, else ``id``, or ``all``)."""
-    token, job, rid = message.get("token"), message.get("job"), message.get("id")
-    if token is not None:
-        return ctx.token == token
-    return bool((job is not None and ctx.job == job) or (rid is not None and job is None and ctx.id == rid)
-                or message.get("all"))
-
-
 @dataclasses.dataclass(eq=False)
 class Decode:
     """One served decode.  Invariant: ``owner`` is the generate request streaming it (or None);
@@ -103,7 +88,6 @@ class Decode:
 
     seq: int
     owner: Context | None = None
-    pause_pending: bool = False
     paused: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
@@ -206,33 +190,22 @@ class DecodeService(Service):
         return out
 
     async def _safe_point(self, ctx: Context, dec: Decode) -> None:
-        """A token boundary.  If a preempt addressed this request, mark the sequence paused in
-        the engine (capturing its state) before the runtime parks the handler."""
+        """A token boundary.  If a preempt addressed this request, the sequence is marked paused
+        in the engine (capturing its state) before the pause is acknowledged, and resumed when
+        the wait ends."""
         eng = self.engine
         assert eng is not None
-        for _ in range(BOUNDARY_YIELDS):
-            await asyncio.sleep(0)  # let the runtime apply control messages that arrived
-        if not dec.pause_pending:
-            await ctx.checkpoint()
-            return
-        eng.pause(dec.seq)
-        dec.paused.set()
-        try:
-            await ctx.checkpoint()
-        finally:
+
+        def pause() -> None:
+            eng.pause(dec.seq)
+            dec.paused.set()
+
+        def resume() -> None:
             dec.paused.clear()
-            dec.pause_pending = False
             if dec.seq in eng.live_sequences and eng.state(dec.seq) is SeqState.PAUSED:
                 eng.resume(dec.seq)
 
-    def on_control(self, op: str, message: dict) -> None:
-        for dec in self.decodes.values():
-            if dec.owner is None or not control_targets(message, dec.owner):
-                continue
-            if op == P.ControlOp.PREEMPT.value:
-                dec.pause_pending = True
-            elif op == P.ControlOp.RESUME.value:
-                dec.pause_pending = False
+        await ctx.checkpoint(on_pause=pause, on_resume=resume)
 
     # -- ops -------------------------------------------------------------------------------------
 
@@ -284,7 +257,6 @@ class DecodeService(Service):
                       "finished": eng.state(dec.seq) is SeqState.FINISHED}
         finally:
             dec.owner = None
-            dec.pause_pending = False
             dec.idle.set()
             if not keep and dec.seq in self.decodes:
                 del self.decodes[dec.seq]

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from kernel import errors
+from kernel import protocol as P
 from services.base import Context
 from services.common import DecodeOrchestrator
 
@@ -70,7 +71,7 @@ class IdsService(DecodeOrchestrator):
         if not st["running"]:
             raise errors.BadRequest(f"decode {did} has no generate running; nothing to pause", kind="NotRunning")
         t0 = time.perf_counter()
-        await self.client.call("mmi.preempt", {"token": st["request"]["token"], "service": self.decode_service})
+        await self.client.call(P.MMI_PREEMPT, {"token": st["request"]["token"], "service": self.decode_service})
         st = await self._decode(ctx, {"op": "state", "decode": did, "wait_paused_ms": PAUSE_WAIT_MS})
         st["pause_ms"] = 1e3 * (time.perf_counter() - t0)
         if st["running"] and not st["paused"]:
@@ -89,7 +90,7 @@ class IdsService(DecodeOrchestrator):
         st = await self._decode(ctx, {"op": "state", "decode": did})
         if not st["paused"]:
             raise errors.BadRequest(f"decode {did} is not paused; nothing to resume", kind="NotPausedError")
-        await self.client.call("mmi.resume", {"token": st["request"]["token"], "service": self.decode_service})
+        await self.client.call(P.MMI_RESUME, {"token": st["request"]["token"], "service": self.decode_service})
         return {"decode": did, "resumed": True, "position": st["position"]}
 
 

@@ -4,12 +4,13 @@ simulation worker's wire record, and the gate adapter that lets the synchronous
 
 Why an adapter: the controller asks its gate synchronously, one unit per refinement, and stops at
 the first refusal.  The service cannot block the event loop on kernel round trips inside
-``decide``, so before each decision it reserves (held, not yet committed) as many units as the
-controller can possibly ask for (:func:`wanted_refinements`), one by one until the kernel refuses;
-``decide`` then runs against :class:`PrefetchedGate`, which grants from that pool in the same order
-the kernel would have; afterwards the units used are committed and the rest released.  The kernel's
-count therefore equals the controller's grants exactly, and a service that dies between reserve and
-commit loses nothing (the kernel's lease expires: presumed abort).
+``decide``, so before each decision it asks the kernel's gate, in one round trip, for *up to* as
+many units as the controller can possibly ask for (:func:`wanted_refinements`; ``mmi.gate.reserve``
+with ``up_to``, spent at once); ``decide`` then runs against :class:`PrefetchedGate`, which grants
+from that pool in the same order the kernel would have.  The controller asks for exactly
+:func:`wanted_refinements` units until the first refusal, so it uses every unit granted: the
+kernel's count equals the controller's grants exactly.  (A service that dies between the grant and
+sending its order has spent units it did not apply: the cap is never exceeded, only under-used.)
 
 Budget semantics: a refinement is *spent* when granted.  Coarsening does not give units back (the
 controller's ``release`` is counted here, not sent), so the job's ``refinements`` limit caps the

@@ -8,6 +8,7 @@ from typing import Any
 
 from clients.core import Reply
 from kernel import errors
+from kernel.gate import AsyncKernelGate
 from kernel import protocol as P
 from services.base import Context
 from services.common import BusService
@@ -44,24 +45,13 @@ class IGMSService(BusService):
             return dict(self.totals)
         raise errors.BadRequest(f"unknown op {op!r}; igms takes run, stats")
 
-    async def _reserve(self, job: str, resource: str, n: int) -> tuple[list[str], bool]:
-        """Hold up to ``n`` units, one at a time, stopping at the first refusal."""
-        assert self.client is not None
-        held: list[str] = []
-        for _ in range(n):
-            try:
-                out = await self.client.reserve(job, resource, 1, commit=False)
-            except (errors.Refused, errors.BudgetExceeded):
-                return held, True
-            held.append(out["reservation"])
-        return held, False
-
     async def _run(self, ctx: Context, payload: dict) -> dict:
         client = self.client
         assert client is not None
         cfg, sim_request = parse_request(payload)
         job = ctx.job or "default"
         controller = IGMSController(cfg)
+        kernel_gate = AsyncKernelGate(client, job)
         counts: collections.Counter[str] = collections.Counter()
 
         async def on_step(reply: Reply) -> None:
@@ -71,16 +61,15 @@ class IGMSService(BusService):
             wire = reply.payload
             report = report_from_wire(wire)
             counts["reports"] += 1
-            held, refused = await self._reserve(job, cfg.resource, wanted_refinements(report, cfg))
-            gate = controller.gate = PrefetchedGate(cfg.resource, len(held))
+            # One round trip per regrid: the kernel grants (and spends) up to what the controller
+            # can ask for; the controller then asks in order and stops at the first refusal, so
+            # it uses exactly the units granted (Invariant: gate.used == granted).
+            wanted = wanted_refinements(report, cfg)
+            granted = int(await kernel_gate.reserve_up_to(cfg.resource, wanted)) if wanted else 0
+            gate = controller.gate = PrefetchedGate(cfg.resource, granted)
             actions = controller.decide(report, now=report.time)
-            # Invariant: the controller used a prefix of the pool; commit it, give the rest back.
-            for rid in held[:gate.used]:
-                await client.call("mmi.gate.commit", {"reservation": rid})
-            for rid in held[gate.used:]:
-                await client.call("mmi.gate.release", {"reservation": rid})
             counts["refinements_granted"] += gate.used
-            counts["kernel_refusals"] += int(refused)
+            counts["kernel_refusals"] += int(granted < wanted)
             order = order_from_actions(wire["run"], report.step, actions)
             counts["coarsened"] += len(order.get("coarsen", []))
             counts["dt_changes"] += int("dt_factor" in order)

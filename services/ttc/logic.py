@@ -41,8 +41,9 @@ import json
 import math
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any
 
+from kernel.gate import Gate, LocalGate
 from services.ttc import errors
 from services.ttc.store import Store, dumps
 from services.ttc.tools import Tool, ToolRegistry
@@ -62,37 +63,6 @@ CPU_STARTUP_ALLOWANCE_S = 1
 #: Wall deadline of a run: claim time + max(WALL_MIN_S, WALL_FACTOR * est_cost).
 WALL_FACTOR = 4.0
 WALL_MIN_S = 10.0
-
-
-class Gate(Protocol):
-    """Budget reservation (the kernel's gate backs it in the service).  ``call_id`` names the call
-    the units are for, so a gate that holds one reservation per call can release the right one."""
-
-    def reserve(self, resource: str, amount: float, call_id: str | None = None) -> bool: ...
-
-    def release(self, resource: str, amount: float, call_id: str | None = None) -> None: ...
-
-
-class LocalGate:
-    """An in-process gate: per-resource capacities; resources not named are unlimited.
-
-    Invariant: ``0 <= used[r] <= limits[r]`` for every limited resource.
-    """
-
-    def __init__(self, limits: Mapping[str, float] | None = None) -> None:
-        self.limits = dict(limits or {})
-        self.used: dict[str, float] = {}
-
-    def reserve(self, resource: str, amount: float, call_id: str | None = None) -> bool:
-        used = self.used.get(resource, 0.0)
-        limit = self.limits.get(resource, math.inf)
-        if used + amount > limit + 1e-9:
-            return False
-        self.used[resource] = used + amount
-        return True
-
-    def release(self, resource: str, amount: float, call_id: str | None = None) -> None:
-        self.used[resource] = max(0.0, self.used.get(resource, 0.0) - amount)
 
 
 @dataclasses.dataclass(frozen=True)

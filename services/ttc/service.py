@@ -49,11 +49,13 @@ import concurrent.futures
 import logging
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 from clients.sync import Client
 from kernel import errors
+from kernel.gate import KernelGate
 from kernel.config import runtime_dir
+from kernel import protocol as P
 from services.base import Context, Service
 from services.ttc import logic
 from services.ttc.runner import Coordinator, ManagerBusy
@@ -85,105 +87,20 @@ OPS = ("prepare", "commit", "abort", "withdraw", "subscribe", "status", "result"
        "audit", "stats")
 
 
-class Held(NamedTuple):
-    """A kernel reservation this process holds for one call, and what to take again if lost."""
-
-    reservation: str
-    job: str
-    resource: str
-    amount: float
-
-
-class KernelGateAdapter:
-    """:class:`services.ttc.logic.Gate` backed by the kernel's counted-resource gate.
-
-    ``reserve`` holds ``amount`` of ``resource`` under ``job`` (``mmi.gate.reserve`` with
-    ``commit=False``) and remembers the reservation by call id; ``release`` gives that one back.
-    Invariant: ``held`` maps a call id to the kernel reservation this process took for it (a
-    :class:`Held`).  After a
-    restart the map is empty: reservations of the dead process are reclaimed by the kernel's lease
-    (presumed abort there too).  Used from one thread only (the blocking client's socket)."""
+class KernelGateAdapter(KernelGate):
+    """:class:`kernel.gate.KernelGate` in hold mode, as the transaction manager uses it: ``reserve``
+    holds ``amount`` of ``resource`` under ``job`` and remembers the reservation by call id (the
+    key); ``release`` gives that one back; :meth:`renew` keeps them alive (taking again any the
+    kernel lost).  After a restart ``held`` is empty: reservations of the dead process are
+    reclaimed by the kernel's lease (presumed abort there too).  Used from one thread only (the
+    blocking client's socket)."""
 
     def __init__(self, client_factory: Callable[[], Client]) -> None:
-        self._client_factory = client_factory
-        self._client: Client | None = None
-        #: The job the next ``reserve`` is charged to (set by the service before ``prepare``).
-        self.job = "default"
-        self.lease_s = GATE_LEASE_S
-        self.held: dict[str, Held] = {}
-        self.refusals = 0
-        self.release_failures = 0
-        #: Reservations the kernel no longer held at a renewal (it restarted: its ledger is not
-        #: durable; or a renewal came later than the lease), taken again (``retaken``) or, if the
-        #: kernel refused, no longer counted against the job (``leases_lost``).
-        self.retaken = 0
-        self.leases_lost = 0
-
-    @property
-    def client(self) -> Client:
-        if self._client is None:
-            self._client = self._client_factory()
-        return self._client
-
-    def _take(self, job: str, resource: str, amount: float) -> Held:
-        """Hold ``amount`` of ``resource`` under ``job`` for one lease; raises the kernel's typed
-        error (``Refused``/``BudgetExceeded`` when it says no)."""
-        out = self.client.call("mmi.gate.reserve", {"job": job, "resource": resource, "amount": amount,
-                                                     "commit": False, "lease_s": self.lease_s})
-        return Held(out["reservation"], job, resource, amount)
-
-    def reserve(self, resource: str, amount: float, call_id: str | None = None) -> bool:
-        try:
-            held = self._take(self.job, resource, amount)
-        except (errors.Refused, errors.BudgetExceeded):
-            self.refusals += 1
-            return False
-        if call_id is not None:
-            self.held[call_id] = held
-        return True
-
-    def release(self, resource: str, amount: float, call_id: str | None = None) -> None:
-        held = self.held.pop(call_id, None) if call_id is not None else None
-        if held is None:
-            return  # taken by an earlier process: the kernel's lease returns it
-        rid = held.reservation
-        try:
-            self.client.call("mmi.gate.release", {"reservation": rid})
-        except errors.RecaError as exc:  # the decision is durable already; the lease reclaims the units
-            self.release_failures += 1
-            log.warning("gate release of %s for call %s failed: %s", rid, call_id, exc)
-
-    def renew(self) -> int:
-        """Extend every held reservation by one lease.  One the kernel no longer holds is taken
-        again (same job, resource and amount); if the kernel refuses, the call goes on (a run is
-        not aborted because the kernel restarted) and its units are no longer counted.  Returns
-        how many were renewed."""
-        if not self.held:
-            return 0
-        try:
-            out = self.client.call("mmi.gate.renew", {"reservations": [h.reservation for h in self.held.values()],
-                                                       "lease_s": self.lease_s})
-        except errors.RecaError as exc:  # the next renewal retries; the lease is three times longer
-            log.warning("gate renewal failed: %s", exc)
-            return 0
-        unknown = set(out.get("unknown", ()))
-        for call_id, lost in [(c, h) for c, h in self.held.items() if h.reservation in unknown]:
-            try:
-                self.held[call_id] = self._take(lost.job, lost.resource, lost.amount)
-            except (errors.Refused, errors.BudgetExceeded) as exc:
-                self.leases_lost += 1
-                del self.held[call_id]
-                log.warning("call %s: the kernel lost its reservation and refused it again: %s", call_id, exc)
-                continue
-            except errors.RecaError as exc:  # kernel still (re)starting: the next renewal retries
-                log.warning("call %s: taking its lost reservation again failed: %s", call_id, exc)
-                continue
-            self.retaken += 1
-        return len(out.get("renewed", ()))
+        super().__init__(client_factory, "default", hold=True, lease_s=GATE_LEASE_S)
 
     def close(self) -> None:
         if self._client is not None:
-            self._client.close()
+            self._client.close()  # type: ignore[attr-defined]
             self._client = None
 
 
@@ -333,7 +250,7 @@ class TtcService(Service):
                         rows = await self._call(store.unforwarded, AUDIT_BATCH, AUDIT_BATCH_BYTES)
                         if not rows:
                             break
-                        out = await client.call("mmi.audit", {"source": source, "events": rows})
+                        out = await client.call(P.MMI_AUDIT, {"source": source, "events": rows})
                         if not isinstance(out, dict) or out.get("logged") != len(rows):
                             # The kernel keeps no decision log: the rows stay here (the source of
                             # truth) and are offered again later, never marked as forwarded.

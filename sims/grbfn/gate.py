@@ -14,91 +14,26 @@ call it only when built with ``release_on_removal=True`` (a cap on *live* units 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
-from typing import Protocol, runtime_checkable
+
+from kernel.gate import Gate, LocalGate as _LocalGate
 
 PROTOTYPES = "prototypes"
 
-
-@runtime_checkable
-class GrowthGate(Protocol):
-    """What a growing model needs from the runtime."""
-
-    def reserve(self, resource: str, amount: int = 1) -> bool:
-        """Atomically reserve ``amount`` units of ``resource``.
-
-        ``True``: granted and counted against the cap.  ``False``: refused; nothing was counted.
-        """
-        ...
-
-    def release(self, resource: str, amount: int = 1) -> None:
-        """Return ``amount`` previously reserved units of ``resource``."""
-        ...
+#: What a growing model needs from the runtime: the kernel's one :class:`kernel.gate.Gate`.
+GrowthGate = Gate
 
 
-def _check_amount(amount: int) -> None:
-    if isinstance(amount, bool) or not isinstance(amount, int) or amount < 1:
-        raise ValueError(f"amount must be a positive int, got {amount!r}")
+class LocalGate(_LocalGate):
+    """:class:`kernel.gate.LocalGate` counting whole units (amounts and caps are ints).  A
+    resource without a cap is unlimited (the one rule of every gate); a cap of 0 forbids it."""
+
+    def __init__(self, caps: Mapping[str, int]) -> None:
+        super().__init__(caps, whole_units=True)
 
 
-class UnlimitedGate:
+class UnlimitedGate(LocalGate):
     """Grants everything; counts what it granted (``used``) so runs can report it."""
 
     def __init__(self) -> None:
-        self.used: dict[str, int] = {}
-
-    def reserve(self, resource: str, amount: int = 1) -> bool:
-        _check_amount(amount)
-        self.used[resource] = self.used.get(resource, 0) + amount
-        return True
-
-    def release(self, resource: str, amount: int = 1) -> None:
-        _check_amount(amount)
-        held = self.used.get(resource, 0)
-        if amount > held:
-            raise ValueError(f"release of {amount} {resource!r} exceeds the {held} reserved")
-        self.used[resource] = held - amount
-
-
-class LocalGate:
-    """An in-process ledger with a hard cap per resource.
-
-    Invariant: ``0 <= used[r] <= caps[r]`` for every capped resource ``r``.  A resource with no cap
-    is refused (a gate that does not know a resource must not grant it).  Thread-safe.
-    """
-
-    def __init__(self, caps: Mapping[str, int]) -> None:
-        for resource, cap in caps.items():
-            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
-                raise ValueError(f"cap for {resource!r} must be a non-negative int, got {cap!r}")
-        self.caps = dict(caps)
-        self.used = {resource: 0 for resource in self.caps}
-        self.refused = {resource: 0 for resource in self.caps}
-        self._lock = threading.Lock()
-
-    def reserve(self, resource: str, amount: int = 1) -> bool:
-        _check_amount(amount)
-        with self._lock:
-            cap = self.caps.get(resource)
-            if cap is None or self.used[resource] + amount > cap:
-                if cap is not None:
-                    self.refused[resource] += 1
-                return False
-            self.used[resource] += amount
-            return True
-
-    def release(self, resource: str, amount: int = 1) -> None:
-        _check_amount(amount)
-        with self._lock:
-            held = self.used.get(resource, 0)
-            if amount > held:
-                raise ValueError(f"release of {amount} {resource!r} exceeds the {held} reserved")
-            self.used[resource] = held - amount
-
-    def remaining(self, resource: str) -> int:
-        """Units of ``resource`` still grantable (0 for an unknown resource)."""
-        with self._lock:
-            if resource not in self.caps:
-                return 0
-            return self.caps[resource] - self.used[resource]
+        super().__init__({})

@@ -1,6 +1,6 @@
 """Seed 000's drift experiments, reproduced and extended with a runtime growth gate.
 
-    python -m sims.experiments classification|bandit|budget-sweep|all [--out results/grbfn] [--quick]
+    python -m bench.experiments classification|bandit|budget-sweep|all [--out results/grbfn] [--quick]
                                [--no-peers] [--seeds 33 37]
 
 Writes CSV tables and PNG figures under ``--out`` and prints the tables; per-run progress goes to
@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from clients.table import print_table
 from sims.grbfn import GRBFN, MLP, GRBFNPlastic, LinUCB, LocalGate, LogReg, UnlimitedGate
 from sims.grbfn.gate import PROTOTYPES, GrowthGate
 from sims.streams import (BANDIT_SEEDS, CLASSIFICATION_SEED, N_PHASES, STEPS_PER_PHASE,
@@ -516,14 +517,12 @@ def budget_sweep(out: str | None = None, *, quick: bool = False, seeds: Sequence
 # --- command line -----------------------------------------------------------------------------
 
 def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
-    from bench._common import print_table
-
     print(f"\n== {title} ==")
     print_table(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sims.experiments", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__.split("\n")[0])
     parser.add_argument("experiment", choices=["classification", "bandit", "budget-sweep", "all"])
     parser.add_argument("--out", default=os.path.join("results", "grbfn"), help="results folder")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS_PER_PHASE}-step phases")
