@@ -275,6 +275,14 @@ def run(quick: bool) -> Result:
         steps_ids.append(n_ids), secs_ids.append(s_ids + splice_s)
         prefilled.append(len(tool))
         engine.free(sid), engine.free(on)
+    # pause() cost from >= 1,000 samples: pause and resume one running sequence again and again
+    sid = engine.start(tokenizer.encode(chains.prompt(questions[0])))
+    for _ in range(1000):
+        t0 = time.perf_counter()
+        engine.pause(sid)
+        pause_times.append(time.perf_counter() - t0)
+        engine.resume(sid)
+    engine.free(sid)
     mean = statistics.fmean
     metrics = {
         "chains": len(questions),
