@@ -56,9 +56,14 @@ def test_report_renders_tables_targets_plots_and_failures(tmp_path):
         json.dump({"bench": "noplots", "metrics": {"x": 1.0}}, fh)
     with open(tmp_path / "broken.json", "w") as fh:
         fh.write("{not json")
+    with open(tmp_path / "missed.json", "w") as fh:
+        json.dump(_report.aggregate("missed", True, [_result(5.0)], ENV, 1.0), fh)
     md = _report.write_report(str(tmp_path), str(tmp_path / "out.md"))
     text = open(md).read()
-    assert "| demo | `ratio` <= 3 | 2.2 | [2, 2.4] | **met** |" in text
+    assert "| demo | 3 | 1/1 |  |" in text
+    assert "| ratio | 2.2 | 2 | 2.4 |  | <= 3 | **met** |" in text
+    assert "| lat_p99_ms | 1.1 | 1 | 1.2 | 1000 |" in text
+    assert "| missed (quick) | 1 | 0/1 | `ratio` 10 vs <= 3 |" in text
     assert "## noplots" in text and "## broken" in text and "unreadable result file" in text
     assert os.path.getsize(tmp_path / "out" / "demo_cdf.png") > 1000
     assert os.path.getsize(tmp_path / "out" / "demo_curve.png") > 1000
