@@ -93,3 +93,10 @@ def cdf_plot(name: str, title: str, xlabel: str, samples: dict[str, list[float]]
         idx = sorted({min(n - 1, round(i * (n - 1) / (points - 1))) for i in range(points)})
         series[label] = ([xs[i] for i in idx], [(i + 1) / n for i in idx])
     return line_plot(name, title, xlabel, "fraction of samples <= x", series, logx=logx, style="cdf")
+
+
+def progress(bench: str, message: str) -> None:
+    """A progress line on stderr (``bench all`` sends it to the benchmark's log)."""
+    import sys
+
+    print(f"[{bench}] {message}", file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from bench._common import Result, line_plot
+from bench._common import Result, line_plot, progress
 from sims import cases, igms
 
 #: name -> (case, params, role)
@@ -149,7 +149,10 @@ def run(quick: bool) -> Result:
     repeats = 1 if quick else REPEATS
     grid = (lambda tols: tols[1::2]) if quick else (lambda tols: tols)
     t_all = time.perf_counter()
-    built = {name: _Case(name, blocks, cells, L) for name in CASES}
+    built = {}
+    for name in CASES:
+        progress("igms", f"reference and uniform runs of {name} ({time.perf_counter() - t_all:.0f} s)")
+        built[name] = _Case(name, blocks, cells, L)
     notes = [f"grids: coarse {blocks * cells}^2, fine {blocks * (cells << L)}^2, reference {blocks * (cells << (L + 1))}^2; "
              f"{blocks}x{blocks} root blocks; one refinement level"]
     chosen: dict[str, dict[str, float]] = {}
@@ -163,6 +166,7 @@ def run(quick: bool) -> Result:
     rows, metrics, plots = [], {}, []
     for c in built.values():
         methods = METHODS[_physics(c.name)]
+        progress("igms", f"{c.name}: sweeps and timed repeats ({time.perf_counter() - t_all:.0f} s)")
         if c.role == "heldout":  # the full sweep, for the Pareto curves only
             for m, (_, tols) in methods.items():
                 for tol in grid(tols):

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from bench._common import Result, line_plot, percentile
+from bench._common import Result, line_plot, percentile, progress
 from lm import chains, tokenizer
 from lm.engine import Engine
 from lm.evaluate import answer_budget, decode_greedy, heldout
@@ -126,7 +126,9 @@ def run(quick: bool) -> Result:
     span_tokens, answer_tokens = [], []
     approx_dev, approx_rel, approx_logit_dev, approx_same_text = [], [], [], 0
     t_all = time.perf_counter()
-    for items in questions:
+    for qi, items in enumerate(questions):
+        if qi % 50 == 0:
+            progress("rois", f"question {qi}/{len(questions)} ({time.perf_counter() - t_all:.0f} s)")
         sid = decode_greedy(engine, items)
         text = tokenizer.decode(engine.tokens(sid))
         if verify(text).ok:
