@@ -109,7 +109,7 @@ def evaluate(escs: list[FinerRun], role: str) -> tuple[list[dict], float, float]
 
 
 def run(quick: bool) -> Result:
-    n = 4 if quick else 16
+    n = 4 if quick else 10
     train, dry_tr, wall_tr = evaluate(escalations(n, 1, "train"), "train")
     test, dry_te, wall_te = evaluate(escalations(n, 2, "test"), "test")
     # the threshold: fewest wrong decisions on the training set; ties -> the middle of the tied range

@@ -107,7 +107,7 @@ STRATEGY_NAMES = {"eager": "eager, never cancels (naive bound)", "eager_cancel":
 
 
 def run(quick: bool) -> Result:
-    n_steps = 8 if quick else 16
+    n_steps = 8 if quick else 12
     changes = (0.25, 0.75) if quick else (0.25, 0.5, 0.75)
     thinks = (0.0, THINK_S)
     rows, metrics = [], {"steps": float(n_steps)}
