@@ -28,24 +28,23 @@ def test_the_pinned_rows_are_every_published_row():
     assert {origin.get(n, n) for n in CLASSIFICATION} == set(ex.SEED_000["classification"])
 
 
-def test_classification_rows_reproduce_exactly():
-    stream = classification_stream(21)
-    models = dict(ex.classification_models(peers=False))
-    for name, (acc, post200, post500) in CLASSIFICATION.items():
-        run = ex.run_classifier(models[name](), stream.X, stream.y)
-        got = (round(run.accuracy, 4), round(run.post_drift(stream.drift_points, 200), 4),
-               round(run.post_drift(stream.drift_points, 500), 4))
-        assert got == (acc, post200, post500), name
+@pytest.fixture(scope="module")
+def cstream():
+    return classification_stream(21)
 
 
-@pytest.mark.parametrize("seed", [33, 37])
-def test_bandit_rows_reproduce_exactly(seed):
-    stream = bandit_stream(seed)
-    policies = {name: (slot, factory) for name, slot, factory in ex.bandit_policies(seed, peers=False)}
-    for (s, name), (reward, regret) in BANDIT.items():
-        if s != seed:
-            continue
-        slot, factory = policies[name]
-        run = ex.run_bandit(factory(), stream, slot)
-        assert run.cum_reward == reward, name
-        assert run.cum_regret == pytest.approx(regret, abs=1e-9), name
+@pytest.mark.parametrize("name", sorted(CLASSIFICATION))
+def test_classification_row_reproduces_exactly(name, cstream):
+    run = ex.run_classifier(dict(ex.classification_models(peers=False))[name](), cstream.X, cstream.y)
+    got = (round(run.accuracy, 4), round(run.post_drift(cstream.drift_points, 200), 4),
+           round(run.post_drift(cstream.drift_points, 500), 4))
+    assert got == CLASSIFICATION[name]
+
+
+@pytest.mark.parametrize("seed,name", sorted(BANDIT))
+def test_bandit_row_reproduces_exactly(seed, name):
+    slot, factory = {n: (sl, f) for n, sl, f in ex.bandit_policies(seed, peers=False)}[name]
+    run = ex.run_bandit(factory(), bandit_stream(seed), slot)
+    reward, regret = BANDIT[seed, name]
+    assert run.cum_reward == reward
+    assert run.cum_regret == pytest.approx(regret, abs=1e-9)
