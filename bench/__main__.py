@@ -1,4 +1,11 @@
-"""``python -m bench NAME [--quick] [--json PATH]`` — run one benchmark and print its figures."""
+"""``python -m bench NAME [--quick] [--runs K] [--json PATH]`` — run one benchmark and print it.
+
+``python -m bench all [--quick] [--runs K] [--only A,B] [--skip A,B] --out DIR`` runs every
+registered benchmark (each module of this package whose name does not start with ``_``), each in
+its own process, writing ``DIR/NAME.json`` (the ``reca.bench/1`` shape, see bench/_common.py) and
+``DIR/NAME.log``.  ``python -m bench report DIR [--md PATH]`` writes docs/benchmarks.md (and PNG
+plots in docs/benchmarks/) from those files.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,14 @@ import inspect
 import json
 import pkgutil
 import sys
+import time
 
 import bench
+from bench import _report
 from bench._common import print_table
+
+#: how many runs a full (non-quick) run aggregates unless the module sets ``RUNS``
+DEFAULT_RUNS = 3
 
 
 #: Modules of bench/ that are not benchmarks (experiments with their own command line).
@@ -22,10 +34,23 @@ def available() -> list[str]:
                   if not m.name.startswith("_") and m.name not in NOT_BENCHMARKS)
 
 
+def _names(spec: str | None) -> list[str]:
+    return [s for s in (spec or "").split(",") if s]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["all"]:
+        return _main_all(argv[1:])
+    if argv[:1] == ["report"]:
+        return _main_report(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", help="benchmark name; omit to list them")
     parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help=f"runs to aggregate (median, min, max); default 1 with --quick, else the "
+                             f"module's RUNS or {DEFAULT_RUNS}")
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON to PATH")
     parser.add_argument("--minutes", type=float, help="duration, for benchmarks that take one (soak)")
     parser.add_argument("--seed", type=int, help="random seed, for benchmarks that take one (soak)")
@@ -44,27 +69,61 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench {args.name} takes no {', '.join('--' + k for k in unknown)}", file=sys.stderr)
         return 2
-    result = module.run(quick=args.quick, **extra)
-    print(f"\n== bench {args.name}{' (quick)' if args.quick else ''} ==")
-    print_table(result.table)
-    for note in result.notes:
+    runs = args.runs if args.runs is not None else (1 if args.quick else getattr(module, "RUNS", DEFAULT_RUNS))
+    if runs < 1:
+        parser.error("--runs must be >= 1")
+    env = _report.environment()
+    t0 = time.monotonic()
+    results = []
+    for i in range(runs):
+        if runs > 1:
+            print(f"[bench {args.name}] run {i + 1}/{runs}", file=sys.stderr, flush=True)
+        results.append(module.run(quick=args.quick, **extra))
+    doc = _report.aggregate(args.name, args.quick, results, env, time.monotonic() - t0)
+    print(f"\n== bench {args.name}{' (quick)' if args.quick else ''}, {runs} run(s) ==")
+    print_table(doc["rows"])
+    for note in doc["notes"]:
         print("note:", note)
-    met = result.met()
     print()
-    for key, value in result.metrics.items():
-        target = result.targets.get(key)
-        tail = f"   target {target[0]} {target[1]:g}: {'met' if met[key] else 'NOT met'}" if target else ""
-        print(f"{key:40s} {value:12.6g}{tail}")
+    for key, value in doc["metrics"].items():
+        target = doc["targets"].get(key)
+        sp = doc["spread"].get(key)
+        spread = f" [{sp[0]:.4g}, {sp[1]:.4g}]" if sp else ""
+        n = doc["samples"].get(key)
+        tail = f"   target {target[0]} {target[1]:g}: {'met' if doc['met'][key] else 'NOT met'}" if target else ""
+        print(f"{key:44s} {value:12.6g}{spread}{f' (n={n})' if n else ''}{tail}")
     if args.json:
-        doc = {
-            "bench": args.name,
-            "quick": args.quick,
-            "metrics": result.metrics,
-            "targets": {k: list(v) for k, v in result.targets.items()},
-            "met": met,
-        }
         with open(args.json, "w") as fh:
-            json.dump(doc, fh, indent=2)
+            json.dump(doc, fh, indent=1)
+    return 0
+
+
+def _main_all(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench all", description="run every registered benchmark")
+    p.add_argument("--out", required=True, metavar="DIR", help="where NAME.json and NAME.log go")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--runs", type=int, default=None)
+    p.add_argument("--only", help="comma-separated benchmark names")
+    p.add_argument("--skip", help="comma-separated benchmark names")
+    args = p.parse_args(argv)
+    names = available()
+    unknown = [n for n in _names(args.only) + _names(args.skip) if n not in names]
+    if unknown:
+        p.error(f"unknown benchmark(s) {unknown}; available: {' '.join(names)}")
+    chosen = [n for n in (_names(args.only) or names) if n not in _names(args.skip)]
+    failed = _report.run_all(chosen, args.out, args.quick, args.runs)
+    print(f"{len(chosen) - failed}/{len(chosen)} benchmarks ran; results in {args.out}; "
+          f"next: python -m bench report {args.out}")
+    return 1 if failed else 0
+
+
+def _main_report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench report", description="docs/benchmarks.md from result files")
+    p.add_argument("dir", help="a directory of NAME.json result files (from bench all)")
+    p.add_argument("--md", default=f"{_report.ROOT}/docs/benchmarks.md", help="the markdown file to write")
+    p.add_argument("--command", default="", help="the command that produced the results (quoted in the report)")
+    args = p.parse_args(argv)
+    print(_report.write_report(args.dir, args.md, args.command))
     return 0
 
 

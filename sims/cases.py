@@ -61,15 +61,17 @@ def _subsampled(f: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Callable[.
 
 
 def radial_dam_break(
-    h_in: float = 2.0, h_out: float = 1.0, radius: float = 0.5, g: float = 1.0, t_end: float = 2.5, order: int = 2, cfl: float = 0.45
+    h_in: float = 2.0, h_out: float = 1.0, radius: float = 0.5, g: float = 1.0, t_end: float = 2.5, order: int = 2, cfl: float = 0.45,
+    x0: float = 0.0, y0: float = 0.0,
 ) -> Case:
-    params = dict(h_in=h_in, h_out=h_out, radius=radius, g=g, t_end=t_end)
+    """``x0``, ``y0``: the dam's centre (off-centre, its shock meets the walls early)."""
+    params = dict(h_in=h_in, h_out=h_out, radius=radius, g=g, t_end=t_end, x0=x0, y0=y0)
     _finite(params)
     if h_in <= 0 or h_out <= 0:
         raise ValueError(f"depths must be positive, got h_in={h_in}, h_out={h_out}")
     if radius <= 0:
         raise ValueError(f"radius must be positive, got {radius}")
-    depth = _subsampled(lambda x, y: np.where(x * x + y * y <= radius * radius, h_in, h_out))
+    depth = _subsampled(lambda x, y: np.where((x - x0) ** 2 + (y - y0) ** 2 <= radius * radius, h_in, h_out))
 
     def init(xlo, xhi, ylo, yhi):
         h = depth(xlo, xhi, ylo, yhi)
@@ -78,14 +80,16 @@ def radial_dam_break(
     return Case("radial_dam_break", ShallowWater(g=g, cfl=cfl, order=order), (-2.5, 2.5, -2.5, 2.5), t_end, init, params)
 
 
-def sw_smooth_hump(amplitude: float = 0.1, width: float = 0.3, depth: float = 1.0, t_end: float = 0.3, order: int = 2, cfl: float = 0.45) -> Case:
-    params = dict(amplitude=amplitude, width=width, depth=depth, t_end=t_end)
+def sw_smooth_hump(amplitude: float = 0.1, width: float = 0.3, depth: float = 1.0, t_end: float = 0.3, order: int = 2, cfl: float = 0.45,
+                   x0: float = 0.0, y0: float = 0.0) -> Case:
+    """A hump at (``x0``, ``y0``) on a lake at rest."""
+    params = dict(amplitude=amplitude, width=width, depth=depth, t_end=t_end, x0=x0, y0=y0)
     _finite(params)
     if depth <= 0 or depth - abs(amplitude) <= 0:
         raise ValueError(f"depth must stay positive: depth={depth}, amplitude={amplitude}")
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}")
-    hump = _subsampled(lambda x, y: depth + amplitude * np.exp(-(x * x + y * y) / (width * width)))
+    hump = _subsampled(lambda x, y: depth + amplitude * np.exp(-((x - x0) ** 2 + (y - y0) ** 2) / (width * width)))
 
     def init(xlo, xhi, ylo, yhi):
         h = hump(xlo, xhi, ylo, yhi)

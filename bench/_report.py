@@ -1,0 +1,292 @@
+"""Aggregating runs into a ``reca.bench/1`` result file, ``bench all`` and ``bench report``.
+
+``aggregate`` turns the :class:`~bench._common.Result` of K runs of one benchmark into one JSON
+document (medians, [min, max] spread, sample counts, targets judged on the median).  ``run_all``
+runs every registered benchmark (every module of the ``bench`` package not starting with ``_``)
+in its own process and writes ``DIR/NAME.json`` and ``DIR/NAME.log``.  ``write_report`` turns a
+directory of result files into ``docs/benchmarks.md`` plus PNG plots drawn with matplotlib.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench._common import SCHEMA, Result
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """Where and when: commit, dirty tree, UTC date, CPU, core count, load average."""
+    return {
+        "commit": _git("rev-parse", "--short=12", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{_cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _median_rows(tables: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Cell-wise medians when every run produced the same table shape, else the first run's."""
+    first = tables[0]
+    if len(tables) == 1 or any(len(t) != len(first) or [list(r) for r in t] != [list(r) for r in first]
+                               for t in tables):
+        return first
+    out = []
+    for i, row in enumerate(first):
+        merged = {}
+        for k, v in row.items():
+            cells = [t[i][k] for t in tables]
+            merged[k] = statistics.median(cells) if all(_number(c) for c in cells) else v
+        out.append(merged)
+    return out
+
+
+def aggregate(name: str, quick: bool, results: list[Result], env: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """One ``reca.bench/1`` document from the results of ``len(results)`` runs."""
+    keys = list(dict.fromkeys(k for r in results for k in r.metrics))
+    metrics, spread = {}, {}
+    for k in keys:
+        vals = [r.metrics[k] for r in results if k in r.metrics and r.metrics[k] is not None]
+        nums = [float(v) for v in vals if _number(v)]
+        if nums:
+            metrics[k] = statistics.median(nums)
+            if len(results) > 1:
+                spread[k] = [min(nums), max(nums)]
+        elif vals:
+            metrics[k] = float(vals[0]) if isinstance(vals[0], (int, float)) else vals[0]
+    targets: dict[str, list] = {}
+    for k, (op, _) in results[0].targets.items():
+        vals = [float(r.targets[k][1]) for r in results if k in r.targets]
+        targets[k] = [op, statistics.median(vals)]
+    judged = Result(metrics=metrics, targets={k: (op, v) for k, (op, v) in targets.items()})
+    samples: dict[str, int] = {}
+    for r in results:
+        for k, n in r.samples.items():
+            samples[k] = min(samples.get(k, n), int(n))
+    notes = list(dict.fromkeys(n for r in results for n in r.notes))
+    env = dict(env, load_end=[round(x, 2) for x in os.getloadavg()])
+    return {
+        "schema": SCHEMA, "bench": name, "quick": quick, "runs": len(results), "wall_s": round(wall_s, 2),
+        "env": env, "metrics": metrics, "spread": spread, "samples": samples, "targets": targets,
+        "met": judged.met(), "rows": _median_rows([r.table for r in results]), "notes": notes,
+        "plots": results[len(results) // 2].plots,
+    }
+
+
+# --- bench all --------------------------------------------------------------------------------
+
+def run_all(names: list[str], out_dir: str, quick: bool, runs: int | None) -> int:
+    """Run each benchmark in its own process; progress on stderr; returns how many failed."""
+    os.makedirs(out_dir, exist_ok=True)
+    failed = 0
+    t_all = time.monotonic()
+    for i, name in enumerate(names, 1):
+        print(f"[bench all] {i}/{len(names)} {name} ... (log: {out_dir}/{name}.log)", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        cmd = [sys.executable, "-m", "bench", name, "--json", os.path.join(out_dir, f"{name}.json")]
+        if quick:
+            cmd.append("--quick")
+        if runs is not None:
+            cmd += ["--runs", str(runs)]
+        with open(os.path.join(out_dir, f"{name}.log"), "w") as log:
+            rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        took = time.monotonic() - t0
+        if rc != 0:
+            failed += 1
+            with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
+                json.dump({"schema": SCHEMA, "bench": name, "quick": quick, "env": environment(),
+                           "error": f"exit status {rc}; see {name}.log", "metrics": {}}, fh, indent=2)
+        print(f"[bench all] {i}/{len(names)} {name} {'FAILED' if rc else 'done'} in {took:.0f} s "
+              f"(total {time.monotonic() - t_all:.0f} s)", file=sys.stderr, flush=True)
+    return failed
+
+
+# --- bench report -----------------------------------------------------------------------------
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v:
+            return "n/a"
+        if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
+            return f"{v:.3g}"
+        return f"{v:.4g}"
+    return str(v).replace("|", "\\|")
+
+
+def _md_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return out
+
+
+def _draw(plot: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    kind = plot.get("kind", "line")
+    for s in plot.get("series", []):
+        if kind == "cdf":
+            ax.step(s["x"], s["y"], where="post", label=s["label"])
+        elif kind == "bar":
+            ax.bar([str(x) for x in s["x"]], s["y"], label=s["label"])
+        else:
+            ax.plot(s["x"], s["y"], "o-" if len(s["x"]) < 40 else "-", label=s["label"], markersize=4)
+    if plot.get("logx"):
+        ax.set_xscale("log")
+    if plot.get("logy"):
+        ax.set_yscale("log")
+    ax.set_xlabel(plot.get("xlabel", ""))
+    ax.set_ylabel(plot.get("ylabel", ""))
+    ax.set_title(plot.get("title", ""), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if plot.get("series"):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _load(in_dir: str) -> list[dict[str, Any]]:
+    docs = []
+    for fn in sorted(os.listdir(in_dir)):
+        if not fn.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(in_dir, fn)) as fh:
+                doc = json.load(fh)
+        except (OSError, ValueError) as exc:
+            doc = {"bench": fn[:-5], "error": f"unreadable result file: {exc}", "metrics": {}}
+        if isinstance(doc, dict) and "bench" in doc:
+            docs.append(doc)
+    return docs
+
+
+def write_report(in_dir: str, out_md: str, command: str = "") -> str:
+    """Write the markdown report (and PNGs next to it, in ``<out_md stem>/``); returns its path."""
+    docs = _load(in_dir)
+    img_dir = os.path.splitext(out_md)[0]
+    os.makedirs(img_dir, exist_ok=True)
+    rel_img = os.path.basename(img_dir)
+    envs = [d["env"] for d in docs if "env" in d]
+    lines = ["# Benchmarks", "",
+             f"Generated by `python -m bench report {in_dir}` from the result files of "
+             f"{command or '`python -m bench all --out ' + in_dir + '`'}. Do not edit by hand.", ""]
+    analysis = os.path.join(os.path.dirname(out_md), "benchmarks-analysis.md")
+    if os.path.exists(analysis):
+        lines += ["How the figures are produced, what each is compared against, and why the missed targets are "
+                  "missed: [benchmarks-analysis.md](benchmarks-analysis.md).", ""]
+    if envs:
+        commits = sorted({e.get("commit", "?") + (" (dirty)" if e.get("dirty") else "") for e in envs})
+        dates = sorted(e.get("date", "?") for e in envs)
+        loads = [e[k][0] for e in envs for k in ("load_start", "load_end") if e.get(k)]
+        lines += [f"- commit: {', '.join(commits)}", f"- dates: {dates[0]} to {dates[-1]}",
+                  f"- machine: {envs[0].get('machine', '?')}, Python {envs[0].get('python', '?')}",
+                  f"- 1-minute load average during the runs: {min(loads, default=0):.1f} to {max(loads, default=0):.1f} "
+                  f"(on {envs[0].get('cpus', '?')} logical CPUs; above the CPU count the figures were "
+                  "measured under contention from other work on the machine)", ""]
+    quick = [d["bench"] for d in docs if d.get("quick")]
+    if quick:
+        lines += [f"**Quick runs** (`--quick`, smaller workloads): {', '.join(quick)}.", ""]
+    lines += ["## Targets", "",
+              "Every target of every benchmark, judged on the median over the runs; the missed ones are listed "
+              "with their median, [min, max] over the runs, and the target.", "",
+              "| benchmark | runs | targets met | missed: median [min, max] vs target |", "|---|---|---|---|"]
+    for d in docs:
+        if "error" in d:
+            lines.append(f"| {d['bench']} | - | run failed: {_fmt(d['error'])} | |")
+            continue
+        missed = []
+        for k, (op, val) in d.get("targets", {}).items():
+            if d["met"].get(k):
+                continue
+            sp = d.get("spread", {}).get(k)
+            rng = f" [{_fmt(sp[0])}, {_fmt(sp[1])}]" if sp else ""
+            missed.append(f"`{k}` {_fmt(d['metrics'].get(k, float('nan')))}{rng} vs {op} {_fmt(float(val))}")
+        n_t = len(d.get("targets", {}))
+        lines.append(f"| {d['bench']}{' (quick)' if d.get('quick') else ''} | {d.get('runs', 1)} | "
+                     f"{n_t - len(missed)}/{n_t} | {'<br>'.join(missed)} |")
+    lines.append("")
+    for d in docs:
+        lines += [f"## {d['bench']}", ""]
+        if "error" in d:
+            lines += [f"Run failed: {_fmt(d['error'])}", ""]
+            continue
+        env = d.get("env", {})
+        lines += [f"{d.get('runs', 1)} run(s){' (quick)' if d.get('quick') else ''}, "
+                  f"{_fmt(d.get('wall_s', float('nan')))} s in all; commit {env.get('commit', '?')}, "
+                  f"{env.get('date', '?')}, load {env.get('load_start', ['?'])[0]} -> "
+                  f"{env.get('load_end', ['?'])[0]}", ""]
+        if d.get("rows"):
+            lines += _md_table(d["rows"])
+            if d.get("runs", 1) > 1:
+                lines += ["", f"(numeric cells: medians over {d['runs']} runs)"]
+            lines.append("")
+        mrows = []
+        for k, v in d["metrics"].items():
+            row = {"metric": k, "median": v}
+            sp = d.get("spread", {}).get(k)
+            row["min"], row["max"] = (sp[0], sp[1]) if sp else ("", "")
+            row["samples/run"] = d.get("samples", {}).get(k, "")
+            t = d.get("targets", {}).get(k)
+            row["target"] = f"{t[0]} {_fmt(float(t[1]))}" if t else ""
+            row["met"] = ("**met**" if d["met"].get(k) else "NOT met") if t else ""
+            mrows.append(row)
+        lines += _md_table(mrows) + [""]
+        for n in d.get("notes", []):
+            lines.append(f"- {n}")
+        if d.get("notes"):
+            lines.append("")
+        for p in d.get("plots", []):
+            fn = f"{d['bench']}_{p.get('name', 'plot')}.png"
+            try:
+                _draw(p, os.path.join(img_dir, fn))
+            except Exception as exc:  # noqa: BLE001 - a bad plot record must not lose the report
+                lines += [f"(plot {p.get('name')} could not be drawn: {exc})", ""]
+                continue
+            lines += [f"![{p.get('title', fn)}]({rel_img}/{fn})", ""]
+    with open(out_md, "w") as fh:
+        fh.write("\n".join(lines).rstrip() + "\n")
+    return out_md

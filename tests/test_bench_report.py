@@ -1,0 +1,82 @@
+"""bench's result files and report: aggregation over runs, target judging, discovery, markdown."""
+
+import json
+import os
+
+import pytest
+
+from bench import __main__ as bench_main
+from bench import _report
+from bench._common import Result, cdf_plot, line_plot
+
+ENV = {"commit": "abc", "dirty": False, "date": "2026-01-01 00:00 UTC", "machine": "test", "cpus": 2,
+       "python": "3", "load_start": [1.0, 1.0, 1.0]}
+
+
+def _result(x: float, plots=()) -> Result:
+    return Result(metrics={"lat_p99_ms": x, "ratio": 2 * x}, targets={"ratio": ("<=", 3.0)},
+                  table=[{"system": "reca", "ms": x}, {"system": "peer", "ms": 1.0}],
+                  samples={"lat_p99_ms": 1000}, notes=["n"], plots=list(plots))
+
+
+def test_aggregate_takes_medians_spread_and_judges_the_median():
+    doc = _report.aggregate("demo", False, [_result(1.0), _result(2.0), _result(1.4)], ENV, 3.0)
+    assert doc["runs"] == 3
+    assert doc["metrics"]["lat_p99_ms"] == 1.4
+    assert doc["spread"]["lat_p99_ms"] == [1.0, 2.0]
+    assert doc["met"] == {"ratio": True}  # median 2.8 <= 3 although one run (4.0) missed
+    assert doc["rows"][0]["ms"] == 1.4 and doc["rows"][1]["system"] == "peer"
+    assert doc["samples"] == {"lat_p99_ms": 1000}
+
+
+def test_a_missed_target_is_reported_missed():
+    doc = _report.aggregate("demo", True, [_result(5.0)], ENV, 1.0)
+    assert doc["met"] == {"ratio": False} and doc["spread"] == {}
+
+
+def test_rows_of_different_shapes_fall_back_to_the_first_run():
+    a, b = _result(1.0), _result(2.0)
+    b.table = b.table[:1]
+    assert _report.aggregate("demo", False, [a, b], ENV, 1.0)["rows"] == a.table
+
+
+def test_every_module_not_starting_with_underscore_is_a_benchmark():
+    names = bench_main.available()
+    assert {"routing", "rois", "igms", "grbfn"} <= set(names)
+    assert not any(n.startswith("_") for n in names) and "experiments" not in names
+
+
+def test_report_renders_tables_targets_plots_and_failures(tmp_path):
+    plots = [cdf_plot("cdf", "t", "ms", {"reca": [0.1 * i for i in range(1, 2000)]}),
+             line_plot("curve", "t", "x", "y", {"a": ([1, 2], [3, 4])}, logx=True)]
+    with open(tmp_path / "demo.json", "w") as fh:
+        json.dump(_report.aggregate("demo", False, [_result(1.0, plots), _result(1.2, plots), _result(1.1, plots)],
+                                    ENV, 2.0), fh)
+    with open(tmp_path / "noplots.json", "w") as fh:  # a benchmark without plots, rows or targets
+        json.dump({"bench": "noplots", "metrics": {"x": 1.0}}, fh)
+    with open(tmp_path / "broken.json", "w") as fh:
+        fh.write("{not json")
+    with open(tmp_path / "missed.json", "w") as fh:
+        json.dump(_report.aggregate("missed", True, [_result(5.0)], ENV, 1.0), fh)
+    md = _report.write_report(str(tmp_path), str(tmp_path / "out.md"))
+    text = open(md).read()
+    assert "| demo | 3 | 1/1 |  |" in text
+    assert "| ratio | 2.2 | 2 | 2.4 |  | <= 3 | **met** |" in text
+    assert "| lat_p99_ms | 1.1 | 1 | 1.2 | 1000 |" in text
+    assert "| missed (quick) | 1 | 0/1 | `ratio` 10 vs <= 3 |" in text
+    assert "## noplots" in text and "## broken" in text and "unreadable result file" in text
+    assert os.path.getsize(tmp_path / "out" / "demo_cdf.png") > 1000
+    assert os.path.getsize(tmp_path / "out" / "demo_curve.png") > 1000
+    assert "![t](out/demo_cdf.png)" in text
+
+
+def test_cdf_plot_keeps_the_tail():
+    p = cdf_plot("c", "t", "ms", {"a": list(range(10_000))}, points=50)
+    xs = p["series"][0]["x"]
+    assert len(xs) <= 50 and xs[-1] == 9999 and p["series"][0]["y"][-1] == 1.0
+
+
+def test_bench_all_rejects_unknown_names(capsys):
+    with pytest.raises(SystemExit):
+        bench_main.main(["all", "--only", "nosuchbench", "--out", "/tmp/unused"])
+    assert "unknown benchmark" in capsys.readouterr().err
