@@ -243,7 +243,7 @@ def run(quick: bool) -> Result:
         "forwards = EngineStats.decoded + prefilled during the repair: every beam hypothesis, every "
         "sample, prompt prefills of regenerations, RoI-S's suffix KV recomputation, the prefill of the "
         "chosen continuation for regenerate-from-flagged-step",
-        f"answer_over_span_tokens: the ratio RoI-S's saving is bounded by (answer length / span length)",
+        "answer_over_span_tokens: the ratio RoI-S's saving is bounded by (answer length / span length)",
         "approx mode: suffix KV reused with keys re-rotated; 4 head tokens and the last one "
         "recomputed; deviation measured against the exact splice of the same chain",
         "tokens and accuracies are deterministic (seeded); runs differ only in wall time",
