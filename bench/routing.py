@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from collections.abc import Callable
+
 import zmq
 
 from bench._common import Result, cdf_plot, line_plot, percentile
@@ -103,6 +105,23 @@ def _wait_ready(sock: zmq.Socket, frames: list[bytes], timeout: float = 20.0) ->
             _sync(sock, frames, 200)  # warm up
             return
     raise TimeoutError("peer did not come up")
+
+
+def measure_endpoint(ep: str, frames: list[bytes], n_sync: int, n_pipe: int, window: int,
+                     connect: Callable[[zmq.Context, str], zmq.Socket] = _dealer) -> dict:
+    """Sync round trips (p50/p99) then pipelined throughput with ``window`` in flight, on a fresh
+    socket from ``connect`` once the peer at ``ep`` answers (``bench auth`` uses it with CURVE)."""
+    ctx = zmq.Context()
+    s = connect(ctx, ep)
+    try:
+        _wait_ready(s, frames)
+        lat = _sync(s, frames, n_sync)
+        rate = n_pipe / _pipelined(s, frames, n_pipe, window)
+        return {"p50_ms": percentile(lat, 50) * 1e3, "p99_ms": percentile(lat, 99) * 1e3,
+                "pipelined_per_s": rate, "_lat": lat}
+    finally:
+        s.close(0)
+        ctx.term()
 
 
 RECA_FRAMES = [P.MDPC, P.ClientCmd.REQUEST.value, b"echo", codec.pack({"v": 1, "id": 1}), BODY]
