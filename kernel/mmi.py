@@ -189,6 +189,12 @@ class Management:
                 and self.budget.ledger.jobs_of(caller.principal.name) >= P.MAX_JOBS_PER_PRINCIPAL:
             return errors.Refused(f"{P.MMI_JOB_OPEN}: {caller.principal.name} has {P.MAX_JOBS_PER_PRINCIPAL} "
                                   "open jobs, the most a principal may own; close some first")
+        if parent in (None, ROOT) and not caller.principal.operator:
+            # A non-operator's top-level jobs are carved from its own default job, so all it holds
+            # is bounded by [limits] default: no client can take root's budget from the others.
+            parent, refusal = self.budget.resolve_job(caller.principal, None, now)
+            if refusal is not None:
+                return refusal
         return self._decide(router, "open", now, job=arg.get("job"), parent=parent,
                             limits=arg.get("budget") or arg.get("limits"), priority=arg["priority"],
                             owner=caller.principal.name)
@@ -199,6 +205,9 @@ class Management:
         job = arg.get("job")
         if not self._may_act(router, caller, job):
             return self._not_yours(router, caller, P.MMI_JOB_CLOSE, arg, now, job)
+        if isinstance(job, str) and is_default_job(job) and not caller.principal.operator:
+            # closing and re-opening one's default job would refill it: only an operator may
+            return errors.Refused(f"{P.MMI_JOB_CLOSE}: a default job is closed only by an operator")
         return self._decide(router, "close", now, job=job)
 
     def op_job_stats(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:

@@ -153,7 +153,7 @@ def test_a_client_cannot_grow_the_ledger_without_bound(kern, monkeypatch):
         assert call(router, BOB, P.MMI_JOB_OPEN, {"job": f"b{i}"})["ok"]
         assert call(router, BOB, P.MMI_JOB_CLOSE, {"job": f"b{i}"})["ok"]
     assert not any(name.startswith("b") for name in adm.ledger.jobs)
-    monkeypatch.setattr(P, "MAX_JOBS_PER_PRINCIPAL", 5)
+    monkeypatch.setattr(P, "MAX_JOBS_PER_PRINCIPAL", 6)  # default:bob (its top-level jobs' parent) + 5
     for i in range(5):
         assert call(router, BOB, P.MMI_JOB_OPEN, {"job": f"b{i}"})["ok"]
     out = call(router, BOB, P.MMI_JOB_OPEN, {"job": "b5"})
@@ -217,3 +217,26 @@ def test_a_worker_cannot_grow_the_ledger_with_made_up_kinds(kern):
     assert total["tokens"] == 7 and len(total) <= P.MAX_KINDS
     call(router, OP, P.MMI_STATS, {})  # flushes the log
     assert os.path.getsize(log.path) < 64 * 1024
+
+
+def test_no_client_takes_roots_budget_from_the_others(kern):
+    """Bob opened a top-level job asking for all of root's remainder (or left its limits open and
+    drew on root directly): every other client's default job could then no longer be carved, and
+    all they sent was answered budget_exceeded.  A non-operator's top-level jobs are now carved
+    from its own default job, and it may not close that job to refill it."""
+    from tests.test_kernel_enforce import LIMITS, replays
+
+    router, wire, adm, log = kern
+    greedy = {k: v * 10 for k, v in LIMITS.items()}  # all of root
+    out = call(router, BOB, P.MMI_JOB_OPEN, {"job": "all", "budget": greedy})
+    assert out.code == P.ErrorCode.BUDGET_EXCEEDED  # does not fit in bob's default job
+    assert call(router, BOB, P.MMI_JOB_OPEN, {"job": "open-ended"})["ok"]
+    assert call(router, BOB, P.MMI_JOB_OPEN, {"job": "explicit-root", "parent": "root"})["ok"]
+    jobs = adm.ledger.snapshot(0.0)
+    assert jobs["open-ended"]["parent"] == jobs["explicit-root"]["parent"] == "default:bob"
+    assert call(router, BOB, P.MMI_JOB_CLOSE, {"job": "default:bob"}).code == P.ErrorCode.REFUSED
+    request(router, ALICE, b"A")  # alice's default job is still carved from root
+    assert error_of(wire, b"A") is None and any(r.job == "default:alice" for r in router.inflight.values())
+    assert call(router, OP, P.MMI_JOB_OPEN, {"job": "ops", "budget": {"flops": 1}})["ok"]
+    assert adm.ledger.snapshot(0.0)["ops"]["parent"] == "root"  # operators still carve from root
+    assert replays(log)

@@ -263,12 +263,13 @@ def test_root_and_default_are_finite(sec):
 
 
 def test_worker_charges_are_bounded_by_the_grant(sec):
-    with as_(sec, "alice") as alice:
-        alice.open_job("a-grant", {"tokens": 1000})
+    # bob, not alice: the test above exhausted alice's default job, which her new jobs are carved from
+    with as_(sec, "bob") as bob:
+        bob.open_job("b-grant", {"tokens": 1000})
         with pytest.raises(errors.BudgetExceeded):
-            alice.call("echo", {"charge": {"tokens": 1e6}}, job="a-grant", budget={"tokens": 100})
-        assert alice.call(P.MMI_JOB_STATS, {"job": "a-grant"})["spent"]["tokens"] == 100
-        alice.close_job("a-grant")
+            bob.call("echo", {"charge": {"tokens": 1e6}}, job="b-grant", budget={"tokens": 100})
+        assert bob.call(P.MMI_JOB_STATS, {"job": "b-grant"})["spent"]["tokens"] == 100
+        bob.close_job("b-grant")
 
 
 # -- "any peer can send READY for an existing service"; "mmi.audit accepts any source" ------------
