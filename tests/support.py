@@ -7,11 +7,15 @@ Every wait is bounded (the launcher's start and stop bounds).
 from __future__ import annotations
 
 import signal
-from typing import Iterable
+from typing import Any, Iterable
 
+import pytest
+import zmq
+
+from clients import Client
 from clients.launch import REPO, LocalKernel, kernel_config, service_block, short_tmpdir
 
-__all__ = ["REPO", "KernelProcess", "service_block", "short_tmpdir"]
+__all__ = ["REPO", "KernelProcess", "client_fixture", "kernel_fixture", "service_block", "short_tmpdir"]
 
 
 class KernelProcess(LocalKernel):
@@ -40,3 +44,33 @@ class KernelProcess(LocalKernel):
         assert rc != -signal.SIGKILL or sig == signal.SIGKILL, "kernel did not stop within the shutdown bound"
         assert not alive, f"processes left behind: {[p.pid for p in alive]}"
         return rc
+
+
+def kernel_fixture(services: str, **kwargs: Any) -> Any:
+    """A module-scoped ``kern`` fixture: one :class:`KernelProcess` on ``services`` (keyword
+    arguments as :class:`KernelProcess`), stopped and checked after the module."""
+
+    @pytest.fixture(scope="module")
+    def kern():
+        k = KernelProcess(services, **kwargs)
+        try:
+            yield k
+        finally:
+            k.stop()
+
+    return kern
+
+
+def client_fixture(*wait_for: str, timeout: float = 60.0, wait_s: float = 30.0) -> Any:
+    """A ``client`` fixture: a :class:`clients.Client` of ``kern`` (no retries, bounded by
+    ``timeout``) once each service in ``wait_for`` has a worker (bounded by ``wait_s``)."""
+
+    @pytest.fixture
+    def client(kern):
+        c = Client(kern.endpoint, timeout=timeout, retries=0, context=zmq.Context.instance())
+        for name in wait_for:
+            c.wait_for_service(name, wait_s)
+        yield c
+        c.close()
+
+    return client

@@ -14,12 +14,11 @@ import os
 import signal
 
 import pytest
-import zmq
 
 from clients import Client
 from kernel import errors
 from kernel import protocol as P
-from tests.support import KernelProcess, service_block
+from tests.support import service_block, client_fixture, kernel_fixture
 
 pytestmark = pytest.mark.system
 
@@ -28,22 +27,9 @@ CONFIG = {"model": {"d_model": 32, "n_seq": 16, "n_layers": 3, "n_heads": 4, "n_
 BASE = {"config": CONFIG, "corpus_limit_bytes": 60_000}
 
 
-@pytest.fixture(scope="module")
-def kern():
-    # a training step holds a core: a roomier liveness window than the echo tests on a loaded machine
-    k = KernelProcess(service_block("bktrain", "services.bktrain"), heartbeat=0.5, liveness=6)
-    try:
-        yield k
-    finally:
-        k.stop()
-
-
-@pytest.fixture
-def client(kern):
-    c = Client(kern.endpoint, timeout=60, retries=0, context=zmq.Context.instance())
-    c.wait_for_service("bktrain", 30)
-    yield c
-    c.close()
+# a training step holds a core: a roomier liveness window than the echo tests on a loaded machine
+kern = kernel_fixture(service_block("bktrain", "services.bktrain"), heartbeat=0.5, liveness=6)
+client = client_fixture("bktrain")
 
 
 @pytest.fixture(scope="module")

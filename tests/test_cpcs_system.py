@@ -11,35 +11,19 @@ import os
 import signal
 
 import pytest
-import zmq
 
-from clients import Client
 from kernel import errors
 from services.cpcs import gantt
-from tests.support import KernelProcess, service_block
+from tests.support import service_block, client_fixture, kernel_fixture
 
 pytestmark = pytest.mark.system
 
 WAIT_S = 30.0
 
 
-@pytest.fixture(scope="module")
-def kern():
-    k = KernelProcess(service_block("work", "services.cpcs.work", replicas=2) + service_block("cpcs", "services.cpcs"),
+kern = kernel_fixture(service_block("work", "services.cpcs.work", replicas=2) + service_block("cpcs", "services.cpcs"),
                       heartbeat=0.2, liveness=10)  # a 2 s window: this shared machine stalls processes
-    try:
-        yield k
-    finally:
-        k.stop()
-
-
-@pytest.fixture
-def client(kern):
-    c = Client(kern.endpoint, timeout=WAIT_S, retries=0, context=zmq.Context.instance())
-    for name in ("cpcs", "work@0", "work@1"):
-        c.wait_for_service(name, WAIT_S)
-    yield c
-    c.close()
+client = client_fixture("cpcs", "work@0", "work@1", timeout=WAIT_S, wait_s=WAIT_S)
 
 
 def W(tid, ms, deps=(), eta=None, **kw):

@@ -7,32 +7,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import zmq
 
-from clients import Client
 from kernel import errors
-from tests.support import KernelProcess, service_block
+from tests.support import service_block, client_fixture, kernel_fixture
 
 pytestmark = pytest.mark.system
 
 START = {"cells": 6, "dt_factor": 1.9, "order": 1}
 
 
-@pytest.fixture(scope="module")
-def kern():
-    k = KernelProcess(service_block("css", "services.css"), heartbeat=0.2, liveness=5)
-    try:
-        yield k
-    finally:
-        k.stop()
-
-
-@pytest.fixture
-def client(kern):
-    c = Client(kern.endpoint, timeout=60, retries=0, context=zmq.Context.instance())
-    c.wait_for_service("css", 30)
-    yield c
-    c.close()
+kern = kernel_fixture(service_block("css", "services.css"), heartbeat=0.2, liveness=5)
+client = client_fixture("css")
 
 
 def spent(c, job):

@@ -23,26 +23,13 @@ import zmq
 from clients import Client
 from kernel import errors
 from kernel import protocol as P
-from tests.support import REPO, KernelProcess, service_block
+from tests.support import REPO, KernelProcess, service_block, client_fixture, kernel_fixture
 
 pytestmark = pytest.mark.system
 
 
-@pytest.fixture(scope="module")
-def kern():
-    k = KernelProcess(service_block("echo", "services.echo", replicas=2), heartbeat=0.2, liveness=3)
-    try:
-        yield k
-    finally:
-        k.stop()
-
-
-@pytest.fixture
-def client(kern):
-    c = Client(kern.endpoint, timeout=10, retries=0, context=zmq.Context.instance())
-    c.wait_for_service("echo", 20)
-    yield c
-    c.close()
+kern = kernel_fixture(service_block("echo", "services.echo", replicas=2), heartbeat=0.2, liveness=3)
+client = client_fixture("echo", timeout=10, wait_s=20)
 
 
 def echo_pids(c: Client) -> dict[str, int]:

@@ -11,7 +11,6 @@ that gains nothing and approving (and running) one that gains.
 from __future__ import annotations
 
 import pytest
-import zmq
 
 from clients import Client
 from kernel import errors
@@ -21,30 +20,16 @@ from services.sim.logic import RunState, parse_order, parse_run, report_to_wire
 from services.sim.service import SimService
 from sims import cases
 from sims.igms import IGMSController, LocalGate, Refine, SetDtFactor, run_controlled
-from tests.support import KernelProcess, service_block
+from tests.support import service_block, client_fixture, kernel_fixture
 
 pytestmark = pytest.mark.system
 
 DAM = {"case": "radial_dam_break", "blocks": 4, "cells": 8, "t_end": 0.5}
 
 
-@pytest.fixture(scope="module")
-def kern():
-    k = KernelProcess(service_block("sim", "services.sim") + service_block("igms", "services.igms")
+kern = kernel_fixture(service_block("sim", "services.sim") + service_block("igms", "services.igms")
                       + service_block("cswif", "services.cswif"), heartbeat=0.2, liveness=3)
-    try:
-        yield k
-    finally:
-        k.stop()
-
-
-@pytest.fixture
-def client(kern):
-    c = Client(kern.endpoint, timeout=30, retries=0, context=zmq.Context.instance())
-    for name in ("sim", "igms", "cswif"):
-        c.wait_for_service(name, 20)
-    yield c
-    c.close()
+client = client_fixture("sim", "igms", "cswif", timeout=30, wait_s=20)
 
 
 def child_pids(c: Client) -> dict[str, int]:
