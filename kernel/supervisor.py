@@ -371,7 +371,7 @@ class Supervisor:
         child.restarts += 1
         child.state = ChildState.BACKOFF
         log.warning("%s restarted by an operator (mmi.restart)", name)
-        asyncio.ensure_future(self._spawn(child))
+        self._own(self._spawn(child))
         return child.restarts
 
     def suspend(self, name: str) -> int:

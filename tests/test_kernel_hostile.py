@@ -268,6 +268,7 @@ def test_mmi_restart_brings_back_a_given_up_child(tmp_path):
             deadline = time.monotonic() + 20
             while state()["state"] != "running" and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert state()["state"] == "running" and psutil.pid_exists(state()["pid"])
+            now = state()
+            assert now["state"] == "running" and psutil.pid_exists(now["pid"]), now
             with pytest.raises(errors.Refused):
                 c.mmi(P.MMI_RESTART, {"child": "crash"})  # running: nothing to bring back
