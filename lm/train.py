@@ -28,6 +28,26 @@ TRAIN_SEED = 1234
 LAZY_FRACTION = 0.15
 
 
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
+               vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on next-token cross-entropy (targets -100 are ignored), gradients
+    clipped to norm 1; returns (loss, logits)."""
+    logits = model(inputs)
+    loss = F.cross_entropy(logits.reshape(-1, vocab_size), targets.reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss, logits
+
+
+def token_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Greedy next-token accuracy over the positions with a target (not -100)."""
+    with torch.no_grad():
+        valid = targets != -100
+        return (logits.argmax(-1)[valid] == targets[valid]).float().mean().item()
+
 def sample_example(rng: random.Random) -> tuple[list[int], int]:
     """Token ids of one training chain (BOS..EOS) and the index where the answer starts."""
     items = chains.random_items(rng, rng.randint(1, chains.MAX_ITEMS))
@@ -102,17 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr
         inputs, targets = make_batch(rng, args.batch)
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss, logits = train_step(model, opt, inputs, targets, cfg.vocab_size)
         step += 1
         if step % 100 == 0 or step == 1:
-            with torch.no_grad():
-                valid = targets != -100
-                acc = (logits.argmax(-1)[valid] == targets[valid]).float().mean().item()
+            acc = token_accuracy(logits, targets)
             print(
                 f"step {step:5d}  loss {loss.item():.4f}  tok_acc {acc:.4f}  lr {lr:.2e}  "
                 f"elapsed {time.monotonic() - t0:6.1f}s",

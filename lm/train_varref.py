@@ -21,10 +21,10 @@ import random
 import time
 
 import torch
-import torch.nn.functional as F
 
 from lm import varref
 from lm.longmodel import DEFAULT_WEIGHTS, LongConfig, LongLM, save
+from lm.train import token_accuracy, train_step
 
 MAX_TRAIN_LEN = 1024
 QUERIES = 16
@@ -85,17 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             g["lr"] = lr
         top = 256 if progress < args.short_frac else args.max_len - QUERIES * 4
         inputs, targets = make_batch(rng, args.batch, rng.randint(96, top))
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss, logits = train_step(model, opt, inputs, targets, cfg.vocab_size)
         step += 1
         if step % 50 == 0 or step == 1:
-            with torch.no_grad():
-                ok = targets != -100
-                acc = (logits.argmax(-1)[ok] == targets[ok]).float().mean().item()
+            acc = token_accuracy(logits, targets)
             print(f"step {step:5d} len {inputs.shape[1]:5d} loss {loss.item():.4f} tok_acc {acc:.3f} "
                   f"lr {lr:.2e} {time.monotonic() - t0:6.1f}s", flush=True)
     elapsed = time.monotonic() - t0
