@@ -1,0 +1,932 @@
+"""Budgets the operating system enforces: one :class:`Enforcer` over three backends.
+
+An enforcer owns a subtree of *groups*, one per supervised service (and one per helper process a
+service starts: ttc's tool runs, scch's capped parser), and offers the hard controls that do not
+depend on a worker's cooperation:
+
+========================  ======================================  ======================================  ============================
+operation                 cgroup v2 (delegated subtree)           cgroup v1 (controllers mounted rw)      signals + rlimits
+========================  ======================================  ======================================  ============================
+place a process           ``cgroup.procs`` (children follow)      ``cgroup.procs`` of each hierarchy     remember the pid (tree by
+                                                                                                          ``psutil`` descendants)
+freeze / thaw             ``cgroup.freeze`` + ``cgroup.events``   ``freezer.state`` FROZEN / THAWED       SIGSTOP / SIGCONT each
+                          (the whole subtree, atomically)         (the whole subtree, atomically)         process of the tree
+kill                      ``cgroup.kill`` (else freeze, SIGKILL   freeze, SIGKILL every task, thaw        SIGKILL each process
+                          every task, thaw)
+CPU used (what to bill)   ``cpu.stat`` ``usage_usec``             ``cpuacct.usage`` (ns)                  ``psutil`` user + system of
+                                                                                                          the tree (+ reaped children)
+memory ceiling            ``memory.max``                          ``memory.limit_in_bytes`` (+ memsw)     ``RLIMIT_AS`` (prlimit)
+cpu weight                ``cpu.weight`` (1..10000)               ``cpu.shares`` = weight * 1024 / 100    nice value
+fork bomb ceiling         ``pids.max``                            ``pids.max``                            ``RLIMIT_NPROC`` (per user;
+                                                                                                          root ignores it)
+========================  ======================================  ======================================  ============================
+
+The backend is chosen once, at start (:func:`open_enforcer`): ``auto`` takes cgroup v2 where this
+process sits in a delegated subtree with the ``cpu``, ``memory`` and ``pids`` controllers, else
+cgroup v1 where the ``freezer``, ``cpuacct``, ``cpu``, ``memory`` and ``pids`` hierarchies are
+mounted writable, else signals and rlimits -- and logs a warning that names why each stronger
+backend was not taken (never silently unenforced).  A configuration that names a backend which is
+not available gets :class:`EnforcerUnavailable` with the reason: the kernel refuses to start.
+
+Layout (every backend): ``<base>/reca-<kernel pid>/`` is the subtree, created under the kernel's
+*own* group in each hierarchy (so limits set above the kernel still hold), with the kernel in
+``kernel`` at a higher cpu weight than its services, each service in ``<service>/main`` and its
+helpers in ``<service>/<helper>`` -- leaves only, which cgroup v2 requires ("no internal
+processes"); freeze, kill, CPU and memory of ``<service>`` cover the service and every helper.
+Groups left by a kernel that died (its pid gone) are removed at the next start.
+
+Delegation (cgroup v2 for a non-root kernel): run the kernel in a unit whose subtree it owns --
+``systemd-run --user --scope -p Delegate=yes python -m kernel`` for a user session, or
+``Delegate=yes`` in a system unit -- so that its cgroup's ``cgroup.controllers`` lists ``cpu
+memory pids`` and the directory is writable by the kernel's user.  Without delegation, writes
+fail with EACCES and ``auto`` falls back (and says so).
+
+A process in a service's group joins a helper group of its own with :func:`join_group` (the
+supervisor passes the service's group in :data:`ENV_GROUP`).  Every operation here is a few small
+file writes; freeze polls until the kernel reports the group frozen, bounded by ``timeout``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import errno
+import json
+import logging
+import math
+import os
+import re
+import resource
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger("reca.enforce")
+
+#: The backends, strongest first.
+CGROUP2, CGROUP1, SIGNALS = "cgroup2", "cgroup1", "signals"
+BACKENDS = (CGROUP2, CGROUP1, SIGNALS)
+#: Where the cgroup hierarchies are mounted (overridable for tests with a fake tree).
+CGROUP_ROOT = "/sys/fs/cgroup"
+#: The v1 hierarchies the v1 backend needs, each mounted as its own hierarchy.
+V1_CONTROLLERS = ("freezer", "cpuacct", "cpu", "memory", "pids")
+#: The v2 controllers the v2 backend needs enabled in its delegated subtree.
+V2_CONTROLLERS = ("cpu", "memory", "pids")
+#: The default (v2) cpu weight of a group and the kernel's own weight (10x: it stays timely when
+#: the services it supervises saturate the machine).
+DEFAULT_WEIGHT = 100
+KERNEL_WEIGHT = 1000
+#: Longest a freeze waits for the kernel to report the group frozen, seconds.
+FREEZE_TIMEOUT = 1.0
+#: Environment variable through which a child learns its service's group (JSON).
+ENV_GROUP = "RECA_ENFORCE_GROUP"
+#: A group name: one path segment, no dots-only names.
+_SEGMENT = re.compile(r"[A-Za-z0-9_@#+=-][A-Za-z0-9_.@#+=-]{0,79}")
+
+
+class EnforcerError(RuntimeError):
+    """An enforcement operation failed (the message names the group and the file)."""
+
+
+class EnforcerUnavailable(EnforcerError):
+    """The backend asked for cannot be used here; ``reason`` says why."""
+
+    def __init__(self, backend: str, reason: str) -> None:
+        super().__init__(f"enforcer backend {backend!r} is not available: {reason}")
+        self.backend = backend
+        self.reason = reason
+
+
+class FreezeTimeout(EnforcerError):
+    """The group did not report frozen within the bound."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Ceilings of a group; ``None`` leaves a ceiling as it is.  ``cpu_weight`` is on the v2
+    scale (1..10000, default 100)."""
+
+    mem_bytes: int | None = None
+    cpu_weight: int | None = None
+    pids_max: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mem_bytes is not None and (not isinstance(self.mem_bytes, int) or self.mem_bytes < 1 << 20):
+            raise ValueError(f"mem_bytes must be an integer >= 1 MiB, got {self.mem_bytes!r}")
+        if self.cpu_weight is not None and not (isinstance(self.cpu_weight, int) and 1 <= self.cpu_weight <= 10000):
+            raise ValueError(f"cpu_weight must be an integer in [1, 10000], got {self.cpu_weight!r}")
+        if self.pids_max is not None and not (isinstance(self.pids_max, int) and self.pids_max >= 1):
+            raise ValueError(f"pids_max must be a positive integer, got {self.pids_max!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryStat:
+    usage: int | None  # bytes now
+    peak: int | None  # most bytes used (None where the backend does not record it)
+    limit: int | None  # the ceiling (None: none)
+    oom_kills: int | None  # processes killed at the ceiling (None: not recorded)
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _SEGMENT.fullmatch(name) or set(name) == {"."}:
+        raise ValueError(f"bad group name {name!r}: one segment of [A-Za-z0-9_.@#+=-], at most 80 characters")
+    return name
+
+
+def weight_to_shares(weight: int) -> int:
+    """v2 ``cpu.weight`` (default 100) -> v1 ``cpu.shares`` (default 1024)."""
+    return max(2, min(262144, round(weight * 1024 / 100)))
+
+
+def weight_to_nice(weight: int) -> int:
+    """v2 weight -> nice value: each nice step is a factor of 1.25 of CPU share (CFS)."""
+    return max(-20, min(19, -round(math.log(weight / DEFAULT_WEIGHT) / math.log(1.25))))
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise EnforcerError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        with open(path, "w") as fh:
+            fh.write(value)
+    except OSError as exc:
+        raise EnforcerError(f"cannot write {value!r} to {path}: {exc.strerror}") from exc
+
+
+def _keyed(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[key] = int(value)
+    return out
+
+
+def _rmtree_groups(path: Path) -> None:
+    """rmdir a group and its subgroups, deepest first (cgroup dirs hold only kernel files)."""
+    if not path.is_dir():
+        return
+    for sub in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
+        _rmtree_groups(sub)
+    with contextlib.suppress(FileNotFoundError):
+        path.rmdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- groups ---------------------------------------------------------------------------------------
+
+
+class Group(abc.ABC):
+    """One group of processes.  Operations on a group cover its subgroups too."""
+
+    backend: str = ""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abc.abstractmethod
+    def sub(self, name: str, limits: Limits | None = None) -> "Group":
+        """The subgroup ``name`` (created if missing), with ``limits`` applied."""
+
+    @abc.abstractmethod
+    def place(self, pid: int) -> None:
+        """Move process ``pid`` into this group; processes it starts later follow it."""
+
+    @abc.abstractmethod
+    def pids(self) -> list[int]:
+        """Every live process in the group and its subgroups."""
+
+    @abc.abstractmethod
+    def freeze(self, timeout: float = FREEZE_TIMEOUT) -> float:
+        """Stop every process of the group; returns the seconds until the OS reported it stopped.
+        Raises :class:`FreezeTimeout` past ``timeout``."""
+
+    @abc.abstractmethod
+    def thaw(self) -> None:
+        """Let the group's processes run again."""
+
+    @abc.abstractmethod
+    def frozen(self) -> bool: ...
+
+    def kill(self) -> int:
+        """SIGKILL every process of the group (frozen first, so none forks away); returns how many."""
+        with contextlib.suppress(EnforcerError):
+            self.freeze()
+        victims = self.pids()
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.thaw()  # frozen tasks die only once thawed
+        return len(victims)
+
+    @abc.abstractmethod
+    def cpu_seconds(self) -> float:
+        """CPU time the group's processes used, as the OS measured it, seconds."""
+
+    @abc.abstractmethod
+    def memory(self) -> MemoryStat: ...
+
+    @abc.abstractmethod
+    def set_limits(self, limits: Limits) -> None: ...
+
+    @abc.abstractmethod
+    def remove(self) -> None:
+        """Kill what is left in the group and remove it (and its subgroups)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "backend": self.backend}
+
+    def handle(self) -> str:
+        """What a child needs to find this group again (:func:`join_group`), as JSON."""
+        return json.dumps({"backend": self.backend, **self._handle()})
+
+    @abc.abstractmethod
+    def _handle(self) -> dict[str, Any]: ...
+
+
+class CgroupV1Group(Group):
+    """A group in each v1 hierarchy (``dirs``: controller -> directory)."""
+
+    backend = CGROUP1
+
+    def __init__(self, name: str, dirs: dict[str, Path]) -> None:
+        super().__init__(name)
+        self.dirs = dirs
+
+    def _handle(self) -> dict[str, Any]:
+        return {"dirs": {k: str(v) for k, v in self.dirs.items()}}
+
+    def sub(self, name: str, limits: Limits | None = None) -> "CgroupV1Group":
+        _check_name(name)
+        dirs = {c: d / name for c, d in self.dirs.items()}
+        for d in dirs.values():
+            try:
+                d.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise EnforcerError(f"cannot create group {d}: {exc.strerror}") from exc
+        if "cpuset" in dirs:  # a new cpuset group is empty until it inherits cpus and mems
+            for key in ("cpuset.cpus", "cpuset.mems"):
+                _write(dirs["cpuset"] / key, _read(self.dirs["cpuset"] / key).strip() or "0")
+        group = CgroupV1Group(f"{self.name}/{name}", dirs)
+        if limits is not None:
+            group.set_limits(limits)
+        return group
+
+    def place(self, pid: int) -> None:
+        for d in self.dirs.values():
+            try:
+                _write(d / "cgroup.procs", str(pid))
+            except EnforcerError:
+                if not _alive(pid):
+                    raise ProcessLookupError(pid) from None
+                raise
+
+    def pids(self) -> list[int]:
+        out: set[int] = set()
+        for path in self.dirs["freezer"].rglob("cgroup.procs"):
+            with contextlib.suppress(OSError):
+                out.update(int(p) for p in path.read_text().split())
+        return sorted(out)
+
+    def freeze(self, timeout: float = FREEZE_TIMEOUT) -> float:
+        state = self.dirs["freezer"] / "freezer.state"
+        t0 = time.perf_counter()
+        _write(state, "FROZEN")
+        return _wait_until(lambda: _read(state).strip() == "FROZEN", t0, timeout, self.name)
+
+    def thaw(self) -> None:
+        _write(self.dirs["freezer"] / "freezer.state", "THAWED")
+
+    def frozen(self) -> bool:
+        return _read(self.dirs["freezer"] / "freezer.state").strip() != "THAWED"
+
+    def cpu_seconds(self) -> float:
+        return int(_read(self.dirs["cpuacct"] / "cpuacct.usage")) / 1e9
+
+    def memory(self) -> MemoryStat:
+        m = self.dirs["memory"]
+        limit = int(_read(m / "memory.limit_in_bytes"))
+        # v1 counts a kill in the group the task was in (a subgroup), so the subtree is summed
+        oom = sum(_keyed(_read(f)).get("oom_kill", 0) for f in m.rglob("memory.oom_control"))
+        return MemoryStat(
+            int(_read(m / "memory.usage_in_bytes")),
+            int(_read(m / "memory.max_usage_in_bytes")),
+            None if limit >= 1 << 62 else limit,
+            oom,
+        )
+
+    def set_limits(self, limits: Limits) -> None:
+        if limits.mem_bytes is not None:
+            m = self.dirs["memory"]
+            memsw = m / "memory.memsw.limit_in_bytes"
+            value = str(limits.mem_bytes)
+            # memsw >= limit at every moment: raise memsw first when raising, last when lowering.
+            current = int(_read(m / "memory.limit_in_bytes"))
+            order = (
+                [memsw, m / "memory.limit_in_bytes"]
+                if limits.mem_bytes > current
+                else [m / "memory.limit_in_bytes", memsw]
+            )
+            for path in order:
+                if path.exists():
+                    _write(path, value)
+        if limits.cpu_weight is not None:
+            _write(self.dirs["cpu"] / "cpu.shares", str(weight_to_shares(limits.cpu_weight)))
+        if limits.pids_max is not None:
+            _write(self.dirs["pids"] / "pids.max", str(limits.pids_max))
+
+    def remove(self) -> None:
+        if self.pids():
+            self.kill()
+            _wait_empty(self)
+        for d in self.dirs.values():
+            _rmtree_groups(d)
+
+
+class CgroupV2Group(Group):
+    """A group of the unified hierarchy.  ``controllers``: those enabled for this group (memory,
+    cpu weight and pids.max need theirs; freeze, kill and ``cpu.stat`` are core files)."""
+
+    backend = CGROUP2
+
+    def __init__(self, name: str, path: Path, controllers: frozenset[str]) -> None:
+        super().__init__(name)
+        self.path = path
+        self.controllers = controllers
+
+    def _handle(self) -> dict[str, Any]:
+        return {"path": str(self.path), "controllers": sorted(self.controllers)}
+
+    def sub(self, name: str, limits: Limits | None = None) -> "CgroupV2Group":
+        _check_name(name)
+        path = self.path / name
+        # A child group gets controllers only once the parent enables them for its children; a
+        # parent that holds processes cannot (no internal processes), hence the leaf layout.
+        if self.controllers:
+            have = set(_read(self.path / "cgroup.subtree_control").split())
+            want = [c for c in sorted(self.controllers) if c not in have]
+            if want:
+                _write(self.path / "cgroup.subtree_control", " ".join(f"+{c}" for c in want))
+        try:
+            path.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise EnforcerError(f"cannot create group {path}: {exc.strerror}") from exc
+        group = CgroupV2Group(f"{self.name}/{name}", path, self.controllers)
+        if limits is not None:
+            group.set_limits(limits)
+        return group
+
+    def place(self, pid: int) -> None:
+        try:
+            _write(self.path / "cgroup.procs", str(pid))
+        except EnforcerError:
+            if not _alive(pid):
+                raise ProcessLookupError(pid) from None
+            raise
+
+    def pids(self) -> list[int]:
+        out: set[int] = set()
+        for path in self.path.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError):
+                out.update(int(p) for p in path.read_text().split())
+        return sorted(out)
+
+    def freeze(self, timeout: float = FREEZE_TIMEOUT) -> float:
+        t0 = time.perf_counter()
+        _write(self.path / "cgroup.freeze", "1")
+        return _wait_until(self.frozen, t0, timeout, self.name)
+
+    def thaw(self) -> None:
+        _write(self.path / "cgroup.freeze", "0")
+
+    def frozen(self) -> bool:
+        return _keyed(_read(self.path / "cgroup.events")).get("frozen") == 1
+
+    def kill(self) -> int:
+        kill_file = self.path / "cgroup.kill"
+        if not kill_file.exists():  # Linux < 5.14
+            return super().kill()
+        victims = self.pids()
+        _write(kill_file, "1")
+        return len(victims)
+
+    def cpu_seconds(self) -> float:
+        return _keyed(_read(self.path / "cpu.stat")).get("usage_usec", 0) / 1e6
+
+    def memory(self) -> MemoryStat:
+        if "memory" not in self.controllers:
+            return MemoryStat(None, None, None, None)
+        p = self.path
+        limit = _read(p / "memory.max").strip()
+        peak = p / "memory.peak"
+        return MemoryStat(
+            int(_read(p / "memory.current")),
+            int(_read(peak)) if peak.exists() else None,
+            None if limit == "max" else int(limit),
+            _keyed(_read(p / "memory.events")).get("oom_kill"),
+        )
+
+    def set_limits(self, limits: Limits) -> None:
+        needs = {"memory": limits.mem_bytes, "cpu": limits.cpu_weight, "pids": limits.pids_max}
+        missing = [c for c, v in needs.items() if v is not None and c not in self.controllers]
+        if missing:
+            raise EnforcerError(f"group {self.name}: controller(s) {missing} not enabled in this subtree")
+        if limits.mem_bytes is not None:
+            _write(self.path / "memory.max", str(limits.mem_bytes))
+            swap = self.path / "memory.swap.max"
+            if swap.exists():
+                _write(swap, "0")
+        if limits.cpu_weight is not None:
+            _write(self.path / "cpu.weight", str(limits.cpu_weight))
+        if limits.pids_max is not None:
+            _write(self.path / "pids.max", str(limits.pids_max))
+
+    def remove(self) -> None:
+        if self.pids():
+            self.kill()
+            _wait_empty(self)
+        _rmtree_groups(self.path)
+
+
+class SignalGroup(Group):
+    """The fallback: a set of process trees this process knows by pid.  Freezing is per process
+    (SIGSTOP to each, children found through ``psutil``), so a process forked while the tree is
+    being stopped can escape; memory is ``RLIMIT_AS`` per process (allocation fails with
+    ``MemoryError``), CPU is sampled (a process that exited is counted with its last sample, or
+    in its parent's reaped-children times)."""
+
+    backend = SIGNALS
+
+    def __init__(self, name: str, parent: "SignalGroup | None" = None) -> None:
+        super().__init__(name)
+        self.parent = parent
+        self.roots: set[int] = set()
+        self.children: dict[str, SignalGroup] = {}
+        self.limits = Limits()
+        self._cpu_seen: dict[int, float] = {}  # pid -> last CPU sample (of processes seen here)
+        self._frozen = False
+
+    def _handle(self) -> dict[str, Any]:
+        return {"limits": dataclasses.asdict(self.limits)}
+
+    def sub(self, name: str, limits: Limits | None = None) -> "SignalGroup":
+        _check_name(name)
+        group = self.children.get(name)
+        if group is None:
+            group = self.children[name] = SignalGroup(f"{self.name}/{name}", self)
+        if limits is not None:
+            group.set_limits(limits)
+        return group
+
+    def _own_processes(self) -> list[psutil.Process]:
+        out: dict[int, psutil.Process] = {}
+        for pid in list(self.roots):
+            try:
+                root = psutil.Process(pid)
+                if root.status() == psutil.STATUS_ZOMBIE:
+                    raise psutil.NoSuchProcess(pid)
+                out[pid] = root
+                for child in root.children(recursive=True):
+                    out.setdefault(child.pid, child)
+            except psutil.Error:
+                self.roots.discard(pid)
+        return list(out.values())
+
+    def _processes(self) -> list[psutil.Process]:
+        procs = self._own_processes()
+        for child in self.children.values():
+            procs.extend(child._processes())
+        return procs
+
+    def place(self, pid: int) -> None:
+        if not _alive(pid):
+            raise ProcessLookupError(pid)
+        for group in self._root()._walk():
+            group.roots.discard(pid)
+        self.roots.add(pid)
+        self._apply(pid)
+
+    def _root(self) -> "SignalGroup":
+        group = self
+        while group.parent is not None:
+            group = group.parent
+        return group
+
+    def _walk(self) -> Iterator["SignalGroup"]:
+        yield self
+        for child in self.children.values():
+            yield from child._walk()
+
+    def _effective(self) -> Limits:
+        mem = weight = pids = None
+        group: SignalGroup | None = self
+        while group is not None:  # the tightest ceiling on the way up
+            lim = group.limits
+            if lim.mem_bytes is not None:
+                mem = lim.mem_bytes if mem is None else min(mem, lim.mem_bytes)
+            if weight is None:
+                weight = lim.cpu_weight
+            if lim.pids_max is not None:
+                pids = lim.pids_max if pids is None else min(pids, lim.pids_max)
+            group = group.parent
+        return Limits(mem, weight, pids)
+
+    def _apply(self, pid: int) -> None:
+        eff = self._effective()
+        with contextlib.suppress(psutil.Error, OSError):
+            proc = psutil.Process(pid)
+            if eff.mem_bytes is not None:
+                proc.rlimit(psutil.RLIMIT_AS, (eff.mem_bytes, eff.mem_bytes))
+            if eff.pids_max is not None:
+                proc.rlimit(psutil.RLIMIT_NPROC, (eff.pids_max, eff.pids_max))
+            if eff.cpu_weight is not None:
+                proc.nice(weight_to_nice(eff.cpu_weight))
+
+    def pids(self) -> list[int]:
+        return sorted({p.pid for p in self._processes()})
+
+    def freeze(self, timeout: float = FREEZE_TIMEOUT) -> float:
+        t0 = time.perf_counter()
+        self._frozen = True
+        procs = self._processes()
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGSTOP)
+
+        def stopped() -> bool:
+            for proc in procs:
+                try:
+                    if proc.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_ZOMBIE):
+                        return False
+                except psutil.Error:
+                    continue
+            return True
+
+        return _wait_until(stopped, t0, timeout, self.name)
+
+    def thaw(self) -> None:
+        self._frozen = False
+        for proc in self._processes():
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGCONT)
+
+    def frozen(self) -> bool:
+        return self._frozen
+
+    def kill(self) -> int:
+        procs = self._processes()
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGSTOP)  # none forks away while the rest are killed
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGKILL)
+        self._frozen = False
+        return len(procs)
+
+    def cpu_seconds(self) -> float:
+        for proc in self._own_processes():
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                self._cpu_seen[proc.pid] = t.user + t.system + t.children_user + t.children_system
+        return sum(self._cpu_seen.values()) + sum(c.cpu_seconds() for c in self.children.values())
+
+    def memory(self) -> MemoryStat:
+        rss = 0
+        for proc in self._processes():
+            with contextlib.suppress(psutil.Error):
+                rss += proc.memory_info().rss
+        return MemoryStat(rss, None, self._effective().mem_bytes, None)
+
+    def set_limits(self, limits: Limits) -> None:
+        self.limits = Limits(
+            limits.mem_bytes if limits.mem_bytes is not None else self.limits.mem_bytes,
+            limits.cpu_weight if limits.cpu_weight is not None else self.limits.cpu_weight,
+            limits.pids_max if limits.pids_max is not None else self.limits.pids_max,
+        )
+        for group in self._walk():
+            for pid in list(group.roots):
+                group._apply(pid)
+
+    def remove(self) -> None:
+        if self.pids():
+            self.kill()
+            _wait_empty(self)
+        if self.parent is not None:
+            self.parent.children.pop(self.name.rsplit("/", 1)[-1], None)
+
+
+def _wait_until(cond: Any, t0: float, timeout: float, name: str) -> float:
+    """Poll ``cond()`` until true: busy for the first 2 ms (a freeze usually lands in under one),
+    then every 0.2 ms; returns the seconds since ``t0``."""
+    while True:
+        if cond():
+            return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        if elapsed > timeout:
+            raise FreezeTimeout(f"group {name} not frozen after {timeout:g} s")
+        if elapsed > 0.002:
+            time.sleep(0.0002)
+
+
+def _wait_empty(group: Group, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while group.pids() and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
+# -- the enforcer ---------------------------------------------------------------------------------
+
+
+class Enforcer:
+    """The chosen backend's subtree ``reca-<pid>``: the kernel's group and one per service.
+
+    ``reason`` says why this backend was chosen (and why stronger ones were not)."""
+
+    def __init__(self, root: Group, reason: str, *, restore: Any = None) -> None:
+        self.root = root
+        self.backend = root.backend
+        self.reason = reason
+        self._restore = restore  # moves this process back where it was (close)
+        self.groups: dict[str, Group] = {}
+        self.kernel: Group | None = None
+        self.closed = False
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "reason": self.reason,
+            "root": self.root.handle(),
+            "groups": sorted(self.groups),
+        }
+
+    def enter_kernel(self, weight: int = KERNEL_WEIGHT) -> Group:
+        """Put this process (the kernel) in its own group at ``weight``."""
+        self.kernel = self.root.sub("kernel", Limits(cpu_weight=weight) if self._weights() else None)
+        self.kernel.place(os.getpid())
+        return self.kernel
+
+    def _weights(self) -> bool:
+        return not isinstance(self.root, CgroupV2Group) or "cpu" in self.root.controllers
+
+    def service(self, name: str, limits: Limits | None = None) -> Group:
+        """The group of service ``name`` (created if missing)."""
+        group = self.groups.get(name)
+        if group is None:
+            group = self.groups[name] = self.root.sub(name)
+        if limits is not None:
+            group.set_limits(limits)
+        return group
+
+    def place_service(self, name: str, pid: int, limits: Limits | None = None) -> Group:
+        """Move ``pid`` into ``<name>/main``; returns the service's group."""
+        group = self.service(name, limits)
+        group.sub("main").place(pid)
+        return group
+
+    def remove_service(self, name: str) -> None:
+        group = self.groups.pop(name, None)
+        if group is not None:
+            group.remove()
+
+    def close(self) -> None:
+        """Remove every service group, move this process back, remove the subtree."""
+        if self.closed:
+            return
+        self.closed = True
+        for name in list(self.groups):
+            with contextlib.suppress(EnforcerError):
+                self.remove_service(name)
+        if self._restore is not None:
+            with contextlib.suppress(EnforcerError, OSError):
+                self._restore()
+        with contextlib.suppress(EnforcerError, OSError):
+            self.root.remove()
+
+
+# -- detection ------------------------------------------------------------------------------------
+
+
+def _mounts(root: str) -> dict[str, tuple[Path, str]]:
+    """controller (v1) or ``"unified"`` (v2) -> (mount point, mount root), under ``root``."""
+    out: dict[str, tuple[Path, str]] = {}
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(), right.split()
+        if len(fields) < 5 or len(rfields) < 3 or not fields[4].startswith(root):
+            continue
+        fstype, options = rfields[0], rfields[2].split(",")
+        if fstype == "cgroup2":
+            out["unified"] = (Path(fields[4]), fields[3])
+        elif fstype == "cgroup":
+            for opt in options:
+                if opt in V1_CONTROLLERS or opt == "cpuset":
+                    out[opt] = (Path(fields[4]), fields[3])
+    return out
+
+
+def _own_cgroups(pid: int | str = "self") -> dict[str, str]:
+    """controller -> this process's group path (``"unified"`` for v2's ``0::`` line)."""
+    out: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            num, ctrls, path = line.split(":", 2)
+            if num == "0" and not ctrls:
+                out["unified"] = path
+            for c in ctrls.split(","):
+                if c:
+                    out[c] = path
+    return out
+
+
+def _under(mount: tuple[Path, str], path: str) -> Path:
+    point, mroot = mount
+    rel = path[len(mroot) :] if path.startswith(mroot) else path
+    return point / rel.lstrip("/")
+
+
+def _sweep_stale(parent: Path) -> None:
+    """Remove subtrees ``reca-<pid>`` whose kernel is gone and that hold no process."""
+    with contextlib.suppress(OSError):
+        for d in parent.iterdir():
+            m = re.fullmatch(r"reca-(\d+)", d.name)
+            if m and d.is_dir() and not _alive(int(m.group(1))):
+                if not any(p.read_text().split() for p in d.rglob("cgroup.procs") if p.is_file()):
+                    with contextlib.suppress(OSError):
+                        _rmtree_groups(d)
+
+
+def _open_v1(root: str, name: str) -> Enforcer:
+    mounts, own = _mounts(root), _own_cgroups()
+    missing = [c for c in V1_CONTROLLERS if c not in mounts]
+    if missing:
+        raise EnforcerUnavailable(CGROUP1, f"v1 hierarchies {missing} are not mounted under {root}")
+    bases = {c: _under(mounts[c], own.get(c, "/")) for c in V1_CONTROLLERS}
+    made: list[Path] = []
+    try:
+        for c, base in bases.items():
+            _sweep_stale(base)
+            (base / name).mkdir(exist_ok=True)
+            made.append(base / name)
+    except OSError as exc:
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        why = (
+            "no permission (run as root, or delegate)"
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+            else exc.strerror
+        )
+        raise EnforcerUnavailable(CGROUP1, f"cannot create {exc.filename}: {why}") from exc
+    group = CgroupV1Group(name, {c: b / name for c, b in bases.items()})
+
+    def restore() -> None:
+        for c, base in bases.items():
+            _write(base / "cgroup.procs", str(os.getpid()))
+
+    return Enforcer(group, f"cgroup v1: {', '.join(V1_CONTROLLERS)} mounted writable under {root}", restore=restore)
+
+
+def _open_v2(root: str, name: str, require: Iterable[str] = V2_CONTROLLERS) -> Enforcer:
+    mounts, own = _mounts(root), _own_cgroups()
+    if "unified" not in mounts:
+        raise EnforcerUnavailable(CGROUP2, f"no cgroup2 hierarchy mounted under {root}")
+    base = _under(mounts["unified"], own.get("unified", "/"))
+    available = set(_read(base / "cgroup.controllers").split()) if (base / "cgroup.controllers").exists() else set()
+    missing = [c for c in require if c not in available]
+    if missing:
+        raise EnforcerUnavailable(
+            CGROUP2,
+            f"controllers {missing} are not delegated to {base} (cgroup.controllers: {sorted(available) or 'empty'})",
+        )
+    if not os.access(base, os.W_OK):
+        raise EnforcerUnavailable(CGROUP2, f"{base} is not writable: not a delegated subtree")
+    controllers = frozenset(c for c in V2_CONTROLLERS if c in available)
+    enabled = set(_read(base / "cgroup.subtree_control").split()) if controllers else set()
+    try:
+        _sweep_stale(base)
+        if controllers - enabled:
+            # Our group may not enable controllers while it holds processes: move them to a leaf.
+            if (base / "cgroup.procs").read_text().split():
+                leaf = base / "leaf"
+                leaf.mkdir(exist_ok=True)
+                for pid in (base / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(OSError):
+                        _write(leaf / "cgroup.procs", pid)
+            _write(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(controllers - enabled)))
+        (base / name).mkdir(exist_ok=True)
+    except (OSError, EnforcerError) as exc:
+        raise EnforcerUnavailable(CGROUP2, f"cannot set up {base / name}: {exc}") from exc
+    group = CgroupV2Group(name, base / name, controllers)
+    home = Path(_under(mounts["unified"], own.get("unified", "/")))
+
+    def restore() -> None:
+        target = home if not controllers else home / "leaf"
+        if controllers:
+            target.mkdir(exist_ok=True)
+        _write(target / "cgroup.procs", str(os.getpid()))
+
+    return Enforcer(group, f"cgroup v2: delegated subtree {base} with {sorted(controllers)}", restore=restore)
+
+
+def _open_signals(name: str, why: str) -> Enforcer:
+    return Enforcer(SignalGroup(name), why)
+
+
+def open_enforcer(
+    backend: str = "auto",
+    *,
+    root: str = CGROUP_ROOT,
+    name: str | None = None,
+    v2_require: Iterable[str] = V2_CONTROLLERS,
+) -> Enforcer:
+    """The enforcer for ``backend`` (``auto``, ``cgroup2``, ``cgroup1`` or ``signals``).
+
+    A named backend that is not available raises :class:`EnforcerUnavailable` (refuse to start);
+    ``auto`` takes the strongest available and logs a warning naming why it fell back."""
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"enforcer backend must be auto, {', '.join(BACKENDS)}; got {backend!r}")
+    name = _check_name(name or f"reca-{os.getpid()}")
+    if backend == CGROUP2:
+        return _open_v2(root, name, v2_require)
+    if backend == CGROUP1:
+        return _open_v1(root, name)
+    if backend == SIGNALS:
+        return _open_signals(name, "signals and rlimits: configured")
+    reasons = []
+    for opener in (lambda: _open_v2(root, name, v2_require), lambda: _open_v1(root, name)):
+        try:
+            enforcer = opener()
+        except EnforcerUnavailable as exc:
+            reasons.append(f"{exc.backend}: {exc.reason}")
+            continue
+        if reasons:
+            enforcer.reason += f" (not {'; not '.join(reasons)})"
+        return enforcer
+    why = "FALLBACK to signals and rlimits (freeze is per process, memory is RLIMIT_AS): " + "; ".join(reasons)
+    log.warning("enforcer: %s", why)
+    return _open_signals(name, why)
+
+
+# -- the child side -------------------------------------------------------------------------------
+
+
+def join_group(
+    sub: str, limits: Limits | None = None, *, pid: int | None = None, handle: str | None = None
+) -> Group | None:
+    """Put ``pid`` (default: this process) in the helper group ``sub`` of the service group the
+    supervisor passed in :data:`ENV_GROUP` (or ``handle``), with ``limits``; returns the group, or
+    ``None`` when this process runs under no enforcer.  On the signals backend the limits become
+    this process's rlimits (``RLIMIT_AS``: allocation past it fails with ``MemoryError``)."""
+    text = handle if handle is not None else os.environ.get(ENV_GROUP)
+    if not text:
+        return None
+    spec = json.loads(text)
+    target = os.getpid() if pid is None else pid
+    backend = spec.get("backend")
+    group: Group
+    if backend == CGROUP1:
+        group = CgroupV1Group("service", {k: Path(v) for k, v in spec["dirs"].items()}).sub(sub, limits)
+    elif backend == CGROUP2:
+        group = CgroupV2Group("service", Path(spec["path"]), frozenset(spec["controllers"])).sub(sub, limits)
+    elif backend == SIGNALS:
+        group = SignalGroup(sub)
+        group.set_limits(Limits(**spec.get("limits", {})))
+        if limits is not None:
+            group.set_limits(limits)
+    else:
+        raise EnforcerError(f"{ENV_GROUP} names an unknown backend {backend!r}")
+    group.place(target)
+    return group
+
+
+def limit_address_space(headroom: int) -> int:
+    """Cap this process's address space at its current size plus ``headroom`` bytes (the
+    signals-backend memory ceiling, usable anywhere); returns the cap."""
+    vms = psutil.Process().memory_info().vms
+    cap = vms + headroom
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    return cap

@@ -1,0 +1,294 @@
+"""The OS enforcer (kernel/enforce.py) against real processes and real cgroups.
+
+cgroup v1 tests need root and the v1 hierarchies mounted writable (this project's machines);
+the cgroup v2 tests use the unified hierarchy's core files (freeze, kill, cpu.stat), which work
+without delegated controllers, and a fake tree for the controller files.  Each skips with the
+reason where that does not hold.  No test times anything: "frozen" is shown by CPU that does not
+advance while this process burns CPU of its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kernel import enforce as E
+
+#: Bound of every wait here (seconds); generous: the machine may be busy.
+WAIT = 30.0
+
+BURN = "import os\nif os.fork() == 0:\n    while True: pass\nwhile True: pass\n"
+
+
+def _v1_skip() -> str | None:
+    if os.geteuid() != 0:
+        return "cgroup v1 tests need root"
+    mounts = E._mounts(E.CGROUP_ROOT)
+    missing = [c for c in E.V1_CONTROLLERS if c not in mounts]
+    return f"cgroup v1 hierarchies {missing} not mounted" if missing else None
+
+
+def _v2_skip() -> str | None:
+    if os.geteuid() != 0:
+        return "cgroup v2 tests need root (or a delegated subtree)"
+    if "unified" not in E._mounts(E.CGROUP_ROOT):
+        return "no cgroup2 hierarchy mounted"
+    return None
+
+
+V1_SKIP, V2_SKIP = _v1_skip(), _v2_skip()
+BACKENDS = [
+    pytest.param(E.CGROUP1, marks=pytest.mark.skipif(V1_SKIP is not None, reason=V1_SKIP or "")),
+    pytest.param(E.CGROUP2, marks=pytest.mark.skipif(V2_SKIP is not None, reason=V2_SKIP or "")),
+    E.SIGNALS,
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def enforcer(request):
+    # v2 here: core files only (this machine delegates no v2 controllers); v2 limits: fake tree below
+    enf = E.open_enforcer(
+        request.param,
+        name=f"reca-test-{os.getpid()}-{request.node.name[-40:]}".replace("[", "_").replace("]", "_"),
+        v2_require=(),
+    )
+    procs: list[subprocess.Popen] = []
+    yield enf, procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(WAIT)
+    enf.close()
+
+
+def _spawn(procs, code: str, **kw) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", code], **kw)
+    procs.append(p)
+    return p
+
+
+def _wait(cond, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _burn_own_cpu(seconds: float) -> None:
+    t0 = time.process_time()
+    while time.process_time() - t0 < seconds:
+        pass
+
+
+def test_limits_are_validated():
+    with pytest.raises(ValueError, match="mem_bytes"):
+        E.Limits(mem_bytes=10)
+    with pytest.raises(ValueError, match="cpu_weight"):
+        E.Limits(cpu_weight=0)
+    with pytest.raises(ValueError, match="pids_max"):
+        E.Limits(pids_max=-1)
+    with pytest.raises(ValueError, match="bad group name"):
+        E._check_name("../escape")
+
+
+def test_weight_conversions():
+    assert E.weight_to_shares(100) == 1024
+    assert E.weight_to_shares(1000) == 10240
+    assert E.weight_to_nice(100) == 0
+    assert E.weight_to_nice(1000) < 0 < E.weight_to_nice(10)
+
+
+def test_freeze_stops_a_whole_busy_tree_and_thaw_resumes_it(enforcer):
+    enf, procs = enforcer
+    p = _spawn(procs, BURN)
+    group = enf.place_service("burn", p.pid)
+    _wait(lambda: len(group.pids()) == 2, "the forked child to join the group")
+    _wait(lambda: group.cpu_seconds() > 0.05, "the tree to burn some CPU")
+    group.freeze()
+    assert group.frozen()
+    before = group.cpu_seconds()
+    _burn_own_cpu(0.1)  # the machine ran; a frozen tree did not
+    time.sleep(0.05)
+    assert group.cpu_seconds() == pytest.approx(before, abs=0.01)
+    group.thaw()
+    assert not group.frozen()
+    _wait(lambda: group.cpu_seconds() > before + 0.05, "the thawed tree to run again")
+
+
+def test_kill_ends_every_process_of_the_tree(enforcer):
+    enf, procs = enforcer
+    p = _spawn(procs, BURN)
+    group = enf.place_service("victim", p.pid)
+    _wait(lambda: len(group.pids()) == 2, "the forked child to join the group")
+    child = [pid for pid in group.pids() if pid != p.pid][0]
+    assert group.kill() == 2
+    assert p.wait(WAIT) == -9
+    _wait(lambda: not E._alive(child) or _zombie(child), "the forked child to die")
+    _wait(lambda: group.pids() == [] or all(_zombie(x) for x in group.pids()), "an empty group")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def test_cpu_billed_is_what_the_os_measured(enforcer):
+    enf, procs = enforcer
+    code = (
+        "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass\n"
+        "print(time.process_time(), flush=True)\nimport sys; sys.stdin.read()\n"
+    )
+    p = _spawn(procs, code, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+    group = enf.place_service("meter", p.pid)
+    reported = float(p.stdout.readline())
+    billed = group.cpu_seconds()
+    # the child's own process_time misses only what ran before it started counting (a few ms)
+    assert reported * 0.95 <= billed <= reported * 1.05 + 0.05
+    p.stdin.close()
+    p.wait(WAIT)
+
+
+def test_a_child_joins_a_helper_group_of_its_service(enforcer):
+    enf, procs = enforcer
+    if enf.backend == E.SIGNALS:
+        pytest.skip("the signals backend has no shared groups: a helper keeps only its rlimits")
+    service = enf.service("svc")
+    env = dict(os.environ, **{E.ENV_GROUP: service.handle(), "PYTHONPATH": os.getcwd()})
+    code = (
+        "from kernel import enforce as E\nE.join_group('tool')\nprint('in', flush=True)\nimport sys; sys.stdin.read()\n"
+    )
+    p = _spawn(procs, code, env=env, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "in"
+    assert p.pid in service.pids()
+    assert p.pid in service.sub("tool").pids()
+    enf.remove_service("svc")  # kills what is left and removes the groups
+    assert p.wait(WAIT) == -9
+
+
+@pytest.mark.skipif(V1_SKIP is not None, reason=V1_SKIP or "")
+def test_v1_memory_ceiling_kills_the_process_past_it_and_counts_it():
+    enf = E.open_enforcer(E.CGROUP1, name=f"reca-test-{os.getpid()}-mem")
+    try:
+        group = enf.service("hog", E.Limits(mem_bytes=64 << 20))
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys; sys.stdin.readline(); b = bytearray(300 << 20)"
+                "\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('survived')",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        group.sub("main").place(p.pid)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out, _ = p.communicate(timeout=WAIT)
+        assert p.returncode == -9 and "survived" not in out
+        stat = group.memory()
+        assert stat.limit == 64 << 20 and stat.oom_kills >= 1
+    finally:
+        enf.close()
+
+
+@pytest.mark.skipif(V1_SKIP is not None, reason=V1_SKIP or "")
+def test_v1_pids_max_stops_a_fork_bomb():
+    enf = E.open_enforcer(E.CGROUP1, name=f"reca-test-{os.getpid()}-pids")
+    try:
+        group = enf.service("bomb", E.Limits(pids_max=4))
+        code = (
+            "import os, sys\nsys.stdin.readline()\nmade = 0\nfor _ in range(20):\n    try:\n"
+            "        pid = os.fork()\n    except BlockingIOError:\n        break\n"
+            "    if pid == 0:\n        import time; time.sleep(60); os._exit(0)\n    made += 1\n"
+            "print(made, flush=True)\n"
+        )
+        p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        group.sub("main").place(p.pid)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        made = int(p.stdout.readline())
+        assert made == 3  # the parent plus three children fill pids.max = 4
+        group.kill()
+        p.wait(WAIT)
+    finally:
+        enf.close()
+
+
+@pytest.mark.skipif(V1_SKIP is not None, reason=V1_SKIP or "")
+def test_v1_kernel_group_has_a_higher_weight_and_close_removes_every_group():
+    name = f"reca-test-{os.getpid()}-close"
+    enf = E.open_enforcer(E.CGROUP1, name=name)
+    home = E._own_cgroups()
+    try:
+        kernel = enf.enter_kernel()
+        assert (kernel.dirs["cpu"] / "cpu.shares").read_text().strip() == str(E.weight_to_shares(E.KERNEL_WEIGHT))
+        assert os.getpid() in kernel.pids()
+        enf.service("a", E.Limits(cpu_weight=E.DEFAULT_WEIGHT))
+    finally:
+        enf.close()
+    assert E._own_cgroups() == home
+    assert not any(d.exists() for d in enf.root.dirs.values())
+
+
+def test_a_named_backend_that_is_missing_refuses_with_the_reason(tmp_path):
+    with pytest.raises(E.EnforcerUnavailable, match="not mounted under") as info:
+        E.open_enforcer(E.CGROUP1, root=str(tmp_path))
+    assert info.value.backend == E.CGROUP1
+    with pytest.raises(E.EnforcerUnavailable, match="no cgroup2"):
+        E.open_enforcer(E.CGROUP2, root=str(tmp_path))
+    with pytest.raises(ValueError, match="backend must be"):
+        E.open_enforcer("cgroup3")
+
+
+def test_auto_falls_back_to_signals_loudly_with_every_reason(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="reca.enforce"):
+        enf = E.open_enforcer("auto", root=str(tmp_path))
+    assert enf.backend == E.SIGNALS
+    assert "FALLBACK" in enf.reason and "cgroup1" in enf.reason and "cgroup2" in enf.reason
+    assert any("FALLBACK" in r.message for r in caplog.records)
+    enf.close()
+
+
+def test_signals_memory_ceiling_is_rlimit_as(tmp_path):
+    enf = E.open_enforcer(E.SIGNALS)
+    try:
+        code = (
+            "import sys\nsys.stdin.readline()\ntry:\n    b = bytearray(800 << 20)\nexcept MemoryError:\n"
+            "    print('MemoryError', flush=True)\n"
+        )
+        p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        group = enf.place_service("capped", p.pid, E.Limits(mem_bytes=400 << 20))
+        assert group.memory().limit == 400 << 20
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out, _ = p.communicate(timeout=WAIT)
+        assert out.strip() == "MemoryError"
+    finally:
+        enf.close()
+
+
+def test_v2_limits_are_written_to_a_fake_tree(tmp_path):
+    """The controller files of a delegated v2 subtree (none is delegated on this machine)."""
+    root = tmp_path / "reca"
+    root.mkdir()
+    (root / "cgroup.subtree_control").write_text("")
+    group = E.CgroupV2Group("reca", root, frozenset({"cpu", "memory", "pids"}))
+    svc = group.sub("svc", E.Limits(mem_bytes=256 << 20, cpu_weight=50, pids_max=32))
+    assert set((root / "cgroup.subtree_control").read_text().split()) == {"+cpu", "+memory", "+pids"}
+    assert (svc.path / "memory.max").read_text() == str(256 << 20)
+    assert (svc.path / "cpu.weight").read_text() == "50"
+    assert (svc.path / "pids.max").read_text() == "32"
+    bare = E.CgroupV2Group("bare", tmp_path, frozenset())
+    with pytest.raises(E.EnforcerError, match="not enabled"):
+        bare.set_limits(E.Limits(mem_bytes=1 << 30))
+    handle = json.loads(svc.handle())
+    assert handle == {"backend": "cgroup2", "path": str(svc.path), "controllers": ["cpu", "memory", "pids"]}
