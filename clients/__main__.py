@@ -36,7 +36,10 @@ def render_status(stats: dict) -> str:
                                                  "requests", "finals", "errors", "p50_ms", "p99_ms"]))
     children = stats.get("children", [])
     if children:
-        parts.append("PROCESSES\n" + table(children, ["name", "state", "pid", "restarts", "last_exit", "restart"]))
+        parts.append("PROCESSES\n" + table(children, ["name", "state", "pid", "restarts", "last_exit", "restart", "group"]))
+    enforcer = stats.get("enforcer")
+    if enforcer:
+        parts.append(f"ENFORCER  {enforcer.get('backend')}: {enforcer.get('reason')}")
     jobs = [dict(v, name=k) for k, v in sorted(stats.get("jobs", {}).items())]
     if jobs:
         parts.append("JOBS\n" + table(jobs, ["name", "parent", "limits", "spent", "remaining", "exhausted"]))

@@ -99,15 +99,28 @@ def _security(cfg, log: logging.Logger):
     return auth.ServerKeys(public, secret), principals, {"server": server_public, "children": child_certs}
 
 
+def _enforcer(cfg):
+    """The OS enforcer of the config's backend, with the kernel in its own group at the kernel
+    weight.  A named backend that is not available refuses to start (with the reason)."""
+    from kernel import enforce
+
+    try:
+        enf = enforce.open_enforcer(cfg.enforce_backend)
+    except enforce.EnforcerUnavailable as exc:
+        raise _Refused(f"{exc} (set [enforce] backend = \"auto\" to fall back)") from exc
+    try:
+        enf.enter_kernel(cfg.kernel_weight)
+    except (enforce.EnforcerError, OSError) as exc:
+        logging.getLogger("reca.kernel").warning("the kernel stays outside its group: %s", exc)
+    print(f"reca kernel enforcer {enf.backend}: {enf.reason}", flush=True)
+    return enf
+
+
 async def _run(args: argparse.Namespace) -> int:
-    from kernel import supervisor as sv
-    from kernel.admission import BudgetAdmission
     from kernel.auth import ENV_CERT, ENV_SERVER_CERT
     from kernel.decisions import DecisionLog
-    from kernel.mmi import Management
     from kernel.peers import raise_fd_limit
     from kernel.replay import restore
-    from kernel.server import KernelServer
 
     cfg = load(args.config)
     soft, hard = raise_fd_limit()
@@ -132,6 +145,21 @@ async def _run(args: argparse.Namespace) -> int:
                                        restored=restored is not None)
         except (OSError, PermissionError) as exc:  # UnsafeRuntimeDir: a planted symlink, another's file
             raise _Refused(f"decision log {cfg.decision_log}: {exc}") from exc
+    enforcer = _enforcer(cfg)
+    try:
+        return await _serve(args, cfg, enforcer, decision_log, restored, restore_s, server_keys, principals)
+    finally:
+        if decision_log is not None:
+            decision_log.close()
+        enforcer.close()
+
+
+async def _serve(args, cfg, enforcer, decision_log, restored, restore_s, server_keys, principals) -> int:
+    from kernel import supervisor as sv
+    from kernel.admission import BudgetAdmission
+    from kernel.mmi import Management
+    from kernel.server import KernelServer
+
     supervisor = sv.Supervisor(
         [] if args.no_services else cfg.services,
         env={
@@ -144,6 +172,7 @@ async def _run(args: argparse.Namespace) -> int:
         period=cfg.period,
         backoff_initial=cfg.backoff_initial,
         backoff_max=cfg.backoff_max,
+        enforcer=enforcer,
     )
     # With a log that held state, the admission continues it (restore through replay) and applies
     # [limits] over it only where the ledger allows; otherwise [limits] is the first decision.
@@ -179,20 +208,16 @@ async def _run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     print(f"reca kernel endpoint {server.endpoint}", flush=True)
     print(f"reca kernel control {server.control}", flush=True)
-    try:
-        async with asyncio.TaskGroup() as tasks:  # the server task is owned: awaited before we return
-            tasks.create_task(server.serve())
-            try:
-                await supervisor.start()
-                print(f"reca kernel ready ({len(supervisor.children)} service process(es))", flush=True)
-                await stop.wait()
-            finally:
-                logging.getLogger("reca.kernel").info("shutting down")
-                await supervisor.shutdown()
-                server.stop()
-    finally:
-        if decision_log is not None:
-            decision_log.close()
+    async with asyncio.TaskGroup() as tasks:  # the server task is owned: awaited before we return
+        tasks.create_task(server.serve())
+        try:
+            await supervisor.start()
+            print(f"reca kernel ready ({len(supervisor.children)} service process(es))", flush=True)
+            await stop.wait()
+        finally:
+            logging.getLogger("reca.kernel").info("shutting down")
+            await supervisor.shutdown()
+            server.stop()
     print("reca kernel stopped", flush=True)
     return 0
 

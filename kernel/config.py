@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel import protocol as P
+from kernel.enforce import Limits
 from kernel.supervisor import ChildSpec, RestartType, python_module_argv
 
 
@@ -73,6 +74,14 @@ class KernelConfig:
     default_limits: dict[str, float] = dataclasses.field(default_factory=dict)
     max_pause: float = P.MAX_PAUSE
     audit_quota: int = P.AUDIT_EVENTS_PER_MIN
+    #: [enforce]: the OS backend (``auto``, ``cgroup2``, ``cgroup1``, ``signals``; a named one that
+    #: is not available refuses to start), the escalation ladder's graces (cooperative order ->
+    #: freeze after ``freeze_grace_ms`` -> kill after ``kill_grace_ms`` more) and the kernel's cpu
+    #: weight (v2 scale; services default to 100).  See docs/budgets.md.
+    enforce_backend: str = "auto"
+    freeze_grace_ms: float = 20.0
+    kill_grace_ms: float = 1000.0
+    kernel_weight: int = 1000
 
     @property
     def tcp(self) -> bool:
@@ -127,7 +136,7 @@ def parse(doc: dict, *, runtime: str | None = None) -> KernelConfig:
     def expand(s: str) -> str:
         return s.replace("{runtime}", runtime)
 
-    known = {"kernel", "supervisor", "service", "auth", "limits"}
+    known = {"kernel", "supervisor", "service", "auth", "limits", "enforce"}
     unknown = set(doc) - known
     if unknown:
         raise ConfigError(f"unknown top-level table(s): {sorted(unknown)}")
@@ -135,6 +144,7 @@ def parse(doc: dict, *, runtime: str | None = None) -> KernelConfig:
     s = doc.get("supervisor", {})
     a = doc.get("auth", {})
     lim = doc.get("limits", {})
+    enf = doc.get("enforce", {})
     endpoint = expand(_get(k, "endpoint", str, "ipc://{runtime}/kernel.sock", "kernel"))
     control = _get(k, "control", str, None, "kernel")
     control = expand(control) if control else default_control_for(endpoint)
@@ -172,6 +182,18 @@ def parse(doc: dict, *, runtime: str | None = None) -> KernelConfig:
     unknown = set(lim) - {"root", "default", "max_pause_s", "audit_events_per_min"}
     if unknown:
         raise ConfigError(f"unknown [limits] key(s): {sorted(unknown)}")
+    unknown = set(enf) - {"backend", "freeze_grace_ms", "kill_grace_ms", "kernel_weight"}
+    if unknown:
+        raise ConfigError(f"unknown [enforce] key(s): {sorted(unknown)}")
+    cfg.enforce_backend = _get(enf, "backend", str, "auto", "enforce")
+    if cfg.enforce_backend not in ("auto", "cgroup2", "cgroup1", "signals"):
+        raise ConfigError(f"enforce.backend must be auto, cgroup2, cgroup1 or signals, got {cfg.enforce_backend!r}")
+    cfg.freeze_grace_ms = _get(enf, "freeze_grace_ms", float, 20.0, "enforce")
+    cfg.kill_grace_ms = _get(enf, "kill_grace_ms", float, 1000.0, "enforce")
+    cfg.kernel_weight = _get(enf, "kernel_weight", int, 1000, "enforce")
+    if not (0 <= cfg.freeze_grace_ms <= 60_000 and 0 <= cfg.kill_grace_ms <= 600_000 and 1 <= cfg.kernel_weight <= 10000):
+        raise ConfigError("enforce.freeze_grace_ms in [0, 60000], kill_grace_ms in [0, 600000], "
+                          "kernel_weight in [1, 10000]")
     cfg.root_limits = _limits(lim, "root", machine_limits(), "limits")
     cfg.default_limits = _limits(lim, "default", DEFAULT_JOB_LIMITS, "limits")
     for kind, amount in cfg.default_limits.items():
@@ -206,6 +228,11 @@ def parse(doc: dict, *, runtime: str | None = None) -> KernelConfig:
         if replicas < 1:
             raise ConfigError(f"{where}.replicas must be >= 1")
         env = {str(a): expand(str(b)) for a, b in _get(entry, "env", dict, {}, where).items()}
+        ceilings = {key: _get(entry, key, int, None, where) for key in ("mem_bytes", "cpu_weight", "pids_max")}
+        try:
+            Limits(**ceilings)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         for r in range(replicas):
             cfg.services.append(ChildSpec(
                 name=name if replicas == 1 else f"{name}#{r}",
@@ -215,6 +242,7 @@ def parse(doc: dict, *, runtime: str | None = None) -> KernelConfig:
                 env=env,
                 nice=_get(entry, "nice", int, None, where),
                 cpus=_get(entry, "cpus", list, None, where),
+                **ceilings,
             ))
     return cfg
 

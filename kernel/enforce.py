@@ -683,7 +683,17 @@ class Enforcer:
         """Put this process (the kernel) in its own group at ``weight``."""
         self.kernel = self.root.sub("kernel", Limits(cpu_weight=weight) if self._weights() else None)
         self.kernel.place(os.getpid())
+        self._rebalance()
         return self.kernel
+
+    def _rebalance(self) -> None:
+        """The subtree's weight against the rest of the machine: one default share per process
+        group in it (as if its processes ran outside), so that nesting neither starves reca on
+        a busy machine nor lets it take more than its processes would."""
+        if self._weights() and not isinstance(self.root, SignalGroup):
+            weight = min(10000, DEFAULT_WEIGHT * (len(self.groups) + (self.kernel is not None)))
+            with contextlib.suppress(EnforcerError):
+                self.root.set_limits(Limits(cpu_weight=max(DEFAULT_WEIGHT, weight)))
 
     def _weights(self) -> bool:
         return not isinstance(self.root, CgroupV2Group) or "cpu" in self.root.controllers
@@ -693,6 +703,7 @@ class Enforcer:
         group = self.groups.get(name)
         if group is None:
             group = self.groups[name] = self.root.sub(name)
+            self._rebalance()
         if limits is not None:
             group.set_limits(limits)
         return group

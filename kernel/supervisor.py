@@ -8,7 +8,13 @@ The shell, :class:`Supervisor`, owns the OS processes: it starts children in dec
 each in its own session and process group, restarts them by those rules, and stops them in
 reverse order with SIGTERM, a shutdown timeout, then SIGKILL of the whole group.  Because it
 owns the processes it also offers the hard controls of preemption: SIGSTOP / SIGCONT, CPU
-affinity and nice value.  Children learn the kernel's endpoints from environment variables
+affinity and nice value.  With an :class:`kernel.enforce.Enforcer` (``enforcer=``) every child
+runs in a group of its own (``<service>/main`` under the kernel's ``reca-<pid>`` subtree, with
+the child's ``mem_bytes`` / ``cpu_weight`` / ``pids_max`` ceilings): suspend and resume freeze
+and thaw that group, :meth:`Supervisor.kill_group` kills it whole, :meth:`Supervisor.cpu_seconds`
+reads what the OS measured, and the group is removed when the child stops for good.  A child
+learns its group from :data:`kernel.enforce.ENV_GROUP` so that it can put its own helper
+processes in groups beside it (:func:`kernel.enforce.join_group`).  Children learn the kernel's endpoints from environment variables
 (:data:`ENV_ENDPOINT`, :data:`ENV_CONTROL`, ...) and arm ``PR_SET_PDEATHSIG`` themselves so that
 they die with the kernel even when the kernel is killed with SIGKILL.
 """
@@ -28,6 +34,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from kernel import enforce as E
 from kernel import protocol as P
 from kernel.protocol import ENV_CONTROL, ENV_ENDPOINT, ENV_HEARTBEAT, ENV_LIVENESS, ENV_PARENT, ENV_SERVICE
 
@@ -137,6 +144,13 @@ class ChildSpec:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     nice: int | None = None
     cpus: list[int] | None = None
+    #: OS ceilings of the child's group (enforcer): memory, cpu weight (v2 scale), processes.
+    mem_bytes: int | None = None
+    cpu_weight: int | None = None
+    pids_max: int | None = None
+
+    def limits(self) -> E.Limits:
+        return E.Limits(self.mem_bytes, self.cpu_weight, self.pids_max)
 
 
 class ChildState(str, enum.Enum):
@@ -161,6 +175,8 @@ class Child:
         self.last_exit: int | None = None
         self.pids: list[int] = []
         self.watcher: asyncio.Task | None = None
+        #: The child's enforcer group (None without an enforcer).
+        self.group: E.Group | None = None
 
     @property
     def pid(self) -> int | None:
@@ -174,6 +190,7 @@ class Child:
             "restarts": self.restarts,
             "last_exit": self.last_exit,
             "restart": self.spec.restart.value,
+            "group": None if self.group is None else self.group.name,
         }
 
 
@@ -189,11 +206,14 @@ class Supervisor:
         period: float = P.RESTART_PERIOD,
         backoff_initial: float = P.BACKOFF_INITIAL,
         backoff_max: float = P.BACKOFF_MAX,
+        enforcer: E.Enforcer | None = None,
     ) -> None:
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate child names in {names}")
         self.env = env
+        #: The OS backstop (None: signals to process groups only, as before).
+        self.enforcer = enforcer
         self.children = [
             Child(s, RestartIntensity(intensity, period), Backoff(backoff_initial, backoff_max)) for s in specs
         ]
@@ -226,6 +246,16 @@ class Supervisor:
         env.update(child.spec.env)
         env[ENV_SERVICE] = child.spec.name
         env[ENV_PARENT] = str(os.getpid())
+        group = None
+        if self.enforcer is not None:
+            try:
+                group = self.enforcer.service(child.spec.name, child.spec.limits())
+                if group.pids():  # what a crashed run left behind (a helper it forked) goes first
+                    group.kill()
+                env[E.ENV_GROUP] = group.handle()
+            except E.EnforcerError as exc:
+                log.error("cannot make the group of %s: %s; it runs without one", child.spec.name, exc)
+                group = None
         child.state = ChildState.STARTING
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -241,6 +271,12 @@ class Supervisor:
         child.pids.append(proc.pid)
         child.started_at = time.monotonic()
         child.state = ChildState.RUNNING
+        if group is not None:
+            try:
+                group.sub("main").place(proc.pid)
+                child.group = group
+            except (E.EnforcerError, ProcessLookupError) as exc:
+                log.error("cannot place %s (pid %d) in its group: %s", child.spec.name, proc.pid, exc)
         self._apply_limits(child)
         log.info("started %s pid %d", child.spec.name, proc.pid)
         child.watcher = self._own(self._watch(child, proc))
@@ -263,6 +299,12 @@ class Supervisor:
             return
         child.last_exit = returncode
         ran_for = time.monotonic() - child.started_at
+        if child.group is not None and not self._shutting_down:
+            try:  # let it crash: the helpers a dead service started die with it
+                if child.group.pids():
+                    child.group.kill()
+            except E.EnforcerError as exc:
+                log.warning("cannot clear the group of %s: %s", child.spec.name, exc)
         if self._shutting_down:
             child.state = ChildState.SHUTDOWN
             return
@@ -316,6 +358,7 @@ class Supervisor:
         proc = child.proc
         if proc is None or proc.returncode is not None:
             child.state = ChildState.SHUTDOWN
+            self._remove_group(child)
             return
         self._signal_group(proc.pid, signal.SIGCONT)  # a stopped child cannot act on SIGTERM
         self._signal_group(proc.pid, signal.SIGTERM)
@@ -328,6 +371,16 @@ class Supervisor:
         # Anything the child left in its process group goes too.
         self._signal_group(proc.pid, signal.SIGKILL)
         child.state = ChildState.SHUTDOWN
+        self._remove_group(child)
+
+    def _remove_group(self, child: Child) -> None:
+        """Kill what is left in the child's group (helpers in other sessions too) and remove it."""
+        if self.enforcer is not None and child.group is not None:
+            try:
+                self.enforcer.remove_service(child.spec.name)
+            except E.EnforcerError as exc:
+                log.warning("cannot remove the group of %s: %s", child.spec.name, exc)
+            child.group = None
 
     @staticmethod
     def _signal_group(pid: int, sig: int) -> None:
@@ -375,18 +428,56 @@ class Supervisor:
         return child.restarts
 
     def suspend(self, name: str) -> int:
-        """SIGSTOP the child's process group; returns its pid."""
+        """SIGSTOP the child's process group; returns its pid.  (:meth:`freeze` stops its whole
+        enforcer group, helpers in other sessions included, atomically.)"""
         pid = self._live_pid(name)
         os.killpg(pid, signal.SIGSTOP)
         self.child(name).state = ChildState.STOPPED
         return pid
 
     def resume(self, name: str) -> int:
-        """SIGCONT the child's process group; returns its pid."""
+        """Thaw the child's group, else SIGCONT its process group; returns its pid."""
         pid = self._live_pid(name)
+        child = self.child(name)
+        if child.group is not None:
+            child.group.thaw()
         os.killpg(pid, signal.SIGCONT)
-        self.child(name).state = ChildState.RUNNING
+        child.state = ChildState.RUNNING
         return pid
+
+    def freeze(self, name: str) -> float:
+        """Freeze the child's whole group; returns the seconds until the OS reported it frozen.
+        LookupError without a group (no enforcer) or for a child not running."""
+        self._live_pid(name)
+        group = self.child(name).group
+        if group is None:
+            raise LookupError(f"child {name!r} has no enforcer group")
+        took = group.freeze()
+        self.child(name).state = ChildState.STOPPED
+        return took
+
+    def kill_group(self, name: str) -> int:
+        """Kill every process of the child's group (its process group without an enforcer):
+        the escalation ladder's last rung; the supervisor then restarts it by its type.
+        Returns how many processes were signalled."""
+        pid = self._live_pid(name)
+        group = self.child(name).group
+        if group is not None:
+            return group.kill()
+        self._signal_group(pid, signal.SIGCONT)
+        self._signal_group(pid, signal.SIGKILL)
+        return 1
+
+    def cpu_seconds(self, name: str) -> float | None:
+        """CPU seconds the child's group used as the OS measured it (its helpers included and
+        across restarts), else its live process's; None when unknown."""
+        child = self.child(name)
+        if child.group is not None:
+            try:
+                return child.group.cpu_seconds()
+            except E.EnforcerError:
+                return None
+        return None if child.pid is None else process_cpu_seconds(child.pid)
 
     def set_nice(self, name: str, nice: int) -> int:
         """Set the child's nice value; returns its pid."""
@@ -406,7 +497,10 @@ class Supervisor:
         return pid
 
     def stats(self) -> dict[str, Any]:
-        return {"children": [c.info() for c in self.children]}
+        out: dict[str, Any] = {"children": [c.info() for c in self.children]}
+        if self.enforcer is not None:
+            out["enforcer"] = {"backend": self.enforcer.backend, "reason": self.enforcer.reason}
+        return out
 
     def all_pids(self) -> list[int]:
         return [c.proc.pid for c in self.children if c.proc is not None and c.proc.returncode is None]
