@@ -22,6 +22,12 @@ Errors: bad payload or config -> ``bad_request``; a corpus file that cannot be r
 ``bad_request`` with ``reason: corpus_unreadable``; a damaged checkpoint -> ``bad_request`` with
 ``reason: corrupt_checkpoint`` (the file is left for inspection); a grant too small for one step
 -> ``refused`` with ``reason: budget_too_small``, ``needed`` and ``granted`` (no step runs).
+
+Check before allocating (:mod:`services.bktrain.estimate`): the model's parameters are counted on
+PyTorch's ``meta`` device and the least memory (training state) and FLOPs of the request bounded
+from the config alone; over the granted ``mem_bytes``, the service group's memory ceiling or the
+machine's available memory -> ``refused`` ``reason: memory_exceeded``; under the least FLOPs the
+request can spend -> ``refused`` ``reason: budget_too_small`` -- before the model is built.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from bklm.train import Trainer, TrainConfig
 from kernel import errors
 from kernel.config import runtime_dir
 from services.base import Context, Service
+from services.bktrain import estimate
 
 RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 PAYLOAD_KEYS = {"op", "run", "steps", "config", "checkpoint_every", "eval_every", "corpus", "corpus_limit_bytes"}
@@ -74,6 +81,8 @@ class BKTrainService(Service):
     def __init__(self) -> None:
         self.checkpoint_dir: pathlib.Path | None = None
         self._corpora: dict[tuple[str | None, int | None], corpus_mod.Corpus] = {}
+        #: The memory ceiling of this service's enforcer group (None: none).
+        self.group_limit: int | None = None
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--checkpoint-dir", default=None, help="default {runtime}/bktrain")
@@ -85,6 +94,7 @@ class BKTrainService(Service):
         if self.checkpoint_dir is None:
             self.checkpoint_dir = pathlib.Path(runtime_dir()) / "bktrain"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.group_limit = estimate.group_memory_limit()
         await asyncio.to_thread(_warm_up)
 
 
@@ -121,6 +131,12 @@ class BKTrainService(Service):
             cfg = TrainConfig.from_dict(payload.get("config", {}))
         except ConfigError as exc:
             raise errors.BadRequest(f"config: {exc}") from exc
+        # Check before allocating: the model's size and least FLOPs from the config alone.
+        try:
+            est = await asyncio.to_thread(estimate.estimate, cfg)
+        except ConfigError as exc:
+            raise errors.BadRequest(f"config: {exc}") from exc
+        estimate.check(est, ctx.granted, group_limit=self.group_limit)
         data = await asyncio.to_thread(self._corpus, root, limit)
         try:
             trainer = await asyncio.to_thread(Trainer, cfg, data)
