@@ -17,6 +17,10 @@ Ops (payload maps; a *subgoal* is ``{"kind", "expr", "var"?, "func"?}``, see :mo
 * ``{"op": "canon", "subgoal"}``: the key, canonical form and mapping (for tools and psccr).
 * ``{"op": "stats"}``: counters, hit ratio, per-kind priority hints.
 
+Client text (subgoals, answers) is parsed only in a memory-capped child process and may not
+contain attribute access (:mod:`services.scch.capped`): ``bad_request`` kind ``AttributeAccess``,
+or kind ``MemoryExceeded`` when a parse passes the child's ceiling (the child is replaced).
+
 Bad input (unparseable or oversized expressions, an answer the verifier rejects) is
 ``bad_request`` with ``kind`` naming the :mod:`reason.errors` class; a solver call past its bound
 is ``bad_request`` kind ``TimeLimit`` (its process is killed; the service keeps serving).
@@ -39,6 +43,7 @@ from reason.check import warm_up
 from reason.errors import ReasonError
 from reason.solve import SOLVE_SECONDS, SolverPool
 from services.base import Context, Service
+from services.scch.capped import CappedParser
 from services.scch.logic import SubgoalCache
 from services.scch.store import BackendUnavailable, open_backend
 
@@ -62,6 +67,7 @@ class ScchService(Service):
         self.solve_seconds = SOLVE_SECONDS
         self.cache: SubgoalCache | None = None
         self.pool: SolverPool | None = None
+        self.parser: CappedParser | None = None
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--backend", choices=("sqlite", "redis"), default="sqlite")
@@ -81,14 +87,19 @@ class ScchService(Service):
 
     async def setup(self) -> None:
         backend = open_backend(self.backend_kind, path=self.db, url=self.redis_url, prefix=self.prefix)
+        self.parser = CappedParser()  # client text is parsed only there (memory-capped, no methods)
+        await asyncio.to_thread(self.parser.canonicalise, {"kind": "simplify", "expr": "x + 1"})  # start it
         self.cache = SubgoalCache(backend, capacity=self.cache_capacity, half_life=self.half_life,
-                                  admit_min=self.admit_min)
+                                  admit_min=self.admit_min, canonicalise=self.parser.canonicalise,
+                                  parse_artifact=self.parser.artifact_from_text)
         self.pool = SolverPool(self.solve_seconds)
         warm_up()
 
     async def teardown(self) -> None:
         if self.pool is not None:
             await asyncio.to_thread(self.pool.close)
+        if self.parser is not None:
+            await asyncio.to_thread(self.parser.close)
         if self.cache is not None:
             self.cache.backend.close()
 
