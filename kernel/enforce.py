@@ -227,11 +227,17 @@ class Group(abc.ABC):
     @abc.abstractmethod
     def frozen(self) -> bool: ...
 
+    def _refuse_caller(self) -> None:
+        """Freezing a group that holds the caller would stop the caller for good."""
+        if os.getpid() in self.pids():
+            raise EnforcerError(f"group {self.name} holds this process: it cannot freeze itself")
+
     def kill(self) -> int:
-        """SIGKILL every process of the group (frozen first, so none forks away); returns how many."""
+        """SIGKILL every process of the group (frozen first, so none forks away, unless the group
+        holds the caller); returns how many."""
         with contextlib.suppress(EnforcerError):
             self.freeze()
-        victims = self.pids()
+        victims = [pid for pid in self.pids() if pid != os.getpid()]  # never the caller itself
         for pid in victims:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -308,6 +314,7 @@ class CgroupV1Group(Group):
         return sorted(out)
 
     def freeze(self, timeout: float = FREEZE_TIMEOUT) -> float:
+        self._refuse_caller()
         state = self.dirs["freezer"] / "freezer.state"
         t0 = time.perf_counter()
         _write(state, "FROZEN")
@@ -411,6 +418,7 @@ class CgroupV2Group(Group):
         return sorted(out)
 
     def freeze(self, timeout: float = FREEZE_TIMEOUT) -> float:
+        self._refuse_caller()
         t0 = time.perf_counter()
         _write(self.path / "cgroup.freeze", "1")
         return _wait_until(self.frozen, t0, timeout, self.name)
@@ -426,6 +434,8 @@ class CgroupV2Group(Group):
         if not kill_file.exists():  # Linux < 5.14
             return super().kill()
         victims = self.pids()
+        if os.getpid() in victims:  # never the caller itself: signal the others one by one
+            return super().kill()
         _write(kill_file, "1")
         return len(victims)
 
@@ -498,24 +508,32 @@ class SignalGroup(Group):
         return group
 
     def _own_processes(self) -> list[psutil.Process]:
+        """The roots placed here and their descendants, except a descendant placed in a group of
+        its own (a service started by the kernel belongs to its service's group, not the
+        kernel's) and that one's descendants."""
+        claimed = {pid for group in self._root()._walk() if group is not self for pid in group.roots}
         out: dict[int, psutil.Process] = {}
         for pid in list(self.roots):
             try:
                 root = psutil.Process(pid)
                 if root.status() == psutil.STATUS_ZOMBIE:
                     raise psutil.NoSuchProcess(pid)
-                out[pid] = root
-                for child in root.children(recursive=True):
-                    out.setdefault(child.pid, child)
             except psutil.Error:
                 self.roots.discard(pid)
+                continue
+            todo = [root]
+            while todo:
+                proc = todo.pop()
+                out.setdefault(proc.pid, proc)
+                with contextlib.suppress(psutil.Error):
+                    todo.extend(c for c in proc.children() if c.pid not in claimed and c.pid not in out)
         return list(out.values())
 
     def _processes(self) -> list[psutil.Process]:
         procs = self._own_processes()
         for child in self.children.values():
             procs.extend(child._processes())
-        return procs
+        return [p for p in procs if p.pid != os.getpid()]  # never stop or kill the caller itself
 
     def place(self, pid: int) -> None:
         if not _alive(pid):
@@ -730,6 +748,8 @@ class Enforcer:
         if self._restore is not None:
             with contextlib.suppress(EnforcerError, OSError):
                 self._restore()
+        if isinstance(self.kernel, SignalGroup):
+            self.kernel.roots.discard(os.getpid())
         with contextlib.suppress(EnforcerError, OSError):
             self.root.remove()
 
@@ -905,6 +925,26 @@ def open_enforcer(
 # -- the child side -------------------------------------------------------------------------------
 
 
+def service_group(handle: str | None = None) -> Group | None:
+    """The service group the supervisor passed in :data:`ENV_GROUP` (or ``handle``), without
+    moving anything; ``None`` when this process runs under no enforcer.  On the signals backend
+    it is a group of this process's own, holding the service's ceilings."""
+    text = handle if handle is not None else os.environ.get(ENV_GROUP)
+    if not text:
+        return None
+    spec = json.loads(text)
+    backend = spec.get("backend")
+    if backend == CGROUP1:
+        return CgroupV1Group("service", {k: Path(v) for k, v in spec["dirs"].items()})
+    if backend == CGROUP2:
+        return CgroupV2Group("service", Path(spec["path"]), frozenset(spec["controllers"]))
+    if backend == SIGNALS:
+        group = SignalGroup("service")
+        group.set_limits(Limits(**spec.get("limits", {})))
+        return group
+    raise EnforcerError(f"{ENV_GROUP} names an unknown backend {backend!r}")
+
+
 def join_group(
     sub: str, limits: Limits | None = None, *, pid: int | None = None, handle: str | None = None
 ) -> Group | None:
@@ -912,26 +952,19 @@ def join_group(
     supervisor passed in :data:`ENV_GROUP` (or ``handle``), with ``limits``; returns the group, or
     ``None`` when this process runs under no enforcer.  On the signals backend the limits become
     this process's rlimits (``RLIMIT_AS``: allocation past it fails with ``MemoryError``)."""
-    text = handle if handle is not None else os.environ.get(ENV_GROUP)
-    if not text:
+    service = service_group(handle)
+    if service is None:
         return None
-    spec = json.loads(text)
-    target = os.getpid() if pid is None else pid
-    backend = spec.get("backend")
-    group: Group
-    if backend == CGROUP1:
-        group = CgroupV1Group("service", {k: Path(v) for k, v in spec["dirs"].items()}).sub(sub, limits)
-    elif backend == CGROUP2:
-        group = CgroupV2Group("service", Path(spec["path"]), frozenset(spec["controllers"])).sub(sub, limits)
-    elif backend == SIGNALS:
-        group = SignalGroup(sub)
-        group.set_limits(Limits(**spec.get("limits", {})))
-        if limits is not None:
-            group.set_limits(limits)
-    else:
-        raise EnforcerError(f"{ENV_GROUP} names an unknown backend {backend!r}")
-    group.place(target)
+    group = service.sub(sub, limits)
+    group.place(os.getpid() if pid is None else pid)
     return group
+
+
+def remove_helper_group(sub: str, handle: str | None = None) -> None:
+    """Remove the helper group ``sub`` of this service (after its process was reaped)."""
+    service = service_group(handle)
+    if service is not None and not isinstance(service, SignalGroup):
+        service.sub(sub).remove()
 
 
 def limit_address_space(headroom: int) -> int:

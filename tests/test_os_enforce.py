@@ -121,6 +121,19 @@ def test_freeze_stops_a_whole_busy_tree_and_thaw_resumes_it(enforcer):
     _wait(lambda: group.cpu_seconds() > before + 0.05, "the thawed tree to run again")
 
 
+def test_close_with_the_caller_in_the_kernel_group_never_stops_or_kills_the_caller(enforcer):
+    enf, procs = enforcer
+    p = _spawn(procs, BURN)
+    enf.place_service("svc", p.pid)
+    enf.enter_kernel()
+    if enf.backend != E.SIGNALS:
+        with pytest.raises(E.EnforcerError, match="cannot freeze itself"):
+            enf.kernel.freeze()
+    assert enf.kernel.kill() == 0  # the caller is the only process there, and it is spared
+    enf.close()  # (a SIGSTOP to itself would hang here, and pytest-timeout would fail the test)
+    assert p.wait(WAIT) == -9
+
+
 def test_kill_ends_every_process_of_the_tree(enforcer):
     enf, procs = enforcer
     p = _spawn(procs, BURN)

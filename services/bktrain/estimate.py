@@ -20,10 +20,6 @@ group's memory ceiling (:mod:`kernel.enforce`) and the memory the machine has av
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from pathlib import Path
-
 import psutil
 import torch
 
@@ -61,16 +57,9 @@ def estimate(cfg: TrainConfig) -> Estimate:
 
 def group_memory_limit() -> int | None:
     """The memory ceiling of this service's enforcer group (None where it has none)."""
-    text = os.environ.get(enforce.ENV_GROUP)
-    if not text:
-        return None
-    spec = json.loads(text)
     try:
-        if spec.get("backend") == enforce.CGROUP1:
-            return enforce.CgroupV1Group("service", {k: Path(v) for k, v in spec["dirs"].items()}).memory().limit
-        if spec.get("backend") == enforce.CGROUP2:
-            return enforce.CgroupV2Group("service", Path(spec["path"]), frozenset(spec["controllers"])).memory().limit
-        return spec.get("limits", {}).get("mem_bytes")
+        group = enforce.service_group()
+        return None if group is None else group.memory().limit
     except (enforce.EnforcerError, KeyError, ValueError):
         return None
 

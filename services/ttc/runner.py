@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import select
 import signal
@@ -31,11 +32,14 @@ from typing import Any
 
 import psutil
 
+from kernel import enforce
 from services.ttc import logic
 from services.ttc.logic import RecoveryReport, RunFacts, RunRef, RunTicket, TransactionManager
 from services.ttc.store import Store
-from services.ttc.toolworker import write_atomically
+from services.ttc.toolworker import helper_group_name, write_atomically
 from services.ttc.tools import ToolRegistry, default_registry
+
+log = logging.getLogger("reca.ttc")
 
 ENV_RUN_TAG = "RECA_TTC_RUN"
 #: The repository root, put on the worker's PYTHONPATH so ``services.ttc`` imports there.
@@ -159,6 +163,10 @@ class Runner:
         if pid == 0:
             return None
         os.close(proc.pidfd)
+        try:  # its enforcer helper group (toolworker joined it); whatever it left there dies
+            enforce.remove_helper_group(helper_group_name(proc.pid))
+        except (enforce.EnforcerError, OSError) as exc:
+            log.warning("cannot remove the group of tool worker %d: %s", proc.pid, exc)
         cpu = usage.ru_utime + usage.ru_stime
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)

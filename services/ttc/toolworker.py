@@ -40,6 +40,22 @@ def apply_limits(cpu_s: int, mem_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
 
 
+def helper_group_name(pid: int) -> str:
+    """The enforcer helper group of tool worker ``pid`` (beside the ttc service's own)."""
+    return f"tool-{pid}"
+
+
+def _join_group(mem_bytes: int) -> None:
+    """Join a helper group of the ttc service's enforcer group (kernel/enforce.py), so the run and
+    everything it starts are frozen, killed and billed with the service, under ``mem_bytes``."""
+    from kernel import enforce
+
+    try:
+        enforce.join_group(helper_group_name(os.getpid()), enforce.Limits(mem_bytes=max(mem_bytes, 1 << 20)))
+    except (enforce.EnforcerError, OSError, ValueError) as exc:
+        print(f"toolworker: runs outside an enforcer group: {exc}", file=sys.stderr)
+
+
 def write_atomically(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -70,6 +86,7 @@ def main(argv: list[str]) -> int:
         req = json.load(fh)
     if req.get("die_with_parent"):
         _die_with_parent(req["parent_pid"])
+    _join_group(req["mem_bytes"])
     apply_limits(req["cpu_limit_s"], req["mem_bytes"])
     ctx = RunContext(req["call_id"], req["attempt"], req["checkpoint_dir"])
     try:
