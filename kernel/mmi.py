@@ -125,8 +125,13 @@ class Management:
             return errors.BadRequest(f"{name}: the argument must be plain data: {exc}")
         try:
             return self.handlers[name](router, args, now, caller)
-        except (TypeError, ValueError, OverflowError) as exc:
-            return errors.BadRequest(f"{name}: {exc}")
+        except errors.RecaError as exc:
+            return exc
+        except Exception:
+            # The argument passed its schema: what the handler raised is the kernel's bug, not
+            # the caller's; say so, and keep the traceback for the operator.
+            log.exception("internal error in the handler of %s", name)
+            return errors.InternalError(f"{name}: internal error in the kernel (logged)")
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -393,7 +398,7 @@ class Management:
             pid = act(self.procs)
         except LookupError as exc:
             return errors.Refused(str(exc))
-        except OSError as exc:
+        except (OSError, ValueError, OverflowError) as exc:  # the OS refused the value (a CPU number, ...)
             return errors.BadRequest(f"{name}: {exc}")
         if self.budget is not None:
             self.budget.record(name[len(P.MMI_PREFIX):], now, dict(arg), {"ok": True, "pid": pid})

@@ -348,6 +348,9 @@ class Arg:
     #: Longest element of a list (str elements) or key of a map: every key must be a str of at
     #: most this many characters.
     item_max_len: int | None = None
+    #: Bounds of a number (int or number kinds), inclusive.
+    min_value: float | None = None
+    max_value: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -398,6 +401,10 @@ def check_args(spec: OpSpec, arg: Any) -> dict[str, Any]:
         if a.item_max_len is not None and not all(isinstance(v, str) and len(v) <= a.item_max_len for v in value):
             raise BadRequest(f"{spec.name}: every {'key' if isinstance(value, dict) else 'element'} of {a.name!r} "
                              f"must be a string of at most {a.item_max_len} characters")
+        if (a.min_value is not None or a.max_value is not None) and _kind_ok("number", value) and not (
+            (a.min_value is None or value >= a.min_value) and (a.max_value is None or value <= a.max_value)
+        ):
+            raise BadRequest(f"{spec.name}: {a.name!r} must lie in [{a.min_value}, {a.max_value}]")
         if a.choices is not None and value not in a.choices:
             raise BadRequest(f"{spec.name}: {a.name!r} must be one of {', '.join(map(str, a.choices))}")
         out[a.name] = value
@@ -589,11 +596,12 @@ MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
     )),
     _proc(MMI_PROC_STOP, "SIGSTOP a supervised process group"),
     _proc(MMI_PROC_CONT, "SIGCONT a supervised process group"),
-    _proc(MMI_PROC_NICE, "set a supervised process's nice value", Arg("nice", "int", "nice value", required=True)),
+    _proc(MMI_PROC_NICE, "set a supervised process's nice value", Arg("nice", "int", "nice value, in [-20, 19]", required=True,
+                                                                      min_value=-20, max_value=19)),
     _proc(MMI_RESTART, "start a given-up (or exited) supervised child again, with a fresh restart "
                        "intensity"),
     _proc(MMI_PROC_AFFINITY, "set a supervised process's CPU set",
-          Arg("cpus", "list", "CPU numbers", required=True, items="int")),
+          Arg("cpus", "list", "CPU numbers", required=True, items="int", min_len=1, max_len=4096)),
 )}
 
 

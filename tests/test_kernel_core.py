@@ -248,3 +248,17 @@ def test_every_order_is_published_and_recorded_once_in_one_shape():
     router.order(Order("sim", "fidelity", {"level": 2, "blob": b"\x01"}), 1.0)
     assert published == [(b"ctl/sim/fidelity", {"level": 2, "blob": b"\x01"})]
     assert recorded[-1] == ("fidelity", {"service": "sim", "level": 2, "blob": "01"})
+
+
+def test_a_bug_in_a_handler_is_internal_error_not_bad_request():
+    mgmt = Management()
+    router = Router(Wire(), management=mgmt, host=FakeHost())
+
+    def broken(router, arg, now, caller):
+        raise TypeError("a bug")
+
+    mgmt.handlers[P.MMI_STATS] = broken
+    out = mgmt.handle(router, P.MMI_STATS, {}, 0.0)
+    assert isinstance(out, errors.InternalError) and out.code == "internal_error"
+    # Bad input is still the caller's: typed by the schema.
+    assert isinstance(mgmt.handle(router, P.MMI_PROC_NICE, {"child": "x", "nice": 99}, 0.0), errors.BadRequest)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from kernel import codec
+from kernel import codec, errors
 from kernel import protocol as P
 from kernel.admission import BudgetAdmission
 from kernel.host import FakeHost
@@ -244,6 +244,59 @@ class KernelModel(RuleBasedStateMachine):
             self.mmi(c, op, {"token": data.draw(st.sampled_from(tokens))})
         else:
             self.mmi(c, op, {"job": data.draw(st.sampled_from(JOBS[2:]))})
+
+    @rule(
+        c=st.integers(0, 2),
+        name=st.sampled_from(sorted(P.MMI_OPS)),
+        arg=st.one_of(
+            st.none(),
+            st.binary(max_size=4),
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "job",
+                        "parent",
+                        "budget",
+                        "limits",
+                        "priority",
+                        "resource",
+                        "amount",
+                        "commit",
+                        "up_to",
+                        "lease_s",
+                        "reservation",
+                        "reservations",
+                        "token",
+                        "id",
+                        "service",
+                        "op",
+                        "message",
+                        "source",
+                        "events",
+                        "page",
+                        "child",
+                        "nice",
+                        "cpus",
+                    ]
+                ),
+                st.one_of(
+                    st.none(),
+                    st.booleans(),
+                    st.integers(-(2**70), 2**70),
+                    st.floats(),
+                    st.text(max_size=4),
+                    st.binary(max_size=4),
+                    st.lists(st.integers(-3, 3), max_size=3),
+                    st.dictionaries(st.text(max_size=3), st.floats(), max_size=2),
+                ),
+                max_size=4,
+            ),
+        ),
+    )
+    def mmi_garbage(self, c, name, arg) -> None:
+        """Any argument gets an answer or a typed refusal; never an internal error."""
+        out = self.mmi(c, name, arg)
+        assert not isinstance(out, errors.InternalError), (name, arg)
 
     @rule(c=st.integers(0, 2))
     def stats(self, c) -> None:
