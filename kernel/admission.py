@@ -48,9 +48,9 @@ class Journal(Protocol):
     """Where decisions are recorded (kernel.decisions.DecisionLog)."""
 
     session: str
-    state: Callable[[], dict] | None
+    state: Callable[[], dict[str, Any]] | None
 
-    def append(self, op: str, now: float, inputs: dict, outputs: dict) -> None: ...
+    def append(self, op: str, now: float, inputs: dict[str, Any], outputs: dict[str, Any]) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -60,8 +60,8 @@ class _Track:
     """Per-request ledger state kept by BudgetAdmission."""
 
     job: str
-    granted: dict
-    charged: dict = dataclasses.field(default_factory=dict)
+    granted: dict[str, Any]
+    charged: dict[str, Any] = dataclasses.field(default_factory=dict)
     started: bool = False
     preempted: bool = False
     paused: bool = False  # paused by kernel preemption with its slot lent out
@@ -81,7 +81,7 @@ class BudgetAdmission(Admission):
     statuses and kernel measurements, exhaustion with cancel, gates over MMI, preemption."""
 
     def __init__(self, ledger: Ledger | None = None, decision_log: Journal | None = None, *,
-                 root_limits: dict | None = None, default_limits: dict | None = None,
+                 root_limits: dict[str, Any] | None = None, default_limits: dict[str, Any] | None = None,
                  max_pause: float = P.MAX_PAUSE, audit_quota: int = P.AUDIT_EVENTS_PER_MIN,
                  restored: Any = None, restored_at: float | None = None, host: "Host | None" = None) -> None:
         if host is None:
@@ -124,7 +124,7 @@ class BudgetAdmission(Admission):
         if decision_log is not None:
             decision_log.state = self.durable_state
         #: What :meth:`restore` restored at construction (``restored``: a kernel.replay report).
-        self.restored: dict | None = None
+        self.restored: dict[str, Any] | None = None
         if restored is not None:
             self.restored = self.restore(restored, restored_at if restored_at is not None else 0.0)
         elif self._limits is not None:
@@ -132,11 +132,11 @@ class BudgetAdmission(Admission):
             if not out["ok"]:
                 raise ValueError(f"[limits]: {out['message']}")
 
-    def durable_state(self) -> dict:
+    def durable_state(self) -> dict[str, Any]:
         """What a decision-log snapshot holds: the ledger and the idempotency keys in flight."""
         return {"ledger": self.ledger.dump(), "inflight_idem": sorted(self.idem_inflight)}
 
-    def restore(self, report: Any, now: float) -> dict:
+    def restore(self, report: Any, now: float) -> dict[str, Any]:
         """Continue the enforcement state a decision log held (kernel.replay.restore): its ledger
         (jobs with their owners, limits, spent amounts, held reservations with their holders and
         leases, the configured root/default limits) becomes this kernel's.
@@ -170,14 +170,14 @@ class BudgetAdmission(Admission):
         return {"jobs": len(ledger.jobs) - 2, "reservations": len(ledger._reservations),
                 "finished": finished, "interrupted": len(self.interrupted)}
 
-    def decide(self, op: str, now: float, **inputs: Any) -> dict:
+    def decide(self, op: str, now: float, **inputs: Any) -> dict[str, Any]:
         """Run the Ledger operation ``op`` and record it (inputs and outputs) in the log."""
-        out = getattr(self.ledger, op)(now, **inputs)
+        out: dict[str, Any] = getattr(self.ledger, op)(now, **inputs)
         if self.log is not None:
             self.log.append(op, now, inputs, out)
         return out
 
-    def record(self, op: str, now: float, inputs: dict, outputs: dict) -> None:
+    def record(self, op: str, now: float, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
         """Record a decision that is not the Ledger's (orders, process controls, audits)."""
         if self.log is not None:
             self.log.append(op, now, inputs, outputs)
@@ -268,7 +268,7 @@ class BudgetAdmission(Admission):
         """The answer for a job the caller may not act in, the same whether it exists or not."""
         return errors.Forbidden(f"no open job {job!r} of yours")
 
-    def on_forbidden(self, principal: Principal, op: str, inputs: dict, now: float) -> None:
+    def on_forbidden(self, principal: Principal, op: str, inputs: dict[str, Any], now: float) -> None:
         """Count, log and record a refused call (the decision log is the operator's record)."""
         self.counters["forbidden"] = self.counters.get("forbidden", 0) + 1
         log.warning("forbidden: %s (%s) %s %s", principal.name, principal.role, op, inputs)
@@ -304,12 +304,16 @@ class BudgetAdmission(Admission):
         header[P.H_JOB] = req.job
         return codec.pack(header)
 
-    def _charge_status(self, view: View, req: Request, status: dict, now: float,
-                       effects: list[Effect]) -> errors.RecaError | None:
+    def _charge_status(self, view: View, req: Request, status: dict[str, Any], now: float,
+                       effects: list[Effect], final: bool = False) -> errors.RecaError | None:
+        """Charge what a status reports beyond what was charged already; ``final``: the request's
+        FINAL, whose charges and end are one ``finish`` decision."""
         track = self.tracks.get(req.token)
-        spent = status.get(P.S_SPENT)
-        if track is None or not isinstance(spent, dict):
+        if track is None:
             return None
+        spent = status.get(P.S_SPENT)
+        if not isinstance(spent, dict):
+            spent = {}
         delta = {}
         # A worker names the kinds it spent; the ledger keeps and logs each, so beyond MAX_KINDS
         # only the granted ones (those that bound something) count, and no name is unbounded.
@@ -329,12 +333,19 @@ class BudgetAdmission(Admission):
             if d > 0:
                 delta[kind] = d
                 track.charged[kind] = value
+        if final and track.started:
+            track.started = False  # on_done has nothing left to finish
+            out = self.decide("finish", now, job=track.job, spent=delta) if delta \
+                else self.decide("finish", now, job=track.job)
+        elif delta:
+            out = self.decide("charge", now, job=track.job, spent=delta)
+        else:
+            out = {}
+        for name in out.get("exhausted", ()):
+            effects.extend(self.exhaust(view, name, now, skip=req))
         if not delta:
             return errors.BudgetExceeded("charges beyond the granted budget", spent=dict(track.charged)) \
                 if track.over else None
-        out = self.decide("charge", now, job=track.job, spent=delta)
-        for name in out["exhausted"]:
-            effects.extend(self.exhaust(view, name, now, skip=req))
         # The request that brought its job exactly to the limit keeps its result; one that went
         # past the job's limit or its own granted budget does not.
         job = self.ledger.jobs.get(track.job)
@@ -377,7 +388,7 @@ class BudgetAdmission(Admission):
             self._paused_at.pop(req.token, None)
         return effects
 
-    def settle(self, view: View, req: Request, status: dict, now: float) -> tuple[errors.RecaError | None, Effects]:
+    def settle(self, view: View, req: Request, status: dict[str, Any], now: float) -> tuple[errors.RecaError | None, Effects]:
         track = self.tracks.get(req.token)
         worker = req.worker
         if track is not None and track.cpu_start is not None and worker is not None and worker.pid:
@@ -390,7 +401,7 @@ class BudgetAdmission(Admission):
                     sp = status[P.S_SPENT] = {}
                 sp[P.CPU_MS] = max(0.0, (end - track.cpu_start) * 1000.0)
         effects: list[Effect] = []
-        return self._charge_status(view, req, status, now, effects), effects
+        return self._charge_status(view, req, status, now, effects, final=True), effects
 
     def on_deadline(self, view: View, req: Request, now: float) -> Effects:
         track = self.tracks.get(req.token)
@@ -404,7 +415,7 @@ class BudgetAdmission(Admission):
         return (*self._cancel(req, ErrorCode.DEADLINE, why),
                 Fail(req, errors.DeadlineExceeded(why), self._spent(req, now)))
 
-    def on_done(self, req: Request, now: float, spent: dict | None, error: errors.RecaError | None) -> None:
+    def on_done(self, req: Request, now: float, spent: dict[str, Any] | None, error: errors.RecaError | None) -> None:
         track = self.tracks.pop(req.token, None)
         if track is None:
             return
@@ -470,7 +481,7 @@ class BudgetAdmission(Admission):
 
     # -- exhaustion, cancel, preemption ---------------------------------------------------------
 
-    def _spent(self, req: Request, now: float) -> dict:
+    def _spent(self, req: Request, now: float) -> dict[str, Any]:
         track = self.tracks.get(req.token)
         out = dict(track.charged) if track else {}
         out[P.WALL_MS] = (now - req.received) * 1000.0
@@ -578,7 +589,7 @@ class BudgetAdmission(Admission):
                      if not r.done and (t := self.tracks.get(r.token)) is not None and t.paused)
         return paused + self._slot_debt.get(worker.identity, 0)
 
-    def stats(self, now: float) -> dict:
+    def stats(self, now: float) -> dict[str, Any]:
         self.flush_log()
         return {"jobs": self.ledger.snapshot(now), "ledger": dict(self.counters)}
 

@@ -34,15 +34,16 @@ import zmq
 import zmq.auth
 
 from kernel import protocol as P
-from kernel.principal import (  # noqa: F401  (re-exported: the principal lives in kernel.principal)
-    CHILD_PREFIX,
-    CLIENT,
-    KERNEL_ROLE,
-    LOCAL_OPERATOR,
-    OPERATOR,
-    REVOKED,
-    SERVICE_PREFIX,
-    Principal,
+# Re-exported: the principal lives in kernel.principal (pure; this module speaks CURVE/ZAP).
+from kernel.principal import (
+    CHILD_PREFIX as CHILD_PREFIX,
+    CLIENT as CLIENT,
+    KERNEL_ROLE as KERNEL_ROLE,
+    LOCAL_OPERATOR as LOCAL_OPERATOR,
+    OPERATOR as OPERATOR,
+    REVOKED as REVOKED,
+    SERVICE_PREFIX as SERVICE_PREFIX,
+    Principal as Principal,
 )
 
 log = logging.getLogger("reca.auth")

@@ -35,7 +35,8 @@ import dataclasses
 import enum
 from typing import Any, Callable, Final
 
-from kernel.errors import BadRequest, ErrorCode
+from kernel.errors import BadRequest
+from kernel.errors import ErrorCode as ErrorCode  # re-exported: the wire codes belong to the protocol
 
 #: Protocol version carried in every reca header and status map (field ``v``).
 VERSION: Final = 1

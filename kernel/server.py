@@ -80,8 +80,8 @@ class KernelServer:
         unavailable_wait: float = P.UNAVAILABLE_WAIT,
         admission: Admission | None = None,
         management: Management | None = None,
-        extra_stats: Callable[[], dict] | None = None,
-        context: zmq.Context | None = None,
+        extra_stats: Callable[[], dict[str, Any]] | None = None,
+        context: "zmq.Context[Any] | None" = None,
         server_keys: auth.ServerKeys | None = None,
         principals: auth.Principals | None = None,
         max_peers: int = P.MAX_PEERS,
@@ -152,8 +152,8 @@ class KernelServer:
         self._stopped: asyncio.Event | None = None
         self._next_reload = 0.0
 
-    def _stats_with(self, extra: Callable[[], dict] | None) -> Callable[[], dict]:
-        def stats() -> dict:
+    def _stats_with(self, extra: Callable[[], dict[str, Any]] | None) -> Callable[[], dict[str, Any]]:
+        def stats() -> dict[str, Any]:
             out = dict(extra()) if extra is not None else {}
             out["connections"] = self.guard.stats()
             out["auth"] = {"curve": self.zap is not None,
@@ -162,7 +162,7 @@ class KernelServer:
             return out
         return stats
 
-    def _monitor(self, sock: zmq.Socket, n: int) -> zmq.Socket:
+    def _monitor(self, sock: "zmq.Socket[Any]", n: int) -> "zmq.Socket[Any]":
         """A PAIR receiving ``sock``'s accept/disconnect events.  Its receive high-water mark is 0
         (unlimited; over inproc that makes the whole pipe unlimited): a lost DISCONNECTED event
         would leave a reused descriptor marked as refused."""
@@ -190,7 +190,7 @@ class KernelServer:
             raise
         return True
 
-    def _publish(self, topic: bytes, message: dict) -> None:
+    def _publish(self, topic: bytes, message: dict[str, Any]) -> None:
         try:
             self.pub.send_multipart([topic, codec.pack(message)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # PUB drops on HWM by design; count it

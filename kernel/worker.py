@@ -70,7 +70,7 @@ class RequestState:
     is sent or its link ends."""
 
     token: bytes
-    header: dict | None
+    header: dict[str, Any] | None
     #: A reca request (header present), else an opaque MDP body.
     reca: bool = dataclasses.field(init=False)
     #: The client's request id and the job, from the header (None if absent).
@@ -88,12 +88,12 @@ class RequestState:
         self.job = None if header is None else header.get(P.H_JOB)
 
 
-def targets(message: dict, state: RequestState) -> bool:
+def targets(message: dict[str, Any], state: RequestState) -> bool:
     """Whether the control ``message`` addresses ``state``: ``token`` (exact) if given, else
     ``job``, else ``id`` (only without ``job``), or ``all``."""
     token = message.get(P.C_TOKEN)
     if token is not None:
-        return state.token == token
+        return bool(state.token == token)
     job, rid = message.get(P.C_JOB), message.get(P.C_ID)
     return bool(
         (job is not None and state.job == job)
