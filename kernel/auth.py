@@ -48,6 +48,15 @@ from kernel.principal import (
 
 log = logging.getLogger("reca.auth")
 
+__all__ = [
+    "CHILD_PREFIX", "CLIENT", "ENV_CERT", "ENV_SERVER_CERT", "KERNEL_KEY", "KERNEL_ROLE", "LOCAL_OPERATOR", "NAME_RE",
+    "OPERATOR", "REVOKED", "SERVICE_PREFIX", "USER_ID", "ZAP_DOMAIN_CONTROL", "ZAP_DOMAIN_ROUTER", "AuthError",
+    "Certificate", "PeerCredentials", "Principal", "Principals", "ServerKeys", "UnsafeRuntimeDir", "check_ipc_endpoint",
+    "check_key_dir", "certificate_name", "child_principals", "curve_server", "ensure_private_dir", "list_certificates",
+    "load_public", "load_secret", "open_append", "parse_role", "peer_credentials", "read_certificate", "secure_socket",
+    "write_certificate", "write_private", "write_public_certificate",
+]
+
 #: Environment variables read by clients, services and the CLI (defined in the protocol module).
 ENV_CERT = P.ENV_CERT  # the peer's own secret certificate file
 ENV_SERVER_CERT = P.ENV_SERVER_CERT  # the kernel's public certificate file

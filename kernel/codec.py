@@ -20,6 +20,8 @@ import msgpack
 from kernel.errors import BadRequest
 from kernel.protocol import MAX_FRAME_SIZE
 
+__all__ = ["pack", "reca_header", "unpack", "unpack_array"]
+
 _packer = msgpack.Packer(use_bin_type=True, datetime=False)
 
 

@@ -645,3 +645,9 @@ HEADER: Final[tuple[HeaderField, ...]] = (
     HeaderField(H_IDEM, lambda v: isinstance(v, str), "header field 'idem' must be a string"),
     HeaderField(H_TXN, lambda v: isinstance(v, str), "header field 'txn' must be a string"),
 )
+
+
+#: The public API: every name of the wire (constants, enums, tables, ``check_args``).
+__all__ = sorted(
+    n for n in dir() if not n.startswith("_") and n not in {"annotations", "dataclasses", "enum", "Any", "Callable", "Final"}
+)

@@ -40,6 +40,8 @@ from typing import Any, Callable
 from kernel import codec, errors
 from kernel import protocol as P
 
+__all__ = ["Event", "Link", "LinkLost", "NewRequest", "RequestState", "SafePoint", "WorkerSession", "targets"]
+
 _W = P.WorkerCmd
 #: A worker message to the kernel, without the MDPW header (the send callable adds nothing).
 Send = Callable[[list[bytes]], None]
