@@ -369,6 +369,20 @@ class WorkerSession:
         self.partial(token, {"resumed_at": now}, now, P.STATUS_RESUMED)
         return SafePoint.CONTINUE
 
+    # -- invariants -------------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError naming the first broken invariant: requests live only on a
+        connected link, each under its own token; the backoff stays
+        within its bounds."""
+        if not self.connected:
+            assert not self.active, f"{len(self.active)} request(s) active on a {self.link.value} link"
+        for token, state in self.active.items():
+            assert state.token == token, "a request under another's token"
+        assert self.reconnect_initial <= self._backoff <= max(self.reconnect_max, self.reconnect_initial), \
+            f"backoff {self._backoff} out of bounds"
+        assert self.late_replies >= 0 and self.malformed >= 0
+
     # -- sending ----------------------------------------------------------------------------------
 
     def _emit(self, tail: list[bytes], now: float) -> None:
