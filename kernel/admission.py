@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 from kernel import codec, errors
 from kernel import protocol as P
-from kernel.ledger import COMPUTE, DEFAULT_JOB, ROOT, Job, Ledger, is_default_job
+from kernel.ledger import COMPUTE, DEFAULT_JOB, ROOT, Job, Ledger, is_default_job, refusal
 from kernel.policy import NO_EFFECTS, Admission, Effect, Effects, Fail, Lend, Order, View
 from kernel.principal import Principal
 from kernel.protocol import ErrorCode
@@ -190,10 +190,10 @@ class BudgetAdmission(Admission):
     # -- router hooks -----------------------------------------------------------------------------
 
     def admit(self, view: View, req: Request, now: float) -> tuple[errors.RecaError | None, Effects]:
-        job, refusal = self.resolve_job(req.principal, req.job, now)
-        if refusal is not None:
+        job, refused = self.resolve_job(req.principal, req.job, now)
+        if refused is not None:
             self.counters["refused"] += 1
-            return refusal, NO_EFFECTS
+            return refused, NO_EFFECTS
         req.job = job
         checked = req.checked
         idem = checked.idem if checked is not None else None
@@ -217,7 +217,7 @@ class BudgetAdmission(Admission):
         out = self.decide("admit", now, job=job, budget=budget, start=True)
         if not out["ok"]:
             self.counters["refused"] += 1
-            return errors.from_wire({"code": out["code"], "message": out["message"]}), NO_EFFECTS
+            return refusal(out), NO_EFFECTS
         granted = out["granted"]
         self.tracks[req.token] = track = _Track(job, granted, priority=req.priority, idem=idem)
         if P.CPU_MS in granted and jobrec is not None:
@@ -248,7 +248,7 @@ class BudgetAdmission(Admission):
             out = self.decide("open", now, job=name, parent=None, limits=dict(self.default_limits),
                               owner=principal.name)
             if not out["ok"]:
-                return name, errors.from_wire({"code": out["code"], "message": f"default job: {out['message']}"})
+                return name, refusal(out, "default job: ")
         return name, None
 
     def may_act(self, view: View, principal: Principal, job: str) -> bool:

@@ -64,8 +64,21 @@ def _lease_refusal(lease: Any) -> dict[str, Any] | None:
 
 
 def _no(code: ErrorCode, message: str, **extra: Any) -> dict[str, Any]:
-    """A refusing decision: ``{"ok": False, "code", "message", ...}``."""
+    """A refusing decision: ``{"ok": False, "code", "message", ...}``.  Every refusal of the
+    ledger is one of these (it never raises); :func:`refusal` turns one into its typed error."""
     return {"ok": False, "code": code, "message": message, **extra}
+
+
+def _unknown_job(job: Any) -> dict[str, Any]:
+    return _no(ErrorCode.REFUSED, f"unknown or closed job {job!r}; open it with mmi.job.open first")
+
+
+def refusal(decision: dict[str, Any], prefix: str = "") -> errors.RecaError | None:
+    """The typed error a decision refused with (None: it did not refuse).  ``prefix``: put
+    before its message (which decision it was, for the caller)."""
+    if decision.get("ok") or "code" not in decision:
+        return None
+    return errors.from_wire({"code": decision["code"], "message": prefix + str(decision.get("message", ""))})
 
 
 @dataclasses.dataclass
@@ -139,11 +152,10 @@ class Ledger:
 
     # -- lookups ----------------------------------------------------------------------------------
 
-    def job(self, name: str) -> Job:
+    def open_job(self, name: str) -> Job | None:
+        """Open job ``name`` (None: unknown or closed)."""
         job = self.jobs.get(name)
-        if job is None or job.closed:
-            raise errors.Refused(f"unknown or closed job {name!r}; open it with mmi.job.open first", job=name)
-        return job
+        return None if job is None or job.closed else job
 
     @staticmethod
     def _holders(job: Job) -> "list[tuple[str, Job]]":
@@ -317,10 +329,9 @@ class Ledger:
         """Admit a request of ``job`` asking for ``budget``; returns the granted (clamped) budget.
         ``start``: an admitted request also starts at once (one decision instead of admit +
         start; a log without it replays its separate ``start`` lines the same)."""
-        try:
-            j = self.job(job)
-        except errors.Refused as exc:
-            return _no(ErrorCode(exc.code), exc.message)
+        j = self.open_job(job)
+        if j is None:
+            return _unknown_job(job)
         why = self.blocked_by(j)
         if why:
             return _no(ErrorCode.BUDGET_EXCEEDED, why)
@@ -424,10 +435,9 @@ class Ledger:
         ``reservation``: the id to give a held reservation (the kernel draws it at random, so
         no one guesses another's; an input, so replay is exact), else a counter; ``holder``: the
         principal taking it (it may release, commit and renew it)."""
-        try:
-            j = self.job(job)
-        except errors.Refused as exc:
-            return _no(ErrorCode(exc.code), exc.message)
+        j = self.open_job(job)
+        if j is None:
+            return _unknown_job(job)
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 < amount < P.MAX_AMOUNT:
             return _no(ErrorCode.BAD_REQUEST, "amount must be a positive number")
         refusal = _lease_refusal(lease)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from kernel import errors
 from kernel import protocol as P
-from kernel.ledger import DEFAULT_JOB, ROOT, is_default_job
+from kernel.ledger import DEFAULT_JOB, ROOT, is_default_job, refusal
 from kernel.policy import Core as Router
 from kernel.policy import Order
 from kernel.principal import LOCAL_OPERATOR, Principal
@@ -170,9 +170,8 @@ class Management:
         out = budget.decide(op, now, **inputs)
         for job in out.get("exhausted", ()):
             router.apply(budget.exhaust(router, job, now), now)
-        if not out.get("ok") and "code" in out:
-            return errors.from_wire({"code": out["code"], "message": out.get("message", "")})
-        return out
+        refused = refusal(out)
+        return refused if refused is not None else out
 
     # -- RFC 8/MMI --------------------------------------------------------------------------------
 
@@ -212,9 +211,9 @@ class Management:
         if parent in (None, ROOT) and not caller.principal.operator:
             # A non-operator's top-level jobs are carved from its own default job, so all it holds
             # is bounded by [limits] default: no client can take root's budget from the others.
-            parent, refusal = self.budget.resolve_job(caller.principal, None, now)
-            if refusal is not None:
-                return refusal
+            parent, refused = self.budget.resolve_job(caller.principal, None, now)
+            if refused is not None:
+                return refused
         return self._decide(router, "open", now, job=arg.get("job"), parent=parent,
                             limits=arg.get("budget") or arg.get("limits"), priority=arg["priority"],
                             owner=caller.principal.name)
@@ -248,9 +247,9 @@ class Management:
     def op_gate_reserve(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
-        job, refusal = self.budget.resolve_job(caller.principal, arg.get("job"), now)
-        if refusal is not None:
-            return refusal
+        job, refused = self.budget.resolve_job(caller.principal, arg.get("job"), now)
+        if refused is not None:
+            return refused
         if not self._may_act(router, caller, job):
             return self._not_yours(router, caller, P.MMI_GATE_RESERVE, arg, now, job)
         # Reservation ids are random (unguessable) and recorded as an input (replay is exact).
