@@ -336,25 +336,31 @@ class Ledger:
         if why:
             return _no(ErrorCode.BUDGET_EXCEEDED, why)
         budget = budget or {}
-        holders: list[tuple[str, Job | None]] = list(self._holders(j))
+        holders: list[tuple[str, Job | None]] = self._holders(j)  # type: ignore[assignment]
         if budget and not budget.keys() <= {k for k, _ in holders}:
             # Kinds the request asks for that no job limits: granted as asked (unlimited).
             found: dict[str, Job | None] = {**dict.fromkeys(budget), **dict(holders)}
             holders = sorted(found.items())
         granted: dict[str, float] = {}
+        isfinite, asked = math.isfinite, budget.get
+        short = None  # the first kind with nothing left
         for kind, h in holders:
             if h is None:
                 rem = INF
             else:
-                rem = h.remaining(kind)
+                rem = h.limits[kind] - h.spent.get(kind, 0.0) - h.carved.get(kind, 0.0) - h.reserved.get(kind, 0.0)
                 if kind == WALL and h.wall_running:
                     rem -= h.wall_running * (now - h.wall_anchor) * 1000.0
-            got = min(budget.get(kind, INF), rem)
-            if math.isfinite(got):
-                granted[kind] = _r(max(0.0, got))
-        for kind, amount in granted.items():
-            if amount <= 0 and (kind in budget or kind in COMPUTE):
-                return _no(ErrorCode.BUDGET_EXCEEDED, f"no {kind} left in job {job!r}", granted=granted)
+            got = asked(kind, INF)
+            if rem < got:
+                got = rem
+            if isfinite(got):
+                # as _r(max(0.0, got)): rounded for the log, never below zero
+                amount = granted[kind] = round(got, 6) if got > 0.0 else 0.0
+                if amount <= 0 and short is None and (kind in budget or kind in COMPUTE):
+                    short = kind
+        if short is not None:
+            return _no(ErrorCode.BUDGET_EXCEEDED, f"no {short} left in job {job!r}", granted=granted)
         if start:
             self.start(now, job)
         return {"ok": True, "granted": granted}
