@@ -146,9 +146,10 @@ def start_peer(procs: Procs, name: str, module: str = "bench._peers") -> tuple[s
     return ep, [b.pid, w.pid]
 
 
-def pure_core(n: int) -> dict:
-    """The pure core's CPU per budgeted request (bench._core_loop), in a fresh process."""
-    out = subprocess.run([sys.executable, "-m", "bench._core_loop", str(n)], capture_output=True, text=True,
+def pure_core(n: int, *flags: str) -> dict:
+    """The pure core's CPU per budgeted request (bench._core_loop; ``--session``: the worker
+    session's), in a fresh process."""
+    out = subprocess.run([sys.executable, "-m", "bench._core_loop", str(n), *flags], capture_output=True, text=True,
                          timeout=600, check=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
     import json
 
@@ -277,6 +278,7 @@ def run(quick: bool) -> Result:
         procs.close()
     ray_r = None if quick else bench_ray(min(n_sync, 3000), min(n_pipe, 20_000), window)
     core = pure_core(10_240 if quick else 51_200)
+    session = pure_core(10_240 if quick else 51_200, "--session")
     rows = []
     for label, cap in SYSTEMS:
         r = got[label]
@@ -291,6 +293,9 @@ def run(quick: bool) -> Result:
     rows.append({"system": "reca pure core in process (router + admission + ledger + decision log, no sockets)",
                  "worker capacity": 64, "core_cpu_us_per_req": core["cpu_us_per_req"],
                  "core_cpu_us_per_req_best_round": core["min_round_cpu_us"]})
+    rows.append({"system": "reca worker session in process (kernel.worker: REQUEST in, FINAL out, no sockets)",
+                 "worker capacity": 64, "core_cpu_us_per_req": session["cpu_us_per_req"],
+                 "core_cpu_us_per_req_best_round": session["min_round_cpu_us"]})
     r1, r64 = got[SYSTEMS[4][0]], got[SYSTEMS[6][0]]
     proxy, floor, b1, mt, b64 = (got[SYSTEMS[i][0]] for i in (0, 1, 2, 3, 5))
     for row in rows:
@@ -320,6 +325,7 @@ def run(quick: bool) -> Result:
         "p50_vs_c_proxy": r1["p50_ms"] / proxy["p50_ms"],
         "pure_core_cpu_us_per_req": core["cpu_us_per_req"],
         "pure_core_cpu_us_per_req_best_round": core["min_round_cpu_us"],
+        "worker_session_cpu_us_per_req": session["cpu_us_per_req"],
     }
     samples = {"reca_p99_ms": len(r1["_lat"]), "reca_p50_ms": len(r1["_lat"])}
     # Issue 22's targets.
