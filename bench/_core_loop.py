@@ -115,8 +115,12 @@ def measure_session(n: int) -> dict:
         per_round.append((time.process_time() - r0) / ROUND * 1e6)
         done += ROUND
     per_round.sort()
-    return {"requests": done, "cpu_us_per_req": (time.process_time() - t_cpu) / done * 1e6,
-            "min_round_cpu_us": per_round[0], "median_round_cpu_us": per_round[len(per_round) // 2]}
+    return {
+        "requests": done,
+        "cpu_us_per_req": (time.process_time() - t_cpu) / done * 1e6,
+        "min_round_cpu_us": per_round[0],
+        "median_round_cpu_us": per_round[len(per_round) // 2],
+    }
 
 
 if __name__ == "__main__":
