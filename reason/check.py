@@ -106,6 +106,13 @@ def is_polynomial_equation(form: sp.Expr, var: sp.Symbol = VAR) -> bool:
     return bool(num.is_polynomial(var)) and num.has(var)
 
 
+def has_no_roots(form: sp.Expr, var: sp.Symbol = VAR) -> bool:
+    """Whether ``form = 0`` has no solution because its (cancelled) numerator is a non-zero
+    constant in ``var`` (``1/(x+1) = 0``; with parameters: generically non-zero)."""
+    num = sp.numer(sp.cancel(sp.together(form)))
+    return not num.has(var) and num != 0
+
+
 def root_count(form: sp.Expr, var: sp.Symbol = VAR) -> int | None:
     """The number of distinct roots of ``form``'s numerator, a polynomial in ``var`` (the degree of
     its generic square-free part, parameters as coefficients); ``None`` when it is no polynomial."""
@@ -168,6 +175,8 @@ def check_solutions(form: sp.Expr, sols: list[sp.Expr], rng: np.random.Generator
     reason otherwise (an empty list, a duplicate or near-duplicate, a solution that is not one or
     lies outside the domain, a missing root)."""
     if not sols:
+        if has_no_roots(form, var):
+            return True  # 1/(x + 1) = 0: no solution, and that is every solution
         raise VerifierRejected("no solutions given (an empty answer cannot be verified)")
     if any(s.has(var) for s in sols):
         raise VerifierRejected("a solution must not contain the variable")
@@ -214,6 +223,8 @@ def residuals(kind: str, form: sp.Expr, answer: Any, var: sp.Symbol = VAR, func:
     if kind == "solve":
         sols = list(answer)
         if not sols:
+            if has_no_roots(form, var):
+                return []
             raise VerifierRejected("no solutions given (an empty answer cannot be verified)")
         if any(s.has(var) for s in sols):
             raise VerifierRejected("a solution must not contain the variable")

@@ -21,7 +21,7 @@ from sympy.integrals.manualintegrate import manualintegrate
 import numpy as np
 
 from reason.canon import FUNC, VAR, time_limit
-from reason.check import full_check
+from reason.check import full_check, has_no_roots
 from reason.errors import ParseError, ReasonError, TimeLimit, TooLarge, Unsupported, VerifierRejected
 
 #: Default bound of one heavy call, seconds.
@@ -49,6 +49,8 @@ def compute(kind: str, form: sp.Expr) -> Any:
         return out
     if kind == "solve":
         sols = sp.solve(form, VAR)
+        if not sols and has_no_roots(form):
+            return []  # a non-zero constant numerator: no solution, and that is complete
         if not sols or any(isinstance(s, dict) for s in sols):
             raise Unsupported("no explicit solutions found")
         return list(sols)

@@ -237,3 +237,18 @@ def test_graft_for_an_absent_variable_is_not_captured():
     assert out.ok and sp.sympify(out.final) == 0 and out.grafted == 0
     x, y, c1 = sp.symbols("x y c1")
     assert not check_step("diff", x * y**2 + 5, y**2, c1, None, np.random.default_rng(0))
+
+
+def test_parameter_branches_are_stated():
+    """``a*x = b``: the generic solution, with the branch it assumes said."""
+    reply = fresh_cache().solve(q("a*x = b"), 0.0, timed_compute)
+    assert reply["answer"] == ["b/a"] and reply["assumes"] == ["a != 0"]
+
+
+def test_no_solution_is_a_complete_answer():
+    cache = fresh_cache()
+    for text in ("(x-1)/(x^2-1) = 0", "1/x = 0"):
+        reply = cache.solve(q(text), 0.0, timed_compute)
+        assert reply["answer"] == [] and reply["complete"] and oracle_solutions(text) == set()
+    with pytest.raises(VerifierRejected):
+        fresh_cache().put(q("x^2 = 4"), [], 0.0)

@@ -90,6 +90,19 @@ def answer_from_text(kind: str, text: str) -> Any:
     return C.artifact_from_text(kind, json.loads(text))
 
 
+def _assumptions(solutions: list, var: Any) -> list[str]:
+    """``"d != 0"`` for each denominator factor of the solutions that holds parameters only
+    (``a*x = b`` answered ``[b/a]`` assumes ``a != 0``)."""
+    seen: dict[str, None] = {}
+    for sol in solutions:
+        den = sp.denom(sp.together(sol))
+        for factor in sp.Mul.make_args(sp.factor_terms(den)):
+            base = factor.base if isinstance(factor, sp.Pow) else factor
+            if base.free_symbols and not base.has(var):
+                seen.setdefault(f"{sp.sstr(base)} != 0", None)
+    return list(seen)
+
+
 class SubgoalCache:
     """The cache over one :class:`~services.scch.store.Backend`."""
 
@@ -208,6 +221,11 @@ class SubgoalCache:
                 raise VerifierRejected(f"{cn.var} = {sol} does not solve the equation as written")
             (kept if status == "ok" else excluded).append(sol)
         out = {"answer": C.to_text(kept), "complete": how.endswith("+complete")}
+        assumes = _assumptions(kept, cn.var)
+        if assumes:
+            # the generic branch: where a parameter makes a denominator vanish the equation has
+            # other solutions (or none); the answer says so instead of being wrong there
+            out["assumes"] = assumes
         if excluded:
             out["excluded"] = C.to_text(excluded)
             out["why_excluded"] = "the equation as written is undefined there"
