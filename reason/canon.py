@@ -355,6 +355,15 @@ class Canon:
             return g.xreplace({_U: a * x + b}) / a
         return self._to_query_syms(answer)
 
+    def form_in_query(self) -> sp.Expr:
+        """The canonical form in the query's symbols (the affine map applied): equal to the
+        query's expression wherever that is defined (``integrate``: ``f(x) = F(a x + b)``)."""
+        form = self._to_query_syms(self.form.xreplace({VAR: _U}))
+        if self.affine is not None:
+            a, b = self.affine
+            return form.xreplace({_U: a * self.var + b})
+        return form.xreplace({_U: self.var}) if self.var is not None else form
+
     def _sol_to_query(self, sol: sp.Expr) -> sp.Expr:
         if self.affine is None:
             return self._to_query_syms(sol)
