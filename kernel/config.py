@@ -169,7 +169,7 @@ SCHEMA: tuple[Setting, ...] = (
             "longest a request stays paused before the kernel resumes it, seconds", low=0, low_open=True,
             high=86400, field="max_pause"),
     Setting("limits", "audit_events_per_min", "int", P.AUDIT_EVENTS_PER_MIN,
-            "mmi.audit records one principal may write per minute", low=1, field="audit_quota"),
+            "audit records (mmi.audit) one principal may write per minute", low=1, field="audit_quota"),
     Setting("service", "name", "str", None, "the service name workers register (required)"),
     Setting("service", "module", "str", None, "a Python module run as `python -m MODULE` (or command)"),
     Setting("service", "command", "list[str]", None, "an argv to run (or module)"),

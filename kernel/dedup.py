@@ -21,7 +21,8 @@ first), a FINAL larger than ``max_final_bytes`` is remembered without its body (
 attempts per request (more are refused ``overloaded``).
 
 Durability: every stored FINAL is a decision (``final``: principal, key, service, body in
-base64, when it expires), so a restarted kernel restores the table from its decision log
+base64 up to ``DEDUP_LOG_BODY_BYTES``, when it expires) and every snapshot holds the table, so a
+restarted kernel restores it from its decision log
 (:meth:`Dedup.load` on what replay collected) and a retry after a restart still gets the stored
 FINAL; the keys of requests that were in flight when the kernel died are the admission's
 ``interrupted`` set (refused ``kernel_restarted``: they may have run).
@@ -44,7 +45,10 @@ DEDUP_TTL_S = 600.0
 DEDUP_MAX_ENTRIES = 100_000
 DEDUP_MAX_BYTES = 64 * 1024 * 1024
 #: A FINAL above this many bytes is remembered as done without its body.
-DEDUP_MAX_FINAL_BYTES = 256 * 1024
+DEDUP_MAX_FINAL_BYTES = 64 * 1024
+#: A stored FINAL's body goes into the decision log only up to this size (a larger one is logged
+#: as done without its body: after a restart its retry gets ``already_done``).
+DEDUP_LOG_BODY_BYTES = 4096
 #: Most attempts attached to one request in flight.
 DEDUP_MAX_ATTACHED = 16
 
@@ -196,23 +200,28 @@ class Dedup:
 
     @staticmethod
     def record(key: Key, service: bytes, stored: Stored) -> dict:
-        """The decision-log inputs of a stored FINAL (JSON: bytes in base64)."""
+        """The decision-log inputs of a stored FINAL (JSON: bytes in base64; a body above
+        ``DEDUP_LOG_BODY_BYTES`` is left out)."""
+        body = stored.body if stored.body is not None and stored.size <= DEDUP_LOG_BODY_BYTES else None
         return {
             "principal": key[0],
             "idem": key[1],
             "service": base64.b64encode(service).decode(),
-            "body": None if stored.body is None else [base64.b64encode(f).decode() for f in stored.body],
+            "body": None if body is None else [base64.b64encode(f).decode() for f in body],
             "expires": stored.expires,
         }
 
-    def load(self, records: list[dict], now: float) -> int:
+    def load(self, records: list[dict], now: float, then: float | None = None) -> int:
         """Restore stored FINALs from decision-log records (:meth:`record`), skipping expired and
-        malformed ones; returns how many were restored."""
+        malformed ones; returns how many were restored.  ``then``: the time of the log's last
+        decision on the clock the records were written with (another process's monotonic clock):
+        each entry keeps the TTL it had left then (the time the kernel was down does not count)."""
+        shift = 0.0 if then is None else now - then
         n = 0
         for rec in sorted(records, key=lambda r: r.get("expires", 0) if isinstance(r, dict) else 0):
             try:
                 key = (str(rec["principal"]), str(rec["idem"]))
-                expires = float(rec["expires"])
+                expires = min(float(rec["expires"]) + shift, now + self.ttl)
                 service = base64.b64decode(rec["service"])
                 body = None if rec["body"] is None else [base64.b64decode(f) for f in rec["body"]]
             except (KeyError, TypeError, ValueError):

@@ -116,3 +116,113 @@ class DedupMachine(RuleBasedStateMachine):
 
 TestDedupMachine = DedupMachine.TestCase
 TestDedupMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+# -- through the router (fake clock, real admission and decision log) ------------------------------
+
+from kernel import codec  # noqa: E402
+from kernel import protocol as P  # noqa: E402
+from kernel.admission import BudgetAdmission  # noqa: E402
+from kernel.decisions import DecisionLog  # noqa: E402
+from kernel.host import FakeHost  # noqa: E402
+from kernel.mmi import Management  # noqa: E402
+from kernel.replay import restore  # noqa: E402
+from kernel.router import Router  # noqa: E402
+
+
+class Wire:
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []
+
+    def __call__(self, frames):
+        self.sent.append(list(frames))
+        return True
+
+    def to(self, identity: bytes, cmd: bytes) -> list[dict]:
+        return [codec.unpack(m[4]) for m in self.sent if m[0] == identity and m[2] == cmd]
+
+
+def kernel(log_path=None, restored=None):
+    host = FakeHost(seed=1)
+    wire = Wire()
+    log = DecisionLog(log_path) if log_path else None
+    adm = BudgetAdmission(decision_log=log, host=host, restored=restored, restored_at=0.0)
+    router = Router(wire, admission=adm, management=Management(adm), host=host)
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.READY.value, b"echo", codec.pack({"capacity": 2})], 0.0)
+    return router, wire, adm, log
+
+
+def request(router, client: bytes, rid: int, idem: str, now: float) -> None:
+    header = codec.pack({"v": 1, "id": rid, "idem": idem})
+    router.on_message([client, P.MDPC, P.ClientCmd.REQUEST.value, b"echo", header, b"work"], now)
+
+
+def dispatched(wire: Wire) -> list[bytes]:
+    return [m[3] for m in wire.sent if m[0] == b"W" and m[2] == P.WorkerCmd.REQUEST.value]
+
+
+def test_a_retry_in_flight_attaches_and_a_retry_after_gets_the_stored_final():
+    router, wire, adm, _ = kernel()
+    request(router, b"C1", 1, "K", 0.1)
+    (token,) = dispatched(wire)
+    request(router, b"C2", 7, "K", 0.2)  # the client died; its retry comes from a new socket
+    assert len(dispatched(wire)) == 1  # not run again
+    router.check_invariants()
+    partial = codec.pack({"v": 1, "id": 1, "status": "partial"})
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.PARTIAL.value, token, b"", partial, b"p"], 0.3)
+    final = codec.pack({"v": 1, "id": 1, "status": "ok"})
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.FINAL.value, token, b"", final, b"done"], 0.4)
+    router.check_invariants()
+    assert [s["id"] for s in wire.to(b"C2", P.ClientCmd.PARTIAL.value)] == [7]
+    (got,) = wire.to(b"C2", P.ClientCmd.FINAL.value)
+    assert got["id"] == 7 and got["status"] == "ok"
+    request(router, b"C3", 9, "K", 5.0)  # finished: the stored FINAL, nothing runs
+    assert len(dispatched(wire)) == 1
+    (again,) = wire.to(b"C3", P.ClientCmd.FINAL.value)
+    assert again["id"] == 9 and again["status"] == "ok"
+    assert adm.dedup.counters["attached"] == 1 and adm.dedup.counters["replayed"] == 1
+    request(router, b"C4", 1, "K", 5.0 + adm.dedup.ttl + 1)  # past the TTL: a new request
+    assert len(dispatched(wire)) == 2
+    router.check_invariants()
+
+
+def test_a_kernel_error_is_not_stored_so_the_retry_runs():
+    router, wire, adm, _ = kernel()
+    request(router, b"C1", 1, "K", 0.1)
+    request(router, b"C2", 2, "K", 0.2)
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.DISCONNECT.value], 0.3)  # worker_died
+    assert wire.to(b"C2", P.ClientCmd.FINAL.value)[0]["error"]["code"] == "worker_died"
+    router.on_message([b"W2", P.MDPW, P.WorkerCmd.READY.value, b"echo", codec.pack({"capacity": 1})], 0.4)
+    request(router, b"C3", 3, "K", 0.5)
+    assert len([m for m in wire.sent if m[0] == b"W2" and m[2] == P.WorkerCmd.REQUEST.value]) == 1
+    router.check_invariants()
+
+
+def test_keys_of_different_principals_never_meet():
+    from kernel.principal import Principal
+
+    router, wire, adm, _ = kernel()
+    alice = Principal("alice", "client")
+    bob = Principal("bob", "client")
+    for who, client in ((alice, b"A"), (bob, b"B")):
+        header = codec.pack({"v": 1, "id": 1, "idem": "same"})
+        router.on_message([client, P.MDPC, P.ClientCmd.REQUEST.value, b"echo", header, b"x"], 0.1, who)
+    assert len(dispatched(wire)) == 2
+
+
+def test_stored_finals_survive_a_restart(tmp_path):
+    path = str(tmp_path / "decisions.jsonl")
+    router, wire, adm, log = kernel(path)
+    request(router, b"C1", 1, "K", 0.1)
+    (token,) = dispatched(wire)
+    final = codec.pack({"v": 1, "id": 1, "status": "ok"})
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.FINAL.value, token, b"", final, b"\x00result"], 0.4)
+    log.close()
+    report = restore(path)
+    assert len(report.finals) == 1
+    router2, wire2, adm2, log2 = kernel(path, restored=report)
+    request(router2, b"C9", 5, "K", 1.0)
+    assert dispatched(wire2) == []  # not run again after the restart
+    (got,) = [m for m in wire2.sent if m[0] == b"C9"]
+    assert codec.unpack(got[4])["id"] == 5 and got[5] == b"\x00result"
+    log2.close()
