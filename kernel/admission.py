@@ -212,6 +212,16 @@ class BudgetAdmission(Admission):
                     "it may have run, so it is not run again", idem=idem), NO_EFFECTS
         budget = checked.budget if checked is not None else None
         jobrec = self.ledger.jobs.get(job)
+        if budget:
+            # a request budget names kinds of the budget kinds table, or counted resources its
+            # job (or an ancestor) limits: a typo ("flopz") is an error, not an unlimited kind
+            unknown = sorted(k for k in budget if k not in P.BUDGET_KINDS
+                             and (jobrec is None or self.ledger.holder(jobrec, k) is None))
+            if unknown:
+                self.counters["refused"] += 1
+                return errors.BadRequest(
+                    f"unknown budget kind(s) {unknown}; kinds: {', '.join(P.BUDGET_KINDS)}, or a counted "
+                    f"resource that job {job!r} limits", kind="budget_kind"), NO_EFFECTS
         if jobrec is not None and (checked is None or P.H_PRIORITY not in checked.raw):
             req.priority = jobrec.priority  # a request inherits its job's priority
         if not self.may_act(view, req.principal, job):

@@ -137,9 +137,10 @@ class InternalError(RecaError):
     code = ErrorCode.INTERNAL_ERROR
 
 
-class NotFound(RecaError):
+class NotFound(Refused):
     """The target of a control order (a request id, a token, a job) does not exist (or is not
-    the caller's: the answer is the same, so no one learns of another's work)."""
+    the caller's: the answer is the same, so no one learns of another's work).  A refusal: code
+    ``not_found``, and ``isinstance(exc, Refused)`` holds for callers that handle refusals."""
 
     code = ErrorCode.NOT_FOUND
 

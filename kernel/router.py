@@ -755,7 +755,14 @@ class Router:
         result = self.management.handle(self, name.decode(errors="replace"), arg, now,
                                         caller=Caller(ev.identity, principal))
         if result is None:
-            result = P.MMI_NOT_IMPLEMENTED
+            if header is not None:  # a reca caller gets a typed error (an opaque one RFC 8's "501")
+                op = name.decode(errors="replace")
+                result = errors.BadRequest(
+                    f"{op} is not available in this kernel" if op in P.MMI_OPS else
+                    f"unknown management operation {op!r}; known: {', '.join(sorted(P.MMI_OPS))}",
+                    kind="unknown_op")
+            else:
+                result = P.MMI_NOT_IMPLEMENTED
         if isinstance(result, errors.RecaError):
             self._reply_error(ev.identity, ev.form, name, result, header)
             return

@@ -226,3 +226,44 @@ def test_stored_finals_survive_a_restart(tmp_path):
     (got,) = [m for m in wire2.sent if m[0] == b"C9"]
     assert codec.unpack(got[4])["id"] == 5 and got[5] == b"\x00result"
     log2.close()
+
+
+# -- strict control: orders to nothing, unknown operations, unknown budget kinds -------------------
+
+
+def test_orders_to_a_target_that_does_not_exist_are_not_found():
+    from kernel import errors
+    from kernel.mmi import Caller
+    from kernel.principal import LOCAL_OPERATOR
+
+    router, wire, adm, _ = kernel()
+    caller = Caller(b"C", LOCAL_OPERATOR)
+    for op in (P.MMI_PREEMPT, P.MMI_RESUME, P.MMI_CANCEL):
+        for arg in ({"job": "no-such-job"}, {"token": "00" * 16}, {"id": 12345}):
+            out = router.management.handle(router, op, arg, 0.5, caller=caller)
+            assert isinstance(out, errors.NotFound) and out.code == "not_found", (op, arg, out)
+    request(router, b"C", 1, "K", 0.6)  # a real target is still found
+    assert router.management.handle(router, P.MMI_PREEMPT, {"id": 1}, 0.7, caller=caller)["targets"] == 1
+
+
+def test_an_unknown_management_operation_is_a_typed_error():
+    router, wire, adm, _ = kernel()
+    header = codec.pack({"v": 1, "id": 3})
+    router.on_message([b"C", P.MDPC, P.ClientCmd.REQUEST.value, b"mmi.jobs.open", header, codec.pack({})], 0.1)
+    (status,) = wire.to(b"C", P.ClientCmd.FINAL.value)
+    assert status["error"]["code"] == "bad_request" and status["error"]["kind"] == "unknown_op"
+    assert "mmi.job.open" in status["error"]["message"]
+
+
+def test_budget_kinds_are_validated_against_the_table():
+    router, wire, adm, _ = kernel()
+    assert router.management.handle(router, P.MMI_JOB_OPEN, {"job": "g", "budget": {"protos": 5}}, 0.0)["ok"]
+    for rid, budget, job in ((1, {"flopz": 10}, None), (2, {"flops": 10}, None), (3, {"protos": 1}, "g")):
+        header = {"v": 1, "id": rid, "budget": budget}
+        if job:
+            header["job"] = job
+        router.on_message([b"C", P.MDPC, P.ClientCmd.REQUEST.value, b"echo", codec.pack(header), b"x"], 0.1)
+    finals = {s["id"]: s for s in wire.to(b"C", P.ClientCmd.FINAL.value)}
+    assert finals[1]["error"]["kind"] == "budget_kind" and "flopz" in finals[1]["error"]["message"]
+    assert 2 not in finals and 3 not in finals  # admitted and dispatched
+    assert len(dispatched(wire)) == 2
