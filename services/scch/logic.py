@@ -95,11 +95,12 @@ def _assumptions(solutions: list, var: Any) -> list[str]:
     (``a*x = b`` answered ``[b/a]`` assumes ``a != 0``)."""
     seen: dict[str, None] = {}
     for sol in solutions:
-        den = sp.denom(sp.together(sol))
-        for factor in sp.Mul.make_args(sp.factor_terms(den)):
-            base = factor.base if isinstance(factor, sp.Pow) else factor
-            if base.free_symbols and not base.has(var):
-                seen.setdefault(f"{sp.sstr(base)} != 0", None)
+        for node in sp.preorder_traversal(sol):  # denominators anywhere, inside roots too
+            if isinstance(node, sp.Pow) and node.exp.is_negative:
+                for factor in sp.Mul.make_args(sp.factor_terms(node.base)):
+                    base = factor.base if isinstance(factor, sp.Pow) else factor
+                    if base.free_symbols and not base.has(var) and not base.is_number:
+                        seen.setdefault(f"{sp.sstr(base)} != 0", None)
     return list(seen)
 
 
@@ -258,7 +259,8 @@ class SubgoalCache:
             # every solution must solve the equation as written, inside its domain
             values = param_values(cn.query.free_symbols - {cn.var}, self.rng)
             for sol in parsed:
-                status = solution_status(cn.query, cn.var, sol, values, floats=cn.query.has(sp.Float))
+                with C.time_limit(CHECK_SECONDS, "solution check"):
+                    status = solution_status(cn.query, cn.var, sol, values, floats=cn.query.has(sp.Float))
                 if status == "undefined":
                     raise VerifierRejected(f"{cn.var} = {sol} lies outside the domain of the equation as written")
                 if status == "wrong":
@@ -326,7 +328,8 @@ class SubgoalCache:
         self.counts.solver_cpu_s += cpu
         if how is None:
             how = full_check(cn.kind, cn.form, canonical, self.rng)
-        served = self.for_query(cn, canonical, how)
+        with C.time_limit(CHECK_SECONDS, "query check"):
+            served = self.for_query(cn, canonical, how)
         out = {**served, "hit": False, "key": cn.key, "cpu_s": cpu, "how": how}
         if use_cache:
             out["admission"] = self.admit(cn, canonical, now, how)
