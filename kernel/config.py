@@ -81,6 +81,12 @@ class KernelConfig:
     default_limits: dict[str, float] = dataclasses.field(default_factory=dict)
     max_pause: float = P.MAX_PAUSE
     audit_quota: int = P.AUDIT_EVENTS_PER_MIN
+    #: [enforce]: the OS backend (``auto``, ``cgroup2``, ``cgroup1``, ``signals``), the escalation
+    #: ladder's graces and the kernel's cpu weight (docs/budgets.md; read by kernel.enforce).
+    enforce_backend: str = "auto"
+    freeze_grace_ms: float = 20.0
+    kill_grace_ms: float = 1000.0
+    kernel_weight: int = 1000
 
     @property
     def tcp(self) -> bool:
@@ -170,6 +176,15 @@ SCHEMA: tuple[Setting, ...] = (
             high=86400, field="max_pause"),
     Setting("limits", "audit_events_per_min", "int", P.AUDIT_EVENTS_PER_MIN,
             "audit records (mmi.audit) one principal may write per minute", low=1, field="audit_quota"),
+    Setting("enforce", "backend", "enum", "auto",
+            "the OS backstop: auto (cgroup v2, else v1, else signals), or one named (refused if unavailable)",
+            choices=("auto", "cgroup2", "cgroup1", "signals"), field="enforce_backend"),
+    Setting("enforce", "freeze_grace_ms", "float", 20.0,
+            "a worker still holding a cancelled/over-budget request this long is frozen", low=0, high=60_000),
+    Setting("enforce", "kill_grace_ms", "float", 1000.0, "... and still this long after the freeze: killed",
+            low=0, high=600_000),
+    Setting("enforce", "kernel_weight", "int", 1000, "the kernel's cpu weight (services: 100)", low=1,
+            high=10_000),
     Setting("service", "name", "str", None, "the service name workers register (required)"),
     Setting("service", "module", "str", None, "a Python module run as `python -m MODULE` (or command)"),
     Setting("service", "command", "list[str]", None, "an argv to run (or module)"),
@@ -183,9 +198,15 @@ SCHEMA: tuple[Setting, ...] = (
             "grace after SIGTERM before SIGKILL, seconds", low=0, low_open=True),
     Setting("service", "nice", "int", None, "the child's nice value", low=-20, high=19),
     Setting("service", "cpus", "list[int]", None, "CPU affinity of the child (core numbers)", low=0),
+    Setting("service", "mem_bytes", "int", None, "memory ceiling of the service's group (>= 1 MiB)", low=1 << 20),
+    Setting("service", "cpu_weight", "int", None, "cpu weight of the service's group (default 100)", low=1,
+            high=10_000),
+    Setting("service", "pids_max", "int", None, "most processes in the service's group", low=1),
 )
+#: [[service]] keys that are group ceilings (passed to the supervisor's ChildSpec when it has them).
+CEILINGS = ("mem_bytes", "cpu_weight", "pids_max")
 
-TABLES = ("kernel", "supervisor", "auth", "limits", "service")
+TABLES = ("kernel", "supervisor", "auth", "limits", "enforce", "service")
 _BY_TABLE: dict[str, dict[str, Setting]] = {t: {s.key: s for s in SCHEMA if s.table == t} for t in TABLES}
 
 
@@ -197,6 +218,10 @@ def schema_rows() -> list[dict[str, str]]:
         out.append({"table": "[[service]]" if s.table == "service" else f"[{s.table}]", "key": s.key,
                     "type": kind, "default": "—" if s.default is None else repr(s.default), "meaning": s.meaning})
     return out
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 class _Reader:
@@ -255,7 +280,7 @@ class _Reader:
             if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
                 raise self.fail(where, key, f"must be a list of {item.__name__}, got {value!r}")
             if item is int and s.low is not None and any(v < s.low for v in value):
-                raise self.fail(where, key, f"items must be >= {s.low:g}")
+                raise self.fail(where, key, f"items must be >= {_num(s.low)}")
             return value
         elif t == "map[str]":
             if not isinstance(value, dict) or not all(isinstance(v, (str, int, float)) for v in value.values()):
@@ -263,9 +288,9 @@ class _Reader:
             return value
         if t in ("int", "float"):
             if s.low is not None and (value <= s.low if s.low_open else value < s.low):
-                raise self.fail(where, key, f"must be {'>' if s.low_open else '>='} {s.low:g}, got {value!r}")
+                raise self.fail(where, key, f"must be {'>' if s.low_open else '>='} {_num(s.low)}, got {value!r}")
             if s.high is not None and value > s.high:
-                raise self.fail(where, key, f"must be <= {s.high:g}, got {value!r}")
+                raise self.fail(where, key, f"must be <= {_num(s.high)}, got {value!r}")
         return value
 
     def limits(self, table: dict, key: str, default: dict[str, float]) -> dict[str, float]:
@@ -301,13 +326,14 @@ def parse(doc: dict, *, runtime: str | None = None, source: str = "config") -> K
     s = rd.table(doc, "supervisor", "[supervisor]")
     a = rd.table(doc, "auth", "[auth]")
     lim = rd.table(doc, "limits", "[limits]")
+    enf = rd.table(doc, "enforce", "[enforce]")
     endpoint = expand(rd.get(k, "kernel", "endpoint", "[kernel]"))
     control = rd.get(k, "kernel", "control", "[kernel]")
     control = expand(control) if control else default_control_for(endpoint)
     log_path = rd.get(k, "kernel", "decision_log", "[kernel]")
     cfg = KernelConfig(endpoint=endpoint, control=control, runtime=runtime,
                        decision_log=expand(log_path) if log_path else None)
-    for table, name in ((k, "kernel"), (s, "supervisor"), (lim, "limits")):
+    for table, name in ((k, "kernel"), (s, "supervisor"), (lim, "limits"), (enf, "enforce")):
         for setting in _BY_TABLE[name].values():
             if setting.type in ("int", "float", "enum"):
                 setattr(cfg, setting.field or setting.key, rd.get(table, name, setting.key, f"[{name}]"))
@@ -339,6 +365,10 @@ def parse(doc: dict, *, runtime: str | None = None, source: str = "config") -> K
         restart = RestartType(get(key="restart"))
         replicas = get(key="replicas")
         env = {str(x): expand(str(y)) for x, y in get(key="env").items()}
+        ceilings = {key: get(key=key) for key in CEILINGS if key in entry}
+        if ceilings and not set(ceilings) <= {f.name for f in dataclasses.fields(ChildSpec)}:
+            raise ConfigError(f"{source}: {where}: {', '.join(sorted(ceilings))}: this build's supervisor "
+                              "has no group ceilings")
         for r in range(replicas):
             cfg.services.append(ChildSpec(
                 name=name if replicas == 1 else f"{name}#{r}",
@@ -348,6 +378,7 @@ def parse(doc: dict, *, runtime: str | None = None, source: str = "config") -> K
                 env=env,
                 nice=get(key="nice"),
                 cpus=get(key="cpus"),
+                **ceilings,
             ))
     return cfg
 

@@ -98,3 +98,15 @@ def test_status_says_whether_there_is_a_decision_log(log):
             assert "DECISION LOG  off" in render_status(stats)
     finally:
         k.stop()
+
+
+def test_enforce_table_and_service_ceilings_are_in_the_schema():
+    cfg = parse({"enforce": {"backend": "signals", "kill_grace_ms": 500}}, runtime="/r")
+    assert cfg.enforce_backend == "signals" and cfg.kill_grace_ms == 500.0
+    for doc, where in (
+        ({"enforce": {"backend": "magic"}}, "[enforce].backend"),
+        ({"enforce": {"grace": 1}}, "'grace'"),
+        ({"service": [{"name": "a", "module": "m", "mem_bytes": 5}]}, "mem_bytes"),
+    ):
+        with pytest.raises(ConfigError, match=__import__("re").escape(where)):
+            parse(doc, runtime="/r", source="my.toml")
