@@ -108,10 +108,15 @@ class SubgoalCache:
     """The cache over one :class:`~services.scch.store.Backend`."""
 
     def __init__(self, backend: Backend, *, capacity: int = 10_000, half_life: float = 3600.0,
-                 admit_min: float = 1.0, keep_observations: int | None = None, seed: int | None = None) -> None:
+                 admit_min: float = 1.0, keep_observations: int | None = None, seed: int | None = None,
+                 canonicalise: Callable[[Any], C.Canon] = C.canonicalise,
+                 parse_artifact: Callable[[str, Any], Any] = C.artifact_from_text) -> None:
         if capacity < 1 or half_life <= 0 or admit_min < 0:
             raise ValueError("capacity >= 1, half_life > 0, admit_min >= 0")
         self.backend = backend
+        #: Where client text is parsed (the service passes a memory-capped child: services.scch.capped).
+        self._canonicalise = canonicalise
+        self._parse_artifact = parse_artifact
         self.capacity = capacity
         self.half_life = half_life
         self.admit_min = admit_min
@@ -139,7 +144,7 @@ class SubgoalCache:
         memo_key = self._text(subgoal)
         found = self._memo.get_fresh(memo_key)
         if found is None:
-            found = C.canonicalise(subgoal)
+            found = self._canonicalise(subgoal)
             self._memo.put(memo_key, found)
         return found
 
@@ -253,7 +258,7 @@ class SubgoalCache:
         cn = self.canon(subgoal)
         if verifier is not None and verifier != verifier_hash(cn.kind):
             raise VerifierRejected(f"unknown verifier {verifier!r} for {cn.kind}; current: {verifier_hash(cn.kind)}")
-        parsed = C.artifact_from_text(cn.kind, answer)
+        parsed = self._parse_artifact(cn.kind, answer)
         canonical = cn.to_canonical(parsed)  # refuses symbols the query does not have (capture)
         if cn.kind == "solve":
             # every solution must solve the equation as written, inside its domain
