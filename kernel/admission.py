@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 from kernel import codec, errors
 from kernel import protocol as P
+from kernel.dedup import Dedup
 from kernel.ledger import COMPUTE, DEFAULT_JOB, ROOT, Job, Ledger, is_default_job, refusal
 from kernel.policy import NO_EFFECTS, Admission, Effect, Effects, Fail, Lend, Order, View
 from kernel.principal import Principal
@@ -118,6 +119,9 @@ class BudgetAdmission(Admission):
         self.idem_inflight: set[str] = set()
         #: Keys that were in flight when the previous kernel died -> until when they are refused.
         self.interrupted: dict[str, float] = {}
+        #: Exactly-once: the idempotency table the router consults (kernel.dedup); its stored
+        #: FINALs are decisions (``final``) and part of every snapshot, so a restart keeps them.
+        self.dedup: Dedup = Dedup()
         #: The configured [limits] of root and default (None: unlimited, no configure logged).
         self._limits = None if root_limits is None and default_limits is None \
             else {"root": dict(root_limits or {}), "default": dict(default_limits or {})}
@@ -134,7 +138,8 @@ class BudgetAdmission(Admission):
 
     def durable_state(self) -> dict[str, Any]:
         """What a decision-log snapshot holds: the ledger and the idempotency keys in flight."""
-        return {"ledger": self.ledger.dump(), "inflight_idem": sorted(self.idem_inflight)}
+        return {"ledger": self.ledger.dump(), "inflight_idem": sorted(self.idem_inflight),
+                "dedup": self.dedup.dump()}
 
     def restore(self, report: Any, now: float) -> dict[str, Any]:
         """Continue the enforcement state a decision log held (kernel.replay.restore): its ledger
@@ -164,11 +169,12 @@ class BudgetAdmission(Admission):
                                 "root %s and default %s stay in force", out["message"], root.limits,
                                 default.limits)
         self.interrupted = {k: now + P.INTERRUPTED_TTL for k in report.inflight_idem if k}
+        self.dedup.load(list(getattr(report, "finals", {}).values()), now, report.last_t)
         for key in self.interrupted:
             self.record("interrupted", now, {"idem": key}, {"ok": True})
         self.flush_log()
         return {"jobs": len(ledger.jobs) - 2, "reservations": len(ledger._reservations),
-                "finished": finished, "interrupted": len(self.interrupted)}
+                "finished": finished, "interrupted": len(self.interrupted), "finals": len(self.dedup.done)}
 
     def decide(self, op: str, now: float, **inputs: Any) -> dict[str, Any]:
         """Run the Ledger operation ``op`` and record it (inputs and outputs) in the log."""
@@ -206,6 +212,16 @@ class BudgetAdmission(Admission):
                     "it may have run, so it is not run again", idem=idem), NO_EFFECTS
         budget = checked.budget if checked is not None else None
         jobrec = self.ledger.jobs.get(job)
+        if budget:
+            # a request budget names kinds of the budget kinds table, or counted resources its
+            # job (or an ancestor) limits: a typo ("flopz") is an error, not an unlimited kind
+            unknown = sorted(k for k in budget if k not in P.BUDGET_KINDS
+                             and (jobrec is None or self.ledger.holder(jobrec, k) is None))
+            if unknown:
+                self.counters["refused"] += 1
+                return errors.BadRequest(
+                    f"unknown budget kind(s) {unknown}; kinds: {', '.join(P.BUDGET_KINDS)}, or a counted "
+                    f"resource that job {job!r} limits", kind="budget_kind"), NO_EFFECTS
         if jobrec is not None and (checked is None or P.H_PRIORITY not in checked.raw):
             req.priority = jobrec.priority  # a request inherits its job's priority
         if not self.may_act(view, req.principal, job):
@@ -591,7 +607,8 @@ class BudgetAdmission(Admission):
 
     def stats(self, now: float) -> dict[str, Any]:
         self.flush_log()
-        return {"jobs": self.ledger.snapshot(now), "ledger": dict(self.counters)}
+        self.dedup.sweep(now)
+        return {"jobs": self.ledger.snapshot(now), "ledger": dict(self.counters), "dedup": self.dedup.stats()}
 
     def worker_gone(self, identity: bytes) -> None:
         """A worker left: the slots it owed are gone with it."""

@@ -33,6 +33,8 @@ class ErrorCode(enum.StrEnum):
     OVERLOADED = "overloaded"  # the kernel could not queue the request
     KERNEL_RESTARTED = "kernel_restarted"  # in flight when the kernel died; may have run: not re-run
     INTERNAL_ERROR = "internal_error"  # a bug in the kernel's handler of the call; not the caller's fault
+    NOT_FOUND = "not_found"  # a control order's target (request, job, token) does not exist
+    ALREADY_DONE = "already_done"  # same idempotency key already ran; its answer was too large to keep
 
 
 class RecaError(Exception):
@@ -139,6 +141,21 @@ class InternalError(RecaError):
     code = ErrorCode.INTERNAL_ERROR
 
 
+class NotFound(Refused):
+    """The target of a control order (a request id, a token, a job) does not exist (or is not
+    the caller's: the answer is the same, so no one learns of another's work).  A refusal: code
+    ``not_found``, and ``isinstance(exc, Refused)`` holds for callers that handle refusals."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class AlreadyDone(RecaError):
+    """A request with this idempotency key already ran to its FINAL, which was too large to keep
+    for retries; it is not run again."""
+
+    code = ErrorCode.ALREADY_DONE
+
+
 _BY_CODE: dict[str, type[RecaError]] = {
     cls.code: cls
     for cls in (
@@ -155,6 +172,8 @@ _BY_CODE: dict[str, type[RecaError]] = {
         Overloaded,
         KernelRestarted,
         InternalError,
+        NotFound,
+        AlreadyDone,
     )
 }
 

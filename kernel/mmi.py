@@ -342,6 +342,9 @@ class Management:
             job = arg[P.C_JOB]
             if not operator and (job == DEFAULT_JOB or not self._may_act(router, caller, job)):
                 return self._not_yours(router, caller, name, arg, now, job)
+            known = self.budget.ledger.jobs.get(job) if self.budget is not None else True
+            if known is None or getattr(known, "closed", False):
+                return errors.NotFound(f"{name}: no open job {job!r}")  # an order to nothing is no success
             orders = [Order(service, op, {P.C_JOB: job})]
         else:
             if P.C_TOKEN in arg:
@@ -367,7 +370,7 @@ class Management:
                     if not r.done and (service == P.CTL_ALL or r.service.name == service.encode())]
             if not reqs:
                 what = "that token" if P.C_TOKEN in arg else f"id {arg[P.C_ID]!r} from this client"
-                return errors.Refused(f"{name}: no request with {what} in flight")
+                return errors.NotFound(f"{name}: no request with {what} in flight")
             orders = [Order.to_request(op, r) for r in reqs]
         for order in orders:
             router.order(order, now)

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Protocol, Sequence, Union
 from kernel import codec, errors
 from kernel import protocol as P
 from kernel.principal import Principal
+from kernel.dedup import Dedup
 from kernel.state import Request, Service, Worker, error_body
 
 __all__ = ["NO_EFFECTS", "Admission", "Core", "Effect", "Effects", "Fail", "Lend", "Order", "View"]
@@ -125,6 +126,9 @@ class Admission:
 
     Hooks never raise and never call the router: they answer with values (a refusal is an
     exception *returned*) and effects the router applies, in order."""
+
+    #: The idempotency table the router consults (kernel.dedup); None: no deduplication.
+    dedup: Dedup | None = None
 
     def admit(self, view: View, req: Request, now: float) -> tuple[errors.RecaError | None, Effects]:
         """Admit ``req`` (it may set its job, priority and deadline) or refuse it."""

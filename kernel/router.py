@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from kernel import codec, errors, mdp
 from kernel import protocol as P
+from kernel.dedup import Attempt, Dedup
 from kernel.mdp import Form
 from kernel.mmi import Caller, Management
 from kernel.policy import Admission, Effects, Fail, Lend, Order
@@ -80,6 +81,19 @@ def _compact(heap: list[Any], live: int) -> list[Any]:
     kept = [e for e in heap if not e[-1].done]
     heapq.heapify(kept)
     return kept
+
+
+def _with_rid(body: list[bytes], rid: Any) -> list[bytes]:
+    """``body`` (a reca reply: status frame first) under the request id ``rid``."""
+    if not body:
+        return body
+    try:
+        status = codec.unpack(body[0])
+    except errors.BadRequest:
+        return body
+    if not isinstance(status, dict) or status.get(P.S_ID) == rid:
+        return body
+    return [codec.pack({**status, P.S_ID: rid}), *body[1:]]
 
 
 def _percentile(sorted_samples: list[float], q: float) -> float | None:
@@ -280,9 +294,13 @@ class Router:
                 return
             service = self.services[name] = Service(name)
         self._idle.pop(name, None)
+        checked = ev.checked
+        dedup = self.admission.dedup
+        if dedup is not None and checked is not None and checked.idem is not None \
+                and self._deduplicated(dedup, ev, (principal.name, checked.idem), now):
+            return
         service.requests += 1
         token = self.host.token(TOKEN_BYTES)
-        checked = ev.checked
         req = Request(token, ev.identity, ev.form, service, ev.body, ev.rid, header is not None, None,
                       P.DEFAULT_PRIORITY, now, header=header, principal=principal, checked=checked)
         service.live += 1
@@ -306,9 +324,50 @@ class Router:
             req.timed = True
             self._deadlines_live += 1
         self.inflight[token] = req
+        if dedup is not None and checked is not None and checked.idem is not None:
+            dedup.start((principal.name, checked.idem), token)
         self._enqueue(req, now)
         if effects:
             self.apply(effects, now)
+
+    # -- exactly-once: retries of one idempotency key (kernel.dedup) -----------------------------
+
+    def _deduplicated(self, dedup: Dedup, ev: mdp.Request, key: tuple[str, str], now: float) -> bool:
+        """Answer a request whose ``(principal, idem)`` the kernel has seen: attach it to the
+        attempt in flight, or send the stored FINAL.  False: a new request (it runs)."""
+        kind, what = dedup.seen(key, now)
+        if kind == "run":
+            return False
+        if kind == "replay":
+            dedup.replayed()
+            self.counters["dedup_replayed"] += 1
+            body = what.body if what.body is not None else error_body(errors.AlreadyDone(
+                "this request (same idempotency key) already ran; its answer was too large to keep"), ev.header)
+            self._send(mdp.to_client(ev.identity, ev.form, ev.service, True, _with_rid(body, ev.rid)))
+            return True
+        if not dedup.attach(what, Attempt(ev.identity, ev.form, ev.rid)):
+            self._reply_error(ev.identity, ev.form, ev.service, errors.Overloaded(
+                f"more than {dedup.max_attached} retries wait on this request"), ev.header)
+            return True
+        self.counters["dedup_attached"] += 1
+        return True
+
+    def _to_attempts(self, req: Request, final: bool, body: list[bytes], now: float, keep: bool) -> None:
+        """Send what ``req``'s client got to the retries attached to it; at its FINAL, forget its
+        key, storing the FINAL for later retries when ``keep`` (its worker made it)."""
+        dedup = self.admission.dedup
+        if dedup is None or req.token not in dedup.key_of:
+            return
+        if final:
+            key = dedup.key_of[req.token]
+            attempts, stored = dedup.finish(req.token, now, body if keep else None, req.service.name)
+            if stored is not None:
+                self.admission.record("final", now, Dedup.record(key, req.service.name, stored), {"ok": True})
+        else:
+            attempts = dedup.attempts(req.token)
+        for a in attempts:
+            if self._send(mdp.to_client(a.client, a.form, req.service.name, final, _with_rid(body, a.rid))) is False:
+                self.counters["unroutable_replies"] += 1
 
     def _enqueue(self, req: Request, now: float) -> None:
         service = req.service
@@ -430,7 +489,9 @@ class Router:
             req.service.errors += 1
             self.counters[f"error.{exc.code}"] += 1
         self.admission.on_done(req, now, None, exc)
-        self._to_client(req, True, error_body(exc, req.header, spent))
+        body = error_body(exc, req.header, spent)
+        self._to_client(req, True, body)
+        self._to_attempts(req, True, body, now, keep=False)  # a kernel error: a retry runs again
 
     def top_queued_priority(self, service: Service) -> int | None:
         """The priority of the first request waiting in ``service``'s queue (None: none waits)."""
@@ -576,6 +637,7 @@ class Router:
                 if req.done:  # the admission ended it (budget): its FINAL is already sent
                     return
             self._to_client(req, False, body)
+            self._to_attempts(req, False, body, now, keep=False)
             return
         del worker.inflight[token]
         self._retire(req, now)
@@ -588,6 +650,7 @@ class Router:
         else:
             self.admission.on_done(req, now, None, None)
         self._to_client(req, True, body)
+        self._to_attempts(req, True, body, now, keep=True)
         self.free_slot(worker, now)
 
     def free_slot(self, worker: Worker, now: float) -> None:
@@ -692,7 +755,14 @@ class Router:
         result = self.management.handle(self, name.decode(errors="replace"), arg, now,
                                         caller=Caller(ev.identity, principal))
         if result is None:
-            result = P.MMI_NOT_IMPLEMENTED
+            if header is not None:  # a reca caller gets a typed error (an opaque one RFC 8's "501")
+                op = name.decode(errors="replace")
+                result = errors.BadRequest(
+                    f"{op} is not available in this kernel" if op in P.MMI_OPS else
+                    f"unknown management operation {op!r}; known: {', '.join(sorted(P.MMI_OPS))}",
+                    kind="unknown_op")
+            else:
+                result = P.MMI_NOT_IMPLEMENTED
         if isinstance(result, errors.RecaError):
             self._reply_error(ev.identity, ev.form, name, result, header)
             return
@@ -805,6 +875,10 @@ class Router:
         assert served == self._served, f"services with workers {self._served} != {served}"
         for ident, w in self.workers.items():
             assert w.identity == ident and w.service.workers.get(ident) is w
+        dedup = self.admission.dedup
+        if dedup is not None:
+            dedup.check_invariants()
+            assert all(t in self.inflight for t in dedup.key_of), "an idempotency key runs a request not in flight"
         self.admission.check_invariants(self)
 
     _ON: dict[type, Callable[[Any, Any, float, Principal], None]] = {
