@@ -31,14 +31,33 @@ from kernel import protocol as P
 from kernel.config import ConfigError, default_control_for, load
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    level = str(text).upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"unknown log level {text!r}; one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kernel", description="reca microkernel and supervisor")
     p.add_argument("--config", help="TOML config (default: the shipped embedded default)")
     p.add_argument("--endpoint", help="where clients and workers connect (ipc:// or tcp://)")
     p.add_argument("--control", help="control PUB endpoint (default: derived from --endpoint)")
     p.add_argument("--no-services", action="store_true", help="run the kernel without starting services")
-    p.add_argument("--log-level", default=os.environ.get(P.ENV_LOG_LEVEL, "INFO"))
+    p.add_argument("--log-level", default=os.environ.get(P.ENV_LOG_LEVEL, "INFO"), type=_log_level,
+                   help=f"one of {', '.join(LOG_LEVELS)} (any case)")
     return p
+
+
+def _durability(cfg) -> dict:
+    """What ``status`` says about the decision log: where it is, or that there is none."""
+    if cfg.decision_log:
+        return {"decision_log": cfg.decision_log, "fsync": cfg.fsync, "replay": True}
+    return {"decision_log": None, "replay": False,
+            "why": "decision_log = false in the config: no durability, nothing restored after a restart"}
 
 
 class _Refused(Exception):
@@ -117,10 +136,15 @@ def _enforcer(cfg):
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from kernel import supervisor as sv
+    from kernel.admission import BudgetAdmission
     from kernel.auth import ENV_CERT, ENV_SERVER_CERT
     from kernel.decisions import DecisionLog
+    from kernel.host import SystemHost
+    from kernel.mmi import Management
     from kernel.peers import raise_fd_limit
     from kernel.replay import restore
+    from kernel.server import KernelServer
 
     cfg = load(args.config)
     soft, hard = raise_fd_limit()
@@ -145,21 +169,7 @@ async def _run(args: argparse.Namespace) -> int:
                                        restored=restored is not None)
         except (OSError, PermissionError) as exc:  # UnsafeRuntimeDir: a planted symlink, another's file
             raise _Refused(f"decision log {cfg.decision_log}: {exc}") from exc
-    enforcer = _enforcer(cfg)
-    try:
-        return await _serve(args, cfg, enforcer, decision_log, restored, restore_s, server_keys, principals)
-    finally:
-        if decision_log is not None:
-            decision_log.close()
-        enforcer.close()
-
-
-async def _serve(args, cfg, enforcer, decision_log, restored, restore_s, server_keys, principals) -> int:
-    from kernel import supervisor as sv
-    from kernel.admission import BudgetAdmission
-    from kernel.mmi import Management
-    from kernel.server import KernelServer
-
+    enforcer = _enforcer(cfg)  # closed below; a kernel that dies leaves groups the next start sweeps
     supervisor = sv.Supervisor(
         [] if args.no_services else cfg.services,
         env={
@@ -176,7 +186,8 @@ async def _serve(args, cfg, enforcer, decision_log, restored, restore_s, server_
     )
     # With a log that held state, the admission continues it (restore through replay) and applies
     # [limits] over it only where the ledger allows; otherwise [limits] is the first decision.
-    admission = BudgetAdmission(decision_log=decision_log, root_limits=cfg.root_limits,
+    host = SystemHost(owns_pid=supervisor.owns_pid)  # the one port to the machine the core uses
+    admission = BudgetAdmission(decision_log=decision_log, root_limits=cfg.root_limits, host=host,
                                 default_limits=cfg.default_limits, max_pause=cfg.max_pause,
                                 audit_quota=cfg.audit_quota, restored=restored, restored_at=time.monotonic())
     if restored is not None and admission.restored is not None:
@@ -193,7 +204,8 @@ async def _serve(args, cfg, enforcer, decision_log, restored, restore_s, server_
         unavailable_wait=cfg.unavailable_wait,
         admission=admission,
         management=Management(admission, supervisor),
-        extra_stats=supervisor.stats,
+        host=host,
+        extra_stats=lambda: {**supervisor.stats(), "durability": _durability(cfg)},
         server_keys=server_keys,
         principals=principals,
         max_peers=cfg.max_peers,
@@ -208,16 +220,21 @@ async def _serve(args, cfg, enforcer, decision_log, restored, restore_s, server_
         loop.add_signal_handler(sig, stop.set)
     print(f"reca kernel endpoint {server.endpoint}", flush=True)
     print(f"reca kernel control {server.control}", flush=True)
-    async with asyncio.TaskGroup() as tasks:  # the server task is owned: awaited before we return
-        tasks.create_task(server.serve())
-        try:
-            await supervisor.start()
-            print(f"reca kernel ready ({len(supervisor.children)} service process(es))", flush=True)
-            await stop.wait()
-        finally:
-            logging.getLogger("reca.kernel").info("shutting down")
-            await supervisor.shutdown()
-            server.stop()
+    try:
+        async with asyncio.TaskGroup() as tasks:  # the server task is owned: awaited before we return
+            tasks.create_task(server.serve())
+            try:
+                await supervisor.start()
+                print(f"reca kernel ready ({len(supervisor.children)} service process(es))", flush=True)
+                await stop.wait()
+            finally:
+                logging.getLogger("reca.kernel").info("shutting down")
+                await supervisor.shutdown()
+                server.stop()
+    finally:
+        if decision_log is not None:
+            decision_log.close()
+        enforcer.close()
     print("reca kernel stopped", flush=True)
     return 0
 
@@ -234,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         return keys_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, args.log_level),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run

@@ -68,6 +68,12 @@ import psutil
 
 log = logging.getLogger("reca.enforce")
 
+__all__ = ["BACKENDS", "CGROUP1", "CGROUP2", "CGROUP_ROOT", "DEFAULT_WEIGHT", "ENV_GROUP", "FREEZE_TIMEOUT",
+           "KERNEL_WEIGHT", "SIGNALS", "V1_CONTROLLERS", "V2_CONTROLLERS", "CgroupV1Group", "CgroupV2Group",
+           "Enforcer", "EnforcerError", "EnforcerUnavailable", "FreezeTimeout", "Group", "Limits", "MemoryStat",
+           "SignalGroup", "join_group", "limit_address_space", "open_enforcer", "remove_helper_group",
+           "service_group", "weight_to_nice", "weight_to_shares"]
+
 #: The backends, strongest first.
 CGROUP2, CGROUP1, SIGNALS = "cgroup2", "cgroup1", "signals"
 BACKENDS = (CGROUP2, CGROUP1, SIGNALS)
