@@ -141,6 +141,8 @@ async def _run(args: argparse.Namespace) -> int:
     from kernel.auth import ENV_CERT, ENV_SERVER_CERT
     from kernel.decisions import DecisionLog
     from kernel.host import SystemHost
+    from kernel.ladder import Ladder
+    from kernel.ladder import run as run_ladder
     from kernel.mmi import Management
     from kernel.peers import raise_fd_limit
     from kernel.replay import restore
@@ -223,6 +225,8 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         async with asyncio.TaskGroup() as tasks:  # the server task is owned: awaited before we return
             tasks.create_task(server.serve())
+            ladder = Ladder(cfg.freeze_grace_ms / 1000.0, cfg.kill_grace_ms / 1000.0)
+            tasks.create_task(run_ladder(server.router, supervisor, ladder, admission.record, stop))
             try:
                 await supervisor.start()
                 print(f"reca kernel ready ({len(supervisor.children)} service process(es))", flush=True)

@@ -456,6 +456,13 @@ class Supervisor:
         self.child(name).state = ChildState.STOPPED
         return took
 
+    def child_of_pid(self, pid: int) -> str | None:
+        """The running child whose process is ``pid`` (a worker's READY pid), else None."""
+        for child in self.children:
+            if child.pid == pid and child.proc is not None and child.proc.returncode is None:
+                return child.spec.name
+        return None
+
     def kill_group(self, name: str) -> int:
         """Kill every process of the child's group (its process group without an enforcer):
         the escalation ladder's last rung; the supervisor then restarts it by its type.

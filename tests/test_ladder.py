@@ -1,0 +1,88 @@
+"""The escalation ladder: the pure part with a fake clock, and issue 23's attack rerun against a
+real kernel -- an echo worker stuck in a 20 s step past a 500 ms budget is answered
+``budget_exceeded`` on time, then frozen and killed by the OS, and restarted by the supervisor,
+instead of burning 17 CPU-seconds."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from clients import Client
+from kernel import errors
+from kernel.ladder import Held, Ladder
+from tests.support import KernelProcess, service_block
+
+A, B = b"tok-a", b"tok-b"
+W1, W2 = b"w1", b"w2"
+
+
+def test_a_worker_that_answers_within_the_grace_is_left_alone():
+    lad = Ladder(0.02, 1.0)
+    assert lad.observe([Held(A, 10, W1)], {W1}, 0.0) == []
+    assert lad.observe([], {W1}, 0.01) == []  # its late FINAL came
+    assert lad.tracks == {} and lad.counts["answered"] == 1
+    assert lad.next_due() is None
+
+
+def test_freeze_after_the_grace_then_kill_after_the_second():
+    lad = Ladder(0.02, 1.0)
+    lad.observe([Held(A, 10, W1), Held(B, 10, W1)], {W1}, 0.0)
+    assert lad.next_due() == pytest.approx(0.02)
+    assert lad.observe([Held(A, 10, W1), Held(B, 10, W1)], {W1}, 0.019) == []
+    acts = lad.observe([Held(A, 10, W1), Held(B, 10, W1)], {W1}, 0.02)
+    assert [(a.rung, a.pid) for a in acts] == [("freeze", 10)]  # one freeze per process
+    assert lad.observe([Held(A, 10, W1), Held(B, 10, W1)], {W1}, 0.5) == []
+    acts = lad.observe([Held(A, 10, W1), Held(B, 10, W1)], {W1}, 1.02)
+    assert [(a.rung, a.pid) for a in acts] == [("kill", 10)]  # one kill per process
+    assert lad.tracks == {}
+
+
+def test_a_frozen_worker_dropped_by_liveness_is_killed_at_once():
+    lad = Ladder(0.02, 1.0)
+    lad.observe([Held(A, 10, W1)], {W1, W2}, 0.0)
+    assert [a.rung for a in lad.observe([Held(A, 10, W1)], {W1, W2}, 0.03)] == ["freeze"]
+    # the worker missed its heartbeats (frozen): the router dropped it and its tombstone with it
+    assert [a.rung for a in lad.observe([], {W2}, 0.1)] == ["kill"]
+
+
+def test_graces_must_be_non_negative():
+    with pytest.raises(ValueError):
+        Ladder(-1, 1)
+
+
+@pytest.mark.system
+def test_a_step_that_ignores_its_cancel_is_frozen_killed_and_restarted():
+    k = KernelProcess(service_block("echo", "services.echo"), heartbeat=0.5, liveness=6)
+    try:
+        with Client(k.endpoint, timeout=60, retries=0) as c:
+            c.wait_for_service("echo", 30)
+            first = next(ch["pid"] for ch in c.stats()["children"] if ch["name"] == "echo")
+            c.open_job("short", {"wall_ms": 500})
+            t0 = time.monotonic()
+            with pytest.raises(errors.BudgetExceeded):
+                c.call("echo", {"steps": 1, "step_ms": 20_000}, job="short")
+            assert time.monotonic() - t0 < 15  # answered long before the 20 s step could end
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # the supervisor restarts the killed worker
+                ch = next(ch for ch in c.stats()["children"] if ch["name"] == "echo")
+                if ch["pid"] not in (None, first) and ch["state"] == "running" and ch["restarts"] >= 1:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("the stuck worker was not killed and restarted")
+            c.wait_for_service("echo", 30)
+            assert c.call("echo", {"steps": 2, "step_ms": 1})["steps_done"] == 2
+            c.stats()  # flushes the decision log
+        with open(k.decision_log) as fh:
+            rungs = [json.loads(line) for line in fh if '"enforce"' in line]
+        rungs = [r for r in rungs if r.get("op") == "enforce"]
+        assert [r["in"]["rung"] for r in rungs][:2] == ["freeze", "kill"]
+        freeze, kill = rungs[0], rungs[1]
+        assert freeze["out"]["ok"] and kill["out"]["ok"]
+        # frozen: the CPU the OS measured for the worker's group stopped growing until the kill
+        assert kill["out"]["cpu_s"] == pytest.approx(freeze["out"]["cpu_s"], abs=0.05)
+    finally:
+        k.stop()
