@@ -188,7 +188,7 @@ async def _run(args: argparse.Namespace) -> int:
     )
     # With a log that held state, the admission continues it (restore through replay) and applies
     # [limits] over it only where the ledger allows; otherwise [limits] is the first decision.
-    host = SystemHost(owns_pid=supervisor.owns_pid)  # the one port to the machine the core uses
+    host = SystemHost(owns_pid=supervisor.owns_pid, group_cpu=supervisor.group_cpu_of_pid)  # the one port to the machine the core uses
     admission = BudgetAdmission(decision_log=decision_log, root_limits=cfg.root_limits, host=host,
                                 default_limits=cfg.default_limits, max_pause=cfg.max_pause,
                                 audit_quota=cfg.audit_quota, restored=restored, restored_at=time.monotonic())

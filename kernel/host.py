@@ -44,8 +44,12 @@ class SystemHost:
     #: Bytes drawn from the OS at once for tokens (one getrandom call per ~256 request tokens).
     POOL = 4096
 
-    def __init__(self, owns_pid: Callable[[str, int], bool] | None = None) -> None:
+    def __init__(self, owns_pid: Callable[[str, int], bool] | None = None,
+                 group_cpu: Callable[[int], float | None] | None = None) -> None:
         self._owns_pid = owns_pid
+        #: CPU seconds of the enforcer group of a supervised worker's pid (kernel/enforce.py: its
+        #: helpers included), None for a pid in no group; else the pid's own CPU is read.
+        self._group_cpu = group_cpu
         self._pool = b""
         self._at = 0
 
@@ -53,6 +57,10 @@ class SystemHost:
         return time.monotonic()
 
     def cpu_seconds(self, pid: int) -> float | None:
+        if self._group_cpu is not None:
+            grouped = self._group_cpu(pid)
+            if grouped is not None:
+                return grouped
         import psutil
 
         try:

@@ -456,6 +456,14 @@ class Supervisor:
         self.child(name).state = ChildState.STOPPED
         return took
 
+    def group_cpu_of_pid(self, pid: int) -> float | None:
+        """CPU seconds of the enforcer group of the running child whose process is ``pid`` (what
+        the kernel bills: the worker and every helper it started), None if it has none."""
+        name = self.child_of_pid(pid)
+        if name is None or self.child(name).group is None:
+            return None
+        return self.cpu_seconds(name)
+
     def child_of_pid(self, pid: int) -> str | None:
         """The running child whose process is ``pid`` (a worker's READY pid), else None."""
         for child in self.children:

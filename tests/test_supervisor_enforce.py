@@ -54,6 +54,8 @@ async def test_children_live_in_their_groups_which_freeze_kill_restart_and_go_aw
             await _until(lambda: len(group.sub("tool").pids()) == 1, "the helper to join its group")
             assert group.memory().limit == 512 << 20
         await _until(lambda: (sup.cpu_seconds("svc") or 0) > 0.05, "the service to burn CPU")
+        assert sup.group_cpu_of_pid(child.pid) >= sup.cpu_seconds("svc") * 0.99  # what the kernel's host bills
+        assert sup.group_cpu_of_pid(os.getpid()) is None  # not a supervised child
         sup.freeze("svc")
         assert child.state is ChildState.STOPPED
         before = sup.cpu_seconds("svc")
