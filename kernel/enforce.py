@@ -499,6 +499,7 @@ class SignalGroup(Group):
         self.children: dict[str, SignalGroup] = {}
         self.limits = Limits()
         self._cpu_seen: dict[int, float] = {}  # pid -> last CPU sample (of processes seen here)
+        self._seen: dict[int, psutil.Process] = {}  # every live process found in this group
         self._frozen = False
 
     def _handle(self) -> dict[str, Any]:
@@ -533,6 +534,18 @@ class SignalGroup(Group):
                 out.setdefault(proc.pid, proc)
                 with contextlib.suppress(psutil.Error):
                     todo.extend(c for c in proc.children() if c.pid not in claimed and c.pid not in out)
+        # A descendant seen once stays ours after its parent died (orphans are re-parented to
+        # init and leave the tree); psutil's is_running() also guards against pid reuse.
+        for pid, proc in list(self._seen.items()):
+            try:
+                alive = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                alive = False
+            if not alive or pid in claimed:
+                del self._seen[pid]
+            elif pid not in out:
+                out[pid] = proc
+        self._seen.update(out)
         return list(out.values())
 
     def _processes(self) -> list[psutil.Process]:

@@ -60,11 +60,11 @@ def enforcer(request):
     )
     procs: list[subprocess.Popen] = []
     yield enf, procs
+    enf.close()  # first: it kills whole trees (a killed parent's forked child would escape a signals group)
     for p in procs:
         if p.poll() is None:
             p.kill()
         p.wait(WAIT)
-    enf.close()
 
 
 def _spawn(procs, code: str, **kw) -> subprocess.Popen:
