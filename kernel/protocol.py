@@ -281,7 +281,8 @@ class KindSpec:
     #: resource: running out of it only refuses further reservations of it.
     compute: bool
     #: Who measures it: "clock" (the ledger, continuously), "process" (the kernel, from the
-    #: worker's CPU time) or "worker" (the worker reports it in its status).
+    #: worker's CPU time), "worker" (the worker reports it in its status) or "ceiling" (nothing
+    #: is spent: the operating system holds the work under it).
     measured_by: str
     #: Limit of the default jobs when the config names none.
     default_limit: float
@@ -297,6 +298,10 @@ BUDGET_KINDS: Final[dict[str, KindSpec]] = {k.name: k for k in (
     KindSpec(CPU_MS, True, "process", 3_600_000.0, 1000.0, "CPU time, milliseconds"),
     KindSpec("tokens", True, "worker", 1e8, 1e4, "tokens generated or processed"),
     KindSpec("flops", True, "worker", 1e15, 1e11, "floating-point operations"),
+    # A ceiling, not an amount spent: it travels in the grant; services that know a request's
+    # size refuse over it before allocating (memory_exceeded), the enforcer's memory.max /
+    # RLIMIT_AS caps the service's group (kernel/enforce.py, docs/budgets.md).
+    KindSpec("mem_bytes", False, "ceiling", 0.0, 0.0, "memory ceiling of the request, bytes"),
 )}
 #: Kinds whose exhaustion stops the job.
 COMPUTE_KINDS: Final = tuple(k for k, spec in BUDGET_KINDS.items() if spec.compute)

@@ -84,3 +84,8 @@ def test_the_538m_attack_with_one_flop_allocates_nothing(client):
         )
     assert info.value.detail["reason"] == "memory_exceeded" and info.value.detail["which"] == "mem_bytes"
     assert _service_rss(client) - before < 256 << 20
+    # mem_bytes is a kind of the budget kinds table: a request may set its own ceiling
+    with pytest.raises(errors.Refused) as info:
+        client.call("bktrain", {"run": "attack3", "steps": 1, "config": HUGE, "corpus_limit_bytes": 60_000},
+                    budget={"mem_bytes": 64 << 20})
+    assert info.value.detail["reason"] == "memory_exceeded" and info.value.detail["which"] == "mem_bytes"
