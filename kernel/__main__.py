@@ -3,6 +3,7 @@
     python -m kernel [--config FILE] [--endpoint ENDPOINT] [--control ENDPOINT] [--no-services]
     python -m kernel replay LOG
     python -m kernel keys new NAME --role ROLE [--dir DIR] | keys list [--dir DIR]
+    python -m kernel --help                    (every option and subcommand)
 
 Starts the kernel (ROUTER + PUB), then the supervisor, which launches the services of the
 config in order.  Prints the endpoints and a line ``reca kernel ready`` once everything is
@@ -31,13 +32,39 @@ from kernel import protocol as P
 from kernel.config import ConfigError, default_control_for, load
 
 
+_EPILOG = """\
+subcommands (each has its own --help):
+  python -m kernel replay LOG...                     re-run the ledger on a decision log; exit 1 on a divergence
+  python -m kernel keys new NAME --role ROLE [--dir DIR]
+                                                     a principal's CURVE certificate pair (ROLE: operator,
+                                                     client or service:NAME[,NAME...])
+  python -m kernel keys list [--dir DIR]             the principals of a key directory
+
+the kernel prints `reca kernel endpoint E`, `reca kernel control C` and `reca kernel ready` once it serves;
+`reca kernel degraded: ...` while it has given up on a permanent service.  Each service's output goes to
+{runtime}/logs/NAME.log (python -m clients logs NAME).  Configuration keys: docs/config.md.
+
+environment: RECA_RUNTIME_DIR (the runtime directory, {runtime} in the config), RECA_LOG_LEVEL,
+RECA_ENDPOINT (what clients connect to).  Exit status: 0 stopped cleanly, 2 config error or refused to
+start (unsafe runtime directory, tcp:// without CURVE, unreadable keys).
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kernel", description="reca microkernel and supervisor")
-    p.add_argument("--config", help="TOML config (default: the shipped embedded default)")
-    p.add_argument("--endpoint", help="where clients and workers connect (ipc:// or tcp://)")
-    p.add_argument("--control", help="control PUB endpoint (default: derived from --endpoint)")
+    p = argparse.ArgumentParser(prog="python -m kernel", epilog=_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="reca microkernel and supervisor: routes requests between clients and "
+                                            "services, enforces budgets, and starts the services of its config.",
+                                usage="python -m kernel [options] | python -m kernel {replay,keys} ...")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML config (default: the shipped kernel/default.toml; keys in docs/config.md)")
+    p.add_argument("--endpoint", help="where clients and workers connect, ipc://PATH or tcp://HOST:PORT "
+                                      "(overrides [kernel] endpoint)")
+    p.add_argument("--control", help="control PUB endpoint (default: derived from --endpoint: control.sock "
+                                     "beside it, or PORT+1)")
     p.add_argument("--no-services", action="store_true", help="run the kernel without starting services")
-    p.add_argument("--log-level", default=os.environ.get(P.ENV_LOG_LEVEL, "INFO"))
+    p.add_argument("--log-level", default=os.environ.get(P.ENV_LOG_LEVEL, "INFO"),
+                   help="DEBUG, INFO, WARNING or ERROR (default $RECA_LOG_LEVEL or INFO)")
     return p
 
 
@@ -99,6 +126,18 @@ def _security(cfg, log: logging.Logger):
     return auth.ServerKeys(public, secret), principals, {"server": server_public, "children": child_certs}
 
 
+def _log_dir(cfg) -> str | None:
+    """``{runtime}/logs``: each service's output in its own file there (None: cannot be made)."""
+    from kernel import auth
+
+    path = os.path.join(cfg.runtime, "logs")
+    try:
+        return auth.ensure_private_dir(path)
+    except (auth.UnsafeRuntimeDir, OSError) as exc:
+        logging.getLogger("reca.kernel").warning("no per-service logs (%s): services write to the kernel's output", exc)
+        return None
+
+
 async def _run(args: argparse.Namespace) -> int:
     from kernel import supervisor as sv
     from kernel.admission import BudgetAdmission
@@ -144,7 +183,18 @@ async def _run(args: argparse.Namespace) -> int:
         period=cfg.period,
         backoff_initial=cfg.backoff_initial,
         backoff_max=cfg.backoff_max,
+        log_dir=_log_dir(cfg),
     )
+
+    def on_health(health: str, child: Any) -> None:
+        if health == "degraded":
+            print(f"reca kernel degraded: gave up on {child.spec.name} ({child.reason}); "
+                  f"`python -m clients logs {child.spec.name}`, then `python -m clients restart {child.spec.name}`",
+                  flush=True)
+        else:
+            print(f"reca kernel {health}", flush=True)
+
+    supervisor.on_health = on_health
     # With a log that held state, the admission continues it (restore through replay) and applies
     # [limits] over it only where the ledger allows; otherwise [limits] is the first decision.
     admission = BudgetAdmission(decision_log=decision_log, root_limits=cfg.root_limits,
@@ -184,6 +234,8 @@ async def _run(args: argparse.Namespace) -> int:
             tasks.create_task(server.serve())
             try:
                 await supervisor.start()
+                if supervisor.log_dir and supervisor.children:
+                    print(f"reca kernel service logs in {supervisor.log_dir} (python -m clients logs NAME)", flush=True)
                 print(f"reca kernel ready ({len(supervisor.children)} service process(es))", flush=True)
                 await stop.wait()
             finally:
