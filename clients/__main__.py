@@ -278,6 +278,21 @@ def cmd_restart(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    """The live view's URL, with its token (read from the runtime directory: this machine only)."""
+    from clients.logs import logs_dir
+
+    path = os.path.join(os.path.dirname(logs_dir(args.endpoint)), "view.url")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            print(fh.read().strip())
+    except OSError as exc:
+        print(f"python -m clients view: no live view here ({exc}); add the view service to the kernel's config:\n"
+              '[[service]]\nname = "view"\nmodule = "services.view"', file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     from clients import logs
 
@@ -444,6 +459,7 @@ examples:
   python -m clients resume --job mine
   python -m clients cancel --token 9f3c...        a request's kernel token, as printed by call
   python -m clients logs echo -f                  a service's own log file, followed
+  python -m clients view                          the live view's URL (open it in a browser)
   python -m clients call mmi.stats                any management operation (docs/protocol.md)
 
 exit status: 0 done, 1 error answered by the kernel or a service, 2 bad usage or certificate,
@@ -501,13 +517,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--lines", type=int, default=50, help="last lines to print first (default 50)")
     p.add_argument("--dir", default=None, help="the logs directory (default: logs/ beside the ipc endpoint, "
                                                 "else the runtime directory's)")
+    sub.add_parser("view", help="the live view's URL (with its access token), when the view service runs")
     sub.add_parser("demo", help="the guided demo (starts a kernel unless --endpoint is given)")
     return parser
 
 
 COMMANDS = {"call": cmd_call, "status": cmd_status, "watch": cmd_watch, "jobs": cmd_jobs, "open": cmd_open,
             "close": cmd_close, "cancel": cmd_order, "preempt": cmd_order, "resume": cmd_order,
-            "restart": cmd_restart, "logs": cmd_logs}
+            "restart": cmd_restart, "logs": cmd_logs, "view": cmd_view}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,126 @@
+"""The live view's state, with no I/O: snapshots of ``mmi.stats`` and control-bus messages in,
+the page's state out (time passed in).
+
+Invariants: ``events`` holds at most ``max_events`` entries, newest last, each ``{t, kind, text}``;
+an event is derived from a *change* between two snapshots (a restart count that grew, a state that
+became ``given_up``, a counter of refusals that grew, a job that became exhausted) or from one
+control message, so a snapshot repeated is no event.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+#: Events kept for the page.
+MAX_EVENTS = 200
+#: Counters of mmi.stats whose growth is an event of this kind.
+COUNTER_EVENTS = {"refused": "refusal", "exhausted": "refusal", "preempts": "preempt", "forbidden_ready": "refusal"}
+
+
+def _burn(job: dict) -> tuple[str | None, float]:
+    """The most-spent limited kind of a job and the fraction spent (0 for an unlimited job)."""
+    best: tuple[str | None, float] = (None, 0.0)
+    for kind, limit in (job.get("limits") or {}).items():
+        if isinstance(limit, (int, float)) and limit > 0:
+            frac = float((job.get("spent") or {}).get(kind, 0) or 0) / float(limit)
+            if best[0] is None or frac > best[1]:
+                best = (kind, min(1.0, frac))
+    return best
+
+
+class ViewModel:
+    def __init__(self, max_events: int = MAX_EVENTS) -> None:
+        self.events: collections.deque[dict] = collections.deque(maxlen=max_events)
+        self.snapshot: dict[str, Any] = {}
+        self.version = 0
+        self._children: dict[str, dict] = {}
+        self._counters: dict[str, float] = {}
+        self._exhausted: set[str] = set()
+
+    def _event(self, now: float, kind: str, text: str) -> None:
+        self.events.append({"t": now, "kind": kind, "text": text})
+
+    def on_stats(self, stats: dict, now: float) -> None:
+        """A new ``mmi.stats`` answer."""
+        children = {c["name"]: c for c in stats.get("children", []) if isinstance(c, dict) and "name" in c}
+        for name, child in children.items():
+            before = self._children.get(name)
+            if before is None:
+                continue
+            if (child.get("restarts") or 0) > (before.get("restarts") or 0):
+                self._event(
+                    now,
+                    "restart",
+                    f"{name} restarted (pid {child.get('pid')}); last exit: "
+                    f"{child.get('reason') or child.get('last_exit')}",
+                )
+            if child.get("state") == "given_up" and before.get("state") != "given_up":
+                self._event(now, "given_up", f"gave up on {name}: {child.get('reason')}")
+        counters = {**stats.get("counters", {}), **stats.get("ledger", {})}
+        for key, kind in COUNTER_EVENTS.items():
+            grew = (counters.get(key) or 0) - (self._counters.get(key) or 0)
+            if self._counters and grew > 0:
+                self._event(now, kind, f"{key} +{grew:g}")
+        jobs = stats.get("jobs") or {}
+        exhausted = {name for name, j in jobs.items() if j.get("exhausted")}
+        for name in sorted(exhausted - self._exhausted):
+            self._event(now, "refusal", f"job {name!r} ran out of {jobs[name]['exhausted']}")
+        self._children, self._counters, self._exhausted = children, counters, exhausted
+        rows = []
+        for name, j in sorted(jobs.items()):
+            kind, frac = _burn(j)
+            rows.append(
+                {
+                    "name": name,
+                    "owner": j.get("owner"),
+                    "parent": j.get("parent"),
+                    "kind": kind,
+                    "burn": frac,
+                    "spent": j.get("spent"),
+                    "limits": j.get("limits"),
+                    "running": j.get("running"),
+                    "exhausted": j.get("exhausted"),
+                }
+            )
+        services = [
+            {
+                "name": name,
+                **{
+                    k: s.get(k)
+                    for k in ("workers", "free_slots", "queued", "inflight", "requests", "errors", "p50_ms", "p99_ms")
+                },
+            }
+            for name, s in sorted((stats.get("services") or {}).items())
+        ]
+        self.snapshot = {
+            "t": now,
+            "health": stats.get("health", "ready"),
+            "summary": stats.get("summary", {}),
+            "services": services,
+            "children": list(children.values()),
+            "jobs": rows,
+        }
+        self.version += 1
+
+    def on_control(self, topic: str, message: Any, now: float) -> None:
+        """One message published on the control bus (``ctl/<service>/<op>``)."""
+        parts = topic.split("/")
+        if len(parts) != 3 or not isinstance(message, dict):
+            return
+        _, service, op = parts
+        if op not in ("preempt", "resume", "cancel"):
+            return
+        if "job" in message:
+            target = f"job {message['job']!r}"
+        else:
+            token = message.get("token")
+            target = f"request {token.hex()[:12] if isinstance(token, bytes) else token}"
+        self._event(
+            now, op, f"{op} {target} on {service}" + (f" ({message['reason']})" if message.get("reason") else "")
+        )
+        self.version += 1
+
+    def state(self) -> dict:
+        """What the page is sent."""
+        return {**self.snapshot, "events": list(self.events), "version": self.version}

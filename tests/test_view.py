@@ -1,0 +1,150 @@
+"""The live view (services/view): its model with a fake clock, its access token, and the page in
+headless Chromium against a real ``python -m kernel`` — a job opened by a client appears and its
+bar moves as the job spends.  The screenshot docs/img/view.png comes from this test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from clients import Client
+from services.view.model import ViewModel
+from tests.support import REPO, kernel_fixture, service_block
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+SCREENSHOT = os.path.join(REPO, "docs", "img", "view.png")
+
+
+def _stats(restarts=0, state="running", refused=0, spent=0.0, exhausted=None):
+    return {
+        "health": "degraded" if state == "given_up" else "ready",
+        "summary": {"workers": 1},
+        "services": {"echo": {"workers": 1, "queued": 2, "inflight": 1}},
+        "children": [
+            {
+                "name": "echo#0",
+                "state": state,
+                "pid": 10 + restarts,
+                "restarts": restarts,
+                "reason": "exit 1: boom" if restarts else None,
+            }
+        ],
+        "counters": {"refused": refused},
+        "jobs": {
+            "j": {
+                "limits": {"flops": 5000.0, "wall_ms": 1e6},
+                "spent": {"flops": spent, "wall_ms": 0.0},
+                "owner": "me",
+                "parent": "root",
+                "running": 1,
+                "exhausted": exhausted,
+            }
+        },
+    }
+
+
+def test_model_turns_changes_into_events_and_jobs_into_bars():
+    m = ViewModel(max_events=3)
+    m.on_stats(_stats(), 1.0)
+    m.on_stats(_stats(), 2.0)
+    assert m.state()["events"] == []  # the same snapshot twice: nothing happened
+    job = m.state()["jobs"][0]
+    assert job["kind"] == "flops" and job["burn"] == 0.0
+    m.on_stats(_stats(restarts=1, refused=2, spent=2500.0), 3.0)
+    kinds = [e["kind"] for e in m.state()["events"]]
+    assert kinds == ["restart", "refusal"] and "exit 1: boom" in m.state()["events"][0]["text"]
+    assert m.state()["jobs"][0]["burn"] == 0.5
+    m.on_stats(_stats(restarts=1, state="given_up", refused=2, spent=5000.0, exhausted="flops"), 4.0)
+    events = m.state()["events"]
+    assert len(events) == 3 and events[-1]["text"] == "job 'j' ran out of flops" and m.state()["health"] == "degraded"
+    m.on_control("ctl/echo/preempt", {"job": "j"}, 5.0)
+    m.on_control("ctl/echo/cancel", {"token": b"\x01\x02"}, 6.0)
+    m.on_control("ctl/echo/fidelity", {"level": 1}, 7.0)  # not an event of the page
+    assert [e["text"] for e in m.state()["events"][-2:]] == ["preempt job 'j' on echo", "cancel request 0102 on echo"]
+
+
+kern = kernel_fixture(
+    service_block("echo", "services.echo", replicas=2) + service_block("view", "services.view", args=["--poll", "0.2"])
+)
+
+
+def _url(kern) -> str:
+    with Client(kern.endpoint, timeout=30, retries=0) as c:
+        c.wait_for_service("view", 30)
+    with open(os.path.join(kern.dir, "view.url"), encoding="utf-8") as fh:
+        return fh.read().strip()
+
+
+@pytest.mark.system
+def test_the_page_needs_its_token(kern):
+    url = _url(kern)
+    assert os.stat(os.path.join(kern.dir, "view.url")).st_mode & 0o077 == 0
+    base, token = url.split("?token=")
+    for path in ("", "state", "events"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(base + path, timeout=10)
+        assert info.value.code == 401
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(f"{base}{path}?token=wrong{token}", timeout=10)
+    with urllib.request.urlopen(f"{base}state?token={token}", timeout=10) as resp:
+        assert resp.status == 200 and b'"services"' in resp.read()
+
+
+@pytest.mark.system
+@pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="chromium and chromium-driver are not installed "
+    "(./dev setup installs them: apt-get install chromium chromium-driver)",
+)
+def test_in_chromium_a_new_job_appears_and_its_bar_moves(kern):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = _url(kern)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,560"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=DriverService(CHROMEDRIVER), options=options)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(url)
+        wait = WebDriverWait(driver, 60, poll_frequency=0.1)
+        wait.until(lambda d: d.find_element(By.ID, "health").text == "ready")
+        with Client(kern.endpoint, timeout=30, retries=0) as c:
+            c.open_job("ui-job", {"flops": 40_000})
+            row = '[data-job="ui-job"] .fill'
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row))  # the new job appears
+
+            def burn() -> float:  # read in one script: the page redraws its rows on every update
+                value = driver.execute_script(
+                    "const e = document.querySelector(arguments[0]); return e ? e.dataset.burn : null", row
+                )
+                return -1.0 if value is None else float(value)
+
+            assert burn() == 0.0
+            for _ in range(2):
+                c.call("echo", {"steps": 5, "step_ms": 1}, job="ui-job")  # 5,000 flops each
+            wait.until(lambda d: burn() >= 0.25)  # the bar moved: 10,000 of 40,000
+            c.call("echo", {"steps": 10, "step_ms": 1}, job="ui-job")
+            wait.until(lambda d: burn() >= 0.5)  # and moves on as the job spends
+            width = driver.execute_script(
+                "return document.querySelector(arguments[0]).getBoundingClientRect().width", row
+            )
+            assert width > 0
+            c.call("mmi.preempt", {"job": "ui-job"})  # an order on the bus shows as it happens
+            wait.until(lambda d: "preempt job 'ui-job'" in d.find_element(By.ID, "events").text)
+            time.sleep(0.5)  # let the bar's transition finish before the picture (not an assertion)
+            os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+            driver.save_screenshot(SCREENSHOT)
+    finally:
+        driver.quit()
+    assert os.path.getsize(SCREENSHOT) > 10_000
