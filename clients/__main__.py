@@ -153,6 +153,27 @@ class Progress:
             sys.stderr.flush()
 
 
+def explain_budget(client: Client, exc: errors.RecaError, job: str | None, asked: dict | None) -> None:
+    """Add what ran out to a budget_exceeded error, in words: ``job 'x' ran out of flops:
+    5000/5000`` (the job's ledger), else the request's own budget that was exceeded."""
+    spent = exc.detail.get("spent") or {}
+    if job:
+        try:
+            stats = client.call(P.MMI_JOB_STATS, {"job": job}, retries=0, timeout=5)
+        except errors.RecaError:
+            stats = None
+        if isinstance(stats, dict):
+            for kind, limit in (stats.get("limits") or {}).items():
+                used = (stats.get("spent") or {}).get(kind, 0)
+                if kind == stats.get("exhausted") or (limit and used >= limit):
+                    exc.detail["explain"] = f"job {job!r} ran out of {kind}: {cell(float(used), 6)}/{cell(float(limit), 6)}"
+                    return
+    for kind, value in spent.items():
+        if asked and kind in asked and value >= asked[kind]:
+            exc.detail["explain"] = f"this request's own budget ran out: {kind} {cell(float(value), 6)}/{asked[kind]}"
+            return
+
+
 def print_error(exc: errors.RecaError) -> None:
     print(dumps({"error": exc.code, "message": exc.message, **exc.detail}))
 
@@ -191,6 +212,8 @@ def cmd_call(args: argparse.Namespace) -> int:
             raise
         except errors.RecaError as exc:
             progress.done()
+            if isinstance(exc, errors.BudgetExceeded):
+                explain_budget(client, exc, args.job or exc.detail.get("job"), budget)
             print_error(exc)
             return EXIT_UNREACHABLE if isinstance(exc, errors.Timeout) else EXIT_ERROR
         progress.done()

@@ -101,7 +101,8 @@ def test_jobs_open_call_and_a_budget_that_runs_out(kern, client, capsys):
     rc, out, _ = cli(kern, capsys, "call", "echo", '{"steps": 3, "step_ms": 1}', "--job", "cli-job")
     assert rc == 0 and json.loads(out)["steps_done"] == 3
     rc, out, _ = cli(kern, capsys, "call", "echo", '{"steps": 10, "step_ms": 1}', "--job", "cli-job")
-    assert rc == 1 and json.loads(out)["error"] == "budget_exceeded"
+    error = json.loads(out)
+    assert rc == 1 and error["error"] == "budget_exceeded" and error["explain"] == "job 'cli-job' ran out of flops: 5000/5000"
     rc, out, _ = cli(kern, capsys, "jobs")
     row = next(line for line in out.splitlines() if line.startswith("cli-job "))
     assert "[##########] 100% flops" in row

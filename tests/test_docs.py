@@ -42,14 +42,23 @@ def test_services_md_example_runs_as_written():
         with open(os.path.join(work, name), "w", encoding="utf-8") as fh:
             fh.write(body)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([work, REPO]))
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_hello.py"], cwd=work,
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_hello.py"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "3 passed" in out.stdout
 
 
-@pytest.mark.skipif(not hasattr(config, "SCHEMA"), reason="needs kernel/config.py's declarative SCHEMA "
-                    "(issue 25, branch integrity); docs/config.md was generated from it")
+@pytest.mark.skipif(
+    not hasattr(config, "SCHEMA"),
+    reason="needs kernel/config.py's declarative SCHEMA "
+    "(issue 25, branch integrity); docs/config.md was generated from it",
+)
 def test_config_md_is_generated_from_the_schema():
     from kernel.__main__ import config_doc
 

@@ -96,24 +96,32 @@ def test_the_page_needs_its_token(kern):
         assert resp.status == 200 and b'"services"' in resp.read()
 
 
-@pytest.mark.system
-@pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
     reason="chromium and chromium-driver are not installed "
     "(./dev setup installs them: apt-get install chromium chromium-driver)",
 )
-def test_in_chromium_a_new_job_appears_and_its_bar_moves(kern):
+
+
+def _browser():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    url = _url(kern)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,560"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=DriverService(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=DriverService(CHROMEDRIVER), options=options)
+
+
+@pytest.mark.system
+@needs_chromium
+def test_in_chromium_a_new_job_appears_and_its_bar_moves(kern):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = _url(kern)
+    driver = _browser()
     try:
         driver.set_page_load_timeout(60)
         driver.get(url)
@@ -148,3 +156,29 @@ def test_in_chromium_a_new_job_appears_and_its_bar_moves(kern):
     finally:
         driver.quit()
     assert os.path.getsize(SCREENSHOT) > 10_000
+
+
+@pytest.mark.system
+@needs_chromium
+def test_in_chromium_the_page_keeps_up_with_a_thousand_jobs(kern):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = _url(kern)
+    with Client(kern.endpoint, timeout=30, retries=0) as c:
+        for i in range(1000):
+            c.open_job(f"many-{i:04d}", {"flops": 1000 + i})
+    driver = _browser()
+    try:
+        driver.get(url)
+        wait = WebDriverWait(driver, 120, poll_frequency=0.2)
+        wait.until(lambda d: "more" in d.find_element(By.ID, "jobs-more").text)
+        jobs = int(driver.find_element(By.ID, "summary").text.split(" jobs")[0].rsplit("· ", 1)[-1])
+        assert jobs >= 1000
+        rows = driver.execute_script("return document.querySelectorAll('#jobs tbody tr').length")
+        assert rows == 500  # drawn; the rest counted
+        first = driver.execute_script("return window.recaRenders")
+        wait.until(lambda d: d.execute_script("return window.recaRenders") >= first + 3)  # it keeps updating
+        print(f"render of {jobs} jobs: {driver.execute_script('return window.recaRenderMs'):.1f} ms")
+    finally:
+        driver.quit()
