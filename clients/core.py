@@ -155,6 +155,10 @@ MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DI
                   | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
+#: Consecutive CURVE handshakes dropped by the kernel before the server certificate is blamed.
+DROPS_BEFORE_BLAME = 3
+
+
 class FirstContact:
     """Reads a new connection's socket-monitor events (no I/O here) until the ZMTP handshake
     with the kernel succeeds, and names what went wrong when it cannot:
@@ -162,8 +166,11 @@ class FirstContact:
     * a connection refused before any connection was made: nothing listens at the endpoint;
     * the kernel answered the CURVE handshake with an error (ZAP said no): it does not know
       this client's key (``cert``);
-    * the kernel dropped the connection during the CURVE handshake: the client's idea of the
-      kernel's public key (``server_cert``) is wrong (the kernel cannot open its HELLO).
+    * the kernel dropped the connection during the CURVE handshake :data:`DROPS_BEFORE_BLAME`
+      times in a row: the client's idea of the kernel's public key (``server_cert``) is wrong
+      (the kernel cannot open its HELLO).  One drop is not enough: a kernel over its peer cap
+      also closes new connections at once during a flood, and a retry may then get in.  Over a
+      connection without CURVE a drop is never blamed on anything (the client waits and retries).
 
     :meth:`on_event` returns a :class:`ConnectError` to raise, or None; ``done`` is True once
     the handshake succeeded (the monitor can then be switched off).
@@ -176,6 +183,7 @@ class FirstContact:
         self.server_cert = server_cert
         self.connected = False
         self.done = False
+        self.drops = 0
 
     def on_event(self, event: int, value: int | None = None) -> ConnectError | None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -190,8 +198,14 @@ class FirstContact:
                 f"the kernel at {self.endpoint} refused this client's key "
                 f"({P.ENV_CERT}={self.cert or '(none)'}; ZAP status {value}): ask its operator to add the public "
                 f"certificate to the kernel's key directory (`python -m kernel keys new NAME --role ROLE`)")
-        elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL) or (
-                event == zmq.EVENT_DISCONNECTED and self.connected and not self.done):
+        elif event == zmq.EVENT_DISCONNECTED and self.connected and not self.done:
+            self.drops += 1
+            if self.curve and self.drops >= DROPS_BEFORE_BLAME:
+                return ConnectError(
+                    f"the kernel at {self.endpoint} dropped the CURVE handshake {self.drops} times: the server "
+                    f"certificate {P.ENV_SERVER_CERT}={self.server_cert} is not this kernel's public key (use the "
+                    "kernel.key of its key directory, or the one its operator gave you)")
+        elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
             if self.curve:
                 return ConnectError(
                     f"the kernel at {self.endpoint} dropped the CURVE handshake: the server certificate "

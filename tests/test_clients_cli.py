@@ -199,7 +199,12 @@ def test_first_contact_reads_monitor_events():
     assert "me.key_secret" in fc.on_event(zmq.EVENT_HANDSHAKE_FAILED_AUTH, 400).message
     fc = FirstContact("tcp://h:1", curve=True, cert="me.key_secret", server_cert="kernel.key")
     fc.on_event(zmq.EVENT_CONNECTED)
+    assert fc.on_event(zmq.EVENT_DISCONNECTED) is None  # once: a kernel over its peer cap does that too
+    assert fc.on_event(zmq.EVENT_DISCONNECTED) is None
     assert "RECA_SERVER_CERT=kernel.key" in fc.on_event(zmq.EVENT_DISCONNECTED).message
+    fc = FirstContact("ipc:///x/k.sock", curve=False)
+    fc.on_event(zmq.EVENT_CONNECTED)
+    assert all(fc.on_event(zmq.EVENT_DISCONNECTED) is None for _ in range(5))  # no CURVE: never blamed
     fc = FirstContact("tcp://h:1", curve=False)
     fc.on_event(zmq.EVENT_CONNECTED)
     assert fc.on_event(zmq.EVENT_HANDSHAKE_SUCCEEDED) is None and fc.done
@@ -264,3 +269,19 @@ def test_help_lists_every_command():
         env=dict(os.environ, PYTHONPATH=REPO),
     ).stdout
     assert "kernel replay LOG" in out and "kernel keys new NAME" in out and "docs/config.md" in out
+
+
+def test_progress_line_shows_partials_elapsed_and_the_budget_bar(capsys):
+    from clients.__main__ import Progress, bar
+    from clients.core import Reply
+
+    assert bar(0.5, 10) == "[#####-----]" and bar(2.0, 4) == "[####]" and bar(-1, 2) == "[--]"
+    progress = Progress("echo", {"flops": 4000.0}, enabled=True)
+    progress.update(Reply(False, "partial", None, {"flops": 1000.0}, {}))
+    progress.update(Reply(False, "paused", None, {"flops": 2000.0}, {}))
+    line = capsys.readouterr().err.split("\r")[-1]
+    assert line.startswith("echo: 2 partial(s)") and "[##########----------] flops 2000/4000" in line
+    assert "paused by the kernel" in line
+    progress.done()
+    Progress("echo", None, enabled=False).update(Reply(False, "partial", None, {}, {}))
+    assert capsys.readouterr().err.strip("\r ") == ""
