@@ -325,7 +325,24 @@ def cmd_logs(args: argparse.Namespace) -> int:
 # -- demo -------------------------------------------------------------------------------------------
 
 
+def _view_url(client: Client) -> str | None:
+    """The live view's URL with its token, when the kernel runs the view service on this machine."""
+    from clients.logs import logs_dir
+
+    try:
+        client.wait_for_service("view", 30)
+        with open(os.path.join(os.path.dirname(logs_dir(client.endpoint)), "view.url"), encoding="utf-8") as fh:
+            return fh.read().strip()
+    except (errors.RecaError, OSError):
+        return None
+
+
 def _demo(client: Client, out=print) -> None:
+    configured = {ch["name"].split("#")[0] for ch in client.stats().get("children", [])}
+    if "view" in configured:
+        url = _view_url(client)
+        if url:
+            out(f"\nwatch it live in a browser: {url}")
     out("\n== 1. a request, streamed ==")
     client.wait_for_service("echo")
     result = client.call("echo", {"partials": 3, "hello": "reca"},

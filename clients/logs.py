@@ -75,10 +75,11 @@ def tail(path: str, n: int) -> list[str]:
 class Follower:
     """Reads what is appended to a log file, across the supervisor's rotations (a new inode)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, from_start: bool = False) -> None:
         self.path = path
         self.fh = open(path, "rb")
-        self.fh.seek(0, os.SEEK_END)
+        if not from_start:
+            self.fh.seek(0, os.SEEK_END)
         self.inode = os.fstat(self.fh.fileno()).st_ino
         self.rest = b""
 

@@ -70,7 +70,11 @@ def test_model_turns_changes_into_events_and_jobs_into_bars():
 
 
 kern = kernel_fixture(
-    service_block("echo", "services.echo", replicas=2) + service_block("view", "services.view", args=["--poll", "0.2"])
+    service_block("echo", "services.echo", replicas=2)
+    + service_block("view", "services.view", args=["--poll", "0.2"])
+    + service_block("work", "services.cpcs.work", replicas=2)
+    + service_block("cpcs", "services.cpcs"),
+    liveness=10,  # a 2 s window: this shared machine stalls processes
 )
 
 
@@ -181,4 +185,73 @@ def test_in_chromium_the_page_keeps_up_with_a_thousand_jobs(kern):
         wait.until(lambda d: d.execute_script("return window.recaRenders") >= first + 3)  # it keeps updating
         print(f"render of {jobs} jobs: {driver.execute_script('return window.recaRenderMs'):.1f} ms")
     finally:
+        driver.quit()
+
+
+def test_model_follows_the_latest_cpcs_run_from_the_decision_log():
+    import json
+
+    def audit(event):
+        return json.dumps({"op": "audit", "input": {"source": "cpcs", "event": event}, "output": {"ok": True}})
+
+    m = ViewModel()
+    assert not m.on_log_line(json.dumps({"op": "charge", "input": {"job": "j"}}), 0.0)
+    assert m.state()["gantt"] is None
+    old = [{"t": 0.0, "ev": "submit"}, {"t": 0.1, "ev": "start", "task": "old", "worker": "work@0"}]
+    new = [
+        {"t": 0.0, "ev": "submit"},
+        {"t": 0.0, "ev": "dispatch", "task": "a", "critical": True},
+        {"t": 0.1, "ev": "start", "task": "a", "worker": "work@0"},
+        {"t": 0.2, "ev": "start", "task": "b", "worker": "work@1"},
+        {"t": 0.3, "ev": "paused", "task": "b", "worker": "work@1"},
+        {"t": 0.5, "ev": "done", "task": "a"},
+    ]
+    for event in old + new:
+        assert m.on_log_line(audit(event), 0.0)
+    g = m.state()["gantt"]
+    assert g["rows"] == ["work@0", "work@1"] and g["tasks"] == 2 and not g["done"]  # the old run is gone
+    bars = {(s["task"], s["kind"]): s for s in g["segments"]}
+    assert bars[("a", "run")]["critical"] and (bars[("a", "run")]["start"], bars[("a", "run")]["end"]) == (0.1, 0.5)
+    assert ("b", "paused") in bars
+    m.on_log_line(audit({"t": 0.9, "ev": "done", "task": "b"}), 0.0)
+    assert m.state()["gantt"]["done"]
+
+
+@pytest.mark.system
+@needs_chromium
+def test_in_chromium_a_cpcs_run_draws_its_gantt_chart_live(kern):
+    import threading
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = _url(kern)
+    tasks = [
+        {"id": tid, "service": "work", "eta_s": 0.4, "deps": deps, "payload": {"ms": 400, "steps": 20}}
+        for tid, deps in (("load", []), ("fit", ["load"]), ("plot", ["load"]), ("report", ["fit", "plot"]))
+    ]
+    out: dict = {}
+
+    def run() -> None:
+        with Client(kern.endpoint, timeout=60, retries=0) as c:
+            for name in ("cpcs", "work@0", "work@1"):
+                c.wait_for_service(name, 60)
+            out["result"] = c.call("cpcs", {"dag": {"tasks": tasks}}, timeout=60)
+
+    driver = _browser()
+    thread = threading.Thread(target=run)
+    try:
+        driver.get(url)
+        wait = WebDriverWait(driver, 120, poll_frequency=0.1)
+        thread.start()
+        bars = "return [...document.querySelectorAll('#gantt .seg')].map(e => e.dataset.task)"
+        wait.until(lambda d: d.execute_script(bars))  # the first bar shows while the run goes on
+        wait.until(lambda d: set(d.execute_script(bars)) >= {"load", "fit", "plot", "report"})
+        wait.until(lambda d: "(done)" in d.find_element(By.ID, "gantt-head").text)
+        thread.join(60)
+        assert out["result"]["states"] == {"done": 4}
+        driver.execute_script("document.getElementById('gantt-box').scrollIntoView()")
+        driver.save_screenshot(os.path.join(REPO, "docs", "img", "view-gantt.png"))
+    finally:
+        thread.join(60)
         driver.quit()

@@ -10,7 +10,10 @@ control message, so a snapshot repeated is no event.
 from __future__ import annotations
 
 import collections
+import json
 from typing import Any
+
+from services.cpcs.gantt import segments
 
 #: Events kept for the page.
 MAX_EVENTS = 200
@@ -37,6 +40,8 @@ class ViewModel:
         self._children: dict[str, dict] = {}
         self._counters: dict[str, float] = {}
         self._exhausted: set[str] = set()
+        #: The events of the latest cpcs run seen in the decision log (its Gantt chart).
+        self.cpcs_events: list[dict] = []
 
     def _event(self, now: float, kind: str, text: str) -> None:
         self.events.append({"t": now, "kind": kind, "text": text})
@@ -121,6 +126,44 @@ class ViewModel:
         )
         self.version += 1
 
+    def on_log_line(self, line: str, now: float) -> bool:
+        """One line of the kernel's decision log: a ``cpcs`` audit record extends the current run's
+        events (a ``submit`` starts a new run).  True when the Gantt chart changed."""
+        if '"cpcs"' not in line:  # cheap filter: most records are the ledger's
+            return False
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return False
+        inp = rec.get("input") or rec.get("in") or {}
+        if rec.get("op") != "audit" or not isinstance(inp, dict) or inp.get("source") != "cpcs":
+            return False
+        event = inp.get("event")
+        if not isinstance(event, dict):
+            return False
+        if event.get("ev") == "submit":
+            self.cpcs_events = []
+        self.cpcs_events.append(event)
+        self.version += 1
+        return True
+
+    def gantt(self) -> dict | None:
+        """The current cpcs run as bars ``{task, worker, start, end, kind, critical}`` and its rows."""
+        if not self.cpcs_events:
+            return None
+        segs = segments(self.cpcs_events)
+        t_end = max([s["end"] for s in segs] + [float(e.get("t", 0.0)) for e in self.cpcs_events] + [1e-9])
+        started = {e.get("task") for e in self.cpcs_events if e.get("ev") == "start"}
+        ended = {e.get("task") for e in self.cpcs_events if e.get("ev") in ("done", "cancelled", "gave_up")}
+        done = bool(started) and started <= ended
+        return {
+            "rows": sorted({s["worker"] for s in segs}),
+            "segments": segs,
+            "t_end": t_end,
+            "done": done,
+            "tasks": len({s["task"] for s in segs}),
+        }
+
     def state(self) -> dict:
         """What the page is sent."""
-        return {**self.snapshot, "events": list(self.events), "version": self.version}
+        return {**self.snapshot, "events": list(self.events), "gantt": self.gantt(), "version": self.version}

@@ -59,6 +59,7 @@ class ViewService(Service):
         self.endpoint = ""
         self.control: str | None = None
         self.url_file = ""
+        self.decision_log = ""
         self.token = secrets.token_urlsafe(24)
         self.url = ""
         self.model = ViewModel()
@@ -79,6 +80,11 @@ class ViewService(Service):
         parser.add_argument(
             "--url-file", default=None, help="where the page's URL is written (default {runtime}/view.url, mode 0600)"
         )
+        parser.add_argument(
+            "--decision-log",
+            default=None,
+            help="the kernel's decision log, read for the cpcs Gantt chart (default {runtime}/decisions.jsonl)",
+        )
 
     def configure(self, args: argparse.Namespace) -> None:
         self.http = args.http
@@ -87,6 +93,7 @@ class ViewService(Service):
         self.control = args.control or default_control_for(self.endpoint)
         base = os.path.dirname(self.endpoint[len("ipc://") :]) if self.endpoint.startswith("ipc://") else runtime_dir()
         self.url_file = args.url_file or os.path.join(base, "view.url")
+        self.decision_log = args.decision_log or os.path.join(base, "decisions.jsonl")
 
     # -- lifetime ---------------------------------------------------------------------------------
 
@@ -107,7 +114,11 @@ class ViewService(Service):
         print(f"reca view serving {self.url} (token in {self.url_file})", flush=True)
         self.client = AsyncClient(self.endpoint, timeout=POLL_TIMEOUT_S, retries=0)
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._poll()), loop.create_task(self._listen())]
+        self._tasks = [
+            loop.create_task(self._poll()),
+            loop.create_task(self._listen()),
+            loop.create_task(self._tail_log()),
+        ]
 
     async def teardown(self) -> None:
         for task in self._tasks:
@@ -143,6 +154,26 @@ class ViewService(Service):
                 self.model.on_stats(stats, time.time())
                 self._notify()
             await asyncio.sleep(self.poll_s)
+
+    async def _tail_log(self) -> None:
+        """cpcs's audit records from the decision log (followed across segment rotation)."""
+        from clients.logs import Follower
+
+        follower = None
+        try:
+            while True:
+                if follower is None and os.path.exists(self.decision_log):
+                    follower = Follower(self.decision_log, from_start=True)
+                if follower is not None:
+                    changed = False
+                    for line in follower.read():
+                        changed |= self.model.on_log_line(line, time.time())
+                    if changed:
+                        self._notify()
+                await asyncio.sleep(self.poll_s)
+        finally:
+            if follower is not None:
+                follower.close()
 
     async def _listen(self) -> None:
         """Every preempt / resume / cancel published on the control bus."""
