@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from clients.core import ConnectError, default_endpoint, to_text
+from clients.progress import progress
 from clients.sync import Client
 from clients.table import cell, render
 from kernel import auth, errors
@@ -407,9 +408,9 @@ def _demo(client: Client, out=print) -> None:
     out(f"   resumed results equal an uninterrupted run: {same}")
 
     configured = {ch["name"].split("#")[0] for ch in client.stats().get("children", [])}
-    for name in ("ttc", "igms", "decode", "ids", "rois", "lot"):
-        if name in configured:
-            client.wait_for_service(name, 90)  # the decode worker loads torch and its weights first
+    waiting = [name for name in ("ttc", "igms", "decode", "ids", "rois", "lot") if name in configured]
+    for name in progress(waiting, desc="waiting for services to register", unit="service"):
+        client.wait_for_service(name, 90)  # the decode worker loads torch and its weights first
 
     if client.call(P.MMI_SERVICE, "ttc") == "200":
         out("\n== 5. transactional tool calls: prepare two SAT solves, the plan changes, only one runs ==")

@@ -285,3 +285,17 @@ def test_progress_line_shows_partials_elapsed_and_the_budget_bar(capsys):
     progress.done()
     Progress("echo", None, enabled=False).update(Reply(False, "partial", None, {}, {}))
     assert capsys.readouterr().err.strip("\r ") == ""
+
+
+def test_progress_bars_only_where_someone_watches(monkeypatch, capsys):
+    from clients import progress as pg
+
+    monkeypatch.setenv("RECA_PROGRESS", "0")
+    assert list(pg.progress(range(3))) == [0, 1, 2] and capsys.readouterr().err == ""
+    monkeypatch.delenv("RECA_PROGRESS")
+    monkeypatch.setenv("CI", "true")
+    assert not pg.enabled() and list(pg.progress(total=2)) == [0, 1]
+    monkeypatch.delenv("CI")
+    monkeypatch.setenv("RECA_PROGRESS", "1")
+    assert list(pg.progress(["a", "b"], desc="work")) == ["a", "b"]
+    assert "work" in capsys.readouterr().err  # tqdm drew its bar on stderr
