@@ -117,25 +117,66 @@ def _client(args: argparse.Namespace, **kw: Any) -> Client:
 
 class Progress:
     """The one-line progress of ``call`` on stderr (a terminal only): partials, elapsed time and
-    the budget spent as a bar against the limit the job (or the request's own budget) has."""
+    the budget spent as a bar against the limit the job (or the request's own budget) has.  A
+    ticker thread redraws it every :data:`TICK_S` so the elapsed time moves between replies."""
 
-    def __init__(self, service: str, limits: dict | None, enabled: bool) -> None:
+    TICK_S = 0.25
+
+    #: Seconds between two looks at the job's ledger (the ticker's own client).
+    POLL_JOB_S = 1.0
+
+    def __init__(self, service: str, limits: dict | None, enabled: bool, *, endpoint: str | None = None,
+                 job: str | None = None) -> None:
         self.service = service
+        self.endpoint = endpoint
+        self.job = job
         self.limits = limits or {}
         self.enabled = enabled
         self.t0 = time.monotonic()
         self.partials = 0
         self.paused = False
+        self.spent: dict = {}
         self.width = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def start(self) -> "Progress":
+        if self.enabled:
+            self._ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
+            self._ticker.start()
+        return self
+
+    def _tick(self) -> None:
+        """Redraw every TICK_S; with a job, read its spending from the ledger every POLL_JOB_S (the
+        worker reports spending with its replies, so between them the ledger is the live figure)."""
+        client = Client(self.endpoint, timeout=2.0, retries=0) if self.job and self.endpoint else None
+        next_poll = time.monotonic()
+        try:
+            while not self._stop.wait(self.TICK_S):
+                if client is not None and time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + self.POLL_JOB_S
+                    try:
+                        ledger = client.call(P.MMI_JOB_STATS, {"job": self.job})
+                        self.spent = dict(ledger.get("spent") or {})
+                    except errors.RecaError:
+                        pass
+                self.draw()
+        finally:
+            if client is not None:
+                client.close()
 
     def update(self, reply: Any) -> None:
         self.partials += 1
         self.paused = reply.status == P.STATUS_PAUSED
-        self.draw(reply.spent)
+        if not self.job:  # with a job the ticker reads the job's ledger instead
+            self.spent = reply.spent or self.spent
+        self.draw()
 
-    def draw(self, spent: dict) -> None:
+    def draw(self, spent: dict | None = None) -> None:
         if not self.enabled:
             return
+        spent = self.spent if spent is None else spent
         text = f"{self.service}: {self.partials} partial(s)  {time.monotonic() - self.t0:.1f} s"
         b = burn(self.limits, spent or {})
         if b is not None:
@@ -144,14 +185,25 @@ class Progress:
             text += f"  spent {cell(spent, 4)}"
         if self.paused:
             text += "  (paused by the kernel)"
-        sys.stderr.write("\r" + text.ljust(self.width))
-        self.width = len(text)
-        sys.stderr.flush()
+        text += "  (Ctrl-C cancels)"
+        with self._lock:
+            sys.stderr.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+            sys.stderr.flush()
+
+    def clear(self) -> None:
+        """Wipe the line (before a partial is printed on stdout); the ticker draws it again."""
+        if self.enabled and self.width:
+            with self._lock:
+                sys.stderr.write("\r" + " " * self.width + "\r")
+                self.width = 0
+                sys.stderr.flush()
 
     def done(self) -> None:
-        if self.enabled and self.width:
-            sys.stderr.write("\r" + " " * self.width + "\r")
-            sys.stderr.flush()
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(1.0)
+        self.clear()
 
 
 def explain_budget(client: Client, exc: errors.RecaError, job: str | None, asked: dict | None) -> None:
@@ -189,10 +241,11 @@ def cmd_call(args: argparse.Namespace) -> int:
                 limits = client.call(P.MMI_JOB_STATS, {"job": args.job}, retries=0).get("limits")
             except errors.RecaError:
                 limits = None
-        progress = Progress(args.service, limits, enabled=not args.quiet and sys.stderr.isatty())
+        progress = Progress(args.service, limits, enabled=not args.quiet and sys.stderr.isatty(),
+                            endpoint=args.endpoint, job=args.job if budget is None else None).start()
 
         def on_partial(reply: Any) -> None:
-            progress.done()
+            progress.clear()
             print(dumps({"partial": reply.payload, "status": reply.status}), flush=True)
             progress.update(reply)
 
@@ -210,6 +263,7 @@ def cmd_call(args: argparse.Namespace) -> int:
                 print(f"interrupted; cancelling request {rid} failed: {exc}", file=sys.stderr)
             return EXIT_INTERRUPTED
         except ConnectError:
+            progress.done()
             raise
         except errors.RecaError as exc:
             progress.done()
@@ -217,7 +271,8 @@ def cmd_call(args: argparse.Namespace) -> int:
                 explain_budget(client, exc, args.job or exc.detail.get("job"), budget)
             print_error(exc)
             return EXIT_UNREACHABLE if isinstance(exc, errors.Timeout) else EXIT_ERROR
-        progress.done()
+        finally:
+            progress.done()
     if args.service.startswith(P.MMI_PREFIX) and result in (P.MMI_NOT_IMPLEMENTED, P.MMI_NOT_IMPLEMENTED.decode()):
         known = ", ".join(sorted(P.MMI_OPS))
         print(dumps({"error": "not_implemented", "message": f"unknown management operation {args.service!r}; "
