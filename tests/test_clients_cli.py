@@ -137,6 +137,15 @@ def test_tokens_are_printed_as_pasteable_hex(kern, client, capsys):
     assert to_text({"t": b"\x00\xff", "l": [b"a"]}) == {"t": "00ff", "l": ["61"]}
 
 
+def read_line(proc: subprocess.Popen, bound_s: float = 60.0) -> str:
+    """The next stdout line of ``proc`` (bounded: select before each read)."""
+    import select
+
+    ready, _, _ = select.select([proc.stdout], [], [], bound_s)
+    assert ready, f"no output from the call within {bound_s:g} s"
+    return proc.stdout.readline()
+
+
 def test_preempt_resume_and_cancel_a_job_from_the_shell(kern, client, capsys):
     assert cli(kern, capsys, "open", "longrun")[0] == 0
     proc = cli_process(kern, "call", "echo", '{"steps": 100000, "step_ms": 1}', "--job", "longrun")
@@ -144,6 +153,8 @@ def test_preempt_resume_and_cancel_a_job_from_the_shell(kern, client, capsys):
         wait_until(lambda: client.stats()["services"]["echo"]["inflight"] >= 1, "the long call runs")
         rc, out, _ = cli(kern, capsys, "preempt", "--job", "longrun")
         assert rc == 0 and json.loads(out)["targets"] == 1
+        line = json.loads(read_line(proc))
+        assert line["status"] == "paused"  # the pause reached the caller
         rc, out, _ = cli(kern, capsys, "resume", "--job", "longrun")
         assert rc == 0
         rc, out, _ = cli(kern, capsys, "cancel", "--job", "longrun", "--service", "echo")
@@ -152,7 +163,6 @@ def test_preempt_resume_and_cancel_a_job_from_the_shell(kern, client, capsys):
     finally:
         proc.kill()
     lines = [json.loads(line) for line in stdout.splitlines()]
-    assert any(line.get("status") == "paused" for line in lines)  # the pause reached the caller
     assert proc.returncode == 1 and lines[-1]["error"] == "cancelled", (stdout, stderr)
 
 
