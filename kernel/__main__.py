@@ -139,6 +139,17 @@ def _log_dir(cfg) -> str | None:
         return None
 
 
+def _announce_health(health: str, child: Any) -> None:
+    """The supervisor's health changed: say so on the kernel's output (``reca kernel degraded: ...``
+    while a permanent service is given up, ``reca kernel ready`` once an operator restarted it)."""
+    if health == "degraded":
+        print(f"reca kernel degraded: gave up on {child.spec.name} ({child.reason}); "
+              f"`python -m clients logs {child.spec.name}`, then `python -m clients restart {child.spec.name}`",
+              flush=True)
+    else:
+        print(f"reca kernel {health}", flush=True)
+
+
 async def _run(args: argparse.Namespace) -> int:
     from kernel import supervisor as sv
     from kernel.admission import BudgetAdmission
@@ -187,16 +198,7 @@ async def _run(args: argparse.Namespace) -> int:
         backoff_max=cfg.backoff_max,
         log_dir=_log_dir(cfg),
     )
-
-    def on_health(health: str, child: Any) -> None:
-        if health == "degraded":
-            print(f"reca kernel degraded: gave up on {child.spec.name} ({child.reason}); "
-                  f"`python -m clients logs {child.spec.name}`, then `python -m clients restart {child.spec.name}`",
-                  flush=True)
-        else:
-            print(f"reca kernel {health}", flush=True)
-
-    supervisor.on_health = on_health
+    supervisor.on_health = _announce_health
     # With a log that held state, the admission continues it (restore through replay) and applies
     # [limits] over it only where the ledger allows; otherwise [limits] is the first decision.
     host = SystemHost(owns_pid=supervisor.owns_pid)  # the one port to the machine the core uses
