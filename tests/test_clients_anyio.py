@@ -113,3 +113,35 @@ async def test_without_async_with_under_trio_is_a_clear_error(kern, anyio_backen
             await client.call("echo", 1)
     finally:
         await client.close()
+
+
+@pytest.fixture(scope="module")
+def curve_kernel():
+    import os
+
+    from kernel import keys
+    from tests.support import KernelProcess
+
+    tmp = short_tmpdir()
+    kd = os.path.join(tmp, "keys")
+    _, alice = keys.new(kd, "alice", "client")
+    _, mallory = keys.new(os.path.join(tmp, "other"), "mallory", "client")
+    k = KernelProcess.from_config(
+        f'[kernel]\nendpoint = "tcp://127.0.0.1:0"\nheartbeat_s = 0.2\n\n[auth]\nkeys = "{kd}"\n'
+    )
+    try:
+        yield k, alice, mallory, os.path.join(kd, "kernel.key"), os.path.join(tmp, "other", "kernel.key")
+    finally:
+        k.stop()
+
+
+async def test_curve_failures_name_the_certificate(curve_kernel, anyio_backend):
+    k, alice, mallory, right, wrong = curve_kernel
+    async with AsyncClient(k.endpoint, timeout=600, cert=alice, server_cert=right) as client:
+        assert "services" in await client.stats()
+    async with AsyncClient(k.endpoint, timeout=600, cert=mallory, server_cert=right) as client:
+        with pytest.raises(ConnectError, match=f"refused this client's key .RECA_CERT={mallory}"):
+            await client.stats()
+    async with AsyncClient(k.endpoint, timeout=600, cert=alice, server_cert=wrong) as client:
+        with pytest.raises(ConnectError, match=f"RECA_SERVER_CERT={wrong} is not this kernel's public key"):
+            await client.stats()
