@@ -85,6 +85,16 @@ def job_rows(jobs: dict) -> list[dict]:
     return rows
 
 
+def registered(child: dict, stats: dict) -> str:
+    """Whether a running process has a worker registered with the kernel: ``yes``, or ``NO`` (it
+    runs but serves nothing: refused for its role, still loading, or stuck before READY; its log
+    says which), ``-`` when it is not running."""
+    if child.get("state") != "running" or child.get("pid") is None:
+        return "-"
+    pids = {w.get("pid") for w in stats.get("workers", []) if isinstance(w, dict)}
+    return "yes" if child["pid"] in pids else "NO"
+
+
 def render_status(stats: dict) -> str:
     parts = []
     health = stats.get("health")
@@ -96,9 +106,9 @@ def render_status(stats: dict) -> str:
     services = [dict(v, name=k) for k, v in sorted(stats.get("services", {}).items())]
     parts.append("SERVICES\n" + table(services, ["name", "workers", "free_slots", "queued", "inflight",
                                                  "requests", "finals", "errors", "p50_ms", "p99_ms"]))
-    children = stats.get("children", [])
+    children = [dict(c, worker=registered(c, stats)) for c in stats.get("children", [])]
     if children:
-        cols = ["name", "state", "pid", "restarts", "last_exit", "restart"]
+        cols = ["name", "state", "pid", "worker", "restarts", "last_exit", "restart"]
         if any(c.get("reason") for c in children):
             cols.append("reason")
         parts.append("PROCESSES\n" + table(children, cols))

@@ -309,3 +309,32 @@ def test_progress_bars_only_where_someone_watches(monkeypatch, capsys):
     monkeypatch.setenv("RECA_PROGRESS", "1")
     assert list(pg.progress(["a", "b"], desc="work")) == ["a", "b"]
     assert "work" in capsys.readouterr().err  # tqdm drew its bar on stderr
+
+
+def test_a_worker_refused_for_its_role_shows_as_not_registered(capsys):
+    """Over tcp:// each child's certificate names its own service: a child ``impostor`` running the
+    echo module registers as ``echo``, which its role does not allow; the kernel refuses its READY.
+    status says the process runs but serves nothing, and its log file says why it keeps trying."""
+    from kernel import keys
+
+    tmp = short_tmpdir()
+    kd = os.path.join(tmp, "keys")
+    _, op = keys.new(kd, "op", "operator")
+    config = (f'[kernel]\nendpoint = "tcp://127.0.0.1:0"\nheartbeat_s = 0.2\n\n[auth]\nkeys = "{kd}"\n\n'
+              + service_block("impostor", "services.echo"))
+    k = KernelProcess.from_config(config)
+    try:
+        base = ["--endpoint", k.endpoint, "--timeout", "30", "--cert", op, "--server-cert", os.path.join(kd, "kernel.key")]
+        with Client(k.endpoint, timeout=30, retries=0, cert=op, server_cert=os.path.join(kd, "kernel.key")) as c:
+            wait_until(lambda: c.stats()["counters"].get("forbidden_ready", 0) >= 1, "the READY is refused")
+        assert main([*base, "status"]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("impostor "))
+        assert row.split()[1:2] == ["running"] and " NO " in row
+        log = os.path.join(k.dir, "logs", "impostor.log")
+        wait_until(lambda: "disconnected by the kernel" in open(log).read(), "the worker logs the refusal")
+        assert main([*base, "logs", "impostor", "--dir", os.path.join(k.dir, "logs")]) == 0
+        assert "echo lost the kernel (disconnected by the kernel)" in capsys.readouterr().out
+    finally:
+        os.environ.pop("RECA_CERT", None)
+        os.environ.pop("RECA_SERVER_CERT", None)
+        k.stop()

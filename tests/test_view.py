@@ -60,6 +60,7 @@ def test_model_turns_changes_into_events_and_jobs_into_bars():
     kinds = [e["kind"] for e in m.state()["events"]]
     assert kinds == ["restart", "refusal"] and "exit 1: boom" in m.state()["events"][0]["text"]
     assert m.state()["jobs"][0]["burn"] == 0.5
+    assert m.state()["children"][0]["worker"] == "NO"  # running, but no worker of its pid registered
     m.on_stats(_stats(restarts=1, state="given_up", refused=2, spent=5000.0, exhausted="flops"), 4.0)
     events = m.state()["events"]
     assert len(events) == 3 and events[-1]["text"] == "job 'j' ran out of flops" and m.state()["health"] == "degraded"

@@ -98,12 +98,17 @@ class ViewModel:
             }
             for name, s in sorted((stats.get("services") or {}).items())
         ]
+        pids = {w.get("pid") for w in stats.get("workers", []) if isinstance(w, dict)}
+        procs = [
+            dict(c, worker="-" if c.get("state") != "running" else "yes" if c.get("pid") in pids else "NO")
+            for c in children.values()
+        ]
         self.snapshot = {
             "t": now,
             "health": stats.get("health", "ready"),
             "summary": stats.get("summary", {}),
             "services": services,
-            "children": list(children.values()),
+            "children": procs,
             "jobs": rows,
         }
         self.version += 1
