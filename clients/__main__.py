@@ -109,12 +109,21 @@ def render_status(stats: dict) -> str:
     children = [dict(c, worker=registered(c, stats)) for c in stats.get("children", [])]
     if children:
         cols = ["name", "state", "pid", "worker", "restarts", "last_exit", "restart"]
+        if any(c.get("group") for c in children):  # the enforcer's group of each process (enforce branch)
+            cols.append("group")
         if any(c.get("reason") for c in children):
             cols.append("reason")
         parts.append("PROCESSES\n" + table(children, cols))
+    enforcer = stats.get("enforcer")
+    if enforcer:
+        parts.append(f"ENFORCER  {enforcer.get('backend')}: {enforcer.get('reason')}")
     jobs = job_rows(stats.get("jobs", {}))
     if jobs:
         parts.append("JOBS\n" + table(jobs, ["name", "parent", "burn", "limits", "spent", "remaining", "exhausted"]))
+    durability = stats.get("durability")
+    if durability is not None:  # the kernel says where its decision log is, or that it keeps none
+        parts.append("DECISION LOG  " + (durability["decision_log"] if durability.get("decision_log")
+                                         else f"off ({durability.get('why', 'no durability')})"))
     counters = {**stats.get("counters", {}), **stats.get("ledger", {})}
     if counters:
         parts.append("COUNTERS  " + cell(counters, 3))
@@ -382,6 +391,16 @@ def cmd_view(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_agent_demo(args: argparse.Namespace) -> int:
+    """The planner's demo (clients/agent_demo.py, the planner engineer's)."""
+    try:
+        from clients import agent_demo  # type: ignore[attr-defined]
+    except ImportError as exc:
+        print(f"python -m clients agent-demo: not available here ({exc})", file=sys.stderr)
+        return EXIT_ERROR
+    return agent_demo.main(args.endpoint)
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     from clients import logs
 
@@ -624,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=None, help="the logs directory (default: logs/ beside the ipc endpoint, "
                                                 "else the runtime directory's)")
     sub.add_parser("view", help="the live view's URL (with its access token), when the view service runs")
+    sub.add_parser("agent-demo", help="a planner suggests, reca decides: one task narrated (docs/agent.md)")
     sub.add_parser("demo", help="the guided demo (starts a kernel unless --endpoint is given)")
     return parser
 
@@ -631,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"call": cmd_call, "status": cmd_status, "watch": cmd_watch, "jobs": cmd_jobs, "open": cmd_open,
             "close": cmd_close, "cancel": cmd_order, "preempt": cmd_order, "resume": cmd_order,
             "restart": cmd_restart, "logs": cmd_logs, "view": cmd_view}
+#: Commands that start their own kernel unless --endpoint is given (no default endpoint for them).
+OWN_KERNEL = {"demo": cmd_demo, "agent-demo": cmd_agent_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -640,8 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.server_cert:
         os.environ[auth.ENV_SERVER_CERT] = args.server_cert
     try:
-        if args.cmd == "demo":
-            return cmd_demo(args)
+        if args.cmd in OWN_KERNEL:
+            return OWN_KERNEL[args.cmd](args)
         args.endpoint = args.endpoint or default_endpoint()
         return COMMANDS[args.cmd](args)
     except UsageError as exc:

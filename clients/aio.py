@@ -232,9 +232,11 @@ class AsyncClient:
         txn: str | None = None,
         timeout: float | None = None,
         retries: int | None = None,
+        on_behalf: str | None = None,
     ) -> AsyncIterator[Reply]:
         """Yield every reply (PARTIALs, then the FINAL); ``timeout`` bounds the silence between
-        two replies, and retries happen only before the first reply."""
+        two replies, and retries happen only before the first reply.  ``on_behalf``: a service
+        acting for the caller of a request it serves (``ctx.principal``; the kernel checks it)."""
         if self._closed:
             raise errors.BadRequest("client is closed")
         if self._failed is not None:
@@ -254,6 +256,7 @@ class AsyncClient:
             deadline_ms=deadline_ms,
             idem=idem,
             txn=txn,
+            **({"on_behalf": on_behalf} if on_behalf is not None else {}),  # the durable branch's header
         ):
             send: MemoryObjectSendStream[_Item]
             receive: MemoryObjectReceiveStream[_Item]
