@@ -290,6 +290,8 @@ _TABLE_NOTES = {
     "[auth]": "Who may talk to the kernel over tcp:// (docs/security.md).",
     "[limits]": "Budgets no client can get around (docs/budgets.md).  A `limits` value is a table of budget "
                 "kind = amount, e.g. `{ wall_ms = 3_600_000, cpu_ms = 3_600_000, tokens = 1e8, flops = 1e15 }`.",
+    "[enforce]": "The OS backstop under the kernel's budgets: cgroups (or signals) freeze and kill what a "
+                 "budget or a cancel no longer allows.",
     "[[service]]": "One table per service; each becomes `replicas` supervised processes.  Exactly one of "
                    "`module` and `command`.",
 }
@@ -310,6 +312,11 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+def _number(value: float) -> str:
+    """A bound as written: ``1048576`` (not ``1.04858e+06``), ``0.5``."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
 def config_doc() -> str:
     """docs/config.md, from kernel/config.py's schema (``SCHEMA``, one row per key)."""
     from kernel import config
@@ -319,9 +326,9 @@ def config_doc() -> str:
         kind = setting.type if not setting.choices else " | ".join(f'"{c}"' for c in setting.choices)
         bounds = []
         if setting.low is not None:
-            bounds.append(f"{'>' if setting.low_open else '>='} {setting.low:g}")
+            bounds.append(f"{'>' if setting.low_open else '>='} {_number(setting.low)}")
         if setting.high is not None:
-            bounds.append(f"<= {setting.high:g}")
+            bounds.append(f"<= {_number(setting.high)}")
         rows.append({"table": "[[service]]" if setting.table == "service" else f"[{setting.table}]",
                      "key": setting.key, "type": kind + (f" ({', '.join(bounds)})" if bounds else ""),
                      "default": "—" if setting.default is None else _toml_value(setting.default),
