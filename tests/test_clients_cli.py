@@ -102,7 +102,11 @@ def test_jobs_open_call_and_a_budget_that_runs_out(kern, client, capsys):
     assert rc == 0 and json.loads(out)["steps_done"] == 3
     rc, out, _ = cli(kern, capsys, "call", "echo", '{"steps": 10, "step_ms": 1}', "--job", "cli-job")
     error = json.loads(out)
-    assert rc == 1 and error["error"] == "budget_exceeded" and error["explain"] == "job 'cli-job' ran out of flops: 5000/5000"
+    assert (
+        rc == 1
+        and error["error"] == "budget_exceeded"
+        and error["explain"] == "job 'cli-job' ran out of flops: 5000/5000"
+    )
     rc, out, _ = cli(kern, capsys, "jobs")
     row = next(line for line in out.splitlines() if line.startswith("cli-job "))
     assert "[##########] 100% flops" in row
@@ -320,11 +324,22 @@ def test_a_worker_refused_for_its_role_shows_as_not_registered(capsys):
     tmp = short_tmpdir()
     kd = os.path.join(tmp, "keys")
     _, op = keys.new(kd, "op", "operator")
-    config = (f'[kernel]\nendpoint = "tcp://127.0.0.1:0"\nheartbeat_s = 0.2\n\n[auth]\nkeys = "{kd}"\n\n'
-              + service_block("impostor", "services.echo"))
+    config = (
+        f'[kernel]\nendpoint = "tcp://127.0.0.1:0"\nheartbeat_s = 0.2\n\n[auth]\nkeys = "{kd}"\n\n'
+        + service_block("impostor", "services.echo")
+    )
     k = KernelProcess.from_config(config)
     try:
-        base = ["--endpoint", k.endpoint, "--timeout", "30", "--cert", op, "--server-cert", os.path.join(kd, "kernel.key")]
+        base = [
+            "--endpoint",
+            k.endpoint,
+            "--timeout",
+            "30",
+            "--cert",
+            op,
+            "--server-cert",
+            os.path.join(kd, "kernel.key"),
+        ]
         with Client(k.endpoint, timeout=30, retries=0, cert=op, server_cert=os.path.join(kd, "kernel.key")) as c:
             wait_until(lambda: c.stats()["counters"].get("forbidden_ready", 0) >= 1, "the READY is refused")
         assert main([*base, "status"]) == 0
