@@ -256,3 +256,40 @@ def test_in_chromium_a_cpcs_run_draws_its_gantt_chart_live(kern):
     finally:
         thread.join(60)
         driver.quit()
+
+
+@pytest.mark.system
+def test_over_tcp_the_view_polls_with_an_operator_certificate_and_sees_every_job():
+    import json
+
+    from kernel import keys
+    from tests.support import KernelProcess, short_tmpdir
+
+    tmp = short_tmpdir()
+    kd = os.path.join(tmp, "keys")
+    _, op = keys.new(kd, "op", "operator")
+    _, alice = keys.new(kd, "alice", "client")
+    server = os.path.join(kd, "kernel.key")
+    config = (
+        f'[kernel]\nendpoint = "tcp://127.0.0.1:0"\nheartbeat_s = 0.2\n\n[auth]\nkeys = "{kd}"\n\n'
+        + service_block("view", "services.view", args=["--poll", "0.2", "--operator-cert", op])
+    )
+    k = KernelProcess.from_config(config)
+    try:
+        with Client(k.endpoint, timeout=30, retries=0, cert=alice, server_cert=server) as c:
+            c.open_job("alice-job", {"flops": 1000})
+        with Client(k.endpoint, timeout=30, retries=0, cert=op, server_cert=server) as c:
+            c.wait_for_service("view", 30)
+        with open(os.path.join(k.dir, "view.url"), encoding="utf-8") as fh:
+            base, token = fh.read().strip().split("?token=")
+
+        def jobs() -> set:
+            with urllib.request.urlopen(f"{base}state?token={token}", timeout=10) as resp:
+                return {j["name"] for j in json.loads(resp.read()).get("jobs", [])}
+
+        deadline = time.monotonic() + 60
+        while "alice-job" not in jobs():  # bounded: the view polls every 0.2 s
+            assert time.monotonic() < deadline, "the view never showed alice's job"
+            time.sleep(0.1)
+    finally:
+        k.stop()

@@ -60,6 +60,7 @@ class ViewService(Service):
         self.control: str | None = None
         self.url_file = ""
         self.decision_log = ""
+        self.operator_cert: str | None = None
         self.token = secrets.token_urlsafe(24)
         self.url = ""
         self.model = ViewModel()
@@ -78,6 +79,12 @@ class ViewService(Service):
         )
         parser.add_argument("--poll", type=float, default=POLL_S, help="seconds between two polls of the kernel")
         parser.add_argument(
+            "--operator-cert",
+            default=None,
+            help="over tcp://: an operator's secret certificate the view polls with, so it sees every "
+            "job (default: its own service certificate, which sees only its own)",
+        )
+        parser.add_argument(
             "--url-file", default=None, help="where the page's URL is written (default {runtime}/view.url, mode 0600)"
         )
         parser.add_argument(
@@ -89,6 +96,7 @@ class ViewService(Service):
     def configure(self, args: argparse.Namespace) -> None:
         self.http = args.http
         self.poll_s = args.poll
+        self.operator_cert = args.operator_cert
         self.endpoint = args.endpoint or f"ipc://{runtime_dir()}/kernel.sock"
         self.control = args.control or default_control_for(self.endpoint)
         base = os.path.dirname(self.endpoint[len("ipc://") :]) if self.endpoint.startswith("ipc://") else runtime_dir()
@@ -112,7 +120,7 @@ class ViewService(Service):
         auth.write_private(tmp, f"{self.url}?token={self.token}\n".encode())
         os.replace(tmp, self.url_file)
         print(f"reca view serving {self.url} (token in {self.url_file})", flush=True)
-        self.client = AsyncClient(self.endpoint, timeout=POLL_TIMEOUT_S, retries=0)
+        self.client = AsyncClient(self.endpoint, timeout=POLL_TIMEOUT_S, retries=0, cert=self.operator_cert)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._poll()),
