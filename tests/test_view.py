@@ -218,6 +218,26 @@ def test_model_follows_the_latest_cpcs_run_from_the_decision_log():
     assert m.state()["gantt"]["done"]
 
 
+def test_the_views_gantt_reads_events_as_cpcs_own_chart_does():
+    from services.cpcs import gantt
+    from services.view.model import segments
+
+    events = [
+        {"t": 0.0, "ev": "submit"},
+        {"t": 0.0, "ev": "dispatch", "task": "a", "critical": True},
+        {"t": 0.1, "ev": "start", "task": "a", "worker": "w0"},
+        {"t": 0.2, "ev": "start", "task": "b", "worker": "w1"},
+        {"t": 0.3, "ev": "paused", "task": "b", "worker": "w1"},
+        {"t": 0.4, "ev": "resumed", "task": "b", "worker": "w1"},
+        {"t": 0.5, "ev": "failed", "task": "a"},
+        {"t": 0.6, "ev": "start", "task": "a", "worker": "w0"},
+        {"t": 0.7, "ev": "lost", "task": "b"},
+        {"t": 0.9, "ev": "done", "task": "a"},
+        {"t": 1.0, "ev": "start", "task": "c", "worker": "w1"},
+    ]
+    assert segments(events) == gantt.segments(events)
+
+
 @pytest.mark.system
 @needs_chromium
 def test_in_chromium_a_cpcs_run_draws_its_gantt_chart_live(kern):

@@ -13,7 +13,46 @@ import collections
 import json
 from typing import Any
 
-from services.cpcs.gantt import segments
+
+def segments(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Bars ``{task, worker, start, end, kind, critical}`` of a cpcs run replayed from its events
+    (``kind``: run, paused, failed, lost).  The same reading as ``services.cpcs.gantt.segments``
+    (a service does not import another service; tests/test_view.py checks the two agree)."""
+    open_: dict[str, dict[str, Any]] = {}
+    critical: dict[str, bool] = {}
+    out: list[dict[str, Any]] = []
+
+    def close(task: str, t: float, kind: str | None = None) -> None:
+        seg = open_.pop(task, None)
+        if seg is not None:
+            if kind is not None and seg["kind"] == "run":
+                seg["kind"] = kind
+            seg["end"] = t
+            out.append(seg)
+
+    last = 0.0
+    for e in events:
+        t, ev, task = float(e.get("t", 0.0)), e.get("ev"), e.get("task", "")
+        last = max(last, t)
+        if ev == "dispatch":
+            critical[task] = bool(e.get("critical"))
+        elif ev in ("start", "resumed", "paused"):
+            close(task, t)
+            open_[task] = {
+                "task": task,
+                "worker": e.get("worker", ""),
+                "start": t,
+                "kind": "paused" if ev == "paused" else "run",
+                "critical": critical.get(task, False),
+            }
+        elif ev == "done":
+            close(task, t)
+        elif ev in ("failed", "lost"):
+            close(task, t, ev)
+    for task in list(open_):
+        close(task, last)
+    return out
+
 
 #: Events kept for the page.
 MAX_EVENTS = 200
