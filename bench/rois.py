@@ -39,7 +39,7 @@ ROUNDS = 8
 TEMPERATURE = 0.7
 #: token budgets (forwards per flagged chain) at which accuracies are compared
 BUDGETS = (50, 100, 150, 200, 300, 400, 600, 800, 1200, 1600, 3200, 6400)
-RUNS = 3
+RUNS = 1  # tokens and accuracies are deterministic (seeded): one run; the report says "deterministic"
 
 
 def _verifies(tokens: list[int]) -> bool:
