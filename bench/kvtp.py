@@ -192,8 +192,8 @@ def _copy_time_per_block(model) -> float:
     from accel import kv as accel_kv
 
     cfg = model.cfg
-    host = np.random.default_rng(0).standard_normal((cfg.n_layers, 2, 256, BLOCK, cfg.n_heads, cfg.head_dim)).astype(np.float32)
-    dev = np.zeros((cfg.n_layers, 2, 64, BLOCK, cfg.n_heads, cfg.head_dim), np.float32)
+    host = np.random.default_rng(0).standard_normal((256, cfg.n_layers, 2, BLOCK, cfg.n_heads, cfg.head_dim)).astype(np.float32)
+    dev = np.zeros((64, cfg.n_layers, 2, BLOCK, cfg.n_heads, cfg.head_dim), np.float32)
     times = []
     for i in range(200):
         t0 = time.perf_counter()
