@@ -20,6 +20,9 @@ from clients import Client
 from kernel import errors
 
 
+#: headline metric -> the strongest peer it is measured against (the report's headline table)
+HEADLINE = {"overshoot_caller_p99_ms": "the budget itself (ms past start + budget)",
+            "ledger_overhead": "the same echo on the default job"}
 def _is_start(d: dict, job: str) -> bool:
     """The decision that started a request of ``job``: ``admit`` with ``start: true`` (or, in
     logs written before admission started requests itself, a separate ``start``)."""

@@ -35,6 +35,10 @@ from bench._dags import WFCOMMONS_RECIPES, derivation, layered, lower_bound, wfc
 from services.cpcs.dag import Dag, dag_doc
 from services.cpcs.logic import Truth, simulate
 
+#: headline metric -> the strongest peer it is measured against (the report's headline table)
+HEADLINE = {"layered_fail_cpcs_over_heft_threads": "HEFT on a thread pool, no messaging (noisy estimates, failures)",
+            "layered_cpcs_over_heft_threads": "HEFT on a thread pool, no messaging",
+            "layered_cpcs_over_lb": "the lower bound max(critical path, work / workers)"}
 OUT_DIR = os.path.join(os.path.dirname(__file__), "out")
 WORKERS = 4
 DECODE_WORKERS = 2

@@ -31,6 +31,10 @@ from bench._common import Result, line_plot, progress
 from sims import cases, igms
 
 #: name -> (case, params, role)
+#: headline metric -> the strongest peer it is measured against (the report's headline table)
+HEADLINE = {"igms_wall_ratio_local_max": "uniform fine grid (held-out local-feature cases)",
+            "igms_error_ratio_local_max": "uniform fine grid",
+            "igms_over_gradient_cell_updates_local_mean": "the Clawpack-style gradient criterion"}
 CASES = {
     "bump-train": ("sw_smooth_hump", dict(amplitude=0.1, width=0.12, t_end=0.3, x0=0.3, y0=-0.2), "train"),
     "obstacle-train": ("radial_dam_break", dict(radius=0.4, x0=1.5, y0=0.3, t_end=1.0), "train"),

@@ -21,6 +21,9 @@ from accel import kv
 from bench._common import Result
 
 
+#: headline metric -> the strongest peer it is measured against (the report's headline table)
+HEADLINE = {"block_copy_vs_memcpy_cpu": "np.copyto of one contiguous buffer (memcpy)",
+            "block_major_over_layer_major_cpu": "the layer-major layout it replaced"}
 def _median_time(fn, reps: int) -> tuple[float, float]:
     """(median wall seconds, median CPU seconds of this thread).  On a machine with more runnable
     work than cores, wall time also counts the time the copy spent descheduled; the thread's CPU

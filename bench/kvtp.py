@@ -48,6 +48,9 @@ from lm.longmodel import load
 #: (:func:`tune`: the smallest top-k whose accuracy there is within one query of full
 #: attention's); reported on held-out seeds.
 TOPK, SINKS, WINDOW = 2, 1, 2
+#: headline metric -> the strongest peer it is measured against (the report's headline table)
+HEADLINE = {"kvtp_footprint_vs_resident": "all blocks resident (measured arena sweep)",
+            "kvtp_throughput_vs_resident_sparse": "resident block-sparse, same policy; prefetch vs LRU without"}
 BLOCK = 64
 #: KVT-P's device arena as a fraction of the all-resident block count.
 ARENA_FRACTION = 0.125

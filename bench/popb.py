@@ -39,6 +39,9 @@ from lm.kvpolicy import BlockSparse
 from lm.longdecode import LongDecoder, TierSpec, answer_tokens
 from lm.longmodel import load
 
+#: headline metric -> the strongest peer it is measured against (the report's headline table)
+HEADLINE = {"popb12_over_best_rule12": "the best probe-free rule at 12 bits (equal bits)",
+            "popb16_over_best_uniform": "uniform fp16 / bf16 (16 bits)"}
 HELDOUT_SEED = 515_151
 PROBE_SEEDS = (11, 12, 13)
 EVAL_LEN = 768

@@ -34,6 +34,10 @@ from lm.evaluate import answer_budget, decode_greedy, heldout
 from lm.roi import find_roi, repair
 from lm.verifier import verify
 
+#: headline metric -> the strongest peer it is measured against (the report's headline table)
+HEADLINE = {"tokens_ratio_regen_over_roi": "regenerate (the strongest regeneration peer)",
+            "tokens_ratio_regen_from_error_over_roi": "regenerate from the first error"}
+DETERMINISTIC = True  # the figures do not change between runs (seeded; counted work)
 WIDTH = 8
 ROUNDS = 8
 TEMPERATURE = 0.7

@@ -46,6 +46,11 @@ from reason.solve import timed_compute
 from services.scch.logic import SubgoalCache, bump, score_at
 from services.scch.store import Entry, open_backend
 
+#: headline metric -> the strongest peer it is measured against (the report's headline table)
+HEADLINE = {"hit_rate_vs_srepr_rename": "a cache keyed on SymPy srepr + variable renaming (same capacity, admission, eviction)",
+            "cpu_saved_fraction_net": "no cache, net of the cache's own lookup and admission CPU",
+            "sympy_tests_hit_rate_vs_srepr_rename": "srepr + renaming cache, on SymPy's own test expressions",
+            "lookup_warm_p50_vs_echo": "a routed echo of the same size"}
 CAPACITY = 32
 TAMPER_EVERY = 10
 GRID = [(hl, am) for hl in (30.0, 120.0, 600.0) for am in (1.0, 1.5)]
