@@ -145,7 +145,8 @@ def _peers(n_blocks: int, sweep: tuple[float, ...] = ()) -> dict:
         "lru-ondemand": (sparse, TierSpec(arena, host, disk, BLOCK, prefetch=False, structure_weight=0.0)),
         "lmcache-policy": (FullAttention(chunk_blocks=8),
                            TierSpec(lm_arena, n_blocks // 4 + 64, 0, 256, prefetch=False, structure_weight=0.0)),
-        "full-streamed": (full, TierSpec(arena, host, disk, BLOCK, prefetch=True)),
+        # full attention reads 16-block chunks: its arena holds at least one chunk and the next
+        "full-streamed": (full, TierSpec(max(arena, 2 * 16), host, disk, BLOCK, prefetch=True)),
         **{f"kvtp@{f:g}": (sparse, TierSpec(_arena(n_blocks, f), host, disk, BLOCK, prefetch=True)) for f in sweep},
         **{f"lru-ondemand@{f:g}": (sparse, TierSpec(_arena(n_blocks, f), host, disk, BLOCK, prefetch=False,
                                                     structure_weight=0.0)) for f in sweep},
@@ -210,7 +211,7 @@ def run(quick: bool) -> Result:
 
     torch.set_num_threads(1)
     model = load()
-    plan = [(2048, 1, 30, 20)] if quick else [(8192, 3, 400, 300), (32768, 3, 400, 100)]
+    plan = [(4096, 1, 30, 20)] if quick else [(8192, 3, 400, 300), (32768, 3, 400, 100)]
     sweep = () if quick else SWEEP
     rows, summaries = [], {}
     t0 = time.perf_counter()
