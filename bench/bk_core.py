@@ -107,7 +107,7 @@ def _layer_vs_attention(n: int, reps: int) -> dict[str, list[tuple[float, float]
 
 
 def run(quick: bool) -> Result:
-    ns = [128, 1024, 8192] if quick else [128, 1024, 8192, 65536, 262144, 1_000_000]
+    ns = [128, 1024, 4096] if quick else [128, 1024, 8192, 65536, 262144, 1_000_000]
     loop_max, dense_max = (1024, 128) if quick else (8192, 1024)
     reps = 2 if quick else 5
     table, vec_times, loop_times = [], [], []
@@ -137,8 +137,8 @@ def run(quick: bool) -> Result:
     exponent = _fit_exponent(fit_ns, [t for n, t in zip(ns, vec_times) if n >= fit_from])
     notes.append(f"scaling_exponent: least-squares slope of log time vs log N over N = {fit_ns}")
     loop_ns = [n for n in ns if n <= loop_max]
-    layer_ns = [128, 512] if quick else [128, 512, 2048]
-    layer_reps = 2 if quick else 5
+    layer_ns = [128, 256] if quick else [128, 512, 2048]
+    layer_reps = 1 if quick else 5
     head_n = layer_ns[-1]
     med = lambda xs: float(np.median(xs))  # noqa: E731
     layer: dict[int, dict[str, float]] = {}

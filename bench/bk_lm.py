@@ -60,7 +60,7 @@ def sparsity_savings(model_cfg: ModelConfig, batch: int, quick: bool) -> tuple[d
     share = out.bk_flops / out.flops
     metrics = {"bk_core_flop_share": share}
     notes = []
-    repeats = 5 if quick else 30
+    repeats = 2 if quick else 30
     for n in ((model_cfg.n_seq,) if quick else (model_cfg.n_seq, 4096)):
         rows = batch * model_cfg.n_heads
         v = torch.randn(1, n, rows).clamp(-3, 3)
@@ -120,7 +120,7 @@ def _configs(quick: bool) -> tuple[TrainConfig, list[int], int, int]:
     """(base config, seeds, budget in plain steps, evaluations per run)."""
     if quick:
         model = ModelConfig(d_model=32, n_layers=3, n_seq=32, n_heads=4, n_experts=2)
-        return TrainConfig(model=model, batch=8, eval_windows=16, total_steps=24), [0], 24, 3
+        return TrainConfig(model=model, batch=4, eval_windows=8, total_steps=8), [0], 8, 2
     model = ModelConfig(d_model=64, n_layers=4, n_seq=64, n_heads=4, n_experts=4)
     return TrainConfig(model=model, batch=16, eval_windows=128, total_steps=400), [0, 1, 2], 400, 16
 
@@ -261,14 +261,14 @@ def run(quick: bool) -> Result:
     base, seeds, budget_steps, evals = _configs(quick)
     corpus = corpus_mod.load()
     _progress(f"bench bk_lm: corpus {json.dumps(corpus.summary())}")
-    arms = ["bk", "transformer", "act"] if quick else list(ARMS)  # quick: a smoke run of the machinery
+    arms = ["bk", "transformer"] if quick else list(ARMS)  # quick: a smoke run of the machinery
     curves, budget = run_all(corpus, base, arms, seeds, budget_steps, evals, progress=_progress)
     result = summarise(curves, budget, budget_steps)
     extra, notes = sparsity_savings(base.model, base.batch, quick)
     result.metrics.update(extra)
     result.notes += [f"corpus: {json.dumps(corpus.summary())}", *notes]
     result.notes += _plot(curves, budget, result.metrics["target_loss"], " (quick)" if quick else "")
-    fm, frows, fnotes = fair_comparison(corpus, base, 4 if quick else 200, seeds[:1] if quick else [0, 1, 2],
+    fm, frows, fnotes = fair_comparison(corpus, base, 2 if quick else 200, seeds[:1] if quick else [0, 1, 2],
                                         2 if quick else 8)
     result.metrics.update(fm)
     result.table += frows
