@@ -244,7 +244,7 @@ def real_tool(engine: Engine, questions, rng: random.Random, tool: str) -> dict:
 def run(quick: bool) -> Result:
     engine = Engine.load(num_blocks=1024)
     rng = random.Random(11)
-    questions = heldout(4 if quick else 100, items=(4, 5), seed=9_000)
+    questions = heldout(2 if quick else 100, items=(4, 5), seed=9_000)
     step_times: list[float] = []
     pause_times: list[float] = []
     steps_on, steps_ids, secs_on, secs_ids, prefilled = [], [], [], [], []
@@ -306,7 +306,7 @@ def run(quick: bool) -> Result:
     metrics = {f"oracle_{k}" if k.endswith("_fraction") or k.startswith("chain_accuracy") else k: v
                for k, v in metrics.items()}
     for tool in ("calc", "expr"):
-        metrics.update(real_tool(engine, questions[: 2 if quick else 40], random.Random(12), tool))
+        metrics.update(real_tool(engine, questions[: 1 if quick else 40], random.Random(12), tool))
     kern = kernel_preempt_latency(10 if quick else 1000)
     metrics.update(kern)
     targets = {"calc_tool_net_compute_saved_fraction": (">=", 0.1),
