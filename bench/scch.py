@@ -465,7 +465,7 @@ def run(quick: bool) -> Result:
          "per_s": lat["scch_cold_per_s"]},
         {"cache": "get redis cold", "p50_ms": lat["scch_redis_cold_p50_ms"], "p99_ms": lat["scch_redis_cold_p99_ms"],
          "per_s": lat["scch_redis_cold_per_s"]},
-        {"cache": "in-process warm get, where the time goes (us per get)",
+        {"cache": "in-process warm get, where the time goes (mean us per get)",
          **{k: round(v, 1) for k, v in breakdown.items() if k.endswith(" us")}},
     ]
     notes = [
