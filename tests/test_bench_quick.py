@@ -20,6 +20,10 @@ from bench._common import SCHEMA
 
 pytestmark = pytest.mark.system
 
+#: extra arguments for benchmarks whose quick run takes a duration: the soak's quick default (30 s
+#: of hostile load) is shortened to 6 s here
+EXTRA = {"soak": ["--minutes", "0.1"]}
+
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", bench_main.available())
@@ -27,7 +31,7 @@ def test_benchmark_runs_in_quick_mode(name: str, tmp_path, capsys) -> None:
     out = tmp_path / f"{name}.json"
     with warnings.catch_warnings():
         warnings.simplefilter("default")  # a library's warning in a benchmark is printed, not an error here
-        rc = bench_main.main([name, "--quick", "--json", str(out)])
+        rc = bench_main.main([name, "--quick", "--json", str(out), *EXTRA.get(name, [])])
     printed = capsys.readouterr()
     assert rc == 0, f"bench {name} --quick returned {rc}:\n{printed.out[-3000:]}\n{printed.err[-3000:]}"
     doc = json.loads(out.read_text())
