@@ -109,9 +109,9 @@ STRATEGY_NAMES = {"eager": "eager, never cancels (naive bound)", "eager_cancel":
 
 
 def run(quick: bool) -> Result:
-    n_steps = 8 if quick else 12
-    changes = (0.25, 0.75) if quick else (0.25, 0.5, 0.75)
-    thinks = (0.0, THINK_S)
+    n_steps = 4 if quick else 12
+    changes = (0.5,) if quick else (0.25, 0.5, 0.75)
+    thinks = (0.0,) if quick else (0.0, THINK_S)  # quick: a smoke run, one configuration
     rows, metrics = [], {"steps": float(n_steps)}
     notes = []
     saved_cancel, saved_eager, wall_ratio = {}, {}, {}
