@@ -375,9 +375,9 @@ RUNS = 1  # held-out streams are repeated inside one run (median, min, max over 
 
 
 def run(quick: bool) -> Result:
-    n_train, n_test, rounds = (20, 30, 1) if quick else (400, 600, 3)
-    n_lat, n_fresh = (50, 10) if quick else (1500, 1000)
-    pool_t, n_t = (5, 15) if quick else (60, 600)
+    n_train, n_test, rounds = (12, 20, 1) if quick else (400, 600, 3)
+    n_lat, n_fresh = (30, 5) if quick else (1500, 1000)
+    pool_t, n_t = (3, 10) if quick else (60, 600)
     grid = GRID[::3] if quick else GRID
     kw = dict(pool=10 if quick else 40, p_new=0.15, p_repeat=0.1)
     solver = Solver()
@@ -393,7 +393,7 @@ def run(quick: bool) -> Result:
     tsolver = Solver(seconds=5.0)  # harvested test expressions include hard ones: a 5 s bound per solve
     truns = [evaluate(zipf_stream(pool, n_t, 303 + r), half_life, admit_min, tsolver, tamper=False, rng=rng)
              for r in range(rounds)]
-    breakdown = lookup_breakdown(list(W.stream(202, n_test, **kw)), 50 if quick else 2000)
+    breakdown = lookup_breakdown(list(W.stream(202, n_test, **kw)), 20 if quick else 2000)
     lat = _latency(n_lat, n_fresh)
     med = lambda k, rs=runs: statistics.median(r[k] for r in rs)  # noqa: E731
     metrics = {
