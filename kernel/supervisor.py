@@ -10,11 +10,12 @@ reverse order with SIGTERM, a shutdown timeout, then SIGKILL of the whole group.
 owns the processes it also offers the hard controls of preemption: SIGSTOP / SIGCONT, CPU
 affinity and nice value.  With an :class:`kernel.enforce.Enforcer` (``enforcer=``) every child
 runs in a group of its own (``<service>/main`` under the kernel's ``reca-<pid>`` subtree, with
-the child's ``mem_bytes`` / ``cpu_weight`` / ``pids_max`` ceilings): suspend and resume freeze
-and thaw that group, :meth:`Supervisor.kill_group` kills it whole, :meth:`Supervisor.cpu_seconds`
-reads what the OS measured, and the group is removed when the child stops for good.  A child
-learns its group from :data:`kernel.enforce.ENV_GROUP` so that it can put its own helper
-processes in groups beside it (:func:`kernel.enforce.join_group`).  Children learn the kernel's endpoints from environment variables
+the child's ``mem_bytes`` / ``cpu_weight`` / ``pids_max`` ceilings): :meth:`Supervisor.freeze`
+stops that group atomically (resume thaws it), :meth:`Supervisor.kill_group` kills it whole,
+:meth:`Supervisor.cpu_seconds` reads what the OS measured, and the group is removed when the child
+stops for good.  A child learns its group from :data:`kernel.enforce.ENV_GROUP` so that it can
+put its own helper processes in groups beside it (:func:`kernel.enforce.join_group`).  Children
+learn the kernel's endpoints from environment variables
 (:data:`ENV_ENDPOINT`, :data:`ENV_CONTROL`, ...) and arm ``PR_SET_PDEATHSIG`` themselves so that
 they die with the kernel even when the kernel is killed with SIGKILL.
 """
