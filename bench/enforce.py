@@ -194,7 +194,11 @@ def run(quick: bool) -> Result:
     by: dict[str, dict] = {}
     for backend in _backends():
         progress("enforce", f"{backend}: {samples} samples per row")
-        by[backend] = _backend_rows(backend, samples, grace)
+        by[backend] = o = _backend_rows(backend, samples, grace)
+        progress("enforce", f"{backend}: freeze p50 {_ms(o['freeze'], 50):.3f} p99 {_ms(o['freeze'], 99):.3f} ms; "
+                            f"past budget p99 pure {_ms(o['over_pure'], 99):.2f} numpy {_ms(o['over_numpy'], 99):.2f} ms; "
+                            f"billed/os {o['billed_group'] / o['os_cpu']:.4f} pid-only/os "
+                            f"{o['billed_pid_only'] / o['os_cpu']:.4f}")
     progress("enforce", "cooperative peers")
     burners = [_spawn(PURE) for _ in range(2)]
     try:
@@ -208,6 +212,8 @@ def run(quick: bool) -> Result:
         coop = preempt.measure(samples, 0, 0)["ack"]
     finally:
         _stop(burners)
+    progress("enforce", f"cooperative: preempt->paused p50 {_ms(coop, 50):.3f} p99 {_ms(coop, 99):.3f} ms; "
+                        f"numpy past budget p99 {_ms(coop_numpy, 99):.2f} ms")
     rows, metrics, smp = [], {}, {}
     for backend, out in by.items():
         rows.append(

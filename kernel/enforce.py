@@ -178,14 +178,26 @@ def _keyed(text: str) -> dict[str, int]:
     return out
 
 
-def _rmtree_groups(path: Path) -> None:
-    """rmdir a group and its subgroups, deepest first (cgroup dirs hold only kernel files)."""
+def _rmtree_groups(path: Path, busy_wait: float = 2.0) -> None:
+    """rmdir a group and its subgroups, deepest first (cgroup dirs hold only kernel files).  A
+    group whose last tasks are dying (not yet reaped) is busy for a moment: retried for
+    ``busy_wait`` seconds, then left for the next start's sweep (logged)."""
     if not path.is_dir():
         return
     for sub in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
-        _rmtree_groups(sub)
-    with contextlib.suppress(FileNotFoundError):
-        path.rmdir()
+        _rmtree_groups(sub, busy_wait)
+    deadline = time.monotonic() + busy_wait
+    while True:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                log.warning("cannot remove group %s: %s (the next start sweeps it)", path, exc.strerror)
+                return
+            time.sleep(0.01)
 
 
 def _alive(pid: int) -> bool:
