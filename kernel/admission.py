@@ -22,7 +22,7 @@ from kernel.decisions import DecisionLog, new_session_id
 from kernel.ledger import COMPUTE, DEFAULT_JOB, ROOT, Job, Ledger, is_default_job
 from kernel.protocol import ErrorCode
 from kernel.auth import Principal
-from kernel.router import Admission, Request, Router, Worker
+from kernel.router import Admission, Request, Router, Worker, forwarded_header
 from kernel.supervisor import process_cpu_seconds
 
 log = logging.getLogger("reca.ledger")
@@ -262,11 +262,8 @@ class BudgetAdmission(Admission):
         if track is not None and track.measure_cpu and req.worker is not None and req.worker.pid:
             track.cpu_start = process_cpu_seconds(req.worker.pid)
         if track is None or not track.granted:
-            return req.body[0]
-        header = dict(req.header or {})
-        header[P.H_GRANTED] = track.granted
-        header[P.H_JOB] = req.job
-        return codec.pack(header)
+            return forwarded_header(req)
+        return forwarded_header(req, **{P.H_GRANTED: track.granted, P.H_JOB: req.job})
 
     def _charge_status(self, router: Router, req: Request, status: dict, now: float) -> errors.RecaError | None:
         track = self.tracks.get(req.token)

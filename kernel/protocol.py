@@ -92,6 +92,9 @@ H_IDEM: Final = "idem"
 H_TXN: Final = "txn"
 #: Set by the kernel on the copy it forwards to a worker: the budget actually granted.
 H_GRANTED: Final = "granted"
+#: Set by the kernel on the copy it forwards to a worker: the name of the caller's verified
+#: principal (a client's own value is replaced).  Services scope per-caller state by it.
+H_PRINCIPAL: Final = "principal"
 
 HEADER_FIELDS: Final = (H_VERSION, H_ID, H_JOB, H_BUDGET, H_PRIORITY, H_DEADLINE, H_IDEM, H_TXN)
 

@@ -898,6 +898,16 @@ class Router:
         return [r for r in self.inflight.values() if r.job == job and not r.done]
 
 
+
+def forwarded_header(req: Request, **kernel_fields: Any) -> bytes:
+    """The reca header a worker receives: the client's, with the fields only the kernel sets
+    replaced -- ``principal`` (the caller's verified name) always, ``granted`` only when given."""
+    header = dict(req.header or {})
+    header.pop(P.H_GRANTED, None)
+    header[P.H_PRINCIPAL] = req.principal.name
+    header.update(kernel_fields)
+    return codec.pack(header)
+
 class Admission:
     """The policy hooks the router calls for reca requests.  This base class admits everything
     and charges nothing; kernel.admission.BudgetAdmission enforces budgets, gates and preemption.
@@ -909,7 +919,7 @@ class Admission:
         return None
 
     def forward_header(self, router: Router, req: Request) -> bytes:
-        return req.body[0]
+        return forwarded_header(req)
 
     def on_partial(self, router: Router, req: Request, body: list[bytes], now: float) -> list[bytes]:
         return body
