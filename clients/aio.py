@@ -78,9 +78,10 @@ class AsyncClient:
     async def stream(self, service: str, payload: Any = None, *, job: str | None = None,
                      budget: dict | None = None, priority: int | None = None, deadline_ms: float | None = None,
                      idem: str | None = None, txn: str | None = None, timeout: float | None = None,
-                     retries: int | None = None) -> AsyncIterator[Reply]:
+                     retries: int | None = None, on_behalf: str | None = None) -> AsyncIterator[Reply]:
         """Yield every reply (PARTIALs, then the FINAL); ``timeout`` bounds the silence between
-        two replies, and retries happen only before the first reply."""
+        two replies, and retries happen only before the first reply.  ``on_behalf``: a service
+        acting for the caller of a request it serves (``ctx.principal``; the kernel checks it)."""
         if self._closed:
             raise errors.BadRequest("client is closed")
         if self._reader is None:
@@ -90,7 +91,7 @@ class AsyncClient:
                              self.retries if retries is None else retries)
         for rid, frames in policy.attempts(self._ids, payload, job=job if job is not None else self.job,
                                            budget=budget, priority=priority, deadline_ms=deadline_ms,
-                                           idem=idem, txn=txn):
+                                           idem=idem, txn=txn, on_behalf=on_behalf):
             queue: asyncio.Queue[Reply] = asyncio.Queue()
             self._waiting[rid] = queue
             try:

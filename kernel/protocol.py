@@ -95,6 +95,10 @@ H_GRANTED: Final = "granted"
 #: Set by the kernel on the copy it forwards to a worker: the name of the caller's verified
 #: principal (a client's own value is replaced).  Services scope per-caller state by it.
 H_PRINCIPAL: Final = "principal"
+#: A service calling on behalf of the caller of a request it is serving: that caller's principal
+#: name (str).  The kernel accepts it only while a worker of the calling principal has a request
+#: of that principal in flight, and then forwards it as ``principal`` (issue 24).
+H_FOR: Final = "for"
 
 HEADER_FIELDS: Final = (H_VERSION, H_ID, H_JOB, H_BUDGET, H_PRIORITY, H_DEADLINE, H_IDEM, H_TXN)
 

@@ -80,6 +80,8 @@ class Request:
     principal: Principal = LOCAL_OPERATOR  # who sent it (verified by the kernel)
     queued: bool = False  # in its service's queue (counted in Service.queued)
     timed: bool = False  # has an entry in the router's deadline heap (counted in _deadlines_live)
+    #: The principal a service acts for (header ``for``, checked by :meth:`Router._acting_for`).
+    acting_for: str | None = None
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -358,7 +360,9 @@ class Router:
         if header is not None:
             try:
                 self._parse_header(req, header)
-            except errors.BadRequest as exc:
+                if P.H_FOR in header:
+                    req.acting_for = self._acting_for(principal, header[P.H_FOR])
+            except (errors.BadRequest, errors.Forbidden) as exc:
                 self.counters["bad_requests"] += 1
                 self._finish_error(req, exc, now, count=True)
                 return
@@ -373,6 +377,18 @@ class Router:
             self._deadlines_live += 1
         self.inflight[token] = req
         self._enqueue(req, now)
+
+    def _acting_for(self, principal: Principal, who: Any) -> str:
+        """A service acting for the caller of a request it is serving (header ``for``): allowed
+        only while a worker of the same principal has a request of ``who`` in flight (or for
+        itself), so a service key acts for no one who is not calling it at that moment."""
+        if isinstance(who, str) and who == principal.name:
+            return who
+        if isinstance(who, str) and principal.services:
+            for w in self.workers.values():
+                if w.principal == principal and any(r.principal.name == who for r in w.inflight.values()):
+                    return who
+        raise errors.Forbidden("header 'for' names a principal whose request this caller is not serving")
 
     @staticmethod
     def _parse_header(req: Request, header: dict) -> None:
@@ -904,7 +920,8 @@ def forwarded_header(req: Request, **kernel_fields: Any) -> bytes:
     replaced -- ``principal`` (the caller's verified name) always, ``granted`` only when given."""
     header = dict(req.header or {})
     header.pop(P.H_GRANTED, None)
-    header[P.H_PRINCIPAL] = req.principal.name
+    header.pop(P.H_FOR, None)
+    header[P.H_PRINCIPAL] = req.acting_for or req.principal.name
     header.update(kernel_fields)
     return codec.pack(header)
 

@@ -186,7 +186,8 @@ class _Run:
         started = False
         try:
             async for reply in self.client.stream(worker, payload, job=self.ctx.job, priority=priority,
-                                                  timeout=TASK_SILENCE_S, retries=0):
+                                                  timeout=TASK_SILENCE_S, retries=0,
+                                                  on_behalf=self.ctx.principal or None):
                 now = time.monotonic()
                 body = reply.payload if isinstance(reply.payload, dict) else {}
                 if not started:
