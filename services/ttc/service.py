@@ -464,7 +464,10 @@ class TtcService(Service):
                     or not isinstance(since, int):
                 raise errors.BadRequest("audit takes an optional string 'call_id' and an integer 'since'")
             if call_id is not None:
-                await self._own(ctx, call_id)
+                try:
+                    await self._own(ctx, call_id)
+                except ttc_errors.UnknownCall:
+                    return {"events": []}  # what an id that never existed lists
             rows = await self._call(coord.store.audit_log, call_id)
             mine = await self._owned_ids(ctx)
             # The manager's own decisions (recover, sweeps: no call id) and the caller's calls'.
