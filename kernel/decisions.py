@@ -96,7 +96,9 @@ class DecisionLog:
     the admission that owns the ledger); without it the log is never rotated.  ``restored``: this
     run continues the state the log held (recorded in the session line).  ``snapshot_soon``:
     start a new segment (with a snapshot) at the first flush that can (after a restore that
-    fell back to an earlier snapshot)."""
+    fell back to an earlier snapshot).  ``keep_segments``: closed segments kept (the oldest beyond
+    it are deleted after each rotation; at least 2, so a damaged current segment can always fall
+    back to the previous snapshot); None keeps the whole history."""
 
     def __init__(
         self,
@@ -107,9 +109,13 @@ class DecisionLog:
         segment_bytes: int = P.LOG_SEGMENT_BYTES,
         restored: bool = False,
         snapshot_soon: bool = False,
+        keep_segments: int | None = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync policy must be one of {FSYNC_POLICIES}, got {fsync!r}")
+        if keep_segments is not None and keep_segments < 2:
+            raise ValueError(f"keep_segments must be at least 2 (or None: all), got {keep_segments}")
+        self.keep_segments = keep_segments
         self.path = path
         self.fsync = fsync
         self.fsync_interval = fsync_interval
@@ -135,7 +141,7 @@ class DecisionLog:
         #: Why the last write failed (None: the log is writing); admission refuses decisions then.
         self.error: str | None = None
         self.counters = {"segments": len(closed), "fsyncs": 0, "fsync_s": 0.0, "write_errors": 0,
-                         "unencodable": 0}
+                         "unencodable": 0, "segments_deleted": 0}
         #: This kernel run's id: the prefix of its reservation ids (replay reads it back).
         self.session = new_session_id()
         self._write(
@@ -267,6 +273,13 @@ class DecisionLog:
         if self.fsync != "never":
             self._synced_at = time.monotonic()
             _fsync_dir(self.path)  # the link and the rename themselves
+        if self.keep_segments is not None:
+            for old in segment_paths(self.path)[:-self.keep_segments]:
+                try:
+                    os.unlink(old)
+                    self.counters["segments_deleted"] += 1
+                except OSError as exc:
+                    log.warning("decision log: cannot delete the old segment %s: %s", old, exc)
 
     def stats(self) -> dict[str, Any]:
         return {"path": self.path, "segment_bytes": self._bytes, "fsync": self.fsync,

@@ -369,3 +369,22 @@ def test_fsck_checks_repairs_and_discards_only_when_told(built, tmp_path, capsys
     cut = [p for p in os.listdir(folder) if ".cut-" in p]
     assert len(cut) == 1 and open(os.path.join(folder, cut[0]), "rb").read().startswith(b"junk\n")
     assert _restored(path) == built.expected(len(built.data) - 1, sum(map(len, lines[:5])))
+
+
+def test_keep_segments_bounds_the_history_and_still_restores(tmp_path):
+    path = str(tmp_path / "d.jsonl")
+    log = DecisionLog(path, segment_bytes=4096, fsync="never", keep_segments=2)
+    adm = BudgetAdmission(decision_log=log)
+    for n in range(300):
+        adm.decide("open", float(n), job=f"j{n}", limits={"flops": 10.0})
+        adm.decide("close", float(n), job=f"j{n}")
+        log.flush()
+    log.close()
+    closed = segment_paths(path)
+    assert len(closed) == 2 and log.counters["segments_deleted"] > 0
+    assert int(closed[-1].rsplit(".", 1)[1]) > 2  # numbering goes on
+    assert _restored(path) == _state(adm)
+    open(path, "wb").close()  # and a damaged current segment still has a snapshot to fall back to
+    assert restore(path) is not None
+    with pytest.raises(ValueError):
+        DecisionLog(path, keep_segments=1)
