@@ -110,11 +110,14 @@ async def _run(args: argparse.Namespace) -> int:
     from kernel.decisions import DecisionLog
     from kernel.logstore import LogCorrupt, move_aside
     from kernel.mmi import Management
-    from kernel.peers import raise_fd_limit
+    from kernel.peers import bound_allocator, raise_fd_limit
     from kernel.replay import restore
     from kernel.server import KernelServer
 
     cfg = load(args.config)
+    if not bound_allocator():
+        logging.getLogger("reca.kernel").warning("no glibc mallopt: memory a flood of large frames "
+                                                 "allocates may stay with the kernel")
     soft, hard = raise_fd_limit()
     logging.getLogger("reca.kernel").info("descriptor limit %d (hard %d)", soft, hard)
     if args.endpoint:
