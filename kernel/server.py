@@ -295,6 +295,32 @@ class KernelServer:
                                     "the kernel stats from now on)", self.guard.cap)
                 else:
                     self.guard.on_closed(fd)
+        change = self.guard.accepting(fds)
+        if change is not None:
+            self._set_accepting(change)
+
+    def _set_accepting(self, accept: bool) -> None:
+        """Stop (or resume) accepting connections on the ipc:// endpoints: rename each socket to a
+        hidden name and back (kernel.peers: libzmq aborts on EMFILE in an ipc accept, and has no
+        way to stop a listener without closing what it accepted).  A tcp:// listener is left as
+        it is: libzmq waits out EMFILE there."""
+        for ep in (self.endpoint, self.control):
+            if not ep.startswith("ipc://"):
+                continue
+            path = ep[len("ipc://"):]
+            hidden = f"{path}.paused"
+            try:
+                if accept:
+                    os.rename(hidden, path)
+                else:
+                    os.rename(path, hidden)
+            except OSError as exc:
+                log.warning("cannot %s accepting on %s: %s", "resume" if accept else "stop", ep, exc)
+        if accept:
+            log.warning("accepting connections again (%d peers)", len(self.guard.conns))
+        else:
+            log.warning("stopped accepting connections: %d peers, cap %d (descriptor limit %d)",
+                        len(self.guard.conns), self.guard.cap, self.guard.fd_limit)
 
     def _shutdown_refused(self, now: float) -> None:
         if not self.guard.refusing:
