@@ -14,7 +14,7 @@ Pure (no sockets); kernel.server applies it.
 from __future__ import annotations
 
 from kernel import protocol as P
-from kernel.auth import Principal
+from kernel.principal import Principal
 
 
 def allowed_prefixes(principal: Principal) -> tuple[bytes, ...] | None:
