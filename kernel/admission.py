@@ -34,6 +34,7 @@ from kernel.ledger import COMPUTE, DEFAULT_JOB, ROOT, Job, Ledger, is_default_jo
 from kernel.policy import NO_EFFECTS, Admission, Effect, Effects, Fail, Lend, Order, View, forwarded_header
 from kernel.principal import Principal
 from kernel.protocol import ErrorCode
+from kernel.quotas import RateQuota
 from kernel.state import Request, Worker
 
 if TYPE_CHECKING:
@@ -99,6 +100,10 @@ class BudgetAdmission(Admission):
         #: mmi.audit records per principal per minute (a token bucket per principal).
         self.audit_quota = audit_quota
         self._audit_buckets: dict[str, tuple[float, float]] = {}  # principal -> (tokens, at)
+        #: Audit bytes per principal per minute, and refusal records per principal per minute
+        #: (their excess is a counter, issue 24).
+        self.audit_bytes = RateQuota(P.AUDIT_BYTES_PER_MIN)
+        self.refusal_records = RateQuota(P.FORBIDDEN_RECORDS_PER_MIN)
         #: Requests whose worker reported them paused: token -> when (Invariant: exactly the
         #: tracks with paused_at set).
         self._paused_at: dict[bytes, float] = {}
@@ -269,11 +274,23 @@ class BudgetAdmission(Admission):
         return errors.Forbidden(f"no open job {job!r} of yours")
 
     def on_forbidden(self, principal: Principal, op: str, inputs: dict, now: float) -> None:
-        """Count, log and record a refused call (the decision log is the operator's record)."""
+        """Count, log and record a refused call (the decision log is the operator's record), at
+        most ``FORBIDDEN_RECORDS_PER_MIN`` per principal: the rest are counted."""
         self.counters["forbidden"] = self.counters.get("forbidden", 0) + 1
-        log.warning("forbidden: %s (%s) %s %s", principal.name, principal.role, op, inputs)
-        self.record("forbidden", now, {"principal": principal.name, "role": principal.role, "op": op, **inputs},
-                    {"ok": False, "code": ErrorCode.FORBIDDEN})
+        if self.record_limited(principal, "forbidden", now, {"principal": principal.name, "role": principal.role,
+                                                              "op": op, **inputs},
+                               {"ok": False, "code": ErrorCode.FORBIDDEN}):
+            log.warning("forbidden: %s (%s) %s %s", principal.name, principal.role, op, inputs)
+
+    def record_limited(self, principal: Principal, op: str, now: float, inputs: dict, outputs: dict) -> bool:
+        """Record a refusal unless ``principal`` is past its refusal-record quota (then count it;
+        the next record it gets carries the count as ``suppressed``).  True when recorded."""
+        ok, suppressed = self.refusal_records.take(principal.name, now)
+        if not ok:
+            self.counters["records_suppressed"] = self.counters.get("records_suppressed", 0) + 1
+            return False
+        self.record(op, now, inputs, {**outputs, "suppressed": suppressed} if suppressed else outputs)
+        return True
 
     def audit_allowance(self, principal: Principal, events: int, now: float) -> bool:
         """Take ``events`` from the principal's audit bucket (refilled at ``audit_quota`` per

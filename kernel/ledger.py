@@ -126,6 +126,8 @@ class Ledger:
         self.jobs: dict[str, Job] = {}
         #: id -> (job, kind, amount, expiry, holder): holder is the principal that reserved.
         self._reservations: dict[str, tuple[str, str, float, float, str | None]] = {}
+        #: holder -> reservations it holds (Invariant: the count of ``_reservations`` by holder).
+        self.held_by: collections.Counter[str] = collections.Counter()
         self._rid_next = 1  # the counter of ids when no id is given (dumped in snapshots)
         #: owner -> its open jobs (children included), so a caller's share of jobs is bounded.
         self._owned: collections.Counter[str] = collections.Counter()
@@ -451,6 +453,8 @@ class Ledger:
             rid = f"{self.session}r{self._rid_next}"
             self._rid_next += 1
         self._reservations[rid] = (job, resource, float(amount), now + lease, holder)
+        if holder is not None:
+            self.held_by[holder] += 1
         heapq.heappush(self._expiry_heap, (now + lease, rid))
         if h is not None:
             h.reserved[resource] = h.reserved.get(resource, 0.0) + amount
@@ -461,6 +465,7 @@ class Ledger:
         if entry is None:
             return _no(ErrorCode.REFUSED, f"unknown or expired reservation {reservation!r}")
         job, resource, amount = entry[:3]
+        self._unhold(entry[4])
         self._unreserve(job, resource, amount)
         out = self.charge(now, job, {resource: amount})
         return {"ok": True, "committed": amount, "exhausted": out["exhausted"]}
@@ -470,8 +475,15 @@ class Ledger:
         if entry is None:
             return _no(ErrorCode.REFUSED, f"unknown or expired reservation {reservation!r}")
         job, resource, amount = entry[:3]
+        self._unhold(entry[4])
         self._unreserve(job, resource, amount)
         return {"ok": True, "released": amount}
+
+    def _unhold(self, holder: str | None) -> None:
+        if holder is not None:
+            self.held_by[holder] -= 1
+            if self.held_by[holder] <= 0:
+                del self.held_by[holder]
 
     def renew(self, now: float, reservations: list, lease: float = RESERVATION_LEASE) -> dict:
         """Extend held reservations to ``now + lease``.  Ids that are not held (expired, spent,
@@ -592,6 +604,8 @@ class Ledger:
             for kind in set(j.reserved) | {k for (n, k) in reserved if n == j.name}:
                 assert abs(j.reserved.get(kind, 0.0) - reserved[j.name, kind]) < 1e-6, f"job {j.name}: reserved {kind}"
         assert {k: v for k, v in self._owned.items() if v} == dict(owned), "owners' job counts"
+        held = collections.Counter(e[4] for e in self._reservations.values() if e[4] is not None)
+        assert {k: v for k, v in self.held_by.items() if v} == dict(held), "holders' reservation counts"
 
     # -- durable state ------------------------------------------------------------------------------
 
@@ -624,6 +638,8 @@ class Ledger:
                 heapq.heappush(led._wall_heap, (j.wall_deadline, j.name))
         for rid, (job, kind, amount, exp, *holder) in state.get("reservations", {}).items():
             led._reservations[rid] = (job, kind, float(amount), float(exp), holder[0] if holder else None)
+            if holder and holder[0] is not None:
+                led.held_by[holder[0]] += 1
             heapq.heappush(led._expiry_heap, (float(exp), rid))
         led._rid_next = int(state.get("rid_next", 1))
         led._owned.update(j.owner for j in led.jobs.values() if j.owner is not None and not j.closed)

@@ -253,6 +253,11 @@ class Management:
             return refusal
         if not self._may_act(router, caller, job):
             return self._not_yours(router, caller, P.MMI_GATE_RESERVE, arg, now, job)
+        if not arg["commit"] and not caller.principal.operator \
+                and self.budget.ledger.held_by[caller.principal.name] >= P.MAX_HELD_PER_PRINCIPAL:
+            return errors.Refused(f"{P.MMI_GATE_RESERVE}: {caller.principal.name} holds "
+                                  f"{P.MAX_HELD_PER_PRINCIPAL} reservations, the most a principal may hold; "
+                                  "release or commit some first")
         # Reservation ids are random (unguessable) and recorded as an input (replay is exact).
         extra: dict[str, Any] = {"holder": caller.principal.name}
         if not arg["commit"]:
@@ -284,7 +289,7 @@ class Management:
         """Another principal's reservations are listed ``unknown``, as ids that are not held."""
         if self.budget is None:
             return None
-        ids = arg["reservations"]
+        ids = list(dict.fromkeys(arg["reservations"]))  # one id listed many times is renewed (and logged) once
         theirs = [rid for rid in ids if not self._holder_ok(router, caller, rid)]
         if theirs:
             self.forbid(router, caller, P.MMI_GATE_RENEW, {"reservations": len(theirs)}, now, "")
@@ -315,9 +320,15 @@ class Management:
         if size > P.MAX_AUDIT_BYTES:
             return errors.BadRequest(f"{P.MMI_AUDIT}: events are {size} bytes of JSON; at most "
                                      f"{P.MAX_AUDIT_BYTES} bytes per call")
+        if not caller.principal.operator and not budget.audit_bytes.take(caller.principal.name, now, size)[0]:
+            budget.record_limited(caller.principal, "audit_refused", now,
+                                  {"source": source, "bytes": size, "principal": caller.principal.name}, {"ok": False})
+            return errors.Refused(f"{P.MMI_AUDIT}: audit quota of {P.AUDIT_BYTES_PER_MIN} bytes per minute "
+                                  f"reached for {caller.principal.name}; retry later")
         if not budget.audit_allowance(caller.principal, len(events), now):
-            budget.record("audit_refused", now, {"source": source, "events": len(events),
-                                                 "principal": caller.principal.name}, {"ok": False})
+            budget.record_limited(caller.principal, "audit_refused", now,
+                                  {"source": source, "events": len(events), "principal": caller.principal.name},
+                                  {"ok": False})
             return errors.Refused(f"{P.MMI_AUDIT}: audit quota of {budget.audit_quota} records per minute "
                                   f"reached for {caller.principal.name}; retry later")
         for event in events:

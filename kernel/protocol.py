@@ -487,6 +487,9 @@ MAX_KINDS: Final = 64
 MAX_RENEW: Final = 10_000
 #: Most open jobs one principal below operator may own (children and its default job included).
 MAX_JOBS_PER_PRINCIPAL: Final = 10_000
+#: Reservations one principal below operator may hold at once (issue 24: 100,000 held ones made
+#: every snapshot 1.5 GB); beyond, ``mmi.gate.reserve`` of a held reservation is ``refused``.
+MAX_HELD_PER_PRINCIPAL: Final = 10_000
 #: How long a gate reservation lives without commit, release or renewal, seconds (the default),
 #: and the bounds on a lease a holder may ask for.
 RESERVATION_LEASE: Final = 30.0
@@ -499,6 +502,12 @@ MAX_AUDIT_SOURCE: Final = 64
 MAX_AUDIT_BYTES: Final = 256 * 1024
 #: Default audit quota: records one principal may write per minute (config [limits]).
 AUDIT_EVENTS_PER_MIN: Final = 60_000
+#: Bytes of audit records (as JSON) per principal per minute (issue 24: at the event quota a
+#: service key could still write 8.3 GB/h); beyond, ``mmi.audit`` is ``refused`` ("quota").
+AUDIT_BYTES_PER_MIN: Final = 16 * 1024 * 1024
+#: ``forbidden`` / ``audit_refused`` records per principal per minute; beyond, they are counted
+#: (``counters.records_suppressed``) and the next record carries the count as ``suppressed``.
+FORBIDDEN_RECORDS_PER_MIN: Final = 60
 #: Default longest pause: a request paused longer is resumed by the kernel, seconds (config [limits]).
 MAX_PAUSE: Final = 60.0
 #: Client-side default bound on one request, seconds, and its default number of retries.

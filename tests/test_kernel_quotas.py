@@ -1,0 +1,94 @@
+"""Per-principal quotas on what grows the ledger and the decision log (issue 24): held
+reservations, renewals listing one id many times, ``forbidden`` records."""
+
+from __future__ import annotations
+
+import json
+
+from kernel import errors
+from kernel import protocol as P
+from kernel.admission import BudgetAdmission
+from kernel.auth import Principal
+from kernel.decisions import DecisionLog
+from kernel.mmi import Caller, Management
+from kernel.router import Router
+
+
+def _kernel(tmp_path):
+    log = DecisionLog(str(tmp_path / "d.jsonl"), fsync="never")
+    adm = BudgetAdmission(decision_log=log, root_limits={"units": 1e6}, default_limits={"units": 1e5})
+    router = Router(lambda frames: True, admission=adm, management=Management(adm))
+    return log, adm, router
+
+
+def _records(log, op):
+    log.flush()
+    with open(log.path, encoding="utf-8") as fh:
+        return [r for r in map(json.loads, fh) if r["op"] == op]
+
+
+def test_a_principal_holds_at_most_its_quota_of_reservations(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "MAX_HELD_PER_PRINCIPAL", 5)
+    log, adm, router = _kernel(tmp_path)
+    alice, bob = Caller(b"a", Principal("alice", "client")), Caller(b"b", Principal("bob", "client"))
+    op = Caller(b"o", Principal("op", "operator"))
+
+    def reserve(who, **kw):
+        return router.management.handle(router, P.MMI_GATE_RESERVE, {"resource": "units", "amount": 1, **kw}, 0.0, who)
+
+    held = [reserve(alice)["reservation"] for _ in range(5)]
+    refused = reserve(alice)
+    assert isinstance(refused, errors.Refused) and "the most a principal may hold" in refused.message
+    assert reserve(alice, commit=True)["ok"]  # committed at once: nothing held
+    assert reserve(bob)["ok"] and all(reserve(op)["ok"] for _ in range(7))  # others are not affected
+    assert router.management.handle(router, P.MMI_GATE_RELEASE, {"reservation": held[0]}, 0.0, alice)["ok"]
+    assert reserve(alice)["ok"]
+    assert adm.ledger.held_by["alice"] == 5
+    adm.ledger.check_invariants()
+
+
+def test_a_renewal_listing_one_id_many_times_renews_and_logs_it_once(tmp_path):
+    log, adm, router = _kernel(tmp_path)
+    alice = Caller(b"a", Principal("alice", "client"))
+    rid = router.management.handle(router, P.MMI_GATE_RESERVE, {"resource": "units", "amount": 1}, 0.0, alice)[
+        "reservation"
+    ]
+    out = router.management.handle(
+        router, P.MMI_GATE_RENEW, {"reservations": [rid] * 10_000, "lease_s": 60}, 1.0, alice
+    )
+    assert out["renewed"] == [rid] and out["unknown"] == []
+    (rec,) = _records(log, "renew")
+    assert rec["in"]["reservations"] == [rid] and len(json.dumps(rec)) < 1000
+    assert len(adm.ledger._expiry_heap) <= 2
+
+
+def test_refusal_records_past_the_quota_become_a_count(tmp_path):
+    log, adm, router = _kernel(tmp_path)
+    alice, mallory = Caller(b"a", Principal("alice", "client")), Caller(b"m", Principal("mallory", "client"))
+    assert router.management.handle(router, P.MMI_JOB_OPEN, {"job": "a1", "budget": {"units": 4}}, 0.0, alice)["ok"]
+    for _ in range(1000):  # mallory tries to close alice's job, a thousand times in one second
+        out = router.management.handle(router, P.MMI_JOB_CLOSE, {"job": "a1"}, 0.5, mallory)
+        assert isinstance(out, errors.RecaError)
+    recorded = _records(log, "forbidden")
+    assert len(recorded) == P.FORBIDDEN_RECORDS_PER_MIN
+    assert adm.counters["records_suppressed"] == 1000 - P.FORBIDDEN_RECORDS_PER_MIN
+    assert router.management.handle(router, P.MMI_JOB_CLOSE, {"job": "a1"}, 61.0, mallory) is not None
+    last = _records(log, "forbidden")[-1]
+    assert last["out"]["suppressed"] == 1000 - P.FORBIDDEN_RECORDS_PER_MIN  # the count, in one record
+    # alice's own refusals have their own quota
+    assert adm.refusal_records.pending("alice") == 0
+
+
+def test_audit_bytes_per_principal_per_minute(tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "AUDIT_BYTES_PER_MIN", 10_000)
+    log, adm, router = _kernel(tmp_path)
+    adm.audit_bytes = type(adm.audit_bytes)(P.AUDIT_BYTES_PER_MIN)
+    svc = Caller(b"s", Principal("child:ttc", "service:ttc"))
+    event = {"x": "y" * 1000}
+    outs = [
+        router.management.handle(router, P.MMI_AUDIT, {"source": "ttc", "events": [event] * 3}, 0.0, svc)
+        for _ in range(10)
+    ]
+    assert sum(1 for o in outs if isinstance(o, dict) and o.get("ok")) == 3  # ~3 KB each: 10 KB a minute
+    refused = [o for o in outs if isinstance(o, errors.Refused)]
+    assert len(refused) == 7 and "bytes per minute" in refused[0].message
