@@ -194,7 +194,21 @@ class BudgetAdmission(Admission):
 
     # -- router hooks -----------------------------------------------------------------------------
 
+    def unwritable(self) -> errors.Unavailable | None:
+        """``unavailable`` while the decision log cannot be written (ENOSPC, EIO: issue 24): no
+        work that needs a decision is admitted until a flush writes again, so nothing the kernel
+        acknowledges is missing from the log (what was decided is buffered, in order)."""
+        error = getattr(self.log, "error", None) if self.log is not None else None
+        if error is None:
+            return None
+        self.counters["refused_log_unwritable"] = self.counters.get("refused_log_unwritable", 0) + 1
+        return errors.Unavailable(f"the kernel's decision log cannot be written ({error}); work that needs "
+                                  "a decision is refused until it can", reason="decision_log")
+
     def admit(self, view: View, req: Request, now: float) -> tuple[errors.RecaError | None, Effects]:
+        down = self.unwritable()
+        if down is not None:
+            return down, NO_EFFECTS
         job, refusal = self.resolve_job(req.principal, req.job, now)
         if refusal is not None:
             self.counters["refused"] += 1
@@ -594,7 +608,11 @@ class BudgetAdmission(Admission):
 
     def stats(self, now: float) -> dict:
         self.flush_log()
-        return {"jobs": self.ledger.snapshot(now), "ledger": dict(self.counters)}
+        out = {"jobs": self.ledger.snapshot(now), "ledger": dict(self.counters)}
+        log_stats = getattr(self.log, "stats", None)
+        if callable(log_stats):
+            out["decision_log"] = log_stats()
+        return out
 
     def worker_gone(self, identity: bytes) -> None:
         """A worker left: the slots it owed are gone with it."""

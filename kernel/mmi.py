@@ -167,6 +167,9 @@ class Management:
         jobs it exhausted are cancelled at once."""
         budget = self.budget
         assert budget is not None
+        down = budget.unwritable()
+        if down is not None:
+            return down
         out = budget.decide(op, now, **inputs)
         for job in out.get("exhausted", ()):
             router.apply(budget.exhaust(router, job, now), now)
@@ -313,6 +316,9 @@ class Management:
                                f"{caller.principal.name} may not write audit records as {source!r}")
         if budget is None or budget.log is None:
             return {"ok": True, "logged": 0}
+        down = budget.unwritable()
+        if down is not None:
+            return down
         try:  # all or nothing: a batch that cannot be written is refused before any line is
             size = len(json.dumps(events, default=str))
         except (TypeError, ValueError, RecursionError) as exc:

@@ -14,10 +14,13 @@ from kernel.mmi import Caller, Management
 from kernel.router import Router
 
 
+SENT: list = []
+
+
 def _kernel(tmp_path):
     log = DecisionLog(str(tmp_path / "d.jsonl"), fsync="never")
     adm = BudgetAdmission(decision_log=log, root_limits={"units": 1e6}, default_limits={"units": 1e5})
-    router = Router(lambda frames: True, admission=adm, management=Management(adm))
+    router = Router(lambda frames: SENT.append(frames) or True, admission=adm, management=Management(adm))
     return log, adm, router
 
 
@@ -92,3 +95,50 @@ def test_audit_bytes_per_principal_per_minute(tmp_path, monkeypatch):
     assert sum(1 for o in outs if isinstance(o, dict) and o.get("ok")) == 3  # ~3 KB each: 10 KB a minute
     refused = [o for o in outs if isinstance(o, errors.Refused)]
     assert len(refused) == 7 and "bytes per minute" in refused[0].message
+
+
+def test_a_full_disk_stops_decisions_and_loses_nothing_acknowledged(tmp_path):
+    """Writes fail with a real ENOSPC (the log's descriptor pointed at /dev/full): the decisions
+    already taken stay buffered, new work that needs a decision is ``unavailable`` naming the
+    reason, and once the disk takes writes again every acknowledged decision is in the log."""
+    import os
+
+    from kernel.replay import restore
+
+    log, adm, router = _kernel(tmp_path)
+    alice = Caller(b"a", Principal("alice", "client"))
+    assert router.management.handle(router, P.MMI_JOB_OPEN, {"job": "before", "budget": {"units": 4}}, 0.0, alice)["ok"]
+    log.flush()
+    # Answered, and its record still in the buffer when the disk fills.
+    assert router.management.handle(router, P.MMI_JOB_OPEN, {"job": "acked", "budget": {"units": 4}}, 1.0, alice)["ok"]
+    real = os.dup(log._fd)
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, log._fd)
+    try:
+        assert log.flush() is False and log.error.startswith("ENOSPC")
+        refused = router.management.handle(router, P.MMI_JOB_OPEN, {"job": "later"}, 2.0, alice)
+        assert isinstance(refused, errors.Unavailable) and "decision log cannot be written" in refused.message
+        reserve = router.management.handle(router, P.MMI_GATE_RESERVE, {"resource": "units", "amount": 1}, 2.0, alice)
+        assert isinstance(reserve, errors.Unavailable)
+        assert router.stats(2.0, {})["decision_log"]["error"].startswith("ENOSPC")
+        # A request that needs a decision (every request does: admission) is answered unavailable.
+        from kernel import codec
+
+        router.on_message([b"W", P.MDPW, P.WorkerCmd.READY.value, b"echo"], 2.0, Principal("svc", "service:echo"))
+        SENT.clear()
+        router.on_message(
+            [b"C", P.MDPC, P.ClientCmd.REQUEST.value, b"echo", codec.pack({"v": P.VERSION, "id": 1}), codec.pack("x")],
+            2.0,
+            alice.principal,
+        )
+        (answer,) = [f for f in SENT if f[0] == b"C"]
+        assert codec.unpack(answer[4])["error"]["code"] == "unavailable" and not [f for f in SENT if f[0] == b"W"]
+    finally:
+        os.dup2(real, log._fd)
+        os.close(real)
+        os.close(full)
+    assert log.flush() and log.error is None  # the disk takes writes again: all of it written
+    assert router.management.handle(router, P.MMI_JOB_OPEN, {"job": "after"}, 3.0, alice)["ok"]
+    log.close()
+    jobs = restore(log.path).ledger.jobs
+    assert {"before", "acked", "after"} <= set(jobs) and "later" not in jobs
