@@ -645,11 +645,12 @@ class Ledger:
         led._owned.update(j.owner for j in led.jobs.values() if j.owner is not None and not j.closed)
         return led
 
-    def snapshot(self, now: float) -> dict:
-        """Every open job's limits, spend and remainder (for mmi.stats and the status CLI)."""
+    def snapshot(self, now: float, owner: str | None = None) -> dict:
+        """Every open job's limits, spend and remainder (for mmi.stats and the status CLI);
+        ``owner``: only that principal's jobs (what a non-operator's stats cost: its own jobs)."""
         out = {}
         for j in self.jobs.values():
-            if j.closed:
+            if j.closed or owner is not None and j.owner != owner:
                 continue
             spent = dict(j.total)
             if WALL in j.limits and j.wall_running:

@@ -185,15 +185,21 @@ class Management:
         return P.MMI_OK if isinstance(arg, bytes) and router.has_worker(arg) else P.MMI_NOT_FOUND
 
     def op_stats(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
-        out = router.stats(now, arg)
-        if not caller.principal.operator and isinstance(out.get("jobs"), dict):
-            out["jobs"] = self._own_jobs(out["jobs"], caller)
-        return out
+        if caller.principal.operator:
+            return router.stats(now, arg)
+        return self._principal_stats(router, arg or {}, now, caller)
 
-    @staticmethod
-    def _own_jobs(snapshot: dict, caller: Caller) -> dict:
-        """The jobs of a snapshot a non-operator may see: its own (its default job included)."""
-        return {k: v for k, v in snapshot.items() if v.get("owner") == caller.principal.name}
+    def _principal_stats(self, router: "Router", query: dict, now: float, caller: Caller) -> dict:
+        """``mmi.stats`` below operator (issue 24): the caller's own jobs, and one page of services
+        -- for a client by name and health only; for a service key (which places work on the
+        others: cpcs) with their figures and the workers' capacities -- never a pid, another
+        principal's job, the supervisor's children or the kernel's counters.  Costs the page and
+        the caller's own jobs, not the whole ledger."""
+        out = router.principal_stats(now, query, figures=bool(caller.principal.services))
+        if self.budget is not None:
+            self.budget.flush_log()
+            out["jobs"] = self.budget.ledger.snapshot(now, owner=caller.principal.name)
+        return out
 
     # -- jobs -------------------------------------------------------------------------------------
 
@@ -236,9 +242,7 @@ class Management:
     def op_job_stats(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
-        snap = self.budget.ledger.snapshot(now)
-        if not caller.principal.operator:
-            snap = self._own_jobs(snap, caller)
+        snap = self.budget.ledger.snapshot(now, owner=None if caller.principal.operator else caller.principal.name)
         job = arg.get("job")
         if not job:
             return snap

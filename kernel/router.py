@@ -781,6 +781,30 @@ class Router:
             out.update(self.extra_stats())
         return out
 
+    def principal_stats(self, now: float, query: dict, figures: bool) -> dict:
+        """One page of services as a non-operator sees it (issue 24): by name and health only,
+        or with their figures and the workers' capacities (``figures``: a service key, which
+        places work on the others) -- never a pid, the counters or another section."""
+        page = query.get("page", 0)
+        page = page if isinstance(page, int) and not isinstance(page, bool) and page >= 0 else 0
+        wanted = query.get("service")
+        if isinstance(wanted, str):
+            chosen = [s for s in (self.services.get(wanted.encode()),) if s is not None]
+        else:
+            names = sorted(self.services)[page * P.STATS_PAGE:(page + 1) * P.STATS_PAGE]
+            chosen = [self.services[n] for n in names]
+        shown = {s.name: dataclasses.asdict(s) for s in self.service_stats(chosen)}
+        out: dict[str, Any] = {
+            "services": shown if figures else {
+                n: {"health": "serving" if f.get("workers", 0) > 0 else "no_worker"} for n, f in shown.items()},
+            "summary": {"services": len(self.services), "page": page,
+                        "pages": -(-len(self.services) // P.STATS_PAGE)},
+        }
+        if figures:
+            out["workers"] = [{"service": w.service.text, "inflight": len(w.inflight), "capacity": w.capacity}
+                              for w in self.workers.values()]
+        return out
+
     def serving(self, principal: Principal, job: str) -> bool:
         """Whether a worker of ``principal`` is serving a request of ``job`` now."""
         return any(r.job == job and not r.done for w in self.workers.values() if w.principal == principal
