@@ -142,3 +142,52 @@ def test_a_full_disk_stops_decisions_and_loses_nothing_acknowledged(tmp_path):
     log.close()
     jobs = restore(log.path).ledger.jobs
     assert {"before", "acked", "after"} <= set(jobs) and "later" not in jobs
+
+
+def test_what_a_principal_sees_in_mmi_stats(tmp_path):
+    from kernel import codec
+
+    log, adm, router = _kernel(tmp_path)
+    alice, bob = Caller(b"a", Principal("alice", "client")), Caller(b"b", Principal("bob", "client"))
+    svc = Caller(b"s", Principal("child:cpcs", "service:cpcs"))
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.READY.value, b"echo", codec.pack({"capacity": 3})], 0.0,
+                      Principal("child:echo", "service:echo"))
+    router.workers[b"W"].pid = 4242
+    for who, job in ((alice, "a-job"), (bob, "b-job")):
+        assert router.management.handle(router, P.MMI_JOB_OPEN, {"job": job, "budget": {"units": 1}}, 0.0, who)["ok"]
+    seen = router.management.handle(router, P.MMI_STATS, {}, 0.0, alice)
+    assert set(seen) == {"services", "summary", "jobs"}
+    assert seen["services"] == {"echo": {"health": "serving"}}
+    assert "a-job" in seen["jobs"] and "b-job" not in seen["jobs"]
+    assert "4242" not in json.dumps(seen)
+    placed = router.management.handle(router, P.MMI_STATS, {}, 0.0, svc)
+    assert placed["workers"] == [{"service": "echo", "inflight": 0, "capacity": 3}]
+    assert placed["services"]["echo"]["workers"] == 1 and "4242" not in json.dumps(placed)
+    full = router.management.handle(router, P.MMI_STATS, {}, 0.0, Caller(b"o", Principal("op", "operator")))
+    assert full["workers"][0]["pid"] == 4242 and {"a-job", "b-job"} <= set(full["jobs"])
+
+
+def test_cpcs_finds_a_service_past_the_first_page_of_stats(tmp_path):
+    """150 made-up names sorted before ``work`` push it off page 0 of mmi.stats; cpcs reads
+    every page (issue 24: it refused DAGs with "no worker serves 'work'")."""
+    import asyncio
+
+    from kernel import codec
+    from services.cpcs.service import all_stats
+
+    log, adm, router = _kernel(tmp_path)
+    router.max_workerless = 10_000
+    svc = Caller(b"s", Principal("child:cpcs", "service:cpcs"))
+    for n in range(150):
+        router.on_message([b"C", P.MDPC, P.ClientCmd.REQUEST.value, f"aaa{n}".encode(), b"x"], 0.0,
+                          Principal("mallory", "client"))
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.READY.value, b"work"], 0.0, Principal("child:work", "service:work"))
+
+    class Bus:  # the calls cpcs makes, answered by the real router's management
+        async def call(self, name, arg=None, **kw):
+            return router.management.handle(router, name, arg or {}, 0.0, svc)
+
+    first = router.management.handle(router, P.MMI_STATS, {}, 0.0, svc)
+    assert first["summary"]["pages"] >= 2 and "work" not in first["services"]
+    merged = asyncio.run(all_stats(Bus()))
+    assert merged["services"]["work"]["workers"] == 1
