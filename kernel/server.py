@@ -39,6 +39,7 @@ from kernel import auth, codec
 from kernel.aio import send_frames
 from kernel import protocol as P
 from kernel.host import Host, SystemHost
+from kernel.control import may_subscribe
 from kernel.mmi import Management
 from kernel.peers import PeerGuard, open_fds, seed_routing_ids
 from kernel.policy import Admission
@@ -112,7 +113,11 @@ class KernelServer:
         sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
         sock.setsockopt(zmq.SNDHWM, peer_hwm)
         sock.setsockopt(zmq.RCVHWM, peer_hwm)
-        pub = self.context.socket(zmq.PUB)
+        # XPUB with manual subscriptions: a subscription is applied only when the subscriber's
+        # principal may receive that topic (kernel.control; issue 24: a service key heard every
+        # principal's control traffic).
+        pub = self.context.socket(zmq.XPUB)
+        pub.setsockopt(zmq.XPUB_MANUAL, 1)
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscribers only send subscriptions
         pub.setsockopt(zmq.SNDHWM, peer_hwm)
@@ -207,6 +212,10 @@ class KernelServer:
         except zmq.ZMQError as exc:  # PUB drops on HWM by design; count it
             self.router.counters["publish_dropped"] += 1
             log.error("control publish on %r failed: %s", topic, exc)
+        # A send processes the socket's pending commands and can swallow the edge that would
+        # have woken the loop for a waiting subscription: look now.
+        if int(self.pub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._on_subscriptions()
 
     def _recv(self) -> tuple[list[bytes], auth.Principal]:
         """One message, identity first, within the size and frame bounds, and its principal;
@@ -254,6 +263,38 @@ class KernelServer:
     def _on_readable(self) -> None:
         if self._drain():
             self._arm()
+
+    def _on_subscriptions(self) -> None:
+        """Apply the control subscriptions peers sent, each only if the subscriber's principal
+        may receive that topic (kernel.control); the rest are dropped and counted."""
+        pub = self.pub
+        principals = self.principals if self.zap is not None else None
+        while int(pub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            try:
+                msg = pub.recv(_NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            except zmq.ZMQError:
+                return
+            data = msg.bytes
+            if not data or data[0] not in (0, 1):
+                continue
+            topic = data[1:]
+            if data[0] == 0:
+                pub.setsockopt(zmq.UNSUBSCRIBE, topic)
+                continue
+            if principals is None:
+                principal = auth.LOCAL_OPERATOR
+            else:
+                name = str(msg.get(auth.USER_ID) or "")
+                principal = principals.by_name(name) or auth.Principal(name, auth.REVOKED)
+            if not principal.revoked and may_subscribe(principal, topic):
+                pub.setsockopt(zmq.SUBSCRIBE, topic)  # applies to the pipe it came on
+            else:
+                self.router.counters["subscriptions_refused"] += 1
+                if self.router.counters["subscriptions_refused"] <= 10:
+                    log.warning("control subscription %r refused for %s (%s)", topic[:64], principal.name,
+                                principal.role)
 
     def _drain(self) -> bool:
         """Route what the ROUTER socket holds (at most one batch; the rest on the next turn), then
@@ -451,6 +492,9 @@ class KernelServer:
         self._stopped = asyncio.Event()
         fd = self.sock.fileno()
         self._loop.add_reader(fd, self._on_readable)
+        pub_fd = self.pub.fileno()
+        self._loop.add_reader(pub_fd, self._on_subscriptions)
+        self._on_subscriptions()
         self._watcher.start()
         self._on_monitor()
         self._on_readable()
@@ -458,6 +502,7 @@ class KernelServer:
             await self._stopped.wait()
         finally:
             self._loop.remove_reader(fd)
+            self._loop.remove_reader(pub_fd)
             self._watch_stop.set()
             self._watcher.join(5.0)
             if self._timer is not None:

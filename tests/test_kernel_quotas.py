@@ -150,8 +150,11 @@ def test_what_a_principal_sees_in_mmi_stats(tmp_path):
     log, adm, router = _kernel(tmp_path)
     alice, bob = Caller(b"a", Principal("alice", "client")), Caller(b"b", Principal("bob", "client"))
     svc = Caller(b"s", Principal("child:cpcs", "service:cpcs"))
-    router.on_message([b"W", P.MDPW, P.WorkerCmd.READY.value, b"echo", codec.pack({"capacity": 3})], 0.0,
-                      Principal("child:echo", "service:echo"))
+    router.on_message(
+        [b"W", P.MDPW, P.WorkerCmd.READY.value, b"echo", codec.pack({"capacity": 3})],
+        0.0,
+        Principal("child:echo", "service:echo"),
+    )
     router.workers[b"W"].pid = 4242
     for who, job in ((alice, "a-job"), (bob, "b-job")):
         assert router.management.handle(router, P.MMI_JOB_OPEN, {"job": job, "budget": {"units": 1}}, 0.0, who)["ok"]
@@ -172,15 +175,15 @@ def test_cpcs_finds_a_service_past_the_first_page_of_stats(tmp_path):
     every page (issue 24: it refused DAGs with "no worker serves 'work'")."""
     import asyncio
 
-    from kernel import codec
     from services.cpcs.service import all_stats
 
     log, adm, router = _kernel(tmp_path)
     router.max_workerless = 10_000
     svc = Caller(b"s", Principal("child:cpcs", "service:cpcs"))
     for n in range(150):
-        router.on_message([b"C", P.MDPC, P.ClientCmd.REQUEST.value, f"aaa{n}".encode(), b"x"], 0.0,
-                          Principal("mallory", "client"))
+        router.on_message(
+            [b"C", P.MDPC, P.ClientCmd.REQUEST.value, f"aaa{n}".encode(), b"x"], 0.0, Principal("mallory", "client")
+        )
     router.on_message([b"W", P.MDPW, P.WorkerCmd.READY.value, b"work"], 0.0, Principal("child:work", "service:work"))
 
     class Bus:  # the calls cpcs makes, answered by the real router's management
