@@ -418,7 +418,7 @@ class Router:
         if req.token and service.live > 0:
             service.live -= 1
             if not service.live and not service.workers and self.services.get(service.name) is service:
-                self._idle[service.name] = now
+                self._mark_idle(service.name, now)
 
     def _dispatch(self, req: Request, worker: Worker, now: float) -> None:
         req.worker = worker
@@ -658,7 +658,21 @@ class Router:
             service.wait_since = now
             self._waiting[service.name] = service
         elif not service.workers and not service.live:
-            self._idle[service.name] = now
+            self._mark_idle(service.name, now)
+
+    def _mark_idle(self, name: bytes, now: float) -> None:
+        """``name`` has no worker and nothing in flight: forgotten after ``service_expiry``, or at
+        once, oldest first, past ``max_workerless`` idle names (issue 24: 100,000 per-worker names
+        registered and dropped in a loop were all kept for a minute)."""
+        idle = self._idle
+        idle[name] = now
+        while len(idle) > self.max_workerless:
+            old, _ = next(iter(idle.items()))
+            del idle[old]
+            gone = self.services.get(old)
+            if gone is not None and not gone.workers and not gone.live:
+                del self.services[old]
+                self.counters["services_evicted"] += 1
 
     def _sweep(self, now: float) -> None:
         for worker in list(self.workers.values()):

@@ -194,3 +194,17 @@ def test_cpcs_finds_a_service_past_the_first_page_of_stats(tmp_path):
     assert first["summary"]["pages"] >= 2 and "work" not in first["services"]
     merged = asyncio.run(all_stats(Bus()))
     assert merged["services"]["work"]["workers"] == 1
+
+
+def test_per_worker_names_registered_and_dropped_in_a_loop_stay_bounded(tmp_path):
+    """100,000 READY/DISCONNECT of ``evil@N`` kept 100,001 service entries for a minute; idle
+    names now count against the workerless cap and the oldest are forgotten at once."""
+    log, adm, router = _kernel(tmp_path)
+    router.max_workerless = 50
+    evil = Principal("child:evil", "service:evil")
+    for n in range(5000):
+        ident = f"E{n}".encode()
+        router.on_message([ident, P.MDPW, P.WorkerCmd.READY.value, f"evil@{n}".encode()], float(n) * 1e-3, evil)
+        router.on_message([ident, P.MDPW, P.WorkerCmd.DISCONNECT.value], float(n) * 1e-3, evil)
+    assert len(router.services) <= 51 and router.counters["services_evicted"] >= 4900
+    router.check_invariants()
