@@ -35,7 +35,7 @@ import dataclasses
 import heapq
 import json
 import math
-from typing import Any
+from typing import Iterable, Any
 
 from kernel import errors
 from kernel import protocol as P
@@ -645,13 +645,21 @@ class Ledger:
         led._owned.update(j.owner for j in led.jobs.values() if j.owner is not None and not j.closed)
         return led
 
-    def snapshot(self, now: float, owner: str | None = None) -> dict:
+    def snapshot(self, now: float, owner: str | None = None, skip: int = 0, limit: int | None = None,
+                 names: "Iterable[str] | None" = None) -> dict:
         """Every open job's limits, spend and remainder (for mmi.stats and the status CLI);
-        ``owner``: only that principal's jobs (what a non-operator's stats cost: its own jobs)."""
+        ``owner``: only that principal's jobs; ``skip``/``limit``: a page of them (in the
+        ledger's order); ``names``: only these (what a non-operator's stats cost: one page)."""
         out = {}
-        for j in self.jobs.values():
+        jobs = self.jobs.values() if names is None else (self.jobs[n] for n in names if n in self.jobs)
+        for j in jobs:
             if j.closed or owner is not None and j.owner != owner:
                 continue
+            if skip:
+                skip -= 1
+                continue
+            if limit is not None and len(out) >= limit:
+                break
             spent = dict(j.total)
             if WALL in j.limits and j.wall_running:
                 spent[WALL] = spent.get(WALL, 0.0) + j.wall_running * (now - j.wall_anchor) * 1000.0

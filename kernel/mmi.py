@@ -198,7 +198,15 @@ class Management:
         out = router.principal_stats(now, query, figures=bool(caller.principal.services))
         if self.budget is not None:
             self.budget.flush_log()
-            out["jobs"] = self.budget.ledger.snapshot(now, owner=caller.principal.name)
+            page = query.get("jobs_page", 0)
+            page = page if isinstance(page, int) and not isinstance(page, bool) and page >= 0 else 0
+            ledger = self.budget.ledger
+            out["jobs"] = ledger.snapshot(now, owner=caller.principal.name, skip=page * P.STATS_PAGE,
+                                          limit=P.STATS_PAGE)
+            owned = ledger.jobs_of(caller.principal.name)
+            out["summary"]["jobs"] = owned
+            out["summary"]["jobs_page"] = page
+            out["summary"]["jobs_pages"] = -(-owned // P.STATS_PAGE)
         return out
 
     # -- jobs -------------------------------------------------------------------------------------
@@ -242,8 +250,9 @@ class Management:
     def op_job_stats(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
-        snap = self.budget.ledger.snapshot(now, owner=None if caller.principal.operator else caller.principal.name)
         job = arg.get("job")
+        snap = self.budget.ledger.snapshot(now, owner=None if caller.principal.operator else caller.principal.name,
+                                           names=[job] if job else None)
         if not job:
             return snap
         if job not in snap and not caller.principal.operator:

@@ -562,6 +562,8 @@ MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
            Role.CLIENT, Scope.NONE, (
                Arg("page", "int", f"which page of services ({STATS_PAGE} per page, by name)", default=0),
                Arg("service", "str", "only this service", nullable=True),
+               Arg("jobs_page", "int", f"below operator: which page of the caller's own jobs ({STATS_PAGE} "
+                   "per page)", default=0),
            )),
     OpSpec(MMI_JOB_OPEN, "open a job; its budget is carved from the parent", Role.CLIENT, Scope.OWN, (
         _JOB,

@@ -208,3 +208,20 @@ def test_per_worker_names_registered_and_dropped_in_a_loop_stay_bounded(tmp_path
         router.on_message([ident, P.MDPW, P.WorkerCmd.DISCONNECT.value], float(n) * 1e-3, evil)
     assert len(router.services) <= 51 and router.counters["services_evicted"] >= 4900
     router.check_invariants()
+
+
+def test_a_principal_with_many_jobs_gets_them_a_page_at_a_time(tmp_path, monkeypatch):
+    """mmi.stats below operator costs one page of the caller's own jobs (issue 24: a client
+    holding 10,000 jobs x 64 kinds made each of its stats calls cost the kernel about a second)."""
+    log, adm, router = _kernel(tmp_path)
+    alice = Caller(b"a", Principal("alice", "client"))
+    for n in range(250):
+        assert router.management.handle(
+            router, P.MMI_JOB_OPEN, {"job": f"j{n:03d}", "budget": {"units": 1}}, 0.0, alice
+        )["ok"]
+    pages = [router.management.handle(router, P.MMI_STATS, {"jobs_page": p}, 0.0, alice) for p in range(3)]
+    assert [len(p["jobs"]) for p in pages] == [100, 100, 51]  # 250 and its default job
+    assert pages[0]["summary"]["jobs"] == 251 and pages[0]["summary"]["jobs_pages"] == 3
+    assert len({name for p in pages for name in p["jobs"]}) == 251
+    one = router.management.handle(router, P.MMI_JOB_STATS, {"job": "j007"}, 0.0, alice)
+    assert one["owner"] == "alice"
