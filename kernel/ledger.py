@@ -35,7 +35,7 @@ import dataclasses
 import heapq
 import json
 import math
-from typing import Iterable, Any
+from typing import Any, Iterable
 
 from kernel import errors
 from kernel import protocol as P
@@ -650,7 +650,7 @@ class Ledger:
         """Every open job's limits, spend and remainder (for mmi.stats and the status CLI);
         ``owner``: only that principal's jobs; ``skip``/``limit``: a page of them (in the
         ledger's order); ``names``: only these (what a non-operator's stats cost: one page)."""
-        out = {}
+        out: dict[str, dict] = {}
         jobs = self.jobs.values() if names is None else (self.jobs[n] for n in names if n in self.jobs)
         for j in jobs:
             if j.closed or owner is not None and j.owner != owner:
