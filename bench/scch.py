@@ -132,7 +132,7 @@ def evaluate(queries: list[W.Query], half_life: float, admit_min: float, solver:
         cpu_none += cpu
         if served is not None:
             checked += 1
-            wrong += not independent_check(q.subgoal, served, rng)
+            wrong += not independent_check(q.subgoal, served["answer"], rng)
             continue
         if isinstance(answer, Exception):
             continue

@@ -40,6 +40,10 @@ def render_status(stats: dict) -> str:
     jobs = [dict(v, name=k) for k, v in sorted(stats.get("jobs", {}).items())]
     if jobs:
         parts.append("JOBS\n" + table(jobs, ["name", "parent", "limits", "spent", "remaining", "exhausted"]))
+    durability = stats.get("durability")
+    if durability is not None:  # the kernel says where its decision log is, or that it keeps none
+        parts.append("DECISION LOG  " + (durability["decision_log"] if durability.get("decision_log")
+                                         else f"off ({durability.get('why', 'no durability')})"))
     counters = {**stats.get("counters", {}), **stats.get("ledger", {})}
     if counters:
         parts.append("COUNTERS  " + cell(counters, 3))

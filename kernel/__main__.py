@@ -32,17 +32,36 @@ from kernel import protocol as P
 from kernel.config import ConfigError, default_control_for, load
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    level = str(text).upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"unknown log level {text!r}; one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kernel", description="reca microkernel and supervisor")
     p.add_argument("--config", help="TOML config (default: the shipped embedded default)")
     p.add_argument("--endpoint", help="where clients and workers connect (ipc:// or tcp://)")
     p.add_argument("--control", help="control PUB endpoint (default: derived from --endpoint)")
     p.add_argument("--no-services", action="store_true", help="run the kernel without starting services")
-    p.add_argument("--log-level", default=os.environ.get(P.ENV_LOG_LEVEL, "INFO"))
+    p.add_argument("--log-level", default=os.environ.get(P.ENV_LOG_LEVEL, "INFO"), type=_log_level,
+                   help=f"one of {', '.join(LOG_LEVELS)} (any case)")
     p.add_argument("--fresh", action="store_true",
                    help="move an existing decision log aside (LOG.old-STAMP/) and start with no state; "
                         "without it a log that cannot be restored whole refuses the start")
     return p
+
+
+def _durability(cfg) -> dict:
+    """What ``status`` says about the decision log: where it is, or that there is none."""
+    if cfg.decision_log:
+        return {"decision_log": cfg.decision_log, "fsync": cfg.fsync, "replay": True}
+    return {"decision_log": None, "replay": False,
+            "why": "decision_log = false in the config: no durability, nothing restored after a restart"}
 
 
 class _Refused(Exception):
@@ -188,7 +207,7 @@ async def _run(args: argparse.Namespace) -> int:
         admission=admission,
         management=Management(admission, supervisor),
         host=host,
-        extra_stats=supervisor.stats,
+        extra_stats=lambda: {**supervisor.stats(), "durability": _durability(cfg)},
         server_keys=server_keys,
         principals=principals,
         max_peers=cfg.max_peers,
@@ -237,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return keys_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, args.log_level),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run

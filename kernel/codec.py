@@ -22,6 +22,8 @@ import msgpack
 from kernel.errors import BadRequest
 from kernel.protocol import MAX_FRAME_SIZE
 
+__all__ = ["pack", "reca_header", "unpack", "unpack_array"]
+
 #: Deepest nesting of maps and arrays :func:`unpack` accepts (the Packer's limit is 511; JSON's
 #: encoder, which writes the decision log, takes about 1,000).
 MAX_DEPTH = 100
@@ -63,10 +65,10 @@ def _default(obj: Any) -> Any:
 def pack(obj: Any) -> bytes:
     """Encode ``obj`` as one msgpack frame (bytes stay bytes, str stays str)."""
     try:
-        return _packer.pack(obj)
+        return bytes(_packer.pack(obj))
     except TypeError:
         # Unknown types: one more attempt through the converter (slow path, rare).
-        return msgpack.packb(obj, use_bin_type=True, default=_default)
+        return bytes(msgpack.packb(obj, use_bin_type=True, default=_default))
 
 
 def unpack(frame: bytes, *, limit: int = MAX_FRAME_SIZE) -> Any:
@@ -87,7 +89,7 @@ def unpack(frame: bytes, *, limit: int = MAX_FRAME_SIZE) -> Any:
     return obj
 
 
-def reca_header(body: list[bytes]) -> dict | None:
+def reca_header(body: list[bytes]) -> dict[str, Any] | None:
     """The reca header of a request body, or None for an opaque MDP body.
 
     A body is a reca request when its first frame decodes as a msgpack map carrying ``"v"``;

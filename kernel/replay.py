@@ -52,6 +52,9 @@ class ReplayReport:
     unreadable: list[tuple[int, str]] = field(default_factory=list)
     #: How :func:`restore` found the records (kernel.logstore.Recovery), when it did.
     recovery: Any = None
+    #: Stored FINALs of finished requests by (principal, idempotency key): ``final`` decisions
+    #: and snapshots' ``dedup`` (kernel.dedup restores them).
+    finals: dict = field(default_factory=dict)
 
 
 def _norm(x):
@@ -106,6 +109,7 @@ def replay_records(records: Iterable[tuple[Any, dict]], report: ReplayReport | N
             else:
                 ledger = Ledger(session=rec.get("session", ""))
                 idem.clear()
+                report.finals.clear()
             continue
         if op == "snapshot":
             report.snapshots += 1
@@ -116,7 +120,13 @@ def replay_records(records: Iterable[tuple[Any, dict]], report: ReplayReport | N
             ledger = Ledger.load(state["ledger"])
             idem.clear()
             idem.update(state.get("inflight_idem", ()))
+            report.finals = {(r.get("principal"), r.get("idem")): r for r in state.get("dedup", ())
+                             if isinstance(r, dict)}
             continue
+        if op == "final":
+            final = rec.get("in", {})
+            if isinstance(final, dict):
+                report.finals[(final.get("principal"), final.get("idem"))] = final
         if op == "run":
             idem.add(rec.get("in", {}).get("idem"))
         elif op == "ran":
