@@ -257,7 +257,7 @@ class AsyncClient:
             deadline_ms=deadline_ms,
             idem=idem,
             txn=txn,
-            **({"on_behalf": on_behalf} if on_behalf is not None else {}),  # the durable branch's header
+            on_behalf=on_behalf,
         ):
             send: MemoryObjectSendStream[_Item]
             receive: MemoryObjectReceiveStream[_Item]

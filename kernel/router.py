@@ -279,6 +279,18 @@ class Router:
 
     # -- clients ----------------------------------------------------------------------------------
 
+    def _acting_for(self, principal: Principal, who: str) -> str:
+        """A service acting for the caller of a request it is serving (header ``for``): allowed
+        only while a worker of the same principal has a request of ``who`` in flight (or for
+        itself), so a service key acts for no one who is not calling it at that moment."""
+        if who == principal.name:
+            return who
+        if principal.services:
+            for w in self.workers.values():
+                if w.principal == principal and any(r.principal.name == who for r in w.inflight.values()):
+                    return who
+        raise errors.Forbidden("header 'for' names a principal whose request this caller is not serving")
+
     def _on_request(self, ev: mdp.Request, now: float, principal: Principal) -> None:
         if ev.mmi:
             self._mmi(ev, now, principal)
@@ -311,6 +323,13 @@ class Router:
                 return
             req.job = checked.job
             req.priority = checked.priority
+            if checked.on_behalf is not None:
+                try:
+                    req.acting_for = self._acting_for(principal, checked.on_behalf)
+                except errors.Forbidden as exc:
+                    self.counters["bad_requests"] += 1
+                    self._finish_error(req, exc, now, count=True)
+                    return
             if checked.deadline is not None:
                 req.deadline = now + checked.deadline / 1000.0
         # Opaque MDP bodies too: they run in the caller's default job (its wall time counts).
@@ -458,7 +477,7 @@ class Router:
         if req.token and service.live > 0:
             service.live -= 1
             if not service.live and not service.workers and self.services.get(service.name) is service:
-                self._idle[service.name] = now
+                self._mark_idle(service.name, now)
 
     def _dispatch(self, req: Request, worker: Worker, now: float) -> None:
         req.worker = worker
@@ -702,7 +721,21 @@ class Router:
             service.wait_since = now
             self._waiting[service.name] = service
         elif not service.workers and not service.live:
-            self._idle[service.name] = now
+            self._mark_idle(service.name, now)
+
+    def _mark_idle(self, name: bytes, now: float) -> None:
+        """``name`` has no worker and nothing in flight: forgotten after ``service_expiry``, or at
+        once, oldest first, past ``max_workerless`` idle names (issue 24: 100,000 per-worker names
+        registered and dropped in a loop were all kept for a minute)."""
+        idle = self._idle
+        idle[name] = now
+        while len(idle) > self.max_workerless:
+            old, _ = next(iter(idle.items()))
+            del idle[old]
+            gone = self.services.get(old)
+            if gone is not None and not gone.workers and not gone.live:
+                del self.services[old]
+                self.counters["services_evicted"] += 1
 
     def _sweep(self, now: float) -> None:
         for worker in list(self.workers.values()):
@@ -830,6 +863,30 @@ class Router:
         out.update(self.admission.stats(now))
         if self.extra_stats is not None:
             out.update(self.extra_stats())
+        return out
+
+    def principal_stats(self, now: float, query: dict[str, Any], figures: bool) -> dict[str, Any]:
+        """One page of services as a non-operator sees it (issue 24): by name and health only,
+        or with their figures and the workers' capacities (``figures``: a service key, which
+        places work on the others) -- never a pid, the counters or another section."""
+        page = query.get("page", 0)
+        page = page if isinstance(page, int) and not isinstance(page, bool) and page >= 0 else 0
+        wanted = query.get("service")
+        if isinstance(wanted, str):
+            chosen = [s for s in (self.services.get(wanted.encode()),) if s is not None]
+        else:
+            names = sorted(self.services)[page * P.STATS_PAGE:(page + 1) * P.STATS_PAGE]
+            chosen = [self.services[n] for n in names]
+        shown = {s.name: dataclasses.asdict(s) for s in self.service_stats(chosen)}
+        out: dict[str, Any] = {
+            "services": shown if figures else {
+                n: {"health": "serving" if f.get("workers", 0) > 0 else "no_worker"} for n, f in shown.items()},
+            "summary": {"services": len(self.services), "page": page,
+                        "pages": -(-len(self.services) // P.STATS_PAGE)},
+        }
+        if figures:
+            out["workers"] = [{"service": w.service.text, "inflight": len(w.inflight), "capacity": w.capacity}
+                              for w in self.workers.values()]
         return out
 
     def serving(self, principal: Principal, job: str) -> bool:

@@ -58,6 +58,9 @@ class Context:
         self.reca = state.reca
         self.id = state.id
         self.job: str | None = state.job
+        #: The caller's verified principal (set by the kernel, never by the client; "" for an
+        #: opaque body): services keep per-caller state under it (services.common.Scoped).
+        self.principal: str = state.principal or ""
         self.priority: int = self.header.get(P.H_PRIORITY, P.DEFAULT_PRIORITY)
         #: The budget the kernel granted (already clamped to what the job has left).
         self.granted: dict[str, float] = dict(self.header.get(P.H_GRANTED) or self.header.get(P.H_BUDGET) or {})

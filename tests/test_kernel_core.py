@@ -145,6 +145,7 @@ def test_malformed_messages_are_typed_with_their_reason(frames, kind, why):
         ("budget", {"tokens": -1}, "header field 'budget'"),
         ("idem", 3, "header field 'idem'"),
         ("txn", b"x", "header field 'txn'"),
+        ("for", 7, "header field 'for'"),
     ],
 )
 def test_the_header_schema_gives_the_error_text(field, value, text):
@@ -165,6 +166,7 @@ def test_every_header_field_of_the_protocol_is_in_the_schema():
         P.H_BUDGET,
         P.H_IDEM,
         P.H_TXN,
+        P.H_FOR,
     ]
 
 
