@@ -145,9 +145,13 @@ def cert_paths(cert: str | None, server_cert: str | None) -> tuple[str | None, s
 
 def precheck(endpoint: str) -> None:
     """Before the first request to an ``ipc://`` endpoint: its socket file must exist
-    (:class:`ConnectError` at once otherwise: no wait, no retry)."""
+    (:class:`ConnectError` at once otherwise: no wait, no retry).  A kernel at its connection cap
+    has moved it aside (``kernel.protocol.IPC_PAUSED_SUFFIX``): :class:`kernel.errors.Overloaded`."""
     if endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://"):]
+        if not os.path.exists(path) and os.path.exists(path + P.IPC_PAUSED_SUFFIX):
+            raise errors.Overloaded(f"the kernel at {endpoint} is at its connection cap and accepts no new "
+                                    "connections for now; retry later")
         if not os.path.exists(path):
             raise ConnectError(f"no kernel at {endpoint}: the socket file {path} does not exist; {HOW_TO_START}")
 

@@ -445,6 +445,9 @@ MAX_FRAMES: Final = 64
 PEER_HWM: Final = 1000
 #: Concurrent peer connections the kernel accepts (config ``kernel.max_peers``).
 MAX_PEERS: Final = 4096
+#: At its peer cap the kernel renames each ipc:// socket to PATH + this suffix (no new
+#: connections; connected peers stay) and back below it; a client seeing it is told so.
+IPC_PAUSED_SUFFIX: Final = ".paused"
 #: Descriptors kept free for the kernel's own use (log segments, child pipes, accept races).
 FD_RESERVE: Final = 128
 #: Requests queued per service before new ones get OVERLOADED.

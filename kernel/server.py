@@ -411,7 +411,7 @@ class KernelServer:
             if not ep.startswith("ipc://"):
                 continue
             path = ep[len("ipc://"):]
-            hidden = f"{path}.paused"
+            hidden = path + P.IPC_PAUSED_SUFFIX
             try:
                 if accept:
                     os.rename(hidden, path)

@@ -82,12 +82,14 @@ def test_a_foreign_subscription_gets_nothing(kern):
             # Orders on ctl/echo/ until the subscribers that may hear them do (subscriptions
             # travel asynchronously; bounded).
             heard_own: list[bytes] = []
+            c.open_job("ctl-a", {"flops": 1e9})  # an order must name an open job (not_found otherwise)
+            c.open_job("ctl-b", {"flops": 1e9})
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not heard_own:
-                c.call(P.MMI_PREEMPT, {"job": "nobody", "service": "echo"})
+                c.call(P.MMI_PREEMPT, {"job": "ctl-a", "service": "echo"})
                 heard_own = _heard(own, 200)
             assert heard_own and all(t.startswith(b"ctl/echo/") for t in heard_own)
-            c.call(P.MMI_PREEMPT, {"job": "nobody2", "service": "echo"})
+            c.call(P.MMI_PREEMPT, {"job": "ctl-b", "service": "echo"})
             assert any(t.startswith(b"ctl/echo/") for t in _heard(op, 1000))
             assert _heard(evil, 1000) == [] and _heard(alice, 500) == []
             assert c.stats()["counters"].get("subscriptions_refused", 0) >= 2  # counted, and logged
