@@ -12,7 +12,7 @@ body, or a list of effects.  A policy never calls back into the router:
   (the kernel's own preemption, resume and cancel, and ``mmi.preempt``/``resume``/``cancel``/
   ``control``).
 
-A new effect is a class here plus one row of the router's effect table (``Router._APPLY``).
+A new effect is a class here plus one row of the router's effect table (``Router._apply``).
 :class:`View` is what a policy may read of the router.  This module also holds the base policy,
 which admits everything and charges nothing (kernel.admission.BudgetAdmission enforces budgets).
 """

@@ -2,10 +2,10 @@
 
 Events in, effects out, no sockets: :meth:`Router.on_message` takes one multipart message as the
 ROUTER socket delivered it (identity first) and the current time; kernel.mdp parses it once into a
-typed event, and the router handles the event (one handler per event type, :data:`Router._ON`),
+typed event, and the router handles the event (one handler per event type, ``Router._on``),
 emitting the messages to send through the ``send`` callable it was built with (identity first).
 The admission policy (kernel.policy) is asked at each step of a request's life and answers with
-effects the router applies (:data:`Router._APPLY`); every control order goes through
+effects the router applies (``Router._apply``); every control order goes through
 :meth:`Router.order`, which publishes and records it.  :meth:`Router.tick` runs the time-driven
 rules.  The clock, CPU times, pid ownership and random tokens come through the host port
 (kernel.host).  The kernel's process shell (kernel.server) owns the sockets and the clock; tests
@@ -169,6 +169,23 @@ class Router:
         self.now = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
         self._revoked_logged: set[str] = set()
+        #: One handler per event type of kernel.mdp (the MDP command table's other half).
+        self._on: dict[type, Callable[[Any, float, Principal], None]] = {
+            mdp.Request: self._on_request,
+            mdp.Ready: self._on_ready,
+            mdp.Reply: self._on_reply_event,
+            mdp.Heartbeat: self._on_heartbeat,
+            mdp.Disconnect: self._on_disconnect,
+            mdp.BadClient: self._on_bad_client,
+            mdp.BadWorker: self._on_bad_worker,
+            mdp.Unreadable: self._on_unreadable,
+        }
+        #: One row per effect type of kernel.policy: how the router applies it.
+        self._apply: dict[type, Callable[[Any, float], None]] = {
+            Fail: self._apply_fail,
+            Lend: self._apply_lend,
+            Order: self._apply_order,
+        }
 
     # -- entry points -----------------------------------------------------------------------------
 
@@ -183,7 +200,7 @@ class Router:
         if principal.revoked and type(event) is not mdp.Unreadable:
             self._on_revoked(event, principal, now)
             return
-        self._ON[type(event)](self, event, now, principal)
+        self._on[type(event)](event, now, principal)
 
     def tick(self, now: float) -> None:
         """Time-driven rules: request deadlines, liveness, heartbeats, unavailable waits."""
@@ -211,9 +228,9 @@ class Router:
     # -- effects ----------------------------------------------------------------------------------
 
     def apply(self, effects: Effects, now: float) -> None:
-        """Apply a policy's effects, in order (one row of :data:`_APPLY` per effect type)."""
+        """Apply a policy's effects, in order (one row of ``_apply`` per effect type)."""
         for effect in effects:
-            self._APPLY[type(effect)](self, effect, now)
+            self._apply[type(effect)](effect, now)
 
     def _apply_fail(self, effect: Fail, now: float) -> None:
         if not effect.request.done:
@@ -230,9 +247,6 @@ class Router:
     def _apply_order(self, effect: Order, now: float) -> None:
         self.order(effect, now)
 
-    _APPLY: dict[type, Callable[[Any, Any, float], None]] = {
-        Fail: _apply_fail, Lend: _apply_lend, Order: _apply_order,
-    }
 
     # -- malformed messages and revoked peers -----------------------------------------------------
 
@@ -937,14 +951,3 @@ class Router:
             dedup.check_invariants()
             assert all(t in self.inflight for t in dedup.key_of), "an idempotency key runs a request not in flight"
         self.admission.check_invariants(self)
-
-    _ON: dict[type, Callable[[Any, Any, float, Principal], None]] = {
-        mdp.Request: _on_request,
-        mdp.Ready: _on_ready,
-        mdp.Reply: _on_reply_event,
-        mdp.Heartbeat: _on_heartbeat,
-        mdp.Disconnect: _on_disconnect,
-        mdp.BadClient: _on_bad_client,
-        mdp.BadWorker: _on_bad_worker,
-        mdp.Unreadable: _on_unreadable,
-    }
