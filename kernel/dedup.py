@@ -49,6 +49,8 @@ DEDUP_MAX_FINAL_BYTES = 64 * 1024
 #: A stored FINAL's body goes into the decision log only up to this size (a larger one is logged
 #: as done without its body: after a restart its retry gets ``already_done``).
 DEDUP_LOG_BODY_BYTES = 4096
+#: Most stored FINALs a decision-log snapshot holds (the newest).
+DEDUP_SNAPSHOT_ENTRIES = 10_000
 #: Most attempts attached to one request in flight.
 DEDUP_MAX_ATTACHED = 16
 
@@ -231,9 +233,12 @@ class Dedup:
                 n += 1
         return n
 
-    def dump(self) -> list[dict]:
-        """Every stored FINAL as decision-log records (for a snapshot)."""
-        return [self.record(k, s.service, s) for k, s in self.done.items()]
+    def dump(self, limit: int = DEDUP_SNAPSHOT_ENTRIES) -> list[dict]:
+        """The ``limit`` newest stored FINALs as decision-log records (for a snapshot: a snapshot
+        stays small; older entries logged before it are not restored after a restart, so their
+        retries run again)."""
+        items = list(self.done.items())[-limit:] if limit < len(self.done) else self.done.items()
+        return [self.record(k, s.service, s) for k, s in items]
 
     def stats(self) -> dict:
         return {

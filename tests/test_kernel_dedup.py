@@ -267,3 +267,12 @@ def test_budget_kinds_are_validated_against_the_table():
     assert finals[1]["error"]["kind"] == "budget_kind" and "flopz" in finals[1]["error"]["message"]
     assert 2 not in finals and 3 not in finals  # admitted and dispatched
     assert len(dispatched(wire)) == 2
+
+
+def test_a_snapshot_holds_only_the_newest_entries():
+    d = Dedup()
+    for i in range(30):
+        d.start(("p", str(i)), bytes([i]))
+        d.finish(bytes([i]), float(i), [b"x"], b"s")
+    assert [r["idem"] for r in d.dump(limit=5)] == ["25", "26", "27", "28", "29"]
+    assert len(d.dump()) == 30
