@@ -21,7 +21,7 @@ first), a FINAL larger than ``max_final_bytes`` is remembered without its body (
 attempts per request (more are refused ``overloaded``).
 
 Durability: every stored FINAL is a decision (``final``: principal, key, service, body in
-base64 up to ``DEDUP_LOG_BODY_BYTES``, when it expires) and every snapshot holds the table, so a
+base64 up to ``DEDUP_LOG_BODY_BYTES``, when it expires) and every snapshot holds its newest entries, so a
 restarted kernel restores it from its decision log
 (:meth:`Dedup.load` on what replay collected) and a retry after a restart still gets the stored
 FINAL; the keys of requests that were in flight when the kernel died are the admission's
