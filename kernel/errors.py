@@ -11,6 +11,10 @@ import enum
 from typing import Any
 
 
+__all__ = ["BadRequest", "BudgetExceeded", "Cancelled", "DeadlineExceeded", "ErrorCode", "Forbidden", "InternalError",
+           "KernelRestarted", "Overloaded", "RecaError", "Refused", "ServiceError", "Timeout", "Unavailable",
+           "WorkerDied", "from_wire", "require_int"]
+
 class ErrorCode(enum.StrEnum):
     """Error codes carried in ``status.error.code``; kernel.errors maps each to an exception.
 
@@ -192,7 +196,7 @@ def from_wire(error: Any) -> RecaError:
 _NO_DEFAULT: Any = object()
 
 
-def require_int(payload: dict, key: str, default: Any = _NO_DEFAULT, *, lo: int | None = None,
+def require_int(payload: dict[str, Any], key: str, default: Any = _NO_DEFAULT, *, lo: int | None = None,
                 hi: int | None = None) -> int:
     """``payload[key]`` (or ``default`` when absent) as an int in ``[lo, hi]``; :class:`BadRequest`
     naming the field otherwise (bool is not an int).  The one integer check of request payloads."""

@@ -74,7 +74,7 @@ _HEARTBEAT = P.WorkerCmd.HEARTBEAT
 _SLACK = 64
 
 
-def _compact(heap: list, live: int) -> list:
+def _compact(heap: list[Any], live: int) -> list[Any]:
     """``heap`` without entries whose request is done, when those outnumber the live ones."""
     if len(heap) <= 2 * live + _SLACK:
         return heap
@@ -123,13 +123,13 @@ class Router:
         max_queued_bytes: int = P.MAX_QUEUED_BYTES,
         admission: Admission | None = None,
         management: Management | None = None,
-        extra_stats: Callable[[], dict] | None = None,
-        publish: Callable[[bytes, dict], None] | None = None,
+        extra_stats: Callable[[], dict[str, Any]] | None = None,
+        publish: Callable[[bytes, dict[str, Any]], None] | None = None,
         host: "Host | None" = None,
     ) -> None:
         self._send = send
         #: Publishes a control message ``(topic, map)`` on the kernel's PUB socket.
-        self.publish: Callable[[bytes, dict], None] = publish or (lambda topic, msg: None)
+        self.publish: Callable[[bytes, dict[str, Any]], None] = publish or (lambda topic, msg: None)
         if host is None:
             from kernel.host import SystemHost  # the real machine unless one is injected
 
@@ -163,7 +163,7 @@ class Router:
         self.queued_bytes = 0
         self.max_queued_bytes = max_queued_bytes
         #: client -> (bytes it has queued, its queued requests oldest first), for fair eviction.
-        self._holders: dict[bytes, list] = {}
+        self._holders: dict[bytes, list[Any]] = {}
         self._next_sweep = 0.0
         #: The latest time the router was given (on_message / tick): what stats() reports at.
         self.now = 0.0
@@ -478,7 +478,7 @@ class Router:
             self.counters["unroutable_replies"] += 1
 
     def _finish_error(self, req: Request, exc: errors.RecaError, now: float, *, count: bool = True,
-                      spent: dict | None = None) -> None:
+                      spent: dict[str, Any] | None = None) -> None:
         """Answer ``req`` with a kernel error as its one FINAL and forget it."""
         if req.done:
             return
@@ -505,7 +505,7 @@ class Router:
         service = self.services.get(name)
         return service is not None and bool(service.workers)
 
-    def fail_request(self, req: Request, exc: errors.RecaError, now: float, spent: dict | None = None) -> None:
+    def fail_request(self, req: Request, exc: errors.RecaError, now: float, spent: dict[str, Any] | None = None) -> None:
         """Answer an in-flight request with ``exc`` now; its worker slot is freed for new work
         only when the worker's own late FINAL arrives (the worker is still busy with it)."""
         worker = req.worker
@@ -534,7 +534,7 @@ class Router:
         self._reply_error(ev.identity, ev.form, service, errors.Overloaded(message), header)
 
     def _reply_error(self, identity: bytes, form: Form, service: bytes, exc: errors.RecaError,
-                     header: dict | None = None) -> None:
+                     header: dict[str, Any] | None = None) -> None:
         self._send(mdp.to_client(identity, form, service, True, error_body(exc, header)))
 
     # -- workers ----------------------------------------------------------------------------------
@@ -799,7 +799,7 @@ class Router:
             ))
         return out
 
-    def stats(self, now: float | None = None, query: dict | None = None) -> dict:
+    def stats(self, now: float | None = None, query: dict[str, Any] | None = None) -> dict[str, Any]:
         """``mmi.stats``: a summary and one page of services (sorted by name, ``STATS_PAGE`` per
         page) plus the admission's and ``extra_stats``' sections; ``{"page": n}`` asks for page n,
         ``{"service": name}`` for one service.  Its cost is one sort of the service names plus the
