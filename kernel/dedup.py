@@ -201,7 +201,7 @@ class Dedup:
     # -- durability ---------------------------------------------------------------------------
 
     @staticmethod
-    def record(key: Key, service: bytes, stored: Stored) -> dict:
+    def record(key: Key, service: bytes, stored: Stored) -> dict[str, Any]:
         """The decision-log inputs of a stored FINAL (JSON: bytes in base64; a body above
         ``DEDUP_LOG_BODY_BYTES`` is left out)."""
         body = stored.body if stored.body is not None and stored.size <= DEDUP_LOG_BODY_BYTES else None
@@ -213,7 +213,7 @@ class Dedup:
             "expires": stored.expires,
         }
 
-    def load(self, records: list[dict], now: float, then: float | None = None) -> int:
+    def load(self, records: list[Any], now: float, then: float | None = None) -> int:
         """Restore stored FINALs from decision-log records (:meth:`record`), skipping expired and
         malformed ones; returns how many were restored.  ``then``: the time of the log's last
         decision on the clock the records were written with (another process's monotonic clock):
@@ -233,14 +233,14 @@ class Dedup:
                 n += 1
         return n
 
-    def dump(self, limit: int = DEDUP_SNAPSHOT_ENTRIES) -> list[dict]:
+    def dump(self, limit: int = DEDUP_SNAPSHOT_ENTRIES) -> list[dict[str, Any]]:
         """The ``limit`` newest stored FINALs as decision-log records (for a snapshot: a snapshot
         stays small; older entries logged before it are not restored after a restart, so their
         retries run again)."""
         items = list(self.done.items())[-limit:] if limit < len(self.done) else self.done.items()
         return [self.record(k, s.service, s) for k, s in items]
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return {
             "in_flight": len(self.running),
             "stored": len(self.done),
