@@ -424,7 +424,8 @@ def main(service: Service, argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity", type=int, default=service.capacity)
     parser.add_argument("--heartbeat", type=float, default=float(os.environ.get(ENV_HEARTBEAT, P.HEARTBEAT_INTERVAL)))
     parser.add_argument("--liveness", type=int, default=int(os.environ.get(ENV_LIVENESS, P.LIVENESS)))
-    parser.add_argument("--log-level", default=os.environ.get(ENV_LOG_LEVEL, "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get(ENV_LOG_LEVEL, "INFO"), type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     parser.add_argument("--cert", default=None, help=f"own secret certificate (default ${P.ENV_CERT})")
     parser.add_argument("--server-cert", default=None, help=f"kernel's public certificate (default ${P.ENV_SERVER_CERT})")
     service.add_arguments(parser)
