@@ -32,6 +32,16 @@ from kernel import protocol as P
 from kernel.config import ConfigError, default_control_for, load
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    level = str(text).upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"unknown log level {text!r}; one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
 _EPILOG = """\
 subcommands (each has its own --help):
   python -m kernel replay LOG...                     re-run the ledger on a decision log; exit 1 on a divergence
@@ -64,9 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--control", help="control PUB endpoint (default: derived from --endpoint: control.sock "
                                      "beside it, or PORT+1)")
     p.add_argument("--no-services", action="store_true", help="run the kernel without starting services")
-    p.add_argument("--log-level", default=os.environ.get(P.ENV_LOG_LEVEL, "INFO"),
-                   help="DEBUG, INFO, WARNING or ERROR (default $RECA_LOG_LEVEL or INFO)")
+    p.add_argument("--log-level", default=os.environ.get(P.ENV_LOG_LEVEL, "INFO"), type=_log_level,
+                   help=f"one of {', '.join(LOG_LEVELS)} (any case)")
     return p
+
+
+def _durability(cfg) -> dict:
+    """What ``status`` says about the decision log: where it is, or that there is none."""
+    if cfg.decision_log:
+        return {"decision_log": cfg.decision_log, "fsync": cfg.fsync, "replay": True}
+    return {"decision_log": None, "replay": False,
+            "why": "decision_log = false in the config: no durability, nothing restored after a restart"}
 
 
 class _Refused(Exception):
@@ -220,7 +238,7 @@ async def _run(args: argparse.Namespace) -> int:
         admission=admission,
         management=Management(admission, supervisor),
         host=host,
-        extra_stats=supervisor.stats,
+        extra_stats=lambda: {**supervisor.stats(), "durability": _durability(cfg)},
         server_keys=server_keys,
         principals=principals,
         max_peers=cfg.max_peers,
@@ -322,7 +340,7 @@ def config_doc() -> str:
     from kernel import config
 
     rows = []
-    for setting in config.SCHEMA:  # type: ignore[attr-defined]
+    for setting in config.SCHEMA:
         kind = setting.type if not setting.choices else " | ".join(f'"{c}"' for c in setting.choices)
         bounds = []
         if setting.low is not None:
@@ -383,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         return keys_main(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, args.log_level),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
