@@ -131,7 +131,7 @@ def test_unknown_operations_and_errors_exit_non_zero(kern, client, capsys):
     rc, out, _ = cli(kern, capsys, "cancel", "--token", "zz")
     assert rc == 2
     rc, out, _ = cli(kern, capsys, "cancel", "--token", "00" * 16)
-    assert rc == 1 and json.loads(out)["error"] == "refused"
+    assert rc == 1 and json.loads(out)["error"] == "not_found"  # no request with that token
 
 
 def test_tokens_are_printed_as_pasteable_hex(kern, client, capsys):
