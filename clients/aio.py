@@ -30,6 +30,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from clients.core import (
     MONITOR_EVENTS,
+    ConnectError,
     FirstContact,
     Reply,
     RetryPolicy,
@@ -302,16 +303,18 @@ class AsyncClient:
         return await self.call(P.MMI_STATS)
 
     async def wait_for_service(self, name: str, timeout: float = P.START_TIMEOUT) -> None:
-        """Wait (bounded by ``timeout``) until a worker serves ``name``."""
+        """Wait (bounded by ``timeout``) until a worker serves ``name``; a kernel that is still
+        starting (its socket not there yet) is waited for too."""
+        last = ""
         deadline = anyio.current_time() + timeout
         while True:
             try:
                 if await self.call(P.MMI_SERVICE, name, timeout=min(1.0, timeout), retries=0) == "200":
                     return
-            except errors.Timeout:
-                pass
+            except (errors.Timeout, ConnectError) as e:  # a kernel still starting: no socket file yet
+                last = f"; last: {e}"
             if anyio.current_time() >= deadline:
-                raise errors.Timeout(f"no worker for {name!r} within {timeout:g} s")
+                raise errors.Timeout(f"no worker for {name!r} within {timeout:g} s{last}")
             await anyio.sleep(0.02)
 
     async def open_job(

@@ -10,7 +10,7 @@ import zmq
 
 from zmq.utils.monitor import recv_monitor_message
 
-from clients.core import (MONITOR_EVENTS, FirstContact, Reply, RetryPolicy, cert_paths, default_endpoint,
+from clients.core import (MONITOR_EVENTS, ConnectError, FirstContact, Reply, RetryPolicy, cert_paths, default_endpoint,
                           parse_reply, precheck, raise_for)
 from kernel import auth, codec, errors
 from kernel import protocol as P
@@ -193,16 +193,18 @@ class Client:
         return self.call(P.MMI_SERVICE, name) == "200"
 
     def wait_for_service(self, name: str, timeout: float = P.START_TIMEOUT) -> None:
-        """Block until a worker serves ``name`` (bounded by ``timeout``)."""
+        """Block until a worker serves ``name`` (bounded by ``timeout``); a kernel that is still
+        starting (its socket not there yet) is waited for too."""
+        last = ""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 if self.call(P.MMI_SERVICE, name, timeout=min(1.0, timeout), retries=0) == "200":
                     return
-            except errors.Timeout:
-                pass
+            except (errors.Timeout, ConnectError) as e:  # a kernel still starting: no socket file yet
+                last = f"; last: {e}"
             if time.monotonic() >= deadline:
-                raise errors.Timeout(f"no worker for {name!r} within {timeout:g} s")
+                raise errors.Timeout(f"no worker for {name!r} within {timeout:g} s{last}")
             time.sleep(0.02)
 
     def open_job(self, job: str, budget: dict | None = None, parent: str | None = None, priority: int = 0) -> dict:

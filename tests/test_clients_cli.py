@@ -131,7 +131,7 @@ def test_unknown_operations_and_errors_exit_non_zero(kern, client, capsys):
     rc, out, _ = cli(kern, capsys, "cancel", "--token", "zz")
     assert rc == 2
     rc, out, _ = cli(kern, capsys, "cancel", "--token", "00" * 16)
-    assert rc == 1 and json.loads(out)["error"] == "not_found"  # no request with that token
+    assert rc == 1 and json.loads(out)["error"] == "not_found"  # no such request (strict control, issue 25)
 
 
 def test_tokens_are_printed_as_pasteable_hex(kern, client, capsys):
@@ -345,14 +345,6 @@ def test_a_worker_refused_for_its_role_shows_as_not_registered(capsys):
         assert main([*base, "status"]) == 0
         row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("impostor "))
         assert row.split()[1:2] == ["running"] and " NO " in row
-        with Client(k.endpoint, timeout=30, retries=0, cert=op, server_cert=os.path.join(kd, "kernel.key")) as c:
-
-            def reason() -> str:
-                return next(ch for ch in c.stats()["children"] if ch["name"] == "impostor").get("reason") or ""
-
-            # it stops trying: exit 78 with the reason, which status shows (then it is restarted)
-            wait_until(lambda: "refused this worker's READY for 'echo'" in reason(), "the worker exits", 120)
-            assert reason().startswith("exit 78: ")
         log = os.path.join(k.dir, "logs", "impostor.log")
         wait_until(lambda: "disconnected by the kernel" in open(log).read(), "the worker logs the refusal")
         assert main([*base, "logs", "impostor", "--dir", os.path.join(k.dir, "logs")]) == 0
