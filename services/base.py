@@ -42,6 +42,18 @@ from kernel.protocol import ENV_CONTROL, ENV_ENDPOINT, ENV_HEARTBEAT, ENV_LIVENE
 
 log = logging.getLogger("reca.service")
 
+#: READYs the kernel answered with DISCONNECT, in a row, before the worker gives up (about 7 s of
+#: reconnect back-off): the kernel refuses to let this principal serve the name (not its role's
+#: service, or its key revoked), so reconnecting forever would only hide that.  The process exits
+#: with :data:`EXIT_REFUSED` and says why; its supervisor shows the reason (``status``).  (A kernel
+#: over its peer cap also answers a new worker so; a flood that long costs one restart.)
+REFUSED_READY_LIMIT = 8
+EXIT_REFUSED = 78  # EX_CONFIG
+
+
+class WorkerRefused(RuntimeError):
+    """The kernel keeps refusing this worker's READY (see :data:`REFUSED_READY_LIMIT`)."""
+
 
 class Context:
     """One request as its handler sees it.
@@ -186,6 +198,7 @@ class WorkerRuntime:
         self._wake: asyncio.Event | None = None
         self._stopping = asyncio.Event()
         self.registered = asyncio.Event()
+        self._refused = 0  # READYs refused in a row (_count_refusal)
 
     # -- sending ----------------------------------------------------------------------------------
 
@@ -315,6 +328,7 @@ class WorkerRuntime:
                     session.stop(time.monotonic())  # DISCONNECT first: the kernel answers the rest
                     self.flush()
                 await self._drop_active()
+                self._count_refusal(reason, self.registered.is_set())
                 self.registered.clear()
                 self.sock.close(0)
                 self.sock = None
@@ -389,6 +403,19 @@ class WorkerRuntime:
                 loop.remove_reader(fd)
             self._wake = None
 
+    def _count_refusal(self, reason: str, registered: bool) -> None:
+        """A link the kernel ended with DISCONNECT before it ever spoke on it is a refused READY;
+        :data:`REFUSED_READY_LIMIT` in a row raise :class:`WorkerRefused`."""
+        if reason == "disconnected by the kernel" and not registered:
+            self._refused += 1
+            if self._refused >= REFUSED_READY_LIMIT:
+                raise WorkerRefused(
+                    f"the kernel refused this worker's READY for {self.service.name!r} {self._refused} times in a row: "
+                    f"its principal may not serve {self.service.name!r} (over tcp:// a supervised process may serve "
+                    "only the service its certificate names), its key was revoked, or the kernel is over its peer cap")
+        else:
+            self._refused = 0
+
     def stop(self) -> None:
         self._stopping.set()
         if self._wake is not None:
@@ -450,7 +477,13 @@ def main(service: Service, argv: list[str] | None = None) -> int:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve())
+        runner: Any = asyncio.run
     else:
-        uvloop.run(serve())
+        runner = uvloop.run
+    try:
+        runner(serve())
+    except WorkerRefused as exc:
+        log.error("%s", exc)
+        print(f"{args.name}: {exc}", file=sys.stderr, flush=True)  # the last line: status shows it
+        return EXIT_REFUSED
     return 0
