@@ -237,7 +237,7 @@ def evaluate(queries: list[W.Query], half_life: float, admit_min: float, solver:
                 peer_solve[name] += cpu
         if served is not None:
             checked += 1
-            wrong += not independent_check(q.subgoal, served, rng)
+            wrong += not independent_check(q.subgoal, served["answer"], rng)
             continue
         if isinstance(answer, Exception):
             continue
