@@ -46,7 +46,8 @@ DEFAULT_JOB = "default"
 MEASURED = ("wall_ms", "cpu_ms")
 #: Kinds whose exhaustion stops the job.  Any other kind is a counted resource: running out of
 #: it only makes further reservations of it refused.
-COMPUTE = ("wall_ms", "cpu_ms", "tokens", "flops")
+COMPUTE = ("wall_ms", "cpu_ms", "tokens", "flops",
+           "vm_steps")  # vm_steps: instructions of services.sparkvm's tapes (spark/vm.py)
 RESERVATION_LEASE = P.RESERVATION_LEASE
 INF = math.inf
 #: Every operation whose inputs and outputs the decision log records and replay re-runs.
