@@ -106,6 +106,7 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.randn(e, s.d_model, s.d_ff) / math.sqrt(s.d_model))
         self.b1 = nn.Parameter(torch.zeros(e, s.d_ff))
         self.w2 = nn.Parameter(torch.randn(e, s.d_ff, s.d_model) / math.sqrt(s.d_ff))
+        self.b2 = nn.Parameter(torch.zeros(e, s.d_model))
         self.gate = nn.Linear(s.d_model, e, bias=False) if s.router == "learned" else None
         self.aux = torch.zeros(())
         self.counts = torch.zeros(e)
@@ -134,7 +135,7 @@ class MoE(nn.Module):
             sel = (route == e).nonzero().squeeze(1)
             if sel.numel():
                 h = F.gelu(flat[sel] @ self.w1[e] + self.b1[e])
-                out = out.index_copy(0, sel, h @ self.w2[e])
+                out = out.index_copy(0, sel, h @ self.w2[e] + self.b2[e])
         return out.view_as(x) * weight[..., None]
 
 
