@@ -236,13 +236,39 @@ def ms_per_token(model: TinyLM, tokens: int = 48, repeats: int = 3) -> float:
     return 1e3 * float(np.median(times))
 
 
-def compare(model: TinyLM, configs: list[tuple[int, int]], *, chains_n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """One row per model: dense, int8 rows, and codebook (dim, k) for each config."""
+def with_mode(model: TinyLM, mode: str) -> TinyLM:
+    """A copy of a codebook model whose linears run in ``mode``."""
+    out = copy.deepcopy(model)
+    for blk in out.blocks:
+        for name in LINEARS:
+            lin = getattr(blk, name)
+            lin.mode = mode
+            lin._cached = lin.decoded() if mode == "cached" else None
+    return out
+
+
+def interleaved_ms_per_token(models: dict[str, TinyLM], rounds: int = 5, tokens: int = 32) -> dict[str, float]:
+    """Median ms per token of each model, measured round-robin (one measurement of every model per
+    round) so that a change in machine load hits every model alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            times[name].append(ms_per_token(m, tokens=tokens, repeats=1))
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def compare(
+    model: TinyLM, configs: list[tuple[int, int]], *, chains_n: int, seed: int = 0
+) -> tuple[list[dict[str, Any]], dict[str, TinyLM]]:
+    """One row per model (dense, int8 rows, and codebook (dim, k) for each config): size and
+    accuracy; and the models to time (every codebook model in each of its modes)."""
     rows = []
+    models: dict[str, TinyLM] = {}
     n_weights = sum(getattr(b, n).weight.numel() for b in model.blocks for n in LINEARS)
 
-    def row(name: str, m: TinyLM, **extra: Any) -> None:
+    def row(name: str, m: TinyLM) -> None:
         s = heldout_score(m)
+        models[name] = m
         rows.append(
             {
                 "model": name,
@@ -253,8 +279,6 @@ def compare(model: TinyLM, configs: list[tuple[int, int]], *, chains_n: int, see
                 "ppl": s.perplexity,
                 "tok_acc": s.token_accuracy,
                 "chain_acc": chain_accuracy(m, chains_n),
-                "ms_tok": ms_per_token(m),
-                **extra,
             }
         )
 
@@ -264,10 +288,7 @@ def compare(model: TinyLM, configs: list[tuple[int, int]], *, chains_n: int, see
         cbm = codebook_model(model, dim, k, mode="lut", seed=seed)
         row(f"codebook d{dim} k{k} (lut)", cbm)
         for mode in ("decode", "cached"):
-            for blk in cbm.blocks:
-                for name in LINEARS:
-                    lin = getattr(blk, name)
-                    lin.mode = mode
-                    lin._cached = lin.decoded() if mode == "cached" else None
-            rows.append({"model": f"codebook d{dim} k{k} ({mode})", "ms_tok": ms_per_token(cbm)})
-    return rows
+            name = f"codebook d{dim} k{k} ({mode})"
+            models[name] = with_mode(cbm, mode)
+            rows.append({"model": name})
+    return rows, models

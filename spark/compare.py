@@ -240,8 +240,11 @@ def router_rows(steps: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-def attention_rows(steps: int, seed: int = 0) -> list[dict[str, Any]]:
+def attention_rows(steps: int, seed: int = 0, *, procedural_only: bool = False) -> list[dict[str, Any]]:
+    """One row per attention kind; ``procedural_only`` leaves out learned attention (the same
+    model as :func:`router_rows`' dense peer, same seed: no need to train it twice)."""
+    kinds = [a for a in ATTENTIONS if not procedural_only or a != "learned"]
     return [
         {"part": "attention", "model": f"{a} attention", **train_and_score(Spec(attention=a), steps=steps, seed=seed)}
-        for a in ATTENTIONS
+        for a in kinds
     ]
