@@ -224,7 +224,7 @@ def train_and_score(s: Spec, *, steps: int, batch: int = 32, seed: int = 0, eval
         "params": sum(p.numel() for p in model.parameters()),
         "active_params": model.active_params(),
         "balance_std": balance,
-        "train_ms_step": 1e3 * train_s / steps,
+        "train_ms_step": 1e3 * train_s / max(1, steps),
         "infer_ms_batch": infer_ms,
     }
 
