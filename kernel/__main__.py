@@ -104,6 +104,7 @@ async def _run(args: argparse.Namespace) -> int:
     from kernel.admission import BudgetAdmission
     from kernel.auth import ENV_CERT, ENV_SERVER_CERT
     from kernel.decisions import DecisionLog
+    from kernel.host import SystemHost
     from kernel.mmi import Management
     from kernel.peers import raise_fd_limit
     from kernel.replay import restore
@@ -147,7 +148,8 @@ async def _run(args: argparse.Namespace) -> int:
     )
     # With a log that held state, the admission continues it (restore through replay) and applies
     # [limits] over it only where the ledger allows; otherwise [limits] is the first decision.
-    admission = BudgetAdmission(decision_log=decision_log, root_limits=cfg.root_limits,
+    host = SystemHost(owns_pid=supervisor.owns_pid)  # the one port to the machine the core uses
+    admission = BudgetAdmission(decision_log=decision_log, root_limits=cfg.root_limits, host=host,
                                 default_limits=cfg.default_limits, max_pause=cfg.max_pause,
                                 audit_quota=cfg.audit_quota, restored=restored, restored_at=time.monotonic())
     if restored is not None and admission.restored is not None:
@@ -164,6 +166,7 @@ async def _run(args: argparse.Namespace) -> int:
         unavailable_wait=cfg.unavailable_wait,
         admission=admission,
         management=Management(admission, supervisor),
+        host=host,
         extra_stats=supervisor.stats,
         server_keys=server_keys,
         principals=principals,

@@ -34,6 +34,16 @@ import zmq
 import zmq.auth
 
 from kernel import protocol as P
+from kernel.principal import (  # noqa: F401  (re-exported: the principal lives in kernel.principal)
+    CHILD_PREFIX,
+    CLIENT,
+    KERNEL_ROLE,
+    LOCAL_OPERATOR,
+    OPERATOR,
+    REVOKED,
+    SERVICE_PREFIX,
+    Principal,
+)
 
 log = logging.getLogger("reca.auth")
 
@@ -46,17 +56,8 @@ ZAP_DOMAIN_CONTROL = "reca.control"
 #: The frame property ZeroMQ sets to the ZAP user id of the connection a message came on.
 USER_ID = "User-Id"
 
-OPERATOR = "operator"
-CLIENT = "client"
-SERVICE_PREFIX = "service:"
-#: Role of the kernel's own key pair in a key directory (never a peer principal).
-KERNEL_ROLE = "kernel"
-#: Role the kernel gives a connection whose key is no longer in its table (revoked while connected).
-REVOKED = "revoked"
 #: File name (without suffix) of the kernel's key pair in a key directory.
 KERNEL_KEY = "kernel"
-#: Name prefix of the principals the supervisor makes for its children (``child:NAME``).
-CHILD_PREFIX = "child:"
 #: Principal names: what ``keys new`` accepts (supervised children get ``child:NAME``).
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SERVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -85,41 +86,6 @@ def parse_role(text: str, *, allow_kernel: bool = False) -> str:
     raise ValueError(f"unknown role {text!r}; expected operator, client or service:NAME[,NAME...]")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Principal:
-    """A verified peer: its name (the ZAP user id) and its role."""
-
-    name: str
-    role: str
-
-    @property
-    def operator(self) -> bool:
-        return self.role == OPERATOR
-
-    @property
-    def revoked(self) -> bool:
-        return self.role == REVOKED
-
-    @property
-    def services(self) -> tuple[str, ...]:
-        """The services this principal may register for (and audit as)."""
-        if self.role.startswith(SERVICE_PREFIX):
-            return tuple(self.role[len(SERVICE_PREFIX):].split(","))
-        return ()
-
-    def may_serve(self, service: str) -> bool:
-        """Operators serve anything; ``service:NAME`` serves ``NAME`` and its per-worker names
-        ``NAME@...`` (a sim worker's ``sim@<pid>``)."""
-        if self.operator:
-            return True
-        return any(service == s or service.startswith(s + "@") for s in self.services)
-
-    def may_audit(self, source: str) -> bool:
-        return self.operator or source in self.services
-
-
-#: Every peer of an ``ipc://`` kernel (its runtime directory is private) and of an insecure one.
-LOCAL_OPERATOR = Principal("local", OPERATOR)
 
 
 # -- certificates -----------------------------------------------------------------------------------

@@ -81,18 +81,17 @@ class KernelConfig:
 
 #: The machine's capacity over this horizon is the default limit of the ``root`` job, seconds.
 ROOT_HORIZON_S = 7 * 86400.0
-#: Assumed peak rates per core used for the default root limits of ``tokens`` and ``flops``.
-TOKENS_PER_CORE_S, FLOPS_PER_CORE_S = 1e4, 1e11
-#: Default limits of the ``default`` job (plain MDP requests and requests without a job).
-DEFAULT_JOB_LIMITS = {"wall_ms": 3_600_000.0, "cpu_ms": 3_600_000.0, "tokens": 1e8, "flops": 1e15}
-COMPUTE_KINDS = ("wall_ms", "cpu_ms", "tokens", "flops")
+#: Default limits of the ``default`` job (plain MDP requests and requests without a job): the
+#: budget kinds table's (kernel.protocol.BUDGET_KINDS).
+DEFAULT_JOB_LIMITS = {k.name: k.default_limit for k in P.BUDGET_KINDS.values() if k.compute}
+COMPUTE_KINDS = P.COMPUTE_KINDS
 
 
 def machine_limits(horizon_s: float = ROOT_HORIZON_S) -> dict[str, float]:
-    """The ``root`` job's default limits: what this machine's cores can do in ``horizon_s``."""
+    """The ``root`` job's default limits: what this machine's cores can do in ``horizon_s`` (each
+    compute kind at its table rate per core-second)."""
     cores = os.cpu_count() or 1
-    return {"wall_ms": cores * horizon_s * 1000.0, "cpu_ms": cores * horizon_s * 1000.0,
-            "tokens": cores * TOKENS_PER_CORE_S * horizon_s, "flops": cores * FLOPS_PER_CORE_S * horizon_s}
+    return {k.name: cores * k.per_core_s * horizon_s for k in P.BUDGET_KINDS.values() if k.compute}
 
 
 def _limits(table: dict, key: str, default: dict[str, float], where: str) -> dict[str, float]:

@@ -43,11 +43,12 @@ from kernel.protocol import ErrorCode
 
 ROOT = "root"
 DEFAULT_JOB = "default"
-MEASURED = ("wall_ms", "cpu_ms")
-#: Kinds whose exhaustion stops the job.  Any other kind is a counted resource: running out of
-#: it only makes further reservations of it refused.
-COMPUTE = ("wall_ms", "cpu_ms", "tokens", "flops",
-           "vm_steps")  # vm_steps: instructions of services.sparkvm's tapes (spark/vm.py)
+#: The kind accrued continuously by every request in flight (busy wall time).
+WALL = P.WALL_MS
+#: Kinds whose exhaustion stops the job (the compute rows of kernel.protocol.BUDGET_KINDS).  Any
+#: other kind is a counted resource: running out of it only makes further reservations of it
+#: refused.
+COMPUTE = P.COMPUTE_KINDS
 RESERVATION_LEASE = P.RESERVATION_LEASE
 INF = math.inf
 #: Every operation whose inputs and outputs the decision log records and replay re-runs.
@@ -90,7 +91,7 @@ class Job:
     #: Cache: (kind, holder) for every kind limited on the chain up from here, sorted by kind.
     #: Limits never change after open (configure runs before any job), so it is computed once.
     holders: "list[tuple[str, Job]] | None" = None
-    # wall_ms accounting (only meaningful where "wall_ms" in limits)
+    # wall_ms accounting (only meaningful where WALL in limits)
     wall_running: int = 0
     wall_anchor: float = 0.0
     wall_deadline: float = INF
@@ -170,7 +171,7 @@ class Ledger:
         if h is None:
             return INF
         rem = h.remaining(kind)
-        if kind == "wall_ms" and h.wall_running:
+        if kind == WALL and h.wall_running:
             rem -= h.wall_running * (now - h.wall_anchor) * 1000.0
         return rem
 
@@ -259,11 +260,11 @@ class Ledger:
         j = Job(job, p, {k: float(v) for k, v in limits.items()}, priority, now, wall_anchor=now,
                 owner=p.owner if p.owner is not None else owner)
         for kind, h in carve.items():
-            if kind == "wall_ms":
+            if kind == WALL:
                 self._wall_settle(h, now)
             h.carved[kind] = h.carved.get(kind, 0.0) + j.limits[kind]
             j.carved_from[kind] = h.name
-            if kind == "wall_ms":
+            if kind == WALL:
                 self._wall_rearm(h, now)
         self.jobs[job] = j
         p.children.add(job)
@@ -287,18 +288,18 @@ class Ledger:
         job = j.name
         for child in list(j.children):
             self._close(now, self.jobs[child])
-        if "wall_ms" in j.limits:
+        if WALL in j.limits:
             self._wall_settle(j, now)
         for rid, (rjob, *_) in list(self._reservations.items()):
             if rjob == job:
                 self.release(now, rid)
         for kind, hname in j.carved_from.items():
             h = self.jobs[hname]
-            if kind == "wall_ms":
+            if kind == WALL:
                 self._wall_settle(h, now)
             h.carved[kind] = h.carved.get(kind, 0.0) - j.limits[kind]
             h.spent[kind] = h.spent.get(kind, 0.0) + j.spent.get(kind, 0.0)
-            if kind == "wall_ms":
+            if kind == WALL:
                 self._wall_rearm(h, now)
         j.closed = True
         if j.parent is not None:
@@ -335,7 +336,7 @@ class Ledger:
                 rem = INF
             else:
                 rem = h.remaining(kind)
-                if kind == "wall_ms" and h.wall_running:
+                if kind == WALL and h.wall_running:
                     rem -= h.wall_running * (now - h.wall_anchor) * 1000.0
             got = min(budget.get(kind, INF), rem)
             if math.isfinite(got):
@@ -379,7 +380,7 @@ class Ledger:
         exhausted = []
         for kind in sorted(spent):
             amount = spent[kind]
-            if kind == "wall_ms" or not isinstance(amount, (int, float)) or amount <= 0:
+            if kind == WALL or not isinstance(amount, (int, float)) or amount <= 0:
                 continue  # wall time is accounted continuously by start/finish
             j.total[kind] = j.total.get(kind, 0.0) + amount
             h = self.holder(j, kind)
@@ -401,7 +402,7 @@ class Ledger:
             if j is None or j.closed or j.wall_deadline != deadline or j.exhausted is not None:
                 continue
             self._wall_settle(j, now)
-            j.exhausted = "wall_ms"
+            j.exhausted = WALL
             j.wall_deadline = INF
             exhausted.append(name)
         return {"ok": True, "exhausted": exhausted}
@@ -492,10 +493,6 @@ class Ledger:
             renewed.append(rid)
         return {"ok": True, "renewed": renewed, "unknown": unknown}
 
-    def holds_reservations(self) -> bool:
-        """Whether any reservation is held."""
-        return bool(self._reservations)
-
     def next_expiry(self) -> float:
         """When the earliest held lease runs out (INF: none held); :meth:`expire` has something
         to do only from then on, so the kernel runs (and logs) it only then."""
@@ -525,20 +522,20 @@ class Ledger:
 
     def _wall_holder(self, job: str) -> Job | None:
         j = self.jobs.get(job)
-        return None if j is None else self.holder(j, "wall_ms")
+        return None if j is None else self.holder(j, WALL)
 
     def _wall_settle(self, h: Job, now: float) -> None:
         if h.wall_running:
             used = h.wall_running * (now - h.wall_anchor) * 1000.0
-            h.spent["wall_ms"] = h.spent.get("wall_ms", 0.0) + used
-            h.total["wall_ms"] = h.total.get("wall_ms", 0.0) + used
+            h.spent[WALL] = h.spent.get(WALL, 0.0) + used
+            h.total[WALL] = h.total.get(WALL, 0.0) + used
         h.wall_anchor = now
 
     def _wall_rearm(self, h: Job, now: float) -> None:
-        if h.exhausted is not None or "wall_ms" not in h.limits:
+        if h.exhausted is not None or WALL not in h.limits:
             return
         if h.wall_running:
-            h.wall_deadline = now + max(0.0, h.remaining("wall_ms")) / 1000.0 / h.wall_running
+            h.wall_deadline = now + max(0.0, h.remaining(WALL)) / 1000.0 / h.wall_running
             heap = self._wall_heap
             heapq.heappush(heap, (h.wall_deadline, h.name))
             if len(heap) > 64 + 2 * len(self.jobs):
@@ -561,6 +558,40 @@ class Ledger:
                 return deadline
             heapq.heappop(heap)
         return INF
+
+    # -- invariants ---------------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError naming the first broken invariant: every open job's carve-outs
+        are recorded on its holders and its reservations on theirs; nothing open is over its
+        limit by more than rounding unless it is exhausted (compute kinds); counts of running
+        requests are not negative; owners' job counts match the open jobs."""
+        carved: dict[tuple[str, str], float] = collections.defaultdict(float)
+        reserved: dict[tuple[str, str], float] = collections.defaultdict(float)
+        owned: collections.Counter[str] = collections.Counter()
+        for j in self.jobs.values():
+            if j.closed:
+                continue
+            assert j.running >= 0 and j.wall_running >= 0, f"job {j.name}: negative running count"
+            if j.owner is not None:
+                owned[j.owner] += 1
+            if j.parent is not None:
+                assert j.name in j.parent.children, f"job {j.name} missing from its parent's children"
+            for kind, hname in j.carved_from.items():
+                carved[hname, kind] += j.limits[kind]
+        for job, kind, amount, _exp, _holder in self._reservations.values():
+            rj = self.jobs.get(job)
+            h = self.holder(rj, kind) if rj is not None else None
+            if h is not None:
+                reserved[h.name, kind] += amount
+        for j in self.jobs.values():
+            if j.closed:
+                continue
+            for kind in set(j.carved) | {k for (n, k) in carved if n == j.name}:
+                assert abs(j.carved.get(kind, 0.0) - carved[j.name, kind]) < 1e-6, f"job {j.name}: carved {kind}"
+            for kind in set(j.reserved) | {k for (n, k) in reserved if n == j.name}:
+                assert abs(j.reserved.get(kind, 0.0) - reserved[j.name, kind]) < 1e-6, f"job {j.name}: reserved {kind}"
+        assert {k: v for k, v in self._owned.items() if v} == dict(owned), "owners' job counts"
 
     # -- durable state ------------------------------------------------------------------------------
 
@@ -605,8 +636,8 @@ class Ledger:
             if j.closed:
                 continue
             spent = dict(j.total)
-            if "wall_ms" in j.limits and j.wall_running:
-                spent["wall_ms"] = spent.get("wall_ms", 0.0) + j.wall_running * (now - j.wall_anchor) * 1000.0
+            if WALL in j.limits and j.wall_running:
+                spent[WALL] = spent.get(WALL, 0.0) + j.wall_running * (now - j.wall_anchor) * 1000.0
             out[j.name] = {
                 "parent": j.parent.name if j.parent else None,
                 "limits": j.limits,

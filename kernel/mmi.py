@@ -21,18 +21,37 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from typing import TYPE_CHECKING, Any, Callable
+import logging
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from kernel import errors
 from kernel import protocol as P
-from kernel.auth import LOCAL_OPERATOR, Principal
 from kernel.ledger import DEFAULT_JOB, ROOT, is_default_job
+from kernel.policy import Core as Router
+from kernel.policy import Order
+from kernel.principal import LOCAL_OPERATOR, Principal
 
 if TYPE_CHECKING:
     from kernel.admission import BudgetAdmission
-    from kernel.router import Router
-    from kernel.supervisor import ProcessControl
+
+__all__ = ["Caller", "Management", "ProcessControl", "handler_name", "role_of"]
+
+log = logging.getLogger("reca.kernel")
+
+
+class ProcessControl(Protocol):
+    """The hard controls of preemption the management calls use (kernel.supervisor's Supervisor
+    implements it).  Each raises LookupError for a child that is unknown or not running."""
+
+    def suspend(self, name: str) -> int: ...
+
+    def resume(self, name: str) -> int: ...
+
+    def set_nice(self, name: str, nice: int) -> int: ...
+
+    def set_affinity(self, name: str, cpus: list[int]) -> int: ...
+
+    def restart(self, name: str) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,12 +65,8 @@ class Caller:
 Handler = Callable[["Router", dict[str, Any], float, Caller], Any]
 
 def role_of(principal: Principal) -> P.Role:
-    """The protocol table's rank of a principal's role."""
-    if principal.operator:
-        return P.Role.OPERATOR
-    if principal.services:
-        return P.Role.SERVICE
-    return P.Role.CLIENT
+    """The roles table's row of a principal's role."""
+    return principal.kind
 
 
 def _loggable(arg: Any) -> dict:
@@ -110,8 +125,13 @@ class Management:
             return errors.BadRequest(f"{name}: the argument must be plain data: {exc}")
         try:
             return self.handlers[name](router, args, now, caller)
-        except (TypeError, ValueError, OverflowError) as exc:
-            return errors.BadRequest(f"{name}: {exc}")
+        except errors.RecaError as exc:
+            return exc
+        except Exception:
+            # The argument passed its schema: what the handler raised is the kernel's bug, not
+            # the caller's; say so, and keep the traceback for the operator.
+            log.exception("internal error in the handler of %s", name)
+            return errors.InternalError(f"{name}: internal error in the kernel (logged)")
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -120,7 +140,7 @@ class Management:
         """Record a refused call and return its answer (``forbidden``, or ``answer``: what a
         caller gets where ``forbidden`` would reveal that something of another principal exists)."""
         if self.budget is not None:
-            self.budget.on_forbidden(router, caller.principal, name, _loggable(arg), now)
+            self.budget.on_forbidden(caller.principal, name, _loggable(arg), now)
         return answer if answer is not None else errors.Forbidden(message)
 
     def _may_act(self, router: "Router", caller: Caller, job: Any) -> bool:
@@ -149,7 +169,7 @@ class Management:
         assert budget is not None
         out = budget.decide(op, now, **inputs)
         for job in out.get("exhausted", ()):
-            budget.exhaust(router, job, now)
+            router.apply(budget.exhaust(router, job, now), now)
         if not out.get("ok") and "code" in out:
             return errors.from_wire({"code": out["code"], "message": out.get("message", "")})
         return out
@@ -236,7 +256,7 @@ class Management:
         # Reservation ids are random (unguessable) and recorded as an input (replay is exact).
         extra: dict[str, Any] = {"holder": caller.principal.name}
         if not arg["commit"]:
-            extra["reservation"] = f"{self.budget.ledger.session}{os.urandom(16).hex()}"
+            extra["reservation"] = f"{self.budget.ledger.session}{self.budget.host.token(16).hex()}"
         if "lease_s" in arg:
             extra["lease"] = arg["lease_s"]
         if arg["up_to"]:
@@ -323,7 +343,7 @@ class Management:
             job = arg[P.C_JOB]
             if not operator and (job == DEFAULT_JOB or not self._may_act(router, caller, job)):
                 return self._not_yours(router, caller, name, arg, now, job)
-            messages = [(service, {P.C_JOB: job})]
+            orders = [Order(service, op, {P.C_JOB: job})]
         else:
             if P.C_TOKEN in arg:
                 token = arg[P.C_TOKEN]
@@ -349,13 +369,10 @@ class Management:
             if not reqs:
                 what = "that token" if P.C_TOKEN in arg else f"id {arg[P.C_ID]!r} from this client"
                 return errors.Refused(f"{name}: no request with {what} in flight")
-            messages = [(r.service.name.decode(errors="replace"), {P.C_TOKEN: r.token, P.C_ID: r.rid}) for r in reqs]
-        for topic_service, message in messages:
-            if self.budget is not None:
-                self.budget.record(op, now, {k: (v.hex() if isinstance(v, bytes) else v) for k, v in message.items()},
-                                   {"ok": True})
-            router.publish(P.control_topic(topic_service, op), message)
-        return {"ok": True, "targets": len(messages)}
+            orders = [Order.to_request(op, r) for r in reqs]
+        for order in orders:
+            router.order(order, now)
+        return {"ok": True, "targets": len(orders)}
 
     def op_preempt(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         return self._order(router, P.MMI_PREEMPT, arg, now, caller)
@@ -369,10 +386,7 @@ class Management:
     def op_control(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
         """Orders that are not the kernel's own decisions (fidelity, precision) are relayed on the
         control bus; preempt/resume/cancel stay with their own operations."""
-        op, service = arg["op"], arg["service"]
-        if self.budget is not None:
-            self.budget.record(op, now, {"service": service}, {"ok": True})
-        router.publish(P.control_topic(service, op), arg["message"])
+        router.order(Order(arg["service"], arg["op"], arg["message"]), now)
         return {"ok": True}
 
     # -- process control (through the supervisor) -------------------------------------------------
@@ -384,7 +398,7 @@ class Management:
             pid = act(self.procs)
         except LookupError as exc:
             return errors.Refused(str(exc))
-        except OSError as exc:
+        except (OSError, ValueError, OverflowError) as exc:  # the OS refused the value (a CPU number, ...)
             return errors.BadRequest(f"{name}: {exc}")
         if self.budget is not None:
             self.budget.record(name[len(P.MMI_PREFIX):], now, dict(arg), {"ok": True, "pid": pid})

@@ -36,9 +36,11 @@ from zmq.utils.monitor import recv_monitor_message
 from kernel import auth, codec
 from kernel.aio import send_frames
 from kernel import protocol as P
+from kernel.host import Host, SystemHost
 from kernel.mmi import Management
 from kernel.peers import PeerGuard, open_fds, seed_routing_ids
-from kernel.router import Admission, Router
+from kernel.policy import Admission
+from kernel.router import Router
 
 log = logging.getLogger("reca.kernel")
 
@@ -86,6 +88,7 @@ class KernelServer:
         max_message: int = P.MAX_MESSAGE_SIZE,
         max_frame: int = P.MAX_FRAME_SIZE,
         peer_hwm: int = P.PEER_HWM,
+        host: Host | None = None,
     ) -> None:
         self.context = context or zmq.Context()
         self._own_context = context is None
@@ -140,6 +143,7 @@ class KernelServer:
             management=management,
             extra_stats=self._stats_with(extra_stats),
             publish=self._publish,
+            host=host or SystemHost(),
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None

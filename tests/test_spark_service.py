@@ -7,10 +7,12 @@ import json
 import random
 import subprocess
 import sys
+import types
 
 import pytest
 
 from kernel import errors
+from services.sparkvm.service import SparkVM
 from spark import tapes
 from tests.support import REPO, client_fixture, kernel_fixture, service_block
 
@@ -45,8 +47,12 @@ def test_typed_errors_for_bad_tapes_and_a_missing_budget(client):
     with pytest.raises(errors.BadRequest) as info:
         client.call("sparkvm", {"tape": tapes.malformed_tape("bad_target")}, budget={"vm_steps": 100})
     assert info.value.detail["kind"] == "malformed_tape"
+    # Every job limits vm_steps (a compute kind: the default jobs too), so a request that asks for
+    # no budget is granted what its job has left; a worker given no grant at all refuses to run.
+    assert client.call("sparkvm", {"tape": ["HALT"]})["status"] == "halted"
+    ctx = types.SimpleNamespace(granted={})
     with pytest.raises(errors.BadRequest) as info:
-        client.call("sparkvm", {"tape": ["HALT"]})
+        SparkVM()._limits(ctx, {})
     assert info.value.detail["kind"] == "no_step_budget"
 
 
