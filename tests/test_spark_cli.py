@@ -36,3 +36,41 @@ def test_questions_parse_to_tapes_or_raise():
         parse_question("1+2")
     with pytest.raises(ValueError):
         parse_question(", ".join(["1+2*3"] * 6))
+
+
+@pytest.mark.timeout(600)
+def test_eval_writes_json_against_the_dense_baseline(tmp_path):
+    out_path = tmp_path / "results.json"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spark",
+            "eval",
+            "--launch",
+            "--batch-size",
+            "2",
+            "--runs",
+            "2",
+            "--dim",
+            "4",
+            "--codewords",
+            "8",
+            "--output",
+            str(out_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=580,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    res = json.loads(out_path.read_text())
+    assert res["schema"] == "spark.eval/1" and len(res["runs"]) == 2
+    run = res["runs"][0]
+    assert run["vm_correct"] == run["vm_tapes"] == 2
+    assert res["vm_steps_billed"] == res["vm_steps_run"] > 0
+    assert run["codebook_linear_bytes"] < run["dense_linear_bytes"]
+    assert set(res["summary"]["dense_loss"]) == {"median", "min", "max"}
