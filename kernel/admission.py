@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 from kernel import codec, errors
 from kernel import protocol as P
-from kernel.ledger import COMPUTE, DEFAULT_JOB, ROOT, Job, Ledger, is_default_job
+from kernel.dedup import Dedup
+from kernel.ledger import COMPUTE, DEFAULT_JOB, ROOT, Job, Ledger, is_default_job, refusal
 from kernel.policy import NO_EFFECTS, Admission, Effect, Effects, Fail, Lend, Order, View
 from kernel.principal import Principal
 from kernel.protocol import ErrorCode
@@ -48,9 +49,9 @@ class Journal(Protocol):
     """Where decisions are recorded (kernel.decisions.DecisionLog)."""
 
     session: str
-    state: Callable[[], dict] | None
+    state: Callable[[], dict[str, Any]] | None
 
-    def append(self, op: str, now: float, inputs: dict, outputs: dict) -> None: ...
+    def append(self, op: str, now: float, inputs: dict[str, Any], outputs: dict[str, Any]) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -60,8 +61,8 @@ class _Track:
     """Per-request ledger state kept by BudgetAdmission."""
 
     job: str
-    granted: dict
-    charged: dict = dataclasses.field(default_factory=dict)
+    granted: dict[str, Any]
+    charged: dict[str, Any] = dataclasses.field(default_factory=dict)
     started: bool = False
     preempted: bool = False
     paused: bool = False  # paused by kernel preemption with its slot lent out
@@ -81,7 +82,7 @@ class BudgetAdmission(Admission):
     statuses and kernel measurements, exhaustion with cancel, gates over MMI, preemption."""
 
     def __init__(self, ledger: Ledger | None = None, decision_log: Journal | None = None, *,
-                 root_limits: dict | None = None, default_limits: dict | None = None,
+                 root_limits: dict[str, Any] | None = None, default_limits: dict[str, Any] | None = None,
                  max_pause: float = P.MAX_PAUSE, audit_quota: int = P.AUDIT_EVENTS_PER_MIN,
                  restored: Any = None, restored_at: float | None = None, host: "Host | None" = None) -> None:
         if host is None:
@@ -118,13 +119,16 @@ class BudgetAdmission(Admission):
         self.idem_inflight: set[str] = set()
         #: Keys that were in flight when the previous kernel died -> until when they are refused.
         self.interrupted: dict[str, float] = {}
+        #: Exactly-once: the idempotency table the router consults (kernel.dedup); its stored
+        #: FINALs are decisions (``final``) and part of every snapshot, so a restart keeps them.
+        self.dedup: Dedup = Dedup()
         #: The configured [limits] of root and default (None: unlimited, no configure logged).
         self._limits = None if root_limits is None and default_limits is None \
             else {"root": dict(root_limits or {}), "default": dict(default_limits or {})}
         if decision_log is not None:
             decision_log.state = self.durable_state
         #: What :meth:`restore` restored at construction (``restored``: a kernel.replay report).
-        self.restored: dict | None = None
+        self.restored: dict[str, Any] | None = None
         if restored is not None:
             self.restored = self.restore(restored, restored_at if restored_at is not None else 0.0)
         elif self._limits is not None:
@@ -132,11 +136,12 @@ class BudgetAdmission(Admission):
             if not out["ok"]:
                 raise ValueError(f"[limits]: {out['message']}")
 
-    def durable_state(self) -> dict:
+    def durable_state(self) -> dict[str, Any]:
         """What a decision-log snapshot holds: the ledger and the idempotency keys in flight."""
-        return {"ledger": self.ledger.dump(), "inflight_idem": sorted(self.idem_inflight)}
+        return {"ledger": self.ledger.dump(), "inflight_idem": sorted(self.idem_inflight),
+                "dedup": self.dedup.dump()}
 
-    def restore(self, report: Any, now: float) -> dict:
+    def restore(self, report: Any, now: float) -> dict[str, Any]:
         """Continue the enforcement state a decision log held (kernel.replay.restore): its ledger
         (jobs with their owners, limits, spent amounts, held reservations with their holders and
         leases, the configured root/default limits) becomes this kernel's.
@@ -164,20 +169,21 @@ class BudgetAdmission(Admission):
                                 "root %s and default %s stay in force", out["message"], root.limits,
                                 default.limits)
         self.interrupted = {k: now + P.INTERRUPTED_TTL for k in report.inflight_idem if k}
+        self.dedup.load(list(getattr(report, "finals", {}).values()), now, report.last_t)
         for key in self.interrupted:
             self.record("interrupted", now, {"idem": key}, {"ok": True})
         self.flush_log()
         return {"jobs": len(ledger.jobs) - 2, "reservations": len(ledger._reservations),
-                "finished": finished, "interrupted": len(self.interrupted)}
+                "finished": finished, "interrupted": len(self.interrupted), "finals": len(self.dedup.done)}
 
-    def decide(self, op: str, now: float, **inputs: Any) -> dict:
+    def decide(self, op: str, now: float, **inputs: Any) -> dict[str, Any]:
         """Run the Ledger operation ``op`` and record it (inputs and outputs) in the log."""
-        out = getattr(self.ledger, op)(now, **inputs)
+        out: dict[str, Any] = getattr(self.ledger, op)(now, **inputs)
         if self.log is not None:
             self.log.append(op, now, inputs, out)
         return out
 
-    def record(self, op: str, now: float, inputs: dict, outputs: dict) -> None:
+    def record(self, op: str, now: float, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
         """Record a decision that is not the Ledger's (orders, process controls, audits)."""
         if self.log is not None:
             self.log.append(op, now, inputs, outputs)
@@ -190,10 +196,10 @@ class BudgetAdmission(Admission):
     # -- router hooks -----------------------------------------------------------------------------
 
     def admit(self, view: View, req: Request, now: float) -> tuple[errors.RecaError | None, Effects]:
-        job, refusal = self.resolve_job(req.principal, req.job, now)
-        if refusal is not None:
+        job, refused = self.resolve_job(req.principal, req.job, now)
+        if refused is not None:
             self.counters["refused"] += 1
-            return refusal, NO_EFFECTS
+            return refused, NO_EFFECTS
         req.job = job
         checked = req.checked
         idem = checked.idem if checked is not None else None
@@ -206,6 +212,16 @@ class BudgetAdmission(Admission):
                     "it may have run, so it is not run again", idem=idem), NO_EFFECTS
         budget = checked.budget if checked is not None else None
         jobrec = self.ledger.jobs.get(job)
+        if budget:
+            # a request budget names kinds of the budget kinds table, or counted resources its
+            # job (or an ancestor) limits: a typo ("flopz") is an error, not an unlimited kind
+            unknown = sorted(k for k in budget if k not in P.BUDGET_KINDS
+                             and (jobrec is None or self.ledger.holder(jobrec, k) is None))
+            if unknown:
+                self.counters["refused"] += 1
+                return errors.BadRequest(
+                    f"unknown budget kind(s) {unknown}; kinds: {', '.join(P.BUDGET_KINDS)}, or a counted "
+                    f"resource that job {job!r} limits", kind="budget_kind"), NO_EFFECTS
         if jobrec is not None and (checked is None or P.H_PRIORITY not in checked.raw):
             req.priority = jobrec.priority  # a request inherits its job's priority
         if not self.may_act(view, req.principal, job):
@@ -217,7 +233,7 @@ class BudgetAdmission(Admission):
         out = self.decide("admit", now, job=job, budget=budget, start=True)
         if not out["ok"]:
             self.counters["refused"] += 1
-            return errors.from_wire({"code": out["code"], "message": out["message"]}), NO_EFFECTS
+            return refusal(out), NO_EFFECTS
         granted = out["granted"]
         self.tracks[req.token] = track = _Track(job, granted, priority=req.priority, idem=idem)
         if P.CPU_MS in granted and jobrec is not None:
@@ -248,7 +264,7 @@ class BudgetAdmission(Admission):
             out = self.decide("open", now, job=name, parent=None, limits=dict(self.default_limits),
                               owner=principal.name)
             if not out["ok"]:
-                return name, errors.from_wire({"code": out["code"], "message": f"default job: {out['message']}"})
+                return name, refusal(out, "default job: ")
         return name, None
 
     def may_act(self, view: View, principal: Principal, job: str) -> bool:
@@ -268,7 +284,7 @@ class BudgetAdmission(Admission):
         """The answer for a job the caller may not act in, the same whether it exists or not."""
         return errors.Forbidden(f"no open job {job!r} of yours")
 
-    def on_forbidden(self, principal: Principal, op: str, inputs: dict, now: float) -> None:
+    def on_forbidden(self, principal: Principal, op: str, inputs: dict[str, Any], now: float) -> None:
         """Count, log and record a refused call (the decision log is the operator's record)."""
         self.counters["forbidden"] = self.counters.get("forbidden", 0) + 1
         log.warning("forbidden: %s (%s) %s %s", principal.name, principal.role, op, inputs)
@@ -304,12 +320,16 @@ class BudgetAdmission(Admission):
         header[P.H_JOB] = req.job
         return codec.pack(header)
 
-    def _charge_status(self, view: View, req: Request, status: dict, now: float,
-                       effects: list[Effect]) -> errors.RecaError | None:
+    def _charge_status(self, view: View, req: Request, status: dict[str, Any], now: float,
+                       effects: list[Effect], final: bool = False) -> errors.RecaError | None:
+        """Charge what a status reports beyond what was charged already; ``final``: the request's
+        FINAL, whose charges and end are one ``finish`` decision."""
         track = self.tracks.get(req.token)
-        spent = status.get(P.S_SPENT)
-        if track is None or not isinstance(spent, dict):
+        if track is None:
             return None
+        spent = status.get(P.S_SPENT)
+        if not isinstance(spent, dict):
+            spent = {}
         delta = {}
         # A worker names the kinds it spent; the ledger keeps and logs each, so beyond MAX_KINDS
         # only the granted ones (those that bound something) count, and no name is unbounded.
@@ -329,12 +349,19 @@ class BudgetAdmission(Admission):
             if d > 0:
                 delta[kind] = d
                 track.charged[kind] = value
+        if final and track.started:
+            track.started = False  # on_done has nothing left to finish
+            out = self.decide("finish", now, job=track.job, spent=delta) if delta \
+                else self.decide("finish", now, job=track.job)
+        elif delta:
+            out = self.decide("charge", now, job=track.job, spent=delta)
+        else:
+            out = {}
+        for name in out.get("exhausted", ()):
+            effects.extend(self.exhaust(view, name, now, skip=req))
         if not delta:
             return errors.BudgetExceeded("charges beyond the granted budget", spent=dict(track.charged)) \
                 if track.over else None
-        out = self.decide("charge", now, job=track.job, spent=delta)
-        for name in out["exhausted"]:
-            effects.extend(self.exhaust(view, name, now, skip=req))
         # The request that brought its job exactly to the limit keeps its result; one that went
         # past the job's limit or its own granted budget does not.
         job = self.ledger.jobs.get(track.job)
@@ -377,7 +404,7 @@ class BudgetAdmission(Admission):
             self._paused_at.pop(req.token, None)
         return effects
 
-    def settle(self, view: View, req: Request, status: dict, now: float) -> tuple[errors.RecaError | None, Effects]:
+    def settle(self, view: View, req: Request, status: dict[str, Any], now: float) -> tuple[errors.RecaError | None, Effects]:
         track = self.tracks.get(req.token)
         worker = req.worker
         if track is not None and track.cpu_start is not None and worker is not None and worker.pid:
@@ -390,7 +417,7 @@ class BudgetAdmission(Admission):
                     sp = status[P.S_SPENT] = {}
                 sp[P.CPU_MS] = max(0.0, (end - track.cpu_start) * 1000.0)
         effects: list[Effect] = []
-        return self._charge_status(view, req, status, now, effects), effects
+        return self._charge_status(view, req, status, now, effects, final=True), effects
 
     def on_deadline(self, view: View, req: Request, now: float) -> Effects:
         track = self.tracks.get(req.token)
@@ -404,7 +431,7 @@ class BudgetAdmission(Admission):
         return (*self._cancel(req, ErrorCode.DEADLINE, why),
                 Fail(req, errors.DeadlineExceeded(why), self._spent(req, now)))
 
-    def on_done(self, req: Request, now: float, spent: dict | None, error: errors.RecaError | None) -> None:
+    def on_done(self, req: Request, now: float, spent: dict[str, Any] | None, error: errors.RecaError | None) -> None:
         track = self.tracks.pop(req.token, None)
         if track is None:
             return
@@ -470,7 +497,7 @@ class BudgetAdmission(Admission):
 
     # -- exhaustion, cancel, preemption ---------------------------------------------------------
 
-    def _spent(self, req: Request, now: float) -> dict:
+    def _spent(self, req: Request, now: float) -> dict[str, Any]:
         track = self.tracks.get(req.token)
         out = dict(track.charged) if track else {}
         out[P.WALL_MS] = (now - req.received) * 1000.0
@@ -578,9 +605,10 @@ class BudgetAdmission(Admission):
                      if not r.done and (t := self.tracks.get(r.token)) is not None and t.paused)
         return paused + self._slot_debt.get(worker.identity, 0)
 
-    def stats(self, now: float) -> dict:
+    def stats(self, now: float) -> dict[str, Any]:
         self.flush_log()
-        return {"jobs": self.ledger.snapshot(now), "ledger": dict(self.counters)}
+        self.dedup.sweep(now)
+        return {"jobs": self.ledger.snapshot(now), "ledger": dict(self.counters), "dedup": self.dedup.stats()}
 
     def worker_gone(self, identity: bytes) -> None:
         """A worker left: the slots it owed are gone with it."""

@@ -34,18 +34,28 @@ import zmq
 import zmq.auth
 
 from kernel import protocol as P
-from kernel.principal import (  # noqa: F401  (re-exported: the principal lives in kernel.principal)
-    CHILD_PREFIX,
-    CLIENT,
-    KERNEL_ROLE,
-    LOCAL_OPERATOR,
-    OPERATOR,
-    REVOKED,
-    SERVICE_PREFIX,
-    Principal,
+# Re-exported: the principal lives in kernel.principal (pure; this module speaks CURVE/ZAP).
+from kernel.principal import (
+    CHILD_PREFIX as CHILD_PREFIX,
+    CLIENT as CLIENT,
+    KERNEL_ROLE as KERNEL_ROLE,
+    LOCAL_OPERATOR as LOCAL_OPERATOR,
+    OPERATOR as OPERATOR,
+    REVOKED as REVOKED,
+    SERVICE_PREFIX as SERVICE_PREFIX,
+    Principal as Principal,
 )
 
 log = logging.getLogger("reca.auth")
+
+__all__ = [
+    "CHILD_PREFIX", "CLIENT", "ENV_CERT", "ENV_SERVER_CERT", "KERNEL_KEY", "KERNEL_ROLE", "LOCAL_OPERATOR", "NAME_RE",
+    "OPERATOR", "REVOKED", "SERVICE_PREFIX", "USER_ID", "ZAP_DOMAIN_CONTROL", "ZAP_DOMAIN_ROUTER", "AuthError",
+    "Certificate", "PeerCredentials", "Principal", "Principals", "ServerKeys", "UnsafeRuntimeDir", "check_ipc_endpoint",
+    "check_key_dir", "certificate_name", "child_principals", "curve_server", "ensure_private_dir", "list_certificates",
+    "load_public", "load_secret", "open_append", "parse_role", "peer_credentials", "read_certificate", "secure_socket",
+    "write_certificate", "write_private", "write_public_certificate",
+]
 
 #: Environment variables read by clients, services and the CLI (defined in the protocol module).
 ENV_CERT = P.ENV_CERT  # the peer's own secret certificate file

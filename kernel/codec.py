@@ -20,6 +20,8 @@ import msgpack
 from kernel.errors import BadRequest
 from kernel.protocol import MAX_FRAME_SIZE
 
+__all__ = ["pack", "reca_header", "unpack", "unpack_array"]
+
 _packer = msgpack.Packer(use_bin_type=True, datetime=False)
 
 
@@ -40,10 +42,10 @@ def _default(obj: Any) -> Any:
 def pack(obj: Any) -> bytes:
     """Encode ``obj`` as one msgpack frame (bytes stay bytes, str stays str)."""
     try:
-        return _packer.pack(obj)
+        return bytes(_packer.pack(obj))
     except TypeError:
         # Unknown types: one more attempt through the converter (slow path, rare).
-        return msgpack.packb(obj, use_bin_type=True, default=_default)
+        return bytes(msgpack.packb(obj, use_bin_type=True, default=_default))
 
 
 def unpack(frame: bytes, *, limit: int = MAX_FRAME_SIZE) -> Any:
@@ -56,7 +58,7 @@ def unpack(frame: bytes, *, limit: int = MAX_FRAME_SIZE) -> Any:
         raise BadRequest(f"undecodable msgpack frame: {type(exc).__name__}: {exc}") from exc
 
 
-def reca_header(body: list[bytes]) -> dict | None:
+def reca_header(body: list[bytes]) -> dict[str, Any] | None:
     """The reca header of a request body, or None for an opaque MDP body.
 
     A body is a reca request when its first frame decodes as a msgpack map carrying ``"v"``;

@@ -11,6 +11,10 @@ import enum
 from typing import Any
 
 
+__all__ = ["BadRequest", "BudgetExceeded", "Cancelled", "DeadlineExceeded", "ErrorCode", "Forbidden", "InternalError",
+           "KernelRestarted", "Overloaded", "RecaError", "Refused", "ServiceError", "Timeout", "Unavailable",
+           "WorkerDied", "from_wire", "require_int"]
+
 class ErrorCode(enum.StrEnum):
     """Error codes carried in ``status.error.code``; kernel.errors maps each to an exception.
 
@@ -29,6 +33,8 @@ class ErrorCode(enum.StrEnum):
     OVERLOADED = "overloaded"  # the kernel could not queue the request
     KERNEL_RESTARTED = "kernel_restarted"  # in flight when the kernel died; may have run: not re-run
     INTERNAL_ERROR = "internal_error"  # a bug in the kernel's handler of the call; not the caller's fault
+    NOT_FOUND = "not_found"  # a control order's target (request, job, token) does not exist
+    ALREADY_DONE = "already_done"  # same idempotency key already ran; its answer was too large to keep
 
 
 class RecaError(Exception):
@@ -135,6 +141,21 @@ class InternalError(RecaError):
     code = ErrorCode.INTERNAL_ERROR
 
 
+class NotFound(Refused):
+    """The target of a control order (a request id, a token, a job) does not exist (or is not
+    the caller's: the answer is the same, so no one learns of another's work).  A refusal: code
+    ``not_found``, and ``isinstance(exc, Refused)`` holds for callers that handle refusals."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class AlreadyDone(RecaError):
+    """A request with this idempotency key already ran to its FINAL, which was too large to keep
+    for retries; it is not run again."""
+
+    code = ErrorCode.ALREADY_DONE
+
+
 _BY_CODE: dict[str, type[RecaError]] = {
     cls.code: cls
     for cls in (
@@ -151,6 +172,8 @@ _BY_CODE: dict[str, type[RecaError]] = {
         Overloaded,
         KernelRestarted,
         InternalError,
+        NotFound,
+        AlreadyDone,
     )
 }
 
@@ -173,7 +196,7 @@ def from_wire(error: Any) -> RecaError:
 _NO_DEFAULT: Any = object()
 
 
-def require_int(payload: dict, key: str, default: Any = _NO_DEFAULT, *, lo: int | None = None,
+def require_int(payload: dict[str, Any], key: str, default: Any = _NO_DEFAULT, *, lo: int | None = None,
                 hi: int | None = None) -> int:
     """``payload[key]`` (or ``default`` when absent) as an int in ``[lo, hi]``; :class:`BadRequest`
     naming the field otherwise (bool is not an int).  The one integer check of request payloads."""

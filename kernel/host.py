@@ -41,8 +41,13 @@ class SystemHost:
     """The real machine.  ``owns_pid`` asks the supervisor when there is one (else no pid of a
     child is trusted)."""
 
+    #: Bytes drawn from the OS at once for tokens (one getrandom call per ~256 request tokens).
+    POOL = 4096
+
     def __init__(self, owns_pid: Callable[[str, int], bool] | None = None) -> None:
         self._owns_pid = owns_pid
+        self._pool = b""
+        self._at = 0
 
     def monotonic(self) -> float:
         return time.monotonic()
@@ -60,7 +65,13 @@ class SystemHost:
         return self._owns_pid is not None and self._owns_pid(child, pid)
 
     def token(self, nbytes: int) -> bytes:
-        return os.urandom(nbytes)
+        """``nbytes`` from ``os.urandom``, drawn in blocks of :data:`POOL` bytes (each byte is
+        handed out once)."""
+        at = self._at
+        if at + nbytes > len(self._pool):
+            self._pool, at = os.urandom(max(self.POOL, nbytes)), 0
+        self._at = at + nbytes
+        return self._pool[at : at + nbytes]
 
 
 class FakeHost:

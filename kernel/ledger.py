@@ -56,16 +56,29 @@ OPS = ("configure", "open", "close", "admit", "start", "finish", "charge", "tick
        "release", "renew", "expire")
 
 
-def _lease_refusal(lease: Any) -> dict | None:
+def _lease_refusal(lease: Any) -> dict[str, Any] | None:
     """The ``bad_request`` decision for a lease out of bounds, None for a valid one."""
     if isinstance(lease, (int, float)) and not isinstance(lease, bool) and P.MIN_LEASE <= lease <= P.MAX_LEASE:
         return None
     return _no(ErrorCode.BAD_REQUEST, f"lease must be a number of seconds in [{P.MIN_LEASE:g}, {P.MAX_LEASE:g}]")
 
 
-def _no(code: ErrorCode, message: str, **extra: Any) -> dict:
-    """A refusing decision: ``{"ok": False, "code", "message", ...}``."""
+def _no(code: ErrorCode, message: str, **extra: Any) -> dict[str, Any]:
+    """A refusing decision: ``{"ok": False, "code", "message", ...}``.  Every refusal of the
+    ledger is one of these (it never raises); :func:`refusal` turns one into its typed error."""
     return {"ok": False, "code": code, "message": message, **extra}
+
+
+def _unknown_job(job: Any) -> dict[str, Any]:
+    return _no(ErrorCode.REFUSED, f"unknown or closed job {job!r}; open it with mmi.job.open first")
+
+
+def refusal(decision: dict[str, Any], prefix: str = "") -> errors.RecaError | None:
+    """The typed error a decision refused with (None: it did not refuse).  ``prefix``: put
+    before its message (which decision it was, for the caller)."""
+    if decision.get("ok") or "code" not in decision:
+        return None
+    return errors.from_wire({"code": decision["code"], "message": prefix + str(decision.get("message", ""))})
 
 
 @dataclasses.dataclass
@@ -139,11 +152,10 @@ class Ledger:
 
     # -- lookups ----------------------------------------------------------------------------------
 
-    def job(self, name: str) -> Job:
+    def open_job(self, name: str) -> Job | None:
+        """Open job ``name`` (None: unknown or closed)."""
         job = self.jobs.get(name)
-        if job is None or job.closed:
-            raise errors.Refused(f"unknown or closed job {name!r}; open it with mmi.job.open first", job=name)
-        return job
+        return None if job is None or job.closed else job
 
     @staticmethod
     def _holders(job: Job) -> "list[tuple[str, Job]]":
@@ -204,7 +216,7 @@ class Ledger:
 
     # -- operations (each is logged and replayable) ----------------------------------------------
 
-    def configure(self, now: float, root: dict | None = None, default: dict | None = None) -> dict:
+    def configure(self, now: float, root: dict[str, Any] | None = None, default: dict[str, Any] | None = None) -> dict[str, Any]:
         """Set the finite limits of ``root`` and ``default`` (the config's [limits]); the default
         job's are carved from root's.  Recorded first in every session, so replay starts the same."""
         for limits in (root or {}, default or {}):
@@ -227,8 +239,8 @@ class Ledger:
         return {"ok": True, "root": {k: _r(v) for k, v in r.limits.items()},
                 "default": {k: _r(v) for k, v in d.limits.items()}}
 
-    def open(self, now: float, job: str, parent: str | None = None, limits: dict | None = None,
-             priority: Any = 0, owner: str | None = None) -> dict:
+    def open(self, now: float, job: str, parent: str | None = None, limits: dict[str, Any] | None = None,
+             priority: Any = 0, owner: str | None = None) -> dict[str, Any]:
         """Open ``job`` under ``parent`` (root by default).  ``owner``: the principal opening it
         (an input, so the decision log restores owners); a child is owned by its parent's owner."""
         if not isinstance(job, str) or not job or job in self.jobs and not self.jobs[job].closed:
@@ -272,7 +284,7 @@ class Ledger:
             self._owned[j.owner] += 1
         return {"ok": True, "limits": {k: _r(v) for k, v in j.limits.items()}}
 
-    def close(self, now: float, job: str) -> dict:
+    def close(self, now: float, job: str) -> dict[str, Any]:
         """Close ``job`` and its children, returning what they did not spend.  Refused while any
         request of the job or its children is in flight (cancel them first)."""
         j = self.jobs.get(job)
@@ -284,7 +296,7 @@ class Ledger:
                                           "them finish first")
         return self._close(now, j)
 
-    def _close(self, now: float, j: Job) -> dict:
+    def _close(self, now: float, j: Job) -> dict[str, Any]:
         job = j.name
         for child in list(j.children):
             self._close(now, self.jobs[child])
@@ -313,42 +325,47 @@ class Ledger:
                 del self._owned[j.owner]
         return {"ok": True, "spent": {k: _r(v) for k, v in j.total.items()}}
 
-    def admit(self, now: float, job: str, budget: dict | None = None, start: bool = False) -> dict:
+    def admit(self, now: float, job: str, budget: dict[str, Any] | None = None, start: bool = False) -> dict[str, Any]:
         """Admit a request of ``job`` asking for ``budget``; returns the granted (clamped) budget.
         ``start``: an admitted request also starts at once (one decision instead of admit +
         start; a log without it replays its separate ``start`` lines the same)."""
-        try:
-            j = self.job(job)
-        except errors.Refused as exc:
-            return _no(ErrorCode(exc.code), exc.message)
+        j = self.open_job(job)
+        if j is None:
+            return _unknown_job(job)
         why = self.blocked_by(j)
         if why:
             return _no(ErrorCode.BUDGET_EXCEEDED, why)
         budget = budget or {}
-        holders: list[tuple[str, Job | None]] = list(self._holders(j))
+        holders: list[tuple[str, Job | None]] = self._holders(j)  # type: ignore[assignment]
         if budget and not budget.keys() <= {k for k, _ in holders}:
             # Kinds the request asks for that no job limits: granted as asked (unlimited).
             found: dict[str, Job | None] = {**dict.fromkeys(budget), **dict(holders)}
             holders = sorted(found.items())
         granted: dict[str, float] = {}
+        isfinite, asked = math.isfinite, budget.get
+        short = None  # the first kind with nothing left
         for kind, h in holders:
             if h is None:
                 rem = INF
             else:
-                rem = h.remaining(kind)
+                rem = h.limits[kind] - h.spent.get(kind, 0.0) - h.carved.get(kind, 0.0) - h.reserved.get(kind, 0.0)
                 if kind == WALL and h.wall_running:
                     rem -= h.wall_running * (now - h.wall_anchor) * 1000.0
-            got = min(budget.get(kind, INF), rem)
-            if math.isfinite(got):
-                granted[kind] = _r(max(0.0, got))
-        for kind, amount in granted.items():
-            if amount <= 0 and (kind in budget or kind in COMPUTE):
-                return _no(ErrorCode.BUDGET_EXCEEDED, f"no {kind} left in job {job!r}", granted=granted)
+            got = asked(kind, INF)
+            if rem < got:
+                got = rem
+            if isfinite(got):
+                # as _r(max(0.0, got)): rounded for the log, never below zero
+                amount = granted[kind] = round(got, 6) if got > 0.0 else 0.0
+                if amount <= 0 and short is None and (kind in budget or kind in COMPUTE):
+                    short = kind
+        if short is not None:
+            return _no(ErrorCode.BUDGET_EXCEEDED, f"no {short} left in job {job!r}", granted=granted)
         if start:
             self.start(now, job)
         return {"ok": True, "granted": granted}
 
-    def start(self, now: float, job: str) -> dict:
+    def start(self, now: float, job: str) -> dict[str, Any]:
         """A request of ``job`` began running (wall time starts to count)."""
         j = self.jobs.get(job)
         if j is not None:
@@ -360,8 +377,13 @@ class Ledger:
             self._wall_rearm(h, now)
         return {"ok": True}
 
-    def finish(self, now: float, job: str) -> dict:
-        """A request of ``job`` ended (wall time stops counting)."""
+    def finish(self, now: float, job: str, spent: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A request of ``job`` ended (wall time stops counting).  ``spent``: its last charges,
+        taken first (one decision instead of ``charge`` + ``finish``; the answer then lists the
+        jobs they exhausted, as :meth:`charge`'s does)."""
+        out: dict[str, Any] = {"ok": True}
+        if spent:
+            out["exhausted"] = self.charge(now, job, spent)["exhausted"]
         j = self.jobs.get(job)
         if j is not None and j.running > 0:
             j.running -= 1
@@ -370,9 +392,9 @@ class Ledger:
             self._wall_settle(h, now)
             h.wall_running -= 1
             self._wall_rearm(h, now)
-        return {"ok": True}
+        return out
 
-    def charge(self, now: float, job: str, spent: dict) -> dict:
+    def charge(self, now: float, job: str, spent: dict[str, Any]) -> dict[str, Any]:
         """Charge measured or reported spending; returns the jobs this exhausted."""
         j = self.jobs.get(job)
         if j is None:
@@ -392,7 +414,7 @@ class Ledger:
                 exhausted.append(h.name)
         return {"ok": True, "exhausted": exhausted}
 
-    def tick(self, now: float) -> dict:
+    def tick(self, now: float) -> dict[str, Any]:
         """Exhaust every job whose wall budget has run out by ``now``."""
         exhausted = []
         heap = self._wall_heap
@@ -409,7 +431,7 @@ class Ledger:
 
     def reserve(self, now: float, job: str, resource: str, amount: float = 1, commit: bool = False,
                 lease: float = RESERVATION_LEASE, up_to: bool = False, reservation: str | None = None,
-                holder: str | None = None) -> dict:
+                holder: str | None = None) -> dict[str, Any]:
         """Atomically take ``amount`` of a counted resource: granted (with a reservation id, or
         committed at once when ``commit``) or refused; never both.
 
@@ -419,10 +441,9 @@ class Ledger:
         ``reservation``: the id to give a held reservation (the kernel draws it at random, so
         no one guesses another's; an input, so replay is exact), else a counter; ``holder``: the
         principal taking it (it may release, commit and renew it)."""
-        try:
-            j = self.job(job)
-        except errors.Refused as exc:
-            return _no(ErrorCode(exc.code), exc.message)
+        j = self.open_job(job)
+        if j is None:
+            return _unknown_job(job)
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 < amount < P.MAX_AMOUNT:
             return _no(ErrorCode.BAD_REQUEST, "amount must be a positive number")
         refusal = _lease_refusal(lease)
@@ -456,7 +477,7 @@ class Ledger:
             h.reserved[resource] = h.reserved.get(resource, 0.0) + amount
         return {"ok": True, "reservation": rid, "remaining": _r(self.remaining(j, resource, now)), **granted}
 
-    def commit(self, now: float, reservation: str) -> dict:
+    def commit(self, now: float, reservation: str) -> dict[str, Any]:
         entry = self._reservations.pop(reservation, None)
         if entry is None:
             return _no(ErrorCode.REFUSED, f"unknown or expired reservation {reservation!r}")
@@ -465,7 +486,7 @@ class Ledger:
         out = self.charge(now, job, {resource: amount})
         return {"ok": True, "committed": amount, "exhausted": out["exhausted"]}
 
-    def release(self, now: float, reservation: str) -> dict:
+    def release(self, now: float, reservation: str) -> dict[str, Any]:
         entry = self._reservations.pop(reservation, None)
         if entry is None:
             return _no(ErrorCode.REFUSED, f"unknown or expired reservation {reservation!r}")
@@ -473,7 +494,7 @@ class Ledger:
         self._unreserve(job, resource, amount)
         return {"ok": True, "released": amount}
 
-    def renew(self, now: float, reservations: list, lease: float = RESERVATION_LEASE) -> dict:
+    def renew(self, now: float, reservations: list[Any], lease: float = RESERVATION_LEASE) -> dict[str, Any]:
         """Extend held reservations to ``now + lease``.  Ids that are not held (expired, spent,
         released, or from before a kernel restart) are returned as ``unknown``: their holder must
         treat the units as lost."""
@@ -505,7 +526,7 @@ class Ledger:
             heapq.heappop(heap)
         return INF
 
-    def expire(self, now: float) -> dict:
+    def expire(self, now: float) -> dict[str, Any]:
         """Release reservations whose lease ran out (presumed abort)."""
         gone = [rid for rid, entry in self._reservations.items() if entry[3] <= now]
         for rid in gone:
@@ -595,7 +616,7 @@ class Ledger:
 
     # -- durable state ------------------------------------------------------------------------------
 
-    def dump(self) -> dict:
+    def dump(self) -> dict[str, Any]:
         """The whole ledger as plain data (JSON-safe but for infinities, which JSON lines carry as
         ``Infinity``): what a decision-log snapshot records.  ``Ledger.load(dump())`` takes the
         same decisions as this ledger from here on."""
@@ -610,7 +631,7 @@ class Ledger:
                 "reservations": {rid: list(e) for rid, e in self._reservations.items()}}
 
     @classmethod
-    def load(cls, state: dict) -> "Ledger":
+    def load(cls, state: dict[str, Any]) -> "Ledger":
         """The ledger :meth:`dump` recorded."""
         led = cls(session=state.get("session", ""))
         led.jobs.clear()
@@ -629,7 +650,7 @@ class Ledger:
         led._owned.update(j.owner for j in led.jobs.values() if j.owner is not None and not j.closed)
         return led
 
-    def snapshot(self, now: float) -> dict:
+    def snapshot(self, now: float) -> dict[str, Any]:
         """Every open job's limits, spend and remainder (for mmi.stats and the status CLI)."""
         out = {}
         for j in self.jobs.values():

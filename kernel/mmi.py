@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from kernel import errors
 from kernel import protocol as P
-from kernel.ledger import DEFAULT_JOB, ROOT, is_default_job
+from kernel.ledger import DEFAULT_JOB, ROOT, is_default_job, refusal
 from kernel.policy import Core as Router
 from kernel.policy import Order
 from kernel.principal import LOCAL_OPERATOR, Principal
@@ -69,7 +69,7 @@ def role_of(principal: Principal) -> P.Role:
     return principal.kind
 
 
-def _loggable(arg: Any) -> dict:
+def _loggable(arg: Any) -> dict[str, Any]:
     """A refused call's argument as the decision log records it (small, JSON)."""
     if not isinstance(arg, dict):
         return {}
@@ -147,7 +147,7 @@ class Management:
         assert self.budget is not None
         return isinstance(job, str) and self.budget.may_act(router, caller.principal, job)
 
-    def _not_yours(self, router: "Router", caller: Caller, name: str, arg: dict, now: float, job: Any) -> Any:
+    def _not_yours(self, router: "Router", caller: Caller, name: str, arg: dict[str, Any], now: float, job: Any) -> Any:
         assert self.budget is not None
         return self.forbid(router, caller, name, arg, now, "", self.budget.not_yours(job))
 
@@ -170,9 +170,8 @@ class Management:
         out = budget.decide(op, now, **inputs)
         for job in out.get("exhausted", ()):
             router.apply(budget.exhaust(router, job, now), now)
-        if not out.get("ok") and "code" in out:
-            return errors.from_wire({"code": out["code"], "message": out.get("message", "")})
-        return out
+        refused = refusal(out)
+        return refused if refused is not None else out
 
     # -- RFC 8/MMI --------------------------------------------------------------------------------
 
@@ -181,20 +180,20 @@ class Management:
             arg = arg.encode()
         return P.MMI_OK if isinstance(arg, bytes) and router.has_worker(arg) else P.MMI_NOT_FOUND
 
-    def op_stats(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_stats(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         out = router.stats(now, arg)
         if not caller.principal.operator and isinstance(out.get("jobs"), dict):
             out["jobs"] = self._own_jobs(out["jobs"], caller)
         return out
 
     @staticmethod
-    def _own_jobs(snapshot: dict, caller: Caller) -> dict:
+    def _own_jobs(snapshot: dict[str, Any], caller: Caller) -> dict[str, Any]:
         """The jobs of a snapshot a non-operator may see: its own (its default job included)."""
         return {k: v for k, v in snapshot.items() if v.get("owner") == caller.principal.name}
 
     # -- jobs -------------------------------------------------------------------------------------
 
-    def op_job_open(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_job_open(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
         parent = arg.get("parent")
@@ -212,14 +211,14 @@ class Management:
         if parent in (None, ROOT) and not caller.principal.operator:
             # A non-operator's top-level jobs are carved from its own default job, so all it holds
             # is bounded by [limits] default: no client can take root's budget from the others.
-            parent, refusal = self.budget.resolve_job(caller.principal, None, now)
-            if refusal is not None:
-                return refusal
+            parent, refused = self.budget.resolve_job(caller.principal, None, now)
+            if refused is not None:
+                return refused
         return self._decide(router, "open", now, job=arg.get("job"), parent=parent,
                             limits=arg.get("budget") or arg.get("limits"), priority=arg["priority"],
                             owner=caller.principal.name)
 
-    def op_job_close(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_job_close(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
         job = arg.get("job")
@@ -230,7 +229,7 @@ class Management:
             return errors.Refused(f"{P.MMI_JOB_CLOSE}: a default job is closed only by an operator")
         return self._decide(router, "close", now, job=job)
 
-    def op_job_stats(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_job_stats(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
         snap = self.budget.ledger.snapshot(now)
@@ -245,12 +244,12 @@ class Management:
 
     # -- gates ------------------------------------------------------------------------------------
 
-    def op_gate_reserve(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_gate_reserve(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
-        job, refusal = self.budget.resolve_job(caller.principal, arg.get("job"), now)
-        if refusal is not None:
-            return refusal
+        job, refused = self.budget.resolve_job(caller.principal, arg.get("job"), now)
+        if refused is not None:
+            return refused
         if not self._may_act(router, caller, job):
             return self._not_yours(router, caller, P.MMI_GATE_RESERVE, arg, now, job)
         # Reservation ids are random (unguessable) and recorded as an input (replay is exact).
@@ -264,7 +263,7 @@ class Management:
         return self._decide(router, "reserve", now, job=job, resource=arg["resource"],
                             amount=arg["amount"], commit=arg["commit"], **extra)
 
-    def _settle(self, router: "Router", name: str, op: str, arg: dict, now: float, caller: Caller) -> Any:
+    def _settle(self, router: "Router", name: str, op: str, arg: dict[str, Any], now: float, caller: Caller) -> Any:
         """commit / release: another principal's reservation is answered as an unknown one."""
         if self.budget is None:
             return None
@@ -274,13 +273,13 @@ class Management:
                                errors.Refused(f"unknown or expired reservation {rid!r}"))
         return self._decide(router, op, now, reservation=rid)
 
-    def op_gate_commit(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_gate_commit(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._settle(router, P.MMI_GATE_COMMIT, "commit", arg, now, caller)
 
-    def op_gate_release(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_gate_release(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._settle(router, P.MMI_GATE_RELEASE, "release", arg, now, caller)
 
-    def op_gate_renew(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_gate_renew(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         """Another principal's reservations are listed ``unknown``, as ids that are not held."""
         if self.budget is None:
             return None
@@ -296,7 +295,7 @@ class Management:
 
     # -- audit ------------------------------------------------------------------------------------
 
-    def op_audit(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_audit(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         """A service appends its own decisions (maps) to the kernel's decision log, so one log
         holds every decision of the runtime.  Replay lists them (they are the service's
         decisions, not the ledger's).  Only under the caller's own sources (operators: any),
@@ -327,7 +326,7 @@ class Management:
 
     # -- orders: preempt, resume, cancel, control -------------------------------------------------
 
-    def _order(self, router: "Router", name: str, arg: dict, now: float, caller: Caller) -> Any:
+    def _order(self, router: "Router", name: str, arg: dict[str, Any], now: float, caller: Caller) -> Any:
         """One target: ``token`` (a request's kernel token, bytes or hex: exact), ``job`` (every
         request of the job) or ``id`` (a request id of the *caller's own* requests in flight: ids
         are chosen by clients, so they only name a request together with the client that sent
@@ -343,6 +342,9 @@ class Management:
             job = arg[P.C_JOB]
             if not operator and (job == DEFAULT_JOB or not self._may_act(router, caller, job)):
                 return self._not_yours(router, caller, name, arg, now, job)
+            known = self.budget.ledger.jobs.get(job) if self.budget is not None else True
+            if known is None or getattr(known, "closed", False):
+                return errors.NotFound(f"{name}: no open job {job!r}")  # an order to nothing is no success
             orders = [Order(service, op, {P.C_JOB: job})]
         else:
             if P.C_TOKEN in arg:
@@ -368,22 +370,22 @@ class Management:
                     if not r.done and (service == P.CTL_ALL or r.service.name == service.encode())]
             if not reqs:
                 what = "that token" if P.C_TOKEN in arg else f"id {arg[P.C_ID]!r} from this client"
-                return errors.Refused(f"{name}: no request with {what} in flight")
+                return errors.NotFound(f"{name}: no request with {what} in flight")
             orders = [Order.to_request(op, r) for r in reqs]
         for order in orders:
             router.order(order, now)
         return {"ok": True, "targets": len(orders)}
 
-    def op_preempt(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_preempt(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._order(router, P.MMI_PREEMPT, arg, now, caller)
 
-    def op_resume(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_resume(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._order(router, P.MMI_RESUME, arg, now, caller)
 
-    def op_cancel(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_cancel(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._order(router, P.MMI_CANCEL, arg, now, caller)
 
-    def op_control(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_control(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         """Orders that are not the kernel's own decisions (fidelity, precision) are relayed on the
         control bus; preempt/resume/cancel stay with their own operations."""
         router.order(Order(arg["service"], arg["op"], arg["message"]), now)
@@ -391,7 +393,7 @@ class Management:
 
     # -- process control (through the supervisor) -------------------------------------------------
 
-    def _proc(self, name: str, arg: dict, now: float, act: Callable[["ProcessControl"], int]) -> Any:
+    def _proc(self, name: str, arg: dict[str, Any], now: float, act: Callable[["ProcessControl"], int]) -> Any:
         if self.procs is None:
             return errors.BadRequest(f"{name} needs 'child' (a supervised child name)")
         try:
@@ -404,7 +406,7 @@ class Management:
             self.budget.record(name[len(P.MMI_PREFIX):], now, dict(arg), {"ok": True, "pid": pid})
         return {"ok": True, "pid": pid}
 
-    def op_restart(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_restart(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         if self.procs is None:
             return None
         try:
@@ -415,14 +417,14 @@ class Management:
             self.budget.record("restart", now, dict(arg), {"ok": True, "restarts": restarts})
         return {"ok": True, "child": arg["child"], "restarts": restarts}
 
-    def op_proc_stop(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_proc_stop(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._proc(P.MMI_PROC_STOP, arg, now, lambda p: p.suspend(arg["child"]))
 
-    def op_proc_cont(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_proc_cont(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._proc(P.MMI_PROC_CONT, arg, now, lambda p: p.resume(arg["child"]))
 
-    def op_proc_nice(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_proc_nice(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._proc(P.MMI_PROC_NICE, arg, now, lambda p: p.set_nice(arg["child"], arg["nice"]))
 
-    def op_proc_affinity(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_proc_affinity(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._proc(P.MMI_PROC_AFFINITY, arg, now, lambda p: p.set_affinity(arg["child"], arg["cpus"]))

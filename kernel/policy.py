@@ -25,6 +25,7 @@ from typing import Any, Mapping, Protocol, Sequence, Union
 from kernel import codec, errors
 from kernel import protocol as P
 from kernel.principal import Principal
+from kernel.dedup import Dedup
 from kernel.state import Request, Service, Worker, error_body
 
 __all__ = ["NO_EFFECTS", "Admission", "Core", "Effect", "Effects", "Fail", "Lend", "Order", "View"]
@@ -36,7 +37,7 @@ class Fail:
 
     request: Request
     error: errors.RecaError
-    spent: dict | None = None
+    spent: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -113,7 +114,7 @@ class Core(View, Protocol):
 
     def has_worker(self, name: bytes) -> bool: ...
 
-    def stats(self, now: float | None = None, query: dict | None = None) -> dict: ...
+    def stats(self, now: float | None = None, query: dict[str, Any] | None = None) -> dict[str, Any]: ...
 
     def apply(self, effects: Effects, now: float) -> None: ...
 
@@ -125,6 +126,9 @@ class Admission:
 
     Hooks never raise and never call the router: they answer with values (a refusal is an
     exception *returned*) and effects the router applies, in order."""
+
+    #: The idempotency table the router consults (kernel.dedup); None: no deduplication.
+    dedup: Dedup | None = None
 
     def admit(self, view: View, req: Request, now: float) -> tuple[errors.RecaError | None, Effects]:
         """Admit ``req`` (it may set its job, priority and deadline) or refuse it."""
@@ -161,21 +165,23 @@ class Admission:
             return error_body(over, req.header, spent), effects
         return [codec.pack(status), *body[1:]], effects
 
-    def settle(self, view: View, req: Request, status: dict, now: float) -> tuple[errors.RecaError | None, Effects]:
+    def settle(
+        self, view: View, req: Request, status: dict[str, Any], now: float
+    ) -> tuple[errors.RecaError | None, Effects]:
         """Account a FINAL's status (it may be amended in place); an error to answer with instead."""
         return None, NO_EFFECTS
 
     def on_deadline(self, view: View, req: Request, now: float) -> Effects:
         return (Fail(req, errors.DeadlineExceeded("request deadline passed")),)
 
-    def on_done(self, req: Request, now: float, spent: dict | None, error: errors.RecaError | None) -> None:
+    def on_done(self, req: Request, now: float, spent: dict[str, Any] | None, error: errors.RecaError | None) -> None:
         """``req`` got its one FINAL (the router's, or its worker's)."""
 
     def claim_slot(self, view: View, worker: Worker, now: float) -> tuple[bool, Effects]:
         """A slot of ``worker`` just freed; True if the policy took it (to resume paused work)."""
         return False, NO_EFFECTS
 
-    def record(self, op: str, now: float, inputs: dict, outputs: dict) -> None:
+    def record(self, op: str, now: float, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
         """Record a decision that is not the ledger's (orders, process controls, audits)."""
 
     def flush_log(self) -> None:
@@ -189,7 +195,7 @@ class Admission:
     def next_wakeup(self) -> float:
         return float("inf")
 
-    def on_forbidden(self, principal: Principal, op: str, inputs: dict, now: float) -> None:
+    def on_forbidden(self, principal: Principal, op: str, inputs: dict[str, Any], now: float) -> None:
         """A call or registration ``principal`` lacks the authority for was refused (logged)."""
 
     def worker_gone(self, identity: bytes) -> None:
@@ -199,7 +205,7 @@ class Admission:
         """Slots of ``worker`` beyond its capacity that the policy has lent out (paused work)."""
         return 0
 
-    def stats(self, now: float) -> dict:
+    def stats(self, now: float) -> dict[str, Any]:
         return {}
 
     def check_invariants(self, view: View) -> None:

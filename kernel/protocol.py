@@ -35,7 +35,8 @@ import dataclasses
 import enum
 from typing import Any, Callable, Final
 
-from kernel.errors import BadRequest, ErrorCode
+from kernel.errors import BadRequest
+from kernel.errors import ErrorCode as ErrorCode  # re-exported: the wire codes belong to the protocol
 
 #: Protocol version carried in every reca header and status map (field ``v``).
 VERSION: Final = 1
@@ -644,4 +645,10 @@ HEADER: Final[tuple[HeaderField, ...]] = (
         f"header field 'budget' must map at most {MAX_KINDS} kinds to non-negative numbers"),
     HeaderField(H_IDEM, lambda v: isinstance(v, str), "header field 'idem' must be a string"),
     HeaderField(H_TXN, lambda v: isinstance(v, str), "header field 'txn' must be a string"),
+)
+
+
+#: The public API: every name of the wire (constants, enums, tables, ``check_args``).
+__all__ = sorted(
+    n for n in dir() if not n.startswith("_") and n not in {"annotations", "dataclasses", "enum", "Any", "Callable", "Final"}
 )

@@ -41,6 +41,9 @@ class ReplayReport:
     ledger: Ledger | None = None
     inflight_idem: set[str] = field(default_factory=set)
     last_t: float | None = None  # the time of the last decision read
+    #: Stored FINALs of finished requests by (principal, idempotency key): ``final`` decisions
+    #: and snapshots' ``dedup`` (kernel.dedup restores them).
+    finals: dict = field(default_factory=dict)
 
 
 def _norm(x):
@@ -71,6 +74,7 @@ def replay_lines(lines, report: ReplayReport | None = None) -> ReplayReport:
             else:
                 ledger = Ledger(session=rec.get("session", ""))
                 idem.clear()
+                report.finals.clear()
             continue
         if op == "snapshot":
             report.snapshots += 1
@@ -81,7 +85,13 @@ def replay_lines(lines, report: ReplayReport | None = None) -> ReplayReport:
             ledger = Ledger.load(state["ledger"])
             idem.clear()
             idem.update(state.get("inflight_idem", ()))
+            report.finals = {(r.get("principal"), r.get("idem")): r for r in state.get("dedup", ())
+                             if isinstance(r, dict)}
             continue
+        if op == "final":
+            final = rec.get("in", {})
+            if isinstance(final, dict):
+                report.finals[(final.get("principal"), final.get("idem"))] = final
         if op == "run":
             idem.add(rec.get("in", {}).get("idem"))
         elif op == "ran":

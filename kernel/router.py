@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from kernel import codec, errors, mdp
 from kernel import protocol as P
+from kernel.dedup import Attempt, Dedup
 from kernel.mdp import Form
 from kernel.mmi import Caller, Management
 from kernel.policy import Admission, Effects, Fail, Lend, Order
@@ -73,13 +74,26 @@ _HEARTBEAT = P.WorkerCmd.HEARTBEAT
 _SLACK = 64
 
 
-def _compact(heap: list, live: int) -> list:
+def _compact(heap: list[Any], live: int) -> list[Any]:
     """``heap`` without entries whose request is done, when those outnumber the live ones."""
     if len(heap) <= 2 * live + _SLACK:
         return heap
     kept = [e for e in heap if not e[-1].done]
     heapq.heapify(kept)
     return kept
+
+
+def _with_rid(body: list[bytes], rid: Any) -> list[bytes]:
+    """``body`` (a reca reply: status frame first) under the request id ``rid``."""
+    if not body:
+        return body
+    try:
+        status = codec.unpack(body[0])
+    except errors.BadRequest:
+        return body
+    if not isinstance(status, dict) or status.get(P.S_ID) == rid:
+        return body
+    return [codec.pack({**status, P.S_ID: rid}), *body[1:]]
 
 
 def _percentile(sorted_samples: list[float], q: float) -> float | None:
@@ -109,13 +123,13 @@ class Router:
         max_queued_bytes: int = P.MAX_QUEUED_BYTES,
         admission: Admission | None = None,
         management: Management | None = None,
-        extra_stats: Callable[[], dict] | None = None,
-        publish: Callable[[bytes, dict], None] | None = None,
+        extra_stats: Callable[[], dict[str, Any]] | None = None,
+        publish: Callable[[bytes, dict[str, Any]], None] | None = None,
         host: "Host | None" = None,
     ) -> None:
         self._send = send
         #: Publishes a control message ``(topic, map)`` on the kernel's PUB socket.
-        self.publish: Callable[[bytes, dict], None] = publish or (lambda topic, msg: None)
+        self.publish: Callable[[bytes, dict[str, Any]], None] = publish or (lambda topic, msg: None)
         if host is None:
             from kernel.host import SystemHost  # the real machine unless one is injected
 
@@ -149,7 +163,7 @@ class Router:
         self.queued_bytes = 0
         self.max_queued_bytes = max_queued_bytes
         #: client -> (bytes it has queued, its queued requests oldest first), for fair eviction.
-        self._holders: dict[bytes, list] = {}
+        self._holders: dict[bytes, list[Any]] = {}
         self._next_sweep = 0.0
         #: The latest time the router was given (on_message / tick): what stats() reports at.
         self.now = 0.0
@@ -280,9 +294,13 @@ class Router:
                 return
             service = self.services[name] = Service(name)
         self._idle.pop(name, None)
+        checked = ev.checked
+        dedup = self.admission.dedup
+        if dedup is not None and checked is not None and checked.idem is not None \
+                and self._deduplicated(dedup, ev, (principal.name, checked.idem), now):
+            return
         service.requests += 1
         token = self.host.token(TOKEN_BYTES)
-        checked = ev.checked
         req = Request(token, ev.identity, ev.form, service, ev.body, ev.rid, header is not None, None,
                       P.DEFAULT_PRIORITY, now, header=header, principal=principal, checked=checked)
         service.live += 1
@@ -306,9 +324,50 @@ class Router:
             req.timed = True
             self._deadlines_live += 1
         self.inflight[token] = req
+        if dedup is not None and checked is not None and checked.idem is not None:
+            dedup.start((principal.name, checked.idem), token)
         self._enqueue(req, now)
         if effects:
             self.apply(effects, now)
+
+    # -- exactly-once: retries of one idempotency key (kernel.dedup) -----------------------------
+
+    def _deduplicated(self, dedup: Dedup, ev: mdp.Request, key: tuple[str, str], now: float) -> bool:
+        """Answer a request whose ``(principal, idem)`` the kernel has seen: attach it to the
+        attempt in flight, or send the stored FINAL.  False: a new request (it runs)."""
+        kind, what = dedup.seen(key, now)
+        if kind == "run":
+            return False
+        if kind == "replay":
+            dedup.replayed()
+            self.counters["dedup_replayed"] += 1
+            body = what.body if what.body is not None else error_body(errors.AlreadyDone(
+                "this request (same idempotency key) already ran; its answer was too large to keep"), ev.header)
+            self._send(mdp.to_client(ev.identity, ev.form, ev.service, True, _with_rid(body, ev.rid)))
+            return True
+        if not dedup.attach(what, Attempt(ev.identity, ev.form, ev.rid)):
+            self._reply_error(ev.identity, ev.form, ev.service, errors.Overloaded(
+                f"more than {dedup.max_attached} retries wait on this request"), ev.header)
+            return True
+        self.counters["dedup_attached"] += 1
+        return True
+
+    def _to_attempts(self, req: Request, final: bool, body: list[bytes], now: float, keep: bool) -> None:
+        """Send what ``req``'s client got to the retries attached to it; at its FINAL, forget its
+        key, storing the FINAL for later retries when ``keep`` (its worker made it)."""
+        dedup = self.admission.dedup
+        if dedup is None or req.token not in dedup.key_of:
+            return
+        if final:
+            key = dedup.key_of[req.token]
+            attempts, stored = dedup.finish(req.token, now, body if keep else None, req.service.name)
+            if stored is not None:
+                self.admission.record("final", now, Dedup.record(key, req.service.name, stored), {"ok": True})
+        else:
+            attempts = dedup.attempts(req.token)
+        for a in attempts:
+            if self._send(mdp.to_client(a.client, a.form, req.service.name, final, _with_rid(body, a.rid))) is False:
+                self.counters["unroutable_replies"] += 1
 
     def _enqueue(self, req: Request, now: float) -> None:
         service = req.service
@@ -419,7 +478,7 @@ class Router:
             self.counters["unroutable_replies"] += 1
 
     def _finish_error(self, req: Request, exc: errors.RecaError, now: float, *, count: bool = True,
-                      spent: dict | None = None) -> None:
+                      spent: dict[str, Any] | None = None) -> None:
         """Answer ``req`` with a kernel error as its one FINAL and forget it."""
         if req.done:
             return
@@ -430,7 +489,9 @@ class Router:
             req.service.errors += 1
             self.counters[f"error.{exc.code}"] += 1
         self.admission.on_done(req, now, None, exc)
-        self._to_client(req, True, error_body(exc, req.header, spent))
+        body = error_body(exc, req.header, spent)
+        self._to_client(req, True, body)
+        self._to_attempts(req, True, body, now, keep=False)  # a kernel error: a retry runs again
 
     def top_queued_priority(self, service: Service) -> int | None:
         """The priority of the first request waiting in ``service``'s queue (None: none waits)."""
@@ -444,7 +505,7 @@ class Router:
         service = self.services.get(name)
         return service is not None and bool(service.workers)
 
-    def fail_request(self, req: Request, exc: errors.RecaError, now: float, spent: dict | None = None) -> None:
+    def fail_request(self, req: Request, exc: errors.RecaError, now: float, spent: dict[str, Any] | None = None) -> None:
         """Answer an in-flight request with ``exc`` now; its worker slot is freed for new work
         only when the worker's own late FINAL arrives (the worker is still busy with it)."""
         worker = req.worker
@@ -473,7 +534,7 @@ class Router:
         self._reply_error(ev.identity, ev.form, service, errors.Overloaded(message), header)
 
     def _reply_error(self, identity: bytes, form: Form, service: bytes, exc: errors.RecaError,
-                     header: dict | None = None) -> None:
+                     header: dict[str, Any] | None = None) -> None:
         self._send(mdp.to_client(identity, form, service, True, error_body(exc, header)))
 
     # -- workers ----------------------------------------------------------------------------------
@@ -576,6 +637,7 @@ class Router:
                 if req.done:  # the admission ended it (budget): its FINAL is already sent
                     return
             self._to_client(req, False, body)
+            self._to_attempts(req, False, body, now, keep=False)
             return
         del worker.inflight[token]
         self._retire(req, now)
@@ -588,6 +650,7 @@ class Router:
         else:
             self.admission.on_done(req, now, None, None)
         self._to_client(req, True, body)
+        self._to_attempts(req, True, body, now, keep=True)
         self.free_slot(worker, now)
 
     def free_slot(self, worker: Worker, now: float) -> None:
@@ -692,7 +755,14 @@ class Router:
         result = self.management.handle(self, name.decode(errors="replace"), arg, now,
                                         caller=Caller(ev.identity, principal))
         if result is None:
-            result = P.MMI_NOT_IMPLEMENTED
+            if header is not None:  # a reca caller gets a typed error (an opaque one RFC 8's "501")
+                op = name.decode(errors="replace")
+                result = errors.BadRequest(
+                    f"{op} is not available in this kernel" if op in P.MMI_OPS else
+                    f"unknown management operation {op!r}; known: {', '.join(sorted(P.MMI_OPS))}",
+                    kind="unknown_op")
+            else:
+                result = P.MMI_NOT_IMPLEMENTED
         if isinstance(result, errors.RecaError):
             self._reply_error(ev.identity, ev.form, name, result, header)
             return
@@ -729,7 +799,7 @@ class Router:
             ))
         return out
 
-    def stats(self, now: float | None = None, query: dict | None = None) -> dict:
+    def stats(self, now: float | None = None, query: dict[str, Any] | None = None) -> dict[str, Any]:
         """``mmi.stats``: a summary and one page of services (sorted by name, ``STATS_PAGE`` per
         page) plus the admission's and ``extra_stats``' sections; ``{"page": n}`` asks for page n,
         ``{"service": name}`` for one service.  Its cost is one sort of the service names plus the
@@ -805,6 +875,10 @@ class Router:
         assert served == self._served, f"services with workers {self._served} != {served}"
         for ident, w in self.workers.items():
             assert w.identity == ident and w.service.workers.get(ident) is w
+        dedup = self.admission.dedup
+        if dedup is not None:
+            dedup.check_invariants()
+            assert all(t in self.inflight for t in dedup.key_of), "an idempotency key runs a request not in flight"
         self.admission.check_invariants(self)
 
     _ON: dict[type, Callable[[Any, Any, float, Principal], None]] = {

@@ -49,7 +49,6 @@ _BATCH = P.RECV_BATCH
 #: How often the key directory is checked for changes (revocations), seconds.
 _RELOAD_INTERVAL = 0.25
 _NOBLOCK = int(zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
 _MONITORED = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
 
 
@@ -80,8 +79,8 @@ class KernelServer:
         unavailable_wait: float = P.UNAVAILABLE_WAIT,
         admission: Admission | None = None,
         management: Management | None = None,
-        extra_stats: Callable[[], dict] | None = None,
-        context: zmq.Context | None = None,
+        extra_stats: Callable[[], dict[str, Any]] | None = None,
+        context: "zmq.Context[Any] | None" = None,
         server_keys: auth.ServerKeys | None = None,
         principals: auth.Principals | None = None,
         max_peers: int = P.MAX_PEERS,
@@ -152,8 +151,8 @@ class KernelServer:
         self._stopped: asyncio.Event | None = None
         self._next_reload = 0.0
 
-    def _stats_with(self, extra: Callable[[], dict] | None) -> Callable[[], dict]:
-        def stats() -> dict:
+    def _stats_with(self, extra: Callable[[], dict[str, Any]] | None) -> Callable[[], dict[str, Any]]:
+        def stats() -> dict[str, Any]:
             out = dict(extra()) if extra is not None else {}
             out["connections"] = self.guard.stats()
             out["auth"] = {"curve": self.zap is not None,
@@ -162,7 +161,7 @@ class KernelServer:
             return out
         return stats
 
-    def _monitor(self, sock: zmq.Socket, n: int) -> zmq.Socket:
+    def _monitor(self, sock: "zmq.Socket[Any]", n: int) -> "zmq.Socket[Any]":
         """A PAIR receiving ``sock``'s accept/disconnect events.  Its receive high-water mark is 0
         (unlimited; over inproc that makes the whole pipe unlimited): a lost DISCONNECTED event
         would leave a reused descriptor marked as refused."""
@@ -190,7 +189,7 @@ class KernelServer:
             raise
         return True
 
-    def _publish(self, topic: bytes, message: dict) -> None:
+    def _publish(self, topic: bytes, message: dict[str, Any]) -> None:
         try:
             self.pub.send_multipart([topic, codec.pack(message)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # PUB drops on HWM by design; count it
@@ -203,32 +202,33 @@ class KernelServer:
         uncopied) past a bound, and answers a connection refused over the peer cap itself (then
         returns no frames).  Under CURVE the principal is the ``User-Id`` of the first frame after
         the routing id (role REVOKED: a key the kernel no longer knows); otherwise ``local``."""
-        sock = self.sock
-        recv = sock.recv
-        getsockopt = sock.getsockopt
-        parts = [recv(_NOBLOCK)]  # the routing id (made by the ROUTER: carries no metadata)
+        # Frames are received as zmq.Frame and their ``more`` flag read from the frame: pyzmq's
+        # getsockopt(RCVMORE) builds an option enum per call, which cost more than the frame.
+        recv = self.sock.recv
+        frame = recv(_NOBLOCK, copy=False)  # the routing id (made by the ROUTER: carries no metadata)
+        parts = [frame.bytes]
+        more = frame.more
         total, srcfd = 0, -1
         refusing = self.guard.refusing
         principals = self.principals if self.zap is not None else None
         principal = auth.LOCAL_OPERATOR if principals is None else _UNKNOWN
         first = principals is not None or bool(refusing)
-        while getsockopt(_RCVMORE):
+        while more:
+            frame = recv(0, copy=False)
+            more = frame.more
             if first:
                 first = False
-                frame = recv(0, copy=False)
                 if refusing:
                     srcfd = frame.get(zmq.SRCFD)
                 if principals is not None:
                     name = str(frame.get(auth.USER_ID) or "")
                     principal = principals.by_name(name) or auth.Principal(name, auth.REVOKED)
-                data = frame.bytes
-            else:
-                data = recv(0)
+            data = frame.bytes
             total += len(data)
             parts.append(data)
             if total > self.max_message or len(parts) > self.max_frames + 1:
-                while getsockopt(_RCVMORE):
-                    recv(0, copy=False)  # dropped uncopied; libzmq frees it at once
+                while more:
+                    more = recv(0, copy=False).more  # dropped uncopied; libzmq frees it at once
                 self.router.counters["oversized_messages"] += 1
                 raise Oversized(parts[0], f"message larger than {self.max_message} bytes or "
                                           f"{self.max_frames} frames")

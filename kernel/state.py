@@ -34,7 +34,7 @@ class Request:
     deadline: float | None = None  # absolute; None = no deadline
     worker: "Worker | None" = None
     dispatched: float = 0.0
-    header: dict | None = None  # the reca header map as sent (None: opaque)
+    header: dict[str, Any] | None = None  # the reca header map as sent (None: opaque)
     done: bool = False
     principal: Principal = LOCAL_OPERATOR  # who sent it (verified by the kernel)
     queued: bool = False  # in its service's queue (counted in Service.queued)
@@ -117,7 +117,9 @@ class ServiceStats:
     p99_ms: float | None
 
 
-def error_body(exc: errors.RecaError, header: dict | None, spent: dict | None = None) -> list[bytes]:
+def error_body(
+    exc: errors.RecaError, header: dict[str, Any] | None, spent: dict[str, Any] | None = None
+) -> list[bytes]:
     """The body of a kernel error FINAL: a status map (a reca request's carries its id and what
     it spent)."""
     status: dict[str, Any] = {P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: exc.to_wire()}

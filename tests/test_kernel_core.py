@@ -262,3 +262,21 @@ def test_a_bug_in_a_handler_is_internal_error_not_bad_request():
     assert isinstance(out, errors.InternalError) and out.code == "internal_error"
     # Bad input is still the caller's: typed by the schema.
     assert isinstance(mgmt.handle(router, P.MMI_PROC_NICE, {"child": "x", "nice": 99}, 0.0), errors.BadRequest)
+
+
+def test_the_ledger_refuses_with_values_never_exceptions():
+    from kernel.ledger import Ledger, refusal
+
+    led = Ledger()
+    for out in (
+        led.admit(0.0, "nope"),
+        led.reserve(0.0, "nope", "gpu"),
+        led.close(0.0, "nope"),
+        led.open(0.0, "", None),
+        led.renew(0.0, "x"),
+    ):
+        assert out["ok"] is False and out["code"] in set(P.ErrorCode)
+        exc = refusal(out)
+        assert isinstance(exc, errors.RecaError) and exc.code == out["code"] and exc.message == out["message"]
+    assert refusal({"ok": True}) is None
+    assert isinstance(refusal(led.admit(0.0, "nope"), "default job: "), errors.Refused)

@@ -341,3 +341,189 @@ KernelModel.TestCase.settings = settings(
     max_examples=25, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestKernelModel = KernelModel.TestCase
+
+
+# -- the kernel with its workers' sessions, in one process ------------------------------------------
+
+
+class SystemModel(RuleBasedStateMachine):
+    """Router + admission + ledger with real worker sessions (kernel.worker) wired to it in
+    process: requests, handler steps at safe points (pause, resume, cancel), PARTIALs, FINALs,
+    control orders delivered to the sessions, lost links, time.  Every invariant of both sides
+    after every step; every request a client sent gets at most one FINAL."""
+
+    @initialize()
+    def start(self) -> None:
+        from kernel.worker import WorkerSession
+
+        self.host = FakeHost(seed=3)
+        self.journal = MemoryLog("s.")
+        self.adm = BudgetAdmission(
+            decision_log=self.journal,
+            root_limits={k: v * 4 for k, v in LIMITS.items()},
+            default_limits=LIMITS,
+            max_pause=2.0,
+            host=self.host,
+        )
+        self.now = 0.0
+        self.wire = Wire()
+        self.router = Router(
+            self.send,
+            admission=self.adm,
+            management=Management(self.adm),
+            host=self.host,
+            heartbeat_interval=1.0,
+            liveness=3,
+            unavailable_wait=2.0,
+            publish=self.publish,
+        )
+        self.sessions = {}
+        for w, service, cap in ((b"W0", "a", 2), (b"W1", "a", 1), (b"W2", "b", 1)):
+            self.sessions[w] = WorkerSession(
+                service,
+                lambda frames, w=w: self.router.on_message([w, *frames], self.now),
+                capacity=cap,
+                heartbeat=1.0,
+                liveness=3,
+            )
+            self.sessions[w].connect(self.now)
+        self.rid = 0
+        self.seen: collections.Counter[str] = collections.Counter()  # what the run exercised
+
+    def send(self, frames: list[bytes]) -> bool:
+        self.wire(frames)
+        session = self.sessions.get(frames[0])
+        if session is not None:
+            session.on_message(frames[1:], self.now)
+        return True
+
+    def publish(self, topic: bytes, message: dict) -> None:
+        _, service, op = topic.decode().split("/", 2)
+        for session in self.sessions.values():
+            if service in (P.CTL_ALL, session.service):
+                session.on_control(op, message)
+
+    def active(self, data, w: bytes):
+        tokens = sorted(self.sessions[w].active)
+        return data.draw(st.sampled_from(tokens)) if tokens else None
+
+    @rule(
+        c=st.integers(0, 2),
+        service=st.sampled_from([b"a", b"b"]),
+        priority=st.sampled_from([None, 0, 9]),
+        tokens=st.sampled_from([None, 20, 1000]),
+        job=st.sampled_from([None, "j1"]),
+    )
+    def request(self, c, service, priority, tokens, job) -> None:
+        self.rid += 1
+        header = {"v": 1, "id": self.rid}
+        if priority is not None:
+            header["priority"] = priority
+        if tokens is not None:
+            header["budget"] = {"tokens": tokens}
+        if job is not None:
+            header["job"] = job
+        self.router.on_message(
+            [CLIENTS[c], P.MDPC, P.ClientCmd.REQUEST.value, service, codec.pack(header), codec.pack({"x": 1})],
+            self.now,
+            PRINCIPALS[c],
+        )
+
+    @rule(c=st.integers(0, 2), priority=st.sampled_from([0, 5]))
+    def job_open(self, c, priority) -> None:
+        self.router.management.handle(
+            self.router,
+            P.MMI_JOB_OPEN,
+            {"job": "j1", "budget": {"tokens": 100}, "priority": priority},
+            self.now,
+            Caller(CLIENTS[c], PRINCIPALS[c]),
+        )
+
+    @rule(w=st.sampled_from([b"W0", b"W1", b"W2"]), data=st.data(), spent=st.sampled_from([0, 10, 400]))
+    def step(self, w, data, spent) -> None:
+        """A handler reaches a safe point (or looks again while paused), reporting what it spent."""
+        token = self.active(data, w)
+        if token is None:
+            return
+        session = self.sessions[w]
+        state = session.active[token]
+        state.spent = {"tokens": spent}
+        self.seen["step"] += 1
+        self.seen[
+            "step_paused" if state.paused else "step_pause_requested" if state.pause_requested else "step_plain"
+        ] += 1
+        point = session.still_paused(token, self.now) if state.paused else session.safe_point(token, self.now)
+        if point.value == "cancel":
+            session.final(token, self.now, error=state.cancel)
+        elif point.value == "continue" and data.draw(st.booleans()):
+            session.partial(token, {"progress": 1}, self.now)
+
+    @rule(w=st.sampled_from([b"W0", b"W1", b"W2"]), data=st.data())
+    def finish(self, w, data) -> None:
+        token = self.active(data, w)
+        if token is not None and not self.sessions[w].active[token].paused:
+            self.sessions[w].final(token, self.now, result={"ok": 1})
+
+    @rule(c=st.integers(0, 2), op=st.sampled_from([P.MMI_PREEMPT, P.MMI_RESUME, P.MMI_CANCEL]), data=st.data())
+    def order(self, c, op, data) -> None:
+        tokens = list(self.router.inflight)
+        if tokens:
+            self.router.management.handle(
+                self.router,
+                op,
+                {"token": data.draw(st.sampled_from(tokens))},
+                self.now,
+                Caller(CLIENTS[c], PRINCIPALS[c]),
+            )
+
+    @rule(w=st.sampled_from([b"W0", b"W1", b"W2"]))
+    def link_lost(self, w) -> None:
+        """The worker's socket breaks: it reconnects after its backoff; the kernel notices by liveness."""
+        session = self.sessions[w]
+        if session.connected:
+            session.lost("socket closed", self.now)
+
+    @rule(dt=st.sampled_from([0.1, 0.5, 1.5, 3.0]))
+    def advance(self, dt) -> None:
+        target = self.now + dt
+        while self.now < target:
+            self.now = min(target, self.now + 0.25)
+            for session in self.sessions.values():
+                if session.link.value == "backoff" and self.now >= session.reconnect_at:
+                    session.connect(self.now)
+                session.tick(self.now)
+                # Every running handler reaches a safe point as time passes (paused ones look again).
+                for token, state in list(session.active.items()):
+                    point = (
+                        session.still_paused(token, self.now) if state.paused else session.safe_point(token, self.now)
+                    )
+                    self.seen[f"auto_{point.value}"] += 1
+                    if point.value == "cancel" and token in session.active:
+                        session.final(token, self.now, error=state.cancel)
+            self.router.tick(self.now)
+
+    @invariant()
+    def consistent(self) -> None:
+        if not hasattr(self, "router"):
+            return
+        self.router.check_invariants()
+        for w, session in self.sessions.items():
+            session.check_invariants()
+            worker = self.router.workers.get(w)
+            if worker is not None and session.connected:
+                # What the worker holds, the kernel has in flight on it (or answered: a tombstone).
+                assert set(session.active) <= set(worker.inflight), (w, session.active.keys(), worker.inflight.keys())
+        over = {k: n for k, n in self.wire.finals.items() if n > 1}
+        assert not over, f"more than one FINAL: {over}"
+
+    def teardown(self) -> None:
+        if hasattr(self, "router"):
+            report = replay_lines(self.journal.lines)
+            assert report.divergences == []
+            assert _norm(report.ledger.dump()) == _norm(self.adm.ledger.dump())
+
+
+SystemModel.TestCase.settings = settings(
+    max_examples=20, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+TestSystemModel = SystemModel.TestCase

@@ -28,7 +28,7 @@ DAM = {"case": "radial_dam_break", "blocks": 4, "cells": 8, "t_end": 0.5}
 
 
 kern = kernel_fixture(service_block("sim", "services.sim") + service_block("igms", "services.igms")
-                      + service_block("cswif", "services.cswif"), heartbeat=0.2, liveness=3)
+                      + service_block("cswif", "services.cswif"), heartbeat=0.2, liveness=10)
 client = client_fixture("sim", "igms", "cswif", timeout=30, wait_s=20)
 
 

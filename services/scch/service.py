@@ -3,7 +3,9 @@
 Ops (payload maps; a *subgoal* is ``{"kind", "expr", "var"?, "func"?}``, see :mod:`reason.canon`):
 
 * ``{"op": "get", "subgoal"}`` -> ``{"hit", "answer"?, "key", "how"?, "priority_hint"}``: an
-  answer in the query's own symbols, served only after its quick check passed.  Charged nothing.
+  answer in the query's own symbols, served only after its quick check passed and after it was
+  verified against the query as written (``solve``: ``complete``, and ``excluded`` for the
+  canonical form's solutions where the written equation is undefined).  Charged nothing.
 * ``{"op": "put", "subgoal", "answer", "verifier"?}`` -> ``{"admitted", "key", "how", ...}``:
   the answer (printed, in the query's symbols; a list for ``solve``) is verified in full and
   stored with the verifier's hash; ``verifier``, when given, must be the current verifier hash.
@@ -106,10 +108,10 @@ class ScchService(Service):
         subgoal = payload.get("subgoal")
         try:
             if op == "get":
-                cn, answer, entry = cache.get(subgoal, time.time())
-                out = {"hit": answer is not None, "key": cn.key, "priority_hint": cache.priority_hint(cn.kind)}
-                if answer is not None:
-                    out |= {"answer": answer, "how": entry.how}
+                cn, served, entry = cache.get(subgoal, time.time())
+                out = {"hit": served is not None, "key": cn.key, "priority_hint": cache.priority_hint(cn.kind)}
+                if served is not None:
+                    out |= {**served, "how": entry.how}
                 return out
             if op == "put":
                 now = time.time()
