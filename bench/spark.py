@@ -23,7 +23,14 @@ from typing import Any
 
 from bench._common import Result, percentile
 
-HEADLINE = ["vm_tapes_past_budget", "vm_hostile_stopped_frac", "vm_kernel_only_billed_past_grant"]
+HEADLINE = {
+    "vm_tapes_past_budget": "the in-process interpreter (same tapes and grants, no kernel)",
+    "vm_kernel_only_billed_past_grant": "a worker that ignores its grant (only the kernel caps it)",
+    "cb_d2_k256_size_vs_dense": "the dense fp32 chain LM (and per-row int8)",
+    "router_content_acc_minus_dense_active": "a dense MLP with the same active parameters",
+    "attn_sinusoid_acc_minus_learned": "learned (query/key) attention of the same width",
+    "prefix_prefill_saved_frac": "the same engine without the cache (tokens identical)",
+}
 
 
 # -- vm -----------------------------------------------------------------------------------------
@@ -41,8 +48,8 @@ def _vm(quick: bool) -> tuple[dict[str, float], list[dict], list[str], dict[str,
     from kernel import errors
     from spark import tapes, vm
 
-    n = 200 if quick else 1000
-    n_kernel = 40 if quick else 200
+    n = 100 if quick else 1000
+    n_kernel = 20 if quick else 200
     rng = random.Random(30)
     drawn = [tapes.random_tape(rng) for _ in range(n)]
     grants = [rng.randint(100, 4000) for _ in range(n)]
@@ -152,13 +159,13 @@ def _codebook(quick: bool) -> tuple[dict[str, float], list[dict], list[str]]:
     from spark import codebook as cbk
 
     torch.set_num_threads(1)
-    configs = [(4, 16), (2, 256)] if quick else [(4, 16), (4, 64), (4, 256), (2, 256)]
-    chains_n = 10 if quick else 30
+    configs = [(2, 256)] if quick else [(4, 16), (4, 64), (4, 256), (2, 256)]
+    chains_n = 3 if quick else 30
     key = f"codebook-{quick}"
     if key not in _CACHE:  # fitted and scored once per process; every run re-measures time per token
-        _CACHE[key] = cbk.compare(load(), configs, chains_n=chains_n)
+        _CACHE[key] = cbk.compare(load(), configs, chains_n=chains_n, score_batches=2 if quick else 8)
     rows, models = _CACHE[key]
-    ms = cbk.interleaved_ms_per_token(models, rounds=3 if quick else 5)
+    ms = cbk.interleaved_ms_per_token(models, rounds=1 if quick else 5, tokens=8 if quick else 32)
     rows = [dict(r, ms_tok=ms[r["model"]]) for r in rows]
     dense = rows[0]
     metrics: dict[str, float] = {
@@ -182,9 +189,9 @@ def _codebook(quick: bool) -> tuple[dict[str, float], list[dict], list[str]]:
     notes = [
         "codebook: the shipped chain LM (d_model 64, 4 layers); every block linear (qkv, proj, fc1, fc2) replaced by a "
         "k-means codebook of k codewords over sub-vectors of d input weights (one uint8 code each); embedding, norms "
-        "and biases dense. loss/ppl/tok_acc: teacher-forced on 256 held-out chains; chain_acc: greedy decodes through "
+        f"and biases dense. loss/ppl/tok_acc: teacher-forced on {64 if quick else 256} held-out chains; chain_acc: greedy decodes through "
         f"the paged engine on {chains_n} held-out chains; ms_tok: one sequence, 32 greedy tokens, median of 5 rounds "
-        "(3 quick) measured round-robin over all the models",
+        "(1 round of 8 tokens quick) measured round-robin over all the models",
         "codebook modes: lut = lookup table + gather (never forms W), decode = W synthesised every call then GEMM, "
         "cached = decoded once (small only at rest); int8 rows = per-output-row symmetric int8, the peer at a "
         "similar size",
@@ -201,10 +208,11 @@ def _compare(quick: bool) -> tuple[dict[str, float], list[dict], list[str]]:
     from spark import compare
 
     torch.set_num_threads(1)
-    steps = 60 if quick else 200
+    steps = 10 if quick else 200
+    kw = {"batch": 8, "eval_batches": 1} if quick else {}
     key = f"compare-{quick}"
     if key not in _CACHE:
-        _CACHE[key] = compare.router_rows(steps) + compare.attention_rows(steps, procedural_only=True)
+        _CACHE[key] = compare.router_rows(steps, **kw) + compare.attention_rows(steps, procedural_only=True, **kw)
     rows = _CACHE[key]
     by = {r["model"]: r for r in rows}
     dense = by["dense (1 expert wide)"]
@@ -227,7 +235,7 @@ def _compare(quick: bool) -> tuple[dict[str, float], list[dict], list[str]]:
     metrics["attn_learned_acc"] = learned["accuracy"]
     out_rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
     notes = [
-        f"router / attention: width-32 2-layer models trained {steps} steps (batch 32, AdamW 3e-3, seed 0) on the "
+        f"router / attention: width-32 2-layer models trained {steps} steps (batch {kw.get('batch', 32)}, AdamW 3e-3, seed 0) on the "
         "chain task, scored on 8 held-out batches (answer-token accuracy); trained once per process, so the runs "
         "repeat the same figures; 4 experts of width 64, one active per token (active parameters equal to the "
         "dense 64-wide peer); balance_std = std over experts of their token share, averaged over layers"
@@ -249,7 +257,8 @@ def _prefix(quick: bool) -> tuple[dict[str, float], list[dict], list[str]]:
     torch.set_num_threads(1)
     model = load()
     rng = random.Random(11)
-    n = 16 if quick else 60
+    n = 8 if quick else 60
+    new_tokens = 8 if quick else 16
     shared = [chains.random_items(rng, 3) for _ in range(4)]  # four "system prompts" of three items
     prompts = []
     for i in range(n):
@@ -264,7 +273,7 @@ def _prefix(quick: bool) -> tuple[dict[str, float], list[dict], list[str]]:
         outs, t0 = [], time.perf_counter()
         for p in prompts:
             sid = start(p)
-            engine.generate(sid, 16)
+            engine.generate(sid, new_tokens)
             outs.append(engine.tokens(sid))
             engine.free(sid)
         results[name] = (outs, time.perf_counter() - t0, engine.stats().prefilled, cache)
@@ -284,7 +293,8 @@ def _prefix(quick: bool) -> tuple[dict[str, float], list[dict], list[str]]:
     rows = [{"part": "prefix", "model": k, "prefilled": v[2], "seconds": round(v[1], 3)} for k, v in results.items()]
     notes = [
         f"prefix: {len(prompts)} chain prompts, each starting with 1-3 items of one of 4 shared prefixes, "
-        f"{n // 4} repeated; block 4 tokens; cache bound 96 blocks (and 12, to force eviction); 16 greedy tokens each"
+        f"{n // 4} repeated; block 4 tokens; cache bound 96 blocks (and 12, to force eviction); "
+        f"{new_tokens} greedy tokens each"
     ]
     return metrics, rows, notes
 

@@ -229,22 +229,26 @@ def train_and_score(s: Spec, *, steps: int, batch: int = 32, seed: int = 0, eval
     }
 
 
-def router_rows(steps: int, seed: int = 0) -> list[dict[str, Any]]:
+def router_rows(steps: int, seed: int = 0, **kw: Any) -> list[dict[str, Any]]:
     base = Spec()
     rows = []
     for name, s in [
         ("dense (1 expert wide)", base),
         ("dense (all experts wide)", dataclasses.replace(base, d_ff=base.d_ff * base.experts)),
     ] + [(f"{r} router", dataclasses.replace(base, router=r)) for r in ROUTERS]:
-        rows.append({"part": "router", "model": name, **train_and_score(s, steps=steps, seed=seed)})
+        rows.append({"part": "router", "model": name, **train_and_score(s, steps=steps, seed=seed, **kw)})
     return rows
 
 
-def attention_rows(steps: int, seed: int = 0, *, procedural_only: bool = False) -> list[dict[str, Any]]:
+def attention_rows(steps: int, seed: int = 0, *, procedural_only: bool = False, **kw: Any) -> list[dict[str, Any]]:
     """One row per attention kind; ``procedural_only`` leaves out learned attention (the same
     model as :func:`router_rows`' dense peer, same seed: no need to train it twice)."""
     kinds = [a for a in ATTENTIONS if not procedural_only or a != "learned"]
     return [
-        {"part": "attention", "model": f"{a} attention", **train_and_score(Spec(attention=a), steps=steps, seed=seed)}
+        {
+            "part": "attention",
+            "model": f"{a} attention",
+            **train_and_score(Spec(attention=a), steps=steps, seed=seed, **kw),
+        }
         for a in kinds
     ]
