@@ -304,6 +304,7 @@ BUDGET_KINDS: Final[dict[str, KindSpec]] = {k.name: k for k in (
     KindSpec(CPU_MS, True, "process", 3_600_000.0, 1000.0, "CPU time, milliseconds"),
     KindSpec("tokens", True, "worker", 1e8, 1e4, "tokens generated or processed"),
     KindSpec("flops", True, "worker", 1e15, 1e11, "floating-point operations"),
+    KindSpec("vm_steps", True, "worker", 1e9, 1e6, "instructions of sparkvm's reasoning tapes (docs/spark.md)"),
 )}
 #: Kinds whose exhaustion stops the job.
 COMPUTE_KINDS: Final = tuple(k for k, spec in BUDGET_KINDS.items() if spec.compute)

@@ -174,7 +174,7 @@ def test_roles_and_budget_kinds_are_one_table_each():
     assert [r for r in P.ROLES] == list(P.Role)
     assert P.Role.REVOKED.rank < P.Role.CLIENT.rank < P.Role.SERVICE.rank < P.Role.OPERATOR.rank
     assert P.role_kind("service:a,b") is P.Role.SERVICE and P.role_kind("nonsense") is P.Role.REVOKED
-    assert P.COMPUTE_KINDS == tuple(P.BUDGET_KINDS) == ("wall_ms", "cpu_ms", "tokens", "flops")
+    assert P.COMPUTE_KINDS == tuple(P.BUDGET_KINDS) == ("wall_ms", "cpu_ms", "tokens", "flops", "vm_steps")
     from kernel.ledger import COMPUTE
 
     assert COMPUTE == P.COMPUTE_KINDS

@@ -49,8 +49,8 @@ def sec():
         [auth]
         keys = "{kd}"
         [limits]
-        root = {{ wall_ms = 1e8, cpu_ms = 1e8, tokens = 1e9, flops = 1e14 }}
-        default = {{ wall_ms = 1e7, cpu_ms = 1e7, tokens = {DEFAULT_TOKENS}, flops = 1e12 }}
+        root = {{ wall_ms = 1e8, cpu_ms = 1e8, tokens = 1e9, flops = 1e14, vm_steps = 1e12 }}
+        default = {{ wall_ms = 1e7, cpu_ms = 1e7, tokens = {DEFAULT_TOKENS}, flops = 1e12, vm_steps = 1e9 }}
         max_pause_s = {MAX_PAUSE_S}
         audit_events_per_min = {AUDIT_PER_MIN}
         [supervisor]
