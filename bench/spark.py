@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from bench._common import Result, percentile
+from kernel import protocol as P
 
 HEADLINE = {
     "vm_tapes_past_budget": "the in-process interpreter (same tapes and grants, no kernel)",
@@ -88,8 +89,8 @@ def _vm(quick: bool) -> tuple[dict[str, float], list[dict], list[str], dict[str,
                     hostile += 1
                     hostile_stopped += res["status"] == "faulted"
                 by_kind.setdefault(kind, []).append(steps or 0)
-            billed = c.call("mmi.job.stats", {"job": job})["spent"].get("vm_steps", 0.0)
-            c.call("mmi.job.close", {"job": job})
+            billed = c.call(P.MMI_JOB_STATS, {"job": job})["spent"].get("vm_steps", 0.0)
+            c.call(P.MMI_JOB_CLOSE, {"job": job})
             for kind in tapes.MALFORMED:
                 try:
                     c.call("sparkvm", {"tape": tapes.malformed_tape(kind)}, budget={"vm_steps": 100})
@@ -110,9 +111,9 @@ def _vm(quick: bool) -> tuple[dict[str, float], list[dict], list[str], dict[str,
                     kernel_stopped += 1
                 except errors.RecaError:
                     pass  # a fault of its own (memory, arithmetic) before the grant
-                spent = c.call("mmi.job.stats", {"job": kjob})["spent"].get("vm_steps", 0.0)
+                spent = c.call(P.MMI_JOB_STATS, {"job": kjob})["spent"].get("vm_steps", 0.0)
                 over_billed += spent > grant
-                c.call("mmi.job.close", {"job": kjob})
+                c.call(P.MMI_JOB_CLOSE, {"job": kjob})
     finally:
         kern.stop()
     metrics = {

@@ -37,6 +37,7 @@ import logging
 from typing import Any
 
 from kernel import errors
+from kernel import protocol as P
 from services.base import Context
 from services.common import BusService
 from spark import vm
@@ -169,6 +170,6 @@ class SparkVM(BusService):
             "pc": m.pc,
         }
         try:
-            await self.client.call("mmi.audit", {"source": self.name, "events": [event]}, retries=0)
+            await self.client.call(P.MMI_AUDIT, {"source": self.name, "events": [event]}, retries=0)
         except (errors.RecaError, asyncio.TimeoutError) as exc:  # the answer does not wait on the log
             log.warning("audit of a stopped tape failed: %s", exc)
