@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import tokenize
 from typing import Any
 
 import numpy as np
@@ -97,7 +98,7 @@ def check_subgoal(subgoal: dict, answer: Any) -> bool:
                 return False
             ref = sp.solve(eq, var)
             return len({sp.srepr(sp.nsimplify(s)) for s in got}) >= len(ref) or len(got) >= len(ref)
-    except (sp.SympifyError, SyntaxError, TypeError, ValueError, ZeroDivisionError):
+    except (sp.SympifyError, SyntaxError, TypeError, ValueError, ZeroDivisionError, tokenize.TokenError):
         return False
     raise VerifyError(f"unknown subgoal kind {kind!r}")
 
