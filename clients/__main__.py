@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--priority", type=int)
     sub.add_parser("status", help="services, processes, jobs")
     sub.add_parser("demo", help="the guided demo (starts a kernel unless --endpoint is given)")
+    sub.add_parser("agent-demo", help="a planner suggests, reca decides: one task narrated (docs/agent.md)")
     args = parser.parse_args(argv)
     if args.cert:
         os.environ[auth.ENV_CERT] = args.cert
@@ -248,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "status":
             args.endpoint = args.endpoint or default_endpoint()
             return cmd_status(args)
+        if args.cmd == "agent-demo":
+            from clients import agent_demo
+            return agent_demo.main(args.endpoint)
         return cmd_demo(args)
     except (auth.AuthError, auth.UnsafeRuntimeDir) as exc:
         print(f"python -m clients: {exc}", file=sys.stderr)

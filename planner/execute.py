@@ -127,6 +127,7 @@ class TaskRun:
     refused: list[dict]
     wall_s: float
     correct: bool | None = None
+    aborted: list[dict] = dataclasses.field(default_factory=list)
 
 
 class RunState:
@@ -184,6 +185,7 @@ class _Task:
         self.t0 = time.monotonic()
         self.events: list[dict] = []
         self.refused: list[dict] = []
+        self.aborted: list[dict] = []
         self.prepared: dict[str, str] = {}  # step -> ttc call id (reca)
         self.idem: dict[str, str] = {}  # step -> its ttc idempotency key (reca)
         self.calls: dict[str, str] = {}  # step -> ttc call id of a committed run
@@ -274,6 +276,7 @@ class _Task:
             self.limits,
             self.refused,
             time.monotonic() - self.t0,
+            aborted=self.aborted,
         )
 
     def _ready(self, results: dict, running: dict) -> list[list[str]]:
@@ -558,9 +561,10 @@ class _Task:
         if cid is None:
             return
         try:
-            await self.call("ttc", {"op": "abort", "call_id": cid, "reason": reason[:80]})
-        except errors.RecaError:
-            pass  # already finished (another task's consumer still uses it) or already aborted
+            out = await self.call("ttc", {"op": "abort", "call_id": cid, "reason": reason[:80]})
+        except errors.RecaError as exc:  # already finished (another task's consumer uses it) or aborted
+            out = {"error": exc.code}
+        self.aborted.append({"step": sid, "call_id": cid, "reason": reason, **out})
 
     async def _ttc_run(self, sid: str, step: Step) -> dict:
         """Run a tool step through ttc: reca commits the call prepared with the plan (a call that
