@@ -68,3 +68,19 @@ def test_mode_answers_and_heavy_runs(kern, tol, mode):
         assert runs["algo"].limits["tokens"] > 0 and runs["algo"].spent["tokens"] <= runs["algo"].limits["tokens"]
     if mode == "llmseq":  # one step at a time: the dropped branch never started
         assert not any(h.step == dropped for h in batch.heavy)
+
+
+def test_agent_demo_narrates_from_the_services_records(kern):
+    from clients import agent_demo
+
+    lines: list[str] = []
+    out = agent_demo.run(kern.endpoint, kern.pid, out=lines.append)
+    algo = out["algo"]
+    assert out["correct"]
+    dropped = [r["step"] for r in algo.revisions if r["action"] == "drop"]
+    assert dropped and {a["step"] for a in algo.aborted} >= set(dropped)
+    # ttc's own record: the dropped branch was aborted before any run
+    assert all(a.get("state") == "ABORTED" and a.get("attempts", 0) == 0 for a in algo.aborted if a["step"] in dropped)
+    assert algo.spent.get("tokens", 0) > 0
+    assert any("ABORTED after 0 run(s)" in line for line in lines)
+    assert any("CPU s (OS)" in line for line in lines)
