@@ -127,17 +127,20 @@ def draw(results: dict[str, dict[str, Batch]], out_dir: str) -> list[str]:
         fig, axes = plt.subplots(len(modes), 1, figsize=(8, 1.2 + 1.1 * len(modes)), sharex=True)
         for ax, m in zip(axes, modes):
             evs = [e for e in events[m] if e["kind"] != "revise"]
+            dropped = {e["step"] for e in events[m] if e["kind"] == "revise" and e.get("action") in ("drop", "replace")}
             steps = list(dict.fromkeys(e["step"] for e in evs))
             for e in evs:
                 y = steps.index(e["step"])
-                color = "tab:red" if e.get("refused") else ("tab:gray" if e.get("hit") else "tab:blue")
+                color = ("tab:red" if e.get("refused") else "tab:gray" if e.get("hit")
+                         else "tab:orange" if e["step"] in dropped else "tab:blue")
                 ax.barh(y, max(0.005, e["t1"] - e["t0"]), left=e["t0"], color=color, height=0.6)
             for e in events[m]:
                 if e["kind"] == "revise":
                     ax.axvline(e["t0"], color="tab:orange", lw=0.8)
             ax.set_yticks(range(len(steps)), steps, fontsize=7)
             ax.set_ylabel(m, fontsize=8)
-        axes[-1].set_xlabel("seconds since the task started (orange: plan revised)")
+        axes[-1].set_xlabel("seconds since the task started (line: plan revised; orange bar: a run of a step the plan "
+                            "dropped; red: refused; grey: a cache hit)")
         fig.suptitle(f"one {fam} task per mode", fontsize=9)
         fig.tight_layout()
         paths.append(os.path.join(out_dir, f"gantt_{fam}.png"))
