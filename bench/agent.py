@@ -19,6 +19,7 @@ all modes with reca last (only reca writes to the caches it reads), no ablation.
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 from bench._common import Result, line_plot, progress
@@ -27,6 +28,8 @@ from planner.execute import PRIMITIVES
 from planner.run import Batch, run_batch
 
 RUNS = 3
+#: Runs of this process so far (each run shuffles the order of the modes with its own seed).
+_RUN = 0
 HEADLINE = [
     "reca_vs_pic.cpu_saving",
     "reca_vs_pic.wall_ratio",
@@ -131,16 +134,25 @@ def draw(results: dict[str, dict[str, Batch]], out_dir: str) -> list[str]:
             steps = list(dict.fromkeys(e["step"] for e in evs))
             for e in evs:
                 y = steps.index(e["step"])
-                color = ("tab:red" if e.get("refused") else "tab:gray" if e.get("hit")
-                         else "tab:orange" if e["step"] in dropped else "tab:blue")
+                color = (
+                    "tab:red"
+                    if e.get("refused")
+                    else "tab:gray"
+                    if e.get("hit")
+                    else "tab:orange"
+                    if e["step"] in dropped
+                    else "tab:blue"
+                )
                 ax.barh(y, max(0.005, e["t1"] - e["t0"]), left=e["t0"], color=color, height=0.6)
             for e in events[m]:
                 if e["kind"] == "revise":
                     ax.axvline(e["t0"], color="tab:orange", lw=0.8)
             ax.set_yticks(range(len(steps)), steps, fontsize=7)
             ax.set_ylabel(m, fontsize=8)
-        axes[-1].set_xlabel("seconds since the task started (line: plan revised; orange bar: a run of a step the plan "
-                            "dropped; red: refused; grey: a cache hit)")
+        axes[-1].set_xlabel(
+            "seconds since the task started (line: plan revised; orange bar: a run of a step the plan "
+            "dropped; red: refused; grey: a cache hit)"
+        )
         fig.suptitle(f"one {fam} task per mode", fontsize=9)
         fig.tight_layout()
         paths.append(os.path.join(out_dir, f"gantt_{fam}.png"))
@@ -160,7 +172,13 @@ def run(quick: bool = False, seed: int | None = None) -> Result:
         f"train accuracy {cal.train_accuracy:.2f})",
     )
     modes = list(PEERS) + ["reca"] + ([] if quick else [f"reca-no-{p}" for p in PRIMITIVES])
+    global _RUN
+    _RUN += 1
+    if not quick:  # a different order in every run: drift of the shared machine's load is not one mode's
+        random.Random(_RUN).shuffle(modes)
+    progress("agent", f"order of modes: {' '.join(modes)}")
     results = _run_modes(modes, held, cal.tol, cal.threshold, quick)
+    results = {m: results[m] for m in list(PEERS) + ["reca"] + [m for m in modes if m.startswith("reca-no-")]}
 
     metrics: dict[str, float] = {
         "train.tol": cal.tol,

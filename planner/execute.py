@@ -299,7 +299,7 @@ class _Task:
                 sid for sid in needed if sid != "answer" and sid not in results and not plan.steps[sid].lazy
             ]
             ready = [sid for sid in ready if sid in needed and (not plan.steps[sid].lazy or not pending_eager)]
-            if m.cpcs:
+            if m.cpcs and m.scch:  # cpcs returns no results: they are read back from scch's cache
                 sym = [sid for sid in ready if plan.steps[sid].kind == "symbolic"]
                 if len(sym) > 1:
                     return [sym] + [[sid] for sid in ready if sid not in sym]
