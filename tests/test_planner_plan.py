@@ -140,3 +140,25 @@ def test_verifier_sat_generator_matches_the_tool():
     from services.ttc.tools import random_3sat  # the definition the tool runs (the verifier keeps its own copy)
 
     assert V.random_3sat(60, 4.26, 12345) == random_3sat(60, 4.26, 12345)
+
+
+def test_calibration_uses_training_tasks_only(monkeypatch):
+    from planner import calibrate as C
+
+    train = [t for t in tasks.generate("physics", 4, 3, 2)][:4]
+    # (error at level 0, 1, 2) and the surrogate's ROI per task: two escalations pay, two do not
+    errs = {
+        train[0].id: (0.05, 0.02, 0.008),
+        train[1].id: (0.002, 0.001, 0.0005),
+        train[2].id: (0.03, 0.01, 0.004),
+        train[3].id: (0.004, 0.002, 0.001),
+    }
+    rois = {train[0].id: 0.09, train[1].id: 0.004, train[2].id: 0.05, train[3].id: 0.006}
+    monkeypatch.setattr(C.V, "level_errors", lambda t: errs[t.id])
+    monkeypatch.setattr(C, "predicted_roi_per_m", lambda t: rois[t.id])
+    cal = C.calibrate(train)
+    assert cal.tol == pytest.approx(1.25 * 0.008)
+    # the least escalating cut that keeps every training answer right: only the two that pay
+    assert cal.threshold == pytest.approx(0.05) and cal.train_escalations == 2 and cal.train_accuracy == 1.0
+    with pytest.raises(ValueError):
+        C.calibrate([t for t in tasks.generate("math", 1, 1, 1)])
