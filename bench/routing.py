@@ -1,5 +1,7 @@
 """``python -m bench routing``: round trip and pipelined throughput through the kernel, side by
-side with a bare pyzmq ROUTER broker (no protocol), the majortomo MDP broker, and Ray actors.
+side with libzmq's C proxy (``zmq.proxy``: the floor for one ZeroMQ hop), a bare pyzmq ROUTER
+broker (no protocol), the majortomo MDP broker, and Ray actors; and the CPU the kernel's pure core
+(router + admission + ledger + decision log, in process, no sockets) spends per request.
 
 Every system runs one broker process and one echo worker process; the client is this process
 and uses a raw DEALER socket for every broker (so client-library cost is equal), plus a row for
@@ -136,12 +138,22 @@ def start_reca(procs: Procs, capacity: int) -> tuple[str, list[int]]:
     return ep, [k.pid, w.pid]
 
 
-def start_peer(procs: Procs, name: str) -> tuple[str, list[int]]:
-    """A peer broker and worker (``bench._peers`` roles ``<name>-broker`` / ``<name>-worker``)."""
+def start_peer(procs: Procs, name: str, module: str = "bench._peers") -> tuple[str, list[int]]:
+    """A peer broker and worker (``module``'s roles ``<name>-broker`` / ``<name>-worker``)."""
     ep = f"ipc://{procs.dir}/{name}.sock"
-    b = procs.start("-m", "bench._peers", f"{name}-broker", ep)
-    w = procs.start("-m", "bench._peers", f"{name}-worker", ep)
+    b = procs.start("-m", module, f"{name}-broker", ep)
+    w = procs.start("-m", module, f"{name}-worker", ep)
     return ep, [b.pid, w.pid]
+
+
+def pure_core(n: int, *flags: str) -> dict:
+    """The pure core's CPU per budgeted request (bench._core_loop; ``--session``: the worker
+    session's), in a fresh process."""
+    out = subprocess.run([sys.executable, "-m", "bench._core_loop", str(n), *flags], capture_output=True, text=True,
+                         timeout=600, check=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    import json
+
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _cpu_s(pid: int) -> float:
@@ -238,6 +250,7 @@ def bench_ray(n_sync: int, n_pipe: int, window: int) -> dict | None:
 
 
 SYSTEMS = (  # label, worker capacity
+    ("libzmq C proxy (zmq.proxy), no flow control", "unbounded"),
     ("bare pyzmq broker, no flow control (floor)", "unbounded"),
     ("bare pyzmq broker, credit 1", 1),
     ("majortomo MDP broker", 1),
@@ -249,20 +262,23 @@ RAY = "Ray actor (max_concurrency 1, calls queued at the actor)"
 
 
 def run(quick: bool) -> Result:
-    n_sync, n_pipe, window = (2000, 10_000, 64) if quick else (10_000, 50_000, 64)
+    n_sync, n_pipe, window = (200, 1000, 64) if quick else (10_000, 50_000, 64)  # quick: a smoke run
     procs = Procs()
     try:
-        eps = {SYSTEMS[0][0]: (start_peer(procs, "bare"), [BODY]),
-               SYSTEMS[1][0]: (start_peer(procs, "bare1"), [BODY]),
-               SYSTEMS[2][0]: (start_peer(procs, "mt"), MT_FRAMES),
-               SYSTEMS[3][0]: (start_reca(procs, 1), RECA_FRAMES),
-               SYSTEMS[4][0]: (start_peer(procs, "bare64"), [BODY]),
-               SYSTEMS[5][0]: (start_reca(procs, 64), RECA_FRAMES)}
+        eps = {SYSTEMS[0][0]: (start_peer(procs, "proxy", "bench._proxy"), [BODY]),
+               SYSTEMS[1][0]: (start_peer(procs, "bare"), [BODY]),
+               SYSTEMS[2][0]: (start_peer(procs, "bare1"), [BODY]),
+               SYSTEMS[3][0]: (start_peer(procs, "mt"), MT_FRAMES),
+               SYSTEMS[4][0]: (start_reca(procs, 1), RECA_FRAMES),
+               SYSTEMS[5][0]: (start_peer(procs, "bare64"), [BODY]),
+               SYSTEMS[6][0]: (start_reca(procs, 64), RECA_FRAMES)}
         got = measure_interleaved(eps, n_sync, n_pipe, window)
-        lib = reca_client_latency(eps[SYSTEMS[3][0]][0][0], n_sync)
+        lib = reca_client_latency(eps[SYSTEMS[4][0]][0][0], n_sync)
     finally:
         procs.close()
     ray_r = None if quick else bench_ray(min(n_sync, 3000), min(n_pipe, 20_000), window)
+    core = pure_core(10_240 if quick else 51_200)
+    session = pure_core(10_240 if quick else 51_200, "--session")
     rows = []
     for label, cap in SYSTEMS:
         r = got[label]
@@ -274,10 +290,17 @@ def run(quick: bool) -> Result:
         got[RAY] = ray_r
         rows.append({"system": RAY, "worker capacity": 1, "sync samples": len(ray_r["_lat"]),
                      **{k: v for k, v in ray_r.items() if not k.startswith("_")}})
-    r1, r64 = got[SYSTEMS[3][0]], got[SYSTEMS[5][0]]
-    floor, b1, mt, b64 = (got[SYSTEMS[i][0]] for i in (0, 1, 2, 4))
+    rows.append({"system": "reca pure core in process (router + admission + ledger + decision log, no sockets)",
+                 "worker capacity": 64, "core_cpu_us_per_req": core["cpu_us_per_req"],
+                 "core_cpu_us_per_req_best_round": core["min_round_cpu_us"]})
+    rows.append({"system": "reca worker session in process (kernel.worker: REQUEST in, FINAL out, no sockets)",
+                 "worker capacity": 64, "core_cpu_us_per_req": session["cpu_us_per_req"],
+                 "core_cpu_us_per_req_best_round": session["min_round_cpu_us"]})
+    r1, r64 = got[SYSTEMS[4][0]], got[SYSTEMS[6][0]]
+    proxy, floor, b1, mt, b64 = (got[SYSTEMS[i][0]] for i in (0, 1, 2, 3, 5))
     for row in rows:
-        row["p50 vs bare credit 1"] = row["p50_ms"] / b1["p50_ms"]
+        if "p50_ms" in row:
+            row["p50 vs bare credit 1"] = row["p50_ms"] / b1["p50_ms"]
     metrics = {
         "reca_p50_ms": r1["p50_ms"],
         "reca_p99_ms": r1["p99_ms"],
@@ -295,10 +318,21 @@ def run(quick: bool) -> Result:
         "worker_cpu_us_per_req_capacity_64": r64["worker_cpu_us_per_req"],
         "bare_broker_cpu_us_per_req_credit_64": b64["broker_cpu_us_per_req"],
         "majortomo_broker_cpu_us_per_req": mt["broker_cpu_us_per_req"],
+        "kernel_cpu_vs_bare_broker_capacity_64": r64["broker_cpu_us_per_req"] / b64["broker_cpu_us_per_req"],
+        "worker_cpu_vs_bare_worker_capacity_64": r64["worker_cpu_us_per_req"] / b64["worker_cpu_us_per_req"],
+        "c_proxy_p50_ms": proxy["p50_ms"],
+        "c_proxy_pipelined_per_s": proxy["pipelined_per_s"],
+        "p50_vs_c_proxy": r1["p50_ms"] / proxy["p50_ms"],
+        "pure_core_cpu_us_per_req": core["cpu_us_per_req"],
+        "pure_core_cpu_us_per_req_best_round": core["min_round_cpu_us"],
+        "worker_session_cpu_us_per_req": session["cpu_us_per_req"],
     }
     samples = {"reca_p99_ms": len(r1["_lat"]), "reca_p50_ms": len(r1["_lat"])}
-    targets = {"p50_vs_bare": ("<=", 1.2), "p50_vs_majortomo": ("<=", 1.0),
-               "pipelined_vs_bare_capacity_1": (">=", 0.8), "pipelined_vs_bare_capacity_64": (">=", 0.8)}
+    # Issue 22's targets.
+    targets = {"p50_vs_bare": ("<=", 1.5), "p50_vs_majortomo": ("<=", 1.0),
+               "pipelined_vs_bare_capacity_1": (">=", 0.5), "pipelined_vs_bare_capacity_64": (">=", 0.5),
+               "kernel_cpu_vs_bare_broker_capacity_64": ("<=", 1.5),
+               "worker_cpu_vs_bare_worker_capacity_64": ("<=", 1.5), "pure_core_cpu_us_per_req": ("<=", 15.0)}
     notes = [f"one broker process and one echo worker process per system, all up at once and measured in 10 "
              f"round-robin slices; client = this process with a raw DEALER socket for every broker; {n_sync} "
              f"sync round trips, then {n_pipe} requests with {window} in flight",
@@ -307,7 +341,12 @@ def run(quick: bool) -> Result:
              "no-flow-control bare broker pushes everything to the worker's socket (the floor)",
              "p50_vs_bare and the p50 targets use the capacity-1 systems (sync round trips have one request in flight)",
              "broker/worker_cpu_us_per_req: user + system CPU of the broker (kernel) and worker process during "
-             "the pipelined phase, per request (/proc, clock-tick resolution): where reca's time goes"]
+             "the pipelined phase, per request (/proc, clock-tick resolution): where reca's time goes",
+             "libzmq C proxy: zmq.proxy between a ROUTER and a DEALER, echo worker on a DEALER (bench/_proxy.py); "
+             "its 'broker' CPU is libzmq's own I/O threads' plus the proxy loop's",
+             "pure core: bench/_core_loop.py in a fresh process; one worker of capacity 64, requests in turns of 64 "
+             "(one loop turn), each a budgeted ledger decision logged as JSON lines (default fsync policy), one "
+             "flush per turn; process CPU per request over all rounds, and the best 1024-request round"]
     if ray_r:
         metrics["pipelined_capacity_1_vs_ray"] = r1["pipelined_per_s"] / ray_r["pipelined_per_s"]
         metrics["pipelined_capacity_64_vs_ray"] = r64["pipelined_per_s"] / ray_r["pipelined_per_s"]

@@ -1,12 +1,22 @@
-"""Admission: the router hooks that enforce the Ledger.
+"""Admission: the policy that enforces the Ledger.
 
-:class:`BudgetAdmission` plugs the pure :class:`kernel.ledger.Ledger` into the
-:class:`kernel.router.Router`: admission with clamping, charging from worker statuses and kernel
-measurements, exhaustion with cancel, and priority preemption.  It touches the router only
-through its public methods (``fail_request``, ``error_body``, ``free_slot``,
-``top_queued_priority``, ``publish``, ``inflight``).  Every ledger operation goes through
-:meth:`BudgetAdmission.decide`, which records it in the decision log (kernel.decisions).  The
-management calls that drive the ledger (jobs, gates, orders) are kernel.mmi's.
+:class:`BudgetAdmission` plugs the pure :class:`kernel.ledger.Ledger` into the router as a
+:class:`kernel.policy.Admission`: admission with clamping, charging from worker statuses and
+kernel measurements, exhaustion with cancel, and priority preemption.  It reads the router
+through a :class:`kernel.policy.View` and answers with effects (:class:`Fail`, :class:`Lend`,
+:class:`Order`) the router applies; it never calls the router.  CPU times come through the host
+port (kernel.host).  Every ledger operation goes through :meth:`BudgetAdmission.decide`, which
+records it in the decision log (a :class:`Journal`: kernel.decisions).  The management calls that
+drive the ledger (jobs, gates, orders) are kernel.mmi's.
+
+Where charging happens: :meth:`BudgetAdmission.admit` (the ledger's ``admit``: clamps the budget,
+starts the request), :meth:`BudgetAdmission.on_partial` and :meth:`settle` (``charge`` from the
+worker's status, CPU time measured by the kernel replacing the reported one), and ``finish`` when
+the request is done; wall time accrues in the ledger between start and finish.
+
+Invariants (:meth:`BudgetAdmission.check_invariants`): ``_paused_at`` holds exactly the tracks
+with ``paused_at`` set; ``paused_count`` is the number of tracks with ``paused``; ``prio_counts``
+counts the tracks by priority; every track is of a request the router has in flight.
 """
 
 from __future__ import annotations
@@ -16,16 +26,35 @@ import logging
 import math
 from typing import Any
 
+from typing import TYPE_CHECKING, Callable, Protocol
+
 from kernel import codec, errors
 from kernel import protocol as P
-from kernel.decisions import DecisionLog, new_session_id
-from kernel.ledger import COMPUTE, DEFAULT_JOB, ROOT, Job, Ledger, is_default_job
+from kernel.dedup import Dedup
+from kernel.ledger import COMPUTE, DEFAULT_JOB, ROOT, Job, Ledger, is_default_job, refusal
+from kernel.policy import NO_EFFECTS, Admission, Effect, Effects, Fail, Lend, Order, View, forwarded_header
+from kernel.principal import Principal
 from kernel.protocol import ErrorCode
-from kernel.auth import Principal
-from kernel.router import Admission, Request, Router, Worker
-from kernel.supervisor import process_cpu_seconds
+from kernel.quotas import RateQuota
+from kernel.state import Request, Worker
+
+if TYPE_CHECKING:
+    from kernel.host import Host
+
+__all__ = ["BudgetAdmission", "Journal"]
 
 log = logging.getLogger("reca.ledger")
+
+
+class Journal(Protocol):
+    """Where decisions are recorded (kernel.decisions.DecisionLog)."""
+
+    session: str
+    state: Callable[[], dict[str, Any]] | None
+
+    def append(self, op: str, now: float, inputs: dict[str, Any], outputs: dict[str, Any]) -> None: ...
+
+    def flush(self) -> bool | None: ...  # DecisionLog: False while a write fails (``error`` says why)
 
 
 @dataclasses.dataclass(slots=True)
@@ -33,8 +62,8 @@ class _Track:
     """Per-request ledger state kept by BudgetAdmission."""
 
     job: str
-    granted: dict
-    charged: dict = dataclasses.field(default_factory=dict)
+    granted: dict[str, Any]
+    charged: dict[str, Any] = dataclasses.field(default_factory=dict)
     started: bool = False
     preempted: bool = False
     paused: bool = False  # paused by kernel preemption with its slot lent out
@@ -53,12 +82,17 @@ class BudgetAdmission(Admission):
     """Router hooks that enforce the Ledger: admission with clamping, charging from worker
     statuses and kernel measurements, exhaustion with cancel, gates over MMI, preemption."""
 
-    def __init__(self, ledger: Ledger | None = None, decision_log: DecisionLog | None = None, *,
-                 root_limits: dict | None = None, default_limits: dict | None = None,
+    def __init__(self, ledger: Ledger | None = None, decision_log: Journal | None = None, *,
+                 root_limits: dict[str, Any] | None = None, default_limits: dict[str, Any] | None = None,
                  max_pause: float = P.MAX_PAUSE, audit_quota: int = P.AUDIT_EVENTS_PER_MIN,
-                 restored: Any = None, restored_at: float | None = None) -> None:
+                 restored: Any = None, restored_at: float | None = None, host: "Host | None" = None) -> None:
+        if host is None:
+            from kernel.host import SystemHost  # the real machine unless one is injected
+
+            host = SystemHost()
+        self.host: Host = host
         self.ledger = ledger or Ledger(session=decision_log.session if decision_log is not None
-                                       else new_session_id())
+                                       else f"{host.token(4).hex()}.")
         self.log = decision_log
         #: Limits of each default job (the shared ``default`` and a non-operator's own).
         self.default_limits = dict(default_limits or {})
@@ -67,6 +101,10 @@ class BudgetAdmission(Admission):
         #: mmi.audit records per principal per minute (a token bucket per principal).
         self.audit_quota = audit_quota
         self._audit_buckets: dict[str, tuple[float, float]] = {}  # principal -> (tokens, at)
+        #: Audit bytes per principal per minute, and refusal records per principal per minute
+        #: (their excess is a counter, issue 24).
+        self.audit_bytes = RateQuota(P.AUDIT_BYTES_PER_MIN)
+        self.refusal_records = RateQuota(P.FORBIDDEN_RECORDS_PER_MIN)
         #: Requests whose worker reported them paused: token -> when (Invariant: exactly the
         #: tracks with paused_at set).
         self._paused_at: dict[bytes, float] = {}
@@ -86,13 +124,16 @@ class BudgetAdmission(Admission):
         self.idem_inflight: set[str] = set()
         #: Keys that were in flight when the previous kernel died -> until when they are refused.
         self.interrupted: dict[str, float] = {}
+        #: Exactly-once: the idempotency table the router consults (kernel.dedup); its stored
+        #: FINALs are decisions (``final``) and part of every snapshot, so a restart keeps them.
+        self.dedup: Dedup = Dedup()
         #: The configured [limits] of root and default (None: unlimited, no configure logged).
         self._limits = None if root_limits is None and default_limits is None \
             else {"root": dict(root_limits or {}), "default": dict(default_limits or {})}
         if decision_log is not None:
             decision_log.state = self.durable_state
         #: What :meth:`restore` restored at construction (``restored``: a kernel.replay report).
-        self.restored: dict | None = None
+        self.restored: dict[str, Any] | None = None
         if restored is not None:
             self.restored = self.restore(restored, restored_at if restored_at is not None else 0.0)
         elif self._limits is not None:
@@ -100,11 +141,12 @@ class BudgetAdmission(Admission):
             if not out["ok"]:
                 raise ValueError(f"[limits]: {out['message']}")
 
-    def durable_state(self) -> dict:
+    def durable_state(self) -> dict[str, Any]:
         """What a decision-log snapshot holds: the ledger and the idempotency keys in flight."""
-        return {"ledger": self.ledger.dump(), "inflight_idem": sorted(self.idem_inflight)}
+        return {"ledger": self.ledger.dump(), "inflight_idem": sorted(self.idem_inflight),
+                "dedup": self.dedup.dump()}
 
-    def restore(self, report: Any, now: float) -> dict:
+    def restore(self, report: Any, now: float) -> dict[str, Any]:
         """Continue the enforcement state a decision log held (kernel.replay.restore): its ledger
         (jobs with their owners, limits, spent amounts, held reservations with their holders and
         leases, the configured root/default limits) becomes this kernel's.
@@ -132,20 +174,21 @@ class BudgetAdmission(Admission):
                                 "root %s and default %s stay in force", out["message"], root.limits,
                                 default.limits)
         self.interrupted = {k: now + P.INTERRUPTED_TTL for k in report.inflight_idem if k}
+        self.dedup.load(list(getattr(report, "finals", {}).values()), now, report.last_t)
         for key in self.interrupted:
             self.record("interrupted", now, {"idem": key}, {"ok": True})
         self.flush_log()
         return {"jobs": len(ledger.jobs) - 2, "reservations": len(ledger._reservations),
-                "finished": finished, "interrupted": len(self.interrupted)}
+                "finished": finished, "interrupted": len(self.interrupted), "finals": len(self.dedup.done)}
 
-    def decide(self, op: str, now: float, **inputs: Any) -> dict:
+    def decide(self, op: str, now: float, **inputs: Any) -> dict[str, Any]:
         """Run the Ledger operation ``op`` and record it (inputs and outputs) in the log."""
-        out = getattr(self.ledger, op)(now, **inputs)
+        out: dict[str, Any] = getattr(self.ledger, op)(now, **inputs)
         if self.log is not None:
             self.log.append(op, now, inputs, out)
         return out
 
-    def record(self, op: str, now: float, inputs: dict, outputs: dict) -> None:
+    def record(self, op: str, now: float, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
         """Record a decision that is not the Ledger's (orders, process controls, audits)."""
         if self.log is not None:
             self.log.append(op, now, inputs, outputs)
@@ -157,47 +200,71 @@ class BudgetAdmission(Admission):
 
     # -- router hooks -----------------------------------------------------------------------------
 
-    def admit(self, router: Router, req: Request, now: float) -> errors.RecaError | None:
-        job, refusal = self.resolve_job(req.principal, req.job, now)
-        if refusal is not None:
+    def unwritable(self) -> errors.Unavailable | None:
+        """``unavailable`` while the decision log cannot be written (ENOSPC, EIO: issue 24): no
+        work that needs a decision is admitted until a flush writes again, so nothing the kernel
+        acknowledges is missing from the log (what was decided is buffered, in order)."""
+        error = getattr(self.log, "error", None) if self.log is not None else None
+        if error is None:
+            return None
+        self.counters["refused_log_unwritable"] = self.counters.get("refused_log_unwritable", 0) + 1
+        return errors.Unavailable(f"the kernel's decision log cannot be written ({error}); work that needs "
+                                  "a decision is refused until it can", reason="decision_log")
+
+    def admit(self, view: View, req: Request, now: float) -> tuple[errors.RecaError | None, Effects]:
+        down = self.unwritable()
+        if down is not None:
+            return down, NO_EFFECTS
+        job, refused = self.resolve_job(req.principal, req.job, now)
+        if refused is not None:
             self.counters["refused"] += 1
-            return refusal
+            return refused, NO_EFFECTS
         req.job = job
-        idem = (req.header or {}).get(P.H_IDEM)
+        checked = req.checked
+        idem = checked.idem if checked is not None else None
         if idem is not None and self.interrupted:
             until = self.interrupted.get(idem)
             if until is not None and until > now:
                 self.counters["interrupted_retries"] = self.counters.get("interrupted_retries", 0) + 1
                 return errors.KernelRestarted(
                     "this request (same idempotency key) was in flight when the kernel restarted; "
-                    "it may have run, so it is not run again", idem=idem)
-        budget = (req.header or {}).get(P.H_BUDGET)
+                    "it may have run, so it is not run again", idem=idem), NO_EFFECTS
+        budget = checked.budget if checked is not None else None
         jobrec = self.ledger.jobs.get(job)
-        if jobrec is not None and P.H_PRIORITY not in (req.header or {}):
+        if budget:
+            # a request budget names kinds of the budget kinds table, or counted resources its
+            # job (or an ancestor) limits: a typo ("flopz") is an error, not an unlimited kind
+            unknown = sorted(k for k in budget if k not in P.BUDGET_KINDS
+                             and (jobrec is None or self.ledger.holder(jobrec, k) is None))
+            if unknown:
+                self.counters["refused"] += 1
+                return errors.BadRequest(
+                    f"unknown budget kind(s) {unknown}; kinds: {', '.join(P.BUDGET_KINDS)}, or a counted "
+                    f"resource that job {job!r} limits", kind="budget_kind"), NO_EFFECTS
+        if jobrec is not None and (checked is None or P.H_PRIORITY not in checked.raw):
             req.priority = jobrec.priority  # a request inherits its job's priority
-        if not self.may_act(router, req.principal, job):
+        if not self.may_act(view, req.principal, job):
             self.counters["refused"] += 1
-            self.on_forbidden(router, req.principal, "request", {"job": job}, now)
-            return self.not_yours(job)
+            self.on_forbidden(req.principal, "request", {"job": job}, now)
+            return self.not_yours(job), NO_EFFECTS
         # Every request is a ledger decision (root and default are finite), and its start and
         # finish are counted, so a job with requests in flight is never closed under them.
         out = self.decide("admit", now, job=job, budget=budget, start=True)
         if not out["ok"]:
             self.counters["refused"] += 1
-            return errors.from_wire({"code": out["code"], "message": out["message"]})
+            return refusal(out), NO_EFFECTS
         granted = out["granted"]
         self.tracks[req.token] = track = _Track(job, granted, priority=req.priority, idem=idem)
-        if "cpu_ms" in granted and jobrec is not None:
-            holder = self.ledger.holder(jobrec, "cpu_ms")
+        if P.CPU_MS in granted and jobrec is not None:
+            holder = self.ledger.holder(jobrec, P.CPU_MS)
             track.measure_cpu = holder is not None and not is_default_job(holder.name)
         self.prio_counts[req.priority] = self.prio_counts.get(req.priority, 0) + 1
-        wall = granted.get("wall_ms")
-        if wall is not None and "wall_ms" in (budget or {}):
+        wall = granted.get(P.WALL_MS)
+        if wall is not None and P.WALL_MS in (budget or {}):
             dl = now + wall / 1000.0
             req.deadline = dl if req.deadline is None else min(req.deadline, dl)
         track.started = True  # admit started it
-        self._preempt_lower(router, req, now)
-        return None
+        return None, self._preempt_lower(view, req, now)
 
     # -- authority ------------------------------------------------------------------------------
 
@@ -208,6 +275,7 @@ class BudgetAdmission(Admission):
         from root), so no one can exhaust another's default budget."""
         if job in (None, ""):
             job = DEFAULT_JOB  # an empty name is no name: the caller's default, never the shared one
+        assert job is not None
         if job != DEFAULT_JOB or principal.operator:
             return job, None
         name = f"{DEFAULT_JOB}:{principal.name}"
@@ -215,10 +283,10 @@ class BudgetAdmission(Admission):
             out = self.decide("open", now, job=name, parent=None, limits=dict(self.default_limits),
                               owner=principal.name)
             if not out["ok"]:
-                return name, errors.from_wire({"code": out["code"], "message": f"default job: {out['message']}"})
+                return name, refusal(out, "default job: ")
         return name, None
 
-    def may_act(self, router: Router, principal: Principal, job: str) -> bool:
+    def may_act(self, view: View, principal: Principal, job: str) -> bool:
         """Whether ``principal`` may act in open ``job``: an operator, its owner, or a service
         serving a request of that job right now (services act for their callers)."""
         if principal.operator:
@@ -228,19 +296,31 @@ class BudgetAdmission(Admission):
             return False
         if j.owner is not None and j.owner == principal.name:
             return True
-        return bool(principal.services) and router.serving(principal, job)
+        return bool(principal.services) and view.serving(principal, job)
 
     @staticmethod
     def not_yours(job: Any) -> errors.Forbidden:
         """The answer for a job the caller may not act in, the same whether it exists or not."""
         return errors.Forbidden(f"no open job {job!r} of yours")
 
-    def on_forbidden(self, router: Router, principal: Principal, op: str, inputs: dict, now: float) -> None:
-        """Count, log and record a refused call (the decision log is the operator's record)."""
+    def on_forbidden(self, principal: Principal, op: str, inputs: dict[str, Any], now: float) -> None:
+        """Count, log and record a refused call (the decision log is the operator's record), at
+        most ``FORBIDDEN_RECORDS_PER_MIN`` per principal: the rest are counted."""
         self.counters["forbidden"] = self.counters.get("forbidden", 0) + 1
-        log.warning("forbidden: %s (%s) %s %s", principal.name, principal.role, op, inputs)
-        self.record("forbidden", now, {"principal": principal.name, "role": principal.role, "op": op, **inputs},
-                    {"ok": False, "code": ErrorCode.FORBIDDEN})
+        if self.record_limited(principal, "forbidden", now, {"principal": principal.name, "role": principal.role,
+                                                              "op": op, **inputs},
+                               {"ok": False, "code": ErrorCode.FORBIDDEN}):
+            log.warning("forbidden: %s (%s) %s %s", principal.name, principal.role, op, inputs)
+
+    def record_limited(self, principal: Principal, op: str, now: float, inputs: dict[str, Any], outputs: dict[str, Any]) -> bool:
+        """Record a refusal unless ``principal`` is past its refusal-record quota (then count it;
+        the next record it gets carries the count as ``suppressed``).  True when recorded."""
+        ok, suppressed = self.refusal_records.take(principal.name, now)
+        if not ok:
+            self.counters["records_suppressed"] = self.counters.get("records_suppressed", 0) + 1
+            return False
+        self.record(op, now, inputs, {**outputs, "suppressed": suppressed} if suppressed else outputs)
+        return True
 
     def audit_allowance(self, principal: Principal, events: int, now: float) -> bool:
         """Take ``events`` from the principal's audit bucket (refilled at ``audit_quota`` per
@@ -253,32 +333,37 @@ class BudgetAdmission(Admission):
         self._audit_buckets[principal.name] = (tokens - events, now)
         return True
 
-    def forward_header(self, router: Router, req: Request) -> bytes:
+    def forward_header(self, req: Request, now: float) -> bytes:
         track = self.tracks.get(req.token)
-        if track is not None and track.idem is not None and not track.ran:
+        if track is None:
+            return forwarded_header(req)
+        if track.idem is not None and not track.ran:
             track.ran = True
             self.idem_inflight.add(track.idem)
-            self.record("run", router.now, {"idem": track.idem}, {"ok": True})
-        if track is not None and track.measure_cpu and req.worker is not None and req.worker.pid:
-            track.cpu_start = process_cpu_seconds(req.worker.pid)
-        if track is None or not track.granted:
-            return req.body[0]
-        header = dict(req.header or {})
-        header[P.H_GRANTED] = track.granted
-        header[P.H_JOB] = req.job
-        return codec.pack(header)
+            self.record("run", now, {"idem": track.idem}, {"ok": True})
+        worker = req.worker
+        if track.measure_cpu and worker is not None and worker.pid:
+            track.cpu_start = self.host.cpu_seconds(worker.pid)
+        if not track.granted:
+            return forwarded_header(req)
+        return forwarded_header(req, **{P.H_GRANTED: track.granted, P.H_JOB: req.job})
 
-    def _charge_status(self, router: Router, req: Request, status: dict, now: float) -> errors.RecaError | None:
+    def _charge_status(self, view: View, req: Request, status: dict[str, Any], now: float,
+                       effects: list[Effect], final: bool = False) -> errors.RecaError | None:
+        """Charge what a status reports beyond what was charged already; ``final``: the request's
+        FINAL, whose charges and end are one ``finish`` decision."""
         track = self.tracks.get(req.token)
-        spent = status.get(P.S_SPENT)
-        if track is None or not isinstance(spent, dict):
+        if track is None:
             return None
+        spent = status.get(P.S_SPENT)
+        if not isinstance(spent, dict):
+            spent = {}
         delta = {}
         # A worker names the kinds it spent; the ledger keeps and logs each, so beyond MAX_KINDS
         # only the granted ones (those that bound something) count, and no name is unbounded.
         many = len(spent) > P.MAX_KINDS
         for kind, value in spent.items():
-            if not isinstance(kind, str) or kind == "wall_ms" or not isinstance(value, (int, float)) \
+            if not isinstance(kind, str) or kind == P.WALL_MS or not isinstance(value, (int, float)) \
                     or isinstance(value, bool) or not math.isfinite(value) or len(kind) > P.MAX_NAME \
                     or many and kind not in track.granted:
                 continue
@@ -292,12 +377,19 @@ class BudgetAdmission(Admission):
             if d > 0:
                 delta[kind] = d
                 track.charged[kind] = value
+        if final and track.started:
+            track.started = False  # on_done has nothing left to finish
+            out = self.decide("finish", now, job=track.job, spent=delta) if delta \
+                else self.decide("finish", now, job=track.job)
+        elif delta:
+            out = self.decide("charge", now, job=track.job, spent=delta)
+        else:
+            out = {}
+        for name in out.get("exhausted", ()):
+            effects.extend(self.exhaust(view, name, now, skip=req))
         if not delta:
             return errors.BudgetExceeded("charges beyond the granted budget", spent=dict(track.charged)) \
                 if track.over else None
-        out = self.decide("charge", now, job=track.job, spent=delta)
-        for name in out["exhausted"]:
-            self.exhaust(router, name, now, skip=req)
         # The request that brought its job exactly to the limit keeps its result; one that went
         # past the job's limit or its own granted budget does not.
         job = self.ledger.jobs.get(track.job)
@@ -313,57 +405,61 @@ class BudgetAdmission(Admission):
             return errors.BudgetExceeded(f"{over[0]} budget exceeded", spent=dict(track.charged))
         return None
 
-    def on_partial(self, router: Router, req: Request, body: list[bytes], now: float) -> list[bytes]:
+    def on_partial(self, view: View, req: Request, body: list[bytes], now: float) -> Effects:
         try:
             status = codec.unpack(body[0]) if body else None
         except errors.BadRequest:
-            return body
+            return NO_EFFECTS
         if not isinstance(status, dict):
-            return body
-        exc = self._charge_status(router, req, status, now)
+            return NO_EFFECTS
+        effects: list[Effect] = []
+        exc = self._charge_status(view, req, status, now, effects)
         if exc is not None:
-            self._cancel_request(router, req, ErrorCode.BUDGET_EXCEEDED, exc.message)
-            router.fail_request(req, exc, now, spent=self._spent(req, now))
-            return body  # the router sees req.done and does not forward this PARTIAL
+            effects.extend(self._cancel(req, ErrorCode.BUDGET_EXCEEDED, exc.message))
+            effects.append(Fail(req, exc, self._spent(req, now)))
+            return effects  # the router sees req.done and does not forward this PARTIAL
         state = status.get(P.S_STATUS)
         if state == P.STATUS_PAUSED:
             track = self.tracks.get(req.token)
             if track is not None and track.paused_at is None:
                 track.paused_at = now
                 self._paused_at[req.token] = now
-            self._on_paused(router, req, now)
+            effects.extend(self._on_paused(req, now))
         elif state == P.STATUS_RESUMED:
             track = self.tracks.get(req.token)
             if track is not None:
                 track.paused_at = None
             self._paused_at.pop(req.token, None)
-        return body
+        return effects
 
-    def settle(self, router: Router, req: Request, status: dict, now: float) -> errors.RecaError | None:
+    def settle(self, view: View, req: Request, status: dict[str, Any], now: float) -> tuple[errors.RecaError | None, Effects]:
         track = self.tracks.get(req.token)
-        if track is not None and track.cpu_start is not None and req.worker is not None and req.worker.pid:
-            # CPU time measured by the kernel (psutil; exact for capacity-1 workers, shared among
-            # concurrent requests otherwise); it replaces any cpu_ms the worker reported.
-            end = process_cpu_seconds(req.worker.pid)
+        worker = req.worker
+        if track is not None and track.cpu_start is not None and worker is not None and worker.pid:
+            # CPU time measured by the kernel (the host port; exact for capacity-1 workers, shared
+            # among concurrent requests otherwise); it replaces any cpu_ms the worker reported.
+            end = self.host.cpu_seconds(worker.pid)
             if end is not None:
                 sp = status.get(P.S_SPENT)
                 if not isinstance(sp, dict):
                     sp = status[P.S_SPENT] = {}
-                sp["cpu_ms"] = max(0.0, (end - track.cpu_start) * 1000.0)
-        return self._charge_status(router, req, status, now)
+                sp[P.CPU_MS] = max(0.0, (end - track.cpu_start) * 1000.0)
+        effects: list[Effect] = []
+        return self._charge_status(view, req, status, now, effects, final=True), effects
 
-    def on_deadline(self, router: Router, req: Request, now: float) -> None:
+    def on_deadline(self, view: View, req: Request, now: float) -> Effects:
         track = self.tracks.get(req.token)
-        if track is not None and "wall_ms" in track.granted and (req.header or {}).get(P.H_BUDGET, {}).get("wall_ms") is not None:
-            self._cancel_request(router, req, ErrorCode.BUDGET_EXCEEDED, "request wall_ms budget ran out")
-            router.fail_request(req, errors.BudgetExceeded("request wall_ms budget ran out"), now,
-                                spent=self._spent(req, now))
-        else:
-            self._cancel_request(router, req, ErrorCode.DEADLINE, "request deadline passed")
-            router.fail_request(req, errors.DeadlineExceeded("request deadline passed"), now, spent=self._spent(req, now))
+        checked = req.checked
+        if track is not None and P.WALL_MS in track.granted and checked is not None \
+                and (checked.budget or {}).get(P.WALL_MS) is not None:
+            why = "request wall_ms budget ran out"
+            return (*self._cancel(req, ErrorCode.BUDGET_EXCEEDED, why),
+                    Fail(req, errors.BudgetExceeded(why), self._spent(req, now)))
+        why = "request deadline passed"
+        return (*self._cancel(req, ErrorCode.DEADLINE, why),
+                Fail(req, errors.DeadlineExceeded(why), self._spent(req, now)))
 
-    def on_done(self, router: Router, req: Request, now: float, spent: dict | None,
-                error: errors.RecaError | None) -> None:
+    def on_done(self, req: Request, now: float, spent: dict[str, Any] | None, error: errors.RecaError | None) -> None:
         track = self.tracks.pop(req.token, None)
         if track is None:
             return
@@ -378,21 +474,23 @@ class BudgetAdmission(Admission):
         if track.started:
             self.decide("finish", now, job=track.job)
         if track.ran:
-            self.idem_inflight.discard(track.idem)
+            self.idem_inflight.discard(track.idem or "")
             self.record("ran", now, {"idem": track.idem}, {"ok": True})
 
-    def tick(self, router: Router, now: float) -> None:
+    def tick(self, view: View, now: float) -> Effects:
         self.flush_log()
+        effects: list[Effect] = []
         if self.ledger.next_deadline() <= now:
             out = self.decide("tick", now)
             for name in out["exhausted"]:
-                self.exhaust(router, name, now)
+                effects.extend(self.exhaust(view, name, now))
         if self.ledger.next_expiry() <= now:  # logged only when a lease has run out
             self.decide("expire", now)
         if self._paused_at and min(self._paused_at.values()) + self.max_pause <= now:
-            self._resume_overdue(router, now)
+            effects.extend(self._resume_overdue(view, now))
         if self.interrupted and min(self.interrupted.values()) <= now:
             self.interrupted = {k: t for k, t in self.interrupted.items() if t > now}
+        return effects
 
     def next_wakeup(self) -> float:
         wake = min(self.ledger.next_deadline(), self.ledger.next_expiry())
@@ -400,15 +498,16 @@ class BudgetAdmission(Admission):
             wake = min(wake, min(self._paused_at.values()) + self.max_pause)
         return wake
 
-    def _resume_overdue(self, router: Router, now: float) -> None:
+    def _resume_overdue(self, view: View, now: float) -> list[Effect]:
         """Resume every request paused for ``max_pause`` or longer: no preemption, by the kernel or
         by anyone, starves a request.  One paused by kernel preemption had its slot lent out; its
         worker owes that slot back and the next one that frees repays it."""
+        effects: list[Effect] = []
         for token, since in list(self._paused_at.items()):
             if since + self.max_pause > now:
                 continue
             del self._paused_at[token]
-            req = router.inflight.get(token)
+            req = view.inflight.get(token)
             track = self.tracks.get(token)
             if req is None or track is None or req.done:
                 continue
@@ -420,50 +519,54 @@ class BudgetAdmission(Admission):
                 if req.worker is not None:
                     self._slot_debt[req.worker.identity] = self._slot_debt.get(req.worker.identity, 0) + 1
             self.counters["resumes"] += 1
-            self.record("resume", now, {"id": str(req.rid), "token": token.hex(), "why": "max_pause",
-                                        "paused_s": round(now - since, 3)}, {"ok": True})
-            router.publish(P.control_topic(req.service.name.decode(errors="replace"), P.ControlOp.RESUME),
-                           {P.C_TOKEN: token, P.C_ID: req.rid, P.C_REASON: "paused longer than max_pause"})
+            effects.append(Order.to_request(P.ControlOp.RESUME, req, **{P.C_REASON: "paused longer than max_pause"})
+                           .with_why(why="max_pause", paused_s=round(now - since, 3)))
+        return effects
 
     # -- exhaustion, cancel, preemption ---------------------------------------------------------
 
-    def _spent(self, req: Request, now: float) -> dict:
+    def _spent(self, req: Request, now: float) -> dict[str, Any]:
         track = self.tracks.get(req.token)
         out = dict(track.charged) if track else {}
-        out["wall_ms"] = (now - req.received) * 1000.0
+        out[P.WALL_MS] = (now - req.received) * 1000.0
         return out
 
     def _governed(self, job: str, exhausted: Job) -> bool:
         j = self.ledger.jobs.get(job)
         return j is not None and self.ledger.holder(j, exhausted.exhausted or "") is exhausted
 
-    def exhaust(self, router: Router, name: str, now: float, skip: Request | None = None) -> None:
+    def exhaust(self, view: View, name: str, now: float, skip: Request | None = None) -> list[Effect]:
         """Cancel and answer every request drawing on the exhausted job's budget."""
         ex = self.ledger.jobs[name]
         self.counters["exhausted"] += 1
         log.warning("job %s exhausted its %s budget", name, ex.exhausted)
         message = f"job {name!r} exhausted its {ex.exhausted} budget"
-        for req in list(router.inflight.values()):
+        effects: list[Effect] = []
+        for req in list(view.inflight.values()):
             if req.done or req is skip or req.job is None or not self._governed(req.job, ex):
                 continue
-            self._cancel_request(router, req, ErrorCode.BUDGET_EXCEEDED, message)
-            router.fail_request(req, errors.BudgetExceeded(message, job=name), now, spent=self._spent(req, now))
-        router.publish(P.control_topic(P.CTL_ALL, P.ControlOp.CANCEL),
-                       {P.C_JOB: name, P.C_CODE: ErrorCode.BUDGET_EXCEEDED, P.C_REASON: message})
+            effects.extend(self._cancel(req, ErrorCode.BUDGET_EXCEEDED, message))
+            effects.append(Fail(req, errors.BudgetExceeded(message, job=name), self._spent(req, now)))
+        effects.append(Order(P.CTL_ALL, P.ControlOp.CANCEL.value,
+                             {P.C_JOB: name, P.C_CODE: ErrorCode.BUDGET_EXCEEDED, P.C_REASON: message}))
+        return effects
 
-    def _cancel_request(self, router: Router, req: Request, code: ErrorCode, reason: str) -> None:
-        if req.worker is not None:
-            router.publish(P.control_topic(req.service.name.decode(errors="replace"), P.ControlOp.CANCEL),
-                           {P.C_TOKEN: req.token, P.C_ID: req.rid, P.C_CODE: code, P.C_REASON: reason})
+    @staticmethod
+    def _cancel(req: Request, code: ErrorCode, reason: str) -> tuple[Effect, ...]:
+        """The cancel order for ``req``'s worker (none for a request not yet dispatched: the
+        router's answer is all there is)."""
+        if req.worker is None:
+            return ()
+        return (Order.to_request(P.ControlOp.CANCEL, req, **{P.C_CODE: code, P.C_REASON: reason}),)
 
-    def _preempt_lower(self, router: Router, req: Request, now: float) -> None:
+    def _preempt_lower(self, view: View, req: Request, now: float) -> Effects:
         """If ``req`` cannot be dispatched at once, ask the lowest-priority running request of its
         service with a lower priority to pause at its next safe point."""
         service = req.service
         if service.ready or not service.workers:
-            return
+            return NO_EFFECTS
         if not any(p < req.priority for p in self.prio_counts):
-            return
+            return NO_EFFECTS
         victim = None
         for w in service.workers.values():
             for r in w.inflight.values():
@@ -471,33 +574,32 @@ class BudgetAdmission(Admission):
                 if r.done or t is None or t.preempted or r.priority >= req.priority:
                     continue
                 if victim is None or r.priority < victim.priority:
-                    if self._may_preempt(router, req, r):
+                    if self._may_preempt(view, req, r):
                         victim = r
         if victim is None:
-            return
+            return NO_EFFECTS
         self.tracks[victim.token].preempted = True
         self.counters["preempts"] += 1
-        self.record("preempt", now, {"victim": str(victim.rid), "for": str(req.rid)}, {"ok": True})
-        router.publish(P.control_topic(service.name.decode(errors="replace"), P.ControlOp.PREEMPT),
-                       {P.C_TOKEN: victim.token, P.C_ID: victim.rid, P.C_REASON: f"preempted by priority {req.priority}"})
+        return (Order.to_request(P.ControlOp.PREEMPT, victim, **{P.C_REASON: f"preempted by priority {req.priority}"})
+                .with_why(victim=str(victim.rid), **{"for": str(req.rid)}),)
 
-    def _may_preempt(self, router: Router, req: Request, victim: Request) -> bool:
+    def _may_preempt(self, view: View, req: Request, victim: Request) -> bool:
         """Kernel preemption follows mmi.preempt's rule: a request's priority pauses only requests
         its principal could pause by hand (its own, those of jobs it may act in; operators: any),
         so no client starves another principal's work by sending priority 1000."""
         p = req.principal
-        return p.operator or victim.principal == p or (victim.job is not None and self.may_act(router, p, victim.job))
+        return p.operator or victim.principal == p or (victim.job is not None and self.may_act(view, p, victim.job))
 
-    def _on_paused(self, router: Router, req: Request, now: float) -> None:
+    def _on_paused(self, req: Request, now: float) -> Effects:
         track = self.tracks.get(req.token)
         if track is None or not track.preempted or track.paused or req.worker is None:
-            return
+            return NO_EFFECTS
         track.paused = True
         self.paused_count += 1
         # Lend the paused request's slot to the queue (highest priority first).
-        router.free_slot(req.worker, now)
+        return (Lend(req.worker),)
 
-    def claim_slot(self, router: Router, worker: Worker, now: float) -> bool:
+    def claim_slot(self, view: View, worker: Worker, now: float) -> tuple[bool, Effects]:
         """A slot of ``worker`` freed: it returns to a paused request (which resumes) unless
         higher-priority work is queued for the service."""
         debt = self._slot_debt.get(worker.identity)
@@ -507,36 +609,55 @@ class BudgetAdmission(Admission):
                 del self._slot_debt[worker.identity]
             else:
                 self._slot_debt[worker.identity] = debt - 1
-            return True
+            return True, NO_EFFECTS
         if not self.paused_count:
-            return False
+            return False, NO_EFFECTS
         paused = [r for r in worker.inflight.values()
-                  if not r.done and self.tracks.get(r.token) is not None and self.tracks[r.token].paused]
+                  if not r.done and (t := self.tracks.get(r.token)) is not None and t.paused]
         if not paused:
-            return False
+            return False, NO_EFFECTS
         victim = max(paused, key=lambda r: r.priority)
-        top = router.top_queued_priority(worker.service)
+        top = view.top_queued_priority(worker.service)
         if top is not None and top > victim.priority:
-            return False  # the freed slot goes to the higher-priority queued request
+            return False, NO_EFFECTS  # the freed slot goes to the higher-priority queued request
         track = self.tracks[victim.token]
         track.paused = False
         track.preempted = False
         self.paused_count -= 1
         self.counters["resumes"] += 1
-        service = worker.service
-        self.record("resume", now, {"id": str(victim.rid)}, {"ok": True})
-        router.publish(P.control_topic(service.name.decode(errors="replace"), P.ControlOp.RESUME),
-                       {P.C_TOKEN: victim.token, P.C_ID: victim.rid})
-        return True
+        return True, (Order.to_request(P.ControlOp.RESUME, victim),)
 
-    # -- MMI: jobs, gates, hard preemption ----------------------------------------------------------
+    def lent_slots(self, worker: Worker) -> int:
+        """Slots of ``worker`` lent out: its paused requests' and those it still owes."""
+        paused = sum(1 for r in worker.inflight.values()
+                     if not r.done and (t := self.tracks.get(r.token)) is not None and t.paused)
+        return paused + self._slot_debt.get(worker.identity, 0)
 
-
-    def stats(self, now: float) -> dict:
+    def stats(self, now: float) -> dict[str, Any]:
         self.flush_log()
-        return {"jobs": self.ledger.snapshot(now), "ledger": dict(self.counters)}
+        self.dedup.sweep(now)
+        out = {"jobs": self.ledger.snapshot(now), "ledger": dict(self.counters), "dedup": self.dedup.stats()}
+        log_stats = getattr(self.log, "stats", None)
+        if callable(log_stats):
+            out["decision_log"] = log_stats()
+        return out
 
     def worker_gone(self, identity: bytes) -> None:
         """A worker left: the slots it owed are gone with it."""
         self._slot_debt.pop(identity, None)
 
+    def check_invariants(self, view: View) -> None:
+        """Raise AssertionError naming the first broken invariant (module docstring), then the
+        ledger's."""
+        assert set(self._paused_at) == {t for t, tr in self.tracks.items() if tr.paused_at is not None}, \
+            "_paused_at disagrees with the tracks"
+        assert self.paused_count == sum(1 for tr in self.tracks.values() if tr.paused), "paused_count"
+        prio: dict[int, int] = {}
+        for tr in self.tracks.values():
+            prio[tr.priority] = prio.get(tr.priority, 0) + 1
+        assert prio == self.prio_counts, f"prio_counts {self.prio_counts} != {prio}"
+        for token in self.tracks:
+            req = view.inflight.get(token)
+            assert req is not None and not req.done, f"a track of request {token.hex()} not in flight"
+        assert all(v > 0 for v in self._slot_debt.values()), "a slot debt of zero is kept"
+        self.ledger.check_invariants()

@@ -34,8 +34,28 @@ import zmq
 import zmq.auth
 
 from kernel import protocol as P
+# Re-exported: the principal lives in kernel.principal (pure; this module speaks CURVE/ZAP).
+from kernel.principal import (
+    CHILD_PREFIX as CHILD_PREFIX,
+    CLIENT as CLIENT,
+    KERNEL_ROLE as KERNEL_ROLE,
+    LOCAL_OPERATOR as LOCAL_OPERATOR,
+    OPERATOR as OPERATOR,
+    REVOKED as REVOKED,
+    SERVICE_PREFIX as SERVICE_PREFIX,
+    Principal as Principal,
+)
 
 log = logging.getLogger("reca.auth")
+
+__all__ = [
+    "CHILD_PREFIX", "CLIENT", "ENV_CERT", "ENV_SERVER_CERT", "KERNEL_KEY", "KERNEL_ROLE", "LOCAL_OPERATOR", "NAME_RE",
+    "OPERATOR", "REVOKED", "SERVICE_PREFIX", "USER_ID", "ZAP_DOMAIN_CONTROL", "ZAP_DOMAIN_ROUTER", "AuthError",
+    "Certificate", "PeerCredentials", "Principal", "Principals", "ServerKeys", "UnsafeRuntimeDir", "check_ipc_endpoint",
+    "check_key_dir", "certificate_name", "child_principals", "curve_server", "ensure_private_dir", "list_certificates",
+    "load_public", "load_secret", "open_append", "parse_role", "peer_credentials", "read_certificate", "secure_socket",
+    "write_certificate", "write_private", "write_public_certificate",
+]
 
 #: Environment variables read by clients, services and the CLI (defined in the protocol module).
 ENV_CERT = P.ENV_CERT  # the peer's own secret certificate file
@@ -46,17 +66,8 @@ ZAP_DOMAIN_CONTROL = "reca.control"
 #: The frame property ZeroMQ sets to the ZAP user id of the connection a message came on.
 USER_ID = "User-Id"
 
-OPERATOR = "operator"
-CLIENT = "client"
-SERVICE_PREFIX = "service:"
-#: Role of the kernel's own key pair in a key directory (never a peer principal).
-KERNEL_ROLE = "kernel"
-#: Role the kernel gives a connection whose key is no longer in its table (revoked while connected).
-REVOKED = "revoked"
 #: File name (without suffix) of the kernel's key pair in a key directory.
 KERNEL_KEY = "kernel"
-#: Name prefix of the principals the supervisor makes for its children (``child:NAME``).
-CHILD_PREFIX = "child:"
 #: Principal names: what ``keys new`` accepts (supervised children get ``child:NAME``).
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SERVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -85,41 +96,6 @@ def parse_role(text: str, *, allow_kernel: bool = False) -> str:
     raise ValueError(f"unknown role {text!r}; expected operator, client or service:NAME[,NAME...]")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Principal:
-    """A verified peer: its name (the ZAP user id) and its role."""
-
-    name: str
-    role: str
-
-    @property
-    def operator(self) -> bool:
-        return self.role == OPERATOR
-
-    @property
-    def revoked(self) -> bool:
-        return self.role == REVOKED
-
-    @property
-    def services(self) -> tuple[str, ...]:
-        """The services this principal may register for (and audit as)."""
-        if self.role.startswith(SERVICE_PREFIX):
-            return tuple(self.role[len(SERVICE_PREFIX):].split(","))
-        return ()
-
-    def may_serve(self, service: str) -> bool:
-        """Operators serve anything; ``service:NAME`` serves ``NAME`` and its per-worker names
-        ``NAME@...`` (a sim worker's ``sim@<pid>``)."""
-        if self.operator:
-            return True
-        return any(service == s or service.startswith(s + "@") for s in self.services)
-
-    def may_audit(self, source: str) -> bool:
-        return self.operator or source in self.services
-
-
-#: Every peer of an ``ipc://`` kernel (its runtime directory is private) and of an insecure one.
-LOCAL_OPERATOR = Principal("local", OPERATOR)
 
 
 # -- certificates -----------------------------------------------------------------------------------

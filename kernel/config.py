@@ -3,11 +3,18 @@
 ``{runtime}`` in any string expands to the runtime directory: ``$RECA_RUNTIME_DIR``, else
 ``$XDG_RUNTIME_DIR/reca``, else ``/tmp/reca-<uid>``.  The shipped default (kernel/default.toml)
 runs every service on this machine over ``ipc://`` and needs no set-up.
+
+Strict: :data:`SCHEMA` lists every key of every table (type, default, meaning); a key not in it,
+a value of the wrong type, out of range or outside its choices is a :class:`ConfigError` naming
+the key, the table and the file.  The decision log is kept (``{runtime}/decisions.jsonl``) unless
+a config says ``decision_log = false`` explicitly; ``status`` says which.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -51,6 +58,7 @@ class KernelConfig:
     heartbeat: float = P.HEARTBEAT_INTERVAL
     liveness: int = P.LIVENESS
     unavailable_wait: float = P.UNAVAILABLE_WAIT
+    #: None only when a config says ``decision_log = false`` (no durability, no replay).
     decision_log: str | None = None
     max_peers: int = P.MAX_PEERS
     peer_hwm: int = P.PEER_HWM
@@ -73,6 +81,12 @@ class KernelConfig:
     default_limits: dict[str, float] = dataclasses.field(default_factory=dict)
     max_pause: float = P.MAX_PAUSE
     audit_quota: int = P.AUDIT_EVENTS_PER_MIN
+    #: [enforce]: the OS backend (``auto``, ``cgroup2``, ``cgroup1``, ``signals``), the escalation
+    #: ladder's graces and the kernel's cpu weight (docs/budgets.md; read by kernel.enforce).
+    enforce_backend: str = "auto"
+    freeze_grace_ms: float = 20.0
+    kill_grace_ms: float = 1000.0
+    kernel_weight: int = 1000
 
     @property
     def tcp(self) -> bool:
@@ -81,140 +95,290 @@ class KernelConfig:
 
 #: The machine's capacity over this horizon is the default limit of the ``root`` job, seconds.
 ROOT_HORIZON_S = 7 * 86400.0
-#: Assumed peak rates per core used for the default root limits of ``tokens`` and ``flops``.
-TOKENS_PER_CORE_S, FLOPS_PER_CORE_S = 1e4, 1e11
-#: Default limits of the ``default`` job (plain MDP requests and requests without a job).
-DEFAULT_JOB_LIMITS = {"wall_ms": 3_600_000.0, "cpu_ms": 3_600_000.0, "tokens": 1e8, "flops": 1e15}
-COMPUTE_KINDS = ("wall_ms", "cpu_ms", "tokens", "flops")
+#: Default limits of the ``default`` job (plain MDP requests and requests without a job): the
+#: budget kinds table's (kernel.protocol.BUDGET_KINDS).
+DEFAULT_JOB_LIMITS = {k.name: k.default_limit for k in P.BUDGET_KINDS.values() if k.compute}
+COMPUTE_KINDS = P.COMPUTE_KINDS
 
 
 def machine_limits(horizon_s: float = ROOT_HORIZON_S) -> dict[str, float]:
-    """The ``root`` job's default limits: what this machine's cores can do in ``horizon_s``."""
+    """The ``root`` job's default limits: what this machine's cores can do in ``horizon_s`` (each
+    compute kind at its table rate per core-second)."""
     cores = os.cpu_count() or 1
-    return {"wall_ms": cores * horizon_s * 1000.0, "cpu_ms": cores * horizon_s * 1000.0,
-            "tokens": cores * TOKENS_PER_CORE_S * horizon_s, "flops": cores * FLOPS_PER_CORE_S * horizon_s}
+    return {k.name: cores * k.per_core_s * horizon_s for k in P.BUDGET_KINDS.values() if k.compute}
 
 
-def _limits(table: dict, key: str, default: dict[str, float], where: str) -> dict[str, float]:
-    value = table.get(key, default)
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}.{key} must be a table of kind = amount")
-    out = {}
-    for kind, amount in value.items():
-        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 <= amount < 1e300:
-            raise ConfigError(f"{where}.{key}.{kind} must be a finite non-negative number, got {amount!r}")
-        out[str(kind)] = float(amount)
-    missing = [k for k in COMPUTE_KINDS if k not in out]
-    if missing:
-        raise ConfigError(f"{where}.{key} must limit every compute kind; missing {missing}")
+# -- the schema: one row per setting ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One configuration key: the table it belongs to, its type, its default and what it means.
+    ``type``: ``str``, ``int``, ``float``, ``bool``, ``enum`` (one of ``choices``), ``str|false``,
+    ``list[str]``, ``list[int]``, ``map[str]`` (a table of strings), ``limits`` (a table of budget
+    kind = amount).  ``low``/``high`` bound a number (``low_open``: strictly above ``low``);
+    ``field``: the :class:`KernelConfig` attribute (default: the key)."""
+
+    table: str
+    key: str
+    type: str
+    default: Any
+    meaning: str
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    field: str | None = None
+
+
+_FSYNC = ("always", "interval", "never")
+_RESTART = tuple(r.value for r in RestartType)
+
+#: Every key of every table.  docs/config.md is generated from this table; parse() reads nothing
+#: else, and refuses any key not in it.
+SCHEMA: tuple[Setting, ...] = (
+    Setting("kernel", "endpoint", "str", "ipc://{runtime}/kernel.sock",
+            "where clients and workers connect (ipc:// or tcp://)"),
+    Setting("kernel", "control", "str", None,
+            "the control (PUB) endpoint; default: control.sock beside an ipc:// endpoint, port + 1 for tcp://"),
+    Setting("kernel", "heartbeat_s", "float", P.HEARTBEAT_INTERVAL, "heartbeat interval, seconds",
+            low=0, low_open=True, field="heartbeat"),
+    Setting("kernel", "liveness", "int", P.LIVENESS, "missed heartbeats before a peer is dead", low=1),
+    Setting("kernel", "unavailable_wait_s", "float", P.UNAVAILABLE_WAIT,
+            "how long a request waits for a worker of its service before `unavailable`, seconds", low=0,
+            field="unavailable_wait"),
+    Setting("kernel", "decision_log", "str|false", "{runtime}/decisions.jsonl",
+            "the decision log (durability, restore after a restart, replay); false: none, said by `status`"),
+    Setting("kernel", "max_peers", "int", P.MAX_PEERS, "concurrent peer connections; more are refused", low=1),
+    Setting("kernel", "peer_hwm", "int", P.PEER_HWM, "messages buffered per peer connection each way", low=1),
+    Setting("kernel", "fsync", "enum", P.LOG_FSYNC, "when the decision log is flushed to disk", choices=_FSYNC),
+    Setting("kernel", "log_segment_bytes", "int", P.LOG_SEGMENT_BYTES,
+            "a new log segment, opened by a snapshot, past this size", low=4096, field="segment_bytes"),
+    Setting("supervisor", "intensity", "int", P.RESTART_INTENSITY,
+            "at most this many restarts of one child within period_s, else it is given up", low=1),
+    Setting("supervisor", "period_s", "float", P.RESTART_PERIOD, "the window of intensity, seconds",
+            low=0, low_open=True, field="period"),
+    Setting("supervisor", "backoff_initial_s", "float", P.BACKOFF_INITIAL, "first restart delay, seconds",
+            low=0, field="backoff_initial"),
+    Setting("supervisor", "backoff_max_s", "float", P.BACKOFF_MAX, "longest restart delay, seconds", low=0,
+            field="backoff_max"),
+    Setting("auth", "keys", "str", None, "directory of the principals' public certificates (CURVE over tcp://)"),
+    Setting("auth", "server_cert", "str", None,
+            "the kernel's secret certificate; default: {keys}/kernel.key_secret"),
+    Setting("auth", "insecure", "bool", False, "tcp:// without CURVE, every peer the operator (trusted hosts only)"),
+    Setting("limits", "root", "limits", None,
+            "finite limits of the root job (default: what this machine's cores do in 7 days)",
+            field="root_limits"),
+    Setting("limits", "default", "limits", None,
+            "limits of the default job (plain MDP requests and requests without a job)", field="default_limits"),
+    Setting("limits", "max_pause_s", "float", P.MAX_PAUSE,
+            "longest a request stays paused before the kernel resumes it, seconds", low=0, low_open=True,
+            high=86400, field="max_pause"),
+    Setting("limits", "audit_events_per_min", "int", P.AUDIT_EVENTS_PER_MIN,
+            "audit records (mmi.audit) one principal may write per minute", low=1, field="audit_quota"),
+    Setting("enforce", "backend", "enum", "auto",
+            "the OS backstop: auto (cgroup v2, else v1, else signals), or one named (refused if unavailable)",
+            choices=("auto", "cgroup2", "cgroup1", "signals"), field="enforce_backend"),
+    Setting("enforce", "freeze_grace_ms", "float", 20.0,
+            "a worker still holding a cancelled/over-budget request this long is frozen", low=0, high=60_000),
+    Setting("enforce", "kill_grace_ms", "float", 1000.0, "... and still this long after the freeze: killed",
+            low=0, high=600_000),
+    Setting("enforce", "kernel_weight", "int", 1000, "the kernel's cpu weight (services: 100)", low=1,
+            high=10_000),
+    Setting("service", "name", "str", None, "the service name workers register (required)"),
+    Setting("service", "module", "str", None, "a Python module run as `python -m MODULE` (or command)"),
+    Setting("service", "command", "list[str]", None, "an argv to run (or module)"),
+    Setting("service", "args", "list[str]", [], "arguments appended to the module's or command's argv"),
+    Setting("service", "restart", "enum", "permanent",
+            "permanent: always restarted; transient: after an abnormal exit; temporary: never", choices=_RESTART),
+    Setting("service", "replicas", "int", 1, "processes of this service (named NAME#i when more than one)",
+            low=1, high=256),
+    Setting("service", "env", "map[str]", {}, "environment variables of the child"),
+    Setting("service", "shutdown_timeout_s", "float", P.SHUTDOWN_TIMEOUT,
+            "grace after SIGTERM before SIGKILL, seconds", low=0, low_open=True),
+    Setting("service", "nice", "int", None, "the child's nice value", low=-20, high=19),
+    Setting("service", "cpus", "list[int]", None, "CPU affinity of the child (core numbers)", low=0),
+    Setting("service", "mem_bytes", "int", None, "memory ceiling of the service's group (>= 1 MiB)", low=1 << 20),
+    Setting("service", "cpu_weight", "int", None, "cpu weight of the service's group (default 100)", low=1,
+            high=10_000),
+    Setting("service", "pids_max", "int", None, "most processes in the service's group", low=1),
+)
+#: [[service]] keys that are group ceilings (passed to the supervisor's ChildSpec when it has them).
+CEILINGS = ("mem_bytes", "cpu_weight", "pids_max")
+
+TABLES = ("kernel", "supervisor", "auth", "limits", "enforce", "service")
+_BY_TABLE: dict[str, dict[str, Setting]] = {t: {s.key: s for s in SCHEMA if s.table == t} for t in TABLES}
+
+
+def schema_rows() -> list[dict[str, str]]:
+    """The schema as rows ``{table, key, type, default, meaning}`` (for docs/config.md)."""
+    out = []
+    for s in SCHEMA:
+        kind = s.type if not s.choices else " | ".join(f'"{c}"' for c in s.choices)
+        out.append({"table": "[[service]]" if s.table == "service" else f"[{s.table}]", "key": s.key,
+                    "type": kind, "default": "—" if s.default is None else repr(s.default), "meaning": s.meaning})
     return out
 
 
-def _get(table: dict, key: str, kind: type | tuple, default: Any, where: str) -> Any:
-    value = table.get(key, default)
-    if value is default:
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+class _Reader:
+    """Reads the tables of one document against :data:`SCHEMA`; every error names the key, the
+    table and the file."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, key: str | None, message: str) -> ConfigError:
+        at = f"{where}.{key}" if key else where
+        return ConfigError(f"{self.source}: {at}: {message}")
+
+    def table(self, doc: dict, name: str, where: str) -> dict:
+        """The table ``name`` of ``doc`` (``{}`` when absent) with its keys checked."""
+        value = doc.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.source}: [{name}] must be a table, got {type(value).__name__}")
+        return self.keys(value, name, where)
+
+    def keys(self, table: dict, name: str, where: str) -> dict:
+        known = _BY_TABLE[name]
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"{self.source}: unknown key {key!r} in {where}; "
+                                  f"known keys: {', '.join(sorted(known))}")
+        return table
+
+    def get(self, table: dict, name: str, key: str, where: str, default: Any = ...) -> Any:
+        s = _BY_TABLE[name][key]
+        if key not in table:
+            return s.default if default is ... else default
+        value = table[key]
+        t = s.type
+        if t == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise self.fail(where, key, f"must be a finite number, got {value!r}")
+            value = float(value)
+        elif t == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.fail(where, key, f"must be an integer, got {value!r}")
+        elif t == "bool":
+            if not isinstance(value, bool):
+                raise self.fail(where, key, f"must be true or false, got {value!r}")
+        elif t == "str":
+            if not isinstance(value, str) or not value:
+                raise self.fail(where, key, f"must be a non-empty string, got {value!r}")
+        elif t == "str|false":
+            if value is not False and (not isinstance(value, str) or not value):
+                raise self.fail(where, key, f"must be a path or false, got {value!r}")
+        elif t == "enum":
+            if value not in s.choices:
+                raise self.fail(where, key, f"must be one of {', '.join(map(repr, s.choices))}, got {value!r}")
+        elif t.startswith("list["):
+            item = str if t == "list[str]" else int
+            if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                raise self.fail(where, key, f"must be a list of {item.__name__}, got {value!r}")
+            if item is int and s.low is not None and any(v < s.low for v in value):
+                raise self.fail(where, key, f"items must be >= {_num(s.low)}")
+            return value
+        elif t == "map[str]":
+            if not isinstance(value, dict) or not all(isinstance(v, (str, int, float)) for v in value.values()):
+                raise self.fail(where, key, f"must be a table of strings, got {value!r}")
+            return value
+        if t in ("int", "float"):
+            if s.low is not None and (value <= s.low if s.low_open else value < s.low):
+                raise self.fail(where, key, f"must be {'>' if s.low_open else '>='} {_num(s.low)}, got {value!r}")
+            if s.high is not None and value > s.high:
+                raise self.fail(where, key, f"must be <= {_num(s.high)}, got {value!r}")
         return value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{where}.{key} must be {getattr(kind, '__name__', kind)}, got {value!r}")
-    return value
+
+    def limits(self, table: dict, key: str, default: dict[str, float]) -> dict[str, float]:
+        value = table.get(key, default)
+        where = "[limits]"
+        if not isinstance(value, dict):
+            raise self.fail(where, key, "must be a table of kind = amount")
+        out = {}
+        for kind, amount in value.items():
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 <= amount < 1e300:
+                raise self.fail(where, f"{key}.{kind}", f"must be a finite non-negative number, got {amount!r}")
+            out[str(kind)] = float(amount)
+        missing = [k for k in COMPUTE_KINDS if k not in out]
+        if missing:
+            raise self.fail(where, key, f"must limit every compute kind; missing {missing}")
+        return out
 
 
-def parse(doc: dict, *, runtime: str | None = None) -> KernelConfig:
+def parse(doc: dict, *, runtime: str | None = None, source: str = "config") -> KernelConfig:
+    """A :class:`KernelConfig` from a parsed TOML document; ``source`` names the file in errors.
+    Raises :class:`ConfigError` naming the key, the table and the file for an unknown key, a value
+    of the wrong type or out of range, or a setting outside its choices."""
     runtime = runtime or runtime_dir()
+    rd = _Reader(source)
 
     def expand(s: str) -> str:
         return s.replace("{runtime}", runtime)
 
-    known = {"kernel", "supervisor", "service", "auth", "limits"}
-    unknown = set(doc) - known
+    unknown = sorted(set(doc) - set(TABLES))
     if unknown:
-        raise ConfigError(f"unknown top-level table(s): {sorted(unknown)}")
-    k = doc.get("kernel", {})
-    s = doc.get("supervisor", {})
-    a = doc.get("auth", {})
-    lim = doc.get("limits", {})
-    endpoint = expand(_get(k, "endpoint", str, "ipc://{runtime}/kernel.sock", "kernel"))
-    control = _get(k, "control", str, None, "kernel")
+        raise ConfigError(f"{source}: unknown table(s) {unknown}; known tables: {', '.join(TABLES)}")
+    k = rd.table(doc, "kernel", "[kernel]")
+    s = rd.table(doc, "supervisor", "[supervisor]")
+    a = rd.table(doc, "auth", "[auth]")
+    lim = rd.table(doc, "limits", "[limits]")
+    enf = rd.table(doc, "enforce", "[enforce]")
+    endpoint = expand(rd.get(k, "kernel", "endpoint", "[kernel]"))
+    control = rd.get(k, "kernel", "control", "[kernel]")
     control = expand(control) if control else default_control_for(endpoint)
-    log_path = _get(k, "decision_log", str, None, "kernel")
-    cfg = KernelConfig(
-        endpoint=endpoint,
-        control=control,
-        heartbeat=_get(k, "heartbeat_s", float, P.HEARTBEAT_INTERVAL, "kernel"),
-        liveness=_get(k, "liveness", int, P.LIVENESS, "kernel"),
-        unavailable_wait=_get(k, "unavailable_wait_s", float, P.UNAVAILABLE_WAIT, "kernel"),
-        decision_log=expand(log_path) if log_path else None,
-        max_peers=_get(k, "max_peers", int, P.MAX_PEERS, "kernel"),
-        peer_hwm=_get(k, "peer_hwm", int, P.PEER_HWM, "kernel"),
-        fsync=_get(k, "fsync", str, P.LOG_FSYNC, "kernel"),
-        segment_bytes=_get(k, "log_segment_bytes", int, P.LOG_SEGMENT_BYTES, "kernel"),
-        intensity=_get(s, "intensity", int, P.RESTART_INTENSITY, "supervisor"),
-        period=_get(s, "period_s", float, P.RESTART_PERIOD, "supervisor"),
-        backoff_initial=_get(s, "backoff_initial_s", float, P.BACKOFF_INITIAL, "supervisor"),
-        backoff_max=_get(s, "backoff_max_s", float, P.BACKOFF_MAX, "supervisor"),
-        runtime=runtime,
-        insecure=_get(a, "insecure", bool, False, "auth"),
-        max_pause=_get(lim, "max_pause_s", float, P.MAX_PAUSE, "limits"),
-        audit_quota=_get(lim, "audit_events_per_min", int, P.AUDIT_EVENTS_PER_MIN, "limits"),
-    )
-    keys = _get(a, "keys", str, None, "auth")
+    log_path = rd.get(k, "kernel", "decision_log", "[kernel]")
+    cfg = KernelConfig(endpoint=endpoint, control=control, runtime=runtime,
+                       decision_log=expand(log_path) if log_path else None)
+    for table, name in ((k, "kernel"), (s, "supervisor"), (lim, "limits"), (enf, "enforce")):
+        for setting in _BY_TABLE[name].values():
+            if setting.type in ("int", "float", "enum"):
+                setattr(cfg, setting.field or setting.key, rd.get(table, name, setting.key, f"[{name}]"))
+    cfg.insecure = rd.get(a, "auth", "insecure", "[auth]")
+    keys = rd.get(a, "auth", "keys", "[auth]")
     cfg.keys = os.path.expanduser(expand(keys)) if keys else None
-    server_cert = _get(a, "server_cert", str, None, "auth")
+    server_cert = rd.get(a, "auth", "server_cert", "[auth]")
     if server_cert:
         cfg.server_cert = os.path.expanduser(expand(server_cert))
     elif cfg.keys:
         cfg.server_cert = os.path.join(cfg.keys, "kernel.key_secret")
-    unknown = set(a) - {"keys", "server_cert", "insecure"}
-    if unknown:
-        raise ConfigError(f"unknown [auth] key(s): {sorted(unknown)}")
-    unknown = set(lim) - {"root", "default", "max_pause_s", "audit_events_per_min"}
-    if unknown:
-        raise ConfigError(f"unknown [limits] key(s): {sorted(unknown)}")
-    cfg.root_limits = _limits(lim, "root", machine_limits(), "limits")
-    cfg.default_limits = _limits(lim, "default", DEFAULT_JOB_LIMITS, "limits")
+    cfg.root_limits = rd.limits(lim, "root", machine_limits())
+    cfg.default_limits = rd.limits(lim, "default", DEFAULT_JOB_LIMITS)
     for kind, amount in cfg.default_limits.items():
         if amount > cfg.root_limits.get(kind, float("inf")):
-            raise ConfigError(f"limits.default.{kind} = {amount:g} exceeds limits.root.{kind}")
-    if not 0 < cfg.max_pause <= 86400 or cfg.audit_quota < 1:
-        raise ConfigError("limits.max_pause_s must be in (0, 86400] and limits.audit_events_per_min >= 1")
-    if cfg.heartbeat <= 0 or cfg.liveness < 1 or cfg.unavailable_wait < 0:
-        raise ConfigError("kernel.heartbeat_s must be > 0, liveness >= 1, unavailable_wait_s >= 0")
-    if cfg.max_peers < 1 or cfg.peer_hwm < 1:
-        raise ConfigError("kernel.max_peers and kernel.peer_hwm must be >= 1")
-    if cfg.fsync not in ("always", "interval", "never") or cfg.segment_bytes < 4096:
-        raise ConfigError('kernel.fsync must be "always", "interval" or "never"; '
-                          "kernel.log_segment_bytes >= 4096")
+            raise rd.fail("[limits]", f"default.{kind}", f"= {amount:g} exceeds limits.root.{kind}")
     entries = doc.get("service", [])
-    if not isinstance(entries, list):
-        raise ConfigError("[[service]] must be an array of tables")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{source}: [[service]] must be an array of tables")
     for n, entry in enumerate(entries):
-        where = f"service[{n}]"
-        name = _get(entry, "name", str, None, where)
-        module = _get(entry, "module", str, None, where)
-        command = _get(entry, "command", list, None, where)
+        where = f"[[service]] #{n}" + (f" ({entry['name']})" if isinstance(entry.get("name"), str) else "")
+        rd.keys(entry, "service", where)
+        get = functools.partial(rd.get, entry, "service", where=where)
+        name, module, command = get(key="name"), get(key="module"), get(key="command")
         if not name or (module is None) == (command is None):
-            raise ConfigError(f"{where} needs a name and exactly one of module or command")
-        args = [expand(a) for a in _get(entry, "args", list, [], where)]
-        argv = python_module_argv(module, args) if module else [expand(str(a)) for a in command] + args
-        try:
-            restart = RestartType(_get(entry, "restart", str, "permanent", where))
-        except ValueError:
-            raise ConfigError(f"{where}.restart must be permanent, transient or temporary") from None
-        replicas = _get(entry, "replicas", int, 1, where)
-        if replicas < 1:
-            raise ConfigError(f"{where}.replicas must be >= 1")
-        env = {str(a): expand(str(b)) for a, b in _get(entry, "env", dict, {}, where).items()}
+            raise ConfigError(f"{source}: {where} needs a name and exactly one of module or command")
+        args = [expand(x) for x in get(key="args")]
+        argv = python_module_argv(module, args) if module else [expand(str(x)) for x in command] + args
+        restart = RestartType(get(key="restart"))
+        replicas = get(key="replicas")
+        env = {str(x): expand(str(y)) for x, y in get(key="env").items()}
+        ceilings = {key: get(key=key) for key in CEILINGS if key in entry}
+        if ceilings and not set(ceilings) <= {f.name for f in dataclasses.fields(ChildSpec)}:
+            raise ConfigError(f"{source}: {where}: {', '.join(sorted(ceilings))}: this build's supervisor "
+                              "has no group ceilings")
         for r in range(replicas):
             cfg.services.append(ChildSpec(
                 name=name if replicas == 1 else f"{name}#{r}",
                 argv=argv,
                 restart=restart,
-                shutdown_timeout=_get(entry, "shutdown_timeout_s", float, P.SHUTDOWN_TIMEOUT, where),
+                shutdown_timeout=get(key="shutdown_timeout_s"),
                 env=env,
-                nice=_get(entry, "nice", int, None, where),
-                cpus=_get(entry, "cpus", list, None, where),
+                nice=get(key="nice"),
+                cpus=get(key="cpus"),
+                **ceilings,
             ))
     return cfg
 
@@ -230,4 +394,4 @@ def load(path: str | None, *, runtime: str | None = None) -> KernelConfig:
         doc = tomllib.loads(text)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config {path or 'default'}: {exc}") from exc
-    return parse(doc, runtime=runtime)
+    return parse(doc, runtime=runtime, source=path or "the embedded default (kernel/default.toml)")

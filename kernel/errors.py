@@ -7,9 +7,34 @@ whether the same request may succeed if sent again (with the same idempotency ke
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
-from kernel.protocol import ErrorCode
+
+__all__ = ["AlreadyDone", "BadRequest", "BudgetExceeded", "Cancelled", "DeadlineExceeded", "ErrorCode", "Forbidden",
+           "InternalError", "KernelRestarted", "NotFound", "Overloaded", "RecaError", "Refused", "ServiceError",
+           "Timeout", "Unavailable", "WorkerDied", "from_wire", "require_int"]
+
+class ErrorCode(enum.StrEnum):
+    """Error codes carried in ``status.error.code``; kernel.errors maps each to an exception.
+
+    A ``StrEnum``: members are the wire strings themselves (they pack, log and compare as str)."""
+
+    BAD_REQUEST = "bad_request"  # malformed frames, header or payload; never retry unchanged
+    UNAVAILABLE = "unavailable"  # no worker for the service within the bounded wait
+    WORKER_DIED = "worker_died"  # the worker died or missed its liveness window mid-request
+    BUDGET_EXCEEDED = "budget_exceeded"  # the job's budget ran out; the job takes no more work
+    DEADLINE = "deadline"  # the request's own deadline passed
+    CANCELLED = "cancelled"  # cancelled by the kernel or an operator
+    REFUSED = "refused"  # a gate refused (counted resource, priority, closed job)
+    FORBIDDEN = "forbidden"  # the caller's principal lacks the authority (logged as a decision)
+    SERVICE_ERROR = "service_error"  # the service's handler raised
+    TIMEOUT = "timeout"  # client side: no reply within the client's own bound
+    OVERLOADED = "overloaded"  # the kernel could not queue the request
+    KERNEL_RESTARTED = "kernel_restarted"  # in flight when the kernel died; may have run: not re-run
+    INTERNAL_ERROR = "internal_error"  # a bug in the kernel's handler of the call; not the caller's fault
+    NOT_FOUND = "not_found"  # a control order's target (request, job, token) does not exist
+    ALREADY_DONE = "already_done"  # same idempotency key already ran; its answer was too large to keep
 
 
 class RecaError(Exception):
@@ -79,7 +104,7 @@ class Forbidden(RecaError):
     """The caller's principal may not do this (not the owner, not an operator, wrong role, or
     an unknown / revoked key).  The refusal is in the decision log; retrying will not help."""
 
-    code = "forbidden"
+    code = ErrorCode.FORBIDDEN
 
 
 class ServiceError(RecaError):
@@ -109,6 +134,28 @@ class KernelRestarted(RecaError):
     code = ErrorCode.KERNEL_RESTARTED
 
 
+class InternalError(RecaError):
+    """A bug in the kernel while handling the call (logged with its traceback); the caller's
+    input was accepted, so retrying unchanged may meet the same bug."""
+
+    code = ErrorCode.INTERNAL_ERROR
+
+
+class NotFound(Refused):
+    """The target of a control order (a request id, a token, a job) does not exist (or is not
+    the caller's: the answer is the same, so no one learns of another's work).  A refusal: code
+    ``not_found``, and ``isinstance(exc, Refused)`` holds for callers that handle refusals."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class AlreadyDone(RecaError):
+    """A request with this idempotency key already ran to its FINAL, which was too large to keep
+    for retries; it is not run again."""
+
+    code = ErrorCode.ALREADY_DONE
+
+
 _BY_CODE: dict[str, type[RecaError]] = {
     cls.code: cls
     for cls in (
@@ -124,6 +171,9 @@ _BY_CODE: dict[str, type[RecaError]] = {
         Timeout,
         Overloaded,
         KernelRestarted,
+        InternalError,
+        NotFound,
+        AlreadyDone,
     )
 }
 
@@ -146,7 +196,7 @@ def from_wire(error: Any) -> RecaError:
 _NO_DEFAULT: Any = object()
 
 
-def require_int(payload: dict, key: str, default: Any = _NO_DEFAULT, *, lo: int | None = None,
+def require_int(payload: dict[str, Any], key: str, default: Any = _NO_DEFAULT, *, lo: int | None = None,
                 hi: int | None = None) -> int:
     """``payload[key]`` (or ``default`` when absent) as an int in ``[lo, hi]``; :class:`BadRequest`
     naming the field otherwise (bool is not an int).  The one integer check of request payloads."""

@@ -35,7 +35,7 @@ import dataclasses
 import heapq
 import json
 import math
-from typing import Any
+from typing import Any, Iterable
 
 from kernel import errors
 from kernel import protocol as P
@@ -43,10 +43,12 @@ from kernel.protocol import ErrorCode
 
 ROOT = "root"
 DEFAULT_JOB = "default"
-MEASURED = ("wall_ms", "cpu_ms")
-#: Kinds whose exhaustion stops the job.  Any other kind is a counted resource: running out of
-#: it only makes further reservations of it refused.
-COMPUTE = ("wall_ms", "cpu_ms", "tokens", "flops")
+#: The kind accrued continuously by every request in flight (busy wall time).
+WALL = P.WALL_MS
+#: Kinds whose exhaustion stops the job (the compute rows of kernel.protocol.BUDGET_KINDS).  Any
+#: other kind is a counted resource: running out of it only makes further reservations of it
+#: refused.
+COMPUTE = P.COMPUTE_KINDS
 RESERVATION_LEASE = P.RESERVATION_LEASE
 INF = math.inf
 #: Every operation whose inputs and outputs the decision log records and replay re-runs.
@@ -54,16 +56,29 @@ OPS = ("configure", "open", "close", "admit", "start", "finish", "charge", "tick
        "release", "renew", "expire")
 
 
-def _lease_refusal(lease: Any) -> dict | None:
+def _lease_refusal(lease: Any) -> dict[str, Any] | None:
     """The ``bad_request`` decision for a lease out of bounds, None for a valid one."""
     if isinstance(lease, (int, float)) and not isinstance(lease, bool) and P.MIN_LEASE <= lease <= P.MAX_LEASE:
         return None
     return _no(ErrorCode.BAD_REQUEST, f"lease must be a number of seconds in [{P.MIN_LEASE:g}, {P.MAX_LEASE:g}]")
 
 
-def _no(code: ErrorCode, message: str, **extra: Any) -> dict:
-    """A refusing decision: ``{"ok": False, "code", "message", ...}``."""
+def _no(code: ErrorCode, message: str, **extra: Any) -> dict[str, Any]:
+    """A refusing decision: ``{"ok": False, "code", "message", ...}``.  Every refusal of the
+    ledger is one of these (it never raises); :func:`refusal` turns one into its typed error."""
     return {"ok": False, "code": code, "message": message, **extra}
+
+
+def _unknown_job(job: Any) -> dict[str, Any]:
+    return _no(ErrorCode.REFUSED, f"unknown or closed job {job!r}; open it with mmi.job.open first")
+
+
+def refusal(decision: dict[str, Any], prefix: str = "") -> errors.RecaError | None:
+    """The typed error a decision refused with (None: it did not refuse).  ``prefix``: put
+    before its message (which decision it was, for the caller)."""
+    if decision.get("ok") or "code" not in decision:
+        return None
+    return errors.from_wire({"code": decision["code"], "message": prefix + str(decision.get("message", ""))})
 
 
 @dataclasses.dataclass
@@ -89,7 +104,7 @@ class Job:
     #: Cache: (kind, holder) for every kind limited on the chain up from here, sorted by kind.
     #: Limits never change after open (configure runs before any job), so it is computed once.
     holders: "list[tuple[str, Job]] | None" = None
-    # wall_ms accounting (only meaningful where "wall_ms" in limits)
+    # wall_ms accounting (only meaningful where WALL in limits)
     wall_running: int = 0
     wall_anchor: float = 0.0
     wall_deadline: float = INF
@@ -124,6 +139,8 @@ class Ledger:
         self.jobs: dict[str, Job] = {}
         #: id -> (job, kind, amount, expiry, holder): holder is the principal that reserved.
         self._reservations: dict[str, tuple[str, str, float, float, str | None]] = {}
+        #: holder -> reservations it holds (Invariant: the count of ``_reservations`` by holder).
+        self.held_by: collections.Counter[str] = collections.Counter()
         self._rid_next = 1  # the counter of ids when no id is given (dumped in snapshots)
         #: owner -> its open jobs (children included), so a caller's share of jobs is bounded.
         self._owned: collections.Counter[str] = collections.Counter()
@@ -137,11 +154,10 @@ class Ledger:
 
     # -- lookups ----------------------------------------------------------------------------------
 
-    def job(self, name: str) -> Job:
+    def open_job(self, name: str) -> Job | None:
+        """Open job ``name`` (None: unknown or closed)."""
         job = self.jobs.get(name)
-        if job is None or job.closed:
-            raise errors.Refused(f"unknown or closed job {name!r}; open it with mmi.job.open first", job=name)
-        return job
+        return None if job is None or job.closed else job
 
     @staticmethod
     def _holders(job: Job) -> "list[tuple[str, Job]]":
@@ -169,7 +185,7 @@ class Ledger:
         if h is None:
             return INF
         rem = h.remaining(kind)
-        if kind == "wall_ms" and h.wall_running:
+        if kind == WALL and h.wall_running:
             rem -= h.wall_running * (now - h.wall_anchor) * 1000.0
         return rem
 
@@ -202,7 +218,7 @@ class Ledger:
 
     # -- operations (each is logged and replayable) ----------------------------------------------
 
-    def configure(self, now: float, root: dict | None = None, default: dict | None = None) -> dict:
+    def configure(self, now: float, root: dict[str, Any] | None = None, default: dict[str, Any] | None = None) -> dict[str, Any]:
         """Set the finite limits of ``root`` and ``default`` (the config's [limits]); the default
         job's are carved from root's.  Recorded first in every session, so replay starts the same."""
         for limits in (root or {}, default or {}):
@@ -225,8 +241,8 @@ class Ledger:
         return {"ok": True, "root": {k: _r(v) for k, v in r.limits.items()},
                 "default": {k: _r(v) for k, v in d.limits.items()}}
 
-    def open(self, now: float, job: str, parent: str | None = None, limits: dict | None = None,
-             priority: Any = 0, owner: str | None = None) -> dict:
+    def open(self, now: float, job: str, parent: str | None = None, limits: dict[str, Any] | None = None,
+             priority: Any = 0, owner: str | None = None) -> dict[str, Any]:
         """Open ``job`` under ``parent`` (root by default).  ``owner``: the principal opening it
         (an input, so the decision log restores owners); a child is owned by its parent's owner."""
         if not isinstance(job, str) or not job or job in self.jobs and not self.jobs[job].closed:
@@ -258,11 +274,11 @@ class Ledger:
         j = Job(job, p, {k: float(v) for k, v in limits.items()}, priority, now, wall_anchor=now,
                 owner=p.owner if p.owner is not None else owner)
         for kind, h in carve.items():
-            if kind == "wall_ms":
+            if kind == WALL:
                 self._wall_settle(h, now)
             h.carved[kind] = h.carved.get(kind, 0.0) + j.limits[kind]
             j.carved_from[kind] = h.name
-            if kind == "wall_ms":
+            if kind == WALL:
                 self._wall_rearm(h, now)
         self.jobs[job] = j
         p.children.add(job)
@@ -270,7 +286,7 @@ class Ledger:
             self._owned[j.owner] += 1
         return {"ok": True, "limits": {k: _r(v) for k, v in j.limits.items()}}
 
-    def close(self, now: float, job: str) -> dict:
+    def close(self, now: float, job: str) -> dict[str, Any]:
         """Close ``job`` and its children, returning what they did not spend.  Refused while any
         request of the job or its children is in flight (cancel them first)."""
         j = self.jobs.get(job)
@@ -282,22 +298,22 @@ class Ledger:
                                           "them finish first")
         return self._close(now, j)
 
-    def _close(self, now: float, j: Job) -> dict:
+    def _close(self, now: float, j: Job) -> dict[str, Any]:
         job = j.name
         for child in list(j.children):
             self._close(now, self.jobs[child])
-        if "wall_ms" in j.limits:
+        if WALL in j.limits:
             self._wall_settle(j, now)
         for rid, (rjob, *_) in list(self._reservations.items()):
             if rjob == job:
                 self.release(now, rid)
         for kind, hname in j.carved_from.items():
             h = self.jobs[hname]
-            if kind == "wall_ms":
+            if kind == WALL:
                 self._wall_settle(h, now)
             h.carved[kind] = h.carved.get(kind, 0.0) - j.limits[kind]
             h.spent[kind] = h.spent.get(kind, 0.0) + j.spent.get(kind, 0.0)
-            if kind == "wall_ms":
+            if kind == WALL:
                 self._wall_rearm(h, now)
         j.closed = True
         if j.parent is not None:
@@ -311,42 +327,47 @@ class Ledger:
                 del self._owned[j.owner]
         return {"ok": True, "spent": {k: _r(v) for k, v in j.total.items()}}
 
-    def admit(self, now: float, job: str, budget: dict | None = None, start: bool = False) -> dict:
+    def admit(self, now: float, job: str, budget: dict[str, Any] | None = None, start: bool = False) -> dict[str, Any]:
         """Admit a request of ``job`` asking for ``budget``; returns the granted (clamped) budget.
         ``start``: an admitted request also starts at once (one decision instead of admit +
         start; a log without it replays its separate ``start`` lines the same)."""
-        try:
-            j = self.job(job)
-        except errors.Refused as exc:
-            return _no(ErrorCode(exc.code), exc.message)
+        j = self.open_job(job)
+        if j is None:
+            return _unknown_job(job)
         why = self.blocked_by(j)
         if why:
             return _no(ErrorCode.BUDGET_EXCEEDED, why)
         budget = budget or {}
-        holders: list[tuple[str, Job | None]] = list(self._holders(j))
+        holders: list[tuple[str, Job | None]] = self._holders(j)  # type: ignore[assignment]
         if budget and not budget.keys() <= {k for k, _ in holders}:
             # Kinds the request asks for that no job limits: granted as asked (unlimited).
             found: dict[str, Job | None] = {**dict.fromkeys(budget), **dict(holders)}
             holders = sorted(found.items())
         granted: dict[str, float] = {}
+        isfinite, asked = math.isfinite, budget.get
+        short = None  # the first kind with nothing left
         for kind, h in holders:
             if h is None:
                 rem = INF
             else:
-                rem = h.remaining(kind)
-                if kind == "wall_ms" and h.wall_running:
+                rem = h.limits[kind] - h.spent.get(kind, 0.0) - h.carved.get(kind, 0.0) - h.reserved.get(kind, 0.0)
+                if kind == WALL and h.wall_running:
                     rem -= h.wall_running * (now - h.wall_anchor) * 1000.0
-            got = min(budget.get(kind, INF), rem)
-            if math.isfinite(got):
-                granted[kind] = _r(max(0.0, got))
-        for kind, amount in granted.items():
-            if amount <= 0 and (kind in budget or kind in COMPUTE):
-                return _no(ErrorCode.BUDGET_EXCEEDED, f"no {kind} left in job {job!r}", granted=granted)
+            got = asked(kind, INF)
+            if rem < got:
+                got = rem
+            if isfinite(got):
+                # as _r(max(0.0, got)): rounded for the log, never below zero
+                amount = granted[kind] = round(got, 6) if got > 0.0 else 0.0
+                if amount <= 0 and short is None and (kind in budget or kind in COMPUTE):
+                    short = kind
+        if short is not None:
+            return _no(ErrorCode.BUDGET_EXCEEDED, f"no {short} left in job {job!r}", granted=granted)
         if start:
             self.start(now, job)
         return {"ok": True, "granted": granted}
 
-    def start(self, now: float, job: str) -> dict:
+    def start(self, now: float, job: str) -> dict[str, Any]:
         """A request of ``job`` began running (wall time starts to count)."""
         j = self.jobs.get(job)
         if j is not None:
@@ -358,8 +379,13 @@ class Ledger:
             self._wall_rearm(h, now)
         return {"ok": True}
 
-    def finish(self, now: float, job: str) -> dict:
-        """A request of ``job`` ended (wall time stops counting)."""
+    def finish(self, now: float, job: str, spent: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A request of ``job`` ended (wall time stops counting).  ``spent``: its last charges,
+        taken first (one decision instead of ``charge`` + ``finish``; the answer then lists the
+        jobs they exhausted, as :meth:`charge`'s does)."""
+        out: dict[str, Any] = {"ok": True}
+        if spent:
+            out["exhausted"] = self.charge(now, job, spent)["exhausted"]
         j = self.jobs.get(job)
         if j is not None and j.running > 0:
             j.running -= 1
@@ -368,9 +394,9 @@ class Ledger:
             self._wall_settle(h, now)
             h.wall_running -= 1
             self._wall_rearm(h, now)
-        return {"ok": True}
+        return out
 
-    def charge(self, now: float, job: str, spent: dict) -> dict:
+    def charge(self, now: float, job: str, spent: dict[str, Any]) -> dict[str, Any]:
         """Charge measured or reported spending; returns the jobs this exhausted."""
         j = self.jobs.get(job)
         if j is None:
@@ -378,7 +404,7 @@ class Ledger:
         exhausted = []
         for kind in sorted(spent):
             amount = spent[kind]
-            if kind == "wall_ms" or not isinstance(amount, (int, float)) or amount <= 0:
+            if kind == WALL or not isinstance(amount, (int, float)) or amount <= 0:
                 continue  # wall time is accounted continuously by start/finish
             j.total[kind] = j.total.get(kind, 0.0) + amount
             h = self.holder(j, kind)
@@ -390,7 +416,7 @@ class Ledger:
                 exhausted.append(h.name)
         return {"ok": True, "exhausted": exhausted}
 
-    def tick(self, now: float) -> dict:
+    def tick(self, now: float) -> dict[str, Any]:
         """Exhaust every job whose wall budget has run out by ``now``."""
         exhausted = []
         heap = self._wall_heap
@@ -400,14 +426,14 @@ class Ledger:
             if j is None or j.closed or j.wall_deadline != deadline or j.exhausted is not None:
                 continue
             self._wall_settle(j, now)
-            j.exhausted = "wall_ms"
+            j.exhausted = WALL
             j.wall_deadline = INF
             exhausted.append(name)
         return {"ok": True, "exhausted": exhausted}
 
     def reserve(self, now: float, job: str, resource: str, amount: float = 1, commit: bool = False,
                 lease: float = RESERVATION_LEASE, up_to: bool = False, reservation: str | None = None,
-                holder: str | None = None) -> dict:
+                holder: str | None = None) -> dict[str, Any]:
         """Atomically take ``amount`` of a counted resource: granted (with a reservation id, or
         committed at once when ``commit``) or refused; never both.
 
@@ -417,10 +443,9 @@ class Ledger:
         ``reservation``: the id to give a held reservation (the kernel draws it at random, so
         no one guesses another's; an input, so replay is exact), else a counter; ``holder``: the
         principal taking it (it may release, commit and renew it)."""
-        try:
-            j = self.job(job)
-        except errors.Refused as exc:
-            return _no(ErrorCode(exc.code), exc.message)
+        j = self.open_job(job)
+        if j is None:
+            return _unknown_job(job)
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 < amount < P.MAX_AMOUNT:
             return _no(ErrorCode.BAD_REQUEST, "amount must be a positive number")
         refusal = _lease_refusal(lease)
@@ -449,29 +474,39 @@ class Ledger:
             rid = f"{self.session}r{self._rid_next}"
             self._rid_next += 1
         self._reservations[rid] = (job, resource, float(amount), now + lease, holder)
+        if holder is not None:
+            self.held_by[holder] += 1
         heapq.heappush(self._expiry_heap, (now + lease, rid))
         if h is not None:
             h.reserved[resource] = h.reserved.get(resource, 0.0) + amount
         return {"ok": True, "reservation": rid, "remaining": _r(self.remaining(j, resource, now)), **granted}
 
-    def commit(self, now: float, reservation: str) -> dict:
+    def commit(self, now: float, reservation: str) -> dict[str, Any]:
         entry = self._reservations.pop(reservation, None)
         if entry is None:
             return _no(ErrorCode.REFUSED, f"unknown or expired reservation {reservation!r}")
         job, resource, amount = entry[:3]
+        self._unhold(entry[4])
         self._unreserve(job, resource, amount)
         out = self.charge(now, job, {resource: amount})
         return {"ok": True, "committed": amount, "exhausted": out["exhausted"]}
 
-    def release(self, now: float, reservation: str) -> dict:
+    def release(self, now: float, reservation: str) -> dict[str, Any]:
         entry = self._reservations.pop(reservation, None)
         if entry is None:
             return _no(ErrorCode.REFUSED, f"unknown or expired reservation {reservation!r}")
         job, resource, amount = entry[:3]
+        self._unhold(entry[4])
         self._unreserve(job, resource, amount)
         return {"ok": True, "released": amount}
 
-    def renew(self, now: float, reservations: list, lease: float = RESERVATION_LEASE) -> dict:
+    def _unhold(self, holder: str | None) -> None:
+        if holder is not None:
+            self.held_by[holder] -= 1
+            if self.held_by[holder] <= 0:
+                del self.held_by[holder]
+
+    def renew(self, now: float, reservations: list[Any], lease: float = RESERVATION_LEASE) -> dict[str, Any]:
         """Extend held reservations to ``now + lease``.  Ids that are not held (expired, spent,
         released, or from before a kernel restart) are returned as ``unknown``: their holder must
         treat the units as lost."""
@@ -491,10 +526,6 @@ class Ledger:
             renewed.append(rid)
         return {"ok": True, "renewed": renewed, "unknown": unknown}
 
-    def holds_reservations(self) -> bool:
-        """Whether any reservation is held."""
-        return bool(self._reservations)
-
     def next_expiry(self) -> float:
         """When the earliest held lease runs out (INF: none held); :meth:`expire` has something
         to do only from then on, so the kernel runs (and logs) it only then."""
@@ -507,7 +538,7 @@ class Ledger:
             heapq.heappop(heap)
         return INF
 
-    def expire(self, now: float) -> dict:
+    def expire(self, now: float) -> dict[str, Any]:
         """Release reservations whose lease ran out (presumed abort)."""
         gone = [rid for rid, entry in self._reservations.items() if entry[3] <= now]
         for rid in gone:
@@ -524,20 +555,20 @@ class Ledger:
 
     def _wall_holder(self, job: str) -> Job | None:
         j = self.jobs.get(job)
-        return None if j is None else self.holder(j, "wall_ms")
+        return None if j is None else self.holder(j, WALL)
 
     def _wall_settle(self, h: Job, now: float) -> None:
         if h.wall_running:
             used = h.wall_running * (now - h.wall_anchor) * 1000.0
-            h.spent["wall_ms"] = h.spent.get("wall_ms", 0.0) + used
-            h.total["wall_ms"] = h.total.get("wall_ms", 0.0) + used
+            h.spent[WALL] = h.spent.get(WALL, 0.0) + used
+            h.total[WALL] = h.total.get(WALL, 0.0) + used
         h.wall_anchor = now
 
     def _wall_rearm(self, h: Job, now: float) -> None:
-        if h.exhausted is not None or "wall_ms" not in h.limits:
+        if h.exhausted is not None or WALL not in h.limits:
             return
         if h.wall_running:
-            h.wall_deadline = now + max(0.0, h.remaining("wall_ms")) / 1000.0 / h.wall_running
+            h.wall_deadline = now + max(0.0, h.remaining(WALL)) / 1000.0 / h.wall_running
             heap = self._wall_heap
             heapq.heappush(heap, (h.wall_deadline, h.name))
             if len(heap) > 64 + 2 * len(self.jobs):
@@ -561,9 +592,45 @@ class Ledger:
             heapq.heappop(heap)
         return INF
 
+    # -- invariants ---------------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError naming the first broken invariant: every open job's carve-outs
+        are recorded on its holders and its reservations on theirs; nothing open is over its
+        limit by more than rounding unless it is exhausted (compute kinds); counts of running
+        requests are not negative; owners' job counts match the open jobs."""
+        carved: dict[tuple[str, str], float] = collections.defaultdict(float)
+        reserved: dict[tuple[str, str], float] = collections.defaultdict(float)
+        owned: collections.Counter[str] = collections.Counter()
+        for j in self.jobs.values():
+            if j.closed:
+                continue
+            assert j.running >= 0 and j.wall_running >= 0, f"job {j.name}: negative running count"
+            if j.owner is not None:
+                owned[j.owner] += 1
+            if j.parent is not None:
+                assert j.name in j.parent.children, f"job {j.name} missing from its parent's children"
+            for kind, hname in j.carved_from.items():
+                carved[hname, kind] += j.limits[kind]
+        for job, kind, amount, _exp, _holder in self._reservations.values():
+            rj = self.jobs.get(job)
+            h = self.holder(rj, kind) if rj is not None else None
+            if h is not None:
+                reserved[h.name, kind] += amount
+        for j in self.jobs.values():
+            if j.closed:
+                continue
+            for kind in set(j.carved) | {k for (n, k) in carved if n == j.name}:
+                assert abs(j.carved.get(kind, 0.0) - carved[j.name, kind]) < 1e-6, f"job {j.name}: carved {kind}"
+            for kind in set(j.reserved) | {k for (n, k) in reserved if n == j.name}:
+                assert abs(j.reserved.get(kind, 0.0) - reserved[j.name, kind]) < 1e-6, f"job {j.name}: reserved {kind}"
+        assert {k: v for k, v in self._owned.items() if v} == dict(owned), "owners' job counts"
+        held = collections.Counter(e[4] for e in self._reservations.values() if e[4] is not None)
+        assert {k: v for k, v in self.held_by.items() if v} == dict(held), "holders' reservation counts"
+
     # -- durable state ------------------------------------------------------------------------------
 
-    def dump(self) -> dict:
+    def dump(self) -> dict[str, Any]:
         """The whole ledger as plain data (JSON-safe but for infinities, which JSON lines carry as
         ``Infinity``): what a decision-log snapshot records.  ``Ledger.load(dump())`` takes the
         same decisions as this ledger from here on."""
@@ -578,7 +645,7 @@ class Ledger:
                 "reservations": {rid: list(e) for rid, e in self._reservations.items()}}
 
     @classmethod
-    def load(cls, state: dict) -> "Ledger":
+    def load(cls, state: dict[str, Any]) -> "Ledger":
         """The ledger :meth:`dump` recorded."""
         led = cls(session=state.get("session", ""))
         led.jobs.clear()
@@ -592,20 +659,31 @@ class Ledger:
                 heapq.heappush(led._wall_heap, (j.wall_deadline, j.name))
         for rid, (job, kind, amount, exp, *holder) in state.get("reservations", {}).items():
             led._reservations[rid] = (job, kind, float(amount), float(exp), holder[0] if holder else None)
+            if holder and holder[0] is not None:
+                led.held_by[holder[0]] += 1
             heapq.heappush(led._expiry_heap, (float(exp), rid))
         led._rid_next = int(state.get("rid_next", 1))
         led._owned.update(j.owner for j in led.jobs.values() if j.owner is not None and not j.closed)
         return led
 
-    def snapshot(self, now: float) -> dict:
-        """Every open job's limits, spend and remainder (for mmi.stats and the status CLI)."""
-        out = {}
-        for j in self.jobs.values():
-            if j.closed:
+    def snapshot(self, now: float, owner: str | None = None, skip: int = 0, limit: int | None = None,
+                 names: Iterable[str] | None = None) -> dict[str, Any]:
+        """Every open job's limits, spend and remainder (for mmi.stats and the status CLI);
+        ``owner``: only that principal's jobs; ``skip``/``limit``: a page of them (in the
+        ledger's order); ``names``: only these (what a non-operator's stats cost: one page)."""
+        out: dict[str, Any] = {}
+        jobs = self.jobs.values() if names is None else (self.jobs[n] for n in names if n in self.jobs)
+        for j in jobs:
+            if j.closed or owner is not None and j.owner != owner:
                 continue
+            if skip:
+                skip -= 1
+                continue
+            if limit is not None and len(out) >= limit:
+                break
             spent = dict(j.total)
-            if "wall_ms" in j.limits and j.wall_running:
-                spent["wall_ms"] = spent.get("wall_ms", 0.0) + j.wall_running * (now - j.wall_anchor) * 1000.0
+            if WALL in j.limits and j.wall_running:
+                spent[WALL] = spent.get(WALL, 0.0) + j.wall_running * (now - j.wall_anchor) * 1000.0
             out[j.name] = {
                 "parent": j.parent.name if j.parent else None,
                 "limits": j.limits,

@@ -21,18 +21,37 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from typing import TYPE_CHECKING, Any, Callable
+import logging
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from kernel import errors
 from kernel import protocol as P
-from kernel.auth import LOCAL_OPERATOR, Principal
-from kernel.ledger import DEFAULT_JOB, ROOT, is_default_job
+from kernel.ledger import DEFAULT_JOB, ROOT, is_default_job, refusal
+from kernel.policy import Core as Router
+from kernel.policy import Order
+from kernel.principal import LOCAL_OPERATOR, Principal
 
 if TYPE_CHECKING:
     from kernel.admission import BudgetAdmission
-    from kernel.router import Router
-    from kernel.supervisor import ProcessControl
+
+__all__ = ["Caller", "Management", "ProcessControl", "handler_name", "role_of"]
+
+log = logging.getLogger("reca.kernel")
+
+
+class ProcessControl(Protocol):
+    """The hard controls of preemption the management calls use (kernel.supervisor's Supervisor
+    implements it).  Each raises LookupError for a child that is unknown or not running."""
+
+    def suspend(self, name: str) -> int: ...
+
+    def resume(self, name: str) -> int: ...
+
+    def set_nice(self, name: str, nice: int) -> int: ...
+
+    def set_affinity(self, name: str, cpus: list[int]) -> int: ...
+
+    def restart(self, name: str) -> int: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,15 +65,11 @@ class Caller:
 Handler = Callable[["Router", dict[str, Any], float, Caller], Any]
 
 def role_of(principal: Principal) -> P.Role:
-    """The protocol table's rank of a principal's role."""
-    if principal.operator:
-        return P.Role.OPERATOR
-    if principal.services:
-        return P.Role.SERVICE
-    return P.Role.CLIENT
+    """The roles table's row of a principal's role."""
+    return principal.kind
 
 
-def _loggable(arg: Any) -> dict:
+def _loggable(arg: Any) -> dict[str, Any]:
     """A refused call's argument as the decision log records it (small, JSON)."""
     if not isinstance(arg, dict):
         return {}
@@ -110,8 +125,13 @@ class Management:
             return errors.BadRequest(f"{name}: the argument must be plain data: {exc}")
         try:
             return self.handlers[name](router, args, now, caller)
-        except (TypeError, ValueError, OverflowError) as exc:
-            return errors.BadRequest(f"{name}: {exc}")
+        except errors.RecaError as exc:
+            return exc
+        except Exception:
+            # The argument passed its schema: what the handler raised is the kernel's bug, not
+            # the caller's; say so, and keep the traceback for the operator.
+            log.exception("internal error in the handler of %s", name)
+            return errors.InternalError(f"{name}: internal error in the kernel (logged)")
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -120,14 +140,14 @@ class Management:
         """Record a refused call and return its answer (``forbidden``, or ``answer``: what a
         caller gets where ``forbidden`` would reveal that something of another principal exists)."""
         if self.budget is not None:
-            self.budget.on_forbidden(router, caller.principal, name, _loggable(arg), now)
+            self.budget.on_forbidden(caller.principal, name, _loggable(arg), now)
         return answer if answer is not None else errors.Forbidden(message)
 
     def _may_act(self, router: "Router", caller: Caller, job: Any) -> bool:
         assert self.budget is not None
         return isinstance(job, str) and self.budget.may_act(router, caller.principal, job)
 
-    def _not_yours(self, router: "Router", caller: Caller, name: str, arg: dict, now: float, job: Any) -> Any:
+    def _not_yours(self, router: "Router", caller: Caller, name: str, arg: dict[str, Any], now: float, job: Any) -> Any:
         assert self.budget is not None
         return self.forbid(router, caller, name, arg, now, "", self.budget.not_yours(job))
 
@@ -147,12 +167,14 @@ class Management:
         jobs it exhausted are cancelled at once."""
         budget = self.budget
         assert budget is not None
+        down = budget.unwritable()
+        if down is not None:
+            return down
         out = budget.decide(op, now, **inputs)
         for job in out.get("exhausted", ()):
-            budget.exhaust(router, job, now)
-        if not out.get("ok") and "code" in out:
-            return errors.from_wire({"code": out["code"], "message": out.get("message", "")})
-        return out
+            router.apply(budget.exhaust(router, job, now), now)
+        refused = refusal(out)
+        return refused if refused is not None else out
 
     # -- RFC 8/MMI --------------------------------------------------------------------------------
 
@@ -161,20 +183,34 @@ class Management:
             arg = arg.encode()
         return P.MMI_OK if isinstance(arg, bytes) and router.has_worker(arg) else P.MMI_NOT_FOUND
 
-    def op_stats(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
-        out = router.stats(now, arg)
-        if not caller.principal.operator and isinstance(out.get("jobs"), dict):
-            out["jobs"] = self._own_jobs(out["jobs"], caller)
-        return out
+    def op_stats(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
+        if caller.principal.operator:
+            return router.stats(now, arg)
+        return self._principal_stats(router, arg or {}, now, caller)
 
-    @staticmethod
-    def _own_jobs(snapshot: dict, caller: Caller) -> dict:
-        """The jobs of a snapshot a non-operator may see: its own (its default job included)."""
-        return {k: v for k, v in snapshot.items() if v.get("owner") == caller.principal.name}
+    def _principal_stats(self, router: "Router", query: dict[str, Any], now: float, caller: Caller) -> dict[str, Any]:
+        """``mmi.stats`` below operator (issue 24): the caller's own jobs, and one page of services
+        -- for a client by name and health only; for a service key (which places work on the
+        others: cpcs) with their figures and the workers' capacities -- never a pid, another
+        principal's job, the supervisor's children or the kernel's counters.  Costs the page and
+        the caller's own jobs, not the whole ledger."""
+        out = router.principal_stats(now, query, figures=bool(caller.principal.services))
+        if self.budget is not None:
+            self.budget.flush_log()
+            page = query.get("jobs_page", 0)
+            page = page if isinstance(page, int) and not isinstance(page, bool) and page >= 0 else 0
+            ledger = self.budget.ledger
+            out["jobs"] = ledger.snapshot(now, owner=caller.principal.name, skip=page * P.STATS_PAGE,
+                                          limit=P.STATS_PAGE)
+            owned = ledger.jobs_of(caller.principal.name)
+            out["summary"]["jobs"] = owned
+            out["summary"]["jobs_page"] = page
+            out["summary"]["jobs_pages"] = -(-owned // P.STATS_PAGE)
+        return out
 
     # -- jobs -------------------------------------------------------------------------------------
 
-    def op_job_open(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_job_open(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
         parent = arg.get("parent")
@@ -192,14 +228,14 @@ class Management:
         if parent in (None, ROOT) and not caller.principal.operator:
             # A non-operator's top-level jobs are carved from its own default job, so all it holds
             # is bounded by [limits] default: no client can take root's budget from the others.
-            parent, refusal = self.budget.resolve_job(caller.principal, None, now)
-            if refusal is not None:
-                return refusal
+            parent, refused = self.budget.resolve_job(caller.principal, None, now)
+            if refused is not None:
+                return refused
         return self._decide(router, "open", now, job=arg.get("job"), parent=parent,
                             limits=arg.get("budget") or arg.get("limits"), priority=arg["priority"],
                             owner=caller.principal.name)
 
-    def op_job_close(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_job_close(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
         job = arg.get("job")
@@ -210,13 +246,12 @@ class Management:
             return errors.Refused(f"{P.MMI_JOB_CLOSE}: a default job is closed only by an operator")
         return self._decide(router, "close", now, job=job)
 
-    def op_job_stats(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_job_stats(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
-        snap = self.budget.ledger.snapshot(now)
-        if not caller.principal.operator:
-            snap = self._own_jobs(snap, caller)
         job = arg.get("job")
+        snap = self.budget.ledger.snapshot(now, owner=None if caller.principal.operator else caller.principal.name,
+                                           names=[job] if job else None)
         if not job:
             return snap
         if job not in snap and not caller.principal.operator:
@@ -225,18 +260,23 @@ class Management:
 
     # -- gates ------------------------------------------------------------------------------------
 
-    def op_gate_reserve(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_gate_reserve(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
-        job, refusal = self.budget.resolve_job(caller.principal, arg.get("job"), now)
-        if refusal is not None:
-            return refusal
+        job, refused = self.budget.resolve_job(caller.principal, arg.get("job"), now)
+        if refused is not None:
+            return refused
         if not self._may_act(router, caller, job):
             return self._not_yours(router, caller, P.MMI_GATE_RESERVE, arg, now, job)
+        if not arg["commit"] and not caller.principal.operator \
+                and self.budget.ledger.held_by[caller.principal.name] >= P.MAX_HELD_PER_PRINCIPAL:
+            return errors.Refused(f"{P.MMI_GATE_RESERVE}: {caller.principal.name} holds "
+                                  f"{P.MAX_HELD_PER_PRINCIPAL} reservations, the most a principal may hold; "
+                                  "release or commit some first")
         # Reservation ids are random (unguessable) and recorded as an input (replay is exact).
         extra: dict[str, Any] = {"holder": caller.principal.name}
         if not arg["commit"]:
-            extra["reservation"] = f"{self.budget.ledger.session}{os.urandom(16).hex()}"
+            extra["reservation"] = f"{self.budget.ledger.session}{self.budget.host.token(16).hex()}"
         if "lease_s" in arg:
             extra["lease"] = arg["lease_s"]
         if arg["up_to"]:
@@ -244,7 +284,7 @@ class Management:
         return self._decide(router, "reserve", now, job=job, resource=arg["resource"],
                             amount=arg["amount"], commit=arg["commit"], **extra)
 
-    def _settle(self, router: "Router", name: str, op: str, arg: dict, now: float, caller: Caller) -> Any:
+    def _settle(self, router: "Router", name: str, op: str, arg: dict[str, Any], now: float, caller: Caller) -> Any:
         """commit / release: another principal's reservation is answered as an unknown one."""
         if self.budget is None:
             return None
@@ -254,17 +294,17 @@ class Management:
                                errors.Refused(f"unknown or expired reservation {rid!r}"))
         return self._decide(router, op, now, reservation=rid)
 
-    def op_gate_commit(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_gate_commit(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._settle(router, P.MMI_GATE_COMMIT, "commit", arg, now, caller)
 
-    def op_gate_release(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_gate_release(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._settle(router, P.MMI_GATE_RELEASE, "release", arg, now, caller)
 
-    def op_gate_renew(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_gate_renew(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         """Another principal's reservations are listed ``unknown``, as ids that are not held."""
         if self.budget is None:
             return None
-        ids = arg["reservations"]
+        ids = list(dict.fromkeys(arg["reservations"]))  # one id listed many times is renewed (and logged) once
         theirs = [rid for rid in ids if not self._holder_ok(router, caller, rid)]
         if theirs:
             self.forbid(router, caller, P.MMI_GATE_RENEW, {"reservations": len(theirs)}, now, "")
@@ -276,7 +316,7 @@ class Management:
 
     # -- audit ------------------------------------------------------------------------------------
 
-    def op_audit(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_audit(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         """A service appends its own decisions (maps) to the kernel's decision log, so one log
         holds every decision of the runtime.  Replay lists them (they are the service's
         decisions, not the ledger's).  Only under the caller's own sources (operators: any),
@@ -288,6 +328,9 @@ class Management:
                                f"{caller.principal.name} may not write audit records as {source!r}")
         if budget is None or budget.log is None:
             return {"ok": True, "logged": 0}
+        down = budget.unwritable()
+        if down is not None:
+            return down
         try:  # all or nothing: a batch that cannot be written is refused before any line is
             size = len(json.dumps(events, default=str))
         except (TypeError, ValueError, RecursionError) as exc:
@@ -295,9 +338,15 @@ class Management:
         if size > P.MAX_AUDIT_BYTES:
             return errors.BadRequest(f"{P.MMI_AUDIT}: events are {size} bytes of JSON; at most "
                                      f"{P.MAX_AUDIT_BYTES} bytes per call")
+        if not caller.principal.operator and not budget.audit_bytes.take(caller.principal.name, now, size)[0]:
+            budget.record_limited(caller.principal, "audit_refused", now,
+                                  {"source": source, "bytes": size, "principal": caller.principal.name}, {"ok": False})
+            return errors.Refused(f"{P.MMI_AUDIT}: audit quota of {P.AUDIT_BYTES_PER_MIN} bytes per minute "
+                                  f"reached for {caller.principal.name}; retry later")
         if not budget.audit_allowance(caller.principal, len(events), now):
-            budget.record("audit_refused", now, {"source": source, "events": len(events),
-                                                 "principal": caller.principal.name}, {"ok": False})
+            budget.record_limited(caller.principal, "audit_refused", now,
+                                  {"source": source, "events": len(events), "principal": caller.principal.name},
+                                  {"ok": False})
             return errors.Refused(f"{P.MMI_AUDIT}: audit quota of {budget.audit_quota} records per minute "
                                   f"reached for {caller.principal.name}; retry later")
         for event in events:
@@ -307,7 +356,7 @@ class Management:
 
     # -- orders: preempt, resume, cancel, control -------------------------------------------------
 
-    def _order(self, router: "Router", name: str, arg: dict, now: float, caller: Caller) -> Any:
+    def _order(self, router: "Router", name: str, arg: dict[str, Any], now: float, caller: Caller) -> Any:
         """One target: ``token`` (a request's kernel token, bytes or hex: exact), ``job`` (every
         request of the job) or ``id`` (a request id of the *caller's own* requests in flight: ids
         are chosen by clients, so they only name a request together with the client that sent
@@ -323,7 +372,10 @@ class Management:
             job = arg[P.C_JOB]
             if not operator and (job == DEFAULT_JOB or not self._may_act(router, caller, job)):
                 return self._not_yours(router, caller, name, arg, now, job)
-            messages = [(service, {P.C_JOB: job})]
+            known = self.budget.ledger.jobs.get(job) if self.budget is not None else True
+            if known is None or getattr(known, "closed", False):
+                return errors.NotFound(f"{name}: no open job {job!r}")  # an order to nothing is no success
+            orders = [Order(service, op, {P.C_JOB: job})]
         else:
             if P.C_TOKEN in arg:
                 token = arg[P.C_TOKEN]
@@ -348,49 +400,43 @@ class Management:
                     if not r.done and (service == P.CTL_ALL or r.service.name == service.encode())]
             if not reqs:
                 what = "that token" if P.C_TOKEN in arg else f"id {arg[P.C_ID]!r} from this client"
-                return errors.Refused(f"{name}: no request with {what} in flight")
-            messages = [(r.service.name.decode(errors="replace"), {P.C_TOKEN: r.token, P.C_ID: r.rid}) for r in reqs]
-        for topic_service, message in messages:
-            if self.budget is not None:
-                self.budget.record(op, now, {k: (v.hex() if isinstance(v, bytes) else v) for k, v in message.items()},
-                                   {"ok": True})
-            router.publish(P.control_topic(topic_service, op), message)
-        return {"ok": True, "targets": len(messages)}
+                return errors.NotFound(f"{name}: no request with {what} in flight")
+            orders = [Order.to_request(op, r) for r in reqs]
+        for order in orders:
+            router.order(order, now)
+        return {"ok": True, "targets": len(orders)}
 
-    def op_preempt(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_preempt(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._order(router, P.MMI_PREEMPT, arg, now, caller)
 
-    def op_resume(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_resume(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._order(router, P.MMI_RESUME, arg, now, caller)
 
-    def op_cancel(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_cancel(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._order(router, P.MMI_CANCEL, arg, now, caller)
 
-    def op_control(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_control(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         """Orders that are not the kernel's own decisions (fidelity, precision) are relayed on the
         control bus; preempt/resume/cancel stay with their own operations."""
-        op, service = arg["op"], arg["service"]
-        if self.budget is not None:
-            self.budget.record(op, now, {"service": service}, {"ok": True})
-        router.publish(P.control_topic(service, op), arg["message"])
+        router.order(Order(arg["service"], arg["op"], arg["message"]), now)
         return {"ok": True}
 
     # -- process control (through the supervisor) -------------------------------------------------
 
-    def _proc(self, name: str, arg: dict, now: float, act: Callable[["ProcessControl"], int]) -> Any:
+    def _proc(self, name: str, arg: dict[str, Any], now: float, act: Callable[["ProcessControl"], int]) -> Any:
         if self.procs is None:
             return errors.BadRequest(f"{name} needs 'child' (a supervised child name)")
         try:
             pid = act(self.procs)
         except LookupError as exc:
             return errors.Refused(str(exc))
-        except OSError as exc:
+        except (OSError, ValueError, OverflowError) as exc:  # the OS refused the value (a CPU number, ...)
             return errors.BadRequest(f"{name}: {exc}")
         if self.budget is not None:
             self.budget.record(name[len(P.MMI_PREFIX):], now, dict(arg), {"ok": True, "pid": pid})
         return {"ok": True, "pid": pid}
 
-    def op_restart(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_restart(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         if self.procs is None:
             return None
         try:
@@ -401,14 +447,14 @@ class Management:
             self.budget.record("restart", now, dict(arg), {"ok": True, "restarts": restarts})
         return {"ok": True, "child": arg["child"], "restarts": restarts}
 
-    def op_proc_stop(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_proc_stop(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._proc(P.MMI_PROC_STOP, arg, now, lambda p: p.suspend(arg["child"]))
 
-    def op_proc_cont(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_proc_cont(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._proc(P.MMI_PROC_CONT, arg, now, lambda p: p.resume(arg["child"]))
 
-    def op_proc_nice(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_proc_nice(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._proc(P.MMI_PROC_NICE, arg, now, lambda p: p.set_nice(arg["child"], arg["nice"]))
 
-    def op_proc_affinity(self, router: "Router", arg: dict, now: float, caller: Caller) -> Any:
+    def op_proc_affinity(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._proc(P.MMI_PROC_AFFINITY, arg, now, lambda p: p.set_affinity(arg["child"], arg["cpus"]))

@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Final
+from typing import Any, Callable, Final
+
+from kernel.errors import BadRequest
+from kernel.errors import ErrorCode as ErrorCode  # re-exported: the wire codes belong to the protocol
 
 #: Protocol version carried in every reca header and status map (field ``v``).
 VERSION: Final = 1
@@ -92,8 +95,14 @@ H_IDEM: Final = "idem"
 H_TXN: Final = "txn"
 #: Set by the kernel on the copy it forwards to a worker: the budget actually granted.
 H_GRANTED: Final = "granted"
+#: Set by the kernel on the copy it forwards to a worker: the name of the caller's verified
+#: principal (a client's own value is replaced).  Services scope per-caller state by it.
+H_PRINCIPAL: Final = "principal"
+#: A service calling on behalf of the caller of a request it is serving: that caller's principal
+#: name (str).  The kernel accepts it only while a worker of the calling principal has a request
+#: of that principal in flight, and then forwards it as ``principal`` (issue 24).
+H_FOR: Final = "for"
 
-HEADER_FIELDS: Final = (H_VERSION, H_ID, H_JOB, H_BUDGET, H_PRIORITY, H_DEADLINE, H_IDEM, H_TXN)
 
 # -- reca status fields (reply body frame 0, a msgpack map) ---------------------------------------
 #: Request id, as sent in the header.
@@ -112,25 +121,6 @@ STATUS_PAUSED: Final = "paused"
 #: A PARTIAL sent when a paused request continues (its payload carries ``resumed_at``).
 STATUS_RESUMED: Final = "resumed"
 STATUS_ERROR: Final = "error"
-
-
-class ErrorCode(enum.StrEnum):
-    """Error codes carried in ``status.error.code``; kernel.errors maps each to an exception.
-
-    A ``StrEnum``: members are the wire strings themselves (they pack, log and compare as str)."""
-
-    BAD_REQUEST = "bad_request"  # malformed frames, header or payload; never retry unchanged
-    UNAVAILABLE = "unavailable"  # no worker for the service within the bounded wait
-    WORKER_DIED = "worker_died"  # the worker died or missed its liveness window mid-request
-    BUDGET_EXCEEDED = "budget_exceeded"  # the job's budget ran out; the job takes no more work
-    DEADLINE = "deadline"  # the request's own deadline passed
-    CANCELLED = "cancelled"  # cancelled by the kernel or an operator
-    REFUSED = "refused"  # a gate refused (counted resource, priority, closed job)
-    FORBIDDEN = "forbidden"  # the caller's principal lacks the authority (logged as a decision)
-    SERVICE_ERROR = "service_error"  # the service's handler raised
-    TIMEOUT = "timeout"  # client side: no reply within the client's own bound
-    OVERLOADED = "overloaded"  # the kernel could not queue the request
-    KERNEL_RESTARTED = "kernel_restarted"  # in flight when the kernel died; may have run: not re-run
 
 
 # -- control topics on the kernel's PUB socket ----------------------------------------------------
@@ -233,20 +223,90 @@ MMI_NOT_IMPLEMENTED: Final = b"501"
 
 class Role(enum.StrEnum):
     """Who a principal is (issue 13 authenticates them; this table only declares what each
-    operation needs).  Ranked: an operator may do anything a service may, a service anything a
-    client may.  A service principal is written ``service:NAME[,NAME...]`` (SERVICE_ROLE_PREFIX)."""
+    operation needs).  Ranked (:data:`ROLES`): an operator may do anything a service may, a service
+    anything a client may.  A service principal is written ``service:NAME[,NAME...]``
+    (SERVICE_ROLE_PREFIX); ``revoked`` is a connection whose key the kernel no longer knows and
+    ``kernel`` the kernel's own key pair (never a peer)."""
 
+    REVOKED = "revoked"  # its key was removed while it was connected: may do nothing
     CLIENT = "client"  # any peer: its own jobs and requests only
     SERVICE = "service"  # a service process: registers as its own services, audits under its own source
     OPERATOR = "operator"  # process control, control orders, any job
+    KERNEL = "kernel"  # the kernel's own key pair in a key directory
 
     @property
     def rank(self) -> int:
-        return _ROLE_RANK[self]
+        return ROLES[self].rank
 
 
-_ROLE_RANK = {Role.CLIENT: 0, Role.SERVICE: 1, Role.OPERATOR: 2}
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoleSpec:
+    """One row of the roles table."""
+
+    rank: int  # what an operation's ``authority`` is compared with
+    peer: bool  # a peer may hold it (``kernel`` is the kernel's own)
+    doc: str
+
+
+#: The one table of roles.  A principal's role text is a member's value, or
+#: ``service:NAME[,NAME...]`` for SERVICE.
+ROLES: Final[dict[Role, RoleSpec]] = {
+    Role.REVOKED: RoleSpec(-1, True, "a connection whose key was revoked: every message is refused"),
+    Role.CLIENT: RoleSpec(0, True, "its own jobs, reservations and requests"),
+    Role.SERVICE: RoleSpec(1, True, "a client that may also serve its named services and audit as them"),
+    Role.OPERATOR: RoleSpec(2, True, "everything"),
+    Role.KERNEL: RoleSpec(3, False, "the kernel's own key pair (never a peer)"),
+}
 SERVICE_ROLE_PREFIX: Final = "service:"
+
+
+def role_kind(role: str) -> Role:
+    """The :class:`Role` of a principal's role text (``service:a,b`` is SERVICE; unknown text
+    ranks as REVOKED: it may do nothing)."""
+    if role.startswith(SERVICE_ROLE_PREFIX):
+        return Role.SERVICE
+    try:
+        return Role(role)
+    except ValueError:
+        return Role.REVOKED
+
+
+# -- budget kinds ------------------------------------------------------------------------------------
+#: The kernel's clock-measured kind: busy wall time, accrued continuously by every request in flight.
+WALL_MS: Final = "wall_ms"
+#: CPU time, measured by the kernel (the worker's process CPU time through the host port) where a
+#: job below root limits it, else as the worker reports it.
+CPU_MS: Final = "cpu_ms"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KindSpec:
+    """One row of the budget kinds table."""
+
+    name: str
+    #: Running out stops the job (its work is cancelled); any kind not in the table is a counted
+    #: resource: running out of it only refuses further reservations of it.
+    compute: bool
+    #: Who measures it: "clock" (the ledger, continuously), "process" (the kernel, from the
+    #: worker's CPU time) or "worker" (the worker reports it in its status).
+    measured_by: str
+    #: Limit of the default jobs when the config names none.
+    default_limit: float
+    #: Root's default limit per core-second of the config's horizon.
+    per_core_s: float
+    doc: str
+
+
+#: The one table of budget kinds: a new kind is one row here (the ledger, the admission and the
+#: config read it).
+BUDGET_KINDS: Final[dict[str, KindSpec]] = {k.name: k for k in (
+    KindSpec(WALL_MS, True, "clock", 3_600_000.0, 1000.0, "busy wall time, milliseconds"),
+    KindSpec(CPU_MS, True, "process", 3_600_000.0, 1000.0, "CPU time, milliseconds"),
+    KindSpec("tokens", True, "worker", 1e8, 1e4, "tokens generated or processed"),
+    KindSpec("flops", True, "worker", 1e15, 1e11, "floating-point operations"),
+)}
+#: Kinds whose exhaustion stops the job.
+COMPUTE_KINDS: Final = tuple(k for k, spec in BUDGET_KINDS.items() if spec.compute)
 
 
 class Scope(enum.StrEnum):
@@ -296,6 +356,9 @@ class Arg:
     #: Longest element of a list (str elements) or key of a map: every key must be a str of at
     #: most this many characters.
     item_max_len: int | None = None
+    #: Bounds of a number (int or number kinds), inclusive.
+    min_value: float | None = None
+    max_value: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -314,12 +377,6 @@ class OpSpec:
     #: The Ledger operation it runs (its inputs are recorded and replayed), None if none.
     ledger_op: str | None = None
 
-    def arg(self, name: str) -> Arg:
-        for a in self.args:
-            if a.name == name:
-                return a
-        raise KeyError(name)
-
 
 def _kind_ok(kind: str, value: Any) -> bool:
     return isinstance(value, KINDS[kind]) and not (isinstance(value, bool) and kind != "bool")
@@ -329,8 +386,6 @@ def check_args(spec: OpSpec, arg: Any) -> dict[str, Any]:
     """Validate ``arg`` against ``spec``'s schema: the declared fields that are present (nil
     counts as absent where ``nullable``) plus the defaults of absent ones.  Undeclared fields are
     ignored.  Raises :class:`kernel.errors.BadRequest` naming the operation and the field."""
-    from kernel.errors import BadRequest
-
     if not isinstance(arg, dict):
         arg = {}  # 8/MMI bodies of opaque requests are not maps: they count as an empty map
     out: dict[str, Any] = {}
@@ -354,6 +409,10 @@ def check_args(spec: OpSpec, arg: Any) -> dict[str, Any]:
         if a.item_max_len is not None and not all(isinstance(v, str) and len(v) <= a.item_max_len for v in value):
             raise BadRequest(f"{spec.name}: every {'key' if isinstance(value, dict) else 'element'} of {a.name!r} "
                              f"must be a string of at most {a.item_max_len} characters")
+        if (a.min_value is not None or a.max_value is not None) and _kind_ok("number", value) and not (
+            (a.min_value is None or value >= a.min_value) and (a.max_value is None or value <= a.max_value)
+        ):
+            raise BadRequest(f"{spec.name}: {a.name!r} must lie in [{a.min_value}, {a.max_value}]")
         if a.choices is not None and value not in a.choices:
             raise BadRequest(f"{spec.name}: {a.name!r} must be one of {', '.join(map(str, a.choices))}")
         out[a.name] = value
@@ -386,6 +445,9 @@ MAX_FRAMES: Final = 64
 PEER_HWM: Final = 1000
 #: Concurrent peer connections the kernel accepts (config ``kernel.max_peers``).
 MAX_PEERS: Final = 4096
+#: At its peer cap the kernel renames each ipc:// socket to PATH + this suffix (no new
+#: connections; connected peers stay) and back below it; a client seeing it is told so.
+IPC_PAUSED_SUFFIX: Final = ".paused"
 #: Descriptors kept free for the kernel's own use (log segments, child pipes, accept races).
 FD_RESERVE: Final = 128
 #: Requests queued per service before new ones get OVERLOADED.
@@ -429,6 +491,9 @@ MAX_KINDS: Final = 64
 MAX_RENEW: Final = 10_000
 #: Most open jobs one principal below operator may own (children and its default job included).
 MAX_JOBS_PER_PRINCIPAL: Final = 10_000
+#: Reservations one principal below operator may hold at once (issue 24: 100,000 held ones made
+#: every snapshot 1.5 GB); beyond, ``mmi.gate.reserve`` of a held reservation is ``refused``.
+MAX_HELD_PER_PRINCIPAL: Final = 10_000
 #: How long a gate reservation lives without commit, release or renewal, seconds (the default),
 #: and the bounds on a lease a holder may ask for.
 RESERVATION_LEASE: Final = 30.0
@@ -441,6 +506,12 @@ MAX_AUDIT_SOURCE: Final = 64
 MAX_AUDIT_BYTES: Final = 256 * 1024
 #: Default audit quota: records one principal may write per minute (config [limits]).
 AUDIT_EVENTS_PER_MIN: Final = 60_000
+#: Bytes of audit records (as JSON) per principal per minute (issue 24: at the event quota a
+#: service key could still write 8.3 GB/h); beyond, ``mmi.audit`` is ``refused`` ("quota").
+AUDIT_BYTES_PER_MIN: Final = 16 * 1024 * 1024
+#: ``forbidden`` / ``audit_refused`` records per principal per minute; beyond, they are counted
+#: (``counters.records_suppressed``) and the next record carries the count as ``suppressed``.
+FORBIDDEN_RECORDS_PER_MIN: Final = 60
 #: Default longest pause: a request paused longer is resumed by the kernel, seconds (config [limits]).
 MAX_PAUSE: Final = 60.0
 #: Client-side default bound on one request, seconds, and its default number of retries.
@@ -495,6 +566,8 @@ MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
            Role.CLIENT, Scope.NONE, (
                Arg("page", "int", f"which page of services ({STATS_PAGE} per page, by name)", default=0),
                Arg("service", "str", "only this service", nullable=True),
+               Arg("jobs_page", "int", f"below operator: which page of the caller's own jobs ({STATS_PAGE} "
+                   "per page)", default=0),
            )),
     OpSpec(MMI_JOB_OPEN, "open a job; its budget is carved from the parent", Role.CLIENT, Scope.OWN, (
         _JOB,
@@ -545,9 +618,59 @@ MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
     )),
     _proc(MMI_PROC_STOP, "SIGSTOP a supervised process group"),
     _proc(MMI_PROC_CONT, "SIGCONT a supervised process group"),
-    _proc(MMI_PROC_NICE, "set a supervised process's nice value", Arg("nice", "int", "nice value", required=True)),
+    _proc(MMI_PROC_NICE, "set a supervised process's nice value", Arg("nice", "int", "nice value, in [-20, 19]", required=True,
+                                                                      min_value=-20, max_value=19)),
     _proc(MMI_RESTART, "start a given-up (or exited) supervised child again, with a fresh restart "
                        "intensity"),
     _proc(MMI_PROC_AFFINITY, "set a supervised process's CPU set",
-          Arg("cpus", "list", "CPU numbers", required=True, items="int")),
+          Arg("cpus", "list", "CPU numbers", required=True, items="int", min_len=1, max_len=4096)),
 )}
+
+
+# -- the reca header schema -----------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HeaderField:
+    """One field of the reca request header: how a present value is checked and the
+    ``bad_request`` text a value that fails gets.  An absent (or nil) field takes ``default``."""
+
+    name: str
+    check: Callable[[Any], bool]
+    error: str
+    default: Any = None
+
+
+#: The reca request header, checked in this order (the first failing field names the error).
+#: kernel.mdp parses a header once against it into a typed ``Header``.
+HEADER: Final[tuple[HeaderField, ...]] = (
+    HeaderField(H_VERSION, lambda v: v == VERSION, "unsupported protocol version {value!r}"),
+    HeaderField(H_ID, lambda v: _is_int(v) or isinstance(v, str) and len(v) <= MAX_NAME,
+                f"header field 'id' must be an integer or a string of at most {MAX_NAME} characters"),
+    HeaderField(H_JOB, lambda v: isinstance(v, str) and len(v) <= MAX_NAME,
+                f"header field 'job' must be a string of at most {MAX_NAME} characters"),
+    HeaderField(H_PRIORITY, lambda v: _is_int(v) and PRIORITY_MIN <= v <= PRIORITY_MAX,
+                f"header field 'priority' must be an integer in [{PRIORITY_MIN}, {PRIORITY_MAX}]",
+                default=DEFAULT_PRIORITY),
+    HeaderField(H_DEADLINE, lambda v: _is_number(v) and 0 < v < MAX_DEADLINE_MS,
+                "header field 'deadline' must be a positive number of milliseconds"),
+    HeaderField(H_BUDGET, lambda v: isinstance(v, dict) and len(v) <= MAX_KINDS and all(
+        isinstance(k, str) and len(k) <= MAX_NAME and _is_number(a) and a >= 0 for k, a in v.items()),
+        f"header field 'budget' must map at most {MAX_KINDS} kinds to non-negative numbers"),
+    HeaderField(H_IDEM, lambda v: isinstance(v, str), "header field 'idem' must be a string"),
+    HeaderField(H_TXN, lambda v: isinstance(v, str), "header field 'txn' must be a string"),
+    HeaderField(H_FOR, lambda v: isinstance(v, str) and len(v) <= MAX_NAME,
+                f"header field 'for' must be a principal name of at most {MAX_NAME} characters"),
+)
+
+
+#: The public API: every name of the wire (constants, enums, tables, ``check_args``).
+__all__ = sorted(
+    n for n in dir() if not n.startswith("_") and n not in {"annotations", "dataclasses", "enum", "Any", "Callable", "Final"}
+)

@@ -1,10 +1,15 @@
 """The routing state machine of the microkernel: MDP/0.2 with reca's body extensions.
 
-Pure logic, no sockets: :meth:`Router.on_message` takes one multipart message as the ROUTER
-socket delivered it (identity first) and the current time, and emits the messages to send
-through the ``send`` callable it was built with (identity first).  :meth:`Router.tick` runs the
-time-driven rules.  The kernel's process shell (kernel.server) owns the sockets and the clock;
-tests drive a Router directly with a fake ``now``.
+Events in, effects out, no sockets: :meth:`Router.on_message` takes one multipart message as the
+ROUTER socket delivered it (identity first) and the current time; kernel.mdp parses it once into a
+typed event, and the router handles the event (one handler per event type, ``Router._on``),
+emitting the messages to send through the ``send`` callable it was built with (identity first).
+The admission policy (kernel.policy) is asked at each step of a request's life and answers with
+effects the router applies (``Router._apply``); every control order goes through
+:meth:`Router.order`, which publishes and records it.  :meth:`Router.tick` runs the time-driven
+rules.  The clock, CPU times, pid ownership and random tokens come through the host port
+(kernel.host).  The kernel's process shell (kernel.server) owns the sockets and the clock; tests
+drive a Router directly with a fake ``now``.
 
 Rules (docs/protocol.md is normative):
 
@@ -22,137 +27,73 @@ Rules (docs/protocol.md is normative):
   answered are dropped and counted (``late_replies``).
 * Any message from a worker counts as a heartbeat; the kernel heartbeats every worker once per
   interval and drops those silent for ``liveness`` intervals.
+
+Invariants (:meth:`Router.check_invariants` checks them):
+
+* every request in ``inflight`` is not done, and is either queued in its service (counted in
+  ``Service.queued``) or in flight on exactly the worker it names;
+* a service's ``ready`` holds each of its live workers at most ``capacity - len(inflight)`` times;
+* ``queued_bytes`` is the sum of the sizes of the queued requests, and equals the holders' total;
+* ``Service.live`` counts the service's requests in ``inflight``.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 import heapq
 import itertools
 import logging
-from os import urandom as _urandom
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from kernel import codec
-from kernel import errors
+from kernel import codec, errors, mdp
 from kernel import protocol as P
-from kernel.auth import CHILD_PREFIX, LOCAL_OPERATOR, Principal
+from kernel.dedup import Attempt, Dedup
+from kernel.mdp import Form
 from kernel.mmi import Caller, Management
+from kernel.policy import Admission, Effects, Fail, Lend, Order
+from kernel.principal import LOCAL_OPERATOR, Principal
+from kernel.state import Request, Service, ServiceStats, Worker, error_body
+
+if TYPE_CHECKING:
+    from kernel.host import Host
+
+__all__ = ["Admission", "Form", "Request", "Router", "Service", "ServiceStats", "Worker"]
 
 log = logging.getLogger("reca.kernel")
 
-Send = Callable[[list[bytes]], None]
-
-#: Bytes of a request token: random (``os.urandom``), so no peer can guess another's request.
+#: Bytes of a request token: random (the host's ``token``), so no peer can guess another's request.
 TOKEN_BYTES = 16
 #: Revoked principals whose refusals are logged (the first message of each).
 _MAX_REVOKED_LOGGED = 1024
-_EMPTY = b""
-_MMI = P.MMI_PREFIX.encode()
-
-
-class Form(enum.Enum):
-    """Which MDP dialect a peer speaks; replies use the peer's own form."""
-
-    SPEC = "spec"  # 18/MDP as written: no leading empty frame
-    MAJORTOMO = "majortomo"  # leading empty frame, worker command codes on the client side
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class Request:
-    token: bytes  # kernel-assigned; travels as MDP's client address and comes back in replies
-    client: bytes  # ROUTER identity of the client
-    form: Form
-    service: "Service"
-    body: list[bytes]  # frames forwarded to the worker
-    rid: Any  # reca request id, None for opaque bodies
-    reca: bool
-    job: str | None
-    priority: int
-    received: float
-    deadline: float | None = None  # absolute; None = no deadline
-    worker: "Worker | None" = None
-    dispatched: float = 0.0
-    header: dict | None = None
-    done: bool = False
-    principal: Principal = LOCAL_OPERATOR  # who sent it (verified by the kernel)
-    queued: bool = False  # in its service's queue (counted in Service.queued)
-    timed: bool = False  # has an entry in the router's deadline heap (counted in _deadlines_live)
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class Worker:
-    identity: bytes
-    service: "Service"
-    form: Form
-    capacity: int
-    expiry: float
-    pid: int | None = None
-    inflight: dict[bytes, Request] = dataclasses.field(default_factory=dict)
-    principal: Principal = LOCAL_OPERATOR
-
-
-class Service:
-    """Per-service worker pool, request queue and statistics."""
-
-    __slots__ = (
-        "name", "workers", "ready", "queue", "queued", "by_client", "live", "requests", "finals", "errors",
-        "partials", "latencies", "wait_since", "served",
-    )
-
-    def __init__(self, name: bytes) -> None:
-        self.name = name
-        self.workers: dict[bytes, Worker] = {}
-        # Invariant: one entry per free slot of a live worker, least recently used first.
-        self.ready: collections.deque[Worker] = collections.deque()
-        # Heap of (-priority, round, seq, Request): highest priority first, then round-robin across
-        # clients (a client's k-th queued request has round k), then FIFO.  Entries whose request
-        # is done are skipped lazily, and the heap is rebuilt when they outnumber the live ones
-        # (Invariant: len(queue) <= 2 * queued + _SLACK after every change).
-        self.queue: list[tuple[int, int, int, Request]] = []
-        self.queued = 0  # live (not done) requests in the queue
-        self.by_client: dict[bytes, int] = {}  # client -> its live queued requests
-        self.live = 0  # requests of this service not yet answered (queued or dispatched)
-        self.requests = 0
-        self.finals = 0
-        self.errors = 0
-        self.partials = 0
-        self.latencies: collections.deque[float] = collections.deque(maxlen=P.LATENCY_WINDOW)
-        # When the service last had no worker while requests waited (None: has workers or idle).
-        self.wait_since: float | None = None
-        # Whether a worker ever registered for it.  A service no worker ever served is forgotten
-        # once its waiting requests are answered, so requests to made-up names do not pile up.
-        self.served = False
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ServiceStats:
-    name: str
-    workers: int
-    free_slots: int
-    queued: int
-    inflight: int
-    requests: int
-    finals: int
-    errors: int
-    partials: int
-    p50_ms: float | None
-    p99_ms: float | None
+_DISCONNECT = P.WorkerCmd.DISCONNECT
+_HEARTBEAT = P.WorkerCmd.HEARTBEAT
 
 
 #: Dead entries tolerated in a lazily cleaned heap beyond its live ones before it is rebuilt.
 _SLACK = 64
 
 
-def _compact(heap: list, live: int) -> list:
+def _compact(heap: list[Any], live: int) -> list[Any]:
     """``heap`` without entries whose request is done, when those outnumber the live ones."""
     if len(heap) <= 2 * live + _SLACK:
         return heap
     kept = [e for e in heap if not e[-1].done]
     heapq.heapify(kept)
     return kept
+
+
+def _with_rid(body: list[bytes], rid: Any) -> list[bytes]:
+    """``body`` (a reca reply: status frame first) under the request id ``rid``."""
+    if not body:
+        return body
+    try:
+        status = codec.unpack(body[0])
+    except errors.BadRequest:
+        return body
+    if not isinstance(status, dict) or status.get(P.S_ID) == rid:
+        return body
+    return [codec.pack({**status, P.S_ID: rid}), *body[1:]]
 
 
 def _percentile(sorted_samples: list[float], q: float) -> float | None:
@@ -180,14 +121,20 @@ class Router:
         service_expiry: float = P.SERVICE_IDLE_EXPIRY,
         max_workerless: int = P.MAX_WORKERLESS_SERVICES,
         max_queued_bytes: int = P.MAX_QUEUED_BYTES,
-        admission: "Admission | None" = None,
+        admission: Admission | None = None,
         management: Management | None = None,
-        extra_stats: Callable[[], dict] | None = None,
-        publish: Callable[[bytes, dict], None] | None = None,
+        extra_stats: Callable[[], dict[str, Any]] | None = None,
+        publish: Callable[[bytes, dict[str, Any]], None] | None = None,
+        host: "Host | None" = None,
     ) -> None:
         self._send = send
         #: Publishes a control message ``(topic, map)`` on the kernel's PUB socket.
-        self.publish = publish or (lambda topic, msg: None)
+        self.publish: Callable[[bytes, dict[str, Any]], None] = publish or (lambda topic, msg: None)
+        if host is None:
+            from kernel.host import SystemHost  # the real machine unless one is injected
+
+            host = SystemHost()
+        self.host: Host = host
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
         self.unavailable_wait = unavailable_wait
@@ -216,47 +163,44 @@ class Router:
         self.queued_bytes = 0
         self.max_queued_bytes = max_queued_bytes
         #: client -> (bytes it has queued, its queued requests oldest first), for fair eviction.
-        self._holders: dict[bytes, list] = {}
+        self._holders: dict[bytes, list[Any]] = {}
         self._next_sweep = 0.0
         #: The latest time the router was given (on_message / tick): what stats() reports at.
         self.now = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
         self._revoked_logged: set[str] = set()
+        #: One handler per event type of kernel.mdp (the MDP command table's other half).
+        self._on: dict[type, Callable[[Any, float, Principal], None]] = {
+            mdp.Request: self._on_request,
+            mdp.Ready: self._on_ready,
+            mdp.Reply: self._on_reply_event,
+            mdp.Heartbeat: self._on_heartbeat,
+            mdp.Disconnect: self._on_disconnect,
+            mdp.BadClient: self._on_bad_client,
+            mdp.BadWorker: self._on_bad_worker,
+            mdp.Unreadable: self._on_unreadable,
+        }
+        #: One row per effect type of kernel.policy: how the router applies it.
+        self._apply: dict[type, Callable[[Any, float], None]] = {
+            Fail: self._apply_fail,
+            Lend: self._apply_lend,
+            Order: self._apply_order,
+        }
 
     # -- entry points -----------------------------------------------------------------------------
 
     def on_message(self, frames: list[bytes], now: float, principal: Principal = LOCAL_OPERATOR) -> None:
         """Handle one message from the ROUTER socket (identity first) sent by ``principal`` (the
         kernel-verified peer; ``principal.revoked``: its key is no longer known)."""
+        self.handle(mdp.parse(frames), now, principal)
+
+    def handle(self, event: mdp.Event, now: float, principal: Principal = LOCAL_OPERATOR) -> None:
+        """Handle one parsed event from ``principal``."""
         self.now = now
-        if len(frames) < 2:
-            self.counters["bad_messages"] += 1
+        if principal.revoked and type(event) is not mdp.Unreadable:
+            self._on_revoked(event, principal, now)
             return
-        if len(frames) > P.MAX_FRAMES:
-            self.counters["bad_messages"] += 1
-            self._reply_bad(frames[0], Form.SPEC, b"", f"more than {P.MAX_FRAMES} frames")
-            return
-        identity = frames[0]
-        form = Form.SPEC
-        i = 1
-        if frames[1] == _EMPTY:
-            form = Form.MAJORTOMO
-            i = 2
-        if i >= len(frames):
-            self.counters["bad_messages"] += 1
-            self._reply_bad(identity, form, b"", "empty message")
-            return
-        header = frames[i]
-        if principal.revoked:
-            self._on_revoked(identity, form, frames, i, principal, now)
-        elif header == P.MDPC:
-            self._on_client(identity, form, frames, i + 1, now, principal)
-        elif header == P.MDPW:
-            self._on_worker(identity, form, frames, i + 1, now, principal)
-        else:
-            self.counters["bad_messages"] += 1
-            log.warning("unknown protocol header %r from %r", header[:16], identity)
-            self._reply_bad(identity, form, b"", "unknown protocol header; expected MDPC02 or MDPW02")
+        self._on[type(event)](event, now, principal)
 
     def tick(self, now: float) -> None:
         """Time-driven rules: request deadlines, liveness, heartbeats, unavailable waits."""
@@ -265,8 +209,8 @@ class Router:
         while dl and dl[0][0] <= now:
             _, _, req = heapq.heappop(dl)
             if not req.done:
-                self.admission.on_deadline(self, req, now)
-        self.admission.tick(self, now)
+                self.apply(self.admission.on_deadline(self, req, now), now)
+        self.apply(self.admission.tick(self, now), now)
         if now >= self._next_sweep:
             self._next_sweep = now + self.heartbeat_interval / P.SWEEPS_PER_INTERVAL
             self._sweep(now)
@@ -281,130 +225,182 @@ class Router:
             return min(dl[0][0], wake)
         return wake
 
-    # -- clients ----------------------------------------------------------------------------------
+    # -- effects ----------------------------------------------------------------------------------
 
-    def _on_revoked(self, identity: bytes, form: Form, frames: list[bytes], i: int, principal: Principal,
-                    now: float) -> None:
+    def apply(self, effects: Effects, now: float) -> None:
+        """Apply a policy's effects, in order (one row of ``_apply`` per effect type)."""
+        for effect in effects:
+            self._apply[type(effect)](effect, now)
+
+    def _apply_fail(self, effect: Fail, now: float) -> None:
+        if not effect.request.done:
+            self.fail_request(effect.request, effect.error, now, spent=effect.spent)
+
+    def _apply_lend(self, effect: Lend, now: float) -> None:
+        self.free_slot(effect.worker, now)
+
+    def order(self, order: Order, now: float) -> None:
+        """The one path of every control order: published on its topic and recorded."""
+        self.publish(order.topic, order.message)
+        self.admission.record(order.op, now, order.record(), {"ok": True})
+
+    def _apply_order(self, effect: Order, now: float) -> None:
+        self.order(effect, now)
+
+
+    # -- malformed messages and revoked peers -----------------------------------------------------
+
+    def _on_unreadable(self, ev: mdp.Unreadable, now: float, principal: Principal) -> None:
+        self.counters["bad_messages"] += 1
+        if ev.why.startswith("unknown protocol header"):
+            log.warning("unknown protocol header from %r", ev.identity)
+        if ev.answer:
+            self._reply_bad(ev.identity, ev.form, b"", ev.why)
+
+    def _on_bad_client(self, ev: mdp.BadClient, now: float, principal: Principal) -> None:
+        self.counters["bad_messages"] += 1
+        self._reply_bad(ev.identity, ev.form, b"", ev.why)
+
+    def _on_bad_worker(self, ev: mdp.BadWorker, now: float, principal: Principal) -> None:
+        if self._known_worker(ev, now, principal) is not False:
+            self._protocol_error(ev.identity, ev.form, now, ev.why)
+
+    def _on_revoked(self, ev: mdp.Event, principal: Principal, now: float) -> None:
         """A message on a connection whose key was revoked: workers are dropped, clients get
         ``forbidden``; nothing else happens.  The first such message per name is logged."""
         self.counters["revoked_messages"] += 1
         if principal.name not in self._revoked_logged and len(self._revoked_logged) < _MAX_REVOKED_LOGGED:
             self._revoked_logged.add(principal.name)
-            self.admission.on_forbidden(self, principal, "revoked", {}, now)
-        worker = self.workers.get(identity)
-        if worker is not None or frames[i] == P.MDPW:
+            self.admission.on_forbidden(principal, "revoked", {}, now)
+        worker = self.workers.get(ev.identity)
+        if worker is not None or isinstance(ev, mdp.WORKER_EVENTS):
             if worker is not None:
                 self._worker_gone(worker, now, "its key was revoked")
-            self._send_worker(identity, form, [P.WorkerCmd.DISCONNECT.value])
+            self._send(mdp.to_worker(ev.identity, ev.form, _DISCONNECT))
             return
         # A client: answered forbidden in its own form, with its request id (a reca client
         # matches replies by id).
-        body = frames[i + 3:]
-        header = codec.reca_header(body)
-        rid = header.get(P.H_ID) if header is not None else None
-        service = Service(frames[i + 2] if len(frames) > i + 2 else b"")
-        req = Request(b"", identity, form, service, body, rid, header is not None, None, 0, now, header=header,
-                      principal=principal)
-        self._finish_error(req, errors.Forbidden("your key is not (or no longer) known to the kernel"), now,
-                           count=False)
+        assert isinstance(ev, (mdp.Request, mdp.BadClient))
+        self._reply_error(ev.identity, ev.form, ev.service,
+                          errors.Forbidden("your key is not (or no longer) known to the kernel"), ev.header)
 
     def revoke(self, known: Callable[[str], bool], now: float) -> None:
         """Drop every worker whose principal is no longer ``known`` (its key was removed)."""
         for worker in list(self.workers.values()):
             if worker.principal is not LOCAL_OPERATOR and not known(worker.principal.name):
                 self._worker_gone(worker, now, f"key of {worker.principal.name} revoked")
-                self._send_worker(worker.identity, worker.form, [P.WorkerCmd.DISCONNECT.value])
+                self._send(mdp.to_worker(worker.identity, worker.form, _DISCONNECT))
 
-    def _on_client(self, identity: bytes, form: Form, frames: list[bytes], i: int, now: float,
-                   principal: Principal = LOCAL_OPERATOR) -> None:
-        if i + 1 > len(frames):
-            self.counters["bad_messages"] += 1
-            self._reply_bad(identity, form, b"", "client message without command")
+    # -- clients ----------------------------------------------------------------------------------
+
+    def _acting_for(self, principal: Principal, who: str) -> str:
+        """A service acting for the caller of a request it is serving (header ``for``): allowed
+        only while a worker of the same principal has a request of ``who`` in flight (or for
+        itself), so a service key acts for no one who is not calling it at that moment."""
+        if who == principal.name:
+            return who
+        if principal.services:
+            for w in self.workers.values():
+                if w.principal == principal and any(r.principal.name == who for r in w.inflight.values()):
+                    return who
+        raise errors.Forbidden("header 'for' names a principal whose request this caller is not serving")
+
+    def _on_request(self, ev: mdp.Request, now: float, principal: Principal) -> None:
+        if ev.mmi:
+            self._mmi(ev, now, principal)
             return
-        cmd = frames[i]
-        expected = P.ClientCmd.REQUEST.value if form is Form.SPEC else P.MajortomoClientCmd.REQUEST.value
-        if cmd != expected:
-            self.counters["bad_messages"] += 1
-            self._reply_bad(identity, form, b"", f"unexpected client command {cmd!r}")
-            return
-        if i + 2 > len(frames) or not frames[i + 1] or len(frames[i + 1]) > P.MAX_NAME:
-            self.counters["bad_messages"] += 1
-            self._reply_bad(identity, form, b"", f"REQUEST without a service name of 1..{P.MAX_NAME} bytes")
-            return
-        service_name = frames[i + 1]
-        body = frames[i + 2:]
-        header = codec.reca_header(body)
-        reca = header is not None
-        rid = header.get(P.H_ID) if header is not None else None
-        if service_name.startswith(_MMI):
-            self._mmi(identity, form, service_name, body, header, rid, now, principal)
-            return
-        service = self.services.get(service_name)
+        name = ev.service
+        header = ev.header
+        service = self.services.get(name)
         if service is None:
             if len(self.services) - self._served >= self.max_workerless:
                 self.counters["workerless_refused"] += 1
-                req = Request(b"", identity, form, Service(service_name), body, rid, reca, None, 0, now,
-                              header=header, principal=principal)
-                self._finish_error(req, errors.Unavailable(
-                    f"no worker for service {service_name.decode(errors='replace')!r}"), now, count=False)
+                self._reply_error(ev.identity, ev.form, name, errors.Unavailable(
+                    f"no worker for service {name.decode(errors='replace')!r}"), header)
                 return
-            service = self.services[service_name] = Service(service_name)
-        self._idle.pop(service_name, None)
+            service = self.services[name] = Service(name)
+        self._idle.pop(name, None)
+        checked = ev.checked
+        dedup = self.admission.dedup
+        if dedup is not None and checked is not None and checked.idem is not None \
+                and self._deduplicated(dedup, ev, (principal.name, checked.idem), now):
+            return
         service.requests += 1
-        token = _urandom(TOKEN_BYTES)
-        req = Request(token, identity, form, service, body, rid, reca, None, 0, now, header=header,
-                      principal=principal)
+        token = self.host.token(TOKEN_BYTES)
+        req = Request(token, ev.identity, ev.form, service, ev.body, ev.rid, header is not None, None,
+                      P.DEFAULT_PRIORITY, now, header=header, principal=principal, checked=checked)
         service.live += 1
         if header is not None:
-            try:
-                self._parse_header(req, header)
-            except errors.BadRequest as exc:
+            if checked is None:
                 self.counters["bad_requests"] += 1
-                self._finish_error(req, exc, now, count=True)
+                self._finish_error(req, ev.bad or errors.BadRequest("malformed header"), now, count=True)
                 return
+            req.job = checked.job
+            req.priority = checked.priority
+            if checked.on_behalf is not None:
+                try:
+                    req.acting_for = self._acting_for(principal, checked.on_behalf)
+                except errors.Forbidden as exc:
+                    self.counters["bad_requests"] += 1
+                    self._finish_error(req, exc, now, count=True)
+                    return
+            if checked.deadline is not None:
+                req.deadline = now + checked.deadline / 1000.0
         # Opaque MDP bodies too: they run in the caller's default job (its wall time counts).
-        refusal = self.admission.admit(self, req, now)
+        refusal, effects = self.admission.admit(self, req, now)
         if refusal is not None:
             self._finish_error(req, refusal, now, count=True)
+            self.apply(effects, now)
             return
         if req.deadline is not None:
             heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
             req.timed = True
             self._deadlines_live += 1
         self.inflight[token] = req
+        if dedup is not None and checked is not None and checked.idem is not None:
+            dedup.start((principal.name, checked.idem), token)
         self._enqueue(req, now)
+        if effects:
+            self.apply(effects, now)
 
-    @staticmethod
-    def _parse_header(req: Request, header: dict) -> None:
-        if header.get(P.H_VERSION) != P.VERSION:
-            raise errors.BadRequest(f"unsupported protocol version {header.get(P.H_VERSION)!r}")
-        rid = header.get(P.H_ID)
-        if rid is not None and not isinstance(rid, (str, int)) or isinstance(rid, str) and len(rid) > P.MAX_NAME:
-            raise errors.BadRequest(f"header field 'id' must be an integer or a string of at most {P.MAX_NAME} characters")
-        job = header.get(P.H_JOB)
-        if job is not None and (not isinstance(job, str) or len(job) > P.MAX_NAME):
-            raise errors.BadRequest(f"header field 'job' must be a string of at most {P.MAX_NAME} characters")
-        req.job = job
-        prio = header.get(P.H_PRIORITY, P.DEFAULT_PRIORITY)
-        if not isinstance(prio, int) or isinstance(prio, bool) or not P.PRIORITY_MIN <= prio <= P.PRIORITY_MAX:
-            raise errors.BadRequest(f"header field 'priority' must be an integer in [{P.PRIORITY_MIN}, {P.PRIORITY_MAX}]")
-        req.priority = prio
-        deadline = header.get(P.H_DEADLINE)
-        if deadline is not None:
-            if not isinstance(deadline, (int, float)) or isinstance(deadline, bool) or not 0 < deadline < P.MAX_DEADLINE_MS:
-                raise errors.BadRequest("header field 'deadline' must be a positive number of milliseconds")
-            req.deadline = req.received + deadline / 1000.0
-        budget = header.get(P.H_BUDGET)
-        if budget is not None:
-            if not isinstance(budget, dict) or len(budget) > P.MAX_KINDS or not all(
-                isinstance(k, str) and len(k) <= P.MAX_NAME and isinstance(v, (int, float)) and not isinstance(v, bool)
-                and v >= 0 for k, v in budget.items()
-            ):
-                raise errors.BadRequest(f"header field 'budget' must map at most {P.MAX_KINDS} kinds to non-negative numbers")
-        for key in (P.H_IDEM, P.H_TXN):
-            value = header.get(key)
-            if value is not None and not isinstance(value, str):
-                raise errors.BadRequest(f"header field {key!r} must be a string")
+    # -- exactly-once: retries of one idempotency key (kernel.dedup) -----------------------------
+
+    def _deduplicated(self, dedup: Dedup, ev: mdp.Request, key: tuple[str, str], now: float) -> bool:
+        """Answer a request whose ``(principal, idem)`` the kernel has seen: attach it to the
+        attempt in flight, or send the stored FINAL.  False: a new request (it runs)."""
+        kind, what = dedup.seen(key, now)
+        if kind == "run":
+            return False
+        if kind == "replay":
+            dedup.replayed()
+            self.counters["dedup_replayed"] += 1
+            body = what.body if what.body is not None else error_body(errors.AlreadyDone(
+                "this request (same idempotency key) already ran; its answer was too large to keep"), ev.header)
+            self._send(mdp.to_client(ev.identity, ev.form, ev.service, True, _with_rid(body, ev.rid)))
+            return True
+        if not dedup.attach(what, Attempt(ev.identity, ev.form, ev.rid)):
+            self._reply_error(ev.identity, ev.form, ev.service, errors.Overloaded(
+                f"more than {dedup.max_attached} retries wait on this request"), ev.header)
+            return True
+        self.counters["dedup_attached"] += 1
+        return True
+
+    def _to_attempts(self, req: Request, final: bool, body: list[bytes], now: float, keep: bool) -> None:
+        """Send what ``req``'s client got to the retries attached to it; at its FINAL, forget its
+        key, storing the FINAL for later retries when ``keep`` (its worker made it)."""
+        dedup = self.admission.dedup
+        if dedup is None or req.token not in dedup.key_of:
+            return
+        if final:
+            key = dedup.key_of[req.token]
+            attempts, stored = dedup.finish(req.token, now, body if keep else None, req.service.name)
+            if stored is not None:
+                self.admission.record("final", now, Dedup.record(key, req.service.name, stored), {"ok": True})
+        else:
+            attempts = dedup.attempts(req.token)
+        for a in attempts:
+            if self._send(mdp.to_client(a.client, a.form, req.service.name, final, _with_rid(body, a.rid))) is False:
+                self.counters["unroutable_replies"] += 1
 
     def _enqueue(self, req: Request, now: float) -> None:
         service = req.service
@@ -412,9 +408,9 @@ class Router:
         if ready and not service.queue:
             self._dispatch(req, ready.popleft(), now)
             return
-        size = sum(map(len, req.body))
+        size = req.size = sum(map(len, req.body))
         if service.queued >= self.max_queue or not self._make_room(req.client, size, now):
-            self._finish_error(req, errors.Overloaded(f"queue for {service.name.decode(errors='replace')} is full"), now)
+            self._finish_error(req, errors.Overloaded(f"queue for {service.text} is full"), now)
             return
         holder = self._holders.get(req.client)
         if holder is None:
@@ -461,7 +457,7 @@ class Router:
         req.queued = False
         holder = self._holders.get(req.client)
         if holder is not None:
-            holder[0] -= sum(map(len, req.body))
+            holder[0] -= req.size
             reqs = holder[1]
             if reqs and reqs[0] is req:
                 reqs.popleft()
@@ -476,7 +472,7 @@ class Router:
             service.by_client[req.client] = left
         else:
             service.by_client.pop(req.client, None)
-        self.queued_bytes -= sum(map(len, req.body))
+        self.queued_bytes -= req.size
 
     def _retire(self, req: Request, now: float) -> None:
         """``req`` has its FINAL: drop every reference the router keeps (its entries in lazily
@@ -495,7 +491,7 @@ class Router:
         if req.token and service.live > 0:
             service.live -= 1
             if not service.live and not service.workers and self.services.get(service.name) is service:
-                self._idle[service.name] = now
+                self._mark_idle(service.name, now)
 
     def _dispatch(self, req: Request, worker: Worker, now: float) -> None:
         req.worker = worker
@@ -503,37 +499,19 @@ class Router:
         worker.inflight[req.token] = req
         body = req.body
         if req.reca:
-            body = [self.admission.forward_header(self, req)] + body[1:]
+            body = [self.admission.forward_header(req, now), *body[1:]]
         req.body = []  # sent once; the router never needs it again
-        if worker.form is Form.SPEC:
-            msg = [worker.identity, P.MDPW, P.WorkerCmd.REQUEST.value, req.token, _EMPTY, *body]
-        else:
-            msg = [worker.identity, _EMPTY, P.MDPW, P.WorkerCmd.REQUEST.value, req.token, _EMPTY, *body]
-        if self._send(msg) is False:
+        if self._send(mdp.request_to_worker(worker.identity, worker.form, req.token, body)) is False:
             self._worker_gone(worker, now, "unroutable")
 
     # -- replies to clients -----------------------------------------------------------------------
 
     def _to_client(self, req: Request, final: bool, body: list[bytes]) -> None:
-        if req.form is Form.SPEC:
-            cmd = P.ClientCmd.FINAL.value if final else P.ClientCmd.PARTIAL.value
-            msg = [req.client, P.MDPC, cmd, req.service.name, *body]
-        else:
-            cmd = P.MajortomoClientCmd.FINAL.value if final else P.MajortomoClientCmd.PARTIAL.value
-            msg = [req.client, _EMPTY, P.MDPC, cmd, *body]
-        if self._send(msg) is False:
+        if self._send(mdp.to_client(req.client, req.form, req.service.name, final, body)) is False:
             self.counters["unroutable_replies"] += 1
 
-    def error_body(self, req: Request, exc: errors.RecaError, spent: dict | None = None) -> list[bytes]:
-        status: dict[str, Any] = {P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: exc.to_wire()}
-        if req.reca:
-            status[P.H_VERSION] = P.VERSION
-            status[P.S_ID] = req.rid
-            status[P.S_SPENT] = spent or {}
-        return [codec.pack(status)]
-
     def _finish_error(self, req: Request, exc: errors.RecaError, now: float, *, count: bool = True,
-                      spent: dict | None = None) -> None:
+                      spent: dict[str, Any] | None = None) -> None:
         """Answer ``req`` with a kernel error as its one FINAL and forget it."""
         if req.done:
             return
@@ -543,8 +521,10 @@ class Router:
         if count:
             req.service.errors += 1
             self.counters[f"error.{exc.code}"] += 1
-        self.admission.on_done(self, req, now, None, exc)
-        self._to_client(req, True, self.error_body(req, exc, spent))
+        self.admission.on_done(req, now, None, exc)
+        body = error_body(exc, req.header, spent)
+        self._to_client(req, True, body)
+        self._to_attempts(req, True, body, now, keep=False)  # a kernel error: a retry runs again
 
     def top_queued_priority(self, service: Service) -> int | None:
         """The priority of the first request waiting in ``service``'s queue (None: none waits)."""
@@ -558,7 +538,7 @@ class Router:
         service = self.services.get(name)
         return service is not None and bool(service.workers)
 
-    def fail_request(self, req: Request, exc: errors.RecaError, now: float, spent: dict | None = None) -> None:
+    def fail_request(self, req: Request, exc: errors.RecaError, now: float, spent: dict[str, Any] | None = None) -> None:
         """Answer an in-flight request with ``exc`` now; its worker slot is freed for new work
         only when the worker's own late FINAL arrives (the worker is still busy with it)."""
         worker = req.worker
@@ -578,92 +558,77 @@ class Router:
         """Answer ``overloaded`` to a message from a connection the server refuses (over the peer
         cap): a client's request gets a FINAL in its own form (with its reca id), a worker a
         DISCONNECT."""
-        identity = frames[0]
-        form, i = (Form.MAJORTOMO, 2) if len(frames) > 1 and frames[1] == _EMPTY else (Form.SPEC, 1)
-        if i < len(frames) and frames[i] == P.MDPW:
-            self._send_worker(identity, form, [P.WorkerCmd.DISCONNECT.value])
+        ev = mdp.parse(frames)
+        if isinstance(ev, mdp.WORKER_EVENTS):
+            self._send(mdp.to_worker(ev.identity, ev.form, _DISCONNECT))
             return
-        header = codec.reca_header(frames[i + 3:])
-        self._reply_error(identity, form, frames[i + 2] if i + 2 < len(frames) else b"",
-                          errors.Overloaded(message), header)
+        service = ev.service if isinstance(ev, (mdp.Request, mdp.BadClient)) else b""
+        header = ev.header if isinstance(ev, (mdp.Request, mdp.BadClient)) else None
+        self._reply_error(ev.identity, ev.form, service, errors.Overloaded(message), header)
 
     def _reply_error(self, identity: bytes, form: Form, service: bytes, exc: errors.RecaError,
-                     header: dict | None = None) -> None:
-        status: dict[str, Any] = {P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: exc.to_wire()}
-        if header is not None:
-            status.update({P.H_VERSION: P.VERSION, P.S_ID: header.get(P.H_ID), P.S_SPENT: {}})
-        body = [codec.pack(status)]
-        if form is Form.SPEC:
-            msg = [identity, P.MDPC, P.ClientCmd.FINAL.value, service, *body]
-        else:
-            msg = [identity, _EMPTY, P.MDPC, P.MajortomoClientCmd.FINAL.value, *body]
-        self._send(msg)
+                     header: dict[str, Any] | None = None) -> None:
+        self._send(mdp.to_client(identity, form, service, True, error_body(exc, header)))
 
     # -- workers ----------------------------------------------------------------------------------
 
-    def _on_worker(self, identity: bytes, form: Form, frames: list[bytes], i: int, now: float,
-                   principal: Principal = LOCAL_OPERATOR) -> None:
-        if i >= len(frames):
-            self._protocol_error(identity, form, now, "worker message without command")
-            return
-        cmd = frames[i]
-        worker = self.workers.get(identity)
-        if worker is not None and worker.principal != principal:
+    def _known_worker(self, ev: Any, now: float, principal: Principal) -> Worker | None | bool:
+        """The registered worker a worker event comes from (None: none), its liveness renewed;
+        False when another principal speaks on its routing id (it is dropped)."""
+        worker = self.workers.get(ev.identity)
+        if worker is None:
+            return None
+        if worker.principal != principal:
             # Another principal on a routing id a worker had: it is not that worker.
-            self._protocol_error(identity, form, now, f"{principal.name} spoke as {worker.principal.name}'s worker")
+            self._protocol_error(ev.identity, ev.form, now, f"{principal.name} spoke as {worker.principal.name}'s worker")
+            return False
+        worker.expiry = now + self.heartbeat_interval * self.liveness
+        return worker
+
+    def _on_reply_event(self, ev: mdp.Reply, now: float, principal: Principal) -> None:
+        worker = self._known_worker(ev, now, principal)
+        if worker is False:
+            return
+        if worker is None or worker is True:
+            self._protocol_error(ev.identity, ev.form, now, "reply from an unregistered worker or without envelope")
+            return
+        self._on_reply(worker, ev.final, ev.token, ev.body, now)
+
+    def _on_heartbeat(self, ev: mdp.Heartbeat, now: float, principal: Principal) -> None:
+        if self._known_worker(ev, now, principal) is None:
+            self._protocol_error(ev.identity, ev.form, now, "heartbeat from an unregistered worker")
+
+    def _on_disconnect(self, ev: mdp.Disconnect, now: float, principal: Principal) -> None:
+        worker = self._known_worker(ev, now, principal)
+        if isinstance(worker, Worker):
+            self._worker_gone(worker, now, "disconnected")
+
+    def _on_ready(self, ev: mdp.Ready, now: float, principal: Principal) -> None:
+        worker = self._known_worker(ev, now, principal)
+        if worker is False:
             return
         if worker is not None:
-            worker.expiry = now + self.heartbeat_interval * self.liveness
-        if cmd == P.WorkerCmd.FINAL.value or cmd == P.WorkerCmd.PARTIAL.value:
-            if worker is None or i + 2 >= len(frames) or frames[i + 2] != _EMPTY:
-                self._protocol_error(identity, form, now, "reply from an unregistered worker or without envelope")
-                return
-            self._on_reply(worker, cmd == P.WorkerCmd.FINAL.value, frames[i + 1], frames[i + 3:], now)
-        elif cmd == P.WorkerCmd.HEARTBEAT.value:
-            if worker is None:
-                self._protocol_error(identity, form, now, "heartbeat from an unregistered worker")
-        elif cmd == P.WorkerCmd.READY.value:
-            if worker is not None:
-                self._protocol_error(identity, form, now, "READY twice")
-                return
-            if i + 1 >= len(frames) or not frames[i + 1] or frames[i + 1].startswith(_MMI) \
-                    or len(frames[i + 1]) > P.MAX_NAME:
-                self._protocol_error(identity, form, now, "READY without a valid service name")
-                return
-            name = frames[i + 1].decode(errors="replace")
-            if not principal.may_serve(name):
-                # Registration is an authority: only the service's own principals (and operators)
-                # may take its requests.  The peer gets nothing but DISCONNECT.
-                self.counters["forbidden_ready"] += 1
-                self.admission.on_forbidden(self, principal, "ready", {"service": name}, now)
-                self._send_worker(identity, form, [P.WorkerCmd.DISCONNECT.value])
-                return
-            capacity, pid = P.DEFAULT_CAPACITY, None
-            if i + 2 < len(frames):
-                try:
-                    opts = codec.unpack(frames[i + 2])
-                    capacity = int(opts.get(P.R_CAPACITY, P.DEFAULT_CAPACITY))
-                    pid = opts.get(P.R_PID)
-                    if not 1 <= capacity <= P.MAX_CAPACITY:
-                        raise ValueError("capacity out of range")
-                except Exception:
-                    self._protocol_error(identity, form, now, "malformed READY options")
-                    return
-            self._register(identity, form, frames[i + 1], capacity, pid, now, principal)
-        elif cmd == P.WorkerCmd.DISCONNECT.value:
-            if worker is not None:
-                self._worker_gone(worker, now, "disconnected")
-        else:
-            self._protocol_error(identity, form, now, f"unknown worker command {cmd!r}")
+            self._protocol_error(ev.identity, ev.form, now, "READY twice")
+            return
+        name = ev.service.decode(errors="replace")
+        if not principal.may_serve(name):
+            # Registration is an authority: only the service's own principals (and operators)
+            # may take its requests.  The peer gets nothing but DISCONNECT.
+            self.counters["forbidden_ready"] += 1
+            self.admission.on_forbidden(principal, "ready", {"service": name}, now)
+            self._send(mdp.to_worker(ev.identity, ev.form, _DISCONNECT))
+            return
+        self._register(ev, now, principal)
 
-    def _register(self, identity: bytes, form: Form, name: bytes, capacity: int, pid: Any, now: float,
-                  principal: Principal = LOCAL_OPERATOR) -> None:
+    def _register(self, ev: mdp.Ready, now: float, principal: Principal) -> None:
+        name, identity, capacity = ev.service, ev.identity, ev.capacity
         service = self.services.get(name)
         if service is None:
             service = self.services[name] = Service(name)
         self._idle.pop(name, None)
-        worker = Worker(identity, service, form, capacity, now + self.heartbeat_interval * self.liveness,
-                        pid if isinstance(pid, int) and self._pid_of(principal, pid) else None, principal=principal)
+        pid = ev.pid if ev.pid is not None and self._pid_of(principal, ev.pid) else None
+        worker = Worker(identity, service, ev.form, capacity, now + self.heartbeat_interval * self.liveness,
+                        pid, principal=principal)
         self.workers[identity] = worker
         if not service.workers:
             self._served += 1
@@ -672,18 +637,19 @@ class Router:
         service.served = True
         service.ready.extend([worker] * capacity)
         self.counters["workers_registered"] += 1
-        log.info("worker %s ready for %s (capacity %d)", identity.hex(), name.decode(errors="replace"), capacity)
+        log.info("worker %s ready for %s (capacity %d)", identity.hex(), service.text, capacity)
         self._drain_queue(service, now)
 
     def _pid_of(self, principal: Principal, pid: int) -> bool:
         """Whether a READY's declared ``pid`` is the peer's own, so the kernel may measure its CPU
-        time: trusted from operators (every ``ipc://`` peer), checked with the supervisor for a
-        supervised child's principal (``child:NAME``); any other peer's pid is ignored (it may be
-        a process of another host, or one the peer wants measured instead of itself)."""
+        time: trusted from operators (every ``ipc://`` peer), checked with the host (the
+        supervisor) for a supervised child's principal (``child:NAME``); any other peer's pid is
+        ignored (it may be a process of another host, or one the peer wants measured instead of
+        itself)."""
         if principal.operator:
             return True
-        procs, prefix = self.management.procs, CHILD_PREFIX
-        return procs is not None and principal.name.startswith(prefix) and procs.owns_pid(principal.name[len(prefix):], pid)
+        child = principal.child
+        return child is not None and self.host.owns_pid(child, pid)
 
     def _on_reply(self, worker: Worker, final: bool, token: bytes, body: list[bytes], now: float) -> None:
         req = worker.inflight.get(token)
@@ -698,26 +664,35 @@ class Router:
         if not final:
             service.partials += 1
             if req.reca:
-                body = self.admission.on_partial(self, req, body, now)
+                effects = self.admission.on_partial(self, req, body, now)
+                if effects:
+                    self.apply(effects, now)
                 if req.done:  # the admission ended it (budget): its FINAL is already sent
                     return
             self._to_client(req, False, body)
+            self._to_attempts(req, False, body, now, keep=False)
             return
         del worker.inflight[token]
         self._retire(req, now)
         service.finals += 1
         service.latencies.append(now - req.received)
         if req.reca:
-            body = self.admission.on_final(self, req, body, now)
+            body, effects = self.admission.on_final(self, req, body, now)
+            if effects:
+                self.apply(effects, now)
         else:
-            self.admission.on_done(self, req, now, None, None)
+            self.admission.on_done(req, now, None, None)
         self._to_client(req, True, body)
+        self._to_attempts(req, True, body, now, keep=True)
         self.free_slot(worker, now)
 
     def free_slot(self, worker: Worker, now: float) -> None:
         if self.workers.get(worker.identity) is not worker:
             return
-        if self.admission.claim_slot(self, worker, now):
+        claimed, effects = self.admission.claim_slot(self, worker, now)
+        if effects:
+            self.apply(effects, now)
+        if claimed:
             return
         service = worker.service
         queue = service.queue
@@ -735,12 +710,7 @@ class Router:
         worker = self.workers.get(identity)
         if worker is not None:
             self._worker_gone(worker, now, why)
-        self._send_worker(identity, form, [P.WorkerCmd.DISCONNECT.value])
-
-    def _send_worker(self, identity: bytes, form: Form, tail: list[bytes]) -> bool | None:
-        if form is Form.SPEC:
-            return self._send([identity, P.MDPW, *tail])
-        return self._send([identity, _EMPTY, P.MDPW, *tail])
+        self._send(mdp.to_worker(identity, form, _DISCONNECT))
 
     def _worker_gone(self, worker: Worker, now: float, why: str) -> None:
         """Forget ``worker``; every request in flight on it is answered WORKER_DIED at once."""
@@ -754,10 +724,10 @@ class Router:
             service.ready = collections.deque(w for w in service.ready if w is not worker)
         self.counters["workers_lost"] += 1
         log.warning("worker %s of %s gone (%s); failing %d request(s)", worker.identity.hex(),
-                    service.name.decode(errors="replace"), why, len(worker.inflight))
+                    service.text, why, len(worker.inflight))
         for req in list(worker.inflight.values()):
             if not req.done:
-                self._finish_error(req, errors.WorkerDied(f"worker died: {why}", service=service.name.decode(errors="replace")), now)
+                self._finish_error(req, errors.WorkerDied(f"worker died: {why}", service=service.text), now)
         worker.inflight.clear()
         if not service.workers:
             self._served -= 1
@@ -765,14 +735,28 @@ class Router:
             service.wait_since = now
             self._waiting[service.name] = service
         elif not service.workers and not service.live:
-            self._idle[service.name] = now
+            self._mark_idle(service.name, now)
+
+    def _mark_idle(self, name: bytes, now: float) -> None:
+        """``name`` has no worker and nothing in flight: forgotten after ``service_expiry``, or at
+        once, oldest first, past ``max_workerless`` idle names (issue 24: 100,000 per-worker names
+        registered and dropped in a loop were all kept for a minute)."""
+        idle = self._idle
+        idle[name] = now
+        while len(idle) > self.max_workerless:
+            old, _ = next(iter(idle.items()))
+            del idle[old]
+            gone = self.services.get(old)
+            if gone is not None and not gone.workers and not gone.live:
+                del self.services[old]
+                self.counters["services_evicted"] += 1
 
     def _sweep(self, now: float) -> None:
         for worker in list(self.workers.values()):
             if worker.expiry <= now:
                 self._worker_gone(worker, now, "missed its liveness window")
-                self._send_worker(worker.identity, worker.form, [P.WorkerCmd.DISCONNECT.value])
-            elif self._send_worker(worker.identity, worker.form, [P.WorkerCmd.HEARTBEAT.value]) is False:
+                self._send(mdp.to_worker(worker.identity, worker.form, _DISCONNECT))
+            elif self._send(mdp.to_worker(worker.identity, worker.form, _HEARTBEAT)) is False:
                 self._worker_gone(worker, now, "unroutable")
         waiting = self._waiting
         for service in list(waiting.values()):
@@ -785,7 +769,7 @@ class Router:
                 for *_, req in list(service.queue):
                     if not req.done:
                         self._finish_error(req, errors.Unavailable(
-                            f"no worker for service {service.name.decode(errors='replace')!r}"), now)
+                            f"no worker for service {service.text!r}"), now)
                 service.queue.clear()
                 # a name no worker ever registered for is forgotten at once (review: made-up names)
                 if not service.served and not service.workers and not service.live:
@@ -804,34 +788,40 @@ class Router:
 
     # -- MMI --------------------------------------------------------------------------------------
 
-    def _mmi(self, identity: bytes, form: Form, name: bytes, body: list[bytes], header: dict | None,
-             rid: Any, now: float, principal: Principal = LOCAL_OPERATOR) -> None:
+    def _mmi(self, ev: mdp.Request, now: float, principal: Principal) -> None:
         self.counters["mmi"] += 1
-        service = Service(name)  # only for the reply's service frame
-        req = Request(b"", identity, form, service, body, rid, header is not None, None, 0, now, header=header,
-                      principal=principal)
+        name, header, body = ev.service, ev.header, ev.body
         if header is not None:
             try:
                 arg = codec.unpack(body[1]) if len(body) > 1 else None
             except errors.BadRequest as exc:
-                self._finish_error(req, exc, now, count=False)
+                self._reply_error(ev.identity, ev.form, name, exc, header)
                 return
         else:
             arg = body[0] if body else None
         result = self.management.handle(self, name.decode(errors="replace"), arg, now,
-                                        caller=Caller(identity, principal))
+                                        caller=Caller(ev.identity, principal))
         if result is None:
-            result = P.MMI_NOT_IMPLEMENTED
+            if header is not None:  # a reca caller gets a typed error (an opaque one RFC 8's "501")
+                op = name.decode(errors="replace")
+                result = errors.BadRequest(
+                    f"{op} is not available in this kernel" if op in P.MMI_OPS else
+                    f"unknown management operation {op!r}; known: {', '.join(sorted(P.MMI_OPS))}",
+                    kind="unknown_op")
+            else:
+                result = P.MMI_NOT_IMPLEMENTED
         if isinstance(result, errors.RecaError):
-            self._finish_error(req, result, now, count=False)
+            self._reply_error(ev.identity, ev.form, name, result, header)
             return
         if header is not None:
             if isinstance(result, bytes) and name != P.MMI_STATS.encode():
                 result = result.decode()
-            status = {P.H_VERSION: P.VERSION, P.S_ID: rid, P.S_STATUS: P.STATUS_OK, P.S_SPENT: {}}
-            self._to_client(req, True, [codec.pack(status), codec.pack(result)])
+            status = {P.H_VERSION: P.VERSION, P.S_ID: ev.rid, P.S_STATUS: P.STATUS_OK, P.S_SPENT: {}}
+            out = [codec.pack(status), codec.pack(result)]
         else:
-            self._to_client(req, True, [result if isinstance(result, bytes) else codec.pack(result)])
+            out = [result if isinstance(result, bytes) else codec.pack(result)]
+        if self._send(mdp.to_client(ev.identity, ev.form, name, True, out)) is False:
+            self.counters["unroutable_replies"] += 1
 
     # -- statistics -------------------------------------------------------------------------------
 
@@ -842,7 +832,7 @@ class Router:
             p50 = _percentile(lat, 0.5)
             p99 = _percentile(lat, 0.99)
             out.append(ServiceStats(
-                name=s.name.decode(errors="replace"),
+                name=s.text,
                 workers=len(s.workers),
                 free_slots=len(s.ready),
                 queued=s.queued,
@@ -856,7 +846,7 @@ class Router:
             ))
         return out
 
-    def stats(self, now: float | None = None, query: dict | None = None) -> dict:
+    def stats(self, now: float | None = None, query: dict[str, Any] | None = None) -> dict[str, Any]:
         """``mmi.stats``: a summary and one page of services (sorted by name, ``STATS_PAGE`` per
         page) plus the admission's and ``extra_stats``' sections; ``{"page": n}`` asks for page n,
         ``{"service": name}`` for one service.  Its cost is one sort of the service names plus the
@@ -879,7 +869,7 @@ class Router:
                         "page": page, "pages": -(-len(self.services) // P.STATS_PAGE)},
             "counters": dict(self.counters),
             "workers": [
-                {"service": w.service.name.decode(errors="replace"), "pid": w.pid, "inflight": len(w.inflight),
+                {"service": w.service.text, "pid": w.pid, "inflight": len(w.inflight),
                  "capacity": w.capacity, "form": w.form.value}
                 for w in self.workers.values()
             ],
@@ -889,84 +879,75 @@ class Router:
             out.update(self.extra_stats())
         return out
 
+    def principal_stats(self, now: float, query: dict[str, Any], figures: bool) -> dict[str, Any]:
+        """One page of services as a non-operator sees it (issue 24): by name and health only,
+        or with their figures and the workers' capacities (``figures``: a service key, which
+        places work on the others) -- never a pid, the counters or another section."""
+        page = query.get("page", 0)
+        page = page if isinstance(page, int) and not isinstance(page, bool) and page >= 0 else 0
+        wanted = query.get("service")
+        if isinstance(wanted, str):
+            chosen = [s for s in (self.services.get(wanted.encode()),) if s is not None]
+        else:
+            names = sorted(self.services)[page * P.STATS_PAGE:(page + 1) * P.STATS_PAGE]
+            chosen = [self.services[n] for n in names]
+        shown = {s.name: dataclasses.asdict(s) for s in self.service_stats(chosen)}
+        out: dict[str, Any] = {
+            "services": shown if figures else {
+                n: {"health": "serving" if f.get("workers", 0) > 0 else "no_worker"} for n, f in shown.items()},
+            "summary": {"services": len(self.services), "page": page,
+                        "pages": -(-len(self.services) // P.STATS_PAGE)},
+        }
+        if figures:
+            out["workers"] = [{"service": w.service.text, "inflight": len(w.inflight), "capacity": w.capacity}
+                              for w in self.workers.values()]
+        return out
+
     def serving(self, principal: Principal, job: str) -> bool:
         """Whether a worker of ``principal`` is serving a request of ``job`` now."""
         return any(r.job == job and not r.done for w in self.workers.values() if w.principal == principal
                    for r in w.inflight.values())
 
-    def requests_for_job(self, job: str) -> Iterable[Request]:
-        return [r for r in self.inflight.values() if r.job == job and not r.done]
+    # -- invariants -------------------------------------------------------------------------------
 
-
-class Admission:
-    """The policy hooks the router calls for reca requests.  This base class admits everything
-    and charges nothing; kernel.admission.BudgetAdmission enforces budgets, gates and preemption.
-
-    Hooks must not raise; they answer with values (a refusal is an exception *returned*).
-    """
-
-    def admit(self, router: Router, req: Request, now: float) -> errors.RecaError | None:
-        return None
-
-    def forward_header(self, router: Router, req: Request) -> bytes:
-        return req.body[0]
-
-    def on_partial(self, router: Router, req: Request, body: list[bytes], now: float) -> list[bytes]:
-        return body
-
-    def on_final(self, router: Router, req: Request, body: list[bytes], now: float) -> list[bytes]:
-        """The FINAL's body for the client: the worker's status, settled (:meth:`settle`), with the
-        kernel-measured wall time added; a malformed status or a settlement's error instead
-        answers the request with that error."""
-        try:
-            status = codec.unpack(body[0]) if body else None
-        except errors.BadRequest:
-            status = None
-        if not isinstance(status, dict):
-            exc = errors.ServiceError("worker sent a malformed status frame")
-            self.on_done(router, req, now, None, exc)
-            return router.error_body(req, exc)
-        over = self.settle(router, req, status, now)
-        spent = status.get(P.S_SPENT)
-        if not isinstance(spent, dict):
-            spent = {}
-        spent["wall_ms"] = (now - req.received) * 1000.0
-        status[P.S_SPENT] = spent
-        self.on_done(router, req, now, spent, over)
-        if over is not None:
-            return router.error_body(req, over, spent)
-        return [codec.pack(status), *body[1:]]
-
-    def settle(self, router: Router, req: Request, status: dict, now: float) -> errors.RecaError | None:
-        """Account a FINAL's status (it may be amended in place); an error to answer with instead."""
-        return None
-
-    def on_deadline(self, router: Router, req: Request, now: float) -> None:
-        router.fail_request(req, errors.DeadlineExceeded("request deadline passed"), now)
-
-    def on_done(self, router: Router, req: Request, now: float, spent: dict | None,
-                error: errors.RecaError | None) -> None:
-        pass
-
-    def claim_slot(self, router: Router, worker: Worker, now: float) -> bool:
-        """A slot of ``worker`` just freed; True if the admission took it (to resume paused work)."""
-        return False
-
-    def flush_log(self) -> None:
-        """Hand the decisions taken so far to the operating system (the server calls it after
-        every batch of messages)."""
-
-    def tick(self, router: Router, now: float) -> None:
-        """Time-driven policy (budget deadlines)."""
-
-    def next_wakeup(self) -> float:
-        return float("inf")
-
-    def on_forbidden(self, router: Router, principal: Principal, op: str, inputs: dict, now: float) -> None:
-        """A call or registration ``principal`` lacks the authority for was refused (logged)."""
-
-    def worker_gone(self, identity: bytes) -> None:
-        """The worker with ``identity`` left the router's tables."""
-
-    def stats(self, now: float) -> dict:
-        return {}
+    def check_invariants(self) -> None:
+        """Raise AssertionError naming the first broken invariant (module docstring), then the
+        admission's."""
+        queued_bytes = 0
+        live: collections.Counter[bytes] = collections.Counter()
+        for token, req in self.inflight.items():
+            assert not req.done, f"done request {token.hex()} still in flight"
+            assert req.token == token
+            live[req.service.name] += 1
+            if req.queued:
+                assert req.worker is None, "a queued request names a worker"
+                queued_bytes += req.size
+            else:
+                w = req.worker
+                assert w is not None, f"request {token.hex()} neither queued nor dispatched"
+                assert w.inflight.get(token) is req, "a dispatched request is not in its worker's table"
+        assert queued_bytes == self.queued_bytes, f"queued_bytes {self.queued_bytes} != {queued_bytes}"
+        assert sum(h[0] for h in self._holders.values()) == self.queued_bytes, "holders' bytes disagree"
+        served = 0
+        for name, service in self.services.items():
+            assert service.name == name
+            assert service.live == live[name], f"service {service.text}: live {service.live} != {live[name]}"
+            assert service.queued == sum(1 for e in service.queue if not e[-1].done), f"{service.text}: queued count"
+            assert sum(service.by_client.values()) == service.queued
+            free = collections.Counter(w.identity for w in service.ready)
+            for ident, n in free.items():
+                w = service.workers.get(ident)
+                assert w is not None, f"{service.text}: a free slot of a worker that is gone"
+                lent = self.admission.lent_slots(w)
+                assert n + len(w.inflight) <= w.capacity + lent, f"{service.text}: worker {ident.hex()} over capacity"
+            served += bool(service.workers)
+            for ident, w in service.workers.items():
+                assert self.workers.get(ident) is w and w.service is service
+        assert served == self._served, f"services with workers {self._served} != {served}"
+        for ident, w in self.workers.items():
+            assert w.identity == ident and w.service.workers.get(ident) is w
+        dedup = self.admission.dedup
+        if dedup is not None:
+            dedup.check_invariants()
+            assert all(t in self.inflight for t in dedup.key_of), "an idempotency key runs a request not in flight"
+        self.admission.check_invariants(self)

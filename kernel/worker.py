@@ -40,6 +40,8 @@ from typing import Any, Callable
 from kernel import codec, errors
 from kernel import protocol as P
 
+__all__ = ["Event", "Link", "LinkLost", "NewRequest", "RequestState", "SafePoint", "WorkerSession", "targets"]
+
 _W = P.WorkerCmd
 #: A worker message to the kernel, without the MDPW header (the send callable adds nothing).
 Send = Callable[[list[bytes]], None]
@@ -70,12 +72,14 @@ class RequestState:
     is sent or its link ends."""
 
     token: bytes
-    header: dict | None
+    header: dict[str, Any] | None
     #: A reca request (header present), else an opaque MDP body.
     reca: bool = dataclasses.field(init=False)
     #: The client's request id and the job, from the header (None if absent).
     id: Any = dataclasses.field(init=False)
     job: str | None = dataclasses.field(init=False)
+    #: The caller's verified principal, as the kernel set it (None: an opaque body).
+    principal: str | None = dataclasses.field(init=False)
     spent: dict[str, float] = dataclasses.field(default_factory=dict)
     pause_requested: bool = False
     paused: bool = False
@@ -86,14 +90,16 @@ class RequestState:
         self.reca = header is not None
         self.id = None if header is None else header.get(P.H_ID)
         self.job = None if header is None else header.get(P.H_JOB)
+        principal = None if header is None else header.get(P.H_PRINCIPAL)
+        self.principal = principal if isinstance(principal, str) else None
 
 
-def targets(message: dict, state: RequestState) -> bool:
+def targets(message: dict[str, Any], state: RequestState) -> bool:
     """Whether the control ``message`` addresses ``state``: ``token`` (exact) if given, else
     ``job``, else ``id`` (only without ``job``), or ``all``."""
     token = message.get(P.C_TOKEN)
     if token is not None:
-        return state.token == token
+        return bool(state.token == token)
     job, rid = message.get(P.C_JOB), message.get(P.C_ID)
     return bool(
         (job is not None and state.job == job)
@@ -366,6 +372,20 @@ class WorkerSession:
         state.paused = False
         self.partial(token, {"resumed_at": now}, now, P.STATUS_RESUMED)
         return SafePoint.CONTINUE
+
+    # -- invariants -------------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError naming the first broken invariant: requests live only on a
+        connected link, each under its own token; the backoff stays
+        within its bounds."""
+        if not self.connected:
+            assert not self.active, f"{len(self.active)} request(s) active on a {self.link.value} link"
+        for token, state in self.active.items():
+            assert state.token == token, "a request under another's token"
+        assert self.reconnect_initial <= self._backoff <= max(self.reconnect_max, self.reconnect_initial), \
+            f"backoff {self._backoff} out of bounds"
+        assert self.late_replies >= 0 and self.malformed >= 0
 
     # -- sending ----------------------------------------------------------------------------------
 

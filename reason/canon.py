@@ -57,7 +57,7 @@ from typing import Any, Iterator
 import sympy as sp
 from sympy.parsing.sympy_parser import convert_xor, parse_expr, standard_transformations
 
-from reason.errors import ParseError, TimeLimit, TooLarge, Unsupported
+from reason.errors import ParseError, TimeLimit, TooLarge, Unsupported, VerifierRejected
 
 # -- bounds ---------------------------------------------------------------------------------------
 
@@ -171,10 +171,10 @@ def _check_tree(expr: sp.Basic) -> None:
         elif isinstance(node, sp.Pow):
             exp = node.args[1]
             if not exp.free_symbols:
-                if not isinstance(exp, sp.Rational) and not (isinstance(exp, sp.Mul) and len(exp.args) == 2
-                                                             and all(isinstance(a, sp.Rational) for a in exp.args)):
-                    if any(isinstance(a, sp.Pow) for a in sp.preorder_traversal(exp)):
-                        raise TooLarge("a numeric exponent must be a literal, not a power tower")
+                # rational arithmetic (``1/2``, ``-3/4``: a division is a power -1) is a literal;
+                # any other power inside a numeric exponent is a tower
+                if any(isinstance(a, sp.Pow) and a.args[1] != -1 for a in sp.preorder_traversal(exp)):
+                    raise TooLarge("a numeric exponent must be a literal, not a power tower")
                 for num in (a for a in sp.preorder_traversal(exp) if isinstance(a, sp.Rational)):
                     if abs(num) > MAX_EXPONENT:
                         raise TooLarge(f"exponent {num} past the bound {MAX_EXPONENT}")
@@ -355,6 +355,15 @@ class Canon:
             return g.xreplace({_U: a * x + b}) / a
         return self._to_query_syms(answer)
 
+    def form_in_query(self) -> sp.Expr:
+        """The canonical form in the query's symbols (the affine map applied): equal to the
+        query's expression wherever that is defined (``integrate``: ``f(x) = F(a x + b)``)."""
+        form = self._to_query_syms(self.form.xreplace({VAR: _U}))
+        if self.affine is not None:
+            a, b = self.affine
+            return form.xreplace({_U: a * self.var + b})
+        return form.xreplace({_U: self.var}) if self.var is not None else form
+
     def _sol_to_query(self, sol: sp.Expr) -> sp.Expr:
         if self.affine is None:
             return self._to_query_syms(sol)
@@ -362,8 +371,27 @@ class Canon:
         s = self._to_query_syms(sol.xreplace({VAR: _U}))
         return (s - b) / a
 
+    def query_symbols(self) -> set[sp.Symbol]:
+        """The symbols a query-side answer may use: the query's own (and, for an ODE, its
+        integration constants ``C1, C2, ...``)."""
+        return set(self.query.free_symbols) | ({self.var} if self.var is not None else set())
+
+    def check_symbols(self, answer: Any) -> None:
+        """Refuse an answer that uses a symbol the query does not have: renaming it into
+        canonical symbols could capture it (an answer in ``c0`` for a query without ``c0``)."""
+        exprs = list(answer) if isinstance(answer, (list, tuple)) else [answer]
+        allowed = self.query_symbols()
+        extra = set().union(*(e.free_symbols for e in exprs)) - allowed if exprs else set()
+        if self.kind == "dsolve":
+            extra = {s for s in extra if not _CONSTANT_NAME.fullmatch(s.name)}
+        if extra:
+            names = ", ".join(sorted(s.name for s in extra))
+            raise VerifierRejected(f"the answer uses symbol(s) {names} that the subgoal does not have")
+
     def to_canonical(self, answer: Any) -> Any:
-        """A query-side ``answer`` in canonical symbols (the inverse of :meth:`to_query`)."""
+        """A query-side ``answer`` in canonical symbols (the inverse of :meth:`to_query`); refuses
+        an answer with symbols the query does not have (:meth:`check_symbols`)."""
+        self.check_symbols(answer)
         if self.kind == "solve":
             out = []
             for s in answer:
@@ -537,12 +565,11 @@ def _canonicalise(subgoal: Any) -> Canon:
         if len(substituted.free_symbols) > MAX_SYMBOLS:
             raise TooLarge(f"more than {MAX_SYMBOLS} symbols")
         nf = normal_form(substituted)
-        if kind == "solve":
-            nf = _monic(nf, _U)
-        form, back = _rename(nf, _U, {})
-        printed = sp.srepr(form)
-        if best is None or (len(printed), printed) < best[:2]:
-            best = (len(printed), printed, form, back, None if (a, b) == (1, 0) else (a, b))
+        for scaled in (_equation_forms(nf, _U) if kind == "solve" else [nf]):
+            form, back = _rename(scaled, _U, {})
+            printed = sp.srepr(form)
+            if best is None or (len(printed), printed) < best[:2]:
+                best = (len(printed), printed, form, back, None if (a, b) == (1, 0) else (a, b))
     assert best is not None
     _, _, form, back, affine = best
     back["x"] = var
@@ -553,12 +580,32 @@ def _monic(expr: sp.Expr, x: sp.Symbol) -> sp.Expr:
     """``expr = 0`` with the same solutions and a leading coefficient 1 in ``x`` (polynomials:
     the numerator made monic; others unchanged)."""
     num, den = sp.fraction(expr)
-    if den.has(x) or not num.is_polynomial(x):
+    if den.has(x) or not num.is_polynomial(x) or not num.has(x):
         return expr
     lead = sp.Poly(num, x).LC()
     if lead == 0 or lead == 1:
         return num
     return sp.expand(num / lead)
+
+
+#: Most terms of an equation whose scalings are tried (one candidate per term).
+MAX_SCALINGS = 12
+
+
+def _equation_forms(expr: sp.Expr, x: sp.Symbol) -> list[sp.Expr]:
+    """The forms of ``expr = 0`` among which the least is the key: a polynomial equation made
+    monic; any other equation divided by the numeric coefficient of each of its numerator's terms
+    in turn (a set of forms that is the same for every non-zero numeric multiple of the equation,
+    so ``2*exp(x) = 10``, ``exp(x) = 5`` and ``5 = exp(x)`` share a key)."""
+    monic = _monic(expr, x)
+    if monic is not expr:
+        return [monic]
+    num, den = sp.fraction(expr)
+    terms = sp.Add.make_args(sp.expand(num))
+    if len(terms) > MAX_SCALINGS:
+        return [expr]
+    coefs = {t.as_coeff_Mul()[0] for t in terms}
+    return [sp.expand(num / c) / den for c in sorted(coefs, key=sp.default_sort_key) if c != 0] or [expr]
 
 
 def key_of(subgoal: Any) -> str:

@@ -1,4 +1,4 @@
-"""Verifiers of answers to subgoals, in canonical symbols (:mod:`reason.canon`).
+"""Verifiers of answers to subgoals (:mod:`reason.canon`).
 
 Each kind has one verifier, named with a version; :func:`verifier_hash` is what a cache stores
 with an artifact, so an artifact accepted by an older or different check is never served as if
@@ -7,18 +7,31 @@ the current one had accepted it.
 A check reduces an answer to *residuals* that vanish exactly when the answer is right:
 
 * ``integrate``: ``d/dx G - f``;
-* ``solve``: ``f(x = s)`` for every solution ``s`` (at least one; for a polynomial equation, as
-  many distinct solutions as the square-free part's degree);
+* ``solve``: ``f(x = s)`` for every solution ``s``;
 * ``simplify``: ``g - f``;
 * ``dsolve``: the ODE with ``f(x)`` replaced by the solution (which must hold as many constants
   ``C1, C2, ...`` as the ODE's order).
 
+Every symbol is taken as **real** and the residuals are evaluated at random points **of both
+signs** (the variable alternates sign; parameters and constants take random signs), in complex
+arithmetic: ``sqrt(x^2) = x``, ``∫|x| dx = x²/2`` and ``log(ab) = log a + log b`` all fail at
+negative points.  A point where the original expression is undefined is skipped (a residual
+term that is not finite), and a check needs enough defined points, or it refuses.
+
+``solve`` answers get more (:func:`check_solutions`): no duplicates and no numerical
+near-duplicates; each solution is a zero of the equation at 50 significant digits (exact answers
+to 1e-25, answers with floats to 1e-10, relative) and lies in its domain (the equation is finite
+there); for an equation whose numerator is a polynomial in the variable (parameters allowed, as
+polynomial coefficients), the solutions must be *all* the roots, counted as the degree of the
+generic square-free part.  Other equations (``exp``, trigonometric, ...) are verified solution by
+solution and said to be incomplete (``complete: False``): they may have other solutions.
+
 :func:`full_check` (at admission) first tries to prove the residual zero with ``simplify`` under a
-time limit, and always evaluates it at random real points (parameters, constants and the
-variable drawn at random): a residual above tolerance at any point rejects.  :class:`QuickCheck`
-(every cache hit) compiles the residuals once per artifact with ``lambdify`` and evaluates them
-at fresh random points, which costs microseconds; an artifact it cannot evaluate at enough points
-is not served.
+time limit, and always evaluates it at random points: a residual above tolerance at any point
+rejects.  :class:`QuickCheck` (every cache hit) compiles the residuals once per artifact with
+``lambdify`` and evaluates them at fresh random points, which costs microseconds; an artifact it
+cannot evaluate at enough points is not served.  Functions NumPy/SciPy cannot evaluate
+(``meijerg``, ...) are evaluated with mpmath.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import math
 import warnings
 from typing import Any
 
+import mpmath
 import numpy as np
 import scipy.special  # noqa: F401 - lambdify's "scipy" module: imported here, not inside the first check
 import sympy as sp
@@ -37,10 +51,10 @@ from reason.canon import FUNC, VAR, time_limit
 from reason.errors import TimeLimit, VerifierRejected
 
 VERIFIERS = {
-    "integrate": "integrate/diff+points/v1",
-    "solve": "solve/subs+points/v1",
-    "simplify": "simplify/difference+points/v1",
-    "dsolve": "dsolve/residual+points/v1",
+    "integrate": "integrate/diff+points/v2",
+    "solve": "solve/subs+domain+count/v2",
+    "simplify": "simplify/difference+points/v2",
+    "dsolve": "dsolve/residual+points/v2",
 }
 #: Relative tolerance of a numeric residual: |sum| <= RTOL * (1 + sum |terms|).
 RTOL = 1e-8
@@ -52,14 +66,23 @@ PROOF_SECONDS = 0.5
 #: Time bound of one whole check (compile and evaluate, and the proof attempt), seconds; kept below
 #: the kernel's default liveness window, as checks run on a service's event-loop thread.
 CHECK_SECONDS = 1.5
-#: Range of the random points: the variable, then parameters and ODE constants.
-VAR_RANGE = (0.15, 0.95)
-PARAM_RANGE = (0.5, 1.5)
+#: Magnitudes of the random points (signs drawn separately): the variable, then parameters and
+#: ODE constants.
+VAR_RANGE = (0.2, 3.5)
+PARAM_RANGE = (0.25, 3.5)
+#: Digits of the high-precision evaluation of a solution, and the relative tolerances of an exact
+#: answer and of one holding floats.
+SOLUTION_DIGITS = 50
+EXACT_TOL = 1e-25
+FLOAT_TOL = 1e-10
+#: Two solutions closer than this (relative) are one solution written twice.
+NEAR_DUPLICATE = 1e-6
 
 
 def verifier_hash(kind: str) -> str:
     """Hash of the verifier of ``kind`` with its settings."""
-    spec = f"{VERIFIERS[kind]}|rtol={RTOL}|full={FULL_POINTS}|quick={QUICK_POINTS}|{VAR_RANGE}|{PARAM_RANGE}"
+    spec = (f"{VERIFIERS[kind]}|rtol={RTOL}|full={FULL_POINTS}|quick={QUICK_POINTS}|{VAR_RANGE}|{PARAM_RANGE}"
+            f"|{SOLUTION_DIGITS}|{EXACT_TOL}|{FLOAT_TOL}|{NEAR_DUPLICATE}")
     return hashlib.blake2b(spec.encode(), digest_size=8).hexdigest()
 
 
@@ -67,34 +90,158 @@ def _constants(expr: sp.Expr) -> set[sp.Symbol]:
     return {s for s in expr.free_symbols if s.name[:1] == "C" and s.name[1:].isdigit()}
 
 
-def residuals(kind: str, form: sp.Expr, answer: Any) -> list[sp.Expr]:
-    """The expressions that must vanish; raises :class:`VerifierRejected` for an answer of the
-    wrong shape (no solutions, too few constants, a leftover unevaluated integral)."""
+def _real(exprs: list[sp.Expr]) -> tuple[list[sp.Expr], dict[sp.Symbol, sp.Symbol]]:
+    """``exprs`` with every plain symbol replaced by a real symbol of the same name."""
+    syms = set().union(*(e.free_symbols for e in exprs)) if exprs else set()
+    mapping = {s: sp.Symbol(s.name, real=True) for s in syms if isinstance(s, sp.Symbol) and not s.is_real}
+    return [e.xreplace(mapping) for e in exprs], mapping
+
+
+def _has_float(*exprs: Any) -> bool:
+    return any(isinstance(e, sp.Basic) and e.has(sp.Float) for e in exprs)
+
+
+def is_polynomial_equation(form: sp.Expr, var: sp.Symbol = VAR) -> bool:
+    num = sp.numer(sp.together(form))
+    return bool(num.is_polynomial(var)) and num.has(var)
+
+
+def has_no_roots(form: sp.Expr, var: sp.Symbol = VAR) -> bool:
+    """Whether ``form = 0`` has no solution because its (cancelled) numerator is a non-zero
+    constant in ``var`` (``1/(x+1) = 0``; with parameters: generically non-zero)."""
+    num = sp.numer(sp.cancel(sp.together(form)))
+    return not num.has(var) and num != 0
+
+
+def root_count(form: sp.Expr, var: sp.Symbol = VAR) -> int | None:
+    """The number of distinct roots of ``form``'s numerator, a polynomial in ``var`` (the degree of
+    its generic square-free part, parameters as coefficients); ``None`` when it is no polynomial."""
+    num = sp.numer(sp.together(form))
+    if not num.is_polynomial(var) or not num.has(var):
+        return None
+    return int(sp.Poly(num, var).sqf_part().degree())
+
+
+def param_values(symbols: set[sp.Symbol], rng: np.random.Generator) -> dict[sp.Symbol, sp.Rational]:
+    """Random rational values of both signs for ``symbols`` (exact, so 50 digits are meaningful)."""
+    out = {}
+    for s in sorted(symbols, key=lambda s: s.name):
+        lo, hi = PARAM_RANGE
+        mag = sp.Rational(int(rng.uniform(lo, hi) * 1000), 1000)
+        out[s] = mag if rng.random() < 0.5 else -mag
+    return out
+
+
+def solution_status(form: sp.Expr, var: sp.Symbol, sol: sp.Expr, values: dict, *, floats: bool) -> str:
+    """``"ok"`` when ``sol`` is a zero of ``form`` at the parameter ``values`` (50 digits),
+    ``"undefined"`` when ``form`` is not finite there (outside its domain), else ``"wrong"``."""
+    point = sol.xreplace(values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            exact = form.xreplace(values).xreplace({var: point})
+        except (ZeroDivisionError, TypeError, ValueError):
+            return "undefined"
+        if exact.has(sp.nan, sp.zoo, sp.oo, -sp.oo):
+            return "undefined"
+        # the domain: every denominator and logarithm's argument is non-zero at the point
+        for node in sp.preorder_traversal(form.xreplace(values)):
+            base = None
+            if isinstance(node, sp.Pow) and node.exp.is_negative:
+                base = node.base
+            elif isinstance(node, sp.log):
+                base = node.args[0]
+            if base is not None and base.has(var):
+                b = sp.N(base.xreplace({var: point}), SOLUTION_DIGITS)
+                if b.has(sp.nan, sp.zoo) or abs(complex(b)) < EXACT_TOL:
+                    return "undefined"
+        terms = sp.Add.make_args(sp.expand(exact)) if exact.is_Add else (exact,)
+        vals = [sp.N(t, SOLUTION_DIGITS) for t in terms]
+    try:
+        total = complex(sum(vals))
+        scale = sum(abs(complex(v)) for v in vals)
+    except (TypeError, ValueError):
+        return "wrong"
+    if not (math.isfinite(abs(total)) and math.isfinite(scale)):
+        return "undefined"
+    tol = FLOAT_TOL if floats else EXACT_TOL
+    return "ok" if abs(total) <= tol * (1.0 + scale) else "wrong"
+
+
+def check_solutions(form: sp.Expr, sols: list[sp.Expr], rng: np.random.Generator, var: sp.Symbol = VAR,
+                    *, rounds: int = 2) -> bool:
+    """Verify a ``solve`` answer for the equation ``form = 0`` in ``var``; returns whether it is
+    *complete* (every solution: a polynomial equation).  Raises :class:`VerifierRejected` with the
+    reason otherwise (an empty list, a duplicate or near-duplicate, a solution that is not one or
+    lies outside the domain, a missing root)."""
+    if not sols:
+        if has_no_roots(form, var):
+            return True  # 1/(x + 1) = 0: no solution, and that is every solution
+        raise VerifierRejected("no solutions given (an empty answer cannot be verified)")
+    if any(s.has(var) for s in sols):
+        raise VerifierRejected("a solution must not contain the variable")
+    if len(set(sols)) != len(sols):
+        raise VerifierRejected("a solution is listed twice")
+    params = (form.free_symbols | set().union(*(s.free_symbols for s in sols))) - {var}
+    floats = _has_float(form)  # an exact equation needs exact (or 25-digit) solutions
+    for _ in range(rounds):
+        values = param_values(params, rng)
+        points = []
+        for s in sols:
+            status = solution_status(form, var, s, values, floats=floats)
+            if status == "undefined":
+                raise VerifierRejected(f"{var} = {s} lies outside the equation's domain (it is undefined there)")
+            if status != "ok":
+                raise VerifierRejected(f"{var} = {s} is not a solution (checked to {SOLUTION_DIGITS} digits)")
+            points.append(complex(sp.N(s.xreplace(values), 30)))
+        for i in range(len(points)):
+            for j in range(i):
+                gap = abs(points[i] - points[j])
+                if gap <= NEAR_DUPLICATE * (1.0 + abs(points[i]) + abs(points[j])):
+                    raise VerifierRejected(f"{sols[j]} and {sols[i]} are one solution written twice")
+    count = root_count(form, var)
+    if count is None:
+        return False
+    if len(sols) != count:
+        raise VerifierRejected(f"{len(sols)} distinct solutions for a polynomial equation with {count} "
+                               f"distinct roots (a solution is missing)")
+    return True
+
+
+def residuals(kind: str, form: sp.Expr, answer: Any, var: sp.Symbol = VAR, func: Any = FUNC) -> list[sp.Expr]:
+    """The expressions that must vanish, with every symbol real; raises
+    :class:`VerifierRejected` for an answer of the wrong shape (no solutions, too few constants, a
+    leftover unevaluated integral)."""
     if kind == "integrate":
         if answer.has(sp.Integral):
             raise VerifierRejected("an antiderivative must not contain an unevaluated integral")
-        return [sp.diff(answer, VAR) - form]
+        (f, g), m = _real([form, answer])
+        return [sp.diff(g, m.get(var, var)) - f]
     if kind == "simplify":
-        return [answer - form]
+        (f, g), _ = _real([form, answer])
+        return [g - f]
     if kind == "solve":
         sols = list(answer)
         if not sols:
-            raise VerifierRejected("no solutions given")
-        if any(s.has(VAR) for s in sols):
+            if has_no_roots(form, var):
+                return []
+            raise VerifierRejected("no solutions given (an empty answer cannot be verified)")
+        if any(s.has(var) for s in sols):
             raise VerifierRejected("a solution must not contain the variable")
-        num = sp.numer(sp.together(form))
-        if num.is_polynomial(VAR) and not num.free_symbols - {VAR}:
-            degree = sp.degree(sp.sqf_part(num), VAR)
-            if len(set(sols)) != degree:
-                raise VerifierRejected(f"{len(set(sols))} distinct solutions for a square-free degree of {degree}")
-        return [form.xreplace({VAR: s}) for s in sols]
+        reals, _ = _real([form] + sols)
+        f = reals[0]
+        xr = next((s for s in f.free_symbols if s.name == var.name), var)
+        return [f.xreplace({xr: s}) for s in reals[1:]]
     if kind == "dsolve":
+        fx = func(var)
         order = max((d.derivative_count for d in form.atoms(sp.Derivative)), default=0)
-        if answer.has(FUNC(VAR)):
+        if answer.has(fx):
             raise VerifierRejected("a solution must be explicit in the function")
         if len(_constants(answer)) < order:
             raise VerifierRejected(f"a general solution of order {order} needs {order} constants")
-        return [form.subs(FUNC(VAR), answer).doit()]
+        res = form.subs(fx, answer).doit()
+        (r,), _ = _real([res])
+        return [r]
     raise VerifierRejected(f"no verifier for {kind!r}")
 
 
@@ -104,49 +251,83 @@ class QuickCheck:
 
     symbols: tuple[sp.Symbol, ...]
     funcs: list[Any]
+    var: str = "x"
+    exprs: list[list[sp.Expr]] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def compile(cls, kind: str, form: sp.Expr, answer: Any) -> "QuickCheck":
-        res = residuals(kind, form, answer)
+    def compile(cls, kind: str, form: sp.Expr, answer: Any, var: sp.Symbol = VAR, func: Any = FUNC) -> "QuickCheck":
+        res = residuals(kind, form, answer, var, func)
         symbols = tuple(sorted(set().union(*(r.free_symbols for r in res)), key=lambda s: s.name))
-        funcs = []
+        funcs, exprs = [], []
         for r in res:
             terms = list(sp.Add.make_args(r))
+            exprs.append(terms)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                funcs.append(sp.lambdify(symbols, terms, modules=["scipy", "numpy"]))
-        return cls(symbols, funcs)
+                try:
+                    funcs.append(sp.lambdify(symbols, terms, modules=["scipy", "numpy"]))
+                except (NameError, TypeError, KeyError, SyntaxError):
+                    funcs.append(None)  # evaluated with mpmath
+        return cls(symbols, funcs, var.name, exprs)
 
     def _points(self, rng: np.random.Generator, n: int) -> list[np.ndarray]:
         cols = []
+        alternate = np.where(np.arange(n) % 2 == 0, 1.0, -1.0)
         for s in self.symbols:
-            lo, hi = VAR_RANGE if s == VAR else PARAM_RANGE
-            cols.append(rng.uniform(lo, hi, n))
+            if s.name == self.var:
+                cols.append(rng.uniform(*VAR_RANGE, n) * alternate)
+            else:
+                cols.append(rng.uniform(*PARAM_RANGE, n) * rng.choice((-1.0, 1.0), n))
         return cols
+
+    @staticmethod
+    def _complex(cols: list[np.ndarray]) -> list[np.ndarray]:
+        return [c.astype(complex) for c in cols]
+
+    def _mpmath(self, terms: list[sp.Expr], cols: list[np.ndarray], n: int) -> list[np.ndarray]:
+        fn = sp.lambdify(self.symbols, terms, modules="mpmath")
+        out = np.full((len(terms), n), np.nan, dtype=complex)
+        with mpmath.workdps(30):
+            for i in range(n):
+                try:
+                    vals = fn(*(mpmath.mpc(float(c[i])) for c in cols))
+                    out[:, i] = [complex(v) for v in vals]
+                except (ZeroDivisionError, OverflowError, ValueError, TypeError, NameError):
+                    continue
+        return list(out)
 
     def check(self, rng: np.random.Generator, points: int = QUICK_POINTS) -> bool:
         """True when every residual is within tolerance at ``points`` random points where it can
-        be evaluated (drawing up to four times as many); False otherwise."""
-        cols = self._points(rng, 4 * points)
-        for fn in self.funcs:
-            good = 0
+        be evaluated (drawing up to four times as many; at least a quarter of the points with a
+        negative variable when the variable occurs); False otherwise."""
+        n = 4 * points
+        cols = self._points(rng, n)
+        var_col = next((c for s, c in zip(self.symbols, cols) if s.name == self.var), None)
+        for fn, terms_expr in zip(self.funcs, self.exprs):
+            good, negative = 0, 0
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
-                    terms = [np.broadcast_to(np.asarray(t, dtype=complex), (4 * points,)) for t in fn(*cols)]
-                except (ZeroDivisionError, OverflowError, ValueError, TypeError, NameError):
-                    return False
+                    if fn is None:
+                        raise NameError
+                    terms = [np.broadcast_to(np.asarray(t, dtype=complex), (n,)) for t in fn(*self._complex(cols))]
+                except (ZeroDivisionError, OverflowError, ValueError, TypeError, NameError, AttributeError):
+                    try:
+                        terms = self._mpmath(terms_expr, cols, n)
+                    except (NameError, TypeError, KeyError, SyntaxError, AttributeError):
+                        return False
             total = np.sum(terms, axis=0)
             scale = np.sum(np.abs(terms), axis=0)
-            for i in range(4 * points):
+            for i in range(n):
                 if not (math.isfinite(abs(total[i])) and math.isfinite(scale[i])):
                     continue
                 if abs(total[i]) > RTOL * (1 + scale[i]):
                     return False
                 good += 1
-                if good >= points:
+                negative += var_col is not None and var_col[i] < 0
+                if good >= points and (var_col is None or 4 * negative >= points):
                     break
-            if good < points:
+            if good < points or (var_col is not None and 4 * negative < points):
                 return False
         return True
 
@@ -155,22 +336,30 @@ def warm_up() -> None:
     """Compile and run one check, so that the first real one does not pay SymPy's and lambdify's
     one-time costs inside its time bound (services call this in ``setup``)."""
     QuickCheck.compile("integrate", VAR * sp.exp(VAR), (VAR - 1) * sp.exp(VAR)).check(np.random.default_rng(0))
+    check_solutions(VAR**2 - 4, [sp.Integer(2), sp.Integer(-2)], np.random.default_rng(0))
 
 
 def full_check(kind: str, form: sp.Expr, answer: Any, rng: np.random.Generator,
-               proof_seconds: float = PROOF_SECONDS, seconds: float = CHECK_SECONDS) -> str:
-    """Verify ``answer`` for the canonical ``form``; returns ``"proved"`` (the residual
-    simplifies to 0) or ``"points"`` (no proof within the bound, every point within tolerance).
-    Raises :class:`VerifierRejected`, or :class:`TimeLimit` past ``seconds``."""
+               proof_seconds: float = PROOF_SECONDS, seconds: float = CHECK_SECONDS,
+               var: sp.Symbol = VAR, func: Any = FUNC) -> str:
+    """Verify ``answer`` for ``form``; returns ``"proved"`` (the residual simplifies to 0) or
+    ``"points"`` (no proof within the bound, every point within tolerance); for ``solve``, the
+    suffix ``"+complete"`` when the answer is every solution.  Raises :class:`VerifierRejected`,
+    or :class:`TimeLimit` past ``seconds``."""
     with time_limit(seconds, "verification"):
-        quick = QuickCheck.compile(kind, form, answer)
+        complete = False
+        if kind == "solve":
+            complete = check_solutions(form, list(answer), rng, var)
+        quick = QuickCheck.compile(kind, form, answer, var, func)
         if not quick.check(rng, FULL_POINTS):
-            raise VerifierRejected(f"{kind} answer fails the residual check at random points")
+            raise VerifierRejected(f"{kind} answer fails the residual check at random points of both signs "
+                                   f"(or cannot be evaluated at enough of them)")
         try:
             with time_limit(proof_seconds, "proof attempt"):
-                proved = all(sp.simplify(r) == 0 for r in residuals(kind, form, answer))
+                proved = all(sp.simplify(r) == 0 for r in residuals(kind, form, answer, var, func))
         except TimeLimit as exc:
             if "proof attempt" not in str(exc):
                 raise  # the whole check's bound, not the proof's
             proved = False
-    return "proved" if proved else "points"
+    how = "proved" if proved else "points"
+    return how + ("+complete" if complete else "")

@@ -16,11 +16,12 @@ import time
 from typing import Any
 
 import sympy as sp
+from sympy.integrals.manualintegrate import manualintegrate
 
 import numpy as np
 
 from reason.canon import FUNC, VAR, time_limit
-from reason.check import full_check
+from reason.check import full_check, has_no_roots
 from reason.errors import ParseError, ReasonError, TimeLimit, TooLarge, Unsupported, VerifierRejected
 
 #: Default bound of one heavy call, seconds.
@@ -32,11 +33,24 @@ def compute(kind: str, form: sp.Expr) -> Any:
     Raises :class:`Unsupported` when SymPy finds no closed form."""
     if kind == "integrate":
         out = sp.integrate(form, VAR)
+        if _awkward(out):
+            # SymPy's Meijer-G route answers with a Piecewise over |x| < 1 and meijerg terms that
+            # hold on part of the line only; the heuristic routes give one elementary form
+            for attempt in (lambda: sp.integrate(form, VAR, meijerg=False), lambda: manualintegrate(form, VAR)):
+                try:
+                    other = attempt()
+                except (ValueError, TypeError, NotImplementedError):
+                    continue
+                if not _awkward(other):
+                    out = other
+                    break
         if out.has(sp.Integral):
             raise Unsupported("no closed-form antiderivative found")
         return out
     if kind == "solve":
         sols = sp.solve(form, VAR)
+        if not sols and has_no_roots(form):
+            return []  # a non-zero constant numerator: no solution, and that is complete
         if not sols or any(isinstance(s, dict) for s in sols):
             raise Unsupported("no explicit solutions found")
         return list(sols)
@@ -48,6 +62,14 @@ def compute(kind: str, form: sp.Expr) -> Any:
             raise Unsupported("no explicit general solution found")
         return sol.rhs
     raise Unsupported(f"no solver for {kind!r}")
+
+
+def _awkward(out: sp.Expr) -> bool:
+    """An antiderivative with an unevaluated integral, a Meijer G-function, or a Piecewise whose
+    conditions depend on the variable (rather than only on parameters)."""
+    if out.has(sp.Integral, sp.meijerg):
+        return True
+    return any(VAR in cond.free_symbols for pw in out.atoms(sp.Piecewise) for _, cond in pw.args)
 
 
 def timed_compute(kind: str, form: sp.Expr, seconds: float = SOLVE_SECONDS) -> tuple[Any, float]:

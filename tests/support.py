@@ -19,10 +19,14 @@ __all__ = ["REPO", "KernelProcess", "client_fixture", "kernel_fixture", "service
 
 
 class KernelProcess(LocalKernel):
-    """``python -m kernel`` in a fresh runtime directory, configured by :func:`kernel_config`."""
+    """``python -m kernel`` in a fresh runtime directory, configured by :func:`kernel_config`.
 
-    def __init__(self, services: str = "", *, heartbeat: float = 0.2, liveness: int = 3,
-                 unavailable_wait: float = 0.5, intensity: int = 5, period: float = 10.0,
+    The defaults keep a busy machine from deciding a test: a worker is dropped only after 2 s of
+    silence (10 x 0.2 s heartbeats; a loaded CPU or a worker's bounded SymPy step can stall
+    0.6 s), and a request waits 5 s for a (re)starting worker before ``unavailable``."""
+
+    def __init__(self, services: str = "", *, heartbeat: float = 0.2, liveness: int = 10,
+                 unavailable_wait: float = 5.0, intensity: int = 5, period: float = 10.0,
                  endpoint: str | None = None, extra_args: Iterable[str] = (),
                  kernel_extra: dict | None = None, runtime_dir: str | None = None) -> None:
         super().__init__(kernel_config(services, heartbeat=heartbeat, liveness=liveness,

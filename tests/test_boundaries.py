@@ -11,16 +11,25 @@ import pathlib
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-PROJECT = {"kernel", "services", "clients", "lm", "sims", "accel", "bench", "tests"}
-#: package -> the project packages it may import (itself always).
+PROJECT = {"kernel", "services", "clients", "lm", "sims", "accel", "bench", "tests", "reason", "bklm", "planner",
+           "spark"}
+#: package -> the project packages it may import (itself always).  Every package of the
+#: repository has a row (test_every_package_has_a_row).
 ALLOWED = {
     "kernel": set(),
     "clients": {"kernel"},
     "lm": {"accel", "kernel"},
     "sims": {"kernel"},
     "accel": {"kernel"},
-    "services": {"kernel", "clients", "lm", "sims", "accel"},
+    "reason": {"kernel"},
+    "bklm": {"accel", "kernel", "lm"},
+    "planner": {"kernel", "clients", "lm", "reason", "sims"},
+    "spark": {"kernel", "clients", "lm", "accel"},
+    "services": {"kernel", "clients", "lm", "sims", "accel", "reason", "bklm", "spark"},
+    "bench": PROJECT - {"tests"},
 }
+#: Top-level directories that are not Python packages of the project.
+NOT_PACKAGES = {"docs", "cuda", "tests", ".ci", ".github", ".venv", "shared"}
 
 
 def project_imports(path: pathlib.Path) -> list[tuple[int, str]]:
@@ -48,6 +57,14 @@ def test_layers_import_only_what_they_may(package):
             if top != package and top not in ALLOWED[package]:
                 bad.append(f"{path.relative_to(REPO)}:{line} imports {module}")
     assert bad == []
+
+
+def test_every_package_has_a_row():
+    """A new top-level package gets a row in ALLOWED (and so its imports are checked)."""
+    packages = {p.name for p in REPO.iterdir() if p.is_dir() and not p.name.startswith(".")
+                and p.name not in NOT_PACKAGES and any(p.rglob("*.py"))}
+    assert packages - set(ALLOWED) == set(), "add a row to ALLOWED (and docs/architecture.md) for each"
+    assert set(ALLOWED) <= PROJECT
 
 
 def service_of(path: pathlib.Path) -> str | None:

@@ -116,6 +116,13 @@ def test_measurements_have_the_declared_dimensions_and_the_cost_is_predicted():
 
 
 def test_bad_start_is_refused():
-    for bad in ({"cells": 1}, {"cells": 100}, {"dt_factor": math.inf}, {"order": 3}, {"cells": True}):
+    for bad in ({"cells": 1}, {"cells": 100}, {"dt_factor": math.inf}, {"order": 3}, {"cells": True},
+                {"cells": 5}, {"cells": 2}, {"cells": 23}):
         with pytest.raises(ConstraintError):
             problem.parse_start(bad)
+
+
+def test_every_valid_start_builds():
+    """A start that passes validation runs (an odd count used to pass and then fail in the grid)."""
+    for cells in range(4, problem.MAX_CELLS + 1, 2):
+        assert problem.run_cost(problem.parse_start({"cells": cells})) > 0

@@ -176,7 +176,7 @@ def test_peer_cap_refuses_clearly_and_survives_a_flood(zctx):
 def test_oversized_multi_frame_messages_cost_no_gigabytes(zctx):
     """100 x 10 MiB, 30 x 1 MiB and 500 tiny frames: each refused, the kernel's peak RSS stays
     small and its workers are not dropped for missed heartbeats."""
-    with KernelProcess(service_block("echo", "services.echo"), heartbeat=0.2, liveness=3) as k:
+    with KernelProcess(service_block("echo", "services.echo"), heartbeat=0.2, liveness=10) as k:
         with Client(k.endpoint, timeout=10, retries=0) as c:
             c.wait_for_service("echo", 20)
             lost_before = c.stats()["counters"].get("workers_lost", 0)

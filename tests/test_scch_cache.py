@@ -95,7 +95,7 @@ def test_put_verifies_and_refuses_wrong_artifacts(backend):
     assert cache.put(q("cos(k*x)"), "sin(k*x)/k", 0.0)["admitted"]
     _, answer, entry = cache.get(q("cos(m*t)", "t"), 1.0)
     assert entry is not None
-    assert sp.simplify(sp.sympify(answer) - sp.sin(sp.Symbol("m") * sp.Symbol("t")) / sp.Symbol("m")) == 0
+    assert sp.simplify(sp.sympify(answer["answer"]) - sp.sin(sp.Symbol("m") * sp.Symbol("t")) / sp.Symbol("m")) == 0
 
 
 def test_tampered_entry_is_rejected_not_served(backend):

@@ -37,7 +37,7 @@ def kern():
     db = os.path.join(d, "ttc.db")
     # A short gate lease: every test also exercises the renewal of held reservations.
     k = KernelProcess(service_block("ttc", "services.ttc", args=["--db", db, "--gate-lease", str(GATE_LEASE_S)]),
-                      heartbeat=0.2, liveness=3)
+                      heartbeat=0.2, liveness=10)
     k.db = db
     try:
         yield k

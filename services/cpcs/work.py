@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from kernel import errors
-from kernel.supervisor import ENV_SERVICE
+from kernel.protocol import ENV_SERVICE
 from services.base import Context, Service, main
 
 #: Longest accepted task (ms) and most steps.

@@ -80,8 +80,9 @@ def parse_start(doc: Any) -> Config:
     if not isinstance(doc, dict):
         raise ConstraintError("'start' is a map {cells, dt_factor, order}", reason="type")
     cells, dtf, order = doc.get("cells", 6), doc.get("dt_factor", 1.0), doc.get("order", 2)
-    if isinstance(cells, bool) or not isinstance(cells, int) or not 2 <= cells <= MAX_CELLS:
-        raise ConstraintError(f"start.cells must be an integer in 2..{MAX_CELLS}", reason="range")
+    if isinstance(cells, bool) or not isinstance(cells, int) or not 4 <= cells <= MAX_CELLS or cells % 2:
+        raise ConstraintError(f"start.cells must be an even integer in 4..{MAX_CELLS} (cells per block side)",
+                              reason="range")
     if isinstance(dtf, bool) or not isinstance(dtf, (int, float)) or not 0.05 <= dtf <= 4.0:
         raise ConstraintError("start.dt_factor must lie in [0.05, 4]", reason="range")
     if order not in (1, 2):

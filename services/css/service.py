@@ -13,10 +13,12 @@ Request payload::
 Everything is validated before the first run (units of every limit and scale against the
 measured quantity, the derivation's expected dimension, the start configuration): a defect is a
 ``bad_request``.  Each round: measure the configuration with a real shallow-water run -- its cost
-(cell updates, predicted exactly) is first taken from the caller's job through the kernel's gate
-(``mmi.gate.reserve`` with ``commit``; a refusal ends the run with ``budget_spent``) -- compute every
+(cell updates) is first held from the caller's job through the kernel's gate (``mmi.gate.reserve``
+of the predicted count; a refusal ends the run with ``budget_spent``), and after the run exactly the
+cell updates done are committed and the hold returned -- compute every
 slack, and fund the next actions.  Rounds stream as PARTIALs and go to the decision log
-(``mmi.audit``, source ``css``).  FINAL: ``{satisfied, stopped, slacks, rounds, compute, state}``.
+(``mmi.audit``, source ``css``).  FINAL: ``{satisfied, stopped, slacks, rounds, compute, charged, state}`` (``charged`` equals
+``compute`` unless the job's budget ran out during the last run).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from services.css import problem
 from services.css.logic import POLICIES, ConstraintError, Funder
 
 MAX_ROUNDS = 100
+#: Lease of the hold on a run's predicted cost while it runs, seconds.
+HOLD_LEASE_S = 600.0
 
 
 def parse_request(payload: Any) -> dict[str, Any]:
@@ -95,21 +99,42 @@ class CssService(BusService):
         compute, runs, rounds, stopped = 0, 0, [], "max_rounds"
         remaining = math.inf
 
-        async def fund_run(cfg: problem.Config) -> bool:
-            nonlocal remaining
-            est = problem.run_cost(cfg)
+        async def fund_run(cfg: problem.Config) -> str | None:
+            """Hold the run's predicted cost (the budget check before the run); the reservation
+            id, or None when the job cannot fund it."""
             try:
                 out = await self.client.call(P.MMI_GATE_RESERVE, {"job": job, "resource": req["resource"],
-                                                                  "amount": est, "commit": True}, retries=0)
+                                                                  "amount": problem.run_cost(cfg), "commit": False,
+                                                                  "lease_s": HOLD_LEASE_S}, retries=0)
             except (errors.Refused, errors.BudgetExceeded):
-                return False
+                return None
+            return out["reservation"]
+
+        async def settle(hold: str, done: int) -> int:
+            """Charge exactly the cell updates the run did (the prediction assumes a fixed step;
+            the stable step changes as the flow evolves): the hold is returned and the actual
+            count committed.  Returns what was charged (less than ``done`` only when the job's
+            budget ran out meanwhile)."""
+            nonlocal remaining
+            try:
+                await self.client.call(P.MMI_GATE_RELEASE, {"reservation": hold}, retries=0)
+            except errors.Refused:
+                pass  # the lease lapsed: the hold is already back
+            try:
+                out = await self.client.call(P.MMI_GATE_RESERVE, {"job": job, "resource": req["resource"],
+                                                                  "amount": done, "commit": True, "up_to": True},
+                                             retries=0)
+            except (errors.Refused, errors.BudgetExceeded):
+                return 0
             if out.get("remaining") is not None:
                 remaining = float(out["remaining"])
-            return True
+            return int(out.get("granted", out.get("committed", done)))
 
-        if not await fund_run(cfg):
+        hold = await fund_run(cfg)
+        if hold is None:
             raise errors.Refused(f"the job's {req['resource']} cannot fund even the first measurement")
         measured, cost = await asyncio.to_thread(problem.measure, cfg)
+        charged = await settle(hold, cost)
         compute, runs = compute + cost, runs + 1
         slacks = slacks_of(constraints, measured, cfg)
         for i in range(req["max_rounds"]):
@@ -123,10 +148,12 @@ class CssService(BusService):
             for name in batch:
                 nxt = problem.apply(name, nxt)
             if any(problem.needs_run(n) for n in batch):
-                if not await fund_run(nxt):
+                hold = await fund_run(nxt)
+                if hold is None:
                     stopped = "budget_spent"
                     break
                 measured, cost = await asyncio.to_thread(problem.measure, nxt)
+                charged += await settle(hold, cost)
                 compute, runs = compute + cost, runs + 1
             else:
                 cost = 0
@@ -143,7 +170,7 @@ class CssService(BusService):
                 await self._audit(events)
         await self._audit(events)
         return {"satisfied": all(v >= 0 for v in slacks.values()), "stopped": stopped, "slacks": _r(slacks),
-                "rounds": rounds, "compute": compute, "runs": runs, "state": _config_doc(cfg),
+                "rounds": rounds, "compute": compute, "charged": charged, "runs": runs, "state": _config_doc(cfg),
                 "policy": req["policy"]}
 
     async def _audit(self, events: list[dict]) -> None:

@@ -51,20 +51,21 @@ def compute_local(op: str, expr: sp.Expr, var: sp.Symbol, arg: sp.Expr | None) -
 
 def check_step(op: str, before: sp.Expr, after: sp.Expr, var: sp.Symbol, arg: sp.Expr | None,
                rng: np.random.Generator) -> bool:
-    """Is ``after`` a correct result of ``op`` on ``before``?  (Random-point residual checks.)"""
-    x = C.VAR
-    b, a = before.xreplace({var: x}), after.xreplace({var: x})
+    """Is ``after`` a correct result of ``op`` on ``before``?  (Random-point residual checks of
+    both signs, in the derivation's own symbols: nothing is renamed, so no symbol of the
+    expression can be captured by the variable.)"""
+    b, a = before, after
     if op == "integrate":
         kind, form, answer = "integrate", b, a
     elif op == "diff":
-        kind, form, answer = "simplify", sp.diff(b, x), a
+        kind, form, answer = "simplify", sp.diff(b, var), a
     elif op == "subs":
-        kind, form, answer = "simplify", b.xreplace({x: arg.xreplace({var: x})}), a
+        kind, form, answer = "simplify", b.xreplace({var: arg}), a
     else:
         kind, form, answer = "simplify", b, a
     try:
         with C.time_limit(CHECK_SECONDS, "step check"):
-            return QuickCheck.compile(kind, form, answer).check(rng, 6)
+            return QuickCheck.compile(kind, form, answer, var).check(rng, 6)
     except (VerifierRejected, TimeLimit, TypeError, ValueError):
         return False
 
@@ -103,12 +104,21 @@ class Outcome:
     trail: list = dataclasses.field(default_factory=list)
 
 
-def _step_key(step: dict, cn: C.Canon, var: sp.Symbol) -> str:
+def _step_key(step: dict, cn: C.Canon, var: sp.Symbol) -> str | None:
     """The step in the state's canonical symbols: its op, its argument, and which canonical
     symbol is the derivation's variable."""
     arg = step.get("arg")
+    state_syms = cn.query.free_symbols
+    if var not in state_syms:
+        # every symbol of the state is a constant for the step; the variable has no canonical
+        # name, and its raw name could collide with one (``c1`` for a state renamed to
+        # ``c0*c1**2``): no key, no reuse
+        return None
     if arg is not None:
-        arg = sp.srepr(cn._to_canon_syms(C.parse(arg)))
+        parsed = C.parse(arg)
+        if parsed.free_symbols - state_syms:
+            return None  # the argument brings a symbol the state lacks: no key, no reuse
+        arg = sp.srepr(cn._to_canon_syms(parsed))
     role = sp.srepr(cn._to_canon_syms(var))
     return hashlib.blake2b(json.dumps([step["op"], arg, role]).encode(), digest_size=12).hexdigest()
 
@@ -147,6 +157,8 @@ async def derive(start: str, var: str, steps: list[dict], *, compute: Callable[.
         arg = C.parse(step["arg"]) if step.get("arg") is not None else None
         cn = _state_canon(state) if store is not None and mode == "checkpoint" else None
         skey = _step_key(step, cn, x) if cn is not None else None
+        if skey is None:
+            cn = None
         if cn is not None:
             found = store.get(cn.key, skey)
             if found is not None:
@@ -181,7 +193,10 @@ async def derive(start: str, var: str, steps: list[dict], *, compute: Callable[.
             continue
         attempts = 0
         if cn is not None:
-            store.put(cn.key, skey, sp.sstr(cn.to_canonical(result)))
+            try:
+                store.put(cn.key, skey, sp.sstr(cn.to_canonical(result)))
+            except VerifierRejected:
+                pass  # the result has a symbol the state lacks: not reusable under the state's key
         out.trail.append({"step": i, "how": "computed"})
         state, i = result, i + 1
     out.final, out.ok = sp.sstr(state), True

@@ -29,7 +29,8 @@ import numpy as np
 import sympy as sp
 
 from reason import canon as C
-from reason.check import CHECK_SECONDS, QuickCheck, full_check, verifier_hash
+from reason.canon import FUNC
+from reason.check import CHECK_SECONDS, QuickCheck, param_values, full_check, solution_status, verifier_hash
 from reason.errors import ParseError, ReasonError, VerifierRejected
 from services.scch.store import Backend, Entry
 
@@ -89,14 +90,33 @@ def answer_from_text(kind: str, text: str) -> Any:
     return C.artifact_from_text(kind, json.loads(text))
 
 
+def _assumptions(solutions: list, var: Any) -> list[str]:
+    """``"d != 0"`` for each denominator factor of the solutions that holds parameters only
+    (``a*x = b`` answered ``[b/a]`` assumes ``a != 0``)."""
+    seen: dict[str, None] = {}
+    for sol in solutions:
+        for node in sp.preorder_traversal(sol):  # denominators anywhere, inside roots too
+            if isinstance(node, sp.Pow) and node.exp.is_negative:
+                for factor in sp.Mul.make_args(sp.factor_terms(node.base)):
+                    base = factor.base if isinstance(factor, sp.Pow) else factor
+                    if base.free_symbols and not base.has(var) and not base.is_number:
+                        seen.setdefault(f"{sp.sstr(base)} != 0", None)
+    return list(seen)
+
+
 class SubgoalCache:
     """The cache over one :class:`~services.scch.store.Backend`."""
 
     def __init__(self, backend: Backend, *, capacity: int = 10_000, half_life: float = 3600.0,
-                 admit_min: float = 1.0, keep_observations: int | None = None, seed: int | None = None) -> None:
+                 admit_min: float = 1.0, keep_observations: int | None = None, seed: int | None = None,
+                 canonicalise: Callable[[Any], C.Canon] = C.canonicalise,
+                 parse_artifact: Callable[[str, Any], Any] = C.artifact_from_text) -> None:
         if capacity < 1 or half_life <= 0 or admit_min < 0:
             raise ValueError("capacity >= 1, half_life > 0, admit_min >= 0")
         self.backend = backend
+        #: Where client text is parsed (the service passes a memory-capped child: services.scch.capped).
+        self._canonicalise = canonicalise
+        self._parse_artifact = parse_artifact
         self.capacity = capacity
         self.half_life = half_life
         self.admit_min = admit_min
@@ -124,15 +144,16 @@ class SubgoalCache:
         memo_key = self._text(subgoal)
         found = self._memo.get_fresh(memo_key)
         if found is None:
-            found = C.canonicalise(subgoal)
+            found = self._canonicalise(subgoal)
             self._memo.put(memo_key, found)
         return found
 
     # -- get --------------------------------------------------------------------------------------
 
-    def get(self, subgoal: Any, now: float) -> tuple[C.Canon, Any | None, Entry | None]:
-        """``(canon, answer printed in the query's symbols, entry)``; answer and entry are ``None``
-        on a miss.  Counts the observation of the key."""
+    def get(self, subgoal: Any, now: float) -> tuple[C.Canon, dict | None, Entry | None]:
+        """``(canon, served, entry)``: ``served`` is ``{"answer", ...}`` (:meth:`for_query`: in
+        the query's symbols, verified against the query); served and entry are ``None`` on a
+        miss.  Counts the observation of the key."""
         cn = self.canon(subgoal)
         self.counts.gets += 1
         self.backend.observe(cn.key, bump(self.backend.observed(cn.key), now, self.half_life), self.keep_observations)
@@ -152,7 +173,7 @@ class SubgoalCache:
         self.backend.touch(cn.key, bump(entry.z, now, self.half_life))
         return cn, served, entry
 
-    def _serve(self, cn: C.Canon, entry: Entry, text: str) -> Any | None:
+    def _serve(self, cn: C.Canon, entry: Entry, text: str) -> dict | None:
         """The entry's answer in the query's symbols if it passes every check, else ``None``
         (and the entry is deleted).  The check runs on every hit; the parsed artifact, its
         compiled check and its translation are memoised by the entry's digest."""
@@ -173,9 +194,55 @@ class SubgoalCache:
             return None
         served = self._answers.get_fresh((text, entry.digest))
         if served is None:
-            served = C.to_text(cn.to_query(answer_from_text(cn.kind, entry.artifact)))
+            try:
+                with C.time_limit(CHECK_SECONDS, "query check"):
+                    served = self.for_query(cn, answer_from_text(cn.kind, entry.artifact), entry.how)
+            except (ReasonError, ValueError, TypeError, SyntaxError, sp.SympifyError):
+                self.counts.rejected += 1
+                self.backend.delete(cn.key)
+                return None
             self._answers.put((text, entry.digest), served)
         return served
+
+    def for_query(self, cn: C.Canon, canonical: Any, how: str) -> dict:
+        """The canonical answer translated into the query's symbols and verified against the
+        query *as written* (not only its canonical form): ``{"answer", ...}``.  ``solve``: each
+        solution where the original equation is undefined is dropped (listed in ``excluded``; a
+        removable singularity that the canonical form cancelled), a solution that does not solve
+        the original raises :class:`VerifierRejected`; ``complete`` says whether the answer is
+        every solution.  Other kinds: the quick check on the query itself."""
+        answer = cn.to_query(canonical)
+        if cn.kind == "integrate":
+            # G' = F holds (the canonical check); the query's f(x) must equal F(a x + b) where
+            # it is defined, and then the translated G(a x + b)/a differentiates to f: checked
+            # without differentiating the translated answer symbolically (the costly step)
+            if not QuickCheck.compile("simplify", cn.query, cn.form_in_query(), cn.var).check(self.rng):
+                raise VerifierRejected("the query is not its canonical form where it is defined")
+            return {"answer": C.to_text(answer)}
+        if cn.kind != "solve":
+            func = cn.rename["f"].func if cn.kind == "dsolve" else FUNC
+            var = cn.var if cn.var is not None else C.VAR
+            if not QuickCheck.compile(cn.kind, cn.query, answer, var, func).check(self.rng):
+                raise VerifierRejected("the translated answer fails the check on the query as written")
+            return {"answer": C.to_text(answer)}
+        floats = cn.query.has(sp.Float)
+        values = param_values(cn.query.free_symbols - {cn.var}, self.rng)
+        kept, excluded = [], []
+        for sol in answer:
+            status = solution_status(cn.query, cn.var, sol, values, floats=floats)
+            if status == "wrong":
+                raise VerifierRejected(f"{cn.var} = {sol} does not solve the equation as written")
+            (kept if status == "ok" else excluded).append(sol)
+        out = {"answer": C.to_text(kept), "complete": how.endswith("+complete")}
+        assumes = _assumptions(kept, cn.var)
+        if assumes:
+            # the generic branch: where a parameter makes a denominator vanish the equation has
+            # other solutions (or none); the answer says so instead of being wrong there
+            out["assumes"] = assumes
+        if excluded:
+            out["excluded"] = C.to_text(excluded)
+            out["why_excluded"] = "the equation as written is undefined there"
+        return out
 
     # -- put --------------------------------------------------------------------------------------
 
@@ -191,8 +258,18 @@ class SubgoalCache:
         cn = self.canon(subgoal)
         if verifier is not None and verifier != verifier_hash(cn.kind):
             raise VerifierRejected(f"unknown verifier {verifier!r} for {cn.kind}; current: {verifier_hash(cn.kind)}")
-        parsed = C.artifact_from_text(cn.kind, answer)
-        canonical = cn.to_canonical(parsed)
+        parsed = self._parse_artifact(cn.kind, answer)
+        canonical = cn.to_canonical(parsed)  # refuses symbols the query does not have (capture)
+        if cn.kind == "solve":
+            # every solution must solve the equation as written, inside its domain
+            values = param_values(cn.query.free_symbols - {cn.var}, self.rng)
+            for sol in parsed:
+                with C.time_limit(CHECK_SECONDS, "solution check"):
+                    status = solution_status(cn.query, cn.var, sol, values, floats=cn.query.has(sp.Float))
+                if status == "undefined":
+                    raise VerifierRejected(f"{cn.var} = {sol} lies outside the domain of the equation as written")
+                if status == "wrong":
+                    raise VerifierRejected(f"{cn.var} = {sol} does not solve the equation as written")
         self.backend.observe(cn.key, bump(self.backend.observed(cn.key), now, self.half_life), self.keep_observations)
         return cn, canonical
 
@@ -203,6 +280,10 @@ class SubgoalCache:
         entry = Entry(cn.key, cn.kind, answer_text(cn.kind, canonical), verifier_hash(cn.kind), how)
         existing = self.backend.load(cn.key)
         if existing is not None:
+            if existing.intact and existing.verifier == entry.verifier and existing.kind == entry.kind:
+                # a verified entry is never overwritten (by a put or by a racing solve)
+                self.counts.refused += 1
+                return {"key": cn.key, "admitted": False, "how": how, "reason": "a verified entry exists"}
             self.backend.store(dataclasses.replace(entry, z=existing.z, hits=existing.hits).sealed())
             return {"key": cn.key, "admitted": True, "how": how, "replaced": True}
         observed = self.backend.observed(cn.key)
@@ -242,7 +323,7 @@ class SubgoalCache:
         cn, served, entry = self.get(subgoal, now)
         if served is None:
             return cn, None
-        return cn, {"answer": served, "hit": True, "key": cn.key, "cpu_s": 0.0, "how": entry.how}
+        return cn, {**served, "hit": True, "key": cn.key, "cpu_s": 0.0, "how": entry.how}
 
     def finish(self, cn: C.Canon, canonical: Any, cpu: float, now: float, use_cache: bool = True,
                how: str | None = None) -> dict:
@@ -252,7 +333,9 @@ class SubgoalCache:
         self.counts.solver_cpu_s += cpu
         if how is None:
             how = full_check(cn.kind, cn.form, canonical, self.rng)
-        out = {"answer": C.to_text(cn.to_query(canonical)), "hit": False, "key": cn.key, "cpu_s": cpu, "how": how}
+        with C.time_limit(CHECK_SECONDS, "query check"):
+            served = self.for_query(cn, canonical, how)
+        out = {**served, "hit": False, "key": cn.key, "cpu_s": cpu, "how": how}
         if use_cache:
             out["admission"] = self.admit(cn, canonical, now, how)
         return out

@@ -3,7 +3,9 @@
 Ops (payload maps; a *subgoal* is ``{"kind", "expr", "var"?, "func"?}``, see :mod:`reason.canon`):
 
 * ``{"op": "get", "subgoal"}`` -> ``{"hit", "answer"?, "key", "how"?, "priority_hint"}``: an
-  answer in the query's own symbols, served only after its quick check passed.  Charged nothing.
+  answer in the query's own symbols, served only after its quick check passed and after it was
+  verified against the query as written (``solve``: ``complete``, and ``excluded`` for the
+  canonical form's solutions where the written equation is undefined).  Charged nothing.
 * ``{"op": "put", "subgoal", "answer", "verifier"?}`` -> ``{"admitted", "key", "how", ...}``:
   the answer (printed, in the query's symbols; a list for ``solve``) is verified in full and
   stored with the verifier's hash; ``verifier``, when given, must be the current verifier hash.
@@ -21,6 +23,12 @@ Bad input (unparseable or oversized expressions, an answer the verifier rejects)
 ``bad_request`` with ``kind`` naming the :mod:`reason.errors` class; a solver call past its bound
 is ``bad_request`` kind ``TimeLimit`` (its process is killed; the service keeps serving).
 
+**Principals** (issue 24): each principal (the kernel's word, ``ctx.principal``) has a cache of
+its own -- its own entries, observations, counters and priority hints (an SQLite file
+``DB.<tag>``, an in-memory database, or the Redis prefix ``PREFIX<tag>:``; ``tag`` a digest of the
+principal) -- so no principal is served what another put, or learns from a hit what another
+asked.  ``--shared`` keeps one cache for every principal (a single-tenant deployment).
+
 Backend loss (``--backend redis`` and the server goes away): ``get`` and ``put`` answer
 ``unavailable`` (retryable) with ``kind: BackendUnavailable``; ``solve`` falls back to computing
 without the cache and says ``"cache": "bypassed"``.  Nothing half-written can be served (entries
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import time
 from typing import Any
 
@@ -60,7 +69,9 @@ class ScchService(Service):
         self.half_life = 3600.0
         self.admit_min = 1.0
         self.solve_seconds = SOLVE_SECONDS
-        self.cache: SubgoalCache | None = None
+        self.cache: SubgoalCache | None = None  # the cache of the principal being served
+        self.caches: dict[str, SubgoalCache] = {}
+        self.shared = False
         self.pool: SolverPool | None = None
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -73,31 +84,43 @@ class ScchService(Service):
         parser.add_argument("--admit-min", type=float, default=1.0,
                             help="least decayed observation count for admission")
         parser.add_argument("--solve-seconds", type=float, default=SOLVE_SECONDS)
+        parser.add_argument("--shared", action="store_true",
+                            help="one cache for every principal (default: one per principal)")
 
     def configure(self, args: argparse.Namespace) -> None:
         self.backend_kind, self.db, self.redis_url, self.prefix = args.backend, args.db, args.redis_url, args.prefix
         self.cache_capacity, self.half_life, self.admit_min = args.entries, args.half_life, args.admit_min
         self.solve_seconds = args.solve_seconds
+        self.shared = bool(getattr(args, "shared", False))
+
+    def cache_for(self, principal: str) -> SubgoalCache:
+        """``principal``'s cache (opened on its first request; one for all with ``--shared``)."""
+        scope = "" if self.shared else principal
+        cache = self.caches.get(scope)
+        if cache is None:
+            tag = hashlib.sha256(scope.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+            path = self.db if self.shared or self.db == ":memory:" else f"{self.db}.{tag}"
+            prefix = self.prefix if self.shared else f"{self.prefix}{tag}:"
+            backend = open_backend(self.backend_kind, path=path, url=self.redis_url, prefix=prefix)
+            cache = self.caches[scope] = SubgoalCache(backend, capacity=self.cache_capacity,
+                                                      half_life=self.half_life, admit_min=self.admit_min)
+        return cache
 
     async def setup(self) -> None:
-        backend = open_backend(self.backend_kind, path=self.db, url=self.redis_url, prefix=self.prefix)
-        self.cache = SubgoalCache(backend, capacity=self.cache_capacity, half_life=self.half_life,
-                                  admit_min=self.admit_min)
         self.pool = SolverPool(self.solve_seconds)
         warm_up()
 
     async def teardown(self) -> None:
         if self.pool is not None:
             await asyncio.to_thread(self.pool.close)
-        if self.cache is not None:
-            self.cache.backend.close()
+        for cache in self.caches.values():
+            cache.backend.close()
 
     async def handle(self, ctx: Context, payload: Any) -> Any:
         if not isinstance(payload, dict):
             raise errors.BadRequest("scch takes a map {op, ...}; ops: get, put, solve, canon, stats")
         op = payload.get("op")
-        cache = self.cache
-        assert cache is not None
+        cache = self.cache = self.cache_for(ctx.principal)
         if op == "stats":
             try:
                 return cache.stats()
@@ -106,10 +129,10 @@ class ScchService(Service):
         subgoal = payload.get("subgoal")
         try:
             if op == "get":
-                cn, answer, entry = cache.get(subgoal, time.time())
-                out = {"hit": answer is not None, "key": cn.key, "priority_hint": cache.priority_hint(cn.kind)}
-                if answer is not None:
-                    out |= {"answer": answer, "how": entry.how}
+                cn, served, entry = cache.get(subgoal, time.time())
+                out = {"hit": served is not None, "key": cn.key, "priority_hint": cache.priority_hint(cn.kind)}
+                if served is not None:
+                    out |= {**served, "how": entry.how}
                 return out
             if op == "put":
                 now = time.time()
@@ -118,7 +141,7 @@ class ScchService(Service):
                 _, _, how = await asyncio.to_thread(self.pool.call, cn.kind, cn.form, answer=canonical)
                 return cache.admit(cn, canonical, now, how)
             if op == "solve":
-                return await self._solve(ctx, subgoal, bool(payload.get("cache", True)))
+                return await self._solve(ctx, cache, subgoal, bool(payload.get("cache", True)))
             if op == "canon":
                 cn = cache.canon(subgoal)
                 return {"key": cn.key, "kind": cn.kind, "form": cn.text,
@@ -130,9 +153,9 @@ class ScchService(Service):
             raise errors.Unavailable(str(exc), kind="BackendUnavailable") from None
         raise errors.BadRequest(f"unknown op {op!r}; scch ops: get, put, solve, canon, stats")
 
-    async def _solve(self, ctx: Context, subgoal: Any, use_cache: bool) -> dict:
-        cache, pool = self.cache, self.pool
-        assert cache is not None and pool is not None
+    async def _solve(self, ctx: Context, cache: SubgoalCache, subgoal: Any, use_cache: bool) -> dict:
+        pool = self.pool
+        assert pool is not None
         bypassed = False
         now = time.time()  # one time per request: admission compares with this request's observation
         try:
