@@ -71,7 +71,7 @@ def test_mode_answers_and_heavy_runs(kern, tol, mode):
 
 
 def test_agent_demo_narrates_from_the_services_records(kern):
-    from clients import agent_demo
+    from planner import demo as agent_demo
 
     lines: list[str] = []
     out = agent_demo.run(kern.endpoint, kern.pid, out=lines.append)
