@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         if runs > 1:
             print(f"[bench {args.name}] run {i + 1}/{runs}", file=sys.stderr, flush=True)
         results.append(module.run(quick=args.quick, **extra))
-    doc = _report.aggregate(args.name, args.quick, results, env, time.monotonic() - t0)
+    doc = _report.aggregate(args.name, args.quick, results, env, time.monotonic() - t0,
+                            headline=getattr(module, "HEADLINE", None),
+                            deterministic=getattr(module, "DETERMINISTIC", False))
     print(f"\n== bench {args.name}{' (quick)' if args.quick else ''}, {runs} run(s) ==")
     print_table(doc["rows"])
     for note in doc["notes"]:
@@ -123,7 +125,7 @@ def _main_report(argv: list[str]) -> int:
     p.add_argument("--md", default=f"{_report.ROOT}/docs/benchmarks.md", help="the markdown file to write")
     p.add_argument("--command", default="", help="the command that produced the results (quoted in the report)")
     args = p.parse_args(argv)
-    print(_report.write_report(args.dir, args.md, args.command))
+    print(_report.write_report(args.dir, args.md, args.command, expected=available()))
     return 0
 
 

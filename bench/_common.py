@@ -16,7 +16,9 @@ class Result:
     ``metrics``: name -> number.  ``targets``: name -> (">=" | "<=", value); every target names
     a metric.  ``table``: optional rows (list of dicts) printed as a side-by-side comparison.
     A benchmark module may set ``RUNS`` (how many runs a full ``--json`` run aggregates; default
-    3) and ``HEADLINE`` (the metrics the report puts first).
+    3), ``HEADLINE`` (metric -> the strongest peer it is measured against, in words: the report's
+    headline table) and ``DETERMINISTIC = True`` (its figures do not change between runs: the
+    report says "deterministic", not "median of N").
     """
 
     metrics: dict[str, float]

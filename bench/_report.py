@@ -76,8 +76,12 @@ def _median_rows(tables: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-def aggregate(name: str, quick: bool, results: list[Result], env: dict[str, Any], wall_s: float) -> dict[str, Any]:
-    """One ``reca.bench/1`` document from the results of ``len(results)`` runs."""
+def aggregate(name: str, quick: bool, results: list[Result], env: dict[str, Any], wall_s: float, *,
+              headline: dict[str, str] | None = None, deterministic: bool = False) -> dict[str, Any]:
+    """One ``reca.bench/1`` document from the results of ``len(results)`` runs.  ``headline``: the
+    module's ``HEADLINE`` (metric -> its strongest peer, in words); ``deterministic``: the
+    module's ``DETERMINISTIC`` (its figures do not change between runs, so one run is reported
+    as deterministic rather than as a median)."""
     keys = list(dict.fromkeys(k for r in results for k in r.metrics))
     metrics, spread = {}, {}
     for k in keys:
@@ -105,6 +109,8 @@ def aggregate(name: str, quick: bool, results: list[Result], env: dict[str, Any]
         "env": env, "metrics": metrics, "spread": spread, "samples": samples, "targets": targets,
         "met": judged.met(), "rows": _median_rows([r.table for r in results]), "notes": notes,
         "plots": results[len(results) // 2].plots,
+        "headline": {k: v for k, v in (headline or {}).items() if k in metrics},
+        "deterministic": bool(deterministic),
     }
 
 
@@ -204,7 +210,14 @@ def _load(in_dir: str) -> list[dict[str, Any]]:
     return docs
 
 
-def write_report(in_dir: str, out_md: str, command: str = "") -> str:
+def _runs(d: dict[str, Any]) -> str:
+    if d.get("deterministic"):
+        return "deterministic"
+    n = d.get("runs", 1)
+    return f"median of {n}" if n > 1 else "1 run"
+
+
+def write_report(in_dir: str, out_md: str, command: str = "", expected: list[str] | None = None) -> str:
     """Write the markdown report (and PNGs next to it, in ``<out_md stem>/``); returns its path."""
     docs = _load(in_dir)
     img_dir = os.path.splitext(out_md)[0]
@@ -227,9 +240,29 @@ def write_report(in_dir: str, out_md: str, command: str = "") -> str:
                   f"- 1-minute load average during the runs: {min(loads, default=0):.1f} to {max(loads, default=0):.1f} "
                   f"(on {envs[0].get('cpus', '?')} logical CPUs; above the CPU count the figures were "
                   "measured under contention from other work on the machine)", ""]
+        if len(commits) > 1:
+            lines += [f"**Mixed commits**: these results come from {len(commits)} commits; a report for "
+                      "publication is one `bench all` at one commit.", ""]
+    missing = sorted(set(expected or []) - {d["bench"] for d in docs})
+    if missing:
+        lines += [f"**Not in this report** (no result file): {', '.join(missing)}.", ""]
     quick = [d["bench"] for d in docs if d.get("quick")]
     if quick:
         lines += [f"**Quick runs** (`--quick`, smaller workloads): {', '.join(quick)}.", ""]
+    heads = [(d, k, peer) for d in docs if "error" not in d for k, peer in d.get("headline", {}).items()]
+    if heads:
+        lines += ["## Headlines", "",
+                  "Each headline figure beside the strongest peer it is measured against (in the same run); "
+                  "median [min, max] over the runs, or deterministic.", "",
+                  "| benchmark | headline | value | against (strongest peer) | target |", "|---|---|---|---|---|"]
+        for d, k, peer in heads:
+            sp = d.get("spread", {}).get(k)
+            rng = f" [{_fmt(sp[0])}, {_fmt(sp[1])}]" if sp else ""
+            t = d.get("targets", {}).get(k)
+            tgt = (f"{t[0]} {_fmt(float(t[1]))}: {'met' if d['met'].get(k) else 'NOT met'}") if t else ""
+            lines.append(f"| [{d['bench']}](#{d['bench']}) | `{k}` | {_fmt(d['metrics'].get(k, float('nan')))}{rng} "
+                         f"({_runs(d)}) | {_fmt(peer)} | {tgt} |")
+        lines.append("")
     lines += ["## Targets", "",
               "Every target of every benchmark, judged on the median over the runs; the missed ones are listed "
               "with their median, [min, max] over the runs, and the target.", "",
@@ -246,7 +279,7 @@ def write_report(in_dir: str, out_md: str, command: str = "") -> str:
             rng = f" [{_fmt(sp[0])}, {_fmt(sp[1])}]" if sp else ""
             missed.append(f"`{k}` {_fmt(d['metrics'].get(k, float('nan')))}{rng} vs {op} {_fmt(float(val))}")
         n_t = len(d.get("targets", {}))
-        lines.append(f"| {d['bench']}{' (quick)' if d.get('quick') else ''} | {d.get('runs', 1)} | "
+        lines.append(f"| {d['bench']}{' (quick)' if d.get('quick') else ''} | {_runs(d)} | "
                      f"{n_t - len(missed)}/{n_t} | {'<br>'.join(missed)} |")
     lines.append("")
     for d in docs:
@@ -255,13 +288,13 @@ def write_report(in_dir: str, out_md: str, command: str = "") -> str:
             lines += [f"Run failed: {_fmt(d['error'])}", ""]
             continue
         env = d.get("env", {})
-        lines += [f"{d.get('runs', 1)} run(s){' (quick)' if d.get('quick') else ''}, "
+        lines += [f"{_runs(d)}{' (quick)' if d.get('quick') else ''}, "
                   f"{_fmt(d.get('wall_s', float('nan')))} s in all; commit {env.get('commit', '?')}, "
                   f"{env.get('date', '?')}, load {env.get('load_start', ['?'])[0]} -> "
                   f"{env.get('load_end', ['?'])[0]}", ""]
         if d.get("rows"):
             lines += _md_table(d["rows"])
-            if d.get("runs", 1) > 1:
+            if d.get("runs", 1) > 1 and not d.get("deterministic"):
                 lines += ["", f"(numeric cells: medians over {d['runs']} runs)"]
             lines.append("")
         mrows = []

@@ -29,9 +29,9 @@ import torch
 
 from bench._common import Result
 from bklm import corpus as corpus_mod
-from bklm.experiment import ARMS, CLAIMS, Curve, Point, factors, loss_at, run_all, spread
+from bklm.experiment import ARMS, CLAIMS, Curve, Point, cost_to_target, factors, loss_at, run_all, spread, train_curve
 from bklm.model import FlopCounter, LanguageModel, ModelConfig, bk_features, sparse_bk_features
-from bklm.train import TrainConfig
+from bklm.train import TrainConfig, Trainer
 
 OUT_DIR = os.path.join(os.path.dirname(__file__), "out")
 TARGET_FRACTION = 0.4
@@ -60,7 +60,7 @@ def sparsity_savings(model_cfg: ModelConfig, batch: int, quick: bool) -> tuple[d
     share = out.bk_flops / out.flops
     metrics = {"bk_core_flop_share": share}
     notes = []
-    repeats = 5 if quick else 30
+    repeats = 2 if quick else 30
     for n in ((model_cfg.n_seq,) if quick else (model_cfg.n_seq, 4096)):
         rows = batch * model_cfg.n_heads
         v = torch.randn(1, n, rows).clamp(-3, 3)
@@ -120,7 +120,7 @@ def _configs(quick: bool) -> tuple[TrainConfig, list[int], int, int]:
     """(base config, seeds, budget in plain steps, evaluations per run)."""
     if quick:
         model = ModelConfig(d_model=32, n_layers=3, n_seq=32, n_heads=4, n_experts=2)
-        return TrainConfig(model=model, batch=8, eval_windows=16, total_steps=24), [0], 24, 3
+        return TrainConfig(model=model, batch=4, eval_windows=8, total_steps=8), [0], 8, 2
     model = ModelConfig(d_model=64, n_layers=4, n_seq=64, n_heads=4, n_experts=4)
     return TrainConfig(model=model, batch=16, eval_windows=128, total_steps=400), [0, 1, 2], 400, 16
 
@@ -176,17 +176,103 @@ def summarise(curves: dict[str, list[Curve]], budget: float, budget_steps: int) 
     return Result(metrics=metrics, targets=targets, table=rows, notes=notes)
 
 
+#: headline metric -> the strongest peer it is measured against (the report's headline table)
+HEADLINE = {"fair_transformer_flops_over_bk": "a Transformer of equal parameter count, each at its best of three "
+                                              "learning rates (reduced: 200-step budget, 3 seeds)"}
+#: learning rates swept per arm in the fair ResNet-BK vs Transformer comparison
+LRS = (1e-3, 3e-3, 1e-2)
+
+
+def n_params(model: ModelConfig) -> int:
+    return sum(p.numel() for p in LanguageModel(model).parameters())
+
+
+def matched_transformer(bk: ModelConfig) -> ModelConfig:
+    """The Transformer of the parameter count closest to ``bk``'s: same layers, heads, experts and
+    sequence length; d_model (a multiple of the heads) and the FFN width chosen to match."""
+    target = n_params(bk)
+    best = None
+    for d in range(bk.n_heads, 2 * bk.d_model + 1, bk.n_heads):
+        for mult in (1, 2, 3):
+            cfg = dataclasses.replace(bk, arch="transformer", d_model=d, ffn_mult=mult)
+            gap = abs(n_params(cfg) - target)
+            if best is None or gap < best[0]:
+                best = (gap, cfg)
+    assert best is not None
+    return best[1]
+
+
+def fair_comparison(corpus, base: TrainConfig, budget_steps: int, seeds: list[int], evals: int) -> tuple[dict, list, list]:
+    """ResNet-BK against a Transformer of equal parameter count, each at its best learning rate of
+    :data:`LRS` (chosen on the first seed by held-out loss at the budget), then every seed at that
+    rate; the FLOPs factor to reach plain ResNet-BK's target loss recomputed per seed.  Returns
+    (metrics, rows, notes)."""
+    models = {"bk": base.model, "transformer (equal params)": matched_transformer(base.model)}
+    budget = float(Trainer(dataclasses.replace(base, seed=seeds[0]), corpus).step().flops * budget_steps)
+    best_lr, curves, sweep_rows = {}, {}, []
+    for arm, model in models.items():
+        losses = {}
+        for lr in LRS:
+            c = train_curve(dataclasses.replace(base, model=model, lr=lr, seed=seeds[0]), corpus, arm, budget,
+                            evals, int(2.5 * budget_steps))
+            losses[lr] = loss_at(c.points, budget)
+            curves.setdefault((arm, lr), []).append(c)
+            sweep_rows.append({"arm": arm, "params": n_params(model), "lr": lr, "seed": seeds[0],
+                               "held-out loss at budget": losses[lr]})
+            _progress(f"bench bk_lm fair: {arm} lr {lr:g}: loss {losses[lr]:.4f}")
+        best_lr[arm] = min(losses, key=losses.get)
+        for seed in seeds[1:]:
+            curves[(arm, best_lr[arm])].append(train_curve(
+                dataclasses.replace(base, model=model, lr=best_lr[arm], seed=seed), corpus, arm, budget,
+                evals, int(2.5 * budget_steps)))
+    bk_runs = curves[("bk", best_lr["bk"])]
+    tf_runs = curves[("transformer (equal params)", best_lr["transformer (equal params)"])]
+    target = float(np.median([loss_at(c.points, TARGET_FRACTION * budget) for c in bk_runs]))
+    per_seed = []
+    for b, t in zip(bk_runs, tf_runs):
+        rb, rt = cost_to_target(b.points, target), cost_to_target(t.points, target)
+        per_seed.append(0.0 if rb is None or rt is None else rt[0] / rb[0])
+    f_med, f_min, f_max = spread(per_seed)
+    l_bk = spread([loss_at(c.points, budget) for c in bk_runs])
+    l_tf = spread([loss_at(c.points, budget) for c in tf_runs])
+    metrics = {"fair_transformer_flops_over_bk": f_med, "fair_transformer_flops_over_bk_min": f_min,
+               "fair_transformer_flops_over_bk_max": f_max, "fair_bk_params": float(n_params(models["bk"])),
+               "fair_transformer_params": float(n_params(models["transformer (equal params)"])),
+               "fair_bk_best_lr": best_lr["bk"], "fair_transformer_best_lr": best_lr["transformer (equal params)"],
+               "fair_bk_loss_at_budget": l_bk[0], "fair_transformer_loss_at_budget": l_tf[0],
+               "fair_seeds": float(len(seeds))}
+    rows = sweep_rows + [
+        {"arm": f"{arm} at best lr", "params": n_params(models[arm]), "lr": best_lr[arm],
+         "seed": f"{len(seeds)} seeds", "held-out loss at budget": f"{lv[0]:.4f} [{lv[1]:.4f}, {lv[2]:.4f}]"}
+        for arm, lv in (("bk", l_bk), ("transformer (equal params)", l_tf))]
+    tf = models["transformer (equal params)"]
+    notes = [f"fair comparison (reduced, said so): ResNet-BK vs a Transformer of equal parameter count "
+             f"({n_params(models['bk'])} vs {n_params(tf)}: Transformer d_model {tf.d_model}, ffn_mult {tf.ffn_mult}), "
+             f"each at its best learning rate of {list(LRS)} chosen on seed {seeds[0]} by held-out loss at a budget of "
+             f"{budget_steps} plain ResNet-BK steps, then {len(seeds)} seed(s) at that rate; "
+             "fair_transformer_flops_over_bk = FLOPs the Transformer needs to reach ResNet-BK's target loss over "
+             "ResNet-BK's (median [min, max] over seeds; > 1: ResNet-BK needs fewer); the arms table above keeps the "
+             "shared learning rate and the larger Transformer, so its factor vs transformer is not this one"]
+    return metrics, rows, notes
+
+
 def run(quick: bool) -> Result:
     torch.set_num_threads(1)
     base, seeds, budget_steps, evals = _configs(quick)
     corpus = corpus_mod.load()
     _progress(f"bench bk_lm: corpus {json.dumps(corpus.summary())}")
-    curves, budget = run_all(corpus, base, list(ARMS), seeds, budget_steps, evals, progress=_progress)
+    arms = ["bk", "transformer"] if quick else list(ARMS)  # quick: a smoke run of the machinery
+    curves, budget = run_all(corpus, base, arms, seeds, budget_steps, evals, progress=_progress)
     result = summarise(curves, budget, budget_steps)
     extra, notes = sparsity_savings(base.model, base.batch, quick)
     result.metrics.update(extra)
     result.notes += [f"corpus: {json.dumps(corpus.summary())}", *notes]
     result.notes += _plot(curves, budget, result.metrics["target_loss"], " (quick)" if quick else "")
+    fm, frows, fnotes = fair_comparison(corpus, base, 2 if quick else 200, seeds[:1] if quick else [0, 1, 2],
+                                        2 if quick else 8)
+    result.metrics.update(fm)
+    result.table += frows
+    result.notes += fnotes
     if not quick:
         os.makedirs(OUT_DIR, exist_ok=True)
         with open(os.path.join(OUT_DIR, "bk_lm_curves.json"), "w") as fh:

@@ -6,7 +6,8 @@ p_success down to 0.5), ``wfcommons`` (WfChef recipes Montage, Epigenomics, BLAS
 shapes and run times from real traces, scaled to seconds), ``decode`` (multi-subgoal derivations
 decoded by the real chain model on two ``decode`` workers).
 
-Peers on each DAG: ``fifo`` (ready tasks in the planner's order), ``heft`` (static upward-rank
+Peers on each DAG: ``heft_threads`` (the strongest: HEFT's static upward ranks on a thread pool
+of the same number of workers in one process, the same task bodies, no messaging), ``fifo`` (ready tasks in the planner's order), ``heft`` (static upward-rank
 list schedule from the planner's ETAs, no preemption, no re-estimation) -- both run by the
 ``cpcs`` service itself with the same dispatch machinery -- ``dask`` (distributed.LocalCluster
 with the same number of single-threaded worker processes running the same task bodies,
@@ -34,6 +35,10 @@ from bench._dags import WFCOMMONS_RECIPES, derivation, layered, lower_bound, wfc
 from services.cpcs.dag import Dag, dag_doc
 from services.cpcs.logic import Truth, simulate
 
+#: headline metric -> the strongest peer it is measured against (the report's headline table)
+HEADLINE = {"layered_fail_cpcs_over_heft_threads": "HEFT on a thread pool, no messaging (noisy estimates, failures)",
+            "layered_cpcs_over_heft_threads": "HEFT on a thread pool, no messaging",
+            "layered_cpcs_over_lb": "the lower bound max(critical path, work / workers)"}
 OUT_DIR = os.path.join(os.path.dirname(__file__), "out")
 WORKERS = 4
 DECODE_WORKERS = 2
@@ -57,7 +62,10 @@ def families(quick: bool) -> list[tuple[str, list[tuple[str, Any]]]]:
     """(family, [(case name, thunk -> (dag, truth | None))])."""
     n = 1 if quick else 5
     recipes = WFCOMMONS_RECIPES[:1] if quick else WFCOMMONS_RECIPES
-    scale = 0.5 if quick else 1.0
+    scale = 0.25 if quick else 1.0
+    if quick:  # one small layered DAG with failures: the machinery end to end, no more
+        return [("layered_fail", [("s0", lambda: layered(200, WORKERS, layers=2, chain_s=0.3 * scale,
+                                                            light_s=0.075 * scale, fail=0.5))])]
     out = [
         ("layered", [(f"s{s}", lambda s=s: layered(100 + s, WORKERS, chain_s=0.3 * scale, light_s=0.075 * scale))
                      for s in range(n)]),
@@ -88,6 +96,44 @@ def _dask_run(client: Any, dag: Dag, truth: dict[str, Truth] | None) -> float:
             futs[tid] = client.submit(_dask_work.hold, tr.run_s * 1000.0, max(1, round(tr.run_s / STEP_S)),
                                       tr.fail_attempts, *deps, key=f"{tid}-{t0}", pure=False)
     client.gather(list(futs.values()))
+    return time.perf_counter() - t0
+
+
+def threadpool_heft(dag: Dag, truth: dict[str, Truth], workers: int) -> float:
+    """The no-messaging peer: HEFT's static upward ranks (from the planner's ETAs) over a
+    ``ThreadPoolExecutor`` of ``workers`` threads running the same task bodies in this process
+    (a failed attempt is retried at once on the same thread, as Dask's body does); the highest
+    ranked ready task takes the next free thread.  No kernel, no service, no bus: what a thread
+    pool with a good static priority gets.  Returns the makespan (s)."""
+    import heapq
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from bench import _dask_work
+
+    rank: dict[str, float] = {}
+    for tid in reversed(planner_topo(dag)):
+        rank[tid] = dag.tasks[tid].eta_s + max((rank[c] for c in dag.succ[tid]), default=0.0)
+    missing = {tid: len(t.deps) for tid, t in dag.tasks.items()}
+    ready = [(-rank[tid], i, tid) for i, (tid, n) in enumerate(missing.items()) if n == 0]
+    heapq.heapify(ready)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        running: dict = {}
+        while ready or running:
+            while ready and len(running) < workers:
+                _, _, tid = heapq.heappop(ready)
+                tr = truth[tid]
+                fut = pool.submit(_dask_work.hold, tr.run_s * 1000.0, max(1, round(tr.run_s / STEP_S)),
+                                  tr.fail_attempts)
+                running[fut] = tid
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                fut.result()
+                tid = running.pop(fut)
+                for c in dag.succ[tid]:
+                    missing[c] -= 1
+                    if missing[c] == 0:
+                        heapq.heappush(ready, (-rank[c], list(dag.tasks).index(c), c))
     return time.perf_counter() - t0
 
 
@@ -140,13 +186,12 @@ async def _cpcs_run(c: Any, doc: dict, policy: str) -> tuple[float, dict]:
 
 
 def run(quick: bool = False) -> Result:
-    from distributed import Client as DaskClient, LocalCluster
-
     from clients.aio import AsyncClient
     from clients.launch import LocalKernel, kernel_config, service_block
     from services.cpcs import gantt
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
+    use_dask = not quick  # a Dask LocalCluster's start-up alone is more than the quick run's budget
     os.makedirs(OUT_DIR, exist_ok=True)
     fams = families(quick)
     services = service_block("work", "services.cpcs.work", replicas=WORKERS) + service_block("cpcs", "services.cpcs")
@@ -160,10 +205,13 @@ def run(quick: bool = False) -> Result:
     kern = LocalKernel(kernel_config(services, heartbeat=0.5, liveness=6))
     stack = contextlib.ExitStack()
     try:
-        work_cluster = stack.enter_context(LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
-                                                        dashboard_address=":0"))
-        work_dask = stack.enter_context(DaskClient(work_cluster))
-        dec_dask = None
+        work_dask = dec_dask = None
+        if use_dask:
+            from distributed import Client as DaskClient, LocalCluster
+
+            work_cluster = stack.enter_context(LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True,
+                                                            dashboard_address=":0"))
+            work_dask = stack.enter_context(DaskClient(work_cluster))
         if decoders:
             from bench import _dask_work
 
@@ -202,8 +250,12 @@ def run(quick: bool = False) -> Result:
                         if truth is None:  # decode: each subgoal's shortest measured run time
                             truth_used = {tid: Truth(min(m[tid].run_s for m in measured)) for tid in dag.tasks}
                         dclient = work_dask if truth is not None else dec_dask
-                        got["dask"] = await asyncio.get_running_loop().run_in_executor(
-                            None, _dask_run, dclient, dag, truth)
+                        if dclient is not None:
+                            got["dask"] = await asyncio.get_running_loop().run_in_executor(
+                                None, _dask_run, dclient, dag, truth)
+                        if truth is not None:
+                            got["heft_threads"] = await asyncio.get_running_loop().run_in_executor(
+                                None, threadpool_heft, dag, truth, WORKERS)
                         n_workers = WORKERS if truth is not None else DECODE_WORKERS
                         got["lower_bound"] = lower_bound(dag, truth if truth is not None else truth_used, n_workers)
                         for k, v in got.items():
@@ -231,14 +283,20 @@ def run(quick: bool = False) -> Result:
         row = {"family": fam, "cases": len(r["cpcs"])}
         row.update({f"{k} s": ms(v) for k, v in r.items()})
         row["cpcs/lb"] = ms(ratio("cpcs", "lower_bound"))
-        row["cpcs/dask"] = ms(ratio("cpcs", "dask"))
+        if "heft_threads" in r:
+            row["heft_threads/lb"] = ms(ratio("heft_threads", "lower_bound"))
+            row["cpcs/heft_threads"] = ms(ratio("cpcs", "heft_threads"))
+            metrics[f"{fam}_cpcs_over_heft_threads"] = statistics.mean(ratio("cpcs", "heft_threads"))
+            metrics[f"{fam}_heft_threads_over_lb"] = statistics.mean(ratio("heft_threads", "lower_bound"))
+        if "dask" in r:
+            row["cpcs/dask"] = ms(ratio("cpcs", "dask"))
+            metrics[f"{fam}_cpcs_over_dask"] = statistics.mean(ratio("cpcs", "dask"))
         if "oracle" in r:
             row["oracle/lb"] = ms(ratio("oracle", "lower_bound"))
         row["cpcs vs fifo"] = f"{1 - statistics.mean(r['cpcs']) / statistics.mean(r['fifo']):+.1%}"
         row["cpcs vs heft"] = f"{1 - statistics.mean(r['cpcs']) / statistics.mean(r['heft']):+.1%}"
         table.append(row)
         metrics[f"{fam}_cpcs_over_lb"] = statistics.mean(ratio("cpcs", "lower_bound"))
-        metrics[f"{fam}_cpcs_over_dask"] = statistics.mean(ratio("cpcs", "dask"))
         metrics[f"{fam}_cpcs_below_fifo"] = 1 - statistics.mean(r["cpcs"]) / statistics.mean(r["fifo"])
         metrics[f"{fam}_cpcs_below_heft"] = 1 - statistics.mean(r["cpcs"]) / statistics.mean(r["heft"])
     for fam, r in sim_rows.items():
@@ -251,15 +309,24 @@ def run(quick: bool = False) -> Result:
         metrics[f"sim_{fam}_cpcs_below_heft"] = 1 - statistics.mean(r["cpcs"]) / statistics.mean(r["heft"])
     metrics["tick_cpu_share_of_one_core"] = sum(extra["tick_cpu"]) / sum(extra["wall"])
     metrics["preemptions_per_cpcs_run"] = statistics.mean(extra["preempt"])
-    targets: dict[str, tuple[str, float]] = {f"{fam}_cpcs_over_dask": ("<=", 1.0) for fam in rows}
-    targets.update({
+    targets: dict[str, tuple[str, float]] = {f"{fam}_cpcs_over_dask": ("<=", 1.0) for fam in rows
+                                             if f"{fam}_cpcs_over_dask" in metrics}
+    # the strongest peer is the thread-pool HEFT: CPCS must beat it where its runtime information
+    # matters (noisy estimates and failures), and get within 5% of the lower bound on layered DAGs
+    targets.update({k: v for k, v in {
         "layered_cpcs_below_fifo": (">=", 0.15),
-        "layered_cpcs_over_lb": ("<=", 1.15),
+        "layered_cpcs_over_lb": ("<=", 1.05),
         "wfcommons_cpcs_over_lb": ("<=", 1.15),
+        "layered_fail_cpcs_over_heft_threads": ("<=", 1.0),
         "layered_fail_cpcs_below_heft": (">=", 0.005),
         "tick_cpu_share_of_one_core": ("<=", 0.02),
-    })
-    notes = [f"mean ± sample sd over the cases of each family; {WORKERS} work workers"
+    }.items() if k in metrics})
+    notes = [("quick run: one small layered DAG with failures, Dask skipped (its cluster start-up alone exceeds "
+              "the quick budget); " if quick else "")
+             + "heft_threads: the strongest peer, HEFT's static ranks on a thread pool in one process running the "
+             "same task bodies, no messaging (not run for decode: its bodies are model decodes that would share one "
+             "interpreter)",
+             f"mean ± sample sd over the cases of each family; {WORKERS} work workers"
              + (f", {DECODE_WORKERS} decode workers" if "decode" in rows else ""),
              "measured on a shared 2-core machine under load from other processes (about 7 agents): wall-clock "
              "makespans vary by 10-40 % between repeats of one case; the (simulated) rows replay the same DAGs "

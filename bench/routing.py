@@ -262,7 +262,7 @@ RAY = "Ray actor (max_concurrency 1, calls queued at the actor)"
 
 
 def run(quick: bool) -> Result:
-    n_sync, n_pipe, window = (2000, 10_000, 64) if quick else (10_000, 50_000, 64)
+    n_sync, n_pipe, window = (200, 1000, 64) if quick else (10_000, 50_000, 64)  # quick: a smoke run
     procs = Procs()
     try:
         eps = {SYSTEMS[0][0]: (start_peer(procs, "proxy", "bench._proxy"), [BODY]),

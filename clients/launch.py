@@ -172,6 +172,8 @@ class LocalKernel:
             self.proc.kill()
             rc = self.proc.wait(timeout)
         self._reader.join(5)
+        if self.proc.stdout is not None and not self._reader.is_alive():
+            self.proc.stdout.close()
         _, alive = psutil.wait_procs(kids, timeout=timeout)
         for p in alive:
             p.kill()

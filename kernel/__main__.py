@@ -4,6 +4,7 @@
     python -m kernel replay LOG
     python -m kernel fsck LOG_OR_DIR [--repair] [--discard-after-damage]
     python -m kernel keys new NAME --role ROLE [--dir DIR] | keys list [--dir DIR]
+    python -m kernel --help                    (every option and subcommand)
 
 Starts the kernel (ROUTER + PUB), then the supervisor, which launches the services of the
 config in order.  Prints the endpoints and a line ``reca kernel ready`` once everything is
@@ -42,11 +43,37 @@ def _log_level(text: str) -> str:
     return level
 
 
+_EPILOG = """\
+subcommands (each has its own --help):
+  python -m kernel replay LOG...                     re-run the ledger on a decision log; exit 1 on a divergence
+  python -m kernel keys new NAME --role ROLE [--dir DIR]
+                                                     a principal's CURVE certificate pair (ROLE: operator,
+                                                     client or service:NAME[,NAME...])
+  python -m kernel keys list [--dir DIR]             the principals of a key directory
+  python -m kernel config-doc                        the configuration reference (docs/config.md), from the schema
+
+the kernel prints `reca kernel endpoint E`, `reca kernel control C` and `reca kernel ready` once it serves;
+`reca kernel degraded: ...` while it has given up on a permanent service.  Each service's output goes to
+{runtime}/logs/NAME.log (python -m clients logs NAME).  Configuration keys: docs/config.md.
+
+environment: RECA_RUNTIME_DIR (the runtime directory, {runtime} in the config), RECA_LOG_LEVEL,
+RECA_ENDPOINT (what clients connect to).  Exit status: 0 stopped cleanly, 2 config error or refused to
+start (unsafe runtime directory, tcp:// without CURVE, unreadable keys).
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kernel", description="reca microkernel and supervisor")
-    p.add_argument("--config", help="TOML config (default: the shipped embedded default)")
-    p.add_argument("--endpoint", help="where clients and workers connect (ipc:// or tcp://)")
-    p.add_argument("--control", help="control PUB endpoint (default: derived from --endpoint)")
+    p = argparse.ArgumentParser(prog="python -m kernel", epilog=_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="reca microkernel and supervisor: routes requests between clients and "
+                                            "services, enforces budgets, and starts the services of its config.",
+                                usage="python -m kernel [options] | python -m kernel {replay,keys,config-doc} ...")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML config (default: the shipped kernel/default.toml; keys in docs/config.md)")
+    p.add_argument("--endpoint", help="where clients and workers connect, ipc://PATH or tcp://HOST:PORT "
+                                      "(overrides [kernel] endpoint)")
+    p.add_argument("--control", help="control PUB endpoint (default: derived from --endpoint: control.sock "
+                                     "beside it, or PORT+1)")
     p.add_argument("--no-services", action="store_true", help="run the kernel without starting services")
     p.add_argument("--log-level", default=os.environ.get(P.ENV_LOG_LEVEL, "INFO"), type=_log_level,
                    help=f"one of {', '.join(LOG_LEVELS)} (any case)")
@@ -122,6 +149,29 @@ def _security(cfg, log: logging.Logger):
     return auth.ServerKeys(public, secret), principals, {"server": server_public, "children": child_certs}
 
 
+def _log_dir(cfg) -> str | None:
+    """``{runtime}/logs``: each service's output in its own file there (None: cannot be made)."""
+    from kernel import auth
+
+    path = os.path.join(cfg.runtime, "logs")
+    try:
+        return auth.ensure_private_dir(path)
+    except (auth.UnsafeRuntimeDir, OSError) as exc:
+        logging.getLogger("reca.kernel").warning("no per-service logs (%s): services write to the kernel's output", exc)
+        return None
+
+
+def _announce_health(health: str, child: Any) -> None:
+    """The supervisor's health changed: say so on the kernel's output (``reca kernel degraded: ...``
+    while a permanent service is given up, ``reca kernel ready`` once an operator restarted it)."""
+    if health == "degraded":
+        print(f"reca kernel degraded: gave up on {child.spec.name} ({child.reason}); "
+              f"`python -m clients logs {child.spec.name}`, then `python -m clients restart {child.spec.name}`",
+              flush=True)
+    else:
+        print(f"reca kernel {health}", flush=True)
+
+
 async def _run(args: argparse.Namespace) -> int:
     from kernel import supervisor as sv
     from kernel.admission import BudgetAdmission
@@ -185,7 +235,9 @@ async def _run(args: argparse.Namespace) -> int:
         period=cfg.period,
         backoff_initial=cfg.backoff_initial,
         backoff_max=cfg.backoff_max,
+        log_dir=_log_dir(cfg),
     )
+    supervisor.on_health = _announce_health
     # With a log that held state, the admission continues it (restore through replay) and applies
     # [limits] over it only where the ledger allows; otherwise [limits] is the first decision.
     host = SystemHost(owns_pid=supervisor.owns_pid)  # the one port to the machine the core uses
@@ -227,6 +279,8 @@ async def _run(args: argparse.Namespace) -> int:
             tasks.create_task(server.serve())
             try:
                 await supervisor.start()
+                if supervisor.log_dir and supervisor.children:
+                    print(f"reca kernel service logs in {supervisor.log_dir} (python -m clients logs NAME)", flush=True)
                 print(f"reca kernel ready ({len(supervisor.children)} service process(es))", flush=True)
                 await stop.wait()
             finally:
@@ -240,8 +294,124 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+_CONFIG_DOC_HEAD = """\
+# Configuration reference
+
+<!-- Generated by `python -m kernel config-doc > docs/config.md` from kernel/config.py's SCHEMA;
+     tests/test_docs.py checks that this file is what the schema generates.  Do not edit by hand. -->
+
+`python -m kernel --config FILE` reads one TOML file; without `--config` it runs the shipped
+[kernel/default.toml](../kernel/default.toml), which starts every service on this machine over
+`ipc://`.  A key that is not listed here, a value of the wrong type, or one out of its range is an
+error that names the key, the table and the file: the kernel does not start on a config it does
+not understand.
+
+`{runtime}` in any string is the runtime directory: `$RECA_RUNTIME_DIR`, else
+`$XDG_RUNTIME_DIR/reca`, else `/tmp/reca-<uid>`.  It holds the sockets, the decision log, each
+service's log file (`logs/NAME.log`, `python -m clients logs NAME`) and the live view's URL.
+
+A minimal config with one service of your own (docs/services.md walks through it):
+
+```toml
+[kernel]
+endpoint = "ipc://{runtime}/kernel.sock"
+
+[[service]]
+name = "hello"
+module = "myservices.hello"   # run as python -m myservices.hello
+replicas = 2
+```
+"""
+
+_TABLE_NOTES = {
+    "[kernel]": "The kernel's endpoints, heartbeats, peer limits and decision log.",
+    "[supervisor]": "How the supervisor restarts service processes (Erlang/OTP one_for_one).",
+    "[auth]": "Who may talk to the kernel over tcp:// (docs/security.md).",
+    "[limits]": "Budgets no client can get around (docs/budgets.md).  A `limits` value is a table of budget "
+                "kind = amount, e.g. `{ wall_ms = 3_600_000, cpu_ms = 3_600_000, tokens = 1e8, flops = 1e15 }`.",
+    "[enforce]": "The OS backstop under the kernel's budgets: cgroups (or signals) freeze and kill what a "
+                 "budget or a cancel no longer allows.",
+    "[[service]]": "One table per service; each becomes `replicas` supervised processes.  Exactly one of "
+                   "`module` and `command`.",
+}
+
+
+def _toml_value(value: Any) -> str:
+    """A default as it is written in TOML (``"text"``, ``true``, ``[1, 2]``, ``{ k = v }``)."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }" if value else "{}"
+    return repr(value)
+
+
+def _number(value: float) -> str:
+    """A bound as written: ``1048576`` (not ``1.04858e+06``), ``0.5``."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
+def config_doc() -> str:
+    """docs/config.md, from kernel/config.py's schema (``SCHEMA``, one row per key)."""
+    from kernel import config
+
+    rows = []
+    for setting in config.SCHEMA:
+        kind = setting.type if not setting.choices else " | ".join(f'"{c}"' for c in setting.choices)
+        bounds = []
+        if setting.low is not None:
+            bounds.append(f"{'>' if setting.low_open else '>='} {_number(setting.low)}")
+        if setting.high is not None:
+            bounds.append(f"<= {_number(setting.high)}")
+        rows.append({"table": "[[service]]" if setting.table == "service" else f"[{setting.table}]",
+                     "key": setting.key, "type": kind + (f" ({', '.join(bounds)})" if bounds else ""),
+                     "default": "—" if setting.default is None else _toml_value(setting.default),
+                     "meaning": setting.meaning})
+    out = [_CONFIG_DOC_HEAD]
+    tables: list[str] = []
+    for row in rows:
+        if row["table"] not in tables:
+            tables.append(row["table"])
+    for table in tables:
+        out.append(f"\n## {table}\n")
+        if table in _TABLE_NOTES:
+            out.append(_TABLE_NOTES[table] + "\n")
+        out.append("| key | type | default | meaning |\n|---|---|---|---|")
+        for row in rows:
+            if row["table"] == table:
+                cells = [f"`{row['key']}`", row["type"].replace("|", "\\|"),
+                         row["default"].replace("|", "\\|") if row["default"] == "—" else f"`{row['default']}`",
+                         row["meaning"].replace("|", "\\|")]
+                out.append("| " + " | ".join(cells) + " |")
+    out.append("\n## Environment\n")
+    out.append("| variable | meaning |\n|---|---|")
+    for name, meaning in (
+        (P.ENV_RUNTIME_DIR, "the runtime directory (`{runtime}`)"),
+        (P.ENV_ENDPOINT, "the endpoint clients connect to (`python -m clients`, `clients.Client()`)"),
+        (P.ENV_LOG_LEVEL, "log level of the kernel and of the services it starts"),
+        (P.ENV_CERT, "a client's or service's own secret certificate (tcp://)"),
+        (P.ENV_SERVER_CERT, "the kernel's public certificate (tcp://)"),
+    ):
+        out.append(f"| `{name}` | {meaning} |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "config-doc":
+        from kernel import config
+
+        if not hasattr(config, "SCHEMA"):
+            print("python -m kernel config-doc: kernel/config.py has no SCHEMA (the declarative schema)",
+                  file=sys.stderr)
+            return 2
+        sys.stdout.write(config_doc())
+        return 0
     if argv and argv[0] == "replay":
         from kernel.replay import main as replay_main
 

@@ -6,8 +6,11 @@ implementation that gives the same answers:
 
 * :class:`LocalGate` — in-process capacities (experiments, unit tests, offline runs);
 * :class:`KernelGate` / :class:`AsyncKernelGate` — the kernel's ledger holds the count, under a
-  job, through ``mmi.gate.*`` (blocking and asyncio forms; the caller passes any object with a
-  ``call(service, payload)`` method, e.g. ``clients.Client`` / ``clients.AsyncClient``).
+  job, through ``mmi.gate.*`` (blocking and async forms of one body: each operation is written
+  once as a generator of the management calls it needs, which the blocking gate drives with
+  ``client.call`` and the async one with ``await client.call``; the caller passes any object with
+  a ``call(service, payload)`` method, e.g. ``clients.Client`` / ``clients.AsyncClient``, under
+  asyncio or trio).
 
 **The rule for unknown resources** (one rule, the kernel's): a resource the gate has no cap for
 is *unlimited* — granted and counted.  In the kernel, a counted kind no job up the chain limits
@@ -32,7 +35,7 @@ import dataclasses
 import logging
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import Any, Protocol, cast, runtime_checkable
 
 from kernel import errors
@@ -159,8 +162,17 @@ class Held:
 REFUSALS = (errors.Refused, errors.BudgetExceeded)
 
 
+#: One step of a gate operation: the management call to make, ``(service, payload)``.
+Call = tuple[str, dict[str, Any]]
+#: A gate operation written once: a generator that yields the calls it needs, is sent each
+#: call's result (or thrown its RecaError), and returns the operation's answer.  The blocking
+#: gate drives it with ``client.call``, the async gate with ``await client.call``.
+Op = Generator[Call, Any, Any]
+
+
 class _KernelGateBase:
-    """State shared by the blocking and the asyncio kernel gate (no I/O here)."""
+    """The body of the kernel gates, once for blocking and async callers: every operation is an
+    :data:`Op` (no I/O here); :class:`KernelGate` and :class:`AsyncKernelGate` only drive them."""
 
     def __init__(self, job: str, hold: bool, lease_s: float | None) -> None:
         #: The job reservations are taken in (settable between calls).
@@ -193,39 +205,78 @@ class _KernelGateBase:
             arg["lease_s"] = self.lease_s
         return arg
 
-    def _granted(self, out: dict, resource: str, amount: Amount, key: str | None) -> None:
+    def _oldest(self, resource: str) -> str | None:
+        return next((k for k, h in self.held.items() if h.resource == resource), None)
+
+    # -- the operations, written once ---------------------------------------------------------
+
+    def _reserve(self, resource: str, amount: Amount, key: str | None) -> Op:
+        try:
+            out = yield P.MMI_GATE_RESERVE, self._reserve_arg(self.job, resource, amount)
+        except REFUSALS:
+            self.refusals += 1
+            return False
         self.grants += 1
         if "reservation" in out:
             if key is None:
                 self._keys += 1
                 key = f"{resource}#{self._keys}"
             self.held[key] = Held(out["reservation"], self.job, resource, amount)
+        return True
 
-    def _oldest(self, resource: str) -> str | None:
-        return next((k for k, h in self.held.items() if h.resource == resource), None)
+    def _reserve_up_to(self, resource: str, amount: Amount) -> Op:
+        try:
+            out = yield P.MMI_GATE_RESERVE, self._reserve_arg(self.job, resource, amount, up_to=True, commit=True)
+        except REFUSALS:
+            self.refusals += 1
+            return 0
+        self.grants += 1
+        return out["granted"]
 
-    def _to_commit(self, key: str) -> Held:
-        """Forget and return the reservation held for ``key`` (or, if ``key`` names a resource,
-        its oldest); KeyError if none."""
+    def _commit(self, key: str) -> Op:
         k = key if key in self.held else self._oldest(key)
         if k is None:
             raise KeyError(f"no reservation held for {key!r}")
-        return self.held.pop(k)
+        held = self.held.pop(k)
+        yield P.MMI_GATE_COMMIT, {"reservation": held.reservation}
 
-    def _to_release(self, resource: str, key: str | None) -> Held | None:
-        """Forget and return the reservation held for ``key`` (None: the oldest of ``resource``)."""
+    def _release(self, resource: str, key: str | None) -> Op:
         k = key if key is not None else self._oldest(resource)
-        return None if k is None else self.held.pop(k, None)
+        held = None if k is None else self.held.pop(k, None)
+        if held is None:
+            return
+        try:
+            yield P.MMI_GATE_RELEASE, {"reservation": held.reservation}
+        except errors.RecaError as exc:
+            self.release_failures += 1  # the kernel's lease reclaims the units
+            log.warning("gate release of %s failed: %s", held.reservation, exc)
 
-    def _release_failed(self, held: Held, exc: errors.RecaError) -> None:
-        self.release_failures += 1  # the kernel's lease reclaims the units
-        log.warning("gate release of %s failed: %s", held.reservation, exc)
-
-    def _renew_arg(self) -> dict[str, Any]:
+    def _renew(self) -> Op:
+        if not self.held:
+            return 0
         arg: dict[str, Any] = {"reservations": [h.reservation for h in self.held.values()]}
         if self.lease_s is not None:
             arg["lease_s"] = self.lease_s
-        return arg
+        try:
+            out = yield P.MMI_GATE_RENEW, arg
+        except errors.RecaError as exc:  # the next renewal retries; the lease is longer
+            log.warning("gate renewal failed: %s", exc)
+            return 0
+        unknown = set(out.get("unknown", ()))
+        for key, lost in [(k, h) for k, h in self.held.items() if h.reservation in unknown]:
+            try:
+                again = yield P.MMI_GATE_RESERVE, self._reserve_arg(lost.job, lost.resource, lost.amount)
+            except REFUSALS as exc:
+                self.leases_lost += 1
+                del self.held[key]
+                log.warning("%s: the kernel lost its reservation and refused it again: %s", key, exc)
+                continue
+            except errors.RecaError as exc:  # kernel still (re)starting: the next renewal retries
+                log.warning("%s: taking its lost reservation again failed: %s", key, exc)
+                continue
+            self.held[key] = Held(again["reservation"], lost.job, lost.resource, lost.amount)
+            self.retaken += 1
+        return len(out.get("renewed", ()))
 
 
 class KernelGate(_KernelGateBase):
@@ -255,72 +306,46 @@ class KernelGate(_KernelGateBase):
             self._client = self._factory()
         return self._client
 
-    def reserve(self, resource: str, amount: Amount = 1, key: str | None = None) -> bool:
+    def _drive(self, op: Op) -> Any:
         try:
-            out = self.client.call(P.MMI_GATE_RESERVE, self._reserve_arg(self.job, resource, amount))
-        except REFUSALS:
-            self.refusals += 1
-            return False
-        self._granted(out, resource, amount, key)
-        return True
+            call = next(op)
+            while True:
+                try:
+                    result = self.client.call(*call)
+                except errors.RecaError as exc:
+                    call = op.throw(exc)
+                else:
+                    call = op.send(result)
+        except StopIteration as done:
+            return done.value
+
+    def reserve(self, resource: str, amount: Amount = 1, key: str | None = None) -> bool:
+        """Take ``amount`` of ``resource`` (held under ``key`` in hold mode): True or False."""
+        return self._drive(self._reserve(resource, amount, key))
 
     def reserve_up_to(self, resource: str, amount: Amount) -> Amount:
         """Take and spend ``min(amount, what is left)`` in one round trip; returns how much."""
-        try:
-            out = self.client.call(
-                P.MMI_GATE_RESERVE, self._reserve_arg(self.job, resource, amount, up_to=True, commit=True)
-            )
-        except REFUSALS:
-            self.refusals += 1
-            return 0
-        self.grants += 1
-        return out["granted"]
+        return self._drive(self._reserve_up_to(resource, amount))
 
     def commit(self, key: str) -> None:
         """Spend the reservation held for ``key`` (or, given a resource name, its oldest)."""
-        self.client.call(P.MMI_GATE_COMMIT, {"reservation": self._to_commit(key).reservation})
+        self._drive(self._commit(key))
 
     def release(self, resource: str, amount: Amount = 1, key: str | None = None) -> None:
         """Give back the reservation held for ``key`` (else the oldest of ``resource``).  Units
         spent at grant are not given back (spending is final); nothing held: a no-op."""
-        held = self._to_release(resource, key)
-        if held is None:
-            return
-        try:
-            self.client.call(P.MMI_GATE_RELEASE, {"reservation": held.reservation})
-        except errors.RecaError as exc:
-            self._release_failed(held, exc)
+        self._drive(self._release(resource, key))
 
     def renew(self) -> int:
         """Extend every held reservation by one lease.  One the kernel no longer holds (it
         restarted, or a renewal came late) is taken again; if the kernel refuses, it is dropped
         and counted in ``leases_lost``.  Returns how many were renewed."""
-        if not self.held:
-            return 0
-        try:
-            out = self.client.call(P.MMI_GATE_RENEW, self._renew_arg())
-        except errors.RecaError as exc:  # the next renewal retries; the lease is longer
-            log.warning("gate renewal failed: %s", exc)
-            return 0
-        unknown = set(out.get("unknown", ()))
-        for key, lost in [(k, h) for k, h in self.held.items() if h.reservation in unknown]:
-            try:
-                again = self.client.call(P.MMI_GATE_RESERVE, self._reserve_arg(lost.job, lost.resource, lost.amount))
-            except REFUSALS as exc:
-                self.leases_lost += 1
-                del self.held[key]
-                log.warning("%s: the kernel lost its reservation and refused it again: %s", key, exc)
-                continue
-            except errors.RecaError as exc:  # kernel still (re)starting: the next renewal retries
-                log.warning("%s: taking its lost reservation again failed: %s", key, exc)
-                continue
-            self.held[key] = Held(again["reservation"], lost.job, lost.resource, lost.amount)
-            self.retaken += 1
-        return len(out.get("renewed", ()))
+        return self._drive(self._renew())
 
 
 class AsyncKernelGate(_KernelGateBase):
-    """The asyncio form of :class:`KernelGate` (same arguments, coroutine methods)."""
+    """The async form of :class:`KernelGate` (same arguments, same body, coroutine methods); runs
+    under any event loop the client runs under (asyncio or trio with :class:`clients.AsyncClient`)."""
 
     def __init__(
         self, client: AsyncCaller, job: str = "default", *, hold: bool = False, lease_s: float | None = None
@@ -328,35 +353,32 @@ class AsyncKernelGate(_KernelGateBase):
         super().__init__(job, hold, lease_s)
         self.client = client
 
-    async def reserve(self, resource: str, amount: Amount = 1, key: str | None = None) -> bool:
+    async def _drive(self, op: Op) -> Any:
         try:
-            out = await self.client.call(P.MMI_GATE_RESERVE, self._reserve_arg(self.job, resource, amount))
-        except REFUSALS:
-            self.refusals += 1
-            return False
-        self._granted(out, resource, amount, key)
-        return True
+            call = next(op)
+            while True:
+                try:
+                    result = await self.client.call(*call)
+                except errors.RecaError as exc:
+                    call = op.throw(exc)
+                else:
+                    call = op.send(result)
+        except StopIteration as done:
+            return done.value
+
+    async def reserve(self, resource: str, amount: Amount = 1, key: str | None = None) -> bool:
+        return await self._drive(self._reserve(resource, amount, key))
 
     async def reserve_up_to(self, resource: str, amount: Amount) -> Amount:
         """Take and spend ``min(amount, what is left)`` in one round trip; returns how much."""
-        try:
-            out = await self.client.call(
-                P.MMI_GATE_RESERVE, self._reserve_arg(self.job, resource, amount, up_to=True, commit=True)
-            )
-        except REFUSALS:
-            self.refusals += 1
-            return 0
-        self.grants += 1
-        return out["granted"]
+        return await self._drive(self._reserve_up_to(resource, amount))
 
     async def commit(self, key: str) -> None:
-        await self.client.call(P.MMI_GATE_COMMIT, {"reservation": self._to_commit(key).reservation})
+        await self._drive(self._commit(key))
 
     async def release(self, resource: str, amount: Amount = 1, key: str | None = None) -> None:
-        held = self._to_release(resource, key)
-        if held is None:
-            return
-        try:
-            await self.client.call(P.MMI_GATE_RELEASE, {"reservation": held.reservation})
-        except errors.RecaError as exc:
-            self._release_failed(held, exc)
+        await self._drive(self._release(resource, key))
+
+    async def renew(self) -> int:
+        """As :meth:`KernelGate.renew`."""
+        return await self._drive(self._renew())

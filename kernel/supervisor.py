@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import psutil
 
@@ -126,6 +126,79 @@ class Backoff:
         return delay
 
 
+#: Per-child log files: rotated past this size, keeping this many older files (``NAME.log.1`` ...).
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 3
+#: Last output lines kept per child: the last one names why it exited (status's ``reason``).
+LOG_TAIL_LINES = 20
+#: Longest ``reason`` text shown in status.
+REASON_MAX_CHARS = 300
+
+
+class ChildLog:
+    """A child's stdout and stderr, written to ``DIR/NAME.log`` and rotated by size (``.log.1`` is
+    the newest older file, up to ``backups``).  Keeps the last lines in memory: the last one is
+    usually the reason a process exited.  Pure file I/O, no asyncio."""
+
+    def __init__(self, directory: str, name: str, *, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> None:
+        self.path = os.path.join(directory, f"{name}.log")
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self._partial = b""
+        self._fh = open(self.path, "ab")
+
+    def write(self, data: bytes) -> None:
+        self._fh.write(data)
+        self._fh.flush()
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()[-4096:]
+        for line in lines:
+            text = line.decode(errors="replace").strip()
+            if text:
+                self.tail.append(text)
+        if self._fh.tell() >= self.max_bytes:
+            self.rotate()
+
+    def rotate(self) -> None:
+        self._fh.close()
+        for n in range(self.backups - 1, 0, -1):
+            if os.path.exists(f"{self.path}.{n}"):
+                os.replace(f"{self.path}.{n}", f"{self.path}.{n + 1}")
+        if self.backups:
+            os.replace(self.path, f"{self.path}.1")
+        else:
+            os.unlink(self.path)
+        self._fh = open(self.path, "ab")
+
+    def mark(self, text: str) -> None:
+        """A line of the supervisor's own in the child's log (start, exit)."""
+        self._fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {text} ---\n".encode())
+        self._fh.flush()
+
+    def last_line(self) -> str | None:
+        if self._partial.strip():
+            return self._partial.decode(errors="replace").strip()
+        return self.tail[-1] if self.tail else None
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def exit_reason(returncode: int, last_line: str | None) -> str:
+    """``exit 1: <the child's last line>`` / ``killed by SIGKILL``: why a child ended, for status."""
+    if returncode < 0:
+        try:
+            what = f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            what = f"killed by signal {-returncode}"
+    else:
+        what = f"exit {returncode}"
+    if last_line and returncode != 0:
+        what += f": {last_line}"
+    return what[:REASON_MAX_CHARS]
+
+
 @dataclasses.dataclass
 class ChildSpec:
     """One supervised process, as declared in the TOML config (``[[service]]``)."""
@@ -161,6 +234,10 @@ class Child:
         self.last_exit: int | None = None
         self.pids: list[int] = []
         self.watcher: asyncio.Task | None = None
+        #: The child's log file (None: its output goes to the kernel's own stdout/stderr).
+        self.log: ChildLog | None = None
+        #: Why it last exited (``exit 1: <last line>``), or None.
+        self.reason: str | None = None
 
     @property
     def pid(self) -> int | None:
@@ -174,6 +251,8 @@ class Child:
             "restarts": self.restarts,
             "last_exit": self.last_exit,
             "restart": self.spec.restart.value,
+            "reason": self.reason,
+            "log": None if self.log is None else self.log.path,
         }
 
 
@@ -189,7 +268,12 @@ class Supervisor:
         period: float = P.RESTART_PERIOD,
         backoff_initial: float = P.BACKOFF_INITIAL,
         backoff_max: float = P.BACKOFF_MAX,
+        log_dir: str | None = None,
     ) -> None:
+        #: Where each child's output goes (``DIR/NAME.log``, rotated); None: the kernel's own output.
+        self.log_dir = log_dir
+        #: Called with (health, child) when a child is given up or an operator restarts one.
+        self.on_health: Callable[[str, Child], None] | None = None
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate child names in {names}")
@@ -226,17 +310,31 @@ class Supervisor:
         env.update(child.spec.env)
         env[ENV_SERVICE] = child.spec.name
         env[ENV_PARENT] = str(os.getpid())
+        if self.log_dir is not None:
+            env.setdefault("PYTHONUNBUFFERED", "1")  # a Python child's prints reach its log as they happen
         child.state = ChildState.STARTING
+        output: dict[str, Any] = {}
+        if self.log_dir is not None:
+            try:
+                if child.log is None:
+                    child.log = ChildLog(self.log_dir, child.spec.name)
+                output = {"stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.STDOUT}
+            except OSError as exc:
+                log.warning("cannot open the log file of %s in %s: %s; its output goes to the kernel's",
+                            child.spec.name, self.log_dir, exc)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *child.spec.argv, env=env, start_new_session=True, stdin=asyncio.subprocess.DEVNULL
+                *child.spec.argv, env=env, start_new_session=True, stdin=asyncio.subprocess.DEVNULL, **output
             )
         except OSError as exc:
             log.error("cannot start %s (%s): %s", child.spec.name, child.spec.argv, exc)
             child.last_exit = -1
+            child.reason = f"cannot start: {exc}"[:REASON_MAX_CHARS]
             child.proc = None
             self._after_exit(child, -1, 0.0)
             return
+        if output and child.log is not None:
+            child.log.mark(f"started pid {proc.pid}: {' '.join(child.spec.argv)}")
         child.proc = proc
         child.pids.append(proc.pid)
         child.started_at = time.monotonic()
@@ -257,11 +355,32 @@ class Supervisor:
         except OSError as exc:
             log.warning("cannot apply limits to %s: %s", child.spec.name, exc)
 
+    async def _pump(self, child: Child, proc: asyncio.subprocess.Process) -> None:
+        """Copy the child's output to its log file until the pipe closes."""
+        assert proc.stdout is not None and child.log is not None
+        while True:
+            data = await proc.stdout.read(65536)
+            if not data:
+                return
+            try:
+                child.log.write(data)
+            except (OSError, ValueError) as exc:  # disk full: keep draining (a full pipe would block the child)
+                log.warning("log of %s: %s", child.spec.name, exc)
+
     async def _watch(self, child: Child, proc: asyncio.subprocess.Process) -> None:
+        pump = self._own(self._pump(child, proc)) if proc.stdout is not None and child.log is not None else None
         returncode = await proc.wait()
+        if pump is not None:
+            try:  # the rest of its output, bounded: a grandchild may hold the pipe open
+                await asyncio.wait_for(asyncio.shield(pump), 1.0)
+            except asyncio.TimeoutError:
+                pass
         if child.proc is not proc:
             return
         child.last_exit = returncode
+        child.reason = exit_reason(returncode, None if child.log is None else child.log.last_line())
+        if child.log is not None:
+            child.log.mark(child.reason)
         ran_for = time.monotonic() - child.started_at
         if self._shutting_down:
             child.state = ChildState.SHUTDOWN
@@ -272,18 +391,21 @@ class Supervisor:
         name = child.spec.name
         if not should_restart(child.spec.restart, returncode):
             child.state = ChildState.EXITED
-            log.info("%s exited with %s; not restarted (%s)", name, returncode, child.spec.restart.value)
+            log.info("%s exited (%s); not restarted (%s)", name, child.reason or returncode, child.spec.restart.value)
             return
         if not child.intensity.allow(time.monotonic()):
             child.state = ChildState.GIVEN_UP
             log.critical(
-                "GIVING UP on %s: more than %d restarts in %.1f s (last exit %s); the rest keep running",
-                name, child.intensity.intensity, child.intensity.period, returncode,
+                "GIVING UP on %s: more than %d restarts in %.1f s (%s); the rest keep running",
+                name, child.intensity.intensity, child.intensity.period, child.reason or returncode,
             )
+            if self.on_health is not None:
+                self.on_health(self.health(), child)
             return
         delay = child.backoff.next_delay(ran_for)
         child.state = ChildState.BACKOFF
-        log.warning("%s exited with %s; restarting in %.2f s", name, returncode, delay)
+        log.warning("%s exited (%s); restarting in %.2f s%s", name, child.reason or returncode, delay,
+                    "" if child.log is None else f" (its log: {child.log.path})")
         box: list[asyncio.TimerHandle] = []
         box.append(asyncio.get_running_loop().call_later(delay, lambda: self._restart_later(child, box[0])))
         self._timers.add(box[0])
@@ -311,6 +433,9 @@ class Supervisor:
                 task.cancel()
             if still:
                 await asyncio.gather(*still, return_exceptions=True)
+        for child in self.children:
+            if child.log is not None:
+                child.log.close()
 
     async def _stop_child(self, child: Child) -> None:
         proc = child.proc
@@ -372,6 +497,8 @@ class Supervisor:
         child.state = ChildState.BACKOFF
         log.warning("%s restarted by an operator (mmi.restart)", name)
         self._own(self._spawn(child))
+        if self.on_health is not None:
+            self.on_health(self.health(), child)
         return child.restarts
 
     def suspend(self, name: str) -> int:
@@ -405,8 +532,14 @@ class Supervisor:
         os.kill(pid, sig)
         return pid
 
+    def health(self) -> str:
+        """``degraded`` while a permanent child is given up, else ``ready``."""
+        given_up = any(c.state is ChildState.GIVEN_UP and c.spec.restart is RestartType.PERMANENT
+                       for c in self.children)
+        return "degraded" if given_up else "ready"
+
     def stats(self) -> dict[str, Any]:
-        return {"children": [c.info() for c in self.children]}
+        return {"children": [c.info() for c in self.children], "health": self.health()}
 
     def all_pids(self) -> list[int]:
         return [c.proc.pid for c in self.children if c.proc is not None and c.proc.returncode is None]

@@ -483,7 +483,7 @@ class Engine:
             dtype=torch.long, device=dev,
         )
         idx = torch.tensor(new, dtype=torch.long, device=dev)
-        logits = self.model.forward_paged(idx, pos, write, read, self.cache.k_flat, self.cache.v_flat)
+        logits = self.model.forward_paged(idx, pos, write, read, self.cache.k, self.cache.v)
         for b, (seq, toks) in enumerate(zip(seqs, new)):
             seq.tokens.extend(toks)
             seq.logits.extend(logits[b].unbind(0))
@@ -591,10 +591,11 @@ class Engine:
         src = torch.tensor(self.cache.slots(old.table, old_pos), dtype=torch.long)
         dst = torch.tensor(self.cache.slots(winner.table, range(at, at + len(middle))), dtype=torch.long)
         delta = torch.full((len(middle),), at - old_pos[0], dtype=torch.long)
-        kf, vf = self.cache.k_flat, self.cache.v_flat
-        k_old = kf[:, src]  # [L, n, H, D]
-        kf[:, dst] = rope(k_old, delta, self.cfg.rope_base)
-        vf[:, dst] = vf[:, src]
+        kc, vc = self.cache.k, self.cache.v
+        (sb, so), (db, do) = self.cache.split(src), self.cache.split(dst)
+        k_old = kc[:, sb, so]  # [L, n, H, D]
+        kc[:, db, do] = rope(k_old, delta, self.cfg.rope_base)
+        vc[:, db, do] = vc[:, sb, so]
         winner.tokens.extend(middle)
         old_logits = old.logits[end + len(head) : end + len(head) + len(middle)]
         winner.logits.extend(old_logits)  # stale: only the last row is used for decoding

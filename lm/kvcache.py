@@ -1,10 +1,12 @@
 """Paged KV cache: one pool of fixed-size blocks shared by all layers, an allocator, block copy.
 
-Layout: one pool ``[L, 2, num_blocks, block_size, H, D]`` (axis 1: 0 = K, 1 = V, the layout of
-``accel.kv``); ``k`` and ``v`` are its ``[L, num_blocks, block_size, H, D]`` views.  A block id
-names the same block in every layer, for K and V.  A sequence owns a *block table* (a list of block ids); the key/value of its token
-at position ``p`` lives at flat slot ``table[p // block_size] * block_size + p % block_size`` of
-the ``[L, num_blocks * block_size, H, D]`` view.
+Layout: one block-major pool ``[num_blocks, L, 2, block_size, H, D]`` (axis 2: 0 = K, 1 = V, the
+layout of ``accel.kv``: a block's keys and values of every layer are contiguous, so a block copy is
+one memmove); ``k`` and ``v`` are its ``[L, num_blocks, block_size, H, D]`` views (strided, not
+contiguous).  A block id names the same block in every layer, for K and V.  A sequence owns a
+*block table* (a list of block ids); the key/value of its token at position ``p`` lives at flat
+slot ``table[p // block_size] * block_size + p % block_size``, i.e. ``k[:, slot // block_size,
+slot % block_size]`` (:meth:`PagedKVCache.split`).
 
 Blocks are reference-counted so that forks (beam hypotheses, a splice in progress) share their
 common prefix; a writer copies a shared block first (copy-on-write, :func:`copy_blocks`).
@@ -99,7 +101,7 @@ class BlockAllocator:
 
 
 def copy_blocks(pool: torch.Tensor, mapping: Mapping[int, int] | Sequence[tuple[int, int]]) -> None:
-    """Copy whole blocks ``src -> dst`` of ``pool`` ``[L, 2, num_blocks, bs, H, D]`` (K and V of
+    """Copy whole blocks ``src -> dst`` of ``pool`` ``[num_blocks, L, 2, bs, H, D]`` (K and V of
     every layer at once).
 
     Contract (the one of ``accel.kv.copy_blocks``): ids in range, no destination twice, no block
@@ -120,7 +122,7 @@ def copy_blocks(pool: torch.Tensor, mapping: Mapping[int, int] | Sequence[tuple[
 
         _accel_kv.copy_blocks(cupy.asarray(pool), src, dst)
         return
-    n = pool.shape[2]
+    n = pool.shape[0]
     if any(not 0 <= b < n for b in src + dst):
         raise ValueError(f"block ids must lie in [0, {n})")
     if len(set(dst)) != len(dst):
@@ -129,7 +131,7 @@ def copy_blocks(pool: torch.Tensor, mapping: Mapping[int, int] | Sequence[tuple[
         raise ValueError("a block is both a source and a destination")
     idx_src = torch.tensor(src, dtype=torch.long, device=pool.device)
     idx_dst = torch.tensor(dst, dtype=torch.long, device=pool.device)
-    pool.index_copy_(2, idx_dst, pool.index_select(2, idx_src))
+    pool.index_copy_(0, idx_dst, pool.index_select(0, idx_src))
 
 
 class PagedKVCache:
@@ -150,20 +152,15 @@ class PagedKVCache:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (n_layers, 2, num_blocks, block_size, n_heads, head_dim)
+        shape = (num_blocks, n_layers, 2, block_size, n_heads, head_dim)
         self.pool = torch.zeros(shape, dtype=dtype, device=device)
-        self.k = self.pool[:, 0]
-        self.v = self.pool[:, 1]
+        self.k = self.pool[:, :, 0].transpose(0, 1)  # [L, num_blocks, block_size, H, D] view
+        self.v = self.pool[:, :, 1].transpose(0, 1)
         self.allocator = BlockAllocator(num_blocks)
 
-    @property
-    def k_flat(self) -> torch.Tensor:
-        """``[L, num_blocks * block_size, H, D]`` view of the key pool."""
-        return self.k.view(self.k.shape[0], -1, *self.k.shape[3:])
-
-    @property
-    def v_flat(self) -> torch.Tensor:
-        return self.v.view(self.v.shape[0], -1, *self.v.shape[3:])
+    def split(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) index tensors of flat slots: ``k[:, block, offset]`` is slot ``slots``."""
+        return torch.div(slots, self.block_size, rounding_mode="floor"), slots % self.block_size
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
@@ -177,5 +174,5 @@ class PagedKVCache:
 
     def gather(self, table: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[L, length, H, D]`` of a sequence, read through its block table."""
-        idx = torch.tensor(self.slots(table, range(length)), dtype=torch.long, device=self.k.device)
-        return self.k_flat[:, idx], self.v_flat[:, idx]
+        b, o = self.split(torch.tensor(self.slots(table, range(length)), dtype=torch.long, device=self.k.device))
+        return self.k[:, b, o], self.v[:, b, o]

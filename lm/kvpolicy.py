@@ -105,8 +105,8 @@ def attend(q: torch.Tensor, blocks: Sequence[int], tiers: TieredKV, layer: int, 
             on_chunk(i)
         try:
             slots = tiers.slots(part)
-            k = torch.from_numpy(tiers.device[layer, 0, slots]).reshape(-1, H, D)
-            v = torch.from_numpy(tiers.device[layer, 1, slots]).reshape(-1, H, D)
+            k = torch.from_numpy(tiers.device[slots, layer, 0]).reshape(-1, H, D)
+            v = torch.from_numpy(tiers.device[slots, layer, 1]).reshape(-1, H, D)
         finally:
             tiers.release(part)
         sc = torch.einsum("hd,nhd->hn", q, k) * scale

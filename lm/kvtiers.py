@@ -2,7 +2,7 @@
 
 One sequence's keys and values are cut into *logical blocks* of ``block_size`` tokens (block
 ``i`` holds positions ``[i * bs, (i + 1) * bs)``, every layer, K and V: the layout of
-``accel.kv``, ``[L, 2, n, bs, H, D]``).  Each logical block has exactly one *master* copy, in
+``accel.kv``, block-major ``[n, L, 2, bs, H, D]``).  Each logical block has exactly one *master* copy, in
 the host pool or on disk, and at most one *device* copy in the arena:
 
 * **device arena** — ``device_blocks`` slots, the only place attention reads from.  Its size is
@@ -109,7 +109,7 @@ class TieredKV:
             raise ValueError(f"disk_blocks must be a non-negative integer, got {disk_blocks!r}")
         self.block_size = block_size
         self.geometry = (n_layers, n_heads, head_dim)
-        shape = lambda n: (n_layers, 2, n, block_size, n_heads, head_dim)  # noqa: E731
+        shape = lambda n: (n, n_layers, 2, block_size, n_heads, head_dim)  # noqa: E731  (block-major, accel.kv)
         self.device = np.zeros(shape(device_blocks), dtype)
         self.host = np.zeros(shape(host_blocks), dtype)
         self._disk_file = None
@@ -146,7 +146,7 @@ class TieredKV:
 
     @property
     def device_blocks(self) -> int:
-        return self.device.shape[2]
+        return self.device.shape[0]
 
     @property
     def num_blocks(self) -> int:
@@ -201,13 +201,13 @@ class TieredKV:
         b, off = divmod(start, self.block_size)
         tier, slot = self._master[b]
         pool = self.host if tier == HOST else self.disk
-        pool[:, 0, slot, off:off + n] = keys
-        pool[:, 1, slot, off:off + n] = values
+        pool[slot, :, 0, off:off + n] = keys
+        pool[slot, :, 1, off:off + n] = values
         with self.lock:
             ds = self._dev_of.get(b)
             if ds is not None and b not in self._inflight:
-                self.device[:, 0, ds, off:off + n] = keys
-                self.device[:, 1, ds, off:off + n] = values
+                self.device[ds, :, 0, off:off + n] = keys
+                self.device[ds, :, 1, off:off + n] = values
         kmin, kmax = keys.min(axis=1), keys.max(axis=1)
         if off == 0:
             self.kmin[:, b], self.kmax[:, b] = kmin, kmax
@@ -219,13 +219,13 @@ class TieredKV:
         b, off = divmod(pos, self.block_size)
         tier, slot = self._master[b]
         pool = self.host if tier == HOST else self.disk
-        pool[layer, 0, slot, off] = key
-        pool[layer, 1, slot, off] = value
+        pool[slot, layer, 0, off] = key
+        pool[slot, layer, 1, off] = value
         with self.lock:
             ds = self._dev_of.get(b)
             if ds is not None and b not in self._inflight:
-                self.device[layer, 0, ds, off] = key
-                self.device[layer, 1, ds, off] = value
+                self.device[ds, layer, 0, off] = key
+                self.device[ds, layer, 1, off] = value
         if off == 0:
             self.kmin[layer, b], self.kmax[layer, b] = key, key
         else:
@@ -241,8 +241,8 @@ class TieredKV:
                 victim = self._host_victim()
                 if victim is None or not self._free[DISK]:
                     raise DiskTierFullError(
-                        f"KV tiers full: {self.host.shape[2]} host and "
-                        f"{0 if self.disk is None else self.disk.shape[2]} disk blocks hold "
+                        f"KV tiers full: {self.host.shape[0]} host and "
+                        f"{0 if self.disk is None else self.disk.shape[0]} disk blocks hold "
                         f"{self.num_blocks} blocks; block {self.num_blocks} does not fit")
                 self._demote(victim)
             b = len(self._master)
@@ -458,7 +458,7 @@ class TieredKV:
         """The master copy of ``block`` ``[L, 2, bs, H, D]`` (tests, the plain reference)."""
         self._check_block(block)
         tier, slot = self._master[block]
-        return np.array((self.host if tier == HOST else self.disk)[:, :, slot])
+        return np.array((self.host if tier == HOST else self.disk)[slot])
 
     def _check_block(self, b: int) -> None:
         if self.closed:

@@ -115,20 +115,25 @@ class TinyLM(nn.Module):
         slots their keys/values are written to.  ``read_slots``: ``[B, S]`` flat slots of key
         positions ``0..S-1`` of each sequence (gathered through its block table); key ``j`` is
         visible to query ``t`` iff ``j <= pos[b, t]``, so slots past a sequence's length are never
-        read.  ``k_pool``/``v_pool``: ``[L, num_slots, H, D]`` views, modified in place.
+        read.  ``k_pool``/``v_pool``: ``[L, num_blocks, block_size, H, D]`` views of the paged
+        pool (:class:`lm.kvcache.PagedKVCache` ``k``/``v``), modified in place; flat slot ``s`` is
+        ``[:, s // block_size, s % block_size]``.
         """
         B, T = idx.shape
         S = read_slots.shape[1]
+        bs = k_pool.shape[2]
         mask = torch.arange(S, device=idx.device)[None, None, :] <= pos[:, :, None]  # [B,T,S]
         mask = mask[:, None]  # [B,1,T,S]
         flat_write = write_slots.reshape(-1)
+        wb, wo = torch.div(flat_write, bs, rounding_mode="floor"), flat_write % bs
+        rb, ro = torch.div(read_slots, bs, rounding_mode="floor"), read_slots % bs
         x = self.emb(idx)
         for layer, blk in enumerate(self.blocks):
             q, k, v = blk.qkv_rope(x, pos)
-            k_pool[layer].index_copy_(0, flat_write, k.reshape(B * T, *k.shape[2:]))
-            v_pool[layer].index_copy_(0, flat_write, v.reshape(B * T, *v.shape[2:]))
-            keys = k_pool[layer][read_slots]  # [B, S, H, D]
-            vals = v_pool[layer][read_slots]
+            k_pool[layer][wb, wo] = k.reshape(B * T, *k.shape[2:])
+            v_pool[layer][wb, wo] = v.reshape(B * T, *v.shape[2:])
+            keys = k_pool[layer][rb, ro]  # [B, S, H, D]
+            vals = v_pool[layer][rb, ro]
             attn = F.scaled_dot_product_attention(
                 q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask
             )

@@ -3,10 +3,26 @@ short heartbeats, every wait bounded (pytest-timeout as the global bound)."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import zmq
 
 from tests.support import KernelProcess, service_block
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_pycollect_makeitem(collector, name, obj):
+    """pytest-asyncio runs in strict mode (pyproject) so that tests marked ``anyio`` run under
+    anyio's plugin, on asyncio *and* trio; every other async test gets the ``asyncio`` mark here,
+    as auto mode would give it.  (trylast: this wrapper is the innermost, so the mark is there
+    before pytest-asyncio looks for it.)"""
+    outcome = yield
+    items = outcome.get_result()
+    for item in items if isinstance(items, list) else [items]:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(getattr(item, "obj", None)) \
+                and item.get_closest_marker("anyio") is None and item.get_closest_marker("asyncio") is None:
+            item.add_marker("asyncio")
 
 
 @pytest.fixture

@@ -60,10 +60,10 @@ def test_report_renders_tables_targets_plots_and_failures(tmp_path):
         json.dump(_report.aggregate("missed", True, [_result(5.0)], ENV, 1.0), fh)
     md = _report.write_report(str(tmp_path), str(tmp_path / "out.md"))
     text = open(md).read()
-    assert "| demo | 3 | 1/1 |  |" in text
+    assert "| demo | median of 3 | 1/1 |  |" in text
     assert "| ratio | 2.2 | 2 | 2.4 |  | <= 3 | **met** |" in text
     assert "| lat_p99_ms | 1.1 | 1 | 1.2 | 1000 |" in text
-    assert "| missed (quick) | 1 | 0/1 | `ratio` 10 vs <= 3 |" in text
+    assert "| missed (quick) | 1 run | 0/1 | `ratio` 10 vs <= 3 |" in text
     assert "## noplots" in text and "## broken" in text and "unreadable result file" in text
     assert os.path.getsize(tmp_path / "out" / "demo_cdf.png") > 1000
     assert os.path.getsize(tmp_path / "out" / "demo_curve.png") > 1000
@@ -80,3 +80,18 @@ def test_bench_all_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         bench_main.main(["all", "--only", "nosuchbench", "--out", "/tmp/unused"])
     assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_headlines_name_their_peer_and_deterministic_runs_say_so(tmp_path):
+    doc = _report.aggregate("demo", False, [_result(1.0), _result(1.2), _result(1.1)], ENV, 2.0,
+                            headline={"ratio": "the strongest peer", "not_a_metric": "dropped"})
+    assert doc["headline"] == {"ratio": "the strongest peer"} and doc["deterministic"] is False
+    det = _report.aggregate("det", False, [_result(1.0)], dict(ENV, commit="def"), 1.0, deterministic=True)
+    for d in (doc, det):
+        with open(tmp_path / f"{d['bench']}.json", "w") as fh:
+            json.dump(d, fh)
+    text = open(_report.write_report(str(tmp_path), str(tmp_path / "out.md"), expected=["demo", "det", "gone"])).read()
+    assert "| [demo](#demo) | `ratio` | 2.2 [2, 2.4] (median of 3) | the strongest peer | <= 3: met |" in text
+    assert "| det | deterministic | 1/1 |  |" in text
+    assert "**Not in this report** (no result file): gone." in text
+    assert "**Mixed commits**" in text  # abc and def

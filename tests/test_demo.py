@@ -28,6 +28,7 @@ def test_demo_runs_end_to_end_and_its_decision_log_replays():
     processes = sum(s.get("replicas", 1) for s in config["service"])
     assert f"reca kernel ready ({processes} service process(es))" in text
     assert "kernel stopped (exit 0)" in text
+    assert re.search(r"watch it live in a browser: http://127\.0\.0\.1:\d+/\?token=\S+", text), text[:3000]
     m = re.search(r"(\d+) ledger decisions replayed, (\d+) divergences; (\d+) other records", text)
     assert m is not None, text[-2000:]
     assert int(m.group(1)) > 100 and int(m.group(2)) == 0 and int(m.group(3)) > 0

@@ -104,8 +104,8 @@ def test_tier_moves_match_a_plain_dense_reference(tmp_path) -> None:
         slots = tiers.slots(want)
         for b, s in zip(want, slots):
             lo, hi = b * bs, min((b + 1) * bs, ref_k.shape[1])
-            np.testing.assert_array_equal(tiers.device[:, 0, s, : hi - lo], ref_k[:, lo:hi])
-            np.testing.assert_array_equal(tiers.device[:, 1, s, : hi - lo], ref_v[:, lo:hi])
+            np.testing.assert_array_equal(tiers.device[s, :, 0, : hi - lo], ref_k[:, lo:hi])
+            np.testing.assert_array_equal(tiers.device[s, :, 1, : hi - lo], ref_v[:, lo:hi])
             np.testing.assert_array_equal(tiers.kmin[:, b], ref_k[:, lo:hi].min(1))
             np.testing.assert_array_equal(tiers.kmax[:, b], ref_k[:, lo:hi].max(1))
         tiers.release(want)

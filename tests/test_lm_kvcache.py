@@ -67,17 +67,17 @@ def test_allocator_check_detects_a_leak():
 
 
 def test_copy_blocks_copies_k_and_v_of_every_layer():
-    pool = torch.arange(3 * 2 * 4 * 2 * 1 * 1, dtype=torch.float64).view(3, 2, 4, 2, 1, 1)
+    pool = torch.arange(3 * 2 * 4 * 2 * 1 * 1, dtype=torch.float64).view(4, 3, 2, 2, 1, 1)  # block-major: 4 blocks, 3 layers
     before = pool.clone()
     copy_blocks(pool, {0: 1, 3: 2})
-    assert torch.equal(pool[:, :, 1], before[:, :, 0])
-    assert torch.equal(pool[:, :, 2], before[:, :, 3])
-    assert torch.equal(pool[:, :, 0], before[:, :, 0]) and torch.equal(pool[:, :, 3], before[:, :, 3])
+    assert torch.equal(pool[1], before[0])
+    assert torch.equal(pool[2], before[3])
+    assert torch.equal(pool[0], before[0]) and torch.equal(pool[3], before[3])
 
 
 @pytest.mark.parametrize("mapping", [{0: 4}, [(0, 1), (2, 1)], {0: 1, 1: 2}])
 def test_copy_blocks_rejects_bad_mappings_without_writing(mapping):
-    pool = torch.arange(1 * 2 * 4 * 1 * 1 * 1, dtype=torch.float64).view(1, 2, 4, 1, 1, 1)
+    pool = torch.arange(1 * 2 * 4 * 1 * 1 * 1, dtype=torch.float64).view(4, 1, 2, 1, 1, 1)
     before = pool.clone()
     with pytest.raises(ValueError):
         copy_blocks(pool, mapping)
