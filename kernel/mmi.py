@@ -29,6 +29,7 @@ from kernel import protocol as P
 from kernel.ledger import DEFAULT_JOB, ROOT, is_default_job, refusal
 from kernel.policy import Core as Router
 from kernel.policy import Order
+from kernel.quotas import RateQuota
 from kernel.principal import LOCAL_OPERATOR, Principal
 
 if TYPE_CHECKING:
@@ -97,12 +98,17 @@ class Management:
         self.procs = procs
         #: One handler per operation of the protocol table (Invariant: exactly its keys).
         self.handlers: dict[str, Handler] = {op: getattr(self, handler_name(op)) for op in P.MMI_OPS}
+        #: Management calls per principal below operator (issue 24).
+        self.calls = RateQuota(P.MMI_CALLS_PER_S * 60.0, burst=P.MMI_CALLS_PER_S)
 
     def handle(self, router: "Router", name: str, arg: Any, now: float, caller: Caller = Caller()) -> Any:
         """Answer the management call ``name`` from ``caller``."""
         spec = P.MMI_OPS.get(name)
         if spec is None:
             return None
+        if not caller.principal.operator and not self.calls.take(caller.principal.name, now)[0]:
+            return errors.Overloaded(f"{name}: {caller.principal.name} sends more than {P.MMI_CALLS_PER_S} "
+                                     "management calls a second; retry later")
         if role_of(caller.principal).rank < spec.authority.rank:
             return self.forbid(router, caller, name, arg, now,
                                f"{name} needs the {spec.authority} role; {caller.principal.name} is "

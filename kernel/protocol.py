@@ -513,6 +513,9 @@ AUDIT_BYTES_PER_MIN: Final = 16 * 1024 * 1024
 #: ``forbidden`` / ``audit_refused`` records per principal per minute; beyond, they are counted
 #: (``counters.records_suppressed``) and the next record carries the count as ``suppressed``.
 FORBIDDEN_RECORDS_PER_MIN: Final = 60
+#: Management calls per principal below operator per second (a bucket of as many): beyond,
+#: ``overloaded`` (issue 24: one client looping calls must not take the kernel's one thread).
+MMI_CALLS_PER_S: Final = 1000
 #: Default longest pause: a request paused longer is resumed by the kernel, seconds (config [limits]).
 MAX_PAUSE: Final = 60.0
 #: Client-side default bound on one request, seconds, and its default number of retries.

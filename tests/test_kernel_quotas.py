@@ -225,3 +225,15 @@ def test_a_principal_with_many_jobs_gets_them_a_page_at_a_time(tmp_path, monkeyp
     assert len({name for p in pages for name in p["jobs"]}) == 251
     one = router.management.handle(router, P.MMI_JOB_STATS, {"job": "j007"}, 0.0, alice)
     assert one["owner"] == "alice"
+
+
+def test_management_calls_per_principal_per_second(tmp_path):
+    log, adm, router = _kernel(tmp_path)
+    mallory, alice = Caller(b"m", Principal("mallory", "client")), Caller(b"a", Principal("alice", "client"))
+    outs = [router.management.handle(router, P.MMI_JOB_STATS, {}, 5.0, mallory) for _ in range(P.MMI_CALLS_PER_S + 200)]
+    over = [o for o in outs if isinstance(o, errors.Overloaded)]
+    assert len(over) == 200 and "management calls a second" in over[0].message
+    assert isinstance(router.management.handle(router, P.MMI_JOB_STATS, {}, 5.0, alice), dict)  # others unaffected
+    assert isinstance(router.management.handle(router, P.MMI_JOB_STATS, {}, 6.5, mallory), dict)  # refilled
+    op = Caller(b"o", Principal("op", "operator"))
+    assert all(isinstance(router.management.handle(router, P.MMI_JOB_STATS, {}, 5.0, op), dict) for _ in range(1500))

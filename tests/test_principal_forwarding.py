@@ -54,8 +54,11 @@ def test_a_service_acts_for_a_caller_only_while_serving_its_request():
     alice, mallory = Principal("alice", "client"), Principal("mallory", "client")
 
     def call(ident, principal, service, header):
-        router.on_message([ident, P.MDPC, C.REQUEST.value, service, codec.pack({"v": P.VERSION, "id": 1, **header}),
-                           codec.pack({})], 0.0, principal)
+        router.on_message(
+            [ident, P.MDPC, C.REQUEST.value, service, codec.pack({"v": P.VERSION, "id": 1, **header}), codec.pack({})],
+            0.0,
+            principal,
+        )
 
     def forwarded(worker):
         msgs = [f for f in sent if f[0] == worker]
