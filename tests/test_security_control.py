@@ -79,8 +79,6 @@ def test_a_foreign_subscription_gets_nothing(kern):
             server_cert=os.path.join(kern.keys, "kernel.key"),
         ) as c:
             c.wait_for_service("echo", 30)
-            for job in ("nobody", "nobody2"):
-                c.open_job(job, {})
             # Orders on ctl/echo/ until the subscribers that may hear them do (subscriptions
             # travel asynchronously; bounded).
             heard_own: list[bytes] = []

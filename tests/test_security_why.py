@@ -299,7 +299,6 @@ def test_only_the_services_principal_registers_as_it(sec):
 def test_audit_writes_only_under_the_writers_own_source_within_a_quota(sec):
     event = {"decision": "x"}
     with as_(sec, "bob") as bob, as_(sec, "ttc-svc") as ttc:
-        started = time.monotonic()  # the refill counts from ttc's first logged record on
         for source in ("ttc", "kernel", "bob"):
             _forbidden(bob.call, P.MMI_AUDIT, {"source": source, "events": [event]})
         _forbidden(ttc.call, P.MMI_AUDIT, {"source": "kernel", "events": [event]})
