@@ -29,6 +29,7 @@ ENTRY_POINTS: dict[str, tuple[str, ...]] = {
         f"bk_scan_{stage}_{ct}" for ct in ("c128", "c64") for stage in ("maps", "carry", "fill")
     ),
     "precision": ("prec_quantise", "prec_dequantise", "prec_matvec"),
+    "demopack": ("dp_decode", "dp_matvec"),  # spark/codebook.py (seed 003)
 }
 
 BACKENDS = ("auto", "reference", "cupy", "emulate")

@@ -5,12 +5,18 @@ runtime directory, so it restores its enforcement state from its decision log).
 Honest side: clients calling ``echo`` under a job with a budget (each call spends flops), every
 call with an idempotency key and Lazy-Pirate retries.  Hostile side, in a random order: garbage
 frames, oversized multi-frame messages, a peer that never reads, claims of the ROUTER's
-unseeded routing ids, floods of service names and bursts of connections.
+unseeded routing ids, floods of service names and bursts of connections, and (issue 24) frames
+nested deeper than the codec's cap (a request header, an ``mmi.audit`` event: each must be
+answered with a typed error).  Every other kernel kill (issue 24; the first one of each run) also tears the decision log:
+a partial record is appended after the SIGKILL, as a crash in the middle of a write leaves it.
 
 Figures and targets (issue 14): peer-caused kernel aborts (0), kernel RSS maximum (<= 300 MB),
 honest requests without exactly one answer (0; an answer is a result or a typed error), honest
 p99 under hostile load over quiet p99 measured in the same run (<= 5), and after every kernel
-restart the job's spent amounts against a replay of the log (0 mismatches).  The p99 figures
+restart the job's spent amounts against a replay of the log (0 mismatches), and (issue 24) the
+job's spent amounts the honest clients were told before each kernel kill against those the
+restarted kernel reports (0 lost), deep frames without an answer (0), and ``python -m kernel
+fsck`` on the log at the end (status 0).  The p99 figures
 are of honest calls that succeeded at their first attempt (a call cut by a kernel SIGKILL is
 answered with a typed error or after a retry, and is counted as answered, not timed).
 """
@@ -27,6 +33,7 @@ import threading
 import time
 from typing import Any
 
+import msgpack
 import psutil
 import zmq
 
@@ -48,13 +55,14 @@ class Hostile:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
         self.attacks: dict[str, int] = {}
+        self.deep_unanswered = 0
 
     def run(self, endpoint: str, stop: Any) -> dict[str, int]:
         ctx = zmq.Context()
         ctx.set(zmq.MAX_SOCKETS, 8192)
         ctx.setsockopt(zmq.SNDTIMEO, 2000)  # the kernel may be down (chaos): never block for long
         attacks = [self.garbage, self.oversized, self.never_reads, self.claim_ids, self.name_flood,
-                   self.connection_burst]
+                   self.connection_burst, self.deep_nesting]
         try:
             while not stop.is_set():
                 attack = self.rng.choice(attacks)
@@ -66,6 +74,30 @@ class Hostile:
         finally:
             ctx.destroy(linger=0)
         return self.attacks
+
+    def deep_nesting(self, ctx, endpoint) -> None:
+        """A reca request whose header, and an ``mmi.audit`` whose event, nest 980 deep: each is
+        answered, never dropped (the audit with ``bad_request``; a header past the codec's depth
+        cap is no reca header, so the request is served as an opaque MDP body)."""
+        deep: Any = 1
+        for _ in range(980):
+            deep = [deep]
+        frames = [[P.MDPC, P.ClientCmd.REQUEST.value, b"echo",
+                   msgpack.packb({"v": P.VERSION, "id": 1, "x": deep}), msgpack.packb({})],
+                  [P.MDPC, P.ClientCmd.REQUEST.value, P.MMI_AUDIT.encode(), msgpack.packb({"v": P.VERSION, "id": 2}),
+                   msgpack.packb({"source": "x", "events": [{"e": deep}]})]]
+        for message in frames:
+            # A kernel killed by the chaos loop (or a connection over the peer cap during a
+            # burst) answers nothing: one more try on a fresh connection after it is back.
+            answered = False
+            for wait_s in (5.0, 15.0):
+                (s,) = self._dealers(ctx, endpoint, 1)
+                s.send_multipart(message)
+                answered = bool(s.poll(int(wait_s * 1000)))
+                self._close([s])
+                if answered:
+                    break
+            self.deep_unanswered += 0 if answered else 1
 
 
     def _dealers(self, ctx: zmq.Context, endpoint: str, n: int, ids=None) -> list[zmq.Socket]:
@@ -138,7 +170,9 @@ class Hostile:
 
 
 def _hostile_main(endpoint: str, seed: int, stop: Any, out: Any) -> None:
-    out.put(Hostile(seed).run(endpoint, stop))
+    h = Hostile(seed)
+    attacks = h.run(endpoint, stop)
+    out.put({**attacks, "deep_unanswered": h.deep_unanswered})
 
 
 class Soak:
@@ -157,6 +191,10 @@ class Soak:
         self.restarts = 0
         self.rss_max = 0.0
         self.mismatches = 0
+        self.state_lost = 0  # kernel kills after which a job's spent amounts differ from before
+        self.torn = 0
+        self.deep_unanswered = 0
+        self.fsck_status: int | None = None
         self.lock = threading.Lock()
         self.quiet: list[float] = []
         self.loud: list[float] = []
@@ -243,7 +281,8 @@ class Soak:
                 continue
             kids = [p for p in k.descendants() if "services.echo" in " ".join(p.cmdline() or [])] \
                 if k.proc.poll() is None else []
-            what = self.rng.choice(["kill_service", "stop_service", "kill_kernel"])
+            # Every run restores at least once (the first chaos event kills the kernel).
+            what = self.rng.choice(["kill_service", "stop_service", "kill_kernel"]) if self.chaos else "kill_kernel"
             self.chaos[what] = self.chaos.get(what, 0) + 1
             if what == "kill_service" and kids:
                 self.rng.choice(kids).send_signal(signal.SIGKILL)
@@ -258,18 +297,37 @@ class Soak:
             elif what == "kill_kernel":
                 self.restart_kernel()
 
+    def _told(self) -> dict | None:
+        """The job's spent amounts as the kernel reports them now (wall time aside: it runs on)."""
+        k = self.kernel
+        assert k is not None
+        try:
+            with Client(k.endpoint, timeout=10, retries=0) as c:
+                spent = c.mmi(P.MMI_JOB_STATS, {"job": JOB})["spent"]
+        except errors.RecaError:
+            return None
+        return {kk: v for kk, v in spent.items() if kk != "wall_ms"}
+
     def restart_kernel(self) -> None:
         k = self.kernel
         assert k is not None
         self.pause.set()
-        self.expected_exits += 1
-        k.kill()
-        self.start_kernel()
-        self.restarts += 1
-        # The honest clients finish (answer or typed error) the calls the kill cut, then hold
-        # still: the comparison is then of a quiescent ledger with its log.
+        # The honest clients finish (answer or typed error) their calls and hold still, so what
+        # they were told before the kill is a quiescent state to compare the restored one with.
         for _ in range(self.honest_threads):
             self.idle.acquire(timeout=60)
+        before = self._told()
+        self.expected_exits += 1
+        k.kill()
+        if self.restarts % 2 == 0:  # every other kill: a crash in the middle of a write, a torn record
+            with open(k.decision_log, "ab") as fh:
+                fh.write(b'{"seq":' + str(self.rng.randrange(1 << 30)).encode() + b',"op":"char')
+            self.torn += 1
+        self.start_kernel()
+        self.restarts += 1
+        after = self._told()
+        if before is not None and after != before:
+            self.state_lost += 1
         self.check_replay()
         self.pause.clear()
 
@@ -312,6 +370,7 @@ class Soak:
         hostile_stop.set()
         try:
             self.attacks = hostile_out.get(timeout=120)
+            self.deep_unanswered = self.attacks.pop("deep_unanswered", 0)
         except queue.Empty:
             pass
         hostile.join(30)
@@ -322,6 +381,9 @@ class Soak:
         self.kernel_alive_check()
         if self.kernel is not None:
             self.kernel.stop()
+            from kernel.fsck import check
+
+            self.fsck_status = check(self.kernel.decision_log, repair=False, discard=False, out=lambda line: None)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -342,6 +404,10 @@ def run(quick: bool = False, minutes: float | None = None, seed: int = 14) -> Re
         "p99_ratio": loud_p99 / quiet_p99 if quiet_p99 > 0 else float("inf"),
         "kernel_restarts": float(s.restarts),
         "replay_mismatches": float(s.mismatches),
+        "state_lost_after_restart": float(s.state_lost),
+        "torn_log_restarts": float(s.torn),
+        "deep_frames_unanswered": float(s.deep_unanswered),
+        "fsck_status": float(s.fsck_status if s.fsck_status is not None else 9),
         "hostile_s": hostile_s,
     }
     table = [{"outcome": k, "count": v} for k, v in sorted(s.outcomes.items())]
@@ -350,7 +416,8 @@ def run(quick: bool = False, minutes: float | None = None, seed: int = 14) -> Re
     return Result(
         metrics=metrics,
         targets={"peer_caused_aborts": ("<=", 0), "kernel_rss_max_mb": ("<=", 300), "honest_unanswered": ("<=", 0),
-                 "p99_ratio": ("<=", 5), "replay_mismatches": ("<=", 0)},
+                 "p99_ratio": ("<=", 5), "replay_mismatches": ("<=", 0), "state_lost_after_restart": ("<=", 0),
+                 "deep_frames_unanswered": ("<=", 0), "fsck_status": ("<=", 0)},
         table=table,
         notes=[f"{code}: {msg}" for code, msg in sorted(s.messages.items())] + [f"seed {seed}; {len(s.quiet)} quiet and {len(s.loud)} hostile-phase first-attempt successes timed",
                "machine shared with other agents (2 cores): latency figures measured under that contention"],

@@ -392,13 +392,15 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def cmd_agent_demo(args: argparse.Namespace) -> int:
-    """The planner's demo (clients/agent_demo.py, the planner engineer's)."""
+    """The planner's demo, ``python -m planner.demo`` (planner/ is a layer above clients/: it runs
+    as its own program rather than being imported here)."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "planner.demo"] + (["--endpoint", args.endpoint] if args.endpoint else [])
     try:
-        from clients import agent_demo  # type: ignore[attr-defined]
-    except ImportError as exc:
-        print(f"python -m clients agent-demo: not available here ({exc})", file=sys.stderr)
-        return EXIT_ERROR
-    return agent_demo.main(args.endpoint)
+        return subprocess.call(argv)
+    except KeyboardInterrupt:
+        return 130
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

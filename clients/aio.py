@@ -92,7 +92,6 @@ class AsyncClient:
         self._stack: contextlib.AsyncExitStack | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
         self._legacy: Any = None  # the asyncio reader task when used without ``async with``
-        self._failed: errors.RecaError | None = None
         self._closed = False
 
     # -- lifetime ---------------------------------------------------------------------------------
@@ -139,6 +138,8 @@ class AsyncClient:
 
     def _stop_monitor(self) -> None:
         if self._monitor is not None:
+            with contextlib.suppress(Exception):  # wake a task waiting on its descriptor before it closes
+                anyio.notify_closing(self._monitor.fileno())
             with contextlib.suppress(zmq.ZMQError):
                 self._sock.disable_monitor()
             self._monitor.close(0)
@@ -186,8 +187,10 @@ class AsyncClient:
             await anyio.wait_readable(self._sock.fileno())
 
     async def _watch_contact(self) -> None:
-        """Read the monitor until the handshake succeeded (then stop it) or failed (then every
-        waiting request gets the diagnosis, and so does every later one)."""
+        """Read the monitor until the handshake succeeded (then stop it).  Each failure it names is
+        given to the requests waiting then; ZeroMQ keeps reconnecting, so a later request gets the
+        next one, or its reply once the kernel is there (a kernel still starting is waited for by
+        retrying, as ``wait_for_service`` does)."""
         while self._contact is not None and self._monitor is not None:
             monitor = self._monitor
             while readable(monitor):
@@ -200,20 +203,19 @@ class AsyncClient:
                 problem = self._contact.on_event(event["event"], event["value"])
                 if problem is not None:
                     self._fail(problem)
-                    return
-                if self._contact.done:
+                elif self._contact.done:
                     self._contact_made()
                     return
-            await anyio.wait_readable(monitor.fileno())
+            try:
+                await anyio.wait_readable(monitor.fileno())
+            except (anyio.ClosedResourceError, zmq.ZMQError):
+                return  # the monitor was stopped: a reply reached us first
 
     def _contact_made(self) -> None:
         self._contact = None
         self._stop_monitor()
 
     def _fail(self, problem: errors.RecaError) -> None:
-        self._failed = problem
-        self._contact = None
-        self._stop_monitor()
         for queue in list(self._waiting.values()):
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock):
                 queue.send_nowait(problem)
@@ -240,8 +242,6 @@ class AsyncClient:
         acting for the caller of a request it serves (``ctx.principal``; the kernel checks it)."""
         if self._closed:
             raise errors.BadRequest("client is closed")
-        if self._failed is not None:
-            raise self._failed
         if self._contact is not None:
             precheck(self.endpoint)
         self._ensure_reader()
@@ -257,7 +257,7 @@ class AsyncClient:
             deadline_ms=deadline_ms,
             idem=idem,
             txn=txn,
-            **({"on_behalf": on_behalf} if on_behalf is not None else {}),  # the durable branch's header
+            on_behalf=on_behalf,
         ):
             send: MemoryObjectSendStream[_Item]
             receive: MemoryObjectReceiveStream[_Item]
@@ -290,13 +290,14 @@ class AsyncClient:
         self, service: str, payload: Any = None, *, on_partial: Callable[[Reply], Any] | None = None, **kw: Any
     ) -> Any:
         """Send one request and return its result, or raise its typed error."""
-        async for reply in self.stream(service, payload, **kw):
-            if reply.final:
-                return raise_for(reply)
-            if on_partial is not None:
-                result = on_partial(reply)
-                if inspect.isawaitable(result):
-                    await result
+        async with contextlib.aclosing(self.stream(service, payload, **kw)) as replies:  # closed on return
+            async for reply in replies:
+                if reply.final:
+                    return raise_for(reply)
+                if on_partial is not None:
+                    result = on_partial(reply)
+                    if inspect.isawaitable(result):
+                        await result
         raise errors.Timeout(f"{service}: no final reply")
 
     async def stats(self) -> dict:

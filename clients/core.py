@@ -32,7 +32,8 @@ class Reply:
 
 
 def build_header(rid: Any, *, job: str | None, budget: dict | None, priority: int | None,
-                 deadline_ms: float | None, idem: str | None, txn: str | None) -> dict:
+                 deadline_ms: float | None, idem: str | None, txn: str | None,
+                 on_behalf: str | None = None) -> dict:
     header: dict[str, Any] = {P.H_VERSION: P.VERSION, P.H_ID: rid}
     if job is not None:
         header[P.H_JOB] = job
@@ -46,6 +47,8 @@ def build_header(rid: Any, *, job: str | None, budget: dict | None, priority: in
         header[P.H_IDEM] = idem
     if txn is not None:
         header[P.H_TXN] = txn
+    if on_behalf is not None:  # a service acting for the caller it serves (kernel-checked)
+        header[P.H_FOR] = on_behalf
     return header
 
 
@@ -102,13 +105,13 @@ class RetryPolicy:
 
     def attempts(self, ids: Iterator[int], payload: Any, *, job: str | None, budget: dict | None,
                  priority: int | None, deadline_ms: float | None, idem: str | None,
-                 txn: str | None) -> Iterator[tuple[int, list[bytes]]]:
+                 txn: str | None, on_behalf: str | None = None) -> Iterator[tuple[int, list[bytes]]]:
         """``(request id, frames to send)`` per attempt."""
         idem = idem or new_idem()
         for _ in range(self.retries + 1):
             rid = next(ids)
             header = build_header(rid, job=job, budget=budget, priority=priority, deadline_ms=deadline_ms,
-                                  idem=idem, txn=txn)
+                                  idem=idem, txn=txn, on_behalf=on_behalf)
             yield rid, request_frames(self.service, header, payload)
 
     def went_silent(self, got_any: bool) -> None:
@@ -142,9 +145,13 @@ def cert_paths(cert: str | None, server_cert: str | None) -> tuple[str | None, s
 
 def precheck(endpoint: str) -> None:
     """Before the first request to an ``ipc://`` endpoint: its socket file must exist
-    (:class:`ConnectError` at once otherwise: no wait, no retry)."""
+    (:class:`ConnectError` at once otherwise: no wait, no retry).  A kernel at its connection cap
+    has moved it aside (``kernel.protocol.IPC_PAUSED_SUFFIX``): :class:`kernel.errors.Overloaded`."""
     if endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://"):]
+        if not os.path.exists(path) and os.path.exists(path + P.IPC_PAUSED_SUFFIX):
+            raise errors.Overloaded(f"the kernel at {endpoint} is at its connection cap and accepts no new "
+                                    "connections for now; retry later")
         if not os.path.exists(path):
             raise ConnectError(f"no kernel at {endpoint}: the socket file {path} does not exist; {HOW_TO_START}")
 

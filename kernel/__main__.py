@@ -2,6 +2,7 @@
 
     python -m kernel [--config FILE] [--endpoint ENDPOINT] [--control ENDPOINT] [--no-services]
     python -m kernel replay LOG
+    python -m kernel fsck LOG_OR_DIR [--repair] [--discard-after-damage]
     python -m kernel keys new NAME --role ROLE [--dir DIR] | keys list [--dir DIR]
     python -m kernel --help                    (every option and subcommand)
 
@@ -76,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-services", action="store_true", help="run the kernel without starting services")
     p.add_argument("--log-level", default=os.environ.get(P.ENV_LOG_LEVEL, "INFO"), type=_log_level,
                    help=f"one of {', '.join(LOG_LEVELS)} (any case)")
+    p.add_argument("--fresh", action="store_true",
+                   help="move an existing decision log aside (LOG.old-STAMP/) and start with no state; "
+                        "without it a log that cannot be restored whole refuses the start")
     return p
 
 
@@ -193,12 +197,16 @@ async def _run(args: argparse.Namespace) -> int:
     from kernel.host import SystemHost
     from kernel.ladder import Ladder
     from kernel.ladder import run as run_ladder
+    from kernel.logstore import LogCorrupt, move_aside
     from kernel.mmi import Management
-    from kernel.peers import raise_fd_limit
+    from kernel.peers import bound_allocator, raise_fd_limit
     from kernel.replay import restore
     from kernel.server import KernelServer
 
     cfg = load(args.config)
+    if not bound_allocator():
+        logging.getLogger("reca.kernel").warning("no glibc mallopt: memory a flood of large frames "
+                                                 "allocates may stay with the kernel")
     soft, hard = raise_fd_limit()
     logging.getLogger("reca.kernel").info("descriptor limit %d (hard %d)", soft, hard)
     if args.endpoint:
@@ -214,11 +222,24 @@ async def _run(args: argparse.Namespace) -> int:
     restore_s = 0.0
     if cfg.decision_log:
         try:
+            if args.fresh:
+                moved = move_aside(cfg.decision_log, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+                if moved:
+                    print(f"reca kernel: --fresh: the decision log moved to {moved}; starting with no state",
+                          file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             restored = restore(cfg.decision_log)  # never through a planted symlink
             restore_s = time.perf_counter() - t0
+            for note in restored.recovery.notes if restored is not None else ():
+                print(f"reca kernel: decision log: {note}", file=sys.stderr, flush=True)
+                logging.getLogger("reca.kernel").warning("decision log: %s", note)
             decision_log = DecisionLog(cfg.decision_log, fsync=cfg.fsync, segment_bytes=cfg.segment_bytes,
-                                       restored=restored is not None)
+                                       restored=restored is not None,
+                                       snapshot_soon=restored is not None and restored.recovery.fell_back)
+        except LogCorrupt as exc:
+            raise _Refused(f"decision log {exc}; nothing was restored. `python -m kernel fsck "
+                           f"{cfg.decision_log}` shows and repairs it; --fresh moves it aside and starts "
+                           "with no state") from exc
         except (OSError, PermissionError) as exc:  # UnsafeRuntimeDir: a planted symlink, another's file
             raise _Refused(f"decision log {cfg.decision_log}: {exc}") from exc
     enforcer = _enforcer(cfg)  # closed below; a kernel that dies leaves groups the next start sweeps
@@ -419,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
         from kernel.replay import main as replay_main
 
         return replay_main(argv[1:])
+    if argv and argv[0] == "fsck":
+        from kernel.fsck import main as fsck_main
+
+        return fsck_main(argv[1:])
     if argv and argv[0] == "keys":
         from kernel.keys import main as keys_main
 

@@ -32,9 +32,10 @@ from kernel import codec, errors
 from kernel import protocol as P
 from kernel.dedup import Dedup
 from kernel.ledger import COMPUTE, DEFAULT_JOB, ROOT, Job, Ledger, is_default_job, refusal
-from kernel.policy import NO_EFFECTS, Admission, Effect, Effects, Fail, Lend, Order, View
+from kernel.policy import NO_EFFECTS, Admission, Effect, Effects, Fail, Lend, Order, View, forwarded_header
 from kernel.principal import Principal
 from kernel.protocol import ErrorCode
+from kernel.quotas import RateQuota
 from kernel.state import Request, Worker
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ class Journal(Protocol):
 
     def append(self, op: str, now: float, inputs: dict[str, Any], outputs: dict[str, Any]) -> None: ...
 
-    def flush(self) -> None: ...
+    def flush(self) -> bool | None: ...  # DecisionLog: False while a write fails (``error`` says why)
 
 
 @dataclasses.dataclass(slots=True)
@@ -100,6 +101,10 @@ class BudgetAdmission(Admission):
         #: mmi.audit records per principal per minute (a token bucket per principal).
         self.audit_quota = audit_quota
         self._audit_buckets: dict[str, tuple[float, float]] = {}  # principal -> (tokens, at)
+        #: Audit bytes per principal per minute, and refusal records per principal per minute
+        #: (their excess is a counter, issue 24).
+        self.audit_bytes = RateQuota(P.AUDIT_BYTES_PER_MIN)
+        self.refusal_records = RateQuota(P.FORBIDDEN_RECORDS_PER_MIN)
         #: Requests whose worker reported them paused: token -> when (Invariant: exactly the
         #: tracks with paused_at set).
         self._paused_at: dict[bytes, float] = {}
@@ -195,7 +200,21 @@ class BudgetAdmission(Admission):
 
     # -- router hooks -----------------------------------------------------------------------------
 
+    def unwritable(self) -> errors.Unavailable | None:
+        """``unavailable`` while the decision log cannot be written (ENOSPC, EIO: issue 24): no
+        work that needs a decision is admitted until a flush writes again, so nothing the kernel
+        acknowledges is missing from the log (what was decided is buffered, in order)."""
+        error = getattr(self.log, "error", None) if self.log is not None else None
+        if error is None:
+            return None
+        self.counters["refused_log_unwritable"] = self.counters.get("refused_log_unwritable", 0) + 1
+        return errors.Unavailable(f"the kernel's decision log cannot be written ({error}); work that needs "
+                                  "a decision is refused until it can", reason="decision_log")
+
     def admit(self, view: View, req: Request, now: float) -> tuple[errors.RecaError | None, Effects]:
+        down = self.unwritable()
+        if down is not None:
+            return down, NO_EFFECTS
         job, refused = self.resolve_job(req.principal, req.job, now)
         if refused is not None:
             self.counters["refused"] += 1
@@ -285,11 +304,23 @@ class BudgetAdmission(Admission):
         return errors.Forbidden(f"no open job {job!r} of yours")
 
     def on_forbidden(self, principal: Principal, op: str, inputs: dict[str, Any], now: float) -> None:
-        """Count, log and record a refused call (the decision log is the operator's record)."""
+        """Count, log and record a refused call (the decision log is the operator's record), at
+        most ``FORBIDDEN_RECORDS_PER_MIN`` per principal: the rest are counted."""
         self.counters["forbidden"] = self.counters.get("forbidden", 0) + 1
-        log.warning("forbidden: %s (%s) %s %s", principal.name, principal.role, op, inputs)
-        self.record("forbidden", now, {"principal": principal.name, "role": principal.role, "op": op, **inputs},
-                    {"ok": False, "code": ErrorCode.FORBIDDEN})
+        if self.record_limited(principal, "forbidden", now, {"principal": principal.name, "role": principal.role,
+                                                              "op": op, **inputs},
+                               {"ok": False, "code": ErrorCode.FORBIDDEN}):
+            log.warning("forbidden: %s (%s) %s %s", principal.name, principal.role, op, inputs)
+
+    def record_limited(self, principal: Principal, op: str, now: float, inputs: dict[str, Any], outputs: dict[str, Any]) -> bool:
+        """Record a refusal unless ``principal`` is past its refusal-record quota (then count it;
+        the next record it gets carries the count as ``suppressed``).  True when recorded."""
+        ok, suppressed = self.refusal_records.take(principal.name, now)
+        if not ok:
+            self.counters["records_suppressed"] = self.counters.get("records_suppressed", 0) + 1
+            return False
+        self.record(op, now, inputs, {**outputs, "suppressed": suppressed} if suppressed else outputs)
+        return True
 
     def audit_allowance(self, principal: Principal, events: int, now: float) -> bool:
         """Take ``events`` from the principal's audit bucket (refilled at ``audit_quota`` per
@@ -305,7 +336,7 @@ class BudgetAdmission(Admission):
     def forward_header(self, req: Request, now: float) -> bytes:
         track = self.tracks.get(req.token)
         if track is None:
-            return req.body[0]
+            return forwarded_header(req)
         if track.idem is not None and not track.ran:
             track.ran = True
             self.idem_inflight.add(track.idem)
@@ -314,11 +345,8 @@ class BudgetAdmission(Admission):
         if track.measure_cpu and worker is not None and worker.pid:
             track.cpu_start = self.host.cpu_seconds(worker.pid)
         if not track.granted:
-            return req.body[0]
-        header = dict(req.header or {})
-        header[P.H_GRANTED] = track.granted
-        header[P.H_JOB] = req.job
-        return codec.pack(header)
+            return forwarded_header(req)
+        return forwarded_header(req, **{P.H_GRANTED: track.granted, P.H_JOB: req.job})
 
     def _charge_status(self, view: View, req: Request, status: dict[str, Any], now: float,
                        effects: list[Effect], final: bool = False) -> errors.RecaError | None:
@@ -608,7 +636,11 @@ class BudgetAdmission(Admission):
     def stats(self, now: float) -> dict[str, Any]:
         self.flush_log()
         self.dedup.sweep(now)
-        return {"jobs": self.ledger.snapshot(now), "ledger": dict(self.counters), "dedup": self.dedup.stats()}
+        out = {"jobs": self.ledger.snapshot(now), "ledger": dict(self.counters), "dedup": self.dedup.stats()}
+        log_stats = getattr(self.log, "stats", None)
+        if callable(log_stats):
+            out["decision_log"] = log_stats()
+        return out
 
     def worker_gone(self, identity: bytes) -> None:
         """A worker left: the slots it owed are gone with it."""

@@ -3,8 +3,10 @@
 Every frame reca itself encodes goes through :func:`pack`; every frame it decodes through
 :func:`unpack`, which bounds what a hostile peer can make it allocate: msgpack >= 1.0 derives its
 container and string limits from the input length, the C unpacker refuses nesting deeper than
-its fixed stack, and :func:`unpack` additionally caps the input size.  Any decoding failure is
-raised as :class:`kernel.errors.BadRequest`, never as a msgpack internal exception.
+its fixed stack, and :func:`unpack` additionally caps the input size and the nesting depth
+(:data:`MAX_DEPTH`, well under the encoder's own limit, so whatever was accepted can be encoded
+again -- in a reply, a decision-log record -- without a ``RecursionError``).  Any decoding
+failure is raised as :class:`kernel.errors.BadRequest`, never as a msgpack internal exception.
 
 NumPy arrays travel inline as ``{"__nd__": [dtype, shape], "b": bytes}`` (:func:`unpack_array`
 turns one back).  No message of reca carries arrays large enough to need a separate zero-copy
@@ -22,7 +24,28 @@ from kernel.protocol import MAX_FRAME_SIZE
 
 __all__ = ["pack", "reca_header", "unpack", "unpack_array"]
 
+#: Deepest nesting of maps and arrays :func:`unpack` accepts (the Packer's limit is 511; JSON's
+#: encoder, which writes the decision log, takes about 1,000).
+MAX_DEPTH = 100
+
 _packer = msgpack.Packer(use_bin_type=True, datetime=False)
+
+#: The bytes that can start a msgpack map or array (fixmap, fixarray, array16/32, map16/32).
+_CONTAINER_BYTES = bytes(range(0x80, 0xA0)) + bytes((0xDC, 0xDD, 0xDE, 0xDF))
+
+
+def _too_deep(obj: Any, limit: int) -> bool:
+    """Whether ``obj`` nests maps and arrays deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, depth = stack.pop()
+        if depth > limit:
+            return True
+        items = o.values() if type(o) is dict else o
+        for v in items:
+            if type(v) is dict or type(v) is list:
+                stack.append((v, depth + 1))
+    return False
 
 
 def _default(obj: Any) -> Any:
@@ -52,10 +75,18 @@ def unpack(frame: bytes, *, limit: int = MAX_FRAME_SIZE) -> Any:
     """Decode one msgpack frame; :class:`BadRequest` on anything that is not exactly one value."""
     if len(frame) > limit:
         raise BadRequest(f"frame of {len(frame)} bytes exceeds the {limit}-byte limit")
+    if not isinstance(frame, (bytes, bytearray)):
+        frame = bytes(frame)
     try:
-        return msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises ValueError, ExtraData, StackError, TypeError, ...
         raise BadRequest(f"undecodable msgpack frame: {type(exc).__name__}: {exc}") from exc
+    # Depth can only pass MAX_DEPTH when that many bytes could start a container: skip the walk
+    # for the common frame (a C-speed count), walk the containers only otherwise.
+    if (type(obj) is dict or type(obj) is list) and \
+            len(frame) - len(frame.translate(None, _CONTAINER_BYTES)) > MAX_DEPTH and _too_deep(obj, MAX_DEPTH):
+        raise BadRequest(f"msgpack frame nested deeper than {MAX_DEPTH} levels")
+    return obj
 
 
 def reca_header(body: list[bytes]) -> dict[str, Any] | None:

@@ -7,39 +7,49 @@ carrying an idempotency key.  A ``session`` line opens each kernel run (its ``se
 prefixes the run's reservation ids; ``"restored": true`` when the run continued the state the
 log held, see :func:`restore`).
 
-**Segments and snapshots.**  The file at ``path`` is the current segment.  When it passes
-``segment_bytes`` it is renamed ``path.NNNNNN`` (numbered in order) and a new segment starts with
-a ``snapshot`` line holding the whole enforcement state (the Ledger's :meth:`dump`, and the
-idempotency keys in flight).  Restoring reads the current segment only: its snapshot, then the
-decisions after it, so restore time is proportional to the live state plus one segment, never to
-the history.  The numbered segments keep the history for audit and replay.
+**Records** carry a checksum and a sequence number (kernel.logstore gives the format and the
+recovery rules: a torn tail is cut, a damaged current segment falls back to the previous
+snapshot, anything else refuses to start naming the file and offset).
 
-**Durability** (``fsync`` policy, docs/limits.md gives the measured costs): lines are written to
-the operating system at the end of every batch of messages the kernel handles and on every tick,
+**Segments and snapshots.**  The file at ``path`` is the current segment.  When the decisions
+written after its snapshot pass ``segment_bytes`` (and the snapshot's own size: a large state is
+never rewritten more often than its size in decisions) a new segment is written to
+``path.next`` starting with a ``snapshot`` record holding the whole enforcement state (the
+Ledger's :meth:`dump`, and the idempotency keys in flight) and fsynced; the full segment is then
+hard-linked as ``path.NNNNNN`` (numbered in order) and ``path.next`` renamed over ``path``, so
+``path`` is always a complete segment.  Restoring reads from the newest good snapshot on, so
+restore time is proportional to the live state plus one segment, never to the history.  The
+numbered segments keep the history for audit and replay.
+
+**Durability** (``fsync`` policy, docs/limits.md gives the measured costs): records are written
+to the operating system, whole and in order (``os.write`` of the buffered bytes, resumed where a
+short or failed write stopped), at the end of every batch of messages the kernel handles and on
+every tick,
 so a kernel crash (SIGKILL, abort) loses no decision that was flushed; ``fsync`` decides what
 survives the machine losing power: ``always`` (fsync at every flush), ``interval`` (the default:
 at most every ``fsync_interval`` seconds) or ``never`` (the operating system's own write-back).
+A write that fails (ENOSPC, EIO) keeps the records buffered, in order, and sets :attr:`error`
+until a later flush writes them: the admission stops admitting work that needs a decision while
+it is set, so nothing acknowledged is lost and the log never holds a gap.
 """
 
 from __future__ import annotations
 
-import glob
-import json
+import errno
 import logging
 import os
+import stat
 import time
 from typing import Any, Callable
 
 from kernel import protocol as P
-
-from kernel.auth import open_append
+from kernel.logstore import encode_record, segment_paths
 
 log = logging.getLogger("reca.kernel")
 
 FSYNC_POLICIES = ("always", "interval", "never")
 
-#: One encoder for every line (``json.dumps(..., default=str)`` builds a new one per call).
-_encode = json.JSONEncoder(default=str).encode
+__all__ = ["DecisionLog", "FSYNC_POLICIES", "new_session_id", "segment_paths"]
 
 
 def new_session_id() -> str:
@@ -47,17 +57,48 @@ def new_session_id() -> str:
     return f"{os.urandom(4).hex()}."
 
 
-def segment_paths(path: str) -> list[str]:
-    """The closed segments of the log at ``path``, oldest first (the current one is ``path``)."""
-    return sorted(p for p in glob.glob(glob.escape(path) + ".*") if p.rsplit(".", 1)[-1].isdigit())
+def _open_log(path: str, *, exclusive: bool = False) -> int:
+    """An append-only descriptor on ``path``, never through a planted symlink (mode 0600)."""
+    from kernel.auth import UnsafeRuntimeDir
+
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise UnsafeRuntimeDir(f"{path} is a symlink; refusing to write through it") from exc
+        raise
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UnsafeRuntimeDir(f"{path} is not a regular file of this user; refusing to append to it")
+    return fd
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(path: str) -> None:
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 class DecisionLog:
-    """Append-only, segmented JSON-lines log of every decision (module docstring).
+    """Append-only, segmented, checksummed log of every decision (module docstring).
 
     ``state``: a callable returning the enforcement state to snapshot at each new segment (set by
     the admission that owns the ledger); without it the log is never rotated.  ``restored``: this
-    run continues the state the log held (recorded in the session line)."""
+    run continues the state the log held (recorded in the session line).  ``snapshot_soon``:
+    start a new segment (with a snapshot) at the first flush that can (after a restore that
+    fell back to an earlier snapshot).  ``keep_segments``: closed segments kept (the oldest beyond
+    it are deleted after each rotation; at least 2, so a damaged current segment can always fall
+    back to the previous snapshot); None keeps the whole history."""
 
     def __init__(
         self,
@@ -67,9 +108,14 @@ class DecisionLog:
         fsync_interval: float = P.LOG_FSYNC_INTERVAL,
         segment_bytes: int = P.LOG_SEGMENT_BYTES,
         restored: bool = False,
+        snapshot_soon: bool = False,
+        keep_segments: int | None = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync policy must be one of {FSYNC_POLICIES}, got {fsync!r}")
+        if keep_segments is not None and keep_segments < 2:
+            raise ValueError(f"keep_segments must be at least 2 (or None: all), got {keep_segments}")
+        self.keep_segments = keep_segments
         self.path = path
         self.fsync = fsync
         self.fsync_interval = fsync_interval
@@ -77,12 +123,25 @@ class DecisionLog:
         self.state: Callable[[], dict] | None = None
         closed = segment_paths(path)
         self._next_segment = int(closed[-1].rsplit(".", 1)[-1]) + 1 if closed else 1
-        self._fh = open_append(path)  # never through a planted symlink; mode 0600
-        self._bytes = self._fh.tell()
+        created = not os.path.lexists(path)
+        self._fd = _open_log(path)  # never through a planted symlink; mode 0600
+        if created and fsync != "never":
+            _fsync_dir(path)
+        #: Bytes of the current segment on disk, and of its snapshot record (0: not known / none).
+        self._bytes = os.fstat(self._fd).st_size
+        self._snapshot_bytes = 0
+        self._rotate_soon = snapshot_soon
         self._seq = 0
-        self._dirty = False
+        #: Encoded records not yet written, in order; ``_done``: bytes of ``_pending[0]`` written.
+        self._pending: list[bytes] = []
+        self._done = 0
+        self.pending_bytes = 0
+        self._unsynced = False
         self._synced_at = time.monotonic()
-        self.counters = {"segments": len(closed), "fsyncs": 0, "fsync_s": 0.0}
+        #: Why the last write failed (None: the log is writing); admission refuses decisions then.
+        self.error: str | None = None
+        self.counters = {"segments": len(closed), "fsyncs": 0, "fsync_s": 0.0, "write_errors": 0,
+                         "unencodable": 0, "segments_deleted": 0}
         #: This kernel run's id: the prefix of its reservation ids (replay reads it back).
         self.session = new_session_id()
         self._write(
@@ -98,79 +157,141 @@ class DecisionLog:
         )
 
     def _write(self, rec: dict) -> None:
-        line = _encode(rec) + "\n"
-        self._fh.write(line)
-        self._bytes += len(line)
-        self._dirty = True
+        try:
+            line = encode_record(rec)
+        except (ValueError, TypeError, RecursionError) as exc:  # a cycle, an absurd depth: keep the seq
+            self.counters["unencodable"] += 1
+            line = encode_record({"seq": rec.get("seq"), "t": rec.get("t"), "op": rec.get("op"),
+                                  "unencodable": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        self._pending.append(line)
+        self.pending_bytes += len(line)
 
     def append(self, op: str, now: float, inputs: dict, outputs: dict) -> None:
         self._seq += 1
         self._write({"seq": self._seq, "t": now, "op": op, "in": inputs, "out": outputs})
 
-    def flush(self) -> None:
-        """Hand buffered lines to the operating system (and fsync as the policy says); start a
-        new segment when this one is full."""
-        if not self._dirty:
-            return
-        self._dirty = False
+    @property
+    def writing(self) -> bool:
+        """Whether every record appended so far can reach the disk (no write failing now)."""
+        return self.error is None
+
+    def flush(self) -> bool:
+        """Hand buffered records to the operating system (and fsync as the policy says); start a
+        new segment when this one is full.  True when nothing is left buffered."""
+        now = time.monotonic()
         try:
-            self._fh.flush()
-            now = time.monotonic()
-            if self.fsync == "always" or self.fsync == "interval" and now - self._synced_at >= self.fsync_interval:
+            if self._pending:
+                self._write_pending()
+            if self._unsynced and (self.fsync == "always" or self.fsync == "interval"
+                                   and now - self._synced_at >= self.fsync_interval):
                 self._sync(now)
-            if self._bytes >= self.segment_bytes and self.state is not None:
+            if self.state is not None and (self._rotate_soon or self._bytes - self._snapshot_bytes
+                                           >= max(self.segment_bytes, self._snapshot_bytes)):
                 self._rotate()
-        except OSError as exc:  # a full disk or EMFILE must not take the kernel down; say so loudly
-            self._dirty = True
-            log.error("decision log %s: %s (decisions stay buffered)", self.path, exc)
+        except OSError as exc:  # a full disk or EIO must not take the kernel down; say so loudly
+            self.counters["write_errors"] += 1
+            why = f"{errno.errorcode.get(exc.errno or 0, 'error')}: {exc.strerror or exc}"
+            if why != self.error:
+                log.error("decision log %s: %s (%d byte(s) of decisions stay buffered; decisions are "
+                          "refused until it writes again)", self.path, why, self.pending_bytes)
+            self.error = why
+            return False
+        if self.error is not None:
+            log.warning("decision log %s writes again (after %s)", self.path, self.error)
+            self.error = None
+        return True
+
+    def _write_pending(self) -> None:
+        if len(self._pending) > 1 or self._done:  # one write per flush, resumed where one stopped
+            self._pending = [b"".join([memoryview(self._pending[0])[self._done:], *self._pending[1:]])]
+            self._done = 0
+        view = memoryview(self._pending[0])
+        while self._done < len(view):
+            n = os.write(self._fd, view[self._done:])
+            self._done += n
+            self._bytes += n
+            self.pending_bytes -= n
+            self._unsynced = True
+        self._pending.clear()
+        self._done = 0
 
     def _sync(self, now: float) -> None:
         t0 = time.perf_counter()
-        os.fsync(self._fh.fileno())
+        os.fsync(self._fd)
         self.counters["fsyncs"] += 1
         self.counters["fsync_s"] += time.perf_counter() - t0
         self._synced_at = now
+        self._unsynced = False
 
     def _rotate(self) -> None:
         assert self.state is not None
-        state = self.state()
-        target = f"{self.path}.{self._next_segment:06d}"
+        self._seq += 1
+        snap = encode_record({"seq": self._seq, "t": time.monotonic(), "op": "snapshot",
+                              "session": self.session, "state": self.state()})
         nxt = self.path + ".next"
+        target = f"{self.path}.{self._next_segment:06d}"
         try:
             os.unlink(nxt)  # left by a rotation a crash interrupted (never followed if a symlink)
         except FileNotFoundError:
             pass
-        fh = open_append(nxt)
-        self._fh.flush()
-        if self.fsync != "never":
-            os.fsync(self._fh.fileno())
-        self._fh.close()
-        os.rename(self.path, target)
-        os.rename(self.path + ".next", self.path)
-        self._fh = fh
+        linked = False
+        try:
+            fd = _open_log(nxt, exclusive=True)
+        except OSError:
+            self._seq -= 1
+            raise
+        try:
+            _write_all(fd, snap)
+            if self.fsync != "never":
+                os.fsync(fd)
+                os.fsync(self._fd)  # the full segment, before it becomes a numbered one
+            try:
+                os.link(self.path, target)
+                linked = True
+                os.rename(nxt, self.path)  # atomic: ``path`` is always a whole segment
+            except OSError as exc:
+                if linked or exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                os.rename(self.path, target)  # no hard links here: recovery adopts ``path.next``
+                os.rename(nxt, self.path)
+        except OSError:
+            os.close(fd)
+            for p in (nxt, target) if linked else (nxt,):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+            self._seq -= 1
+            raise
+        os.close(self._fd)
+        self._fd = fd
         self._next_segment += 1
         self.counters["segments"] += 1
-        self._bytes = 0
-        self._seq += 1
-        self._write(
-            {"seq": self._seq, "t": time.monotonic(), "op": "snapshot", "session": self.session, "state": state}
-        )
-        self._fh.flush()
+        self._bytes = self._snapshot_bytes = len(snap)
+        self._rotate_soon = False
+        self._unsynced = self.fsync == "never"
         if self.fsync != "never":
-            self._sync(time.monotonic())
-            dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-            try:
-                os.fsync(dfd)  # the renames themselves
-            finally:
-                os.close(dfd)
+            self._synced_at = time.monotonic()
+            _fsync_dir(self.path)  # the link and the rename themselves
+        if self.keep_segments is not None:
+            for old in segment_paths(self.path)[:-self.keep_segments]:
+                try:
+                    os.unlink(old)
+                    self.counters["segments_deleted"] += 1
+                except OSError as exc:
+                    log.warning("decision log: cannot delete the old segment %s: %s", old, exc)
 
     def stats(self) -> dict[str, Any]:
-        return {"path": self.path, "segment_bytes": self._bytes, "fsync": self.fsync, **self.counters}
+        return {"path": self.path, "segment_bytes": self._bytes, "fsync": self.fsync,
+                "pending_bytes": self.pending_bytes, "error": self.error, **self.counters}
 
     def close(self) -> None:
         try:
-            self._fh.flush()
-            if self.fsync != "never":
-                os.fsync(self._fh.fileno())
+            self.flush()
+            if self._pending:
+                log.error("decision log %s closed with %d byte(s) of decisions unwritten (%s)", self.path,
+                          self.pending_bytes, self.error)
+            elif self.fsync != "never":
+                os.fsync(self._fd)
         finally:
-            self._fh.close()
+            os.close(self._fd)

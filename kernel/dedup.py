@@ -21,7 +21,7 @@ first), a FINAL larger than ``max_final_bytes`` is remembered without its body (
 attempts per request (more are refused ``overloaded``).
 
 Durability: every stored FINAL is a decision (``final``: principal, key, service, body in
-base64 up to ``DEDUP_LOG_BODY_BYTES``, when it expires) and every snapshot holds the table, so a
+base64 up to ``DEDUP_LOG_BODY_BYTES``, when it expires) and every snapshot holds its newest entries, so a
 restarted kernel restores it from its decision log
 (:meth:`Dedup.load` on what replay collected) and a retry after a restart still gets the stored
 FINAL; the keys of requests that were in flight when the kernel died are the admission's
@@ -49,6 +49,8 @@ DEDUP_MAX_FINAL_BYTES = 64 * 1024
 #: A stored FINAL's body goes into the decision log only up to this size (a larger one is logged
 #: as done without its body: after a restart its retry gets ``already_done``).
 DEDUP_LOG_BODY_BYTES = 4096
+#: Most stored FINALs a decision-log snapshot holds (the newest).
+DEDUP_SNAPSHOT_ENTRIES = 10_000
 #: Most attempts attached to one request in flight.
 DEDUP_MAX_ATTACHED = 16
 
@@ -199,7 +201,7 @@ class Dedup:
     # -- durability ---------------------------------------------------------------------------
 
     @staticmethod
-    def record(key: Key, service: bytes, stored: Stored) -> dict:
+    def record(key: Key, service: bytes, stored: Stored) -> dict[str, Any]:
         """The decision-log inputs of a stored FINAL (JSON: bytes in base64; a body above
         ``DEDUP_LOG_BODY_BYTES`` is left out)."""
         body = stored.body if stored.body is not None and stored.size <= DEDUP_LOG_BODY_BYTES else None
@@ -211,7 +213,7 @@ class Dedup:
             "expires": stored.expires,
         }
 
-    def load(self, records: list[dict], now: float, then: float | None = None) -> int:
+    def load(self, records: list[Any], now: float, then: float | None = None) -> int:
         """Restore stored FINALs from decision-log records (:meth:`record`), skipping expired and
         malformed ones; returns how many were restored.  ``then``: the time of the log's last
         decision on the clock the records were written with (another process's monotonic clock):
@@ -231,11 +233,14 @@ class Dedup:
                 n += 1
         return n
 
-    def dump(self) -> list[dict]:
-        """Every stored FINAL as decision-log records (for a snapshot)."""
-        return [self.record(k, s.service, s) for k, s in self.done.items()]
+    def dump(self, limit: int = DEDUP_SNAPSHOT_ENTRIES) -> list[dict[str, Any]]:
+        """The ``limit`` newest stored FINALs as decision-log records (for a snapshot: a snapshot
+        stays small; older entries logged before it are not restored after a restart, so their
+        retries run again)."""
+        items = list(self.done.items())[-limit:] if limit < len(self.done) else self.done.items()
+        return [self.record(k, s.service, s) for k, s in items]
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         return {
             "in_flight": len(self.running),
             "stored": len(self.done),

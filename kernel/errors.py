@@ -11,9 +11,9 @@ import enum
 from typing import Any
 
 
-__all__ = ["BadRequest", "BudgetExceeded", "Cancelled", "DeadlineExceeded", "ErrorCode", "Forbidden", "InternalError",
-           "KernelRestarted", "Overloaded", "RecaError", "Refused", "ServiceError", "Timeout", "Unavailable",
-           "WorkerDied", "from_wire", "require_int"]
+__all__ = ["AlreadyDone", "BadRequest", "BudgetExceeded", "Cancelled", "DeadlineExceeded", "ErrorCode", "Forbidden",
+           "InternalError", "KernelRestarted", "NotFound", "Overloaded", "RecaError", "Refused", "ServiceError",
+           "Timeout", "Unavailable", "WorkerDied", "from_wire", "require_int"]
 
 class ErrorCode(enum.StrEnum):
     """Error codes carried in ``status.error.code``; kernel.errors maps each to an exception.

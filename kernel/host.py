@@ -74,7 +74,8 @@ class SystemHost:
 
     def token(self, nbytes: int) -> bytes:
         """``nbytes`` from ``os.urandom``, drawn in blocks of :data:`POOL` bytes (each byte is
-        handed out once)."""
+        handed out once; a forked child must not keep using its parent's host: the kernel's
+        children are exec'd, so they never do)."""
         at = self._at
         if at + nbytes > len(self._pool):
             self._pool, at = os.urandom(max(self.POOL, nbytes)), 0

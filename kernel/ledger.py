@@ -35,7 +35,7 @@ import dataclasses
 import heapq
 import json
 import math
-from typing import Any
+from typing import Any, Iterable
 
 from kernel import errors
 from kernel import protocol as P
@@ -139,6 +139,8 @@ class Ledger:
         self.jobs: dict[str, Job] = {}
         #: id -> (job, kind, amount, expiry, holder): holder is the principal that reserved.
         self._reservations: dict[str, tuple[str, str, float, float, str | None]] = {}
+        #: holder -> reservations it holds (Invariant: the count of ``_reservations`` by holder).
+        self.held_by: collections.Counter[str] = collections.Counter()
         self._rid_next = 1  # the counter of ids when no id is given (dumped in snapshots)
         #: owner -> its open jobs (children included), so a caller's share of jobs is bounded.
         self._owned: collections.Counter[str] = collections.Counter()
@@ -472,6 +474,8 @@ class Ledger:
             rid = f"{self.session}r{self._rid_next}"
             self._rid_next += 1
         self._reservations[rid] = (job, resource, float(amount), now + lease, holder)
+        if holder is not None:
+            self.held_by[holder] += 1
         heapq.heappush(self._expiry_heap, (now + lease, rid))
         if h is not None:
             h.reserved[resource] = h.reserved.get(resource, 0.0) + amount
@@ -482,6 +486,7 @@ class Ledger:
         if entry is None:
             return _no(ErrorCode.REFUSED, f"unknown or expired reservation {reservation!r}")
         job, resource, amount = entry[:3]
+        self._unhold(entry[4])
         self._unreserve(job, resource, amount)
         out = self.charge(now, job, {resource: amount})
         return {"ok": True, "committed": amount, "exhausted": out["exhausted"]}
@@ -491,8 +496,15 @@ class Ledger:
         if entry is None:
             return _no(ErrorCode.REFUSED, f"unknown or expired reservation {reservation!r}")
         job, resource, amount = entry[:3]
+        self._unhold(entry[4])
         self._unreserve(job, resource, amount)
         return {"ok": True, "released": amount}
+
+    def _unhold(self, holder: str | None) -> None:
+        if holder is not None:
+            self.held_by[holder] -= 1
+            if self.held_by[holder] <= 0:
+                del self.held_by[holder]
 
     def renew(self, now: float, reservations: list[Any], lease: float = RESERVATION_LEASE) -> dict[str, Any]:
         """Extend held reservations to ``now + lease``.  Ids that are not held (expired, spent,
@@ -613,6 +625,8 @@ class Ledger:
             for kind in set(j.reserved) | {k for (n, k) in reserved if n == j.name}:
                 assert abs(j.reserved.get(kind, 0.0) - reserved[j.name, kind]) < 1e-6, f"job {j.name}: reserved {kind}"
         assert {k: v for k, v in self._owned.items() if v} == dict(owned), "owners' job counts"
+        held = collections.Counter(e[4] for e in self._reservations.values() if e[4] is not None)
+        assert {k: v for k, v in self.held_by.items() if v} == dict(held), "holders' reservation counts"
 
     # -- durable state ------------------------------------------------------------------------------
 
@@ -645,17 +659,28 @@ class Ledger:
                 heapq.heappush(led._wall_heap, (j.wall_deadline, j.name))
         for rid, (job, kind, amount, exp, *holder) in state.get("reservations", {}).items():
             led._reservations[rid] = (job, kind, float(amount), float(exp), holder[0] if holder else None)
+            if holder and holder[0] is not None:
+                led.held_by[holder[0]] += 1
             heapq.heappush(led._expiry_heap, (float(exp), rid))
         led._rid_next = int(state.get("rid_next", 1))
         led._owned.update(j.owner for j in led.jobs.values() if j.owner is not None and not j.closed)
         return led
 
-    def snapshot(self, now: float) -> dict[str, Any]:
-        """Every open job's limits, spend and remainder (for mmi.stats and the status CLI)."""
-        out = {}
-        for j in self.jobs.values():
-            if j.closed:
+    def snapshot(self, now: float, owner: str | None = None, skip: int = 0, limit: int | None = None,
+                 names: Iterable[str] | None = None) -> dict[str, Any]:
+        """Every open job's limits, spend and remainder (for mmi.stats and the status CLI);
+        ``owner``: only that principal's jobs; ``skip``/``limit``: a page of them (in the
+        ledger's order); ``names``: only these (what a non-operator's stats cost: one page)."""
+        out: dict[str, Any] = {}
+        jobs = self.jobs.values() if names is None else (self.jobs[n] for n in names if n in self.jobs)
+        for j in jobs:
+            if j.closed or owner is not None and j.owner != owner:
                 continue
+            if skip:
+                skip -= 1
+                continue
+            if limit is not None and len(out) >= limit:
+                break
             spent = dict(j.total)
             if WALL in j.limits and j.wall_running:
                 spent[WALL] = spent.get(WALL, 0.0) + j.wall_running * (now - j.wall_anchor) * 1000.0

@@ -68,6 +68,7 @@ class Header:
     budget: dict[str, float] | None = None
     idem: str | None = None
     txn: str | None = None
+    on_behalf: str | None = None  # header ``for``: checked by the router against what it serves
 
 
 _HEADER_ATTR = {
@@ -79,6 +80,7 @@ _HEADER_ATTR = {
     P.H_BUDGET: "budget",
     P.H_IDEM: "idem",
     P.H_TXN: "txn",
+    P.H_FOR: "on_behalf",
 }
 
 

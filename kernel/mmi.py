@@ -29,6 +29,7 @@ from kernel import protocol as P
 from kernel.ledger import DEFAULT_JOB, ROOT, is_default_job, refusal
 from kernel.policy import Core as Router
 from kernel.policy import Order
+from kernel.quotas import RateQuota
 from kernel.principal import LOCAL_OPERATOR, Principal
 
 if TYPE_CHECKING:
@@ -97,12 +98,17 @@ class Management:
         self.procs = procs
         #: One handler per operation of the protocol table (Invariant: exactly its keys).
         self.handlers: dict[str, Handler] = {op: getattr(self, handler_name(op)) for op in P.MMI_OPS}
+        #: Management calls per principal below operator (issue 24).
+        self.calls = RateQuota(P.MMI_CALLS_PER_S * 60.0, burst=P.MMI_CALLS_PER_S)
 
     def handle(self, router: "Router", name: str, arg: Any, now: float, caller: Caller = Caller()) -> Any:
         """Answer the management call ``name`` from ``caller``."""
         spec = P.MMI_OPS.get(name)
         if spec is None:
             return None
+        if not caller.principal.operator and not self.calls.take(caller.principal.name, now)[0]:
+            return errors.Overloaded(f"{name}: {caller.principal.name} sends more than {P.MMI_CALLS_PER_S} "
+                                     "management calls a second; retry later")
         if role_of(caller.principal).rank < spec.authority.rank:
             return self.forbid(router, caller, name, arg, now,
                                f"{name} needs the {spec.authority} role; {caller.principal.name} is "
@@ -167,6 +173,9 @@ class Management:
         jobs it exhausted are cancelled at once."""
         budget = self.budget
         assert budget is not None
+        down = budget.unwritable()
+        if down is not None:
+            return down
         out = budget.decide(op, now, **inputs)
         for job in out.get("exhausted", ()):
             router.apply(budget.exhaust(router, job, now), now)
@@ -181,15 +190,29 @@ class Management:
         return P.MMI_OK if isinstance(arg, bytes) and router.has_worker(arg) else P.MMI_NOT_FOUND
 
     def op_stats(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
-        out = router.stats(now, arg)
-        if not caller.principal.operator and isinstance(out.get("jobs"), dict):
-            out["jobs"] = self._own_jobs(out["jobs"], caller)
-        return out
+        if caller.principal.operator:
+            return router.stats(now, arg)
+        return self._principal_stats(router, arg or {}, now, caller)
 
-    @staticmethod
-    def _own_jobs(snapshot: dict[str, Any], caller: Caller) -> dict[str, Any]:
-        """The jobs of a snapshot a non-operator may see: its own (its default job included)."""
-        return {k: v for k, v in snapshot.items() if v.get("owner") == caller.principal.name}
+    def _principal_stats(self, router: "Router", query: dict[str, Any], now: float, caller: Caller) -> dict[str, Any]:
+        """``mmi.stats`` below operator (issue 24): the caller's own jobs, and one page of services
+        -- for a client by name and health only; for a service key (which places work on the
+        others: cpcs) with their figures and the workers' capacities -- never a pid, another
+        principal's job, the supervisor's children or the kernel's counters.  Costs the page and
+        the caller's own jobs, not the whole ledger."""
+        out = router.principal_stats(now, query, figures=bool(caller.principal.services))
+        if self.budget is not None:
+            self.budget.flush_log()
+            page = query.get("jobs_page", 0)
+            page = page if isinstance(page, int) and not isinstance(page, bool) and page >= 0 else 0
+            ledger = self.budget.ledger
+            out["jobs"] = ledger.snapshot(now, owner=caller.principal.name, skip=page * P.STATS_PAGE,
+                                          limit=P.STATS_PAGE)
+            owned = ledger.jobs_of(caller.principal.name)
+            out["summary"]["jobs"] = owned
+            out["summary"]["jobs_page"] = page
+            out["summary"]["jobs_pages"] = -(-owned // P.STATS_PAGE)
+        return out
 
     # -- jobs -------------------------------------------------------------------------------------
 
@@ -232,10 +255,9 @@ class Management:
     def op_job_stats(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         if self.budget is None:
             return None
-        snap = self.budget.ledger.snapshot(now)
-        if not caller.principal.operator:
-            snap = self._own_jobs(snap, caller)
         job = arg.get("job")
+        snap = self.budget.ledger.snapshot(now, owner=None if caller.principal.operator else caller.principal.name,
+                                           names=[job] if job else None)
         if not job:
             return snap
         if job not in snap and not caller.principal.operator:
@@ -252,6 +274,11 @@ class Management:
             return refused
         if not self._may_act(router, caller, job):
             return self._not_yours(router, caller, P.MMI_GATE_RESERVE, arg, now, job)
+        if not arg["commit"] and not caller.principal.operator \
+                and self.budget.ledger.held_by[caller.principal.name] >= P.MAX_HELD_PER_PRINCIPAL:
+            return errors.Refused(f"{P.MMI_GATE_RESERVE}: {caller.principal.name} holds "
+                                  f"{P.MAX_HELD_PER_PRINCIPAL} reservations, the most a principal may hold; "
+                                  "release or commit some first")
         # Reservation ids are random (unguessable) and recorded as an input (replay is exact).
         extra: dict[str, Any] = {"holder": caller.principal.name}
         if not arg["commit"]:
@@ -283,7 +310,7 @@ class Management:
         """Another principal's reservations are listed ``unknown``, as ids that are not held."""
         if self.budget is None:
             return None
-        ids = arg["reservations"]
+        ids = list(dict.fromkeys(arg["reservations"]))  # one id listed many times is renewed (and logged) once
         theirs = [rid for rid in ids if not self._holder_ok(router, caller, rid)]
         if theirs:
             self.forbid(router, caller, P.MMI_GATE_RENEW, {"reservations": len(theirs)}, now, "")
@@ -307,6 +334,9 @@ class Management:
                                f"{caller.principal.name} may not write audit records as {source!r}")
         if budget is None or budget.log is None:
             return {"ok": True, "logged": 0}
+        down = budget.unwritable()
+        if down is not None:
+            return down
         try:  # all or nothing: a batch that cannot be written is refused before any line is
             size = len(json.dumps(events, default=str))
         except (TypeError, ValueError, RecursionError) as exc:
@@ -314,9 +344,15 @@ class Management:
         if size > P.MAX_AUDIT_BYTES:
             return errors.BadRequest(f"{P.MMI_AUDIT}: events are {size} bytes of JSON; at most "
                                      f"{P.MAX_AUDIT_BYTES} bytes per call")
+        if not caller.principal.operator and not budget.audit_bytes.take(caller.principal.name, now, size)[0]:
+            budget.record_limited(caller.principal, "audit_refused", now,
+                                  {"source": source, "bytes": size, "principal": caller.principal.name}, {"ok": False})
+            return errors.Refused(f"{P.MMI_AUDIT}: audit quota of {P.AUDIT_BYTES_PER_MIN} bytes per minute "
+                                  f"reached for {caller.principal.name}; retry later")
         if not budget.audit_allowance(caller.principal, len(events), now):
-            budget.record("audit_refused", now, {"source": source, "events": len(events),
-                                                 "principal": caller.principal.name}, {"ok": False})
+            budget.record_limited(caller.principal, "audit_refused", now,
+                                  {"source": source, "events": len(events), "principal": caller.principal.name},
+                                  {"ok": False})
             return errors.Refused(f"{P.MMI_AUDIT}: audit quota of {budget.audit_quota} records per minute "
                                   f"reached for {caller.principal.name}; retry later")
         for event in events:

@@ -12,7 +12,7 @@ body, or a list of effects.  A policy never calls back into the router:
   (the kernel's own preemption, resume and cancel, and ``mmi.preempt``/``resume``/``cancel``/
   ``control``).
 
-A new effect is a class here plus one row of the router's effect table (``Router._APPLY``).
+A new effect is a class here plus one row of the router's effect table (``Router._apply``).
 :class:`View` is what a policy may read of the router.  This module also holds the base policy,
 which admits everything and charges nothing (kernel.admission.BudgetAdmission enforces budgets).
 """
@@ -116,9 +116,23 @@ class Core(View, Protocol):
 
     def stats(self, now: float | None = None, query: dict[str, Any] | None = None) -> dict[str, Any]: ...
 
+    def principal_stats(self, now: float, query: dict[str, Any], figures: bool) -> dict[str, Any]: ...
+
     def apply(self, effects: Effects, now: float) -> None: ...
 
     def order(self, order: Order, now: float) -> None: ...
+
+
+def forwarded_header(req: Request, **kernel_fields: Any) -> bytes:
+    """The reca header a worker receives: the client's, with the fields only the kernel sets
+    replaced -- ``principal`` (the caller's verified name, or the one a service acts for)
+    always, ``granted`` only when given; ``for`` is not forwarded (issue 24)."""
+    header = dict(req.header or {})
+    header.pop(P.H_GRANTED, None)
+    header.pop(P.H_FOR, None)
+    header[P.H_PRINCIPAL] = req.acting_for or req.principal.name
+    header.update(kernel_fields)
+    return codec.pack(header)
 
 
 class Admission:
@@ -136,7 +150,7 @@ class Admission:
 
     def forward_header(self, req: Request, now: float) -> bytes:
         """The header frame the worker gets (the request is being dispatched to ``req.worker``)."""
-        return req.body[0]
+        return forwarded_header(req)
 
     def on_partial(self, view: View, req: Request, body: list[bytes], now: float) -> Effects:
         """A PARTIAL of a reca request arrived (a Fail of ``req`` means it is not forwarded)."""

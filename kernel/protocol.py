@@ -95,6 +95,13 @@ H_IDEM: Final = "idem"
 H_TXN: Final = "txn"
 #: Set by the kernel on the copy it forwards to a worker: the budget actually granted.
 H_GRANTED: Final = "granted"
+#: Set by the kernel on the copy it forwards to a worker: the name of the caller's verified
+#: principal (a client's own value is replaced).  Services scope per-caller state by it.
+H_PRINCIPAL: Final = "principal"
+#: A service calling on behalf of the caller of a request it is serving: that caller's principal
+#: name (str).  The kernel accepts it only while a worker of the calling principal has a request
+#: of that principal in flight, and then forwards it as ``principal`` (issue 24).
+H_FOR: Final = "for"
 
 
 # -- reca status fields (reply body frame 0, a msgpack map) ---------------------------------------
@@ -298,6 +305,7 @@ BUDGET_KINDS: Final[dict[str, KindSpec]] = {k.name: k for k in (
     KindSpec(CPU_MS, True, "process", 3_600_000.0, 1000.0, "CPU time, milliseconds"),
     KindSpec("tokens", True, "worker", 1e8, 1e4, "tokens generated or processed"),
     KindSpec("flops", True, "worker", 1e15, 1e11, "floating-point operations"),
+    KindSpec("vm_steps", True, "worker", 1e9, 1e6, "instructions of sparkvm's reasoning tapes (docs/spark.md)"),
     # A ceiling, not an amount spent: it travels in the grant; services that know a request's
     # size refuse over it before allocating (memory_exceeded), the enforcer's memory.max /
     # RLIMIT_AS caps the service's group (kernel/enforce.py, docs/budgets.md).
@@ -443,6 +451,9 @@ MAX_FRAMES: Final = 64
 PEER_HWM: Final = 1000
 #: Concurrent peer connections the kernel accepts (config ``kernel.max_peers``).
 MAX_PEERS: Final = 4096
+#: At its peer cap the kernel renames each ipc:// socket to PATH + this suffix (no new
+#: connections; connected peers stay) and back below it; a client seeing it is told so.
+IPC_PAUSED_SUFFIX: Final = ".paused"
 #: Descriptors kept free for the kernel's own use (log segments, child pipes, accept races).
 FD_RESERVE: Final = 128
 #: Requests queued per service before new ones get OVERLOADED.
@@ -486,6 +497,9 @@ MAX_KINDS: Final = 64
 MAX_RENEW: Final = 10_000
 #: Most open jobs one principal below operator may own (children and its default job included).
 MAX_JOBS_PER_PRINCIPAL: Final = 10_000
+#: Reservations one principal below operator may hold at once (issue 24: 100,000 held ones made
+#: every snapshot 1.5 GB); beyond, ``mmi.gate.reserve`` of a held reservation is ``refused``.
+MAX_HELD_PER_PRINCIPAL: Final = 10_000
 #: How long a gate reservation lives without commit, release or renewal, seconds (the default),
 #: and the bounds on a lease a holder may ask for.
 RESERVATION_LEASE: Final = 30.0
@@ -498,6 +512,15 @@ MAX_AUDIT_SOURCE: Final = 64
 MAX_AUDIT_BYTES: Final = 256 * 1024
 #: Default audit quota: records one principal may write per minute (config [limits]).
 AUDIT_EVENTS_PER_MIN: Final = 60_000
+#: Bytes of audit records (as JSON) per principal per minute (issue 24: at the event quota a
+#: service key could still write 8.3 GB/h); beyond, ``mmi.audit`` is ``refused`` ("quota").
+AUDIT_BYTES_PER_MIN: Final = 16 * 1024 * 1024
+#: ``forbidden`` / ``audit_refused`` records per principal per minute; beyond, they are counted
+#: (``counters.records_suppressed``) and the next record carries the count as ``suppressed``.
+FORBIDDEN_RECORDS_PER_MIN: Final = 60
+#: Management calls per principal below operator per second (a bucket of as many): beyond,
+#: ``overloaded`` (issue 24: one client looping calls must not take the kernel's one thread).
+MMI_CALLS_PER_S: Final = 1000
 #: Default longest pause: a request paused longer is resumed by the kernel, seconds (config [limits]).
 MAX_PAUSE: Final = 60.0
 #: Client-side default bound on one request, seconds, and its default number of retries.
@@ -552,6 +575,8 @@ MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
            Role.CLIENT, Scope.NONE, (
                Arg("page", "int", f"which page of services ({STATS_PAGE} per page, by name)", default=0),
                Arg("service", "str", "only this service", nullable=True),
+               Arg("jobs_page", "int", f"below operator: which page of the caller's own jobs ({STATS_PAGE} "
+                   "per page)", default=0),
            )),
     OpSpec(MMI_JOB_OPEN, "open a job; its budget is carved from the parent", Role.CLIENT, Scope.OWN, (
         _JOB,
@@ -649,6 +674,8 @@ HEADER: Final[tuple[HeaderField, ...]] = (
         f"header field 'budget' must map at most {MAX_KINDS} kinds to non-negative numbers"),
     HeaderField(H_IDEM, lambda v: isinstance(v, str), "header field 'idem' must be a string"),
     HeaderField(H_TXN, lambda v: isinstance(v, str), "header field 'txn' must be a string"),
+    HeaderField(H_FOR, lambda v: isinstance(v, str) and len(v) <= MAX_NAME,
+                f"header field 'for' must be a principal name of at most {MAX_NAME} characters"),
 )
 
 

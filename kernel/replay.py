@@ -10,19 +10,24 @@ replays from its snapshot.  Operations the ledger does not own (preempt, resume,
 controls, services' ``audit`` records, ``run``/``ran`` marks) are listed, not re-run.  Exit status
 0 when every decision reproduces, 1 on any divergence, 2 when the log cannot be read.
 
-The kernel restores its enforcement state on start with :func:`replay_lines` over the current
-segment (:func:`restore`): the same code path as this command.
+Every line's checksum is checked (kernel.logstore): a line that fails it (or has none) is still
+replayed by this command when it parses, and listed as unverified (exit status 1).
+
+The kernel restores its enforcement state on start with :func:`restore`: kernel.logstore's
+recovery picks the records (from the newest good snapshot on, a torn tail cut, anything worse
+refused with the file and offset) and :func:`replay_records` -- the code path of this command --
+replays them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any, Iterable
 
-from kernel.auth import UnsafeRuntimeDir
+from kernel import logstore
 from kernel.ledger import OPS, Ledger
 
 LEDGER_OPS = frozenset(OPS)
@@ -41,6 +46,12 @@ class ReplayReport:
     ledger: Ledger | None = None
     inflight_idem: set[str] = field(default_factory=set)
     last_t: float | None = None  # the time of the last decision read
+    #: Lines whose checksum failed or was missing (replayed anyway when they parse), and lines that
+    #: could not be read at all: (line, why).
+    unverified: list[int] = field(default_factory=list)
+    unreadable: list[tuple[int, str]] = field(default_factory=list)
+    #: How :func:`restore` found the records (kernel.logstore.Recovery), when it did.
+    recovery: Any = None
     #: Stored FINALs of finished requests by (principal, idempotency key): ``final`` decisions
     #: and snapshots' ``dedup`` (kernel.dedup restores them).
     finals: dict = field(default_factory=dict)
@@ -50,20 +61,44 @@ def _norm(x):
     return json.loads(json.dumps(x, default=str))
 
 
-def replay_lines(lines, report: ReplayReport | None = None) -> ReplayReport:
-    """Replay ``lines`` (continuing ``report``'s state when given: the next segment of a log)."""
+def replay_lines(lines: Iterable[str | bytes], report: ReplayReport | None = None) -> ReplayReport:
+    """Replay ``lines`` (continuing ``report``'s state when given: the next segment of a log).
+    A line without a good checksum is replayed when it parses and listed in ``unverified``; one
+    that does not parse is listed in ``unreadable`` (``truncated`` when it is the last)."""
+    report = report or ReplayReport()
+
+    def records():
+        last_bad = 0
+        n = 0
+        for n, line in enumerate(lines, 1):
+            raw = line.encode("utf-8", "surrogateescape") if isinstance(line, str) else bytes(line)
+            raw = raw.strip()
+            if not raw:
+                continue
+            try:
+                yield n, logstore.decode_record(raw)
+                continue
+            except logstore.BadRecord:
+                pass
+            try:
+                rec = logstore.parse_json_record(raw)
+            except logstore.BadRecord as exc:
+                report.unreadable.append((n, str(exc)))
+                last_bad = n
+                continue
+            report.unverified.append(n)
+            yield n, rec
+        report.truncated = bool(last_bad) and last_bad == n  # only the last line can be torn by a crash
+
+    return replay_records(records(), report)
+
+
+def replay_records(records: Iterable[tuple[Any, dict]], report: ReplayReport | None = None) -> ReplayReport:
+    """Replay decoded records ``(where, record)`` (``where`` names it in a divergence)."""
     report = report or ReplayReport()
     ledger = report.ledger
     idem = report.inflight_idem
-    for n, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            report.truncated = True  # only the last line can be torn by a crash
-            continue
+    for n, rec in records:
         op = rec.get("op")
         if isinstance(rec.get("t"), (int, float)):
             report.last_t = rec["t"]
@@ -112,20 +147,25 @@ def replay_lines(lines, report: ReplayReport | None = None) -> ReplayReport:
     return report
 
 
-def restore(path: str) -> ReplayReport | None:
-    """The enforcement state the log at ``path`` holds (its current segment replayed), or None
-    when there is no log yet."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
+def restore(path: str, *, repair: bool = True) -> ReplayReport | None:
+    """The enforcement state the log at ``path`` holds, or None when there is no log at all.
+    Raises :class:`kernel.logstore.LogCorrupt` (naming the file and offset) rather than restore
+    less than the log acknowledged; ``repair``: cut a torn tail and finish an interrupted rotation
+    on disk first (what a kernel about to append does).  ``report.recovery`` says what was done."""
+    found = logstore.recover(path)  # never through a planted symlink
+    if found is None:
         return None
-    except OSError as exc:
-        if os.path.islink(path):
-            raise UnsafeRuntimeDir(f"{path} is a symlink; refusing to read through it") from exc
-        raise
-    with os.fdopen(fd, encoding="utf-8") as fh:
-        report = replay_lines(fh)
-    return report if report.ledger is not None else None
+    if not found.records:  # a torn first record and nothing else: cut it, restore nothing
+        if repair:
+            logstore.apply_repairs(path, found)
+        return None
+    report = replay_records(((f"{p}@{off}", r) for p, off, r in found.records), ReplayReport())
+    if report.ledger is None:  # recover() always starts at a snapshot or a fresh session
+        raise logstore.LogCorrupt(path, 0, "the records restore no state")
+    if repair:
+        logstore.apply_repairs(path, found)
+    report.recovery = found
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,17 +175,26 @@ def main(argv: list[str] | None = None) -> int:
     report = ReplayReport()
     for path in args.log:
         try:
-            with open(path, encoding="utf-8") as fh:
-                replay_lines(fh, report)
+            data = logstore.read_bytes(path)
         except OSError as exc:
             print(f"cannot read {path}: {exc}", file=sys.stderr)
             return 2
+        if data is None:
+            print(f"cannot read {path}: no such file", file=sys.stderr)
+            return 2
+        before = len(report.unverified), len(report.unreadable)
+        replay_lines((line for _, line in logstore.iter_lines(data)), report)
+        if (len(report.unverified), len(report.unreadable)) != before:
+            print(f"{path}: {len(report.unverified) - before[0]} line(s) without a good checksum, "
+                  f"{len(report.unreadable) - before[1]} unreadable", file=sys.stderr)
     print(f"sessions {report.sessions}  snapshots {report.snapshots}  decisions replayed {report.replayed}  "
           f"other decisions {report.observed}  divergences {len(report.divergences)}"
           + ("  (last line truncated)" if report.truncated else ""))
     for d in report.divergences[:20]:
         print(f"  line {d['line']} {d['op']}: recorded {d['recorded']} replayed {d['replayed']}")
-    return 1 if report.divergences else 0
+    for n, why in report.unreadable[:20]:
+        print(f"  line {n} unreadable: {why}")
+    return 1 if report.divergences or report.unverified or report.unreadable and not report.truncated else 0
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 Events in, effects out, no sockets: :meth:`Router.on_message` takes one multipart message as the
 ROUTER socket delivered it (identity first) and the current time; kernel.mdp parses it once into a
-typed event, and the router handles the event (one handler per event type, :data:`Router._ON`),
+typed event, and the router handles the event (one handler per event type, ``Router._on``),
 emitting the messages to send through the ``send`` callable it was built with (identity first).
 The admission policy (kernel.policy) is asked at each step of a request's life and answers with
-effects the router applies (:data:`Router._APPLY`); every control order goes through
+effects the router applies (``Router._apply``); every control order goes through
 :meth:`Router.order`, which publishes and records it.  :meth:`Router.tick` runs the time-driven
 rules.  The clock, CPU times, pid ownership and random tokens come through the host port
 (kernel.host).  The kernel's process shell (kernel.server) owns the sockets and the clock; tests
@@ -169,6 +169,23 @@ class Router:
         self.now = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
         self._revoked_logged: set[str] = set()
+        #: One handler per event type of kernel.mdp (the MDP command table's other half).
+        self._on: dict[type, Callable[[Any, float, Principal], None]] = {
+            mdp.Request: self._on_request,
+            mdp.Ready: self._on_ready,
+            mdp.Reply: self._on_reply_event,
+            mdp.Heartbeat: self._on_heartbeat,
+            mdp.Disconnect: self._on_disconnect,
+            mdp.BadClient: self._on_bad_client,
+            mdp.BadWorker: self._on_bad_worker,
+            mdp.Unreadable: self._on_unreadable,
+        }
+        #: One row per effect type of kernel.policy: how the router applies it.
+        self._apply: dict[type, Callable[[Any, float], None]] = {
+            Fail: self._apply_fail,
+            Lend: self._apply_lend,
+            Order: self._apply_order,
+        }
 
     # -- entry points -----------------------------------------------------------------------------
 
@@ -183,7 +200,7 @@ class Router:
         if principal.revoked and type(event) is not mdp.Unreadable:
             self._on_revoked(event, principal, now)
             return
-        self._ON[type(event)](self, event, now, principal)
+        self._on[type(event)](event, now, principal)
 
     def tick(self, now: float) -> None:
         """Time-driven rules: request deadlines, liveness, heartbeats, unavailable waits."""
@@ -211,9 +228,9 @@ class Router:
     # -- effects ----------------------------------------------------------------------------------
 
     def apply(self, effects: Effects, now: float) -> None:
-        """Apply a policy's effects, in order (one row of :data:`_APPLY` per effect type)."""
+        """Apply a policy's effects, in order (one row of ``_apply`` per effect type)."""
         for effect in effects:
-            self._APPLY[type(effect)](self, effect, now)
+            self._apply[type(effect)](effect, now)
 
     def _apply_fail(self, effect: Fail, now: float) -> None:
         if not effect.request.done:
@@ -230,9 +247,6 @@ class Router:
     def _apply_order(self, effect: Order, now: float) -> None:
         self.order(effect, now)
 
-    _APPLY: dict[type, Callable[[Any, Any, float], None]] = {
-        Fail: _apply_fail, Lend: _apply_lend, Order: _apply_order,
-    }
 
     # -- malformed messages and revoked peers -----------------------------------------------------
 
@@ -279,6 +293,18 @@ class Router:
 
     # -- clients ----------------------------------------------------------------------------------
 
+    def _acting_for(self, principal: Principal, who: str) -> str:
+        """A service acting for the caller of a request it is serving (header ``for``): allowed
+        only while a worker of the same principal has a request of ``who`` in flight (or for
+        itself), so a service key acts for no one who is not calling it at that moment."""
+        if who == principal.name:
+            return who
+        if principal.services:
+            for w in self.workers.values():
+                if w.principal == principal and any(r.principal.name == who for r in w.inflight.values()):
+                    return who
+        raise errors.Forbidden("header 'for' names a principal whose request this caller is not serving")
+
     def _on_request(self, ev: mdp.Request, now: float, principal: Principal) -> None:
         if ev.mmi:
             self._mmi(ev, now, principal)
@@ -311,6 +337,13 @@ class Router:
                 return
             req.job = checked.job
             req.priority = checked.priority
+            if checked.on_behalf is not None:
+                try:
+                    req.acting_for = self._acting_for(principal, checked.on_behalf)
+                except errors.Forbidden as exc:
+                    self.counters["bad_requests"] += 1
+                    self._finish_error(req, exc, now, count=True)
+                    return
             if checked.deadline is not None:
                 req.deadline = now + checked.deadline / 1000.0
         # Opaque MDP bodies too: they run in the caller's default job (its wall time counts).
@@ -458,7 +491,7 @@ class Router:
         if req.token and service.live > 0:
             service.live -= 1
             if not service.live and not service.workers and self.services.get(service.name) is service:
-                self._idle[service.name] = now
+                self._mark_idle(service.name, now)
 
     def _dispatch(self, req: Request, worker: Worker, now: float) -> None:
         req.worker = worker
@@ -702,7 +735,21 @@ class Router:
             service.wait_since = now
             self._waiting[service.name] = service
         elif not service.workers and not service.live:
-            self._idle[service.name] = now
+            self._mark_idle(service.name, now)
+
+    def _mark_idle(self, name: bytes, now: float) -> None:
+        """``name`` has no worker and nothing in flight: forgotten after ``service_expiry``, or at
+        once, oldest first, past ``max_workerless`` idle names (issue 24: 100,000 per-worker names
+        registered and dropped in a loop were all kept for a minute)."""
+        idle = self._idle
+        idle[name] = now
+        while len(idle) > self.max_workerless:
+            old, _ = next(iter(idle.items()))
+            del idle[old]
+            gone = self.services.get(old)
+            if gone is not None and not gone.workers and not gone.live:
+                del self.services[old]
+                self.counters["services_evicted"] += 1
 
     def _sweep(self, now: float) -> None:
         for worker in list(self.workers.values()):
@@ -832,6 +879,30 @@ class Router:
             out.update(self.extra_stats())
         return out
 
+    def principal_stats(self, now: float, query: dict[str, Any], figures: bool) -> dict[str, Any]:
+        """One page of services as a non-operator sees it (issue 24): by name and health only,
+        or with their figures and the workers' capacities (``figures``: a service key, which
+        places work on the others) -- never a pid, the counters or another section."""
+        page = query.get("page", 0)
+        page = page if isinstance(page, int) and not isinstance(page, bool) and page >= 0 else 0
+        wanted = query.get("service")
+        if isinstance(wanted, str):
+            chosen = [s for s in (self.services.get(wanted.encode()),) if s is not None]
+        else:
+            names = sorted(self.services)[page * P.STATS_PAGE:(page + 1) * P.STATS_PAGE]
+            chosen = [self.services[n] for n in names]
+        shown = {s.name: dataclasses.asdict(s) for s in self.service_stats(chosen)}
+        out: dict[str, Any] = {
+            "services": shown if figures else {
+                n: {"health": "serving" if f.get("workers", 0) > 0 else "no_worker"} for n, f in shown.items()},
+            "summary": {"services": len(self.services), "page": page,
+                        "pages": -(-len(self.services) // P.STATS_PAGE)},
+        }
+        if figures:
+            out["workers"] = [{"service": w.service.text, "inflight": len(w.inflight), "capacity": w.capacity}
+                              for w in self.workers.values()]
+        return out
+
     def serving(self, principal: Principal, job: str) -> bool:
         """Whether a worker of ``principal`` is serving a request of ``job`` now."""
         return any(r.job == job and not r.done for w in self.workers.values() if w.principal == principal
@@ -880,14 +951,3 @@ class Router:
             dedup.check_invariants()
             assert all(t in self.inflight for t in dedup.key_of), "an idempotency key runs a request not in flight"
         self.admission.check_invariants(self)
-
-    _ON: dict[type, Callable[[Any, Any, float, Principal], None]] = {
-        mdp.Request: _on_request,
-        mdp.Ready: _on_ready,
-        mdp.Reply: _on_reply_event,
-        mdp.Heartbeat: _on_heartbeat,
-        mdp.Disconnect: _on_disconnect,
-        mdp.BadClient: _on_bad_client,
-        mdp.BadWorker: _on_bad_worker,
-        mdp.Unreadable: _on_unreadable,
-    }

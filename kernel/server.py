@@ -26,7 +26,9 @@ import errno as _errno
 import logging
 import os
 import resource
+import collections
 import socket as _socket
+import threading
 import time
 from typing import Any, Callable
 
@@ -37,6 +39,7 @@ from kernel import auth, codec
 from kernel.aio import send_frames
 from kernel import protocol as P
 from kernel.host import Host, SystemHost
+from kernel.control import may_subscribe
 from kernel.mmi import Management
 from kernel.peers import PeerGuard, open_fds, seed_routing_ids
 from kernel.policy import Admission
@@ -109,7 +112,11 @@ class KernelServer:
         sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
         sock.setsockopt(zmq.SNDHWM, peer_hwm)
         sock.setsockopt(zmq.RCVHWM, peer_hwm)
-        pub = self.context.socket(zmq.PUB)
+        # XPUB with manual subscriptions: a subscription is applied only when the subscriber's
+        # principal may receive that topic (kernel.control; issue 24: a service key heard every
+        # principal's control traffic).
+        pub = self.context.socket(zmq.XPUB)
+        pub.setsockopt(zmq.XPUB_MANUAL, 1)
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.MAXMSGSIZE, 4096)  # subscribers only send subscriptions
         pub.setsockopt(zmq.SNDHWM, peer_hwm)
@@ -133,6 +140,15 @@ class KernelServer:
         self.guard = PeerGuard(max_peers, fd_limit=soft if soft != resource.RLIM_INFINITY else 1 << 20,
                                baseline=open_fds())
         self._monitors = [self._monitor(s, n) for n, s in enumerate((sock, pub))]
+        #: Monitor events the watcher thread read, for the loop (deque: thread-safe append/pop).
+        self._events: collections.deque[dict[str, Any]] = collections.deque()
+        self._events_lock = threading.Lock()
+        self._since_drain = 0  # accepted minus closed among the queued events
+        self._wake_pending = False
+        self._accepting = True
+        self._accept_lock = threading.Lock()
+        self._watch_stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch_monitors, name="reca-accept-gate", daemon=True)
         self.router = Router(
             self._send,
             heartbeat_interval=heartbeat_interval,
@@ -195,6 +211,10 @@ class KernelServer:
         except zmq.ZMQError as exc:  # PUB drops on HWM by design; count it
             self.router.counters["publish_dropped"] += 1
             log.error("control publish on %r failed: %s", topic, exc)
+        # A send processes the socket's pending commands and can swallow the edge that would
+        # have woken the loop for a waiting subscription: look now.
+        if int(self.pub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._on_subscriptions()
 
     def _recv(self) -> tuple[list[bytes], auth.Principal]:
         """One message, identity first, within the size and frame bounds, and its principal;
@@ -244,6 +264,38 @@ class KernelServer:
         if self._drain():
             self._arm()
 
+    def _on_subscriptions(self) -> None:
+        """Apply the control subscriptions peers sent, each only if the subscriber's principal
+        may receive that topic (kernel.control); the rest are dropped and counted."""
+        pub = self.pub
+        principals = self.principals if self.zap is not None else None
+        while int(pub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            try:
+                msg = pub.recv(_NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            except zmq.ZMQError:
+                return
+            data = msg.bytes
+            if not data or data[0] not in (0, 1):
+                continue
+            topic = data[1:]
+            if data[0] == 0:
+                pub.setsockopt(zmq.UNSUBSCRIBE, topic)
+                continue
+            if principals is None:
+                principal = auth.LOCAL_OPERATOR
+            else:
+                name = str(msg.get(auth.USER_ID) or "")
+                principal = principals.by_name(name) or auth.Principal(name, auth.REVOKED)
+            if not principal.revoked and may_subscribe(principal, topic):
+                pub.setsockopt(zmq.SUBSCRIBE, topic)  # applies to the pipe it came on
+            else:
+                self.router.counters["subscriptions_refused"] += 1
+                if self.router.counters["subscriptions_refused"] <= 10:
+                    log.warning("control subscription %r refused for %s (%s)", topic[:64], principal.name,
+                                principal.role)
+
     def _drain(self) -> bool:
         """Route what the ROUTER socket holds (at most one batch; the rest on the next turn), then
         hand the decisions taken to the operating system.  False once the socket is closed."""
@@ -278,27 +330,100 @@ class KernelServer:
     # -- connections ------------------------------------------------------------------------------
 
     def _on_monitor(self) -> None:
+        self._wake_pending = False
         self._drain_monitor(time.monotonic())
         self._arm()
 
+    def _watch_monitors(self) -> None:
+        """The monitor sockets' reader, on a thread of its own (issue 24): it queues every
+        accept/close event for the loop and stops accepting *itself* the moment the connections
+        reach the peer cap -- a busy loop reacted too late under a burst, and libzmq aborts on
+        EMFILE in an ipc accept.  Only this thread touches the monitor sockets once started."""
+        poller = zmq.Poller()
+        for mon in self._monitors:
+            poller.register(mon, zmq.POLLIN)
+        while not self._watch_stop.is_set():
+            try:
+                ready = poller.poll(100)
+            except zmq.ZMQError:
+                return
+            got = False
+            for mon, _ in ready:
+                while True:
+                    try:
+                        event = recv_monitor_message(mon, _NOBLOCK)
+                    except zmq.Again:
+                        break
+                    except zmq.ZMQError:
+                        return
+                    with self._events_lock:
+                        self._events.append(event)
+                        self._since_drain += 1 if event["event"] == zmq.EVENT_ACCEPTED else -1
+                    got = True
+            if got:
+                # The loop's count of connections plus what it has not seen yet.
+                if len(self.guard.conns) + self._since_drain >= self.guard.cap and self._accepting:
+                    self._set_accepting(False)
+                loop = self._loop
+                if loop is not None and not self._wake_pending:
+                    self._wake_pending = True
+                    try:
+                        loop.call_soon_threadsafe(self._on_monitor)
+                    except RuntimeError:  # the loop is closed: shutting down
+                        return
+
     def _drain_monitor(self, now: float) -> None:
         fds = open_fds()  # once per batch: listing /proc/self/fd is O(descriptors)
-        for mon in self._monitors:
-            while True:
-                try:
-                    event = recv_monitor_message(mon, _NOBLOCK)
-                except zmq.Again:
-                    break
-                except zmq.ZMQError:
-                    return
-                fd = int(event["value"])
-                if event["event"] == zmq.EVENT_ACCEPTED:
-                    fds += 1
-                    if self.guard.on_accepted(fd, now, fds) and self.guard.counters["peers_refused"] == 1:
-                        log.warning("a connection was refused: over the peer cap of %d (counted in "
-                                    "the kernel stats from now on)", self.guard.cap)
+        if not self._accepting and self.guard.open:  # the watcher stopped accepting: the guard knows
+            self.guard.open = False
+            self.guard.counters["accept_pauses"] += 1
+        with self._events_lock:
+            events = self._events
+            self._events = collections.deque()
+            self._since_drain = 0
+        while events:
+            event = events.popleft()
+            fd = int(event["value"])
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                fds += 1
+                if self.guard.on_accepted(fd, now, fds) and self.guard.counters["peers_refused"] == 1:
+                    log.warning("a connection was refused: over the peer cap of %d (counted in "
+                                "the kernel stats from now on)", self.guard.cap)
+            else:
+                self.guard.on_closed(fd)
+        change = self.guard.accepting(fds)
+        if change is not None:
+            self._set_accepting(change)
+
+    def _set_accepting(self, accept: bool) -> None:
+        """Stop (or resume) accepting connections on the ipc:// endpoints: rename each socket to a
+        hidden name and back (kernel.peers: libzmq aborts on EMFILE in an ipc accept, and has no
+        way to stop a listener without closing what it accepted).  A tcp:// listener is left as
+        it is: libzmq waits out EMFILE there.  Idempotent; called from the loop and the watcher."""
+        with self._accept_lock:
+            if self._accepting == accept:
+                return
+            self._accepting = accept
+            self._rename_endpoints(accept)
+
+    def _rename_endpoints(self, accept: bool) -> None:
+        for ep in (self.endpoint, self.control):
+            if not ep.startswith("ipc://"):
+                continue
+            path = ep[len("ipc://"):]
+            hidden = path + P.IPC_PAUSED_SUFFIX
+            try:
+                if accept:
+                    os.rename(hidden, path)
                 else:
-                    self.guard.on_closed(fd)
+                    os.rename(path, hidden)
+            except OSError as exc:
+                log.warning("cannot %s accepting on %s: %s", "resume" if accept else "stop", ep, exc)
+        if accept:
+            log.warning("accepting connections again (%d peers)", len(self.guard.conns))
+        else:
+            log.warning("stopped accepting connections: %d peers, cap %d (descriptor limit %d)",
+                        len(self.guard.conns), self.guard.cap, self.guard.fd_limit)
 
     def _shutdown_refused(self, now: float) -> None:
         if not self.guard.refusing:
@@ -367,17 +492,19 @@ class KernelServer:
         self._stopped = asyncio.Event()
         fd = self.sock.fileno()
         self._loop.add_reader(fd, self._on_readable)
-        mon_fds = [int(m.getsockopt(zmq.FD)) for m in self._monitors]
-        for mfd in mon_fds:
-            self._loop.add_reader(mfd, self._on_monitor)
+        pub_fd = self.pub.fileno()
+        self._loop.add_reader(pub_fd, self._on_subscriptions)
+        self._on_subscriptions()
+        self._watcher.start()
         self._on_monitor()
         self._on_readable()
         try:
             await self._stopped.wait()
         finally:
             self._loop.remove_reader(fd)
-            for mfd in mon_fds:
-                self._loop.remove_reader(mfd)
+            self._loop.remove_reader(pub_fd)
+            self._watch_stop.set()
+            self._watcher.join(5.0)
             if self._timer is not None:
                 self._timer.cancel()
             self.close()
@@ -387,6 +514,9 @@ class KernelServer:
             self._stopped.set()
 
     def close(self) -> None:
+        self._watch_stop.set()
+        if self._watcher.is_alive():
+            self._watcher.join(5.0)
         for sock, mon in zip((self.sock, self.pub), self._monitors):
             try:
                 sock.disable_monitor()

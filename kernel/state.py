@@ -41,6 +41,8 @@ class Request:
     timed: bool = False  # has an entry in the router's deadline heap (counted in _deadlines_live)
     checked: Header | None = None  # the header checked against the schema (None: opaque)
     size: int = 0  # bytes of its body while queued (counted in the router's queued bytes)
+    #: The principal a service acts for (header ``for``, checked by ``Router._acting_for``).
+    acting_for: str | None = None
 
 
 @dataclasses.dataclass(slots=True, eq=False)

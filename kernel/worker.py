@@ -78,6 +78,8 @@ class RequestState:
     #: The client's request id and the job, from the header (None if absent).
     id: Any = dataclasses.field(init=False)
     job: str | None = dataclasses.field(init=False)
+    #: The caller's verified principal, as the kernel set it (None: an opaque body).
+    principal: str | None = dataclasses.field(init=False)
     spent: dict[str, float] = dataclasses.field(default_factory=dict)
     pause_requested: bool = False
     paused: bool = False
@@ -88,6 +90,8 @@ class RequestState:
         self.reca = header is not None
         self.id = None if header is None else header.get(P.H_ID)
         self.job = None if header is None else header.get(P.H_JOB)
+        principal = None if header is None else header.get(P.H_PRINCIPAL)
+        self.principal = principal if isinstance(principal, str) else None
 
 
 def targets(message: dict[str, Any], state: RequestState) -> bool:

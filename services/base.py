@@ -42,6 +42,18 @@ from kernel.protocol import ENV_CONTROL, ENV_ENDPOINT, ENV_HEARTBEAT, ENV_LIVENE
 
 log = logging.getLogger("reca.service")
 
+#: READYs the kernel answered with DISCONNECT, in a row, before the worker gives up (about 7 s of
+#: reconnect back-off): the kernel refuses to let this principal serve the name (not its role's
+#: service, or its key revoked), so reconnecting forever would only hide that.  The process exits
+#: with :data:`EXIT_REFUSED` and says why; its supervisor shows the reason (``status``).  (A kernel
+#: over its peer cap also answers a new worker so; a flood that long costs one restart.)
+REFUSED_READY_LIMIT = 8
+EXIT_REFUSED = 78  # EX_CONFIG
+
+
+class WorkerRefused(RuntimeError):
+    """The kernel keeps refusing this worker's READY (see :data:`REFUSED_READY_LIMIT`)."""
+
 
 class Context:
     """One request as its handler sees it.
@@ -58,6 +70,9 @@ class Context:
         self.reca = state.reca
         self.id = state.id
         self.job: str | None = state.job
+        #: The caller's verified principal (set by the kernel, never by the client; "" for an
+        #: opaque body): services keep per-caller state under it (services.common.Scoped).
+        self.principal: str = state.principal or ""
         self.priority: int = self.header.get(P.H_PRIORITY, P.DEFAULT_PRIORITY)
         #: The budget the kernel granted (already clamped to what the job has left).
         self.granted: dict[str, float] = dict(self.header.get(P.H_GRANTED) or self.header.get(P.H_BUDGET) or {})
@@ -183,6 +198,7 @@ class WorkerRuntime:
         self._wake: asyncio.Event | None = None
         self._stopping = asyncio.Event()
         self.registered = asyncio.Event()
+        self._refused = 0  # READYs refused in a row (_count_refusal)
 
     # -- sending ----------------------------------------------------------------------------------
 
@@ -312,6 +328,7 @@ class WorkerRuntime:
                     session.stop(time.monotonic())  # DISCONNECT first: the kernel answers the rest
                     self.flush()
                 await self._drop_active()
+                self._count_refusal(reason, self.registered.is_set())
                 self.registered.clear()
                 self.sock.close(0)
                 self.sock = None
@@ -386,6 +403,19 @@ class WorkerRuntime:
                 loop.remove_reader(fd)
             self._wake = None
 
+    def _count_refusal(self, reason: str, registered: bool) -> None:
+        """A link the kernel ended with DISCONNECT before it ever spoke on it is a refused READY;
+        :data:`REFUSED_READY_LIMIT` in a row raise :class:`WorkerRefused`."""
+        if reason == "disconnected by the kernel" and not registered:
+            self._refused += 1
+            if self._refused >= REFUSED_READY_LIMIT:
+                raise WorkerRefused(
+                    f"the kernel refused this worker's READY for {self.service.name!r} {self._refused} times in a row: "
+                    f"its principal may not serve {self.service.name!r} (over tcp:// a supervised process may serve "
+                    "only the service its certificate names), its key was revoked, or the kernel is over its peer cap")
+        else:
+            self._refused = 0
+
     def stop(self) -> None:
         self._stopping.set()
         if self._wake is not None:
@@ -421,7 +451,8 @@ def main(service: Service, argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity", type=int, default=service.capacity)
     parser.add_argument("--heartbeat", type=float, default=float(os.environ.get(ENV_HEARTBEAT, P.HEARTBEAT_INTERVAL)))
     parser.add_argument("--liveness", type=int, default=int(os.environ.get(ENV_LIVENESS, P.LIVENESS)))
-    parser.add_argument("--log-level", default=os.environ.get(ENV_LOG_LEVEL, "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get(ENV_LOG_LEVEL, "INFO"), type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     parser.add_argument("--cert", default=None, help=f"own secret certificate (default ${P.ENV_CERT})")
     parser.add_argument("--server-cert", default=None, help=f"kernel's public certificate (default ${P.ENV_SERVER_CERT})")
     service.add_arguments(parser)
@@ -446,7 +477,13 @@ def main(service: Service, argv: list[str] | None = None) -> int:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve())
+        runner: Any = asyncio.run
     else:
-        uvloop.run(serve())
+        runner = uvloop.run
+    try:
+        runner(serve())
+    except WorkerRefused as exc:
+        log.error("%s", exc)
+        print(f"{args.name}: {exc}", file=sys.stderr, flush=True)  # the last line: status shows it
+        return EXIT_REFUSED
     return 0

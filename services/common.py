@@ -13,7 +13,9 @@ from services.base import Context, Service
 
 
 class BusService(Service):
-    """A service holding an :class:`AsyncClient` to the kernel (set up and closed with it)."""
+    """A service holding an :class:`AsyncClient` to the kernel (set up and closed with it).
+    Calls made for a request pass ``on_behalf=ctx.principal``: the service downstream then keeps
+    the state they create under the caller's principal, not under this service's."""
 
     #: Bound of one call through the bus, seconds.
     call_timeout = 30.0
@@ -51,4 +53,5 @@ class DecodeOrchestrator(BusService):
         """One request to the decode worker, charged to ``ctx``'s job; never retried (decode ops
         are not idempotent)."""
         assert self.client is not None
-        return await self.client.call(self.decode_service, payload, job=ctx.job, retries=0)
+        return await self.client.call(self.decode_service, payload, job=ctx.job, retries=0,
+                                      on_behalf=ctx.principal or None)

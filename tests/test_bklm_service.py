@@ -126,9 +126,9 @@ def test_bad_input_gets_typed_errors_and_the_worker_serves_on(kern, client, tmp_
     with pytest.raises(errors.Refused) as info:
         client.call("bktrain", BASE | {"run": "tiny", "steps": 3}, job="tiny")
     assert info.value.detail["reason"] == "budget_too_small" and info.value.detail["needed"] > 1000
-    assert not os.path.exists(os.path.join(kern.dir, "bktrain", "tiny.ckpt"))
+    assert not os.path.exists(os.path.join(kern.dir, "bktrain", "local", "tiny.ckpt"))
 
-    with open(os.path.join(kern.dir, "bktrain", "broken.ckpt"), "wb") as fh:
+    with open(os.path.join(kern.dir, "bktrain", "local", "broken.ckpt"), "wb") as fh:
         fh.write(b"RECA-BKLM-1\n" + b"\0" * 32 + b"not a checkpoint")
     with pytest.raises(errors.BadRequest) as info:
         client.call("bktrain", BASE | {"run": "broken", "steps": 3})

@@ -145,3 +145,27 @@ async def test_curve_failures_name_the_certificate(curve_kernel, anyio_backend):
     async with AsyncClient(k.endpoint, timeout=600, cert=alice, server_cert=wrong) as client:
         with pytest.raises(ConnectError, match=f"RECA_SERVER_CERT={wrong} is not this kernel's public key"):
             await client.stats()
+
+
+async def test_wait_for_service_waits_for_a_kernel_still_starting(anyio_backend):
+    """First contact fails fast per call, but not for good: a client made before its kernel
+    starts reaches it once it is there (wait_for_service retries through ConnectError)."""
+    from clients.launch import LocalKernel, kernel_config, service_block as block
+
+    rundir = short_tmpdir()
+    box: dict = {}
+    async with AsyncClient(f"ipc://{rundir}/kernel.sock", timeout=10, retries=0) as client:
+        with pytest.raises(ConnectError):
+            await client.stats()  # no kernel yet
+
+        def start() -> None:
+            box["k"] = LocalKernel(kernel_config(block("echo", "services.echo")), runtime_dir=rundir)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.wait_for_service, "echo", 120)
+                await anyio.to_thread.run_sync(start)
+            assert await client.call("echo", "up") == "up"
+        finally:
+            if "k" in box:
+                box["k"].stop()

@@ -110,3 +110,19 @@ def test_enforce_table_and_service_ceilings_are_in_the_schema():
     ):
         with pytest.raises(ConfigError, match=__import__("re").escape(where)):
             parse(doc, runtime="/r", source="my.toml")
+
+
+def test_a_service_refuses_an_unknown_log_level():
+    import subprocess
+    import sys
+
+    from clients.launch import REPO
+
+    out = subprocess.run(
+        [sys.executable, "-m", "services.echo", "--log-level", "verbose"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "--log-level" in out.stderr

@@ -145,6 +145,7 @@ def test_malformed_messages_are_typed_with_their_reason(frames, kind, why):
         ("budget", {"tokens": -1}, "header field 'budget'"),
         ("idem", 3, "header field 'idem'"),
         ("txn", b"x", "header field 'txn'"),
+        ("for", 7, "header field 'for'"),
     ],
 )
 def test_the_header_schema_gives_the_error_text(field, value, text):
@@ -165,6 +166,7 @@ def test_every_header_field_of_the_protocol_is_in_the_schema():
         P.H_BUDGET,
         P.H_IDEM,
         P.H_TXN,
+        P.H_FOR,
     ]
 
 
@@ -172,7 +174,7 @@ def test_roles_and_budget_kinds_are_one_table_each():
     assert [r for r in P.ROLES] == list(P.Role)
     assert P.Role.REVOKED.rank < P.Role.CLIENT.rank < P.Role.SERVICE.rank < P.Role.OPERATOR.rank
     assert P.role_kind("service:a,b") is P.Role.SERVICE and P.role_kind("nonsense") is P.Role.REVOKED
-    assert P.COMPUTE_KINDS == ("wall_ms", "cpu_ms", "tokens", "flops")
+    assert P.COMPUTE_KINDS == ("wall_ms", "cpu_ms", "tokens", "flops", "vm_steps")
     assert tuple(P.BUDGET_KINDS) == (*P.COMPUTE_KINDS, "mem_bytes")  # a ceiling, not a compute kind
     from kernel.ledger import COMPUTE
 

@@ -267,3 +267,54 @@ def test_budget_kinds_are_validated_against_the_table():
     assert finals[1]["error"]["kind"] == "budget_kind" and "flopz" in finals[1]["error"]["message"]
     assert 2 not in finals and 3 not in finals  # admitted and dispatched
     assert len(dispatched(wire)) == 2
+
+
+def test_a_snapshot_holds_only_the_newest_entries():
+    d = Dedup()
+    for i in range(30):
+        d.start(("p", str(i)), bytes([i]))
+        d.finish(bytes([i]), float(i), [b"x"], b"s")
+    assert [r["idem"] for r in d.dump(limit=5)] == ["25", "26", "27", "28", "29"]
+    assert len(d.dump()) == 30
+
+
+# -- the kernel core's state machine, with retries of a few keys from any client ------------------
+
+from hypothesis import HealthCheck  # noqa: E402
+from hypothesis.stateful import rule as _rule  # noqa: E402
+
+from tests.test_kernel_model import CLIENTS, PRINCIPALS, KernelModel  # noqa: E402
+
+
+class RetryingKernel(KernelModel):
+    """Core's model (random clients, workers, management calls, crashes, garbage, time) plus
+    requests that reuse one of four idempotency keys from any client socket: never two requests
+    of one (principal, key) in flight, at most one FINAL per (client, id), every invariant of the
+    router, the admission, the ledger and the idempotency table after each step, and the decision
+    log still replays to the same ledger."""
+
+    @_rule(c=st.integers(0, 2), k=st.integers(0, 3), service=st.sampled_from([b"a", b"b"]))
+    def retry(self, c, k, service) -> None:
+        self.rid += 1
+        header = {"v": 1, "id": self.rid, "idem": f"retry{k}"}
+        self.router.on_message(
+            [CLIENTS[c], P.MDPC, P.ClientCmd.REQUEST.value, service, codec.pack(header), b"x"], self.now, PRINCIPALS[c]
+        )
+        self.seen["retry"] += 1
+
+    @invariant()
+    def one_request_per_key(self) -> None:
+        if not hasattr(self, "router"):
+            return
+        keys = [
+            (r.principal.name, r.checked.idem)
+            for r in self.router.inflight.values()
+            if r.checked is not None and r.checked.idem is not None
+        ]
+        assert len(keys) == len(set(keys)), f"one key in flight twice: {keys}"
+
+
+RetryingKernel.TestCase.settings = settings(
+    max_examples=30, stateful_step_count=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+TestRetryingKernel = RetryingKernel.TestCase

@@ -46,6 +46,11 @@ class MemoryLog:
     def flush(self) -> None:
         pass
 
+    def restarted(self, session: str) -> None:
+        """A new kernel run continues this log (its session line says so)."""
+        self.session = session
+        self.lines.append(_encode({"seq": 0, "op": "session", "t": 0.0, "session": session, "restored": True}))
+
 
 class Wire:
     def __init__(self) -> None:
@@ -73,14 +78,27 @@ class KernelModel(RuleBasedStateMachine):
     def start(self) -> None:
         self.host = FakeHost(seed=7)
         self.journal = MemoryLog("m.")
+        self.runs = 0
+        self.steps = self.last_restart = 0  # steps taken (counted by the invariant), at the last restart
+        self.now = 0.0
+        self.rid = 0
+        self.reservations: list[str] = []
+        self.seen: collections.Counter[str] = collections.Counter()  # what the run exercised
+        self.wire = Wire()
+        self.boot(None)
+
+    def boot(self, restored: object) -> None:
+        """A kernel run: a fresh admission (restoring ``restored``, a replay report, as
+        kernel/__main__ does) and a fresh router; the workers register again."""
         self.adm = BudgetAdmission(
             decision_log=self.journal,
             root_limits={k: v * 4 for k, v in LIMITS.items()},
             default_limits=LIMITS,
             max_pause=3.0,
             host=self.host,
+            restored=restored,
+            restored_at=self.now,
         )
-        self.wire = Wire()
         self.published: list[tuple[bytes, dict]] = []
         self.router = Router(
             self.wire,
@@ -94,12 +112,24 @@ class KernelModel(RuleBasedStateMachine):
             max_queued_bytes=4096,
             publish=lambda t, m: self.published.append((t, m)),
         )
-        self.now = 0.0
-        self.rid = 0
-        self.reservations: list[str] = []
-        self.seen: collections.Counter[str] = collections.Counter()  # what the run exercised
         self.ready(WORKERS[0], b"a", 2)
         self.ready(WORKERS[1], b"b", 1)
+
+    @precondition(lambda self: self.steps - self.last_restart >= 12)  # runs between restarts are long
+    @rule()
+    def kernel_restart(self) -> None:
+        """The kernel dies and starts again from its decision log: the restored ledger is the
+        logged one with every request that was running finished; connections start over."""
+        report = replay_lines(self.journal.lines)
+        assert report.divergences == []
+        self.runs += 1
+        self.last_restart = self.steps
+        self.journal.restarted(f"m{self.runs}.")
+        self.wire.to_worker.clear()
+        self.wire.unroutable.clear()
+        self.boot(report)
+        assert all(j.running == 0 and j.wall_running == 0 for j in self.adm.ledger.jobs.values())
+        self.seen["kernel_restart"] += 1
 
     # -- peers ------------------------------------------------------------------------------------
 
@@ -323,6 +353,7 @@ class KernelModel(RuleBasedStateMachine):
     def consistent(self) -> None:
         if not hasattr(self, "router"):
             return
+        self.steps += 1
         self.router.check_invariants()
         over = {k: n for k, n in self.wire.finals.items() if n > 1}
         assert not over, f"more than one FINAL: {over}"

@@ -19,3 +19,4 @@ def test_short_fixed_seed_soak():
     assert m["honest_unanswered"] == 0 and m["honest_requests"] > 1000
     assert m["kernel_rss_max_mb"] <= 300
     assert m["replay_mismatches"] == 0
+    assert m["state_lost_after_restart"] == 0 and m["deep_frames_unanswered"] == 0 and m["fsck_status"] == 0

@@ -5,7 +5,10 @@ Payload (a map): ``run`` (id, ``[A-Za-z0-9_.-]{1,64}``), ``steps`` (the step cou
 (steps, default 10), ``eval_every`` (steps, 0 = only at the end), ``corpus`` (a directory of
 ``*.py``; default the stdlib), ``corpus_limit_bytes`` (keep the first files only; for tests).
 
-The run's checkpoint is ``<checkpoint-dir>/<run>.ckpt``. A request for a run that has one resumes
+The run's checkpoint is ``<checkpoint-dir>/<principal>/<run>.ckpt``: a run is named within the
+caller's principal (the kernel's, never the client's word), so another principal's request for
+the same name starts a run of its own and never reads or trains this one. A request for a run
+that has one resumes
 from it: a run killed with its worker, stopped by its budget or cancelled continues from its last
 checkpoint with the same step numbers and ends with the weights of an uninterrupted run
 (checkpoints hold everything a step depends on). A cancelled run (budget spent, operator) writes
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import math
 import pathlib
 import re
@@ -54,6 +58,14 @@ RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 PAYLOAD_KEYS = {"op", "run", "steps", "config", "checkpoint_every", "eval_every", "corpus", "corpus_limit_bytes"}
 #: Largest ``steps`` one request may ask for.
 MAX_STEPS = 1_000_000
+
+
+def principal_dir(root: pathlib.Path, principal: str) -> pathlib.Path:
+    """Where ``principal``'s runs live: a run is named within its principal (issue 24: another
+    principal naming it starts a run of its own, and never reads or trains this one)."""
+    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}", principal):
+        return root / principal
+    return root / ("p-" + hashlib.sha256(principal.encode("utf-8", "surrogatepass")).hexdigest()[:24])
 
 
 def _positive_int(payload: dict, key: str, default: int | None, *, zero: bool = False) -> int:
@@ -143,7 +155,8 @@ class BKTrainService(Service):
         except (ConfigError, CorpusError) as exc:
             raise errors.BadRequest(str(exc)) from exc
         assert self.checkpoint_dir is not None
-        path = self.checkpoint_dir / f"{run}.ckpt"
+        path = principal_dir(self.checkpoint_dir, ctx.principal) / f"{run}.ckpt"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if path.exists():
             try:
                 await asyncio.to_thread(trainer.load, path)

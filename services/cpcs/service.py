@@ -78,6 +78,22 @@ def parse_request(payload: Any) -> tuple[Dag, str, float, Params]:
     return dag, policy, tick_ms / 1000.0, params
 
 
+#: Most pages of ``mmi.stats`` read for one lookup (STATS_PAGE services each).
+MAX_STATS_PAGES = 100
+
+
+async def all_stats(client: Any) -> dict:
+    """``mmi.stats`` with every page of services merged (issue 24: names made up by others sort
+    before a DAG's service and pushed it off page 0, so it was refused as unserved)."""
+    stats = await client.call(P.MMI_STATS, {"page": 0}, retries=0)
+    pages = min(int(stats.get("summary", {}).get("pages", 1) or 1), MAX_STATS_PAGES)
+    services = dict(stats.get("services", {}))
+    for page in range(1, pages):
+        more = await client.call(P.MMI_STATS, {"page": page}, retries=0)
+        services.update(more.get("services", {}))
+    return {**stats, "services": services}
+
+
 def places(stats: dict, dag: Dag) -> tuple[list[Worker], dict[str, int]]:
     """Where each service the DAG names can run, from ``mmi.stats``: the service itself with its
     total capacity (the kernel places), else its per-worker names ``<service>@<k>`` (exact
@@ -186,7 +202,8 @@ class _Run:
         started = False
         try:
             async for reply in self.client.stream(worker, payload, job=self.ctx.job, priority=priority,
-                                                  timeout=TASK_SILENCE_S, retries=0):
+                                                  timeout=TASK_SILENCE_S, retries=0,
+                                                  on_behalf=self.ctx.principal or None):
                 now = time.monotonic()
                 body = reply.payload if isinstance(reply.payload, dict) else {}
                 if not started:
@@ -241,7 +258,7 @@ class _Run:
     async def _rediscover(self, now: float) -> None:
         self.last_rediscover = now
         try:
-            stats = await self.client.call(P.MMI_STATS, retries=0)
+            stats = await all_stats(self.client)
         except errors.RecaError:
             return
         services = stats.get("services", {})
@@ -298,7 +315,7 @@ class CpcsService(BusService):
             payload = {**payload, "tick_ms": self.tick_ms}
         dag, policy, tick_s, params = parse_request(payload)
         assert self.client is not None
-        workers, pools = places(await self.client.call(P.MMI_STATS, retries=0), dag)
+        workers, pools = places(await all_stats(self.client), dag)
         for w in workers:
             if policy != "cpcs":
                 w.hold = 1  # the peers never pause: one task per worker

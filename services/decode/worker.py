@@ -67,7 +67,7 @@ from kernel import protocol as P
 from kernel.config import runtime_dir
 from lm import tokenizer, varref
 from lm.engine import Engine, EngineStats, SeqState
-from lm.errors import LMError, OutOfBlocksError
+from lm.errors import LMError, OutOfBlocksError, UnknownSequenceError
 from lm.kvtiers import BudgetTooSmallError, DiskTierFullError
 from lm.longmodel import load as load_long
 from lm.longsession import MAX_DEVICE_BLOCKS, LongSessions
@@ -139,6 +139,8 @@ class Decode:
     ``paused`` is set exactly while that request waits at a safe point after a preempt."""
 
     seq: int
+    #: The principal that started it: only its requests see or touch it (issue 24).
+    principal: str = ""
     owner: Context | None = None
     paused: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -180,6 +182,7 @@ class DecodeService(Service):
         self.long: LongSessions | None = None
         self._long_lock = asyncio.Lock()
         self._holds: dict[int, str] = {}  # long decode -> its kv_blocks reservation
+        self._long_owner: dict[int, str] = {}  # long decode -> the principal that opened it
         self.gate: KvBlocks | None = None
         self.rejected_precision = 0
 
@@ -222,15 +225,17 @@ class DecodeService(Service):
                 if spent:
                     ctx.charge(**spent)
 
-    def _decode(self, payload: dict) -> Decode:
+    def _decode(self, ctx: Context, payload: dict) -> Decode:
+        """The caller's decode named in ``payload``: another principal's answers exactly as one
+        that never existed."""
         did = payload.get("decode")
         dec = self.decodes.get(did) if isinstance(did, int) and not isinstance(did, bool) else None
-        if dec is None:
+        if dec is None or dec.principal != ctx.principal:
             raise errors.BadRequest(f"no decode {did!r} on this worker", kind="UnknownSequenceError")
         return dec
 
-    def _mutable(self, payload: dict) -> Decode:
-        dec = self._decode(payload)
+    def _mutable(self, ctx: Context, payload: dict) -> Decode:
+        dec = self._decode(ctx, payload)
         if dec.owner is not None and not dec.paused.is_set():
             raise errors.BadRequest(f"decode {dec.seq} is being generated; pause it first (ids.pause)",
                                     kind="DecodeBusy")
@@ -301,7 +306,7 @@ class DecodeService(Service):
             stop_token = tokenizer.token_id(stop)
         keep = bool(payload.get("keep", True))
         if "decode" in payload:
-            dec = self._decode(payload)
+            dec = self._decode(ctx, payload)
             if dec.owner is not None:
                 raise errors.BadRequest(f"decode {dec.seq} already has a generate streaming it", kind="DecodeBusy")
             if eng.state(dec.seq) is not SeqState.RUNNING:
@@ -310,7 +315,7 @@ class DecodeService(Service):
         else:
             prompt = _tokens_of(payload, bos=True)
             seq = await self._call(ctx, eng.start, prompt, seed=_int(payload, "seed", 0))
-            dec = self.decodes[seq] = Decode(seq)
+            dec = self.decodes[seq] = Decode(seq, ctx.principal)
         start = len(eng.tokens(dec.seq))
         dec.owner = ctx
         dec.idle.clear()
@@ -362,7 +367,7 @@ class DecodeService(Service):
             await ctx.partial({"decode": dec.seq, "i": i, "token": tok, "logprob": cands[0].logprob})
 
     async def op_inject(self, ctx: Context, payload: dict) -> dict:
-        dec = self._mutable(payload)
+        dec = self._mutable(ctx, payload)
         toks = _tokens_of(payload, bos=False)
         await self._call(ctx, self.engine.inject, dec.seq, toks)
         return self._view(dec)
@@ -370,7 +375,7 @@ class DecodeService(Service):
     async def op_splice(self, ctx: Context, payload: dict) -> dict:
         eng = self.engine
         assert eng is not None
-        dec = self._mutable(payload)
+        dec = self._mutable(ctx, payload)
         start, end = _int(payload, "start"), _int(payload, "end")
         width = _int(payload, "width", 8, lo=1)
         recompute = _int(payload, "recompute", 4, lo=0)
@@ -392,18 +397,18 @@ class DecodeService(Service):
         return out
 
     async def op_replace(self, ctx: Context, payload: dict) -> dict:
-        dec = self._mutable(payload)
+        dec = self._mutable(ctx, payload)
         toks = _tokens_of(payload, bos=False)
         await self._call(ctx, self.engine.replace, dec.seq, _int(payload, "start"), _int(payload, "end"), toks)
         return self._view(dec)
 
     async def op_rewind(self, ctx: Context, payload: dict) -> dict:
-        dec = self._mutable(payload)
+        dec = self._mutable(ctx, payload)
         await self._call(ctx, self.engine.rewind, dec.seq, _int(payload, "pos"))
         return self._view(dec)
 
     async def op_free(self, ctx: Context, payload: dict) -> dict:
-        dec = self._mutable(payload)
+        dec = self._mutable(ctx, payload)
         if dec.owner is not None:
             raise errors.BadRequest(f"decode {dec.seq} has a paused generate; resume or cancel it first",
                                     kind="DecodeBusy")
@@ -412,7 +417,7 @@ class DecodeService(Service):
         return {"decode": dec.seq, "freed": True}
 
     async def op_state(self, ctx: Context, payload: dict) -> dict:
-        dec = self._decode(payload)
+        dec = self._decode(ctx, payload)
         wait_ms = _int(payload, "wait_paused_ms", 0, lo=0)
         if wait_ms:
             waits = [asyncio.ensure_future(dec.paused.wait()), asyncio.ensure_future(dec.idle.wait())]
@@ -429,7 +434,8 @@ class DecodeService(Service):
     async def op_stats(self, ctx: Context, payload: dict) -> dict:
         eng = self.engine
         assert eng is not None
-        return {"counters": dataclasses.asdict(eng.stats()), "decodes": sorted(self.decodes),
+        return {"counters": dataclasses.asdict(eng.stats()),
+                "decodes": sorted(s for s, d in self.decodes.items() if d.principal == ctx.principal),
                 "free_blocks": eng.cache.allocator.num_free}
 
     # -- long-context decodes over tiered KV, with precision control -----------------------------
@@ -463,12 +469,23 @@ class DecodeService(Service):
             await self.gate.release(reservation)
             raise
         self._holds[sid] = reservation
+        self._long_owner[sid] = ctx.principal
         n_tok = len(self.long.get(sid).tokens)
         ctx.charge(tokens=n_tok, prefilled=n_tok)
         return {"long": sid, "reservation": reservation, **self.long.stats(sid)}
 
+    def _long_id(self, ctx: Context, payload: dict) -> Any:
+        """The caller's long decode named in ``payload`` (another principal's: unknown, word for
+        word as one that never existed)."""
+        sid = payload.get("long")
+        if isinstance(sid, int) and not isinstance(sid, bool) and sid in self._long_owner \
+                and self._long_owner[sid] != ctx.principal:
+            raise typed_error(UnknownSequenceError(f"no long decode {sid!r}"))
+        return sid
+
     async def op_long_ask(self, ctx: Context, payload: dict) -> dict:
         assert self.long is not None
+        self._long_id(ctx, payload)
         queries = payload.get("queries")
         if not isinstance(queries, list) or not queries or len(queries) > 10_000:
             raise errors.BadRequest("'queries' must be a non-empty list of variable names (at most 10,000)")
@@ -501,6 +518,7 @@ class DecodeService(Service):
 
     async def op_long_stats(self, ctx: Context, payload: dict) -> dict:
         assert self.long is not None
+        self._long_id(ctx, payload)
         try:
             return {"long": payload.get("long"), **self.long.stats(payload.get("long")),
                     "rejected_precision_orders": self.rejected_precision}
@@ -509,11 +527,13 @@ class DecodeService(Service):
 
     async def op_long_free(self, ctx: Context, payload: dict) -> dict:
         assert self.long is not None and self.gate is not None
+        self._long_id(ctx, payload)
         async with self._long_lock:
             try:
                 self.long.free(payload.get("long"))
             except LMError as exc:
                 raise typed_error(exc) from None
+        self._long_owner.pop(payload["long"], None)
         reservation = self._holds.pop(payload["long"], None)
         if reservation is not None:
             await self.gate.release(reservation)

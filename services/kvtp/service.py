@@ -54,7 +54,8 @@ class KvtpService(DecodeOrchestrator):
             if queries:
                 result = await self.client.call(
                     self.decode_service, {"op": "long_ask", "long": long_id, "queries": queries},
-                    job=ctx.job, retries=0, on_partial=lambda r: ctx.partial(r.payload))
+                    job=ctx.job, retries=0, on_partial=lambda r: ctx.partial(r.payload),
+                    on_behalf=ctx.principal or None)
             result["kv_blocks"] = n
             return result
         finally:

@@ -14,11 +14,17 @@ step, graft a verified continuation of an equivalent item from the checkpoint st
 ``rois`` does); afterwards every verified item is checkpointed.  Every decode call is charged to
 the caller's job.  Returns the grafts, splices, tokens re-decoded and whether the chain verifies.
 Op ``{"op": "stats"}``: the number of stored continuations.
+
+**Principals** (issue 24): the checkpoint store is kept per principal (the kernel's word,
+``ctx.principal``): a derivation grafts only what its own principal verified, and ``stats``
+counts only its own continuations.  Calls to ``scch`` and ``decode`` are made for the caller
+(``on_behalf``), so ``repair`` reaches only the caller's own decodes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -41,6 +47,25 @@ from services.psccr.logic import Checkpoints, compute_local, derive
 HEAVY = {"integrate": "integrate", "simplify": "simplify"}
 #: Bound of a light step run here, seconds.
 LIGHT_SECONDS = 1.0
+
+
+class ScopedCheckpoints:
+    """One principal's view of the shared :class:`Checkpoints`: its state keys carry the
+    principal's tag, so no principal reads, counts or overwrites another's continuations."""
+
+    def __init__(self, store: Checkpoints, principal: str) -> None:
+        self.store = store
+        self.tag = hashlib.sha256(principal.encode("utf-8", "surrogatepass")).hexdigest()[:12] + "/"
+
+    def get(self, state: str, step: str) -> str | None:
+        return self.store.get(self.tag + state, step)
+
+    def put(self, state: str, step: str, result: str) -> None:
+        self.store.put(self.tag + state, step, result)
+
+    def count(self) -> int:
+        return self.store.db.execute("SELECT COUNT(*) FROM edges WHERE substr(state, 1, ?) = ?",
+                                     (len(self.tag), self.tag)).fetchone()[0]
 
 
 class PsccrService(BusService):
@@ -74,10 +99,12 @@ class PsccrService(BusService):
         if not isinstance(payload, dict):
             raise errors.BadRequest("psccr takes a map {op, ...}; ops: derive, stats")
         op = payload.get("op")
+        assert self.store is not None
+        store = ScopedCheckpoints(self.store, ctx.principal)
         if op == "stats":
-            return {"continuations": self.store.count()}
+            return {"continuations": store.count()}
         if op == "repair":
-            return await self._repair(ctx, payload)
+            return await self._repair(ctx, payload, store)
         if op != "derive":
             raise errors.BadRequest(f"unknown op {op!r}; psccr ops: derive, repair, stats")
         faults = payload.get("faults", [])
@@ -93,14 +120,14 @@ class PsccrService(BusService):
                 if step_op == "integrate":
                     sub["var"] = x.name
                 out = await self.client.call(self.solver, {"op": "solve", "subgoal": sub, "cache": False},
-                                             job=ctx.job, retries=0)
+                                             job=ctx.job, retries=0, on_behalf=ctx.principal or None)
                 return C.parse(out["answer"], artifact=True), float(out["cpu_s"])
             with C.time_limit(LIGHT_SECONDS, f"{step_op} step"):  # on the loop thread: below the liveness window
                 return compute_local(step_op, expr, x, arg), 0.0
 
         try:
             out = await derive(payload.get("start"), var, payload.get("steps"), compute=compute,
-                               store=self.store, faults=set(faults), mode=payload.get("mode", "checkpoint"),
+                               store=store, faults=set(faults), mode=payload.get("mode", "checkpoint"),
                                rng=self.rng)
         except ReasonError as exc:
             raise errors.BadRequest(str(exc), kind=type(exc).__name__) from None
@@ -108,15 +135,16 @@ class PsccrService(BusService):
                 "redone": out.redone, "failures": out.failures, "grafted": out.grafted, "cpu_s": out.cpu_s,
                 "trail": out.trail}
 
-    async def _repair(self, ctx: Context, payload: dict) -> dict:
+    async def _repair(self, ctx: Context, payload: dict, store: ScopedCheckpoints) -> dict:
         did = payload.get("decode")
         width, max_rounds = payload.get("width", 8), payload.get("max_rounds", 8)
         if not isinstance(max_rounds, int) or not 1 <= max_rounds <= 16:
             raise errors.BadRequest("max_rounds must be an integer in [1, 16]")
-        assert self.client is not None and self.store is not None
+        assert self.client is not None
 
         async def decode(body: dict) -> dict:
-            return await self.client.call(self.decode, body, job=ctx.job, retries=0)
+            return await self.client.call(self.decode, body, job=ctx.job, retries=0,
+                                          on_behalf=ctx.principal or None)
 
         out = {"decode": did, "grafts": 0, "splices": 0, "decoded": 0, "ok": False}
         for _ in range(max_rounds):
@@ -125,7 +153,7 @@ class PsccrService(BusService):
             report = _verify(text)
             if report.ok:
                 break
-            plan = PC.graft_for(report, self.store)
+            plan = PC.graft_for(report, store)
             if plan is not None:
                 start, end, new = plan
                 await decode({"op": "replace", "decode": did, "start": tokenizer.char_to_token(start),
@@ -143,7 +171,7 @@ class PsccrService(BusService):
                 break
         final = _verify((await decode({"op": "state", "decode": did}))["text"])
         out["ok"] = final.ok
-        out["checkpointed"] = PC.record(final, self.store)
+        out["checkpointed"] = PC.record(final, store)
         return out
 
 

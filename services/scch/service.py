@@ -19,13 +19,15 @@ Ops (payload maps; a *subgoal* is ``{"kind", "expr", "var"?, "func"?}``, see :mo
 * ``{"op": "canon", "subgoal"}``: the key, canonical form and mapping (for tools and psccr).
 * ``{"op": "stats"}``: counters, hit ratio, per-kind priority hints.
 
-Client text (subgoals, answers) is parsed only in a memory-capped child process and may not
-contain attribute access (:mod:`services.scch.capped`): ``bad_request`` kind ``AttributeAccess``,
-or kind ``MemoryExceeded`` when a parse passes the child's ceiling (the child is replaced).
-
 Bad input (unparseable or oversized expressions, an answer the verifier rejects) is
 ``bad_request`` with ``kind`` naming the :mod:`reason.errors` class; a solver call past its bound
 is ``bad_request`` kind ``TimeLimit`` (its process is killed; the service keeps serving).
+
+**Principals** (issue 24): each principal (the kernel's word, ``ctx.principal``) has a cache of
+its own -- its own entries, observations, counters and priority hints (an SQLite file
+``DB.<tag>``, an in-memory database, or the Redis prefix ``PREFIX<tag>:``; ``tag`` a digest of the
+principal) -- so no principal is served what another put, or learns from a hit what another
+asked.  ``--shared`` keeps one cache for every principal (a single-tenant deployment).
 
 Backend loss (``--backend redis`` and the server goes away): ``get`` and ``put`` answer
 ``unavailable`` (retryable) with ``kind: BackendUnavailable``; ``solve`` falls back to computing
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import time
 from typing import Any
 
@@ -67,7 +70,9 @@ class ScchService(Service):
         self.half_life = 3600.0
         self.admit_min = 1.0
         self.solve_seconds = SOLVE_SECONDS
-        self.cache: SubgoalCache | None = None
+        self.cache: SubgoalCache | None = None  # the cache of the principal being served
+        self.caches: dict[str, SubgoalCache] = {}
+        self.shared = False
         self.pool: SolverPool | None = None
         self.parser: CappedParser | None = None
 
@@ -81,19 +86,34 @@ class ScchService(Service):
         parser.add_argument("--admit-min", type=float, default=1.0,
                             help="least decayed observation count for admission")
         parser.add_argument("--solve-seconds", type=float, default=SOLVE_SECONDS)
+        parser.add_argument("--shared", action="store_true",
+                            help="one cache for every principal (default: one per principal)")
 
     def configure(self, args: argparse.Namespace) -> None:
         self.backend_kind, self.db, self.redis_url, self.prefix = args.backend, args.db, args.redis_url, args.prefix
         self.cache_capacity, self.half_life, self.admit_min = args.entries, args.half_life, args.admit_min
         self.solve_seconds = args.solve_seconds
+        self.shared = bool(getattr(args, "shared", False))
+
+    def cache_for(self, principal: str) -> SubgoalCache:
+        """``principal``'s cache (opened on its first request; one for all with ``--shared``)."""
+        scope = "" if self.shared else principal
+        cache = self.caches.get(scope)
+        if cache is None:
+            tag = hashlib.sha256(scope.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+            path = self.db if self.shared or self.db == ":memory:" else f"{self.db}.{tag}"
+            prefix = self.prefix if self.shared else f"{self.prefix}{tag}:"
+            backend = open_backend(self.backend_kind, path=path, url=self.redis_url, prefix=prefix)
+            assert self.parser is not None
+            cache = self.caches[scope] = SubgoalCache(backend, capacity=self.cache_capacity,
+                                                      half_life=self.half_life, admit_min=self.admit_min,
+                                                      canonicalise=self.parser.canonicalise,
+                                                      parse_artifact=self.parser.artifact_from_text)
+        return cache
 
     async def setup(self) -> None:
-        backend = open_backend(self.backend_kind, path=self.db, url=self.redis_url, prefix=self.prefix)
         self.parser = CappedParser()  # client text is parsed only there (memory-capped, no methods)
         await asyncio.to_thread(self.parser.canonicalise, {"kind": "simplify", "expr": "x + 1"})  # start it
-        self.cache = SubgoalCache(backend, capacity=self.cache_capacity, half_life=self.half_life,
-                                  admit_min=self.admit_min, canonicalise=self.parser.canonicalise,
-                                  parse_artifact=self.parser.artifact_from_text)
         self.pool = SolverPool(self.solve_seconds)
         warm_up()
 
@@ -102,15 +122,14 @@ class ScchService(Service):
             await asyncio.to_thread(self.pool.close)
         if self.parser is not None:
             await asyncio.to_thread(self.parser.close)
-        if self.cache is not None:
-            self.cache.backend.close()
+        for cache in self.caches.values():
+            cache.backend.close()
 
     async def handle(self, ctx: Context, payload: Any) -> Any:
         if not isinstance(payload, dict):
             raise errors.BadRequest("scch takes a map {op, ...}; ops: get, put, solve, canon, stats")
         op = payload.get("op")
-        cache = self.cache
-        assert cache is not None
+        cache = self.cache = self.cache_for(ctx.principal)
         if op == "stats":
             try:
                 return cache.stats()
@@ -131,7 +150,7 @@ class ScchService(Service):
                 _, _, how = await asyncio.to_thread(self.pool.call, cn.kind, cn.form, answer=canonical)
                 return cache.admit(cn, canonical, now, how)
             if op == "solve":
-                return await self._solve(ctx, subgoal, bool(payload.get("cache", True)))
+                return await self._solve(ctx, cache, subgoal, bool(payload.get("cache", True)))
             if op == "canon":
                 cn = cache.canon(subgoal)
                 return {"key": cn.key, "kind": cn.kind, "form": cn.text,
@@ -143,9 +162,9 @@ class ScchService(Service):
             raise errors.Unavailable(str(exc), kind="BackendUnavailable") from None
         raise errors.BadRequest(f"unknown op {op!r}; scch ops: get, put, solve, canon, stats")
 
-    async def _solve(self, ctx: Context, subgoal: Any, use_cache: bool) -> dict:
-        cache, pool = self.cache, self.pool
-        assert cache is not None and pool is not None
+    async def _solve(self, ctx: Context, cache: SubgoalCache, subgoal: Any, use_cache: bool) -> dict:
+        pool = self.pool
+        assert pool is not None
         bypassed = False
         now = time.time()  # one time per request: admission compares with this request's observation
         try:

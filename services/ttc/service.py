@@ -21,6 +21,13 @@ Ops (the payload is a map with ``op``):
              -> ``{attached: bool}`` (True exactly once per (call, consumer)).
 ``audit``    ``{call_id?, since?}`` -> decisions from the durable audit table; ``stats``.
 
+**Principals** (issue 24): a call belongs to the principal that prepared it (the kernel's word,
+``ctx.principal``); consumers and idempotency keys are named within the caller's principal
+(stored as ``<tag>/<name>``, ``tag`` a digest of the principal, so a name may be 13 characters
+shorter than ``MAX_NAME_LEN``).  Another principal's call id answers ``unknown_call`` exactly as
+an id that never existed, and ``audit`` lists only the caller's calls (and the manager's own
+decisions, which carry no call).
+
 Errors are the typed :mod:`services.ttc.errors` (codes ``unknown_tool``, ``precondition_failed``,
 ``too_large``, ``unknown_call``, ``aborted``, ``already_committed``, ...) or ``bad_request``.
 
@@ -46,6 +53,7 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
+import hashlib
 import logging
 import os
 import time
@@ -57,6 +65,7 @@ from kernel.gate import KernelGate
 from kernel.config import runtime_dir
 from kernel import protocol as P
 from services.base import Context, Service
+from services.ttc import errors as ttc_errors
 from services.ttc import logic
 from services.ttc.runner import Coordinator, ManagerBusy
 
@@ -119,6 +128,23 @@ def _need(payload: dict, key: str, kind: type | tuple) -> Any:
         raise errors.BadRequest(f"ttc.{payload.get('op')}: '{key}' must be {getattr(kind, '__name__', kind)}, "
                                 f"got {value!r}")
     return value
+
+
+#: Characters a principal's tag adds to every consumer and idempotency key name.
+_TAG_LEN = 13
+
+
+def principal_tag(principal: str) -> str:
+    """The prefix of ``principal``'s names in the store (fixed length, no LIKE wildcard)."""
+    return hashlib.sha256(principal.encode("utf-8", "surrogatepass")).hexdigest()[:_TAG_LEN - 1] + "/"
+
+
+def scoped_name(ctx: Context, kind: str, value: Any) -> str:
+    """A client's consumer / idempotency-key name as stored: within the caller's principal."""
+    if not isinstance(value, str) or not value or len(value) > logic.MAX_NAME_LEN - _TAG_LEN:
+        raise ttc_errors.PreconditionFailed(f"{kind} must be a non-empty string of at most "
+                                            f"{logic.MAX_NAME_LEN - _TAG_LEN} characters, got {value!r}")
+    return principal_tag(ctx.principal) + value
 
 
 def _wait_bound(payload: dict) -> float:
@@ -339,6 +365,25 @@ class TtcService(Service):
                 pass
             await ctx.checkpoint()
 
+    # -- principals ---------------------------------------------------------------------------------
+
+    async def _own(self, ctx: Context, call_id: str) -> str:
+        """``call_id`` when it is the caller's; another principal's raises exactly what an id
+        that never existed does (logic's ``unknown_call``)."""
+        coord = self.coord
+        assert coord is not None
+        row = await self._call(coord.store.one, "SELECT consumer FROM consumers WHERE call_id=? LIMIT 1", (call_id,))
+        if row is not None and not row["consumer"].startswith(principal_tag(ctx.principal)):
+            raise ttc_errors.UnknownCall(f"no call {call_id!r}", call_id=call_id)
+        return call_id
+
+    async def _owned_ids(self, ctx: Context) -> set[str]:
+        coord = self.coord
+        assert coord is not None
+        rows = await self._call(coord.store.all, "SELECT DISTINCT call_id FROM consumers WHERE consumer LIKE ?",
+                                (principal_tag(ctx.principal) + "%",))
+        return {r["call_id"] for r in rows}
+
     # -- ops ----------------------------------------------------------------------------------------
 
     async def handle(self, ctx: Context, payload: Any) -> Any:
@@ -354,21 +399,27 @@ class TtcService(Service):
             idem = payload.get("idem")
             if idem is not None and not isinstance(idem, str):
                 raise errors.BadRequest(f"'idem' must be a string, got {idem!r}")
+            if idem is not None:
+                idem = scoped_name(ctx, "idem_key", idem)
+            consumers = payload.get("consumers", ())
+            if isinstance(consumers, (list, tuple)):  # logic refuses anything else with its own message
+                consumers = [scoped_name(ctx, "consumer", c) for c in consumers]
 
             def prepare() -> str:
                 assert self.gate is not None
                 self.gate.job = job
                 return coord.prepare(payload.get("tool"), payload.get("inputs"), payload.get("est_cost"),
-                                     payload.get("consumers", ()), payload.get("timeout", DEFAULT_PREPARE_TIMEOUT_S),
-                                     idem)
+                                     consumers, payload.get("timeout", DEFAULT_PREPARE_TIMEOUT_S), idem)
 
             call_id = await self._call(prepare)
             return outcome_to_wire(await self._call(coord.outcome, call_id))
         if op == "commit":
-            call_id = _need(payload, "call_id", str)
+            call_id = await self._own(ctx, _need(payload, "call_id", str))
             idem = payload.get("idem")
             if idem is not None and not isinstance(idem, str):
                 raise errors.BadRequest(f"'idem' must be a string, got {idem!r}")
+            if idem is not None:
+                idem = scoped_name(ctx, "idem_key", idem)
             wait = bool(payload.get("wait", False))
             bound = _wait_bound(payload)
             out = await self._call(coord.commit, call_id, idem)
@@ -378,30 +429,33 @@ class TtcService(Service):
                 out = await self._wait_decided(ctx, call_id, bound, stream=True)
             return outcome_to_wire(out)
         if op == "abort":
-            call_id = _need(payload, "call_id", str)
+            call_id = await self._own(ctx, _need(payload, "call_id", str))
             reason = payload.get("reason", "requested")
             if not isinstance(reason, str) or not reason or len(reason) > 200:
                 raise errors.BadRequest(f"'reason' must be a short string, got {reason!r}")
             await self._call(coord.abort, call_id, reason)
             return outcome_to_wire(await self._call(coord.outcome, call_id))
         if op == "withdraw":
-            return {"aborted": await self._call(coord.withdraw, _need(payload, "consumer", str))}
+            consumer = scoped_name(ctx, "consumer", _need(payload, "consumer", str))
+            return {"aborted": await self._call(coord.withdraw, consumer)}
         if op == "subscribe":
-            await self._call(coord.subscribe, _need(payload, "call_id", str), _need(payload, "consumer", str))
+            call_id = await self._own(ctx, _need(payload, "call_id", str))
+            await self._call(coord.subscribe, call_id, scoped_name(ctx, "consumer", _need(payload, "consumer", str)))
             return {"ok": True}
         if op == "status":
-            return outcome_to_wire(await self._call(coord.outcome, _need(payload, "call_id", str)))
+            return outcome_to_wire(await self._call(coord.outcome, await self._own(ctx, _need(payload, "call_id", str))))
         if op == "result":
-            call_id = _need(payload, "call_id", str)
+            call_id = await self._own(ctx, _need(payload, "call_id", str))
             if payload.get("wait"):
                 return outcome_to_wire(await self._wait_decided(ctx, call_id, _wait_bound(payload), stream=False))
             return outcome_to_wire(await self._call(coord.outcome, call_id))
         if op == "deliver":
-            deliveries = await self._call(coord.deliver, _need(payload, "consumer", str))
+            deliveries = await self._call(coord.deliver, scoped_name(ctx, "consumer", _need(payload, "consumer", str)))
             return {"deliveries": [{"call_id": d.call_id, "ok": d.ok, "value": d.value, "error": d.error,
                                     "delivered_count": d.delivered_count} for d in deliveries]}
         if op == "attach":
-            attached = await self._call(coord.attach, _need(payload, "call_id", str), _need(payload, "consumer", str))
+            call_id = await self._own(ctx, _need(payload, "call_id", str))
+            attached = await self._call(coord.attach, call_id, scoped_name(ctx, "consumer", _need(payload, "consumer", str)))
             return {"attached": attached}
         if op == "audit":
             call_id = payload.get("call_id")
@@ -409,8 +463,16 @@ class TtcService(Service):
             if call_id is not None and not isinstance(call_id, str) or isinstance(since, bool) \
                     or not isinstance(since, int):
                 raise errors.BadRequest("audit takes an optional string 'call_id' and an integer 'since'")
+            if call_id is not None:
+                try:
+                    await self._own(ctx, call_id)
+                except ttc_errors.UnknownCall:
+                    return {"events": []}  # what an id that never existed lists
             rows = await self._call(coord.store.audit_log, call_id)
-            return {"events": [r for r in rows if r["seq"] > since]}
+            mine = await self._owned_ids(ctx)
+            # The manager's own decisions (recover, sweeps: no call id) and the caller's calls'.
+            return {"events": [r for r in rows if r["seq"] > since and (r.get("call_id") is None
+                                                                       or r["call_id"] in mine)]}
         # stats
         r = self.recovery or logic.RecoveryReport()
         return {"pid": os.getpid(), "manager_id": coord.manager_id, "running": len(coord.running()),

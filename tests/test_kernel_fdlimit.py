@@ -1,0 +1,114 @@
+"""No abort at any descriptor limit (issue 24): a real ``python -m kernel`` under a hard
+``nofile`` of 1,024 with 1,100 (and 3,000) ipc:// clients connecting at once used to abort
+(``Too many open files (src/ipc_listener.cpp:297)``); it now stops accepting at its peer cap
+and serves again once they leave."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+
+from clients import Client
+from tests.support import short_tmpdir
+
+pytestmark = pytest.mark.system
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _kernel_with_nofile(rt: str, limit: int) -> tuple[subprocess.Popen, str]:
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    env = dict(os.environ, RECA_RUNTIME_DIR=rt, PYTHONPATH=REPO, RECA_LOG_LEVEL="WARNING")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kernel", "--no-services"],
+        cwd=REPO,
+        env=env,
+        preexec_fn=lower,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    endpoint = ""
+    for line in proc.stdout:  # bounded: the kernel prints these or exits
+        if line.startswith("reca kernel endpoint "):
+            endpoint = line.split()[-1]
+        if line.startswith("reca kernel ready"):
+            break
+    assert endpoint, "the kernel did not start"
+    return proc, endpoint
+
+
+@pytest.mark.parametrize("clients", [1100, 3000])
+def test_a_connection_flood_under_a_hard_limit_of_1024_does_not_abort(clients):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = clients + 256
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"this test process needs {need} descriptors (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    d = short_tmpdir()
+    rt = os.path.join(d, "rt")
+    os.mkdir(rt, 0o700)
+    proc, endpoint = _kernel_with_nofile(rt, 1024)
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, clients + 64)
+    try:
+        socks = []
+        for _ in range(clients):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(endpoint)
+            socks.append(s)
+        for _ in range(30):  # the flood sits connected a while (bounded)
+            time.sleep(0.1)
+            assert proc.poll() is None, "the kernel died under the connection flood"
+        for s in socks:
+            s.close(0)
+        # Serving again: an honest client is answered within a bound once the flood left.
+        deadline = time.monotonic() + 60
+        answered = False
+        while not answered and time.monotonic() < deadline:
+            assert proc.poll() is None, "the kernel died after the connection flood"
+            try:
+                with Client(endpoint, timeout=2, retries=0, context=ctx) as c:
+                    answered = c.stats()["connections"]["accept_pauses"] >= 1
+            except Exception:
+                time.sleep(0.2)
+        assert answered
+    finally:
+        ctx.destroy(linger=0)
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        shutil.rmtree(d, ignore_errors=True)
+    assert proc.returncode == 0, f"kernel exit status {proc.returncode}"
+
+
+def test_the_guard_stops_accepting_at_its_cap_and_resumes_well_below():
+    from kernel.peers import PeerGuard
+
+    g = PeerGuard(max_peers=100, fd_limit=1 << 20)
+    changes = [g.accepting() for fd in range(100) if g.on_accepted(fd, 0.0) or True]
+    assert changes[:-1] == [None] * 99 and changes[-1] is False and not g.open
+    for fd in range(100, 140):  # what the listen backlog still delivers: refused
+        assert g.on_accepted(fd, 0.0)
+    for fd in range(140 - 1, 75, -1):
+        g.on_closed(fd)
+        assert g.accepting() is None
+    g.on_closed(75)
+    assert g.accepting() is True and g.open and g.stats()["accept_pauses"] == 1
+    # Descriptors near the limit stop it too, whatever the peer count.
+    g2 = PeerGuard(max_peers=100, fd_limit=1000, reserve=100)
+    assert g2.accepting(fds_open=950) is False
