@@ -298,8 +298,9 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         async with asyncio.TaskGroup() as tasks:  # the server task is owned: awaited before we return
             tasks.create_task(server.serve())
-            ladder = Ladder(cfg.freeze_grace_ms / 1000.0, cfg.kill_grace_ms / 1000.0)
-            tasks.create_task(run_ladder(server.router, supervisor, ladder, admission.record, stop))
+            if os.environ.get("RECA_LADDER") == "1":  # experimental: see /work/wt/notes/enforce.md
+                ladder = Ladder(cfg.freeze_grace_ms / 1000.0, cfg.kill_grace_ms / 1000.0)
+                tasks.create_task(run_ladder(server.router, supervisor, ladder, admission.record, stop))
             try:
                 await supervisor.start()
                 if supervisor.log_dir and supervisor.children:

@@ -54,7 +54,8 @@ def test_graces_must_be_non_negative():
 
 
 @pytest.mark.system
-def test_a_step_that_ignores_its_cancel_is_frozen_killed_and_restarted():
+def test_a_step_that_ignores_its_cancel_is_frozen_killed_and_restarted(monkeypatch):
+    monkeypatch.setenv("RECA_LADDER", "1")  # the ladder is opt-in while experimental
     k = KernelProcess(service_block("echo", "services.echo"), heartbeat=0.5, liveness=6)
     try:
         with Client(k.endpoint, timeout=60, retries=0) as c:
