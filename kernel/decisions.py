@@ -78,7 +78,7 @@ def _open_log(path: str, *, exclusive: bool = False) -> int:
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(path: str) -> None:
@@ -140,8 +140,14 @@ class DecisionLog:
         self._synced_at = time.monotonic()
         #: Why the last write failed (None: the log is writing); admission refuses decisions then.
         self.error: str | None = None
-        self.counters = {"segments": len(closed), "fsyncs": 0, "fsync_s": 0.0, "write_errors": 0,
-                         "unencodable": 0, "segments_deleted": 0}
+        self.counters = {
+            "segments": len(closed),
+            "fsyncs": 0,
+            "fsync_s": 0.0,
+            "write_errors": 0,
+            "unencodable": 0,
+            "segments_deleted": 0,
+        }
         #: This kernel run's id: the prefix of its reservation ids (replay reads it back).
         self.session = new_session_id()
         self._write(
@@ -161,8 +167,14 @@ class DecisionLog:
             line = encode_record(rec)
         except (ValueError, TypeError, RecursionError) as exc:  # a cycle, an absurd depth: keep the seq
             self.counters["unencodable"] += 1
-            line = encode_record({"seq": rec.get("seq"), "t": rec.get("t"), "op": rec.get("op"),
-                                  "unencodable": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            line = encode_record(
+                {
+                    "seq": rec.get("seq"),
+                    "t": rec.get("t"),
+                    "op": rec.get("op"),
+                    "unencodable": f"{type(exc).__name__}: {str(exc)[:200]}",
+                }
+            )
         self._pending.append(line)
         self.pending_bytes += len(line)
 
@@ -182,18 +194,25 @@ class DecisionLog:
         try:
             if self._pending:
                 self._write_pending()
-            if self._unsynced and (self.fsync == "always" or self.fsync == "interval"
-                                   and now - self._synced_at >= self.fsync_interval):
+            if self._unsynced and (
+                self.fsync == "always" or self.fsync == "interval" and now - self._synced_at >= self.fsync_interval
+            ):
                 self._sync(now)
-            if self.state is not None and (self._rotate_soon or self._bytes - self._snapshot_bytes
-                                           >= max(self.segment_bytes, self._snapshot_bytes)):
+            if self.state is not None and (
+                self._rotate_soon or self._bytes - self._snapshot_bytes >= max(self.segment_bytes, self._snapshot_bytes)
+            ):
                 self._rotate()
         except OSError as exc:  # a full disk or EIO must not take the kernel down; say so loudly
             self.counters["write_errors"] += 1
             why = f"{errno.errorcode.get(exc.errno or 0, 'error')}: {exc.strerror or exc}"
             if why != self.error:
-                log.error("decision log %s: %s (%d byte(s) of decisions stay buffered; decisions are "
-                          "refused until it writes again)", self.path, why, self.pending_bytes)
+                log.error(
+                    "decision log %s: %s (%d byte(s) of decisions stay buffered; decisions are "
+                    "refused until it writes again)",
+                    self.path,
+                    why,
+                    self.pending_bytes,
+                )
             self.error = why
             return False
         if self.error is not None:
@@ -203,11 +222,11 @@ class DecisionLog:
 
     def _write_pending(self) -> None:
         if len(self._pending) > 1 or self._done:  # one write per flush, resumed where one stopped
-            self._pending = [b"".join([memoryview(self._pending[0])[self._done:], *self._pending[1:]])]
+            self._pending = [b"".join([memoryview(self._pending[0])[self._done :], *self._pending[1:]])]
             self._done = 0
         view = memoryview(self._pending[0])
         while self._done < len(view):
-            n = os.write(self._fd, view[self._done:])
+            n = os.write(self._fd, view[self._done :])
             self._done += n
             self._bytes += n
             self.pending_bytes -= n
@@ -226,8 +245,9 @@ class DecisionLog:
     def _rotate(self) -> None:
         assert self.state is not None
         self._seq += 1
-        snap = encode_record({"seq": self._seq, "t": time.monotonic(), "op": "snapshot",
-                              "session": self.session, "state": self.state()})
+        snap = encode_record(
+            {"seq": self._seq, "t": time.monotonic(), "op": "snapshot", "session": self.session, "state": self.state()}
+        )
         nxt = self.path + ".next"
         target = f"{self.path}.{self._next_segment:06d}"
         try:
@@ -274,7 +294,7 @@ class DecisionLog:
             self._synced_at = time.monotonic()
             _fsync_dir(self.path)  # the link and the rename themselves
         if self.keep_segments is not None:
-            for old in segment_paths(self.path)[:-self.keep_segments]:
+            for old in segment_paths(self.path)[: -self.keep_segments]:
                 try:
                     os.unlink(old)
                     self.counters["segments_deleted"] += 1
@@ -282,15 +302,25 @@ class DecisionLog:
                     log.warning("decision log: cannot delete the old segment %s: %s", old, exc)
 
     def stats(self) -> dict[str, Any]:
-        return {"path": self.path, "segment_bytes": self._bytes, "fsync": self.fsync,
-                "pending_bytes": self.pending_bytes, "error": self.error, **self.counters}
+        return {
+            "path": self.path,
+            "segment_bytes": self._bytes,
+            "fsync": self.fsync,
+            "pending_bytes": self.pending_bytes,
+            "error": self.error,
+            **self.counters,
+        }
 
     def close(self) -> None:
         try:
             self.flush()
             if self._pending:
-                log.error("decision log %s closed with %d byte(s) of decisions unwritten (%s)", self.path,
-                          self.pending_bytes, self.error)
+                log.error(
+                    "decision log %s closed with %d byte(s) of decisions unwritten (%s)",
+                    self.path,
+                    self.pending_bytes,
+                    self.error,
+                )
             elif self.fsync != "never":
                 os.fsync(self._fd)
         finally:

@@ -383,8 +383,9 @@ class WorkerSession:
             assert not self.active, f"{len(self.active)} request(s) active on a {self.link.value} link"
         for token, state in self.active.items():
             assert state.token == token, "a request under another's token"
-        assert self.reconnect_initial <= self._backoff <= max(self.reconnect_max, self.reconnect_initial), \
+        assert self.reconnect_initial <= self._backoff <= max(self.reconnect_max, self.reconnect_initial), (
             f"backoff {self._backoff} out of bounds"
+        )
         assert self.late_replies >= 0 and self.malformed >= 0
 
     # -- sending ----------------------------------------------------------------------------------

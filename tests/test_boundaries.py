@@ -11,8 +11,20 @@ import pathlib
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-PROJECT = {"kernel", "services", "clients", "lm", "sims", "accel", "bench", "tests", "reason", "bklm", "planner",
-           "spark"}
+PROJECT = {
+    "kernel",
+    "services",
+    "clients",
+    "lm",
+    "sims",
+    "accel",
+    "bench",
+    "tests",
+    "reason",
+    "bklm",
+    "planner",
+    "spark",
+}
 #: package -> the project packages it may import (itself always).  Every package of the
 #: repository has a row (test_every_package_has_a_row).
 ALLOWED = {
@@ -61,8 +73,11 @@ def test_layers_import_only_what_they_may(package):
 
 def test_every_package_has_a_row():
     """A new top-level package gets a row in ALLOWED (and so its imports are checked)."""
-    packages = {p.name for p in REPO.iterdir() if p.is_dir() and not p.name.startswith(".")
-                and p.name not in NOT_PACKAGES and any(p.rglob("*.py"))}
+    packages = {
+        p.name
+        for p in REPO.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name not in NOT_PACKAGES and any(p.rglob("*.py"))
+    }
     assert packages - set(ALLOWED) == set(), "add a row to ALLOWED (and docs/architecture.md) for each"
     assert set(ALLOWED) <= PROJECT
 
