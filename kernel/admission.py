@@ -388,7 +388,8 @@ class BudgetAdmission(Admission):
         for name in out.get("exhausted", ()):
             effects.extend(self.exhaust(view, name, now, skip=req))
         if not delta:
-            return errors.BudgetExceeded("charges beyond the granted budget", spent=dict(track.charged)) \
+            return errors.BudgetExceeded(f"request of job {track.job!r} charged beyond its grant: "
+                                         f"{_amounts(track.charged, track.granted)}", spent=dict(track.charged)) \
                 if track.over else None
         # The request that brought its job exactly to the limit keeps its result; one that went
         # past the job's limit or its own granted budget does not.
@@ -402,7 +403,14 @@ class BudgetAdmission(Admission):
                 if h is not None and kind in COMPUTE and h.remaining(kind) < -1e-9:
                     over.append(kind)
         if over:
-            return errors.BudgetExceeded(f"{over[0]} budget exceeded", spent=dict(track.charged))
+            kind = over[0]
+            if kind in track.granted:
+                why = f"request of job {track.job!r} ran out of its {kind} grant: {_amounts(track.charged, track.granted, kind)}"
+            elif job is not None and (h := self.ledger.holder(job, kind)) is not None:
+                why = f"job {h.name!r} ran out of {kind}: {_amounts(h.spent, h.limits, kind)}"
+            else:
+                why = f"request of job {track.job!r} ran out of its grant"
+            return errors.BudgetExceeded(why, spent=dict(track.charged))
         return None
 
     def on_partial(self, view: View, req: Request, body: list[bytes], now: float) -> Effects:
@@ -540,7 +548,8 @@ class BudgetAdmission(Admission):
         ex = self.ledger.jobs[name]
         self.counters["exhausted"] += 1
         log.warning("job %s exhausted its %s budget", name, ex.exhausted)
-        message = f"job {name!r} exhausted its {ex.exhausted} budget"
+        kind = ex.exhausted or ""
+        message = f"job {name!r} ran out of {kind}: {_amounts(ex.spent, ex.limits, kind)}"
         effects: list[Effect] = []
         for req in list(view.inflight.values()):
             if req.done or req is skip or req.job is None or not self._governed(req.job, ex):
@@ -661,3 +670,11 @@ class BudgetAdmission(Admission):
             assert req is not None and not req.done, f"a track of request {token.hex()} not in flight"
         assert all(v > 0 for v in self._slot_debt.values()), "a slot debt of zero is kept"
         self.ledger.check_invariants()
+
+
+def _amounts(spent: dict[str, float], limits: dict[str, float], kind: str | None = None) -> str:
+    """``5000/5000`` (one kind) or ``flops 5000/5000, cpu_ms 3/10`` (every limited kind): what an
+    error text says was spent of what was allowed."""
+    kinds = [kind] if kind is not None else sorted(k for k in spent if k in limits)
+    return ", ".join(("" if kind is not None else f"{k} ") + f"{spent.get(k, 0.0):g}/{limits.get(k, 0.0):g}"
+                     for k in kinds)
