@@ -303,9 +303,13 @@ class _Reader:
             if not isinstance(amount, (int, float)) or isinstance(amount, bool) or not 0 <= amount < 1e300:
                 raise self.fail(where, f"{key}.{kind}", f"must be a finite non-negative number, got {amount!r}")
             out[str(kind)] = float(amount)
+        # A compute kind the table leaves out keeps its shipped default (finite: nothing is ever
+        # unlimited), so a config written before a kind existed still starts.
         missing = [k for k in COMPUTE_KINDS if k not in out]
-        if missing:
-            raise self.fail(where, key, f"must limit every compute kind; missing {missing}")
+        for kind in missing:
+            if kind not in default:
+                raise self.fail(where, key, f"must limit every compute kind; missing {missing}")
+            out[kind] = float(default[kind])
         return out
 
 

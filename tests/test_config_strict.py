@@ -126,3 +126,15 @@ def test_a_service_refuses_an_unknown_log_level():
         timeout=120,
     )
     assert out.returncode == 2 and "--log-level" in out.stderr
+
+
+def test_a_limits_table_without_a_newer_compute_kind_keeps_its_default():
+    """A config written before a compute kind existed still starts, and the kind it leaves out is
+    limited by its shipped default (never unlimited); the kinds it names keep its values."""
+    from kernel.protocol import BUDGET_KINDS
+
+    compute = [k for k, row in BUDGET_KINDS.items() if row.compute]
+    cfg = parse({"limits": {"root": {"flops": 5.0}, "default": {"flops": 3.0}}})
+    assert cfg.root_limits["flops"] == 5.0 and cfg.default_limits["flops"] == 3.0
+    for kind in compute:
+        assert 0 <= cfg.root_limits[kind] < 1e300 and 0 <= cfg.default_limits[kind] < 1e300
