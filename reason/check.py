@@ -21,14 +21,18 @@ term that is not finite), and a check needs enough defined points, or it refuses
 ``solve`` answers get more (:func:`check_solutions`): no duplicates and no numerical
 near-duplicates; each solution is a zero of the equation at 50 significant digits (exact answers
 to 1e-25, answers with floats to 1e-10, relative) and lies in its domain (the equation is finite
-there); for an equation whose numerator is a polynomial in the variable (parameters allowed, as
-polynomial coefficients), the solutions must be *all* the roots, counted as the degree of the
-generic square-free part.  Other equations (``exp``, trigonometric, ...) are verified solution by
-solution and said to be incomplete (``complete: False``): they may have other solutions.
+there); the solutions must be *all* of them (:func:`solution_count`) when the equation's
+numerator factors into polynomials in the variable (parameters allowed, as polynomial
+coefficients) and factors with no zero at all (``exp(g)``, ``b**g``, constants): the count is the
+degree of the polynomial part's generic square-free part.  Other equations (``sin``, ``log``,
+``exp(x) - 2``, ...) are verified solution by solution and said to be incomplete
+(``complete: False``); :func:`admission_refusal` keeps them out of a cache ("cannot prove the
+solution set complete").
 
 :func:`full_check` (at admission) first tries to prove the residual zero with ``simplify`` under a
-time limit, and always evaluates it at random points: a residual above tolerance at any point
-rejects.  :class:`QuickCheck` (every cache hit) compiles the residuals once per artifact with
+time limit, and always evaluates it at random points: a residual above tolerance (``RTOL``, 1e-11 relative) at
+any point rejects.  Points are never a proof: an answer a client offers (``put``) is stored only
+when ``"proved"``.  :class:`QuickCheck` (every cache hit) compiles the residuals once per artifact with
 ``lambdify`` and evaluates them at fresh random points, which costs microseconds; an artifact it
 cannot evaluate at enough points is not served.  Functions NumPy/SciPy cannot evaluate
 (``meijerg``, ...) are evaluated with mpmath.
@@ -51,18 +55,26 @@ from reason.canon import FUNC, VAR, time_limit
 from reason.errors import TimeLimit, VerifierRejected
 
 VERIFIERS = {
-    "integrate": "integrate/diff+points/v2",
-    "solve": "solve/subs+domain+count/v2",
-    "simplify": "simplify/difference+points/v2",
-    "dsolve": "dsolve/residual+points/v2",
+    "integrate": "integrate/diff+points/v3",
+    "solve": "solve/subs+domain+factor-count/v3",
+    "simplify": "simplify/difference+points/v3",
+    "dsolve": "dsolve/residual+points/v3",
 }
-#: Relative tolerance of a numeric residual: |sum| <= RTOL * (1 + sum |terms|).
-RTOL = 1e-8
+#: Relative tolerance of a numeric residual: |sum| <= RTOL * (1 + sum |terms|).  Double precision
+#: leaves ~1e-15 relative error per term; 1e-11 rejects perturbations of 1e-9 (v2 had 1e-8, which
+#: admitted ``sin(x) + 1e-9 x`` as an antiderivative of ``cos(x)``).  Points are evidence, not a
+#: proof: an answer offered by a client is admitted only when proved (:func:`admission_refusal`).
+RTOL = 1e-11
 #: Points evaluated by the full check and by the quick check of a hit.
 FULL_POINTS = 12
 QUICK_POINTS = 4
 #: Time bound of the symbolic proof attempt, seconds.
 PROOF_SECONDS = 0.5
+#: The proof attempt's and the whole check's bounds for an answer offered by a client (``put``),
+#: which is stored only when proved: longer, so that a busy machine does not turn a provable
+#: answer into a refusal.  (The service runs this check in its killable solver process.)
+OFFERED_PROOF_SECONDS = 3.0
+OFFERED_CHECK_SECONDS = 5.0
 #: Time bound of one whole check (compile and evaluate, and the proof attempt), seconds; kept below
 #: the kernel's default liveness window, as checks run on a service's event-loop thread.
 CHECK_SECONDS = 1.5
@@ -122,6 +134,51 @@ def root_count(form: sp.Expr, var: sp.Symbol = VAR) -> int | None:
     return int(sp.Poly(num, var).sqf_part().degree())
 
 
+def _never_zero(factor: sp.Expr, var: sp.Symbol) -> bool:
+    """Whether ``factor`` (one factor of a product) has no zero in ``var``, over the complex
+    numbers too: a factor without ``var`` (a constant or a parameter, generically non-zero),
+    ``exp(g)``, or ``b**g`` with ``b`` free of ``var`` and not zero."""
+    if not factor.has(var):
+        return True
+    base, exp = factor.as_base_exp()  # exp(g) -> (E, g)
+    return not base.has(var) and base.is_zero is not True and bool(exp.has(var))
+
+
+def solution_count(form: sp.Expr, var: sp.Symbol = VAR) -> tuple[int | None, str]:
+    """``(n, "")``: the equation ``form = 0`` has exactly ``n`` distinct solutions in ``var`` (for
+    generic parameters), proved by factoring; ``(None, why)`` when that cannot be proved.
+
+    Recognised: a numerator that is a product of polynomials in ``var`` (parameters as
+    coefficients) and factors with no zero at all (``exp(g)``, ``b**g`` with ``b`` free of
+    ``var``, constants); ``n`` is the degree of the square-free part of the polynomial factors'
+    product.  A denominator may hold polynomials and zero-free factors, as long as no root of the
+    numerator's polynomial part is a root of the denominator (else the count would include points
+    where the equation is undefined).  Anything else -- ``sin``, ``log``, ``sqrt``, a sum such as
+    ``exp(x) - 2`` (infinitely many complex solutions) -- is not counted."""
+    num, den = sp.fraction(sp.together(form))
+    poly = sp.Integer(1)
+    for factor in sp.Mul.make_args(sp.factor(num)):
+        if _never_zero(factor, var):
+            continue
+        if factor.is_polynomial(var):
+            poly *= factor
+            continue
+        return None, (f"cannot prove the solution set complete: the factor {sp.sstr(factor)} is neither a "
+                      f"polynomial in {var} nor free of zeros (a periodic or transcendental equation may have "
+                      f"solutions the answer does not list)")
+    if not poly.has(var):
+        return 0, ""
+    for factor in sp.Mul.make_args(sp.factor(den)):
+        if _never_zero(factor, var):
+            continue
+        if not factor.is_polynomial(var):
+            return None, f"cannot prove the solution set complete: the denominator factor {sp.sstr(factor)} is not a polynomial"
+        if sp.gcd(sp.expand(poly), sp.expand(factor)).has(var):
+            return None, ("cannot prove the solution set complete: a root of the numerator is also a root of the "
+                          "denominator")
+    return int(sp.Poly(sp.expand(poly), var).sqf_part().degree()), ""
+
+
 def param_values(symbols: set[sp.Symbol], rng: np.random.Generator) -> dict[sp.Symbol, sp.Rational]:
     """Random rational values of both signs for ``symbols`` (exact, so 50 digits are meaningful)."""
     out = {}
@@ -175,8 +232,8 @@ def check_solutions(form: sp.Expr, sols: list[sp.Expr], rng: np.random.Generator
     reason otherwise (an empty list, a duplicate or near-duplicate, a solution that is not one or
     lies outside the domain, a missing root)."""
     if not sols:
-        if has_no_roots(form, var):
-            return True  # 1/(x + 1) = 0: no solution, and that is every solution
+        if has_no_roots(form, var) or solution_count(form, var)[0] == 0:
+            return True  # 1/(x + 1) = 0, exp(x) = 0: no solution, and that is every solution
         raise VerifierRejected("no solutions given (an empty answer cannot be verified)")
     if any(s.has(var) for s in sols):
         raise VerifierRejected("a solution must not contain the variable")
@@ -199,12 +256,12 @@ def check_solutions(form: sp.Expr, sols: list[sp.Expr], rng: np.random.Generator
                 gap = abs(points[i] - points[j])
                 if gap <= NEAR_DUPLICATE * (1.0 + abs(points[i]) + abs(points[j])):
                     raise VerifierRejected(f"{sols[j]} and {sols[i]} are one solution written twice")
-    count = root_count(form, var)
+    count, _ = solution_count(form, var)
     if count is None:
         return False
     if len(sols) != count:
-        raise VerifierRejected(f"{len(sols)} distinct solutions for a polynomial equation with {count} "
-                               f"distinct roots (a solution is missing)")
+        raise VerifierRejected(f"{len(sols)} distinct solutions for an equation with {count} distinct "
+                               f"roots (a solution is missing)")
     return True
 
 
@@ -223,7 +280,7 @@ def residuals(kind: str, form: sp.Expr, answer: Any, var: sp.Symbol = VAR, func:
     if kind == "solve":
         sols = list(answer)
         if not sols:
-            if has_no_roots(form, var):
+            if has_no_roots(form, var) or solution_count(form, var)[0] == 0:
                 return []
             raise VerifierRejected("no solutions given (an empty answer cannot be verified)")
         if any(s.has(var) for s in sols):
@@ -337,6 +394,25 @@ def warm_up() -> None:
     one-time costs inside its time bound (services call this in ``setup``)."""
     QuickCheck.compile("integrate", VAR * sp.exp(VAR), (VAR - 1) * sp.exp(VAR)).check(np.random.default_rng(0))
     check_solutions(VAR**2 - 4, [sp.Integer(2), sp.Integer(-2)], np.random.default_rng(0))
+
+
+def admission_refusal(kind: str, how: str, form: sp.Expr | None = None, *, offered: bool = False,
+                      var: sp.Symbol = VAR) -> str | None:
+    """Why an answer verified as ``how`` (:func:`full_check`) may not be stored, or ``None``.
+
+    * ``solve``: only a solution set proved complete (``+complete``) is stored: a cache serves an
+      answer to every query with the same canonical form, and a partial set served as *the*
+      answer is a wrong answer;
+    * an answer ``offered`` by a client (``put``) must be ``proved``: agreement at random points
+      is not enough (an error of 1e-12 passes any numeric tolerance a double can afford).
+      Answers computed by the cache's own solver (SymPy) may be stored on points."""
+    if kind == "solve" and not how.endswith("+complete"):
+        why = solution_count(form, var)[1] if form is not None else ""
+        return why or "cannot prove the solution set complete"
+    if offered and not how.startswith("proved"):
+        return (f"the {kind} answer agrees at random points but could not be proved equal symbolically "
+                f"(points alone are not enough to store an offered answer)")
+    return None
 
 
 def full_check(kind: str, form: sp.Expr, answer: Any, rng: np.random.Generator,

@@ -21,7 +21,7 @@ from sympy.integrals.manualintegrate import manualintegrate
 import numpy as np
 
 from reason.canon import FUNC, VAR, time_limit
-from reason.check import full_check, has_no_roots
+from reason.check import OFFERED_PROOF_SECONDS, PROOF_SECONDS, full_check, has_no_roots, solution_count
 from reason.errors import ParseError, ReasonError, TimeLimit, TooLarge, Unsupported, VerifierRejected
 
 #: Default bound of one heavy call, seconds.
@@ -49,8 +49,8 @@ def compute(kind: str, form: sp.Expr) -> Any:
         return out
     if kind == "solve":
         sols = sp.solve(form, VAR)
-        if not sols and has_no_roots(form):
-            return []  # a non-zero constant numerator: no solution, and that is complete
+        if not sols and (has_no_roots(form) or solution_count(form)[0] == 0):
+            return []  # a non-zero constant (or zero-free) numerator: no solution, and that is complete
         if not sols or any(isinstance(s, dict) for s in sols):
             raise Unsupported("no explicit solutions found")
         return list(sols)
@@ -92,7 +92,9 @@ def _child(kind: str, form: sp.Expr, answer: Any = None) -> tuple[str, Any, floa
     try:
         out = compute(kind, form) if answer is None else answer
         cpu = time.process_time() - t0
-        how = full_check(kind, form, out, np.random.default_rng(), seconds=CHILD_CHECK_SECONDS)
+        # an offered answer (``put``) is stored only when proved: a longer proof attempt
+        proof = PROOF_SECONDS if answer is None else OFFERED_PROOF_SECONDS
+        how = full_check(kind, form, out, np.random.default_rng(), proof_seconds=proof, seconds=CHILD_CHECK_SECONDS)
     except ReasonError as exc:
         return "error", (type(exc).__name__, str(exc)), time.process_time() - t0
     except Exception as exc:  # noqa: BLE001 - SymPy raises many kinds; report, never crash the child

@@ -30,8 +30,9 @@ import sympy as sp
 
 from reason import canon as C
 from reason.canon import FUNC
-from reason.check import CHECK_SECONDS, QuickCheck, param_values, full_check, solution_status, verifier_hash
-from reason.errors import ParseError, ReasonError, VerifierRejected
+from reason.check import (CHECK_SECONDS, OFFERED_CHECK_SECONDS, OFFERED_PROOF_SECONDS, QuickCheck, admission_refusal,
+                          full_check, param_values, solution_status, verifier_hash)
+from reason.errors import ParseError, ReasonError, TimeLimit, VerifierRejected
 from services.scch.store import Backend, Entry
 
 #: Canonical forms memoised by exact subgoal text (a front memo; bounded).
@@ -102,6 +103,10 @@ def _assumptions(solutions: list, var: Any) -> list[str]:
                     if base.free_symbols and not base.has(var) and not base.is_number:
                         seen.setdefault(f"{sp.sstr(base)} != 0", None)
     return list(seen)
+
+
+#: How well an entry was verified: a stored entry is replaced only by a strictly better one.
+_RANK = {"points": 1, "points+complete": 2, "proved": 3, "proved+complete": 4}
 
 
 class SubgoalCache:
@@ -250,7 +255,7 @@ class SubgoalCache:
         """Verify ``answer`` (in the query's symbols, printed) and admit it.  Raises
         :class:`VerifierRejected` when the check fails."""
         cn, canonical = self.offer(subgoal, answer, now, verifier=verifier)
-        return self.admit(cn, canonical, now)
+        return self.admit(cn, canonical, now, offered=True)
 
     def offer(self, subgoal: Any, answer: Any, now: float, *, verifier: str | None = None) -> tuple[C.Canon, Any]:
         """The first half of :meth:`put`: the canonical form and the answer in canonical symbols;
@@ -273,15 +278,37 @@ class SubgoalCache:
         self.backend.observe(cn.key, bump(self.backend.observed(cn.key), now, self.half_life), self.keep_observations)
         return cn, canonical
 
-    def admit(self, cn: C.Canon, canonical: Any, now: float, how: str | None = None) -> dict:
-        """Admit a canonical answer (verified here unless ``how`` says it already was)."""
-        if how is None:
+    def admit(self, cn: C.Canon, canonical: Any, now: float, how: str | None = None, *, offered: bool = False) -> dict:
+        """Admit a canonical answer (verified here unless ``how`` says it already was).
+
+        Only what is proved is stored (:func:`reason.check.admission_refusal`): a ``solve`` answer
+        must be complete, and an answer ``offered`` by a client (``put``) must be proved
+        symbolically.  An offered answer that is not raises :class:`VerifierRejected` with the
+        reason; a computed one is answered but not stored (``admitted: False`` and the reason).
+        A stored entry is replaced by a strictly better-verified answer (``_RANK``)."""
+        if how is None and offered:
+            how = full_check(cn.kind, cn.form, canonical, self.rng, proof_seconds=OFFERED_PROOF_SECONDS,
+                             seconds=OFFERED_CHECK_SECONDS)
+        elif how is None:
             how = full_check(cn.kind, cn.form, canonical, self.rng)
+        try:
+            with C.time_limit(CHECK_SECONDS, "admission"):
+                refusal = admission_refusal(cn.kind, how, cn.form, offered=offered)
+        except TimeLimit:
+            refusal = admission_refusal(cn.kind, how, None, offered=offered)
+        if refusal is not None:
+            self.counts.refused += 1
+            if offered:
+                raise VerifierRejected(refusal)
+            return {"key": cn.key, "admitted": False, "how": how, "reason": refusal}
         entry = Entry(cn.key, cn.kind, answer_text(cn.kind, canonical), verifier_hash(cn.kind), how)
         existing = self.backend.load(cn.key)
         if existing is not None:
-            if existing.intact and existing.verifier == entry.verifier and existing.kind == entry.kind:
-                # a verified entry is never overwritten (by a put or by a racing solve)
+            if (existing.intact and existing.verifier == entry.verifier and existing.kind == entry.kind
+                    and _RANK.get(existing.how, 0) >= _RANK.get(how, 0)):
+                # a verified entry is not overwritten by an answer verified no better (a put or a
+                # racing solve); a proof replaces points, and an entry of an older verifier (a
+                # different hash) is replaced by any verified answer
                 self.counts.refused += 1
                 return {"key": cn.key, "admitted": False, "how": how, "reason": "a verified entry exists"}
             self.backend.store(dataclasses.replace(entry, z=existing.z, hits=existing.hits).sealed())

@@ -148,7 +148,7 @@ class ScchService(Service):
                 cn, canonical = cache.offer(subgoal, payload.get("answer"), now, verifier=payload.get("verifier"))
                 # the full check runs in the solver process (off this thread, killable at its bound)
                 _, _, how = await asyncio.to_thread(self.pool.call, cn.kind, cn.form, answer=canonical)
-                return cache.admit(cn, canonical, now, how)
+                return cache.admit(cn, canonical, now, how, offered=True)
             if op == "solve":
                 return await self._solve(ctx, cache, subgoal, bool(payload.get("cache", True)))
             if op == "canon":

@@ -1,0 +1,156 @@
+"""scch never stores (nor serves) a wrong answer labelled verified: the review's cases.
+
+* a ``solve`` answer is stored only when it is proved *complete* (a product of polynomials and
+  factors with no zeros, counted with the polynomial part's square-free degree); a periodic or
+  transcendental equation is refused with the reason;
+* an answer offered by ``put`` must be proved symbolically: agreement at random points (however
+  tight the tolerance) is not enough;
+* a stored entry is replaced by a better-verified answer, and entries of an older verifier are
+  never served.
+"""
+
+from __future__ import annotations
+
+import pytest
+import sympy as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reason.check import solution_count, verifier_hash
+from reason.errors import VerifierRejected
+from reason.solve import timed_compute
+from services.scch.logic import SubgoalCache, answer_text
+from services.scch.store import Entry, open_backend
+
+
+def q(kind: str, expr: str, var: str = "x") -> dict:
+    return {"kind": kind, "expr": expr, "var": var}
+
+
+@pytest.fixture
+def cache(tmp_path):
+    backend = open_backend("sqlite", path=str(tmp_path / "scch.db"))
+    yield SubgoalCache(backend, capacity=100, half_life=100.0, seed=1)
+    backend.close()
+
+
+# (subgoal, the wrong answer, the renamed query it must not be served to)
+REVIEW_CASES = [
+    (q("solve", "(x-1)*(x-2)*exp(x) = 0"), ["1"], q("solve", "exp(t)*(t-2)*(t-1) = 0", "t")),
+    (q("solve", "exp(x)*(x^2-4) = 0"), ["2"], q("solve", "(y^2-4)*exp(y) = 0", "y")),
+    (q("solve", "sin(x) = 0"), ["pi"], q("solve", "sin(u) = 0", "u")),
+    (q("solve", "x*log(x) = 0"), ["1"], q("solve", "v*log(v) = 0", "v")),
+    (
+        q("simplify", "sin(x)^2 + cos(x)^2 + sin(1000*x)/10^9"),
+        "1",
+        q("simplify", "sin(z)^2 + cos(z)^2 + sin(1000*z)/10^9", "z"),
+    ),
+    (q("integrate", "cos(x)"), "sin(x) + 10^-9*x", q("integrate", "cos(w)", "w")),
+]
+
+
+@pytest.mark.parametrize("subgoal,wrong,renamed", REVIEW_CASES, ids=[c[0]["expr"] for c in REVIEW_CASES])
+def test_review_case_refused_and_not_served(cache, subgoal, wrong, renamed):
+    with pytest.raises(VerifierRejected):
+        cache.put(subgoal, wrong, 0.0)
+    assert cache.backend.count() == 0
+    _, served, _ = cache.get(renamed, 1.0)
+    assert served is None
+
+
+@pytest.mark.parametrize(
+    "subgoal,answer",
+    [
+        (q("solve", "sin(x) = 0"), ["0"]),
+        (q("solve", "x*log(x) = 0"), ["1"]),  # right, but its completeness is not proved here
+        (q("solve", "exp(x) = 2"), ["log(2)"]),  # one real solution, infinitely many complex ones
+    ],
+)
+def test_unprovable_completeness_is_refused_with_the_reason(cache, subgoal, answer):
+    with pytest.raises(VerifierRejected, match="cannot prove the solution set complete"):
+        cache.put(subgoal, answer, 0.0)
+
+
+@pytest.mark.parametrize(
+    "subgoal,answer",
+    [
+        (q("simplify", "sin(x)^2 + cos(x)^2 + sin(1000*x)/10^15"), "1"),
+        (q("integrate", "cos(x)"), "sin(x) + 10^-14*x"),
+    ],
+)
+def test_points_alone_never_admit_an_offered_answer(cache, subgoal, answer):
+    # errors below any tolerance a double can check: only the symbolic proof tells them apart
+    with pytest.raises(VerifierRejected, match="could not be proved"):
+        cache.put(subgoal, answer, 0.0)
+    assert cache.backend.count() == 0
+
+
+def test_complete_answers_of_products_are_admitted_and_served(cache):
+    out = cache.put(q("solve", "(x-1)*(x-2)*exp(x) = 0"), ["1", "2"], 0.0)
+    assert out["admitted"] and out["how"] == "proved+complete"
+    served = cache.solve(q("solve", "exp(t)*(t-2)*(t-1) = 0", "t"), 1.0, timed_compute)
+    assert served["hit"] and served["complete"]
+    assert sorted(sp.sympify(s) for s in served["answer"]) == [1, 2]
+    assert cache.put(q("solve", "exp(2*x+1)*(x^2-4) = 0"), ["2", "-2"], 2.0)["how"] == "proved+complete"
+    assert cache.put(q("solve", "exp(x) = 0"), [], 3.0)["how"] == "proved+complete"  # no solution at all
+
+
+def test_computed_incomplete_answer_is_answered_but_not_stored(cache):
+    out = cache.solve(q("solve", "sin(x) = 0"), 0.0, timed_compute)
+    assert not out["hit"] and out["complete"] is False
+    assert out["admission"]["admitted"] is False
+    assert "cannot prove the solution set complete" in out["admission"]["reason"]
+    assert cache.backend.count() == 0
+    assert cache.get(q("solve", "sin(x) = 0"), 1.0)[1] is None
+
+
+def test_better_verified_answer_replaces_and_old_verifier_is_not_served(cache):
+    sub = q("integrate", "x*exp(x)")
+    cn = cache.canon(sub)
+    x = sp.Symbol("x")
+    assert cache.get(sub, 0.0)[1] is None  # observed once: admissible
+    # a computed answer stored on points only is replaced by a proof of the same subgoal
+    assert cache.admit(cn, (x - 1) * sp.exp(x), 0.0, how="points")["admitted"]
+    out = cache.put(sub, "(x - 1)*exp(x)", 1.0)
+    assert out["admitted"] and out.get("replaced") and out["how"] == "proved"
+    assert cache.backend.load(cn.key).how == "proved"
+    # an equal one does not churn it
+    assert cache.put(sub, "(x - 1)*exp(x)", 2.0)["admitted"] is False
+    # an entry accepted by an older verifier (the v2 hash) is never served
+    solve_cn = cache.canon(q("solve", "(x-1)*(x-2)*exp(x) = 0"))
+    old = Entry(solve_cn.key, "solve", answer_text("solve", [sp.Integer(1)]), "0" * 16, "proved")
+    assert old.verifier != verifier_hash("solve")
+    cache.backend.store(old.sealed())
+    assert cache.get(q("solve", "(x-1)*(x-2)*exp(x) = 0"), 3.0)[1] is None
+
+
+def test_solution_count():
+    x, c = sp.symbols("x c")
+    assert solution_count((x - 1) * (x - 2) * sp.exp(x))[0] == 2
+    assert solution_count(sp.exp(-x) * (x**2 - c))[0] == 2
+    assert solution_count(2**x * (x - 3) ** 2)[0] == 1
+    assert solution_count(sp.exp(x))[0] == 0
+    for form in (sp.sin(x), x * sp.log(x), sp.exp(x) - 2, sp.sqrt(x) - 1, (x**2 - 1) / (x - 1)):
+        count, why = solution_count(form)
+        assert count is None and "cannot prove the solution set complete" in why
+
+
+NON_VANISHING = ["exp(x)", "exp(2*x + 1)", "exp(-x)", "2^x", "3", "exp(x^2)"]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    roots=st.lists(st.integers(-6, 6), min_size=1, max_size=3, unique=True),
+    factor=st.sampled_from(NON_VANISHING),
+    drop=st.integers(0, 2),
+    power=st.integers(1, 2),
+)
+def test_answer_missing_one_root_of_a_product_is_refused(cache, roots, factor, drop, power):
+    poly = "*".join(f"(x - ({r}))^{power}" for r in roots)
+    sub = q("solve", f"{factor}*{poly} = 0")
+    missing = drop % len(roots)
+    partial = [str(r) for i, r in enumerate(roots) if i != missing]
+    with pytest.raises(VerifierRejected):
+        cache.put(sub, partial, 0.0)
+    out = cache.put(sub, [str(r) for r in roots], 1.0)
+    assert out["how"] == "proved+complete"
