@@ -74,7 +74,7 @@ class _Track:
     #: root and the default jobs (two /proc reads per request; see docs/budgets.md).
     measure_cpu: bool = False
     over: bool = False  # the worker reported more than was granted
-    idem: str | None = None  # the request's idempotency key
+    idem: tuple[str, str] | None = None  # the request's (principal, idempotency key)
     ran: bool = False  # dispatched with a logged ``run`` mark (its ``ran`` follows when done)
 
 
@@ -119,11 +119,12 @@ class BudgetAdmission(Admission):
         #: priority -> admitted requests not yet done (lets preemption skip its scan when no
         #: lower-priority work exists, the common case).
         self.prio_counts: dict[int, int] = {}
-        #: Idempotency keys of requests dispatched and not yet answered (snapshotted: a restarted
-        #: kernel answers their retries KERNEL_RESTARTED instead of running them twice).
-        self.idem_inflight: set[str] = set()
-        #: Keys that were in flight when the previous kernel died -> until when they are refused.
-        self.interrupted: dict[str, float] = {}
+        #: (principal, idempotency key) of requests dispatched and not yet answered (snapshotted: a
+        #: restarted kernel answers their retries KERNEL_RESTARTED instead of running them twice).
+        self.idem_inflight: set[tuple[str, str]] = set()
+        #: Keys that were in flight when the previous kernel died -> until when they are refused
+        #: (principal None: from an older log without principals; it matches the key of anyone).
+        self.interrupted: dict[tuple[str | None, str], float] = {}
         #: Exactly-once: the idempotency table the router consults (kernel.dedup); its stored
         #: FINALs are decisions (``final``) and part of every snapshot, so a restart keeps them.
         self.dedup: Dedup = Dedup()
@@ -143,7 +144,7 @@ class BudgetAdmission(Admission):
 
     def durable_state(self) -> dict[str, Any]:
         """What a decision-log snapshot holds: the ledger and the idempotency keys in flight."""
-        return {"ledger": self.ledger.dump(), "inflight_idem": sorted(self.idem_inflight),
+        return {"ledger": self.ledger.dump(), "inflight_idem": [list(k) for k in sorted(self.idem_inflight)],
                 "dedup": self.dedup.dump()}
 
     def restore(self, report: Any, now: float) -> dict[str, Any]:
@@ -175,8 +176,8 @@ class BudgetAdmission(Admission):
                                 default.limits)
         self.interrupted = {k: now + P.INTERRUPTED_TTL for k in report.inflight_idem if k}
         self.dedup.load(list(getattr(report, "finals", {}).values()), now, report.last_t)
-        for key in self.interrupted:
-            self.record("interrupted", now, {"idem": key}, {"ok": True})
+        for who, key in self.interrupted:
+            self.record("interrupted", now, {"principal": who, "idem": key}, {"ok": True})
         self.flush_log()
         return {"jobs": len(ledger.jobs) - 2, "reservations": len(ledger._reservations),
                 "finished": finished, "interrupted": len(self.interrupted), "finals": len(self.dedup.done)}
@@ -222,8 +223,10 @@ class BudgetAdmission(Admission):
         req.job = job
         checked = req.checked
         idem = checked.idem if checked is not None else None
-        if idem is not None and self.interrupted:
-            until = self.interrupted.get(idem)
+        # keyed by the principal acted for (header ``for``), as the router's dedup is
+        key = None if idem is None else (req.acting_for or req.principal.name, idem)
+        if key is not None and self.interrupted:
+            until = self.interrupted.get(key) or self.interrupted.get((None, key[1]))
             if until is not None and until > now:
                 self.counters["interrupted_retries"] = self.counters.get("interrupted_retries", 0) + 1
                 return errors.KernelRestarted(
@@ -254,7 +257,7 @@ class BudgetAdmission(Admission):
             self.counters["refused"] += 1
             return refusal(out), NO_EFFECTS
         granted = out["granted"]
-        self.tracks[req.token] = track = _Track(job, granted, priority=req.priority, idem=idem)
+        self.tracks[req.token] = track = _Track(job, granted, priority=req.priority, idem=key)
         if P.CPU_MS in granted and jobrec is not None:
             holder = self.ledger.holder(jobrec, P.CPU_MS)
             track.measure_cpu = holder is not None and not is_default_job(holder.name)
@@ -340,7 +343,7 @@ class BudgetAdmission(Admission):
         if track.idem is not None and not track.ran:
             track.ran = True
             self.idem_inflight.add(track.idem)
-            self.record("run", now, {"idem": track.idem}, {"ok": True})
+            self.record("run", now, {"principal": track.idem[0], "idem": track.idem[1]}, {"ok": True})
         worker = req.worker
         if track.measure_cpu and worker is not None and worker.pid:
             track.cpu_start = self.host.cpu_seconds(worker.pid)
@@ -481,9 +484,9 @@ class BudgetAdmission(Admission):
             self.prio_counts.pop(track.priority, None)
         if track.started:
             self.decide("finish", now, job=track.job)
-        if track.ran:
-            self.idem_inflight.discard(track.idem or "")
-            self.record("ran", now, {"idem": track.idem}, {"ok": True})
+        if track.ran and track.idem is not None:
+            self.idem_inflight.discard(track.idem)
+            self.record("ran", now, {"principal": track.idem[0], "idem": track.idem[1]}, {"ok": True})
 
     def tick(self, view: View, now: float) -> Effects:
         self.flush_log()

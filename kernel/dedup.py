@@ -15,8 +15,14 @@ principal can never reach another's entry — and answers a request whose key it
   ``budget_exceeded``, a refusal at admission): not stored — those are the errors a retry is for —
   so the retry runs as a new request.
 
-Bounds: at most ``max_entries`` stored FINALs and ``max_bytes`` of their bodies (the oldest go
-first), a FINAL larger than ``max_final_bytes`` is remembered without its body (a retry then gets
+A key is bound to what it was first sent with: a digest of (service, body) is kept with it (not
+the body), and a request that reuses a key in flight or finished with another service or another
+body is answered ``idem_conflict`` (it neither attaches nor gets the stored FINAL).
+
+Bounds: at most ``max_entries`` stored FINALs and ``max_bytes`` of their bodies, and each
+principal at most ``principal_entries`` and ``principal_bytes`` of them (its own oldest go first,
+so one principal's flood never evicts another's entries; past the global bound the oldest entry of
+the principal holding the most goes), a FINAL larger than ``max_final_bytes`` is remembered without its body (a retry then gets
 ``already_done``: it ran, its answer is too large to keep), and at most ``max_attached``
 attempts per request (more are refused ``overloaded``).
 
@@ -37,6 +43,7 @@ from __future__ import annotations
 import base64
 import collections
 import dataclasses
+import hashlib
 from typing import Any
 
 #: How long a finished request's FINAL is kept for retries, seconds.
@@ -44,6 +51,9 @@ DEDUP_TTL_S = 600.0
 #: Most FINALs kept, and most bytes of their bodies.
 DEDUP_MAX_ENTRIES = 100_000
 DEDUP_MAX_BYTES = 64 * 1024 * 1024
+#: Each principal's share of them (its flood evicts only its own entries).
+DEDUP_PRINCIPAL_MAX_ENTRIES = 10_000
+DEDUP_PRINCIPAL_MAX_BYTES = 8 * 1024 * 1024
 #: A FINAL above this many bytes is remembered as done without its body.
 DEDUP_MAX_FINAL_BYTES = 64 * 1024
 #: A stored FINAL's body goes into the decision log only up to this size (a larger one is logged
@@ -55,6 +65,16 @@ DEDUP_SNAPSHOT_ENTRIES = 10_000
 DEDUP_MAX_ATTACHED = 16
 
 Key = tuple[str, str]  # (principal name, idempotency key)
+
+
+def digest(service: bytes, body: list[bytes]) -> bytes:
+    """What a key is bound to: a digest of the service and the request's frames (each
+    length-prefixed, so frame boundaries count)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (service, *body):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.digest()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,6 +92,7 @@ class Stored:
     body: list[bytes] | None  # None: too large to keep (the request ran)
     expires: float
     size: int
+    digest: bytes | None = None  # of (service, request body); None: not known (an old log)
 
 
 class Dedup:
@@ -86,19 +107,29 @@ class Dedup:
         max_bytes: int = DEDUP_MAX_BYTES,
         max_final_bytes: int = DEDUP_MAX_FINAL_BYTES,
         max_attached: int = DEDUP_MAX_ATTACHED,
+        principal_entries: int = DEDUP_PRINCIPAL_MAX_ENTRIES,
+        principal_bytes: int = DEDUP_PRINCIPAL_MAX_BYTES,
     ) -> None:
-        if ttl <= 0 or max_entries < 1 or max_bytes < 1 or max_final_bytes < 0 or max_attached < 0:
-            raise ValueError("ttl > 0, max_entries >= 1, max_bytes >= 1, max_final_bytes >= 0, max_attached >= 0")
+        if ttl <= 0 or max_entries < 1 or max_bytes < 1 or max_final_bytes < 0 or max_attached < 0 \
+                or principal_entries < 1 or principal_bytes < 1:
+            raise ValueError("ttl > 0, max_entries >= 1, max_bytes >= 1, max_final_bytes >= 0, max_attached >= 0, "
+                             "principal_entries >= 1, principal_bytes >= 1")
         self.ttl, self.max_entries, self.max_bytes = ttl, max_entries, max_bytes
+        self.principal_entries, self.principal_bytes = principal_entries, principal_bytes
         self.max_final_bytes, self.max_attached = max_final_bytes, max_attached
         #: key -> token of the request running it; token -> key
         self.running: dict[Key, bytes] = {}
         self.key_of: dict[bytes, Key] = {}
+        #: key in flight -> digest of (service, body) it was first sent with
+        self.digest_of: dict[Key, bytes | None] = {}
         #: token -> attempts attached to it
         self.attached: dict[bytes, list[Attempt]] = {}
         #: key -> stored FINAL, in insertion (= expiry) order
         self.done: collections.OrderedDict[Key, Stored] = collections.OrderedDict()
         self.stored_bytes = 0
+        #: principal -> its stored keys (oldest first), and the bytes of their bodies
+        self.by_principal: dict[str, collections.OrderedDict[Key, None]] = {}
+        self.bytes_of: dict[str, int] = {}
         self.counters = {
             "attached": 0,
             "replayed": 0,
@@ -107,29 +138,43 @@ class Dedup:
             "evicted": 0,
             "too_large": 0,
             "attach_refused": 0,
+            "conflicts": 0,
         }
 
     # -- lookups ------------------------------------------------------------------------------
 
-    def seen(self, key: Key, now: float) -> tuple[str, Any]:
-        """What to do with a request carrying ``key``: ``("run", None)`` (new),
-        ``("attach", token)`` (in flight), ``("replay", Stored)`` (finished, within the TTL)."""
+    def seen(self, key: Key, now: float, digest: bytes | None = None) -> tuple[str, Any]:
+        """What to do with a request carrying ``key`` (sent with ``digest`` of its service and
+        body): ``("run", None)`` (new), ``("attach", token)`` (in flight), ``("replay", Stored)``
+        (finished, within the TTL), ``("conflict", None)`` (the key was sent with another service
+        or body: in flight or finished)."""
         token = self.running.get(key)
         if token is not None:
+            if self._differs(self.digest_of.get(key), digest):
+                return "conflict", None
             return "attach", token
         stored = self.done.get(key)
         if stored is not None:
             if stored.expires > now:
+                if self._differs(stored.digest, digest):
+                    return "conflict", None
                 return "replay", stored
             self._drop(key)
             self.counters["expired"] += 1
         return "run", None
 
-    def start(self, key: Key, token: bytes) -> None:
-        """The request ``token`` runs ``key`` (admitted)."""
+    def _differs(self, known: bytes | None, digest: bytes | None) -> bool:
+        if known is None or digest is None or known == digest:
+            return False
+        self.counters["conflicts"] += 1
+        return True
+
+    def start(self, key: Key, token: bytes, digest: bytes | None = None) -> None:
+        """The request ``token`` runs ``key`` (admitted), sent with ``digest``."""
         assert key not in self.running, "a key runs once at a time"
         self.running[key] = token
         self.key_of[token] = key
+        self.digest_of[key] = digest
 
     def attach(self, token: bytes, attempt: Attempt) -> bool:
         """Attach a retry to the request ``token``; False when it already has ``max_attached``."""
@@ -158,24 +203,38 @@ class Dedup:
         if key is None:
             return attempts, None
         self.running.pop(key, None)
+        dig = self.digest_of.pop(key, None)
         if body is None:
             return attempts, None
-        return attempts, self.store(key, service, body, now + self.ttl)
+        return attempts, self.store(key, service, body, now + self.ttl, dig)
 
-    def store(self, key: Key, service: bytes, body: list[bytes] | None, expires: float) -> Stored:
+    def store(self, key: Key, service: bytes, body: list[bytes] | None, expires: float,
+              digest: bytes | None = None) -> Stored:
         size = sum(map(len, body)) if body is not None else 0
         if body is not None and size > self.max_final_bytes:
             body, size = None, 0
             self.counters["too_large"] += 1
         if key in self.done:
             self._drop(key)
-        stored = Stored(service, body, expires, size)
+        stored = Stored(service, body, expires, size, digest)
         self.done[key] = stored
         self.stored_bytes += size
+        who = key[0]
+        mine = self.by_principal.setdefault(who, collections.OrderedDict())
+        mine[key] = None
+        self.bytes_of[who] = self.bytes_of.get(who, 0) + size
         self.counters["stored"] += 1
+        # its own share first: a principal's flood evicts only its own oldest entries
+        while len(mine) > self.principal_entries or self.bytes_of.get(who, 0) > self.principal_bytes:
+            self._drop(next(iter(mine)))
+            self.counters["evicted"] += 1
+        # then the global bound: the oldest entry of the principal holding the most
         while len(self.done) > self.max_entries or self.stored_bytes > self.max_bytes:
-            oldest = next(iter(self.done))
-            self._drop(oldest)
+            if self.stored_bytes > self.max_bytes:
+                top = max(self.bytes_of, key=self.bytes_of.__getitem__)
+            else:
+                top = max(self.by_principal, key=lambda p: len(self.by_principal[p]))
+            self._drop(next(iter(self.by_principal[top])))
             self.counters["evicted"] += 1
         return stored
 
@@ -185,6 +244,13 @@ class Dedup:
     def _drop(self, key: Key) -> None:
         stored = self.done.pop(key)
         self.stored_bytes -= stored.size
+        who = key[0]
+        mine = self.by_principal[who]
+        del mine[key]
+        if mine:
+            self.bytes_of[who] -= stored.size
+        else:
+            del self.by_principal[who], self.bytes_of[who]
 
     def sweep(self, now: float) -> int:
         """Forget stored FINALs past their TTL (the oldest first; they are in expiry order)."""
@@ -211,6 +277,7 @@ class Dedup:
             "service": base64.b64encode(service).decode(),
             "body": None if body is None else [base64.b64encode(f).decode() for f in body],
             "expires": stored.expires,
+            "digest": None if stored.digest is None else stored.digest.hex(),
         }
 
     def load(self, records: list[Any], now: float, then: float | None = None) -> int:
@@ -226,10 +293,12 @@ class Dedup:
                 expires = min(float(rec["expires"]) + shift, now + self.ttl)
                 service = base64.b64decode(rec["service"])
                 body = None if rec["body"] is None else [base64.b64decode(f) for f in rec["body"]]
+                dig = rec.get("digest")  # absent in older logs: the key is not checked against it
+                dig = None if dig is None else bytes.fromhex(dig)
             except (KeyError, TypeError, ValueError):
                 continue
             if expires > now:
-                self.store(key, service, body, expires)
+                self.store(key, service, body, expires, dig)
                 n += 1
         return n
 
@@ -252,7 +321,12 @@ class Dedup:
     def check_invariants(self) -> None:
         assert all(t in self.key_of for t in self.attached), "attempts attached to a request not in flight"
         assert all(self.running[k] == t for t, k in self.key_of.items()), "running and key_of disagree"
-        assert len(self.running) == len(self.key_of)
+        assert len(self.running) == len(self.key_of) == len(self.digest_of)
+        assert sum(map(len, self.by_principal.values())) == len(self.done), "per-principal index disagrees"
+        assert all(k in self.by_principal.get(k[0], ()) for k in self.done)
+        assert all(self.bytes_of[p] == sum(self.done[k].size for k in ks) for p, ks in self.by_principal.items())
+        assert all(len(ks) <= self.principal_entries and self.bytes_of[p] <= self.principal_bytes
+                   for p, ks in self.by_principal.items()), "a principal over its share"
         assert self.stored_bytes == sum(s.size for s in self.done.values())
         assert self.stored_bytes <= self.max_bytes and len(self.done) <= self.max_entries
         expiries = [s.expires for s in self.done.values()]

@@ -12,7 +12,7 @@ from typing import Any
 
 
 __all__ = ["AlreadyDone", "BadRequest", "BudgetExceeded", "Cancelled", "DeadlineExceeded", "ErrorCode", "Forbidden",
-           "InternalError", "KernelRestarted", "NotFound", "Overloaded", "RecaError", "Refused", "ServiceError",
+           "IdemConflict", "InternalError", "KernelRestarted", "NotFound", "Overloaded", "RecaError", "Refused", "ServiceError",
            "Timeout", "Unavailable", "WorkerDied", "from_wire", "require_int"]
 
 class ErrorCode(enum.StrEnum):
@@ -35,6 +35,7 @@ class ErrorCode(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"  # a bug in the kernel's handler of the call; not the caller's fault
     NOT_FOUND = "not_found"  # a control order's target (request, job, token) does not exist
     ALREADY_DONE = "already_done"  # same idempotency key already ran; its answer was too large to keep
+    IDEM_CONFLICT = "idem_conflict"  # idempotency key reused with another service or body; not run
 
 
 class RecaError(Exception):
@@ -156,6 +157,13 @@ class AlreadyDone(RecaError):
     code = ErrorCode.ALREADY_DONE
 
 
+class IdemConflict(RecaError):
+    """An idempotency key already in flight or finished was sent with another service or another
+    body: a key names one request, so this one is neither run nor answered with the other's FINAL."""
+
+    code = ErrorCode.IDEM_CONFLICT
+
+
 _BY_CODE: dict[str, type[RecaError]] = {
     cls.code: cls
     for cls in (
@@ -174,6 +182,7 @@ _BY_CODE: dict[str, type[RecaError]] = {
         InternalError,
         NotFound,
         AlreadyDone,
+        IdemConflict,
     )
 }
 

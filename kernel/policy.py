@@ -166,6 +166,7 @@ class Admission:
             status = None
         if not isinstance(status, dict):
             exc = errors.ServiceError("worker sent a malformed status frame")
+            req.kernel_error = True
             self.on_done(req, now, None, exc)
             return error_body(exc, req.header), NO_EFFECTS
         over, effects = self.settle(view, req, status, now)
@@ -176,6 +177,7 @@ class Admission:
         status[P.S_SPENT] = spent
         self.on_done(req, now, spent, over)
         if over is not None:
+            req.kernel_error = True
             return error_body(over, req.header, spent), effects
         return [codec.pack(status), *body[1:]], effects
 

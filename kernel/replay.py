@@ -44,7 +44,7 @@ class ReplayReport:
     #: The state at the end: the ledger, and idempotency keys of requests that were dispatched
     #: and not answered (``run`` without ``ran``).
     ledger: Ledger | None = None
-    inflight_idem: set[str] = field(default_factory=set)
+    inflight_idem: set[tuple[str | None, str]] = field(default_factory=set)  # (principal, idem)
     last_t: float | None = None  # the time of the last decision read
     #: Lines whose checksum failed or was missing (replayed anyway when they parse), and lines that
     #: could not be read at all: (line, why).
@@ -93,6 +93,21 @@ def replay_lines(lines: Iterable[str | bytes], report: ReplayReport | None = Non
     return replay_records(records(), report)
 
 
+def idem_key(entry: Any) -> tuple[str | None, str] | None:
+    """The (principal, idempotency key) of a ``run``/``ran`` record's inputs or of a snapshot's
+    ``inflight_idem`` entry: ``{"principal", "idem"}`` / ``[principal, idem]``; an older log's
+    ``{"idem"}`` / bare string has no principal (None: it stands for the key of any principal)."""
+    if isinstance(entry, dict):
+        idem, who = entry.get("idem"), entry.get("principal")
+    elif isinstance(entry, (list, tuple)) and len(entry) == 2:
+        who, idem = entry
+    else:
+        idem, who = entry, None
+    if not isinstance(idem, str) or not idem:
+        return None
+    return (who if isinstance(who, str) else None, idem)
+
+
 def replay_records(records: Iterable[tuple[Any, dict]], report: ReplayReport | None = None) -> ReplayReport:
     """Replay decoded records ``(where, record)`` (``where`` names it in a divergence)."""
     report = report or ReplayReport()
@@ -119,7 +134,7 @@ def replay_records(records: Iterable[tuple[Any, dict]], report: ReplayReport | N
                                            "replayed": "a different state"})
             ledger = Ledger.load(state["ledger"])
             idem.clear()
-            idem.update(state.get("inflight_idem", ()))
+            idem.update(k for k in map(idem_key, state.get("inflight_idem", ())) if k is not None)
             report.finals = {(r.get("principal"), r.get("idem")): r for r in state.get("dedup", ())
                              if isinstance(r, dict)}
             continue
@@ -128,9 +143,11 @@ def replay_records(records: Iterable[tuple[Any, dict]], report: ReplayReport | N
             if isinstance(final, dict):
                 report.finals[(final.get("principal"), final.get("idem"))] = final
         if op == "run":
-            idem.add(rec.get("in", {}).get("idem"))
+            key = idem_key(rec.get("in"))
+            if key is not None:
+                idem.add(key)
         elif op == "ran":
-            idem.discard(rec.get("in", {}).get("idem"))
+            idem.discard(idem_key(rec.get("in")))
         if op not in LEDGER_OPS or ledger is None:
             report.observed += 1
             continue

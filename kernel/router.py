@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from kernel import codec, errors, mdp
 from kernel import protocol as P
-from kernel.dedup import Attempt, Dedup
+from kernel.dedup import Attempt, Dedup, digest
 from kernel.mdp import Form
 from kernel.mmi import Caller, Management
 from kernel.policy import Admission, Effects, Fail, Lend, Order
@@ -81,6 +81,11 @@ def _compact(heap: list[Any], live: int) -> list[Any]:
     kept = [e for e in heap if not e[-1].done]
     heapq.heapify(kept)
     return kept
+
+
+#: Management operations that change nothing: a retry of one just runs again (every other one
+#: that carries an idempotency key is deduplicated like a service request, docs/protocol.md).
+_MMI_READ_ONLY = frozenset({P.MMI_SERVICE, P.MMI_STATS, P.MMI_JOB_STATS})
 
 
 def _with_rid(body: list[bytes], rid: Any) -> list[bytes]:
@@ -307,7 +312,7 @@ class Router:
 
     def _on_request(self, ev: mdp.Request, now: float, principal: Principal) -> None:
         if ev.mmi:
-            self._mmi(ev, now, principal)
+            self._mmi_once(ev, now, principal)
             return
         name = ev.service
         header = ev.header
@@ -322,9 +327,20 @@ class Router:
         self._idle.pop(name, None)
         checked = ev.checked
         dedup = self.admission.dedup
-        if dedup is not None and checked is not None and checked.idem is not None \
-                and self._deduplicated(dedup, ev, (principal.name, checked.idem), now):
-            return
+        key = None
+        if dedup is not None and checked is not None and checked.idem is not None:
+            # keyed by the principal acted for (header ``for``): a service's retry on behalf of
+            # alice meets alice's key, not the service's own; a refused ``for`` is answered below
+            who: str | None = principal.name
+            if checked.on_behalf is not None:
+                try:
+                    who = self._acting_for(principal, checked.on_behalf)
+                except errors.Forbidden:
+                    who = None
+            if who is not None:
+                key = (who, checked.idem)
+                if self._deduplicated(dedup, ev, key, now, digest(name, ev.body[1:])):
+                    return
         service.requests += 1
         token = self.host.token(TOKEN_BYTES)
         req = Request(token, ev.identity, ev.form, service, ev.body, ev.rid, header is not None, None,
@@ -357,20 +373,28 @@ class Router:
             req.timed = True
             self._deadlines_live += 1
         self.inflight[token] = req
-        if dedup is not None and checked is not None and checked.idem is not None:
-            dedup.start((principal.name, checked.idem), token)
+        if dedup is not None and key is not None:
+            dedup.start(key, token, digest(name, ev.body[1:]))
         self._enqueue(req, now)
         if effects:
             self.apply(effects, now)
 
     # -- exactly-once: retries of one idempotency key (kernel.dedup) -----------------------------
 
-    def _deduplicated(self, dedup: Dedup, ev: mdp.Request, key: tuple[str, str], now: float) -> bool:
+    def _deduplicated(self, dedup: Dedup, ev: mdp.Request, key: tuple[str, str], now: float,
+                      dig: bytes | None = None) -> bool:
         """Answer a request whose ``(principal, idem)`` the kernel has seen: attach it to the
-        attempt in flight, or send the stored FINAL.  False: a new request (it runs)."""
-        kind, what = dedup.seen(key, now)
+        attempt in flight, or send the stored FINAL; ``idem_conflict`` when the key was sent with
+        another service or body (``dig``).  False: a new request (it runs)."""
+        kind, what = dedup.seen(key, now, dig)
         if kind == "run":
             return False
+        if kind == "conflict":
+            self.counters["dedup_conflicts"] += 1
+            self._reply_error(ev.identity, ev.form, ev.service, errors.IdemConflict(
+                "this idempotency key was used for another request (another service or body); "
+                "use a fresh key per request"), ev.header)
+            return True
         if kind == "replay":
             dedup.replayed()
             self.counters["dedup_replayed"] += 1
@@ -683,7 +707,9 @@ class Router:
         else:
             self.admission.on_done(req, now, None, None)
         self._to_client(req, True, body)
-        self._to_attempts(req, True, body, now, keep=True)
+        # a FINAL its worker made is kept for retries; one the kernel made at settlement
+        # (budget_exceeded, a malformed status) is not: a retry is what it is for
+        self._to_attempts(req, True, body, now, keep=not req.kernel_error)
         self.free_slot(worker, now)
 
     def free_slot(self, worker: Worker, now: float) -> None:
@@ -788,7 +814,27 @@ class Router:
 
     # -- MMI --------------------------------------------------------------------------------------
 
-    def _mmi(self, ev: mdp.Request, now: float, principal: Principal) -> None:
+    def _mmi_once(self, ev: mdp.Request, now: float, principal: Principal) -> None:
+        """A management call; one that may change state and carries an idempotency key is
+        deduplicated by (principal, key) like a service request: a client's retry of it gets the
+        stored answer instead of running (charging, reserving) again.  Only answers that are not
+        errors are stored (an error changed nothing, so its retry may run)."""
+        dedup = self.admission.dedup
+        checked = ev.checked
+        if dedup is None or checked is None or checked.idem is None \
+                or ev.service.decode(errors="replace") in _MMI_READ_ONLY:
+            self._mmi(ev, now, principal)
+            return
+        key, dig = (principal.name, checked.idem), digest(ev.service, ev.body[1:])
+        if self._deduplicated(dedup, ev, key, now, dig):
+            return
+        out = self._mmi(ev, now, principal)
+        if out is not None:
+            stored = dedup.store(key, ev.service, out, now + dedup.ttl, dig)
+            self.admission.record("final", now, Dedup.record(key, ev.service, stored), {"ok": True})
+
+    def _mmi(self, ev: mdp.Request, now: float, principal: Principal) -> list[bytes] | None:
+        """Answer a management call; returns the answer sent (None: an error)."""
         self.counters["mmi"] += 1
         name, header, body = ev.service, ev.header, ev.body
         if header is not None:
@@ -796,7 +842,7 @@ class Router:
                 arg = codec.unpack(body[1]) if len(body) > 1 else None
             except errors.BadRequest as exc:
                 self._reply_error(ev.identity, ev.form, name, exc, header)
-                return
+                return None
         else:
             arg = body[0] if body else None
         result = self.management.handle(self, name.decode(errors="replace"), arg, now,
@@ -812,7 +858,7 @@ class Router:
                 result = P.MMI_NOT_IMPLEMENTED
         if isinstance(result, errors.RecaError):
             self._reply_error(ev.identity, ev.form, name, result, header)
-            return
+            return None
         if header is not None:
             if isinstance(result, bytes) and name != P.MMI_STATS.encode():
                 result = result.decode()
@@ -822,6 +868,7 @@ class Router:
             out = [result if isinstance(result, bytes) else codec.pack(result)]
         if self._send(mdp.to_client(ev.identity, ev.form, name, True, out)) is False:
             self.counters["unroutable_replies"] += 1
+        return out
 
     # -- statistics -------------------------------------------------------------------------------
 

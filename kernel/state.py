@@ -43,6 +43,8 @@ class Request:
     size: int = 0  # bytes of its body while queued (counted in the router's queued bytes)
     #: The principal a service acts for (header ``for``, checked by ``Router._acting_for``).
     acting_for: str | None = None
+    #: Its FINAL is an error the kernel made at settlement (not kept for retries, kernel.dedup).
+    kernel_error: bool = False
 
 
 @dataclasses.dataclass(slots=True, eq=False)

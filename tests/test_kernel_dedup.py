@@ -228,6 +228,172 @@ def test_stored_finals_survive_a_restart(tmp_path):
     log2.close()
 
 
+# -- review findings: keys bound to principal, service and body; shares; mmi; kernel errors -------
+
+
+def as_(router, who, client: bytes, rid: int, idem: str, now: float, service=b"echo", body=b"x", **extra) -> None:
+    header = codec.pack({"v": 1, "id": rid, "idem": idem, **extra})
+    router.on_message([client, P.MDPC, P.ClientCmd.REQUEST.value, service, header, body], now, who)
+
+
+def finish(router, worker: bytes, token: bytes, now: float, status=None, payload=b"done") -> None:
+    final = codec.pack(status or {"v": 1, "id": 1, "status": "ok"})
+    router.on_message([worker, P.MDPW, P.WorkerCmd.FINAL.value, token, b"", final, payload], now)
+
+
+def test_crash_marks_are_per_principal_so_alices_final_never_clears_bobs_key(tmp_path):
+    from kernel.principal import Principal
+
+    alice, bob = Principal("alice", "client"), Principal("bob", "client")
+    path = str(tmp_path / "decisions.jsonl")
+    router, wire, adm, log = kernel(path)
+    as_(router, bob, b"B", 1, "order-1", 0.1)
+    as_(router, alice, b"A", 1, "order-1", 0.2)
+    bob_token, alice_token = dispatched(wire)
+    finish(router, b"W", alice_token, 0.3)  # alice's finishes; bob's still runs when the kernel dies
+    assert adm.idem_inflight == {("bob", "order-1")}
+    log.close()
+    report = restore(path)
+    assert report.inflight_idem == {("bob", "order-1")}
+    router2, wire2, adm2, log2 = kernel(path, restored=report)
+    as_(router2, bob, b"B2", 2, "order-1", 1.0)
+    (got,) = wire2.to(b"B2", P.ClientCmd.FINAL.value)
+    assert got["error"]["code"] == "kernel_restarted"  # it may have run: not run again
+    as_(router2, alice, b"A2", 2, "order-1", 1.0)
+    (again,) = wire2.to(b"A2", P.ClientCmd.FINAL.value)
+    assert again["status"] == "ok" and dispatched(wire2) == []  # her stored FINAL
+    log2.close()
+
+
+def test_an_older_logs_marks_without_a_principal_still_replay():
+    from kernel.principal import Principal
+    from kernel.replay import ReplayReport, replay_records
+
+    old = [(1, {"op": "session", "session": "s."}), (2, {"op": "run", "t": 1.0, "in": {"idem": "k1"}}),
+           (3, {"op": "run", "t": 1.0, "in": {"idem": "k2"}}), (4, {"op": "ran", "t": 2.0, "in": {"idem": "k2"}})]
+    report = replay_records(old, ReplayReport())
+    assert report.inflight_idem == {(None, "k1")}
+    snap = [(1, {"op": "snapshot", "state": {"ledger": report.ledger.dump(), "inflight_idem": ["k3", ["bob", "k4"]]}})]
+    assert replay_records(snap, ReplayReport()).inflight_idem == {(None, "k3"), ("bob", "k4")}
+    router, wire, adm, _ = kernel(restored=report)
+    as_(router, Principal("carol", "client"), b"C", 1, "k1", 1.0)  # no principal known: refused for anyone
+    assert wire.to(b"C", P.ClientCmd.FINAL.value)[0]["error"]["code"] == "kernel_restarted"
+
+
+def test_one_principals_flood_never_evicts_anothers_entries():
+    d = Dedup(max_entries=100, max_bytes=10_000, principal_entries=5, principal_bytes=300)
+    d.start(("alice", "a"), b"A")
+    d.finish(b"A", 0.0, [b"x" * 50], b"s")
+    for i in range(1000):
+        d.start(("mallory", str(i)), i.to_bytes(4, "big"))
+        d.finish(i.to_bytes(4, "big"), 1.0, [b"m" * 60], b"s")
+    d.check_invariants()
+    assert d.seen(("alice", "a"), 2.0)[0] == "replay"
+    assert len(d.by_principal["mallory"]) <= 5 and d.bytes_of["mallory"] <= 300
+    # past the global bound (many principals), the one holding the most loses its oldest
+    g = Dedup(max_entries=6, principal_entries=4)
+    for who, n in (("alice", 1), ("bob", 4)):
+        for i in range(n):
+            g.start((who, str(i)), f"{who}{i}".encode())
+            g.finish(f"{who}{i}".encode(), 0.0, [b"x"], b"s")
+    g.start(("carol", "0"), b"c0")
+    g.finish(b"c0", 0.0, [b"x"], b"s")
+    g.start(("carol", "1"), b"c1")
+    g.finish(b"c1", 0.0, [b"x"], b"s")
+    g.check_invariants()
+    assert ("alice", "0") in g.done and ("bob", "0") not in g.done and len(g.done) == 6
+
+
+def test_a_key_reused_with_another_service_or_body_is_a_conflict():
+    from kernel.principal import Principal
+
+    alice = Principal("alice", "client")
+    router, wire, adm, _ = kernel()
+    router.on_message([b"W2", P.MDPW, P.WorkerCmd.READY.value, b"echo2", codec.pack({"capacity": 1})], 0.0)
+    as_(router, alice, b"A", 1, "K", 0.1)
+    (token,) = dispatched(wire)
+    as_(router, alice, b"B", 2, "K", 0.2, service=b"echo2")  # in flight, another service
+    as_(router, alice, b"C", 3, "K", 0.2, body=b"other")  # in flight, another body
+    as_(router, alice, b"D", 4, "K", 0.2)  # the same request: attaches
+    for c in (b"B", b"C"):
+        assert wire.to(c, P.ClientCmd.FINAL.value)[0]["error"]["code"] == "idem_conflict"
+    assert wire.to(b"D", P.ClientCmd.FINAL.value) == []
+    finish(router, b"W", token, 0.3)
+    as_(router, alice, b"E", 5, "K", 0.4, service=b"echo2")  # finished, another service
+    as_(router, alice, b"F", 6, "K", 0.4, body=b"other")
+    for c in (b"E", b"F"):
+        assert wire.to(c, P.ClientCmd.FINAL.value)[0]["error"]["code"] == "idem_conflict"
+    assert len(dispatched(wire)) == 1 and not [m for m in wire.sent if m[0] == b"W2" and m[2] == P.WorkerCmd.REQUEST.value]
+    assert wire.to(b"D", P.ClientCmd.FINAL.value)[0]["status"] == "ok"
+    router.check_invariants()
+
+
+def test_the_digest_survives_a_restart_and_old_records_have_none():
+    d = Dedup()
+    d.start(A, b"t", b"D1")
+    d.finish(b"t", 0.0, [b"ok"], b"echo")
+    (rec,) = d.dump()
+    fresh = Dedup()
+    fresh.load([rec], 1.0)
+    old = {k: v for k, v in rec.items() if k != "digest"} | {"idem": "older"}
+    fresh.load([old], 1.0)
+    assert fresh.seen(A, 1.0, b"D2") == ("conflict", None)
+    assert fresh.seen(A, 1.0, b"D1")[0] == "replay"
+    assert fresh.seen(("alice", "older"), 1.0, b"D2")[0] == "replay"  # not known: not checked
+
+
+def test_a_retried_state_changing_management_call_runs_once():
+    router, wire, adm, _ = kernel()
+    assert router.management.handle(router, P.MMI_JOB_OPEN, {"job": "j", "budget": {"flops": 1e6}}, 0.0)["ok"]
+    arg = codec.pack({"job": "j", "resource": "flops", "amount": 1000, "commit": True})
+    for rid, client in ((1, b"C1"), (2, b"C2")):  # the client's retry: same key, fresh id
+        header = codec.pack({"v": 1, "id": rid, "idem": "R"})
+        router.on_message([client, P.MDPC, P.ClientCmd.REQUEST.value, P.MMI_GATE_RESERVE.encode(), header, arg], 0.1)
+    first = [m for m in wire.sent if m[0] == b"C1"][0]
+    second = [m for m in wire.sent if m[0] == b"C2"][0]
+    assert codec.unpack(second[4])["id"] == 2 and second[5] == first[5]  # the same answer, its own id
+    assert adm.ledger.jobs["j"].spent["flops"] == 1000  # charged once
+    header = codec.pack({"v": 1, "id": 3, "idem": "R"})  # the same key for another call: a conflict
+    other = codec.pack({"job": "j", "resource": "flops", "amount": 5, "commit": True})
+    router.on_message([b"C3", P.MDPC, P.ClientCmd.REQUEST.value, P.MMI_GATE_RESERVE.encode(), header, other], 0.2)
+    assert wire.to(b"C3", P.ClientCmd.FINAL.value)[0]["error"]["code"] == "idem_conflict"
+    assert adm.ledger.jobs["j"].spent["flops"] == 1000
+
+
+def test_a_budget_exceeded_made_at_settlement_is_not_stored():
+    from kernel.principal import LOCAL_OPERATOR as op
+
+    router, wire, adm, _ = kernel()
+    as_(router, op, b"C1", 1, "K", 0.1, budget={"flops": 10})
+    (token,) = dispatched(wire)
+    finish(router, b"W", token, 0.2, {"v": 1, "id": 1, "status": "ok", "spent": {"flops": 1000}})
+    assert wire.to(b"C1", P.ClientCmd.FINAL.value)[0]["error"]["code"] == "budget_exceeded"
+    as_(router, op, b"C2", 2, "K", 0.3, budget={"flops": 10})
+    assert len(dispatched(wire)) == 2  # the retry runs again
+    router.check_invariants()
+
+
+def test_a_request_sent_for_a_caller_is_keyed_by_the_principal_acted_for():
+    from kernel.principal import Principal
+
+    alice, bob = Principal("alice", "client"), Principal("bob", "client")
+    svc = Principal("svc", "service:echo")
+    router, wire, adm, _ = kernel()
+    router.on_message([b"S", P.MDPW, P.WorkerCmd.READY.value, b"echo", codec.pack({"capacity": 4})], 0.0, svc)
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.DISCONNECT.value], 0.0)  # only svc's worker serves echo
+    as_(router, alice, b"A", 1, "a-call", 0.1)
+    as_(router, bob, b"B", 1, "b-call", 0.1)
+    served = [m for m in wire.sent if m[0] == b"S" and m[2] == P.WorkerCmd.REQUEST.value]
+    assert len(served) == 2
+    # the service calls on for each caller with the same key of its own: two requests, not one
+    as_(router, svc, b"S1", 1, "step-1", 0.2, **{"for": "alice"})
+    as_(router, svc, b"S2", 2, "step-1", 0.2, **{"for": "bob"})
+    served = [m for m in wire.sent if m[0] == b"S" and m[2] == P.WorkerCmd.REQUEST.value]
+    assert len(served) == 4 and wire.to(b"S2", P.ClientCmd.FINAL.value) == []
+    assert ("alice", "step-1") in adm.dedup.running and ("bob", "step-1") in adm.dedup.running
+    router.check_invariants()
+
+
 # -- strict control: orders to nothing, unknown operations, unknown budget kinds -------------------
 
 
