@@ -237,8 +237,15 @@ class Management:
             parent, refused = self.budget.resolve_job(caller.principal, None, now)
             if refused is not None:
                 return refused
+        limits = arg.get("budget") or arg.get("limits")
+        for kind in limits if isinstance(limits, dict) else ():
+            typo = P.budget_kind_typo(kind) if isinstance(kind, str) else None
+            if typo is not None:  # any other name is a counted resource: a misspelt kind limits nothing
+                return errors.BadRequest(
+                    f"{P.MMI_JOB_OPEN}: budget kind {kind!r} is not a kind (did you mean {typo!r}?); kinds: "
+                    f"{', '.join(P.BUDGET_KINDS)}; any other name is a counted resource", kind="budget_kind")
         return self._decide(router, "open", now, job=arg.get("job"), parent=parent,
-                            limits=arg.get("budget") or arg.get("limits"), priority=arg["priority"],
+                            limits=limits, priority=arg["priority"],
                             owner=caller.principal.name)
 
     def op_job_close(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
