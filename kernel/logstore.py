@@ -297,9 +297,9 @@ def recover(path: str) -> Recovery | None:
         # lines, so what is left (NUL blocks a crash never filled, a file cut short) may have
         # held acknowledged decisions -- refuse rather than start fresh over it (review F7).
         if cur_data:
-            why = current.bad_why if current is not None and current.bad_why else "no readable record"
+            what = "all NUL bytes" if not cur_data.strip(b"\0") else "one unfinished line"
             raise LogCorrupt(
-                path, 0, f"{len(cur_data)} byte(s) and no readable record ({why}): damaged, not a torn tail"
+                path, 0, f"{len(cur_data)} byte(s), {what}, and no readable record: damaged, not a torn tail"
             )
         return rec if rec.remove else None
     segments: list[Scan | str] = [*closed, current] if current is not None else list(closed)
