@@ -554,13 +554,16 @@ class BudgetAdmission(Admission):
         kind = ex.exhausted or ""
         message = f"job {name!r} ran out of {kind}: {_amounts(ex.spent, ex.limits, kind)}"
         effects: list[Effect] = []
+        # The job-wide cancel goes to the services holding its requests, never ctl/all.
+        services = sorted({r.service.text for r in view.inflight.values() if r.job == name})
         for req in list(view.inflight.values()):
             if req.done or req is skip or req.job is None or not self._governed(req.job, ex):
                 continue
             effects.extend(self._cancel(req, ErrorCode.BUDGET_EXCEEDED, message))
             effects.append(Fail(req, errors.BudgetExceeded(message, job=name), self._spent(req, now)))
-        effects.append(Order(P.CTL_ALL, P.ControlOp.CANCEL.value,
-                             {P.C_JOB: name, P.C_CODE: ErrorCode.BUDGET_EXCEEDED, P.C_REASON: message}))
+        effects.extend(Order(service, P.ControlOp.CANCEL.value,
+                             {P.C_JOB: name, P.C_CODE: ErrorCode.BUDGET_EXCEEDED, P.C_REASON: message})
+                       for service in services)
         return effects
 
     @staticmethod

@@ -185,7 +185,7 @@ SCHEMA: tuple[Setting, ...] = (
             low=0, high=600_000),
     Setting("enforce", "kernel_weight", "int", 1000, "the kernel's cpu weight (services: 100)", low=1,
             high=10_000),
-    Setting("service", "name", "str", None, "the service name workers register (required)"),
+    Setting("service", "name", "str", None, "the service name workers register (required; unique, no `/`)"),
     Setting("service", "module", "str", None, "a Python module run as `python -m MODULE` (or command)"),
     Setting("service", "command", "list[str]", None, "an argv to run (or module)"),
     Setting("service", "args", "list[str]", [], "arguments appended to the module's or command's argv"),
@@ -357,6 +357,8 @@ def parse(doc: dict, *, runtime: str | None = None, source: str = "config") -> K
     entries = doc.get("service", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError(f"{source}: [[service]] must be an array of tables")
+    services: set[str] = set()  # [[service]] names, and the process names they expand to
+    names: set[str] = set()
     for n, entry in enumerate(entries):
         where = f"[[service]] #{n}" + (f" ({entry['name']})" if isinstance(entry.get("name"), str) else "")
         rd.keys(entry, "service", where)
@@ -364,10 +366,19 @@ def parse(doc: dict, *, runtime: str | None = None, source: str = "config") -> K
         name, module, command = get(key="name"), get(key="module"), get(key="command")
         if not name or (module is None) == (command is None):
             raise ConfigError(f"{source}: {where} needs a name and exactly one of module or command")
+        if "/" in name:  # a name is a control topic level (ctl/<name>/<op>) and a log file name
+            raise rd.fail(where, "name", f"= {name!r}: a service name may not contain '/'")
         args = [expand(x) for x in get(key="args")]
         argv = python_module_argv(module, args) if module else [expand(str(x)) for x in command] + args
         restart = RestartType(get(key="restart"))
         replicas = get(key="replicas")
+        children = [name] if replicas == 1 else [f"{name}#{r}" for r in range(replicas)]
+        clash = sorted(names.intersection(children))
+        if name in services or clash:  # two children of one name: one would shadow the other
+            raise rd.fail(where, "name", f"= {name!r}: a second [[service]] of that name"
+                          + (f" (process name(s) {', '.join(clash)} already taken)" if clash else ""))
+        services.add(name)
+        names.update(children)
         env = {str(x): expand(str(y)) for x, y in get(key="env").items()}
         ceilings = {key: get(key=key) for key in CEILINGS if key in entry}
         if ceilings and not set(ceilings) <= {f.name for f in dataclasses.fields(ChildSpec)}:

@@ -3,8 +3,9 @@
 The kernel's control socket is an XPUB with manual subscriptions: a subscription a peer sends is
 applied only when :func:`may_subscribe` allows it for the peer's verified principal, so a
 service key receives the control topics of its own services (``ctl/<service>/...``, its
-per-worker names ``ctl/<service>@<k>/...``, and the broadcasts on ``ctl/all/``) and a client
-none.  Operators (and every ``ipc://`` peer, which is the local operator) may subscribe to any.
+per-worker names ``ctl/<service>@<k>/...``, and the broadcasts on ``ctl/all/``, which carry no
+job names: kernel.router.Router.order sends an order naming a job only to the services holding its
+requests) and a client none.  Operators (and every ``ipc://`` peer, which is the local operator) may subscribe to any.
 A subscription is a byte prefix, so one that is a prefix of another principal's topics
 (``ctl/``, ``ctl/tt``, the empty one) is refused: it must start with an allowed prefix.
 

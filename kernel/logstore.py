@@ -21,7 +21,8 @@ earlier state -- through every segment after it.  So a missing, empty or corrupt
 segment (its snapshot unreadable; what a crash between the two steps of a rotation written by
 an older kernel leaves) falls back to the previous good snapshot and the segments after it.
 Damage at the end of the newest segment with no readable record after it is a torn tail: it is
-cut back to the end of the last good record (what a crash in the middle of a write leaves;
+cut back to the end of the last good record (a non-empty log with no readable record at all is
+not a torn tail but damage: :class:`LogCorrupt`) (what a crash in the middle of a write leaves;
 nothing after it was acknowledged, since records reach the disk whole and in order).  Anything
 else -- a bad record with good ones after it, a gap in ``seq``, no start point at all -- raises
 :class:`LogCorrupt` naming the file and the byte offset: a kernel never starts silently from
@@ -291,15 +292,16 @@ def recover(path: str) -> Recovery | None:
         and not rec.adopt_next
         and (current is None or not current.records and b"\n" not in (cur_data or b""))
     ):
-        # Nothing was ever written whole (a kernel that died before its first record reached the
-        # disk): no decision was acknowledged, so there is nothing to restore.
+        # No record at all.  An empty file is a log never written (nothing to restore); bytes
+        # with no readable record in them are damage, not a torn tail: the kernel writes whole
+        # lines, so what is left (NUL blocks a crash never filled, a file cut short) may have
+        # held acknowledged decisions -- refuse rather than start fresh over it (review F7).
         if cur_data:
-            rec.cut = (path, 0, len(cur_data))
-            rec.notes.append(
-                f"{path}: holds only a torn first record ({len(cur_data)} byte(s)): cut; "
-                "nothing was ever recorded whole"
+            what = "all NUL bytes" if not cur_data.strip(b"\0") else "one unfinished line"
+            raise LogCorrupt(
+                path, 0, f"{len(cur_data)} byte(s), {what}, and no readable record: damaged, not a torn tail"
             )
-        return rec if rec.cut or rec.remove else None
+        return rec if rec.remove else None
     segments: list[Scan | str] = [*closed, current] if current is not None else list(closed)
     if current is None or not current.exists:
         rec.notes.append(

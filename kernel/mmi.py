@@ -237,8 +237,15 @@ class Management:
             parent, refused = self.budget.resolve_job(caller.principal, None, now)
             if refused is not None:
                 return refused
+        limits = arg.get("budget") or arg.get("limits")
+        for kind in limits if isinstance(limits, dict) else ():
+            typo = P.budget_kind_typo(kind) if isinstance(kind, str) else None
+            if typo is not None:  # any other name is a counted resource: a misspelt kind limits nothing
+                return errors.BadRequest(
+                    f"{P.MMI_JOB_OPEN}: budget kind {kind!r} is not a kind (did you mean {typo!r}?); kinds: "
+                    f"{', '.join(P.BUDGET_KINDS)}; any other name is a counted resource", kind="budget_kind")
         return self._decide(router, "open", now, job=arg.get("job"), parent=parent,
-                            limits=arg.get("budget") or arg.get("limits"), priority=arg["priority"],
+                            limits=limits, priority=arg["priority"],
                             owner=caller.principal.name)
 
     def op_job_close(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
@@ -381,7 +388,21 @@ class Management:
             known = self.budget.ledger.jobs.get(job) if self.budget is not None else True
             if known is None or getattr(known, "closed", False):
                 return errors.NotFound(f"{name}: no open job {job!r}")  # an order to nothing is no success
-            orders = [Order(service, op, {P.C_JOB: job})]
+            unknown = self._unknown_service(router, name, service)
+            if unknown is not None:
+                return unknown
+            # Only the services holding requests of the job hear its name (never ctl/all: every
+            # service key may read that); workers act on requests they hold, so a job with
+            # nothing in flight is an order to nothing (docs/protocol.md).
+            reqs = [r for r in router.inflight.values() if not r.done and r.job == job
+                    and (service == P.CTL_ALL or r.service.name == service.encode())]
+            if not reqs:
+                where = "" if service == P.CTL_ALL else f" at {service!r}"
+                return errors.NotFound(f"{name}: no request of job {job!r} in flight{where}")
+            orders = [Order(s, op, {P.C_JOB: job}) for s in sorted({r.service.text for r in reqs})]
+            for order in orders:
+                router.order(order, now)
+            return {"ok": True, "targets": len(reqs)}
         else:
             if P.C_TOKEN in arg:
                 token = arg[P.C_TOKEN]
@@ -412,6 +433,14 @@ class Management:
             router.order(order, now)
         return {"ok": True, "targets": len(orders)}
 
+    @staticmethod
+    def _unknown_service(router: "Router", name: str, service: str) -> errors.NotFound | None:
+        """``not_found`` for an order addressed to a service no live worker serves (an order to
+        nothing is no success); None for ``all`` or a served service."""
+        if service == P.CTL_ALL or router.has_worker(service.encode()):
+            return None
+        return errors.NotFound(f"{name}: no worker serves {service!r}")
+
     def op_preempt(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         return self._order(router, P.MMI_PREEMPT, arg, now, caller)
 
@@ -423,7 +452,11 @@ class Management:
 
     def op_control(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         """Orders that are not the kernel's own decisions (fidelity, precision) are relayed on the
-        control bus; preempt/resume/cancel stay with their own operations."""
+        control bus; preempt/resume/cancel stay with their own operations.  A service the kernel
+        does not know is ``not_found``."""
+        unknown = self._unknown_service(router, P.MMI_CONTROL, arg["service"])
+        if unknown is not None:
+            return unknown
         router.order(Order(arg["service"], arg["op"], arg["message"]), now)
         return {"ok": True}
 

@@ -315,6 +315,26 @@ BUDGET_KINDS: Final[dict[str, KindSpec]] = {k.name: k for k in (
 COMPUTE_KINDS: Final = tuple(k for k, spec in BUDGET_KINDS.items() if spec.compute)
 
 
+def budget_kind_typo(name: str) -> str | None:
+    """The budget kind ``name`` is a likely misspelling of, else None.  Any name that is not a
+    budget kind is a counted resource (docs/budgets.md), so a misspelt ``flops`` would silently
+    limit nothing: a name that is a kind but for case, ``-`` for ``_``, a missing plural ``s``,
+    one wrong letter or two swapped neighbours is refused instead.  Other units of a kind
+    (``cpu_s``, ``wall_s``: one letter *missing* inside) stay counted resources."""
+    if name in BUDGET_KINDS:
+        return None
+    low = name.lower().replace("-", "_")
+    for kind in BUDGET_KINDS:
+        if low == kind or low + "s" == kind:
+            return kind
+        if len(low) == len(kind):
+            diff = [i for i, (a, b) in enumerate(zip(low, kind)) if a != b]
+            if len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                  and low[diff[0]] == kind[diff[1]] and low[diff[1]] == kind[diff[0]]):
+                return kind
+    return None
+
+
 class Scope(enum.StrEnum):
     """What an operation may touch for a caller below OPERATOR."""
 

@@ -172,7 +172,7 @@ def restore(path: str, *, repair: bool = True) -> ReplayReport | None:
     found = logstore.recover(path)  # never through a planted symlink
     if found is None:
         return None
-    if not found.records:  # a torn first record and nothing else: cut it, restore nothing
+    if not found.records:  # nothing to restore (only stale rotation files to remove)
         if repair:
             logstore.apply_repairs(path, found)
         return None

@@ -245,8 +245,15 @@ class Router:
         self.free_slot(effect.worker, now)
 
     def order(self, order: Order, now: float) -> None:
-        """The one path of every control order: published on its topic and recorded."""
-        self.publish(order.topic, order.message)
+        """The one path of every control order: published on its topic and recorded.  An order
+        naming a job is never broadcast on ``ctl/all`` (every service key may read it): it goes
+        to the services that hold requests of that job, none if none does."""
+        if order.service == P.CTL_ALL and P.C_JOB in order.message:
+            job = order.message[P.C_JOB]
+            for name in sorted({r.service.text for r in self.inflight.values() if r.job == job}):
+                self.publish(P.control_topic(name, order.op), order.message)
+        else:
+            self.publish(order.topic, order.message)
         self.admission.record(order.op, now, order.record(), {"ok": True})
 
     def _apply_order(self, effect: Order, now: float) -> None:

@@ -24,6 +24,8 @@ import argparse
 import asyncio
 import ctypes
 import logging
+import math
+import numbers
 import os
 import signal
 import sys
@@ -89,7 +91,16 @@ class Context:
 
     def charge(self, **amounts: float) -> None:
         """Record spending (``tokens=``, ``flops=``, counted resources); reported to the kernel
-        in every status frame, which charges it to the job."""
+        in every status frame, which charges it to the job.  A misspelt budget kind (``flopz``:
+        it would charge nothing) or an amount that is not a finite non-negative number is a
+        :class:`errors.BadRequest`, and nothing of the call is recorded."""
+        for kind, amount in amounts.items():
+            typo = P.budget_kind_typo(kind)
+            if typo is not None:
+                raise errors.BadRequest(f"charge: {kind!r} is not a budget kind (did you mean {typo!r}?)",
+                                        kind="budget_kind")
+            if isinstance(amount, bool) or not isinstance(amount, numbers.Real) or not 0 <= amount < math.inf:
+                raise errors.BadRequest(f"charge: {kind}={amount!r} is not a finite non-negative number")
         for kind, amount in amounts.items():
             self.spent[kind] = self.spent.get(kind, 0) + amount
 

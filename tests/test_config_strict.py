@@ -138,3 +138,22 @@ def test_a_limits_table_without_a_newer_compute_kind_keeps_its_default():
     assert cfg.root_limits["flops"] == 5.0 and cfg.default_limits["flops"] == 3.0
     for kind in compute:
         assert 0 <= cfg.root_limits[kind] < 1e300 and 0 <= cfg.default_limits[kind] < 1e300
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("[[service]]\nname = 'echo'\nmodule = 'services.echo'\n[[service]]\nname = 'echo'\nmodule = 'services.echo'\n",
+         "second [[service]] of that name"),
+        ("[[service]]\nname = 'a#1'\nmodule = 'services.echo'\n[[service]]\nname = 'a'\nmodule = 'services.echo'\n"
+         "replicas = 2\n", "a#1"),
+        ("[[service]]\nname = 'ec/ho'\nmodule = 'services.echo'\n", "may not contain '/'"),
+    ],
+)
+def test_duplicate_service_names_and_slashes_are_config_errors(tmp_path, text, why):
+    """Review: two [[service]] tables of one name (one child shadowed the other) and a name with
+    '/' (a control topic level, a log file name) were accepted."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load(path, runtime="/tmp/r")
+    assert path in str(exc.value) and why in str(exc.value) and "name" in str(exc.value)

@@ -222,7 +222,9 @@ def test_tokens_come_from_the_host_and_invariants_hold_through_a_life():
     # 60 tokens of a 50-token default job: exhausted; the queued request 2 is answered too.
     finals = [codec.unpack(m[4]) for m in wire.sent if m[0] == b"C" and m[2] == P.ClientCmd.FINAL.value]
     assert [f["error"]["code"] for f in finals] == ["budget_exceeded", "budget_exceeded"]
-    assert any(topic == P.control_topic(P.CTL_ALL, "cancel") for topic, _ in published)
+    # The job-wide cancel goes to the service holding its requests, never ctl/all (any service key reads that).
+    assert any(topic == P.control_topic("echo", "cancel") for topic, _ in published)
+    assert not any(topic.startswith(f"{P.CTL_PREFIX}{P.CTL_ALL}/".encode()) for topic, _ in published)
     assert router.inflight == {}
 
 

@@ -388,3 +388,30 @@ def test_keep_segments_bounds_the_history_and_still_restores(tmp_path):
     assert restore(path) is not None
     with pytest.raises(ValueError):
         DecisionLog(path, keep_segments=1)
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "one partial line"])
+def test_a_young_log_with_no_readable_record_is_damage_not_a_torn_tail(tmp_path, damage, capsys):
+    """Review F7: a one-segment log whose bytes read as NUL (blocks a crash never filled), or that
+    was cut to a piece of its first line, was taken for a kernel that died before its first
+    record: cut, and the kernel started fresh.  It is refused, naming the file and offset 0."""
+    from kernel.fsck import main as fsck
+
+    path = str(tmp_path / "decisions.jsonl")
+    log = DecisionLog(path, fsync="never")
+    adm = BudgetAdmission(decision_log=log)
+    for n in range(5):
+        adm.decide("open", float(n), job=f"kept{n}", limits={"flops": 10.0})
+    log.close()
+    data = open(path, "rb").read()
+    bad = b"\0" * len(data) if damage == "zeroed" else data[:40]
+    with open(path, "wb") as fh:
+        fh.write(bad)
+    with pytest.raises(LogCorrupt) as info:
+        restore(path)
+    assert info.value.path == path and info.value.offset == 0 and f"{path} at byte 0" in str(info.value)
+    assert fsck([path]) == 2 and "DAMAGED" in capsys.readouterr().out
+    assert open(path, "rb").read() == bad  # nothing cut
+    with open(path, "wb"):
+        pass
+    assert restore(path) is None and fsck([path]) == 0  # an empty file: a log never written

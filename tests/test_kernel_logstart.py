@@ -80,3 +80,17 @@ def test_a_torn_tail_is_cut_at_start_and_said_so(rt):
             assert all(f"kept{n}" in jobs for n in range(5))
     finally:
         k.stop()
+
+
+def test_a_zeroed_young_log_refuses_the_start(rt):
+    """Review F7: a one-segment log of NUL bytes (a crash left the size, not the blocks) used to be
+    cut as a torn first record and the kernel started with nothing, saying nothing."""
+    path = _log(rt)
+    zeroed = b"\0" * os.path.getsize(path)
+    with open(path, "wb") as fh:
+        fh.write(zeroed)
+    with pytest.raises(KernelStartError) as info:
+        _kernel(rt).stop()
+    msg = str(info.value)
+    assert "refusing to start" in msg and f"{path} at byte 0" in msg and "fsck" in msg
+    assert open(path, "rb").read() == zeroed  # untouched

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.system
 
 ROOMY_LIMITS = """
 [limits]
-root = { wall_ms = 1e13, cpu_ms = 1e13, tokens = 1e13, flops = 1e18 }
-default = { wall_ms = 1e12, cpu_ms = 1e12, tokens = 1e12, flops = 1e17 }
+root = { wall_ms = 1e13, cpu_ms = 1e13, tokens = 1e13, flops = 1e18, vm_steps = 1e13 }
+default = { wall_ms = 1e12, cpu_ms = 1e12, tokens = 1e12, flops = 1e17, vm_steps = 1e12 }
 """
 
 

@@ -349,17 +349,19 @@ def test_cpu_budget_is_measured_by_the_kernel(kern, client):
 def test_control_relay_reaches_subscribers(kern, client, zctx):
     sub = zctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
-    sub.setsockopt(zmq.SUBSCRIBE, b"ctl/sim/")
+    sub.setsockopt(zmq.SUBSCRIBE, b"ctl/echo/")
     sub.connect(kern.control)
     try:
         deadline = time.monotonic() + 10
         got = None
         while got is None and time.monotonic() < deadline:  # PUB/SUB joins asynchronously
-            client.call("mmi.control", {"op": "fidelity", "service": "sim", "message": {"run": "r1", "refine": [3]}})
+            client.call("mmi.control", {"op": "fidelity", "service": "echo", "message": {"run": "r1", "refine": [3]}})
             if sub.poll(100):
                 got = sub.recv_multipart()
-        assert got is not None and got[0] == b"ctl/sim/fidelity"
+        assert got is not None and got[0] == b"ctl/echo/fidelity"
         with pytest.raises(errors.BadRequest):
-            client.call("mmi.control", {"op": "preempt", "service": "sim", "message": {}})
+            client.call("mmi.control", {"op": "preempt", "service": "echo", "message": {}})
+        with pytest.raises(errors.NotFound):  # no worker serves it: an order to nothing is no success
+            client.call("mmi.control", {"op": "fidelity", "service": "sim", "message": {"run": "r1"}})
     finally:
         sub.close(0)

@@ -82,16 +82,75 @@ def test_a_foreign_subscription_gets_nothing(kern):
             # Orders on ctl/echo/ until the subscribers that may hear them do (subscriptions
             # travel asynchronously; bounded).
             heard_own: list[bytes] = []
-            c.open_job("ctl-a", {"flops": 1e9})  # an order must name an open job (not_found otherwise)
-            c.open_job("ctl-b", {"flops": 1e9})
+            # An order is published only while its target is in flight: control messages for echo.
+            message = {"op": "fidelity", "service": "echo", "message": {"level": 1}}
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not heard_own:
-                c.call(P.MMI_PREEMPT, {"job": "ctl-a", "service": "echo"})
+                c.call(P.MMI_CONTROL, message)
                 heard_own = _heard(own, 200)
             assert heard_own and all(t.startswith(b"ctl/echo/") for t in heard_own)
-            c.call(P.MMI_PREEMPT, {"job": "ctl-b", "service": "echo"})
+            c.call(P.MMI_CONTROL, message)
             assert any(t.startswith(b"ctl/echo/") for t in _heard(op, 1000))
             assert _heard(evil, 1000) == [] and _heard(alice, 500) == []
             assert c.stats()["counters"].get("subscriptions_refused", 0) >= 2  # counted, and logged
+    finally:
+        ctx.destroy(linger=0)
+
+
+def _client(kern, ctx, name: str) -> Client:
+    return Client(kern.endpoint, timeout=20, retries=0, context=ctx, cert=os.path.join(kern.keys, f"{name}.key_secret"),
+                  server_cert=os.path.join(kern.keys, "kernel.key"))
+
+
+def _frames(s: zmq.Socket, wait_ms: int) -> list[list[bytes]]:
+    got = []
+    deadline = time.monotonic() + wait_ms / 1000
+    while time.monotonic() < deadline:
+        if s.poll(50):
+            got.append(s.recv_multipart())
+    return got
+
+
+def test_a_job_order_reaches_only_the_services_holding_its_requests(kern):
+    """Review F5: a job order with no ``service`` was published on ``ctl/all/``, which every service
+    key may read, so a foreign service heard other principals' job names.  Now it goes to the
+    services holding the job's requests; ``ctl/all/`` carries operator broadcasts only."""
+    job = "alice-acquisition-target"
+    ctx = zmq.Context()
+    try:
+        own = _sub(kern, ctx, "echo-svc", [b"ctl/echo/"])
+        evil = _sub(kern, ctx, "evil", [b"ctl/all/", b"ctl/evil/"])
+        with _client(kern, ctx, "op") as op, _client(kern, ctx, "alice") as a, _client(kern, ctx, "alice") as ctl:
+            op.wait_for_service("echo", 30)
+            broadcast = {"op": "fidelity", "message": {"level": 1}}  # service "all"
+
+            def evil_hears_a_broadcast() -> list[list[bytes]]:
+                heard: list[list[bytes]] = []
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and not any(f[0] == b"ctl/all/fidelity" for f in heard):
+                    op.call(P.MMI_CONTROL, broadcast)
+                    heard += _frames(evil, 200)
+                assert any(f[0] == b"ctl/all/fidelity" for f in heard), "evil's ctl/all/ subscription never applied"
+                return heard
+
+            heard_evil = evil_hears_a_broadcast()  # evil's subscription is live from here on
+            a.open_job(job, {"flops": 1e12})
+            run = a.stream("echo", {"report_token": True, "steps": 100000, "step_ms": 5}, job=job)
+            next(run)  # the token partial: the request is at its worker
+            heard_own: list[list[bytes]] = []
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not heard_own:
+                assert ctl.call(P.MMI_PREEMPT, {"job": job}) == {"ok": True, "targets": 1}
+                heard_own = _frames(own, 200)
+            assert heard_own and {f[0] for f in heard_own} == {b"ctl/echo/preempt"}
+            assert ctl.call(P.MMI_CANCEL, {"job": job}) == {"ok": True, "targets": 1}
+            # PUB keeps order per subscriber: a broadcast evil hears after the orders proves it
+            # would have heard them had they been published where it listens.
+            heard_evil += evil_hears_a_broadcast()
+            assert {f[0] for f in heard_evil} == {b"ctl/all/fidelity"}
+            assert not any(job.encode() in b"".join(f) for f in heard_evil)
+            for reply in run:  # the cancelled request ends (bounded by the client's timeout)
+                if reply.final:
+                    break
     finally:
         ctx.destroy(linger=0)

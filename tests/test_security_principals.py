@@ -51,8 +51,8 @@ def kern():
         [auth]
         keys = "{kd}"
         [limits]
-        root = {{ wall_ms = 1e9, cpu_ms = 1e9, tokens = 1e9, flops = 1e15, cpu_s = 1e6 }}
-        default = {{ wall_ms = 1e8, cpu_ms = 1e8, tokens = 1e8, flops = 1e14, cpu_s = 1e5 }}
+        root = {{ wall_ms = 1e9, cpu_ms = 1e9, tokens = 1e9, flops = 1e15, vm_steps = 1e9, cpu_s = 1e6 }}
+        default = {{ wall_ms = 1e8, cpu_ms = 1e8, tokens = 1e8, flops = 1e14, vm_steps = 1e8, cpu_s = 1e5 }}
     """)
         + blocks
     )

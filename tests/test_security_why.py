@@ -323,7 +323,7 @@ def test_audit_writes_only_under_the_writers_own_source_within_a_quota(sec):
 
 def test_control_orders_need_an_operator(sec):
     with as_(sec, "bob") as bob, as_(sec, "op") as op:
-        order = {"op": P.ControlOp.FIDELITY.value, "service": "sim", "message": {"level": 0}}
+        order = {"op": P.ControlOp.FIDELITY.value, "service": "echo", "message": {"level": 0}}
         _forbidden(bob.call, P.MMI_CONTROL, order)
         assert op.call(P.MMI_CONTROL, order)["ok"]
 
