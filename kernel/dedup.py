@@ -110,10 +110,19 @@ class Dedup:
         principal_entries: int = DEDUP_PRINCIPAL_MAX_ENTRIES,
         principal_bytes: int = DEDUP_PRINCIPAL_MAX_BYTES,
     ) -> None:
-        if ttl <= 0 or max_entries < 1 or max_bytes < 1 or max_final_bytes < 0 or max_attached < 0 \
-                or principal_entries < 1 or principal_bytes < 1:
-            raise ValueError("ttl > 0, max_entries >= 1, max_bytes >= 1, max_final_bytes >= 0, max_attached >= 0, "
-                             "principal_entries >= 1, principal_bytes >= 1")
+        if (
+            ttl <= 0
+            or max_entries < 1
+            or max_bytes < 1
+            or max_final_bytes < 0
+            or max_attached < 0
+            or principal_entries < 1
+            or principal_bytes < 1
+        ):
+            raise ValueError(
+                "ttl > 0, max_entries >= 1, max_bytes >= 1, max_final_bytes >= 0, max_attached >= 0, "
+                "principal_entries >= 1, principal_bytes >= 1"
+            )
         self.ttl, self.max_entries, self.max_bytes = ttl, max_entries, max_bytes
         self.principal_entries, self.principal_bytes = principal_entries, principal_bytes
         self.max_final_bytes, self.max_attached = max_final_bytes, max_attached
@@ -208,8 +217,9 @@ class Dedup:
             return attempts, None
         return attempts, self.store(key, service, body, now + self.ttl, dig)
 
-    def store(self, key: Key, service: bytes, body: list[bytes] | None, expires: float,
-              digest: bytes | None = None) -> Stored:
+    def store(
+        self, key: Key, service: bytes, body: list[bytes] | None, expires: float, digest: bytes | None = None
+    ) -> Stored:
         size = sum(map(len, body)) if body is not None else 0
         if body is not None and size > self.max_final_bytes:
             body, size = None, 0
@@ -325,8 +335,10 @@ class Dedup:
         assert sum(map(len, self.by_principal.values())) == len(self.done), "per-principal index disagrees"
         assert all(k in self.by_principal.get(k[0], ()) for k in self.done)
         assert all(self.bytes_of[p] == sum(self.done[k].size for k in ks) for p, ks in self.by_principal.items())
-        assert all(len(ks) <= self.principal_entries and self.bytes_of[p] <= self.principal_bytes
-                   for p, ks in self.by_principal.items()), "a principal over its share"
+        assert all(
+            len(ks) <= self.principal_entries and self.bytes_of[p] <= self.principal_bytes
+            for p, ks in self.by_principal.items()
+        ), "a principal over its share"
         assert self.stored_bytes == sum(s.size for s in self.done.values())
         assert self.stored_bytes <= self.max_bytes and len(self.done) <= self.max_entries
         expiries = [s.expires for s in self.done.values()]

@@ -143,10 +143,15 @@ def test_a_limits_table_without_a_newer_compute_kind_keeps_its_default():
 @pytest.mark.parametrize(
     "text, why",
     [
-        ("[[service]]\nname = 'echo'\nmodule = 'services.echo'\n[[service]]\nname = 'echo'\nmodule = 'services.echo'\n",
-         "second [[service]] of that name"),
-        ("[[service]]\nname = 'a#1'\nmodule = 'services.echo'\n[[service]]\nname = 'a'\nmodule = 'services.echo'\n"
-         "replicas = 2\n", "a#1"),
+        (
+            "[[service]]\nname = 'echo'\nmodule = 'services.echo'\n[[service]]\nname = 'echo'\nmodule = 'services.echo'\n",
+            "second [[service]] of that name",
+        ),
+        (
+            "[[service]]\nname = 'a#1'\nmodule = 'services.echo'\n[[service]]\nname = 'a'\nmodule = 'services.echo'\n"
+            "replicas = 2\n",
+            "a#1",
+        ),
         ("[[service]]\nname = 'ec/ho'\nmodule = 'services.echo'\n", "may not contain '/'"),
     ],
 )

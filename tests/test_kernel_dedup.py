@@ -269,8 +269,12 @@ def test_an_older_logs_marks_without_a_principal_still_replay():
     from kernel.principal import Principal
     from kernel.replay import ReplayReport, replay_records
 
-    old = [(1, {"op": "session", "session": "s."}), (2, {"op": "run", "t": 1.0, "in": {"idem": "k1"}}),
-           (3, {"op": "run", "t": 1.0, "in": {"idem": "k2"}}), (4, {"op": "ran", "t": 2.0, "in": {"idem": "k2"}})]
+    old = [
+        (1, {"op": "session", "session": "s."}),
+        (2, {"op": "run", "t": 1.0, "in": {"idem": "k1"}}),
+        (3, {"op": "run", "t": 1.0, "in": {"idem": "k2"}}),
+        (4, {"op": "ran", "t": 2.0, "in": {"idem": "k2"}}),
+    ]
     report = replay_records(old, ReplayReport())
     assert report.inflight_idem == {(None, "k1")}
     snap = [(1, {"op": "snapshot", "state": {"ledger": report.ledger.dump(), "inflight_idem": ["k3", ["bob", "k4"]]}})]
@@ -323,7 +327,9 @@ def test_a_key_reused_with_another_service_or_body_is_a_conflict():
     as_(router, alice, b"F", 6, "K", 0.4, body=b"other")
     for c in (b"E", b"F"):
         assert wire.to(c, P.ClientCmd.FINAL.value)[0]["error"]["code"] == "idem_conflict"
-    assert len(dispatched(wire)) == 1 and not [m for m in wire.sent if m[0] == b"W2" and m[2] == P.WorkerCmd.REQUEST.value]
+    assert len(dispatched(wire)) == 1 and not [
+        m for m in wire.sent if m[0] == b"W2" and m[2] == P.WorkerCmd.REQUEST.value
+    ]
     assert wire.to(b"D", P.ClientCmd.FINAL.value)[0]["status"] == "ok"
     router.check_invariants()
 
