@@ -477,6 +477,9 @@ class BudgetAdmission(Admission):
         self._paused_at.pop(req.token, None)
         if track.paused:
             self.paused_count -= 1
+            if req.worker is not None:
+                # Its slot was lent out and is still taken: the worker owes it (its late FINAL repays).
+                self._slot_debt[req.worker.identity] = self._slot_debt.get(req.worker.identity, 0) + 1
         left = self.prio_counts.get(track.priority, 1) - 1
         if left:
             self.prio_counts[track.priority] = left

@@ -750,7 +750,6 @@ class Router:
         if self.workers.get(worker.identity) is not worker:
             return
         del self.workers[worker.identity]
-        self.admission.worker_gone(worker.identity)
         service = worker.service
         service.workers.pop(worker.identity, None)
         if worker in service.ready:
@@ -762,6 +761,7 @@ class Router:
             if not req.done:
                 self._finish_error(req, errors.WorkerDied(f"worker died: {why}", service=service.text), now)
         worker.inflight.clear()
+        self.admission.worker_gone(worker.identity)  # after its requests: a paused one's debt goes too
         if not service.workers:
             self._served -= 1
         if not service.workers and service.queued:

@@ -558,3 +558,24 @@ SystemModel.TestCase.settings = settings(
     max_examples=20, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestSystemModel = SystemModel.TestCase
+
+
+def test_paused_request_ended_keeps_its_lent_slot_lent() -> None:
+    """Regression (found by SystemModel): a request paused by kernel preemption lent its slot to
+    the preempting one; when the paused request ended (its job's budget ran out) and its late
+    FINAL came, the slot went back to the free list although the borrower still held it: the
+    worker was over capacity."""
+    m = SystemModel()
+    m.start()
+    steps: list[float | int | None] = [None, None, 0.1, 0.1, 0.1, 3.0, None, 0.1, 0.1, 0.1, 0.1, 3.0,
+                                       None, 0.1, 3.0, 3.0, 0.1, 0.1, 9, 3.0]
+    for step in steps:
+        if step is None:
+            m.request(c=1, job=None, priority=None, service=b"a", tokens=None)
+        elif isinstance(step, int):
+            m.request(c=0, job=None, priority=step, service=b"a", tokens=None)
+        else:
+            m.advance(step)
+        m.consistent()
+    assert m.adm.counters["preempts"] == 1 and m.adm.counters["exhausted"] >= 1
+    m.teardown()
