@@ -251,7 +251,7 @@ def test_mmi_restart_brings_back_a_given_up_child(tmp_path):
     flag = tmp_path / "healthy"
     script = (f"import os, sys, time\nif not os.path.exists({str(flag)!r}): sys.exit(3)\n"
               "time.sleep(600)")
-    crasher = service_block("crash", command=[sys.executable, "-c", script.replace("\n", "\\n")])
+    crasher = service_block("crash", command=[sys.executable, "-c", script])
     with KernelProcess(service_block("echo", "services.echo") + crasher, intensity=2, period=30) as k:
         with Client(k.endpoint, timeout=10, retries=0) as c:
             c.wait_for_service("echo", 20)

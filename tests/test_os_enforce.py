@@ -121,17 +121,38 @@ def test_freeze_stops_a_whole_busy_tree_and_thaw_resumes_it(enforcer):
     _wait(lambda: group.cpu_seconds() > before + 0.05, "the thawed tree to run again")
 
 
-def test_close_with_the_caller_in_the_kernel_group_never_stops_or_kills_the_caller(enforcer):
-    enf, procs = enforcer
-    p = _spawn(procs, BURN)
-    enf.place_service("svc", p.pid)
-    enf.enter_kernel()
-    if enf.backend != E.SIGNALS:
-        with pytest.raises(E.EnforcerError, match="cannot freeze itself"):
-            enf.kernel.freeze()
-    assert enf.kernel.kill() == 0  # the caller is the only process there, and it is spared
-    enf.close()  # (a SIGSTOP to itself would hang here, and pytest-timeout would fail the test)
-    assert p.wait(WAIT) == -9
+_CALLER_IN_KERNEL_GROUP = """
+import subprocess, sys
+from kernel import enforce as E
+enf = E.open_enforcer(sys.argv[1], name=sys.argv[2], v2_require=())
+p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+enf.place_service("svc", p.pid)
+enf.enter_kernel()
+if enf.backend != E.SIGNALS:
+    try:
+        enf.kernel.freeze()
+        print("froze itself")
+    except E.EnforcerError as exc:
+        assert "cannot freeze itself" in str(exc), exc
+print("killed", enf.kernel.kill())
+enf.close()
+print("svc", p.wait(30))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_with_the_caller_in_the_kernel_group_never_stops_or_kills_the_caller(backend, tmp_path):
+    """Run in a process of its own: the caller joins the kernel's group, and in the pytest process
+    that would take pytest's other children (a forkserver, a resource tracker) into that group."""
+    name = f"reca-test-{os.getpid()}-caller-{backend}"
+    out = subprocess.run([sys.executable, "-c", _CALLER_IN_KERNEL_GROUP, backend, name], capture_output=True,
+                         text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split("\n")
+    assert "froze itself" not in lines
+    assert "killed 0" in lines  # the caller is the only process there, and it is spared
+    assert "svc -9" in lines  # close killed the service's tree
 
 
 def test_kill_ends_every_process_of_the_tree(enforcer):

@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 
 from clients import Client
+from kernel import errors
 from services.view.model import ViewModel
 from tests.support import REPO, kernel_fixture, service_block
 
@@ -153,11 +154,31 @@ def test_in_chromium_a_new_job_appears_and_its_bar_moves(kern):
                 "return document.querySelector(arguments[0]).getBoundingClientRect().width", row
             )
             assert width > 0
-            c.call("mmi.preempt", {"job": "ui-job"})  # an order on the bus shows as it happens
+            # An order on the bus shows as it happens.  An order needs a request of the job in
+            # flight (not_found otherwise): a longer call runs on a second client meanwhile.
+            import threading
+
+            def long_call() -> None:
+                with Client(kern.endpoint, timeout=60, retries=0) as c2:
+                    c2.call("echo", {"steps": 10, "step_ms": 300}, job="ui-job")  # 10,000 of the 25,000 left
+
+            runner = threading.Thread(target=long_call, daemon=True)
+            runner.start()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    c.call("mmi.preempt", {"job": "ui-job"})
+                    break
+                except errors.NotFound:  # not in flight yet (bounded wait)
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
             wait.until(lambda d: "preempt job 'ui-job'" in d.find_element(By.ID, "events").text)
             time.sleep(0.5)  # let the bar's transition finish before the picture (not an assertion)
             os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
             driver.save_screenshot(SCREENSHOT)
+            c.call("mmi.resume", {"job": "ui-job"})
+            runner.join(60)
     finally:
         driver.quit()
     assert os.path.getsize(SCREENSHOT) > 10_000
