@@ -53,7 +53,7 @@ __all__ = [
     "OPERATOR", "REVOKED", "SERVICE_PREFIX", "USER_ID", "ZAP_DOMAIN_CONTROL", "ZAP_DOMAIN_ROUTER", "AuthError",
     "Certificate", "PeerCredentials", "Principal", "Principals", "ServerKeys", "UnsafeRuntimeDir", "check_ipc_endpoint",
     "check_key_dir", "certificate_name", "child_principals", "curve_server", "ensure_private_dir", "list_certificates",
-    "load_public", "load_secret", "open_append", "parse_role", "peer_credentials", "read_certificate", "secure_socket",
+    "load_public", "load_secret", "open_append", "open_append_fd", "parse_role", "peer_credentials", "read_certificate", "secure_socket",
     "write_certificate", "write_private", "write_public_certificate",
 ]
 
@@ -420,11 +420,12 @@ def write_private(path: str, data: bytes, mode: int = 0o600) -> None:
         os.close(fd)
 
 
-def open_append(path: str):
-    """Open a log file for appending without following a symlink (text, line-buffered by caller).
-    A planted symlink or a file of another user raises UnsafeRuntimeDir."""
+def open_append_fd(path: str, *, exclusive: bool = False) -> int:
+    """An append-only descriptor on ``path`` (mode 0600), never through a planted symlink nor onto
+    a file of another user (UnsafeRuntimeDir); ``exclusive``: the file must not exist yet."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags, 0o600)
     except OSError as exc:
         if os.path.islink(path):
             raise UnsafeRuntimeDir(f"{path} is a symlink; refusing to write through it") from exc
@@ -433,7 +434,13 @@ def open_append(path: str):
     if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise UnsafeRuntimeDir(f"{path} is not a regular file of this user; refusing to append to it")
-    return os.fdopen(fd, "a", encoding="utf-8", buffering=1 << 16)
+    return fd
+
+
+def open_append(path: str):
+    """Open a log file for appending without following a symlink (text, line-buffered by caller).
+    A planted symlink or a file of another user raises UnsafeRuntimeDir."""
+    return os.fdopen(open_append_fd(path), "a", encoding="utf-8", buffering=1 << 16)
 
 
 def child_principals(names: Iterable[str]) -> dict[str, str]:

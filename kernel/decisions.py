@@ -38,7 +38,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import time
 from typing import Any, Callable
 
@@ -59,20 +58,9 @@ def new_session_id() -> str:
 
 def _open_log(path: str, *, exclusive: bool = False) -> int:
     """An append-only descriptor on ``path``, never through a planted symlink (mode 0600)."""
-    from kernel.auth import UnsafeRuntimeDir
+    from kernel.auth import open_append_fd
 
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_EXCL if exclusive else 0)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        if os.path.islink(path):
-            raise UnsafeRuntimeDir(f"{path} is a symlink; refusing to write through it") from exc
-        raise
-    st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise UnsafeRuntimeDir(f"{path} is not a regular file of this user; refusing to append to it")
-    return fd
+    return open_append_fd(path, exclusive=exclusive)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
