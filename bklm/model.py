@@ -47,6 +47,7 @@ from torch import nn
 from accel.bk_core import bk_core
 from bklm.corpus import VOCAB
 from bklm.errors import ConfigError
+from lm.attention import attention
 
 #: Real operations per site and channel of the causal forward recursion: alpha_i = (v_i - z) -
 #: p / alpha_{i-1} (one complex division, 11; one complex subtraction, 2) and G = 1 / alpha_i (7).
@@ -288,7 +289,7 @@ class MultiScale(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Pre-LN Transformer block: causal ``scaled_dot_product_attention``, the same MoE FFN."""
+    """Pre-LN Transformer block: causal attention (:func:`lm.attention.attention`), the same MoE FFN."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -303,7 +304,7 @@ class AttentionBlock(nn.Module):
         b, n, d = x.shape
         hds = self.cfg.n_heads
         q, k, v = self.qkv(self.ln1(x)).reshape(b, n, 3, hds, d // hds).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        a = attention(q, k, v, causal=True)
         x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
         fc.linear(b * n, d, 3 * d)
         fc.flops += 2 * 2 * b * d * n * (n + 1) // 2  # scores and values over the causal triangle
