@@ -38,7 +38,7 @@ def _time(fn, reps: int) -> list[float]:
 
 def run(quick: bool) -> Result:
     lengths = (256, 512) if quick else (256, 1024, 2048)
-    reps = 5 if quick else 9
+    reps = 5
     res = Result(metrics={})
     for T in lengths:
         g = torch.Generator().manual_seed(T)

@@ -10,7 +10,7 @@ of keys (:class:`lm.kvpolicy.TopKKeys`), at two budgets; full attention is the r
 Figures per policy: answer accuracy, answers equal to full attention's, and per layer and step
 the blocks read — key blocks (scored or attended) and value blocks (attended); top-k must score
 every key block (exact selection), block-sparse reads only its chosen blocks (their key
-summaries stay on the device).  Quick: one 2k context; full: three 8k contexts.
+summaries stay on the device).  Quick: one 2k context; full: two 8k contexts.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _decode(model, policy, ctx, kv, names) -> dict:
 
 def run(quick: bool) -> Result:
     model = load()
-    length, n_ctx = (2048, 1) if quick else (8192, 3)
+    length, n_ctx = (2048, 1) if quick else (8192, 2)
     per: dict[str, list[dict]] = {name: [] for name in _peers()}
     same: dict[str, list[float]] = {name: [] for name in per}
     for c in range(n_ctx):
