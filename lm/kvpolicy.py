@@ -28,9 +28,8 @@ or tiers they came from: tiering cannot change an output (tested token for token
 
 The working set of one step (what must fit the arena at once) is ``chunk_blocks`` for the full
 and top-k policies and ``sinks + window + topk`` for the block-sparse one; a smaller arena is
-refused (:class:`lm.kvtiers.BudgetTooSmallError`) before the first step.  :attr:`Policy.touched`
-counts the blocks a policy read in its last ``select`` + ``attend`` of one layer (keys scored
-plus values read), the figure ``bench seed004`` compares at equal budget.
+refused (:class:`lm.kvtiers.BudgetTooSmallError`) before the first step.  ``bench seed004``
+(section ``topk``) compares the blocks each policy reads per layer and step at equal budget.
 """
 
 from __future__ import annotations
