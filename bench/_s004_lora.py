@@ -11,7 +11,7 @@ held-out contexts: answer NLL (nats) and answer accuracy.  Bits: the adapters' s
 and scales) and the plan's average bits over the budgeted matrices (base fp32 + adapters, as POPB
 bills them).  ``fp32`` adapters are the unquantised reference; ``none`` is the base model.
 POPB's pick (:func:`lm.popb.choose_adapter`) is the fewest-bits adapter within 5 % of the best
-held-out NLL.  Quick: 25 steps; full: 200 steps (one seed: the shared machine's budget;
+held-out NLL.  Quick: 15 steps; full: 200 steps (one seed: the shared machine's budget;
 ``run(seeds=...)`` takes more, median).
 """
 
@@ -77,7 +77,7 @@ def _train(base, precision: str, steps: int, seed: int) -> LoRA:
 
 
 def run(quick: bool, seeds: tuple[int, ...] = (0,)) -> Result:
-    steps, n_eval = (25, 12) if quick else (200, 64)
+    steps, n_eval = (15, 12) if quick else (200, 64)
     base = load()
     held = _batch(random.Random(HELDOUT_SEED), n_eval)
     fp32_plan = popb.PrecisionPlan.uniform(base, "fp32")

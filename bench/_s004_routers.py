@@ -14,7 +14,7 @@ saw).  Arms, all with the same *active* FFN parameters per token (``k * hidden =
 
 Figures per arm: held-out cross-entropy (nats/byte) and next-byte accuracy; load balance on the
 held-out pass (``load_balance_std``, the coefficient of variation of expert loads, mean over
-layers; the least-used expert's share); total and active parameters.  Quick: 30 steps; full: 300
+layers; the least-used expert's share); total and active parameters.  Quick: 20 steps; full: 300
 steps (one seed each: the shared machine's budget; ``run(seeds=...)`` takes more).
 """
 
@@ -74,7 +74,7 @@ def _train_and_score(arm: str, train: np.ndarray, held: torch.Tensor, steps: int
 
 
 def run(quick: bool, seeds: tuple[int, ...] = (0,)) -> Result:
-    steps, n_held = (30, 32) if quick else (300, 256)
+    steps, n_held = (20, 32) if quick else (300, 256)
     corpus = bk_corpus.load(limit_bytes=300_000)
     train = corpus.windows("train", SEQ)
     held_all = corpus.windows("heldout", SEQ)
