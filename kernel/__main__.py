@@ -291,14 +291,14 @@ async def _run(args: argparse.Namespace) -> int:
     supervisor.env[sv.ENV_CONTROL] = server.control.replace("0.0.0.0", "127.0.0.1")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # each a clean shutdown: groups thawed, services stopped
         loop.add_signal_handler(sig, stop.set)
     print(f"reca kernel endpoint {server.endpoint}", flush=True)
     print(f"reca kernel control {server.control}", flush=True)
     try:
         async with asyncio.TaskGroup() as tasks:  # the server task is owned: awaited before we return
             tasks.create_task(server.serve())
-            if os.environ.get("RECA_LADDER") == "1":  # experimental: see /work/wt/notes/enforce.md
+            if os.environ.get("RECA_LADDER") != "0":  # on by default; RECA_LADDER=0 turns it off (docs/budgets.md)
                 ladder = Ladder(cfg.freeze_grace_ms / 1000.0, cfg.kill_grace_ms / 1000.0)
                 tasks.create_task(run_ladder(server.router, supervisor, ladder, admission.record, stop))
             try:

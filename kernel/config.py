@@ -202,9 +202,13 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("service", "cpu_weight", "int", None, "cpu weight of the service's group (default 100)", low=1,
             high=10_000),
     Setting("service", "pids_max", "int", None, "most processes in the service's group", low=1),
+    Setting("service", "grace_ms", "float", None,
+            "the grace the service declares: how long it may hold an answered (cancelled, over-budget) "
+            "request before the ladder freezes it (the larger of this and freeze_grace_ms)", low=0,
+            high=600_000),
 )
 #: [[service]] keys that are group ceilings (passed to the supervisor's ChildSpec when it has them).
-CEILINGS = ("mem_bytes", "cpu_weight", "pids_max")
+CEILINGS = ("mem_bytes", "cpu_weight", "pids_max", "grace_ms")
 
 TABLES = ("kernel", "supervisor", "auth", "limits", "enforce", "service")
 _BY_TABLE: dict[str, dict[str, Setting]] = {t: {s.key: s for s in SCHEMA if s.table == t} for t in TABLES}

@@ -49,6 +49,7 @@ file writes; freeze polls until the kernel reports the group frozen, bounded by 
 from __future__ import annotations
 
 import abc
+import atexit
 import contextlib
 import dataclasses
 import errno
@@ -251,15 +252,25 @@ class Group(abc.ABC):
             raise EnforcerError(f"group {self.name} holds this process: it cannot freeze itself")
 
     def kill(self) -> int:
-        """SIGKILL every process of the group (frozen first, so none forks away, unless the group
-        holds the caller); returns how many."""
-        with contextlib.suppress(EnforcerError):
-            self.freeze()
-        victims = [pid for pid in self.pids() if pid != os.getpid()]  # never the caller itself
-        for pid in victims:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.thaw()  # frozen tasks die only once thawed
+        """SIGKILL every process of the group, then thaw it; returns how many.  Never waits for a
+        freeze: the freeze is only *started* (so that a process stops forking as soon as it lands),
+        every pid gets SIGKILL, and the group is thawed (a frozen task dies only once thawed, v1 in
+        particular).  A second pass kills what forked in between.  The caller is never killed."""
+        me = os.getpid()
+        victims: set[int] = set()
+        for _ in range(2):
+            if me not in self.pids():
+                with contextlib.suppress(EnforcerError):
+                    self.freeze(timeout=0.0)  # writes the freeze, does not wait for it
+            now = [pid for pid in self.pids() if pid != me and pid not in victims]
+            for pid in now:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            victims.update(now)
+            with contextlib.suppress(EnforcerError):
+                self.thaw()
+            if not now:
+                break
         return len(victims)
 
     @abc.abstractmethod
@@ -455,6 +466,8 @@ class CgroupV2Group(Group):
         if os.getpid() in victims:  # never the caller itself: signal the others one by one
             return super().kill()
         _write(kill_file, "1")
+        with contextlib.suppress(EnforcerError):
+            self.thaw()  # the group stays usable: a restarted service placed here must run
         return len(victims)
 
     def cpu_seconds(self) -> float:
@@ -719,6 +732,10 @@ class Enforcer:
         self.groups: dict[str, Group] = {}
         self.kernel: Group | None = None
         self.closed = False
+        # A kernel that exits by any path Python runs handlers on (return, exception, sys.exit,
+        # a signal the kernel turns into a shutdown) thaws and kills what it froze: a frozen
+        # service never outlives its kernel.  (SIGKILL runs nothing: the next start sweeps.)
+        atexit.register(self.close)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -768,11 +785,25 @@ class Enforcer:
         if group is not None:
             group.remove()
 
+    def thaw_all(self) -> int:
+        """Thaw every service group (the kernel's shutdown does this before it stops them: a
+        frozen process cannot act on SIGTERM, and on cgroup v1 not even die of SIGKILL);
+        returns how many groups were thawed."""
+        n = 0
+        for group in list(self.groups.values()):
+            with contextlib.suppress(EnforcerError, OSError):
+                group.thaw()
+                n += 1
+        return n
+
     def close(self) -> None:
-        """Remove every service group, move this process back, remove the subtree."""
+        """Thaw and kill what the service groups hold, remove them, move this process back,
+        remove the subtree."""
         if self.closed:
             return
         self.closed = True
+        atexit.unregister(self.close)
+        self.thaw_all()
         for name in list(self.groups):
             with contextlib.suppress(EnforcerError):
                 self.remove_service(name)
@@ -831,14 +862,29 @@ def _under(mount: tuple[Path, str], path: str) -> Path:
 
 
 def _sweep_stale(parent: Path) -> None:
-    """Remove subtrees ``reca-<pid>`` whose kernel is gone and that hold no process."""
+    """Clear subtrees ``reca-<pid>`` whose kernel is gone (killed with SIGKILL: no exit handler
+    ran).  What they still hold -- services that outlived their kernel, frozen ones included --
+    is thawed and killed (v1: ``freezer.state``; v2: ``cgroup.freeze``), then the groups go."""
     with contextlib.suppress(OSError):
         for d in parent.iterdir():
             m = re.fullmatch(r"reca-(\d+)", d.name)
-            if m and d.is_dir() and not _alive(int(m.group(1))):
-                if not any(p.read_text().split() for p in d.rglob("cgroup.procs") if p.is_file()):
+            if not (m and d.is_dir() and not _alive(int(m.group(1)))):
+                continue
+            left: set[int] = set()
+            for p in d.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError, ValueError):
+                    left.update(int(x) for x in p.read_text().split())
+            left.discard(os.getpid())
+            if left:
+                log.warning("enforcer: %s outlived its kernel: killing %d process(es)", d, len(left))
+                for pid in left:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+                for state in (*d.rglob("freezer.state"), *d.rglob("cgroup.freeze")):
                     with contextlib.suppress(OSError):
-                        _rmtree_groups(d)
+                        state.write_text("THAWED" if state.name == "freezer.state" else "0")
+            with contextlib.suppress(OSError):
+                _rmtree_groups(d, busy_wait=0.5 if left else 2.0)
 
 
 def _open_v1(root: str, name: str) -> Enforcer:

@@ -7,12 +7,20 @@ and keeps the request in its worker's slot as a *tombstone* until the worker's o
 
 1. the cooperative order is out (the router sent it); the worker should answer at its next safe
    point;
-2. a worker still holding the request ``freeze_grace`` seconds later (default 20 ms) is
-   **frozen** (kernel/enforce.py: the cgroup freezer stops its whole process tree atomically; on
+2. a worker still holding the request ``freeze_grace`` seconds later (default 20 ms; or the
+   longer grace its service declared, ``[[service]] grace_ms``: scch answers when its bounded
+   solver call returns, and is never frozen inside that bound) is **frozen** (kernel/enforce.py: the cgroup freezer stops its whole process tree atomically; on
    the signals backend, SIGSTOP): it burns nothing more;
 3. still holding it ``kill_grace`` seconds after the freeze (default 1 s), or dropped by the
    liveness check meanwhile, it is **killed** (its whole group) and the supervisor restarts it
-   (OTP: let it crash).
+   (OTP: let it crash).  The kill never blocks: SIGKILL to every process of the group, then the
+   group is thawed (on cgroup v1 a frozen task dies only once thawed).
+
+Nothing frozen outlives the kernel: its shutdown thaws every group before it stops the services,
+the enforcer thaws and kills its groups at exit (``atexit``), and a kernel killed outright
+(SIGKILL) leaves groups that the next start thaws and kills (kernel/enforce.py).  A freeze never
+blocks the kernel either: the shell writes it and waits at most :data:`FREEZE_WAIT_S` for the OS
+to report it (the kill follows anyway).
 
 A worker that answers (its FINAL frees the slot) before a rung is left alone; one frozen that
 answers cannot (it is frozen), so every freeze ends in a kill.  Every rung is a decision-log record
@@ -32,12 +40,17 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from kernel.enforce import FreezeTimeout
+
 log = logging.getLogger("reca.ladder")
 
-__all__ = ["POLL_S", "Action", "Held", "Ladder", "run"]
+__all__ = ["FREEZE_WAIT_S", "POLL_S", "Action", "Held", "Ladder", "run"]
 
 #: How often the shell looks for tombstones, seconds (adds at most this to each rung).
 POLL_S = 0.002
+#: Longest the shell waits for a freeze to be reported, seconds (the kernel's loop is blocked
+#: meanwhile); one not reported by then is recorded ``landed: false`` and lands on its own.
+FREEZE_WAIT_S = 0.005
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +60,7 @@ class Held:
     token: bytes
     pid: int
     worker: bytes  # the worker's routing id
+    grace: float = 0.0  # the grace its service declared, seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +76,7 @@ class _Track:
     pid: int
     worker: bytes
     seen: float
+    grace: float = 0.0
     frozen: float | None = None
 
 
@@ -83,7 +98,7 @@ class Ladder:
         for h in held:
             seen.add(h.token)
             if h.token not in self.tracks:
-                self.tracks[h.token] = _Track(h.pid, h.worker, now)
+                self.tracks[h.token] = _Track(h.pid, h.worker, now, max(self.freeze_grace, h.grace))
         out: list[Action] = []
         frozen_pids: set[int] = set()
         for token, t in list(self.tracks.items()):
@@ -92,7 +107,7 @@ class Ladder:
                 self.counts["answered"] += 1
                 continue
             if t.frozen is None:
-                if now - t.seen >= self.freeze_grace:
+                if now - t.seen >= t.grace:
                     t.frozen = now
                     if t.pid not in frozen_pids:
                         out.append(Action("freeze", t.pid, token, now - t.seen))
@@ -108,27 +123,33 @@ class Ladder:
     def next_due(self) -> float | None:
         """When the next rung falls due (None: nothing tracked)."""
         times = [
-            t.seen + self.freeze_grace if t.frozen is None else t.frozen + self.kill_grace for t in self.tracks.values()
+            t.seen + t.grace if t.frozen is None else t.frozen + self.kill_grace for t in self.tracks.values()
         ]
         return min(times) if times else None
 
 
 class _Procs(Protocol):
     def child_of_pid(self, pid: int) -> str | None: ...
-    def freeze(self, name: str) -> float: ...
+    def grace_of(self, name: str) -> float: ...
+    def freeze(self, name: str, timeout: float = ...) -> float: ...
     def kill_group(self, name: str) -> int: ...
     def cpu_seconds(self, name: str) -> float | None: ...
 
 
-def tombstones(router: Any) -> tuple[list[Held], set[bytes]]:
-    """The router's answered-but-held requests and its registered workers (read only)."""
+def tombstones(router: Any, procs: _Procs | None = None) -> tuple[list[Held], set[bytes]]:
+    """The router's answered-but-held requests (with their services' declared graces, from
+    ``procs``) and its registered workers (read only)."""
     held = []
     for identity, worker in router.workers.items():
         if worker.pid is None:
             continue
+        grace = None
         for token, req in worker.inflight.items():
             if req.done:
-                held.append(Held(token, worker.pid, identity))
+                if grace is None:
+                    name = procs.child_of_pid(worker.pid) if procs is not None else None
+                    grace = procs.grace_of(name) if procs is not None and name is not None else 0.0
+                held.append(Held(token, worker.pid, identity, grace))
     return held, set(router.workers)
 
 
@@ -149,8 +170,11 @@ def apply(actions: list[Action], procs: _Procs, record: Any, now: float) -> None
             continue
         try:
             if a.rung == "freeze":
-                took = procs.freeze(name)
-                out: dict[str, Any] = {"ok": True, "freeze_s": took}
+                try:
+                    out: dict[str, Any] = {"ok": True, "landed": True,
+                                           "freeze_s": procs.freeze(name, FREEZE_WAIT_S)}
+                except FreezeTimeout:  # written; the OS stops the group when it gets to it
+                    out = {"ok": False, "landed": False, "why": f"not reported frozen within {FREEZE_WAIT_S:g} s"}
             else:
                 out = {"ok": True, "killed": procs.kill_group(name)}
         except (LookupError, OSError, RuntimeError) as exc:
@@ -179,7 +203,7 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
     clock = clock or time.monotonic
     while not stop.is_set():
         try:
-            held, live = tombstones(router)
+            held, live = tombstones(router, procs)
             now = clock()
             actions = ladder.observe(held, live, now)
             if actions:

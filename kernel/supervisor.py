@@ -222,6 +222,11 @@ class ChildSpec:
     mem_bytes: int | None = None
     cpu_weight: int | None = None
     pids_max: int | None = None
+    #: The grace the service declares: how long after the kernel answered one of its requests
+    #: (cancel, budget) it may still hold it before the escalation ladder freezes it, ms (the
+    #: ladder waits the larger of this and its own freeze grace).  scch declares its solver
+    #: bound: it answers when the bounded solver call returns.
+    grace_ms: float = 0.0
 
     def limits(self) -> E.Limits:
         return E.Limits(self.mem_bytes, self.cpu_weight, self.pids_max)
@@ -461,8 +466,11 @@ class Supervisor:
         self._own(self._spawn(child))
 
     async def shutdown(self) -> None:
-        """Stop every child in reverse start order: SIGTERM, then SIGKILL after its timeout."""
+        """Stop every child in reverse start order: SIGTERM, then SIGKILL after its timeout.
+        Every group is thawed first (a frozen child acts on no signal)."""
         self._shutting_down = True
+        if self.enforcer is not None:
+            self.enforcer.thaw_all()
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
@@ -486,18 +494,28 @@ class Supervisor:
             child.state = ChildState.SHUTDOWN
             self._remove_group(child)
             return
-        self._signal_group(proc.pid, signal.SIGCONT)  # a stopped child cannot act on SIGTERM
+        self._thaw(child)  # a frozen child cannot act on SIGTERM (nor, on cgroup v1, die of SIGKILL)
+        self._signal_group(proc.pid, signal.SIGCONT)  # nor a stopped one
         self._signal_group(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), child.spec.shutdown_timeout)
         except asyncio.TimeoutError:
             log.warning("%s did not stop within %.1f s; killing it", child.spec.name, child.spec.shutdown_timeout)
             self._signal_group(proc.pid, signal.SIGKILL)
+            self._thaw(child)
             await proc.wait()
         # Anything the child left in its process group goes too.
         self._signal_group(proc.pid, signal.SIGKILL)
         child.state = ChildState.SHUTDOWN
         self._remove_group(child)
+
+    @staticmethod
+    def _thaw(child: Child) -> None:
+        if child.group is not None:
+            try:
+                child.group.thaw()
+            except E.EnforcerError as exc:
+                log.warning("cannot thaw the group of %s: %s", child.spec.name, exc)
 
     def _remove_group(self, child: Child) -> None:
         """Kill what is left in the child's group (helpers in other sessions too) and remove it."""
@@ -573,16 +591,23 @@ class Supervisor:
         child.state = ChildState.RUNNING
         return pid
 
-    def freeze(self, name: str) -> float:
-        """Freeze the child's whole group; returns the seconds until the OS reported it frozen.
-        LookupError without a group (no enforcer) or for a child not running."""
+    def freeze(self, name: str, timeout: float = E.FREEZE_TIMEOUT) -> float:
+        """Freeze the child's whole group; returns the seconds until the OS reported it frozen
+        (:class:`kernel.enforce.FreezeTimeout` past ``timeout``: the freeze is written and lands
+        when the OS gets to it).  LookupError without a group (no enforcer), for a child not
+        running, or once shutdown began (nothing is frozen that the shutdown would not thaw)."""
         self._live_pid(name)
         group = self.child(name).group
         if group is None:
             raise LookupError(f"child {name!r} has no enforcer group")
-        took = group.freeze()
+        if self._shutting_down:
+            raise LookupError(f"child {name!r}: the supervisor is shutting down")
         self.child(name).state = ChildState.STOPPED
-        return took
+        return group.freeze(timeout)
+
+    def grace_of(self, name: str) -> float:
+        """The grace child ``name`` declared (``grace_ms``), seconds."""
+        return max(0.0, self.child(name).spec.grace_ms) / 1000.0
 
     def group_cpu_of_pid(self, pid: int) -> float | None:
         """CPU seconds of the enforcer group of the running child whose process is ``pid`` (what

@@ -54,8 +54,7 @@ def test_graces_must_be_non_negative():
 
 
 @pytest.mark.system
-def test_a_step_that_ignores_its_cancel_is_frozen_killed_and_restarted(monkeypatch):
-    monkeypatch.setenv("RECA_LADDER", "1")  # the ladder is opt-in while experimental
+def test_a_step_that_ignores_its_cancel_is_frozen_killed_and_restarted():
     k = KernelProcess(service_block("echo", "services.echo"), heartbeat=0.5, liveness=6)
     try:
         with Client(k.endpoint, timeout=60, retries=0) as c:
@@ -86,3 +85,43 @@ def test_a_step_that_ignores_its_cancel_is_frozen_killed_and_restarted(monkeypat
             assert kill["out"]["cpu_s"] == pytest.approx(freeze["out"]["cpu_s"], abs=0.05)
     finally:
         k.stop()
+
+
+def test_a_declared_grace_defers_the_freeze():
+    lad = Ladder(0.02, 1.0)
+    lad.observe([Held(A, 10, W1, grace=2.0)], {W1}, 0.0)
+    assert lad.next_due() == pytest.approx(2.0)
+    assert lad.observe([Held(A, 10, W1, grace=2.0)], {W1}, 1.9) == []  # inside the service's declared grace
+    assert [a.rung for a in lad.observe([Held(A, 10, W1, grace=2.0)], {W1}, 2.0)] == ["freeze"]
+    # a grace shorter than the ladder's own changes nothing
+    lad.observe([Held(B, 11, W2, grace=0.001)], {W1, W2}, 3.0)
+    assert lad.observe([Held(B, 11, W2, grace=0.001)], {W1, W2}, 3.01) == []
+
+
+def _rungs(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [r for r in (json.loads(line) for line in fh if '"enforce"' in line) if r.get("op") == "enforce"]
+
+
+@pytest.mark.system
+def test_a_kernel_stopped_while_its_worker_is_frozen_leaves_nothing_behind():
+    """The kill rung is far away (10 min): the worker stays frozen until the kernel's SIGTERM, whose
+    shutdown must thaw it to stop it (before, it waited for ever on a frozen child's exit)."""
+    k = KernelProcess(service_block("echo", "services.echo") + "\n[enforce]\nkill_grace_ms = 600000.0\n",
+                      heartbeat=0.5, liveness=1000)
+    try:
+        with Client(k.endpoint, timeout=60, retries=0) as c:
+            c.wait_for_service("echo", 30)
+            c.open_job("short", {"wall_ms": 300})
+            with pytest.raises(errors.BudgetExceeded):
+                c.call("echo", {"steps": 1, "step_ms": 60_000}, job="short")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                c.stats()  # flushes the decision log
+                if any(r["in"]["rung"] == "freeze" for r in _rungs(k.decision_log)):
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("the worker holding its answered request was not frozen")
+    finally:
+        k.stop()  # asserts the kernel stopped within its bound and no process it started survived
