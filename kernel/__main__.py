@@ -264,7 +264,8 @@ async def _run(args: argparse.Namespace) -> int:
     host = SystemHost(owns_pid=supervisor.owns_pid, group_cpu=supervisor.group_cpu_of_pid)  # the one port to the machine the core uses
     admission = BudgetAdmission(decision_log=decision_log, root_limits=cfg.root_limits, host=host,
                                 default_limits=cfg.default_limits, max_pause=cfg.max_pause,
-                                audit_quota=cfg.audit_quota, restored=restored, restored_at=time.monotonic())
+                                audit_quota=cfg.audit_quota, restored=restored, restored_at=time.monotonic(),
+                                weights=cfg.principal_weights)
     if restored is not None and admission.restored is not None:
         done = admission.restored
         print(f"reca kernel restored {done['jobs']} job(s), {done['reservations']} reservation(s), "

@@ -85,12 +85,15 @@ class BudgetAdmission(Admission):
     def __init__(self, ledger: Ledger | None = None, decision_log: Journal | None = None, *,
                  root_limits: dict[str, Any] | None = None, default_limits: dict[str, Any] | None = None,
                  max_pause: float = P.MAX_PAUSE, audit_quota: int = P.AUDIT_EVENTS_PER_MIN,
-                 restored: Any = None, restored_at: float | None = None, host: "Host | None" = None) -> None:
+                 restored: Any = None, restored_at: float | None = None, host: "Host | None" = None,
+                 weights: dict[str, float] | None = None) -> None:
         if host is None:
             from kernel.host import SystemHost  # the real machine unless one is injected
 
             host = SystemHost()
         self.host: Host = host
+        #: principal -> weight in the fair share of slots (kernel.fairq, [enforce] weights).
+        self.weights = dict(weights or {})
         self.ledger = ledger or Ledger(session=decision_log.session if decision_log is not None
                                        else f"{host.token(4).hex()}.")
         self.log = decision_log

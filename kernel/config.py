@@ -87,6 +87,8 @@ class KernelConfig:
     freeze_grace_ms: float = 20.0
     kill_grace_ms: float = 1000.0
     kernel_weight: int = 1000
+    #: principal -> weight in the fair share of each service's slots (kernel.fairq; default 1).
+    principal_weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def tcp(self) -> bool:
@@ -185,6 +187,10 @@ SCHEMA: tuple[Setting, ...] = (
             low=0, high=600_000),
     Setting("enforce", "kernel_weight", "int", 1000, "the kernel's cpu weight (services: 100)", low=1,
             high=10_000),
+    Setting("enforce", "weights", "map[str]", {},
+            "principal name = weight (> 0, default 1): its share of each service's slots when several "
+            "principals queue (deficit round robin; priority orders only within a principal)",
+            field="principal_weights"),
     Setting("service", "name", "str", None, "the service name workers register (required; unique, no `/`)"),
     Setting("service", "module", "str", None, "a Python module run as `python -m MODULE` (or command)"),
     Setting("service", "command", "list[str]", None, "an argv to run (or module)"),
@@ -345,6 +351,11 @@ def parse(doc: dict, *, runtime: str | None = None, source: str = "config") -> K
         for setting in _BY_TABLE[name].values():
             if setting.type in ("int", "float", "enum"):
                 setattr(cfg, setting.field or setting.key, rd.get(table, name, setting.key, f"[{name}]"))
+    weights = rd.get(enf, "enforce", "weights", "[enforce]")
+    for who, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 < w <= 1e6:
+            raise rd.fail("[enforce]", f"weights.{who}", f"= {w!r}: a weight is a number in (0, 1e6]")
+    cfg.principal_weights = {str(who): float(w) for who, w in weights.items()}
     cfg.insecure = rd.get(a, "auth", "insecure", "[auth]")
     keys = rd.get(a, "auth", "keys", "[auth]")
     cfg.keys = os.path.expanduser(expand(keys)) if keys else None

@@ -143,6 +143,8 @@ class Admission:
 
     #: The idempotency table the router consults (kernel.dedup); None: no deduplication.
     dedup: Dedup | None = None
+    #: principal -> its weight in the fair share of slots (kernel.fairq; default 1 each).
+    weights: Mapping[str, float] = {}
 
     def admit(self, view: View, req: Request, now: float) -> tuple[errors.RecaError | None, Effects]:
         """Admit ``req`` (it may set its job, priority and deadline) or refuse it."""
