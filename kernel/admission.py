@@ -76,6 +76,8 @@ class _Track:
     over: bool = False  # the worker reported more than was granted
     idem: tuple[str, str] | None = None  # the request's (principal, idempotency key)
     ran: bool = False  # dispatched with a logged ``run`` mark (its ``ran`` follows when done)
+    #: Waiting in its service's queue: its wall time does not count (ledger ``queue``/``dispatch``).
+    waiting: bool = False
 
 
 class BudgetAdmission(Admission):
@@ -461,9 +463,43 @@ class BudgetAdmission(Admission):
         effects: list[Effect] = []
         return self._charge_status(view, req, status, now, effects, final=True), effects
 
+    def on_queued(self, req: Request, now: float) -> None:
+        track = self.tracks.get(req.token)
+        if track is not None and track.started and not track.waiting:
+            track.waiting = True
+            self.decide("queue", now, job=track.job)
+
+    def on_dispatched(self, req: Request, now: float) -> bool:
+        """Wall time counts from here, the job's (ledger ``dispatch``) and the request's own
+        ``wall_ms``: its deadline becomes dispatch + budget (or the client's header deadline,
+        which runs from arrival, if that is sooner)."""
+        track = self.tracks.get(req.token)
+        if track is None or not track.waiting:
+            return False
+        track.waiting = False
+        self.decide("dispatch", now, job=track.job)
+        wall = track.granted.get(P.WALL_MS)
+        checked = req.checked
+        if wall is None or checked is None or P.WALL_MS not in (checked.budget or {}):
+            return False
+        deadline = now + wall / 1000.0
+        if checked.deadline is not None:
+            deadline = min(deadline, req.received + checked.deadline / 1000.0)
+        moved = deadline != req.deadline
+        req.deadline = deadline
+        return moved
+
     def on_deadline(self, view: View, req: Request, now: float) -> Effects:
         track = self.tracks.get(req.token)
         checked = req.checked
+        if track is not None and track.waiting:
+            # queued time never spends wall_ms: only the client's own deadline runs while queued
+            if checked is None or checked.deadline is None or req.received + checked.deadline / 1000.0 > now:
+                return NO_EFFECTS
+            why = "request deadline passed"
+            return (Fail(req, errors.DeadlineExceeded(why), self._spent(req, now)),)
+        if req.deadline is not None and req.deadline > now:
+            return NO_EFFECTS  # an entry of a deadline that moved at dispatch
         if track is not None and P.WALL_MS in track.granted and checked is not None \
                 and (checked.budget or {}).get(P.WALL_MS) is not None:
             why = "request wall_ms budget ran out"
@@ -489,7 +525,10 @@ class BudgetAdmission(Admission):
         else:
             self.prio_counts.pop(track.priority, None)
         if track.started:
-            self.decide("finish", now, job=track.job)
+            if track.waiting:  # answered while queued: its wall time had stopped
+                self.decide("finish", now, job=track.job, queued=True)
+            else:
+                self.decide("finish", now, job=track.job)
         if track.ran and track.idem is not None:
             self.idem_inflight.discard(track.idem)
             self.record("ran", now, {"principal": track.idem[0], "idem": track.idem[1]}, {"ok": True})
@@ -545,7 +584,8 @@ class BudgetAdmission(Admission):
     def _spent(self, req: Request, now: float) -> dict[str, Any]:
         track = self.tracks.get(req.token)
         out = dict(track.charged) if track else {}
-        out[P.WALL_MS] = (now - req.received) * 1000.0
+        # wall time from dispatch (queued time is not spent); none for a request never dispatched
+        out[P.WALL_MS] = (now - req.dispatched) * 1000.0 if req.worker is not None else 0.0
         return out
 
     def _governed(self, job: str, exhausted: Job) -> bool:

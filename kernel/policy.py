@@ -189,6 +189,14 @@ class Admission:
         """Account a FINAL's status (it may be amended in place); an error to answer with instead."""
         return None, NO_EFFECTS
 
+    def on_queued(self, req: Request, now: float) -> None:
+        """``req`` (admitted) waits in its service's queue for a slot."""
+
+    def on_dispatched(self, req: Request, now: float) -> bool:
+        """``req`` leaves the queue for a slot; True when its ``deadline`` moved (the router
+        then re-arms it: a budget's clock starts at dispatch)."""
+        return False
+
     def on_deadline(self, view: View, req: Request, now: float) -> Effects:
         return (Fail(req, errors.DeadlineExceeded("request deadline passed")),)
 

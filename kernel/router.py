@@ -460,6 +460,7 @@ class Router:
         req.queued = True
         service.queued += 1
         self.queued_bytes += size
+        self.admission.on_queued(req, now)  # its budgets' clocks stop until dispatch
         if not service.workers and service.wait_since is None:
             service.wait_since = now
             self._waiting[service.name] = service
@@ -491,7 +492,14 @@ class Router:
         return True
 
     def _dequeued(self, req: Request) -> None:
+        """``req`` leaves its queue: for a slot (not done: its budgets' clocks start now, a moved
+        deadline is re-armed), or answered while waiting (done)."""
         req.queued = False
+        if not req.done and self.admission.on_dispatched(req, self.now) and req.deadline is not None:
+            heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
+            if not req.timed:
+                req.timed = True
+                self._deadlines_live += 1
         holder = self._holders.get(req.client)
         if holder is not None:
             holder[0] -= req.size

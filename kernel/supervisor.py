@@ -207,6 +207,12 @@ def exit_reason(returncode: int, last_line: str | None) -> str:
     return what[:REASON_MAX_CHARS]
 
 
+#: Graces that services declare, by module (ms): how long one may hold a request the kernel has
+#: answered before the ladder freezes it.  scch answers when its bounded solver call returns: its
+#: bound (reason.solve.SOLVE_SECONDS, 20 s) + 1 s.  A [[service]] ``grace_ms`` overrides it.
+DECLARED_GRACE_MS: dict[str, float] = {"services.scch": 21_000.0}
+
+
 @dataclasses.dataclass
 class ChildSpec:
     """One supervised process, as declared in the TOML config (``[[service]]``)."""
@@ -224,9 +230,14 @@ class ChildSpec:
     pids_max: int | None = None
     #: The grace the service declares: how long after the kernel answered one of its requests
     #: (cancel, budget) it may still hold it before the escalation ladder freezes it, ms (the
-    #: ladder waits the larger of this and its own freeze grace).  scch declares its solver
-    #: bound: it answers when the bounded solver call returns.
-    grace_ms: float = 0.0
+    #: ladder waits the larger of this and its own freeze grace).  None: the grace its module
+    #: declares in :data:`DECLARED_GRACE_MS`, else 0.
+    grace_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.grace_ms is None:
+            module = self.argv[2] if len(self.argv) >= 3 and self.argv[1] == "-m" else None
+            self.grace_ms = DECLARED_GRACE_MS.get(module or "", 0.0)
 
     def limits(self) -> E.Limits:
         return E.Limits(self.mem_bytes, self.cpu_weight, self.pids_max)
@@ -607,7 +618,7 @@ class Supervisor:
 
     def grace_of(self, name: str) -> float:
         """The grace child ``name`` declared (``grace_ms``), seconds."""
-        return max(0.0, self.child(name).spec.grace_ms) / 1000.0
+        return max(0.0, self.child(name).spec.grace_ms or 0.0) / 1000.0
 
     def group_cpu_of_pid(self, pid: int) -> float | None:
         """CPU seconds of the enforcer group of the running child whose process is ``pid`` (what
