@@ -184,3 +184,27 @@ def test_a_priority_1000_backlog_of_one_principal_does_not_starve_another(kern):
         now += 0.1
     assert "bob" in served[:3], served  # one round of alice at most, not her 19 waiting requests
     assert served.count("alice") == 20
+
+
+def test_queued_time_never_spends_wall_ms(kern):
+    """bob's request waits 5 s behind alice's: its 1 s wall_ms budget runs from dispatch, and his
+    job is charged wall time from dispatch only."""
+    router, wire = kern
+    router.on_message([b"W", P.MDPW, W.READY.value, b"echo"], 0.0, SVC)
+    send(router, ALICE, b"A", 1, 0, 0.0)
+    (first,) = wire.to(b"W")
+    header = {"v": 1, "id": 7, "budget": {"wall_ms": 1000}}
+    router.on_message([b"B", P.MDPC, P.ClientCmd.REQUEST.value, b"echo", codec.pack(header), codec.pack(0)], 0.0, BOB)
+    router.tick(3.0)  # 3 s queued, past its budget's length: not charged
+    assert not wire.to(b"B") and router.inflight
+    ok = codec.pack({"v": 1, "id": 1, "status": "ok", "spent": {}})
+    router.on_message([b"W", P.MDPW, W.FINAL.value, first[3], b"", ok, codec.pack(0)], 5.0, SVC)
+    (second,) = [m for m in wire.to(b"W") if m[2] == W.REQUEST.value]  # bob's, dispatched at 5.0
+    router.tick(5.9)
+    assert not wire.to(b"B")  # 0.9 s since dispatch: still inside its 1 s
+    router.check_invariants()
+    router.tick(6.0)
+    (answer,) = wire.to(b"B")
+    assert codec.unpack(answer[4])["error"]["code"] == "budget_exceeded"
+    job = router.admission.ledger.jobs["default:bob"]
+    assert job.total.get("wall_ms", 0.0) == pytest.approx(1000.0, abs=1.0)  # from dispatch, not from 0.0
