@@ -485,7 +485,7 @@ class BudgetAdmission(Admission):
         deadline = now + wall / 1000.0
         if checked.deadline is not None:
             deadline = min(deadline, req.received + checked.deadline / 1000.0)
-        moved = deadline != req.deadline
+        moved: bool = deadline != req.deadline
         req.deadline = deadline
         return moved
 
