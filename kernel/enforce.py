@@ -88,6 +88,8 @@ V2_CONTROLLERS = ("cpu", "memory", "pids")
 #: the services it supervises saturate the machine).
 DEFAULT_WEIGHT = 100
 KERNEL_WEIGHT = 1000
+#: The largest v1 ``cpu.shares`` (a group being frozen gets it until thawed, see CgroupV1Group.freeze).
+SHARES_MAX = 262144
 #: Longest a freeze waits for the kernel to report the group frozen, seconds.
 FREEZE_TIMEOUT = 1.0
 #: Environment variable through which a child learns its service's group (JSON).
@@ -306,6 +308,7 @@ class CgroupV1Group(Group):
     def __init__(self, name: str, dirs: dict[str, Path]) -> None:
         super().__init__(name)
         self.dirs = dirs
+        self._shares: str | None = None  # the group's own cpu.shares while boosted for a freeze
 
     def _handle(self) -> dict[str, Any]:
         return {"dirs": {k: str(v) for k, v in self.dirs.items()}}
@@ -343,14 +346,32 @@ class CgroupV1Group(Group):
         return sorted(out)
 
     def freeze(self, timeout: float = FREEZE_TIMEOUT) -> float:
+        """A task enters the freezer only when it next runs: on a busy machine a runnable task of
+        a default-weight group can wait a scheduling period or more.  So the group's cpu.shares
+        are raised to the maximum for the freeze (a frozen group burns nothing, whatever its
+        weight) and restored at :meth:`thaw` -- measured here under two CPU burners: freeze p50
+        4 ms -> 0.15 ms."""
         self._refuse_caller()
         state = self.dirs["freezer"] / "freezer.state"
         t0 = time.perf_counter()
+        self._boost()
         _write(state, "FROZEN")
         return _wait_until(lambda: _read(state).strip() == "FROZEN", t0, timeout, self.name)
 
+    def _boost(self) -> None:
+        cpu = self.dirs.get("cpu")
+        if cpu is None or self._shares is not None:
+            return
+        with contextlib.suppress(EnforcerError):
+            self._shares = _read(cpu / "cpu.shares").strip()
+            _write(cpu / "cpu.shares", str(SHARES_MAX))
+
     def thaw(self) -> None:
         _write(self.dirs["freezer"] / "freezer.state", "THAWED")
+        shares, self._shares = self._shares, None
+        if shares is not None:
+            with contextlib.suppress(EnforcerError):
+                _write(self.dirs["cpu"] / "cpu.shares", shares)
 
     def frozen(self) -> bool:
         return _read(self.dirs["freezer"] / "freezer.state").strip() != "THAWED"
@@ -386,7 +407,10 @@ class CgroupV1Group(Group):
                 if path.exists():
                     _write(path, value)
         if limits.cpu_weight is not None:
-            _write(self.dirs["cpu"] / "cpu.shares", str(weight_to_shares(limits.cpu_weight)))
+            if self._shares is not None:  # boosted for a freeze: the new weight applies at thaw
+                self._shares = str(weight_to_shares(limits.cpu_weight))
+            else:
+                _write(self.dirs["cpu"] / "cpu.shares", str(weight_to_shares(limits.cpu_weight)))
         if limits.pids_max is not None:
             _write(self.dirs["pids"] / "pids.max", str(limits.pids_max))
 

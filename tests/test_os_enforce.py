@@ -383,3 +383,26 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
     except OSError:
         return True
+
+
+@pytest.mark.skipif(V1_SKIP is not None, reason=V1_SKIP or "")
+def test_a_v1_group_is_scheduled_at_the_largest_weight_while_frozen_and_gets_its_own_back():
+    enf = E.open_enforcer(E.CGROUP1, name=f"reca-test-{os.getpid()}-boost")
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        group = enf.place_service("svc", p.pid, E.Limits(cpu_weight=50))
+        shares = group.dirs["cpu"] / "cpu.shares"
+        assert shares.read_text().strip() == str(E.weight_to_shares(50))
+        group.freeze()
+        assert shares.read_text().strip() == str(E.SHARES_MAX)  # it reaches the freezer at once
+        group.set_limits(E.Limits(cpu_weight=200))  # a new weight while frozen applies at thaw
+        group.thaw()
+        assert shares.read_text().strip() == str(E.weight_to_shares(200))
+        group.freeze()
+        assert group.kill() == 1  # the kill thaws: the weight is restored too
+        assert shares.read_text().strip() == str(E.weight_to_shares(200))
+    finally:
+        enf.close()
+        if p.poll() is None:
+            p.kill()
+        p.wait(WAIT)
