@@ -265,7 +265,7 @@ async def _run(args: argparse.Namespace) -> int:
     admission = BudgetAdmission(decision_log=decision_log, root_limits=cfg.root_limits, host=host,
                                 default_limits=cfg.default_limits, max_pause=cfg.max_pause,
                                 audit_quota=cfg.audit_quota, restored=restored, restored_at=time.monotonic(),
-                                weights=cfg.principal_weights)
+                                weights=cfg.principal_weights, pause_slot=cfg.pause_slot)
     if restored is not None and admission.restored is not None:
         done = admission.restored
         print(f"reca kernel restored {done['jobs']} job(s), {done['reservations']} reservation(s), "

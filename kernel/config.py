@@ -80,6 +80,7 @@ class KernelConfig:
     root_limits: dict[str, float] = dataclasses.field(default_factory=dict)
     default_limits: dict[str, float] = dataclasses.field(default_factory=dict)
     max_pause: float = P.MAX_PAUSE
+    pause_slot: float = 1.0
     audit_quota: int = P.AUDIT_EVENTS_PER_MIN
     #: [enforce]: the OS backend (``auto``, ``cgroup2``, ``cgroup1``, ``signals``), the escalation
     #: ladder's graces and the kernel's cpu weight (docs/budgets.md; read by kernel.enforce).
@@ -176,6 +177,10 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("limits", "max_pause_s", "float", P.MAX_PAUSE,
             "longest a request stays paused before the kernel resumes it, seconds", low=0, low_open=True,
             high=86400, field="max_pause"),
+    Setting("limits", "pause_slot_s", "float", 1.0,
+            "a request its owner paused gives its slot back after this long when others queue, seconds "
+            "(its owner's resume runs it again; the worker then owes the slot)", low=0, high=86400,
+            field="pause_slot"),
     Setting("limits", "audit_events_per_min", "int", P.AUDIT_EVENTS_PER_MIN,
             "audit records (mmi.audit) one principal may write per minute", low=1, field="audit_quota"),
     Setting("enforce", "backend", "enum", "auto",

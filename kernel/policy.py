@@ -189,8 +189,10 @@ class Admission:
         """Account a FINAL's status (it may be amended in place); an error to answer with instead."""
         return None, NO_EFFECTS
 
-    def on_queued(self, req: Request, now: float) -> None:
-        """``req`` (admitted) waits in its service's queue for a slot."""
+    def on_queued(self, req: Request, now: float) -> Effects:
+        """``req`` (admitted) waits in its service's queue for a slot; effects: a slot lent to
+        the queue (a paused request's)."""
+        return NO_EFFECTS
 
     def on_dispatched(self, req: Request, now: float) -> bool:
         """``req`` leaves the queue for a slot; True when its ``deadline`` moved (the router

@@ -460,7 +460,9 @@ class Router:
         req.queued = True
         service.queued += 1
         self.queued_bytes += size
-        self.admission.on_queued(req, now)  # its budgets' clocks stop until dispatch
+        effects = self.admission.on_queued(req, now)  # its budgets' clocks stop until dispatch
+        if effects:
+            self.apply(effects, now)  # a paused request's slot given back to the queue
         if not service.workers and service.wait_since is None:
             service.wait_since = now
             self._waiting[service.name] = service
