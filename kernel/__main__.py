@@ -301,7 +301,8 @@ async def _run(args: argparse.Namespace) -> int:
             tasks.create_task(server.serve())
             if os.environ.get("RECA_LADDER") != "0":  # on by default; RECA_LADDER=0 turns it off (docs/budgets.md)
                 ladder = Ladder(cfg.freeze_grace_ms / 1000.0, cfg.kill_grace_ms / 1000.0)
-                tasks.create_task(run_ladder(server.router, supervisor, ladder, admission.record, stop))
+                tasks.create_task(run_ladder(server.router, supervisor, ladder, admission.record, stop,
+                                             admission=admission))
             try:
                 await supervisor.start()
                 if supervisor.log_dir and supervisor.children:

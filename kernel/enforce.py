@@ -285,6 +285,11 @@ class Group(abc.ABC):
     @abc.abstractmethod
     def set_limits(self, limits: Limits) -> None: ...
 
+    def set_memory_ceiling(self, mem_bytes: int | None) -> None:
+        """Set (or, with None, lift) the group's memory ceiling: past it the OOM killer kills a
+        process of the group.  Per-request ceilings use this (kernel/ladder.py)."""
+        raise EnforcerError(f"group {self.name}: the {self.backend} backend has no per-request memory ceiling")
+
     @abc.abstractmethod
     def remove(self) -> None:
         """Kill what is left in the group and remove it (and its subgroups)."""
@@ -414,6 +419,15 @@ class CgroupV1Group(Group):
         if limits.pids_max is not None:
             _write(self.dirs["pids"] / "pids.max", str(limits.pids_max))
 
+    def set_memory_ceiling(self, mem_bytes: int | None) -> None:
+        if mem_bytes is not None:
+            self.set_limits(Limits(mem_bytes=mem_bytes))
+            return
+        m = self.dirs["memory"]
+        for path in (m / "memory.memsw.limit_in_bytes", m / "memory.limit_in_bytes"):  # memsw first: >= limit
+            if path.exists():
+                _write(path, "-1")
+
     def remove(self) -> None:
         if self.pids():
             self.kill()
@@ -524,6 +538,12 @@ class CgroupV2Group(Group):
             _write(self.path / "cpu.weight", str(limits.cpu_weight))
         if limits.pids_max is not None:
             _write(self.path / "pids.max", str(limits.pids_max))
+
+    def set_memory_ceiling(self, mem_bytes: int | None) -> None:
+        if mem_bytes is not None:
+            self.set_limits(Limits(mem_bytes=mem_bytes))
+        elif "memory" in self.controllers:
+            _write(self.path / "memory.max", "max")
 
     def remove(self) -> None:
         if self.pids():

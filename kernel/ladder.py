@@ -44,7 +44,7 @@ from kernel.enforce import FreezeTimeout
 
 log = logging.getLogger("reca.ladder")
 
-__all__ = ["FREEZE_WAIT_S", "POLL_S", "Action", "Held", "Ladder", "run"]
+__all__ = ["FREEZE_WAIT_S", "POLL_S", "Action", "Ceilings", "Held", "Ladder", "run", "single_slot_grants"]
 
 #: How often the shell looks for tombstones, seconds (adds at most this to each rung).
 POLL_S = 0.002
@@ -128,12 +128,56 @@ class Ladder:
         return min(times) if times else None
 
 
+class Ceilings:
+    """Per-request memory ceilings on single-slot workers: while a request with a ``mem_bytes``
+    grant holds the only slot of a worker, the worker's group gets a ceiling of what it uses plus
+    that grant (kernel/supervisor.py ``memory_ceiling``); when the request leaves the slot (its
+    FINAL, or its tombstone's), the service's own ceiling is back.  Past the ceiling the OOM
+    killer kills the worker: the request is answered ``memory_exceeded``.
+
+    Invariant: ``applied`` maps a worker pid to the request whose ceiling its group has now."""
+
+    def __init__(self) -> None:
+        self.applied: dict[int, bytes] = {}
+
+    def observe(self, held: dict[int, tuple[bytes, int | None]]) -> tuple[list[tuple[int, bytes, int]], list[int]]:
+        """``held``: worker pid -> (the token in its only slot, that request's ``mem_bytes`` grant
+        or None).  Returns (ceilings to set: pid, token, bytes; pids whose ceiling to lift)."""
+        lift = [pid for pid, token in self.applied.items() if held.get(pid, (None,))[0] != token]
+        for pid in lift:
+            del self.applied[pid]
+        put = []
+        for pid, (token, mem) in held.items():
+            if mem is not None and pid not in self.applied:
+                self.applied[pid] = token
+                put.append((pid, token, mem))
+        return put, lift
+
+
+def single_slot_grants(router: Any, admission: Any) -> dict[int, tuple[bytes, int | None]]:
+    """worker pid -> (token, mem_bytes grant or None) of each single-slot worker holding one
+    request (read only)."""
+    out: dict[int, tuple[bytes, int | None]] = {}
+    tracks = getattr(admission, "tracks", {})
+    for worker in router.workers.values():
+        if worker.pid is None or worker.capacity != 1 or len(worker.inflight) != 1:
+            continue
+        (token,) = worker.inflight
+        track = tracks.get(token)
+        mem = track.granted.get("mem_bytes") if track is not None else None
+        out[worker.pid] = (token, int(mem) if isinstance(mem, (int, float)) and mem > 0 else None)
+    return out
+
+
 class _Procs(Protocol):
     def child_of_pid(self, pid: int) -> str | None: ...
     def grace_of(self, name: str) -> float: ...
     def freeze(self, name: str, timeout: float = ...) -> float: ...
+    def thaw(self, name: str) -> None: ...
     def kill_group(self, name: str) -> int: ...
     def cpu_seconds(self, name: str) -> float | None: ...
+    def memory_ceiling(self, name: str, headroom: int | None) -> int | None: ...
+    def oom_kills(self, name: str) -> int | None: ...
 
 
 def tombstones(router: Any, procs: _Procs | None = None) -> tuple[list[Held], set[bytes]]:
@@ -153,10 +197,23 @@ def tombstones(router: Any, procs: _Procs | None = None) -> tuple[list[Held], se
     return held, set(router.workers)
 
 
-def apply(actions: list[Action], procs: _Procs, record: Any, now: float) -> None:
-    """Carry out the rungs through the supervisor; each is recorded (``record(op, now, in, out)``)."""
+def apply(actions: list[Action], procs: _Procs, record: Any, now: float, frozen: dict[int, str] | None = None) -> None:
+    """Carry out the rungs through the supervisor; each is recorded (``record(op, now, in, out)``).
+    ``frozen`` (pid -> child, kept by the caller across calls): a kill whose process is gone
+    already (it died, the supervisor restarted the child) thaws the group it froze instead -- a
+    group is never left frozen, and the restarted process never starts frozen."""
+    frozen = {} if frozen is None else frozen
     for a in actions:
         name = procs.child_of_pid(a.pid)
+        if a.rung == "kill" and name is None and a.pid in frozen:
+            gone = frozen.pop(a.pid)
+            try:
+                procs.thaw(gone)
+                out_gone: dict[str, Any] = {"ok": True, "thawed": True, "why": "its process is gone"}
+            except (LookupError, OSError, RuntimeError) as exc:
+                out_gone = {"ok": False, "why": str(exc)}
+            record("enforce", now, {"rung": "kill", "child": gone, "pid": a.pid, "token": a.token.hex()}, out_gone)
+            continue
         if name is None:
             log.warning(
                 "cannot %s pid %d (request %s): not a process this kernel supervises", a.rung, a.pid, a.token.hex()
@@ -170,12 +227,14 @@ def apply(actions: list[Action], procs: _Procs, record: Any, now: float) -> None
             continue
         try:
             if a.rung == "freeze":
+                frozen[a.pid] = name
                 try:
                     out: dict[str, Any] = {"ok": True, "landed": True,
                                            "freeze_s": procs.freeze(name, FREEZE_WAIT_S)}
                 except FreezeTimeout:  # written; the OS stops the group when it gets to it
                     out = {"ok": False, "landed": False, "why": f"not reported frozen within {FREEZE_WAIT_S:g} s"}
             else:
+                frozen.pop(a.pid, None)
                 out = {"ok": True, "killed": procs.kill_group(name)}
         except (LookupError, OSError, RuntimeError) as exc:
             out = {"ok": False, "why": str(exc)}
@@ -196,18 +255,93 @@ def apply(actions: list[Action], procs: _Procs, record: Any, now: float) -> None
         )
 
 
-async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asyncio.Event, clock: Any = None) -> None:
-    """Poll the router for tombstones every :data:`POLL_S` and apply the rungs due, until ``stop``."""
+class _CeilingShell:
+    """Carries out :class:`Ceilings` through the supervisor and answers a request whose worker
+    the OOM killer took at its ceiling with ``memory_exceeded``."""
+
+    def __init__(self, router: Any, procs: _Procs, admission: Any) -> None:
+        self.router, self.procs, self.admission = router, procs, admission
+        self.pure = Ceilings()
+        self.where: dict[int, tuple[str, int, bytes]] = {}  # pid -> (child, its OOM kills, token)
+
+    def step(self, now: float) -> None:
+        put, lift = self.pure.observe(single_slot_grants(self.router, self.admission))
+        for pid in lift:
+            self._check_oom(pid, now)
+            name = self.where.pop(pid, (None, 0, b""))[0]
+            if name is not None:
+                with _suppress_enforce():
+                    self.procs.memory_ceiling(name, None)
+        for pid, token, mem in put:
+            name = self.procs.child_of_pid(pid)
+            if name is None:
+                continue
+            with _suppress_enforce():
+                ceiling = self.procs.memory_ceiling(name, mem)
+                self.where[pid] = (name, self.procs.oom_kills(name) or 0, token)
+                self.admission.record("enforce", now, {"rung": "memory_ceiling", "child": name, "pid": pid,
+                                                       "token": token.hex(), "mem_bytes": mem},
+                                      {"ok": True, "ceiling": ceiling})
+        for pid in list(self.where):
+            self._check_oom(pid, now)
+
+    def _check_oom(self, pid: int, now: float) -> None:
+        if pid not in self.where:
+            return
+        name, before, token = self.where[pid]
+        kills = self.procs.oom_kills(name)
+        if kills is None or kills <= before:
+            return
+        self.where[pid] = (name, kills, token)
+        with _suppress_enforce():  # its worker is dead or dying: the restarted one starts without it
+            self.procs.memory_ceiling(name, None)
+        req = self.router.inflight.get(token)
+        if req is None:  # its tombstone: look it up on the worker
+            for worker in self.router.workers.values():
+                if worker.pid == pid and token in worker.inflight:
+                    req = worker.inflight[token]
+        mem = None
+        track = getattr(self.admission, "tracks", {}).get(token)
+        if track is not None:
+            mem = track.granted.get("mem_bytes")
+        self.admission.record("enforce", now, {"rung": "oom", "child": name, "pid": pid, "token": token.hex()},
+                              {"ok": True, "oom_kills": kills})
+        if req is not None and not req.done:
+            from kernel import errors
+
+            spent = self.admission._spent(req, now) if hasattr(self.admission, "_spent") else None
+            self.router.fail_request(req, errors.MemoryExceeded(
+                f"request went past its memory ceiling (mem_bytes {mem:g}): the OS killed its worker"
+                if mem is not None else "request went past its memory ceiling: the OS killed its worker",
+                mem_bytes=mem), now, spent=spent)
+
+
+def _suppress_enforce() -> Any:
+    import contextlib
+
+    from kernel.enforce import EnforcerError
+
+    return contextlib.suppress(LookupError, EnforcerError, OSError)
+
+
+async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asyncio.Event, clock: Any = None,
+              admission: Any = None) -> None:
+    """Poll the router for tombstones every :data:`POLL_S` and apply the rungs due, until ``stop``;
+    with ``admission``, per-request memory ceilings too (:class:`Ceilings`)."""
     import time
 
     clock = clock or time.monotonic
+    ceilings = _CeilingShell(router, procs, admission) if admission is not None else None
+    frozen: dict[int, str] = {}  # pid -> child, between its freeze and its kill
     while not stop.is_set():
         try:
             held, live = tombstones(router, procs)
             now = clock()
             actions = ladder.observe(held, live, now)
             if actions:
-                apply(actions, procs, record, now)
+                apply(actions, procs, record, now, frozen)
+            if ceilings is not None:
+                ceilings.step(now)
         except Exception:  # the ladder never takes the kernel down
             log.exception("internal error in the escalation ladder")
         await asyncio.sleep(POLL_S)

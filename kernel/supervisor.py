@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -353,6 +354,9 @@ class Supervisor:
                 group = self.enforcer.service(child.spec.name, child.spec.limits())
                 if group.pids():  # what a crashed run left behind (a helper it forked) goes first
                     group.kill()
+                with contextlib.suppress(E.EnforcerError):  # never a per-request ceiling of the last run,
+                    group.set_memory_ceiling(child.spec.mem_bytes)
+                group.thaw()  # nor its freeze: a new process must not start frozen
                 env[E.ENV_GROUP] = group.handle()
             except E.EnforcerError as exc:
                 log.error("cannot make the group of %s: %s; it runs without one", child.spec.name, exc)
@@ -616,6 +620,15 @@ class Supervisor:
         self.child(name).state = ChildState.STOPPED
         return group.freeze(timeout)
 
+    def thaw(self, name: str) -> None:
+        """Thaw child ``name``'s group (running or not).  LookupError without a group."""
+        child = self.child(name)
+        if child.group is None:
+            raise LookupError(f"child {name!r} has no enforcer group")
+        child.group.thaw()
+        if child.state is ChildState.STOPPED:
+            child.state = ChildState.RUNNING
+
     def grace_of(self, name: str) -> float:
         """The grace child ``name`` declared (``grace_ms``), seconds."""
         return max(0.0, self.child(name).spec.grace_ms or 0.0) / 1000.0
@@ -646,6 +659,35 @@ class Supervisor:
         self._signal_group(pid, signal.SIGCONT)
         self._signal_group(pid, signal.SIGKILL)
         return 1
+
+    def memory_ceiling(self, name: str, headroom: int | None) -> int | None:
+        """Put a ceiling on child ``name``'s group: what it uses now plus ``headroom`` bytes (a
+        request's ``mem_bytes``); ``None`` restores the service's own (``mem_bytes`` of its
+        [[service]], else none).  Returns the ceiling set.  LookupError without a group;
+        EnforcerError where the backend has none (signals)."""
+        group = self.child(name).group
+        if group is None:
+            raise LookupError(f"child {name!r} has no enforcer group")
+        if headroom is None:
+            group.set_memory_ceiling(self.child(name).spec.mem_bytes)
+            return self.child(name).spec.mem_bytes
+        usage = group.memory().usage or 0
+        ceiling = max(1 << 20, usage + headroom)
+        own = self.child(name).spec.mem_bytes
+        if own is not None:
+            ceiling = min(ceiling, own)  # never above the service's own
+        group.set_memory_ceiling(ceiling)
+        return ceiling
+
+    def oom_kills(self, name: str) -> int | None:
+        """Processes of child ``name``'s group the OOM killer took (None: not recorded here)."""
+        group = self.child(name).group
+        if group is None:
+            return None
+        try:
+            return group.memory().oom_kills
+        except E.EnforcerError:
+            return None
 
     def cpu_seconds(self, name: str) -> float | None:
         """CPU seconds the child's group used as the OS measured it (its helpers included and

@@ -125,3 +125,55 @@ def test_a_kernel_stopped_while_its_worker_is_frozen_leaves_nothing_behind():
                 pytest.fail("the worker holding its answered request was not frozen")
     finally:
         k.stop()  # asserts the kernel stopped within its bound and no process it started survived
+
+
+def _v1_writable() -> str | None:
+    import os
+
+    from kernel import enforce as E
+
+    if os.geteuid() != 0:
+        return "per-request memory ceilings need cgroups (root here)"
+    missing = [c for c in E.V1_CONTROLLERS if c not in E._mounts(E.CGROUP_ROOT)]
+    return f"cgroup v1 hierarchies {missing} not mounted" if missing else None
+
+
+@pytest.mark.system
+@pytest.mark.skipif(_v1_writable() is not None, reason=_v1_writable() or "")
+def test_a_request_over_its_mem_bytes_is_killed_and_answered_memory_exceeded():
+    """A single-slot worker's group gets the request's mem_bytes (above what it uses) as its
+    ceiling while the request holds the slot: allocating 600 MiB under a 64 MiB grant, the worker
+    is OOM-killed and the request answered memory_exceeded; the supervisor restarts the worker, the
+    ceiling is lifted, and the next request (no grant) runs."""
+    k = KernelProcess(service_block("alloc", "tests.alloc_service"), heartbeat=0.5, liveness=6)
+    try:
+        with Client(k.endpoint, timeout=60, retries=0) as c:
+            c.wait_for_service("alloc", 30)
+            assert c.call("alloc", {"alloc_mb": 8}, budget={"mem_bytes": 256 << 20})["allocated_mb"] == 8
+            with pytest.raises(errors.MemoryExceeded) as info:
+                c.call("alloc", {"alloc_mb": 600}, budget={"mem_bytes": 64 << 20})
+            assert info.value.detail["mem_bytes"] == 64 << 20
+            c.wait_for_service("alloc", 30)
+            deadline = time.monotonic() + 60
+            while True:  # the old worker's registration goes at its liveness; a call may land on it
+                try:
+                    assert c.call("alloc", {"alloc_mb": 100})["allocated_mb"] == 100  # no ceiling left
+                    break
+                except (errors.WorkerDied, errors.Unavailable):  # restarting on a busy machine
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+            c.stats()
+        rungs = [r["in"]["rung"] for r in _rungs(k.decision_log)]
+        assert "memory_ceiling" in rungs and "oom" in rungs
+    finally:
+        k.stop()
+
+
+def test_ceilings_follow_the_request_in_a_single_slot():
+    from kernel.ladder import Ceilings
+
+    c = Ceilings()
+    assert c.observe({10: (A, 64 << 20), 11: (B, None)}) == ([(10, A, 64 << 20)], [])  # no grant: no ceiling
+    assert c.observe({10: (A, None)}) == ([], [])  # its tombstone (grant forgotten) keeps the ceiling
+    assert c.observe({10: (B, 32 << 20)}) == ([(10, B, 32 << 20)], [10])  # the next request: lifted, set again
+    assert c.observe({}) == ([], [10]) and c.applied == {}
