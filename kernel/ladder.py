@@ -316,6 +316,54 @@ class _CeilingShell:
                 mem_bytes=mem), now, spent=spent)
 
 
+class _TailBill:
+    """Bills the CPU a single-slot worker burns on a request after the kernel answered it (its
+    tombstone: from the answer until its own late FINAL, or the kill) to the request's job, as the
+    OS measured it for the worker's group (a ledger ``charge`` of ``cpu_ms``; ``enforce`` record
+    ``rung: bill``).  Multi-slot workers are not billed this way (their group's CPU is shared)."""
+
+    def __init__(self, router: Any, procs: _Procs, admission: Any) -> None:
+        self.router, self.procs, self.admission = router, procs, admission
+        self.open: dict[bytes, tuple[str, str, float]] = {}  # token -> (child, job, cpu at the answer)
+        self.done: set[bytes] = set()  # billed, still held (a killed worker not yet dropped)
+
+    def step(self, held: list[Held], now: float) -> None:
+        tokens = {h.token for h in held}
+        self.done &= tokens
+        for h in held:
+            if h.token in self.open or h.token in self.done:
+                continue
+            worker = self.router.workers.get(h.worker)
+            req = worker.inflight.get(h.token) if worker is not None else None
+            name = self.procs.child_of_pid(h.pid)
+            if req is None or req.job is None or name is None or worker.capacity != 1:
+                self.done.add(h.token)
+                continue
+            cpu = self.procs.cpu_seconds(name)
+            if cpu is None:
+                self.done.add(h.token)
+                continue
+            self.open[h.token] = (name, req.job, cpu)
+        for token in [t for t in self.open if t not in tokens]:  # its worker answered it
+            self.bill(token, now)
+
+    def bill(self, token: bytes, now: float) -> None:
+        entry = self.open.pop(token, None)
+        if entry is None:
+            return
+        self.done.add(token)
+        name, job, before = entry
+        after = self.procs.cpu_seconds(name)
+        if after is None or after <= before:
+            return
+        cpu_ms = round((after - before) * 1000.0, 3)
+        out = self.admission.decide("charge", now, job=job, spent={"cpu_ms": cpu_ms})
+        self.admission.record("enforce", now, {"rung": "bill", "child": name, "token": token.hex(), "job": job},
+                              {"ok": True, "cpu_ms": cpu_ms})
+        for exhausted in out.get("exhausted", ()):
+            self.router.apply(self.admission.exhaust(self.router, exhausted, now), now)
+
+
 def _suppress_enforce() -> Any:
     import contextlib
 
@@ -333,13 +381,20 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
     clock = clock or time.monotonic
     ceilings = _CeilingShell(router, procs, admission) if admission is not None else None
     frozen: dict[int, str] = {}  # pid -> child, between its freeze and its kill
+    bills = _TailBill(router, procs, admission) if admission is not None else None
     while not stop.is_set():
         try:
             held, live = tombstones(router, procs)
             now = clock()
+            if bills is not None:
+                bills.step(held, now)
             actions = ladder.observe(held, live, now)
             if actions:
                 apply(actions, procs, record, now, frozen)
+                if bills is not None:
+                    for a in actions:
+                        if a.rung == "kill":
+                            bills.bill(a.token, now)
             if ceilings is not None:
                 ceilings.step(now)
         except Exception:  # the ladder never takes the kernel down

@@ -12,6 +12,7 @@ import pytest
 
 from clients import Client
 from kernel import errors
+from kernel import protocol as P
 from kernel.ladder import Held, Ladder
 from tests.support import KernelProcess, service_block
 
@@ -177,3 +178,33 @@ def test_ceilings_follow_the_request_in_a_single_slot():
     assert c.observe({10: (A, None)}) == ([], [])  # its tombstone (grant forgotten) keeps the ceiling
     assert c.observe({10: (B, 32 << 20)}) == ([(10, B, 32 << 20)], [10])  # the next request: lifted, set again
     assert c.observe({}) == ([], [10]) and c.applied == {}
+
+
+@pytest.mark.system
+def test_cpu_burnt_after_the_answer_is_billed_to_the_job():
+    """The worker ignores its cancel for the freeze grace (300 ms here): the CPU its group burnt
+    from the kernel's answer to the kill is charged to the request's job (a ``bill`` record) and
+    shows in the job's spent cpu_ms."""
+    k = KernelProcess(service_block("echo", "services.echo")
+                      + "\n[enforce]\nfreeze_grace_ms = 300.0\nkill_grace_ms = 100.0\n", heartbeat=0.5, liveness=6)
+    try:
+        with Client(k.endpoint, timeout=60, retries=0) as c:
+            c.wait_for_service("echo", 30)
+            c.open_job("tail", {"wall_ms": 300})
+            with pytest.raises(errors.BudgetExceeded):
+                c.call("echo", {"steps": 1, "step_ms": 20_000}, job="tail")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                c.stats()  # flushes the decision log
+                bills = [r for r in _rungs(k.decision_log) if r["in"]["rung"] == "bill"]
+                if bills:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("no CPU was billed for the 300 ms the worker ignored its cancel")
+            (bill,) = bills
+            assert bill["in"]["job"] == "tail" and bill["out"]["cpu_ms"] > 0
+            spent = c.mmi(P.MMI_JOB_STATS, {"job": "tail"})["spent"]
+            assert spent["cpu_ms"] >= bill["out"]["cpu_ms"] - 1e-6
+    finally:
+        k.stop()
