@@ -260,9 +260,12 @@ def run(quick: bool) -> Result:
     metrics |= {
         "freeze_p99_ms": _ms(best["freeze"], 99),
         "past_budget_p99_ms": max(_ms(best["over_pure"], 99), _ms(best["over_numpy"], 99)),
+        # the same less the ladder's grace: what the OS mechanism itself adds past the cooperative
+        # order's grace (the target of 20 ms past budget cannot be met with a grace of 20 ms)
+        "past_grace_p99_ms": max(_ms(best["over_pure"], 99), _ms(best["over_numpy"], 99)) - grace * 1e3,
         "billed_cpu_error_pct": abs(best["billed_group"] / best["os_cpu"] - 1) * 100,
     }
-    smp |= {"freeze_p99_ms": samples, "past_budget_p99_ms": samples}
+    smp |= {"freeze_p99_ms": samples, "past_budget_p99_ms": samples, "past_grace_p99_ms": samples}
     notes = [
         f"headline rows: the strongest backend here ({head}); 2 pure-Python CPU burners in groups of "
         f"their own (weight 100), the bench process in the kernel group (weight 1000)",

@@ -264,7 +264,8 @@ async def _run(args: argparse.Namespace) -> int:
     host = SystemHost(owns_pid=supervisor.owns_pid, group_cpu=supervisor.group_cpu_of_pid)  # the one port to the machine the core uses
     admission = BudgetAdmission(decision_log=decision_log, root_limits=cfg.root_limits, host=host,
                                 default_limits=cfg.default_limits, max_pause=cfg.max_pause,
-                                audit_quota=cfg.audit_quota, restored=restored, restored_at=time.monotonic())
+                                audit_quota=cfg.audit_quota, restored=restored, restored_at=time.monotonic(),
+                                weights=cfg.principal_weights, pause_slot=cfg.pause_slot)
     if restored is not None and admission.restored is not None:
         done = admission.restored
         print(f"reca kernel restored {done['jobs']} job(s), {done['reservations']} reservation(s), "
@@ -291,16 +292,17 @@ async def _run(args: argparse.Namespace) -> int:
     supervisor.env[sv.ENV_CONTROL] = server.control.replace("0.0.0.0", "127.0.0.1")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # each a clean shutdown: groups thawed, services stopped
         loop.add_signal_handler(sig, stop.set)
     print(f"reca kernel endpoint {server.endpoint}", flush=True)
     print(f"reca kernel control {server.control}", flush=True)
     try:
         async with asyncio.TaskGroup() as tasks:  # the server task is owned: awaited before we return
             tasks.create_task(server.serve())
-            if os.environ.get("RECA_LADDER") == "1":  # experimental: see /work/wt/notes/enforce.md
+            if os.environ.get("RECA_LADDER") != "0":  # on by default; RECA_LADDER=0 turns it off (docs/budgets.md)
                 ladder = Ladder(cfg.freeze_grace_ms / 1000.0, cfg.kill_grace_ms / 1000.0)
-                tasks.create_task(run_ladder(server.router, supervisor, ladder, admission.record, stop))
+                tasks.create_task(run_ladder(server.router, supervisor, ladder, admission.record, stop,
+                                             admission=admission))
             try:
                 await supervisor.start()
                 if supervisor.log_dir and supervisor.children:

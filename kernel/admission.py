@@ -76,6 +76,15 @@ class _Track:
     over: bool = False  # the worker reported more than was granted
     idem: tuple[str, str] | None = None  # the request's (principal, idempotency key)
     ran: bool = False  # dispatched with a logged ``run`` mark (its ``ran`` follows when done)
+    #: Waiting in its service's queue: its wall time does not count (ledger ``queue``/``dispatch``).
+    waiting: bool = False
+    #: Paused by its owner and its slot given back (``paused`` is set too); only its owner's
+    #: resume (or max_pause) runs it again, never a freed slot.
+    given_back: bool = False
+
+
+#: How long a request its owner paused keeps its slot while others queue, seconds (default).
+PAUSE_SLOT_S = 1.0
 
 
 class BudgetAdmission(Admission):
@@ -85,12 +94,15 @@ class BudgetAdmission(Admission):
     def __init__(self, ledger: Ledger | None = None, decision_log: Journal | None = None, *,
                  root_limits: dict[str, Any] | None = None, default_limits: dict[str, Any] | None = None,
                  max_pause: float = P.MAX_PAUSE, audit_quota: int = P.AUDIT_EVENTS_PER_MIN,
-                 restored: Any = None, restored_at: float | None = None, host: "Host | None" = None) -> None:
+                 restored: Any = None, restored_at: float | None = None, host: "Host | None" = None,
+                 weights: dict[str, float] | None = None, pause_slot: float = PAUSE_SLOT_S) -> None:
         if host is None:
             from kernel.host import SystemHost  # the real machine unless one is injected
 
             host = SystemHost()
         self.host: Host = host
+        #: principal -> weight in the fair share of slots (kernel.fairq, [enforce] weights).
+        self.weights = dict(weights or {})
         self.ledger = ledger or Ledger(session=decision_log.session if decision_log is not None
                                        else f"{host.token(4).hex()}.")
         self.log = decision_log
@@ -111,6 +123,14 @@ class BudgetAdmission(Admission):
         #: worker identity -> slots it owes: a request paused by kernel preemption lent its slot
         #: out; when the kernel resumes it after max_pause, the next slot that frees repays it.
         self._slot_debt: dict[bytes, int] = {}
+        #: A request its owner paused gives its slot back once it has been paused this long and
+        #: others queue for its service (seconds; [limits] pause_slot_s).
+        self.pause_slot = pause_slot
+        #: Owner-paused requests whose slot may be given back at the time given (token -> (when,
+        #: request)), then, once due with nobody queued, until someone queues (token -> request).
+        #: Invariant: both hold only tracks paused by their owner (paused_at set, not paused).
+        self._slot_due: dict[bytes, tuple[float, Request]] = {}
+        self._slot_idle: dict[bytes, Request] = {}
         self.tracks: dict[bytes, _Track] = {}
         self.counters = {"refused": 0, "exhausted": 0, "preempts": 0, "resumes": 0}
         #: Requests paused by kernel preemption whose slot is lent out (Invariant: equals the
@@ -435,11 +455,16 @@ class BudgetAdmission(Admission):
             if track is not None and track.paused_at is None:
                 track.paused_at = now
                 self._paused_at[req.token] = now
+                if not track.preempted and req.worker is not None:  # its owner paused it
+                    self._slot_due[req.token] = (now + self.pause_slot, req)
+                    if self.pause_slot <= 0:
+                        effects.extend(self._slots_due(now))
             effects.extend(self._on_paused(req, now))
         elif state == P.STATUS_RESUMED:
             track = self.tracks.get(req.token)
             if track is not None:
                 track.paused_at = None
+                self._running_again(req, track)
             self._paused_at.pop(req.token, None)
         return effects
 
@@ -458,9 +483,85 @@ class BudgetAdmission(Admission):
         effects: list[Effect] = []
         return self._charge_status(view, req, status, now, effects, final=True), effects
 
+    def on_queued(self, req: Request, now: float) -> Effects:
+        track = self.tracks.get(req.token)
+        if track is not None and track.started and not track.waiting:
+            track.waiting = True
+            self.decide("queue", now, job=track.job)
+        for token, paused in self._slot_idle.items():  # an owner-paused request past its bound
+            if paused.service is req.service:
+                del self._slot_idle[token]
+                return self._give_back(paused)
+        return NO_EFFECTS
+
+    # -- a paused request gives its slot back ------------------------------------------------------
+
+    def _slots_due(self, now: float) -> list[Effect]:
+        """Owner-paused requests past ``pause_slot``: each gives its slot back when its service
+        has requests queued, else waits (``_slot_idle``) until one queues."""
+        effects: list[Effect] = []
+        for token, (due, req) in list(self._slot_due.items()):
+            if due > now:
+                continue
+            del self._slot_due[token]
+            if req.service.queued > 0:
+                effects.extend(self._give_back(req))
+            else:
+                self._slot_idle[token] = req
+        return effects
+
+    def _give_back(self, req: Request) -> Effects:
+        track = self.tracks.get(req.token)
+        if track is None or track.paused or req.done or req.worker is None:
+            return NO_EFFECTS
+        track.paused = track.given_back = True
+        self.paused_count += 1
+        self.counters["slots_given_back"] = self.counters.get("slots_given_back", 0) + 1
+        return (Lend(req.worker),)
+
+    def _running_again(self, req: Request, track: _Track) -> None:
+        """``req`` runs again (its worker reported it resumed, or the kernel resumed it): it no
+        longer waits to give its slot back; one whose slot was given back holds it again, so its
+        worker owes a slot (the next that frees is not handed out)."""
+        self._slot_due.pop(req.token, None)
+        self._slot_idle.pop(req.token, None)
+        if track.given_back:
+            track.given_back = track.paused = track.preempted = False
+            self.paused_count -= 1
+            if req.worker is not None:
+                self._slot_debt[req.worker.identity] = self._slot_debt.get(req.worker.identity, 0) + 1
+
+    def on_dispatched(self, req: Request, now: float) -> bool:
+        """Wall time counts from here, the job's (ledger ``dispatch``) and the request's own
+        ``wall_ms``: its deadline becomes dispatch + budget (or the client's header deadline,
+        which runs from arrival, if that is sooner)."""
+        track = self.tracks.get(req.token)
+        if track is None or not track.waiting:
+            return False
+        track.waiting = False
+        self.decide("dispatch", now, job=track.job)
+        wall = track.granted.get(P.WALL_MS)
+        checked = req.checked
+        if wall is None or checked is None or P.WALL_MS not in (checked.budget or {}):
+            return False
+        deadline = now + wall / 1000.0
+        if checked.deadline is not None:
+            deadline = min(deadline, req.received + checked.deadline / 1000.0)
+        moved: bool = deadline != req.deadline
+        req.deadline = deadline
+        return moved
+
     def on_deadline(self, view: View, req: Request, now: float) -> Effects:
         track = self.tracks.get(req.token)
         checked = req.checked
+        if track is not None and track.waiting:
+            # queued time never spends wall_ms: only the client's own deadline runs while queued
+            if checked is None or checked.deadline is None or req.received + checked.deadline / 1000.0 > now:
+                return NO_EFFECTS
+            why = "request deadline passed"
+            return (Fail(req, errors.DeadlineExceeded(why), self._spent(req, now)),)
+        if req.deadline is not None and req.deadline > now:
+            return NO_EFFECTS  # an entry of a deadline that moved at dispatch
         if track is not None and P.WALL_MS in track.granted and checked is not None \
                 and (checked.budget or {}).get(P.WALL_MS) is not None:
             why = "request wall_ms budget ran out"
@@ -475,6 +576,8 @@ class BudgetAdmission(Admission):
         if track is None:
             return
         self._paused_at.pop(req.token, None)
+        self._slot_due.pop(req.token, None)
+        self._slot_idle.pop(req.token, None)
         if track.paused:
             self.paused_count -= 1
             if req.worker is not None:
@@ -486,7 +589,10 @@ class BudgetAdmission(Admission):
         else:
             self.prio_counts.pop(track.priority, None)
         if track.started:
-            self.decide("finish", now, job=track.job)
+            if track.waiting:  # answered while queued: its wall time had stopped
+                self.decide("finish", now, job=track.job, queued=True)
+            else:
+                self.decide("finish", now, job=track.job)
         if track.ran and track.idem is not None:
             self.idem_inflight.discard(track.idem)
             self.record("ran", now, {"principal": track.idem[0], "idem": track.idem[1]}, {"ok": True})
@@ -502,6 +608,8 @@ class BudgetAdmission(Admission):
             self.decide("expire", now)
         if self._paused_at and min(self._paused_at.values()) + self.max_pause <= now:
             effects.extend(self._resume_overdue(view, now))
+        if self._slot_due and min(due for due, _ in self._slot_due.values()) <= now:
+            effects.extend(self._slots_due(now))
         if self.interrupted and min(self.interrupted.values()) <= now:
             self.interrupted = {k: t for k, t in self.interrupted.items() if t > now}
         return effects
@@ -510,6 +618,8 @@ class BudgetAdmission(Admission):
         wake = min(self.ledger.next_deadline(), self.ledger.next_expiry())
         if self._paused_at:
             wake = min(wake, min(self._paused_at.values()) + self.max_pause)
+        if self._slot_due:
+            wake = min(wake, min(due for due, _ in self._slot_due.values()))
         return wake
 
     def _resume_overdue(self, view: View, now: float) -> list[Effect]:
@@ -526,7 +636,10 @@ class BudgetAdmission(Admission):
             if req is None or track is None or req.done:
                 continue
             track.paused_at = None
+            self._slot_due.pop(token, None)
+            self._slot_idle.pop(token, None)
             if track.paused:
+                track.given_back = False
                 track.paused = False
                 track.preempted = False
                 self.paused_count -= 1
@@ -542,7 +655,8 @@ class BudgetAdmission(Admission):
     def _spent(self, req: Request, now: float) -> dict[str, Any]:
         track = self.tracks.get(req.token)
         out = dict(track.charged) if track else {}
-        out[P.WALL_MS] = (now - req.received) * 1000.0
+        # wall time from dispatch (queued time is not spent); none for a request never dispatched
+        out[P.WALL_MS] = (now - req.dispatched) * 1000.0 if req.worker is not None else 0.0
         return out
 
     def _governed(self, job: str, exhausted: Job) -> bool:
@@ -630,8 +744,9 @@ class BudgetAdmission(Admission):
             return True, NO_EFFECTS
         if not self.paused_count:
             return False, NO_EFFECTS
+        # (a request whose owner paused it and gave its slot back waits for its owner, not a slot)
         paused = [r for r in worker.inflight.values()
-                  if not r.done and (t := self.tracks.get(r.token)) is not None and t.paused]
+                  if not r.done and (t := self.tracks.get(r.token)) is not None and t.paused and not t.given_back]
         if not paused:
             return False, NO_EFFECTS
         victim = max(paused, key=lambda r: r.priority)
@@ -680,6 +795,10 @@ class BudgetAdmission(Admission):
             req = view.inflight.get(token)
             assert req is not None and not req.done, f"a track of request {token.hex()} not in flight"
         assert all(v > 0 for v in self._slot_debt.values()), "a slot debt of zero is kept"
+        for token in (*self._slot_due, *self._slot_idle):
+            owner_paused = self.tracks.get(token)
+            assert owner_paused is not None and owner_paused.paused_at is not None and not owner_paused.paused, \
+                "a slot to give back is not owner-paused"
         self.ledger.check_invariants()
 
 

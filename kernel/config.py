@@ -80,6 +80,7 @@ class KernelConfig:
     root_limits: dict[str, float] = dataclasses.field(default_factory=dict)
     default_limits: dict[str, float] = dataclasses.field(default_factory=dict)
     max_pause: float = P.MAX_PAUSE
+    pause_slot: float = 1.0
     audit_quota: int = P.AUDIT_EVENTS_PER_MIN
     #: [enforce]: the OS backend (``auto``, ``cgroup2``, ``cgroup1``, ``signals``), the escalation
     #: ladder's graces and the kernel's cpu weight (docs/budgets.md; read by kernel.enforce).
@@ -87,6 +88,8 @@ class KernelConfig:
     freeze_grace_ms: float = 20.0
     kill_grace_ms: float = 1000.0
     kernel_weight: int = 1000
+    #: principal -> weight in the fair share of each service's slots (kernel.fairq; default 1).
+    principal_weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def tcp(self) -> bool:
@@ -174,6 +177,10 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("limits", "max_pause_s", "float", P.MAX_PAUSE,
             "longest a request stays paused before the kernel resumes it, seconds", low=0, low_open=True,
             high=86400, field="max_pause"),
+    Setting("limits", "pause_slot_s", "float", 1.0,
+            "a request its owner paused gives its slot back after this long when others queue, seconds "
+            "(its owner's resume runs it again; the worker then owes the slot)", low=0, high=86400,
+            field="pause_slot"),
     Setting("limits", "audit_events_per_min", "int", P.AUDIT_EVENTS_PER_MIN,
             "audit records (mmi.audit) one principal may write per minute", low=1, field="audit_quota"),
     Setting("enforce", "backend", "enum", "auto",
@@ -185,6 +192,10 @@ SCHEMA: tuple[Setting, ...] = (
             low=0, high=600_000),
     Setting("enforce", "kernel_weight", "int", 1000, "the kernel's cpu weight (services: 100)", low=1,
             high=10_000),
+    Setting("enforce", "weights", "map[str]", {},
+            "principal name = weight (> 0, default 1): its share of each service's slots when several "
+            "principals queue (deficit round robin; priority orders only within a principal)",
+            field="principal_weights"),
     Setting("service", "name", "str", None, "the service name workers register (required; unique, no `/`)"),
     Setting("service", "module", "str", None, "a Python module run as `python -m MODULE` (or command)"),
     Setting("service", "command", "list[str]", None, "an argv to run (or module)"),
@@ -202,9 +213,13 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("service", "cpu_weight", "int", None, "cpu weight of the service's group (default 100)", low=1,
             high=10_000),
     Setting("service", "pids_max", "int", None, "most processes in the service's group", low=1),
+    Setting("service", "grace_ms", "float", None,
+            "the grace the service declares: how long it may hold an answered (cancelled, over-budget) "
+            "request before the ladder freezes it (the larger of this and freeze_grace_ms)", low=0,
+            high=600_000),
 )
 #: [[service]] keys that are group ceilings (passed to the supervisor's ChildSpec when it has them).
-CEILINGS = ("mem_bytes", "cpu_weight", "pids_max")
+CEILINGS = ("mem_bytes", "cpu_weight", "pids_max", "grace_ms")
 
 TABLES = ("kernel", "supervisor", "auth", "limits", "enforce", "service")
 _BY_TABLE: dict[str, dict[str, Setting]] = {t: {s.key: s for s in SCHEMA if s.table == t} for t in TABLES}
@@ -341,6 +356,11 @@ def parse(doc: dict, *, runtime: str | None = None, source: str = "config") -> K
         for setting in _BY_TABLE[name].values():
             if setting.type in ("int", "float", "enum"):
                 setattr(cfg, setting.field or setting.key, rd.get(table, name, setting.key, f"[{name}]"))
+    weights = rd.get(enf, "enforce", "weights", "[enforce]")
+    for who, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 < w <= 1e6:
+            raise rd.fail("[enforce]", f"weights.{who}", f"= {w!r}: a weight is a number in (0, 1e6]")
+    cfg.principal_weights = {str(who): float(w) for who, w in weights.items()}
     cfg.insecure = rd.get(a, "auth", "insecure", "[auth]")
     keys = rd.get(a, "auth", "keys", "[auth]")
     cfg.keys = os.path.expanduser(expand(keys)) if keys else None

@@ -11,7 +11,7 @@ import enum
 from typing import Any
 
 
-__all__ = ["AlreadyDone", "BadRequest", "BudgetExceeded", "Cancelled", "DeadlineExceeded", "ErrorCode", "Forbidden",
+__all__ = ["AlreadyDone", "BadRequest", "BudgetExceeded", "Cancelled", "DeadlineExceeded", "ErrorCode", "Forbidden", "MemoryExceeded",
            "IdemConflict", "InternalError", "KernelRestarted", "NotFound", "Overloaded", "RecaError", "Refused", "ServiceError",
            "Timeout", "Unavailable", "WorkerDied", "from_wire", "require_int"]
 
@@ -36,6 +36,7 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"  # a control order's target (request, job, token) does not exist
     ALREADY_DONE = "already_done"  # same idempotency key already ran; its answer was too large to keep
     IDEM_CONFLICT = "idem_conflict"  # idempotency key reused with another service or body; not run
+    MEMORY_EXCEEDED = "memory_exceeded"  # the request went past its mem_bytes ceiling (the OS killed its worker)
 
 
 class RecaError(Exception):
@@ -164,6 +165,14 @@ class IdemConflict(RecaError):
     code = ErrorCode.IDEM_CONFLICT
 
 
+class MemoryExceeded(RecaError):
+    """The request went past its ``mem_bytes`` ceiling: the OS's memory ceiling on its worker's
+    group fired (the OOM killer took the worker, which the supervisor restarts), or a service
+    refused it up front knowing its size.  Not retryable unchanged."""
+
+    code = ErrorCode.MEMORY_EXCEEDED
+
+
 _BY_CODE: dict[str, type[RecaError]] = {
     cls.code: cls
     for cls in (
@@ -183,6 +192,7 @@ _BY_CODE: dict[str, type[RecaError]] = {
         NotFound,
         AlreadyDone,
         IdemConflict,
+        MemoryExceeded,
     )
 }
 

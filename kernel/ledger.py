@@ -53,7 +53,7 @@ RESERVATION_LEASE = P.RESERVATION_LEASE
 INF = math.inf
 #: Every operation whose inputs and outputs the decision log records and replay re-runs.
 OPS = ("configure", "open", "close", "admit", "start", "finish", "charge", "tick", "reserve", "commit",
-       "release", "renew", "expire")
+       "release", "renew", "expire", "queue", "dispatch")
 
 
 def _lease_refusal(lease: Any) -> dict[str, Any] | None:
@@ -400,8 +400,29 @@ class Ledger:
             self._wall_rearm(h, now)
         return {"ok": True}
 
-    def finish(self, now: float, job: str, spent: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A request of ``job`` ended (wall time stops counting).  ``spent``: its last charges,
+    def queue(self, now: float, job: str) -> dict[str, Any]:
+        """A request of ``job`` was admitted (:meth:`start`) but waits for a slot: its wall time
+        stops counting until :meth:`dispatch` (queued time never spends ``wall_ms``).  It still
+        counts as running (a job is not closed under a queued request)."""
+        h = self._wall_holder(job)
+        if h is not None and h.wall_running > 0:
+            self._wall_settle(h, now)
+            h.wall_running -= 1
+            self._wall_rearm(h, now)
+        return {"ok": True}
+
+    def dispatch(self, now: float, job: str) -> dict[str, Any]:
+        """A queued request of ``job`` got its slot: its wall time counts from now."""
+        h = self._wall_holder(job)
+        if h is not None:
+            self._wall_settle(h, now)
+            h.wall_running += 1
+            self._wall_rearm(h, now)
+        return {"ok": True}
+
+    def finish(self, now: float, job: str, spent: dict[str, Any] | None = None, queued: bool = False) -> dict[str, Any]:
+        """A request of ``job`` ended (wall time stops counting; ``queued``: it ended while
+        waiting for a slot, its wall time had already stopped).  ``spent``: its last charges,
         taken first (one decision instead of ``charge`` + ``finish``; the answer then lists the
         jobs they exhausted, as :meth:`charge`'s does)."""
         out: dict[str, Any] = {"ok": True}
@@ -411,7 +432,7 @@ class Ledger:
         if j is not None and j.running > 0:
             j.running -= 1
         h = self._wall_holder(job)
-        if h is not None and h.wall_running > 0:
+        if h is not None and h.wall_running > 0 and not queued:
             self._wall_settle(h, now)
             h.wall_running -= 1
             self._wall_rearm(h, now)

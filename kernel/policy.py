@@ -143,6 +143,8 @@ class Admission:
 
     #: The idempotency table the router consults (kernel.dedup); None: no deduplication.
     dedup: Dedup | None = None
+    #: principal -> its weight in the fair share of slots (kernel.fairq; default 1 each).
+    weights: Mapping[str, float] = {}
 
     def admit(self, view: View, req: Request, now: float) -> tuple[errors.RecaError | None, Effects]:
         """Admit ``req`` (it may set its job, priority and deadline) or refuse it."""
@@ -186,6 +188,16 @@ class Admission:
     ) -> tuple[errors.RecaError | None, Effects]:
         """Account a FINAL's status (it may be amended in place); an error to answer with instead."""
         return None, NO_EFFECTS
+
+    def on_queued(self, req: Request, now: float) -> Effects:
+        """``req`` (admitted) waits in its service's queue for a slot; effects: a slot lent to
+        the queue (a paused request's)."""
+        return NO_EFFECTS
+
+    def on_dispatched(self, req: Request, now: float) -> bool:
+        """``req`` leaves the queue for a slot; True when its ``deadline`` moved (the router
+        then re-arms it: a budget's clock starts at dispatch)."""
+        return False
 
     def on_deadline(self, view: View, req: Request, now: float) -> Effects:
         return (Fail(req, errors.DeadlineExceeded("request deadline passed")),)

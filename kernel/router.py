@@ -16,10 +16,11 @@ Rules (docs/protocol.md is normative):
 * Workers register with READY, one service each; a worker has ``capacity`` request slots (1 for
   plain MDP workers; a reca worker may declare more in its READY options).  Free slots are kept
   in least-recently-used order and requests go to the slot that has waited longest.
-* A request to a service with no free slot waits in the service's queue, highest priority first,
-  round-robin across clients within a priority (a client's k-th waiting request ranks after every
-  other client's first k, so a flooding client delays another by at most one request per round),
-  FIFO within a client.  A request to a service that has no worker at all is answered
+* A request to a service with no free slot waits in the service's queue (kernel.fairq): slots
+  are shared across principals by deficit round robin, weighted by ``[enforce] weights``, so no
+  principal's priority overrules another's; within a principal, highest priority first,
+  round-robin across its clients within a priority (a client's k-th waiting request ranks after
+  every other client's first k), FIFO within a client.  A request to a service that has no worker at all is answered
   UNAVAILABLE after ``unavailable_wait`` unless a worker registers in time.
 * Every request gets exactly one FINAL: its worker's, or the kernel's own error.  When a worker
   dies (DISCONNECT, a missed liveness window, an unroutable send, a protocol error) every request
@@ -450,10 +451,18 @@ class Router:
         holder[1].append(req)
         turn = service.by_client.get(req.client, 0)
         service.by_client[req.client] = turn + 1
-        heapq.heappush(service.queue, (-req.priority, turn, next(self._seq), req))
+        queue = service.queue
+        if queue.weights is not self.admission.weights:
+            queue.weights = self.admission.weights  # [enforce] weights, shared by every service
+        # DRR across principals (the one acted for, for a service's request on a caller's behalf);
+        # priority, then round-robin across the principal's clients, then FIFO within it
+        queue.push(req.acting_for or req.principal.name, req.priority, turn, req)
         req.queued = True
         service.queued += 1
         self.queued_bytes += size
+        effects = self.admission.on_queued(req, now)  # its budgets' clocks stop until dispatch
+        if effects:
+            self.apply(effects, now)  # a paused request's slot given back to the queue
         if not service.workers and service.wait_since is None:
             service.wait_since = now
             self._waiting[service.name] = service
@@ -462,9 +471,9 @@ class Router:
     def _drain_queue(self, service: Service, now: float) -> None:
         queue = service.queue
         while queue and service.ready:
-            req = heapq.heappop(queue)[-1]
-            if req.done:
-                continue
+            req = queue.pop()
+            if req is None:
+                break
             self._dequeued(req)
             self._dispatch(req, service.ready.popleft(), now)
 
@@ -485,7 +494,14 @@ class Router:
         return True
 
     def _dequeued(self, req: Request) -> None:
+        """``req`` leaves its queue: for a slot (not done: its budgets' clocks start now, a moved
+        deadline is re-armed), or answered while waiting (done)."""
         req.queued = False
+        if not req.done and self.admission.on_dispatched(req, self.now) and req.deadline is not None:
+            heapq.heappush(self._deadlines, (req.deadline, next(self._seq), req))
+            if not req.timed:
+                req.timed = True
+                self._deadlines_live += 1
         holder = self._holders.get(req.client)
         if holder is not None:
             holder[0] -= req.size
@@ -513,7 +529,7 @@ class Router:
         service = req.service
         if req.queued:
             self._dequeued(req)
-            service.queue = _compact(service.queue, service.queued)
+            service.queue.compact(service.queued, _SLACK)
         req.body = []  # the payload is freed now, whatever still points at the request
         if req.timed:
             req.timed = False
@@ -559,10 +575,7 @@ class Router:
 
     def top_queued_priority(self, service: Service) -> int | None:
         """The priority of the first request waiting in ``service``'s queue (None: none waits)."""
-        queue = service.queue
-        while queue and queue[0][-1].done:
-            heapq.heappop(queue)
-        return -queue[0][0] if queue else None
+        return service.queue.top_priority()
 
     def has_worker(self, name: bytes) -> bool:
         """Whether a live worker serves the service ``name``."""
@@ -728,13 +741,11 @@ class Router:
         if claimed:
             return
         service = worker.service
-        queue = service.queue
-        while queue:
-            req = heapq.heappop(queue)[-1]
-            if not req.done:
-                self._dequeued(req)
-                self._dispatch(req, worker, now)
-                return
+        req = service.queue.pop()
+        if req is not None:
+            self._dequeued(req)
+            self._dispatch(req, worker, now)
+            return
         service.ready.append(worker)
 
     def _protocol_error(self, identity: bytes, form: Form, now: float, why: str) -> None:

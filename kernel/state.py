@@ -14,6 +14,7 @@ from typing import Any
 from kernel import codec, errors
 from kernel import protocol as P
 from kernel.mdp import Form, Header
+from kernel.fairq import FairQueue
 from kernel.principal import LOCAL_OPERATOR, Principal
 
 __all__ = ["Request", "Service", "ServiceStats", "Worker", "error_body"]
@@ -86,11 +87,10 @@ class Service:
         self.workers: dict[bytes, Worker] = {}
         # Invariant: one entry per free slot of a live worker, least recently used first.
         self.ready: collections.deque[Worker] = collections.deque()
-        # Heap of (-priority, round, seq, Request): highest priority first, then round-robin across
-        # clients (a client's k-th queued request has round k), then FIFO.  Entries whose request
-        # is done are skipped lazily, and the heap is rebuilt when they outnumber the live ones
-        # (Invariant: len(queue) <= 2 * queued + _SLACK after every change).
-        self.queue: list[tuple[int, int, int, Request]] = []
+        # Waiting requests: deficit round robin across principals, a priority heap within each
+        # (kernel.fairq).  Entries whose request is done are skipped lazily and compacted when
+        # they outnumber the live ones (Invariant: len(queue) <= 2 * queued + _SLACK).
+        self.queue: FairQueue = FairQueue()
         self.queued = 0  # live (not done) requests in the queue
         self.by_client: dict[bytes, int] = {}  # client -> its live queued requests
         self.live = 0  # requests of this service not yet answered (queued or dispatched)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -207,6 +208,12 @@ def exit_reason(returncode: int, last_line: str | None) -> str:
     return what[:REASON_MAX_CHARS]
 
 
+#: Graces that services declare, by module (ms): how long one may hold a request the kernel has
+#: answered before the ladder freezes it.  scch answers when its bounded solver call returns: its
+#: bound (reason.solve.SOLVE_SECONDS, 20 s) + 1 s.  A [[service]] ``grace_ms`` overrides it.
+DECLARED_GRACE_MS: dict[str, float] = {"services.scch": 21_000.0}
+
+
 @dataclasses.dataclass
 class ChildSpec:
     """One supervised process, as declared in the TOML config (``[[service]]``)."""
@@ -222,6 +229,16 @@ class ChildSpec:
     mem_bytes: int | None = None
     cpu_weight: int | None = None
     pids_max: int | None = None
+    #: The grace the service declares: how long after the kernel answered one of its requests
+    #: (cancel, budget) it may still hold it before the escalation ladder freezes it, ms (the
+    #: ladder waits the larger of this and its own freeze grace).  None: the grace its module
+    #: declares in :data:`DECLARED_GRACE_MS`, else 0.
+    grace_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.grace_ms is None:
+            module = self.argv[2] if len(self.argv) >= 3 and self.argv[1] == "-m" else None
+            self.grace_ms = DECLARED_GRACE_MS.get(module or "", 0.0)
 
     def limits(self) -> E.Limits:
         return E.Limits(self.mem_bytes, self.cpu_weight, self.pids_max)
@@ -337,6 +354,9 @@ class Supervisor:
                 group = self.enforcer.service(child.spec.name, child.spec.limits())
                 if group.pids():  # what a crashed run left behind (a helper it forked) goes first
                     group.kill()
+                with contextlib.suppress(E.EnforcerError):  # never a per-request ceiling of the last run,
+                    group.set_memory_ceiling(child.spec.mem_bytes)
+                group.thaw()  # nor its freeze: a new process must not start frozen
                 env[E.ENV_GROUP] = group.handle()
             except E.EnforcerError as exc:
                 log.error("cannot make the group of %s: %s; it runs without one", child.spec.name, exc)
@@ -461,8 +481,11 @@ class Supervisor:
         self._own(self._spawn(child))
 
     async def shutdown(self) -> None:
-        """Stop every child in reverse start order: SIGTERM, then SIGKILL after its timeout."""
+        """Stop every child in reverse start order: SIGTERM, then SIGKILL after its timeout.
+        Every group is thawed first (a frozen child acts on no signal)."""
         self._shutting_down = True
+        if self.enforcer is not None:
+            self.enforcer.thaw_all()
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
@@ -486,18 +509,28 @@ class Supervisor:
             child.state = ChildState.SHUTDOWN
             self._remove_group(child)
             return
-        self._signal_group(proc.pid, signal.SIGCONT)  # a stopped child cannot act on SIGTERM
+        self._thaw(child)  # a frozen child cannot act on SIGTERM (nor, on cgroup v1, die of SIGKILL)
+        self._signal_group(proc.pid, signal.SIGCONT)  # nor a stopped one
         self._signal_group(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), child.spec.shutdown_timeout)
         except asyncio.TimeoutError:
             log.warning("%s did not stop within %.1f s; killing it", child.spec.name, child.spec.shutdown_timeout)
             self._signal_group(proc.pid, signal.SIGKILL)
+            self._thaw(child)
             await proc.wait()
         # Anything the child left in its process group goes too.
         self._signal_group(proc.pid, signal.SIGKILL)
         child.state = ChildState.SHUTDOWN
         self._remove_group(child)
+
+    @staticmethod
+    def _thaw(child: Child) -> None:
+        if child.group is not None:
+            try:
+                child.group.thaw()
+            except E.EnforcerError as exc:
+                log.warning("cannot thaw the group of %s: %s", child.spec.name, exc)
 
     def _remove_group(self, child: Child) -> None:
         """Kill what is left in the child's group (helpers in other sessions too) and remove it."""
@@ -573,16 +606,32 @@ class Supervisor:
         child.state = ChildState.RUNNING
         return pid
 
-    def freeze(self, name: str) -> float:
-        """Freeze the child's whole group; returns the seconds until the OS reported it frozen.
-        LookupError without a group (no enforcer) or for a child not running."""
+    def freeze(self, name: str, timeout: float = E.FREEZE_TIMEOUT) -> float:
+        """Freeze the child's whole group; returns the seconds until the OS reported it frozen
+        (:class:`kernel.enforce.FreezeTimeout` past ``timeout``: the freeze is written and lands
+        when the OS gets to it).  LookupError without a group (no enforcer), for a child not
+        running, or once shutdown began (nothing is frozen that the shutdown would not thaw)."""
         self._live_pid(name)
         group = self.child(name).group
         if group is None:
             raise LookupError(f"child {name!r} has no enforcer group")
-        took = group.freeze()
+        if self._shutting_down:
+            raise LookupError(f"child {name!r}: the supervisor is shutting down")
         self.child(name).state = ChildState.STOPPED
-        return took
+        return group.freeze(timeout)
+
+    def thaw(self, name: str) -> None:
+        """Thaw child ``name``'s group (running or not).  LookupError without a group."""
+        child = self.child(name)
+        if child.group is None:
+            raise LookupError(f"child {name!r} has no enforcer group")
+        child.group.thaw()
+        if child.state is ChildState.STOPPED:
+            child.state = ChildState.RUNNING
+
+    def grace_of(self, name: str) -> float:
+        """The grace child ``name`` declared (``grace_ms``), seconds."""
+        return max(0.0, self.child(name).spec.grace_ms or 0.0) / 1000.0
 
     def group_cpu_of_pid(self, pid: int) -> float | None:
         """CPU seconds of the enforcer group of the running child whose process is ``pid`` (what
@@ -610,6 +659,35 @@ class Supervisor:
         self._signal_group(pid, signal.SIGCONT)
         self._signal_group(pid, signal.SIGKILL)
         return 1
+
+    def memory_ceiling(self, name: str, headroom: int | None) -> int | None:
+        """Put a ceiling on child ``name``'s group: what it uses now plus ``headroom`` bytes (a
+        request's ``mem_bytes``); ``None`` restores the service's own (``mem_bytes`` of its
+        [[service]], else none).  Returns the ceiling set.  LookupError without a group;
+        EnforcerError where the backend has none (signals)."""
+        group = self.child(name).group
+        if group is None:
+            raise LookupError(f"child {name!r} has no enforcer group")
+        if headroom is None:
+            group.set_memory_ceiling(self.child(name).spec.mem_bytes)
+            return self.child(name).spec.mem_bytes
+        usage = group.memory().usage or 0
+        ceiling = max(1 << 20, usage + headroom)
+        own = self.child(name).spec.mem_bytes
+        if own is not None:
+            ceiling = min(ceiling, own)  # never above the service's own
+        group.set_memory_ceiling(ceiling)
+        return ceiling
+
+    def oom_kills(self, name: str) -> int | None:
+        """Processes of child ``name``'s group the OOM killer took (None: not recorded here)."""
+        group = self.child(name).group
+        if group is None:
+            return None
+        try:
+            return group.memory().oom_kills
+        except E.EnforcerError:
+            return None
 
     def cpu_seconds(self, name: str) -> float | None:
         """CPU seconds the child's group used as the OS measured it (its helpers included and

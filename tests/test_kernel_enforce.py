@@ -293,3 +293,52 @@ def test_a_service_serving_a_job_may_pause_that_jobs_requests(kern):
     assert call(router, ids, P.MMI_PREEMPT, {"token": decode[3]})["targets"] == 1
     assert call(router, ALICE, P.MMI_PREEMPT, {"token": decode[3]})["targets"] == 1  # the job's owner
     assert isinstance(call(router, BOB, P.MMI_PREEMPT, {"token": decode[3]}), errors.Refused)
+
+
+def _requests_to(wire, worker):
+    return [m for m in wire.to(worker) if m[2] == W.REQUEST.value]
+
+
+def test_a_request_paused_by_its_owner_gives_its_slot_back_after_the_bound_and_owes_it_on_resume(kern):
+    router, wire, adm, log = kern
+    router.on_message([b"W", P.MDPW, W.READY.value, b"echo"], 0.0, SVC)
+    request(router, ALICE, b"A")  # takes the only slot
+    (mine,) = _requests_to(wire, b"W")
+    paused = codec.pack({"v": 1, "id": 1, "status": P.STATUS_PAUSED, "spent": {}})
+    router.on_message([b"W", P.MDPW, W.PARTIAL.value, mine[3], b"", paused, codec.pack(0)], 0.5, SVC)
+    request(router, BOB, b"B", now=0.6)  # queues: the paused request keeps its slot within the bound
+    assert not _requests_to(wire, b"W")
+    router.check_invariants()
+    assert router.next_wakeup() <= 0.5 + adm.pause_slot
+    router.tick(0.5 + adm.pause_slot)  # past the bound with bob queued: the slot goes to bob
+    (bobs,) = _requests_to(wire, b"W")
+    router.check_invariants()
+    assert adm.counters["slots_given_back"] == 1 and adm.paused_count == 1
+    # the owner resumes it: it runs at once, and its worker owes the slot bob holds
+    resumed = codec.pack({"v": 1, "id": 1, "status": P.STATUS_RESUMED, "spent": {}})
+    router.on_message([b"W", P.MDPW, W.PARTIAL.value, mine[3], b"", resumed, codec.pack(0)], 2.0, SVC)
+    assert adm._slot_debt == {b"W": 1} and adm.paused_count == 0
+    router.check_invariants()
+    request(router, BOB, b"B", now=2.1, rid=2)  # queued: the worker is at capacity (2 running, 1 owed)
+    ok = codec.pack({"v": 1, "id": 1, "status": "ok", "spent": {}})
+    router.on_message([b"W", P.MDPW, W.FINAL.value, bobs[3], b"", ok, codec.pack(0)], 3.0, SVC)
+    assert not _requests_to(wire, b"W")  # the freed slot repays the debt
+    assert adm._slot_debt == {}
+    router.on_message([b"W", P.MDPW, W.FINAL.value, mine[3], b"", ok, codec.pack(0)], 3.5, SVC)
+    assert len(_requests_to(wire, b"W")) == 1  # bob's second request gets the slot
+    router.check_invariants()
+    assert replays(log)
+
+
+def test_an_owner_paused_request_past_the_bound_gives_its_slot_to_the_next_request_that_queues(kern):
+    router, wire, adm, _ = kern
+    router.on_message([b"W", P.MDPW, W.READY.value, b"echo"], 0.0, SVC)
+    request(router, ALICE, b"A")
+    (mine,) = _requests_to(wire, b"W")
+    paused = codec.pack({"v": 1, "id": 1, "status": P.STATUS_PAUSED, "spent": {}})
+    router.on_message([b"W", P.MDPW, W.PARTIAL.value, mine[3], b"", paused, codec.pack(0)], 0.5, SVC)
+    router.tick(0.5 + adm.pause_slot)  # nobody queued: it keeps its slot
+    assert adm.counters.get("slots_given_back", 0) == 0
+    request(router, BOB, b"B", now=5.0)
+    assert len(_requests_to(wire, b"W")) == 1 and adm.counters["slots_given_back"] == 1
+    router.check_invariants()

@@ -567,8 +567,10 @@ def test_paused_request_ended_keeps_its_lent_slot_lent() -> None:
     worker was over capacity."""
     m = SystemModel()
     m.start()
+    # (one more 3 s before the preempting request since queued time stopped spending wall_ms:
+    # the job still runs out while the preempted request is paused, as the bug needed)
     steps: list[float | int | None] = [None, None, 0.1, 0.1, 0.1, 3.0, None, 0.1, 0.1, 0.1, 0.1, 3.0,
-                                       None, 0.1, 3.0, 3.0, 0.1, 0.1, 9, 3.0]
+                                       None, 0.1, 3.0, 3.0, 0.1, 0.1, 3.0, 9, 3.0]
     for step in steps:
         if step is None:
             m.request(c=1, job=None, priority=None, service=b"a", tokens=None)

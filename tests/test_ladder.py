@@ -12,6 +12,7 @@ import pytest
 
 from clients import Client
 from kernel import errors
+from kernel import protocol as P
 from kernel.ladder import Held, Ladder
 from tests.support import KernelProcess, service_block
 
@@ -54,8 +55,7 @@ def test_graces_must_be_non_negative():
 
 
 @pytest.mark.system
-def test_a_step_that_ignores_its_cancel_is_frozen_killed_and_restarted(monkeypatch):
-    monkeypatch.setenv("RECA_LADDER", "1")  # the ladder is opt-in while experimental
+def test_a_step_that_ignores_its_cancel_is_frozen_killed_and_restarted():
     k = KernelProcess(service_block("echo", "services.echo"), heartbeat=0.5, liveness=6)
     try:
         with Client(k.endpoint, timeout=60, retries=0) as c:
@@ -84,5 +84,127 @@ def test_a_step_that_ignores_its_cancel_is_frozen_killed_and_restarted(monkeypat
         if freeze["out"]["ok"]:  # (a freeze past its bound on a very busy machine is recorded as not ok)
             # frozen: the CPU the OS measured for the worker's group stopped growing until the kill
             assert kill["out"]["cpu_s"] == pytest.approx(freeze["out"]["cpu_s"], abs=0.05)
+    finally:
+        k.stop()
+
+
+def test_a_declared_grace_defers_the_freeze():
+    lad = Ladder(0.02, 1.0)
+    lad.observe([Held(A, 10, W1, grace=2.0)], {W1}, 0.0)
+    assert lad.next_due() == pytest.approx(2.0)
+    assert lad.observe([Held(A, 10, W1, grace=2.0)], {W1}, 1.9) == []  # inside the service's declared grace
+    assert [a.rung for a in lad.observe([Held(A, 10, W1, grace=2.0)], {W1}, 2.0)] == ["freeze"]
+    # a grace shorter than the ladder's own changes nothing
+    lad.observe([Held(B, 11, W2, grace=0.001)], {W1, W2}, 3.0)
+    assert lad.observe([Held(B, 11, W2, grace=0.001)], {W1, W2}, 3.01) == []
+
+
+def _rungs(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [r for r in (json.loads(line) for line in fh if '"enforce"' in line) if r.get("op") == "enforce"]
+
+
+@pytest.mark.system
+def test_a_kernel_stopped_while_its_worker_is_frozen_leaves_nothing_behind():
+    """The kill rung is far away (10 min): the worker stays frozen until the kernel's SIGTERM, whose
+    shutdown must thaw it to stop it (before, it waited for ever on a frozen child's exit)."""
+    k = KernelProcess(service_block("echo", "services.echo") + "\n[enforce]\nkill_grace_ms = 600000.0\n",
+                      heartbeat=0.5, liveness=1000)
+    try:
+        with Client(k.endpoint, timeout=60, retries=0) as c:
+            c.wait_for_service("echo", 30)
+            c.open_job("short", {"wall_ms": 300})
+            with pytest.raises(errors.BudgetExceeded):
+                c.call("echo", {"steps": 1, "step_ms": 60_000}, job="short")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                c.stats()  # flushes the decision log
+                if any(r["in"]["rung"] == "freeze" for r in _rungs(k.decision_log)):
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("the worker holding its answered request was not frozen")
+    finally:
+        k.stop()  # asserts the kernel stopped within its bound and no process it started survived
+
+
+def _v1_writable() -> str | None:
+    import os
+
+    from kernel import enforce as E
+
+    if os.geteuid() != 0:
+        return "per-request memory ceilings need cgroups (root here)"
+    missing = [c for c in E.V1_CONTROLLERS if c not in E._mounts(E.CGROUP_ROOT)]
+    return f"cgroup v1 hierarchies {missing} not mounted" if missing else None
+
+
+@pytest.mark.system
+@pytest.mark.skipif(_v1_writable() is not None, reason=_v1_writable() or "")
+def test_a_request_over_its_mem_bytes_is_killed_and_answered_memory_exceeded():
+    """A single-slot worker's group gets the request's mem_bytes (above what it uses) as its
+    ceiling while the request holds the slot: allocating 600 MiB under a 64 MiB grant, the worker
+    is OOM-killed and the request answered memory_exceeded; the supervisor restarts the worker, the
+    ceiling is lifted, and the next request (no grant) runs."""
+    k = KernelProcess(service_block("alloc", "tests.alloc_service"), heartbeat=0.5, liveness=6)
+    try:
+        with Client(k.endpoint, timeout=60, retries=0) as c:
+            c.wait_for_service("alloc", 30)
+            assert c.call("alloc", {"alloc_mb": 8}, budget={"mem_bytes": 256 << 20})["allocated_mb"] == 8
+            with pytest.raises(errors.MemoryExceeded) as info:
+                c.call("alloc", {"alloc_mb": 600}, budget={"mem_bytes": 64 << 20})
+            assert info.value.detail["mem_bytes"] == 64 << 20
+            c.wait_for_service("alloc", 30)
+            deadline = time.monotonic() + 60
+            while True:  # the old worker's registration goes at its liveness; a call may land on it
+                try:
+                    assert c.call("alloc", {"alloc_mb": 100})["allocated_mb"] == 100  # no ceiling left
+                    break
+                except (errors.WorkerDied, errors.Unavailable):  # restarting on a busy machine
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+            c.stats()
+        rungs = [r["in"]["rung"] for r in _rungs(k.decision_log)]
+        assert "memory_ceiling" in rungs and "oom" in rungs
+    finally:
+        k.stop()
+
+
+def test_ceilings_follow_the_request_in_a_single_slot():
+    from kernel.ladder import Ceilings
+
+    c = Ceilings()
+    assert c.observe({10: (A, 64 << 20), 11: (B, None)}) == ([(10, A, 64 << 20)], [])  # no grant: no ceiling
+    assert c.observe({10: (A, None)}) == ([], [])  # its tombstone (grant forgotten) keeps the ceiling
+    assert c.observe({10: (B, 32 << 20)}) == ([(10, B, 32 << 20)], [10])  # the next request: lifted, set again
+    assert c.observe({}) == ([], [10]) and c.applied == {}
+
+
+@pytest.mark.system
+def test_cpu_burnt_after_the_answer_is_billed_to_the_job():
+    """The worker ignores its cancel for the freeze grace (300 ms here): the CPU its group burnt
+    from the kernel's answer to the kill is charged to the request's job (a ``bill`` record) and
+    shows in the job's spent cpu_ms."""
+    k = KernelProcess(service_block("echo", "services.echo")
+                      + "\n[enforce]\nfreeze_grace_ms = 300.0\nkill_grace_ms = 100.0\n", heartbeat=0.5, liveness=6)
+    try:
+        with Client(k.endpoint, timeout=60, retries=0) as c:
+            c.wait_for_service("echo", 30)
+            c.open_job("tail", {"wall_ms": 300})
+            with pytest.raises(errors.BudgetExceeded):
+                c.call("echo", {"steps": 1, "step_ms": 20_000}, job="tail")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                c.stats()  # flushes the decision log
+                bills = [r for r in _rungs(k.decision_log) if r["in"]["rung"] == "bill"]
+                if bills:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("no CPU was billed for the 300 ms the worker ignored its cancel")
+            (bill,) = bills
+            assert bill["in"]["job"] == "tail" and bill["out"]["cpu_ms"] > 0
+            spent = c.mmi(P.MMI_JOB_STATS, {"job": "tail"})["spent"]
+            assert spent["cpu_ms"] >= bill["out"]["cpu_ms"] - 1e-6
     finally:
         k.stop()

@@ -329,3 +329,80 @@ def test_v2_limits_are_written_to_a_fake_tree(tmp_path):
         bare.set_limits(E.Limits(mem_bytes=1 << 30))
     handle = json.loads(svc.handle())
     assert handle == {"backend": "cgroup2", "path": str(svc.path), "controllers": ["cpu", "memory", "pids"]}
+
+
+def test_kill_of_a_frozen_group_lands_without_waiting_for_a_freeze(enforcer):
+    """The ladder's last rung on a frozen worker: SIGKILL every process, then thaw (a frozen v1
+    task dies only once thawed) -- the whole tree dies and the group is left thawed."""
+    enf, procs = enforcer
+    p = _spawn(procs, BURN)
+    group = enf.place_service("frozen", p.pid)
+    _wait(lambda: len(group.pids()) == 2, "the forked child to join the group")
+    group.freeze()
+    assert group.kill() == 2
+    assert p.wait(WAIT) == -9
+    _wait(lambda: not group.pids(), "the frozen tree to die")
+    assert not group.frozen()
+
+
+_STALE_KERNEL = """
+import subprocess, sys
+from kernel import enforce as E
+enf = E.open_enforcer(sys.argv[1], name=sys.argv[2], v2_require=())
+p = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+enf.place_service("svc", p.pid).freeze()
+print(p.pid, flush=True)
+import os
+os._exit(0)  # no exit handler runs: as if the kernel were killed with SIGKILL
+"""
+
+
+@pytest.mark.skipif(V1_SKIP is not None, reason=V1_SKIP or "")
+def test_a_frozen_service_left_by_a_dead_kernel_is_thawed_and_killed_at_the_next_start():
+    name = f"reca-{(1 << 22) + os.getpid()}"  # a kernel pid that cannot be alive (above any pid_max)
+    out = subprocess.run([sys.executable, "-c", _STALE_KERNEL, E.CGROUP1, name], capture_output=True, text=True,
+                         timeout=WAIT, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0, out.stderr
+    orphan = int(out.stdout.split()[0])
+    try:
+        assert E._alive(orphan)  # frozen, outliving its kernel
+        mounts, own = E._mounts(E.CGROUP_ROOT), E._own_cgroups()
+        bases = [E._under(mounts[c], own.get(c, "/")) for c in E.V1_CONTROLLERS]  # freezer first
+        for base in bases:  # what the next kernel's start does
+            E._sweep_stale(base)
+        _wait(lambda: not E._alive(orphan) or _zombie(orphan), "the orphan to die")
+        assert not any((base / name).exists() for base in bases)
+    finally:
+        if E._alive(orphan):
+            os.kill(orphan, 9)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(V1_SKIP is not None, reason=V1_SKIP or "")
+def test_a_v1_group_is_scheduled_at_the_largest_weight_while_frozen_and_gets_its_own_back():
+    enf = E.open_enforcer(E.CGROUP1, name=f"reca-test-{os.getpid()}-boost")
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        group = enf.place_service("svc", p.pid, E.Limits(cpu_weight=50))
+        shares = group.dirs["cpu"] / "cpu.shares"
+        assert shares.read_text().strip() == str(E.weight_to_shares(50))
+        group.freeze()
+        assert shares.read_text().strip() == str(E.SHARES_MAX)  # it reaches the freezer at once
+        group.set_limits(E.Limits(cpu_weight=200))  # a new weight while frozen applies at thaw
+        group.thaw()
+        assert shares.read_text().strip() == str(E.weight_to_shares(200))
+        group.freeze()
+        assert group.kill() == 1  # the kill thaws: the weight is restored too
+        assert shares.read_text().strip() == str(E.weight_to_shares(200))
+    finally:
+        enf.close()
+        if p.poll() is None:
+            p.kill()
+        p.wait(WAIT)
