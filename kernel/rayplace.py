@@ -169,7 +169,7 @@ def node_argv(
     """``ray start ... --block`` for a small node: a head (``head_port``) or a worker joining
     ``address``; every port explicit (free ones picked here, so several clusters share a
     machine), no dashboard, no usage stats.  Kill it by its process group."""
-    ports = free_ports(7, node_ip)
+    ports = free_ports(7, "")  # free here; in another namespace any port is
     argv = [
         os.path.join(os.path.dirname(sys.executable), "ray"),
         "start",
@@ -215,6 +215,12 @@ def make_token(path: str) -> str:
     return path
 
 
+#: Environment of every node reca starts: a loaded machine's Python agents may take longer than
+#: the raylet's default wait for their port files (it aborts with "Timed out waiting for file
+#: ...dashboard_agent_listen_port"); no usage statistics are sent.
+NODE_ENV = {"RAY_agent_register_timeout_ms": "120000", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
 def start_node(
     argv: list[str], env: dict[str, str], *, stderr: Any = subprocess.DEVNULL, prefix: list[str] | None = None
 ) -> subprocess.Popen:
@@ -225,7 +231,7 @@ def start_node(
     full = [*(prefix or []), sys.executable, "-m", "kernel.raynode", *argv]
     return subprocess.Popen(
         full,
-        env=env,
+        env={**NODE_ENV, **env},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=stderr,
@@ -478,9 +484,10 @@ class RayCluster:
             try:
                 if not self.cfg.address:
                     self._launch_local()
-                await asyncio.wait_for(_in_thread(self._init), 2 * CONNECT_TIMEOUT_S)
+                bound = CONNECT_TIMEOUT_S * (1 if self.cfg.address else 2)  # a local head starts first
+                await asyncio.wait_for(_in_thread(self._init), bound)
             except asyncio.TimeoutError:
-                self.reason = f"Ray cluster {self.cfg.address or 'local'} not reached in {CONNECT_TIMEOUT_S:.0f} s"
+                self.reason = f"Ray cluster {self.cfg.address or 'local'} unreachable: no answer in {bound:.0f} s"
                 raise PlacementUnavailable(self.reason) from None
             except Exception as exc:  # noqa: BLE001 - any failure of ray.init is the reason shown
                 self.reason = f"Ray cluster {self.cfg.address or 'local'} unreachable: {exc}"[:300]
