@@ -199,6 +199,15 @@ def node_argv(
     return argv
 
 
+def source_ip(address: str) -> str:
+    """The local address this host uses to reach ``HOST:PORT`` (a Ray driver must say which of
+    its node's addresses it is on when the cluster is not on its default route)."""
+    host, _, port = address.rpartition(":")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, int(port or 1)))  # UDP: no packet is sent
+        return str(s.getsockname()[0])
+
+
 def token_env(token_path: str) -> dict[str, str]:
     """Ray 2.60's token authentication (``RAY_AUTH_MODE=token``, the token read from the file)."""
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token_path}
@@ -469,6 +478,7 @@ class RayCluster:
         Config.initialize("")  # Ray's own way to re-read RAY_AUTH_MODE (authentication_token_setup.py)
         ray.init(
             address=address,
+            _node_ip_address=source_ip(address),
             log_to_driver=False,
             logging_level=logging.WARNING,
             runtime_env={"env_vars": {"PYTHONPATH": _repo_root()}},

@@ -618,10 +618,6 @@ class Supervisor:
         """SIGSTOP the child's process group; returns its pid.  (:meth:`freeze` stops its whole
         enforcer group, helpers in other sessions included, atomically.)"""
         pid = self._live_pid(name)
-        if self._remote(name) is not None:  # a pid on another node: never a local process's
-            raise LookupError(f"child {name!r} runs on a Ray node")
-        if self._remote(name) is not None:  # a pid on another node: never a local process's
-            raise LookupError(f"child {name!r} runs on a Ray node")
         remote = self._remote(name)
         if remote is not None:
             remote.signal(signal.SIGSTOP)
@@ -711,12 +707,16 @@ class Supervisor:
     def set_nice(self, name: str, nice: int) -> int:
         """Set the child's nice value; returns its pid."""
         pid = self._live_pid(name)
+        if self._remote(name) is not None:  # a pid on another node: never a local process's
+            raise LookupError(f"child {name!r} runs on a Ray node")
         os.setpriority(os.PRIO_PROCESS, pid, nice)
         return pid
 
     def set_affinity(self, name: str, cpus: list[int]) -> int:
         """Pin the child to ``cpus``; returns its pid."""
         pid = self._live_pid(name)
+        if self._remote(name) is not None:  # a pid on another node: never a local process's
+            raise LookupError(f"child {name!r} runs on a Ray node")
         os.sched_setaffinity(pid, cpus)
         return pid
 

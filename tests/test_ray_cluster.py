@@ -25,7 +25,7 @@ import zmq
 
 from clients import Client
 from kernel import errors, keys
-from kernel.rayplace import free_ports, make_token, node_argv, start_node, stop_node, token_env
+from kernel.rayplace import free_ports, make_token, node_argv, source_ip, start_node, stop_node, token_env
 from tests.support import REPO, KernelProcess, short_tmpdir
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
@@ -45,7 +45,8 @@ def _nodes_alive(address: str, env: dict[str, str], want: int) -> bool:
     """Whether the cluster at ``address`` has ``want`` live nodes (asked by a short-lived driver)."""
     code = textwrap.dedent(f"""
         import ray, sys
-        ray.init(address={address!r}, log_to_driver=False, logging_level="ERROR")
+        ray.init(address={address!r}, _node_ip_address={source_ip(address)!r}, log_to_driver=False,
+                 logging_level="ERROR")
         print(sum(1 for n in ray.nodes() if n["Alive"]))
     """)
     try:
@@ -87,20 +88,32 @@ def cluster():
         for _ in range(NODE_TRIES):  # Ray gives a raylet 30 s to register: a loaded machine may miss it
             port = free_ports(1, host_addr)[0]
             address = f"{host_addr}:{port}"
-            head = start_node(node_argv(head_port=port, node_ip=host_addr, temp_dir=os.path.join(d, "ray")), env)
+            head = start_node(
+                node_argv(head_port=port, node_ip=host_addr, temp_dir=os.path.join(d, "ray")),
+                env,
+                stderr=open(os.path.join(d, "head.err"), "ab"),
+            )
             nodes.append(head)
             worker = start_node(
                 node_argv(address=address, node_ip=ns_addr, labels={"reca-node": "w1"}),
                 env,
                 prefix=["ip", "netns", "exec", ns],
+                stderr=open(os.path.join(d, "worker.err"), "ab"),
             )
             nodes.append(worker)
-            if _nodes_alive(address, env, 2):
+            deadline = time.monotonic() + NODE_START_S
+            up = False
+            while not up and time.monotonic() < deadline and head.poll() is None and worker.poll() is None:
+                up = _nodes_alive(address, env, 2)
+                if not up:
+                    time.sleep(2.0)
+            if up:
                 break
             stop_node(worker)
             stop_node(head)
         else:
-            pytest.fail(f"a two-node Ray cluster did not come up in {NODE_TRIES} tries")
+            tails = {n: open(os.path.join(d, n), errors="replace").read()[-1500:] for n in ("head.err", "worker.err")}
+            pytest.fail(f"a two-node Ray cluster did not come up in {NODE_TRIES} tries: {tails}")
         yield host_addr, ns_addr, address, token, ns, nodes
     finally:
         for proc in reversed(nodes):
@@ -216,6 +229,23 @@ def test_node_agent_freezes_and_resumes_the_replica(cluster, kern):
         assert psutil.Process(pid).status() != psutil.STATUS_STOPPED
         c.wait_for_service("echo", PLACE_S)
         assert c.call("echo", 7) == 7
+        # A pid on another node is never handed to this machine's scheduler calls.
+        with pytest.raises(errors.RecaError, match="runs on a Ray node"):
+            c.call("mmi.proc.nice", {"child": "echo", "nice": 5})
+
+
+def test_cpu_is_measured_on_the_node_and_billed_by_the_kernel(cluster, kern):
+    with _client(kern) as c:
+        ch = _wait_running(c, "echo")
+        c.wait_for_service("echo", PLACE_S)
+        c.open_job("rayjob", {"cpu_ms": 600_000})
+        replies = list(c.stream("echo", {"steps": 150, "step_ms": 20}, job="rayjob"))  # ~3 s busy
+        cpu = replies[-1].spent["cpu_ms"]
+        # Measured by the replica's agent on its node (polled each second), not reported by echo:
+        # positive, and no more than the CPU the node's process has used in all.
+        node_total_ms = sum(psutil.Process(ch["where"]["pid"]).cpu_times()[:2]) * 1000.0
+        assert 0 < cpu <= node_total_ms
+        assert c.call("mmi.job.stats", {"job": "rayjob"})["spent"]["cpu_ms"] == pytest.approx(cpu)
 
 
 def test_lost_node_mid_request_gives_worker_died(cluster, kern):
