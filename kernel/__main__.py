@@ -136,7 +136,8 @@ def _security(cfg, log: logging.Logger):
         os.unlink(server_public)
     auth.write_public_certificate(server_public, auth.KERNEL_ROLE, public)
     child_certs = {}
-    for child, role in auth.child_principals(spec.name for spec in cfg.services).items():
+    local = (spec.name for spec in cfg.services if spec.placement == "local")  # Ray replicas enrol their own
+    for child, role in auth.child_principals(local).items():
         name = f"{auth.CHILD_PREFIX}{child}"
         for suffix in (".key", ".key_secret"):
             path = os.path.join(cert_dir, name + suffix)
@@ -164,6 +165,23 @@ def _enforcer(cfg):
         logging.getLogger("reca.kernel").warning("the kernel stays outside its group: %s", exc)
     print(f"reca kernel enforcer {enf.backend}: {enf.reason}", flush=True)
     return enf
+
+
+def _ray_placement(cfg, principals):
+    """The Ray placement of the config's ``placement = "ray"`` services (None when there are none).
+    A replica's key is authorised as a child principal when its actor enrols, revoked when it is
+    replaced (docs/cluster.md)."""
+    if cfg.ray is None or not any(spec.placement == "ray" for spec in cfg.services):
+        return None
+    from kernel.rayplace import RayCluster, RayPlacement
+
+    authorise = revoke = None
+    if principals is not None:
+        def authorise(name: str, role: str, public: bytes) -> None:
+            principals.add_child(name, role, public)
+
+        revoke = principals.remove_child
+    return RayPlacement(RayCluster(cfg.ray), cfg.ray_resources, authorise=authorise, revoke=revoke)
 
 
 def _log_dir(cfg) -> str | None:
@@ -216,7 +234,7 @@ async def _run(args: argparse.Namespace) -> int:
         cfg.control = args.control
     server_keys, principals, certs = _security(cfg, logging.getLogger("reca.kernel"))
     if certs:
-        for spec in cfg.services:
+        for spec in (s for s in cfg.services if s.placement == "local"):
             spec.env = {**spec.env, ENV_CERT: certs["children"][spec.name], ENV_SERVER_CERT: certs["server"]}
     decision_log = restored = None
     restore_s = 0.0
@@ -259,6 +277,8 @@ async def _run(args: argparse.Namespace) -> int:
         log_dir=_log_dir(cfg),
     )
     supervisor.on_health = _announce_health
+    placement = _ray_placement(cfg, principals) if not args.no_services else None
+    supervisor.remote = placement
     # With a log that held state, the admission continues it (restore through replay) and applies
     # [limits] over it only where the ledger allows; otherwise [limits] is the first decision.
     host = SystemHost(owns_pid=supervisor.owns_pid, group_cpu=supervisor.group_cpu_of_pid)  # the one port to the machine the core uses
@@ -290,6 +310,8 @@ async def _run(args: argparse.Namespace) -> int:
     # The supervisor's children get the endpoints as actually bound (tcp://*:0 resolves here).
     supervisor.env[sv.ENV_ENDPOINT] = server.endpoint.replace("0.0.0.0", "127.0.0.1")
     supervisor.env[sv.ENV_CONTROL] = server.control.replace("0.0.0.0", "127.0.0.1")
+    if placement is not None:
+        placement.set_kernel(server.endpoint, server.control, None if server_keys is None else server_keys.public)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # each a clean shutdown: groups thawed, services stopped
@@ -312,6 +334,8 @@ async def _run(args: argparse.Namespace) -> int:
             finally:
                 logging.getLogger("reca.kernel").info("shutting down")
                 await supervisor.shutdown()
+                if placement is not None:
+                    placement.shutdown()  # a local Ray cluster stops with the kernel
                 server.stop()
     finally:
         if decision_log is not None:
@@ -356,6 +380,7 @@ _TABLE_NOTES = {
     "[auth]": "Who may talk to the kernel over tcp:// (docs/security.md).",
     "[limits]": "Budgets no client can get around (docs/budgets.md).  A `limits` value is a table of budget "
                 "kind = amount, e.g. `{ wall_ms = 3_600_000, cpu_ms = 3_600_000, tokens = 1e8, flops = 1e15 }`.",
+    "[ray]": "The Ray cluster that `placement = \"ray\"` services run on (docs/cluster.md).",
     "[enforce]": "The OS backstop under the kernel's budgets: cgroups (or signals) freeze and kill what a "
                  "budget or a cancel no longer allows.",
     "[[service]]": "One table per service; each becomes `replicas` supervised processes.  Exactly one of "

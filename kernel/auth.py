@@ -298,6 +298,15 @@ class Principals:
             self._by_name = {**self._by_name, name: p}
         return p
 
+    def remove_child(self, public: bytes) -> None:
+        """Revoke a child's key (a Ray-placed replica that was replaced or stopped)."""
+        with self._lock:
+            p = self._children.pop(public, None)
+            if p is None:
+                return
+            self._by_key = {k: v for k, v in self._by_key.items() if k != public}
+            self._by_name = {v.name: v for v in self._by_key.values()}
+
     def by_key(self, public_z85: bytes) -> Principal | None:
         return self._by_key.get(public_z85)
 

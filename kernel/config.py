@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel import protocol as P
+from kernel.rayplace import RayClusterConfig, RayResources, parse_label
 from kernel.supervisor import ChildSpec, RestartType, python_module_argv
 
 
@@ -90,6 +91,10 @@ class KernelConfig:
     kernel_weight: int = 1000
     #: principal -> weight in the fair share of each service's slots (kernel.fairq; default 1).
     principal_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: [ray]: the Ray cluster Ray-placed services run on (None: no [ray] table).
+    ray: RayClusterConfig | None = None
+    #: What each Ray-placed [[service]] (by name) asks of Ray.
+    ray_resources: dict[str, RayResources] = dataclasses.field(default_factory=dict)
 
     @property
     def tcp(self) -> bool:
@@ -196,6 +201,16 @@ SCHEMA: tuple[Setting, ...] = (
             "principal name = weight (> 0, default 1): its share of each service's slots when several "
             "principals queue (deficit round robin; priority orders only within a principal)",
             field="principal_weights"),
+    Setting("ray", "address", "str", None,
+            "HOST:PORT of an existing Ray cluster's GCS (ray start --head --port ...) for Ray-placed services"),
+    Setting("ray", "local", "bool", False, "no address: python -m kernel starts a local Ray cluster (stopped with it)"),
+    Setting("ray", "num_cpus", "int", 1, "CPUs of a local cluster", low=1),
+    Setting("ray", "object_store_mb", "int", 100, "object store of a local cluster, MiB", low=78),
+    Setting("ray", "token_path", "str", None,
+            "Ray's token file (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH): token authentication to the cluster"),
+    Setting("ray", "kernel_host", "str", None,
+            "the address Ray nodes reach the kernel at (default: the endpoint's host)"),
+    Setting("ray", "temp_dir", "str", None, "a local cluster's session directory (short: unix sockets live there)"),
     Setting("service", "name", "str", None, "the service name workers register (required; unique, no `/`)"),
     Setting("service", "module", "str", None, "a Python module run as `python -m MODULE` (or command)"),
     Setting("service", "command", "list[str]", None, "an argv to run (or module)"),
@@ -217,11 +232,19 @@ SCHEMA: tuple[Setting, ...] = (
             "the grace the service declares: how long it may hold an answered (cancelled, over-budget) "
             "request before the ladder freezes it (the larger of this and freeze_grace_ms)", low=0,
             high=600_000),
+    Setting("service", "placement", "enum", "local",
+            "local: a process of this machine; ray: a Ray actor on the [ray] cluster (docs/cluster.md)",
+            choices=("local", "ray")),
+    Setting("service", "ray_num_cpus", "float", 1.0, "CPUs each Ray-placed replica reserves", low=0),
+    Setting("service", "ray_num_gpus", "float", 0.0, "GPUs each Ray-placed replica reserves", low=0),
+    Setting("service", "ray_memory_bytes", "int", None, "memory each Ray-placed replica reserves", low=1 << 20),
+    Setting("service", "ray_label", "str", None,
+            "only Ray nodes with this label: VALUE (ray start --labels reca-node=VALUE) or KEY=VALUE"),
 )
 #: [[service]] keys that are group ceilings (passed to the supervisor's ChildSpec when it has them).
 CEILINGS = ("mem_bytes", "cpu_weight", "pids_max", "grace_ms")
 
-TABLES = ("kernel", "supervisor", "auth", "limits", "enforce", "service")
+TABLES = ("kernel", "supervisor", "auth", "limits", "enforce", "ray", "service")
 _BY_TABLE: dict[str, dict[str, Setting]] = {t: {s.key: s for s in SCHEMA if s.table == t} for t in TABLES}
 
 
@@ -346,6 +369,7 @@ def parse(doc: dict, *, runtime: str | None = None, source: str = "config") -> K
     a = rd.table(doc, "auth", "[auth]")
     lim = rd.table(doc, "limits", "[limits]")
     enf = rd.table(doc, "enforce", "[enforce]")
+    ray_t = rd.table(doc, "ray", "[ray]")
     endpoint = expand(rd.get(k, "kernel", "endpoint", "[kernel]"))
     control = rd.get(k, "kernel", "control", "[kernel]")
     control = expand(control) if control else default_control_for(endpoint)
@@ -369,6 +393,16 @@ def parse(doc: dict, *, runtime: str | None = None, source: str = "config") -> K
         cfg.server_cert = os.path.expanduser(expand(server_cert))
     elif cfg.keys:
         cfg.server_cert = os.path.join(cfg.keys, "kernel.key_secret")
+    if "ray" in doc:
+        rget = functools.partial(rd.get, ray_t, "ray", where="[ray]")
+        cfg.ray = RayClusterConfig(
+            address=rget(key="address"), local=rget(key="local"), num_cpus=rget(key="num_cpus"),
+            object_store_bytes=rget(key="object_store_mb") * 1024 * 1024,
+            token_path=os.path.expanduser(expand(rget(key="token_path"))) if rget(key="token_path") else None,
+            kernel_host=rget(key="kernel_host"),
+            temp_dir=expand(rget(key="temp_dir")) if rget(key="temp_dir") else None)
+        if cfg.ray.address and cfg.ray.local:
+            raise rd.fail("[ray]", "local", "= true with an address: say one of them")
     cfg.root_limits = rd.limits(lim, "root", machine_limits())
     cfg.default_limits = rd.limits(lim, "default", DEFAULT_JOB_LIMITS)
     for kind, amount in cfg.default_limits.items():
@@ -404,8 +438,22 @@ def parse(doc: dict, *, runtime: str | None = None, source: str = "config") -> K
         if ceilings and not set(ceilings) <= {f.name for f in dataclasses.fields(ChildSpec)}:
             raise ConfigError(f"{source}: {where}: {', '.join(sorted(ceilings))}: this build's supervisor "
                               "has no group ceilings")
+        placement = get(key="placement")
+        if placement == "ray":
+            label = get(key="ray_label")
+            if label is not None:
+                try:
+                    parse_label(label)
+                except ValueError as exc:
+                    raise rd.fail(where, "ray_label", str(exc)) from None
+            cfg.ray_resources[name] = RayResources(get(key="ray_num_cpus"), get(key="ray_num_gpus"),
+                                                   get(key="ray_memory_bytes"), label)
+        elif any(k.startswith("ray_") for k in entry):
+            raise rd.fail(where, sorted(k for k in entry if k.startswith("ray_"))[0],
+                          'only with placement = "ray"')
         for r in range(replicas):
             cfg.services.append(ChildSpec(
+                placement=placement,
                 name=name if replicas == 1 else f"{name}#{r}",
                 argv=argv,
                 restart=restart,
@@ -415,6 +463,9 @@ def parse(doc: dict, *, runtime: str | None = None, source: str = "config") -> K
                 cpus=get(key="cpus"),
                 **ceilings,
             ))
+    if cfg.ray is None and any(spec.placement == "ray" for spec in cfg.services):
+        raise ConfigError(f"{source}: a [[service]] with placement = \"ray\" needs a [ray] table "
+                          "(address = \"HOST:PORT\" or local = true)")
     return cfg
 
 

@@ -234,6 +234,9 @@ class ChildSpec:
     #: ladder waits the larger of this and its own freeze grace).  None: the grace its module
     #: declares in :data:`DECLARED_GRACE_MS`, else 0.
     grace_ms: float | None = None
+    #: ``local`` (a process here) or ``ray`` (an actor on a Ray node, started by the supervisor's
+    #: ``remote`` placement: kernel/rayplace.py).
+    placement: str = "local"
 
     def __post_init__(self) -> None:
         if self.grace_ms is None:
@@ -259,6 +262,7 @@ class Child:
         self.spec = spec
         self.intensity = intensity
         self.backoff = backoff
+        #: The child's process (a kernel.rayplace.RemoteProcess, which quacks like one, when Ray-placed).
         self.proc: asyncio.subprocess.Process | None = None
         self.state = ChildState.STARTING
         self.restarts = 0
@@ -288,6 +292,7 @@ class Child:
             "group": None if self.group is None else self.group.name,
             "reason": self.reason,
             "log": None if self.log is None else self.log.path,
+            "where": getattr(self.proc, "where", None) if self.spec.placement != "local" else None,
         }
 
 
@@ -326,6 +331,10 @@ class Supervisor:
         self._tasks: set[asyncio.Task] = set()
         #: Pending restart timers, cancelled at shutdown.
         self._timers: set[asyncio.TimerHandle] = set()
+        #: Starts children whose placement is not ``local`` (kernel.rayplace.RayPlacement: its
+        #: ``spawn(name, argv, env)`` returns a process-like handle); None: such children are
+        #: reported unavailable.
+        self.remote: Any = None
 
     def _own(self, coro: Any) -> asyncio.Task:
         """Start ``coro`` as a task the supervisor owns (awaited or cancelled at shutdown)."""
@@ -338,9 +347,15 @@ class Supervisor:
 
     async def start(self) -> None:
         for child in self.children:
-            await self._spawn(child)
+            if child.spec.placement != "local":  # placed in the background: a cluster may take minutes
+                self._own(self._spawn(child))
+            else:
+                await self._spawn(child)
 
     async def _spawn(self, child: Child) -> None:
+        if child.spec.placement != "local":
+            await self._spawn_remote(child)
+            return
         env = dict(os.environ)
         for key in ENV_CREDENTIALS:  # a child gets its own certificate (spec.env), never the kernel's caller's
             env.pop(key, None)
@@ -400,6 +415,43 @@ class Supervisor:
         log.info("started %s pid %d", child.spec.name, proc.pid)
         child.watcher = self._own(self._watch(child, proc))
 
+    async def _spawn_remote(self, child: Child) -> None:
+        """Start a child through :attr:`remote` (a Ray actor): the environment it gets is the
+        kernel's endpoints and its spec's, never this process's; a placement that cannot start it
+        (cluster unreachable) counts as an exit with the reason ``unavailable: ...``."""
+        child.state = ChildState.STARTING
+        env = {**self.env, **child.spec.env, ENV_SERVICE: child.spec.name}
+        for key in ENV_CREDENTIALS:
+            env.pop(key, None)
+        try:
+            if self.remote is None:
+                raise LookupError(f"no {child.spec.placement} placement configured")
+            proc = await self.remote.spawn(child.spec.name, child.spec.argv, env)
+        except Exception as exc:  # noqa: BLE001 - any placement failure is the reason status shows
+            log.error("cannot place %s: %s", child.spec.name, exc)
+            child.last_exit = -1
+            child.reason = f"unavailable: {exc}"[:REASON_MAX_CHARS]
+            child.proc = None
+            if self._shutting_down:
+                child.state = ChildState.SHUTDOWN
+            else:
+                self._after_exit(child, -1, 0.0)
+            return
+        child.proc = proc
+        child.pids.append(proc.pid)
+        child.started_at = time.monotonic()
+        child.state = ChildState.RUNNING
+        if self._shutting_down:  # shut down while it was being placed
+            await proc.stop(child.spec.shutdown_timeout)
+            child.state = ChildState.SHUTDOWN
+            return
+        child.watcher = self._own(self._watch(child, proc))
+
+    def _remote(self, name: str) -> Any:
+        """The running remote child's handle (kernel.rayplace.RemoteProcess), else None."""
+        child = self.child(name)
+        return child.proc if child.spec.placement != "local" else None
+
     def _apply_limits(self, child: Child) -> None:
         pid = child.pid
         if pid is None:
@@ -435,7 +487,8 @@ class Supervisor:
         if child.proc is not proc:
             return
         child.last_exit = returncode
-        child.reason = exit_reason(returncode, None if child.log is None else child.log.last_line())
+        child.reason = exit_reason(returncode, getattr(proc, "last_line", None) if child.log is None
+                                   else child.log.last_line())
         if child.log is not None:
             child.log.mark(child.reason)
         ran_for = time.monotonic() - child.started_at
@@ -509,6 +562,10 @@ class Supervisor:
             child.state = ChildState.SHUTDOWN
             self._remove_group(child)
             return
+        if child.spec.placement != "local":  # the node agent stops it (SIGTERM, timeout, SIGKILL)
+            await self._remote(child.spec.name).stop(child.spec.shutdown_timeout)
+            child.state = ChildState.SHUTDOWN
+            return
         self._thaw(child)  # a frozen child cannot act on SIGTERM (nor, on cgroup v1, die of SIGKILL)
         self._signal_group(proc.pid, signal.SIGCONT)  # nor a stopped one
         self._signal_group(proc.pid, signal.SIGTERM)
@@ -568,6 +625,8 @@ class Supervisor:
         process)."""
         try:
             root = self._live_pid(name)
+            if self._remote(name) is not None:  # a pid on its node: only the one it reported
+                return pid == root
             return pid == root or any(p.pid == root for p in psutil.Process(pid).parents())
         except (LookupError, psutil.Error, OSError):
             return False
@@ -592,7 +651,11 @@ class Supervisor:
         """SIGSTOP the child's process group; returns its pid.  (:meth:`freeze` stops its whole
         enforcer group, helpers in other sessions included, atomically.)"""
         pid = self._live_pid(name)
-        os.killpg(pid, signal.SIGSTOP)
+        remote = self._remote(name)
+        if remote is not None:
+            remote.signal(signal.SIGSTOP)
+        else:
+            os.killpg(pid, signal.SIGSTOP)
         self.child(name).state = ChildState.STOPPED
         return pid
 
@@ -602,7 +665,11 @@ class Supervisor:
         child = self.child(name)
         if child.group is not None:
             child.group.thaw()
-        os.killpg(pid, signal.SIGCONT)
+        remote = self._remote(name)
+        if remote is not None:
+            remote.signal(signal.SIGCONT)
+        else:
+            os.killpg(pid, signal.SIGCONT)
         child.state = ChildState.RUNNING
         return pid
 
@@ -612,6 +679,11 @@ class Supervisor:
         when the OS gets to it).  LookupError without a group (no enforcer), for a child not
         running, or once shutdown began (nothing is frozen that the shutdown would not thaw)."""
         self._live_pid(name)
+        remote = self._remote(name)
+        if remote is not None:  # SIGSTOP by the node agent; sent, not confirmed: 0.0
+            remote.signal(signal.SIGSTOP)
+            self.child(name).state = ChildState.STOPPED
+            return 0.0
         group = self.child(name).group
         if group is None:
             raise LookupError(f"child {name!r} has no enforcer group")
@@ -637,13 +709,16 @@ class Supervisor:
         """CPU seconds of the enforcer group of the running child whose process is ``pid`` (what
         the kernel bills: the worker and every helper it started), None if it has none."""
         name = self.child_of_pid(pid)
+        if name is not None and self._remote(name) is not None:
+            return float(self._remote(name).cpu)  # measured on its node, polled by the placement
         if name is None or self.child(name).group is None:
             return None
         return self.cpu_seconds(name)
 
     def child_of_pid(self, pid: int) -> str | None:
         """The running child whose process is ``pid`` (a worker's READY pid), else None."""
-        for child in self.children:
+        # Local children first: a Ray-placed child's pid is of its node and may equal a local one.
+        for child in sorted(self.children, key=lambda c: c.spec.placement != "local"):
             if child.pid == pid and child.proc is not None and child.proc.returncode is None:
                 return child.spec.name
         return None
@@ -653,6 +728,10 @@ class Supervisor:
         the escalation ladder's last rung; the supervisor then restarts it by its type.
         Returns how many processes were signalled."""
         pid = self._live_pid(name)
+        remote = self._remote(name)
+        if remote is not None:
+            remote.signal(signal.SIGKILL)
+            return 1
         group = self.child(name).group
         if group is not None:
             return group.kill()
@@ -693,6 +772,9 @@ class Supervisor:
         """CPU seconds the child's group used as the OS measured it (its helpers included and
         across restarts), else its live process's; None when unknown."""
         child = self.child(name)
+        if child.spec.placement != "local":
+            remote = self._remote(name)
+            return None if remote is None else float(remote.cpu)
         if child.group is not None:
             try:
                 return child.group.cpu_seconds()
@@ -703,18 +785,26 @@ class Supervisor:
     def set_nice(self, name: str, nice: int) -> int:
         """Set the child's nice value; returns its pid."""
         pid = self._live_pid(name)
+        if self._remote(name) is not None:  # a pid on another node: never a local process's
+            raise LookupError(f"child {name!r} runs on a Ray node")
         os.setpriority(os.PRIO_PROCESS, pid, nice)
         return pid
 
     def set_affinity(self, name: str, cpus: list[int]) -> int:
         """Pin the child to ``cpus``; returns its pid."""
         pid = self._live_pid(name)
+        if self._remote(name) is not None:  # a pid on another node: never a local process's
+            raise LookupError(f"child {name!r} runs on a Ray node")
         os.sched_setaffinity(pid, cpus)
         return pid
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
         pid = self._live_pid(name)
-        os.kill(pid, sig)
+        remote = self._remote(name)
+        if remote is not None:
+            remote.signal(sig)
+        else:
+            os.kill(pid, sig)
         return pid
 
     def health(self) -> str:

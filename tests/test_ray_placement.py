@@ -1,0 +1,149 @@
+"""Ray placement (issue 28): the pure parts, the config rows, and a kernel whose Ray cluster cannot
+be reached (that service is ``unavailable`` with the reason; the rest of reca runs).
+
+The multi-node cluster tests are in tests/test_ray_cluster.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import textwrap
+import time
+
+import pytest
+import zmq
+
+from clients import Client
+from kernel import config, errors, keys
+from kernel.rayplace import LABEL_KEY, PlacementUnavailable, RayResources, parse_label, remote_endpoint
+from tests.support import KernelProcess, short_tmpdir
+
+#: Ray gives up on an unreachable GCS after about 20 s; the supervisor retries with its back-off.
+UNAVAILABLE_S = 180.0
+
+
+def test_resources_become_actor_options():
+    assert RayResources().options() == {"num_cpus": 1.0, "num_gpus": 0.0}
+    opts = RayResources(0.5, 1.0, 1 << 30, "gpu-box").options()
+    assert opts == {"num_cpus": 0.5, "num_gpus": 1.0, "memory": 1 << 30, "label_selector": {LABEL_KEY: "gpu-box"}}
+
+
+def test_labels():
+    assert parse_label("w1") == (LABEL_KEY, "w1")
+    assert parse_label("zone=eu") == ("zone", "eu")
+    for bad in ("", "=x", "k="):
+        with pytest.raises(ValueError):
+            parse_label(bad)
+
+
+def test_remote_endpoint():
+    assert remote_endpoint("tcp://10.0.0.1:5555", None) == "tcp://10.0.0.1:5555"
+    assert remote_endpoint("tcp://127.0.0.1:5555", "10.1.2.3") == "tcp://10.1.2.3:5555"
+    with pytest.raises(PlacementUnavailable, match="tcp://"):
+        remote_endpoint("ipc:///tmp/k.sock", None)
+
+
+def _parse(text: str) -> config.KernelConfig:
+    import tomllib
+
+    return config.parse(tomllib.loads(textwrap.dedent(text)), runtime="/tmp/rt", source="t.toml")
+
+
+def test_config_rows():
+    cfg = _parse("""
+        [ray]
+        address = "10.0.0.1:6379"
+        token_path = "/etc/ray/token"
+        [[service]]
+        name = "echo"
+        module = "services.echo"
+        placement = "ray"
+        replicas = 2
+        ray_num_cpus = 0.5
+        ray_label = "w1"
+        [[service]]
+        name = "plain"
+        module = "services.echo"
+    """)
+    assert cfg.ray is not None and cfg.ray.address == "10.0.0.1:6379" and cfg.ray.token_path == "/etc/ray/token"
+    assert [(s.name, s.placement) for s in cfg.services] == [("echo#0", "ray"), ("echo#1", "ray"), ("plain", "local")]
+    assert cfg.ray_resources == {"echo": RayResources(0.5, 0.0, None, "w1")}
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ('[[service]]\nname = "e"\nmodule = "m"\nplacement = "ray"\n', "needs a [ray] table"),
+        ('[[service]]\nname = "e"\nmodule = "m"\nray_num_cpus = 1.0\n', "ray_num_cpus"),
+        ('[ray]\nlocal = true\naddress = "h:1"\n', "local"),
+        (
+            '[ray]\nlocal = true\n[[service]]\nname = "e"\nmodule = "m"\nplacement = "ray"\nray_label = "=x"\n',
+            "ray_label",
+        ),
+        ("[ray]\nport = 1\n", "unknown key 'port'"),
+        ('[[service]]\nname = "e"\nmodule = "m"\nplacement = "k8s"\n', "placement"),
+    ],
+)
+def test_config_refusals(text, where):
+    with pytest.raises(config.ConfigError, match=where.replace("[", r"\[").replace("]", r"\]")):
+        _parse(text)
+
+
+@pytest.mark.system
+@pytest.mark.timeout(600)
+def test_unreachable_cluster_leaves_the_service_unavailable_and_the_rest_running():
+    d = short_tmpdir()
+    kd = os.path.join(d, "keys")
+    keys.new(kd, "op", "operator")
+    cfg = textwrap.dedent(f"""
+        [kernel]
+        endpoint = "tcp://127.0.0.1:0"
+        control = "tcp://127.0.0.1:0"
+        heartbeat_s = 0.2
+        liveness = 10
+        unavailable_wait_s = 1.0
+        [supervisor]
+        intensity = 2
+        period_s = 600.0
+        backoff_initial_s = 0.1
+        [auth]
+        keys = "{kd}"
+        [ray]
+        address = "127.0.0.1:1"
+        [[service]]
+        name = "far"
+        module = "services.echo"
+        placement = "ray"
+        [[service]]
+        name = "near"
+        command = ["{sys.executable}", "-m", "services.echo", "--name", "near"]
+    """)
+    k = KernelProcess.from_config(cfg)
+    try:
+        with Client(
+            k.endpoint,
+            timeout=60,
+            retries=0,
+            context=zmq.Context.instance(),
+            cert=os.path.join(kd, "op.key_secret"),
+            server_cert=os.path.join(kd, "kernel.key"),
+        ) as c:
+            c.wait_for_service("near", 60)
+            assert c.call("near", {"x": 1}) == {"x": 1}
+            deadline = time.monotonic() + UNAVAILABLE_S
+            far = None
+            while time.monotonic() < deadline:
+                far = next(ch for ch in c.stats()["children"] if ch["name"] == "far")
+                if far["reason"]:
+                    break
+                time.sleep(1.0)
+            assert far is not None and far["reason"].startswith("unavailable: Ray cluster 127.0.0.1:1 unreachable")
+            with pytest.raises(errors.RecaError) as info:
+                c.call("far", 1)
+            assert info.value.code == "unavailable"
+            assert c.call("near", 2) == 2  # still served
+    finally:
+        k.stop(timeout=60)
+        shutil.rmtree(d, ignore_errors=True)
