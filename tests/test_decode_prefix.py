@@ -101,3 +101,23 @@ def test_bad_model_and_prompt_over_the_context_are_typed(client):
     assert exc.value.detail["kind"] == "ContextTooLongError"
     st = client.call("decode", {"op": "stats"})
     assert "spark" in st["models"] and st["prefix"]["enabled"]
+
+
+def test_the_spark_model_is_served_as_a_second_model(client):
+    import torch
+
+    from lm.engine import Engine
+    from spark import procedural
+
+    q = "Q:17+25*3,40+12*7;"
+    first = generate(client, "decode", q, model="spark", prefix=False)
+    again = generate(client, "decode", q, model="spark")
+    third = generate(client, "decode", q, model="spark")
+    assert first["model"] == "spark" and first["tokens"] == again["tokens"] == third["tokens"]
+    assert third["prefix_reused"] >= 16
+    ref = Engine(procedural.load(dtype=torch.float64), num_blocks=64)
+    sid = ref.start(tokenizer.encode(q))
+    ref.generate(sid, 24)
+    assert ref.tokens(sid) == first["tokens"]
+    st = client.call("decode", {"op": "stats", "model": "spark"})
+    assert st["model"] == "spark" and "spark" in st["loaded"] and st["prefix"]["hits"] >= 1

@@ -167,15 +167,25 @@ def _load_chain(a: ModelArgs) -> Engine:
     return Engine.load(a.weights, dtype=a.dtype, num_blocks=a.num_blocks)
 
 
-def _load_spark(a: ModelArgs) -> Engine:
-    from spark.procedural import load_engine
+def _spark(task: int) -> Callable[[ModelArgs], Any]:
+    """The procedural integration model (:mod:`spark.procedural`) with task ``task``'s generated
+    delta folded in."""
 
-    return load_engine(dtype=a.dtype, num_blocks=a.num_blocks)
+    def load(a: ModelArgs) -> Any:
+        from spark.procedural import load_engine
+
+        return load_engine(task=task, dtype=a.dtype, num_blocks=a.num_blocks)
+
+    return load
 
 
 #: The models a worker serves, by name: a loader called once, on first use (``chain`` at setup).
 #: Another model (a recurrent one, say) registers here with :func:`register_model`.
-MODELS: dict[str, Callable[[ModelArgs], Any]] = {"chain": _load_chain, "spark": _load_spark}
+MODELS: dict[str, Callable[[ModelArgs], Any]] = {
+    "chain": _load_chain,
+    "spark": _spark(0),
+    **{f"spark-k{k}": _spark(k) for k in range(1, 10)},
+}
 DEFAULT_MODEL = "chain"
 
 
