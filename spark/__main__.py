@@ -191,7 +191,7 @@ def _summary(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 def evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from lm import chains
+    from lm import chains, tokenizer
     from lm.train import load
     from spark import codebook as cbk
     from spark import procedural, tapes, vm
@@ -225,6 +225,10 @@ def evaluate(args: argparse.Namespace) -> int:
                     ok += m["ok"]
                     new += m["new"]
                 served[model] = {"ok": ok, "ms": 1e3 * (time.perf_counter() - t0) / max(1, new)}
+            # a repeated question: its prompt's whole KV blocks come from the prefix cache
+            longest = max(batch, key=len)
+            again = model_answer(c, job, args.model, longest)
+            repeat_saved = again["reused"] / len(tokenizer.encode(chains.prompt(longest)))
             prefix = c.call("decode", {"op": "stats", "model": args.model}, job=job)["prefix"]
             s = cbk.heldout_score(spark_lm, batches=2, batch_size=args.batch_size, seed=77 + run)
             d, q = (
@@ -239,6 +243,7 @@ def evaluate(args: argparse.Namespace) -> int:
                     "spark_served_ms_per_token": served[args.model]["ms"],
                     "spark_prefix_hit_rate": prefix.get("hit_rate", 0.0),
                     "spark_prefix_saved_fraction": prefix.get("saved_fraction", 0.0),
+                    "spark_repeat_prompt_saved_fraction": repeat_saved,
                     "spark_loss": s.loss,
                     "spark_ppl": s.perplexity,
                     "spark_token_acc": s.token_accuracy,
