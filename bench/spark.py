@@ -221,7 +221,7 @@ def _compare(quick: bool) -> tuple[dict[str, float], list[dict], list[str]]:
     from spark import compare
 
     torch.set_num_threads(1)
-    steps = 4 if quick else 200
+    steps = 2 if quick else 200
     kw = {"batch": 4, "eval_batches": 1} if quick else {}
     key = f"compare-{quick}"
     if key not in _CACHE:
