@@ -258,7 +258,13 @@ def interleaved_ms_per_token(models: dict[str, TinyLM], rounds: int = 5, tokens:
 
 
 def compare(
-    model: TinyLM, configs: list[tuple[int, int]], *, chains_n: int, seed: int = 0, score_batches: int = 8
+    model: TinyLM,
+    configs: list[tuple[int, int]],
+    *,
+    chains_n: int,
+    seed: int = 0,
+    score_batches: int = 8,
+    score_batch_size: int = 32,
 ) -> tuple[list[dict[str, Any]], dict[str, TinyLM]]:
     """One row per model (dense, int8 rows, and codebook (dim, k) for each config): size and
     accuracy; and the models to time (every codebook model in each of its modes)."""
@@ -267,7 +273,7 @@ def compare(
     n_weights = sum(getattr(b, n).weight.numel() for b in model.blocks for n in LINEARS)
 
     def row(name: str, m: TinyLM) -> None:
-        s = heldout_score(m, batches=score_batches)
+        s = heldout_score(m, batches=score_batches, batch_size=score_batch_size)
         models[name] = m
         rows.append(
             {

@@ -29,6 +29,7 @@ import torch
 
 from lm import tokenizer
 from lm.engine import Engine, SeqState, _Seq
+from lm.errors import SpanError
 
 
 @dataclasses.dataclass
@@ -91,7 +92,7 @@ class PrefixCache:
         eng = self.engine
         tokens = tokenizer.check_ids(prompt)
         if not tokens:
-            raise ValueError("a prompt needs at least one token")
+            raise SpanError("a prompt needs at least one token")
         eng._check_len(len(tokens))
         path = self._walk(tokens)
         now = next(self._clock)
@@ -124,6 +125,23 @@ class PrefixCache:
         st.reused_tokens += reused
         self._insert(seq, len(tokens), now)
         return sid
+
+    def insert(self, seq_id: int) -> int:
+        """Insert the full blocks of a live sequence (prompt and decoded tokens: a later prompt
+        that continues it, or repeats a spliced text, reuses them); returns the blocks cached
+        along its path."""
+        seq = self.engine._get(seq_id)
+        now = next(self._clock)
+        self._insert(seq, len(seq.tokens), now)
+        return len(self._walk(seq.tokens + [tokenizer.PAD]))
+
+    def evict(self, n: int) -> int:
+        """Release up to ``n`` least recently used leaves (pressure on the KV pool); returns
+        how many were released."""
+        done = 0
+        while done < n and self._evict(keep=self.root):
+            done += 1
+        return done
 
     def _insert(self, seq: _Seq, n_tokens: int, now: int) -> None:
         node = self.root

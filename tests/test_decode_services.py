@@ -214,7 +214,8 @@ def test_tokens_budget_exhausted_mid_decode_ends_stream(client):
     n_prompt = len(tokenizer.encode(LONG_PROMPT))
     replies = []
     with pytest.raises(errors.BudgetExceeded):
-        for r in client.stream("decode", {"op": "generate", "prompt": LONG_PROMPT, "max_new": 90}, job=job):
+        for r in client.stream("decode", {"op": "generate", "prompt": LONG_PROMPT, "max_new": 90,
+                                              "prefix": False}, job=job):  # the whole prompt prefilled
             replies.append(r)
             if r.final:
                 raise_for(r)

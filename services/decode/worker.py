@@ -4,8 +4,13 @@ One process holds one engine and the *decodes* it serves; a decode is an engine 
 by its sequence id.  Requests are msgpack maps ``{"op": ..., ...}``:
 
 =========== ===================================================================================
-``generate`` ``{prompt | tokens | decode, max_new, width=1, stop=None, stop_count=1, keep=True}``
-            Start a decode (prefill ``prompt``) or continue ``decode``.  ``width == 1``: greedy,
+``generate`` ``{prompt | tokens | decode, max_new, width=1, stop=None, stop_count=1, keep=True,
+            model="chain", prefix=True}``
+            Start a decode (prefill ``prompt``) or continue ``decode``.  ``model`` names a served
+            model (:data:`MODELS`; loaded on first use).  A new prompt reuses the longest run of
+            whole KV blocks the model's prefix cache holds (``prefix=False``: prefill it all); the
+            decode's full blocks are cached when the generate ends, so a repeated prompt or a
+            continuation of an earlier answer hits.  ``width == 1``: greedy,
             one PARTIAL ``{"decode", "i", "token"}`` per token and a safe point
             (``ctx.checkpoint()``) at every token boundary, where the kernel's preempt pauses
             the decode (the engine sequence is marked paused, its state captured) and resume
@@ -25,7 +30,8 @@ by its sequence id.  Requests are msgpack maps ``{"op": ..., ...}``:
 ``state``    ``{decode, wait_paused_ms=0}``: tokens, text, position, engine state, whether a
             generate is streaming it (and that request's ``id`` / ``job``), whether it is
             paused.  ``wait_paused_ms`` waits (bounded) until its generate pauses or ends.
-``stats``    engine counters, live decodes, free KV blocks.
+``stats``    ``{model="chain"}``: engine counters, live decodes, free KV blocks, prefix cache
+            figures (lookups, hit rate, prefill tokens saved, blocks held, evictions).
 ``long_open`` ``{varref: {length, vars, seed} | tokens, policy: {name: sparse|full, ...}, tiers:
             {device_blocks, host_blocks, disk_blocks, block_size, prefetch}}``: prefill a context
             into a decoder of the long-context model over tiered KV (:mod:`lm.longsession`; the
@@ -39,6 +45,19 @@ by its sequence id.  Requests are msgpack maps ``{"op": ..., ...}``:
             the long-context model; the same map published on ``ctl/decode/precision`` applies too
             (a malformed order there is counted in ``long_stats`` and logged, never applied).
 =========== ===================================================================================
+
+Models (:data:`MODELS`, :func:`register_model`): a name and a loader returning an
+:class:`lm.engine.Engine` (or anything with its interface); ``chain`` is loaded at setup, others on
+first use.  A decode's id is the worker's (unique over every model), its engine sequence id is
+``Decode.seq``.
+
+Prefix cache (:class:`spark.prefix.PrefixCache`, one per model, ``--prefix-blocks`` KV blocks;
+0 turns it off): a radix tree over full KV blocks, reference counted, least recently used leaves
+evicted past its ``kv_blocks`` bound, and released first when the pool runs out (an engine call
+refused with ``OutOfBlocksError`` is retried once after the cache gives its blocks back).  The
+cached keys/values are the ones the same prefix at the same positions computes, so greedy tokens
+are those of decoding without it (exactly in float64; in float32 a prefill and a step differ by
+rounding).  RoI-S splices and replacements insert the repaired sequence's blocks.
 
 Invariants: every engine call runs under ``self._lock`` (a beam or splice may run in a thread,
 and the engine is not thread-safe); a decode with a generate streaming it is mutated only by
@@ -56,6 +75,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import logging
 from typing import Any, Callable
 
@@ -73,6 +93,7 @@ from lm.longmodel import load as load_long
 from lm.longsession import MAX_DEVICE_BLOCKS, LongSessions
 from lm.roi import RoI, accept_for
 from services.base import Context, Service
+from spark.prefix import PrefixCache
 
 log = logging.getLogger("reca.decode")
 
@@ -133,12 +154,75 @@ class KvBlocks:
             await self.client.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+    """What a model loader is given: the worker's options."""
+
+    dtype: torch.dtype
+    num_blocks: int
+    weights: str | None = None
+
+
+def _load_chain(a: ModelArgs) -> Engine:
+    return Engine.load(a.weights, dtype=a.dtype, num_blocks=a.num_blocks)
+
+
+def _spark(task: int) -> Callable[[ModelArgs], Any]:
+    """The procedural integration model (:mod:`spark.procedural`) with task ``task``'s generated
+    delta folded in."""
+
+    def load(a: ModelArgs) -> Any:
+        from spark.procedural import load_engine
+
+        return load_engine(task=task, dtype=a.dtype, num_blocks=a.num_blocks)
+
+    return load
+
+
+#: The models a worker serves, by name: a loader called once, on first use (``chain`` at setup).
+#: Another model (a recurrent one, say) registers here with :func:`register_model`.
+MODELS: dict[str, Callable[[ModelArgs], Any]] = {
+    "chain": _load_chain,
+    "spark": _spark(0),
+    **{f"spark-k{k}": _spark(k) for k in range(1, 10)},
+}
+DEFAULT_MODEL = "chain"
+
+
+def register_model(name: str, loader: Callable[[ModelArgs], Any]) -> None:
+    """Serve ``loader``'s engine as ``model=name`` (it needs :class:`lm.engine.Engine`'s API)."""
+    if not isinstance(name, str) or not name or name in MODELS:
+        raise ValueError(f"model name {name!r} is empty or taken")
+    MODELS[name] = loader
+
+
+@dataclasses.dataclass(eq=False)
+class Served:
+    """One loaded model: its engine and its prefix cache (None when off)."""
+
+    name: str
+    engine: Any
+    prefix: PrefixCache | None
+    pressure_evictions: int = 0
+
+    def prefix_stats(self) -> dict:
+        if self.prefix is None:
+            return {"enabled": False}
+        st = self.prefix.stats
+        return {"enabled": True, "max_blocks": self.prefix.max_blocks, "blocks": self.prefix.size,
+                **dataclasses.asdict(st), "hit_rate": st.hit_rate, "saved_fraction": st.saved_fraction,
+                "pressure_evictions": self.pressure_evictions}
+
+
 @dataclasses.dataclass(eq=False)
 class Decode:
     """One served decode.  Invariant: ``owner`` is the generate request streaming it (or None);
-    ``paused`` is set exactly while that request waits at a safe point after a preempt."""
+    ``paused`` is set exactly while that request waits at a safe point after a preempt.
+    ``id`` is the worker's decode id, ``seq`` the sequence in ``served``'s engine."""
 
+    id: int
     seq: int
+    served: Served
     #: The principal that started it: only its requests see or touch it (issue 24).
     principal: str = ""
     owner: Context | None = None
@@ -173,7 +257,10 @@ class DecodeService(Service):
     capacity = 4
 
     def __init__(self) -> None:
-        self.engine: Engine | None = None
+        self.engine: Engine | None = None  # the default model's engine
+        self.models: dict[str, Served] = {}
+        self.prefix_blocks = 128
+        self._ids = itertools.count(1)
         self.decodes: dict[int, Decode] = {}
         self._lock = asyncio.Lock()
         self.num_blocks = 1024
@@ -190,14 +277,45 @@ class DecodeService(Service):
         parser.add_argument("--num-blocks", type=int, default=self.num_blocks)
         parser.add_argument("--dtype", choices=("float32", "float64"), default=self.dtype)
         parser.add_argument("--weights", default=None, help="weights file (default: the shipped ones)")
+        parser.add_argument("--prefix-blocks", type=int, default=self.prefix_blocks,
+                            help="KV blocks each model's prefix cache may hold (0: no cache)")
 
     def configure(self, args: argparse.Namespace) -> None:
         self.num_blocks, self.dtype, self.weights = args.num_blocks, args.dtype, args.weights
+        if args.prefix_blocks < 0 or args.prefix_blocks > args.num_blocks:
+            raise SystemExit(f"--prefix-blocks must be in [0, --num-blocks], got {args.prefix_blocks}")
+        self.prefix_blocks = args.prefix_blocks
         self.gate = KvBlocks(getattr(args, "endpoint", None) or f"ipc://{runtime_dir()}/kernel.sock")
 
     async def setup(self) -> None:
-        self.engine = Engine.load(self.weights, dtype=getattr(torch, self.dtype), num_blocks=self.num_blocks)
+        self.engine = self._served_now(DEFAULT_MODEL).engine
         self.long = LongSessions(load_long())
+
+    def _served_now(self, name: str) -> Served:
+        served = self.models.get(name)
+        if served is None:
+            args = ModelArgs(getattr(torch, self.dtype), self.num_blocks,
+                             self.weights if name == DEFAULT_MODEL else None)
+            eng = MODELS[name](args)
+            cache = PrefixCache(eng, self.prefix_blocks) if self.prefix_blocks else None
+            served = self.models[name] = Served(name, eng, cache)
+        return served
+
+    async def _served(self, payload: dict) -> Served:
+        """The model a request names (``model``, default ``chain``), loaded on first use."""
+        name = payload.get("model", DEFAULT_MODEL)
+        if not isinstance(name, str) or name not in MODELS:
+            raise errors.BadRequest(f"unknown model {name!r}; models: {', '.join(sorted(MODELS))}",
+                                    kind="UnknownModel")
+        if name not in self.models:
+            async with self._lock:
+                if name not in self.models:
+                    try:
+                        await asyncio.to_thread(self._served_now, name)
+                    except FileNotFoundError as exc:
+                        raise errors.BadRequest(f"model {name!r} has no weights: {exc}", kind="UnknownModel") \
+                            from None
+        return self.models[name]
 
     async def teardown(self) -> None:
         if self.long is not None:
@@ -207,23 +325,37 @@ class DecodeService(Service):
 
     # -- plumbing --------------------------------------------------------------------------------
 
-    async def _call(self, ctx: Context, fn: Callable[..., Any], *args: Any, thread: bool = False,
+    async def _call(self, ctx: Context, served: Served, fn: Callable[..., Any], *args: Any, thread: bool = False,
                     **kw: Any) -> Any:
-        """Run one engine call under the lock and charge what it spent to ``ctx``."""
-        eng = self.engine
-        assert eng is not None
+        """Run one engine call under the lock and charge what it spent to ``ctx``.  A call the
+        KV pool refuses is retried once after the prefix cache released its blocks (an engine
+        error leaves the engine as it was, so the retry starts from the same state)."""
+        eng = served.engine
         async with self._lock:
             before = eng.stats()
             try:
-                if thread:
-                    return await asyncio.to_thread(fn, *args, **kw)
-                return fn(*args, **kw)
+                for attempt in (0, 1):
+                    try:
+                        if thread:
+                            return await asyncio.to_thread(fn, *args, **kw)
+                        return fn(*args, **kw)
+                    except OutOfBlocksError:
+                        if attempt or served.prefix is None or not served.prefix.size:
+                            raise
+                        served.pressure_evictions += served.prefix.evict(served.prefix.size)
+                raise AssertionError("unreachable")
             except LMError as exc:
                 raise typed_error(exc) from None
             finally:
                 spent = spend_between(before, eng.stats())
                 if spent:
                     ctx.charge(**spent)
+
+    def _cache(self, dec: Decode) -> None:
+        """Insert ``dec``'s full blocks into its model's prefix cache (under the lock)."""
+        cache = dec.served.prefix
+        if cache is not None and dec.seq in dec.served.engine.live_sequences:
+            cache.insert(dec.seq)
 
     def _decode(self, ctx: Context, payload: dict) -> Decode:
         """The caller's decode named in ``payload``: another principal's answers exactly as one
@@ -234,19 +366,22 @@ class DecodeService(Service):
             raise errors.BadRequest(f"no decode {did!r} on this worker", kind="UnknownSequenceError")
         return dec
 
+    @staticmethod
+    def _eng(dec: Decode) -> Any:
+        return dec.served.engine
+
     def _mutable(self, ctx: Context, payload: dict) -> Decode:
         dec = self._decode(ctx, payload)
         if dec.owner is not None and not dec.paused.is_set():
-            raise errors.BadRequest(f"decode {dec.seq} is being generated; pause it first (ids.pause)",
+            raise errors.BadRequest(f"decode {dec.id} is being generated; pause it first (ids.pause)",
                                     kind="DecodeBusy")
         return dec
 
     def _view(self, dec: Decode) -> dict:
-        eng = self.engine
-        assert eng is not None
+        eng = self._eng(dec)
         toks = eng.tokens(dec.seq)
         out = {
-            "decode": dec.seq, "tokens": toks, "text": tokenizer.decode(toks), "position": len(toks),
+            "decode": dec.id, "model": dec.served.name, "tokens": toks, "text": tokenizer.decode(toks), "position": len(toks),
             "state": eng.state(dec.seq).value, "running": dec.owner is not None,
             "paused": dec.paused.is_set(), "block_table": list(eng.snapshot(dec.seq).block_table),
         }
@@ -258,8 +393,7 @@ class DecodeService(Service):
         """A token boundary.  If a preempt addressed this request, the sequence is marked paused
         in the engine (capturing its state) before the pause is acknowledged, and resumed when
         the wait ends."""
-        eng = self.engine
-        assert eng is not None
+        eng = self._eng(dec)
 
         def pause() -> None:
             eng.pause(dec.seq)
@@ -293,8 +427,6 @@ class DecodeService(Service):
         return await handler(ctx, payload)
 
     async def op_generate(self, ctx: Context, payload: dict) -> dict:
-        eng = self.engine
-        assert eng is not None
         max_new = _int(payload, "max_new", 64, lo=1)
         width = _int(payload, "width", 1, lo=1)
         stop_count = _int(payload, "stop_count", 1, lo=1)
@@ -305,49 +437,61 @@ class DecodeService(Service):
                 raise errors.BadRequest(f"'stop' must be one character, got {stop!r}")
             stop_token = tokenizer.token_id(stop)
         keep = bool(payload.get("keep", True))
+        reused = 0
         if "decode" in payload:
             dec = self._decode(ctx, payload)
+            eng = self._eng(dec)
             if dec.owner is not None:
-                raise errors.BadRequest(f"decode {dec.seq} already has a generate streaming it", kind="DecodeBusy")
+                raise errors.BadRequest(f"decode {dec.id} already has a generate streaming it", kind="DecodeBusy")
             if eng.state(dec.seq) is not SeqState.RUNNING:
-                raise errors.BadRequest(f"decode {dec.seq} is {eng.state(dec.seq).value}",
+                raise errors.BadRequest(f"decode {dec.id} is {eng.state(dec.seq).value}",
                                         kind="SequenceFinishedError")
         else:
             prompt = _tokens_of(payload, bos=True)
-            seq = await self._call(ctx, eng.start, prompt, seed=_int(payload, "seed", 0))
-            dec = self.decodes[seq] = Decode(seq, ctx.principal)
+            seed = _int(payload, "seed", 0)
+            served = await self._served(payload)
+            eng = served.engine
+            use_prefix = served.prefix is not None and bool(payload.get("prefix", True))
+            start_fn = served.prefix.start if use_prefix else eng.start  # type: ignore[union-attr]
+            before = served.prefix.stats.reused_tokens if use_prefix else 0  # type: ignore[union-attr]
+            seq = await self._call(ctx, served, start_fn, prompt, seed=seed)
+            reused = served.prefix.stats.reused_tokens - before if use_prefix else 0  # type: ignore[union-attr]
+            did = next(self._ids)
+            dec = self.decodes[did] = Decode(did, seq, served, ctx.principal)
         start = len(eng.tokens(dec.seq))
         dec.owner = ctx
         dec.idle.clear()
         try:
-            await ctx.partial({"decode": dec.seq, "request": ctx.id, "kernel_token": ctx.token, "start": start})
+            await ctx.partial({"decode": dec.id, "request": ctx.id, "kernel_token": ctx.token, "start": start})
             if width == 1:
                 await self._greedy(ctx, dec, max_new, stop_token, stop_count)
             else:
                 await self._beam(ctx, dec, width, max_new, stop_token, stop_count)
             toks = eng.tokens(dec.seq)
-            result = {"decode": dec.seq, "tokens": toks, "text": tokenizer.decode(toks), "new": toks[start:],
-                      "finished": eng.state(dec.seq) is SeqState.FINISHED}
+            result = {"decode": dec.id, "model": dec.served.name, "tokens": toks, "text": tokenizer.decode(toks),
+                      "new": toks[start:], "finished": eng.state(dec.seq) is SeqState.FINISHED,
+                      "prefix_reused": reused}
         finally:
             dec.owner = None
             dec.idle.set()
-            if not keep and dec.seq in self.decodes:
-                del self.decodes[dec.seq]
-                eng.free(dec.seq)
+            async with self._lock:
+                self._cache(dec)
+                if not keep and self.decodes.get(dec.id) is dec:
+                    del self.decodes[dec.id]
+                    eng.free(dec.seq)
         if not keep:
             result["freed"] = True
         return result
 
     async def _greedy(self, ctx: Context, dec: Decode, max_new: int, stop_token: int | None,
                       stop_count: int) -> None:
-        eng = self.engine
-        assert eng is not None
+        eng = self._eng(dec)
         seen = 0
         for i in range(max_new):
             if eng.state(dec.seq) is not SeqState.RUNNING or len(eng.tokens(dec.seq)) >= eng.max_len:
                 break
-            tok = await self._call(ctx, eng.step, dec.seq)
-            await ctx.partial({"decode": dec.seq, "i": i, "token": tok})
+            tok = await self._call(ctx, dec.served, eng.step, dec.seq)
+            await ctx.partial({"decode": dec.id, "i": i, "token": tok})
             if stop_token is not None and tok == stop_token:
                 seen += 1
                 if seen >= stop_count:
@@ -356,26 +500,24 @@ class DecodeService(Service):
 
     async def _beam(self, ctx: Context, dec: Decode, width: int, max_new: int, stop_token: int | None,
                     stop_count: int) -> None:
-        eng = self.engine
-        assert eng is not None
-        cands = await self._call(ctx, eng.beam, dec.seq, width, max_new, stop_token=stop_token,
+        eng = self._eng(dec)
+        cands = await self._call(ctx, dec.served, eng.beam, dec.seq, width, max_new, stop_token=stop_token,
                                  stop_count=stop_count, thread=True)
         await self._safe_point(ctx, dec)
         best = list(cands[0].tokens)
-        await self._call(ctx, eng.inject, dec.seq, best)
+        await self._call(ctx, dec.served, eng.inject, dec.seq, best)
         for i, tok in enumerate(best):
-            await ctx.partial({"decode": dec.seq, "i": i, "token": tok, "logprob": cands[0].logprob})
+            await ctx.partial({"decode": dec.id, "i": i, "token": tok, "logprob": cands[0].logprob})
 
     async def op_inject(self, ctx: Context, payload: dict) -> dict:
         dec = self._mutable(ctx, payload)
         toks = _tokens_of(payload, bos=False)
-        await self._call(ctx, self.engine.inject, dec.seq, toks)
+        await self._call(ctx, dec.served, self._eng(dec).inject, dec.seq, toks)
         return self._view(dec)
 
     async def op_splice(self, ctx: Context, payload: dict) -> dict:
-        eng = self.engine
-        assert eng is not None
         dec = self._mutable(ctx, payload)
+        eng = self._eng(dec)
         start, end = _int(payload, "start"), _int(payload, "end")
         width = _int(payload, "width", 8, lo=1)
         recompute = _int(payload, "recompute", 4, lo=0)
@@ -389,8 +531,10 @@ class DecodeService(Service):
                 raise errors.BadRequest(f"span [{start}, {end}) is not inside [1, {len(eng.tokens(dec.seq))}]",
                                         kind="SpanError")
             accept = accept_for(text, RoI(start, end, None))  # type: ignore[arg-type]
-        res = await self._call(ctx, eng.splice, dec.seq, start, end, width=width, accept=accept, mode=mode,
-                               recompute=recompute, thread=True)
+        res = await self._call(ctx, dec.served, eng.splice, dec.seq, start, end, width=width, accept=accept,
+                               mode=mode, recompute=recompute, thread=True)
+        async with self._lock:
+            self._cache(dec)
         out = self._view(dec)
         out.update(start=res.start, old_span=tokenizer.decode(res.old_span), new_span=tokenizer.decode(res.new_span),
                    accepted=res.accepted, repaired=res.decoded, suffix_len=res.suffix_len, mode=res.mode)
@@ -399,22 +543,25 @@ class DecodeService(Service):
     async def op_replace(self, ctx: Context, payload: dict) -> dict:
         dec = self._mutable(ctx, payload)
         toks = _tokens_of(payload, bos=False)
-        await self._call(ctx, self.engine.replace, dec.seq, _int(payload, "start"), _int(payload, "end"), toks)
+        await self._call(ctx, dec.served, self._eng(dec).replace, dec.seq, _int(payload, "start"),
+                         _int(payload, "end"), toks)
+        async with self._lock:
+            self._cache(dec)
         return self._view(dec)
 
     async def op_rewind(self, ctx: Context, payload: dict) -> dict:
         dec = self._mutable(ctx, payload)
-        await self._call(ctx, self.engine.rewind, dec.seq, _int(payload, "pos"))
+        await self._call(ctx, dec.served, self._eng(dec).rewind, dec.seq, _int(payload, "pos"))
         return self._view(dec)
 
     async def op_free(self, ctx: Context, payload: dict) -> dict:
         dec = self._mutable(ctx, payload)
         if dec.owner is not None:
-            raise errors.BadRequest(f"decode {dec.seq} has a paused generate; resume or cancel it first",
+            raise errors.BadRequest(f"decode {dec.id} has a paused generate; resume or cancel it first",
                                     kind="DecodeBusy")
-        await self._call(ctx, self.engine.free, dec.seq)
-        del self.decodes[dec.seq]
-        return {"decode": dec.seq, "freed": True}
+        await self._call(ctx, dec.served, self._eng(dec).free, dec.seq)
+        del self.decodes[dec.id]
+        return {"decode": dec.id, "freed": True}
 
     async def op_state(self, ctx: Context, payload: dict) -> dict:
         dec = self._decode(ctx, payload)
@@ -427,16 +574,18 @@ class DecodeService(Service):
             finally:
                 for w in waits:
                     w.cancel()
-            if self.decodes.get(dec.seq) is not dec:
-                raise errors.BadRequest(f"decode {dec.seq} was freed", kind="UnknownSequenceError")
+            if self.decodes.get(dec.id) is not dec:
+                raise errors.BadRequest(f"decode {dec.id} was freed", kind="UnknownSequenceError")
         return self._view(dec)
 
     async def op_stats(self, ctx: Context, payload: dict) -> dict:
-        eng = self.engine
-        assert eng is not None
-        return {"counters": dataclasses.asdict(eng.stats()),
-                "decodes": sorted(s for s, d in self.decodes.items() if d.principal == ctx.principal),
-                "free_blocks": eng.cache.allocator.num_free}
+        served = await self._served(payload)
+        eng = served.engine
+        return {"model": served.name, "counters": dataclasses.asdict(eng.stats()),
+                "decodes": sorted(i for i, d in self.decodes.items()
+                                  if d.principal == ctx.principal and d.served is served),
+                "free_blocks": eng.cache.allocator.num_free, "prefix": served.prefix_stats(),
+                "models": sorted(MODELS), "loaded": sorted(self.models)}
 
     # -- long-context decodes over tiered KV, with precision control -----------------------------
 
