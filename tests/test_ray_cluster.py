@@ -59,6 +59,25 @@ def _nodes_alive(address: str, env: dict[str, str], want: int) -> bool:
     return out.returncode == 0 and bool(lines) and lines[-1].isdigit() and int(lines[-1]) >= want
 
 
+def _wait_nodes(address: str, env: dict[str, str], want: int, procs: list[subprocess.Popen]) -> bool:
+    """Whether ``want`` nodes are alive within :data:`NODE_START_S` (False at once if a node's
+    runner exited)."""
+    deadline = time.monotonic() + NODE_START_S
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        if _nodes_alive(address, env, want):
+            return True
+        time.sleep(2.0)
+    return False
+
+
+def _tail(d: str, name: str) -> str:
+    try:
+        with open(os.path.join(d, name), errors="replace") as fh:
+            return fh.read()[-1500:]
+    except OSError:
+        return ""
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """``(kernel_addr, ns_addr, ray_address, token_path, ns)``: the head on ``kernel_addr`` (this
@@ -85,7 +104,9 @@ def cluster():
         token = make_token(os.path.join(d, "auth_token"))
         env = {**os.environ, **token_env(token), "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
         address = None
-        for _ in range(NODE_TRIES):  # Ray gives a raylet 30 s to register: a loaded machine may miss it
+        # One node at a time (half the start-up contention), each retried: Ray gives a new raylet
+        # 30 s to register (ray/_private/node.py), which a loaded machine may miss.
+        for _ in range(NODE_TRIES):
             port = free_ports(1, host_addr)[0]
             address = f"{host_addr}:{port}"
             head = start_node(
@@ -94,6 +115,12 @@ def cluster():
                 stderr=open(os.path.join(d, "head.err"), "ab"),
             )
             nodes.append(head)
+            if _wait_nodes(address, env, 1, [head]):
+                break
+            stop_node(head)
+        else:
+            pytest.fail(f"a Ray head did not come up in {NODE_TRIES} tries: {_tail(d, 'head.err')}")
+        for _ in range(NODE_TRIES):
             worker = start_node(
                 node_argv(address=address, node_ip=ns_addr, labels={"reca-node": "w1"}),
                 env,
@@ -101,19 +128,11 @@ def cluster():
                 stderr=open(os.path.join(d, "worker.err"), "ab"),
             )
             nodes.append(worker)
-            deadline = time.monotonic() + NODE_START_S
-            up = False
-            while not up and time.monotonic() < deadline and head.poll() is None and worker.poll() is None:
-                up = _nodes_alive(address, env, 2)
-                if not up:
-                    time.sleep(2.0)
-            if up:
+            if _wait_nodes(address, env, 2, [head, worker]):
                 break
             stop_node(worker)
-            stop_node(head)
         else:
-            tails = {n: open(os.path.join(d, n), errors="replace").read()[-1500:] for n in ("head.err", "worker.err")}
-            pytest.fail(f"a two-node Ray cluster did not come up in {NODE_TRIES} tries: {tails}")
+            pytest.fail(f"a Ray worker node did not join in {NODE_TRIES} tries: {_tail(d, 'worker.err')}")
         yield host_addr, ns_addr, address, token, ns, nodes
     finally:
         for proc in reversed(nodes):
@@ -246,6 +265,15 @@ def test_cpu_is_measured_on_the_node_and_billed_by_the_kernel(cluster, kern):
         node_total_ms = sum(psutil.Process(ch["where"]["pid"]).cpu_times()[:2]) * 1000.0
         assert 0 < cpu <= node_total_ms
         assert c.call("mmi.job.stats", {"job": "rayjob"})["spent"]["cpu_ms"] == pytest.approx(cpu)
+
+
+def test_a_driver_without_the_token_cannot_join(cluster, tmp_path):
+    """Ray's token authentication is on: a driver with another token is refused by the GCS."""
+    _, _, address, token, _, _ = cluster
+    env = {**os.environ, **token_env(make_token(str(tmp_path / "other_token"))), "PYTHONPATH": REPO}
+    assert not _nodes_alive(address, env, 1)
+    good = {**os.environ, **token_env(token), "PYTHONPATH": REPO}
+    assert _nodes_alive(address, good, 1)  # the same probe with the cluster's token gets in
 
 
 def test_lost_node_mid_request_gives_worker_died(cluster, kern):
