@@ -16,7 +16,7 @@ Both report, for one :class:`Routing`, :meth:`Router.expert_utilization` (the fr
 token-expert assignments each expert got; sums to 1) and :meth:`Router.load_balance_std` (the
 standard deviation of those fractions times ``E``: the coefficient of variation of the loads, 0
 when balanced, ``sqrt(E - 1)`` when one expert takes everything), so the figure does not depend on
-the batch size or the number of experts' scale.
+the batch size.
 
 :class:`MoEFFN` runs only the experts a token is routed to (experts ``[E, d, hidden]`` GELU MLPs)
 and returns ``(output, balance_weight * balance_loss)``.  Users: bklm's MoE FFN

@@ -187,3 +187,14 @@ def test_bad_input_is_a_router_error(make):
 def test_bklm_config_refuses_bad_routers(kw):
     with pytest.raises(ConfigError):
         ModelConfig(**kw)
+
+
+def test_a_training_request_names_its_router_or_is_refused():
+    """What services/bktrain parses (its ConfigError is a bad_request there)."""
+    from bklm.train import TrainConfig
+
+    cfg = TrainConfig.from_dict({"model": {"router": "hash", "router_k": 2}})
+    assert (cfg.model.router, cfg.model.router_k) == ("hash", 2)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="router"):
+        TrainConfig.from_dict({"model": {"router": "expert-choice"}})
