@@ -99,4 +99,4 @@ class ScalingLawPredictor:
 
         c_from, c_to = cost(esc.from_level), cost(esc.to_level)
         e_from, e_to = (float(v) for v in law.predict([c_from, c_to]))
-        return Prediction(max(0.0, e_from - e_to), max(c_to - c_from, 1.0), 0, -law.slopes[-1], math.nan)
+        return Prediction(max(0.0, e_from - e_to), max(c_to - c_from, 1.0), 0, -law.slopes[-1], 0.0)
