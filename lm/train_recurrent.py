@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--short-frac", type=float, default=0.4)
     p.add_argument("--seed", type=int, default=varref.TRAIN_SEED)
     p.add_argument("--out", type=pathlib.Path, default=None)
+    p.add_argument("--init", type=pathlib.Path, default=None, help="continue from these weights")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     target = recurrent.n_params(load_transformer())
     cfg = recurrent.config_for_params(args.kind, varref.VOCAB_SIZE, target)
     model = recurrent.RecurrentLM(cfg)
+    prior = {}
+    if args.init is not None:
+        model = recurrent.load(args.init).train().requires_grad_(True)
+        cfg, prior = model.cfg, recurrent.load_meta(args.init)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     t0, budget = time.monotonic(), 60 * args.minutes
     step, warmup, loss, acc = 0, 100, torch.tensor(0.0), 0.0
@@ -77,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         "last_tok_acc": acc,
         "max_train_len": args.max_len,
     }
+    if prior:
+        meta["continued_from"] = prior
     out = args.out or recurrent.weights_path(args.kind)
     recurrent.save(model, out, meta)
     print(f"saved {out} after {step} steps in {elapsed:.1f}s ({meta['params']} parameters)")

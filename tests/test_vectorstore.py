@@ -1,7 +1,6 @@
 """lm.vectorstore: exact top-k (FAISS and NumPy agree), persistence, the async wrapper's task group,
 the reservoir and the autoencoder; bad input is typed."""
 
-import anyio
 import numpy as np
 import pytest
 import torch
