@@ -61,5 +61,21 @@ class RecurrentDecoder:
             self._step(tok)
         return out
 
+    def step(self, token: int | None = None) -> int:
+        """One decode step in :class:`lm.longdecode.LongDecoder`'s shape: feed ``token``, or the
+        greedy next token when None; returns the token fed."""
+        if token is None:
+            if self.last_logits is None:
+                raise SequenceStateError("a greedy step needs a prefill or fed tokens first")
+            token = int(self.last_logits.argmax())
+        self.feed([token])
+        return token
+
+    def prefill(self, tokens: Sequence[int]) -> None:
+        self.load(tokens)
+
+    def close(self) -> None:
+        """Nothing to give back: no cache, no tiers (the shape of ``LongDecoder.close``)."""
+
     def state_bytes(self) -> int:
         return self.model.state_bytes()

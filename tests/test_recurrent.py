@@ -71,3 +71,21 @@ def test_bad_input():
         model(torch.zeros(3, dtype=torch.long))
     with pytest.raises(recurrent.ModelError):
         recurrent.load("/nonexistent/recurrent.pt")
+
+
+def test_recurrent_decoder_steps_like_long_decoder():
+    from lm import varref
+    from lm.recurrent_decode import RecurrentDecoder
+
+    model = recurrent.RecurrentLM(recurrent.RecurrentConfig("rwkv", varref.VOCAB_SIZE, d_model=16, n_heads=2, d_ff=16))
+    model.eval()
+    toks = varref.encode("=aB;!!!!?a", bos=True)
+    dec = RecurrentDecoder(model)
+    dec.prefill(toks)
+    greedy = dec.step()
+    with torch.no_grad():
+        dense = model(torch.tensor([toks]))[0, -1]
+    assert greedy == int(dense.argmax())
+    assert dec.tokens == len(toks) + 1 and dec.state_bytes() == model.state_bytes()
+    with pytest.raises(varref.VocabularyError):
+        dec.feed([10_000])
