@@ -137,14 +137,14 @@ def nearmiss_part(quick: bool) -> tuple[dict, list[dict], list[str]]:
     return metrics, rows, notes
 
 
-def coldtier_part(quick: bool) -> tuple[dict, list[dict], list[str]]:
+def coldtier_part(quick: bool, size: tuple[int, int, int] | None = None,
+                  code_dim: int = 32) -> tuple[dict, list[dict], list[str]]:
     from lm import varref
     from lm.coldtier import ColdTierDecoder, train_codecs
     from lm.longmodel import load
 
     model = load()
-    length, runs, steps = (2048, 1, 24) if quick else (8192, 2, 120)
-    code_dim = 32
+    length, runs, steps = size or ((2048, 1, 24) if quick else (8192, 2, 120))
     train_ctx = varref.make_context(random.Random(varref.TRAIN_SEED + 99), 2048, K.N_VARS)
     t0 = time.perf_counter()
     codecs = train_codecs(model, train_ctx.tokens, code_dim, steps=120 if quick else 300)

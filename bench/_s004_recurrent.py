@@ -53,10 +53,11 @@ def _recurrent_peer(model, ctx, queries, steps) -> dict:
     }
 
 
-def run(quick: bool) -> Result:
+def run(quick: bool, plan: list[tuple[int, int, int]] | None = None) -> Result:
+    """``plan``: (length, contexts, decode steps) per length; default by ``quick``."""
     torch.set_num_threads(1)
     model = load()
-    plan = [(2048, 1, 24)] if quick else [(8192, 2, 200), (32768, 1, 100)]
+    plan = plan or ([(2048, 1, 24)] if quick else [(8192, 2, 200), (32768, 1, 100)])
     peers_rec = {kind: recurrent.load(kind) for kind in recurrent.KINDS if recurrent.weights_path(kind).exists()}
     rows, metrics = [], {}
     with tempfile.TemporaryDirectory(prefix="reca-s004-") as tmpdir:
