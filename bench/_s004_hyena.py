@@ -35,7 +35,7 @@ def _accuracy(model, contexts) -> float:
 
 def run(quick: bool) -> Result:
     torch.set_num_threads(1)
-    steps, eval_len, n_ctx = (15, 512, 1) if quick else (300, 2048, 2)
+    steps, eval_len, n_ctx = (4, 256, 1) if quick else (300, 2048, 2)
     ref = load()
     contexts = [K._context(eval_len, K.HELDOUT_SEED + 7 + i) for i in range(n_ctx)]
     rows, metrics = [], {}

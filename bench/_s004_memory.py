@@ -74,7 +74,7 @@ def nearmiss_part(quick: bool) -> tuple[dict, list[dict], list[str]]:
     from services.scch.nearmiss import NearMissProposer
     from services.scch.store import open_backend
 
-    base, queries = (BASE[:7], QUERIES[:4] + QUERIES[10:13]) if quick else (BASE, QUERIES)
+    base, queries = (BASE[:7], QUERIES[:3] + QUERIES[11:13]) if quick else (BASE, QUERIES)
     cache = SubgoalCache(open_backend("sqlite"), admit_min=0.0, seed=1)
     prop = NearMissProposer()
     skipped = 0
@@ -147,7 +147,7 @@ def coldtier_part(quick: bool, size: tuple[int, int, int] | None = None,
     length, runs, steps = size or ((2048, 1, 24) if quick else (8192, 2, 120))
     train_ctx = varref.make_context(random.Random(varref.TRAIN_SEED + 99), 2048, K.N_VARS)
     t0 = time.perf_counter()
-    codecs = train_codecs(model, train_ctx.tokens, code_dim, steps=120 if quick else 300)
+    codecs = train_codecs(model, train_ctx.tokens, code_dim, steps=60 if quick else 300)
     codec_s = time.perf_counter() - t0
     per: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="reca-s004m-") as tmpdir:

@@ -57,7 +57,7 @@ def cswif_part(quick: bool) -> tuple[dict, list[dict], list[str]]:
     from services.cswif.predictor import ScalingLawPredictor
     from sims.whatif import RichardsonSurrogate
 
-    n_train, n_test = (10, 3) if quick else (30, 15)
+    n_train, n_test = (5, 2) if quick else (30, 15)
     blocks, cells = 2, 4
     pred = ScalingLawPredictor(max_breaks=1)
     train_roi = []
@@ -164,7 +164,7 @@ def _smooth(x: np.ndarray, alpha: float = 0.1) -> np.ndarray:
 def bktrain_part(quick: bool) -> tuple[dict, list[dict], list[str]]:
     from lm import scaling
 
-    steps = 24 if quick else 240
+    steps = 16 if quick else 240
     flops, losses = _pilot(steps)
     smooth = _smooth(losses)
     half, skip = steps // 2, max(2, steps // 20)

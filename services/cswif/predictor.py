@@ -28,9 +28,9 @@ import numpy as np
 from lm import scaling
 from sims.whatif import FinerRun, Prediction
 
-#: Observations of a case needed before its law is trusted (a one-breakpoint law needs four
-#: distinct computes; fewer gives a plain power law).
-MIN_OBSERVATIONS = 4
+#: Observations of a case needed before its law is trusted (three give a plain power law; a
+#: one-breakpoint law needs four distinct computes, and BIC decides whether it is worth it).
+MIN_OBSERVATIONS = 3
 #: Errors below this are clamped to it (a log-log law needs positive losses; exact runs give 0).
 ERROR_FLOOR = 1e-12
 
