@@ -33,9 +33,10 @@ def _accuracy(model, contexts) -> float:
     return float(np.mean(hits))
 
 
-def run(quick: bool) -> Result:
+def run(quick: bool, size: tuple[int, int, int] | None = None) -> Result:
+    """``size``: (training steps, evaluation length, contexts); default by ``quick``."""
     torch.set_num_threads(1)
-    steps, eval_len, n_ctx = (4, 256, 1) if quick else (300, 2048, 2)
+    steps, eval_len, n_ctx = size or ((4, 256, 1) if quick else (300, 2048, 2))
     ref = load()
     contexts = [K._context(eval_len, K.HELDOUT_SEED + 7 + i) for i in range(n_ctx)]
     rows, metrics = [], {}
