@@ -137,8 +137,9 @@ def nearmiss_part(quick: bool) -> tuple[dict, list[dict], list[str]]:
     return metrics, rows, notes
 
 
-def coldtier_part(quick: bool, size: tuple[int, int, int] | None = None,
-                  code_dim: int = 32) -> tuple[dict, list[dict], list[str]]:
+def coldtier_part(
+    quick: bool, size: tuple[int, int, int] | None = None, code_dim: int = 32
+) -> tuple[dict, list[dict], list[str]]:
     from lm import varref
     from lm.coldtier import ColdTierDecoder, train_codecs
     from lm.longmodel import load
