@@ -25,7 +25,8 @@ class RecurrentDecoder:
     def __init__(self, model: RecurrentLM) -> None:
         self.model = model
         self.state = model.init_state(1)
-        self.tokens = 0
+        #: token ids so far: bookkeeping for the service (its length), never read by the model
+        self.tokens: list[int] = []
         self.last_logits: torch.Tensor | None = None
         self.steps = 0  # decode steps (fed or generated tokens after the prefill)
 
@@ -36,13 +37,13 @@ class RecurrentDecoder:
             raise SequenceStateError("a prefill needs at least one token")
         with torch.no_grad():
             logits, self.state = self.model(torch.tensor([ids]), self.state, return_state=True)
-        self.tokens += len(ids)
+        self.tokens += ids
         self.last_logits = logits[0, -1]
 
     def _step(self, tok: int) -> None:
         with torch.no_grad():
             logits, self.state = self.model.step_chunk(torch.tensor([[tok]]), self.state)
-        self.tokens += 1
+        self.tokens.append(tok)
         self.steps += 1
         self.last_logits = logits[0, -1]
 

@@ -86,6 +86,32 @@ def test_recurrent_decoder_steps_like_long_decoder():
     with torch.no_grad():
         dense = model(torch.tensor([toks]))[0, -1]
     assert greedy == int(dense.argmax())
-    assert dec.tokens == len(toks) + 1 and dec.state_bytes() == model.state_bytes()
+    assert len(dec.tokens) == len(toks) + 1 and dec.state_bytes() == model.state_bytes()
     with pytest.raises(varref.VocabularyError):
         dec.feed([10_000])
+
+
+def test_long_sessions_serve_a_recurrent_peer():
+    from lm.errors import LMError
+    from lm.longmodel import load as load_transformer
+    from lm.longsession import LongSessions
+
+    torch.set_num_threads(1)
+    sessions = LongSessions(load_transformer())
+    req = {
+        "varref": {"length": 300, "vars": 2, "seed": 3},
+        "policy": {"name": "recurrent", "kind": "rwkv"},
+        "tiers": {"device_blocks": 1, "host_blocks": 4},
+    }
+    sid = sessions.open(req)
+    dec = sessions.get(sid)
+    for tok in sessions.query_tokens(sid, next(iter(sessions.values[sid]))):
+        dec.step(tok)
+    dec.step(None)
+    st = sessions.stats(sid)
+    assert st["tokens"] == 303 and st["state_bytes"] == dec.state_bytes() < 20_000
+    sessions.set_precision({"reset": True})  # leaves the recurrent peer's weights alone
+    assert dec.model is sessions.recurrent_models["rwkv"]
+    sessions.free(sid)
+    with pytest.raises(LMError):
+        sessions.open({**req, "policy": {"name": "recurrent", "kind": "lstm"}})
