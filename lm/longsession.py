@@ -59,7 +59,7 @@ def parse_policy(m: Any) -> Policy:
             return TopKKeys(k_top=_int(m, "k_top", 256, 1, 1 << 16), chunk_blocks=_int(m, "chunk_blocks", 16, 1, 1024))
     except ValueError as exc:
         raise RequestError(str(exc)) from None
-    raise RequestError(f"unknown policy {name!r}; policies: sparse, full, topk_keys")
+    raise RequestError(f"unknown policy {name!r}; policies: sparse, full, topk_keys, recurrent")
 
 
 def parse_tiers(m: Any, device_cap: int | None) -> TierSpec:
@@ -105,10 +105,34 @@ class LongSessions:
         self.disk_dir = disk_dir
         self.decoders: dict[int, LongDecoder] = {}
         self.values: dict[int, dict[str, str]] = {}
+        #: constant-state peers (policy ``recurrent``), loaded on first use
+        self.recurrent_models: dict[str, Any] = {}
         self._ids = itertools.count(1)
+
+    def _open_recurrent(self, request: Mapping, device_cap: int | None) -> int:
+        """``policy: {name: recurrent, kind}``: a constant-state peer (:mod:`lm.recurrent`)."""
+        from lm import recurrent
+        from lm.recurrent_decode import RecurrentDecoder
+
+        kind = request["policy"].get("kind")
+        if kind not in recurrent.KINDS:
+            raise RequestError(f"recurrent kind must be one of {', '.join(recurrent.KINDS)}, got {kind!r}")
+        parse_tiers(request.get("tiers"), device_cap)
+        tokens, values = parse_context(request)
+        if kind not in self.recurrent_models:
+            self.recurrent_models[kind] = recurrent.load(kind)
+        dec = RecurrentDecoder(self.recurrent_models[kind])
+        dec.prefill(tokens)
+        sid = next(self._ids)
+        self.decoders[sid] = dec  # type: ignore[assignment]
+        self.values[sid] = values
+        return sid
 
     def open(self, request: Mapping, *, device_cap: int | None = None) -> int:
         """Prefill a context into a new decoder; returns its id.  Nothing is created on error."""
+        pm = request.get("policy")
+        if isinstance(pm, Mapping) and pm.get("name") == "recurrent":
+            return self._open_recurrent(request, device_cap)
         policy = parse_policy(request.get("policy"))
         spec = parse_tiers(request.get("tiers"), device_cap)
         tokens, values = parse_context(request)
@@ -146,6 +170,10 @@ class LongSessions:
 
     def stats(self, sid: Any) -> dict:
         dec = self.get(sid)
+        if not isinstance(dec, LongDecoder):  # a recurrent peer: no cache, no tiers
+            return {"tokens": len(dec.tokens), "policy": {"name": "recurrent", "kind": dec.model.cfg.kind},
+                    "device_blocks": 0, "device_bytes": dec.state_bytes(), "state_bytes": dec.state_bytes(),
+                    "precision": {"avg_bits": 32.0}}
         st = dec.tiers.stats
         stalls = sorted(dec.stalls)
         return {
@@ -168,7 +196,8 @@ class LongSessions:
             self.plan, self.model = plan, model
             self.plan_info = {"avg_bits": plan.avg_bits(self.base), "bytes": nbytes}
         for dec in self.decoders.values():
-            dec.model = self.model
+            if isinstance(dec, LongDecoder):  # recurrent peers keep their own weights
+                dec.model = self.model
         return dict(self.plan_info)
 
     def close(self) -> None:

@@ -98,3 +98,42 @@ def check(
             needed=est.least_flops,
             granted=float(granted["flops"]),
         )
+
+
+#: Default margin of a budget over the FLOPs the scaling law predicts.
+BUDGET_MARGIN = 1.25
+#: Most points a budget request may carry.
+MAX_CURVE_POINTS = 10_000
+
+
+def budget_from_curve(curve: object, target_loss: object, margin: object = BUDGET_MARGIN,
+                      max_breaks: object = 1) -> dict:
+    """The ``flops`` budget for reaching ``target_loss``, from a pilot curve ``[[flops, loss], ...]``
+    (cumulative FLOPs, loss) through :func:`lm.scaling.fit_auto`: ``margin`` x the FLOPs the law
+    needs.  ``errors.BadRequest`` on a malformed curve, non-positive values, too few points or a
+    target the law never reaches (``reason``: ``bad_curve``, ``too_few_points``, ``unreachable``)."""
+    from lm import scaling
+
+    if not isinstance(curve, list) or not 0 < len(curve) <= MAX_CURVE_POINTS or not all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                               for v in p) for p in curve):
+        raise errors.BadRequest(f"curve must be a list of at most {MAX_CURVE_POINTS} [flops, loss] pairs",
+                                reason="bad_curve")
+    for name, value, low in (("target_loss", target_loss, 0.0), ("margin", margin, 1.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low or value != value \
+                or value == float("inf"):
+            raise errors.BadRequest(f"{name} must be a finite number > {low:g}, got {value!r}", reason="bad_curve")
+    if isinstance(max_breaks, bool) or not isinstance(max_breaks, int) or not 0 <= max_breaks <= 2:
+        raise errors.BadRequest("max_breaks must be 0, 1 or 2", reason="bad_curve")
+    flops, loss = [float(p[0]) for p in curve], [float(p[1]) for p in curve]
+    try:
+        law = scaling.fit_auto(flops, loss, max_breaks)
+        needed = law.compute_for(float(target_loss))
+    except scaling.TooFewPointsError as exc:
+        raise errors.BadRequest(str(exc), reason="too_few_points") from None
+    except scaling.UnreachableError as exc:
+        raise errors.BadRequest(str(exc), reason="unreachable") from None
+    except scaling.ScalingError as exc:
+        raise errors.BadRequest(str(exc), reason="bad_curve") from None
+    return {"predicted_flops": needed, "budget_flops": float(margin) * needed, "margin": float(margin),
+            "law": law.to_wire()}

@@ -21,6 +21,11 @@ PARTIAL ``{"step", "loss", "flops", ...}`` — which carries the spending to the
 whose ``flops`` run out is cut off at that step. Held-out evaluations are PARTIALs
 ``{"eval": loss, "step"}`` and are charged too.
 
+``op: budget`` (``curve`` ``[[flops, loss], ...]`` of a pilot run, ``target_loss``, ``margin``
+default 1.25, ``max_breaks`` default 1): the FLOPs to reach the target by the breakpoint scaling law
+(:mod:`lm.scaling`) and the budget ``margin x`` that -- what a client opens the training job with.
+Pure arithmetic, charged nothing; a bad curve or an unreachable target -> ``bad_request``.
+
 Errors: bad payload or config -> ``bad_request``; a corpus file that cannot be read ->
 ``bad_request`` with ``reason: corpus_unreadable``; a damaged checkpoint -> ``bad_request`` with
 ``reason: corrupt_checkpoint`` (the file is left for inspection); a grant too small for one step
@@ -56,6 +61,8 @@ from services.bktrain import estimate
 
 RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 PAYLOAD_KEYS = {"op", "run", "steps", "config", "checkpoint_every", "eval_every", "corpus", "corpus_limit_bytes"}
+#: Keys of ``op: budget`` (the scaling-law FLOPs predictor, :func:`estimate.budget_from_curve`).
+BUDGET_KEYS = {"op", "curve", "target_loss", "margin", "max_breaks"}
 #: Largest ``steps`` one request may ask for.
 MAX_STEPS = 1_000_000
 
@@ -122,11 +129,18 @@ class BKTrainService(Service):
     async def handle(self, ctx: Context, payload: Any) -> Any:
         if not isinstance(payload, dict):
             raise errors.BadRequest("bktrain takes a map payload")
+        if payload.get("op") == "budget":
+            unknown = set(payload) - BUDGET_KEYS
+            if unknown:
+                raise errors.BadRequest(f"unknown keys {sorted(unknown)}")
+            return await asyncio.to_thread(
+                estimate.budget_from_curve, payload.get("curve"), payload.get("target_loss"),
+                payload.get("margin", estimate.BUDGET_MARGIN), payload.get("max_breaks", 1))
         unknown = set(payload) - PAYLOAD_KEYS
         if unknown:
             raise errors.BadRequest(f"unknown keys {sorted(unknown)}")
         if payload.get("op", "train") != "train":
-            raise errors.BadRequest(f"unknown op {payload.get('op')!r}; bktrain takes 'train'")
+            raise errors.BadRequest(f"unknown op {payload.get('op')!r}; bktrain takes 'train' and 'budget'")
         run = payload.get("run")
         if not isinstance(run, str) or not RUN_ID.fullmatch(run):
             raise errors.BadRequest(f"run must match {RUN_ID.pattern}, got {run!r}")

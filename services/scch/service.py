@@ -9,6 +9,10 @@ Ops (payload maps; a *subgoal* is ``{"kind", "expr", "var"?, "func"?}``, see :mo
 * ``{"op": "put", "subgoal", "answer", "verifier"?}`` -> ``{"admitted", "key", "how", ...}``:
   the answer (printed, in the query's symbols; a list for ``solve``) is verified in full and
   stored with the verifier's hash; ``verifier``, when given, must be the current verifier hash.
+* ``--near-miss`` (off by default): on a ``solve`` miss, first the verified answer of a similar
+  cached subgoal (:mod:`services.scch.nearmiss`: proposed by embedding, accepted only after the
+  full check on this subgoal's canonical form and the check on the query as written; the reply
+  says ``near_miss: true`` and ``near_miss_of``); stored entries are indexed for it.
 * ``{"op": "solve", "subgoal", "cache": true}``: ``get``, and on a miss the heavy SymPy call in
   the solver process (hard time bound ``--solve-seconds``), verified and admitted.  A miss reports
   ``cpu_ms`` (the solver's CPU time) and ``solver_calls`` 1 to the kernel, which charges the
@@ -47,6 +51,7 @@ from kernel import errors
 from reason.check import warm_up
 from reason.errors import ReasonError
 from reason.solve import SOLVE_SECONDS, SolverPool
+from services.scch.nearmiss import NearMissProposer
 from services.base import Context, Service
 from services.scch.capped import CappedParser
 from services.scch.logic import SubgoalCache
@@ -72,6 +77,9 @@ class ScchService(Service):
         self.solve_seconds = SOLVE_SECONDS
         self.cache: SubgoalCache | None = None  # the cache of the principal being served
         self.caches: dict[str, SubgoalCache] = {}
+        #: near-miss proposers, one per cache (``--near-miss``; services/scch/nearmiss.py)
+        self.near_miss = False
+        self.proposers: dict[int, NearMissProposer] = {}
         self.shared = False
         self.pool: SolverPool | None = None
         self.parser: CappedParser | None = None
@@ -86,6 +94,8 @@ class ScchService(Service):
         parser.add_argument("--admit-min", type=float, default=1.0,
                             help="least decayed observation count for admission")
         parser.add_argument("--solve-seconds", type=float, default=SOLVE_SECONDS)
+        parser.add_argument("--near-miss", action="store_true",
+                            help="on a miss, try verified answers of similar cached subgoals before solving")
         parser.add_argument("--shared", action="store_true",
                             help="one cache for every principal (default: one per principal)")
 
@@ -93,6 +103,7 @@ class ScchService(Service):
         self.backend_kind, self.db, self.redis_url, self.prefix = args.backend, args.db, args.redis_url, args.prefix
         self.cache_capacity, self.half_life, self.admit_min = args.entries, args.half_life, args.admit_min
         self.solve_seconds = args.solve_seconds
+        self.near_miss = bool(getattr(args, "near_miss", False))
         self.shared = bool(getattr(args, "shared", False))
 
     def cache_for(self, principal: str) -> SubgoalCache:
@@ -174,6 +185,11 @@ class ScchService(Service):
             cn, hit = cache.lookup(subgoal, now, False)
         if hit is not None:
             return hit  # a hit reports no spending
+        proposer = self.proposers.setdefault(id(cache), NearMissProposer()) if self.near_miss and use_cache else None
+        if proposer is not None:
+            got = proposer.resolve(cache, cn)  # verified against this subgoal, or None
+            if got is not None:
+                return {k: v for k, v in got.items() if k != "canonical"}
         # The heavy call runs in the solver process; this thread only waits (bounded), so the
         # worker keeps heartbeating.  Canonical forms and checks run on the loop thread, where
         # their CPU-time limits (SIGPROF) apply.
@@ -192,6 +208,8 @@ class ScchService(Service):
             out = cache.finish(cn, canonical, 0.0, now, False, how)
         if bypassed:
             out["cache"] = "bypassed"
+        elif proposer is not None and cache.backend.load(cn.key) is not None:
+            proposer.remember(cn)
         return out
 
 
