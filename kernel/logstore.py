@@ -37,14 +37,34 @@ import os
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 #: ``,"crc":"xxxxxxxx"}`` -- the fixed-size tail of every record line.
 _CRC_TAIL = 18
 _HEX8 = re.compile(rb"[0-9a-f]{8}")
 
 #: One encoder for every record (``json.dumps(..., default=str)`` builds a new one per call).
-_encode = json.JSONEncoder(default=str, ensure_ascii=True).encode
+_json_encoder = json.JSONEncoder(default=str, ensure_ascii=True)
+try:  # the C encoder, made once: ``JSONEncoder.encode`` builds one per call (most of its cost)
+    from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
+    from json.encoder import encode_basestring_ascii as _ascii
+
+    _markers: dict[int, Any] = {}
+    _c_encode = _c_make_encoder(_markers, str, _ascii, None, ": ", ", ", False, False, True) \
+        if _c_make_encoder is not None and _ascii is not None else None
+except ImportError:  # pragma: no cover - CPython always has it
+    _c_encode = None
+
+
+def _encode(rec: Any) -> str:
+    """``rec`` as JSON text, byte for byte what ``_json_encoder.encode`` writes."""
+    if _c_encode is None or type(rec) is not dict:
+        return _json_encoder.encode(rec)
+    try:
+        return "".join(_c_encode(rec, 0))
+    except BaseException:
+        _markers.clear()  # an encode that raised may leave ids behind (a false "circular" later)
+        raise
 
 
 class BadRecord(ValueError):

@@ -102,6 +102,99 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, hard
 
 
+#: ``SOL_SOCKET`` options of Linux: attach / detach a classic BPF filter.
+_SO_ATTACH_FILTER, _SO_DETACH_FILTER = 26, 27
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+#: One instruction, ``ret #0``: every packet is dropped (BPF_RET | BPF_K = 0x06).
+_DROP_ALL = (_SockFilter * 1)(_SockFilter(0x06, 0, 0, 0))
+_DROP_PROG = _SockFprog(1, ctypes.cast(_DROP_ALL, ctypes.POINTER(_SockFilter)))
+
+
+class TcpListener:
+    """A handle on the listening socket libzmq made for a ``tcp://`` endpoint (a duplicate of
+    its descriptor, found by address), to stop accepting without closing it.  libzmq has no way
+    to pause a listener (``zmq_unbind`` closes every connection it accepted too), and waits out
+    ``EMFILE`` on tcp by retrying the accept in a loop; so :meth:`pause` attaches a socket filter
+    that drops every packet reaching the *listening* socket: new connections' SYNs go unanswered
+    (their ZeroMQ clients retry with backoff) while the connections accepted before (sockets of
+    their own, made before the filter) carry on.  :meth:`resume` detaches it.  Linux only:
+    :meth:`find` returns None elsewhere (the listener is then left as it is, as before)."""
+
+    def __init__(self, fd: int, address: tuple[str, int]) -> None:
+        self.fd = fd
+        self.address = address
+        self.paused = False
+
+    @classmethod
+    def find(cls, endpoint: str) -> "TcpListener | None":
+        """The listener of the bound ``endpoint`` (``tcp://host:port`` as ``LAST_ENDPOINT``
+        writes it), or None (not tcp, not found, not Linux)."""
+        import socket
+
+        if not endpoint.startswith("tcp://"):
+            return None
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        host = host.strip("[]")
+        try:
+            names = os.listdir("/proc/self/fd")
+            want = (str(socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)[0][4][0]), int(port))
+        except (OSError, ValueError, IndexError):
+            return None
+        for name in names:
+            try:
+                fd = os.dup(int(name))
+            except (OSError, ValueError):
+                continue
+            try:
+                s = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                continue
+            try:
+                if s.type == socket.SOCK_STREAM and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) \
+                        and tuple(s.getsockname()[:2]) == want:
+                    return cls(s.detach(), want)
+            except OSError:
+                pass
+            s.close()
+        return None
+
+    def _set(self, option: int, value: bytes) -> None:
+        import socket
+
+        s = socket.socket(fileno=os.dup(self.fd))
+        try:
+            s.setsockopt(socket.SOL_SOCKET, option, value)
+        finally:
+            s.close()
+
+    def pause(self) -> None:
+        """Stop accepting: every new connection's handshake is dropped."""
+        if not self.paused:
+            self._set(_SO_ATTACH_FILTER, bytes(_DROP_PROG))
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self._set(_SO_DETACH_FILTER, b"\0\0\0\0")
+            self.paused = False
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
 def open_fds() -> int:
     """Descriptors this process has open (Linux /proc; 0 where unknown)."""
     try:

@@ -41,7 +41,7 @@ from kernel import protocol as P
 from kernel.host import Host, SystemHost
 from kernel.control import may_subscribe
 from kernel.mmi import Management
-from kernel.peers import PeerGuard, open_fds, seed_routing_ids
+from kernel.peers import PeerGuard, TcpListener, open_fds, seed_routing_ids
 from kernel.policy import Admission
 from kernel.router import Router
 
@@ -136,6 +136,9 @@ class KernelServer:
         self.pub = pub
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.control = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        #: The tcp:// listeners, paused by a socket filter when the guard stops accepting.
+        self._listeners = [lst for lst in (TcpListener.find(ep) for ep in (self.endpoint, self.control))
+                           if lst is not None]
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.guard = PeerGuard(max_peers, fd_limit=soft if soft != resource.RLIM_INFINITY else 1 << 20,
                                baseline=open_fds())
@@ -396,10 +399,11 @@ class KernelServer:
             self._set_accepting(change)
 
     def _set_accepting(self, accept: bool) -> None:
-        """Stop (or resume) accepting connections on the ipc:// endpoints: rename each socket to a
-        hidden name and back (kernel.peers: libzmq aborts on EMFILE in an ipc accept, and has no
-        way to stop a listener without closing what it accepted).  A tcp:// listener is left as
-        it is: libzmq waits out EMFILE there.  Idempotent; called from the loop and the watcher."""
+        """Stop (or resume) accepting connections: rename each ipc:// socket to a hidden name and
+        back (kernel.peers: libzmq aborts on EMFILE in an ipc accept, and has no way to stop a
+        listener without closing what it accepted); a tcp:// listener gets a socket filter that
+        drops new connections' handshakes (kernel.peers.TcpListener; libzmq would otherwise spin
+        on EMFILE there).  Idempotent; called from the loop and the watcher."""
         with self._accept_lock:
             if self._accepting == accept:
                 return
@@ -419,6 +423,15 @@ class KernelServer:
                     os.rename(path, hidden)
             except OSError as exc:
                 log.warning("cannot %s accepting on %s: %s", "resume" if accept else "stop", ep, exc)
+        for listener in self._listeners:
+            try:
+                if accept:
+                    listener.resume()
+                else:
+                    listener.pause()
+            except OSError as exc:
+                log.warning("cannot %s accepting on tcp %s: %s", "resume" if accept else "stop",
+                            listener.address, exc)
         if accept:
             log.warning("accepting connections again (%d peers)", len(self.guard.conns))
         else:
@@ -525,6 +538,9 @@ class KernelServer:
             mon.close(0)
         self.sock.close(0)
         self.pub.close(0)
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
         if self.zap is not None:
             self.zap.stop()
         if self._own_context:
