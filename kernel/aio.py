@@ -66,7 +66,6 @@ def readable(sock: zmq.Socket) -> bool:
 # Plain-int flags: pyzmq's enum flags cost an Enum operation per frame on its Python path.
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
-_RCVMORE = int(zmq.RCVMORE)
 
 
 def send_frames(sock: zmq.Socket, frames: list, nonblocking: bool = True) -> None:
@@ -80,10 +79,14 @@ def send_frames(sock: zmq.Socket, frames: list, nonblocking: bool = True) -> Non
 
 
 def recv_frames(sock: zmq.Socket) -> list[bytes]:
-    """``recv_multipart(NOBLOCK)`` without enum arithmetic; raises ``zmq.Again`` when empty."""
+    """``recv_multipart(NOBLOCK)``; raises ``zmq.Again`` when empty.  Each frame is received as a
+    ``zmq.Frame`` and its ``more`` flag read from it: pyzmq's ``getsockopt(RCVMORE)`` per frame
+    cost more than the frame's copy (measured on a 5-frame message: 4.0-5.2 us against 6.5-7.0 us
+    for ``recv`` + ``getsockopt`` and for ``recv_multipart``)."""
     recv = sock.recv
-    getsockopt = sock.getsockopt
-    parts = [recv(_NOBLOCK)]
-    while getsockopt(_RCVMORE):
-        parts.append(recv(0))
+    frame = recv(_NOBLOCK, copy=False)
+    parts = [frame.bytes]
+    while frame.more:
+        frame = recv(0, copy=False)
+        parts.append(frame.bytes)
     return parts

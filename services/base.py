@@ -80,9 +80,16 @@ class Context:
         self.granted: dict[str, float] = dict(self.header.get(P.H_GRANTED) or self.header.get(P.H_BUDGET) or {})
         #: What the handler reported spending (sent in every status frame).
         self.spent: dict[str, float] = state.spent
-        #: Set whenever a control message addressed this request (the paused handler looks again).
-        self._wake = asyncio.Event()
+        self._wake_event: asyncio.Event | None = None  # made on first use (most requests never pause)
         self.task: asyncio.Task | None = None
+
+    @property
+    def _wake(self) -> asyncio.Event:
+        """Set whenever a control message addressed this request (the paused handler looks again)."""
+        event = self._wake_event
+        if event is None:
+            event = self._wake_event = asyncio.Event()
+        return event
 
     @property
     def paused(self) -> bool:
