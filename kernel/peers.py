@@ -22,7 +22,8 @@ Three things a peer could otherwise use to abort the kernel, and what closes eac
   server renames its ipc:// sockets to a hidden name (connected peers stay; a new ``connect``
   finds no socket and its ZeroMQ client retries later) and renames them back once the
   connections fall to three quarters of the cap -- the other half of the room absorbs what
-  libzmq had queued (its listen backlog) before the rename.
+  libzmq had queued (its listen backlog) before the rename.  A tcp:// listener is paused by a
+  socket filter that drops new handshakes (:class:`TcpListener`).
 * **Oversized messages** are the server's concern (kernel.server reads frame by frame).
 * **Memory kept after a flood.**  glibc raises its mmap threshold each time a large block is
   freed, so after a peer sends many 1 MiB frames later ones come from the heap and stay with the
