@@ -35,8 +35,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import zlib
 from dataclasses import dataclass, field
+from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
+from json.encoder import encode_basestring_ascii as _ascii
 from typing import Any, Iterator
 
 #: ``,"crc":"xxxxxxxx"}`` -- the fixed-size tail of every record line.
@@ -45,25 +48,26 @@ _HEX8 = re.compile(rb"[0-9a-f]{8}")
 
 #: One encoder for every record (``json.dumps(..., default=str)`` builds a new one per call).
 _json_encoder = json.JSONEncoder(default=str, ensure_ascii=True)
-try:  # the C encoder, made once: ``JSONEncoder.encode`` builds one per call (most of its cost)
-    from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
-    from json.encoder import encode_basestring_ascii as _ascii
-
-    _markers: dict[int, Any] = {}
-    _c_encode = _c_make_encoder(_markers, str, _ascii, None, ": ", ", ", False, False, True) \
-        if _c_make_encoder is not None and _ascii is not None else None
-except ImportError:  # pragma: no cover - CPython always has it
-    _c_encode = None
+# The C encoder (``_c_make_encoder``, None without json's C speedups) is made once per thread:
+# ``JSONEncoder.encode`` builds one per call, most of its cost.
+#: Per thread: (its circular-reference markers, its C encoder); the markers are shared by every
+#: call of that thread's encoder, so no two threads may share one.
+_per_thread = threading.local()
 
 
 def _encode(rec: Any) -> str:
     """``rec`` as JSON text, byte for byte what ``_json_encoder.encode`` writes."""
-    if _c_encode is None or type(rec) is not dict:
+    if _c_make_encoder is None or type(rec) is not dict:
         return _json_encoder.encode(rec)
+    made = getattr(_per_thread, "encoder", None)
+    if made is None:
+        markers: dict[int, Any] = {}
+        encoder = _c_make_encoder(markers, str, _ascii, None, ": ", ", ", False, False, True)
+        made = _per_thread.encoder = (markers, encoder)
     try:
-        return "".join(_c_encode(rec, 0))
+        return "".join(made[1](rec, 0))
     except BaseException:
-        _markers.clear()  # an encode that raised may leave ids behind (a false "circular" later)
+        made[0].clear()  # an encode that raised may leave ids behind (a false "circular" later)
         raise
 
 
