@@ -36,7 +36,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from kernel import auth, codec
-from kernel.aio import send_frames
+from kernel.aio import readable, send_frames
 from kernel import protocol as P
 from kernel.host import Host, SystemHost
 from kernel.control import may_subscribe
@@ -304,8 +304,14 @@ class KernelServer:
         hand the decisions taken to the operating system.  False once the socket is closed."""
         on_message = self.router.on_message
         clock = time.monotonic
-        for _ in range(_BATCH):
+        sock = self.sock
+        for n in range(_BATCH):
             try:
+                # After the first message, look before receiving: most wake-ups carry one message,
+                # and the zmq.Again that would end the drain costs ~3x the look (28k against 9.5k
+                # instructions, measured); a burst goes on receiving until zmq.Again as before.
+                if n == 1 and not readable(sock):
+                    break
                 frames, principal = self._recv()
             except zmq.Again:
                 break
