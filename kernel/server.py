@@ -236,6 +236,7 @@ class KernelServer:
         principals = self.principals if self.zap is not None else None
         principal = auth.LOCAL_OPERATOR if principals is None else _UNKNOWN
         first = principals is not None or bool(refusing)
+        max_message, max_parts = self.max_message, self.max_frames + 1
         while more:
             frame = recv(0, copy=False)
             more = frame.more
@@ -249,7 +250,7 @@ class KernelServer:
             data = frame.bytes
             total += len(data)
             parts.append(data)
-            if total > self.max_message or len(parts) > self.max_frames + 1:
+            if total > max_message or len(parts) > max_parts:
                 while more:
                     more = recv(0, copy=False).more  # dropped uncopied; libzmq frees it at once
                 self.router.counters["oversized_messages"] += 1
