@@ -83,7 +83,7 @@ def unpack(frame: bytes, *, limit: int = MAX_FRAME_SIZE) -> Any:
         raise BadRequest(f"undecodable msgpack frame: {type(exc).__name__}: {exc}") from exc
     # Depth can only pass MAX_DEPTH when that many bytes could start a container: skip the walk
     # for the common frame (a C-speed count), walk the containers only otherwise.
-    if (type(obj) is dict or type(obj) is list) and \
+    if (type(obj) is dict or type(obj) is list) and len(frame) > MAX_DEPTH and \
             len(frame) - len(frame.translate(None, _CONTAINER_BYTES)) > MAX_DEPTH and _too_deep(obj, MAX_DEPTH):
         raise BadRequest(f"msgpack frame nested deeper than {MAX_DEPTH} levels")
     return obj

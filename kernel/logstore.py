@@ -35,16 +35,40 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
+from json.encoder import encode_basestring_ascii as _ascii
+from typing import Any, Iterator
 
 #: ``,"crc":"xxxxxxxx"}`` -- the fixed-size tail of every record line.
 _CRC_TAIL = 18
 _HEX8 = re.compile(rb"[0-9a-f]{8}")
 
 #: One encoder for every record (``json.dumps(..., default=str)`` builds a new one per call).
-_encode = json.JSONEncoder(default=str, ensure_ascii=True).encode
+_json_encoder = json.JSONEncoder(default=str, ensure_ascii=True)
+# The C encoder (``_c_make_encoder``, None without json's C speedups) is made once per thread:
+# ``JSONEncoder.encode`` builds one per call, most of its cost.
+#: Per thread: (its circular-reference markers, its C encoder); the markers are shared by every
+#: call of that thread's encoder, so no two threads may share one.
+_per_thread = threading.local()
+
+
+def _encode(rec: Any) -> str:
+    """``rec`` as JSON text, byte for byte what ``_json_encoder.encode`` writes."""
+    if _c_make_encoder is None or type(rec) is not dict:
+        return _json_encoder.encode(rec)
+    made = getattr(_per_thread, "encoder", None)
+    if made is None:
+        markers: dict[int, Any] = {}
+        encoder = _c_make_encoder(markers, str, _ascii, None, ": ", ", ", False, False, True)
+        made = _per_thread.encoder = (markers, encoder)
+    try:
+        return "".join(made[1](rec, 0))
+    except BaseException:
+        made[0].clear()  # an encode that raised may leave ids behind (a false "circular" later)
+        raise
 
 
 class BadRecord(ValueError):

@@ -84,10 +84,32 @@ _HEADER_ATTR = {
 }
 
 
+#: Schema field name -> (field, Header attribute): the fast path looks up only the fields a
+#: header carries (most carry two or three of the nine).
+_FIELDS = {f.name: (f, _HEADER_ATTR[f.name]) for f in P.HEADER}
+_VERSION_FIELD = _FIELDS[P.H_VERSION][0]
+
+
 def parse_header(raw: dict[str, Any]) -> Header:
     """``raw`` checked field by field against the schema; :class:`kernel.errors.BadRequest` with
-    the schema's text for the first field that fails."""
+    the schema's text for the first field (in schema order) that fails."""
     h = Header(raw)
+    # Fast path: check only the fields present (unknown keys are ignored, as the schema walk
+    # ignores them); on any failure the schema walk below names the first failing field.
+    if _VERSION_FIELD.check(raw.get(P.H_VERSION)):
+        fields = _FIELDS
+        for key, value in raw.items():
+            entry = fields.get(key)
+            if entry is None or value is None:
+                continue
+            field, attr = entry
+            if not field.check(value):
+                break
+            if attr is not None:
+                setattr(h, attr, value)
+        else:
+            return h
+        h = Header(raw)
     for field in P.HEADER:
         value = raw.get(field.name)
         if value is None and field.name != P.H_VERSION:
@@ -220,7 +242,8 @@ def parse(frames: list[bytes]) -> Event:
     return Unreadable(identity, form, "unknown protocol header; expected MDPC02 or MDPW02")
 
 
-_REQUEST_CMD = {Form.SPEC: P.ClientCmd.REQUEST.value, Form.MAJORTOMO: P.MajortomoClientCmd.REQUEST.value}
+# (plain bytes, not a table keyed by Form: an Enum's hash is a Python call)
+_SPEC_REQUEST, _MT_REQUEST = P.ClientCmd.REQUEST.value, P.MajortomoClientCmd.REQUEST.value
 
 
 def _client(identity: bytes, form: Form, frames: list[bytes], i: int) -> Event:
@@ -228,7 +251,7 @@ def _client(identity: bytes, form: Form, frames: list[bytes], i: int) -> Event:
     if i >= n:
         return BadClient(identity, form, "client message without command")
     cmd = frames[i]
-    if cmd != _REQUEST_CMD[form]:
+    if cmd != (_SPEC_REQUEST if form is Form.SPEC else _MT_REQUEST):
         return _bad_client(identity, form, frames, i, f"unexpected client command {cmd!r}")
     if i + 1 >= n or not frames[i + 1] or len(frames[i + 1]) > P.MAX_NAME:
         return _bad_client(identity, form, frames, i, f"REQUEST without a service name of 1..{P.MAX_NAME} bytes")
@@ -296,19 +319,15 @@ _WORKER: dict[bytes, Callable[[bytes, Form, list[bytes], int], Event]] = {
 
 # -- encoders -----------------------------------------------------------------------------------
 
-_CLIENT_CMD = {
-    (Form.SPEC, False): P.ClientCmd.PARTIAL.value,
-    (Form.SPEC, True): P.ClientCmd.FINAL.value,
-    (Form.MAJORTOMO, False): P.MajortomoClientCmd.PARTIAL.value,
-    (Form.MAJORTOMO, True): P.MajortomoClientCmd.FINAL.value,
-}
+_SPEC_PARTIAL, _SPEC_FINAL = P.ClientCmd.PARTIAL.value, P.ClientCmd.FINAL.value
+_MT_PARTIAL, _MT_FINAL = P.MajortomoClientCmd.PARTIAL.value, P.MajortomoClientCmd.FINAL.value
 
 
 def to_client(identity: bytes, form: Form, service: bytes, final: bool, body: list[bytes]) -> list[bytes]:
     """A PARTIAL or FINAL for a client, in its dialect (majortomo's carries no service frame)."""
     if form is Form.SPEC:
-        return [identity, P.MDPC, _CLIENT_CMD[form, final], service, *body]
-    return [identity, _EMPTY, P.MDPC, _CLIENT_CMD[form, final], *body]
+        return [identity, P.MDPC, _SPEC_FINAL if final else _SPEC_PARTIAL, service, *body]
+    return [identity, _EMPTY, P.MDPC, _MT_FINAL if final else _MT_PARTIAL, *body]
 
 
 def to_worker(identity: bytes, form: Form, cmd: P.WorkerCmd) -> list[bytes]:

@@ -22,7 +22,8 @@ Three things a peer could otherwise use to abort the kernel, and what closes eac
   server renames its ipc:// sockets to a hidden name (connected peers stay; a new ``connect``
   finds no socket and its ZeroMQ client retries later) and renames them back once the
   connections fall to three quarters of the cap -- the other half of the room absorbs what
-  libzmq had queued (its listen backlog) before the rename.
+  libzmq had queued (its listen backlog) before the rename.  A tcp:// listener is paused by a
+  socket filter that drops new handshakes (:class:`TcpListener`).
 * **Oversized messages** are the server's concern (kernel.server reads frame by frame).
 * **Memory kept after a flood.**  glibc raises its mmap threshold each time a large block is
   freed, so after a peer sends many 1 MiB frames later ones come from the heap and stay with the
@@ -100,6 +101,99 @@ def raise_fd_limit() -> tuple[int, int]:
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc)
     return soft, hard
+
+
+#: ``SOL_SOCKET`` options of Linux: attach / detach a classic BPF filter.
+_SO_ATTACH_FILTER, _SO_DETACH_FILTER = 26, 27
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+#: One instruction, ``ret #0``: every packet is dropped (BPF_RET | BPF_K = 0x06).
+_DROP_ALL = (_SockFilter * 1)(_SockFilter(0x06, 0, 0, 0))
+_DROP_PROG = _SockFprog(1, ctypes.cast(_DROP_ALL, ctypes.POINTER(_SockFilter)))
+
+
+class TcpListener:
+    """A handle on the listening socket libzmq made for a ``tcp://`` endpoint (a duplicate of
+    its descriptor, found by address), to stop accepting without closing it.  libzmq has no way
+    to pause a listener (``zmq_unbind`` closes every connection it accepted too), and waits out
+    ``EMFILE`` on tcp by retrying the accept in a loop; so :meth:`pause` attaches a socket filter
+    that drops every packet reaching the *listening* socket: new connections' SYNs go unanswered
+    (their ZeroMQ clients retry with backoff) while the connections accepted before (sockets of
+    their own, made before the filter) carry on.  :meth:`resume` detaches it.  Linux only:
+    :meth:`find` returns None elsewhere (the listener is then left as it is, as before)."""
+
+    def __init__(self, fd: int, address: tuple[str, int]) -> None:
+        self.fd = fd
+        self.address = address
+        self.paused = False
+
+    @classmethod
+    def find(cls, endpoint: str) -> "TcpListener | None":
+        """The listener of the bound ``endpoint`` (``tcp://host:port`` as ``LAST_ENDPOINT``
+        writes it), or None (not tcp, not found, not Linux)."""
+        import socket
+
+        if not endpoint.startswith("tcp://"):
+            return None
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        host = host.strip("[]")
+        try:
+            names = os.listdir("/proc/self/fd")
+            want = (str(socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)[0][4][0]), int(port))
+        except (OSError, ValueError, IndexError):
+            return None
+        for name in names:
+            try:
+                fd = os.dup(int(name))
+            except (OSError, ValueError):
+                continue
+            try:
+                s = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                continue
+            try:
+                if s.type == socket.SOCK_STREAM and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) \
+                        and tuple(s.getsockname()[:2]) == want:
+                    return cls(s.detach(), want)
+            except OSError:
+                pass
+            s.close()
+        return None
+
+    def _set(self, option: int, value: bytes) -> None:
+        import socket
+
+        s = socket.socket(fileno=os.dup(self.fd))
+        try:
+            s.setsockopt(socket.SOL_SOCKET, option, value)
+        finally:
+            s.close()
+
+    def pause(self) -> None:
+        """Stop accepting: every new connection's handshake is dropped."""
+        if not self.paused:
+            self._set(_SO_ATTACH_FILTER, bytes(_DROP_PROG))
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self._set(_SO_DETACH_FILTER, b"\0\0\0\0")
+            self.paused = False
+
+    def close(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
 
 
 def open_fds() -> int:

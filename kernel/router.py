@@ -622,7 +622,7 @@ class Router:
         worker = self.workers.get(ev.identity)
         if worker is None:
             return None
-        if worker.principal != principal:
+        if worker.principal is not principal and worker.principal != principal:
             # Another principal on a routing id a worker had: it is not that worker.
             self._protocol_error(ev.identity, ev.form, now, f"{principal.name} spoke as {worker.principal.name}'s worker")
             return False

@@ -36,12 +36,12 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from kernel import auth, codec
-from kernel.aio import send_frames
+from kernel.aio import readable, send_frames
 from kernel import protocol as P
 from kernel.host import Host, SystemHost
 from kernel.control import may_subscribe
 from kernel.mmi import Management
-from kernel.peers import PeerGuard, open_fds, seed_routing_ids
+from kernel.peers import PeerGuard, TcpListener, open_fds, seed_routing_ids
 from kernel.policy import Admission
 from kernel.router import Router
 
@@ -136,6 +136,9 @@ class KernelServer:
         self.pub = pub
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.control = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        #: The tcp:// listeners, paused by a socket filter when the guard stops accepting.
+        self._listeners = [lst for lst in (TcpListener.find(ep) for ep in (self.endpoint, self.control))
+                           if lst is not None]
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.guard = PeerGuard(max_peers, fd_limit=soft if soft != resource.RLIM_INFINITY else 1 << 20,
                                baseline=open_fds())
@@ -233,6 +236,7 @@ class KernelServer:
         principals = self.principals if self.zap is not None else None
         principal = auth.LOCAL_OPERATOR if principals is None else _UNKNOWN
         first = principals is not None or bool(refusing)
+        max_message, max_parts = self.max_message, self.max_frames + 1
         while more:
             frame = recv(0, copy=False)
             more = frame.more
@@ -246,7 +250,7 @@ class KernelServer:
             data = frame.bytes
             total += len(data)
             parts.append(data)
-            if total > self.max_message or len(parts) > self.max_frames + 1:
+            if total > max_message or len(parts) > max_parts:
                 while more:
                     more = recv(0, copy=False).more  # dropped uncopied; libzmq frees it at once
                 self.router.counters["oversized_messages"] += 1
@@ -301,8 +305,14 @@ class KernelServer:
         hand the decisions taken to the operating system.  False once the socket is closed."""
         on_message = self.router.on_message
         clock = time.monotonic
-        for _ in range(_BATCH):
+        sock = self.sock
+        for n in range(_BATCH):
             try:
+                # After the first message, look before receiving: most wake-ups carry one message,
+                # and the zmq.Again that would end the drain costs ~3x the look (28k against 9.5k
+                # instructions, measured); a burst goes on receiving until zmq.Again as before.
+                if n == 1 and not readable(sock):
+                    break
                 frames, principal = self._recv()
             except zmq.Again:
                 break
@@ -396,10 +406,11 @@ class KernelServer:
             self._set_accepting(change)
 
     def _set_accepting(self, accept: bool) -> None:
-        """Stop (or resume) accepting connections on the ipc:// endpoints: rename each socket to a
-        hidden name and back (kernel.peers: libzmq aborts on EMFILE in an ipc accept, and has no
-        way to stop a listener without closing what it accepted).  A tcp:// listener is left as
-        it is: libzmq waits out EMFILE there.  Idempotent; called from the loop and the watcher."""
+        """Stop (or resume) accepting connections: rename each ipc:// socket to a hidden name and
+        back (kernel.peers: libzmq aborts on EMFILE in an ipc accept, and has no way to stop a
+        listener without closing what it accepted); a tcp:// listener gets a socket filter that
+        drops new connections' handshakes (kernel.peers.TcpListener; libzmq would otherwise spin
+        on EMFILE there).  Idempotent; called from the loop and the watcher."""
         with self._accept_lock:
             if self._accepting == accept:
                 return
@@ -419,6 +430,15 @@ class KernelServer:
                     os.rename(path, hidden)
             except OSError as exc:
                 log.warning("cannot %s accepting on %s: %s", "resume" if accept else "stop", ep, exc)
+        for listener in self._listeners:
+            try:
+                if accept:
+                    listener.resume()
+                else:
+                    listener.pause()
+            except OSError as exc:
+                log.warning("cannot %s accepting on tcp %s: %s", "resume" if accept else "stop",
+                            listener.address, exc)
         if accept:
             log.warning("accepting connections again (%d peers)", len(self.guard.conns))
         else:
@@ -525,6 +545,9 @@ class KernelServer:
             mon.close(0)
         self.sock.close(0)
         self.pub.close(0)
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
         if self.zap is not None:
             self.zap.stop()
         if self._own_context:

@@ -43,6 +43,9 @@ from kernel import protocol as P
 __all__ = ["Event", "Link", "LinkLost", "NewRequest", "RequestState", "SafePoint", "WorkerSession", "targets"]
 
 _W = P.WorkerCmd
+# The command bytes as plain constants (an Enum member's ``.value`` is a Python property call).
+_READY, _REQUEST, _PARTIAL, _FINAL = _W.READY.value, _W.REQUEST.value, _W.PARTIAL.value, _W.FINAL.value
+_HEARTBEAT, _DISCONNECT = _W.HEARTBEAT.value, _W.DISCONNECT.value
 #: A worker message to the kernel, without the MDPW header (the send callable adds nothing).
 Send = Callable[[list[bytes]], None]
 
@@ -182,7 +185,7 @@ class WorkerSession:
         opts = {P.R_VERSION: P.VERSION, P.R_CAPACITY: self.capacity}
         if self.pid is not None:
             opts[P.R_PID] = self.pid
-        self._emit([_W.READY.value, self.service.encode(), codec.pack(opts)], now)
+        self._emit([_READY, self.service.encode(), codec.pack(opts)], now)
 
     @property
     def registered(self) -> bool:
@@ -202,14 +205,14 @@ class WorkerSession:
             self.malformed += 1
             return _NONE
         cmd = frames[1]
-        if cmd == _W.REQUEST.value:
+        if cmd == _REQUEST:
             self._registered()
             event = self._on_request(frames[2:], now)
             return (event,) if event is not None else _NONE
-        if cmd == _W.HEARTBEAT.value:
+        if cmd == _HEARTBEAT:
             self._registered()
             return _NONE
-        if cmd == _W.DISCONNECT.value:
+        if cmd == _DISCONNECT:
             return [self.lost("disconnected by the kernel", now)]
         self.malformed += 1
         return _NONE
@@ -226,7 +229,7 @@ class WorkerSession:
         if now >= self._kernel_expiry:
             return [self.lost("kernel silent for the liveness window", now)]
         if now >= self._last_send + self.heartbeat:
-            self._emit([_W.HEARTBEAT.value], now)
+            self._emit([_HEARTBEAT], now)
         return _NONE
 
     def next_wakeup(self) -> float:
@@ -248,7 +251,7 @@ class WorkerSession:
     def stop(self, now: float) -> list[RequestState]:
         """Stop for good: DISCONNECT if connected; returns the requests dropped."""
         if self.connected:
-            self._emit([_W.DISCONNECT.value], now)
+            self._emit([_DISCONNECT], now)
         dropped = self._drop()
         self.link = Link.STOPPED
         return dropped
@@ -284,7 +287,7 @@ class WorkerSession:
         if state is None:
             self.late_replies += 1
             return False
-        self._emit([_W.PARTIAL.value, token, b"", *self._body(state, payload, status, None)], now)
+        self._emit([_PARTIAL, token, b"", *self._body(state, payload, status, None)], now)
         return True
 
     def final(self, token: bytes, now: float, result: Any = None, error: errors.RecaError | None = None) -> bool:
@@ -295,7 +298,7 @@ class WorkerSession:
             self.late_replies += 1
             return False
         status = P.STATUS_OK if error is None else P.STATUS_ERROR
-        self._emit([_W.FINAL.value, token, b"", *self._body(state, result, status, error)], now)
+        self._emit([_FINAL, token, b"", *self._body(state, result, status, error)], now)
         return True
 
     @staticmethod

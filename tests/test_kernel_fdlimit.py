@@ -112,3 +112,34 @@ def test_the_guard_stops_accepting_at_its_cap_and_resumes_well_below():
     # Descriptors near the limit stop it too, whatever the peer count.
     g2 = PeerGuard(max_peers=100, fd_limit=1000, reserve=100)
     assert g2.accepting(fds_open=950) is False
+
+
+def _greeting(sock, timeout: float = 10.0) -> bytes:
+    """The first bytes a ZMTP peer sends on ``sock`` (its signature starts with 0xff)."""
+    sock.settimeout(timeout)
+    return sock.recv(10)
+
+
+def test_tcp_listeners_stop_accepting_like_ipc_ones_and_keep_their_connections():
+    """Issue 24: when the guard stops accepting, a tcp:// listener is paused too (a socket filter
+    drops new handshakes; libzmq cannot pause a listener), while a connection accepted before
+    keeps being served; accepting again lets new connections in."""
+    import socket
+
+    from kernel.server import KernelServer
+
+    server = KernelServer("tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+    try:
+        assert len(server._listeners) == 2, "both tcp listeners found"
+        address = server._listeners[0].address
+        before = socket.create_connection(address, timeout=10)
+        server._set_accepting(False)
+        with pytest.raises(OSError):  # the SYN is dropped: the connect times out (bounded)
+            socket.create_connection(address, timeout=1.0).close()
+        with before:
+            assert _greeting(before)[:1] == b"\xff", "a connection from before the pause is served"
+        server._set_accepting(True)
+        with socket.create_connection(address, timeout=10) as after:
+            assert _greeting(after)[:1] == b"\xff"
+    finally:
+        server.close()
