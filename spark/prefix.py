@@ -69,15 +69,24 @@ class PrefixCache:
         self.engine = engine
         self.bs = engine.cache.block_size
         self.max_blocks = max_blocks
-        self.root = _Node((), -1, [], None)
+        self.root = _Node((), -1, [], None)  # the default namespace's root
+        self._roots: dict[str, _Node] = {"": self.root}
         self.size = 0
         self.stats = PrefixStats()
         self._clock = itertools.count(1)
 
-    def _walk(self, tokens: Sequence[int]) -> list[_Node]:
+    def _root(self, ns: str) -> _Node:
+        """The tree of namespace ``ns``: prompts of one namespace never reuse another's blocks (the
+        decode service keys it by principal, so a hit tells nothing about another principal)."""
+        root = self._roots.get(ns)
+        if root is None:
+            root = self._roots[ns] = _Node((), -1, [], None)
+        return root
+
+    def _walk(self, tokens: Sequence[int], ns: str = "") -> list[_Node]:
         """The cached nodes matching whole leading blocks of ``tokens``, keeping at least one
         token to prefill (its logits start the decode)."""
-        path, node = [], self.root
+        path, node = [], self._root(ns)
         usable = (len(tokens) - 1) // self.bs
         for i in range(usable):
             child = node.children.get(tuple(tokens[i * self.bs : (i + 1) * self.bs]))
@@ -87,14 +96,14 @@ class PrefixCache:
             node = child
         return path
 
-    def start(self, prompt: Sequence[int], *, seed: int = 0) -> int:
+    def start(self, prompt: Sequence[int], *, seed: int = 0, ns: str = "") -> int:
         """Like :meth:`Engine.start`, reusing the cached prefix; inserts the prompt's blocks."""
         eng = self.engine
         tokens = tokenizer.check_ids(prompt)
         if not tokens:
             raise SpanError("a prompt needs at least one token")
         eng._check_len(len(tokens))
-        path = self._walk(tokens)
+        path = self._walk(tokens, ns)
         now = next(self._clock)
         for n in path:
             n.used = now
@@ -123,17 +132,17 @@ class PrefixCache:
         st.hits += bool(path)
         st.prompt_tokens += len(tokens)
         st.reused_tokens += reused
-        self._insert(seq, len(tokens), now)
+        self._insert(seq, len(tokens), now, ns)
         return sid
 
-    def insert(self, seq_id: int) -> int:
+    def insert(self, seq_id: int, ns: str = "") -> int:
         """Insert the full blocks of a live sequence (prompt and decoded tokens: a later prompt
         that continues it, or repeats a spliced text, reuses them); returns the blocks cached
         along its path."""
         seq = self.engine._get(seq_id)
         now = next(self._clock)
-        self._insert(seq, len(seq.tokens), now)
-        return len(self._walk(seq.tokens + [tokenizer.PAD]))
+        self._insert(seq, len(seq.tokens), now, ns)
+        return len(self._walk(seq.tokens + [tokenizer.PAD], ns))
 
     def evict(self, n: int) -> int:
         """Release up to ``n`` least recently used leaves (pressure on the KV pool); returns
@@ -143,8 +152,8 @@ class PrefixCache:
             done += 1
         return done
 
-    def _insert(self, seq: _Seq, n_tokens: int, now: int) -> None:
-        node = self.root
+    def _insert(self, seq: _Seq, n_tokens: int, now: int, ns: str = "") -> None:
+        node = self._root(ns)
         for i in range(n_tokens // self.bs):
             key = tuple(seq.tokens[i * self.bs : (i + 1) * self.bs])
             child = node.children.get(key)
@@ -179,7 +188,8 @@ class PrefixCache:
         return True
 
     def _nodes(self) -> list[_Node]:
-        out, stack = [], list(self.root.children.values())
+        out: list[_Node] = []
+        stack = [c for root in self._roots.values() for c in root.children.values()]
         while stack:
             n = stack.pop()
             out.append(n)
@@ -190,7 +200,8 @@ class PrefixCache:
         """Release every cached block."""
         for n in self._nodes():
             self.engine.cache.allocator.decref([n.block])
-        self.root.children.clear()
+        for root in self._roots.values():
+            root.children.clear()
         self.size = 0
 
     def check(self) -> None:

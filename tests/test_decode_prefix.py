@@ -30,11 +30,14 @@ def client():
             "decode4", "services.decode", args=["--name", "decode4", "--dtype", "float64", "--prefix-blocks", "4"]
         )
         + service_block("rois", "services.rois")
+        + service_block(
+            "decode8", "services.decode", args=["--name", "decode8", "--num-blocks", "8", "--prefix-blocks", "8"]
+        )
     )
     k = KernelProcess(services, heartbeat=0.2, liveness=5)
     try:
         with Client(k.endpoint, timeout=60, retries=0, context=zmq.Context.instance()) as c:
-            for name in ("decode", "decode4", "rois"):
+            for name in ("decode", "decode4", "rois", "decode8"):
                 c.wait_for_service(name, WAIT)
             yield c
     finally:
@@ -121,3 +124,12 @@ def test_the_spark_model_is_served_as_a_second_model(client):
     assert ref.tokens(sid) == first["tokens"]
     st = client.call("decode", {"op": "stats", "model": "spark"})
     assert st["model"] == "spark" and "spark" in st["loaded"] and st["prefix"]["hits"] >= 1
+
+
+def test_a_full_pool_takes_the_cache_blocks_back_before_refusing(client):
+    """An 8-block pool whose cache may hold all 8: once the cache holds most of the pool, a new
+    decode gets its blocks by the cache giving its own back (and is not refused)."""
+    outs = [generate(client, "decode8", q, max_new=20) for q in questions(6, seed=2)]
+    assert all(len(o["new"]) == 20 for o in outs)
+    st = client.call("decode8", {"op": "stats"})
+    assert st["prefix"]["pressure_evictions"] > 0 and st["prefix"]["blocks"] <= 8

@@ -83,3 +83,19 @@ def test_a_zero_budget_cache_never_holds_a_block_and_bad_input_is_refused(model)
     with pytest.raises(ContextTooLongError):
         cache.start([tokenizer.BOS] * (engine.max_len + 1))
     engine.check_invariants()
+
+
+def test_namespaces_never_share_blocks(model):
+    """One tree per namespace (the decode service's principal): a prompt cached in one is a miss
+    in another, and every namespace counts against the one bound."""
+    engine = Engine(model, num_blocks=128, block_size=4)
+    cache = PrefixCache(engine, max_blocks=6)
+    p = prompts(1)[0]
+    alice = greedy(engine, lambda t: cache.start(t, ns="alice"), p)
+    assert cache.stats.reused_tokens == 0
+    assert greedy(engine, lambda t: cache.start(t, ns="mallory"), p) == alice
+    assert cache.stats.reused_tokens == 0  # mallory did not hit alice's blocks
+    assert greedy(engine, lambda t: cache.start(t, ns="alice"), p) == alice
+    assert cache.stats.reused_tokens > 0  # alice hits her own
+    assert cache.size <= 6
+    cache.check()

@@ -57,7 +57,9 @@ evicted past its ``kv_blocks`` bound, and released first when the pool runs out 
 refused with ``OutOfBlocksError`` is retried once after the cache gives its blocks back).  The
 cached keys/values are the ones the same prefix at the same positions computes, so greedy tokens
 are those of decoding without it (exactly in float64; in float32 a prefill and a step differ by
-rounding).  RoI-S splices and replacements insert the repaired sequence's blocks.
+rounding).  RoI-S splices and replacements insert the repaired sequence's blocks.  The tree is
+kept per principal (one namespace each, one shared bound): a principal's prompt never reuses
+another's blocks, so ``prefix_reused`` tells nothing about what others decoded.
 
 Invariants: every engine call runs under ``self._lock`` (a beam or splice may run in a thread,
 and the engine is not thread-safe); a decode with a generate streaming it is mutated only by
@@ -355,7 +357,7 @@ class DecodeService(Service):
         """Insert ``dec``'s full blocks into its model's prefix cache (under the lock)."""
         cache = dec.served.prefix
         if cache is not None and dec.seq in dec.served.engine.live_sequences:
-            cache.insert(dec.seq)
+            cache.insert(dec.seq, dec.principal)
 
     def _decode(self, ctx: Context, payload: dict) -> Decode:
         """The caller's decode named in ``payload``: another principal's answers exactly as one
@@ -454,7 +456,8 @@ class DecodeService(Service):
             use_prefix = served.prefix is not None and bool(payload.get("prefix", True))
             start_fn = served.prefix.start if use_prefix else eng.start  # type: ignore[union-attr]
             before = served.prefix.stats.reused_tokens if use_prefix else 0  # type: ignore[union-attr]
-            seq = await self._call(ctx, served, start_fn, prompt, seed=seed)
+            kw = {"ns": ctx.principal} if use_prefix else {}  # one tree per principal: no cross-principal hits
+            seq = await self._call(ctx, served, start_fn, prompt, seed=seed, **kw)
             reused = served.prefix.stats.reused_tokens - before if use_prefix else 0  # type: ignore[union-attr]
             did = next(self._ids)
             dec = self.decodes[did] = Decode(did, seq, served, ctx.principal)
