@@ -376,9 +376,9 @@ RUNS = 1  # held-out streams are repeated inside one run (median, min, max over 
 
 def run(quick: bool) -> Result:
     n_train, n_test, rounds = (12, 20, 1) if quick else (400, 600, 3)
-    n_lat, n_fresh = (30, 5) if quick else (1500, 1000)
-    pool_t, n_t = (3, 10) if quick else (60, 600)
-    grid = GRID[::3] if quick else GRID
+    n_lat, n_fresh = (20, 5) if quick else (1500, 1000)
+    pool_t, n_t = (3, 6) if quick else (60, 600)
+    grid = GRID[:1] if quick else GRID  # quick: does it run (tests/test_bench_quick.py), not the choice
     kw = dict(pool=10 if quick else 40, p_new=0.15, p_repeat=0.1)
     solver = Solver()
     rng = np.random.default_rng(3)

@@ -154,6 +154,9 @@ class Ledger:
         self._kinds: collections.Counter[str] = collections.Counter()
         #: charged kinds not kept in a job's ``total`` because its owner was at the bound
         self.kinds_dropped = 0
+        #: owner -> its open jobs' names (in opening order), so one principal's listing costs its
+        #: own jobs, not the ledger's (mmi.stats below operator, issue 24)
+        self._by_owner: dict[str, dict[str, None]] = {}
         self._wall_heap: list[tuple[float, str]] = []
         #: (expiry, id) of held reservations, lazily cleaned (an entry whose id is gone or whose
         #: expiry changed is skipped).
@@ -298,6 +301,7 @@ class Ledger:
         p.children.add(job)
         if j.owner is not None:
             self._owned[j.owner] += 1
+            self._by_owner.setdefault(j.owner, {})[job] = None
             if j.limits:
                 self._kinds[j.owner] += len(j.limits)
         return {"ok": True, "limits": {k: _r(v) for k, v in j.limits.items()}}
@@ -341,6 +345,11 @@ class Ledger:
             self._owned[j.owner] -= 1
             if not self._owned[j.owner]:
                 del self._owned[j.owner]
+            mine = self._by_owner.get(j.owner)
+            if mine is not None:
+                mine.pop(job, None)
+                if not mine:
+                    del self._by_owner[j.owner]
             held = _kind_entries(j)
             if held:
                 self._kinds[j.owner] -= held
@@ -678,6 +687,11 @@ class Ledger:
             if not j.closed and j.owner is not None and _kind_entries(j):
                 kinds[j.owner] += _kind_entries(j)
         assert {k: v for k, v in self._kinds.items() if v} == dict(kinds), "owners' kind counts"
+        by_owner: dict[str, set[str]] = {}
+        for j in self.jobs.values():
+            if not j.closed and j.owner is not None:
+                by_owner.setdefault(j.owner, set()).add(j.name)
+        assert {o: set(ns) for o, ns in self._by_owner.items()} == by_owner, "owners' job index"
         held = collections.Counter(e[4] for e in self._reservations.values() if e[4] is not None)
         assert {k: v for k, v in self.held_by.items() if v} == dict(held), "holders' reservation counts"
 
@@ -718,8 +732,10 @@ class Ledger:
         led._rid_next = int(state.get("rid_next", 1))
         led._owned.update(j.owner for j in led.jobs.values() if j.owner is not None and not j.closed)
         for j in led.jobs.values():
-            if j.owner is not None and not j.closed and _kind_entries(j):
-                led._kinds[j.owner] += _kind_entries(j)
+            if j.owner is not None and not j.closed:
+                led._by_owner.setdefault(j.owner, {})[j.name] = None
+                if _kind_entries(j):
+                    led._kinds[j.owner] += _kind_entries(j)
         return led
 
     def snapshot(self, now: float, owner: str | None = None, skip: int = 0, limit: int | None = None,
@@ -728,6 +744,8 @@ class Ledger:
         ``owner``: only that principal's jobs; ``skip``/``limit``: a page of them (in the
         ledger's order); ``names``: only these (what a non-operator's stats cost: one page)."""
         out: dict[str, Any] = {}
+        if names is None and owner is not None:  # the owner's own index: its jobs, not the ledger's
+            names = list(self._by_owner.get(owner, ()))
         jobs = self.jobs.values() if names is None else (self.jobs[n] for n in names if n in self.jobs)
         for j in jobs:
             if j.closed or owner is not None and j.owner != owner:

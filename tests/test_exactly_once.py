@@ -35,8 +35,8 @@ def in_flight(client: Client, service: str = "echo") -> int:
     return sum(w["inflight"] for w in client.stats()["workers"] if w["service"] == service)
 
 
-@pytest.fixture()
-def kern():
+@pytest.fixture(scope="module")
+def kern():  # one kernel for the module (suite time): each test uses its own idempotency keys
     k = KernelProcess(service_block("echo", "services.echo", replicas=2), heartbeat=0.2, liveness=10)
     try:
         with Client(k.endpoint, timeout=30, retries=0) as c:

@@ -200,3 +200,16 @@ def test_log_factor_counts_agree_with_solveset(roots, shifts, power):
     truth = sp.solveset(expr, x, sp.S.Complexes)
     assert isinstance(truth, sp.FiniteSet)
     assert solution_count(expr, x) == (len(truth), "")
+
+
+def test_log_of_a_product_is_not_served_for_a_sum_of_logs(cache):
+    """``log(x(x+1)) = 0`` has two solutions, ``x(x+1) = 1``; ``log x + log(x+1) = 0`` only the
+    positive one (at the other, the principal logs add to 2 pi i).  The first is proved complete
+    and stored; the second is never answered from it, and its own answer is not labelled complete."""
+    both = ["-1/2 + sqrt(5)/2", "-1/2 - sqrt(5)/2"]
+    assert cache.put(q("solve", "log(x*(x+1)) = 0"), both, 0.0)["how"] == "proved+complete"
+    with pytest.raises(VerifierRejected):
+        cache.put(q("solve", "log(x) + log(x+1) = 0"), both, 1.0)  # -1/2 - sqrt(5)/2 is no solution
+    out = cache.solve(q("solve", "log(t) + log(t+1) = 0", "t"), 2.0, timed_compute)
+    assert not out["hit"] and out["complete"] is False
+    assert [sp.sympify(s) for s in out["answer"]] == [sp.sympify("-1/2 + sqrt(5)/2")]

@@ -34,6 +34,10 @@ from services.view.model import ViewModel
 
 log = logging.getLogger("reca.view")
 
+#: Pages of jobs (``P.STATS_PAGE`` each) the view reads per poll; the page draws 500 rows and
+#: counts the rest from ``summary.jobs``.
+VIEW_JOB_PAGES = 6
+
 COOKIE = "reca_view"
 #: Seconds between two polls of mmi.stats, and the bound on one poll.
 POLL_S = 0.5
@@ -156,6 +160,11 @@ class ViewService(Service):
         while True:
             try:
                 stats = await self.client.stats()
+                # mmi.stats holds one page of jobs (issue 24: its cost is a page); the page draws
+                # up to VIEW_JOB_PAGES of them, read a page at a time, and counts the rest
+                pages = min(int((stats.get("summary") or {}).get("jobs_pages") or 1), VIEW_JOB_PAGES)
+                for page in range(1, pages):
+                    stats.setdefault("jobs", {}).update(await self.client.call(P.MMI_JOB_STATS, {"page": page}))
             except Exception as exc:  # the kernel restarting, a slow answer: the next poll retries
                 log.warning("view: mmi.stats failed: %s", exc)
             else:
