@@ -73,6 +73,7 @@ class Mode:
     cancel_on_drop: bool = False
     exact_cache: bool = False
     heft: bool = False
+    sim_cache: bool = False  # the sim service's result cache (``cache: true``): reca and strong
     cpcs: bool = False
     ttc: bool = False
     scch: bool = False
@@ -83,9 +84,9 @@ class Mode:
 
 
 MODES = {
-    "reca": Mode("reca", runtime=True, cancel_on_drop=True, **{p: True for p in PRIMITIVES}),
+    "reca": Mode("reca", runtime=True, cancel_on_drop=True, sim_cache=True, **{p: True for p in PRIMITIVES}),
     "pic": Mode("pic"),
-    "strong": Mode("strong", cancel_on_drop=True, exact_cache=True, heft=True),
+    "strong": Mode("strong", cancel_on_drop=True, exact_cache=True, heft=True, sim_cache=True),
     "llmseq": Mode("llmseq", sequential=True, cancel_on_drop=True),
 }
 
@@ -218,8 +219,10 @@ class _Task:
 
     async def run(self) -> TaskRun:
         planner = self.rs.planner
-        await self.cl.call(P.MMI_JOB_OPEN, {"job": self.job, "budget": {}, "parent": None, "priority": 0})
-        if isinstance(planner, LMPlanner) and "items" in self.task.spec:
+        opened = False
+        if isinstance(planner, LMPlanner) and "items" in self.task.spec:  # the model plans in the job
+            await self.cl.call(P.MMI_JOB_OPEN, {"job": self.job, "budget": {}, "parent": None, "priority": 0})
+            opened = True
             text = await self._lazy_chain(
                 chains.prompt([chains.Item(*it) for it in self.task.spec["items"]], lazy=True)
             )
@@ -233,8 +236,11 @@ class _Task:
                 "escalations": 1,
                 "wall_ms": BUDGET_WALL_MS,
             }
-            await self.cl.call(P.MMI_JOB_CLOSE, {"job": self.job})
-            self.job = self.job + "-b"
+            if opened:  # the planning decode's job has no budget: the task's work goes to a new one
+                await self.cl.call(P.MMI_JOB_CLOSE, {"job": self.job})
+                self.job = self.job + "-b"
+                opened = False
+        if not opened:
             await self.cl.call(P.MMI_JOB_OPEN, {"job": self.job, "budget": self.limits, "parent": None, "priority": 0})
         if self.m.ttc:
             await self._prepare_all()
@@ -248,7 +254,9 @@ class _Task:
                 break
             done, _ = await asyncio.wait(list(running), return_when=asyncio.FIRST_COMPLETED)
             for fut in done:
-                group = running.pop(fut)
+                group = running.pop(fut, None)
+                if group is None:  # a revision handled in this same round dropped its step
+                    continue
                 try:
                     out = fut.result()
                 except errors.RecaError as exc:
@@ -391,8 +399,8 @@ class _Task:
         return {"answer": out["answer"], "hit": bool(out.get("hit"))}
 
     async def _symbolic_cpcs(self, group: list[str]) -> dict[str, Any]:
-        """reca: the ready subgoals as one DAG on cpcs (critical path first), then each answer
-        from scch's cache (a hit; a subgoal scch did not admit is solved again and counted)."""
+        """reca: the ready subgoals as one DAG on cpcs (critical path first); cpcs's FINAL carries
+        each task's scch answer (a task that failed there is solved again here, and counted)."""
         t0 = time.monotonic()
         dag = {
             "tasks": [
@@ -407,22 +415,18 @@ class _Task:
             ]
         }
         summary = await self.call("cpcs", {"dag": dag, "policy": "cpcs"})
+        results = summary.get("results") or {}
         out: dict[str, Any] = {}
         for sid in group:
-            res = await self.call(
-                "scch", {"op": "solve", "subgoal": self.plan.steps[sid].spec["subgoal"], "cache": True}
-            )
-            # the cpcs task computed it unless the subgoal was already cached before
-            first = next((e for e in summary.get("events", []) if e.get("task") == sid and e.get("ev") == "done"), None)
-            self.heavy(sid, res["key"], first is not None and not self._was_hit_before(res["key"]))
-            if not res.get("hit"):
-                self.heavy(sid, res["key"], True)
+            res = results.get(sid)
+            if not isinstance(res, dict) or "answer" not in res:  # the task failed in cpcs: solve here
+                res = await self.call(
+                    "scch", {"op": "solve", "subgoal": self.plan.steps[sid].spec["subgoal"], "cache": True}
+                )
+            self.heavy(sid, res["key"], not res.get("hit"))
             out[sid] = {"answer": res["answer"], "hit": bool(res.get("hit"))}
             self.note(sid, "symbolic", t0, via="cpcs")
         return out
-
-    def _was_hit_before(self, key: str) -> bool:
-        return any(h.key == key and h.ran for h in self.rs.heavy)
 
     # decode -------------------------------------------------------------------------------------
 
@@ -441,28 +445,27 @@ class _Task:
         return {"decode": out["decode"], "text": out["text"], "prompt": prompt}
 
     async def _decode_ids(self, prompt: str, n_items: int) -> dict:
-        """Decode one step at a time; a step the check rejects is rewound and the exact answer
-        (a tool: exact arithmetic) is spliced in through IDS, then decoding resumes."""
-        out = await self.call("decode", {"op": "generate", "prompt": prompt, "max_new": 14, "stop": ";"})
-        did, spliced = out["decode"], 0
-        for _ in range(2 * n_items + 2):
-            rep = lmv.verify(out["text"])
+        """Decode the chain in one generate (as every mode does); if the check rejects a step, the
+        decode is rewound to that step, the exact answer (a tool: exact arithmetic) is spliced in
+        through IDS, and decoding resumes after it: only the text after the wrong step is decoded
+        again, never the whole answer.  (Decoding a step at a time, ``stop=";"``, found the same
+        errors at about twice the decode service's CPU: a round trip and a prefill per step.)"""
+        out = await self.call("decode", {"op": "generate", "prompt": prompt, "max_new": MAX_NEW_PER_ITEM * n_items})
+        did, spliced, text = out["decode"], 0, out["text"]
+        for _ in range(2 * n_items):
+            rep = lmv.verify(text)
             bad = rep.first_error
-            if bad is not None and bad.kind in ("mul", "add") and bad.end <= len(out["text"]):
-                item = rep.items[bad.item]
-                right = item.steps()[0 if bad.kind == "mul" else 1] + ";"
-                await self.call("decode", {"op": "rewind", "decode": did, "pos": tokenizer.char_to_token(bad.start)})
-                await self.call("ids", {"op": "inject", "decode": did, "text": right})
-                spliced += 1
-            elif all(s.ok for s in rep.steps if s.kind != "missing") and not any(
-                s.kind == "missing" for s in rep.steps
-            ):
+            if bad is None or bad.kind not in ("mul", "add") or bad.end > len(text):
                 break
-            out = await self.call("decode", {"op": "generate", "decode": did, "max_new": 14, "stop": ";"})
-            if out.get("finished") and lmv.verify(out["text"]).ok:
-                break
-        state = await self.call("decode", {"op": "state", "decode": did})
-        return {"decode": did, "text": state["text"], "prompt": prompt, "how": f"ids:{spliced}"}
+            item = rep.items[bad.item]
+            right = item.steps()[0 if bad.kind == "mul" else 1] + ";"
+            await self.call("decode", {"op": "rewind", "decode": did, "pos": tokenizer.char_to_token(bad.start)})
+            await self.call("ids", {"op": "inject", "decode": did, "text": right})
+            spliced += 1
+            left = MAX_NEW_PER_ITEM * (n_items - bad.item)
+            out = await self.call("decode", {"op": "generate", "decode": did, "max_new": left})
+            text = out["text"]
+        return {"decode": did, "text": text, "prompt": prompt, "how": f"ids:{spliced}"}
 
     async def _do_thunk(self, sid: str, step: Step) -> dict:
         """Force one item of the LM planner's lazy chain: the model answers the one-item question."""
@@ -637,16 +640,19 @@ class _Task:
             "level": level,
             "max_level": level,
             "report_every": 1000,
+            "cache": self.m.sim_cache,
         }
+        key = f"sim:{_key([s['case'], s['params'], level])}"
 
         async def run() -> dict:
-            self.heavy(sid, f"sim:{_key([s['case'], s['params'], level])}", True)
-            return await self.call("sim", payload)
+            out = await self.call("sim", payload)
+            self.heavy(sid, key, not out.get("cached"))
+            return out
 
         if self.m.exact_cache:
             out, computed = await self._cached("sim:" + json.dumps(payload, sort_keys=True), run)
             if not computed:
-                self.heavy(sid, f"sim:{_key([s['case'], s['params'], level])}", False)
+                self.heavy(sid, key, False)
             return out
         return await run()
 
@@ -672,7 +678,7 @@ class _Task:
                 "to_level": step.spec["to_level"],
             }
             try:
-                dec = await self.call("cswif", {"escalation": esc, "execute": True})
+                dec = await self.call("cswif", {"escalation": esc})
             except errors.Refused as exc:
                 self.refused.append(
                     {
@@ -683,13 +689,9 @@ class _Task:
                     }
                 )
                 return {"refused": True}
-            s = self.task.spec
-            self.heavy(sid, f"sim:{_key([s['case'], s['params'], step.spec['to_level']])}", True)
-            return {
-                "level": step.spec["to_level"],
-                "summary": dec["run"],
-                "how": f"cswif approved: {dec.get('reason', '')}"[:120],
-            }
+            # approved (one unit of the job's escalations spent): run on sim, through its cache
+            out = await self._sim(sid, step, step.spec["to_level"])
+            return out | {"how": f"cswif approved: {dec.get('reason', '')}"[:120]}
         return await self._sim(sid, step, step.spec["to_level"])
 
     # -- the answer ---------------------------------------------------------------------------------
