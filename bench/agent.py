@@ -91,6 +91,15 @@ def _sum(batches: dict[str, Batch]) -> dict[str, float]:
     return tot
 
 
+def _cpu_by(batches: dict[str, Batch]) -> dict[str, float]:
+    """CPU s per part of the kernel's tree (kernel, each service, the client), over the families."""
+    out: dict[str, float] = {}
+    for b in batches.values():
+        for part, v in b.cpu_by.items():
+            out[part] = out.get(part, 0.0) + v
+    return {k: round(v, 4) for k, v in sorted(out.items())}
+
+
 def gantt_records(results: dict[str, dict[str, Batch]], family: str = "algo") -> dict[str, list[dict]]:
     """The events of the first task of ``family`` in each mode (for a Gantt chart)."""
     return {m: results[m][family].runs[0].events for m in results if results[m][family].runs}
@@ -216,6 +225,10 @@ def run(quick: bool = False, seed: int | None = None) -> Result:
         t = totals[m]
         for k in ("cpu_s", "wall_s", "accuracy", "tokens", "flops", "duplicated", "orphaned", "overshoot"):
             metrics[f"{m}.all.{k}"] = t[k]
+    by_part = {m: _cpu_by(per) for m, per in results.items()}
+    for m, by in by_part.items():
+        for part, v in by.items():
+            metrics[f"{m}.cpu_by.{part}"] = v
     r, pic, strong = totals["reca"], totals["pic"], totals["strong"]
     metrics["reca_vs_pic.cpu_saving"] = 1.0 - r["cpu_s"] / pic["cpu_s"]
     metrics["reca_vs_pic.wall_ratio"] = r["wall_s"] / pic["wall_s"]
@@ -232,6 +245,11 @@ def run(quick: bool = False, seed: int | None = None) -> Result:
             # the share of pic's compute this primitive saves (negative: reca is cheaper without it)
             metrics[f"ablation.{p}.share_of_pic_cpu"] = (totals[m]["cpu_s"] - r["cpu_s"]) / pic["cpu_s"]
             metrics[f"ablation.{p}.accuracy_delta"] = r["accuracy"] - totals[m]["accuracy"]
+            # where the difference is: CPU s per part of the kernel's tree (without it minus with it)
+            for part in sorted(set(by_part[m]) | set(by_part["reca"])):
+                d = by_part[m].get(part, 0.0) - by_part["reca"].get(part, 0.0)
+                if abs(d) >= 0.005:
+                    metrics[f"ablation.{p}.cpu_by.{part}"] = d
     targets = {
         "reca_vs_pic.cpu_saving": (">=", 0.30),
         "reca_vs_pic.wall_ratio": ("<=", 1.1),
