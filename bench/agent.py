@@ -243,6 +243,7 @@ def run(quick: bool = False, seed: int | None = None) -> Result:
         m = f"reca-no-{p}"
         if m in totals:
             # the share of pic's compute this primitive saves (negative: reca is cheaper without it)
+            metrics[f"ablation.{p}.cpu_s"] = totals[m]["cpu_s"] - r["cpu_s"]  # paired: the same run's reca
             metrics[f"ablation.{p}.share_of_pic_cpu"] = (totals[m]["cpu_s"] - r["cpu_s"]) / pic["cpu_s"]
             metrics[f"ablation.{p}.accuracy_delta"] = r["accuracy"] - totals[m]["accuracy"]
             # where the difference is: CPU s per part of the kernel's tree (without it minus with it)
@@ -289,3 +290,104 @@ def run(quick: bool = False, seed: int | None = None) -> Result:
         except Exception as exc:  # a plot is not a figure: report it and go on
             notes.append(f"plots not drawn: {exc!r}")
     return Result(metrics=metrics, targets=targets, table=rows, notes=notes, plots=plots)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The tables of docs/agent.md from a ``--json`` document of this benchmark
+    (``python -m bench.agent RESULT.json``): medians [min, max] over the runs."""
+    m, sp = doc["metrics"], doc["spread"]
+
+    def f(key: str, digits: int = 3) -> str:
+        if key not in m:
+            return ""
+        lo, hi = sp.get(key, (None, None))
+        v = f"{m[key]:.{digits}g}"
+        return v if lo is None else f"{v} [{lo:.{digits}g}, {hi:.{digits}g}]"
+
+    env = doc["env"]
+    out = [
+        f"Command: `python -m bench agent --json ...` ({doc['runs']} runs, median [min, max]); commit "
+        f"`{env['commit']}`{' (dirty)' if env.get('dirty') else ''}, {env['date']}, load average at start "
+        f"{env['load_start']} and end {env.get('load_end')} on {env['cpus']} CPUs shared with other sessions; "
+        f"{doc['wall_s']:.0f} s in all.",
+        "",
+        "| target | value | target | met |",
+        "|---|---|---|---|",
+    ]
+    for k, (op, t) in doc["targets"].items():
+        out.append(f"| `{k}` | {f(k)} | {op} {t:g} | {'yes' if doc['met'][k] else '**no**'} |")
+    modes = list(dict.fromkeys(r["mode"] for r in doc["rows"]))
+    out += [
+        "",
+        "**Totals over the three families:**",
+        "",
+        "| mode | CPU s | wall s | accuracy | tokens | FLOPs | dup | orphaned |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mo in modes:
+        cells = [
+            f(f"{mo}.all.{k}") for k in ("cpu_s", "wall_s", "accuracy", "tokens", "flops", "duplicated", "orphaned")
+        ]
+        out.append(f"| {mo} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "**Per family** (CPU s / accuracy):",
+        "",
+        "| mode | " + " | ".join(tasks.FAMILIES) + " |",
+        "|---" * (len(tasks.FAMILIES) + 1) + "|",
+    ]
+    for mo in modes:
+        cells = [
+            f"{f(f'{mo}.{fam}.cpu_s')} / {m.get(f'{mo}.{fam}.accuracy', float('nan')):.2f}" for fam in tasks.FAMILIES
+        ]
+        out.append(f"| {mo} | " + " | ".join(cells) + " |")
+    parts = sorted({k.split(".cpu_by.")[1] for k in m if ".cpu_by." in k and not k.startswith("ablation.")})
+    out += [
+        "",
+        "**Where the CPU went** (CPU s per part of the kernel's tree, all families):",
+        "",
+        "| mode | " + " | ".join(parts) + " |",
+        "|---" * (len(parts) + 1) + "|",
+    ]
+    for mo in modes:
+        out.append(f"| {mo} | " + " | ".join(f(f"{mo}.cpu_by.{p}", 2) for p in parts) + " |")
+    abl = [p for p in PRIMITIVES if f"ablation.{p}.share_of_pic_cpu" in m]
+    if abl:
+        out += [
+            "",
+            "**Ablation** — reca with one primitive off: CPU s without it minus with it (the same run's "
+            "reca; positive: the primitive saves CPU), as a share of pic's CPU, the accuracy reca loses "
+            "without it, and the parts of the tree where the difference is (median CPU s):",
+            "",
+            "| primitive | CPU s difference | share of pic's CPU | accuracy delta | by part |",
+            "|---|---|---|---|---|",
+        ]
+        for p in abl:
+            by = sorted(
+                ((k.split(".cpu_by.")[1], v) for k, v in m.items() if k.startswith(f"ablation.{p}.cpu_by.")),
+                key=lambda kv: -abs(kv[1]),
+            )
+            diff = (
+                f(f"ablation.{p}.cpu_s", 2)
+                if f"ablation.{p}.cpu_s" in m
+                else f"{m[f'reca-no-{p}.all.cpu_s'] - m['reca.all.cpu_s']:+.2f}"
+            )
+            out.append(
+                f"| {p} | {diff} | {f(f'ablation.{p}.share_of_pic_cpu')} | {f(f'ablation.{p}.accuracy_delta')} | "
+                + ", ".join(f"{k} {v:+.2f}" for k, v in by[:4] if abs(v) >= 0.02)
+                + " |"
+            )
+    out += ["", "The table of the median run (cell-wise medians):", ""]
+    cols = list(doc["rows"][0])
+    out += ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    out += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in doc["rows"]]
+    out += [""] + [f"Note: {n}" for n in doc["notes"]]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    with open(sys.argv[1]) as fh:
+        print(markdown(json.load(fh)))
