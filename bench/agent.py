@@ -209,7 +209,8 @@ def run(quick: bool = False, seed: int | None = None) -> Result:
         random.Random(_RUN).shuffle(modes)
     progress("agent", f"order of modes: {' '.join(modes)}")
     results = _run_modes(modes, held, cal.tol, cal.threshold, quick)
-    results = {m: results[m] for m in peers + ["reca"] + [m for m in modes if m.startswith("reca-no-")]}
+    # a fixed order (the report's table is a cell-wise median of the runs' tables: rows must align)
+    results = {m: results[m] for m in peers + ["reca"] + [f"reca-no-{p}" for p in PRIMITIVES] if m in results}
 
     metrics: dict[str, float] = {
         "train.tol": cal.tol,
@@ -312,9 +313,12 @@ def run(quick: bool = False, seed: int | None = None) -> Result:
     return Result(metrics=metrics, targets=targets, table=rows, notes=notes, plots=plots)
 
 
-def markdown(doc: dict[str, Any]) -> str:
+def markdown(doc: dict[str, Any], ablation_rows_unaligned: bool = False) -> str:
     """The tables of docs/agent.md from a ``--json`` document of this benchmark
-    (``python -m bench.agent RESULT.json``): medians [min, max] over the runs."""
+    (``python -m bench.agent RESULT.json``): medians [min, max] over the runs.
+    ``ablation_rows_unaligned``: leave the ablation modes out of the counts table (documents of
+    benchmark runs before this fix listed them in each run's shuffled order, so their cell-wise
+    medians mixed modes; every other figure is per metric and unaffected)."""
     m, sp = doc["metrics"], doc["spread"]
 
     def f(key: str, digits: int = 3) -> str:
@@ -397,10 +401,16 @@ def markdown(doc: dict[str, Any]) -> str:
                 + ", ".join(f"{k} {v:+.2f}" for k, v in by[:4] if abs(v) >= 0.02)
                 + " |"
             )
-    out += ["", "The table of the median run (cell-wise medians):", ""]
+    out += [
+        "",
+        "Counts per mode and family (cell-wise medians of the runs' tables; heavy runs, duplicates, orphans and "
+        "refusals barely change between runs):",
+        "",
+    ]
     cols = list(doc["rows"][0])
+    rows = [r for r in doc["rows"] if not ablation_rows_unaligned or not r["mode"].startswith("reca-no-")]
     out += ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
-    out += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in doc["rows"]]
+    out += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     out += [""] + [f"Note: {n}" for n in doc["notes"]]
     return "\n".join(out) + "\n"
 
@@ -410,4 +420,4 @@ if __name__ == "__main__":
     import sys
 
     with open(sys.argv[1]) as fh:
-        print(markdown(json.load(fh)))
+        print(markdown(json.load(fh), ablation_rows_unaligned="--unaligned" in sys.argv))
