@@ -1,18 +1,21 @@
 """Modes: the same planner's plans, executed on a running kernel by reca or by the planner itself.
 
 Every mode talks to the kernel as a client (``clients.aio.AsyncClient``) and uses the same
-services' code where they do the work (``scch`` solves, ``ttc`` runs SAT and simulation tools,
-``decode`` runs the language model, ``sim`` runs simulations).  What differs is who decides:
+services' code where they do the work (``scch`` solves, ``ttc`` runs SAT tools, ``decode`` runs
+the language model, ``sim`` runs simulations).  What differs is who decides:
 
 * **reca** — the runtime decides.  One job per task with hard budgets (tokens, tool CPU seconds,
   one escalation, wall time) from the plan's estimates; every heavy tool step is a ``ttc``
   transaction prepared when the plan arrives (its budget reserved, nothing run), committed only
   when a consumer demands it, aborted when the plan drops it, and shared across tasks by its
   idempotency key; symbolic subgoals go through ``scch`` (canonical, verified reuse across tasks)
-  in the order ``cpcs`` gives them; a chain the check flags is repaired by ``psccr`` (a verified
-  continuation grafted, else an RoI-S splice of the flagged span only); on the algorithmic family
-  the chain is decoded step by step and a wrong step is replaced mid-decode by the exact tool
-  answer through ``ids`` (IDS); an escalation must clear ``cswif``'s what-if gate.  Lazy steps
+  behind an exact-text memo, as one ``cpcs`` DAG when more are ready than the machine has cores
+  (:data:`CPCS_MIN_WIDTH`; cpcs's FINAL carries the answers); a chain the check flags is repaired
+  by ``psccr`` (a verified continuation grafted, else an RoI-S splice of the flagged span only);
+  on the algorithmic family the chain is decoded in one generate and a step the check rejects is
+  rewound and replaced by the exact tool answer through ``ids`` (IDS), decoding resuming after it;
+  an escalation must clear ``cswif``'s what-if gate (a decision already taken in the run is
+  reused) and runs on ``sim`` through sim's result cache.  Lazy steps
   (a planner's speculative branches, escalations, thunks) wait until every eager step is done and
   the plan still needs them.
 * **pic** (planner in control) — executes the plan as it writes it: every step whose inputs are
@@ -20,13 +23,15 @@ services' code where they do the work (``scch`` solves, ``ttc`` runs SAT and sim
   the plan later drops keep running (their results go nowhere), a failed check regenerates the
   whole answer (a new decode, beam 4).
 * **strong** — pic plus: cancel on plan change (``ttc abort``), an exact-string result cache
-  across tasks, and a HEFT order of at most :data:`STRONG_SLOTS` heavy steps at a time.
+  across tasks, sim's result cache (as reca), and a HEFT order of at most :data:`STRONG_SLOTS`
+  heavy steps at a time.
 * **llmseq** — the language model's own order of steps (:class:`planner.scripted.LMPlanner`),
   one step at a time; a dropped step is never started.
 
 Ablations: reca with one primitive off (:func:`mode`, ``reca-no-<primitive>``): its work then
 goes the way pic does it (``scch`` without its cache, tools committed at once and not shared,
-regeneration instead of repair, the escalation run without the gate, no budgets, no cpcs order).
+regeneration instead of repair, the escalation run without the gate, no budgets, no cpcs order);
+sim's cache and the exact-text memo stay on.
 """
 
 from __future__ import annotations
