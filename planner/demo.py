@@ -178,7 +178,9 @@ def main(endpoint: str | None = None, out: Callable[[str], Any] = print) -> int:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m planner.demo (python -m clients agent-demo)",
-                                     description="one task narrated: a planner suggests, reca decides")
+    parser = argparse.ArgumentParser(
+        prog="python -m planner.demo (python -m clients agent-demo)",
+        description="one task narrated: a planner suggests, reca decides",
+    )
     parser.add_argument("--endpoint", help="a running kernel (default: start one with the planner's services)")
     raise SystemExit(main(parser.parse_args().endpoint))

@@ -1,18 +1,21 @@
 """Modes: the same planner's plans, executed on a running kernel by reca or by the planner itself.
 
 Every mode talks to the kernel as a client (``clients.aio.AsyncClient``) and uses the same
-services' code where they do the work (``scch`` solves, ``ttc`` runs SAT and simulation tools,
-``decode`` runs the language model, ``sim`` runs simulations).  What differs is who decides:
+services' code where they do the work (``scch`` solves, ``ttc`` runs SAT tools, ``decode`` runs
+the language model, ``sim`` runs simulations).  What differs is who decides:
 
 * **reca** — the runtime decides.  One job per task with hard budgets (tokens, tool CPU seconds,
   one escalation, wall time) from the plan's estimates; every heavy tool step is a ``ttc``
   transaction prepared when the plan arrives (its budget reserved, nothing run), committed only
   when a consumer demands it, aborted when the plan drops it, and shared across tasks by its
   idempotency key; symbolic subgoals go through ``scch`` (canonical, verified reuse across tasks)
-  in the order ``cpcs`` gives them; a chain the check flags is repaired by ``psccr`` (a verified
-  continuation grafted, else an RoI-S splice of the flagged span only); on the algorithmic family
-  the chain is decoded step by step and a wrong step is replaced mid-decode by the exact tool
-  answer through ``ids`` (IDS); an escalation must clear ``cswif``'s what-if gate.  Lazy steps
+  behind an exact-text memo, as one ``cpcs`` DAG when more are ready than the machine has cores
+  (:data:`CPCS_MIN_WIDTH`; cpcs's FINAL carries the answers); a chain the check flags is repaired
+  by ``psccr`` (a verified continuation grafted, else an RoI-S splice of the flagged span only);
+  on the algorithmic family the chain is decoded in one generate and a step the check rejects is
+  rewound and replaced by the exact tool answer through ``ids`` (IDS), decoding resuming after it;
+  an escalation must clear ``cswif``'s what-if gate (a decision already taken in the run is
+  reused) and runs on ``sim`` through sim's result cache.  Lazy steps
   (a planner's speculative branches, escalations, thunks) wait until every eager step is done and
   the plan still needs them.
 * **pic** (planner in control) — executes the plan as it writes it: every step whose inputs are
@@ -20,13 +23,15 @@ services' code where they do the work (``scch`` solves, ``ttc`` runs SAT and sim
   the plan later drops keep running (their results go nowhere), a failed check regenerates the
   whole answer (a new decode, beam 4).
 * **strong** — pic plus: cancel on plan change (``ttc abort``), an exact-string result cache
-  across tasks, and a HEFT order of at most :data:`STRONG_SLOTS` heavy steps at a time.
+  across tasks, sim's result cache (as reca), and a HEFT order of at most :data:`STRONG_SLOTS`
+  heavy steps at a time.
 * **llmseq** — the language model's own order of steps (:class:`planner.scripted.LMPlanner`),
   one step at a time; a dropped step is never started.
 
 Ablations: reca with one primitive off (:func:`mode`, ``reca-no-<primitive>``): its work then
 goes the way pic does it (``scch`` without its cache, tools committed at once and not shared,
-regeneration instead of repair, the escalation run without the gate, no budgets, no cpcs order).
+regeneration instead of repair, the escalation run without the gate, no budgets, no cpcs order);
+sim's cache and the exact-text memo stay on.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import time
 import uuid
@@ -53,6 +59,11 @@ from planner.tasks import Task
 CALL_TIMEOUT = 120.0
 #: Heavy steps strong runs at once (the machine's cores).
 STRONG_SLOTS = 2
+#: reca hands ready subgoals to cpcs only when there are more of them than cores: with no more
+#: than one per core they all run at once and no order can finish them sooner, while a cpcs run
+#: costs CPU of its own (ticks, placement look-ups, the decision log; measured: reca without cpcs
+#: was 0.16 CPU s cheaper over 18 held-out tasks whose plans have two subgoals each).
+CPCS_MIN_WIDTH = (os.cpu_count() or 1) + 1
 #: Tokens a chain decode may write per item (two steps of at most ~11 characters).
 MAX_NEW_PER_ITEM = 26
 #: The reca job's budgets, as multiples of the plan's estimates (and floors).
@@ -73,6 +84,8 @@ class Mode:
     cancel_on_drop: bool = False
     exact_cache: bool = False
     heft: bool = False
+    sim_cache: bool = False  # the sim service's result cache (``cache: true``): reca and strong
+    memo: bool = False  # reca: strong's exact-text memo in front of scch, and of the gate's decisions
     cpcs: bool = False
     ttc: bool = False
     scch: bool = False
@@ -83,9 +96,9 @@ class Mode:
 
 
 MODES = {
-    "reca": Mode("reca", runtime=True, cancel_on_drop=True, **{p: True for p in PRIMITIVES}),
+    "reca": Mode("reca", runtime=True, cancel_on_drop=True, sim_cache=True, memo=True, **{p: True for p in PRIMITIVES}),
     "pic": Mode("pic"),
-    "strong": Mode("strong", cancel_on_drop=True, exact_cache=True, heft=True),
+    "strong": Mode("strong", cancel_on_drop=True, exact_cache=True, heft=True, sim_cache=True),
     "llmseq": Mode("llmseq", sequential=True, cancel_on_drop=True),
 }
 
@@ -218,8 +231,10 @@ class _Task:
 
     async def run(self) -> TaskRun:
         planner = self.rs.planner
-        await self.cl.call(P.MMI_JOB_OPEN, {"job": self.job, "budget": {}, "parent": None, "priority": 0})
-        if isinstance(planner, LMPlanner) and "items" in self.task.spec:
+        opened = False
+        if isinstance(planner, LMPlanner) and "items" in self.task.spec:  # the model plans in the job
+            await self.cl.call(P.MMI_JOB_OPEN, {"job": self.job, "budget": {}, "parent": None, "priority": 0})
+            opened = True
             text = await self._lazy_chain(
                 chains.prompt([chains.Item(*it) for it in self.task.spec["items"]], lazy=True)
             )
@@ -233,8 +248,11 @@ class _Task:
                 "escalations": 1,
                 "wall_ms": BUDGET_WALL_MS,
             }
-            await self.cl.call(P.MMI_JOB_CLOSE, {"job": self.job})
-            self.job = self.job + "-b"
+            if opened:  # the planning decode's job has no budget: the task's work goes to a new one
+                await self.cl.call(P.MMI_JOB_CLOSE, {"job": self.job})
+                self.job = self.job + "-b"
+                opened = False
+        if not opened:
             await self.cl.call(P.MMI_JOB_OPEN, {"job": self.job, "budget": self.limits, "parent": None, "priority": 0})
         if self.m.ttc:
             await self._prepare_all()
@@ -248,7 +266,9 @@ class _Task:
                 break
             done, _ = await asyncio.wait(list(running), return_when=asyncio.FIRST_COMPLETED)
             for fut in done:
-                group = running.pop(fut)
+                group = running.pop(fut, None)
+                if group is None:  # a revision handled in this same round dropped its step
+                    continue
                 try:
                     out = fut.result()
                 except errors.RecaError as exc:
@@ -299,9 +319,9 @@ class _Task:
                 sid for sid in needed if sid != "answer" and sid not in results and not plan.steps[sid].lazy
             ]
             ready = [sid for sid in ready if sid in needed and (not plan.steps[sid].lazy or not pending_eager)]
-            if m.cpcs and m.scch:  # cpcs returns no results: they are read back from scch's cache
-                sym = [sid for sid in ready if plan.steps[sid].kind == "symbolic"]
-                if len(sym) > 1:
+            if m.cpcs and m.scch:  # a group wider than the machine: cpcs orders it (critical path first)
+                sym = [sid for sid in ready if plan.steps[sid].kind == "symbolic" and not self._memo_hit(sid)]
+                if len(sym) >= CPCS_MIN_WIDTH:
                     return [sym] + [[sid] for sid in ready if sid not in sym]
         if m.heft:
             rank = plan.upward_rank()
@@ -382,17 +402,25 @@ class _Task:
         async def solve() -> dict:
             return await self.call("scch", {"op": "solve", "subgoal": sg, "cache": self.m.scch})
 
-        if self.m.exact_cache:
-            out, computed = await self._cached("scch:" + json.dumps(sg, sort_keys=True), solve)
+        if self.m.exact_cache or self.m.memo:
+            out, computed = await self._cached(self._memo_key(sid), solve)
             self.heavy(sid, out["key"], computed and not out.get("hit"))
         else:
             out = await solve()
             self.heavy(sid, out["key"], not out.get("hit"))
         return {"answer": out["answer"], "hit": bool(out.get("hit"))}
 
+    def _memo_key(self, sid: str) -> str:
+        return "scch:" + json.dumps(self.plan.steps[sid].spec["subgoal"], sort_keys=True)
+
+    def _memo_hit(self, sid: str) -> bool:
+        """The same subgoal text was already asked in this run (its answer is, or will be, in the
+        exact-text memo): no scch call, no cpcs task."""
+        return self.m.memo and self._memo_key(sid) in self.rs.cache
+
     async def _symbolic_cpcs(self, group: list[str]) -> dict[str, Any]:
-        """reca: the ready subgoals as one DAG on cpcs (critical path first), then each answer
-        from scch's cache (a hit; a subgoal scch did not admit is solved again and counted)."""
+        """reca: the ready subgoals as one DAG on cpcs (critical path first); cpcs's FINAL carries
+        each task's scch answer (a task that failed there is solved again here, and counted)."""
         t0 = time.monotonic()
         dag = {
             "tasks": [
@@ -407,22 +435,21 @@ class _Task:
             ]
         }
         summary = await self.call("cpcs", {"dag": dag, "policy": "cpcs"})
+        results = summary.get("results") or {}
         out: dict[str, Any] = {}
         for sid in group:
-            res = await self.call(
-                "scch", {"op": "solve", "subgoal": self.plan.steps[sid].spec["subgoal"], "cache": True}
-            )
-            # the cpcs task computed it unless the subgoal was already cached before
-            first = next((e for e in summary.get("events", []) if e.get("task") == sid and e.get("ev") == "done"), None)
-            self.heavy(sid, res["key"], first is not None and not self._was_hit_before(res["key"]))
-            if not res.get("hit"):
-                self.heavy(sid, res["key"], True)
+            res = results.get(sid)
+            if not isinstance(res, dict) or "answer" not in res:  # the task failed in cpcs: solve here
+                res = await self.call(
+                    "scch", {"op": "solve", "subgoal": self.plan.steps[sid].spec["subgoal"], "cache": True}
+                )
+            self.heavy(sid, res["key"], not res.get("hit"))
             out[sid] = {"answer": res["answer"], "hit": bool(res.get("hit"))}
+            if self.m.memo and self._memo_key(sid) not in self.rs.cache:
+                fut = self.rs.cache[self._memo_key(sid)] = asyncio.get_running_loop().create_future()
+                fut.set_result(res)
             self.note(sid, "symbolic", t0, via="cpcs")
         return out
-
-    def _was_hit_before(self, key: str) -> bool:
-        return any(h.key == key and h.ran for h in self.rs.heavy)
 
     # decode -------------------------------------------------------------------------------------
 
@@ -441,28 +468,27 @@ class _Task:
         return {"decode": out["decode"], "text": out["text"], "prompt": prompt}
 
     async def _decode_ids(self, prompt: str, n_items: int) -> dict:
-        """Decode one step at a time; a step the check rejects is rewound and the exact answer
-        (a tool: exact arithmetic) is spliced in through IDS, then decoding resumes."""
-        out = await self.call("decode", {"op": "generate", "prompt": prompt, "max_new": 14, "stop": ";"})
-        did, spliced = out["decode"], 0
-        for _ in range(2 * n_items + 2):
-            rep = lmv.verify(out["text"])
+        """Decode the chain in one generate (as every mode does); if the check rejects a step, the
+        decode is rewound to that step, the exact answer (a tool: exact arithmetic) is spliced in
+        through IDS, and decoding resumes after it: only the text after the wrong step is decoded
+        again, never the whole answer.  (Decoding a step at a time, ``stop=";"``, found the same
+        errors at about twice the decode service's CPU: a round trip and a prefill per step.)"""
+        out = await self.call("decode", {"op": "generate", "prompt": prompt, "max_new": MAX_NEW_PER_ITEM * n_items})
+        did, spliced, text = out["decode"], 0, out["text"]
+        for _ in range(2 * n_items):
+            rep = lmv.verify(text)
             bad = rep.first_error
-            if bad is not None and bad.kind in ("mul", "add") and bad.end <= len(out["text"]):
-                item = rep.items[bad.item]
-                right = item.steps()[0 if bad.kind == "mul" else 1] + ";"
-                await self.call("decode", {"op": "rewind", "decode": did, "pos": tokenizer.char_to_token(bad.start)})
-                await self.call("ids", {"op": "inject", "decode": did, "text": right})
-                spliced += 1
-            elif all(s.ok for s in rep.steps if s.kind != "missing") and not any(
-                s.kind == "missing" for s in rep.steps
-            ):
+            if bad is None or bad.kind not in ("mul", "add") or bad.end > len(text):
                 break
-            out = await self.call("decode", {"op": "generate", "decode": did, "max_new": 14, "stop": ";"})
-            if out.get("finished") and lmv.verify(out["text"]).ok:
-                break
-        state = await self.call("decode", {"op": "state", "decode": did})
-        return {"decode": did, "text": state["text"], "prompt": prompt, "how": f"ids:{spliced}"}
+            item = rep.items[bad.item]
+            right = item.steps()[0 if bad.kind == "mul" else 1] + ";"
+            await self.call("decode", {"op": "rewind", "decode": did, "pos": tokenizer.char_to_token(bad.start)})
+            await self.call("ids", {"op": "inject", "decode": did, "text": right})
+            spliced += 1
+            left = MAX_NEW_PER_ITEM * (n_items - bad.item)
+            out = await self.call("decode", {"op": "generate", "decode": did, "max_new": left})
+            text = out["text"]
+        return {"decode": did, "text": text, "prompt": prompt, "how": f"ids:{spliced}"}
 
     async def _do_thunk(self, sid: str, step: Step) -> dict:
         """Force one item of the LM planner's lazy chain: the model answers the one-item question."""
@@ -637,16 +663,19 @@ class _Task:
             "level": level,
             "max_level": level,
             "report_every": 1000,
+            "cache": self.m.sim_cache,
         }
+        key = f"sim:{_key([s['case'], s['params'], level])}"
 
         async def run() -> dict:
-            self.heavy(sid, f"sim:{_key([s['case'], s['params'], level])}", True)
-            return await self.call("sim", payload)
+            out = await self.call("sim", payload)
+            self.heavy(sid, key, not out.get("cached"))
+            return out
 
         if self.m.exact_cache:
             out, computed = await self._cached("sim:" + json.dumps(payload, sort_keys=True), run)
             if not computed:
-                self.heavy(sid, f"sim:{_key([s['case'], s['params'], level])}", False)
+                self.heavy(sid, key, False)
             return out
         return await run()
 
@@ -671,25 +700,34 @@ class _Task:
                 "from_level": step.spec["from_level"],
                 "to_level": step.spec["to_level"],
             }
-            try:
-                dec = await self.call("cswif", {"escalation": esc, "execute": True})
-            except errors.Refused as exc:
-                self.refused.append(
-                    {
-                        "step": sid,
-                        "kind": "whatif",
-                        "reason": str(exc)[:160],
-                        "prediction": (exc.detail or {}).get("prediction"),
+            same = "gate:" + json.dumps({k: v for k, v in esc.items() if k != "run_id"}, sort_keys=True)
+            earlier = self.rs.cache.get(same) if self.m.memo else None
+            if earlier is not None and earlier.done() and not earlier.exception():
+                # the gate already decided this very escalation in this run (its dry run is a pure
+                # function of the request): the same answer, without a second dry run; an approved
+                # one is then served by sim's cache (nothing computed, no escalation spent)
+                dec = earlier.result()
+            else:
+                try:
+                    dec = await self.call("cswif", {"escalation": esc})
+                except errors.Refused as exc:
+                    detail = exc.detail or {}
+                    dec = {
+                        "refused": str(exc)[:160],
+                        "prediction": (detail.get("decision") or detail).get("prediction"),
+                        "gate": "decision" in detail,
                     }
+                if self.m.memo and dec.get("gate", True):  # the gate's own decisions, not a job's budget
+                    self.rs.cache[same] = fut = asyncio.get_running_loop().create_future()
+                    fut.set_result(dec)
+            if "refused" in dec:
+                self.refused.append(
+                    {"step": sid, "kind": "whatif", "reason": dec["refused"], "prediction": dec["prediction"]}
                 )
                 return {"refused": True}
-            s = self.task.spec
-            self.heavy(sid, f"sim:{_key([s['case'], s['params'], step.spec['to_level']])}", True)
-            return {
-                "level": step.spec["to_level"],
-                "summary": dec["run"],
-                "how": f"cswif approved: {dec.get('reason', '')}"[:120],
-            }
+            # approved (one unit of the job's escalations spent): run on sim, through its cache
+            out = await self._sim(sid, step, step.spec["to_level"])
+            return out | {"how": f"cswif approved: {dec.get('reason', '')}"[:120]}
         return await self._sim(sid, step, step.spec["to_level"])
 
     # -- the answer ---------------------------------------------------------------------------------

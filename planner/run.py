@@ -28,21 +28,51 @@ from planner.tasks import Task
 CLIENT_TIMEOUT = 120.0
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and all its descendants, reaped ones included."""
-    total = 0.0
+def _label(p: psutil.Process) -> str:
+    """The part of the kernel's tree a process belongs to: ``kernel``, a service's module name
+    (``ttc``, ``ttc.toolworker``, ...), or, for helpers (a multiprocessing fork server, a solver
+    child), the nearest such ancestor's."""
+    while p is not None:
+        try:
+            cmd = p.cmdline()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            return "other"
+        for i, a in enumerate(cmd[:-1]):
+            if a == "-m":
+                mod = cmd[i + 1]
+                return mod.removeprefix("services.") if mod.startswith("services.") else mod
+        p = p.parent()
+    return "other"
+
+
+def tree_cpu_by(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of ``pid`` and all its descendants, reaped ones included (a
+    reaped child's time is in its parent's ``children_*`` times), summed per :func:`_label`."""
+    out: dict[str, float] = {}
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
+        return out
     for p in procs:
         try:
             t = p.cpu_times()
+            label = _label(p)
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue
-        total += t.user + t.system + t.children_user + t.children_system
-    return total
+        out[label] = out.get(label, 0.0) + t.user + t.system + t.children_user + t.children_system
+    return out
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and all its descendants, reaped ones included."""
+    return sum(tree_cpu_by(pid).values())
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per-label CPU spent between two :func:`tree_cpu_by` readings (a process that ended in
+    between and was reaped by a live parent is in that parent's ``children_*``)."""
+    return {k: round(after.get(k, 0.0) - before.get(k, 0.0), 4) for k in sorted(set(before) | set(after))}
 
 
 def self_cpu() -> float:
@@ -57,6 +87,8 @@ class Batch:
     heavy: list[HeavyRun]
     cpu_s: float
     wall_s: float
+    #: CPU seconds per part of the kernel's tree (``kernel``, each service, ``client``).
+    cpu_by: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def figures(self, family: str | None = None) -> dict[str, Any]:
         runs = [r for r in self.runs if family is None or r.task.family == family]
@@ -120,13 +152,15 @@ def run_batch(
     """Run ``tasks`` one after another in ``mode_name`` and measure the batch.  The planner is the
     scripted one, except in ``llmseq`` (the language model's)."""
     kind = planner or ("lm" if mode_name == "llmseq" else "scripted")
-    c0, s0, t0 = tree_cpu(kernel_pid), self_cpu(), time.monotonic()
+    c0, s0, t0 = tree_cpu_by(kernel_pid), self_cpu(), time.monotonic()
     runs, rs = asyncio.run(_run(endpoint, mode_name, make_planner(kind, seed), tasks))
     wall = time.monotonic() - t0
-    cpu = tree_cpu(kernel_pid) - c0 + self_cpu() - s0
+    by = cpu_delta(c0, tree_cpu_by(kernel_pid))
+    by["client"] = round(self_cpu() - s0, 4)
+    cpu = sum(by.values())
     for r in runs:
         r.correct = V.verify(r.task, r.answer, tol=tol)
-    return Batch(mode_name, runs, rs.heavy, cpu, wall)
+    return Batch(mode_name, runs, rs.heavy, cpu, wall, by)
 
 
 def median(xs: list[float]) -> float:

@@ -162,3 +162,33 @@ def test_calibration_uses_training_tasks_only(monkeypatch):
     assert cal.threshold == pytest.approx(0.05) and cal.train_escalations == 2 and cal.train_accuracy == 1.0
     with pytest.raises(ValueError):
         C.calibrate([t for t in tasks.generate("math", 1, 1, 1)])
+
+
+def test_agent_markdown_reports_medians_spreads_and_the_paired_ablation():
+    from bench import _report
+    from bench._common import Result
+    from bench.agent import markdown
+
+    def result(reca_cpu: float, no_cpcs_cpu: float) -> Result:
+        m: dict[str, float] = {}
+        for mode, cpu in (("pic", 10.0), ("reca", reca_cpu), ("reca-no-cpcs", no_cpcs_cpu)):
+            for k in ("cpu_s", "wall_s", "accuracy", "tokens", "flops", "duplicated", "orphaned"):
+                m[f"{mode}.all.{k}"] = cpu if k == "cpu_s" else 1.0
+            for fam in tasks.FAMILIES:
+                m[f"{mode}.{fam}.cpu_s"], m[f"{mode}.{fam}.accuracy"] = cpu / 3, 1.0
+            m[f"{mode}.cpu_by.ttc"] = cpu / 2
+        m["reca_vs_pic.cpu_saving"] = 1 - reca_cpu / 10.0
+        m["ablation.cpcs.cpu_s"] = no_cpcs_cpu - reca_cpu
+        m["ablation.cpcs.share_of_pic_cpu"] = (no_cpcs_cpu - reca_cpu) / 10.0
+        m["ablation.cpcs.accuracy_delta"] = 0.0
+        m["ablation.cpcs.cpu_by.ttc"] = (no_cpcs_cpu - reca_cpu) / 2
+        rows = [{"mode": mo, "family": "math", "cpu_s": 1.0} for mo in ("pic", "reca", "reca-no-cpcs")]
+        return Result(metrics=m, targets={"reca_vs_pic.cpu_saving": (">=", 0.3)}, table=rows)
+
+    # the paired difference per run (1, 2, 3) has median 2; the difference of the medians would be 1
+    runs = [result(6.0, 7.0), result(7.0, 9.0), result(8.0, 11.0)]
+    doc = _report.aggregate("agent", False, runs, _report.environment(), 1.0)
+    text = markdown(doc)
+    assert "| `reca_vs_pic.cpu_saving` | 0.3 [0.2, 0.4] | >= 0.3 | yes |" in text
+    assert "| reca | 7 [6, 8] |" in text
+    assert "| cpcs | 2 [1, 3] |" in text and "ttc +1.00" in text

@@ -4,6 +4,8 @@ plan's speculative branch read back from the services' own records."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from planner import kernel as K
@@ -84,3 +86,17 @@ def test_agent_demo_narrates_from_the_services_records(kern):
     assert algo.spent.get("tokens", 0) > 0
     assert any("ABORTED after 0 run(s)" in line for line in lines)
     assert any("CPU s (OS)" in line for line in lines)
+
+
+def test_a_repeated_simulation_is_served_from_sims_cache_in_reca_and_strong_not_pic(kern, tol):
+    twice = [PHYS, dataclasses.replace(PHYS, id=PHYS.id + "-again")]  # the same simulations
+    for mode, dup in (("reca", 0), ("strong", 0), ("pic", 2)):
+        batch = run_batch(kern.endpoint, kern.pid, mode, twice, tol=tol)
+        f = batch.figures()
+        assert all(r.correct for r in batch.runs)
+        assert f["duplicated"] == dup, (mode, f)
+        assert {"kernel", "sim", "client"} <= set(batch.cpu_by)  # CPU per part of the kernel's tree
+        if mode != "pic":  # the second task's base and escalation: cache hits, nothing run
+            assert not any(h.ran for h in batch.heavy if h.task.endswith("-again"))
+    # pic asks without the cache: every run computed (sim's CPU is in its share)
+    assert [h.ran for h in batch.heavy] == [True, True, True, True] and batch.cpu_by["sim"] > 0

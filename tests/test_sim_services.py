@@ -16,7 +16,7 @@ from clients import Client
 from kernel import errors
 from kernel import protocol as P
 from services.igms.logic import PrefetchedGate, order_from_actions, parse_request, report_from_wire, wanted_refinements
-from services.sim.logic import RunState, parse_order, parse_run, report_to_wire
+from services.sim.logic import RunState, cache_key, parse_order, parse_run, report_to_wire
 from services.sim.service import SimService
 from sims import cases
 from sims.igms import IGMSController, LocalGate, Refine, SetDtFactor, run_controlled
@@ -213,6 +213,56 @@ def test_whatif_bad_input_gives_typed_errors(client, payload, exc, match):
     with pytest.raises(exc, match=match):
         client.call("cswif", payload)
     assert child_pids(client) == before
+
+
+# -- the result cache --------------------------------------------------------------------------------
+
+GAUSS = {"case": "gaussian_diffusion", "params": {"sigma": 0.17, "D": 0.9}, "blocks": 2, "cells": 8, "level": 1,
+         "max_level": 1}
+
+
+def test_result_cache_never_runs_the_same_request_twice_and_never_serves_another_parameter_set(client):
+    client.open_job("simcache", {})
+    stats0 = client.call("sim", {"op": "status"})["cache"]
+    flops0 = client.call("mmi.job.stats", {"job": "simcache"})["spent"].get("flops", 0.0)
+    first = client.call("sim", GAUSS | {"cache": True}, job="simcache")
+    flops1 = client.call("mmi.job.stats", {"job": "simcache"})["spent"].get("flops", 0.0)
+    assert first["status"] == "finished" and not first.get("cached") and flops1 > flops0
+    # the same request, written differently (key order, defaults spelled out, report_every): a hit
+    again = client.call("sim", {"report_every": 7, "cache": True, "max_level": 1, "level": 1, "cells": 8, "blocks": 2,
+                                "params": {"D": 0.9, "sigma": 0.17, "amplitude": 1.0}, "case": "gaussian_diffusion"},
+                        job="simcache")
+    assert again["cached"] and again["cached_from"] == first["run"] and again["run"] != first["run"]
+    assert again["digest"] == first["digest"] and again["total_cell_updates"] == first["total_cell_updates"]
+    assert client.call("mmi.job.stats", {"job": "simcache"})["spent"].get("flops", 0.0) == flops1  # nothing ran
+    # one parameter changed: computed, a different state
+    other = client.call("sim", GAUSS | {"cache": True, "params": {"sigma": 0.17, "D": 0.91}}, job="simcache")
+    assert not other.get("cached") and other["digest"] != first["digest"]
+    # without cache: true the request runs again (the default: benchmarks that measure runs)
+    plain = client.call("sim", GAUSS, job="simcache")
+    assert not plain.get("cached") and plain["digest"] == first["digest"]
+    stats = client.call("sim", {"op": "status"})["cache"]
+    assert stats["hits"] - stats0["hits"] == 1 and stats["stored"] - stats0["stored"] == 2
+
+
+def test_cache_key_is_the_canonical_request():
+    def key(payload, run_id="r"):
+        spec, sim = parse_run(payload, run_id)
+        return cache_key(payload, spec, sim)
+
+    k = key(GAUSS | {"cache": True})
+    assert k == key({**GAUSS, "cache": True, "report_every": 3, "order_timeout_s": 5.0}, "other-id")
+    assert k == key(GAUSS | {"cache": True, "level": None, "levels": [1, 1, 1, 1]})
+    assert k == key(GAUSS | {"cache": True, "params": {"sigma": 0.17, "D": 0.9, "x0": 0.0}})
+    for changed in ({"params": {"sigma": 0.17, "D": 0.9000001}}, {"level": 0}, {"max_level": 2}, {"cells": 10},
+                    {"t_end": 0.019}, {"dt_factor": 0.5}, {"max_steps": 5}, {"indicators": ["truncation"]},
+                    {"case": "cosine_diffusion", "params": {"D": 0.9}}):
+        assert key(GAUSS | {"cache": True} | changed) != k, changed
+    assert key(GAUSS) is None  # not asked for
+    assert key(GAUSS | {"cache": True, "controlled": True}) is None  # steered by orders
+    assert key(GAUSS | {"cache": True, "run": "mine"}) is None  # named: may be steered
+    with pytest.raises(errors.BadRequest, match="cache"):
+        parse_run(GAUSS | {"cache": "yes"}, "r")
 
 
 # -- pure parts (no sockets) -----------------------------------------------------------------------

@@ -17,7 +17,8 @@ kernel priority), ``mmi.preempt`` / ``mmi.resume`` by the task's kernel token, `
 of worker processes.  Decisions stream to the caller as PARTIALs ``{"t", "decisions",
 "critical_path", "eta_makespan_s"}`` and go to the kernel's decision log (``mmi.audit``, source
 ``cpcs``).  FINAL: the scheduler's summary, ``events`` (the whole timeline, from which
-:mod:`services.cpcs.gantt` draws the chart) and ``tick_cpu_s`` (process CPU time spent deciding).
+:mod:`services.cpcs.gantt` draws the chart), ``tick_cpu_s`` (process CPU time spent deciding) and
+``results`` (task id -> the FINAL payload of its successful attempt: the caller needs no read-back).
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class _Run:
         self.sch = sch
         self.tick_s = tick_s
         self.calls: dict[str, asyncio.Task] = {}
+        self.results: dict[str, Any] = {}
         self.wake = asyncio.Event()
         self.fatal: errors.RecaError | None = None
         self.audited = 0
@@ -166,7 +168,7 @@ class _Run:
             raise self.fatal
         now = time.monotonic()
         out = sch.summary(now)
-        out.update(events=sch.events, tick_cpu_s=self.tick_cpu)
+        out.update(events=sch.events, tick_cpu_s=self.tick_cpu, results=self.results)
         return out
 
     # -- orders -----------------------------------------------------------------------------------
@@ -218,6 +220,7 @@ class _Run:
                         code = str((reply.raw.get(P.S_ERROR) or {}).get("code", "error"))
                         self._ended(tid, now, ok=False, code=code)
                     else:
+                        self.results[tid] = reply.payload
                         self._ended(tid, now, ok=True)
                     return
                 if reply.status == P.STATUS_PAUSED:

@@ -36,8 +36,42 @@ ORDER_TIMEOUT = 30.0
 MAX_DT_FACTOR = 8.0
 
 _RUN_KEYS = {"op", "run", "case", "params", "blocks", "cells", "max_level", "level", "levels", "indicators",
-             "t_end", "dt_factor", "controlled", "report_every", "max_steps", "order_timeout_s"}
+             "t_end", "dt_factor", "controlled", "report_every", "max_steps", "order_timeout_s", "cache"}
+#: Ends of a run that are a pure function of its request (when no order was applied): cacheable.
+CACHEABLE_STATUS = frozenset({"finished", "max_steps", "unstable"})
 _ORDER_KEYS = {"op", "run", "step", "refine", "coarsen", "dt_factor", "halt"}
+
+
+def cache_key(payload: dict, spec: "RunSpec", sim: Simulation) -> str | None:
+    """The canonical key of a ``run`` request whose result may be served from the result cache,
+    or None when it may not be (not asked for with ``cache: true``, ``controlled``, or naming its
+    own ``run`` id: such a run may be steered by fidelity orders, so its end is not a function of
+    the request alone).
+
+    The key is everything the run's trajectory depends on, canonicalised: the case's name and
+    *every* parameter of its factory with the defaults filled in (``{"D": 1}`` and ``{}`` of a case
+    whose default ``D`` is 1 are one key; a parameter given as ``2`` and as ``2.0`` are two keys,
+    never merged), the grid (blocks, cells, max level, the initial level of every block: ``level``
+    and an equivalent ``levels`` are one key), indicators, the resolved end time, dt factor and
+    step cap, and the SHA-256 digest of the initial state.  Never the run id, ``report_every`` or
+    the order timeout (they change no result).  Two requests with equal keys run bit-identical
+    trajectories; two that differ in any parameter never share a key."""
+    if payload.get("cache") is not True or spec.controlled or payload.get("run") is not None:
+        return None
+    import inspect
+
+    bound = inspect.signature(cases.CASES[spec.case]).bind(**spec.params)
+    bound.apply_defaults()
+    canon = {
+        "case": spec.case,
+        "params": {k: [type(v).__name__, v] for k, v in sorted(bound.arguments.items())},
+        "blocks": spec.blocks, "cells": spec.cells, "max_level": spec.max_level,
+        "levels": [int(v) for v in sim.topo.levels],
+        "indicators": list(payload.get("indicators", [])),
+        "t_end": float(sim.t_end), "dt_factor": spec.dt_factor, "max_steps": spec.max_steps,
+        "init": state_digest(sim),
+    }
+    return hashlib.sha256(repr(sorted(canon.items())).encode()).hexdigest()
 
 
 def _int(payload: dict, key: str, default: int, lo: int, hi: int) -> int:
@@ -92,6 +126,8 @@ def parse_run(payload: Any, run_id: str) -> tuple[RunSpec, Simulation]:
     indicators = payload.get("indicators", [])
     if not isinstance(indicators, (list, tuple)) or not all(isinstance(i, str) for i in indicators):
         raise errors.BadRequest("indicators must be a list of names")
+    if not isinstance(payload.get("cache", False), bool):
+        raise errors.BadRequest("cache must be true or false")
     dt_factor = _number(payload.get("dt_factor", 1.0), "dt_factor")
     order_timeout = _number(payload.get("order_timeout_s", ORDER_TIMEOUT), "order_timeout_s")
     if not 0 < order_timeout <= 3600:

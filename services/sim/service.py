@@ -15,13 +15,23 @@ from kernel import errors
 from kernel import protocol as P
 from kernel.config import runtime_dir
 from services.base import Context, Service, WorkerRuntime
-from services.sim.logic import FidelityOrder, RunState, parse_order, parse_run, report_to_wire
+from services.sim.logic import (
+    CACHEABLE_STATUS,
+    FidelityOrder,
+    RunState,
+    cache_key,
+    parse_order,
+    parse_run,
+    report_to_wire,
+)
 from sims import cases
 
 log = logging.getLogger("reca.sim")
 
 #: Finished runs whose summaries ``status`` can still report.
 FINISHED_KEPT = 256
+#: Results the result cache keeps (least recently used dropped first).
+CACHE_KEPT = 512
 #: Slice of a controlled run's wait for its order, between two safe points, seconds.
 ORDER_POLL = 0.05
 
@@ -56,6 +66,18 @@ class SimService(Service):
       ``ctl/sim/fidelity`` (:meth:`on_control`).
     * ``status``: a live run's state or a finished run's summary.
     * ``cases``: the case names.
+
+    **Result cache** (``"cache": true`` on an anonymous, uncontrolled ``run``): the same request
+    never runs twice on this worker.  The key is the canonical request
+    (:func:`services.sim.logic.cache_key`: every case parameter with defaults filled, the grid,
+    the initial levels and state digest, end time, dt factor, step cap), so a request that differs
+    in any parameter is never served another's result.  A hit answers the stored summary at once
+    (``cached: true``, ``cached_from``: the run that computed it, ``run``: this request's id), sends
+    no PARTIAL and charges no FLOPs: nothing was computed.  An identical request arriving while
+    the first is running waits for it (single flight) and is served its summary; if the first ends
+    uncacheably (preempted, cancelled, an order applied) the waiter runs itself.  Only a run that
+    ended ``finished``, ``max_steps`` or ``unstable`` with no order applied is stored.  Counters:
+    ``status`` with no run reports ``cache`` (hits, misses, stored).
     """
 
     name = "sim"
@@ -73,6 +95,9 @@ class SimService(Service):
         self._facade_task: asyncio.Task | None = None
         self._facade: WorkerRuntime | None = None
         self._wakers: dict[str, asyncio.Event] = {}
+        self.cache: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self._inflight: dict[str, asyncio.Future] = {}
+        self.cache_stats = {"hits": 0, "misses": 0, "stored": 0}
 
     # -- process life -----------------------------------------------------------------------------
 
@@ -134,6 +159,8 @@ class SimService(Service):
         return {rid: r.sim.spec.nblocks for rid, r in self.runs.items()}
 
     def _status(self, run_id: Any) -> dict:
+        if run_id is None:
+            return {"runs": sorted(self.runs), "cache": dict(self.cache_stats, size=len(self.cache))}
         if run_id in self.runs:
             r = self.runs[run_id]
             return r.summary("running") | {"pending_orders": len(r.pending)}
@@ -148,6 +175,38 @@ class SimService(Service):
         if run_id in self.runs or run_id in self.finished:
             raise errors.BadRequest(f"run id {run_id!r} already used on this worker")
         spec, sim = parse_run(payload, run_id)
+        key = cache_key(payload, spec, sim)
+        if key is None:
+            return await self._execute(ctx, spec, sim)
+        while True:
+            hit = self.cache.get(key)
+            if hit is not None:
+                self.cache.move_to_end(key)
+                self.cache_stats["hits"] += 1
+                out = dict(hit, run=run_id, cached=True, cached_from=hit["run"])
+                self._keep_finished(run_id, out)
+                return out
+            pending = self._inflight.get(key)
+            if pending is None:
+                break
+            await asyncio.shield(pending)  # the identical run in flight; then look again
+        self.cache_stats["misses"] += 1
+        done = self._inflight[key] = asyncio.get_running_loop().create_future()
+        try:
+            summary = await self._execute(ctx, spec, sim)
+            state_ok = summary.get("status") in CACHEABLE_STATUS and summary.get("orders_applied") == 0
+            if state_ok:
+                self.cache[key] = summary
+                self.cache_stats["stored"] += 1
+                while len(self.cache) > CACHE_KEPT:
+                    self.cache.popitem(last=False)
+            return summary
+        finally:
+            del self._inflight[key]
+            done.set_result(None)  # waiters look again: a hit, or they run themselves
+
+    async def _execute(self, ctx: Context, spec: Any, sim: Any) -> dict:
+        run_id = spec.run_id
         state = self.runs[run_id] = RunState(spec, sim)
         self._wakers[run_id] = asyncio.Event()
         summary: dict | None = None
@@ -157,9 +216,12 @@ class SimService(Service):
         finally:
             self.runs.pop(run_id, None)
             self._wakers.pop(run_id, None)
-            self.finished[run_id] = summary or state.summary("aborted")
-            while len(self.finished) > FINISHED_KEPT:
-                self.finished.popitem(last=False)
+            self._keep_finished(run_id, summary or state.summary("aborted"))
+
+    def _keep_finished(self, run_id: str, summary: dict) -> None:
+        self.finished[run_id] = summary
+        while len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
 
     async def _loop(self, ctx: Context, state: RunState) -> dict:
         spec, sim = state.spec, state.sim
