@@ -34,7 +34,7 @@ import zmq
 from bench._common import Result, percentile, progress
 from clients import Client
 from clients.launch import LocalKernel, short_tmpdir
-from kernel import keys
+from kernel import errors, keys
 
 RUNS = 3
 SAMPLES = 1000
@@ -45,6 +45,8 @@ PLACE_S = 240.0
 #: Cooperative preempt cycles per echo (quick / full).
 QUICK_CYCLES = 10
 CYCLES = 60
+#: Longest wait for a high-priority request of a preempt cycle, seconds.
+HIGH_WAIT_S = 20.0
 
 
 def _config(kd: str, d: str) -> str:
@@ -79,11 +81,12 @@ def _round_trips(c: Client, service: str, n: int) -> list[float]:
     return out
 
 
-def _preempt_cycles(c: Client, client_kw: dict, service: str, n: int) -> tuple[list[float], int]:
+def _preempt_cycles(c: Client, client_kw: dict, service: str, n: int) -> tuple[list[float], int, str | None]:
     """``n`` cooperative preemptions of a long low-priority request on ``service`` by a short
     high-priority one: seconds from sending the high request to the low stream's ``paused`` reply
     reaching the client (kernel decision, PUB order, the worker's safe point, its reply), and how
-    many cycles were missed (no ``paused`` within 10 s: the low request ended in between)."""
+    many cycles were missed (no ``paused`` within 10 s: the low request ended in between); and why
+    the cycles stopped early (a high request not answered within :data:`HIGH_WAIT_S`), else None."""
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
 
@@ -98,6 +101,8 @@ def _preempt_cycles(c: Client, client_kw: dict, service: str, n: int) -> tuple[l
     thread.start()
     out: list[float] = []
     missed = 0
+    stuck = None
+    hc = Client(**{**client_kw, "timeout": HIGH_WAIT_S})
     try:
         while len(out) + missed < n:
             deadline = time.monotonic() + 30
@@ -108,15 +113,20 @@ def _preempt_cycles(c: Client, client_kw: dict, service: str, n: int) -> tuple[l
             while not events.empty():
                 events.get_nowait()
             t0 = time.monotonic()
-            c.call(service, {"steps": 2, "step_ms": 1}, job="high")
+            try:
+                hc.call(service, {"steps": 2, "step_ms": 1}, job="high")
+            except errors.Timeout as exc:
+                stuck = f"cycle {len(out) + missed + 1}: the high request got no reply in {HIGH_WAIT_S:.0f} s ({exc})"
+                break
             try:
                 out.append(events.get(timeout=10) - t0)
             except queue.Empty:
                 missed += 1
     finally:
         stop.set()
+        hc.close()
         thread.join(60)
-    return out, missed
+    return out, missed, stuck
 
 
 def run(quick: bool) -> Result:
@@ -175,7 +185,9 @@ def run(quick: bool) -> Result:
             for name, svc in (("local", "local-echo"), ("ray", "echo")):
                 if name == "ray" and not placed:
                     continue
-                lat, missed = _preempt_cycles(c, kw, svc, cycles)
+                lat, missed, stuck = _preempt_cycles(c, kw, svc, cycles)
+                if stuck:
+                    notes.append(f"{name}: preempt cycles stopped early: {stuck}")
                 if lat:
                     p50, p99 = percentile(lat, 50) * 1e3, percentile(lat, 99) * 1e3
                     metrics[f"{name}.preempt_to_paused_p50_ms"] = p50
