@@ -40,13 +40,14 @@ RUNS = 3
 SAMPLES = 1000
 QUICK_SAMPLES = 100
 #: Longest wait for the Ray-placed echo, seconds (quick / full).
-QUICK_PLACE_S = 35.0
+QUICK_PLACE_S = 30.0
 PLACE_S = 240.0
 #: Cooperative preempt cycles per echo (quick / full).
-QUICK_CYCLES = 10
+QUICK_CYCLES = 5
 CYCLES = 60
 #: Longest wait for a high-priority request of a preempt cycle, seconds.
 HIGH_WAIT_S = 20.0
+QUICK_HIGH_WAIT_S = 5.0
 
 
 def _config(kd: str, d: str) -> str:
@@ -81,7 +82,9 @@ def _round_trips(c: Client, service: str, n: int) -> list[float]:
     return out
 
 
-def _preempt_cycles(c: Client, client_kw: dict, service: str, n: int) -> tuple[list[float], int, str | None]:
+def _preempt_cycles(
+    c: Client, client_kw: dict, service: str, n: int, high_wait: float = HIGH_WAIT_S
+) -> tuple[list[float], int, str | None]:
     """``n`` cooperative preemptions of a long low-priority request on ``service`` by a short
     high-priority one: seconds from sending the high request to the low stream's ``paused`` reply
     reaching the client (kernel decision, PUB order, the worker's safe point, its reply), and how
@@ -102,7 +105,7 @@ def _preempt_cycles(c: Client, client_kw: dict, service: str, n: int) -> tuple[l
     out: list[float] = []
     missed = 0
     stuck = None
-    hc = Client(**{**client_kw, "timeout": HIGH_WAIT_S})
+    hc = Client(**{**client_kw, "timeout": high_wait})
     try:
         while len(out) + missed < n:
             deadline = time.monotonic() + 30
@@ -116,7 +119,7 @@ def _preempt_cycles(c: Client, client_kw: dict, service: str, n: int) -> tuple[l
             try:
                 hc.call(service, {"steps": 2, "step_ms": 1}, job="high")
             except errors.Timeout as exc:
-                stuck = f"cycle {len(out) + missed + 1}: the high request got no reply in {HIGH_WAIT_S:.0f} s ({exc})"
+                stuck = f"cycle {len(out) + missed + 1}: the high request got no reply in {high_wait:.0f} s ({exc})"
                 break
             try:
                 out.append(events.get(timeout=10) - t0)
@@ -125,7 +128,7 @@ def _preempt_cycles(c: Client, client_kw: dict, service: str, n: int) -> tuple[l
     finally:
         stop.set()
         hc.close()
-        thread.join(60)
+        thread.join(5)  # a low request left paused by a stuck cycle ends when the kernel stops
     return out, missed, stuck
 
 
@@ -185,7 +188,7 @@ def run(quick: bool) -> Result:
             for name, svc in (("local", "local-echo"), ("ray", "echo")):
                 if name == "ray" and not placed:
                     continue
-                lat, missed, stuck = _preempt_cycles(c, kw, svc, cycles)
+                lat, missed, stuck = _preempt_cycles(c, kw, svc, cycles, QUICK_HIGH_WAIT_S if quick else HIGH_WAIT_S)
                 if stuck:
                     notes.append(f"{name}: preempt cycles stopped early: {stuck}")
                 if lat:
