@@ -22,9 +22,11 @@ remote preempt latency and overshoot, cpcs vs Dask on a cluster.
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import sys
 import textwrap
+import threading
 import time
 
 import zmq
@@ -32,14 +34,20 @@ import zmq
 from bench._common import Result, percentile, progress
 from clients import Client
 from clients.launch import LocalKernel, short_tmpdir
-from kernel import keys
+from kernel import errors, keys
 
 RUNS = 3
 SAMPLES = 1000
 QUICK_SAMPLES = 100
 #: Longest wait for the Ray-placed echo, seconds (quick / full).
-QUICK_PLACE_S = 35.0
+QUICK_PLACE_S = 30.0
 PLACE_S = 240.0
+#: Cooperative preempt cycles per echo (quick / full).
+QUICK_CYCLES = 5
+CYCLES = 60
+#: Longest wait for a high-priority request of a preempt cycle, seconds.
+HIGH_WAIT_S = 20.0
+QUICK_HIGH_WAIT_S = 5.0
 
 
 def _config(kd: str, d: str) -> str:
@@ -74,8 +82,59 @@ def _round_trips(c: Client, service: str, n: int) -> list[float]:
     return out
 
 
+def _preempt_cycles(
+    c: Client, client_kw: dict, service: str, n: int, high_wait: float = HIGH_WAIT_S
+) -> tuple[list[float], int, str | None]:
+    """``n`` cooperative preemptions of a long low-priority request on ``service`` by a short
+    high-priority one: seconds from sending the high request to the low stream's ``paused`` reply
+    reaching the client (kernel decision, PUB order, the worker's safe point, its reply), and how
+    many cycles were missed (no ``paused`` within 10 s: the low request ended in between); and why
+    the cycles stopped early (a high request not answered within :data:`HIGH_WAIT_S`), else None."""
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def low() -> None:
+        with Client(**client_kw) as lc:
+            while not stop.is_set():
+                for rep in lc.stream(service, {"steps": 3000, "step_ms": 1}, job="low"):
+                    if rep.status == "paused":
+                        events.put(time.monotonic())
+
+    thread = threading.Thread(target=low, daemon=True)
+    thread.start()
+    out: list[float] = []
+    missed = 0
+    stuck = None
+    hc = Client(**{**client_kw, "timeout": high_wait})
+    try:
+        while len(out) + missed < n:
+            deadline = time.monotonic() + 30
+            while c.stats()["services"][service]["inflight"] < 1:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the low request on {service} never started")
+                time.sleep(0.002)
+            while not events.empty():
+                events.get_nowait()
+            t0 = time.monotonic()
+            try:
+                hc.call(service, {"steps": 2, "step_ms": 1}, job="high")
+            except errors.Timeout as exc:
+                stuck = f"cycle {len(out) + missed + 1}: the high request got no reply in {high_wait:.0f} s ({exc})"
+                break
+            try:
+                out.append(events.get(timeout=10) - t0)
+            except queue.Empty:
+                missed += 1
+    finally:
+        stop.set()
+        hc.close()
+        thread.join(5)  # a low request left paused by a stuck cycle ends when the kernel stops
+    return out, missed, stuck
+
+
 def run(quick: bool) -> Result:
     samples = QUICK_SAMPLES if quick else SAMPLES
+    cycles = QUICK_CYCLES if quick else CYCLES
     place_s = QUICK_PLACE_S if quick else PLACE_S
     d = short_tmpdir("rb-")
     kd = os.path.join(d, "keys")
@@ -117,6 +176,27 @@ def run(quick: bool) -> Result:
                 p50, p99 = percentile(xs, 50) * 1e3, percentile(xs, 99) * 1e3
                 metrics[f"{name}.p50_ms"], metrics[f"{name}.p99_ms"] = p50, p99
                 rows.append({"echo": name, "samples": len(xs), "p50 ms": p50, "p99 ms": p99})
+            kw = {
+                "endpoint": k.endpoint,
+                "timeout": 60,
+                "retries": 0,
+                "cert": os.path.join(kd, "op.key_secret"),
+                "server_cert": os.path.join(kd, "kernel.key"),
+            }
+            c.open_job("low", {}, priority=0)
+            c.open_job("high", {}, priority=10)
+            for name, svc in (("local", "local-echo"), ("ray", "echo")):
+                if name == "ray" and not placed:
+                    continue
+                lat, missed, stuck = _preempt_cycles(c, kw, svc, cycles, QUICK_HIGH_WAIT_S if quick else HIGH_WAIT_S)
+                if stuck:
+                    notes.append(f"{name}: preempt cycles stopped early: {stuck}")
+                if lat:
+                    p50, p99 = percentile(lat, 50) * 1e3, percentile(lat, 99) * 1e3
+                    metrics[f"{name}.preempt_to_paused_p50_ms"] = p50
+                    metrics[f"{name}.preempt_to_paused_p99_ms"] = p99
+                    rows.append({"echo": f"{name} preempt->paused", "samples": len(lat), "p50 ms": p50, "p99 ms": p99})
+                notes.append(f"{name}: {missed} preempt cycle(s) missed (the low request ended in between)")
             if placed:
                 metrics["ray_over_local_p50"] = metrics["ray.p50_ms"] / metrics["local.p50_ms"]
                 where = next(ch["where"] for ch in c.stats()["children"] if ch["name"] == "echo")
@@ -126,4 +206,9 @@ def run(quick: bool) -> Result:
         shutil.rmtree(d, ignore_errors=True)
     notes.append(f"loadavg at end: {open('/proc/loadavg').read().strip()}")
     notes.append("ttc fault harness across nodes: not built (issue 28 step 3); no kill-schedule counts to report")
-    return Result(metrics=metrics, table=rows, notes=notes, samples={k: samples for k in metrics if k.endswith("_ms")})
+    return Result(
+        metrics=metrics,
+        table=rows,
+        notes=notes,
+        samples={k: (cycles if "preempt" in k else samples) for k in metrics if k.endswith("_ms")},
+    )
