@@ -244,3 +244,101 @@ def precision_errors(x: np.ndarray, vec: np.ndarray, block: int, *, backend: str
         y = _host(masked_matvec(quantise(x, codes, block, backend=backend), vec, backend=backend))
         out[name] = float(np.linalg.norm(np.atleast_2d(y) - exact) / np.linalg.norm(exact))
     return out
+
+
+# -------------------------------------------------------------------- low-rank adapters (LoRA)
+#
+# LoRA adapter matrices (seed 004, S-4) are stored in one of :data:`ADAPTER_BITS`' precisions:
+# fp16 (numpy half), int8 or int4, both symmetric with one float32 scale per group of
+# ``group`` consecutive columns of a row (scale = amax / 127 or amax / 7, 1 for an all-zero
+# group).  int4 is packed two per byte: column 2j in the low nibble, 2j + 1 in the high one, as
+# two's-complement nibbles in -8..7 (rounding to nearest even, clipped to -7..7 so the grid is
+# symmetric).  Dequantised on use (:func:`unpack_adapter`).
+
+#: Storage bits per element of each adapter precision (scales counted separately).
+ADAPTER_BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
+_ADAPTER_QMAX = {"int8": 127, "int4": 7}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedAdapter:
+    """One adapter matrix in its stored form.  Invariants: ``payload`` uint8; for int4 it holds
+    ``rows * ceil(cols / 2)`` bytes, for int8 ``rows * cols``, for fp16 ``2 * rows * cols``, for
+    fp32 ``4 * rows * cols``; ``scales`` float32 ``(rows, ceil(cols / group))`` (empty for fp16
+    and fp32)."""
+
+    payload: np.ndarray
+    scales: np.ndarray
+    shape: tuple[int, int]
+    precision: str
+    group: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.payload.nbytes + self.scales.nbytes)
+
+    @property
+    def bits(self) -> int:
+        """Storage bits, payload and scales."""
+        return 8 * self.nbytes
+
+
+def _group_scales(x: np.ndarray, group: int, qmax: int) -> np.ndarray:
+    rows, cols = x.shape
+    nb = num_blocks(cols, group)
+    padded = np.zeros((rows, nb * group), np.float32)
+    padded[:, :cols] = np.abs(x)
+    amax = padded.reshape(rows, nb, group).max(axis=2)
+    return np.where(amax > 0, amax / np.float32(qmax), np.float32(1)).astype(np.float32)
+
+
+def adapter_codes(x: np.ndarray, precision: str, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes (rows, cols) and group scales of ``x`` for int8 / int4."""
+    qmax = _ADAPTER_QMAX[precision]
+    scales = _group_scales(x, group, qmax)
+    scale_el = np.repeat(scales, group, axis=1)[:, : x.shape[1]]
+    return np.clip(np.rint(x / scale_el), -qmax, qmax).astype(np.int8), scales
+
+
+def pack_adapter(x: np.ndarray, precision: str, group: int = 32) -> PackedAdapter:
+    """Store float32 ``x`` (rows, cols) in ``precision`` (:data:`ADAPTER_BITS`)."""
+    _validate_matrix(x)
+    if precision not in ADAPTER_BITS:
+        raise ValueError(f"adapter precision must be one of {sorted(ADAPTER_BITS)}, got {precision!r}")
+    if not isinstance(group, (int, np.integer)) or isinstance(group, bool) or group < 1:
+        raise ValueError(f"group must be a positive integer, got {group!r}")
+    x = np.ascontiguousarray(x)
+    rows, cols = x.shape
+    empty = np.zeros((rows, 0), np.float32)
+    if precision == "fp32":
+        return PackedAdapter(x.view(np.uint8).reshape(-1).copy(), empty, (rows, cols), precision, int(group))
+    if precision == "fp16":
+        return PackedAdapter(x.astype(np.float16).view(np.uint8).reshape(-1), empty, (rows, cols), precision, int(group))
+    q, scales = adapter_codes(x, precision, int(group))
+    if precision == "int8":
+        return PackedAdapter(q.view(np.uint8).reshape(-1).copy(), scales, (rows, cols), precision, int(group))
+    nib = (q.astype(np.int16) & 0xF).astype(np.uint8)  # two's-complement nibbles
+    if cols % 2:
+        nib = np.pad(nib, ((0, 0), (0, 1)))
+    packed = nib[:, 0::2] | (nib[:, 1::2] << 4)
+    return PackedAdapter(packed.reshape(-1), scales, (rows, cols), precision, int(group))
+
+
+def unpack_adapter(p: PackedAdapter) -> np.ndarray:
+    """The float32 matrix a stored adapter stands for (dequantise on use)."""
+    rows, cols = p.shape
+    if p.precision == "fp32":
+        return p.payload.view(np.float32).reshape(rows, cols).copy()
+    if p.precision == "fp16":
+        return p.payload.view(np.float16).reshape(rows, cols).astype(np.float32)
+    if p.precision == "int8":
+        q = p.payload.view(np.int8).reshape(rows, cols).astype(np.float32)
+    elif p.precision == "int4":
+        b = p.payload.reshape(rows, -1)
+        nib = np.empty((rows, b.shape[1] * 2), np.uint8)
+        nib[:, 0::2], nib[:, 1::2] = b & 0xF, b >> 4
+        q = nib[:, :cols].astype(np.int16)
+        q = np.where(q >= 8, q - 16, q).astype(np.float32)
+    else:
+        raise ValueError(f"unknown adapter precision {p.precision!r}")
+    return q * np.repeat(p.scales, p.group, axis=1)[:, :cols]

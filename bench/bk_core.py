@@ -20,6 +20,7 @@ import torch
 
 from accel.bk_core import bk_core, dense_resolvent_diag
 from bench._common import Result, line_plot
+from lm.attention import attention as fused_attention
 
 #: headline metric -> the strongest peer it is measured against (the report's headline table)
 HEADLINE = {"sdpa_over_bk_layer": "torch SDPA, fused 4-D call (wall; CPU time in the table)",
@@ -90,10 +91,11 @@ def _layer_vs_attention(n: int, reps: int) -> dict[str, list[tuple[float, float]
         out.sum().backward()
 
     def sdpa() -> None:
-        # the 4-D (B, heads, N, d) call: torch's fused CPU kernel (the 3-D call falls back to the
-        # unfused math path, 2-2.4x slower: the weaker peer the first version of this bench used)
+        # the 4-D (B, heads, N, d) call through lm.attention: torch's fused CPU kernel (the 3-D
+        # call falls back to the unfused math path, 2-2.4x slower: the weaker peer the first
+        # version of this bench used)
         q, k, val = (t.unsqueeze(1) for t in qkv(x).chunk(3, dim=-1))
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, val).squeeze(1) + x
+        out = fused_attention(q, k, val).squeeze(1) + x
         out.sum().backward()
 
     fns = {"bk": bk_layer, "sdpa": sdpa, "hand": attention}

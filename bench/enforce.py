@@ -189,7 +189,7 @@ def _backend_rows(backend: str, samples: int, grace: float) -> dict[str, list[fl
 
 
 def run(quick: bool) -> Result:
-    samples = 150 if quick else SAMPLES
+    samples = 40 if quick else SAMPLES  # quick: does it run (tests/test_bench_quick.py), not its figures
     grace = GRACE_S
     by: dict[str, dict] = {}
     for backend in _backends():

@@ -389,7 +389,7 @@ class Soak:
 
 def run(quick: bool = False, minutes: float | None = None, seed: int = 14) -> Result:
     hostile_s = 60.0 * minutes if minutes else (30.0 if quick else 600.0)
-    s = Soak(seed, hostile_s, quiet_calls=1000)
+    s = Soak(seed, hostile_s, quiet_calls=300 if quick else 1000)
     s.run(chaos_every_s=6.0 if hostile_s < 120 else 20.0)
     quiet_p99 = percentile(s.quiet, 99) * 1e3
     loud_p99 = percentile(s.loud, 99) * 1e3

@@ -37,7 +37,6 @@ recursion. A training step is counted as 3x its forward (forward + backward).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -47,6 +46,9 @@ from torch import nn
 from accel.bk_core import bk_core
 from bklm.corpus import VOCAB
 from bklm.errors import ConfigError
+from lm.attention import attention
+from lm.routers import ROUTERS, HashRouter, make_router
+from lm.routers import MoEFFN as RoutedFFN
 
 #: Real operations per site and channel of the causal forward recursion: alpha_i = (v_i - z) -
 #: p / alpha_{i-1} (one complex division, 11; one complex subtraction, 2) and G = 1 / alpha_i (7).
@@ -66,6 +68,8 @@ class ModelConfig:
     n_experts: int = 4
     ffn_mult: int = 2  # expert hidden width = ffn_mult * d_model
     balance_lambda: float = 0.01
+    router: str = "switch"  # MoE FFN router (lm.routers): "switch" (learned top-k) or "hash"
+    router_k: int = 1  # experts per token (hash: at most 2)
     act: bool = False
     act_threshold: float = 0.99
     act_lambda: float = 0.01
@@ -87,6 +91,11 @@ class ModelConfig:
             raise ConfigError(f"d_model {self.d_model} must be a multiple of n_heads {self.n_heads}")
         if self.arch == "transformer" and (self.act or self.multiscale or self.sparsity):
             raise ConfigError("act, multiscale and sparsity are ResNet-BK techniques; the Transformer baseline is plain")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        top = 2 if self.router == "hash" else self.n_experts
+        if isinstance(self.router_k, bool) or not isinstance(self.router_k, int) or not 1 <= self.router_k <= top:
+            raise ConfigError(f"router_k must be an integer in [1, {top}] for the {self.router} router, got {self.router_k!r}")
         if self.multiscale_stride not in (1, 2):
             raise ConfigError(f"multiscale_stride must be 1 or 2, got {self.multiscale_stride!r}")
         if self.multiscale and (self.n_layers < 3 or self.n_seq % 2):
@@ -123,39 +132,40 @@ class FlopCounter:
 # -- parts ------------------------------------------------------------------------------------
 
 
-class MoEFFN(nn.Module):
-    """Top-1 mixture of experts (the seed's ``MoEResNetBKLayer`` feed-forward): a softmax gate
-    routes each token to one expert, whose output is scaled by the gate probability; only that
-    expert runs for the token. ``balance`` is the Switch-Transformer load-balancing loss."""
+class MoEFFN(RoutedFFN):
+    """The MoE feed-forward of every bklm block (the seed's ``MoEResNetBKLayer``): an
+    :class:`lm.routers.MoEFFN` with its router chosen by ``ModelConfig.router`` / ``router_k``
+    (default: the learned Switch gate, top-1, whose output is scaled by the gate probability),
+    counting the FLOPs it executes.  Only a token's routed experts run.  The returned balance is
+    already weighted by ``balance_lambda`` (Switch's load-balancing loss; 0 for the hash router).
 
-    def __init__(self, d: int, experts: int, hidden: int) -> None:
-        super().__init__()
-        self.gate = nn.Linear(d, experts)
-        self.w1 = nn.Parameter(torch.randn(experts, d, hidden) / math.sqrt(d))
-        self.b1 = nn.Parameter(torch.zeros(experts, hidden))
-        self.w2 = nn.Parameter(torch.randn(experts, hidden, d) / math.sqrt(hidden))
-        self.b2 = nn.Parameter(torch.zeros(experts, d))
-        self.experts, self.hidden = experts, hidden
+    Checkpoints of the model before routers moved to :mod:`lm.routers` (the gate at ``gate.*``)
+    load unchanged: their keys are renamed to ``router.gate.*``."""
 
-    def forward(self, x: torch.Tensor, fc: FlopCounter) -> tuple[torch.Tensor, torch.Tensor]:
+    def __init__(self, d: int, experts: int, hidden: int, cfg: ModelConfig | None = None) -> None:
+        cfg = cfg if cfg is not None else ModelConfig(n_experts=experts)
+        super().__init__(d, experts, hidden, make_router(cfg.router, d, experts, cfg.router_k), cfg.balance_lambda)
+        self.register_load_state_dict_pre_hook(_legacy_gate_keys)
+
+    def forward(self, x: torch.Tensor, fc: FlopCounter) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        out, balance = super().forward(x)
         t, d = x.shape
-        probs = F.softmax(self.gate(x), dim=-1)
-        fc.linear(t, d, self.experts)
-        top = probs.argmax(-1)
-        out = x.new_zeros(t, d)
-        for e in range(self.experts):
-            idx = (top == e).nonzero(as_tuple=True)[0]
-            if idx.numel() == 0:
-                continue
-            h = F.gelu(x[idx] @ self.w1[e] + self.b1[e])
-            y = (h @ self.w2[e] + self.b2[e]) * probs[idx, e, None]
-            out = out.index_add(0, idx, y)
-        fc.linear(t, d, self.hidden)
-        fc.linear(t, self.hidden, d)
-        fc.elementwise(t * self.hidden, 8)  # gelu
-        frac = F.one_hot(top, self.experts).float().mean(0)
-        balance = self.experts * (frac * probs.mean(0)).sum() if t else x.new_zeros(())
+        k = self.router.k
+        if isinstance(self.router, HashRouter):
+            fc.linear(t, d, self.router.bits)  # the SimHash projections
+        else:
+            fc.linear(t, d, self.experts)
+        fc.linear(k * t, d, self.hidden)
+        fc.linear(k * t, self.hidden, d)
+        fc.elementwise(k * t * self.hidden, 8)  # gelu
         return out, balance
+
+
+def _legacy_gate_keys(module, state_dict, prefix, *args) -> None:
+    for name in ("weight", "bias"):
+        old = f"{prefix}gate.{name}"
+        if old in state_dict:
+            state_dict[f"{prefix}router.gate.{name}"] = state_dict.pop(old)
 
 
 def bk_features(v: torch.Tensor, fc: FlopCounter) -> torch.Tensor:
@@ -200,7 +210,7 @@ class BKBlock(nn.Module):
         d, c = cfg.d_model, cfg.n_heads
         self.cfg = cfg
         self.ln = nn.LayerNorm(d)
-        self.moe = MoEFFN(d, cfg.n_experts, cfg.ffn_mult * d)
+        self.moe = MoEFFN(d, cfg.n_experts, cfg.ffn_mult * d, cfg)
         self.to_v = nn.Linear(d, c)
         self.out = nn.Linear(2 * c, d)
         self.importance = nn.Linear(d, 1) if cfg.sparsity else None
@@ -288,7 +298,7 @@ class MultiScale(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Pre-LN Transformer block: causal ``scaled_dot_product_attention``, the same MoE FFN."""
+    """Pre-LN Transformer block: causal attention (:func:`lm.attention.attention`), the same MoE FFN."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -297,13 +307,13 @@ class AttentionBlock(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
-        self.moe = MoEFFN(d, cfg.n_experts, cfg.ffn_mult * d)
+        self.moe = MoEFFN(d, cfg.n_experts, cfg.ffn_mult * d, cfg)
 
     def forward(self, x: torch.Tensor, fc: FlopCounter, aux: dict, active: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
         hds = self.cfg.n_heads
         q, k, v = self.qkv(self.ln1(x)).reshape(b, n, 3, hds, d // hds).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        a = attention(q, k, v, causal=True)
         x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
         fc.linear(b * n, d, 3 * d)
         fc.flops += 2 * 2 * b * d * n * (n + 1) // 2  # scores and values over the causal triangle
@@ -375,7 +385,7 @@ class LanguageModel(nn.Module):
         logits = self.head(h)
         fc.elementwise(b * n * self.cfg.d_model, 8)
         fc.linear(b * n, self.cfg.d_model, self.cfg.vocab)
-        extra = extra + self.cfg.balance_lambda * aux.get("balance", 0.0)
+        extra = extra + aux.get("balance", 0.0)  # already weighted by balance_lambda
         keep_rate = 1.0
         if "keep_soft" in aux:
             soft = torch.cat(aux["keep_soft"])

@@ -327,7 +327,16 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args, retries=0) as client:
-        out = client.call(P.MMI_JOB_STATS, {"job": args.job} if args.job else {})
+        if args.job:
+            out = client.call(P.MMI_JOB_STATS, {"job": args.job})
+        else:  # the kernel answers a page of jobs at a time; a short page is the last
+            out, page = {}, 0
+            while True:
+                got = client.call(P.MMI_JOB_STATS, {"page": page})
+                out.update(got)
+                if len(got) < P.STATS_PAGE:
+                    break
+                page += 1
     if args.json:
         print(dumps(out))
         return EXIT_OK

@@ -769,7 +769,9 @@ class BudgetAdmission(Admission):
     def stats(self, now: float) -> dict[str, Any]:
         self.flush_log()
         self.dedup.sweep(now)
-        out = {"jobs": self.ledger.snapshot(now), "ledger": dict(self.counters), "dedup": self.dedup.stats()}
+        # one page of jobs (issue 24: every job x kind cost a second with 10,000 x 64); mmi.stats
+        # serves the others by ``jobs_page``
+        out = {"jobs": self.ledger.snapshot(now, limit=P.STATS_PAGE), "ledger": dict(self.counters), "dedup": self.dedup.stats()}
         log_stats = getattr(self.log, "stats", None)
         if callable(log_stats):
             out["decision_log"] = log_stats()

@@ -15,9 +15,15 @@ principal can never reach another's entry — and answers a request whose key it
   ``budget_exceeded``, a refusal at admission): not stored — those are the errors a retry is for —
   so the retry runs as a new request.
 
-A key is bound to what it was first sent with: a digest of (service, body) is kept with it (not
-the body), and a request that reuses a key in flight or finished with another service or another
-body is answered ``idem_conflict`` (it neither attaches nor gets the stored FINAL).
+A key is bound to what it was first sent with: a digest of each part that decides what the request
+does or what it is charged to -- the service, the body frames, and the header's ``job``,
+``budget``, ``txn`` and ``for`` (:data:`BOUND`) -- is kept with it (not the body), and a request
+that reuses a key in flight or finished with any of those different is answered ``idem_conflict``
+naming the parts that differ (it neither attaches nor gets the stored FINAL: attaching a retry
+sent for another job to the first attempt would answer it with work charged elsewhere).  The
+request ``id`` (fresh on every retry by design), ``priority`` and ``deadline`` are not bound: they
+shape how the one run is scheduled, and a retry that differs only in them attaches (the first
+attempt's priority and deadline hold).
 
 Bounds: at most ``max_entries`` stored FINALs and ``max_bytes`` of their bodies, and each
 principal at most ``principal_entries`` and ``principal_bytes`` of them (its own oldest go first,
@@ -67,14 +73,52 @@ DEDUP_MAX_ATTACHED = 16
 Key = tuple[str, str]  # (principal name, idempotency key)
 
 
-def digest(service: bytes, body: list[bytes]) -> bytes:
-    """What a key is bound to: a digest of the service and the request's frames (each
-    length-prefixed, so frame boundaries count)."""
-    h = hashlib.blake2b(digest_size=16)
-    for part in (service, *body):
-        h.update(len(part).to_bytes(8, "big"))
-        h.update(part)
+#: The parts of a request an idempotency key is bound to, in the order of their digests.
+BOUND = ("service", "body", "job", "budget", "txn", "for")
+#: Bytes of each part's digest.
+PART_BYTES = 8
+
+
+def _part(*frames: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=PART_BYTES)
+    for f in frames:  # each length-prefixed, so frame boundaries count
+        h.update(len(f).to_bytes(8, "big"))
+        h.update(f)
     return h.digest()
+
+
+def _term(value: Any) -> bytes:
+    """A header value as bytes for its digest: absent is not the empty string, and a budget's
+    kinds are taken in order with their amounts as floats (``1`` and ``1.0`` are one budget)."""
+    if value is None:
+        return b"\x00"
+    if isinstance(value, dict):
+        value = sorted((str(k), float(v) if isinstance(v, (int, float)) else repr(v)) for k, v in value.items())
+    return b"\x01" + repr(value).encode()
+
+
+def digest(service: bytes, body: list[bytes], header: Any = None) -> bytes:
+    """What a key is bound to: the digests of the parts in :data:`BOUND` -- the service, the
+    request's frames, and ``header``'s (a checked :class:`kernel.mdp.Header`; None: an opaque
+    body, no header terms) ``job``, ``budget``, ``txn`` and ``on_behalf`` -- concatenated, so a
+    conflict can name the parts that differ (:func:`differing`)."""
+    terms = [getattr(header, attr, None) for attr in ("job", "budget", "txn", "on_behalf")]
+    return _part(service) + _part(*body) + b"".join(_part(_term(t)) for t in terms)
+
+
+def differing(known: bytes | None, dig: bytes | None) -> list[str]:
+    """The parts (names from :data:`BOUND`) in which two digests differ; [] when either is not
+    known or they were made by another version (another length: an older log's digest is not
+    checked)."""
+    if known is None or dig is None or known == dig or len(known) != len(dig):
+        return []
+    if len(dig) != PART_BYTES * len(BOUND):
+        return ["request"]
+    return [
+        name
+        for i, name in enumerate(BOUND)
+        if known[i * PART_BYTES : (i + 1) * PART_BYTES] != dig[i * PART_BYTES : (i + 1) * PART_BYTES]
+    ]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,7 +136,7 @@ class Stored:
     body: list[bytes] | None  # None: too large to keep (the request ran)
     expires: float
     size: int
-    digest: bytes | None = None  # of (service, request body); None: not known (an old log)
+    digest: bytes | None = None  # :func:`digest` of what the key was sent with; None: not known (an old log)
 
 
 class Dedup:
@@ -129,7 +173,7 @@ class Dedup:
         #: key -> token of the request running it; token -> key
         self.running: dict[Key, bytes] = {}
         self.key_of: dict[bytes, Key] = {}
-        #: key in flight -> digest of (service, body) it was first sent with
+        #: key in flight -> :func:`digest` of what it was first sent with
         self.digest_of: dict[Key, bytes | None] = {}
         #: token -> attempts attached to it
         self.attached: dict[bytes, list[Attempt]] = {}
@@ -153,30 +197,31 @@ class Dedup:
     # -- lookups ------------------------------------------------------------------------------
 
     def seen(self, key: Key, now: float, digest: bytes | None = None) -> tuple[str, Any]:
-        """What to do with a request carrying ``key`` (sent with ``digest`` of its service and
-        body): ``("run", None)`` (new), ``("attach", token)`` (in flight), ``("replay", Stored)``
-        (finished, within the TTL), ``("conflict", None)`` (the key was sent with another service
-        or body: in flight or finished)."""
+        """What to do with a request carrying ``key`` (sent with ``digest``, :func:`digest`): ``("run", None)`` (new), ``("attach", token)`` (in flight), ``("replay", Stored)``
+        (finished, within the TTL), ``("conflict", parts)`` (the key was sent with another
+        service, body, job, budget, txn or ``for``: in flight or finished; ``parts`` names them)."""
         token = self.running.get(key)
         if token is not None:
-            if self._differs(self.digest_of.get(key), digest):
-                return "conflict", None
+            parts = self._differs(self.digest_of.get(key), digest)
+            if parts:
+                return "conflict", parts
             return "attach", token
         stored = self.done.get(key)
         if stored is not None:
             if stored.expires > now:
-                if self._differs(stored.digest, digest):
-                    return "conflict", None
+                parts = self._differs(stored.digest, digest)
+                if parts:
+                    return "conflict", parts
                 return "replay", stored
             self._drop(key)
             self.counters["expired"] += 1
         return "run", None
 
-    def _differs(self, known: bytes | None, digest: bytes | None) -> bool:
-        if known is None or digest is None or known == digest:
-            return False
-        self.counters["conflicts"] += 1
-        return True
+    def _differs(self, known: bytes | None, digest: bytes | None) -> list[str]:
+        parts = differing(known, digest)
+        if parts:
+            self.counters["conflicts"] += 1
+        return parts
 
     def start(self, key: Key, token: bytes, digest: bytes | None = None) -> None:
         """The request ``token`` runs ``key`` (admitted), sent with ``digest``."""

@@ -129,6 +129,11 @@ def _r(x: float) -> float:
     return round(x, 6) if math.isfinite(x) else x
 
 
+def _kind_entries(j: Job) -> int:
+    """The kinds job ``j`` holds: its limits and every kind charged to it."""
+    return len(j.limits.keys() | j.total.keys())
+
+
 class Ledger:
     """The hierarchical budget ledger.  All public methods are deterministic in their inputs."""
 
@@ -144,6 +149,11 @@ class Ledger:
         self._rid_next = 1  # the counter of ids when no id is given (dumped in snapshots)
         #: owner -> its open jobs (children included), so a caller's share of jobs is bounded.
         self._owned: collections.Counter[str] = collections.Counter()
+        #: owner -> the kinds its open jobs hold (limits and charged kinds, one per job and kind),
+        #: bounded by ``P.MAX_KINDS_PER_PRINCIPAL`` (issue 24: 10,000 jobs x 64 kinds).
+        self._kinds: collections.Counter[str] = collections.Counter()
+        #: charged kinds not kept in a job's ``total`` because its owner was at the bound
+        self.kinds_dropped = 0
         self._wall_heap: list[tuple[float, str]] = []
         #: (expiry, id) of held reservations, lazily cleaned (an entry whose id is gone or whose
         #: expiry changed is skipped).
@@ -206,6 +216,10 @@ class Ledger:
     def jobs_of(self, owner: str) -> int:
         """How many open jobs ``owner`` owns (children included)."""
         return self._owned.get(owner, 0)
+
+    def kinds_of(self, owner: str) -> int:
+        """How many (job, kind) entries ``owner``'s open jobs hold (limits and charged kinds)."""
+        return self._kinds.get(owner, 0)
 
     def in_flight(self, job: Job) -> int:
         """Requests in flight in ``job`` and its open descendants."""
@@ -284,6 +298,8 @@ class Ledger:
         p.children.add(job)
         if j.owner is not None:
             self._owned[j.owner] += 1
+            if j.limits:
+                self._kinds[j.owner] += len(j.limits)
         return {"ok": True, "limits": {k: _r(v) for k, v in j.limits.items()}}
 
     def close(self, now: float, job: str) -> dict[str, Any]:
@@ -325,6 +341,11 @@ class Ledger:
             self._owned[j.owner] -= 1
             if not self._owned[j.owner]:
                 del self._owned[j.owner]
+            held = _kind_entries(j)
+            if held:
+                self._kinds[j.owner] -= held
+                if not self._kinds[j.owner]:
+                    del self._kinds[j.owner]
         return {"ok": True, "spent": {k: _r(v) for k, v in j.total.items()}}
 
     def admit(self, now: float, job: str, budget: dict[str, Any] | None = None, start: bool = False) -> dict[str, Any]:
@@ -427,7 +448,13 @@ class Ledger:
             amount = spent[kind]
             if kind == WALL or not isinstance(amount, (int, float)) or amount <= 0:
                 continue  # wall time is accounted continuously by start/finish
-            j.total[kind] = j.total.get(kind, 0.0) + amount
+            if kind in j.total or kind in j.limits or j.owner is None:
+                j.total[kind] = j.total.get(kind, 0.0) + amount
+            elif self._kinds.get(j.owner, 0) < P.MAX_KINDS_PER_PRINCIPAL:
+                j.total[kind] = amount
+                self._kinds[j.owner] += 1
+            else:
+                self.kinds_dropped += 1  # at the bound: a new kind is not kept (it limits nothing here)
             h = self.holder(j, kind)
             if h is None:
                 continue
@@ -646,6 +673,11 @@ class Ledger:
             for kind in set(j.reserved) | {k for (n, k) in reserved if n == j.name}:
                 assert abs(j.reserved.get(kind, 0.0) - reserved[j.name, kind]) < 1e-6, f"job {j.name}: reserved {kind}"
         assert {k: v for k, v in self._owned.items() if v} == dict(owned), "owners' job counts"
+        kinds: collections.Counter[str] = collections.Counter()
+        for j in self.jobs.values():
+            if not j.closed and j.owner is not None and _kind_entries(j):
+                kinds[j.owner] += _kind_entries(j)
+        assert {k: v for k, v in self._kinds.items() if v} == dict(kinds), "owners' kind counts"
         held = collections.Counter(e[4] for e in self._reservations.values() if e[4] is not None)
         assert {k: v for k, v in self.held_by.items() if v} == dict(held), "holders' reservation counts"
 
@@ -685,6 +717,9 @@ class Ledger:
             heapq.heappush(led._expiry_heap, (float(exp), rid))
         led._rid_next = int(state.get("rid_next", 1))
         led._owned.update(j.owner for j in led.jobs.values() if j.owner is not None and not j.closed)
+        for j in led.jobs.values():
+            if j.owner is not None and not j.closed and _kind_entries(j):
+                led._kinds[j.owner] += _kind_entries(j)
         return led
 
     def snapshot(self, now: float, owner: str | None = None, skip: int = 0, limit: int | None = None,

@@ -191,8 +191,29 @@ class Management:
 
     def op_stats(self, router: "Router", arg: dict[str, Any], now: float, caller: Caller) -> Any:
         if caller.principal.operator:
-            return router.stats(now, arg)
+            return self._operator_stats(router, arg or {}, now)
         return self._principal_stats(router, arg or {}, now, caller)
+
+    @staticmethod
+    def _jobs_page(query: dict[str, Any]) -> int:
+        page = query.get("jobs_page", 0)
+        return page if isinstance(page, int) and not isinstance(page, bool) and page >= 0 else 0
+
+    def _operator_stats(self, router: "Router", query: dict[str, Any], now: float) -> dict[str, Any]:
+        """``mmi.stats`` for an operator: everything, with one page of services and one page of
+        jobs (``jobs_page``; the admission's section holds page 0): its cost is a page, whatever
+        the ledger holds (issue 24)."""
+        out = router.stats(now, query)
+        if self.budget is None:
+            return out
+        page, ledger = self._jobs_page(query), self.budget.ledger
+        if page:
+            out["jobs"] = ledger.snapshot(now, skip=page * P.STATS_PAGE, limit=P.STATS_PAGE)
+        summary = out.setdefault("summary", {})
+        summary["jobs"] = len(ledger.jobs)
+        summary["jobs_page"] = page
+        summary["jobs_pages"] = -(-len(ledger.jobs) // P.STATS_PAGE)
+        return out
 
     def _principal_stats(self, router: "Router", query: dict[str, Any], now: float, caller: Caller) -> dict[str, Any]:
         """``mmi.stats`` below operator (issue 24): the caller's own jobs, and one page of services
@@ -203,8 +224,7 @@ class Management:
         out = router.principal_stats(now, query, figures=bool(caller.principal.services))
         if self.budget is not None:
             self.budget.flush_log()
-            page = query.get("jobs_page", 0)
-            page = page if isinstance(page, int) and not isinstance(page, bool) and page >= 0 else 0
+            page = self._jobs_page(query)
             ledger = self.budget.ledger
             out["jobs"] = ledger.snapshot(now, owner=caller.principal.name, skip=page * P.STATS_PAGE,
                                           limit=P.STATS_PAGE)
@@ -238,6 +258,14 @@ class Management:
             if refused is not None:
                 return refused
         limits = arg.get("budget") or arg.get("limits")
+        owner = self.budget.ledger.owner_of(parent) if isinstance(parent, str) else None
+        owner = owner or caller.principal.name
+        held = self.budget.ledger.kinds_of(owner)
+        if not caller.principal.operator and isinstance(limits, dict) \
+                and held + len(limits) > P.MAX_KINDS_PER_PRINCIPAL:
+            return errors.Refused(f"{P.MMI_JOB_OPEN}: {owner}'s open jobs hold {held} budget kinds; "
+                                  f"{len(limits)} more would pass the bound of {P.MAX_KINDS_PER_PRINCIPAL} per "
+                                  "principal; close some jobs first", quota="kinds")
         for kind in limits if isinstance(limits, dict) else ():
             typo = P.budget_kind_typo(kind) if isinstance(kind, str) else None
             if typo is not None:  # any other name is a counted resource: a misspelt kind limits nothing
@@ -263,10 +291,13 @@ class Management:
         if self.budget is None:
             return None
         job = arg.get("job")
+        if not job:  # one page of the caller's jobs (an operator: of every job), in the ledger's order
+            page = arg.get("page", 0)
+            page = page if isinstance(page, int) and not isinstance(page, bool) and page >= 0 else 0
+            return self.budget.ledger.snapshot(now, owner=None if caller.principal.operator else caller.principal.name,
+                                               skip=page * P.STATS_PAGE, limit=P.STATS_PAGE)
         snap = self.budget.ledger.snapshot(now, owner=None if caller.principal.operator else caller.principal.name,
-                                           names=[job] if job else None)
-        if not job:
-            return snap
+                                           names=[job])
         if job not in snap and not caller.principal.operator:
             return self.budget.not_yours(job)
         return snap.get(job, errors.Refused(f"unknown job {job!r}"))

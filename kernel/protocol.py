@@ -517,6 +517,11 @@ MAX_KINDS: Final = 64
 MAX_RENEW: Final = 10_000
 #: Most open jobs one principal below operator may own (children and its default job included).
 MAX_JOBS_PER_PRINCIPAL: Final = 10_000
+#: Most (job, kind) entries the open jobs of one principal below operator hold -- budget limits and
+#: kinds charged, each job counting its own (issue 24: 10,000 jobs x 64 long-named kinds filled the
+#: log).  Past it ``mmi.job.open`` with limits is ``refused``, and a new kind charged to a job is
+#: not kept in its totals (``ledger.kinds_dropped``); a kind that limits something is always charged.
+MAX_KINDS_PER_PRINCIPAL: Final = 32_768
 #: Reservations one principal below operator may hold at once (issue 24: 100,000 held ones made
 #: every snapshot 1.5 GB); beyond, ``mmi.gate.reserve`` of a held reservation is ``refused``.
 MAX_HELD_PER_PRINCIPAL: Final = 10_000
@@ -595,8 +600,8 @@ MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
            Role.CLIENT, Scope.NONE, (
                Arg("page", "int", f"which page of services ({STATS_PAGE} per page, by name)", default=0),
                Arg("service", "str", "only this service", nullable=True),
-               Arg("jobs_page", "int", f"below operator: which page of the caller's own jobs ({STATS_PAGE} "
-                   "per page)", default=0),
+               Arg("jobs_page", "int", f"which page of jobs ({STATS_PAGE} per page; below operator: of the "
+                   "caller's own jobs)", default=0),
            )),
     OpSpec(MMI_JOB_OPEN, "open a job; its budget is carved from the parent", Role.CLIENT, Scope.OWN, (
         _JOB,
@@ -608,8 +613,12 @@ MMI_OPS: Final[dict[str, OpSpec]] = {spec.name: spec for spec in (
     ), ledger_op="open"),
     OpSpec(MMI_JOB_CLOSE, "close a job and its children; unspent budget returns", Role.CLIENT, Scope.OWN,
            (Arg("job", "str", "job name", nullable=True, max_len=MAX_NAME),), ledger_op="close"),
-    OpSpec(MMI_JOB_STATS, "one job's ledger, or every job's", Role.CLIENT, Scope.OWN,
-           (Arg("job", "str", "job name (absent: every job)", nullable=True, max_len=MAX_NAME),)),
+    OpSpec(MMI_JOB_STATS, "one job's ledger, or one page of the caller's jobs (an operator: of every job)",
+           Role.CLIENT, Scope.OWN, (
+               Arg("job", "str", "job name (absent: a page of jobs)", nullable=True, max_len=MAX_NAME),
+               Arg("page", "int", f"without job: which page of jobs ({STATS_PAGE} per page; a shorter page "
+                   "is the last)", default=0),
+           )),
     OpSpec(MMI_GATE_RESERVE, "take units of a counted resource: granted (held or committed) or refused",
            Role.CLIENT, Scope.OWN, (
                Arg("job", "str", "job to reserve in", default="default", max_len=MAX_NAME),

@@ -347,7 +347,7 @@ class Router:
                     who = None
             if who is not None:
                 key = (who, checked.idem)
-                if self._deduplicated(dedup, ev, key, now, digest(name, ev.body[1:])):
+                if self._deduplicated(dedup, ev, key, now, digest(name, ev.body[1:], checked)):
                     return
         service.requests += 1
         token = self.host.token(TOKEN_BYTES)
@@ -382,7 +382,7 @@ class Router:
             self._deadlines_live += 1
         self.inflight[token] = req
         if dedup is not None and key is not None:
-            dedup.start(key, token, digest(name, ev.body[1:]))
+            dedup.start(key, token, digest(name, ev.body[1:], checked))
         self._enqueue(req, now)
         if effects:
             self.apply(effects, now)
@@ -392,16 +392,16 @@ class Router:
     def _deduplicated(self, dedup: Dedup, ev: mdp.Request, key: tuple[str, str], now: float,
                       dig: bytes | None = None) -> bool:
         """Answer a request whose ``(principal, idem)`` the kernel has seen: attach it to the
-        attempt in flight, or send the stored FINAL; ``idem_conflict`` when the key was sent with
-        another service or body (``dig``).  False: a new request (it runs)."""
+        attempt in flight, or send the stored FINAL; ``idem_conflict`` naming what differs when the
+        key was sent with another service, body, job, budget, txn or ``for`` (``dig``).  False: a new request (it runs)."""
         kind, what = dedup.seen(key, now, dig)
         if kind == "run":
             return False
         if kind == "conflict":
             self.counters["dedup_conflicts"] += 1
             self._reply_error(ev.identity, ev.form, ev.service, errors.IdemConflict(
-                "this idempotency key was used for another request (another service or body); "
-                "use a fresh key per request"), ev.header)
+                f"this idempotency key was first sent with another {', '.join(what)} (a retry must resend "
+                "the same request; use a fresh key per request)", differs=what), ev.header)
             return True
         if kind == "replay":
             dedup.replayed()
@@ -843,7 +843,7 @@ class Router:
                 or ev.service.decode(errors="replace") in _MMI_READ_ONLY:
             self._mmi(ev, now, principal)
             return
-        key, dig = (principal.name, checked.idem), digest(ev.service, ev.body[1:])
+        key, dig = (principal.name, checked.idem), digest(ev.service, ev.body[1:], checked)
         if self._deduplicated(dedup, ev, key, now, dig):
             return
         out = self._mmi(ev, now, principal)

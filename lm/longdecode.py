@@ -92,6 +92,7 @@ class LongDecoder:
             raise SpanError("a prompt needs at least one token")
         if len(tokens) > MAX_CONTEXT:
             raise ContextTooLongError(f"{len(tokens)} tokens > {MAX_CONTEXT}")
+        self.policy.check_context(len(tokens))
         with torch.no_grad():
             logits, keys, vals = self.model(torch.tensor([tokens]), return_kv=True)
         self.load(tokens, keys.numpy(), vals.numpy(), logits[0, -1])
@@ -101,6 +102,7 @@ class LongDecoder:
         """Take a prefill computed elsewhere (the bench computes one and decodes it many ways)."""
         if self.tokens:
             raise SpanError("this decoder already holds a sequence")
+        self.policy.check_context(len(tokens))
         self.tiers.load(keys, vals)
         self.tokens = list(tokens)
         self.logits = last_logits.clone()
@@ -132,8 +134,9 @@ class LongDecoder:
                 blocks = self.policy.select(layer, q[0].numpy(), tiers)
                 chosen.append(blocks)
                 hook = self._stream_hook(blocks) if isinstance(self.policy, FullAttention) else None
-                attn, s = attend(q[0], blocks, tiers, layer, self.policy.chunk_blocks, on_chunk=hook)
-                stall += s
+                attn, s = attend(q[0], blocks, tiers, layer, self.policy.chunk_blocks, on_chunk=hook,
+                                 keep=self.policy.keep(blocks, tiers))
+                stall += s + self.policy.select_stall
                 x = self.model.finish(layer, x, attn[None])
             self.logits = self.model.head(x)[0]
         self.tokens.append(token)
@@ -141,7 +144,7 @@ class LongDecoder:
         if self.keep_selections:
             self.selections.append(chosen)
         self.predictor.observe(chosen, tiers)
-        if self.prefetcher is not None and not isinstance(self.policy, FullAttention) and self._prefetch_pays():
+        if self.prefetcher is not None and self.policy.predictable and self._prefetch_pays():
             self.prefetcher.submit(self.predictor.predict(tiers, self._lookahead()), force=True)
         return token
 

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lm.attention import attention
+
 DEFAULT_WEIGHTS = pathlib.Path(__file__).parent / "weights" / "varref.pt"
 
 
@@ -144,7 +146,7 @@ class LongLM(nn.Module):
         for layer in range(self.cfg.n_layers):
             q, k, v = self.qkv(layer, x.reshape(B * T, -1), pos.repeat(B))
             q, k, v = (t.view(B, T, self.cfg.n_heads, -1).transpose(1, 2) for t in (q, k, v))
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            attn = attention(q, k, v, causal=True)
             if return_kv:
                 keys.append(k[0].transpose(0, 1))
                 vals.append(v[0].transpose(0, 1))

@@ -19,7 +19,7 @@ from typing import Any
 
 from lm import varref
 from lm.errors import LMError, UnknownSequenceError
-from lm.kvpolicy import BlockSparse, FullAttention, Policy
+from lm.kvpolicy import BlockSparse, FullAttention, Policy, TopKKeys
 from lm.kvtiers import BudgetTooSmallError
 from lm.longdecode import LongDecoder, TierSpec
 from lm.longmodel import LongLM
@@ -55,9 +55,11 @@ def parse_policy(m: Any) -> Policy:
                                window=_int(m, "window", 2, 1, 64))
         if name == "full":
             return FullAttention(chunk_blocks=_int(m, "chunk_blocks", 16, 1, 1024))
+        if name == "topk_keys":
+            return TopKKeys(k_top=_int(m, "k_top", 256, 1, 1 << 16), chunk_blocks=_int(m, "chunk_blocks", 16, 1, 1024))
     except ValueError as exc:
         raise RequestError(str(exc)) from None
-    raise RequestError(f"unknown policy {name!r}; policies: sparse, full")
+    raise RequestError(f"unknown policy {name!r}; policies: sparse, full, topk_keys")
 
 
 def parse_tiers(m: Any, device_cap: int | None) -> TierSpec:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lm.attention import attention
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -93,9 +95,7 @@ class TinyLM(nn.Module):
         x = self.emb(idx)
         for blk in self.blocks:
             q, k, v = blk.qkv_rope(x, pos)
-            attn = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-            )
+            attn = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
             x = blk.finish(x, attn)
         return self.logits(x)
 
@@ -134,8 +134,6 @@ class TinyLM(nn.Module):
             v_pool[layer][wb, wo] = v.reshape(B * T, *v.shape[2:])
             keys = k_pool[layer][rb, ro]  # [B, S, H, D]
             vals = v_pool[layer][rb, ro]
-            attn = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask
-            )
+            attn = attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), mask=mask)
             x = blk.finish(x, attn)
         return self.logits(x)

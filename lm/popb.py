@@ -50,6 +50,7 @@ from accel import precision as accel_precision
 from lm import varref
 from lm.errors import LMError
 from lm.longmodel import LongLM
+from lm.lora import ADAPTER_PRECISIONS, AdapterError, Adapters
 
 BLOCK = 32
 OPS = ("attn", "mlp", "ln")
@@ -106,9 +107,12 @@ def n_blocks(shape: tuple[int, int]) -> int:
 
 @dataclasses.dataclass
 class PrecisionPlan:
-    """Per-block codes (``accel.precision.PRECISIONS``) of every budgeted matrix."""
+    """Per-block codes (``accel.precision.PRECISIONS``) of every budgeted matrix, and optionally
+    low-rank adapters (:class:`lm.lora.Adapters`, fp16 / int8 / int4) added to the dequantised
+    matrices when the plan is applied; their storage bits count in :meth:`avg_bits`."""
 
     codes: dict[str, np.ndarray]
+    adapters: Adapters | None = None
 
     @classmethod
     def uniform(cls, model: LongLM, precision: str) -> PrecisionPlan:
@@ -124,18 +128,37 @@ class PrecisionPlan:
             lengths = accel_precision.block_lengths(mats[n].shape[1], BLOCK)[None, :]
             bits += int((accel_precision.BYTES_PER_ELEMENT[c.astype(np.int64)] * 8 * lengths).sum())
             elems += int(lengths.sum() * c.shape[0])
+        if self.adapters is not None:  # billed: payload and scales of every adapter
+            bits += self.adapters.bits()
         return bits / elems
 
+    def with_adapters(self, adapters: Adapters | None) -> PrecisionPlan:
+        return PrecisionPlan(self.codes, adapters)
+
     def to_wire(self) -> dict:
-        return {"block": BLOCK, "codes": {n: c.tolist() for n, c in self.codes.items()}}
+        out: dict = {"block": BLOCK, "codes": {n: c.tolist() for n, c in self.codes.items()}}
+        if self.adapters is not None:
+            out["adapters"] = self.adapters.to_wire()
+        return out
 
     @classmethod
     def from_wire(cls, model: LongLM, message: Mapping) -> PrecisionPlan:
         """A plan from an order: ``{"block": 32, "codes": {matrix: [[code]]}}`` (whole masks) or
         ``{"operators": {"L0.attn": "int8", ...}}`` (one precision per operator; the others
-        float32).  Everything is checked before a plan exists."""
+        float32), either with ``adapters`` (:meth:`lm.lora.Adapters.from_wire`).  Everything is
+        checked before a plan exists."""
         if not isinstance(message, Mapping):
             raise PrecisionOrderError("a precision order is a map")
+        plan = cls._from_wire_codes(model, message)
+        if "adapters" in message:
+            try:
+                plan.adapters = Adapters.from_wire(model, message["adapters"])
+            except AdapterError as exc:
+                raise PrecisionOrderError(str(exc)) from None
+        return plan
+
+    @classmethod
+    def _from_wire_codes(cls, model: LongLM, message: Mapping) -> PrecisionPlan:
         mats = matrices(model)
         ops = set(operators(model))
         if "operators" in message:
@@ -178,8 +201,12 @@ class PrecisionPlan:
             q = accel_precision.quantise(x, self.codes[n], BLOCK, backend=backend)
             total += q.nbytes
             deq = accel_precision.dequantise(q, backend=backend)
-            deq = deq.get() if hasattr(deq, "get") else deq
-            _set_matrix(out, n, torch.from_numpy(np.asarray(deq)))
+            deq = torch.from_numpy(np.asarray(deq.get() if hasattr(deq, "get") else deq))
+            if self.adapters is not None and n in self.adapters.packed:
+                deq = deq + self.adapters.delta(n)  # dequantised on use
+            _set_matrix(out, n, deq)
+        if self.adapters is not None:
+            total += self.adapters.bits() // 8
         return out.eval().requires_grad_(False), total
 
 
@@ -354,3 +381,24 @@ def random_plan(model: LongLM, avg_bits: float, seed: int) -> PrecisionPlan:
             budget -= extra
             codes[n][r, k] = CODE[p]
     return PrecisionPlan(codes)
+
+
+# ------------------------------------------------------------------------------- adapters
+
+
+def choose_adapter(model: LongLM, base: PrecisionPlan, candidates: Mapping[str, Adapters],
+                   losses: Mapping[str, float], avg_bits: float, *, tolerance: float = 0.0) -> str | None:
+    """The adapter precision POPB picks: among ``candidates`` (precision -> trained adapters,
+    each measured at ``losses[precision]`` on held-out data) whose plan ``base + adapters`` fits
+    ``avg_bits``, the fewest bits whose loss is within ``tolerance`` (relative) of the best
+    fitting loss.  None when no candidate fits the budget."""
+    for p in candidates:
+        if p not in ADAPTER_PRECISIONS or p not in losses:
+            raise PrecisionOrderError(f"adapter candidate {p!r} has no measured loss or is unknown")
+    fits = {p: base.with_adapters(a).avg_bits(model) for p, a in candidates.items()}
+    fits = {p: b for p, b in fits.items() if b <= avg_bits}
+    if not fits:
+        return None
+    best = min(losses[p] for p in fits)
+    ok = [p for p in fits if losses[p] <= best + tolerance * abs(best)]
+    return min(ok, key=lambda p: (fits[p], losses[p]))

@@ -123,15 +123,17 @@ def param(i: int) -> sp.Symbol:
 
 @contextlib.contextmanager
 def time_limit(seconds: float, what: str = "canonicalisation") -> Iterator[None]:
-    """Raise :class:`TimeLimit` in the block after ``seconds`` of wall time.
+    """Raise :class:`TimeLimit` in the block after ``seconds`` of this process's **CPU time**.
 
-    Uses ``SIGALRM`` (``setitimer``), so it bounds pure-Python work such as SymPy's; it applies
-    only in the main thread (elsewhere the size bounds alone hold).  Nested limits keep the
-    earlier deadline."""
+    Uses ``SIGPROF`` (``setitimer(ITIMER_PROF)``: user and system time of the process), so it
+    bounds pure-Python work such as SymPy's by the work done, not by how busy the machine is --
+    on a loaded machine a wall-clock bound turned provable answers into refusals, and tests into
+    luck (issue 25).  It applies only in the main thread (elsewhere the size bounds alone hold).
+    Nested limits keep the earlier deadline."""
     if seconds <= 0 or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous_left = signal.getitimer(signal.ITIMER_REAL)[0]
+    previous_left = signal.getitimer(signal.ITIMER_PROF)[0]
     if previous_left and previous_left <= seconds:
         yield  # an outer limit fires first
         return
@@ -139,16 +141,16 @@ def time_limit(seconds: float, what: str = "canonicalisation") -> Iterator[None]
     def expire(signum, frame):  # noqa: ARG001
         raise TimeLimit(f"{what} exceeded {seconds:g} s")
 
-    old = signal.signal(signal.SIGALRM, expire)
-    started = time.monotonic()
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    old = signal.signal(signal.SIGPROF, expire)
+    started = time.process_time()
+    signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, old)
         if previous_left:
-            signal.setitimer(signal.ITIMER_REAL, max(1e-3, previous_left - (time.monotonic() - started)))
+            signal.setitimer(signal.ITIMER_PROF, max(1e-3, previous_left - (time.process_time() - started)))
 
 
 # -- bounded parsing ------------------------------------------------------------------------------

@@ -144,28 +144,58 @@ def _never_zero(factor: sp.Expr, var: sp.Symbol) -> bool:
     return not base.has(var) and base.is_zero is not True and bool(exp.has(var))
 
 
+def _log_argument(factor: sp.Expr, var: sp.Symbol) -> sp.Expr | None:
+    """``g`` when ``factor`` is ``log(g)`` (or a positive integer power of it) with ``g`` a
+    polynomial in ``var``; None otherwise."""
+    base, exp = factor.as_base_exp()
+    if exp != 1 and not (exp.is_Integer and exp > 0):
+        return None
+    if isinstance(base, sp.log) and len(base.args) == 1 and base.args[0].is_polynomial(var):
+        return base.args[0]
+    return None
+
+
 def solution_count(form: sp.Expr, var: sp.Symbol = VAR) -> tuple[int | None, str]:
     """``(n, "")``: the equation ``form = 0`` has exactly ``n`` distinct solutions in ``var`` (for
     generic parameters), proved by factoring; ``(None, why)`` when that cannot be proved.
 
     Recognised: a numerator that is a product of polynomials in ``var`` (parameters as
-    coefficients) and factors with no zero at all (``exp(g)``, ``b**g`` with ``b`` free of
-    ``var``, constants); ``n`` is the degree of the square-free part of the polynomial factors'
-    product.  A denominator may hold polynomials and zero-free factors, as long as no root of the
-    numerator's polynomial part is a root of the denominator (else the count would include points
-    where the equation is undefined).  Anything else -- ``sin``, ``log``, ``sqrt``, a sum such as
-    ``exp(x) - 2`` (infinitely many complex solutions) -- is not counted."""
+    coefficients), factors with no zero at all (``exp(g)``, ``b**g`` with ``b`` free of ``var``,
+    constants) and logarithms of polynomials, ``log(g)`` (or a power of one): SymPy's ``log`` is
+    the principal branch, ``log z = ln|z| + i arg z``, which is 0 exactly at ``z = 1``, over the
+    complex numbers too -- so ``log(g) = 0`` has exactly the roots of ``g - 1``.  The candidates
+    are the roots of the square-free part ``S`` of the product of the polynomial factors and the
+    ``g - 1``; those where the equation is undefined -- a root of a logarithm's argument ``g`` or
+    of a denominator polynomial -- are removed exactly (``S / gcd(S, D)``), so ``x log x = 0`` has
+    one solution (``x = 0`` is outside the domain).  A denominator may hold polynomials and
+    zero-free factors.  Anything else -- ``sin``, ``sqrt``, a sum such as ``exp(x) - 2``
+    (infinitely many complex solutions ``log 2 + 2 pi i k``), ``x exp(x) - c`` (every branch of
+    Lambert's W) -- is not counted."""
     num, den = sp.fraction(sp.together(form))
     poly = sp.Integer(1)
+    undefined = sp.Integer(1)  # where a logarithm's argument or a denominator vanishes
     for factor in sp.Mul.make_args(sp.factor(num)):
         if _never_zero(factor, var):
             continue
         if factor.is_polynomial(var):
             poly *= factor
             continue
+        arg = _log_argument(factor, var)
+        if arg is not None:
+            poly *= arg - 1
+            undefined *= arg
+            continue
         return None, (f"cannot prove the solution set complete: the factor {sp.sstr(factor)} is neither a "
-                      f"polynomial in {var} nor free of zeros (a periodic or transcendental equation may have "
-                      f"solutions the answer does not list)")
+                      f"polynomial in {var}, the logarithm of one, nor free of zeros (a periodic or "
+                      f"transcendental equation may have solutions the answer does not list)")
+    if num.has(sp.log):
+        # a logarithm inside a factor counted as a polynomial or zero-free (log(2)*x, x**log(3))
+        # has a domain too; its argument must not vanish at a counted root
+        for node in sp.preorder_traversal(num):
+            if isinstance(node, sp.log) and node.args[0].has(var):
+                if not node.args[0].is_polynomial(var):
+                    return None, f"cannot prove the solution set complete: log of {sp.sstr(node.args[0])}"
+                undefined *= node.args[0]
     if not poly.has(var):
         return 0, ""
     for factor in sp.Mul.make_args(sp.factor(den)):
@@ -173,10 +203,13 @@ def solution_count(form: sp.Expr, var: sp.Symbol = VAR) -> tuple[int | None, str
             continue
         if not factor.is_polynomial(var):
             return None, f"cannot prove the solution set complete: the denominator factor {sp.sstr(factor)} is not a polynomial"
-        if sp.gcd(sp.expand(poly), sp.expand(factor)).has(var):
-            return None, ("cannot prove the solution set complete: a root of the numerator is also a root of the "
-                          "denominator")
-    return int(sp.Poly(sp.expand(poly), var).sqf_part().degree()), ""
+        undefined *= factor
+    roots = sp.Poly(sp.expand(poly), var).sqf_part()
+    if undefined.has(var):
+        common = sp.gcd(roots.as_expr(), sp.expand(undefined))
+        if common.has(var):
+            roots = sp.Poly(sp.quo(roots.as_expr(), common, var), var)
+    return int(roots.degree()), ""
 
 
 def param_values(symbols: set[sp.Symbol], rng: np.random.Generator) -> dict[sp.Symbol, sp.Rational]:

@@ -21,7 +21,8 @@ from sympy.integrals.manualintegrate import manualintegrate
 import numpy as np
 
 from reason.canon import FUNC, VAR, time_limit
-from reason.check import OFFERED_PROOF_SECONDS, PROOF_SECONDS, full_check, has_no_roots, solution_count
+from reason.check import (OFFERED_PROOF_SECONDS, PROOF_SECONDS, _has_float, full_check, has_no_roots, param_values,
+                          solution_count, solution_status)
 from reason.errors import ParseError, ReasonError, TimeLimit, TooLarge, Unsupported, VerifierRejected
 
 #: Default bound of one heavy call, seconds.
@@ -49,9 +50,15 @@ def compute(kind: str, form: sp.Expr) -> Any:
         return out
     if kind == "solve":
         sols = sp.solve(form, VAR)
+        if any(isinstance(s, dict) for s in sols):
+            raise Unsupported("no explicit solutions found")
+        # SymPy's solve keeps roots of a factor where another is undefined (x log x = 0 -> [0, 1]);
+        # those are no solutions (the check would refuse the whole answer for them).  Dropping a
+        # true one by mistake can only make the count check refuse, never serve a wrong answer.
+        sols = [s for s in sols if not _outside_domain(form, s)]
         if not sols and (has_no_roots(form) or solution_count(form)[0] == 0):
             return []  # a non-zero constant (or zero-free) numerator: no solution, and that is complete
-        if not sols or any(isinstance(s, dict) for s in sols):
+        if not sols:
             raise Unsupported("no explicit solutions found")
         return list(sols)
     if kind == "simplify":
@@ -62,6 +69,17 @@ def compute(kind: str, form: sp.Expr) -> Any:
             raise Unsupported("no explicit general solution found")
         return sol.rhs
     raise Unsupported(f"no solver for {kind!r}")
+
+
+def _outside_domain(form: sp.Expr, sol: sp.Expr) -> bool:
+    """Whether the equation ``form = 0`` is undefined at ``VAR = sol`` (parameters at fixed
+    random values of both signs)."""
+    params = (form.free_symbols | sol.free_symbols) - {VAR}
+    values = param_values(params, np.random.default_rng(0))
+    try:
+        return solution_status(form, VAR, sol, values, floats=_has_float(form)) == "undefined"
+    except (TypeError, ValueError, ZeroDivisionError):
+        return False
 
 
 def _awkward(out: sp.Expr) -> bool:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm import tokenizer
+from lm.attention import attention
 from lm.model import rope
 
 ROUTERS = ("content", "random", "learned")
@@ -88,7 +89,7 @@ class Attention(nn.Module):
             q, k = self.qk(x).view(B, T, 2, H, D).unbind(2)
             pos = torch.arange(T)
             q, k = rope(q, pos, 10000.0).transpose(1, 2), rope(k, pos, 10000.0).transpose(1, 2)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = attention(q, k, v, causal=True)
         else:
             scores = torch.einsum("hm,mij->hij", self.coef, self.basis[:, :T, :T])
             w = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # the same pattern for every input

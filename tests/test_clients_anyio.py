@@ -57,8 +57,10 @@ async def test_silence_is_a_timeout_bounded_by_anyio(kern, anyio_backend):
     async with AsyncClient(kern.endpoint, timeout=30, retries=0) as client:
         await client.wait_for_service("echo", 30)
         with pytest.raises(errors.Timeout, match="went silent"):
-            # one partial, then 2 s of steps without a reply: silence longer than the 0.5 s bound
-            await client.call("echo", {"partials": 1, "steps": 200, "step_ms": 10}, timeout=0.5)
+            # one partial, then 6 s of steps without a reply: silence longer than the 2 s bound; the
+            # bound leaves a loaded machine room to deliver the first partial (before it a silence
+            # is a retry, "no reply after", not "went silent")
+            await client.call("echo", {"partials": 1, "steps": 600, "step_ms": 10}, timeout=2.0)
 
 
 async def test_first_contact_fails_at_once(anyio_backend):

@@ -343,7 +343,7 @@ def test_the_digest_survives_a_restart_and_old_records_have_none():
     fresh.load([rec], 1.0)
     old = {k: v for k, v in rec.items() if k != "digest"} | {"idem": "older"}
     fresh.load([old], 1.0)
-    assert fresh.seen(A, 1.0, b"D2") == ("conflict", None)
+    assert fresh.seen(A, 1.0, b"D2")[0] == "conflict"
     assert fresh.seen(A, 1.0, b"D1")[0] == "replay"
     assert fresh.seen(("alice", "older"), 1.0, b"D2")[0] == "replay"  # not known: not checked
 
@@ -490,3 +490,53 @@ RetryingKernel.TestCase.settings = settings(
     max_examples=30, stateful_step_count=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestRetryingKernel = RetryingKernel.TestCase
+
+
+def test_a_retry_with_the_same_body_for_another_job_budget_or_txn_is_a_conflict_naming_it():
+    """Issue 25: the same key and body but another job (or budget, txn) is not the same request —
+    attaching it would answer it with work charged to the first job — so it gets ``idem_conflict``
+    naming the part; another request id, priority or deadline attaches (they only schedule the run)."""
+    from kernel.mmi import Caller
+    from kernel.principal import Principal
+
+    alice = Principal("alice", "client")
+    router, wire, adm, _ = kernel()
+    for job in ("j1", "j2"):
+        opened = router.management.handle(
+            router, P.MMI_JOB_OPEN, {"job": job, "budget": {"flops": 1e9}}, 0.0, Caller(b"A", alice)
+        )
+        assert opened["ok"]
+    as_(router, alice, b"A", 1, "K", 0.1, job="j1")
+    (token,) = dispatched(wire)
+    as_(router, alice, b"B", 2, "K", 0.2, job="j2")  # another job
+    as_(router, alice, b"C", 3, "K", 0.2)  # no job: the caller's default job, not j1
+    as_(router, alice, b"D", 4, "K", 0.2, job="j1", budget={"flops": 5})
+    as_(router, alice, b"E", 5, "K", 0.2, job="j1", txn="t1")
+    as_(router, alice, b"F", 6, "K", 0.2, job="j1", priority=1, deadline=5000)  # attaches
+    wanted = {b"B": ["job"], b"C": ["job"], b"D": ["budget"], b"E": ["txn"]}
+    for c, parts in wanted.items():
+        (err,) = wire.to(c, P.ClientCmd.FINAL.value)
+        assert err["error"]["code"] == "idem_conflict" and err["error"]["differs"] == parts
+        assert parts[0] in err["error"]["message"]
+    assert wire.to(b"F", P.ClientCmd.FINAL.value) == []
+    finish(router, b"W", token, 0.3)
+    assert wire.to(b"F", P.ClientCmd.FINAL.value)[0]["status"] == "ok"
+    as_(router, alice, b"G", 7, "K", 0.4, job="j2")  # finished: the stored FINAL is j1's
+    assert wire.to(b"G", P.ClientCmd.FINAL.value)[0]["error"]["differs"] == ["job"]
+    as_(router, alice, b"H", 8, "K", 0.4, job="j1", priority=3)
+    assert wire.to(b"H", P.ClientCmd.FINAL.value)[0]["status"] == "ok"
+    assert len(dispatched(wire)) == 1  # ran once
+    router.check_invariants()
+
+
+def test_digest_parts_name_what_differs():
+    from kernel.dedup import BOUND, differing, digest
+    from kernel.mdp import Header
+
+    base = digest(b"s", [b"x"], Header({}, job="j", budget={"flops": 1}))
+    assert len(base) == 8 * len(BOUND)
+    assert differing(base, digest(b"s", [b"x"], Header({}, job="j", budget={"flops": 1.0}))) == []
+    assert differing(base, digest(b"s", [b"x"], Header({}, job="j", budget={"flops": 1}, id=9, priority=2))) == []
+    assert differing(base, digest(b"t", [b"y"], Header({}, job="k"))) == ["service", "body", "job", "budget"]
+    assert differing(base, digest(b"s", [b"x"], Header({}, job="j", budget={"flops": 1}, on_behalf="bob"))) == ["for"]
+    assert differing(base, b"0" * 16) == [] and differing(None, base) == []  # an older log's digest: not checked

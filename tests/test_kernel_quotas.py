@@ -237,3 +237,61 @@ def test_management_calls_per_principal_per_second(tmp_path):
     assert isinstance(router.management.handle(router, P.MMI_JOB_STATS, {}, 6.5, mallory), dict)  # refilled
     op = Caller(b"o", Principal("op", "operator"))
     assert all(isinstance(router.management.handle(router, P.MMI_JOB_STATS, {}, 5.0, op), dict) for _ in range(1500))
+
+
+def test_an_operators_stats_and_job_stats_cost_one_page_of_jobs(tmp_path):
+    """Issue 24: with every job x kind in one reply an operator's mmi.stats cost the kernel's
+    thread about a second at 10,000 jobs x 64 kinds; it is one page now, the others by
+    ``jobs_page`` (mmi.job.stats: ``page``)."""
+    log, adm, router = _kernel(tmp_path)
+    op = Caller(b"o", Principal("op", "operator"))
+    for n in range(230):
+        assert router.management.handle(router, P.MMI_JOB_OPEN, {"job": f"j{n:03d}", "budget": {"units": 1}}, 0.0, op)[
+            "ok"
+        ]
+    pages = [router.management.handle(router, P.MMI_STATS, {"jobs_page": p}, 0.0, op) for p in range(3)]
+    assert [len(p["jobs"]) for p in pages] == [100, 100, 32]  # 230, root and default
+    assert pages[0]["summary"]["jobs"] == 232 and pages[2]["summary"]["jobs_pages"] == 3
+    assert len({name for p in pages for name in p["jobs"]}) == 232
+    assert "counters" in pages[0] and "workers" in pages[0]  # still the operator's full view otherwise
+    listed = [router.management.handle(router, P.MMI_JOB_STATS, {"page": p}, 0.0, op) for p in range(3)]
+    assert [len(p) for p in listed] == [100, 100, 32] and set().union(*listed) == set().union(
+        *(p["jobs"] for p in pages)
+    )
+
+
+def test_a_principals_budget_kinds_are_bounded(tmp_path, monkeypatch):
+    """Issue 24: a bound on the (job, kind) entries one principal's open jobs hold: past it a job
+    open with limits is ``refused`` (quota "kinds"), and a new kind charged to its jobs is not
+    kept (a kind that limits something is always charged); closing jobs frees the share."""
+    monkeypatch.setattr(P, "MAX_KINDS_PER_PRINCIPAL", 10)
+    log, adm, router = _kernel(tmp_path)
+    alice, bob = Caller(b"a", Principal("alice", "client")), Caller(b"b", Principal("bob", "client"))
+    ledger = adm.ledger
+
+    def open_(who, job, kinds):
+        return router.management.handle(router, P.MMI_JOB_OPEN, {"job": job, "budget": kinds}, 0.0, who)
+
+    four = {f"k{i}": 1.0 for i in range(4)}
+    assert open_(alice, "a1", four)["ok"]  # opens her default job too ([limits] default: one kind)
+    base = ledger.kinds_of("alice")
+    assert base == 5
+    while ledger.kinds_of("alice") + 4 <= 10:
+        assert open_(alice, f"a{ledger.kinds_of('alice')}", four)["ok"]
+    refused = open_(alice, "a-over", four)
+    assert isinstance(refused, errors.Refused) and refused.detail["quota"] == "kinds"
+    assert "bound of 10" in str(refused)
+    assert open_(bob, "b1", four)["ok"]  # bob's share is his own
+    # charges of new kinds at the bound are not kept; a limited kind still is
+    held = ledger.kinds_of("alice")
+    ledger.charge(0.0, "a1", {"k0": 0.5, **{f"new{i}": 1.0 for i in range(20)}})
+    assert ledger.jobs["a1"].spent["k0"] == 0.5
+    assert ledger.kinds_of("alice") == 10 >= held and ledger.kinds_dropped >= 20 - (10 - held)
+    ledger.check_invariants()
+    assert router.management.handle(router, P.MMI_JOB_CLOSE, {"job": "a1"}, 0.0, alice)["ok"]
+    assert ledger.kinds_of("alice") < 10
+    assert open_(alice, "a-after", {"k0": 1.0})["ok"]
+    ledger.check_invariants()
+    restored = type(ledger).load(ledger.dump())  # a snapshot restores the counts
+    assert restored.kinds_of("alice") == ledger.kinds_of("alice")
+    restored.check_invariants()

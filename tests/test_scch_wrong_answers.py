@@ -39,7 +39,9 @@ REVIEW_CASES = [
     (q("solve", "(x-1)*(x-2)*exp(x) = 0"), ["1"], q("solve", "exp(t)*(t-2)*(t-1) = 0", "t")),
     (q("solve", "exp(x)*(x^2-4) = 0"), ["2"], q("solve", "(y^2-4)*exp(y) = 0", "y")),
     (q("solve", "sin(x) = 0"), ["pi"], q("solve", "sin(u) = 0", "u")),
-    (q("solve", "x*log(x) = 0"), ["1"], q("solve", "v*log(v) = 0", "v")),
+    (q("solve", "x*log(x) = 0"), ["0", "1"], q("solve", "v*log(v) = 0", "v")),  # log(0): outside the domain
+    (q("solve", "(x-2)*log(x) = 0"), ["2"], q("solve", "log(v)*(v-2) = 0", "v")),  # x = 1 is missing
+    (q("solve", "log(x^2-3) = 0"), ["2"], q("solve", "log(w^2-3) = 0", "w")),  # -2 is missing
     (
         q("simplify", "sin(x)^2 + cos(x)^2 + sin(1000*x)/10^9"),
         "1",
@@ -62,8 +64,9 @@ def test_review_case_refused_and_not_served(cache, subgoal, wrong, renamed):
     "subgoal,answer",
     [
         (q("solve", "sin(x) = 0"), ["0"]),
-        (q("solve", "x*log(x) = 0"), ["1"]),  # right, but its completeness is not proved here
         (q("solve", "exp(x) = 2"), ["log(2)"]),  # one real solution, infinitely many complex ones
+        (q("solve", "x*exp(x) = 1"), ["LambertW(1)"]),  # the other branches of W are complex solutions
+        (q("solve", "log(x) = 1"), ["E"]),  # log(x) - 1 is not a product of log(poly) factors
     ],
 )
 def test_unprovable_completeness_is_refused_with_the_reason(cache, subgoal, answer):
@@ -130,7 +133,12 @@ def test_solution_count():
     assert solution_count(sp.exp(-x) * (x**2 - c))[0] == 2
     assert solution_count(2**x * (x - 3) ** 2)[0] == 1
     assert solution_count(sp.exp(x))[0] == 0
-    for form in (sp.sin(x), x * sp.log(x), sp.exp(x) - 2, sp.sqrt(x) - 1, (x**2 - 1) / (x - 1)):
+    # a root where the equation is undefined (a log's argument, a denominator) is not counted
+    assert solution_count(x * sp.log(x))[0] == 1  # x = 1; log(0) is undefined
+    assert solution_count((x**2 - 1) / (x - 1))[0] == 1  # x = -1; x = 1 makes it 0/0
+    assert solution_count((x**2 - 1) / (x - 1) - 2)[0] == 0  # (x-1)^2/(x-1): none
+    assert solution_count(sp.log(c * x) * (x - 2))[0] == 2  # x = 1/c and 2, generic c
+    for form in (sp.sin(x), sp.exp(x) - 2, sp.sqrt(x) - 1, x * sp.exp(x) - 1, sp.log(x) - 1, sp.log(1 / x)):
         count, why = solution_count(form)
         assert count is None and "cannot prove the solution set complete" in why
 
@@ -154,3 +162,41 @@ def test_answer_missing_one_root_of_a_product_is_refused(cache, roots, factor, d
         cache.put(sub, partial, 0.0)
     out = cache.put(sub, [str(r) for r in roots], 1.0)
     assert out["how"] == "proved+complete"
+
+
+@pytest.mark.parametrize(
+    "subgoal,answer,renamed",
+    [
+        (q("solve", "x*log(x) = 0"), ["1"], q("solve", "v*log(v) = 0", "v")),
+        (q("solve", "(x-2)*log(x) = 0"), ["1", "2"], q("solve", "log(t)*(t-2) = 0", "t")),
+        (q("solve", "log(x^2-3) = 0"), ["2", "-2"], q("solve", "log(w^2-3) = 0", "w")),
+        (q("solve", "log(x)^2*exp(x) = 0"), ["1"], q("solve", "exp(y)*log(y)^2 = 0", "y")),
+    ],
+)
+def test_logarithms_of_polynomials_are_solved_complete_and_served(cache, subgoal, answer, renamed):
+    """``log(g) = 0`` exactly where ``g = 1`` (the principal branch, over the complex numbers too),
+    and a root of ``g`` is outside the domain: such products are counted exactly, so their
+    complete answers are admitted and served (x log x = 0 was refused before as unprovable)."""
+    out = cache.put(subgoal, answer, 0.0)
+    assert out["admitted"] and out["how"] == "proved+complete"
+    served = cache.solve(renamed, 1.0, timed_compute)
+    assert served["hit"] and served["complete"]
+    assert sorted(sp.sympify(s) for s in served["answer"]) == sorted(sp.sympify(a) for a in answer)
+    fresh = timed_compute("solve", cache.canon(subgoal).form)[0]  # SymPy's own [0, 1] loses x = 0
+    assert sorted(fresh, key=str) == sorted(cache.canon(subgoal).to_canonical([sp.sympify(a) for a in answer]), key=str)
+
+
+@given(
+    st.lists(st.integers(-4, 4), min_size=1, max_size=3, unique=True),
+    st.lists(st.integers(-3, 3), min_size=0, max_size=2, unique=True),
+    st.integers(1, 3),
+)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_log_factor_counts_agree_with_solveset(roots, shifts, power):
+    """Property: the count of ``prod (x - r) * prod log(x - s)^power = 0`` equals SymPy's
+    ``solveset`` over the complex numbers (x = s + 1 solves; x = s is outside the domain)."""
+    x = sp.Symbol("x")
+    expr = sp.Mul(*[x - r for r in roots]) * sp.Mul(*[sp.log(x - s) ** power for s in shifts])
+    truth = sp.solveset(expr, x, sp.S.Complexes)
+    assert isinstance(truth, sp.FiniteSet)
+    assert solution_count(expr, x) == (len(truth), "")

@@ -176,7 +176,7 @@ class ScchService(Service):
             return hit  # a hit reports no spending
         # The heavy call runs in the solver process; this thread only waits (bounded), so the
         # worker keeps heartbeating.  Canonical forms and checks run on the loop thread, where
-        # their SIGALRM time limits apply.
+        # their CPU-time limits (SIGPROF) apply.
         bound = self.solve_seconds
         if "wall_ms" in ctx.granted:  # never outlive the job's granted wall time
             bound = max(0.05, min(bound, float(ctx.granted["wall_ms"]) / 1000.0))
