@@ -22,16 +22,15 @@ import zmq
 
 from bench._common import Result, percentile, progress
 from clients import Client
-from clients.launch import service_block, short_tmpdir
+from clients.launch import LocalKernel, service_block, short_tmpdir
 from kernel import keys
-from tests.support import KernelProcess
 
 STEP_MS = 5
 BACKLOG = 50
 SAMPLES = 300
 
 
-def _client(kern: KernelProcess, kd: str, name: str) -> Client:
+def _client(kern: LocalKernel, kd: str, name: str) -> Client:
     return Client(
         kern.endpoint,
         timeout=60,
@@ -51,7 +50,7 @@ def _bob(c: Client, n: int) -> list[float]:
     return out
 
 
-def _flood(kern: KernelProcess, kd: str, stop: threading.Event, sent: list[int]) -> None:
+def _flood(kern: LocalKernel, kd: str, stop: threading.Event, sent: list[int]) -> None:
     """alice: keep BACKLOG priority-1000 requests in flight until ``stop`` (one event loop, one
     AsyncClient, BACKLOG tasks each sending its next request when the last is answered)."""
     import asyncio
@@ -94,7 +93,7 @@ def run(quick: bool) -> Result:
         root = {{ wall_ms = 1e9, cpu_ms = 1e9, tokens = 1e9, flops = 1e15, vm_steps = 1e12 }}
         default = {{ wall_ms = 1e8, cpu_ms = 1e8, tokens = 1e8, flops = 1e14, vm_steps = 1e10 }}
     """) + service_block("echo", "services.echo")
-    kern = KernelProcess.from_config(config)
+    kern = LocalKernel(config)
     stop = threading.Event()
     sent = [0]
     try:
