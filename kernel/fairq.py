@@ -40,7 +40,7 @@ DEFAULT_WEIGHT = 1.0
 class FairQueue:
     """Deficit round robin across principals, a priority heap within each."""
 
-    __slots__ = ("weights", "heaps", "active", "deficit", "_seq", "_n")
+    __slots__ = ("weights", "heaps", "active", "deficit", "_seq", "_n", "_spent")
 
     def __init__(self, weights: Mapping[str, float] | None = None) -> None:
         for who, w in (weights or {}).items():
@@ -52,6 +52,8 @@ class FairQueue:
         self.deficit: dict[str, float] = {}
         self._seq = itertools.count()
         self._n = 0
+        #: The principal whose quantum the last dispatch spent (None: none, or it moved on).
+        self._spent: str | None = None
 
     def weight(self, principal: str) -> float:
         return float(self.weights.get(principal, DEFAULT_WEIGHT))
@@ -74,6 +76,7 @@ class FairQueue:
         self.active.clear()
         self.deficit.clear()
         self._n = 0
+        self._spent = None
 
     # -- queueing -------------------------------------------------------------------------------
 
@@ -83,7 +86,12 @@ class FairQueue:
         heap = self.heaps.get(principal)
         if heap is None:
             heap = self.heaps[principal] = []
-            self.active.append(principal)
+            if self.active and self.active[0] == self._spent:
+                # the head just spent its quantum (it is alone, so rotating left it in front):
+                # the newcomer goes before its next round, not after it
+                self.active.appendleft(principal)
+            else:
+                self.active.append(principal)
             self.deficit[principal] = 0.0
         heapq.heappush(heap, (-priority, order, next(self._seq), req))
         self._n += 1
@@ -117,10 +125,12 @@ class FairQueue:
             self.deficit[who] -= 1.0
             req = heapq.heappop(self.heaps[who])[-1]
             self._n -= 1
+            self._spent = None
             if not self._drop_done(who):
                 pass  # retired: its deficit is forgotten (no banking while idle)
             elif self.deficit[who] < 1.0:
                 self.active.rotate(-1)  # its quantum is spent: the next principal's turn
+                self._spent = who
             return req
         return None
 

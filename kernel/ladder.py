@@ -11,9 +11,11 @@ and keeps the request in its worker's slot as a *tombstone* until the worker's o
    longer grace its service declared, ``[[service]] grace_ms``: scch answers when its bounded
    solver call returns, and is never frozen inside that bound) is **frozen** (kernel/enforce.py: the cgroup freezer stops its whole process tree atomically; on
    the signals backend, SIGSTOP): it burns nothing more;
-3. still holding it ``kill_grace`` seconds after the freeze (default 1 s), or dropped by the
-   liveness check meanwhile, it is **killed** (its whole group) and the supervisor restarts it
-   (OTP: let it crash).  The kill never blocks: SIGKILL to every process of the group, then the
+3. ``kill_grace`` seconds after the freeze (default 1 s) it is **thawed** for
+   :data:`ANSWER_GRACE_S` (100 ms) to answer the cancel it already holds -- a cooperative worker
+   that was merely slow on a busy machine answers at its next safe point and lives;
+4. still holding it then, or dropped by the liveness check while frozen or thawed, it is
+   **killed** (its whole group) and the supervisor restarts it (OTP: let it crash).  The kill never blocks: SIGKILL to every process of the group, then the
    group is thawed (on cgroup v1 a frozen task dies only once thawed).
 
 Nothing frozen outlives the kernel: its shutdown thaws every group before it stops the services,
@@ -22,8 +24,8 @@ the enforcer thaws and kills its groups at exit (``atexit``), and a kernel kille
 blocks the kernel either: the shell writes it and waits at most :data:`FREEZE_WAIT_S` for the OS
 to report it (the kill follows anyway).
 
-A worker that answers (its FINAL frees the slot) before a rung is left alone; one frozen that
-answers cannot (it is frozen), so every freeze ends in a kill.  Every rung is a decision-log record
+A worker that answers (its FINAL frees the slot) before a rung is left alone; a frozen one cannot
+answer until it is thawed.  Every rung is a decision-log record
 (``enforce``: the rung, the child, its pid, the request's token, and the CPU seconds the OS measured
 for the child's group at that moment), so what a request burnt after its cancel is on record.
 
@@ -44,10 +46,13 @@ from kernel.enforce import FreezeTimeout
 
 log = logging.getLogger("reca.ladder")
 
-__all__ = ["FREEZE_WAIT_S", "POLL_S", "Action", "Ceilings", "Held", "Ladder", "run", "single_slot_grants"]
+__all__ = ["ANSWER_GRACE_S", "FREEZE_WAIT_S", "POLL_S", "Action", "Ceilings", "Held", "Ladder", "run", "single_slot_grants"]
 
 #: How often the shell looks for tombstones, seconds (adds at most this to each rung).
 POLL_S = 0.002
+#: After ``kill_grace`` frozen, the worker is thawed and has this long to answer its cancel before
+#: the kill (seconds): a cooperative worker that was only slow on a busy machine is not killed.
+ANSWER_GRACE_S = 0.1
 #: Longest the shell waits for a freeze to be reported, seconds (the kernel's loop is blocked
 #: meanwhile); one not reported by then is recorded ``landed: false`` and lands on its own.
 FREEZE_WAIT_S = 0.005
@@ -65,7 +70,7 @@ class Held:
 
 @dataclasses.dataclass(frozen=True)
 class Action:
-    rung: str  # "freeze" or "kill"
+    rung: str  # "freeze", "thaw" or "kill"
     pid: int
     token: bytes
     held_s: float  # since the tombstone was first seen
@@ -78,19 +83,27 @@ class _Track:
     seen: float
     grace: float = 0.0
     frozen: float | None = None
+    thawed: float | None = None
 
 
 class Ladder:
     """Invariant: a token is tracked from its first sighting as a tombstone until its worker
-    answers it (gone while the worker is still registered) or it was killed."""
+    answers it (gone while the worker is still registered) or it was killed.
 
-    def __init__(self, freeze_grace: float = 0.020, kill_grace: float = 1.0) -> None:
-        if freeze_grace < 0 or kill_grace < 0:
+    Rungs: ``freeze`` at ``seen + grace``; ``thaw`` at ``frozen + kill_grace`` -- the worker gets
+    ``answer_grace`` to answer the cancel it already has (a cooperative worker merely descheduled
+    on a busy machine answers at its next safe point and is not killed); ``kill`` at ``thawed +
+    answer_grace`` if it still holds the request, or at once when its worker was dropped while
+    frozen or thawed."""
+
+    def __init__(self, freeze_grace: float = 0.020, kill_grace: float = 1.0, answer_grace: float = ANSWER_GRACE_S) -> None:
+        if freeze_grace < 0 or kill_grace < 0 or answer_grace < 0:
             raise ValueError("graces must be >= 0")
         self.freeze_grace = freeze_grace
         self.kill_grace = kill_grace
+        self.answer_grace = answer_grace
         self.tracks: dict[bytes, _Track] = {}
-        self.counts = {"frozen": 0, "killed": 0, "answered": 0}
+        self.counts = {"frozen": 0, "thawed": 0, "killed": 0, "answered": 0}
 
     def observe(self, held: Iterable[Held], live_workers: set[bytes], now: float) -> list[Action]:
         """The rungs due at ``now``, given the tombstones now held and the registered workers."""
@@ -100,30 +113,39 @@ class Ladder:
             if h.token not in self.tracks:
                 self.tracks[h.token] = _Track(h.pid, h.worker, now, max(self.freeze_grace, h.grace))
         out: list[Action] = []
-        frozen_pids: set[int] = set()
+        done: set[tuple[str, int]] = set()  # one action of each rung per process
+
+        def act(rung: str, t: _Track, token: bytes) -> None:
+            if (rung, t.pid) not in done:
+                done.add((rung, t.pid))
+                out.append(Action(rung, t.pid, token, now - t.seen))
+                self.counts[{"freeze": "frozen", "thaw": "thawed", "kill": "killed"}[rung]] += 1
+
         for token, t in list(self.tracks.items()):
-            if token not in seen and t.worker in live_workers and t.frozen is None:
+            live = t.worker in live_workers
+            if token not in seen and live:
                 del self.tracks[token]  # its worker answered it
                 self.counts["answered"] += 1
                 continue
             if t.frozen is None:
                 if now - t.seen >= t.grace:
                     t.frozen = now
-                    if t.pid not in frozen_pids:
-                        out.append(Action("freeze", t.pid, token, now - t.seen))
-                        frozen_pids.add(t.pid)
-                        self.counts["frozen"] += 1
-            elif now - t.frozen >= self.kill_grace or t.worker not in live_workers:
+                    act("freeze", t, token)
+            elif not live or (t.thawed is not None and now - t.thawed >= self.answer_grace):
                 del self.tracks[token]
-                if not any(a.rung == "kill" and a.pid == t.pid for a in out):
-                    out.append(Action("kill", t.pid, token, now - t.seen))
-                    self.counts["killed"] += 1
+                act("kill", t, token)
+            elif t.thawed is None and now - t.frozen >= self.kill_grace:
+                t.thawed = now
+                act("thaw", t, token)
         return out
 
     def next_due(self) -> float | None:
         """When the next rung falls due (None: nothing tracked)."""
         times = [
-            t.seen + t.grace if t.frozen is None else t.frozen + self.kill_grace for t in self.tracks.values()
+            t.seen + t.grace if t.frozen is None
+            else t.frozen + self.kill_grace if t.thawed is None
+            else t.thawed + self.answer_grace
+            for t in self.tracks.values()
         ]
         return min(times) if times else None
 
@@ -205,14 +227,14 @@ def apply(actions: list[Action], procs: _Procs, record: Any, now: float, frozen:
     frozen = {} if frozen is None else frozen
     for a in actions:
         name = procs.child_of_pid(a.pid)
-        if a.rung == "kill" and name is None and a.pid in frozen:
-            gone = frozen.pop(a.pid)
+        if a.rung in ("thaw", "kill") and name is None and a.pid in frozen:
+            gone = frozen.pop(a.pid) if a.rung == "kill" else frozen[a.pid]
             try:
                 procs.thaw(gone)
                 out_gone: dict[str, Any] = {"ok": True, "thawed": True, "why": "its process is gone"}
             except (LookupError, OSError, RuntimeError) as exc:
                 out_gone = {"ok": False, "why": str(exc)}
-            record("enforce", now, {"rung": "kill", "child": gone, "pid": a.pid, "token": a.token.hex()}, out_gone)
+            record("enforce", now, {"rung": a.rung, "child": gone, "pid": a.pid, "token": a.token.hex()}, out_gone)
             continue
         if name is None:
             log.warning(
@@ -233,6 +255,9 @@ def apply(actions: list[Action], procs: _Procs, record: Any, now: float, frozen:
                                            "freeze_s": procs.freeze(name, FREEZE_WAIT_S)}
                 except FreezeTimeout:  # written; the OS stops the group when it gets to it
                     out = {"ok": False, "landed": False, "why": f"not reported frozen within {FREEZE_WAIT_S:g} s"}
+            elif a.rung == "thaw":
+                procs.thaw(name)
+                out = {"ok": True}
             else:
                 frozen.pop(a.pid, None)
                 out = {"ok": True, "killed": procs.kill_group(name)}

@@ -208,3 +208,13 @@ def test_queued_time_never_spends_wall_ms(kern):
     assert codec.unpack(answer[4])["error"]["code"] == "budget_exceeded"
     job = router.admission.ledger.jobs["default:bob"]
     assert job.total.get("wall_ms", 0.0) == pytest.approx(1000.0, abs=1.0)  # from dispatch, not from 0.0
+
+
+def test_a_newcomer_is_served_before_the_next_round_of_a_principal_that_was_alone():
+    q = FairQueue()
+    for i in range(5):
+        q.push("flood", 1000, i, Req("flood", i, 1000))
+    assert q.pop().who == "flood"  # alone: it spends its quantum
+    q.push("honest", 0, 0, Req("honest", 0))
+    assert q.pop().who == "honest"  # next, not after another round of the flood
+    assert [r.who for r in drain(q)] == ["flood"] * 4

@@ -28,17 +28,30 @@ def test_a_worker_that_answers_within_the_grace_is_left_alone():
     assert lad.next_due() is None
 
 
-def test_freeze_after_the_grace_then_kill_after_the_second():
-    lad = Ladder(0.02, 1.0)
-    lad.observe([Held(A, 10, W1), Held(B, 10, W1)], {W1}, 0.0)
+def test_freeze_after_the_grace_thaw_after_the_second_then_kill():
+    lad = Ladder(0.02, 1.0, 0.1)
+    both = [Held(A, 10, W1), Held(B, 10, W1)]
+    lad.observe(both, {W1}, 0.0)
     assert lad.next_due() == pytest.approx(0.02)
-    assert lad.observe([Held(A, 10, W1), Held(B, 10, W1)], {W1}, 0.019) == []
-    acts = lad.observe([Held(A, 10, W1), Held(B, 10, W1)], {W1}, 0.02)
+    assert lad.observe(both, {W1}, 0.019) == []
+    acts = lad.observe(both, {W1}, 0.02)
     assert [(a.rung, a.pid) for a in acts] == [("freeze", 10)]  # one freeze per process
-    assert lad.observe([Held(A, 10, W1), Held(B, 10, W1)], {W1}, 0.5) == []
-    acts = lad.observe([Held(A, 10, W1), Held(B, 10, W1)], {W1}, 1.02)
+    assert lad.observe(both, {W1}, 0.5) == []
+    acts = lad.observe(both, {W1}, 1.02)
+    assert [(a.rung, a.pid) for a in acts] == [("thaw", 10)]  # a chance to answer the cancel it holds
+    assert lad.next_due() == pytest.approx(1.12)
+    acts = lad.observe(both, {W1}, 1.12)
     assert [(a.rung, a.pid) for a in acts] == [("kill", 10)]  # one kill per process
     assert lad.tracks == {}
+
+
+def test_a_slow_cooperative_worker_that_answers_once_thawed_is_not_killed():
+    lad = Ladder(0.02, 1.0, 0.1)
+    lad.observe([Held(A, 10, W1)], {W1}, 0.0)
+    assert [a.rung for a in lad.observe([Held(A, 10, W1)], {W1}, 0.03)] == ["freeze"]
+    assert [a.rung for a in lad.observe([Held(A, 10, W1)], {W1}, 1.03)] == ["thaw"]
+    assert lad.observe([], {W1}, 1.05) == []  # its FINAL came at its next safe point
+    assert lad.tracks == {} and lad.counts["answered"] == 1 and lad.counts["killed"] == 0
 
 
 def test_a_frozen_worker_dropped_by_liveness_is_killed_at_once():
@@ -78,12 +91,12 @@ def test_a_step_that_ignores_its_cancel_is_frozen_killed_and_restarted():
         with open(k.decision_log) as fh:
             rungs = [json.loads(line) for line in fh if '"enforce"' in line]
         rungs = [r for r in rungs if r.get("op") == "enforce"]
-        assert [r["in"]["rung"] for r in rungs][:2] == ["freeze", "kill"]
-        freeze, kill = rungs[0], rungs[1]
+        assert [r["in"]["rung"] for r in rungs][:3] == ["freeze", "thaw", "kill"]
+        freeze, thaw, kill = rungs[0], rungs[1], rungs[2]
         assert kill["out"]["ok"], kill
         if freeze["out"]["ok"]:  # (a freeze past its bound on a very busy machine is recorded as not ok)
-            # frozen: the CPU the OS measured for the worker's group stopped growing until the kill
-            assert kill["out"]["cpu_s"] == pytest.approx(freeze["out"]["cpu_s"], abs=0.05)
+            # frozen: the CPU the OS measured for the worker's group stopped growing until the thaw
+            assert thaw["out"]["cpu_s"] == pytest.approx(freeze["out"]["cpu_s"], abs=0.05)
     finally:
         k.stop()
 
