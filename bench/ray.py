@@ -141,7 +141,7 @@ def run(quick: bool) -> Result:
     keys.new(kd, "op", "operator")
     t0 = time.monotonic()
     k = LocalKernel(_config(kd, d))
-    notes = [f"loadavg at start: {open('/proc/loadavg').read().strip()}"]
+    notes = [f"loadavg at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
     metrics: dict[str, float] = {}
     rows = []
     try:
@@ -204,7 +204,7 @@ def run(quick: bool) -> Result:
     finally:
         k.stop(timeout=60)
         shutil.rmtree(d, ignore_errors=True)
-    notes.append(f"loadavg at end: {open('/proc/loadavg').read().strip()}")
+    notes.append(f"loadavg at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     notes.append("ttc fault harness across nodes: not built (issue 28 step 3); no kill-schedule counts to report")
     return Result(
         metrics=metrics,
