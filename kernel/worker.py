@@ -27,7 +27,9 @@ Rules (docs/protocol.md is normative):
 * **Safe points.** :meth:`safe_point` is what ``ctx.checkpoint()`` asks: go on, pause (a PARTIAL
   ``paused`` with ``paused_at`` is sent), or cancel.  While paused, :meth:`still_paused` answers
   after every control message: keep waiting, or go on (a PARTIAL ``resumed`` with
-  ``resumed_at``), or cancel.
+  ``resumed_at``), or cancel.  Every preempt that finds the request running is acknowledged:
+  one that follows a resume the paused handler has not yet seen sends ``resumed`` and then
+  ``paused`` again (the kernel resumed it, and lends its slot again only on that ``paused``).
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ class RequestState:
     spent: dict[str, float] = dataclasses.field(default_factory=dict)
     pause_requested: bool = False
     paused: bool = False
+    #: A resume reached this request while it was paused (its handler has not looked yet): a
+    #: preempt after it is a new pause, acknowledged again (the kernel waits for that ``paused``).
+    resumed_while_paused: bool = False
     cancel: errors.RecaError | None = None
 
     def __post_init__(self) -> None:
@@ -330,6 +335,7 @@ class WorkerSession:
                 state.pause_requested = True
             elif op == P.ControlOp.RESUME:
                 state.pause_requested = False
+                state.resumed_while_paused = state.paused
             elif op == P.ControlOp.CANCEL and state.cancel is None:
                 code = message.get(P.C_CODE, P.ErrorCode.CANCELLED)
                 state.cancel = errors.from_wire(
@@ -368,9 +374,14 @@ class WorkerSession:
         if state is None:
             return SafePoint.CONTINUE
         if state.cancel is not None:
-            state.paused = False
+            state.paused = state.resumed_while_paused = False
             return SafePoint.CANCEL
+        resumed, state.resumed_while_paused = state.resumed_while_paused, False
         if state.pause_requested:
+            if resumed:  # resumed and preempted again before this look: both, then paused again
+                self.partial(token, {"resumed_at": now}, now, P.STATUS_RESUMED)
+                self.paused_acks += 1
+                self.partial(token, {"paused_at": now}, now, P.STATUS_PAUSED)
             return SafePoint.PAUSE
         state.paused = False
         self.partial(token, {"resumed_at": now}, now, P.STATUS_RESUMED)

@@ -581,3 +581,35 @@ def test_paused_request_ended_keeps_its_lent_slot_lent() -> None:
         m.consistent()
     assert m.adm.counters["preempts"] == 1 and m.adm.counters["exhausted"] >= 1
     m.teardown()
+
+
+def test_a_request_preempted_again_before_its_handler_saw_the_resume_lends_its_slot_again() -> None:
+    """Regression (bench ray, 03:30: a high-priority request waited max_pause): the kernel resumed
+    a paused request when its borrower ended and a new higher-priority request preempted it again
+    before the paused handler looked (both control messages applied first).  The handler went on
+    waiting without a word, the kernel waited for a new ``paused`` to lend the slot: the new
+    request stayed queued until max_pause.  Capacity-1 service ``b``, one principal."""
+    m = SystemModel()
+    m.start()
+    w2 = m.sessions[b"W2"]
+
+    def queued_high_runs() -> bool:
+        return m.router.services[b"b"].queued == 0 and len(w2.active) == 2
+
+    m.request(c=0, job=None, priority=0, service=b"b", tokens=None)
+    (low,) = w2.active
+    for cycle in range(2):
+        m.request(c=0, job=None, priority=9, service=b"b", tokens=None)  # the kernel preempts low
+        assert w2.active[low].pause_requested, cycle
+        if cycle == 0:
+            assert w2.safe_point(low, m.now).value == "pause"
+        else:  # resumed and preempted again, both before the paused handler looks
+            assert w2.still_paused(low, m.now).value == "pause"
+        m.consistent()
+        assert queued_high_runs(), f"cycle {cycle}: the high request waits for a slot that is never lent"
+        (high,) = set(w2.active) - {low}
+        w2.final(high, m.now, result={"ok": 1})  # the kernel resumes low (RESUME published)
+        assert not w2.active[low].pause_requested
+        m.consistent()
+    assert m.adm.counters["preempts"] == 2 and m.adm.counters["resumes"] == 2
+    m.teardown()

@@ -145,6 +145,29 @@ def test_pause_at_a_safe_point_then_resume(session, sent):
     assert session.paused_acks == 1
 
 
+def test_a_preempt_after_a_resume_the_paused_handler_has_not_seen_is_acknowledged_again(session, sent):
+    # Regression (bench ray, 03:30): the kernel resumed a paused request (its slot freed) and a
+    # new higher-priority request preempted it again before the paused handler looked: both
+    # control messages were applied first, the handler saw pause_requested and went on waiting
+    # silently.  The kernel, which had resumed it and now waited for a new ``paused`` to lend
+    # its slot, never got one: the high request waited max_pause (60 s).  Every preempt after a
+    # resume must be acknowledged: ``resumed`` then ``paused`` again.
+    (ev,) = request(session, b"T")
+    session.on_control(P.ControlOp.PREEMPT, {P.C_TOKEN: b"T"})
+    assert session.safe_point(b"T", 0.2) is SafePoint.PAUSE
+    session.on_control(P.ControlOp.RESUME, {P.C_TOKEN: b"T"})
+    session.on_control(P.ControlOp.PREEMPT, {P.C_TOKEN: b"T"})
+    assert session.still_paused(b"T", 0.3) is SafePoint.PAUSE and ev.state.paused
+    assert [status_of(f)[P.S_STATUS] for f in sent[1:]] == [P.STATUS_PAUSED, P.STATUS_RESUMED, P.STATUS_PAUSED]
+    assert codec.unpack(sent[-2][5]) == {"resumed_at": 0.3} and codec.unpack(sent[-1][5]) == {"paused_at": 0.3}
+    assert session.paused_acks == 2
+    assert session.still_paused(b"T", 0.4) is SafePoint.PAUSE and len(sent) == 4  # nothing new: no resend
+    session.on_control(P.ControlOp.PREEMPT, {P.C_TOKEN: b"T"})  # a repeated preempt is no new pause
+    assert session.still_paused(b"T", 0.5) is SafePoint.PAUSE and len(sent) == 4
+    session.on_control(P.ControlOp.RESUME, {P.C_TOKEN: b"T"})
+    assert session.still_paused(b"T", 0.6) is SafePoint.CONTINUE and status_of(sent[-1])[P.S_STATUS] == P.STATUS_RESUMED
+
+
 def test_cancel_wins_over_pause_and_carries_its_code(session):
     request(session, b"T")
     session.on_control(P.ControlOp.PREEMPT, {P.C_TOKEN: b"T"})
