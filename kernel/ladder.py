@@ -24,6 +24,11 @@ the enforcer thaws and kills its groups at exit (``atexit``), and a kernel kille
 blocks the kernel either: the shell writes it and waits at most :data:`FREEZE_WAIT_S` for the OS
 to report it (the kill follows anyway).
 
+A worker that also serves live requests (a multi-slot worker: decode's sessions, another
+principal's call) is not frozen for one request's tombstone while it does: the freeze would stop
+the innocent requests too.  Its rungs start once it holds only tombstones (the live requests end
+within their own budgets); until then only the cooperative cancel acts on it.
+
 A worker that answers (its FINAL frees the slot) before a rung is left alone; a frozen one cannot
 answer until it is thawed.  Every rung is a decision-log record
 (``enforce``: the rung, the child, its pid, the request's token, and the CPU seconds the OS measured
@@ -66,6 +71,8 @@ class Held:
     pid: int
     worker: bytes  # the worker's routing id
     grace: float = 0.0  # the grace its service declared, seconds
+    #: The worker also serves live (unanswered) requests: freezing or killing it would stop them too.
+    shared: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +115,11 @@ class Ladder:
     def observe(self, held: Iterable[Held], live_workers: set[bytes], now: float) -> list[Action]:
         """The rungs due at ``now``, given the tombstones now held and the registered workers."""
         seen = set()
+        shared = set()
         for h in held:
             seen.add(h.token)
+            if h.shared:
+                shared.add(h.token)
             if h.token not in self.tracks:
                 self.tracks[h.token] = _Track(h.pid, h.worker, now, max(self.freeze_grace, h.grace))
         out: list[Action] = []
@@ -128,7 +138,9 @@ class Ladder:
                 self.counts["answered"] += 1
                 continue
             if t.frozen is None:
-                if now - t.seen >= t.grace:
+                # never freeze a worker for one request while it serves others (they would stop too,
+                # another principal's among them): the rung waits until it holds only tombstones
+                if now - t.seen >= t.grace and token not in shared:
                     t.frozen = now
                     act("freeze", t, token)
             elif not live or (t.thawed is not None and now - t.thawed >= self.answer_grace):
@@ -210,12 +222,13 @@ def tombstones(router: Any, procs: _Procs | None = None) -> tuple[list[Held], se
         if worker.pid is None:
             continue
         grace = None
+        shared = any(not req.done for req in worker.inflight.values())
         for token, req in worker.inflight.items():
             if req.done:
                 if grace is None:
                     name = procs.child_of_pid(worker.pid) if procs is not None else None
                     grace = procs.grace_of(name) if procs is not None and name is not None else 0.0
-                held.append(Held(token, worker.pid, identity, grace))
+                held.append(Held(token, worker.pid, identity, grace, shared))
     return held, set(router.workers)
 
 

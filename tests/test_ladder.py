@@ -54,6 +54,17 @@ def test_a_slow_cooperative_worker_that_answers_once_thawed_is_not_killed():
     assert lad.tracks == {} and lad.counts["answered"] == 1 and lad.counts["killed"] == 0
 
 
+def test_a_worker_that_still_serves_live_requests_is_not_frozen_for_one_tombstone():
+    # a multi-slot worker (decode's sessions, another principal's call): freezing it for one
+    # answered request would stop the live ones too; the rungs start once it holds only tombstones
+    lad = Ladder(0.02, 1.0, 0.1)
+    assert lad.observe([Held(A, 10, W1, shared=True)], {W1}, 0.0) == []
+    assert lad.observe([Held(A, 10, W1, shared=True)], {W1}, 5.0) == []
+    assert lad.counts["frozen"] == 0 and A in lad.tracks
+    acts = lad.observe([Held(A, 10, W1)], {W1}, 5.001)  # the live request ended: past its grace
+    assert [(a.rung, a.pid) for a in acts] == [("freeze", 10)]
+
+
 def test_a_frozen_worker_dropped_by_liveness_is_killed_at_once():
     lad = Ladder(0.02, 1.0)
     lad.observe([Held(A, 10, W1)], {W1, W2}, 0.0)
