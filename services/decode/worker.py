@@ -227,6 +227,9 @@ class Decode:
     served: Served
     #: The principal that started it: only its requests see or touch it (issue 24).
     principal: str = ""
+    #: False once an approximate splice reused old KV: its blocks are not what a prefill of its
+    #: tokens computes, so they never enter the prefix cache.
+    exact: bool = True
     owner: Context | None = None
     paused: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -356,7 +359,7 @@ class DecodeService(Service):
     def _cache(self, dec: Decode) -> None:
         """Insert ``dec``'s full blocks into its model's prefix cache (under the lock)."""
         cache = dec.served.prefix
-        if cache is not None and dec.seq in dec.served.engine.live_sequences:
+        if cache is not None and dec.exact and dec.seq in dec.served.engine.live_sequences:
             cache.insert(dec.seq, dec.principal)
 
     def _decode(self, ctx: Context, payload: dict) -> Decode:
@@ -536,6 +539,8 @@ class DecodeService(Service):
             accept = accept_for(text, RoI(start, end, None))  # type: ignore[arg-type]
         res = await self._call(ctx, dec.served, eng.splice, dec.seq, start, end, width=width, accept=accept,
                                mode=mode, recompute=recompute, thread=True)
+        if mode == "approx":
+            dec.exact = False
         async with self._lock:
             self._cache(dec)
         out = self._view(dec)
