@@ -101,8 +101,19 @@ def test_an_approximate_splice_is_never_cached(client):
     prompt = chains.prompt(chains.random_items(random.Random(1), 5))
     gen = client.call("decode", {"op": "generate", "prompt": prompt, "max_new": 40})
     comma = prompt.index(",")
-    out = client.call("decode", {"op": "splice", "decode": gen["decode"], "start": 3, "end": comma + 2,
-                                 "mode": "approx", "recompute": 1, "verify": False, "width": 4})
+    out = client.call(
+        "decode",
+        {
+            "op": "splice",
+            "decode": gen["decode"],
+            "start": 3,
+            "end": comma + 2,
+            "mode": "approx",
+            "recompute": 1,
+            "verify": False,
+            "width": 4,
+        },
+    )
     client.call("decode", {"op": "free", "decode": gen["decode"]})
     ask = {"op": "generate", "tokens": out["tokens"], "max_new": 16, "keep": False}
     hit = client.call("decode", ask)
