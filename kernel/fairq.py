@@ -134,10 +134,10 @@ class FairQueue:
             return req
         return None
 
-    def top_priority(self) -> int | None:
-        """The highest priority of any live waiting request (None: none waits)."""
+    def top_priority(self, principal: str | None = None) -> int | None:
+        """The highest priority of any live waiting request, or of ``principal``'s (None: none waits)."""
         best = None
-        for who in list(self.active):
+        for who in list(self.active) if principal is None else [p for p in self.active if p == principal]:
             if self._drop_done(who):
                 p = -self.heaps[who][0][0]
                 best = p if best is None or p > best else best
