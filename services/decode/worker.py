@@ -57,7 +57,7 @@ evicted past its ``kv_blocks`` bound, and released first when the pool runs out 
 refused with ``OutOfBlocksError`` is retried once after the cache gives its blocks back).  The
 cached keys/values are the ones the same prefix at the same positions computes, so greedy tokens
 are those of decoding without it (exactly in float64; in float32 a prefill and a step differ by
-rounding).  RoI-S splices and replacements insert the repaired sequence's blocks.  The tree is
+rounding).  RoI-S splices (exact mode) and replacements insert the repaired sequence's blocks; a decode once spliced with ``mode="approx"`` is never inserted (its suffix KV is the old span's).  The tree is
 kept per principal (one namespace each, one shared bound): a principal's prompt never reuses
 another's blocks, so ``prefix_reused`` tells nothing about what others decoded.
 
