@@ -750,7 +750,9 @@ class BudgetAdmission(Admission):
         if not paused:
             return False, NO_EFFECTS
         victim = max(paused, key=lambda r: r.priority)
-        top = view.top_queued_priority(worker.service)
+        # only its own principal's priority keeps it paused: another's (which could not preempt
+        # it) must not hold its slot for max_pause (the freed slot then goes by DRR as usual)
+        top = view.top_queued_priority(worker.service, victim.acting_for or victim.principal.name)
         if top is not None and top > victim.priority:
             return False, NO_EFFECTS  # the freed slot goes to the higher-priority queued request
         track = self.tracks[victim.token]

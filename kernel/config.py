@@ -198,7 +198,7 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("enforce", "kernel_weight", "int", 1000, "the kernel's cpu weight (services: 100)", low=1,
             high=10_000),
     Setting("enforce", "weights", "map[str]", {},
-            "principal name = weight (> 0, default 1): its share of each service's slots when several "
+            "principal name = weight (0.001 to 1e6, default 1): its share of each service's slots when several "
             "principals queue (deficit round robin; priority orders only within a principal)",
             field="principal_weights"),
     Setting("ray", "address", "str", None,
@@ -382,8 +382,8 @@ def parse(doc: dict, *, runtime: str | None = None, source: str = "config") -> K
                 setattr(cfg, setting.field or setting.key, rd.get(table, name, setting.key, f"[{name}]"))
     weights = rd.get(enf, "enforce", "weights", "[enforce]")
     for who, w in weights.items():
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 < w <= 1e6:
-            raise rd.fail("[enforce]", f"weights.{who}", f"= {w!r}: a weight is a number in (0, 1e6]")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 1e-3 <= w <= 1e6:
+            raise rd.fail("[enforce]", f"weights.{who}", f"= {w!r}: a weight is a number in [0.001, 1e6]")
     cfg.principal_weights = {str(who): float(w) for who, w in weights.items()}
     cfg.insecure = rd.get(a, "auth", "insecure", "[auth]")
     keys = rd.get(a, "auth", "keys", "[auth]")

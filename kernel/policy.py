@@ -103,8 +103,8 @@ class View(Protocol):
         """Whether a worker of ``principal`` is serving a request of ``job`` now."""
         ...
 
-    def top_queued_priority(self, service: Service) -> int | None:
-        """The priority of the first request waiting in ``service``'s queue (None: none)."""
+    def top_queued_priority(self, service: Service, principal: str | None = None) -> int | None:
+        """The priority of the first request waiting in ``service``'s queue, or of ``principal``'s (None: none)."""
         ...
 
 

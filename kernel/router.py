@@ -573,9 +573,10 @@ class Router:
         self._to_client(req, True, body)
         self._to_attempts(req, True, body, now, keep=False)  # a kernel error: a retry runs again
 
-    def top_queued_priority(self, service: Service) -> int | None:
-        """The priority of the first request waiting in ``service``'s queue (None: none waits)."""
-        return service.queue.top_priority()
+    def top_queued_priority(self, service: Service, principal: str | None = None) -> int | None:
+        """The priority of the first request waiting in ``service``'s queue, or of ``principal``'s
+        requests there (None: none waits)."""
+        return service.queue.top_priority(principal)
 
     def has_worker(self, name: bytes) -> bool:
         """Whether a live worker serves the service ``name``."""

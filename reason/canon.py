@@ -332,6 +332,9 @@ class Canon:
     affine: tuple[sp.Expr, sp.Expr] | None
     var: sp.Symbol | None
     query: sp.Expr
+    #: ``1/g`` and ``log(g)`` for every denominator and logarithm ``g`` of the query as written
+    #: (before SymPy's evaluation cancelled any): a solution where one is undefined is none.
+    domain: tuple[sp.Expr, ...] = ()
 
     @property
     def text(self) -> str:
@@ -575,7 +578,9 @@ def _canonicalise(subgoal: Any) -> Canon:
     assert best is not None
     _, _, form, back, affine = best
     back["x"] = var
-    return Canon(kind, _key(kind, form), form, back, affine, var, query)
+    domain = [1 / n.base if isinstance(n, sp.Pow) else sp.log(n.args[0]) for w in written for n in sp.preorder_traversal(w)
+              if (isinstance(n, sp.Pow) and n.exp.is_negative and n.base.has(var)) or (isinstance(n, sp.log) and n.args[0].has(var))]
+    return Canon(kind, _key(kind, form), form, back, affine, var, query, tuple(dict.fromkeys(domain)))
 
 
 def _monic(expr: sp.Expr, x: sp.Symbol) -> sp.Expr:

@@ -49,6 +49,7 @@ def test_unknown_key_names_key_table_and_file(tmp_path, text, key, table):
         ({"service": [{"name": "e", "module": "m", "nice": 40}]}, "nice"),
         ({"service": [{"name": "e", "module": "m", "cpus": ["0"]}]}, "cpus"),
         ({"nonsense": {}}, "nonsense"),
+        ({"enforce": {"weights": {"alice": 1e-9}}}, "weights.alice"),  # DRR would spin ~1e9 rotations per pop
     ],
 )
 def test_every_setting_is_typed_and_ranged(doc, where):

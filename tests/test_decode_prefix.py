@@ -95,6 +95,31 @@ def test_a_repaired_text_hits_the_cache(client):
     assert hit["tokens"] == generate(client, "decode", follow, max_new=8, prefix=False)["tokens"]
 
 
+def test_an_approximate_splice_is_never_cached(client):
+    # mode=approx keeps the suffix's old KV (conditioned on the old span): a later prompt with
+    # the repaired tokens must not reuse it, or it decodes other tokens than without the cache
+    prompt = chains.prompt(chains.random_items(random.Random(1), 5))
+    gen = client.call("decode", {"op": "generate", "prompt": prompt, "max_new": 40})
+    comma = prompt.index(",")
+    out = client.call(
+        "decode",
+        {
+            "op": "splice",
+            "decode": gen["decode"],
+            "start": 3,
+            "end": comma + 2,
+            "mode": "approx",
+            "recompute": 1,
+            "verify": False,
+            "width": 4,
+        },
+    )
+    client.call("decode", {"op": "free", "decode": gen["decode"]})
+    ask = {"op": "generate", "tokens": out["tokens"], "max_new": 16, "keep": False}
+    hit = client.call("decode", ask)
+    assert hit["tokens"] == client.call("decode", dict(ask, prefix=False))["tokens"]
+
+
 def test_bad_model_and_prompt_over_the_context_are_typed(client):
     with pytest.raises(errors.BadRequest) as exc:
         client.call("decode", {"op": "generate", "prompt": "Q:1+2*3;", "model": "nope"})

@@ -94,6 +94,8 @@ def test_compact_drops_done_entries():
 def test_weights_must_be_positive():
     with pytest.raises(ValueError):
         FairQueue({"a": 0})
+    with pytest.raises(ValueError):  # review: 1e-7 made one pop rotate 10^7 times (2.7 s of the kernel)
+        FairQueue({"a": 1e-7})
 
 
 @settings(max_examples=200, deadline=None)
@@ -218,3 +220,42 @@ def test_a_newcomer_is_served_before_the_next_round_of_a_principal_that_was_alon
     q.push("honest", 0, 0, Req("honest", 0))
     assert q.pop().who == "honest"  # next, not after another round of the flood
     assert [r.who for r in drain(q)] == ["flood"] * 4
+
+
+def test_another_principals_priority_does_not_keep_a_paused_request_from_its_slot(tmp_path):
+    """Regression (review): alice's own high-priority request preempted her running one; when it
+    ended, bob's queued priority-1000 requests kept alice's paused request from its slot until
+    max_pause (a priority crossing principals).  Only alice's own queue may keep it paused."""
+    log = DecisionLog(str(tmp_path / "d.jsonl"))
+    adm = BudgetAdmission(
+        decision_log=log,
+        root_limits={k: v * 10 for k, v in LIMITS.items()},
+        default_limits=LIMITS,
+        max_pause=60.0,
+        audit_quota=60,
+    )
+    wire, published = Wire(), []
+    router = Router(
+        wire,
+        admission=adm,
+        management=Management(adm),
+        heartbeat_interval=100.0,
+        publish=lambda topic, msg: published.append((topic, msg)),
+    )
+    router.on_message([b"W", P.MDPW, W.READY.value, b"echo"], 0.0, SVC)
+    send(router, ALICE, b"A", 1, 0, 0.1)  # runs
+    (low,) = wire.to(b"W")
+    send(router, ALICE, b"A", 2, 10, 0.2)  # preempts it
+    assert [topic for topic, _ in published] == [P.control_topic("echo", P.ControlOp.PREEMPT)]
+    paused = codec.pack({"v": 1, "id": 1, "status": "paused", "spent": {}})
+    router.on_message([b"W", P.MDPW, W.PARTIAL.value, low[3], b"", paused], 0.3, SVC)
+    (high,) = wire.to(b"W")  # the lent slot
+    for rid in range(1, 4):
+        send(router, BOB, b"B", rid, 1000, 0.4)
+    published.clear()
+    ok = codec.pack({"v": 1, "id": 2, "status": "ok", "spent": {}})
+    router.on_message([b"W", P.MDPW, W.FINAL.value, high[3], b"", ok, codec.pack(0)], 0.5, SVC)
+    router.check_invariants()
+    assert [t for t, _ in published] == [P.control_topic("echo", P.ControlOp.RESUME)]  # alice's resumes now
+    assert not wire.to(b"W")  # bob's wait for a slot that frees
+    log.close()

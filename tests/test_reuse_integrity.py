@@ -44,7 +44,10 @@ def oracle_solutions(text: str, var: str = "x") -> set:
     expr = sp.sympify(lhs.replace("^", "**"), locals={var: x}) - sp.sympify(rhs.replace("^", "**"), locals={var: x})
     out = sp.solveset(expr, x, sp.S.Complexes)
     assert isinstance(out, (sp.FiniteSet, type(sp.S.EmptySet))), out
-    return set(out)
+    # SymPy cancels x*x/x while parsing: a denominator of the text as written still excludes its roots
+    raw = sp.parse_expr(lhs.replace("^", "**"), local_dict={var: x}, evaluate=False)
+    poles = [n.base for n in sp.preorder_traversal(raw) if isinstance(n, sp.Pow) and n.exp.is_negative]
+    return {s for s in out if all(p.doit().subs(x, s) != 0 for p in poles)}
 
 
 def served_set(reply: dict) -> set:

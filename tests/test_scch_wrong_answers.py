@@ -213,3 +213,15 @@ def test_log_of_a_product_is_not_served_for_a_sum_of_logs(cache):
     out = cache.solve(q("solve", "log(t) + log(t+1) = 0", "t"), 2.0, timed_compute)
     assert not out["hit"] and out["complete"] is False
     assert [sp.sympify(s) for s in out["answer"]] == [sp.sympify("-1/2 + sqrt(5)/2")]
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["x*(x-1)/(x-1) = 1", "(x-1)/(x-1)*log(x) = 0", "exp(log(x-1))*log(x) = 0", "log(x)*(1/(x-1))*(x-1) = 0"],
+)
+def test_a_singularity_that_sympy_cancels_while_parsing_is_still_no_solution(cache, written):
+    """Regression (review): SymPy's evaluation cancels ``(x-1)/(x-1)`` and ``exp(log(x-1))`` as it
+    parses, so the query's evaluated form is defined at x = 1 and ``['1']`` was served as
+    complete, though the equation as written is undefined there."""
+    out = cache.solve(q("solve", written), 1.0, timed_compute)
+    assert "1" not in out["answer"] and out["excluded"] == ["1"]

@@ -315,3 +315,33 @@ def test_wire_report_round_trip_drives_the_controller_identically():
         report_from_wire({"step": 1})
     with pytest.raises(errors.BadRequest, match="dt_factor"):
         parse_order({"run": "r", "dt_factor": 9.0}, {"r": 16})
+
+
+def test_a_cache_waiter_with_a_spent_budget_ends_at_a_safe_point_not_by_killing_the_worker(kern, client):
+    """Regression (review): a request waiting for the identical cached run in flight reached no
+    safe point; its budget ran out, the ladder froze and killed the whole sim worker, and every
+    other run on it (another principal's too) died with ``worker_died``."""
+    import threading
+    import time
+
+    import zmq
+
+    long_run = {"case": "gaussian_diffusion", "blocks": 4, "cells": 64, "max_level": 0, "max_steps": 3000,
+                "t_end": 1e6, "report_every": 1000, "cache": True}
+    pid = child_pids(client)["sim"]
+    got = {}
+
+    def first():
+        with Client(kern.endpoint, timeout=120, retries=0, context=zmq.Context.instance()) as c:
+            got["first"] = c.call("sim", long_run)
+
+    t = threading.Thread(target=first)
+    t.start()
+    time.sleep(1.0)  # the first is running (were it not yet, the test is only weaker)
+    try:
+        with pytest.raises(errors.BudgetExceeded):
+            client.call("sim", long_run, budget={"wall_ms": 300})
+    finally:
+        t.join(150)
+    assert got["first"]["status"] == "max_steps"  # not worker_died: the worker was never killed
+    assert child_pids(client)["sim"] == pid

@@ -57,7 +57,7 @@ evicted past its ``kv_blocks`` bound, and released first when the pool runs out 
 refused with ``OutOfBlocksError`` is retried once after the cache gives its blocks back).  The
 cached keys/values are the ones the same prefix at the same positions computes, so greedy tokens
 are those of decoding without it (exactly in float64; in float32 a prefill and a step differ by
-rounding).  RoI-S splices and replacements insert the repaired sequence's blocks.  The tree is
+rounding).  RoI-S splices (exact mode) and replacements insert the repaired sequence's blocks; a decode once spliced with ``mode="approx"`` is never inserted (its suffix KV is the old span's).  The tree is
 kept per principal (one namespace each, one shared bound): a principal's prompt never reuses
 another's blocks, so ``prefix_reused`` tells nothing about what others decoded.
 
@@ -227,6 +227,9 @@ class Decode:
     served: Served
     #: The principal that started it: only its requests see or touch it (issue 24).
     principal: str = ""
+    #: False once an approximate splice reused old KV: its blocks are not what a prefill of its
+    #: tokens computes, so they never enter the prefix cache.
+    exact: bool = True
     owner: Context | None = None
     paused: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
@@ -356,7 +359,7 @@ class DecodeService(Service):
     def _cache(self, dec: Decode) -> None:
         """Insert ``dec``'s full blocks into its model's prefix cache (under the lock)."""
         cache = dec.served.prefix
-        if cache is not None and dec.seq in dec.served.engine.live_sequences:
+        if cache is not None and dec.exact and dec.seq in dec.served.engine.live_sequences:
             cache.insert(dec.seq, dec.principal)
 
     def _decode(self, ctx: Context, payload: dict) -> Decode:
@@ -536,6 +539,8 @@ class DecodeService(Service):
             accept = accept_for(text, RoI(start, end, None))  # type: ignore[arg-type]
         res = await self._call(ctx, dec.served, eng.splice, dec.seq, start, end, width=width, accept=accept,
                                mode=mode, recompute=recompute, thread=True)
+        if mode == "approx":
+            dec.exact = False
         async with self._lock:
             self._cache(dec)
         out = self._view(dec)

@@ -235,6 +235,8 @@ class SubgoalCache:
         kept, excluded = [], []
         for sol in answer:
             status = solution_status(cn.query, cn.var, sol, values, floats=floats)
+            if status == "ok" and any(solution_status(d, cn.var, sol, values, floats=floats) == "undefined" for d in cn.domain):
+                status = "undefined"  # a denominator or log of the query as written vanishes there
             if status == "wrong":
                 raise VerifierRejected(f"{cn.var} = {sol} does not solve the equation as written")
             (kept if status == "ok" else excluded).append(sol)

@@ -189,7 +189,9 @@ class SimService(Service):
             pending = self._inflight.get(key)
             if pending is None:
                 break
-            await asyncio.shield(pending)  # the identical run in flight; then look again
+            while not pending.done():  # the identical run in flight (then look again), waiting at
+                await ctx.checkpoint()  # safe points: a cancel or budget ends the wait, not the worker
+                await asyncio.wait({pending}, timeout=ORDER_POLL)
         self.cache_stats["misses"] += 1
         done = self._inflight[key] = asyncio.get_running_loop().create_future()
         try:
