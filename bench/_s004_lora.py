@@ -77,7 +77,7 @@ def _train(base, precision: str, steps: int, seed: int) -> LoRA:
 
 
 def run(quick: bool, seeds: tuple[int, ...] = (0,)) -> Result:
-    steps, n_eval = (15, 12) if quick else (200, 64)
+    steps, n_eval = (5, 8) if quick else (200, 64)  # quick: a smoke test of every precision
     base = load()
     held = _batch(random.Random(HELDOUT_SEED), n_eval)
     fp32_plan = popb.PrecisionPlan.uniform(base, "fp32")

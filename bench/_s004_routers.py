@@ -74,7 +74,7 @@ def _train_and_score(arm: str, train: np.ndarray, held: torch.Tensor, steps: int
 
 
 def run(quick: bool, seeds: tuple[int, ...] = (0,)) -> Result:
-    steps, n_held = (20, 32) if quick else (300, 256)
+    steps, n_held = (8, 16) if quick else (300, 256)  # quick: a smoke test of every arm
     corpus = bk_corpus.load(limit_bytes=300_000)
     train = corpus.windows("train", SEQ)
     held_all = corpus.windows("heldout", SEQ)

@@ -36,6 +36,8 @@ from kernel import enforce as E
 
 RUNS = 3
 SAMPLES = 1000
+#: Samples per row of a ``--quick`` run (a smoke test: each row runs, its figures are not judged).
+QUICK_SAMPLES = 10
 #: The ladder's default grace between the cooperative order and the freeze (config freeze_grace_ms).
 GRACE_S = 0.020
 PURE = "while True: pass\n"
@@ -149,7 +151,8 @@ def _os_cpu(pids: list[int]) -> float:
     return total
 
 
-def _backend_rows(backend: str, samples: int, grace: float) -> dict[str, list[float] | float]:
+def _backend_rows(backend: str, samples: int, grace: float, settle: float = 1.0) -> dict[str, list[float] | float]:
+    """One backend's rows; ``settle``: seconds the forked worker burns before the CPU reading."""
     enf = E.open_enforcer(backend, name=f"reca-bench-{os.getpid()}", v2_require=())
     procs: list[subprocess.Popen] = []
     try:
@@ -183,7 +186,7 @@ def _backend_rows(backend: str, samples: int, grace: float) -> dict[str, list[fl
         deadline = time.monotonic() + 30
         while len(g_fork.pids()) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        time.sleep(1.0)
+        time.sleep(settle)
         g_fork.freeze()
         pids = g_fork.pids()
         os_cpu = _os_cpu(pids)
@@ -197,12 +200,14 @@ def _backend_rows(backend: str, samples: int, grace: float) -> dict[str, list[fl
 
 
 def run(quick: bool) -> Result:
-    samples = 40 if quick else SAMPLES  # quick: does it run (tests/test_bench_quick.py), not its figures
+    # quick: does every row run (tests/test_bench_quick.py), not its figures: 10 samples per row
+    # (p99 = the max), 0.25 s of burning before the billed-CPU reading instead of 1 s
+    samples, settle = (QUICK_SAMPLES, 0.25) if quick else (SAMPLES, 1.0)
     grace = GRACE_S
     by: dict[str, dict] = {}
     for backend in _backends():
         progress("enforce", f"{backend}: {samples} samples per row")
-        by[backend] = o = _backend_rows(backend, samples, grace)
+        by[backend] = o = _backend_rows(backend, samples, grace, settle)
         progress("enforce", f"{backend}: freeze p50 {_ms(o['freeze'], 50):.3f} p99 {_ms(o['freeze'], 99):.3f} ms; "
                             f"past budget p99 pure {_ms(o['over_pure'], 99):.2f} numpy {_ms(o['over_numpy'], 99):.2f} ms; "
                             f"billed/os {o['billed_group'] / o['os_cpu']:.4f} pid-only/os "
@@ -284,6 +289,9 @@ def run(quick: bool) -> Result:
         "billed / OS cpu: the group's CPU against /proc/PID/stat of the worker and its forked helper; "
         "pid-only: what the kernel billed before (the worker's own pid)",
     ]
+    if quick:
+        notes.append(f"quick run: {samples} samples per row (p99 = the max), the forked worker burns {settle:g} s "
+                     "(1 s in a full run) before the billed-CPU reading; a smoke test, figures not comparable")
     return Result(
         metrics=metrics,
         samples=smp,
