@@ -18,7 +18,14 @@ of worker processes.  Decisions stream to the caller as PARTIALs ``{"t", "decisi
 "critical_path", "eta_makespan_s"}`` and go to the kernel's decision log (``mmi.audit``, source
 ``cpcs``).  FINAL: the scheduler's summary, ``events`` (the whole timeline, from which
 :mod:`services.cpcs.gantt` draws the chart), ``tick_cpu_s`` (process CPU time spent deciding) and
-``results`` (task id -> the FINAL payload of its successful attempt: the caller needs no read-back).
+``results`` (task id -> the FINAL payload of its successful attempt: the caller needs no read-back)
+and ``where`` (worker -> where its first task said it runs, ``{"placement", "host"}``).
+
+Workers on a Ray cluster (``work`` with ``placement = "ray"``, services/cpcs/cluster.py) are
+dispatched to exactly as local ones: they register as ``work@<r>`` over tcp:// + CURVE.  A worker
+whose tasks report a placement other than ``local`` gets no OS-priority orders (renice, CPU
+affinity act on this host's processes; the kernel refuses them for a remote child): they are
+recorded as ``order_skipped`` events instead.
 """
 
 from __future__ import annotations
@@ -139,6 +146,7 @@ class _Run:
         self.last_audit = time.monotonic()
         self.auditing: asyncio.Future | None = None
         self.last_rediscover = 0.0
+        self.where: dict[str, dict] = {}
 
     async def execute(self) -> dict:
         sch = self.sch
@@ -168,13 +176,17 @@ class _Run:
             raise self.fatal
         now = time.monotonic()
         out = sch.summary(now)
-        out.update(events=sch.events, tick_cpu_s=self.tick_cpu, results=self.results)
+        out.update(events=sch.events, tick_cpu_s=self.tick_cpu, results=self.results, where=self.where)
         return out
 
     # -- orders -----------------------------------------------------------------------------------
 
     async def _carry_out(self, a: Action) -> None:
         t = self.sch.tasks.get(a.task)
+        if a.op in ("nice", "affinity") and self.where.get(a.worker, {}).get("placement", "local") != "local":
+            self.sch.events.append({"t": round(time.monotonic() - self.sch.t0, 6), "ev": "order_skipped",
+                                    "op": a.op, "task": a.task, "worker": a.worker, "why": "remote"})
+            return
         try:
             if a.op == "dispatch":
                 self.calls[a.task] = asyncio.ensure_future(self._call(a.task, a.worker, a.attempt))
@@ -215,6 +227,9 @@ class _Run:
                     child = body.get("child")
                     if isinstance(child, str) and child and worker in sch.workers:
                         sch.workers[worker].child = child
+                    where = body.get("where")
+                    if isinstance(where, dict):
+                        self.where[worker] = {k: str(where[k]) for k in ("placement", "host") if k in where}
                 if reply.final:
                     if reply.status == P.STATUS_ERROR:
                         code = str((reply.raw.get(P.S_ERROR) or {}).get("code", "error"))

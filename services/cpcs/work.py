@@ -5,7 +5,9 @@ Each process registers under its own name ``work@<r>`` (``r`` from its supervise
 ``{"ms": total, "steps": n, "fail": bool, "spin": bool}`` holds the worker for ``total`` ms in
 ``n`` steps with a safe point (``ctx.checkpoint()``) between steps, where the kernel's
 preempt / resume / cancel take effect; every step sends a PARTIAL ``{"i", "progress"}`` and the
-first PARTIAL says where it runs (``{"started", "kernel_token", "worker", "child", "pid"}``).
+first PARTIAL says where it runs (``{"started", "kernel_token", "worker", "child", "pid", "where"}``;
+``where`` = ``{"placement", "host"}``, the placement from :data:`ENV_PLACEMENT`, which a Ray-placed
+``work`` sets in its ``[[service]] env``, services/cpcs/cluster.py).
 ``fail`` makes the attempt raise after its last step (a failed attempt that cost its full run
 time).  Steps of all requests of one process are serialised by one lock: a process does one
 step at a time, as one single-threaded worker does, so two tasks on one worker share it and a
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from typing import Any
 
@@ -28,6 +31,8 @@ from services.base import Context, Service, main
 #: Longest accepted task (ms) and most steps.
 MAX_MS = 3_600_000
 MAX_STEPS = 100_000
+#: The environment variable naming where this process was placed (``local`` when unset).
+ENV_PLACEMENT = "RECA_WORK_PLACEMENT"
 
 
 def worker_name(pool: str, child: str | None) -> str:
@@ -55,6 +60,7 @@ class Work(Service):
         self.pool = "work"
         self.child = os.environ.get(ENV_SERVICE, "")
         self._lock: asyncio.Lock | None = None
+        self.where = {"placement": os.environ.get(ENV_PLACEMENT, "local"), "host": socket.gethostname()}
 
     def configure(self, args: Any) -> None:
         self.pool = self.name
@@ -72,7 +78,7 @@ class Work(Service):
             self._lock = asyncio.Lock()
         spin = bool(payload.get("spin", False))
         await ctx.partial({"started": True, "kernel_token": ctx.token, "worker": self.name,
-                           "child": self.child, "pid": os.getpid()})
+                           "child": self.child, "pid": os.getpid(), "where": self.where})
         step_s = ms / 1000.0 / steps
         for i in range(steps):
             await ctx.checkpoint()
