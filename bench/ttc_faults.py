@@ -492,9 +492,138 @@ def run(quick: bool) -> Result:
     )
 
 
+# ------------------------------------------------------------------------------ --ray: runs as Ray tasks
+
+#: Kill targets of a ``--ray`` schedule: the Ray worker process running a call's task, the
+#: tool-worker under it, an abort (``ray.cancel(force=True)``), or nothing.
+RAY_TARGETS = ("task", "tool", "abort", "none")
+RAY_TARGET_WEIGHTS = (0.35, 0.35, 0.2, 0.1)
+#: Bound on settling one ``--ray`` schedule (seconds; Ray on a loaded machine).
+RAY_SETTLE_S = 120.0
+
+
+def make_ray_schedule(seed: int, index: int) -> dict:
+    """1-3 diffusion calls (2k-16k steps on 32x32), one target, which call it hits, and a 0-400 ms delay
+    after that call's tool-worker started."""
+    rng = random.Random(f"ray:{seed}:{index}")
+    calls = [rng.randrange(2_000, 16_001, 1_000) for _ in range(rng.randint(1, 3))]
+    target = rng.choices(RAY_TARGETS, RAY_TARGET_WEIGHTS)[0]
+    return {"index": index, "calls": calls, "target": target, "victim": rng.randrange(len(calls)),
+            "delay": rng.uniform(0.0, 0.4)}
+
+
+def _ray_victim_pid(c: Any, call_id: str, timeout: float) -> int | None:
+    """Step until ``call_id``'s tool-worker pid is known (None: it ended first or the bound passed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c.step()
+        for proc in c.running().values():
+            if proc.ticket.call_id == call_id and proc.pid is not None:
+                return proc.pid
+        if c.outcome(call_id).state in ("DONE", "FAILED", "ABORTED"):
+            return None
+        c.wait(0.1)
+    return None
+
+
+def run_ray_schedule(c: Any, db: str, sched: dict, counts: Counter, kills: Counter) -> None:
+    """One ``--ray`` schedule on coordinator ``c``; adds violations to ``counts``."""
+    from services.ttc.logic import ABORTED, DONE, TERMINAL_STATES
+
+    consumer = f"s{sched['index']}"
+    ids = [c.prepare("diffusion", {"n": 32, "steps": steps, "checkpoint_every": 2_000, "seed": k}, 30.0,
+                     [consumer], 120) for k, steps in enumerate(sched["calls"])]
+    for cid in ids:
+        c.commit(cid)
+    victim, target = ids[sched["victim"]], sched["target"]
+    landed = False
+    if target != "none":
+        pid = _ray_victim_pid(c, victim, RAY_SETTLE_S)
+        if pid is not None:
+            time.sleep(sched["delay"])
+            try:
+                proc = psutil.Process(pid)
+                if target == "abort":
+                    landed = c.outcome(victim).state not in TERMINAL_STATES
+                    c.abort(victim)
+                else:
+                    p = psutil.Process(proc.ppid()) if target == "task" else proc
+                    landed = not _dead(p)
+                    p.kill()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                landed = False
+            except Exception as exc:  # noqa: BLE001 - AlreadyFinished: the abort came after the result
+                landed = type(exc).__name__ != "AlreadyFinished" and landed
+    kills[target if landed or target == "none" else f"{target}_late"] += 1
+    try:
+        out = c.run_until_settled(ids, RAY_SETTLE_S)
+    except TimeoutError:
+        out = {cid: c.outcome(cid) for cid in ids}
+    for cid in ids:
+        state = out[cid].state
+        if state not in TERMINAL_STATES:
+            counts["stuck"] += 1
+        elif state != DONE and not (target == "abort" and cid == victim and state == ABORTED):
+            counts["lost"] += 1  # a committed, never-aborted call that did not end DONE
+        n_results = c.store.one("SELECT COUNT(*) AS n FROM results WHERE call_id=?", (cid,))["n"]
+        counts["duplicated_results"] += max(0, n_results - 1)
+        done_runs = c.store.one("SELECT COUNT(*) AS n FROM runs WHERE call_id=? AND end_status='exit:0'", (cid,))["n"]
+        counts["completed_twice"] += max(0, done_runs - 1)
+    for d in c.deliver(consumer):
+        if not c.attach(d.call_id, consumer):
+            counts["lost"] += 1
+        if c.attach(d.call_id, consumer):
+            counts["twice"] += 1
+    got = checker.check(db)
+    for k, v in got.as_dict().items():
+        counts[k] += v
+    if got.details:
+        counts["checker_details"] += 0
+        print(f"schedule {sched['index']}: {got.details[:3]}", file=sys.stderr)
+
+
+def run_ray_schedules(n: int, seed: int, workdir: str) -> dict:
+    """``n`` ``--ray`` schedules on one local Ray node and one coordinator (``runner="ray"``)."""
+    from services.ttc.rayrun import start_local_cluster, stop_local_cluster
+    from services.ttc.runner import Coordinator
+
+    load0 = os.getloadavg()
+    head, address, _ = start_local_cluster(workdir)
+    counts: Counter = Counter()
+    kills: Counter = Counter()
+    t0 = time.monotonic()
+    done = 0
+    db = os.path.join(workdir, "ray.db")
+    try:
+        with Coordinator(db, runner="ray", max_parallel=2) as c:
+            for i in range(n):
+                run_ray_schedule(c, db, make_ray_schedule(seed, i), counts, kills)
+                done += 1
+                print(f"{done} schedules {time.monotonic() - t0:.0f} s load {os.getloadavg()[0]:.1f}"
+                      f" counts {dict(counts)} kills {dict(kills)}", file=sys.stderr, flush=True)
+            leftover = tagged_processes(c.store.store_id + "/")
+            counts["orphaned_runs"] += len(leftover)
+        counts["final_checker_total"] = checker.check(db).total()
+    finally:
+        stop_local_cluster(head)
+    return {"schedules": done, "wall_s": time.monotonic() - t0, "counts": dict(counts), "kills": dict(kills),
+            "loadavg_start": load0, "loadavg_end": os.getloadavg()}
+
+
 if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "--ray":  # python -m bench.ttc_faults --ray [N] [SEED]
+        import tempfile
+
+        n_ray = int(sys.argv[2]) if len(sys.argv) > 2 else 200
+        seed_ray = int(sys.argv[3]) if len(sys.argv) > 3 else 20251207
+        wd = tempfile.mkdtemp(prefix="ttcr-", dir="/tmp")
+        try:
+            print(json.dumps(run_ray_schedules(n_ray, seed_ray, wd), indent=1))
+        finally:
+            shutil.rmtree(wd, ignore_errors=True)
+        sys.exit(0)
     if len(sys.argv) == 3 and sys.argv[1] == "--client":
         sys.exit(client_main(sys.argv[2]))
-    print("usage: python -m bench ttc_faults [--quick]  (or: bench/ttc_faults.py --client ENDPOINT)",
+    print("usage: python -m bench ttc_faults [--quick]  (or: bench/ttc_faults.py --client ENDPOINT | --ray [N] [SEED])",
           file=sys.stderr)
     sys.exit(2)

@@ -46,6 +46,8 @@ ENV_RUN_TAG = "RECA_TTC_RUN"
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: Upper bound of one ``Coordinator.wait`` when no deadline is nearer (seconds).
 WAIT_SLICE_S = 1.0
+#: Bound on waiting for a killed Ray task to end when the coordinator closes (seconds).
+CLOSE_WAIT_S = 30.0
 
 
 def _token(proc: psutil.Process) -> int:
@@ -176,6 +178,34 @@ class Runner:
             return f"signal:{signal.Signals(sig).name}", cpu
         return f"exit:{os.WEXITSTATUS(status)}", cpu
 
+    def result_of(self, proc: RunProc) -> dict | None:
+        """The result an ended run left (its file)."""
+        return self.read_result(proc.ticket.tag)
+
+    def started(self, proc: RunProc) -> bool:
+        """Whether ``proc``'s pid became known since the last call (a local one is known at start)."""
+        return False
+
+    def kill(self, proc: RunProc) -> None:
+        """SIGKILL the run's process group (our unreaped child: the group cannot be reused)."""
+        proc.killed = True
+        try:
+            os.killpg(proc.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, procs: list[RunProc], timeout: float) -> bool:
+        """Block until one of ``procs`` exits or ``timeout`` seconds pass; True if one exited."""
+        fds = [p.pidfd for p in procs]
+        if not fds:
+            return False
+        ready, _, _ = select.select(fds, [], [], max(0.0, timeout))
+        return bool(ready)
+
+    def wait_ended(self, proc: RunProc, timeout: float) -> None:
+        """Block until ``proc`` has exited (a killed child: soon), without reaping it."""
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+
     def read_result(self, tag: str) -> dict | None:
         try:
             with open(self.result_path(tag)) as fh:
@@ -202,9 +232,12 @@ class Coordinator:
     def __init__(self, db_path: str, *, tools: ToolRegistry | None = None, gate: logic.Gate | None = None,
                  audit_sink: Callable[[dict], None] | None = None, workdir: str | None = None,
                  die_with_manager: bool = True, max_parallel: int = 2,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, runner: str = "local",
+                 ray_address: str | None = None, ray_token_path: str | None = None) -> None:
         if max_parallel < 1:
             raise ValueError(f"max_parallel must be >= 1, got {max_parallel}")
+        if runner not in ("local", "ray"):
+            raise ValueError(f"runner must be 'local' or 'ray', got {runner!r}")
         self.clock = clock
         self.max_parallel = max_parallel
         self._lock_fd = os.open(db_path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -219,7 +252,13 @@ class Coordinator:
             self.store.conn.execute("INSERT INTO managers VALUES (?,?,?,?,NULL)",
                                     (self.manager_id, os.getpid(), start_token(os.getpid()), clock()))
         self.tm = TransactionManager(self.store, tools or default_registry(), gate, audit_sink, self.manager_id)
-        self.runner = Runner(workdir or db_path + ".d", die_with_manager=die_with_manager)
+        if runner == "ray":  # tool runs as Ray tasks (services/ttc/rayrun.py); same log, same checker
+            from services.ttc.rayrun import RayRunner
+
+            self.runner: Runner = RayRunner(workdir or db_path + ".d", address=ray_address,
+                                            token_path=ray_token_path)
+        else:
+            self.runner = Runner(workdir or db_path + ".d", die_with_manager=die_with_manager)
         self._procs: dict[str, RunProc] = {}
         self.closed = False
 
@@ -304,11 +343,7 @@ class Coordinator:
         for ref in refs:
             proc = self._procs.get(ref.tag)
             if proc is not None:
-                proc.killed = True
-                try:
-                    os.killpg(proc.pgid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                self.runner.kill(proc)
             else:
                 kill_run(ref)
 
@@ -326,16 +361,21 @@ class Coordinator:
                                      end_status=f"spawn_failed:{exc.strerror}")
                 continue
             self._procs[ticket.tag] = proc
-            self.tm.run_started(call_id, ticket.attempt, proc.pid, proc.pgid, proc.token, now=now)
+            if proc.pid is not None:  # a Ray task's worker pid comes later (_reap)
+                self.tm.run_started(call_id, ticket.attempt, proc.pid, proc.pgid, proc.token, now=now)
 
     def _reap(self, now: float) -> int:
         reaped = 0
         for tag, proc in list(self._procs.items()):
+            if self.runner.started(proc):
+                assert proc.pid is not None and proc.pgid is not None
+                self.tm.run_started(proc.ticket.call_id, proc.ticket.attempt, proc.pid, proc.pgid, proc.token,
+                                    now=now)
             ended = self.runner.reap(proc)
             if ended is None:
                 continue
             end_status, cpu = ended
-            result = self.runner.read_result(tag)
+            result = self.runner.result_of(proc)
             if result is not None:
                 result.pop("cpu_s", None)
             self.tm.run_finished(proc.ticket.call_id, proc.ticket.attempt, now=now, result=result,
@@ -354,11 +394,7 @@ class Coordinator:
 
     def wait(self, timeout: float) -> bool:
         """Block until one of our workers exits or ``timeout`` seconds pass; True if one exited."""
-        fds = [p.pidfd for p in self._procs.values()]
-        if not fds:
-            return False
-        ready, _, _ = select.select(fds, [], [], max(0.0, timeout))
-        return bool(ready)
+        return self.runner.wait(list(self._procs.values()), timeout)
 
     def run_until_settled(self, call_ids: Iterable[str], timeout: float) -> dict[str, logic.Outcome]:
         """Drive the calls until each is DONE, FAILED or ABORTED and every worker of theirs is
@@ -384,14 +420,10 @@ class Coordinator:
             return
         now = self._now(now)
         for proc in self._procs.values():
-            proc.killed = True
-            try:
-                os.killpg(proc.pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self.runner.kill(proc)
         for tag, proc in list(self._procs.items()):
-            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
-            ended = self.runner.reap(proc)  # waitid above returned, so the worker has exited
+            self.runner.wait_ended(proc, CLOSE_WAIT_S)
+            ended = self.runner.reap(proc)  # a local worker has exited; a Ray task within the bound
             self.tm.run_finished(proc.ticket.call_id, proc.ticket.attempt, now=now, result=None,
                                  end_status="manager_shutdown", cpu_s=ended[1] if ended else None)
             self.runner.discard(tag)

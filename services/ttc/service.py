@@ -173,6 +173,9 @@ class TtcService(Service):
         self._changed: asyncio.Event | None = None
         self._watched: list[int] = []
         self.gate_lease_s = GATE_LEASE_S
+        self.runner = "local"
+        self.ray_address: str | None = None
+        self.ray_token: str | None = None
         self._audit_task: asyncio.Task | None = None
         self._audit_kick: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -185,6 +188,10 @@ class TtcService(Service):
         parser.add_argument("--max-parallel", type=int, default=2, help="heavy runs at once")
         parser.add_argument("--gate-lease", type=float, default=GATE_LEASE_S,
                             help="lease of kernel reservations in seconds (renewed every third)")
+        parser.add_argument("--runner", choices=("local", "ray"), default="local",
+                            help="where tool runs go: local process groups, or Ray tasks (services/ttc/rayrun.py)")
+        parser.add_argument("--ray-address", help="HOST:PORT of the Ray cluster's GCS (--runner ray)")
+        parser.add_argument("--ray-token", help="Ray's token file (token authentication; --runner ray)")
 
     def configure(self, args: argparse.Namespace) -> None:
         self.db_path = os.path.abspath(args.db)
@@ -195,6 +202,9 @@ class TtcService(Service):
         if not 0.3 <= args.gate_lease <= 3600:
             raise SystemExit("--gate-lease must lie in [0.3, 3600] seconds")
         self.gate_lease_s = args.gate_lease
+        if args.runner == "ray" and not args.ray_address:
+            raise SystemExit("--runner ray needs --ray-address")
+        self.runner, self.ray_address, self.ray_token = args.runner, args.ray_address, args.ray_token
         self._endpoint = args.endpoint or f"ipc://{runtime_dir()}/kernel.sock"
 
     async def _call(self, fn: Callable, *args: Any, **kw: Any) -> Any:
@@ -212,7 +222,9 @@ class TtcService(Service):
         while True:
             try:
                 self.coord = Coordinator(self.db_path, gate=self.gate, audit_sink=self._on_audit,
-                                         workdir=self.workdir, max_parallel=self.max_parallel)
+                                         workdir=self.workdir, max_parallel=self.max_parallel,
+                                         runner=self.runner, ray_address=self.ray_address,
+                                         ray_token_path=self.ray_token)
                 break
             except ManagerBusy:
                 if time.monotonic() >= deadline:
@@ -312,6 +324,8 @@ class TtcService(Service):
         assert self.coord is not None and self._kick is not None
         loop = asyncio.get_running_loop()
         for proc in self.coord.running().values():
+            if proc.pidfd is None:  # a Ray task: the pump's STEP_INTERVAL_S polls it
+                continue
             loop.add_reader(proc.pidfd, self._kick.set)
             self._watched.append(proc.pidfd)
 

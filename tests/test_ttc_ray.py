@@ -1,0 +1,154 @@
+"""ttc's tool runs as Ray tasks (issue 28 step 3): ``Coordinator(runner="ray")`` against a real
+single-node Ray cluster (``ray start --head`` under kernel.raynode, token authentication on),
+started once for the module and stopped — every Ray process reaped — in a finalizer.
+
+The same log and the same independent checker as local runs: a commit through Ray gives the same
+result and the same audit operations as a local commit; abort is ``ray.cancel(force=True)`` and
+leaves no tool process; killing the task's process (the Ray worker running the task, or the
+tool-worker under it) mid-run is a lost run the state machine retries, with 0 orphaned / lost /
+duplicated / stuck (checker) and one result per call.  Skipped, with the reason, only where the
+Ray node cannot start.  Every wait is bounded and generous (Ray on a loaded 2-core machine).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import psutil
+import pytest
+
+from services.ttc import checker
+from services.ttc.logic import ABORTED, DONE, RUNNING
+from services.ttc.rayrun import start_local_cluster, stop_local_cluster
+from services.ttc.runner import Coordinator, tagged_processes
+from tests.support import short_tmpdir
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
+
+#: Bounds of the waits (generous: Ray on a loaded machine).
+NODE_START_S = 150.0
+SETTLE_S = 120.0
+NODE_TRIES = 3
+SAT = {"n_vars": 120, "seed": 1}
+LONG_SIM = {"n": 64, "steps": 10_000_000, "checkpoint_every": 2000}
+
+
+@pytest.fixture(scope="module")
+def cluster(request):
+    """A one-node Ray cluster and this process connected to it as a driver."""
+    temp = short_tmpdir("rt")
+    try:
+        head, address, token = start_local_cluster(temp, start_s=NODE_START_S, tries=NODE_TRIES)
+    except RuntimeError as exc:
+        pytest.skip(f"cannot start a Ray node here: {exc}")
+    request.addfinalizer(lambda: stop_local_cluster(head))
+    return {"address": address, "token": token}
+
+
+def _ops(c: Coordinator, cid: str) -> list[str]:
+    return [r["op"] for r in c.store.all("SELECT op FROM audit WHERE call_id=? ORDER BY seq", (cid,))]
+
+
+def _wait_started(c: Coordinator, timeout: float = SETTLE_S) -> int:
+    """Step until the running task's tool-worker pid is recorded; returns it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c.step()
+        pids = [p.pid for p in c.running().values() if p.pid is not None]
+        if pids:
+            return pids[0]
+        c.wait(0.2)
+    raise AssertionError(f"no tool-worker pid within {timeout}s")
+
+
+def _wait_gone(pid: int, timeout: float = SETTLE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"pid {pid} alive after {timeout}s")
+
+
+def test_commit_through_ray_gives_the_same_result_and_log_as_local(cluster, tmp_path):
+    outcomes, ops, values = {}, {}, {}
+    for runner in ("local", "ray"):
+        db = str(tmp_path / f"{runner}.db")
+        with Coordinator(db, runner=runner) as c:
+            cid = c.prepare("sat", SAT, 5.0, ["s"], 60)
+            assert c.commit(cid).state == RUNNING
+            outcomes[runner] = c.run_until_settled([cid], SETTLE_S)[cid]
+            (d,) = c.deliver("s")
+            values[runner] = (d.ok, d.value)
+            assert c.attach(cid, "s")
+            ops[runner] = _ops(c, cid)
+            run = c.store.one("SELECT pid, end_status, cpu_s FROM runs WHERE call_id=?", (cid,))
+            assert run["pid"] is not None and run["end_status"] == "exit:0" and run["cpu_s"] > 0
+        assert checker.check(db).total() == 0
+    assert outcomes["ray"].state == outcomes["local"].state == DONE
+    assert values["ray"] == values["local"] and values["ray"][0] is True
+    assert ops["ray"] == ops["local"]
+
+
+def test_abort_cancels_the_ray_task_and_its_tool_process(cluster, tmp_path):
+    db = str(tmp_path / "abort.db")
+    with Coordinator(db, runner="ray") as c:
+        cid = c.prepare("diffusion", LONG_SIM, 30.0, ["s"], 120)
+        c.commit(cid)
+        worker = _wait_started(c)
+        task_pid = psutil.Process(worker).ppid()  # the Ray worker process running the task
+        c.abort(cid)
+        _wait_gone(worker)
+        _wait_gone(task_pid)  # ray.cancel(force=True) ended the task's process
+        out = c.run_until_settled([cid], SETTLE_S)
+        assert out[cid].state == ABORTED and out[cid].reason == "requested"
+        assert tagged_processes(c.store.store_id) == []
+        assert c.store.one("SELECT COUNT(*) AS n FROM results WHERE call_id=?", (cid,))["n"] == 0
+    assert checker.check(db).total() == 0
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_task_processes_killed_mid_transaction_leave_nothing_lost_or_doubled(cluster, tmp_path, seed):
+    """Seeded schedules: commit a retriable call, SIGKILL the Ray worker process of its task or the
+    tool-worker under it after a random delay; the call is retried and decided once."""
+    rng = random.Random(seed)
+    db = str(tmp_path / f"kill{seed}.db")
+    with Coordinator(db, runner="ray") as c:
+        lost = 0
+        for i in range(3):
+            target = rng.choice(("task", "tool"))
+            cid = c.prepare(
+                "diffusion", {"n": 64, "steps": 40000, "checkpoint_every": 5000, "seed": i}, 30.0, ["s"], 120
+            )
+            c.commit(cid)
+            worker = _wait_started(c)
+            time.sleep(rng.uniform(0.0, 0.3))
+            killed = False
+            try:
+                victim = psutil.Process(worker).ppid() if target == "task" else worker
+                killed = psutil.Process(victim).status() != psutil.STATUS_ZOMBIE
+                os.kill(victim, signal.SIGKILL)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                killed = False  # it finished first: a schedule with no kill
+            out = c.run_until_settled([cid], SETTLE_S)[cid]
+            assert out.state == DONE, (target, out)
+            runs = c.store.all("SELECT end_status FROM runs WHERE call_id=? ORDER BY attempt", (cid,))
+            if killed and len(runs) == 2:  # the kill landed before the result: a lost run, retried once
+                want = "signal:SIGKILL" if target == "tool" else "ray_lost:"
+                assert runs[0]["end_status"].startswith(want) and runs[1]["end_status"] == "exit:0", runs
+                lost += 1
+            else:  # the kill came after the worker had ended: one run, nothing retried
+                assert [r["end_status"] for r in runs] == ["exit:0"], runs
+            assert c.store.one("SELECT COUNT(*) AS n FROM results WHERE call_id=?", (cid,))["n"] == 1
+            (d,) = c.deliver("s")
+            assert d.ok and c.attach(cid, "s") and not c.attach(cid, "s")
+            assert checker.check(db).total() == 0
+        assert tagged_processes(c.store.store_id) == []
+        assert lost >= 1, "no kill landed mid-run in this schedule set"
+    assert checker.check(db).total() == 0
