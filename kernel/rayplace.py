@@ -54,8 +54,14 @@ __all__ = [
     "RayPlacement",
     "RayResources",
     "RemoteProcess",
+    "free_ports",
+    "make_token",
+    "node_argv",
     "parse_label",
     "remote_endpoint",
+    "start_node",
+    "stop_node",
+    "token_env",
 ]
 
 #: Longest wait for ``ray.init`` to reach (or start) the cluster, seconds.

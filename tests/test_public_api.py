@@ -27,6 +27,7 @@ PUBLIC = {
     "kernel.principal",
     "kernel.replay",
     "kernel.enforce",  # the OS enforcement services apply to their own children (issue 23)
+    "kernel.rayplace",  # starting/stopping a Ray node with token auth: ttc's Ray runner (issue 28)
 }
 #: The packages held to it (every package of the repository but the kernel, bench and tests).
 USERS = ("services", "clients", "lm", "sims", "accel", "reason", "bklm", "planner", "spark")
