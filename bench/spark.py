@@ -402,6 +402,12 @@ def run(quick: bool) -> Result:
         notes += nt
     metrics["seconds"] = time.perf_counter() - t0
     cb = "cb_d4_k16" if quick else "cb_d2_k256"  # the smallest config a quick run fits
+    if quick:
+        notes.append(
+            "quick run (a smoke test, figures not comparable): the codebook targets name cb_d4_k16, the one "
+            "config it fits (a full run names cb_d2_k256); 40 vm tapes (8 kernel-only), 2 training steps (router, "
+            "attention; 1 for hyper), 1 held-out batch and 1 chain decode per model"
+        )
     targets = {
         "vm_tapes_past_budget": ("<=", 0.0),
         "vm_hostile_stopped_frac": (">=", 1.0),
