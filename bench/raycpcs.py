@@ -19,6 +19,10 @@ lookup included); Dask from the first ``submit`` to ``gather``.  Neither side's 
 ``layered`` (contention regime, estimates off), ``layered_fail`` (same with failing attempts),
 ``wfcommons`` (WfChef recipes).  The two peers run interleaved per DAG.
 
+``RECA_BENCH_RAYCPCS_NODES=2``: two nodes on this machine (:func:`two_nodes`: a Ray head and 2 Dask
+workers here, a Ray worker node and 2 Dask workers in a second network namespace joined by a veth
+pair, a Dask scheduler process here; 0.5 Ray CPU per replica so Ray puts 2 on each node).
+
 ``--quick``: one small layered DAG with failures; the Ray placement gets at most
 :data:`QUICK_PLACE_S` s (if it is not up, the reca figure is reported missing with the reason).
 """
