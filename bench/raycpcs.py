@@ -19,6 +19,10 @@ lookup included); Dask from the first ``submit`` to ``gather``.  Neither side's 
 ``layered`` (contention regime, estimates off), ``layered_fail`` (same with failing attempts),
 ``wfcommons`` (WfChef recipes).  The two peers run interleaved per DAG.
 
+``RECA_BENCH_RAYCPCS_NODES=2``: two nodes on this machine (:func:`two_nodes`: a Ray head and 2 Dask
+workers here, a Ray worker node and 2 Dask workers in a second network namespace joined by a veth
+pair, a Dask scheduler process here; 0.5 Ray CPU per replica so Ray puts 2 on each node).
+
 ``--quick``: one small layered DAG with failures; the Ray placement gets at most
 :data:`QUICK_PLACE_S` s (if it is not up, the reca figure is reported missing with the reason).
 """
@@ -31,7 +35,7 @@ import os
 import shutil
 import statistics
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import zmq
 
@@ -101,6 +105,104 @@ def _dask_ranked(client: Any, dag: Dag, truth: dict[str, Truth]) -> float:
     return time.perf_counter() - t0
 
 
+#: ``RECA_BENCH_RAYCPCS_NODES=2``: two nodes (the second in its own network namespace).
+NODES_ENV = "RECA_BENCH_RAYCPCS_NODES"
+
+
+@contextlib.contextmanager
+def two_nodes(d: str) -> Iterator[dict]:
+    """A two-node cluster shape on this machine: network namespace ``ns`` joined by a veth pair;
+    a Ray head (1 CPU) here and a Ray worker node (1 CPU) in ``ns``, token auth on; a Dask
+    scheduler here and 2 Dask workers (1 thread each) here + 2 in ``ns``.  Yields
+    ``{host, ns_addr, address, token, dask}``; everything is stopped and the namespace deleted."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from kernel.rayplace import free_ports, make_token, node_argv, start_node, stop_node, token_env
+
+    def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
+
+    tag = (os.getpid() + 13) % 16384
+    ns, a, b = f"reca-b{tag}", f"rbv{tag}a", f"rbv{tag}b"
+    prefix = f"10.233.{tag // 64}."
+    host, nsa = prefix + str((tag % 64) * 4 + 1), prefix + str((tag % 64) * 4 + 2)
+    ip("netns", "add", ns)
+    procs: list[subprocess.Popen] = []
+    nodes: list[subprocess.Popen] = []
+    try:
+        ip("link", "add", a, "type", "veth", "peer", "name", b)
+        ip("link", "set", b, "netns", ns)
+        ip("addr", "add", f"{host}/30", "dev", a)
+        ip("link", "set", a, "up")
+        ip("netns", "exec", ns, "ip", "addr", "add", f"{nsa}/30", "dev", b)
+        ip("netns", "exec", ns, "ip", "link", "set", b, "up")
+        ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        token = make_token(os.path.join(d, "auth_token"))
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, **token_env(token), "PYTHONPATH": repo, "RAY_USAGE_STATS_ENABLED": "0"}
+        port = free_ports(1, host)[0]
+        address = f"{host}:{port}"
+        nodes.append(start_node(node_argv(head_port=port, node_ip=host, temp_dir=os.path.join(d, "ray")), env))
+        deadline = time.monotonic() + 120
+        while True:  # the head's GCS port answers: the worker node may join
+            try:
+                socket.create_connection((host, port), 1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or nodes[0].poll() is not None:
+                    raise RuntimeError("the Ray head did not come up") from None
+                time.sleep(0.5)
+        nodes.append(start_node(node_argv(address=address, node_ip=nsa), env, prefix=["ip", "netns", "exec", ns]))
+        dport = free_ports(1, host)[0]
+        denv = {**os.environ, "PYTHONPATH": repo}
+        dask_cmd = [sys.executable, "-m", "dask"]
+        out = subprocess.DEVNULL
+        procs.append(
+            subprocess.Popen(
+                [*dask_cmd, "scheduler", "--host", host, "--port", str(dport), "--no-dashboard"],
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                env=denv,
+            )
+        )
+        for where, pre in ((host, []), (nsa, ["ip", "netns", "exec", ns])):
+            for _ in range(2):
+                argv = [
+                    *pre,
+                    *dask_cmd,
+                    "worker",
+                    f"tcp://{host}:{dport}",
+                    "--nthreads",
+                    "1",
+                    "--nworkers",
+                    "1",
+                    "--host",
+                    where,
+                    "--no-dashboard",
+                ]
+                procs.append(subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True, env=denv))
+        yield {"host": host, "ns_addr": nsa, "address": address, "token": token, "dask": f"tcp://{host}:{dport}"}
+    finally:
+        for p in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+        for p in reversed(nodes):
+            stop_node(p)
+        ip("link", "del", a, check=False)
+        ip("netns", "del", ns, check=False)
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -120,16 +222,39 @@ def run(quick: bool = False) -> Result:
     d = short_tmpdir("rcb-")
     kd = os.path.join(d, "keys")
     keys.new(kd, "op", "operator")
-    t0 = time.monotonic()
-    kern = LocalKernel(config(kd, workers=WORKERS, temp_dir=os.path.join(d, "ray"), ray_cpus=1))
+    nodes = int(os.environ.get(NODES_ENV, "1"))
     stack = contextlib.ExitStack()
     rows: dict[str, dict[str, list[float]]] = {}
+    kern = None
     try:
-        # Dask's cluster starts while Ray places the replicas (neither start-up is measured)
-        cluster = stack.enter_context(
-            LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0")
-        )
-        dask = stack.enter_context(DaskClient(cluster))
+        t0 = time.monotonic()
+        if nodes == 2:
+            shape = stack.enter_context(two_nodes(d))
+            kern = LocalKernel(
+                config(
+                    kd,
+                    workers=WORKERS,
+                    local=False,
+                    address=shape["address"],
+                    token_path=shape["token"],
+                    host=shape["host"],
+                    replica_cpus=0.5,
+                )
+            )
+            dask = stack.enter_context(DaskClient(shape["dask"], timeout=120))
+            dask.wait_for_workers(WORKERS, timeout=180)
+            notes.append(
+                f"two nodes: Ray head + 2 Dask workers at {shape['host']}, Ray worker node + 2 Dask workers "
+                f"at {shape['ns_addr']} (a second network namespace, veth pair); 1 Ray CPU per node, "
+                "0.5 per work replica"
+            )
+        else:
+            kern = LocalKernel(config(kd, workers=WORKERS, temp_dir=os.path.join(d, "ray"), ray_cpus=1))
+            # Dask's cluster starts while Ray places the replicas (neither start-up is measured)
+            cluster = stack.enter_context(
+                LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=":0")
+            )
+            dask = stack.enter_context(DaskClient(cluster))
         c = stack.enter_context(
             Client(
                 kern.endpoint,
@@ -159,8 +284,12 @@ def run(quick: bool = False) -> Result:
                 "only Dask was measured"
             )
         where = {ch["name"]: ch["where"] for ch in c.stats()["children"] if ch["name"].startswith("work")}
-        nodes = sorted({str((w or {}).get("node_id", "?"))[:8] for w in where.values()})
-        progress("raycpcs", f"placed={placed} in {time.monotonic() - t0:.1f} s on node(s) {nodes}; loadavg {_load()}")
+        nodes_seen = sorted(
+            f"{(w or {}).get('node_ip')}/{str((w or {}).get('node_id', '?'))[:8]}" for w in where.values()
+        )
+        progress(
+            "raycpcs", f"placed={placed} in {time.monotonic() - t0:.1f} s on node(s) {nodes_seen}; loadavg {_load()}"
+        )
         # warm-up, not measured: Dask's workers import the task bodies, cpcs's first lookups
         warm_dag, warm_truth = layered(1, WORKERS, layers=1, chain_s=0.02, light_s=0.01)
         _dask_run(dask, warm_dag, warm_truth)
@@ -188,10 +317,11 @@ def run(quick: bool = False) -> Result:
                 f"{fam:12s} {case:12s} " + "  ".join(f"{k} {v:6.3f}" for k, v in got.items()) + f"  loadavg {_load()}",
             )
         if placed:
-            notes.append(f"work replicas ran on Ray node(s) {nodes} (status where), one node: this machine")
+            notes.append(f"work replicas ran on Ray node(s) {nodes_seen} (status where: node ip / node id)")
     finally:
+        if kern is not None:
+            kern.stop(timeout=90)
         stack.close()
-        kern.stop(timeout=90)
         shutil.rmtree(d, ignore_errors=True)
     notes.append(f"loadavg at end: {_load()}")
     ratios_all: dict[str, list[float]] = {}

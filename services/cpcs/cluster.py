@@ -28,16 +28,25 @@ def config(
     heartbeat_s: float = 0.5,
     liveness: int = 12,
     host: str = "127.0.0.1",
+    token_path: str | None = None,
+    label: str | None = None,
+    replica_cpus: float | None = None,
 ) -> str:
     """A whole kernel config: tcp:// + CURVE kernel (keys in ``keys_dir``), a Ray cluster (a local
     one-node cluster of ``ray_cpus`` CPUs the kernel starts, or ``address``), ``workers`` Ray-placed
     ``work`` replicas (1/``workers`` CPU each, so they all fit whatever ``ray_cpus`` is) and the
-    ``cpcs`` service, local."""
+    ``cpcs`` service, local.  ``host``: the address the kernel binds (Ray nodes must reach it);
+    ``token_path``: the cluster's Ray token; ``label``: only nodes started with
+    ``--labels reca-node=LABEL`` host the replicas; ``replica_cpus``: the Ray CPUs each replica
+    reserves (default 1/``workers``; 1/2 on nodes of 1 CPU puts 2 replicas on each)."""
     if local == (address is not None):
         raise ValueError("either a local cluster or an address")
     ray = ["local = true", f"num_cpus = {int(ray_cpus)}"] if local else [f'address = "{address}"']
     if temp_dir:
         ray.append(f'temp_dir = "{temp_dir}"')
+    if token_path:
+        ray.append(f'token_path = "{token_path}"')
+    pin = f'ray_label = "{label}"\n' if label else ""
     ray_lines = "\n".join(ray)
     return f"""[kernel]
 endpoint = "tcp://{host}:0"
@@ -63,9 +72,9 @@ name = "work"
 module = "services.cpcs.work"
 placement = "ray"
 replicas = {int(workers)}
-ray_num_cpus = {1.0 / max(1, int(workers)):.4f}
+ray_num_cpus = {replica_cpus if replica_cpus is not None else 1.0 / max(1, int(workers)):.4f}
 env = {{ {ENV_PLACEMENT} = "ray" }}
-
+{pin}
 [[service]]
 name = "cpcs"
 command = ["{sys.executable}", "-m", "services.cpcs"]

@@ -1,0 +1,88 @@
+"""cpcs on a two-node Ray cluster (issue 28 step 4 on step 5's set-up): the Ray head and the kernel
+(with ``cpcs``) in this network namespace, a Ray worker node in a second namespace joined by a veth
+pair (tests/test_ray_cluster.py's ``cluster`` fixture: token auth on, every node stopped and
+reaped, the namespace deleted).  The ``work`` replicas are pinned by label to the worker node, so
+every task cpcs dispatches crosses the veth pair to another node and back over tcp:// + CURVE.
+Skipped, with the reason, only where namespaces cannot be made."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import zmq
+
+from clients import Client
+from kernel import keys
+from services.cpcs.cluster import config
+from tests.support import KernelProcess, short_tmpdir
+from tests.test_ray_cluster import cluster  # noqa: F401 - the two-node fixture
+
+pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
+
+WORKERS = 2
+PLACE_S = 300.0
+CALL_S = 120.0
+
+
+def W(tid, ms, deps=()):
+    return {
+        "id": tid,
+        "service": "work",
+        "eta_s": ms / 1000,
+        "deps": list(deps),
+        "payload": {"ms": ms, "steps": max(1, ms // 20)},
+    }
+
+
+def test_cpcs_dispatches_to_work_replicas_on_another_node(cluster):  # noqa: F811
+    host_addr, ns_addr, address, token, _, _ = cluster
+    d = short_tmpdir()
+    kd = os.path.join(d, "keys")
+    keys.new(kd, "op", "operator")
+    k = KernelProcess.from_config(
+        config(
+            kd,
+            workers=WORKERS,
+            local=False,
+            address=address,
+            token_path=token,
+            label="w1",
+            host=host_addr,
+            heartbeat_s=0.2,
+            liveness=25,
+        )
+    )
+    try:
+        with Client(
+            k.endpoint,
+            timeout=CALL_S,
+            retries=0,
+            context=zmq.Context.instance(),
+            cert=os.path.join(kd, "op.key_secret"),
+            server_cert=os.path.join(kd, "kernel.key"),
+        ) as c:
+            for i in range(WORKERS):
+                c.wait_for_service(f"work@{i}", PLACE_S)
+            c.wait_for_service("cpcs", 60)
+            where = {ch["name"]: ch["where"] for ch in c.stats()["children"]}
+            for i in range(WORKERS):  # both replicas run on the worker node, not the kernel's
+                assert where[f"work#{i}"]["placement"] == "ray" and where[f"work#{i}"]["node_ip"] == ns_addr
+            assert where["cpcs"] is None
+            tasks = [W("a", 150), W("b", 300, ["a"]), W("c", 300, ["a"]), W("d", 150, ["b", "c"])]
+            out = c.call("cpcs", {"dag": {"tasks": tasks}, "tick_ms": 50}, timeout=CALL_S)
+            assert out["states"] == {"done": 4} and out["failed"] == []
+            assert set(out["results"]) == set("abcd")
+            assert {r["worker"] for r in out["results"].values()} <= {f"work@{i}" for i in range(WORKERS)}
+            assert out["where"] and all(w["placement"] == "ray" for w in out["where"].values())
+            start = {e["task"]: e["t"] for e in out["events"] if e["ev"] == "start"}
+            done = {e["task"]: e["t"] for e in out["events"] if e["ev"] == "done"}
+            assert done["a"] <= min(start["b"], start["c"]) and max(done["b"], done["c"]) <= start["d"]
+            # b and c ran side by side, one on each remote replica
+            assert {e["worker"] for e in out["events"] if e["ev"] == "start" and e["task"] in "bc"} == {
+                f"work@{i}" for i in range(WORKERS)
+            }
+    finally:
+        k.stop(timeout=90)
+        shutil.rmtree(d, ignore_errors=True)
