@@ -152,3 +152,54 @@ def test_task_processes_killed_mid_transaction_leave_nothing_lost_or_doubled(clu
         assert tagged_processes(c.store.store_id) == []
         assert lost >= 1, "no kill landed mid-run in this schedule set"
     assert checker.check(db).total() == 0
+
+
+def test_the_ttc_service_with_runner_ray_commits_and_aborts_through_the_kernel(cluster, tmp_path):
+    """``python -m services.ttc --runner ray --ray-address ... --ray-token ...`` under the kernel's
+    supervisor: a committed SAT call is decided DONE with a real model; an aborted long run leaves
+    no tool process and no result."""
+    import shutil
+
+    import zmq
+
+    from clients import Client
+    from services.ttc.tools import random_3sat
+    from tests.support import KernelProcess, service_block
+
+    d = short_tmpdir("ttcr-db-")
+    db = os.path.join(d, "ttc.db")
+    args = ["--db", db, "--runner", "ray", "--ray-address", cluster["address"], "--ray-token", cluster["token"]]
+    k = KernelProcess(service_block("ttc", "services.ttc", args=args), heartbeat=0.2, liveness=30)
+    c = Client(k.endpoint, timeout=SETTLE_S, retries=0, context=zmq.Context.instance())
+    try:
+        c.wait_for_service("ttc", SETTLE_S)
+        prep = c.call(
+            "ttc",
+            {"op": "prepare", "tool": "sat", "inputs": {"n_vars": 120, "seed": 6}, "est_cost": 5, "consumers": ["p"]},
+        )
+        out = c.call("ttc", {"op": "commit", "call_id": prep["call_id"], "wait": True})
+        assert out["state"] == "DONE", out
+        truth = {abs(lit): lit > 0 for lit in out["result"]["value"]["model"]}
+        assert all(any(truth[abs(lit)] == (lit > 0) for lit in cl) for cl in random_3sat(120, 4.26, 6))
+        long = c.call(
+            "ttc", {"op": "prepare", "tool": "diffusion", "inputs": LONG_SIM, "est_cost": 30, "consumers": ["p"]}
+        )
+        assert c.call("ttc", {"op": "commit", "call_id": long["call_id"]})["state"] in ("COMMITTED", "RUNNING")
+        store_id = None
+        deadline = time.monotonic() + SETTLE_S
+        while time.monotonic() < deadline and store_id is None:  # the task's tool-worker is up
+            tags = [t for _, t in tagged_processes("") if t.endswith(f"/{long['call_id']}/1")]
+            store_id = tags[0].split("/")[0] if tags else None
+            time.sleep(0.2)
+        assert store_id is not None, "the Ray task's tool-worker never appeared"
+        assert c.call("ttc", {"op": "abort", "call_id": long["call_id"]})["state"] == "ABORTED"
+        deadline = time.monotonic() + SETTLE_S
+        while time.monotonic() < deadline and tagged_processes(store_id + "/"):
+            time.sleep(0.2)
+        assert tagged_processes(store_id + "/") == []
+        assert "finish" not in [e["op"] for e in c.call("ttc", {"op": "audit", "call_id": long["call_id"]})["events"]]
+    finally:
+        c.close()
+        k.stop()
+    assert checker.check(db).total() == 0
+    shutil.rmtree(d, ignore_errors=True)
