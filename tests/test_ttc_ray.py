@@ -203,3 +203,42 @@ def test_the_ttc_service_with_runner_ray_commits_and_aborts_through_the_kernel(c
         k.stop()
     assert checker.check(db).total() == 0
     shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_node_lost_mid_run_is_a_lost_run_retried_elsewhere(cluster, tmp_path):
+    """A second node joins; the run is placed there (soft node affinity); the node is stopped
+    mid-run (every Ray process of it killed): the run ends ``ray_lost:...``, the state machine
+    retries it, the retry runs on the head, one result, checker 0."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from kernel.rayplace import node_argv, start_node, stop_node, token_env
+
+    before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    env = {**os.environ, **token_env(cluster["token"]), "PYTHONPATH": os.getcwd()}
+    node = start_node(node_argv(address=cluster["address"], num_cpus=1), env)
+    try:
+        deadline = time.monotonic() + NODE_START_S
+        new: list[str] = []
+        while time.monotonic() < deadline and not new and node.poll() is None:
+            new = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in before]
+            time.sleep(1.0)
+        if not new:
+            pytest.skip(f"a second Ray node did not join within {NODE_START_S:.0f} s (runner rc={node.poll()})")
+        db = str(tmp_path / "node.db")
+        where = {"scheduling_strategy": NodeAffinitySchedulingStrategy(new[0], soft=True)}
+        with Coordinator(db, runner="ray", ray_task_options=where) as c:
+            cid = c.prepare("diffusion", {"n": 64, "steps": 60000, "checkpoint_every": 5000}, 30.0, ["s"], 120)
+            c.commit(cid)
+            worker = _wait_started(c)
+            assert any(p.pid == node.pid for p in psutil.Process(worker).parents()), "not placed on the new node"
+            stop_node(node)  # the node and every process of it
+            _wait_gone(worker)
+            out = c.run_until_settled([cid], SETTLE_S)[cid]
+            assert out.state == DONE, out
+            runs = c.store.all("SELECT end_status FROM runs WHERE call_id=? ORDER BY attempt", (cid,))
+            assert [r["end_status"].split(":")[0] for r in runs] == ["ray_lost", "exit"], runs
+            assert c.store.one("SELECT COUNT(*) AS n FROM results WHERE call_id=?", (cid,))["n"] == 1
+        assert checker.check(db).total() == 0
+    finally:
+        stop_node(node)
