@@ -242,3 +242,62 @@ def test_a_node_lost_mid_run_is_a_lost_run_retried_elsewhere(cluster, tmp_path):
         assert checker.check(db).total() == 0
     finally:
         stop_node(node)
+
+
+def test_the_ttc_service_killed_mid_run_on_ray_recovers_the_call_once(cluster, tmp_path):
+    """SIGKILL the ttc service (the Ray driver that owns the task) while its run is on Ray: Ray
+    ends the owner's task, the tool-worker dies with it, the supervisor restarts the service, the
+    new manager's recovery retries the lost run on Ray; the call is decided DONE once, checker 0."""
+    import shutil
+
+    import zmq
+
+    from clients import Client
+    from tests.support import KernelProcess, service_block
+
+    d = short_tmpdir("ttcr-kill-")
+    db = os.path.join(d, "ttc.db")
+    args = ["--db", db, "--runner", "ray", "--ray-address", cluster["address"], "--ray-token", cluster["token"]]
+    k = KernelProcess(service_block("ttc", "services.ttc", args=args), heartbeat=0.2, liveness=30)
+    c = Client(k.endpoint, timeout=SETTLE_S, retries=0, context=zmq.Context.instance())
+    try:
+        c.wait_for_service("ttc", SETTLE_S)
+        prep = c.call(
+            "ttc",
+            {
+                "op": "prepare",
+                "tool": "diffusion",
+                "inputs": {"n": 64, "steps": 60000, "checkpoint_every": 5000},
+                "est_cost": 30,
+                "consumers": ["p"],
+            },
+        )
+        cid = prep["call_id"]
+        c.call("ttc", {"op": "commit", "call_id": cid})
+        deadline = time.monotonic() + SETTLE_S
+        first: list[int] = []
+        while time.monotonic() < deadline and not first:
+            first = [pid for pid, t in tagged_processes("") if t.endswith(f"/{cid}/1")]
+            time.sleep(0.2)
+        assert first, "the Ray task's tool-worker never appeared"
+        service = {ch["name"]: ch["pid"] for ch in c.stats()["children"]}["ttc"]
+        os.kill(service, signal.SIGKILL)
+        _wait_gone(first[0])  # the owner died: Ray ended its task, the tool-worker followed
+        deadline = time.monotonic() + 2 * SETTLE_S
+        state = None
+        while time.monotonic() < deadline and state != "DONE":
+            try:
+                state = c.call("ttc", {"op": "status", "call_id": cid})["state"]
+            except Exception:  # noqa: BLE001 - the service is restarting
+                state = None
+            time.sleep(0.5)
+        assert state == "DONE"
+        ops = [e["op"] for e in c.call("ttc", {"op": "audit", "call_id": cid})["events"]]
+        assert ops.count("finish") == 1, ops
+        res = c.call("ttc", {"op": "result", "call_id": cid})
+        assert res["result"]["ok"] is True
+    finally:
+        c.close()
+        k.stop()
+    assert checker.check(db).total() == 0
+    shutil.rmtree(d, ignore_errors=True)
