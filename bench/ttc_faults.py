@@ -589,7 +589,7 @@ def run_ray_schedules(n: int, seed: int, workdir: str) -> dict:
 
     load0 = os.getloadavg()
     head, address, _ = start_local_cluster(workdir)
-    counts: Counter = Counter()
+    counts: Counter = Counter({k: 0 for k in ("lost", "stuck", "twice", "duplicated_results", "completed_twice")})
     kills: Counter = Counter()
     t0 = time.monotonic()
     done = 0
