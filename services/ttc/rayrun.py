@@ -59,6 +59,8 @@ def _run_tool(req: dict, req_path: str, pid_path: str, tag: str, python: str, ro
     req = {**req, "parent_pid": os.getpid(), "die_with_parent": True}
     write_atomically(req_path, json.dumps(req).encode())
     env = dict(os.environ)
+    # Never join an enforcer group the node happened to inherit: nobody here would remove it.
+    env.pop("RECA_ENFORCE_GROUP", None)  # kernel.enforce.ENV_GROUP
     env[ENV_RUN_TAG] = tag
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
