@@ -589,7 +589,7 @@ def run_ray_schedules(n: int, seed: int, workdir: str) -> dict:
 
     load0 = os.getloadavg()
     head, address, _ = start_local_cluster(workdir)
-    counts: Counter = Counter()
+    counts: Counter = Counter({k: 0 for k in ("lost", "stuck", "twice", "duplicated_results", "completed_twice")})
     kills: Counter = Counter()
     t0 = time.monotonic()
     done = 0
@@ -611,19 +611,23 @@ def run_ray_schedules(n: int, seed: int, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "--ray":  # python -m bench.ttc_faults --ray [N] [SEED]
+    if len(sys.argv) >= 2 and sys.argv[1] == "--ray":  # python -m bench.ttc_faults --ray [N] [SEED] [OUT.json]
         import tempfile
 
         n_ray = int(sys.argv[2]) if len(sys.argv) > 2 else 200
         seed_ray = int(sys.argv[3]) if len(sys.argv) > 3 else 20251207
         wd = tempfile.mkdtemp(prefix="ttcr-", dir="/tmp")
         try:
-            print(json.dumps(run_ray_schedules(n_ray, seed_ray, wd), indent=1))
+            text = json.dumps(run_ray_schedules(n_ray, seed_ray, wd), indent=1)
         finally:
             shutil.rmtree(wd, ignore_errors=True)
+        if len(sys.argv) > 4:  # Ray prints its own worker-death lines on stdout: a clean file
+            with open(sys.argv[4], "w") as fh:
+                fh.write(text + "\n")
+        print(text)
         sys.exit(0)
     if len(sys.argv) == 3 and sys.argv[1] == "--client":
         sys.exit(client_main(sys.argv[2]))
-    print("usage: python -m bench ttc_faults [--quick]  (or: bench/ttc_faults.py --client ENDPOINT | --ray [N] [SEED])",
+    print("usage: python -m bench ttc_faults [--quick]  (or: bench/ttc_faults.py --client ENDPOINT | --ray [N] [SEED] [OUT.json])",
           file=sys.stderr)
     sys.exit(2)

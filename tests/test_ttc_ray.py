@@ -152,3 +152,152 @@ def test_task_processes_killed_mid_transaction_leave_nothing_lost_or_doubled(clu
         assert tagged_processes(c.store.store_id) == []
         assert lost >= 1, "no kill landed mid-run in this schedule set"
     assert checker.check(db).total() == 0
+
+
+def test_the_ttc_service_with_runner_ray_commits_and_aborts_through_the_kernel(cluster, tmp_path):
+    """``python -m services.ttc --runner ray --ray-address ... --ray-token ...`` under the kernel's
+    supervisor: a committed SAT call is decided DONE with a real model; an aborted long run leaves
+    no tool process and no result."""
+    import shutil
+
+    import zmq
+
+    from clients import Client
+    from services.ttc.tools import random_3sat
+    from tests.support import KernelProcess, service_block
+
+    d = short_tmpdir("ttcr-db-")
+    db = os.path.join(d, "ttc.db")
+    args = ["--db", db, "--runner", "ray", "--ray-address", cluster["address"], "--ray-token", cluster["token"]]
+    k = KernelProcess(service_block("ttc", "services.ttc", args=args), heartbeat=0.2, liveness=30)
+    c = Client(k.endpoint, timeout=SETTLE_S, retries=0, context=zmq.Context.instance())
+    try:
+        c.wait_for_service("ttc", SETTLE_S)
+        prep = c.call(
+            "ttc",
+            {"op": "prepare", "tool": "sat", "inputs": {"n_vars": 120, "seed": 6}, "est_cost": 5, "consumers": ["p"]},
+        )
+        out = c.call("ttc", {"op": "commit", "call_id": prep["call_id"], "wait": True})
+        assert out["state"] == "DONE", out
+        truth = {abs(lit): lit > 0 for lit in out["result"]["value"]["model"]}
+        assert all(any(truth[abs(lit)] == (lit > 0) for lit in cl) for cl in random_3sat(120, 4.26, 6))
+        long = c.call(
+            "ttc", {"op": "prepare", "tool": "diffusion", "inputs": LONG_SIM, "est_cost": 30, "consumers": ["p"]}
+        )
+        assert c.call("ttc", {"op": "commit", "call_id": long["call_id"]})["state"] in ("COMMITTED", "RUNNING")
+        store_id = None
+        deadline = time.monotonic() + SETTLE_S
+        while time.monotonic() < deadline and store_id is None:  # the task's tool-worker is up
+            tags = [t for _, t in tagged_processes("") if t.endswith(f"/{long['call_id']}/1")]
+            store_id = tags[0].split("/")[0] if tags else None
+            time.sleep(0.2)
+        assert store_id is not None, "the Ray task's tool-worker never appeared"
+        assert c.call("ttc", {"op": "abort", "call_id": long["call_id"]})["state"] == "ABORTED"
+        deadline = time.monotonic() + SETTLE_S
+        while time.monotonic() < deadline and tagged_processes(store_id + "/"):
+            time.sleep(0.2)
+        assert tagged_processes(store_id + "/") == []
+        assert "finish" not in [e["op"] for e in c.call("ttc", {"op": "audit", "call_id": long["call_id"]})["events"]]
+    finally:
+        c.close()
+        k.stop()
+    assert checker.check(db).total() == 0
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_node_lost_mid_run_is_a_lost_run_retried_elsewhere(cluster, tmp_path):
+    """A second node joins; the run is placed there (soft node affinity); the node is stopped
+    mid-run (every Ray process of it killed): the run ends ``ray_lost:...``, the state machine
+    retries it, the retry runs on the head, one result, checker 0."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from kernel.rayplace import node_argv, start_node, stop_node, token_env
+
+    before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    env = {**os.environ, **token_env(cluster["token"]), "PYTHONPATH": os.getcwd()}
+    node = start_node(node_argv(address=cluster["address"], num_cpus=1), env)
+    try:
+        deadline = time.monotonic() + NODE_START_S
+        new: list[str] = []
+        while time.monotonic() < deadline and not new and node.poll() is None:
+            new = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in before]
+            time.sleep(1.0)
+        if not new:
+            pytest.skip(f"a second Ray node did not join within {NODE_START_S:.0f} s (runner rc={node.poll()})")
+        db = str(tmp_path / "node.db")
+        where = {"scheduling_strategy": NodeAffinitySchedulingStrategy(new[0], soft=True)}
+        with Coordinator(db, runner="ray", ray_task_options=where) as c:
+            cid = c.prepare("diffusion", {"n": 64, "steps": 60000, "checkpoint_every": 5000}, 30.0, ["s"], 120)
+            c.commit(cid)
+            worker = _wait_started(c)
+            assert any(p.pid == node.pid for p in psutil.Process(worker).parents()), "not placed on the new node"
+            stop_node(node)  # the node and every process of it
+            _wait_gone(worker)
+            out = c.run_until_settled([cid], SETTLE_S)[cid]
+            assert out.state == DONE, out
+            runs = c.store.all("SELECT end_status FROM runs WHERE call_id=? ORDER BY attempt", (cid,))
+            assert [r["end_status"].split(":")[0] for r in runs] == ["ray_lost", "exit"], runs
+            assert c.store.one("SELECT COUNT(*) AS n FROM results WHERE call_id=?", (cid,))["n"] == 1
+        assert checker.check(db).total() == 0
+    finally:
+        stop_node(node)
+
+
+def test_the_ttc_service_killed_mid_run_on_ray_recovers_the_call_once(cluster, tmp_path):
+    """SIGKILL the ttc service (the Ray driver that owns the task) while its run is on Ray: Ray
+    ends the owner's task, the tool-worker dies with it, the supervisor restarts the service, the
+    new manager's recovery retries the lost run on Ray; the call is decided DONE once, checker 0."""
+    import shutil
+
+    import zmq
+
+    from clients import Client
+    from tests.support import KernelProcess, service_block
+
+    d = short_tmpdir("ttcr-kill-")
+    db = os.path.join(d, "ttc.db")
+    args = ["--db", db, "--runner", "ray", "--ray-address", cluster["address"], "--ray-token", cluster["token"]]
+    k = KernelProcess(service_block("ttc", "services.ttc", args=args), heartbeat=0.2, liveness=30)
+    c = Client(k.endpoint, timeout=SETTLE_S, retries=0, context=zmq.Context.instance())
+    try:
+        c.wait_for_service("ttc", SETTLE_S)
+        prep = c.call(
+            "ttc",
+            {
+                "op": "prepare",
+                "tool": "diffusion",
+                "inputs": {"n": 64, "steps": 60000, "checkpoint_every": 5000},
+                "est_cost": 30,
+                "consumers": ["p"],
+            },
+        )
+        cid = prep["call_id"]
+        c.call("ttc", {"op": "commit", "call_id": cid})
+        deadline = time.monotonic() + SETTLE_S
+        first: list[int] = []
+        while time.monotonic() < deadline and not first:
+            first = [pid for pid, t in tagged_processes("") if t.endswith(f"/{cid}/1")]
+            time.sleep(0.2)
+        assert first, "the Ray task's tool-worker never appeared"
+        service = {ch["name"]: ch["pid"] for ch in c.stats()["children"]}["ttc"]
+        os.kill(service, signal.SIGKILL)
+        _wait_gone(first[0])  # the owner died: Ray ended its task, the tool-worker followed
+        deadline = time.monotonic() + 2 * SETTLE_S
+        state = None
+        while time.monotonic() < deadline and state != "DONE":
+            try:
+                state = c.call("ttc", {"op": "status", "call_id": cid})["state"]
+            except Exception:  # noqa: BLE001 - the service is restarting
+                state = None
+            time.sleep(0.5)
+        assert state == "DONE"
+        ops = [e["op"] for e in c.call("ttc", {"op": "audit", "call_id": cid})["events"]]
+        assert ops.count("finish") == 1, ops
+        res = c.call("ttc", {"op": "result", "call_id": cid})
+        assert res["result"]["ok"] is True
+    finally:
+        c.close()
+        k.stop()
+    assert checker.check(db).total() == 0
+    shutil.rmtree(d, ignore_errors=True)

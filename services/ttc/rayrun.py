@@ -59,6 +59,8 @@ def _run_tool(req: dict, req_path: str, pid_path: str, tag: str, python: str, ro
     req = {**req, "parent_pid": os.getpid(), "die_with_parent": True}
     write_atomically(req_path, json.dumps(req).encode())
     env = dict(os.environ)
+    # Never join an enforcer group the node happened to inherit: nobody here would remove it.
+    env.pop("RECA_ENFORCE_GROUP", None)  # kernel.enforce.ENV_GROUP
     env[ENV_RUN_TAG] = tag
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -107,7 +109,8 @@ class RayRun:
 
 class RayRunner(Runner):
     """Runs each tool as a Ray task on the cluster at ``address`` (``None``: the one this process
-    is already connected to).  ``token_path``: Ray's token file (token authentication)."""
+    is already connected to).  ``token_path``: Ray's token file (token authentication);
+    ``task_options``: extra ``.options(...)`` of the task (placement), ``max_retries`` stays 0."""
 
     def __init__(
         self,
@@ -117,6 +120,7 @@ class RayRunner(Runner):
         token_path: str | None = None,
         num_cpus: float = TASK_NUM_CPUS,
         python: str = sys.executable,
+        task_options: dict | None = None,
     ) -> None:
         super().__init__(workdir, die_with_manager=True, python=python)
         import ray
@@ -134,7 +138,10 @@ class RayRunner(Runner):
                 runtime_env={"env_vars": {"PYTHONPATH": _ROOT}},
             )
         self._ray = ray
+        # max_retries=0 is not overridable: a retry is the log's decision, never Ray's.
         self._task = ray.remote(num_cpus=num_cpus, max_retries=0)(_run_tool)
+        if task_options:  # e.g. a scheduling_strategy / label_selector; never retries
+            self._task = self._task.options(**{**task_options, "max_retries": 0})
 
     def _pid_path(self, tag: str) -> str:
         return self._base(tag) + ".pid.json"

@@ -233,7 +233,8 @@ class Coordinator:
                  audit_sink: Callable[[dict], None] | None = None, workdir: str | None = None,
                  die_with_manager: bool = True, max_parallel: int = 2,
                  clock: Callable[[], float] = time.time, runner: str = "local",
-                 ray_address: str | None = None, ray_token_path: str | None = None) -> None:
+                 ray_address: str | None = None, ray_token_path: str | None = None,
+                 ray_task_options: dict | None = None) -> None:
         if max_parallel < 1:
             raise ValueError(f"max_parallel must be >= 1, got {max_parallel}")
         if runner not in ("local", "ray"):
@@ -256,7 +257,7 @@ class Coordinator:
             from services.ttc.rayrun import RayRunner
 
             self.runner: Runner = RayRunner(workdir or db_path + ".d", address=ray_address,
-                                            token_path=ray_token_path)
+                                            token_path=ray_token_path, task_options=ray_task_options)
         else:
             self.runner = Runner(workdir or db_path + ".d", die_with_manager=die_with_manager)
         self._procs: dict[str, RunProc] = {}
