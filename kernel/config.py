@@ -211,6 +211,9 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("ray", "kernel_host", "str", None,
             "the address Ray nodes reach the kernel at (default: the endpoint's host)"),
     Setting("ray", "temp_dir", "str", None, "a local cluster's session directory (short: unix sockets live there)"),
+    Setting("ray", "connect_timeout_s", "float", 60.0,
+            "longest wait for the cluster to answer (a local head gets twice this): past it the Ray-placed "
+            "services are unavailable with the reason", low=0.5, high=3600.0),
     Setting("service", "name", "str", None, "the service name workers register (required; unique, no `/`)"),
     Setting("service", "module", "str", None, "a Python module run as `python -m MODULE` (or command)"),
     Setting("service", "command", "list[str]", None, "an argv to run (or module)"),
@@ -400,7 +403,8 @@ def parse(doc: dict, *, runtime: str | None = None, source: str = "config") -> K
             object_store_bytes=rget(key="object_store_mb") * 1024 * 1024,
             token_path=os.path.expanduser(expand(rget(key="token_path"))) if rget(key="token_path") else None,
             kernel_host=rget(key="kernel_host"),
-            temp_dir=expand(rget(key="temp_dir")) if rget(key="temp_dir") else None)
+            temp_dir=expand(rget(key="temp_dir")) if rget(key="temp_dir") else None,
+            connect_timeout_s=rget(key="connect_timeout_s"))
         if cfg.ray.address and cfg.ray.local:
             raise rd.fail("[ray]", "local", "= true with an address: say one of them")
     cfg.root_limits = rd.limits(lim, "root", machine_limits())

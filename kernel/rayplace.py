@@ -144,6 +144,8 @@ class RayClusterConfig:
     kernel_host: str | None = None
     #: A local cluster's session directory (short: Ray puts unix sockets there).
     temp_dir: str | None = None
+    #: Longest wait for the cluster to answer ``ray.init``, seconds (a local head: twice this).
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -500,7 +502,7 @@ class RayCluster:
             try:
                 if not self.cfg.address:
                     self._launch_local()
-                bound = CONNECT_TIMEOUT_S * (1 if self.cfg.address else 2)  # a local head starts first
+                bound = self.cfg.connect_timeout_s * (1 if self.cfg.address else 2)  # a local head starts first
                 await asyncio.wait_for(_in_thread(self._init), bound)
             except asyncio.TimeoutError:
                 self.reason = f"Ray cluster {self.cfg.address or 'local'} unreachable: no answer in {bound:.0f} s"

@@ -112,6 +112,7 @@ def test_unreachable_cluster_leaves_the_service_unavailable_and_the_rest_running
         keys = "{kd}"
         [ray]
         address = "127.0.0.1:1"
+        connect_timeout_s = 5.0
         [[service]]
         name = "far"
         module = "services.echo"
