@@ -17,23 +17,10 @@ from clients import Client
 from kernel import keys
 from services.cpcs.cluster import config
 from tests.support import KernelProcess, short_tmpdir
+from tests.test_cpcs_ray import CALL_S, PLACE_S, WORKERS, W  # one DAG vocabulary for both shapes
 from tests.test_ray_cluster import cluster  # noqa: F401 - the two-node fixture
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
-
-WORKERS = 2
-PLACE_S = 300.0
-CALL_S = 120.0
-
-
-def W(tid, ms, deps=()):
-    return {
-        "id": tid,
-        "service": "work",
-        "eta_s": ms / 1000,
-        "deps": list(deps),
-        "payload": {"ms": ms, "steps": max(1, ms // 20)},
-    }
 
 
 def test_cpcs_dispatches_to_work_replicas_on_another_node(cluster):  # noqa: F811
