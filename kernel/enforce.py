@@ -7,7 +7,7 @@ depend on a worker's cooperation:
 ========================  ======================================  ======================================  ============================
 operation                 cgroup v2 (delegated subtree)           cgroup v1 (controllers mounted rw)      signals + rlimits
 ========================  ======================================  ======================================  ============================
-place a process           ``cgroup.procs`` (children follow)      ``cgroup.procs`` of each hierarchy     remember the pid (tree by
+place a process           ``cgroup.procs`` (+ earlier children)   ``cgroup.procs`` of each hierarchy     remember the pid (tree by
                                                                                                           ``psutil`` descendants)
 freeze / thaw             ``cgroup.freeze`` + ``cgroup.events``   ``freezer.state`` FROZEN / THAWED       SIGSTOP / SIGCONT each
                           (the whole subtree, atomically)         (the whole subtree, atomically)         process of the tree
@@ -61,7 +61,7 @@ import re
 import resource
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +69,36 @@ import psutil
 
 log = logging.getLogger("reca.enforce")
 
-__all__ = ["BACKENDS", "CGROUP1", "CGROUP2", "CGROUP_ROOT", "DEFAULT_WEIGHT", "ENV_GROUP", "FREEZE_TIMEOUT",
-           "KERNEL_WEIGHT", "SIGNALS", "V1_CONTROLLERS", "V2_CONTROLLERS", "CgroupV1Group", "CgroupV2Group",
-           "Enforcer", "EnforcerError", "EnforcerUnavailable", "FreezeTimeout", "Group", "Limits", "MemoryStat",
-           "SignalGroup", "join_group", "limit_address_space", "open_enforcer", "remove_helper_group",
-           "service_group", "weight_to_nice", "weight_to_shares"]
+__all__ = [
+    "BACKENDS",
+    "CGROUP1",
+    "CGROUP2",
+    "CGROUP_ROOT",
+    "DEFAULT_WEIGHT",
+    "ENV_GROUP",
+    "FREEZE_TIMEOUT",
+    "KERNEL_WEIGHT",
+    "SIGNALS",
+    "V1_CONTROLLERS",
+    "V2_CONTROLLERS",
+    "CgroupV1Group",
+    "CgroupV2Group",
+    "Enforcer",
+    "EnforcerError",
+    "EnforcerUnavailable",
+    "FreezeTimeout",
+    "Group",
+    "Limits",
+    "MemoryStat",
+    "SignalGroup",
+    "join_group",
+    "limit_address_space",
+    "open_enforcer",
+    "remove_helper_group",
+    "service_group",
+    "weight_to_nice",
+    "weight_to_shares",
+]
 
 #: The backends, strongest first.
 CGROUP2, CGROUP1, SIGNALS = "cgroup2", "cgroup1", "signals"
@@ -211,6 +236,29 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _place_tree(pid: int, place: Callable[[int], None]) -> None:
+    """Move ``pid`` and every descendant it already has into a group (``place``: its method).
+
+    Writing a pid to ``cgroup.procs`` moves that process only: a child it forked before the write
+    stays where it was and would escape every freeze, kill and ceiling.  The kernel serialises
+    fork against migration, so a child forked after the parent's move is born inside; one forked
+    before is found by the scan that follows the move, repeated until a scan finds nothing new.
+    A descendant that exits meanwhile is skipped; the root's own death is ProcessLookupError."""
+    place(pid)
+    moved = {pid}
+    for _ in range(100):  # a tree that keeps forking new processes faster than the scan: bounded
+        try:
+            todo = [c.pid for c in psutil.Process(pid).children(recursive=True) if c.pid not in moved]
+        except psutil.NoSuchProcess:
+            return
+        if not todo:
+            return
+        for child in todo:
+            moved.add(child)
+            with contextlib.suppress(ProcessLookupError):
+                place(child)
 
 
 # -- groups ---------------------------------------------------------------------------------------
@@ -819,9 +867,14 @@ class Enforcer:
         return group
 
     def place_service(self, name: str, pid: int, limits: Limits | None = None) -> Group:
-        """Move ``pid`` into ``<name>/main``; returns the service's group."""
+        """Move ``pid`` and the children it already forked into ``<name>/main``; returns the
+        service's group."""
         group = self.service(name, limits)
-        group.sub("main").place(pid)
+        main = group.sub("main")
+        if isinstance(main, SignalGroup):
+            main.place(pid)  # a signals group follows the pid's whole tree by itself
+        else:
+            _place_tree(pid, main.place)
         return group
 
     def remove_service(self, name: str) -> None:

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from kernel import enforce as E
@@ -145,9 +146,14 @@ def test_close_with_the_caller_in_the_kernel_group_never_stops_or_kills_the_call
     """Run in a process of its own: the caller joins the kernel's group, and in the pytest process
     that would take pytest's other children (a forkserver, a resource tracker) into that group."""
     name = f"reca-test-{os.getpid()}-caller-{backend}"
-    out = subprocess.run([sys.executable, "-c", _CALLER_IN_KERNEL_GROUP, backend, name], capture_output=True,
-                         text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    out = subprocess.run(
+        [sys.executable, "-c", _CALLER_IN_KERNEL_GROUP, backend, name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split("\n")
     assert "froze itself" not in lines
@@ -165,6 +171,25 @@ def test_kill_ends_every_process_of_the_tree(enforcer):
     assert p.wait(WAIT) == -9
     _wait(lambda: not E._alive(child) or _zombie(child), "the forked child to die")
     _wait(lambda: group.pids() == [] or all(_zombie(x) for x in group.pids()), "an empty group")
+
+
+FORK_THEN_SAY = (
+    "import os, sys\nif os.fork() == 0:\n    while True: pass\nprint('forked', flush=True)\nwhile True: pass\n"
+)
+
+
+def test_placing_a_process_takes_the_children_it_already_forked(enforcer):
+    """A service that forked before it was placed: its child is moved with it (else it would
+    escape every freeze, kill and ceiling of the group)."""
+    enf, procs = enforcer
+    p = _spawn(procs, FORK_THEN_SAY, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "forked"
+    child = psutil.Process(p.pid).children()[0].pid
+    group = enf.place_service("early", p.pid)
+    assert sorted(group.pids()) == sorted([p.pid, child])
+    assert group.kill() == 2
+    assert p.wait(WAIT) == -9
+    _wait(lambda: not E._alive(child) or _zombie(child), "the early child to die")
 
 
 def _zombie(pid: int) -> bool:
@@ -361,8 +386,13 @@ os._exit(0)  # no exit handler runs: as if the kernel were killed with SIGKILL
 @pytest.mark.skipif(V1_SKIP is not None, reason=V1_SKIP or "")
 def test_a_frozen_service_left_by_a_dead_kernel_is_thawed_and_killed_at_the_next_start():
     name = f"reca-{(1 << 22) + os.getpid()}"  # a kernel pid that cannot be alive (above any pid_max)
-    out = subprocess.run([sys.executable, "-c", _STALE_KERNEL, E.CGROUP1, name], capture_output=True, text=True,
-                         timeout=WAIT, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    out = subprocess.run(
+        [sys.executable, "-c", _STALE_KERNEL, E.CGROUP1, name],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
     assert out.returncode == 0, out.stderr
     orphan = int(out.stdout.split()[0])
     try:
