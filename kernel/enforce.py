@@ -280,6 +280,10 @@ class Group(abc.ABC):
     def place(self, pid: int) -> None:
         """Move process ``pid`` into this group; processes it starts later follow it."""
 
+    def place_tree(self, pid: int) -> None:
+        """Move ``pid`` and the processes it already started (see :func:`_place_tree`)."""
+        _place_tree(pid, self.place)
+
     @abc.abstractmethod
     def pids(self) -> list[int]:
         """Every live process in the group and its subgroups."""
@@ -671,6 +675,9 @@ class SignalGroup(Group):
             procs.extend(child._processes())
         return [p for p in procs if p.pid != os.getpid()]  # never stop or kill the caller itself
 
+    def place_tree(self, pid: int) -> None:
+        self.place(pid)  # the pid's whole tree is the group already
+
     def place(self, pid: int) -> None:
         if not _alive(pid):
             raise ProcessLookupError(pid)
@@ -870,11 +877,7 @@ class Enforcer:
         """Move ``pid`` and the children it already forked into ``<name>/main``; returns the
         service's group."""
         group = self.service(name, limits)
-        main = group.sub("main")
-        if isinstance(main, SignalGroup):
-            main.place(pid)  # a signals group follows the pid's whole tree by itself
-        else:
-            _place_tree(pid, main.place)
+        group.sub("main").place_tree(pid)
         return group
 
     def remove_service(self, name: str) -> None:
@@ -1130,7 +1133,10 @@ def join_group(
     if service is None:
         return None
     group = service.sub(sub, limits)
-    group.place(os.getpid() if pid is None else pid)
+    if pid is None:
+        group.place(os.getpid())
+    else:
+        group.place_tree(pid)
     return group
 
 

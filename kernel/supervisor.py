@@ -407,7 +407,7 @@ class Supervisor:
         child.state = ChildState.RUNNING
         if group is not None:
             try:
-                group.sub("main").place(proc.pid)
+                group.sub("main").place_tree(proc.pid)
                 child.group = group
             except (E.EnforcerError, ProcessLookupError) as exc:
                 log.error("cannot place %s (pid %d) in its group: %s", child.spec.name, proc.pid, exc)
