@@ -148,37 +148,69 @@ def _timed_repeats(c: _Case, chosen: dict[str, float], repeats: int) -> dict[str
     return walls
 
 
+def _fit(nb: list[int], secs: list[float]) -> tuple[float, float]:
+    """(per-block seconds, fixed seconds): the least-squares line of time against block count."""
+    slope, intercept = np.polyfit(nb, secs, 1)
+    return float(slope), float(intercept)
+
+
+def _median_cpu(fn, n: int) -> float:
+    """Median CPU seconds of this thread over ``n`` calls of ``fn`` (CPU time, not wall: the
+    machine is shared, and wall time would count the time spent descheduled)."""
+    secs = []
+    for _ in range(n):
+        c0 = time.thread_time()
+        fn()
+        secs.append(time.thread_time() - c0)
+    return statistics.median(secs)
+
+
 def block_overhead(total: int = 64, steps: int = 20, splits: tuple[int, ...] = (2, 4, 8, 16)) -> list[dict]:
-    """Where a level step's time goes: the same ``total``^2 cells of one level cut into B x B
-    blocks for each B in ``splits`` (equal cell work), ``steps`` root steps each, per physics.
-    A level is advanced by one vectorised call over all its blocks (sims/grid.py ``_advance`` ->
-    ``physics.step_level`` on the level's ``[nvar, blocks, ...]`` array), so time per step =
-    fixed per-level-step cost + per-block cost x blocks + per-cell work: the least-squares line of
-    step time against the block count gives the per-block cost (slope) and the fixed cost at zero
-    blocks (intercept)."""
+    """Where the time of the block machinery goes, per physics: the same ``total``^2 root cells cut
+    into B x B blocks for each B in ``splits`` (equal cell work at each B), three operations timed:
+
+    - ``level step``: one root step of a single-level grid (every level is advanced by one
+      vectorised call over all its blocks: sims/grid.py ``_advance`` -> ``physics.step_level``);
+    - ``mixed step``: one root step with every other block (a checkerboard) one level finer: ghost
+      exchange across coarse/fine faces, subcycling, refluxing;
+    - ``regrid``: refining that checkerboard and coarsening it back (topology, ghost and reflux
+      operators rebuilt, data prolonged / restricted), per regrid.
+
+    Each figure is the median CPU time of this thread over ``steps`` repetitions.
+    Time = fixed cost + per-block cost x blocks + per-cell work (constant across B), so the
+    least-squares line of time against the block count gives the cost per block (slope) and the
+    fixed cost (intercept): the ``fit`` rows."""
     out = []
     for phys, case_name in (("shallow_water", "sw_smooth_hump"), ("diffusion", "gaussian_diffusion")):
         case = cases.make_case(case_name)
-        nb, per_step = [], []
+        long = 1e3 * case.t_end  # never finished within the timed steps
+        nb: list[int] = []
+        times: dict[str, list[float]] = {"level step": [], "mixed step": [], "regrid": []}
         for b in splits:
-            sim = cases.build(case, blocks=b, cells=total // b, max_level=0, level=0)
-            sim.step()  # warm-up
-            t0 = time.perf_counter()
-            n = 0
-            while n < steps and not sim.finished:
-                sim.step()
-                n += 1
+            m = total // b
+            checker = ((np.arange(b)[:, None] + np.arange(b)[None, :]) % 2 == 0).ravel().astype(int)
+            uni = cases.build(case, blocks=b, cells=m, max_level=0, level=0, t_end=long)
+            mixed = cases.build(case, blocks=b, cells=m, max_level=1, levels=checker, t_end=long)
+            for sim, key in ((uni, "level step"), (mixed, "mixed step")):
+                sim.step()  # warm-up
+                times[key].append(_median_cpu(sim.step, steps))
+            ids = np.flatnonzero(checker)
+
+            def regrid_twice(sim=mixed, ids=ids) -> None:
+                sim.coarsen(ids)
+                sim.refine(ids)
+
+            times["regrid"].append(_median_cpu(regrid_twice, max(2, steps // 2)) / 2)
             nb.append(b * b)
-            per_step.append((time.perf_counter() - t0) / max(n, 1))
-        slope, intercept = np.polyfit(nb, per_step, 1)
-        for b2, t in zip(nb, per_step):
+        for i, b2 in enumerate(nb):
             out.append({"physics": phys, "blocks": b2, "cells per block": (total * total) // b2,
-                        "ms per step": 1e3 * t})
-        slope, intercept = float(slope), float(intercept)
-        out.append({"physics": phys, "blocks": "fit", "per-block us": 1e6 * slope,
-                    "fixed ms per step": 1e3 * intercept,
-                    "per-block share at 8x8": slope * 64 / (intercept + slope * 64) if intercept + slope * 64 > 0
-                    else float("nan")})
+                        **{f"{k} ms": 1e3 * v[i] for k, v in times.items()}})
+        for key, secs in times.items():
+            slope, intercept = _fit(nb, secs)
+            out.append({"physics": phys, "blocks": "fit", "operation": key, "per-block us": 1e6 * slope,
+                        "fixed ms": 1e3 * intercept,
+                        "per-block share at 8x8": slope * 64 / (intercept + slope * 64) if intercept + slope * 64 > 0
+                        else float("nan")})
     return out
 
 
@@ -237,9 +269,10 @@ def run(quick: bool) -> Result:
     rows += overhead
     for r in overhead:
         if r["blocks"] == "fit":
-            metrics[f"{r['physics']}.per_block_us_per_step"] = r["per-block us"]
-            metrics[f"{r['physics']}.fixed_ms_per_level_step"] = r["fixed ms per step"]
-            metrics[f"{r['physics']}.per_block_share_at_64_blocks"] = r["per-block share at 8x8"]
+            op = r["operation"].replace(" ", "_")
+            metrics[f"{r['physics']}.{op}.per_block_us"] = r["per-block us"]
+            metrics[f"{r['physics']}.{op}.fixed_ms"] = r["fixed ms"]
+            metrics[f"{r['physics']}.{op}.per_block_share_at_64_blocks"] = r["per-block share at 8x8"]
     local = LOCAL_HELDOUT
     metrics |= {
         "igms_error_ratio_local_max": max(metrics[f"{n}.IGMS.error_ratio"] for n in local),

@@ -144,6 +144,10 @@ class _GhostOps:
     slope_y: dict[int, Any]
     flip_rows_x: Any
     flip_rows_y: Any
+    #: coarser source level -> the slots of its blocks that the matrices read (ascending); their
+    #: columns index the array of just those blocks, so time interpolation and slopes are computed
+    #: for the blocks next to the finer level only, not the whole coarser level
+    src_slots: dict[int, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -261,11 +265,17 @@ class BlockTopology:
         targets = self._flat(level, slots, li, lj)
         pieces = self._owner_cells(level, I, J)
         n_t = len(targets)
-        value, slope_x, slope_y = {}, {}, {}
+        value, slope_x, slope_y, src_slots = {}, {}, {}, {}
         for src, parts in pieces.items():
             r = np.concatenate([p[0] for p in parts])
             c = np.concatenate([p[1] for p in parts])
             ncols = len(self.ids[src]) * spec.padded(src) ** 2
+            if src < level:  # read from the used blocks only (see _GhostOps.src_slots)
+                cell = spec.padded(src) ** 2
+                used, pos = np.unique(c // cell, return_inverse=True)
+                c = pos.ravel() * cell + c % cell
+                ncols = len(used) * cell
+                src_slots[src] = used
             shape = (n_t, ncols)
             value[src] = self._csr(np.concatenate([p[2] for p in parts]), r, c, shape)
             if src < level:
@@ -278,10 +288,26 @@ class BlockTopology:
             slope_y=slope_y,
             flip_rows_x=np.flatnonzero(flip_x),
             flip_rows_y=np.flatnonzero(flip_y),
+            src_slots=src_slots,
         )
 
     def _csr(self, w: np.ndarray, r: np.ndarray, c: np.ndarray, shape: tuple[int, int]) -> Any:
-        mat = sp.csr_matrix((w, (r, c)), shape=shape)
+        """The CSR matrix of COO entries (w, r, c), built directly in canonical form (rows, then
+        columns within a row, ascending: what ``sp.csr_matrix((w, (r, c)))`` gives after its
+        sort) without SciPy's COO round trip, which cost more than the rest of a regrid."""
+        r = np.asarray(r, dtype=np.int64)
+        c = np.asarray(c, dtype=np.int64)
+        order = np.lexsort((c, r))
+        r, c, w = r[order], c[order], np.asarray(w, dtype=np.float64)[order]
+        if len(r) > 1 and np.any((r[1:] == r[:-1]) & (c[1:] == c[:-1])):
+            mat = sp.csr_matrix((w, (r, c)), shape=shape)  # duplicates: let SciPy sum them
+        else:
+            indptr = np.zeros(shape[0] + 1, dtype=np.int64)
+            np.cumsum(np.bincount(r, minlength=shape[0]), out=indptr[1:])
+            idx = np.int32 if max(shape) < 2**31 - 1 and len(c) < 2**31 - 1 else np.int64
+            mat = sp.csr_matrix((w, c.astype(idx), indptr.astype(idx)), shape=shape)
+            mat.has_sorted_indices = True
+            mat.has_canonical_format = True
         return mat if self.sparse is sp else self.sparse.csr_matrix(mat)
 
     def _build_reflux(self, level: int) -> _RefluxOps | None:
@@ -462,20 +488,23 @@ class Simulation:
 
     # --- ghost exchange -------------------------------------------------------------------------
 
-    def _source(self, src: int, level: int, t: float) -> Any:
-        """Level ``src`` as seen by ``level`` at time ``t``: coarser levels interpolated in time."""
+    def _source(self, src: int, level: int, t: float, slots: Any = None) -> Any:
+        """Level ``src`` as seen by ``level`` at time ``t``: coarser levels interpolated in time.
+        ``slots``: only these blocks of the source (all when None)."""
+        U = self.U[src] if slots is None else self.U[src][:, slots]
         if src >= level:
-            return self.U[src]
+            return U
         t0, t1 = self._t_old[src], self._t[src]
         if t1 <= t0 or t >= t1:
-            return self.U[src]
+            return U
         a = (t - t0) / (t1 - t0)
-        return self._U_old[src] + a * (self.U[src] - self._U_old[src])
+        old = self._U_old[src] if slots is None else self._U_old[src][:, slots]
+        return old + a * (U - old)
 
     def _fill_ghosts(self, level: int, arr: Any, t: float) -> None:
         ops = self.topo.ghost_ops[level]
         ph, xp, g = self.physics, self.xp, self.spec.ghost
-        srcs = {s: (arr if s == level else self._source(s, level, t)) for s in ops.value}
+        srcs = {s: (arr if s == level else self._source(s, level, t, ops.src_slots.get(s))) for s in ops.value}
         slopes = {}
         for s in ops.slope_x:
             inner = srcs[s][:, :, g:-g, g:-g]
