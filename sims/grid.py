@@ -513,18 +513,20 @@ class Simulation:
             sx[:, :, g:-g, g:-g] = interior_slopes(inner, 2, ph.limited, xp)
             sy[:, :, g:-g, g:-g] = interior_slopes(inner, 3, ph.limited, xp)
             slopes[s] = (sx, sy)
-        for v in range(ph.nvar):
-            vals = None
-            for s, mat in ops.value.items():
-                part = mat @ srcs[s][v].reshape(-1)
-                if s in slopes:
-                    part = part + ops.slope_x[s] @ slopes[s][0][v].reshape(-1) + ops.slope_y[s] @ slopes[s][1][v].reshape(-1)
-                vals = part if vals is None else vals + part
-            if v in ph.flip_x:
-                vals[ops.flip_rows_x] *= -1.0
-            if v in ph.flip_y:
-                vals[ops.flip_rows_y] *= -1.0
-            arr[v].reshape(-1)[ops.targets] = vals
+        # all variables in one product per operator: (ghosts, nvar) = op @ (cells, nvar)
+        cols = {s: src.reshape(ph.nvar, -1).T for s, src in srcs.items()}
+        sl_cols = {s: (sx.reshape(ph.nvar, -1).T, sy.reshape(ph.nvar, -1).T) for s, (sx, sy) in slopes.items()}
+        vals = None
+        for s, mat in ops.value.items():
+            part = mat @ cols[s]
+            if s in slopes:
+                part = part + ops.slope_x[s] @ sl_cols[s][0] + ops.slope_y[s] @ sl_cols[s][1]
+            vals = part if vals is None else vals + part
+        for v in ph.flip_x:
+            vals[ops.flip_rows_x, v] *= -1.0
+        for v in ph.flip_y:
+            vals[ops.flip_rows_y, v] *= -1.0
+        arr.reshape(ph.nvar, -1)[:, ops.targets] = vals.T
 
     # --- time stepping --------------------------------------------------------------------------
 
