@@ -178,8 +178,8 @@ def run_all(names: list[str], out_dir: str, quick: bool, runs: int | None,
     durations = load_durations()
     for line in plan(names, quick, durations):
         print(line, file=sys.stderr, flush=True)
-    record: dict[str, dict[str, Any]] = {}
     rec_path = os.path.join(out_dir, "durations.json")
+    record = load_durations(rec_path)  # a run in batches (--only) adds to the same record
     failed = 0
     t_all = time.monotonic()
     env = environment()
@@ -212,7 +212,7 @@ def run_all(names: list[str], out_dir: str, quick: bool, runs: int | None,
         print(f"[bench all] {i}/{len(names)} {name} {'FAILED' if rc else 'done'} in {_hms(took)} "
               f"(estimated {_hms(est)}; total {_hms(time.monotonic() - t_all)})", file=sys.stderr, flush=True)
     print(f"[bench all] wall time per benchmark (recorded in {rec_path}):", file=sys.stderr)
-    for name, r in record.items():
+    for name, r in ((n, record[n]) for n in names if n in record):
         print(f"  {name:12s} {_hms(r['wall_s']):>10s}  estimated {_hms(r['estimate_s']):>10s}  load {r['load']}",
               file=sys.stderr)
     print(f"  total {_hms(time.monotonic() - t_all)}", file=sys.stderr, flush=True)

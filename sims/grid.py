@@ -167,7 +167,7 @@ class BlockTopology:
     Pure index arithmetic (NumPy); arrays live in :class:`sims.diffusion` / solvers.
     """
 
-    def __init__(self, spec: GridSpec, levels: np.ndarray, sparse: Any = sp) -> None:
+    def __init__(self, spec: GridSpec, levels: np.ndarray, sparse: Any = sp, nvar: int = 1) -> None:
         levels = np.asarray(levels, dtype=np.int64).reshape(-1)
         if levels.shape != (spec.nblocks,):
             raise ValueError(f"levels must have {spec.nblocks} entries, got {levels.shape}")
@@ -176,6 +176,7 @@ class BlockTopology:
         self.spec = spec
         self.levels = levels
         self.sparse = sparse
+        self.nvar = nvar
         self.ids = [np.flatnonzero(levels == lv) for lv in range(spec.max_level + 1)]
         self.slot = np.empty(spec.nblocks, dtype=np.int64)
         for lv, ids in enumerate(self.ids):
@@ -292,11 +293,16 @@ class BlockTopology:
         )
 
     def _csr(self, w: np.ndarray, r: np.ndarray, c: np.ndarray, shape: tuple[int, int]) -> Any:
-        """The CSR matrix of COO entries (w, r, c), built directly in canonical form (rows, then
-        columns within a row, ascending: what ``sp.csr_matrix((w, (r, c)))`` gives after its
-        sort) without SciPy's COO round trip, which cost more than the rest of a regrid."""
-        r = np.asarray(r, dtype=np.int64)
-        c = np.asarray(c, dtype=np.int64)
+        """The CSR matrix of COO entries (w, r, c) of ``shape``, repeated block-diagonally for each
+        of the ``nvar`` variables (``kron(I_nvar, M)``: it maps a level's whole ``(nvar, ...)``
+        array, flattened, in one product, without copying it), built directly in canonical form
+        (rows, then columns within a row, ascending: what ``sp.csr_matrix((w, (r, c)))`` gives
+        after its sort) without SciPy's COO round trip, which cost more than the rest of a regrid."""
+        nv = self.nvar
+        r = np.concatenate([np.asarray(r, dtype=np.int64) + v * shape[0] for v in range(nv)])
+        c = np.concatenate([np.asarray(c, dtype=np.int64) + v * shape[1] for v in range(nv)])
+        w = np.tile(np.asarray(w, dtype=np.float64), nv)
+        shape = (nv * shape[0], nv * shape[1])
         order = np.lexsort((c, r))
         r, c, w = r[order], c[order], np.asarray(w, dtype=np.float64)[order]
         if len(r) > 1 and np.any((r[1:] == r[:-1]) & (c[1:] == c[:-1])):
@@ -435,7 +441,7 @@ class Simulation:
         self.xp, self.sparse = array_module(prefer_gpu)
         if levels is None:
             levels = np.zeros(spec.nblocks, dtype=np.int64)
-        self.topo = BlockTopology(spec, levels, self.sparse)
+        self.topo = BlockTopology(spec, levels, self.sparse, physics.nvar)
         self._neighbours = np.array(
             [[-1 if (n := self.topo.neighbour(b, s)) is None else n for s in range(4)] for b in range(spec.nblocks)]
         )
@@ -513,20 +519,19 @@ class Simulation:
             sx[:, :, g:-g, g:-g] = interior_slopes(inner, 2, ph.limited, xp)
             sy[:, :, g:-g, g:-g] = interior_slopes(inner, 3, ph.limited, xp)
             slopes[s] = (sx, sy)
-        # all variables in one product per operator: (ghosts, nvar) = op @ (cells, nvar)
-        cols = {s: src.reshape(ph.nvar, -1).T for s, src in srcs.items()}
-        sl_cols = {s: (sx.reshape(ph.nvar, -1).T, sy.reshape(ph.nvar, -1).T) for s, (sx, sy) in slopes.items()}
+        # all variables in one product per operator (the operators are kron(I_nvar, M))
         vals = None
         for s, mat in ops.value.items():
-            part = mat @ cols[s]
+            part = mat @ srcs[s].reshape(-1)
             if s in slopes:
-                part = part + ops.slope_x[s] @ sl_cols[s][0] + ops.slope_y[s] @ sl_cols[s][1]
+                part = part + ops.slope_x[s] @ slopes[s][0].reshape(-1) + ops.slope_y[s] @ slopes[s][1].reshape(-1)
             vals = part if vals is None else vals + part
+        vals = vals.reshape(ph.nvar, -1)
         for v in ph.flip_x:
-            vals[ops.flip_rows_x, v] *= -1.0
+            vals[v, ops.flip_rows_x] *= -1.0
         for v in ph.flip_y:
-            vals[ops.flip_rows_y, v] *= -1.0
-        arr.reshape(ph.nvar, -1)[:, ops.targets] = vals.T
+            vals[v, ops.flip_rows_y] *= -1.0
+        arr.reshape(ph.nvar, -1)[:, ops.targets] = vals
 
     # --- time stepping --------------------------------------------------------------------------
 
@@ -584,12 +589,11 @@ class Simulation:
         ops = self.topo.reflux_ops[level]
         if ops is None:
             return
-        h = self.spec.h(level)
-        for v in range(self.physics.nvar):
-            corr = ops.own @ edges[v].reshape(-1)
-            for f, mat in ops.fine.items():
-                corr = corr - mat @ self._acc[f][level][v].reshape(-1)
-            self.U[level][v].reshape(-1)[ops.targets] += corr / h
+        h, nv = self.spec.h(level), self.physics.nvar
+        corr = ops.own @ edges.reshape(-1)  # every variable at once (kron(I_nvar, M) operators)
+        for f, mat in ops.fine.items():
+            corr = corr - mat @ self._acc[f][level].reshape(-1)
+        self.U[level].reshape(nv, -1)[:, ops.targets] += corr.reshape(nv, -1) / h
 
     def step(self) -> Any:
         """Advance one root step (clipped to ``t_end``) and return the watchdog's
@@ -767,7 +771,7 @@ class Simulation:
         (AMReX-style: the work of a level is one array call, not a Python loop over blocks)."""
         g, limited, xp = self.spec.ghost, self.physics.limited, self.xp
         old_topo = self.topo
-        topo = BlockTopology(self.spec, new_levels, self.sparse)
+        topo = BlockTopology(self.spec, new_levels, self.sparse, self.physics.nvar)
         U = [self._empty(lv, len(ids)) for lv, ids in enumerate(topo.ids)]
         for olv in range(self.spec.max_level + 1):
             for lv in range(self.spec.max_level + 1):
@@ -804,7 +808,7 @@ class Simulation:
         levels = np.asarray(snap["levels"])
         if levels.shape != (self.spec.nblocks,):
             raise ValueError("snapshot is from a different grid")
-        self.topo = BlockTopology(self.spec, levels, self.sparse)
+        self.topo = BlockTopology(self.spec, levels, self.sparse, self.physics.nvar)
         self.U = [self.xp.asarray(u).copy() for u in snap["U"]]
         self.time = float(snap["time"])
         self.steps = int(snap["steps"])
