@@ -158,7 +158,7 @@ def plan(names: list[str], quick: bool, durations: dict[str, dict[str, Any]]) ->
         rec = durations.get(name, {}).get(f"{mode}_at", {})
         if est is not None:
             known += est
-        at = (f"  (measured {rec.get('date', '?')}, commit {rec.get('commit', '?')}, runs {rec.get('runs', '?')}, "
+        at = (f"  (measured {rec.get('date', '?')}, commit {rec.get('commit', '?')}, runs {rec.get('runs') or 'default'}, "
               f"load {rec.get('load', '?')})") if est is not None else "  (never measured)"
         lines.append(f"  {name:12s} {_hms(est):>10s}{at}")
     missing = [n for n in names if estimate(n, quick, durations) is None]
