@@ -135,3 +135,15 @@ def test_report_has_a_wall_time_section(tmp_path):
         json.dump(_report.aggregate("demo", True, [_result(1.0)], ENV, 75.0), fh)
     text = open(_report.write_report(str(tmp_path), str(tmp_path / "out.md"))).read()
     assert "## Wall time" in text and "| demo | quick | 1 | 1m15s | 1.0 -> " in text
+
+
+def test_bench_all_records_each_benchmark_duration_and_keeps_earlier_batches(tmp_path, capsys):
+    (tmp_path / "durations.json").write_text(json.dumps({"earlier": {"wall_s": 3.0, "quick": True, "rc": 0}}))
+    assert _report.run_all(["cswif"], str(tmp_path), True, None) == 0  # a real benchmark, quick (seconds)
+    rec = json.loads((tmp_path / "durations.json").read_text())
+    assert set(rec) == {"earlier", "cswif"}
+    assert rec["cswif"]["rc"] == 0 and rec["cswif"]["quick"] is True and rec["cswif"]["wall_s"] > 0
+    assert len(rec["cswif"]["load"]) == 2 and rec["cswif"]["commit"]
+    assert json.loads((tmp_path / "cswif.json").read_text())["bench"] == "cswif"
+    err = capsys.readouterr().err
+    assert "cswif ... estimated" in err and "cswif done in" in err and "wall time per benchmark" in err
