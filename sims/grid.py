@@ -167,7 +167,8 @@ class BlockTopology:
     Pure index arithmetic (NumPy); arrays live in :class:`sims.diffusion` / solvers.
     """
 
-    def __init__(self, spec: GridSpec, levels: np.ndarray, sparse: Any = sp, nvar: int = 1) -> None:
+    def __init__(self, spec: GridSpec, levels: np.ndarray, sparse: Any = sp, nvar: int = 1,
+                 fold_slopes: bool = False) -> None:
         levels = np.asarray(levels, dtype=np.int64).reshape(-1)
         if levels.shape != (spec.nblocks,):
             raise ValueError(f"levels must have {spec.nblocks} entries, got {levels.shape}")
@@ -177,6 +178,8 @@ class BlockTopology:
         self.levels = levels
         self.sparse = sparse
         self.nvar = nvar
+        #: unlimited (linear) slopes: fold them into the coarse-to-fine ghost operator at build time
+        self.fold_slopes = fold_slopes
         self.ids = [np.flatnonzero(levels == lv) for lv in range(spec.max_level + 1)]
         self.slot = np.empty(spec.nblocks, dtype=np.int64)
         for lv, ids in enumerate(self.ids):
@@ -278,7 +281,23 @@ class BlockTopology:
                 ncols = len(used) * cell
                 src_slots[src] = used
             shape = (n_t, ncols)
-            value[src] = self._csr(np.concatenate([p[2] for p in parts]), r, c, shape)
+            w = np.concatenate([p[2] for p in parts])
+            if src < level and self.fold_slopes:  # value + linear slopes: one operator, no slope pass
+                Ps, ms = spec.padded(src), spec.m(src)
+                wx = np.concatenate([p[3] for p in parts])
+                wy = np.concatenate([p[4] for p in parts])
+                rs, cs, ws = [r], [c], [w]
+                for wd, stride, at in ((wx, Ps, (c % (Ps * Ps)) // Ps - g), (wy, 1, c % Ps - g)):
+                    # the unlimited slope of interior_slopes: centred inside, one-sided at the two edges
+                    up = np.where(at == 0, 1.0, np.where(at == ms - 1, 0.0, 0.5)) * wd
+                    down = np.where(at == 0, 0.0, np.where(at == ms - 1, 1.0, 0.5)) * wd
+                    mid = np.where(at == 0, -wd, np.where(at == ms - 1, wd, 0.0))
+                    rs += [r, r, r]
+                    cs += [c + stride, c - stride, c]
+                    ws += [up, -down, mid]
+                value[src] = self._csr(np.concatenate(ws), np.concatenate(rs), np.concatenate(cs), shape)
+                continue
+            value[src] = self._csr(w, r, c, shape)
             if src < level:
                 slope_x[src] = self._csr(np.concatenate([p[3] for p in parts]), r, c, shape)
                 slope_y[src] = self._csr(np.concatenate([p[4] for p in parts]), r, c, shape)
@@ -305,15 +324,16 @@ class BlockTopology:
         shape = (nv * shape[0], nv * shape[1])
         order = np.lexsort((c, r))
         r, c, w = r[order], c[order], np.asarray(w, dtype=np.float64)[order]
-        if len(r) > 1 and np.any((r[1:] == r[:-1]) & (c[1:] == c[:-1])):
-            mat = sp.csr_matrix((w, (r, c)), shape=shape)  # duplicates: let SciPy sum them
-        else:
-            indptr = np.zeros(shape[0] + 1, dtype=np.int64)
-            np.cumsum(np.bincount(r, minlength=shape[0]), out=indptr[1:])
-            idx = np.int32 if max(shape) < 2**31 - 1 and len(c) < 2**31 - 1 else np.int64
-            mat = sp.csr_matrix((w, c.astype(idx), indptr.astype(idx)), shape=shape)
-            mat.has_sorted_indices = True
-            mat.has_canonical_format = True
+        dup = (r[1:] == r[:-1]) & (c[1:] == c[:-1])
+        if dup.any():  # sum repeated entries (in sorted order)
+            starts = np.flatnonzero(np.concatenate([[True], ~dup]))
+            r, c, w = r[starts], c[starts], np.add.reduceat(w, starts)
+        indptr = np.zeros(shape[0] + 1, dtype=np.int64)
+        np.cumsum(np.bincount(r, minlength=shape[0]), out=indptr[1:])
+        idx = np.int32 if max(shape) < 2**31 - 1 and len(c) < 2**31 - 1 else np.int64
+        mat = sp.csr_matrix((w, c.astype(idx), indptr.astype(idx)), shape=shape)
+        mat.has_sorted_indices = True
+        mat.has_canonical_format = True
         return mat if self.sparse is sp else self.sparse.csr_matrix(mat)
 
     def _build_reflux(self, level: int) -> _RefluxOps | None:
@@ -441,7 +461,7 @@ class Simulation:
         self.xp, self.sparse = array_module(prefer_gpu)
         if levels is None:
             levels = np.zeros(spec.nblocks, dtype=np.int64)
-        self.topo = BlockTopology(spec, levels, self.sparse, physics.nvar)
+        self.topo = BlockTopology(spec, levels, self.sparse, physics.nvar, not physics.limited)
         self._neighbours = np.array(
             [[-1 if (n := self.topo.neighbour(b, s)) is None else n for s in range(4)] for b in range(spec.nblocks)]
         )
@@ -771,7 +791,7 @@ class Simulation:
         (AMReX-style: the work of a level is one array call, not a Python loop over blocks)."""
         g, limited, xp = self.spec.ghost, self.physics.limited, self.xp
         old_topo = self.topo
-        topo = BlockTopology(self.spec, new_levels, self.sparse, self.physics.nvar)
+        topo = BlockTopology(self.spec, new_levels, self.sparse, self.physics.nvar, not self.physics.limited)
         U = [self._empty(lv, len(ids)) for lv, ids in enumerate(topo.ids)]
         for olv in range(self.spec.max_level + 1):
             for lv in range(self.spec.max_level + 1):
@@ -808,7 +828,7 @@ class Simulation:
         levels = np.asarray(snap["levels"])
         if levels.shape != (self.spec.nblocks,):
             raise ValueError("snapshot is from a different grid")
-        self.topo = BlockTopology(self.spec, levels, self.sparse, self.physics.nvar)
+        self.topo = BlockTopology(self.spec, levels, self.sparse, self.physics.nvar, not self.physics.limited)
         self.U = [self.xp.asarray(u).copy() for u in snap["U"]]
         self.time = float(snap["time"])
         self.steps = int(snap["steps"])
