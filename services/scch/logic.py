@@ -144,9 +144,10 @@ class SubgoalCache:
             raise C.TooLarge("subgoal text too long")
         return memo_key
 
-    def canon(self, subgoal: Any) -> C.Canon:
-        """The subgoal's canonical form (memoised by its exact text)."""
-        memo_key = self._text(subgoal)
+    def canon(self, subgoal: Any, text: str | None = None) -> C.Canon:
+        """The subgoal's canonical form (memoised by its exact text, ``text`` when the caller has
+        it already)."""
+        memo_key = self._text(subgoal) if text is None else text
         found = self._memo.get_fresh(memo_key)
         if found is None:
             found = self._canonicalise(subgoal)
@@ -158,16 +159,21 @@ class SubgoalCache:
     def get(self, subgoal: Any, now: float) -> tuple[C.Canon, dict | None, Entry | None]:
         """``(canon, served, entry)``: ``served`` is ``{"answer", ...}`` (:meth:`for_query`: in
         the query's symbols, verified against the query); served and entry are ``None`` on a
-        miss.  Counts the observation of the key."""
-        cn = self.canon(subgoal)
+        miss.  Counts the observation of the key.
+
+        One backend read (the observation score and the entry) and one backend write (the new
+        observation score and, for a served hit, the entry's retention score)."""
+        text = self._text(subgoal)
+        cn = self.canon(subgoal, text)
         self.counts.gets += 1
-        self.backend.observe(cn.key, bump(self.backend.observed(cn.key), now, self.half_life), self.keep_observations)
-        entry = self.backend.load(cn.key)
+        observed, entry = self.backend.read(cn.key)
         served = None
         if entry is not None:
-            served = self._serve(cn, entry, self._text(subgoal))
+            served = self._serve(cn, entry, text)
             if served is None:
                 entry = None
+        self.backend.record(cn.key, bump(observed, now, self.half_life), self.keep_observations,
+                            None if entry is None else bump(entry.z, now, self.half_life))
         kind_counts = self.counts.by_kind[cn.kind]
         kind_counts[1] += 1
         if entry is None:
@@ -175,7 +181,6 @@ class SubgoalCache:
             return cn, None, None
         self.counts.hits += 1
         kind_counts[0] += 1
-        self.backend.touch(cn.key, bump(entry.z, now, self.half_life))
         return cn, served, entry
 
     def _serve(self, cn: C.Canon, entry: Entry, text: str) -> dict | None:

@@ -85,6 +85,19 @@ class Backend(abc.ABC):
     def victim(self) -> tuple[str, float] | None:
         """The entry with the least retention score."""
 
+    def read(self, key: str) -> tuple[float | None, Entry | None]:
+        """``(observed(key), load(key))``: what a ``get`` reads, in one round trip where the
+        backend can batch reads."""
+        return self.observed(key), self.load(key)
+
+    def record(self, key: str, observed_z: float, keep: int, hit_z: float | None = None) -> None:
+        """What a ``get`` writes: the key's observation score (:meth:`observe`) and, for a served
+        hit, the entry's new retention score (:meth:`touch`), in one write where the backend can
+        (one SQLite transaction, one Redis ``MULTI``)."""
+        self.observe(key, observed_z, keep)
+        if hit_z is not None:
+            self.touch(key, hit_z)
+
     @abc.abstractmethod
     def count(self) -> int: ...
 
@@ -129,6 +142,13 @@ class SQLiteBackend(Backend):
         rows = self._run("SELECT key, kind, artifact, verifier, how, z, hits, digest FROM entries WHERE key = ?", (key,))
         return Entry(*rows[0]) if rows else None
 
+    def read(self, key: str) -> tuple[float | None, Entry | None]:
+        rows = self._run("SELECT o.z, e.key, e.kind, e.artifact, e.verifier, e.how, e.z, e.hits, e.digest "
+                         "FROM (SELECT ? AS k) AS q LEFT JOIN observations AS o ON o.key = q.k "
+                         "LEFT JOIN entries AS e ON e.key = q.k", (key,))
+        z, *entry = rows[0]
+        return z, (Entry(*entry) if entry[0] is not None else None)
+
     def store(self, entry: Entry, evict: str | None = None) -> None:
         try:
             with self.db:
@@ -153,16 +173,29 @@ class SQLiteBackend(Backend):
         return rows[0][0] if rows else None
 
     def observe(self, key: str, z: float, keep: int) -> None:
+        self.record(key, z, keep)
+
+    def record(self, key: str, observed_z: float, keep: int, hit_z: float | None = None) -> None:
         try:
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")
-                self.db.execute("INSERT OR REPLACE INTO observations VALUES (?, ?)", (key, z))
-                (n,) = self.db.execute("SELECT COUNT(*) FROM observations").fetchone()
-                if n > keep:
-                    self.db.execute("DELETE FROM observations WHERE key IN "
-                                    "(SELECT key FROM observations ORDER BY z LIMIT ?)", (n - keep,))
+                self._observe(key, observed_z, keep)
+                if hit_z is not None:
+                    self.db.execute("UPDATE entries SET z = ?, hits = hits + 1 WHERE key = ?", (hit_z, key))
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"sqlite: {exc}") from exc
+
+    def _observe(self, key: str, z: float, keep: int) -> None:
+        """Inside a write transaction.  A key already observed is updated in place; the table is
+        counted (``COUNT(*)`` walks its whole index, which every ``get`` paid before) only after an
+        insert."""
+        if self.db.execute("UPDATE observations SET z = ? WHERE key = ?", (z, key)).rowcount:
+            return
+        self.db.execute("INSERT INTO observations VALUES (?, ?)", (key, z))
+        (n,) = self.db.execute("SELECT COUNT(*) FROM observations").fetchone()
+        if n > keep:
+            self.db.execute("DELETE FROM observations WHERE key IN "
+                            "(SELECT key FROM observations ORDER BY z LIMIT ?)", (n - keep,))
 
     def victim(self) -> tuple[str, float] | None:
         rows = self._run("SELECT key, z FROM entries ORDER BY z LIMIT 1")
@@ -209,7 +242,10 @@ class RedisBackend(Backend):
         return f"{self.prefix}e:{key}"
 
     def load(self, key: str) -> Entry | None:
-        h = self._call(self.r.hgetall, self._e(key))
+        return self._entry(key, self._call(self.r.hgetall, self._e(key)))
+
+    @staticmethod
+    def _entry(key: str, h: dict) -> Entry | None:
         if not h:
             return None
         try:
@@ -245,21 +281,39 @@ class RedisBackend(Backend):
     def touch(self, key: str, z: float) -> None:
         def tx() -> None:
             pipe = self.r.pipeline(transaction=True)
-            pipe.hset(self._e(key), "z", repr(z))
-            pipe.hincrby(self._e(key), "hits", 1)
-            pipe.zadd(f"{self.prefix}z", {key: z}, xx=True)
+            self._touch(pipe, key, z)
             pipe.execute()
 
         self._call(tx)
+
+    def _touch(self, pipe: Any, key: str, z: float) -> None:
+        pipe.hset(self._e(key), "z", repr(z))
+        pipe.hincrby(self._e(key), "hits", 1)
+        pipe.zadd(f"{self.prefix}z", {key: z}, xx=True)
 
     def observed(self, key: str) -> float | None:
         return self._call(self.r.zscore, f"{self.prefix}o", key)
 
     def observe(self, key: str, z: float, keep: int) -> None:
+        self.record(key, z, keep)
+
+    def read(self, key: str) -> tuple[float | None, Entry | None]:
+        def both() -> list:
+            pipe = self.r.pipeline(transaction=False)  # one round trip, two reads
+            pipe.zscore(f"{self.prefix}o", key)
+            pipe.hgetall(self._e(key))
+            return pipe.execute()
+
+        z, h = self._call(both)
+        return z, self._entry(key, h)
+
+    def record(self, key: str, observed_z: float, keep: int, hit_z: float | None = None) -> None:
         def tx() -> None:
             pipe = self.r.pipeline(transaction=True)
-            pipe.zadd(f"{self.prefix}o", {key: z})
+            pipe.zadd(f"{self.prefix}o", {key: observed_z})
             pipe.zremrangebyrank(f"{self.prefix}o", 0, -keep - 1)
+            if hit_z is not None:
+                self._touch(pipe, key, hit_z)
             pipe.execute()
 
         self._call(tx)
