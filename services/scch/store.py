@@ -55,6 +55,17 @@ class Entry:
         return self.digest == self.content_digest()
 
 
+@dataclasses.dataclass
+class Scores:
+    """Score updates of one key by ``get`` calls (:meth:`Backend.record`): its observation score
+    and, when its entry was served, the entry's retention score and how many hits."""
+
+    key: str
+    observed_z: float
+    hit_z: float | None = None
+    hits: int = 0
+
+
 class Backend(abc.ABC):
     name = "backend"
 
@@ -90,13 +101,15 @@ class Backend(abc.ABC):
         backend can batch reads."""
         return self.observed(key), self.load(key)
 
-    def record(self, key: str, observed_z: float, keep: int, hit_z: float | None = None) -> None:
-        """What a ``get`` writes: the key's observation score (:meth:`observe`) and, for a served
-        hit, the entry's new retention score (:meth:`touch`), in one write where the backend can
-        (one SQLite transaction, one Redis ``MULTI``)."""
-        self.observe(key, observed_z, keep)
-        if hit_z is not None:
-            self.touch(key, hit_z)
+    def record(self, scores: list[Scores], keep: int) -> None:
+        """What ``get`` calls wrote (:class:`Scores`: each key's observation score, as
+        :meth:`observe`, and for served hits the entry's retention score and the number of hits,
+        as :meth:`touch`), in one write where the backend can (one SQLite transaction, one Redis
+        ``MULTI``)."""
+        for sc in scores:
+            self.observe(sc.key, sc.observed_z, keep)
+            for _ in range(sc.hits if sc.hit_z is not None else 0):
+                self.touch(sc.key, sc.hit_z)
 
     @abc.abstractmethod
     def count(self) -> int: ...
@@ -173,15 +186,17 @@ class SQLiteBackend(Backend):
         return rows[0][0] if rows else None
 
     def observe(self, key: str, z: float, keep: int) -> None:
-        self.record(key, z, keep)
+        self.record([Scores(key, z)], keep)
 
-    def record(self, key: str, observed_z: float, keep: int, hit_z: float | None = None) -> None:
+    def record(self, scores: list[Scores], keep: int) -> None:
         try:
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")
-                self._observe(key, observed_z, keep)
-                if hit_z is not None:
-                    self.db.execute("UPDATE entries SET z = ?, hits = hits + 1 WHERE key = ?", (hit_z, key))
+                for sc in scores:
+                    self._observe(sc.key, sc.observed_z, keep)
+                    if sc.hit_z is not None and sc.hits:
+                        self.db.execute("UPDATE entries SET z = ?, hits = hits + ? WHERE key = ?",
+                                        (sc.hit_z, sc.hits, sc.key))
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"sqlite: {exc}") from exc
 
@@ -286,16 +301,16 @@ class RedisBackend(Backend):
 
         self._call(tx)
 
-    def _touch(self, pipe: Any, key: str, z: float) -> None:
+    def _touch(self, pipe: Any, key: str, z: float, hits: int = 1) -> None:
         pipe.hset(self._e(key), "z", repr(z))
-        pipe.hincrby(self._e(key), "hits", 1)
+        pipe.hincrby(self._e(key), "hits", hits)
         pipe.zadd(f"{self.prefix}z", {key: z}, xx=True)
 
     def observed(self, key: str) -> float | None:
         return self._call(self.r.zscore, f"{self.prefix}o", key)
 
     def observe(self, key: str, z: float, keep: int) -> None:
-        self.record(key, z, keep)
+        self.record([Scores(key, z)], keep)
 
     def read(self, key: str) -> tuple[float | None, Entry | None]:
         def both() -> list:
@@ -307,13 +322,17 @@ class RedisBackend(Backend):
         z, h = self._call(both)
         return z, self._entry(key, h)
 
-    def record(self, key: str, observed_z: float, keep: int, hit_z: float | None = None) -> None:
+    def record(self, scores: list[Scores], keep: int) -> None:
+        if not scores:
+            return
+
         def tx() -> None:
             pipe = self.r.pipeline(transaction=True)
-            pipe.zadd(f"{self.prefix}o", {key: observed_z})
+            pipe.zadd(f"{self.prefix}o", {sc.key: sc.observed_z for sc in scores})
             pipe.zremrangebyrank(f"{self.prefix}o", 0, -keep - 1)
-            if hit_z is not None:
-                self._touch(pipe, key, hit_z)
+            for sc in scores:
+                if sc.hit_z is not None and sc.hits:
+                    self._touch(pipe, sc.key, sc.hit_z, sc.hits)
             pipe.execute()
 
         self._call(tx)
