@@ -141,6 +141,7 @@ class SubgoalCache:
         self._checks: _LRU = _LRU(CHECKS_SIZE)
         self._answers: _LRU = _LRU(MEMO_SIZE)  # (subgoal text, entry digest) -> translated answer
         self._passed: _LRU = _LRU(CHECKS_SIZE)  # (key, digest) of proved artifacts that passed a hit check
+        self._parsed: _LRU = _LRU(CHECKS_SIZE)  # entry digest -> parsed artifact
         self._scores: dict[str, Scores] = {}  # buffered get writes (FLUSH_KEYS, FLUSH_SECONDS)
         self._scores_since = 0.0
 
@@ -228,7 +229,7 @@ class SubgoalCache:
                 with C.time_limit(CHECK_SECONDS, "hit check"):  # a check that cannot finish: not served
                     check = self._checks.get_fresh((cn.key, entry.digest))
                     if check is None:
-                        check = QuickCheck.compile(cn.kind, cn.form, answer_from_text(cn.kind, entry.artifact))
+                        check = QuickCheck.compile(cn.kind, cn.form, self._artifact(entry))
                         self._checks.put((cn.key, entry.digest), check)
                     ok = check.check(self.rng)
             except (ReasonError, ValueError, TypeError, SyntaxError, sp.SympifyError):
@@ -243,13 +244,22 @@ class SubgoalCache:
         if served is None:
             try:
                 with C.time_limit(CHECK_SECONDS, "query check"):
-                    served = self.for_query(cn, answer_from_text(cn.kind, entry.artifact), entry.how)
+                    served = self.for_query(cn, self._artifact(entry), entry.how)
             except (ReasonError, ValueError, TypeError, SyntaxError, sp.SympifyError):
                 self.counts.rejected += 1
                 self.backend.delete(cn.key)
                 return None
             self._answers.put((text, entry.digest), served)
         return served
+
+    def _artifact(self, entry: Entry) -> Any:
+        """The entry's artifact parsed (SymPy objects are immutable: memoised by the digest,
+        which the caller checked against the content)."""
+        parsed = self._parsed.get_fresh(entry.digest)
+        if parsed is None:
+            parsed = answer_from_text(entry.kind, entry.artifact)
+            self._parsed.put(entry.digest, parsed)
+        return parsed
 
     def for_query(self, cn: C.Canon, canonical: Any, how: str) -> dict:
         """The canonical answer translated into the query's symbols and verified against the
