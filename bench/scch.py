@@ -50,7 +50,8 @@ from services.scch.store import Entry, open_backend
 HEADLINE = {"hit_rate_vs_srepr_rename": "a cache keyed on SymPy srepr + variable renaming (same capacity, admission, eviction)",
             "cpu_saved_fraction_net": "no cache, net of the cache's own lookup and admission CPU",
             "sympy_tests_hit_rate_vs_srepr_rename": "srepr + renaming cache, on SymPy's own test expressions",
-            "lookup_warm_p50_vs_echo": "a routed echo of the same size"}
+            "lookup_warm_p50_vs_echo": "a routed echo of the same size",
+            "lookup_warm_cpu_vs_echo": "a routed echo: CPU of client + kernel + workers per request"}
 CAPACITY = 32
 #: admission refusals that are the shared score policy's, not the verifier's
 POLICY_REASONS = ("observed too rarely", "scores below every entry", "a verified entry exists")
