@@ -51,7 +51,7 @@ HEADLINE = {"hit_rate_vs_srepr_rename": "a cache keyed on SymPy srepr + variable
             "cpu_saved_fraction_net": "no cache, net of the cache's own lookup and admission CPU",
             "sympy_tests_hit_rate_vs_srepr_rename": "srepr + renaming cache, on SymPy's own test expressions",
             "lookup_warm_p50_vs_echo": "a routed echo of the same size",
-            "lookup_warm_cpu_vs_echo": "a routed echo: CPU of client + kernel + workers per request"}
+            "lookup_warm_cpu_vs_echo": "a routed echo: CPU of client + kernel + serving worker per request"}
 CAPACITY = 32
 #: admission refusals that are the shared score policy's, not the verifier's
 POLICY_REASONS = ("observed too rarely", "scores below every entry", "a verified entry exists")
@@ -379,16 +379,20 @@ def _fresh_member(subgoal: dict, rng: random.Random) -> dict | None:
 
 
 def _cpu_per_request(client, kernel_pid: int, calls: dict, n: int, rounds: int = 3) -> dict:
-    """CPU seconds per request of the client, the kernel and every worker process together
-    (user + system, from /proc through psutil), for blocks of ``n`` calls of each kind in turn,
-    ``rounds`` times.  CPU is what a request costs whatever else runs on the machine; wall
+    """CPU seconds per request on the request's path: the client, the kernel and the worker
+    process that serves it (user + system, from /proc through psutil; ``calls``: key -> (service,
+    body(i), a string of the worker's command line)), for blocks of ``n`` calls of each kind in
+    turn, ``rounds`` times.  CPU is what a request costs whatever else runs on the machine; wall
     latency on a loaded machine mostly measures waiting for a core."""
     import psutil
 
-    def cpu() -> float:
+    def cpu(worker: str) -> float:
         total = time.process_time()
         try:
-            procs = [psutil.Process(kernel_pid), *psutil.Process(kernel_pid).children(recursive=True)]
+            kernel = psutil.Process(kernel_pid)
+            # the worker itself, not its forked helpers (they share its command line, idle on a warm get)
+            procs = [kernel, *(p for p in kernel.children(recursive=True)
+                               if worker in " ".join(p.cmdline()) and worker not in " ".join(p.parent().cmdline()))]
         except psutil.Error:
             return total
         for pr in procs:
@@ -401,11 +405,11 @@ def _cpu_per_request(client, kernel_pid: int, calls: dict, n: int, rounds: int =
 
     spent = {k: 0.0 for k in calls}
     for _ in range(rounds):
-        for key, (svc, body) in calls.items():
-            c0 = cpu()
+        for key, (svc, body, worker) in calls.items():
+            c0 = cpu(worker)
             for i in range(n):
                 client.call(svc, body(i))
-            spent[key] += cpu() - c0
+            spent[key] += cpu(worker) - c0
     return {f"{k}_cpu_us_per_request": 1e6 * v / (n * rounds) for k, v in spent.items()}
 
 
@@ -443,9 +447,10 @@ def _latency(n: int, fresh: int) -> dict:
                     samples[key].append(time.perf_counter() - t0)
                     if svc != "echo":
                         assert reply["hit"], reply
-            out |= _cpu_per_request(c, kern.pid, {"echo": ("echo", lambda i: payload),
-                                                  "scch_warm": ("scch", lambda i: {"op": "get", "subgoal": warm[i % 4]})},
-                                    max(20, n // 5))
+            out |= _cpu_per_request(c, kern.pid, {
+                "echo": ("echo", lambda i: payload, "services.echo"),
+                "scch_warm": ("scch", lambda i: {"op": "get", "subgoal": warm[i % 4]}, f"--db {d}/scch.db")},
+                max(20, n // 5))
             for i in range(fresh):
                 sg = W.member(*base[i % 4], rng)[0]
                 for key, svc in (("scch_cold", "scch"), ("scch_redis_cold", "scch_redis")):
@@ -573,7 +578,7 @@ def run(quick: bool) -> Result:
          "per_s": lat["scch_redis_cold_per_s"]},
         *({"cache": f"in-process {label} get, where the CPU goes (mean us per get)",
            **{k: round(v, 1) for k, v in breakdown[label].items() if k.endswith(" us")}} for label in ("warm", "cold")),
-        {"cache": "CPU per request, client + kernel + workers (us)", "echo": lat["echo_cpu_us_per_request"],
+        {"cache": "CPU per request, client + kernel + serving worker (us)", "echo": lat["echo_cpu_us_per_request"],
          "get sqlite warm": lat["scch_warm_cpu_us_per_request"]},
     ]
     notes = [
@@ -594,7 +599,7 @@ def run(quick: bool) -> Result:
         "in-process breakdown rows: the real cache object with its methods wrapped by CPU timers (warm: a text seen "
         "before; cold: a fresh member of a cached class, parsed and canonicalised by SymPy); the rest of a routed "
         "get is the bus: client, kernel, worker and msgpack",
-        "lookup_warm_cpu_vs_echo: CPU of client + kernel + workers per request, a warm get over an echo, in blocks; "
+        "lookup_warm_cpu_vs_echo: CPU of client + kernel + the serving worker per request, a warm get over an echo, in blocks; "
         "on a loaded machine the wall ratio mostly measures waiting for a core, the CPU ratio what a get costs",
         "srepr + renaming with SCCH's admission verifier: the same key, caching only answers SCCH would store "
         "(full check; a solve answer proved complete), paying that check's CPU on its misses; the plain srepr peer "
