@@ -41,7 +41,7 @@ from bench._common import Result, percentile
 from reason import canon as C
 from reason import workload as W
 from reason.check import QuickCheck, admission_refusal, full_check
-from reason.errors import ReasonError
+from reason.errors import ReasonError, Unsupported
 from reason.solve import timed_compute
 from services.scch.logic import SubgoalCache, bump, score_at
 from services.scch.store import Entry, open_backend
@@ -195,17 +195,20 @@ class Solver:
             try:
                 how = full_check(kind, form, answer, np.random.default_rng(0))
                 ok = admission_refusal(kind, how, form) is None
-            except ReasonError:
+            except Exception:  # noqa: BLE001 - a ReasonError, or SymPy failing inside the check: not admissible
                 ok = False
             self.checked[key] = (ok, time.process_time() - c0)
         return self.checked[key]
 
     def __call__(self, key: str, kind: str, form: sp.Expr) -> tuple:
         if key not in self.done:
+            c0 = time.process_time()
             try:
                 self.done[key] = timed_compute(kind, form, seconds=self.seconds)
             except ReasonError as exc:
-                self.done[key] = (exc, 0.0)
+                self.done[key] = (exc, time.process_time() - c0)
+            except Exception as exc:  # noqa: BLE001 - SymPy raises many kinds; the service's solver child reports them so
+                self.done[key] = (Unsupported(f"{type(exc).__name__}: {exc}"), time.process_time() - c0)
         return self.done[key]
 
 
