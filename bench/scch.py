@@ -275,9 +275,9 @@ def evaluate(queries: list[W.Query], half_life: float, admit_min: float, solver:
             checked += 1
             wrong += not independent_check(q.subgoal, served["answer"], rng)
             continue
+        cpu_cache += cpu  # a miss pays the solve, failed or not (a failed one costs its CPU up to the failure)
         if isinstance(answer, Exception):
             continue
-        cpu_cache += cpu
         c0 = time.process_time()
         try:
             out = cache.admit(cn, answer, now)
