@@ -43,6 +43,8 @@ from bklm.train import TrainConfig, Trainer
 
 OUT_DIR = os.path.join(os.path.dirname(__file__), "out")
 TARGET_FRACTION = 0.4
+#: one run: the spread is over seeds inside it, and one full run is ~20 minutes of the shared machine
+RUNS = 1
 
 
 def _progress(line: str) -> None:

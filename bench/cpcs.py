@@ -46,6 +46,8 @@ HEADLINE = {"straggler_cpcs_over_heft_threads": "HEFT on a thread pool, no messa
                                               "cannot help)",
             "layered_cpcs_over_lb": "the lower bound max(critical path, work / workers)"}
 OUT_DIR = os.path.join(os.path.dirname(__file__), "out")
+#: one run: the spread is over the 5 DAGs of each family inside it (a run is ~10 minutes)
+RUNS = 1
 WORKERS = 4
 DECODE_WORKERS = 2
 STEP_S = 0.05  # one progress report per 50 ms of work: fewer wake-ups for a loaded machine
