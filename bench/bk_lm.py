@@ -306,7 +306,10 @@ def fair_comparison(corpus, base: TrainConfig, budget_steps: int, seeds: list[in
 
 
 def run(quick: bool) -> Result:
+    import resource
+
     torch.set_num_threads(1)
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
     base, seeds, budget_steps, evals = _configs(quick)
     corpus = corpus_mod.load()
     _progress(f"bench bk_lm: corpus {json.dumps(corpus.summary())}")
@@ -331,6 +334,8 @@ def run(quick: bool) -> Result:
                      f"the full run near 20 minutes on the shared machine; their factor is against plain "
                      f"ResNet-BK's seed of the same number"]
     result.notes += _plot(curves, budget, result.metrics["target_loss"], " (quick)" if quick else "")
+    # what the run costs in CPU (one thread): its wall time is that over the share of a core it got
+    result.metrics["process_cpu_s"] = resource.getrusage(resource.RUSAGE_SELF).ru_utime - cpu0
     if not quick:
         os.makedirs(OUT_DIR, exist_ok=True)
         with open(os.path.join(OUT_DIR, "bk_lm_curves.json"), "w") as fh:
