@@ -355,7 +355,7 @@ def run(quick: bool = False) -> Result:
              "that) and a thread pool retries a failed attempt at once on the same thread, so nothing CPCS "
              "observes changes the order and its per-task messaging is pure cost; on straggler a slow first "
              "attempt holds a thread-pool worker to its end while CPCS restarts it once its progress rate "
-             "shows it (restart_factor x a fresh attempt of its kind); flat withholds per-task estimates "
+             "shows it (restart_factor x the slowest finished task of its kind); flat withholds per-task estimates "
              "(every ETA the mean) so only kinds observed at run time tell the chain apart",
              "Gantt charts: " + ", ".join(os.path.relpath(p) for p in charts)]
     return Result(metrics=metrics, targets=targets, table=table, notes=notes)

@@ -284,7 +284,7 @@ def test_truth_dataclass_and_lower_bound():
 def _straggler_setup():
     # k1 finishes first (teaching the scheduler what a 'k' task takes), then s runs slow
     d = dag(T("k1", 0.2, kind="k"), T("s", 0.2, kind="k"), T("after", 0.2, ["s"], kind="k"))
-    s = Scheduler(d, workers(2), 0.0)
+    s = Scheduler(d, workers(2), 0.0, params=Params(restart_min_seen=1))
     for a in s.tick(0.0):
         if a.op == "dispatch":
             s.on_started(a.task, 0.0, token=a.task.encode())
@@ -316,6 +316,14 @@ def test_no_restart_before_a_task_of_its_kind_finished_nor_for_the_peers():
             s.on_started(a.task, 0.0, token=a.task.encode())
     s.on_progress("s", 0.1, 0.4)  # slow, but nothing of kind k has finished: underestimated or slow?
     assert not [a for a in s.tick(0.4) if a.op == "restart"]
+    d3 = dag(T("k1", 0.2, kind="k"), T("s", 0.2, kind="k"))
+    s3 = Scheduler(d3, workers(2), 0.0)  # the default judges a kind only after 3 of it finished
+    for a in s3.tick(0.0):
+        if a.op == "dispatch":
+            s3.on_started(a.task, 0.0, token=a.task.encode())
+    s3.on_finished("k1", 0.2, ok=True)
+    s3.on_progress("s", 0.1, 0.4)
+    assert not [a for a in s3.tick(0.4) if a.op == "restart"]
     h = _straggler_setup()
     h.params.restart_factor = 0.0  # switched off
     h.on_progress("s", 0.1, 0.4)
@@ -328,6 +336,21 @@ def test_no_restart_before_a_task_of_its_kind_finished_nor_for_the_peers():
         p.on_finished("k1", 0.2, ok=True)
         p.on_progress("s", 0.1, 0.4)
         assert not [a for a in p.tick(0.4) if a.op == "restart"]
+
+
+def test_a_long_task_of_a_kind_that_varies_is_not_restarted():
+    # three 'k' tasks finished, the slowest at 4x its estimate: a task at 6x is within 2x of that
+    d = dag(*(T(f"k{i}", 0.1, kind="k") for i in range(3)), T("s", 0.1, kind="k"))
+    s = Scheduler(d, workers(4), 0.0)
+    for a in s.tick(0.0):
+        if a.op == "dispatch":
+            s.on_started(a.task, 0.0, token=a.task.encode())
+    for i, ran in enumerate((0.1, 0.15, 0.4)):
+        s.on_finished(f"k{i}", ran, ok=True)
+    s.on_progress("s", 0.1, 0.06)  # on course for 0.6 s
+    assert not [a for a in s.tick(0.06) if a.op == "restart"]
+    s.on_progress("s", 0.2, 0.2)  # now on course for 1.0 s: beyond 2x the slowest (0.8 s)
+    assert [a.task for a in s.tick(0.2) if a.op == "restart"] == ["s"]
 
 
 def test_simulated_stragglers_cpcs_restarts_and_beats_static_heft():

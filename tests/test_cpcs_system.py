@@ -156,7 +156,7 @@ def test_a_straggling_attempt_is_cancelled_and_run_again(client, kern):
     k = W("k", 200, kind="k")
     s = W("s", 400, kind="k")
     s["payload"] = {"ms": 400, "steps": 20, "attempts": [{"slow": 30.0}, {}]}
-    out = run(client, [k, s, W("after", 100, ["s"])], tick_ms=50)
+    out = run(client, [k, s, W("after", 100, ["s"])], tick_ms=50, params={"restart_min_seen": 1})
     assert out["states"] == {"done": 3} and not out["failed"]
     (restart,) = evs(out, "restart", "s")
     assert restart["attempt"] == 1 and restart["rest_s"] > restart["fresh_s"]

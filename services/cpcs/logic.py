@@ -18,8 +18,8 @@ Policies (``policy``):
   rank tasks by *expected* remaining bottom level (own expected work ``eta / p`` plus the longest
   expected path below it), take the dynamic critical path from the top-ranked frontier task, give
   free workers to the highest ranks, and preempt off-path work when a higher-ranked task would
-  otherwise wait long enough to matter; restart a straggling attempt (its measured rate says the
-  rest of it takes ``restart_factor`` times a fresh attempt's estimate) once, on a free worker.
+  otherwise wait long enough to matter; restart a straggling attempt (its measured rate says it
+  takes ``restart_factor`` times the slowest finished task of its kind) once, on a free worker.
 
 Invariants: a worker runs at most one unpaused task and holds at most ``hold`` tasks (the rest
 paused at a safe point; a paused task can continue only on its own worker, where its state is);
@@ -139,13 +139,16 @@ class Params:
     off_path_cpus: tuple[int, ...] = ()
     #: Use p_success (expected durations) in ranks; False ranks by ETA alone.
     expected: bool = True
-    #: Restart a running attempt (cancel it, run the task again) when its measured rate says the
-    #: rest of it takes more than this factor times a fresh attempt's estimate (0: never)...
-    restart_factor: float = 3.0
+    #: Restart a running attempt (cancel it, run the task again) when its measured rate says it
+    #: takes more than this factor times the slowest finished task of its kind (scaled to its
+    #: estimate), and its rest is longer than a fresh attempt (0: never)...
+    restart_factor: float = 2.0
     #: ...once it has reported at least this much progress (a rate measured, not guessed)...
     restart_min_progress: float = 0.1
-    #: ...and at most this many times per task.
+    #: ...and at most this many times per task, judged only once this many tasks of its kind
+    #: have finished (their spread is what "slower than the slowest" is measured against).
     max_restarts: int = 1
+    restart_min_seen: int = 3
 
 
 class Scheduler:
@@ -323,23 +326,29 @@ class Scheduler:
         self._cancel_below(tid, now)
 
     def _restart_stragglers(self, now: float, out: list[Action]) -> None:
-        """Cancel an attempt whose own progress rate says its rest takes ``restart_factor`` times
-        what a fresh attempt is expected to take (a straggler: a slow node, a bad draw), and make
-        the task ready again; its worker is free at once.  A fresh attempt's time is the estimate
-        times its kind's observed bias (no prior pseudo-count), so only kinds with a finished
-        task are judged: before that a slow task and a task the planner underestimated look alike."""
+        """Cancel an attempt whose own progress rate says it takes ``restart_factor`` times the
+        slowest finished task of its kind (scaled to its estimate) and whose rest is longer than a
+        fresh attempt (the estimate times the kind's observed bias, no prior pseudo-count) -- a
+        straggler: a slow node, a bad draw -- and make the task ready again; its worker is free at
+        once.  Only kinds with ``restart_min_seen`` finished tasks are judged: before that a slow
+        attempt and a task the planner underestimated (or a long one of a kind that varies) look
+        alike."""
         p = self.params
         if p.restart_factor <= 0.0:
             return
         for t in self.tasks.values():
             if t.st is not St.RUNNING or t.restarts >= p.max_restarts or t.attempt >= t.spec.max_attempts \
                     or t.progress < p.restart_min_progress or (self.needs_token and not t.token) \
-                    or not self.kind_logratio.get(t.spec.kind):
-                continue  # a fresh attempt's time is known only once one of its kind has finished
+                    or len(self.kind_logratio.get(t.spec.kind, ())) < p.restart_min_seen:
+                continue  # a fresh attempt's time is known only once tasks of its kind have finished
             logs = self.kind_logratio[t.spec.kind]
             fresh = t.spec.eta_s * math.exp(sum(logs) / len(logs))  # the kind's observed bias alone
-            rest = max(t.progress_run / t.progress - t.running_s(now), 0.0)
-            if rest <= p.restart_factor * fresh:
+            slowest = t.spec.eta_s * math.exp(max(logs))  # its slowest finished task, scaled
+            total = t.progress_run / t.progress
+            rest = max(total - t.running_s(now), 0.0)
+            # slower than restart_factor x the slowest of its kind (a long task of a kind whose
+            # tasks vary is not a straggler), and a fresh attempt expected to end sooner
+            if total <= p.restart_factor * slowest or rest <= fresh:
                 continue
             worker, attempt = t.worker, t.attempt
             t.restarts += 1
