@@ -27,11 +27,18 @@ def _attempts_failing(rng: random.Random, p: float, max_attempts: int) -> int:
 
 
 def layered(seed: int, workers: int = 4, *, layers: int = 5, chain_s: float = 0.6, light_s: float = 0.15,
-            kinds: int = 3, fail: float = 0.0, service: str = "work") -> tuple[Dag, dict[str, Truth]]:
+            kinds: int = 3, fail: float = 0.0, service: str = "work", flat: bool = False,
+            straggle: float = 0.0, slow: float = 5.0) -> tuple[Dag, dict[str, Truth]]:
     """A layered DAG in the contention regime: per layer one heavy task continuing a chain and
     light tasks enough to fill the other workers for about as long (total work / workers is close
     to the critical path).  The planner lists each layer in random order.  ``fail``: the largest
-    failure probability of an attempt (drawn per task; the planner's p_success is the true one)."""
+    failure probability of an attempt (drawn per task; the planner's p_success is the true one).
+
+    ``flat``: the planner cannot tell tasks apart -- every estimate is the mean estimate (it knows
+    the total work, not where it is), and a task's kind is its role (``chain`` or ``light``), so
+    what a task of a kind really takes can be learnt only by running one: the case where static
+    ranks are blind and runtime information decides.  ``straggle``: the probability that a
+    task's first attempt runs ``slow`` times longer (a straggler; later attempts run normally)."""
     rng = random.Random(seed)
     bias = {f"k{k}": math.exp(rng.uniform(-math.log(KIND_BIAS), math.log(KIND_BIAS))) for k in range(kinds)}
     tasks: list[dict[str, Any]] = []
@@ -52,14 +59,21 @@ def layered(seed: int, workers: int = 4, *, layers: int = 5, chain_s: float = 0.
             else:
                 deps = rng.sample(prev, min(len(prev), rng.randint(0, 2))) if prev else []
             p = 1.0 - rng.uniform(0.0, fail) if fail else 1.0
+            if flat:
+                kind = "chain" if heavy else "light"
             layer.append({"id": tid, "service": service, "eta_s": round(est, 4), "p_success": round(p, 4),
                           "deps": sorted(set(deps)), "kind": kind, "max_attempts": 4})
-            truth[tid] = Truth(real, _attempts_failing(rng, p, 4))
+            fails = _attempts_failing(rng, p, 4)
+            truth[tid] = Truth(real, fails, slow if straggle and rng.random() < straggle else 1.0)
             if heavy:
                 prev_chain = tid
         rng.shuffle(layer)
         tasks += layer
         prev = [t["id"] for t in layer]
+    if flat:
+        mean = sum(t["eta_s"] for t in tasks) / len(tasks)
+        for t in tasks:
+            t["eta_s"] = round(mean, 4)
     return parse_dag({"tasks": tasks}), truth
 
 
@@ -106,7 +120,9 @@ def wfcommons(seed: int, recipe: str, n_tasks: int = 40, *, scale_s: float = 4.0
 
 
 def lower_bound(dag: Dag, truth: dict[str, Truth], workers: int) -> float:
-    """max(critical path, total work / workers) of the true run times, failed attempts included."""
+    """max(critical path, total work / workers) of the true run times, failed attempts included
+    (a straggler's slow first attempt is not: no schedule needs to sit it out, so the bound stays
+    a bound for one that restarts it)."""
     dur = {tid: tr.run_s * (1 + tr.fail_attempts) for tid, tr in truth.items()}
     return max(dag.critical_path_s(dur), sum(dur.values()) / workers)
 

@@ -12,10 +12,19 @@ _ENGINE: Any = None
 def hold(ms: float, steps: int, fail_attempts: int, *deps: Any) -> int:
     """What ``services.cpcs.work`` does for ``fail_attempts + 1`` attempts: hold the worker for
     ``ms`` per attempt in ``steps`` steps."""
-    step_s = ms / 1000.0 / steps
-    for _ in range(fail_attempts + 1):
-        for _ in range(steps):
-            time.sleep(step_s)
+    return hold_slow(ms, steps, fail_attempts, 1.0)
+
+
+def hold_slow(ms: float, steps: int, fail_attempts: int, slow: float, *deps: Any) -> int:
+    """:func:`hold` with the first attempt ``slow`` times longer (a straggling attempt); as in
+    ``services.cpcs.work``, each sleeping step makes up for the oversleep of those before it."""
+    for attempt in range(fail_attempts + 1):
+        step_s = ms / 1000.0 / steps * (slow if attempt == 0 else 1.0)
+        held = 0.0
+        for i in range(steps):
+            t0 = time.perf_counter()
+            time.sleep(max(0.0, (i + 1) * step_s - held))
+            held += time.perf_counter() - t0
     return 1
 
 

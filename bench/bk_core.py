@@ -23,7 +23,8 @@ from bench._common import Result, line_plot
 from lm.attention import attention as fused_attention
 
 #: headline metric -> the strongest peer it is measured against (the report's headline table)
-HEADLINE = {"sdpa_over_bk_layer": "torch SDPA, fused 4-D call (wall; CPU time in the table)",
+HEADLINE = {"sdpa_over_bk_layer_cpu": "torch SDPA, fused 4-D call via lm.attention (process CPU time, one "
+                                      "thread; wall beside it)",
             "scaling_exponent": "linear scaling (exponent 1)"}
 BATCH = 4
 #: one run: every time is already the median of interleaved repeats (the SDPA ratio's min and max
@@ -109,6 +110,7 @@ def _layer_vs_attention(n: int, reps: int) -> dict[str, list[tuple[float, float]
 
 
 def run(quick: bool) -> Result:
+    torch.set_num_threads(1)  # CPU time then measures the work, not how many cores were free
     ns = [128, 1024, 4096] if quick else [128, 1024, 8192, 65536, 262144, 1_000_000]
     loop_max, dense_max = (1024, 128) if quick else (8192, 1024)
     reps = 2 if quick else 5
@@ -160,7 +162,8 @@ def run(quick: bool) -> Result:
                  "softmax(QK^T/8)V with a fused QKV Linear, float32, forward + backward: the peer is "
                  "torch.nn.functional.scaled_dot_product_attention called on 4-D (B, 1, N, d) tensors, which "
                  "takes torch's fused CPU kernel; the hand-written row materialises QK^T; wall and process CPU "
-                 f"time, medians of {layer_reps} interleaved repeats after a warm-up")
+                 f"time, medians of {layer_reps} interleaved repeats after a warm-up; torch on one thread, so the "
+                 "CPU ratio is the work ratio (wall also counts waiting for a core on a loaded machine)")
     h = layer[head_n]
     bk_ms, sdpa_ms, att_ms = h["bk_wall"], h["sdpa_wall"], h["hand_wall"]
     metrics = {
@@ -179,10 +182,12 @@ def run(quick: bool) -> Result:
         "sdpa_over_bk_layer_max_of_repeats": max(ratios),
         "hand_attention_over_bk_layer": att_ms / bk_ms,
         **{f"sdpa_over_bk_layer_N{n}": layer[n]["sdpa_wall"] / layer[n]["bk_wall"] for n in layer_ns},
+        **{f"sdpa_over_bk_layer_cpu_N{n}": layer[n]["sdpa_cpu"] / layer[n]["bk_cpu"] for n in layer_ns},
     }
     return Result(
         metrics=metrics,
-        targets={"scaling_exponent": ("<=", 1.15), "sdpa_over_bk_layer": (">=", 1.0)},
+        targets={"scaling_exponent": ("<=", 1.15), "sdpa_over_bk_layer": (">=", 1.0),
+                 "sdpa_over_bk_layer_cpu": (">=", 1.0)},
         table=table,
         notes=notes,
         plots=[line_plot("scaling", f"BK-core diagonal, B = {BATCH}, complex128: time vs N", "N", "ms",

@@ -69,6 +69,7 @@ class Curve:
     keep_rate: float | None
     cache_hits: int | None
     params: int | None
+    train_loss: float | None = None  # loss on training windows at the end (when asked for)
 
 
 def arm_config(base: TrainConfig, arm: str, seed: int) -> TrainConfig:
@@ -78,9 +79,12 @@ def arm_config(base: TrainConfig, arm: str, seed: int) -> TrainConfig:
     return dataclasses.replace(base, model=model, seed=seed, **rest)
 
 
-def train_curve(cfg: TrainConfig, corpus: Corpus, arm: str, budget: float, evals: int, max_steps: int) -> Curve:
+def train_curve(cfg: TrainConfig, corpus: Corpus, arm: str, budget: float, evals: int, max_steps: int,
+                train_windows: Any = None) -> Curve:
     """Train one arm until ``budget`` counted FLOPs (or ``max_steps``), evaluating held-out loss
-    at 0 and every budget / evals FLOPs."""
+    at 0 and every budget / evals FLOPs; with ``train_windows`` (a ``(W, n_seq + 1)`` tensor of
+    training windows) also the final loss on them (``Curve.train_loss``: what a hyperparameter is
+    chosen on, so the held-out curve stays unseen by the choice)."""
     tr = Trainer(cfg, corpus)
     loss, _ = tr.evaluate()
     points = [Point(tr.flops, 0.0, 0, loss)]
@@ -96,7 +100,8 @@ def train_curve(cfg: TrainConfig, corpus: Corpus, arm: str, budget: float, evals
             while mark <= tr.flops:
                 mark += budget / evals
     params = sum(p.numel() for p in tr.model.parameters())
-    return Curve(arm, cfg.seed, points, stages / max(n, 1), keeps / max(n, 1), tr.cache_hits, params)
+    train_loss = None if train_windows is None else tr.evaluate(train_windows)[0]
+    return Curve(arm, cfg.seed, points, stages / max(n, 1), keeps / max(n, 1), tr.cache_hits, params, train_loss)
 
 
 def cost_to_target(points: list[Point], target: float) -> tuple[float, float] | None:

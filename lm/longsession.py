@@ -62,13 +62,21 @@ def parse_policy(m: Any) -> Policy:
     raise RequestError(f"unknown policy {name!r}; policies: sparse, full, topk_keys, recurrent")
 
 
+#: Prefetch when a request does not say: off.  Measured (``python -m bench kvtp``, block-sparse
+#: top-2 on this CPU, where a swap-in is a memcpy in the same process): plain LRU without prefetch
+#: was as fast or faster in 3 of 4 comparisons (1.07x vs 0.887x resident at 32k; 0.940x vs 0.863x
+#: in a re-run; at 8k 0.886x vs 0.871x and 0.981x vs 0.849x at arenas of 16 and 15 blocks);
+#: prefetch won only at a 33-block arena (0.992x vs 0.939x).  ``"prefetch": true`` opts in.
+PREFETCH_DEFAULT = False
+
+
 def parse_tiers(m: Any, device_cap: int | None) -> TierSpec:
     if not isinstance(m, Mapping):
         raise RequestError("'tiers' must be a map with device_blocks, host_blocks (disk_blocks, block_size, prefetch)")
     device = _int(m, "device_blocks", None, 1, MAX_DEVICE_BLOCKS)
     if device_cap is not None and device > device_cap:
         raise BudgetTooSmallError(f"{device} device blocks asked for, {device_cap} kv_blocks held")
-    prefetch = m.get("prefetch", True)
+    prefetch = m.get("prefetch", PREFETCH_DEFAULT)
     if not isinstance(prefetch, bool):
         raise RequestError("'prefetch' must be a boolean")
     return TierSpec(device_blocks=device, host_blocks=_int(m, "host_blocks", None, 1, MAX_HOST_BLOCKS),

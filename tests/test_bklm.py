@@ -263,3 +263,21 @@ def test_train_curve_stops_at_the_budget(corpus):
     curve = train_curve(arm_config(base, "bk", 0), corpus, "bk", 3 * per_step, evals=3, max_steps=10)
     assert [p.steps for p in curve.points] == [0, 1, 2, 3]
     assert curve.points[-1].flops == 3 * per_step and curve.points[-1].loss < curve.points[0].loss
+    assert curve.train_loss is None  # not asked for
+
+
+def test_train_curve_reports_the_loss_on_training_windows_it_was_given(corpus):
+    import torch
+
+    from bklm.experiment import arm_config, train_curve
+
+    base = TrainConfig(model=TINY, batch=4, eval_windows=8, total_steps=6)
+    per_step = Trainer(arm_config(base, "bk", 0), corpus).step().flops
+    windows = torch.from_numpy(corpus.windows("train", TINY.n_seq)[:6])
+    curve = train_curve(arm_config(base, "bk", 0), corpus, "bk", 2 * per_step, evals=2, max_steps=10,
+                        train_windows=windows)
+    # the same weights evaluated on those windows by a trainer run the same way (seeded: identical)
+    tr = Trainer(arm_config(base, "bk", 0), corpus)
+    tr.step(), tr.step()
+    assert curve.train_loss == pytest.approx(tr.evaluate(windows)[0], rel=1e-6)
+    assert curve.train_loss != pytest.approx(curve.points[-1].loss)  # not the held-out figure

@@ -277,3 +277,91 @@ def test_truth_dataclass_and_lower_bound():
     assert lower_bound(d, tr, 1) == pytest.approx(1.0 + 4.0 + 0.5)
     assert lower_bound(d, tr, 8) == pytest.approx(5.0)
     assert math.isfinite(Scheduler(d, workers(1), 0.0).expected_makespan(0.0))
+
+
+# -- stragglers ----------------------------------------------------------------------------------
+
+def _straggler_setup():
+    # k1 finishes first (teaching the scheduler what a 'k' task takes), then s runs slow
+    d = dag(T("k1", 0.2, kind="k"), T("s", 0.2, kind="k"), T("after", 0.2, ["s"], kind="k"))
+    s = Scheduler(d, workers(2), 0.0, params=Params(restart_min_seen=1))
+    for a in s.tick(0.0):
+        if a.op == "dispatch":
+            s.on_started(a.task, 0.0, token=a.task.encode())
+    s.on_finished("k1", 0.2, ok=True)
+    return s
+
+
+def test_a_straggling_attempt_is_restarted_once_its_rate_gives_it_away():
+    s = _straggler_setup()
+    s.on_progress("s", 0.05, 0.2)  # too little progress to judge: no restart yet
+    assert not [a for a in s.tick(0.21) if a.op == "restart"]
+    s.on_progress("s", 0.1, 0.4)  # 10 % in 0.4 s: the rest takes 3.6 s against a fresh 0.2 s
+    acts = s.tick(0.4)
+    restart = [a for a in acts if a.op == "restart"]
+    assert [(a.task, a.attempt) for a in restart] == [("s", 1)]
+    redo = [a for a in acts if a.op == "dispatch" and a.task == "s"]
+    assert redo and redo[0].attempt == 2  # ready again and placed in the same tick: a new attempt
+    s.on_started("s", 0.41, token=b"s2")
+    s.on_progress("s", 0.1, 0.9)  # slow again: restarted at most max_restarts (1) times
+    assert not [a for a in s.tick(0.9) if a.op == "restart"]
+    assert s.tasks["s"].restarts == 1 and any(e["ev"] == "restart" for e in s.events)
+
+
+def test_no_restart_before_a_task_of_its_kind_finished_nor_for_the_peers():
+    d = dag(T("s", 0.2, kind="k"), T("x", 0.2, kind="k"))
+    s = Scheduler(d, workers(2), 0.0)
+    for a in s.tick(0.0):
+        if a.op == "dispatch":
+            s.on_started(a.task, 0.0, token=a.task.encode())
+    s.on_progress("s", 0.1, 0.4)  # slow, but nothing of kind k has finished: underestimated or slow?
+    assert not [a for a in s.tick(0.4) if a.op == "restart"]
+    d3 = dag(T("k1", 0.2, kind="k"), T("s", 0.2, kind="k"))
+    s3 = Scheduler(d3, workers(2), 0.0)  # the default judges a kind only after 3 of it finished
+    for a in s3.tick(0.0):
+        if a.op == "dispatch":
+            s3.on_started(a.task, 0.0, token=a.task.encode())
+    s3.on_finished("k1", 0.2, ok=True)
+    s3.on_progress("s", 0.1, 0.4)
+    assert not [a for a in s3.tick(0.4) if a.op == "restart"]
+    h = _straggler_setup()
+    h.params.restart_factor = 0.0  # switched off
+    h.on_progress("s", 0.1, 0.4)
+    assert not [a for a in h.tick(0.4) if a.op == "restart"]
+    for policy in ("fifo", "heft"):
+        p = Scheduler(parse_dag(dag_doc(h.dag)), workers(2, hold=1), 0.0, policy=policy)
+        for a in p.tick(0.0):
+            if a.op == "dispatch":
+                p.on_started(a.task, 0.0, token=a.task.encode())
+        p.on_finished("k1", 0.2, ok=True)
+        p.on_progress("s", 0.1, 0.4)
+        assert not [a for a in p.tick(0.4) if a.op == "restart"]
+
+
+def test_a_long_task_of_a_kind_that_varies_is_not_restarted():
+    # three 'k' tasks finished, the slowest at 4x its estimate: a task at 6x is within 2x of that
+    d = dag(*(T(f"k{i}", 0.1, kind="k") for i in range(3)), T("s", 0.1, kind="k"))
+    s = Scheduler(d, workers(4), 0.0)
+    for a in s.tick(0.0):
+        if a.op == "dispatch":
+            s.on_started(a.task, 0.0, token=a.task.encode())
+    for i, ran in enumerate((0.1, 0.15, 0.4)):
+        s.on_finished(f"k{i}", ran, ok=True)
+    s.on_progress("s", 0.1, 0.06)  # on course for 0.6 s
+    assert not [a for a in s.tick(0.06) if a.op == "restart"]
+    s.on_progress("s", 0.2, 0.2)  # now on course for 1.0 s: beyond 2x the slowest (0.8 s)
+    assert [a.task for a in s.tick(0.2) if a.op == "restart"] == ["s"]
+
+
+def test_simulated_stragglers_cpcs_restarts_and_beats_static_heft():
+    spans = {"heft": [], "cpcs": []}
+    for seed in range(3):
+        d, truth = layered(500 + seed, 4, chain_s=0.3, light_s=0.075, straggle=0.15)
+        assert any(tr.slow > 1 for tr in truth.values())
+        for pol in spans:
+            s = simulate(d, truth, 4, policy=pol)
+            assert all(t.st is St.DONE for t in s.tasks.values())
+            spans[pol].append(max(t.finished_at for t in s.tasks.values()) / lower_bound(d, truth, 4))
+            if pol == "cpcs":
+                assert any(e["ev"] == "restart" for e in s.events)
+    assert statistics.mean(spans["cpcs"]) < statistics.mean(spans["heft"])

@@ -148,3 +148,21 @@ def test_a_killed_worker_s_task_is_rerun_elsewhere(client, kern):
     dispatches = evs(out, "dispatch", "long")
     assert len(dispatches) == 2 and [d["attempt"] for d in dispatches] == [1, 1]  # not counted as a failure
     assert evs(out, "done", "long")[0]["t"] > lost["t"]
+
+
+def test_a_straggling_attempt_is_cancelled_and_run_again(client, kern):
+    # k teaches the scheduler what a task of kind 'k' takes; s's first attempt runs 30x slower
+    # (12 s): its progress rate gives it away, it is cancelled through the kernel and re-run
+    k = W("k", 200, kind="k")
+    s = W("s", 400, kind="k")
+    s["payload"] = {"ms": 400, "steps": 20, "attempts": [{"slow": 30.0}, {}]}
+    out = run(client, [k, s, W("after", 100, ["s"])], tick_ms=50, params={"restart_min_seen": 1})
+    assert out["states"] == {"done": 3} and not out["failed"]
+    (restart,) = evs(out, "restart", "s")
+    assert restart["attempt"] == 1 and restart["rest_s"] > restart["fresh_s"]
+    (done,) = evs(out, "done", "s")
+    assert done["attempt"] == 2  # the second attempt's outcome counted; the first one's never did
+    assert len(evs(out, "start", "s")) == 2
+    # the late replies of the abandoned attempt changed nothing: 'after' ran once, after s
+    assert evs(out, "start", "after")[0]["t"] >= done["t"]
+    assert "cancel" in [r["op"] for r in log_lines(kern)]

@@ -18,13 +18,15 @@ Policies (``policy``):
   rank tasks by *expected* remaining bottom level (own expected work ``eta / p`` plus the longest
   expected path below it), take the dynamic critical path from the top-ranked frontier task, give
   free workers to the highest ranks, and preempt off-path work when a higher-ranked task would
-  otherwise wait long enough to matter.
+  otherwise wait long enough to matter; restart a straggling attempt (its measured rate says it
+  takes ``restart_factor`` times the slowest finished task of its kind) once, on a free worker.
 
 Invariants: a worker runs at most one unpaused task and holds at most ``hold`` tasks (the rest
 paused at a safe point; a paused task can continue only on its own worker, where its state is);
 a task is dispatched only when all its deps are DONE; a task's attempts never exceed
 ``max_attempts`` (infrastructure failures -- a dead worker -- are retried without counting, at
-most ``MAX_INFRA_RETRIES`` times).
+most ``MAX_INFRA_RETRIES`` times); a restart is a new attempt, so it too stays within
+``max_attempts``, and a task is restarted at most ``max_restarts`` times.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ ACTIVE = (St.DISPATCHED, St.RUNNING, St.PAUSED)
 @dataclasses.dataclass
 class Action:
     """One order for the shell: ``dispatch`` (task, worker, attempt), ``preempt`` / ``resume``
-    (task), ``nice`` (worker, nice), ``affinity`` (worker, cpus)."""
+    (task), ``restart`` (task, worker, the attempt to cancel: its outcome is no longer wanted),
+    ``nice`` (worker, nice), ``affinity`` (worker, cpus)."""
 
     op: str
     task: str = ""
@@ -107,6 +110,7 @@ class TaskState:
     finished_at: float = 0.0
     replanned: bool = False
     redo: bool = False
+    restarts: int = 0
 
     def running_s(self, now: float) -> float:
         return self.run_s + (now - self.run_mark if self.run_mark is not None else 0.0)
@@ -135,6 +139,16 @@ class Params:
     off_path_cpus: tuple[int, ...] = ()
     #: Use p_success (expected durations) in ranks; False ranks by ETA alone.
     expected: bool = True
+    #: Restart a running attempt (cancel it, run the task again) when its measured rate says it
+    #: takes more than this factor times the slowest finished task of its kind (scaled to its
+    #: estimate), and its rest is longer than a fresh attempt (0: never)...
+    restart_factor: float = 2.0
+    #: ...once it has reported at least this much progress (a rate measured, not guessed)...
+    restart_min_progress: float = 0.1
+    #: ...and at most this many times per task, judged only once this many tasks of its kind
+    #: have finished (their spread is what "slower than the slowest" is measured against).
+    max_restarts: int = 1
+    restart_min_seen: int = 3
 
 
 class Scheduler:
@@ -311,6 +325,39 @@ class Scheduler:
         self._log(now, "gave_up", task=tid, attempts=t.attempt, code=code)
         self._cancel_below(tid, now)
 
+    def _restart_stragglers(self, now: float, out: list[Action]) -> None:
+        """Cancel an attempt whose own progress rate says it takes ``restart_factor`` times the
+        slowest finished task of its kind (scaled to its estimate) and whose rest is longer than a
+        fresh attempt (the estimate times the kind's observed bias, no prior pseudo-count) -- a
+        straggler: a slow node, a bad draw -- and make the task ready again; its worker is free at
+        once.  Only kinds with ``restart_min_seen`` finished tasks are judged: before that a slow
+        attempt and a task the planner underestimated (or a long one of a kind that varies) look
+        alike."""
+        p = self.params
+        if p.restart_factor <= 0.0:
+            return
+        for t in self.tasks.values():
+            if t.st is not St.RUNNING or t.restarts >= p.max_restarts or t.attempt >= t.spec.max_attempts \
+                    or t.progress < p.restart_min_progress or (self.needs_token and not t.token) \
+                    or len(self.kind_logratio.get(t.spec.kind, ())) < p.restart_min_seen:
+                continue  # a fresh attempt's time is known only once tasks of its kind have finished
+            logs = self.kind_logratio[t.spec.kind]
+            fresh = t.spec.eta_s * math.exp(sum(logs) / len(logs))  # the kind's observed bias alone
+            slowest = t.spec.eta_s * math.exp(max(logs))  # its slowest finished task, scaled
+            total = t.progress_run / t.progress
+            rest = max(total - t.running_s(now), 0.0)
+            # slower than restart_factor x the slowest of its kind (a long task of a kind whose
+            # tasks vary is not a straggler), and a fresh attempt expected to end sooner
+            if total <= p.restart_factor * slowest or rest <= fresh:
+                continue
+            worker, attempt = t.worker, t.attempt
+            t.restarts += 1
+            self._release(t)
+            t.st = St.READY
+            out.append(Action("restart", t.spec.id, worker, attempt))
+            self._log(now, "restart", task=t.spec.id, worker=worker, attempt=attempt,
+                      rest_s=round(rest, 6), fresh_s=round(fresh, 6))
+
     def worker_up(self, name: str) -> None:
         """The shell saw ``name`` registered again (a restarted worker)."""
         if name in self.workers:
@@ -370,6 +417,8 @@ class Scheduler:
         self.ticks += 1
         out: list[Action] = []
         dynamic = self.policy == "cpcs"
+        if dynamic:  # a straggler's task is ready again before this tick's placement
+            self._restart_stragglers(now, out)
         self.ranks = self._dynamic_ranks(now) if dynamic else self.static_rank
         self._critical_path()
         ready = sorted((t for t in self.tasks.values() if t.st is St.READY),
@@ -496,10 +545,16 @@ class Scheduler:
 
 @dataclasses.dataclass(frozen=True)
 class Truth:
-    """What really happens to a task: its run time per attempt and how many first attempts fail."""
+    """What really happens to a task: its run time per attempt, how many first attempts fail, and
+    how much slower its first attempt runs (``slow`` > 1: a straggling attempt)."""
 
     run_s: float
     fail_attempts: int = 0
+    slow: float = 1.0
+
+    def attempt_s(self, attempt: int) -> float:
+        """Run time of attempt ``attempt`` (1-based)."""
+        return self.run_s * (self.slow if attempt == 1 else 1.0)
 
 
 def simulate(dag: Dag, truth: dict[str, Truth], n_workers: int, *, policy: str = "cpcs",
@@ -525,6 +580,8 @@ def simulate(dag: Dag, truth: dict[str, Truth], n_workers: int, *, policy: str =
                     pending_pause.add(a.task)
                 elif a.op == "resume":
                     sch.on_resumed(a.task, now)
+                elif a.op == "restart":
+                    done_work.pop(a.task, None)
             next_tick += tick_s
         for tid in list(pending_pause):
             sch.on_paused(tid, now)
@@ -534,12 +591,13 @@ def simulate(dag: Dag, truth: dict[str, Truth], n_workers: int, *, policy: str =
             if t.st is not St.RUNNING:
                 continue
             tr = truth[tid]
+            run_s = tr.attempt_s(t.attempt)
             done_work[tid] += dt
-            if done_work[tid] >= tr.run_s - 1e-12:
+            if done_work[tid] >= run_s - 1e-12:
                 sch.on_finished(tid, now, ok=t.attempt > tr.fail_attempts, code="service_error")
                 next_tick = now  # the shell decides at once when a task ends
             elif now - last_progress >= progress_every_s:
-                sch.on_progress(tid, done_work[tid] / tr.run_s, now)
+                sch.on_progress(tid, done_work[tid] / run_s, now)
         if now - last_progress >= progress_every_s:
             last_progress = now
     return sch

@@ -13,7 +13,8 @@ kernel (per-worker names ``<service>@<k>`` give exact placement; a plain service
 the kernel up to its capacity); any defect is a ``bad_request`` and nothing is dispatched.  Then
 every tick (and at once whenever a task ends) the scheduler decides; this shell carries its orders
 out through the kernel: task requests charged to the caller's job (critical ones at a higher
-kernel priority), ``mmi.preempt`` / ``mmi.resume`` by the task's kernel token, ``mmi.proc.nice``
+kernel priority), ``mmi.preempt`` / ``mmi.resume`` by the task's kernel token, ``mmi.cancel``
+of a straggling attempt the scheduler restarts (its late replies are dropped), ``mmi.proc.nice``
 of worker processes.  Decisions stream to the caller as PARTIALs ``{"t", "decisions",
 "critical_path", "eta_makespan_s"}`` and go to the kernel's decision log (``mmi.audit``, source
 ``cpcs``).  FINAL: the scheduler's summary, ``events`` (the whole timeline, from which
@@ -137,6 +138,7 @@ class _Run:
         self.sch = sch
         self.tick_s = tick_s
         self.calls: dict[str, asyncio.Task] = {}
+        self.tokens: dict[str, bytes] = {}  # task -> kernel token of its attempt in flight
         self.results: dict[str, Any] = {}
         self.wake = asyncio.Event()
         self.fatal: errors.RecaError | None = None
@@ -190,6 +192,8 @@ class _Run:
         try:
             if a.op == "dispatch":
                 self.calls[a.task] = asyncio.ensure_future(self._call(a.task, a.worker, a.attempt))
+            elif a.op == "restart":
+                await self._abandon(a.task)
             elif a.op in ("preempt", "resume") and t is not None and t.token:
                 op = P.MMI_PREEMPT if a.op == "preempt" else P.MMI_RESUME
                 await self.client.call(op, {"token": t.token, "service": a.worker}, retries=0)
@@ -203,9 +207,21 @@ class _Run:
             self.sch.events.append({"t": round(time.monotonic() - self.sch.t0, 6), "ev": "order_failed",
                                     "op": a.op, "task": a.task, "worker": a.worker, "code": exc.code})
 
+    async def _abandon(self, tid: str) -> None:
+        """Cancel the attempt of ``tid`` in flight (the scheduler restarted it): by its kernel
+        token, so its worker stops at its next safe point; the call's late replies are dropped
+        (``_call`` checks the attempt)."""
+        call = self.calls.pop(tid, None)
+        token = self.tokens.pop(tid, b"")
+        if call is not None:
+            call.cancel()
+        if token:
+            await self.client.call(P.MMI_CANCEL, {"token": token}, retries=0)
+
     async def _call(self, tid: str, worker: str, attempt: int) -> None:
         sch = self.sch
         spec = sch.tasks[tid].spec
+        me = asyncio.current_task()
         payload = spec.payload
         if isinstance(payload, dict) and isinstance(payload.get("attempts"), list):
             # A drawn outcome per attempt (workloads with failures): pick this attempt's.
@@ -219,10 +235,14 @@ class _Run:
                                                   timeout=TASK_SILENCE_S, retries=0,
                                                   on_behalf=self.ctx.principal or None):
                 now = time.monotonic()
+                if sch.tasks[tid].attempt != attempt or sch.tasks[tid].worker != worker:
+                    return  # an abandoned (restarted) attempt: its replies no longer count
                 body = reply.payload if isinstance(reply.payload, dict) else {}
                 if not started:
                     started = True
                     token = body.get("kernel_token", b"")
+                    if isinstance(token, bytes):
+                        self.tokens[tid] = token
                     sch.on_started(tid, now, token=token if isinstance(token, bytes) else b"", worker=worker)
                     child = body.get("child")
                     if isinstance(child, str) and child and worker in sch.workers:
@@ -251,9 +271,11 @@ class _Run:
                         sch.on_progress(tid, float(frac), now,
                                         p_hint=float(hint) if isinstance(hint, (int, float)) else None)
         except errors.RecaError as exc:
-            self._ended(tid, time.monotonic(), ok=False, code=exc.code)
+            if sch.tasks[tid].attempt == attempt and sch.tasks[tid].worker == worker:
+                self._ended(tid, time.monotonic(), ok=False, code=exc.code)
         finally:
-            self.calls.pop(tid, None)
+            if self.calls.get(tid) is me:
+                self.calls.pop(tid, None)
 
     def _ended(self, tid: str, now: float, *, ok: bool, code: str = "") -> None:
         if code in FATAL_CODES and self.fatal is None:
