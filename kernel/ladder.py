@@ -60,7 +60,9 @@ bill``) every :data:`BILL_EVERY_S` of CPU and when it ends (answered, killed, it
 Invariants
 ----------
 * A token is tracked from its first sighting as a tombstone until its worker answers it (gone
-  while the worker is still registered), it was killed, or its worker is gone.
+  while the worker is still registered), it was killed, or its worker is gone.  A killed
+  worker's tombstones are not tracked again while the router still lists it (until its liveness
+  runs out).
 * Every tracked token of one process is in the same rung (``run``, ``frozen``, ``thawed``): the
   process is the unit a freeze, thaw and kill act on; one action of each rung per process.
 * A worker serving a live request is never frozen; a spared worker is killed only past a
@@ -191,6 +193,8 @@ class Ladder:
         self.tracks: dict[bytes, _Track] = {}
         self.cpu_last: dict[int, float] = {}  # pid -> its group's CPU at the last reading
         self.ended: list[tuple[bytes, float, float]] = []
+        #: Workers killed, until the router drops them: their tombstones are not tracked again.
+        self.killed: set[bytes] = set()
         self.counts = {"frozen": 0, "thawed": 0, "killed": 0, "answered": 0}
 
     def ceiling_of(self, t: _Track) -> float:
@@ -224,7 +228,8 @@ class Ladder:
                 cpu: Mapping[int, float] | None = None) -> list[Action]:
         """The rungs due at ``now``, given the tombstones now held, the registered workers and
         (optionally) each holding worker's group CPU."""
-        held = list(held)
+        self.killed &= live_workers
+        held = [h for h in held if h.worker not in self.killed]
         if cpu is not None:  # before new tombstones join: what a process burnt before one was answered is not its
             self._attribute(held, cpu)
         seen: dict[bytes, Held] = {}
@@ -246,6 +251,8 @@ class Ladder:
             done.add((rung, t.pid))
             out.append(Action(rung, t.pid, token, now - t.seen, why, t.burnt))
             self.counts[{"freeze": "frozen", "thaw": "thawed", "kill": "killed"}[rung]] += 1
+            if rung == "kill":
+                self.killed.add(t.worker)
             for tok, other in list(self.tracks.items()):  # the process is the unit
                 if other.pid != t.pid:
                     continue

@@ -159,3 +159,15 @@ def test_a_worker_without_cpu_readings_is_judged_by_wall_time():
 def test_ceilings_must_be_positive():
     with pytest.raises(ValueError):
         Ladder(0.02, 1.0, cpu_ceiling=0)
+
+
+def test_a_killed_workers_tombstones_are_not_tracked_again_until_it_is_dropped():
+    lad = Ladder(0.02, 1.0, 0.1)
+    held = [Held(A, 10, W1)]
+    lad.observe(held, {W1}, 0.0, {10: 0.0})
+    assert _rungs(lad.observe(held, {W1}, 1.12, {10: 0.0})) == [("kill", "idle")]
+    # the router lists the dead worker until its liveness runs out: nothing to act on
+    assert lad.observe(held, {W1}, 1.2) == [] and lad.tracks == {}
+    assert lad.observe(held, {W1}, 5.0) == []
+    lad.observe([], set(), 6.0)  # dropped
+    assert lad.killed == set()
