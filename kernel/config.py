@@ -86,7 +86,7 @@ class KernelConfig:
     #: [enforce]: the OS backend (``auto``, ``cgroup2``, ``cgroup1``, ``signals``), the escalation
     #: ladder's graces and the kernel's cpu weight (docs/budgets.md; read by kernel.enforce).
     enforce_backend: str = "auto"
-    freeze_grace_ms: float = 20.0
+    freeze_grace_ms: float = 10.0
     kill_grace_ms: float = 1000.0
     cpu_ceiling_ms: float = 5000.0
     hold_ceiling_s: float = 30.0
@@ -193,7 +193,7 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("enforce", "backend", "enum", "auto",
             "the OS backstop: auto (cgroup v2, else v1, else signals), or one named (refused if unavailable)",
             choices=("auto", "cgroup2", "cgroup1", "signals"), field="enforce_backend"),
-    Setting("enforce", "freeze_grace_ms", "float", 20.0,
+    Setting("enforce", "freeze_grace_ms", "float", 10.0,
             "a worker still holding a cancelled/over-budget request this long, and burning CPU on it, is frozen",
             low=0, high=60_000),
     Setting("enforce", "kill_grace_ms", "float", 1000.0, "... and still this long after the freeze: killed",

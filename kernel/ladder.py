@@ -10,7 +10,7 @@ Rungs
 -----
 1. the cooperative order is out (the router sent it); the worker should answer at its next safe
    point;
-2. a worker still holding the request ``freeze_grace`` seconds later (default 20 ms) **and
+2. a worker still holding the request ``freeze_grace`` seconds later (default 10 ms) **and
    burning CPU on it** -- its group burnt at least :data:`BURN_MIN_S` since the answer, and at
    least the grace its service declared (``[[service]] grace_ms``, CPU time: scch answers when its
    bounded solver call returns, decode when its bounded beam does) -- is **frozen**
@@ -112,9 +112,10 @@ ANSWER_GRACE_S = 0.1
 #: Longest the shell waits for a freeze to be reported, seconds (the kernel's loop is blocked
 #: meanwhile); one not reported by then is recorded ``landed: false`` and lands on its own.
 FREEZE_WAIT_S = 0.005
-#: CPU a tombstone must have burnt (seconds) to count as burning: what an idle worker's heartbeat
-#: and event loop spend in a freeze grace is far below it (measured: ~0.02 ms per 20 ms).
-BURN_MIN_S = 0.001
+#: CPU a tombstone must have burnt (seconds) to count as burning: an idle worker's heartbeat and
+#: event loop spend far less in a grace (an idle echo worker, measured: 0.04 ms per 20 ms), and a
+#: cooperative worker with safe points less than this much CPU apart answers before it is frozen.
+BURN_MIN_S = 0.002
 #: A spared worker's tombstone is killed past this much CPU since its answer (seconds; at least
 #: twice the grace its service declared).
 CPU_CEILING_S = 5.0
@@ -179,7 +180,7 @@ class Ladder:
     killed, worker gone) are left in :attr:`ended` as (token, CPU seconds burnt, billed) for the
     shell to bill and clear."""
 
-    def __init__(self, freeze_grace: float = 0.020, kill_grace: float = 1.0, answer_grace: float = ANSWER_GRACE_S,
+    def __init__(self, freeze_grace: float = 0.010, kill_grace: float = 1.0, answer_grace: float = ANSWER_GRACE_S,
                  *, cpu_ceiling: float = CPU_CEILING_S, hold_ceiling: float = HOLD_CEILING_S,
                  burn_min: float = BURN_MIN_S) -> None:
         if min(freeze_grace, kill_grace, answer_grace, burn_min) < 0 or cpu_ceiling <= 0 or hold_ceiling <= 0:
@@ -380,6 +381,8 @@ class _Procs(Protocol):
     def child_of_pid(self, pid: int) -> str | None: ...
     def grace_of(self, name: str) -> float: ...
     def keeps_of(self, name: str) -> bool: ...
+    def boost(self, name: str, why: str = ...) -> None: ...
+    def unboost(self, name: str, why: str = ...) -> None: ...
     def freeze(self, name: str, timeout: float = ...) -> float: ...
     def thaw(self, name: str) -> None: ...
     def kill_group(self, name: str) -> int: ...
@@ -533,6 +536,38 @@ class _CeilingShell:
                 mem_bytes=mem), now, spent=spent)
 
 
+class _PreemptBoost:
+    """Boosts the group of a worker the kernel asked to pause a request (a preempt sent, its
+    ``paused`` not yet back: the admission track is ``preempted`` and not ``paused``) until it
+    pauses, the request ends, or the worker goes: the worker runs at once on a busy machine and
+    reaches its safe point sooner (kernel/enforce.py ``Group.boost``; ``bench preempt``)."""
+
+    def __init__(self, router: Any, procs: _Procs, admission: Any) -> None:
+        self.router, self.procs, self.admission = router, procs, admission
+        self.boosted: set[str] = set()  # children boosted now
+
+    def step(self) -> None:
+        tracks = getattr(self.admission, "tracks", {})
+        want: set[str] = set()
+        for worker in self.router.workers.values():
+            if worker.pid is None:
+                continue
+            for token, req in worker.inflight.items():
+                track = tracks.get(token)
+                if not req.done and track is not None and track.preempted and not track.paused:
+                    name = self.procs.child_of_pid(worker.pid)
+                    if name is not None:
+                        want.add(name)
+                    break
+        for name in want - self.boosted:
+            with _suppress_enforce():
+                self.procs.boost(name)
+        for name in self.boosted - want:
+            with _suppress_enforce():
+                self.procs.unboost(name)
+        self.boosted = want
+
+
 class _Bills:
     """Bills the CPU a worker burns on a request after the kernel answered it (its tombstone: from
     the answer until its own late FINAL, the kill, or its worker's end), as the ladder attributed
@@ -584,14 +619,16 @@ def _suppress_enforce() -> Any:
 async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asyncio.Event, clock: Any = None,
               admission: Any = None) -> None:
     """Poll the router for tombstones every :data:`POLL_S`, read the CPU of the workers holding
-    them, and apply the rungs due, until ``stop``; with ``admission``, bill what tombstones burn
-    and set per-request memory ceilings (:class:`Ceilings`)."""
+    them, and apply the rungs due, until ``stop``; with ``admission``, bill what tombstones burn,
+    set per-request memory ceilings (:class:`Ceilings`) and boost workers asked to pause
+    (:class:`_PreemptBoost`)."""
     import time
 
     clock = clock or time.monotonic
     ceilings = _CeilingShell(router, procs, admission) if admission is not None else None
     frozen: dict[int, str] = {}  # pid -> child, between its freeze and its kill
     bills = _Bills(router, admission) if admission is not None else None
+    boosts = _PreemptBoost(router, procs, admission) if admission is not None and hasattr(procs, "boost") else None
     while not stop.is_set():
         try:
             held, live = tombstones(router, procs)
@@ -608,6 +645,8 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
                 ladder.ended.clear()
             if ceilings is not None:
                 ceilings.step(now)
+            if boosts is not None:
+                boosts.step()
         except Exception:  # the ladder never takes the kernel down
             log.exception("internal error in the escalation ladder")
         await asyncio.sleep(POLL_S)

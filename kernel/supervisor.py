@@ -728,6 +728,18 @@ class Supervisor:
         if child.state is ChildState.STOPPED:
             child.state = ChildState.RUNNING
 
+    def boost(self, name: str, why: str = "preempt") -> None:
+        """Run child ``name``'s group ahead of others until :meth:`unboost` (kernel/enforce.py
+        ``Group.boost``; nothing without a group)."""
+        group = self.child(name).group
+        if group is not None:
+            group.boost(why)
+
+    def unboost(self, name: str, why: str = "preempt") -> None:
+        group = self.child(name).group
+        if group is not None:
+            group.unboost(why)
+
     def grace_of(self, name: str) -> float:
         """The grace child ``name`` declared (``grace_ms``), CPU seconds."""
         return max(0.0, self.child(name).spec.grace_ms or 0.0) / 1000.0
