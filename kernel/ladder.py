@@ -94,6 +94,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
@@ -122,6 +123,8 @@ CPU_CEILING_S = 5.0
 #: ... or past this long held (seconds): the backstop for a tombstone that burns nothing but keeps
 #: a slot.
 HOLD_CEILING_S = 30.0
+#: ``RECA_PREEMPT_BOOST=0`` in the kernel's environment turns the preempt boost off (to measure it).
+ENV_PREEMPT_BOOST = "RECA_PREEMPT_BOOST"
 #: A tombstone's CPU is billed whenever this much (seconds) accrued unbilled, and at its end.
 BILL_EVERY_S = 0.05
 
@@ -628,7 +631,8 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
     ceilings = _CeilingShell(router, procs, admission) if admission is not None else None
     frozen: dict[int, str] = {}  # pid -> child, between its freeze and its kill
     bills = _Bills(router, admission) if admission is not None else None
-    boosts = _PreemptBoost(router, procs, admission) if admission is not None and hasattr(procs, "boost") else None
+    boosts = (_PreemptBoost(router, procs, admission)
+              if admission is not None and hasattr(procs, "boost") and os.environ.get(ENV_PREEMPT_BOOST) != "0" else None)
     while not stop.is_set():
         try:
             held, live = tombstones(router, procs)
