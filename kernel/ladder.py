@@ -638,9 +638,9 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
             held, live = tombstones(router, procs)
             now = clock()
             cpu = _readings(held, procs)
-            if bills is not None:
-                bills.note(held, procs)
             actions = ladder.observe(held, live, now, cpu)
+            if bills is not None:
+                bills.note([h for h in held if h.token in ladder.tracks], procs)
             if actions:
                 apply(actions, procs, record, now, frozen)
             if bills is not None:
