@@ -36,6 +36,12 @@ from bench._common import Result, cdf_plot, percentile, progress
 from kernel import enforce as E
 from kernel.ladder import BURN_MIN_S, POLL_S, Held, Ladder
 
+#: headline metric -> the strongest peer it is measured against (the report's headline table)
+HEADLINE = {
+    "freeze_p99_ms": "the cooperative preempt -> paused of the same run (cooperative.preempt_to_paused_p99_ms)",
+    "past_budget_p99_ms": "the cooperative numpy worker's stop at its next safe point (same run)",
+    "billed_cpu_error_pct": "the OS's per-process accounting (/proc/PID/stat) of the same processes",
+}
 RUNS = 3
 SAMPLES = 1000
 #: Samples per row of a ``--quick`` run (a smoke test: each row runs, its figures are not judged).

@@ -28,9 +28,19 @@ from tests.support import KernelProcess, service_block
 pytestmark = pytest.mark.system
 
 
-def _rungs(path: str) -> list[dict]:
+def _records(path: str) -> list[dict]:
+    """The decision log's records (through kernel.logstore where it reads them, else JSON lines)."""
+    from kernel import logstore
+
+    read = getattr(logstore, "read_records", None)
+    if read is not None:
+        return list(read(path))
     with open(path) as fh:
-        return [r for r in (json.loads(line) for line in fh if '"enforce"' in line) if r.get("op") == "enforce"]
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _rungs(path: str) -> list[dict]:
+    return [r for r in _records(path) if r.get("op") == "enforce"]
 
 
 def _wait_rung(c: Client, k: KernelProcess, pred, what: str, bound: float = 60.0) -> list[dict]:
