@@ -450,7 +450,7 @@ class CgroupV1Group(Group):
         the maximum) until the OS reports it frozen (or, past ``timeout``, until :meth:`thaw`) --
         measured here under two CPU burners: freeze p50 4 ms -> 0.15 ms with the group alone;
         unboosted at once when frozen (the subtree's other groups would otherwise run ahead of
-        the whole machine until the thaw): freeze p99 45 -> 15 ms at load 27-30."""
+        the whole machine until the thaw, a second later on the ladder)."""
         self._refuse_caller()
         state = self.dirs["freezer"] / "freezer.state"
         t0 = time.perf_counter()
