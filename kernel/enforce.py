@@ -893,7 +893,6 @@ class Enforcer:
         self._restore = restore  # moves this process back where it was (close)
         self.groups: dict[str, Group] = {}
         self.kernel: Group | None = None
-        self._kernel_outside = False  # the kernel's group is a sibling of the subtree (v1)
         self.closed = False
         # A kernel that exits by any path Python runs handlers on (return, exception, sys.exit,
         # a signal the kernel turns into a shutdown) thaws and kills what it froze: a frozen
@@ -909,31 +908,8 @@ class Enforcer:
         }
 
     def enter_kernel(self, weight: int = KERNEL_WEIGHT) -> Group:
-        """Put this process (the kernel) in its own group at ``weight``.  On cgroup v1 the group
-        is a sibling of the subtree (``reca-<pid>-kernel``), so that its weight counts against the
-        whole machine, not only against its services: the kernel is idle most of the time, but
-        when it wakes (a deadline, a freeze to confirm, a preempt to send) it runs at once even
-        when the subtree's one default share per group is spent by its services
-        (``bench enforce``: the freeze p99 under load was the kernel waiting for a CPU).  Inside
-        the subtree (``kernel``) elsewhere."""
-        limits = Limits(cpu_weight=weight) if self._weights() else None
-        if isinstance(self.root, CgroupV1Group):
-            base = self.root.name.rsplit("/", 1)[-1]
-            dirs = {c: d.parent / f"{base}-kernel" for c, d in self.root.dirs.items()}
-            for c, d in dirs.items():
-                try:
-                    d.mkdir(exist_ok=True)
-                    if c == "cpuset":
-                        for key in ("cpuset.cpus", "cpuset.mems"):
-                            _write(d / key, _read(self.root.dirs[c] / key).strip() or "0")
-                except OSError as exc:
-                    raise EnforcerError(f"cannot create group {d}: {exc.strerror}") from exc
-            self.kernel = CgroupV1Group(f"{base}-kernel", dirs)
-            if limits is not None:
-                self.kernel.set_limits(limits)
-            self._kernel_outside = True
-        else:
-            self.kernel = self.root.sub("kernel", limits)
+        """Put this process (the kernel) in its own group at ``weight``."""
+        self.kernel = self.root.sub("kernel", Limits(cpu_weight=weight) if self._weights() else None)
         self.kernel.place(os.getpid())
         self._rebalance()
         return self.kernel
@@ -943,8 +919,7 @@ class Enforcer:
         group in it (as if its processes ran outside), so that nesting neither starves reca on
         a busy machine nor lets it take more than its processes would."""
         if self._weights() and not isinstance(self.root, SignalGroup):
-            inside = self.kernel is not None and not self._kernel_outside
-            weight = min(10000, DEFAULT_WEIGHT * (len(self.groups) + inside))
+            weight = min(10000, DEFAULT_WEIGHT * (len(self.groups) + (self.kernel is not None)))
             with contextlib.suppress(EnforcerError):
                 self.root.set_limits(Limits(cpu_weight=max(DEFAULT_WEIGHT, weight)))
 
@@ -1000,9 +975,6 @@ class Enforcer:
                 self._restore()
         if isinstance(self.kernel, SignalGroup):
             self.kernel.roots.discard(os.getpid())
-        if self._kernel_outside and self.kernel is not None:
-            with contextlib.suppress(EnforcerError, OSError):
-                self.kernel.remove()
         with contextlib.suppress(EnforcerError, OSError):
             self.root.remove()
 
@@ -1058,7 +1030,7 @@ def _sweep_stale(parent: Path) -> None:
     is thawed and killed (v1: ``freezer.state``; v2: ``cgroup.freeze``), then the groups go."""
     with contextlib.suppress(OSError):
         for d in parent.iterdir():
-            m = re.fullmatch(r"reca-(\d+)(-kernel)?", d.name)
+            m = re.fullmatch(r"reca-(\d+)", d.name)
             if not (m and d.is_dir() and not _alive(int(m.group(1)))):
                 continue
             left: set[int] = set()
