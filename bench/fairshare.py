@@ -25,6 +25,8 @@ from clients import Client
 from clients.launch import LocalKernel, service_block, short_tmpdir
 from kernel import keys
 
+#: headline metric -> the strongest peer it is measured against (the report's headline table)
+HEADLINE = {"flooded_over_quiet_p99": "the honest client's quiet p99 in the same run (no backlog)"}
 STEP_MS = 5
 BACKLOG = 50
 SAMPLES = 300

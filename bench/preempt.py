@@ -10,8 +10,9 @@ again (a cycle = one preempt and one resume), so a run collects ``CYCLES`` sampl
 CLOCK_MONOTONIC, shared by the processes of one machine.  Two CPU-burning processes (nice 0) load
 the machine throughout.
 
-Levers, each measured in the same run: ``nice 0`` (everything at the default priority), ``worker
-nice -10`` (the echo worker raised through the supervisor's ``nice`` setting), ``kernel + worker
+Levers, each measured in the same run: ``nice 0`` (everything at the default priority; the
+kernel boosts the worker it asked to pause -- its cgroup's cpu.shares and the subtree's, until it
+pauses: kernel/ladder.py), ``nice 0, no boost`` (the same without the boost), ``worker nice -10`` (the echo worker raised through the supervisor's ``nice`` setting), ``kernel + worker
 nice -10`` (the kernel process raised as well).  Raising priority needs CAP_SYS_NICE (root here);
 without it the raised rows are skipped and say so.
 """
@@ -28,11 +29,13 @@ import time
 from bench._common import Result, cdf_plot, percentile
 from bench.routing import Procs
 from clients import Client
+from kernel.ladder import ENV_PREEMPT_BOOST
 
 #: headline metric -> the strongest peer it is measured against (the report's headline table)
 HEADLINE = {"preempt_to_paused_p99_ms": "the 5 ms target (absolute)"}
 CYCLES = 1000
-LEVERS = (("nice 0", 0, 0), ("worker nice -10", 0, -10), ("kernel + worker nice -10", -10, -10))
+LEVERS = (("nice 0", 0, 0), ("nice 0, no boost", 0, 0), ("worker nice -10", 0, -10),
+          ("kernel + worker nice -10", -10, -10))
 RUNS = 3
 
 
@@ -53,8 +56,10 @@ def _can_raise() -> bool:
         return False
 
 
-def measure(cycles: int, kernel_nice: int, worker_nice: int) -> dict[str, list[float]]:
-    """``cycles`` preempt/resume cycles through a fresh kernel; per-cycle latencies (seconds)."""
+def measure(cycles: int, kernel_nice: int, worker_nice: int, boost: bool = True) -> dict[str, list[float]]:
+    """``cycles`` preempt/resume cycles through a fresh kernel; per-cycle latencies (seconds).
+    ``boost=False``: the kernel does not boost the worker it asked to pause (kernel/ladder.py,
+    ``RECA_PREEMPT_BOOST=0``)."""
     procs = Procs()
     cfg = os.path.join(procs.dir, "k.toml")
     log = os.path.join(procs.dir, "decisions.jsonl")
@@ -78,7 +83,14 @@ def measure(cycles: int, kernel_nice: int, worker_nice: int) -> dict[str, list[f
 
     lows = None
     try:
-        procs.start("-m", "kernel", "--config", cfg, nice=kernel_nice)
+        saved = os.environ.get(ENV_PREEMPT_BOOST)
+        os.environ[ENV_PREEMPT_BOOST] = "1" if boost else "0"
+        try:
+            procs.start("-m", "kernel", "--config", cfg, nice=kernel_nice)
+        finally:
+            os.environ.pop(ENV_PREEMPT_BOOST)
+            if saved is not None:
+                os.environ[ENV_PREEMPT_BOOST] = saved
         with Client(ep, timeout=30) as c:
             c.wait_for_service("echo", 30)
             c.open_job("low", {}, priority=0)
@@ -127,7 +139,7 @@ def measure(cycles: int, kernel_nice: int, worker_nice: int) -> dict[str, list[f
 
 def run(quick: bool) -> Result:
     cycles = 30 if quick else CYCLES
-    levers = LEVERS[:1] if quick else LEVERS  # quick: a smoke run, one lever, one burner
+    levers = LEVERS[:2] if quick else LEVERS  # quick: a smoke run, with and without the boost, one burner
     stop = mp.Event()
     burners = [mp.Process(target=_burn, args=(stop,), daemon=True) for _ in range(1 if quick else 2)]
     for b in burners:
@@ -138,7 +150,7 @@ def run(quick: bool) -> Result:
         for label, kn, wn in levers:
             if (kn or wn) and not raise_ok:
                 continue
-            by[label] = measure(cycles, kn, wn)
+            by[label] = measure(cycles, kn, wn, boost="no boost" not in label)
     finally:
         stop.set()
         for b in burners:
@@ -146,7 +158,7 @@ def run(quick: bool) -> Result:
     ms = lambda xs, q: percentile(xs, q) * 1000.0  # noqa: E731
     rows, metrics, samples = [], {}, {}
     for label, out in by.items():
-        key = label.replace(" + ", "_").replace(" ", "_").replace("-", "m")
+        key = label.replace(", ", "_").replace(" + ", "_").replace(" ", "_").replace("-", "m")
         rows.append({"lever": label, "cycles": len(out["ack"]), "missed": len(out["missed"]),
                      "preempt->paused p50 ms": ms(out["ack"], 50), "p99 ms": ms(out["ack"], 99),
                      "max ms": max(out["ack"]) * 1e3, "caller sees paused p99 ms": ms(out["seen"], 99),

@@ -86,8 +86,10 @@ class KernelConfig:
     #: [enforce]: the OS backend (``auto``, ``cgroup2``, ``cgroup1``, ``signals``), the escalation
     #: ladder's graces and the kernel's cpu weight (docs/budgets.md; read by kernel.enforce).
     enforce_backend: str = "auto"
-    freeze_grace_ms: float = 20.0
+    freeze_grace_ms: float = 10.0
     kill_grace_ms: float = 1000.0
+    cpu_ceiling_ms: float = 5000.0
+    hold_ceiling_s: float = 30.0
     kernel_weight: int = 1000
     #: principal -> weight in the fair share of each service's slots (kernel.fairq; default 1).
     principal_weights: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -191,10 +193,16 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("enforce", "backend", "enum", "auto",
             "the OS backstop: auto (cgroup v2, else v1, else signals), or one named (refused if unavailable)",
             choices=("auto", "cgroup2", "cgroup1", "signals"), field="enforce_backend"),
-    Setting("enforce", "freeze_grace_ms", "float", 20.0,
-            "a worker still holding a cancelled/over-budget request this long is frozen", low=0, high=60_000),
+    Setting("enforce", "freeze_grace_ms", "float", 10.0,
+            "a worker still holding a cancelled/over-budget request this long, and burning CPU on it, is frozen",
+            low=0, high=60_000),
     Setting("enforce", "kill_grace_ms", "float", 1000.0, "... and still this long after the freeze: killed",
             low=0, high=600_000),
+    Setting("enforce", "cpu_ceiling_ms", "float", 5000.0,
+            "a worker spared for others (live requests, kept state) is killed once one answered request burnt this "
+            "much CPU past its answer (at least twice its service's grace_ms)", low=1, high=3_600_000),
+    Setting("enforce", "hold_ceiling_s", "float", 30.0,
+            "... or was held this long past its answer, seconds", low=0.001, high=86_400),
     Setting("enforce", "kernel_weight", "int", 1000, "the kernel's cpu weight (services: 100)", low=1,
             high=10_000),
     Setting("enforce", "weights", "map[str]", {},
@@ -232,9 +240,12 @@ SCHEMA: tuple[Setting, ...] = (
             high=10_000),
     Setting("service", "pids_max", "int", None, "most processes in the service's group", low=1),
     Setting("service", "grace_ms", "float", None,
-            "the grace the service declares: how long it may hold an answered (cancelled, over-budget) "
-            "request before the ladder freezes it (the larger of this and freeze_grace_ms)", low=0,
-            high=600_000),
+            "the grace the service declares: how much CPU it may burn on an answered (cancelled, over-budget) "
+            "request before the ladder freezes it, ms (default: its module's, scch 21000, decode 2000, else 0)",
+            low=0, high=600_000),
+    Setting("service", "keeps_state", "bool", None,
+            "the service keeps state between requests (sessions): the ladder spares its worker, killing it only "
+            "past [enforce] cpu_ceiling_ms / hold_ceiling_s (default: its module's, decode and sim true)"),
     Setting("service", "placement", "enum", "local",
             "local: a process of this machine; ray: a Ray actor on the [ray] cluster (docs/cluster.md)",
             choices=("local", "ray")),
@@ -245,7 +256,7 @@ SCHEMA: tuple[Setting, ...] = (
             "only Ray nodes with this label: VALUE (ray start --labels reca-node=VALUE) or KEY=VALUE"),
 )
 #: [[service]] keys that are group ceilings (passed to the supervisor's ChildSpec when it has them).
-CEILINGS = ("mem_bytes", "cpu_weight", "pids_max", "grace_ms")
+CEILINGS = ("mem_bytes", "cpu_weight", "pids_max", "grace_ms", "keeps_state")
 
 TABLES = ("kernel", "supervisor", "auth", "limits", "enforce", "ray", "service")
 _BY_TABLE: dict[str, dict[str, Setting]] = {t: {s.key: s for s in SCHEMA if s.table == t} for t in TABLES}

@@ -11,7 +11,7 @@ import enum
 from typing import Any
 
 
-__all__ = ["AlreadyDone", "BadRequest", "BudgetExceeded", "Cancelled", "DeadlineExceeded", "ErrorCode", "Forbidden", "MemoryExceeded",
+__all__ = ["AlreadyDone", "BadRequest", "BudgetExceeded", "Cancelled", "DeadlineExceeded", "ErrorCode", "Forbidden", "MemoryExceeded", "SessionLost",
            "IdemConflict", "InternalError", "KernelRestarted", "NotFound", "Overloaded", "RecaError", "Refused", "ServiceError",
            "Timeout", "Unavailable", "WorkerDied", "from_wire", "require_int"]
 
@@ -37,6 +37,7 @@ class ErrorCode(enum.StrEnum):
     ALREADY_DONE = "already_done"  # same idempotency key already ran; its answer was too large to keep
     IDEM_CONFLICT = "idem_conflict"  # idempotency key reused with another service or body; not run
     MEMORY_EXCEEDED = "memory_exceeded"  # the request went past its mem_bytes ceiling (the OS killed its worker)
+    SESSION_LOST = "session_lost"  # state a worker kept between requests (a session) died with it
 
 
 class RecaError(Exception):
@@ -173,6 +174,15 @@ class MemoryExceeded(RecaError):
     code = ErrorCode.MEMORY_EXCEEDED
 
 
+class SessionLost(RecaError):
+    """The request names state its worker kept between requests (a decode session) that died with
+    an earlier run of the worker: the kernel killed it (kernel/ladder.py: another request's
+    tombstone passed its ceiling) or it crashed and was restarted.  Never a silent loss: start a
+    new session."""
+
+    code = ErrorCode.SESSION_LOST
+
+
 _BY_CODE: dict[str, type[RecaError]] = {
     cls.code: cls
     for cls in (
@@ -193,6 +203,7 @@ _BY_CODE: dict[str, type[RecaError]] = {
         AlreadyDone,
         IdemConflict,
         MemoryExceeded,
+        SessionLost,
     )
 }
 

@@ -3,20 +3,75 @@
 When the kernel answers a request it has already dispatched -- its budget ran out, its deadline
 passed, its owner or an operator cancelled it -- the router publishes the cooperative ``cancel``
 and keeps the request in its worker's slot as a *tombstone* until the worker's own late FINAL
-(kernel/router.py, ``fail_request``).  The ladder watches those tombstones:
+(kernel/router.py, ``fail_request``).  The ladder watches those tombstones, and the CPU the OS
+measures for each worker's group (kernel/enforce.py ``cpu_seconds``) while they are held.
 
+Rungs
+-----
 1. the cooperative order is out (the router sent it); the worker should answer at its next safe
    point;
-2. a worker still holding the request ``freeze_grace`` seconds later (default 20 ms; or the
-   longer grace its service declared, ``[[service]] grace_ms``: scch answers when its bounded
-   solver call returns, and is never frozen inside that bound) is **frozen** (kernel/enforce.py: the cgroup freezer stops its whole process tree atomically; on
-   the signals backend, SIGSTOP): it burns nothing more;
-3. ``kill_grace`` seconds after the freeze (default 1 s) it is **thawed** for
-   :data:`ANSWER_GRACE_S` (100 ms) to answer the cancel it already holds -- a cooperative worker
+2. a worker still holding the request ``freeze_grace`` seconds later (default 10 ms) **and
+   burning CPU on it** -- its group burnt at least :data:`BURN_MIN_S` since the answer, and at
+   least the grace its service declared (``[[service]] grace_ms``, CPU time: scch answers when its
+   bounded solver call returns, decode when its bounded beam does) -- is **frozen**
+   (kernel/enforce.py: the cgroup freezer stops its whole process tree atomically; on the signals
+   backend, SIGSTOP): it burns nothing more.  A worker that holds the request but burns nothing
+   (it waits) is not frozen: there is nothing to stop;
+3. ``kill_grace`` seconds after the freeze (default 1 s) it is **thawed** for ``answer_grace``
+   (:data:`ANSWER_GRACE_S`, 100 ms) to answer the cancel it already holds -- a cooperative worker
    that was merely slow on a busy machine answers at its next safe point and lives;
-4. still holding it then, or dropped by the liveness check while frozen or thawed, it is
-   **killed** (its whole group) and the supervisor restarts it (OTP: let it crash).  The kill never blocks: SIGKILL to every process of the group, then the
-   group is thawed (on cgroup v1 a frozen task dies only once thawed).
+4. still holding it then, an *exclusive* worker is **killed** (its whole group) and the
+   supervisor restarts it (OTP: let it crash).  An exclusive worker that holds the request
+   without burning is killed at the same point, ``max(freeze_grace, grace) + kill_grace +
+   answer_grace`` after the answer (its slot comes back).  The kill never blocks: SIGKILL to every
+   process of the group, then the group is thawed (on cgroup v1 a frozen task dies only once
+   thawed).
+
+Shared workers: who else a kill would hurt
+------------------------------------------
+A worker is *spared* when a kill would take more than the offending request with it:
+
+* it serves live (unanswered) requests besides the tombstone (``Held.shared``): it is never
+  frozen while it does (a freeze would stop them too);
+* or its service keeps state between requests -- decode's sessions, which other principals may
+  hold -- (``Held.keeps``; declared: :data:`kernel.supervisor.KEEPS_STATE`, ``[[service]]
+  keeps_state``).  The kernel cannot see whose state a worker keeps, so it counts any as another
+  principal's.
+
+A spared worker is not killed at the end of its answer window.  Instead it is throttled: frozen
+again (if it burnt during the window and serves nothing live) for ``kill_grace``, thawed for
+``answer_grace``, and so on, until it answers -- a long step with no safe point (a beam) runs to
+its end at about ``answer_grace / (kill_grace + answer_grace)`` of a CPU, and the state survives.
+It is killed only past a hard ceiling: the tombstone burnt ``cpu_ceiling`` seconds of CPU since
+its answer (default 5 s, at least twice its declared grace), or was held ``hold_ceiling`` seconds
+(default 30 s, the backstop for a tombstone that waits for ever on a slot).  Then the other
+principals' live requests on it are answered ``worker_died`` (the router, when the worker drops)
+and their kept sessions answer ``session_lost`` at their next use (the restarted worker's
+incarnation is in every session id it hands out: services/decode) -- never a silent loss.
+
+Billing
+-------
+The CPU a worker's group burns while it holds tombstones is attributed to them: each poll's
+growth of the group's CPU is split evenly over the requests in its slots (tombstones and live
+ones; on a worker holding only tombstones, all of it goes to them).  What a tombstone burnt is
+billed to its request's job (a ledger ``charge`` of ``cpu_ms``, ``enforce`` record ``rung:
+bill``) every :data:`BILL_EVERY_S` of CPU and when it ends (answered, killed, its worker gone).
+
+Invariants
+----------
+* A token is tracked from its first sighting as a tombstone until its worker answers it (gone
+  while the worker is still registered), it was killed, or its worker is gone.  A killed
+  worker's tombstones are not tracked again while the router still lists it (until its liveness
+  runs out).
+* Every tracked token of one process is in the same rung (``run``, ``frozen``, ``thawed``): the
+  process is the unit a freeze, thaw and kill act on; one action of each rung per process.
+* A worker serving a live request is never frozen; a spared worker is killed only past a
+  ceiling.  What a tombstone burns past its answer is bounded: by its rungs on an exclusive worker
+  (about ``grace + answer_grace`` of CPU), by ``cpu_ceiling`` (its attributed share; the group's
+  CPU by ``slots * cpu_ceiling``) and ``hold_ceiling`` on a spared one; all of it is billed.
+* A worker without a CPU reading (``cpu`` None, or its pid not in it) is judged by wall time
+  alone, as the ladder was first built: its tombstone counts as burning, and its first freeze
+  waits the declared grace in wall time.
 
 Nothing frozen outlives the kernel: its shutdown thaws every group before it stops the services,
 the enforcer thaws and kills its groups at exit (``atexit``), and a kernel killed outright
@@ -24,19 +79,14 @@ the enforcer thaws and kills its groups at exit (``atexit``), and a kernel kille
 blocks the kernel either: the shell writes it and waits at most :data:`FREEZE_WAIT_S` for the OS
 to report it (the kill follows anyway).
 
-A worker that also serves live requests (a multi-slot worker: decode's sessions, another
-principal's call) is not frozen for one request's tombstone while it does: the freeze would stop
-the innocent requests too.  Its rungs start once it holds only tombstones (the live requests end
-within their own budgets); until then only the cooperative cancel acts on it.
-
 A worker that answers (its FINAL frees the slot) before a rung is left alone; a frozen one cannot
-answer until it is thawed.  Every rung is a decision-log record
-(``enforce``: the rung, the child, its pid, the request's token, and the CPU seconds the OS measured
-for the child's group at that moment), so what a request burnt after its cancel is on record.
+answer until it is thawed.  Every rung is a decision-log record (``enforce``: the rung, why, the
+child, its pid, the request's token, and the CPU seconds the OS measured for the child's group at
+that moment), so what a request burnt after its cancel is on record.
 
-:class:`Ladder` is the pure part (tombstones in, actions out, ``now`` passed in); :func:`run` is
-the kernel's shell, a task polling the router every :data:`POLL_S` seconds (the router is only
-read; no hook of the core is needed).
+:class:`Ladder` is the pure part (tombstones and CPU readings in, actions out, ``now`` passed
+in); :func:`run` is the kernel's shell, a task polling the router every :data:`POLL_S` seconds
+(the router is only read; no hook of the core is needed).
 """
 
 from __future__ import annotations
@@ -44,14 +94,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from kernel.enforce import FreezeTimeout
 
 log = logging.getLogger("reca.ladder")
 
-__all__ = ["ANSWER_GRACE_S", "FREEZE_WAIT_S", "POLL_S", "Action", "Ceilings", "Held", "Ladder", "run", "single_slot_grants"]
+__all__ = ["ANSWER_GRACE_S", "BILL_EVERY_S", "BURN_MIN_S", "CPU_CEILING_S", "FREEZE_WAIT_S", "HOLD_CEILING_S",
+           "POLL_S", "Action", "Ceilings", "Held", "Ladder", "run", "single_slot_grants"]
 
 #: How often the shell looks for tombstones, seconds (adds at most this to each rung).
 POLL_S = 0.002
@@ -61,6 +113,20 @@ ANSWER_GRACE_S = 0.1
 #: Longest the shell waits for a freeze to be reported, seconds (the kernel's loop is blocked
 #: meanwhile); one not reported by then is recorded ``landed: false`` and lands on its own.
 FREEZE_WAIT_S = 0.005
+#: CPU a tombstone must have burnt (seconds) to count as burning: an idle worker's heartbeat and
+#: event loop spend far less in a grace (an idle echo worker, measured: 0.04 ms per 20 ms), and a
+#: cooperative worker with safe points less than this much CPU apart answers before it is frozen.
+BURN_MIN_S = 0.002
+#: A spared worker's tombstone is killed past this much CPU since its answer (seconds; at least
+#: twice the grace its service declared).
+CPU_CEILING_S = 5.0
+#: ... or past this long held (seconds): the backstop for a tombstone that burns nothing but keeps
+#: a slot.
+HOLD_CEILING_S = 30.0
+#: ``RECA_PREEMPT_BOOST=0`` in the kernel's environment turns the preempt boost off (to measure it).
+ENV_PREEMPT_BOOST = "RECA_PREEMPT_BOOST"
+#: A tombstone's CPU is billed whenever this much (seconds) accrued unbilled, and at its end.
+BILL_EVERY_S = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +136,13 @@ class Held:
     token: bytes
     pid: int
     worker: bytes  # the worker's routing id
-    grace: float = 0.0  # the grace its service declared, seconds
+    grace: float = 0.0  # the grace its service declared, CPU seconds
     #: The worker also serves live (unanswered) requests: freezing or killing it would stop them too.
     shared: bool = False
+    #: Its service keeps state between requests (sessions other principals may hold): a kill loses it.
+    keeps: bool = False
+    #: Requests in the worker's slots (live and tombstones): its group's CPU is split over them.
+    slots: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +151,8 @@ class Action:
     pid: int
     token: bytes
     held_s: float  # since the tombstone was first seen
+    why: str = ""  # "burning", "answer window", "idle", "cpu ceiling", "hold ceiling", "worker gone"
+    burnt_s: float = 0.0  # CPU the tombstone burnt since its answer (attributed), seconds
 
 
 @dataclasses.dataclass
@@ -89,77 +161,182 @@ class _Track:
     worker: bytes
     seen: float
     grace: float = 0.0
-    frozen: float | None = None
-    thawed: float | None = None
+    keeps: bool = False
+    shared: bool = False
+    rung: str = "run"  # "run", "frozen" or "thawed"
+    since: float = 0.0  # when the current rung began
+    burnt: float = 0.0  # CPU seconds attributed to it since it was first seen
+    mark: float = 0.0  # ``burnt`` when the current rung began
+    cycles: int = 0  # freezes so far
+    billed: float = 0.0  # of ``burnt``, what was billed
+
+    @property
+    def spared(self) -> bool:
+        return self.shared or self.keeps
 
 
 class Ladder:
-    """Invariant: a token is tracked from its first sighting as a tombstone until its worker
-    answers it (gone while the worker is still registered) or it was killed.
+    """The ladder's state machine (see the module docstring for the rungs and invariants).
 
-    Rungs: ``freeze`` at ``seen + grace``; ``thaw`` at ``frozen + kill_grace`` -- the worker gets
-    ``answer_grace`` to answer the cancel it already has (a cooperative worker merely descheduled
-    on a busy machine answers at its next safe point and is not killed); ``kill`` at ``thawed +
-    answer_grace`` if it still holds the request, or at once when its worker was dropped while
-    frozen or thawed."""
+    ``observe(held, live_workers, now, cpu)``: ``cpu`` maps a worker pid to its group's CPU seconds
+    as the OS measured them now (None: no readings, the wall-time trigger).  Ended tracks (answered,
+    killed, worker gone) are left in :attr:`ended` as (token, CPU seconds burnt, billed) for the
+    shell to bill and clear."""
 
-    def __init__(self, freeze_grace: float = 0.020, kill_grace: float = 1.0, answer_grace: float = ANSWER_GRACE_S) -> None:
-        if freeze_grace < 0 or kill_grace < 0 or answer_grace < 0:
-            raise ValueError("graces must be >= 0")
+    def __init__(self, freeze_grace: float = 0.010, kill_grace: float = 1.0, answer_grace: float = ANSWER_GRACE_S,
+                 *, cpu_ceiling: float = CPU_CEILING_S, hold_ceiling: float = HOLD_CEILING_S,
+                 burn_min: float = BURN_MIN_S) -> None:
+        if min(freeze_grace, kill_grace, answer_grace, burn_min) < 0 or cpu_ceiling <= 0 or hold_ceiling <= 0:
+            raise ValueError("graces must be >= 0 and ceilings > 0")
         self.freeze_grace = freeze_grace
         self.kill_grace = kill_grace
         self.answer_grace = answer_grace
+        self.cpu_ceiling = cpu_ceiling
+        self.hold_ceiling = hold_ceiling
+        self.burn_min = burn_min
         self.tracks: dict[bytes, _Track] = {}
+        self.cpu_last: dict[int, float] = {}  # pid -> its group's CPU at the last reading
+        self.ended: list[tuple[bytes, float, float]] = []
+        #: Workers killed, until the router drops them: their tombstones are not tracked again.
+        self.killed: set[bytes] = set()
         self.counts = {"frozen": 0, "thawed": 0, "killed": 0, "answered": 0}
 
-    def observe(self, held: Iterable[Held], live_workers: set[bytes], now: float) -> list[Action]:
-        """The rungs due at ``now``, given the tombstones now held and the registered workers."""
-        seen = set()
-        shared = set()
+    def ceiling_of(self, t: _Track) -> float:
+        return max(self.cpu_ceiling, 2.0 * t.grace)
+
+    def _attribute(self, held: list[Held], cpu: Mapping[int, float]) -> None:
+        slots: dict[int, int] = {}
         for h in held:
-            seen.add(h.token)
-            if h.shared:
-                shared.add(h.token)
-            if h.token not in self.tracks:
-                self.tracks[h.token] = _Track(h.pid, h.worker, now, max(self.freeze_grace, h.grace))
+            slots[h.pid] = max(slots.get(h.pid, 1), h.slots)
+        by_pid: dict[int, list[_Track]] = {}
+        for t in self.tracks.values():
+            by_pid.setdefault(t.pid, []).append(t)
+        for pid, reading in cpu.items():
+            last = self.cpu_last.get(pid)
+            self.cpu_last[pid] = reading
+            if last is None or reading <= last or pid not in by_pid:
+                continue
+            share = (reading - last) / max(slots.get(pid, 1), len(by_pid[pid]))
+            for t in by_pid[pid]:
+                t.burnt += share
+        for pid in [p for p in self.cpu_last if p not in by_pid and p not in cpu]:
+            del self.cpu_last[pid]
+
+    def _burning(self, t: _Track, cpu_known: bool) -> bool:
+        if not cpu_known:
+            return True
+        need = self.burn_min if t.cycles else max(self.burn_min, t.grace)
+        return t.burnt - t.mark >= need
+
+    def observe(self, held: Iterable[Held], live_workers: set[bytes], now: float,
+                cpu: Mapping[int, float] | None = None) -> list[Action]:
+        """The rungs due at ``now``, given the tombstones now held, the registered workers and
+        (optionally) each holding worker's group CPU."""
+        self.killed &= live_workers
+        held = [h for h in held if h.worker not in self.killed]
+        if cpu is not None:  # before new tombstones join: what a process burnt before one was answered is not its
+            self._attribute(held, cpu)
+        seen: dict[bytes, Held] = {}
+        for h in held:
+            seen[h.token] = h
+            t = self.tracks.get(h.token)
+            if t is None:
+                t = self.tracks[h.token] = _Track(h.pid, h.worker, now, h.grace, h.keeps, h.shared, since=now)
+                peer = next((p for p in self.tracks.values() if p.pid == h.pid and p is not t), None)
+                if peer is not None and peer.rung != "run":  # the process is frozen or thawed already
+                    t.rung, t.since = peer.rung, peer.since
+            t.shared, t.keeps = h.shared, h.keeps
         out: list[Action] = []
         done: set[tuple[str, int]] = set()  # one action of each rung per process
 
-        def act(rung: str, t: _Track, token: bytes) -> None:
-            if (rung, t.pid) not in done:
-                done.add((rung, t.pid))
-                out.append(Action(rung, t.pid, token, now - t.seen))
-                self.counts[{"freeze": "frozen", "thaw": "thawed", "kill": "killed"}[rung]] += 1
+        def act(rung: str, t: _Track, token: bytes, why: str) -> None:
+            if (rung, t.pid) in done:
+                return
+            done.add((rung, t.pid))
+            out.append(Action(rung, t.pid, token, now - t.seen, why, t.burnt))
+            self.counts[{"freeze": "frozen", "thaw": "thawed", "kill": "killed"}[rung]] += 1
+            if rung == "kill":
+                self.killed.add(t.worker)
+            for tok, other in list(self.tracks.items()):  # the process is the unit
+                if other.pid != t.pid:
+                    continue
+                if rung == "kill":
+                    self._end(tok)
+                else:
+                    other.rung, other.since, other.mark = ("frozen" if rung == "freeze" else "thawed"), now, other.burnt
+                    if rung == "freeze":
+                        other.cycles += 1
 
         for token, t in list(self.tracks.items()):
-            live = t.worker in live_workers
-            if token not in seen and live:
-                del self.tracks[token]  # its worker answered it
-                self.counts["answered"] += 1
+            if token not in self.tracks:  # ended by an action on its process this round
                 continue
-            if t.frozen is None:
-                # never freeze a worker for one request while it serves others (they would stop too,
-                # another principal's among them): the rung waits until it holds only tombstones
-                if now - t.seen >= t.grace and token not in shared:
-                    t.frozen = now
-                    act("freeze", t, token)
-            elif not live or (t.thawed is not None and now - t.thawed >= self.answer_grace):
-                del self.tracks[token]
-                act("kill", t, token)
-            elif t.thawed is None and now - t.frozen >= self.kill_grace:
-                t.thawed = now
-                act("thaw", t, token)
+            live = t.worker in live_workers
+            known = cpu is not None and t.pid in cpu
+            if token not in seen:
+                if live:
+                    self._end(token)  # its worker answered it
+                    self.counts["answered"] += 1
+                elif t.rung == "run":
+                    self._end(token)  # its worker is gone (died, dropped): nothing left to stop
+                else:
+                    act("kill", t, token, "worker gone")  # frozen or thawed: its group is killed and thawed
+                continue
+            if t.burnt >= self.ceiling_of(t):
+                act("kill", t, token, "cpu ceiling")
+            elif now - t.seen >= max(self.hold_ceiling, 2.0 * t.grace):
+                act("kill", t, token, "hold ceiling")
+            elif t.rung == "run":
+                if not t.shared and now - t.since >= self._wall_grace(t, known) and self._burning(t, known):
+                    act("freeze", t, token, "burning")
+                elif not t.spared and now - t.seen >= self._idle_kill(t):
+                    act("kill", t, token, "idle")
+            elif t.rung == "frozen":
+                if now - t.since >= self.kill_grace:
+                    act("thaw", t, token, "answer window")
+            elif now - t.since >= self.answer_grace:  # thawed, its answer window over
+                if not t.spared:
+                    act("kill", t, token, "answer window")
+                elif not t.shared and self._burning(t, known):
+                    act("freeze", t, token, "burning")  # throttled: frozen again, the state survives
+                else:
+                    t.rung, t.since, t.mark = "run", now, t.burnt
         return out
 
+    def _wall_grace(self, t: _Track, cpu_known: bool = False) -> float:
+        """Wall time from the rung's start before a freeze: the ladder's grace; without CPU
+        readings, the first freeze also waits the service's declared grace in wall time."""
+        return self.freeze_grace if cpu_known or t.cycles else max(self.freeze_grace, t.grace)
+
+    def _idle_kill(self, t: _Track) -> float:
+        """An exclusive worker holding a tombstone without burning is killed this long after the
+        answer: when a burning one would be (its slot comes back)."""
+        return max(self.freeze_grace, t.grace) + self.kill_grace + self.answer_grace
+
+    def _end(self, token: bytes) -> None:
+        t = self.tracks.pop(token)
+        self.ended.append((token, t.burnt, t.billed))
+
     def next_due(self) -> float | None:
-        """When the next rung falls due (None: nothing tracked)."""
+        """When the next wall-time rung falls due (None: nothing tracked); the CPU trigger is
+        polled."""
         times = [
-            t.seen + t.grace if t.frozen is None
-            else t.frozen + self.kill_grace if t.thawed is None
-            else t.thawed + self.answer_grace
+            t.since + self._wall_grace(t) if t.rung == "run" and t.spared
+            else min(t.since + self._wall_grace(t), t.seen + self._idle_kill(t)) if t.rung == "run"
+            else t.since + self.kill_grace if t.rung == "frozen"
+            else t.since + self.answer_grace
             for t in self.tracks.values()
         ]
         return min(times) if times else None
+
+    def unbilled(self, every: float = BILL_EVERY_S) -> list[tuple[bytes, float]]:
+        """Tracks with at least ``every`` CPU seconds burnt and not yet billed: (token, seconds),
+        marked billed."""
+        out = []
+        for token, t in self.tracks.items():
+            if t.burnt - t.billed >= every:
+                out.append((token, t.burnt - t.billed))
+                t.billed = t.burnt
+        return out
 
 
 class Ceilings:
@@ -206,6 +383,9 @@ def single_slot_grants(router: Any, admission: Any) -> dict[int, tuple[bytes, in
 class _Procs(Protocol):
     def child_of_pid(self, pid: int) -> str | None: ...
     def grace_of(self, name: str) -> float: ...
+    def keeps_of(self, name: str) -> bool: ...
+    def boost(self, name: str, why: str = ...) -> None: ...
+    def unboost(self, name: str, why: str = ...) -> None: ...
     def freeze(self, name: str, timeout: float = ...) -> float: ...
     def thaw(self, name: str) -> None: ...
     def kill_group(self, name: str) -> int: ...
@@ -215,20 +395,21 @@ class _Procs(Protocol):
 
 
 def tombstones(router: Any, procs: _Procs | None = None) -> tuple[list[Held], set[bytes]]:
-    """The router's answered-but-held requests (with their services' declared graces, from
-    ``procs``) and its registered workers (read only)."""
+    """The router's answered-but-held requests (with their services' declared graces and whether
+    they keep state, from ``procs``) and its registered workers (read only)."""
     held = []
     for identity, worker in router.workers.items():
         if worker.pid is None:
             continue
-        grace = None
+        declared: tuple[float, bool] | None = None
         shared = any(not req.done for req in worker.inflight.values())
         for token, req in worker.inflight.items():
             if req.done:
-                if grace is None:
+                if declared is None:
                     name = procs.child_of_pid(worker.pid) if procs is not None else None
-                    grace = procs.grace_of(name) if procs is not None and name is not None else 0.0
-                held.append(Held(token, worker.pid, identity, grace, shared))
+                    declared = (procs.grace_of(name), bool(getattr(procs, "keeps_of", lambda n: False)(name))) \
+                        if procs is not None and name is not None else (0.0, False)
+                held.append(Held(token, worker.pid, identity, declared[0], shared, declared[1], len(worker.inflight)))
     return held, set(router.workers)
 
 
@@ -247,7 +428,8 @@ def apply(actions: list[Action], procs: _Procs, record: Any, now: float, frozen:
                 out_gone: dict[str, Any] = {"ok": True, "thawed": True, "why": "its process is gone"}
             except (LookupError, OSError, RuntimeError) as exc:
                 out_gone = {"ok": False, "why": str(exc)}
-            record("enforce", now, {"rung": a.rung, "child": gone, "pid": a.pid, "token": a.token.hex()}, out_gone)
+            record("enforce", now, {"rung": a.rung, "why": a.why, "child": gone, "pid": a.pid, "token": a.token.hex()},
+                   out_gone)
             continue
         if name is None:
             log.warning(
@@ -278,17 +460,20 @@ def apply(actions: list[Action], procs: _Procs, record: Any, now: float, frozen:
             out = {"ok": False, "why": str(exc)}
         out["cpu_s"] = procs.cpu_seconds(name)
         log.warning(
-            "ladder: %s %s (pid %d): request %s held %.1f ms past its answer",
+            "ladder: %s %s (pid %d, %s): request %s held %.1f ms past its answer, burnt %.1f ms CPU",
             a.rung,
             name,
             a.pid,
+            a.why,
             a.token.hex(),
             a.held_s * 1e3,
+            a.burnt_s * 1e3,
         )
         record(
             "enforce",
             now,
-            {"rung": a.rung, "child": name, "pid": a.pid, "token": a.token.hex(), "held_ms": round(a.held_s * 1e3, 3)},
+            {"rung": a.rung, "why": a.why, "child": name, "pid": a.pid, "token": a.token.hex(),
+             "held_ms": round(a.held_s * 1e3, 3), "burnt_ms": round(a.burnt_s * 1e3, 3)},
             out,
         )
 
@@ -354,47 +539,71 @@ class _CeilingShell:
                 mem_bytes=mem), now, spent=spent)
 
 
-class _TailBill:
-    """Bills the CPU a single-slot worker burns on a request after the kernel answered it (its
-    tombstone: from the answer until its own late FINAL, or the kill) to the request's job, as the
-    OS measured it for the worker's group (a ledger ``charge`` of ``cpu_ms``; ``enforce`` record
-    ``rung: bill``).  Multi-slot workers are not billed this way (their group's CPU is shared)."""
+class _PreemptBoost:
+    """Boosts the group of a worker the kernel asked to pause a request (a preempt sent, its
+    ``paused`` not yet back: the admission track is ``preempted`` and not ``paused``) until it
+    pauses, the request ends, or the worker goes: the worker runs at once on a busy machine and
+    reaches its safe point sooner (kernel/enforce.py ``Group.boost``; ``bench preempt``)."""
 
     def __init__(self, router: Any, procs: _Procs, admission: Any) -> None:
         self.router, self.procs, self.admission = router, procs, admission
-        self.open: dict[bytes, tuple[str, str, float]] = {}  # token -> (child, job, cpu at the answer)
-        self.done: set[bytes] = set()  # billed, still held (a killed worker not yet dropped)
+        self.boosted: set[str] = set()  # children boosted now
 
-    def step(self, held: list[Held], now: float) -> None:
-        tokens = {h.token for h in held}
-        self.done &= tokens
+    def step(self) -> None:
+        tracks = getattr(self.admission, "tracks", {})
+        want: set[str] = set()
+        for worker in self.router.workers.values():
+            if worker.pid is None:
+                continue
+            for token, req in worker.inflight.items():
+                track = tracks.get(token)
+                if not req.done and track is not None and track.preempted and not track.paused:
+                    name = self.procs.child_of_pid(worker.pid)
+                    if name is not None:
+                        want.add(name)
+                    break
+        for name in want - self.boosted:
+            with _suppress_enforce():
+                self.procs.boost(name)
+        for name in self.boosted - want:
+            with _suppress_enforce():
+                self.procs.unboost(name)
+        self.boosted = want
+
+
+class _Bills:
+    """Bills the CPU a worker burns on a request after the kernel answered it (its tombstone: from
+    the answer until its own late FINAL, the kill, or its worker's end), as the ladder attributed
+    it from the OS's measure of the worker's group, to the request's job: a ledger ``charge`` of
+    ``cpu_ms`` and an ``enforce`` record ``rung: bill``, every :data:`BILL_EVERY_S` of CPU and at
+    the end."""
+
+    def __init__(self, router: Any, admission: Any) -> None:
+        self.router, self.admission = router, admission
+        self.jobs: dict[bytes, tuple[str, str]] = {}  # token -> (job, child)
+
+    def note(self, held: list[Held], procs: _Procs) -> None:
         for h in held:
-            if h.token in self.open or h.token in self.done:
+            if h.token in self.jobs:
                 continue
             worker = self.router.workers.get(h.worker)
             req = worker.inflight.get(h.token) if worker is not None else None
-            name = self.procs.child_of_pid(h.pid)
-            if req is None or req.job is None or name is None or worker.capacity != 1:
-                self.done.add(h.token)
-                continue
-            cpu = self.procs.cpu_seconds(name)
-            if cpu is None:
-                self.done.add(h.token)
-                continue
-            self.open[h.token] = (name, req.job, cpu)
-        for token in [t for t in self.open if t not in tokens]:  # its worker answered it
-            self.bill(token, now)
+            self.jobs[h.token] = (getattr(req, "job", None) or "", procs.child_of_pid(h.pid) or "")
 
-    def bill(self, token: bytes, now: float) -> None:
-        entry = self.open.pop(token, None)
-        if entry is None:
+    def step(self, ladder: Ladder, now: float) -> None:
+        for token, cpu_s in ladder.unbilled():
+            self.bill(token, cpu_s, now)
+        ended, ladder.ended = ladder.ended, []
+        for token, burnt, billed in ended:
+            if burnt > billed:
+                self.bill(token, burnt - billed, now)
+            self.jobs.pop(token, None)
+
+    def bill(self, token: bytes, cpu_s: float, now: float) -> None:
+        job, name = self.jobs.get(token, ("", ""))
+        cpu_ms = round(cpu_s * 1000.0, 3)
+        if not job or cpu_ms <= 0:
             return
-        self.done.add(token)
-        name, job, before = entry
-        after = self.procs.cpu_seconds(name)
-        if after is None or after <= before:
-            return
-        cpu_ms = round((after - before) * 1000.0, 3)
         out = self.admission.decide("charge", now, job=job, spent={"cpu_ms": cpu_ms})
         self.admission.record("enforce", now, {"rung": "bill", "child": name, "token": token.hex(), "job": job},
                               {"ok": True, "cpu_ms": cpu_ms})
@@ -412,29 +621,48 @@ def _suppress_enforce() -> Any:
 
 async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asyncio.Event, clock: Any = None,
               admission: Any = None) -> None:
-    """Poll the router for tombstones every :data:`POLL_S` and apply the rungs due, until ``stop``;
-    with ``admission``, per-request memory ceilings too (:class:`Ceilings`)."""
+    """Poll the router for tombstones every :data:`POLL_S`, read the CPU of the workers holding
+    them, and apply the rungs due, until ``stop``; with ``admission``, bill what tombstones burn,
+    set per-request memory ceilings (:class:`Ceilings`) and boost workers asked to pause
+    (:class:`_PreemptBoost`)."""
     import time
 
     clock = clock or time.monotonic
     ceilings = _CeilingShell(router, procs, admission) if admission is not None else None
     frozen: dict[int, str] = {}  # pid -> child, between its freeze and its kill
-    bills = _TailBill(router, procs, admission) if admission is not None else None
+    bills = _Bills(router, admission) if admission is not None else None
+    boosts = (_PreemptBoost(router, procs, admission)
+              if admission is not None and hasattr(procs, "boost") and os.environ.get(ENV_PREEMPT_BOOST) != "0" else None)
     while not stop.is_set():
         try:
             held, live = tombstones(router, procs)
             now = clock()
+            cpu = _readings(held, procs)
+            actions = ladder.observe(held, live, now, cpu)
             if bills is not None:
-                bills.step(held, now)
-            actions = ladder.observe(held, live, now)
+                bills.note([h for h in held if h.token in ladder.tracks], procs)
             if actions:
                 apply(actions, procs, record, now, frozen)
-                if bills is not None:
-                    for a in actions:
-                        if a.rung == "kill":
-                            bills.bill(a.token, now)
+            if bills is not None:
+                bills.step(ladder, now)
+            else:
+                ladder.ended.clear()
             if ceilings is not None:
                 ceilings.step(now)
+            if boosts is not None:
+                boosts.step()
         except Exception:  # the ladder never takes the kernel down
             log.exception("internal error in the escalation ladder")
         await asyncio.sleep(POLL_S)
+
+
+def _readings(held: list[Held], procs: _Procs) -> dict[int, float]:
+    """The group CPU seconds of each worker holding a tombstone, where the OS measures one (a
+    worker without a reading is judged by the wall-time trigger)."""
+    out: dict[int, float] = {}
+    for pid in {h.pid for h in held}:
+        name = procs.child_of_pid(pid)
+        cpu = procs.cpu_seconds(name) if name is not None else None
+        if cpu is not None:
+            out[pid] = cpu
+    return out

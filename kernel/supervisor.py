@@ -208,10 +208,29 @@ def exit_reason(returncode: int, last_line: str | None) -> str:
     return what[:REASON_MAX_CHARS]
 
 
-#: Graces that services declare, by module (ms): how long one may hold a request the kernel has
-#: answered before the ladder freezes it.  scch answers when its bounded solver call returns: its
-#: bound (reason.solve.SOLVE_SECONDS, 20 s) + 1 s.  A [[service]] ``grace_ms`` overrides it.
-DECLARED_GRACE_MS: dict[str, float] = {"services.scch": 21_000.0}
+#: Graces that services declare, by module (CPU ms): how much CPU one may burn on a request the
+#: kernel has answered before the ladder freezes it (kernel/ladder.py).  scch answers when its
+#: bounded solver call returns: its bound (reason.solve.SOLVE_SECONDS, 20 s of CPU) + 1 s.
+#: decode answers when its beam or splice returns (a thread, no safe point inside), bounded by
+#: its beam limits (services/decode ``--max-beam-width`` / ``--max-beam-tokens``: ~0.2 s of CPU
+#: for the chain model at the bound; 2 s leaves room for larger models and a busy machine).
+#: A [[service]] ``grace_ms`` overrides it.
+DECLARED_GRACE_MS: dict[str, float] = {"services.scch": 21_000.0, "services.decode": 2_000.0}
+#: Services that keep state between requests, by module (decode's sessions; sim's runs and finished
+#: results, which other principals may hold): the
+#: ladder never kills their worker for one request's tombstone before its hard ceiling
+#: (kernel/ladder.py, "Shared workers").  A [[service]] ``keeps_state`` overrides it.
+KEEPS_STATE: frozenset[str] = frozenset({"services.decode", "services.sim"})
+#: Environment variable giving a child its incarnation: a number larger than every earlier run's
+#: of the same child, across restarts and kernel restarts (tenths of a second since 2026, or the
+#: last one + 1), so that it can tell state of an earlier run (``session_lost``) from none.
+ENV_INCARNATION = "RECA_INCARNATION"
+_INCARNATION_EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+
+
+def incarnation_now(last: int = 0) -> int:
+    """A new incarnation number: tenths of a second since 2026, and above ``last``."""
+    return max(last + 1, int((time.time() - _INCARNATION_EPOCH) * 10))
 
 
 @dataclasses.dataclass
@@ -234,14 +253,19 @@ class ChildSpec:
     #: ladder waits the larger of this and its own freeze grace).  None: the grace its module
     #: declares in :data:`DECLARED_GRACE_MS`, else 0.
     grace_ms: float | None = None
+    #: The service keeps state between requests (sessions): None: as its module declares in
+    #: :data:`KEEPS_STATE`.
+    keeps_state: bool | None = None
     #: ``local`` (a process here) or ``ray`` (an actor on a Ray node, started by the supervisor's
     #: ``remote`` placement: kernel/rayplace.py).
     placement: str = "local"
 
     def __post_init__(self) -> None:
+        module = self.argv[2] if len(self.argv) >= 3 and self.argv[1] == "-m" else None
         if self.grace_ms is None:
-            module = self.argv[2] if len(self.argv) >= 3 and self.argv[1] == "-m" else None
             self.grace_ms = DECLARED_GRACE_MS.get(module or "", 0.0)
+        if self.keeps_state is None:
+            self.keeps_state = (module or "") in KEEPS_STATE
 
     def limits(self) -> E.Limits:
         return E.Limits(self.mem_bytes, self.cpu_weight, self.pids_max)
@@ -276,6 +300,8 @@ class Child:
         self.log: ChildLog | None = None
         #: Why it last exited (``exit 1: <last line>``), or None.
         self.reason: str | None = None
+        #: Its current run's incarnation (:func:`incarnation_now`), passed as :data:`ENV_INCARNATION`.
+        self.incarnation = 0
 
     @property
     def pid(self) -> int | None:
@@ -363,6 +389,8 @@ class Supervisor:
         env.update(child.spec.env)
         env[ENV_SERVICE] = child.spec.name
         env[ENV_PARENT] = str(os.getpid())
+        child.incarnation = incarnation_now(child.incarnation)
+        env[ENV_INCARNATION] = str(child.incarnation)
         group = None
         if self.enforcer is not None:
             try:
@@ -701,9 +729,25 @@ class Supervisor:
         if child.state is ChildState.STOPPED:
             child.state = ChildState.RUNNING
 
+    def boost(self, name: str, why: str = "preempt") -> None:
+        """Run child ``name``'s group ahead of others until :meth:`unboost` (kernel/enforce.py
+        ``Group.boost``; nothing without a group)."""
+        group = self.child(name).group
+        if group is not None:
+            group.boost(why)
+
+    def unboost(self, name: str, why: str = "preempt") -> None:
+        group = self.child(name).group
+        if group is not None:
+            group.unboost(why)
+
     def grace_of(self, name: str) -> float:
-        """The grace child ``name`` declared (``grace_ms``), seconds."""
+        """The grace child ``name`` declared (``grace_ms``), CPU seconds."""
         return max(0.0, self.child(name).spec.grace_ms or 0.0) / 1000.0
+
+    def keeps_of(self, name: str) -> bool:
+        """Whether child ``name`` keeps state between requests (``keeps_state``)."""
+        return bool(self.child(name).spec.keeps_state)
 
     def group_cpu_of_pid(self, pid: int) -> float | None:
         """CPU seconds of the enforcer group of the running child whose process is ``pid`` (what

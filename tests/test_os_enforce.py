@@ -416,21 +416,32 @@ def _zombie(pid: int) -> bool:
 
 
 @pytest.mark.skipif(V1_SKIP is not None, reason=V1_SKIP or "")
-def test_a_v1_group_is_scheduled_at_the_largest_weight_while_frozen_and_gets_its_own_back():
+def test_a_v1_group_is_boosted_with_its_ancestors_and_gets_its_own_weights_back():
+    """A boost (a freeze until it lands, a preempt until the worker pauses) gives the group and
+    the subtree's root the largest cpu.shares; the freeze's ends once the group is frozen (it needs
+    no CPU, and the boosted root would run the subtree's other groups ahead of the machine); a
+    weight set while boosted applies at the unboost."""
     enf = E.open_enforcer(E.CGROUP1, name=f"reca-test-{os.getpid()}-boost")
     p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         group = enf.place_service("svc", p.pid, E.Limits(cpu_weight=50))
         shares = group.dirs["cpu"] / "cpu.shares"
+        root = enf.root.dirs["cpu"] / "cpu.shares"
+        own_root = root.read_text().strip()
         assert shares.read_text().strip() == str(E.weight_to_shares(50))
-        group.freeze()
-        assert shares.read_text().strip() == str(E.SHARES_MAX)  # it reaches the freezer at once
-        group.set_limits(E.Limits(cpu_weight=200))  # a new weight while frozen applies at thaw
+        group.boost("preempt")
+        assert shares.read_text().strip() == root.read_text().strip() == str(E.SHARES_MAX)
+        group.set_limits(E.Limits(cpu_weight=200))  # a new weight while boosted applies at the unboost
+        assert shares.read_text().strip() == str(E.SHARES_MAX)
+        group.freeze()  # boosted already: its own freeze boost ends when it lands, the preempt's holds
+        assert shares.read_text().strip() == str(E.SHARES_MAX)
+        group.unboost("preempt")
+        assert shares.read_text().strip() == str(E.weight_to_shares(200)) and root.read_text().strip() == own_root
         group.thaw()
-        assert shares.read_text().strip() == str(E.weight_to_shares(200))
         group.freeze()
-        assert group.kill() == 1  # the kill thaws: the weight is restored too
-        assert shares.read_text().strip() == str(E.weight_to_shares(200))
+        assert shares.read_text().strip() == str(E.weight_to_shares(200))  # frozen: no boost left
+        assert group.kill() == 1
+        assert shares.read_text().strip() == str(E.weight_to_shares(200)) and root.read_text().strip() == own_root
     finally:
         enf.close()
         if p.poll() is None:

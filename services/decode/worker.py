@@ -61,6 +61,17 @@ rounding).  RoI-S splices (exact mode) and replacements insert the repaired sequ
 kept per principal (one namespace each, one shared bound): a principal's prompt never reuses
 another's blocks, so ``prefix_reused`` tells nothing about what others decoded.
 
+Beams are bounded (``--max-beam-width``, default :data:`MAX_BEAM_WIDTH`; ``--max-beam-tokens``,
+default :data:`MAX_BEAM_TOKENS`, bounds ``width * max_new`` of a generate's beam): a beam runs in a
+thread with no safe point, so its bound is what the service declares to the kernel's escalation
+ladder as its grace (kernel/supervisor.py ``DECLARED_GRACE_MS``).  A request over a bound is
+refused before any engine call: ``bad_request`` with ``kind: "limit"`` and ``limit`` naming it.
+
+Decode ids carry the worker's incarnation (``RECA_INCARNATION``, from the supervisor: larger for
+every later run): an id of an earlier run of the worker -- its state died when that run was
+killed or crashed -- answers ``session_lost``, never "no decode" (issue 23: the ladder kills a
+decode worker only past another request's hard ceiling, and then says so).
+
 Invariants: every engine call runs under ``self._lock`` (a beam or splice may run in a thread,
 and the engine is not thread-safe); a decode with a generate streaming it is mutated only by
 that generate unless it is paused at a safe point (``inject`` / ``splice`` / ``replace`` /
@@ -79,6 +90,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import os
 from typing import Any, Callable
 
 import torch
@@ -101,6 +113,13 @@ log = logging.getLogger("reca.decode")
 
 #: The upper bound of ``state``'s ``wait_paused_ms``.
 MAX_WAIT_PAUSED_MS = 10_000
+#: Widest beam (generate or splice) a request may ask for, unless ``--max-beam-width`` says otherwise.
+MAX_BEAM_WIDTH = 16
+#: Most ``width * max_new`` of a generate's beam, unless ``--max-beam-tokens`` says otherwise (the
+#: bound at 16 x 256 costs ~0.2 s of CPU with the chain model).
+MAX_BEAM_TOKENS = 4096
+#: Decode ids of one incarnation: ``incarnation * ID_SPAN + n``.
+ID_SPAN = 1 << 20
 #: Counted kinds charged besides ``tokens`` (see :func:`spend_between`).
 COUNTED = ("decoded", "prefilled", "repaired", "recomputed")
 
@@ -238,6 +257,17 @@ class Decode:
         self.idle.set()
 
 
+def _incarnation() -> int:
+    """This run's incarnation (``RECA_INCARNATION`` from the supervisor; without one, this start's
+    own: kernel.supervisor.incarnation_now)."""
+    from kernel.supervisor import ENV_INCARNATION, incarnation_now
+
+    try:
+        return max(1, int(os.environ.get(ENV_INCARNATION, "")))
+    except ValueError:
+        return incarnation_now()
+
+
 def _int(payload: dict, key: str, default: Any = None, *, lo: int | None = None) -> int:
     return errors.require_int(payload, key, default, lo=lo)
 
@@ -265,7 +295,10 @@ class DecodeService(Service):
         self.engine: Engine | None = None  # the default model's engine
         self.models: dict[str, Served] = {}
         self.prefix_blocks = 128
-        self._ids = itertools.count(1)
+        self.incarnation = _incarnation()
+        self._ids = itertools.count(self.incarnation * ID_SPAN + 1)
+        self.max_beam_width = MAX_BEAM_WIDTH
+        self.max_beam_tokens = MAX_BEAM_TOKENS
         self.decodes: dict[int, Decode] = {}
         self._lock = asyncio.Lock()
         self.num_blocks = 1024
@@ -284,12 +317,19 @@ class DecodeService(Service):
         parser.add_argument("--weights", default=None, help="weights file (default: the shipped ones)")
         parser.add_argument("--prefix-blocks", type=int, default=self.prefix_blocks,
                             help="KV blocks each model's prefix cache may hold (0: no cache)")
+        parser.add_argument("--max-beam-width", type=int, default=self.max_beam_width,
+                            help="widest beam a generate or splice may ask for")
+        parser.add_argument("--max-beam-tokens", type=int, default=self.max_beam_tokens,
+                            help="most width * max_new of a generate's beam")
 
     def configure(self, args: argparse.Namespace) -> None:
         self.num_blocks, self.dtype, self.weights = args.num_blocks, args.dtype, args.weights
         if args.prefix_blocks < 0 or args.prefix_blocks > args.num_blocks:
             raise SystemExit(f"--prefix-blocks must be in [0, --num-blocks], got {args.prefix_blocks}")
         self.prefix_blocks = args.prefix_blocks
+        if args.max_beam_width < 1 or args.max_beam_tokens < 1:
+            raise SystemExit("--max-beam-width and --max-beam-tokens must be >= 1")
+        self.max_beam_width, self.max_beam_tokens = args.max_beam_width, args.max_beam_tokens
         self.gate = KvBlocks(getattr(args, "endpoint", None) or f"ipc://{runtime_dir()}/kernel.sock")
 
     async def setup(self) -> None:
@@ -367,9 +407,23 @@ class DecodeService(Service):
         that never existed."""
         did = payload.get("decode")
         dec = self.decodes.get(did) if isinstance(did, int) and not isinstance(did, bool) else None
+        if dec is None and isinstance(did, int) and not isinstance(did, bool) and 0 < did // ID_SPAN < self.incarnation:
+            raise errors.SessionLost(f"decode {did} was of an earlier run of this worker, which ended (killed or "
+                                     "restarted): its state is gone; start a new decode", decode=did)
         if dec is None or dec.principal != ctx.principal:
             raise errors.BadRequest(f"no decode {did!r} on this worker", kind="UnknownSequenceError")
         return dec
+
+    def _check_beam(self, width: int, max_new: int | None = None) -> None:
+        """A beam within the worker's bounds, else ``bad_request`` ``kind: limit`` naming the bound."""
+        if width > self.max_beam_width:
+            raise errors.BadRequest(f"beam width {width} is over this worker's limit max_beam_width = "
+                                    f"{self.max_beam_width}", kind="limit", limit="max_beam_width",
+                                    max=self.max_beam_width, got=width)
+        if max_new is not None and width > 1 and width * max_new > self.max_beam_tokens:
+            raise errors.BadRequest(f"beam width * max_new = {width * max_new} is over this worker's limit "
+                                    f"max_beam_tokens = {self.max_beam_tokens}", kind="limit",
+                                    limit="max_beam_tokens", max=self.max_beam_tokens, got=width * max_new)
 
     @staticmethod
     def _eng(dec: Decode) -> Any:
@@ -434,6 +488,7 @@ class DecodeService(Service):
     async def op_generate(self, ctx: Context, payload: dict) -> dict:
         max_new = _int(payload, "max_new", 64, lo=1)
         width = _int(payload, "width", 1, lo=1)
+        self._check_beam(width, max_new)
         stop_count = _int(payload, "stop_count", 1, lo=1)
         stop = payload.get("stop")
         stop_token = None
@@ -526,6 +581,7 @@ class DecodeService(Service):
         eng = self._eng(dec)
         start, end = _int(payload, "start"), _int(payload, "end")
         width = _int(payload, "width", 8, lo=1)
+        self._check_beam(width)
         recompute = _int(payload, "recompute", 4, lo=0)
         mode = payload.get("mode", "exact")
         if mode not in ("exact", "approx"):
