@@ -1,14 +1,18 @@
-"""The decision log: append-only JSON lines of every decision the kernel takes, in segments.
+"""The decision log: append-only records of every decision the kernel takes, in segments.
 
-One line per decision, ``{"seq", "t", "op", "in", "out"}``: the Ledger's operations (re-run by
+One record per decision, ``{"seq", "t", "op", "in", "out"}``: the Ledger's operations (re-run by
 ``python -m kernel replay`` and on restart), the kernel's preemption and control orders, process
 controls, services' own decisions sent with ``mmi.audit``, and ``run``/``ran`` marks of requests
-carrying an idempotency key.  A ``session`` line opens each kernel run (its ``session`` id
-prefixes the run's reservation ids; ``"restored": true`` when the run continued the state the
-log held, see :func:`restore`).
+carrying an idempotency key.  A budgeted request costs two: its ``admit`` (which starts it) and
+its ``finish`` (which charges what it spent); they cannot be one record written at the end, since
+a crash between them must restore the running request (its wall time counts until the last
+record) and replay re-runs decisions in the order they were taken.  A ``session`` record opens
+each kernel run (its ``session`` id prefixes the run's reservation ids; ``"restored": true`` when
+the run continued the state the log held, see :func:`restore`).
 
-**Records** carry a checksum and a sequence number (kernel.logstore gives the format and the
-recovery rules: a torn tail is cut, a damaged current segment falls back to the previous
+**Records** are binary -- a 10-byte header (magic, version, length, CRC-32) and a msgpack map --
+and carry a sequence number (kernel.logstore gives the format, how logs of JSON lines written by
+older kernels are still read, and the recovery rules: a torn tail is cut, a damaged current segment falls back to the previous
 snapshot, anything else refuses to start naming the file and offset).
 
 **Segments and snapshots.**  The file at ``path`` is the current segment.  When the decisions
@@ -153,7 +157,7 @@ class DecisionLog:
     def _write(self, rec: dict) -> None:
         try:
             line = encode_record(rec)
-        except (ValueError, TypeError, RecursionError) as exc:  # a cycle, an absurd depth: keep the seq
+        except (ValueError, TypeError, RecursionError, OverflowError) as exc:  # a cycle, an absurd depth: keep the seq
             self.counters["unencodable"] += 1
             line = encode_record(
                 {
