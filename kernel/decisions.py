@@ -46,7 +46,7 @@ import time
 from typing import Any, Callable
 
 from kernel import protocol as P
-from kernel.logstore import encode_record, segment_paths
+from kernel.logstore import record_encoder, segment_paths
 
 log = logging.getLogger("reca.kernel")
 
@@ -113,6 +113,7 @@ class DecisionLog:
         self.fsync_interval = fsync_interval
         self.segment_bytes = segment_bytes
         self.state: Callable[[], dict] | None = None
+        self._encode = record_encoder()
         closed = segment_paths(path)
         self._next_segment = int(closed[-1].rsplit(".", 1)[-1]) + 1 if closed else 1
         created = not os.path.lexists(path)
@@ -156,10 +157,10 @@ class DecisionLog:
 
     def _write(self, rec: dict) -> None:
         try:
-            line = encode_record(rec)
+            line = self._encode(rec)
         except (ValueError, TypeError, RecursionError, OverflowError) as exc:  # a cycle, an absurd depth: keep the seq
             self.counters["unencodable"] += 1
-            line = encode_record(
+            line = self._encode(
                 {
                     "seq": rec.get("seq"),
                     "t": rec.get("t"),
@@ -172,7 +173,14 @@ class DecisionLog:
 
     def append(self, op: str, now: float, inputs: dict, outputs: dict) -> None:
         self._seq += 1
-        self._write({"seq": self._seq, "t": now, "op": op, "in": inputs, "out": outputs})
+        rec = {"seq": self._seq, "t": now, "op": op, "in": inputs, "out": outputs}
+        try:
+            line = self._encode(rec)
+        except (ValueError, TypeError, RecursionError, OverflowError):
+            self._write(rec)  # says why in a record of its own (same seq)
+            return
+        self._pending.append(line)
+        self.pending_bytes += len(line)
 
     @property
     def writing(self) -> bool:
@@ -237,7 +245,7 @@ class DecisionLog:
     def _rotate(self) -> None:
         assert self.state is not None
         self._seq += 1
-        snap = encode_record(
+        snap = self._encode(
             {"seq": self._seq, "t": time.monotonic(), "op": "snapshot", "session": self.session, "state": self.state()}
         )
         nxt = self.path + ".next"

@@ -61,7 +61,7 @@ import zlib
 from dataclasses import dataclass, field
 from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
 from json.encoder import encode_basestring_ascii as _ascii
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import msgpack
 
@@ -136,6 +136,24 @@ def encode_record(rec: dict) -> bytes:
     if n > MAX_RECORD_BYTES:
         raise ValueError(f"a record of {n} bytes exceeds {MAX_RECORD_BYTES}")
     return _HEAD.pack(MAGIC, VERSION, n, zlib.crc32(body, zlib.crc32(_PREFIX.pack(MAGIC, VERSION, n)))) + body
+
+
+def record_encoder() -> Callable[[dict], bytes]:
+    """:func:`encode_record` with a packer of its own (one per decision log: no per-call lookup of
+    the thread's packer; a log is appended to by one thread)."""
+    pack = msgpack.Packer(use_bin_type=True, datetime=False, default=str).pack  # resets itself on error
+    head, prefix, crc32 = _HEAD.pack, _PREFIX.pack, zlib.crc32
+
+    def encode(rec: dict) -> bytes:
+        if type(rec) is not dict or not rec:
+            raise ValueError("a record is a non-empty map")
+        body = pack(rec)
+        n = len(body)
+        if n > MAX_RECORD_BYTES:
+            raise ValueError(f"a record of {n} bytes exceeds {MAX_RECORD_BYTES}")
+        return head(MAGIC, VERSION, n, crc32(body, crc32(prefix(MAGIC, VERSION, n)))) + body
+
+    return encode
 
 
 def encode_json_record(rec: dict) -> bytes:

@@ -165,7 +165,7 @@ def test_a_forged_record_inside_a_torn_audit_payload_only_makes_recovery_refuse(
 def _old_kernel_log(path: str, monkeypatch) -> BudgetAdmission:
     """A log written by a kernel before the binary format: JSON lines with their checksums."""
     with monkeypatch.context() as m:
-        m.setattr(decisions, "encode_record", encode_json_record)
+        m.setattr(decisions, "record_encoder", lambda: encode_json_record)
         log = DecisionLog(path, fsync="never")
         adm = BudgetAdmission(decision_log=log)
         adm.decide("open", 0.0, job="old", limits={"flops": 100.0})
