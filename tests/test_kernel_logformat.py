@@ -254,3 +254,18 @@ def test_the_follower_reads_whole_records_as_they_are_appended_and_across_a_rota
     assert [r["in"] for r in follower.read() if r["op"] == "audit"] == [{"i": 3}]
     log.close()
     follower.close()
+
+
+def test_an_unencodable_decision_is_recorded_as_such_and_the_seq_goes_on(tmp_path):
+    path = str(tmp_path / "d.jsonl")
+    log = DecisionLog(path, fsync="never")
+    cyclic: list = []
+    cyclic.append(cyclic)
+    log.append("audit", 1.0, {"event": cyclic}, {"ok": True})
+    log.append("audit", 2.0, {"event": "fine"}, {"ok": True})
+    log.close()
+    recs = read_records(path)
+    assert [r["seq"] for r in recs] == [0, 1, 2] and log.counters["unencodable"] == 1
+    assert recs[1]["op"] == "audit" and recs[1]["unencodable"].startswith("ValueError")
+    assert recs[2]["in"] == {"event": "fine"}
+    assert restore(path) is not None
