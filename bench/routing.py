@@ -156,6 +156,12 @@ def pure_core(n: int, *flags: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b; NaN when ``b`` is not a positive number (a process whose CPU stayed below one clock
+    tick of /proc in a --quick run: no ratio, the target reads as missed)."""
+    return a / b if b > 0 else float("nan")
+
+
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a live process (from /proc; NaN where unavailable)."""
     try:
@@ -318,8 +324,8 @@ def run(quick: bool) -> Result:
         "worker_cpu_us_per_req_capacity_64": r64["worker_cpu_us_per_req"],
         "bare_broker_cpu_us_per_req_credit_64": b64["broker_cpu_us_per_req"],
         "majortomo_broker_cpu_us_per_req": mt["broker_cpu_us_per_req"],
-        "kernel_cpu_vs_bare_broker_capacity_64": r64["broker_cpu_us_per_req"] / b64["broker_cpu_us_per_req"],
-        "worker_cpu_vs_bare_worker_capacity_64": r64["worker_cpu_us_per_req"] / b64["worker_cpu_us_per_req"],
+        "kernel_cpu_vs_bare_broker_capacity_64": _ratio(r64["broker_cpu_us_per_req"], b64["broker_cpu_us_per_req"]),
+        "worker_cpu_vs_bare_worker_capacity_64": _ratio(r64["worker_cpu_us_per_req"], b64["worker_cpu_us_per_req"]),
         "c_proxy_p50_ms": proxy["p50_ms"],
         "c_proxy_pipelined_per_s": proxy["pipelined_per_s"],
         "p50_vs_c_proxy": r1["p50_ms"] / proxy["p50_ms"],
