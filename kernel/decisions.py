@@ -173,11 +173,10 @@ class DecisionLog:
 
     def append(self, op: str, now: float, inputs: dict, outputs: dict) -> None:
         self._seq += 1
-        rec = {"seq": self._seq, "t": now, "op": op, "in": inputs, "out": outputs}
         try:
-            line = self._encode(rec)
+            line = self._encode((self._seq, now, op, inputs, outputs))  # a decision's array payload
         except (ValueError, TypeError, RecursionError, OverflowError):
-            self._write(rec)  # says why in a record of its own (same seq)
+            self._write({"seq": self._seq, "t": now, "op": op, "in": inputs, "out": outputs})  # says why
             return
         self._pending.append(line)
         self.pending_bytes += len(line)

@@ -7,7 +7,10 @@
     byte 1      0x01             the record format version
     bytes 2-5   length           of the payload, unsigned 32-bit little-endian
     bytes 6-9   CRC-32           of bytes 0-5 and the payload, unsigned 32-bit little-endian
-    bytes 10-   payload          one msgpack map (kernel.codec's msgpack), the record
+    bytes 10-   payload          the record in msgpack (kernel.codec's library): a decision
+                                 ``{"seq", "t", "op", "in", "out"}`` as the array
+                                 ``[seq, t, op, in, out]`` (no keys to write), any other
+                                 record (session, snapshot, ...) as a map
 
 so every byte of a record is covered by its checksum.  A record is written whole and in order;
 one that runs past the end of the file is torn (a crash in the middle of its write); a header
@@ -73,6 +76,9 @@ MAGIC_BYTE = b"\xfe"
 _HEAD = struct.Struct("<BBII")
 HEADER_BYTES = _HEAD.size
 _PREFIX = struct.Struct("<BBI")
+#: The keys of a decision record, in the order of its array payload.
+DECISION_KEYS = ("seq", "t", "op", "in", "out")
+_DECISION_KEYSET = frozenset(DECISION_KEYS)
 #: The largest payload a record may declare (a snapshot of the whole state is the largest record).
 MAX_RECORD_BYTES = 1 << 30
 
@@ -124,9 +130,11 @@ class LogCorrupt(Exception):
 
 
 def encode_record(rec: dict) -> bytes:
-    """One binary record (module docstring) holding the map ``rec``."""
+    """One binary record (module docstring) holding the map ``rec`` (a decision as its array)."""
     if type(rec) is not dict or not rec:
         raise ValueError("a record is a non-empty map")
+    if len(rec) == 5 and rec.keys() == _DECISION_KEYSET:
+        rec = tuple(rec[k] for k in DECISION_KEYS)  # type: ignore[assignment]
     try:
         body = _packer().pack(rec)
     except BaseException:
@@ -138,15 +146,22 @@ def encode_record(rec: dict) -> bytes:
     return _HEAD.pack(MAGIC, VERSION, n, zlib.crc32(body, zlib.crc32(_PREFIX.pack(MAGIC, VERSION, n)))) + body
 
 
-def record_encoder() -> Callable[[dict], bytes]:
+def record_encoder() -> Callable[[Any], bytes]:
     """:func:`encode_record` with a packer of its own (one per decision log: no per-call lookup of
-    the thread's packer; a log is appended to by one thread)."""
+    the thread's packer; a log is appended to by one thread).  It also takes a decision as the
+    tuple ``(seq, t, op, in, out)`` (written as the array payload without building the map)."""
     pack = msgpack.Packer(use_bin_type=True, datetime=False, default=str).pack  # resets itself on error
     head, prefix, crc32 = _HEAD.pack, _PREFIX.pack, zlib.crc32
 
-    def encode(rec: dict) -> bytes:
-        if type(rec) is not dict or not rec:
-            raise ValueError("a record is a non-empty map")
+    def encode(rec: Any) -> bytes:
+        kind = type(rec)
+        if kind is dict:
+            if not rec:
+                raise ValueError("a record is a non-empty map")
+            if len(rec) == 5 and rec.keys() == _DECISION_KEYSET:
+                rec = tuple(rec[k] for k in DECISION_KEYS)
+        elif kind is not tuple or len(rec) != 5:
+            raise ValueError("a record is a non-empty map or a decision's (seq, t, op, in, out)")
         body = pack(rec)
         n = len(body)
         if n > MAX_RECORD_BYTES:
@@ -188,8 +203,10 @@ def _binary_at(data: bytes, pos: int) -> tuple[dict, int]:
         rec = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as exc:  # a record with a good checksum this version cannot read
         raise BadRecord(f"undecodable payload ({type(exc).__name__}: {exc})") from None
+    if type(rec) is list and len(rec) == 5:  # a decision: [seq, t, op, in, out]
+        rec = dict(zip(DECISION_KEYS, rec))
     if type(rec) is not dict or not isinstance(rec.get("op"), str):
-        raise BadRecord("not a record (a map with an 'op')")
+        raise BadRecord("not a record (a map with an 'op', or a decision's 5-array)")
     return rec, end
 
 

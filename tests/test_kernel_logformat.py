@@ -75,6 +75,7 @@ def test_records_round_trip_with_every_value_the_log_takes():
     }
     raw = encode_record(rec)
     assert raw[0] == logstore.MAGIC and raw[1] == logstore.VERSION
+    assert raw[HEADER_BYTES] == 0x95  # a decision is written as a 5-array, read back as the map
     assert struct.unpack_from("<I", raw, 2)[0] == len(raw) - HEADER_BYTES
     assert decode_record(raw) == rec
     # What JSON could not hold is written as its str(), as the JSON log did (default=str).
@@ -162,10 +163,15 @@ def test_a_forged_record_inside_a_torn_audit_payload_only_makes_recovery_refuse(
         restore(path)
 
 
+def _json_encoder(rec: dict | tuple) -> bytes:
+    """What an older kernel wrote for a record (a decision comes as its tuple)."""
+    return encode_json_record(dict(zip(logstore.DECISION_KEYS, rec)) if type(rec) is tuple else rec)
+
+
 def _old_kernel_log(path: str, monkeypatch) -> BudgetAdmission:
     """A log written by a kernel before the binary format: JSON lines with their checksums."""
     with monkeypatch.context() as m:
-        m.setattr(decisions, "record_encoder", lambda: encode_json_record)
+        m.setattr(decisions, "record_encoder", lambda: _json_encoder)
         log = DecisionLog(path, fsync="never")
         adm = BudgetAdmission(decision_log=log)
         adm.decide("open", 0.0, job="old", limits={"flops": 100.0})
