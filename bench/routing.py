@@ -265,6 +265,13 @@ SYSTEMS = (  # label, worker capacity
     ("reca kernel, worker capacity 64", 64),
 )
 RAY = "Ray actor (max_concurrency 1, calls queued at the actor)"
+#: The report's headline rows: each metric against the strongest peer it is measured against.
+HEADLINE = {
+    "p50_vs_bare": "a bare pyzmq ROUTER broker with credit flow control (sync p50, same run)",
+    "pipelined_vs_bare_capacity_64": "the same bare broker at equal worker capacity 64 (pipelined requests/s)",
+    "kernel_cpu_vs_bare_broker_capacity_64": "the bare broker's CPU per request (credit 64, same run)",
+    "p50_vs_majortomo": "majortomo, a Python MDP broker (sync p50, same run)",
+}
 
 
 def run(quick: bool) -> Result:
