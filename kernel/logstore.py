@@ -6,13 +6,16 @@
                                  of UTF-8 text: old JSON-lines records are told apart by it)
     byte 1      0x01             the record format version
     bytes 2-5   length           of the payload, unsigned 32-bit little-endian
-    bytes 6-9   CRC-32           of bytes 0-5 and the payload, unsigned 32-bit little-endian
+    bytes 6-9   CRC-32           of the payload, started from the length (``zlib.crc32(payload,
+                                 length)``: a changed length fails it too), unsigned 32-bit
+                                 little-endian
     bytes 10-   payload          the record in msgpack (kernel.codec's library): a decision
                                  ``{"seq", "t", "op", "in", "out"}`` as the array
                                  ``[seq, t, op, in, out]`` (no keys to write), any other
                                  record (session, snapshot, ...) as a map
 
-so every byte of a record is covered by its checksum.  A record is written whole and in order;
+so every byte of a record is checked: the magic and the version must be exactly these, the
+length and the payload are covered by the checksum (one CRC call per record).  A record is written whole and in order;
 one that runs past the end of the file is torn (a crash in the middle of its write); a header
 that is not one, a length that does not fit or a checksum that fails is a :class:`BadRecord`,
 never a traceback.  Records carry ``seq``: it grows by one per record within a kernel run (a
@@ -75,7 +78,6 @@ MAGIC_BYTE = b"\xfe"
 #: magic, version, payload length, CRC-32.
 _HEAD = struct.Struct("<BBII")
 HEADER_BYTES = _HEAD.size
-_PREFIX = struct.Struct("<BBI")
 #: The keys of a decision record, in the order of its array payload.
 DECISION_KEYS = ("seq", "t", "op", "in", "out")
 _DECISION_KEYSET = frozenset(DECISION_KEYS)
@@ -143,7 +145,7 @@ def encode_record(rec: dict) -> bytes:
     n = len(body)
     if n > MAX_RECORD_BYTES:
         raise ValueError(f"a record of {n} bytes exceeds {MAX_RECORD_BYTES}")
-    return _HEAD.pack(MAGIC, VERSION, n, zlib.crc32(body, zlib.crc32(_PREFIX.pack(MAGIC, VERSION, n)))) + body
+    return _HEAD.pack(MAGIC, VERSION, n, zlib.crc32(body, n)) + body
 
 
 def record_encoder() -> Callable[[Any], bytes]:
@@ -151,7 +153,7 @@ def record_encoder() -> Callable[[Any], bytes]:
     the thread's packer; a log is appended to by one thread).  It also takes a decision as the
     tuple ``(seq, t, op, in, out)`` (written as the array payload without building the map)."""
     pack = msgpack.Packer(use_bin_type=True, datetime=False, default=str).pack  # resets itself on error
-    head, prefix, crc32 = _HEAD.pack, _PREFIX.pack, zlib.crc32
+    head, crc32 = _HEAD.pack, zlib.crc32
 
     def encode(rec: Any) -> bytes:
         kind = type(rec)
@@ -166,7 +168,7 @@ def record_encoder() -> Callable[[Any], bytes]:
         n = len(body)
         if n > MAX_RECORD_BYTES:
             raise ValueError(f"a record of {n} bytes exceeds {MAX_RECORD_BYTES}")
-        return head(MAGIC, VERSION, n, crc32(body, crc32(prefix(MAGIC, VERSION, n)))) + body
+        return head(MAGIC, VERSION, n, crc32(body, n)) + body
 
     return encode
 
@@ -197,7 +199,7 @@ def _binary_at(data: bytes, pos: int) -> tuple[dict, int]:
     if end > size:
         raise BadRecord(f"torn ({size - pos} of {HEADER_BYTES + n} bytes)")
     body = data[pos + HEADER_BYTES : end]
-    if zlib.crc32(body, zlib.crc32(data[pos : pos + 6])) != crc:
+    if zlib.crc32(body, n) != crc:
         raise BadRecord("checksum mismatch")
     try:
         rec = msgpack.unpackb(body, raw=False, strict_map_key=False)
