@@ -32,6 +32,10 @@ from typing import Any, Iterable
 from kernel import logstore
 from kernel.ledger import OPS, Ledger
 
+# What services and clients read a decision log with (kernel.replay is public, kernel.logstore is not):
+# every readable record of a file, either format; the records appended to a log, across rotations.
+from kernel.logstore import Follower, read_records  # noqa: F401  (re-exported)
+
 LEDGER_OPS = frozenset(OPS)
 
 

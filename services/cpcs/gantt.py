@@ -48,7 +48,7 @@ def segments(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def events_from_log(path: str) -> list[dict[str, Any]]:
     """The cpcs events of the last run recorded in a kernel decision log (either record format)."""
-    from kernel.logstore import read_records
+    from kernel.replay import read_records
 
     runs: list[list[dict[str, Any]]] = []
     for rec in read_records(path):

@@ -174,7 +174,7 @@ class ViewService(Service):
 
     async def _tail_log(self) -> None:
         """cpcs's audit records from the decision log (followed across segment rotation)."""
-        from kernel.logstore import Follower
+        from kernel.replay import Follower
 
         follower = None
         try:
