@@ -11,13 +11,13 @@ clamped, charged and logged), interleaved in one run.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from bench._common import Result, cdf_plot, percentile
 from bench.routing import Procs
 from clients import Client
+from kernel.logstore import read_stream
 from kernel import errors
 
 
@@ -73,11 +73,10 @@ def run(quick: bool) -> Result:
                 except errors.BudgetExceeded:
                     got = time.monotonic()
                 c.stats()  # flushes the kernel's decision log
-                with open(log) as fh:  # only what this round appended
+                with open(log, "rb") as fh:  # only what this round appended
                     fh.seek(offset)
-                    new = fh.read()
-                offset += len(new.encode())
-                decisions = [json.loads(line) for line in new.splitlines() if line]
+                    decisions, used = read_stream(fh.read())
+                offset += used
                 start = _first(decisions, job, _is_start, "the request's start")
                 # queued behind a busy slot (the last round's late FINAL): wall_ms runs from dispatch
                 disp = [float(d["t"]) for d in decisions if d.get("op") == "dispatch"

@@ -19,7 +19,6 @@ without it the raised rows are skipped and say so.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import queue
@@ -30,6 +29,7 @@ from bench._common import Result, cdf_plot, percentile
 from bench.routing import Procs
 from clients import Client
 from kernel.ladder import ENV_PREEMPT_BOOST
+from kernel.logstore import read_stream
 
 #: headline metric -> the strongest peer it is measured against (the report's headline table)
 HEADLINE = {"preempt_to_paused_p99_ms": "the 5 ms target (absolute)"}
@@ -116,11 +116,10 @@ def measure(cycles: int, kernel_nice: int, worker_nice: int, boost: bool = True)
                     out["missed"].append(1.0)  # the low request ended between the check and the call
                     continue
                 c.stats()  # flushes the kernel's decision log
-                with open(log) as fh:
+                with open(log, "rb") as fh:
                     fh.seek(offset)
-                    new = fh.read()
-                    offset += len(new.encode())
-                decisions = [json.loads(line) for line in new.splitlines() if line]
+                    decisions, used = read_stream(fh.read())
+                    offset += used
                 pre = [d["t"] for d in decisions if d.get("op") == "preempt"]
                 res = [d["t"] for d in decisions if d.get("op") == "resume"]
                 if len(pre) != 1 or len(res) != 1:

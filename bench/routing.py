@@ -156,6 +156,12 @@ def pure_core(n: int, *flags: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b; NaN when ``b`` is not a positive number (a process whose CPU stayed below one clock
+    tick of /proc in a --quick run: no ratio, the target reads as missed)."""
+    return a / b if b > 0 else float("nan")
+
+
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a live process (from /proc; NaN where unavailable)."""
     try:
@@ -259,6 +265,13 @@ SYSTEMS = (  # label, worker capacity
     ("reca kernel, worker capacity 64", 64),
 )
 RAY = "Ray actor (max_concurrency 1, calls queued at the actor)"
+#: The report's headline rows: each metric against the strongest peer it is measured against.
+HEADLINE = {
+    "p50_vs_bare": "a bare pyzmq ROUTER broker with credit flow control (sync p50, same run)",
+    "pipelined_vs_bare_capacity_64": "the same bare broker at equal worker capacity 64 (pipelined requests/s)",
+    "kernel_cpu_vs_bare_broker_capacity_64": "the bare broker's CPU per request (credit 64, same run)",
+    "p50_vs_majortomo": "majortomo, a Python MDP broker (sync p50, same run)",
+}
 
 
 def run(quick: bool) -> Result:
@@ -318,8 +331,8 @@ def run(quick: bool) -> Result:
         "worker_cpu_us_per_req_capacity_64": r64["worker_cpu_us_per_req"],
         "bare_broker_cpu_us_per_req_credit_64": b64["broker_cpu_us_per_req"],
         "majortomo_broker_cpu_us_per_req": mt["broker_cpu_us_per_req"],
-        "kernel_cpu_vs_bare_broker_capacity_64": r64["broker_cpu_us_per_req"] / b64["broker_cpu_us_per_req"],
-        "worker_cpu_vs_bare_worker_capacity_64": r64["worker_cpu_us_per_req"] / b64["worker_cpu_us_per_req"],
+        "kernel_cpu_vs_bare_broker_capacity_64": _ratio(r64["broker_cpu_us_per_req"], b64["broker_cpu_us_per_req"]),
+        "worker_cpu_vs_bare_worker_capacity_64": _ratio(r64["worker_cpu_us_per_req"], b64["worker_cpu_us_per_req"]),
         "c_proxy_p50_ms": proxy["p50_ms"],
         "c_proxy_pipelined_per_s": proxy["pipelined_per_s"],
         "p50_vs_c_proxy": r1["p50_ms"] / proxy["p50_ms"],

@@ -543,11 +543,10 @@ def _demo(client: Client, out=print) -> None:
 
 def _replay_summary(path: str) -> None:
     """Re-run the ledger on the demo kernel's decision log (what ``python -m kernel replay`` does)."""
-    from kernel.replay import replay_lines
+    from kernel.replay import replay_file
 
     try:
-        with open(path, encoding="utf-8") as fh:
-            report = replay_lines(fh)
+        report = replay_file(path)
     except OSError as exc:
         print(f"no decision log to replay: {exc}")
         return

@@ -46,6 +46,7 @@ def _log_level(text: str) -> str:
 _EPILOG = """\
 subcommands (each has its own --help):
   python -m kernel replay LOG...                     re-run the ledger on a decision log; exit 1 on a divergence
+  python -m kernel logcat LOG...                     a decision log's records as JSON lines (either format)
   python -m kernel keys new NAME --role ROLE [--dir DIR]
                                                      a principal's CURVE certificate pair (ROLE: operator,
                                                      client or service:NAME[,NAME...])
@@ -473,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         from kernel.fsck import main as fsck_main
 
         return fsck_main(argv[1:])
+    if argv and argv[0] == "logcat":
+        from kernel.fsck import logcat_main
+
+        return logcat_main(argv[1:])
     if argv and argv[0] == "keys":
         from kernel.keys import main as keys_main
 

@@ -1,14 +1,18 @@
-"""The decision log: append-only JSON lines of every decision the kernel takes, in segments.
+"""The decision log: append-only records of every decision the kernel takes, in segments.
 
-One line per decision, ``{"seq", "t", "op", "in", "out"}``: the Ledger's operations (re-run by
+One record per decision, ``{"seq", "t", "op", "in", "out"}``: the Ledger's operations (re-run by
 ``python -m kernel replay`` and on restart), the kernel's preemption and control orders, process
 controls, services' own decisions sent with ``mmi.audit``, and ``run``/``ran`` marks of requests
-carrying an idempotency key.  A ``session`` line opens each kernel run (its ``session`` id
-prefixes the run's reservation ids; ``"restored": true`` when the run continued the state the
-log held, see :func:`restore`).
+carrying an idempotency key.  A budgeted request costs two: its ``admit`` (which starts it) and
+its ``finish`` (which charges what it spent); they cannot be one record written at the end, since
+a crash between them must restore the running request (its wall time counts until the last
+record) and replay re-runs decisions in the order they were taken.  A ``session`` record opens
+each kernel run (its ``session`` id prefixes the run's reservation ids; ``"restored": true`` when
+the run continued the state the log held, see :func:`restore`).
 
-**Records** carry a checksum and a sequence number (kernel.logstore gives the format and the
-recovery rules: a torn tail is cut, a damaged current segment falls back to the previous
+**Records** are binary -- a 10-byte header (magic, version, length, CRC-32) and a msgpack map --
+and carry a sequence number (kernel.logstore gives the format, how logs of JSON lines written by
+older kernels are still read, and the recovery rules: a torn tail is cut, a damaged current segment falls back to the previous
 snapshot, anything else refuses to start naming the file and offset).
 
 **Segments and snapshots.**  The file at ``path`` is the current segment.  When the decisions
@@ -42,7 +46,7 @@ import time
 from typing import Any, Callable
 
 from kernel import protocol as P
-from kernel.logstore import encode_record, segment_paths
+from kernel.logstore import record_encoder, segment_paths
 
 log = logging.getLogger("reca.kernel")
 
@@ -109,6 +113,7 @@ class DecisionLog:
         self.fsync_interval = fsync_interval
         self.segment_bytes = segment_bytes
         self.state: Callable[[], dict] | None = None
+        self._encode = record_encoder()
         closed = segment_paths(path)
         self._next_segment = int(closed[-1].rsplit(".", 1)[-1]) + 1 if closed else 1
         created = not os.path.lexists(path)
@@ -152,10 +157,10 @@ class DecisionLog:
 
     def _write(self, rec: dict) -> None:
         try:
-            line = encode_record(rec)
-        except (ValueError, TypeError, RecursionError) as exc:  # a cycle, an absurd depth: keep the seq
+            line = self._encode(rec)
+        except (ValueError, TypeError, RecursionError, OverflowError) as exc:  # a cycle, an absurd depth: keep the seq
             self.counters["unencodable"] += 1
-            line = encode_record(
+            line = self._encode(
                 {
                     "seq": rec.get("seq"),
                     "t": rec.get("t"),
@@ -168,7 +173,13 @@ class DecisionLog:
 
     def append(self, op: str, now: float, inputs: dict, outputs: dict) -> None:
         self._seq += 1
-        self._write({"seq": self._seq, "t": now, "op": op, "in": inputs, "out": outputs})
+        try:
+            line = self._encode((self._seq, now, op, inputs, outputs))  # a decision's array payload
+        except (ValueError, TypeError, RecursionError, OverflowError):
+            self._write({"seq": self._seq, "t": now, "op": op, "in": inputs, "out": outputs})  # says why
+            return
+        self._pending.append(line)
+        self.pending_bytes += len(line)
 
     @property
     def writing(self) -> bool:
@@ -233,7 +244,7 @@ class DecisionLog:
     def _rotate(self) -> None:
         assert self.state is not None
         self._seq += 1
-        snap = encode_record(
+        snap = self._encode(
             {"seq": self._seq, "t": time.monotonic(), "op": "snapshot", "session": self.session, "state": self.state()}
         )
         nxt = self.path + ".next"

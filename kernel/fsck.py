@@ -114,6 +114,44 @@ def check(path: str, *, repair: bool, discard: bool, out=print) -> int:
     return status
 
 
+def logcat(path: str, *, offsets: bool = False, out=print) -> int:
+    """Print the records of the log file at ``path`` as JSON lines (``python -m kernel logcat``);
+    a damaged stretch is reported on stderr and skipped.  The exit status for it."""
+    data = logstore.read_bytes(path)
+    if data is None:
+        print(f"{path}: no such file", file=sys.stderr)
+        return 2
+    status = 0
+    for off, raw in logstore.iter_records(data):
+        try:
+            rec = logstore.decode_record(raw)
+        except logstore.BadRecord as exc:
+            print(f"{path} at byte {off}: {len(raw)} byte(s) unreadable: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        line = logstore.to_json_line(rec)
+        out(f'{{"offset": {off}, "record": {line}}}' if offsets else line)
+    return status
+
+
+def logcat_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kernel logcat",
+        description="Print decision log records (binary records and older JSON lines alike) as JSON lines, "
+        "one per record, without their checksums; exit 1 if a record is unreadable.",
+    )
+    parser.add_argument("log", nargs="+", help="decision log files (segments oldest first)")
+    parser.add_argument("--offsets", action="store_true", help='each line as {"offset": BYTE, "record": ...}')
+    args = parser.parse_args(argv)
+    status = 0
+    try:
+        for path in args.log:
+            status = max(status, logcat(path, offsets=args.offsets))
+    except BrokenPipeError:  # `| head`
+        sys.stderr.close()
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kernel fsck", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

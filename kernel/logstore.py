@@ -1,13 +1,39 @@
 """Decision log storage: checksummed records, segment files, and a recovery that fails safe.
 
-**Records.**  Each record is one line of JSON whose last key is ``"crc"``: the CRC-32 (8 lowercase
-hex digits) of the line's bytes as they would read without that key, i.e. of
-``line[:-18] + b"}"``.  Lines stay valid JSON for every reader (``json.loads(line)["op"]``) and
-every byte of a record is covered.  The writer encodes with ``ensure_ascii``, so a record is
-ASCII; a line that is not UTF-8, not JSON, nested deeper than the parser takes, lacks the
-checksum or fails it is a :class:`BadRecord`, never a traceback.  Records carry ``seq``: it
-grows by one per record within a kernel run (a ``session`` line restarts it at 0), so a record
-removed from the middle of a segment is noticed like a corrupted one.
+**Records** (format 1, binary).  Each record is a 10-byte header and a msgpack map::
+
+    byte 0      0xFE             marks a binary record (never the first byte of a JSON line or
+                                 of UTF-8 text: old JSON-lines records are told apart by it)
+    byte 1      0x01             the record format version
+    bytes 2-5   length           of the payload, unsigned 32-bit little-endian
+    bytes 6-9   CRC-32           of the payload, started from the length (``zlib.crc32(payload,
+                                 length)``: a changed length fails it too), unsigned 32-bit
+                                 little-endian
+    bytes 10-   payload          the record in msgpack (kernel.codec's library): a decision
+                                 ``{"seq", "t", "op", "in", "out"}`` as the array
+                                 ``[seq, t, op, in, out]`` (no keys to write), any other
+                                 record (session, snapshot, ...) as a map
+
+so every byte of a record is checked: the magic and the version must be exactly these, the
+length and the payload are covered by the checksum (one CRC call per record).  A record is written whole and in order;
+one that runs past the end of the file is torn (a crash in the middle of its write); a header
+that is not one, a length that does not fit or a checksum that fails is a :class:`BadRecord`,
+never a traceback.  Records carry ``seq``: it grows by one per record within a kernel run (a
+``session`` record restarts it at 0), so a record removed from the middle of a segment is
+noticed like a corrupted one.  ``python -m kernel logcat LOG`` prints records as JSON lines.
+
+**Older logs** (format 0, JSON lines) are read as before: one line of JSON whose last key is
+``"crc"``, the CRC-32 (8 lowercase hex digits) of the line's bytes as they would read without
+that key, i.e. of ``line[:-18] + b"}"``.  A kernel started over such a log appends binary
+records to it: a segment may hold JSON lines then binary records, and every reader here
+(recovery, replay, fsck, :func:`read_records`) takes both, record by record.
+
+**Reading past damage.**  After a bad record the reader looks for the next good one: the next
+line start of a JSON log, or any ``0xFE`` byte where a whole binary record with a good checksum
+begins (a false match needs a 32-bit checksum to agree by chance).  The good records found after
+damage decide between a torn tail (none) and damage in the middle (some).  A service's audit
+payload could carry the bytes of a well-formed record; found after a torn tail it can only make
+the recovery refuse (:class:`LogCorrupt`), never accept a record as the kernel's.
 
 **Segments.**  ``path`` is the current segment; closed ones are ``path.NNNNNN`` (oldest first).
 Every segment after the first begins with a ``snapshot`` record of the whole enforcement state.
@@ -35,24 +61,46 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import threading
 import zlib
 from dataclasses import dataclass, field
 from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
 from json.encoder import encode_basestring_ascii as _ascii
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-#: ``,"crc":"xxxxxxxx"}`` -- the fixed-size tail of every record line.
+import msgpack
+
+#: The first byte of a binary record, and the format version this module writes.
+MAGIC = 0xFE
+VERSION = 1
+MAGIC_BYTE = b"\xfe"
+#: magic, version, payload length, CRC-32.
+_HEAD = struct.Struct("<BBII")
+HEADER_BYTES = _HEAD.size
+#: The keys of a decision record, in the order of its array payload.
+DECISION_KEYS = ("seq", "t", "op", "in", "out")
+_DECISION_KEYSET = frozenset(DECISION_KEYS)
+#: The largest payload a record may declare (a snapshot of the whole state is the largest record).
+MAX_RECORD_BYTES = 1 << 30
+
+#: ``,"crc":"xxxxxxxx"}`` -- the fixed-size tail of every JSON record line (format 0).
 _CRC_TAIL = 18
 _HEX8 = re.compile(rb"[0-9a-f]{8}")
 
-#: One encoder for every record (``json.dumps(..., default=str)`` builds a new one per call).
+#: One JSON encoder (format 0 records, :func:`encode_json_record`; ``logcat``).
 _json_encoder = json.JSONEncoder(default=str, ensure_ascii=True)
-# The C encoder (``_c_make_encoder``, None without json's C speedups) is made once per thread:
-# ``JSONEncoder.encode`` builds one per call, most of its cost.
-#: Per thread: (its circular-reference markers, its C encoder); the markers are shared by every
-#: call of that thread's encoder, so no two threads may share one.
+#: Per thread: a msgpack packer (not thread-safe: it keeps a buffer), and the JSON C encoder with
+#: its circular-reference markers (``JSONEncoder.encode`` builds one per call, most of its cost).
 _per_thread = threading.local()
+
+
+def _packer() -> Any:
+    made = getattr(_per_thread, "packer", None)
+    if made is None:
+        # default=str: what the JSON log wrote for a value it could not encode (a set, an object).
+        made = _per_thread.packer = msgpack.Packer(use_bin_type=True, datetime=False, default=str)
+    return made
 
 
 def _encode(rec: Any) -> str:
@@ -72,7 +120,7 @@ def _encode(rec: Any) -> str:
 
 
 class BadRecord(ValueError):
-    """One line that is not a record this log wrote (checksum, encoding, JSON, shape)."""
+    """Bytes that are not a record this log wrote (checksum, header, encoding, shape)."""
 
 
 class LogCorrupt(Exception):
@@ -84,15 +132,100 @@ class LogCorrupt(Exception):
 
 
 def encode_record(rec: dict) -> bytes:
-    """One record line (newline included) with its checksum as the last key."""
+    """One binary record (module docstring) holding the map ``rec`` (a decision as its array)."""
+    if type(rec) is not dict or not rec:
+        raise ValueError("a record is a non-empty map")
+    if len(rec) == 5 and rec.keys() == _DECISION_KEYSET:
+        rec = tuple(rec[k] for k in DECISION_KEYS)  # type: ignore[assignment]
+    try:
+        body = _packer().pack(rec)
+    except BaseException:
+        _packer().reset()  # a pack that raised may leave half a record in the packer's buffer
+        raise
+    n = len(body)
+    if n > MAX_RECORD_BYTES:
+        raise ValueError(f"a record of {n} bytes exceeds {MAX_RECORD_BYTES}")
+    return _HEAD.pack(MAGIC, VERSION, n, zlib.crc32(body, n)) + body
+
+
+def record_encoder() -> Callable[[Any], bytes]:
+    """:func:`encode_record` with a packer of its own (one per decision log: no per-call lookup of
+    the thread's packer; a log is appended to by one thread).  It also takes a decision as the
+    tuple ``(seq, t, op, in, out)`` (written as the array payload without building the map)."""
+    pack = msgpack.Packer(use_bin_type=True, datetime=False, default=str).pack  # resets itself on error
+    head, crc32 = _HEAD.pack, zlib.crc32
+
+    def encode(rec: Any) -> bytes:
+        kind = type(rec)
+        if kind is dict:
+            if not rec:
+                raise ValueError("a record is a non-empty map")
+            if len(rec) == 5 and rec.keys() == _DECISION_KEYSET:
+                rec = tuple(rec[k] for k in DECISION_KEYS)
+        elif kind is not tuple or len(rec) != 5:
+            raise ValueError("a record is a non-empty map or a decision's (seq, t, op, in, out)")
+        body = pack(rec)
+        n = len(body)
+        if n > MAX_RECORD_BYTES:
+            raise ValueError(f"a record of {n} bytes exceeds {MAX_RECORD_BYTES}")
+        return head(MAGIC, VERSION, n, crc32(body, n)) + body
+
+    return encode
+
+
+def encode_json_record(rec: dict) -> bytes:
+    """One format-0 record line (newline included) with its checksum as the last key: what a
+    kernel before the binary format wrote (tests of old logs; ``logcat`` writes JSON without it)."""
     if not rec or "crc" in rec:
         raise ValueError("a record is a non-empty map without a 'crc' key")
     body = _encode(rec).encode("ascii")
     return b'%s,"crc":"%08x"}\n' % (body[:-1], zlib.crc32(body))
 
 
-def decode_record(line: bytes) -> dict:
-    """The record of one line (its newline stripped or not); :class:`BadRecord` if it is not one."""
+def _binary_at(data: bytes, pos: int) -> tuple[dict, int]:
+    """The binary record at ``pos`` and the offset just past it; :class:`BadRecord` otherwise
+    (``torn`` in the message when it runs past the end of ``data``)."""
+    size = len(data)
+    if size - pos < HEADER_BYTES:
+        raise BadRecord(f"torn ({size - pos} of {HEADER_BYTES} header bytes)")
+    magic, version, n, crc = _HEAD.unpack_from(data, pos)
+    if magic != MAGIC:
+        raise BadRecord("not a record")
+    if version != VERSION:
+        raise BadRecord(f"unknown record format version {version}")
+    if n > MAX_RECORD_BYTES:
+        raise BadRecord(f"record length {n} exceeds {MAX_RECORD_BYTES}")
+    end = pos + HEADER_BYTES + n
+    if end > size:
+        raise BadRecord(f"torn ({size - pos} of {HEADER_BYTES + n} bytes)")
+    body = data[pos + HEADER_BYTES : end]
+    if zlib.crc32(body, n) != crc:
+        raise BadRecord("checksum mismatch")
+    try:
+        rec = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as exc:  # a record with a good checksum this version cannot read
+        raise BadRecord(f"undecodable payload ({type(exc).__name__}: {exc})") from None
+    if type(rec) is list and len(rec) == 5:  # a decision: [seq, t, op, in, out]
+        rec = dict(zip(DECISION_KEYS, rec))
+    if type(rec) is not dict or not isinstance(rec.get("op"), str):
+        raise BadRecord("not a record (a map with an 'op', or a decision's 5-array)")
+    return rec, end
+
+
+def decode_record(raw: bytes) -> dict:
+    """The record of one whole record's bytes (a binary record, or a JSON line with or without
+    its newline); :class:`BadRecord` if it is not one."""
+    raw = bytes(raw)
+    if raw[:1] == MAGIC_BYTE:
+        rec, end = _binary_at(raw, 0)
+        if end != len(raw):
+            raise BadRecord(f"{len(raw) - end} byte(s) after the record")
+        return rec
+    return decode_json_line(raw)
+
+
+def decode_json_line(line: bytes) -> dict:
+    """The record of one format-0 line (its newline stripped or not); :class:`BadRecord` if not."""
     if line.endswith(b"\n"):
         line = line[:-1]
     if len(line) < _CRC_TAIL + 2 or line[-_CRC_TAIL:-10] != b',"crc":"' or line[-2:] != b'"}':
@@ -122,6 +255,135 @@ def parse_json_record(body: bytes | str) -> dict:
     if not isinstance(rec, dict) or not isinstance(rec.get("op"), str):
         raise BadRecord("not a record (a JSON map with an 'op')")
     return rec
+
+
+def record_at(data: bytes, pos: int) -> tuple[dict, int]:
+    """The record (either format) beginning at ``pos`` and the offset just past it;
+    :class:`BadRecord` otherwise."""
+    if data[pos] == MAGIC:
+        return _binary_at(data, pos)
+    end = data.find(b"\n", pos)
+    if end < 0:
+        raise BadRecord("torn (no end of line)")
+    return decode_json_line(data[pos : end + 1]), end + 1
+
+
+def _resync(data: bytes, pos: int) -> tuple[int, dict, int] | None:
+    """The first good record beginning after ``pos`` -- at a line start (JSON) or a ``0xFE`` byte
+    (binary) -- as (offset, record, end); None when no good record follows."""
+    size = len(data)
+    nl = data.find(b"\n", pos)
+    fe = data.find(MAGIC_BYTE, pos + 1)
+    while nl >= 0 or fe >= 0:
+        a = nl + 1 if nl >= 0 else size
+        b = fe if fe >= 0 else size
+        at = min(a, b)
+        if at >= size:
+            return None
+        if a == at:
+            nl = data.find(b"\n", at)
+        if b == at:
+            fe = data.find(MAGIC_BYTE, at + 1)
+        try:
+            rec, end = record_at(data, at)
+        except BadRecord:
+            continue
+        return at, rec, end
+    return None
+
+
+def iter_records(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) of each record of ``data``, in order, either format; a damaged stretch is
+    yielded as one span from its first bad byte to the next good record (or the end)."""
+    pos, size = 0, len(data)
+    while pos < size:
+        try:
+            _, end = record_at(data, pos)
+        except BadRecord:
+            found = _resync(data, pos)
+            end = size if found is None else found[0]
+            if data[pos] != MAGIC:  # a damaged JSON line is one span, as each line was before
+                nl = data.find(b"\n", pos)
+                if 0 <= nl < end:
+                    end = nl + 1
+        yield pos, data[pos:end]
+        pos = end
+
+
+def iter_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(offset, record bytes) of each record: :func:`iter_records` (the name of the JSON-lines era)."""
+    return iter_records(data)
+
+
+def read_records(path: str) -> list[dict]:
+    """Every readable record of the log file at ``path`` in order, either format (damaged stretches
+    skipped: :func:`scan_segment` says where they are); [] when there is no file."""
+    data = read_bytes(path) or b""
+    return [r for _, r in scan_segment(path, data).all_records()]
+
+
+def read_stream(data: bytes) -> tuple[list[dict], int]:
+    """The whole records at the start of ``data`` (bytes appended to a log), either format, and
+    how many bytes they and any damaged stretch before a good record take: a record still being
+    written at the end is left for the next read."""
+    out: list[dict] = []
+    pos, size = 0, len(data)
+    while pos < size:
+        try:
+            rec, pos = record_at(data, pos)
+        except BadRecord:
+            found = _resync(data, pos)
+            if found is None:
+                break  # an unfinished record (or damage with nothing good after it yet)
+            _, rec, pos = found
+        out.append(rec)
+    return out, pos
+
+
+class Follower:
+    """Reads the records appended to a decision log, across its rotations (the current segment is
+    replaced by a new file: the old one is read to its end first).  Not a reader for recovery:
+    damaged stretches are skipped."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._inode = os.fstat(self._fd).st_ino
+        self._rest = b""
+
+    def read(self) -> list[dict]:
+        out = self._drain()
+        try:
+            inode = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return out
+        if inode != self._inode:  # rotated: the old file was read to its end, go on with the new
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self._inode, self._rest = inode, b""
+            out += self._drain()
+        return out
+
+    def _drain(self) -> list[dict]:
+        chunks = [self._rest]
+        while True:
+            chunk = os.read(self._fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        recs, used = read_stream(data)
+        self._rest = data[used:]
+        return recs
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def to_json_line(rec: dict) -> str:
+    """One record as a line of JSON (``python -m kernel logcat``; bytes and other values JSON has no
+    type for are written as ``str()`` of them)."""
+    return _encode(rec)
 
 
 def segment_paths(path: str) -> list[str]:
@@ -155,16 +417,6 @@ def read_bytes(path: str) -> bytes | None:
         return fh.read()
 
 
-def iter_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """(offset, line) for each line of ``data``; the last one may lack its newline."""
-    pos = 0
-    while pos < len(data):
-        end = data.find(b"\n", pos)
-        end = len(data) if end < 0 else end + 1
-        yield pos, data[pos:end]
-        pos = end
-
-
 @dataclass
 class Scan:
     """One segment read and checked."""
@@ -180,10 +432,16 @@ class Scan:
     bad_why: str = ""
     #: Good records after the first bad one (their offsets): the damage is not a torn tail.
     good_after: list[int] = field(default_factory=list)
+    #: (offset, record) of those good records after the first bad one.
+    later: list[tuple[int, dict]] = field(default_factory=list)
     #: The first record was unreadable and the second reads (a damaged snapshot line alone).
     head_damaged: bool = False
     #: Records after a damaged head (only when head_damaged and the rest reads).
     after_head: list[tuple[int, dict]] = field(default_factory=list)
+
+    def all_records(self) -> list[tuple[int, dict]]:
+        """(offset, record) of every good record, before and after any damage."""
+        return self.records + self.later
 
     @property
     def exists(self) -> bool:
@@ -207,45 +465,37 @@ class Scan:
 
 
 def scan_segment(path: str, data: bytes | None = None) -> Scan:
-    """Read ``path`` record by record (module docstring); never raises on content."""
+    """Read ``path`` record by record, either format (module docstring); never raises on content."""
     if data is None:
         data = read_bytes(path) or b""
     scan = Scan(path, size=len(data))
-    later: list[tuple[int, dict]] = []
-    first_bad_line_end = 0
-    for off, line in iter_lines(data):
+    later = scan.later
+    pos, size = 0, len(data)
+    stretches = 0  # damaged stretches
+    while pos < size:
         try:
-            if not line.endswith(b"\n"):
-                raise BadRecord("torn (no end of line)")
-            rec = decode_record(line)
+            rec, end = record_at(data, pos)
         except BadRecord as exc:
+            stretches += 1
             if scan.bad_offset is None:
-                scan.bad_offset, scan.bad_why = off, str(exc)
-                first_bad_line_end = off + len(line)
-            continue
+                scan.bad_offset, scan.bad_why = pos, str(exc)
+            found = _resync(data, pos)
+            if found is None:
+                break
+            pos, rec, end = found
         if scan.bad_offset is None:
-            scan.records.append((off, rec))
-            scan.good_end = off + len(line)
+            scan.records.append((pos, rec))
+            scan.good_end = end
         else:
-            scan.good_after.append(off)
-            later.append((off, rec))
-    if scan.bad_offset == 0 and later and later[0][0] == first_bad_line_end and len(later) == len(scan.good_after):
-        # Only the first line is damaged: the snapshot of a segment whose decisions all read.
-        contiguous = all(a[0] < b[0] for a, b in zip(later, later[1:]))
-        if contiguous and _lines_contiguous(data, first_bad_line_end, later):
-            scan.head_damaged = True
-            scan.after_head = later
+            scan.good_after.append(pos)
+            later.append((pos, rec))
+        pos = end
+    if scan.bad_offset == 0 and later and stretches == 1 and pos == size:
+        # Only the head is damaged (one stretch, every record after it reads to the end): the
+        # snapshot of a segment whose decisions all read (a seq gap says if more was lost).
+        scan.head_damaged = True
+        scan.after_head = list(later)
     return scan
-
-
-def _lines_contiguous(data: bytes, start: int, recs: list[tuple[int, dict]]) -> bool:
-    """Whether ``recs`` are every line from ``start`` on (no unreadable line between them)."""
-    pos = start
-    for off, _ in recs:
-        if off != pos:
-            return False
-        pos = data.find(b"\n", off) + 1
-    return pos == len(data)
 
 
 def check_seq(path: str, recs: list[tuple[int, dict]], prev_seq: int | None) -> int | None:
@@ -314,14 +564,25 @@ def recover(path: str) -> Recovery | None:
     if (
         not closed
         and not rec.adopt_next
-        and (current is None or not current.records and b"\n" not in (cur_data or b""))
+        and (
+            current is None
+            or not current.records
+            and not current.good_after
+            and (b"\n" not in (cur_data or b"") or (cur_data or b"")[:1] == MAGIC_BYTE)
+        )
     ):
         # No record at all.  An empty file is a log never written (nothing to restore); bytes
         # with no readable record in them are damage, not a torn tail: the kernel writes whole
-        # lines, so what is left (NUL blocks a crash never filled, a file cut short) may have
+        # records, so what is left (NUL blocks a crash never filled, a file cut short) may have
         # held acknowledged decisions -- refuse rather than start fresh over it (review F7).
         if cur_data:
-            what = "all NUL bytes" if not cur_data.strip(b"\0") else "one unfinished line"
+            what = (
+                "all NUL bytes"
+                if not cur_data.strip(b"\0")
+                else "one unfinished record"
+                if cur_data[:1] == MAGIC_BYTE
+                else "one unfinished line"
+            )
             raise LogCorrupt(
                 path, 0, f"{len(cur_data)} byte(s), {what}, and no readable record: damaged, not a torn tail"
             )

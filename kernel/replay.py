@@ -10,8 +10,10 @@ replays from its snapshot.  Operations the ledger does not own (preempt, resume,
 controls, services' ``audit`` records, ``run``/``ran`` marks) are listed, not re-run.  Exit status
 0 when every decision reproduces, 1 on any divergence, 2 when the log cannot be read.
 
-Every line's checksum is checked (kernel.logstore): a line that fails it (or has none) is still
-replayed by this command when it parses, and listed as unverified (exit status 1).
+Every record's checksum is checked (kernel.logstore; the binary records the kernel writes and
+the JSON lines of older logs, in any mix): a JSON line that fails it (or has none) is still
+replayed by this command when it parses, and listed as unverified (exit status 1); a binary
+record that fails it is unreadable.  ``line N`` in the output is the N-th record of the files.
 
 The kernel restores its enforcement state on start with :func:`restore`: kernel.logstore's
 recovery picks the records (from the newest good snapshot on, a torn tail cut, anything worse
@@ -29,6 +31,10 @@ from typing import Any, Iterable
 
 from kernel import logstore
 from kernel.ledger import OPS, Ledger
+
+# What services and clients read a decision log with (kernel.replay is public, kernel.logstore is not):
+# every readable record of a file, either format; the records appended to a log, across rotations.
+from kernel.logstore import Follower, read_records  # noqa: F401  (re-exported)
 
 LEDGER_OPS = frozenset(OPS)
 
@@ -62,9 +68,10 @@ def _norm(x):
 
 
 def replay_lines(lines: Iterable[str | bytes], report: ReplayReport | None = None) -> ReplayReport:
-    """Replay ``lines`` (continuing ``report``'s state when given: the next segment of a log).
-    A line without a good checksum is replayed when it parses and listed in ``unverified``; one
-    that does not parse is listed in ``unreadable`` (``truncated`` when it is the last)."""
+    """Replay records given one by one as their bytes -- binary records and JSON lines, in any mix
+    (continuing ``report``'s state when given: the next segment of a log).  A JSON line without a
+    good checksum is replayed when it parses and listed in ``unverified``; a record that does not
+    read is listed in ``unreadable`` (``truncated`` when it is the last)."""
     report = report or ReplayReport()
 
     def records():
@@ -72,15 +79,18 @@ def replay_lines(lines: Iterable[str | bytes], report: ReplayReport | None = Non
         n = 0
         for n, line in enumerate(lines, 1):
             raw = line.encode("utf-8", "surrogateescape") if isinstance(line, str) else bytes(line)
-            raw = raw.strip()
+            if raw[:1] != logstore.MAGIC_BYTE:
+                raw = raw.strip()
             if not raw:
                 continue
             try:
                 yield n, logstore.decode_record(raw)
                 continue
-            except logstore.BadRecord:
-                pass
+            except logstore.BadRecord as exc:
+                why = exc
             try:
+                if raw[:1] == logstore.MAGIC_BYTE:
+                    raise why
                 rec = logstore.parse_json_record(raw)
             except logstore.BadRecord as exc:
                 report.unreadable.append((n, str(exc)))
@@ -88,9 +98,22 @@ def replay_lines(lines: Iterable[str | bytes], report: ReplayReport | None = Non
                 continue
             report.unverified.append(n)
             yield n, rec
-        report.truncated = bool(last_bad) and last_bad == n  # only the last line can be torn by a crash
+        report.truncated = bool(last_bad) and last_bad == n  # only the last record can be torn by a crash
 
     return replay_records(records(), report)
+
+
+def replay_data(data: bytes, report: ReplayReport | None = None) -> ReplayReport:
+    """Replay one log file's bytes (either format, kernel.logstore.iter_records splits them)."""
+    return replay_lines((raw for _, raw in logstore.iter_records(data)), report)
+
+
+def replay_file(path: str, report: ReplayReport | None = None) -> ReplayReport:
+    """Replay the log file at ``path`` (:func:`replay_data`); OSError when it cannot be read."""
+    data = logstore.read_bytes(path)
+    if data is None:
+        raise FileNotFoundError(path)
+    return replay_data(data, report)
 
 
 def idem_key(entry: Any) -> tuple[str | None, str] | None:
@@ -130,13 +153,15 @@ def replay_records(records: Iterable[tuple[Any, dict]], report: ReplayReport | N
             report.snapshots += 1
             state = rec.get("state", {})
             if ledger is not None and _norm(ledger.dump()) != _norm(state.get("ledger")):
-                report.divergences.append({"line": n, "op": op, "recorded": "snapshot state",
-                                           "replayed": "a different state"})
+                report.divergences.append(
+                    {"line": n, "op": op, "recorded": "snapshot state", "replayed": "a different state"}
+                )
             ledger = Ledger.load(state["ledger"])
             idem.clear()
             idem.update(k for k in map(idem_key, state.get("inflight_idem", ())) if k is not None)
-            report.finals = {(r.get("principal"), r.get("idem")): r for r in state.get("dedup", ())
-                             if isinstance(r, dict)}
+            report.finals = {
+                (r.get("principal"), r.get("idem")): r for r in state.get("dedup", ()) if isinstance(r, dict)
+            }
             continue
         if op == "final":
             final = rec.get("in", {})
@@ -154,11 +179,12 @@ def replay_records(records: Iterable[tuple[Any, dict]], report: ReplayReport | N
         try:
             got = _norm(getattr(ledger, op)(rec["t"], **rec.get("in", {})))
         except Exception as exc:  # a line this ledger cannot take (another version's): say so
-            report.divergences.append({"line": n, "op": op, "recorded": rec.get("out"),
-                                       "replayed": f"{type(exc).__name__}: {exc}"})
+            report.divergences.append(
+                {"line": n, "op": op, "recorded": rec.get("out"), "replayed": f"{type(exc).__name__}: {exc}"}
+            )
             continue
         report.replayed += 1
-        if got != rec.get("out"):
+        if got != rec.get("out") and got != _norm(rec.get("out")):  # (a binary record keeps int keys)
             report.divergences.append({"line": n, "op": op, "recorded": rec.get("out"), "replayed": got})
     report.ledger = ledger
     return report
@@ -187,7 +213,7 @@ def restore(path: str, *, repair: bool = True) -> ReplayReport | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernel replay", description=__doc__)
-    parser.add_argument("log", nargs="+", help="decision log segments, oldest first (JSON lines)")
+    parser.add_argument("log", nargs="+", help="decision log segments, oldest first")
     args = parser.parse_args(argv)
     report = ReplayReport()
     for path in args.log:
@@ -200,13 +226,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cannot read {path}: no such file", file=sys.stderr)
             return 2
         before = len(report.unverified), len(report.unreadable)
-        replay_lines((line for _, line in logstore.iter_lines(data)), report)
+        replay_data(data, report)
         if (len(report.unverified), len(report.unreadable)) != before:
-            print(f"{path}: {len(report.unverified) - before[0]} line(s) without a good checksum, "
-                  f"{len(report.unreadable) - before[1]} unreadable", file=sys.stderr)
-    print(f"sessions {report.sessions}  snapshots {report.snapshots}  decisions replayed {report.replayed}  "
-          f"other decisions {report.observed}  divergences {len(report.divergences)}"
-          + ("  (last line truncated)" if report.truncated else ""))
+            print(
+                f"{path}: {len(report.unverified) - before[0]} record(s) without a good checksum, "
+                f"{len(report.unreadable) - before[1]} unreadable",
+                file=sys.stderr,
+            )
+    print(
+        f"sessions {report.sessions}  snapshots {report.snapshots}  decisions replayed {report.replayed}  "
+        f"other decisions {report.observed}  divergences {len(report.divergences)}"
+        + ("  (last line truncated)" if report.truncated else "")
+    )
     for d in report.divergences[:20]:
         print(f"  line {d['line']} {d['op']}: recorded {d['recorded']} replayed {d['replayed']}")
     for n, why in report.unreadable[:20]:

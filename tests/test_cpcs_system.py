@@ -6,7 +6,6 @@ worker is SIGKILLed mid-task."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
@@ -15,6 +14,7 @@ import pytest
 from kernel import errors
 from services.cpcs import gantt
 from tests.support import service_block, client_fixture, kernel_fixture
+from kernel.logstore import read_records
 
 pytestmark = pytest.mark.system
 
@@ -44,8 +44,7 @@ def evs(out, ev, task=None):
 
 
 def log_lines(kern):
-    with open(kern.decision_log, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_records(kern.decision_log)
 
 
 def test_bad_dags_are_refused_before_anything_runs(client):

@@ -10,6 +10,7 @@ import pytest
 
 from kernel import errors
 from tests.support import service_block, client_fixture, kernel_fixture
+from kernel.logstore import read_records
 
 pytestmark = pytest.mark.system
 
@@ -35,8 +36,7 @@ def test_all_constraints_satisfied_and_paid_through_the_kernel(client, kern):
     assert len(partials) == len(out["rounds"]) and partials[0]["before"]["units"] == -1.0
     # the kernel charged the job exactly the cell updates that ran (not the prediction)
     assert spent(client, "css-ok") == out["compute"] == out["charged"]
-    with open(kern.decision_log, encoding="utf-8") as fh:
-        audited = [json.loads(line) for line in fh if '"css"' in line]
+    audited = [r for r in read_records(kern.decision_log) if '"css"' in json.dumps(r, default=str)]
     assert [r["in"]["event"]["round"] for r in audited if r["op"] == "audit"][-len(out["rounds"]):] == \
         list(range(len(out["rounds"])))
 

@@ -6,7 +6,6 @@ own decision log (one ``run`` record per dispatch of a key), never from timing."
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 from clients import Client
 from clients.launch import REPO
 from tests.support import KernelProcess, service_block, short_tmpdir
+from kernel.logstore import read_records
 
 pytestmark = pytest.mark.system
 
@@ -27,8 +27,7 @@ WORK = {"steps": 150, "step_ms": 20}  # 3 s of work, no partials
 
 def runs_of(client: Client, kern: KernelProcess, idem: str) -> int:
     client.stats()  # flushes the kernel's decision log
-    with open(kern.decision_log, encoding="utf-8") as fh:
-        return sum(1 for line in fh if '"run"' in line and json.loads(line).get("in", {}).get("idem") == idem)
+    return sum(1 for r in read_records(kern.decision_log) if r["op"] == "run" and r.get("in", {}).get("idem") == idem)
 
 
 def in_flight(client: Client, service: str = "echo") -> int:

@@ -11,13 +11,13 @@ from kernel import protocol as P
 from kernel.admission import BudgetAdmission
 from kernel.decisions import DecisionLog, segment_paths
 from kernel.ledger import Ledger
-from kernel.replay import ReplayReport, replay_lines, restore
+from kernel.logstore import read_records
+from kernel.replay import ReplayReport, replay_file, restore
 from kernel.router import Router
 
 
 def _ops(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line)["op"] for line in fh if line.strip()]
+    return [rec["op"] for rec in read_records(path)]
 
 
 def test_expire_is_logged_only_when_a_lease_runs_out(tmp_path):
@@ -58,8 +58,7 @@ def test_segments_snapshot_the_state_and_restore_reads_only_the_last(tmp_path):
     # The whole history replays, each snapshot checked against the state replayed up to it.
     report = ReplayReport()
     for p in closed + [path]:
-        with open(p, encoding="utf-8") as fh:
-            replay_lines(fh, report)
+        replay_file(p, report)
     assert report.snapshots == len(closed) and not report.divergences
     assert report.ledger.dump() == adm.ledger.dump()
 
@@ -122,5 +121,4 @@ def test_restore_keeps_owners_holders_limits_and_refuses_nothing_it_allowed(tmp_
     assert router2.management.handle(router2, P.MMI_GATE_RELEASE, {"reservation": rid}, 101.0, as_alice)["ok"]
     log2.close()
     assert "configure" not in _ops(path)
-    with open(path, encoding="utf-8") as fh:
-        assert not replay_lines(fh).divergences
+    assert not replay_file(path).divergences

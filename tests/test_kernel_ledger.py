@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -11,7 +10,8 @@ from kernel import errors
 from kernel.config import ConfigError, parse
 from kernel.decisions import DecisionLog
 from kernel.ledger import Ledger
-from kernel.replay import replay_lines
+from kernel.logstore import decode_record, encode_record, iter_records
+from kernel.replay import replay_file, replay_lines
 from kernel.supervisor import Backoff, RestartIntensity, RestartType, should_restart
 
 
@@ -176,15 +176,15 @@ def test_replay_reproduces_every_decision_and_reports_divergence(tmp_path):
     do("expire", 0.9)
     log.append("audit", 0.95, {"source": "ttc:x", "event": {"seq": 1, "op": "prepare"}}, {"ok": True})
     log.close()
-    lines = path.read_text().splitlines()
+    lines = [raw for _, raw in iter_records(path.read_bytes())]
     report = replay_lines(lines)
     assert report.replayed == 9 and report.observed == 1 and not report.divergences
-    renewed = json.loads(lines[8])
+    renewed = decode_record(lines[8])
     assert renewed["op"] == "renew" and renewed["out"]["unknown"] == ["r1"]
     # Tamper with one recorded decision: replay must notice.
-    rec = json.loads(lines[2])
+    rec = decode_record(lines[2])
     rec["out"]["granted"]["tokens"] = 80
-    lines[2] = json.dumps(rec)
+    lines[2] = encode_record(rec)
     report = replay_lines(lines)
     assert len(report.divergences) == 1 and report.divergences[0]["op"] == "admit"
 
@@ -240,8 +240,7 @@ def test_reserve_up_to_grants_what_is_left_and_replays(tmp_path):
     # without up_to the same ask is all or nothing
     assert isinstance(call(P.MMI_GATE_RESERVE, {"job": "g", "resource": "protos", "amount": 1}, 0.4), errors.Refused)
     log.close()
-    with open(log.path, encoding="utf-8") as fh:
-        report = replay_lines(fh)
+    report = replay_file(log.path)
     assert report.replayed >= 5 and report.divergences == []
 
 

@@ -20,7 +20,15 @@ import pytest
 
 from kernel.admission import BudgetAdmission
 from kernel.decisions import DecisionLog
-from kernel.logstore import LogCorrupt, decode_record, encode_record, iter_lines, recover, segment_paths
+from kernel.logstore import (
+    LogCorrupt,
+    decode_record,
+    encode_json_record,
+    encode_record,
+    iter_lines,
+    recover,
+    segment_paths,
+)
 from kernel.replay import restore
 
 RNG_SEED = 24
@@ -150,8 +158,10 @@ def test_a_damaged_byte_is_refused_at_its_record_or_restored_from_the_previous_s
     data = built.data[-1]
     starts = _line_starts(data)
     seen = set()
-    for i in range(120):
-        pos = rng.randrange(len(data))
+    # Random bytes, and one byte of the last record, of a middle one and of the snapshot for sure.
+    picks = [rng.randrange(len(data)) for _ in range(117)]
+    picks += [rng.randrange(starts[-1], len(data)), rng.randrange(starts[1], starts[2]), rng.randrange(starts[1])]
+    for i, pos in enumerate(picks):
         if data[pos] == 0x0A:
             continue
         bad = bytearray(data)
@@ -224,7 +234,7 @@ def test_a_removed_record_is_noticed_by_its_sequence_number(built, tmp_path):
 def test_a_removed_snapshot_restores_from_the_previous_one(built, tmp_path):
     path = built.copy(str(tmp_path / "nosnap"))
     lines = _lines(path)
-    assert json.loads(lines[0])["op"] == "snapshot"
+    assert decode_record(lines[0])["op"] == "snapshot"
     _write_lines(path, lines[1:])
     assert _restored(path) == built.final  # the previous segment, then this one's decisions
     # One more record gone after it is a gap, refused.
@@ -291,14 +301,22 @@ def test_after_a_fallback_the_next_kernel_writes_a_snapshot_and_restores_again(b
     adm.decide("open", 1e3, job="after", limits={"flops": 5.0})
     log.flush()
     log.close()
-    assert json.loads(_lines(path)[0])["op"] == "snapshot"  # a start point again
+    assert decode_record(_lines(path)[0])["op"] == "snapshot"  # a start point again
     assert _restored(path) == _state(adm)
     assert not restore(path).recovery.fell_back
 
 
 def test_records_round_trip_and_checksum_every_byte():
     rec = {"seq": 3, "op": "charge", "in": {"job": "é", "x": float("inf")}, "out": {"ok": True}}
-    line = encode_record(rec)
+    raw = encode_record(rec)
+    assert raw[:2] == b"\xfe\x01" and decode_record(raw) == rec
+    for i in range(len(raw)):
+        bad = bytearray(raw)
+        bad[i] ^= 0x04
+        with pytest.raises(ValueError):
+            decode_record(bytes(bad))
+    # An older kernel's JSON line (format 0) reads the same, and is checksummed the same way.
+    line = encode_json_record(rec)
     assert line.isascii() and json.loads(line)["crc"] and decode_record(line)["in"] == rec["in"]
     for i in range(len(line) - 1):
         bad = bytearray(line)
@@ -345,7 +363,7 @@ def test_a_failing_write_keeps_every_decision_in_order_and_writes_it_later(tmp_p
     report = restore(path)
     assert report.recovery.cut is None and not report.divergences
     assert _norm(report.ledger.jobs["a"].spent) == got["spent"] == {"flops": 10.0}
-    seqs = [json.loads(line)["seq"] for line in _lines(path)]
+    seqs = [decode_record(line)["seq"] for line in _lines(path)]
     assert seqs == list(range(len(seqs)))
 
 

@@ -8,7 +8,6 @@ Bounded (few examples of bounded length) so it runs in CI on every push."""
 from __future__ import annotations
 
 import collections
-import json
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -22,8 +21,9 @@ from kernel.mmi import Caller, Management
 from kernel.principal import Principal
 from kernel.replay import _norm, replay_lines
 from kernel.router import Router
+from kernel.logstore import encode_record
 
-_encode = json.JSONEncoder(default=str).encode
+_encode = encode_record
 SERVICES = [b"a", b"b", b"ghost"]  # ghost: no worker ever registers
 WORKERS = [b"W0", b"W1", b"W2"]
 CLIENTS = [b"C0", b"C1", b"C2"]
@@ -33,7 +33,7 @@ LIMITS = {"wall_ms": 50_000.0, "cpu_ms": 50_000.0, "tokens": 300.0, "flops": 1e9
 
 
 class MemoryLog:
-    """The decision log's lines, in memory (the same JSON shape as kernel.decisions writes)."""
+    """The decision log's records, in memory (the same records kernel.decisions writes)."""
 
     def __init__(self, session: str) -> None:
         self.session = session

@@ -10,6 +10,7 @@ from kernel import protocol as P
 from kernel.admission import BudgetAdmission
 from kernel.auth import Principal
 from kernel.decisions import DecisionLog
+from kernel.logstore import read_records
 from kernel.mmi import Caller, Management
 from kernel.router import Router
 
@@ -26,8 +27,7 @@ def _kernel(tmp_path):
 
 def _records(log, op):
     log.flush()
-    with open(log.path, encoding="utf-8") as fh:
-        return [r for r in map(json.loads, fh) if r["op"] == op]
+    return [r for r in read_records(log.path) if r["op"] == op]
 
 
 def test_a_principal_holds_at_most_its_quota_of_reservations(tmp_path, monkeypatch):

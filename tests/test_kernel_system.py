@@ -8,7 +8,6 @@ hard preemption and replay of the decision log through the running kernel.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from clients import Client
 from kernel import errors
 from kernel import protocol as P
 from tests.support import REPO, KernelProcess, service_block, client_fixture, kernel_fixture
+from kernel.logstore import read_records
 
 pytestmark = pytest.mark.system
 
@@ -254,8 +254,7 @@ def test_gate_via_kernel_and_malformed_budget(kern, client):
 
 
 def kern_session(kern) -> str:
-    with open(kern.decision_log, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if '"session"' in line][-1]["session"]
+    return [r for r in read_records(kern.decision_log) if r["op"] == "session"][-1]["session"]
 
 
 def test_services_append_audit_records_to_the_decision_log(kern, client):
@@ -266,8 +265,7 @@ def test_services_append_audit_records_to_the_decision_log(kern, client):
                 {"source": "svc:test", "events": [{"seq": 9}, {b"bytes key": 1}]}):
         with pytest.raises(errors.BadRequest):
             client.call("mmi.audit", bad)
-    with open(kern.decision_log, encoding="utf-8") as fh:
-        logged = [json.loads(line) for line in fh if '"audit"' in line]
+    logged = read_records(kern.decision_log)
     got = [r["in"]["event"] for r in logged if r["op"] == "audit" and r["in"]["source"] == "svc:test"]
     assert got == events
 

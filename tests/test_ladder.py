@@ -5,7 +5,6 @@ instead of burning 17 CPU-seconds."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -15,6 +14,7 @@ from kernel import errors
 from kernel import protocol as P
 from kernel.ladder import Held, Ladder
 from tests.support import KernelProcess, service_block
+from kernel.logstore import read_records
 
 A, B = b"tok-a", b"tok-b"
 W1, W2 = b"w1", b"w2"
@@ -99,9 +99,7 @@ def test_a_step_that_ignores_its_cancel_is_frozen_killed_and_restarted():
             c.wait_for_service("echo", 30)
             assert c.call("echo", {"steps": 2, "step_ms": 1})["steps_done"] == 2
             c.stats()  # flushes the decision log
-        with open(k.decision_log) as fh:
-            rungs = [json.loads(line) for line in fh if '"enforce"' in line]
-        rungs = [r for r in rungs if r.get("op") == "enforce"]
+        rungs = [r for r in read_records(k.decision_log) if r.get("op") == "enforce"]
         assert [r["in"]["rung"] for r in rungs][:3] == ["freeze", "thaw", "kill"]
         freeze, thaw, kill = rungs[0], rungs[1], rungs[2]
         assert kill["out"]["ok"], kill
@@ -124,8 +122,7 @@ def test_a_declared_grace_defers_the_freeze():
 
 
 def _rungs(path: str) -> list[dict]:
-    with open(path) as fh:
-        return [r for r in (json.loads(line) for line in fh if '"enforce"' in line) if r.get("op") == "enforce"]
+    return [r for r in read_records(path) if r.get("op") == "enforce"]
 
 
 @pytest.mark.system

@@ -21,6 +21,7 @@ import zmq
 from clients import Client
 from kernel import keys
 from tests.support import REPO, KernelProcess, short_tmpdir
+from kernel.logstore import read_records
 
 pytestmark = pytest.mark.system
 
@@ -139,8 +140,7 @@ def test_service_in_another_namespace_over_curve(netns, keydir):
             assert after["auth"]["zap_refused"] >= 2  # the stranger and the client subscriber
             # The refusal is a decision in the log.
             op.call("mmi.stats")  # flushes the log
-        with open(kern.decision_log) as fh:
-            refused = [json.loads(line) for line in fh if '"forbidden"' in line]
+        refused = [r for r in read_records(kern.decision_log) if r["op"] == "forbidden"]
         assert any(r["in"].get("principal") == "alice" and r["in"].get("op") == "ready" for r in refused)
     finally:
         if svc is not None:

@@ -8,7 +8,6 @@ supervisor made for them (service:echo).  ``bob`` is the attacker throughout.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import textwrap
@@ -23,6 +22,7 @@ from clients import Client
 from kernel import codec, errors, keys
 from kernel import protocol as P
 from tests.support import KernelProcess, service_block, short_tmpdir
+from kernel.logstore import read_records
 
 pytestmark = pytest.mark.system
 
@@ -75,8 +75,7 @@ def as_(kern, name: str, timeout: float = 20) -> Client:
 def decisions(kern, op: str = "forbidden") -> list[dict]:
     with as_(kern, "op") as c:
         c.stats()  # the kernel flushes its log before answering
-    with open(kern.decision_log) as fh:
-        return [r for r in map(json.loads, fh) if r.get("op") == op]
+    return [r for r in read_records(kern.decision_log) if r.get("op") == op]
 
 
 def _forbidden(fn, *args, **kw) -> errors.Forbidden:
@@ -355,9 +354,8 @@ def test_a_revoked_key_is_refused_while_connected(sec):
 def test_every_decision_of_this_kernel_replays_exactly(sec):
     """Owners, holders, reservation ids and the configured limits are inputs in the log, so the
     whole run above (refusals included) replays without a divergence."""
-    from kernel.replay import replay_lines
+    from kernel.replay import replay_file
 
     decisions(sec)  # flushes the log
-    with open(sec.decision_log) as fh:
-        report = replay_lines(fh)
+    report = replay_file(sec.decision_log)
     assert report.replayed > 50 and report.divergences == []

@@ -15,6 +15,7 @@ from kernel import errors
 from services.sparkvm.service import SparkVM
 from spark import tapes
 from tests.support import REPO, client_fixture, kernel_fixture, service_block
+from kernel.logstore import read_records
 
 kern = kernel_fixture(
     service_block("sparkvm", "services.sparkvm")
@@ -125,7 +126,7 @@ def test_stopped_tapes_are_in_the_log_and_the_log_replays(kern, client):
             budget={"vm_steps": 1234},
         )
     client.stats()  # management calls flush the decision log
-    records = [json.loads(line) for line in open(kern.decision_log)]
+    records = read_records(kern.decision_log)
     audits = [r for r in records if r.get("op") == "audit" and "tape_stopped" in json.dumps(r)]
     assert any('"max_steps": 1234' in json.dumps(r) or '"max_steps":1234' in json.dumps(r) for r in audits)
     charges = [r for r in records if r.get("op") == "charge" and "vm_steps" in json.dumps(r)]

@@ -4,7 +4,6 @@ retried after the service is SIGKILLed (the supervisor restarts it with a new PI
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -20,6 +19,7 @@ from kernel import errors
 from services.ttc import checker
 from services.ttc.tools import random_3sat
 from tests.support import KernelProcess, service_block, short_tmpdir
+from kernel.logstore import read_records
 
 pytestmark = pytest.mark.system
 
@@ -274,11 +274,9 @@ def test_every_decision_reaches_the_kernels_decision_log(client, kern):
         time.sleep(0.05)
     client.stats()  # flushes the kernel's log
     forwarded: dict[int, dict] = {}
-    with open(kern.decision_log, encoding="utf-8") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            if rec["op"] == "audit" and rec["in"]["source"].startswith("ttc:"):
-                forwarded.setdefault(rec["in"]["event"]["seq"], rec["in"]["event"])
+    for rec in read_records(kern.decision_log):
+        if rec["op"] == "audit" and rec["in"]["source"].startswith("ttc:"):
+            forwarded.setdefault(rec["in"]["event"]["seq"], rec["in"]["event"])
     assert all(forwarded.get(e["seq"]) == e for e in events), \
         [e["seq"] for e in events if forwarded.get(e["seq"]) != e][:10]
     assert {e["op"] for e in events} >= {"recover", "prepare", "commit", "run_claimed", "finish", "attached"}

@@ -3,7 +3,6 @@ the ``audit`` lines of source ``cpcs`` in the kernel's decision log), with matpl
 
 from __future__ import annotations
 
-import json
 from typing import Any, Iterable
 
 
@@ -48,22 +47,19 @@ def segments(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def events_from_log(path: str) -> list[dict[str, Any]]:
-    """The cpcs events of the last run recorded in a kernel decision log (JSON lines)."""
+    """The cpcs events of the last run recorded in a kernel decision log (either record format)."""
+    from kernel.replay import read_records
+
     runs: list[list[dict[str, Any]]] = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            inp = rec.get("input") or rec.get("in") or {}
-            if rec.get("op") != "audit" or not isinstance(inp, dict) or inp.get("source") != "cpcs":
-                continue
-            ev = inp.get("event") or {}
-            if ev.get("ev") == "submit":
-                runs.append([])
-            if runs:
-                runs[-1].append(ev)
+    for rec in read_records(path):
+        inp = rec.get("input") or rec.get("in") or {}
+        if rec.get("op") != "audit" or not isinstance(inp, dict) or inp.get("source") != "cpcs":
+            continue
+        ev = inp.get("event") or {}
+        if ev.get("ev") == "submit":
+            runs.append([])
+        if runs:
+            runs[-1].append(ev)
     return runs[-1] if runs else []
 
 

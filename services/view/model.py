@@ -171,14 +171,18 @@ class ViewModel:
         self.version += 1
 
     def on_log_line(self, line: str, now: float) -> bool:
-        """One line of the kernel's decision log: a ``cpcs`` audit record extends the current run's
-        events (a ``submit`` starts a new run).  True when the Gantt chart changed."""
+        """One JSON line of a decision log (an older kernel's format): :meth:`on_log_record`."""
         if '"cpcs"' not in line:  # cheap filter: most records are the ledger's
             return False
         try:
             rec = json.loads(line)
         except ValueError:
             return False
+        return self.on_log_record(rec, now) if isinstance(rec, dict) else False
+
+    def on_log_record(self, rec: dict, now: float) -> bool:
+        """One record of the kernel's decision log: a ``cpcs`` audit record extends the current run's
+        events (a ``submit`` starts a new run).  True when the Gantt chart changed."""
         inp = rec.get("input") or rec.get("in") or {}
         if rec.get("op") != "audit" or not isinstance(inp, dict) or inp.get("source") != "cpcs":
             return False

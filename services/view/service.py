@@ -174,17 +174,17 @@ class ViewService(Service):
 
     async def _tail_log(self) -> None:
         """cpcs's audit records from the decision log (followed across segment rotation)."""
-        from clients.logs import Follower
+        from kernel.replay import Follower
 
         follower = None
         try:
             while True:
                 if follower is None and os.path.exists(self.decision_log):
-                    follower = Follower(self.decision_log, from_start=True)
+                    follower = Follower(self.decision_log)
                 if follower is not None:
                     changed = False
-                    for line in follower.read():
-                        changed |= self.model.on_log_line(line, time.time())
+                    for rec in follower.read():
+                        changed |= self.model.on_log_record(rec, time.time())
                     if changed:
                         self._notify()
                 await asyncio.sleep(self.poll_s)
