@@ -111,9 +111,11 @@ class PeerBudgets:
       socket (:meth:`sample_tcp`: TCP's bytes acknowledged plus those still in the OS queue,
       exact and cumulative; :meth:`sample_unix`: a unix socket with room in its queue has taken
       everything sent before the previous sample -- an approximation that can only credit too
-      early, never drop an honest reader).  The peer cannot fake this evidence (a client's own
-      acknowledgement could lie).  Past ``out_bytes`` for ``grace`` seconds, or past twice it at
-      any check, the peer is to be dropped (:meth:`judge`).
+      early by up to what libzmq's I/O thread has not yet written, and late by one look; the
+      server looks at a unix peer past ``sample_at`` at every send to it).  The peer cannot
+      fake this evidence (a client's own acknowledgement could lie).  Past ``out_bytes`` for
+      ``grace`` seconds the peer is to be dropped (:meth:`judge`); past twice it, at once, and
+      nothing more is handed to libzmq for it (:meth:`may_send`).
     * **Inbound**: the bytes of the peer's requests the kernel holds queued (the router's count,
       passed to :meth:`judge`); past ``in_bytes`` the peer is to be dropped at once.
 

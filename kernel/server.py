@@ -261,8 +261,11 @@ class KernelServer:
     def _send(self, frames: list[Any]) -> bool | None:
         acct = self.peers.accounts.get(frames[0])
         if acct is not None and len(frames) > 2 and (frames[1] == _MDPC or frames[2] == _MDPC):
-            if not self.peers.may_send(acct):
-                self._sample(frames[0], acct)  # fresh evidence before refusing
+            if acct.sent - acct.credited >= self.peers.sample_at and (
+                    not acct.tcp or not self.peers.may_send(acct)):
+                # Fresh evidence: at every send to a unix peer past the share (its evidence
+                # credits what was sent before the previous look), before refusing a tcp one.
+                self._sample(frames[0], acct)
                 if not self.peers.may_send(acct):
                     # Twice its budget not yet out of the process: not handed to libzmq; the
                     # peer is dropped after the message in hand (kernel.quotas).
