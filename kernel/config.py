@@ -68,6 +68,7 @@ class KernelConfig:
     peer_out_bytes: int = quotas.PEER_OUT_BYTES
     peer_in_bytes: int = quotas.PEER_IN_BYTES
     peer_out_grace: float = quotas.PEER_OUT_GRACE_S
+    peers_out_bytes: int = quotas.PEERS_OUT_BYTES
     fsync: str = P.LOG_FSYNC
     segment_bytes: int = P.LOG_SEGMENT_BYTES
     intensity: int = P.RESTART_INTENSITY
@@ -171,6 +172,9 @@ SCHEMA: tuple[Setting, ...] = (
             "bytes of one connection's queued requests; past it the peer is dropped", low=65536),
     Setting("kernel", "peer_out_grace_s", "float", quotas.PEER_OUT_GRACE_S,
             "how long a connection may stay past peer_out_bytes, seconds", low=0, field="peer_out_grace"),
+    Setting("kernel", "peers_out_bytes", "int", quotas.PEERS_OUT_BYTES,
+            "peer_out_bytes over every connection together; past it the one holding the most is dropped",
+            low=65536),
     Setting("kernel", "fsync", "enum", P.LOG_FSYNC, "when the decision log is flushed to disk", choices=_FSYNC),
     Setting("kernel", "log_segment_bytes", "int", P.LOG_SEGMENT_BYTES,
             "a new log segment, opened by a snapshot, past this size", low=4096, field="segment_bytes"),

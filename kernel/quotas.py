@@ -65,6 +65,10 @@ PEER_OUT_BYTES = 64 * 1024 * 1024
 #: ``kernel.peer_in_bytes``); past it the peer is dropped at once.  More than one largest message
 #: (``MAX_MESSAGE_SIZE``, 16 MiB), less than every queue together (``MAX_QUEUED_BYTES``, 32 MiB).
 PEER_IN_BYTES = 24 * 1024 * 1024
+#: Bytes of replies not yet out of the process over every connection together (config
+#: ``kernel.peers_out_bytes``): past it the connection holding the most is dropped, so many
+#: connections each under its own budget cannot add up to more.
+PEERS_OUT_BYTES = 192 * 1024 * 1024
 #: How long a connection may stay past its outbound budget before it is dropped, seconds
 #: (config ``kernel.peer_out_grace_s``): a reader that catches up within it is kept.
 PEER_OUT_GRACE_S = 5.0
@@ -75,6 +79,8 @@ SAMPLE_SHARE = 8
 #: Why a peer was dropped (the ``quota`` of the error its requests get, and the stats key).
 OUT = "peer_out_bytes"
 IN = "peer_in_bytes"
+TOTAL = "peers_out_bytes"
+_DROP_COUNTER = {OUT: "dropped_out", IN: "dropped_in", TOTAL: "dropped_total"}
 
 
 @dataclass(slots=True)
@@ -119,16 +125,23 @@ class PeerBudgets:
     * **Inbound**: the bytes of the peer's requests the kernel holds queued (the router's count,
       passed to :meth:`judge`); past ``in_bytes`` the peer is to be dropped at once.
 
+    * **All connections together**: past ``total_bytes`` outstanding, the connection holding the
+      most is to be dropped (:meth:`largest`), so the bound on the process is ``total_bytes``
+      (plus what is sent between two looks), not connections x ``out_bytes``.
+
     Invariants (:meth:`check_invariants`): every account's descriptor maps back to it in
-    ``by_fd`` (one live connection per descriptor); ``0 <= credited <= sent``; ``hot`` holds only
-    accounted peers.  Accounts are bounded by the live connections (one per descriptor).
+    ``by_fd`` (one live connection per descriptor); ``0 <= credited <= sent``; ``total`` is the
+    sum of the accounts' outstanding bytes; ``hot`` holds only accounted peers.  Accounts are bounded by the live connections (one per descriptor).
     """
 
     def __init__(self, out_bytes: int = PEER_OUT_BYTES, in_bytes: int = PEER_IN_BYTES,
-                 grace: float = PEER_OUT_GRACE_S) -> None:
-        if out_bytes <= 0 or in_bytes <= 0 or grace < 0:
+                 grace: float = PEER_OUT_GRACE_S, total_bytes: int = PEERS_OUT_BYTES) -> None:
+        if out_bytes <= 0 or in_bytes <= 0 or grace < 0 or total_bytes <= 0:
             raise ValueError("peer budgets must be positive")
         self.out_bytes = out_bytes
+        self.total_bytes = total_bytes
+        #: Outstanding bytes of every account together.
+        self.total = 0
         self.hard_bytes = 2 * out_bytes
         self.in_bytes = in_bytes
         self.grace = grace
@@ -137,7 +150,7 @@ class PeerBudgets:
         self.by_fd: dict[int, bytes] = {}
         #: Peers whose outstanding bytes passed ``sample_at``: looked at by the next check.
         self.hot: set[bytes] = set()
-        self.counters: dict[str, int] = {"dropped_out": 0, "dropped_in": 0, "samples": 0,
+        self.counters: dict[str, int] = {"dropped_out": 0, "dropped_in": 0, "dropped_total": 0, "samples": 0,
                                          "sends_refused": 0, "max_outstanding": 0}
 
     def open(self, identity: bytes, fd: int, ino: int, tcp: bool, left: int = 0, room_below: int = 0,
@@ -156,6 +169,7 @@ class PeerBudgets:
     def forget(self, identity: bytes) -> PeerAccount | None:
         acct = self.accounts.pop(identity, None)
         if acct is not None:
+            self.total -= acct.outstanding
             if self.by_fd.get(acct.fd) == identity:
                 del self.by_fd[acct.fd]
             self.hot.discard(identity)
@@ -171,6 +185,7 @@ class PeerBudgets:
     def sent(self, acct: PeerAccount, identity: bytes, nbytes: int) -> None:
         """``nbytes`` of a client message were handed to libzmq for ``identity``."""
         acct.sent += nbytes
+        self.total += nbytes
         if acct.sent - acct.credited >= self.sample_at:
             self.hot.add(identity)
 
@@ -184,15 +199,18 @@ class PeerBudgets:
         TCP, or queued in the OS), cumulative over the connection."""
         self.counters["samples"] += 1
         if left > acct.left:
-            acct.credited = min(acct.sent, acct.credited + (left - acct.left))
+            credited = min(acct.sent, acct.credited + (left - acct.left))
+            self.total -= credited - acct.credited
+            acct.credited = credited
             acct.left = left
 
     def sample_unix(self, acct: PeerAccount, room: bool) -> None:
         """A unix socket ``room``: its OS queue is less than half full, so libzmq is writing to it
         freely and has written what was sent before the previous sample."""
         self.counters["samples"] += 1
-        if room:
-            acct.credited = max(acct.credited, acct.sent_at_sample)
+        if room and acct.sent_at_sample > acct.credited:
+            self.total -= acct.sent_at_sample - acct.credited
+            acct.credited = acct.sent_at_sample
         acct.sent_at_sample = acct.sent
 
     def judge(self, identity: bytes, held_in: int, now: float) -> str | None:
@@ -217,19 +235,27 @@ class PeerBudgets:
             acct.over_since = now
         return OUT if now - acct.over_since >= self.grace else None
 
+    def largest(self) -> bytes | None:
+        """When every connection together is past ``total_bytes``: the one holding the most (to
+        be dropped, after a fresh look at the hot ones), else None.  O(accounts), only then."""
+        if self.total <= self.total_bytes or not self.accounts:
+            return None
+        return max(self.accounts, key=lambda i: self.accounts[i].outstanding)
+
     def dropped(self, identity: bytes, why: str) -> PeerAccount | None:
         """``identity`` is dropped for ``why``: counted, and its account returned (and forgotten)."""
-        self.counters["dropped_out" if why == OUT else "dropped_in"] += 1
+        self.counters[_DROP_COUNTER[why]] += 1
         return self.forget(identity)
 
     def stats(self) -> dict[str, int]:
         return {**self.counters, "peers": len(self.accounts), "hot": len(self.hot),
-                "out_bytes": self.out_bytes, "in_bytes": self.in_bytes,
-                "outstanding": sum(a.outstanding for a in self.accounts.values())}
+                "out_bytes": self.out_bytes, "in_bytes": self.in_bytes, "total_bytes": self.total_bytes,
+                "outstanding": self.total}
 
     def check_invariants(self) -> None:
         for identity, acct in self.accounts.items():
             assert self.by_fd.get(acct.fd) == identity, "an account's descriptor maps elsewhere"
             assert 0 <= acct.credited <= acct.sent, f"credited {acct.credited} outside [0, {acct.sent}]"
         assert len(self.by_fd) == len(self.accounts), "by_fd and accounts disagree"
+        assert self.total == sum(a.outstanding for a in self.accounts.values()), "total disagrees"
         assert self.hot <= self.accounts.keys(), "a hot peer without an account"

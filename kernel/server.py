@@ -144,6 +144,7 @@ class KernelServer:
         peer_out_bytes: int = quotas.PEER_OUT_BYTES,
         peer_in_bytes: int = quotas.PEER_IN_BYTES,
         peer_out_grace: float = quotas.PEER_OUT_GRACE_S,
+        peers_out_bytes: int = quotas.PEERS_OUT_BYTES,
         host: Host | None = None,
     ) -> None:
         self.context = context or zmq.Context()
@@ -197,7 +198,7 @@ class KernelServer:
         self.guard = PeerGuard(max_peers, fd_limit=soft if soft != resource.RLIM_INFINITY else 1 << 20,
                                baseline=open_fds())
         #: Per-connection byte budgets (kernel.quotas): the account of every routing id seen.
-        self.peers = quotas.PeerBudgets(peer_out_bytes, peer_in_bytes, peer_out_grace)
+        self.peers = quotas.PeerBudgets(peer_out_bytes, peer_in_bytes, peer_out_grace, peers_out_bytes)
         #: Peers past their hard outbound budget at a send: dropped after the message in hand.
         self._urgent: set[bytes] = set()
         #: Dropped routing ids -> (descriptor, inode, when to shut it down, when to forget it).
@@ -288,6 +289,8 @@ class KernelServer:
             raise
         if acct is not None:
             self.peers.sent(acct, frames[0], size)
+            if self.peers.total > self.peers.total_bytes:
+                self._urgent.add(b"")  # every connection together past its bound: checked next
         return True
 
     def _publish(self, topic: bytes, message: dict[str, Any]) -> None:
@@ -479,6 +482,15 @@ class KernelServer:
             identity = self._urgent.pop()
             if identity in self.peers.accounts:
                 self._judge(identity, now)
+        if self.peers.largest() is not None:
+            # Every connection together past the bound: fresh evidence for those holding much,
+            # then the ones holding the most are dropped until the total is under it.
+            for identity in list(self.peers.hot):
+                acct = self.peers.accounts.get(identity)
+                if acct is not None:
+                    self._sample(identity, acct)
+            while (largest := self.peers.largest()) is not None:
+                self._drop(largest, quotas.TOTAL, now)
 
     def _check_peers(self, now: float) -> None:
         """Each check interval: look at the connections past a share of their outbound budget
@@ -501,6 +513,9 @@ class KernelServer:
         held = self.router.held_by(identity)
         if why == quotas.IN:
             what = f"held {held} bytes of queued requests, past its budget of {self.peers.in_bytes}"
+        elif why == quotas.TOTAL:
+            what = (f"did not read {acct.outstanding if acct is not None else 0} bytes of replies, the most of "
+                    f"every connection, which together passed {self.peers.total_bytes}")
         else:
             out = acct.outstanding if acct is not None else 0
             what = (f"did not read {out} bytes of replies, past its budget of {self.peers.out_bytes} "

@@ -71,6 +71,21 @@ def test_past_the_outbound_budget_for_the_grace_or_twice_it_at_once_the_peer_is_
     assert b2.stats()["dropped_out"] == 1
 
 
+def test_connections_together_past_their_bound_drop_the_one_holding_the_most():
+    b = PeerBudgets(8 * MIB, 4 * MIB, 2.0, total_bytes=16 * MIB)
+    accts = {name: b.open(name, fd=n, ino=n, tcp=True) for n, name in enumerate([b"A", b"B", b"C"])}
+    for name, mib in ((b"A", 5), (b"B", 7), (b"C", 4)):  # each under its own 8 MiB
+        b.sent(accts[name], name, mib * MIB)
+    assert b.total == 16 * MIB and b.largest() is None
+    b.sent(accts[b"C"], b"C", 1)
+    assert b.largest() == b"B"
+    b.sample_tcp(accts[b"B"], 7 * MIB)  # B reads after all: credited, the total falls back
+    assert b.largest() is None and b.total == 9 * MIB + 1
+    b.dropped(b"A", quotas.TOTAL)
+    assert b.total == 4 * MIB + 1 and b.stats()["dropped_total"] == 1
+    b.check_invariants()
+
+
 def test_inbound_past_its_budget_is_dropped_at_once_even_without_an_account():
     b = budgets(inb=4 * MIB)
     assert b.judge(b"X", 4 * MIB, now=0.0) is None

@@ -203,3 +203,42 @@ def test_a_flood_of_requests_past_the_inbound_budget_is_dropped_at_once():
         finally:
             ctx.destroy(linger=0)
         assert any("dropped: it held" in line for line in k.lines), k.lines[-10:]
+
+
+def test_connections_each_under_their_budget_are_bounded_together():
+    """Three never-readers, each under its own budget (16 MiB, a grace longer than the test), hold
+    more than every connection together may (12 MiB; of each 12 MiB reply the OS's own socket
+    buffer takes up to a few MiB, which has left the process): the one holding the most is
+    dropped."""
+    extra = {
+        "peer_out_bytes": 16 * MIB,
+        "peer_out_grace_s": 600.0,
+        "peers_out_bytes": 12 * MIB,
+        "control": "tcp://127.0.0.1:0",
+    }
+    cfg = (
+        kernel_config(
+            service_block("echo", "services.echo"),
+            endpoint="tcp://127.0.0.1:0",
+            heartbeat=0.5,
+            unavailable_wait=5.0,
+            kernel_extra=extra,
+        )
+        + LIMITS
+        + "\n[auth]\ninsecure = true\n"
+    )
+    with KernelProcess.from_config(cfg) as k:
+        ctx = zmq.Context()
+        try:
+            honest = Client(k.endpoint, timeout=WAIT_S, retries=0, context=ctx)
+            honest.wait_for_service("echo", WAIT_S)
+            bad = [never_reader(ctx, k.endpoint)[0] for _ in range(3)]
+            for s in bad:
+                s.send_multipart(BIG)  # one 12 MiB reply each: 36 MiB together
+            wait_for("one of them dropped", lambda: budgets(honest)["dropped_total"] >= 1)
+            b = budgets(honest)
+            assert b["dropped_out"] == 0 and b["outstanding"] <= 12 * MIB, b
+            assert honest.call("echo", {"after": 1}) == {"after": 1}
+        finally:
+            ctx.destroy(linger=0)
+        assert any("which together passed" in line for line in k.lines), k.lines[-10:]
