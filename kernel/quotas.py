@@ -76,6 +76,14 @@ PEER_OUT_GRACE_S = 5.0
 #: connection looked at (at the kernel's next check): what has left is then credited.
 SAMPLE_SHARE = 8
 
+#: Flow control: a peer holding ``out_bytes / PAUSE_SHARE`` not yet out has its running requests
+#: paused (``preempt``: a stream stops producing at its next safe point), resumed once it holds
+#: ``out_bytes / RESUME_SHARE`` or less -- a slow reader is slowed down, not dropped.
+PAUSE_SHARE = 4
+RESUME_SHARE = 8
+PAUSE = "pause"
+RESUME = "resume"
+
 #: Why a peer was dropped (the ``quota`` of the error its requests get, and the stats key).
 OUT = "peer_out_bytes"
 IN = "peer_in_bytes"
@@ -98,6 +106,7 @@ class PeerAccount:
     left: int = 0  #: tcp: the connection's bytes acknowledged + queued in the OS at the last sample
     sent_at_sample: int = 0  #: unix: ``sent`` at the last sample
     over_since: float | None = None  #: when it was first seen past the soft budget (None: it is not)
+    paused: bool = False  #: its streams were asked to pause (flow control) and not yet resumed
     room_below: int = 0  #: unix: the OS queue is "with room" below this many bytes (half its buffer)
     who: str = ""  #: the principal of the connection (for the log)
 
@@ -125,6 +134,9 @@ class PeerBudgets:
     * **Inbound**: the bytes of the peer's requests the kernel holds queued (the router's count,
       passed to :meth:`judge`); past ``in_bytes`` the peer is to be dropped at once.
 
+    * **Flow control**: past ``out_bytes / PAUSE_SHARE`` the peer's running requests are to be
+      paused (a stream stops at its next safe point), and resumed at ``out_bytes / RESUME_SHARE``
+      (:meth:`flow`): a slow reader is slowed down before any budget drops it.
     * **All connections together**: past ``total_bytes`` outstanding, the connection holding the
       most is to be dropped (:meth:`largest`), so the bound on the process is ``total_bytes``
       (plus what is sent between two looks), not connections x ``out_bytes``.
@@ -146,11 +158,14 @@ class PeerBudgets:
         self.in_bytes = in_bytes
         self.grace = grace
         self.sample_at = max(1, out_bytes // SAMPLE_SHARE)
+        self.pause_at = max(1, out_bytes // PAUSE_SHARE)
+        self.resume_at = out_bytes // RESUME_SHARE
         self.accounts: dict[bytes, PeerAccount] = {}
         self.by_fd: dict[int, bytes] = {}
         #: Peers whose outstanding bytes passed ``sample_at``: looked at by the next check.
         self.hot: set[bytes] = set()
         self.counters: dict[str, int] = {"dropped_out": 0, "dropped_in": 0, "dropped_total": 0, "samples": 0,
+                                         "pauses": 0, "resumes": 0,
                                          "sends_refused": 0, "max_outstanding": 0}
 
     def open(self, identity: bytes, fd: int, ino: int, tcp: bool, left: int = 0, room_below: int = 0,
@@ -241,6 +256,20 @@ class PeerBudgets:
         if self.total <= self.total_bytes or not self.accounts:
             return None
         return max(self.accounts, key=lambda i: self.accounts[i].outstanding)
+
+    def flow(self, acct: PeerAccount) -> str | None:
+        """Flow control after a look: :data:`PAUSE` when the peer's streams should pause (past
+        ``pause_at``), :data:`RESUME` when paused ones may go on (at ``resume_at`` or less)."""
+        out = acct.outstanding
+        if not acct.paused and out >= self.pause_at:
+            acct.paused = True
+            self.counters["pauses"] += 1
+            return PAUSE
+        if acct.paused and out <= self.resume_at:
+            acct.paused = False
+            self.counters["resumes"] += 1
+            return RESUME
+        return None
 
     def dropped(self, identity: bytes, why: str) -> PeerAccount | None:
         """``identity`` is dropped for ``why``: counted, and its account returned (and forgotten)."""

@@ -55,7 +55,7 @@ from kernel.host import Host, SystemHost
 from kernel.control import may_subscribe
 from kernel.mmi import Management
 from kernel.peers import PeerGuard, TcpListener, open_fds, seed_routing_ids
-from kernel.policy import Admission
+from kernel.policy import Admission, Order
 from kernel.router import Router
 
 log = logging.getLogger("reca.kernel")
@@ -203,6 +203,8 @@ class KernelServer:
         self._urgent: set[bytes] = set()
         #: Dropped routing ids -> (descriptor, inode, when to shut it down, when to forget it).
         self._dropping: dict[bytes, tuple[int, int, float, float]] = {}
+        #: Peers whose running requests the budget paused -> their tokens (to resume them).
+        self._paused: dict[bytes, set[bytes]] = {}
         self._next_peer_check = 0.0
         #: The drops logged, per principal (the rest are counted: `peer_budgets` in mmi.stats).
         self._drop_log = quotas.RateQuota(60.0)
@@ -238,7 +240,7 @@ class KernelServer:
         def stats() -> dict[str, Any]:
             out = dict(extra()) if extra is not None else {}
             out["connections"] = self.guard.stats()
-            out["peer_budgets"] = {**self.peers.stats(), "dropping": len(self._dropping)}
+            out["peer_budgets"] = {**self.peers.stats(), "dropping": len(self._dropping), "paused": len(self._paused)}
             out["auth"] = {"curve": self.zap is not None,
                            "principals": len(self.principals) if self.principals is not None else 0,
                            "zap_refused": self.zap.refused if self.zap is not None else 0}
@@ -289,6 +291,8 @@ class KernelServer:
             raise
         if acct is not None:
             self.peers.sent(acct, frames[0], size)
+            if not acct.paused and acct.sent - acct.credited >= self.peers.pause_at:
+                self._urgent.add(frames[0])  # paused (or judged) after the message in hand
             if self.peers.total > self.peers.total_bytes:
                 self._urgent.add(b"")  # every connection together past its bound: checked next
         return True
@@ -469,6 +473,28 @@ class KernelServer:
         why = self.peers.judge(identity, self.router.held_by(identity), now)
         if why is not None:
             self._drop(identity, why, now)
+            return
+        acct = self.peers.accounts.get(identity)
+        step = self.peers.flow(acct) if acct is not None else None
+        if step is not None:
+            self._flow(identity, step, now)
+
+    def _flow(self, identity: bytes, step: str, now: float) -> None:
+        """Pause the running requests of ``identity`` (``preempt`` to their workers), or resume
+        those the budget paused that are still running.  O(requests in flight), only at a step."""
+        router = self.router
+        if step == quotas.PAUSE:
+            tokens = {r.token for r in router.inflight.values()
+                      if r.client == identity and r.worker is not None and not r.done}
+            self._paused.setdefault(identity, set()).update(tokens)
+            op = P.ControlOp.PREEMPT
+        else:
+            tokens = self._paused.pop(identity, set())
+            op = P.ControlOp.RESUME
+        for token in tokens:
+            req = router.inflight.get(token)
+            if req is not None and not req.done and req.client == identity:
+                router.order(Order.to_request(op, req), now)
 
     def _check_after_message(self, identity: bytes, now: float) -> None:
         """After a message: the sender past its inbound budget, or peers past twice their outbound
@@ -480,7 +506,8 @@ class KernelServer:
     def _check_urgent(self, now: float) -> None:
         while self._urgent:
             identity = self._urgent.pop()
-            if identity in self.peers.accounts:
+            acct = self.peers.accounts.get(identity)
+            if acct is not None and self._sample(identity, acct):  # fresh evidence first
                 self._judge(identity, now)
         if self.peers.largest() is not None:
             # Every connection together past the bound: fresh evidence for those holding much,
@@ -510,6 +537,7 @@ class KernelServer:
         """Drop the peer ``identity`` past its ``why`` budget: its requests answered, the drop
         logged, its connection shut down after :data:`_DROP_LINGER`."""
         acct = self.peers.dropped(identity, why)
+        self._paused.pop(identity, None)
         held = self.router.held_by(identity)
         if why == quotas.IN:
             what = f"held {held} bytes of queued requests, past its budget of {self.peers.in_bytes}"
@@ -556,6 +584,7 @@ class KernelServer:
                 alive = False
             if not alive:
                 self.peers.forget(identity)
+                self._paused.pop(identity, None)
         for ident, (dfd, ino, _, _) in list(self._dropping.items()) if self._dropping else ():
             if dfd == fd:
                 del self._dropping[ident]
@@ -693,6 +722,7 @@ class KernelServer:
         for identity, acct in list(self.peers.accounts.items()):  # a close whose event was missed
             if acct.fd not in alive:
                 self.peers.forget(identity)
+                self._paused.pop(identity, None)
 
     def _arm(self) -> None:
         wake = min(self.router.next_wakeup(), self.guard.next_wakeup(), self._next_reconcile)

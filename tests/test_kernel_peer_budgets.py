@@ -86,6 +86,21 @@ def test_connections_together_past_their_bound_drop_the_one_holding_the_most():
     b.check_invariants()
 
 
+def test_a_slow_reader_is_paused_past_a_quarter_and_resumed_at_an_eighth():
+    b = budgets(out=8 * MIB)
+    acct = b.open(b"S", fd=3, ino=30, tcp=True)
+    b.sent(acct, b"S", 1 * MIB)
+    assert b.flow(acct) is None
+    b.sent(acct, b"S", 1 * MIB)  # 2 MiB = 8 / PAUSE_SHARE
+    assert b.flow(acct) == quotas.PAUSE and acct.paused
+    b.sent(acct, b"S", 3 * MIB)  # what was on its way when the pause went out
+    assert b.flow(acct) is None  # paused once
+    b.sample_tcp(acct, 4 * MIB)  # 1 MiB left = 8 / RESUME_SHARE
+    assert b.flow(acct) == quotas.RESUME and not acct.paused
+    assert b.flow(acct) is None
+    assert (b.stats()["pauses"], b.stats()["resumes"]) == (1, 1)
+
+
 def test_inbound_past_its_budget_is_dropped_at_once_even_without_an_account():
     b = budgets(inb=4 * MIB)
     assert b.judge(b"X", 4 * MIB, now=0.0) is None

@@ -16,7 +16,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from clients import Client
-from clients.core import build_header, request_frames
+from clients.core import build_header, parse_reply, request_frames
 from kernel import protocol as P
 from tests.support import KernelProcess, kernel_config, service_block
 
@@ -242,3 +242,52 @@ def test_connections_each_under_their_budget_are_bounded_together():
         finally:
             ctx.destroy(linger=0)
         assert any("which together passed" in line for line in k.lines), k.lines[-10:]
+
+
+def test_a_slow_reader_of_a_stream_is_paused_and_resumed_and_gets_all_of_it():
+    """Flow control before any drop: a reader of a stream that reads slower than the stream is
+    produced (its libzmq holds two messages, its OS 4 KiB) has the stream paused whenever it is a
+    quarter of its budget behind, resumed at an eighth, and reads every partial, undropped."""
+    extra = {"peer_out_bytes": 4 * MIB, "peer_out_grace_s": 600.0, "control": "tcp://127.0.0.1:0"}
+    cfg = (
+        kernel_config(
+            service_block("echo", "services.echo"),
+            endpoint="tcp://127.0.0.1:0",
+            heartbeat=0.5,
+            unavailable_wait=5.0,
+            kernel_extra=extra,
+        )
+        + LIMITS
+        + "\n[auth]\ninsecure = true\n"
+    )
+    with KernelProcess.from_config(cfg) as k:
+        ctx = zmq.Context()
+        try:
+            honest = Client(k.endpoint, timeout=WAIT_S, retries=0, context=ctx)
+            honest.wait_for_service("echo", WAIT_S)
+            slow = ctx.socket(zmq.DEALER)
+            slow.setsockopt(zmq.LINGER, 0)
+            slow.setsockopt(zmq.RCVHWM, 2)
+            slow.setsockopt(zmq.RCVBUF, 4096)
+            slow.connect(k.endpoint)
+            header = build_header(1, job=None, budget=None, priority=None, deadline_ms=None, idem=None, txn=None)
+            n, pad = 48, 128 * 1024
+            slow.send_multipart(request_frames("echo", header, {"partials": n, "pad": pad, "partial_ms": 5}))
+            got, final, notes = 0, None, []
+            while final is None:
+                assert slow.poll(WAIT_S * 1000), f"the stream stalled after {got} partials"
+                _, reply = parse_reply(slow.recv_multipart())
+                if reply.final:
+                    final = reply
+                elif isinstance(reply.payload, dict) and "pad" in reply.payload:  # not a paused/resumed note
+                    assert len(reply.payload["pad"]) == pad
+                    got += 1
+                else:
+                    notes.append(reply.status)
+                time.sleep(0.05)  # slower than the stream
+            assert got == n and final.status == P.STATUS_OK, (got, final)
+            b = budgets(honest)
+            assert b["pauses"] >= 1 and b["dropped_out"] == 0, b
+            assert P.STATUS_PAUSED in notes, notes  # the worker said so, at a safe point
+        finally:
+            ctx.destroy(linger=0)
