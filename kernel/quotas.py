@@ -107,6 +107,8 @@ class PeerAccount:
     sent_at_sample: int = 0  #: unix: ``sent`` at the last sample
     over_since: float | None = None  #: when it was first seen past the soft budget (None: it is not)
     paused: bool = False  #: its streams were asked to pause (flow control) and not yet resumed
+    progress: int = 0  #: while paused: ``credited`` when it last grew (or at the pause)
+    progress_at: float = 0.0  #: ... and when
     room_below: int = 0  #: unix: the OS queue is "with room" below this many bytes (half its buffer)
     who: str = ""  #: the principal of the connection (for the log)
 
@@ -136,7 +138,8 @@ class PeerBudgets:
 
     * **Flow control**: past ``out_bytes / PAUSE_SHARE`` the peer's running requests are to be
       paused (a stream stops at its next safe point), and resumed at ``out_bytes / RESUME_SHARE``
-      (:meth:`flow`): a slow reader is slowed down before any budget drops it.
+      (:meth:`flow`): a slow reader is slowed down before any budget drops it; one paused that
+      reads nothing for ``grace`` is dropped.
     * **All connections together**: past ``total_bytes`` outstanding, the connection holding the
       most is to be dropped (:meth:`largest`), so the bound on the process is ``total_bytes``
       (plus what is sent between two looks), not connections x ``out_bytes``.
@@ -237,6 +240,13 @@ class PeerBudgets:
         if acct is None:
             return None
         out = acct.outstanding
+        if acct.paused:
+            # Paused and reading nothing for the grace: stalled (it would hold its paused
+            # requests, and what was on its way, for ever).
+            if acct.credited > acct.progress:
+                acct.progress, acct.progress_at = acct.credited, now
+            elif now - acct.progress_at >= self.grace:
+                return OUT
         if out > self.counters["max_outstanding"]:
             self.counters["max_outstanding"] = out
         if out < self.sample_at:
@@ -257,12 +267,14 @@ class PeerBudgets:
             return None
         return max(self.accounts, key=lambda i: self.accounts[i].outstanding)
 
-    def flow(self, acct: PeerAccount) -> str | None:
+    def flow(self, acct: PeerAccount, now: float) -> str | None:
         """Flow control after a look: :data:`PAUSE` when the peer's streams should pause (past
-        ``pause_at``), :data:`RESUME` when paused ones may go on (at ``resume_at`` or less)."""
+        ``pause_at``), :data:`RESUME` when paused ones may go on (at ``resume_at`` or less).  A
+        paused peer that has nothing more credited for ``grace`` is dropped (:meth:`judge`)."""
         out = acct.outstanding
         if not acct.paused and out >= self.pause_at:
             acct.paused = True
+            acct.progress, acct.progress_at = acct.credited, now
             self.counters["pauses"] += 1
             return PAUSE
         if acct.paused and out <= self.resume_at:

@@ -475,7 +475,7 @@ class KernelServer:
             self._drop(identity, why, now)
             return
         acct = self.peers.accounts.get(identity)
-        step = self.peers.flow(acct) if acct is not None else None
+        step = self.peers.flow(acct, now) if acct is not None else None
         if step is not None:
             self._flow(identity, step, now)
 
@@ -546,8 +546,8 @@ class KernelServer:
                     f"every connection, which together passed {self.peers.total_bytes}")
         else:
             out = acct.outstanding if acct is not None else 0
-            what = (f"did not read {out} bytes of replies, past its budget of {self.peers.out_bytes} "
-                    f"(for {self.peers.grace:g} s or twice it)")
+            what = (f"did not read {out} bytes of replies (budget {self.peers.out_bytes}: past it for "
+                    f"{self.peers.grace:g} s, or twice it, or paused and reading nothing for as long)")
         exc = errors.Overloaded(f"connection dropped: it {what}", quota=why)
         n = self.router.drop_client(identity, exc, now)
         who = acct.who if acct is not None else "?"

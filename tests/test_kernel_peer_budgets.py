@@ -90,15 +90,22 @@ def test_a_slow_reader_is_paused_past_a_quarter_and_resumed_at_an_eighth():
     b = budgets(out=8 * MIB)
     acct = b.open(b"S", fd=3, ino=30, tcp=True)
     b.sent(acct, b"S", 1 * MIB)
-    assert b.flow(acct) is None
+    assert b.flow(acct, 0.0) is None
     b.sent(acct, b"S", 1 * MIB)  # 2 MiB = 8 / PAUSE_SHARE
-    assert b.flow(acct) == quotas.PAUSE and acct.paused
+    assert b.flow(acct, 0.0) == quotas.PAUSE and acct.paused
     b.sent(acct, b"S", 3 * MIB)  # what was on its way when the pause went out
-    assert b.flow(acct) is None  # paused once
+    assert b.flow(acct, 0.1) is None  # paused once
+    assert b.judge(b"S", 0, now=1.9) is None  # under the budget, paused, not yet stalled
+    b.sample_tcp(acct, 1 * MIB)  # it reads: progress
+    assert b.judge(b"S", 0, now=2.5) is None and b.judge(b"S", 0, now=4.4) is None
     b.sample_tcp(acct, 4 * MIB)  # 1 MiB left = 8 / RESUME_SHARE
-    assert b.flow(acct) == quotas.RESUME and not acct.paused
-    assert b.flow(acct) is None
+    assert b.flow(acct, 4.5) == quotas.RESUME and not acct.paused
+    assert b.flow(acct, 4.6) is None
     assert (b.stats()["pauses"], b.stats()["resumes"]) == (1, 1)
+    # Paused and reading nothing for the grace: dropped, though under its budget.
+    b.sent(acct, b"S", 2 * MIB)
+    assert b.flow(acct, 10.0) == quotas.PAUSE
+    assert b.judge(b"S", 0, now=11.0) is None and b.judge(b"S", 0, now=12.0) == OUT
 
 
 def test_inbound_past_its_budget_is_dropped_at_once_even_without_an_account():

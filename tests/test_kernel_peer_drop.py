@@ -160,8 +160,10 @@ def test_a_slow_reader_of_a_stream_is_dropped_and_its_request_cancelled_while_a_
             wait_for("the stream ended", lambda: honest.stats()["services"]["echo"]["inflight"] == 0)
             bad.close(0)
             # A reader that keeps up streams more than the budget and is not dropped.
+            # (paused and resumed on the way, perhaps: those notes are partials too)
             got = [r for r in honest.stream("echo", {"partials": 12, "pad": MIB}) if not r.final]
-            assert len(got) == 12 and all(len(r.payload["pad"]) == MIB for r in got)
+            data = [r for r in got if isinstance(r.payload, dict) and "pad" in r.payload]
+            assert len(data) == 12 and all(len(r.payload["pad"]) == MIB for r in data)
             b = budgets(honest)
             assert b["dropped_out"] == 1 and b["dropped_in"] == 0, b
         finally:
