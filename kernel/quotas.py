@@ -60,7 +60,7 @@ class RateQuota:
 #: Bytes of replies the kernel may hold for one client connection that have not left its process
 #: (config ``kernel.peer_out_bytes``): held past it for ``PEER_OUT_GRACE_S``, or at twice it at
 #: once, the peer is dropped.
-PEER_OUT_BYTES = 64 * 1024 * 1024
+PEER_OUT_BYTES = 32 * 1024 * 1024
 #: Bytes of one client connection's requests the kernel may hold queued (config
 #: ``kernel.peer_in_bytes``); past it the peer is dropped at once.  More than one largest message
 #: (``MAX_MESSAGE_SIZE``, 16 MiB), less than every queue together (``MAX_QUEUED_BYTES``, 32 MiB).
@@ -68,7 +68,7 @@ PEER_IN_BYTES = 24 * 1024 * 1024
 #: Bytes of replies not yet out of the process over every connection together (config
 #: ``kernel.peers_out_bytes``): past it the connection holding the most is dropped, so many
 #: connections each under its own budget cannot add up to more.
-PEERS_OUT_BYTES = 192 * 1024 * 1024
+PEERS_OUT_BYTES = 128 * 1024 * 1024
 #: How long a connection may stay past its outbound budget before it is dropped, seconds
 #: (config ``kernel.peer_out_grace_s``): a reader that catches up within it is kept.
 PEER_OUT_GRACE_S = 5.0
