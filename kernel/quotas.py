@@ -81,6 +81,9 @@ SAMPLE_SHARE = 8
 #: ``out_bytes / RESUME_SHARE`` or less -- a slow reader is slowed down, not dropped.
 PAUSE_SHARE = 4
 RESUME_SHARE = 8
+#: A pause lasts at least this long, seconds: a connection's pause/resume orders (each a
+#: decision-log record, and a paused/resumed note from the worker) are at most two a second.
+MIN_PAUSE_S = 0.5
 PAUSE = "pause"
 RESUME = "resume"
 
@@ -109,6 +112,7 @@ class PeerAccount:
     paused: bool = False  #: its streams were asked to pause (flow control) and not yet resumed
     progress: int = 0  #: while paused: ``credited`` when it last grew (or at the pause)
     progress_at: float = 0.0  #: ... and when
+    paused_at: float = 0.0  #: when the pause began
     room_below: int = 0  #: unix: the OS queue is "with room" below this many bytes (half its buffer)
     who: str = ""  #: the principal of the connection (for the log)
 
@@ -274,10 +278,10 @@ class PeerBudgets:
         out = acct.outstanding
         if not acct.paused and out >= self.pause_at:
             acct.paused = True
-            acct.progress, acct.progress_at = acct.credited, now
+            acct.progress, acct.progress_at, acct.paused_at = acct.credited, now, now
             self.counters["pauses"] += 1
             return PAUSE
-        if acct.paused and out <= self.resume_at:
+        if acct.paused and out <= self.resume_at and now - acct.paused_at >= MIN_PAUSE_S:
             acct.paused = False
             self.counters["resumes"] += 1
             return RESUME

@@ -100,8 +100,12 @@ def test_a_slow_reader_is_paused_past_a_quarter_and_resumed_at_an_eighth():
     assert b.judge(b"S", 0, now=2.5) is None and b.judge(b"S", 0, now=4.4) is None
     b.sample_tcp(acct, 4 * MIB)  # 1 MiB left = 8 / RESUME_SHARE
     assert b.flow(acct, 4.5) == quotas.RESUME and not acct.paused
+    b.sent(acct, b"S", 2 * MIB)
+    assert b.flow(acct, 4.55) == quotas.PAUSE
+    b.sample_tcp(acct, 6 * MIB)  # read at once, but a pause lasts MIN_PAUSE_S
+    assert b.flow(acct, 4.6) is None and b.flow(acct, 4.55 + quotas.MIN_PAUSE_S) == quotas.RESUME
     assert b.flow(acct, 4.6) is None
-    assert (b.stats()["pauses"], b.stats()["resumes"]) == (1, 1)
+    assert (b.stats()["pauses"], b.stats()["resumes"]) == (2, 2)
     # Paused and reading nothing for the grace: dropped, though under its budget.
     b.sent(acct, b"S", 2 * MIB)
     assert b.flow(acct, 10.0) == quotas.PAUSE
