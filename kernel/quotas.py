@@ -253,7 +253,7 @@ class PeerBudgets:
                 return OUT
         if out > self.counters["max_outstanding"]:
             self.counters["max_outstanding"] = out
-        if out < self.sample_at:
+        if out < self.sample_at and not acct.paused:  # a paused peer stays watched (resume, stall)
             self.hot.discard(identity)
         if out <= self.out_bytes:
             acct.over_since = None
@@ -271,13 +271,14 @@ class PeerBudgets:
             return None
         return max(self.accounts, key=lambda i: self.accounts[i].outstanding)
 
-    def flow(self, acct: PeerAccount, now: float) -> str | None:
+    def flow(self, identity: bytes, acct: PeerAccount, now: float) -> str | None:
         """Flow control after a look: :data:`PAUSE` when the peer's streams should pause (past
         ``pause_at``), :data:`RESUME` when paused ones may go on (at ``resume_at`` or less).  A
         paused peer that has nothing more credited for ``grace`` is dropped (:meth:`judge`)."""
         out = acct.outstanding
         if not acct.paused and out >= self.pause_at:
             acct.paused = True
+            self.hot.add(identity)
             acct.progress, acct.progress_at, acct.paused_at = acct.credited, now, now
             self.counters["pauses"] += 1
             return PAUSE
@@ -304,3 +305,4 @@ class PeerBudgets:
         assert len(self.by_fd) == len(self.accounts), "by_fd and accounts disagree"
         assert self.total == sum(a.outstanding for a in self.accounts.values()), "total disagrees"
         assert self.hot <= self.accounts.keys(), "a hot peer without an account"
+        assert all(i in self.hot for i, a in self.accounts.items() if a.paused), "a paused peer not watched"

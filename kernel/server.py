@@ -475,7 +475,7 @@ class KernelServer:
             self._drop(identity, why, now)
             return
         acct = self.peers.accounts.get(identity)
-        step = self.peers.flow(acct, now) if acct is not None else None
+        step = self.peers.flow(identity, acct, now) if acct is not None else None
         if step is not None:
             self._flow(identity, step, now)
 

@@ -90,25 +90,25 @@ def test_a_slow_reader_is_paused_past_a_quarter_and_resumed_at_an_eighth():
     b = budgets(out=8 * MIB)
     acct = b.open(b"S", fd=3, ino=30, tcp=True)
     b.sent(acct, b"S", 1 * MIB)
-    assert b.flow(acct, 0.0) is None
+    assert b.flow(b"S", acct, 0.0) is None
     b.sent(acct, b"S", 1 * MIB)  # 2 MiB = 8 / PAUSE_SHARE
-    assert b.flow(acct, 0.0) == quotas.PAUSE and acct.paused
+    assert b.flow(b"S", acct, 0.0) == quotas.PAUSE and acct.paused
     b.sent(acct, b"S", 3 * MIB)  # what was on its way when the pause went out
-    assert b.flow(acct, 0.1) is None  # paused once
+    assert b.flow(b"S", acct, 0.1) is None  # paused once
     assert b.judge(b"S", 0, now=1.9) is None  # under the budget, paused, not yet stalled
     b.sample_tcp(acct, 1 * MIB)  # it reads: progress
     assert b.judge(b"S", 0, now=2.5) is None and b.judge(b"S", 0, now=4.4) is None
     b.sample_tcp(acct, 4 * MIB)  # 1 MiB left = 8 / RESUME_SHARE
-    assert b.flow(acct, 4.5) == quotas.RESUME and not acct.paused
+    assert b.flow(b"S", acct, 4.5) == quotas.RESUME and not acct.paused
     b.sent(acct, b"S", 2 * MIB)
-    assert b.flow(acct, 4.55) == quotas.PAUSE
+    assert b.flow(b"S", acct, 4.55) == quotas.PAUSE
     b.sample_tcp(acct, 6 * MIB)  # read at once, but a pause lasts MIN_PAUSE_S
-    assert b.flow(acct, 4.6) is None and b.flow(acct, 4.55 + quotas.MIN_PAUSE_S) == quotas.RESUME
-    assert b.flow(acct, 4.6) is None
+    assert b.flow(b"S", acct, 4.6) is None and b.flow(b"S", acct, 4.55 + quotas.MIN_PAUSE_S) == quotas.RESUME
+    assert b.flow(b"S", acct, 4.6) is None
     assert (b.stats()["pauses"], b.stats()["resumes"]) == (2, 2)
     # Paused and reading nothing for the grace: dropped, though under its budget.
     b.sent(acct, b"S", 2 * MIB)
-    assert b.flow(acct, 10.0) == quotas.PAUSE
+    assert b.flow(b"S", acct, 10.0) == quotas.PAUSE
     assert b.judge(b"S", 0, now=11.0) is None and b.judge(b"S", 0, now=12.0) == OUT
 
 
@@ -130,7 +130,7 @@ def test_a_descriptor_carries_one_connection_and_a_close_forgets_it():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("osctuxdf"), st.integers(0, 3), st.integers(0, 20 * MIB)), max_size=60))
+@given(st.lists(st.tuples(st.sampled_from("osctuxdfp"), st.integers(0, 3), st.integers(0, 20 * MIB)), max_size=60))
 def test_invariants_hold_under_any_sequence(ops):
     b = budgets()
     now = 0.0
@@ -155,6 +155,8 @@ def test_invariants_hold_under_any_sequence(ops):
             b.dropped(ident, OUT)
         elif op == "d":
             b.dropped(ident, IN)
+        elif op == "p":
+            b.flow(ident, acct, now)
         b.check_invariants()
 
 

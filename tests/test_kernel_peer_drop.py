@@ -17,6 +17,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from clients import Client
 from clients.core import build_header, parse_reply, request_frames
+from kernel import codec
 from kernel import protocol as P
 from tests.support import KernelProcess, kernel_config, service_block
 
@@ -188,7 +189,10 @@ def test_a_flood_of_requests_past_the_inbound_budget_is_dropped_at_once():
             busy.connect(k.endpoint)
             header = build_header(1, job=None, budget=None, priority=None, deadline_ms=None, idem=None, txn=None)
             busy.send_multipart(request_frames("echo", header, {"steps": 400, "step_ms": 10}))
-            flood, _ = never_reader(ctx, k.endpoint)
+            # A flooder that reads: it gets the typed answer before its connection is closed.
+            flood = ctx.socket(zmq.DEALER)
+            flood.setsockopt(zmq.LINGER, 0)
+            flood.connect(k.endpoint)
             body = [P.MDPC, P.ClientCmd.REQUEST.value, b"echo", b"f" * MIB]
 
             def attack() -> None:
@@ -198,6 +202,11 @@ def test_a_flood_of_requests_past_the_inbound_budget_is_dropped_at_once():
                     pass
 
             wait_for("the flood dropped", lambda: budgets(honest)["dropped_in"] >= 1, attack)
+            quotas_seen = set()
+            while flood.poll(2000):  # its answers, until the kernel closed the connection
+                status = codec.unpack(flood.recv_multipart()[3])
+                quotas_seen.add(status["error"].get("quota"))
+            assert "peer_in_bytes" in quotas_seen, quotas_seen
             flood.close(0)
             assert honest.stats()["summary"]["queued_bytes"] <= 4 * MIB
             assert busy.poll(WAIT_S * 1000), "the request that held the slot was not answered"
