@@ -7,7 +7,9 @@ call with an idempotency key and Lazy-Pirate retries.  Hostile side, in a random
 frames, oversized multi-frame messages, a peer that never reads, claims of the ROUTER's
 unseeded routing ids, floods of service names and bursts of connections, and (issue 24) frames
 nested deeper than the codec's cap (a request header, an ``mmi.audit`` event: each must be
-answered with a typed error).  Every other kernel kill (issue 24; the first one of each run) also tears the decision log:
+answered with a typed error), and a peer that sends 12 MiB requests and never reads the 12 MiB
+replies (issue 24: the per-connection byte budgets drop it; ``peers_dropped_over_budget``
+counts the drops over every kernel run).  Every other kernel kill (issue 24; the first one of each run) also tears the decision log:
 a partial record is appended after the SIGKILL, as a crash in the middle of a write leaves it.
 
 Figures and targets (issue 14): peer-caused kernel aborts (0), kernel RSS maximum (<= 300 MB),
@@ -63,8 +65,8 @@ class Hostile:
         ctx = zmq.Context()
         ctx.set(zmq.MAX_SOCKETS, 8192)
         ctx.setsockopt(zmq.SNDTIMEO, 2000)  # the kernel may be down (chaos): never block for long
-        attacks = [self.garbage, self.oversized, self.never_reads, self.claim_ids, self.name_flood,
-                   self.connection_burst, self.deep_nesting]
+        attacks = [self.garbage, self.oversized, self.never_reads, self.big_never_reads, self.claim_ids,
+                   self.name_flood, self.connection_burst, self.deep_nesting]
         try:
             while not stop.is_set():
                 attack = self.rng.choice(attacks)
@@ -102,11 +104,14 @@ class Hostile:
             self.deep_unanswered += 0 if answered else 1
 
 
-    def _dealers(self, ctx: zmq.Context, endpoint: str, n: int, ids=None) -> list[zmq.Socket]:
+    def _dealers(self, ctx: zmq.Context, endpoint: str, n: int, ids=None, rcvhwm: int | None = None) -> list[zmq.Socket]:
         out = []
         for i in range(n):
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            if rcvhwm is not None:
+                s.setsockopt(zmq.RCVHWM, rcvhwm)
+                s.setsockopt(zmq.RCVBUF, 4096)
             if ids is not None:
                 s.setsockopt(zmq.ROUTING_ID, ids[i])
             s.connect(endpoint)
@@ -143,6 +148,20 @@ class Hostile:
         for _ in range(3000):
             s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"echo", b"r" * 1024])
         time.sleep(1.0)
+        self._close([s])
+
+    def big_never_reads(self, ctx, endpoint) -> None:
+        """12 MiB requests to echo (12 MiB replies) from a peer that reads nothing -- its libzmq
+        takes one message, its OS buffer a few KiB: the kernel's per-connection byte budgets
+        drop it (issue 24: 40 x 12 MiB unread replies held +280 MB until it closed)."""
+        (s,) = self._dealers(ctx, endpoint, 1, rcvhwm=1)
+        frame = b"b" * ((4 << 20) - 4096)
+        for _ in range(12):
+            try:
+                s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"echo", frame, frame, frame], zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            time.sleep(0.25)
         self._close([s])
 
     def claim_ids(self, ctx, endpoint) -> None:
@@ -197,6 +216,7 @@ class Soak:
         self.torn = 0
         self.deep_unanswered = 0
         self.fsck_status: int | None = None
+        self.peer_drops = 0  # connections dropped past a per-connection byte budget (all kernel runs)
         self.lock = threading.Lock()
         self.quiet: list[float] = []
         self.loud: list[float] = []
@@ -310,6 +330,18 @@ class Soak:
             return None
         return {kk: v for kk, v in spent.items() if kk != "wall_ms"}
 
+    def count_peer_drops(self) -> None:
+        """Add the running kernel's per-connection budget drops (its counters die with it)."""
+        k = self.kernel
+        if k is None or k.proc.poll() is not None:
+            return
+        try:
+            with Client(k.endpoint, timeout=10, retries=0) as c:
+                b = c.stats().get("peer_budgets", {})
+        except errors.RecaError:
+            return
+        self.peer_drops += int(b.get("dropped_out", 0)) + int(b.get("dropped_in", 0))
+
     def restart_kernel(self) -> None:
         k = self.kernel
         assert k is not None
@@ -319,6 +351,7 @@ class Soak:
         for _ in range(self.honest_threads):
             self.idle.acquire(timeout=60)
         before = self._told()
+        self.count_peer_drops()
         self.expected_exits += 1
         k.kill()
         if self.restarts % 2 == 0:  # every other kill: a crash in the middle of a write, a torn record
@@ -381,6 +414,7 @@ class Soak:
         for t in threads:
             t.join(120)
         self.kernel_alive_check()
+        self.count_peer_drops()
         if self.kernel is not None:
             self.kernel.stop()
             from kernel.fsck import check
@@ -409,6 +443,7 @@ def run(quick: bool = False, minutes: float | None = None, seed: int = 14) -> Re
         "state_lost_after_restart": float(s.state_lost),
         "torn_log_restarts": float(s.torn),
         "deep_frames_unanswered": float(s.deep_unanswered),
+        "peers_dropped_over_budget": float(s.peer_drops),
         "fsck_status": float(s.fsck_status if s.fsck_status is not None else 9),
         "hostile_s": hostile_s,
     }

@@ -307,6 +307,10 @@ async def _run(args: argparse.Namespace) -> int:
         principals=principals,
         max_peers=cfg.max_peers,
         peer_hwm=cfg.peer_hwm,
+        peer_out_bytes=cfg.peer_out_bytes,
+        peer_in_bytes=cfg.peer_in_bytes,
+        peer_out_grace=cfg.peer_out_grace,
+        peers_out_bytes=cfg.peers_out_bytes,
     )
     # The supervisor's children get the endpoints as actually bound (tcp://*:0 resolves here).
     supervisor.env[sv.ENV_ENDPOINT] = server.endpoint.replace("0.0.0.0", "127.0.0.1")

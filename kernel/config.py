@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel import protocol as P
+from kernel import quotas
 from kernel.rayplace import RayClusterConfig, RayResources, parse_label
 from kernel.supervisor import ChildSpec, RestartType, python_module_argv
 
@@ -63,6 +64,11 @@ class KernelConfig:
     decision_log: str | None = None
     max_peers: int = P.MAX_PEERS
     peer_hwm: int = P.PEER_HWM
+    #: Per-connection byte budgets (kernel.quotas, docs/limits.md).
+    peer_out_bytes: int = quotas.PEER_OUT_BYTES
+    peer_in_bytes: int = quotas.PEER_IN_BYTES
+    peer_out_grace: float = quotas.PEER_OUT_GRACE_S
+    peers_out_bytes: int = quotas.PEERS_OUT_BYTES
     fsync: str = P.LOG_FSYNC
     segment_bytes: int = P.LOG_SEGMENT_BYTES
     intensity: int = P.RESTART_INTENSITY
@@ -161,6 +167,16 @@ SCHEMA: tuple[Setting, ...] = (
             "the decision log (durability, restore after a restart, replay); false: none, said by `status`"),
     Setting("kernel", "max_peers", "int", P.MAX_PEERS, "concurrent peer connections; more are refused", low=1),
     Setting("kernel", "peer_hwm", "int", P.PEER_HWM, "messages buffered per peer connection each way", low=1),
+    Setting("kernel", "peer_out_bytes", "int", quotas.PEER_OUT_BYTES,
+            "bytes of replies held for one connection not yet out of the process; past it for "
+            "peer_out_grace_s (or twice it) the peer is dropped", low=65536),
+    Setting("kernel", "peer_in_bytes", "int", quotas.PEER_IN_BYTES,
+            "bytes of one connection's queued requests; past it the peer is dropped", low=65536),
+    Setting("kernel", "peer_out_grace_s", "float", quotas.PEER_OUT_GRACE_S,
+            "how long a connection may stay past peer_out_bytes, seconds", low=0, field="peer_out_grace"),
+    Setting("kernel", "peers_out_bytes", "int", quotas.PEERS_OUT_BYTES,
+            "peer_out_bytes over every connection together; past it the one holding the most is dropped",
+            low=65536),
     Setting("kernel", "fsync", "enum", P.LOG_FSYNC, "when the decision log is flushed to disk", choices=_FSYNC),
     Setting("kernel", "log_segment_bytes", "int", P.LOG_SEGMENT_BYTES,
             "a new log segment, opened by a snapshot, past this size", low=4096, field="segment_bytes"),

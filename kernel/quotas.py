@@ -1,4 +1,4 @@
-"""Per-principal rate quotas whose excess becomes a counter (issue 24).
+"""Per-principal rate quotas whose excess becomes a counter, and per-connection byte budgets (issue 24).
 
 A :class:`RateQuota` is a token bucket per key (a principal's name): ``rate`` units per minute,
 ``burst`` at most.  :meth:`take` spends ``cost`` units when the bucket holds them; otherwise it
@@ -15,6 +15,7 @@ dropped, which can only make that principal's next take succeed, never fail).
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 
 class RateQuota:
@@ -52,3 +53,256 @@ class RateQuota:
         """Attempts of ``key`` suppressed since its last allowed one."""
         b = self._buckets.get(key)
         return int(b[2]) if b is not None else 0
+
+
+# -- per-peer byte budgets (issue 24, item 3) -----------------------------------------------------
+
+#: Bytes of replies the kernel may hold for one client connection that have not left its process
+#: (config ``kernel.peer_out_bytes``): held past it for ``PEER_OUT_GRACE_S``, or at twice it at
+#: once, the peer is dropped.
+PEER_OUT_BYTES = 32 * 1024 * 1024
+#: Bytes of one client connection's requests the kernel may hold queued (config
+#: ``kernel.peer_in_bytes``); past it the peer is dropped at once.  More than one largest message
+#: (``MAX_MESSAGE_SIZE``, 16 MiB), less than every queue together (``MAX_QUEUED_BYTES``, 32 MiB).
+PEER_IN_BYTES = 24 * 1024 * 1024
+#: Bytes of replies not yet out of the process over every connection together (config
+#: ``kernel.peers_out_bytes``): past it the connection holding the most is dropped, so many
+#: connections each under its own budget cannot add up to more.
+PEERS_OUT_BYTES = 128 * 1024 * 1024
+#: How long a connection may stay past its outbound budget before it is dropped, seconds
+#: (config ``kernel.peer_out_grace_s``): a reader that catches up within it is kept.
+PEER_OUT_GRACE_S = 5.0
+#: A peer whose count of bytes not known to have left passes ``out_bytes / SAMPLE_SHARE`` has its
+#: connection looked at (at the kernel's next check): what has left is then credited.
+SAMPLE_SHARE = 8
+
+#: Flow control: a peer holding ``out_bytes / PAUSE_SHARE`` not yet out has its running requests
+#: paused (``preempt``: a stream stops producing at its next safe point), resumed once it holds
+#: ``out_bytes / RESUME_SHARE`` or less -- a slow reader is slowed down, not dropped.
+PAUSE_SHARE = 4
+RESUME_SHARE = 8
+#: A pause lasts at least this long, seconds: a connection's pause/resume orders (each a
+#: decision-log record, and a paused/resumed note from the worker) are at most two a second.
+MIN_PAUSE_S = 0.5
+PAUSE = "pause"
+RESUME = "resume"
+
+#: Why a peer was dropped (the ``quota`` of the error its requests get, and the stats key).
+OUT = "peer_out_bytes"
+IN = "peer_in_bytes"
+TOTAL = "peers_out_bytes"
+_DROP_COUNTER = {OUT: "dropped_out", IN: "dropped_in", TOTAL: "dropped_total"}
+
+
+@dataclass(slots=True)
+class PeerAccount:
+    """What the kernel knows of one client connection (a ROUTER routing id).
+
+    Invariant: ``0 <= credited <= sent``; ``outstanding = sent - credited`` is what the kernel
+    has handed libzmq for this peer and has no evidence of having left its process."""
+
+    fd: int  #: the connection's descriptor (libzmq's), -1 when the transport has none
+    ino: int  #: its socket's inode: a descriptor number reused by another connection differs
+    tcp: bool  #: tcp: exact evidence (bytes acknowledged + still queued); else a unix socket
+    sent: int = 0  #: bytes of client messages handed to libzmq for this peer
+    credited: int = 0  #: of those, bytes known to have left the process
+    left: int = 0  #: tcp: the connection's bytes acknowledged + queued in the OS at the last sample
+    sent_at_sample: int = 0  #: unix: ``sent`` at the last sample
+    over_since: float | None = None  #: when it was first seen past the soft budget (None: it is not)
+    paused: bool = False  #: its streams were asked to pause (flow control) and not yet resumed
+    progress: int = 0  #: while paused: ``credited`` when it last grew (or at the pause)
+    progress_at: float = 0.0  #: ... and when
+    paused_at: float = 0.0  #: when the pause began
+    room_below: int = 0  #: unix: the OS queue is "with room" below this many bytes (half its buffer)
+    who: str = ""  #: the principal of the connection (for the log)
+
+    @property
+    def outstanding(self) -> int:
+        return self.sent - self.credited
+
+
+class PeerBudgets:
+    """Per-connection byte budgets: the kernel's own account, per routing id, of the bytes it holds
+    for a peer (issue 24: libzmq has no per-connection byte count and its high-water marks count
+    messages).  Pure: time and the transport's evidence are passed in (the server samples the
+    connection's socket, kernel.server).
+
+    * **Outbound**: every client message the kernel hands libzmq is counted against its routing id
+      (:meth:`sent`); the bytes that have *left the process* are credited from the connection's
+      socket (:meth:`sample_tcp`: TCP's bytes acknowledged plus those still in the OS queue,
+      exact and cumulative; :meth:`sample_unix`: a unix socket with room in its queue has taken
+      everything sent before the previous sample -- an approximation that can only credit too
+      early by up to what libzmq's I/O thread has not yet written, and late by one look; the
+      server looks at a unix peer past ``sample_at`` at every send to it).  The peer cannot
+      fake this evidence (a client's own acknowledgement could lie).  Past ``out_bytes`` for
+      ``grace`` seconds the peer is to be dropped (:meth:`judge`); past twice it, at once, and
+      nothing more is handed to libzmq for it (:meth:`may_send`).
+    * **Inbound**: the bytes of the peer's requests the kernel holds queued (the router's count,
+      passed to :meth:`judge`); past ``in_bytes`` the peer is to be dropped at once.
+
+    * **Flow control**: past ``out_bytes / PAUSE_SHARE`` the peer's running requests are to be
+      paused (a stream stops at its next safe point), and resumed at ``out_bytes / RESUME_SHARE``
+      (:meth:`flow`): a slow reader is slowed down before any budget drops it; one paused that
+      reads nothing for ``grace`` is dropped.
+    * **All connections together**: past ``total_bytes`` outstanding, the connection holding the
+      most is to be dropped (:meth:`largest`), so the bound on the process is ``total_bytes``
+      (plus what is sent between two looks), not connections x ``out_bytes``.
+
+    Invariants (:meth:`check_invariants`): every account's descriptor maps back to it in
+    ``by_fd`` (one live connection per descriptor); ``0 <= credited <= sent``; ``total`` is the
+    sum of the accounts' outstanding bytes; ``hot`` holds only accounted peers.  Accounts are bounded by the live connections (one per descriptor).
+    """
+
+    def __init__(self, out_bytes: int = PEER_OUT_BYTES, in_bytes: int = PEER_IN_BYTES,
+                 grace: float = PEER_OUT_GRACE_S, total_bytes: int = PEERS_OUT_BYTES) -> None:
+        if out_bytes <= 0 or in_bytes <= 0 or grace < 0 or total_bytes <= 0:
+            raise ValueError("peer budgets must be positive")
+        self.out_bytes = out_bytes
+        self.total_bytes = total_bytes
+        #: Outstanding bytes of every account together.
+        self.total = 0
+        self.hard_bytes = 2 * out_bytes
+        self.in_bytes = in_bytes
+        self.grace = grace
+        self.sample_at = max(1, out_bytes // SAMPLE_SHARE)
+        self.pause_at = max(1, out_bytes // PAUSE_SHARE)
+        self.resume_at = out_bytes // RESUME_SHARE
+        self.accounts: dict[bytes, PeerAccount] = {}
+        self.by_fd: dict[int, bytes] = {}
+        #: Peers whose outstanding bytes passed ``sample_at``: looked at by the next check.
+        self.hot: set[bytes] = set()
+        self.counters: dict[str, int] = {"dropped_out": 0, "dropped_in": 0, "dropped_total": 0, "samples": 0,
+                                         "pauses": 0, "resumes": 0,
+                                         "sends_refused": 0, "max_outstanding": 0}
+
+    def open(self, identity: bytes, fd: int, ino: int, tcp: bool, left: int = 0, room_below: int = 0,
+             who: str = "") -> PeerAccount:
+        """Account ``identity``, seen first on descriptor ``fd`` (``left``: a tcp connection's
+        bytes out of the process so far).  Another routing id on the same descriptor is a
+        connection that has closed: its account goes."""
+        old = self.by_fd.get(fd)
+        if old is not None and old != identity:
+            self.forget(old)
+        self.forget(identity)
+        acct = self.accounts[identity] = PeerAccount(fd, ino, tcp, left=left, room_below=room_below, who=who)
+        self.by_fd[fd] = identity
+        return acct
+
+    def forget(self, identity: bytes) -> PeerAccount | None:
+        acct = self.accounts.pop(identity, None)
+        if acct is not None:
+            self.total -= acct.outstanding
+            if self.by_fd.get(acct.fd) == identity:
+                del self.by_fd[acct.fd]
+            self.hot.discard(identity)
+        return acct
+
+    def closed(self, fd: int) -> bytes | None:
+        """The connection on ``fd`` closed: its account goes (returns its routing id)."""
+        identity = self.by_fd.get(fd)
+        if identity is not None:
+            self.forget(identity)
+        return identity
+
+    def sent(self, acct: PeerAccount, identity: bytes, nbytes: int) -> None:
+        """``nbytes`` of a client message were handed to libzmq for ``identity``."""
+        acct.sent += nbytes
+        self.total += nbytes
+        if acct.sent - acct.credited >= self.sample_at:
+            self.hot.add(identity)
+
+    def may_send(self, acct: PeerAccount) -> bool:
+        """False when the peer holds twice its outbound budget (after a fresh sample): the message
+        is not handed to libzmq (the peer is being dropped)."""
+        return acct.sent - acct.credited < self.hard_bytes
+
+    def sample_tcp(self, acct: PeerAccount, left: int) -> None:
+        """A tcp connection has had ``left`` bytes leave the process (acknowledged by the peer's
+        TCP, or queued in the OS), cumulative over the connection."""
+        self.counters["samples"] += 1
+        if left > acct.left:
+            credited = min(acct.sent, acct.credited + (left - acct.left))
+            self.total -= credited - acct.credited
+            acct.credited = credited
+            acct.left = left
+
+    def sample_unix(self, acct: PeerAccount, room: bool) -> None:
+        """A unix socket ``room``: its OS queue is less than half full, so libzmq is writing to it
+        freely and has written what was sent before the previous sample."""
+        self.counters["samples"] += 1
+        if room and acct.sent_at_sample > acct.credited:
+            self.total -= acct.sent_at_sample - acct.credited
+            acct.credited = acct.sent_at_sample
+        acct.sent_at_sample = acct.sent
+
+    def judge(self, identity: bytes, held_in: int, now: float) -> str | None:
+        """After a sample: the budget ``identity`` is past (:data:`OUT`, :data:`IN`) and must be
+        dropped for, or None.  Updates the over-budget clock."""
+        if held_in > self.in_bytes:
+            return IN
+        acct = self.accounts.get(identity)
+        if acct is None:
+            return None
+        out = acct.outstanding
+        if acct.paused:
+            # Paused and reading nothing for the grace: stalled (it would hold its paused
+            # requests, and what was on its way, for ever).
+            if acct.credited > acct.progress:
+                acct.progress, acct.progress_at = acct.credited, now
+            elif now - acct.progress_at >= self.grace:
+                return OUT
+        if out > self.counters["max_outstanding"]:
+            self.counters["max_outstanding"] = out
+        if out < self.sample_at and not acct.paused:  # a paused peer stays watched (resume, stall)
+            self.hot.discard(identity)
+        if out <= self.out_bytes:
+            acct.over_since = None
+            return None
+        if out >= self.hard_bytes:
+            return OUT
+        if acct.over_since is None:
+            acct.over_since = now
+        return OUT if now - acct.over_since >= self.grace else None
+
+    def largest(self) -> bytes | None:
+        """When every connection together is past ``total_bytes``: the one holding the most (to
+        be dropped, after a fresh look at the hot ones), else None.  O(accounts), only then."""
+        if self.total <= self.total_bytes or not self.accounts:
+            return None
+        return max(self.accounts, key=lambda i: self.accounts[i].outstanding)
+
+    def flow(self, identity: bytes, acct: PeerAccount, now: float) -> str | None:
+        """Flow control after a look: :data:`PAUSE` when the peer's streams should pause (past
+        ``pause_at``), :data:`RESUME` when paused ones may go on (at ``resume_at`` or less).  A
+        paused peer that has nothing more credited for ``grace`` is dropped (:meth:`judge`)."""
+        out = acct.outstanding
+        if not acct.paused and out >= self.pause_at:
+            acct.paused = True
+            self.hot.add(identity)
+            acct.progress, acct.progress_at, acct.paused_at = acct.credited, now, now
+            self.counters["pauses"] += 1
+            return PAUSE
+        if acct.paused and out <= self.resume_at and now - acct.paused_at >= MIN_PAUSE_S:
+            acct.paused = False
+            self.counters["resumes"] += 1
+            return RESUME
+        return None
+
+    def dropped(self, identity: bytes, why: str) -> PeerAccount | None:
+        """``identity`` is dropped for ``why``: counted, and its account returned (and forgotten)."""
+        self.counters[_DROP_COUNTER[why]] += 1
+        return self.forget(identity)
+
+    def stats(self) -> dict[str, int]:
+        return {**self.counters, "peers": len(self.accounts), "hot": len(self.hot),
+                "out_bytes": self.out_bytes, "in_bytes": self.in_bytes, "total_bytes": self.total_bytes,
+                "outstanding": self.total}
+
+    def check_invariants(self) -> None:
+        for identity, acct in self.accounts.items():
+            assert self.by_fd.get(acct.fd) == identity, "an account's descriptor maps elsewhere"
+            assert 0 <= acct.credited <= acct.sent, f"credited {acct.credited} outside [0, {acct.sent}]"
+        assert len(self.by_fd) == len(self.accounts), "by_fd and accounts disagree"
+        assert self.total == sum(a.outstanding for a in self.accounts.values()), "total disagrees"
+        assert self.hot <= self.accounts.keys(), "a hot peer without an account"
+        assert all(i in self.hot for i, a in self.accounts.items() if a.paused), "a paused peer not watched"

@@ -592,6 +592,26 @@ class Router:
             # Keep the slot occupied by a tombstone until the worker answers: it is still busy.
             worker.inflight[req.token] = req
 
+    def held_by(self, client: bytes) -> int:
+        """Bytes of ``client``'s request bodies waiting in the queues (the per-peer inbound
+        budget's measure, kernel.quotas.PeerBudgets)."""
+        holder = self._holders.get(client)
+        return holder[0] if holder is not None else 0
+
+    def drop_client(self, client: bytes, exc: errors.RecaError, now: float) -> int:
+        """``client``'s connection is being dropped (past a per-peer byte budget): every request
+        it has in the kernel is answered ``exc`` (its one FINAL), a dispatched one cancelled on
+        its worker too.  Returns how many.  O(requests in flight), only at a drop."""
+        mine = [r for r in self.inflight.values() if r.client == client]
+        for req in mine:
+            if req.worker is not None:
+                self.order(Order.to_request(P.ControlOp.CANCEL, req, **{P.C_CODE: exc.code,
+                                                                        P.C_REASON: exc.message}), now)
+                self.fail_request(req, exc, now)
+            else:
+                self._finish_error(req, exc, now)
+        return len(mine)
+
     def _reply_bad(self, identity: bytes, form: Form, service: bytes, message: str) -> None:
         self._reply_error(identity, form, service, errors.BadRequest(message))
 

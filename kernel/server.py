@@ -17,32 +17,45 @@ messages per peer by the high-water marks, connections by :class:`kernel.peers.P
 the ROUTER's generated routing ids are unpredictable (:func:`kernel.peers.seed_routing_ids`).
 The principal and the connection's descriptor (for the peer cap) are both read from the first
 frame after the routing id, the one frame received as a zmq.Frame.
+
+Bytes per connection are bounded by the kernel's own account (kernel.quotas.PeerBudgets): the
+descriptor of a routing id is read once, from its first message (``ZMQ_SRCFD``), every client
+message sent is counted against it, and what has left the process is read from the connection's
+socket (TCP_INFO's bytes acknowledged plus the OS queue on tcp; the queue's fill on a unix
+socket).  A peer past its budget is dropped: its requests answered ``overloaded`` (``quota``
+names the budget), their workers told to cancel, the drop logged, and, after a short linger for
+those answers, its connection shut down (a duplicate of the descriptor, as for the peer cap),
+which makes libzmq free what it queued for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno as _errno
+import fcntl
 import logging
 import os
 import resource
 import collections
 import socket as _socket
+import stat as _stat
+import struct
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from kernel import auth, codec
+from kernel import auth, codec, errors, quotas
 from kernel.aio import readable, send_frames
 from kernel import protocol as P
 from kernel.host import Host, SystemHost
 from kernel.control import may_subscribe
 from kernel.mmi import Management
 from kernel.peers import PeerGuard, TcpListener, open_fds, seed_routing_ids
-from kernel.policy import Admission
+from kernel.policy import Admission, Order
 from kernel.router import Router
 
 log = logging.getLogger("reca.kernel")
@@ -53,6 +66,19 @@ _BATCH = P.RECV_BATCH
 _RELOAD_INTERVAL = 0.25
 _NOBLOCK = int(zmq.NOBLOCK)
 _MONITORED = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+_MDPC = P.MDPC
+#: How often the connections past a share of their budget are looked at, seconds.
+_PEER_CHECK_INTERVAL = 0.25
+#: A dropped peer's connection is shut down this long after its requests were answered (so a
+#: peer that still reads gets the typed answers), seconds; its messages are discarded meanwhile.
+_DROP_LINGER = 0.2
+#: A dropped peer's routing id is remembered (its messages discarded) until its connection is
+#: seen closed, or this long, seconds.
+_DROP_FORGET = 10.0
+#: ``ioctl`` request: bytes in a socket's send queue (TIOCOUTQ; on tcp: not yet acknowledged).
+_SIOCOUTQ = 0x5411
+#: ``struct tcp_info``: offset of ``tcpi_bytes_acked`` (u64, Linux >= 4.1).
+_TCPI_BYTES_ACKED = 120
 
 
 #: The principal of a CURVE message that carried no frame to read a User-Id from (none: a
@@ -67,6 +93,31 @@ class Oversized(Exception):
         super().__init__(why)
         self.identity = identity
         self.why = why
+
+
+@contextlib.contextmanager
+def _borrowed(fd: int) -> Iterator[_socket.socket]:
+    """A Python socket object on libzmq's descriptor ``fd``, detached (never closed) after use."""
+    sock = _socket.socket(fileno=fd)
+    try:
+        yield sock
+    finally:
+        sock.detach()
+
+
+def _out_queue(fd: int) -> int:
+    """Bytes in the send queue of the socket ``fd`` (tcp: not yet acknowledged by the peer; unix:
+    not yet read by the peer)."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, _SIOCOUTQ, b"\0\0\0\0"))[0])
+
+
+def _tcp_left(sock: _socket.socket) -> int:
+    """Bytes written to the tcp connection ``sock`` so far: acknowledged by the peer plus still in
+    the OS queue (exact and cumulative: what has left the process)."""
+    info = sock.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_INFO, 256)
+    if len(info) < _TCPI_BYTES_ACKED + 8:
+        raise OSError(_errno.ENOSYS, "TCP_INFO without tcpi_bytes_acked")
+    return int(struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)[0]) + _out_queue(sock.fileno())
 
 
 class KernelServer:
@@ -90,6 +141,10 @@ class KernelServer:
         max_message: int = P.MAX_MESSAGE_SIZE,
         max_frame: int = P.MAX_FRAME_SIZE,
         peer_hwm: int = P.PEER_HWM,
+        peer_out_bytes: int = quotas.PEER_OUT_BYTES,
+        peer_in_bytes: int = quotas.PEER_IN_BYTES,
+        peer_out_grace: float = quotas.PEER_OUT_GRACE_S,
+        peers_out_bytes: int = quotas.PEERS_OUT_BYTES,
         host: Host | None = None,
     ) -> None:
         self.context = context or zmq.Context()
@@ -142,6 +197,17 @@ class KernelServer:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.guard = PeerGuard(max_peers, fd_limit=soft if soft != resource.RLIM_INFINITY else 1 << 20,
                                baseline=open_fds())
+        #: Per-connection byte budgets (kernel.quotas): the account of every routing id seen.
+        self.peers = quotas.PeerBudgets(peer_out_bytes, peer_in_bytes, peer_out_grace, peers_out_bytes)
+        #: Peers past their hard outbound budget at a send: dropped after the message in hand.
+        self._urgent: set[bytes] = set()
+        #: Dropped routing ids -> (descriptor, inode, when to shut it down, when to forget it).
+        self._dropping: dict[bytes, tuple[int, int, float, float]] = {}
+        #: Peers whose running requests the budget paused -> their tokens (to resume them).
+        self._paused: dict[bytes, set[bytes]] = {}
+        self._next_peer_check = 0.0
+        #: The drops logged, per principal (the rest are counted: `peer_budgets` in mmi.stats).
+        self._drop_log = quotas.RateQuota(60.0)
         self._monitors = [self._monitor(s, n) for n, s in enumerate((sock, pub))]
         #: Monitor events the watcher thread read, for the loop (deque: thread-safe append/pop).
         self._events: collections.deque[dict[str, Any]] = collections.deque()
@@ -174,6 +240,7 @@ class KernelServer:
         def stats() -> dict[str, Any]:
             out = dict(extra()) if extra is not None else {}
             out["connections"] = self.guard.stats()
+            out["peer_budgets"] = {**self.peers.stats(), "dropping": len(self._dropping), "paused": len(self._paused)}
             out["auth"] = {"curve": self.zap is not None,
                            "principals": len(self.principals) if self.principals is not None else 0,
                            "zap_refused": self.zap.refused if self.zap is not None else 0}
@@ -195,6 +262,22 @@ class KernelServer:
     # -- I/O --------------------------------------------------------------------------------------
 
     def _send(self, frames: list[Any]) -> bool | None:
+        acct = self.peers.accounts.get(frames[0])
+        if acct is not None and len(frames) > 2 and (frames[1] == _MDPC or frames[2] == _MDPC):
+            if acct.sent - acct.credited >= self.peers.sample_at and (
+                    not acct.tcp or not self.peers.may_send(acct)):
+                # Fresh evidence: at every send to a unix peer past the share (its evidence
+                # credits what was sent before the previous look), before refusing a tcp one.
+                self._sample(frames[0], acct)
+                if not self.peers.may_send(acct):
+                    # Twice its budget not yet out of the process: not handed to libzmq; the
+                    # peer is dropped after the message in hand (kernel.quotas).
+                    self.peers.counters["sends_refused"] += 1
+                    self._urgent.add(frames[0])
+                    return None
+            size = sum(map(len, frames)) - len(frames[0])
+        else:
+            acct = None
         try:
             send_frames(self.sock, frames)
         except zmq.ZMQError as exc:
@@ -206,6 +289,12 @@ class KernelServer:
                     log.error("a peer's queue is full (it does not read); its message is dropped")
                 return None
             raise
+        if acct is not None:
+            self.peers.sent(acct, frames[0], size)
+            if not acct.paused and acct.sent - acct.credited >= self.peers.pause_at:
+                self._urgent.add(frames[0])  # paused (or judged) after the message in hand
+            if self.peers.total > self.peers.total_bytes:
+                self._urgent.add(b"")  # every connection together past its bound: checked next
         return True
 
     def _publish(self, topic: bytes, message: dict[str, Any]) -> None:
@@ -235,14 +324,15 @@ class KernelServer:
         refusing = self.guard.refusing
         principals = self.principals if self.zap is not None else None
         principal = auth.LOCAL_OPERATOR if principals is None else _UNKNOWN
-        first = principals is not None or bool(refusing)
+        new_peer = parts[0] not in self.peers.accounts and parts[0] not in self._dropping
+        first = principals is not None or bool(refusing) or new_peer
         max_message, max_parts = self.max_message, self.max_frames + 1
         while more:
             frame = recv(0, copy=False)
             more = frame.more
             if first:
                 first = False
-                if refusing:
+                if refusing or new_peer:
                     srcfd = frame.get(zmq.SRCFD)
                 if principals is not None:
                     name = str(frame.get(auth.USER_ID) or "")
@@ -262,6 +352,8 @@ class KernelServer:
                                            "retry later")
             self.guard.answered(srcfd, time.monotonic())
             return [], principal
+        if new_peer and srcfd >= 0:
+            self._open_peer(parts[0], srcfd, principal.name)
         return parts, principal
 
     def _on_readable(self) -> None:
@@ -303,9 +395,12 @@ class KernelServer:
     def _drain(self) -> bool:
         """Route what the ROUTER socket holds (at most one batch; the rest on the next turn), then
         hand the decisions taken to the operating system.  False once the socket is closed."""
-        on_message = self.router.on_message
+        router = self.router
+        on_message = router.on_message
         clock = time.monotonic
         sock = self.sock
+        dropping = self._dropping
+        in_bytes = self.peers.in_bytes
         for n in range(_BATCH):
             try:
                 # After the first message, look before receiving: most wake-ups carry one message,
@@ -325,8 +420,13 @@ class KernelServer:
                 raise
             if not frames:
                 continue
+            if dropping and frames[0] in dropping:
+                self.peers.counters["discarded"] = self.peers.counters.get("discarded", 0) + 1
+                continue
             try:
                 on_message(frames, clock(), principal)
+                if router.queued_bytes > in_bytes or self._urgent:  # else no peer can be past it
+                    self._check_after_message(frames[0], clock())
             except Exception:  # a routing bug must not take the kernel down
                 self.router.counters["internal_errors"] += 1
                 log.exception("internal error handling a message from %r", frames[:1])
@@ -336,6 +436,158 @@ class KernelServer:
             self._loop.call_soon(self._on_readable)
         self.router.admission.flush_log()  # a kernel crash loses no decision taken so far
         return True
+
+    # -- per-connection byte budgets (kernel.quotas.PeerBudgets) ----------------------------------
+
+    def _open_peer(self, identity: bytes, fd: int, who: str) -> None:
+        """Account a routing id first seen on descriptor ``fd`` (a socket of libzmq's)."""
+        try:
+            st = os.fstat(fd)
+            if not _stat.S_ISSOCK(st.st_mode):
+                return
+            with _borrowed(fd) as s:
+                tcp = s.family in (_socket.AF_INET, _socket.AF_INET6)
+                left = _tcp_left(s) if tcp else 0
+                room = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF) // 2
+        except OSError:
+            return
+        self.peers.open(identity, fd, st.st_ino, tcp, left, room, who)
+
+    def _sample(self, identity: bytes, acct: quotas.PeerAccount) -> bool:
+        """Credit what has left the process for ``identity`` from its socket; False (and the
+        account forgotten) when its connection is gone."""
+        try:
+            if os.fstat(acct.fd).st_ino != acct.ino:
+                raise OSError(_errno.EBADF, "descriptor reused")
+            if acct.tcp:
+                with _borrowed(acct.fd) as s:
+                    self.peers.sample_tcp(acct, _tcp_left(s))
+            else:
+                self.peers.sample_unix(acct, _out_queue(acct.fd) < acct.room_below)
+        except OSError:
+            self.peers.forget(identity)
+            return False
+        return True
+
+    def _judge(self, identity: bytes, now: float) -> None:
+        why = self.peers.judge(identity, self.router.held_by(identity), now)
+        if why is not None:
+            self._drop(identity, why, now)
+            return
+        acct = self.peers.accounts.get(identity)
+        step = self.peers.flow(identity, acct, now) if acct is not None else None
+        if step is not None:
+            self._flow(identity, step, now)
+
+    def _flow(self, identity: bytes, step: str, now: float) -> None:
+        """Pause the running requests of ``identity`` (``preempt`` to their workers), or resume
+        those the budget paused that are still running.  O(requests in flight), only at a step."""
+        router = self.router
+        if step == quotas.PAUSE:
+            tokens = {r.token for r in router.inflight.values()
+                      if r.client == identity and r.worker is not None and not r.done}
+            self._paused.setdefault(identity, set()).update(tokens)
+            op = P.ControlOp.PREEMPT
+        else:
+            tokens = self._paused.pop(identity, set())
+            op = P.ControlOp.RESUME
+        for token in tokens:
+            req = router.inflight.get(token)
+            if req is not None and not req.done and req.client == identity:
+                router.order(Order.to_request(op, req), now)
+
+    def _check_after_message(self, identity: bytes, now: float) -> None:
+        """After a message: the sender past its inbound budget, or peers past twice their outbound
+        budget at a send, are dropped now."""
+        if self.router.held_by(identity) > self.peers.in_bytes:
+            self._drop(identity, quotas.IN, now)
+        self._check_urgent(now)
+
+    def _check_urgent(self, now: float) -> None:
+        while self._urgent:
+            identity = self._urgent.pop()
+            acct = self.peers.accounts.get(identity)
+            if acct is not None and self._sample(identity, acct):  # fresh evidence first
+                self._judge(identity, now)
+        if self.peers.largest() is not None:
+            # Every connection together past the bound: fresh evidence for those holding much,
+            # then the ones holding the most are dropped until the total is under it.
+            for identity in list(self.peers.hot):
+                acct = self.peers.accounts.get(identity)
+                if acct is not None:
+                    self._sample(identity, acct)
+            while (largest := self.peers.largest()) is not None:
+                self._drop(largest, quotas.TOTAL, now)
+
+    def _check_peers(self, now: float) -> None:
+        """Each check interval: look at the connections past a share of their outbound budget
+        (credit what left, drop those past it for the grace), shut down dropped ones."""
+        self._check_urgent(now)
+        if now >= self._next_peer_check:
+            self._next_peer_check = now + _PEER_CHECK_INTERVAL
+            accounts = self.peers.accounts
+            for identity in list(self.peers.hot):
+                acct = accounts.get(identity)
+                if acct is not None and self._sample(identity, acct):
+                    self._judge(identity, now)
+        if self._dropping:
+            self._shutdown_dropped(now)
+
+    def _drop(self, identity: bytes, why: str, now: float) -> None:
+        """Drop the peer ``identity`` past its ``why`` budget: its requests answered, the drop
+        logged, its connection shut down after :data:`_DROP_LINGER`."""
+        acct = self.peers.dropped(identity, why)
+        self._paused.pop(identity, None)
+        held = self.router.held_by(identity)
+        if why == quotas.IN:
+            what = f"held {held} bytes of queued requests, past its budget of {self.peers.in_bytes}"
+        elif why == quotas.TOTAL:
+            what = (f"did not read {acct.outstanding if acct is not None else 0} bytes of replies, the most of "
+                    f"every connection, which together passed {self.peers.total_bytes}")
+        else:
+            out = acct.outstanding if acct is not None else 0
+            what = (f"did not read {out} bytes of replies (budget {self.peers.out_bytes}: past it for "
+                    f"{self.peers.grace:g} s, or twice it, or paused and reading nothing for as long)")
+        exc = errors.Overloaded(f"connection dropped: it {what}", quota=why)
+        n = self.router.drop_client(identity, exc, now)
+        who = acct.who if acct is not None else "?"
+        ok, suppressed = self._drop_log.take(who, now)
+        if ok:
+            log.warning("peer %s (%s) dropped: it %s; %d request(s) answered overloaded%s", identity.hex(), who,
+                        what, n, f" ({suppressed} more drops not logged)" if suppressed else "")
+        if acct is not None:
+            self._dropping[identity] = (acct.fd, acct.ino, now + _DROP_LINGER, now + _DROP_FORGET)
+
+    def _shutdown_dropped(self, now: float) -> None:
+        for identity, (fd, ino, at, forget) in list(self._dropping.items()):
+            if now >= forget:
+                del self._dropping[identity]
+            elif at is not None and now >= at:
+                self._dropping[identity] = (fd, ino, float("inf"), forget)
+                try:
+                    if os.fstat(fd).st_ino != ino:
+                        raise OSError(_errno.EBADF, "closed already")
+                    with _socket.socket(fileno=os.dup(fd)) as s:  # as for the peer cap: libzmq sees it close
+                        s.shutdown(_socket.SHUT_RDWR)
+                except OSError:
+                    del self._dropping[identity]
+
+    def _peer_fd_closed(self, fd: int) -> None:
+        """A connection on ``fd`` closed (monitor event): its account, or its dropped entry, goes
+        -- unless the descriptor already carries a newer connection (another inode)."""
+        identity = self.peers.by_fd.get(fd)
+        if identity is not None:
+            acct = self.peers.accounts[identity]
+            try:
+                alive = os.fstat(fd).st_ino == acct.ino
+            except OSError:
+                alive = False
+            if not alive:
+                self.peers.forget(identity)
+                self._paused.pop(identity, None)
+        for ident, (dfd, ino, _, _) in list(self._dropping.items()) if self._dropping else ():
+            if dfd == fd:
+                del self._dropping[ident]
 
     # -- connections ------------------------------------------------------------------------------
 
@@ -401,6 +653,7 @@ class KernelServer:
                                 "the kernel stats from now on)", self.guard.cap)
             else:
                 self.guard.on_closed(fd)
+                self._peer_fd_closed(fd)
         change = self.guard.accepting(fds)
         if change is not None:
             self._set_accepting(change)
@@ -466,6 +719,10 @@ class KernelServer:
         except OSError:
             return
         self.guard.reconcile(alive)
+        for identity, acct in list(self.peers.accounts.items()):  # a close whose event was missed
+            if acct.fd not in alive:
+                self.peers.forget(identity)
+                self._paused.pop(identity, None)
 
     def _arm(self) -> None:
         wake = min(self.router.next_wakeup(), self.guard.next_wakeup(), self._next_reconcile)
@@ -495,6 +752,7 @@ class KernelServer:
                 self.router.revoke(lambda name: principals.by_name(name) is not None, now)
         try:
             self.router.tick(now)
+            self._check_peers(now)
             self._shutdown_refused(now)
             if now >= self._next_reconcile:
                 self._next_reconcile = now + self.router.heartbeat_interval

@@ -6,7 +6,9 @@ The payload is returned unchanged, except that a map may ask for behaviour:
   steps (so it can be preempted, resumed and cancelled); replies ``{"steps_done": n, "sum": s}``
   where s is a deterministic function of the steps, so a resumed run can be compared with an
   uninterrupted one.  Each step charges ``flops`` 1000.
-* ``{"partials": n}`` — streams n PARTIAL replies ``{"i": k}`` before the final.
+* ``{"partials": n}`` — streams n PARTIAL replies ``{"i": k}`` before the final; with
+  ``"pad": b`` each partial also carries ``b`` zero bytes (a large stream, for the per-peer byte
+  budget tests) and a safe point comes before each; ``"partial_ms": t`` waits t ms before each.
 * ``{"fail": "message"}`` — the handler raises (the caller gets ``service_error``).
 * ``{"charge": {...}}`` — reports that spending to the kernel.
 * ``{"report_token": true}`` — first streams a PARTIAL ``{"token": hex}`` with the request's
@@ -16,6 +18,7 @@ Opaque MDP bodies are echoed frame for frame.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -35,8 +38,14 @@ class Echo(Service):
         charge = payload.get("charge")
         if isinstance(charge, dict):
             ctx.charge(**{str(k): float(v) for k, v in charge.items()})
+        pad = bytes(min(int(payload.get("pad", 0)), 1 << 20))
+        gap_s = min(float(payload.get("partial_ms", 0)), 1000.0) / 1000.0
         for i in range(int(payload.get("partials", 0))):
-            await ctx.partial({"i": i})
+            if gap_s > 0:
+                await asyncio.sleep(gap_s)
+            if pad:
+                await ctx.checkpoint()  # a large stream pauses and stops when told
+            await ctx.partial({"i": i, "pad": pad} if pad else {"i": i})
         steps = int(payload.get("steps", 0))
         if steps:
             step_s = float(payload.get("step_ms", 1.0)) / 1000.0
