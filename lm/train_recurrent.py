@@ -151,7 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="start from these weights (file, or a directory of recurrent_KIND.pt)",
     )
+    p.add_argument(
+        "--export-only", action="store_true", help="write the weights of the checkpoints in --checkpoint-dir and stop"
+    )
     args = p.parse_args(argv)
+    if args.export_only and args.checkpoint_dir is None:
+        p.error("--export-only needs --checkpoint-dir")
     torch.set_num_threads(1)
     target = recurrent.n_params(load_transformer())
     runs = [_Run(kind, args, target) for kind in args.kinds]
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs:
                 _atomic_save(run.state(), args.checkpoint_dir / f"{run.kind}.ckpt")
 
-    t0, budget, rounds = time.monotonic(), 60 * args.minutes, 0
+    t0, budget, rounds = time.monotonic(), (0.0 if args.export_only else 60 * args.minutes), 0
     while time.monotonic() - t0 < budget and any(run.step < args.steps for run in runs):
         for run in runs:
             if run.step < args.steps:
@@ -176,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         rounds += 1
         if rounds % args.save_every == 0:
             checkpoint()
-    checkpoint()
+    if not args.export_only:
+        checkpoint()
     for run in runs:
         out = args.out_dir / f"recurrent_{run.kind}.pt"
         recurrent.save(run.model, out, run.meta(args, target))
