@@ -32,7 +32,46 @@ import torch
 from lm import recurrent, varref
 from lm.longmodel import load as load_transformer
 from lm.train import token_accuracy, train_step
-from lm.train_varref import QUERIES, make_batch
+from lm.train_varref import QUERIES
+
+
+def example(rng: random.Random, length: int, n_queries: int, first_only: bool) -> tuple[list[int], list[int]]:
+    """:func:`lm.varref.training_example` (same draws), with ``first_only`` the loss only on the
+    answer to each variable's *first* query: a repeated query's answer stands a few tokens back,
+    and copying it is the shortcut a constant-state model learns first (training accuracy rises,
+    recall from the definitions does not)."""
+    ctx = varref.make_context(rng, length, rng.randint(1, max(1, min(8, (length - 8) // 12))))
+    tokens = list(ctx.tokens)
+    mask = [0] * len(tokens)
+    names, seen = list(ctx.values), set()
+    for _ in range(n_queries):
+        name = rng.choice(names)
+        counted = int(not first_only or name not in seen)
+        seen.add(name)
+        tokens += ctx.query(name)
+        mask += [0, counted]
+        ans = ctx.answer(name)
+        tokens += ans
+        mask += [counted] * (len(ans) - 2) + [0, 0]
+    return tokens, mask
+
+
+def make_batch(
+    rng: random.Random, batch: int, length: int, first_only: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (-100 where no loss) of ``batch`` examples, as :func:`lm.train_varref.make_batch`."""
+    rows = [example(rng, length, QUERIES, first_only) for _ in range(batch)]
+    T = max(len(t) for t, _ in rows) - 1
+    inputs = torch.full((batch, T), varref.PAD, dtype=torch.long)
+    targets = torch.full((batch, T), -100, dtype=torch.long)
+    for r, (toks, mask) in enumerate(rows):
+        t = torch.tensor(toks)
+        m = torch.tensor(mask[:-1], dtype=torch.bool)
+        inputs[r, : len(toks) - 1] = t[:-1]
+        tgt = t[1:].clone()
+        tgt[~m] = -100
+        targets[r, : len(toks) - 1] = tgt
+    return inputs, targets
 
 
 class _Run:
@@ -87,7 +126,7 @@ class _Run:
         for g in self.opt.param_groups:
             g["lr"] = max(lr, args.lr * 0.02)
         top = 256 if progress < args.short_frac else args.max_len - QUERIES * 4
-        inputs, targets = make_batch(self.rng, args.batch, self.rng.randint(96, top))
+        inputs, targets = make_batch(self.rng, args.batch, self.rng.randint(96, top), args.loss_on == "first")
         loss, logits = train_step(self.model, self.opt, inputs, targets, self.model.cfg.vocab_size)
         self.step += 1
         self.loss = loss.item()
@@ -117,6 +156,7 @@ class _Run:
             "final_loss": self.loss,
             "last_tok_acc": self.curve[-1][2] if self.curve else None,
             "max_train_len": args.max_len,
+            "loss_on": args.loss_on,
             "curve": self.curve,
         }
         if self.prior:
@@ -141,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=768)
     p.add_argument("--short-frac", type=float, default=0.4)
     p.add_argument("--seed", type=int, default=varref.TRAIN_SEED)
+    p.add_argument(
+        "--loss-on", choices=("first", "all"), default="first", help="answers in the loss: first queries or all"
+    )
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=25, help="rounds between checkpoints")
     p.add_argument("--checkpoint-dir", type=pathlib.Path, default=None)
