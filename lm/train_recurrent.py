@@ -88,6 +88,9 @@ class _Run:
         if init is not None:
             self.model = recurrent.load(init).train().requires_grad_(True)
             self.prior = recurrent.load_meta(init)
+        elif args.d_ff is not None:  # an explicit size (tests, small trials)
+            cfg = recurrent.RecurrentConfig(kind, varref.VOCAB_SIZE, d_model=args.d_model, d_ff=args.d_ff)
+            self.model = recurrent.RecurrentLM(cfg)
         else:
             self.model = recurrent.RecurrentLM(recurrent.config_for_params(kind, varref.VOCAB_SIZE, target))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -174,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lm.train_recurrent", description=__doc__)
     p.add_argument("kinds", nargs="+", choices=recurrent.KINDS, metavar="KIND")
     p.add_argument("--minutes", type=float, default=7.0, help="wall-time bound of this process")
+    p.add_argument("--rounds", type=int, default=None, help="at most this many rounds in this process")
     p.add_argument("--steps", type=int, default=3000, help="planned steps per kind (the cosine schedule's length)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -184,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--loss-on", choices=("first", "all"), default="first", help="answers in the loss: first queries or all"
     )
+    p.add_argument("--d-model", type=int, default=64, help="with --d-ff: this size instead of the transformer's count")
+    p.add_argument("--d-ff", type=int, default=None)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=25, help="rounds between checkpoints")
     p.add_argument("--checkpoint-dir", type=pathlib.Path, default=None)
@@ -201,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_only and args.checkpoint_dir is None:
         p.error("--export-only needs --checkpoint-dir")
     torch.set_num_threads(1)
-    target = recurrent.n_params(load_transformer())
+    target = recurrent.n_params(load_transformer())  # the parameter count to match (and to report)
     runs = [_Run(kind, args, target) for kind in args.kinds]
     if args.checkpoint_dir is not None:
         args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                 _atomic_save(run.state(), args.checkpoint_dir / f"{run.kind}.ckpt")
 
     t0, budget, rounds = time.monotonic(), (0.0 if args.export_only else 60 * args.minutes), 0
-    while time.monotonic() - t0 < budget and any(run.step < args.steps for run in runs):
+    max_rounds = args.rounds if args.rounds is not None else float("inf")
+    while time.monotonic() - t0 < budget and rounds < max_rounds and any(run.step < args.steps for run in runs):
         for run in runs:
             if run.step < args.steps:
                 run.train_one(args)
