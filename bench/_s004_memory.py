@@ -23,6 +23,7 @@ import torch
 
 from bench import kvtp as K
 from bench._common import Result
+from lm.longsession import COLD_CODE_DIM, COLD_EXACT_ROWS
 
 #: (kind, expr) cached first; then queries: (kind, expr, has_a_right_neighbour)
 BASE = [
@@ -136,11 +137,12 @@ def nearmiss_part(quick: bool) -> tuple[dict, list[dict], list[str]]:
     return metrics, rows, notes
 
 
-#: cold-tier variants: name -> (retrieval, code_dim, exact_rows); "cold" is the service default
+#: cold-tier variants: name -> (retrieval, code_dim, exact_rows); "cold" is the policy's default
 COLD_VARIANTS = {
     "cold-mean": ("mean", 32, 0),  # the first version: mean-key retrieval, codes only
     "cold-bound": ("bound", 32, 0),  # Quest-bound retrieval, codes only
-    "cold": ("bound", 32, 1),  # + the worst-coded row of each block kept exact (policy default)
+    "cold-32": ("bound", 32, 2),  # + each block's two worst-coded rows kept exact
+    "cold": ("bound", COLD_CODE_DIM, COLD_EXACT_ROWS),  # the policy default (16-wide codes, 2 rows)
     "cold-fp16": ("bound", 0, 0),  # no codec: float16 rows
 }
 QUICK_VARIANTS = ("cold-mean", "cold")
@@ -229,8 +231,8 @@ def coldtier_part(
         f"and layer decoded; codes: float16 codes of an autoencoder of [k|v] rows ({2 * model.cfg.d_model} "
         "floats) fitted on a training-seed context. cold-mean: one store per layer of block mean keys (heads "
         "concatenated); cold-bound: per-head stores of [kmax|kmin] searched with [max(q,0)|min(q,0)] (= Quest's "
-        "bound, resident-sparse's ranking); cold: + each block's worst-coded row kept float16 (the policy "
-        "default of services/kvtp); cold-fp16: no codec. MB kept: codes + summaries + exact rows vs the KV cache"
+        "bound, resident-sparse's ranking); cold-32: + each block's two worst-coded rows kept float16; cold: the policy default of services/kvtp "
+        f"({COLD_CODE_DIM}-wide codes, {COLD_EXACT_ROWS} rows, chosen on training-seed contexts); cold-fp16: no codec. MB kept: codes + summaries + exact rows vs the KV cache"
     ]
     return metrics, rows, notes
 
