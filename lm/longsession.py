@@ -64,7 +64,7 @@ def parse_policy(m: Any) -> Policy:
 
 #: The cold policy's codec width and exception rows per block: chosen on two training-seed 8k
 #: contexts (not the benchmark's held-out ones) as the fewest bytes at the best accuracy there
-#: (16 / 2: 0.875 as 32 / 2, against 0.81 with one row; ``/tmp`` script, docs/seeds.md).
+#: (16 / 2: 0.875 as 32 / 2, against 0.81 with one row; docs/seeds.md, s31c figures).
 COLD_CODE_DIM, COLD_EXACT_ROWS = 16, 2
 
 
