@@ -32,7 +32,7 @@ import torch
 from lm import recurrent, varref
 from lm.longmodel import load as load_transformer
 from lm.train import token_accuracy, train_step
-from lm.train_varref import QUERIES
+from lm.train_varref import QUERIES, pad_batch
 
 
 def example(rng: random.Random, length: int, n_queries: int, first_only: bool) -> tuple[list[int], list[int]]:
@@ -60,18 +60,7 @@ def make_batch(
     rng: random.Random, batch: int, length: int, first_only: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets (-100 where no loss) of ``batch`` examples, as :func:`lm.train_varref.make_batch`."""
-    rows = [example(rng, length, QUERIES, first_only) for _ in range(batch)]
-    T = max(len(t) for t, _ in rows) - 1
-    inputs = torch.full((batch, T), varref.PAD, dtype=torch.long)
-    targets = torch.full((batch, T), -100, dtype=torch.long)
-    for r, (toks, mask) in enumerate(rows):
-        t = torch.tensor(toks)
-        m = torch.tensor(mask[:-1], dtype=torch.bool)
-        inputs[r, : len(toks) - 1] = t[:-1]
-        tgt = t[1:].clone()
-        tgt[~m] = -100
-        targets[r, : len(toks) - 1] = tgt
-    return inputs, targets
+    return pad_batch([example(rng, length, QUERIES, first_only) for _ in range(batch)])
 
 
 class _Run:
