@@ -56,6 +56,11 @@ def _recurrent_peer(model, ctx, queries, steps) -> dict:
 TRANSFORMER_PEERS = ("resident-full", "kvtp")
 
 
+def _total_steps(meta: dict) -> int:
+    """Training steps of a weights file: its run's and those of the runs it continued."""
+    return int(meta.get("steps", 0)) + (_total_steps(meta["continued_from"]) if meta.get("continued_from") else 0)
+
+
 def run(quick: bool, plan: list[tuple[int, int, int]] | None = None, peers: tuple[str, ...] | None = None) -> Result:
     """``plan``: (length, contexts, decode steps) per length; default by ``quick``.  ``peers``: a
     subset of ``resident-full``, ``kvtp`` and the recurrent kinds (default: all; a split run
@@ -130,12 +135,8 @@ def run(quick: bool, plan: list[tuple[int, int, int]] | None = None, peers: tupl
         "held-out seeds as bench/kvtp.py; tok/s: decode steps (fed query + generated answer tokens) per second",
         "state MB: resident-full = the whole KV cache, kvtp = device arena + block summaries (measured, the host "
         "and disk tiers hold the rest), recurrent = the decoding state (constant in the context length)",
-        "recurrent weights: "
-        + "; ".join(
-            f"{k}: {recurrent.load_meta(k).get('steps')} steps / {recurrent.load_meta(k).get('train_seconds')} s "
-            f"(+ continued: {recurrent.load_meta(k).get('continued_from', {}).get('steps', 0)} steps)"
-            for k in peers_rec
-        )
+        "recurrent weights (steps in all, this file's run and the runs it continued): "
+        + "; ".join(f"{k}: {_total_steps(recurrent.load_meta(k))}" for k in peers_rec)
         + "; the transformer: 6000 steps / 20 min (lm/train_varref.py)",
         "measured on the shared 2-core CPU machine under load: absolute tok/s are contended; same-run comparisons",
     ]
