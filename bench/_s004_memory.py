@@ -15,7 +15,6 @@ fails the independent check of bench/scch.py (the query as written, fresh points
 
 from __future__ import annotations
 
-import random
 import tempfile
 import time
 
@@ -24,6 +23,7 @@ import torch
 
 from bench import kvtp as K
 from bench._common import Result
+from lm.longsession import COLD_CODE_DIM, COLD_EXACT_ROWS
 
 #: (kind, expr) cached first; then queries: (kind, expr, has_a_right_neighbour)
 BASE = [
@@ -137,18 +137,30 @@ def nearmiss_part(quick: bool) -> tuple[dict, list[dict], list[str]]:
     return metrics, rows, notes
 
 
+#: cold-tier variants: name -> (retrieval, code_dim, exact_rows); "cold" is the policy's default
+COLD_VARIANTS = {
+    "cold-mean": ("mean", 32, 0),  # the first version: mean-key retrieval, codes only
+    "cold-bound": ("bound", 32, 0),  # Quest-bound retrieval, codes only
+    "cold-32": ("bound", 32, 2),  # + each block's two worst-coded rows kept exact
+    "cold": ("bound", COLD_CODE_DIM, COLD_EXACT_ROWS),  # the policy default (16-wide codes, 2 rows)
+    "cold-fp16": ("bound", 0, 0),  # no codec: float16 rows
+}
+QUICK_VARIANTS = ("cold-mean", "cold")
+
+
 def coldtier_part(
-    quick: bool, size: tuple[int, int, int] | None = None, code_dim: int = 32
+    quick: bool, size: tuple[int, int, int] | None = None, variants: tuple[str, ...] | None = None
 ) -> tuple[dict, list[dict], list[str]]:
-    from lm import varref
-    from lm.coldtier import ColdTierDecoder, train_codecs
+    from lm.coldtier import ColdTierDecoder, default_codecs
     from lm.longmodel import load
 
     model = load()
     length, runs, steps = size or ((2048, 1, 24) if quick else (8192, 2, 120))
-    train_ctx = varref.make_context(random.Random(varref.TRAIN_SEED + 99), 2048, K.N_VARS)
+    variants = variants or (QUICK_VARIANTS if quick else tuple(COLD_VARIANTS))
     t0 = time.perf_counter()
-    codecs = train_codecs(model, train_ctx.tokens, code_dim, steps=60 if quick else 300)
+    codecs = {
+        cd: default_codecs(model, cd, steps=60 if quick else 300) for cd in {COLD_VARIANTS[v][1] for v in variants}
+    }
     codec_s = time.perf_counter() - t0
     per: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="reca-s004m-") as tmpdir:
@@ -166,23 +178,38 @@ def coldtier_part(
                 res = peer.result()
                 kv_bytes = kv[0].nbytes + kv[1].nbytes
                 per.setdefault(name, []).append({"acc": res["acc"], "tok_s": res["tok_s"], "bytes": kv_bytes})
-            dec = ColdTierDecoder(model, codecs, block=K.BLOCK, window=2 * K.BLOCK, topk=K.TOPK)
-            dec.load(ctx.tokens, torch.from_numpy(kv[0]), torch.from_numpy(kv[1]))
-            seen, first, wall, n_steps = set(), [], 0.0, 0
-            for name in queries:
-                if n_steps >= steps:
-                    break
-                t0 = time.perf_counter()
-                dec.feed(ctx.query(name))
-                ans = dec.generate(2)
-                wall += time.perf_counter() - t0
-                n_steps += 4
-                if name not in seen:
-                    seen.add(name)
-                    first.append(ans[0] == ctx.answer(name)[0])
-            per.setdefault("cold-tier", []).append(
-                {"acc": float(np.mean(first)), "tok_s": n_steps / wall, "bytes": dec.cold_bytes() + dec.exact_bytes()}
-            )
+            for name in variants:
+                retrieval, code_dim, exact_rows = COLD_VARIANTS[name]
+                dec = ColdTierDecoder(
+                    model,
+                    codecs[code_dim],
+                    block=K.BLOCK,
+                    window=K.WINDOW * K.BLOCK,
+                    topk=K.TOPK,
+                    sinks=K.SINKS,
+                    retrieval=retrieval,
+                    exact_rows=exact_rows,
+                )
+                dec.load(ctx.tokens, torch.from_numpy(kv[0]), torch.from_numpy(kv[1]))
+                seen, first, wall, n_steps = set(), [], 0.0, 0
+                for q in queries:
+                    if n_steps >= steps:
+                        break
+                    t0 = time.perf_counter()
+                    dec.feed(ctx.query(q))
+                    ans = dec.generate(2)
+                    wall += time.perf_counter() - t0
+                    n_steps += 4
+                    if q not in seen:
+                        seen.add(q)
+                        first.append(ans[0] == ctx.answer(q)[0])
+                per.setdefault(name, []).append(
+                    {
+                        "acc": float(np.mean(first)),
+                        "tok_s": n_steps / wall,
+                        "bytes": dec.cold_bytes() + dec.exact_bytes(),
+                    }
+                )
     rows, metrics = [], {}
     for name, res in per.items():
         row = {
@@ -194,13 +221,18 @@ def coldtier_part(
         }
         rows.append(row)
         metrics[f"coldtier_{name.replace('-', '_')}_acc"] = row["acc"]
-    metrics["coldtier_bytes_over_resident"] = rows[-1]["MB kept"] / rows[0]["MB kept"]
+    resident = rows[0]["MB kept"]
+    for row in rows[2:]:
+        metrics[f"coldtier_{row['peer'].replace('-', '_')}_bytes_over_resident"] = row["MB kept"] / resident
     metrics["coldtier_codec_train_s"] = codec_s
     notes = [
-        f"cold tier at {length} tokens x {runs} held-out context(s): sink block + last {2 * K.BLOCK} tokens exact, "
-        f"the rest as float16 codes of a {code_dim}-wide autoencoder of [k|v] rows "
-        f"({2 * model.cfg.d_model} floats), top-{K.TOPK} blocks by inner product of the query with the block "
-        "mean key (NumPy store) decoded per step and layer; resident peers as bench/kvtp.py"
+        f"cold tier at {length} tokens x {runs} held-out context(s) ({K.N_VARS} variables each, first query of "
+        f"each counted): {K.SINKS} sink block + last {K.WINDOW} blocks exact, top-{K.TOPK} cold blocks per step "
+        f"and layer decoded; codes: float16 codes of an autoencoder of [k|v] rows ({2 * model.cfg.d_model} "
+        "floats) fitted on a training-seed context. cold-mean: one store per layer of block mean keys (heads "
+        "concatenated); cold-bound: per-head stores of [kmax|kmin] searched with [max(q,0)|min(q,0)] (= Quest's "
+        "bound, resident-sparse's ranking); cold-32: + each block's two worst-coded rows kept float16; cold: the policy default of services/kvtp "
+        f"({COLD_CODE_DIM}-wide codes, {COLD_EXACT_ROWS} rows, chosen on training-seed contexts); cold-fp16: no codec. MB kept: codes + summaries + exact rows vs the KV cache"
     ]
     return metrics, rows, notes
 

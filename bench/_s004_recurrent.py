@@ -53,12 +53,27 @@ def _recurrent_peer(model, ctx, queries, steps) -> dict:
     }
 
 
-def run(quick: bool, plan: list[tuple[int, int, int]] | None = None) -> Result:
-    """``plan``: (length, contexts, decode steps) per length; default by ``quick``."""
+TRANSFORMER_PEERS = ("resident-full", "kvtp")
+
+
+def _total_steps(meta: dict) -> int:
+    """Training steps of a weights file: its run's and those of the runs it continued."""
+    return int(meta.get("steps", 0)) + (_total_steps(meta["continued_from"]) if meta.get("continued_from") else 0)
+
+
+def run(quick: bool, plan: list[tuple[int, int, int]] | None = None, peers: tuple[str, ...] | None = None) -> Result:
+    """``plan``: (length, contexts, decode steps) per length; default by ``quick``.  ``peers``: a
+    subset of ``resident-full``, ``kvtp`` and the recurrent kinds (default: all; a split run
+    measures the transformer's peers and the recurrent ones at different times)."""
     torch.set_num_threads(1)
     model = load()
     plan = plan or ([(2048, 1, 24)] if quick else [(8192, 2, 200), (32768, 1, 100)])
-    peers_rec = {kind: recurrent.load(kind) for kind in recurrent.KINDS if recurrent.weights_path(kind).exists()}
+    wanted = peers or (*TRANSFORMER_PEERS, *recurrent.KINDS)
+    peers_rec = {
+        kind: recurrent.load(kind)
+        for kind in recurrent.KINDS
+        if kind in wanted and recurrent.weights_path(kind).exists()
+    }
     rows, metrics = [], {}
     with tempfile.TemporaryDirectory(prefix="reca-s004-") as tmpdir:
         for length, runs, steps in plan:
@@ -66,12 +81,14 @@ def run(quick: bool, plan: list[tuple[int, int, int]] | None = None) -> Result:
             for r in range(runs):
                 ctx = K._context(length, K.HELDOUT_SEED + 1000 * r + length)
                 queries = K._queries(ctx, steps, r)
-                t0 = time.perf_counter()
-                kv = K._prefill(model, ctx)
-                t_prefill = time.perf_counter() - t0
+                tf_peers = [name for name in TRANSFORMER_PEERS if name in wanted]
+                if tf_peers:
+                    t0 = time.perf_counter()
+                    kv = K._prefill(model, ctx)
+                    t_prefill = time.perf_counter() - t0
                 n_blocks = -(-(length + steps + 8) // K.BLOCK)
                 specs = K._peers(n_blocks)
-                for name in ("resident-full", "kvtp"):
+                for name in tf_peers:
                     policy, spec = specs[name]
                     peer = K._Peer(model, policy, spec, ctx, kv, steps, tmpdir)
                     for q in queries:
@@ -104,21 +121,22 @@ def run(quick: bool, plan: list[tuple[int, int, int]] | None = None) -> Result:
                 metrics[f"tok_s_{tag}"] = row["tok/s"]
                 metrics[f"state_bytes_{tag}"] = row["state MB"] * 1e6
     head = plan[-1][0]
-    full = next(r for r in rows if r["len"] == head and r["peer"] == "resident-full")
+    # the KV cache of the whole context (what resident-full holds), float32 keys and values
+    # (measured as resident-full's device bytes when it ran; else its size: blocks x block bytes)
+    full = next((r for r in rows if r["len"] == head and r["peer"] == "resident-full"), None)
+    n_blocks = -(-(head + plan[-1][2] + 8) // K.BLOCK)
+    kv_cache = full["state MB"] * 1e6 if full else 2 * model.cfg.n_layers * model.cfg.d_model * 4 * K.BLOCK * n_blocks
+    metrics[f"kv_cache_bytes_{head // 1024}k"] = kv_cache
     for kind in peers_rec:
         row = next(r for r in rows if r["len"] == head and r["peer"] == kind)
-        metrics[f"{kind}_state_over_kv_cache_{head // 1024}k"] = row["state MB"] / full["state MB"]
+        metrics[f"{kind}_state_over_kv_cache_{head // 1024}k"] = row["state MB"] * 1e6 / kv_cache
     notes = [
         f"lengths {[p[0] for p in plan]}; accuracy: first query of each of {K.N_VARS} variables per context, "
         "held-out seeds as bench/kvtp.py; tok/s: decode steps (fed query + generated answer tokens) per second",
         "state MB: resident-full = the whole KV cache, kvtp = device arena + block summaries (measured, the host "
         "and disk tiers hold the rest), recurrent = the decoding state (constant in the context length)",
-        "recurrent weights: "
-        + "; ".join(
-            f"{k}: {recurrent.load_meta(k).get('steps')} steps / {recurrent.load_meta(k).get('train_seconds')} s "
-            f"(+ continued: {recurrent.load_meta(k).get('continued_from', {}).get('steps', 0)} steps)"
-            for k in peers_rec
-        )
+        "recurrent weights (steps in all, this file's run and the runs it continued): "
+        + "; ".join(f"{k}: {_total_steps(recurrent.load_meta(k))}" for k in peers_rec)
         + "; the transformer: 6000 steps / 20 min (lm/train_varref.py)",
         "measured on the shared 2-core CPU machine under load: absolute tok/s are contended; same-run comparisons",
     ]

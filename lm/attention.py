@@ -56,9 +56,16 @@ class AttentionShapeError(LMError, ValueError):
     """Query, key, value or mask tensors of shapes or dtypes that do not fit together."""
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> None:
     """Raise :class:`AttentionShapeError` unless ``q`` ``[B, H, T, D]``, ``k`` ``[B, H, S, D]``,
-    ``v`` ``[B, H, S, Dv]`` and ``mask`` (boolean, broadcastable to ``[B, H, T, S]``) fit."""
+    ``v`` ``[B, H, S, Dv]``, ``mask`` (boolean) and ``bias`` (floating point, ``q``'s dtype), each
+    broadcastable to ``[B, H, T, S]``, fit."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -75,15 +82,20 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         raise AttentionShapeError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
     if k.shape[2] == 0:
         raise AttentionShapeError("no keys to attend to")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise AttentionShapeError("mask must be a boolean tensor (True = attend)")
-        if mask.dim() != 4:
-            raise AttentionShapeError(f"mask must be 4-D, broadcastable to [B, H, T, S], got {tuple(mask.shape)}")
-        want = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        for got, need in zip(mask.shape, want):
-            if got not in (1, need):
-                raise AttentionShapeError(f"mask {tuple(mask.shape)} does not broadcast to {want}")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool):
+        raise AttentionShapeError("mask must be a boolean tensor (True = attend)")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != q.dtype):
+        got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise AttentionShapeError(f"bias must be a floating-point tensor of q's dtype {q.dtype}, got {got}")
+    want = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    for name, t in (("mask", mask), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dim() != 4:
+            raise AttentionShapeError(f"{name} must be 4-D, broadcastable to [B, H, T, S], got {tuple(t.shape)}")
+        for got_n, need in zip(t.shape, want):
+            if got_n not in (1, need):
+                raise AttentionShapeError(f"{name} {tuple(t.shape)} does not broadcast to {want}")
 
 
 def backend_for(
@@ -93,14 +105,17 @@ def backend_for(
     *,
     causal: bool = False,
     use_flash: bool = True,
+    bias: torch.Tensor | None = None,
 ) -> str:
     """The backend :func:`attention` uses for these inputs: ``flash`` or ``sdpa``.  A causal call
     with ``T != S`` stays on SDPA: FlashAttention aligns its causal mask bottom-right, torch
-    top-left, and the meaning of ``causal`` must not depend on the backend."""
+    top-left, and the meaning of ``causal`` must not depend on the backend.  A ``bias`` stays on
+    SDPA too (FlashAttention takes no additive bias)."""
     if (
         use_flash
         and HAS_FLASH
         and mask is None
+        and bias is None
         and (not causal or q.shape[2] == k.shape[2])
         and q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
@@ -119,22 +134,29 @@ def attention(
     mask: torch.Tensor | None = None,
     scale: float | None = None,
     use_flash: bool = True,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``softmax(q k^T * scale) v`` ``[B, H, T, Dv]`` of ``q`` ``[B, H, T, D]``, ``k`` ``[B, H, S, D]``,
-    ``v`` ``[B, H, S, Dv]``.
+    """``softmax(q k^T * scale + bias) v`` ``[B, H, T, Dv]`` of ``q`` ``[B, H, T, D]``, ``k``
+    ``[B, H, S, D]``, ``v`` ``[B, H, S, Dv]``.
 
     ``causal``: query ``t`` sees keys ``0..t`` (top-left aligned, as torch's ``is_causal``; use
     it for a dense pass with ``T == S``).  ``mask``: boolean, True = attend, broadcastable to
     ``[B, H, T, S]`` (key padding, per-sequence decode positions); with ``causal`` both apply.
     A query row whose mask admits no key gives NaN, as softmax over nothing does.  ``scale``:
-    default ``1 / sqrt(D)``.  ``use_flash=False`` keeps a call off FlashAttention.
+    default ``1 / sqrt(D)``.  ``use_flash=False`` keeps a call off FlashAttention.  ``bias``:
+    floating point (``q``'s dtype), broadcastable to ``[B, H, T, S]``, added to the scaled logits
+    (a position bias, ALiBi-style or procedural); with ``causal`` / ``mask`` the positions they
+    hide become ``-inf`` in it, and SDPA takes the one float mask.
     """
-    check_inputs(q, k, v, mask)
-    if causal and mask is not None:  # one boolean mask; the fused kernel takes it
+    check_inputs(q, k, v, mask, bias)
+    if causal and (mask is not None or bias is not None):  # one mask; the fused kernel takes it
         T, S = q.shape[2], k.shape[2]
-        mask = mask & torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+        tril = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None, None]
+        mask = tril if mask is None else mask & tril
         causal = False
-    if backend_for(q, k, mask, causal=causal, use_flash=use_flash) == "flash":
+    if bias is not None:
+        mask = bias if mask is None else torch.where(mask, bias, torch.tensor(float("-inf"), dtype=bias.dtype))
+    if backend_for(q, k, mask, causal=causal, use_flash=use_flash, bias=bias) == "flash":
         # flash_attn_func takes [B, T, H, D]
         out = _flash_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale, causal=causal)
         out = out[0] if isinstance(out, tuple) else out
@@ -150,12 +172,15 @@ def reference_attention(
     causal: bool = False,
     mask: torch.Tensor | None = None,
     scale: float | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The explicit softmax (the ``[B, H, T, S]`` score matrix materialised): the reference the
     fused path is tested and benchmarked against.  Same contract as :func:`attention`."""
-    check_inputs(q, k, v, mask)
+    check_inputs(q, k, v, mask, bias)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        scores = scores + bias
     if causal:
         T, S = q.shape[2], k.shape[2]
         scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))

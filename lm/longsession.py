@@ -59,7 +59,32 @@ def parse_policy(m: Any) -> Policy:
             return TopKKeys(k_top=_int(m, "k_top", 256, 1, 1 << 16), chunk_blocks=_int(m, "chunk_blocks", 16, 1, 1024))
     except ValueError as exc:
         raise RequestError(str(exc)) from None
-    raise RequestError(f"unknown policy {name!r}; policies: sparse, full, topk_keys, recurrent")
+    raise RequestError(f"unknown policy {name!r}; policies: sparse, full, topk_keys, cold, recurrent")
+
+
+#: The cold policy's codec width and exception rows per block: chosen on two training-seed 8k
+#: contexts (not the benchmark's held-out ones) as the fewest bytes at the best accuracy there
+#: (16 / 2: 0.875 as 32 / 2, against 0.81 with one row; docs/seeds.md, s31c figures).
+COLD_CODE_DIM, COLD_EXACT_ROWS = 16, 2
+
+
+def parse_cold(m: Mapping) -> dict:
+    """``policy: {name: cold, topk, sinks, window, code_dim, exact_rows, retrieval}`` ->
+    :class:`lm.coldtier.ColdTierDecoder` settings (``window`` in blocks; ``code_dim`` 0 keeps
+    cold rows as float16)."""
+    from lm.coldtier import RETRIEVALS
+
+    retrieval = m.get("retrieval", "bound")
+    if retrieval not in RETRIEVALS:
+        raise RequestError(f"'retrieval' must be one of {', '.join(RETRIEVALS)}, got {retrieval!r}")
+    return {
+        "topk": _int(m, "topk", 2, 1, 256),
+        "sinks": _int(m, "sinks", 1, 0, 16),
+        "window": _int(m, "window", 2, 1, 64),
+        "code_dim": _int(m, "code_dim", COLD_CODE_DIM, 0, 1024),
+        "exact_rows": _int(m, "exact_rows", COLD_EXACT_ROWS, 0, 64),
+        "retrieval": retrieval,
+    }
 
 
 #: Prefetch when a request does not say: off.  Measured (``python -m bench kvtp``, block-sparse
@@ -104,6 +129,12 @@ def parse_context(m: Mapping) -> tuple[list[int], dict[str, str]]:
     return list(ctx.tokens), dict(ctx.values)
 
 
+def _is_cold(dec: Any) -> bool:
+    from lm.coldtier import ColdTierDecoder
+
+    return isinstance(dec, ColdTierDecoder)
+
+
 class LongSessions:
     def __init__(self, model: LongLM, *, disk_dir: str | None = None):
         self.base = model
@@ -115,6 +146,8 @@ class LongSessions:
         self.values: dict[int, dict[str, str]] = {}
         #: constant-state peers (policy ``recurrent``), loaded on first use
         self.recurrent_models: dict[str, Any] = {}
+        #: cold-tier codecs by code width (policy ``cold``), fitted on first use on a training context
+        self.codecs: dict[int, Any] = {}
         self._ids = itertools.count(1)
 
     def _open_recurrent(self, request: Mapping, device_cap: int | None) -> int:
@@ -136,11 +169,43 @@ class LongSessions:
         self.values[sid] = values
         return sid
 
+    def _open_cold(self, request: Mapping, device_cap: int | None) -> int:
+        """``policy: {name: cold, ...}``: the transformer with distant blocks compressed and found by
+        vector search (:mod:`lm.coldtier`).  The arena must hold one step's exact blocks (sinks +
+        window + topk), as for the block-sparse policy; the codes live in host memory."""
+        from lm.coldtier import ColdTierDecoder, default_codecs
+
+        opts = parse_cold(request["policy"])
+        spec = parse_tiers(request.get("tiers"), device_cap)
+        need = opts["sinks"] + opts["window"] + opts["topk"]
+        if spec.device_blocks < need:
+            raise BudgetTooSmallError(
+                f"policy cold reads {need} blocks at once (sinks + window + topk); "
+                f"a device arena of {spec.device_blocks} blocks cannot hold one step's working set")
+        if opts["exact_rows"] > spec.block_size:
+            raise RequestError(f"'exact_rows' must be at most the block size {spec.block_size}")
+        tokens, values = parse_context(request)
+        code_dim = opts.pop("code_dim")
+        if code_dim > 2 * self.base.cfg.d_model:
+            raise RequestError(f"'code_dim' must be at most {2 * self.base.cfg.d_model} (the [k|v] row width)")
+        if code_dim not in self.codecs:
+            self.codecs[code_dim] = default_codecs(self.base, code_dim)
+        dec = ColdTierDecoder(self.model, self.codecs[code_dim], block=spec.block_size,
+                              window=opts.pop("window") * spec.block_size, **opts)
+        dec.prefill(tokens)
+        sid = next(self._ids)
+        dec.model = self.model  # an order that arrived during the prefill applies from the first step
+        self.decoders[sid] = dec  # type: ignore[assignment]
+        self.values[sid] = values
+        return sid
+
     def open(self, request: Mapping, *, device_cap: int | None = None) -> int:
         """Prefill a context into a new decoder; returns its id.  Nothing is created on error."""
         pm = request.get("policy")
         if isinstance(pm, Mapping) and pm.get("name") == "recurrent":
             return self._open_recurrent(request, device_cap)
+        if isinstance(pm, Mapping) and pm.get("name") == "cold":
+            return self._open_cold(request, device_cap)
         policy = parse_policy(request.get("policy"))
         spec = parse_tiers(request.get("tiers"), device_cap)
         tokens, values = parse_context(request)
@@ -178,6 +243,11 @@ class LongSessions:
 
     def stats(self, sid: Any) -> dict:
         dec = self.get(sid)
+        if _is_cold(dec):
+            exact, cold = dec.exact_bytes(), dec.cold_bytes()
+            return {"tokens": len(dec.tokens), "policy": dec.describe(), "device_blocks": dec.device_blocks(),
+                    "device_bytes": exact, "cold_bytes": cold, "cold_blocks": dec.n_cold,
+                    "retrieved": dec.retrieved, "precision": self.plan_info}
         if not isinstance(dec, LongDecoder):  # a recurrent peer: no cache, no tiers
             return {"tokens": len(dec.tokens), "policy": {"name": "recurrent", "kind": dec.model.cfg.kind},
                     "device_blocks": 0, "device_bytes": dec.state_bytes(), "state_bytes": dec.state_bytes(),
@@ -204,7 +274,7 @@ class LongSessions:
             self.plan, self.model = plan, model
             self.plan_info = {"avg_bits": plan.avg_bits(self.base), "bytes": nbytes}
         for dec in self.decoders.values():
-            if isinstance(dec, LongDecoder):  # recurrent peers keep their own weights
+            if isinstance(dec, LongDecoder) or _is_cold(dec):  # recurrent peers keep their own weights
                 dec.model = self.model
         return dict(self.plan_info)
 

@@ -66,8 +66,15 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.cfg.n_heads, self.cfg.head_dim).unbind(2)
         return rope(q, pos, self.cfg.rope_base), rope(k, pos, self.cfg.rope_base), v
 
-    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Residual update of ``x`` from the attention output ``attn`` ``[B, H, T, D]``."""
+    def attn_bias(self, qpos: torch.Tensor, S: int) -> torch.Tensor | None:
+        """An additive attention bias ``[B|1, H, T, S]`` for queries at ``qpos`` ``[B|1, T]`` over
+        keys ``0..S-1`` (a subclass's position bias, e.g. :class:`spark.procedural.SparkBlock`'s);
+        None here."""
+        return None
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual update of ``x`` from the attention output ``attn`` ``[B, H, T, D]`` (``idx``:
+        the tokens, for a subclass whose MLP routes by token)."""
         B, T, _ = x.shape
         x = x + self.proj(attn.transpose(1, 2).reshape(B, T, -1))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
@@ -95,8 +102,9 @@ class TinyLM(nn.Module):
         x = self.emb(idx)
         for blk in self.blocks:
             q, k, v = blk.qkv_rope(x, pos)
-            attn = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-            x = blk.finish(x, attn)
+            bias = blk.attn_bias(pos[None], T)
+            attn = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, bias=bias)
+            x = blk.finish(x, attn, idx)
         return self.logits(x)
 
     @torch.no_grad()
@@ -134,6 +142,7 @@ class TinyLM(nn.Module):
             v_pool[layer][wb, wo] = v.reshape(B * T, *v.shape[2:])
             keys = k_pool[layer][rb, ro]  # [B, S, H, D]
             vals = v_pool[layer][rb, ro]
-            attn = attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), mask=mask)
-            x = blk.finish(x, attn)
+            bias = blk.attn_bias(pos, S)
+            attn = attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), mask=mask, bias=bias)
+            x = blk.finish(x, attn, idx)
         return self.logits(x)

@@ -31,7 +31,12 @@ QUERIES = 16
 
 
 def make_batch(rng: random.Random, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = [varref.training_example(rng, length, QUERIES) for _ in range(batch)]
+    return pad_batch([varref.training_example(rng, length, QUERIES) for _ in range(batch)])
+
+
+def pad_batch(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets (-100 where the loss mask is 0) of (tokens, mask) rows, padded."""
+    batch = len(rows)
     T = max(len(t) for t, _ in rows) - 1
     inputs = torch.full((batch, T), varref.PAD, dtype=torch.long)
     targets = torch.full((batch, T), -100, dtype=torch.long)

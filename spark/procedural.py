@@ -125,15 +125,19 @@ class SparkBlock(nn.Module):
         keep = group[None, None, :] != off[:, :, None]
         return self.fc2(h * keep.to(h.dtype))
 
-    def attend(
-        self, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """``q`` ``[B, T, H, D]``, ``keys``/``vals`` ``[B, S, H, D]``, ``mask`` float ``[B|1, H, T, S]``."""
+    def attn_bias(self, qpos: torch.Tensor, S: int) -> torch.Tensor:
+        """The procedural bias ``[B|1, H, T, S]`` of queries at ``qpos`` ``[B|1, T]`` over keys
+        ``0..S-1`` (:meth:`lm.model.Block.attn_bias`; ``lm.attention.attention`` adds it to the
+        logits and hides the keys a query may not see)."""
+        dist = qpos[:, :, None] - torch.arange(S, device=qpos.device)[None, None, :]  # [B, T, S]
+        return self.bias(dist)
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Residual update from ``attn`` ``[B, H, T, D]``, then the hash-routed MLP of ``idx``."""
+        assert idx is not None, "the sparse router needs the tokens"
         B, T, _ = x.shape
-        attn = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask
-        )
-        return x + self.proj(attn.transpose(1, 2).reshape(B, T, -1))
+        x = x + self.proj(attn.transpose(1, 2).reshape(B, T, -1))
+        return x + self.mlp(x, idx)
 
     def qkv_rope(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
         B, T, _ = x.shape
@@ -141,62 +145,17 @@ class SparkBlock(nn.Module):
         return rope(q, pos, self.cfg.rope_base), rope(k, pos, self.cfg.rope_base), v
 
 
-class SparkLM(nn.Module):
-    """The procedural chain LM (see the module docstring); :class:`lm.model.TinyLM`'s interface."""
+class SparkLM(TinyLM):
+    """The procedural chain LM (see the module docstring).  :class:`lm.model.TinyLM`'s ``forward``
+    and ``forward_paged`` run it unchanged: its blocks add their bias through
+    :meth:`SparkBlock.attn_bias` and route their MLP in :meth:`SparkBlock.finish`."""
 
     def __init__(self, cfg: ModelConfig, sc: SparkConfig) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not TinyLM's: the blocks are SparkBlocks, their weights come from build()
         self.cfg, self.sc = cfg, sc
         self.emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(SparkBlock(cfg, sc) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln_f(x) @ self.emb.weight.T
-
-    @staticmethod
-    def _mask(blk: SparkBlock, qpos: torch.Tensor, S: int) -> torch.Tensor:
-        """The float attention mask ``[B, H, T, S]``: the procedural bias where key ``j`` is
-        visible to a query at position ``p`` (``j <= p``), ``-inf`` elsewhere."""
-        dist = qpos[:, :, None] - torch.arange(S, device=qpos.device)[None, None, :]  # [B, T, S]
-        return blk.bias(dist).masked_fill((dist < 0)[:, None], float("-inf"))
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        B, T = idx.shape
-        pos = torch.arange(T, device=idx.device)
-        qpos = pos[None]  # the same positions in every row: one mask, broadcast over the batch
-        x = self.emb(idx)
-        for blk in self.blocks:
-            q, k, v = blk.qkv_rope(x, pos)
-            x = blk.attend(x, q, k, v, self._mask(blk, qpos, T))
-            x = x + blk.mlp(x, idx)
-        return self.logits(x)
-
-    @torch.no_grad()
-    def forward_paged(
-        self,
-        idx: torch.Tensor,
-        pos: torch.Tensor,
-        write_slots: torch.Tensor,
-        read_slots: torch.Tensor,
-        k_pool: torch.Tensor,
-        v_pool: torch.Tensor,
-    ) -> torch.Tensor:
-        """As :meth:`lm.model.TinyLM.forward_paged`."""
-        B, T = idx.shape
-        S = read_slots.shape[1]
-        bs = k_pool.shape[2]
-        flat = write_slots.reshape(-1)
-        wb, wo = torch.div(flat, bs, rounding_mode="floor"), flat % bs
-        rb, ro = torch.div(read_slots, bs, rounding_mode="floor"), read_slots % bs
-        x = self.emb(idx)
-        for layer, blk in enumerate(self.blocks):
-            q, k, v = blk.qkv_rope(x, pos)
-            k_pool[layer][wb, wo] = k.reshape(B * T, *k.shape[2:])
-            v_pool[layer][wb, wo] = v.reshape(B * T, *v.shape[2:])
-            x = blk.attend(x, q, k_pool[layer][rb, ro], v_pool[layer][rb, ro], self._mask(blk, pos, S))
-            x = x + blk.mlp(x, idx)
-        return self.logits(x)
 
 
 def build(dense: TinyLM, sc: SparkConfig, *, seed: int = 0) -> SparkLM:

@@ -77,12 +77,53 @@ def test_backward_matches_reference():
         torch.testing.assert_close(g, t.grad, **TOL64)
 
 
+def _bias(b=2, h=3, t=7, s=7, dtype=torch.float64, seed=5):
+    return torch.randn(b, h, t, s, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, TOL64), (torch.float32, TOL32)])
+def test_bias_matches_explicit_softmax(causal, dtype, tol):
+    q, k, v = _qkv(dtype=dtype)
+    for bias in (_bias(dtype=dtype), _bias(b=1, h=3, dtype=dtype), _bias(b=1, h=1, dtype=dtype)):  # broadcast
+        got = attention(q, k, v, causal=causal, bias=bias)
+        torch.testing.assert_close(got, reference_attention(q, k, v, causal=causal, bias=bias), **tol)
+
+
+def test_bias_is_added_to_the_scaled_logits_checked_by_hand():
+    q, k, v = _qkv(b=1, h=1, t=3, s=5, d=8)
+    bias = _bias(b=1, h=1, t=3, s=5)
+    mask = torch.arange(5)[None, None, None, :] <= torch.tensor([2, 3, 4])[None, None, :, None]
+    out = attention(q, k, v, mask=mask, bias=bias, scale=0.25)
+    for t in range(3):  # query t sees keys 0..t+2; its logits are q.k * scale + bias
+        n = t + 3
+        w = torch.softmax(q[0, 0, t] @ k[0, 0, :n].T * 0.25 + bias[0, 0, t, :n], -1)
+        torch.testing.assert_close(out[0, 0, t], w @ v[0, 0, :n], **TOL64)
+    # a zero bias changes nothing
+    torch.testing.assert_close(
+        attention(q, k, v, bias=torch.zeros(1, 1, 3, 5, dtype=torch.float64)), attention(q, k, v), **TOL64
+    )
+
+
+def test_bias_backward_matches_reference():
+    q, k, v = (t.requires_grad_() for t in _qkv(dtype=torch.float64))
+    bias = _bias(b=1).requires_grad_()
+    attention(q, k, v, causal=True, bias=bias).square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v, bias)]
+    for t in (q, k, v, bias):
+        t.grad = None
+    reference_attention(q, k, v, causal=True, bias=bias).square().sum().backward()
+    for g, t in zip(grads, (q, k, v, bias)):
+        torch.testing.assert_close(g, t.grad, **TOL64)
+
+
 def test_backend_choice_on_this_machine():
     q, k, _ = _qkv(dtype=torch.float32)
     assert isinstance(attn_mod.HAS_FLASH, bool)
     assert (attn_mod.FLASH_VERSION is None) == (not attn_mod.HAS_FLASH)
     assert backend_for(q, k) == "sdpa"  # CPU tensors never go to FlashAttention
     assert backend_for(q, k, use_flash=False) == "sdpa"
+    assert backend_for(q, k, bias=torch.zeros(1, 1, 7, 7)) == "sdpa"
 
 
 @pytest.mark.parametrize(
@@ -99,6 +140,10 @@ def test_backend_choice_on_this_machine():
         ((torch.zeros(1, 1, 2, 4),) * 3, {"mask": torch.ones(1, 1, 3, 2, dtype=torch.bool)}),  # wrong T
         ((torch.zeros(1, 1, 2, 4),) * 3, {"mask": torch.ones(2, 2, dtype=torch.bool)}),  # 2-D mask
         (([[1.0]], torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4)), {}),  # not a tensor
+        ((torch.zeros(1, 1, 2, 4),) * 3, {"bias": torch.ones(1, 1, 2, 2, dtype=torch.bool)}),  # boolean bias
+        ((torch.zeros(1, 1, 2, 4),) * 3, {"bias": torch.ones(1, 1, 2, 2, dtype=torch.float64)}),  # dtype
+        ((torch.zeros(1, 1, 2, 4),) * 3, {"bias": torch.ones(1, 2, 2, 2)}),  # wrong H
+        ((torch.zeros(1, 1, 2, 4),) * 3, {"bias": torch.ones(2, 2)}),  # 2-D bias
     ],
 )
 def test_bad_shapes_are_typed_errors(args, kw):

@@ -8,6 +8,7 @@ import torch
 
 from lm import chains, tokenizer
 from lm.engine import Engine
+from lm.model import TinyLM
 from spark import procedural
 from spark.codebook import model_bytes
 
@@ -33,6 +34,27 @@ def test_the_paged_engine_computes_the_dense_forward(spark64):
     assert torch.allclose(logits, full[: len(toks)], atol=1e-9)
     eng.free(sid)
     eng.check_invariants()
+
+
+def test_the_shared_attention_path_is_the_explicit_biased_softmax(spark64, monkeypatch):
+    """SparkLM runs TinyLM's forward and forward_paged (lm.attention.attention with its procedural
+    bias): logits equal those with the explicit softmax (score matrix + bias, masked) swapped in,
+    and the bias is the procedural one of the query-key distance."""
+    from lm.attention import reference_attention
+
+    assert isinstance(spark64, TinyLM) and "forward_paged" not in vars(procedural.SparkLM)
+    idx = torch.randint(0, spark64.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fused = spark64(idx)
+        monkeypatch.setattr("lm.model.attention", reference_attention)
+        ref = spark64(idx)
+    torch.testing.assert_close(fused, ref, rtol=0, atol=1e-9)
+    blk = spark64.blocks[0]
+    pos = torch.arange(5)[None]
+    dist = (pos[:, :, None] - torch.arange(5)[None, None, :]).to(torch.float64)
+    want = torch.einsum("hm,mbts->bhts", blk.coef, procedural.atoms(dist, spark64.sc.atoms))
+    torch.testing.assert_close(blk.attn_bias(pos, 5), want, rtol=0, atol=1e-12)
+    assert blk.coef.abs().sum() > 0  # a trained, non-zero bias
 
 
 def test_the_parts_are_there_and_the_model_is_smaller():

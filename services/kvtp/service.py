@@ -11,6 +11,10 @@ One op, ``{"op": "run", "varref": {...} | "tokens": [...], "policy": {...}, "tie
    is a safe point of the decode worker, where the kernel's preempt pauses it);
 3. the decode is freed (unless ``keep``), which gives the arena back, whatever happened.
 
+``policy`` is any policy of :func:`lm.longsession.parse_policy` (``sparse``, ``full``,
+``topk_keys``), ``cold`` (the cold tier of :mod:`lm.coldtier`: distant blocks compressed and found
+by vector search; :func:`lm.longsession.parse_cold`) or ``recurrent`` (a constant-state peer).
+
 The reply carries the answers and the tier counters (hits, misses, prefetches, stalls, device
 bytes).  Every call to the decode worker carries the caller's job, so its tokens and its
 ``kv_blocks`` are the job's.
