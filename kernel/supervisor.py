@@ -224,13 +224,8 @@ KEEPS_STATE: frozenset[str] = frozenset({"services.decode", "services.sim"})
 #: Environment variable giving a child its incarnation: a number larger than every earlier run's
 #: of the same child, across restarts and kernel restarts (tenths of a second since 2026, or the
 #: last one + 1), so that it can tell state of an earlier run (``session_lost``) from none.
-ENV_INCARNATION = "RECA_INCARNATION"
-_INCARNATION_EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z
-
-
-def incarnation_now(last: int = 0) -> int:
-    """A new incarnation number: tenths of a second since 2026, and above ``last``."""
-    return max(last + 1, int((time.time() - _INCARNATION_EPOCH) * 10))
+ENV_INCARNATION = P.ENV_INCARNATION
+incarnation_now = P.incarnation_now
 
 
 @dataclasses.dataclass

@@ -259,13 +259,11 @@ class Decode:
 
 def _incarnation() -> int:
     """This run's incarnation (``RECA_INCARNATION`` from the supervisor; without one, this start's
-    own: kernel.supervisor.incarnation_now)."""
-    from kernel.supervisor import ENV_INCARNATION, incarnation_now
-
+    own: kernel.protocol.incarnation_now)."""
     try:
-        return max(1, int(os.environ.get(ENV_INCARNATION, "")))
+        return max(1, int(os.environ.get(P.ENV_INCARNATION, "")))
     except ValueError:
-        return incarnation_now()
+        return P.incarnation_now()
 
 
 def _int(payload: dict, key: str, default: Any = None, *, lo: int | None = None) -> int:
