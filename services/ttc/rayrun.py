@@ -237,7 +237,9 @@ class RayRunner(Runner):
             pass
 
 
-def start_local_cluster(temp: str, *, start_s: float = 150.0, tries: int = 3) -> tuple[Any, str, str]:
+def start_local_cluster(
+    temp: str, *, start_s: float = 150.0, tries: int = 3, num_cpus: int = 1
+) -> tuple[Any, str, str]:
     """A one-node Ray cluster for tests and the fault harness (``ray start --head`` under
     kernel.raynode, token authentication on) with this process connected as a driver:
     ``(node runner, address, token path)``.  Raises RuntimeError with the reason if no try came up
@@ -255,7 +257,7 @@ def start_local_cluster(temp: str, *, start_s: float = 150.0, tries: int = 3) ->
     for _ in range(tries):
         port = free_ports(1)[0]
         with open(os.path.join(temp, "head.err"), "ab") as err:
-            head = start_node(node_argv(head_port=port, num_cpus=1, temp_dir=temp), env, stderr=err)
+            head = start_node(node_argv(head_port=port, num_cpus=num_cpus, temp_dir=temp), env, stderr=err)
         address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + start_s
         while time.monotonic() < deadline and head.poll() is None:
