@@ -178,6 +178,11 @@ def node_argv(
     ``address``; every port explicit (free ones picked here, so several clusters share a
     machine), no dashboard, no usage stats.  Kill it by its process group."""
     ports = free_ports(7, "")  # free here; in another namespace any port is
+    taken = {*ports[:6], head_port}
+    for _ in range(20):  # the worker range must not cover another component's port (Ray refuses)
+        if not taken & set(range(ports[6], ports[6] + 41)):
+            break
+        ports[6] = free_ports(1, "")[0]
     argv = [
         os.path.join(os.path.dirname(sys.executable), "ray"),
         "start",
@@ -234,8 +239,14 @@ def make_token(path: str) -> str:
 
 #: Environment of every node reca starts: a loaded machine's Python agents may take longer than
 #: the raylet's default wait for their port files (it aborts with "Timed out waiting for file
-#: ...dashboard_agent_listen_port"); no usage statistics are sent.
-NODE_ENV = {"RAY_agent_register_timeout_ms": "120000", "RAY_USAGE_STATS_ENABLED": "0"}
+#: ...dashboard_agent_listen_port"); the node's processes start at nice -10 for their first 90 s
+#: (kernel/raynode.py: Ray's hard-coded 30 s raylet registration, missed at load 30+ on 2 cores;
+#: skipped where not permitted); no usage statistics are sent.  The caller's environment wins.
+NODE_ENV = {
+    "RAY_agent_register_timeout_ms": "120000",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RECA_RAYNODE_STARTUP_NICE": "-10",
+}
 
 
 def start_node(
