@@ -139,9 +139,16 @@ class RayRunner(Runner):
             )
         self._ray = ray
         # max_retries=0 is not overridable: a retry is the log's decision, never Ray's.
-        self._task = ray.remote(num_cpus=num_cpus, max_retries=0)(_run_tool)
-        if task_options:  # e.g. a scheduling_strategy / label_selector; never retries
-            self._task = self._task.options(**{**task_options, "max_retries": 0})
+        self._base_task = ray.remote(num_cpus=num_cpus, max_retries=0)(_run_tool)
+        self._task = self._base_task
+        self.place(task_options)
+
+    def place(self, task_options: dict | None) -> None:
+        """Where the next runs go: extra ``.options(...)`` of the task (a scheduling_strategy, a
+        label_selector; None: anywhere).  Runs already submitted stay where they are."""
+        self._task = self._base_task
+        if task_options:  # never retries
+            self._task = self._base_task.options(**{**task_options, "max_retries": 0})
 
     def _pid_path(self, tag: str) -> str:
         return self._base(tag) + ".pid.json"
