@@ -302,6 +302,10 @@ class ServiceAgent:
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.cert: str | None = None
         self.public: bytes | None = None
+        #: This node's enforcer (kernel/enforce.py: cgroups, else signals) and the service's group.
+        self.enforcer: Any = None
+        self.group: Any = None
+        self.cpu_floor = 0.0  # CPU seconds read before a group was lost (monotone billing)
 
     def enrol(self) -> dict[str, Any]:
         """Make the replica's CURVE key pair here; return only its public key and where it runs."""
@@ -322,10 +326,31 @@ class ServiceAgent:
             "agent_pid": os.getpid(),
         }
 
-    def start(self, argv: list[str], env: dict[str, str], server_public: str) -> int:
-        """Start the service with its own certificate; returns its pid (on this node)."""
+    def _open_enforcer(self, enforce: dict[str, Any]) -> dict[str, Any]:
+        """Open this node's enforcer (``reca-<agent pid>`` under the agent's own cgroups, so a
+        later agent on the node sweeps it if this one is killed) and the service's group with
+        its ceilings; returns ``{backend, reason}``.  A named backend the node lacks raises
+        (the replica is reported unavailable with the reason, as a kernel refuses to start)."""
+        from kernel import enforce as E
+
+        limits = enforce.get("limits") or {}
+        self.enforcer = E.open_enforcer(str(enforce.get("backend", "auto")), name=f"reca-{os.getpid()}")
+        self.group = self.enforcer.service(
+            self.name, E.Limits(limits.get("mem_bytes"), limits.get("cpu_weight"), limits.get("pids_max"))
+        )
+        return {"backend": self.enforcer.backend, "reason": self.enforcer.reason}
+
+    def start(
+        self, argv: list[str], env: dict[str, str], server_public: str, enforce: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Start the service with its own certificate, in a group of this node's enforcer when
+        ``enforce`` is given (``{"backend", "limits": {mem_bytes, cpu_weight, pids_max}}``);
+        returns ``{"pid": its pid on this node, "enforcer": {backend, reason} or None}``."""
         from kernel import auth
+        from kernel import enforce as E
         from kernel import protocol as P
+
+        facts = self._open_enforcer(enforce) if enforce is not None else None
 
         server = os.path.join(self.dir, "kernel.key")
         auth.write_public_certificate(server, auth.KERNEL_ROLE, server_public.encode())
@@ -337,6 +362,9 @@ class ServiceAgent:
         full[P.ENV_SERVER_CERT] = server
         full[P.ENV_PARENT] = str(os.getpid())  # the service dies with this agent (PR_SET_PDEATHSIG)
         full.setdefault("PYTHONUNBUFFERED", "1")
+        full.pop(E.ENV_GROUP, None)
+        if self.group is not None:
+            full[E.ENV_GROUP] = self.group.handle()  # its helpers (ttc's tool runs) join sub-groups
         self.proc = subprocess.Popen(
             argv,
             env=full,
@@ -345,8 +373,10 @@ class ServiceAgent:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if self.group is not None:
+            self.group.sub("main").place_tree(self.proc.pid)  # with any child it forked already
         threading.Thread(target=self._pump, daemon=True).start()
-        return self.proc.pid
+        return {"pid": self.proc.pid, "enforcer": facts}
 
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -363,9 +393,25 @@ class ServiceAgent:
         return rc, (self.tail[-1] if self.tail else None)
 
     def signal(self, sig: int) -> bool:
-        """Send ``sig`` to the service's process group (SIGSTOP/SIGCONT/SIGKILL: the node-side stop)."""
+        """The node-side stop.  With an enforcer: SIGSTOP freezes the service's group (its whole
+        tree, helpers in other sessions included), SIGCONT thaws it, SIGKILL kills every process
+        of it -- as a local child's group; other signals (and without an enforcer, all) go to the
+        service's process group."""
         if self.proc is None or self.proc.poll() is not None:
             return False
+        if self.group is not None and sig in (signal.SIGSTOP, signal.SIGCONT, signal.SIGKILL):
+            from kernel import enforce as E
+
+            try:
+                if sig == signal.SIGSTOP:
+                    self.group.freeze()
+                elif sig == signal.SIGCONT:
+                    self.group.thaw()
+                else:
+                    self.group.kill()
+                return True
+            except (E.EnforcerError, OSError):
+                pass  # a freeze the OS did not confirm in time, a group gone: the signal below
         try:
             if sig == signal.SIGKILL:
                 os.killpg(self.proc.pid, signal.SIGCONT)
@@ -374,12 +420,24 @@ class ServiceAgent:
             return False
         return True
 
+    def frozen(self) -> bool | None:
+        """Whether the service's group is frozen (None without an enforcer)."""
+        return None if self.group is None else bool(self.group.frozen())
+
     def cpu_seconds(self) -> float | None:
-        """User + system CPU seconds of the service and its descendants, measured on this node."""
+        """CPU seconds of the service and its descendants, measured on this node: its group's
+        (cgroup accounting counts every process that ever ran in it, reaped ones included), else
+        user + system of its live tree (psutil)."""
         import psutil
 
         if self.proc is None:
             return None
+        if self.group is not None:
+            try:
+                self.cpu_floor = max(self.cpu_floor, float(self.group.cpu_seconds()))
+                return self.cpu_floor
+            except Exception:  # noqa: BLE001 - the group is gone: the last reading stands
+                return self.cpu_floor
         try:
             root = psutil.Process(self.proc.pid)
             total = 0.0
@@ -409,11 +467,15 @@ class ServiceAgent:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        if self.enforcer is not None:
+            self.enforcer.close()  # thaws and kills what the group still holds, removes it
         shutil.rmtree(self.dir, ignore_errors=True)
         return rc
 
-    def __del__(self) -> None:  # the actor is torn down: leave no key behind
+    def __del__(self) -> None:  # the actor is torn down: leave no key (and no group) behind
         shutil.rmtree(getattr(self, "dir", ""), ignore_errors=True)
+        if getattr(self, "enforcer", None) is not None:
+            self.enforcer.close()
 
 
 # -- the kernel-side shell -----------------------------------------------------------------------
@@ -561,6 +623,7 @@ class RemoteProcess:
             "host": info.get("host"),
             "agent_pid": info.get("agent_pid"),
             "pid": pid,
+            "enforcer": (info.get("enforcer") or {}).get("backend"),
         }
         self.principal = principal
         self.public = public
@@ -648,11 +711,18 @@ class RayPlacement:
         *,
         authorise: Callable[[str, str, bytes], None] | None = None,
         revoke: Callable[[bytes], None] | None = None,
+        limits: dict[str, Any] | None = None,
+        enforce_backend: str | None = None,
     ) -> None:
         self.cluster = cluster
         self.resources = resources
         self.authorise = authorise
         self.revoke = revoke or (lambda public: None)
+        #: Each service's OS ceilings (kernel.enforce.Limits, from its ``[[service]]`` row), set on
+        #: its node's group; ``ray_memory_bytes`` is the memory ceiling where ``mem_bytes`` is unset.
+        self.limits = limits or {}
+        #: The node agents' enforcer backend (``[enforce] backend``); None: no enforcer on nodes.
+        self.enforce_backend = enforce_backend
         self.server_public: str | None = None
         self.endpoint: str | None = None
         self.control: str | None = None
@@ -694,18 +764,36 @@ class RayPlacement:
         public = info["public"].encode()
         principal = f"{auth.CHILD_PREFIX}{name}"
         self.authorise(principal, role, public)  # before the service can say READY
+        enforce = None
+        if self.enforce_backend is not None:
+            enforce = {"backend": self.enforce_backend, "limits": self.node_limits(name)}
         try:
-            pid = await asyncio.wait_for(
-                asyncio.wrap_future(actor.start.remote(argv, env, self.server_public).future()), ACTOR_START_TIMEOUT_S
+            started = await asyncio.wait_for(
+                asyncio.wrap_future(actor.start.remote(argv, env, self.server_public, enforce).future()),
+                ACTOR_START_TIMEOUT_S,
             )
         except Exception as exc:  # noqa: BLE001
             self.revoke(public)
             ray.kill(actor, no_restart=True)
             raise PlacementUnavailable(f"Ray replica {name} did not start its service: {exc}"[:300]) from exc
-        proc = RemoteProcess(actor, info, int(pid), principal, public, self.revoke)
+        pid = int(started["pid"])
+        info = {**info, "enforcer": started.get("enforcer")}
+        proc = RemoteProcess(actor, info, pid, principal, public, self.revoke)
         proc.start_watch()
         log.info("started %s on Ray node %s (%s) pid %d", name, info.get("node_ip"), info.get("host"), pid)
         return proc
+
+    def node_limits(self, name: str) -> dict[str, int | None]:
+        """The ceilings of replica ``name``'s group on its node: its service's ``mem_bytes`` (else
+        its ``ray_memory_bytes``), ``cpu_weight``, ``pids_max``."""
+        base = name.split("#", 1)[0]
+        lim = self.limits.get(name) or self.limits.get(base)
+        mem = getattr(lim, "mem_bytes", None) or self.resources.get(base, RayResources()).memory
+        return {
+            "mem_bytes": mem,
+            "cpu_weight": getattr(lim, "cpu_weight", None),
+            "pids_max": getattr(lim, "pids_max", None),
+        }
 
     def shutdown(self) -> None:
         self.cluster.shutdown()

@@ -8,7 +8,8 @@ deleted) when the session ends:
 * :func:`local_cluster` -- one head on 127.0.0.1, token authentication on (the ttc and cpcs
   single-node tests);
 * :func:`netns_cluster` -- a head in this network namespace and a worker node labelled
-  ``reca-node=w1`` in a second namespace joined by a veth pair (the two-node tests).  A test that
+  ``reca-node=w1`` in a second namespace joined by a veth pair (the two-node tests); a directory
+  of this host, ``host_only``, is hidden from the worker node.  A test that
   stops the worker node (node lost mid-request) leaves it to the next user to re-join one:
   :meth:`NetnsCluster.ensure_worker`.
 
@@ -55,14 +56,17 @@ _netns: NetnsCluster | None = None
 _netns_failed: str | None = None
 
 
-def nodes_alive(address: str, env: dict[str, str], want: int) -> bool:
-    """Whether the cluster at ``address`` has ``want`` live nodes (asked by a short-lived driver
-    in a subprocess, with ``env``'s token)."""
+def nodes_alive(address: str, env: dict[str, str], want: int, port: int | None = None) -> bool:
+    """Whether the cluster at ``address`` has ``want`` live nodes, one of them the node whose
+    node-manager port is ``port`` if given (asked by a short-lived driver in a subprocess, with
+    ``env``'s token; a node killed a moment ago may still count as alive, a new port cannot)."""
     code = textwrap.dedent(f"""
         import ray
         ray.init(address={address!r}, _node_ip_address={source_ip(address)!r}, log_to_driver=False,
                  logging_level="ERROR")
-        print(sum(1 for n in ray.nodes() if n["Alive"]))
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        ok = {port!r} is None or any(n.get("NodeManagerPort") == {port!r} for n in alive)
+        print(len(alive) if ok else 0)
     """)
     try:
         out = subprocess.run(
@@ -74,12 +78,14 @@ def nodes_alive(address: str, env: dict[str, str], want: int) -> bool:
     return out.returncode == 0 and bool(lines) and lines[-1].isdigit() and int(lines[-1]) >= want
 
 
-def _wait_nodes(address: str, env: dict[str, str], want: int, procs: list[subprocess.Popen]) -> bool:
-    """Whether ``want`` nodes are alive within :data:`NODE_START_S` (False at once if a node's
-    runner exited)."""
+def _wait_nodes(
+    address: str, env: dict[str, str], want: int, procs: list[subprocess.Popen], port: int | None = None
+) -> bool:
+    """Whether ``want`` nodes (one on ``port``) are alive within :data:`NODE_START_S` (False at
+    once if a node's runner exited)."""
     deadline = time.monotonic() + NODE_START_S
     while time.monotonic() < deadline and all(p.poll() is None for p in procs):
-        if nodes_alive(address, env, want):
+        if nodes_alive(address, env, want, port):
             return True
         time.sleep(2.0)
     return False
@@ -168,13 +174,19 @@ def connect_driver(cluster: dict[str, Any]) -> None:
 # -- the two-node cluster in network namespaces ----------------------------------------------------
 
 
-def netns_prefix(ns: str) -> list[str]:
-    """The command prefix that runs a node in namespace ``ns``: ``nsenter --net`` (only the network
-    namespace: the node keeps this machine's mounts, its cgroup hierarchies included, as a real
-    host has its own), else ``ip netns exec`` (which remounts /sys: no cgroups inside)."""
-    if shutil.which("nsenter") and os.path.exists(f"/run/netns/{ns}"):
-        return ["nsenter", f"--net=/run/netns/{ns}"]
-    return ["ip", "netns", "exec", ns]
+def netns_prefix(ns: str, hide: str | None = None) -> list[str]:
+    """The command prefix that runs a node in namespace ``ns`` as another host would be: ``nsenter
+    --net`` (this machine's mounts, its cgroup hierarchies included: ``ip netns exec`` remounts
+    /sys and hides them) and, given ``hide`` (a directory), a mount namespace of its own in which
+    an empty tmpfs covers ``hide`` -- what is there (a ttc coordinator's run files) is not visible
+    on the node, as on a separate machine."""
+    if not (shutil.which("nsenter") and os.path.exists(f"/run/netns/{ns}")):
+        return ["ip", "netns", "exec", ns]
+    prefix = ["nsenter", f"--net=/run/netns/{ns}"]
+    if hide is not None and shutil.which("unshare"):
+        cover = f'mount -t tmpfs -o size=16m reca-node-cover "{hide}" && exec "$@"'
+        prefix += ["unshare", "--mount", "--propagation", "private", "sh", "-c", cover, "node"]
+    return prefix
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -194,31 +206,44 @@ class NetnsCluster:
     worker: subprocess.Popen | None
     dir: str
     env: dict[str, str]
+    #: A replacement worker node started in the background, and its node-manager port.
+    pending: tuple[subprocess.Popen, int] | None = None
+    #: A directory of this host that the worker node does not see (an empty tmpfs covers it
+    #: there): what a test puts in it is on "this host" only.
+    host_only: str | None = None
 
-    def start_worker(self, labels: dict[str, str] | None = None) -> subprocess.Popen | None:
-        """A worker node in the namespace joined to the head (tried :data:`NODE_TRIES` times);
-        None if none joined."""
-        want = 2 + sum(1 for p in (self.worker,) if p is not None and p.poll() is None)
-        for _ in range(NODE_TRIES):
-            node = start_node(
-                node_argv(address=self.address, node_ip=self.ns_addr, labels=labels or {"reca-node": "w1"}),
-                self.env,
-                prefix=netns_prefix(self.ns),
-                stderr=open(os.path.join(self.dir, "worker.err"), "ab"),
-            )
-            if _wait_nodes(self.address, self.env, want, [self.head, node]):
-                return node
-            stop_node(node)
-        return None
+    def _launch(self) -> tuple[subprocess.Popen, int]:
+        """Start a worker node labelled ``reca-node=w1`` in the namespace (not waited for);
+        returns it and its node-manager port."""
+        argv = node_argv(address=self.address, node_ip=self.ns_addr, labels={"reca-node": "w1"})
+        port = int(next(a for a in argv if a.startswith("--node-manager-port=")).partition("=")[2])
+        node = start_node(
+            argv,
+            self.env,
+            prefix=netns_prefix(self.ns, self.host_only),
+            stderr=open(os.path.join(self.dir, "worker.err"), "ab"),
+        )
+        return node, port
+
+    def rejoin_later(self) -> None:
+        """After a test stopped the worker node: start its replacement now, in the background (the
+        next :meth:`ensure_worker` waits for it to join)."""
+        if self.pending is None:
+            self.pending = self._launch()
 
     def ensure_worker(self) -> subprocess.Popen:
-        """The worker node, re-joined if a test stopped it."""
-        if self.worker is None or self.worker.poll() is not None:
-            self.worker = None
-            self.worker = self.start_worker()
-            if self.worker is None:
-                pytest.fail(f"a Ray worker node did not join in {NODE_TRIES} tries: {_tail(self.dir, 'worker.err')}")
-        return self.worker
+        """The worker node, re-joined (tried :data:`NODE_TRIES` times) if a test stopped it."""
+        if self.worker is not None and self.worker.poll() is None:
+            return self.worker
+        self.worker = None
+        for _ in range(NODE_TRIES):
+            node, port = self.pending or self._launch()
+            self.pending = None
+            if _wait_nodes(self.address, self.env, 2, [self.head, node], port):
+                self.worker = node
+                return node
+            stop_node(node)
+        pytest.fail(f"a Ray worker node did not join in {NODE_TRIES} tries: {_tail(self.dir, 'worker.err')}")
 
 
 def netns_cluster(request: pytest.FixtureRequest) -> NetnsCluster:
@@ -246,6 +271,8 @@ def netns_cluster(request: pytest.FixtureRequest) -> NetnsCluster:
 
     def teardown() -> None:
         global _netns
+        if _netns is not None and _netns.pending is not None:
+            stop_node(_netns.pending[0])
         if _netns is not None and _netns.worker is not None:
             stop_node(_netns.worker)
         for proc in reversed(nodes):
@@ -283,7 +310,9 @@ def netns_cluster(request: pytest.FixtureRequest) -> NetnsCluster:
         stop_node(head)
     else:
         pytest.fail(f"a Ray head did not come up in {NODE_TRIES} tries: {_tail(d, 'head.err')}")
-    _netns = NetnsCluster(host_addr, ns_addr, address, token, ns, head, None, d, env)
+    host_only = os.path.join(d, "host-only")
+    os.makedirs(host_only)
+    _netns = NetnsCluster(host_addr, ns_addr, address, token, ns, head, None, d, env, host_only=host_only)
     _netns.ensure_worker()
     return _netns
 

@@ -32,6 +32,10 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 #: Bounds of the waits (generous: Ray on a loaded machine).
 PLACE_S = 240.0
 CALL_S = 60.0
+#: Memory ceilings of the Ray-placed echo's group on its node, and of a service that allocates
+#: 256 MiB under a 64 MiB ceiling (the node's OOM killer ends it).
+ECHO_MEM = 512 << 20
+HOG_MEM = 64 << 20
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +61,15 @@ def kern(cluster):
             placement = "ray"
             ray_num_cpus = 0.5
             ray_label = "w1"
+            mem_bytes = {ECHO_MEM}
+            [[service]]
+            name = "hog"
+            command = ["{sys.executable}", "-c", "x = b'x' * (256 << 20); import time; time.sleep(600)"]
+            placement = "ray"
+            restart = "temporary"
+            ray_num_cpus = 0.1
+            ray_label = "w1"
+            mem_bytes = {HOG_MEM}
             [[service]]
             name = "local-echo"
             command = ["{sys.executable}", "-m", "services.echo", "--name", "local-echo"]
@@ -113,21 +126,47 @@ def test_killed_replica_is_restarted_by_the_supervisor(cluster, kern):
         assert c.call("echo", {"again": True}) == {"again": True}
 
 
+def _v1_dir(pid: int, controller: str) -> str | None:
+    """The cgroup v1 directory of ``pid`` in ``controller``'s hierarchy (None if not mounted)."""
+    with open(f"/proc/{pid}/cgroup") as fh:
+        for line in fh:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            if controller in ctrls.split(","):
+                d = os.path.join("/sys/fs/cgroup", controller, path.lstrip("/"))
+                return d if os.path.isdir(d) else None
+    return None
+
+
+def _read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read().strip()
+
+
+def _frozen(pid: int, backend: str) -> bool:
+    """Frozen as the node's enforcer freezes: its cgroup v1 freezer says FROZEN, or (signals) the
+    process is stopped."""
+    if backend == "cgroup1":
+        return _read(os.path.join(_v1_dir(pid, "freezer") or "/nonexistent", "freezer.state")) == "FROZEN"
+    return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+
+
+def _until(cond, what: str) -> None:
+    deadline = time.monotonic() + CALL_S
+    while not cond():
+        assert time.monotonic() < deadline, f"not {what} within {CALL_S} s"
+        time.sleep(0.1)
+
+
 def test_node_agent_freezes_and_resumes_the_replica(cluster, kern):
-    """The node-side stop: SIGSTOP through the replica's agent, seen on the node's process."""
+    """The node-side stop: a freeze through the replica's agent (its group on the node's
+    enforcer: the cgroup freezer here, SIGSTOP on the signals backend), seen on the node."""
     with _client(kern) as c:
         ch = _wait_running(c, "echo")
-        pid = ch["where"]["pid"]
+        pid, backend = ch["where"]["pid"], ch["where"]["enforcer"]
         c.call("mmi.proc.stop", {"child": "echo"})
-        deadline = time.monotonic() + CALL_S
-        while psutil.Process(pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
+        _until(lambda: _frozen(pid, backend), "frozen")
         c.call("mmi.proc.cont", {"child": "echo"})
-        deadline = time.monotonic() + CALL_S
-        while psutil.Process(pid).status() == psutil.STATUS_STOPPED and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert psutil.Process(pid).status() != psutil.STATUS_STOPPED
+        _until(lambda: not _frozen(pid, backend), "thawed")
         c.wait_for_service("echo", PLACE_S)
         assert c.call("echo", 7) == 7
         # A pid on another node is never handed to this machine's scheduler calls.
@@ -143,10 +182,44 @@ def test_cpu_is_measured_on_the_node_and_billed_by_the_kernel(cluster, kern):
         replies = list(c.stream("echo", {"steps": 150, "step_ms": 20}, job="rayjob"))  # ~3 s busy
         cpu = replies[-1].spent["cpu_ms"]
         # Measured by the replica's agent on its node (polled each second), not reported by echo:
-        # positive, and no more than the CPU the node's process has used in all.
-        node_total_ms = sum(psutil.Process(ch["where"]["pid"]).cpu_times()[:2]) * 1000.0
+        # positive, and no more than the CPU the node's group (cgroup accounting; signals: the
+        # process's own times, in 10 ms ticks) has used in all, read after.
+        pid = ch["where"]["pid"]
+        if ch["where"]["enforcer"] == "cgroup1":
+            group = os.path.dirname(_v1_dir(pid, "cpuacct"))  # the service's group (main's parent)
+            node_total_ms = int(_read(os.path.join(group, "cpuacct.usage"))) / 1e6
+        else:
+            node_total_ms = sum(psutil.Process(pid).cpu_times()[:2]) * 1000.0 + 20.0
         assert 0 < cpu <= node_total_ms
         assert c.call("mmi.job.stats", {"job": "rayjob"})["spent"]["cpu_ms"] == pytest.approx(cpu)
+
+
+def test_the_node_agent_enforces_with_the_nodes_cgroups(cluster, kern):
+    """The replica's agent opens an enforcer on its node (kernel/enforce.py, the backend the kernel
+    uses here too): the service runs in ``reca-<agent pid>/<name>/main`` with its ``mem_bytes`` as
+    the group's memory ceiling; a Ray-placed service that allocates past its ceiling is ended by
+    the node's OOM killer (exit -9, seen by the supervisor)."""
+    with _client(kern) as c:
+        st = c.stats()
+        kernel_backend = (st.get("enforcer") or st.get("supervisor", {}).get("enforcer") or {}).get("backend")
+        ch = _wait_running(c, "echo")
+        where = ch["where"]
+        assert where["enforcer"] in ("cgroup1", "cgroup2", "signals")
+        if kernel_backend is not None:  # same machine, same mounts (the node entered only a netns)
+            assert where["enforcer"] == kernel_backend
+        if where["enforcer"] != "cgroup1":
+            pytest.skip(f"the node's enforcer is {where['enforcer']}: the cgroup v1 checks do not apply")
+        freezer = _v1_dir(where["pid"], "freezer")
+        assert freezer is not None and freezer.endswith(f"/reca-{where['agent_pid']}/echo/main"), freezer
+        memory = os.path.dirname(_v1_dir(where["pid"], "memory"))
+        assert int(_read(os.path.join(memory, "memory.limit_in_bytes"))) == ECHO_MEM
+        deadline = time.monotonic() + PLACE_S
+        hog = _child(c, "hog")
+        while hog["last_exit"] is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            hog = _child(c, "hog")
+        assert hog["last_exit"] == -signal.SIGKILL, hog  # the OOM killer, inside its 64 MiB
+        assert hog["restarts"] == 0  # temporary: not restarted
 
 
 def test_a_driver_without_the_token_cannot_join(cluster, tmp_path):
@@ -179,3 +252,4 @@ def test_lost_node_mid_request_gives_worker_died(cluster, kern):
         t.join(CALL_S * 3)
         assert box.get("error") == "worker_died", box
         assert c.call("local-echo", 1) == 1
+    cluster.rejoin_later()  # the next user of the session's cluster gets a worker node again
