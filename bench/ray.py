@@ -164,8 +164,8 @@ def _overshoot_rounds(c: Client, client_kw: dict, service: str, n: int) -> tuple
     ignores the cancel for :data:`BUDGET_MS` + 300 ms.  Overshoot = the moment the worker's process
     is seen stopped (its /proc state, polled every ~0.2 ms from the send) − (send + budget): the
     kernel's exhaustion, the ignored cancel, ``freeze_grace``, and the stop itself (local: the
-    enforcer's group; Ray: through the replica's node agent).  After :data:`KILL_GRACE_MS` the
-    ladder thaws it, it answers its cancel at its next safe point and lives.  Returns
+    enforcer's group; Ray: through the replica's node agent).  Once seen, the bench thaws it
+    (``mmi.proc.cont``, operator key): it answers its cancel at its next safe point and lives.  Returns
     (overshoots, rounds whose stop was not seen within :data:`STOP_WAIT_S`, rounds whose worker
     was killed and restarted)."""
 
@@ -201,6 +201,14 @@ def _overshoot_rounds(c: Client, client_kw: dict, service: str, n: int) -> tuple
                 unseen += 1
             else:
                 out.append(seen - t0 - BUDGET_MS / 1000.0)
+                # Measured; release it now (an operator's thaw): it answers its cancel at its next
+                # safe point.  Left to the ladder, a Ray-placed worker is thawed kill_grace later
+                # and killed if its answer is not back within the ladder's 100 ms answer grace,
+                # which a remote thaw under load misses (then a restart per round).
+                try:
+                    c.call("mmi.proc.cont", {"child": service})
+                except errors.RecaError:
+                    pass
             th.join(STOP_WAIT_S + KILL_GRACE_MS / 1000.0 + 10)
             deadline = time.monotonic() + BACK_WAIT_S
             while time.monotonic() < deadline:  # thawed, answered its cancel (or killed and back)

@@ -712,7 +712,7 @@ def run_ray_schedules(n: int, seed: int, workdir: str, *, nodes: int = 2, wall_s
     from services.ttc.runner import Coordinator
 
     load0 = os.getloadavg()
-    head, address, _ = start_local_cluster(workdir)
+    head, address, _ = start_local_cluster(workdir, tries=8)  # Ray's own start fails often at load 25+
     counts: Counter = Counter({k: 0 for k in ("lost", "stuck", "twice", "duplicated_results", "completed_twice",
                                               "orphaned_runs")})
     kills: Counter = Counter()
