@@ -50,10 +50,23 @@ NODE_TRIES = 3
 #: Ray CPUs of the shared local head: 2 work replicas of 0.5 + ttc tasks of 0.25 fit.
 LOCAL_CPUS = 2
 
+_token: str | None = None
 _local: dict[str, Any] | None = None
 _local_failed: str | None = None
 _netns: NetnsCluster | None = None
 _netns_failed: str | None = None
+
+
+def session_token(request: pytest.FixtureRequest) -> str:
+    """One Ray token for every cluster of the session: a process that was a driver of one cluster
+    keeps the first token it read (Ray's token loader caches it), so a second cluster with another
+    token refused it ("Failed to connect to GCS")."""
+    global _token
+    if _token is None or not os.path.exists(_token):
+        d = short_tmpdir("rt-")
+        _token = make_token(os.path.join(d, "auth_token"))
+        request.session.addfinalizer(lambda: shutil.rmtree(d, ignore_errors=True))
+    return _token
 
 
 def nodes_alive(address: str, env: dict[str, str], want: int, port: int | None = None) -> bool:
@@ -131,7 +144,9 @@ def local_cluster(request: pytest.FixtureRequest) -> dict[str, Any]:
     temp = short_tmpdir("rs-")
     saved = {k: os.environ.get(k) for k in token_env("")}
     try:
-        head, address, token = start_local_cluster(temp, start_s=NODE_START_S, tries=NODE_TRIES, num_cpus=LOCAL_CPUS)
+        head, address, token = start_local_cluster(
+            temp, start_s=NODE_START_S, tries=NODE_TRIES, num_cpus=LOCAL_CPUS, token_path=session_token(request)
+        )
     except RuntimeError as exc:
         _local_failed = f"cannot start a Ray node here: {exc}"
         shutil.rmtree(temp, ignore_errors=True)
@@ -292,7 +307,7 @@ def netns_cluster(request: pytest.FixtureRequest) -> NetnsCluster:
     _ip("netns", "exec", ns, "ip", "addr", "add", f"{ns_addr}/30", "dev", ns_if)
     _ip("netns", "exec", ns, "ip", "link", "set", ns_if, "up")
     _ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
-    token = make_token(os.path.join(d, "auth_token"))
+    token = session_token(request)
     env = {**os.environ, **token_env(token), "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
     # One node at a time (half the start-up contention), each retried: Ray gives a new raylet
     # 30 s to register (ray/_private/node.py), which a loaded machine may miss.

@@ -295,7 +295,7 @@ class RayRunner(Runner):
 
 
 def start_local_cluster(
-    temp: str, *, start_s: float = 150.0, tries: int = 3, num_cpus: int = 1
+    temp: str, *, start_s: float = 150.0, tries: int = 3, num_cpus: int = 1, token_path: str | None = None
 ) -> tuple[Any, str, str]:
     """A one-node Ray cluster for tests and the fault harness (``ray start --head`` under
     kernel.raynode, token authentication on) with this process connected as a driver:
@@ -306,7 +306,7 @@ def start_local_cluster(
 
     from kernel.rayplace import free_ports, make_token, node_argv, start_node, stop_node, token_env
 
-    token = make_token(os.path.join(temp, "auth_token"))
+    token = token_path or make_token(os.path.join(temp, "auth_token"))
     os.environ.update(token_env(token))
     Config.initialize("")  # Ray re-reads RAY_AUTH_MODE (as kernel/rayplace.py does)
     env = {**os.environ, "PYTHONPATH": _ROOT}
