@@ -553,6 +553,9 @@ class RayCluster:
         address = self.cfg.address or self._wait_local()
         if self.cfg.token_path:  # before Ray is imported: its token loader reads these once
             os.environ.update(token_env(self.cfg.token_path))
+        # Each of ray.init's GCS connects bounded (Ray reads these); the whole init is bounded by ensure().
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "20")
+        os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s", "20")
         import ray
         from ray._raylet import Config  # type: ignore[attr-defined]
 

@@ -40,6 +40,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -317,7 +318,16 @@ def start_local_cluster(
             head = start_node(node_argv(head_port=port, num_cpus=num_cpus, temp_dir=temp), env, stderr=err)
         address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + start_s
+        # ray.init's own GCS connect retries are not bounded by our deadline: call it only once the
+        # head's GCS port accepts a connection (and bound each of its GCS connects: Ray reads these).
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "20")
+        os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s", "20")
         while time.monotonic() < deadline and head.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                time.sleep(0.5)
+                continue
             try:
                 ray.init(
                     address=address,
