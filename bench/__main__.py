@@ -3,8 +3,11 @@
 ``python -m bench all [--quick] [--runs K] [--only A,B] [--skip A,B] --out DIR`` runs every
 registered benchmark (each module of this package whose name does not start with ``_``), each in
 its own process, writing ``DIR/NAME.json`` (the ``reca.bench/1`` shape, see bench/_common.py) and
-``DIR/NAME.log``.  ``python -m bench report DIR [--md PATH]`` writes docs/benchmarks.md (and PNG
-plots in docs/benchmarks/) from those files.
+``DIR/NAME.log``; before each benchmark it prints the duration recorded in bench/durations.json,
+after it the measured one (kept in ``DIR/durations.json``); ``--plan`` prints the estimates only.
+``python -m bench durations DIR`` copies a run's measured durations into bench/durations.json.
+``python -m bench report DIR [--md PATH]`` writes docs/benchmarks.md (and PNG plots in
+docs/benchmarks/) from those files.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return _main_all(argv[1:])
     if argv[:1] == ["report"]:
         return _main_report(argv[1:])
+    if argv[:1] == ["durations"]:
+        return _main_durations(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", help="benchmark name; omit to list them")
@@ -102,18 +107,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main_all(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bench all", description="run every registered benchmark")
-    p.add_argument("--out", required=True, metavar="DIR", help="where NAME.json and NAME.log go")
+    p.add_argument("--out", metavar="DIR", help="where NAME.json, NAME.log and durations.json go")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--runs", type=int, default=None)
     p.add_argument("--only", help="comma-separated benchmark names")
     p.add_argument("--skip", help="comma-separated benchmark names")
+    p.add_argument("--soak-minutes", type=float, help="the soak's duration (default: its own, 10 min full)")
+    p.add_argument("--plan", action="store_true", help="print each benchmark's estimated duration; run nothing")
     args = p.parse_args(argv)
     names = available()
     unknown = [n for n in _names(args.only) + _names(args.skip) if n not in names]
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; available: {' '.join(names)}")
     chosen = [n for n in (_names(args.only) or names) if n not in _names(args.skip)]
-    failed = _report.run_all(chosen, args.out, args.quick, args.runs)
+    if args.plan:
+        print("\n".join(_report.plan(chosen, args.quick, _report.load_durations())))
+        return 0
+    if not args.out:
+        p.error("--out DIR is required (except with --plan)")
+    extra = {"soak": ["--minutes", str(args.soak_minutes)]} if args.soak_minutes is not None else None
+    failed = _report.run_all(chosen, args.out, args.quick, args.runs, extra)
     print(f"{len(chosen) - failed}/{len(chosen)} benchmarks ran; results in {args.out}; "
           f"next: python -m bench report {args.out}")
     return 1 if failed else 0
@@ -126,6 +139,16 @@ def _main_report(argv: list[str]) -> int:
     p.add_argument("--command", default="", help="the command that produced the results (quoted in the report)")
     args = p.parse_args(argv)
     print(_report.write_report(args.dir, args.md, args.command, expected=available()))
+    return 0
+
+
+def _main_durations(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench durations",
+                                description="copy a bench all run's measured durations into bench/durations.json")
+    p.add_argument("dir", help="the --out directory of a bench all run (its durations.json)")
+    args = p.parse_args(argv)
+    done = _report.record_durations(args.dir)
+    print(f"recorded {len(done)} duration(s) in {_report.DURATIONS_FILE}: {' '.join(done)}")
     return 0
 
 

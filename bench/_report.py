@@ -114,21 +114,87 @@ def aggregate(name: str, quick: bool, results: list[Result], env: dict[str, Any]
     }
 
 
-# --- bench all --------------------------------------------------------------------------------
+# --- bench all ---------------------------------------------------------------------------------
 
-def run_all(names: list[str], out_dir: str, quick: bool, runs: int | None) -> int:
-    """Run each benchmark in its own process; progress on stderr; returns how many failed."""
+#: Measured wall time of each benchmark (``bench/durations.json``): name -> {"full_s", "quick_s",
+#: and for each of those the "commit", "date", "load" (1-minute load average at start and end) and
+#: "runs" it was measured with}.  ``bench all`` prints its estimate from this file before each
+#: benchmark and records what it measured in ``DIR/durations.json``; ``python -m bench durations
+#: DIR`` copies a run's records into this file, so a future quiet full run can be planned.
+DURATIONS_FILE = os.path.join(ROOT, "bench", "durations.json")
+
+
+def load_durations(path: str = DURATIONS_FILE) -> dict[str, dict[str, Any]]:
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
+def estimate(name: str, quick: bool, durations: dict[str, dict[str, Any]]) -> float | None:
+    """The recorded wall seconds of ``name`` in this mode, or None when never measured."""
+    v = durations.get(name, {}).get("quick_s" if quick else "full_s")
+    return float(v) if _number(v) else None
+
+
+def _hms(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def plan(names: list[str], quick: bool, durations: dict[str, dict[str, Any]]) -> list[str]:
+    """Lines of the estimate: each benchmark's recorded duration (with the load it was measured
+    at) and the total of those known."""
+    mode = "quick" if quick else "full"
+    lines = [f"[bench all] plan ({mode} mode), estimates from {os.path.relpath(DURATIONS_FILE, ROOT)}:"]
+    known = 0.0
+    for name in names:
+        est = estimate(name, quick, durations)
+        rec = durations.get(name, {}).get(f"{mode}_at", {})
+        if est is not None:
+            known += est
+        at = (f"  (measured {rec.get('date', '?')}, commit {rec.get('commit', '?')}, runs {rec.get('runs') or 'default'}, "
+              f"load {rec.get('load', '?')})") if est is not None else "  (never measured)"
+        lines.append(f"  {name:12s} {_hms(est):>10s}{at}")
+    missing = [n for n in names if estimate(n, quick, durations) is None]
+    lines.append(f"  total of the known: {_hms(known)}" + (f"; unknown: {', '.join(missing)}" if missing else ""))
+    return lines
+
+
+def run_all(names: list[str], out_dir: str, quick: bool, runs: int | None,
+            extra: dict[str, list[str]] | None = None) -> int:
+    """Run each benchmark in its own process; progress on stderr; returns how many failed.
+
+    Before each benchmark its estimated duration is printed; after it, the measured one, and
+    ``DIR/durations.json`` is rewritten with every benchmark measured so far (wall seconds, mode,
+    runs, commit, date, load at start and end, exit status), so an interrupted run keeps its record.
+    ``extra``: additional command-line arguments per benchmark (e.g. the soak's ``--minutes``)."""
     os.makedirs(out_dir, exist_ok=True)
+    durations = load_durations()
+    for line in plan(names, quick, durations):
+        print(line, file=sys.stderr, flush=True)
+    rec_path = os.path.join(out_dir, "durations.json")
+    record = load_durations(rec_path)  # a run in batches (--only) adds to the same record
     failed = 0
     t_all = time.monotonic()
+    env = environment()
     for i, name in enumerate(names, 1):
-        print(f"[bench all] {i}/{len(names)} {name} ... (log: {out_dir}/{name}.log)", file=sys.stderr, flush=True)
+        est = estimate(name, quick, durations)
+        print(f"[bench all] {i}/{len(names)} {name} ... estimated {_hms(est)} (log: {out_dir}/{name}.log)",
+              file=sys.stderr, flush=True)
+        load0 = round(os.getloadavg()[0], 2)
         t0 = time.monotonic()
         cmd = [sys.executable, "-m", "bench", name, "--json", os.path.join(out_dir, f"{name}.json")]
         if quick:
             cmd.append("--quick")
         if runs is not None:
             cmd += ["--runs", str(runs)]
+        cmd += (extra or {}).get(name, [])
         with open(os.path.join(out_dir, f"{name}.log"), "w") as log:
             rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         took = time.monotonic() - t0
@@ -137,9 +203,41 @@ def run_all(names: list[str], out_dir: str, quick: bool, runs: int | None) -> in
             with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
                 json.dump({"schema": SCHEMA, "bench": name, "quick": quick, "env": environment(),
                            "error": f"exit status {rc}; see {name}.log", "metrics": {}}, fh, indent=2)
-        print(f"[bench all] {i}/{len(names)} {name} {'FAILED' if rc else 'done'} in {took:.0f} s "
-              f"(total {time.monotonic() - t_all:.0f} s)", file=sys.stderr, flush=True)
+        record[name] = {"wall_s": round(took, 1), "quick": quick, "runs": runs, "rc": rc,
+                        "args": (extra or {}).get(name, []), "commit": env["commit"] + ("+" if env["dirty"] else ""),
+                        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                        "load": [load0, round(os.getloadavg()[0], 2)], "estimate_s": est}
+        with open(rec_path, "w") as fh:
+            json.dump(record, fh, indent=1)
+        print(f"[bench all] {i}/{len(names)} {name} {'FAILED' if rc else 'done'} in {_hms(took)} "
+              f"(estimated {_hms(est)}; total {_hms(time.monotonic() - t_all)})", file=sys.stderr, flush=True)
+    print(f"[bench all] wall time per benchmark (recorded in {rec_path}):", file=sys.stderr)
+    for name, r in ((n, record[n]) for n in names if n in record):
+        print(f"  {name:12s} {_hms(r['wall_s']):>10s}  estimated {_hms(r['estimate_s']):>10s}  load {r['load']}",
+              file=sys.stderr)
+    print(f"  total {_hms(time.monotonic() - t_all)}", file=sys.stderr, flush=True)
     return failed
+
+
+def record_durations(run_dir: str, path: str = DURATIONS_FILE) -> list[str]:
+    """Copy the successful measurements of ``run_dir/durations.json`` (from ``bench all``) into
+    ``path``, as each benchmark's ``full_s`` or ``quick_s``; returns the names updated."""
+    with open(os.path.join(run_dir, "durations.json")) as fh:
+        measured = json.load(fh)
+    known = load_durations(path)
+    done = []
+    for name, r in measured.items():
+        if r.get("rc") != 0 or not _number(r.get("wall_s")):
+            continue
+        mode = "quick" if r.get("quick") else "full"
+        entry = known.setdefault(name, {})
+        entry[f"{mode}_s"] = r["wall_s"]
+        entry[f"{mode}_at"] = {k: r.get(k) for k in ("commit", "date", "load", "runs", "args")}
+        done.append(name)
+    with open(path, "w") as fh:
+        json.dump(dict(sorted(known.items())), fh, indent=1)
+        fh.write("\n")
+    return done
 
 
 # --- bench report -----------------------------------------------------------------------------
@@ -217,6 +315,28 @@ def _runs(d: dict[str, Any]) -> str:
     return f"median of {n}" if n > 1 else "1 run"
 
 
+def _wall_times(docs: list[dict[str, Any]]) -> list[str]:
+    """The run time of each benchmark in these results (for planning the next full run), beside
+    the full-mode duration recorded in bench/durations.json."""
+    known = load_durations()
+    rows = []
+    for d in docs:
+        if "error" in d or not _number(d.get("wall_s")):
+            continue
+        env = d.get("env", {})
+        rows.append({"benchmark": d["bench"], "mode": "quick" if d.get("quick") else "full",
+                     "runs": d.get("runs", 1), "wall": _hms(d["wall_s"]),
+                     "load (1 min) start -> end": f"{env.get('load_start', ['?'])[0]} -> {env.get('load_end', ['?'])[0]}",
+                     "recorded full run": _hms(estimate(d["bench"], False, known))})
+    if not rows:
+        return []
+    total = sum(d["wall_s"] for d in docs if "error" not in d and _number(d.get("wall_s")))
+    return (["## Wall time", "",
+             f"How long each benchmark took here ({_hms(total)} in all, one after another), and its full run as "
+             "recorded in bench/durations.json (`python -m bench all --plan` prints the estimate of a run).", ""]
+            + _md_table(rows) + [""])
+
+
 def write_report(in_dir: str, out_md: str, command: str = "", expected: list[str] | None = None) -> str:
     """Write the markdown report (and PNGs next to it, in ``<out_md stem>/``); returns its path."""
     docs = _load(in_dir)
@@ -282,6 +402,7 @@ def write_report(in_dir: str, out_md: str, command: str = "", expected: list[str
         lines.append(f"| {d['bench']}{' (quick)' if d.get('quick') else ''} | {_runs(d)} | "
                      f"{n_t - len(missed)}/{n_t} | {'<br>'.join(missed)} |")
     lines.append("")
+    lines += _wall_times(docs)
     for d in docs:
         lines += [f"## {d['bench']}", ""]
         if "error" in d:

@@ -33,6 +33,7 @@ from sims import cases, igms
 #: name -> (case, params, role)
 #: headline metric -> the strongest peer it is measured against (the report's headline table)
 HEADLINE = {"igms_wall_ratio_local_max": "uniform fine grid (held-out local-feature cases)",
+            "igms_cpu_ratio_local_max": "uniform fine grid (held-out local-feature cases), CPU time",
             "igms_error_ratio_local_max": "uniform fine grid",
             "igms_over_gradient_cell_updates_local_mean": "the Clawpack-style gradient criterion"}
 CASES = {
@@ -73,19 +74,24 @@ def initial_levels(case, blocks: int, cells: int, max_level: int, controller: ig
     return levels
 
 
-def _uniform(case, blocks, cells, max_level, level):
-    t0 = time.perf_counter()
+def _uniform(case, blocks, cells, max_level, level, cpu: list[float] | None = None):
+    """(sim, last report, wall seconds); this thread's CPU seconds appended to ``cpu``."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     sim = cases.build(case, blocks=blocks, cells=cells, max_level=max_level, level=level)
     report = cases.run_to_end(sim)
+    if cpu is not None:
+        cpu.append(time.thread_time() - c0)
     return sim, report, time.perf_counter() - t0
 
 
-def _controlled(case, blocks, cells, max_level, indicator, tol):
-    t0 = time.perf_counter()
+def _controlled(case, blocks, cells, max_level, indicator, tol, cpu: list[float] | None = None):
+    t0, c0 = time.perf_counter(), time.thread_time()
     ctrl = igms.IGMSController(igms.IGMSConfig(indicator=indicator, refine_tol=tol, coarsen_tol=tol / 4, max_level=max_level))
     levels = initial_levels(case, blocks, cells, max_level, ctrl, indicator)
     sim = cases.build(case, blocks=blocks, cells=cells, max_level=max_level, levels=levels, indicators=(indicator,))
     report, _ = igms.run_controlled(sim, ctrl)
+    if cpu is not None:
+        cpu.append(time.thread_time() - c0)
     return sim, report, time.perf_counter() - t0
 
 
@@ -137,48 +143,81 @@ def choose(train: list[_Case], method: str, tols) -> tuple[float, str]:
     return best[0], f"no tolerance met {ERROR_CAP}x on every training case; lowest mean error ratio {best[2]:.3f}"
 
 
-def _timed_repeats(c: _Case, chosen: dict[str, float], repeats: int) -> dict[str, list[float]]:
-    """Wall times of uniform fine and each method at its chosen tolerance, interleaved."""
+def _timed_repeats(c: _Case, chosen: dict[str, float], repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU times of uniform fine and each method at its chosen tolerance, interleaved."""
     walls: dict[str, list[float]] = {"uniform fine": [], **{m: [] for m in chosen}}
+    cpus: dict[str, list[float]] = {k: [] for k in walls}
     for _ in range(repeats):
-        walls["uniform fine"].append(_uniform(c.case, c.blocks, c.cells, c.L, c.L)[2])
+        walls["uniform fine"].append(_uniform(c.case, c.blocks, c.cells, c.L, c.L, cpus["uniform fine"])[2])
         for m, tol in chosen.items():
             indicator = METHODS[_physics(c.name)][m][0]
-            walls[m].append(_controlled(c.case, c.blocks, c.cells, c.L, indicator, tol)[2])
-    return walls
+            walls[m].append(_controlled(c.case, c.blocks, c.cells, c.L, indicator, tol, cpus[m])[2])
+    return walls, cpus
+
+
+def _fit(nb: list[int], secs: list[float]) -> tuple[float, float]:
+    """(per-block seconds, fixed seconds): the least-squares line of time against block count."""
+    slope, intercept = np.polyfit(nb, secs, 1)
+    return float(slope), float(intercept)
+
+
+def _median_cpu(fn, n: int) -> float:
+    """Median CPU seconds of this thread over ``n`` calls of ``fn`` (CPU time, not wall: the
+    machine is shared, and wall time would count the time spent descheduled)."""
+    secs = []
+    for _ in range(n):
+        c0 = time.thread_time()
+        fn()
+        secs.append(time.thread_time() - c0)
+    return statistics.median(secs)
 
 
 def block_overhead(total: int = 64, steps: int = 20, splits: tuple[int, ...] = (2, 4, 8, 16)) -> list[dict]:
-    """Where a level step's time goes: the same ``total``^2 cells of one level cut into B x B
-    blocks for each B in ``splits`` (equal cell work), ``steps`` root steps each, per physics.
-    A level is advanced by one vectorised call over all its blocks (sims/grid.py ``_advance`` ->
-    ``physics.step_level`` on the level's ``[nvar, blocks, ...]`` array), so time per step =
-    fixed per-level-step cost + per-block cost x blocks + per-cell work: the least-squares line of
-    step time against the block count gives the per-block cost (slope) and the fixed cost at zero
-    blocks (intercept)."""
+    """Where the time of the block machinery goes, per physics: the same ``total``^2 root cells cut
+    into B x B blocks for each B in ``splits`` (equal cell work at each B), three operations timed:
+
+    - ``level step``: one root step of a single-level grid (every level is advanced by one
+      vectorised call over all its blocks: sims/grid.py ``_advance`` -> ``physics.step_level``);
+    - ``mixed step``: one root step with every other block (a checkerboard) one level finer: ghost
+      exchange across coarse/fine faces, subcycling, refluxing;
+    - ``regrid``: refining that checkerboard and coarsening it back (topology, ghost and reflux
+      operators rebuilt, data prolonged / restricted), per regrid.
+
+    Each figure is the median CPU time of this thread over ``steps`` repetitions.
+    Time = fixed cost + per-block cost x blocks + per-cell work (constant across B), so the
+    least-squares line of time against the block count gives the cost per block (slope) and the
+    fixed cost (intercept): the ``fit`` rows."""
     out = []
     for phys, case_name in (("shallow_water", "sw_smooth_hump"), ("diffusion", "gaussian_diffusion")):
         case = cases.make_case(case_name)
-        nb, per_step = [], []
+        long = 1e3 * case.t_end  # never finished within the timed steps
+        nb: list[int] = []
+        times: dict[str, list[float]] = {"level step": [], "mixed step": [], "regrid": []}
         for b in splits:
-            sim = cases.build(case, blocks=b, cells=total // b, max_level=0, level=0)
-            sim.step()  # warm-up
-            t0 = time.perf_counter()
-            n = 0
-            while n < steps and not sim.finished:
-                sim.step()
-                n += 1
+            m = total // b
+            checker = ((np.arange(b)[:, None] + np.arange(b)[None, :]) % 2 == 0).ravel().astype(int)
+            uni = cases.build(case, blocks=b, cells=m, max_level=0, level=0, t_end=long)
+            mixed = cases.build(case, blocks=b, cells=m, max_level=1, levels=checker, t_end=long)
+            for sim, key in ((uni, "level step"), (mixed, "mixed step")):
+                sim.step()  # warm-up
+                times[key].append(_median_cpu(sim.step, steps))
+            ids = np.flatnonzero(checker)
+
+            def regrid_twice(sim=mixed, ids=ids) -> None:
+                sim.coarsen(ids)
+                sim.refine(ids)
+
+            times["regrid"].append(_median_cpu(regrid_twice, max(2, steps // 2)) / 2)
             nb.append(b * b)
-            per_step.append((time.perf_counter() - t0) / max(n, 1))
-        slope, intercept = np.polyfit(nb, per_step, 1)
-        for b2, t in zip(nb, per_step):
+        for i, b2 in enumerate(nb):
             out.append({"physics": phys, "blocks": b2, "cells per block": (total * total) // b2,
-                        "ms per step": 1e3 * t})
-        slope, intercept = float(slope), float(intercept)
-        out.append({"physics": phys, "blocks": "fit", "per-block us": 1e6 * slope,
-                    "fixed ms per step": 1e3 * intercept,
-                    "per-block share at 8x8": slope * 64 / (intercept + slope * 64) if intercept + slope * 64 > 0
-                    else float("nan")})
+                        **{f"{k} ms": 1e3 * v[i] for k, v in times.items()}})
+        for key, secs in times.items():
+            slope, intercept = _fit(nb, secs)
+            out.append({"physics": phys, "blocks": "fit", "operation": key, "per-block us": 1e6 * slope,
+                        "fixed ms": 1e3 * intercept,
+                        "per-block share at 8x8": slope * 64 / (intercept + slope * 64) if intercept + slope * 64 > 0
+                        else float("nan")})
     return out
 
 
@@ -209,13 +248,14 @@ def run(quick: bool) -> Result:
             for m, (_, tols) in methods.items():
                 for tol in grid(tols):
                     c.controlled(m, tol)
-        walls = _timed_repeats(c, chosen[_physics(c.name)], repeats) if c.role == "heldout" else {}
+        walls, cpus = _timed_repeats(c, chosen[_physics(c.name)], repeats) if c.role == "heldout" else ({}, {})
+        fine_wall = statistics.median(walls["uniform fine"]) if walls else None
         for label, u in c.uniform.items():
-            rows.append({"case": c.name, "method": label, "tol": "", **_row(c, u, walls.get(label))})
+            rows.append({"case": c.name, "method": label, "tol": "", **_row(c, u, walls.get(label), fine_wall)})
         for (m, tol), r in sorted(c.sweep.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
             pick = tol == chosen[_physics(c.name)][m]
             rows.append({"case": c.name, "method": m + (" (chosen tol)" if pick else ""), "tol": tol,
-                         **_row(c, r, walls.get(m) if pick else None)})
+                         **_row(c, r, walls.get(m) if pick else None, fine_wall)})
         if c.role != "heldout":
             continue
         for m in methods:
@@ -226,6 +266,7 @@ def run(quick: bool) -> Result:
             metrics |= {f"{c.name}.{m}.error_ratio": r["error"] / c.fine["error"],
                         f"{c.name}.{m}.wall_ratio": wall, f"{c.name}.{m}.wall_ratio_min": lo,
                         f"{c.name}.{m}.wall_ratio_max": hi,
+                        f"{c.name}.{m}.cpu_ratio": statistics.median(cpus[m]) / statistics.median(cpus["uniform fine"]),
                         f"{c.name}.{m}.cell_update_ratio": r["cell_updates"] / c.fine["cell_updates"]}
         series = {label: ([u["wall_s"]], [u["error"]]) for label, u in c.uniform.items()}
         for m in methods:
@@ -237,37 +278,44 @@ def run(quick: bool) -> Result:
     rows += overhead
     for r in overhead:
         if r["blocks"] == "fit":
-            metrics[f"{r['physics']}.per_block_us_per_step"] = r["per-block us"]
-            metrics[f"{r['physics']}.fixed_ms_per_level_step"] = r["fixed ms per step"]
-            metrics[f"{r['physics']}.per_block_share_at_64_blocks"] = r["per-block share at 8x8"]
+            op = r["operation"].replace(" ", "_")
+            metrics[f"{r['physics']}.{op}.per_block_us"] = r["per-block us"]
+            metrics[f"{r['physics']}.{op}.fixed_ms"] = r["fixed ms"]
+            metrics[f"{r['physics']}.{op}.per_block_share_at_64_blocks"] = r["per-block share at 8x8"]
     local = LOCAL_HELDOUT
     metrics |= {
         "igms_error_ratio_local_max": max(metrics[f"{n}.IGMS.error_ratio"] for n in local),
         "igms_wall_ratio_local_max": max(metrics[f"{n}.IGMS.wall_ratio"] for n in local),
         "gradient_error_ratio_local_max": max(metrics[f"{n}.gradient.error_ratio"] for n in local),
         "gradient_wall_ratio_local_max": max(metrics[f"{n}.gradient.wall_ratio"] for n in local),
+        "igms_cpu_ratio_local_max": max(metrics[f"{n}.IGMS.cpu_ratio"] for n in local),
+        "gradient_cpu_ratio_local_max": max(metrics[f"{n}.gradient.cpu_ratio"] for n in local),
         "igms_over_gradient_cell_updates_local_mean": statistics.fmean(
             metrics[f"{n}.IGMS.cell_update_ratio"] / metrics[f"{n}.gradient.cell_update_ratio"] for n in local),
         "max_mass_rel_drift_amr": max(r["mass_drift"] for c in built.values() for r in c.sweep.values()),
         "wall_s": time.perf_counter() - t_all,
     }
     notes += [f"wall ratios: median of {repeats} interleaved runs of the method and of uniform fine; "
-              "*_wall_ratio_min/_max pair the extremes",
+              "*_wall_ratio_min/_max pair the extremes; *_cpu_ratio: the same repeats in this thread's CPU time "
+              "(time.thread_time), which the load on a shared machine does not inflate",
               "dam-break-heldout: the wave fills the domain, so refinement is expected to lose there (reported, no target)",
               "rows marked (chosen tol) on held-out cases carry the repeated wall time; other rows one run each",
               "machine load disturbs wall times; cell updates do not (tolerances are chosen on cell updates)",
-              "overhead rows: one level of 64^2 cells (quick: 32^2) cut into 2x2 .. 16x16 blocks (quick: .. 8x8; equal "
-              "cell work), wall per step; "
-              "the fit's slope is the cost per block per step, its intercept the fixed cost of a level step. Every "
-              "level is already advanced by one vectorised call over all its blocks; what the fit shows is whether "
-              "per-block or per-level-step cost dominates on these small grids"]
+              "overhead rows: 64^2 root cells (quick: 32^2) cut into 2x2 .. 16x16 blocks (quick: .. 8x8; equal "
+              "cell work at every block count), median CPU ms of one root step on one level (level step), of one root "
+              "step with a checkerboard of blocks one level finer (mixed step), and of one regrid of that checkerboard; "
+              "the fit rows' slope is the cost per block, their intercept the fixed cost. Every level is advanced, "
+              "regridded and ghost-filled by array calls over all its blocks (no Python loop over blocks)"]
     targets = {"igms_error_ratio_local_max": ("<=", ERROR_CAP), "igms_wall_ratio_local_max": ("<=", 0.4),
                "igms_over_gradient_cell_updates_local_mean": ("<=", 1.0)}
     return Result(metrics=metrics, targets=targets, table=rows, notes=notes, plots=plots)
 
 
-def _row(c: _Case, r: dict, walls: list[float] | None) -> dict:
+def _row(c: _Case, r: dict, walls: list[float] | None, fine_wall: float | None = None) -> dict:
+    """One table row; with repeated wall times, their median, against uniform fine's median of the
+    same interleaved repeats (``fine_wall``), else against uniform fine's single run."""
     wall = statistics.median(walls) if walls else r["wall_s"]
+    fine = fine_wall if walls and fine_wall else c.fine["wall_s"]
     return {"error": r["error"], "err_vs_fine": r["error"] / c.fine["error"], "wall_s": wall,
-            "wall_vs_fine": wall / c.fine["wall_s"], "cell_updates": r["cell_updates"],
+            "wall_vs_fine": wall / fine, "cell_updates": r["cell_updates"],
             "updates_vs_fine": r["cell_updates"] / c.fine["cell_updates"], "runs": len(walls) if walls else 1}

@@ -45,6 +45,8 @@ from kernel import protocol as P
 from kernel.replay import restore
 
 JOB = "soak"
+#: headline metric -> the strongest peer it is measured against (the report's headline table)
+HEADLINE = {"p99_ratio": "the quiet p99 of the same honest calls, measured in the same run without hostile peers"}
 UNSEEDED_FIRST_ID = 0x6B8B4567
 
 
@@ -419,6 +421,7 @@ def run(quick: bool = False, minutes: float | None = None, seed: int = 14) -> Re
                  "p99_ratio": ("<=", 5), "replay_mismatches": ("<=", 0), "state_lost_after_restart": ("<=", 0),
                  "deep_frames_unanswered": ("<=", 0), "fsck_status": ("<=", 0)},
         table=table,
+        samples={"quiet_p99_ms": len(s.quiet), "hostile_p99_ms": len(s.loud), "p99_ratio": min(len(s.quiet), len(s.loud))},
         notes=[f"{code}: {msg}" for code, msg in sorted(s.messages.items())] + [f"seed {seed}; {len(s.quiet)} quiet and {len(s.loud)} hostile-phase first-attempt successes timed",
                "machine shared with other agents (2 cores): latency figures measured under that contention"],
     )

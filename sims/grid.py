@@ -144,6 +144,10 @@ class _GhostOps:
     slope_y: dict[int, Any]
     flip_rows_x: Any
     flip_rows_y: Any
+    #: coarser source level -> the slots of its blocks that the matrices read (ascending); their
+    #: columns index the array of just those blocks, so time interpolation and slopes are computed
+    #: for the blocks next to the finer level only, not the whole coarser level
+    src_slots: dict[int, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -163,7 +167,8 @@ class BlockTopology:
     Pure index arithmetic (NumPy); arrays live in :class:`sims.diffusion` / solvers.
     """
 
-    def __init__(self, spec: GridSpec, levels: np.ndarray, sparse: Any = sp) -> None:
+    def __init__(self, spec: GridSpec, levels: np.ndarray, sparse: Any = sp, nvar: int = 1,
+                 fold_slopes: bool = False) -> None:
         levels = np.asarray(levels, dtype=np.int64).reshape(-1)
         if levels.shape != (spec.nblocks,):
             raise ValueError(f"levels must have {spec.nblocks} entries, got {levels.shape}")
@@ -172,6 +177,9 @@ class BlockTopology:
         self.spec = spec
         self.levels = levels
         self.sparse = sparse
+        self.nvar = nvar
+        #: unlimited (linear) slopes: fold them into the coarse-to-fine ghost operator at build time
+        self.fold_slopes = fold_slopes
         self.ids = [np.flatnonzero(levels == lv) for lv in range(spec.max_level + 1)]
         self.slot = np.empty(spec.nblocks, dtype=np.int64)
         for lv, ids in enumerate(self.ids):
@@ -261,13 +269,35 @@ class BlockTopology:
         targets = self._flat(level, slots, li, lj)
         pieces = self._owner_cells(level, I, J)
         n_t = len(targets)
-        value, slope_x, slope_y = {}, {}, {}
+        value, slope_x, slope_y, src_slots = {}, {}, {}, {}
         for src, parts in pieces.items():
             r = np.concatenate([p[0] for p in parts])
             c = np.concatenate([p[1] for p in parts])
             ncols = len(self.ids[src]) * spec.padded(src) ** 2
+            if src < level:  # read from the used blocks only (see _GhostOps.src_slots)
+                cell = spec.padded(src) ** 2
+                used, pos = np.unique(c // cell, return_inverse=True)
+                c = pos.ravel() * cell + c % cell
+                ncols = len(used) * cell
+                src_slots[src] = used
             shape = (n_t, ncols)
-            value[src] = self._csr(np.concatenate([p[2] for p in parts]), r, c, shape)
+            w = np.concatenate([p[2] for p in parts])
+            if src < level and self.fold_slopes:  # value + linear slopes: one operator, no slope pass
+                Ps, ms = spec.padded(src), spec.m(src)
+                wx = np.concatenate([p[3] for p in parts])
+                wy = np.concatenate([p[4] for p in parts])
+                rs, cs, ws = [r], [c], [w]
+                for wd, stride, at in ((wx, Ps, (c % (Ps * Ps)) // Ps - g), (wy, 1, c % Ps - g)):
+                    # the unlimited slope of interior_slopes: centred inside, one-sided at the two edges
+                    up = np.where(at == 0, 1.0, np.where(at == ms - 1, 0.0, 0.5)) * wd
+                    down = np.where(at == 0, 0.0, np.where(at == ms - 1, 1.0, 0.5)) * wd
+                    mid = np.where(at == 0, -wd, np.where(at == ms - 1, wd, 0.0))
+                    rs += [r, r, r]
+                    cs += [c + stride, c - stride, c]
+                    ws += [up, -down, mid]
+                value[src] = self._csr(np.concatenate(ws), np.concatenate(rs), np.concatenate(cs), shape)
+                continue
+            value[src] = self._csr(w, r, c, shape)
             if src < level:
                 slope_x[src] = self._csr(np.concatenate([p[3] for p in parts]), r, c, shape)
                 slope_y[src] = self._csr(np.concatenate([p[4] for p in parts]), r, c, shape)
@@ -278,69 +308,84 @@ class BlockTopology:
             slope_y=slope_y,
             flip_rows_x=np.flatnonzero(flip_x),
             flip_rows_y=np.flatnonzero(flip_y),
+            src_slots=src_slots,
         )
 
     def _csr(self, w: np.ndarray, r: np.ndarray, c: np.ndarray, shape: tuple[int, int]) -> Any:
-        mat = sp.csr_matrix((w, (r, c)), shape=shape)
+        """The CSR matrix of COO entries (w, r, c) of ``shape``, repeated block-diagonally for each
+        of the ``nvar`` variables (``kron(I_nvar, M)``: it maps a level's whole ``(nvar, ...)``
+        array, flattened, in one product, without copying it), built directly in canonical form
+        (rows, then columns within a row, ascending: what ``sp.csr_matrix((w, (r, c)))`` gives
+        after its sort) without SciPy's COO round trip, which cost more than the rest of a regrid."""
+        nv = self.nvar
+        r = np.concatenate([np.asarray(r, dtype=np.int64) + v * shape[0] for v in range(nv)])
+        c = np.concatenate([np.asarray(c, dtype=np.int64) + v * shape[1] for v in range(nv)])
+        w = np.tile(np.asarray(w, dtype=np.float64), nv)
+        shape = (nv * shape[0], nv * shape[1])
+        order = np.lexsort((c, r))
+        r, c, w = r[order], c[order], np.asarray(w, dtype=np.float64)[order]
+        dup = (r[1:] == r[:-1]) & (c[1:] == c[:-1])
+        if dup.any():  # sum repeated entries (in sorted order)
+            starts = np.flatnonzero(np.concatenate([[True], ~dup]))
+            r, c, w = r[starts], c[starts], np.add.reduceat(w, starts)
+        indptr = np.zeros(shape[0] + 1, dtype=np.int64)
+        np.cumsum(np.bincount(r, minlength=shape[0]), out=indptr[1:])
+        idx = np.int32 if max(shape) < 2**31 - 1 and len(c) < 2**31 - 1 else np.int64
+        mat = sp.csr_matrix((w, c.astype(idx), indptr.astype(idx)), shape=shape)
+        mat.has_sorted_indices = True
+        mat.has_canonical_format = True
         return mat if self.sparse is sp else self.sparse.csr_matrix(mat)
 
     def _build_reflux(self, level: int) -> _RefluxOps | None:
         """Coarse cells of ``level`` that touch a finer block get their face flux replaced by the
-        time- and length-average of the fine fluxes (Berger-Colella refluxing)."""
+        time- and length-average of the fine fluxes (Berger-Colella refluxing).  Built for every
+        (block, side) pair of the level at once; rows are numbered in order of first appearance
+        over (block, side, cell along the side)."""
         spec = self.spec
         ids = self.ids[level]
         if len(ids) == 0:
             return None
-        m, g = spec.m(level), spec.ghost
-        cell_rows: dict[int, int] = {}
-        own_r, own_c, own_w = [], [], []
-        fine_r: dict[int, list] = {}
-        fine_c: dict[int, list] = {}
-        fine_w: dict[int, list] = {}
-        k = np.arange(m)
-        for s, blk in enumerate(ids):
-            for side in (WEST, EAST, SOUTH, NORTH):
-                nb = self.neighbour(blk, side)
-                if nb is None or self.levels[nb] <= level:
-                    continue
-                fl = int(self.levels[nb])
-                ratio = 1 << (fl - level)
-                if side == WEST:
-                    ci, cj = np.full(m, g), k + g
-                elif side == EAST:
-                    ci, cj = np.full(m, g + m - 1), k + g
-                elif side == SOUTH:
-                    ci, cj = k + g, np.full(m, g)
-                else:
-                    ci, cj = k + g, np.full(m, g + m - 1)
-                flat = self._flat(level, np.full(m, s), ci, cj)
-                rows = np.empty(m, dtype=np.int64)
-                for t, f in enumerate(flat):
-                    rows[t] = cell_rows.setdefault(int(f), len(cell_rows))
-                sign = 1.0 if side in (EAST, NORTH) else -1.0
-                own_r.append(rows)
-                own_c.append((s * 4 + side) * m + k)
-                own_w.append(np.full(m, sign))
-                mf = spec.m(fl)
-                fslot = self.slot[nb]
-                for q in range(ratio):
-                    fine_r.setdefault(fl, []).append(rows)
-                    fine_c.setdefault(fl, []).append((fslot * 4 + OPPOSITE[side]) * mf + k * ratio + q)
-                    fine_w.setdefault(fl, []).append(np.full(m, sign / ratio))
-        if not cell_rows:
+        m, g, B = spec.m(level), spec.ghost, spec.blocks
+        nb = len(ids)
+        slot = np.repeat(np.arange(nb), 4)  # (block, side) pairs, block-major: the loop order
+        side = np.tile(np.arange(4), nb)
+        bx, by = divmod(ids[slot], B)
+        nx = bx + np.array([-1, 1, 0, 0])[side]
+        ny = by + np.array([0, 0, -1, 1])[side]
+        inside = (nx >= 0) & (nx < B) & (ny >= 0) & (ny < B)
+        nbr = np.where(inside, nx * B + ny, 0)
+        keep = inside & (self.levels[nbr] > level)
+        if not keep.any():
             return None
-        targets = np.fromiter(cell_rows.keys(), dtype=np.int64, count=len(cell_rows))
+        slot, side, nbr = slot[keep], side[keep], nbr[keep]
+        fl = self.levels[nbr]
+        k = np.arange(m)
+        edge = np.array([g, g + m - 1, 0, 0])[side][:, None]  # the fixed index of each side's cells
+        along = k[None, :] + g
+        ci = np.where((side < 2)[:, None], edge, along)
+        cj = np.where((side < 2)[:, None], along, np.array([0, 0, g, g + m - 1])[side][:, None])
+        flat = self._flat(level, slot[:, None], ci, cj).ravel()
+        _, first, inverse = np.unique(flat, return_index=True, return_inverse=True)
+        rank = np.empty(len(first), dtype=np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+        rows = rank[inverse.ravel()].reshape(-1, m)
+        targets = np.empty(len(first), dtype=np.int64)
+        targets[rank] = flat[first]
+        sign = np.where((side == EAST) | (side == NORTH), 1.0, -1.0)[:, None]
         n_t = len(targets)
-        own = self._csr(np.concatenate(own_w), np.concatenate(own_r), np.concatenate(own_c), (n_t, len(ids) * 4 * m))
-        fine = {
-            fl: self._csr(
-                np.concatenate(fine_w[fl]),
-                np.concatenate(fine_r[fl]),
-                np.concatenate(fine_c[fl]),
-                (n_t, len(self.ids[fl]) * 4 * spec.m(fl)),
-            )
-            for fl in fine_r
-        }
+        own = self._csr(np.broadcast_to(sign, rows.shape).ravel(), rows.ravel(),
+                        ((slot * 4 + side)[:, None] * m + k[None, :]).ravel(), (n_t, nb * 4 * m))
+        opposite = np.array([OPPOSITE[sd] for sd in range(4)])[side]
+        fine = {}
+        for f in np.unique(fl).tolist():
+            sel = fl == f
+            ratio, mf = 1 << (f - level), spec.m(f)
+            q = np.arange(ratio)
+            r = np.broadcast_to(rows[sel][:, None, :], (int(sel.sum()), ratio, m))
+            c = ((self.slot[nbr[sel]] * 4 + opposite[sel])[:, None, None] * mf + k[None, None, :] * ratio
+                 + q[None, :, None])
+            w = np.broadcast_to((sign[sel] / ratio)[:, :, None], r.shape)
+            fine[f] = self._csr(w.ravel(), r.ravel(), c.ravel(), (n_t, len(self.ids[f]) * 4 * mf))
         return _RefluxOps(targets=targets, own=own, fine=fine)
 
     # --- statistics ---------------------------------------------------------------------------
@@ -416,7 +461,7 @@ class Simulation:
         self.xp, self.sparse = array_module(prefer_gpu)
         if levels is None:
             levels = np.zeros(spec.nblocks, dtype=np.int64)
-        self.topo = BlockTopology(spec, levels, self.sparse)
+        self.topo = BlockTopology(spec, levels, self.sparse, physics.nvar, not physics.limited)
         self._neighbours = np.array(
             [[-1 if (n := self.topo.neighbour(b, s)) is None else n for s in range(4)] for b in range(spec.nblocks)]
         )
@@ -469,20 +514,23 @@ class Simulation:
 
     # --- ghost exchange -------------------------------------------------------------------------
 
-    def _source(self, src: int, level: int, t: float) -> Any:
-        """Level ``src`` as seen by ``level`` at time ``t``: coarser levels interpolated in time."""
+    def _source(self, src: int, level: int, t: float, slots: Any = None) -> Any:
+        """Level ``src`` as seen by ``level`` at time ``t``: coarser levels interpolated in time.
+        ``slots``: only these blocks of the source (all when None)."""
+        U = self.U[src] if slots is None else self.U[src][:, slots]
         if src >= level:
-            return self.U[src]
+            return U
         t0, t1 = self._t_old[src], self._t[src]
         if t1 <= t0 or t >= t1:
-            return self.U[src]
+            return U
         a = (t - t0) / (t1 - t0)
-        return self._U_old[src] + a * (self.U[src] - self._U_old[src])
+        old = self._U_old[src] if slots is None else self._U_old[src][:, slots]
+        return old + a * (U - old)
 
     def _fill_ghosts(self, level: int, arr: Any, t: float) -> None:
         ops = self.topo.ghost_ops[level]
         ph, xp, g = self.physics, self.xp, self.spec.ghost
-        srcs = {s: (arr if s == level else self._source(s, level, t)) for s in ops.value}
+        srcs = {s: (arr if s == level else self._source(s, level, t, ops.src_slots.get(s))) for s in ops.value}
         slopes = {}
         for s in ops.slope_x:
             inner = srcs[s][:, :, g:-g, g:-g]
@@ -491,18 +539,19 @@ class Simulation:
             sx[:, :, g:-g, g:-g] = interior_slopes(inner, 2, ph.limited, xp)
             sy[:, :, g:-g, g:-g] = interior_slopes(inner, 3, ph.limited, xp)
             slopes[s] = (sx, sy)
-        for v in range(ph.nvar):
-            vals = None
-            for s, mat in ops.value.items():
-                part = mat @ srcs[s][v].reshape(-1)
-                if s in slopes:
-                    part = part + ops.slope_x[s] @ slopes[s][0][v].reshape(-1) + ops.slope_y[s] @ slopes[s][1][v].reshape(-1)
-                vals = part if vals is None else vals + part
-            if v in ph.flip_x:
-                vals[ops.flip_rows_x] *= -1.0
-            if v in ph.flip_y:
-                vals[ops.flip_rows_y] *= -1.0
-            arr[v].reshape(-1)[ops.targets] = vals
+        # all variables in one product per operator (the operators are kron(I_nvar, M))
+        vals = None
+        for s, mat in ops.value.items():
+            part = mat @ srcs[s].reshape(-1)
+            if s in slopes:
+                part = part + ops.slope_x[s] @ slopes[s][0].reshape(-1) + ops.slope_y[s] @ slopes[s][1].reshape(-1)
+            vals = part if vals is None else vals + part
+        vals = vals.reshape(ph.nvar, -1)
+        for v in ph.flip_x:
+            vals[v, ops.flip_rows_x] *= -1.0
+        for v in ph.flip_y:
+            vals[v, ops.flip_rows_y] *= -1.0
+        arr.reshape(ph.nvar, -1)[:, ops.targets] = vals
 
     # --- time stepping --------------------------------------------------------------------------
 
@@ -560,12 +609,11 @@ class Simulation:
         ops = self.topo.reflux_ops[level]
         if ops is None:
             return
-        h = self.spec.h(level)
-        for v in range(self.physics.nvar):
-            corr = ops.own @ edges[v].reshape(-1)
-            for f, mat in ops.fine.items():
-                corr = corr - mat @ self._acc[f][level][v].reshape(-1)
-            self.U[level][v].reshape(-1)[ops.targets] += corr / h
+        h, nv = self.spec.h(level), self.physics.nvar
+        corr = ops.own @ edges.reshape(-1)  # every variable at once (kron(I_nvar, M) operators)
+        for f, mat in ops.fine.items():
+            corr = corr - mat @ self._acc[f][level].reshape(-1)
+        self.U[level].reshape(nv, -1)[:, ops.targets] += corr.reshape(nv, -1) / h
 
     def step(self) -> Any:
         """Advance one root step (clipped to ``t_end``) and return the watchdog's
@@ -737,29 +785,25 @@ class Simulation:
             out.append(b)
         return sorted(set(out))
 
-    def _block_interior(self, b: int) -> tuple[int, Any]:
-        lv = int(self.topo.levels[b])
-        g = self.spec.ghost
-        return lv, self.U[lv][:, int(self.topo.slot[b]), g:-g, g:-g]
-
     def _regrid(self, new_levels: np.ndarray) -> None:
-        xp, g, limited = self.xp, self.spec.ghost, self.physics.limited
-        old = {b: self._block_interior(b) for b in range(self.spec.nblocks)}
-        topo = BlockTopology(self.spec, new_levels, self.sparse)
-        U = []
-        for lv in range(self.spec.max_level + 1):
-            ids = topo.ids[lv]
-            arr = self._empty(lv, len(ids))
-            for s, b in enumerate(ids):
-                olv, data = old[int(b)]
-                while olv < lv:
+        """Move every block's interior to its new level: one gather, one batched prolongation or
+        restriction per (old level, new level) pair and one scatter, whatever the block count
+        (AMReX-style: the work of a level is one array call, not a Python loop over blocks)."""
+        g, limited, xp = self.spec.ghost, self.physics.limited, self.xp
+        old_topo = self.topo
+        topo = BlockTopology(self.spec, new_levels, self.sparse, self.physics.nvar, not self.physics.limited)
+        U = [self._empty(lv, len(ids)) for lv, ids in enumerate(topo.ids)]
+        for olv in range(self.spec.max_level + 1):
+            for lv in range(self.spec.max_level + 1):
+                moving = old_topo.ids[olv][topo.levels[old_topo.ids[olv]] == lv]
+                if not len(moving):
+                    continue
+                data = self.U[olv][:, old_topo.slot[moving], g:-g, g:-g]
+                for _ in range(olv, lv):
                     data = _prolong(data, limited, xp)
-                    olv += 1
-                while olv > lv:
+                for _ in range(lv, olv):
                     data = _restrict(data)
-                    olv -= 1
-                arr[:, s, g:-g, g:-g] = data
-            U.append(arr)
+                U[lv][:, topo.slot[moving], g:-g, g:-g] = data
         self.topo, self.U = topo, U
 
     # --- preempt / resume -----------------------------------------------------------------------
@@ -784,7 +828,7 @@ class Simulation:
         levels = np.asarray(snap["levels"])
         if levels.shape != (self.spec.nblocks,):
             raise ValueError("snapshot is from a different grid")
-        self.topo = BlockTopology(self.spec, levels, self.sparse)
+        self.topo = BlockTopology(self.spec, levels, self.sparse, self.physics.nvar, not self.physics.limited)
         self.U = [self.xp.asarray(u).copy() for u in snap["U"]]
         self.time = float(snap["time"])
         self.steps = int(snap["steps"])
@@ -799,39 +843,41 @@ class Simulation:
 
     def uniform(self, level: int, var: int = 0) -> np.ndarray:
         """The variable ``var`` on the uniform lattice of ``level`` (coarser blocks prolonged
-        piecewise constantly, finer ones averaged), as a NumPy (M, M) array indexed [x, y]."""
+        piecewise constantly, finer ones averaged), as a NumPy (M, M) array indexed [x, y].
+        One array call per level (all its blocks at once)."""
         spec = self.spec
-        m = spec.m(level)
-        out = np.empty((spec.blocks * m, spec.blocks * m))
-        for b in range(spec.nblocks):
-            lv, data = self._block_interior(b)
-            d = _np(data[var])
+        m, B, g = spec.m(level), spec.blocks, spec.ghost
+        out = np.empty((B, m, B, m))
+        for lv, ids in enumerate(self.topo.ids):
+            if not len(ids):
+                continue
+            d = _np(self.U[lv][var][:, g:-g, g:-g])  # (nb, m_lv, m_lv), in slot order = ids order
             if lv < level:
                 r = 1 << (level - lv)
-                d = np.repeat(np.repeat(d, r, 0), r, 1)
+                d = np.repeat(np.repeat(d, r, 1), r, 2)
             elif lv > level:
                 r = 1 << (lv - level)
-                d = d.reshape(m, r, m, r).mean(axis=(1, 3))
-            bx, by = divmod(b, spec.blocks)
-            out[bx * m : (bx + 1) * m, by * m : (by + 1) * m] = d
-        return out
+                d = d.reshape(len(ids), m, r, m, r).mean(axis=(2, 4))
+            bx, by = divmod(ids, B)
+            out[bx, :, by, :] = d
+        return out.reshape(B * m, B * m)
 
     def l1_error(self, reference: np.ndarray, ref_level: int, var: int = 0) -> float:
         """Area-weighted L1 distance between this run's cell averages and ``reference`` (a uniform
         array at ``ref_level`` >= every block level) averaged onto this run's cells."""
         spec = self.spec
-        mr = spec.m(ref_level)
+        mr, B, g = spec.m(ref_level), spec.blocks, spec.ghost
+        ref4 = np.asarray(reference).reshape(B, mr, B, mr)
         total = 0.0
-        for b in range(spec.nblocks):
-            lv, data = self._block_interior(b)
+        for lv, ids in enumerate(self.topo.ids):
+            if not len(ids):
+                continue
             if lv > ref_level:
-                raise ValueError(f"reference level {ref_level} is coarser than block {b} (level {lv})")
-            bx, by = divmod(b, spec.blocks)
-            ref = reference[bx * mr : (bx + 1) * mr, by * mr : (by + 1) * mr]
-            r = 1 << (ref_level - lv)
-            m = spec.m(lv)
-            ref = ref.reshape(m, r, m, r).mean(axis=(1, 3))
-            total += float(np.abs(_np(data[var]) - ref).sum()) * spec.h(lv) ** 2
+                raise ValueError(f"reference level {ref_level} is coarser than block {ids[0]} (level {lv})")
+            bx, by = divmod(ids, B)
+            r, m = 1 << (ref_level - lv), spec.m(lv)
+            ref = ref4[bx, :, by, :].reshape(len(ids), m, r, m, r).mean(axis=(2, 4))
+            total += float(np.abs(_np(self.U[lv][var][:, g:-g, g:-g]) - ref).sum()) * spec.h(lv) ** 2
         return total
 
 
@@ -846,19 +892,20 @@ def _block_max(field: Any, halo: int, xp: Any):
 
 
 def _prolong(data: Any, limited: bool, xp: Any) -> Any:
-    """(nvar, m, m) -> (nvar, 2m, 2m): children = parent +- slope/4 in x and y (sums exactly to
-    4 x parent up to round-off, so mass is conserved)."""
-    sx = interior_slopes(data[:, None], 2, limited, xp)[:, 0]
-    sy = interior_slopes(data[:, None], 3, limited, xp)[:, 0]
-    nv, m, _ = data.shape
-    out = xp.empty((nv, 2 * m, 2 * m))
+    """(nvar, nb, m, m) -> (nvar, nb, 2m, 2m): children = parent +- slope/4 in x and y (sums exactly
+    to 4 x parent up to round-off, so mass is conserved)."""
+    sx = interior_slopes(data, 2, limited, xp)
+    sy = interior_slopes(data, 3, limited, xp)
+    nv, nb, m, _ = data.shape
+    out = xp.empty((nv, nb, 2 * m, 2 * m))
     for p, dx in ((0, -0.25), (1, 0.25)):
         for q, dy in ((0, -0.25), (1, 0.25)):
-            out[:, p::2, q::2] = data + dx * sx + dy * sy
+            out[:, :, p::2, q::2] = data + dx * sx + dy * sy
     return out
 
 
 def _restrict(data: Any) -> Any:
-    nv, m2, _ = data.shape
+    """(nvar, nb, 2m, 2m) -> (nvar, nb, m, m): the average of each 2 x 2 group of children."""
+    nv, nb, m2, _ = data.shape
     m = m2 // 2
-    return data.reshape(nv, m, 2, m, 2).mean(axis=(2, 4))
+    return data.reshape(nv, nb, m, 2, m, 2).mean(axis=(3, 5))

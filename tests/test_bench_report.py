@@ -95,3 +95,55 @@ def test_headlines_name_their_peer_and_deterministic_runs_say_so(tmp_path):
     assert "| det | deterministic | 1/1 |  |" in text
     assert "**Not in this report** (no result file): gone." in text
     assert "**Mixed commits**" in text  # abc and def
+
+
+def test_plan_prints_recorded_durations_and_the_known_total(tmp_path):
+    path = tmp_path / "durations.json"
+    path.write_text(json.dumps({"a": {"full_s": 90.0, "full_at": {"date": "d", "commit": "c", "runs": 3, "load": [1, 2]}},
+                                "b": {"quick_s": 5.0}}))
+    lines = _report.plan(["a", "b"], False, _report.load_durations(str(path)))
+    assert "1m30s" in lines[1] and "commit c" in lines[1] and "never measured" in lines[2]
+    assert lines[-1] == "  total of the known: 1m30s; unknown: b"
+    assert _report.estimate("b", True, _report.load_durations(str(path))) == 5.0
+
+
+def test_bench_all_plan_runs_nothing(capsys):
+    assert bench_main.main(["all", "--plan", "--only", "kv_copy,igms"]) == 0
+    out = capsys.readouterr().out
+    assert "kv_copy" in out and "igms" in out and "total of the known" in out
+
+
+def test_record_durations_keeps_successful_runs_by_mode(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "durations.json").write_text(json.dumps({
+        "ok": {"wall_s": 12.5, "quick": False, "rc": 0, "commit": "c", "date": "d", "load": [3, 4], "runs": None},
+        "q": {"wall_s": 2.0, "quick": True, "rc": 0, "commit": "c", "date": "d", "load": [3, 4], "runs": None},
+        "bad": {"wall_s": 1.0, "quick": False, "rc": 1}}))
+    path = tmp_path / "durations.json"
+    path.write_text(json.dumps({"ok": {"quick_s": 1.0}}))
+    assert sorted(_report.record_durations(str(run), str(path))) == ["ok", "q"]
+    got = json.loads(path.read_text())
+    assert got["ok"]["full_s"] == 12.5 and got["ok"]["quick_s"] == 1.0 and got["ok"]["full_at"]["load"] == [3, 4]
+    assert got["q"] == {"quick_s": 2.0, "quick_at": {"commit": "c", "date": "d", "load": [3, 4], "runs": None,
+                                                    "args": None}}
+    assert "bad" not in got
+
+
+def test_report_has_a_wall_time_section(tmp_path):
+    with open(tmp_path / "demo.json", "w") as fh:
+        json.dump(_report.aggregate("demo", True, [_result(1.0)], ENV, 75.0), fh)
+    text = open(_report.write_report(str(tmp_path), str(tmp_path / "out.md"))).read()
+    assert "## Wall time" in text and "| demo | quick | 1 | 1m15s | 1.0 -> " in text
+
+
+def test_bench_all_records_each_benchmark_duration_and_keeps_earlier_batches(tmp_path, capsys):
+    (tmp_path / "durations.json").write_text(json.dumps({"earlier": {"wall_s": 3.0, "quick": True, "rc": 0}}))
+    assert _report.run_all(["cswif"], str(tmp_path), True, None) == 0  # a real benchmark, quick (seconds)
+    rec = json.loads((tmp_path / "durations.json").read_text())
+    assert set(rec) == {"earlier", "cswif"}
+    assert rec["cswif"]["rc"] == 0 and rec["cswif"]["quick"] is True and rec["cswif"]["wall_s"] > 0
+    assert len(rec["cswif"]["load"]) == 2 and rec["cswif"]["commit"]
+    assert json.loads((tmp_path / "cswif.json").read_text())["bench"] == "cswif"
+    err = capsys.readouterr().err
+    assert "cswif ... estimated" in err and "cswif done in" in err and "wall time per benchmark" in err

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sims import cases, invariants
+from sims import grid
 from sims.grid import GridSpec, Simulation, SimulationHalted
 
 PATTERNS = {
@@ -163,6 +164,92 @@ def test_refine_then_coarsen_round_trips_the_data():
     assert sim.refine([1]) == []  # already at max_level
     assert sim.coarsen([1, 2]) == [1, 2]
     assert np.allclose(sim.uniform(0), before, rtol=0, atol=1e-15)
+
+
+def _block(sim: Simulation, b: int) -> np.ndarray:
+    """Block ``b``'s interior (nvar, m, m), read block by block (the reference for the level-wide
+    array calls of regrid, uniform and l1_error)."""
+    lv, g = int(sim.topo.levels[b]), sim.spec.ghost
+    return np.asarray(sim.U[lv][:, int(sim.topo.slot[b]), g:-g, g:-g])
+
+
+def test_regrid_uniform_and_l1_match_a_block_by_block_reference():
+    sim = cases.build("radial_dam_break", blocks=4, cells=4, max_level=2, levels=PATTERNS["checker"], t_end=0.6)
+    for _ in range(2):
+        sim.step()
+    old = {b: _block(sim, b) for b in range(16)}
+    old_levels = sim.topo.levels.copy()
+    new_levels = old_levels.copy()
+    new_levels[[0, 10]] += 1  # 0 -> 1
+    new_levels[[1, 5]] += 1  # 1 -> 2
+    new_levels[[12]] -= 1  # 1 -> 0
+    sim._regrid(new_levels)  # every kind of move in one regrid
+    moved = sim.topo.levels - old_levels
+    assert set(moved.tolist()) == {-1, 0, 1}
+    for b in range(16):
+        data, got = old[b], _block(sim, b)
+        if moved[b] == 1:
+            want = grid._prolong(data[:, None], sim.physics.limited, np)[:, 0]
+        elif moved[b] == -1:
+            nv, m2, _ = data.shape
+            want = data.reshape(nv, m2 // 2, 2, m2 // 2, 2).mean(axis=(2, 4))
+        else:
+            want = data
+        assert np.array_equal(got, want), b
+    level = 2
+    ref = np.empty((16 * 4, 16 * 4))
+    for b in range(16):
+        d, lv = _block(sim, b)[0], int(sim.topo.levels[b])
+        r = 1 << (level - lv)
+        bx, by = divmod(b, 4)
+        ref[bx * 16 : (bx + 1) * 16, by * 16 : (by + 1) * 16] = np.repeat(np.repeat(d, r, 0), r, 1)
+    assert np.array_equal(sim.uniform(level), ref)
+    shifted = ref + np.linspace(0, 1, ref.size).reshape(ref.shape)
+    want = 0.0
+    for b in range(16):
+        lv, bx, by = int(sim.topo.levels[b]), *divmod(b, 4)
+        m, r = 4 << lv, 1 << (level - lv)
+        avg = shifted[bx * 16 : (bx + 1) * 16, by * 16 : (by + 1) * 16].reshape(m, r, m, r).mean(axis=(1, 3))
+        want += float(np.abs(_block(sim, b)[0] - avg).sum()) * sim.spec.h(lv) ** 2
+    assert sim.l1_error(shifted, level) == pytest.approx(want, rel=1e-12)
+
+
+def test_folded_linear_slopes_give_the_ghosts_of_value_plus_slope_operators():
+    """Diffusion's (unlimited, linear) coarse slopes are folded into one coarse-to-fine ghost
+    operator; the ghosts must equal those of separate value and slope operators (to round-off)."""
+    sim = cases.build("gaussian_diffusion", blocks=4, cells=4, max_level=1, levels=PATTERNS["checker"], t_end=0.004)
+    sim.step()
+    folded = grid.BlockTopology(sim.spec, sim.topo.levels, nvar=1, fold_slopes=True)
+    apart = grid.BlockTopology(sim.spec, sim.topo.levels, nvar=1, fold_slopes=False)
+    assert not folded.ghost_ops[1].slope_x and apart.ghost_ops[1].slope_x
+    ghosts = []
+    for topo in (folded, apart):
+        sim.topo = topo
+        arr = sim.U[1].copy()
+        sim._t_old, sim._t = [0.0, 0.0], [0.0, 0.0]  # no time interpolation
+        sim._fill_ghosts(1, arr, 0.0)
+        ghosts.append(arr.reshape(-1)[topo.ghost_ops[1].targets])
+    assert np.allclose(ghosts[0], ghosts[1], rtol=1e-13, atol=1e-15)
+    assert np.abs(ghosts[0]).max() > 0
+
+
+def test_csr_operators_equal_scipy_coo_construction():
+    import scipy.sparse as sp
+
+    topo = grid.BlockTopology(GridSpec(0.0, 1.0, 0.0, 1.0, blocks=2, cells=4, max_level=1, ghost=2), np.array([0, 1, 1, 0]))
+    rng = np.random.default_rng(3)
+    for dups in (False, True):
+        r = rng.integers(0, 50, 400)
+        c = rng.permutation(100_000)[:400] if not dups else rng.integers(0, 30, 400)
+        w = rng.standard_normal(400)
+        got = topo._csr(w, r, c, (50, 100_000))
+        want = sp.csr_matrix((w, (r, c)), shape=(50, 100_000))
+        assert got.has_canonical_format
+        assert np.array_equal(got.indptr, want.indptr) and np.array_equal(got.indices, want.indices)
+        if dups:  # repeated entries summed: the order of the additions may differ from SciPy's
+            assert np.allclose(got.data, want.data, rtol=1e-14, atol=1e-14)
+        else:
+            assert np.array_equal(got.data, want.data)
 
 
 def test_unstable_run_is_halted_and_reported():
