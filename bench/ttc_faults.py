@@ -495,11 +495,17 @@ def run(quick: bool) -> Result:
 # ------------------------------------------------------------------------------ --ray: runs as Ray tasks
 
 #: Kill targets of a ``--ray`` schedule: the Ray worker process running a call's task, the
-#: tool-worker under it, an abort (``ray.cancel(force=True)``), or nothing.
-RAY_TARGETS = ("task", "tool", "abort", "none")
-RAY_TARGET_WEIGHTS = (0.35, 0.35, 0.2, 0.1)
+#: tool-worker under it, an abort (``ray.cancel(force=True)``), a whole Ray worker node (every
+#: process of it SIGKILLed at once: the machine is gone), its raylet alone (SIGKILL; the node's
+#: workers and their tool-workers must follow on their own), or nothing.
+RAY_TARGETS = ("task", "tool", "abort", "node", "raylet", "none")
+RAY_TARGET_WEIGHTS = (0.25, 0.25, 0.15, 0.15, 0.1, 0.1)
+#: Targets that kill the worker node (a new one is started after the schedule settles).
+NODE_TARGETS = ("node", "raylet")
 #: Bound on settling one ``--ray`` schedule (seconds; Ray on a loaded machine).
 RAY_SETTLE_S = 120.0
+#: Bound on a (replacement) worker node joining the cluster (seconds).
+NODE_JOIN_S = 150.0
 
 
 def make_ray_schedule(seed: int, index: int) -> dict:
@@ -526,16 +532,123 @@ def _ray_victim_pid(c: Any, call_id: str, timeout: float) -> int | None:
     return None
 
 
-def run_ray_schedule(c: Any, db: str, sched: dict, counts: Counter, kills: Counter) -> None:
-    """One ``--ray`` schedule on coordinator ``c``; adds violations to ``counts``."""
+class WorkerNode:
+    """The harness's second Ray node (``ray start --address`` under kernel.raynode, 1 CPU): runs
+    are placed on it (soft node affinity) while it is up, on the head while it is not.  ``kill``
+    takes the whole node down; ``settle`` reaps it and starts a replacement (joined later)."""
+
+    def __init__(self, address: str, head_id: str) -> None:
+        self.address, self.head_id = address, head_id
+        self.proc: subprocess.Popen | None = None
+        self.node_id: str | None = None
+        self.joins = 0
+        self.killed = False
+        #: Node ids killed here: the GCS may list one as alive for a while after (health checks).
+        self.dead: set[str] = set()
+
+    def start(self) -> None:
+        from kernel.rayplace import node_argv, start_node
+
+        env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+        self.proc = start_node(node_argv(address=self.address, num_cpus=1), env)
+        self.node_id = None
+        self.killed = False
+
+    def _joined(self) -> str | None:
+        import ray
+
+        alive = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in (self.head_id, *self.dead)]
+        return alive[0] if alive and self.proc is not None and self.proc.poll() is None else None
+
+    def place(self, c: Any, wait_s: float = 0.0) -> bool:
+        """Place the next runs on this node if it has joined (waiting up to ``wait_s``; a node whose
+        runner exited is started again), else on the head."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        deadline = time.monotonic() + wait_s
+        while self.node_id is None:
+            if self.proc is None or self.proc.poll() is not None:
+                self.start()
+            self.node_id = self._joined()
+            if self.node_id is not None:
+                self.joins += 1
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+        target = self.node_id or self.head_id
+        c.runner.place({"scheduling_strategy": NodeAffinitySchedulingStrategy(target, soft=True)})
+        return self.node_id is not None
+
+    def hosts(self, pid: int) -> bool:
+        """Whether ``pid`` runs on this node (a descendant of its runner)."""
+        try:
+            return self.proc is not None and any(p.pid == self.proc.pid for p in psutil.Process(pid).parents())
+        except psutil.Error:
+            return False
+
+    def kill(self, how: str, c: Any) -> None:
+        """``node``: SIGKILL every process of the node at once; ``raylet``: SIGKILL its raylet only.
+        The next runs go to the head."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        assert self.proc is not None
+        try:
+            procs = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            procs = []
+        if how == "raylet":
+            procs = [p for p in procs if _name(p) == "raylet"]
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        if self.node_id is not None:
+            self.dead.add(self.node_id)
+        self.node_id = None
+        self.killed = True
+        c.runner.place({"scheduling_strategy": NodeAffinitySchedulingStrategy(self.head_id, soft=True)})
+
+    def settle(self) -> None:
+        """After a kill: reap the old node (its runner stops what is left) and start a new one."""
+        from kernel.rayplace import stop_node
+
+        if self.proc is not None and self.killed:
+            stop_node(self.proc, timeout=10)
+            self.start()
+
+    def stop(self) -> None:
+        from kernel.rayplace import stop_node
+
+        if self.proc is not None:
+            stop_node(self.proc, timeout=10)
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
+
+
+def run_ray_schedule(c: Any, db: str, sched: dict, counts: Counter, kills: Counter,
+                     node: WorkerNode | None = None) -> None:
+    """One ``--ray`` schedule on coordinator ``c``; adds violations to ``counts``.  A node target
+    needs ``node`` (the worker node the runs are placed on)."""
     from services.ttc.logic import ABORTED, DONE, TERMINAL_STATES
 
+    target = sched["target"]
+    if node is not None:
+        joined = node.place(c, NODE_JOIN_S if target in NODE_TARGETS else 0.0)
+        if target in NODE_TARGETS and not joined:
+            kills["node_not_joined"] += 1
     consumer = f"s{sched['index']}"
     ids = [c.prepare("diffusion", {"n": 32, "steps": steps, "checkpoint_every": 2_000, "seed": k}, 30.0,
                      [consumer], 120) for k, steps in enumerate(sched["calls"])]
     for cid in ids:
         c.commit(cid)
-    victim, target = ids[sched["victim"]], sched["target"]
+    victim = ids[sched["victim"]]
     landed = False
     if target != "none":
         pid = _ray_victim_pid(c, victim, RAY_SETTLE_S)
@@ -546,6 +659,10 @@ def run_ray_schedule(c: Any, db: str, sched: dict, counts: Counter, kills: Count
                 if target == "abort":
                     landed = c.outcome(victim).state not in TERMINAL_STATES
                     c.abort(victim)
+                elif target in NODE_TARGETS:
+                    if node is not None and node.node_id is not None:
+                        landed = not _dead(proc) and node.hosts(pid)
+                        node.kill(target, c)
                 else:
                     p = psutil.Process(proc.ppid()) if target == "task" else proc
                     landed = not _dead(p)
@@ -559,6 +676,8 @@ def run_ray_schedule(c: Any, db: str, sched: dict, counts: Counter, kills: Count
         out = c.run_until_settled(ids, RAY_SETTLE_S)
     except TimeoutError:
         out = {cid: c.outcome(cid) for cid in ids}
+    if node is not None and target in NODE_TARGETS:
+        node.settle()
     for cid in ids:
         state = out[cid].state
         if state not in TERMINAL_STATES:
@@ -574,51 +693,68 @@ def run_ray_schedule(c: Any, db: str, sched: dict, counts: Counter, kills: Count
             counts["lost"] += 1
         if c.attach(d.call_id, consumer):
             counts["twice"] += 1
+    # No tool-worker of a settled call may outlive it (a node's orphan included).
+    counts["orphaned_runs"] += sum(len(tagged_processes(f"{c.store.store_id}/{cid}/")) for cid in ids)
     got = checker.check(db)
     for k, v in got.as_dict().items():
         counts[k] += v
     if got.details:
-        counts["checker_details"] += 0
         print(f"schedule {sched['index']}: {got.details[:3]}", file=sys.stderr)
 
 
-def run_ray_schedules(n: int, seed: int, workdir: str) -> dict:
-    """``n`` ``--ray`` schedules on one local Ray node and one coordinator (``runner="ray"``)."""
+def run_ray_schedules(n: int, seed: int, workdir: str, *, nodes: int = 2, wall_s: float | None = None) -> dict:
+    """``n`` ``--ray`` schedules on a local Ray head (and, ``nodes=2``, a second node that node
+    targets kill) with one coordinator (``runner="ray"``).  ``nodes=1`` skips the node targets;
+    ``wall_s`` stops starting schedules after that many seconds (the counts are of those run)."""
+    import ray
+
     from services.ttc.rayrun import start_local_cluster, stop_local_cluster
     from services.ttc.runner import Coordinator
 
     load0 = os.getloadavg()
-    head, address, _ = start_local_cluster(workdir)
-    counts: Counter = Counter({k: 0 for k in ("lost", "stuck", "twice", "duplicated_results", "completed_twice")})
+    head, address, _ = start_local_cluster(workdir, tries=8)  # Ray's own start fails often at load 25+
+    counts: Counter = Counter({k: 0 for k in ("lost", "stuck", "twice", "duplicated_results", "completed_twice",
+                                              "orphaned_runs")})
     kills: Counter = Counter()
     t0 = time.monotonic()
     done = 0
     db = os.path.join(workdir, "ray.db")
+    node = None
     try:
+        if nodes > 1:
+            node = WorkerNode(address, ray.get_runtime_context().get_node_id())
+            node.start()
         with Coordinator(db, runner="ray", max_parallel=2) as c:
             for i in range(n):
-                run_ray_schedule(c, db, make_ray_schedule(seed, i), counts, kills)
+                if wall_s is not None and time.monotonic() - t0 > wall_s:
+                    break
+                sched = make_ray_schedule(seed, i)
+                if node is None and sched["target"] in NODE_TARGETS:
+                    sched["target"] = "none"
+                run_ray_schedule(c, db, sched, counts, kills, node)
                 done += 1
                 print(f"{done} schedules {time.monotonic() - t0:.0f} s load {os.getloadavg()[0]:.1f}"
                       f" counts {dict(counts)} kills {dict(kills)}", file=sys.stderr, flush=True)
-            leftover = tagged_processes(c.store.store_id + "/")
-            counts["orphaned_runs"] += len(leftover)
+            counts["orphaned_runs"] += len(tagged_processes(c.store.store_id + "/"))
         counts["final_checker_total"] = checker.check(db).total()
     finally:
+        if node is not None:
+            node.stop()
         stop_local_cluster(head)
     return {"schedules": done, "wall_s": time.monotonic() - t0, "counts": dict(counts), "kills": dict(kills),
-            "loadavg_start": load0, "loadavg_end": os.getloadavg()}
+            "node_joins": node.joins if node else 0, "loadavg_start": load0, "loadavg_end": os.getloadavg()}
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "--ray":  # python -m bench.ttc_faults --ray [N] [SEED] [OUT.json]
+    if len(sys.argv) >= 2 and sys.argv[1] == "--ray":  # python -m bench.ttc_faults --ray [N] [SEED] [OUT.json] [WALL_S]
         import tempfile
 
         n_ray = int(sys.argv[2]) if len(sys.argv) > 2 else 200
         seed_ray = int(sys.argv[3]) if len(sys.argv) > 3 else 20251207
+        wall = float(sys.argv[5]) if len(sys.argv) > 5 else None
         wd = tempfile.mkdtemp(prefix="ttcr-", dir="/tmp")
         try:
-            text = json.dumps(run_ray_schedules(n_ray, seed_ray, wd), indent=1)
+            text = json.dumps(run_ray_schedules(n_ray, seed_ray, wd, wall_s=wall), indent=1)
         finally:
             shutil.rmtree(wd, ignore_errors=True)
         if len(sys.argv) > 4:  # Ray prints its own worker-death lines on stdout: a clean file
@@ -628,6 +764,6 @@ if __name__ == "__main__":
         sys.exit(0)
     if len(sys.argv) == 3 and sys.argv[1] == "--client":
         sys.exit(client_main(sys.argv[2]))
-    print("usage: python -m bench ttc_faults [--quick]  (or: bench/ttc_faults.py --client ENDPOINT | --ray [N] [SEED] [OUT.json])",
+    print("usage: python -m bench ttc_faults [--quick]  (or: bench/ttc_faults.py --client ENDPOINT | --ray [N] [SEED] [OUT.json] [WALL_S])",
           file=sys.stderr)
     sys.exit(2)

@@ -182,7 +182,9 @@ def _ray_placement(cfg, principals):
             principals.add_child(name, role, public)
 
         revoke = principals.remove_child
-    return RayPlacement(RayCluster(cfg.ray), cfg.ray_resources, authorise=authorise, revoke=revoke)
+    limits = {spec.name: spec.limits() for spec in cfg.services if spec.placement == "ray"}
+    return RayPlacement(RayCluster(cfg.ray), cfg.ray_resources, authorise=authorise, revoke=revoke,
+                        limits=limits, enforce_backend=cfg.enforce_backend)
 
 
 def _log_dir(cfg) -> str | None:

@@ -178,6 +178,11 @@ def node_argv(
     ``address``; every port explicit (free ones picked here, so several clusters share a
     machine), no dashboard, no usage stats.  Kill it by its process group."""
     ports = free_ports(7, "")  # free here; in another namespace any port is
+    taken = {*ports[:6], head_port}
+    for _ in range(20):  # the worker range must not cover another component's port (Ray refuses)
+        if not taken & set(range(ports[6], ports[6] + 41)):
+            break
+        ports[6] = free_ports(1, "")[0]
     argv = [
         os.path.join(os.path.dirname(sys.executable), "ray"),
         "start",
@@ -234,8 +239,14 @@ def make_token(path: str) -> str:
 
 #: Environment of every node reca starts: a loaded machine's Python agents may take longer than
 #: the raylet's default wait for their port files (it aborts with "Timed out waiting for file
-#: ...dashboard_agent_listen_port"); no usage statistics are sent.
-NODE_ENV = {"RAY_agent_register_timeout_ms": "120000", "RAY_USAGE_STATS_ENABLED": "0"}
+#: ...dashboard_agent_listen_port"); the node's processes start at nice -10 for their first 90 s
+#: (kernel/raynode.py: Ray's hard-coded 30 s raylet registration, missed at load 30+ on 2 cores;
+#: skipped where not permitted); no usage statistics are sent.  The caller's environment wins.
+NODE_ENV = {
+    "RAY_agent_register_timeout_ms": "120000",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RECA_RAYNODE_STARTUP_NICE": "-10",
+}
 
 
 def start_node(
@@ -291,6 +302,10 @@ class ServiceAgent:
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.cert: str | None = None
         self.public: bytes | None = None
+        #: This node's enforcer (kernel/enforce.py: cgroups, else signals) and the service's group.
+        self.enforcer: Any = None
+        self.group: Any = None
+        self.cpu_floor = 0.0  # CPU seconds read before a group was lost (monotone billing)
 
     def enrol(self) -> dict[str, Any]:
         """Make the replica's CURVE key pair here; return only its public key and where it runs."""
@@ -311,10 +326,31 @@ class ServiceAgent:
             "agent_pid": os.getpid(),
         }
 
-    def start(self, argv: list[str], env: dict[str, str], server_public: str) -> int:
-        """Start the service with its own certificate; returns its pid (on this node)."""
+    def _open_enforcer(self, enforce: dict[str, Any]) -> dict[str, Any]:
+        """Open this node's enforcer (``reca-<agent pid>`` under the agent's own cgroups, so a
+        later agent on the node sweeps it if this one is killed) and the service's group with
+        its ceilings; returns ``{backend, reason}``.  A named backend the node lacks raises
+        (the replica is reported unavailable with the reason, as a kernel refuses to start)."""
+        from kernel import enforce as E
+
+        limits = enforce.get("limits") or {}
+        self.enforcer = E.open_enforcer(str(enforce.get("backend", "auto")), name=f"reca-{os.getpid()}")
+        self.group = self.enforcer.service(
+            self.name, E.Limits(limits.get("mem_bytes"), limits.get("cpu_weight"), limits.get("pids_max"))
+        )
+        return {"backend": self.enforcer.backend, "reason": self.enforcer.reason}
+
+    def start(
+        self, argv: list[str], env: dict[str, str], server_public: str, enforce: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Start the service with its own certificate, in a group of this node's enforcer when
+        ``enforce`` is given (``{"backend", "limits": {mem_bytes, cpu_weight, pids_max}}``);
+        returns ``{"pid": its pid on this node, "enforcer": {backend, reason} or None}``."""
         from kernel import auth
+        from kernel import enforce as E
         from kernel import protocol as P
+
+        facts = self._open_enforcer(enforce) if enforce is not None else None
 
         server = os.path.join(self.dir, "kernel.key")
         auth.write_public_certificate(server, auth.KERNEL_ROLE, server_public.encode())
@@ -326,6 +362,9 @@ class ServiceAgent:
         full[P.ENV_SERVER_CERT] = server
         full[P.ENV_PARENT] = str(os.getpid())  # the service dies with this agent (PR_SET_PDEATHSIG)
         full.setdefault("PYTHONUNBUFFERED", "1")
+        full.pop(E.ENV_GROUP, None)
+        if self.group is not None:
+            full[E.ENV_GROUP] = self.group.handle()  # its helpers (ttc's tool runs) join sub-groups
         self.proc = subprocess.Popen(
             argv,
             env=full,
@@ -334,8 +373,10 @@ class ServiceAgent:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if self.group is not None:
+            self.group.sub("main").place_tree(self.proc.pid)  # with any child it forked already
         threading.Thread(target=self._pump, daemon=True).start()
-        return self.proc.pid
+        return {"pid": self.proc.pid, "enforcer": facts}
 
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -352,9 +393,25 @@ class ServiceAgent:
         return rc, (self.tail[-1] if self.tail else None)
 
     def signal(self, sig: int) -> bool:
-        """Send ``sig`` to the service's process group (SIGSTOP/SIGCONT/SIGKILL: the node-side stop)."""
+        """The node-side stop.  With an enforcer: SIGSTOP freezes the service's group (its whole
+        tree, helpers in other sessions included), SIGCONT thaws it, SIGKILL kills every process
+        of it -- as a local child's group; other signals (and without an enforcer, all) go to the
+        service's process group."""
         if self.proc is None or self.proc.poll() is not None:
             return False
+        if self.group is not None and sig in (signal.SIGSTOP, signal.SIGCONT, signal.SIGKILL):
+            from kernel import enforce as E
+
+            try:
+                if sig == signal.SIGSTOP:
+                    self.group.freeze()
+                elif sig == signal.SIGCONT:
+                    self.group.thaw()
+                else:
+                    self.group.kill()
+                return True
+            except (E.EnforcerError, OSError):
+                pass  # a freeze the OS did not confirm in time, a group gone: the signal below
         try:
             if sig == signal.SIGKILL:
                 os.killpg(self.proc.pid, signal.SIGCONT)
@@ -363,12 +420,24 @@ class ServiceAgent:
             return False
         return True
 
+    def frozen(self) -> bool | None:
+        """Whether the service's group is frozen (None without an enforcer)."""
+        return None if self.group is None else bool(self.group.frozen())
+
     def cpu_seconds(self) -> float | None:
-        """User + system CPU seconds of the service and its descendants, measured on this node."""
+        """CPU seconds of the service and its descendants, measured on this node: its group's
+        (cgroup accounting counts every process that ever ran in it, reaped ones included), else
+        user + system of its live tree (psutil)."""
         import psutil
 
         if self.proc is None:
             return None
+        if self.group is not None:
+            try:
+                self.cpu_floor = max(self.cpu_floor, float(self.group.cpu_seconds()))
+                return self.cpu_floor
+            except Exception:  # noqa: BLE001 - the group is gone: the last reading stands
+                return self.cpu_floor
         try:
             root = psutil.Process(self.proc.pid)
             total = 0.0
@@ -398,11 +467,15 @@ class ServiceAgent:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+        if self.enforcer is not None:
+            self.enforcer.close()  # thaws and kills what the group still holds, removes it
         shutil.rmtree(self.dir, ignore_errors=True)
         return rc
 
-    def __del__(self) -> None:  # the actor is torn down: leave no key behind
+    def __del__(self) -> None:  # the actor is torn down: leave no key (and no group) behind
         shutil.rmtree(getattr(self, "dir", ""), ignore_errors=True)
+        if getattr(self, "enforcer", None) is not None:
+            self.enforcer.close()
 
 
 # -- the kernel-side shell -----------------------------------------------------------------------
@@ -480,6 +553,9 @@ class RayCluster:
         address = self.cfg.address or self._wait_local()
         if self.cfg.token_path:  # before Ray is imported: its token loader reads these once
             os.environ.update(token_env(self.cfg.token_path))
+        # Each of ray.init's GCS connects bounded (Ray reads these); the whole init is bounded by ensure().
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "20")
+        os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s", "20")
         import ray
         from ray._raylet import Config  # type: ignore[attr-defined]
 
@@ -550,6 +626,7 @@ class RemoteProcess:
             "host": info.get("host"),
             "agent_pid": info.get("agent_pid"),
             "pid": pid,
+            "enforcer": (info.get("enforcer") or {}).get("backend"),
         }
         self.principal = principal
         self.public = public
@@ -583,7 +660,23 @@ class RemoteProcess:
             self.last_line = f"Ray actor lost ({type(exc).__name__}): {str(exc).splitlines()[0][:200]}"
         self.returncode = rc
         self._finish()
+        await self._retire()
         return rc
+
+    async def _retire(self) -> None:
+        """The service has exited: the agent removes its group and key directory, then the actor
+        ends, so its Ray resources are free for the replacement at once (a dead replica's actor
+        held them before: the next placement waited for a CPU nobody used).  Bounded."""
+        import ray
+
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(self.actor.stop.remote(1.0).future()), AGENT_CALL_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the actor or its node is gone
+            pass
+        try:
+            ray.kill(self.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
 
     def _finish(self) -> None:
         if self._poller is not None:
@@ -637,11 +730,18 @@ class RayPlacement:
         *,
         authorise: Callable[[str, str, bytes], None] | None = None,
         revoke: Callable[[bytes], None] | None = None,
+        limits: dict[str, Any] | None = None,
+        enforce_backend: str | None = None,
     ) -> None:
         self.cluster = cluster
         self.resources = resources
         self.authorise = authorise
         self.revoke = revoke or (lambda public: None)
+        #: Each service's OS ceilings (kernel.enforce.Limits, from its ``[[service]]`` row), set on
+        #: its node's group; ``ray_memory_bytes`` is the memory ceiling where ``mem_bytes`` is unset.
+        self.limits = limits or {}
+        #: The node agents' enforcer backend (``[enforce] backend``); None: no enforcer on nodes.
+        self.enforce_backend = enforce_backend
         self.server_public: str | None = None
         self.endpoint: str | None = None
         self.control: str | None = None
@@ -683,18 +783,36 @@ class RayPlacement:
         public = info["public"].encode()
         principal = f"{auth.CHILD_PREFIX}{name}"
         self.authorise(principal, role, public)  # before the service can say READY
+        enforce = None
+        if self.enforce_backend is not None:
+            enforce = {"backend": self.enforce_backend, "limits": self.node_limits(name)}
         try:
-            pid = await asyncio.wait_for(
-                asyncio.wrap_future(actor.start.remote(argv, env, self.server_public).future()), ACTOR_START_TIMEOUT_S
+            started = await asyncio.wait_for(
+                asyncio.wrap_future(actor.start.remote(argv, env, self.server_public, enforce).future()),
+                ACTOR_START_TIMEOUT_S,
             )
         except Exception as exc:  # noqa: BLE001
             self.revoke(public)
             ray.kill(actor, no_restart=True)
             raise PlacementUnavailable(f"Ray replica {name} did not start its service: {exc}"[:300]) from exc
-        proc = RemoteProcess(actor, info, int(pid), principal, public, self.revoke)
+        pid = int(started["pid"])
+        info = {**info, "enforcer": started.get("enforcer")}
+        proc = RemoteProcess(actor, info, pid, principal, public, self.revoke)
         proc.start_watch()
         log.info("started %s on Ray node %s (%s) pid %d", name, info.get("node_ip"), info.get("host"), pid)
         return proc
+
+    def node_limits(self, name: str) -> dict[str, int | None]:
+        """The ceilings of replica ``name``'s group on its node: its service's ``mem_bytes`` (else
+        its ``ray_memory_bytes``), ``cpu_weight``, ``pids_max``."""
+        base = name.split("#", 1)[0]
+        lim = self.limits.get(name) or self.limits.get(base)
+        mem = getattr(lim, "mem_bytes", None) or self.resources.get(base, RayResources()).memory
+        return {
+            "mem_bytes": mem,
+            "cpu_weight": getattr(lim, "cpu_weight", None),
+            "pids_max": getattr(lim, "pids_max", None),
+        }
 
     def shutdown(self) -> None:
         self.cluster.shutdown()

@@ -1,5 +1,5 @@
 """cpcs dispatching to ``work`` replicas placed on a Ray cluster (issue 28 step 4): a real
-``python -m kernel`` with ``[ray] local = true`` (a one-node cluster it starts and stops), the
+``python -m kernel`` on the session's one-node Ray cluster (tests/ray_support.py), the
 ``work`` pool as Ray-placed replicas that reach the kernel over tcp:// + CURVE on keys made on
 their node, and ``cpcs`` local on the bus (services/cpcs/cluster.py's config).  A small DAG runs
 through cpcs; every task ran on a Ray-placed worker, in dependency order, and ``status`` shows
@@ -8,18 +8,15 @@ where each replica runs.  Skipped, with the reason, only where Ray cannot start 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
 
 import pytest
-import zmq
 
 from clients import Client
-from kernel import keys
 from services.cpcs.cluster import config
-from tests.support import KernelProcess, short_tmpdir
+from tests.ray_support import curve_kernel, local_cluster
 
 pytestmark = pytest.mark.system
 
@@ -44,25 +41,20 @@ def evs(out, ev, task=None):
 
 
 def _client(kern) -> Client:
-    endpoint, kd = kern
-    return Client(
-        endpoint,
-        timeout=CALL_S,
-        retries=0,
-        context=zmq.Context.instance(),
-        cert=os.path.join(kd, "op.key_secret"),
-        server_cert=os.path.join(kd, "kernel.key"),
-    )
+    return kern.client(CALL_S)
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(request):
+    """The kernel, with ``work`` placed on the session's one-node Ray cluster (tests/ray_support.py;
+    ``[ray] local = true``, the kernel starting a cluster of its own, is run by ``bench ray --quick``
+    and ``bench raycpcs --quick`` in tests/test_bench_quick.py)."""
     pytest.importorskip("ray")
-    d = short_tmpdir("rc-")
-    kd = os.path.join(d, "keys")
-    keys.new(kd, "op", "operator")
-    k = KernelProcess.from_config(config(kd, workers=WORKERS, temp_dir=os.path.join(d, "ray"), ray_cpus=2))
-    c = _client((k.endpoint, kd))
+    ray = local_cluster(request)
+    k = curve_kernel(
+        lambda kd: config(kd, workers=WORKERS, local=False, address=ray["address"], token_path=ray["token"])
+    )
+    c = _client(k)
     try:
         c.wait_for_service("cpcs", 60)
         deadline = time.monotonic() + PLACE_S
@@ -77,11 +69,10 @@ def cluster():
                     pytest.skip(f"Ray could not start here: {reasons}")
                 pytest.fail(f"Ray-placed work replicas not up in {PLACE_S:.0f} s: {reasons}")
             time.sleep(1.0)
-        yield c, (k.endpoint, kd)
+        yield c, k
     finally:
         c.close()
         k.stop(timeout=90)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_cpcs_runs_a_dag_on_ray_placed_workers(cluster):

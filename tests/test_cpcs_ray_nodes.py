@@ -1,55 +1,39 @@
 """cpcs on a two-node Ray cluster (issue 28 step 4 on step 5's set-up): the Ray head and the kernel
 (with ``cpcs``) in this network namespace, a Ray worker node in a second namespace joined by a veth
-pair (tests/test_ray_cluster.py's ``cluster`` fixture: token auth on, every node stopped and
+pair (tests/ray_support.py's session cluster, shared with tests/test_ray_cluster.py: token auth on, every node stopped and
 reaped, the namespace deleted).  The ``work`` replicas are pinned by label to the worker node, so
 every task cpcs dispatches crosses the veth pair to another node and back over tcp:// + CURVE.
 Skipped, with the reason, only where namespaces cannot be made."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
-import zmq
 
-from clients import Client
-from kernel import keys
 from services.cpcs.cluster import config
-from tests.support import KernelProcess, short_tmpdir
+from tests.ray_support import curve_kernel, netns_cluster
 from tests.test_cpcs_ray import CALL_S, PLACE_S, WORKERS, W  # one DAG vocabulary for both shapes
-from tests.test_ray_cluster import cluster  # noqa: F401 - the two-node fixture
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
 
-def test_cpcs_dispatches_to_work_replicas_on_another_node(cluster):  # noqa: F811
-    host_addr, ns_addr, address, token, _, _ = cluster
-    d = short_tmpdir()
-    kd = os.path.join(d, "keys")
-    keys.new(kd, "op", "operator")
-    k = KernelProcess.from_config(
-        config(
+def test_cpcs_dispatches_to_work_replicas_on_another_node(request):
+    cluster = netns_cluster(request)  # the session's two-node cluster (shared with test_ray_cluster)
+    ns_addr = cluster.ns_addr
+    k = curve_kernel(
+        lambda kd: config(
             kd,
             workers=WORKERS,
             local=False,
-            address=address,
-            token_path=token,
+            address=cluster.address,
+            token_path=cluster.token,
             label="w1",
-            host=host_addr,
+            host=cluster.host_addr,
             heartbeat_s=0.2,
             liveness=25,
         )
     )
     try:
-        with Client(
-            k.endpoint,
-            timeout=CALL_S,
-            retries=0,
-            context=zmq.Context.instance(),
-            cert=os.path.join(kd, "op.key_secret"),
-            server_cert=os.path.join(kd, "kernel.key"),
-        ) as c:
+        with k.client(CALL_S) as c:
             for i in range(WORKERS):
                 c.wait_for_service(f"work@{i}", PLACE_S)
             c.wait_for_service("cpcs", 60)
@@ -72,4 +56,3 @@ def test_cpcs_dispatches_to_work_replicas_on_another_node(cluster):  # noqa: F81
             }
     finally:
         k.stop(timeout=90)
-        shutil.rmtree(d, ignore_errors=True)

@@ -3,8 +3,9 @@ the kernel) and a worker node in a second namespace joined by a veth pair, token
 on.  A ``placement = "ray"`` echo is pinned by label to the worker node; it reaches the kernel over
 tcp:// with CURVE on a key pair made on that node.
 
-Each Ray node runs under ``python -m kernel.raynode`` in a process group of its own and is stopped
-(and its group killed) in a finalizer; the namespace and veth pair are deleted.  Skipped, with the
+The cluster is the session's (tests/ray_support.py, shared with tests/test_cpcs_ray_nodes.py): each
+Ray node runs under ``python -m kernel.raynode`` in a process group of its own and is stopped (and
+its group killed) when the session ends; the namespace and veth pair are deleted.  Skipped, with the
 reason, only where namespaces cannot be created.  Every wait is bounded and generous (Ray's own
 start-up on a loaded 2-core machine takes tens of seconds).
 """
@@ -12,183 +13,78 @@ start-up on a loaded 2-core machine takes tens of seconds).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import textwrap
+import threading
 import time
 
 import psutil
 import pytest
-import zmq
 
 from clients import Client
-from kernel import errors, keys
-from kernel.rayplace import free_ports, make_token, node_argv, source_ip, start_node, stop_node, token_env
-from tests.support import REPO, KernelProcess, short_tmpdir
+from kernel import errors
+from kernel.rayplace import make_token, stop_node, token_env
+from tests.ray_support import NetnsCluster, curve_kernel, kernel_toml, netns_cluster, nodes_alive
+from tests.support import REPO
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
 #: Bounds of the waits (generous: Ray on a loaded machine).
-NODE_START_S = 120.0
 PLACE_S = 240.0
 CALL_S = 60.0
-NODE_TRIES = 3
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
-
-
-def _nodes_alive(address: str, env: dict[str, str], want: int) -> bool:
-    """Whether the cluster at ``address`` has ``want`` live nodes (asked by a short-lived driver)."""
-    code = textwrap.dedent(f"""
-        import ray, sys
-        ray.init(address={address!r}, _node_ip_address={source_ip(address)!r}, log_to_driver=False,
-                 logging_level="ERROR")
-        print(sum(1 for n in ray.nodes() if n["Alive"]))
-    """)
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=90, env=env, cwd=REPO
-        )
-    except subprocess.TimeoutExpired:
-        return False
-    lines = out.stdout.strip().splitlines()
-    return out.returncode == 0 and bool(lines) and lines[-1].isdigit() and int(lines[-1]) >= want
-
-
-def _wait_nodes(address: str, env: dict[str, str], want: int, procs: list[subprocess.Popen]) -> bool:
-    """Whether ``want`` nodes are alive within :data:`NODE_START_S` (False at once if a node's
-    runner exited)."""
-    deadline = time.monotonic() + NODE_START_S
-    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
-        if _nodes_alive(address, env, want):
-            return True
-        time.sleep(2.0)
-    return False
-
-
-def _tail(d: str, name: str) -> str:
-    try:
-        with open(os.path.join(d, name), errors="replace") as fh:
-            return fh.read()[-1500:]
-    except OSError:
-        return ""
+#: Memory ceilings of the Ray-placed echo's group on its node, and of a service that allocates
+#: 256 MiB under a 64 MiB ceiling (the node's OOM killer ends it).
+ECHO_MEM = 512 << 20
+HOG_MEM = 64 << 20
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """``(kernel_addr, ns_addr, ray_address, token_path, ns)``: the head on ``kernel_addr`` (this
+def cluster(request) -> NetnsCluster:
+    """The session's two-node cluster (tests/ray_support.py): the head on ``host_addr`` (this
     namespace) and a worker node labelled ``reca-node=w1`` on ``ns_addr`` in namespace ``ns``."""
-    if shutil.which("ip") is None:
-        pytest.skip("network namespaces unavailable: no `ip` command")
-    tag = (os.getpid() + 7) % 16384
-    ns, host_if, ns_if = f"reca-r{tag}", f"rrv{tag}a", f"rrv{tag}b"
-    prefix = f"10.232.{tag // 64}."
-    host_addr, ns_addr = prefix + str((tag % 64) * 4 + 1), prefix + str((tag % 64) * 4 + 2)
-    made = _ip("netns", "add", ns, check=False)
-    if made.returncode != 0:
-        pytest.skip(f"network namespaces cannot be created here: {made.stderr.strip()}")
-    d = short_tmpdir("rr-")
-    nodes: list[subprocess.Popen] = []
-    try:
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        _ip("link", "set", ns_if, "netns", ns)
-        _ip("addr", "add", f"{host_addr}/30", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("netns", "exec", ns, "ip", "addr", "add", f"{ns_addr}/30", "dev", ns_if)
-        _ip("netns", "exec", ns, "ip", "link", "set", ns_if, "up")
-        _ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        token = make_token(os.path.join(d, "auth_token"))
-        env = {**os.environ, **token_env(token), "PYTHONPATH": REPO, "RAY_USAGE_STATS_ENABLED": "0"}
-        address = None
-        # One node at a time (half the start-up contention), each retried: Ray gives a new raylet
-        # 30 s to register (ray/_private/node.py), which a loaded machine may miss.
-        for _ in range(NODE_TRIES):
-            port = free_ports(1, host_addr)[0]
-            address = f"{host_addr}:{port}"
-            head = start_node(
-                node_argv(head_port=port, node_ip=host_addr, temp_dir=os.path.join(d, "ray")),
-                env,
-                stderr=open(os.path.join(d, "head.err"), "ab"),
-            )
-            nodes.append(head)
-            if _wait_nodes(address, env, 1, [head]):
-                break
-            stop_node(head)
-        else:
-            pytest.fail(f"a Ray head did not come up in {NODE_TRIES} tries: {_tail(d, 'head.err')}")
-        for _ in range(NODE_TRIES):
-            worker = start_node(
-                node_argv(address=address, node_ip=ns_addr, labels={"reca-node": "w1"}),
-                env,
-                prefix=["ip", "netns", "exec", ns],
-                stderr=open(os.path.join(d, "worker.err"), "ab"),
-            )
-            nodes.append(worker)
-            if _wait_nodes(address, env, 2, [head, worker]):
-                break
-            stop_node(worker)
-        else:
-            pytest.fail(f"a Ray worker node did not join in {NODE_TRIES} tries: {_tail(d, 'worker.err')}")
-        yield host_addr, ns_addr, address, token, ns, nodes
-    finally:
-        for proc in reversed(nodes):
-            stop_node(proc)
-        _ip("link", "del", host_if, check=False)
-        _ip("netns", "del", ns, check=False)
-        shutil.rmtree(d, ignore_errors=True)
-        left = [p for p in psutil.process_iter(["cmdline"]) if d in " ".join(p.info["cmdline"] or [])]
-        for p in left:
-            p.kill()
-        assert not left, f"Ray processes left behind: {[p.pid for p in left]}"
+    return netns_cluster(request)
 
 
 @pytest.fixture(scope="module")
 def kern(cluster):
-    host_addr, _, address, token, _, _ = cluster
-    d = short_tmpdir()
-    kd = os.path.join(d, "keys")
-    keys.new(kd, "op", "operator")
-    config = textwrap.dedent(f"""
-        [kernel]
-        endpoint = "tcp://{host_addr}:0"
-        control = "tcp://{host_addr}:0"
-        heartbeat_s = 0.2
-        liveness = 25
-        unavailable_wait_s = 10.0
-        [supervisor]
-        intensity = 10
-        period_s = 600.0
-        backoff_initial_s = 0.2
-        [auth]
-        keys = "{kd}"
-        [ray]
-        address = "{address}"
-        token_path = "{token}"
-        [[service]]
-        name = "echo"
-        module = "services.echo"
-        placement = "ray"
-        ray_num_cpus = 0.5
-        ray_label = "w1"
-        [[service]]
-        name = "local-echo"
-        command = ["{sys.executable}", "-m", "services.echo", "--name", "local-echo"]
-    """)
-    k = KernelProcess.from_config(config)
+    k = curve_kernel(
+        lambda kd: kernel_toml(
+            kd,
+            f"""
+            address = "{cluster.address}"
+            token_path = "{cluster.token}"
+            """,
+            f"""
+            [[service]]
+            name = "echo"
+            module = "services.echo"
+            placement = "ray"
+            ray_num_cpus = 0.5
+            ray_label = "w1"
+            mem_bytes = {ECHO_MEM}
+            [[service]]
+            name = "hog"
+            command = ["{sys.executable}", "-c", "x = b'x' * (256 << 20); import time; time.sleep(600)"]
+            placement = "ray"
+            restart = "temporary"
+            ray_num_cpus = 0.1
+            ray_label = "w1"
+            mem_bytes = {HOG_MEM}
+            [[service]]
+            name = "local-echo"
+            command = ["{sys.executable}", "-m", "services.echo", "--name", "local-echo"]
+            """,
+            host=cluster.host_addr,
+        )
+    )
     try:
-        yield k, os.path.join(kd, "op.key_secret"), os.path.join(kd, "kernel.key")
+        yield k
     finally:
         k.stop(timeout=60)
-        shutil.rmtree(d, ignore_errors=True)
 
 
-def _client(kern) -> Client:
-    k, cert, server = kern
-    return Client(k.endpoint, timeout=CALL_S, retries=0, context=zmq.Context.instance(), cert=cert, server_cert=server)
+def _client(kern, timeout: float = CALL_S) -> Client:
+    return kern.client(timeout)
 
 
 def _child(c: Client, name: str) -> dict:
@@ -206,14 +102,13 @@ def _wait_running(c: Client, name: str, *, restarts: int = 0) -> dict:
 
 
 def test_echo_placed_on_the_labelled_node_over_curve(cluster, kern):
-    _, ns_addr, _, _, _, _ = cluster
     with _client(kern) as c:
         ch = _wait_running(c, "echo")
         c.wait_for_service("echo", PLACE_S)
         assert c.call("echo", {"x": 1}) == {"x": 1}
         assert c.call("local-echo", {"y": 2}) == {"y": 2}  # the rest of reca runs beside it
         # status says where the replica runs: the worker node in the other namespace.
-        assert ch["where"]["placement"] == "ray" and ch["where"]["node_ip"] == ns_addr
+        assert ch["where"]["placement"] == "ray" and ch["where"]["node_ip"] == cluster.ns_addr
         # It registered on a key the kernel authorised when its actor enrolled: a child principal.
         workers = {w["service"]: w for w in c.stats()["workers"]}
         assert "echo" in workers and "local-echo" in workers
@@ -231,21 +126,47 @@ def test_killed_replica_is_restarted_by_the_supervisor(cluster, kern):
         assert c.call("echo", {"again": True}) == {"again": True}
 
 
+def _v1_dir(pid: int, controller: str) -> str | None:
+    """The cgroup v1 directory of ``pid`` in ``controller``'s hierarchy (None if not mounted)."""
+    with open(f"/proc/{pid}/cgroup") as fh:
+        for line in fh:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            if controller in ctrls.split(","):
+                d = os.path.join("/sys/fs/cgroup", controller, path.lstrip("/"))
+                return d if os.path.isdir(d) else None
+    return None
+
+
+def _read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read().strip()
+
+
+def _frozen(pid: int, backend: str) -> bool:
+    """Frozen as the node's enforcer freezes: its cgroup v1 freezer says FROZEN, or (signals) the
+    process is stopped."""
+    if backend == "cgroup1":
+        return _read(os.path.join(_v1_dir(pid, "freezer") or "/nonexistent", "freezer.state")) == "FROZEN"
+    return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+
+
+def _until(cond, what: str) -> None:
+    deadline = time.monotonic() + CALL_S
+    while not cond():
+        assert time.monotonic() < deadline, f"not {what} within {CALL_S} s"
+        time.sleep(0.1)
+
+
 def test_node_agent_freezes_and_resumes_the_replica(cluster, kern):
-    """The node-side stop: SIGSTOP through the replica's agent, seen on the node's process."""
+    """The node-side stop: a freeze through the replica's agent (its group on the node's
+    enforcer: the cgroup freezer here, SIGSTOP on the signals backend), seen on the node."""
     with _client(kern) as c:
         ch = _wait_running(c, "echo")
-        pid = ch["where"]["pid"]
+        pid, backend = ch["where"]["pid"], ch["where"]["enforcer"]
         c.call("mmi.proc.stop", {"child": "echo"})
-        deadline = time.monotonic() + CALL_S
-        while psutil.Process(pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert psutil.Process(pid).status() == psutil.STATUS_STOPPED
+        _until(lambda: _frozen(pid, backend), "frozen")
         c.call("mmi.proc.cont", {"child": "echo"})
-        deadline = time.monotonic() + CALL_S
-        while psutil.Process(pid).status() == psutil.STATUS_STOPPED and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert psutil.Process(pid).status() != psutil.STATUS_STOPPED
+        _until(lambda: not _frozen(pid, backend), "thawed")
         c.wait_for_service("echo", PLACE_S)
         assert c.call("echo", 7) == 7
         # A pid on another node is never handed to this machine's scheduler calls.
@@ -261,37 +182,64 @@ def test_cpu_is_measured_on_the_node_and_billed_by_the_kernel(cluster, kern):
         replies = list(c.stream("echo", {"steps": 150, "step_ms": 20}, job="rayjob"))  # ~3 s busy
         cpu = replies[-1].spent["cpu_ms"]
         # Measured by the replica's agent on its node (polled each second), not reported by echo:
-        # positive, and no more than the CPU the node's process has used in all.
-        node_total_ms = sum(psutil.Process(ch["where"]["pid"]).cpu_times()[:2]) * 1000.0
+        # positive, and no more than the CPU the node's group (cgroup accounting; signals: the
+        # process's own times, in 10 ms ticks) has used in all, read after.
+        pid = ch["where"]["pid"]
+        if ch["where"]["enforcer"] == "cgroup1":
+            group = os.path.dirname(_v1_dir(pid, "cpuacct"))  # the service's group (main's parent)
+            node_total_ms = int(_read(os.path.join(group, "cpuacct.usage"))) / 1e6
+        else:
+            node_total_ms = sum(psutil.Process(pid).cpu_times()[:2]) * 1000.0 + 20.0
         assert 0 < cpu <= node_total_ms
         assert c.call("mmi.job.stats", {"job": "rayjob"})["spent"]["cpu_ms"] == pytest.approx(cpu)
 
 
+def test_the_node_agent_enforces_with_the_nodes_cgroups(cluster, kern):
+    """The replica's agent opens an enforcer on its node (kernel/enforce.py, the backend the kernel
+    uses here too): the service runs in ``reca-<agent pid>/<name>/main`` with its ``mem_bytes`` as
+    the group's memory ceiling; a Ray-placed service that allocates past its ceiling is ended by
+    the node's OOM killer (exit -9, seen by the supervisor)."""
+    with _client(kern) as c:
+        st = c.stats()
+        kernel_backend = (st.get("enforcer") or st.get("supervisor", {}).get("enforcer") or {}).get("backend")
+        ch = _wait_running(c, "echo")
+        where = ch["where"]
+        assert where["enforcer"] in ("cgroup1", "cgroup2", "signals")
+        if kernel_backend is not None:  # same machine, same mounts (the node entered only a netns)
+            assert where["enforcer"] == kernel_backend
+        if where["enforcer"] != "cgroup1":
+            pytest.skip(f"the node's enforcer is {where['enforcer']}: the cgroup v1 checks do not apply")
+        freezer = _v1_dir(where["pid"], "freezer")
+        assert freezer is not None and freezer.endswith(f"/reca-{where['agent_pid']}/echo/main"), freezer
+        memory = os.path.dirname(_v1_dir(where["pid"], "memory"))
+        assert int(_read(os.path.join(memory, "memory.limit_in_bytes"))) == ECHO_MEM
+        deadline = time.monotonic() + PLACE_S
+        hog = _child(c, "hog")
+        while hog["last_exit"] is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            hog = _child(c, "hog")
+        assert hog["last_exit"] == -signal.SIGKILL, hog  # the OOM killer, inside its 64 MiB
+        assert hog["restarts"] == 0  # temporary: not restarted
+
+
 def test_a_driver_without_the_token_cannot_join(cluster, tmp_path):
     """Ray's token authentication is on: a driver with another token is refused by the GCS."""
-    _, _, address, token, _, _ = cluster
     env = {**os.environ, **token_env(make_token(str(tmp_path / "other_token"))), "PYTHONPATH": REPO}
-    assert not _nodes_alive(address, env, 1)
-    good = {**os.environ, **token_env(token), "PYTHONPATH": REPO}
-    assert _nodes_alive(address, good, 1)  # the same probe with the cluster's token gets in
+    assert not nodes_alive(cluster.address, env, 1)
+    good = {**os.environ, **token_env(cluster.token), "PYTHONPATH": REPO}
+    assert nodes_alive(cluster.address, good, 1)  # the same probe with the cluster's token gets in
 
 
 def test_lost_node_mid_request_gives_worker_died(cluster, kern):
     """Last: the worker node is killed while a request runs on it; the caller gets worker_died and
     the supervisor keeps trying to place the replica (no node has its label: unavailable)."""
-    _, _, _, _, _, nodes = cluster
     with _client(kern) as c:
         _wait_running(c, "echo")
         c.wait_for_service("echo", PLACE_S)
-        k, cert, server = kern
-        import threading
-
         box: dict = {}
 
         def long_call() -> None:
-            with Client(
-                k.endpoint, timeout=CALL_S * 3, retries=0, context=zmq.Context.instance(), cert=cert, server_cert=server
-            ) as c2:
+            with _client(kern, CALL_S * 3) as c2:
                 try:
                     box["result"] = c2.call("echo", {"steps": 4000, "step_ms": 20})
                 except errors.RecaError as exc:
@@ -300,7 +248,8 @@ def test_lost_node_mid_request_gives_worker_died(cluster, kern):
         t = threading.Thread(target=long_call)
         t.start()
         time.sleep(2.0)  # the request is in flight (it runs 80 s)
-        stop_node(nodes[-1], timeout=10)  # the worker node: its raylet, the actor and the service
+        stop_node(cluster.worker, timeout=10)  # the worker node: its raylet, the actor and the service
         t.join(CALL_S * 3)
         assert box.get("error") == "worker_died", box
         assert c.call("local-echo", 1) == 1
+    cluster.rejoin_later()  # the next user of the session's cluster gets a worker node again

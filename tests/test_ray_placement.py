@@ -6,19 +6,15 @@ The multi-node cluster tests are in tests/test_ray_cluster.py.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import textwrap
 import time
 
 import pytest
-import zmq
 
-from clients import Client
-from kernel import config, errors, keys
+from kernel import config, errors
 from kernel.rayplace import LABEL_KEY, PlacementUnavailable, RayResources, parse_label, remote_endpoint
-from tests.support import KernelProcess, short_tmpdir
+from tests.ray_support import curve_kernel, kernel_toml
 
 #: Ray gives up on an unreachable GCS after about 20 s; the supervisor retries with its back-off.
 UNAVAILABLE_S = 180.0
@@ -94,43 +90,30 @@ def test_config_refusals(text, where):
 @pytest.mark.system
 @pytest.mark.timeout(600)
 def test_unreachable_cluster_leaves_the_service_unavailable_and_the_rest_running():
-    d = short_tmpdir()
-    kd = os.path.join(d, "keys")
-    keys.new(kd, "op", "operator")
-    cfg = textwrap.dedent(f"""
-        [kernel]
-        endpoint = "tcp://127.0.0.1:0"
-        control = "tcp://127.0.0.1:0"
-        heartbeat_s = 0.2
-        liveness = 10
-        unavailable_wait_s = 1.0
-        [supervisor]
-        intensity = 2
-        period_s = 600.0
-        backoff_initial_s = 0.1
-        [auth]
-        keys = "{kd}"
-        [ray]
-        address = "127.0.0.1:1"
-        connect_timeout_s = 5.0
-        [[service]]
-        name = "far"
-        module = "services.echo"
-        placement = "ray"
-        [[service]]
-        name = "near"
-        command = ["{sys.executable}", "-m", "services.echo", "--name", "near"]
-    """)
-    k = KernelProcess.from_config(cfg)
+    k = curve_kernel(
+        lambda kd: kernel_toml(
+            kd,
+            """
+            address = "127.0.0.1:1"
+            connect_timeout_s = 5.0
+            """,
+            f"""
+            [[service]]
+            name = "far"
+            module = "services.echo"
+            placement = "ray"
+            [[service]]
+            name = "near"
+            command = ["{sys.executable}", "-m", "services.echo", "--name", "near"]
+            """,
+            liveness=10,
+            unavailable_wait_s=1.0,
+            intensity=2,
+            backoff_initial_s=0.1,
+        )
+    )
     try:
-        with Client(
-            k.endpoint,
-            timeout=60,
-            retries=0,
-            context=zmq.Context.instance(),
-            cert=os.path.join(kd, "op.key_secret"),
-            server_cert=os.path.join(kd, "kernel.key"),
-        ) as c:
+        with k.client(60) as c:
             c.wait_for_service("near", 60)
             assert c.call("near", {"x": 1}) == {"x": 1}
             deadline = time.monotonic() + UNAVAILABLE_S
@@ -147,4 +130,3 @@ def test_unreachable_cluster_leaves_the_service_unavailable_and_the_rest_running
             assert c.call("near", 2) == 2  # still served
     finally:
         k.stop(timeout=60)
-        shutil.rmtree(d, ignore_errors=True)

@@ -1,6 +1,6 @@
 """ttc's tool runs as Ray tasks (issue 28 step 3): ``Coordinator(runner="ray")`` against a real
-single-node Ray cluster (``ray start --head`` under kernel.raynode, token authentication on),
-started once for the module and stopped — every Ray process reaped — in a finalizer.
+single-node Ray cluster (``ray start --head`` under kernel.raynode, token authentication on): the
+session's (tests/ray_support.py), stopped — every Ray process reaped — when the session ends.
 
 The same log and the same independent checker as local runs: a commit through Ray gives the same
 result and the same audit operations as a local commit; abort is ``ray.cancel(force=True)`` and
@@ -22,30 +22,28 @@ import pytest
 
 from services.ttc import checker
 from services.ttc.logic import ABORTED, DONE, RUNNING
-from services.ttc.rayrun import start_local_cluster, stop_local_cluster
 from services.ttc.runner import Coordinator, tagged_processes
+from tests.ray_support import NODE_START_S, connect_driver, local_cluster
 from tests.support import short_tmpdir
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900)]
 
 #: Bounds of the waits (generous: Ray on a loaded machine).
-NODE_START_S = 150.0
 SETTLE_S = 120.0
-NODE_TRIES = 3
 SAT = {"n_vars": 120, "seed": 1}
 LONG_SIM = {"n": 64, "steps": 10_000_000, "checkpoint_every": 2000}
 
 
 @pytest.fixture(scope="module")
 def cluster(request):
-    """A one-node Ray cluster and this process connected to it as a driver."""
-    temp = short_tmpdir("rt")
-    try:
-        head, address, token = start_local_cluster(temp, start_s=NODE_START_S, tries=NODE_TRIES)
-    except RuntimeError as exc:
-        pytest.skip(f"cannot start a Ray node here: {exc}")
-    request.addfinalizer(lambda: stop_local_cluster(head))
-    return {"address": address, "token": token}
+    """The session's one-node Ray cluster (tests/ray_support.py) and this process connected to it
+    as a driver for the module."""
+    import ray
+
+    got = local_cluster(request)
+    connect_driver(got)
+    request.addfinalizer(ray.shutdown)
+    return got
 
 
 def _ops(c: Coordinator, cid: str) -> list[str]:

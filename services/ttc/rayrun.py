@@ -24,10 +24,14 @@ Faults map to the local outcomes:
   are SIGKILLed by their tag (:func:`~services.ttc.runner.kill_run`), which reaches them only on
   this host.
 
-Assumptions, said plainly: the request/result/checkpoint files live under the coordinator's
-``workdir``, so the node must see that path (one host, or a shared file system); the result also
-travels back in the task's return value.  The checker and recovery find live runs through the OS
-process table of *this* host.  A run with a node of its own elsewhere is not visible to them.
+Files: where the node sees the coordinator's ``workdir`` (one host, a shared file system) the
+request/result/checkpoint files live there, as for a local run.  Where it does not (another host),
+they travel with the task: the request is the task's argument, the node runs the tool in a scratch
+directory of its own, and the result, pid and start token come back in the task's return value
+(``run_started`` is then logged when the run ends; its checkpoints stay on that node and go with
+its scratch directory, so a retry elsewhere starts from the beginning).  The checker and recovery
+find live runs through the OS process table of *this* host; a run on another host is reached by
+``ray.cancel`` (and its tool-worker dies with its task process by PDEATHSIG), not by tag.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -53,10 +58,51 @@ GET_TIMEOUT_S = 30.0
 
 
 def _run_tool(req: dict, req_path: str, pid_path: str, tag: str, python: str, root: str) -> dict:
-    """The Ray task body (runs in a Ray worker process on some node)."""
-    import psutil
+    """The Ray task body (runs in a Ray worker process on some node).
 
-    req = {**req, "parent_pid": os.getpid(), "die_with_parent": True}
+    Where the coordinator's ``workdir`` is visible here (one host, a shared file system) the run's
+    files are there, as for a local run.  Where it is not (another host), they *travel with the
+    task*: the request came as this task's argument, the tool-worker runs in a scratch directory
+    of this node (request, result, checkpoints; removed at the end), and the result, the pid and
+    its start token go back in the return value (``shipped: True``)."""
+    import shutil
+    import tempfile
+
+    import psutil
+    import ray
+
+    if not os.path.exists(python):
+        python = sys.executable  # another host: this node's interpreter
+    scratch = None
+    if not os.path.isdir(os.path.dirname(req_path)):
+        scratch = tempfile.mkdtemp(prefix="reca-ttc-")
+        req = {
+            **req,
+            "result_path": os.path.join(scratch, "result.json"),
+            "checkpoint_dir": os.path.join(scratch, "ckpt"),
+        }
+        os.makedirs(req["checkpoint_dir"], exist_ok=True)
+        req_path = os.path.join(scratch, "req.json")
+    try:
+        out = _spawn_and_wait(
+            {**req, "parent_pid": os.getpid(), "die_with_parent": True},
+            req_path,
+            None if scratch else pid_path,
+            tag,
+            python,
+            root,
+            psutil,
+        )
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return {**out, "shipped": scratch is not None, "node_ip": ray.util.get_node_ip_address()}
+
+
+def _spawn_and_wait(
+    req: dict, req_path: str, pid_path: str | None, tag: str, python: str, root: str, psutil: Any
+) -> dict:
+    """Start the tool-worker on ``req``, write its pid file (if ``pid_path``), wait, read its result."""
     write_atomically(req_path, json.dumps(req).encode())
     env = dict(os.environ)
     # Never join an enforcer group the node happened to inherit: nobody here would remove it.
@@ -70,7 +116,8 @@ def _run_tool(req: dict, req_path: str, pid_path: str, tag: str, python: str, ro
         token = round(psutil.Process(pid).create_time() * 100)
     except psutil.Error:
         token = None
-    write_atomically(pid_path, json.dumps({"pid": pid, "token": token}).encode())
+    if pid_path is not None:
+        write_atomically(pid_path, json.dumps({"pid": pid, "token": token}).encode())
     _, status, usage = os.wait4(pid, 0)
     cpu = usage.ru_utime + usage.ru_stime
     if os.WIFSIGNALED(status):
@@ -87,7 +134,7 @@ def _run_tool(req: dict, req_path: str, pid_path: str, tag: str, python: str, ro
             result = json.load(fh)
     except (OSError, ValueError):
         pass
-    return {"status": end, "cpu_s": cpu, "result": result, "pid": pid}
+    return {"status": end, "cpu_s": cpu, "result": result, "pid": pid, "token": token}
 
 
 @dataclasses.dataclass
@@ -139,9 +186,16 @@ class RayRunner(Runner):
             )
         self._ray = ray
         # max_retries=0 is not overridable: a retry is the log's decision, never Ray's.
-        self._task = ray.remote(num_cpus=num_cpus, max_retries=0)(_run_tool)
-        if task_options:  # e.g. a scheduling_strategy / label_selector; never retries
-            self._task = self._task.options(**{**task_options, "max_retries": 0})
+        self._base_task = ray.remote(num_cpus=num_cpus, max_retries=0)(_run_tool)
+        self._task = self._base_task
+        self.place(task_options)
+
+    def place(self, task_options: dict | None) -> None:
+        """Where the next runs go: extra ``.options(...)`` of the task (a scheduling_strategy, a
+        label_selector; None: anywhere).  Runs already submitted stay where they are."""
+        self._task = self._base_task
+        if task_options:  # never retries
+            self._task = self._base_task.options(**{**task_options, "max_retries": 0})
 
     def _pid_path(self, tag: str) -> str:
         return self._base(tag) + ".pid.json"
@@ -162,14 +216,18 @@ class RayRunner(Runner):
         return RayRun(ticket, ref)
 
     def started(self, proc: RayRun) -> bool:  # type: ignore[override]
-        """Whether the tool-worker's pid became known just now (the coordinator records it once)."""
+        """Whether the tool-worker's pid became known just now (the coordinator records it once):
+        from its pid file, or -- a run on a node without the workdir -- from the task's return
+        value once it ended (the pid is the one it had on its node)."""
         if proc.started_recorded or proc.pid is not None:
             return False
         try:
             with open(self._pid_path(proc.ticket.tag)) as fh:
                 facts = json.load(fh)
         except (OSError, ValueError):
-            return False
+            if not self._poll(proc) or not (proc.outcome or {}).get("shipped") or proc.outcome.get("pid") is None:
+                return False
+            facts = proc.outcome
         proc.pid = proc.pgid = facts["pid"]
         proc.token = facts["token"]
         return True
@@ -237,7 +295,9 @@ class RayRunner(Runner):
             pass
 
 
-def start_local_cluster(temp: str, *, start_s: float = 150.0, tries: int = 3) -> tuple[Any, str, str]:
+def start_local_cluster(
+    temp: str, *, start_s: float = 150.0, tries: int = 3, num_cpus: int = 1, token_path: str | None = None
+) -> tuple[Any, str, str]:
     """A one-node Ray cluster for tests and the fault harness (``ray start --head`` under
     kernel.raynode, token authentication on) with this process connected as a driver:
     ``(node runner, address, token path)``.  Raises RuntimeError with the reason if no try came up
@@ -247,7 +307,7 @@ def start_local_cluster(temp: str, *, start_s: float = 150.0, tries: int = 3) ->
 
     from kernel.rayplace import free_ports, make_token, node_argv, start_node, stop_node, token_env
 
-    token = make_token(os.path.join(temp, "auth_token"))
+    token = token_path or make_token(os.path.join(temp, "auth_token"))
     os.environ.update(token_env(token))
     Config.initialize("")  # Ray re-reads RAY_AUTH_MODE (as kernel/rayplace.py does)
     env = {**os.environ, "PYTHONPATH": _ROOT}
@@ -255,10 +315,19 @@ def start_local_cluster(temp: str, *, start_s: float = 150.0, tries: int = 3) ->
     for _ in range(tries):
         port = free_ports(1)[0]
         with open(os.path.join(temp, "head.err"), "ab") as err:
-            head = start_node(node_argv(head_port=port, num_cpus=1, temp_dir=temp), env, stderr=err)
+            head = start_node(node_argv(head_port=port, num_cpus=num_cpus, temp_dir=temp), env, stderr=err)
         address = f"127.0.0.1:{port}"
         deadline = time.monotonic() + start_s
+        # ray.init's own GCS connect retries are not bounded by our deadline: call it only once the
+        # head's GCS port accepts a connection (and bound each of its GCS connects: Ray reads these).
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "20")
+        os.environ.setdefault("RAY_gcs_rpc_server_connect_timeout_s", "20")
         while time.monotonic() < deadline and head.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                time.sleep(0.5)
+                continue
             try:
                 ray.init(
                     address=address,
