@@ -40,8 +40,8 @@ import zmq
 from bench._common import Result, percentile
 from reason import canon as C
 from reason import workload as W
-from reason.check import QuickCheck
-from reason.errors import ReasonError
+from reason.check import QuickCheck, admission_refusal, full_check
+from reason.errors import ReasonError, Unsupported
 from reason.solve import timed_compute
 from services.scch.logic import SubgoalCache, bump, score_at
 from services.scch.store import Entry, open_backend
@@ -50,8 +50,11 @@ from services.scch.store import Entry, open_backend
 HEADLINE = {"hit_rate_vs_srepr_rename": "a cache keyed on SymPy srepr + variable renaming (same capacity, admission, eviction)",
             "cpu_saved_fraction_net": "no cache, net of the cache's own lookup and admission CPU",
             "sympy_tests_hit_rate_vs_srepr_rename": "srepr + renaming cache, on SymPy's own test expressions",
-            "lookup_warm_p50_vs_echo": "a routed echo of the same size"}
+            "lookup_warm_p50_vs_echo": "a routed echo of the same size",
+            "lookup_warm_cpu_vs_echo": "a routed echo: CPU of client + kernel + serving worker per request"}
 CAPACITY = 32
+#: admission refusals that are the shared score policy's, not the verifier's
+POLICY_REASONS = ("observed too rarely", "scores below every entry", "a verified entry exists")
 TAMPER_EVERY = 10
 GRID = [(hl, am) for hl in (30.0, 120.0, 600.0) for am in (1.0, 1.5)]
 
@@ -64,16 +67,21 @@ class KeyedPolicy:
         self.entries: dict[str, float] = {}
         self.obs: dict[str, float] = {}
         self.hits = self.gets = 0
+        self.admitted = False
 
-    def query(self, key: str, now: float) -> bool:
+    def query(self, key: str, now: float, cacheable: bool = True) -> bool:
+        """A hit, or a miss that admits the answer when ``cacheable`` (the solver returned one
+        and, for a peer with SCCH's verifier, it passed that verifier) and the scores allow;
+        ``self.admitted`` says whether it did."""
         self.gets += 1
+        self.admitted = False
         self.obs[key] = bump(self.obs.get(key), now, self.half_life)
         if key in self.entries:
             self.hits += 1
             self.entries[key] = bump(self.entries[key], now, self.half_life)
             return True
         score = score_at(self.obs[key], now, self.half_life)
-        if score < self.admit_min:
+        if not cacheable or score < self.admit_min:
             return False
         if len(self.entries) >= self.capacity:
             victim = min(self.entries, key=self.entries.get)
@@ -81,6 +89,7 @@ class KeyedPolicy:
                 return False
             del self.entries[victim]
         self.entries[key] = self.obs.pop(key)
+        self.admitted = True
         return False
 
 
@@ -169,18 +178,37 @@ def zipf_stream(pool: list[dict], n: int, seed: int, a: float = 1.1) -> list[W.Q
 
 
 class Solver:
-    """Solves each canonical problem once; remembers its CPU seconds."""
+    """Solves each canonical problem once; remembers its CPU seconds, and (:meth:`verified`)
+    whether SCCH's own admission verifier accepts the answer, with that check's CPU seconds."""
 
     def __init__(self, seconds: float = 20.0) -> None:
         self.done: dict[str, tuple] = {}
+        self.checked: dict[str, tuple[bool, float]] = {}
         self.seconds = seconds
+
+    def verified(self, key: str, kind: str, form: sp.Expr, answer) -> tuple[bool, float]:
+        """``(admissible, cpu_s)``: the full check and the admission rule SCCH applies
+        (:func:`reason.check.full_check`, :func:`reason.check.admission_refusal`: a ``solve``
+        answer must be proved complete), for the peer that uses SCCH's verifier."""
+        if key not in self.checked:
+            c0 = time.process_time()
+            try:
+                how = full_check(kind, form, answer, np.random.default_rng(0))
+                ok = admission_refusal(kind, how, form) is None
+            except Exception:  # noqa: BLE001 - a ReasonError, or SymPy failing inside the check: not admissible
+                ok = False
+            self.checked[key] = (ok, time.process_time() - c0)
+        return self.checked[key]
 
     def __call__(self, key: str, kind: str, form: sp.Expr) -> tuple:
         if key not in self.done:
+            c0 = time.process_time()
             try:
                 self.done[key] = timed_compute(kind, form, seconds=self.seconds)
             except ReasonError as exc:
-                self.done[key] = (exc, 0.0)
+                self.done[key] = (exc, time.process_time() - c0)
+            except Exception as exc:  # noqa: BLE001 - SymPy raises many kinds; the service's solver child reports them so
+                self.done[key] = (Unsupported(f"{type(exc).__name__}: {exc}"), time.process_time() - c0)
         return self.done[key]
 
 
@@ -208,6 +236,7 @@ def evaluate(queries: list[W.Query], half_life: float, admit_min: float, solver:
     peers = {"exact": (KeyedPolicy(CAPACITY, half_life, admit_min), lambda q: json.dumps(q.subgoal, sort_keys=True)),
              "text_rename": (KeyedPolicy(CAPACITY, half_life, admit_min), lambda q: text_rename_key(q.subgoal)),
              "srepr": (KeyedPolicy(CAPACITY, half_life, admit_min), lambda q: srepr_key(q.subgoal)),
+             "srepr_verified": (KeyedPolicy(CAPACITY, half_life, admit_min), lambda q: srepr_key(q.subgoal)),
              "oracle": (KeyedPolicy(CAPACITY, half_life, admit_min), lambda q: q.cls)}
     peer_cpu = {k: 0.0 for k in peers}     # the peer's own key computation (CPU seconds)
     peer_solve = {k: 0.0 for k in peers}   # solver CPU the peer pays on its misses
@@ -216,12 +245,11 @@ def evaluate(queries: list[W.Query], half_life: float, admit_min: float, solver:
     lookups: list[float] = []
     for t, q in enumerate(queries):
         now = float(t)
-        hit_by = {}
+        keys = {}
         for name, (pol, keyf) in peers.items():
             c0 = time.process_time()
-            key = keyf(q)
+            keys[name] = keyf(q)
             peer_cpu[name] += time.process_time() - c0
-            hit_by[name] = pol.query(key, now)
         try:
             t0, c0 = time.perf_counter(), time.process_time()
             cn, served, entry = cache.get(q.subgoal, now)
@@ -229,19 +257,27 @@ def evaluate(queries: list[W.Query], half_life: float, admit_min: float, solver:
             lookups.append(time.perf_counter() - t0)
         except ReasonError:
             errors += 1
+            for name, (pol, _) in peers.items():
+                pol.query(keys[name], now, cacheable=False)  # nothing to cache: the problem did not parse
             continue
         answer, cpu = solver(cn.key, cn.kind, cn.form)
         cpu_none += cpu
-        for name, hit in hit_by.items():
-            if not hit:
+        for name, (pol, _) in peers.items():
+            # a peer caches only an answer the solver returned (a timeout or error is not cached);
+            # srepr_verified also runs SCCH's admission verifier on it, paying its CPU on a miss
+            cacheable = not isinstance(answer, Exception)
+            if name == "srepr_verified" and cacheable and keys[name] not in pol.entries:
+                cacheable, vcpu = solver.verified(cn.key, cn.kind, cn.form, answer)
+                peer_cpu[name] += vcpu
+            if not pol.query(keys[name], now, cacheable):
                 peer_solve[name] += cpu
         if served is not None:
             checked += 1
             wrong += not independent_check(q.subgoal, served["answer"], rng)
             continue
+        cpu_cache += cpu  # a miss pays the solve, failed or not (a failed one costs its CPU up to the failure)
         if isinstance(answer, Exception):
             continue
-        cpu_cache += cpu
         c0 = time.process_time()
         try:
             out = cache.admit(cn, answer, now)
@@ -250,6 +286,8 @@ def evaluate(queries: list[W.Query], half_life: float, admit_min: float, solver:
             continue
         finally:
             admit_cpu += time.process_time() - c0
+        if not out["admitted"] and out.get("reason") not in POLICY_REASONS:
+            admit_refused += 1  # verified but not storable (a solve answer not proved complete)
         if out["admitted"]:
             admitted += 1
             if tamper and admitted % TAMPER_EVERY == 0:
@@ -270,10 +308,14 @@ def evaluate(queries: list[W.Query], half_life: float, admit_min: float, solver:
     return out
 
 
-def lookup_breakdown(queries: list[W.Query], n: int) -> dict:
-    """Where an in-process warm ``get`` spends its time: canonical form (memoised), the backend's
-    observation write, entry load, the hit-time check, the score touch.  The real cache object;
-    its methods are wrapped with timers for this measurement only."""
+def lookup_breakdown(queries: list[W.Query], n: int, n_cold: int) -> dict:
+    """Where an in-process ``get`` spends its CPU.  Warm (a text seen before): the canonical-form
+    memo, the backend read, the hit-time checks, the buffered score writes (``flush``: one backend
+    write per :data:`services.scch.logic.FLUSH_KEYS` keys or second).  Cold (a fresh member of a
+    cached class): SymPy's parse and canonicalisation, then the hit-time checks and the answer
+    translated and verified against the query as written.  The real cache object; its methods are
+    wrapped with CPU timers for this measurement only; ``now`` advances with the wall clock, as in
+    the service."""
     cache = SubgoalCache(open_backend("sqlite"), capacity=CAPACITY, half_life=600.0, admit_min=1.0, seed=1)
     solver = Solver()
     seen: list[dict] = []
@@ -287,36 +329,91 @@ def lookup_breakdown(queries: list[W.Query], n: int) -> dict:
             cache.admit(cn, answer, float(t))
             cache.admit(cn, answer, float(t) + 0.5)
         seen.append(q.subgoal)
+    cache.flush()
+    stored = [sg for sg in seen if cache.backend.load(cache.canon(sg).key) is not None]
     spent: dict[str, float] = {}
 
     def timed(obj, name: str, label: str) -> None:
         fn = getattr(obj, name)
 
         def wrapper(*a, **k):
-            t0 = time.perf_counter()
+            c0 = time.process_time()
             try:
                 return fn(*a, **k)
             finally:
-                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+                spent[label] = spent.get(label, 0.0) + time.process_time() - c0
         setattr(obj, name, wrapper)
 
-    timed(cache, "canon", "canonical form (memoised)")
-    timed(cache.backend, "observe", "backend observe (write)")
-    timed(cache.backend, "observed", "backend observed (read)")
-    timed(cache.backend, "load", "backend load (read)")
-    timed(cache, "_serve", "hit-time check")
-    timed(cache.backend, "touch", "backend touch (write)")
-    hits, total = 0, 0.0
-    for i in range(n):
-        sg = seen[i % len(seen)]
-        t0 = time.perf_counter()
-        _, served, _ = cache.get(sg, 1e6 + i)
-        total += time.perf_counter() - t0
-        hits += served is not None
-    out = {f"{k} us": 1e6 * v / n for k, v in spent.items()}
-    out["total us"] = 1e6 * total / n
-    out["hit fraction"] = hits / n
+    timed(cache, "canon", "canonical form")
+    timed(cache.backend, "read", "backend read")
+    timed(cache, "_serve", "hit-time checks")
+    timed(cache, "flush", "score writes (buffered)")
+    out: dict = {}
+    start = 2e6
+    for sg in stored:  # "warm": every stored text seen (and its first-hit check run) once before
+        cache.get(sg, start + time.perf_counter())
+    rng = random.Random(9)
+    renameable = [sg for sg in stored if _fresh_member(sg, rng) is not None] or stored
+    for label, count in (("warm", n), ("cold", n_cold)):
+        spent.clear()
+        hits, c0 = 0, time.process_time()
+        for i in range(count):
+            if label == "warm":
+                sg = stored[i % len(stored)]
+            else:  # new text, the same canonical class
+                sg = renameable[i % len(renameable)]
+                sg = _fresh_member(sg, rng) or sg
+            _, served, _ = cache.get(sg, start + time.perf_counter())
+            hits += served is not None
+        total = time.process_time() - c0
+        out[label] = {**{f"{k} us": 1e6 * v / count for k, v in spent.items()}, "total us": 1e6 * total / count,
+                      "hit fraction": hits / count}
     return out
+
+
+def _fresh_member(subgoal: dict, rng: random.Random) -> dict | None:
+    """The subgoal with its variable renamed to a name not used before and its parameters'
+    operands in another order: new text, the same canonical class."""
+    var = subgoal.get("var")
+    if not isinstance(var, str) or subgoal.get("kind") == "dsolve":
+        return None
+    new = f"v{rng.randrange(10**6)}"
+    return {**subgoal, "expr": re.sub(rf"\b{re.escape(var)}\b", new, str(subgoal["expr"])), "var": new}
+
+
+def _cpu_per_request(client, kernel_pid: int, calls: dict, n: int, rounds: int = 3) -> dict:
+    """CPU seconds per request on the request's path: the client, the kernel and the worker
+    process that serves it (user + system, from /proc through psutil; ``calls``: key -> (service,
+    body(i), a string of the worker's command line)), for blocks of ``n`` calls of each kind in
+    turn, ``rounds`` times.  CPU is what a request costs whatever else runs on the machine; wall
+    latency on a loaded machine mostly measures waiting for a core."""
+    import psutil
+
+    def cpu(worker: str) -> float:
+        total = time.process_time()
+        try:
+            kernel = psutil.Process(kernel_pid)
+            # the worker itself, not its forked helpers (they share its command line, idle on a warm get)
+            procs = [kernel, *(p for p in kernel.children(recursive=True)
+                               if worker in " ".join(p.cmdline()) and worker not in " ".join(p.parent().cmdline()))]
+        except psutil.Error:
+            return total
+        for pr in procs:
+            try:
+                t = pr.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    spent = {k: 0.0 for k in calls}
+    for _ in range(rounds):
+        for key, (svc, body, worker) in calls.items():
+            c0 = cpu(worker)
+            for i in range(n):
+                client.call(svc, body(i))
+            spent[key] += cpu(worker) - c0
+    return {f"{k}_cpu_us_per_request": 1e6 * v / (n * rounds) for k, v in spent.items()}
 
 
 def _latency(n: int, fresh: int) -> dict:
@@ -353,6 +450,10 @@ def _latency(n: int, fresh: int) -> dict:
                     samples[key].append(time.perf_counter() - t0)
                     if svc != "echo":
                         assert reply["hit"], reply
+            out |= _cpu_per_request(c, kern.pid, {
+                "echo": ("echo", lambda i: payload, "services.echo"),
+                "scch_warm": ("scch", lambda i: {"op": "get", "subgoal": warm[i % 4]}, f"--db {d}/scch.db")},
+                max(20, n // 5))
             for i in range(fresh):
                 sg = W.member(*base[i % 4], rng)[0]
                 for key, svc in (("scch_cold", "scch"), ("scch_redis_cold", "scch_redis")):
@@ -393,7 +494,7 @@ def run(quick: bool) -> Result:
     tsolver = Solver(seconds=5.0)  # harvested test expressions include hard ones: a 5 s bound per solve
     truns = [evaluate(zipf_stream(pool, n_t, 303 + r), half_life, admit_min, tsolver, tamper=False, rng=rng)
              for r in range(rounds)]
-    breakdown = lookup_breakdown(list(W.stream(202, n_test, **kw)), 20 if quick else 2000)
+    breakdown = lookup_breakdown(list(W.stream(202, n_test, **kw)), 20 if quick else 2000, 5 if quick else 300)
     lat = _latency(n_lat, n_fresh)
     med = lambda k, rs=runs: statistics.median(r[k] for r in rs)  # noqa: E731
     metrics = {
@@ -405,6 +506,9 @@ def run(quick: bool) -> Result:
         "text_rename_hit_rate": med("text_rename"), "srepr_rename_hit_rate": med("srepr"),
         "hit_rate_vs_oracle": med("scch") / max(med("oracle"), 1e-9),
         "hit_rate_vs_srepr_rename": med("scch") / max(med("srepr"), 1e-9),
+        "srepr_rename_verified_hit_rate": med("srepr_verified"),
+        "hit_rate_vs_srepr_rename_verified": med("scch") / max(med("srepr_verified"), 1e-9),
+        "scch_answers_refused_at_admission": sum(r["admit_refused"] for r in runs),
         "hit_rate_vs_text_rename": med("scch") / max(med("text_rename"), 1e-9),
         "hit_rate_vs_exact_string": med("scch") / max(med("exact"), 1e-9),
         "wrong_answers_served": sum(r["wrong"] for r in runs),
@@ -416,11 +520,14 @@ def run(quick: bool) -> Result:
         "solver_time_saved_fraction_gross": med("scch_saved_gross"),
         "cpu_saved_fraction_net": med("scch_saved_net"),
         "cpu_saved_fraction_net_srepr_rename": med("srepr_saved_net"),
+        "cpu_saved_fraction_net_srepr_rename_verified": med("srepr_verified_saved_net"),
         "cpu_saved_fraction_net_exact_string": med("exact_saved_net"),
         "sympy_tests_pool": float(len(pool)), "sympy_tests_queries_per_run": float(n_t),
         "sympy_tests_scch_hit_rate": med("scch", truns), "sympy_tests_srepr_rename_hit_rate": med("srepr", truns),
         "sympy_tests_exact_string_hit_rate": med("exact", truns),
         "sympy_tests_hit_rate_vs_srepr_rename": med("scch", truns) / max(med("srepr", truns), 1e-9),
+        "sympy_tests_srepr_rename_verified_hit_rate": med("srepr_verified", truns),
+        "sympy_tests_hit_rate_vs_srepr_rename_verified": med("scch", truns) / max(med("srepr_verified", truns), 1e-9),
         "sympy_tests_cpu_saved_net": med("scch_saved_net", truns),
         "sympy_tests_cpu_saved_net_srepr_rename": med("srepr_saved_net", truns),
         "sympy_tests_wrong_answers_served": sum(r["wrong"] for r in truns),
@@ -428,6 +535,10 @@ def run(quick: bool) -> Result:
         "lookup_inproc_p50_ms": med("lookup_inproc_p50_ms"),
         **lat,
         "lookup_warm_p50_vs_echo": lat["scch_warm_p50_ms"] / lat["echo_p50_ms"],
+        "lookup_warm_cpu_vs_echo": lat["scch_warm_cpu_us_per_request"] / lat["echo_cpu_us_per_request"],
+        "inproc_warm_get_cpu_us": breakdown["warm"]["total us"],
+        "inproc_cold_get_cpu_us": breakdown["cold"]["total us"],
+        "inproc_cold_canonical_form_cpu_us": breakdown["cold"].get("canonical form us", 0.0),
         "lookup_cold_p50_vs_echo": lat["scch_cold_p50_ms"] / lat["echo_p50_ms"],
         "redis_warm_p50_vs_echo": lat["scch_redis_warm_p50_ms"] / lat["echo_p50_ms"],
         "wall_s": time.perf_counter() - t0,
@@ -451,6 +562,9 @@ def run(quick: bool) -> Result:
         {"cache": "srepr + renaming (strongest peer)", "hit_rate": metrics["srepr_rename_hit_rate"],
          "cpu_saved_net": metrics["cpu_saved_fraction_net_srepr_rename"],
          "sympy_tests_hit_rate": metrics["sympy_tests_srepr_rename_hit_rate"]},
+        {"cache": "srepr + renaming, SCCH's admission verifier", "hit_rate": metrics["srepr_rename_verified_hit_rate"],
+         "cpu_saved_net": metrics["cpu_saved_fraction_net_srepr_rename_verified"],
+         "sympy_tests_hit_rate": metrics["sympy_tests_srepr_rename_verified_hit_rate"]},
         {"cache": "SCCH (canonical)", "hit_rate": metrics["scch_hit_rate"], "solver_cpu_s": metrics["solver_cpu_s_scch"],
          "cpu_saved_net": metrics["cpu_saved_fraction_net"],
          "sympy_tests_hit_rate": metrics["sympy_tests_scch_hit_rate"],
@@ -465,8 +579,10 @@ def run(quick: bool) -> Result:
          "per_s": lat["scch_cold_per_s"]},
         {"cache": "get redis cold", "p50_ms": lat["scch_redis_cold_p50_ms"], "p99_ms": lat["scch_redis_cold_p99_ms"],
          "per_s": lat["scch_redis_cold_per_s"]},
-        {"cache": "in-process warm get, where the time goes (mean us per get)",
-         **{k: round(v, 1) for k, v in breakdown.items() if k.endswith(" us")}},
+        *({"cache": f"in-process {label} get, where the CPU goes (mean us per get)",
+           **{k: round(v, 1) for k, v in breakdown[label].items() if k.endswith(" us")}} for label in ("warm", "cold")),
+        {"cache": "CPU per request, client + kernel + serving worker (us)", "echo": lat["echo_cpu_us_per_request"],
+         "get sqlite warm": lat["scch_warm_cpu_us_per_request"]},
     ]
     notes = [
         f"held-out: {rounds} stream(s) of {n_test} queries ({kw['pool']} recurring classes, 15% one-off problems, 10% "
@@ -483,8 +599,16 @@ def run(quick: bool) -> Result:
         "no cache; the peers' net figures count their key computation; the gross figure (solver only) is "
         "solver_time_saved_fraction_gross",
         f"latency samples: {n_lat} warm gets and echoes, {n_fresh} cold gets per backend (p99 from these)",
-        "in-process breakdown row: the real cache object with its methods wrapped by timers; the rest of a routed "
-        "get (routed p50 - in-process total) is the bus: client, kernel, worker and msgpack",
+        "in-process breakdown rows: the real cache object with its methods wrapped by CPU timers (warm: a text seen "
+        "before; cold: a fresh member of a cached class, parsed and canonicalised by SymPy); the rest of a routed "
+        "get is the bus: client, kernel, worker and msgpack",
+        "lookup_warm_cpu_vs_echo: CPU of client + kernel + the serving worker per request, a warm get over an echo, in blocks; "
+        "on a loaded machine the wall ratio mostly measures waiting for a core, the CPU ratio what a get costs",
+        "srepr + renaming with SCCH's admission verifier: the same key, caching only answers SCCH would store "
+        "(full check; a solve answer proved complete), paying that check's CPU on its misses; the plain srepr peer "
+        "caches whatever the solver returned (never a timeout or error) and is the headline's peer, being the stronger",
+        "scch_answers_refused_at_admission: solver answers SCCH verified but would not store (a solve answer not "
+        "proved complete) or whose full check failed",
         "2-core machine shared with other agents: latencies are under contention",
         f"one admitted artifact in {TAMPER_EVERY} is overwritten with a wrong one to exercise the hit-time verifier",
     ]

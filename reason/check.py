@@ -91,11 +91,20 @@ FLOAT_TOL = 1e-10
 NEAR_DUPLICATE = 1e-6
 
 
+_HASHES: dict[tuple, str] = {}
+
+
 def verifier_hash(kind: str) -> str:
-    """Hash of the verifier of ``kind`` with its settings."""
-    spec = (f"{VERIFIERS[kind]}|rtol={RTOL}|full={FULL_POINTS}|quick={QUICK_POINTS}|{VAR_RANGE}|{PARAM_RANGE}"
-            f"|{SOLUTION_DIGITS}|{EXACT_TOL}|{FLOAT_TOL}|{NEAR_DUPLICATE}")
-    return hashlib.blake2b(spec.encode(), digest_size=8).hexdigest()
+    """Hash of the verifier of ``kind`` with its settings (memoised by the settings themselves:
+    every cache hit asks for it)."""
+    settings = (VERIFIERS[kind], RTOL, FULL_POINTS, QUICK_POINTS, VAR_RANGE, PARAM_RANGE, SOLUTION_DIGITS, EXACT_TOL,
+                FLOAT_TOL, NEAR_DUPLICATE)
+    found = _HASHES.get(settings)
+    if found is None:
+        spec = (f"{VERIFIERS[kind]}|rtol={RTOL}|full={FULL_POINTS}|quick={QUICK_POINTS}|{VAR_RANGE}|{PARAM_RANGE}"
+                f"|{SOLUTION_DIGITS}|{EXACT_TOL}|{FLOAT_TOL}|{NEAR_DUPLICATE}")
+        found = _HASHES[settings] = hashlib.blake2b(spec.encode(), digest_size=8).hexdigest()
+    return found
 
 
 def _constants(expr: sp.Expr) -> set[sp.Symbol]:
@@ -393,31 +402,39 @@ class QuickCheck:
         n = 4 * points
         cols = self._points(rng, n)
         var_col = next((c for s, c in zip(self.symbols, cols) if s.name == self.var), None)
+        negative = None if var_col is None else var_col < 0
         for fn, terms_expr in zip(self.funcs, self.exprs):
-            good, negative = 0, 0
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
                     if fn is None:
                         raise NameError
-                    terms = [np.broadcast_to(np.asarray(t, dtype=complex), (n,)) for t in fn(*self._complex(cols))]
+                    terms = [np.asarray(t, dtype=complex) for t in fn(*self._complex(cols))]
+                    if any(t.shape not in ((), (n,)) for t in terms):
+                        raise ValueError("a residual term of an unexpected shape")
                 except (ZeroDivisionError, OverflowError, ValueError, TypeError, NameError, AttributeError):
                     try:
                         terms = self._mpmath(terms_expr, cols, n)
                     except (NameError, TypeError, KeyError, SyntaxError, AttributeError):
                         return False
-            total = np.sum(terms, axis=0)
-            scale = np.sum(np.abs(terms), axis=0)
-            for i in range(n):
-                if not (math.isfinite(abs(total[i])) and math.isfinite(scale[i])):
-                    continue
-                if abs(total[i]) > RTOL * (1 + scale[i]):
-                    return False
-                good += 1
-                negative += var_col is not None and var_col[i] < 0
-                if good >= points and (var_col is None or 4 * negative >= points):
-                    break
-            if good < points or (var_col is not None and 4 * negative < points):
+                total: Any = np.zeros(n, dtype=complex)
+                scale: Any = np.zeros(n)
+                for t in terms:  # term by term, in order (a scalar term broadcasts)
+                    total = total + t
+                    scale = scale + np.abs(t)
+                size = np.abs(total)
+                usable = np.isfinite(size) & np.isfinite(scale)
+                bad = usable & (size > RTOL * (1 + scale))
+            # The points are taken in order, skipping unusable ones, until ``points`` usable ones
+            # (at least a quarter of them with a negative variable) are in; a bad point among
+            # those taken fails the check.  Vectorised: the first usable index where the running
+            # counts suffice is where the scan stops.
+            enough = usable & (np.cumsum(usable) >= points)
+            if negative is not None:
+                enough &= 4 * np.cumsum(usable & negative) >= points
+            if not enough.any():
+                return False
+            if bad[: int(np.argmax(enough)) + 1].any():
                 return False
         return True
 

@@ -173,12 +173,13 @@ async def test_preempt_by_id_names_only_the_callers_own_request(kern):
     nothing, and the owner's does."""
     from clients import AsyncClient
 
-    async with AsyncClient(kern.endpoint, timeout=20, retries=0) as owner, \
-            AsyncClient(kern.endpoint, timeout=20, retries=0) as other:
+    async with AsyncClient(kern.endpoint, timeout=60, retries=0) as owner, \
+            AsyncClient(kern.endpoint, timeout=60, retries=0) as other:
         statuses: list[str] = []
-        run = asyncio.ensure_future(owner.call("echo", {"steps": 100, "step_ms": 20},
+        await other.wait_for_service("echo", 60)  # `kern` does not wait for its workers (a busy machine)
+        run = asyncio.ensure_future(owner.call("echo", {"steps": 400, "step_ms": 20},
                                                on_partial=lambda r: statuses.append(r.status)))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a bound, not a timing (400 steps of 20 ms: >= 8 s to pause it in)
         while (await other.stats())["services"]["echo"]["inflight"] < 1:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.005)
@@ -198,7 +199,7 @@ async def test_preempt_by_id_names_only_the_callers_own_request(kern):
             await asyncio.sleep(0.005)
         assert "paused" in statuses
         await owner.call("mmi.resume", {"id": rid})
-        assert (await asyncio.wait_for(run, 20))["steps_done"] == 100
+        assert (await asyncio.wait_for(run, 60))["steps_done"] == 400
 
 
 def test_budget_exhaustion_cancels_inflight_and_refuses_new(kern, client):

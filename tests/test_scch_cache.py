@@ -133,3 +133,56 @@ def test_lost_redis_is_a_typed_error_and_nothing_is_corrupted(tmp_path):
     finally:
         server.stop()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_get_score_writes_are_buffered_and_written_before_admission(backend):
+    cache = SubgoalCache(backend, capacity=10, half_life=100.0, admit_min=1.5, seed=1)
+    sg = q("x*exp(x)")
+    cn, served, _ = cache.get(sg, 0.0)
+    assert served is None and backend.observed(cn.key) is None  # buffered, not written yet
+    cache.get(q("w*exp(w)", "w"), 0.5)  # the same key, observed again
+    answer, _ = timed_compute(cn.kind, cn.form)
+    # admission writes the buffered observations first: 2 observations, above admit_min
+    assert cache.admit(cn, answer, 0.5)["admitted"]
+    for i in range(3):
+        assert cache.get(sg, 0.6 + 0.1 * i)[1] is not None
+    assert backend.load(cn.key).hits == 0
+    cache.flush()
+    entry = backend.load(cn.key)
+    assert entry.hits == 3 and score_at(entry.z, 0.8, 100.0) == pytest.approx(5.0, rel=0.02)  # 2 observations + 3 hits
+    # time flushes too: a get FLUSH_SECONDS later writes what was buffered before it
+    other = cache.get(q("sin(x)"), 1.0)[0]
+    assert backend.observed(other.key) is None
+    cache.get(q("cos(x)"), 3.0)
+    assert backend.observed(other.key) is not None
+
+
+def test_hit_check_runs_once_per_proved_artifact_and_on_every_hit_of_a_points_one(backend, monkeypatch):
+    from reason.check import QuickCheck
+
+    calls = []
+    real = QuickCheck.check
+
+    def counted(self, *a, **k):  # the real check, counted
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(QuickCheck, "check", counted)
+    cache = SubgoalCache(backend, capacity=10, half_life=100.0, seed=1)
+    out = cache.solve(q("x*cos(x)"), 0.0, timed_compute)
+    assert out["how"].startswith("proved")
+    assert cache.get(q("t*cos(t)", "t"), 1.0)[1] is not None  # first hit: checked
+    calls.clear()
+    for t in (2.0, 3.0):
+        assert cache.get(q("t*cos(t)", "t"), t)[1] is not None
+    assert calls == []  # the same content, proved symbolically: not re-sampled
+    e = backend.load(out["key"])
+    backend.store(Entry(e.key, e.kind, e.artifact, e.verifier, "points", e.z, e.hits).sealed())
+    assert cache.get(q("t*cos(t)", "t"), 4.0)[1] is not None
+    calls.clear()
+    for t in (5.0, 6.0):
+        assert cache.get(q("t*cos(t)", "t"), t)[1] is not None
+    assert len(calls) == 2  # verified at points only: fresh points on every hit
+    # new content under the same key (a buggy writer, digest resealed) is checked again
+    backend.store(Entry(e.key, e.kind, json.dumps("x**2"), e.verifier, e.how, e.z, e.hits).sealed())
+    assert cache.get(q("x*cos(x)"), 7.0)[1] is None and backend.load(out["key"]) is None

@@ -13,7 +13,9 @@ cache has room or the score beats the least-scored entry, which is then evicted.
 
 **Serving** (``get``): an entry is served only if its digest is intact, it was accepted by the
 current verifier (same verifier hash), and a quick check (:class:`reason.check.QuickCheck`) at
-fresh random points passes; otherwise it is deleted, counted as rejected, and the query is a miss.
+fresh random points passes -- on the first hit of each stored artifact, and on every hit of one
+verified only at points (see :meth:`SubgoalCache._serve`); otherwise it is deleted, counted as
+rejected, and the query is a miss.
 Hits report no spending; misses that compute (``solve``) report the solver's CPU time.
 """
 
@@ -33,12 +35,19 @@ from reason.canon import FUNC
 from reason.check import (CHECK_SECONDS, OFFERED_CHECK_SECONDS, OFFERED_PROOF_SECONDS, QuickCheck, admission_refusal,
                           full_check, param_values, solution_status, verifier_hash)
 from reason.errors import ParseError, ReasonError, TimeLimit, VerifierRejected
-from services.scch.store import Backend, Entry
+from services.scch.store import Backend, Entry, Scores
 
 #: Canonical forms memoised by exact subgoal text (a front memo; bounded).
 MEMO_SIZE = 4096
 #: Compiled quick checks memoised by entry digest (bounded).
 CHECKS_SIZE = 4096
+#: ``get`` buffers its score writes (observation score; a hit's retention score and hit count)
+#: and writes them together, in one backend write, once this many keys are buffered or this many
+#: seconds (of ``now``) passed since the first, and always before anything reads scores
+#: (admission, ``put``, ``stats``, :meth:`SubgoalCache.flush`).  Like any cache write, a crash
+#: may lose them; another process sharing the backend sees them that much later.
+FLUSH_KEYS = 32
+FLUSH_SECONDS = 1.0
 
 
 def bump(z: float | None, now: float, half_life: float) -> float:
@@ -131,6 +140,10 @@ class SubgoalCache:
         self._memo: _LRU = _LRU(MEMO_SIZE)
         self._checks: _LRU = _LRU(CHECKS_SIZE)
         self._answers: _LRU = _LRU(MEMO_SIZE)  # (subgoal text, entry digest) -> translated answer
+        self._passed: _LRU = _LRU(CHECKS_SIZE)  # (key, digest) of proved artifacts that passed a hit check
+        self._parsed: _LRU = _LRU(CHECKS_SIZE)  # entry digest -> parsed artifact
+        self._scores: dict[str, Scores] = {}  # buffered get writes (FLUSH_KEYS, FLUSH_SECONDS)
+        self._scores_since = 0.0
 
     # -- canonical forms --------------------------------------------------------------------------
 
@@ -144,9 +157,10 @@ class SubgoalCache:
             raise C.TooLarge("subgoal text too long")
         return memo_key
 
-    def canon(self, subgoal: Any) -> C.Canon:
-        """The subgoal's canonical form (memoised by its exact text)."""
-        memo_key = self._text(subgoal)
+    def canon(self, subgoal: Any, text: str | None = None) -> C.Canon:
+        """The subgoal's canonical form (memoised by its exact text, ``text`` when the caller has
+        it already)."""
+        memo_key = self._text(subgoal) if text is None else text
         found = self._memo.get_fresh(memo_key)
         if found is None:
             found = self._canonicalise(subgoal)
@@ -158,16 +172,29 @@ class SubgoalCache:
     def get(self, subgoal: Any, now: float) -> tuple[C.Canon, dict | None, Entry | None]:
         """``(canon, served, entry)``: ``served`` is ``{"answer", ...}`` (:meth:`for_query`: in
         the query's symbols, verified against the query); served and entry are ``None`` on a
-        miss.  Counts the observation of the key."""
-        cn = self.canon(subgoal)
+        miss.  Counts the observation of the key.
+
+        One backend read (the observation score and the entry); the score writes are buffered
+        (:data:`FLUSH_KEYS`) and the buffer's scores override what was read."""
+        text = self._text(subgoal)
+        cn = self.canon(subgoal, text)
         self.counts.gets += 1
-        self.backend.observe(cn.key, bump(self.backend.observed(cn.key), now, self.half_life), self.keep_observations)
-        entry = self.backend.load(cn.key)
+        observed, entry = self.backend.read(cn.key)
+        buffered = self._scores.get(cn.key)
         served = None
         if entry is not None:
-            served = self._serve(cn, entry, self._text(subgoal))
+            served = self._serve(cn, entry, text)
             if served is None:
                 entry = None
+        sc = Scores(cn.key, bump(observed if buffered is None else buffered.observed_z, now, self.half_life))
+        if entry is not None:  # a served hit (a miss drops a buffered hit: its entry is gone)
+            last = entry.z if buffered is None or buffered.hit_z is None else buffered.hit_z
+            sc.hit_z, sc.hits = bump(last, now, self.half_life), (buffered.hits if buffered else 0) + 1
+        if not self._scores:
+            self._scores_since = now
+        self._scores[cn.key] = sc
+        if len(self._scores) >= FLUSH_KEYS or now - self._scores_since >= FLUSH_SECONDS:
+            self.flush()
         kind_counts = self.counts.by_kind[cn.kind]
         kind_counts[1] += 1
         if entry is None:
@@ -175,24 +202,40 @@ class SubgoalCache:
             return cn, None, None
         self.counts.hits += 1
         kind_counts[0] += 1
-        self.backend.touch(cn.key, bump(entry.z, now, self.half_life))
         return cn, served, entry
+
+    def flush(self) -> None:
+        """Write the buffered score updates of ``get`` (one backend write).  On a backend error
+        they are dropped (a cache may lose score updates, never an entry's content)."""
+        if self._scores:
+            scores, self._scores = list(self._scores.values()), {}
+            self.backend.record(scores, self.keep_observations)
 
     def _serve(self, cn: C.Canon, entry: Entry, text: str) -> dict | None:
         """The entry's answer in the query's symbols if it passes every check, else ``None``
-        (and the entry is deleted).  The check runs on every hit; the parsed artifact, its
-        compiled check and its translation are memoised by the entry's digest."""
+        (and the entry is deleted).  Every hit checks the digest, the verifier hash and the kind.
+        The quick check at fresh random points runs on the first hit of each stored artifact (its
+        content digest) and, for an artifact verified only at points (``how`` not ``proved``), on
+        every hit; an artifact proved symbolically at admission whose identical content (same
+        digest, checked on this read) already passed here is not re-sampled: more random points
+        add nothing to a proof.  The parsed artifact, its compiled check and its translation are
+        memoised by the entry's digest."""
         ok = entry.intact and entry.verifier == verifier_hash(cn.kind) and entry.kind == cn.kind
-        if ok:
+        memo = (cn.key, entry.digest)
+        if ok and memo in self._passed:
+            self._passed.move_to_end(memo)
+        elif ok:
             try:
                 with C.time_limit(CHECK_SECONDS, "hit check"):  # a check that cannot finish: not served
                     check = self._checks.get_fresh((cn.key, entry.digest))
                     if check is None:
-                        check = QuickCheck.compile(cn.kind, cn.form, answer_from_text(cn.kind, entry.artifact))
+                        check = QuickCheck.compile(cn.kind, cn.form, self._artifact(entry))
                         self._checks.put((cn.key, entry.digest), check)
                     ok = check.check(self.rng)
             except (ReasonError, ValueError, TypeError, SyntaxError, sp.SympifyError):
                 ok = False
+            if ok and entry.how.startswith("proved"):
+                self._passed.put(memo, True)
         if not ok:
             self.counts.rejected += 1
             self.backend.delete(cn.key)
@@ -201,13 +244,22 @@ class SubgoalCache:
         if served is None:
             try:
                 with C.time_limit(CHECK_SECONDS, "query check"):
-                    served = self.for_query(cn, answer_from_text(cn.kind, entry.artifact), entry.how)
+                    served = self.for_query(cn, self._artifact(entry), entry.how)
             except (ReasonError, ValueError, TypeError, SyntaxError, sp.SympifyError):
                 self.counts.rejected += 1
                 self.backend.delete(cn.key)
                 return None
             self._answers.put((text, entry.digest), served)
         return served
+
+    def _artifact(self, entry: Entry) -> Any:
+        """The entry's artifact parsed (SymPy objects are immutable: memoised by the digest,
+        which the caller checked against the content)."""
+        parsed = self._parsed.get_fresh(entry.digest)
+        if parsed is None:
+            parsed = answer_from_text(entry.kind, entry.artifact)
+            self._parsed.put(entry.digest, parsed)
+        return parsed
 
     def for_query(self, cn: C.Canon, canonical: Any, how: str) -> dict:
         """The canonical answer translated into the query's symbols and verified against the
@@ -262,6 +314,7 @@ class SubgoalCache:
     def offer(self, subgoal: Any, answer: Any, now: float, *, verifier: str | None = None) -> tuple[C.Canon, Any]:
         """The first half of :meth:`put`: the canonical form and the answer in canonical symbols;
         counts the offering query's observation of the subgoal."""
+        self.flush()
         cn = self.canon(subgoal)
         if verifier is not None and verifier != verifier_hash(cn.kind):
             raise VerifierRejected(f"unknown verifier {verifier!r} for {cn.kind}; current: {verifier_hash(cn.kind)}")
@@ -288,6 +341,7 @@ class SubgoalCache:
         symbolically.  An offered answer that is not raises :class:`VerifierRejected` with the
         reason; a computed one is answered but not stored (``admitted: False`` and the reason).
         A stored entry is replaced by a strictly better-verified answer (``_RANK``)."""
+        self.flush()
         if how is None and offered:
             how = full_check(cn.kind, cn.form, canonical, self.rng, proof_seconds=OFFERED_PROOF_SECONDS,
                              seconds=OFFERED_CHECK_SECONDS)
@@ -382,6 +436,7 @@ class SubgoalCache:
         return min(3, int(ratio * 4))
 
     def stats(self) -> dict:
+        self.flush()
         c = self.counts
         return {"gets": c.gets, "hits": c.hits, "misses": c.misses, "rejected": c.rejected,
                 "admitted": c.admitted, "refused": c.refused, "evicted": c.evicted, "solved": c.solved,

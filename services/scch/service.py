@@ -134,6 +134,10 @@ class ScchService(Service):
         if self.parser is not None:
             await asyncio.to_thread(self.parser.close)
         for cache in self.caches.values():
+            try:
+                cache.flush()
+            except BackendUnavailable:
+                pass  # score updates only; the entries are written already
             cache.backend.close()
 
     async def handle(self, ctx: Context, payload: Any) -> Any:

@@ -55,6 +55,17 @@ class Entry:
         return self.digest == self.content_digest()
 
 
+@dataclasses.dataclass
+class Scores:
+    """Score updates of one key by ``get`` calls (:meth:`Backend.record`): its observation score
+    and, when its entry was served, the entry's retention score and how many hits."""
+
+    key: str
+    observed_z: float
+    hit_z: float | None = None
+    hits: int = 0
+
+
 class Backend(abc.ABC):
     name = "backend"
 
@@ -84,6 +95,21 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def victim(self) -> tuple[str, float] | None:
         """The entry with the least retention score."""
+
+    def read(self, key: str) -> tuple[float | None, Entry | None]:
+        """``(observed(key), load(key))``: what a ``get`` reads, in one round trip where the
+        backend can batch reads."""
+        return self.observed(key), self.load(key)
+
+    def record(self, scores: list[Scores], keep: int) -> None:
+        """What ``get`` calls wrote (:class:`Scores`: each key's observation score, as
+        :meth:`observe`, and for served hits the entry's retention score and the number of hits,
+        as :meth:`touch`), in one write where the backend can (one SQLite transaction, one Redis
+        ``MULTI``)."""
+        for sc in scores:
+            self.observe(sc.key, sc.observed_z, keep)
+            for _ in range(sc.hits if sc.hit_z is not None else 0):
+                self.touch(sc.key, sc.hit_z)
 
     @abc.abstractmethod
     def count(self) -> int: ...
@@ -129,6 +155,13 @@ class SQLiteBackend(Backend):
         rows = self._run("SELECT key, kind, artifact, verifier, how, z, hits, digest FROM entries WHERE key = ?", (key,))
         return Entry(*rows[0]) if rows else None
 
+    def read(self, key: str) -> tuple[float | None, Entry | None]:
+        rows = self._run("SELECT o.z, e.key, e.kind, e.artifact, e.verifier, e.how, e.z, e.hits, e.digest "
+                         "FROM (SELECT ? AS k) AS q LEFT JOIN observations AS o ON o.key = q.k "
+                         "LEFT JOIN entries AS e ON e.key = q.k", (key,))
+        z, *entry = rows[0]
+        return z, (Entry(*entry) if entry[0] is not None else None)
+
     def store(self, entry: Entry, evict: str | None = None) -> None:
         try:
             with self.db:
@@ -153,16 +186,31 @@ class SQLiteBackend(Backend):
         return rows[0][0] if rows else None
 
     def observe(self, key: str, z: float, keep: int) -> None:
+        self.record([Scores(key, z)], keep)
+
+    def record(self, scores: list[Scores], keep: int) -> None:
         try:
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")
-                self.db.execute("INSERT OR REPLACE INTO observations VALUES (?, ?)", (key, z))
-                (n,) = self.db.execute("SELECT COUNT(*) FROM observations").fetchone()
-                if n > keep:
-                    self.db.execute("DELETE FROM observations WHERE key IN "
-                                    "(SELECT key FROM observations ORDER BY z LIMIT ?)", (n - keep,))
+                for sc in scores:
+                    self._observe(sc.key, sc.observed_z, keep)
+                    if sc.hit_z is not None and sc.hits:
+                        self.db.execute("UPDATE entries SET z = ?, hits = hits + ? WHERE key = ?",
+                                        (sc.hit_z, sc.hits, sc.key))
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"sqlite: {exc}") from exc
+
+    def _observe(self, key: str, z: float, keep: int) -> None:
+        """Inside a write transaction.  A key already observed is updated in place; the table is
+        counted (``COUNT(*)`` walks its whole index, which every ``get`` paid before) only after an
+        insert."""
+        if self.db.execute("UPDATE observations SET z = ? WHERE key = ?", (z, key)).rowcount:
+            return
+        self.db.execute("INSERT INTO observations VALUES (?, ?)", (key, z))
+        (n,) = self.db.execute("SELECT COUNT(*) FROM observations").fetchone()
+        if n > keep:
+            self.db.execute("DELETE FROM observations WHERE key IN "
+                            "(SELECT key FROM observations ORDER BY z LIMIT ?)", (n - keep,))
 
     def victim(self) -> tuple[str, float] | None:
         rows = self._run("SELECT key, z FROM entries ORDER BY z LIMIT 1")
@@ -209,7 +257,10 @@ class RedisBackend(Backend):
         return f"{self.prefix}e:{key}"
 
     def load(self, key: str) -> Entry | None:
-        h = self._call(self.r.hgetall, self._e(key))
+        return self._entry(key, self._call(self.r.hgetall, self._e(key)))
+
+    @staticmethod
+    def _entry(key: str, h: dict) -> Entry | None:
         if not h:
             return None
         try:
@@ -245,21 +296,43 @@ class RedisBackend(Backend):
     def touch(self, key: str, z: float) -> None:
         def tx() -> None:
             pipe = self.r.pipeline(transaction=True)
-            pipe.hset(self._e(key), "z", repr(z))
-            pipe.hincrby(self._e(key), "hits", 1)
-            pipe.zadd(f"{self.prefix}z", {key: z}, xx=True)
+            self._touch(pipe, key, z)
             pipe.execute()
 
         self._call(tx)
+
+    def _touch(self, pipe: Any, key: str, z: float, hits: int = 1) -> None:
+        pipe.hset(self._e(key), "z", repr(z))
+        pipe.hincrby(self._e(key), "hits", hits)
+        pipe.zadd(f"{self.prefix}z", {key: z}, xx=True)
 
     def observed(self, key: str) -> float | None:
         return self._call(self.r.zscore, f"{self.prefix}o", key)
 
     def observe(self, key: str, z: float, keep: int) -> None:
+        self.record([Scores(key, z)], keep)
+
+    def read(self, key: str) -> tuple[float | None, Entry | None]:
+        def both() -> list:
+            pipe = self.r.pipeline(transaction=False)  # one round trip, two reads
+            pipe.zscore(f"{self.prefix}o", key)
+            pipe.hgetall(self._e(key))
+            return pipe.execute()
+
+        z, h = self._call(both)
+        return z, self._entry(key, h)
+
+    def record(self, scores: list[Scores], keep: int) -> None:
+        if not scores:
+            return
+
         def tx() -> None:
             pipe = self.r.pipeline(transaction=True)
-            pipe.zadd(f"{self.prefix}o", {key: z})
+            pipe.zadd(f"{self.prefix}o", {sc.key: sc.observed_z for sc in scores})
             pipe.zremrangebyrank(f"{self.prefix}o", 0, -keep - 1)
+            for sc in scores:
+                if sc.hit_z is not None and sc.hits:
+                    self._touch(pipe, sc.key, sc.hit_z, sc.hits)
             pipe.execute()
 
         self._call(tx)
