@@ -75,6 +75,8 @@ _DROP_LINGER = 0.2
 #: A dropped peer's routing id is remembered (its messages discarded) until its connection is
 #: seen closed, or this long, seconds.
 _DROP_FORGET = 10.0
+#: SO_LINGER on, 0 s: the last close of a dropped connection resets it (struct linger).
+_ABORT_LINGER = struct.pack("ii", 1, 0)
 #: ``ioctl`` request: bytes in a socket's send queue (TIOCOUTQ; on tcp: not yet acknowledged).
 _SIOCOUTQ = 0x5411
 #: ``struct tcp_info``: offset of ``tcpi_bytes_acked`` (u64, Linux >= 4.1).
@@ -568,6 +570,9 @@ class KernelServer:
                     if os.fstat(fd).st_ino != ino:
                         raise OSError(_errno.EBADF, "closed already")
                     with _socket.socket(fileno=os.dup(fd)) as s:  # as for the peer cap: libzmq sees it close
+                        # An abortive close (RST, send queue discarded): a FIN would wait behind the
+                        # unread bytes in a zero window (FIN-WAIT-1, the OS holding the queue).
+                        s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _ABORT_LINGER)
                         s.shutdown(_socket.SHUT_RDWR)
                 except OSError:
                     del self._dropping[identity]
