@@ -39,6 +39,7 @@ from bench._common import Result, percentile, progress
 from clients import Client
 from clients.launch import LocalKernel, short_tmpdir
 from kernel import errors, keys
+from kernel import protocol as P
 
 RUNS = 3
 SAMPLES = 1000
@@ -206,7 +207,7 @@ def _overshoot_rounds(c: Client, client_kw: dict, service: str, n: int) -> tuple
                 # and killed if its answer is not back within the ladder's 100 ms answer grace,
                 # which a remote thaw under load misses (then a restart per round).
                 try:
-                    c.call("mmi.proc.cont", {"child": service})
+                    c.call(P.MMI_PROC_CONT, {"child": service})
                 except errors.RecaError:
                     pass
             th.join(STOP_WAIT_S + KILL_GRACE_MS / 1000.0 + 10)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import time as _time
 from typing import Any, Callable, Final
 
 from kernel.errors import BadRequest
@@ -191,17 +190,17 @@ ENV_LOG_LEVEL: Final = "RECA_LOG_LEVEL"
 ENV_CERT: Final = "RECA_CERT"
 #: The kernel's public certificate file.
 ENV_SERVER_CERT: Final = "RECA_SERVER_CERT"
-#: A worker's run number, set by the supervisor per start (:func:`incarnation_now`): strictly
+#: A worker's run number, set by the supervisor per start (:func:`incarnation_at`): strictly
 #: larger for each later run of a child, across kernel restarts, so an id a worker handed out in an
 #: earlier run (a decode session's) is known as one.
 ENV_INCARNATION: Final = "RECA_INCARNATION"
 _INCARNATION_EPOCH: Final = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
 
-def incarnation_now(last: int = 0, now: float | None = None) -> int:
-    """A new incarnation number: tenths of a second since 2026 (``now``: seconds since the Unix
-    epoch, the clock's when omitted), and above ``last``."""
-    return max(last + 1, int(((_time.time() if now is None else now) - _INCARNATION_EPOCH) * 10))
+def incarnation_at(now: float, last: int = 0) -> int:
+    """The incarnation number of a run started at ``now`` (seconds since the Unix epoch): tenths
+    of a second since 2026, and above ``last`` (the child's previous run)."""
+    return max(last + 1, int((now - _INCARNATION_EPOCH) * 10))
 
 
 #: Every name the supervisor sets in a child's environment.

@@ -225,7 +225,11 @@ KEEPS_STATE: frozenset[str] = frozenset({"services.decode", "services.sim"})
 #: of the same child, across restarts and kernel restarts (tenths of a second since 2026, or the
 #: last one + 1), so that it can tell state of an earlier run (``session_lost``) from none.
 ENV_INCARNATION = P.ENV_INCARNATION
-incarnation_now = P.incarnation_now
+
+
+def incarnation_now(last: int = 0) -> int:
+    """A new incarnation number for a child started now (:func:`kernel.protocol.incarnation_at`)."""
+    return P.incarnation_at(time.time(), last)
 
 
 @dataclasses.dataclass

@@ -91,6 +91,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import time
 from typing import Any, Callable
 
 import torch
@@ -259,11 +260,11 @@ class Decode:
 
 def _incarnation() -> int:
     """This run's incarnation (``RECA_INCARNATION`` from the supervisor; without one, this start's
-    own: kernel.protocol.incarnation_now)."""
+    own: kernel.protocol.incarnation_at)."""
     try:
         return max(1, int(os.environ.get(P.ENV_INCARNATION, "")))
     except ValueError:
-        return P.incarnation_now()
+        return P.incarnation_at(time.time())
 
 
 def _int(payload: dict, key: str, default: Any = None, *, lo: int | None = None) -> int:
