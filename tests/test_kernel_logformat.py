@@ -26,25 +26,7 @@ from kernel.logstore import (
     recover,
 )
 from kernel.replay import replay_file, restore
-
-
-def _norm(x):
-    return json.loads(json.dumps(x))
-
-
-def _state(adm: BudgetAdmission) -> dict:
-    d = _norm(adm.ledger.dump())
-    d.pop("session")
-    return d
-
-
-def _restored(path: str) -> dict | None:
-    report = restore(path)
-    if report is None:
-        return None
-    d = _norm(report.ledger.dump())
-    d.pop("session")
-    return d
+from tests.test_kernel_logfaults import _norm, _restored, _state  # the same state comparison
 
 
 def _small_log(path: str, n: int = 6) -> tuple[list[int], list[dict]]:
