@@ -633,22 +633,34 @@ def _name(p: psutil.Process) -> str:
 
 
 def run_ray_schedule(c: Any, db: str, sched: dict, counts: Counter, kills: Counter,
-                     node: WorkerNode | None = None) -> None:
+                     node: WorkerNode | None = None, phases: Counter | None = None) -> None:
     """One ``--ray`` schedule on coordinator ``c``; adds violations to ``counts``.  A node target
-    needs ``node`` (the worker node the runs are placed on)."""
+    needs ``node`` (the worker node the runs are placed on).  ``phases`` adds the seconds spent in
+    each phase (join, submit, victim, settle, node_restart, check)."""
     from services.ttc.logic import ABORTED, DONE, TERMINAL_STATES
+
+    phases = phases if phases is not None else Counter()
+    t = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.monotonic()
+        phases[name] += now - t
+        t = now
 
     target = sched["target"]
     if node is not None:
         joined = node.place(c, NODE_JOIN_S if target in NODE_TARGETS else 0.0)
         if target in NODE_TARGETS and not joined:
             kills["node_not_joined"] += 1
+    lap("join")
     consumer = f"s{sched['index']}"
     ids = [c.prepare("diffusion", {"n": 32, "steps": steps, "checkpoint_every": 2_000, "seed": k}, 30.0,
                      [consumer], 120) for k, steps in enumerate(sched["calls"])]
     for cid in ids:
         c.commit(cid)
     victim = ids[sched["victim"]]
+    lap("submit")
     landed = False
     if target != "none":
         pid = _ray_victim_pid(c, victim, RAY_SETTLE_S)
@@ -672,12 +684,15 @@ def run_ray_schedule(c: Any, db: str, sched: dict, counts: Counter, kills: Count
             except Exception as exc:  # noqa: BLE001 - AlreadyFinished: the abort came after the result
                 landed = type(exc).__name__ != "AlreadyFinished" and landed
     kills[target if landed or target == "none" else f"{target}_late"] += 1
+    lap("victim")
     try:
         out = c.run_until_settled(ids, RAY_SETTLE_S)
     except TimeoutError:
         out = {cid: c.outcome(cid) for cid in ids}
+    lap("settle")
     if node is not None and target in NODE_TARGETS:
         node.settle()
+    lap("node_restart")
     for cid in ids:
         state = out[cid].state
         if state not in TERMINAL_STATES:
@@ -700,6 +715,7 @@ def run_ray_schedule(c: Any, db: str, sched: dict, counts: Counter, kills: Count
         counts[k] += v
     if got.details:
         print(f"schedule {sched['index']}: {got.details[:3]}", file=sys.stderr)
+    lap("check")
 
 
 def run_ray_schedules(n: int, seed: int, workdir: str, *, nodes: int = 2, wall_s: float | None = None) -> dict:
@@ -716,6 +732,7 @@ def run_ray_schedules(n: int, seed: int, workdir: str, *, nodes: int = 2, wall_s
     counts: Counter = Counter({k: 0 for k in ("lost", "stuck", "twice", "duplicated_results", "completed_twice",
                                               "orphaned_runs")})
     kills: Counter = Counter()
+    phases: Counter = Counter()
     t0 = time.monotonic()
     done = 0
     db = os.path.join(workdir, "ray.db")
@@ -731,10 +748,11 @@ def run_ray_schedules(n: int, seed: int, workdir: str, *, nodes: int = 2, wall_s
                 sched = make_ray_schedule(seed, i)
                 if node is None and sched["target"] in NODE_TARGETS:
                     sched["target"] = "none"
-                run_ray_schedule(c, db, sched, counts, kills, node)
+                run_ray_schedule(c, db, sched, counts, kills, node, phases)
                 done += 1
                 print(f"{done} schedules {time.monotonic() - t0:.0f} s load {os.getloadavg()[0]:.1f}"
-                      f" counts {dict(counts)} kills {dict(kills)}", file=sys.stderr, flush=True)
+                      f" counts {dict(counts)} kills {dict(kills)}"
+                      f" phases {({k: round(v, 1) for k, v in phases.items()})}", file=sys.stderr, flush=True)
             counts["orphaned_runs"] += len(tagged_processes(c.store.store_id + "/"))
         counts["final_checker_total"] = checker.check(db).total()
     finally:
@@ -742,7 +760,8 @@ def run_ray_schedules(n: int, seed: int, workdir: str, *, nodes: int = 2, wall_s
             node.stop()
         stop_local_cluster(head)
     return {"schedules": done, "wall_s": time.monotonic() - t0, "counts": dict(counts), "kills": dict(kills),
-            "node_joins": node.joins if node else 0, "loadavg_start": load0, "loadavg_end": os.getloadavg()}
+            "node_joins": node.joins if node else 0,
+            "phase_s": {k: round(v, 1) for k, v in phases.items()}, "loadavg_start": load0, "loadavg_end": os.getloadavg()}
 
 
 if __name__ == "__main__":
