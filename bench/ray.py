@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import shutil
 import sys
 import textwrap
@@ -40,6 +41,7 @@ from clients import Client
 from clients.launch import LocalKernel, short_tmpdir
 from kernel import errors, keys
 from kernel import protocol as P
+from kernel.rayplace import CPU_POLL_S
 
 RUNS = 3
 SAMPLES = 1000
@@ -58,10 +60,16 @@ QUICK_HIGH_WAIT_S = 5.0
 QUICK_OVERSHOOT = 5
 OVERSHOOT = 1000
 BUDGET_MS = 30
-KILL_GRACE_MS = 200
-#: Longest wait for a round's freeze to be seen, and for its worker to be back, seconds.
-STOP_WAIT_S = 5.0
+KILL_GRACE_MS = 3000
+#: Longest wait for a round's freeze to be seen (a Ray-placed worker is frozen only after its node's
+#: CPU reading, polled every kernel.rayplace.CPU_POLL_S, shows it burning), and for its worker to be
+#: back, seconds.
+STOP_WAIT_S = 10.0
 BACK_WAIT_S = 120.0
+#: Cap of a round's held step (ms): the bench releases it as soon as the stop is seen (or not).
+HOLD_MS = 1000 * STOP_WAIT_S + 5000
+#: Wall bound of the overshoot rounds of one echo (seconds, full mode): no round starts after it.
+OVERSHOOT_WALL_S = 900.0
 #: /proc states of a process whose stop has landed: SIGSTOP (T, t) or a cgroup v1 freezer (D);
 #: the echo's busy step is never in D otherwise.
 STOPPED_STATES = ("T", "t", "D")
@@ -82,12 +90,13 @@ def _config(kd: str, d: str) -> str:
         temp_dir = "{d}/ray"
         [[service]]
         name = "echo"
-        module = "services.echo"
+        module = "bench._holdecho"
+        args = ["--name", "echo"]
         placement = "ray"
         ray_num_cpus = 0.5
         [[service]]
         name = "local-echo"
-        command = ["{sys.executable}", "-m", "services.echo", "--name", "local-echo"]
+        command = ["{sys.executable}", "-m", "bench._holdecho", "--name", "local-echo"]
     """)
 
 
@@ -160,15 +169,43 @@ def _proc_state(pid: int) -> str | None:
         return None
 
 
-def _overshoot_rounds(c: Client, client_kw: dict, service: str, n: int) -> tuple[list[float], int, int]:
-    """``n`` rounds: a job with ``wall_ms`` :data:`BUDGET_MS` sends ``service`` one busy step that
-    ignores the cancel for :data:`BUDGET_MS` + 300 ms.  Overshoot = the moment the worker's process
-    is seen stopped (its /proc state, polled every ~0.2 ms from the send) − (send + budget): the
-    kernel's exhaustion, the ignored cancel, ``freeze_grace``, and the stop itself (local: the
-    enforcer's group; Ray: through the replica's node agent).  Once seen, the bench thaws it
-    (``mmi.proc.cont``, operator key): it answers its cancel at its next safe point and lives.  Returns
-    (overshoots, rounds whose stop was not seen within :data:`STOP_WAIT_S`, rounds whose worker
-    was killed and restarted)."""
+def _overshoot_rounds(
+    c: Client,
+    client_kw: dict,
+    service: str,
+    n: int,
+    scratch: str,
+    phases: dict[str, float] | None = None,
+    wall_s: float | None = None,
+    jitter_s: float = 0.0,
+) -> tuple[list[float], int, int]:
+    """Up to ``n`` rounds (none started after ``wall_s`` seconds): a job with ``wall_ms``
+    :data:`BUDGET_MS` sends ``service`` (bench/_holdecho.py) one busy step that ignores its cancel
+    until the bench releases it (a file under ``scratch``; capped at :data:`HOLD_MS`).  Overshoot =
+    the moment the worker's process is seen stopped (its /proc state, polled every ~0.2 ms from
+    the send) − (send + budget): the kernel's exhaustion, the ignored cancel, ``freeze_grace``, the
+    ladder's wait for the CPU it burns (a Ray-placed worker's: the node's reading, polled every
+    ``kernel.rayplace.CPU_POLL_S``), and the stop itself (local: the enforcer's group; Ray: through
+    the replica's node agent).  Once seen, the bench releases the step and thaws the worker
+    (``mmi.proc.cont``, operator key): it answers its cancel at its safe point and lives.  A stop not
+    seen within :data:`STOP_WAIT_S` releases the step too.  Returns (overshoots, rounds whose stop
+    was not seen, rounds whose worker was killed and restarted).  ``phases`` adds the seconds each
+    phase took (``pid``: the worker's pid from stats, ``open``: the job, ``stop``: send -> seen
+    stopped, ``thaw``: release + the operator's thaw call, ``answer``: the cancelled call's reply,
+    ``back``: the service idle again, ``jitter``: a random wait of up to ``jitter_s`` before each
+    send).  ``jitter_s``: the period at which the kernel reads the worker's CPU (a Ray-placed one's
+    :data:`kernel.rayplace.CPU_POLL_S`): back-to-back rounds would start at one fixed phase of it
+    (right after the reading that froze the last one: an overshoot of about the whole period every
+    time); a random wait puts each send at a uniform phase, as a real request's budget ends."""
+    phases = phases if phases is not None else {}
+    rng = random.Random(f"overshoot:{service}")
+    lap_t = t_start = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal lap_t
+        now = time.monotonic()
+        phases[name] = phases.get(name, 0.0) + now - lap_t
+        lap_t = now
 
     def pid_of() -> int:
         ch = next(ch for ch in c.stats()["children"] if ch["name"] == service)
@@ -176,18 +213,25 @@ def _overshoot_rounds(c: Client, client_kw: dict, service: str, n: int) -> tuple
 
     out: list[float] = []
     unseen = killed = 0
+    pid = pid_of()
     with Client(**client_kw) as caller:
         for r in range(n):
-            pid = pid_of()
+            if wall_s is not None and time.monotonic() - t_start > wall_s:
+                break
+            lap("other")
             job = f"over-{service}-{r}"
+            release = os.path.join(scratch, f"release-{service}-{r}")
             c.open_job(job, {"wall_ms": BUDGET_MS})
-            box: dict = {}
+            lap("open")
+            if jitter_s > 0:
+                time.sleep(rng.uniform(0.0, jitter_s))
+                lap("jitter")
 
-            def call(job: str = job) -> None:
+            def call(job: str = job, release: str = release) -> None:
                 try:
-                    caller.call(service, {"steps": 2, "step_ms": BUDGET_MS + 300}, job=job)
-                except errors.RecaError as exc:
-                    box["code"] = exc.code
+                    caller.call(service, {"hold_ms": HOLD_MS, "release": release}, job=job)
+                except errors.RecaError:
+                    pass  # budget_exhausted: the kernel answers at the budget
 
             th = threading.Thread(target=call, daemon=True)
             t0 = time.monotonic()
@@ -198,27 +242,34 @@ def _overshoot_rounds(c: Client, client_kw: dict, service: str, n: int) -> tuple
                     seen = time.monotonic()
                     break
                 time.sleep(0.0002)
+            lap("stop")
+            open(release, "wb").close()  # the step ends once it runs again
             if seen is None:
                 unseen += 1
             else:
                 out.append(seen - t0 - BUDGET_MS / 1000.0)
-                # Measured; release it now (an operator's thaw): it answers its cancel at its next
-                # safe point.  Left to the ladder, a Ray-placed worker is thawed kill_grace later
-                # and killed if its answer is not back within the ladder's 100 ms answer grace,
-                # which a remote thaw under load misses (then a restart per round).
+                # Measured; thaw it now (an operator's thaw): it answers its cancel at its safe
+                # point.  Left to the ladder, it is thawed kill_grace later and killed if its answer
+                # is not back within the ladder's answer grace.
                 try:
                     c.call(P.MMI_PROC_CONT, {"child": service})
                 except errors.RecaError:
                     pass
+            lap("thaw")
             th.join(STOP_WAIT_S + KILL_GRACE_MS / 1000.0 + 10)
+            lap("answer")
             deadline = time.monotonic() + BACK_WAIT_S
             while time.monotonic() < deadline:  # thawed, answered its cancel (or killed and back)
                 svc = c.stats()["services"].get(service, {})
                 if svc.get("inflight", 1) == 0 and svc.get("workers", 0) > 0:
                     break
                 time.sleep(0.01)
-            if pid_of() != pid:
+            lap("back")
+            now_pid = pid_of()
+            if now_pid != pid:
                 killed += 1
+                pid = now_pid
+            lap("pid")
     return out, unseen, killed
 
 
@@ -233,6 +284,7 @@ def run(quick: bool) -> Result:
     k = LocalKernel(_config(kd, d))
     notes = [f"loadavg at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
     metrics: dict[str, float] = {}
+    counts: dict[str, int] = {}
     rows = []
     try:
         with Client(
@@ -278,13 +330,37 @@ def run(quick: bool) -> Result:
                 if name == "ray" and not placed:
                     continue
                 progress("ray", f"{name}: {rounds} wall-budget overshoot rounds")
-                over, unseen, killed = _overshoot_rounds(c, kw, svc, rounds)
+                phases: dict[str, float] = {}
+                t_rounds = time.monotonic()
+                over, unseen, killed = _overshoot_rounds(
+                    c,
+                    kw,
+                    svc,
+                    rounds,
+                    d,
+                    phases,
+                    None if quick else OVERSHOOT_WALL_S,
+                    CPU_POLL_S if name == "ray" else 0.0,
+                )
+                t_rounds = time.monotonic() - t_rounds
+                done = len(over) + unseen
+                metrics[f"{name}.overshoot_s_per_round"] = t_rounds / max(1, done)
+                notes.append(
+                    f"{name}: {done} overshoot rounds took {t_rounds:.1f} s ({t_rounds / max(1, done):.3f} s each); "
+                    f"seconds per phase: {', '.join(f'{k} {v:.1f}' for k, v in phases.items())}"
+                )
+                progress("ray", notes[-1])
                 if over:
                     p50, p99 = percentile(over, 50) * 1e3, percentile(over, 99) * 1e3
                     metrics[f"{name}.overshoot_p50_ms"], metrics[f"{name}.overshoot_p99_ms"] = p50, p99
+                    metrics[f"{name}.overshoot_max_ms"] = max(over) * 1e3
+                    counts[f"{name}.overshoot_p50_ms"] = counts[f"{name}.overshoot_p99_ms"] = len(over)
+                    counts[f"{name}.overshoot_max_ms"] = len(over)
                     rows.append(
                         {"echo": f"{name} budget overshoot", "samples": len(over), "p50 ms": p50, "p99 ms": p99}
                     )
+                metrics[f"{name}.overshoot_unseen"] = float(unseen)
+                metrics[f"{name}.overshoot_restarts"] = float(killed)
                 notes.append(
                     f"{name}: overshoot rounds: {len(over)} stops seen, {unseen} not seen within {STOP_WAIT_S:.0f} s, "
                     f"{killed} worker(s) killed and restarted (budget {BUDGET_MS} ms, freeze_grace 20 ms)"
@@ -315,11 +391,5 @@ def run(quick: bool) -> Result:
         metrics=metrics,
         table=rows,
         notes=notes,
-        samples={
-            k: (
-                cycles if "preempt" in k else (QUICK_OVERSHOOT if quick else OVERSHOOT) if "overshoot" in k else samples
-            )
-            for k in metrics
-            if k.endswith("_ms")
-        },
+        samples={k: counts.get(k, cycles if "preempt" in k else samples) for k in metrics if k.endswith("_ms")},
     )
