@@ -69,7 +69,7 @@ BACK_WAIT_S = 120.0
 #: Cap of a round's held step (ms): the bench releases it as soon as the stop is seen (or not).
 HOLD_MS = 1000 * STOP_WAIT_S + 5000
 #: Wall bound of the overshoot rounds of one echo (seconds, full mode): no round starts after it.
-OVERSHOOT_WALL_S = 900.0
+OVERSHOOT_WALL_S = 1500.0
 #: /proc states of a process whose stop has landed: SIGSTOP (T, t) or a cgroup v1 freezer (D);
 #: the echo's busy step is never in D otherwise.
 STOPPED_STATES = ("T", "t", "D")

@@ -542,6 +542,9 @@ class WorkerNode:
         self.proc: subprocess.Popen | None = None
         self.node_id: str | None = None
         self.joins = 0
+        #: Seconds from each (re)start until its join was seen (at the next schedule's start: an upper bound).
+        self.join_s: list[float] = []
+        self.started_at = 0.0
         self.killed = False
         #: Node ids killed here: the GCS may list one as alive for a while after (health checks).
         self.dead: set[str] = set()
@@ -551,6 +554,7 @@ class WorkerNode:
 
         env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
         self.proc = start_node(node_argv(address=self.address, num_cpus=1), env)
+        self.started_at = time.monotonic()
         self.node_id = None
         self.killed = False
 
@@ -572,6 +576,7 @@ class WorkerNode:
             self.node_id = self._joined()
             if self.node_id is not None:
                 self.joins += 1
+                self.join_s.append(time.monotonic() - self.started_at)
                 break
             if time.monotonic() >= deadline:
                 break
@@ -761,7 +766,10 @@ def run_ray_schedules(n: int, seed: int, workdir: str, *, nodes: int = 2, wall_s
         stop_local_cluster(head)
     return {"schedules": done, "wall_s": time.monotonic() - t0, "counts": dict(counts), "kills": dict(kills),
             "node_joins": node.joins if node else 0,
-            "phase_s": {k: round(v, 1) for k, v in phases.items()}, "loadavg_start": load0, "loadavg_end": os.getloadavg()}
+            "phase_s": {k: round(v, 1) for k, v in phases.items()},
+            "node_join_seen_s": {"n": len(node.join_s), "p50": percentile(node.join_s, 50), "max": max(node.join_s)}
+            if node and node.join_s else None,
+            "loadavg_start": load0, "loadavg_end": os.getloadavg()}
 
 
 if __name__ == "__main__":
