@@ -299,3 +299,27 @@ def test_the_ttc_service_killed_mid_run_on_ray_recovers_the_call_once(cluster, t
         k.stop()
     assert checker.check(db).total() == 0
     shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_fault_harness_schedules_count_their_kills_and_no_violation(cluster, tmp_path):
+    """The ``--ray`` fault harness's own schedule (bench/ttc_faults.py, the instrument behind the
+    issue's >= 200-schedule figure) on this cluster: a task-process kill and an abort each land (or
+    are counted late), and every violation count stays 0 with the tool-workers all gone."""
+    from collections import Counter
+
+    from bench.ttc_faults import make_ray_schedule, run_ray_schedule
+
+    db = str(tmp_path / "harness.db")
+    counts: Counter = Counter()
+    kills: Counter = Counter()
+    phases: Counter = Counter()
+    with Coordinator(db, runner="ray", max_parallel=2) as c:
+        for i, target in enumerate(("task", "abort")):
+            sched = {**make_ray_schedule(3, i), "target": target}
+            run_ray_schedule(c, db, sched, counts, kills, None, phases)
+        assert tagged_processes(c.store.store_id + "/") == []
+    assert sum(kills[t] + kills[f"{t}_late"] for t in ("task", "abort")) == 2, kills
+    violations = {k: v for k, v in counts.items() if v}
+    assert violations == {}, violations
+    assert {"submit", "victim", "settle", "check"} <= set(phases), phases
+    assert checker.check(db).total() == 0
