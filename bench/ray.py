@@ -18,8 +18,10 @@ start, actor scheduling, key enrolment, service start).
 Remote enforcement, beside the local figure (same kernel, same echo code): preempt -> paused (the
 cooperative order), and the **wall-budget overshoot** -- how far past its budget a request that
 ignores its cancel runs before the stop lands on its worker's process (local: the kernel's
-enforcer; Ray: the replica's node agent on its node).  ``[enforce] kill_grace_ms`` is short here
-(:data:`KILL_GRACE_MS`) so each frozen round is thawed, answers and lives.  The ttc fault harness
+enforcer; Ray: the replica's node agent on its node).  Both echoes run bench/_holdecho.py (the echo
+plus a step the bench releases once it has seen the stop).  ``[enforce] kill_grace_ms`` is long here
+(:data:`KILL_GRACE_MS`): the bench thaws each frozen worker itself, so it answers and lives (the
+ladder's answer window would kill a Ray-placed one whose remote freeze landed late).  The ttc fault harness
 across nodes is ``python -m bench.ttc_faults --ray N SEED``; cpcs vs Dask is ``bench raycpcs``.
 """
 
