@@ -272,6 +272,12 @@ def _overshoot_rounds(
                 killed += 1
                 pid = now_pid
             lap("pid")
+            if (r + 1) % 100 == 0:
+                progress(
+                    "ray",
+                    f"{service}: {r + 1} rounds in {time.monotonic() - t_start:.0f} s, {len(out)} seen, "
+                    f"{unseen} unseen, {killed} restarts, load {os.getloadavg()[0]:.1f}",
+                )
     return out, unseen, killed
 
 
