@@ -180,7 +180,7 @@ def _overshoot_rounds(
     phases: dict[str, float] | None = None,
     wall_s: float | None = None,
     jitter_s: float = 0.0,
-) -> tuple[list[float], int, int]:
+) -> tuple[list[float], int, int, int]:
     """Up to ``n`` rounds (none started after ``wall_s`` seconds): a job with ``wall_ms``
     :data:`BUDGET_MS` sends ``service`` (bench/_holdecho.py) one busy step that ignores its cancel
     until the bench releases it (a file under ``scratch``; capped at :data:`HOLD_MS`).  Overshoot =
@@ -191,7 +191,8 @@ def _overshoot_rounds(
     the replica's node agent).  Once seen, the bench releases the step and thaws the worker
     (``mmi.proc.cont``, operator key): it answers its cancel at its safe point and lives.  A stop not
     seen within :data:`STOP_WAIT_S` releases the step too.  Returns (overshoots, rounds whose stop
-    was not seen, rounds whose worker was killed and restarted).  ``phases`` adds the seconds each
+    was not seen, rounds whose worker was killed and restarted, rounds that found the worker still
+    stopped from the round before: thawed first, not a sample).  ``phases`` adds the seconds each
     phase took (``pid``: the worker's pid from stats, ``open``: the job, ``stop``: send -> seen
     stopped, ``thaw``: release + the operator's thaw call, ``answer``: the cancelled call's reply,
     ``back``: the service idle again, ``jitter``: a random wait of up to ``jitter_s`` before each
@@ -214,13 +215,25 @@ def _overshoot_rounds(
         return int((ch.get("where") or {}).get("pid") or ch["pid"])
 
     out: list[float] = []
-    unseen = killed = 0
+    unseen = killed = stale = 0
     pid = pid_of()
     with Client(**client_kw) as caller:
         for r in range(n):
             if wall_s is not None and time.monotonic() - t_start > wall_s:
                 break
             lap("other")
+            if _proc_state(pid) in STOPPED_STATES:  # a stop left over from the last round: not a sample
+                stale += 1
+                try:
+                    c.call(P.MMI_PROC_CONT, {"child": service})
+                except errors.RecaError:
+                    pass
+                deadline = time.monotonic() + STOP_WAIT_S
+                while _proc_state(pid) in STOPPED_STATES and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if _proc_state(pid) in STOPPED_STATES:
+                    raise RuntimeError(f"{service}'s worker {pid} stays stopped after a thaw: no round can measure")
+                lap("stale")
             job = f"over-{service}-{r}"
             release = os.path.join(scratch, f"release-{service}-{r}")
             c.open_job(job, {"wall_ms": BUDGET_MS})
@@ -276,9 +289,9 @@ def _overshoot_rounds(
                 progress(
                     "ray",
                     f"{service}: {r + 1} rounds in {time.monotonic() - t_start:.0f} s, {len(out)} seen, "
-                    f"{unseen} unseen, {killed} restarts, load {os.getloadavg()[0]:.1f}",
+                    f"{unseen} unseen, {killed} restarts, {stale} stale stops, load {os.getloadavg()[0]:.1f}",
                 )
-    return out, unseen, killed
+    return out, unseen, killed, stale
 
 
 def run(quick: bool) -> Result:
@@ -340,7 +353,7 @@ def run(quick: bool) -> Result:
                 progress("ray", f"{name}: {rounds} wall-budget overshoot rounds")
                 phases: dict[str, float] = {}
                 t_rounds = time.monotonic()
-                over, unseen, killed = _overshoot_rounds(
+                over, unseen, killed, stale = _overshoot_rounds(
                     c,
                     kw,
                     svc,
@@ -369,6 +382,7 @@ def run(quick: bool) -> Result:
                     )
                 metrics[f"{name}.overshoot_unseen"] = float(unseen)
                 metrics[f"{name}.overshoot_restarts"] = float(killed)
+                metrics[f"{name}.overshoot_stale_stops"] = float(stale)
                 notes.append(
                     f"{name}: overshoot rounds: {len(over)} stops seen, {unseen} not seen within {STOP_WAIT_S:.0f} s, "
                     f"{killed} worker(s) killed and restarted (budget {BUDGET_MS} ms, freeze_grace 20 ms)"

@@ -405,11 +405,11 @@ class ServiceAgent:
             try:
                 if sig == signal.SIGSTOP:
                     self.group.freeze()
-                elif sig == signal.SIGCONT:
-                    self.group.thaw()
-                else:
+                    return True
+                if sig == signal.SIGKILL:
                     self.group.kill()
-                return True
+                    return True
+                self.group.thaw()  # and SIGCONT below: a freeze that fell back to SIGSTOP resumes too
             except (E.EnforcerError, OSError):
                 pass  # a freeze the OS did not confirm in time, a group gone: the signal below
         try:
