@@ -230,8 +230,9 @@ class KernelServer:
         self._wire = quotas.frame_wire(server_keys is not None)
         #: Peers past their hard outbound budget at a send: dropped after the message in hand.
         self._urgent: set[bytes] = set()
-        #: Dropped routing ids -> (descriptor, inode, when to shut it down, when to forget it).
-        self._dropping: dict[bytes, tuple[int, int, float, float]] = {}
+        #: Dropped routing ids -> (descriptor, inode, when to shut it down, when to forget it, its
+        #: inbound meter: what it still sends is read, discarded and counted there).
+        self._dropping: dict[bytes, tuple[int, int, float, float, quotas.InboundMeter | None]] = {}
         #: Peers whose running requests the budget paused -> their tokens (to resume them).
         self._paused: dict[bytes, set[bytes]] = {}
         self._next_peer_check = 0.0
@@ -357,7 +358,14 @@ class KernelServer:
         principals = self.principals if self.zap is not None else None
         principal = auth.LOCAL_OPERATOR if principals is None else _UNKNOWN
         acct = self.peers.accounts.get(parts[0])
-        new_peer = acct is None and parts[0] not in self._dropping
+        meter = acct.meter if acct is not None else None
+        new_peer = False
+        if acct is None:
+            gone = self._dropping.get(parts[0]) if self._dropping else None
+            if gone is None:
+                new_peer = True
+            else:
+                meter = gone[4]
         # The frames' bytes on the wire (kernel.quotas.frame_wire), for the inbound meter.
         cut, small, large = self._wire
         wire = 0
@@ -387,8 +395,9 @@ class KernelServer:
                 self.router.counters["oversized_messages"] += 1
                 if new_peer and srcfd >= 0 and srcfd not in refusing:
                     acct = self._open_peer(parts[0], srcfd, principal.name)
-                if acct is not None and acct.meter is not None:
-                    acct.meter.received += wire
+                    meter = acct.meter if acct is not None else None
+                if meter is not None:
+                    meter.received += wire
                 raise Oversized(parts[0], f"message larger than {self.max_message} bytes or "
                                           f"{self.max_frames} frames")
         if srcfd in refusing:
@@ -399,8 +408,9 @@ class KernelServer:
             return [], principal
         if new_peer and srcfd >= 0:
             acct = self._open_peer(parts[0], srcfd, principal.name)
-        if acct is not None and acct.meter is not None:
-            acct.meter.received += wire  # the loop is its only writer (the watcher reads)
+            meter = acct.meter if acct is not None else None
+        if meter is not None:
+            meter.received += wire  # the loop is its only writer (the watcher reads)
         return parts, principal
 
     def _on_readable(self) -> None:
@@ -606,10 +616,6 @@ class KernelServer:
         logged, its connection shut down after :data:`_DROP_LINGER`."""
         acct = self.peers.dropped(identity, why)
         self._paused.pop(identity, None)
-        if acct is not None and acct.meter is not None:
-            with self._inbound_lock:  # its messages are discarded from now on, unread: no more looks
-                if not acct.meter.cut:
-                    self.inbound.cut(acct.meter, None)
         held = self.router.held_by(identity)
         if unread is not None:
             what = (f"sent {unread} bytes the kernel had not yet seen (a message libzmq holds until its "
@@ -631,14 +637,14 @@ class KernelServer:
             log.warning("peer %s (%s) dropped: it %s; %d request(s) answered overloaded%s", identity.hex(), who,
                         what, n, f" ({suppressed} more drops not logged)" if suppressed else "")
         if acct is not None:
-            self._dropping[identity] = (acct.fd, acct.ino, now + _DROP_LINGER, now + _DROP_FORGET)
+            self._dropping[identity] = (acct.fd, acct.ino, now + _DROP_LINGER, now + _DROP_FORGET, acct.meter)
 
     def _shutdown_dropped(self, now: float) -> None:
-        for identity, (fd, ino, at, forget) in list(self._dropping.items()):
+        for identity, (fd, ino, at, forget, meter) in list(self._dropping.items()):
             if now >= forget:
                 del self._dropping[identity]
             elif at is not None and now >= at:
-                self._dropping[identity] = (fd, ino, float("inf"), forget)
+                self._dropping[identity] = (fd, ino, float("inf"), forget, meter)
                 try:
                     if os.fstat(fd).st_ino != ino:
                         raise OSError(_errno.EBADF, "closed already")
@@ -663,7 +669,7 @@ class KernelServer:
             if not alive:
                 self.peers.forget(identity)
                 self._paused.pop(identity, None)
-        for ident, (dfd, ino, _, _) in list(self._dropping.items()) if self._dropping else ():
+        for ident, (dfd, *_) in list(self._dropping.items()) if self._dropping else ():
             if dfd == fd:
                 del self._dropping[ident]
 
@@ -806,6 +812,8 @@ class KernelServer:
         if acct is not None and acct.ino == ino and identity is not None:
             self._drop(identity, quotas.IN, now, unread=unread)
             return
+        if any(d[0] == fd and d[1] == ino for d in self._dropping.values()):
+            return  # dropped already (and logged), still sending: cut sooner than its linger
         ok, suppressed = self._drop_log.take("?", now)
         if ok:
             log.warning("connection fd %d cut before its first message: it sent %d bytes the kernel had not yet "
