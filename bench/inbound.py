@@ -44,8 +44,11 @@ default = { wall_ms = 1e12, cpu_ms = 1e12, tokens = 1e12, flops = 1e17, vm_steps
 
 def _config() -> str:
     extra = {"control": "tcp://127.0.0.1:0"}
-    return (kernel_config("", endpoint="tcp://127.0.0.1:0", heartbeat=0.5, unavailable_wait=60.0,
-                          kernel_extra=extra) + LIMITS + "\n[auth]\ninsecure = true\n")
+    return (
+        kernel_config("", endpoint="tcp://127.0.0.1:0", heartbeat=0.5, unavailable_wait=60.0, kernel_extra=extra)
+        + LIMITS
+        + "\n[auth]\ninsecure = true\n"
+    )
 
 
 class _Peak:
@@ -125,14 +128,22 @@ def _attack(k: LocalKernel, kind: str, frames: int, conns: int) -> dict[str, Any
         top = peak.done()
         served = honest.stats()
         inbound = served.get("peer_budgets", {}).get("inbound", {})
-        return {"attack": kind, "connections": conns, "frames_mib": frames,
-                "rss_before_mb": round(before / 1e6, 1), "rss_peak_mb": round(top / 1e6, 1),
-                "rss_after_mb": round(after / 1e6, 1), "held_peak_mb": round((top - before) / 1e6, 1),
-                "dropped": dropped, "answered": answered, "undecided": len(pending),
-                "seconds_to_end": round(max(ends), 2) if ends else float("nan"),
-                "honest_served": 1,
-                "cut": inbound.get("dropped_unread", 0) + inbound.get("dropped_unread_total", 0),
-                "unread_max_mb": round(inbound.get("unread_max", 0) / 1e6, 1)}
+        return {
+            "attack": kind,
+            "connections": conns,
+            "frames_mib": frames,
+            "rss_before_mb": round(before / 1e6, 1),
+            "rss_peak_mb": round(top / 1e6, 1),
+            "rss_after_mb": round(after / 1e6, 1),
+            "held_peak_mb": round((top - before) / 1e6, 1),
+            "dropped": dropped,
+            "answered": answered,
+            "undecided": len(pending),
+            "seconds_to_end": round(max(ends), 2) if ends else float("nan"),
+            "honest_served": 1,
+            "cut": inbound.get("dropped_unread", 0) + inbound.get("dropped_unread_total", 0),
+            "unread_max_mb": round(inbound.get("unread_max", 0) / 1e6, 1),
+        }
     finally:
         honest.close()
         ctx.destroy(linger=0)
@@ -140,8 +151,11 @@ def _attack(k: LocalKernel, kind: str, frames: int, conns: int) -> dict[str, Any
 
 def run(quick: bool = False) -> Result:
     frames = 300 if quick else 1000
-    plan = [("multipart", frames, 1)] if quick else [
-        ("multipart", frames, 1), ("unanswered", frames, 1), ("connections", frames, 3)]
+    plan = (
+        [("multipart", frames, 1)]
+        if quick
+        else [("multipart", frames, 1), ("unanswered", frames, 1), ("connections", frames, 3)]
+    )
     if quick:
         plan.append(("connections", frames, 2))
     rows = []
@@ -155,7 +169,12 @@ def run(quick: bool = False) -> Result:
         metrics[f"{key}_after_held_mb"] = round(r["rss_after_mb"] - r["rss_before_mb"], 1)
     worst = max(r["held_peak_mb"] / r["connections"] for r in rows)
     metrics["peak_held_mb_per_connection"] = round(worst, 1)
-    return Result(metrics=metrics, table=rows,
-                  targets={"peak_held_mb_per_connection": ("<=", 100.0)},
-                  notes=["kernel RSS by psutil (kernel process only), sampled every 5 ms; held = peak - before",
-                         "budget per connection: peer_in_bytes (24 MiB default) + receive rate x check interval"])
+    return Result(
+        metrics=metrics,
+        table=rows,
+        targets={"peak_held_mb_per_connection": ("<=", 100.0)},
+        notes=[
+            "kernel RSS by psutil (kernel process only), sampled every 5 ms; held = peak - before",
+            "budget per connection: peer_in_bytes (24 MiB default) + receive rate x check interval",
+        ],
+    )
