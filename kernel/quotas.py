@@ -321,6 +321,12 @@ HANDSHAKE_ALLOWANCE = 4096
 #: How long the inbound watcher pauses after each look at the connections that received data,
 #: seconds: the bound is ``peer_in_bytes`` + receive rate x (this + scheduling delay).
 INBOUND_INTERVAL_S = 0.002
+#: ... and at least this many times as long as the look took: the watcher uses at most
+#: 1 / (1 + this) of a CPU however many connections send at once (a look is ~5-20 us: an ioctl
+#: and a getsockopt), and the interval grows with the connections active together -- whose
+#: combined rate is the machine's, so together they hold at most ``peers_in_bytes`` + that rate
+#: x the interval.
+INBOUND_PAUSE_PER_LOOK = 4
 #: CURVE: each frame travels as a MESSAGE command: ``\x07MESSAGE``, an 8-byte nonce, the 16-byte
 #: MAC and a flags byte around the payload (libzmq curve_mechanism_base_t::encode).
 CURVE_FRAME_OVERHEAD = 33

@@ -724,9 +724,13 @@ class KernelServer:
                     except RuntimeError:  # the loop is closed: shutting down
                         return
             if arrived:
+                began = time.monotonic()
                 self._look_inbound()
-                # Arrivals during the pause are one event each connection at the next poll.
-                self._watch_stop.wait(quotas.INBOUND_INTERVAL_S)
+                # Arrivals during the pause are one event each connection at the next poll; the
+                # pause grows with the looks' cost, so the watcher takes at most a fifth of a CPU
+                # however many connections trickle data (kernel.quotas.INBOUND_PAUSE_PER_LOOK).
+                spent = time.monotonic() - began
+                self._watch_stop.wait(max(quotas.INBOUND_INTERVAL_S, quotas.INBOUND_PAUSE_PER_LOOK * spent))
 
     # -- inbound: what libzmq holds before the kernel sees it (kernel.quotas.InboundMeters) -------
 
