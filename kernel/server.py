@@ -739,8 +739,16 @@ class KernelServer:
         one closed: its meter goes (the OS removes a closed descriptor from the epoll set)."""
         fd = int(event["value"])
         if event["event"] != zmq.EVENT_ACCEPTED:
+            # Only if the descriptor no longer holds the metered socket: by now it may carry a
+            # newer connection whose first message already made its meter (the loop's).
+            try:
+                ino: int | None = os.fstat(fd).st_ino
+            except OSError:
+                ino = None
             with self._inbound_lock:
-                self.inbound.close(fd)
+                m = self.inbound.meters.get(fd)
+                if m is not None and m.ino != ino:
+                    self.inbound.close(fd, m.ino)
             return
         try:
             st = os.fstat(fd)
@@ -914,6 +922,9 @@ class KernelServer:
             if acct.fd not in alive:
                 self.peers.forget(identity)
                 self._paused.pop(identity, None)
+        with self._inbound_lock:  # meters of descriptors closed after their close event was read
+            for fd in [fd for fd in self.inbound.meters if fd not in alive]:
+                self.inbound.close(fd)
 
     def _arm(self) -> None:
         wake = min(self.router.next_wakeup(), self.guard.next_wakeup(), self._next_reconcile)
