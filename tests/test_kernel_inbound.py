@@ -145,7 +145,7 @@ def curve_kernel():
         heartbeat_s = 0.5
         liveness = 10
         unavailable_wait_s = 5.0
-        peer_in_bytes = {2 * MIB}
+        peer_in_bytes = {8 * MIB}
         decision_log = "{{runtime}}/decisions.jsonl"
         [auth]
         keys = "{kd}"
@@ -192,8 +192,16 @@ def test_under_curve_the_wire_is_counted_exactly_and_an_attacker_is_cut(curve_ke
             assert alice.call("echo", {"n": n, "text": "p" * 512}) == {"n": n, "text": "p" * 512}
         got = inbound(op)
         assert got["unread_max"] < 16 * 1024, got  # a framing miscount would add up per frame
-        big = {"blob": b"b" * (3 * MIB // 2)}  # a large request under the 2 MiB budget
-        assert alice.call("echo", big) == big
+        # A frame of exactly the frame bound (4 MiB) both ways: libzmq checks the encrypted
+        # MESSAGE command, 33 bytes longer, against ZMQ_MAXMSGSIZE (the kernel's cap allows it).
+        raw = ctx.socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        auth.peer_credentials(cert("alice"), os.path.join(k.keys, "kernel.key")).apply(raw)
+        raw.connect(k.endpoint)
+        frame = b"f" * P.MAX_FRAME_SIZE
+        raw.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"echo", frame])
+        assert raw.poll(WAIT_S * 1000), "no reply to a request of one 4 MiB frame under CURVE"
+        assert raw.recv_multipart()[3:] == [frame]
         creds = auth.peer_credentials(cert("mallory"), os.path.join(k.keys, "kernel.key"))
         bad, mon, pair = attacker(ctx, k.endpoint, creds)
         one_huge_message(bad, 100)
