@@ -69,6 +69,7 @@ class KernelConfig:
     peer_in_bytes: int = quotas.PEER_IN_BYTES
     peer_out_grace: float = quotas.PEER_OUT_GRACE_S
     peers_out_bytes: int = quotas.PEERS_OUT_BYTES
+    peers_in_bytes: int = quotas.PEERS_IN_BYTES
     fsync: str = P.LOG_FSYNC
     segment_bytes: int = P.LOG_SEGMENT_BYTES
     intensity: int = P.RESTART_INTENSITY
@@ -171,12 +172,16 @@ SCHEMA: tuple[Setting, ...] = (
             "bytes of replies held for one connection not yet out of the process; past it for "
             "peer_out_grace_s (or twice it) the peer is dropped", low=65536),
     Setting("kernel", "peer_in_bytes", "int", quotas.PEER_IN_BYTES,
-            "bytes of one connection's queued requests; past it the peer is dropped", low=65536),
+            "bytes of one connection's queued requests, and (tcp) bytes it sent the kernel has not yet "
+            "seen; past either the peer is dropped", low=65536),
     Setting("kernel", "peer_out_grace_s", "float", quotas.PEER_OUT_GRACE_S,
             "how long a connection may stay past peer_out_bytes, seconds", low=0, field="peer_out_grace"),
     Setting("kernel", "peers_out_bytes", "int", quotas.PEERS_OUT_BYTES,
             "peer_out_bytes over every connection together; past it the one holding the most is dropped",
             low=65536),
+    Setting("kernel", "peers_in_bytes", "int", quotas.PEERS_IN_BYTES,
+            "bytes sent the kernel has not yet seen, over every tcp connection together; past it the one "
+            "holding the most is dropped", low=65536),
     Setting("kernel", "fsync", "enum", P.LOG_FSYNC, "when the decision log is flushed to disk", choices=_FSYNC),
     Setting("kernel", "log_segment_bytes", "int", P.LOG_SEGMENT_BYTES,
             "a new log segment, opened by a snapshot, past this size", low=4096, field="segment_bytes"),

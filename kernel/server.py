@@ -38,6 +38,7 @@ import logging
 import os
 import resource
 import collections
+import select
 import socket as _socket
 import stat as _stat
 import struct
@@ -81,6 +82,13 @@ _ABORT_LINGER = struct.pack("ii", 1, 0)
 _SIOCOUTQ = 0x5411
 #: ``struct tcp_info``: offset of ``tcpi_bytes_acked`` (u64, Linux >= 4.1).
 _TCPI_BYTES_ACKED = 120
+#: ``struct tcp_info``: offset of ``tcpi_bytes_received`` (u64, Linux >= 4.1).
+_TCPI_BYTES_RECEIVED = 128
+#: ``ioctl`` request: bytes in a socket's receive queue (FIONREAD; not yet read by libzmq).
+_SIOCINQ = 0x541B
+#: The inbound watcher's epoll events: new data arrived (edge-triggered: one event per arrival,
+#: however much is queued; the kernel never reads these sockets itself).
+_EPOLL_ARRIVED = select.EPOLLIN | select.EPOLLET
 
 
 #: The principal of a CURVE message that carried no frame to read a User-Id from (none: a
@@ -111,6 +119,18 @@ def _out_queue(fd: int) -> int:
     """Bytes in the send queue of the socket ``fd`` (tcp: not yet acknowledged by the peer; unix:
     not yet read by the peer)."""
     return int(struct.unpack("i", fcntl.ioctl(fd, _SIOCOUTQ, b"\0\0\0\0"))[0])
+
+
+def _tcp_read(fd: int) -> int:
+    """Bytes libzmq has read off the tcp connection ``fd`` so far: received by the OS
+    (``tcpi_bytes_received``, cumulative) less what waits in its receive queue.  The queue is read
+    first: bytes arriving in between can only make the answer larger."""
+    inq = int(struct.unpack("i", fcntl.ioctl(fd, _SIOCINQ, b"\0\0\0\0"))[0])
+    with _borrowed(fd) as sock:
+        info = sock.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_INFO, 256)
+    if len(info) < _TCPI_BYTES_RECEIVED + 8:
+        raise OSError(_errno.ENOSYS, "TCP_INFO without tcpi_bytes_received")
+    return int(struct.unpack_from("Q", info, _TCPI_BYTES_RECEIVED)[0]) - inq
 
 
 def _tcp_left(sock: _socket.socket) -> int:
@@ -147,6 +167,7 @@ class KernelServer:
         peer_in_bytes: int = quotas.PEER_IN_BYTES,
         peer_out_grace: float = quotas.PEER_OUT_GRACE_S,
         peers_out_bytes: int = quotas.PEERS_OUT_BYTES,
+        peers_in_bytes: int = quotas.PEERS_IN_BYTES,
         host: Host | None = None,
     ) -> None:
         self.context = context or zmq.Context()
@@ -166,7 +187,9 @@ class KernelServer:
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        # Under CURVE libzmq checks the size of the encrypted MESSAGE command, 33 bytes more than
+        # the frame (measured: a 990-byte frame dropped the connection at a cap of 1,000).
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame + (quotas.CURVE_FRAME_OVERHEAD if server_keys is not None else 0))
         sock.setsockopt(zmq.SNDHWM, peer_hwm)
         sock.setsockopt(zmq.RCVHWM, peer_hwm)
         # XPUB with manual subscriptions: a subscription is applied only when the subscriber's
@@ -201,10 +224,17 @@ class KernelServer:
                                baseline=open_fds())
         #: Per-connection byte budgets (kernel.quotas): the account of every routing id seen.
         self.peers = quotas.PeerBudgets(peer_out_bytes, peer_in_bytes, peer_out_grace, peers_out_bytes)
+        #: What libzmq holds per tcp connection before the kernel sees it (kernel.quotas): looked at
+        #: by the watcher thread whenever data arrives; the loop only adds to a meter's ``received``.
+        self.inbound = quotas.InboundMeters(peer_in_bytes, peers_in_bytes)
+        self._inbound_lock = threading.Lock()
+        self._epoll = select.epoll()
+        self._wire = quotas.frame_wire(server_keys is not None)
         #: Peers past their hard outbound budget at a send: dropped after the message in hand.
         self._urgent: set[bytes] = set()
-        #: Dropped routing ids -> (descriptor, inode, when to shut it down, when to forget it).
-        self._dropping: dict[bytes, tuple[int, int, float, float]] = {}
+        #: Dropped routing ids -> (descriptor, inode, when to shut it down, when to forget it, its
+        #: inbound meter: what it still sends is read, discarded and counted there).
+        self._dropping: dict[bytes, tuple[int, int, float, float, quotas.InboundMeter | None]] = {}
         #: Peers whose running requests the budget paused -> their tokens (to resume them).
         self._paused: dict[bytes, set[bytes]] = {}
         self._next_peer_check = 0.0
@@ -242,7 +272,10 @@ class KernelServer:
         def stats() -> dict[str, Any]:
             out = dict(extra()) if extra is not None else {}
             out["connections"] = self.guard.stats()
-            out["peer_budgets"] = {**self.peers.stats(), "dropping": len(self._dropping), "paused": len(self._paused)}
+            with self._inbound_lock:
+                inbound = self.inbound.stats()
+            out["peer_budgets"] = {**self.peers.stats(), "dropping": len(self._dropping), "paused": len(self._paused),
+                                   "inbound": inbound}
             out["auth"] = {"curve": self.zap is not None,
                            "principals": len(self.principals) if self.principals is not None else 0,
                            "zap_refused": self.zap.refused if self.zap is not None else 0}
@@ -326,7 +359,18 @@ class KernelServer:
         refusing = self.guard.refusing
         principals = self.principals if self.zap is not None else None
         principal = auth.LOCAL_OPERATOR if principals is None else _UNKNOWN
-        new_peer = parts[0] not in self.peers.accounts and parts[0] not in self._dropping
+        acct = self.peers.accounts.get(parts[0])
+        meter = acct.meter if acct is not None else None
+        new_peer = False
+        if acct is None:
+            gone = self._dropping.get(parts[0]) if self._dropping else None
+            if gone is None:
+                new_peer = True
+            else:
+                meter = gone[4]
+        # The frames' bytes on the wire (kernel.quotas.frame_wire), for the inbound meter.
+        cut, small, large = self._wire
+        wire = 0
         first = principals is not None or bool(refusing) or new_peer
         max_message, max_parts = self.max_message, self.max_frames + 1
         while more:
@@ -340,12 +384,22 @@ class KernelServer:
                     name = str(frame.get(auth.USER_ID) or "")
                     principal = principals.by_name(name) or auth.Principal(name, auth.REVOKED)
             data = frame.bytes
-            total += len(data)
+            n = len(data)
+            total += n
+            wire += n + (small if n < cut else large)
             parts.append(data)
             if total > max_message or len(parts) > max_parts:
                 while more:
-                    more = recv(0, copy=False).more  # dropped uncopied; libzmq frees it at once
+                    frame = recv(0, copy=False)  # dropped uncopied; libzmq frees it at once
+                    more = frame.more
+                    n = len(frame)
+                    wire += n + (small if n < cut else large)
                 self.router.counters["oversized_messages"] += 1
+                if new_peer and srcfd >= 0 and srcfd not in refusing:
+                    acct = self._open_peer(parts[0], srcfd, principal.name)
+                    meter = acct.meter if acct is not None else None
+                if meter is not None:
+                    meter.received += wire
                 raise Oversized(parts[0], f"message larger than {self.max_message} bytes or "
                                           f"{self.max_frames} frames")
         if srcfd in refusing:
@@ -355,7 +409,10 @@ class KernelServer:
             self.guard.answered(srcfd, time.monotonic())
             return [], principal
         if new_peer and srcfd >= 0:
-            self._open_peer(parts[0], srcfd, principal.name)
+            acct = self._open_peer(parts[0], srcfd, principal.name)
+            meter = acct.meter if acct is not None else None
+        if meter is not None:
+            meter.received += wire  # the loop is its only writer (the watcher reads)
         return parts, principal
 
     def _on_readable(self) -> None:
@@ -375,6 +432,7 @@ class KernelServer:
             except zmq.ZMQError:
                 return
             data = msg.bytes
+            self._credit_subscription(msg, len(data))
             if not data or data[0] not in (0, 1):
                 continue
             topic = data[1:]
@@ -393,6 +451,21 @@ class KernelServer:
                 if self.router.counters["subscriptions_refused"] <= 10:
                     log.warning("control subscription %r refused for %s (%s)", topic[:64], principal.name,
                                 principal.role)
+
+    def _credit_subscription(self, msg: zmq.Frame, n: int) -> None:
+        """Count a frame read from the control socket against its connection's inbound meter: a
+        subscription travels as a SUBSCRIBE (or CANCEL) command, 9 bytes more than the message
+        form (kernel.quotas.subscription_wire); the larger is credited."""
+        fd = msg.get(zmq.SRCFD)
+        m = self.inbound.meters.get(fd)
+        if m is None:
+            try:
+                ino = os.fstat(fd).st_ino
+            except OSError:
+                return
+            with self._inbound_lock:
+                m = self.inbound.meter(fd, ino)
+        m.received += quotas.subscription_wire(n, self.zap is not None)
 
     def _drain(self) -> bool:
         """Route what the ROUTER socket holds (at most one batch; the rest on the next turn), then
@@ -441,19 +514,24 @@ class KernelServer:
 
     # -- per-connection byte budgets (kernel.quotas.PeerBudgets) ----------------------------------
 
-    def _open_peer(self, identity: bytes, fd: int, who: str) -> None:
-        """Account a routing id first seen on descriptor ``fd`` (a socket of libzmq's)."""
+    def _open_peer(self, identity: bytes, fd: int, who: str) -> quotas.PeerAccount | None:
+        """Account a routing id first seen on descriptor ``fd`` (a socket of libzmq's); a tcp one
+        is linked to its connection's inbound meter (made here if the watcher has not yet)."""
         try:
             st = os.fstat(fd)
             if not _stat.S_ISSOCK(st.st_mode):
-                return
+                return None
             with _borrowed(fd) as s:
                 tcp = s.family in (_socket.AF_INET, _socket.AF_INET6)
                 left = _tcp_left(s) if tcp else 0
                 room = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF) // 2
         except OSError:
-            return
-        self.peers.open(identity, fd, st.st_ino, tcp, left, room, who)
+            return None
+        acct = self.peers.open(identity, fd, st.st_ino, tcp, left, room, who)
+        if tcp:
+            with self._inbound_lock:
+                acct.meter = self.inbound.meter(fd, st.st_ino)
+        return acct
 
     def _sample(self, identity: bytes, acct: quotas.PeerAccount) -> bool:
         """Credit what has left the process for ``identity`` from its socket; False (and the
@@ -535,13 +613,16 @@ class KernelServer:
         if self._dropping:
             self._shutdown_dropped(now)
 
-    def _drop(self, identity: bytes, why: str, now: float) -> None:
+    def _drop(self, identity: bytes, why: str, now: float, unread: int | None = None) -> None:
         """Drop the peer ``identity`` past its ``why`` budget: its requests answered, the drop
         logged, its connection shut down after :data:`_DROP_LINGER`."""
         acct = self.peers.dropped(identity, why)
         self._paused.pop(identity, None)
         held = self.router.held_by(identity)
-        if why == quotas.IN:
+        if unread is not None:
+            what = (f"sent {unread} bytes the kernel had not yet seen (a message libzmq holds until its "
+                    f"last frame is in), past its budget of {self.peers.in_bytes}")
+        elif why == quotas.IN:
             what = f"held {held} bytes of queued requests, past its budget of {self.peers.in_bytes}"
         elif why == quotas.TOTAL:
             what = (f"did not read {acct.outstanding if acct is not None else 0} bytes of replies, the most of "
@@ -558,14 +639,14 @@ class KernelServer:
             log.warning("peer %s (%s) dropped: it %s; %d request(s) answered overloaded%s", identity.hex(), who,
                         what, n, f" ({suppressed} more drops not logged)" if suppressed else "")
         if acct is not None:
-            self._dropping[identity] = (acct.fd, acct.ino, now + _DROP_LINGER, now + _DROP_FORGET)
+            self._dropping[identity] = (acct.fd, acct.ino, now + _DROP_LINGER, now + _DROP_FORGET, acct.meter)
 
     def _shutdown_dropped(self, now: float) -> None:
-        for identity, (fd, ino, at, forget) in list(self._dropping.items()):
+        for identity, (fd, ino, at, forget, meter) in list(self._dropping.items()):
             if now >= forget:
                 del self._dropping[identity]
             elif at is not None and now >= at:
-                self._dropping[identity] = (fd, ino, float("inf"), forget)
+                self._dropping[identity] = (fd, ino, float("inf"), forget, meter)
                 try:
                     if os.fstat(fd).st_ino != ino:
                         raise OSError(_errno.EBADF, "closed already")
@@ -590,7 +671,7 @@ class KernelServer:
             if not alive:
                 self.peers.forget(identity)
                 self._paused.pop(identity, None)
-        for ident, (dfd, ino, _, _) in list(self._dropping.items()) if self._dropping else ():
+        for ident, (dfd, *_) in list(self._dropping.items()) if self._dropping else ():
             if dfd == fd:
                 del self._dropping[ident]
 
@@ -609,13 +690,18 @@ class KernelServer:
         poller = zmq.Poller()
         for mon in self._monitors:
             poller.register(mon, zmq.POLLIN)
+        epfd = self._epoll.fileno()
+        poller.register(epfd, zmq.POLLIN)  # readable: a watched connection received data
         while not self._watch_stop.is_set():
             try:
                 ready = poller.poll(100)
             except zmq.ZMQError:
                 return
-            got = False
+            got = arrived = False
             for mon, _ in ready:
+                if isinstance(mon, int):
+                    arrived = True
+                    continue
                 while True:
                     try:
                         event = recv_monitor_message(mon, _NOBLOCK)
@@ -623,6 +709,7 @@ class KernelServer:
                         break
                     except zmq.ZMQError:
                         return
+                    self._inbound_event(event)
                     with self._events_lock:
                         self._events.append(event)
                         self._since_drain += 1 if event["event"] == zmq.EVENT_ACCEPTED else -1
@@ -638,6 +725,115 @@ class KernelServer:
                         loop.call_soon_threadsafe(self._on_monitor)
                     except RuntimeError:  # the loop is closed: shutting down
                         return
+            if arrived:
+                began = time.monotonic()
+                self._look_inbound()
+                # Arrivals during the pause are one event each connection at the next poll; the
+                # pause grows with the looks' cost, so the watcher takes at most a fifth of a CPU
+                # however many connections trickle data (kernel.quotas.INBOUND_PAUSE_PER_LOOK).
+                spent = time.monotonic() - began
+                self._watch_stop.wait(max(quotas.INBOUND_INTERVAL_S, quotas.INBOUND_PAUSE_PER_LOOK * spent))
+
+    # -- inbound: what libzmq holds before the kernel sees it (kernel.quotas.InboundMeters) -------
+
+    def _inbound_event(self, event: dict[str, Any]) -> None:
+        """(watcher thread) A connection accepted: a tcp one is metered and its arrivals watched;
+        one closed: its meter goes (the OS removes a closed descriptor from the epoll set)."""
+        fd = int(event["value"])
+        if event["event"] != zmq.EVENT_ACCEPTED:
+            # Only if the descriptor no longer holds the metered socket: by now it may carry a
+            # newer connection whose first message already made its meter (the loop's).
+            try:
+                ino: int | None = os.fstat(fd).st_ino
+            except OSError:
+                ino = None
+            with self._inbound_lock:
+                m = self.inbound.meters.get(fd)
+                if m is not None and m.ino != ino:
+                    self.inbound.close(fd, m.ino)
+            return
+        try:
+            st = os.fstat(fd)
+            if not _stat.S_ISSOCK(st.st_mode):
+                return
+            with _borrowed(fd) as s:
+                if s.family not in (_socket.AF_INET, _socket.AF_INET6):
+                    return  # unix (ipc://): no cumulative count (docs/limits.md)
+            with self._inbound_lock:
+                self.inbound.meter(fd, st.st_ino)
+            self._epoll.register(fd, _EPOLL_ARRIVED)  # data already queued makes it ready at once
+        except FileExistsError:
+            pass  # the same descriptor number, an older registration: its arrivals are watched
+        except OSError:
+            with self._inbound_lock:
+                self.inbound.close(fd)
+
+    def _look_inbound(self) -> None:
+        """(watcher thread) Look at every connection that received data since the last look: one
+        past ``peer_in_bytes`` of bytes libzmq read and the kernel has not (a multipart message
+        still coming in, or messages waiting for the loop) is cut at once; so is the one holding
+        the most when all of them together pass ``peers_in_bytes``."""
+        try:
+            events = self._epoll.poll(0)
+        except OSError:
+            return
+        now = time.monotonic()
+        cuts: list[tuple[int, quotas.InboundMeter, str]] = []
+        with self._inbound_lock:
+            meters = self.inbound.meters
+            for fd, _ in events:
+                m = meters.get(fd)
+                if m is None or m.cut:
+                    continue
+                received = m.received  # before the socket: a frame read meanwhile only adds
+                try:
+                    read = _tcp_read(fd)
+                except OSError:
+                    self.inbound.close(fd)
+                    continue
+                if self.inbound.look(m, received, read, now) is not None:
+                    cuts.append((fd, m, quotas.IN))
+            while (big := self.inbound.largest()) is not None:
+                m = meters[big]
+                self.inbound.cut(m, quotas.TOTAL)
+                cuts.append((big, m, quotas.TOTAL))
+        for fd, m, why in cuts:
+            self._cut_inbound(fd, m, why)
+
+    def _cut_inbound(self, fd: int, m: quotas.InboundMeter, why: str) -> None:
+        """(watcher thread) Shut the connection on ``fd`` down now, abortively (libzmq sees it
+        fail, drops the partial message it held and frees the pipe); the loop then drops its
+        routing id (its requests answered, cancelled, logged)."""
+        try:
+            if os.fstat(fd).st_ino != m.ino:
+                return  # closed and reused meanwhile: that connection is not this one
+            with _socket.socket(fileno=os.dup(fd)) as s:
+                s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _ABORT_LINGER)
+                s.shutdown(_socket.SHUT_RDWR)
+        except OSError:
+            pass
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+                loop.call_soon_threadsafe(self._inbound_cut, fd, m.ino, m.unread, why)
+
+    def _inbound_cut(self, fd: int, ino: int, unread: int, why: str) -> None:
+        """(loop) The watcher cut the connection on ``fd``: its routing id, if it sent a message
+        the kernel read, is dropped through the usual path; else the cut is logged."""
+        now = time.monotonic()
+        identity = self.peers.by_fd.get(fd)
+        acct = self.peers.accounts.get(identity) if identity is not None else None
+        if acct is not None and acct.ino == ino and identity is not None:
+            self._drop(identity, quotas.IN, now, unread=unread)
+            return
+        if any(d[0] == fd and d[1] == ino for d in self._dropping.values()):
+            return  # dropped already (and logged), still sending: cut sooner than its linger
+        ok, suppressed = self._drop_log.take("?", now)
+        if ok:
+            log.warning("connection fd %d cut before its first message: it sent %d bytes the kernel had not yet "
+                        "seen, past its budget of %d%s%s", fd, unread, self.inbound.in_bytes,
+                        " (every connection together past peers_in_bytes)" if why == quotas.TOTAL else "",
+                        f" ({suppressed} more drops not logged)" if suppressed else "")
 
     def _drain_monitor(self, now: float) -> None:
         fds = open_fds()  # once per batch: listing /proc/self/fd is O(descriptors)
@@ -728,6 +924,9 @@ class KernelServer:
             if acct.fd not in alive:
                 self.peers.forget(identity)
                 self._paused.pop(identity, None)
+        with self._inbound_lock:  # meters of descriptors closed after their close event was read
+            for fd in [fd for fd in self.inbound.meters if fd not in alive]:
+                self.inbound.close(fd)
 
     def _arm(self) -> None:
         wake = min(self.router.next_wakeup(), self.guard.next_wakeup(), self._next_reconcile)
@@ -811,6 +1010,7 @@ class KernelServer:
         for listener in self._listeners:
             listener.close()
         self._listeners = []
+        self._epoll.close()
         if self.zap is not None:
             self.zap.stop()
         if self._own_context:
