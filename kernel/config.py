@@ -158,7 +158,8 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("kernel", "endpoint", "str", "ipc://{runtime}/kernel.sock",
             "where clients and workers connect (ipc:// or tcp://)"),
     Setting("kernel", "control", "str", None,
-            "the control (PUB) endpoint; default: control.sock beside an ipc:// endpoint, port + 1 for tcp://"),
+            "the control (PUB) endpoint; default: control.sock beside an ipc:// endpoint, port + 1 for tcp:// "
+            "(port 0, an OS-picked port, gets an OS-picked port of its own)"),
     Setting("kernel", "heartbeat_s", "float", P.HEARTBEAT_INTERVAL, "heartbeat interval, seconds",
             low=0, low_open=True, field="heartbeat"),
     Setting("kernel", "liveness", "int", P.LIVENESS, "missed heartbeats before a peer is dead", low=1),
