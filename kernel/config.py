@@ -42,14 +42,16 @@ def runtime_dir() -> str:
 
 def default_control_for(endpoint: str) -> str:
     """The control (PUB) endpoint that goes with a client/worker endpoint by convention:
-    ``ipc://DIR/kernel.sock`` -> ``ipc://DIR/control.sock``; ``tcp://H:PORT`` -> ``tcp://H:PORT+1``."""
+    ``ipc://DIR/kernel.sock`` -> ``ipc://DIR/control.sock``; ``tcp://H:PORT`` -> ``tcp://H:PORT+1``;
+    ``tcp://H:0`` (a port the OS picks) -> ``tcp://H:0`` too: PORT+1 would be the fixed port 1, so
+    two such kernels at once collided (the second failed to start: "Address already in use")."""
     if endpoint.startswith("ipc://"):
         base = os.path.dirname(endpoint[len("ipc://"):])
         return f"ipc://{os.path.join(base, 'control.sock')}"
     if endpoint.startswith("tcp://"):
         host, _, port = endpoint[len("tcp://"):].rpartition(":")
         if port.isdigit():
-            return f"tcp://{host}:{int(port) + 1}"
+            return f"tcp://{host}:{int(port) + 1 if int(port) else 0}"
     raise ConfigError(f"cannot derive a control endpoint from {endpoint!r}; set it explicitly")
 
 
@@ -157,7 +159,8 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("kernel", "endpoint", "str", "ipc://{runtime}/kernel.sock",
             "where clients and workers connect (ipc:// or tcp://)"),
     Setting("kernel", "control", "str", None,
-            "the control (PUB) endpoint; default: control.sock beside an ipc:// endpoint, port + 1 for tcp://"),
+            "the control (PUB) endpoint; default: control.sock beside an ipc:// endpoint, port + 1 for tcp:// "
+            "(port 0, an OS-picked port, gets an OS-picked port of its own)"),
     Setting("kernel", "heartbeat_s", "float", P.HEARTBEAT_INTERVAL, "heartbeat interval, seconds",
             low=0, low_open=True, field="heartbeat"),
     Setting("kernel", "liveness", "int", P.LIVENESS, "missed heartbeats before a peer is dead", low=1),
