@@ -160,9 +160,7 @@ def test_in_chromium_a_new_job_appears_and_its_bar_moves(kern, browser):
         wait.until(lambda d: burn() >= 0.25)  # the bar moved: 10,000 of 40,000
         c.call("echo", {"steps": 10, "step_ms": 1}, job="ui-job")
         wait.until(lambda d: burn() >= 0.5)  # and moves on as the job spends
-        width = driver.execute_script(
-            "return document.querySelector(arguments[0]).getBoundingClientRect().width", row
-        )
+        width = driver.execute_script("return document.querySelector(arguments[0]).getBoundingClientRect().width", row)
         assert width > 0
         # An order on the bus shows as it happens.  An order needs a request of the job in
         # flight (not_found otherwise): a longer call runs on a second client meanwhile.
