@@ -16,7 +16,8 @@ the request is done; wall time accrues in the ledger between start and finish.
 
 Invariants (:meth:`BudgetAdmission.check_invariants`): ``_paused_at`` holds exactly the tracks
 with ``paused_at`` set; ``paused_count`` is the number of tracks with ``paused``; ``prio_counts``
-counts the tracks by priority; every track is of a request the router has in flight.
+counts the tracks by priority; every track is of a request the router has in flight; no track is
+charged above what it was granted (a worker's report is capped at the grant).
 """
 
 from __future__ import annotations
@@ -233,13 +234,15 @@ class BudgetAdmission(Admission):
                                   "a decision is refused until it can", reason="decision_log")
 
     def admit(self, view: View, req: Request, now: float) -> tuple[errors.RecaError | None, Effects]:
-        down = self.unwritable()
-        if down is not None:
-            return down, NO_EFFECTS
-        job, refused = self.resolve_job(req.principal, req.job, now)
-        if refused is not None:
-            self.counters["refused"] += 1
-            return refused, NO_EFFECTS
+        if self.log is not None and getattr(self.log, "error", None) is not None:
+            return self.unwritable(), NO_EFFECTS
+        principal = req.principal
+        job = req.job or DEFAULT_JOB
+        if job == DEFAULT_JOB and not principal.operator:  # (resolve_job's other cases: ``job`` as is)
+            job, refused = self.resolve_job(principal, job, now)
+            if refused is not None:
+                self.counters["refused"] += 1
+                return refused, NO_EFFECTS
         req.job = job
         checked = req.checked
         idem = checked.idem if checked is not None else None
@@ -266,13 +269,17 @@ class BudgetAdmission(Admission):
                     f"resource that job {job!r} limits", kind="budget_kind"), NO_EFFECTS
         if jobrec is not None and (checked is None or P.H_PRIORITY not in checked.raw):
             req.priority = jobrec.priority  # a request inherits its job's priority
-        if not self.may_act(view, req.principal, job):
+        if not principal.operator and not self.may_act(view, principal, job):
             self.counters["refused"] += 1
-            self.on_forbidden(req.principal, "request", {"job": job}, now)
+            self.on_forbidden(principal, "request", {"job": job}, now)
             return self.not_yours(job), NO_EFFECTS
         # Every request is a ledger decision (root and default are finite), and its start and
         # finish are counted, so a job with requests in flight is never closed under them.
-        out = self.decide("admit", now, job=job, budget=budget, start=True)
+        # (as decide("admit", ...), called directly on the hot path)
+        inputs = {"job": job, "budget": budget, "start": True}
+        out = self.ledger.admit(now, job, budget, True)
+        if self.log is not None:
+            self.log.append("admit", now, inputs, out)
         if not out["ok"]:
             self.counters["refused"] += 1
             return refusal(out), NO_EFFECTS
@@ -372,12 +379,14 @@ class BudgetAdmission(Admission):
         return forwarded_header(req, **{P.H_GRANTED: track.granted, P.H_JOB: req.job})
 
     def _charge_status(self, view: View, req: Request, status: dict[str, Any], now: float,
-                       effects: list[Effect], final: bool = False) -> errors.RecaError | None:
+                       effects: list[Effect], final: bool = False, track: _Track | None = None) -> errors.RecaError | None:
         """Charge what a status reports beyond what was charged already; ``final``: the request's
-        FINAL, whose charges and end are one ``finish`` decision."""
-        track = self.tracks.get(req.token)
+        FINAL, whose charges and end are one ``finish`` decision (``track``: the request's, when
+        the caller has it)."""
         if track is None:
-            return None
+            track = self.tracks.get(req.token)
+            if track is None:
+                return None
         spent = status.get(P.S_SPENT)
         if not isinstance(spent, dict):
             spent = {}
@@ -402,8 +411,11 @@ class BudgetAdmission(Admission):
                 track.charged[kind] = value
         if final and track.started:
             track.started = False  # on_done has nothing left to finish
-            out = self.decide("finish", now, job=track.job, spent=delta) if delta \
-                else self.decide("finish", now, job=track.job)
+            # (as decide("finish", ...), called directly on the hot path)
+            inputs: dict[str, Any] = {"job": track.job, "spent": delta} if delta else {"job": track.job}
+            out = self.ledger.finish(now, track.job, delta or None)
+            if self.log is not None:
+                self.log.append("finish", now, inputs, out)
         elif delta:
             out = self.decide("charge", now, job=track.job, spent=delta)
         else:
@@ -417,14 +429,14 @@ class BudgetAdmission(Admission):
         # The request that brought its job exactly to the limit keeps its result; one that went
         # past the job's limit or its own granted budget does not.
         job = self.ledger.jobs.get(track.job)
-        over = [k for k, v in track.charged.items() if k in track.granted and v > track.granted[k] + 1e-9]
-        if track.over:
-            over.append("granted")
+        # (no charged kind is above its grant: the loop above caps each; check_invariants says so)
+        over = ["granted"] if track.over else []
         if job is not None:
             for kind in delta:
-                h = self.ledger.holder(job, kind)
-                if h is not None and kind in COMPUTE and h.remaining(kind) < -1e-9:
-                    over.append(kind)
+                if kind in COMPUTE:
+                    h = self.ledger.holder(job, kind)
+                    if h is not None and h.remaining(kind) < -1e-9:
+                        over.append(kind)
         if over:
             kind = over[0]
             if kind in track.granted:
@@ -470,8 +482,10 @@ class BudgetAdmission(Admission):
 
     def settle(self, view: View, req: Request, status: dict[str, Any], now: float) -> tuple[errors.RecaError | None, Effects]:
         track = self.tracks.get(req.token)
+        if track is None:
+            return None, NO_EFFECTS
         worker = req.worker
-        if track is not None and track.cpu_start is not None and worker is not None and worker.pid:
+        if track.cpu_start is not None and worker is not None and worker.pid:
             # CPU time measured by the kernel (the host port; exact for capacity-1 workers, shared
             # among concurrent requests otherwise); it replaces any cpu_ms the worker reported.
             end = self.host.cpu_seconds(worker.pid)
@@ -481,7 +495,7 @@ class BudgetAdmission(Admission):
                     sp = status[P.S_SPENT] = {}
                 sp[P.CPU_MS] = max(0.0, (end - track.cpu_start) * 1000.0)
         effects: list[Effect] = []
-        return self._charge_status(view, req, status, now, effects, final=True), effects
+        return self._charge_status(view, req, status, now, effects, final=True, track=track), effects
 
     def on_queued(self, req: Request, now: float) -> Effects:
         track = self.tracks.get(req.token)
@@ -575,9 +589,12 @@ class BudgetAdmission(Admission):
         track = self.tracks.pop(req.token, None)
         if track is None:
             return
-        self._paused_at.pop(req.token, None)
-        self._slot_due.pop(req.token, None)
-        self._slot_idle.pop(req.token, None)
+        if self._paused_at:
+            self._paused_at.pop(req.token, None)
+        if self._slot_due:
+            self._slot_due.pop(req.token, None)
+        if self._slot_idle:
+            self._slot_idle.pop(req.token, None)
         if track.paused:
             self.paused_count -= 1
             if req.worker is not None:
@@ -797,6 +814,9 @@ class BudgetAdmission(Admission):
             req = view.inflight.get(token)
             assert req is not None and not req.done, f"a track of request {token.hex()} not in flight"
         assert all(v > 0 for v in self._slot_debt.values()), "a slot debt of zero is kept"
+        for token, tr in self.tracks.items():
+            assert all(v <= tr.granted[k] for k, v in tr.charged.items() if k in tr.granted), \
+                f"request {token.hex()} charged above its grant"
         for token in (*self._slot_due, *self._slot_idle):
             owner_paused = self.tracks.get(token)
             assert owner_paused is not None and owner_paused.paused_at is not None and not owner_paused.paused, \
