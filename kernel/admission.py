@@ -33,7 +33,7 @@ from kernel import codec, errors
 from kernel import protocol as P
 from kernel.dedup import Dedup
 from kernel.ledger import COMPUTE, DEFAULT_JOB, ROOT, Job, Ledger, is_default_job, refusal
-from kernel.policy import NO_EFFECTS, Admission, Effect, Effects, Fail, Lend, Order, View, forwarded_header
+from kernel.policy import NO_EFFECTS, Admission, Effect, Effects, Fail, Lend, Order, View, forward_with, forwarded_header
 from kernel.principal import Principal
 from kernel.protocol import ErrorCode
 from kernel.quotas import RateQuota
@@ -284,16 +284,21 @@ class BudgetAdmission(Admission):
             self.counters["refused"] += 1
             return refusal(out), NO_EFFECTS
         granted = out["granted"]
-        self.tracks[req.token] = track = _Track(job, granted, priority=req.priority, idem=key)
+        priority = req.priority
+        self.tracks[req.token] = track = _Track(job, granted, priority=priority, idem=key, started=True)  # admit started it
         if P.CPU_MS in granted and jobrec is not None:
             holder = self.ledger.holder(jobrec, P.CPU_MS)
             track.measure_cpu = holder is not None and not is_default_job(holder.name)
-        self.prio_counts[req.priority] = self.prio_counts.get(req.priority, 0) + 1
-        wall = granted.get(P.WALL_MS)
-        if wall is not None and P.WALL_MS in (budget or {}):
-            dl = now + wall / 1000.0
-            req.deadline = dl if req.deadline is None else min(req.deadline, dl)
-        track.started = True  # admit started it
+        prio_counts = self.prio_counts
+        prio_counts[priority] = prio_counts.get(priority, 0) + 1
+        if budget and P.WALL_MS in budget:
+            wall = granted.get(P.WALL_MS)
+            if wall is not None:
+                dl = now + wall / 1000.0
+                req.deadline = dl if req.deadline is None else min(req.deadline, dl)
+        service = req.service
+        if service.ready or not service.workers:  # (_preempt_lower's common case, without the call)
+            return None, NO_EFFECTS
         return None, self._preempt_lower(view, req, now)
 
     # -- authority ------------------------------------------------------------------------------
@@ -375,8 +380,8 @@ class BudgetAdmission(Admission):
         if track.measure_cpu and worker is not None and worker.pid:
             track.cpu_start = self.host.cpu_seconds(worker.pid)
         if not track.granted:
-            return forwarded_header(req)
-        return forwarded_header(req, **{P.H_GRANTED: track.granted, P.H_JOB: req.job})
+            return forward_with(req, None)
+        return forward_with(req, {P.H_GRANTED: track.granted, P.H_JOB: req.job})
 
     def _charge_status(self, view: View, req: Request, status: dict[str, Any], now: float,
                        effects: list[Effect], final: bool = False, track: _Track | None = None) -> errors.RecaError | None:

@@ -658,7 +658,8 @@ class Ledger:
             return
         running = h.wall_running
         if running:
-            left = max(0.0, h.remaining(WALL)) / 1000.0
+            rem = h.limits[WALL] - h.spent.get(WALL, 0.0) - h.carved.get(WALL, 0.0) - h.reserved.get(WALL, 0.0)
+            left = (rem if rem > 0.0 else 0.0) / 1000.0  # as max(0.0, h.remaining(WALL)) / 1000
             deadline = h.wall_deadline = now + left / running
             if deadline < h.wall_bound:
                 # The heap holds a lower bound, not the deadline itself: one that stays below the

@@ -332,7 +332,8 @@ class Router:
                     f"no worker for service {name.decode(errors='replace')!r}"), header)
                 return
             service = self.services[name] = Service(name)
-        self._idle.pop(name, None)
+        if self._idle:
+            self._idle.pop(name, None)
         checked = ev.checked
         dedup = self.admission.dedup
         key = None
@@ -747,10 +748,13 @@ class Router:
                 self.apply(effects, now)
         else:
             self.admission.on_done(req, now, None, None)
-        self._to_client(req, True, body)
+        if self._send(mdp.to_client(req.client, req.form, service.name, True, body)) is False:  # (_to_client)
+            self.counters["unroutable_replies"] += 1
         # a FINAL its worker made is kept for retries; one the kernel made at settlement
         # (budget_exceeded, a malformed status) is not: a retry is what it is for
-        self._to_attempts(req, True, body, now, keep=not req.kernel_error)
+        dedup = self.admission.dedup
+        if dedup is not None and req.token in dedup.key_of:
+            self._to_attempts(req, True, body, now, keep=not req.kernel_error)
         self.free_slot(worker, now)
 
     def free_slot(self, worker: Worker, now: float) -> None:
