@@ -34,7 +34,7 @@ from kernel import protocol as P
 from kernel.dedup import Dedup
 from kernel.ledger import COMPUTE, DEFAULT_JOB, ROOT, Job, Ledger, is_default_job, refusal
 from kernel.policy import NO_EFFECTS, Admission, Effect, Effects, Fail, Lend, Order, View, forward_with, forwarded_header
-from kernel.principal import Principal
+from kernel.principal import LOCAL_OPERATOR, Principal
 from kernel.protocol import ErrorCode
 from kernel.quotas import RateQuota
 from kernel.state import Request, Worker
@@ -237,8 +237,9 @@ class BudgetAdmission(Admission):
         if self.log is not None and getattr(self.log, "error", None) is not None:
             return self.unwritable(), NO_EFFECTS
         principal = req.principal
+        operator = principal is LOCAL_OPERATOR or principal.operator
         job = req.job or DEFAULT_JOB
-        if job == DEFAULT_JOB and not principal.operator:  # (resolve_job's other cases: ``job`` as is)
+        if job == DEFAULT_JOB and not operator:  # (resolve_job's other cases: ``job`` as is)
             job, refused = self.resolve_job(principal, job, now)
             if refused is not None:
                 self.counters["refused"] += 1
@@ -269,7 +270,7 @@ class BudgetAdmission(Admission):
                     f"resource that job {job!r} limits", kind="budget_kind"), NO_EFFECTS
         if jobrec is not None and (checked is None or P.H_PRIORITY not in checked.raw):
             req.priority = jobrec.priority  # a request inherits its job's priority
-        if not principal.operator and not self.may_act(view, principal, job):
+        if not operator and not self.may_act(view, principal, job):
             self.counters["refused"] += 1
             self.on_forbidden(principal, "request", {"job": job}, now)
             return self.not_yours(job), NO_EFFECTS

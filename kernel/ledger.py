@@ -425,8 +425,13 @@ class Ledger:
             assert j.by_kind is not None  # built with j.holders
             w = j.by_kind.get(WALL)
             if w is not None:
-                self._wall_settle(w, now)
-                w.wall_running += 1
+                running = w.wall_running
+                if running:  # (as _wall_settle(w, now))
+                    used = running * (now - w.wall_anchor) * 1000.0
+                    w.spent[WALL] = w.spent.get(WALL, 0.0) + used
+                    w.total[WALL] = w.total.get(WALL, 0.0) + used
+                w.wall_anchor = now
+                w.wall_running = running + 1
                 self._wall_rearm(w, now)
         return {"ok": True, "granted": granted}
 
@@ -476,8 +481,12 @@ class Ledger:
                 j.running -= 1
             h = self.holder(j, WALL)
             if h is not None and h.wall_running > 0 and not queued:
-                self._wall_settle(h, now)
-                h.wall_running -= 1
+                running = h.wall_running  # (as _wall_settle(h, now))
+                used = running * (now - h.wall_anchor) * 1000.0
+                h.spent[WALL] = h.spent.get(WALL, 0.0) + used
+                h.total[WALL] = h.total.get(WALL, 0.0) + used
+                h.wall_anchor = now
+                h.wall_running = running - 1
                 self._wall_rearm(h, now)
         return out
 
@@ -487,7 +496,7 @@ class Ledger:
         if j is None:
             return {"ok": False, "exhausted": []}
         exhausted = []
-        for kind in sorted(spent):
+        for kind in sorted(spent) if len(spent) > 1 else spent:  # (one kind, the common case: no sort)
             amount = spent[kind]
             if kind == WALL or not isinstance(amount, (int, float)) or amount <= 0:
                 continue  # wall time is accounted continuously by start/finish

@@ -203,7 +203,8 @@ class Router:
     def handle(self, event: mdp.Event, now: float, principal: Principal = LOCAL_OPERATOR) -> None:
         """Handle one parsed event from ``principal``."""
         self.now = now
-        if principal.revoked and type(event) is not mdp.Unreadable:
+        # (the local operator, every ipc:// peer, is never revoked: no property call for it)
+        if principal is not LOCAL_OPERATOR and principal.revoked and type(event) is not mdp.Unreadable:
             self._on_revoked(event, principal, now)
             return
         self._on[type(event)](event, now, principal)
@@ -319,10 +320,10 @@ class Router:
         raise errors.Forbidden("header 'for' names a principal whose request this caller is not serving")
 
     def _on_request(self, ev: mdp.Request, now: float, principal: Principal) -> None:
-        if ev.mmi:
+        name = ev.service
+        if name.startswith(mdp.MMI):  # (ev.mmi, without the property call)
             self._mmi_once(ev, now, principal)
             return
-        name = ev.service
         header = ev.header
         service = self.services.get(name)
         if service is None:
@@ -352,8 +353,9 @@ class Router:
                     return
         service.requests += 1
         token = self.host.token(TOKEN_BYTES)
-        req = Request(token, ev.identity, ev.form, service, ev.body, ev.rid, header is not None, None,
-                      P.DEFAULT_PRIORITY, now, header=header, principal=principal, checked=checked)
+        req = Request(token, ev.identity, ev.form, service, ev.body, None if header is None else header.get(P.H_ID),
+                      header is not None, None, P.DEFAULT_PRIORITY, now, header=header, principal=principal,
+                      checked=checked)  # (the rid as ev.rid, without the property call)
         service.live += 1
         if header is not None:
             if checked is None:
@@ -652,6 +654,11 @@ class Router:
         return worker
 
     def _on_reply_event(self, ev: mdp.Reply, now: float, principal: Principal) -> None:
+        known = self.workers.get(ev.identity)
+        if known is not None and known.principal is principal:  # (_known_worker's common case)
+            known.expiry = now + self.heartbeat_interval * self.liveness
+            self._on_reply(known, ev.final, ev.token, ev.body, now)
+            return
         worker = self._known_worker(ev, now, principal)
         if worker is False:
             return
