@@ -22,7 +22,6 @@ charged above what it was granted (a worker's report is capped at the grant).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from typing import Any
@@ -58,30 +57,37 @@ class Journal(Protocol):
     def flush(self) -> bool | None: ...  # DecisionLog: False while a write fails (``error`` says why)
 
 
-@dataclasses.dataclass(slots=True)
 class _Track:
-    """Per-request ledger state kept by BudgetAdmission."""
+    """Per-request ledger state kept by BudgetAdmission.  A plain class whose rarely set fields are
+    class-level defaults (an instance attribute shadows one once set): a request stores only the
+    five it always has, cheaper to build per request than a slots dataclass storing all fifteen."""
 
-    job: str
-    granted: dict[str, Any]
-    charged: dict[str, Any] = dataclasses.field(default_factory=dict)
     started: bool = False
     preempted: bool = False
     paused: bool = False  # paused by kernel preemption with its slot lent out
-    priority: int = 0
     paused_at: float | None = None  # when its worker reported it paused (any reason); None: running
     cpu_start: float | None = None  # worker CPU seconds at dispatch (jobs with a cpu_ms limit)
     #: Whether the kernel measures this request's CPU time: its cpu_ms is limited by a job below
     #: root and the default jobs (two /proc reads per request; see docs/budgets.md).
     measure_cpu: bool = False
     over: bool = False  # the worker reported more than was granted
-    idem: tuple[str, str] | None = None  # the request's (principal, idempotency key)
     ran: bool = False  # dispatched with a logged ``run`` mark (its ``ran`` follows when done)
     #: Waiting in its service's queue: its wall time does not count (ledger ``queue``/``dispatch``).
     waiting: bool = False
     #: Paused by its owner and its slot given back (``paused`` is set too); only its owner's
     #: resume (or max_pause) runs it again, never a freed slot.
     given_back: bool = False
+
+    def __init__(self, job: str, granted: dict[str, Any], priority: int = 0,
+                 idem: tuple[str, str] | None = None) -> None:
+        self.job = job
+        self.granted = granted
+        self.charged: dict[str, Any] = {}
+        self.priority = priority
+        self.idem = idem  # the request's (principal, idempotency key)
+
+    def __repr__(self) -> str:
+        return f"_Track({self.job!r}, {vars(self)})"
 
 
 #: How long a request its owner paused keeps its slot while others queue, seconds (default).
@@ -286,7 +292,8 @@ class BudgetAdmission(Admission):
             return refusal(out), NO_EFFECTS
         granted = out["granted"]
         priority = req.priority
-        self.tracks[req.token] = track = _Track(job, granted, priority=priority, idem=key, started=True)  # admit started it
+        self.tracks[req.token] = track = _Track(job, granted, priority, key)
+        track.started = True  # admit started it
         if P.CPU_MS in granted and jobrec is not None:
             holder = self.ledger.holder(jobrec, P.CPU_MS)
             track.measure_cpu = holder is not None and not is_default_job(holder.name)
