@@ -261,7 +261,7 @@ SCHEMA: tuple[Setting, ...] = (
             low=0, high=600_000),
     Setting("service", "keeps_state", "bool", None,
             "the service keeps state between requests (sessions): the ladder spares its worker, killing it only "
-            "past [enforce] cpu_ceiling_ms / hold_ceiling_s (default: its module's, decode and sim true)"),
+            "past [enforce] cpu_ceiling_ms / hold_ceiling_s (default: its module's, decode, sim, kvtp and ttc true)"),
     Setting("service", "placement", "enum", "local",
             "local: a process of this machine; ray: a Ray actor on the [ray] cluster (docs/cluster.md)",
             choices=("local", "ray")),

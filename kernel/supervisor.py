@@ -216,11 +216,15 @@ def exit_reason(returncode: int, last_line: str | None) -> str:
 #: for the chain model at the bound; 2 s leaves room for larger models and a busy machine).
 #: A [[service]] ``grace_ms`` overrides it.
 DECLARED_GRACE_MS: dict[str, float] = {"services.scch": 21_000.0, "services.decode": 2_000.0}
-#: Services that keep state between requests, by module (decode's sessions; sim's runs and finished
-#: results, which other principals may hold): the
-#: ladder never kills their worker for one request's tombstone before its hard ceiling
-#: (kernel/ladder.py, "Shared workers").  A [[service]] ``keeps_state`` overrides it.
-KEEPS_STATE: frozenset[str] = frozenset({"services.decode", "services.sim"})
+#: Services that keep state between requests, by module, which other principals may hold: decode's
+#: sessions (``decode`` ids, and the ``long_*`` tiered decodes with their held arenas); sim's runs
+#: and finished results; kvtp's runs (each holds a long decode and its ``kv_blocks`` on decode,
+#: freed by kvtp when the run ends -- and kept with ``keep``); ttc's prepared and committed calls,
+#: their subscribers' waits and the tool workers in its group (a kill takes every principal's
+#: running tool calls with it).  The ladder never kills their worker for one request's tombstone
+#: before its hard ceiling (kernel/ladder.py, "Shared workers").  A [[service]] ``keeps_state``
+#: overrides it.
+KEEPS_STATE: frozenset[str] = frozenset({"services.decode", "services.sim", "services.kvtp", "services.ttc"})
 #: Environment variable giving a child its incarnation: a number larger than every earlier run's
 #: of the same child, across restarts and kernel restarts (tenths of a second since 2026, or the
 #: last one + 1), so that it can tell state of an earlier run (``session_lost``) from none.
