@@ -72,6 +72,8 @@ ACTOR_START_TIMEOUT_S = 90.0
 CPU_POLL_S = 1.0
 #: Longest wait for one agent call (signal, CPU read), seconds.
 AGENT_CALL_TIMEOUT_S = 10.0
+#: How many of the latest agent round trips (the CPU reads) :attr:`RemoteProcess.rtt` keeps.
+RTT_KEEP = 10
 #: The Ray resource label key a ``ray_label = "VALUE"`` selects on (``ray start --labels reca-node=VALUE``).
 LABEL_KEY = "reca-node"
 #: Lines of the service's output the agent keeps (the last names why it exited).
@@ -632,6 +634,9 @@ class RemoteProcess:
         self.public = public
         self._revoke = revoke
         self.cpu = 0.0
+        #: Round trips of the latest agent calls (CPU reads), seconds: how long a thaw or a kill
+        #: sent now takes to reach the node (the ladder's answer window for it: answer_grace_of).
+        self.rtts: collections.deque[float] = collections.deque(maxlen=RTT_KEEP)
         self._waiter: asyncio.Future[Any] | None = None
         self._poller: asyncio.Task[None] | None = None
 
@@ -641,13 +646,16 @@ class RemoteProcess:
 
     async def _poll_cpu(self) -> None:
         while self.returncode is None:
+            t0 = time.monotonic()
             try:
                 got = await asyncio.wait_for(
                     asyncio.wrap_future(self.actor.cpu_seconds.remote().future()), AGENT_CALL_TIMEOUT_S
                 )
+                self.rtts.append(time.monotonic() - t0)
                 if got is not None:
                     self.cpu = max(self.cpu, float(got))  # monotone: a lost read never refunds
             except Exception:  # noqa: BLE001 - a dead actor: wait() reports it
+                self.rtts.append(time.monotonic() - t0)  # a call that timed out took at least this
                 pass
             await asyncio.sleep(CPU_POLL_S)
 
@@ -682,6 +690,10 @@ class RemoteProcess:
         if self._poller is not None:
             self._poller.cancel()
         self._revoke(self.public)
+
+    def rtt(self) -> float:
+        """The longest of the latest agent round trips, seconds (0.0 before the first)."""
+        return max(self.rtts, default=0.0)
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the service on its node (sent now, not awaited)."""
