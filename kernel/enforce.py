@@ -356,18 +356,6 @@ class Group(abc.ABC):
     def unboost(self, why: str = "preempt") -> None:
         """End a :meth:`boost` with the same ``why``."""
 
-    def kick(self) -> bool:
-        """Run the group's tasks at real-time priority (SCHED_FIFO, see :func:`_fifo`) until
-        :meth:`settle`: a preempted worker gets a CPU at once instead of at the scheduler's next
-        tick.  The caller settles it within milliseconds (a worker at real-time priority runs
-        ahead of everything of an ordinary policy, the kernel included); so only where a
-        real-time budget caps it (cgroup v1 with real-time group scheduling: the subtree's, 1% of
-        a CPU).  Returns whether any task was raised (False: not possible here, a no-op)."""
-        return False
-
-    def settle(self) -> None:
-        """End a :meth:`kick` (a frozen group's freeze ends its own)."""
-
     def _refuse_caller(self) -> None:
         """Freezing a group that holds the caller would stop the caller for good."""
         if os.getpid() in self.pids():
@@ -555,17 +543,6 @@ class CgroupV1Group(Group):
         if not tids:
             self._rt_end()
         return bool(tids)
-
-    def kick(self) -> bool:
-        """Only under the subtree's real-time budget (the cap on a worker kicked while running)."""
-        cpu = self.dirs.get("cpu")
-        if cpu is None or not (cpu / "cpu.rt_runtime_us").exists() or self.frozen():
-            return False
-        return self._rt_start()
-
-    def settle(self) -> None:
-        if self._rt is not None and not self.frozen():  # a freeze landing ends its own
-            self._rt_end()
 
     def _grant_rt(self, d: Path, budget: int, granted: list[Path]) -> None:
         _write(d / "cpu.rt_runtime_us", str(budget))

@@ -129,8 +129,6 @@ CPU_CEILING_S = 5.0
 HOLD_CEILING_S = 30.0
 #: ``RECA_PREEMPT_BOOST=0`` in the kernel's environment turns the preempt boost off (to measure it).
 ENV_PREEMPT_BOOST = "RECA_PREEMPT_BOOST"
-#: Longest a worker asked to pause runs at real-time priority (its kick), seconds (:class:`_PreemptBoost`).
-KICK_S = 0.002
 #: A tombstone's CPU is billed whenever this much (seconds) accrued unbilled, and at its end.
 BILL_EVERY_S = 0.05
 
@@ -406,8 +404,6 @@ class _Procs(Protocol):
     def answer_grace_of(self, name: str) -> float | None: ...
     def boost(self, name: str, why: str = ...) -> None: ...
     def unboost(self, name: str, why: str = ...) -> None: ...
-    def kick(self, name: str) -> bool: ...
-    def settle(self, name: str) -> None: ...
     def freeze(self, name: str, timeout: float = ...) -> float: ...
     def thaw(self, name: str) -> None: ...
     def kill_group(self, name: str) -> int: ...
@@ -567,21 +563,13 @@ class _PreemptBoost:
     """Boosts the group of a worker the kernel asked to pause a request (a preempt sent, its
     ``paused`` not yet back: the admission track is ``preempted`` and not ``paused``) until it
     pauses, the request ends, or the worker goes: the worker runs at once on a busy machine and
-    reaches its safe point sooner (kernel/enforce.py ``Group.boost``; ``bench preempt``).
-
-    A newly boosted worker is also *kicked* (``Group.kick``: its tasks at real-time priority) for
-    at most :data:`KICK_S`, or until it pauses: a runnable task otherwise waits for the scheduler's
-    next tick (4 ms at HZ 250) however large its weight; once running, the boost keeps it running.
-    The kick is short because a worker at real-time priority runs ahead of everything else on its
-    CPU, the kernel included, and its safe point may be far (cgroup v1 also caps it with the
-    subtree's real-time budget: 1% of a CPU)."""
+    reaches its safe point sooner (kernel/enforce.py ``Group.boost``; ``bench preempt``)."""
 
     def __init__(self, router: Any, procs: _Procs, admission: Any) -> None:
         self.router, self.procs, self.admission = router, procs, admission
         self.boosted: set[str] = set()  # children boosted now
-        self.kicked: dict[str, float] = {}  # children kicked now -> since when
 
-    def step(self, now: float | None = None) -> None:
+    def step(self) -> None:
         tracks = getattr(self.admission, "tracks", {})
         want: set[str] = set()
         for worker in self.router.workers.values():
@@ -594,17 +582,9 @@ class _PreemptBoost:
                     if name is not None:
                         want.add(name)
                     break
-        for name in [n for n, since in self.kicked.items() if n not in want or now is None or now - since >= KICK_S]:
-            del self.kicked[name]
-            with _suppress_enforce():
-                getattr(self.procs, "settle", lambda n: None)(name)
         for name in want - self.boosted:
             with _suppress_enforce():
                 self.procs.boost(name)
-            if now is not None:
-                with _suppress_enforce():
-                    if getattr(self.procs, "kick", lambda n: False)(name):
-                        self.kicked[name] = now
         for name in self.boosted - want:
             with _suppress_enforce():
                 self.procs.unboost(name)
@@ -690,7 +670,7 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
             if ceilings is not None:
                 ceilings.step(now)
             if boosts is not None:
-                boosts.step(clock())
+                boosts.step()
         except Exception:  # the ladder never takes the kernel down
             log.exception("internal error in the escalation ladder")
         await asyncio.sleep(POLL_S)

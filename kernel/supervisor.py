@@ -758,17 +758,6 @@ class Supervisor:
         if group is not None:
             group.unboost(why)
 
-    def kick(self, name: str) -> bool:
-        """Child ``name``'s tasks at real-time priority until :meth:`settle` (kernel/enforce.py
-        ``Group.kick``); False without a group or where it is not possible."""
-        group = self.child(name).group
-        return group.kick() if group is not None else False
-
-    def settle(self, name: str) -> None:
-        group = self.child(name).group
-        if group is not None:
-            group.settle()
-
     def grace_of(self, name: str) -> float:
         """The grace child ``name`` declared (``grace_ms``), CPU seconds."""
         return max(0.0, self.child(name).spec.grace_ms or 0.0) / 1000.0

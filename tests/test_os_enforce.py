@@ -515,34 +515,3 @@ def test_fifo_raises_ordinary_tasks_and_unfifo_puts_them_back():
             p.kill()
             p.wait(WAIT)
 
-
-@pytest.mark.skipif(V1_SKIP is not None, reason=V1_SKIP or "")
-def test_a_v1_kick_raises_a_running_group_under_the_subtrees_budget_until_settled():
-    """The preempt kick (kernel/ladder.py ``_PreemptBoost``): the group's tasks at SCHED_FIFO
-    under the real-time budget the group borrows from its subtree, and back at settle; never on a
-    frozen group (its freeze handles its own)."""
-    enf = E.open_enforcer(E.CGROUP1, name=f"reca-test-{os.getpid()}-kick")
-    p = subprocess.Popen([sys.executable, "-c", THREADS])
-    try:
-        group = enf.place_service("svc", p.pid)
-        rt = group.dirs["cpu"] / "cpu.rt_runtime_us"
-        if not rt.exists() or (enf.root.dirs["cpu"] / "cpu.rt_runtime_us").read_text().strip() == "0":
-            pytest.skip("no real-time group budget here: the kick is a no-op")
-        _wait(lambda: len(psutil.Process(p.pid).threads()) == 4, "the worker's threads")
-        assert group.kick()
-        assert int(rt.read_text()) == E.RT_BUDGET_US
-        fifo = {t: pol & ~getattr(os, "SCHED_RESET_ON_FORK", 0) for t, pol in _policies([p.pid]).items()}
-        assert set(fifo.values()) == {os.SCHED_FIFO}, fifo
-        group.settle()
-        assert set(_policies([p.pid]).values()) == {os.SCHED_OTHER}
-        assert rt.read_text().strip() == "0"
-        group.freeze()
-        assert not group.kick()  # frozen: nothing to run
-        group.settle()
-        group.thaw()
-        assert set(_policies([p.pid]).values()) == {os.SCHED_OTHER}
-    finally:
-        enf.close()
-        if p.poll() is None:
-            p.kill()
-        p.wait(WAIT)
