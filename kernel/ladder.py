@@ -678,10 +678,14 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
 
 def _readings(held: list[Held], procs: _Procs) -> dict[int, float]:
     """The group CPU seconds of each worker holding a tombstone, where the OS measures one (a
-    worker without a reading is judged by the wall-time trigger)."""
+    worker without a reading is judged by the wall-time trigger); a worker on another node is
+    asked to have its CPU read often while it holds one (``hurry``: its reading is polled)."""
     out: dict[int, float] = {}
+    hurry = getattr(procs, "hurry", None)
     for pid in {h.pid for h in held}:
         name = procs.child_of_pid(pid)
+        if hurry is not None and name is not None:
+            hurry(name)
         cpu = procs.cpu_seconds(name) if name is not None else None
         if cpu is not None:
             out[pid] = cpu

@@ -70,6 +70,12 @@ CONNECT_TIMEOUT_S = 60.0
 ACTOR_START_TIMEOUT_S = 90.0
 #: How often the kernel reads each replica's CPU seconds measured on its node.
 CPU_POLL_S = 1.0
+#: ... and how often while the ladder holds a request the kernel answered on it (a tombstone: the
+#: ladder freezes a worker once its CPU shows it burning, so a reading a second old would delay
+#: the freeze by up to a second; :meth:`RemoteProcess.hurry`).
+URGENT_POLL_S = 0.02
+#: How long one :meth:`RemoteProcess.hurry` keeps the fast polling, seconds.
+HURRY_S = 2.0
 #: Longest wait for one agent call (signal, CPU read), seconds.
 AGENT_CALL_TIMEOUT_S = 10.0
 #: How many of the latest agent round trips (the CPU reads) :attr:`RemoteProcess.rtt` keeps.
@@ -637,11 +643,14 @@ class RemoteProcess:
         #: Round trips of the latest agent calls (CPU reads), seconds: how long a thaw or a kill
         #: sent now takes to reach the node (the ladder's answer window for it: answer_grace_of).
         self.rtts: collections.deque[float] = collections.deque(maxlen=RTT_KEEP)
+        self._urgent_until = 0.0  # poll every URGENT_POLL_S until then (hurry)
+        self._wake: asyncio.Event | None = None
         self._waiter: asyncio.Future[Any] | None = None
         self._poller: asyncio.Task[None] | None = None
 
     def start_watch(self) -> None:
         self._waiter = asyncio.wrap_future(self.actor.wait.remote().future())
+        self._wake = asyncio.Event()
         self._poller = asyncio.get_running_loop().create_task(self._poll_cpu())
 
     async def _poll_cpu(self) -> None:
@@ -656,8 +665,25 @@ class RemoteProcess:
                     self.cpu = max(self.cpu, float(got))  # monotone: a lost read never refunds
             except Exception:  # noqa: BLE001 - a dead actor: wait() reports it
                 self.rtts.append(time.monotonic() - t0)  # a call that timed out took at least this
+            interval = URGENT_POLL_S if time.monotonic() < self._urgent_until else CPU_POLL_S
+            if self._wake is None:
+                await asyncio.sleep(interval)
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), interval)
+            except asyncio.TimeoutError:
                 pass
-            await asyncio.sleep(CPU_POLL_S)
+
+    def hurry(self, for_s: float = HURRY_S) -> None:
+        """Read the replica's CPU every :data:`URGENT_POLL_S` (at once, then as fast as its agent
+        answers, at most that often) for the next ``for_s`` seconds: the ladder holds a request
+        the kernel answered on it and judges by its CPU whether it still burns."""
+        now = time.monotonic()
+        urgent = now < self._urgent_until
+        self._urgent_until = max(self._urgent_until, now + for_s)
+        if not urgent and self._wake is not None:
+            self._wake.set()
 
     async def wait(self) -> int:
         assert self._waiter is not None

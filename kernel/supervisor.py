@@ -762,6 +762,15 @@ class Supervisor:
         """The grace child ``name`` declared (``grace_ms``), CPU seconds."""
         return max(0.0, self.child(name).spec.grace_ms or 0.0) / 1000.0
 
+    def hurry(self, name: str) -> None:
+        """The ladder holds a tombstone of child ``name``: a child on another node has its CPU
+        read every few tens of milliseconds for a while (kernel/rayplace.py
+        ``RemoteProcess.hurry``) instead of every second; a local child's is read at each poll
+        anyway."""
+        remote = self._remote(name)
+        if remote is not None and hasattr(remote, "hurry"):
+            remote.hurry()
+
     def answer_grace_of(self, name: str) -> float | None:
         """The ladder's answer window after a thaw for child ``name``, seconds: None (the
         ladder's own) for a local child; for one on another node, :attr:`remote_answer_grace`
