@@ -43,7 +43,7 @@ def test_a_ray_placed_worker_thawed_after_its_freeze_answers_and_lives(request):
             """,
             f"""
             [[service]]
-            name = "far"
+            name = "echo"
             module = "services.echo"
             placement = "ray"
             ray_num_cpus = 0.5
@@ -59,8 +59,8 @@ def test_a_ray_placed_worker_thawed_after_its_freeze_answers_and_lives(request):
         with k.client(CALL_S) as c:
             c.wait_for_service("near", 60)
             deadline = time.monotonic() + PLACE_S
-            while not c.stats()["services"].get("far", {}).get("workers"):
-                far = next(ch for ch in c.stats()["children"] if ch["name"] == "far")
+            while not c.stats()["services"].get("echo", {}).get("workers"):
+                far = next(ch for ch in c.stats()["children"] if ch["name"] == "echo")
                 if time.monotonic() > deadline:
                     if (far.get("reason") or "").startswith("unavailable"):
                         pytest.skip(f"Ray could not place the replica here: {far['reason']}")
@@ -68,13 +68,13 @@ def test_a_ray_placed_worker_thawed_after_its_freeze_answers_and_lives(request):
                 time.sleep(1.0)
             # a request that ignores its cancel for a whole busy step, past a 30 ms budget
             with pytest.raises(errors.BudgetExceeded):
-                c.call("far", {"steps": 3, "step_ms": STEP_MS}, budget={"wall_ms": 30})
+                c.call("echo", {"steps": 3, "step_ms": STEP_MS}, budget={"wall_ms": 30})
             deadline = time.monotonic() + CALL_S
             while True:
                 c.stats()  # flushes the decision log
-                rungs = _rungs(k, "far")
+                rungs = _rungs(k, "echo")
                 kinds = [r["in"]["rung"] for r in rungs if r["in"]["rung"] != "bill"]
-                held = [w["inflight"] for w in c.stats()["workers"] if w["service"] == "far"]
+                held = [w["inflight"] for w in c.stats()["workers"] if w["service"] == "echo"]
                 if "thaw" in kinds and held == [0]:  # thawed, and its tombstone ended
                     break
                 assert "kill" not in kinds, rungs
@@ -82,11 +82,11 @@ def test_a_ray_placed_worker_thawed_after_its_freeze_answers_and_lives(request):
                 time.sleep(0.2)
             time.sleep(1.0)  # past where its answer window would have ended; its tombstone ended by its answer
             c.stats()
-            kinds = [r["in"]["rung"] for r in _rungs(k, "far") if r["in"]["rung"] != "bill"]
-            assert kinds == ["freeze", "thaw"], _rungs(k, "far")
-            assert all(r["out"].get("ok") for r in _rungs(k, "far")), _rungs(k, "far")
-            far = next(ch for ch in c.stats()["children"] if ch["name"] == "far")
+            kinds = [r["in"]["rung"] for r in _rungs(k, "echo") if r["in"]["rung"] != "bill"]
+            assert kinds == ["freeze", "thaw"], _rungs(k, "echo")
+            assert all(r["out"].get("ok") for r in _rungs(k, "echo")), _rungs(k, "echo")
+            far = next(ch for ch in c.stats()["children"] if ch["name"] == "echo")
             assert far["restarts"] == 0 and far["state"] == "running", far
-            assert c.call("far", {"x": 1}) == {"x": 1}
+            assert c.call("echo", {"x": 1}) == {"x": 1}
     finally:
         k.stop(timeout=90)
