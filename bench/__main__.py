@@ -7,7 +7,7 @@ its own process, writing ``DIR/NAME.json`` (the ``reca.bench/1`` shape, see benc
 after it the measured one (kept in ``DIR/durations.json``); ``--plan`` prints the estimates only.
 ``python -m bench durations DIR`` copies a run's measured durations into bench/durations.json.
 ``python -m bench report DIR [--md PATH]`` writes docs/benchmarks.md (and PNG plots in
-docs/benchmarks/) from those files.
+docs/benchmarks/) from those files; ``--update`` replaces (or adds) only the benchmarks in DIR.
 """
 
 from __future__ import annotations
@@ -137,8 +137,11 @@ def _main_report(argv: list[str]) -> int:
     p.add_argument("dir", help="a directory of NAME.json result files (from bench all)")
     p.add_argument("--md", default=f"{_report.ROOT}/docs/benchmarks.md", help="the markdown file to write")
     p.add_argument("--command", default="", help="the command that produced the results (quoted in the report)")
+    p.add_argument("--update", action="store_true",
+                   help="keep the report at --md and replace (or add) only the benchmarks with a result file in DIR")
     args = p.parse_args(argv)
-    print(_report.write_report(args.dir, args.md, args.command, expected=available()))
+    print(_report.write_report(args.dir, args.md, args.command, expected=None if args.update else available(),
+                               update=args.update))
     return 0
 
 

@@ -17,6 +17,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -337,10 +338,110 @@ def _wall_times(docs: list[dict[str, Any]]) -> list[str]:
             + _md_table(rows) + [""])
 
 
-def write_report(in_dir: str, out_md: str, command: str = "", expected: list[str] | None = None) -> str:
-    """Write the markdown report (and PNGs next to it, in ``<out_md stem>/``); returns its path."""
+def _sections(text: str) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """A report split at its ``## `` headings: the lines before the first, then (heading, body)."""
+    head: list[str] = []
+    parts: list[tuple[str, list[str]]] = []
+    for line in text.rstrip("\n").split("\n"):
+        if line.startswith("## "):
+            parts.append((line[3:].strip(), []))
+        elif parts:
+            parts[-1][1].append(line)
+        else:
+            head.append(line)
+    return head, parts
+
+
+def _row_bench(row: str) -> str:
+    """The benchmark a table row of the report is about (its first cell, links and '(quick)' removed)."""
+    cell = row.split("|")[1].strip()
+    if cell.startswith("[") and "]" in cell:
+        cell = cell[1:cell.index("]")]
+    return cell.removesuffix(" (quick)").strip()
+
+
+def _merge_table(old: list[str], new: list[str], names: set[str]) -> list[str]:
+    """``old``'s body with the table rows of the benchmarks in ``names`` replaced by ``new``'s rows
+    (in ``new``'s order, where the first such row was, or at the table's end); text from ``new``."""
+    new_rows = [r for r in new if r.startswith("| ") and not r.startswith("| benchmark")]
+    out: list[str] = []
+    placed = False
+    for r in old:
+        is_row = r.startswith("| ") and not r.startswith("| benchmark")
+        if is_row and _row_bench(r) in names:
+            if not placed:
+                out += new_rows
+                placed = True
+            continue
+        out.append(r)
+    if not placed:
+        last = max((i for i, r in enumerate(out) if r.startswith("|")), default=len(out) - 1)
+        out[last + 1:last + 1] = new_rows
+    return out
+
+
+def merge_reports(old_text: str, new_text: str, names: set[str], note: str) -> str:
+    """``old_text`` (a report) with the benchmarks in ``names`` taken from ``new_text``: their
+    sections replaced or appended, their rows of the Headlines, Targets and Wall time tables
+    replaced, and ``note`` (which results, from where) added to the header."""
+    old_head, old_parts = _sections(old_text)
+    _, new_parts = _sections(new_text)
+    new_by = dict(new_parts)
+    tables = ("Headlines", "Targets", "Wall time")
+    out_parts: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+    for title, body in old_parts:
+        if title in tables and title in new_by:
+            body = _merge_table(body, new_by[title], names)
+        elif title in names:
+            body = new_by.get(title, body)
+        out_parts.append((title, body))
+        seen.add(title)
+    for title, body in new_parts:  # a table or benchmark the old report did not have
+        if title in seen:
+            continue
+        if title in tables:
+            at = next((i for i, (t, _) in enumerate(out_parts) if t not in tables), len(out_parts))
+            out_parts.insert(at, (title, body))
+        else:
+            out_parts.append((title, body))
+    head = [h for h in old_head if not (h.startswith("- **updated** ") and any(f"`{n}`" in h for n in names))]
+    while head and not head[-1].strip():
+        head.pop()
+    head += [note, ""]
+    lines = head + [line for t, b in out_parts for line in [f"## {t}", *b]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(in_dir: str, out_md: str, command: str = "", expected: list[str] | None = None,
+                 update: bool = False, img_dir: str | None = None) -> str:
+    """Write the markdown report (and PNGs next to it, in ``<out_md stem>/``); returns its path.
+
+    ``update``: keep the report already at ``out_md`` and replace (or add) only the benchmarks that
+    have a result file in ``in_dir`` — for publishing one benchmark's run without a whole ``bench all``;
+    the header then names each updated benchmark with its commit, date and load."""
     docs = _load(in_dir)
-    img_dir = os.path.splitext(out_md)[0]
+    if update and os.path.exists(out_md):
+        with open(out_md) as fh:
+            old_text = fh.read()
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = write_report(in_dir, os.path.join(tmp, os.path.basename(out_md)), command,
+                                 img_dir=os.path.splitext(out_md)[0])
+            with open(fresh) as fh:
+                new_text = fh.read()
+        names = {d["bench"] for d in docs}
+        notes = []
+        for d in docs:
+            env = d.get("env", {})
+            notes.append(f"`{d['bench']}` (commit {env.get('commit', '?')}{' (dirty)' if env.get('dirty') else ''}, "
+                         f"{env.get('date', '?')}, load {env.get('load_start', ['?'])[0]} -> "
+                         f"{env.get('load_end', ['?'])[0]})")
+        note = (f"- **updated** by `python -m bench report {in_dir} --update`"
+                f"{' from ' + command if command else ''}: {', '.join(notes)}; every other section is from the run above.")
+        with open(out_md, "w") as fh:
+            fh.write(merge_reports(old_text, new_text, names, note))
+        return out_md
+    img_dir = img_dir or os.path.splitext(out_md)[0]
     os.makedirs(img_dir, exist_ok=True)
     rel_img = os.path.basename(img_dir)
     envs = [d["env"] for d in docs if "env" in d]

@@ -147,3 +147,31 @@ def test_bench_all_records_each_benchmark_duration_and_keeps_earlier_batches(tmp
     assert json.loads((tmp_path / "cswif.json").read_text())["bench"] == "cswif"
     err = capsys.readouterr().err
     assert "cswif ... estimated" in err and "cswif done in" in err and "wall time per benchmark" in err
+
+
+def test_update_replaces_only_the_benchmarks_given_and_keeps_the_rest(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    for name, x in (("alpha", 1.0), ("beta", 5.0)):
+        with open(first / f"{name}.json", "w") as fh:
+            json.dump(_report.aggregate(name, False, [_result(x)], ENV, 1.0, headline={"ratio": "old peer"}), fh)
+    md = str(tmp_path / "out.md")
+    _report.write_report(str(first), md)
+    assert "| beta | 1 run | 0/1 | `ratio` 10 vs <= 3 |" in open(md).read()
+    # a later run of beta alone, at another commit, and a new benchmark gamma
+    for name, x in (("beta", 1.2), ("gamma", 0.5)):
+        with open(second / f"{name}.json", "w") as fh:
+            json.dump(_report.aggregate(name, False, [_result(x)], dict(ENV, commit="new"), 1.0,
+                                        headline={"ratio": "new peer"}), fh)
+    _report.write_report(str(second), md, update=True)
+    text = open(md).read()
+    assert "| alpha | 1 run | 1/1 |  |" in text and "| beta | 1 run | 1/1 |  |" in text and "| gamma | 1 run | 1/1 |  |" in text
+    assert "`ratio` 10 vs <= 3" not in text  # beta's old, missed row is gone
+    assert text.count("## beta") == 1 and "| ratio | 2.4 |" in text  # beta's section is the new run's
+    assert "| [alpha](#alpha) | `ratio` | 2 (1 run) | old peer |" in text  # alpha's headline kept
+    assert "| [beta](#beta) | `ratio` | 2.4 (1 run) | new peer |" in text and "| [beta](#beta) | `ratio` | 10" not in text
+    assert "**updated**" in text and "`beta` (commit new" in text and "`gamma` (commit new" in text
+    # updating beta again replaces the header note about beta instead of adding a second one
+    _report.write_report(str(second), md, update=True)
+    assert open(md).read().count("**updated**") == 1
