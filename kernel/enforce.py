@@ -712,7 +712,7 @@ class CgroupV2Group(Group):
         self._refuse_caller()
         t0 = time.perf_counter()
         _write(self.path / "cgroup.freeze", "1")
-        self._fifo = _fifo(_tids(self.path, "cgroup.threads"))
+        self._fifo += _fifo(_tids(self.path, "cgroup.threads"))  # a freeze not landed kept the earlier ones
         took = _wait_until(self.frozen, t0, timeout, self.name)
         _unfifo(self._fifo)
         self._fifo = []
@@ -915,7 +915,7 @@ class SignalGroup(Group):
         for proc in procs:  # each runs at once into its SIGSTOP (see _fifo)
             with contextlib.suppress(psutil.Error):
                 tids.extend(t.id for t in proc.threads())
-        self._fifo = _fifo(tids)
+        self._fifo += _fifo(tids)  # a freeze not landed kept the earlier ones
 
         def stopped() -> bool:
             for proc in procs:
