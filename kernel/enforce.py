@@ -510,7 +510,8 @@ class CgroupV1Group(Group):
         state = self.dirs["freezer"] / "freezer.state"
         t0 = time.perf_counter()
         _write(state, "FROZEN")
-        if not self._rt_start():
+        # a task that was running (on another CPU) or asleep is stopped at once: raise only what waits
+        if _read(state).strip() != "FROZEN" and not self._rt_start():
             self.boost("freeze")
         took = _wait_until(lambda: _read(state).strip() == "FROZEN", t0, timeout, self.name)
         # frozen: real-time priority or a boost buys nothing more; a freeze not reported yet keeps
