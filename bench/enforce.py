@@ -316,6 +316,8 @@ def run(quick: bool) -> Result:
         "cooperatively",
         f"freezes past the {E.FREEZE_TIMEOUT:g} s bound (counted at the bound): {len(TIMEOUTS)}",
         "cgroup2 here: core files only (freeze, cpu.stat) -- this machine delegates no v2 controllers",
+        "a freeze is written, then the group's tasks that have not stopped yet run at SCHED_FIFO until it lands "
+        "(cgroup v1: under a 1% real-time budget the group borrows from reca's subtree; kernel/enforce.py _fifo)",
         "billed / OS cpu: the group's CPU against /proc/PID/stat of the worker and its forked helper; "
         "pid-only: what the kernel billed before (the worker's own pid)",
     ]
