@@ -514,4 +514,3 @@ def test_fifo_raises_ordinary_tasks_and_unfifo_puts_them_back():
         for p in (sleeper, batch):
             p.kill()
             p.wait(WAIT)
-
