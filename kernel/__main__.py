@@ -330,6 +330,7 @@ async def _run(args: argparse.Namespace) -> int:
         async with asyncio.TaskGroup() as tasks:  # the server task is owned: awaited before we return
             tasks.create_task(server.serve())
             if os.environ.get("RECA_LADDER") != "0":  # on by default; RECA_LADDER=0 turns it off (docs/budgets.md)
+                supervisor.remote_answer_grace = cfg.remote_answer_grace_ms / 1000.0
                 ladder = Ladder(cfg.freeze_grace_ms / 1000.0, cfg.kill_grace_ms / 1000.0,
                                 cpu_ceiling=cfg.cpu_ceiling_ms / 1000.0, hold_ceiling=cfg.hold_ceiling_s)
                 tasks.create_task(run_ladder(server.router, supervisor, ladder, admission.record, stop,

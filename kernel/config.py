@@ -99,6 +99,7 @@ class KernelConfig:
     kill_grace_ms: float = 1000.0
     cpu_ceiling_ms: float = 5000.0
     hold_ceiling_s: float = 30.0
+    remote_answer_grace_ms: float = 500.0
     kernel_weight: int = 1000
     #: principal -> weight in the fair share of each service's slots (kernel.fairq; default 1).
     principal_weights: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -227,6 +228,10 @@ SCHEMA: tuple[Setting, ...] = (
             "much CPU past its answer (at least twice its service's grace_ms)", low=1, high=3_600_000),
     Setting("enforce", "hold_ceiling_s", "float", 30.0,
             "... or was held this long past its answer, seconds", low=0.001, high=86_400),
+    Setting("enforce", "remote_answer_grace_ms", "float", 500.0,
+            "a worker on another node (placement = \"ray\") thawed after its freeze has this long, plus twice the "
+            "longest recent round trip to its node agent, to answer before the kill (local workers: 100 ms)",
+            low=0, high=600_000),
     Setting("enforce", "kernel_weight", "int", 1000, "the kernel's cpu weight (services: 100)", low=1,
             high=10_000),
     Setting("enforce", "weights", "map[str]", {},
@@ -269,7 +274,7 @@ SCHEMA: tuple[Setting, ...] = (
             low=0, high=600_000),
     Setting("service", "keeps_state", "bool", None,
             "the service keeps state between requests (sessions): the ladder spares its worker, killing it only "
-            "past [enforce] cpu_ceiling_ms / hold_ceiling_s (default: its module's, decode and sim true)"),
+            "past [enforce] cpu_ceiling_ms / hold_ceiling_s (default: its module's, decode, sim, kvtp and ttc true)"),
     Setting("service", "placement", "enum", "local",
             "local: a process of this machine; ray: a Ray actor on the [ray] cluster (docs/cluster.md)",
             choices=("local", "ray")),

@@ -467,8 +467,10 @@ class Router:
         if queue.weights is not self.admission.weights:
             queue.weights = self.admission.weights  # [enforce] weights, shared by every service
         # DRR across principals (the one acted for, for a service's request on a caller's behalf);
-        # priority, then round-robin across the principal's clients, then FIFO within it
-        queue.push(req.acting_for or req.principal.name, req.priority, turn, req)
+        # priority, then round-robin across the principal's clients, then FIFO within it; an
+        # operator's priority above the default crosses principals (kernel/fairq.py, express)
+        queue.push(req.acting_for or req.principal.name, req.priority, turn, req,
+                   crosses=req.principal.operator and not req.acting_for and req.priority > P.DEFAULT_PRIORITY)
         req.queued = True
         service.queued += 1
         self.queued_bytes += size
