@@ -318,14 +318,15 @@ class PeerBudgets:
 #: Bytes a peer sends that the kernel never receives as a frame: the ZMTP greeting and handshake
 #: (measured 107 B without security, 567 B under CURVE; socket metadata adds its size).
 HANDSHAKE_ALLOWANCE = 4096
-#: How long the inbound watcher pauses after each look at the connections that received data,
-#: seconds: the bound is ``peer_in_bytes`` + receive rate x (this + scheduling delay).
-INBOUND_INTERVAL_S = 0.002
-#: ... and at least this many times as long as the look took: the watcher uses at most
-#: 1 / (1 + this) of a CPU however many connections send at once (a look is ~5-20 us: an ioctl
-#: and a getsockopt), and the interval grows with the connections active together -- whose
-#: combined rate is the machine's, so together they hold at most ``peers_in_bytes`` + that rate
-#: x the interval.
+#: How often the inbound watcher reads the kernel's resident set, seconds.
+INBOUND_TICK_S = 0.005
+#: ... and looks at every tcp connection once the resident set has grown this much since the last
+#: look (bytes libzmq holds are resident: they were just written): the bound is
+#: ``peer_in_bytes`` + this + receive rate x (the tick + the look + scheduling delay).
+INBOUND_SCAN_STEP = 4 * 1024 * 1024
+#: After a look at every connection the next waits at least this many times as long as the look
+#: took: the watcher uses at most 1 / (1 + this) of a CPU however many connections there are (a
+#: look is ~5-20 us: an ioctl and a getsockopt).
 INBOUND_PAUSE_PER_LOOK = 4
 #: CURVE: each frame travels as a MESSAGE command: ``\x07MESSAGE``, an 8-byte nonce, the 16-byte
 #: MAC and a flags byte around the payload (libzmq curve_mechanism_base_t::encode).
@@ -398,8 +399,12 @@ class InboundMeters:
         self.allowance = allowance
         self.meters: dict[int, InboundMeter] = {}
         self.total = 0
+        self.scan_step = INBOUND_SCAN_STEP
+        #: The resident set at the last look at every connection (or the least seen since).
+        self.rss_base: int | None = None
+        self.next_scan = 0.0
         self.counters: dict[str, int] = {"dropped_unread": 0, "dropped_unread_total": 0, "looks": 0,
-                                         "unread_max": 0}
+                                         "unread_max": 0, "scans": 0}
 
     def meter(self, fd: int, ino: int) -> InboundMeter:
         """The meter of the connection on ``fd`` (inode ``ino``), made if new; one of an older
@@ -410,6 +415,21 @@ class InboundMeters:
                 self.total -= m.unread
             m = self.meters[fd] = InboundMeter(ino)
         return m
+
+    def due(self, rss: int, now: float) -> bool:
+        """Whether every connection is to be looked at now: the kernel's resident set ``rss`` has
+        grown ``scan_step`` since the last look (measured from the least it was since), and the
+        pause after that look is over.  Memory libzmq holds is resident, so nothing grows by more
+        than ``scan_step`` + what arrives within a tick unlooked at."""
+        if self.rss_base is None or rss < self.rss_base:
+            self.rss_base = rss
+        return rss - self.rss_base >= self.scan_step and now >= self.next_scan
+
+    def scanned(self, rss: int, now: float, spent: float) -> None:
+        """Every connection was looked at (which took ``spent`` seconds; ``rss`` after it)."""
+        self.counters["scans"] += 1
+        self.rss_base = rss
+        self.next_scan = now + INBOUND_PAUSE_PER_LOOK * spent
 
     def close(self, fd: int, ino: int | None = None) -> None:
         """The connection on ``fd`` is gone (only the meter of inode ``ino`` when given)."""

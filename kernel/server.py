@@ -38,7 +38,6 @@ import logging
 import os
 import resource
 import collections
-import select
 import socket as _socket
 import stat as _stat
 import struct
@@ -86,9 +85,7 @@ _TCPI_BYTES_ACKED = 120
 _TCPI_BYTES_RECEIVED = 128
 #: ``ioctl`` request: bytes in a socket's receive queue (FIONREAD; not yet read by libzmq).
 _SIOCINQ = 0x541B
-#: The inbound watcher's epoll events: new data arrived (edge-triggered: one event per arrival,
-#: however much is queued; the kernel never reads these sockets itself).
-_EPOLL_ARRIVED = select.EPOLLIN | select.EPOLLET
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 #: The principal of a CURVE message that carried no frame to read a User-Id from (none: a
@@ -228,7 +225,10 @@ class KernelServer:
         #: by the watcher thread whenever data arrives; the loop only adds to a meter's ``received``.
         self.inbound = quotas.InboundMeters(peer_in_bytes, peers_in_bytes)
         self._inbound_lock = threading.Lock()
-        self._epoll = select.epoll()
+        try:  # the kernel's own resident set, read by the watcher every tick
+            self._statm: int | None = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._statm = None
         self._wire = quotas.frame_wire(server_keys is not None)
         #: Peers past their hard outbound budget at a send: dropped after the message in hand.
         self._urgent: set[bytes] = set()
@@ -690,18 +690,14 @@ class KernelServer:
         poller = zmq.Poller()
         for mon in self._monitors:
             poller.register(mon, zmq.POLLIN)
-        epfd = self._epoll.fileno()
-        poller.register(epfd, zmq.POLLIN)  # readable: a watched connection received data
+        tick_ms = int(quotas.INBOUND_TICK_S * 1000)
         while not self._watch_stop.is_set():
             try:
-                ready = poller.poll(100)
+                ready = poller.poll(tick_ms)
             except zmq.ZMQError:
                 return
-            got = arrived = False
+            got = False
             for mon, _ in ready:
-                if isinstance(mon, int):
-                    arrived = True
-                    continue
                 while True:
                     try:
                         event = recv_monitor_message(mon, _NOBLOCK)
@@ -725,20 +721,12 @@ class KernelServer:
                         loop.call_soon_threadsafe(self._on_monitor)
                     except RuntimeError:  # the loop is closed: shutting down
                         return
-            if arrived:
-                began = time.monotonic()
-                self._look_inbound()
-                # Arrivals during the pause are one event each connection at the next poll; the
-                # pause grows with the looks' cost, so the watcher takes at most a fifth of a CPU
-                # however many connections trickle data (kernel.quotas.INBOUND_PAUSE_PER_LOOK).
-                spent = time.monotonic() - began
-                self._watch_stop.wait(max(quotas.INBOUND_INTERVAL_S, quotas.INBOUND_PAUSE_PER_LOOK * spent))
+            self._inbound_tick()
 
     # -- inbound: what libzmq holds before the kernel sees it (kernel.quotas.InboundMeters) -------
 
     def _inbound_event(self, event: dict[str, Any]) -> None:
-        """(watcher thread) A connection accepted: a tcp one is metered and its arrivals watched;
-        one closed: its meter goes (the OS removes a closed descriptor from the epoll set)."""
+        """(watcher thread) A connection accepted: a tcp one is metered; one closed: its meter goes."""
         fd = int(event["value"])
         if event["event"] != zmq.EVENT_ACCEPTED:
             # Only if the descriptor no longer holds the metered socket: by now it may carry a
@@ -761,29 +749,46 @@ class KernelServer:
                     return  # unix (ipc://): no cumulative count (docs/limits.md)
             with self._inbound_lock:
                 self.inbound.meter(fd, st.st_ino)
-            self._epoll.register(fd, _EPOLL_ARRIVED)  # data already queued makes it ready at once
-        except FileExistsError:
-            pass  # the same descriptor number, an older registration: its arrivals are watched
         except OSError:
             with self._inbound_lock:
                 self.inbound.close(fd)
 
-    def _look_inbound(self) -> None:
-        """(watcher thread) Look at every connection that received data since the last look: one
-        past ``peer_in_bytes`` of bytes libzmq read and the kernel has not (a multipart message
-        still coming in, or messages waiting for the loop) is cut at once; so is the one holding
-        the most when all of them together pass ``peers_in_bytes``."""
+    def _rss(self) -> int:
+        if self._statm is None:
+            return 0
+        return int(os.pread(self._statm, 128, 0).split()[1]) * _PAGE
+
+    def _inbound_tick(self) -> None:
+        """(watcher thread, every tick) When the kernel's resident set has grown by
+        ``INBOUND_SCAN_STEP`` since the last look, look at every tcp connection (kernel.quotas)."""
         try:
-            events = self._epoll.poll(0)
-        except OSError:
+            rss = self._rss()
+        except (OSError, ValueError, IndexError):
             return
         now = time.monotonic()
+        with self._inbound_lock:
+            go = self.inbound.due(rss, now) if self._statm is not None else now >= self.inbound.next_scan
+        if not go:
+            return
+        self._look_inbound(now)
+        spent = time.monotonic() - now
+        try:
+            rss = self._rss()
+        except (OSError, ValueError, IndexError):
+            pass
+        with self._inbound_lock:
+            self.inbound.scanned(rss, now + spent, spent)
+
+    def _look_inbound(self, now: float) -> None:
+        """(watcher thread) Look at every tcp connection: one past ``peer_in_bytes`` of bytes libzmq
+        read and the kernel has not (a multipart message still coming in, or messages waiting for
+        the loop) is cut at once; so is the one holding the most when all of them together pass
+        ``peers_in_bytes``."""
         cuts: list[tuple[int, quotas.InboundMeter, str]] = []
         with self._inbound_lock:
             meters = self.inbound.meters
-            for fd, _ in events:
-                m = meters.get(fd)
-                if m is None or m.cut:
+            for fd, m in list(meters.items()):
+                if m.cut:
                     continue
                 received = m.received  # before the socket: a frame read meanwhile only adds
                 try:
@@ -1010,7 +1015,9 @@ class KernelServer:
         for listener in self._listeners:
             listener.close()
         self._listeners = []
-        self._epoll.close()
+        if self._statm is not None:
+            os.close(self._statm)
+            self._statm = None
         if self.zap is not None:
             self.zap.stop()
         if self._own_context:
