@@ -319,7 +319,7 @@ class PeerBudgets:
 #: (measured 107 B without security, 567 B under CURVE; socket metadata adds its size).
 HANDSHAKE_ALLOWANCE = 4096
 #: How often the inbound watcher reads the kernel's resident set, seconds.
-INBOUND_TICK_S = 0.005
+INBOUND_TICK_S = 0.01
 #: ... and looks at every tcp connection once the resident set has grown this much since the last
 #: look (bytes libzmq holds are resident: they were just written): the bound is
 #: ``peer_in_bytes`` + this + receive rate x (the tick + the look + scheduling delay).
