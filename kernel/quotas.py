@@ -381,7 +381,9 @@ class InboundMeters:
     :func:`wire_bytes`, exact: checked against TCP_INFO, plain and CURVE) minus the handshake
     (:data:`HANDSHAKE_ALLOWANCE`) is what sits in libzmq's buffers for it.  Past ``in_bytes`` the
     connection is to be cut (:meth:`look` returns :data:`IN`); past ``total_bytes`` over every
-    connection together the one holding the most is (:meth:`largest`).
+    connection together the one holding the most is (:meth:`largest`).  When to look at every
+    connection is decided from the kernel's resident set (:meth:`due`): bytes libzmq holds are
+    resident, so a look follows every ``scan_step`` of growth within one tick.
 
     Pure: time and evidence are passed in; not thread-safe (the server holds a lock around every
     call but the loop's ``received +=``, whose only writer it is).  The caller reads ``received`` *before* the socket, so

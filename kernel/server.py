@@ -26,6 +26,13 @@ socket).  A peer past its budget is dropped: its requests answered ``overloaded`
 names the budget), their workers told to cancel, the drop logged, and, after a short linger for
 those answers, its connection shut down (a duplicate of the descriptor, as for the peer cap),
 which makes libzmq free what it queued for it.
+
+Bytes a tcp connection sent that libzmq holds before the kernel sees them (a multipart message
+is handed over only once its last frame is in) are metered from the OS's count of bytes received
+(TCP_INFO) less the wire size of the frames the kernel read (kernel.quotas.InboundMeters): the
+monitor watcher thread looks at every tcp connection whenever the kernel's resident set has grown
+4 MiB, and shuts one past ``peer_in_bytes`` down at once, abortively (libzmq drops the partial
+message and frees the pipe).
 """
 
 from __future__ import annotations

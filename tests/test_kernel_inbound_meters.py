@@ -111,3 +111,19 @@ def test_invariants_hold_under_any_sequence(ops):
                 m.cut(m.meters[big], quotas.TOTAL)
         m.check_invariants()
         assert all(meter.unread <= max(0, read.get(fd, 0) - HS) for fd, meter in m.meters.items())
+
+
+def test_every_connection_is_looked_at_once_the_resident_set_grew_a_step():
+    m = InboundMeters(in_bytes=8 * MIB)
+    step = quotas.INBOUND_SCAN_STEP
+    base = 40 * MIB
+    assert not m.due(base, now=0.0)  # the first reading is the base
+    assert not m.due(base + step - 1, now=0.01)
+    assert m.due(base - 10 * MIB, now=0.02) is False  # memory given back: the base follows it down
+    assert m.due(base - 10 * MIB + step, now=0.03)  # a step above the least seen: look
+    m.scanned(base - 10 * MIB + step, now=0.04, spent=0.01)  # the look took 10 ms
+    assert m.stats()["scans"] == 1
+    # Past another step, but within 4 x the look's time of it: not yet (a fifth of a CPU at most).
+    grown = base - 10 * MIB + 3 * step
+    assert not m.due(grown, now=0.06)
+    assert m.due(grown, now=0.04 + quotas.INBOUND_PAUSE_PER_LOOK * 0.01)
