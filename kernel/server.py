@@ -728,7 +728,12 @@ class KernelServer:
                         loop.call_soon_threadsafe(self._on_monitor)
                     except RuntimeError:  # the loop is closed: shutting down
                         return
-            self._inbound_tick()
+            try:
+                self._inbound_tick()
+            except Exception:  # a bug here must not stop the accept gate this thread also is
+                self.inbound.counters["errors"] = self.inbound.counters.get("errors", 0) + 1
+                if self.inbound.counters["errors"] == 1:
+                    log.exception("internal error in the inbound watcher (counted from now on)")
 
     # -- inbound: what libzmq holds before the kernel sees it (kernel.quotas.InboundMeters) -------
 
