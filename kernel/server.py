@@ -797,19 +797,23 @@ class KernelServer:
         the loop) is cut at once; so is the one holding the most when all of them together pass
         ``peers_in_bytes``."""
         cuts: list[tuple[int, quotas.InboundMeter, str]] = []
+        meters = self.inbound.meters
         with self._inbound_lock:
-            meters = self.inbound.meters
-            for fd, m in list(meters.items()):
-                if m.cut:
-                    continue
-                received = m.received  # before the socket: a frame read meanwhile only adds
-                try:
-                    read = _tcp_read(fd)
-                except OSError:
-                    self.inbound.close(fd)
-                    continue
-                if self.inbound.look(m, received, read, now) is not None:
+            live = [(fd, m) for fd, m in meters.items() if not m.cut]
+        for fd, m in live:  # the system calls outside the lock (the loop takes it for a new peer)
+            received = m.received  # before the socket: a frame read meanwhile only adds
+            try:
+                read: int | None = _tcp_read(fd)
+            except OSError:
+                read = None
+            with self._inbound_lock:
+                if meters.get(fd) is not m:
+                    continue  # closed, or replaced by a newer connection, meanwhile
+                if read is None:
+                    self.inbound.close(fd, m.ino)
+                elif self.inbound.look(m, received, read, now) is not None:
                     cuts.append((fd, m, quotas.IN))
+        with self._inbound_lock:
             while (big := self.inbound.largest()) is not None:
                 m = meters[big]
                 self.inbound.cut(m, quotas.TOTAL)
