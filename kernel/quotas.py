@@ -95,7 +95,8 @@ RESUME = "resume"
 OUT = "peer_out_bytes"
 IN = "peer_in_bytes"
 TOTAL = "peers_out_bytes"
-_DROP_COUNTER = {OUT: "dropped_out", IN: "dropped_in", TOTAL: "dropped_total"}
+IN_TOTAL = "peers_in_bytes"  #: every connection's unread bytes together (InboundMeters.largest)
+_DROP_COUNTER = {OUT: "dropped_out", IN: "dropped_in", TOTAL: "dropped_total", IN_TOTAL: "dropped_in_total"}
 
 
 @dataclass(slots=True)
@@ -176,7 +177,8 @@ class PeerBudgets:
         self.by_fd: dict[int, bytes] = {}
         #: Peers whose outstanding bytes passed ``sample_at``: looked at by the next check.
         self.hot: set[bytes] = set()
-        self.counters: dict[str, int] = {"dropped_out": 0, "dropped_in": 0, "dropped_total": 0, "samples": 0,
+        self.counters: dict[str, int] = {"dropped_out": 0, "dropped_in": 0, "dropped_total": 0, "dropped_in_total": 0,
+                                         "samples": 0,
                                          "pauses": 0, "resumes": 0,
                                          "sends_refused": 0, "max_outstanding": 0}
 
@@ -343,11 +345,14 @@ def frame_wire(curve: bool) -> tuple[int, int, int]:
     return 256 - extra, 2 + extra, 9 + extra
 
 
-def subscription_wire(n: int, curve: bool) -> int:
-    """The most a frame of ``n`` bytes read from the control (XPUB) socket took on the wire: a
-    subscription (``\\x01`` + topic) travels as a SUBSCRIBE command, 9 bytes more than as a message
-    (a CANCEL 6 more); other frames, and old peers' subscriptions, as messages."""
-    return wire_bytes(n + 9, curve)
+def subscription_wire(data: bytes, curve: bool) -> int:
+    """The most a frame ``data`` read from the control (XPUB) socket took on the wire: a
+    subscription (``\\x01`` + topic) travels as a SUBSCRIBE command, 9 bytes more than as a message,
+    a cancel (``\\x00`` + topic) as a CANCEL, 6 more; any other frame as a message (its real size:
+    crediting more would let a peer bank credit against bytes it holds later)."""
+    n = len(data)
+    extra = 9 if n and data[0] == 1 else 6 if n and data[0] == 0 else 0
+    return wire_bytes(n + extra, curve)
 
 
 def wire_bytes(n: int, curve: bool) -> int:
@@ -365,6 +370,10 @@ class InboundMeter:
     received: int = 0  #: wire bytes of the frames the kernel has read from this connection
     unread: int = 0  #: at the last look: bytes libzmq read off the socket the kernel has not
     looked_at: float = 0.0  #: when
+    #: The most ``received`` was seen past ``read`` at a look (bytes credited that were never on
+    #: the wire, e.g. a subscription sent in message form): subtracted from ``received``, so
+    #: over-credit offsets at most what arrives between two looks, never later bytes.
+    offset: int = 0
     cut: bool = False  #: past its budget: being shut down (no more looks)
 
 
@@ -388,7 +397,8 @@ class InboundMeters:
     Pure: time and evidence are passed in; not thread-safe (the server holds a lock around every
     call but the loop's ``received +=``, whose only writer it is).  The caller reads ``received`` *before* the socket, so
     a frame read in between can only make ``unread`` larger, never hide bytes; nothing is banked
-    (a negative difference counts as 0, not as credit).  Invariants (:meth:`check_invariants`):
+    (``received`` past ``read`` at a look is over-credit: kept in the meter's ``offset`` and taken off
+    from then on, so it never offsets later bytes).  Invariants (:meth:`check_invariants`):
     ``unread >= 0``; ``total`` is the sum of the live meters' ``unread``; ``unread_max`` is at least
     every ``unread`` seen.  Meters are bounded by the live tcp connections (one per descriptor)."""
 
@@ -446,7 +456,9 @@ class InboundMeters:
         the bytes libzmq has read off its socket.  Returns :data:`IN` when it is past its budget
         (the meter is marked cut), else None."""
         self.counters["looks"] += 1
-        unread = max(0, read - self.allowance - received)
+        if received - read > m.offset:  # over-credit seen: it offsets nothing from now on
+            m.offset = received - read
+        unread = max(0, read - self.allowance - (received - m.offset))
         if not m.cut:
             self.total += unread - m.unread
         m.unread, m.looked_at = unread, now
@@ -464,7 +476,7 @@ class InboundMeters:
         self.total -= m.unread
         if why is not None:
             self.counters["dropped_unread" if why == IN else "dropped_unread_total"] += 1
-        return IN
+        return why or IN
 
     def largest(self) -> int | None:
         """When every connection together holds more than ``total_bytes`` unread: the descriptor

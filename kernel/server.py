@@ -119,6 +119,17 @@ def _borrowed(fd: int) -> Iterator[_socket.socket]:
         sock.detach()
 
 
+def _dup_if(fd: int, ino: int) -> _socket.socket:
+    """A duplicate of the descriptor ``fd`` as a socket object (closing it leaves ``fd`` alone),
+    if it is still the connection of inode ``ino``; else OSError.  Duplicated first, then checked:
+    a check first could pass and the descriptor be closed and reused before the dup."""
+    sock = _socket.socket(fileno=os.dup(fd))
+    if os.fstat(sock.fileno()).st_ino != ino:
+        sock.close()
+        raise OSError(_errno.EBADF, "another connection on that descriptor")
+    return sock
+
+
 def _out_queue(fd: int) -> int:
     """Bytes in the send queue of the socket ``fd`` (tcp: not yet acknowledged by the peer; unix:
     not yet read by the peer)."""
@@ -439,7 +450,7 @@ class KernelServer:
             except zmq.ZMQError:
                 return
             data = msg.bytes
-            self._credit_subscription(msg, len(data))
+            self._credit_subscription(msg, data)
             if not data or data[0] not in (0, 1):
                 continue
             topic = data[1:]
@@ -459,10 +470,10 @@ class KernelServer:
                     log.warning("control subscription %r refused for %s (%s)", topic[:64], principal.name,
                                 principal.role)
 
-    def _credit_subscription(self, msg: zmq.Frame, n: int) -> None:
+    def _credit_subscription(self, msg: zmq.Frame, data: bytes) -> None:
         """Count a frame read from the control socket against its connection's inbound meter: a
-        subscription travels as a SUBSCRIBE (or CANCEL) command, 9 bytes more than the message
-        form (kernel.quotas.subscription_wire); the larger is credited."""
+        subscription travels as a SUBSCRIBE (or CANCEL) command, 9 (6) bytes more than the message
+        form, the larger is credited; any other frame at its size (kernel.quotas.subscription_wire)."""
         fd = msg.get(zmq.SRCFD)
         m = self.inbound.meters.get(fd)
         if m is None:
@@ -472,7 +483,7 @@ class KernelServer:
                 return
             with self._inbound_lock:
                 m = self.inbound.meter(fd, ino)
-        m.received += quotas.subscription_wire(n, self.zap is not None)
+        m.received += quotas.subscription_wire(data, self.zap is not None)
 
     def _drain(self) -> bool:
         """Route what the ROUTER socket holds (at most one batch; the rest on the next turn), then
@@ -626,7 +637,10 @@ class KernelServer:
         acct = self.peers.dropped(identity, why)
         self._paused.pop(identity, None)
         held = self.router.held_by(identity)
-        if unread is not None:
+        if unread is not None and why == quotas.IN_TOTAL:
+            what = (f"sent {unread} bytes the kernel had not yet seen, the most of every connection, which "
+                    f"together passed {self.inbound.total_bytes} (peers_in_bytes)")
+        elif unread is not None:
             what = (f"sent {unread} bytes the kernel had not yet seen (a message libzmq holds until its "
                     f"last frame is in), past its budget of {self.peers.in_bytes}")
         elif why == quotas.IN:
@@ -655,9 +669,7 @@ class KernelServer:
             elif at is not None and now >= at:
                 self._dropping[identity] = (fd, ino, float("inf"), forget, meter)
                 try:
-                    if os.fstat(fd).st_ino != ino:
-                        raise OSError(_errno.EBADF, "closed already")
-                    with _socket.socket(fileno=os.dup(fd)) as s:  # as for the peer cap: libzmq sees it close
+                    with _dup_if(fd, ino) as s:  # as for the peer cap: libzmq sees it close
                         # An abortive close (RST, send queue discarded): a FIN would wait behind the
                         # unread bytes in a zero window (FIN-WAIT-1, the OS holding the queue).
                         s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _ABORT_LINGER)
@@ -813,11 +825,30 @@ class KernelServer:
                     self.inbound.close(fd, m.ino)
                 elif self.inbound.look(m, received, read, now) is not None:
                     cuts.append((fd, m, quotas.IN))
-        with self._inbound_lock:
-            while (big := self.inbound.largest()) is not None:
+        fresh: set[int] = set()  # a candidate of a total cut is looked at again first (stale: not cut)
+        while True:
+            with self._inbound_lock:
+                big = self.inbound.largest()
+                if big is None:
+                    break
                 m = meters[big]
-                self.inbound.cut(m, quotas.TOTAL)
-                cuts.append((big, m, quotas.TOTAL))
+                if big in fresh:
+                    self.inbound.cut(m, quotas.IN_TOTAL)
+                    cuts.append((big, m, quotas.IN_TOTAL))
+                    continue
+            fresh.add(big)
+            received = m.received
+            try:
+                read = _tcp_read(big)
+            except OSError:
+                read = None
+            with self._inbound_lock:
+                if meters.get(big) is not m:
+                    continue
+                if read is None:
+                    self.inbound.close(big, m.ino)
+                elif self.inbound.look(m, received, read, time.monotonic()) is not None:
+                    cuts.append((big, m, quotas.IN))
         for fd, m, why in cuts:
             self._cut_inbound(fd, m, why)
 
@@ -826,9 +857,7 @@ class KernelServer:
         fail, drops the partial message it held and frees the pipe); the loop then drops its
         routing id (its requests answered, cancelled, logged)."""
         try:
-            if os.fstat(fd).st_ino != m.ino:
-                return  # closed and reused meanwhile: that connection is not this one
-            with _socket.socket(fileno=os.dup(fd)) as s:
+            with _dup_if(fd, m.ino) as s:  # closed and reused meanwhile: OSError, not that connection
                 s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _ABORT_LINGER)
                 s.shutdown(_socket.SHUT_RDWR)
         except OSError:
@@ -845,7 +874,7 @@ class KernelServer:
         identity = self.peers.by_fd.get(fd)
         acct = self.peers.accounts.get(identity) if identity is not None else None
         if acct is not None and acct.ino == ino and identity is not None:
-            self._drop(identity, quotas.IN, now, unread=unread)
+            self._drop(identity, why, now, unread=unread)
             return
         if any(d[0] == fd and d[1] == ino for d in self._dropping.values()):
             return  # dropped already (and logged), still sending: cut sooner than its linger
@@ -853,7 +882,7 @@ class KernelServer:
         if ok:
             log.warning("connection fd %d cut before its first message: it sent %d bytes the kernel had not yet "
                         "seen, past its budget of %d%s%s", fd, unread, self.inbound.in_bytes,
-                        " (every connection together past peers_in_bytes)" if why == quotas.TOTAL else "",
+                        " (every connection together past peers_in_bytes)" if why == quotas.IN_TOTAL else "",
                         f" ({suppressed} more drops not logged)" if suppressed else "")
 
     def _drain_monitor(self, now: float) -> None:
