@@ -84,6 +84,9 @@ _DROP_LINGER = 0.2
 _DROP_FORGET = 10.0
 #: SO_LINGER on, 0 s: the last close of a dropped connection resets it (struct linger).
 _ABORT_LINGER = struct.pack("ii", 1, 0)
+#: libzmq's context option ZMQ_ZERO_COPY_RECV (zmq_draft.h; libzmq >= 4.3 honours it in every
+#: build, pyzmq does not name it).
+_ZERO_COPY_RECV = 10
 #: ``ioctl`` request: bytes in a socket's send queue (TIOCOUTQ; on tcp: not yet acknowledged).
 _SIOCOUTQ = 0x5411
 #: ``struct tcp_info``: offset of ``tcpi_bytes_acked`` (u64, Linux >= 4.1).
@@ -186,6 +189,12 @@ class KernelServer:
         host: Host | None = None,
     ) -> None:
         self.context = context or zmq.Context()
+        # libzmq keeps a small frame as a reference into the 8 KiB read buffer it arrived in:
+        # one frame per read pins 8 KiB (review of issue 24: 40-byte frames of an unfinished
+        # message cost 4.5-6.5 KB each).  Copied instead (frames past the buffer are unaffected).
+        # Read by each socket when it is made: set before the kernel's sockets are.
+        with contextlib.suppress(zmq.ZMQError):
+            self.context.set(_ZERO_COPY_RECV, 0)
         self._own_context = context is None
         self.max_message = max_message
         self.max_frames = P.MAX_FRAMES
