@@ -3,9 +3,9 @@ under attacks that libzmq buffers before the kernel sees a message.
 
 libzmq hands the ROUTER a multipart message only once its last frame has arrived, so a peer
 sending one message of 1,000 frames of 1 MiB made the kernel hold ~1 GB before it could look at
-it.  The kernel now watches each tcp connection's bytes received (TCP_INFO) against what it has
-read from it (kernel.quotas.InboundMeters, kernel.server) and shuts a connection past
-``peer_in_bytes`` down.  Attacks (real pyzmq DEALERs over tcp://, the kernel a subprocess):
+it.  The kernel now meters each tcp connection's bytes received (TCP_INFO) against what it has
+read from it (kernel.quotas.InboundMeters, kernel.server), looking whenever its resident set
+grew, and shuts a connection past ``peer_in_bytes`` down.  Attacks (real pyzmq DEALERs over tcp://, the kernel a subprocess):
 
 * ``multipart``: one connection sends one message of N x 1 MiB frames (N = 1,000; 300 quick);
 * ``unanswered``: one connection sends N single 1 MiB requests to a service nobody serves (they
@@ -16,8 +16,8 @@ read from it (kernel.quotas.InboundMeters, kernel.server) and shuts a connection
 
 Per attack: the kernel's RSS before, its peak (sampled every 5 ms), after (the attacker gone, 2 s
 later), whether the attacker was dropped, and whether an honest client was served after it.  The
-bound claimed (docs/limits.md): per connection ``peer_in_bytes`` + receive rate x check interval
-(the watcher thread's pause, ``INBOUND_INTERVAL_S``, plus scheduling delay).
+bound claimed (docs/limits.md): per connection ``peer_in_bytes`` + ``INBOUND_SCAN_STEP`` + receive
+rate x (the watcher's tick, ``INBOUND_TICK_S``, + scheduling delay).
 """
 
 from __future__ import annotations
@@ -185,6 +185,6 @@ def run(quick: bool = False) -> Result:
         targets={"peak_held_mb_per_connection": ("<=", 100.0)},
         notes=[
             "kernel RSS by psutil (kernel process only), sampled every 5 ms; held = peak - before",
-            "budget per connection: peer_in_bytes (24 MiB default) + receive rate x check interval",
+            "bound per connection: peer_in_bytes (24 MiB) + INBOUND_SCAN_STEP (4 MiB) + receive rate x tick (10 ms)",
         ],
     )

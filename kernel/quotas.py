@@ -95,7 +95,8 @@ RESUME = "resume"
 OUT = "peer_out_bytes"
 IN = "peer_in_bytes"
 TOTAL = "peers_out_bytes"
-_DROP_COUNTER = {OUT: "dropped_out", IN: "dropped_in", TOTAL: "dropped_total"}
+IN_TOTAL = "peers_in_bytes"  #: every connection's unread bytes together (InboundMeters.largest)
+_DROP_COUNTER = {OUT: "dropped_out", IN: "dropped_in", TOTAL: "dropped_total", IN_TOTAL: "dropped_in_total"}
 
 
 @dataclass(slots=True)
@@ -176,7 +177,8 @@ class PeerBudgets:
         self.by_fd: dict[int, bytes] = {}
         #: Peers whose outstanding bytes passed ``sample_at``: looked at by the next check.
         self.hot: set[bytes] = set()
-        self.counters: dict[str, int] = {"dropped_out": 0, "dropped_in": 0, "dropped_total": 0, "samples": 0,
+        self.counters: dict[str, int] = {"dropped_out": 0, "dropped_in": 0, "dropped_total": 0, "dropped_in_total": 0,
+                                         "samples": 0,
                                          "pauses": 0, "resumes": 0,
                                          "sends_refused": 0, "max_outstanding": 0}
 
@@ -318,14 +320,15 @@ class PeerBudgets:
 #: Bytes a peer sends that the kernel never receives as a frame: the ZMTP greeting and handshake
 #: (measured 107 B without security, 567 B under CURVE; socket metadata adds its size).
 HANDSHAKE_ALLOWANCE = 4096
-#: How long the inbound watcher pauses after each look at the connections that received data,
-#: seconds: the bound is ``peer_in_bytes`` + receive rate x (this + scheduling delay).
-INBOUND_INTERVAL_S = 0.002
-#: ... and at least this many times as long as the look took: the watcher uses at most
-#: 1 / (1 + this) of a CPU however many connections send at once (a look is ~5-20 us: an ioctl
-#: and a getsockopt), and the interval grows with the connections active together -- whose
-#: combined rate is the machine's, so together they hold at most ``peers_in_bytes`` + that rate
-#: x the interval.
+#: How often the inbound watcher reads the kernel's resident set, seconds.
+INBOUND_TICK_S = 0.01
+#: ... and looks at every tcp connection once the resident set has grown this much since the last
+#: look (bytes libzmq holds are resident: they were just written): the bound is
+#: ``peer_in_bytes`` + this + receive rate x (the tick + the look + scheduling delay).
+INBOUND_SCAN_STEP = 4 * 1024 * 1024
+#: After a look at every connection the next waits at least this many times as long as the look
+#: took: the watcher uses at most 1 / (1 + this) of a CPU however many connections there are (a
+#: look is ~5-20 us: an ioctl and a getsockopt).
 INBOUND_PAUSE_PER_LOOK = 4
 #: CURVE: each frame travels as a MESSAGE command: ``\x07MESSAGE``, an 8-byte nonce, the 16-byte
 #: MAC and a flags byte around the payload (libzmq curve_mechanism_base_t::encode).
@@ -342,11 +345,14 @@ def frame_wire(curve: bool) -> tuple[int, int, int]:
     return 256 - extra, 2 + extra, 9 + extra
 
 
-def subscription_wire(n: int, curve: bool) -> int:
-    """The most a frame of ``n`` bytes read from the control (XPUB) socket took on the wire: a
-    subscription (``\\x01`` + topic) travels as a SUBSCRIBE command, 9 bytes more than as a message
-    (a CANCEL 6 more); other frames, and old peers' subscriptions, as messages."""
-    return wire_bytes(n + 9, curve)
+def subscription_wire(data: bytes, curve: bool) -> int:
+    """The most a frame ``data`` read from the control (XPUB) socket took on the wire: a
+    subscription (``\\x01`` + topic) travels as a SUBSCRIBE command, 9 bytes more than as a message,
+    a cancel (``\\x00`` + topic) as a CANCEL, 6 more; any other frame as a message (its real size:
+    crediting more would let a peer bank credit against bytes it holds later)."""
+    n = len(data)
+    extra = 9 if n and data[0] == 1 else 6 if n and data[0] == 0 else 0
+    return wire_bytes(n + extra, curve)
 
 
 def wire_bytes(n: int, curve: bool) -> int:
@@ -364,6 +370,10 @@ class InboundMeter:
     received: int = 0  #: wire bytes of the frames the kernel has read from this connection
     unread: int = 0  #: at the last look: bytes libzmq read off the socket the kernel has not
     looked_at: float = 0.0  #: when
+    #: The most ``received`` was seen past ``read`` at a look (bytes credited that were never on
+    #: the wire, e.g. a subscription sent in message form): subtracted from ``received``, so
+    #: over-credit offsets at most what arrives between two looks, never later bytes.
+    offset: int = 0
     cut: bool = False  #: past its budget: being shut down (no more looks)
 
 
@@ -380,12 +390,15 @@ class InboundMeters:
     :func:`wire_bytes`, exact: checked against TCP_INFO, plain and CURVE) minus the handshake
     (:data:`HANDSHAKE_ALLOWANCE`) is what sits in libzmq's buffers for it.  Past ``in_bytes`` the
     connection is to be cut (:meth:`look` returns :data:`IN`); past ``total_bytes`` over every
-    connection together the one holding the most is (:meth:`largest`).
+    connection together the one holding the most is (:meth:`largest`).  When to look at every
+    connection is decided from the kernel's resident set (:meth:`due`): bytes libzmq holds are
+    resident, so a look follows every ``scan_step`` of growth within one tick.
 
     Pure: time and evidence are passed in; not thread-safe (the server holds a lock around every
     call but the loop's ``received +=``, whose only writer it is).  The caller reads ``received`` *before* the socket, so
     a frame read in between can only make ``unread`` larger, never hide bytes; nothing is banked
-    (a negative difference counts as 0, not as credit).  Invariants (:meth:`check_invariants`):
+    (``received`` past ``read`` at a look is over-credit: kept in the meter's ``offset`` and taken off
+    from then on, so it never offsets later bytes).  Invariants (:meth:`check_invariants`):
     ``unread >= 0``; ``total`` is the sum of the live meters' ``unread``; ``unread_max`` is at least
     every ``unread`` seen.  Meters are bounded by the live tcp connections (one per descriptor)."""
 
@@ -398,8 +411,12 @@ class InboundMeters:
         self.allowance = allowance
         self.meters: dict[int, InboundMeter] = {}
         self.total = 0
+        self.scan_step = INBOUND_SCAN_STEP
+        #: The resident set at the last look at every connection (or the least seen since).
+        self.rss_base: int | None = None
+        self.next_scan = 0.0
         self.counters: dict[str, int] = {"dropped_unread": 0, "dropped_unread_total": 0, "looks": 0,
-                                         "unread_max": 0}
+                                         "unread_max": 0, "scans": 0}
 
     def meter(self, fd: int, ino: int) -> InboundMeter:
         """The meter of the connection on ``fd`` (inode ``ino``), made if new; one of an older
@@ -410,6 +427,21 @@ class InboundMeters:
                 self.total -= m.unread
             m = self.meters[fd] = InboundMeter(ino)
         return m
+
+    def due(self, rss: int, now: float) -> bool:
+        """Whether every connection is to be looked at now: the kernel's resident set ``rss`` has
+        grown ``scan_step`` since the last look (measured from the least it was since), and the
+        pause after that look is over.  Memory libzmq holds is resident, so nothing grows by more
+        than ``scan_step`` + what arrives within a tick unlooked at."""
+        if self.rss_base is None or rss < self.rss_base:
+            self.rss_base = rss
+        return rss - self.rss_base >= self.scan_step and now >= self.next_scan
+
+    def scanned(self, rss: int, now: float, spent: float) -> None:
+        """Every connection was looked at (which took ``spent`` seconds; ``rss`` after it)."""
+        self.counters["scans"] += 1
+        self.rss_base = rss
+        self.next_scan = now + INBOUND_PAUSE_PER_LOOK * spent
 
     def close(self, fd: int, ino: int | None = None) -> None:
         """The connection on ``fd`` is gone (only the meter of inode ``ino`` when given)."""
@@ -424,7 +456,9 @@ class InboundMeters:
         the bytes libzmq has read off its socket.  Returns :data:`IN` when it is past its budget
         (the meter is marked cut), else None."""
         self.counters["looks"] += 1
-        unread = max(0, read - self.allowance - received)
+        if received - read > m.offset:  # over-credit seen: it offsets nothing from now on
+            m.offset = received - read
+        unread = max(0, read - self.allowance - (received - m.offset))
         if not m.cut:
             self.total += unread - m.unread
         m.unread, m.looked_at = unread, now
@@ -442,7 +476,7 @@ class InboundMeters:
         self.total -= m.unread
         if why is not None:
             self.counters["dropped_unread" if why == IN else "dropped_unread_total"] += 1
-        return IN
+        return why or IN
 
     def largest(self) -> int | None:
         """When every connection together holds more than ``total_bytes`` unread: the descriptor

@@ -26,6 +26,13 @@ socket).  A peer past its budget is dropped: its requests answered ``overloaded`
 names the budget), their workers told to cancel, the drop logged, and, after a short linger for
 those answers, its connection shut down (a duplicate of the descriptor, as for the peer cap),
 which makes libzmq free what it queued for it.
+
+Bytes a tcp connection sent that libzmq holds before the kernel sees them (a multipart message
+is handed over only once its last frame is in) are metered from the OS's count of bytes received
+(TCP_INFO) less the wire size of the frames the kernel read (kernel.quotas.InboundMeters): the
+monitor watcher thread looks at every tcp connection whenever the kernel's resident set has grown
+4 MiB, and shuts one past ``peer_in_bytes`` down at once, abortively (libzmq drops the partial
+message and frees the pipe).
 """
 
 from __future__ import annotations
@@ -38,7 +45,6 @@ import logging
 import os
 import resource
 import collections
-import select
 import socket as _socket
 import stat as _stat
 import struct
@@ -78,6 +84,9 @@ _DROP_LINGER = 0.2
 _DROP_FORGET = 10.0
 #: SO_LINGER on, 0 s: the last close of a dropped connection resets it (struct linger).
 _ABORT_LINGER = struct.pack("ii", 1, 0)
+#: libzmq's context option ZMQ_ZERO_COPY_RECV (zmq_draft.h; libzmq >= 4.3 honours it in every
+#: build, pyzmq does not name it).
+_ZERO_COPY_RECV = 10
 #: ``ioctl`` request: bytes in a socket's send queue (TIOCOUTQ; on tcp: not yet acknowledged).
 _SIOCOUTQ = 0x5411
 #: ``struct tcp_info``: offset of ``tcpi_bytes_acked`` (u64, Linux >= 4.1).
@@ -86,9 +95,7 @@ _TCPI_BYTES_ACKED = 120
 _TCPI_BYTES_RECEIVED = 128
 #: ``ioctl`` request: bytes in a socket's receive queue (FIONREAD; not yet read by libzmq).
 _SIOCINQ = 0x541B
-#: The inbound watcher's epoll events: new data arrived (edge-triggered: one event per arrival,
-#: however much is queued; the kernel never reads these sockets itself).
-_EPOLL_ARRIVED = select.EPOLLIN | select.EPOLLET
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 #: The principal of a CURVE message that carried no frame to read a User-Id from (none: a
@@ -113,6 +120,17 @@ def _borrowed(fd: int) -> Iterator[_socket.socket]:
         yield sock
     finally:
         sock.detach()
+
+
+def _dup_if(fd: int, ino: int) -> _socket.socket:
+    """A duplicate of the descriptor ``fd`` as a socket object (closing it leaves ``fd`` alone),
+    if it is still the connection of inode ``ino``; else OSError.  Duplicated first, then checked:
+    a check first could pass and the descriptor be closed and reused before the dup."""
+    sock = _socket.socket(fileno=os.dup(fd))
+    if os.fstat(sock.fileno()).st_ino != ino:
+        sock.close()
+        raise OSError(_errno.EBADF, "another connection on that descriptor")
+    return sock
 
 
 def _out_queue(fd: int) -> int:
@@ -171,6 +189,12 @@ class KernelServer:
         host: Host | None = None,
     ) -> None:
         self.context = context or zmq.Context()
+        # libzmq keeps a small frame as a reference into the 8 KiB read buffer it arrived in:
+        # one frame per read pins 8 KiB (review of issue 24: 40-byte frames of an unfinished
+        # message cost 4.5-6.5 KB each).  Copied instead (frames past the buffer are unaffected).
+        # Read by each socket when it is made: set before the kernel's sockets are.
+        with contextlib.suppress(zmq.ZMQError):
+            self.context.set(_ZERO_COPY_RECV, 0)
         self._own_context = context is None
         self.max_message = max_message
         self.max_frames = P.MAX_FRAMES
@@ -228,7 +252,10 @@ class KernelServer:
         #: by the watcher thread whenever data arrives; the loop only adds to a meter's ``received``.
         self.inbound = quotas.InboundMeters(peer_in_bytes, peers_in_bytes)
         self._inbound_lock = threading.Lock()
-        self._epoll = select.epoll()
+        try:  # the kernel's own resident set, read by the watcher every tick
+            self._statm: int | None = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._statm = None
         self._wire = quotas.frame_wire(server_keys is not None)
         #: Peers past their hard outbound budget at a send: dropped after the message in hand.
         self._urgent: set[bytes] = set()
@@ -432,7 +459,7 @@ class KernelServer:
             except zmq.ZMQError:
                 return
             data = msg.bytes
-            self._credit_subscription(msg, len(data))
+            self._credit_subscription(msg, data)
             if not data or data[0] not in (0, 1):
                 continue
             topic = data[1:]
@@ -452,10 +479,10 @@ class KernelServer:
                     log.warning("control subscription %r refused for %s (%s)", topic[:64], principal.name,
                                 principal.role)
 
-    def _credit_subscription(self, msg: zmq.Frame, n: int) -> None:
+    def _credit_subscription(self, msg: zmq.Frame, data: bytes) -> None:
         """Count a frame read from the control socket against its connection's inbound meter: a
-        subscription travels as a SUBSCRIBE (or CANCEL) command, 9 bytes more than the message
-        form (kernel.quotas.subscription_wire); the larger is credited."""
+        subscription travels as a SUBSCRIBE (or CANCEL) command, 9 (6) bytes more than the message
+        form, the larger is credited; any other frame at its size (kernel.quotas.subscription_wire)."""
         fd = msg.get(zmq.SRCFD)
         m = self.inbound.meters.get(fd)
         if m is None:
@@ -465,7 +492,7 @@ class KernelServer:
                 return
             with self._inbound_lock:
                 m = self.inbound.meter(fd, ino)
-        m.received += quotas.subscription_wire(n, self.zap is not None)
+        m.received += quotas.subscription_wire(data, self.zap is not None)
 
     def _drain(self) -> bool:
         """Route what the ROUTER socket holds (at most one batch; the rest on the next turn), then
@@ -619,7 +646,10 @@ class KernelServer:
         acct = self.peers.dropped(identity, why)
         self._paused.pop(identity, None)
         held = self.router.held_by(identity)
-        if unread is not None:
+        if unread is not None and why == quotas.IN_TOTAL:
+            what = (f"sent {unread} bytes the kernel had not yet seen, the most of every connection, which "
+                    f"together passed {self.inbound.total_bytes} (peers_in_bytes)")
+        elif unread is not None:
             what = (f"sent {unread} bytes the kernel had not yet seen (a message libzmq holds until its "
                     f"last frame is in), past its budget of {self.peers.in_bytes}")
         elif why == quotas.IN:
@@ -648,9 +678,7 @@ class KernelServer:
             elif at is not None and now >= at:
                 self._dropping[identity] = (fd, ino, float("inf"), forget, meter)
                 try:
-                    if os.fstat(fd).st_ino != ino:
-                        raise OSError(_errno.EBADF, "closed already")
-                    with _socket.socket(fileno=os.dup(fd)) as s:  # as for the peer cap: libzmq sees it close
+                    with _dup_if(fd, ino) as s:  # as for the peer cap: libzmq sees it close
                         # An abortive close (RST, send queue discarded): a FIN would wait behind the
                         # unread bytes in a zero window (FIN-WAIT-1, the OS holding the queue).
                         s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _ABORT_LINGER)
@@ -690,18 +718,14 @@ class KernelServer:
         poller = zmq.Poller()
         for mon in self._monitors:
             poller.register(mon, zmq.POLLIN)
-        epfd = self._epoll.fileno()
-        poller.register(epfd, zmq.POLLIN)  # readable: a watched connection received data
+        tick_ms = int(quotas.INBOUND_TICK_S * 1000)
         while not self._watch_stop.is_set():
             try:
-                ready = poller.poll(100)
+                ready = poller.poll(tick_ms)
             except zmq.ZMQError:
                 return
-            got = arrived = False
+            got = False
             for mon, _ in ready:
-                if isinstance(mon, int):
-                    arrived = True
-                    continue
                 while True:
                     try:
                         event = recv_monitor_message(mon, _NOBLOCK)
@@ -725,20 +749,17 @@ class KernelServer:
                         loop.call_soon_threadsafe(self._on_monitor)
                     except RuntimeError:  # the loop is closed: shutting down
                         return
-            if arrived:
-                began = time.monotonic()
-                self._look_inbound()
-                # Arrivals during the pause are one event each connection at the next poll; the
-                # pause grows with the looks' cost, so the watcher takes at most a fifth of a CPU
-                # however many connections trickle data (kernel.quotas.INBOUND_PAUSE_PER_LOOK).
-                spent = time.monotonic() - began
-                self._watch_stop.wait(max(quotas.INBOUND_INTERVAL_S, quotas.INBOUND_PAUSE_PER_LOOK * spent))
+            try:
+                self._inbound_tick()
+            except Exception:  # a bug here must not stop the accept gate this thread also is
+                self.inbound.counters["errors"] = self.inbound.counters.get("errors", 0) + 1
+                if self.inbound.counters["errors"] == 1:
+                    log.exception("internal error in the inbound watcher (counted from now on)")
 
     # -- inbound: what libzmq holds before the kernel sees it (kernel.quotas.InboundMeters) -------
 
     def _inbound_event(self, event: dict[str, Any]) -> None:
-        """(watcher thread) A connection accepted: a tcp one is metered and its arrivals watched;
-        one closed: its meter goes (the OS removes a closed descriptor from the epoll set)."""
+        """(watcher thread) A connection accepted: a tcp one is metered; one closed: its meter goes."""
         fd = int(event["value"])
         if event["event"] != zmq.EVENT_ACCEPTED:
             # Only if the descriptor no longer holds the metered socket: by now it may carry a
@@ -761,42 +782,82 @@ class KernelServer:
                     return  # unix (ipc://): no cumulative count (docs/limits.md)
             with self._inbound_lock:
                 self.inbound.meter(fd, st.st_ino)
-            self._epoll.register(fd, _EPOLL_ARRIVED)  # data already queued makes it ready at once
-        except FileExistsError:
-            pass  # the same descriptor number, an older registration: its arrivals are watched
         except OSError:
             with self._inbound_lock:
                 self.inbound.close(fd)
 
-    def _look_inbound(self) -> None:
-        """(watcher thread) Look at every connection that received data since the last look: one
-        past ``peer_in_bytes`` of bytes libzmq read and the kernel has not (a multipart message
-        still coming in, or messages waiting for the loop) is cut at once; so is the one holding
-        the most when all of them together pass ``peers_in_bytes``."""
+    def _rss(self) -> int:
+        if self._statm is None:
+            return 0
+        return int(os.pread(self._statm, 128, 0).split()[1]) * _PAGE
+
+    def _inbound_tick(self) -> None:
+        """(watcher thread, every tick) When the kernel's resident set has grown by
+        ``INBOUND_SCAN_STEP`` since the last look, look at every tcp connection (kernel.quotas)."""
         try:
-            events = self._epoll.poll(0)
-        except OSError:
+            rss = self._rss()
+        except (OSError, ValueError, IndexError):
             return
         now = time.monotonic()
-        cuts: list[tuple[int, quotas.InboundMeter, str]] = []
         with self._inbound_lock:
-            meters = self.inbound.meters
-            for fd, _ in events:
-                m = meters.get(fd)
-                if m is None or m.cut:
-                    continue
-                received = m.received  # before the socket: a frame read meanwhile only adds
-                try:
-                    read = _tcp_read(fd)
-                except OSError:
-                    self.inbound.close(fd)
-                    continue
-                if self.inbound.look(m, received, read, now) is not None:
+            go = self.inbound.due(rss, now) if self._statm is not None else now >= self.inbound.next_scan
+        if not go:
+            return
+        self._look_inbound(now)
+        spent = time.monotonic() - now
+        try:
+            rss = self._rss()
+        except (OSError, ValueError, IndexError):
+            pass
+        with self._inbound_lock:
+            self.inbound.scanned(rss, now + spent, spent)
+
+    def _look_inbound(self, now: float) -> None:
+        """(watcher thread) Look at every tcp connection: one past ``peer_in_bytes`` of bytes libzmq
+        read and the kernel has not (a multipart message still coming in, or messages waiting for
+        the loop) is cut at once; so is the one holding the most when all of them together pass
+        ``peers_in_bytes``."""
+        cuts: list[tuple[int, quotas.InboundMeter, str]] = []
+        meters = self.inbound.meters
+        with self._inbound_lock:
+            live = [(fd, m) for fd, m in meters.items() if not m.cut]
+        for fd, m in live:  # the system calls outside the lock (the loop takes it for a new peer)
+            received = m.received  # before the socket: a frame read meanwhile only adds
+            try:
+                read: int | None = _tcp_read(fd)
+            except OSError:
+                read = None
+            with self._inbound_lock:
+                if meters.get(fd) is not m:
+                    continue  # closed, or replaced by a newer connection, meanwhile
+                if read is None:
+                    self.inbound.close(fd, m.ino)
+                elif self.inbound.look(m, received, read, now) is not None:
                     cuts.append((fd, m, quotas.IN))
-            while (big := self.inbound.largest()) is not None:
+        fresh: set[int] = set()  # a candidate of a total cut is looked at again first (stale: not cut)
+        while True:
+            with self._inbound_lock:
+                big = self.inbound.largest()
+                if big is None:
+                    break
                 m = meters[big]
-                self.inbound.cut(m, quotas.TOTAL)
-                cuts.append((big, m, quotas.TOTAL))
+                if big in fresh:
+                    self.inbound.cut(m, quotas.IN_TOTAL)
+                    cuts.append((big, m, quotas.IN_TOTAL))
+                    continue
+            fresh.add(big)
+            received = m.received
+            try:
+                read = _tcp_read(big)
+            except OSError:
+                read = None
+            with self._inbound_lock:
+                if meters.get(big) is not m:
+                    continue
+                if read is None:
+                    self.inbound.close(big, m.ino)
+                elif self.inbound.look(m, received, read, time.monotonic()) is not None:
+                    cuts.append((big, m, quotas.IN))
         for fd, m, why in cuts:
             self._cut_inbound(fd, m, why)
 
@@ -805,9 +866,7 @@ class KernelServer:
         fail, drops the partial message it held and frees the pipe); the loop then drops its
         routing id (its requests answered, cancelled, logged)."""
         try:
-            if os.fstat(fd).st_ino != m.ino:
-                return  # closed and reused meanwhile: that connection is not this one
-            with _socket.socket(fileno=os.dup(fd)) as s:
+            with _dup_if(fd, m.ino) as s:  # closed and reused meanwhile: OSError, not that connection
                 s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _ABORT_LINGER)
                 s.shutdown(_socket.SHUT_RDWR)
         except OSError:
@@ -824,7 +883,7 @@ class KernelServer:
         identity = self.peers.by_fd.get(fd)
         acct = self.peers.accounts.get(identity) if identity is not None else None
         if acct is not None and acct.ino == ino and identity is not None:
-            self._drop(identity, quotas.IN, now, unread=unread)
+            self._drop(identity, why, now, unread=unread)
             return
         if any(d[0] == fd and d[1] == ino for d in self._dropping.values()):
             return  # dropped already (and logged), still sending: cut sooner than its linger
@@ -832,7 +891,7 @@ class KernelServer:
         if ok:
             log.warning("connection fd %d cut before its first message: it sent %d bytes the kernel had not yet "
                         "seen, past its budget of %d%s%s", fd, unread, self.inbound.in_bytes,
-                        " (every connection together past peers_in_bytes)" if why == quotas.TOTAL else "",
+                        " (every connection together past peers_in_bytes)" if why == quotas.IN_TOTAL else "",
                         f" ({suppressed} more drops not logged)" if suppressed else "")
 
     def _drain_monitor(self, now: float) -> None:
@@ -1010,7 +1069,9 @@ class KernelServer:
         for listener in self._listeners:
             listener.close()
         self._listeners = []
-        self._epoll.close()
+        if self._statm is not None:
+            os.close(self._statm)
+            self._statm = None
         if self.zap is not None:
             self.zap.stop()
         if self._own_context:
