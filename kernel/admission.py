@@ -201,7 +201,9 @@ class BudgetAdmission(Admission):
                     log.warning("[limits] not applied over the restored state (%s); the decision log's "
                                 "root %s and default %s stay in force", out["message"], root.limits,
                                 default.limits)
-        self.interrupted = {k: now + P.INTERRUPTED_TTL for k in report.inflight_idem if k}
+        # in a fixed order (a set's depends on the hash seed), so a restart's records are reproducible
+        keys = sorted((k for k in report.inflight_idem if k), key=lambda k: (k[0] is not None, k[0] or "", k[1]))
+        self.interrupted = {k: now + P.INTERRUPTED_TTL for k in keys}
         self.dedup.load(list(getattr(report, "finals", {}).values()), now, report.last_t)
         for who, key in self.interrupted:
             self.record("interrupted", now, {"principal": who, "idem": key}, {"ok": True})
