@@ -358,7 +358,7 @@ def run(quick: bool) -> Result:
              "libzmq C proxy: zmq.proxy between a ROUTER and a DEALER, echo worker on a DEALER (bench/_proxy.py); "
              "its 'broker' CPU is libzmq's own I/O threads' plus the proxy loop's",
              "pure core: bench/_core_loop.py in a fresh process; one worker of capacity 64, requests in turns of 64 "
-             "(one loop turn), each a budgeted ledger decision logged as JSON lines (default fsync policy), one "
+             "(one loop turn), each a budgeted ledger decision logged as binary records (default fsync policy), one "
              "flush per turn; process CPU per request over all rounds, and the best 1024-request round"]
     if ray_r:
         metrics["pipelined_capacity_1_vs_ray"] = r1["pipelined_per_s"] / ray_r["pipelined_per_s"]

@@ -491,7 +491,8 @@ def run(quick: bool) -> Result:
             for r in range(rounds)]
     # family B: SymPy's own test expressions as written, Zipf popularity; no SCCH transform involved
     pool = sympy_test_subgoals(pool_t)
-    tsolver = Solver(seconds=5.0)  # harvested test expressions include hard ones: a 5 s bound per solve
+    # harvested test expressions include hard ones: a 5 s bound per solve (1 s quick: does it run)
+    tsolver = Solver(seconds=1.0 if quick else 5.0)
     truns = [evaluate(zipf_stream(pool, n_t, 303 + r), half_life, admit_min, tsolver, tamper=False, rng=rng)
              for r in range(rounds)]
     breakdown = lookup_breakdown(list(W.stream(202, n_test, **kw)), 20 if quick else 2000, 5 if quick else 300)

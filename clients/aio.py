@@ -44,6 +44,8 @@ from kernel import auth, errors
 from kernel import protocol as P
 from kernel.aio import readable
 
+#: How often a send that found no connection to queue on is tried again, seconds.
+SEND_RETRY_S = 0.02
 #: What a request's stream receives: a reply, or the error that ends every wait (first contact).
 _Item = Reply | errors.RecaError
 
@@ -76,6 +78,8 @@ class AsyncClient:
         creds = auth.peer_credentials(cert, server_cert)
         self._sock = auth.secure_socket(self._ctx, zmq.DEALER, self.endpoint, creds)
         self._contact: FirstContact | None = None
+        #: The monitor's last diagnosis before the kernel was reached (see :meth:`_send`).
+        self._problem: errors.RecaError | None = None
         self._monitor: zmq.Socket | None = None
         if fail_fast:
             mine, theirs = cert_paths(cert, server_cert)
@@ -213,9 +217,11 @@ class AsyncClient:
 
     def _contact_made(self) -> None:
         self._contact = None
+        self._problem = None
         self._stop_monitor()
 
     def _fail(self, problem: errors.RecaError) -> None:
+        self._problem = problem
         for queue in list(self._waiting.values()):
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock):
                 queue.send_nowait(problem)
@@ -264,27 +270,47 @@ class AsyncClient:
             send, receive = anyio.create_memory_object_stream[_Item](math.inf)
             self._waiting[rid] = send
             try:
-                self._sock.send_multipart(frames)
-                self._drain()  # the send may have consumed the edge of input already there
                 got_any = False
-                while True:
-                    item: _Item | None = None
-                    with anyio.move_on_after(policy.timeout):
-                        item = await receive.receive()
-                    if item is None:
-                        break
-                    if isinstance(item, errors.RecaError):
-                        raise item
-                    got_any = True
-                    yield item
-                    if item.final:
-                        return
+                if await self._send(frames, policy.timeout):
+                    self._drain()  # the send may have consumed the edge of input already there
+                    while True:
+                        item: _Item | None = None
+                        with anyio.move_on_after(policy.timeout):
+                            item = await receive.receive()
+                        if item is None:
+                            break
+                        if isinstance(item, errors.RecaError):
+                            raise item
+                        got_any = True
+                        yield item
+                        if item.final:
+                            return
                 policy.went_silent(got_any)
             finally:
                 self._waiting.pop(rid, None)
                 send.close()
                 receive.close()
         raise policy.exhausted()
+
+    async def _send(self, frames: list[bytes], timeout: float) -> bool:
+        """Queue ``frames`` on the socket without blocking the event loop; False if nothing took
+        them within ``timeout`` (the attempt then counts as silent).
+
+        A DEALER blocks a send while it has no connection to queue it on: after a failed CURVE
+        handshake ZeroMQ may drop the connection for good.  A blocking send there froze the whole
+        event loop, and no timeout could fire (caught in ``test_curve_failures_name_the_certificate``
+        under load: the handshake had failed before the first send).  So the send never blocks; while
+        it cannot go, the monitor's diagnosis (given before this request was waiting) is raised."""
+        with anyio.move_on_after(timeout):
+            while True:
+                try:
+                    self._sock.send_multipart(frames, zmq.NOBLOCK)
+                    return True
+                except zmq.Again:
+                    if self._problem is not None:
+                        raise self._problem from None
+                await anyio.sleep(SEND_RETRY_S)
+        return False
 
     async def call(
         self, service: str, payload: Any = None, *, on_partial: Callable[[Reply], Any] | None = None, **kw: Any

@@ -15,6 +15,9 @@ from clients.core import (MONITOR_EVENTS, ConnectError, FirstContact, Reply, Ret
 from kernel import auth, codec, errors
 from kernel import protocol as P
 
+#: How often a send that found no connection to queue on is tried again, seconds.
+SEND_RETRY_S = 0.05
+
 
 class Client:
     """Blocking reca client.
@@ -90,22 +93,46 @@ class Client:
         deadline = time.monotonic() + timeout_s
         while True:
             ready = dict(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
-            if self._monitor in ready:
-                while self._contact is not None:
-                    try:
-                        event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    problem = self._contact.on_event(event["event"], event["value"])
-                    if problem is not None:
-                        raise problem
-                    if self._contact.done:
-                        self._contact_made()
-                        return self._poll(max(0.0, deadline - time.monotonic()))
+            if self._monitor in ready and self._read_monitor():
+                return self._poll(max(0.0, deadline - time.monotonic()))
             if self._sock in ready:
                 return True
             if time.monotonic() >= deadline:
                 return False
+
+    def _read_monitor(self) -> bool:
+        """Read the monitor's waiting events: raise its diagnosis; True once the handshake succeeded."""
+        while self._contact is not None and self._monitor is not None:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            problem = self._contact.on_event(event["event"], event["value"])
+            if problem is not None:
+                raise problem
+            if self._contact.done:
+                self._contact_made()
+                return True
+        return False
+
+    def _send(self, frames: list[bytes], timeout_s: float) -> bool:
+        """Queue ``frames`` without blocking past ``timeout_s``; False if nothing took them (the
+        attempt then counts as silent).  A DEALER blocks a send while it has no connection to queue
+        it on, as after a failed CURVE handshake (an unbounded wait before: see
+        :meth:`clients.aio.AsyncClient._send`); meanwhile the monitor's diagnosis is raised."""
+        assert self._sock is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                pass
+            self._read_monitor()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._sock.poll(int(min(left, SEND_RETRY_S) * 1000) + 1, zmq.POLLOUT)
 
     def __enter__(self) -> "Client":
         return self
@@ -127,10 +154,10 @@ class Client:
         for rid, frames in policy.attempts(self._ids, payload, job=job if job is not None else self.job,
                                            budget=budget, priority=priority, deadline_ms=deadline_ms,
                                            idem=idem, txn=txn):
-            self._sock.send_multipart(frames)
+            sent = self._send(frames, policy.timeout)
             self.current = rid
             got_any = False
-            while self._poll(policy.timeout):
+            while sent and self._poll(policy.timeout):
                 try:
                     got_id, reply = parse_reply(self._sock.recv_multipart())
                 except errors.BadRequest:
@@ -163,8 +190,10 @@ class Client:
     def call_raw(self, service: str, frames: list[bytes], *, timeout: float | None = None) -> list[bytes]:
         """An opaque MDP request (no reca header): returns the FINAL body frames."""
         assert self._sock is not None
-        self._sock.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, service.encode(), *frames])
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        bound = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + bound
+        if not self._send([P.MDPC, P.ClientCmd.REQUEST.value, service.encode(), *frames], bound):
+            raise errors.Timeout(f"{service}: no connection took the request within the timeout")
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self._sock.poll(int(left * 1000), zmq.POLLIN):

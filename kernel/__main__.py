@@ -313,6 +313,7 @@ async def _run(args: argparse.Namespace) -> int:
         peer_in_bytes=cfg.peer_in_bytes,
         peer_out_grace=cfg.peer_out_grace,
         peers_out_bytes=cfg.peers_out_bytes,
+        peers_in_bytes=cfg.peers_in_bytes,
     )
     # The supervisor's children get the endpoints as actually bound (tcp://*:0 resolves here).
     supervisor.env[sv.ENV_ENDPOINT] = server.endpoint.replace("0.0.0.0", "127.0.0.1")
@@ -329,6 +330,7 @@ async def _run(args: argparse.Namespace) -> int:
         async with asyncio.TaskGroup() as tasks:  # the server task is owned: awaited before we return
             tasks.create_task(server.serve())
             if os.environ.get("RECA_LADDER") != "0":  # on by default; RECA_LADDER=0 turns it off (docs/budgets.md)
+                supervisor.remote_answer_grace = cfg.remote_answer_grace_ms / 1000.0
                 ladder = Ladder(cfg.freeze_grace_ms / 1000.0, cfg.kill_grace_ms / 1000.0,
                                 cpu_ceiling=cfg.cpu_ceiling_ms / 1000.0, hold_ceiling=cfg.hold_ceiling_s)
                 tasks.create_task(run_ladder(server.router, supervisor, ladder, admission.record, stop,

@@ -16,12 +16,12 @@ the request is done; wall time accrues in the ledger between start and finish.
 
 Invariants (:meth:`BudgetAdmission.check_invariants`): ``_paused_at`` holds exactly the tracks
 with ``paused_at`` set; ``paused_count`` is the number of tracks with ``paused``; ``prio_counts``
-counts the tracks by priority; every track is of a request the router has in flight.
+counts the tracks by priority; every track is of a request the router has in flight; no track is
+charged above what it was granted (a worker's report is capped at the grant).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from typing import Any
@@ -32,8 +32,8 @@ from kernel import codec, errors
 from kernel import protocol as P
 from kernel.dedup import Dedup
 from kernel.ledger import COMPUTE, DEFAULT_JOB, ROOT, Job, Ledger, is_default_job, refusal
-from kernel.policy import NO_EFFECTS, Admission, Effect, Effects, Fail, Lend, Order, View, forwarded_header
-from kernel.principal import Principal
+from kernel.policy import NO_EFFECTS, Admission, Effect, Effects, Fail, Lend, Order, View, forward_with, forwarded_header
+from kernel.principal import LOCAL_OPERATOR, Principal
 from kernel.protocol import ErrorCode
 from kernel.quotas import RateQuota
 from kernel.state import Request, Worker
@@ -57,30 +57,37 @@ class Journal(Protocol):
     def flush(self) -> bool | None: ...  # DecisionLog: False while a write fails (``error`` says why)
 
 
-@dataclasses.dataclass(slots=True)
 class _Track:
-    """Per-request ledger state kept by BudgetAdmission."""
+    """Per-request ledger state kept by BudgetAdmission.  A plain class whose rarely set fields are
+    class-level defaults (an instance attribute shadows one once set): a request stores only the
+    five it always has, cheaper to build per request than a slots dataclass storing all fifteen."""
 
-    job: str
-    granted: dict[str, Any]
-    charged: dict[str, Any] = dataclasses.field(default_factory=dict)
     started: bool = False
     preempted: bool = False
     paused: bool = False  # paused by kernel preemption with its slot lent out
-    priority: int = 0
     paused_at: float | None = None  # when its worker reported it paused (any reason); None: running
     cpu_start: float | None = None  # worker CPU seconds at dispatch (jobs with a cpu_ms limit)
     #: Whether the kernel measures this request's CPU time: its cpu_ms is limited by a job below
     #: root and the default jobs (two /proc reads per request; see docs/budgets.md).
     measure_cpu: bool = False
     over: bool = False  # the worker reported more than was granted
-    idem: tuple[str, str] | None = None  # the request's (principal, idempotency key)
     ran: bool = False  # dispatched with a logged ``run`` mark (its ``ran`` follows when done)
     #: Waiting in its service's queue: its wall time does not count (ledger ``queue``/``dispatch``).
     waiting: bool = False
     #: Paused by its owner and its slot given back (``paused`` is set too); only its owner's
     #: resume (or max_pause) runs it again, never a freed slot.
     given_back: bool = False
+
+    def __init__(self, job: str, granted: dict[str, Any], priority: int = 0,
+                 idem: tuple[str, str] | None = None) -> None:
+        self.job = job
+        self.granted = granted
+        self.charged: dict[str, Any] = {}
+        self.priority = priority
+        self.idem = idem  # the request's (principal, idempotency key)
+
+    def __repr__(self) -> str:
+        return f"_Track({self.job!r}, {vars(self)})"
 
 
 #: How long a request its owner paused keeps its slot while others queue, seconds (default).
@@ -194,7 +201,9 @@ class BudgetAdmission(Admission):
                     log.warning("[limits] not applied over the restored state (%s); the decision log's "
                                 "root %s and default %s stay in force", out["message"], root.limits,
                                 default.limits)
-        self.interrupted = {k: now + P.INTERRUPTED_TTL for k in report.inflight_idem if k}
+        # in a fixed order (a set's depends on the hash seed), so a restart's records are reproducible
+        keys = sorted((k for k in report.inflight_idem if k), key=lambda k: (k[0] is not None, k[0] or "", k[1]))
+        self.interrupted = {k: now + P.INTERRUPTED_TTL for k in keys}
         self.dedup.load(list(getattr(report, "finals", {}).values()), now, report.last_t)
         for who, key in self.interrupted:
             self.record("interrupted", now, {"principal": who, "idem": key}, {"ok": True})
@@ -233,13 +242,16 @@ class BudgetAdmission(Admission):
                                   "a decision is refused until it can", reason="decision_log")
 
     def admit(self, view: View, req: Request, now: float) -> tuple[errors.RecaError | None, Effects]:
-        down = self.unwritable()
-        if down is not None:
-            return down, NO_EFFECTS
-        job, refused = self.resolve_job(req.principal, req.job, now)
-        if refused is not None:
-            self.counters["refused"] += 1
-            return refused, NO_EFFECTS
+        if self.log is not None and getattr(self.log, "error", None) is not None:
+            return self.unwritable(), NO_EFFECTS
+        principal = req.principal
+        operator = principal is LOCAL_OPERATOR or principal.operator
+        job = req.job or DEFAULT_JOB
+        if job == DEFAULT_JOB and not operator:  # (resolve_job's other cases: ``job`` as is)
+            job, refused = self.resolve_job(principal, job, now)
+            if refused is not None:
+                self.counters["refused"] += 1
+                return refused, NO_EFFECTS
         req.job = job
         checked = req.checked
         idem = checked.idem if checked is not None else None
@@ -266,27 +278,37 @@ class BudgetAdmission(Admission):
                     f"resource that job {job!r} limits", kind="budget_kind"), NO_EFFECTS
         if jobrec is not None and (checked is None or P.H_PRIORITY not in checked.raw):
             req.priority = jobrec.priority  # a request inherits its job's priority
-        if not self.may_act(view, req.principal, job):
+        if not operator and not self.may_act(view, principal, job):
             self.counters["refused"] += 1
-            self.on_forbidden(req.principal, "request", {"job": job}, now)
+            self.on_forbidden(principal, "request", {"job": job}, now)
             return self.not_yours(job), NO_EFFECTS
         # Every request is a ledger decision (root and default are finite), and its start and
         # finish are counted, so a job with requests in flight is never closed under them.
-        out = self.decide("admit", now, job=job, budget=budget, start=True)
+        # (as decide("admit", ...), called directly on the hot path)
+        inputs = {"job": job, "budget": budget, "start": True}
+        out = self.ledger.admit(now, job, budget, True)
+        if self.log is not None:
+            self.log.append("admit", now, inputs, out)
         if not out["ok"]:
             self.counters["refused"] += 1
             return refusal(out), NO_EFFECTS
         granted = out["granted"]
-        self.tracks[req.token] = track = _Track(job, granted, priority=req.priority, idem=key)
+        priority = req.priority
+        self.tracks[req.token] = track = _Track(job, granted, priority, key)
+        track.started = True  # admit started it
         if P.CPU_MS in granted and jobrec is not None:
             holder = self.ledger.holder(jobrec, P.CPU_MS)
             track.measure_cpu = holder is not None and not is_default_job(holder.name)
-        self.prio_counts[req.priority] = self.prio_counts.get(req.priority, 0) + 1
-        wall = granted.get(P.WALL_MS)
-        if wall is not None and P.WALL_MS in (budget or {}):
-            dl = now + wall / 1000.0
-            req.deadline = dl if req.deadline is None else min(req.deadline, dl)
-        track.started = True  # admit started it
+        prio_counts = self.prio_counts
+        prio_counts[priority] = prio_counts.get(priority, 0) + 1
+        if budget and P.WALL_MS in budget:
+            wall = granted.get(P.WALL_MS)
+            if wall is not None:
+                dl = now + wall / 1000.0
+                req.deadline = dl if req.deadline is None else min(req.deadline, dl)
+        service = req.service
+        if service.ready or not service.workers:  # (_preempt_lower's common case, without the call)
+            return None, NO_EFFECTS
         return None, self._preempt_lower(view, req, now)
 
     # -- authority ------------------------------------------------------------------------------
@@ -368,16 +390,18 @@ class BudgetAdmission(Admission):
         if track.measure_cpu and worker is not None and worker.pid:
             track.cpu_start = self.host.cpu_seconds(worker.pid)
         if not track.granted:
-            return forwarded_header(req)
-        return forwarded_header(req, **{P.H_GRANTED: track.granted, P.H_JOB: req.job})
+            return forward_with(req, None)
+        return forward_with(req, {P.H_GRANTED: track.granted, P.H_JOB: req.job})
 
     def _charge_status(self, view: View, req: Request, status: dict[str, Any], now: float,
-                       effects: list[Effect], final: bool = False) -> errors.RecaError | None:
+                       effects: list[Effect], final: bool = False, track: _Track | None = None) -> errors.RecaError | None:
         """Charge what a status reports beyond what was charged already; ``final``: the request's
-        FINAL, whose charges and end are one ``finish`` decision."""
-        track = self.tracks.get(req.token)
+        FINAL, whose charges and end are one ``finish`` decision (``track``: the request's, when
+        the caller has it)."""
         if track is None:
-            return None
+            track = self.tracks.get(req.token)
+            if track is None:
+                return None
         spent = status.get(P.S_SPENT)
         if not isinstance(spent, dict):
             spent = {}
@@ -402,8 +426,11 @@ class BudgetAdmission(Admission):
                 track.charged[kind] = value
         if final and track.started:
             track.started = False  # on_done has nothing left to finish
-            out = self.decide("finish", now, job=track.job, spent=delta) if delta \
-                else self.decide("finish", now, job=track.job)
+            # (as decide("finish", ...), called directly on the hot path)
+            inputs: dict[str, Any] = {"job": track.job, "spent": delta} if delta else {"job": track.job}
+            out = self.ledger.finish(now, track.job, delta or None)
+            if self.log is not None:
+                self.log.append("finish", now, inputs, out)
         elif delta:
             out = self.decide("charge", now, job=track.job, spent=delta)
         else:
@@ -417,14 +444,14 @@ class BudgetAdmission(Admission):
         # The request that brought its job exactly to the limit keeps its result; one that went
         # past the job's limit or its own granted budget does not.
         job = self.ledger.jobs.get(track.job)
-        over = [k for k, v in track.charged.items() if k in track.granted and v > track.granted[k] + 1e-9]
-        if track.over:
-            over.append("granted")
+        # (no charged kind is above its grant: the loop above caps each; check_invariants says so)
+        over = ["granted"] if track.over else []
         if job is not None:
             for kind in delta:
-                h = self.ledger.holder(job, kind)
-                if h is not None and kind in COMPUTE and h.remaining(kind) < -1e-9:
-                    over.append(kind)
+                if kind in COMPUTE:
+                    h = self.ledger.holder(job, kind)
+                    if h is not None and h.remaining(kind) < -1e-9:
+                        over.append(kind)
         if over:
             kind = over[0]
             if kind in track.granted:
@@ -470,8 +497,10 @@ class BudgetAdmission(Admission):
 
     def settle(self, view: View, req: Request, status: dict[str, Any], now: float) -> tuple[errors.RecaError | None, Effects]:
         track = self.tracks.get(req.token)
+        if track is None:
+            return None, NO_EFFECTS
         worker = req.worker
-        if track is not None and track.cpu_start is not None and worker is not None and worker.pid:
+        if track.cpu_start is not None and worker is not None and worker.pid:
             # CPU time measured by the kernel (the host port; exact for capacity-1 workers, shared
             # among concurrent requests otherwise); it replaces any cpu_ms the worker reported.
             end = self.host.cpu_seconds(worker.pid)
@@ -481,7 +510,7 @@ class BudgetAdmission(Admission):
                     sp = status[P.S_SPENT] = {}
                 sp[P.CPU_MS] = max(0.0, (end - track.cpu_start) * 1000.0)
         effects: list[Effect] = []
-        return self._charge_status(view, req, status, now, effects, final=True), effects
+        return self._charge_status(view, req, status, now, effects, final=True, track=track), effects
 
     def on_queued(self, req: Request, now: float) -> Effects:
         track = self.tracks.get(req.token)
@@ -575,9 +604,12 @@ class BudgetAdmission(Admission):
         track = self.tracks.pop(req.token, None)
         if track is None:
             return
-        self._paused_at.pop(req.token, None)
-        self._slot_due.pop(req.token, None)
-        self._slot_idle.pop(req.token, None)
+        if self._paused_at:
+            self._paused_at.pop(req.token, None)
+        if self._slot_due:
+            self._slot_due.pop(req.token, None)
+        if self._slot_idle:
+            self._slot_idle.pop(req.token, None)
         if track.paused:
             self.paused_count -= 1
             if req.worker is not None:
@@ -797,6 +829,9 @@ class BudgetAdmission(Admission):
             req = view.inflight.get(token)
             assert req is not None and not req.done, f"a track of request {token.hex()} not in flight"
         assert all(v > 0 for v in self._slot_debt.values()), "a slot debt of zero is kept"
+        for token, tr in self.tracks.items():
+            assert all(v <= tr.granted[k] for k, v in tr.charged.items() if k in tr.granted), \
+                f"request {token.hex()} charged above its grant"
         for token in (*self._slot_due, *self._slot_idle):
             owner_paused = self.tracks.get(token)
             assert owner_paused is not None and owner_paused.paused_at is not None and not owner_paused.paused, \

@@ -42,14 +42,16 @@ def runtime_dir() -> str:
 
 def default_control_for(endpoint: str) -> str:
     """The control (PUB) endpoint that goes with a client/worker endpoint by convention:
-    ``ipc://DIR/kernel.sock`` -> ``ipc://DIR/control.sock``; ``tcp://H:PORT`` -> ``tcp://H:PORT+1``."""
+    ``ipc://DIR/kernel.sock`` -> ``ipc://DIR/control.sock``; ``tcp://H:PORT`` -> ``tcp://H:PORT+1``;
+    ``tcp://H:0`` (a port the OS picks) -> ``tcp://H:0`` too: PORT+1 would be the fixed port 1, so
+    two such kernels at once collided (the second failed to start: "Address already in use")."""
     if endpoint.startswith("ipc://"):
         base = os.path.dirname(endpoint[len("ipc://"):])
         return f"ipc://{os.path.join(base, 'control.sock')}"
     if endpoint.startswith("tcp://"):
         host, _, port = endpoint[len("tcp://"):].rpartition(":")
         if port.isdigit():
-            return f"tcp://{host}:{int(port) + 1}"
+            return f"tcp://{host}:{int(port) + 1 if int(port) else 0}"
     raise ConfigError(f"cannot derive a control endpoint from {endpoint!r}; set it explicitly")
 
 
@@ -69,6 +71,7 @@ class KernelConfig:
     peer_in_bytes: int = quotas.PEER_IN_BYTES
     peer_out_grace: float = quotas.PEER_OUT_GRACE_S
     peers_out_bytes: int = quotas.PEERS_OUT_BYTES
+    peers_in_bytes: int = quotas.PEERS_IN_BYTES
     fsync: str = P.LOG_FSYNC
     segment_bytes: int = P.LOG_SEGMENT_BYTES
     intensity: int = P.RESTART_INTENSITY
@@ -96,6 +99,7 @@ class KernelConfig:
     kill_grace_ms: float = 1000.0
     cpu_ceiling_ms: float = 5000.0
     hold_ceiling_s: float = 30.0
+    remote_answer_grace_ms: float = 500.0
     kernel_weight: int = 1000
     #: principal -> weight in the fair share of each service's slots (kernel.fairq; default 1).
     principal_weights: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -156,7 +160,8 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("kernel", "endpoint", "str", "ipc://{runtime}/kernel.sock",
             "where clients and workers connect (ipc:// or tcp://)"),
     Setting("kernel", "control", "str", None,
-            "the control (PUB) endpoint; default: control.sock beside an ipc:// endpoint, port + 1 for tcp://"),
+            "the control (PUB) endpoint; default: control.sock beside an ipc:// endpoint, port + 1 for tcp:// "
+            "(port 0, an OS-picked port, gets an OS-picked port of its own)"),
     Setting("kernel", "heartbeat_s", "float", P.HEARTBEAT_INTERVAL, "heartbeat interval, seconds",
             low=0, low_open=True, field="heartbeat"),
     Setting("kernel", "liveness", "int", P.LIVENESS, "missed heartbeats before a peer is dead", low=1),
@@ -171,12 +176,16 @@ SCHEMA: tuple[Setting, ...] = (
             "bytes of replies held for one connection not yet out of the process; past it for "
             "peer_out_grace_s (or twice it) the peer is dropped", low=65536),
     Setting("kernel", "peer_in_bytes", "int", quotas.PEER_IN_BYTES,
-            "bytes of one connection's queued requests; past it the peer is dropped", low=65536),
+            "bytes of one connection's queued requests, and (tcp) bytes it sent the kernel has not yet "
+            "seen; past either the peer is dropped", low=65536),
     Setting("kernel", "peer_out_grace_s", "float", quotas.PEER_OUT_GRACE_S,
             "how long a connection may stay past peer_out_bytes, seconds", low=0, field="peer_out_grace"),
     Setting("kernel", "peers_out_bytes", "int", quotas.PEERS_OUT_BYTES,
             "peer_out_bytes over every connection together; past it the one holding the most is dropped",
             low=65536),
+    Setting("kernel", "peers_in_bytes", "int", quotas.PEERS_IN_BYTES,
+            "bytes sent the kernel has not yet seen, over every tcp connection together; past it the one "
+            "holding the most is dropped", low=65536),
     Setting("kernel", "fsync", "enum", P.LOG_FSYNC, "when the decision log is flushed to disk", choices=_FSYNC),
     Setting("kernel", "log_segment_bytes", "int", P.LOG_SEGMENT_BYTES,
             "a new log segment, opened by a snapshot, past this size", low=4096, field="segment_bytes"),
@@ -219,6 +228,10 @@ SCHEMA: tuple[Setting, ...] = (
             "much CPU past its answer (at least twice its service's grace_ms)", low=1, high=3_600_000),
     Setting("enforce", "hold_ceiling_s", "float", 30.0,
             "... or was held this long past its answer, seconds", low=0.001, high=86_400),
+    Setting("enforce", "remote_answer_grace_ms", "float", 500.0,
+            "a worker on another node (placement = \"ray\") thawed after its freeze has this long, plus twice the "
+            "longest recent round trip to its node agent, to answer before the kill (local workers: 100 ms)",
+            low=0, high=600_000),
     Setting("enforce", "kernel_weight", "int", 1000, "the kernel's cpu weight (services: 100)", low=1,
             high=10_000),
     Setting("enforce", "weights", "map[str]", {},
@@ -261,7 +274,7 @@ SCHEMA: tuple[Setting, ...] = (
             low=0, high=600_000),
     Setting("service", "keeps_state", "bool", None,
             "the service keeps state between requests (sessions): the ladder spares its worker, killing it only "
-            "past [enforce] cpu_ceiling_ms / hold_ceiling_s (default: its module's, decode and sim true)"),
+            "past [enforce] cpu_ceiling_ms / hold_ceiling_s (default: its module's, decode, sim, kvtp and ttc true)"),
     Setting("service", "placement", "enum", "local",
             "local: a process of this machine; ray: a Ray actor on the [ray] cluster (docs/cluster.md)",
             choices=("local", "ray")),

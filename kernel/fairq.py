@@ -11,13 +11,21 @@ So priority orders only within a principal: one principal's priority-1000 backlo
 principal's request by at most one round (``sum of the other weights`` dispatches), never
 indefinitely.  Weights come from the config (``[enforce] weights``; default 1 each).
 
+An **operator's** priority crosses principals (issue 23: "priority orders requests within one
+principal (an operator's may cross)"): a request the router pushes with ``crosses`` (an operator
+acting for itself, at a priority above the default) waits in the *express* heap, served before
+every principal's round, by priority, then order, then arrival; it counts in every principal's
+:meth:`FairQueue.top_priority` (a paused request of any principal does not take its slot back
+ahead of it).  Only operators can do this, and only on purpose: their ordinary requests share
+the slots like anyone's.
+
 Invariants (:meth:`FairQueue.check`):
 
 * ``active`` holds exactly the principals with at least one entry in their heap, each once;
 * a principal not in ``active`` has deficit 0 (an idle principal banks no credit);
 * every deficit is in ``[0, max(weight, 1) + 1)`` (credit never piles up);
-* ``len(queue)`` counts entries, live or done (done ones are dropped lazily at pop, or by
-  :meth:`compact`).
+* ``len(queue)`` counts entries, live or done, express ones included (done ones are dropped
+  lazily at pop, or by :meth:`compact`).
 
 Pure: no clock, no I/O; entries are tuples whose last element is the request (``entry[-1]``), any
 object with a ``done`` attribute.
@@ -43,7 +51,7 @@ MIN_WEIGHT = 1e-3
 class FairQueue:
     """Deficit round robin across principals, a priority heap within each."""
 
-    __slots__ = ("weights", "heaps", "active", "deficit", "_seq", "_n", "_spent")
+    __slots__ = ("weights", "heaps", "active", "deficit", "express", "_seq", "_n", "_spent")
 
     def __init__(self, weights: Mapping[str, float] | None = None) -> None:
         for who, w in (weights or {}).items():
@@ -53,6 +61,9 @@ class FairQueue:
         self.heaps: dict[str, list[tuple[Any, ...]]] = {}
         self.active: collections.deque[str] = collections.deque()
         self.deficit: dict[str, float] = {}
+        #: Requests whose priority crosses principals (an operator's): (-priority, order, arrival,
+        #: principal, request), served before any principal's round.
+        self.express: list[tuple[Any, ...]] = []
         self._seq = itertools.count()
         self._n = 0
         #: The principal whose quantum the last dispatch spent (None: none, or it moved on).
@@ -73,8 +84,10 @@ class FairQueue:
         """Every entry (live or done), in no particular order; ``entry[-1]`` is the request."""
         for heap in list(self.heaps.values()):
             yield from heap
+        yield from list(self.express)
 
     def clear(self) -> None:
+        self.express.clear()
         self.heaps.clear()
         self.active.clear()
         self.deficit.clear()
@@ -83,9 +96,14 @@ class FairQueue:
 
     # -- queueing -------------------------------------------------------------------------------
 
-    def push(self, principal: str, priority: int, order: Any, req: Any) -> None:
+    def push(self, principal: str, priority: int, order: Any, req: Any, *, crosses: bool = False) -> None:
         """Queue ``req`` of ``principal`` at ``priority`` (higher first), then ``order`` (lower
-        first), then arrival."""
+        first), then arrival; with ``crosses`` (an operator's priority), ahead of every
+        principal's round."""
+        if crosses:
+            heapq.heappush(self.express, (-priority, order, next(self._seq), principal, req))
+            self._n += 1
+            return
         heap = self.heaps.get(principal)
         if heap is None:
             heap = self.heaps[principal] = []
@@ -113,8 +131,18 @@ class FairQueue:
         self.active.remove(principal)
         return False
 
+    def _express_top(self) -> tuple[Any, ...] | None:
+        while self.express and self.express[0][-1].done:
+            heapq.heappop(self.express)
+            self._n -= 1
+        return self.express[0] if self.express else None
+
     def pop(self) -> Any | None:
-        """The next request by DRR (None when nothing live waits)."""
+        """The next request: an express one first (an operator's crossing priority), else by DRR
+        (None when nothing live waits)."""
+        if self._express_top() is not None:
+            self._n -= 1
+            return heapq.heappop(self.express)[-1]
         while self.active:
             who = self.active[0]
             if not self._drop_done(who):
@@ -139,7 +167,8 @@ class FairQueue:
 
     def top_priority(self, principal: str | None = None) -> int | None:
         """The highest priority of any live waiting request, or of ``principal``'s (None: none waits)."""
-        best = None
+        top = self._express_top()
+        best = None if top is None else -top[0]  # an operator's crossing priority counts for everyone
         for who in list(self.active) if principal is None else [p for p in self.active if p == principal]:
             if self._drop_done(who):
                 p = -self.heaps[who][0][0]
@@ -150,6 +179,10 @@ class FairQueue:
         """Drop done entries when they outnumber the live ones (``live``) by more than ``slack``."""
         if self._n <= 2 * live + slack:
             return
+        kept = [e for e in self.express if not e[-1].done]
+        self._n -= len(self.express) - len(kept)
+        heapq.heapify(kept)
+        self.express = kept
         for who in list(self.heaps):
             kept = [e for e in self.heaps[who] if not e[-1].done]
             self._n -= len(self.heaps[who]) - len(kept)
@@ -168,4 +201,4 @@ class FairQueue:
         assert all(self.heaps.values()), "an empty heap is kept"
         assert set(self.deficit) == set(self.heaps), "a deficit for an idle principal"
         assert all(0.0 <= d < max(self.weight(w), 1.0) + 1.0 for w, d in self.deficit.items()), "deficit out of range"
-        assert self._n == sum(map(len, self.heaps.values())), "entry count"
+        assert self._n == sum(map(len, self.heaps.values())) + len(self.express), "entry count"

@@ -19,7 +19,11 @@ Rungs
    (it waits) is not frozen: there is nothing to stop;
 3. ``kill_grace`` seconds after the freeze (default 1 s) it is **thawed** for ``answer_grace``
    (:data:`ANSWER_GRACE_S`, 100 ms) to answer the cancel it already holds -- a cooperative worker
-   that was merely slow on a busy machine answers at its next safe point and lives;
+   that was merely slow on a busy machine answers at its next safe point and lives.  A worker on
+   another node (Ray placement) is thawed by its node agent through a Ray actor call and answers
+   over the network: its window is its own (``Held.answer_grace``: ``[enforce]
+   remote_answer_grace_ms`` plus twice the longest round trip to its agent measured lately,
+   kernel/supervisor.py ``answer_grace_of``);
 4. still holding it then, an *exclusive* worker is **killed** (its whole group) and the
    supervisor restarts it (OTP: let it crash).  An exclusive worker that holds the request
    without burning is killed at the same point, ``max(freeze_grace, grace) + kill_grace +
@@ -143,6 +147,10 @@ class Held:
     keeps: bool = False
     #: Requests in the worker's slots (live and tombstones): its group's CPU is split over them.
     slots: int = 1
+    #: The worker's answer window after a thaw, seconds (None: the ladder's ``answer_grace``): a
+    #: worker placed on another node is thawed through its node agent and answers over the network
+    #: (kernel/supervisor.py ``answer_grace_of``).
+    answer_grace: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +177,7 @@ class _Track:
     mark: float = 0.0  # ``burnt`` when the current rung began
     cycles: int = 0  # freezes so far
     billed: float = 0.0  # of ``burnt``, what was billed
+    answer: float | None = None  # its answer window (None: the ladder's)
 
     @property
     def spared(self) -> bool:
@@ -241,11 +250,14 @@ class Ladder:
             seen[h.token] = h
             t = self.tracks.get(h.token)
             if t is None:
-                t = self.tracks[h.token] = _Track(h.pid, h.worker, now, h.grace, h.keeps, h.shared, since=now)
+                t = self.tracks[h.token] = _Track(h.pid, h.worker, now, h.grace, h.keeps, h.shared, since=now,
+                                                  answer=h.answer_grace)
                 peer = next((p for p in self.tracks.values() if p.pid == h.pid and p is not t), None)
                 if peer is not None and peer.rung != "run":  # the process is frozen or thawed already
                     t.rung, t.since = peer.rung, peer.since
             t.shared, t.keeps = h.shared, h.keeps
+            if h.answer_grace is not None:
+                t.answer = h.answer_grace
         out: list[Action] = []
         done: set[tuple[str, int]] = set()  # one action of each rung per process
 
@@ -293,7 +305,7 @@ class Ladder:
             elif t.rung == "frozen":
                 if now - t.since >= self.kill_grace:
                     act("thaw", t, token, "answer window")
-            elif now - t.since >= self.answer_grace:  # thawed, its answer window over
+            elif now - t.since >= self._answer(t):  # thawed, its answer window over
                 if not t.spared:
                     act("kill", t, token, "answer window")
                 elif not t.shared and self._burning(t, known):
@@ -310,7 +322,12 @@ class Ladder:
     def _idle_kill(self, t: _Track) -> float:
         """An exclusive worker holding a tombstone without burning is killed this long after the
         answer: when a burning one would be (its slot comes back)."""
-        return max(self.freeze_grace, t.grace) + self.kill_grace + self.answer_grace
+        return max(self.freeze_grace, t.grace) + self.kill_grace + self._answer(t)
+
+    def _answer(self, t: _Track) -> float:
+        """The track's answer window after a thaw: its worker's (a remote one's is longer), else
+        the ladder's."""
+        return self.answer_grace if t.answer is None else t.answer
 
     def _end(self, token: bytes) -> None:
         t = self.tracks.pop(token)
@@ -323,7 +340,7 @@ class Ladder:
             t.since + self._wall_grace(t) if t.rung == "run" and t.spared
             else min(t.since + self._wall_grace(t), t.seen + self._idle_kill(t)) if t.rung == "run"
             else t.since + self.kill_grace if t.rung == "frozen"
-            else t.since + self.answer_grace
+            else t.since + self._answer(t)
             for t in self.tracks.values()
         ]
         return min(times) if times else None
@@ -384,6 +401,7 @@ class _Procs(Protocol):
     def child_of_pid(self, pid: int) -> str | None: ...
     def grace_of(self, name: str) -> float: ...
     def keeps_of(self, name: str) -> bool: ...
+    def answer_grace_of(self, name: str) -> float | None: ...
     def boost(self, name: str, why: str = ...) -> None: ...
     def unboost(self, name: str, why: str = ...) -> None: ...
     def freeze(self, name: str, timeout: float = ...) -> float: ...
@@ -401,15 +419,17 @@ def tombstones(router: Any, procs: _Procs | None = None) -> tuple[list[Held], se
     for identity, worker in router.workers.items():
         if worker.pid is None:
             continue
-        declared: tuple[float, bool] | None = None
+        declared: tuple[float, bool, float | None] | None = None
         shared = any(not req.done for req in worker.inflight.values())
         for token, req in worker.inflight.items():
             if req.done:
                 if declared is None:
                     name = procs.child_of_pid(worker.pid) if procs is not None else None
-                    declared = (procs.grace_of(name), bool(getattr(procs, "keeps_of", lambda n: False)(name))) \
-                        if procs is not None and name is not None else (0.0, False)
-                held.append(Held(token, worker.pid, identity, declared[0], shared, declared[1], len(worker.inflight)))
+                    declared = (procs.grace_of(name), bool(getattr(procs, "keeps_of", lambda n: False)(name)),
+                                getattr(procs, "answer_grace_of", lambda n: None)(name)) \
+                        if procs is not None and name is not None else (0.0, False, None)
+                held.append(Held(token, worker.pid, identity, declared[0], shared, declared[1], len(worker.inflight),
+                                 declared[2]))
     return held, set(router.workers)
 
 
@@ -658,10 +678,14 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
 
 def _readings(held: list[Held], procs: _Procs) -> dict[int, float]:
     """The group CPU seconds of each worker holding a tombstone, where the OS measures one (a
-    worker without a reading is judged by the wall-time trigger)."""
+    worker without a reading is judged by the wall-time trigger); a worker on another node is
+    asked to have its CPU read often while it holds one (``hurry``: its reading is polled)."""
     out: dict[int, float] = {}
+    hurry = getattr(procs, "hurry", None)
     for pid in {h.pid for h in held}:
         name = procs.child_of_pid(pid)
+        if hurry is not None and name is not None:
+            hurry(name)
         cpu = procs.cpu_seconds(name) if name is not None else None
         if cpu is not None:
             out[pid] = cpu

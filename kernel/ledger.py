@@ -104,14 +104,23 @@ class Job:
     #: Cache: (kind, holder) for every kind limited on the chain up from here, sorted by kind.
     #: Limits never change after open (configure runs before any job), so it is computed once.
     holders: "list[tuple[str, Job]] | None" = None
+    #: Cache: kind -> its holder (the nearest job from here up limiting it), built with ``holders``.
+    by_kind: "dict[str, Job] | None" = None
     # wall_ms accounting (only meaningful where WALL in limits)
     wall_running: int = 0
     wall_anchor: float = 0.0
     wall_deadline: float = INF
+    #: The deadline of this job's live entry in the ledger's wall heap (INF: none): a lower bound of
+    #: ``wall_deadline``, so a re-arm that does not move the deadline earlier pushes nothing.
+    wall_bound: float = INF
 
     def remaining(self, kind: str) -> float:
         return (self.limits[kind] - self.spent.get(kind, 0.0) - self.carved.get(kind, 0.0)
                 - self.reserved.get(kind, 0.0))
+
+
+#: Job fields a snapshot does not hold: links (written as names) and caches rebuilt on use.
+_NOT_DUMPED = ("parent", "children", "holders", "by_kind", "wall_bound")
 
 
 def is_default_job(name: str) -> bool:
@@ -182,16 +191,18 @@ class Ledger:
                     found.setdefault(kind, h)
                 h = h.parent
             job.holders = sorted(found.items())
+            job.by_kind = found
         return job.holders
 
     def holder(self, job: Job, kind: str) -> Job | None:
-        """The nearest job, from ``job`` up, that has a limit on ``kind`` (None: unlimited)."""
-        j: Job | None = job
-        while j is not None:
-            if kind in j.limits:
-                return j
-            j = j.parent
-        return None
+        """The nearest job, from ``job`` up, that has a limit on ``kind`` (None: unlimited).
+        From the job's cache (limits change only at configure, which clears every cache)."""
+        by_kind = job.by_kind
+        if by_kind is None:
+            self._holders(job)
+            by_kind = job.by_kind
+            assert by_kind is not None
+        return by_kind.get(kind)
 
     def remaining(self, job: Job, kind: str, now: float) -> float:
         h = self.holder(job, kind)
@@ -248,7 +259,7 @@ class Ledger:
         r.limits = {k: float(v) for k, v in (root or {}).items()}
         d.limits = {k: float(v) for k, v in (default or {}).items()}
         for j in self.jobs.values():
-            j.holders = None
+            j.holders = j.by_kind = None
         for kind, amount in d.limits.items():
             if kind in r.limits:
                 if amount > r.limits[kind]:
@@ -361,40 +372,67 @@ class Ledger:
         """Admit a request of ``job`` asking for ``budget``; returns the granted (clamped) budget.
         ``start``: an admitted request also starts at once (one decision instead of admit +
         start; a log without it replays its separate ``start`` lines the same)."""
-        j = self.open_job(job)
-        if j is None:
+        j = self.jobs.get(job)
+        if j is None or j.closed:
             return _unknown_job(job)
-        why = self.blocked_by(j)
-        if why:
-            return _no(ErrorCode.BUDGET_EXCEEDED, why)
-        budget = budget or {}
-        holders: list[tuple[str, Job | None]] = self._holders(j)  # type: ignore[assignment]
-        if budget and not budget.keys() <= {k for k, _ in holders}:
-            # Kinds the request asks for that no job limits: granted as asked (unlimited).
-            found: dict[str, Job | None] = {**dict.fromkeys(budget), **dict(holders)}
-            holders = sorted(found.items())
+        a: Job | None = j
+        while a is not None:  # blocked_by's common case first: nothing on the chain is exhausted
+            if a.exhausted is not None:
+                why = self.blocked_by(j)
+                if why:
+                    return _no(ErrorCode.BUDGET_EXCEEDED, why)
+                break
+            a = a.parent
+        limited = j.holders if j.holders is not None else self._holders(j)
         granted: dict[str, float] = {}
-        isfinite, asked = math.isfinite, budget.get
+        isfinite = math.isfinite
         short = None  # the first kind with nothing left
-        for kind, h in holders:
-            if h is None:
-                rem = INF
-            else:
-                rem = h.limits[kind] - h.spent.get(kind, 0.0) - h.carved.get(kind, 0.0) - h.reserved.get(kind, 0.0)
-                if kind == WALL and h.wall_running:
-                    rem -= h.wall_running * (now - h.wall_anchor) * 1000.0
-            got = asked(kind, INF)
-            if rem < got:
-                got = rem
-            if isfinite(got):
-                # as _r(max(0.0, got)): rounded for the log, never below zero
-                amount = granted[kind] = round(got, 6) if got > 0.0 else 0.0
-                if amount <= 0 and short is None and (kind in budget or kind in COMPUTE):
-                    short = kind
+        if not budget:
+            for kind, lim in limited:
+                rem = lim.limits[kind] - lim.spent.get(kind, 0.0) - lim.carved.get(kind, 0.0) - lim.reserved.get(kind, 0.0)
+                if kind == WALL and lim.wall_running:
+                    rem -= lim.wall_running * (now - lim.wall_anchor) * 1000.0
+                if isfinite(rem):  # granted: what is left (as the general case below with nothing asked)
+                    amount = granted[kind] = round(rem, 6) if rem > 0.0 else 0.0
+                    if amount <= 0 and short is None and kind in COMPUTE:
+                        short = kind
+        else:
+            holders: list[tuple[str, Job | None]] = limited  # type: ignore[assignment]
+            if not budget.keys() <= {k for k, _ in holders}:
+                # Kinds the request asks for that no job limits: granted as asked (unlimited).
+                found: dict[str, Job | None] = {**dict.fromkeys(budget), **dict(holders)}
+                holders = sorted(found.items())
+            asked = budget.get
+            for kind, h in holders:
+                if h is None:
+                    rem = INF
+                else:
+                    rem = h.limits[kind] - h.spent.get(kind, 0.0) - h.carved.get(kind, 0.0) - h.reserved.get(kind, 0.0)
+                    if kind == WALL and h.wall_running:
+                        rem -= h.wall_running * (now - h.wall_anchor) * 1000.0
+                got = asked(kind, INF)
+                if rem < got:
+                    got = rem
+                if isfinite(got):
+                    # as _r(max(0.0, got)): rounded for the log, never below zero
+                    amount = granted[kind] = round(got, 6) if got > 0.0 else 0.0
+                    if amount <= 0 and short is None and (kind in budget or kind in COMPUTE):
+                        short = kind
         if short is not None:
             return _no(ErrorCode.BUDGET_EXCEEDED, f"no {short} left in job {job!r}", granted=granted)
-        if start:
-            self.start(now, job)
+        if start:  # as self.start(now, job), on the job found above
+            j.running += 1
+            assert j.by_kind is not None  # built with j.holders
+            w = j.by_kind.get(WALL)
+            if w is not None:
+                running = w.wall_running
+                if running:  # (as _wall_settle(w, now))
+                    used = running * (now - w.wall_anchor) * 1000.0
+                    w.spent[WALL] = w.spent.get(WALL, 0.0) + used
+                    w.total[WALL] = w.total.get(WALL, 0.0) + used
+                w.wall_anchor = now
+                w.wall_running = running + 1
+                self._wall_rearm(w, now)
         return {"ok": True, "granted": granted}
 
     def start(self, now: float, job: str) -> dict[str, Any]:
@@ -438,13 +476,18 @@ class Ledger:
         if spent:
             out["exhausted"] = self.charge(now, job, spent)["exhausted"]
         j = self.jobs.get(job)
-        if j is not None and j.running > 0:
-            j.running -= 1
-        h = self._wall_holder(job)
-        if h is not None and h.wall_running > 0 and not queued:
-            self._wall_settle(h, now)
-            h.wall_running -= 1
-            self._wall_rearm(h, now)
+        if j is not None:
+            if j.running > 0:
+                j.running -= 1
+            h = self.holder(j, WALL)
+            if h is not None and h.wall_running > 0 and not queued:
+                running = h.wall_running  # (as _wall_settle(h, now))
+                used = running * (now - h.wall_anchor) * 1000.0
+                h.spent[WALL] = h.spent.get(WALL, 0.0) + used
+                h.total[WALL] = h.total.get(WALL, 0.0) + used
+                h.wall_anchor = now
+                h.wall_running = running - 1
+                self._wall_rearm(h, now)
         return out
 
     def charge(self, now: float, job: str, spent: dict[str, Any]) -> dict[str, Any]:
@@ -453,7 +496,7 @@ class Ledger:
         if j is None:
             return {"ok": False, "exhausted": []}
         exhausted = []
-        for kind in sorted(spent):
+        for kind in sorted(spent) if len(spent) > 1 else spent:  # (one kind, the common case: no sort)
             amount = spent[kind]
             if kind == WALL or not isinstance(amount, (int, float)) or amount <= 0:
                 continue  # wall time is accounted continuously by start/finish
@@ -477,14 +520,12 @@ class Ledger:
         """Exhaust every job whose wall budget has run out by ``now``."""
         exhausted = []
         heap = self._wall_heap
-        while heap and heap[0][0] <= now:
-            deadline, name = heapq.heappop(heap)
-            j = self.jobs.get(name)
-            if j is None or j.closed or j.wall_deadline != deadline or j.exhausted is not None:
-                continue
+        while self.next_deadline() <= now:  # the top entry is then its job's exact deadline
+            _, name = heapq.heappop(heap)
+            j = self.jobs[name]
             self._wall_settle(j, now)
             j.exhausted = WALL
-            j.wall_deadline = INF
+            j.wall_deadline = j.wall_bound = INF
             exhausted.append(name)
         return {"ok": True, "exhausted": exhausted}
 
@@ -624,29 +665,54 @@ class Ledger:
     def _wall_rearm(self, h: Job, now: float) -> None:
         if h.exhausted is not None or WALL not in h.limits:
             return
-        if h.wall_running:
-            h.wall_deadline = now + max(0.0, h.remaining(WALL)) / 1000.0 / h.wall_running
-            heap = self._wall_heap
-            heapq.heappush(heap, (h.wall_deadline, h.name))
-            if len(heap) > 64 + 2 * len(self.jobs):
-                # Entries superseded by a later re-arm are dropped lazily at the top; compact the
-                # rest so the heap stays bounded by the number of jobs.
-                heap[:] = [(d, n) for d, n in heap if self._wall_valid(d, n)]
-                heapq.heapify(heap)
+        running = h.wall_running
+        if running:
+            rem = h.limits[WALL] - h.spent.get(WALL, 0.0) - h.carved.get(WALL, 0.0) - h.reserved.get(WALL, 0.0)
+            left = (rem if rem > 0.0 else 0.0) / 1000.0  # as max(0.0, h.remaining(WALL)) / 1000
+            deadline = h.wall_deadline = now + left / running
+            if deadline < h.wall_bound:
+                # The heap holds a lower bound, not the deadline itself: one that stays below the
+                # deadline while up to twice as many requests run, so a start pushes only when the
+                # number in flight doubles and a finish (a later deadline) never pushes.
+                # next_deadline() turns a bound at the top into the exact deadline.
+                bound = h.wall_bound = now + left / (2 * running)
+                heap = self._wall_heap
+                heapq.heappush(heap, (bound, h.name))
+                if len(heap) > 64 + 2 * len(self.jobs):
+                    # Entries superseded by a lower bound are dropped lazily at the top; compact the
+                    # rest so the heap stays bounded by the number of jobs.
+                    heap[:] = [(d, n) for d, n in heap if self._wall_valid(d, n)]
+                    heapq.heapify(heap)
         else:
             h.wall_deadline = INF
 
-    def _wall_valid(self, deadline: float, name: str) -> bool:
+    def _wall_valid(self, bound: float, name: str) -> bool:
+        """Whether heap entry ``(bound, name)`` is its job's live one (not superseded, the job
+        open and not exhausted)."""
         j = self.jobs.get(name)
-        return j is not None and not j.closed and j.wall_deadline == deadline and j.exhausted is None
+        return j is not None and not j.closed and j.wall_bound == bound and j.exhausted is None
 
     def next_deadline(self) -> float:
+        """The earliest wall deadline of an open job that is not exhausted (INF: none).
+        Invariant: every such job with a finite ``wall_deadline`` has a live heap entry at its
+        ``wall_bound`` <= ``wall_deadline``; a bound found at the top is replaced by the exact
+        deadline, so what is returned is exact (the kernel logs a ``tick`` only then)."""
         heap = self._wall_heap
         while heap:
-            deadline, name = heap[0]
-            if self._wall_valid(deadline, name):
+            bound, name = heap[0]
+            if not self._wall_valid(bound, name):
+                heapq.heappop(heap)
+                continue
+            j = self.jobs[name]
+            deadline = j.wall_deadline
+            if bound == deadline:
                 return deadline
-            heapq.heappop(heap)
+            if deadline < INF:
+                j.wall_bound = deadline
+                heapq.heapreplace(heap, (deadline, name))
+            else:
+                j.wall_bound = INF
+                heapq.heappop(heap)
         return INF
 
     # -- invariants ---------------------------------------------------------------------------------
@@ -655,7 +721,8 @@ class Ledger:
         """Raise AssertionError naming the first broken invariant: every open job's carve-outs
         are recorded on its holders and its reservations on theirs; nothing open is over its
         limit by more than rounding unless it is exhausted (compute kinds); counts of running
-        requests are not negative; owners' job counts match the open jobs."""
+        requests are not negative; owners' job counts match the open jobs; every job whose wall
+        time runs out at a finite time has a heap entry at or before it."""
         carved: dict[tuple[str, str], float] = collections.defaultdict(float)
         reserved: dict[tuple[str, str], float] = collections.defaultdict(float)
         owned: collections.Counter[str] = collections.Counter()
@@ -694,6 +761,11 @@ class Ledger:
         assert {o: set(ns) for o, ns in self._by_owner.items()} == by_owner, "owners' job index"
         held = collections.Counter(e[4] for e in self._reservations.values() if e[4] is not None)
         assert {k: v for k, v in self.held_by.items() if v} == dict(held), "holders' reservation counts"
+        in_heap = set(self._wall_heap)
+        for j in self.jobs.values():
+            if not j.closed and j.exhausted is None and math.isfinite(j.wall_deadline):
+                assert j.wall_bound <= j.wall_deadline and (j.wall_bound, j.name) in in_heap, \
+                    f"job {j.name}: its wall deadline has no entry at or below it in the heap"
 
     # -- durable state ------------------------------------------------------------------------------
 
@@ -703,8 +775,7 @@ class Ledger:
         same decisions as this ledger from here on."""
         jobs = []
         for j in self.jobs.values():  # insertion order: every parent before its children
-            d = {f.name: getattr(j, f.name) for f in dataclasses.fields(j)
-                 if f.name not in ("parent", "children", "holders")}  # holders: a cache of Jobs
+            d = {f.name: getattr(j, f.name) for f in dataclasses.fields(j) if f.name not in _NOT_DUMPED}
             d["parent"] = j.parent.name if j.parent is not None else None
             d["children"] = sorted(j.children)
             jobs.append(json.loads(json.dumps(d)))
@@ -718,12 +789,13 @@ class Ledger:
         led.jobs.clear()
         names = {f.name for f in dataclasses.fields(Job)}
         for d in state["jobs"]:
-            fields = {k: v for k, v in d.items() if k in names and k not in ("parent", "children", "holders")}
+            fields = {k: v for k, v in d.items() if k in names and k not in _NOT_DUMPED}
             j = Job(parent=led.jobs[d["parent"]] if d.get("parent") is not None else None, **fields)
             j.children = set(d.get("children", ()))
             led.jobs[j.name] = j
             if math.isfinite(j.wall_deadline):
                 heapq.heappush(led._wall_heap, (j.wall_deadline, j.name))
+                j.wall_bound = j.wall_deadline
         for rid, (job, kind, amount, exp, *holder) in state.get("reservations", {}).items():
             led._reservations[rid] = (job, kind, float(amount), float(exp), holder[0] if holder else None)
             if holder and holder[0] is not None:

@@ -127,11 +127,20 @@ def forwarded_header(req: Request, **kernel_fields: Any) -> bytes:
     """The reca header a worker receives: the client's, with the fields only the kernel sets
     replaced -- ``principal`` (the caller's verified name, or the one a service acts for)
     always, ``granted`` only when given; ``for`` is not forwarded (issue 24)."""
-    header = dict(req.header or {})
-    header.pop(P.H_GRANTED, None)
-    header.pop(P.H_FOR, None)
+    return forward_with(req, kernel_fields)
+
+
+def forward_with(req: Request, kernel_fields: dict[str, Any] | None) -> bytes:
+    """:func:`forwarded_header` with the kernel's fields as a map (no keyword packing)."""
+    raw = req.header
+    header = dict(raw) if raw else {}
+    if P.H_GRANTED in header:
+        del header[P.H_GRANTED]
+    if P.H_FOR in header:
+        del header[P.H_FOR]
     header[P.H_PRINCIPAL] = req.acting_for or req.principal.name
-    header.update(kernel_fields)
+    if kernel_fields:
+        header.update(kernel_fields)
     return codec.pack(header)
 
 

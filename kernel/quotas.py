@@ -69,6 +69,10 @@ PEER_IN_BYTES = 24 * 1024 * 1024
 #: ``kernel.peers_out_bytes``): past it the connection holding the most is dropped, so many
 #: connections each under its own budget cannot add up to more.
 PEERS_OUT_BYTES = 128 * 1024 * 1024
+#: Bytes libzmq may hold unread for every tcp connection together before the kernel has seen them
+#: (config ``kernel.peers_in_bytes``): past it the connection holding the most is cut
+#: (kernel.quotas.InboundMeters).
+PEERS_IN_BYTES = 96 * 1024 * 1024
 #: How long a connection may stay past its outbound budget before it is dropped, seconds
 #: (config ``kernel.peer_out_grace_s``): a reader that catches up within it is kept.
 PEER_OUT_GRACE_S = 5.0
@@ -91,7 +95,8 @@ RESUME = "resume"
 OUT = "peer_out_bytes"
 IN = "peer_in_bytes"
 TOTAL = "peers_out_bytes"
-_DROP_COUNTER = {OUT: "dropped_out", IN: "dropped_in", TOTAL: "dropped_total"}
+IN_TOTAL = "peers_in_bytes"  #: every connection's unread bytes together (InboundMeters.largest)
+_DROP_COUNTER = {OUT: "dropped_out", IN: "dropped_in", TOTAL: "dropped_total", IN_TOTAL: "dropped_in_total"}
 
 
 @dataclass(slots=True)
@@ -115,6 +120,7 @@ class PeerAccount:
     paused_at: float = 0.0  #: when the pause began
     room_below: int = 0  #: unix: the OS queue is "with room" below this many bytes (half its buffer)
     who: str = ""  #: the principal of the connection (for the log)
+    meter: "InboundMeter | None" = None  #: tcp: its connection's inbound meter (InboundMeters)
 
     @property
     def outstanding(self) -> int:
@@ -171,7 +177,8 @@ class PeerBudgets:
         self.by_fd: dict[int, bytes] = {}
         #: Peers whose outstanding bytes passed ``sample_at``: looked at by the next check.
         self.hot: set[bytes] = set()
-        self.counters: dict[str, int] = {"dropped_out": 0, "dropped_in": 0, "dropped_total": 0, "samples": 0,
+        self.counters: dict[str, int] = {"dropped_out": 0, "dropped_in": 0, "dropped_total": 0, "dropped_in_total": 0,
+                                         "samples": 0,
                                          "pauses": 0, "resumes": 0,
                                          "sends_refused": 0, "max_outstanding": 0}
 
@@ -306,3 +313,183 @@ class PeerBudgets:
         assert self.total == sum(a.outstanding for a in self.accounts.values()), "total disagrees"
         assert self.hot <= self.accounts.keys(), "a hot peer without an account"
         assert all(i in self.hot for i, a in self.accounts.items() if a.paused), "a paused peer not watched"
+
+
+# -- inbound: what libzmq holds for a connection before the kernel sees it (issue 24) --------------
+
+#: Bytes a peer sends that the kernel never receives as a frame: the ZMTP greeting and handshake
+#: (measured 107 B without security, 567 B under CURVE; socket metadata adds its size).
+HANDSHAKE_ALLOWANCE = 4096
+#: How often the inbound watcher reads the kernel's resident set, seconds.
+INBOUND_TICK_S = 0.01
+#: ... and looks at every tcp connection once the resident set has grown this much since the last
+#: look (bytes libzmq holds are resident: they were just written): the bound is
+#: ``peer_in_bytes`` + this + receive rate x (the tick + the look + scheduling delay).
+INBOUND_SCAN_STEP = 4 * 1024 * 1024
+#: After a look at every connection the next waits at least this many times as long as the look
+#: took: the watcher uses at most 1 / (1 + this) of a CPU however many connections there are (a
+#: look is ~5-20 us: an ioctl and a getsockopt).
+INBOUND_PAUSE_PER_LOOK = 4
+#: CURVE: each frame travels as a MESSAGE command: ``\x07MESSAGE``, an 8-byte nonce, the 16-byte
+#: MAC and a flags byte around the payload (libzmq curve_mechanism_base_t::encode).
+CURVE_FRAME_OVERHEAD = 33
+#: Why a connection was cut inbound (the stats key; the error's ``quota`` is :data:`IN`).
+UNREAD = "unread"
+
+
+def frame_wire(curve: bool) -> tuple[int, int, int]:
+    """``(cut, small, large)``: a frame of ``n`` payload bytes is ``n + small`` bytes on the wire
+    when ``n < cut``, else ``n + large`` (ZMTP 3: a flags byte and a 1-byte size up to 255, an
+    8-byte size past it; under CURVE the size is the MESSAGE command's)."""
+    extra = CURVE_FRAME_OVERHEAD if curve else 0
+    return 256 - extra, 2 + extra, 9 + extra
+
+
+def subscription_wire(data: bytes, curve: bool) -> int:
+    """The most a frame ``data`` read from the control (XPUB) socket took on the wire: a
+    subscription (``\\x01`` + topic) travels as a SUBSCRIBE command, 9 bytes more than as a message,
+    a cancel (``\\x00`` + topic) as a CANCEL, 6 more; any other frame as a message (its real size:
+    crediting more would let a peer bank credit against bytes it holds later)."""
+    n = len(data)
+    extra = 9 if n and data[0] == 1 else 6 if n and data[0] == 0 else 0
+    return wire_bytes(n + extra, curve)
+
+
+def wire_bytes(n: int, curve: bool) -> int:
+    """The bytes a frame of ``n`` payload bytes takes on the wire (see :func:`frame_wire`)."""
+    cut, small, large = frame_wire(curve)
+    return n + (small if n < cut else large)
+
+
+@dataclass(slots=True)
+class InboundMeter:
+    """One tcp connection's inbound account.  ``received`` is written by the kernel's loop only
+    (a frame read), the rest by the watcher only (a look)."""
+
+    ino: int  #: the socket's inode (a descriptor number reused by another connection differs)
+    received: int = 0  #: wire bytes of the frames the kernel has read from this connection
+    unread: int = 0  #: at the last look: bytes libzmq read off the socket the kernel has not
+    looked_at: float = 0.0  #: when
+    #: The most ``received`` was seen past ``read`` at a look (bytes credited that were never on
+    #: the wire, e.g. a subscription sent in message form): subtracted from ``received``, so
+    #: over-credit offsets at most what arrives between two looks, never later bytes.
+    offset: int = 0
+    cut: bool = False  #: past its budget: being shut down (no more looks)
+
+
+class InboundMeters:
+    """Bytes libzmq holds for each connection that the kernel has not received yet -- a multipart
+    message is handed over only once its last frame is in, and the pipe's high-water mark counts
+    messages, so without this one connection could make the kernel hold a 1,000-frame message of
+    1 MiB frames (1 GB) before it sees a byte of it.
+
+    The evidence is the operating system's, not the peer's: for a tcp connection, the bytes it has
+    received (``tcpi_bytes_received``, cumulative, Linux >= 4.1) minus those still in its receive
+    queue (``SIOCINQ``) are what libzmq has read off the socket (``read``, passed to :meth:`look`);
+    minus the wire size of every frame the kernel has read from that connection (``received``,
+    :func:`wire_bytes`, exact: checked against TCP_INFO, plain and CURVE) minus the handshake
+    (:data:`HANDSHAKE_ALLOWANCE`) is what sits in libzmq's buffers for it.  Past ``in_bytes`` the
+    connection is to be cut (:meth:`look` returns :data:`IN`); past ``total_bytes`` over every
+    connection together the one holding the most is (:meth:`largest`).  When to look at every
+    connection is decided from the kernel's resident set (:meth:`due`): bytes libzmq holds are
+    resident, so a look follows every ``scan_step`` of growth within one tick.
+
+    Pure: time and evidence are passed in; not thread-safe (the server holds a lock around every
+    call but the loop's ``received +=``, whose only writer it is).  The caller reads ``received`` *before* the socket, so
+    a frame read in between can only make ``unread`` larger, never hide bytes; nothing is banked
+    (``received`` past ``read`` at a look is over-credit: kept in the meter's ``offset`` and taken off
+    from then on, so it never offsets later bytes).  Invariants (:meth:`check_invariants`):
+    ``unread >= 0``; ``total`` is the sum of the live meters' ``unread``; ``unread_max`` is at least
+    every ``unread`` seen.  Meters are bounded by the live tcp connections (one per descriptor)."""
+
+    def __init__(self, in_bytes: int = PEER_IN_BYTES, total_bytes: int | None = None,
+                 allowance: int = HANDSHAKE_ALLOWANCE) -> None:
+        if in_bytes <= 0 or allowance < 0 or (total_bytes is not None and total_bytes <= 0):
+            raise ValueError("inbound budgets must be positive")
+        self.in_bytes = in_bytes
+        self.total_bytes = total_bytes
+        self.allowance = allowance
+        self.meters: dict[int, InboundMeter] = {}
+        self.total = 0
+        self.scan_step = INBOUND_SCAN_STEP
+        #: The resident set at the last look at every connection (or the least seen since).
+        self.rss_base: int | None = None
+        self.next_scan = 0.0
+        self.counters: dict[str, int] = {"dropped_unread": 0, "dropped_unread_total": 0, "looks": 0,
+                                         "unread_max": 0, "scans": 0}
+
+    def meter(self, fd: int, ino: int) -> InboundMeter:
+        """The meter of the connection on ``fd`` (inode ``ino``), made if new; one of an older
+        connection on the same descriptor number is replaced."""
+        m = self.meters.get(fd)
+        if m is None or m.ino != ino:
+            if m is not None and not m.cut:
+                self.total -= m.unread
+            m = self.meters[fd] = InboundMeter(ino)
+        return m
+
+    def due(self, rss: int, now: float) -> bool:
+        """Whether every connection is to be looked at now: the kernel's resident set ``rss`` has
+        grown ``scan_step`` since the last look (measured from the least it was since), and the
+        pause after that look is over.  Memory libzmq holds is resident, so nothing grows by more
+        than ``scan_step`` + what arrives within a tick unlooked at."""
+        if self.rss_base is None or rss < self.rss_base:
+            self.rss_base = rss
+        return rss - self.rss_base >= self.scan_step and now >= self.next_scan
+
+    def scanned(self, rss: int, now: float, spent: float) -> None:
+        """Every connection was looked at (which took ``spent`` seconds; ``rss`` after it)."""
+        self.counters["scans"] += 1
+        self.rss_base = rss
+        self.next_scan = now + INBOUND_PAUSE_PER_LOOK * spent
+
+    def close(self, fd: int, ino: int | None = None) -> None:
+        """The connection on ``fd`` is gone (only the meter of inode ``ino`` when given)."""
+        m = self.meters.get(fd)
+        if m is not None and (ino is None or m.ino == ino):
+            del self.meters[fd]
+            if not m.cut:
+                self.total -= m.unread
+
+    def look(self, m: InboundMeter, received: int, read: int, now: float) -> str | None:
+        """A look at a connection: ``received`` (the meter's, read before the socket) and ``read``,
+        the bytes libzmq has read off its socket.  Returns :data:`IN` when it is past its budget
+        (the meter is marked cut), else None."""
+        self.counters["looks"] += 1
+        if received - read > m.offset:  # over-credit seen: it offsets nothing from now on
+            m.offset = received - read
+        unread = max(0, read - self.allowance - (received - m.offset))
+        if not m.cut:
+            self.total += unread - m.unread
+        m.unread, m.looked_at = unread, now
+        if unread > self.counters["unread_max"]:
+            self.counters["unread_max"] = unread
+        if unread > self.in_bytes and not m.cut:
+            return self.cut(m, IN)
+        return None
+
+    def cut(self, m: InboundMeter, why: str | None) -> str:
+        """``m`` is cut for ``why`` (:data:`IN`, or :data:`TOTAL`: every connection together;
+        None: its peer was dropped for another reason, not counted here): it no longer counts in
+        ``total`` and is looked at no more."""
+        m.cut = True
+        self.total -= m.unread
+        if why is not None:
+            self.counters["dropped_unread" if why == IN else "dropped_unread_total"] += 1
+        return why or IN
+
+    def largest(self) -> int | None:
+        """When every connection together holds more than ``total_bytes`` unread: the descriptor
+        of the one holding the most (to be cut), else None.  O(meters), only then."""
+        if self.total_bytes is None or self.total <= self.total_bytes:
+            return None
+        live = [(m.unread, fd) for fd, m in self.meters.items() if not m.cut]
+        return max(live)[1] if live else None
+
+    def stats(self) -> dict[str, int]:
+        return {**self.counters, "unread": self.total, "watched": len(self.meters)}
+
+    def check_invariants(self) -> None:
+        assert all(m.unread >= 0 for m in self.meters.values()), "negative unread"
+        assert self.total == sum(m.unread for m in self.meters.values() if not m.cut), "total disagrees"
+        assert all(m.unread <= self.counters["unread_max"] for m in self.meters.values()), "unread_max too low"

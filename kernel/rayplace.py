@@ -70,8 +70,16 @@ CONNECT_TIMEOUT_S = 60.0
 ACTOR_START_TIMEOUT_S = 90.0
 #: How often the kernel reads each replica's CPU seconds measured on its node.
 CPU_POLL_S = 1.0
+#: ... and how often while the ladder holds a request the kernel answered on it (a tombstone: the
+#: ladder freezes a worker once its CPU shows it burning, so a reading a second old would delay
+#: the freeze by up to a second; :meth:`RemoteProcess.hurry`).
+URGENT_POLL_S = 0.02
+#: How long one :meth:`RemoteProcess.hurry` keeps the fast polling, seconds.
+HURRY_S = 2.0
 #: Longest wait for one agent call (signal, CPU read), seconds.
 AGENT_CALL_TIMEOUT_S = 10.0
+#: How many of the latest agent round trips (the CPU reads) :attr:`RemoteProcess.rtt` keeps.
+RTT_KEEP = 10
 #: The Ray resource label key a ``ray_label = "VALUE"`` selects on (``ray start --labels reca-node=VALUE``).
 LABEL_KEY = "reca-node"
 #: Lines of the service's output the agent keeps (the last names why it exited).
@@ -632,24 +640,50 @@ class RemoteProcess:
         self.public = public
         self._revoke = revoke
         self.cpu = 0.0
+        #: Round trips of the latest agent calls (CPU reads), seconds: how long a thaw or a kill
+        #: sent now takes to reach the node (the ladder's answer window for it: answer_grace_of).
+        self.rtts: collections.deque[float] = collections.deque(maxlen=RTT_KEEP)
+        self._urgent_until = 0.0  # poll every URGENT_POLL_S until then (hurry)
+        self._wake: asyncio.Event | None = None
         self._waiter: asyncio.Future[Any] | None = None
         self._poller: asyncio.Task[None] | None = None
 
     def start_watch(self) -> None:
         self._waiter = asyncio.wrap_future(self.actor.wait.remote().future())
+        self._wake = asyncio.Event()
         self._poller = asyncio.get_running_loop().create_task(self._poll_cpu())
 
     async def _poll_cpu(self) -> None:
         while self.returncode is None:
+            t0 = time.monotonic()
             try:
                 got = await asyncio.wait_for(
                     asyncio.wrap_future(self.actor.cpu_seconds.remote().future()), AGENT_CALL_TIMEOUT_S
                 )
+                self.rtts.append(time.monotonic() - t0)
                 if got is not None:
                     self.cpu = max(self.cpu, float(got))  # monotone: a lost read never refunds
             except Exception:  # noqa: BLE001 - a dead actor: wait() reports it
+                self.rtts.append(time.monotonic() - t0)  # a call that timed out took at least this
+            interval = URGENT_POLL_S if time.monotonic() < self._urgent_until else CPU_POLL_S
+            if self._wake is None:
+                await asyncio.sleep(interval)
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), interval)
+            except asyncio.TimeoutError:
                 pass
-            await asyncio.sleep(CPU_POLL_S)
+
+    def hurry(self, for_s: float = HURRY_S) -> None:
+        """Read the replica's CPU every :data:`URGENT_POLL_S` (at once, then as fast as its agent
+        answers, at most that often) for the next ``for_s`` seconds: the ladder holds a request
+        the kernel answered on it and judges by its CPU whether it still burns."""
+        now = time.monotonic()
+        urgent = now < self._urgent_until
+        self._urgent_until = max(self._urgent_until, now + for_s)
+        if not urgent and self._wake is not None:
+            self._wake.set()
 
     async def wait(self) -> int:
         assert self._waiter is not None
@@ -682,6 +716,10 @@ class RemoteProcess:
         if self._poller is not None:
             self._poller.cancel()
         self._revoke(self.public)
+
+    def rtt(self) -> float:
+        """The longest of the latest agent round trips, seconds (0.0 before the first)."""
+        return max(self.rtts, default=0.0)
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the service on its node (sent now, not awaited)."""

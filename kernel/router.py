@@ -198,12 +198,18 @@ class Router:
     def on_message(self, frames: list[bytes], now: float, principal: Principal = LOCAL_OPERATOR) -> None:
         """Handle one message from the ROUTER socket (identity first) sent by ``principal`` (the
         kernel-verified peer; ``principal.revoked``: its key is no longer known)."""
-        self.handle(mdp.parse(frames), now, principal)
+        event = mdp.parse(frames)  # then as handle(event, now, principal), one call less per message
+        self.now = now
+        if principal is not LOCAL_OPERATOR and principal.revoked and type(event) is not mdp.Unreadable:
+            self._on_revoked(event, principal, now)
+            return
+        self._on[type(event)](event, now, principal)
 
     def handle(self, event: mdp.Event, now: float, principal: Principal = LOCAL_OPERATOR) -> None:
         """Handle one parsed event from ``principal``."""
         self.now = now
-        if principal.revoked and type(event) is not mdp.Unreadable:
+        # (the local operator, every ipc:// peer, is never revoked: no property call for it)
+        if principal is not LOCAL_OPERATOR and principal.revoked and type(event) is not mdp.Unreadable:
             self._on_revoked(event, principal, now)
             return
         self._on[type(event)](event, now, principal)
@@ -319,10 +325,10 @@ class Router:
         raise errors.Forbidden("header 'for' names a principal whose request this caller is not serving")
 
     def _on_request(self, ev: mdp.Request, now: float, principal: Principal) -> None:
-        if ev.mmi:
+        name = ev.service
+        if name.startswith(mdp.MMI):  # (ev.mmi, without the property call)
             self._mmi_once(ev, now, principal)
             return
-        name = ev.service
         header = ev.header
         service = self.services.get(name)
         if service is None:
@@ -332,7 +338,8 @@ class Router:
                     f"no worker for service {name.decode(errors='replace')!r}"), header)
                 return
             service = self.services[name] = Service(name)
-        self._idle.pop(name, None)
+        if self._idle:
+            self._idle.pop(name, None)
         checked = ev.checked
         dedup = self.admission.dedup
         key = None
@@ -351,8 +358,9 @@ class Router:
                     return
         service.requests += 1
         token = self.host.token(TOKEN_BYTES)
-        req = Request(token, ev.identity, ev.form, service, ev.body, ev.rid, header is not None, None,
-                      P.DEFAULT_PRIORITY, now, header=header, principal=principal, checked=checked)
+        req = Request(token, ev.identity, ev.form, service, ev.body, None if header is None else header.get(P.H_ID),
+                      header is not None, None, P.DEFAULT_PRIORITY, now, header=header, principal=principal,
+                      checked=checked)  # (the rid as ev.rid, without the property call)
         service.live += 1
         if header is not None:
             if checked is None:
@@ -383,7 +391,11 @@ class Router:
         self.inflight[token] = req
         if dedup is not None and key is not None:
             dedup.start(key, token, digest(name, ev.body[1:], checked))
-        self._enqueue(req, now)
+        ready = service.ready
+        if ready and not service.queue:  # (_enqueue's first case, one call less)
+            self._dispatch(req, ready.popleft(), now)
+        else:
+            self._enqueue(req, now)
         if effects:
             self.apply(effects, now)
 
@@ -455,8 +467,10 @@ class Router:
         if queue.weights is not self.admission.weights:
             queue.weights = self.admission.weights  # [enforce] weights, shared by every service
         # DRR across principals (the one acted for, for a service's request on a caller's behalf);
-        # priority, then round-robin across the principal's clients, then FIFO within it
-        queue.push(req.acting_for or req.principal.name, req.priority, turn, req)
+        # priority, then round-robin across the principal's clients, then FIFO within it; an
+        # operator's priority above the default crosses principals (kernel/fairq.py, express)
+        queue.push(req.acting_for or req.principal.name, req.priority, turn, req,
+                   crosses=req.principal.operator and not req.acting_for and req.priority > P.DEFAULT_PRIORITY)
         req.queued = True
         service.queued += 1
         self.queued_bytes += size
@@ -651,6 +665,11 @@ class Router:
         return worker
 
     def _on_reply_event(self, ev: mdp.Reply, now: float, principal: Principal) -> None:
+        known = self.workers.get(ev.identity)
+        if known is not None and known.principal is principal:  # (_known_worker's common case)
+            known.expiry = now + self.heartbeat_interval * self.liveness
+            self._on_reply(known, ev.final, ev.token, ev.body, now)
+            return
         worker = self._known_worker(ev, now, principal)
         if worker is False:
             return
@@ -747,10 +766,13 @@ class Router:
                 self.apply(effects, now)
         else:
             self.admission.on_done(req, now, None, None)
-        self._to_client(req, True, body)
+        if self._send(mdp.to_client(req.client, req.form, service.name, True, body)) is False:  # (_to_client)
+            self.counters["unroutable_replies"] += 1
         # a FINAL its worker made is kept for retries; one the kernel made at settlement
         # (budget_exceeded, a malformed status) is not: a retry is what it is for
-        self._to_attempts(req, True, body, now, keep=not req.kernel_error)
+        dedup = self.admission.dedup
+        if dedup is not None and req.token in dedup.key_of:
+            self._to_attempts(req, True, body, now, keep=not req.kernel_error)
         self.free_slot(worker, now)
 
     def free_slot(self, worker: Worker, now: float) -> None:

@@ -26,6 +26,13 @@ socket).  A peer past its budget is dropped: its requests answered ``overloaded`
 names the budget), their workers told to cancel, the drop logged, and, after a short linger for
 those answers, its connection shut down (a duplicate of the descriptor, as for the peer cap),
 which makes libzmq free what it queued for it.
+
+Bytes a tcp connection sent that libzmq holds before the kernel sees them (a multipart message
+is handed over only once its last frame is in) are metered from the OS's count of bytes received
+(TCP_INFO) less the wire size of the frames the kernel read (kernel.quotas.InboundMeters): the
+monitor watcher thread looks at every tcp connection whenever the kernel's resident set has grown
+4 MiB, and shuts one past ``peer_in_bytes`` down at once, abortively (libzmq drops the partial
+message and frees the pipe).
 """
 
 from __future__ import annotations
@@ -77,10 +84,18 @@ _DROP_LINGER = 0.2
 _DROP_FORGET = 10.0
 #: SO_LINGER on, 0 s: the last close of a dropped connection resets it (struct linger).
 _ABORT_LINGER = struct.pack("ii", 1, 0)
+#: libzmq's context option ZMQ_ZERO_COPY_RECV (zmq_draft.h; libzmq >= 4.3 honours it in every
+#: build, pyzmq does not name it).
+_ZERO_COPY_RECV = 10
 #: ``ioctl`` request: bytes in a socket's send queue (TIOCOUTQ; on tcp: not yet acknowledged).
 _SIOCOUTQ = 0x5411
 #: ``struct tcp_info``: offset of ``tcpi_bytes_acked`` (u64, Linux >= 4.1).
 _TCPI_BYTES_ACKED = 120
+#: ``struct tcp_info``: offset of ``tcpi_bytes_received`` (u64, Linux >= 4.1).
+_TCPI_BYTES_RECEIVED = 128
+#: ``ioctl`` request: bytes in a socket's receive queue (FIONREAD; not yet read by libzmq).
+_SIOCINQ = 0x541B
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 #: The principal of a CURVE message that carried no frame to read a User-Id from (none: a
@@ -107,10 +122,33 @@ def _borrowed(fd: int) -> Iterator[_socket.socket]:
         sock.detach()
 
 
+def _dup_if(fd: int, ino: int) -> _socket.socket:
+    """A duplicate of the descriptor ``fd`` as a socket object (closing it leaves ``fd`` alone),
+    if it is still the connection of inode ``ino``; else OSError.  Duplicated first, then checked:
+    a check first could pass and the descriptor be closed and reused before the dup."""
+    sock = _socket.socket(fileno=os.dup(fd))
+    if os.fstat(sock.fileno()).st_ino != ino:
+        sock.close()
+        raise OSError(_errno.EBADF, "another connection on that descriptor")
+    return sock
+
+
 def _out_queue(fd: int) -> int:
     """Bytes in the send queue of the socket ``fd`` (tcp: not yet acknowledged by the peer; unix:
     not yet read by the peer)."""
     return int(struct.unpack("i", fcntl.ioctl(fd, _SIOCOUTQ, b"\0\0\0\0"))[0])
+
+
+def _tcp_read(fd: int) -> int:
+    """Bytes libzmq has read off the tcp connection ``fd`` so far: received by the OS
+    (``tcpi_bytes_received``, cumulative) less what waits in its receive queue.  The queue is read
+    first: bytes arriving in between can only make the answer larger."""
+    inq = int(struct.unpack("i", fcntl.ioctl(fd, _SIOCINQ, b"\0\0\0\0"))[0])
+    with _borrowed(fd) as sock:
+        info = sock.getsockopt(_socket.IPPROTO_TCP, _socket.TCP_INFO, 256)
+    if len(info) < _TCPI_BYTES_RECEIVED + 8:
+        raise OSError(_errno.ENOSYS, "TCP_INFO without tcpi_bytes_received")
+    return int(struct.unpack_from("Q", info, _TCPI_BYTES_RECEIVED)[0]) - inq
 
 
 def _tcp_left(sock: _socket.socket) -> int:
@@ -147,9 +185,16 @@ class KernelServer:
         peer_in_bytes: int = quotas.PEER_IN_BYTES,
         peer_out_grace: float = quotas.PEER_OUT_GRACE_S,
         peers_out_bytes: int = quotas.PEERS_OUT_BYTES,
+        peers_in_bytes: int = quotas.PEERS_IN_BYTES,
         host: Host | None = None,
     ) -> None:
         self.context = context or zmq.Context()
+        # libzmq keeps a small frame as a reference into the 8 KiB read buffer it arrived in:
+        # one frame per read pins 8 KiB (review of issue 24: 40-byte frames of an unfinished
+        # message cost 4.5-6.5 KB each).  Copied instead (frames past the buffer are unaffected).
+        # Read by each socket when it is made: set before the kernel's sockets are.
+        with contextlib.suppress(zmq.ZMQError):
+            self.context.set(_ZERO_COPY_RECV, 0)
         self._own_context = context is None
         self.max_message = max_message
         self.max_frames = P.MAX_FRAMES
@@ -166,7 +211,9 @@ class KernelServer:
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        # Under CURVE libzmq checks the size of the encrypted MESSAGE command, 33 bytes more than
+        # the frame (measured: a 990-byte frame dropped the connection at a cap of 1,000).
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame + (quotas.CURVE_FRAME_OVERHEAD if server_keys is not None else 0))
         sock.setsockopt(zmq.SNDHWM, peer_hwm)
         sock.setsockopt(zmq.RCVHWM, peer_hwm)
         # XPUB with manual subscriptions: a subscription is applied only when the subscriber's
@@ -201,10 +248,20 @@ class KernelServer:
                                baseline=open_fds())
         #: Per-connection byte budgets (kernel.quotas): the account of every routing id seen.
         self.peers = quotas.PeerBudgets(peer_out_bytes, peer_in_bytes, peer_out_grace, peers_out_bytes)
+        #: What libzmq holds per tcp connection before the kernel sees it (kernel.quotas): looked at
+        #: by the watcher thread whenever data arrives; the loop only adds to a meter's ``received``.
+        self.inbound = quotas.InboundMeters(peer_in_bytes, peers_in_bytes)
+        self._inbound_lock = threading.Lock()
+        try:  # the kernel's own resident set, read by the watcher every tick
+            self._statm: int | None = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._statm = None
+        self._wire = quotas.frame_wire(server_keys is not None)
         #: Peers past their hard outbound budget at a send: dropped after the message in hand.
         self._urgent: set[bytes] = set()
-        #: Dropped routing ids -> (descriptor, inode, when to shut it down, when to forget it).
-        self._dropping: dict[bytes, tuple[int, int, float, float]] = {}
+        #: Dropped routing ids -> (descriptor, inode, when to shut it down, when to forget it, its
+        #: inbound meter: what it still sends is read, discarded and counted there).
+        self._dropping: dict[bytes, tuple[int, int, float, float, quotas.InboundMeter | None]] = {}
         #: Peers whose running requests the budget paused -> their tokens (to resume them).
         self._paused: dict[bytes, set[bytes]] = {}
         self._next_peer_check = 0.0
@@ -242,7 +299,10 @@ class KernelServer:
         def stats() -> dict[str, Any]:
             out = dict(extra()) if extra is not None else {}
             out["connections"] = self.guard.stats()
-            out["peer_budgets"] = {**self.peers.stats(), "dropping": len(self._dropping), "paused": len(self._paused)}
+            with self._inbound_lock:
+                inbound = self.inbound.stats()
+            out["peer_budgets"] = {**self.peers.stats(), "dropping": len(self._dropping), "paused": len(self._paused),
+                                   "inbound": inbound}
             out["auth"] = {"curve": self.zap is not None,
                            "principals": len(self.principals) if self.principals is not None else 0,
                            "zap_refused": self.zap.refused if self.zap is not None else 0}
@@ -326,7 +386,18 @@ class KernelServer:
         refusing = self.guard.refusing
         principals = self.principals if self.zap is not None else None
         principal = auth.LOCAL_OPERATOR if principals is None else _UNKNOWN
-        new_peer = parts[0] not in self.peers.accounts and parts[0] not in self._dropping
+        acct = self.peers.accounts.get(parts[0])
+        meter = acct.meter if acct is not None else None
+        new_peer = False
+        if acct is None:
+            gone = self._dropping.get(parts[0]) if self._dropping else None
+            if gone is None:
+                new_peer = True
+            else:
+                meter = gone[4]
+        # The frames' bytes on the wire (kernel.quotas.frame_wire), for the inbound meter.
+        cut, small, large = self._wire
+        wire = 0
         first = principals is not None or bool(refusing) or new_peer
         max_message, max_parts = self.max_message, self.max_frames + 1
         while more:
@@ -340,12 +411,22 @@ class KernelServer:
                     name = str(frame.get(auth.USER_ID) or "")
                     principal = principals.by_name(name) or auth.Principal(name, auth.REVOKED)
             data = frame.bytes
-            total += len(data)
+            n = len(data)
+            total += n
+            wire += n + (small if n < cut else large)
             parts.append(data)
             if total > max_message or len(parts) > max_parts:
                 while more:
-                    more = recv(0, copy=False).more  # dropped uncopied; libzmq frees it at once
+                    frame = recv(0, copy=False)  # dropped uncopied; libzmq frees it at once
+                    more = frame.more
+                    n = len(frame)
+                    wire += n + (small if n < cut else large)
                 self.router.counters["oversized_messages"] += 1
+                if new_peer and srcfd >= 0 and srcfd not in refusing:
+                    acct = self._open_peer(parts[0], srcfd, principal.name)
+                    meter = acct.meter if acct is not None else None
+                if meter is not None:
+                    meter.received += wire
                 raise Oversized(parts[0], f"message larger than {self.max_message} bytes or "
                                           f"{self.max_frames} frames")
         if srcfd in refusing:
@@ -355,7 +436,10 @@ class KernelServer:
             self.guard.answered(srcfd, time.monotonic())
             return [], principal
         if new_peer and srcfd >= 0:
-            self._open_peer(parts[0], srcfd, principal.name)
+            acct = self._open_peer(parts[0], srcfd, principal.name)
+            meter = acct.meter if acct is not None else None
+        if meter is not None:
+            meter.received += wire  # the loop is its only writer (the watcher reads)
         return parts, principal
 
     def _on_readable(self) -> None:
@@ -375,6 +459,7 @@ class KernelServer:
             except zmq.ZMQError:
                 return
             data = msg.bytes
+            self._credit_subscription(msg, data)
             if not data or data[0] not in (0, 1):
                 continue
             topic = data[1:]
@@ -393,6 +478,21 @@ class KernelServer:
                 if self.router.counters["subscriptions_refused"] <= 10:
                     log.warning("control subscription %r refused for %s (%s)", topic[:64], principal.name,
                                 principal.role)
+
+    def _credit_subscription(self, msg: zmq.Frame, data: bytes) -> None:
+        """Count a frame read from the control socket against its connection's inbound meter: a
+        subscription travels as a SUBSCRIBE (or CANCEL) command, 9 (6) bytes more than the message
+        form, the larger is credited; any other frame at its size (kernel.quotas.subscription_wire)."""
+        fd = msg.get(zmq.SRCFD)
+        m = self.inbound.meters.get(fd)
+        if m is None:
+            try:
+                ino = os.fstat(fd).st_ino
+            except OSError:
+                return
+            with self._inbound_lock:
+                m = self.inbound.meter(fd, ino)
+        m.received += quotas.subscription_wire(data, self.zap is not None)
 
     def _drain(self) -> bool:
         """Route what the ROUTER socket holds (at most one batch; the rest on the next turn), then
@@ -441,19 +541,24 @@ class KernelServer:
 
     # -- per-connection byte budgets (kernel.quotas.PeerBudgets) ----------------------------------
 
-    def _open_peer(self, identity: bytes, fd: int, who: str) -> None:
-        """Account a routing id first seen on descriptor ``fd`` (a socket of libzmq's)."""
+    def _open_peer(self, identity: bytes, fd: int, who: str) -> quotas.PeerAccount | None:
+        """Account a routing id first seen on descriptor ``fd`` (a socket of libzmq's); a tcp one
+        is linked to its connection's inbound meter (made here if the watcher has not yet)."""
         try:
             st = os.fstat(fd)
             if not _stat.S_ISSOCK(st.st_mode):
-                return
+                return None
             with _borrowed(fd) as s:
                 tcp = s.family in (_socket.AF_INET, _socket.AF_INET6)
                 left = _tcp_left(s) if tcp else 0
                 room = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF) // 2
         except OSError:
-            return
-        self.peers.open(identity, fd, st.st_ino, tcp, left, room, who)
+            return None
+        acct = self.peers.open(identity, fd, st.st_ino, tcp, left, room, who)
+        if tcp:
+            with self._inbound_lock:
+                acct.meter = self.inbound.meter(fd, st.st_ino)
+        return acct
 
     def _sample(self, identity: bytes, acct: quotas.PeerAccount) -> bool:
         """Credit what has left the process for ``identity`` from its socket; False (and the
@@ -535,13 +640,19 @@ class KernelServer:
         if self._dropping:
             self._shutdown_dropped(now)
 
-    def _drop(self, identity: bytes, why: str, now: float) -> None:
+    def _drop(self, identity: bytes, why: str, now: float, unread: int | None = None) -> None:
         """Drop the peer ``identity`` past its ``why`` budget: its requests answered, the drop
         logged, its connection shut down after :data:`_DROP_LINGER`."""
         acct = self.peers.dropped(identity, why)
         self._paused.pop(identity, None)
         held = self.router.held_by(identity)
-        if why == quotas.IN:
+        if unread is not None and why == quotas.IN_TOTAL:
+            what = (f"sent {unread} bytes the kernel had not yet seen, the most of every connection, which "
+                    f"together passed {self.inbound.total_bytes} (peers_in_bytes)")
+        elif unread is not None:
+            what = (f"sent {unread} bytes the kernel had not yet seen (a message libzmq holds until its "
+                    f"last frame is in), past its budget of {self.peers.in_bytes}")
+        elif why == quotas.IN:
             what = f"held {held} bytes of queued requests, past its budget of {self.peers.in_bytes}"
         elif why == quotas.TOTAL:
             what = (f"did not read {acct.outstanding if acct is not None else 0} bytes of replies, the most of "
@@ -558,18 +669,16 @@ class KernelServer:
             log.warning("peer %s (%s) dropped: it %s; %d request(s) answered overloaded%s", identity.hex(), who,
                         what, n, f" ({suppressed} more drops not logged)" if suppressed else "")
         if acct is not None:
-            self._dropping[identity] = (acct.fd, acct.ino, now + _DROP_LINGER, now + _DROP_FORGET)
+            self._dropping[identity] = (acct.fd, acct.ino, now + _DROP_LINGER, now + _DROP_FORGET, acct.meter)
 
     def _shutdown_dropped(self, now: float) -> None:
-        for identity, (fd, ino, at, forget) in list(self._dropping.items()):
+        for identity, (fd, ino, at, forget, meter) in list(self._dropping.items()):
             if now >= forget:
                 del self._dropping[identity]
             elif at is not None and now >= at:
-                self._dropping[identity] = (fd, ino, float("inf"), forget)
+                self._dropping[identity] = (fd, ino, float("inf"), forget, meter)
                 try:
-                    if os.fstat(fd).st_ino != ino:
-                        raise OSError(_errno.EBADF, "closed already")
-                    with _socket.socket(fileno=os.dup(fd)) as s:  # as for the peer cap: libzmq sees it close
+                    with _dup_if(fd, ino) as s:  # as for the peer cap: libzmq sees it close
                         # An abortive close (RST, send queue discarded): a FIN would wait behind the
                         # unread bytes in a zero window (FIN-WAIT-1, the OS holding the queue).
                         s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _ABORT_LINGER)
@@ -590,7 +699,7 @@ class KernelServer:
             if not alive:
                 self.peers.forget(identity)
                 self._paused.pop(identity, None)
-        for ident, (dfd, ino, _, _) in list(self._dropping.items()) if self._dropping else ():
+        for ident, (dfd, *_) in list(self._dropping.items()) if self._dropping else ():
             if dfd == fd:
                 del self._dropping[ident]
 
@@ -609,9 +718,10 @@ class KernelServer:
         poller = zmq.Poller()
         for mon in self._monitors:
             poller.register(mon, zmq.POLLIN)
+        tick_ms = int(quotas.INBOUND_TICK_S * 1000)
         while not self._watch_stop.is_set():
             try:
-                ready = poller.poll(100)
+                ready = poller.poll(tick_ms)
             except zmq.ZMQError:
                 return
             got = False
@@ -623,6 +733,7 @@ class KernelServer:
                         break
                     except zmq.ZMQError:
                         return
+                    self._inbound_event(event)
                     with self._events_lock:
                         self._events.append(event)
                         self._since_drain += 1 if event["event"] == zmq.EVENT_ACCEPTED else -1
@@ -638,6 +749,150 @@ class KernelServer:
                         loop.call_soon_threadsafe(self._on_monitor)
                     except RuntimeError:  # the loop is closed: shutting down
                         return
+            try:
+                self._inbound_tick()
+            except Exception:  # a bug here must not stop the accept gate this thread also is
+                self.inbound.counters["errors"] = self.inbound.counters.get("errors", 0) + 1
+                if self.inbound.counters["errors"] == 1:
+                    log.exception("internal error in the inbound watcher (counted from now on)")
+
+    # -- inbound: what libzmq holds before the kernel sees it (kernel.quotas.InboundMeters) -------
+
+    def _inbound_event(self, event: dict[str, Any]) -> None:
+        """(watcher thread) A connection accepted: a tcp one is metered; one closed: its meter goes."""
+        fd = int(event["value"])
+        if event["event"] != zmq.EVENT_ACCEPTED:
+            # Only if the descriptor no longer holds the metered socket: by now it may carry a
+            # newer connection whose first message already made its meter (the loop's).
+            try:
+                ino: int | None = os.fstat(fd).st_ino
+            except OSError:
+                ino = None
+            with self._inbound_lock:
+                m = self.inbound.meters.get(fd)
+                if m is not None and m.ino != ino:
+                    self.inbound.close(fd, m.ino)
+            return
+        try:
+            st = os.fstat(fd)
+            if not _stat.S_ISSOCK(st.st_mode):
+                return
+            with _borrowed(fd) as s:
+                if s.family not in (_socket.AF_INET, _socket.AF_INET6):
+                    return  # unix (ipc://): no cumulative count (docs/limits.md)
+            with self._inbound_lock:
+                self.inbound.meter(fd, st.st_ino)
+        except OSError:
+            with self._inbound_lock:
+                self.inbound.close(fd)
+
+    def _rss(self) -> int:
+        if self._statm is None:
+            return 0
+        return int(os.pread(self._statm, 128, 0).split()[1]) * _PAGE
+
+    def _inbound_tick(self) -> None:
+        """(watcher thread, every tick) When the kernel's resident set has grown by
+        ``INBOUND_SCAN_STEP`` since the last look, look at every tcp connection (kernel.quotas)."""
+        try:
+            rss = self._rss()
+        except (OSError, ValueError, IndexError):
+            return
+        now = time.monotonic()
+        with self._inbound_lock:
+            go = self.inbound.due(rss, now) if self._statm is not None else now >= self.inbound.next_scan
+        if not go:
+            return
+        self._look_inbound(now)
+        spent = time.monotonic() - now
+        try:
+            rss = self._rss()
+        except (OSError, ValueError, IndexError):
+            pass
+        with self._inbound_lock:
+            self.inbound.scanned(rss, now + spent, spent)
+
+    def _look_inbound(self, now: float) -> None:
+        """(watcher thread) Look at every tcp connection: one past ``peer_in_bytes`` of bytes libzmq
+        read and the kernel has not (a multipart message still coming in, or messages waiting for
+        the loop) is cut at once; so is the one holding the most when all of them together pass
+        ``peers_in_bytes``."""
+        cuts: list[tuple[int, quotas.InboundMeter, str]] = []
+        meters = self.inbound.meters
+        with self._inbound_lock:
+            live = [(fd, m) for fd, m in meters.items() if not m.cut]
+        for fd, m in live:  # the system calls outside the lock (the loop takes it for a new peer)
+            received = m.received  # before the socket: a frame read meanwhile only adds
+            try:
+                read: int | None = _tcp_read(fd)
+            except OSError:
+                read = None
+            with self._inbound_lock:
+                if meters.get(fd) is not m:
+                    continue  # closed, or replaced by a newer connection, meanwhile
+                if read is None:
+                    self.inbound.close(fd, m.ino)
+                elif self.inbound.look(m, received, read, now) is not None:
+                    cuts.append((fd, m, quotas.IN))
+        fresh: set[int] = set()  # a candidate of a total cut is looked at again first (stale: not cut)
+        while True:
+            with self._inbound_lock:
+                big = self.inbound.largest()
+                if big is None:
+                    break
+                m = meters[big]
+                if big in fresh:
+                    self.inbound.cut(m, quotas.IN_TOTAL)
+                    cuts.append((big, m, quotas.IN_TOTAL))
+                    continue
+            fresh.add(big)
+            received = m.received
+            try:
+                read = _tcp_read(big)
+            except OSError:
+                read = None
+            with self._inbound_lock:
+                if meters.get(big) is not m:
+                    continue
+                if read is None:
+                    self.inbound.close(big, m.ino)
+                elif self.inbound.look(m, received, read, time.monotonic()) is not None:
+                    cuts.append((big, m, quotas.IN))
+        for fd, m, why in cuts:
+            self._cut_inbound(fd, m, why)
+
+    def _cut_inbound(self, fd: int, m: quotas.InboundMeter, why: str) -> None:
+        """(watcher thread) Shut the connection on ``fd`` down now, abortively (libzmq sees it
+        fail, drops the partial message it held and frees the pipe); the loop then drops its
+        routing id (its requests answered, cancelled, logged)."""
+        try:
+            with _dup_if(fd, m.ino) as s:  # closed and reused meanwhile: OSError, not that connection
+                s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _ABORT_LINGER)
+                s.shutdown(_socket.SHUT_RDWR)
+        except OSError:
+            pass
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+                loop.call_soon_threadsafe(self._inbound_cut, fd, m.ino, m.unread, why)
+
+    def _inbound_cut(self, fd: int, ino: int, unread: int, why: str) -> None:
+        """(loop) The watcher cut the connection on ``fd``: its routing id, if it sent a message
+        the kernel read, is dropped through the usual path; else the cut is logged."""
+        now = time.monotonic()
+        identity = self.peers.by_fd.get(fd)
+        acct = self.peers.accounts.get(identity) if identity is not None else None
+        if acct is not None and acct.ino == ino and identity is not None:
+            self._drop(identity, why, now, unread=unread)
+            return
+        if any(d[0] == fd and d[1] == ino for d in self._dropping.values()):
+            return  # dropped already (and logged), still sending: cut sooner than its linger
+        ok, suppressed = self._drop_log.take("?", now)
+        if ok:
+            log.warning("connection fd %d cut before its first message: it sent %d bytes the kernel had not yet "
+                        "seen, past its budget of %d%s%s", fd, unread, self.inbound.in_bytes,
+                        " (every connection together past peers_in_bytes)" if why == quotas.IN_TOTAL else "",
+                        f" ({suppressed} more drops not logged)" if suppressed else "")
 
     def _drain_monitor(self, now: float) -> None:
         fds = open_fds()  # once per batch: listing /proc/self/fd is O(descriptors)
@@ -728,6 +983,9 @@ class KernelServer:
             if acct.fd not in alive:
                 self.peers.forget(identity)
                 self._paused.pop(identity, None)
+        with self._inbound_lock:  # meters of descriptors closed after their close event was read
+            for fd in [fd for fd in self.inbound.meters if fd not in alive]:
+                self.inbound.close(fd)
 
     def _arm(self) -> None:
         wake = min(self.router.next_wakeup(), self.guard.next_wakeup(), self._next_reconcile)
@@ -811,6 +1069,9 @@ class KernelServer:
         for listener in self._listeners:
             listener.close()
         self._listeners = []
+        if self._statm is not None:
+            os.close(self._statm)
+            self._statm = None
         if self.zap is not None:
             self.zap.stop()
         if self._own_context:

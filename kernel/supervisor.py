@@ -216,11 +216,19 @@ def exit_reason(returncode: int, last_line: str | None) -> str:
 #: for the chain model at the bound; 2 s leaves room for larger models and a busy machine).
 #: A [[service]] ``grace_ms`` overrides it.
 DECLARED_GRACE_MS: dict[str, float] = {"services.scch": 21_000.0, "services.decode": 2_000.0}
-#: Services that keep state between requests, by module (decode's sessions; sim's runs and finished
-#: results, which other principals may hold): the
-#: ladder never kills their worker for one request's tombstone before its hard ceiling
-#: (kernel/ladder.py, "Shared workers").  A [[service]] ``keeps_state`` overrides it.
-KEEPS_STATE: frozenset[str] = frozenset({"services.decode", "services.sim"})
+#: The ladder's answer window for a child on another node before its agent's round trips are added,
+#: seconds (``[enforce] remote_answer_grace_ms``): measured with ``bench ray``, a remote thaw and
+#: answer took ~100 ms at load 25, the local window (kernel.ladder.ANSWER_GRACE_S) in all.
+REMOTE_ANSWER_GRACE_S = 0.5
+#: Services that keep state between requests, by module, which other principals may hold: decode's
+#: sessions (``decode`` ids, and the ``long_*`` tiered decodes with their held arenas); sim's runs
+#: and finished results; kvtp's runs (each holds a long decode and its ``kv_blocks`` on decode,
+#: freed by kvtp when the run ends -- and kept with ``keep``); ttc's prepared and committed calls,
+#: their subscribers' waits and the tool workers in its group (a kill takes every principal's
+#: running tool calls with it).  The ladder never kills their worker for one request's tombstone
+#: before its hard ceiling (kernel/ladder.py, "Shared workers").  A [[service]] ``keeps_state``
+#: overrides it.
+KEEPS_STATE: frozenset[str] = frozenset({"services.decode", "services.sim", "services.kvtp", "services.ttc"})
 #: Environment variable giving a child its incarnation: a number larger than every earlier run's
 #: of the same child, across restarts and kernel restarts (tenths of a second since 2026, or the
 #: last one + 1), so that it can tell state of an earlier run (``session_lost``) from none.
@@ -360,6 +368,9 @@ class Supervisor:
         #: ``spawn(name, argv, env)`` returns a process-like handle); None: such children are
         #: reported unavailable.
         self.remote: Any = None
+        #: The ladder's answer window after a thaw for a child placed on another node, before the
+        #: round trips to its agent are added (``[enforce] remote_answer_grace_ms``; answer_grace_of).
+        self.remote_answer_grace = REMOTE_ANSWER_GRACE_S
 
     def _own(self, coro: Any) -> asyncio.Task:
         """Start ``coro`` as a task the supervisor owns (awaited or cancelled at shutdown)."""
@@ -720,8 +731,15 @@ class Supervisor:
         return group.freeze(timeout)
 
     def thaw(self, name: str) -> None:
-        """Thaw child ``name``'s group (running or not).  LookupError without a group."""
+        """Thaw child ``name``'s group (running or not); a child on another node is thawed by its
+        node agent (SIGCONT: its group there; sent, not confirmed).  LookupError without a
+        group."""
         child = self.child(name)
+        remote = self._remote(name)
+        if remote is not None and child.proc is not None and child.proc.returncode is None:
+            remote.signal(signal.SIGCONT)
+            child.state = ChildState.RUNNING
+            return
         if child.group is None:
             raise LookupError(f"child {name!r} has no enforcer group")
         child.group.thaw()
@@ -743,6 +761,26 @@ class Supervisor:
     def grace_of(self, name: str) -> float:
         """The grace child ``name`` declared (``grace_ms``), CPU seconds."""
         return max(0.0, self.child(name).spec.grace_ms or 0.0) / 1000.0
+
+    def hurry(self, name: str) -> None:
+        """The ladder holds a tombstone of child ``name``: a child on another node has its CPU
+        read every few tens of milliseconds for a while (kernel/rayplace.py
+        ``RemoteProcess.hurry``) instead of every second; a local child's is read at each poll
+        anyway."""
+        remote = self._remote(name)
+        if remote is not None and hasattr(remote, "hurry"):
+            remote.hurry()
+
+    def answer_grace_of(self, name: str) -> float | None:
+        """The ladder's answer window after a thaw for child ``name``, seconds: None (the
+        ladder's own) for a local child; for one on another node, :attr:`remote_answer_grace`
+        plus twice the longest recent round trip to its node agent -- the thaw travels there as
+        a Ray actor call, and the answer comes back over the network."""
+        remote = self._remote(name)
+        if remote is None:
+            return None
+        rtt = getattr(remote, "rtt", None)
+        return self.remote_answer_grace + 2.0 * (float(rtt()) if callable(rtt) else 0.0)
 
     def keeps_of(self, name: str) -> bool:
         """Whether child ``name`` keeps state between requests (``keeps_state``)."""

@@ -163,3 +163,22 @@ def test_duplicate_service_names_and_slashes_are_config_errors(tmp_path, text, w
     with pytest.raises(ConfigError) as exc:
         load(path, runtime="/tmp/r")
     assert path in str(exc.value) and why in str(exc.value) and "name" in str(exc.value)
+
+
+def test_two_kernels_on_os_picked_tcp_ports_run_at_once():
+    """``tcp://H:0`` lets the OS pick the port; the derived control endpoint must too.  It was
+    ``tcp://H:1`` (PORT + 1), a fixed port: a second such kernel (another test run on the same
+    machine, or a test's second kernel) failed to start with "Address already in use"."""
+    from kernel.config import default_control_for
+
+    assert default_control_for("tcp://127.0.0.1:0") == "tcp://127.0.0.1:0"
+    assert default_control_for("tcp://127.0.0.1:5555") == "tcp://127.0.0.1:5556"
+    config = '[kernel]\nendpoint = "tcp://127.0.0.1:0"\nheartbeat_s = 0.2\n\n[auth]\ninsecure = true\n'
+    with KernelProcess.from_config(config) as a, KernelProcess.from_config(config) as b:
+        controls = set()
+        for k in (a, b):
+            with Client(k.endpoint, timeout=30, retries=0, context=zmq.Context.instance()) as c:
+                assert "services" in c.stats()
+            (line,) = [ln for ln in k.lines if ln.startswith("reca kernel control ")]
+            controls.add(line.split()[-1])
+        assert len(controls) == 2 and not any(c.endswith(":1") for c in controls)

@@ -103,23 +103,55 @@ def test_streamed_tokens_equal_engine_greedy_and_are_charged(client, ref):
                                                                                "freed": True}
 
 
+class Lost(Exception):
+    """The generate finished before the action reached it (see :func:`_generate_with`)."""
+
+
+def _lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is the typed answer to an action on a generate that had already ended:
+    a legitimate outcome (the 80 tokens can outrun the action's hops through the kernel on a
+    busy machine: caught at load 21), not a defect."""
+    if isinstance(exc, Lost):
+        return True
+    if isinstance(exc, errors.BadRequest):
+        return exc.detail.get("kind") == "NotRunning"  # ids: no generate running to pause
+    if isinstance(exc, errors.Refused):  # ids: ended before a safe point; mmi.*: the request is gone
+        return isinstance(exc, errors.NotFound) or "ended before it reached a safe point" in exc.message
+    return False
+
+
+#: Scenarios run again when the action lost that race (each attempt a fresh generate).
+ATTEMPTS = 6
+
+
 async def _generate_with(kern, payload: dict, at_token: int, action, **kw) -> tuple[list[int], list, dict]:
-    """Stream a generate; when ``at_token`` tokens have arrived, run ``action(first_partial)`` on
-    a second client while the stream goes on."""
-    async with AsyncClient(kern.endpoint, timeout=30, retries=0) as a, \
-            AsyncClient(kern.endpoint, timeout=30, retries=0) as b:
-        toks, seen = [], []
-        task = None
-        async for r in a.stream("decode", payload, **kw):
-            seen.append(r)
-            if not r.final and isinstance(r.payload, dict) and "token" in r.payload:
-                toks.append(r.payload["token"])
-                if len(toks) == at_token:
-                    task = asyncio.ensure_future(action(b, seen[0].payload))
-            if r.final:
-                final = r.payload
-        assert task is not None
-        return toks, seen, {"final": final, "action": await asyncio.wait_for(task, WAIT)}
+    """Stream a generate; when ``at_token`` tokens have arrived, run ``action(client, first_partial)``
+    on a second client while the stream goes on.  The action races the rest of the generate; when
+    the generate wins (:func:`_lost`), its decode is freed and the scenario runs again, bounded by
+    :data:`ATTEMPTS`, so the test's outcome does not depend on how the machine schedules it."""
+    for _ in range(ATTEMPTS):
+        async with AsyncClient(kern.endpoint, timeout=30, retries=0) as a, \
+                AsyncClient(kern.endpoint, timeout=30, retries=0) as b:
+            toks, seen = [], []
+            task = None
+            async for r in a.stream("decode", payload, **kw):
+                seen.append(r)
+                if not r.final and isinstance(r.payload, dict) and "token" in r.payload:
+                    toks.append(r.payload["token"])
+                    if len(toks) == at_token:
+                        task = asyncio.ensure_future(action(b, seen[0].payload))
+                if r.final:
+                    final = r.payload
+            assert task is not None
+            try:
+                done = await asyncio.wait_for(task, WAIT)
+            except Exception as exc:
+                if not _lost(exc):
+                    raise
+                await a.call("decode", {"op": "free", "decode": final["decode"]})
+                continue
+            return toks, seen, {"final": final, "action": done}
+    pytest.fail(f"the generate finished before the action reached it in {ATTEMPTS} attempts")
 
 
 async def test_preempt_pauses_at_token_boundary_and_resume_is_exact(kern, ref):
@@ -128,6 +160,8 @@ async def test_preempt_pauses_at_token_boundary_and_resume_is_exact(kern, ref):
     async def preempt_then_resume(b: AsyncClient, head: dict) -> dict:
         await b.call("mmi.preempt", {"token": head["kernel_token"], "service": "decode"})
         st = await b.call("decode", {"op": "state", "decode": head["decode"], "wait_paused_ms": 5000})
+        if not st["running"]:
+            raise Lost()  # finished at the boundary the preempt would have paused at
         assert st["paused"] and st["state"] == "paused"
         await b.call("mmi.resume", {"token": head["kernel_token"], "service": "decode"})
         return st

@@ -18,7 +18,7 @@ import psutil
 import pytest
 import zmq
 
-from clients import Client
+from clients import Client, ConnectError
 from kernel import errors
 from kernel import protocol as P
 from tests.support import KernelProcess, kernel_config, service_block
@@ -142,9 +142,9 @@ def test_a_thousand_connections_under_a_1024_soft_limit(zctx):
 
 
 def test_peer_cap_refuses_clearly_and_survives_a_flood(zctx):
-    """Over ``max_peers`` a request is answered ``overloaded`` naming the cap; a flood ten times
-    past it never aborts the kernel nor drops its connected peers, and a new honest client is
-    served once it ends."""
+    """At ``max_peers`` the kernel stops accepting, and a connection accepted past the cap has its
+    request answered ``overloaded`` naming the cap; a flood ten times past it never aborts the
+    kernel nor drops its connected peers, and a new honest client is served once it ends."""
     zctx.set(zmq.MAX_SOCKETS, 4096)
     with KernelProcess(service_block("echo", "services.echo"), heartbeat=0.5,
                        kernel_extra={"max_peers": 40}) as k:
@@ -155,12 +155,17 @@ def test_peer_cap_refuses_clearly_and_survives_a_flood(zctx):
                     s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"mmi.service", b"echo"])
                 # until a refusal is among the replies (a bound, not a timing: 400 connections on a
                 # busy machine take a while; the 40 under the cap may all answer first)
-                replies = first_replies(socks, within_s=60, enough=lambda out: any(r[-1] != b"200" for r in out))
+                replies = first_replies(socks, within_s=30, enough=lambda out: any(r[-1] != b"200" for r in out))
                 stats = c.stats()["connections"]
+            # At the cap the kernel stops accepting; a connection libzmq accepted before that took
+            # effect is over the cap and refused with an answer. How many fall in that window is
+            # the machine's timing (none at all happens under load), so either is right -- but
+            # nothing past the cap is ever served.
             refused = [errors.from_wire(msgpack.unpackb(r[-1])["error"]) for r in replies if r[-1] != b"200"]
-            assert refused, "no connection over the cap was refused with an answer"
+            assert len(replies) - len(refused) <= 40, "more peers served than the cap allows"
             assert all(isinstance(e, errors.Overloaded) and "at most 40" in e.message for e in refused)
             assert stats["peers_refused"] >= len(refused) and stats["peer_cap"] == 40
+            assert stats["accept_pauses"] >= 1, "the flood reached the cap but the kernel never stopped accepting"
         # The flood is gone: once the kernel has seen its 400 disconnects (bounded wait; on a
         # loaded machine that takes a moment) an honest new client is served.
         deadline, answer = time.monotonic() + 30, None
@@ -168,7 +173,7 @@ def test_peer_cap_refuses_clearly_and_survives_a_flood(zctx):
             with Client(k.endpoint, timeout=10, retries=5) as again:
                 try:
                     answer = again.call("echo", {"after": 1})
-                except errors.Overloaded:
+                except (errors.Overloaded, ConnectError):  # at the cap the ipc:// socket is hidden
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.2)  # polling the kernel's peer count, bounded above

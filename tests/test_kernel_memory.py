@@ -25,7 +25,7 @@ def test_the_kernel_gives_back_what_a_flood_of_large_frames_took():
     # whenever the kernel lags (two CPU burners): it would drop the connection, which
     # tests/test_kernel_peer_drop.py covers; this test is about memory given back after answers
     config = kernel_config("", heartbeat=0.5, unavailable_wait=0.05,
-                           kernel_extra={"peer_in_bytes": 1 << 30}) + ROOMY_LIMITS
+                           kernel_extra={"peer_in_bytes": 1 << 30, "peers_in_bytes": 1 << 31}) + ROOMY_LIMITS
     with KernelProcess.from_config(config) as k:
         proc = psutil.Process(k.pid)
         ctx = zmq.Context()

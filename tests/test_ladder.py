@@ -233,3 +233,31 @@ def test_cpu_burnt_after_the_answer_is_billed_to_the_job():
             assert spent["cpu_ms"] >= sum(b["out"]["cpu_ms"] for b in bills) - 1e-6
     finally:
         k.stop()
+
+
+def test_a_remote_worker_gets_its_own_answer_window_after_the_thaw():
+    # a Ray-placed worker is thawed through its node agent and answers over the network: its
+    # window (Held.answer_grace, kernel/supervisor.py answer_grace_of) replaces the ladder's 100 ms
+    lad = Ladder(0.02, 1.0, 0.1)
+    remote = [Held(A, 10, W1, answer_grace=0.6)]
+    local = [Held(B, 11, W2)]
+    lad.observe(remote + local, {W1, W2}, 0.0)
+    assert sorted(a.pid for a in lad.observe(remote + local, {W1, W2}, 0.02)) == [10, 11]  # both frozen
+    assert sorted(a.rung for a in lad.observe(remote + local, {W1, W2}, 1.02)) == ["thaw", "thaw"]
+    assert lad.next_due() == pytest.approx(1.12)  # the local one's window ends first
+    acts = lad.observe(remote + local, {W1, W2}, 1.12)
+    assert [(a.rung, a.pid) for a in acts] == [("kill", 11)]  # the local worker: its 100 ms are over
+    assert lad.next_due() == pytest.approx(1.62)
+    assert lad.observe(remote, {W1, W2}, 1.5) == []  # still within its own window
+    assert lad.observe([], {W1, W2}, 1.55) == []  # its late FINAL came: answered, alive
+    assert lad.counts["answered"] == 1 and lad.counts["killed"] == 1
+
+
+def test_a_remote_worker_that_does_not_answer_in_its_window_is_killed():
+    lad = Ladder(0.02, 1.0, 0.1)
+    remote = [Held(A, 10, W1, answer_grace=0.6)]
+    lad.observe(remote, {W1}, 0.0)
+    lad.observe(remote, {W1}, 0.02)
+    lad.observe(remote, {W1}, 1.02)
+    assert lad.observe(remote, {W1}, 1.6) == []
+    assert [(a.rung, a.why) for a in lad.observe(remote, {W1}, 1.62)] == [("kill", "answer window")]

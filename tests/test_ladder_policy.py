@@ -168,3 +168,66 @@ def test_a_kept_decode_session_killed_with_its_worker_answers_session_lost():
             assert _call_restarted(c, "decode", {"op": "generate", "prompt": "Q:1+2;", "max_new": 2})["decode"]
     finally:
         k.stop()
+
+
+def test_services_that_keep_state_for_other_principals_declare_it():
+    from kernel.supervisor import ChildSpec, python_module_argv
+
+    for module in ("services.decode", "services.sim", "services.kvtp", "services.ttc"):
+        assert ChildSpec("s", python_module_argv(module)).keeps_state is True, module
+    assert ChildSpec("s", python_module_argv("services.echo")).keeps_state is False
+    assert ChildSpec("s", python_module_argv("services.ttc"), keeps_state=False).keeps_state is False
+
+
+LONG = {"length": 256, "vars": 2, "seed": 5}
+
+
+def test_a_long_decode_survives_its_worker_being_throttled_for_another_request():
+    """decode's ``long_*`` decodes (kvtp's, kept with ``keep``) are state of their own principal on
+    the worker: a beam of another request that ignores its budget gets the worker throttled --
+    frozen, thawed for its answer window, frozen again -- never killed below its ceilings, and the
+    long decode answers afterwards."""
+    svc = service_block("decode", "services.decode", args=["--max-beam-width", "64", "--max-beam-tokens", "10000000"])
+    svc += "grace_ms = 0.0\n" + service_block("kvtp", "services.kvtp")
+    k = KernelProcess(
+        svc + "\n[enforce]\nkill_grace_ms = 150.0\ncpu_ceiling_ms = 600000.0\nhold_ceiling_s = 600.0\n",
+        heartbeat=0.5,
+        liveness=40,
+    )
+    try:
+        with Client(k.endpoint, timeout=300, retries=0) as c:
+            for name in ("decode", "kvtp"):
+                c.wait_for_service(name, 90)
+            c.open_job("kept", {"kv_blocks": 8})
+            run = c.call(
+                "kvtp",
+                {
+                    "op": "run",
+                    "varref": LONG,
+                    "policy": {"name": "sparse", "topk": 2},
+                    "tiers": {"device_blocks": 8, "host_blocks": 8, "disk_blocks": 16, "block_size": 32},
+                    "queries": [],
+                    "keep": True,
+                },
+                job="kept",
+            )
+            with pytest.raises(errors.BudgetExceeded):
+                c.call(
+                    "decode", {"op": "generate", "prompt": PROMPT, "max_new": 1500, "width": 64}, budget={"wall_ms": 30}
+                )
+            rungs = _wait_rung(
+                c,
+                k,
+                lambda r: [x["in"]["rung"] for x in _rungs(k.decision_log)].count("freeze") >= 2,
+                "a second freeze",
+                bound=180,
+            )
+            ladder = [(r["in"]["rung"], r["in"].get("why")) for r in rungs if r["in"]["rung"] != "bill"]
+            assert ("thaw", "answer window") in ladder and "kill" not in [rung for rung, _ in ladder], ladder
+            stats = c.call("decode", {"op": "long_stats", "long": run["long"]}, job="kept")
+            assert stats["tokens"] == run["tokens"] and stats["device_blocks"] == 8, stats
+            c.call("decode", {"op": "long_free", "long": run["long"]}, job="kept")
+            c.stats()
+        assert not [r for r in _rungs(k.decision_log) if r["in"]["rung"] == "kill"]
+    finally:
+        k.stop()

@@ -447,3 +447,70 @@ def test_a_v1_group_is_boosted_with_its_ancestors_and_gets_its_own_weights_back(
         if p.poll() is None:
             p.kill()
         p.wait(WAIT)
+
+
+THREADS = "import threading\nfor _ in range(3):\n    threading.Thread(target=lambda: [0 for _ in iter(int, 1)], daemon=True).start()\nwhile True: pass\n"
+
+
+def _policies(pids: list[int]) -> dict[int, int]:
+    out = {}
+    for pid in pids:
+        for t in psutil.Process(pid).threads():
+            try:
+                out[t.id] = os.sched_getscheduler(t.id)
+            except OSError:  # gone
+                pass
+    return out
+
+
+def test_a_freeze_raises_the_tasks_to_real_time_only_until_it_lands(enforcer):
+    """A freeze runs the group's tasks at SCHED_FIFO once it is written, so that they run at once
+    into it (kernel/enforce.py ``_fifo``); when it lands every task is back at its own policy -- a
+    thawed task never runs at real-time priority -- and a task its owner set to SCHED_BATCH is left
+    alone.  On cgroup v1 the real-time budget the group borrowed goes back to the subtree's root."""
+    enf, procs = enforcer
+    busy = _spawn(procs, THREADS)
+    batch = _spawn(procs, "while True: pass")
+    os.sched_setscheduler(batch.pid, os.SCHED_BATCH, os.sched_param(0))
+    group = enf.place_service("busy", busy.pid)
+    enf.place_service("busy", batch.pid)  # the same group: two processes in <busy>/main
+    _wait(lambda: len(psutil.Process(busy.pid).threads()) == 4, "the worker's threads")
+    for _ in range(5):
+        group.freeze()
+        assert group.frozen()
+        pols = _policies([busy.pid, batch.pid])
+        assert pols[batch.pid] == os.SCHED_BATCH
+        assert {p for t, p in pols.items() if t != batch.pid} == {os.SCHED_OTHER}, pols
+        if isinstance(group, E.CgroupV1Group):
+            assert (group.dirs["cpu"] / "cpu.rt_runtime_us").read_text().strip() == "0"
+            assert (group.dirs["cpu"] / "main" / "cpu.rt_runtime_us").read_text().strip() == "0"
+        group.thaw()
+        assert set(_policies([busy.pid]).values()) == {os.SCHED_OTHER}
+    if isinstance(group, E.CgroupV1Group):
+        root_rt = enf.root.dirs["cpu"] / "cpu.rt_runtime_us"
+        if root_rt.exists():
+            assert root_rt.read_text().strip() == str(E.RT_BUDGET_US)
+    before = group.cpu_seconds()
+    _wait(lambda: group.cpu_seconds() > before + 0.05, "the thawed group to run again")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a task to real-time priority needs root")
+def test_fifo_raises_ordinary_tasks_and_unfifo_puts_them_back():
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    batch = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        os.sched_setscheduler(batch.pid, os.SCHED_BATCH, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, sleeper.pid, 5)
+        raised = E._fifo([sleeper.pid, batch.pid, 2**22 + 7])
+        if not raised:
+            pytest.skip("this process's cpu cgroup has no real-time budget: the freeze falls back to its boost")
+        assert raised == [sleeper.pid]  # the batch task kept its policy, a gone tid skipped
+        assert os.sched_getscheduler(sleeper.pid) & ~getattr(os, "SCHED_RESET_ON_FORK", 0) == os.SCHED_FIFO
+        E._unfifo([sleeper.pid])
+        assert os.sched_getscheduler(sleeper.pid) == os.SCHED_OTHER
+        assert os.getpriority(os.PRIO_PROCESS, sleeper.pid) == 5  # its nice value survives
+        assert os.sched_getscheduler(batch.pid) == os.SCHED_BATCH
+    finally:
+        for p in (sleeper, batch):
+            p.kill()
+            p.wait(WAIT)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 
 from clients import Client
+from clients.core import raise_for
 from kernel import errors
 from kernel import protocol as P
 from services.igms.logic import PrefetchedGate, order_from_actions, parse_request, report_from_wire, wanted_refinements
@@ -322,23 +323,27 @@ def test_a_cache_waiter_with_a_spent_budget_ends_at_a_safe_point_not_by_killing_
     safe point; its budget ran out, the ladder froze and killed the whole sim worker, and every
     other run on it (another principal's too) died with ``worker_died``."""
     import threading
-    import time
 
     import zmq
 
     long_run = {"case": "gaussian_diffusion", "blocks": 4, "cells": 64, "max_level": 0, "max_steps": 3000,
-                "t_end": 1e6, "report_every": 1000, "cache": True}
+                "t_end": 1e6, "report_every": 100, "cache": True}
     pid = child_pids(client)["sim"]
     got = {}
+    running = threading.Event()
 
     def first():
         with Client(kern.endpoint, timeout=120, retries=0, context=zmq.Context.instance()) as c:
-            got["first"] = c.call("sim", long_run)
+            for reply in c.stream("sim", long_run):
+                running.set()  # its first report: the run is in flight
+                if reply.final:
+                    got["first"] = raise_for(reply)
 
     t = threading.Thread(target=first)
     t.start()
-    time.sleep(1.0)  # the first is running (were it not yet, the test is only weaker)
     try:
+        # the first is running (a fixed 1 s sleep before: were it not yet, the test was only weaker)
+        assert running.wait(60), "the first run reported nothing within 60 s"
         with pytest.raises(errors.BudgetExceeded):
             client.call("sim", long_run, budget={"wall_ms": 300})
     finally:

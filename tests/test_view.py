@@ -120,73 +120,79 @@ def _browser():
     return webdriver.Chrome(service=DriverService(CHROMEDRIVER), options=options)
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module's page tests: a launch costs seconds of CPU on a busy
+    machine, and each test loads the page afresh (``driver.get``)."""
+    driver = _browser()
+    try:
+        driver.set_page_load_timeout(60)
+        yield driver
+    finally:
+        driver.quit()
+
+
 @pytest.mark.system
 @needs_chromium
-def test_in_chromium_a_new_job_appears_and_its_bar_moves(kern):
+def test_in_chromium_a_new_job_appears_and_its_bar_moves(kern, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     url = _url(kern)
-    driver = _browser()
-    try:
-        driver.set_page_load_timeout(60)
-        driver.get(url)
-        wait = WebDriverWait(driver, 60, poll_frequency=0.1)
-        wait.until(lambda d: d.find_element(By.ID, "health").text == "ready")
-        with Client(kern.endpoint, timeout=30, retries=0) as c:
-            c.open_job("ui-job", {"flops": 40_000})
-            row = '[data-job="ui-job"] .fill'
-            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row))  # the new job appears
+    driver = browser
+    driver.get(url)
+    wait = WebDriverWait(driver, 60, poll_frequency=0.1)
+    wait.until(lambda d: d.find_element(By.ID, "health").text == "ready")
+    with Client(kern.endpoint, timeout=30, retries=0) as c:
+        c.open_job("ui-job", {"flops": 40_000})
+        row = '[data-job="ui-job"] .fill'
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, row))  # the new job appears
 
-            def burn() -> float:  # read in one script: the page redraws its rows on every update
-                value = driver.execute_script(
-                    "const e = document.querySelector(arguments[0]); return e ? e.dataset.burn : null", row
-                )
-                return -1.0 if value is None else float(value)
-
-            assert burn() == 0.0
-            for _ in range(2):
-                c.call("echo", {"steps": 5, "step_ms": 1}, job="ui-job")  # 5,000 flops each
-            wait.until(lambda d: burn() >= 0.25)  # the bar moved: 10,000 of 40,000
-            c.call("echo", {"steps": 10, "step_ms": 1}, job="ui-job")
-            wait.until(lambda d: burn() >= 0.5)  # and moves on as the job spends
-            width = driver.execute_script(
-                "return document.querySelector(arguments[0]).getBoundingClientRect().width", row
+        def burn() -> float:  # read in one script: the page redraws its rows on every update
+            value = driver.execute_script(
+                "const e = document.querySelector(arguments[0]); return e ? e.dataset.burn : null", row
             )
-            assert width > 0
-            # An order on the bus shows as it happens.  An order needs a request of the job in
-            # flight (not_found otherwise): a longer call runs on a second client meanwhile.
-            import threading
+            return -1.0 if value is None else float(value)
 
-            def long_call() -> None:
-                with Client(kern.endpoint, timeout=60, retries=0) as c2:
-                    c2.call("echo", {"steps": 10, "step_ms": 300}, job="ui-job")  # 10,000 of the 25,000 left
+        assert burn() == 0.0
+        for _ in range(2):
+            c.call("echo", {"steps": 5, "step_ms": 1}, job="ui-job")  # 5,000 flops each
+        wait.until(lambda d: burn() >= 0.25)  # the bar moved: 10,000 of 40,000
+        c.call("echo", {"steps": 10, "step_ms": 1}, job="ui-job")
+        wait.until(lambda d: burn() >= 0.5)  # and moves on as the job spends
+        width = driver.execute_script("return document.querySelector(arguments[0]).getBoundingClientRect().width", row)
+        assert width > 0
+        # An order on the bus shows as it happens.  An order needs a request of the job in
+        # flight (not_found otherwise): a longer call runs on a second client meanwhile.
+        import threading
 
-            runner = threading.Thread(target=long_call, daemon=True)
-            runner.start()
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    c.call("mmi.preempt", {"job": "ui-job"})
-                    break
-                except errors.NotFound:  # not in flight yet (bounded wait)
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-            wait.until(lambda d: "preempt job 'ui-job'" in d.find_element(By.ID, "events").text)
-            time.sleep(0.5)  # let the bar's transition finish before the picture (not an assertion)
-            os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
-            driver.save_screenshot(SCREENSHOT)
-            c.call("mmi.resume", {"job": "ui-job"})
-            runner.join(60)
-    finally:
-        driver.quit()
+        def long_call() -> None:
+            with Client(kern.endpoint, timeout=60, retries=0) as c2:
+                c2.call("echo", {"steps": 10, "step_ms": 300}, job="ui-job")  # 10,000 of the 25,000 left
+
+        runner = threading.Thread(target=long_call, daemon=True)
+        runner.start()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                c.call("mmi.preempt", {"job": "ui-job"})
+                break
+            except errors.NotFound:  # not in flight yet (bounded wait)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        wait.until(lambda d: "preempt job 'ui-job'" in d.find_element(By.ID, "events").text)
+        time.sleep(0.5)  # let the bar's transition finish before the picture (not an assertion)
+        os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+        driver.save_screenshot(SCREENSHOT)
+        c.call("mmi.resume", {"job": "ui-job"})
+        runner.join(60)
     assert os.path.getsize(SCREENSHOT) > 10_000
 
 
 @pytest.mark.system
 @needs_chromium
-def test_in_chromium_the_page_keeps_up_with_a_thousand_jobs(kern):
+def test_in_chromium_the_page_keeps_up_with_a_thousand_jobs(kern, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -194,20 +200,17 @@ def test_in_chromium_the_page_keeps_up_with_a_thousand_jobs(kern):
     with Client(kern.endpoint, timeout=30, retries=0) as c:
         for i in range(1000):
             c.open_job(f"many-{i:04d}", {"flops": 1000 + i})
-    driver = _browser()
-    try:
-        driver.get(url)
-        wait = WebDriverWait(driver, 120, poll_frequency=0.2)
-        wait.until(lambda d: "more" in d.find_element(By.ID, "jobs-more").text)
-        jobs = int(driver.find_element(By.ID, "summary").text.split(" jobs")[0].rsplit("· ", 1)[-1])
-        assert jobs >= 1000
-        rows = driver.execute_script("return document.querySelectorAll('#jobs tbody tr').length")
-        assert rows == 500  # drawn; the rest counted
-        first = driver.execute_script("return window.recaRenders")
-        wait.until(lambda d: d.execute_script("return window.recaRenders") >= first + 3)  # it keeps updating
-        print(f"render of {jobs} jobs: {driver.execute_script('return window.recaRenderMs'):.1f} ms")
-    finally:
-        driver.quit()
+    driver = browser
+    driver.get(url)
+    wait = WebDriverWait(driver, 120, poll_frequency=0.2)
+    wait.until(lambda d: "more" in d.find_element(By.ID, "jobs-more").text)
+    jobs = int(driver.find_element(By.ID, "summary").text.split(" jobs")[0].rsplit("· ", 1)[-1])
+    assert jobs >= 1000
+    rows = driver.execute_script("return document.querySelectorAll('#jobs tbody tr').length")
+    assert rows == 500  # drawn; the rest counted
+    first = driver.execute_script("return window.recaRenders")
+    wait.until(lambda d: d.execute_script("return window.recaRenders") >= first + 3)  # it keeps updating
+    print(f"render of {jobs} jobs: {driver.execute_script('return window.recaRenderMs'):.1f} ms")
 
 
 def test_model_follows_the_latest_cpcs_run_from_the_decision_log():
@@ -261,7 +264,7 @@ def test_the_views_gantt_reads_events_as_cpcs_own_chart_does():
 
 @pytest.mark.system
 @needs_chromium
-def test_in_chromium_a_cpcs_run_draws_its_gantt_chart_live(kern):
+def test_in_chromium_a_cpcs_run_draws_its_gantt_chart_live(kern, browser):
     import threading
 
     from selenium.webdriver.common.by import By
@@ -280,7 +283,7 @@ def test_in_chromium_a_cpcs_run_draws_its_gantt_chart_live(kern):
                 c.wait_for_service(name, 60)
             out["result"] = c.call("cpcs", {"dag": {"tasks": tasks}}, timeout=60)
 
-    driver = _browser()
+    driver = browser
     thread = threading.Thread(target=run)
     try:
         driver.get(url)
@@ -296,7 +299,6 @@ def test_in_chromium_a_cpcs_run_draws_its_gantt_chart_live(kern):
         driver.save_screenshot(os.path.join(REPO, "docs", "img", "view-gantt.png"))
     finally:
         thread.join(60)
-        driver.quit()
 
 
 @pytest.mark.system
