@@ -294,11 +294,17 @@ def _fifo(tids: Iterable[int]) -> list[int]:
 
 def _unfifo(tids: Iterable[int]) -> None:
     """Back to SCHED_OTHER (its nice value kept) -- before a thaw: a thawed task must not run at
-    real-time priority."""
+    real-time priority.  Only a task still at exactly what :func:`_fifo` set (SCHED_FIFO 1 with
+    reset-on-fork) is touched: a thread id kept across a kill may belong to another process by now."""
+    fifo = getattr(os, "SCHED_FIFO", None)
+    if fifo is None:
+        return
+    ours = fifo | getattr(os, "SCHED_RESET_ON_FORK", 0)
     param = os.sched_param(0)
     for tid in tids:
         with contextlib.suppress(OSError):
-            os.sched_setscheduler(tid, os.SCHED_OTHER, param)
+            if os.sched_getscheduler(tid) == ours and os.sched_getparam(tid).sched_priority == 1:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, param)
 
 
 def _tids(root: Path, name: str) -> list[int]:
@@ -952,6 +958,7 @@ class SignalGroup(Group):
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGKILL)
         self._frozen = False
+        self._fifo = []  # the raised threads die with their processes; their ids may be reused
         return len(procs)
 
     def cpu_seconds(self) -> float:

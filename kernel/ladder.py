@@ -84,7 +84,8 @@ blocks the kernel either: the shell writes it and waits at most :data:`FREEZE_WA
 to report it (the kill follows anyway).
 
 A worker that answers (its FINAL frees the slot) before a rung is left alone; a frozen one cannot
-answer until it is thawed.  Every rung is a decision-log record (``enforce``: the rung, why, the
+answer until it is thawed -- but an answer sent just before the freeze landed arrives afterwards,
+and a process whose last held request is answered while it is frozen is thawed (``answered``).  Every rung is a decision-log record (``enforce``: the rung, why, the
 child, its pid, the request's token, and the CPU seconds the OS measured for the child's group at
 that moment), so what a request burnt after its cancel is on record.
 
@@ -286,6 +287,10 @@ class Ladder:
             known = cpu is not None and t.pid in cpu
             if token not in seen:
                 if live:
+                    if t.rung == "frozen" and not any(o.pid == t.pid for k, o in self.tracks.items() if k != token):
+                        # its answer crossed the freeze (sent before the group stopped): no other
+                        # request of this process is held, so nothing else would ever thaw it
+                        act("thaw", t, token, "answered")
                     self._end(token)  # its worker answered it
                     self.counts["answered"] += 1
                 elif t.rung == "run":

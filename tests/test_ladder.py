@@ -54,6 +54,24 @@ def test_a_slow_cooperative_worker_that_answers_once_thawed_is_not_killed():
     assert lad.tracks == {} and lad.counts["answered"] == 1 and lad.counts["killed"] == 0
 
 
+def test_an_answer_that_crossed_the_freeze_thaws_the_worker():
+    # the FINAL was on its way when the freeze was written: the group is frozen with nothing held,
+    # and nothing else would ever thaw it (its heartbeats stop, the supervisor sees it alive)
+    lad = Ladder(0.02, 1.0, 0.1)
+    lad.observe([Held(A, 10, W1)], {W1}, 0.0)
+    assert [a.rung for a in lad.observe([Held(A, 10, W1)], {W1}, 0.03)] == ["freeze"]
+    acts = lad.observe([], {W1}, 0.04)
+    assert [(a.rung, a.pid, a.why) for a in acts] == [("thaw", 10, "answered")]
+    assert lad.tracks == {} and lad.counts["answered"] == 1 and lad.counts["killed"] == 0
+    # while another request of the same process is still held, its own rungs go on instead
+    lad = Ladder(0.02, 1.0, 0.1)
+    both = [Held(A, 10, W1), Held(B, 10, W1)]
+    lad.observe(both, {W1}, 0.0)
+    assert [a.rung for a in lad.observe(both, {W1}, 0.03)] == ["freeze"]
+    assert lad.observe([Held(B, 10, W1)], {W1}, 0.04) == []
+    assert [a.rung for a in lad.observe([Held(B, 10, W1)], {W1}, 1.03)] == ["thaw"]
+
+
 def test_a_worker_that_still_serves_live_requests_is_not_frozen_for_one_tombstone():
     # a multi-slot worker (decode's sessions, another principal's call): freezing it for one
     # answered request would stop the live ones too; the rungs start once it holds only tombstones

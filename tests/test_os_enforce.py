@@ -510,6 +510,12 @@ def test_fifo_raises_ordinary_tasks_and_unfifo_puts_them_back():
         assert os.sched_getscheduler(sleeper.pid) == os.SCHED_OTHER
         assert os.getpriority(os.PRIO_PROCESS, sleeper.pid) == 5  # its nice value survives
         assert os.sched_getscheduler(batch.pid) == os.SCHED_BATCH
+        # a thread id that is not at what _fifo set (a recycled id of another process) is left alone
+        E._unfifo([batch.pid])
+        assert os.sched_getscheduler(batch.pid) == os.SCHED_BATCH
+        os.sched_setscheduler(batch.pid, os.SCHED_FIFO, os.sched_param(2))
+        E._unfifo([batch.pid])
+        assert os.sched_getscheduler(batch.pid) == os.SCHED_FIFO
     finally:
         for p in (sleeper, batch):
             p.kill()
