@@ -140,7 +140,12 @@ class Request:
 
     @property
     def rid(self) -> Any:
-        return self.header.get(P.H_ID) if self.header is not None else None
+        """The request id every status echoes: the header's, or None where it is not a valid id
+        (a header that failed its check may carry anything there; docs/protocol.md: str or int)."""
+        if self.header is None:
+            return None
+        rid = self.header.get(P.H_ID)
+        return rid if self.checked is not None or rid is None or _FIELDS[P.H_ID][0].check(rid) else None
 
     @property
     def mmi(self) -> bool:

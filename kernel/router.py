@@ -358,9 +358,9 @@ class Router:
                     return
         service.requests += 1
         token = self.host.token(TOKEN_BYTES)
-        req = Request(token, ev.identity, ev.form, service, ev.body, None if header is None else header.get(P.H_ID),
+        req = Request(token, ev.identity, ev.form, service, ev.body, ev.rid,  # (a failed header's id only if valid)
                       header is not None, None, P.DEFAULT_PRIORITY, now, header=header, principal=principal,
-                      checked=checked)  # (the rid as ev.rid, without the property call)
+                      checked=checked)
         service.live += 1
         if header is not None:
             if checked is None:

@@ -121,6 +121,10 @@ class ServiceStats:
     p99_ms: float | None
 
 
+#: The header schema's check of a request id (str of at most MAX_NAME characters, or int).
+_VALID_ID = next(f.check for f in P.HEADER if f.name == P.H_ID)
+
+
 def error_body(
     exc: errors.RecaError, header: dict[str, Any] | None, spent: dict[str, Any] | None = None
 ) -> list[bytes]:
@@ -129,6 +133,7 @@ def error_body(
     status: dict[str, Any] = {P.S_STATUS: P.STATUS_ERROR, P.S_ERROR: exc.to_wire()}
     if header is not None:
         status[P.H_VERSION] = P.VERSION
-        status[P.S_ID] = header.get(P.H_ID)
+        rid = header.get(P.H_ID)  # echoed only if it is a valid id (a refused header may hold anything)
+        status[P.S_ID] = rid if rid is None or _VALID_ID(rid) else None
         status[P.S_SPENT] = spent or {}
     return [codec.pack(status)]

@@ -214,7 +214,10 @@ def test_bad_reca_header_gets_bad_request(router, wire):
                 {"v": 1, "budget": {"tokens": -1}}, {"v": 1, "deadline": 0}, {"v": 1, "job": 5}):
         request(router, b"C1", body=[codec.pack(hdr), codec.pack(None)])
         (out,) = wire.to(b"C1")
-        assert codec.unpack(out[4])["error"]["code"] == "bad_request", hdr
+        status = codec.unpack(out[4])
+        assert status["error"]["code"] == "bad_request", hdr
+        # the id is echoed where it is a valid one (str or int), never a malformed one (a list here)
+        assert status.get("id") == (hdr.get("id") if hdr.get("id") != [1] else None), hdr
     assert wire.to(b"W1") == []
 
 
