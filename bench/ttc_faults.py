@@ -400,7 +400,7 @@ class FaultHarness:
             events = self.ttc({"op": "audit", "call_id": call_id})["events"]
             if killed is not None and sched["target"] == "tool" and killed[1].split("/")[1] == call_id:
                 after = [e["t"] for e in events if e["t"] >= killed[0] and e["op"] in ("retry", "finish", "abort")]
-                if after:
+                if after and self._signalled(killed[1]):  # a kill that came after the run ended is no fault
                     self.recovery["tool"].append(after[0] - killed[0])
         if killed is not None and sched["target"] in ("ttc", "kernel"):
             rec = [e["t"] for e in self.ttc({"op": "audit", "since": 0})["events"]
