@@ -128,8 +128,10 @@ def time_limit(seconds: float, what: str = "canonicalisation") -> Iterator[None]
     Uses ``SIGPROF`` (``setitimer(ITIMER_PROF)``: user and system time of the process), so it
     bounds pure-Python work such as SymPy's by the work done, not by how busy the machine is --
     on a loaded machine a wall-clock bound turned provable answers into refusals, and tests into
-    luck (issue 25).  It applies only in the main thread (elsewhere the size bounds alone hold).
-    Nested limits keep the earlier deadline."""
+    luck (issue 25).  Past the deadline it raises again every quarter of the bound (at least 5 ms)
+    until the block is left, so a handler that swallows one TimeLimit does not lift the bound.  It
+    applies only in the main thread (elsewhere the size bounds alone hold).  Nested limits keep the
+    earlier deadline."""
     if seconds <= 0 or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -143,7 +145,10 @@ def time_limit(seconds: float, what: str = "canonicalisation") -> Iterator[None]
 
     old = signal.signal(signal.SIGPROF, expire)
     started = time.process_time()
-    signal.setitimer(signal.ITIMER_PROF, seconds)
+    # repeating: SymPy swallows exceptions in places (``except Exception``), and a one-shot timer
+    # whose TimeLimit was caught there never fired again -- the work then ran unbounded (a burner
+    # run of the suite caught a 20 ms bound not raising at all)
+    signal.setitimer(signal.ITIMER_PROF, seconds, max(0.005, seconds / 4))
     try:
         yield
     finally:
