@@ -173,24 +173,20 @@ def test_under_curve_the_wire_is_counted_exactly_and_an_attacker_is_cut(curve_ke
     def cert(name: str) -> str:
         return os.path.join(k.keys, f"{name}.key_secret")
 
-    try:
-        alice = Client(
+    def client(name: str) -> Client:
+        return Client(
             k.endpoint,
             timeout=WAIT_S,
             retries=0,
             context=ctx,
-            cert=cert("alice"),
+            cert=cert(name),
             server_cert=os.path.join(k.keys, "kernel.key"),
         )
+
+    try:
+        alice = client("alice")
         alice.wait_for_service("echo", WAIT_S)
-        op = Client(
-            k.endpoint,
-            timeout=WAIT_S,
-            retries=0,
-            context=ctx,
-            cert=cert("op"),
-            server_cert=os.path.join(k.keys, "kernel.key"),
-        )  # only an operator sees the budgets
+        op = client("op")  # only an operator sees the budgets
         # 400 requests of ~600 bytes one after another (~250 KB; 33 bytes of CURVE framing per
         # frame): each is read by the kernel, so what libzmq holds unread stays one message.
         for n in range(400):
