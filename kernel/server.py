@@ -112,6 +112,16 @@ class Oversized(Exception):
         self.why = why
 
 
+def _source_fd(frame: zmq.Frame) -> int:
+    """The descriptor of the connection ``frame`` arrived on (``ZMQ_SRCFD``), or -1 for a message
+    with no source: libzmq's XPUB makes the unsubscriptions of a closed subscriber itself, without
+    metadata, and reading SRCFD of such a message fails with EINVAL."""
+    try:
+        return int(frame.get(zmq.SRCFD))
+    except zmq.ZMQError:
+        return -1
+
+
 @contextlib.contextmanager
 def _borrowed(fd: int) -> Iterator[_socket.socket]:
     """A Python socket object on libzmq's descriptor ``fd``, detached (never closed) after use."""
@@ -406,7 +416,7 @@ class KernelServer:
             if first:
                 first = False
                 if refusing or new_peer:
-                    srcfd = frame.get(zmq.SRCFD)
+                    srcfd = _source_fd(frame)
                 if principals is not None:
                     name = str(frame.get(auth.USER_ID) or "")
                     principal = principals.by_name(name) or auth.Principal(name, auth.REVOKED)
@@ -469,7 +479,10 @@ class KernelServer:
             if principals is None:
                 principal = auth.LOCAL_OPERATOR
             else:
-                name = str(msg.get(auth.USER_ID) or "")
+                try:
+                    name = str(msg.get(auth.USER_ID) or "")
+                except zmq.ZMQError:  # no connection behind it: nobody to grant it to
+                    name = ""
                 principal = principals.by_name(name) or auth.Principal(name, auth.REVOKED)
             if not principal.revoked and may_subscribe(principal, topic):
                 pub.setsockopt(zmq.SUBSCRIBE, topic)  # applies to the pipe it came on
@@ -482,8 +495,12 @@ class KernelServer:
     def _credit_subscription(self, msg: zmq.Frame, data: bytes) -> None:
         """Count a frame read from the control socket against its connection's inbound meter: a
         subscription travels as a SUBSCRIBE (or CANCEL) command, 9 (6) bytes more than the message
-        form, the larger is credited; any other frame at its size (kernel.quotas.subscription_wire)."""
-        fd = msg.get(zmq.SRCFD)
+        form, the larger is credited; any other frame at its size (kernel.quotas.subscription_wire).
+        A message libzmq made itself -- the unsubscriptions of a subscriber whose connection closed --
+        has no source connection and nothing was received for it: nothing is credited."""
+        fd = _source_fd(msg)
+        if fd < 0:
+            return
         m = self.inbound.meters.get(fd)
         if m is None:
             try:

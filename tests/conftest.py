@@ -8,7 +8,28 @@ import inspect
 import pytest
 import zmq
 
+from clients.launch import LocalKernel
 from tests.support import KernelProcess, service_block
+
+#: How many of a kernel's last output lines a failing test's report carries.
+KERNEL_LINES_ON_FAILURE = 80
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report carries the last lines each kernel it used printed (its log: a
+    traceback the kernel logged, an ``internal_error``'s cause), so that a failure seen once under
+    load -- in CI, say -- can be read, not only re-run."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for name, value in getattr(item, "funcargs", {}).items():
+        if isinstance(value, LocalKernel):
+            lines = value.lines[-KERNEL_LINES_ON_FAILURE:]
+            if lines:
+                report.sections.append((f"output of the kernel {name!r} (last {len(lines)} lines)",
+                                        "\n".join(lines)))
 
 
 @pytest.hookimpl(hookwrapper=True, trylast=True)

@@ -154,3 +154,31 @@ def test_a_job_order_reaches_only_the_services_holding_its_requests(kern):
                     break
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_closed_subscribers_unsubscriptions_leave_the_control_socket_working(kern):
+    """CI failure of 2026-12-07: when a subscriber's connection closes, libzmq's XPUB makes that
+    subscriber's unsubscriptions itself, with no metadata; reading ``ZMQ_SRCFD`` of such a message
+    fails (EINVAL), and the kernel's inbound meter raised in the middle of its subscription loop:
+    the next operator broadcast answered ``internal_error`` and later subscriptions were not applied.
+    Now such a message credits nothing and the socket goes on applying subscriptions."""
+    ctx = zmq.Context()
+    try:
+        with _client(kern, ctx, "op") as op:
+            broadcast = {"op": "fidelity", "message": {"level": 1}}  # service "all"
+
+            def hears(s: zmq.Socket) -> bool:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    assert op.call(P.MMI_CONTROL, broadcast) == {"ok": True}  # never internal_error
+                    if any(f[0] == b"ctl/all/fidelity" for f in _frames(s, 200)):
+                        return True
+                return False
+
+            for round_ in range(3):  # each round's subscriber closes, and libzmq unsubscribes it
+                s = _sub(kern, ctx, "echo-svc", [b"ctl/all/", b"ctl/echo/"])
+                assert hears(s), f"round {round_}: a new subscriber's subscription was never applied"
+                s.close(linger=0)
+        assert not [line for line in kern.lines if "Traceback" in line or "internal error" in line]
+    finally:
+        ctx.destroy(linger=0)
