@@ -6,6 +6,9 @@ The multi-node cluster tests are in tests/test_ray_cluster.py.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -130,3 +133,59 @@ def test_unreachable_cluster_leaves_the_service_unavailable_and_the_rest_running
             assert c.call("near", 2) == 2  # still served
     finally:
         k.stop(timeout=60)
+
+
+#: Run in a child process (the agent opens an enforcer on this host; pytest never joins a group):
+#: a node agent's service left SIGSTOPped, as the agent's fallback leaves it when a cgroup freeze
+#: is not confirmed in time (its group stays THAWED), then the agent's thaw.  Prints one JSON line.
+_SIGSTOP_FALLBACK = r"""
+import json, os, signal, sys, time
+import zmq
+from kernel.rayplace import ServiceAgent
+
+def state(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rpartition(b")")[2].split()[0].decode()
+    except OSError:
+        return None
+
+def wait_for(pred, bound=20.0):
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline and not pred():
+        time.sleep(0.01)
+    return pred()
+
+agent = ServiceAgent("sigstop-fallback", "service")
+public, _ = zmq.curve_keypair()
+info = agent.start([sys.executable, "-c", "import time\nwhile True: time.sleep(0.005)"], {}, public.decode(),
+                   {"backend": "auto"})
+pid = info["pid"]
+try:
+    os.killpg(pid, signal.SIGSTOP)
+    stopped = wait_for(lambda: state(pid) in ("T", "t"))
+    frozen_group = agent.frozen()
+    sent = agent.signal(signal.SIGCONT)
+    resumed = wait_for(lambda: state(pid) not in ("T", "t", None))
+    print(json.dumps({"backend": info["enforcer"]["backend"], "stopped": stopped, "group_frozen": frozen_group,
+                      "sent": sent, "resumed": resumed, "state": state(pid)}))
+finally:
+    agent.stop(5.0)
+"""
+
+
+def test_the_agents_thaw_resumes_a_service_its_freeze_fallback_left_sigstopped():
+    """Regression (bench ray at load ~20): a remote freeze not confirmed in time falls back to
+    SIGSTOP of the service's process group; the thaw then only thawed the (THAWED) cgroup, and the
+    worker stayed stopped for good.  The thaw also sends SIGCONT now (kernel/rayplace.py
+    ``ServiceAgent.signal``).  No Ray needed: the agent class runs as a plain object."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGSTOP_FALLBACK], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["stopped"] is True, got
+    assert got["group_frozen"] in (False, None), got  # the cgroup itself never froze: only SIGSTOP
+    assert got["sent"] is True and got["resumed"] is True, got
