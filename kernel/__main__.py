@@ -8,7 +8,7 @@
 
 Starts the kernel (ROUTER + PUB), then the supervisor, which launches the services of the
 config in order.  Prints the endpoints and a line ``reca kernel ready`` once everything is
-started.  SIGINT / SIGTERM stop the services in reverse start order (SIGTERM, shutdown
+started.  SIGINT / SIGTERM stop the services all at once (SIGTERM, each its shutdown
 timeout, SIGKILL) and then the kernel; no process is left behind.
 
 Security at start (docs/security.md): the runtime directory is created private (0700) or, if it

@@ -5,8 +5,8 @@ restarts in any ``period`` seconds, else the child is given up), :func:`should_r
 restart types) and :class:`Backoff` (delay between restarts, reset once a child has run stably).
 
 The shell, :class:`Supervisor`, owns the OS processes: it starts children in declaration order,
-each in its own session and process group, restarts them by those rules, and stops them in
-reverse order with SIGTERM, a shutdown timeout, then SIGKILL of the whole group.  Because it
+each in its own session and process group, restarts them by those rules, and stops them all
+at once, each with SIGTERM, its shutdown timeout, then SIGKILL of its whole group.  Because it
 owns the processes it also offers the hard controls of preemption: SIGSTOP / SIGCONT, CPU
 affinity and nice value.  With an :class:`kernel.enforce.Enforcer` (``enforcer=``) every child
 runs in a group of its own (``<service>/main`` under the kernel's ``reca-<pid>`` subtree, with
@@ -572,16 +572,23 @@ class Supervisor:
         self._own(self._spawn(child))
 
     async def shutdown(self) -> None:
-        """Stop every child in reverse start order: SIGTERM, then SIGKILL after its timeout.
-        Every group is thawed first (a frozen child acts on no signal)."""
+        """Stop every child at once: SIGTERM to each, then SIGKILL to each that outlives its own
+        timeout.  Every group is thawed first (a frozen child acts on no signal)."""
         self._shutting_down = True
         if self.enforcer is not None:
             self.enforcer.thaw_all()
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
-        for child in reversed(self.children):
-            await self._stop_child(child)
+        # All at once: every child is signalled before any is waited for, and each still gets its
+        # own shutdown_timeout before SIGKILL (a kernel stop costs the slowest child's stop, not the
+        # sum).  asyncio's own proc.wait(), not psutil.wait_procs: the event loop reaps its children
+        # and must not block while the server still answers.
+        results = await asyncio.gather(*(self._stop_child(c) for c in reversed(self.children)),
+                                       return_exceptions=True)
+        for child, result in zip(reversed(self.children), results):
+            if isinstance(result, BaseException):  # the rest were stopped all the same
+                log.error("stopping %s failed: %r", child.spec.name, result)
         # Watchers end with their processes; a restart caught mid-spawn is cancelled.
         pending = [t for t in self._tasks if not t.done()]
         if pending:
