@@ -23,7 +23,8 @@ Rungs
    another node (Ray placement) is thawed by its node agent through a Ray actor call and answers
    over the network: its window is its own (``Held.answer_grace``: ``[enforce]
    remote_answer_grace_ms`` plus twice the longest round trip to its agent measured lately,
-   kernel/supervisor.py ``answer_grace_of``);
+   kernel/supervisor.py ``answer_grace_of``), fixed when the tombstone is first seen, never
+   below the ladder's ``answer_grace`` nor above ``answer_cap`` (:data:`ANSWER_CAP_S`);
 4. still holding it then, an *exclusive* worker is **killed** (its whole group) and the
    supervisor restarts it (OTP: let it crash).  An exclusive worker that holds the request
    without burning is killed at the same point, ``max(freeze_grace, grace) + kill_grace +
@@ -107,7 +108,7 @@ from kernel.enforce import FreezeTimeout
 
 log = logging.getLogger("reca.ladder")
 
-__all__ = ["ANSWER_GRACE_S", "BILL_EVERY_S", "BURN_MIN_S", "CPU_CEILING_S", "FREEZE_WAIT_S", "HOLD_CEILING_S",
+__all__ = ["ANSWER_CAP_S", "ANSWER_GRACE_S", "BILL_EVERY_S", "BURN_MIN_S", "CPU_CEILING_S", "FREEZE_WAIT_S", "HOLD_CEILING_S",
            "POLL_S", "Action", "Ceilings", "Held", "Ladder", "run", "single_slot_grants"]
 
 #: How often the shell looks for tombstones, seconds (adds at most this to each rung).
@@ -115,6 +116,11 @@ POLL_S = 0.002
 #: After ``kill_grace`` frozen, the worker is thawed and has this long to answer its cancel before
 #: the kill (seconds): a cooperative worker that was only slow on a busy machine is not killed.
 ANSWER_GRACE_S = 0.1
+#: Longest answer window after a thaw a tombstone can be given, seconds (its floor is the
+#: ladder's ``answer_grace``): a remote worker's window is ``[enforce] remote_answer_grace_ms``
+#: plus twice its agent's longest recent round trip, and one slow round trip (an agent call that
+#: timed out counts its 10 s) must not keep a burning worker alive that long.
+ANSWER_CAP_S = 2.0
 #: Longest the shell waits for a freeze to be reported, seconds (the kernel's loop is blocked
 #: meanwhile); one not reported by then is recorded ``landed: false`` and lands on its own.
 FREEZE_WAIT_S = 0.005
@@ -195,12 +201,14 @@ class Ladder:
 
     def __init__(self, freeze_grace: float = 0.010, kill_grace: float = 1.0, answer_grace: float = ANSWER_GRACE_S,
                  *, cpu_ceiling: float = CPU_CEILING_S, hold_ceiling: float = HOLD_CEILING_S,
-                 burn_min: float = BURN_MIN_S) -> None:
+                 burn_min: float = BURN_MIN_S, answer_cap: float = ANSWER_CAP_S) -> None:
         if min(freeze_grace, kill_grace, answer_grace, burn_min) < 0 or cpu_ceiling <= 0 or hold_ceiling <= 0:
             raise ValueError("graces must be >= 0 and ceilings > 0")
         self.freeze_grace = freeze_grace
         self.kill_grace = kill_grace
         self.answer_grace = answer_grace
+        #: A tombstone's own answer window is clamped to [answer_grace, answer_cap] (see _window).
+        self.answer_cap = max(answer_cap, answer_grace)
         self.cpu_ceiling = cpu_ceiling
         self.hold_ceiling = hold_ceiling
         self.burn_min = burn_min
@@ -252,13 +260,11 @@ class Ladder:
             t = self.tracks.get(h.token)
             if t is None:
                 t = self.tracks[h.token] = _Track(h.pid, h.worker, now, h.grace, h.keeps, h.shared, since=now,
-                                                  answer=h.answer_grace)
+                                                  answer=self._window(h.answer_grace))
                 peer = next((p for p in self.tracks.values() if p.pid == h.pid and p is not t), None)
                 if peer is not None and peer.rung != "run":  # the process is frozen or thawed already
                     t.rung, t.since = peer.rung, peer.since
-            t.shared, t.keeps = h.shared, h.keeps
-            if h.answer_grace is not None:
-                t.answer = h.answer_grace
+            t.shared, t.keeps = h.shared, h.keeps  # its answer window stays the one it was first given
         out: list[Action] = []
         done: set[tuple[str, int]] = set()  # one action of each rung per process
 
@@ -328,6 +334,14 @@ class Ladder:
         """An exclusive worker holding a tombstone without burning is killed this long after the
         answer: when a burning one would be (its slot comes back)."""
         return max(self.freeze_grace, t.grace) + self.kill_grace + self._answer(t)
+
+    def _window(self, offered: float | None) -> float | None:
+        """A new tombstone's answer window from the one its worker offers (None: the ladder's),
+        clamped to [answer_grace, answer_cap] -- computed once: a round trip measured later (a
+        slow one) does not move a window already running."""
+        if offered is None:
+            return None
+        return min(max(offered, self.answer_grace), self.answer_cap)
 
     def _answer(self, t: _Track) -> float:
         """The track's answer window after a thaw: its worker's (a remote one's is longer), else

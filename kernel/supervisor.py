@@ -775,7 +775,9 @@ class Supervisor:
         """The ladder's answer window after a thaw for child ``name``, seconds: None (the
         ladder's own) for a local child; for one on another node, :attr:`remote_answer_grace`
         plus twice the longest recent round trip to its node agent -- the thaw travels there as
-        a Ray actor call, and the answer comes back over the network."""
+        a Ray actor call, and the answer comes back over the network.  The ladder takes it once
+        per tombstone, when it first sees it, clamped to [its own answer grace,
+        kernel.ladder.ANSWER_CAP_S]."""
         remote = self._remote(name)
         if remote is None:
             return None
