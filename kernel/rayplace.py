@@ -324,7 +324,7 @@ class ServiceAgent:
         #: The agent is a threaded actor: its orders (freeze, thaw, kill) run one at a time, and a
         #: freeze or thaw older than the last one applied is dropped (:meth:`signal`).
         self._order_lock = threading.Lock()
-        self.last_order = 0  # sequence number of the latest freeze/thaw applied
+        self.last_order = 0  # the latest order's sequence number (freeze, thaw, kill, ...) applied
 
     def enrol(self) -> dict[str, Any]:
         """Make the replica's CURVE key pair here; return only its public key and where it runs."""
@@ -423,8 +423,8 @@ class ServiceAgent:
         otherwise leave the worker frozen for good.  A freeze waits ``freeze_timeout`` at most
         for the OS to report it (:data:`NODE_FREEZE_TIMEOUT_S`)."""
         with self._order_lock:
-            if sig in (signal.SIGSTOP, signal.SIGCONT) and seq is not None:
-                if seq < self.last_order:
+            if seq is not None:
+                if seq < self.last_order and sig in (signal.SIGSTOP, signal.SIGCONT):
                     log.info(
                         "%s: dropped a stale %s (order %d < %d)",
                         self.name,
@@ -433,7 +433,7 @@ class ServiceAgent:
                         self.last_order,
                     )
                     return False
-                self.last_order = seq
+                self.last_order = max(self.last_order, seq)  # a kill too: no older freeze after it
             return self._signal(sig, freeze_timeout)
 
     def _signal(self, sig: int, freeze_timeout: float) -> bool:
