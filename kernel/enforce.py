@@ -321,6 +321,16 @@ def _unfifo(tids: Iterable[int]) -> None:
                 os.sched_setscheduler(tid, os.SCHED_OTHER, param)
 
 
+def _run_delay(tids: Iterable[int]) -> float:
+    """Seconds the tasks ``tids`` have waited on a runqueue, runnable but not running (the second
+    field of ``/proc/TID/schedstat``); a task gone or without scheduler statistics counts 0."""
+    total = 0
+    for tid in tids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(Path(f"/proc/{tid}/schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def _tids(root: Path, name: str) -> list[int]:
     """Thread ids listed in ``name`` files (v1 ``tasks``, v2 ``cgroup.threads``) under ``root``."""
     out: list[int] = []
@@ -516,6 +526,13 @@ class Group(abc.ABC):
     @abc.abstractmethod
     def cpu_seconds(self) -> float:
         """CPU time the group's processes used, as the OS measured it, seconds."""
+
+    def cpu_waited(self) -> float | None:
+        """Seconds the group's live tasks have waited runnable for a CPU (summed over them: it
+        drops when a task exits); None where unknown.  With :meth:`cpu_seconds` it is the CPU
+        the group *wants*: a worker starved by a busy machine burns little but waits much
+        (kernel/ladder.py counts both as burning)."""
+        return None
 
     @abc.abstractmethod
     def memory(self) -> MemoryStat: ...
@@ -758,6 +775,9 @@ class CgroupV1Group(Group):
     def cpu_seconds(self) -> float:
         return int(_read(self.dirs["cpuacct"] / "cpuacct.usage")) / 1e9
 
+    def cpu_waited(self) -> float | None:
+        return _run_delay(_tids(self.dirs["freezer"], "tasks"))
+
     def memory(self) -> MemoryStat:
         m = self.dirs["memory"]
         limit = int(_read(m / "memory.limit_in_bytes"))
@@ -908,6 +928,9 @@ class CgroupV2Group(Group):
 
     def cpu_seconds(self) -> float:
         return _keyed(_read(self.path / "cpu.stat")).get("usage_usec", 0) / 1e6
+
+    def cpu_waited(self) -> float | None:
+        return _run_delay(_tids(self.path, "cgroup.threads"))
 
     def memory(self) -> MemoryStat:
         if "memory" not in self.controllers:
@@ -1144,6 +1167,13 @@ class SignalGroup(Group):
                 t = proc.cpu_times()
                 self._cpu_seen[proc.pid] = t.user + t.system + t.children_user + t.children_system
         return sum(self._cpu_seen.values()) + sum(c.cpu_seconds() for c in self.children.values())
+
+    def cpu_waited(self) -> float | None:
+        tids: list[int] = []
+        for proc in self._processes():
+            with contextlib.suppress(psutil.Error):
+                tids.extend(t.id for t in proc.threads())
+        return _run_delay(tids)
 
     def memory(self) -> MemoryStat:
         rss = 0

@@ -108,7 +108,7 @@ from kernel.enforce import FreezeTimeout
 
 log = logging.getLogger("reca.ladder")
 
-__all__ = ["ANSWER_CAP_S", "ANSWER_GRACE_S", "BILL_EVERY_S", "BURN_MIN_S", "CPU_CEILING_S", "FREEZE_WAIT_S", "HOLD_CEILING_S",
+__all__ = ["ANSWER_CAP_S", "ANSWER_GRACE_S", "BILL_EVERY_S", "BURN_CPU_MIN_S", "BURN_MIN_S", "CPU_CEILING_S", "FREEZE_WAIT_S", "HOLD_CEILING_S",
            "POLL_S", "Action", "Ceilings", "Held", "Ladder", "run", "single_slot_grants"]
 
 #: How often the shell looks for tombstones, seconds (adds at most this to each rung).
@@ -128,6 +128,12 @@ FREEZE_WAIT_S = 0.005
 #: event loop spend far less in a grace (an idle echo worker, measured: 0.04 ms per 20 ms), and a
 #: cooperative worker with safe points less than this much CPU apart answers before it is frozen.
 BURN_MIN_S = 0.002
+#: ... of which at least this much must be CPU it got (seconds): the rest may be time it waited
+#: runnable for a CPU (kernel/enforce.py ``cpu_waited``).  A worker starved by a busy machine
+#: burns little but wants much -- judged by CPU alone its freeze came 30-120 ms past its budget
+#: with 1-3 ms burnt (issue 23, load 6-30); an idle worker's heartbeat that waits long on a busy
+#: runqueue burns far less than this (0.04 ms per 20 ms), so it does not count as burning.
+BURN_CPU_MIN_S = 0.0005
 #: A spared worker's tombstone is killed past this much CPU since its answer (seconds; at least
 #: twice the grace its service declared).
 CPU_CEILING_S = 5.0
@@ -183,6 +189,8 @@ class _Track:
     burnt: float = 0.0  # CPU seconds attributed to it since it was first seen
     mark: float = 0.0  # ``burnt`` when the current rung began
     cycles: int = 0  # freezes so far
+    waited: float = 0.0  # seconds its process waited runnable for a CPU since it was first seen
+    wmark: float = 0.0  # ``waited`` when the current rung began
     billed: float = 0.0  # of ``burnt``, what was billed
     answer: float | None = None  # its answer window (None: the ladder's)
 
@@ -214,6 +222,7 @@ class Ladder:
         self.burn_min = burn_min
         self.tracks: dict[bytes, _Track] = {}
         self.cpu_last: dict[int, float] = {}  # pid -> its group's CPU at the last reading
+        self.wait_last: dict[int, float] = {}  # pid -> its group's runqueue wait at the last reading
         self.ended: list[tuple[bytes, float, float]] = []
         #: Workers killed, until the router drops them: their tombstones are not tracked again.
         self.killed: set[bytes] = set()
@@ -240,20 +249,46 @@ class Ladder:
         for pid in [p for p in self.cpu_last if p not in by_pid and p not in cpu]:
             del self.cpu_last[pid]
 
+    def _waits(self, waited: Mapping[int, float]) -> None:
+        """Growth of each process's runqueue wait since the last reading, added to its tracks
+        (not split: it says the process wants a CPU, not whose the CPU is).  A drop (a task
+        exited and took its count) adds nothing."""
+        pids = {t.pid for t in self.tracks.values()}
+        for pid, reading in waited.items():
+            last = self.wait_last.get(pid)
+            self.wait_last[pid] = reading
+            if last is None or reading <= last or pid not in pids:
+                continue
+            for t in self.tracks.values():
+                if t.pid == pid:
+                    t.waited += reading - last
+        for pid in [p for p in self.wait_last if p not in pids and p not in waited]:
+            del self.wait_last[pid]
+
     def _burning(self, t: _Track, cpu_known: bool) -> bool:
+        """Whether the track's process burnt since its rung began: its declared grace in CPU
+        (first freeze), else ``burn_min`` of CPU it got or waited runnable for, at least
+        ``BURN_CPU_MIN_S`` of it got."""
         if not cpu_known:
             return True
-        need = self.burn_min if t.cycles else max(self.burn_min, t.grace)
-        return t.burnt - t.mark >= need
+        burnt = t.burnt - t.mark
+        if not t.cycles and t.grace > self.burn_min:
+            return burnt >= t.grace  # a declared grace is CPU the service may spend
+        return burnt >= self.burn_min or (
+            burnt >= min(BURN_CPU_MIN_S, self.burn_min) and burnt + t.waited - t.wmark >= self.burn_min
+        )
 
     def observe(self, held: Iterable[Held], live_workers: set[bytes], now: float,
-                cpu: Mapping[int, float] | None = None) -> list[Action]:
+                cpu: Mapping[int, float] | None = None, waited: Mapping[int, float] | None = None) -> list[Action]:
         """The rungs due at ``now``, given the tombstones now held, the registered workers and
-        (optionally) each holding worker's group CPU."""
+        (optionally) each holding worker's group CPU and the seconds its tasks waited runnable
+        for a CPU (kernel/enforce.py ``cpu_waited``)."""
         self.killed &= live_workers
         held = [h for h in held if h.worker not in self.killed]
         if cpu is not None:  # before new tombstones join: what a process burnt before one was answered is not its
             self._attribute(held, cpu)
+        if waited is not None:
+            self._waits(waited)
         seen: dict[bytes, Held] = {}
         for h in held:
             seen[h.token] = h
@@ -283,6 +318,7 @@ class Ladder:
                     self._end(tok)
                 else:
                     other.rung, other.since, other.mark = ("frozen" if rung == "freeze" else "thawed"), now, other.burnt
+                    other.wmark = other.waited
                     if rung == "freeze":
                         other.cycles += 1
 
@@ -322,7 +358,7 @@ class Ladder:
                 elif not t.shared and self._burning(t, known):
                     act("freeze", t, token, "burning")  # throttled: frozen again, the state survives
                 else:
-                    t.rung, t.since, t.mark = "run", now, t.burnt
+                    t.rung, t.since, t.mark, t.wmark = "run", now, t.burnt, t.waited
         return out
 
     def _wall_grace(self, t: _Track, cpu_known: bool = False) -> float:
@@ -677,7 +713,7 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
             held, live = tombstones(router, procs)
             now = clock()
             cpu = _readings(held, procs)
-            actions = ladder.observe(held, live, now, cpu)
+            actions = ladder.observe(held, live, now, cpu, _waits(held, procs))
             if bills is not None:
                 bills.note([h for h in held if h.token in ladder.tracks], procs)
             if actions:
@@ -693,6 +729,20 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
         except Exception:  # the ladder never takes the kernel down
             log.exception("internal error in the escalation ladder")
         await asyncio.sleep(POLL_S)
+
+
+def _waits(held: list[Held], procs: _Procs) -> dict[int, float]:
+    """The runqueue wait (seconds) of each worker holding a tombstone, where the OS reports one."""
+    out: dict[int, float] = {}
+    waited = getattr(procs, "cpu_waited", None)
+    if waited is None:
+        return out
+    for pid in {h.pid for h in held}:
+        name = procs.child_of_pid(pid)
+        w = waited(name) if name is not None else None
+        if w is not None:
+            out[pid] = w
+    return out
 
 
 def _readings(held: list[Held], procs: _Procs) -> dict[int, float]:

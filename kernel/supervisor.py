@@ -865,6 +865,17 @@ class Supervisor:
                 return None
         return None if child.pid is None else process_cpu_seconds(child.pid)
 
+    def cpu_waited(self, name: str) -> float | None:
+        """Seconds the tasks of the child's group have waited runnable for a CPU (kernel/enforce.py
+        ``Group.cpu_waited``); None without a local group."""
+        child = self.child(name)
+        if child.spec.placement != "local" or child.group is None:
+            return None
+        try:
+            return child.group.cpu_waited()
+        except E.EnforcerError:
+            return None
+
     def set_nice(self, name: str, nice: int) -> int:
         """Set the child's nice value; returns its pid."""
         pid = self._live_pid(name)
