@@ -415,6 +415,14 @@ class _Lander:
 _LANDER = _Lander()
 
 
+def _new_lander() -> None:
+    global _LANDER
+    _LANDER = _Lander()  # a forked child has no lander thread, and its lock may have been held
+
+
+os.register_at_fork(after_in_child=_new_lander)
+
+
 # -- groups ---------------------------------------------------------------------------------------
 
 
