@@ -782,7 +782,9 @@ class Supervisor:
         """The ladder's answer window after a thaw for child ``name``, seconds: None (the
         ladder's own) for a local child; for one on another node, :attr:`remote_answer_grace`
         plus twice the longest recent round trip to its node agent -- the thaw travels there as
-        a Ray actor call, and the answer comes back over the network."""
+        a Ray actor call, and the answer comes back over the network.  The ladder takes it once
+        per tombstone, when it first sees it, clamped to [its own answer grace,
+        kernel.ladder.ANSWER_CAP_S]."""
         remote = self._remote(name)
         if remote is None:
             return None
@@ -869,6 +871,17 @@ class Supervisor:
             except E.EnforcerError:
                 return None
         return None if child.pid is None else process_cpu_seconds(child.pid)
+
+    def cpu_waited(self, name: str) -> float | None:
+        """Seconds the tasks of the child's group have waited runnable for a CPU (kernel/enforce.py
+        ``Group.cpu_waited``); None without a local group."""
+        child = self.child(name)
+        if child.spec.placement != "local" or child.group is None:
+            return None
+        try:
+            return child.group.cpu_waited()
+        except E.EnforcerError:
+            return None
 
     def set_nice(self, name: str, nice: int) -> int:
         """Set the child's nice value; returns its pid."""
