@@ -108,7 +108,7 @@ from kernel.enforce import FreezeTimeout
 
 log = logging.getLogger("reca.ladder")
 
-__all__ = ["ANSWER_CAP_S", "ANSWER_GRACE_S", "BILL_EVERY_S", "BURN_CPU_MIN_S", "BURN_MIN_S", "CPU_CEILING_S", "FREEZE_WAIT_S", "HOLD_CEILING_S",
+__all__ = ["ANSWER_CAP_S", "ANSWER_GRACE_S", "BILL_EVERY_S", "BURN_CPU_MIN_S", "BURN_MIN_S", "CPU_CEILING_S", "DEMAND_MIN", "FREEZE_WAIT_S", "HOLD_CEILING_S",
            "POLL_S", "Action", "Ceilings", "Held", "Ladder", "run", "single_slot_grants"]
 
 #: How often the shell looks for tombstones, seconds (adds at most this to each rung).
@@ -134,6 +134,11 @@ BURN_MIN_S = 0.002
 #: with 1-3 ms burnt (issue 23, load 6-30); an idle worker's heartbeat that waits long on a busy
 #: runqueue burns far less than this (0.04 ms per 20 ms), so it does not count as burning.
 BURN_CPU_MIN_S = 0.0005
+#: ... and CPU got plus time waited runnable must fill at least this share of the rung's wall
+#: time: a starved spinner is running or runnable nearly all the time (share ~1), an idle worker
+#: whose heartbeats wait long on a busy runqueue only now and then -- over a second its few
+#: wake-ups add up to the 2 ms of ``burn_min``, which alone froze idle workers at load 16-20.
+DEMAND_MIN = 0.5
 #: A spared worker's tombstone is killed past this much CPU since its answer (seconds; at least
 #: twice the grace its service declared).
 CPU_CEILING_S = 5.0
@@ -265,18 +270,20 @@ class Ladder:
         for pid in [p for p in self.wait_last if p not in pids and p not in waited]:
             del self.wait_last[pid]
 
-    def _burning(self, t: _Track, cpu_known: bool) -> bool:
+    def _burning(self, t: _Track, cpu_known: bool, now: float) -> bool:
         """Whether the track's process burnt since its rung began: its declared grace in CPU
         (first freeze), else ``burn_min`` of CPU it got or waited runnable for, at least
-        ``BURN_CPU_MIN_S`` of it got."""
+        ``BURN_CPU_MIN_S`` of it got, the two together at least ``DEMAND_MIN`` of the time."""
         if not cpu_known:
             return True
         burnt = t.burnt - t.mark
         if not t.cycles and t.grace > self.burn_min:
             return burnt >= t.grace  # a declared grace is CPU the service may spend
-        return burnt >= self.burn_min or (
-            burnt >= min(BURN_CPU_MIN_S, self.burn_min) and burnt + t.waited - t.wmark >= self.burn_min
-        )
+        if burnt >= self.burn_min:
+            return True
+        wanted = burnt + t.waited - t.wmark
+        return (burnt >= min(BURN_CPU_MIN_S, self.burn_min) and wanted >= self.burn_min
+                and wanted >= DEMAND_MIN * (now - t.since))
 
     def observe(self, held: Iterable[Held], live_workers: set[bytes], now: float,
                 cpu: Mapping[int, float] | None = None, waited: Mapping[int, float] | None = None) -> list[Action]:
@@ -345,7 +352,7 @@ class Ladder:
             elif now - t.seen >= max(self.hold_ceiling, 2.0 * t.grace):
                 act("kill", t, token, "hold ceiling")
             elif t.rung == "run":
-                if not t.shared and now - t.since >= self._wall_grace(t, known) and self._burning(t, known):
+                if not t.shared and now - t.since >= self._wall_grace(t, known) and self._burning(t, known, now):
                     act("freeze", t, token, "burning")
                 elif not t.spared and now - t.seen >= self._idle_kill(t):
                     act("kill", t, token, "idle")
@@ -355,7 +362,7 @@ class Ladder:
             elif now - t.since >= self._answer(t):  # thawed, its answer window over
                 if not t.spared:
                     act("kill", t, token, "answer window")
-                elif not t.shared and self._burning(t, known):
+                elif not t.shared and self._burning(t, known, now):
                     act("freeze", t, token, "burning")  # throttled: frozen again, the state survives
                 else:
                     t.rung, t.since, t.mark, t.wmark = "run", now, t.burnt, t.waited

@@ -196,6 +196,20 @@ def test_an_idle_worker_whose_heartbeat_waits_long_on_a_busy_runqueue_is_not_bur
     assert lad.counts["frozen"] == 0
 
 
+def test_an_idle_worker_held_a_second_on_a_busy_machine_is_killed_idle_never_frozen():
+    # load 16-20: over the second it holds the request, an idle worker's wake-ups got 0.9 ms of CPU
+    # and waited 40 ms runnable -- past burn_min together, but a few percent of the time: not burning
+    lad = Ladder(0.02, 1.0, 0.1)
+    held = [Held(A, 10, W1)]
+    lad.observe(held, {W1}, 0.0, {10: 1.0}, {10: 3.0})
+    rungs = []
+    for i in range(1, 61):  # every 20 ms past the idle kill (1.12 s)
+        now = 0.02 * i
+        rungs += _rungs(lad.observe(held, {W1}, now, {10: 1.0 + 0.0009 * now}, {10: 3.0 + 0.04 * now}))
+    assert rungs == [("kill", "idle")]
+    assert lad.counts["frozen"] == 0
+
+
 def test_a_wait_count_that_drops_adds_nothing_and_the_declared_grace_stays_cpu():
     # a task that exits takes its runqueue wait with it: the group's sum drops, nothing is added
     lad = Ladder(0.02, 1.0, 0.1)
