@@ -96,7 +96,12 @@ OUT = "peer_out_bytes"
 IN = "peer_in_bytes"
 TOTAL = "peers_out_bytes"
 IN_TOTAL = "peers_in_bytes"  #: every connection's unread bytes together (InboundMeters.largest)
-_DROP_COUNTER = {OUT: "dropped_out", IN: "dropped_in", TOTAL: "dropped_total", IN_TOTAL: "dropped_in_total"}
+#: the kernel's resident set past its ceiling: the connection holding the most unread is cut
+#: (InboundMeters.over_ceiling / holder)
+IN_RSS = "inbound_rss_ceiling"
+_DROP_COUNTER = {OUT: "dropped_out", IN: "dropped_in", TOTAL: "dropped_total", IN_TOTAL: "dropped_in_total",
+                 IN_RSS: "dropped_in_rss"}
+_UNREAD_COUNTER = {IN: "dropped_unread", IN_TOTAL: "dropped_unread_total", IN_RSS: "dropped_unread_rss"}
 
 
 @dataclass(slots=True)
@@ -178,6 +183,7 @@ class PeerBudgets:
         #: Peers whose outstanding bytes passed ``sample_at``: looked at by the next check.
         self.hot: set[bytes] = set()
         self.counters: dict[str, int] = {"dropped_out": 0, "dropped_in": 0, "dropped_total": 0, "dropped_in_total": 0,
+                                         "dropped_in_rss": 0,
                                          "samples": 0,
                                          "pauses": 0, "resumes": 0,
                                          "sends_refused": 0, "max_outstanding": 0}
@@ -335,6 +341,26 @@ INBOUND_PAUSE_PER_LOOK = 4
 CURVE_FRAME_OVERHEAD = 33
 #: Why a connection was cut inbound (the stats key; the error's ``quota`` is :data:`IN`).
 UNREAD = "unread"
+#: After a cut at the resident-set ceiling, the next waits this long: libzmq frees the cut
+#: connection's memory on its I/O thread, and the resident set must get the chance to fall
+#: before another connection is judged by it (a cut every tick would cut every holder at once).
+RSS_CEILING_SETTLE_S = 0.25
+#: The default ceiling, as a multiple of ``peers_in_bytes`` (every tcp connection's unread wire
+#: bytes together): room for that, plus libzmq's per-frame and per-message overhead of an honest
+#: load, before the kernel's own memory says something the wire meter did not see.
+RSS_CEILING_PER_PEERS_IN = 2
+#: After a cut, the kernel hands free memory back to the system (glibc ``malloc_trim``) every
+#: :data:`RSS_CEILING_SETTLE_S` for this long: libzmq frees a cut connection's frames on its I/O
+#: thread, into an arena glibc does not trim by itself (4M empty frames: +200 MB kept after the cut).
+TRIM_AFTER_CUT_S = 3.0
+
+
+def rss_ceiling_for(peers_in_bytes: int | None, ceiling: int | None = None) -> int:
+    """The ``inbound_rss_ceiling`` in force: ``ceiling`` when configured, else
+    :data:`RSS_CEILING_PER_PEERS_IN` x ``peers_in_bytes`` (its default when None)."""
+    if ceiling is not None:
+        return ceiling
+    return RSS_CEILING_PER_PEERS_IN * (peers_in_bytes if peers_in_bytes is not None else PEERS_IN_BYTES)
 
 
 def frame_wire(curve: bool) -> tuple[int, int, int]:
@@ -403,12 +429,26 @@ class InboundMeters:
     every ``unread`` seen.  Meters are bounded by the live tcp connections (one per descriptor)."""
 
     def __init__(self, in_bytes: int = PEER_IN_BYTES, total_bytes: int | None = None,
-                 allowance: int = HANDSHAKE_ALLOWANCE) -> None:
+                 allowance: int = HANDSHAKE_ALLOWANCE, rss_ceiling: int | None = None) -> None:
         if in_bytes <= 0 or allowance < 0 or (total_bytes is not None and total_bytes <= 0):
             raise ValueError("inbound budgets must be positive")
+        if rss_ceiling is not None and rss_ceiling <= 0:
+            raise ValueError("the resident-set ceiling must be positive")
         self.in_bytes = in_bytes
         self.total_bytes = total_bytes
         self.allowance = allowance
+        #: Bytes the kernel's resident set may grow above ``rss_baseline`` before the connection
+        #: holding the most unread is cut (:meth:`over_ceiling`, :meth:`holder`): the backstop for
+        #: what the wire meter does not see (libzmq's 64-byte ``msg_t`` per frame: 4M empty frames
+        #: are 8 MB on the wire and +257 MB resident).
+        self.rss_ceiling = rss_ceiling_for(total_bytes, rss_ceiling)
+        #: The least resident set seen (the kernel's at rest; None until the first reading).
+        self.rss_baseline: int | None = None
+        self.rss_above = 0  #: at the last reading: the resident set above ``rss_baseline``
+        self.settle_until = 0.0  #: no ceiling cut before this (after the last one)
+        self.over = False  #: the last reading was past the ceiling (to count each passing once)
+        self.trim_until = 0.0  #: free memory is handed back until then (:meth:`trim_due`)
+        self.next_trim = 0.0
         self.meters: dict[int, InboundMeter] = {}
         self.total = 0
         self.scan_step = INBOUND_SCAN_STEP
@@ -416,7 +456,9 @@ class InboundMeters:
         self.rss_base: int | None = None
         self.next_scan = 0.0
         self.counters: dict[str, int] = {"dropped_unread": 0, "dropped_unread_total": 0, "looks": 0,
-                                         "unread_max": 0, "scans": 0}
+                                         "unread_max": 0, "scans": 0, "dropped_unread_rss": 0,
+                                         "rss_ceiling_passes": 0, "rss_ceiling_nothing_to_cut": 0,
+                                         "rss_above_max": 0, "trims": 0}
 
     def meter(self, fd: int, ino: int) -> InboundMeter:
         """The meter of the connection on ``fd`` (inode ``ino``), made if new; one of an older
@@ -436,6 +478,50 @@ class InboundMeters:
         if self.rss_base is None or rss < self.rss_base:
             self.rss_base = rss
         return rss - self.rss_base >= self.scan_step and now >= self.next_scan
+
+    def over_ceiling(self, rss: int, now: float) -> bool:
+        """A reading of the kernel's resident set ``rss``: whether it is past ``rss_baseline`` +
+        ``rss_ceiling`` and the settling time after the last ceiling cut is over (the caller then
+        looks at every connection afresh and cuts :meth:`holder`).  The baseline is the least
+        resident set seen: it only falls, so no slow climb moves the ceiling up."""
+        if self.rss_baseline is None or rss < self.rss_baseline:
+            self.rss_baseline = rss
+        self.rss_above = rss - self.rss_baseline
+        if self.rss_above > self.counters["rss_above_max"]:
+            self.counters["rss_above_max"] = self.rss_above
+        over = self.rss_above > self.rss_ceiling
+        if over and not self.over:
+            self.counters["rss_ceiling_passes"] += 1
+        self.over = over
+        return over and now >= self.settle_until
+
+    def cut_at(self, now: float) -> None:
+        """A connection was cut at ``now``: free memory is handed back for a while (:meth:`trim_due`)."""
+        self.trim_until = now + TRIM_AFTER_CUT_S
+        if self.next_trim < now:  # the first once libzmq has had the time to free it
+            self.next_trim = now + RSS_CEILING_SETTLE_S
+
+    def trim_due(self, now: float) -> bool:
+        """Whether to hand free memory back now: every :data:`RSS_CEILING_SETTLE_S` within
+        :data:`TRIM_AFTER_CUT_S` of a cut, or past the ceiling with nothing to cut."""
+        if now >= self.next_trim and (now < self.trim_until or self.over):
+            self.next_trim = now + RSS_CEILING_SETTLE_S
+            self.counters["trims"] += 1
+            return True
+        return False
+
+    def holder(self, now: float) -> int | None:
+        """Past the ceiling: the descriptor of the live connection holding the most unread bytes
+        (at its last look), to be cut (:meth:`cut` with :data:`IN_RSS`); None when none holds any
+        -- then nothing the peers sent is what grew (or it is an ipc:// peer's: no evidence), and
+        nothing is cut (counted).  Either way the next ceiling cut waits
+        :data:`RSS_CEILING_SETTLE_S`.  O(meters), only past the ceiling."""
+        self.settle_until = now + RSS_CEILING_SETTLE_S
+        live = [(m.unread, fd) for fd, m in self.meters.items() if not m.cut and m.unread > 0]
+        if not live:
+            self.counters["rss_ceiling_nothing_to_cut"] += 1
+            return None
+        return max(live)[1]
 
     def scanned(self, rss: int, now: float, spent: float) -> None:
         """Every connection was looked at (which took ``spent`` seconds; ``rss`` after it)."""
@@ -469,13 +555,13 @@ class InboundMeters:
         return None
 
     def cut(self, m: InboundMeter, why: str | None) -> str:
-        """``m`` is cut for ``why`` (:data:`IN`, or :data:`TOTAL`: every connection together;
-        None: its peer was dropped for another reason, not counted here): it no longer counts in
+        """``m`` is cut for ``why`` (:data:`IN`; :data:`IN_TOTAL`: every connection together;
+        :data:`IN_RSS`: the kernel's resident set past its ceiling; None: its peer was dropped for another reason, not counted here): it no longer counts in
         ``total`` and is looked at no more."""
         m.cut = True
         self.total -= m.unread
         if why is not None:
-            self.counters["dropped_unread" if why == IN else "dropped_unread_total"] += 1
+            self.counters[_UNREAD_COUNTER[why]] += 1
         return why or IN
 
     def largest(self) -> int | None:
@@ -487,7 +573,8 @@ class InboundMeters:
         return max(live)[1] if live else None
 
     def stats(self) -> dict[str, int]:
-        return {**self.counters, "unread": self.total, "watched": len(self.meters)}
+        return {**self.counters, "unread": self.total, "watched": len(self.meters), "rss_ceiling": self.rss_ceiling,
+                "rss_above": self.rss_above}
 
     def check_invariants(self) -> None:
         assert all(m.unread >= 0 for m in self.meters.values()), "negative unread"

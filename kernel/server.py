@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno as _errno
 import fcntl
 import logging
@@ -110,6 +111,28 @@ class Oversized(Exception):
         super().__init__(why)
         self.identity = identity
         self.why = why
+
+
+def _libc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)``: free pages in every arena (libzmq's I/O thread has its own)
+    handed back to the system; a no-op where there is none."""
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+
+    def trim() -> None:
+        fn(0)
+
+    return trim
+
+
+#: What the log line of a connection cut before its first message adds, per reason.
+_MALLOC_TRIM = _libc_trim()
+_CUT_WHY = {quotas.IN_TOTAL: " (every connection together past peers_in_bytes)",
+            quotas.IN_RSS: " (the kernel's resident set past inbound_rss_ceiling: it held the most)"}
 
 
 def _source_fd(frame: zmq.Frame) -> int:
@@ -196,6 +219,7 @@ class KernelServer:
         peer_out_grace: float = quotas.PEER_OUT_GRACE_S,
         peers_out_bytes: int = quotas.PEERS_OUT_BYTES,
         peers_in_bytes: int = quotas.PEERS_IN_BYTES,
+        inbound_rss_ceiling: int | None = None,
         host: Host | None = None,
     ) -> None:
         self.context = context or zmq.Context()
@@ -260,7 +284,7 @@ class KernelServer:
         self.peers = quotas.PeerBudgets(peer_out_bytes, peer_in_bytes, peer_out_grace, peers_out_bytes)
         #: What libzmq holds per tcp connection before the kernel sees it (kernel.quotas): looked at
         #: by the watcher thread whenever data arrives; the loop only adds to a meter's ``received``.
-        self.inbound = quotas.InboundMeters(peer_in_bytes, peers_in_bytes)
+        self.inbound = quotas.InboundMeters(peer_in_bytes, peers_in_bytes, rss_ceiling=inbound_rss_ceiling)
         self._inbound_lock = threading.Lock()
         try:  # the kernel's own resident set, read by the watcher every tick
             self._statm: int | None = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
@@ -663,7 +687,11 @@ class KernelServer:
         acct = self.peers.dropped(identity, why)
         self._paused.pop(identity, None)
         held = self.router.held_by(identity)
-        if unread is not None and why == quotas.IN_TOTAL:
+        if unread is not None and why == quotas.IN_RSS:
+            what = (f"sent {unread} bytes the kernel had not yet seen, the most of every connection, while the "
+                    f"kernel's resident set was past its ceiling ({self.inbound.rss_ceiling} bytes above its "
+                    f"baseline: inbound_rss_ceiling)")
+        elif unread is not None and why == quotas.IN_TOTAL:
             what = (f"sent {unread} bytes the kernel had not yet seen, the most of every connection, which "
                     f"together passed {self.inbound.total_bytes} (peers_in_bytes)")
         elif unread is not None:
@@ -817,10 +845,24 @@ class KernelServer:
             return
         now = time.monotonic()
         with self._inbound_lock:
+            trim = self.inbound.trim_due(now)
+        if trim:
+            # What a cut connection held is freed by libzmq's I/O thread into its own arena, in
+            # pieces glibc does not hand back by itself (4M empty frames: +200 MB kept after the cut).
+            _MALLOC_TRIM()
+            try:
+                rss = self._rss()
+            except (OSError, ValueError, IndexError):
+                return
+        with self._inbound_lock:
+            over = self._statm is not None and self.inbound.over_ceiling(rss, now)
             go = self.inbound.due(rss, now) if self._statm is not None else now >= self.inbound.next_scan
-        if not go:
+        if over:
+            self._ceiling_cut(rss, now)
+        elif not go:
             return
-        self._look_inbound(now)
+        else:
+            self._look_inbound(now)
         spent = time.monotonic() - now
         try:
             rss = self._rss()
@@ -829,7 +871,36 @@ class KernelServer:
         with self._inbound_lock:
             self.inbound.scanned(rss, now + spent, spent)
 
-    def _look_inbound(self, now: float) -> None:
+    def _ceiling_cut(self, rss: int, now: float) -> None:
+        """(watcher thread) The kernel's resident set is past ``inbound_rss_ceiling`` above its
+        baseline: every connection is looked at afresh (which cuts those past their budgets);
+        if that cut none, the one holding the most unread bytes is cut -- the backstop for memory
+        the wire meter does not see (libzmq's per-frame cost).  Logged loudly, counted; repeated
+        each tick after a settling time until the resident set is under the ceiling again."""
+        if self._look_inbound(now):
+            with self._inbound_lock:
+                self.inbound.settle_until = now + quotas.RSS_CEILING_SETTLE_S
+            return
+        with self._inbound_lock:
+            fd = self.inbound.holder(now)
+            m = self.inbound.meters.get(fd) if fd is not None else None
+            if m is not None:
+                self.inbound.cut(m, quotas.IN_RSS)
+            base = self.inbound.rss_baseline or 0
+            ceiling = self.inbound.rss_ceiling
+            nothing = self.inbound.counters["rss_ceiling_nothing_to_cut"]
+        if fd is None or m is None:
+            if nothing == 1 or nothing % 1000 == 0:  # each tick past it: said once, then counted
+                log.error("kernel RSS %.1f MB is %.1f MB above its baseline %.1f MB, past inbound_rss_ceiling "
+                          "(%.1f MB), and no tcp connection holds unread bytes to cut (%d times so far)",
+                          rss / 1e6, (rss - base) / 1e6, base / 1e6, ceiling / 1e6, nothing)
+            return
+        log.error("kernel RSS %.1f MB is %.1f MB above its baseline %.1f MB, past inbound_rss_ceiling (%.1f MB): "
+                  "cutting connection fd %d, the largest holder (%d bytes on the wire the kernel has not seen)",
+                  rss / 1e6, (rss - base) / 1e6, base / 1e6, ceiling / 1e6, fd, m.unread)
+        self._cut_inbound(fd, m, quotas.IN_RSS)
+
+    def _look_inbound(self, now: float) -> int:
         """(watcher thread) Look at every tcp connection: one past ``peer_in_bytes`` of bytes libzmq
         read and the kernel has not (a multipart message still coming in, or messages waiting for
         the loop) is cut at once; so is the one holding the most when all of them together pass
@@ -877,11 +948,14 @@ class KernelServer:
                     cuts.append((big, m, quotas.IN))
         for fd, m, why in cuts:
             self._cut_inbound(fd, m, why)
+        return len(cuts)
 
     def _cut_inbound(self, fd: int, m: quotas.InboundMeter, why: str) -> None:
         """(watcher thread) Shut the connection on ``fd`` down now, abortively (libzmq sees it
         fail, drops the partial message it held and frees the pipe); the loop then drops its
         routing id (its requests answered, cancelled, logged)."""
+        with self._inbound_lock:
+            self.inbound.cut_at(time.monotonic())
         try:
             with _dup_if(fd, m.ino) as s:  # closed and reused meanwhile: OSError, not that connection
                 s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _ABORT_LINGER)
@@ -908,7 +982,7 @@ class KernelServer:
         if ok:
             log.warning("connection fd %d cut before its first message: it sent %d bytes the kernel had not yet "
                         "seen, past its budget of %d%s%s", fd, unread, self.inbound.in_bytes,
-                        " (every connection together past peers_in_bytes)" if why == quotas.IN_TOTAL else "",
+                        _CUT_WHY.get(why, ""),
                         f" ({suppressed} more drops not logged)" if suppressed else "")
 
     def _drain_monitor(self, now: float) -> None:

@@ -265,3 +265,57 @@ def test_small_frames_of_an_unfinished_message_do_not_pin_read_buffers():
 
 def _out_queue(s: socket.socket) -> int:
     return int(struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+
+
+def _until_closed(s: socket.socket) -> bool:
+    """Read (and drop) what the kernel sends until it closes or resets the connection: True, or
+    False after the bounded wait."""
+    deadline = time.monotonic() + WAIT_S
+    s.settimeout(1.0)
+    while time.monotonic() < deadline:
+        try:
+            if not s.recv(65536):
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_empty_frames_past_the_resident_set_ceiling_are_cut_and_the_memory_comes_back():
+    # An unfinished message of empty frames is 2 wire bytes a frame, but libzmq keeps a 64-byte
+    # msg_t for each: 4M of them were 8 MB on the wire (a third of the wire budget, never cut by
+    # it) and +257 MB of kernel RSS.  Past inbound_rss_ceiling above its baseline the kernel cuts
+    # the connection holding the most unread bytes.  Here 2M frames (4 MB on the wire, +128 MB if
+    # held) against a 32 MiB ceiling; the wire budget (24 MiB) is never reached.
+    extra = {"peer_in_bytes": 24 * MIB, "inbound_rss_ceiling": 32 * MIB}
+    with KernelProcess.from_config(tcp_config(extra)) as k:
+        proc = psutil.Process(k.pid)
+        honest = Client(k.endpoint, timeout=WAIT_S, retries=0)
+        try:
+            honest.wait_for_service("echo", WAIT_S)
+            assert honest.call("echo", {"before": 1}) == {"before": 1}
+            before = proc.memory_info().rss
+            s = _raw_dealer(k.endpoint)
+            with s:
+                head = b"".join(bytes([1, len(f)]) + f for f in (P.MDPC, P.ClientCmd.REQUEST.value, b"echo"))
+                chunk = bytes([1, 0]) * 100_000  # MORE set on every frame: the message never ends
+                try:
+                    s.sendall(head)
+                    for _ in range(20):
+                        s.sendall(chunk)
+                except OSError:
+                    pass  # cut while sending
+                assert _until_closed(s), f"the kernel did not cut the connection within {WAIT_S:.0f} s"
+            got = inbound(honest)
+            assert got["dropped_unread_rss"] >= 1, got
+            assert got["dropped_unread"] == 0, got  # the wire budget was not what cut it
+            assert got["rss_above_max"] > 32 * MIB, got  # it was past the ceiling when cut
+            assert honest.call("echo", {"after": 1}) == {"after": 1}  # the client beside it is served
+            after = rss_back(proc, before)
+            assert after <= before * 1.10 + 8e6, f"kernel RSS {before / 1e6:.0f} MB -> {after / 1e6:.0f} MB"
+            assert inbound(honest)["dropped_unread_rss"] == got["dropped_unread_rss"]  # the honest one stays
+        finally:
+            honest.close()
+    assert any("past inbound_rss_ceiling" in line and "largest holder" in line for line in k.lines), k.lines[-10:]

@@ -166,3 +166,55 @@ def test_every_connection_is_looked_at_once_the_resident_set_grew_a_step():
     grown = base - 10 * MIB + 3 * step
     assert not m.due(grown, now=0.06)
     assert m.due(grown, now=0.04 + quotas.INBOUND_PAUSE_PER_LOOK * 0.01)
+
+
+def test_past_the_resident_set_ceiling_the_largest_holder_is_cut_then_it_settles():
+    # The backstop for what the wire meter does not see (libzmq's 64-byte msg_t per empty frame).
+    m = InboundMeters(in_bytes=24 * MIB, total_bytes=96 * MIB, rss_ceiling=32 * MIB)
+    small, big, idle = m.meter(fd=7, ino=70), m.meter(fd=8, ino=80), m.meter(fd=9, ino=90)
+    m.look(small, received=0, read=HS + MIB, now=0.0)
+    m.look(big, received=0, read=HS + 4 * MIB, now=0.0)  # 4 MB on the wire, far under its budget
+    m.look(idle, received=0, read=HS, now=0.0)
+    assert not m.over_ceiling(50 * MIB, now=0.0)  # the first reading is the baseline
+    assert not m.over_ceiling(50 * MIB + 32 * MIB, now=0.01)  # at the ceiling, not past it
+    assert m.over_ceiling(50 * MIB + 32 * MIB + 1, now=0.02)
+    assert m.holder(now=0.02) == 8  # the one holding the most unread, not the first or the idle one
+    assert m.cut(big, quotas.IN_RSS) == quotas.IN_RSS
+    assert m.stats()["dropped_unread_rss"] == 1 and m.total == MIB
+    # Still past it (memory is freed on libzmq's thread): no second cut before the settling time.
+    assert not m.over_ceiling(100 * MIB, now=0.02 + quotas.RSS_CEILING_SETTLE_S / 2)
+    assert m.over_ceiling(100 * MIB, now=0.02 + quotas.RSS_CEILING_SETTLE_S)
+    assert m.holder(now=0.3) == 7
+    m.cut(small, quotas.IN_RSS)
+    # Nobody left holding anything: nothing is cut, it is counted; one passing counted once.
+    assert m.over_ceiling(100 * MIB, now=1.0) and m.holder(now=1.0) is None
+    st_ = m.stats()
+    assert st_["rss_ceiling_nothing_to_cut"] == 1 and st_["rss_ceiling_passes"] == 1, st_
+    assert st_["rss_above_max"] == 50 * MIB and st_["rss_ceiling"] == 32 * MIB
+    # Back under it, then past it again: a second passing.
+    assert not m.over_ceiling(60 * MIB, now=2.0)
+    assert m.over_ceiling(90 * MIB, now=2.1) and m.stats()["rss_ceiling_passes"] == 2
+    m.check_invariants()
+
+
+def test_the_resident_set_baseline_only_falls_and_the_ceiling_defaults_to_twice_the_total():
+    m = InboundMeters(in_bytes=24 * MIB, total_bytes=96 * MIB)
+    assert m.rss_ceiling == 192 * MIB == quotas.rss_ceiling_for(96 * MIB)
+    assert InboundMeters(in_bytes=MIB).rss_ceiling == 2 * quotas.PEERS_IN_BYTES
+    m.over_ceiling(100 * MIB, now=0.0)
+    m.over_ceiling(80 * MIB, now=0.1)
+    # A slow climb does not move the ceiling up with it: measured from the least seen.
+    for n in range(1, 200):
+        m.over_ceiling(80 * MIB + n * MIB, now=0.1 + n)
+    assert m.rss_baseline == 80 * MIB and m.over and m.rss_above == 199 * MIB
+
+
+def test_free_memory_is_handed_back_for_a_while_after_a_cut():
+    m = InboundMeters(in_bytes=MIB, rss_ceiling=8 * MIB)
+    assert not m.trim_due(now=0.0)  # nothing cut, not past the ceiling
+    m.cut_at(10.0)
+    due = [t / 100 for t in range(1000, 1500) if m.trim_due(now=t / 100)]
+    # every settling time within TRIM_AFTER_CUT_S of the cut, then no more
+    assert due[0] == 10.0 + quotas.RSS_CEILING_SETTLE_S and due[-1] < 10.0 + quotas.TRIM_AFTER_CUT_S
+    assert len(due) == round(quotas.TRIM_AFTER_CUT_S / quotas.RSS_CEILING_SETTLE_S) - 1
+    assert all(b - a >= quotas.RSS_CEILING_SETTLE_S - 1e-9 for a, b in zip(due, due[1:]))
