@@ -151,8 +151,14 @@ def _attack(k: LocalKernel, kind: str, frames: int, conns: int) -> dict[str, Any
             "undecided": len(pending),
             "seconds_to_end": round(max(ends), 2) if ends else float("nan"),
             "honest_served": 1,
-            "cut": inbound.get("dropped_unread", 0) + inbound.get("dropped_unread_total", 0),
+            "cut": inbound.get("dropped_unread", 0)
+            + inbound.get("dropped_unread_total", 0)
+            + inbound.get("dropped_unread_rss", 0),
+            "cut_by_ceiling": inbound.get("dropped_unread_rss", 0),
             "unread_max_mb": round(inbound.get("unread_max", 0) / 1e6, 1),
+            "rss_above_max_mb": round(inbound.get("rss_above_max", 0) / 1e6, 1),
+            # past the ceiling with no tcp connection holding unread bytes (ipc://: no evidence)
+            "ceiling_nothing_to_cut": inbound.get("rss_ceiling_nothing_to_cut", 0),
         }
     finally:
         honest.close()
@@ -229,6 +235,7 @@ def _empty_frames(k: LocalKernel, frames: int) -> dict[str, Any]:
             "cut_by_ceiling": inbound.get("dropped_unread_rss", 0),
             "unread_max_mb": round(inbound.get("unread_max", 0) / 1e6, 1),
             "rss_above_max_mb": round(inbound.get("rss_above_max", 0) / 1e6, 1),
+            "ceiling_nothing_to_cut": inbound.get("rss_ceiling_nothing_to_cut", 0),
         }
     finally:
         honest.close()

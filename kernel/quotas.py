@@ -350,7 +350,7 @@ RSS_CEILING_SETTLE_S = 0.25
 #: load, before the kernel's own memory says something the wire meter did not see.
 RSS_CEILING_PER_PEERS_IN = 2
 #: After a cut, the kernel hands free memory back to the system (glibc ``malloc_trim``) every
-#: :data:`RSS_CEILING_SETTLE_S` for this long: libzmq frees a cut connection's frames on its I/O
+#: :data:`RSS_CEILING_SETTLE_S` for this long: libzmq frees a cut (or closed) connection's frames on its I/O
 #: thread, into an arena glibc does not trim by itself (4M empty frames: +200 MB kept after the cut).
 TRIM_AFTER_CUT_S = 3.0
 
@@ -495,16 +495,18 @@ class InboundMeters:
         self.over = over
         return over and now >= self.settle_until
 
-    def cut_at(self, now: float) -> None:
-        """A connection was cut at ``now``: free memory is handed back for a while (:meth:`trim_due`)."""
+    def freed(self, now: float) -> None:
+        """A connection was cut, or closed, at ``now``: what libzmq held for it is freed, and free
+        memory is handed back for a while (:meth:`trim_due`)."""
         self.trim_until = now + TRIM_AFTER_CUT_S
         if self.next_trim < now:  # the first once libzmq has had the time to free it
             self.next_trim = now + RSS_CEILING_SETTLE_S
 
     def trim_due(self, now: float) -> bool:
         """Whether to hand free memory back now: every :data:`RSS_CEILING_SETTLE_S` within
-        :data:`TRIM_AFTER_CUT_S` of a cut, or past the ceiling with nothing to cut."""
-        if now >= self.next_trim and (now < self.trim_until or self.over):
+        :data:`TRIM_AFTER_CUT_S` of a cut or close, or past the ceiling -- while the resident set
+        is ``scan_step`` or more above its baseline (at rest there is nothing to hand back)."""
+        if now >= self.next_trim and self.rss_above >= self.scan_step and (now < self.trim_until or self.over):
             self.next_trim = now + RSS_CEILING_SETTLE_S
             self.counters["trims"] += 1
             return True

@@ -817,6 +817,8 @@ class KernelServer:
                 m = self.inbound.meters.get(fd)
                 if m is not None and m.ino != ino:
                     self.inbound.close(fd, m.ino)
+                # What libzmq held for it (ipc:// included, unmetered) is freed: handed back.
+                self.inbound.freed(time.monotonic())
             return
         try:
             st = os.fstat(fd)
@@ -955,7 +957,7 @@ class KernelServer:
         fail, drops the partial message it held and frees the pipe); the loop then drops its
         routing id (its requests answered, cancelled, logged)."""
         with self._inbound_lock:
-            self.inbound.cut_at(time.monotonic())
+            self.inbound.freed(time.monotonic())
         try:
             with _dup_if(fd, m.ino) as s:  # closed and reused meanwhile: OSError, not that connection
                 s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _ABORT_LINGER)

@@ -209,10 +209,14 @@ def test_the_resident_set_baseline_only_falls_and_the_ceiling_defaults_to_twice_
     assert m.rss_baseline == 80 * MIB and m.over and m.rss_above == 199 * MIB
 
 
-def test_free_memory_is_handed_back_for_a_while_after_a_cut():
-    m = InboundMeters(in_bytes=MIB, rss_ceiling=8 * MIB)
-    assert not m.trim_due(now=0.0)  # nothing cut, not past the ceiling
-    m.cut_at(10.0)
+def test_free_memory_is_handed_back_for_a_while_after_a_cut_or_close():
+    m = InboundMeters(in_bytes=MIB, rss_ceiling=64 * MIB)
+    m.over_ceiling(40 * MIB, now=0.0)
+    m.freed(1.0)
+    assert not m.trim_due(now=2.0)  # at rest (the baseline): nothing to hand back
+    m.over_ceiling(40 * MIB + quotas.INBOUND_SCAN_STEP, now=5.0)
+    assert not m.trim_due(now=5.0)  # held, but nothing cut or closed, and under the ceiling
+    m.freed(10.0)
     due = [t / 100 for t in range(1000, 1500) if m.trim_due(now=t / 100)]
     # every settling time within TRIM_AFTER_CUT_S of the cut, then no more
     assert due[0] == 10.0 + quotas.RSS_CEILING_SETTLE_S and due[-1] < 10.0 + quotas.TRIM_AFTER_CUT_S
