@@ -344,13 +344,19 @@ UNREAD = "unread"
 #: After a cut at the resident-set ceiling, the next waits this long: libzmq frees the cut
 #: connection's memory on its I/O thread, and the resident set must get the chance to fall
 #: before another connection is judged by it (a cut every tick would cut every holder at once).
-RSS_CEILING_SETTLE_S = 0.25
+RSS_CEILING_SETTLE_S = 0.5
+#: How often free memory is handed back (glibc ``malloc_trim``) while that is due (:meth:`InboundMeters.trim_due`).
+TRIM_EVERY_S = 0.25
+#: (ipc://) The least seen queued over a window's samples for a unix connection to be cut at the
+#: ceiling: a heartbeat caught in a queue is tens of bytes; an attacker streaming an unfinished
+#: message was seen with 2.6 MB (4M empty frames).
+UNIX_QUEUED_MIN = 64 * 1024
 #: The default ceiling, as a multiple of ``peers_in_bytes`` (every tcp connection's unread wire
 #: bytes together): room for that, plus libzmq's per-frame and per-message overhead of an honest
 #: load, before the kernel's own memory says something the wire meter did not see.
 RSS_CEILING_PER_PEERS_IN = 2
 #: After a cut, the kernel hands free memory back to the system (glibc ``malloc_trim``) every
-#: :data:`RSS_CEILING_SETTLE_S` for this long: libzmq frees a cut (or closed) connection's frames on its I/O
+#: :data:`TRIM_EVERY_S` for this long: libzmq frees a cut (or closed) connection's frames on its I/O
 #: thread, into an arena glibc does not trim by itself (4M empty frames: +200 MB kept after the cut).
 TRIM_AFTER_CUT_S = 3.0
 
@@ -401,6 +407,14 @@ class InboundMeter:
     #: over-credit offsets at most what arrives between two looks, never later bytes.
     offset: int = 0
     cut: bool = False  #: past its budget: being shut down (no more looks)
+    #: A unix (ipc://) connection: no count of bytes received, so never looked at as above; past
+    #: the resident-set ceiling it is judged by :meth:`InboundMeters.sample_unix` instead.
+    unix: bool = False
+    mark: int = -1  #: (unix) ``received`` when last sampled: what the kernel had read from it
+    mark_epoch: int = -1  #: (unix) the window (:attr:`InboundMeters.epoch`) of ``queued``
+    #: (unix) bytes seen in its receive queue, summed over the samples of this window since the
+    #: kernel last read a frame from it: evidence it is sending and nothing reaches the kernel
+    queued: int = 0
 
 
 class InboundMeters:
@@ -448,6 +462,10 @@ class InboundMeters:
         self.settle_until = 0.0  #: no ceiling cut before this (after the last one)
         self.over = False  #: the last reading was past the ceiling (to count each passing once)
         self.trim_until = 0.0  #: free memory is handed back until then (:meth:`trim_due`)
+        #: The resident set is half the ceiling or more above its baseline: unix connections are
+        #: sampled at each look (:meth:`sample_unix`); ``epoch`` counts these windows.
+        self.window = False
+        self.epoch = 0
         self.next_trim = 0.0
         self.meters: dict[int, InboundMeter] = {}
         self.total = 0
@@ -460,15 +478,37 @@ class InboundMeters:
                                          "rss_ceiling_passes": 0, "rss_ceiling_nothing_to_cut": 0,
                                          "rss_above_max": 0, "trims": 0}
 
-    def meter(self, fd: int, ino: int) -> InboundMeter:
-        """The meter of the connection on ``fd`` (inode ``ino``), made if new; one of an older
-        connection on the same descriptor number is replaced."""
+    def meter(self, fd: int, ino: int, unix: bool = False) -> InboundMeter:
+        """The meter of the connection on ``fd`` (inode ``ino``; ``unix``: an ipc:// one), made if
+        new; one of an older connection on the same descriptor number is replaced."""
         m = self.meters.get(fd)
         if m is None or m.ino != ino:
             if m is not None and not m.cut:
                 self.total -= m.unread
-            m = self.meters[fd] = InboundMeter(ino)
+            m = self.meters[fd] = InboundMeter(ino, unix=unix)
         return m
+
+    def sample_unix(self, m: InboundMeter, received: int, inq: int) -> None:
+        """(within the window) A sample of a unix connection: ``received`` (the meter's) and
+        ``inq``, its receive queue now.  A frame read since the last sample (or a new window)
+        clears the evidence (it completes messages); else what is queued adds to ``queued``."""
+        if m.mark_epoch != self.epoch or received != m.mark:
+            m.mark, m.mark_epoch, m.queued = received, self.epoch, 0  # evidence from the next sample on
+        else:
+            m.queued += inq
+
+    def holder_unix(self, now: float) -> int | None:
+        """Past the ceiling with no tcp connection holding unread bytes: the descriptor of the
+        unix connection with the most bytes seen queued (:meth:`sample_unix`) in this window since
+        the kernel last read from it -- one sending while nothing it sends reaches the kernel
+        (an unfinished message) -- or None.  Not exact (no count of what libzmq holds): docs/limits.md."""
+        self.settle_until = now + RSS_CEILING_SETTLE_S
+        live = [(m.queued, fd) for fd, m in self.meters.items()
+                if m.unix and not m.cut and m.mark_epoch == self.epoch and m.queued >= UNIX_QUEUED_MIN]
+        if not live:
+            self.counters["rss_ceiling_nothing_to_cut"] += 1
+            return None
+        return max(live)[1]
 
     def due(self, rss: int, now: float) -> bool:
         """Whether every connection is to be looked at now: the kernel's resident set ``rss`` has
@@ -489,6 +529,10 @@ class InboundMeters:
         self.rss_above = rss - self.rss_baseline
         if self.rss_above > self.counters["rss_above_max"]:
             self.counters["rss_above_max"] = self.rss_above
+        window = self.rss_above >= self.rss_ceiling // 2
+        if window and not self.window:
+            self.epoch += 1
+        self.window = window
         over = self.rss_above > self.rss_ceiling
         if over and not self.over:
             self.counters["rss_ceiling_passes"] += 1
@@ -500,14 +544,14 @@ class InboundMeters:
         memory is handed back for a while (:meth:`trim_due`)."""
         self.trim_until = now + TRIM_AFTER_CUT_S
         if self.next_trim < now:  # the first once libzmq has had the time to free it
-            self.next_trim = now + RSS_CEILING_SETTLE_S
+            self.next_trim = now + TRIM_EVERY_S
 
     def trim_due(self, now: float) -> bool:
-        """Whether to hand free memory back now: every :data:`RSS_CEILING_SETTLE_S` within
+        """Whether to hand free memory back now: every :data:`TRIM_EVERY_S` within
         :data:`TRIM_AFTER_CUT_S` of a cut or close, or past the ceiling -- while the resident set
         is ``scan_step`` or more above its baseline (at rest there is nothing to hand back)."""
         if now >= self.next_trim and self.rss_above >= self.scan_step and (now < self.trim_until or self.over):
-            self.next_trim = now + RSS_CEILING_SETTLE_S
+            self.next_trim = now + TRIM_EVERY_S
             self.counters["trims"] += 1
             return True
         return False
@@ -515,15 +559,11 @@ class InboundMeters:
     def holder(self, now: float) -> int | None:
         """Past the ceiling: the descriptor of the live connection holding the most unread bytes
         (at its last look), to be cut (:meth:`cut` with :data:`IN_RSS`); None when none holds any
-        -- then nothing the peers sent is what grew (or it is an ipc:// peer's: no evidence), and
-        nothing is cut (counted).  Either way the next ceiling cut waits
-        :data:`RSS_CEILING_SETTLE_S`.  O(meters), only past the ceiling."""
+        -- then an ipc:// connection may be (:meth:`holder_unix`).  Either way the next ceiling
+        cut waits :data:`RSS_CEILING_SETTLE_S`.  O(meters), only past the ceiling."""
         self.settle_until = now + RSS_CEILING_SETTLE_S
         live = [(m.unread, fd) for fd, m in self.meters.items() if not m.cut and m.unread > 0]
-        if not live:
-            self.counters["rss_ceiling_nothing_to_cut"] += 1
-            return None
-        return max(live)[1]
+        return max(live)[1] if live else None
 
     def scanned(self, rss: int, now: float, spent: float) -> None:
         """Every connection was looked at (which took ``spent`` seconds; ``rss`` after it)."""

@@ -131,8 +131,7 @@ def _libc_trim() -> Callable[[], None]:
 
 #: What the log line of a connection cut before its first message adds, per reason.
 _MALLOC_TRIM = _libc_trim()
-_CUT_WHY = {quotas.IN_TOTAL: " (every connection together past peers_in_bytes)",
-            quotas.IN_RSS: " (the kernel's resident set past inbound_rss_ceiling: it held the most)"}
+_CUT_WHY = {quotas.IN_TOTAL: " (every connection together past peers_in_bytes)"}
 
 
 def _source_fd(frame: zmq.Frame) -> int:
@@ -596,9 +595,8 @@ class KernelServer:
         except OSError:
             return None
         acct = self.peers.open(identity, fd, st.st_ino, tcp, left, room, who)
-        if tcp:
-            with self._inbound_lock:
-                acct.meter = self.inbound.meter(fd, st.st_ino)
+        with self._inbound_lock:  # a unix one: what the kernel read, for the ceiling's evidence
+            acct.meter = self.inbound.meter(fd, st.st_ino, not tcp)
         return acct
 
     def _sample(self, identity: bytes, acct: quotas.PeerAccount) -> bool:
@@ -688,9 +686,10 @@ class KernelServer:
         self._paused.pop(identity, None)
         held = self.router.held_by(identity)
         if unread is not None and why == quotas.IN_RSS:
-            what = (f"sent {unread} bytes the kernel had not yet seen, the most of every connection, while the "
-                    f"kernel's resident set was past its ceiling ({self.inbound.rss_ceiling} bytes above its "
-                    f"baseline: inbound_rss_ceiling)")
+            sent = (f"sent {unread} bytes the kernel had not yet seen, the most of every connection" if unread else
+                    "was sending (ipc://) while nothing it sent reached the kernel")
+            what = (f"{sent}, while the kernel's resident set was past its ceiling ({self.inbound.rss_ceiling} "
+                    f"bytes above its baseline: inbound_rss_ceiling)")
         elif unread is not None and why == quotas.IN_TOTAL:
             what = (f"sent {unread} bytes the kernel had not yet seen, the most of every connection, which "
                     f"together passed {self.inbound.total_bytes} (peers_in_bytes)")
@@ -825,10 +824,10 @@ class KernelServer:
             if not _stat.S_ISSOCK(st.st_mode):
                 return
             with _borrowed(fd) as s:
-                if s.family not in (_socket.AF_INET, _socket.AF_INET6):
-                    return  # unix (ipc://): no cumulative count (docs/limits.md)
+                # unix (ipc://): no cumulative count; judged only past the ceiling (docs/limits.md)
+                unix = s.family not in (_socket.AF_INET, _socket.AF_INET6)
             with self._inbound_lock:
-                self.inbound.meter(fd, st.st_ino)
+                self.inbound.meter(fd, st.st_ino, unix)
         except OSError:
             with self._inbound_lock:
                 self.inbound.close(fd)
@@ -885,6 +884,8 @@ class KernelServer:
             return
         with self._inbound_lock:
             fd = self.inbound.holder(now)
+            if fd is None:
+                fd = self.inbound.holder_unix(now)
             m = self.inbound.meters.get(fd) if fd is not None else None
             if m is not None:
                 self.inbound.cut(m, quotas.IN_RSS)
@@ -894,12 +895,15 @@ class KernelServer:
         if fd is None or m is None:
             if nothing == 1 or nothing % 1000 == 0:  # each tick past it: said once, then counted
                 log.error("kernel RSS %.1f MB is %.1f MB above its baseline %.1f MB, past inbound_rss_ceiling "
-                          "(%.1f MB), and no tcp connection holds unread bytes to cut (%d times so far)",
+                          "(%.1f MB), and no connection holds unread bytes to cut (tcp), nor was seen sending "
+                          "while the kernel read nothing from it (ipc) (%d times so far)",
                           rss / 1e6, (rss - base) / 1e6, base / 1e6, ceiling / 1e6, nothing)
             return
+        what = (f"an ipc connection seen sending ({m.queued} bytes queued over the samples) while the kernel "
+                f"read nothing from it" if m.unix else f"{m.unread} bytes on the wire the kernel has not seen")
         log.error("kernel RSS %.1f MB is %.1f MB above its baseline %.1f MB, past inbound_rss_ceiling (%.1f MB): "
-                  "cutting connection fd %d, the largest holder (%d bytes on the wire the kernel has not seen)",
-                  rss / 1e6, (rss - base) / 1e6, base / 1e6, ceiling / 1e6, fd, m.unread)
+                  "cutting connection fd %d, the largest holder (%s)",
+                  rss / 1e6, (rss - base) / 1e6, base / 1e6, ceiling / 1e6, fd, what)
         self._cut_inbound(fd, m, quotas.IN_RSS)
 
     def _look_inbound(self, now: float) -> int:
@@ -910,7 +914,17 @@ class KernelServer:
         cuts: list[tuple[int, quotas.InboundMeter, str]] = []
         meters = self.inbound.meters
         with self._inbound_lock:
-            live = [(fd, m) for fd, m in meters.items() if not m.cut]
+            live = [(fd, m) for fd, m in meters.items() if not m.cut and not m.unix]
+            unix = [(fd, m) for fd, m in meters.items() if m.unix and not m.cut] if self.inbound.window else []
+        for fd, m in unix:  # past half the ceiling: evidence on ipc:// connections (holder_unix)
+            received = m.received
+            try:
+                inq = int(struct.unpack("i", fcntl.ioctl(fd, _SIOCINQ, b"\0\0\0\0"))[0])
+            except OSError:
+                continue
+            with self._inbound_lock:
+                if meters.get(fd) is m:
+                    self.inbound.sample_unix(m, received, inq)
         for fd, m in live:  # the system calls outside the lock (the loop takes it for a new peer)
             received = m.received  # before the socket: a frame read meanwhile only adds
             try:
@@ -981,7 +995,12 @@ class KernelServer:
         if any(d[0] == fd and d[1] == ino for d in self._dropping.values()):
             return  # dropped already (and logged), still sending: cut sooner than its linger
         ok, suppressed = self._drop_log.take("?", now)
-        if ok:
+        if ok and why == quotas.IN_RSS:
+            log.warning("connection fd %d cut before its first message: the kernel's resident set was past "
+                        "inbound_rss_ceiling and it held the most (%s)%s", fd,
+                        f"{unread} bytes unread" if unread else "ipc://: sending, nothing of it reaching the kernel",
+                        f" ({suppressed} more drops not logged)" if suppressed else "")
+        elif ok:
             log.warning("connection fd %d cut before its first message: it sent %d bytes the kernel had not yet "
                         "seen, past its budget of %d%s%s", fd, unread, self.inbound.in_bytes,
                         _CUT_WHY.get(why, ""),
