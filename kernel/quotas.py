@@ -358,7 +358,7 @@ RSS_CEILING_PER_PEERS_IN = 2
 #: After a cut, the kernel hands free memory back to the system (glibc ``malloc_trim``) every
 #: :data:`TRIM_EVERY_S` for this long: libzmq frees a cut (or closed) connection's frames on its I/O
 #: thread, into an arena glibc does not trim by itself (4M empty frames: +200 MB kept after the cut).
-TRIM_AFTER_CUT_S = 3.0
+TRIM_AFTER_CUT_S = 10.0
 
 
 def rss_ceiling_for(peers_in_bytes: int | None, ceiling: int | None = None) -> int:
