@@ -481,7 +481,10 @@ class KernelServer:
 
     def _on_subscriptions(self) -> None:
         """Apply the control subscriptions peers sent, each only if the subscriber's principal
-        may receive that topic (kernel.control); the rest are dropped and counted."""
+        may receive that topic (kernel.control); the rest are dropped and counted.  A message
+        whose handling raises is the kernel's bug: logged and counted, and the loop goes on -- the
+        socket's edge is not signalled again for what it still holds, so stopping here would leave
+        every later subscription unapplied."""
         pub = self.pub
         principals = self.principals if self.zap is not None else None
         while int(pub.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
@@ -491,29 +494,38 @@ class KernelServer:
                 break
             except zmq.ZMQError:
                 return
-            data = msg.bytes
-            self._credit_subscription(msg, data)
-            if not data or data[0] not in (0, 1):
-                continue
-            topic = data[1:]
-            if data[0] == 0:
-                pub.setsockopt(zmq.UNSUBSCRIBE, topic)
-                continue
-            if principals is None:
-                principal = auth.LOCAL_OPERATOR
-            else:
-                try:
-                    name = str(msg.get(auth.USER_ID) or "")
-                except zmq.ZMQError:  # no connection behind it: nobody to grant it to
-                    name = ""
-                principal = principals.by_name(name) or auth.Principal(name, auth.REVOKED)
-            if not principal.revoked and may_subscribe(principal, topic):
-                pub.setsockopt(zmq.SUBSCRIBE, topic)  # applies to the pipe it came on
-            else:
-                self.router.counters["subscriptions_refused"] += 1
-                if self.router.counters["subscriptions_refused"] <= 10:
-                    log.warning("control subscription %r refused for %s (%s)", topic[:64], principal.name,
-                                principal.role)
+            try:
+                self._subscription(msg, principals)
+            except Exception:
+                self.router.counters["internal_errors"] += 1
+                log.exception("internal error applying a control subscription")
+
+    def _subscription(self, msg: zmq.Frame, principals: auth.Principals | None) -> None:
+        """One message read from the control socket (see :meth:`_on_subscriptions`)."""
+        pub = self.pub
+        data = msg.bytes
+        self._credit_subscription(msg, data)
+        if not data or data[0] not in (0, 1):
+            return
+        topic = data[1:]
+        if data[0] == 0:
+            pub.setsockopt(zmq.UNSUBSCRIBE, topic)
+            return
+        if principals is None:
+            principal = auth.LOCAL_OPERATOR
+        else:
+            try:
+                name = str(msg.get(auth.USER_ID) or "")
+            except zmq.ZMQError:  # no connection behind it: nobody to grant it to
+                name = ""
+            principal = principals.by_name(name) or auth.Principal(name, auth.REVOKED)
+        if not principal.revoked and may_subscribe(principal, topic):
+            pub.setsockopt(zmq.SUBSCRIBE, topic)  # applies to the pipe it came on
+        else:
+            self.router.counters["subscriptions_refused"] += 1
+            if self.router.counters["subscriptions_refused"] <= 10:
+                log.warning("control subscription %r refused for %s (%s)", topic[:64], principal.name,
+                            principal.role)
 
     def _credit_subscription(self, msg: zmq.Frame, data: bytes) -> None:
         """Count a frame read from the control socket against its connection's inbound meter: a
