@@ -190,7 +190,7 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("kernel", "inbound_rss_ceiling", "int", None,
             "bytes the kernel's resident set may grow above its baseline (the least seen) before the tcp "
             "connection holding the most unread bytes (sent, not yet seen by the kernel) is cut, again after 0.5 s until under "
-            "it (libzmq's per-frame cost the wire meter does not see); default 2 x peers_in_bytes", low=1 << 20),
+            "it (libzmq's per-frame cost the wire meter does not see); default 2 x peers_in_bytes, at least 64 MiB", low=1 << 20),
     Setting("kernel", "fsync", "enum", P.LOG_FSYNC, "when the decision log is flushed to disk", choices=_FSYNC),
     Setting("kernel", "log_segment_bytes", "int", P.LOG_SEGMENT_BYTES,
             "a new log segment, opened by a snapshot, past this size", low=4096, field="segment_bytes"),

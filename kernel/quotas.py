@@ -355,6 +355,9 @@ UNIX_QUEUED_MIN = 64 * 1024
 #: bytes together): room for that, plus libzmq's per-frame and per-message overhead of an honest
 #: load, before the kernel's own memory says something the wire meter did not see.
 RSS_CEILING_PER_PEERS_IN = 2
+#: ... and never less than this by default (a small ``peers_in_bytes`` would otherwise put the
+#: ceiling within the reach of the kernel's own state).
+RSS_CEILING_MIN = 64 * 1024 * 1024
 #: After a cut, the kernel hands free memory back to the system (glibc ``malloc_trim``) every
 #: :data:`TRIM_EVERY_S` for this long: libzmq frees a cut (or closed) connection's frames on its I/O
 #: thread, into an arena glibc does not trim by itself (4M empty frames: +200 MB kept after the cut).
@@ -363,10 +366,12 @@ TRIM_AFTER_CUT_S = 10.0
 
 def rss_ceiling_for(peers_in_bytes: int | None, ceiling: int | None = None) -> int:
     """The ``inbound_rss_ceiling`` in force: ``ceiling`` when configured, else
-    :data:`RSS_CEILING_PER_PEERS_IN` x ``peers_in_bytes`` (its default when None)."""
+    :data:`RSS_CEILING_PER_PEERS_IN` x ``peers_in_bytes`` (its default when None), at least
+    :data:`RSS_CEILING_MIN`."""
     if ceiling is not None:
         return ceiling
-    return RSS_CEILING_PER_PEERS_IN * (peers_in_bytes if peers_in_bytes is not None else PEERS_IN_BYTES)
+    total = peers_in_bytes if peers_in_bytes is not None else PEERS_IN_BYTES
+    return max(RSS_CEILING_PER_PEERS_IN * total, RSS_CEILING_MIN)
 
 
 def frame_wire(curve: bool) -> tuple[int, int, int]:

@@ -117,7 +117,9 @@ def test_connections_together_are_bounded_and_the_largest_is_cut():
     """Three connections each sending one 200 MiB message, with a budget of 64 MiB each and 12 MiB
     for all of them together: the total is passed first, the one holding the most is cut, and so
     on until every one of them is (by the total or, later, by its own budget)."""
-    with KernelProcess.from_config(tcp_config({"peer_in_bytes": 64 * MIB, "peers_in_bytes": 12 * MIB})) as k:
+    # (the resident-set ceiling well above: this test is about the wire total)
+    extra = {"peer_in_bytes": 64 * MIB, "peers_in_bytes": 12 * MIB, "inbound_rss_ceiling": 1024 * MIB}
+    with KernelProcess.from_config(tcp_config(extra)) as k:
         ctx = zmq.Context()
         try:
             honest = Client(k.endpoint, timeout=WAIT_S, retries=0, context=ctx)

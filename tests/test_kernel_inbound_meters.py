@@ -201,6 +201,7 @@ def test_the_resident_set_baseline_only_falls_and_the_ceiling_defaults_to_twice_
     m = InboundMeters(in_bytes=24 * MIB, total_bytes=96 * MIB)
     assert m.rss_ceiling == 192 * MIB == quotas.rss_ceiling_for(96 * MIB)
     assert InboundMeters(in_bytes=MIB).rss_ceiling == 2 * quotas.PEERS_IN_BYTES
+    assert InboundMeters(in_bytes=MIB, total_bytes=MIB).rss_ceiling == quotas.RSS_CEILING_MIN  # a floor
     m.over_ceiling(100 * MIB, now=0.0)
     m.over_ceiling(80 * MIB, now=0.1)
     # A slow climb does not move the ceiling up with it: measured from the least seen.
@@ -214,12 +215,13 @@ def test_free_memory_is_handed_back_for_a_while_after_a_cut_or_close():
     m.over_ceiling(40 * MIB, now=0.0)
     m.freed(1.0)
     assert not m.trim_due(now=2.0)  # at rest (the baseline): nothing to hand back
-    m.over_ceiling(40 * MIB + quotas.INBOUND_SCAN_STEP, now=5.0)
-    assert not m.trim_due(now=5.0)  # held, but nothing cut or closed, and under the ceiling
-    m.freed(10.0)
-    due = [t / 100 for t in range(1000, 1500) if m.trim_due(now=t / 100)]
+    late = 1.0 + quotas.TRIM_AFTER_CUT_S + 1
+    m.over_ceiling(40 * MIB + quotas.INBOUND_SCAN_STEP, now=late)
+    assert not m.trim_due(now=late)  # held, but nothing cut or closed lately, and under the ceiling
+    m.freed(100.0)
+    due = [100 + t / 100 for t in range(0, int(quotas.TRIM_AFTER_CUT_S * 100) + 200) if m.trim_due(100 + t / 100)]
     # every settling time within TRIM_AFTER_CUT_S of the cut, then no more
-    assert due[0] == 10.0 + quotas.TRIM_EVERY_S and due[-1] < 10.0 + quotas.TRIM_AFTER_CUT_S
+    assert due[0] == 100.0 + quotas.TRIM_EVERY_S and due[-1] < 100.0 + quotas.TRIM_AFTER_CUT_S
     assert len(due) == round(quotas.TRIM_AFTER_CUT_S / quotas.TRIM_EVERY_S) - 1
     assert all(b - a >= quotas.TRIM_EVERY_S - 1e-9 for a, b in zip(due, due[1:]))
 
