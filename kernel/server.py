@@ -540,10 +540,12 @@ class KernelServer:
         if m is None:
             try:
                 ino = os.fstat(fd).st_ino
+                with _borrowed(fd) as s:
+                    unix = s.family == _socket.AF_UNIX
             except OSError:
                 return
             with self._inbound_lock:
-                m = self.inbound.meter(fd, ino)
+                m = self.inbound.meter(fd, ino, unix)
         m.received += quotas.subscription_wire(data, self.zap is not None)
 
     def _drain(self) -> bool:
@@ -838,8 +840,8 @@ class KernelServer:
             with _borrowed(fd) as s:
                 # unix (ipc://): no cumulative count; judged only past the ceiling (docs/limits.md)
                 unix = s.family not in (_socket.AF_INET, _socket.AF_INET6)
-            with self._inbound_lock:
-                self.inbound.meter(fd, st.st_ino, unix)
+            with self._inbound_lock:  # the family is authoritative (a meter the loop made first may guess)
+                self.inbound.meter(fd, st.st_ino, unix).unix = unix
         except OSError:
             with self._inbound_lock:
                 self.inbound.close(fd)
