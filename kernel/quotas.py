@@ -351,6 +351,10 @@ TRIM_EVERY_S = 0.25
 #: ceiling: a heartbeat caught in a queue is tens of bytes; an attacker streaming an unfinished
 #: message was seen with 2.6 MB (4M empty frames).
 UNIX_QUEUED_MIN = 64 * 1024
+#: (tcp) The least unread a connection must hold to be cut at the ceiling: an honest request in
+#: flight at a look holds a few KiB; 4M empty frames were cut holding 6.3 MB.  (Several
+#: connections each holding less are each under 2 MB of resident set.)
+TCP_UNREAD_MIN = 64 * 1024
 #: The default ceiling, as a multiple of ``peers_in_bytes`` (every tcp connection's unread wire
 #: bytes together): room for that, plus libzmq's per-frame and per-message overhead of an honest
 #: load, before the kernel's own memory says something the wire meter did not see.
@@ -524,14 +528,17 @@ class InboundMeters:
             self.rss_base = rss
         return rss - self.rss_base >= self.scan_step and now >= self.next_scan
 
-    def over_ceiling(self, rss: int, now: float) -> bool:
-        """A reading of the kernel's resident set ``rss``: whether it is past ``rss_baseline`` +
+    def over_ceiling(self, rss: int, now: float, accounted: int = 0) -> bool:
+        """A reading of the kernel's resident set ``rss``, of which ``accounted`` bytes the kernel
+        holds by its own account under budgets of its own (queued requests, replies not yet out:
+        not counted against the ceiling; the baseline is of ``rss`` alone, so an overstated
+        ``accounted`` is lenient for that reading only): whether it is past ``rss_baseline`` +
         ``rss_ceiling`` and the settling time after the last ceiling cut is over (the caller then
         looks at every connection afresh and cuts :meth:`holder`).  The baseline is the least
         resident set seen: it only falls, so no slow climb moves the ceiling up."""
         if self.rss_baseline is None or rss < self.rss_baseline:
             self.rss_baseline = rss
-        self.rss_above = rss - self.rss_baseline
+        self.rss_above = rss - self.rss_baseline - accounted
         if self.rss_above > self.counters["rss_above_max"]:
             self.counters["rss_above_max"] = self.rss_above
         window = self.rss_above >= self.rss_ceiling // 2
@@ -563,11 +570,11 @@ class InboundMeters:
 
     def holder(self, now: float) -> int | None:
         """Past the ceiling: the descriptor of the live connection holding the most unread bytes
-        (at its last look), to be cut (:meth:`cut` with :data:`IN_RSS`); None when none holds any
+        (at its last look; :data:`TCP_UNREAD_MIN` at least), to be cut (:meth:`cut` with :data:`IN_RSS`); None when none holds any
         -- then an ipc:// connection may be (:meth:`holder_unix`).  Either way the next ceiling
         cut waits :data:`RSS_CEILING_SETTLE_S`.  O(meters), only past the ceiling."""
         self.settle_until = now + RSS_CEILING_SETTLE_S
-        live = [(m.unread, fd) for fd, m in self.meters.items() if not m.cut and m.unread > 0]
+        live = [(m.unread, fd) for fd, m in self.meters.items() if not m.cut and m.unread >= TCP_UNREAD_MIN]
         return max(live)[1] if live else None
 
     def scanned(self, rss: int, now: float, spent: float) -> None:

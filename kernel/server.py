@@ -869,8 +869,12 @@ class KernelServer:
                 rss = self._rss()
             except (OSError, ValueError, IndexError):
                 return
+        # Memory the kernel holds by its own account, bounded by budgets of its own (queued
+        # request bodies, replies not yet out of the process), is not what the ceiling is for: a
+        # kernel busy within those never passes it.  (Ints read across threads: the GIL.)
+        accounted = self.router.queued_bytes + self.peers.total
         with self._inbound_lock:
-            over = self._statm is not None and self.inbound.over_ceiling(rss, now)
+            over = self._statm is not None and self.inbound.over_ceiling(rss, now, accounted)
             go = self.inbound.due(rss, now) if self._statm is not None else now >= self.inbound.next_scan
         if over:
             self._ceiling_cut(rss, now)
