@@ -345,6 +345,10 @@ UNREAD = "unread"
 #: connection's memory on its I/O thread, and the resident set must get the chance to fall
 #: before another connection is judged by it (a cut every tick would cut every holder at once).
 RSS_CEILING_SETTLE_S = 0.5
+#: ... unless the resident set grows this many ``INBOUND_SCAN_STEP`` more after a ceiling cut:
+#: a cut connection adds nothing, so growth is another connection's (3 connections sending
+#: empty frames at once peaked at +317 MB with the settling time alone).
+CEILING_REGROW = 4
 #: How often free memory is handed back (glibc ``malloc_trim``) while that is due (:meth:`InboundMeters.trim_due`).
 TRIM_EVERY_S = 0.25
 #: (ipc://) The least seen queued over a window's samples for a unix connection to be cut at the
@@ -468,7 +472,8 @@ class InboundMeters:
         #: The least resident set seen (the kernel's at rest; None until the first reading).
         self.rss_baseline: int | None = None
         self.rss_above = 0  #: at the last reading: the resident set above ``rss_baseline``
-        self.settle_until = 0.0  #: no ceiling cut before this (after the last one)
+        self.settle_until = 0.0  #: no ceiling cut before this (after the last one) ...
+        self.cut_above = 0  #: ... unless ``rss_above`` grew :data:`CEILING_REGROW` x ``scan_step`` past this
         self.over = False  #: the last reading was past the ceiling (to count each passing once)
         self.trim_until = 0.0  #: free memory is handed back until then (:meth:`trim_due`)
         #: The resident set is half the ceiling or more above its baseline: unix connections are
@@ -511,7 +516,7 @@ class InboundMeters:
         unix connection with the most bytes seen queued (:meth:`sample_unix`) in this window since
         the kernel last read from it -- one sending while nothing it sends reaches the kernel
         (an unfinished message) -- or None.  Not exact (no count of what libzmq holds): docs/limits.md."""
-        self.settle_until = now + RSS_CEILING_SETTLE_S
+        self.settle_until, self.cut_above = now + RSS_CEILING_SETTLE_S, self.rss_above
         live = [(m.queued, fd) for fd, m in self.meters.items()
                 if m.unix and not m.cut and m.mark_epoch == self.epoch and m.queued >= UNIX_QUEUED_MIN]
         if not live:
@@ -549,7 +554,8 @@ class InboundMeters:
         if over and not self.over:
             self.counters["rss_ceiling_passes"] += 1
         self.over = over
-        return over and now >= self.settle_until
+        regrown = self.rss_above >= self.cut_above + CEILING_REGROW * self.scan_step
+        return over and (now >= self.settle_until or regrown)
 
     def freed(self, now: float) -> None:
         """A connection was cut, or closed, at ``now``: what libzmq held for it is freed, and free
@@ -573,7 +579,7 @@ class InboundMeters:
         (at its last look; :data:`TCP_UNREAD_MIN` at least), to be cut (:meth:`cut` with :data:`IN_RSS`); None when none holds any
         -- then an ipc:// connection may be (:meth:`holder_unix`).  Either way the next ceiling
         cut waits :data:`RSS_CEILING_SETTLE_S`.  O(meters), only past the ceiling."""
-        self.settle_until = now + RSS_CEILING_SETTLE_S
+        self.settle_until, self.cut_above = now + RSS_CEILING_SETTLE_S, self.rss_above
         live = [(m.unread, fd) for fd, m in self.meters.items() if not m.cut and m.unread >= TCP_UNREAD_MIN]
         return max(live)[1] if live else None
 

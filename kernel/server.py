@@ -899,6 +899,7 @@ class KernelServer:
         if self._look_inbound(now):
             with self._inbound_lock:
                 self.inbound.settle_until = now + quotas.RSS_CEILING_SETTLE_S
+                self.inbound.cut_above = self.inbound.rss_above
             return
         with self._inbound_lock:
             fd = self.inbound.holder(now)

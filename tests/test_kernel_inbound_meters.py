@@ -183,8 +183,12 @@ def test_past_the_resident_set_ceiling_the_largest_holder_is_cut_then_it_settles
     assert m.holder(now=0.02) == 8  # the one holding the most unread, not the first or the idle one
     assert m.cut(big, quotas.IN_RSS) == quotas.IN_RSS
     assert m.stats()["dropped_unread_rss"] == 1 and m.total == MIB + quotas.TCP_UNREAD_MIN - 1
-    # Still past it (memory is freed on libzmq's thread): no second cut before the settling time.
-    assert not m.over_ceiling(100 * MIB, now=0.02 + quotas.RSS_CEILING_SETTLE_S / 2)
+    # Still past it (memory is freed on libzmq's thread): no second cut before the settling time
+    # ... unless it grows on (another connection adds to it; the cut one cannot).
+    assert not m.over_ceiling(50 * MIB + 32 * MIB + 1, now=0.02 + quotas.RSS_CEILING_SETTLE_S / 2)
+    grown = 50 * MIB + 32 * MIB + 1 + quotas.CEILING_REGROW * quotas.INBOUND_SCAN_STEP
+    assert not m.over_ceiling(grown - 1, now=0.02 + quotas.RSS_CEILING_SETTLE_S / 2)
+    assert m.over_ceiling(grown, now=0.02 + quotas.RSS_CEILING_SETTLE_S / 2)
     assert m.over_ceiling(100 * MIB, now=0.02 + quotas.RSS_CEILING_SETTLE_S)
     assert m.holder(now=0.6) == 7
     m.cut(small, quotas.IN_RSS)
