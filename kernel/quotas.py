@@ -347,8 +347,9 @@ UNREAD = "unread"
 RSS_CEILING_SETTLE_S = 0.5
 #: ... unless the resident set grows this many ``INBOUND_SCAN_STEP`` more after a ceiling cut:
 #: a cut connection adds nothing, so growth is another connection's (3 connections sending
-#: empty frames at once peaked at +317 MB with the settling time alone).
-CEILING_REGROW = 4
+#: empty frames at once peaked at +317 MB with the settling time alone; +243 MB with 4, +223 MB
+#: with 2; 6 connections +273 / +264 MB).
+CEILING_REGROW = 2
 #: How often free memory is handed back (glibc ``malloc_trim``) while that is due (:meth:`InboundMeters.trim_due`).
 TRIM_EVERY_S = 0.25
 #: (ipc://) The least seen queued over a window's samples for a unix connection to be cut at the
