@@ -454,7 +454,14 @@ class InboundMeters:
     (``received`` past ``read`` at a look is over-credit: kept in the meter's ``offset`` and taken off
     from then on, so it never offsets later bytes).  Invariants (:meth:`check_invariants`):
     ``unread >= 0``; ``total`` is the sum of the live meters' ``unread``; ``unread_max`` is at least
-    every ``unread`` seen.  Meters are bounded by the live tcp connections (one per descriptor)."""
+    every ``unread`` seen.  Meters are bounded by the live connections (one per descriptor).
+
+    The backstop for what the wire count does not see (libzmq's per-frame cost; ipc://
+    connections, which have no count): the kernel's resident set, less what it accounts for
+    itself, past ``rss_ceiling`` above its least (:meth:`over_ceiling`) -- then the connection
+    holding the most (:meth:`holder`; ipc: :meth:`holder_unix`, evidence from
+    :meth:`sample_unix`) is cut, and free memory is handed back after cuts and closes
+    (:meth:`freed`, :meth:`trim_due`)."""
 
     def __init__(self, in_bytes: int = PEER_IN_BYTES, total_bytes: int | None = None,
                  allowance: int = HANDSHAKE_ALLOWANCE, rss_ceiling: int | None = None) -> None:
@@ -577,9 +584,10 @@ class InboundMeters:
 
     def holder(self, now: float) -> int | None:
         """Past the ceiling: the descriptor of the live connection holding the most unread bytes
-        (at its last look; :data:`TCP_UNREAD_MIN` at least), to be cut (:meth:`cut` with :data:`IN_RSS`); None when none holds any
-        -- then an ipc:// connection may be (:meth:`holder_unix`).  Either way the next ceiling
-        cut waits :data:`RSS_CEILING_SETTLE_S`.  O(meters), only past the ceiling."""
+        (at its last look; :data:`TCP_UNREAD_MIN` at least), to be cut (:meth:`cut` with
+        :data:`IN_RSS`); None when none holds that much -- then an ipc:// connection may be
+        (:meth:`holder_unix`).  Either way the next ceiling cut waits :data:`RSS_CEILING_SETTLE_S`
+        (or :data:`CEILING_REGROW` more growth).  O(meters), only past the ceiling."""
         self.settle_until, self.cut_above = now + RSS_CEILING_SETTLE_S, self.rss_above
         live = [(m.unread, fd) for fd, m in self.meters.items() if not m.cut and m.unread >= TCP_UNREAD_MIN]
         return max(live)[1] if live else None
@@ -617,7 +625,8 @@ class InboundMeters:
 
     def cut(self, m: InboundMeter, why: str | None) -> str:
         """``m`` is cut for ``why`` (:data:`IN`; :data:`IN_TOTAL`: every connection together;
-        :data:`IN_RSS`: the kernel's resident set past its ceiling; None: its peer was dropped for another reason, not counted here): it no longer counts in
+        :data:`IN_RSS`: the kernel's resident set past its ceiling; None: its peer was dropped for
+        another reason, not counted here): it no longer counts in
         ``total`` and is looked at no more."""
         m.cut = True
         self.total -= m.unread

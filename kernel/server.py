@@ -129,8 +129,8 @@ def _libc_trim() -> Callable[[], None]:
     return trim
 
 
-#: What the log line of a connection cut before its first message adds, per reason.
 _MALLOC_TRIM = _libc_trim()
+#: What the log line of a connection cut before its first message adds, per reason.
 _CUT_WHY = {quotas.IN_TOTAL: " (every connection together past peers_in_bytes)"}
 
 
@@ -909,27 +909,30 @@ class KernelServer:
             if m is not None:
                 self.inbound.cut(m, quotas.IN_RSS)
             base = self.inbound.rss_baseline or 0
+            above = self.inbound.rss_above  # less what the kernel accounts for itself
             ceiling = self.inbound.rss_ceiling
             nothing = self.inbound.counters["rss_ceiling_nothing_to_cut"]
         if fd is None or m is None:
             if nothing == 1 or nothing % 1000 == 0:  # each tick past it: said once, then counted
-                log.error("kernel RSS %.1f MB is %.1f MB above its baseline %.1f MB, past inbound_rss_ceiling "
-                          "(%.1f MB), and no connection holds unread bytes to cut (tcp), nor was seen sending "
-                          "while the kernel read nothing from it (ipc) (%d times so far)",
-                          rss / 1e6, (rss - base) / 1e6, base / 1e6, ceiling / 1e6, nothing)
+                log.error("kernel RSS %.1f MB is %.1f MB above its baseline %.1f MB (less what it accounts for "
+                          "itself), past inbound_rss_ceiling (%.1f MB), and no connection holds unread bytes to "
+                          "cut (tcp), nor was seen sending while the kernel read nothing from it (ipc) "
+                          "(%d times so far)", rss / 1e6, above / 1e6, base / 1e6, ceiling / 1e6, nothing)
             return
         what = (f"an ipc connection seen sending ({m.queued} bytes queued over the samples) while the kernel "
                 f"read nothing from it" if m.unix else f"{m.unread} bytes on the wire the kernel has not seen")
-        log.error("kernel RSS %.1f MB is %.1f MB above its baseline %.1f MB, past inbound_rss_ceiling (%.1f MB): "
-                  "cutting connection fd %d, the largest holder (%s)",
-                  rss / 1e6, (rss - base) / 1e6, base / 1e6, ceiling / 1e6, fd, what)
+        log.error("kernel RSS %.1f MB is %.1f MB above its baseline %.1f MB (less what it accounts for itself), "
+                  "past inbound_rss_ceiling (%.1f MB): cutting connection fd %d, the largest holder (%s)",
+                  rss / 1e6, above / 1e6, base / 1e6, ceiling / 1e6, fd, what)
         self._cut_inbound(fd, m, quotas.IN_RSS)
 
     def _look_inbound(self, now: float) -> int:
         """(watcher thread) Look at every tcp connection: one past ``peer_in_bytes`` of bytes libzmq
         read and the kernel has not (a multipart message still coming in, or messages waiting for
         the loop) is cut at once; so is the one holding the most when all of them together pass
-        ``peers_in_bytes``."""
+        ``peers_in_bytes``.  Past half the resident-set ceiling, each ipc:// connection's receive
+        queue is sampled too (the ceiling's evidence, ``InboundMeters.sample_unix``).  Returns how
+        many connections were cut."""
         cuts: list[tuple[int, quotas.InboundMeter, str]] = []
         meters = self.inbound.meters
         with self._inbound_lock:
