@@ -314,6 +314,7 @@ async def _run(args: argparse.Namespace) -> int:
         peer_out_grace=cfg.peer_out_grace,
         peers_out_bytes=cfg.peers_out_bytes,
         peers_in_bytes=cfg.peers_in_bytes,
+        inbound_rss_ceiling=cfg.inbound_rss_ceiling,
     )
     # The supervisor's children get the endpoints as actually bound (tcp://*:0 resolves here).
     supervisor.env[sv.ENV_ENDPOINT] = server.endpoint.replace("0.0.0.0", "127.0.0.1")
