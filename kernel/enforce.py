@@ -416,8 +416,9 @@ _LANDER = _Lander()
 
 
 def _new_lander() -> None:
-    global _LANDER
-    _LANDER = _Lander()  # a forked child has no lander thread, and its lock may have been held
+    global _LANDER, _BOOSTS_LOCK
+    _LANDER = _Lander()  # a forked child has no lander thread, and its locks may have been held
+    _BOOSTS_LOCK = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_new_lander)
@@ -570,36 +571,40 @@ class Group(abc.ABC):
 
 #: v1 cpu directories boosted now: directory -> [its own cpu.shares, how many boosts hold it].
 _BOOSTS: dict[Path, list[Any]] = {}
+_BOOSTS_LOCK = threading.Lock()
 
 
 def _boost_dir(d: Path) -> None:
-    entry = _BOOSTS.get(d)
-    if entry is not None:
-        entry[1] += 1
-        return
-    with contextlib.suppress(EnforcerError):
-        own = _read(d / "cpu.shares").strip()
-        _write(d / "cpu.shares", str(SHARES_MAX))
-        _BOOSTS[d] = [own, 1]
+    with _BOOSTS_LOCK:  # the lander thread boosts and unboosts too (shared ancestors)
+        entry = _BOOSTS.get(d)
+        if entry is not None:
+            entry[1] += 1
+            return
+        with contextlib.suppress(EnforcerError):
+            own = _read(d / "cpu.shares").strip()
+            _write(d / "cpu.shares", str(SHARES_MAX))
+            _BOOSTS[d] = [own, 1]
 
 
 def _unboost_dir(d: Path) -> None:
-    entry = _BOOSTS.get(d)
-    if entry is None:
-        return
-    entry[1] -= 1
-    if entry[1] <= 0:
-        del _BOOSTS[d]
-        with contextlib.suppress(EnforcerError):
-            _write(d / "cpu.shares", entry[0])
+    with _BOOSTS_LOCK:
+        entry = _BOOSTS.get(d)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _BOOSTS[d]
+            with contextlib.suppress(EnforcerError):
+                _write(d / "cpu.shares", entry[0])
 
 
 def _set_shares(d: Path, shares: str) -> None:
     """Set ``d``'s cpu.shares; while it is boosted, the value it gets back at the last unboost."""
-    if d in _BOOSTS:
-        _BOOSTS[d][0] = shares
-    else:
-        _write(d / "cpu.shares", shares)
+    with _BOOSTS_LOCK:
+        if d in _BOOSTS:
+            _BOOSTS[d][0] = shares
+        else:
+            _write(d / "cpu.shares", shares)
 
 
 class CgroupV1Group(Group):

@@ -22,8 +22,15 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(600)]
 
 #: Bound on each wait (a loaded 2-core machine).
 WAIT = 120.0
-#: The service: ~20 % of a CPU, so "it runs" shows as CPU that advances.
-WORK = "import time\nwhile True:\n    t = time.time()\n    while time.time() - t < 0.002: pass\n    time.sleep(0.008)\n"
+#: The service: ~20 % of a CPU, so "it runs" shows as CPU that advances; it ends with its agent.
+WORK = (
+    "import os, time\n"
+    "parent = os.getppid()\n"
+    "while os.getppid() == parent:\n"
+    "    t = time.time()\n"
+    "    while time.time() - t < 0.002: pass\n"
+    "    time.sleep(0.008)\n"
+)
 
 
 def test_the_node_agents_freeze_times_out_before_the_ladders_kill_grace():
@@ -44,6 +51,7 @@ def test_a_stale_freeze_or_thaw_is_dropped_and_the_last_order_wins(request):
     import zmq
 
     connect_driver(cluster)
+    actor = None
     try:
         actor = (
             ray.remote(rayplace.ServiceAgent)
@@ -90,4 +98,6 @@ def test_a_stale_freeze_or_thaw_is_dropped_and_the_last_order_wins(request):
                 runs()
         ray.get(actor.stop.remote(5.0), timeout=WAIT)
     finally:
+        if actor is not None:
+            ray.kill(actor, no_restart=True)  # its service dies with it (PR_SET_PDEATHSIG)
         ray.shutdown()
