@@ -6,7 +6,8 @@ restart types) and :class:`Backoff` (delay between restarts, reset once a child 
 
 The shell, :class:`Supervisor`, owns the OS processes: it starts children in declaration order,
 each in its own session and process group, restarts them by those rules, and stops them all
-at once, each with SIGTERM, its shutdown timeout, then SIGKILL of its whole group.  Because it
+at once, each with SIGTERM (to the child; its helpers are its own to stop), its shutdown
+timeout, then SIGKILL of its whole group.  Because it
 owns the processes it also offers the hard controls of preemption: SIGSTOP / SIGCONT, CPU
 affinity and nice value.  With an :class:`kernel.enforce.Enforcer` (``enforcer=``) every child
 runs in a group of its own (``<service>/main`` under the kernel's ``reca-<pid>`` subtree, with
@@ -573,7 +574,7 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         """Stop every child at once: SIGTERM to each, then SIGKILL to each that outlives its own
-        timeout.  Every group is thawed first (a frozen child acts on no signal)."""
+        timeout, and to whatever is left in each one's process group.  Every group is thawed first (a frozen child acts on no signal)."""
         self._shutting_down = True
         if self.enforcer is not None:
             self.enforcer.thaw_all()
@@ -613,7 +614,12 @@ class Supervisor:
             return
         self._thaw(child)  # a frozen child cannot act on SIGTERM (nor, on cgroup v1, die of SIGKILL)
         self._signal_group(proc.pid, signal.SIGCONT)  # nor a stopped one
-        self._signal_group(proc.pid, signal.SIGTERM)
+        # SIGTERM to the child alone: its helpers are its own to stop in its teardown (a group
+        # SIGTERM killed scch's idle solver-pool worker holding the pool's queue lock, and the
+        # service's pool.close() then waited for that lock until SIGKILL); SIGKILL below takes
+        # whatever is left in its group (systemd's KillMode=mixed).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), child.spec.shutdown_timeout)
         except asyncio.TimeoutError:

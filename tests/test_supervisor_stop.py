@@ -5,11 +5,13 @@ No timing: the children themselves prove the stop is concurrent.  Each "barrier"
 SIGTERM by waiting until every barrier child has had its SIGTERM (marker files) and only then
 exits 0; stopped one after another, the first would wait in vain and exit 3 (bounded).  A
 "stubborn" child ignores SIGTERM and leaves a helper in its process group: SIGKILL after its
-own (short) timeout takes both.
+own (short) timeout takes both.  A "pooled" child closes its own multiprocessing pool when told
+to stop: SIGTERM goes to the child, not its group, so its helpers are its own to stop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -56,6 +58,22 @@ STUBBORN = (
     "open(os.path.join(d, 'stubborn.ready'), 'w').close()\n"
     "while True:\n"
     "    signal.pause()\n"
+)
+#: A service stand-in with a helper of its own: a multiprocessing pool, closed in its teardown.
+#: Its idle worker waits for a task holding the pool's queue lock; had the stop signalled the
+#: whole group, the worker would die holding it and pool.terminate() wait for it forever.
+POOLED = (
+    "import multiprocessing, os, signal, sys, time\n"
+    "pool = multiprocessing.get_context('fork').Pool(1)\n"
+    "assert pool.apply(abs, (-1,)) == 1\n"
+    "got = []\n"
+    "signal.signal(signal.SIGTERM, lambda *_: got.append(1))\n"
+    "time.sleep(0.2)  # the worker is back waiting for its next task\n"
+    "open(os.path.join(sys.argv[1], 'pooled.ready'), 'w').close()\n"
+    "while not got:\n"
+    "    time.sleep(0.02)\n"
+    "pool.terminate()\n"
+    "pool.join()\n"
 )
 NAMES = ("b1", "b2", "b3")
 
@@ -112,3 +130,20 @@ def test_a_kernel_stops_its_children_together_and_none_outlives_it(tmp_path):
     assert rc == 0
     _check_barrier(d)
     assert wait_ended([helper], WAIT) == []
+
+
+async def test_a_child_stops_its_own_helpers_before_its_group_is_killed(tmp_path):
+    d = str(tmp_path)
+    sup = Supervisor([ChildSpec("pooled", [sys.executable, "-c", POOLED, d], shutdown_timeout=10.0)], env={})
+    try:
+        await sup.start()
+        deadline = time.monotonic() + WAIT
+        while not os.path.exists(os.path.join(d, "pooled.ready")):
+            assert time.monotonic() < deadline, "the pooled child never became ready"
+            await asyncio.sleep(0.02)
+        kids = psutil.Process(sup.child("pooled").pid).children(recursive=True)
+        assert kids, "the pool has no worker"
+    finally:
+        await sup.shutdown()
+    assert sup.child("pooled").last_exit == 0  # its teardown ran to the end, not SIGKILLed at its timeout
+    assert wait_ended(kids, WAIT) == []
