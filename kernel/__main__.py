@@ -216,7 +216,7 @@ async def _run(args: argparse.Namespace) -> int:
     from kernel.auth import ENV_CERT, ENV_SERVER_CERT
     from kernel.decisions import DecisionLog
     from kernel.host import SystemHost
-    from kernel.ladder import Ladder
+    from kernel.ladder import ANSWER_CAP_S, Ladder
     from kernel.ladder import run as run_ladder
     from kernel.logstore import LogCorrupt, move_aside
     from kernel.mmi import Management
@@ -332,8 +332,11 @@ async def _run(args: argparse.Namespace) -> int:
             tasks.create_task(server.serve())
             if os.environ.get("RECA_LADDER") != "0":  # on by default; RECA_LADDER=0 turns it off (docs/budgets.md)
                 supervisor.remote_answer_grace = cfg.remote_answer_grace_ms / 1000.0
+                # The cap bounds the round-trip part of a remote answer window: the configured
+                # grace itself is the operator's, never cut (kernel/ladder.py ANSWER_CAP_S).
                 ladder = Ladder(cfg.freeze_grace_ms / 1000.0, cfg.kill_grace_ms / 1000.0,
-                                cpu_ceiling=cfg.cpu_ceiling_ms / 1000.0, hold_ceiling=cfg.hold_ceiling_s)
+                                cpu_ceiling=cfg.cpu_ceiling_ms / 1000.0, hold_ceiling=cfg.hold_ceiling_s,
+                                answer_cap=supervisor.remote_answer_grace + ANSWER_CAP_S)
                 tasks.create_task(run_ladder(server.router, supervisor, ladder, admission.record, stop,
                                              admission=admission))
             try:

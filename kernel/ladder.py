@@ -116,10 +116,11 @@ POLL_S = 0.002
 #: After ``kill_grace`` frozen, the worker is thawed and has this long to answer its cancel before
 #: the kill (seconds): a cooperative worker that was only slow on a busy machine is not killed.
 ANSWER_GRACE_S = 0.1
-#: Longest answer window after a thaw a tombstone can be given, seconds (its floor is the
-#: ladder's ``answer_grace``): a remote worker's window is ``[enforce] remote_answer_grace_ms``
-#: plus twice its agent's longest recent round trip, and one slow round trip (an agent call that
-#: timed out counts its 10 s) must not keep a burning worker alive that long.
+#: How much longer than its configured grace an answer window after a thaw can be, seconds (the
+#: kernel's ladder caps windows at ``[enforce] remote_answer_grace_ms`` plus this; a ladder built
+#: without a cap, at this; the floor is the ladder's ``answer_grace``): a remote worker's window
+#: is that grace plus twice its agent's longest recent round trip, and one slow round trip (an
+#: agent call that timed out counts its 10 s) must not keep a burning worker alive that long.
 ANSWER_CAP_S = 2.0
 #: Longest the shell waits for a freeze to be reported, seconds (the kernel's loop is blocked
 #: meanwhile); one not reported by then is recorded ``landed: false`` and lands on its own.

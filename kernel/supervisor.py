@@ -790,7 +790,7 @@ class Supervisor:
         plus twice the longest recent round trip to its node agent -- the thaw travels there as
         a Ray actor call, and the answer comes back over the network.  The ladder takes it once
         per tombstone, when it first sees it, clamped to [its own answer grace,
-        kernel.ladder.ANSWER_CAP_S]."""
+        remote_answer_grace + kernel.ladder.ANSWER_CAP_S] (kernel/__main__.py)."""
         remote = self._remote(name)
         if remote is None:
             return None
