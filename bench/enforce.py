@@ -76,6 +76,8 @@ ENV_BACKENDS = "RECA_BENCH_ENFORCE_BACKENDS"
 
 #: Environment variable overriding the samples per row (a shorter full run on a loaded machine).
 ENV_SAMPLES = "RECA_BENCH_ENFORCE_SAMPLES"
+#: Environment variable: ``0`` judges "burning" by CPU alone, without the runqueue wait (A/B).
+ENV_WAITED = "RECA_BENCH_ENFORCE_WAITED"
 
 
 def _backends() -> list[str]:
@@ -140,11 +142,12 @@ def _overshoot_rounds(group: E.Group, n: int, grace: float, cpu_out: list[float]
         end = time.perf_counter()
         ladder = Ladder(grace, 1.0)
         cpu0 = group.cpu_seconds()
-        ladder.observe(held, {b"worker"}, end, {1: cpu0})
+        ladder.observe(held, {b"worker"}, end, {1: cpu0}, _waited(group))
         while True:  # the cooperative cancel went out; the worker ignores it
             time.sleep(POLL_S)
             now = time.perf_counter()
-            if any(a.rung == "freeze" for a in ladder.observe(held, {b"worker"}, now, {1: group.cpu_seconds()})):
+            acts = ladder.observe(held, {b"worker"}, now, {1: group.cpu_seconds()}, _waited(group))
+            if any(a.rung == "freeze" for a in acts):
                 break
             if now - end > LADDER_BOUND_S:  # never on a working machine: noted, counted at the bound
                 TIMEOUTS.append(f"{group.name} (ladder)")
@@ -155,6 +158,15 @@ def _overshoot_rounds(group: E.Group, n: int, grace: float, cpu_out: list[float]
             cpu_out.append(group.cpu_seconds() - cpu0)
     group.thaw()
     return out
+
+
+def _waited(group: E.Group) -> dict[int, float] | None:
+    """The group's runqueue wait, as the kernel's shell reads it (kernel/ladder.py ``_waits``);
+    ``RECA_BENCH_ENFORCE_WAITED=0``: CPU alone (the trigger before, for an A/B in one tree)."""
+    if os.environ.get(ENV_WAITED) == "0":
+        return None
+    w = group.cpu_waited()
+    return None if w is None else {1: w}
 
 
 def _coop_numpy(n: int) -> list[float]:

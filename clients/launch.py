@@ -72,6 +72,26 @@ def kernel_config(services: str = "", *, heartbeat: float = 0.2, liveness: int =
     }) + "\n" + services
 
 
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_ended(procs: Iterable[psutil.Process], timeout: float, poll: float = 0.02) -> list[psutil.Process]:
+    """Wait (bounded by ``timeout``) until each of ``procs`` has ended; returns those still running.
+    One that has exited but is not reaped yet has ended: a kernel's children are orphans once it
+    is gone, and where PID 1 reaps orphans only every second or two (some containers),
+    ``psutil.wait_procs`` would wait for that reaping."""
+    alive = [p for p in procs if _running(p)]
+    deadline = time.monotonic() + timeout
+    while alive and time.monotonic() < deadline:
+        time.sleep(poll)
+        alive = [p for p in alive if _running(p)]
+    return alive
+
+
 class KernelStartError(RuntimeError):
     """The kernel exited, or did not report ready within the bound."""
 
@@ -174,7 +194,7 @@ class LocalKernel:
         self._reader.join(5)
         if self.proc.stdout is not None and not self._reader.is_alive():
             self.proc.stdout.close()
-        _, alive = psutil.wait_procs(kids, timeout=timeout)
+        alive = wait_ended(kids, timeout)
         for p in alive:
             p.kill()
         if self._own_dir:

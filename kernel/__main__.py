@@ -8,7 +8,7 @@
 
 Starts the kernel (ROUTER + PUB), then the supervisor, which launches the services of the
 config in order.  Prints the endpoints and a line ``reca kernel ready`` once everything is
-started.  SIGINT / SIGTERM stop the services in reverse start order (SIGTERM, shutdown
+started.  SIGINT / SIGTERM stop the services all at once (SIGTERM, each its shutdown
 timeout, SIGKILL) and then the kernel; no process is left behind.
 
 Security at start (docs/security.md): the runtime directory is created private (0700) or, if it
@@ -216,7 +216,7 @@ async def _run(args: argparse.Namespace) -> int:
     from kernel.auth import ENV_CERT, ENV_SERVER_CERT
     from kernel.decisions import DecisionLog
     from kernel.host import SystemHost
-    from kernel.ladder import Ladder
+    from kernel.ladder import ANSWER_CAP_S, Ladder
     from kernel.ladder import run as run_ladder
     from kernel.logstore import LogCorrupt, move_aside
     from kernel.mmi import Management
@@ -314,6 +314,7 @@ async def _run(args: argparse.Namespace) -> int:
         peer_out_grace=cfg.peer_out_grace,
         peers_out_bytes=cfg.peers_out_bytes,
         peers_in_bytes=cfg.peers_in_bytes,
+        inbound_rss_ceiling=cfg.inbound_rss_ceiling,
     )
     # The supervisor's children get the endpoints as actually bound (tcp://*:0 resolves here).
     supervisor.env[sv.ENV_ENDPOINT] = server.endpoint.replace("0.0.0.0", "127.0.0.1")
@@ -331,8 +332,11 @@ async def _run(args: argparse.Namespace) -> int:
             tasks.create_task(server.serve())
             if os.environ.get("RECA_LADDER") != "0":  # on by default; RECA_LADDER=0 turns it off (docs/budgets.md)
                 supervisor.remote_answer_grace = cfg.remote_answer_grace_ms / 1000.0
+                # The cap bounds the round-trip part of a remote answer window: the configured
+                # grace itself is the operator's, never cut (kernel/ladder.py ANSWER_CAP_S).
                 ladder = Ladder(cfg.freeze_grace_ms / 1000.0, cfg.kill_grace_ms / 1000.0,
-                                cpu_ceiling=cfg.cpu_ceiling_ms / 1000.0, hold_ceiling=cfg.hold_ceiling_s)
+                                cpu_ceiling=cfg.cpu_ceiling_ms / 1000.0, hold_ceiling=cfg.hold_ceiling_s,
+                                answer_cap=supervisor.remote_answer_grace + ANSWER_CAP_S)
                 tasks.create_task(run_ladder(server.router, supervisor, ladder, admission.record, stop,
                                              admission=admission))
             try:

@@ -72,6 +72,7 @@ class KernelConfig:
     peer_out_grace: float = quotas.PEER_OUT_GRACE_S
     peers_out_bytes: int = quotas.PEERS_OUT_BYTES
     peers_in_bytes: int = quotas.PEERS_IN_BYTES
+    inbound_rss_ceiling: int | None = None
     fsync: str = P.LOG_FSYNC
     segment_bytes: int = P.LOG_SEGMENT_BYTES
     intensity: int = P.RESTART_INTENSITY
@@ -186,6 +187,10 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("kernel", "peers_in_bytes", "int", quotas.PEERS_IN_BYTES,
             "bytes sent the kernel has not yet seen, over every tcp connection together; past it the one "
             "holding the most is dropped", low=65536),
+    Setting("kernel", "inbound_rss_ceiling", "int", None,
+            "bytes the kernel's resident set may grow above its baseline (the least seen) before the tcp "
+            "connection holding the most unread bytes (sent, not yet seen by the kernel) is cut, again after 0.5 s until under "
+            "it (libzmq's per-frame cost the wire meter does not see); default 2 x peers_in_bytes, at least 64 MiB", low=1 << 20),
     Setting("kernel", "fsync", "enum", P.LOG_FSYNC, "when the decision log is flushed to disk", choices=_FSYNC),
     Setting("kernel", "log_segment_bytes", "int", P.LOG_SEGMENT_BYTES,
             "a new log segment, opened by a snapshot, past this size", low=4096, field="segment_bytes"),

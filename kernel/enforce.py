@@ -60,6 +60,7 @@ import os
 import re
 import resource
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -78,6 +79,8 @@ __all__ = [
     "ENV_GROUP",
     "FREEZE_TIMEOUT",
     "KERNEL_WEIGHT",
+    "RT_BUDGET_US",
+    "RT_HOLD_S",
     "SIGNALS",
     "V1_CONTROLLERS",
     "V2_CONTROLLERS",
@@ -88,6 +91,7 @@ __all__ = [
     "EnforcerUnavailable",
     "FreezeTimeout",
     "Group",
+    "Landing",
     "Limits",
     "MemoryStat",
     "SignalGroup",
@@ -121,6 +125,16 @@ FREEZE_TIMEOUT = 1.0
 #: ``cpu.rt_period_us``, default 1 s): a group being frozen borrows it while its tasks run at
 #: SCHED_FIFO to enter the freezer (:func:`_fifo`); the kernel caps what they can take at 1%.
 RT_BUDGET_US = 10000
+#: Longest a freeze not yet reported landed keeps what it raised for itself, seconds: its tasks at
+#: SCHED_FIFO and the real-time budget they run under (the group's freeze can be slow to land when
+#: that budget is spent or a task waits in the kernel; past this the group's cpu.shares boost takes
+#: over, :class:`Landing`).  The budget goes back the moment the freeze lands, found by the lander
+#: thread every :data:`LAND_POLL_S`, and it is never held past this -- before, a freeze that waited
+#: longer than its caller (the ladder waits 5 ms) held it until the thaw, a second later, and every
+#: other group's freeze meanwhile fell back to the boost (EBUSY).
+RT_HOLD_S = 0.02
+#: How often the lander looks at the freezes written but not yet reported landed, seconds.
+LAND_POLL_S = 0.0005
 #: Environment variable through which a child learns its service's group (JSON).
 ENV_GROUP = "RECA_ENFORCE_GROUP"
 #: A group name: one path segment, no dots-only names.
@@ -307,6 +321,16 @@ def _unfifo(tids: Iterable[int]) -> None:
                 os.sched_setscheduler(tid, os.SCHED_OTHER, param)
 
 
+def _run_delay(tids: Iterable[int]) -> float:
+    """Seconds the tasks ``tids`` have waited on a runqueue, runnable but not running (the second
+    field of ``/proc/TID/schedstat``); a task gone or without scheduler statistics counts 0."""
+    total = 0
+    for tid in tids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(Path(f"/proc/{tid}/schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def _tids(root: Path, name: str) -> list[int]:
     """Thread ids listed in ``name`` files (v1 ``tasks``, v2 ``cgroup.threads``) under ``root``."""
     out: list[int] = []
@@ -314,6 +338,90 @@ def _tids(root: Path, name: str) -> list[int]:
         with contextlib.suppress(OSError, ValueError):
             out.extend(int(t) for t in path.read_text().split())
     return out
+
+
+# -- freezes that land after their caller stopped waiting -----------------------------------------
+
+
+@dataclasses.dataclass
+class Landing:
+    """A freeze written but not reported landed when its caller stopped waiting (pure: time is
+    passed in).  Its group holds, from the write, what it raised to make it land: tasks at
+    SCHED_FIFO under a borrowed real-time budget (``rt``), else a cpu.shares boost.
+
+    Invariants: the real-time budget goes back at the first look that finds the freeze landed,
+    and never later than ``hold`` after the write (then the boost takes over); everything goes
+    back at the first look past ``watch`` or landed; a thaw ends the landing at once."""
+
+    since: float  # when the freeze was written
+    rt: bool = True  # still holding the real-time budget (and the tasks raised)
+    hold: float = RT_HOLD_S
+    watch: float = FREEZE_TIMEOUT
+
+    def step(self, now: float, landed: bool) -> tuple[bool, bool]:
+        """At ``now``, the freeze ``landed`` or not: (give the real-time budget back now,
+        done -- give everything back, stop looking)."""
+        done = landed or now - self.since >= self.watch
+        give = self.rt and (done or now - self.since >= self.hold)
+        if give:
+            self.rt = False
+        return give, done
+
+
+class _Lander:
+    """One daemon thread that settles the groups whose freezes are landing
+    (:meth:`Group._settle`, every :data:`LAND_POLL_S`); it sleeps while there are none."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._groups: list[Group] = []
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, group: "Group") -> None:
+        with self._lock:
+            if group not in self._groups:
+                self._groups.append(group)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="reca-freeze-lander", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._groups)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                groups = list(self._groups)
+            if not groups:
+                self._wake.wait()
+                self._wake.clear()  # before the next look: an add meanwhile is seen there
+                continue
+            now = time.monotonic()
+            for g in groups:
+                try:
+                    done = g._settle(now)
+                except Exception:  # noqa: BLE001 - a group removed meanwhile: nothing left to give back
+                    log.exception("settling the freeze of group %s", g.name)
+                    done = True
+                if done:
+                    with self._lock:
+                        self._groups.remove(g)
+            time.sleep(LAND_POLL_S)
+
+
+_LANDER = _Lander()
+
+
+def _new_lander() -> None:
+    global _LANDER, _BOOSTS_LOCK
+    _LANDER = _Lander()  # a forked child has no lander thread, and its locks may have been held
+    _BOOSTS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lander)
 
 
 # -- groups ---------------------------------------------------------------------------------------
@@ -326,6 +434,41 @@ class Group(abc.ABC):
 
     def __init__(self, name: str) -> None:
         self.name = name
+        #: guards what a freeze raised (and its :class:`Landing`): the lander thread gives it back
+        self._lock = threading.RLock()
+        self._landing: Landing | None = None
+
+    def _landed(self) -> bool:
+        """Whether the OS reports the group's freeze landed (the lander's look)."""
+        return self.frozen()
+
+    def _give_rt(self) -> None:
+        """Give back what a freeze raised at real-time priority (its tasks, a borrowed budget)."""
+
+    def _end_raise(self) -> None:
+        """Give back all that a freeze raised: real-time priority and any boost."""
+        self._give_rt()
+
+    def _land_later(self, since: float, rt: bool) -> None:
+        """The caller stops waiting for a freeze written at ``since`` that has not landed: the
+        lander gives back what it raised when it lands (:class:`Landing`).  Under ``_lock``."""
+        self._landing = Landing(since, rt)
+        _LANDER.add(self)
+
+    def _settle(self, now: float) -> bool:
+        """The lander's look at a landing freeze; True once nothing is left to give back."""
+        with self._lock:
+            if self._landing is None:
+                return True
+            give, done = self._landing.step(now, self._landed())
+            if give:
+                self._give_rt()
+                if not done:
+                    self.boost("freeze")  # the budget is back; the shares boost until it lands
+            if done:
+                self._landing = None
+                self._end_raise()
+            return done
 
     @abc.abstractmethod
     def sub(self, name: str, limits: Limits | None = None) -> "Group":
@@ -393,6 +536,13 @@ class Group(abc.ABC):
     def cpu_seconds(self) -> float:
         """CPU time the group's processes used, as the OS measured it, seconds."""
 
+    def cpu_waited(self) -> float | None:
+        """Seconds the group's live tasks have waited runnable for a CPU (summed over them: it
+        drops when a task exits); None where unknown.  With :meth:`cpu_seconds` it is the CPU
+        the group *wants*: a worker starved by a busy machine burns little but waits much
+        (kernel/ladder.py counts both as burning)."""
+        return None
+
     @abc.abstractmethod
     def memory(self) -> MemoryStat: ...
 
@@ -421,36 +571,40 @@ class Group(abc.ABC):
 
 #: v1 cpu directories boosted now: directory -> [its own cpu.shares, how many boosts hold it].
 _BOOSTS: dict[Path, list[Any]] = {}
+_BOOSTS_LOCK = threading.Lock()
 
 
 def _boost_dir(d: Path) -> None:
-    entry = _BOOSTS.get(d)
-    if entry is not None:
-        entry[1] += 1
-        return
-    with contextlib.suppress(EnforcerError):
-        own = _read(d / "cpu.shares").strip()
-        _write(d / "cpu.shares", str(SHARES_MAX))
-        _BOOSTS[d] = [own, 1]
+    with _BOOSTS_LOCK:  # the lander thread boosts and unboosts too (shared ancestors)
+        entry = _BOOSTS.get(d)
+        if entry is not None:
+            entry[1] += 1
+            return
+        with contextlib.suppress(EnforcerError):
+            own = _read(d / "cpu.shares").strip()
+            _write(d / "cpu.shares", str(SHARES_MAX))
+            _BOOSTS[d] = [own, 1]
 
 
 def _unboost_dir(d: Path) -> None:
-    entry = _BOOSTS.get(d)
-    if entry is None:
-        return
-    entry[1] -= 1
-    if entry[1] <= 0:
-        del _BOOSTS[d]
-        with contextlib.suppress(EnforcerError):
-            _write(d / "cpu.shares", entry[0])
+    with _BOOSTS_LOCK:
+        entry = _BOOSTS.get(d)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _BOOSTS[d]
+            with contextlib.suppress(EnforcerError):
+                _write(d / "cpu.shares", entry[0])
 
 
 def _set_shares(d: Path, shares: str) -> None:
     """Set ``d``'s cpu.shares; while it is boosted, the value it gets back at the last unboost."""
-    if d in _BOOSTS:
-        _BOOSTS[d][0] = shares
-    else:
-        _write(d / "cpu.shares", shares)
+    with _BOOSTS_LOCK:
+        if d in _BOOSTS:
+            _BOOSTS[d][0] = shares
+        else:
+            _write(d / "cpu.shares", shares)
 
 
 class CgroupV1Group(Group):
@@ -514,17 +668,35 @@ class CgroupV1Group(Group):
         thaw, a second later on the ladder)."""
         self._refuse_caller()
         state = self.dirs["freezer"] / "freezer.state"
-        t0 = time.perf_counter()
-        _write(state, "FROZEN")
-        # a task that was running (on another CPU) or asleep is stopped at once: raise only what waits
-        if _read(state).strip() != "FROZEN" and not self._rt_start():
-            self.boost("freeze")
-        took = _wait_until(lambda: _read(state).strip() == "FROZEN", t0, timeout, self.name)
-        # frozen: real-time priority or a boost buys nothing more; a freeze not reported yet keeps
-        # them until the thaw
+        with self._lock:
+            self._landing = None  # this freeze takes over what an earlier one still raised
+            t0, since = time.perf_counter(), time.monotonic()
+            _write(state, "FROZEN")
+            # a task that was running (on another CPU) or asleep is stopped at once: raise only what waits
+            if _read(state).strip() != "FROZEN" and not self._rt_start():
+                self.boost("freeze")
+        try:
+            took = _wait_until(self._landed, t0, timeout, self.name)
+        except FreezeTimeout:
+            # not reported yet: the lander gives the budget back when it lands, at the latest
+            # RT_HOLD_S after the write (before: at the thaw, a second later on the ladder)
+            with self._lock:
+                if self._rt is not None or "freeze" in self._boosts:
+                    self._land_later(since, self._rt is not None)
+            raise
+        with self._lock:  # frozen: real-time priority or a boost buys nothing more
+            self._end_raise()
+        return took
+
+    def _landed(self) -> bool:
+        return _read(self.dirs["freezer"] / "freezer.state").strip() == "FROZEN"
+
+    def _give_rt(self) -> None:
+        self._rt_end()
+
+    def _end_raise(self) -> None:
         self._rt_end()
         self.unboost("freeze")
-        return took
 
     def _rt_start(self) -> bool:
         """The group's tasks at SCHED_FIFO under a borrowed real-time budget (see :meth:`freeze`);
@@ -586,31 +758,38 @@ class CgroupV1Group(Group):
         is busy and reca's subtree holds one default share per group (a frozen one must run to
         enter the freezer; a preempted one to reach its safe point).  Nested boosts of one
         directory are counted; the weight it had comes back with the last."""
-        if why in self._boosts:
-            return
-        self._boosts.add(why)
-        if len(self._boosts) == 1:
-            for d in self._boost_dirs():
-                _boost_dir(d)
+        with self._lock:
+            if why in self._boosts:
+                return
+            self._boosts.add(why)
+            if len(self._boosts) == 1:
+                for d in self._boost_dirs():
+                    _boost_dir(d)
 
     def unboost(self, why: str = "preempt") -> None:
-        if why not in self._boosts:
-            return
-        self._boosts.discard(why)
-        if not self._boosts:
-            for d in self._boost_dirs():
-                _unboost_dir(d)
+        with self._lock:
+            if why not in self._boosts:
+                return
+            self._boosts.discard(why)
+            if not self._boosts:
+                for d in self._boost_dirs():
+                    _unboost_dir(d)
 
     def thaw(self) -> None:
-        self._rt_end()  # before the thaw: a thawed task never runs at real-time priority
-        _write(self.dirs["freezer"] / "freezer.state", "THAWED")
-        self.unboost("freeze")
+        with self._lock:
+            self._landing = None
+            self._rt_end()  # before the thaw: a thawed task never runs at real-time priority
+            _write(self.dirs["freezer"] / "freezer.state", "THAWED")
+            self.unboost("freeze")
 
     def frozen(self) -> bool:
         return _read(self.dirs["freezer"] / "freezer.state").strip() != "THAWED"
 
     def cpu_seconds(self) -> float:
         return int(_read(self.dirs["cpuacct"] / "cpuacct.usage")) / 1e9
+
+    def cpu_waited(self) -> float | None:
+        return _run_delay(_tids(self.dirs["freezer"], "tasks"))
 
     def memory(self) -> MemoryStat:
         m = self.dirs["memory"]
@@ -657,6 +836,8 @@ class CgroupV1Group(Group):
         if self.pids():
             self.kill()
             _wait_empty(self)
+        with self._lock:
+            self._landing = None
         for why in list(self._boosts):  # its ancestors get their own weight back
             self.unboost(why)
         for d in self.dirs.values():
@@ -717,18 +898,31 @@ class CgroupV2Group(Group):
         CgroupV1Group.freeze; v2 has no real-time budgets: where its cpu controller is enabled
         the raise is refused and skipped)."""
         self._refuse_caller()
-        t0 = time.perf_counter()
-        _write(self.path / "cgroup.freeze", "1")
-        self._fifo += _fifo(_tids(self.path, "cgroup.threads"))  # a freeze not landed kept the earlier ones
-        took = _wait_until(self.frozen, t0, timeout, self.name)
-        _unfifo(self._fifo)
-        self._fifo = []
+        with self._lock:
+            self._landing = None
+            t0, since = time.perf_counter(), time.monotonic()
+            _write(self.path / "cgroup.freeze", "1")
+            self._fifo += _fifo(_tids(self.path, "cgroup.threads"))  # a freeze not landed kept the earlier ones
+        try:
+            took = _wait_until(self.frozen, t0, timeout, self.name)
+        except FreezeTimeout:
+            with self._lock:
+                if self._fifo:
+                    self._land_later(since, True)  # back when it lands, at the latest RT_HOLD_S after
+            raise
+        with self._lock:
+            self._give_rt()
         return took
 
-    def thaw(self) -> None:
+    def _give_rt(self) -> None:
         _unfifo(self._fifo)
         self._fifo = []
-        _write(self.path / "cgroup.freeze", "0")
+
+    def thaw(self) -> None:
+        with self._lock:
+            self._landing = None
+            self._give_rt()
+            _write(self.path / "cgroup.freeze", "0")
 
     def frozen(self) -> bool:
         return _keyed(_read(self.path / "cgroup.events")).get("frozen") == 1
@@ -747,6 +941,9 @@ class CgroupV2Group(Group):
 
     def cpu_seconds(self) -> float:
         return _keyed(_read(self.path / "cpu.stat")).get("usage_usec", 0) / 1e6
+
+    def cpu_waited(self) -> float | None:
+        return _run_delay(_tids(self.path, "cgroup.threads"))
 
     def memory(self) -> MemoryStat:
         if "memory" not in self.controllers:
@@ -808,6 +1005,7 @@ class SignalGroup(Group):
         self._seen: dict[int, psutil.Process] = {}  # every live process found in this group
         self._frozen = False
         self._fifo: list[int] = []  # tasks raised while a freeze lands
+        self._stopping: list[psutil.Process] = []  # the processes the latest freeze stopped
 
     def _handle(self) -> dict[str, Any]:
         return {"limits": dataclasses.asdict(self.limits)}
@@ -912,36 +1110,49 @@ class SignalGroup(Group):
         return sorted({p.pid for p in self._processes()})
 
     def freeze(self, timeout: float = FREEZE_TIMEOUT) -> float:
-        t0 = time.perf_counter()
-        self._frozen = True
-        procs = self._processes()
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(signal.SIGSTOP)
-        tids: list[int] = []
-        for proc in procs:  # each runs at once into its SIGSTOP (see _fifo)
-            with contextlib.suppress(psutil.Error):
-                tids.extend(t.id for t in proc.threads())
-        self._fifo += _fifo(tids)  # a freeze not landed kept the earlier ones
-
-        def stopped() -> bool:
+        with self._lock:
+            self._landing = None
+            t0, since = time.perf_counter(), time.monotonic()
+            self._frozen = True
+            procs = self._processes()
             for proc in procs:
-                try:
-                    if proc.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_ZOMBIE):
-                        return False
-                except psutil.Error:
-                    continue
-            return True
-
-        took = _wait_until(stopped, t0, timeout, self.name)
-        _unfifo(self._fifo)
-        self._fifo = []
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signal.SIGSTOP)
+            tids: list[int] = []
+            for proc in procs:  # each runs at once into its SIGSTOP (see _fifo)
+                with contextlib.suppress(psutil.Error):
+                    tids.extend(t.id for t in proc.threads())
+            self._fifo += _fifo(tids)  # a freeze not landed kept the earlier ones
+            self._stopping = procs
+        try:
+            took = _wait_until(self._landed, t0, timeout, self.name)
+        except FreezeTimeout:
+            with self._lock:
+                if self._fifo:
+                    self._land_later(since, True)  # back when it lands, at the latest RT_HOLD_S after
+            raise
+        with self._lock:
+            self._give_rt()
         return took
 
-    def thaw(self) -> None:
-        self._frozen = False
+    def _landed(self) -> bool:
+        for proc in self._stopping:
+            try:
+                if proc.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_ZOMBIE):
+                    return False
+            except psutil.Error:
+                continue
+        return True
+
+    def _give_rt(self) -> None:
         _unfifo(self._fifo)
         self._fifo = []
+
+    def thaw(self) -> None:
+        with self._lock:
+            self._landing = None
+            self._frozen = False
+            self._give_rt()
         for proc in self._processes():
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGCONT)
@@ -957,8 +1168,10 @@ class SignalGroup(Group):
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGKILL)
-        self._frozen = False
-        self._fifo = []  # the raised threads die with their processes; their ids may be reused
+        with self._lock:
+            self._frozen = False
+            self._landing = None
+            self._fifo = []  # the raised threads die with their processes; their ids may be reused
         return len(procs)
 
     def cpu_seconds(self) -> float:
@@ -967,6 +1180,13 @@ class SignalGroup(Group):
                 t = proc.cpu_times()
                 self._cpu_seen[proc.pid] = t.user + t.system + t.children_user + t.children_system
         return sum(self._cpu_seen.values()) + sum(c.cpu_seconds() for c in self.children.values())
+
+    def cpu_waited(self) -> float | None:
+        tids: list[int] = []
+        for proc in self._processes():
+            with contextlib.suppress(psutil.Error):
+                tids.extend(t.id for t in proc.threads())
+        return _run_delay(tids)
 
     def memory(self) -> MemoryStat:
         rss = 0

@@ -23,7 +23,8 @@ Rungs
    another node (Ray placement) is thawed by its node agent through a Ray actor call and answers
    over the network: its window is its own (``Held.answer_grace``: ``[enforce]
    remote_answer_grace_ms`` plus twice the longest round trip to its agent measured lately,
-   kernel/supervisor.py ``answer_grace_of``);
+   kernel/supervisor.py ``answer_grace_of``), fixed when the tombstone is first seen, never
+   below the ladder's ``answer_grace`` nor above ``answer_cap`` (:data:`ANSWER_CAP_S`);
 4. still holding it then, an *exclusive* worker is **killed** (its whole group) and the
    supervisor restarts it (OTP: let it crash).  An exclusive worker that holds the request
    without burning is killed at the same point, ``max(freeze_grace, grace) + kill_grace +
@@ -107,7 +108,7 @@ from kernel.enforce import FreezeTimeout
 
 log = logging.getLogger("reca.ladder")
 
-__all__ = ["ANSWER_GRACE_S", "BILL_EVERY_S", "BURN_MIN_S", "CPU_CEILING_S", "FREEZE_WAIT_S", "HOLD_CEILING_S",
+__all__ = ["ANSWER_CAP_S", "ANSWER_GRACE_S", "BILL_EVERY_S", "BURN_CPU_MIN_S", "BURN_MIN_S", "CPU_CEILING_S", "DEMAND_MIN", "FREEZE_WAIT_S", "HOLD_CEILING_S",
            "POLL_S", "Action", "Ceilings", "Held", "Ladder", "run", "single_slot_grants"]
 
 #: How often the shell looks for tombstones, seconds (adds at most this to each rung).
@@ -115,6 +116,12 @@ POLL_S = 0.002
 #: After ``kill_grace`` frozen, the worker is thawed and has this long to answer its cancel before
 #: the kill (seconds): a cooperative worker that was only slow on a busy machine is not killed.
 ANSWER_GRACE_S = 0.1
+#: How much longer than its configured grace an answer window after a thaw can be, seconds (the
+#: kernel's ladder caps windows at ``[enforce] remote_answer_grace_ms`` plus this; a ladder built
+#: without a cap, at this; the floor is the ladder's ``answer_grace``): a remote worker's window
+#: is that grace plus twice its agent's longest recent round trip, and one slow round trip (an
+#: agent call that timed out counts its 10 s) must not keep a burning worker alive that long.
+ANSWER_CAP_S = 2.0
 #: Longest the shell waits for a freeze to be reported, seconds (the kernel's loop is blocked
 #: meanwhile); one not reported by then is recorded ``landed: false`` and lands on its own.
 FREEZE_WAIT_S = 0.005
@@ -122,6 +129,17 @@ FREEZE_WAIT_S = 0.005
 #: event loop spend far less in a grace (an idle echo worker, measured: 0.04 ms per 20 ms), and a
 #: cooperative worker with safe points less than this much CPU apart answers before it is frozen.
 BURN_MIN_S = 0.002
+#: ... of which at least this much must be CPU it got (seconds): the rest may be time it waited
+#: runnable for a CPU (kernel/enforce.py ``cpu_waited``).  A worker starved by a busy machine
+#: burns little but wants much -- judged by CPU alone its freeze came 30-120 ms past its budget
+#: with 1-3 ms burnt (issue 23, load 6-30); an idle worker's heartbeat that waits long on a busy
+#: runqueue burns far less than this (0.04 ms per 20 ms), so it does not count as burning.
+BURN_CPU_MIN_S = 0.0005
+#: ... and CPU got plus time waited runnable must fill at least this share of the rung's wall
+#: time: a starved spinner is running or runnable nearly all the time (share ~1), an idle worker
+#: whose heartbeats wait long on a busy runqueue only now and then -- over a second its few
+#: wake-ups add up to the 2 ms of ``burn_min``, which alone froze idle workers at load 16-20.
+DEMAND_MIN = 0.5
 #: A spared worker's tombstone is killed past this much CPU since its answer (seconds; at least
 #: twice the grace its service declared).
 CPU_CEILING_S = 5.0
@@ -177,6 +195,8 @@ class _Track:
     burnt: float = 0.0  # CPU seconds attributed to it since it was first seen
     mark: float = 0.0  # ``burnt`` when the current rung began
     cycles: int = 0  # freezes so far
+    waited: float = 0.0  # seconds its process waited runnable for a CPU since it was first seen
+    wmark: float = 0.0  # ``waited`` when the current rung began
     billed: float = 0.0  # of ``burnt``, what was billed
     answer: float | None = None  # its answer window (None: the ladder's)
 
@@ -195,17 +215,20 @@ class Ladder:
 
     def __init__(self, freeze_grace: float = 0.010, kill_grace: float = 1.0, answer_grace: float = ANSWER_GRACE_S,
                  *, cpu_ceiling: float = CPU_CEILING_S, hold_ceiling: float = HOLD_CEILING_S,
-                 burn_min: float = BURN_MIN_S) -> None:
+                 burn_min: float = BURN_MIN_S, answer_cap: float = ANSWER_CAP_S) -> None:
         if min(freeze_grace, kill_grace, answer_grace, burn_min) < 0 or cpu_ceiling <= 0 or hold_ceiling <= 0:
             raise ValueError("graces must be >= 0 and ceilings > 0")
         self.freeze_grace = freeze_grace
         self.kill_grace = kill_grace
         self.answer_grace = answer_grace
+        #: A tombstone's own answer window is clamped to [answer_grace, answer_cap] (see _window).
+        self.answer_cap = max(answer_cap, answer_grace)
         self.cpu_ceiling = cpu_ceiling
         self.hold_ceiling = hold_ceiling
         self.burn_min = burn_min
         self.tracks: dict[bytes, _Track] = {}
         self.cpu_last: dict[int, float] = {}  # pid -> its group's CPU at the last reading
+        self.wait_last: dict[int, float] = {}  # pid -> its group's runqueue wait at the last reading
         self.ended: list[tuple[bytes, float, float]] = []
         #: Workers killed, until the router drops them: their tombstones are not tracked again.
         self.killed: set[bytes] = set()
@@ -232,33 +255,59 @@ class Ladder:
         for pid in [p for p in self.cpu_last if p not in by_pid and p not in cpu]:
             del self.cpu_last[pid]
 
-    def _burning(self, t: _Track, cpu_known: bool) -> bool:
+    def _waits(self, waited: Mapping[int, float]) -> None:
+        """Growth of each process's runqueue wait since the last reading, added to its tracks
+        (not split: it says the process wants a CPU, not whose the CPU is).  A drop (a task
+        exited and took its count) adds nothing."""
+        pids = {t.pid for t in self.tracks.values()}
+        for pid, reading in waited.items():
+            last = self.wait_last.get(pid)
+            self.wait_last[pid] = reading
+            if last is None or reading <= last or pid not in pids:
+                continue
+            for t in self.tracks.values():
+                if t.pid == pid:
+                    t.waited += reading - last
+        for pid in [p for p in self.wait_last if p not in pids and p not in waited]:
+            del self.wait_last[pid]
+
+    def _burning(self, t: _Track, cpu_known: bool, now: float) -> bool:
+        """Whether the track's process burnt since its rung began: its declared grace in CPU
+        (first freeze), else ``burn_min`` of CPU it got or waited runnable for, at least
+        ``BURN_CPU_MIN_S`` of it got, the two together at least ``DEMAND_MIN`` of the time."""
         if not cpu_known:
             return True
-        need = self.burn_min if t.cycles else max(self.burn_min, t.grace)
-        return t.burnt - t.mark >= need
+        burnt = t.burnt - t.mark
+        if not t.cycles and t.grace > self.burn_min:
+            return burnt >= t.grace  # a declared grace is CPU the service may spend
+        if burnt >= self.burn_min:
+            return True
+        wanted = burnt + t.waited - t.wmark
+        return (burnt >= min(BURN_CPU_MIN_S, self.burn_min) and wanted >= self.burn_min
+                and wanted >= DEMAND_MIN * (now - t.since))
 
     def observe(self, held: Iterable[Held], live_workers: set[bytes], now: float,
-                cpu: Mapping[int, float] | None = None) -> list[Action]:
+                cpu: Mapping[int, float] | None = None, waited: Mapping[int, float] | None = None) -> list[Action]:
         """The rungs due at ``now``, given the tombstones now held, the registered workers and
-        (optionally) each holding worker's group CPU."""
+        (optionally) each holding worker's group CPU and the seconds its tasks waited runnable
+        for a CPU (kernel/enforce.py ``cpu_waited``)."""
         self.killed &= live_workers
         held = [h for h in held if h.worker not in self.killed]
         if cpu is not None:  # before new tombstones join: what a process burnt before one was answered is not its
             self._attribute(held, cpu)
+        if waited is not None:
+            self._waits(waited)
         seen: dict[bytes, Held] = {}
         for h in held:
             seen[h.token] = h
             t = self.tracks.get(h.token)
             if t is None:
                 t = self.tracks[h.token] = _Track(h.pid, h.worker, now, h.grace, h.keeps, h.shared, since=now,
-                                                  answer=h.answer_grace)
+                                                  answer=self._window(h.answer_grace))
                 peer = next((p for p in self.tracks.values() if p.pid == h.pid and p is not t), None)
                 if peer is not None and peer.rung != "run":  # the process is frozen or thawed already
                     t.rung, t.since = peer.rung, peer.since
-            t.shared, t.keeps = h.shared, h.keeps
-            if h.answer_grace is not None:
-                t.answer = h.answer_grace
+            t.shared, t.keeps = h.shared, h.keeps  # its answer window stays the one it was first given
         out: list[Action] = []
         done: set[tuple[str, int]] = set()  # one action of each rung per process
 
@@ -277,6 +326,7 @@ class Ladder:
                     self._end(tok)
                 else:
                     other.rung, other.since, other.mark = ("frozen" if rung == "freeze" else "thawed"), now, other.burnt
+                    other.wmark = other.waited
                     if rung == "freeze":
                         other.cycles += 1
 
@@ -303,7 +353,7 @@ class Ladder:
             elif now - t.seen >= max(self.hold_ceiling, 2.0 * t.grace):
                 act("kill", t, token, "hold ceiling")
             elif t.rung == "run":
-                if not t.shared and now - t.since >= self._wall_grace(t, known) and self._burning(t, known):
+                if not t.shared and now - t.since >= self._wall_grace(t, known) and self._burning(t, known, now):
                     act("freeze", t, token, "burning")
                 elif not t.spared and now - t.seen >= self._idle_kill(t):
                     act("kill", t, token, "idle")
@@ -313,10 +363,10 @@ class Ladder:
             elif now - t.since >= self._answer(t):  # thawed, its answer window over
                 if not t.spared:
                     act("kill", t, token, "answer window")
-                elif not t.shared and self._burning(t, known):
+                elif not t.shared and self._burning(t, known, now):
                     act("freeze", t, token, "burning")  # throttled: frozen again, the state survives
                 else:
-                    t.rung, t.since, t.mark = "run", now, t.burnt
+                    t.rung, t.since, t.mark, t.wmark = "run", now, t.burnt, t.waited
         return out
 
     def _wall_grace(self, t: _Track, cpu_known: bool = False) -> float:
@@ -328,6 +378,14 @@ class Ladder:
         """An exclusive worker holding a tombstone without burning is killed this long after the
         answer: when a burning one would be (its slot comes back)."""
         return max(self.freeze_grace, t.grace) + self.kill_grace + self._answer(t)
+
+    def _window(self, offered: float | None) -> float | None:
+        """A new tombstone's answer window from the one its worker offers (None: the ladder's),
+        clamped to [answer_grace, answer_cap] -- computed once: a round trip measured later (a
+        slow one) does not move a window already running."""
+        if offered is None:
+            return None
+        return min(max(offered, self.answer_grace), self.answer_cap)
 
     def _answer(self, t: _Track) -> float:
         """The track's answer window after a thaw: its worker's (a remote one's is longer), else
@@ -663,7 +721,7 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
             held, live = tombstones(router, procs)
             now = clock()
             cpu = _readings(held, procs)
-            actions = ladder.observe(held, live, now, cpu)
+            actions = ladder.observe(held, live, now, cpu, _waits(held, procs))
             if bills is not None:
                 bills.note([h for h in held if h.token in ladder.tracks], procs)
             if actions:
@@ -679,6 +737,20 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
         except Exception:  # the ladder never takes the kernel down
             log.exception("internal error in the escalation ladder")
         await asyncio.sleep(POLL_S)
+
+
+def _waits(held: list[Held], procs: _Procs) -> dict[int, float]:
+    """The runqueue wait (seconds) of each worker holding a tombstone, where the OS reports one."""
+    out: dict[int, float] = {}
+    waited = getattr(procs, "cpu_waited", None)
+    if waited is None:
+        return out
+    for pid in {h.pid for h in held}:
+        name = procs.child_of_pid(pid)
+        w = waited(name) if name is not None else None
+        if w is not None:
+            out[pid] = w
+    return out
 
 
 def _readings(held: list[Held], procs: _Procs) -> dict[int, float]:

@@ -96,7 +96,12 @@ OUT = "peer_out_bytes"
 IN = "peer_in_bytes"
 TOTAL = "peers_out_bytes"
 IN_TOTAL = "peers_in_bytes"  #: every connection's unread bytes together (InboundMeters.largest)
-_DROP_COUNTER = {OUT: "dropped_out", IN: "dropped_in", TOTAL: "dropped_total", IN_TOTAL: "dropped_in_total"}
+#: the kernel's resident set past its ceiling: the connection holding the most unread is cut
+#: (InboundMeters.over_ceiling / holder)
+IN_RSS = "inbound_rss_ceiling"
+_DROP_COUNTER = {OUT: "dropped_out", IN: "dropped_in", TOTAL: "dropped_total", IN_TOTAL: "dropped_in_total",
+                 IN_RSS: "dropped_in_rss"}
+_UNREAD_COUNTER = {IN: "dropped_unread", IN_TOTAL: "dropped_unread_total", IN_RSS: "dropped_unread_rss"}
 
 
 @dataclass(slots=True)
@@ -178,6 +183,7 @@ class PeerBudgets:
         #: Peers whose outstanding bytes passed ``sample_at``: looked at by the next check.
         self.hot: set[bytes] = set()
         self.counters: dict[str, int] = {"dropped_out": 0, "dropped_in": 0, "dropped_total": 0, "dropped_in_total": 0,
+                                         "dropped_in_rss": 0,
                                          "samples": 0,
                                          "pauses": 0, "resumes": 0,
                                          "sends_refused": 0, "max_outstanding": 0}
@@ -335,6 +341,46 @@ INBOUND_PAUSE_PER_LOOK = 4
 CURVE_FRAME_OVERHEAD = 33
 #: Why a connection was cut inbound (the stats key; the error's ``quota`` is :data:`IN`).
 UNREAD = "unread"
+#: After a cut at the resident-set ceiling, the next waits this long: libzmq frees the cut
+#: connection's memory on its I/O thread, and the resident set must get the chance to fall
+#: before another connection is judged by it (a cut every tick would cut every holder at once).
+RSS_CEILING_SETTLE_S = 0.5
+#: ... unless the resident set grows this many ``INBOUND_SCAN_STEP`` more after a ceiling cut:
+#: a cut connection adds nothing, so growth is another connection's (3 connections sending
+#: empty frames at once peaked at +317 MB with the settling time alone; +243 MB with 4, +223 MB
+#: with 2; 6 connections +273 / +264 MB).
+CEILING_REGROW = 2
+#: How often free memory is handed back (glibc ``malloc_trim``) while that is due (:meth:`InboundMeters.trim_due`).
+TRIM_EVERY_S = 0.25
+#: (ipc://) The least seen queued over a window's samples for a unix connection to be cut at the
+#: ceiling: a heartbeat caught in a queue is tens of bytes; an attacker streaming an unfinished
+#: message was seen with 2.6 MB (4M empty frames).
+UNIX_QUEUED_MIN = 64 * 1024
+#: (tcp) The least unread a connection must hold to be cut at the ceiling: an honest request in
+#: flight at a look holds a few KiB; 4M empty frames were cut holding 6.3 MB.  (Several
+#: connections each holding less are each under 2 MB of resident set.)
+TCP_UNREAD_MIN = 64 * 1024
+#: The default ceiling, as a multiple of ``peers_in_bytes`` (every tcp connection's unread wire
+#: bytes together): room for that, plus libzmq's per-frame and per-message overhead of an honest
+#: load, before the kernel's own memory says something the wire meter did not see.
+RSS_CEILING_PER_PEERS_IN = 2
+#: ... and never less than this by default (a small ``peers_in_bytes`` would otherwise put the
+#: ceiling within the reach of the kernel's own state).
+RSS_CEILING_MIN = 64 * 1024 * 1024
+#: After a cut, the kernel hands free memory back to the system (glibc ``malloc_trim``) every
+#: :data:`TRIM_EVERY_S` for this long: libzmq frees a cut (or closed) connection's frames on its I/O
+#: thread, into an arena glibc does not trim by itself (4M empty frames: +200 MB kept after the cut).
+TRIM_AFTER_CUT_S = 10.0
+
+
+def rss_ceiling_for(peers_in_bytes: int | None, ceiling: int | None = None) -> int:
+    """The ``inbound_rss_ceiling`` in force: ``ceiling`` when configured, else
+    :data:`RSS_CEILING_PER_PEERS_IN` x ``peers_in_bytes`` (its default when None), at least
+    :data:`RSS_CEILING_MIN`."""
+    if ceiling is not None:
+        return ceiling
+    total = peers_in_bytes if peers_in_bytes is not None else PEERS_IN_BYTES
+    return max(RSS_CEILING_PER_PEERS_IN * total, RSS_CEILING_MIN)
 
 
 def frame_wire(curve: bool) -> tuple[int, int, int]:
@@ -375,6 +421,14 @@ class InboundMeter:
     #: over-credit offsets at most what arrives between two looks, never later bytes.
     offset: int = 0
     cut: bool = False  #: past its budget: being shut down (no more looks)
+    #: A unix (ipc://) connection: no count of bytes received, so never looked at as above; past
+    #: the resident-set ceiling it is judged by :meth:`InboundMeters.sample_unix` instead.
+    unix: bool = False
+    mark: int = -1  #: (unix) ``received`` when last sampled: what the kernel had read from it
+    mark_epoch: int = -1  #: (unix) the window (:attr:`InboundMeters.epoch`) of ``queued``
+    #: (unix) bytes seen in its receive queue, summed over the samples of this window since the
+    #: kernel last read a frame from it: evidence it is sending and nothing reaches the kernel
+    queued: int = 0
 
 
 class InboundMeters:
@@ -400,15 +454,41 @@ class InboundMeters:
     (``received`` past ``read`` at a look is over-credit: kept in the meter's ``offset`` and taken off
     from then on, so it never offsets later bytes).  Invariants (:meth:`check_invariants`):
     ``unread >= 0``; ``total`` is the sum of the live meters' ``unread``; ``unread_max`` is at least
-    every ``unread`` seen.  Meters are bounded by the live tcp connections (one per descriptor)."""
+    every ``unread`` seen.  Meters are bounded by the live connections (one per descriptor).
+
+    The backstop for what the wire count does not see (libzmq's per-frame cost; ipc://
+    connections, which have no count): the kernel's resident set, less what it accounts for
+    itself, past ``rss_ceiling`` above its least (:meth:`over_ceiling`) -- then the connection
+    holding the most (:meth:`holder`; ipc: :meth:`holder_unix`, evidence from
+    :meth:`sample_unix`) is cut, and free memory is handed back after cuts and closes
+    (:meth:`freed`, :meth:`trim_due`)."""
 
     def __init__(self, in_bytes: int = PEER_IN_BYTES, total_bytes: int | None = None,
-                 allowance: int = HANDSHAKE_ALLOWANCE) -> None:
+                 allowance: int = HANDSHAKE_ALLOWANCE, rss_ceiling: int | None = None) -> None:
         if in_bytes <= 0 or allowance < 0 or (total_bytes is not None and total_bytes <= 0):
             raise ValueError("inbound budgets must be positive")
+        if rss_ceiling is not None and rss_ceiling <= 0:
+            raise ValueError("the resident-set ceiling must be positive")
         self.in_bytes = in_bytes
         self.total_bytes = total_bytes
         self.allowance = allowance
+        #: Bytes the kernel's resident set may grow above ``rss_baseline`` before the connection
+        #: holding the most unread is cut (:meth:`over_ceiling`, :meth:`holder`): the backstop for
+        #: what the wire meter does not see (libzmq's 64-byte ``msg_t`` per frame: 4M empty frames
+        #: are 8 MB on the wire and +257 MB resident).
+        self.rss_ceiling = rss_ceiling_for(total_bytes, rss_ceiling)
+        #: The least resident set seen (the kernel's at rest; None until the first reading).
+        self.rss_baseline: int | None = None
+        self.rss_above = 0  #: at the last reading: the resident set above ``rss_baseline``
+        self.settle_until = 0.0  #: no ceiling cut before this (after the last one) ...
+        self.cut_above = 0  #: ... unless ``rss_above`` grew :data:`CEILING_REGROW` x ``scan_step`` past this
+        self.over = False  #: the last reading was past the ceiling (to count each passing once)
+        self.trim_until = 0.0  #: free memory is handed back until then (:meth:`trim_due`)
+        #: The resident set is half the ceiling or more above its baseline: unix connections are
+        #: sampled at each look (:meth:`sample_unix`); ``epoch`` counts these windows.
+        self.window = False
+        self.epoch = 0
+        self.next_trim = 0.0
         self.meters: dict[int, InboundMeter] = {}
         self.total = 0
         self.scan_step = INBOUND_SCAN_STEP
@@ -416,17 +496,41 @@ class InboundMeters:
         self.rss_base: int | None = None
         self.next_scan = 0.0
         self.counters: dict[str, int] = {"dropped_unread": 0, "dropped_unread_total": 0, "looks": 0,
-                                         "unread_max": 0, "scans": 0}
+                                         "unread_max": 0, "scans": 0, "dropped_unread_rss": 0,
+                                         "rss_ceiling_passes": 0, "rss_ceiling_nothing_to_cut": 0,
+                                         "rss_above_max": 0, "trims": 0}
 
-    def meter(self, fd: int, ino: int) -> InboundMeter:
-        """The meter of the connection on ``fd`` (inode ``ino``), made if new; one of an older
-        connection on the same descriptor number is replaced."""
+    def meter(self, fd: int, ino: int, unix: bool = False) -> InboundMeter:
+        """The meter of the connection on ``fd`` (inode ``ino``; ``unix``: an ipc:// one), made if
+        new; one of an older connection on the same descriptor number is replaced."""
         m = self.meters.get(fd)
         if m is None or m.ino != ino:
             if m is not None and not m.cut:
                 self.total -= m.unread
-            m = self.meters[fd] = InboundMeter(ino)
+            m = self.meters[fd] = InboundMeter(ino, unix=unix)
         return m
+
+    def sample_unix(self, m: InboundMeter, received: int, inq: int) -> None:
+        """(within the window) A sample of a unix connection: ``received`` (the meter's) and
+        ``inq``, its receive queue now.  A frame read since the last sample (or a new window)
+        clears the evidence (it completes messages); else what is queued adds to ``queued``."""
+        if m.mark_epoch != self.epoch or received != m.mark:
+            m.mark, m.mark_epoch, m.queued = received, self.epoch, 0  # evidence from the next sample on
+        else:
+            m.queued += inq
+
+    def holder_unix(self, now: float) -> int | None:
+        """Past the ceiling with no tcp connection holding unread bytes: the descriptor of the
+        unix connection with the most bytes seen queued (:meth:`sample_unix`) in this window since
+        the kernel last read from it -- one sending while nothing it sends reaches the kernel
+        (an unfinished message) -- or None.  Not exact (no count of what libzmq holds): docs/limits.md."""
+        self.settle_until, self.cut_above = now + RSS_CEILING_SETTLE_S, self.rss_above
+        live = [(m.queued, fd) for fd, m in self.meters.items()
+                if m.unix and not m.cut and m.mark_epoch == self.epoch and m.queued >= UNIX_QUEUED_MIN]
+        if not live:
+            self.counters["rss_ceiling_nothing_to_cut"] += 1
+            return None
+        return max(live)[1]
 
     def due(self, rss: int, now: float) -> bool:
         """Whether every connection is to be looked at now: the kernel's resident set ``rss`` has
@@ -436,6 +540,57 @@ class InboundMeters:
         if self.rss_base is None or rss < self.rss_base:
             self.rss_base = rss
         return rss - self.rss_base >= self.scan_step and now >= self.next_scan
+
+    def over_ceiling(self, rss: int, now: float, accounted: int = 0) -> bool:
+        """A reading of the kernel's resident set ``rss``, of which ``accounted`` bytes the kernel
+        holds by its own account under budgets of its own (queued requests, replies not yet out:
+        not counted against the ceiling; the baseline is of ``rss`` alone, so an overstated
+        ``accounted`` is lenient for that reading only): whether it is past ``rss_baseline`` +
+        ``rss_ceiling`` and the settling time after the last ceiling cut is over (the caller then
+        looks at every connection afresh and cuts :meth:`holder`).  The baseline is the least
+        resident set seen: it only falls, so no slow climb moves the ceiling up."""
+        if self.rss_baseline is None or rss < self.rss_baseline:
+            self.rss_baseline = rss
+        self.rss_above = rss - self.rss_baseline - accounted
+        if self.rss_above > self.counters["rss_above_max"]:
+            self.counters["rss_above_max"] = self.rss_above
+        window = self.rss_above >= self.rss_ceiling // 2
+        if window and not self.window:
+            self.epoch += 1
+        self.window = window
+        over = self.rss_above > self.rss_ceiling
+        if over and not self.over:
+            self.counters["rss_ceiling_passes"] += 1
+        self.over = over
+        regrown = self.rss_above >= self.cut_above + CEILING_REGROW * self.scan_step
+        return over and (now >= self.settle_until or regrown)
+
+    def freed(self, now: float) -> None:
+        """A connection was cut, or closed, at ``now``: what libzmq held for it is freed, and free
+        memory is handed back for a while (:meth:`trim_due`)."""
+        self.trim_until = now + TRIM_AFTER_CUT_S
+        if self.next_trim < now:  # the first once libzmq has had the time to free it
+            self.next_trim = now + TRIM_EVERY_S
+
+    def trim_due(self, now: float) -> bool:
+        """Whether to hand free memory back now: every :data:`TRIM_EVERY_S` within
+        :data:`TRIM_AFTER_CUT_S` of a cut or close, or past the ceiling -- while the resident set
+        is ``scan_step`` or more above its baseline (at rest there is nothing to hand back)."""
+        if now >= self.next_trim and self.rss_above >= self.scan_step and (now < self.trim_until or self.over):
+            self.next_trim = now + TRIM_EVERY_S
+            self.counters["trims"] += 1
+            return True
+        return False
+
+    def holder(self, now: float) -> int | None:
+        """Past the ceiling: the descriptor of the live connection holding the most unread bytes
+        (at its last look; :data:`TCP_UNREAD_MIN` at least), to be cut (:meth:`cut` with
+        :data:`IN_RSS`); None when none holds that much -- then an ipc:// connection may be
+        (:meth:`holder_unix`).  Either way the next ceiling cut waits :data:`RSS_CEILING_SETTLE_S`
+        (or :data:`CEILING_REGROW` more growth).  O(meters), only past the ceiling."""
+        self.settle_until, self.cut_above = now + RSS_CEILING_SETTLE_S, self.rss_above
+        live = [(m.unread, fd) for fd, m in self.meters.items() if not m.cut and m.unread >= TCP_UNREAD_MIN]
+        return max(live)[1] if live else None
 
     def scanned(self, rss: int, now: float, spent: float) -> None:
         """Every connection was looked at (which took ``spent`` seconds; ``rss`` after it)."""
@@ -469,13 +624,14 @@ class InboundMeters:
         return None
 
     def cut(self, m: InboundMeter, why: str | None) -> str:
-        """``m`` is cut for ``why`` (:data:`IN`, or :data:`TOTAL`: every connection together;
-        None: its peer was dropped for another reason, not counted here): it no longer counts in
+        """``m`` is cut for ``why`` (:data:`IN`; :data:`IN_TOTAL`: every connection together;
+        :data:`IN_RSS`: the kernel's resident set past its ceiling; None: its peer was dropped for
+        another reason, not counted here): it no longer counts in
         ``total`` and is looked at no more."""
         m.cut = True
         self.total -= m.unread
         if why is not None:
-            self.counters["dropped_unread" if why == IN else "dropped_unread_total"] += 1
+            self.counters[_UNREAD_COUNTER[why]] += 1
         return why or IN
 
     def largest(self) -> int | None:
@@ -487,7 +643,8 @@ class InboundMeters:
         return max(live)[1] if live else None
 
     def stats(self) -> dict[str, int]:
-        return {**self.counters, "unread": self.total, "watched": len(self.meters)}
+        return {**self.counters, "unread": self.total, "watched": len(self.meters), "rss_ceiling": self.rss_ceiling,
+                "rss_above": self.rss_above}
 
     def check_invariants(self) -> None:
         assert all(m.unread >= 0 for m in self.meters.values()), "negative unread"

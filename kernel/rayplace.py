@@ -78,6 +78,13 @@ URGENT_POLL_S = 0.02
 HURRY_S = 2.0
 #: Longest wait for one agent call (signal, CPU read), seconds.
 AGENT_CALL_TIMEOUT_S = 10.0
+#: Longest the node agent waits for a freeze to be reported landed, seconds.  Shorter than the
+#: ladder's ``kill_grace`` (1 s by default, kernel/ladder.py): a freeze that cannot land lets the
+#: agent's SIGSTOP fallback and the thaw, then the ladder's kill, come in time -- the agent's orders
+#: run one at a time (:meth:`ServiceAgent.signal`), so a thaw or a kill waits at most this long
+#: behind a freeze.  (It was the enforcer's FREEZE_TIMEOUT, 1 s: a thaw could wait a whole kill
+#: grace.)
+NODE_FREEZE_TIMEOUT_S = 0.2
 #: How many of the latest agent round trips (the CPU reads) :attr:`RemoteProcess.rtt` keeps.
 RTT_KEEP = 10
 #: The Ray resource label key a ``ray_label = "VALUE"`` selects on (``ray start --labels reca-node=VALUE``).
@@ -314,6 +321,10 @@ class ServiceAgent:
         self.enforcer: Any = None
         self.group: Any = None
         self.cpu_floor = 0.0  # CPU seconds read before a group was lost (monotone billing)
+        #: The agent is a threaded actor: its orders (freeze, thaw, kill) run one at a time, and a
+        #: freeze or thaw older than the last one applied is dropped (:meth:`signal`).
+        self._order_lock = threading.Lock()
+        self.last_order = 0  # the latest order's sequence number (freeze, thaw, kill, ...) applied
 
     def enrol(self) -> dict[str, Any]:
         """Make the replica's CURVE key pair here; return only its public key and where it runs."""
@@ -400,11 +411,32 @@ class ServiceAgent:
         time.sleep(0.1)  # let the pump read the last line
         return rc, (self.tail[-1] if self.tail else None)
 
-    def signal(self, sig: int) -> bool:
+    def signal(self, sig: int, seq: int | None = None, freeze_timeout: float = NODE_FREEZE_TIMEOUT_S) -> bool:
         """The node-side stop.  With an enforcer: SIGSTOP freezes the service's group (its whole
         tree, helpers in other sessions included), SIGCONT thaws it, SIGKILL kills every process
         of it -- as a local child's group; other signals (and without an enforcer, all) go to the
-        service's process group."""
+        service's process group.  Returns whether it was carried out.
+
+        Orders run one at a time (the actor answers calls on several threads, in no set order);
+        ``seq`` numbers the kernel's orders: a SIGSTOP or SIGCONT numbered below the latest one
+        applied is stale and dropped (False) -- a thaw overtaken by the freeze it follows would
+        otherwise leave the worker frozen for good.  A freeze waits ``freeze_timeout`` at most
+        for the OS to report it (:data:`NODE_FREEZE_TIMEOUT_S`)."""
+        with self._order_lock:
+            if seq is not None:
+                if seq < self.last_order and sig in (signal.SIGSTOP, signal.SIGCONT):
+                    log.info(
+                        "%s: dropped a stale %s (order %d < %d)",
+                        self.name,
+                        signal.Signals(sig).name,
+                        seq,
+                        self.last_order,
+                    )
+                    return False
+                self.last_order = max(self.last_order, seq)  # a kill too: no older freeze after it
+            return self._signal(sig, freeze_timeout)
+
+    def _signal(self, sig: int, freeze_timeout: float) -> bool:
         if self.proc is None or self.proc.poll() is not None:
             return False
         if self.group is not None and sig in (signal.SIGSTOP, signal.SIGCONT, signal.SIGKILL):
@@ -412,7 +444,7 @@ class ServiceAgent:
 
             try:
                 if sig == signal.SIGSTOP:
-                    self.group.freeze()
+                    self.group.freeze(freeze_timeout)
                     return True
                 if sig == signal.SIGKILL:
                     self.group.kill()
@@ -644,6 +676,7 @@ class RemoteProcess:
         #: sent now takes to reach the node (the ladder's answer window for it: answer_grace_of).
         self.rtts: collections.deque[float] = collections.deque(maxlen=RTT_KEEP)
         self._urgent_until = 0.0  # poll every URGENT_POLL_S until then (hurry)
+        self._orders = 0  # the latest order's sequence number (the agent drops stale ones)
         self._wake: asyncio.Event | None = None
         self._waiter: asyncio.Future[Any] | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -722,9 +755,12 @@ class RemoteProcess:
         return max(self.rtts, default=0.0)
 
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to the service on its node (sent now, not awaited)."""
+        """Send ``sig`` to the service on its node (sent now, not awaited), numbered: the agent
+        carries out orders one at a time and drops a freeze or thaw that arrives after a later
+        one (:meth:`ServiceAgent.signal`)."""
         if self.returncode is None:
-            self.actor.signal.remote(int(sig))
+            self._orders += 1
+            self.actor.signal.remote(int(sig), self._orders)
 
     async def stop(self, timeout: float) -> None:
         """Stop the service (SIGTERM, ``timeout``, SIGKILL) and then the actor."""

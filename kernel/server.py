@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno as _errno
 import fcntl
 import logging
@@ -110,6 +111,27 @@ class Oversized(Exception):
         super().__init__(why)
         self.identity = identity
         self.why = why
+
+
+def _libc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)``: free pages in every arena (libzmq's I/O thread has its own)
+    handed back to the system; a no-op where there is none."""
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+
+    def trim() -> None:
+        fn(0)
+
+    return trim
+
+
+_MALLOC_TRIM = _libc_trim()
+#: What the log line of a connection cut before its first message adds, per reason.
+_CUT_WHY = {quotas.IN_TOTAL: " (every connection together past peers_in_bytes)"}
 
 
 def _source_fd(frame: zmq.Frame) -> int:
@@ -196,6 +218,7 @@ class KernelServer:
         peer_out_grace: float = quotas.PEER_OUT_GRACE_S,
         peers_out_bytes: int = quotas.PEERS_OUT_BYTES,
         peers_in_bytes: int = quotas.PEERS_IN_BYTES,
+        inbound_rss_ceiling: int | None = None,
         host: Host | None = None,
     ) -> None:
         self.context = context or zmq.Context()
@@ -260,7 +283,7 @@ class KernelServer:
         self.peers = quotas.PeerBudgets(peer_out_bytes, peer_in_bytes, peer_out_grace, peers_out_bytes)
         #: What libzmq holds per tcp connection before the kernel sees it (kernel.quotas): looked at
         #: by the watcher thread whenever data arrives; the loop only adds to a meter's ``received``.
-        self.inbound = quotas.InboundMeters(peer_in_bytes, peers_in_bytes)
+        self.inbound = quotas.InboundMeters(peer_in_bytes, peers_in_bytes, rss_ceiling=inbound_rss_ceiling)
         self._inbound_lock = threading.Lock()
         try:  # the kernel's own resident set, read by the watcher every tick
             self._statm: int | None = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
@@ -517,10 +540,12 @@ class KernelServer:
         if m is None:
             try:
                 ino = os.fstat(fd).st_ino
+                with _borrowed(fd) as s:
+                    unix = s.family == _socket.AF_UNIX
             except OSError:
                 return
             with self._inbound_lock:
-                m = self.inbound.meter(fd, ino)
+                m = self.inbound.meter(fd, ino, unix)
         m.received += quotas.subscription_wire(data, self.zap is not None)
 
     def _drain(self) -> bool:
@@ -584,9 +609,8 @@ class KernelServer:
         except OSError:
             return None
         acct = self.peers.open(identity, fd, st.st_ino, tcp, left, room, who)
-        if tcp:
-            with self._inbound_lock:
-                acct.meter = self.inbound.meter(fd, st.st_ino)
+        with self._inbound_lock:  # a unix one: what the kernel read, for the ceiling's evidence
+            acct.meter = self.inbound.meter(fd, st.st_ino, not tcp)
         return acct
 
     def _sample(self, identity: bytes, acct: quotas.PeerAccount) -> bool:
@@ -675,7 +699,12 @@ class KernelServer:
         acct = self.peers.dropped(identity, why)
         self._paused.pop(identity, None)
         held = self.router.held_by(identity)
-        if unread is not None and why == quotas.IN_TOTAL:
+        if unread is not None and why == quotas.IN_RSS:
+            sent = (f"sent {unread} bytes the kernel had not yet seen, the most of every connection" if unread else
+                    "was sending (ipc://) while nothing it sent reached the kernel")
+            what = (f"{sent}, while the kernel's resident set was past its ceiling ({self.inbound.rss_ceiling} "
+                    f"bytes above its baseline: inbound_rss_ceiling)")
+        elif unread is not None and why == quotas.IN_TOTAL:
             what = (f"sent {unread} bytes the kernel had not yet seen, the most of every connection, which "
                     f"together passed {self.inbound.total_bytes} (peers_in_bytes)")
         elif unread is not None:
@@ -801,16 +830,18 @@ class KernelServer:
                 m = self.inbound.meters.get(fd)
                 if m is not None and m.ino != ino:
                     self.inbound.close(fd, m.ino)
+                # What libzmq held for it (ipc:// included, unmetered) is freed: handed back.
+                self.inbound.freed(time.monotonic())
             return
         try:
             st = os.fstat(fd)
             if not _stat.S_ISSOCK(st.st_mode):
                 return
             with _borrowed(fd) as s:
-                if s.family not in (_socket.AF_INET, _socket.AF_INET6):
-                    return  # unix (ipc://): no cumulative count (docs/limits.md)
-            with self._inbound_lock:
-                self.inbound.meter(fd, st.st_ino)
+                # unix (ipc://): no cumulative count; judged only past the ceiling (docs/limits.md)
+                unix = s.family not in (_socket.AF_INET, _socket.AF_INET6)
+            with self._inbound_lock:  # the family is authoritative (a meter the loop made first may guess)
+                self.inbound.meter(fd, st.st_ino, unix).unix = unix
         except OSError:
             with self._inbound_lock:
                 self.inbound.close(fd)
@@ -829,10 +860,28 @@ class KernelServer:
             return
         now = time.monotonic()
         with self._inbound_lock:
+            trim = self.inbound.trim_due(now)
+        if trim:
+            # What a cut connection held is freed by libzmq's I/O thread into its own arena, in
+            # pieces glibc does not hand back by itself (4M empty frames: +200 MB kept after the cut).
+            _MALLOC_TRIM()
+            try:
+                rss = self._rss()
+            except (OSError, ValueError, IndexError):
+                return
+        # Memory the kernel holds by its own account, bounded by budgets of its own (queued
+        # request bodies, replies not yet out of the process), is not what the ceiling is for: a
+        # kernel busy within those never passes it.  (Ints read across threads: the GIL.)
+        accounted = self.router.queued_bytes + self.peers.total
+        with self._inbound_lock:
+            over = self._statm is not None and self.inbound.over_ceiling(rss, now, accounted)
             go = self.inbound.due(rss, now) if self._statm is not None else now >= self.inbound.next_scan
-        if not go:
+        if over:
+            self._ceiling_cut(rss, now)
+        elif not go:
             return
-        self._look_inbound(now)
+        else:
+            self._look_inbound(now)
         spent = time.monotonic() - now
         try:
             rss = self._rss()
@@ -841,15 +890,63 @@ class KernelServer:
         with self._inbound_lock:
             self.inbound.scanned(rss, now + spent, spent)
 
-    def _look_inbound(self, now: float) -> None:
+    def _ceiling_cut(self, rss: int, now: float) -> None:
+        """(watcher thread) The kernel's resident set is past ``inbound_rss_ceiling`` above its
+        baseline: every connection is looked at afresh (which cuts those past their budgets);
+        if that cut none, the one holding the most unread bytes is cut -- the backstop for memory
+        the wire meter does not see (libzmq's per-frame cost).  Logged loudly, counted; repeated
+        each tick after a settling time until the resident set is under the ceiling again."""
+        if self._look_inbound(now):
+            with self._inbound_lock:
+                self.inbound.settle_until = now + quotas.RSS_CEILING_SETTLE_S
+                self.inbound.cut_above = self.inbound.rss_above
+            return
+        with self._inbound_lock:
+            fd = self.inbound.holder(now)
+            if fd is None:
+                fd = self.inbound.holder_unix(now)
+            m = self.inbound.meters.get(fd) if fd is not None else None
+            if m is not None:
+                self.inbound.cut(m, quotas.IN_RSS)
+            base = self.inbound.rss_baseline or 0
+            above = self.inbound.rss_above  # less what the kernel accounts for itself
+            ceiling = self.inbound.rss_ceiling
+            nothing = self.inbound.counters["rss_ceiling_nothing_to_cut"]
+        if fd is None or m is None:
+            if nothing == 1 or nothing % 1000 == 0:  # each tick past it: said once, then counted
+                log.error("kernel RSS %.1f MB is %.1f MB above its baseline %.1f MB (less what it accounts for "
+                          "itself), past inbound_rss_ceiling (%.1f MB), and no connection holds unread bytes to "
+                          "cut (tcp), nor was seen sending while the kernel read nothing from it (ipc) "
+                          "(%d times so far)", rss / 1e6, above / 1e6, base / 1e6, ceiling / 1e6, nothing)
+            return
+        what = (f"an ipc connection seen sending ({m.queued} bytes queued over the samples) while the kernel "
+                f"read nothing from it" if m.unix else f"{m.unread} bytes on the wire the kernel has not seen")
+        log.error("kernel RSS %.1f MB is %.1f MB above its baseline %.1f MB (less what it accounts for itself), "
+                  "past inbound_rss_ceiling (%.1f MB): cutting connection fd %d, the largest holder (%s)",
+                  rss / 1e6, above / 1e6, base / 1e6, ceiling / 1e6, fd, what)
+        self._cut_inbound(fd, m, quotas.IN_RSS)
+
+    def _look_inbound(self, now: float) -> int:
         """(watcher thread) Look at every tcp connection: one past ``peer_in_bytes`` of bytes libzmq
         read and the kernel has not (a multipart message still coming in, or messages waiting for
         the loop) is cut at once; so is the one holding the most when all of them together pass
-        ``peers_in_bytes``."""
+        ``peers_in_bytes``.  Past half the resident-set ceiling, each ipc:// connection's receive
+        queue is sampled too (the ceiling's evidence, ``InboundMeters.sample_unix``).  Returns how
+        many connections were cut."""
         cuts: list[tuple[int, quotas.InboundMeter, str]] = []
         meters = self.inbound.meters
         with self._inbound_lock:
-            live = [(fd, m) for fd, m in meters.items() if not m.cut]
+            live = [(fd, m) for fd, m in meters.items() if not m.cut and not m.unix]
+            unix = [(fd, m) for fd, m in meters.items() if m.unix and not m.cut] if self.inbound.window else []
+        for fd, m in unix:  # past half the ceiling: evidence on ipc:// connections (holder_unix)
+            received = m.received
+            try:
+                inq = int(struct.unpack("i", fcntl.ioctl(fd, _SIOCINQ, b"\0\0\0\0"))[0])
+            except OSError:
+                continue
+            with self._inbound_lock:
+                if meters.get(fd) is m:
+                    self.inbound.sample_unix(m, received, inq)
         for fd, m in live:  # the system calls outside the lock (the loop takes it for a new peer)
             received = m.received  # before the socket: a frame read meanwhile only adds
             try:
@@ -889,11 +986,14 @@ class KernelServer:
                     cuts.append((big, m, quotas.IN))
         for fd, m, why in cuts:
             self._cut_inbound(fd, m, why)
+        return len(cuts)
 
     def _cut_inbound(self, fd: int, m: quotas.InboundMeter, why: str) -> None:
         """(watcher thread) Shut the connection on ``fd`` down now, abortively (libzmq sees it
         fail, drops the partial message it held and frees the pipe); the loop then drops its
         routing id (its requests answered, cancelled, logged)."""
+        with self._inbound_lock:
+            self.inbound.freed(time.monotonic())
         try:
             with _dup_if(fd, m.ino) as s:  # closed and reused meanwhile: OSError, not that connection
                 s.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _ABORT_LINGER)
@@ -917,10 +1017,15 @@ class KernelServer:
         if any(d[0] == fd and d[1] == ino for d in self._dropping.values()):
             return  # dropped already (and logged), still sending: cut sooner than its linger
         ok, suppressed = self._drop_log.take("?", now)
-        if ok:
+        if ok and why == quotas.IN_RSS:
+            log.warning("connection fd %d cut before its first message: the kernel's resident set was past "
+                        "inbound_rss_ceiling and it held the most (%s)%s", fd,
+                        f"{unread} bytes unread" if unread else "ipc://: sending, nothing of it reaching the kernel",
+                        f" ({suppressed} more drops not logged)" if suppressed else "")
+        elif ok:
             log.warning("connection fd %d cut before its first message: it sent %d bytes the kernel had not yet "
                         "seen, past its budget of %d%s%s", fd, unread, self.inbound.in_bytes,
-                        " (every connection together past peers_in_bytes)" if why == quotas.IN_TOTAL else "",
+                        _CUT_WHY.get(why, ""),
                         f" ({suppressed} more drops not logged)" if suppressed else "")
 
     def _drain_monitor(self, now: float) -> None:

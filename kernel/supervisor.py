@@ -5,8 +5,9 @@ restarts in any ``period`` seconds, else the child is given up), :func:`should_r
 restart types) and :class:`Backoff` (delay between restarts, reset once a child has run stably).
 
 The shell, :class:`Supervisor`, owns the OS processes: it starts children in declaration order,
-each in its own session and process group, restarts them by those rules, and stops them in
-reverse order with SIGTERM, a shutdown timeout, then SIGKILL of the whole group.  Because it
+each in its own session and process group, restarts them by those rules, and stops them all
+at once, each with SIGTERM (to the child; its helpers are its own to stop), its shutdown
+timeout, then SIGKILL of its whole group.  Because it
 owns the processes it also offers the hard controls of preemption: SIGSTOP / SIGCONT, CPU
 affinity and nice value.  With an :class:`kernel.enforce.Enforcer` (``enforcer=``) every child
 runs in a group of its own (``<service>/main`` under the kernel's ``reca-<pid>`` subtree, with
@@ -572,16 +573,23 @@ class Supervisor:
         self._own(self._spawn(child))
 
     async def shutdown(self) -> None:
-        """Stop every child in reverse start order: SIGTERM, then SIGKILL after its timeout.
-        Every group is thawed first (a frozen child acts on no signal)."""
+        """Stop every child at once: SIGTERM to each, then SIGKILL to each that outlives its own
+        timeout, and to whatever is left in each one's process group.  Every group is thawed first (a frozen child acts on no signal)."""
         self._shutting_down = True
         if self.enforcer is not None:
             self.enforcer.thaw_all()
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
-        for child in reversed(self.children):
-            await self._stop_child(child)
+        # All at once: every child is signalled before any is waited for, and each still gets its
+        # own shutdown_timeout before SIGKILL (a kernel stop costs the slowest child's stop, not the
+        # sum).  asyncio's own proc.wait(), not psutil.wait_procs: the event loop reaps its children
+        # and must not block while the server still answers.
+        results = await asyncio.gather(*(self._stop_child(c) for c in reversed(self.children)),
+                                       return_exceptions=True)
+        for child, result in zip(reversed(self.children), results):
+            if isinstance(result, BaseException):  # the rest were stopped all the same
+                log.error("stopping %s failed: %r", child.spec.name, result)
         # Watchers end with their processes; a restart caught mid-spawn is cancelled.
         pending = [t for t in self._tasks if not t.done()]
         if pending:
@@ -606,7 +614,12 @@ class Supervisor:
             return
         self._thaw(child)  # a frozen child cannot act on SIGTERM (nor, on cgroup v1, die of SIGKILL)
         self._signal_group(proc.pid, signal.SIGCONT)  # nor a stopped one
-        self._signal_group(proc.pid, signal.SIGTERM)
+        # SIGTERM to the child alone: its helpers are its own to stop in its teardown (a group
+        # SIGTERM killed scch's idle solver-pool worker holding the pool's queue lock, and the
+        # service's pool.close() then waited for that lock until SIGKILL); SIGKILL below takes
+        # whatever is left in its group (systemd's KillMode=mixed).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), child.spec.shutdown_timeout)
         except asyncio.TimeoutError:
@@ -775,7 +788,9 @@ class Supervisor:
         """The ladder's answer window after a thaw for child ``name``, seconds: None (the
         ladder's own) for a local child; for one on another node, :attr:`remote_answer_grace`
         plus twice the longest recent round trip to its node agent -- the thaw travels there as
-        a Ray actor call, and the answer comes back over the network."""
+        a Ray actor call, and the answer comes back over the network.  The ladder takes it once
+        per tombstone, when it first sees it, clamped to [its own answer grace,
+        remote_answer_grace + kernel.ladder.ANSWER_CAP_S] (kernel/__main__.py)."""
         remote = self._remote(name)
         if remote is None:
             return None
@@ -862,6 +877,17 @@ class Supervisor:
             except E.EnforcerError:
                 return None
         return None if child.pid is None else process_cpu_seconds(child.pid)
+
+    def cpu_waited(self, name: str) -> float | None:
+        """Seconds the tasks of the child's group have waited runnable for a CPU (kernel/enforce.py
+        ``Group.cpu_waited``); None without a local group."""
+        child = self.child(name)
+        if child.spec.placement != "local" or child.group is None:
+            return None
+        try:
+            return child.group.cpu_waited()
+        except E.EnforcerError:
+            return None
 
     def set_nice(self, name: str, nice: int) -> int:
         """Set the child's nice value; returns its pid."""

@@ -117,7 +117,9 @@ def test_connections_together_are_bounded_and_the_largest_is_cut():
     """Three connections each sending one 200 MiB message, with a budget of 64 MiB each and 12 MiB
     for all of them together: the total is passed first, the one holding the most is cut, and so
     on until every one of them is (by the total or, later, by its own budget)."""
-    with KernelProcess.from_config(tcp_config({"peer_in_bytes": 64 * MIB, "peers_in_bytes": 12 * MIB})) as k:
+    # (the resident-set ceiling well above: this test is about the wire total)
+    extra = {"peer_in_bytes": 64 * MIB, "peers_in_bytes": 12 * MIB, "inbound_rss_ceiling": 1024 * MIB}
+    with KernelProcess.from_config(tcp_config(extra)) as k:
         ctx = zmq.Context()
         try:
             honest = Client(k.endpoint, timeout=WAIT_S, retries=0, context=ctx)
@@ -217,10 +219,15 @@ def test_under_curve_the_wire_is_counted_exactly_and_an_attacker_is_cut(curve_ke
 
 
 def _raw_dealer(endpoint: str) -> socket.socket:
-    """A hand-written ZMTP 3.0 NULL DEALER over tcp (no libzmq on this side: a libzmq peer never
-    sends a message before its last frame), its greeting and READY exchanged; bounded."""
-    host, port = endpoint[len("tcp://") :].rsplit(":", 1)
-    s = socket.create_connection((host, int(port)), timeout=WAIT_S)
+    """A hand-written ZMTP 3.0 NULL DEALER over tcp or ipc (no libzmq on this side: a libzmq peer
+    never sends a message before its last frame), its greeting and READY exchanged; bounded."""
+    if endpoint.startswith("ipc://"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(WAIT_S)
+        s.connect(endpoint[len("ipc://") :])
+    else:
+        host, port = endpoint[len("tcp://") :].rsplit(":", 1)
+        s = socket.create_connection((host, int(port)), timeout=WAIT_S)
     s.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + b"\0" * 32)
     got = b""
     while len(got) < 64:
@@ -229,7 +236,8 @@ def _raw_dealer(endpoint: str) -> socket.socket:
         got += part
     body = b"\x05READY\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
     s.sendall(bytes([4, len(body)]) + body)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if s.family != socket.AF_UNIX:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
 
 
@@ -265,3 +273,98 @@ def test_small_frames_of_an_unfinished_message_do_not_pin_read_buffers():
 
 def _out_queue(s: socket.socket) -> int:
     return int(struct.unpack("i", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+
+
+def _until_closed(s: socket.socket) -> bool:
+    """Read (and drop) what the kernel sends until it closes or resets the connection: True, or
+    False after the bounded wait."""
+    deadline = time.monotonic() + WAIT_S
+    s.settimeout(1.0)
+    while time.monotonic() < deadline:
+        try:
+            if not s.recv(65536):
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def _empty_frames_until_cut(endpoint: str, frames: int) -> None:
+    """One unfinished message of up to ``frames`` empty frames (MORE set on each) from a raw
+    client, sent until the kernel cuts the connection; asserts it does within the bounded wait."""
+    s = _raw_dealer(endpoint)
+    with s:
+        head = b"".join(bytes([1, len(f)]) + f for f in (P.MDPC, P.ClientCmd.REQUEST.value, b"echo"))
+        chunk = bytes([1, 0]) * 100_000  # the message never ends
+        try:
+            s.sendall(head)
+            for _ in range(frames // 100_000):
+                s.sendall(chunk)
+        except OSError:
+            pass  # cut while sending
+        assert _until_closed(s), f"the kernel did not cut the connection within {WAIT_S:.0f} s"
+
+
+def test_empty_frames_past_the_resident_set_ceiling_are_cut_and_the_memory_comes_back():
+    # An unfinished message of empty frames is 2 wire bytes a frame, but libzmq keeps a 64-byte
+    # msg_t for each: 4M of them were 8 MB on the wire (a third of the wire budget, never cut by
+    # it) and +257 MB of kernel RSS.  Past inbound_rss_ceiling above its baseline the kernel cuts
+    # the connection holding the most unread bytes.  Here 2M frames (4 MB on the wire, +128 MB if
+    # held) against a 32 MiB ceiling; the wire budget (24 MiB) is never reached.
+    extra = {"peer_in_bytes": 24 * MIB, "inbound_rss_ceiling": 32 * MIB}
+    with KernelProcess.from_config(tcp_config(extra)) as k:
+        proc = psutil.Process(k.pid)
+        honest = Client(k.endpoint, timeout=WAIT_S, retries=0)
+        try:
+            honest.wait_for_service("echo", WAIT_S)
+            assert honest.call("echo", {"before": 1}) == {"before": 1}
+            before = proc.memory_info().rss
+            _empty_frames_until_cut(k.endpoint, 2_000_000)
+            got = inbound(honest)
+            assert got["dropped_unread_rss"] >= 1, got
+            assert got["dropped_unread"] == 0, got  # the wire budget was not what cut it
+            assert got["rss_above_max"] > 32 * MIB, got  # it was past the ceiling when cut
+            assert honest.call("echo", {"after": 1}) == {"after": 1}  # the client beside it is served
+            after = rss_back(proc, before)
+            assert after <= before * 1.10 + 8e6, f"kernel RSS {before / 1e6:.0f} MB -> {after / 1e6:.0f} MB"
+            assert inbound(honest)["dropped_unread_rss"] == got["dropped_unread_rss"]  # the honest one stays
+        finally:
+            honest.close()
+    assert any("past inbound_rss_ceiling" in line and "largest holder" in line for line in k.lines), k.lines[-10:]
+
+
+def test_over_ipc_a_connection_sending_while_nothing_reaches_the_kernel_is_cut_at_the_ceiling():
+    # ipc:// has no count of bytes received; past half the ceiling the kernel samples each unix
+    # connection's receive queue, and at the ceiling cuts the one seen sending while it read
+    # nothing from it.  The honest client and the echo worker (heartbeats read) are not cut.
+    # The sender goes on until cut (6M frames at most: +384 MB if never cut), so it is sending
+    # when the ceiling is passed however slow the machine.
+    config = (
+        kernel_config(
+            service_block("echo", "services.echo"),
+            heartbeat=0.5,
+            unavailable_wait=5.0,
+            kernel_extra={"inbound_rss_ceiling": 32 * MIB},
+        )
+        + LIMITS
+    )
+    with KernelProcess.from_config(config) as k:
+        assert k.endpoint.startswith("ipc://"), k.endpoint
+        proc = psutil.Process(k.pid)
+        honest = Client(k.endpoint, timeout=WAIT_S, retries=0)
+        try:
+            honest.wait_for_service("echo", WAIT_S)
+            assert honest.call("echo", {"before": 1}) == {"before": 1}
+            before = proc.memory_info().rss
+            _empty_frames_until_cut(k.endpoint, 6_000_000)
+            got = honest.stats()["peer_budgets"]
+            assert got["inbound"]["dropped_unread_rss"] >= 1, got
+            assert got["dropped_in_rss"] == 0, got  # no peer that had sent a message (worker, client)
+            assert honest.call("echo", {"after": 1}) == {"after": 1}
+            after = rss_back(proc, before)
+            assert after <= before * 1.10 + 8e6, f"kernel RSS {before / 1e6:.0f} MB -> {after / 1e6:.0f} MB"
+        finally:
+            honest.close()
+    assert any("an ipc connection seen sending" in line for line in k.lines), k.lines[-10:]

@@ -166,3 +166,101 @@ def test_every_connection_is_looked_at_once_the_resident_set_grew_a_step():
     grown = base - 10 * MIB + 3 * step
     assert not m.due(grown, now=0.06)
     assert m.due(grown, now=0.04 + quotas.INBOUND_PAUSE_PER_LOOK * 0.01)
+
+
+def test_past_the_resident_set_ceiling_the_largest_holder_is_cut_then_it_settles():
+    # The backstop for what the wire meter does not see (libzmq's 64-byte msg_t per empty frame).
+    m = InboundMeters(in_bytes=24 * MIB, total_bytes=96 * MIB, rss_ceiling=32 * MIB)
+    small, big, idle = m.meter(fd=7, ino=70), m.meter(fd=8, ino=80), m.meter(fd=9, ino=90)
+    tiny = m.meter(fd=10, ino=100)
+    m.look(tiny, received=0, read=HS + quotas.TCP_UNREAD_MIN - 1, now=0.0)  # a request in flight
+    m.look(small, received=0, read=HS + MIB, now=0.0)
+    m.look(big, received=0, read=HS + 4 * MIB, now=0.0)  # 4 MB on the wire, far under its budget
+    m.look(idle, received=0, read=HS, now=0.0)
+    assert not m.over_ceiling(50 * MIB, now=0.0)  # the first reading is the baseline
+    assert not m.over_ceiling(50 * MIB + 32 * MIB, now=0.01)  # at the ceiling, not past it
+    assert m.over_ceiling(50 * MIB + 32 * MIB + 1, now=0.02)
+    assert m.holder(now=0.02) == 8  # the one holding the most unread, not the first or the idle one
+    assert m.cut(big, quotas.IN_RSS) == quotas.IN_RSS
+    assert m.stats()["dropped_unread_rss"] == 1 and m.total == MIB + quotas.TCP_UNREAD_MIN - 1
+    # Still past it (memory is freed on libzmq's thread): no second cut before the settling time
+    # ... unless it grows on (another connection adds to it; the cut one cannot).
+    assert not m.over_ceiling(50 * MIB + 32 * MIB + 1, now=0.02 + quotas.RSS_CEILING_SETTLE_S / 2)
+    grown = 50 * MIB + 32 * MIB + 1 + quotas.CEILING_REGROW * quotas.INBOUND_SCAN_STEP
+    assert not m.over_ceiling(grown - 1, now=0.02 + quotas.RSS_CEILING_SETTLE_S / 2)
+    assert m.over_ceiling(grown, now=0.02 + quotas.RSS_CEILING_SETTLE_S / 2)
+    assert m.over_ceiling(100 * MIB, now=0.02 + quotas.RSS_CEILING_SETTLE_S)
+    assert m.holder(now=0.6) == 7
+    m.cut(small, quotas.IN_RSS)
+    # Nobody left holding anything: nothing is cut, it is counted; one passing counted once.
+    assert m.over_ceiling(100 * MIB, now=1.2) and m.holder(now=1.2) is None and m.holder_unix(now=1.2) is None
+    st_ = m.stats()
+    assert st_["rss_ceiling_nothing_to_cut"] == 1 and st_["rss_ceiling_passes"] == 1, st_
+    assert st_["rss_above_max"] == 50 * MIB and st_["rss_ceiling"] == 32 * MIB
+    # Back under it, then past it again: a second passing.
+    assert not m.over_ceiling(60 * MIB, now=2.0)
+    assert m.over_ceiling(90 * MIB, now=2.1) and m.stats()["rss_ceiling_passes"] == 2
+    m.check_invariants()
+
+
+def test_the_resident_set_baseline_only_falls_and_the_ceiling_defaults_to_twice_the_total():
+    m = InboundMeters(in_bytes=24 * MIB, total_bytes=96 * MIB)
+    assert m.rss_ceiling == 192 * MIB == quotas.rss_ceiling_for(96 * MIB)
+    assert InboundMeters(in_bytes=MIB).rss_ceiling == 2 * quotas.PEERS_IN_BYTES
+    assert InboundMeters(in_bytes=MIB, total_bytes=MIB).rss_ceiling == quotas.RSS_CEILING_MIN  # a floor
+    m.over_ceiling(100 * MIB, now=0.0)
+    m.over_ceiling(80 * MIB, now=0.1)
+    # A slow climb does not move the ceiling up with it: measured from the least seen.
+    for n in range(1, 200):
+        m.over_ceiling(80 * MIB + n * MIB, now=0.1 + n)
+    assert m.rss_baseline == 80 * MIB and m.over and m.rss_above == 199 * MIB
+    # What the kernel holds by its own account (queued requests, replies) does not count; nor
+    # does it move the baseline.
+    assert not m.over_ceiling(80 * MIB + 250 * MIB, now=300.0, accounted=100 * MIB)
+    assert m.rss_baseline == 80 * MIB and m.rss_above == 150 * MIB
+
+
+def test_free_memory_is_handed_back_for_a_while_after_a_cut_or_close():
+    m = InboundMeters(in_bytes=MIB, rss_ceiling=64 * MIB)
+    m.over_ceiling(40 * MIB, now=0.0)
+    m.freed(1.0)
+    assert not m.trim_due(now=2.0)  # at rest (the baseline): nothing to hand back
+    late = 1.0 + quotas.TRIM_AFTER_CUT_S + 1
+    m.over_ceiling(40 * MIB + quotas.INBOUND_SCAN_STEP, now=late)
+    assert not m.trim_due(now=late)  # held, but nothing cut or closed lately, and under the ceiling
+    m.freed(100.0)
+    due = [100 + t / 100 for t in range(0, int(quotas.TRIM_AFTER_CUT_S * 100) + 200) if m.trim_due(100 + t / 100)]
+    # every settling time within TRIM_AFTER_CUT_S of the cut, then no more
+    assert due[0] == 100.0 + quotas.TRIM_EVERY_S and due[-1] < 100.0 + quotas.TRIM_AFTER_CUT_S
+    assert len(due) == round(quotas.TRIM_AFTER_CUT_S / quotas.TRIM_EVERY_S) - 1
+    assert all(b - a >= quotas.TRIM_EVERY_S - 1e-9 for a, b in zip(due, due[1:]))
+
+
+def test_past_the_ceiling_an_ipc_connection_sending_while_nothing_reaches_the_kernel_is_cut():
+    # A unix socket has no count of bytes received: past half the ceiling each look samples every
+    # ipc connection's receive queue; one the kernel read nothing from while it was seen sending
+    # (an unfinished message) is the holder when no tcp connection holds unread bytes.
+    m = InboundMeters(in_bytes=24 * MIB, total_bytes=96 * MIB, rss_ceiling=64 * MIB)
+    worker, idle, bad = (m.meter(fd=fd, ino=fd * 10, unix=True) for fd in (5, 6, 7))
+    m.over_ceiling(40 * MIB, now=0.0)
+    m.over_ceiling(40 * MIB + 32 * MIB, now=0.1)  # half the ceiling: a window opens
+    assert m.window and m.epoch == 1
+    for n in range(20):
+        worker.received += 40  # a heartbeat read each time: it completes messages
+        m.sample_unix(worker, worker.received, 200_000)
+        m.sample_unix(idle, idle.received, 0)
+        m.sample_unix(bad, bad.received, 150_000)  # sending, nothing read
+    assert m.over_ceiling(40 * MIB + 65 * MIB, now=0.2)
+    assert m.holder(now=0.2) is None  # no tcp connection holds anything
+    assert m.holder_unix(now=0.2) == 7
+    m.cut(bad, quotas.IN_RSS)
+    # Nothing left with evidence: counted, nothing cut.
+    assert m.over_ceiling(40 * MIB + 65 * MIB, now=1.0) and m.holder_unix(now=1.0) is None
+    assert worker.queued == 0 and idle.queued == 0 and bad.queued == 19 * 150_000
+    assert m.stats()["rss_ceiling_nothing_to_cut"] == 1
+    # A new window forgets the old evidence.
+    m.over_ceiling(40 * MIB, now=2.0)
+    m.over_ceiling(40 * MIB + 40 * MIB, now=2.1)
+    assert m.epoch == 2 and m.over_ceiling(40 * MIB + 65 * MIB, now=2.2)
+    assert m.holder_unix(now=2.2) is None
+    m.check_invariants()

@@ -279,3 +279,35 @@ def test_a_remote_worker_that_does_not_answer_in_its_window_is_killed():
     lad.observe(remote, {W1}, 1.02)
     assert lad.observe(remote, {W1}, 1.6) == []
     assert [(a.rung, a.why) for a in lad.observe(remote, {W1}, 1.62)] == [("kill", "answer window")]
+
+
+def test_a_remote_answer_window_is_capped_and_floored():
+    # one slow agent round trip (a call that timed out counts 10 s) must not stretch the window
+    # without bound; a window below the ladder's own gets the ladder's
+    lad = Ladder(0.02, 1.0, 0.1, answer_cap=2.0)
+    slow = [Held(A, 10, W1, answer_grace=0.5 + 2 * 10.0)]
+    quick = [Held(B, 11, W2, answer_grace=0.01)]
+    lad.observe(slow + quick, {W1, W2}, 0.0)
+    lad.observe(slow + quick, {W1, W2}, 0.02)  # both frozen
+    assert sorted(a.rung for a in lad.observe(slow + quick, {W1, W2}, 1.02)) == ["thaw", "thaw"]
+    assert lad.observe(slow + quick, {W1, W2}, 1.11) == []  # the floor: the local 100 ms, not 10 ms
+    assert [(a.rung, a.pid) for a in lad.observe(slow + quick, {W1, W2}, 1.12)] == [("kill", 11)]
+    assert lad.next_due() == pytest.approx(3.02)  # the cap: 2 s, not 20.5 s
+    assert [(a.rung, a.pid, a.why) for a in lad.observe(slow, {W1, W2}, 3.02)] == [("kill", 10, "answer window")]
+
+
+def test_a_cap_below_the_ladders_own_window_is_raised_to_it():
+    lad = Ladder(0.02, 1.0, 0.3, answer_cap=0.1)
+    assert lad.answer_cap == 0.3
+
+
+def test_a_tombstones_answer_window_is_fixed_when_it_is_first_seen():
+    # the supervisor offers a window from the latest round trips at every look; a slow round trip
+    # measured after the tombstone was first seen does not move the window already given
+    lad = Ladder(0.02, 1.0, 0.1)
+    lad.observe([Held(A, 10, W1, answer_grace=0.6)], {W1}, 0.0)
+    lad.observe([Held(A, 10, W1, answer_grace=0.6)], {W1}, 0.02)
+    later = [Held(A, 10, W1, answer_grace=1.9)]
+    assert [a.rung for a in lad.observe(later, {W1}, 1.02)] == ["thaw"]
+    assert lad.next_due() == pytest.approx(1.62)
+    assert [(a.rung, a.why) for a in lad.observe(later, {W1}, 1.62)] == [("kill", "answer window")]

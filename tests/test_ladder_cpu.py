@@ -171,3 +171,55 @@ def test_a_killed_workers_tombstones_are_not_tracked_again_until_it_is_dropped()
     assert lad.observe(held, {W1}, 5.0) == []
     lad.observe([], set(), 6.0)  # dropped
     assert lad.killed == set()
+
+
+def test_a_starved_worker_that_waits_for_a_cpu_counts_as_burning():
+    # a busy machine gives the spinning worker 0.6 ms of CPU in its 20 ms grace, and it waited
+    # runnable 18 ms: it wants the CPU, so it is frozen at the grace (by CPU alone: not until it got 2 ms)
+    lad = Ladder(0.02, 1.0, 0.1)
+    held = [Held(A, 10, W1)]
+    lad.observe(held, {W1}, 0.0, {10: 1.0}, {10: 3.0})
+    assert lad.observe(held, {W1}, 0.01, {10: 1.0003}, {10: 3.009}) == []  # inside the grace
+    assert _rungs(lad.observe(held, {W1}, 0.02, {10: 1.0006}, {10: 3.018})) == [("freeze", "burning")]
+    by_cpu = Ladder(0.02, 1.0, 0.1)
+    by_cpu.observe(held, {W1}, 0.0, {10: 1.0})
+    assert by_cpu.observe(held, {W1}, 0.02, {10: 1.0006}) == []
+
+
+def test_an_idle_worker_whose_heartbeat_waits_long_on_a_busy_runqueue_is_not_burning():
+    # waiting without getting CPU (a heartbeat's wake-up, 5 ms in the queue, 0.05 ms run) is not burning
+    lad = Ladder(0.02, 1.0, 0.1)
+    held = [Held(A, 10, W1)]
+    lad.observe(held, {W1}, 0.0, {10: 1.0}, {10: 3.0})
+    assert lad.observe(held, {W1}, 0.05, {10: 1.00005}, {10: 3.005}) == []
+    assert lad.observe(held, {W1}, 0.5, {10: 1.0001}, {10: 3.010}) == []
+    assert lad.counts["frozen"] == 0
+
+
+def test_an_idle_worker_held_a_second_on_a_busy_machine_is_killed_idle_never_frozen():
+    # load 16-20: over the second it holds the request, an idle worker's wake-ups got 0.9 ms of CPU
+    # and waited 40 ms runnable -- past burn_min together, but a few percent of the time: not burning
+    lad = Ladder(0.02, 1.0, 0.1)
+    held = [Held(A, 10, W1)]
+    lad.observe(held, {W1}, 0.0, {10: 1.0}, {10: 3.0})
+    rungs = []
+    for i in range(1, 61):  # every 20 ms past the idle kill (1.12 s)
+        now = 0.02 * i
+        rungs += _rungs(lad.observe(held, {W1}, now, {10: 1.0 + 0.0009 * now}, {10: 3.0 + 0.04 * now}))
+    assert rungs == [("kill", "idle")]
+    assert lad.counts["frozen"] == 0
+
+
+def test_a_wait_count_that_drops_adds_nothing_and_the_declared_grace_stays_cpu():
+    # a task that exits takes its runqueue wait with it: the group's sum drops, nothing is added
+    lad = Ladder(0.02, 1.0, 0.1)
+    held = [Held(A, 10, W1)]
+    lad.observe(held, {W1}, 0.0, {10: 1.0}, {10: 3.0})
+    assert lad.observe(held, {W1}, 0.02, {10: 1.001}, {10: 1.0}) == []
+    assert lad.tracks[A].waited == 0.0
+    # a declared grace (CPU the service may spend) is not shortened by time spent waiting
+    lad = Ladder(0.02, 1.0, 0.1)
+    held = [Held(A, 10, W1, grace=0.5)]
+    lad.observe(held, {W1}, 0.0, {10: 0.0}, {10: 0.0})
+    assert lad.observe(held, {W1}, 0.6, {10: 0.1}, {10: 0.5}) == []
+    assert _rungs(lad.observe(held, {W1}, 0.7, {10: 0.5}, {10: 0.6})) == [("freeze", "burning")]

@@ -520,3 +520,97 @@ def test_fifo_raises_ordinary_tasks_and_unfifo_puts_them_back():
         for p in (sleeper, batch):
             p.kill()
             p.wait(WAIT)
+
+
+# -- a freeze that lands after its caller stopped waiting gives back what it raised (Landing) ------
+
+
+def test_landing_gives_the_budget_back_when_the_freeze_lands():
+    land = E.Landing(since=10.0, hold=0.02, watch=1.0)
+    assert land.step(10.005, landed=False) == (False, False)  # still landing, within its hold
+    assert land.step(10.006, landed=True) == (True, True)  # landed: all of it back at once
+    assert not land.rt
+
+
+def test_landing_gives_the_budget_back_at_its_hold_then_the_rest_when_it_lands():
+    land = E.Landing(since=0.0, hold=0.02, watch=1.0)
+    assert land.step(0.019, landed=False) == (False, False)
+    assert land.step(0.02, landed=False) == (True, False)  # the budget goes back; the boost takes over
+    assert land.step(0.5, landed=False) == (False, False)  # given once
+    assert land.step(0.6, landed=True) == (False, True)  # landed: the boost ends
+
+
+def test_landing_stops_watching_a_freeze_that_never_lands():
+    land = E.Landing(since=0.0, hold=0.02, watch=1.0)
+    assert land.step(1.0, landed=False) == (True, True)  # never past its watch, the budget with it
+    land = E.Landing(since=0.0, rt=False)  # a boosted freeze (no budget): only the boost to end
+    assert land.step(0.5, landed=False) == (False, False)
+    assert land.step(0.6, landed=True) == (False, True)
+
+
+@pytest.mark.skipif(V1_SKIP is not None, reason=V1_SKIP or "")
+def test_a_v1_freeze_that_outlasts_its_wait_gives_its_real_time_budget_back_without_a_thaw():
+    """The ladder waits 5 ms for a freeze; one that lands later kept the real-time budget it
+    borrowed (and its tasks at SCHED_FIFO) until the thaw a second later.  Here the freeze
+    cannot land at once: a thread of the group runs at SCHED_IDLE beside a busy process of the
+    same cpu group on one CPU, so it is scheduled rarely.  The budget must come back while the
+    group is still frozen (or freezing), with no thaw: bounded waits, nothing timed."""
+    enf = E.open_enforcer(E.CGROUP1, name=f"reca-test-{os.getpid()}-landing")
+    procs: list[subprocess.Popen] = []
+    try:
+        slow = _spawn(
+            procs,
+            "import threading, time\n"
+            "threading.Thread(target=lambda: [0 for _ in iter(int, 1)], daemon=True).start()\n"
+            "time.sleep(600)\n",
+        )
+        burner = _spawn(procs, "while True: pass")
+        group = enf.place_service("slow", slow.pid)
+        cpu_rt = group.dirs["cpu"] / "cpu.rt_runtime_us"
+        if not cpu_rt.exists():
+            pytest.skip("no real-time group scheduling here: a freeze borrows no budget")
+        _wait(lambda: len(psutil.Process(slow.pid).threads()) == 2, "the spinning thread")
+        spin = next(t.id for t in psutil.Process(slow.pid).threads() if t.id != slow.pid)
+        one = {min(os.sched_getaffinity(0))}
+        os.sched_setaffinity(spin, one)
+        os.sched_setaffinity(burner.pid, one)
+        os.sched_setscheduler(spin, os.SCHED_IDLE, os.sched_param(0))
+        (group.dirs["cpu"] / "main" / "cgroup.procs").write_text(str(burner.pid))  # its cpu group only
+        state = group.dirs["freezer"] / "freezer.state"
+        for _ in range(20):  # the idle thread may be the one running at the write: then it lands at once
+            try:
+                group.freeze(timeout=0.0)
+            except E.FreezeTimeout:
+                break
+            group.thaw()
+        else:
+            pytest.skip("every freeze landed within its wait here")
+        # the budget comes back, and the main thread the freeze raised is back at SCHED_OTHER
+        _wait(
+            lambda: (
+                cpu_rt.read_text().strip() == "0"
+                and (group.dirs["cpu"] / "main" / "cpu.rt_runtime_us").read_text().strip() == "0"
+            ),
+            "the budget back",
+        )
+        assert os.sched_getscheduler(slow.pid) == os.SCHED_OTHER
+        assert state.read_text().strip() in ("FREEZING", "FROZEN")  # no thaw came
+        _wait(lambda: state.read_text().strip() == "FROZEN", "the freeze to land")  # it does, on its own
+        _wait(lambda: E._LANDER.pending() == 0, "the lander to let the group go")
+        assert "freeze" not in group._boosts  # the boost that took over ended when it landed
+        # The spinner back to an ordinary thread on every CPU: at SCHED_IDLE beside a burner on one
+        # busy CPU it may wait seconds for its first tick, and whether it runs again is the question.
+        os.sched_setscheduler(spin, os.SCHED_OTHER, os.sched_param(0))
+        os.sched_setaffinity(spin, os.sched_getaffinity(0))
+        group.thaw()
+        before = group.cpu_seconds()
+        _wait(lambda: group.cpu_seconds() > before + 0.05, "the thawed group to run again")
+    finally:
+        for p in procs[1:]:  # the burner first: it is in the group's cpu hierarchy only
+            p.kill()
+            p.wait(WAIT)
+        enf.close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(WAIT)

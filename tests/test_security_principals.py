@@ -64,7 +64,7 @@ def kern():
                 c.wait_for_service(name, 120)
         yield k
     finally:
-        k.stop(timeout=120)  # six services stop in turn, each within its own shutdown bound
+        k.stop(timeout=120)  # six services stop together, each within its own shutdown bound
         shutil.rmtree(d, ignore_errors=True)
 
 
