@@ -10,10 +10,11 @@ again (a cycle = one preempt and one resume), so a run collects ``CYCLES`` sampl
 CLOCK_MONOTONIC, shared by the processes of one machine.  Two CPU-burning processes (nice 0) load
 the machine throughout.
 
-Levers, each measured in the same run: ``nice 0`` (everything at the default priority; the
-kernel boosts the worker it asked to pause -- its cgroup's cpu.shares and the subtree's, until it
-pauses: kernel/ladder.py), ``nice 0, no boost`` (the same without the boost), ``worker nice -10`` (the echo worker raised through the supervisor's ``nice`` setting), ``kernel + worker
-nice -10`` (the kernel process raised as well).  Raising priority needs CAP_SYS_NICE (root here);
+Levers, each measured in the same run: ``nice 0`` (everything at the default priority, as the
+kernel runs by default), ``nice 0, boost`` (the kernel boosts the worker it asked to pause -- its
+cgroup's cpu.shares and the subtree's, until it pauses: kernel/ladder.py, ``RECA_PREEMPT_BOOST=1``,
+off by default since it measured slower), ``worker nice -10`` (the echo worker raised through the
+supervisor's ``nice`` setting), ``kernel + worker nice -10`` (the kernel process raised as well).  Raising priority needs CAP_SYS_NICE (root here);
 without it the raised rows are skipped and say so.
 """
 
@@ -34,7 +35,7 @@ from kernel.logstore import read_stream
 #: headline metric -> the strongest peer it is measured against (the report's headline table)
 HEADLINE = {"preempt_to_paused_p99_ms": "the 5 ms target (absolute)"}
 CYCLES = 1000
-LEVERS = (("nice 0", 0, 0), ("nice 0, no boost", 0, 0), ("worker nice -10", 0, -10),
+LEVERS = (("nice 0", 0, 0), ("nice 0, boost", 0, 0), ("worker nice -10", 0, -10),
           ("kernel + worker nice -10", -10, -10))
 RUNS = 3
 
@@ -56,10 +57,10 @@ def _can_raise() -> bool:
         return False
 
 
-def measure(cycles: int, kernel_nice: int, worker_nice: int, boost: bool = True) -> dict[str, list[float]]:
+def measure(cycles: int, kernel_nice: int, worker_nice: int, boost: bool = False) -> dict[str, list[float]]:
     """``cycles`` preempt/resume cycles through a fresh kernel; per-cycle latencies (seconds).
-    ``boost=False``: the kernel does not boost the worker it asked to pause (kernel/ladder.py,
-    ``RECA_PREEMPT_BOOST=0``)."""
+    ``boost=True``: the kernel boosts the worker it asked to pause (kernel/ladder.py,
+    ``RECA_PREEMPT_BOOST=1``; off by default)."""
     procs = Procs()
     cfg = os.path.join(procs.dir, "k.toml")
     log = os.path.join(procs.dir, "decisions.jsonl")
@@ -149,7 +150,7 @@ def run(quick: bool) -> Result:
         for label, kn, wn in levers:
             if (kn or wn) and not raise_ok:
                 continue
-            by[label] = measure(cycles, kn, wn, boost="no boost" not in label)
+            by[label] = measure(cycles, kn, wn, boost=label.endswith(", boost"))
     finally:
         stop.set()
         for b in burners:

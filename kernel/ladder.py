@@ -146,7 +146,11 @@ CPU_CEILING_S = 5.0
 #: ... or past this long held (seconds): the backstop for a tombstone that burns nothing but keeps
 #: a slot.
 HOLD_CEILING_S = 30.0
-#: ``RECA_PREEMPT_BOOST=0`` in the kernel's environment turns the preempt boost off (to measure it).
+#: ``RECA_PREEMPT_BOOST=1`` in the kernel's environment turns the preempt boost on.  Off by
+#: default: measured on a near-quiet machine with two burners (1,000 cycles, three interleaved
+#: pairs, 2026-12-07), the boost made preempt -> paused slower, p99 10.1 / 9.9 / 10.4 ms against
+#: 5.0 / 7.8 / 7.4 ms without (p50 1.0-1.2 against 0.7-0.85): it raises the worker's group and the
+#: subtree's root above the kernel's own weight, and the kernel must run to relay the pause.
 ENV_PREEMPT_BOOST = "RECA_PREEMPT_BOOST"
 #: A tombstone's CPU is billed whenever this much (seconds) accrued unbilled, and at its end.
 BILL_EVERY_S = 0.05
@@ -715,7 +719,7 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
     frozen: dict[int, str] = {}  # pid -> child, between its freeze and its kill
     bills = _Bills(router, admission) if admission is not None else None
     boosts = (_PreemptBoost(router, procs, admission)
-              if admission is not None and hasattr(procs, "boost") and os.environ.get(ENV_PREEMPT_BOOST) != "0" else None)
+              if admission is not None and hasattr(procs, "boost") and os.environ.get(ENV_PREEMPT_BOOST) == "1" else None)
     while not stop.is_set():
         try:
             held, live = tombstones(router, procs)
