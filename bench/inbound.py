@@ -167,8 +167,10 @@ def _attack(k: LocalKernel, kind: str, frames: int, conns: int) -> dict[str, Any
         ctx.destroy(linger=0)
 
 
-def _raw_dealer(endpoint: str) -> socket.socket:
-    """A ZMTP 3.0 NULL DEALER written by hand over tcp (greeting and READY exchanged), bounded."""
+def raw_dealer(endpoint: str) -> socket.socket:
+    """A hand-written ZMTP 3.0 NULL DEALER over tcp or ipc (no libzmq on this side: a libzmq peer
+    never sends a message before its last frame), its greeting and READY exchanged; bounded.  Also
+    the attacker of tests/test_kernel_inbound.py."""
     if endpoint.startswith("ipc://"):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(WAIT_S)
@@ -185,6 +187,8 @@ def _raw_dealer(endpoint: str) -> socket.socket:
         got += part
     body = b"\x05READY\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
     s.sendall(bytes([4, len(body)]) + body)
+    if s.family != socket.AF_UNIX:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
 
 
@@ -198,7 +202,7 @@ def _empty_frames(k: LocalKernel, frames: int, kind: str = "empty_frames") -> di
         peak = _Peak(k.pid)
         t0 = time.monotonic()
         dropped = 0
-        with _raw_dealer(k.endpoint) as s:  # tcp or ipc
+        with raw_dealer(k.endpoint) as s:  # tcp or ipc
             head = b"".join(bytes([1, len(f)]) + f for f in (P.MDPC, P.ClientCmd.REQUEST.value, b"nosuch"))
             chunk = bytes([1, 0]) * 100_000
             try:

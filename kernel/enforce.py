@@ -449,6 +449,28 @@ class Group(abc.ABC):
         """Give back all that a freeze raised: real-time priority and any boost."""
         self._give_rt()
 
+    def _raised(self) -> tuple[bool, bool]:
+        """What the freeze being written still holds raised: (anything at all, real-time priority
+        or a borrowed budget among it).  Under ``_lock``."""
+        return False, False
+
+    def _await_landing(self, t0: float, since: float, timeout: float) -> float:
+        """Wait (bounded by ``timeout``) for the freeze written at ``since`` to be reported landed,
+        then give back all it raised; one not reported by then is handed to the lander, which gives
+        it back when it lands, at the latest RT_HOLD_S after the write (before: at the thaw, a second
+        later on the ladder), and :class:`FreezeTimeout` is raised."""
+        try:
+            took = _wait_until(self._landed, t0, timeout, self.name)
+        except FreezeTimeout:
+            with self._lock:
+                held, rt = self._raised()
+                if held:
+                    self._land_later(since, rt)
+            raise
+        with self._lock:  # frozen: real-time priority or a boost buys nothing more
+            self._end_raise()
+        return took
+
     def _land_later(self, since: float, rt: bool) -> None:
         """The caller stops waiting for a freeze written at ``since`` that has not landed: the
         lander gives back what it raised when it lands (:class:`Landing`).  Under ``_lock``."""
@@ -675,18 +697,10 @@ class CgroupV1Group(Group):
             # a task that was running (on another CPU) or asleep is stopped at once: raise only what waits
             if _read(state).strip() != "FROZEN" and not self._rt_start():
                 self.boost("freeze")
-        try:
-            took = _wait_until(self._landed, t0, timeout, self.name)
-        except FreezeTimeout:
-            # not reported yet: the lander gives the budget back when it lands, at the latest
-            # RT_HOLD_S after the write (before: at the thaw, a second later on the ladder)
-            with self._lock:
-                if self._rt is not None or "freeze" in self._boosts:
-                    self._land_later(since, self._rt is not None)
-            raise
-        with self._lock:  # frozen: real-time priority or a boost buys nothing more
-            self._end_raise()
-        return took
+        return self._await_landing(t0, since, timeout)
+
+    def _raised(self) -> tuple[bool, bool]:
+        return self._rt is not None or "freeze" in self._boosts, self._rt is not None
 
     def _landed(self) -> bool:
         return _read(self.dirs["freezer"] / "freezer.state").strip() == "FROZEN"
@@ -903,16 +917,10 @@ class CgroupV2Group(Group):
             t0, since = time.perf_counter(), time.monotonic()
             _write(self.path / "cgroup.freeze", "1")
             self._fifo += _fifo(_tids(self.path, "cgroup.threads"))  # a freeze not landed kept the earlier ones
-        try:
-            took = _wait_until(self.frozen, t0, timeout, self.name)
-        except FreezeTimeout:
-            with self._lock:
-                if self._fifo:
-                    self._land_later(since, True)  # back when it lands, at the latest RT_HOLD_S after
-            raise
-        with self._lock:
-            self._give_rt()
-        return took
+        return self._await_landing(t0, since, timeout)
+
+    def _raised(self) -> tuple[bool, bool]:
+        return bool(self._fifo), True
 
     def _give_rt(self) -> None:
         _unfifo(self._fifo)
@@ -1124,16 +1132,10 @@ class SignalGroup(Group):
                     tids.extend(t.id for t in proc.threads())
             self._fifo += _fifo(tids)  # a freeze not landed kept the earlier ones
             self._stopping = procs
-        try:
-            took = _wait_until(self._landed, t0, timeout, self.name)
-        except FreezeTimeout:
-            with self._lock:
-                if self._fifo:
-                    self._land_later(since, True)  # back when it lands, at the latest RT_HOLD_S after
-            raise
-        with self._lock:
-            self._give_rt()
-        return took
+        return self._await_landing(t0, since, timeout)
+
+    def _raised(self) -> tuple[bool, bool]:
+        return bool(self._fifo), True
 
     def _landed(self) -> bool:
         for proc in self._stopping:

@@ -21,6 +21,7 @@ import psutil
 import pytest
 import zmq
 
+from bench.inbound import raw_dealer
 from clients import Client
 from clients.launch import short_tmpdir
 from kernel import auth, keys
@@ -218,29 +219,6 @@ def test_under_curve_the_wire_is_counted_exactly_and_an_attacker_is_cut(curve_ke
         ctx.destroy(linger=0)
 
 
-def _raw_dealer(endpoint: str) -> socket.socket:
-    """A hand-written ZMTP 3.0 NULL DEALER over tcp or ipc (no libzmq on this side: a libzmq peer
-    never sends a message before its last frame), its greeting and READY exchanged; bounded."""
-    if endpoint.startswith("ipc://"):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(WAIT_S)
-        s.connect(endpoint[len("ipc://") :])
-    else:
-        host, port = endpoint[len("tcp://") :].rsplit(":", 1)
-        s = socket.create_connection((host, int(port)), timeout=WAIT_S)
-    s.sendall(b"\xff" + b"\0" * 8 + b"\x7f" + bytes([3, 0]) + b"NULL".ljust(20, b"\0") + b"\0" * 32)
-    got = b""
-    while len(got) < 64:
-        part = s.recv(64 - len(got))
-        assert part, "the kernel closed the connection in the greeting"
-        got += part
-    body = b"\x05READY\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
-    s.sendall(bytes([4, len(body)]) + body)
-    if s.family != socket.AF_UNIX:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return s
-
-
 def test_small_frames_of_an_unfinished_message_do_not_pin_read_buffers():
     # libzmq kept a small frame as a reference into the 8 KiB buffer it was read into: 20,000
     # frames of 40 B sent one per packet (0.84 MB on the wire, far under the budget) made the
@@ -251,7 +229,7 @@ def test_small_frames_of_an_unfinished_message_do_not_pin_read_buffers():
         honest = Client(k.endpoint, timeout=WAIT_S, retries=0)
         try:
             honest.wait_for_service("echo", WAIT_S)
-            s = _raw_dealer(k.endpoint)
+            s = raw_dealer(k.endpoint)
             with s:
                 before = proc.memory_info().rss
                 frame = bytes([1, 40]) + b"x" * 40  # MORE set: the message never ends
@@ -294,7 +272,7 @@ def _until_closed(s: socket.socket) -> bool:
 def _empty_frames_until_cut(endpoint: str, frames: int) -> None:
     """One unfinished message of up to ``frames`` empty frames (MORE set on each) from a raw
     client, sent until the kernel cuts the connection; asserts it does within the bounded wait."""
-    s = _raw_dealer(endpoint)
+    s = raw_dealer(endpoint)
     with s:
         head = b"".join(bytes([1, len(f)]) + f for f in (P.MDPC, P.ClientCmd.REQUEST.value, b"echo"))
         chunk = bytes([1, 0]) * 100_000  # the message never ends
