@@ -153,18 +153,25 @@ def _attack(k: LocalKernel, kind: str, frames: int, conns: int) -> dict[str, Any
             "undecided": len(pending),
             "seconds_to_end": round(max(ends), 2) if ends else float("nan"),
             "honest_served": 1,
-            "cut": inbound.get("dropped_unread", 0)
-            + inbound.get("dropped_unread_total", 0)
-            + inbound.get("dropped_unread_rss", 0),
-            "cut_by_ceiling": inbound.get("dropped_unread_rss", 0),
-            "unread_max_mb": round(inbound.get("unread_max", 0) / 1e6, 1),
-            "rss_above_max_mb": round(inbound.get("rss_above_max", 0) / 1e6, 1),
-            # past the ceiling with no tcp connection holding unread bytes (ipc://: no evidence)
-            "ceiling_nothing_to_cut": inbound.get("rss_ceiling_nothing_to_cut", 0),
+            **_cut_stats(inbound),
         }
     finally:
         honest.close()
         ctx.destroy(linger=0)
+
+
+def _cut_stats(inbound: dict[str, Any]) -> dict[str, Any]:
+    """A row's figures from the kernel's inbound counters (``mmi.stats``)."""
+    return {
+        "cut": inbound.get("dropped_unread", 0)
+        + inbound.get("dropped_unread_total", 0)
+        + inbound.get("dropped_unread_rss", 0),
+        "cut_by_ceiling": inbound.get("dropped_unread_rss", 0),
+        "unread_max_mb": round(inbound.get("unread_max", 0) / 1e6, 1),
+        "rss_above_max_mb": round(inbound.get("rss_above_max", 0) / 1e6, 1),
+        # past the ceiling with no tcp connection holding unread bytes (ipc://: no evidence)
+        "ceiling_nothing_to_cut": inbound.get("rss_ceiling_nothing_to_cut", 0),
+    }
 
 
 def raw_dealer(endpoint: str) -> socket.socket:
@@ -240,13 +247,7 @@ def _empty_frames(k: LocalKernel, frames: int, kind: str = "empty_frames") -> di
             "undecided": 1 - dropped,
             "seconds_to_end": round(end, 2),
             "honest_served": 1,
-            "cut": inbound.get("dropped_unread", 0)
-            + inbound.get("dropped_unread_total", 0)
-            + inbound.get("dropped_unread_rss", 0),
-            "cut_by_ceiling": inbound.get("dropped_unread_rss", 0),
-            "unread_max_mb": round(inbound.get("unread_max", 0) / 1e6, 1),
-            "rss_above_max_mb": round(inbound.get("rss_above_max", 0) / 1e6, 1),
-            "ceiling_nothing_to_cut": inbound.get("rss_ceiling_nothing_to_cut", 0),
+            **_cut_stats(inbound),
         }
     finally:
         honest.close()
