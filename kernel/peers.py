@@ -228,7 +228,11 @@ class PeerGuard:
         self.open = True
 
     def on_accepted(self, fd: int, now: float, fds_open: int = 0) -> bool:
-        """A connection was accepted; True if it is refused (see :meth:`due`)."""
+        """A connection was accepted; True if it is refused (see :meth:`due`).  Idempotent: a
+        connection the kernel met by its first message before its accept event (the watcher
+        thread lagging, :meth:`KernelServer._unseen_peer`) keeps the decision made then."""
+        if fd in self.conns:
+            return fd in self.refusing
         over = len(self.conns) >= self.cap
         self.conns.add(fd)
         self.counters["peers_max"] = max(self.counters["peers_max"], len(self.conns))

@@ -143,3 +143,54 @@ def test_tcp_listeners_stop_accepting_like_ipc_ones_and_keep_their_connections()
             assert _greeting(after)[:1] == b"\xff"
     finally:
         server.close()
+
+
+def test_peers_met_before_their_accept_event_are_held_to_the_cap():
+    """CI of stop 35: under load the monitor watcher lagged and 68 peers past a cap of 40 were
+    served, because a peer was counted only when its accept event was drained.  Here the watcher
+    never runs at all (a thread that only waits for the stop): every connection is met by its
+    first message first, and still no more than the cap are served -- the rest are refused with
+    an ``overloaded`` answer naming the cap."""
+    import asyncio
+    import threading
+
+    import msgpack
+
+    from kernel import errors
+    from kernel import protocol as P
+    from kernel.server import KernelServer
+
+    cap = 5
+    server = KernelServer("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", max_peers=cap)
+    server._watcher = threading.Thread(target=server._watch_stop.wait, daemon=True)  # a watcher that never runs
+    endpoint = server.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
+    runner.start()
+    ctx = zmq.Context()
+    socks = []
+    try:
+        for _ in range(4 * cap):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(endpoint)
+            s.send_multipart([P.MDPC, P.ClientCmd.REQUEST.value, b"mmi.service", b"echo"])
+            socks.append(s)
+        replies = []
+        for s in socks:
+            assert s.poll(20_000), "every request has an answer (bounded wait)"
+            replies.append(s.recv_multipart())
+        refused = [errors.from_wire(msgpack.unpackb(r[-1])["error"]) for r in replies
+                   if r[-1] not in (b"200", b"404", b"501")]
+        assert len(replies) - len(refused) <= cap, f"{len(replies) - len(refused)} peers served past a cap of {cap}"
+        assert len(refused) >= 3 * cap
+        assert all(isinstance(e, errors.Overloaded) and f"at most {cap}" in e.message for e in refused), refused
+        assert server.router.counters["peers_met_before_accept"] >= 4 * cap - 1
+    finally:
+        for s in socks:
+            s.close(0)
+        ctx.term()
+        loop.call_soon_threadsafe(server.stop)
+        runner.join(10)
+        assert not runner.is_alive(), "the kernel loop stopped"
+        loop.close()
