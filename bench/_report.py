@@ -10,6 +10,7 @@ directory of result files into ``docs/benchmarks.md`` plus PNG plots drawn with 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -44,11 +45,25 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: What cannot change a figure: the documents and the stored results of runs (bench/results/).
+NOT_CODE = (":(exclude)docs", ":(exclude)bench/results", ":(exclude,glob)**/*.md")
+
+
+def code_version() -> str:
+    """A hash of every tracked file that can change a figure (all but :data:`NOT_CODE`), so that
+    one ``bench all`` continued in batches across commits that only add its results or the
+    documents reads as one version of the code -- and a batch after any other change does not."""
+    listing = _git("ls-files", "--stage", "--", ".", *NOT_CODE)  # the index: HEAD where not dirty
+    return hashlib.sha1(listing.encode()).hexdigest()[:12] if listing else "?"
+
+
 def environment() -> dict[str, Any]:
-    """Where and when: commit, dirty tree, UTC date, CPU, core count, load average."""
+    """Where and when: commit, the code's version (:func:`code_version`), whether the code was
+    changed from the commit (``dirty``; documents do not count), UTC date, CPU, core count, load."""
     return {
         "commit": _git("rev-parse", "--short=12", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "code": code_version(),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", *NOT_CODE)),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{_cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
         "cpus": os.cpu_count(),
@@ -454,16 +469,25 @@ def write_report(in_dir: str, out_md: str, command: str = "", expected: list[str
                   "missed: [benchmarks-analysis.md](benchmarks-analysis.md).", ""]
     if envs:
         commits = sorted({e.get("commit", "?") + (" (dirty)" if e.get("dirty") else "") for e in envs})
+        # One version of the code: the same code hash (commits that only added results or documents)
+        # and nothing changed in the tree; results from before the code hash existed go by commit.
+        versions = {e.get("code") or e.get("commit", "?") for e in envs} | {"dirty" for e in envs if e.get("dirty")}
         dates = sorted(e.get("date", "?") for e in envs)
         loads = [e[k][0] for e in envs for k in ("load_start", "load_end") if e.get(k)]
-        lines += [f"- commit: {', '.join(commits)}", f"- dates: {dates[0]} to {dates[-1]}",
+        code = sorted({e["code"] for e in envs if e.get("code")})
+        lines += [f"- commit: {', '.join(commits)}" + (f"; code version {', '.join(code)} (bench/_report.py "
+                                                        "code_version)" if code else ""),
+                  f"- dates: {dates[0]} to {dates[-1]}",
                   f"- machine: {envs[0].get('machine', '?')}, Python {envs[0].get('python', '?')}",
                   f"- 1-minute load average during the runs: {min(loads, default=0):.1f} to {max(loads, default=0):.1f} "
                   f"(on {envs[0].get('cpus', '?')} logical CPUs; above the CPU count the figures were "
                   "measured under contention from other work on the machine)", ""]
-        if len(commits) > 1:
-            lines += [f"**Mixed commits**: these results come from {len(commits)} commits; a report for "
-                      "publication is one `bench all` at one commit.", ""]
+        if len(versions) > 1:
+            lines += [f"**Mixed code**: these results come from {len(versions)} versions of the code; a report "
+                      "for publication is one `bench all` at one version.", ""]
+        elif len(commits) > 1:
+            lines += [f"One version of the code across {len(commits)} commits: the later ones only add results "
+                      "or documents.", ""]
     missing = sorted(set(expected or []) - {d["bench"] for d in docs})
     if missing:
         lines += [f"**Not in this report** (no result file): {', '.join(missing)}.", ""]

@@ -94,7 +94,23 @@ def test_headlines_name_their_peer_and_deterministic_runs_say_so(tmp_path):
     assert "| [demo](#demo) | `ratio` | 2.2 [2, 2.4] (median of 3) | the strongest peer | <= 3: met |" in text
     assert "| det | deterministic | 1/1 |  |" in text
     assert "**Not in this report** (no result file): gone." in text
-    assert "**Mixed commits**" in text  # abc and def
+    assert "**Mixed code**" in text  # commits abc and def, no code version: two versions
+
+
+def test_commits_that_only_add_results_are_one_version_and_a_code_change_is_not(tmp_path):
+    """A bench all continued in batches after committing its partial results reads as one
+    version of the code; a batch after a code change is flagged."""
+    for name, env in (("a", dict(ENV, commit="c1", code="v1")), ("b", dict(ENV, commit="c2", code="v1"))):
+        with open(tmp_path / f"{name}.json", "w") as fh:
+            json.dump(_report.aggregate(name, False, [_result(1.0)], env, 1.0), fh)
+    text = open(_report.write_report(str(tmp_path), str(tmp_path / "out.md"))).read()
+    assert "One version of the code across 2 commits" in text and "Mixed code" not in text
+    with open(tmp_path / "b.json", "w") as fh:
+        json.dump(_report.aggregate("b", False, [_result(1.0)], dict(ENV, commit="c2", code="v2"), 1.0), fh)
+    text = open(_report.write_report(str(tmp_path), str(tmp_path / "out.md"))).read()
+    assert "**Mixed code**: these results come from 2 versions" in text
+    # The real code version ignores documents and stored results, and is stable.
+    assert _report.code_version() == _report.code_version() != "?"
 
 
 def test_plan_prints_recorded_durations_and_the_known_total(tmp_path):
