@@ -45,8 +45,10 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-#: What cannot change a figure: the documents and the stored results of runs (bench/results/).
-NOT_CODE = (":(exclude)docs", ":(exclude)bench/results", ":(exclude,glob)**/*.md")
+#: What cannot change a figure: the documents, the stored results of runs (bench/results/), the
+#: duration estimates (bench/durations.json), the tests and CI (nothing under bench/ imports them).
+NOT_CODE = (":(exclude)docs", ":(exclude)bench/results", ":(exclude)bench/durations.json", ":(exclude)tests",
+            ":(exclude).ci", ":(exclude,glob)**/*.md")
 
 
 def code_version() -> str:
@@ -63,7 +65,8 @@ def environment() -> dict[str, Any]:
     return {
         "commit": _git("rev-parse", "--short=12", "HEAD"),
         "code": code_version(),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", *NOT_CODE)),
+        # Untracked files count: a new bench/NAME.py is run, a new package shadows a module.
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=normal", "--", ".", *NOT_CODE)),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{_cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}",
         "cpus": os.cpu_count(),
@@ -471,7 +474,10 @@ def write_report(in_dir: str, out_md: str, command: str = "", expected: list[str
         commits = sorted({e.get("commit", "?") + (" (dirty)" if e.get("dirty") else "") for e in envs})
         # One version of the code: the same code hash (commits that only added results or documents)
         # and nothing changed in the tree; results from before the code hash existed go by commit.
-        versions = {e.get("code") or e.get("commit", "?") for e in envs} | {"dirty" for e in envs if e.get("dirty")}
+        # Where git could not say (code "?"), or the tree was dirty, each result is its own version;
+        # so is a change of Python or machine between batches.
+        versions = {(e.get("code") or e.get("commit", "?"), e.get("python"), e.get("machine"))
+                    if e.get("code", "") != "?" and not e.get("dirty") else id(e) for e in envs}
         dates = sorted(e.get("date", "?") for e in envs)
         loads = [e[k][0] for e in envs for k in ("load_start", "load_end") if e.get(k)]
         code = sorted({e["code"] for e in envs if e.get("code")})
@@ -483,8 +489,9 @@ def write_report(in_dir: str, out_md: str, command: str = "", expected: list[str
                   f"(on {envs[0].get('cpus', '?')} logical CPUs; above the CPU count the figures were "
                   "measured under contention from other work on the machine)", ""]
         if len(versions) > 1:
-            lines += [f"**Mixed code**: these results come from {len(versions)} versions of the code; a report "
-                      "for publication is one `bench all` at one version.", ""]
+            lines += [f"**Mixed code**: these results come from {len(versions)} versions of the code (or of Python or "
+                      "the machine; a dirty tree or an unknown version counts once per result); a report for "
+                      "publication is one `bench all` at one version.", ""]
         elif len(commits) > 1:
             lines += [f"One version of the code across {len(commits)} commits: the later ones only add results "
                       "or documents.", ""]

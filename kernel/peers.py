@@ -223,18 +223,29 @@ class PeerGuard:
         self.conns: set[int] = set()
         #: Refused connections still inside their grace: fd -> shut-down time.
         self.refusing: dict[int, float] = {}
-        self.counters = {"peers_refused": 0, "peers_max": 0, "accept_pauses": 0}
+        #: Refused connections the kernel has shut down whose close event has not come: still
+        #: counted, but a new peer's message on such a descriptor comes from a newer connection.
+        self.shut: set[int] = set()
+        #: The socket inode each counted descriptor held when it was counted (0: unknown).
+        self.inode: dict[int, int] = {}
+        #: Close events still to come for connections already forgotten (see :meth:`met`).
+        self.stale: dict[int, int] = {}
+        self.counters = {"peers_refused": 0, "peers_max": 0, "accept_pauses": 0, "peers_met_first": 0}
         #: Whether new connections are being accepted (False: the listeners are out of reach).
         self.open = True
 
-    def on_accepted(self, fd: int, now: float, fds_open: int = 0) -> bool:
-        """A connection was accepted; True if it is refused (see :meth:`due`).  Idempotent: a
-        connection the kernel met by its first message before its accept event (the watcher
-        thread lagging, :meth:`KernelServer._unseen_peer`) keeps the decision made then."""
+    def on_accepted(self, fd: int, now: float, fds_open: int = 0, ino: int = 0) -> bool:
+        """A connection was accepted; True if it is refused (see :meth:`due`).  ``ino``: the
+        socket inode the descriptor holds (0: unknown).  Idempotent: the accept event of a
+        connection met by its first message (:meth:`met`) keeps the decision made then."""
         if fd in self.conns:
+            if ino and not self.inode.get(fd):
+                self.inode[fd] = ino
             return fd in self.refusing
         over = len(self.conns) >= self.cap
         self.conns.add(fd)
+        if ino:
+            self.inode[fd] = ino
         self.counters["peers_max"] = max(self.counters["peers_max"], len(self.conns))
         if not over:
             self.refusing.pop(fd, None)
@@ -244,15 +255,49 @@ class PeerGuard:
         self.refusing[fd] = now if flood else now + REFUSE_GRACE
         return True
 
+    def counted(self, fd: int, ino: int = 0) -> bool:
+        """Whether a new peer's message on ``fd`` (holding socket inode ``ino``, 0: unknown) comes
+        on a counted connection: not where the descriptor is not counted, where the kernel shut
+        the counted connection down, or where the descriptor now holds another socket than the
+        one counted -- in each the counted connection is gone and its close event still to come."""
+        if fd not in self.conns or fd in self.shut:
+            return False
+        known = self.inode.get(fd, 0)
+        return not (ino and known and known != ino)
+
+    def met(self, fd: int, now: float, fds_open: int = 0, ino: int = 0) -> bool:
+        """A new peer's first message came on a descriptor that is not :meth:`counted` (the accept
+        events arrive on another thread and can lag): count it now, so that no peer past the cap
+        is served whatever the events' delay; True if it is refused.  A connection counted on the
+        descriptor before is gone: it is forgotten and its close event, still to come, ignored."""
+        if fd in self.conns:
+            self._forget(fd)
+            self.stale[fd] = self.stale.get(fd, 0) + 1
+        self.counters["peers_met_first"] += 1
+        return self.on_accepted(fd, now, fds_open, ino)
+
     def on_closed(self, fd: int) -> None:
+        n = self.stale.get(fd, 0)
+        if n:  # the close of a connection already forgotten (see met): the descriptor's newer one stays
+            if n == 1:
+                del self.stale[fd]
+            else:
+                self.stale[fd] = n - 1
+            return
+        self._forget(fd)
+
+    def _forget(self, fd: int) -> None:
         self.conns.discard(fd)
         self.refusing.pop(fd, None)
+        self.shut.discard(fd)
+        self.inode.pop(fd, None)
 
     def due(self, now: float) -> list[int]:
-        """Refused connections whose grace is over (to shut down now)."""
+        """Refused connections whose grace is over (to shut down now; counted until they close)."""
         gone = [fd for fd, t in self.refusing.items() if t <= now]
         for fd in gone:
             del self.refusing[fd]
+        self.shut.update(gone)
         return gone
 
     def answered(self, fd: int, now: float) -> None:
@@ -262,10 +307,10 @@ class PeerGuard:
 
     def reconcile(self, alive: set[int]) -> None:
         """Forget connections whose descriptor is no longer open (a monitor event can be lost)."""
-        self.conns &= alive
-        for fd in list(self.refusing):
-            if fd not in alive:
-                del self.refusing[fd]
+        for fd in (self.conns | set(self.refusing)) - alive:
+            self._forget(fd)
+        for fd in [fd for fd in self.stale if fd not in alive]:
+            del self.stale[fd]
 
     def accepting(self, fds_open: int = 0) -> bool | None:
         """Whether to change accepting: False (stop) when the connections reach the cap or the

@@ -134,6 +134,15 @@ _MALLOC_TRIM = _libc_trim()
 _CUT_WHY = {quotas.IN_TOTAL: " (every connection together past peers_in_bytes)"}
 
 
+def _fd_inode(fd: int) -> int:
+    """The inode of what descriptor ``fd`` holds now (a socket's tells one connection from a later
+    one on the same number); 0 where it is closed."""
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return 0
+
+
 def _source_fd(frame: zmq.Frame) -> int:
     """The descriptor of the connection ``frame`` arrived on (``ZMQ_SRCFD``), or -1 for a message
     with no source: libzmq's XPUB makes the unsubscriptions of a closed subscriber itself, without
@@ -305,6 +314,9 @@ class KernelServer:
         self._events: collections.deque[dict[str, Any]] = collections.deque()
         self._events_lock = threading.Lock()
         self._since_drain = 0  # accepted minus closed among the queued events
+        #: Descriptors the loop counted at a new peer's first message (_meet) before the watcher
+        #: read their accept event: that event is not counted again in _since_drain.
+        self._early: set[int] = set()
         self._wake_pending = False
         self._accepting = True
         self._accept_lock = threading.Lock()
@@ -440,8 +452,8 @@ class KernelServer:
                 first = False
                 if refusing or new_peer:
                     srcfd = _source_fd(frame)
-                    if new_peer and srcfd >= 0 and srcfd not in self.guard.conns:
-                        self._unseen_peer(srcfd)
+                    if new_peer and srcfd >= 0:
+                        self._meet(srcfd)
                 if principals is not None:
                     name = str(frame.get(auth.USER_ID) or "")
                     principal = principals.by_name(name) or auth.Principal(name, auth.REVOKED)
@@ -746,21 +758,32 @@ class KernelServer:
                 except OSError:
                     del self._dropping[identity]
 
-    def _unseen_peer(self, fd: int) -> None:
-        """A new peer's first message came on a descriptor the guard has not counted: its accept
-        event is still queued, or not yet read by the watcher (a busy machine).  Count it now, so
-        a connection past the cap is refused whatever the event's delay -- serving first and
-        counting later let 68 peers past a cap of 40 in a flood under load (CI, stop 35)."""
+    def _meet(self, fd: int) -> None:
+        """A new peer's first message came on ``fd``: make sure its connection is counted before
+        it is served.  The accept events arrive through the watcher thread and can lag (a busy
+        machine): serving first and counting later let 68 peers past a cap of 40 in a flood
+        (CI, stop 35).  Queued events go first (an older close of this descriptor); then a
+        connection the guard does not count here (:meth:`PeerGuard.counted`: none, or one the
+        kernel shut down, or another socket than the one counted) is counted now."""
         now = time.monotonic()
-        self._drain_monitor(now)  # queued events first: an older close of this descriptor
-        if fd in self.guard.conns:
+        fds = self._drain_monitor(now) if self._events else 0
+        ino = _fd_inode(fd)
+        if not ino:  # closed already: its message is answered to no one, and nothing is counted
             return
-        self.router.counters["peers_met_before_accept"] += 1
-        fds = open_fds()
-        self.guard.on_accepted(fd, now, fds)
+        if self.guard.counted(fd, ino):
+            return
+        with self._events_lock:  # its accept event, when the watcher reads it, is counted already
+            self._early.add(fd)
+        fds = fds or open_fds()
+        self._count_refusal(self.guard.met(fd, now, fds, ino))
         change = self.guard.accepting(fds)
         if change is not None:
             self._set_accepting(change)
+
+    def _count_refusal(self, refused: bool) -> None:
+        if refused and self.guard.counters["peers_refused"] == 1:
+            log.warning("a connection was refused: over the peer cap of %d (counted in the kernel stats from "
+                        "now on)", self.guard.cap)
 
     def _peer_fd_closed(self, fd: int) -> None:
         """A connection on ``fd`` closed (monitor event): its account, or its dropped entry, goes
@@ -812,7 +835,13 @@ class KernelServer:
                     self._inbound_event(event)
                     with self._events_lock:
                         self._events.append(event)
-                        self._since_drain += 1 if event["event"] == zmq.EVENT_ACCEPTED else -1
+                        fd = int(event["value"])
+                        if event["event"] != zmq.EVENT_ACCEPTED:
+                            self._since_drain -= 1
+                        elif fd in self._early:  # counted by the loop already (_meet)
+                            self._early.discard(fd)
+                        else:
+                            self._since_drain += 1
                     got = True
             if got:
                 # The loop's count of connections plus what it has not seen yet.
@@ -1046,11 +1075,13 @@ class KernelServer:
                         _CUT_WHY.get(why, ""),
                         f" ({suppressed} more drops not logged)" if suppressed else "")
 
-    def _drain_monitor(self, now: float) -> None:
+    def _drain_monitor(self, now: float) -> int:
+        """Apply the queued accept/close events to the guard; returns the descriptors open."""
         fds = open_fds()  # once per batch: listing /proc/self/fd is O(descriptors)
-        if not self._accepting and self.guard.open:  # the watcher stopped accepting: the guard knows
-            self.guard.open = False
-            self.guard.counters["accept_pauses"] += 1
+        # The watcher stops accepting on its own count (the guard's plus the events not yet
+        # applied), which runs ahead where accepted connections have closed already: if the guard
+        # is still under its cap once they are applied, accepting resumes now, not at 3/4 of it.
+        watcher_paused = not self._accepting and self.guard.open
         with self._events_lock:
             events = self._events
             self._events = collections.deque()
@@ -1060,15 +1091,17 @@ class KernelServer:
             fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
                 fds += 1
-                if self.guard.on_accepted(fd, now, fds) and self.guard.counters["peers_refused"] == 1:
-                    log.warning("a connection was refused: over the peer cap of %d (counted in "
-                                "the kernel stats from now on)", self.guard.cap)
+                self._count_refusal(self.guard.on_accepted(fd, now, fds, _fd_inode(fd)))
             else:
                 self.guard.on_closed(fd)
                 self._peer_fd_closed(fd)
         change = self.guard.accepting(fds)
+        if change is None and watcher_paused and self.guard.open:
+            self.guard.counters["accept_pauses_undone"] = self.guard.counters.get("accept_pauses_undone", 0) + 1
+            change = True
         if change is not None:
             self._set_accepting(change)
+        return fds
 
     def _set_accepting(self, accept: bool) -> None:
         """Stop (or resume) accepting connections: rename each ipc:// socket to a hidden name and
@@ -1131,6 +1164,8 @@ class KernelServer:
         except OSError:
             return
         self.guard.reconcile(alive)
+        with self._events_lock:  # accept events that never came (a monitor event can be lost)
+            self._early &= alive
         for identity, acct in list(self.peers.accounts.items()):  # a close whose event was missed
             if acct.fd not in alive:
                 self.peers.forget(identity)

@@ -109,6 +109,11 @@ def test_commits_that_only_add_results_are_one_version_and_a_code_change_is_not(
         json.dump(_report.aggregate("b", False, [_result(1.0)], dict(ENV, commit="c2", code="v2"), 1.0), fh)
     text = open(_report.write_report(str(tmp_path), str(tmp_path / "out.md"))).read()
     assert "**Mixed code**: these results come from 2 versions" in text
+    # One dirty result, or one whose version git could not give, is never "one version" with another.
+    for env in (dict(ENV, commit="c2", code="v1", dirty=True), dict(ENV, commit="c2", code="?")):
+        with open(tmp_path / "b.json", "w") as fh:
+            json.dump(_report.aggregate("b", False, [_result(1.0)], env, 1.0), fh)
+        assert "**Mixed code**" in open(_report.write_report(str(tmp_path), str(tmp_path / "out.md"))).read()
     # The real code version ignores documents and stored results, and is stable.
     assert _report.code_version() == _report.code_version() != "?"
 
