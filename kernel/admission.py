@@ -138,6 +138,9 @@ class BudgetAdmission(Admission):
         #: Invariant: both hold only tracks paused by their owner (paused_at set, not paused).
         self._slot_due: dict[bytes, tuple[float, Request]] = {}
         self._slot_idle: dict[bytes, Request] = {}
+        #: Jobs :meth:`on_done`'s charges exhausted (name, the request charged), for the router
+        #: (:meth:`take_later`).
+        self._later: list[tuple[str, Request]] = []
         self.tracks: dict[bytes, _Track] = {}
         self.counters = {"refused": 0, "exhausted": 0, "preempts": 0, "resumes": 0}
         #: Requests paused by kernel preemption whose slot is lent out (Invariant: equals the
@@ -600,10 +603,21 @@ class BudgetAdmission(Admission):
         return (*self._cancel(req, ErrorCode.DEADLINE, why),
                 Fail(req, errors.DeadlineExceeded(why), self._spent(req, now)))
 
-    def on_done(self, req: Request, now: float, spent: dict[str, Any] | None, error: errors.RecaError | None) -> None:
+    def on_done(self, req: Request, now: float, spent: dict[str, Any] | None,
+                error: errors.RecaError | None) -> dict[str, Any] | None:
         track = self.tracks.pop(req.token, None)
         if track is None:
-            return
+            return None
+        # A request the kernel answered itself (budget, cancel, deadline, its worker lost) is
+        # billed the CPU its worker burnt from dispatch to this answer, as a FINAL's settlement
+        # bills it (the escalation ladder bills what it burns after: kernel/ladder.py, Billing).
+        measured = self._cpu_to_answer(req, track) if error is not None and spent is None else None
+        charge = None
+        if measured is not None:
+            d = measured - track.charged.get(P.CPU_MS, 0.0)
+            if d > 0:
+                charge = {P.CPU_MS: d}
+                track.charged[P.CPU_MS] = measured
         if self._paused_at:
             self._paused_at.pop(req.token, None)
         if self._slot_due:
@@ -621,13 +635,37 @@ class BudgetAdmission(Admission):
         else:
             self.prio_counts.pop(track.priority, None)
         if track.started:
+            extra: dict[str, Any] = {"spent": charge} if charge else {}
             if track.waiting:  # answered while queued: its wall time had stopped
-                self.decide("finish", now, job=track.job, queued=True)
+                out = self.decide("finish", now, job=track.job, queued=True, **extra)
             else:
-                self.decide("finish", now, job=track.job)
+                out = self.decide("finish", now, job=track.job, **extra)
+            self._later.extend((name, req) for name in out.get("exhausted", ()))
+        elif charge:
+            out = self.decide("charge", now, job=track.job, spent=charge)
+            self._later.extend((name, req) for name in out.get("exhausted", ()))
         if track.ran and track.idem is not None:
             self.idem_inflight.discard(track.idem)
             self.record("ran", now, {"principal": track.idem[0], "idem": track.idem[1]}, {"ok": True})
+        return {P.CPU_MS: measured} if measured is not None else None
+
+    def _cpu_to_answer(self, req: Request, track: _Track) -> float | None:
+        """CPU ms the request's worker burnt from its dispatch to now, as the kernel measures it
+        (only for requests whose CPU it measures: a job with a cpu_ms limit); None otherwise."""
+        worker = req.worker
+        if track.cpu_start is None or worker is None or not worker.pid:
+            return None
+        end = self.host.cpu_seconds(worker.pid)
+        if end is None:
+            return None
+        return max(0.0, (end - track.cpu_start) * 1000.0)
+
+    def take_later(self, view: View, now: float) -> Effects:
+        effects: list[Effect] = []
+        while self._later:
+            name, skip = self._later.pop(0)
+            effects.extend(self.exhaust(view, name, now, skip=skip))
+        return effects
 
     def tick(self, view: View, now: float) -> Effects:
         self.flush_log()

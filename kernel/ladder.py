@@ -32,12 +32,24 @@ Rungs
    process of the group, then the group is thawed (on cgroup v1 a frozen task dies only once
    thawed).
 
+Hung workers
+------------
+A worker that sends nothing for its liveness window while it holds requests is dropped by the
+router, which answers them ``worker_died`` (kernel/router.py); a worker that keeps computing
+without a safe point -- a step that never yields, a handler that blocks its loop -- is one.  Its
+process would go on burning CPU that no request is billed for any more, and would take no order
+(it reads none).  The router lists it in ``Router.hung``; the ladder kills its whole group at its
+next poll and the supervisor restarts it (:func:`kill_hung`).
+
 Shared workers: who else a kill would hurt
 ------------------------------------------
 A worker is *spared* when a kill would take more than the offending request with it:
 
-* it serves live (unanswered) requests besides the tombstone (``Held.shared``): it is never
-  frozen while it does (a freeze would stop them too);
+* it serves another principal's live (unanswered) requests besides the tombstone
+  (``Held.shared``): it is never frozen while it does (a freeze would stop them too).  The
+  tombstone's own principal's live requests do not spare it: what a freeze or a kill takes from
+  them is that principal's own loss, and a client could otherwise park a request of its own
+  beside one that ignores its cancel;
 * or its service keeps state between requests -- decode's sessions, which other principals may
   hold -- (``Held.keeps``; declared: :data:`kernel.supervisor.KEEPS_STATE`, ``[[service]]
   keeps_state``).  The kernel cannot see whose state a worker keeps, so it counts any as another
@@ -109,7 +121,7 @@ from kernel.enforce import FreezeTimeout
 log = logging.getLogger("reca.ladder")
 
 __all__ = ["ANSWER_CAP_S", "ANSWER_GRACE_S", "BILL_EVERY_S", "BURN_CPU_MIN_S", "BURN_MIN_S", "CPU_CEILING_S", "DEMAND_MIN", "FREEZE_WAIT_S", "HOLD_CEILING_S",
-           "POLL_S", "Action", "Ceilings", "Held", "Ladder", "run", "single_slot_grants"]
+           "POLL_S", "Action", "Ceilings", "Held", "Ladder", "kill_hung", "run", "single_slot_grants"]
 
 #: How often the shell looks for tombstones, seconds (adds at most this to each rung).
 POLL_S = 0.002
@@ -487,9 +499,14 @@ def tombstones(router: Any, procs: _Procs | None = None) -> tuple[list[Held], se
         if worker.pid is None:
             continue
         declared: tuple[float, bool, float | None] | None = None
-        shared = any(not req.done for req in worker.inflight.values())
+        # Whose live (unanswered) requests the worker serves: a kill or a freeze would take them
+        # with the tombstone.  Only another principal's spare it -- a principal's own live request
+        # beside its tombstone does not (issue 23: a client parked a sleeping request of its own on
+        # a two-slot worker, and its spinning tombstone was never frozen).
+        live_of = {req.principal.name for req in worker.inflight.values() if not req.done}
         for token, req in worker.inflight.items():
             if req.done:
+                shared = bool(live_of - {req.principal.name})
                 if declared is None:
                     name = procs.child_of_pid(worker.pid) if procs is not None else None
                     declared = (procs.grace_of(name), bool(getattr(procs, "keeps_of", lambda n: False)(name)),
@@ -698,6 +715,34 @@ class _Bills:
             self.router.apply(self.admission.exhaust(self.router, exhausted, now), now)
 
 
+def kill_hung(hung: Any, procs: _Procs, record: Any, now: float, frozen: dict[int, str] | None = None) -> None:
+    """Kill the process of every worker the router dropped as *hung* (``router.hung``: silent for
+    its liveness window while it held requests, which were answered ``worker_died``), taking them
+    oldest first.  A worker that cannot send a heartbeat for that long cannot take an order either,
+    and may be burning CPU that no request is billed for any more: its whole group is killed and
+    the supervisor restarts it (OTP: let it crash).  A pid that is not a running supervised child
+    (the process exited, or another peer's) is only recorded.  Each is one ``enforce`` decision,
+    rung ``kill``, why ``hung``."""
+    while hung:
+        h = hung.popleft()
+        name = procs.child_of_pid(h.pid)
+        inputs = {"rung": "kill", "why": "hung", "child": name, "pid": h.pid, "service": h.service,
+                  "tokens": [t.hex() for t in h.tokens[:8]], "silent_since": round(now - h.at, 3)}
+        if name is None:
+            record("enforce", now, inputs, {"ok": False, "why": "not a running supervised child"})
+            continue
+        if frozen is not None:
+            frozen.pop(h.pid, None)
+        try:
+            out: dict[str, Any] = {"ok": True, "killed": procs.kill_group(name)}
+        except (LookupError, OSError, RuntimeError) as exc:
+            out = {"ok": False, "why": str(exc)}
+        out["cpu_s"] = procs.cpu_seconds(name)
+        log.warning("ladder: kill %s (pid %d): it missed its liveness window holding %d request(s)",
+                    name, h.pid, len(h.tokens))
+        record("enforce", now, inputs, out)
+
+
 def _suppress_enforce() -> Any:
     import contextlib
 
@@ -730,6 +775,9 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
                 bills.note([h for h in held if h.token in ladder.tracks], procs)
             if actions:
                 apply(actions, procs, record, now, frozen)
+            hung = getattr(router, "hung", None)
+            if hung:
+                kill_hung(hung, procs, record, now, frozen)
             if bills is not None:
                 bills.step(ladder, now)
             else:

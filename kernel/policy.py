@@ -211,8 +211,17 @@ class Admission:
     def on_deadline(self, view: View, req: Request, now: float) -> Effects:
         return (Fail(req, errors.DeadlineExceeded("request deadline passed")),)
 
-    def on_done(self, req: Request, now: float, spent: dict[str, Any] | None, error: errors.RecaError | None) -> None:
-        """``req`` got its one FINAL (the router's, or its worker's)."""
+    def on_done(self, req: Request, now: float, spent: dict[str, Any] | None,
+                error: errors.RecaError | None) -> dict[str, Any] | None:
+        """``req`` got its one FINAL (the router's, or its worker's).  For a kernel error (``error``
+        and no worker status) it may return what the request spent that the kernel measured (for
+        the answer's ``spent``); effects its charges cause wait in :meth:`take_later`."""
+        return None
+
+    def take_later(self, view: View, now: float) -> Effects:
+        """Effects a hook that cannot return them caused (``on_done``'s charges exhausting a
+        job: every other request drawing on it is cancelled), in order; each is handed out once."""
+        return NO_EFFECTS
 
     def claim_slot(self, view: View, worker: Worker, now: float) -> tuple[bool, Effects]:
         """A slot of ``worker`` just freed; True if the policy took it (to resume paused work)."""

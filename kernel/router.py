@@ -27,7 +27,11 @@ Rules (docs/protocol.md is normative):
   in flight on it is answered WORKER_DIED at once.  Replies that arrive for a request already
   answered are dropped and counted (``late_replies``).
 * Any message from a worker counts as a heartbeat; the kernel heartbeats every worker once per
-  interval and drops those silent for ``liveness`` intervals.
+  interval and drops those silent for ``liveness`` intervals.  A worker dropped so while it held
+  requests (answered or not) and whose process the kernel knows (its READY ``pid``) is *hung*:
+  busy and silent, it may be burning CPU nobody bills and will not stop on an order.  It is
+  listed in :attr:`Router.hung` for the escalation ladder (kernel/ladder.py), which kills its
+  process and lets the supervisor restart it.
 
 Invariants (:meth:`Router.check_invariants` checks them):
 
@@ -59,7 +63,24 @@ from kernel.state import Request, Service, ServiceStats, Worker, error_body
 if TYPE_CHECKING:
     from kernel.host import Host
 
-__all__ = ["Admission", "Form", "Request", "Router", "Service", "ServiceStats", "Worker"]
+__all__ = ["Admission", "Form", "Hung", "Request", "Router", "Service", "ServiceStats", "Worker"]
+
+#: Hung workers (:attr:`Router.hung`) kept for the ladder at most: it takes them every poll (2 ms).
+MAX_HUNG = 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hung:
+    """A worker dropped for a missed liveness window while it held requests: its process
+    (``pid``, verified at READY), its identity, its service, the tokens it held (already answered
+    ``worker_died``) and when it was dropped."""
+
+    pid: int
+    identity: bytes
+    service: str
+    tokens: tuple[bytes, ...]
+    at: float
+
 
 log = logging.getLogger("reca.kernel")
 
@@ -174,6 +195,10 @@ class Router:
         #: The latest time the router was given (on_message / tick): what stats() reports at.
         self.now = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
+        #: Workers dropped for a missed liveness window while they held requests, oldest first
+        #: (:class:`Hung`): the escalation ladder takes them (``popleft``) and kills their
+        #: processes.  Bounded: at most :data:`MAX_HUNG` wait (an older one is dropped and counted).
+        self.hung: collections.deque[Hung] = collections.deque()
         self._revoked_logged: set[str] = set()
         #: One handler per event type of kernel.mdp (the MDP command table's other half).
         self._on: dict[type, Callable[[Any, float, Principal], None]] = {
@@ -582,10 +607,15 @@ class Router:
         if count:
             req.service.errors += 1
             self.counters[f"error.{exc.code}"] += 1
-        self.admission.on_done(req, now, None, exc)
+        measured = self.admission.on_done(req, now, None, exc)
+        if measured:  # what the kernel measured the request spent (its worker's CPU until now)
+            spent = {**(spent or {}), **measured}
         body = error_body(exc, req.header, spent)
         self._to_client(req, True, body)
         self._to_attempts(req, True, body, now, keep=False)  # a kernel error: a retry runs again
+        later = self.admission.take_later(self, now)
+        if later:  # its charge exhausted a job: the job's other requests are cancelled now
+            self.apply(later, now)
 
     def top_queued_priority(self, service: Service, principal: str | None = None) -> int | None:
         """The priority of the first request waiting in ``service``'s queue, or of ``principal``'s
@@ -841,6 +871,13 @@ class Router:
     def _sweep(self, now: float) -> None:
         for worker in list(self.workers.values()):
             if worker.expiry <= now:
+                if worker.pid is not None and worker.inflight:
+                    if len(self.hung) >= MAX_HUNG:
+                        self.hung.popleft()
+                        self.counters["hung_dropped"] += 1
+                    self.hung.append(Hung(worker.pid, worker.identity, worker.service.text,
+                                          tuple(worker.inflight), now))
+                    self.counters["workers_hung"] += 1
                 self._worker_gone(worker, now, "missed its liveness window")
                 self._send(mdp.to_worker(worker.identity, worker.form, _DISCONNECT))
             elif self._send(mdp.to_worker(worker.identity, worker.form, _HEARTBEAT)) is False:
@@ -1021,6 +1058,7 @@ class Router:
     def check_invariants(self) -> None:
         """Raise AssertionError naming the first broken invariant (module docstring), then the
         admission's."""
+        assert len(self.hung) <= MAX_HUNG, "more hung workers kept than MAX_HUNG"
         queued_bytes = 0
         live: collections.Counter[bytes] = collections.Counter()
         for token, req in self.inflight.items():

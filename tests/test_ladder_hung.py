@@ -1,0 +1,209 @@
+"""Issue 23, found by rerunning its attacks: a worker that stops heartbeating while it computes
+(one long step that never yields) missed its liveness window, the kernel answered its request
+``worker_died`` and forgot it -- and the process went on burning 14 CPU-seconds nobody was billed
+for, out of the ladder's reach.  Also: the CPU a request burnt before the kernel answered it
+(budget, cancel, its worker lost) was not billed, and a client could spare its own spinning
+tombstone by parking a live request of its own on the same worker.
+
+The router lists a worker dropped while it held requests as hung (``Router.hung``); the ladder
+kills its group (``kill_hung``); the kernel bills the CPU measured from dispatch to its own
+answer; only another principal's live requests spare a worker."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import pytest
+
+from clients import Client
+from kernel import codec, errors
+from kernel import protocol as P
+from kernel.admission import BudgetAdmission
+from kernel.host import FakeHost
+from kernel.ladder import kill_hung, tombstones
+from kernel.logstore import read_records
+from kernel.mmi import Caller, Management
+from kernel.principal import Principal
+from kernel.router import MAX_HUNG, Hung, Router
+from tests.support import KernelProcess, service_block
+
+ALICE = Principal("alice", "client")
+BOB = Principal("bob", "client")
+ECHO_CHILD = Principal("child:echo", "service:echo")
+
+
+class Wire:
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []
+
+    def __call__(self, frames):
+        self.sent.append(list(frames))
+        return True
+
+    def finals(self) -> list[dict]:
+        return [codec.unpack(m[4]) for m in self.sent if m[0].startswith(b"C") and m[2] == P.ClientCmd.FINAL.value]
+
+
+def _kernel(host: FakeHost, capacity: int = 1, pid: int = 4242) -> tuple[Router, BudgetAdmission, Wire]:
+    wire = Wire()
+    adm = BudgetAdmission(root_limits={"wall_ms": 1e9, "cpu_ms": 1e9}, default_limits={"wall_ms": 1e6}, host=host)
+    router = Router(wire, admission=adm, management=Management(adm), host=host, heartbeat_interval=1.0, liveness=3)
+    host.children["echo"] = {pid}
+    router.on_message(
+        [b"W", P.MDPW, P.WorkerCmd.READY.value, b"echo", codec.pack({"capacity": capacity, "pid": pid})],
+        0.0,
+        ECHO_CHILD,
+    )
+    return router, adm, wire
+
+
+def _open(router: Router, who: Principal, client: bytes, job: str, budget: dict, now: float) -> None:
+    out = router.management.handle(router, P.MMI_JOB_OPEN, {"job": job, "budget": budget}, now, Caller(client, who))
+    assert not isinstance(out, errors.RecaError), out
+
+
+def _request(router: Router, client: bytes, rid: int, job: str | None, now: float, who: Principal) -> None:
+    header = {"v": 1, "id": rid, **({"job": job} if job else {})}
+    router.on_message([client, P.MDPC, P.ClientCmd.REQUEST.value, b"echo", codec.pack(header), b"x"], now, who)
+
+
+def test_a_worker_silent_past_its_liveness_while_busy_is_listed_hung_and_its_cpu_billed():
+    host = FakeHost(seed=3)
+    host.cpu[4242] = 10.0
+    router, adm, wire = _kernel(host)
+    _open(router, BOB, b"C1", "b1", {"cpu_ms": 60_000, "wall_ms": 600_000}, 0.0)
+    _request(router, b"C1", 1, "b1", 0.5, BOB)
+    assert router.workers[b"W"].inflight  # dispatched
+    host.cpu[4242] = 12.5  # 2.5 s of CPU burnt on it, and not one heartbeat
+    router.tick(2.0)
+    assert not router.hung
+    router.tick(3.6)  # last heard of at 0.0 (READY): silent for more than 3 intervals
+    router.check_invariants()
+    (final,) = wire.finals()
+    assert final["error"]["code"] == "worker_died"
+    # the CPU it burnt from dispatch to the kernel's answer is measured and billed
+    assert final["spent"]["cpu_ms"] == pytest.approx(2500.0)
+    assert adm.ledger.jobs["b1"].spent["cpu_ms"] == pytest.approx(2500.0)
+    (hung,) = router.hung
+    assert (hung.pid, hung.identity, hung.service, hung.at) == (4242, b"W", "echo", 3.6)
+    assert len(hung.tokens) == 1
+
+
+def test_an_idle_worker_silent_past_its_liveness_is_dropped_not_hung():
+    host = FakeHost(seed=3)
+    router, _, _ = _kernel(host)
+    router.tick(3.6)
+    assert not router.workers and not router.hung  # nothing held: not killed (it may come back)
+
+
+def test_the_hung_list_is_bounded():
+    host = FakeHost(seed=3)
+    router, _, _ = _kernel(host)
+    router.hung.extend(Hung(i, b"W%d" % i, "echo", (b"t",), 0.0) for i in range(MAX_HUNG))
+    _request(router, b"C1", 1, None, 0.5, BOB)
+    router.tick(3.6)
+    assert len(router.hung) == MAX_HUNG and router.hung[-1].pid == 4242
+    assert router.counters["hung_dropped"] == 1
+    router.check_invariants()
+
+
+def test_a_kernel_answer_whose_cpu_exhausts_the_job_cancels_the_jobs_other_requests():
+    host = FakeHost(seed=5)
+    host.cpu[4242] = 0.0
+    router, adm, wire = _kernel(host, capacity=2)
+    _open(router, BOB, b"C1", "b1", {"cpu_ms": 1000, "wall_ms": 600_000}, 0.0)
+    _request(router, b"C1", 1, "b1", 0.1, BOB)
+    _request(router, b"C1", 2, "b1", 0.1, BOB)
+    host.cpu[4242] = 3.0  # 3 s of CPU on a 1 s job, reported by nobody
+    req = next(iter(router.workers[b"W"].inflight.values()))
+    router.fail_request(req, errors.Cancelled("cancelled by its owner"), 0.5)
+    router.check_invariants()
+    codes = sorted(f["error"]["code"] for f in wire.finals())
+    assert codes == ["budget_exceeded", "cancelled"]  # the job ran out: its other request too
+    assert adm.ledger.jobs["b1"].exhausted == "cpu_ms"
+
+
+def test_only_another_principals_live_request_spares_a_tombstones_worker():
+    host = FakeHost(seed=7)
+    router, _, _ = _kernel(host, capacity=2)
+    _request(router, b"C1", 1, None, 0.1, BOB)
+    _request(router, b"C1", 2, None, 0.1, BOB)
+    first = next(iter(router.workers[b"W"].inflight.values()))
+    router.fail_request(first, errors.BudgetExceeded("request wall_ms budget ran out"), 0.2)
+    held, _ = tombstones(router)
+    assert [h.shared for h in held] == [False]  # bob's own live request does not spare it
+
+    host2 = FakeHost(seed=7)
+    router2, _, _ = _kernel(host2, capacity=2)
+    _request(router2, b"C1", 1, None, 0.1, BOB)
+    _request(router2, b"C2", 1, None, 0.1, ALICE)
+    bobs = next(r for r in router2.workers[b"W"].inflight.values() if r.principal is BOB)
+    router2.fail_request(bobs, errors.BudgetExceeded("request wall_ms budget ran out"), 0.2)
+    held2, _ = tombstones(router2)
+    assert [h.shared for h in held2] == [True]  # alice's would be lost with it
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.killed: list[str] = []
+
+    def child_of_pid(self, pid: int) -> str | None:
+        return {4242: "echo"}.get(pid)
+
+    def kill_group(self, name: str) -> int:
+        self.killed.append(name)
+        return 2
+
+    def cpu_seconds(self, name: str) -> float | None:
+        return 12.5
+
+
+def test_kill_hung_kills_each_supervised_hung_worker_once_and_records_it():
+    hung = collections.deque([Hung(4242, b"W", "echo", (b"\x01" * 16,), 3.6), Hung(777, b"X", "echo", (b"t",), 3.6)])
+    procs, records = Procs(), []
+    frozen = {4242: "echo"}
+    kill_hung(hung, procs, lambda op, now, i, o: records.append((op, i, o)), 3.7, frozen)
+    assert not hung and procs.killed == ["echo"] and frozen == {}
+    (op1, in1, out1), (op2, in2, out2) = records
+    assert (op1, in1["rung"], in1["why"], in1["child"], out1["ok"], out1["killed"]) == (
+        "enforce",
+        "kill",
+        "hung",
+        "echo",
+        True,
+        2,
+    )
+    assert in1["silent_since"] == pytest.approx(0.1)
+    assert (in2["pid"], out2["ok"]) == (777, False)  # not a child of this kernel: recorded, not signalled
+
+
+def test_a_step_that_never_yields_past_the_liveness_window_is_killed_billed_and_restarted():
+    """The attack itself, on real processes: an echo step of 20 s that never reaches a safe point
+    (so no heartbeat either), in a job with a 60 s wall budget the step never reaches."""
+    k = KernelProcess(service_block("echo", "services.echo"), heartbeat=0.5, liveness=4)
+    try:
+        with Client(k.endpoint, timeout=60, retries=0) as c:
+            c.wait_for_service("echo", 30)
+            first = next(ch["pid"] for ch in c.stats()["children"] if ch["name"] == "echo")
+            c.open_job("long", {"wall_ms": 60_000, "cpu_ms": 60_000})
+            with pytest.raises(errors.WorkerDied) as died:
+                c.call("echo", {"steps": 1, "step_ms": 20_000}, job="long")
+            assert died.value.detail["spent"].get("cpu_ms", 0) > 0  # billed up to the kernel's answer
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # killed at once, then restarted by the supervisor
+                ch = next(ch for ch in c.stats()["children"] if ch["name"] == "echo")
+                if ch["pid"] not in (None, first) and ch["state"] == "running" and ch["restarts"] >= 1:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("the hung worker was not killed and restarted")
+            c.wait_for_service("echo", 30)
+            assert c.call("echo", {"steps": 2, "step_ms": 1})["steps_done"] == 2
+            job = c.stats()["jobs"]["long"]
+            assert job["spent"].get("cpu_ms", 0) >= died.value.detail["spent"]["cpu_ms"] - 1e-6
+        kills = [r for r in read_records(k.decision_log) if r.get("op") == "enforce" and r["in"]["rung"] == "kill"]
+        assert kills and kills[0]["in"]["why"] == "hung" and kills[0]["out"]["ok"], kills
+        assert kills[0]["in"]["pid"] == first
+    finally:
+        k.stop()
