@@ -650,10 +650,14 @@ class BudgetAdmission(Admission):
         return {P.CPU_MS: measured} if measured is not None else None
 
     def _cpu_to_answer(self, req: Request, track: _Track) -> float | None:
-        """CPU ms the request's worker burnt from its dispatch to now, as the kernel measures it
-        (only for requests whose CPU it measures: a job with a cpu_ms limit); None otherwise."""
+        """CPU ms the request's single-slot worker burnt from its dispatch to now, as the kernel
+        measures it (only for requests whose CPU it measures: a job with a cpu_ms limit); None
+        otherwise."""
         worker = req.worker
-        if track.cpu_start is None or worker is None or not worker.pid:
+        if track.cpu_start is None or worker is None or not worker.pid or worker.capacity != 1:
+            # A worker with several slots runs others' requests beside this one: its CPU is not
+            # this request's alone (a spin beside it would bill its neighbour), so only the
+            # worker's own report and the ladder's split after the answer bill it.
             return None
         end = self.host.cpu_seconds(worker.pid)
         if end is None:
@@ -664,7 +668,9 @@ class BudgetAdmission(Admission):
         effects: list[Effect] = []
         while self._later:
             name, skip = self._later.pop(0)
-            effects.extend(self.exhaust(view, name, now, skip=skip))
+            job = self.ledger.jobs.get(name)
+            if job is not None and job.exhausted is not None:  # (taken at once: still the same job)
+                effects.extend(self.exhaust(view, name, now, skip=skip))
         return effects
 
     def tick(self, view: View, now: float) -> Effects:
@@ -856,6 +862,7 @@ class BudgetAdmission(Admission):
     def check_invariants(self, view: View) -> None:
         """Raise AssertionError naming the first broken invariant (module docstring), then the
         ledger's."""
+        assert not self._later, "exhausted jobs left for the router to take"
         assert set(self._paused_at) == {t for t, tr in self.tracks.items() if tr.paused_at is not None}, \
             "_paused_at disagrees with the tracks"
         assert self.paused_count == sum(1 for tr in self.tracks.values() if tr.paused), "paused_count"

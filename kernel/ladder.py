@@ -478,6 +478,7 @@ def single_slot_grants(router: Any, admission: Any) -> dict[int, tuple[bytes, in
 
 class _Procs(Protocol):
     def child_of_pid(self, pid: int) -> str | None: ...
+    def owns_pid(self, name: str, pid: int) -> bool: ...
     def grace_of(self, name: str) -> float: ...
     def keeps_of(self, name: str) -> bool: ...
     def answer_grace_of(self, name: str) -> float | None: ...
@@ -503,10 +504,10 @@ def tombstones(router: Any, procs: _Procs | None = None) -> tuple[list[Held], se
         # with the tombstone.  Only another principal's spare it -- a principal's own live request
         # beside its tombstone does not (issue 23: a client parked a sleeping request of its own on
         # a two-slot worker, and its spinning tombstone was never frozen).
-        live_of = {req.principal.name for req in worker.inflight.values() if not req.done}
+        live_of = {_owner(req) for req in worker.inflight.values() if not req.done}
         for token, req in worker.inflight.items():
             if req.done:
-                shared = bool(live_of - {req.principal.name})
+                shared = bool(live_of - {_owner(req)})
                 if declared is None:
                     name = procs.child_of_pid(worker.pid) if procs is not None else None
                     declared = (procs.grace_of(name), bool(getattr(procs, "keeps_of", lambda n: False)(name)),
@@ -515,6 +516,15 @@ def tombstones(router: Any, procs: _Procs | None = None) -> tuple[list[Held], se
                 held.append(Held(token, worker.pid, identity, declared[0], shared, declared[1], len(worker.inflight),
                                  declared[2]))
     return held, set(router.workers)
+
+
+def _owner(req: Any) -> tuple[str, bytes]:
+    """Whose a request is, for sparing: the principal a service acts for (header ``for``), else
+    the sender's; an operator's (every ``ipc://`` peer is the one local operator) also by its
+    connection, so two local clients spare each other."""
+    principal = req.principal
+    name = req.acting_for or principal.name
+    return (name, req.client if principal.operator and req.acting_for is None else b"")
 
 
 def apply(actions: list[Action], procs: _Procs, record: Any, now: float, frozen: dict[int, str] | None = None) -> None:
@@ -720,19 +730,41 @@ def kill_hung(hung: Any, procs: _Procs, record: Any, now: float, frozen: dict[in
     its liveness window while it held requests, which were answered ``worker_died``), taking them
     oldest first.  A worker that cannot send a heartbeat for that long cannot take an order either,
     and may be burning CPU that no request is billed for any more: its whole group is killed and
-    the supervisor restarts it (OTP: let it crash).  A pid that is not a running supervised child
-    (the process exited, or another peer's) is only recorded.  Each is one ``enforce`` decision,
-    rung ``kill``, why ``hung``."""
+    the supervisor restarts it (OTP: let it crash).  Each is one ``enforce`` decision, why
+    ``hung``: rung ``kill``, or rung ``spare`` (not killed) for
+
+    * a worker whose service keeps state between requests (``keeps_state``: decode's sessions,
+      sim's, kvtp's and ttc's runs): a kill would take every principal's state with it, which the
+      ladder otherwise risks only past its ceilings -- it is dropped, as before, and re-registers
+      with its state when its step ends;
+    * a child an operator stopped (``mmi.proc.stop``; not one the ladder froze): the stop is a
+      pause, and its silence is the operator's doing.
+
+    The child is the one the worker's principal names (``child:NAME``, whose pid the supervisor
+    confirmed at READY and still owns), else the local child running that pid; one that is
+    neither (it exited, it is another peer's process) is only recorded."""
+    frozen = {} if frozen is None else frozen
     while hung:
         h = hung.popleft()
-        name = procs.child_of_pid(h.pid)
+        if h.child is not None:
+            name = h.child if procs.owns_pid(h.child, h.pid) else None
+        else:
+            name = procs.child_of_pid(h.pid)
         inputs = {"rung": "kill", "why": "hung", "child": name, "pid": h.pid, "service": h.service,
                   "tokens": [t.hex() for t in h.tokens[:8]], "silent_since": round(now - h.at, 3)}
         if name is None:
             record("enforce", now, inputs, {"ok": False, "why": "not a running supervised child"})
             continue
-        if frozen is not None:
-            frozen.pop(h.pid, None)
+        spare = ("its service keeps state" if getattr(procs, "keeps_of", lambda n: False)(name)
+                 else "stopped by an operator" if h.pid not in frozen
+                 and getattr(procs, "stopped", lambda n: False)(name) else None)
+        if spare is not None:
+            inputs["rung"] = "spare"
+            log.warning("ladder: %s (pid %d) missed its liveness window holding %d request(s); not killed: %s",
+                        name, h.pid, len(h.tokens), spare)
+            record("enforce", now, inputs, {"ok": True, "why": spare})
+            continue
+        frozen.pop(h.pid, None)
         try:
             out: dict[str, Any] = {"ok": True, "killed": procs.kill_group(name)}
         except (LookupError, OSError, RuntimeError) as exc:

@@ -73,13 +73,15 @@ MAX_HUNG = 1024
 class Hung:
     """A worker dropped for a missed liveness window while it held requests: its process
     (``pid``, verified at READY), its identity, its service, the tokens it held (already answered
-    ``worker_died``) and when it was dropped."""
+    ``worker_died``), when it was dropped and the child its principal is."""
 
     pid: int
     identity: bytes
     service: str
     tokens: tuple[bytes, ...]
     at: float
+    #: The supervised child the worker's principal is (``child:NAME``), else None.
+    child: str | None = None
 
 
 log = logging.getLogger("reca.kernel")
@@ -794,6 +796,9 @@ class Router:
             body, effects = self.admission.on_final(self, req, body, now)
             if effects:
                 self.apply(effects, now)
+            later = self.admission.take_later(self, now)  # a malformed status's CPU charge
+            if later:
+                self.apply(later, now)
         else:
             self.admission.on_done(req, now, None, None)
         if self._send(mdp.to_client(req.client, req.form, service.name, True, body)) is False:  # (_to_client)
@@ -876,7 +881,7 @@ class Router:
                         self.hung.popleft()
                         self.counters["hung_dropped"] += 1
                     self.hung.append(Hung(worker.pid, worker.identity, worker.service.text,
-                                          tuple(worker.inflight), now))
+                                          tuple(worker.inflight), now, worker.principal.child))
                     self.counters["workers_hung"] += 1
                 self._worker_gone(worker, now, "missed its liveness window")
                 self._send(mdp.to_worker(worker.identity, worker.form, _DISCONNECT))

@@ -797,6 +797,10 @@ class Supervisor:
         rtt = getattr(remote, "rtt", None)
         return self.remote_answer_grace + 2.0 * (float(rtt()) if callable(rtt) else 0.0)
 
+    def stopped(self, name: str) -> bool:
+        """Whether child ``name`` is stopped (frozen or SIGSTOPped: by the ladder or an operator)."""
+        return self.child(name).state is ChildState.STOPPED
+
     def keeps_of(self, name: str) -> bool:
         """Whether child ``name`` keeps state between requests (``keeps_state``)."""
         return bool(self.child(name).spec.keeps_state)

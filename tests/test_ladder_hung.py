@@ -108,13 +108,29 @@ def test_the_hung_list_is_bounded():
     router.check_invariants()
 
 
-def test_a_kernel_answer_whose_cpu_exhausts_the_job_cancels_the_jobs_other_requests():
+def test_a_worker_with_several_slots_is_not_billed_to_one_of_its_requests():
+    """Its CPU is not one request's: a spin in one slot must not drain the job of the request in
+    the other (the review's repro: alice billed 2,900 ms of bob's spin)."""
     host = FakeHost(seed=5)
     host.cpu[4242] = 0.0
     router, adm, wire = _kernel(host, capacity=2)
+    _open(router, ALICE, b"C2", "a1", {"cpu_ms": 1000, "wall_ms": 600_000}, 0.0)
+    _request(router, b"C2", 1, "a1", 0.1, ALICE)
+    _request(router, b"C1", 1, None, 0.1, BOB)
+    host.cpu[4242] = 2.9
+    router.tick(3.6)
+    assert [f["error"]["code"] for f in wire.finals()] == ["worker_died", "worker_died"]
+    assert all("cpu_ms" not in f["spent"] for f in wire.finals())
+    assert adm.ledger.jobs["a1"].exhausted is None and not adm.ledger.jobs["a1"].spent.get("cpu_ms")
+
+
+def test_a_kernel_answer_whose_cpu_exhausts_the_job_cancels_the_jobs_other_requests():
+    host = FakeHost(seed=5)
+    host.cpu[4242] = 0.0
+    router, adm, wire = _kernel(host, capacity=1)
     _open(router, BOB, b"C1", "b1", {"cpu_ms": 1000, "wall_ms": 600_000}, 0.0)
     _request(router, b"C1", 1, "b1", 0.1, BOB)
-    _request(router, b"C1", 2, "b1", 0.1, BOB)
+    _request(router, b"C1", 2, "b1", 0.1, BOB)  # queued behind it
     host.cpu[4242] = 3.0  # 3 s of CPU on a 1 s job, reported by nobody
     req = next(iter(router.workers[b"W"].inflight.values()))
     router.fail_request(req, errors.Cancelled("cancelled by its owner"), 0.5)
@@ -145,11 +161,21 @@ def test_only_another_principals_live_request_spares_a_tombstones_worker():
 
 
 class Procs:
-    def __init__(self) -> None:
+    def __init__(self, keeps: bool = False, stopped: bool = False) -> None:
         self.killed: list[str] = []
+        self.keeps, self.is_stopped = keeps, stopped
 
     def child_of_pid(self, pid: int) -> str | None:
         return {4242: "echo"}.get(pid)
+
+    def owns_pid(self, name: str, pid: int) -> bool:
+        return (name, pid) == ("echo", 4242)
+
+    def keeps_of(self, name: str) -> bool:
+        return self.keeps
+
+    def stopped(self, name: str) -> bool:
+        return self.is_stopped
 
     def kill_group(self, name: str) -> int:
         self.killed.append(name)
@@ -207,3 +233,64 @@ def test_a_step_that_never_yields_past_the_liveness_window_is_killed_billed_and_
         assert kills[0]["in"]["pid"] == first
     finally:
         k.stop()
+
+
+def test_kill_hung_goes_by_the_workers_child_not_a_pid_another_node_may_share():
+    procs, records = Procs(), []
+    # a Ray-placed replica "remote" whose node pid is 4242, the same number as local echo's
+    hung = collections.deque([Hung(4242, b"R", "remote", (b"t",), 1.0, child="remote")])
+    kill_hung(hung, procs, lambda op, now, i, o: records.append((i, o)), 1.1)
+    assert procs.killed == [] and records[0][1]["ok"] is False  # not echo: the pid is not remote's here
+    hung = collections.deque([Hung(4242, b"W", "echo", (b"t",), 1.0, child="echo")])
+    kill_hung(hung, procs, lambda op, now, i, o: records.append((i, o)), 1.1)
+    assert procs.killed == ["echo"]
+
+
+@pytest.mark.parametrize(
+    "procs, frozen, why",
+    [
+        (Procs(keeps=True), {}, "its service keeps state"),
+        (Procs(stopped=True), {}, "stopped by an operator"),
+    ],
+)
+def test_a_hung_worker_that_keeps_state_or_an_operator_stopped_is_spared(procs, frozen, why):
+    records = []
+    hung = collections.deque([Hung(4242, b"W", "echo", (b"t",), 1.0, child="echo")])
+    kill_hung(hung, procs, lambda op, now, i, o: records.append((i, o)), 1.1, frozen)
+    assert procs.killed == []
+    assert records[0][0]["rung"] == "spare" and records[0][1]["why"] == why
+
+
+def test_a_hung_worker_the_ladder_froze_is_killed_even_though_stopped():
+    procs, records = Procs(stopped=True), []
+    hung = collections.deque([Hung(4242, b"W", "echo", (b"t",), 1.0, child="echo")])
+    kill_hung(hung, procs, lambda op, now, i, o: records.append((i, o)), 1.1, {4242: "echo"})
+    assert procs.killed == ["echo"]
+
+
+def test_two_local_clients_spare_each_other_and_a_service_acting_for_two_principals_too():
+    host = FakeHost(seed=9)
+    router, _, _ = _kernel(host, capacity=2)
+    operator = Principal("local", "operator")  # every ipc:// peer is the one local operator
+    _request(router, b"C1", 1, None, 0.1, operator)
+    _request(router, b"C2", 1, None, 0.1, operator)
+    first = next(r for r in router.workers[b"W"].inflight.values() if r.client == b"C1")
+    router.fail_request(first, errors.Cancelled("cancelled by its owner"), 0.2)
+    held, _ = tombstones(router)
+    assert [h.shared for h in held] == [True]  # told apart by their connections
+
+
+def test_a_malformed_final_whose_cpu_exhausts_the_job_cancels_its_other_requests_at_once():
+    host = FakeHost(seed=11)
+    host.cpu[4242] = 0.0
+    router, adm, wire = _kernel(host, capacity=1)
+    _open(router, BOB, b"C1", "b1", {"cpu_ms": 1000, "wall_ms": 600_000}, 0.0)
+    _request(router, b"C1", 1, "b1", 0.1, BOB)
+    _request(router, b"C1", 2, "b1", 0.1, BOB)  # queued behind it (one slot)
+    (token,) = router.workers[b"W"].inflight
+    host.cpu[4242] = 3.0
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.FINAL.value, token, b"", b"\xc1"], 0.5, ECHO_CHILD)
+    router.check_invariants()
+    codes = sorted(f["error"]["code"] for f in wire.finals())
+    assert codes == ["budget_exceeded", "service_error"]
+    assert adm.ledger.jobs["b1"].exhausted == "cpu_ms"
