@@ -46,6 +46,7 @@ from clients import Client
 from clients.launch import LocalKernel, short_tmpdir
 from kernel import errors, keys
 from kernel import protocol as P
+from kernel.config import KernelConfig
 from kernel.rayplace import CPU_POLL_S, HURRY_S
 
 RUNS = 3
@@ -476,7 +477,8 @@ def run(quick: bool) -> Result:
                 metrics[f"{name}.overshoot_stale_stops"] = float(stale)
                 notes.append(
                     f"{name}: overshoot rounds: {len(over)} stops seen, {unseen} not seen within {STOP_WAIT_S:.0f} s, "
-                    f"{killed} worker(s) killed and restarted (budget {BUDGET_MS} ms, freeze_grace 20 ms)"
+                    f"{killed} worker(s) killed and restarted (budget {BUDGET_MS} ms, freeze_grace "
+                    f"{KernelConfig.freeze_grace_ms:g} ms: the schema's default, this bench's config sets none)"
                 )
                 stage(f"{name}_overshoot")
             c.open_job("low", {}, priority=0)
