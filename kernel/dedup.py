@@ -186,7 +186,7 @@ class Dedup:
         self.counters = {
             "attached": 0,
             "replayed": 0,
-            "stored": 0,
+            "stores": 0,  # answers stored, ever ("stored" in stats: those kept now)
             "expired": 0,
             "evicted": 0,
             "too_large": 0,
@@ -278,7 +278,7 @@ class Dedup:
         mine = self.by_principal.setdefault(who, collections.OrderedDict())
         mine[key] = None
         self.bytes_of[who] = self.bytes_of.get(who, 0) + size
-        self.counters["stored"] += 1
+        self.counters["stores"] += 1
         # its own share first: a principal's flood evicts only its own oldest entries
         while len(mine) > self.principal_entries or self.bytes_of.get(who, 0) > self.principal_bytes:
             self._drop(next(iter(mine)))

@@ -230,7 +230,8 @@ class PeerGuard:
         self.inode: dict[int, int] = {}
         #: Close events still to come for connections already forgotten (see :meth:`met`).
         self.stale: dict[int, int] = {}
-        self.counters = {"peers_refused": 0, "peers_max": 0, "accept_pauses": 0, "peers_met_first": 0}
+        self.counters = {"peers_refused": 0, "peers_max": 0, "accept_pauses": 0, "peers_met_first": 0,
+                         "accept_pauses_undone": 0}
         #: Whether new connections are being accepted (False: the listeners are out of reach).
         self.open = True
 

@@ -1097,7 +1097,7 @@ class KernelServer:
                 self._peer_fd_closed(fd)
         change = self.guard.accepting(fds)
         if change is None and watcher_paused and self.guard.open:
-            self.guard.counters["accept_pauses_undone"] = self.guard.counters.get("accept_pauses_undone", 0) + 1
+            self.guard.counters["accept_pauses_undone"] += 1
             change = True
         if change is not None:
             self._set_accepting(change)
