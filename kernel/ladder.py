@@ -807,6 +807,12 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
                 bills.note([h for h in held if h.token in ladder.tracks], procs)
             if actions:
                 apply(actions, procs, record, now, frozen)
+                park = getattr(router, "park", None)
+                if park is not None:  # no new request into a worker frozen for a tombstone
+                    worker_of = {h.token: h.worker for h in held}
+                    for a in actions:
+                        if a.rung == "freeze" and a.token in worker_of:
+                            park(worker_of[a.token], now)
             hung = getattr(router, "hung", None)
             if hung:
                 kill_hung(hung, procs, record, now, frozen)

@@ -32,6 +32,8 @@ Rules (docs/protocol.md is normative):
   busy and silent, it may be burning CPU nobody bills and will not stop on an order.  It is
   listed in :attr:`Router.hung` for the escalation ladder (kernel/ladder.py), which kills its
   process and lets the supervisor restart it.
+* A worker the escalation ladder froze is *parked* (:meth:`Router.park`): its free slots take no
+  new request until the tombstone that got it frozen ends (its late FINAL) or the worker goes.
 
 Invariants (:meth:`Router.check_invariants` checks them):
 
@@ -201,6 +203,9 @@ class Router:
         #: (:class:`Hung`): the escalation ladder takes them (``popleft``) and kills their
         #: processes.  Bounded: at most :data:`MAX_HUNG` wait (an older one is dropped and counted).
         self.hung: collections.deque[Hung] = collections.deque()
+        #: Workers whose free slots take no new request (:meth:`park`): the ladder froze them for
+        #: a request they hold past its answer, until that tombstone ends or the worker goes.
+        self.parked: set[bytes] = set()
         self._revoked_logged: set[str] = set()
         #: One handler per event type of kernel.mdp (the MDP command table's other half).
         self._on: dict[type, Callable[[Any, float, Principal], None]] = {
@@ -419,7 +424,7 @@ class Router:
         if dedup is not None and key is not None:
             dedup.start(key, token, digest(name, ev.body[1:], checked))
         ready = service.ready
-        if ready and not service.queue:  # (_enqueue's first case, one call less)
+        if ready and not service.queue and not self.parked:  # (_enqueue's first case, one call less)
             self._dispatch(req, ready.popleft(), now)
         else:
             self._enqueue(req, now)
@@ -477,8 +482,10 @@ class Router:
         service = req.service
         ready = service.ready
         if ready and not service.queue:
-            self._dispatch(req, ready.popleft(), now)
-            return
+            worker = self._take_ready(service)
+            if worker is not None:
+                self._dispatch(req, worker, now)
+                return
         size = req.size = sum(map(len, req.body))
         if service.queued >= self.max_queue or not self._make_room(req.client, size, now):
             self._finish_error(req, errors.Overloaded(f"queue for {service.text} is full"), now)
@@ -512,11 +519,47 @@ class Router:
     def _drain_queue(self, service: Service, now: float) -> None:
         queue = service.queue
         while queue and service.ready:
+            if self.parked and all(w.identity in self.parked for w in service.ready):
+                break
             req = queue.pop()
             if req is None:
                 break
             self._dequeued(req)
-            self._dispatch(req, service.ready.popleft(), now)
+            worker = self._take_ready(service)
+            assert worker is not None  # (a slot of a worker not parked is free: checked above)
+            self._dispatch(req, worker, now)
+
+    def _take_ready(self, service: Service) -> Worker | None:
+        """The least recently used free slot of a worker not parked (None: none), taken."""
+        ready = service.ready
+        if not self.parked:
+            return ready.popleft() if ready else None
+        skipped = []
+        found = None
+        while ready:
+            w = ready.popleft()
+            if w.identity in self.parked:
+                skipped.append(w)
+            else:
+                found = w
+                break
+        ready.extendleft(reversed(skipped))  # parked slots keep their place
+        return found
+
+    def park(self, identity: bytes, now: float) -> None:
+        """Give no new request to worker ``identity``'s free slots: the escalation ladder froze it
+        for a request it holds past the kernel's answer (a tombstone that burns).  A request given
+        to it now would stop with it -- and, being another principal's, would spare it from the
+        kill (kernel/ladder.py).  Lifted when it holds no tombstone any more (:meth:`_on_reply`)
+        or when it goes."""
+        worker = self.workers.get(identity)
+        if worker is not None and any(r.done for r in worker.inflight.values()):  # (holds one)
+            self.parked.add(identity)
+            self.counters["workers_parked"] += 1
+
+    def _unpark(self, worker: Worker, now: float) -> None:
+        self.parked.discard(worker.identity)
+        self._drain_queue(worker.service, now)
 
     def _make_room(self, client: bytes, size: int, now: float) -> bool:
         """Whether ``size`` more bytes from ``client`` fit in the queues; when they do not, the
@@ -774,6 +817,8 @@ class Router:
                 # The kernel already answered (deadline, budget, cancel); the slot is free now.
                 del worker.inflight[token]
                 self.free_slot(worker, now)
+                if worker.identity in self.parked and not any(r.done for r in worker.inflight.values()):
+                    self._unpark(worker, now)
             self.counters["late_replies"] += 1
             return
         service = req.service
@@ -819,6 +864,9 @@ class Router:
         if claimed:
             return
         service = worker.service
+        if worker.identity in self.parked:
+            service.ready.append(worker)  # free, but no new request until it is unparked
+            return
         req = service.queue.pop()
         if req is not None:
             self._dequeued(req)
@@ -839,6 +887,7 @@ class Router:
         if self.workers.get(worker.identity) is not worker:
             return
         del self.workers[worker.identity]
+        self.parked.discard(worker.identity)
         service = worker.service
         service.workers.pop(worker.identity, None)
         if worker in service.ready:
@@ -1064,6 +1113,10 @@ class Router:
         """Raise AssertionError naming the first broken invariant (module docstring), then the
         admission's."""
         assert len(self.hung) <= MAX_HUNG, "more hung workers kept than MAX_HUNG"
+        for ident in self.parked:
+            w = self.workers.get(ident)
+            assert w is not None, "a parked worker that is gone"
+            assert any(r.done for r in w.inflight.values()), "a parked worker that holds no tombstone"
         queued_bytes = 0
         live: collections.Counter[bytes] = collections.Counter()
         for token, req in self.inflight.items():

@@ -207,6 +207,12 @@ class KernelModel(RuleBasedStateMachine):
         self.wire.to_worker.pop(w, None)
 
     @rule(w=st.sampled_from(WORKERS))
+    def park(self, w) -> None:
+        """The ladder froze the worker for a tombstone (a worker holding none is parked too: the
+        router must keep its invariants whatever the shell asks)."""
+        self.router.park(w, self.now)
+
+    @rule(w=st.sampled_from(WORKERS))
     def crash(self, w) -> None:
         """The worker's process is gone: sends to it fail, it never answers again."""
         self.wire.unroutable.add(w)

@@ -294,3 +294,44 @@ def test_a_malformed_final_whose_cpu_exhausts_the_job_cancels_its_other_requests
     codes = sorted(f["error"]["code"] for f in wire.finals())
     assert codes == ["budget_exceeded", "service_error"]
     assert adm.ledger.jobs["b1"].exhausted == "cpu_ms"
+
+
+def _dispatched(wire: Wire, worker: bytes) -> int:
+    return sum(1 for m in wire.sent if m[0] == worker and m[2] == P.WorkerCmd.REQUEST.value)
+
+
+def test_no_new_request_goes_to_a_worker_the_ladder_froze_until_its_tombstone_ends():
+    """The review's attack 2, second form: alice's request sent after bob's spin was frozen went into
+    the frozen worker's free slot, stopped with it, and spared it from the kill (16 s, then
+    worker_died).  A parked worker's free slots take nothing new."""
+    host = FakeHost(seed=13)
+    router, _, wire = _kernel(host, capacity=2)
+    _request(router, b"C1", 1, None, 0.1, BOB)
+    (bobs,) = router.workers[b"W"].inflight.values()
+    router.fail_request(bobs, errors.BudgetExceeded("request wall_ms budget ran out"), 0.2)
+    router.park(b"W", 0.21)  # the ladder froze it
+    _request(router, b"C2", 1, None, 0.3, ALICE)
+    router.check_invariants()
+    assert _dispatched(wire, b"W") == 1 and router.services[b"echo"].queued == 1  # alice's waits
+    # a second worker registers: alice's request goes there, not to the frozen one
+    router.on_message([b"V", P.MDPW, P.WorkerCmd.READY.value, b"echo", codec.pack({"capacity": 1})], 0.4)
+    assert _dispatched(wire, b"V") == 1 and router.services[b"echo"].queued == 0
+    _request(router, b"C2", 2, None, 0.5, ALICE)  # V is busy, W parked: queued
+    assert router.services[b"echo"].queued == 1
+    # bob's worker answers its cancel at last: its tombstone ends, it is unparked, alice's runs there
+    status = codec.pack({"v": 1, "id": 1, "status": "error", "spent": {}})
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.FINAL.value, bobs.token, b"", status], 1.0, ECHO_CHILD)
+    router.check_invariants()
+    assert not router.parked and router.services[b"echo"].queued == 0 and _dispatched(wire, b"W") == 2
+
+
+def test_a_parked_worker_that_goes_is_forgotten():
+    host = FakeHost(seed=13)
+    router, _, _ = _kernel(host, capacity=2)
+    _request(router, b"C1", 1, None, 0.1, BOB)
+    (bobs,) = router.workers[b"W"].inflight.values()
+    router.fail_request(bobs, errors.BudgetExceeded("request wall_ms budget ran out"), 0.2)
+    router.park(b"W", 0.2)
+    router.tick(3.6)  # silent past its window (killed by the ladder as hung)
+    assert not router.parked and not router.workers
+    router.check_invariants()
