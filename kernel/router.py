@@ -196,6 +196,7 @@ class Router:
         #: client -> (bytes it has queued, its queued requests oldest first), for fair eviction.
         self._holders: dict[bytes, list[Any]] = {}
         self._next_sweep = 0.0
+        self._last_sweep: float | None = None  # when the liveness sweep last ran
         #: The latest time the router was given (on_message / tick): what stats() reports at.
         self.now = 0.0
         self.counters: collections.Counter[str] = collections.Counter()
@@ -923,9 +924,16 @@ class Router:
                 self.counters["services_evicted"] += 1
 
     def _sweep(self, now: float) -> None:
+        # A sweep a whole interval late means this process itself was not running (a stalled
+        # kernel, a paused VM): the silence it finds may be its own.  It still drops the silent
+        # workers (they re-register), but lists none as hung for the ladder to kill.
+        late = self._last_sweep is not None and now - self._last_sweep > self.heartbeat_interval
+        self._last_sweep = now
         for worker in list(self.workers.values()):
             if worker.expiry <= now:
-                if worker.pid is not None and worker.inflight:
+                if late and worker.pid is not None and worker.inflight:
+                    self.counters["hung_unjudged_late_sweep"] += 1
+                elif worker.pid is not None and worker.inflight:
                     if len(self.hung) >= MAX_HUNG:
                         self.hung.popleft()
                         self.counters["hung_dropped"] += 1

@@ -58,6 +58,14 @@ def _kernel(host: FakeHost, capacity: int = 1, pid: int = 4242) -> tuple[Router,
     return router, adm, wire
 
 
+def _advance(router: Router, to: float, step: float = 0.25) -> None:
+    """Time passes as in a running kernel: a tick (and its liveness sweep) every quarter interval."""
+    t = router.now
+    while t < to:
+        t = min(to, t + step)
+        router.tick(t)
+
+
 def _open(router: Router, who: Principal, client: bytes, job: str, budget: dict, now: float) -> None:
     out = router.management.handle(router, P.MMI_JOB_OPEN, {"job": job, "budget": budget}, now, Caller(client, who))
     assert not isinstance(out, errors.RecaError), out
@@ -76,9 +84,9 @@ def test_a_worker_silent_past_its_liveness_while_busy_is_listed_hung_and_its_cpu
     _request(router, b"C1", 1, "b1", 0.5, BOB)
     assert router.workers[b"W"].inflight  # dispatched
     host.cpu[4242] = 12.5  # 2.5 s of CPU burnt on it, and not one heartbeat
-    router.tick(2.0)
+    _advance(router, 2.0)
     assert not router.hung
-    router.tick(3.6)  # last heard of at 0.0 (READY): silent for more than 3 intervals
+    _advance(router, 3.6)  # last heard of at 0.0 (READY): silent for more than 3 intervals
     router.check_invariants()
     (final,) = wire.finals()
     assert final["error"]["code"] == "worker_died"
@@ -86,14 +94,14 @@ def test_a_worker_silent_past_its_liveness_while_busy_is_listed_hung_and_its_cpu
     assert final["spent"]["cpu_ms"] == pytest.approx(2500.0)
     assert adm.ledger.jobs["b1"].spent["cpu_ms"] == pytest.approx(2500.0)
     (hung,) = router.hung
-    assert (hung.pid, hung.identity, hung.service, hung.at) == (4242, b"W", "echo", 3.6)
+    assert (hung.pid, hung.identity, hung.service, hung.at) == (4242, b"W", "echo", 3.0)  # its expiry
     assert len(hung.tokens) == 1
 
 
 def test_an_idle_worker_silent_past_its_liveness_is_dropped_not_hung():
     host = FakeHost(seed=3)
     router, _, _ = _kernel(host)
-    router.tick(3.6)
+    _advance(router, 3.6)
     assert not router.workers and not router.hung  # nothing held: not killed (it may come back)
 
 
@@ -102,7 +110,7 @@ def test_the_hung_list_is_bounded():
     router, _, _ = _kernel(host)
     router.hung.extend(Hung(i, b"W%d" % i, "echo", (b"t",), 0.0) for i in range(MAX_HUNG))
     _request(router, b"C1", 1, None, 0.5, BOB)
-    router.tick(3.6)
+    _advance(router, 3.6)
     assert len(router.hung) == MAX_HUNG and router.hung[-1].pid == 4242
     assert router.counters["hung_dropped"] == 1
     router.check_invariants()
@@ -118,7 +126,7 @@ def test_a_worker_with_several_slots_is_not_billed_to_one_of_its_requests():
     _request(router, b"C2", 1, "a1", 0.1, ALICE)
     _request(router, b"C1", 1, None, 0.1, BOB)
     host.cpu[4242] = 2.9
-    router.tick(3.6)
+    _advance(router, 3.6)
     assert [f["error"]["code"] for f in wire.finals()] == ["worker_died", "worker_died"]
     assert all("cpu_ms" not in f["spent"] for f in wire.finals())
     assert adm.ledger.jobs["a1"].exhausted is None and not adm.ledger.jobs["a1"].spent.get("cpu_ms")
@@ -332,6 +340,19 @@ def test_a_parked_worker_that_goes_is_forgotten():
     (bobs,) = router.workers[b"W"].inflight.values()
     router.fail_request(bobs, errors.BudgetExceeded("request wall_ms budget ran out"), 0.2)
     router.park(b"W", 0.2)
-    router.tick(3.6)  # silent past its window (killed by the ladder as hung)
+    _advance(router, 3.6)  # silent past its window (killed by the ladder as hung)
     assert not router.parked and not router.workers
     router.check_invariants()
+
+
+def test_a_sweep_a_whole_interval_late_drops_a_silent_worker_but_does_not_call_it_hung():
+    """The kernel itself did not run for a while (a stall, a paused VM): the silence it finds may
+    be its own, so a busy worker is dropped (as ever: it re-registers) but not killed."""
+    host = FakeHost(seed=3)
+    router, _, wire = _kernel(host)
+    _request(router, b"C1", 1, None, 0.5, BOB)
+    _advance(router, 1.0)
+    router.tick(3.6)  # 2.6 s since the last sweep
+    assert not router.workers and not router.hung
+    assert router.counters["hung_unjudged_late_sweep"] == 1
+    assert [f["error"]["code"] for f in wire.finals()] == ["worker_died"]
