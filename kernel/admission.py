@@ -140,7 +140,7 @@ class BudgetAdmission(Admission):
         self._slot_idle: dict[bytes, Request] = {}
         #: Jobs :meth:`on_done`'s charges exhausted (name, the request charged), for the router
         #: (:meth:`take_later`).
-        self._later: list[tuple[str, Request]] = []
+        self.later: list[tuple[str, Request]] = []
         self.tracks: dict[bytes, _Track] = {}
         self.counters = {"refused": 0, "exhausted": 0, "preempts": 0, "resumes": 0}
         #: Requests paused by kernel preemption whose slot is lent out (Invariant: equals the
@@ -640,10 +640,10 @@ class BudgetAdmission(Admission):
                 out = self.decide("finish", now, job=track.job, queued=True, **extra)
             else:
                 out = self.decide("finish", now, job=track.job, **extra)
-            self._later.extend((name, req) for name in out.get("exhausted", ()))
+            self.later.extend((name, req) for name in out.get("exhausted", ()))
         elif charge:
             out = self.decide("charge", now, job=track.job, spent=charge)
-            self._later.extend((name, req) for name in out.get("exhausted", ()))
+            self.later.extend((name, req) for name in out.get("exhausted", ()))
         if track.ran and track.idem is not None:
             self.idem_inflight.discard(track.idem)
             self.record("ran", now, {"principal": track.idem[0], "idem": track.idem[1]}, {"ok": True})
@@ -666,8 +666,8 @@ class BudgetAdmission(Admission):
 
     def take_later(self, view: View, now: float) -> Effects:
         effects: list[Effect] = []
-        while self._later:
-            name, skip = self._later.pop(0)
+        later, self.later = self.later, []
+        for name, skip in later:
             job = self.ledger.jobs.get(name)
             if job is not None and job.exhausted is not None:  # (taken at once: still the same job)
                 effects.extend(self.exhaust(view, name, now, skip=skip))
@@ -862,7 +862,7 @@ class BudgetAdmission(Admission):
     def check_invariants(self, view: View) -> None:
         """Raise AssertionError naming the first broken invariant (module docstring), then the
         ledger's."""
-        assert not self._later, "exhausted jobs left for the router to take"
+        assert not self.later, "exhausted jobs left for the router to take"
         assert set(self._paused_at) == {t for t, tr in self.tracks.items() if tr.paused_at is not None}, \
             "_paused_at disagrees with the tracks"
         assert self.paused_count == sum(1 for tr in self.tracks.values() if tr.paused), "paused_count"

@@ -504,9 +504,11 @@ def tombstones(router: Any, procs: _Procs | None = None) -> tuple[list[Held], se
         # with the tombstone.  Only another principal's spare it -- a principal's own live request
         # beside its tombstone does not (issue 23: a client parked a sleeping request of its own on
         # a two-slot worker, and its spinning tombstone was never frozen).
-        live_of = {_owner(req) for req in worker.inflight.values() if not req.done}
+        live_of: set[tuple[str, bytes]] | None = None  # (built only for a worker holding a tombstone)
         for token, req in worker.inflight.items():
             if req.done:
+                if live_of is None:
+                    live_of = {_owner(r) for r in worker.inflight.values() if not r.done}
                 shared = bool(live_of - {_owner(req)})
                 if declared is None:
                     name = procs.child_of_pid(worker.pid) if procs is not None else None

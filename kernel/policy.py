@@ -154,6 +154,9 @@ class Admission:
     dedup: Dedup | None = None
     #: principal -> its weight in the fair share of slots (kernel.fairq; default 1 each).
     weights: Mapping[str, float] = {}
+    #: Jobs a hook's charges exhausted that the router must still take (:meth:`take_later`);
+    #: falsy when there are none (read on every answer: an attribute, not a call).
+    later: Sequence[Any] = ()
 
     def admit(self, view: View, req: Request, now: float) -> tuple[errors.RecaError | None, Effects]:
         """Admit ``req`` (it may set its job, priority and deadline) or refuse it."""

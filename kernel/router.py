@@ -483,7 +483,7 @@ class Router:
         service = req.service
         ready = service.ready
         if ready and not service.queue:
-            worker = self._take_ready(service)
+            worker = ready.popleft() if not self.parked else self._take_ready(service)
             if worker is not None:
                 self._dispatch(req, worker, now)
                 return
@@ -519,22 +519,22 @@ class Router:
 
     def _drain_queue(self, service: Service, now: float) -> None:
         queue = service.queue
-        while queue and service.ready:
-            if self.parked and all(w.identity in self.parked for w in service.ready):
+        ready = service.ready
+        while queue and ready:
+            worker = ready.popleft() if not self.parked else self._take_ready(service)
+            if worker is None:  # every free slot is a parked worker's
                 break
             req = queue.pop()
             if req is None:
+                ready.appendleft(worker)
                 break
             self._dequeued(req)
-            worker = self._take_ready(service)
-            assert worker is not None  # (a slot of a worker not parked is free: checked above)
             self._dispatch(req, worker, now)
 
     def _take_ready(self, service: Service) -> Worker | None:
-        """The least recently used free slot of a worker not parked (None: none), taken."""
+        """The least recently used free slot of a worker not parked (None: none), taken; the
+        parked workers' slots it passes keep their places.  (Only while some worker is parked.)"""
         ready = service.ready
-        if not self.parked:
-            return ready.popleft() if ready else None
         skipped = []
         found = None
         while ready:
@@ -659,9 +659,8 @@ class Router:
         body = error_body(exc, req.header, spent)
         self._to_client(req, True, body)
         self._to_attempts(req, True, body, now, keep=False)  # a kernel error: a retry runs again
-        later = self.admission.take_later(self, now)
-        if later:  # its charge exhausted a job: the job's other requests are cancelled now
-            self.apply(later, now)
+        if self.admission.later:  # its charge exhausted a job: the job's other requests are cancelled now
+            self.apply(self.admission.take_later(self, now), now)
 
     def top_queued_priority(self, service: Service, principal: str | None = None) -> int | None:
         """The priority of the first request waiting in ``service``'s queue, or of ``principal``'s
@@ -842,9 +841,8 @@ class Router:
             body, effects = self.admission.on_final(self, req, body, now)
             if effects:
                 self.apply(effects, now)
-            later = self.admission.take_later(self, now)  # a malformed status's CPU charge
-            if later:
-                self.apply(later, now)
+            if self.admission.later:  # a malformed status's CPU charge exhausted a job
+                self.apply(self.admission.take_later(self, now), now)
         else:
             self.admission.on_done(req, now, None, None)
         if self._send(mdp.to_client(req.client, req.form, service.name, True, body)) is False:  # (_to_client)

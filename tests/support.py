@@ -7,6 +7,7 @@ Every wait is bounded (the launcher's start and stop bounds).
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any, Iterable
 
 import pytest
@@ -14,8 +15,42 @@ import zmq
 
 from clients import Client
 from clients.launch import REPO, LocalKernel, kernel_config, service_block, short_tmpdir
+from kernel import codec
+from kernel import protocol as P
 
-__all__ = ["REPO", "KernelProcess", "client_fixture", "kernel_fixture", "service_block", "short_tmpdir"]
+__all__ = ["REPO", "KernelProcess", "Wire", "client_fixture", "kernel_fixture", "service_block", "short_tmpdir",
+           "wait_restarted"]
+
+
+class Wire:
+    """The ``send`` of an in-process :class:`kernel.router.Router`: keeps every message it sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []
+
+    def __call__(self, frames: list[bytes]) -> bool:
+        self.sent.append(list(frames))
+        return True
+
+    def to(self, identity: bytes, cmd: bytes) -> list[dict]:
+        """The status maps of the ``cmd`` messages sent to ``identity``."""
+        return [codec.unpack(m[4]) for m in self.sent if m[0] == identity and m[2] == cmd]
+
+    def finals(self) -> list[dict]:
+        """The status maps of every FINAL sent to a client, in order."""
+        return [codec.unpack(m[4]) for m in self.sent if m[1] == P.MDPC and m[2] == P.ClientCmd.FINAL.value]
+
+
+def wait_restarted(c: Client, name: str, first: int | None, bound: float = 60.0) -> bool:
+    """Whether supervised child ``name``, whose process was ``first``, runs again as another
+    process (restarted at least once) within ``bound`` seconds."""
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        ch = next(ch for ch in c.stats()["children"] if ch["name"] == name)
+        if ch["pid"] not in (None, first) and ch["state"] == "running" and ch["restarts"] >= 1:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 class KernelProcess(LocalKernel):

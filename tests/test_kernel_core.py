@@ -16,6 +16,7 @@ from kernel.host import FakeHost
 from kernel.mmi import Management
 from kernel.policy import Order
 from kernel.router import Router
+from tests.support import Wire
 
 KERNEL = pathlib.Path(__file__).resolve().parent.parent / "kernel"
 #: The pure core: time is passed in, the machine comes through kernel.host.
@@ -182,15 +183,6 @@ def test_roles_and_budget_kinds_are_one_table_each():
 
 
 # -- the router over a fake host ----------------------------------------------------------------------
-
-
-class Wire:
-    def __init__(self) -> None:
-        self.sent: list[list[bytes]] = []
-
-    def __call__(self, frames):
-        self.sent.append(list(frames))
-        return True
 
 
 def test_tokens_come_from_the_host_and_invariants_hold_through_a_life():

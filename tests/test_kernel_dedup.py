@@ -128,18 +128,7 @@ from kernel.host import FakeHost  # noqa: E402
 from kernel.mmi import Management  # noqa: E402
 from kernel.replay import restore  # noqa: E402
 from kernel.router import Router  # noqa: E402
-
-
-class Wire:
-    def __init__(self) -> None:
-        self.sent: list[list[bytes]] = []
-
-    def __call__(self, frames):
-        self.sent.append(list(frames))
-        return True
-
-    def to(self, identity: bytes, cmd: bytes) -> list[dict]:
-        return [codec.unpack(m[4]) for m in self.sent if m[0] == identity and m[2] == cmd]
+from tests.support import Wire  # noqa: E402
 
 
 def kernel(log_path=None, restored=None):

@@ -13,7 +13,7 @@ from clients import Client
 from kernel import errors
 from kernel import protocol as P
 from kernel.ladder import Held, Ladder
-from tests.support import KernelProcess, service_block
+from tests.support import KernelProcess, service_block, wait_restarted
 from kernel.logstore import read_records
 
 A, B = b"tok-a", b"tok-b"
@@ -106,14 +106,7 @@ def test_a_step_that_ignores_its_cancel_is_frozen_killed_and_restarted():
             c.open_job("short", {"wall_ms": 500})
             with pytest.raises(errors.BudgetExceeded):
                 c.call("echo", {"steps": 1, "step_ms": 20_000}, job="short")
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:  # the supervisor restarts the killed worker
-                ch = next(ch for ch in c.stats()["children"] if ch["name"] == "echo")
-                if ch["pid"] not in (None, first) and ch["state"] == "running" and ch["restarts"] >= 1:
-                    break
-                time.sleep(0.1)
-            else:
-                pytest.fail("the stuck worker was not killed and restarted")
+            assert wait_restarted(c, "echo", first), "the stuck worker was not killed and restarted"
             c.wait_for_service("echo", 30)
             assert c.call("echo", {"steps": 2, "step_ms": 1})["steps_done"] == 2
             c.stats()  # flushes the decision log
