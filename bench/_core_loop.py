@@ -8,6 +8,13 @@ reports ``tokens``; the decision log is flushed once per turn (the server's grou
 the default fsync policy.  Every request is a budgeted ledger decision (the default [limits]).
 Only the stable entry points are used (``Router.on_message``, ``BudgetAdmission``,
 ``DecisionLog``), so the same driver measures any version of the core.
+
+``--queued``: the worker declares capacity 1 and always holds one request, so every measured
+request queues and is dispatched later by the FINAL before it (the capacity-1 path: the fair
+queue's push and pop and the ``queue`` and ``dispatch`` ledger decisions and records on top of
+``admit`` and ``finish``).  The rhythm is the default's (turns of 64 requests, one flush after
+the turn's requests and one after its FINALs), so the difference to the default figure is what
+queueing costs.  ``--no-log``: no decision log.  ``--session``: :func:`measure_session`.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ TURN = 64
 ROUND = 1024
 
 
-def measure(n: int, log: bool = True) -> dict:
+def measure(n: int, log: bool = True, queued: bool = False) -> dict:
     from kernel import codec
     from kernel import protocol as P
     from kernel.admission import BudgetAdmission
@@ -49,7 +56,8 @@ def measure(n: int, log: bool = True) -> dict:
         return True
 
     router = Router(send, admission=adm)
-    router.on_message([b"W", P.MDPW, P.WorkerCmd.READY.value, b"echo", codec.pack({"capacity": TURN})], 0.0)
+    capacity = 1 if queued else TURN
+    router.on_message([b"W", P.MDPW, P.WorkerCmd.READY.value, b"echo", codec.pack({"capacity": capacity})], 0.0)
     body = codec.pack({"x": 1, "y": "payload"})
     headers = [codec.pack({"v": 1, "id": i}) for i in range(TURN)]
     status = codec.pack({"v": 1, "id": 0, "status": "ok", "spent": {"tokens": 1}})
@@ -58,6 +66,11 @@ def measure(n: int, log: bool = True) -> dict:
     # (an Enum's ``.value`` is a Python-level descriptor call)
     request_cmd, final_cmd, mdpw = P.ClientCmd.REQUEST.value, P.WorkerCmd.FINAL.value, P.MDPW
     now = 1.0
+    if queued:  # the request the worker holds while a turn arrives (not counted)
+        on_message([b"C", P.MDPC, request_cmd, b"echo", headers[0], body], now)
+        adm.flush_log()
+        if len(to_worker) != 1:
+            raise RuntimeError(f"--queued: expected one request at the worker, got {len(to_worker)}")
     per_round: list[float] = []
     done = 0
     t_cpu, t_wall = time.process_time(), time.perf_counter()
@@ -68,11 +81,21 @@ def measure(n: int, log: bool = True) -> dict:
             for i in range(TURN):
                 on_message([b"C", P.MDPC, request_cmd, b"echo", headers[i], body], now)
             adm.flush_log()
-            batch, to_worker[:] = list(to_worker), []
             now += 0.001
-            for m in batch:
-                token = m[3] if m[1] == mdpw else m[4]
-                on_message([b"W", mdpw, final_cmd, token, b"", status, b"out"], now)
+            if queued:
+                # one FINAL at a time, each freeing the slot for the next queued request; after
+                # TURN of them the worker holds the turn's last request into the next turn
+                for _ in range(TURN):
+                    m = to_worker.pop()
+                    token = m[3] if m[1] == mdpw else m[4]
+                    on_message([b"W", mdpw, final_cmd, token, b"", status, b"out"], now)
+                if len(to_worker) != 1:
+                    raise RuntimeError(f"--queued: the worker holds {len(to_worker)} requests, not 1")
+            else:
+                batch, to_worker[:] = list(to_worker), []
+                for m in batch:
+                    token = m[3] if m[1] == mdpw else m[4]
+                    on_message([b"W", mdpw, final_cmd, token, b"", status, b"out"], now)
             adm.flush_log()
         per_round.append((time.process_time() - r0) / ROUND * 1e6)
         done += ROUND
@@ -87,6 +110,7 @@ def measure(n: int, log: bool = True) -> dict:
         "min_round_cpu_us": per_round[0],
         "median_round_cpu_us": per_round[len(per_round) // 2],
         "log": log,
+        "queued": queued,
     }
 
 
@@ -131,4 +155,4 @@ if __name__ == "__main__":
     if "--session" in sys.argv:
         print(json.dumps(measure_session(n)))
     else:
-        print(json.dumps(measure(n, log="--no-log" not in sys.argv)))
+        print(json.dumps(measure(n, log="--no-log" not in sys.argv, queued="--queued" in sys.argv)))
