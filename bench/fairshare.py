@@ -8,6 +8,11 @@ first on a quiet service, then while ``alice`` keeps ``BACKLOG`` priority-1000 r
 size queued (refilled as they are answered).  The slots are shared across principals by deficit
 round robin (kernel/fairq.py), so bob waits at most one of alice's requests per round: the target
 is bob's flooded p99 <= 2 x his quiet p99.
+
+Quiet and flooded samples are taken in alternating blocks (``BLOCKS`` of each), so load that comes
+and goes on the machine (a previous benchmark's processes still exiting, another tenant) falls on
+both alike; alice's flood is paused and drained before each quiet block and refilled (and given
+``SETTLE_S``) before each flooded block.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from kernel import keys
 HEADLINE = {"flooded_over_quiet_p99": "the honest client's quiet p99 in the same run (no backlog)"}
 STEP_MS = 5
 BACKLOG = 50
-SAMPLES = 300
+SAMPLES = 1000  # per phase and run: a p99 from >= 1,000 samples
+BLOCKS = 10  # quiet and flooded blocks alternate, SAMPLES // BLOCKS samples each
+SETTLE_S = 0.5  # after alice's backlog is refilled, before a flooded block
 
 
 def _client(kern: LocalKernel, kd: str, name: str) -> Client:
@@ -52,30 +59,74 @@ def _bob(c: Client, n: int) -> list[float]:
     return out
 
 
-def _flood(kern: LocalKernel, kd: str, stop: threading.Event, sent: list[int]) -> None:
-    """alice: keep BACKLOG priority-1000 requests in flight until ``stop`` (one event loop, one
-    AsyncClient, BACKLOG tasks each sending its next request when the last is answered)."""
-    import asyncio
+class _Flood:
+    """alice: while ``go`` is set, keep BACKLOG priority-1000 requests in flight (one event loop,
+    one AsyncClient, BACKLOG tasks each sending its next request when the last is answered); while
+    it is clear, send nothing.  ``inflight`` counts her requests not yet answered."""
 
-    from clients.aio import AsyncClient
+    def __init__(self, kern: LocalKernel, kd: str) -> None:
+        self.kern, self.kd = kern, kd
+        self.go, self.stop = threading.Event(), threading.Event()
+        self.sent = self.inflight = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
 
-    async def main() -> None:
-        async with AsyncClient(
-            kern.endpoint,
-            timeout=60,
-            retries=0,
-            cert=os.path.join(kd, "alice.key_secret"),
-            server_cert=os.path.join(kd, "kernel.key"),
-        ) as c:
+    def _run(self) -> None:
+        import asyncio
 
-            async def one() -> None:
-                while not stop.is_set():
-                    await c.call("echo", {"steps": 1, "step_ms": STEP_MS}, priority=1000)
-                    sent[0] += 1
+        from clients.aio import AsyncClient
 
-            await asyncio.gather(*(one() for _ in range(BACKLOG)))
+        async def main() -> None:
+            async with AsyncClient(
+                self.kern.endpoint,
+                timeout=60,
+                retries=0,
+                cert=os.path.join(self.kd, "alice.key_secret"),
+                server_cert=os.path.join(self.kd, "kernel.key"),
+            ) as c:
 
-    asyncio.run(main())
+                async def one() -> None:
+                    while not self.stop.is_set():
+                        if not self.go.is_set():
+                            await asyncio.sleep(0.005)
+                            continue
+                        self.inflight += 1
+                        try:
+                            await c.call("echo", {"steps": 1, "step_ms": STEP_MS}, priority=1000)
+                        finally:
+                            self.inflight -= 1
+                        self.sent += 1
+
+                await asyncio.gather(*(one() for _ in range(BACKLOG)))
+
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # surfaced by wait(): a dead flood must not read as a quiet one
+            self.error = e
+
+    def wait(self, cond, what: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if self.error is not None:
+                raise RuntimeError(f"alice's flood failed: {self.error!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"alice's flood: {what} not reached in {timeout:.0f} s")
+            time.sleep(0.005)
+
+    def on(self) -> None:
+        self.go.set()
+        self.wait(lambda: self.inflight >= BACKLOG, "a full backlog")
+        time.sleep(SETTLE_S)
+
+    def off(self) -> None:
+        self.go.clear()
+        self.wait(lambda: self.inflight == 0, "a drained backlog")
+
+    def close(self) -> None:
+        self.go.clear()
+        self.stop.set()
+        self.thread.join(30)
 
 
 def run(quick: bool) -> Result:
@@ -96,25 +147,27 @@ def run(quick: bool) -> Result:
         default = {{ wall_ms = 1e8, cpu_ms = 1e8, tokens = 1e8, flops = 1e14, vm_steps = 1e10 }}
     """) + service_block("echo", "services.echo")
     kern = LocalKernel(config)
-    stop = threading.Event()
-    sent = [0]
+    quiet: list[float] = []
+    flooded: list[float] = []
+    block = max(1, samples // BLOCKS)
+    flood = None
     try:
         with _client(kern, kd, "bob") as bob:
             bob.wait_for_service("echo", 60)
             _bob(bob, 10)  # warm
-            progress("fairshare", f"quiet: {samples} requests")
-            quiet = _bob(bob, samples)
-            flood = threading.Thread(target=_flood, args=(kern, kd, stop, sent), daemon=True)
-            flood.start()
-            time.sleep(1.0)  # alice's backlog is queued
-            progress("fairshare", f"flooded by alice's priority-1000 backlog of {BACKLOG}: {samples} requests")
-            flooded = _bob(bob, samples)
-            stop.set()
-            flood.join(30)
+            flood = _Flood(kern, kd)
+            progress("fairshare", f"{samples} quiet and {samples} flooded requests in alternating blocks of {block}")
+            while len(quiet) < samples:
+                quiet += _bob(bob, min(block, samples - len(quiet)))
+                flood.on()
+                flooded += _bob(bob, min(block, samples - len(flooded)))
+                flood.off()
     finally:
-        stop.set()
+        if flood is not None:
+            flood.close()
         kern.stop()
         shutil.rmtree(d, ignore_errors=True)
+    sent = [flood.sent if flood is not None else 0]
     q99, f99 = percentile(quiet, 99) * 1e3, percentile(flooded, 99) * 1e3
     progress("fairshare", f"bob p99 quiet {q99:.1f} ms, flooded {f99:.1f} ms ({f99 / q99:.2f}x); alice sent {sent[0]}")
     return Result(
@@ -130,6 +183,8 @@ def run(quick: bool) -> Result:
         targets={"flooded_over_quiet_p99": ("<=", 2.0)},
         notes=[
             f"one echo worker (one slot), {STEP_MS} ms steps; alice keeps {BACKLOG} priority-1000 requests "
-            "queued; bob sends one at a time at the default priority; tcp:// with CURVE keys"
+            "queued; bob sends one at a time at the default priority; tcp:// with CURVE keys",
+            f"quiet and flooded samples alternate in blocks of {block} ({samples} each per run): alice's backlog is "
+            f"drained before a quiet block and refilled, then {SETTLE_S} s of settling, before a flooded block",
         ],
     )
