@@ -216,7 +216,7 @@ async def _run(args: argparse.Namespace) -> int:
     from kernel.auth import ENV_CERT, ENV_SERVER_CERT
     from kernel.decisions import DecisionLog
     from kernel.host import SystemHost
-    from kernel.ladder import ANSWER_CAP_S, Ladder
+    from kernel.ladder import ANSWER_CAP_S, Ladder, Wake
     from kernel.ladder import run as run_ladder
     from kernel.logstore import LogCorrupt, move_aside
     from kernel.mmi import Management
@@ -337,8 +337,9 @@ async def _run(args: argparse.Namespace) -> int:
                 ladder = Ladder(cfg.freeze_grace_ms / 1000.0, cfg.kill_grace_ms / 1000.0,
                                 cpu_ceiling=cfg.cpu_ceiling_ms / 1000.0, hold_ceiling=cfg.hold_ceiling_s,
                                 answer_cap=supervisor.remote_answer_grace + ANSWER_CAP_S)
+                # It sleeps while there is nothing to watch: the router wakes it (Router.ladder_wake).
                 tasks.create_task(run_ladder(server.router, supervisor, ladder, admission.record, stop,
-                                             admission=admission))
+                                             admission=admission, wake=Wake()))
             try:
                 await supervisor.start()
                 if supervisor.log_dir and supervisor.children:

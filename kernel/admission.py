@@ -299,6 +299,10 @@ class BudgetAdmission(Admission):
         priority = req.priority
         self.tracks[req.token] = track = _Track(job, granted, priority, key)
         track.started = True  # admit started it
+        if "mem_bytes" in granted:  # a memory ceiling for the escalation ladder (kernel/ladder.py Ceilings)
+            wake = getattr(view, "ladder_wake", None)
+            if wake is not None:
+                wake()
         if P.CPU_MS in granted and jobrec is not None:
             holder = self.ledger.holder(jobrec, P.CPU_MS)
             track.measure_cpu = holder is not None and not is_default_job(holder.name)

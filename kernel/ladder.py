@@ -104,7 +104,36 @@ that moment), so what a request burnt after its cancel is on record.
 
 :class:`Ladder` is the pure part (tombstones and CPU readings in, actions out, ``now`` passed
 in); :func:`run` is the kernel's shell, a task polling the router every :data:`POLL_S` seconds
-(the router is only read; no hook of the core is needed).
+while there is something to watch (the router is only read).
+
+Sleeping while there is nothing to watch
+----------------------------------------
+An idle kernel's ladder polled 500 times a second for nothing: 3-4 % of a core (docs/limits.md).
+With a :class:`Wake` (the kernel's), the shell sleeps after a poll that leaves it nothing to watch
+and the core wakes it where such work is born (``Router.ladder_wake``):
+
+* a *tombstone*: ``Router.fail_request`` keeps an answered request in its worker's slot;
+* a *hung* worker: ``Router._sweep`` lists one in ``Router.hung``;
+* a *memory grant*: ``BudgetAdmission.admit`` grants a request ``mem_bytes`` (a ceiling to set
+  once it holds a single-slot worker: :class:`Ceilings`).  At the grant, not at dispatch: a plain
+  MDP request gets its job's ``mem_bytes`` without a forwarded header, and a paused request's
+  single slot comes back to it when the request its slot was lent to ends -- neither passes a
+  dispatch hook.
+
+Nothing to watch (:func:`pending` is None, and the shell holds nothing): no tombstone on a worker
+with a pid, no hung worker listed, no admission track with a ``mem_bytes`` grant (with
+``admission``), no tracked or ended tombstone, no unbilled job, no memory ceiling set or OOM
+watched, and no preempt boost (``RECA_PREEMPT_BOOST=1`` keeps it polling: its work is born at a
+preempt).  ``frozen`` does not count: with nothing tracked, an entry left in it is a group the
+ladder thawed already (an answer that crossed the freeze), and it matters only to a later kill.
+
+Invariants: every rung is still applied within :data:`POLL_S` of being due -- work is born only
+at a hook, the hook sets the event, and the shell polls every :data:`POLL_S` while any work is
+left; no wake-up is lost -- the shell clears the event, checks, and awaits it with no ``await``
+in between, and the check reads the state (a birth during the poll itself is seen, not its
+event); the ladder asleep with no wake-up pending means :func:`pending` is None
+(:meth:`Wake.check_invariants`, run by ``Router.check_invariants``).  Without a wake (a router
+the shell was not given one for) it polls as before.
 """
 
 from __future__ import annotations
@@ -121,7 +150,8 @@ from kernel.enforce import FreezeTimeout
 log = logging.getLogger("reca.ladder")
 
 __all__ = ["ANSWER_CAP_S", "ANSWER_GRACE_S", "BILL_EVERY_S", "BURN_CPU_MIN_S", "BURN_MIN_S", "CPU_CEILING_S", "DEMAND_MIN", "FREEZE_WAIT_S", "HOLD_CEILING_S",
-           "POLL_S", "Action", "Ceilings", "Held", "Ladder", "kill_hung", "run", "single_slot_grants"]
+           "POLL_S", "Action", "Ceilings", "Held", "Ladder", "Wake", "kill_hung", "pending", "run",
+           "single_slot_grants"]
 
 #: How often the shell looks for tombstones, seconds (adds at most this to each rung).
 POLL_S = 0.002
@@ -785,12 +815,59 @@ def _suppress_enforce() -> Any:
     return contextlib.suppress(LookupError, EnforcerError, OSError)
 
 
+def pending(router: Any, admission: Any = None) -> str | None:
+    """What in the core the ladder has to watch, else None (read only; O(requests on workers +
+    admission tracks), once per sleep and per invariant check): a hung worker listed, a tombstone
+    on a worker with a pid (:func:`tombstones`), or -- with ``admission`` -- a request granted
+    ``mem_bytes`` (:func:`single_slot_grants` may hand it a ceiling)."""
+    if getattr(router, "hung", None):
+        return "hung worker"
+    for worker in router.workers.values():
+        if worker.pid is not None:
+            for req in worker.inflight.values():
+                if req.done:
+                    return "tombstone"
+    if admission is not None:
+        for track in getattr(admission, "tracks", {}).values():
+            mem = track.granted.get("mem_bytes")
+            if isinstance(mem, (int, float)) and mem > 0:
+                return "mem_bytes grant"
+    return None
+
+
+class Wake:
+    """The core's way to wake a sleeping ladder: installed as ``Router.ladder_wake`` by
+    :func:`run`, called where the ladder's work is born (module docstring, "Sleeping while there
+    is nothing to watch").  ``asleep``: the shell awaits ``event`` now."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.asleep = False
+        self.admission: Any = None  # the shell's (whose mem_bytes grants count as work)
+        self.sleeps = 0  # times the shell went to sleep (stats, tests)
+
+    def __call__(self) -> None:
+        self.event.set()
+
+    def check_invariants(self, router: Any) -> None:
+        """The ladder asleep with no wake-up pending: nothing in the core for it."""
+        if self.asleep and not self.event.is_set():
+            why = pending(router, self.admission)
+            assert why is None, f"the escalation ladder sleeps through a {why}"
+
+
+async def _relay(stop: asyncio.Event, wake: Wake) -> None:
+    await stop.wait()
+    wake()  # a sleeping ladder sees ``stop`` too
+
+
 async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asyncio.Event, clock: Any = None,
-              admission: Any = None) -> None:
+              admission: Any = None, wake: Wake | None = None) -> None:
     """Poll the router for tombstones every :data:`POLL_S`, read the CPU of the workers holding
     them, and apply the rungs due, until ``stop``; with ``admission``, bill what tombstones burn,
     set per-request memory ceilings (:class:`Ceilings`) and boost workers asked to pause
-    (:class:`_PreemptBoost`)."""
+    (:class:`_PreemptBoost`).  With ``wake`` (installed as ``router.ladder_wake`` until the end),
+    sleep while there is nothing to watch (module docstring); without, poll all the time."""
     import time
 
     clock = clock or time.monotonic
@@ -799,6 +876,24 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
     bills = _Bills(router, admission) if admission is not None else None
     boosts = (_PreemptBoost(router, procs, admission)
               if admission is not None and hasattr(procs, "boost") and os.environ.get(ENV_PREEMPT_BOOST) == "1" else None)
+    relay = None
+    if wake is not None:
+        wake.admission = admission
+        router.ladder_wake = wake
+        relay = asyncio.ensure_future(_relay(stop, wake))
+    try:
+        await _loop(router, procs, ladder, record, stop, clock, wake, ceilings, frozen, bills, boosts)
+    finally:
+        if wake is not None:
+            router.ladder_wake = None
+            wake.asleep = False
+        if relay is not None:
+            relay.cancel()
+
+
+async def _loop(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asyncio.Event, clock: Any,
+                wake: Wake | None, ceilings: _CeilingShell | None, frozen: dict[int, str], bills: _Bills | None,
+                boosts: _PreemptBoost | None) -> None:
     while not stop.is_set():
         try:
             held, live = tombstones(router, procs)
@@ -828,7 +923,29 @@ async def run(router: Any, procs: _Procs, ladder: Ladder, record: Any, stop: asy
                 boosts.step()
         except Exception:  # the ladder never takes the kernel down
             log.exception("internal error in the escalation ladder")
-        await asyncio.sleep(POLL_S)
+        if wake is None:
+            await asyncio.sleep(POLL_S)
+            continue
+        # Clear, check, wait: no ``await`` in between, so a birth after the check sets the event
+        # the wait sees, and one before it (during this poll) is in the state the check reads.
+        wake.event.clear()
+        try:
+            idle = (not ladder.tracks and not ladder.ended and boosts is None
+                    and (bills is None or not bills.jobs)
+                    and (ceilings is None or not (ceilings.pure.applied or ceilings.where))
+                    and pending(router, wake.admission) is None)
+        except Exception:  # polled, as without a wake
+            log.exception("internal error in the escalation ladder")
+            idle = False
+        if not idle:
+            await asyncio.sleep(POLL_S)
+            continue
+        wake.asleep = True
+        wake.sleeps += 1
+        try:
+            await wake.event.wait()
+        finally:
+            wake.asleep = False
 
 
 def _waits(held: list[Held], procs: _Procs) -> dict[int, float]:

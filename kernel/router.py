@@ -207,6 +207,10 @@ class Router:
         #: Workers whose free slots take no new request (:meth:`park`): the ladder froze them for
         #: a request they hold past its answer, until that tombstone ends or the worker goes.
         self.parked: set[bytes] = set()
+        #: Wakes a sleeping escalation ladder where its work is born: a tombstone
+        #: (:meth:`fail_request`), a hung worker (:meth:`_sweep`), a ``mem_bytes`` grant (the
+        #: admission's ``admit``).  Installed by the ladder (kernel/ladder.py ``Wake``); None: it polls.
+        self.ladder_wake: Callable[[], None] | None = None
         self._revoked_logged: set[str] = set()
         #: One handler per event type of kernel.mdp (the MDP command table's other half).
         self._on: dict[type, Callable[[Any, float, Principal], None]] = {
@@ -680,6 +684,8 @@ class Router:
         if worker is not None:
             # Keep the slot occupied by a tombstone until the worker answers: it is still busy.
             worker.inflight[req.token] = req
+            if self.ladder_wake is not None:  # the escalation ladder watches tombstones
+                self.ladder_wake()
 
     def held_by(self, client: bytes) -> int:
         """Bytes of ``client``'s request bodies waiting in the queues (the per-peer inbound
@@ -938,6 +944,8 @@ class Router:
                     self.hung.append(Hung(worker.pid, worker.identity, worker.service.text,
                                           tuple(worker.inflight), now, worker.principal.child))
                     self.counters["workers_hung"] += 1
+                    if self.ladder_wake is not None:  # the escalation ladder kills it
+                        self.ladder_wake()
                 self._worker_gone(worker, now, "missed its liveness window")
                 self._send(mdp.to_worker(worker.identity, worker.form, _DISCONNECT))
             elif self._send(mdp.to_worker(worker.identity, worker.form, _HEARTBEAT)) is False:
@@ -1119,6 +1127,9 @@ class Router:
         """Raise AssertionError naming the first broken invariant (module docstring), then the
         admission's."""
         assert len(self.hung) <= MAX_HUNG, "more hung workers kept than MAX_HUNG"
+        wake_check = getattr(self.ladder_wake, "check_invariants", None)
+        if wake_check is not None:  # a sleeping ladder has nothing to watch (kernel/ladder.py Wake)
+            wake_check(self)
         for ident in self.parked:
             w = self.workers.get(ident)
             assert w is not None, "a parked worker that is gone"
