@@ -159,8 +159,11 @@ class Ledger:
         #: owner -> its open jobs (children included), so a caller's share of jobs is bounded.
         self._owned: collections.Counter[str] = collections.Counter()
         #: owner -> the kinds its open jobs hold (limits and charged kinds, one per job and kind),
-        #: bounded by ``P.MAX_KINDS_PER_PRINCIPAL`` (issue 24: 10,000 jobs x 64 kinds).
+        #: bounded by ``max_kinds`` (issue 24: 10,000 jobs x 64 kinds).
         self._kinds: collections.Counter[str] = collections.Counter()
+        #: The bound on an owner's kinds (``P.MAX_KINDS_PER_PRINCIPAL``), an attribute so that a test
+        #: can lower it: compiled code inlines a Final constant, so patching ``P`` would not reach it.
+        self.max_kinds: int = P.MAX_KINDS_PER_PRINCIPAL
         #: charged kinds not kept in a job's ``total`` because its owner was at the bound
         self.kinds_dropped = 0
         #: owner -> its open jobs' names (in opening order), so one principal's listing costs its
@@ -502,7 +505,7 @@ class Ledger:
                 continue  # wall time is accounted continuously by start/finish
             if kind in j.total or kind in j.limits or j.owner is None:
                 j.total[kind] = j.total.get(kind, 0.0) + amount
-            elif self._kinds.get(j.owner, 0) < P.MAX_KINDS_PER_PRINCIPAL:
+            elif self._kinds.get(j.owner, 0) < self.max_kinds:
                 j.total[kind] = amount
                 self._kinds[j.owner] += 1
             else:
@@ -529,8 +532,8 @@ class Ledger:
             exhausted.append(name)
         return {"ok": True, "exhausted": exhausted}
 
-    def reserve(self, now: float, job: str, resource: str, amount: float = 1, commit: bool = False,
-                lease: float = RESERVATION_LEASE, up_to: bool = False, reservation: str | None = None,
+    def reserve(self, now: float, job: str, resource: str, amount: Any = 1, commit: bool = False,
+                lease: Any = RESERVATION_LEASE, up_to: bool = False, reservation: str | None = None,
                 holder: str | None = None) -> dict[str, Any]:
         """Atomically take ``amount`` of a counted resource: granted (with a reservation id, or
         committed at once when ``commit``) or refused; never both.
@@ -540,7 +543,11 @@ class Ledger:
 
         ``reservation``: the id to give a held reservation (the kernel draws it at random, so
         no one guesses another's; an input, so replay is exact), else a counter; ``holder``: the
-        principal taking it (it may release, commit and renew it)."""
+        principal taking it (it may release, commit and renew it).
+
+        ``amount`` and ``lease`` are typed Any on purpose: they are checked here, and a bool or a
+        str is refused with a value; under ``float`` compiled (mypyc) code would coerce a bool to
+        1.0 or raise TypeError at the call instead (as ``renew``'s ``reservations``)."""
         j = self.open_job(job)
         if j is None:
             return _unknown_job(job)
@@ -604,7 +611,7 @@ class Ledger:
             if self.held_by[holder] <= 0:
                 del self.held_by[holder]
 
-    def renew(self, now: float, reservations: list[Any], lease: float = RESERVATION_LEASE) -> dict[str, Any]:
+    def renew(self, now: float, reservations: Any, lease: Any = RESERVATION_LEASE) -> dict[str, Any]:
         """Extend held reservations to ``now + lease``.  Ids that are not held (expired, spent,
         released, or from before a kernel restart) are returned as ``unknown``: their holder must
         treat the units as lost."""

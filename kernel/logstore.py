@@ -135,10 +135,12 @@ def encode_record(rec: dict) -> bytes:
     """One binary record (module docstring) holding the map ``rec`` (a decision as its array)."""
     if type(rec) is not dict or not rec:
         raise ValueError("a record is a non-empty map")
+    # a separate variable, not ``rec`` rebound: compiled (mypyc) code checks a dict variable's type
+    payload: Any = rec
     if len(rec) == 5 and rec.keys() == _DECISION_KEYSET:
-        rec = tuple(rec[k] for k in DECISION_KEYS)  # type: ignore[assignment]
+        payload = tuple(rec[k] for k in DECISION_KEYS)
     try:
-        body = _packer().pack(rec)
+        body = _packer().pack(payload)
     except BaseException:
         _packer().reset()  # a pack that raised may leave half a record in the packer's buffer
         raise
