@@ -35,24 +35,24 @@ import dataclasses
 import heapq
 import json
 import math
-from typing import Any, Iterable
+from typing import Any, Final, Iterable
 
 from kernel import errors
 from kernel import protocol as P
 from kernel.protocol import ErrorCode
 
-ROOT = "root"
-DEFAULT_JOB = "default"
+ROOT: Final = "root"
+DEFAULT_JOB: Final = "default"
 #: The kind accrued continuously by every request in flight (busy wall time).
-WALL = P.WALL_MS
+WALL: Final = P.WALL_MS
 #: Kinds whose exhaustion stops the job (the compute rows of kernel.protocol.BUDGET_KINDS).  Any
 #: other kind is a counted resource: running out of it only makes further reservations of it
 #: refused.
-COMPUTE = P.COMPUTE_KINDS
-RESERVATION_LEASE = P.RESERVATION_LEASE
-INF = math.inf
+COMPUTE: Final = P.COMPUTE_KINDS
+RESERVATION_LEASE: Final = P.RESERVATION_LEASE
+INF: Final = math.inf
 #: Every operation whose inputs and outputs the decision log records and replay re-runs.
-OPS = ("configure", "open", "close", "admit", "start", "finish", "charge", "tick", "reserve", "commit",
+OPS: Final = ("configure", "open", "close", "admit", "start", "finish", "charge", "tick", "reserve", "commit",
        "release", "renew", "expire", "queue", "dispatch")
 
 
@@ -120,7 +120,7 @@ class Job:
 
 
 #: Job fields a snapshot does not hold: links (written as names) and caches rebuilt on use.
-_NOT_DUMPED = ("parent", "children", "holders", "by_kind", "wall_bound")
+_NOT_DUMPED: Final = ("parent", "children", "holders", "by_kind", "wall_bound")
 
 
 def is_default_job(name: str) -> bool:
@@ -134,7 +134,13 @@ def _finite_amount(amount: Any) -> bool:
 
 
 def _r(x: float) -> float:
-    """Round for the log and for comparisons in replay (ledger arithmetic is deterministic)."""
+    """Round for the log and for comparisons in replay (ledger arithmetic is deterministic).
+
+    An integral value is returned as it is, bit for bit what ``round(x, 6)`` gives (an int stays
+    the int, a float the float, -0.0 itself) without its cost; nan and inf (``% 1.0`` is nan) take
+    the general path.  ``% 1.0``, not ``is_integer()``: the sums may be ints."""
+    if x % 1.0 == 0.0:
+        return x
     return round(x, 6) if math.isfinite(x) else x
 
 
@@ -396,7 +402,8 @@ class Ledger:
                 if kind == WALL and lim.wall_running:
                     rem -= lim.wall_running * (now - lim.wall_anchor) * 1000.0
                 if isfinite(rem):  # granted: what is left (as the general case below with nothing asked)
-                    amount = granted[kind] = round(rem, 6) if rem > 0.0 else 0.0
+                    # (round(x, 6) of an integral x is x: skipped, as in _r)
+                    amount = granted[kind] = (rem if rem % 1.0 == 0.0 else round(rem, 6)) if rem > 0.0 else 0.0
                     if amount <= 0 and short is None and kind in COMPUTE:
                         short = kind
         else:
@@ -418,7 +425,7 @@ class Ledger:
                     got = rem
                 if isfinite(got):
                     # as _r(max(0.0, got)): rounded for the log, never below zero
-                    amount = granted[kind] = round(got, 6) if got > 0.0 else 0.0
+                    amount = granted[kind] = (got if got % 1.0 == 0.0 else round(got, 6)) if got > 0.0 else 0.0
                     if amount <= 0 and short is None and (kind in budget or kind in COMPUTE):
                         short = kind
         if short is not None:
