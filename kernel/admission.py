@@ -26,7 +26,7 @@ import logging
 import math
 from typing import Any
 
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 from kernel import codec, errors
 from kernel import protocol as P
@@ -139,8 +139,11 @@ class BudgetAdmission(Admission):
         self._slot_due: dict[bytes, tuple[float, Request]] = {}
         self._slot_idle: dict[bytes, Request] = {}
         #: Jobs :meth:`on_done`'s charges exhausted (name, the request charged), for the router
-        #: (:meth:`take_later`).
-        self.later: list[tuple[str, Request]] = []
+        #: (:meth:`take_later`).  Kept under the base's type (``later``, a Sequence) and as the list
+        #: it is (``_later``): a compiled subclass may not narrow an attribute's declared type.
+        #: Invariant: both name the same list.
+        self._later: list[tuple[str, Request]] = []
+        self.later: Sequence[Any] = self._later
         self.tracks: dict[bytes, _Track] = {}
         self.counters = {"refused": 0, "exhausted": 0, "preempts": 0, "resumes": 0}
         #: Requests paused by kernel preemption whose slot is lent out (Invariant: equals the
@@ -157,7 +160,10 @@ class BudgetAdmission(Admission):
         self.interrupted: dict[tuple[str | None, str], float] = {}
         #: Exactly-once: the idempotency table the router consults (kernel.dedup); its stored
         #: FINALs are decisions (``final``) and part of every snapshot, so a restart keeps them.
-        self.dedup: Dedup = Dedup()
+        #: Under the base's type (``dedup``, which may be None) and as what it is here (``_dedup``),
+        #: for the same reason as ``later``.  Invariant: both name the same table.
+        self._dedup = Dedup()
+        self.dedup: Dedup | None = self._dedup
         #: The configured [limits] of root and default (None: unlimited, no configure logged).
         self._limits = None if root_limits is None and default_limits is None \
             else {"root": dict(root_limits or {}), "default": dict(default_limits or {})}
@@ -175,7 +181,7 @@ class BudgetAdmission(Admission):
     def durable_state(self) -> dict[str, Any]:
         """What a decision-log snapshot holds: the ledger and the idempotency keys in flight."""
         return {"ledger": self.ledger.dump(), "inflight_idem": [list(k) for k in sorted(self.idem_inflight)],
-                "dedup": self.dedup.dump()}
+                "dedup": self._dedup.dump()}
 
     def restore(self, report: Any, now: float) -> dict[str, Any]:
         """Continue the enforcement state a decision log held (kernel.replay.restore): its ledger
@@ -207,12 +213,12 @@ class BudgetAdmission(Admission):
         # in a fixed order (a set's depends on the hash seed), so a restart's records are reproducible
         keys = sorted((k for k in report.inflight_idem if k), key=lambda k: (k[0] is not None, k[0] or "", k[1]))
         self.interrupted = {k: now + P.INTERRUPTED_TTL for k in keys}
-        self.dedup.load(list(getattr(report, "finals", {}).values()), now, report.last_t)
+        self._dedup.load(list(getattr(report, "finals", {}).values()), now, report.last_t)
         for who, key in self.interrupted:
             self.record("interrupted", now, {"principal": who, "idem": key}, {"ok": True})
         self.flush_log()
         return {"jobs": len(ledger.jobs) - 2, "reservations": len(ledger._reservations),
-                "finished": finished, "interrupted": len(self.interrupted), "finals": len(self.dedup.done)}
+                "finished": finished, "interrupted": len(self.interrupted), "finals": len(self._dedup.done)}
 
     def decide(self, op: str, now: float, **inputs: Any) -> dict[str, Any]:
         """Run the Ledger operation ``op`` and record it (inputs and outputs) in the log."""
@@ -644,10 +650,10 @@ class BudgetAdmission(Admission):
                 out = self.decide("finish", now, job=track.job, queued=True, **extra)
             else:
                 out = self.decide("finish", now, job=track.job, **extra)
-            self.later.extend((name, req) for name in out.get("exhausted", ()))
+            self._later.extend((name, req) for name in out.get("exhausted", ()))
         elif charge:
             out = self.decide("charge", now, job=track.job, spent=charge)
-            self.later.extend((name, req) for name in out.get("exhausted", ()))
+            self._later.extend((name, req) for name in out.get("exhausted", ()))
         if track.ran and track.idem is not None:
             self.idem_inflight.discard(track.idem)
             self.record("ran", now, {"principal": track.idem[0], "idem": track.idem[1]}, {"ok": True})
@@ -670,7 +676,8 @@ class BudgetAdmission(Admission):
 
     def take_later(self, view: View, now: float) -> Effects:
         effects: list[Effect] = []
-        later, self.later = self.later, []
+        later = self._later
+        self.later = self._later = []
         for name, skip in later:
             job = self.ledger.jobs.get(name)
             if job is not None and job.exhausted is not None:  # (taken at once: still the same job)
@@ -850,10 +857,10 @@ class BudgetAdmission(Admission):
 
     def stats(self, now: float) -> dict[str, Any]:
         self.flush_log()
-        self.dedup.sweep(now)
+        self._dedup.sweep(now)
         # one page of jobs (issue 24: every job x kind cost a second with 10,000 x 64); mmi.stats
         # serves the others by ``jobs_page``
-        out = {"jobs": self.ledger.snapshot(now, limit=P.STATS_PAGE), "ledger": dict(self.counters), "dedup": self.dedup.stats()}
+        out = {"jobs": self.ledger.snapshot(now, limit=P.STATS_PAGE), "ledger": dict(self.counters), "dedup": self._dedup.stats()}
         log_stats = getattr(self.log, "stats", None)
         if callable(log_stats):
             out["decision_log"] = log_stats()
@@ -867,6 +874,7 @@ class BudgetAdmission(Admission):
         """Raise AssertionError naming the first broken invariant (module docstring), then the
         ledger's."""
         assert not self.later, "exhausted jobs left for the router to take"
+        assert self.later is self._later and self.dedup is self._dedup, "later/dedup aliases differ"
         assert set(self._paused_at) == {t for t, tr in self.tracks.items() if tr.paused_at is not None}, \
             "_paused_at disagrees with the tracks"
         assert self.paused_count == sum(1 for tr in self.tracks.values() if tr.paused), "paused_count"

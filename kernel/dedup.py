@@ -50,33 +50,33 @@ import base64
 import collections
 import dataclasses
 import hashlib
-from typing import Any
+from typing import Any, Final
 
 #: How long a finished request's FINAL is kept for retries, seconds.
-DEDUP_TTL_S = 600.0
+DEDUP_TTL_S: Final = 600.0
 #: Most FINALs kept, and most bytes of their bodies.
-DEDUP_MAX_ENTRIES = 100_000
-DEDUP_MAX_BYTES = 64 * 1024 * 1024
+DEDUP_MAX_ENTRIES: Final = 100_000
+DEDUP_MAX_BYTES: Final = 64 * 1024 * 1024
 #: Each principal's share of them (its flood evicts only its own entries).
-DEDUP_PRINCIPAL_MAX_ENTRIES = 10_000
-DEDUP_PRINCIPAL_MAX_BYTES = 8 * 1024 * 1024
+DEDUP_PRINCIPAL_MAX_ENTRIES: Final = 10_000
+DEDUP_PRINCIPAL_MAX_BYTES: Final = 8 * 1024 * 1024
 #: A FINAL above this many bytes is remembered as done without its body.
-DEDUP_MAX_FINAL_BYTES = 64 * 1024
+DEDUP_MAX_FINAL_BYTES: Final = 64 * 1024
 #: A stored FINAL's body goes into the decision log only up to this size (a larger one is logged
 #: as done without its body: after a restart its retry gets ``already_done``).
-DEDUP_LOG_BODY_BYTES = 4096
+DEDUP_LOG_BODY_BYTES: Final = 4096
 #: Most stored FINALs a decision-log snapshot holds (the newest).
-DEDUP_SNAPSHOT_ENTRIES = 10_000
+DEDUP_SNAPSHOT_ENTRIES: Final = 10_000
 #: Most attempts attached to one request in flight.
-DEDUP_MAX_ATTACHED = 16
+DEDUP_MAX_ATTACHED: Final = 16
 
 Key = tuple[str, str]  # (principal name, idempotency key)
 
 
 #: The parts of a request an idempotency key is bound to, in the order of their digests.
-BOUND = ("service", "body", "job", "budget", "txn", "for")
+BOUND: Final = ("service", "body", "job", "budget", "txn", "for")
 #: Bytes of each part's digest.
-PART_BYTES = 8
+PART_BYTES: Final = 8
 
 
 def _part(*frames: bytes) -> bytes:

@@ -35,24 +35,24 @@ import dataclasses
 import heapq
 import json
 import math
-from typing import Any, Iterable
+from typing import Any, Final, Iterable
 
 from kernel import errors
 from kernel import protocol as P
 from kernel.protocol import ErrorCode
 
-ROOT = "root"
-DEFAULT_JOB = "default"
+ROOT: Final = "root"
+DEFAULT_JOB: Final = "default"
 #: The kind accrued continuously by every request in flight (busy wall time).
-WALL = P.WALL_MS
+WALL: Final = P.WALL_MS
 #: Kinds whose exhaustion stops the job (the compute rows of kernel.protocol.BUDGET_KINDS).  Any
 #: other kind is a counted resource: running out of it only makes further reservations of it
 #: refused.
-COMPUTE = P.COMPUTE_KINDS
-RESERVATION_LEASE = P.RESERVATION_LEASE
-INF = math.inf
+COMPUTE: Final = P.COMPUTE_KINDS
+RESERVATION_LEASE: Final = P.RESERVATION_LEASE
+INF: Final = math.inf
 #: Every operation whose inputs and outputs the decision log records and replay re-runs.
-OPS = ("configure", "open", "close", "admit", "start", "finish", "charge", "tick", "reserve", "commit",
+OPS: Final = ("configure", "open", "close", "admit", "start", "finish", "charge", "tick", "reserve", "commit",
        "release", "renew", "expire", "queue", "dispatch")
 
 
@@ -120,7 +120,7 @@ class Job:
 
 
 #: Job fields a snapshot does not hold: links (written as names) and caches rebuilt on use.
-_NOT_DUMPED = ("parent", "children", "holders", "by_kind", "wall_bound")
+_NOT_DUMPED: Final = ("parent", "children", "holders", "by_kind", "wall_bound")
 
 
 def is_default_job(name: str) -> bool:
@@ -134,7 +134,13 @@ def _finite_amount(amount: Any) -> bool:
 
 
 def _r(x: float) -> float:
-    """Round for the log and for comparisons in replay (ledger arithmetic is deterministic)."""
+    """Round for the log and for comparisons in replay (ledger arithmetic is deterministic).
+
+    An integral value is returned as it is, bit for bit what ``round(x, 6)`` gives (an int stays
+    the int, a float the float, -0.0 itself) without its cost; nan and inf (``% 1.0`` is nan) take
+    the general path.  ``% 1.0``, not ``is_integer()``: the sums may be ints."""
+    if x % 1.0 == 0.0:
+        return x
     return round(x, 6) if math.isfinite(x) else x
 
 
@@ -159,8 +165,11 @@ class Ledger:
         #: owner -> its open jobs (children included), so a caller's share of jobs is bounded.
         self._owned: collections.Counter[str] = collections.Counter()
         #: owner -> the kinds its open jobs hold (limits and charged kinds, one per job and kind),
-        #: bounded by ``P.MAX_KINDS_PER_PRINCIPAL`` (issue 24: 10,000 jobs x 64 kinds).
+        #: bounded by ``max_kinds`` (issue 24: 10,000 jobs x 64 kinds).
         self._kinds: collections.Counter[str] = collections.Counter()
+        #: The bound on an owner's kinds (``P.MAX_KINDS_PER_PRINCIPAL``), an attribute so that a test
+        #: can lower it: compiled code inlines a Final constant, so patching ``P`` would not reach it.
+        self.max_kinds: int = P.MAX_KINDS_PER_PRINCIPAL
         #: charged kinds not kept in a job's ``total`` because its owner was at the bound
         self.kinds_dropped = 0
         #: owner -> its open jobs' names (in opening order), so one principal's listing costs its
@@ -393,7 +402,8 @@ class Ledger:
                 if kind == WALL and lim.wall_running:
                     rem -= lim.wall_running * (now - lim.wall_anchor) * 1000.0
                 if isfinite(rem):  # granted: what is left (as the general case below with nothing asked)
-                    amount = granted[kind] = round(rem, 6) if rem > 0.0 else 0.0
+                    # (round(x, 6) of an integral x is x: skipped, as in _r)
+                    amount = granted[kind] = (rem if rem % 1.0 == 0.0 else round(rem, 6)) if rem > 0.0 else 0.0
                     if amount <= 0 and short is None and kind in COMPUTE:
                         short = kind
         else:
@@ -415,7 +425,7 @@ class Ledger:
                     got = rem
                 if isfinite(got):
                     # as _r(max(0.0, got)): rounded for the log, never below zero
-                    amount = granted[kind] = round(got, 6) if got > 0.0 else 0.0
+                    amount = granted[kind] = (got if got % 1.0 == 0.0 else round(got, 6)) if got > 0.0 else 0.0
                     if amount <= 0 and short is None and (kind in budget or kind in COMPUTE):
                         short = kind
         if short is not None:
@@ -502,7 +512,7 @@ class Ledger:
                 continue  # wall time is accounted continuously by start/finish
             if kind in j.total or kind in j.limits or j.owner is None:
                 j.total[kind] = j.total.get(kind, 0.0) + amount
-            elif self._kinds.get(j.owner, 0) < P.MAX_KINDS_PER_PRINCIPAL:
+            elif self._kinds.get(j.owner, 0) < self.max_kinds:
                 j.total[kind] = amount
                 self._kinds[j.owner] += 1
             else:
@@ -529,8 +539,8 @@ class Ledger:
             exhausted.append(name)
         return {"ok": True, "exhausted": exhausted}
 
-    def reserve(self, now: float, job: str, resource: str, amount: float = 1, commit: bool = False,
-                lease: float = RESERVATION_LEASE, up_to: bool = False, reservation: str | None = None,
+    def reserve(self, now: float, job: str, resource: str, amount: Any = 1, commit: bool = False,
+                lease: Any = RESERVATION_LEASE, up_to: bool = False, reservation: str | None = None,
                 holder: str | None = None) -> dict[str, Any]:
         """Atomically take ``amount`` of a counted resource: granted (with a reservation id, or
         committed at once when ``commit``) or refused; never both.
@@ -540,7 +550,11 @@ class Ledger:
 
         ``reservation``: the id to give a held reservation (the kernel draws it at random, so
         no one guesses another's; an input, so replay is exact), else a counter; ``holder``: the
-        principal taking it (it may release, commit and renew it)."""
+        principal taking it (it may release, commit and renew it).
+
+        ``amount`` and ``lease`` are typed Any on purpose: they are checked here, and a bool or a
+        str is refused with a value; under ``float`` compiled (mypyc) code would coerce a bool to
+        1.0 or raise TypeError at the call instead (as ``renew``'s ``reservations``)."""
         j = self.open_job(job)
         if j is None:
             return _unknown_job(job)
@@ -604,7 +618,7 @@ class Ledger:
             if self.held_by[holder] <= 0:
                 del self.held_by[holder]
 
-    def renew(self, now: float, reservations: list[Any], lease: float = RESERVATION_LEASE) -> dict[str, Any]:
+    def renew(self, now: float, reservations: Any, lease: Any = RESERVATION_LEASE) -> dict[str, Any]:
         """Extend held reservations to ``now + lease``.  Ids that are not held (expired, spent,
         released, or from before a kernel restart) are returned as ``unknown``: their holder must
         treat the units as lost."""

@@ -67,25 +67,25 @@ import zlib
 from dataclasses import dataclass, field
 from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
 from json.encoder import encode_basestring_ascii as _ascii
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Final, Iterator
 
 import msgpack
 
 #: The first byte of a binary record, and the format version this module writes.
-MAGIC = 0xFE
-VERSION = 1
-MAGIC_BYTE = b"\xfe"
+MAGIC: Final = 0xFE
+VERSION: Final = 1
+MAGIC_BYTE: Final = b"\xfe"
 #: magic, version, payload length, CRC-32.
 _HEAD = struct.Struct("<BBII")
-HEADER_BYTES = _HEAD.size
+HEADER_BYTES: Final = _HEAD.size
 #: The keys of a decision record, in the order of its array payload.
-DECISION_KEYS = ("seq", "t", "op", "in", "out")
-_DECISION_KEYSET = frozenset(DECISION_KEYS)
+DECISION_KEYS: Final = ("seq", "t", "op", "in", "out")
+_DECISION_KEYSET: Final = frozenset(DECISION_KEYS)
 #: The largest payload a record may declare (a snapshot of the whole state is the largest record).
-MAX_RECORD_BYTES = 1 << 30
+MAX_RECORD_BYTES: Final = 1 << 30
 
 #: ``,"crc":"xxxxxxxx"}`` -- the fixed-size tail of every JSON record line (format 0).
-_CRC_TAIL = 18
+_CRC_TAIL: Final = 18
 _HEX8 = re.compile(rb"[0-9a-f]{8}")
 
 #: One JSON encoder (format 0 records, :func:`encode_json_record`; ``logcat``).
@@ -135,10 +135,12 @@ def encode_record(rec: dict) -> bytes:
     """One binary record (module docstring) holding the map ``rec`` (a decision as its array)."""
     if type(rec) is not dict or not rec:
         raise ValueError("a record is a non-empty map")
+    # a separate variable, not ``rec`` rebound: compiled (mypyc) code checks a dict variable's type
+    payload: Any = rec
     if len(rec) == 5 and rec.keys() == _DECISION_KEYSET:
-        rec = tuple(rec[k] for k in DECISION_KEYS)  # type: ignore[assignment]
+        payload = tuple(rec[k] for k in DECISION_KEYS)
     try:
-        body = _packer().pack(rec)
+        body = _packer().pack(payload)
     except BaseException:
         _packer().reset()  # a pack that raised may leave half a record in the packer's buffer
         raise

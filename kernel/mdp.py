@@ -4,7 +4,7 @@
 into one event: a client :class:`Request`, a worker :class:`Ready`, :class:`Reply`,
 :class:`Heartbeat` or :class:`Disconnect`, or a malformed message (:class:`BadClient`,
 :class:`BadWorker`, :class:`Unreadable`) whose ``why`` is the error text the peer gets.  Worker
-commands are parsed from a table (:data:`_WORKER`); the reca header of a request is decoded once
+commands are parsed from a table (:data:`_WORKER`; a FINAL directly); the reca header of a request is decoded once
 (:func:`kernel.codec.reca_header`) and checked once against the declared schema
 (:data:`kernel.protocol.HEADER`) into a :class:`Header`.  The router handles events and never
 looks at frame offsets; the encoders here (:func:`to_client`, :func:`to_worker`,
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Callable, Union
+from typing import Any, Callable, Final, Union
 
 from kernel import codec, errors
 from kernel import protocol as P
@@ -41,8 +41,10 @@ __all__ = [
     "to_worker",
 ]
 
-_EMPTY = b""
-MMI = P.MMI_PREFIX.encode()
+_EMPTY: Final = b""
+MMI: Final = P.MMI_PREFIX.encode()
+#: A worker's FINAL command byte: parse takes it before the table (every request's answer).
+_FINAL: Final = P.WorkerCmd.FINAL.value
 
 
 class Form(enum.Enum):
@@ -218,7 +220,7 @@ class Unreadable:
 
 Event = Union[Request, Ready, Reply, Heartbeat, Disconnect, BadClient, BadWorker, Unreadable]
 #: Events that come from a worker (a revoked worker is dropped; any other is answered as a client).
-WORKER_EVENTS = (Ready, Reply, Heartbeat, Disconnect, BadWorker)
+WORKER_EVENTS: Final = (Ready, Reply, Heartbeat, Disconnect, BadWorker)
 
 
 def parse(frames: list[bytes]) -> Event:
@@ -240,6 +242,8 @@ def parse(frames: list[bytes]) -> Event:
     if proto == P.MDPW:
         if i + 1 >= len(frames):
             return BadWorker(identity, form, "worker message without command")
+        if frames[i + 1] == _FINAL:  # every request's answer: no table, no closure
+            return _parse_reply(identity, form, frames, i + 2, True)
         cmd = _WORKER.get(frames[i + 1])
         if cmd is None:
             return BadWorker(identity, form, f"unknown worker command {frames[i + 1]!r}")
@@ -248,7 +252,8 @@ def parse(frames: list[bytes]) -> Event:
 
 
 # (plain bytes, not a table keyed by Form: an Enum's hash is a Python call)
-_SPEC_REQUEST, _MT_REQUEST = P.ClientCmd.REQUEST.value, P.MajortomoClientCmd.REQUEST.value
+_SPEC_REQUEST: Final = P.ClientCmd.REQUEST.value
+_MT_REQUEST: Final = P.MajortomoClientCmd.REQUEST.value
 
 
 def _client(identity: bytes, form: Form, frames: list[bytes], i: int) -> Event:
@@ -295,13 +300,20 @@ def _ready(identity: bytes, form: Form, frames: list[bytes], i: int) -> Event:
     )
 
 
-def _reply(final: bool) -> Callable[[bytes, Form, list[bytes], int], Event]:
-    def parse_reply(identity: bytes, form: Form, frames: list[bytes], i: int) -> Event:
-        if i + 1 >= len(frames) or frames[i + 1] != _EMPTY:
-            return BadWorker(identity, form, "reply from an unregistered worker or without envelope")
-        return Reply(identity, form, frames[i], frames[i + 2 :], final)
+def _parse_reply(identity: bytes, form: Form, frames: list[bytes], i: int, final: bool) -> Event:
+    """A PARTIAL or FINAL (a module function, not a closure per command: mypyc compiles nested
+    functions into generic callable objects)."""
+    if i + 1 >= len(frames) or frames[i + 1] != _EMPTY:
+        return BadWorker(identity, form, "reply from an unregistered worker or without envelope")
+    return Reply(identity, form, frames[i], frames[i + 2 :], final)
 
-    return parse_reply
+
+def _partial(identity: bytes, form: Form, frames: list[bytes], i: int) -> Event:
+    return _parse_reply(identity, form, frames, i, False)
+
+
+def _final(identity: bytes, form: Form, frames: list[bytes], i: int) -> Event:
+    return _parse_reply(identity, form, frames, i, True)
 
 
 def _heartbeat(identity: bytes, form: Form, frames: list[bytes], i: int) -> Event:
@@ -315,8 +327,8 @@ def _disconnect(identity: bytes, form: Form, frames: list[bytes], i: int) -> Eve
 #: Worker command byte -> its parser (the MDP command table).
 _WORKER: dict[bytes, Callable[[bytes, Form, list[bytes], int], Event]] = {
     P.WorkerCmd.READY.value: _ready,
-    P.WorkerCmd.PARTIAL.value: _reply(False),
-    P.WorkerCmd.FINAL.value: _reply(True),
+    P.WorkerCmd.PARTIAL.value: _partial,
+    P.WorkerCmd.FINAL.value: _final,  # (parse takes a FINAL directly, before the table)
     P.WorkerCmd.HEARTBEAT.value: _heartbeat,
     P.WorkerCmd.DISCONNECT.value: _disconnect,
 }
@@ -324,8 +336,10 @@ _WORKER: dict[bytes, Callable[[bytes, Form, list[bytes], int], Event]] = {
 
 # -- encoders -----------------------------------------------------------------------------------
 
-_SPEC_PARTIAL, _SPEC_FINAL = P.ClientCmd.PARTIAL.value, P.ClientCmd.FINAL.value
-_MT_PARTIAL, _MT_FINAL = P.MajortomoClientCmd.PARTIAL.value, P.MajortomoClientCmd.FINAL.value
+_SPEC_PARTIAL: Final = P.ClientCmd.PARTIAL.value
+_SPEC_FINAL: Final = P.ClientCmd.FINAL.value
+_MT_PARTIAL: Final = P.MajortomoClientCmd.PARTIAL.value
+_MT_FINAL: Final = P.MajortomoClientCmd.FINAL.value
 
 
 def to_client(identity: bytes, form: Form, service: bytes, final: bool, body: list[bytes]) -> list[bytes]:
@@ -342,7 +356,7 @@ def to_worker(identity: bytes, form: Form, cmd: P.WorkerCmd) -> list[bytes]:
     return [identity, _EMPTY, P.MDPW, cmd.value]
 
 
-_REQ = P.WorkerCmd.REQUEST.value
+_REQ: Final = P.WorkerCmd.REQUEST.value
 
 
 def request_to_worker(identity: bytes, form: Form, token: bytes, body: list[bytes]) -> list[bytes]:

@@ -260,11 +260,10 @@ class Management:
         limits = arg.get("budget") or arg.get("limits")
         owner = self.budget.ledger.owner_of(parent) if isinstance(parent, str) else None
         owner = owner or caller.principal.name
-        held = self.budget.ledger.kinds_of(owner)
-        if not caller.principal.operator and isinstance(limits, dict) \
-                and held + len(limits) > P.MAX_KINDS_PER_PRINCIPAL:
+        held, bound = self.budget.ledger.kinds_of(owner), self.budget.ledger.max_kinds
+        if not caller.principal.operator and isinstance(limits, dict) and held + len(limits) > bound:
             return errors.Refused(f"{P.MMI_JOB_OPEN}: {owner}'s open jobs hold {held} budget kinds; "
-                                  f"{len(limits)} more would pass the bound of {P.MAX_KINDS_PER_PRINCIPAL} per "
+                                  f"{len(limits)} more would pass the bound of {bound} per "
                                   "principal; close some jobs first", quota="kinds")
         for kind in limits if isinstance(limits, dict) else ():
             typo = P.budget_kind_typo(kind) if isinstance(kind, str) else None

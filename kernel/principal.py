@@ -8,18 +8,19 @@ kernel.auth (CURVE, ZAP, key files) makes them from certificates.  The roles are
 from __future__ import annotations
 
 import dataclasses
+from typing import Final
 
 from kernel import protocol as P
 
-OPERATOR = P.Role.OPERATOR.value
-CLIENT = P.Role.CLIENT.value
-SERVICE_PREFIX = P.SERVICE_ROLE_PREFIX
+OPERATOR: Final = P.Role.OPERATOR.value
+CLIENT: Final = P.Role.CLIENT.value
+SERVICE_PREFIX: Final = P.SERVICE_ROLE_PREFIX
 #: Role the kernel gives a connection whose key is no longer in its table (revoked while connected).
-REVOKED = P.Role.REVOKED.value
+REVOKED: Final = P.Role.REVOKED.value
 #: Role of the kernel's own key pair in a key directory (never a peer principal).
-KERNEL_ROLE = P.Role.KERNEL.value
+KERNEL_ROLE: Final = P.Role.KERNEL.value
 #: Name prefix of the principals the supervisor makes for its children (``child:NAME``).
-CHILD_PREFIX = "child:"
+CHILD_PREFIX: Final = "child:"
 
 __all__ = [
     "CHILD_PREFIX",
@@ -78,4 +79,4 @@ class Principal:
 
 
 #: Every peer of an ``ipc://`` kernel (its runtime directory is private) and of an insecure one.
-LOCAL_OPERATOR = Principal("local", OPERATOR)
+LOCAL_OPERATOR: Final = Principal("local", OPERATOR)

@@ -721,7 +721,8 @@ HEADER: Final[tuple[HeaderField, ...]] = (
 )
 
 
-#: The public API: every name of the wire (constants, enums, tables, ``check_args``).
+#: The public API: every name of the wire (constants, enums, tables, ``check_args``).  (``globals()``,
+#: not ``dir()``: compiled, the module's top level runs as a function, whose ``dir()`` is its locals.)
 __all__ = sorted(
-    n for n in dir() if not n.startswith("_") and n not in {"annotations", "dataclasses", "enum", "Any", "Callable", "Final"}
+    n for n in globals() if not n.startswith("_") and n not in {"annotations", "dataclasses", "enum", "Any", "Callable", "Final"}
 )

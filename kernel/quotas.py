@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Final
 
 
 class RateQuota:
@@ -60,45 +61,45 @@ class RateQuota:
 #: Bytes of replies the kernel may hold for one client connection that have not left its process
 #: (config ``kernel.peer_out_bytes``): held past it for ``PEER_OUT_GRACE_S``, or at twice it at
 #: once, the peer is dropped.
-PEER_OUT_BYTES = 32 * 1024 * 1024
+PEER_OUT_BYTES: Final = 32 * 1024 * 1024
 #: Bytes of one client connection's requests the kernel may hold queued (config
 #: ``kernel.peer_in_bytes``); past it the peer is dropped at once.  More than one largest message
 #: (``MAX_MESSAGE_SIZE``, 16 MiB), less than every queue together (``MAX_QUEUED_BYTES``, 32 MiB).
-PEER_IN_BYTES = 24 * 1024 * 1024
+PEER_IN_BYTES: Final = 24 * 1024 * 1024
 #: Bytes of replies not yet out of the process over every connection together (config
 #: ``kernel.peers_out_bytes``): past it the connection holding the most is dropped, so many
 #: connections each under its own budget cannot add up to more.
-PEERS_OUT_BYTES = 128 * 1024 * 1024
+PEERS_OUT_BYTES: Final = 128 * 1024 * 1024
 #: Bytes libzmq may hold unread for every tcp connection together before the kernel has seen them
 #: (config ``kernel.peers_in_bytes``): past it the connection holding the most is cut
 #: (kernel.quotas.InboundMeters).
-PEERS_IN_BYTES = 96 * 1024 * 1024
+PEERS_IN_BYTES: Final = 96 * 1024 * 1024
 #: How long a connection may stay past its outbound budget before it is dropped, seconds
 #: (config ``kernel.peer_out_grace_s``): a reader that catches up within it is kept.
-PEER_OUT_GRACE_S = 5.0
+PEER_OUT_GRACE_S: Final = 5.0
 #: A peer whose count of bytes not known to have left passes ``out_bytes / SAMPLE_SHARE`` has its
 #: connection looked at (at the kernel's next check): what has left is then credited.
-SAMPLE_SHARE = 8
+SAMPLE_SHARE: Final = 8
 
 #: Flow control: a peer holding ``out_bytes / PAUSE_SHARE`` not yet out has its running requests
 #: paused (``preempt``: a stream stops producing at its next safe point), resumed once it holds
 #: ``out_bytes / RESUME_SHARE`` or less -- a slow reader is slowed down, not dropped.
-PAUSE_SHARE = 4
-RESUME_SHARE = 8
+PAUSE_SHARE: Final = 4
+RESUME_SHARE: Final = 8
 #: A pause lasts at least this long, seconds: a connection's pause/resume orders (each a
 #: decision-log record, and a paused/resumed note from the worker) are at most two a second.
-MIN_PAUSE_S = 0.5
-PAUSE = "pause"
-RESUME = "resume"
+MIN_PAUSE_S: Final = 0.5
+PAUSE: Final = "pause"
+RESUME: Final = "resume"
 
 #: Why a peer was dropped (the ``quota`` of the error its requests get, and the stats key).
-OUT = "peer_out_bytes"
-IN = "peer_in_bytes"
-TOTAL = "peers_out_bytes"
-IN_TOTAL = "peers_in_bytes"  #: every connection's unread bytes together (InboundMeters.largest)
+OUT: Final = "peer_out_bytes"
+IN: Final = "peer_in_bytes"
+TOTAL: Final = "peers_out_bytes"
+IN_TOTAL: Final = "peers_in_bytes"  #: every connection's unread bytes together (InboundMeters.largest)
 #: the kernel's resident set past its ceiling: the connection holding the most unread is cut
 #: (InboundMeters.over_ceiling / holder)
-IN_RSS = "inbound_rss_ceiling"
+IN_RSS: Final = "inbound_rss_ceiling"
 _DROP_COUNTER = {OUT: "dropped_out", IN: "dropped_in", TOTAL: "dropped_total", IN_TOTAL: "dropped_in_total",
                  IN_RSS: "dropped_in_rss"}
 _UNREAD_COUNTER = {IN: "dropped_unread", IN_TOTAL: "dropped_unread_total", IN_RSS: "dropped_unread_rss"}
@@ -325,52 +326,52 @@ class PeerBudgets:
 
 #: Bytes a peer sends that the kernel never receives as a frame: the ZMTP greeting and handshake
 #: (measured 107 B without security, 567 B under CURVE; socket metadata adds its size).
-HANDSHAKE_ALLOWANCE = 4096
+HANDSHAKE_ALLOWANCE: Final = 4096
 #: How often the inbound watcher reads the kernel's resident set, seconds.
-INBOUND_TICK_S = 0.01
+INBOUND_TICK_S: Final = 0.01
 #: ... and looks at every tcp connection once the resident set has grown this much since the last
 #: look (bytes libzmq holds are resident: they were just written): the bound is
 #: ``peer_in_bytes`` + this + receive rate x (the tick + the look + scheduling delay).
-INBOUND_SCAN_STEP = 4 * 1024 * 1024
+INBOUND_SCAN_STEP: Final = 4 * 1024 * 1024
 #: After a look at every connection the next waits at least this many times as long as the look
 #: took: the watcher uses at most 1 / (1 + this) of a CPU however many connections there are (a
 #: look is ~5-20 us: an ioctl and a getsockopt).
-INBOUND_PAUSE_PER_LOOK = 4
+INBOUND_PAUSE_PER_LOOK: Final = 4
 #: CURVE: each frame travels as a MESSAGE command: ``\x07MESSAGE``, an 8-byte nonce, the 16-byte
 #: MAC and a flags byte around the payload (libzmq curve_mechanism_base_t::encode).
-CURVE_FRAME_OVERHEAD = 33
+CURVE_FRAME_OVERHEAD: Final = 33
 #: Why a connection was cut inbound (the stats key; the error's ``quota`` is :data:`IN`).
-UNREAD = "unread"
+UNREAD: Final = "unread"
 #: After a cut at the resident-set ceiling, the next waits this long: libzmq frees the cut
 #: connection's memory on its I/O thread, and the resident set must get the chance to fall
 #: before another connection is judged by it (a cut every tick would cut every holder at once).
-RSS_CEILING_SETTLE_S = 0.5
+RSS_CEILING_SETTLE_S: Final = 0.5
 #: ... unless the resident set grows this many ``INBOUND_SCAN_STEP`` more after a ceiling cut:
 #: a cut connection adds nothing, so growth is another connection's (3 connections sending
 #: empty frames at once peaked at +317 MB with the settling time alone; +243 MB with 4, +223 MB
 #: with 2; 6 connections +273 / +264 MB).
-CEILING_REGROW = 2
+CEILING_REGROW: Final = 2
 #: How often free memory is handed back (glibc ``malloc_trim``) while that is due (:meth:`InboundMeters.trim_due`).
-TRIM_EVERY_S = 0.25
+TRIM_EVERY_S: Final = 0.25
 #: (ipc://) The least seen queued over a window's samples for a unix connection to be cut at the
 #: ceiling: a heartbeat caught in a queue is tens of bytes; an attacker streaming an unfinished
 #: message was seen with 2.6 MB (4M empty frames).
-UNIX_QUEUED_MIN = 64 * 1024
+UNIX_QUEUED_MIN: Final = 64 * 1024
 #: (tcp) The least unread a connection must hold to be cut at the ceiling: an honest request in
 #: flight at a look holds a few KiB; 4M empty frames were cut holding 6.3 MB.  (Several
 #: connections each holding less are each under 2 MB of resident set.)
-TCP_UNREAD_MIN = 64 * 1024
+TCP_UNREAD_MIN: Final = 64 * 1024
 #: The default ceiling, as a multiple of ``peers_in_bytes`` (every tcp connection's unread wire
 #: bytes together): room for that, plus libzmq's per-frame and per-message overhead of an honest
 #: load, before the kernel's own memory says something the wire meter did not see.
-RSS_CEILING_PER_PEERS_IN = 2
+RSS_CEILING_PER_PEERS_IN: Final = 2
 #: ... and never less than this by default (a small ``peers_in_bytes`` would otherwise put the
 #: ceiling within the reach of the kernel's own state).
-RSS_CEILING_MIN = 64 * 1024 * 1024
+RSS_CEILING_MIN: Final = 64 * 1024 * 1024
 #: After a cut, the kernel hands free memory back to the system (glibc ``malloc_trim``) every
 #: :data:`TRIM_EVERY_S` for this long: libzmq frees a cut (or closed) connection's frames on its I/O
 #: thread, into an arena glibc does not trim by itself (4M empty frames: +200 MB kept after the cut).
-TRIM_AFTER_CUT_S = 10.0
+TRIM_AFTER_CUT_S: Final = 10.0
 
 
 def rss_ceiling_for(peers_in_bytes: int | None, ceiling: int | None = None) -> int:

@@ -51,7 +51,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Final, Iterable
 
 from kernel import codec, errors, mdp
 from kernel import protocol as P
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 __all__ = ["Admission", "Form", "Hung", "Request", "Router", "Service", "ServiceStats", "Worker"]
 
 #: Hung workers (:attr:`Router.hung`) kept for the ladder at most: it takes them every poll (2 ms).
-MAX_HUNG = 1024
+MAX_HUNG: Final = 1024
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -89,15 +89,15 @@ class Hung:
 log = logging.getLogger("reca.kernel")
 
 #: Bytes of a request token: random (the host's ``token``), so no peer can guess another's request.
-TOKEN_BYTES = 16
+TOKEN_BYTES: Final = 16
 #: Revoked principals whose refusals are logged (the first message of each).
-_MAX_REVOKED_LOGGED = 1024
-_DISCONNECT = P.WorkerCmd.DISCONNECT
-_HEARTBEAT = P.WorkerCmd.HEARTBEAT
+_MAX_REVOKED_LOGGED: Final = 1024
+_DISCONNECT: Final = P.WorkerCmd.DISCONNECT
+_HEARTBEAT: Final = P.WorkerCmd.HEARTBEAT
 
 
 #: Dead entries tolerated in a lazily cleaned heap beyond its live ones before it is rebuilt.
-_SLACK = 64
+_SLACK: Final = 64
 
 
 def _compact(heap: list[Any], live: int) -> list[Any]:
@@ -111,7 +111,7 @@ def _compact(heap: list[Any], live: int) -> list[Any]:
 
 #: Management operations that change nothing: a retry of one just runs again (every other one
 #: that carries an idempotency key is deduplicated like a service request, docs/protocol.md).
-_MMI_READ_ONLY = frozenset({P.MMI_SERVICE, P.MMI_STATS, P.MMI_JOB_STATS})
+_MMI_READ_ONLY: Final = frozenset({P.MMI_SERVICE, P.MMI_STATS, P.MMI_JOB_STATS})
 
 
 def _with_rid(body: list[bytes], rid: Any) -> list[bytes]:
@@ -240,7 +240,14 @@ class Router:
         if principal is not LOCAL_OPERATOR and principal.revoked and type(event) is not mdp.Unreadable:
             self._on_revoked(event, principal, now)
             return
-        self._on[type(event)](event, now, principal)
+        # the two events of every request called directly (compiled: a native call, not a bound
+        # method looked up in the table and called generically); the rest through the table
+        if type(event) is mdp.Reply:
+            self._on_reply_event(event, now, principal)
+        elif type(event) is mdp.Request:
+            self._on_request(event, now, principal)
+        else:
+            self._on[type(event)](event, now, principal)
 
     def handle(self, event: mdp.Event, now: float, principal: Principal = LOCAL_OPERATOR) -> None:
         """Handle one parsed event from ``principal``."""
@@ -249,7 +256,12 @@ class Router:
         if principal is not LOCAL_OPERATOR and principal.revoked and type(event) is not mdp.Unreadable:
             self._on_revoked(event, principal, now)
             return
-        self._on[type(event)](event, now, principal)
+        if type(event) is mdp.Reply:  # (as in on_message)
+            self._on_reply_event(event, now, principal)
+        elif type(event) is mdp.Request:
+            self._on_request(event, now, principal)
+        else:
+            self._on[type(event)](event, now, principal)
 
     def tick(self, now: float) -> None:
         """Time-driven rules: request deadlines, liveness, heartbeats, unavailable waits."""

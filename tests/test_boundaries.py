@@ -24,6 +24,7 @@ PROJECT = {
     "bklm",
     "planner",
     "spark",
+    "tools",
 }
 #: package -> the project packages it may import (itself always).  Every package of the
 #: repository has a row (test_every_package_has_a_row).
@@ -39,6 +40,7 @@ ALLOWED = {
     "spark": {"kernel", "clients", "lm", "accel"},
     "services": {"kernel", "clients", "lm", "sims", "accel", "reason", "bklm", "spark"},
     "bench": PROJECT - {"tests"},
+    "tools": {"kernel"},
 }
 #: Top-level directories that are not Python packages of the project.
 NOT_PACKAGES = {"docs", "cuda", "tests", ".ci", ".github", ".venv", "shared"}

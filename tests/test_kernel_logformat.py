@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from kernel import decisions, logstore
+from kernel import logstore
 from kernel.admission import BudgetAdmission
 from kernel.decisions import DecisionLog
 from kernel.logstore import (
@@ -150,21 +150,19 @@ def _json_encoder(rec: dict | tuple) -> bytes:
     return encode_json_record(dict(zip(logstore.DECISION_KEYS, rec)) if type(rec) is tuple else rec)
 
 
-def _old_kernel_log(path: str, monkeypatch) -> BudgetAdmission:
+def _old_kernel_log(path: str) -> BudgetAdmission:
     """A log written by a kernel before the binary format: JSON lines with their checksums."""
-    with monkeypatch.context() as m:
-        m.setattr(decisions, "record_encoder", lambda: _json_encoder)
-        log = DecisionLog(path, fsync="never")
-        adm = BudgetAdmission(decision_log=log)
-        adm.decide("open", 0.0, job="old", limits={"flops": 100.0})
-        adm.decide("charge", 0.5, job="old", spent={"flops": 40.0})
-        log.close()
+    log = DecisionLog(path, fsync="never", encoder=_json_encoder)
+    adm = BudgetAdmission(decision_log=log)
+    adm.decide("open", 0.0, job="old", limits={"flops": 100.0})
+    adm.decide("charge", 0.5, job="old", spent={"flops": 40.0})
+    log.close()
     return adm
 
 
-def test_a_json_lines_log_of_an_older_kernel_restores_and_a_new_kernel_appends_binary(tmp_path, monkeypatch):
+def test_a_json_lines_log_of_an_older_kernel_restores_and_a_new_kernel_appends_binary(tmp_path):
     path = str(tmp_path / "decisions.jsonl")
-    old = _old_kernel_log(path, monkeypatch)
+    old = _old_kernel_log(path)
     text = open(path, "rb").read()
     assert text.startswith(b'{"seq": 0, "op": "session"') and text.count(b"\n") == 3
     assert _restored(path) == _state(old)
@@ -197,11 +195,11 @@ def test_a_json_lines_log_of_an_older_kernel_restores_and_a_new_kernel_appends_b
     assert os.path.getsize(path) == spans[-1][0]
 
 
-def test_logcat_prints_both_formats_as_json_lines(tmp_path, monkeypatch, capsys):
+def test_logcat_prints_both_formats_as_json_lines(tmp_path, capsys):
     from kernel.fsck import logcat_main
 
     path = str(tmp_path / "decisions.jsonl")
-    _old_kernel_log(path, monkeypatch)
+    _old_kernel_log(path)
     log = DecisionLog(path, fsync="never", restored=True)
     log.append("audit", 2.0, {"source": "s", "event": {"b": b"\x01"}}, {"ok": True})
     log.close()
