@@ -479,7 +479,6 @@ class WorkerRuntime:
         the link ended."""
         sock = self.sock
         assert sock is not None
-        sub = self.sub
         session = self.session
         while True:
             self.drain_control()
@@ -501,10 +500,13 @@ class WorkerRuntime:
                 if session.registered and not self.registered.is_set():
                     self.registered.set()
             reason = self._on_events(session.tick(time.monotonic()))
-            self._send_out()
+            sent = self._send_out()
             if reason is not None:
                 return reason
-            if not (readable(sock) or (sub is not None and readable(sub))):
+            # Each drain ended on a look (or zmq.Again) that left its socket unreadable, and input
+            # arriving since raised a new edge (the loop calls again).  Only a send since (the
+            # tick's heartbeat) may have consumed such an edge: look again then.
+            if not sent or not readable(sock):
                 return None
 
     def _count_refusal(self, reason: str, registered: bool) -> None:
