@@ -299,13 +299,17 @@ class WorkerRuntime:
         """Start handlers of new requests; the reason when the link was lost."""
         if not events:
             return None
+        loop = self._loop or asyncio.get_running_loop()
         for event in events:
             if isinstance(event, NewRequest):
                 if not self.registered.is_set():
                     self.registered.set()
                 ctx = Context(self, event.state)
                 self.active[ctx.token] = ctx
-                ctx.task = asyncio.get_running_loop().create_task(self._serve(ctx, event.payload))
+                # A Task, not an eager first step: on Python 3.11 a handler's first step run
+                # inline would run in this loop callback, outside any task (asyncio.current_task()
+                # None: asyncio.timeout() in a handler would fail).
+                ctx.task = loop.create_task(self._serve(ctx, event.payload))
             elif isinstance(event, LinkLost):
                 return event.reason
         return None
