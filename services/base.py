@@ -512,6 +512,8 @@ class WorkerRuntime:
             # tick's heartbeat) may have consumed such an edge: look again then.
             if not sent or not readable(sock):
                 return None
+            if self._stopping.is_set():
+                return "stopping"  # stop() during the turn: no further drain (as before callbacks)
 
     def _count_refusal(self, reason: str, registered: bool) -> None:
         """A link the kernel ended with DISCONNECT before it ever spoke on it is a refused READY;
