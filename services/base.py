@@ -29,6 +29,7 @@ import logging
 import math
 import numbers
 import os
+import select
 import signal
 import sys
 import time
@@ -234,6 +235,10 @@ class WorkerRuntime:
         #: The session's timer: one handle, re-armed only when the next wake-up moves earlier.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        #: The SUB socket's descriptor, polled without libzmq (see drain_control), and whether the
+        #: last drain of the SUB socket may have stopped before it found the socket unreadable.
+        self._sub_poll: select.poll | None = None
+        self._sub_dirty = True
         self._stopping = asyncio.Event()
         self.registered = asyncio.Event()
         self._refused = 0  # READYs refused in a row (_count_refusal)
@@ -329,19 +334,27 @@ class WorkerRuntime:
         sub = self.sub
         if sub is None:
             return
-        # Control messages are rare: look before receiving (a zmq.Again raised and caught on
-        # every wake-up and every checkpoint cost more than the look, measured).
+        # Control messages are rare.  Every drain ends on a look (ZMQ_EVENTS) that found the socket
+        # unreadable, and then libzmq signals the descriptor for the next message (the edge the
+        # loop's reader waits for): while the descriptor is unsignalled, nothing has come.  poll(2)
+        # on it costs a fraction of the look (pyzmq's getsockopt and libzmq's command processing,
+        # ~10k instructions, measured), which ran on every turn and every checkpoint.
+        poller = self._sub_poll
+        if poller is not None and not self._sub_dirty and not poller.poll(0):
+            return
+        self._sub_dirty = True  # until this drain ends on an unreadable look (a hook may raise)
         while readable(sub):
             try:
                 frames = recv_frames(sub)
             except zmq.Again:
-                return
+                break
             if len(frames) != 2:
                 continue
             try:
                 self._on_control(frames[0], codec.unpack(frames[1]))
             except errors.BadRequest:
                 log.warning("undecodable control message on %r", frames[0])
+        self._sub_dirty = False
 
     def on_control(self, op: str, message: dict) -> None:
         """Hook for services that act on other control ops (fidelity, precision)."""
@@ -379,6 +392,9 @@ class WorkerRuntime:
                 sub.setsockopt(zmq.SUBSCRIBE, f"{P.CTL_PREFIX}{prefix}/".encode())
             sub.connect(self.control)
             self.sub = sub
+            self._sub_poll = select.poll()
+            self._sub_poll.register(sub.fileno(), select.POLLIN)
+            self._sub_dirty = True
         session = self.session
         try:
             while not self._stopping.is_set():
@@ -406,6 +422,7 @@ class WorkerRuntime:
             await self._drop_active()
             if sub is not None:
                 self.sub = None
+                self._sub_poll = None
                 sub.close(0)
             if self.sock is not None:
                 self.sock.close(0)
