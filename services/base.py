@@ -23,11 +23,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import functools
 import gc
 import logging
 import math
 import numbers
 import os
+import select
 import signal
 import sys
 import time
@@ -77,12 +79,16 @@ class Context:
         #: opaque body): services keep per-caller state under it (services.common.Scoped).
         self.principal: str = state.principal or ""
         self.priority: int = self.header.get(P.H_PRIORITY, P.DEFAULT_PRIORITY)
-        #: The budget the kernel granted (already clamped to what the job has left).
-        self.granted: dict[str, float] = dict(self.header.get(P.H_GRANTED) or self.header.get(P.H_BUDGET) or {})
         #: What the handler reported spending (sent in every status frame).
         self.spent: dict[str, float] = state.spent
         self._wake_event: asyncio.Event | None = None  # made on first use (most requests never pause)
         self.task: asyncio.Task | None = None
+
+    @functools.cached_property
+    def granted(self) -> dict[str, float]:
+        """The budget the kernel granted (already clamped to what the job has left): the handler's
+        own copy, made on first use (most handlers never look)."""
+        return dict(self.header.get(P.H_GRANTED) or self.header.get(P.H_BUDGET) or {})
 
     @property
     def _wake(self) -> asyncio.Event:
@@ -184,6 +190,14 @@ class WorkerRuntime:
     the tasks of a lost link are cancelled and awaited (bounded) before the next link, and none
     outlives :meth:`run`.  (An ``asyncio.TaskGroup`` gives the same ownership but cost 2-3 us per
     request, about 5% of the worker's per-request CPU, measured.)
+
+    Input is driven by callbacks, as in the kernel (kernel.server): the loop calls
+    :meth:`_on_input` when either socket's descriptor signals, and one long-lived timer calls it
+    when the session's next wake-up is due; no task step and no future per loop turn.  ZeroMQ's
+    descriptors are edge-triggered, so every turn ends only once neither socket is readable, and
+    a send outside a turn (a handler's reply) is followed by one ``ZMQ_EVENTS`` look: input whose
+    edge the send consumed is picked up by a turn scheduled then (:meth:`flush`); input that
+    arrives later raises a new edge.
     """
 
     def __init__(
@@ -214,10 +228,23 @@ class WorkerRuntime:
                                      heartbeat=heartbeat, liveness=liveness)
         self.active: dict[bytes, Context] = {}
         self._out: list[list[bytes]] = []
-        self._wake: asyncio.Event | None = None
+        #: The current link's end (its reason, or the error a turn raised); None between links.
+        self._ended: asyncio.Future[str] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._poked = False  # a turn is scheduled by flush() (call_soon), not yet run
+        #: The session's timer: one handle, re-armed only when the next wake-up moves earlier.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        #: The SUB socket's descriptor, polled without libzmq (see drain_control), and whether the
+        #: last drain of the SUB socket may have stopped before it found the socket unreadable.
+        self._sub_poll: select.poll | None = None
+        self._sub_dirty = True
         self._stopping = asyncio.Event()
         self.registered = asyncio.Event()
         self._refused = 0  # READYs refused in a row (_count_refusal)
+        #: gc.freeze() once the service is set up (the process entry point sets it): the start-up
+        #: objects (zmq, asyncio, the service's own tables) leave the collector's generations.
+        self.freeze_after_setup = False
 
     # -- sending ----------------------------------------------------------------------------------
 
@@ -225,15 +252,27 @@ class WorkerRuntime:
         self._out.append(frames)
 
     def flush(self) -> None:
-        """Send what the session emitted, in order."""
-        out, self._out = self._out, []
+        """Send what the session emitted, in order (a handler's replies, outside a turn)."""
+        sock = self.sock
+        if self._send_out() and self._ended is not None and not self._poked and sock is not None and readable(sock):
+            # The send may have consumed the descriptor's edge of input that is waiting: take a
+            # turn for it (input arriving later raises a new edge; libzmq's prescribed check).
+            self._poked = True
+            assert self._loop is not None
+            self._loop.call_soon(self._on_poke)
+
+    def _send_out(self) -> bool:
+        """Send what the session emitted, in order; whether anything was sent."""
+        out = self._out
+        if not out:
+            return False
+        self._out = []
         sock = self.sock
         if sock is None:
-            return
+            return False
         for frames in out:
             send_frames(sock, frames, nonblocking=False)
-        if out and self._wake is not None:
-            self._wake.set()  # a send may consume the descriptor's edge: re-check input
+        return True
 
     def partial(self, ctx: Context, payload: Any, status: str) -> None:
         self.session.partial(ctx.token, payload, time.monotonic(), status)
@@ -265,12 +304,17 @@ class WorkerRuntime:
         """Start handlers of new requests; the reason when the link was lost."""
         if not events:
             return None
+        loop = self._loop or asyncio.get_running_loop()
         for event in events:
             if isinstance(event, NewRequest):
-                self.registered.set()
+                if not self.registered.is_set():
+                    self.registered.set()
                 ctx = Context(self, event.state)
                 self.active[ctx.token] = ctx
-                ctx.task = asyncio.get_running_loop().create_task(self._serve(ctx, event.payload))
+                # A Task, not an eager first step: on Python 3.11 a handler's first step run
+                # inline would run in this loop callback, outside any task (asyncio.current_task()
+                # None: asyncio.timeout() in a handler would fail).
+                ctx.task = loop.create_task(self._serve(ctx, event.payload))
             elif isinstance(event, LinkLost):
                 return event.reason
         return None
@@ -290,19 +334,27 @@ class WorkerRuntime:
         sub = self.sub
         if sub is None:
             return
-        # Control messages are rare: look before receiving (a zmq.Again raised and caught on
-        # every wake-up and every checkpoint cost more than the look, measured).
+        # Control messages are rare.  Every drain ends on a look (ZMQ_EVENTS) that found the socket
+        # unreadable, and then libzmq signals the descriptor for the next message (the edge the
+        # loop's reader waits for): while the descriptor is unsignalled, nothing has come.  poll(2)
+        # on it costs a fraction of the look (pyzmq's getsockopt and libzmq's command processing,
+        # ~10k instructions, measured), which ran on every turn and every checkpoint.
+        poller = self._sub_poll
+        if poller is not None and not self._sub_dirty and not poller.poll(0):
+            return
+        self._sub_dirty = True  # until this drain ends on an unreadable look (a hook may raise)
         while readable(sub):
             try:
                 frames = recv_frames(sub)
             except zmq.Again:
-                return
+                break
             if len(frames) != 2:
                 continue
             try:
                 self._on_control(frames[0], codec.unpack(frames[1]))
             except errors.BadRequest:
                 log.warning("undecodable control message on %r", frames[0])
+        self._sub_dirty = False
 
     def on_control(self, op: str, message: dict) -> None:
         """Hook for services that act on other control ops (fidelity, precision)."""
@@ -331,6 +383,8 @@ class WorkerRuntime:
     async def run(self) -> None:
         """Serve until :meth:`stop`; reconnect with backoff whenever the kernel is lost."""
         await self.service.setup()
+        if self.freeze_after_setup:
+            gc.freeze()
         sub = None
         if self.control:
             sub = auth.secure_socket(self.ctx, zmq.SUB, self.control, self.creds)
@@ -338,6 +392,9 @@ class WorkerRuntime:
                 sub.setsockopt(zmq.SUBSCRIBE, f"{P.CTL_PREFIX}{prefix}/".encode())
             sub.connect(self.control)
             self.sub = sub
+            self._sub_poll = select.poll()
+            self._sub_poll.register(sub.fileno(), select.POLLIN)
+            self._sub_dirty = True
         session = self.session
         try:
             while not self._stopping.is_set():
@@ -365,6 +422,7 @@ class WorkerRuntime:
             await self._drop_active()
             if sub is not None:
                 self.sub = None
+                self._sub_poll = None
                 sub.close(0)
             if self.sock is not None:
                 self.sock.close(0)
@@ -374,61 +432,105 @@ class WorkerRuntime:
                 self.ctx.term()
 
     async def _link(self, sub: zmq.Socket | None) -> str:
-        """One link's life: feed the session until it ends; returns why."""
+        """One link's life: the loop feeds the session (:meth:`_on_input`) until the link ends;
+        returns why (or raises what a turn raised)."""
         sock = self.sock
         assert sock is not None
-        session = self.session
-        loop = asyncio.get_running_loop()
-        wake = self._wake = asyncio.Event()
+        loop = self._loop = asyncio.get_running_loop()
+        ended = self._ended = loop.create_future()
         readers = [sock.fileno()]
         if sub is not None:
             readers.append(sub.fileno())
         for fd in readers:
-            loop.add_reader(fd, wake.set)
+            loop.add_reader(fd, self._on_input)
         try:
-            while True:
-                wake.clear()
-                if self._stopping.is_set():
-                    return "stopping"
-                self.drain_control()
-                received = 0
-                while True:
-                    try:
-                        # after one message, look first: a wake-up usually carries one, and the
-                        # zmq.Again ending the drain costs ~3x the look (kernel.server._drain)
-                        if received == 1 and not readable(sock):
-                            break
-                        frames = recv_frames(sock)
-                    except zmq.Again:
-                        break
-                    received += 1
-                    reason = self._on_events(session.on_message(frames, time.monotonic()))
-                    if self._out:
-                        self.flush()
-                    if reason is not None:
-                        return reason
-                    if session.registered and not self.registered.is_set():
-                        self.registered.set()
-                reason = self._on_events(session.tick(time.monotonic()))
-                if self._out:
-                    self.flush()
-                if reason is not None:
-                    return reason
-                wake.clear()
-                if readable(sock) or (sub is not None and readable(sub)):
-                    continue
-                # Sleep until a descriptor signals, a send pokes, stop() is called, or the
-                # session's next wake-up (a timer sets the same event: no task per wait).
-                timeout = max(0.0, session.next_wakeup() - time.monotonic())
-                timer = loop.call_later(timeout, wake.set)
-                try:
-                    await wake.wait()
-                finally:
-                    timer.cancel()
+            if self._stopping.is_set():
+                return "stopping"
+            self._on_input()  # what arrived before the readers were added raised no edge we saw
+            return await ended
         finally:
             for fd in readers:
                 loop.remove_reader(fd)
-            self._wake = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_at = math.inf
+            self._ended = None
+
+    def _on_poke(self) -> None:
+        self._poked = False
+        self._on_input()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        self._on_input()  # input first, then the tick: messages that waited prove the kernel alive
+
+    def _on_input(self) -> None:
+        """One turn: the link's end is set if the turn ended it (or raised); else the timer is
+        armed for the session's next wake-up."""
+        ended = self._ended
+        if ended is None or ended.done():
+            return  # the link ended; _link has not yet removed the readers
+        try:
+            reason = self._turn()
+        except Exception as exc:  # the link's owner (run) sees it, as if _link had raised it
+            if ended.done():
+                raise  # stop() ended the link during the turn: the loop's handler logs it
+            ended.set_exception(exc)
+            return
+        if reason is not None:
+            if not ended.done():  # stop() may have ended it during the turn
+                ended.set_result(reason)
+            return
+        wake = self.session.next_wakeup()
+        if self._timer is not None and self._timer_at <= wake:
+            return  # fires early at worst: a turn that finds nothing due re-arms
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if wake < math.inf:
+            assert self._loop is not None
+            self._timer_at = wake
+            self._timer = self._loop.call_later(max(0.0, wake - time.monotonic()), self._on_timer)
+
+    def _turn(self) -> str | None:
+        """Feed the session what both sockets hold, control first, and tick it after each drain,
+        until neither socket is readable (their descriptors are edge-triggered); the reason when
+        the link ended."""
+        sock = self.sock
+        assert sock is not None
+        session = self.session
+        while True:
+            self.drain_control()
+            received = 0
+            while True:
+                try:
+                    # after one message, look first: a wake-up usually carries one, and the
+                    # zmq.Again ending the drain costs ~3x the look (kernel.server._drain)
+                    if received == 1 and not readable(sock):
+                        break
+                    frames = recv_frames(sock)
+                except zmq.Again:
+                    break
+                received += 1
+                reason = self._on_events(session.on_message(frames, time.monotonic()))
+                self._send_out()  # followed by a look (the drain's, or the one below)
+                if reason is not None:
+                    return reason
+                if session.registered and not self.registered.is_set():
+                    self.registered.set()
+            reason = self._on_events(session.tick(time.monotonic()))
+            sent = self._send_out()
+            if reason is not None:
+                return reason
+            # Each drain ended on a look (or zmq.Again) that left its socket unreadable, and input
+            # arriving since raised a new edge (the loop calls again).  Only a send since (the
+            # tick's heartbeat) may have consumed such an edge: look again then.
+            if not sent or not readable(sock):
+                return None
+            if self._stopping.is_set():
+                return "stopping"  # stop() during the turn: no further drain (as before callbacks)
 
     def _count_refusal(self, reason: str, registered: bool) -> None:
         """A link the kernel ended with DISCONNECT before it ever spoke on it is a refused READY;
@@ -445,8 +547,9 @@ class WorkerRuntime:
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._wake is not None:
-            self._wake.set()
+        ended = self._ended
+        if ended is not None and not ended.done():
+            ended.set_result("stopping")
 
 
 # -- process entry point --------------------------------------------------------------------------
@@ -496,6 +599,7 @@ def main(service: Service, argv: list[str] | None = None) -> int:
     async def serve() -> None:
         runtime = WorkerRuntime(service, endpoint, control, heartbeat=args.heartbeat, liveness=args.liveness,
                                 cert=args.cert, server_cert=args.server_cert)
+        runtime.freeze_after_setup = True
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, runtime.stop)
