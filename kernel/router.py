@@ -910,6 +910,8 @@ class Router:
         if worker in service.ready:
             service.ready = collections.deque(w for w in service.ready if w is not worker)
         self.counters["workers_lost"] += 1
+        if self.ladder_wake is not None:  # the ladder forgets the workers it killed once they go (its
+            self.ladder_wake()  # ``killed`` set): a later worker with the same routing id is watched again
         log.warning("worker %s of %s gone (%s); failing %d request(s)", worker.identity.hex(),
                     service.text, why, len(worker.inflight))
         for req in list(worker.inflight.values()):

@@ -320,3 +320,49 @@ def test_without_a_wake_the_ladder_polls_as_before():
         await k.finish()
 
     _go(main())
+
+
+# Found by an adversarial review: a worker's departure is not a birth of work, but the ladder prunes
+# the workers it killed only when it polls; the router wakes it when a worker goes.
+@pytest.mark.parametrize("wake", [False, True], ids=["polling", "sleeping"])
+def test_a_worker_that_left_while_the_ladder_slept_is_watched_again_under_the_same_routing_id(wake):
+    async def main() -> None:
+        k = Kernel()
+        await k.start(wake=wake)
+        # 1. a tombstone its worker holds without burning: killed at the idle kill point
+        token = k.request(1, 0.1)
+        req = k.router.workers[b"W"].inflight[token]
+        k.host.now = 0.2
+        k.router.fail_request(req, errors.BudgetExceeded("request wall_ms budget ran out"), 0.2)
+        await k.turns()
+        await asyncio.sleep(0.01)  # the polling ladder sees it at 0.2 too
+        k.host.now = 1.4
+        await k.until(lambda: k.procs.killed == ["echo"], "the idle tombstone's worker killed")
+        # 2. the kill did not take it (kill_group failed, or it raced the answer): its late FINAL
+        k.final(token, 1.45)
+        if wake:
+            await k.until(lambda: k.asleep(), "the ladder asleep: nothing to watch")
+        else:
+            await asyncio.sleep(0.01)
+        # 3. the worker leaves cleanly (no tombstone, not hung: no wake) and, with the same routing
+        #    id, registers again
+        k.router.on_message([b"W", P.MDPW, P.WorkerCmd.DISCONNECT.value], 1.5, ECHO_CHILD)
+        await asyncio.sleep(0.01)  # the polling ladder polls here; the sleeping one sleeps
+        k.router.on_message(
+            [b"W", P.MDPW, P.WorkerCmd.READY.value, b"echo", codec.pack({"capacity": 1, "pid": PID})], 2.0, ECHO_CHILD
+        )
+        # 4. a new tombstone on the new incarnation must be watched
+        token2 = k.request(2, 2.1)
+        req2 = k.router.workers[b"W"].inflight[token2]
+        k.host.now = 2.2
+        k.router.fail_request(req2, errors.BudgetExceeded("request wall_ms budget ran out"), 2.2)
+        await k.turns()
+        await asyncio.sleep(0.01)
+        assert token2 in k.ladder.tracks, (
+            f"the new incarnation's tombstone is not tracked (Ladder.killed stale: {k.ladder.killed})"
+        )
+        k.host.now = 3.5
+        await k.until(lambda: k.procs.killed == ["echo", "echo"], "the new tombstone's worker killed")
+        await k.finish()
+
+    asyncio.run(main())
