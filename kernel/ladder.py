@@ -118,7 +118,10 @@ and the core wakes it where such work is born (``Router.ladder_wake``):
   once it holds a single-slot worker: :class:`Ceilings`).  At the grant, not at dispatch: a plain
   MDP request gets its job's ``mem_bytes`` without a forwarded header, and a paused request's
   single slot comes back to it when the request its slot was lent to ends -- neither passes a
-  dispatch hook.
+  dispatch hook;
+* a *departure*: ``Router._worker_gone`` -- not work, but the ladder forgets a worker it killed
+  (:attr:`Ladder.killed`) only when it polls, and a worker registering again under the same
+  routing id must be watched again.
 
 Nothing to watch (:func:`pending` is None, and the shell holds nothing): no tombstone on a worker
 with a pid, no hung worker listed, no admission track with a ``mem_bytes`` grant (with
