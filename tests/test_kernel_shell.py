@@ -171,3 +171,52 @@ def test_an_armed_timer_is_never_after_next_wakeup(shell) -> None:
     server._arm()
     server.check_invariants()
     assert server._timer_at == r
+
+
+def test_the_group_commit_writes_every_record_whole_through_failures_and_short_writes(tmp_path, monkeypatch) -> None:
+    """DecisionLog.flush, once per loop turn: one write in the common case; a failed write keeps
+    everything pending, a short one resumes where it stopped; the file ends whole and in order."""
+    import errno
+    import os
+
+    from kernel.decisions import DecisionLog
+    from kernel.logstore import read_records
+
+    path = str(tmp_path / "d.log")
+    log = DecisionLog(path, fsync="never")
+    real = os.write
+    steps: list[object] = []
+
+    def write(fd: int, data) -> int:  # what the test's steps say, then the real write
+        step = steps.pop(0) if fd == log._fd and steps else None
+        if step == "fail":
+            raise OSError(errno.EIO, "I/O error")
+        return real(fd, bytes(data[: step if isinstance(step, int) else len(data)]))
+
+    monkeypatch.setattr(os, "write", write)
+    seq = 0
+
+    def decide(n: int) -> None:
+        nonlocal seq
+        for _ in range(n):
+            seq += 1
+            log.append("queue", float(seq), {"job": "default"}, {"ok": True})
+
+    assert log.flush() is True  # the session record: one write
+    decide(3)
+    steps[:] = ["fail"]
+    assert log.flush() is False and log.error is not None and log.pending_bytes > 0
+    decide(2)
+    steps[:] = [10, 7]  # short writes, then the rest in one
+    assert log.flush() is True and log.error is None and log.pending_bytes == 0
+    decide(1)
+    steps[:] = [5, "fail"]  # short, then a failure: the rest waits for the next flush
+    assert log.flush() is False and log.pending_bytes > 0
+    decide(2)
+    assert log.flush() is True and log.pending_bytes == 0
+    decide(1)
+    assert log.flush() is True  # one record, one write
+    log.close()
+    recs = read_records(path)
+    assert [r["seq"] for r in recs] == list(range(seq + 1))
+    assert [r["op"] for r in recs] == ["session"] + ["queue"] * seq
