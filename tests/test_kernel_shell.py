@@ -2,7 +2,8 @@
 ROUTER on an ipc endpoint, driven by hand.  What the hot path's hand-written steps must keep:
 ``send_frames`` is ``send_multipart``; ``_recv`` reads a new peer's metadata from its first frame and
 keeps both bounds on every frame; ``_send`` counts a client message as ``PeerBudgets.sent`` does
-(and nothing for a worker's); ``_arm`` leaves the timer at or before ``next_wakeup()``.  The system
+(and nothing for a worker's); ``_arm`` leaves the timer at or before ``next_wakeup()``; the decision
+log's group commit (``DecisionLog.flush``, once a turn) writes every record whole.  The system
 tests (tests/test_kernel_bounds.py, tests/test_kernel_peer_drop.py) cover the same paths end to end."""
 
 from __future__ import annotations
