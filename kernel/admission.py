@@ -529,7 +529,10 @@ class BudgetAdmission(Admission):
         track = self.tracks.get(req.token)
         if track is not None and track.started and not track.waiting:
             track.waiting = True
-            self.decide("queue", now, job=track.job)
+            job = track.job  # (as decide("queue", ...), called directly on the cap-1 hot path)
+            out = self.ledger.queue(now, job)
+            if self.log is not None:
+                self.log.append("queue", now, {"job": job}, out)
         for token, paused in self._slot_idle.items():  # an owner-paused request past its bound
             if paused.service is req.service:
                 del self._slot_idle[token]
@@ -581,7 +584,10 @@ class BudgetAdmission(Admission):
         if track is None or not track.waiting:
             return False
         track.waiting = False
-        self.decide("dispatch", now, job=track.job)
+        job = track.job  # (as decide("dispatch", ...), called directly on the cap-1 hot path)
+        out = self.ledger.dispatch(now, job)
+        if self.log is not None:
+            self.log.append("dispatch", now, {"job": job}, out)
         wall = track.granted.get(P.WALL_MS)
         checked = req.checked
         if wall is None or checked is None or P.WALL_MS not in (checked.budget or {}):

@@ -226,8 +226,20 @@ class DecisionLog:
         return True
 
     def _write_pending(self) -> None:
-        if len(self._pending) > 1 or self._done:  # one write per flush, resumed where one stopped
-            self._pending = [b"".join([memoryview(self._pending[0])[self._done :], *self._pending[1:]])]
+        pending = self._pending
+        if not self._done:  # the common case, one write takes it all: no memoryview, no slice
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            n = os.write(self._fd, data)  # an OSError leaves it all pending (joined at the next try)
+            self._bytes += n
+            self.pending_bytes -= n
+            self._unsynced = True
+            if n == len(data):
+                pending.clear()
+                return
+            self._pending = [data]  # a short write: the rest below
+            self._done = n
+        elif len(pending) > 1:  # one write per flush, resumed where one stopped
+            self._pending = [b"".join([memoryview(pending[0])[self._done :], *pending[1:]])]
             self._done = 0
         view = memoryview(self._pending[0])
         while self._done < len(view):

@@ -51,7 +51,7 @@ import stat as _stat
 import struct
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -369,22 +369,25 @@ class KernelServer:
     # -- I/O --------------------------------------------------------------------------------------
 
     def _send(self, frames: list[Any]) -> bool | None:
-        acct = self.peers.accounts.get(frames[0])
-        if acct is not None and len(frames) > 2 and (frames[1] == _MDPC or frames[2] == _MDPC):
-            if acct.sent - acct.credited >= self.peers.sample_at and (
-                    not acct.tcp or not self.peers.may_send(acct)):
+        peers = self.peers
+        # Only a client message counts against its peer's outbound budget (a worker's peer has an
+        # account too, never looked up here: the dialect is tested first).
+        if len(frames) > 2 and (frames[1] == _MDPC or frames[2] == _MDPC):
+            acct = peers.accounts.get(frames[0])
+        else:
+            acct = None
+        if acct is not None:
+            if acct.sent - acct.credited >= peers.sample_at and (not acct.tcp or not peers.may_send(acct)):
                 # Fresh evidence: at every send to a unix peer past the share (its evidence
                 # credits what was sent before the previous look), before refusing a tcp one.
                 self._sample(frames[0], acct)
-                if not self.peers.may_send(acct):
+                if not peers.may_send(acct):
                     # Twice its budget not yet out of the process: not handed to libzmq; the
                     # peer is dropped after the message in hand (kernel.quotas).
-                    self.peers.counters["sends_refused"] += 1
+                    peers.counters["sends_refused"] += 1
                     self._urgent.add(frames[0])
                     return None
             size = sum(map(len, frames)) - len(frames[0])
-        else:
-            acct = None
         try:
             send_frames(self.sock, frames)
         except zmq.ZMQError as exc:
@@ -397,11 +400,18 @@ class KernelServer:
                 return None
             raise
         if acct is not None:
-            self.peers.sent(acct, frames[0], size)
-            if not acct.paused and acct.sent - acct.credited >= self.peers.pause_at:
-                self._urgent.add(frames[0])  # paused (or judged) after the message in hand
-            if self.peers.total > self.peers.total_bytes:
-                self._urgent.add(b"")  # every connection together past its bound: checked next
+            # PeerBudgets.sent, inlined (the client message's hot path): counted, and marked hot
+            # past the sample share; then paused (or judged) past its budget, after the message
+            # in hand, and every connection together checked past the total bound.
+            held = acct.sent = acct.sent + size
+            held -= acct.credited
+            total = peers.total = peers.total + size
+            if held >= peers.sample_at:
+                peers.hot.add(frames[0])
+            if not acct.paused and held >= peers.pause_at:
+                self._urgent.add(frames[0])
+            if total > peers.total_bytes:
+                self._urgent.add(b"")
         return True
 
     def _publish(self, topic: bytes, message: dict[str, Any]) -> None:
@@ -423,9 +433,11 @@ class KernelServer:
         the routing id (role REVOKED: a key the kernel no longer knows); otherwise ``local``."""
         # Frames are received as zmq.Frame and their ``more`` flag read from the frame: pyzmq's
         # getsockopt(RCVMORE) builds an option enum per call, which cost more than the frame.
+        # recv(flags, copy): copy=False, by position (measured no cheaper than the keyword; shorter).
         recv = self.sock.recv
-        frame = recv(_NOBLOCK, copy=False)  # the routing id (made by the ROUTER: carries no metadata)
+        frame = recv(_NOBLOCK, False)  # the routing id (made by the ROUTER: carries no metadata)
         parts = [frame.bytes]
+        append = parts.append
         more = frame.more
         total, srcfd = 0, -1
         refusing = self.guard.refusing
@@ -443,39 +455,37 @@ class KernelServer:
         # The frames' bytes on the wire (kernel.quotas.frame_wire), for the inbound meter.
         cut, small, large = self._wire
         wire = 0
-        first = principals is not None or bool(refusing) or new_peer
         max_message, max_parts = self.max_message, self.max_frames + 1
-        while more:
-            frame = recv(0, copy=False)
+        if more and (principals is not None or refusing or new_peer):
+            # The first frame after the routing id carries the connection's metadata (its source
+            # descriptor, its CURVE User-Id); then the same steps and bound checks as the loop below.
+            frame = recv(0, False)
             more = frame.more
-            if first:
-                first = False
-                if refusing or new_peer:
-                    srcfd = _source_fd(frame)
-                    if new_peer and srcfd >= 0:
-                        self._meet(srcfd)
-                if principals is not None:
-                    name = str(frame.get(auth.USER_ID) or "")
-                    principal = principals.by_name(name) or auth.Principal(name, auth.REVOKED)
+            if refusing or new_peer:
+                srcfd = _source_fd(frame)
+                if new_peer and srcfd >= 0:
+                    self._meet(srcfd)
+            if principals is not None:
+                name = str(frame.get(auth.USER_ID) or "")
+                principal = principals.by_name(name) or auth.Principal(name, auth.REVOKED)
             data = frame.bytes
             n = len(data)
             total += n
             wire += n + (small if n < cut else large)
-            parts.append(data)
+            append(data)
             if total > max_message or len(parts) > max_parts:
-                while more:
-                    frame = recv(0, copy=False)  # dropped uncopied; libzmq frees it at once
-                    more = frame.more
-                    n = len(frame)
-                    wire += n + (small if n < cut else large)
-                self.router.counters["oversized_messages"] += 1
-                if new_peer and srcfd >= 0 and srcfd not in refusing:
-                    acct = self._open_peer(parts[0], srcfd, principal.name)
-                    meter = acct.meter if acct is not None else None
-                if meter is not None:
-                    meter.received += wire
-                raise Oversized(parts[0], f"message larger than {self.max_message} bytes or "
-                                          f"{self.max_frames} frames")
+                self._oversized(parts[0], more, wire, new_peer, srcfd, principal, meter)
+        # The steady state (a known peer, no CURVE, no refusal): nothing per frame but the frame.
+        while more:
+            frame = recv(0, False)
+            more = frame.more
+            data = frame.bytes
+            n = len(data)
+            total += n
+            wire += n + (small if n < cut else large)
+            append(data)
+            if total > max_message or len(parts) > max_parts:
+                self._oversized(parts[0], more, wire, new_peer, srcfd, principal, meter)
         if srcfd in refusing:
             self.router.counters["peer_cap_refusals"] += 1
             self.router.refuse_peer(parts, f"the kernel serves at most {self.guard.cap} concurrent peers; "
@@ -488,6 +498,26 @@ class KernelServer:
         if meter is not None:
             meter.received += wire  # the loop is its only writer (the watcher reads)
         return parts, principal
+
+    def _oversized(self, identity: bytes, more: bool, wire: int, new_peer: bool, srcfd: int,
+                   principal: auth.Principal, meter: quotas.InboundMeter | None) -> NoReturn:
+        """A message past a bound (:meth:`_recv`): its remaining frames are discarded uncopied
+        (and counted on the wire), then :class:`Oversized` is raised."""
+        recv = self.sock.recv
+        cut, small, large = self._wire
+        while more:
+            frame = recv(0, False)  # dropped uncopied; libzmq frees it at once
+            more = frame.more
+            n = len(frame)
+            wire += n + (small if n < cut else large)
+        self.router.counters["oversized_messages"] += 1
+        if new_peer and srcfd >= 0 and srcfd not in self.guard.refusing:
+            acct = self._open_peer(identity, srcfd, principal.name)
+            meter = acct.meter if acct is not None else None
+        if meter is not None:
+            meter.received += wire
+        raise Oversized(identity, f"message larger than {self.max_message} bytes or "
+                                  f"{self.max_frames} frames")
 
     def _on_readable(self) -> None:
         if self._drain():
@@ -571,6 +601,7 @@ class KernelServer:
         sock = self.sock
         dropping = self._dropping
         in_bytes = self.peers.in_bytes
+        recv = self._recv
         for n in range(_BATCH):
             try:
                 # After the first message, look before receiving: most wake-ups carry one message,
@@ -578,7 +609,7 @@ class KernelServer:
                 # instructions, measured); a burst goes on receiving until zmq.Again as before.
                 if n == 1 and not readable(sock):
                     break
-                frames, principal = self._recv()
+                frames, principal = recv()
             except zmq.Again:
                 break
             except Oversized as exc:
@@ -1174,8 +1205,31 @@ class KernelServer:
             for fd in [fd for fd in self.inbound.meters if fd not in alive]:
                 self.inbound.close(fd)
 
+    def next_wakeup(self) -> float:
+        """The earliest time the loop's timer has something to do: the router's next wake-up, the
+        guard's (a refused connection to shut down) or the next reconcile."""
+        return min(self.router.next_wakeup(), self.guard.next_wakeup(), self._next_reconcile)
+
+    def check_invariants(self) -> None:
+        """Invariant, after every :meth:`_arm` (the end of a turn that drained messages, of a timer,
+        of monitor events): a timer is armed, at or before :meth:`next_wakeup` -- nothing the
+        kernel must do at a time waits for a later wake-up.  Run by the tests, never per turn."""
+        assert self._timer is not None, "no timer armed"
+        wake = self.next_wakeup()
+        assert self._timer_at <= wake, f"the timer is armed for {self._timer_at}, after the next wake-up {wake}"
+
     def _arm(self) -> None:
-        wake = min(self.router.next_wakeup(), self.guard.next_wakeup(), self._next_reconcile)
+        """Arm the loop's timer for :meth:`next_wakeup` unless it is armed that early already
+        (see :meth:`check_invariants`).  Called after every turn, so the same minimum is taken
+        inline: no builtin ``min`` and no call of the guard's when it refuses no connection."""
+        wake = self.router.next_wakeup()
+        if self._next_reconcile < wake:
+            wake = self._next_reconcile
+        guard = self.guard
+        if guard.refusing:
+            refusal = guard.next_wakeup()
+            if refusal < wake:
+                wake = refusal
         if self._timer is not None and self._timer_at <= wake:
             return
         if self._timer is not None:
