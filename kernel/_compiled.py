@@ -12,6 +12,7 @@ module is never compiled itself and imports only the standard library, because i
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -43,6 +44,8 @@ CORE = (
 #: Written last by tools/build_core.py, so a half-written build never looks fresh.
 MANIFEST = "MANIFEST.json"
 ENV = "RECA_COMPILED"
+#: The group's shared library (mypyc names it after ``group_name`` in tools/build_core.py).
+GROUP = "reca_core__mypyc"
 
 
 def current(root: str) -> dict[str, object]:
@@ -55,11 +58,9 @@ def current(root: str) -> dict[str, object]:
     return {"python": platform.python_version(), "soabi": sysconfig.get_config_var("SOABI"), "modules": modules}
 
 
-def activate(build_dir: str, kernel_path: list[str]) -> None:
-    """Check the build in ``build_dir`` against the sources and put it first on ``kernel_path``
-    (the package's ``__path__``); raise ImportError, naming what is stale, when it does not match."""
-    build_dir = os.path.abspath(build_dir)
-    root = os.path.dirname(os.path.abspath(kernel_path[0]))
+def check(build_dir: str, root: str) -> str:
+    """Check the build in ``build_dir`` against the sources of the tree at ``root``; raise
+    ImportError, naming what is stale, when it does not match.  The path of its group library."""
     hint = f"{ENV}={build_dir}: run ./dev build"
     try:
         with open(os.path.join(build_dir, MANIFEST)) as f:
@@ -82,8 +83,43 @@ def activate(build_dir: str, kernel_path: list[str]) -> None:
     for m in CORE:
         if not os.path.isfile(os.path.join(build_dir, "kernel", m + suffix)):
             raise ImportError(f"compiled core in {build_dir} lacks kernel/{m}{suffix}; {hint}")
-    # the group library (reca_core__mypyc) is a top-level module the shims import; appended, so it
-    # can never shadow anything; the shims themselves are found first through the package path
-    if build_dir not in sys.path:
-        sys.path.append(build_dir)
+    # Only the checked modules may be found there: a shim of a module since taken out of CORE would
+    # be imported first and its source edits ignored (a stale build used silently).
+    extra = sorted(
+        f for f in os.listdir(os.path.join(build_dir, "kernel")) if f.endswith(suffix) and f[: -len(suffix)] not in CORE
+    )
+    if extra:
+        raise ImportError(f"compiled core in {build_dir} holds kernel/{extra[0]}, not a compiled module; {hint}")
+    lib = os.path.join(build_dir, GROUP + suffix)
+    if not os.path.isfile(lib):
+        raise ImportError(f"compiled core in {build_dir} lacks {GROUP}{suffix}; {hint}")
+    return lib
+
+
+def _load_group(lib: str) -> None:
+    """Load the group library the shims import by name from ``lib`` itself, so no other copy on
+    sys.path (PYTHONPATH, the script's folder, another build) can be the one they get."""
+    loaded = sys.modules.get(GROUP)
+    if loaded is not None:
+        if os.path.abspath(getattr(loaded, "__file__", None) or "") != lib:
+            raise ImportError(f"{GROUP} is already loaded from {getattr(loaded, '__file__', None)}, not {lib}")
+        return
+    spec = importlib.util.spec_from_file_location(GROUP, lib)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{lib} cannot be loaded")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[GROUP] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[GROUP]
+        raise
+
+
+def activate(build_dir: str, kernel_path: list[str]) -> None:
+    """Check the build in ``build_dir`` against the sources (:func:`check`), load its group library
+    and put its modules first on ``kernel_path`` (the package's ``__path__``)."""
+    build_dir = os.path.abspath(build_dir)
+    lib = check(build_dir, os.path.dirname(os.path.abspath(kernel_path[0])))
+    _load_group(lib)
     kernel_path.insert(0, os.path.join(build_dir, "kernel"))

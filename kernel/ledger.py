@@ -133,13 +133,14 @@ def _finite_amount(amount: Any) -> bool:
         and 0 <= amount < P.MAX_LIMIT
 
 
-def _r(x: float) -> float:
+def _r(x: Any) -> Any:  # Any, not float: compiled code would turn an int into a float
     """Round for the log and for comparisons in replay (ledger arithmetic is deterministic).
 
     An integral value is returned as it is, bit for bit what ``round(x, 6)`` gives (an int stays
     the int, a float the float, -0.0 itself) without its cost; nan and inf (``% 1.0`` is nan) take
-    the general path.  ``% 1.0``, not ``is_integer()``: the sums may be ints."""
-    if x % 1.0 == 0.0:
+    the general path.  ``% 1.0``, not ``is_integer()``: the sums may be ints.  A bool is not returned
+    as it is: ``round(True, 6)`` is the int 1."""
+    if x % 1.0 == 0.0 and type(x) is not bool:
         return x
     return round(x, 6) if math.isfinite(x) else x
 
@@ -425,7 +426,7 @@ class Ledger:
                     got = rem
                 if isfinite(got):
                     # as _r(max(0.0, got)): rounded for the log, never below zero
-                    amount = granted[kind] = (got if got % 1.0 == 0.0 else round(got, 6)) if got > 0.0 else 0.0
+                    amount = granted[kind] = (got if got % 1.0 == 0.0 and type(got) is not bool else round(got, 6)) if got > 0.0 else 0.0
                     if amount <= 0 and short is None and (kind in budget or kind in COMPUTE):
                         short = kind
         if short is not None:

@@ -11,7 +11,8 @@ import sysconfig
 
 import pytest
 
-from kernel._compiled import CORE, ENV, MANIFEST, activate, current
+from kernel import _compiled
+from kernel._compiled import CORE, ENV, GROUP, MANIFEST, activate, check, current
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "build", "core")
@@ -44,7 +45,7 @@ def _origins(env_dir: str | None) -> dict[str, str]:
 def _fresh(build_dir: str) -> str | None:
     """Why ``build_dir`` cannot be used for this tree (None: it can)."""
     try:
-        activate(build_dir, [os.path.join(ROOT, "kernel")])  # a scratch path list: nothing changes
+        check(os.path.abspath(build_dir), ROOT)
     except ImportError as e:
         return str(e)
     return None
@@ -88,16 +89,18 @@ def _fake_build(tmp_path, **change) -> str:
     (tmp_path / "kernel").mkdir()
     for m in CORE:
         (tmp_path / "kernel" / (m + SUFFIX)).write_bytes(b"")
+    (tmp_path / (GROUP + SUFFIX)).write_bytes(b"")
     return str(tmp_path)
 
 
 def test_a_matching_build_goes_first_on_the_package_path(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "path", list(sys.path))
+    loaded = []
+    monkeypatch.setattr(_compiled, "_load_group", loaded.append)  # the fake build's library is empty
     build = _fake_build(tmp_path)
     path = [os.path.join(ROOT, "kernel")]
     activate(build, path)
     assert path == [os.path.join(build, "kernel"), os.path.join(ROOT, "kernel")]
-    assert sys.path[-1] == build  # for the group library, last: it shadows nothing
+    assert loaded == [os.path.join(build, GROUP + SUFFIX)]  # the group library: this build's own file
 
 
 def test_a_stale_build_is_refused_loudly(tmp_path):
@@ -115,6 +118,13 @@ def test_a_stale_build_is_refused_loudly(tmp_path):
     shimless = _fake_build(tmp_path / "shimless")
     os.remove(os.path.join(shimless, "kernel", "router" + SUFFIX))
     cases[f"lacks kernel/router{SUFFIX}"] = shimless
+    libless = _fake_build(tmp_path / "libless")
+    os.remove(os.path.join(libless, GROUP + SUFFIX))
+    cases[f"lacks {GROUP}{SUFFIX}"] = libless
+    # a shim of a module not (or no longer) in CORE would be imported first, its source edits ignored
+    extra = _fake_build(tmp_path / "extra")
+    (tmp_path / "extra" / "kernel" / ("server" + SUFFIX)).write_bytes(b"")
+    cases[f"holds kernel/server{SUFFIX}, not a compiled module"] = extra
     for expect, build in cases.items():
         path = [os.path.join(ROOT, "kernel")]
         with pytest.raises(ImportError, match="run ./dev build") as e:
@@ -128,3 +138,22 @@ def test_a_stale_build_is_refused_loudly(tmp_path):
     )
     assert out.returncode != 0
     assert "ImportError: compiled core in" in out.stderr and "stale for kernel/ledger.py" in out.stderr
+
+
+def test_the_group_library_is_the_checked_builds_even_with_another_copy_first_on_sys_path(tmp_path):
+    """The shims import ``reca_core__mypyc`` by name; a copy earlier on sys.path (PYTHONPATH, another
+    build) must not be the one they get (found by review)."""
+    build = os.environ.get(ENV) or BUILD
+    if ENV not in os.environ:
+        why = _fresh(build)
+        if why is not None:
+            pytest.skip(f"no fresh compiled core ({why})")
+    build = os.path.abspath(build)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    os.symlink(os.path.join(build, GROUP + SUFFIX), other / (GROUP + SUFFIX))  # stands for a stale build's
+    env = {**os.environ, ENV: build, "PYTHONPATH": f"{other}{os.pathsep}{ROOT}"}
+    probe = f"import kernel.ledger, sys; print(sys.modules[{GROUP!r}].__file__)"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == os.path.join(build, GROUP + SUFFIX)

@@ -250,3 +250,22 @@ def test_reserve_up_to_of_a_fractional_amount_grants_the_fraction_left():
     out = L.reserve(0.0, "g", "gpu_s", 2.0, up_to=True)
     assert out["ok"] and out["granted"] == 1.5
     assert "granted" not in L.reserve(0.0, "g", "other", 1.0)  # plain answers are unchanged
+
+
+@pytest.mark.parametrize("x", [True, False, 0, 7, -0.0, 2.0, 2.5, 1e308, 10**30 + 1])
+def test_the_round_fast_path_gives_what_round_gives_type_included(x):
+    """``_r`` skips ``round(x, 6)`` for an integral value; a bool is not one it may return as it is
+    (``round(True, 6)`` is the int 1; found by review)."""
+    from kernel.ledger import _r
+
+    want = round(x, 6)
+    got = _r(x)
+    assert (type(got), got) == (type(want), want)
+
+
+def test_a_bool_amount_is_granted_as_the_int_round_makes_of_it():
+    led = Ledger()
+    led.configure(0.0, root={"gpu_ms": 1000})
+    out = led.admit(0.0, "default", {"gpu_ms": True})
+    assert out["ok"] is True
+    assert type(out["granted"]["gpu_ms"]) is int and out["granted"]["gpu_ms"] == 1
