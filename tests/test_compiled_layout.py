@@ -51,6 +51,17 @@ def _fresh(build_dir: str) -> str | None:
     return None
 
 
+def _build_or_skip() -> str:
+    """The compiled core to check: RECA_COMPILED's (never skipped: ``./dev test --compiled`` must run
+    compiled), else build/core when it is fresh for this tree."""
+    build = os.environ.get(ENV) or BUILD
+    if ENV not in os.environ:
+        why = _fresh(build)
+        if why is not None:
+            pytest.skip(f"no fresh compiled core ({why})")
+    return os.path.abspath(build)
+
+
 def test_without_reca_compiled_every_core_module_is_the_source():
     """The default: a stray in-place ``.so`` beside a core ``.py`` would load first and silently
     shadow every later edit of it."""
@@ -61,12 +72,7 @@ def test_without_reca_compiled_every_core_module_is_the_source():
 def test_with_reca_compiled_every_core_module_is_compiled():
     """Each core module from its shim under the build, the rest of the kernel from the sources.
     Under ``./dev test --compiled`` (RECA_COMPILED set) this never skips: the run must be compiled."""
-    build = os.environ.get(ENV) or BUILD
-    if ENV not in os.environ:
-        why = _fresh(build)
-        if why is not None:
-            pytest.skip(f"no fresh compiled core ({why})")
-    build = os.path.abspath(build)
+    build = _build_or_skip()
     origins = _origins(build)
     for m in CORE:
         assert origins[f"kernel.{m}"] == os.path.join(build, "kernel", m + SUFFIX)
@@ -143,12 +149,7 @@ def test_a_stale_build_is_refused_loudly(tmp_path):
 def test_the_group_library_is_the_checked_builds_even_with_another_copy_first_on_sys_path(tmp_path):
     """The shims import ``reca_core__mypyc`` by name; a copy earlier on sys.path (PYTHONPATH, another
     build) must not be the one they get (found by review)."""
-    build = os.environ.get(ENV) or BUILD
-    if ENV not in os.environ:
-        why = _fresh(build)
-        if why is not None:
-            pytest.skip(f"no fresh compiled core ({why})")
-    build = os.path.abspath(build)
+    build = _build_or_skip()
     other = tmp_path / "elsewhere"
     other.mkdir()
     os.symlink(os.path.join(build, GROUP + SUFFIX), other / (GROUP + SUFFIX))  # stands for a stale build's
