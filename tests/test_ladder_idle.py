@@ -334,8 +334,7 @@ def test_a_worker_that_left_while_the_ladder_slept_is_watched_again_under_the_sa
         req = k.router.workers[b"W"].inflight[token]
         k.host.now = 0.2
         k.router.fail_request(req, errors.BudgetExceeded("request wall_ms budget ran out"), 0.2)
-        await k.turns()
-        await asyncio.sleep(0.01)  # the polling ladder sees it at 0.2 too
+        await k.until(lambda: token in k.ladder.tracks, "the tombstone tracked")
         k.host.now = 1.4
         await k.until(lambda: k.procs.killed == ["echo"], "the idle tombstone's worker killed")
         # 2. the kill did not take it (kill_group failed, or it raced the answer): its late FINAL
@@ -343,11 +342,11 @@ def test_a_worker_that_left_while_the_ladder_slept_is_watched_again_under_the_sa
         if wake:
             await k.until(lambda: k.asleep(), "the ladder asleep: nothing to watch")
         else:
-            await asyncio.sleep(0.01)
+            await k.turns()
         # 3. the worker leaves cleanly (no tombstone, not hung: no wake) and, with the same routing
         #    id, registers again
         k.router.on_message([b"W", P.MDPW, P.WorkerCmd.DISCONNECT.value], 1.5, ECHO_CHILD)
-        await asyncio.sleep(0.01)  # the polling ladder polls here; the sleeping one sleeps
+        await k.until(lambda: b"W" not in k.ladder.killed, "the ladder forgets the worker it killed, now gone")
         k.router.on_message(
             [b"W", P.MDPW, P.WorkerCmd.READY.value, b"echo", codec.pack({"capacity": 1, "pid": PID})], 2.0, ECHO_CHILD
         )
@@ -356,11 +355,7 @@ def test_a_worker_that_left_while_the_ladder_slept_is_watched_again_under_the_sa
         req2 = k.router.workers[b"W"].inflight[token2]
         k.host.now = 2.2
         k.router.fail_request(req2, errors.BudgetExceeded("request wall_ms budget ran out"), 2.2)
-        await k.turns()
-        await asyncio.sleep(0.01)
-        assert token2 in k.ladder.tracks, (
-            f"the new incarnation's tombstone is not tracked (Ladder.killed stale: {k.ladder.killed})"
-        )
+        await k.until(lambda: token2 in k.ladder.tracks, "the new incarnation's tombstone tracked")
         k.host.now = 3.5
         await k.until(lambda: k.procs.killed == ["echo", "echo"], "the new tombstone's worker killed")
         await k.finish()
